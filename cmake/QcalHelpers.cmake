@@ -1,0 +1,54 @@
+# Small helpers so that every library and test is declared the same way.
+
+set(QCAL_WARNING_FLAGS -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare)
+if(QCAL_WERROR)
+  list(APPEND QCAL_WARNING_FLAGS -Werror)
+endif()
+
+set(QCAL_SANITIZER_FLAGS "")
+if(QCAL_SANITIZE_ADDRESS)
+  list(APPEND QCAL_SANITIZER_FLAGS -fsanitize=address -fno-omit-frame-pointer)
+endif()
+if(QCAL_SANITIZE_UNDEFINED)
+  list(APPEND QCAL_SANITIZER_FLAGS -fsanitize=undefined -fno-sanitize-recover=all)
+endif()
+if(QCAL_SANITIZE_THREAD)
+  list(APPEND QCAL_SANITIZER_FLAGS -fsanitize=thread)
+endif()
+
+# Applies the project's compile options to a C++ target.
+function(qcal_target_defaults target)
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CXX>:${QCAL_WARNING_FLAGS}>
+    $<$<COMPILE_LANGUAGE:CXX>:${QCAL_SANITIZER_FLAGS}>)
+  target_link_options(${target} PRIVATE ${QCAL_SANITIZER_FLAGS})
+  target_include_directories(${target} PUBLIC ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+endfunction()
+
+# qcal_cc_library(NAME name SRCS ... DEPS ...)
+function(qcal_cc_library)
+  cmake_parse_arguments(ARG "" "NAME" "SRCS;DEPS;PRIVATE_DEPS" ${ARGN})
+  add_library(${ARG_NAME} STATIC ${ARG_SRCS})
+  qcal_target_defaults(${ARG_NAME})
+  target_link_libraries(${ARG_NAME} PUBLIC ${ARG_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
+endfunction()
+
+# qcal_cc_test(NAME name SRCS ... DEPS ... [LABELS ...] [TIMEOUT s])
+# Every test is a GoogleTest binary registered with ctest under its own name.
+function(qcal_cc_test)
+  cmake_parse_arguments(ARG "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS" ${ARGN})
+  add_executable(${ARG_NAME} ${ARG_SRCS})
+  qcal_target_defaults(${ARG_NAME})
+  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} qcal_test_support GTest::gtest GTest::gmock)
+  set_target_properties(${ARG_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+  add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME})
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 600)
+  endif()
+  set_tests_properties(${ARG_NAME} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
+    ENVIRONMENT "QCAL_SOURCE_DIR=${PROJECT_SOURCE_DIR};QCAL_BINARY_DIR=${CMAKE_BINARY_DIR};OPENBLAS_NUM_THREADS=1"
+    SKIP_RETURN_CODE 77)
+  if(ARG_LABELS)
+    set_tests_properties(${ARG_NAME} PROPERTIES LABELS "${ARG_LABELS}")
+  endif()
+endfunction()

@@ -1,0 +1,46 @@
+#include "kernels/backend.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/cpu_backend.h"
+#if QCAL_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
+namespace qcal::kernels {
+
+absl::Status BackendOptions::Validate() const {
+  if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
+  if (device != "cpu" && device != "cuda" && !absl::StartsWith(device, "cuda:")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown device \"", device, "\" (expected cpu, cuda or cuda:N)"));
+  }
+  return absl::OkStatus();
+}
+
+bool CudaAvailable() {
+#if QCAL_HAVE_CUDA
+  return CudaDeviceCount() > 0;
+#else
+  return false;
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  if (options.device == "cpu") return CreateCpuBackend(options);
+  int index = 0;
+  if (absl::StartsWith(options.device, "cuda:") &&
+      !absl::SimpleAtoi(options.device.substr(5), &index)) {
+    return absl::InvalidArgumentError(absl::StrCat("bad device \"", options.device, "\""));
+  }
+#if QCAL_HAVE_CUDA
+  return CreateCudaBackend(options, index);
+#else
+  return absl::FailedPreconditionError(
+      absl::StrCat("device \"", options.device, "\" requested but qcal was built without CUDA"));
+#endif
+}
+
+}  // namespace qcal::kernels

@@ -1,0 +1,118 @@
+// The compute interface: one set of ops, two backends (CPU, CUDA).
+//
+// Callers ask SupportsOp() instead of branching on the build. Tensors passed to a backend must live
+// on its device (Alloc/ToDevice/ToHost move them). All activations are fp32; `compute_dtype` kBF16
+// rounds GEMM operands to bf16 and accumulates in fp32 (DESIGN section 3), on both backends, so
+// parity tests compare like with like. Every op has a scalar CPU twin in kernels/cpu/ref_ops.h that
+// is its specification.
+//
+// Row layouts. A batch of `batch` sequences of `seq_len` tokens is a [batch*seq_len, width] matrix,
+// sequence-major. Multi-head tensors put head h's features at columns [h*head_dim, (h+1)*head_dim).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/tensor.h"
+
+namespace qcal::kernels {
+
+enum class Op {
+  kLinear,
+  kRmsNorm,
+  kRope,
+  kAttention,
+  kSiluMul,
+  kAdd,
+  kEmbedding,
+  kNll,
+  kGram,
+};
+
+enum class ComputeDType { kF32, kBF16 };
+
+struct BackendOptions {
+  // "cpu", "cuda" (device 0) or "cuda:N". Default: "cpu".
+  std::string device = "cpu";
+  // CPU threads for BLAS and parallel loops; 0 = number of cores. Default: 0.
+  int threads = 0;
+  // GEMM operand precision. Default: kF32.
+  ComputeDType compute_dtype = ComputeDType::kF32;
+  absl::Status Validate() const;
+};
+
+// Shapes of one attention call. Queries: [batch*q_len, num_heads*head_dim]; keys and values:
+// [batch*kv_len, num_kv_heads*head_dim]. Query i of a sequence sits at position q_offset + i and
+// attends keys 0 .. q_offset + i (causal). q_offset + q_len <= kv_len.
+struct AttentionShape {
+  int batch = 1;
+  int q_len = 0;
+  int kv_len = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int q_offset = 0;
+};
+
+// RoPE placement: row r of a [batch*seq_len, ...] tensor is at position offset + r % seq_len.
+struct RopeShape {
+  int seq_len = 0;
+  int offset = 0;
+  int head_dim = 0;
+  double theta = 10000.0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+  virtual bool SupportsOp(Op op) const = 0;
+  virtual ComputeDType compute_dtype() const = 0;
+  virtual int threads() const = 0;
+  // A short description of the hardware and libraries, recorded as the job's device kind.
+  virtual std::string DeviceKind() const = 0;
+
+  // A zero-filled tensor on this backend's device.
+  virtual absl::StatusOr<Tensor> Alloc(DType dtype, const Shape& shape) = 0;
+  // Copies a host tensor to this device (the CPU backend returns a deep copy).
+  virtual absl::StatusOr<Tensor> ToDevice(const Tensor& host) = 0;
+  // Copies a device tensor to the host.
+  virtual absl::StatusOr<Tensor> ToHost(const Tensor& t) = 0;
+  virtual absl::Status Synchronize() = 0;
+  // dst = src for two tensors of this device with the same dtype and element count.
+  virtual absl::Status Copy(const Tensor& src, Tensor& dst) = 0;
+
+  // y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n] when given); with `accumulate`, y += instead.
+  // x, y fp32; w fp32 (or bf16 on backends that SupportsOp for it).
+  virtual absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
+                              bool accumulate) = 0;
+  // y[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight.  y may alias x.
+  virtual absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y) = 0;
+  // In-place rotary embedding, Hugging Face half-split convention, on every head of x.
+  virtual absl::Status Rope(Tensor& x, const RopeShape& shape) = 0;
+  // Causal grouped-query attention with softmax scale 1/sqrt(head_dim).
+  virtual absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const AttentionShape& shape, Tensor& out) = 0;
+  // out = silu(gate) * up, elementwise.
+  virtual absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // y += x, elementwise.
+  virtual absl::Status Add(const Tensor& x, Tensor& y) = 0;
+  // out[r] = table[ids[r]]; ids is a host I32 tensor; table fp32 [vocab, width].
+  virtual absl::Status Embedding(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
+  // nll[r] = logsumexp(logits[r]) - logits[r, targets[r]] (log-softmax in double on CPU, fp32 out).
+  // targets is a host I32 tensor.
+  virtual absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) = 0;
+  // h[k,k] += xᵀ x for x [n,k], fp32 accumulation (operands rounded per compute_dtype).
+  virtual absl::Status AccumulateGram(const Tensor& x, Tensor& h) = 0;
+};
+
+// Creates the backend named by options.device. Errors: unknown device, CUDA not built, no GPU.
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options);
+
+// Whether a CUDA device is usable here (built with CUDA and cudaGetDeviceCount > 0).
+bool CudaAvailable();
+
+}  // namespace qcal::kernels

@@ -1,0 +1,318 @@
+#include "kernels/cpu/cpu_backend.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
+#include "kernels/cpu/ref_ops.h"
+
+namespace qcal::kernels {
+namespace {
+
+absl::Status ExpectF32(const Tensor& t, const char* op, const char* what) {
+  if (!t.defined() || t.dtype() != DType::kF32 || t.device() != Device::kHost) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " must be a host F32 tensor"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpectShape(const Tensor& t, const Shape& shape, const char* op, const char* what) {
+  if (t.shape() != shape) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " has shape ", ShapeString(t.shape()),
+                                                   ", expected ", ShapeString(shape)));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<float> RoundedCopy(const float* p, int64_t n) {
+  std::vector<float> out(p, p + n);
+  for (float& v : out) v = RoundToBf16(v);
+  return out;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(int threads, ComputeDType dtype) : threads_(threads), dtype_(dtype) {}
+
+  std::string name() const override { return "cpu"; }
+  Device device() const override { return Device::kHost; }
+  bool SupportsOp(Op) const override { return true; }
+  ComputeDType compute_dtype() const override { return dtype_; }
+  int threads() const override { return threads_; }
+
+  std::string DeviceKind() const override {
+    std::string isa = "x86-64";
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx512f")) {
+      isa = "avx512";
+    } else if (__builtin_cpu_supports("avx2")) {
+      isa = "avx2";
+    }
+#endif
+    return absl::StrCat("cpu/", isa, "/openblas-", openblas_get_corename());
+  }
+
+  absl::StatusOr<Tensor> Alloc(DType dtype, const Shape& shape) override {
+    return Tensor::Zeros(dtype, shape);
+  }
+  absl::StatusOr<Tensor> ToDevice(const Tensor& host) override { return host.Clone(); }
+  absl::StatusOr<Tensor> ToHost(const Tensor& t) override { return t.Clone(); }
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+  absl::Status Copy(const Tensor& src, Tensor& dst) override {
+    if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
+      return absl::InvalidArgumentError(absl::StrCat("Copy: ", src.DebugString(), " into ",
+                                                     dst.DebugString()));
+    }
+    std::memcpy(dst.raw(), src.raw(), src.nbytes());
+    return absl::OkStatus();
+  }
+
+  absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
+                      bool accumulate) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "Linear", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(w, "Linear", "w"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(y, "Linear", "y"));
+    if (x.rank() != 2 || w.rank() != 2 || x.dim(1) != w.dim(1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Linear: x ", x.DebugString(), " and w ", w.DebugString(), " do not match"));
+    }
+    const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(y, {m, n}, "Linear", "y"));
+    if (bias && bias->defined()) {
+      QCAL_RETURN_IF_ERROR(ExpectShape(*bias, {n}, "Linear", "bias"));
+    }
+    if (m == 0 || n == 0) return absl::OkStatus();
+    const float* xp = x.data<float>();
+    const float* wp = w.data<float>();
+    std::vector<float> xr, wr;
+    if (dtype_ == ComputeDType::kBF16) {
+      xr = RoundedCopy(xp, m * k);
+      wr = RoundedCopy(wp, n * k);
+      xp = xr.data();
+      wp = wr.data();
+    }
+    float* yp = y.data<float>();
+    const bool has_bias = bias && bias->defined();
+    if (has_bias && !accumulate) {
+      const float* b = bias->data<float>();
+      for (int64_t i = 0; i < m; ++i) std::copy(b, b + n, yp + i * n);
+    }
+    const float beta = (accumulate || has_bias) ? 1.0f : 0.0f;
+    if (k == 0) {
+      if (beta == 0.0f) std::fill(yp, yp + m * n, 0.0f);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xp, k, wp, k, beta, yp, n);
+    }
+    if (has_bias && accumulate) {
+      const float* b = bias->data<float>();
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) yp[i * n + j] += b[j];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "RmsNorm", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(weight, "RmsNorm", "weight"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "RmsNorm", "y"));
+    const int64_t width = x.dim(-1), rows = x.numel() / std::max<int64_t>(width, 1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNorm", "weight"));
+    const float* xp = x.data<float>();
+    float* yp = y.data<float>();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      ref::RmsNorm(xp + r * width, weight.data<float>(), eps, yp + r * width, 1, width);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Rope(Tensor& x, const RopeShape& shape) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "Rope", "x"));
+    if (shape.head_dim <= 0 || shape.head_dim % 2 || x.dim(-1) % shape.head_dim || shape.seq_len <= 0) {
+      return absl::InvalidArgumentError("Rope: bad shape");
+    }
+    const int64_t width = x.dim(-1), rows = x.numel() / width;
+    const int half = shape.head_dim / 2;
+    // Cos/sin table per position in the sequence, computed once.
+    std::vector<float> cs(size_t(shape.seq_len) * half * 2);
+    for (int p = 0; p < shape.seq_len; ++p) {
+      for (int i = 0; i < half; ++i) {
+        ref::RopeAngle(shape.offset + p, i, shape, &cs[(size_t(p) * half + i) * 2],
+                       &cs[(size_t(p) * half + i) * 2 + 1]);
+      }
+    }
+    float* xp = x.data<float>();
+    const int64_t heads = width / shape.head_dim;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* t = &cs[size_t(r % shape.seq_len) * half * 2];
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = xp + r * width + h * shape.head_dim;
+        for (int i = 0; i < half; ++i) {
+          const float c = t[2 * i], s = t[2 * i + 1];
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c - b * s;
+          v[i + half] = b * c + a * s;
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                         const AttentionShape& s, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(q, "Attention", "q"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(k, "Attention", "k"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(v, "Attention", "v"));
+    if (s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads || s.q_offset + s.q_len > s.kv_len) {
+      return absl::InvalidArgumentError("Attention: bad shape");
+    }
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim, kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    QCAL_RETURN_IF_ERROR(ExpectShape(q, {int64_t(s.batch) * s.q_len, qw}, "Attention", "q"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(k, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "k"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(v, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "v"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, q.shape(), "Attention", "out"));
+    if (dtype_ == ComputeDType::kBF16) {
+      ref::Attention(q.data<float>(), k.data<float>(), v.data<float>(), s, out.data<float>(), true);
+      return absl::OkStatus();
+    }
+    const int n_rep = s.num_heads / s.num_kv_heads;
+    const float scale = 1.0f / std::sqrt(float(s.head_dim));
+    std::vector<float> scores(size_t(s.q_len) * s.kv_len);
+    for (int b = 0; b < s.batch; ++b) {
+      for (int h = 0; h < s.num_heads; ++h) {
+        const int kvh = h / n_rep;
+        const float* qh = q.data<float>() + int64_t(b) * s.q_len * qw + h * s.head_dim;
+        const float* kh = k.data<float>() + int64_t(b) * s.kv_len * kvw + kvh * s.head_dim;
+        const float* vh = v.data<float>() + int64_t(b) * s.kv_len * kvw + kvh * s.head_dim;
+        float* oh = out.data<float>() + int64_t(b) * s.q_len * qw + h * s.head_dim;
+        // scores = scale * Q Kᵀ over the visible prefix, softmax per row, then out = P V.
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.q_len, s.kv_len, s.head_dim, scale,
+                    qh, qw, kh, kvw, 0.0f, scores.data(), s.kv_len);
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < s.q_len; ++i) {
+          float* row = scores.data() + size_t(i) * s.kv_len;
+          const int last = s.q_offset + i;
+          float mx = -INFINITY;
+          for (int j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
+          double sum = 0;
+          for (int j = 0; j <= last; ++j) {
+            row[j] = std::exp(row[j] - mx);
+            sum += row[j];
+          }
+          const float inv = float(1.0 / sum);
+          for (int j = 0; j <= last; ++j) row[j] *= inv;
+          for (int j = last + 1; j < s.kv_len; ++j) row[j] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.q_len, s.head_dim, s.kv_len, 1.0f,
+                    scores.data(), s.kv_len, vh, kvw, 0.0f, oh, qw);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(gate, "SiluMul", "gate"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(up, gate.shape(), "SiluMul", "up"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, gate.shape(), "SiluMul", "out"));
+    const int64_t n = gate.numel();
+    const int64_t step = 4096;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i += step) {
+      ref::SiluMul(gate.data<float>() + i, up.data<float>() + i, out.data<float>() + i,
+                   std::min(step, n - i));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(const Tensor& x, Tensor& y) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "Add", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "Add", "y"));
+    ref::Add(x.data<float>(), y.data<float>(), x.numel());
+    return absl::OkStatus();
+  }
+
+  absl::Status Embedding(const Tensor& table, const Tensor& ids, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(table, "Embedding", "table"));
+    if (ids.dtype() != DType::kI32) return absl::InvalidArgumentError("Embedding: ids must be I32");
+    const int64_t vocab = table.dim(0), width = table.dim(1), n = ids.numel();
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, {n, width}, "Embedding", "out"));
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t id = ids.data<int32_t>()[i];
+      if (id < 0 || id >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", id, " is outside the embedding table (vocab ", vocab, ")"));
+      }
+    }
+    ref::Embedding(table.data<float>(), vocab, width, ids.data<int32_t>(), n, out.data<float>());
+    return absl::OkStatus();
+  }
+
+  absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(logits, "Nll", "logits"));
+    const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+    if (targets.dtype() != DType::kI32 || targets.numel() != rows) {
+      return absl::InvalidArgumentError("Nll: targets must be I32 with one id per row");
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(nll, {rows}, "Nll", "nll"));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t t = targets.data<int32_t>()[r];
+      if (t < 0 || t >= vocab) return absl::InvalidArgumentError("Nll: target outside the vocabulary");
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      ref::Nll(logits.data<float>() + r * vocab, 1, vocab, targets.data<int32_t>() + r,
+               nll.data<float>() + r);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status AccumulateGram(const Tensor& x, Tensor& h) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "AccumulateGram", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(h, "AccumulateGram", "h"));
+    const int64_t n = x.dim(0), k = x.dim(1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(h, {k, k}, "AccumulateGram", "h"));
+    if (n == 0) return absl::OkStatus();
+    const float* xp = x.data<float>();
+    std::vector<float> xr;
+    if (dtype_ == ComputeDType::kBF16) {
+      xr = RoundedCopy(xp, n * k);
+      xp = xr.data();
+    }
+    float* hp = h.data<float>();
+    // SYRK fills the upper triangle (row-major); mirror it so h stays a full symmetric matrix.
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, k, n, 1.0f, xp, k, 1.0f, hp, k);
+    for (int64_t a = 0; a < k; ++a) {
+      for (int64_t b = 0; b < a; ++b) hp[a * k + b] = hp[b * k + a];
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  int threads_;
+  ComputeDType dtype_;
+};
+
+}  // namespace
+
+int SetCpuThreads(int threads) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  openblas_set_num_threads(threads);
+  omp_set_num_threads(threads);
+  return threads;
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const BackendOptions& options) {
+  const int threads = SetCpuThreads(options.threads);
+  return std::make_unique<CpuBackend>(threads, options.compute_dtype);
+}
+
+}  // namespace qcal::kernels

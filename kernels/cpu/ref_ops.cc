@@ -1,0 +1,149 @@
+#include "kernels/cpu/ref_ops.h"
+
+#include <cmath>
+#include <vector>
+
+#include "common/dtype.h"
+
+namespace qcal::kernels::ref {
+namespace {
+
+inline float Op(float v, bool bf16) { return bf16 ? RoundToBf16(v) : v; }
+
+}  // namespace
+
+void Linear(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n,
+            int64_t k, bool accumulate, bool bf16_operands) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        acc += double(Op(x[i * k + p], bf16_operands)) * double(Op(w[j * k + p], bf16_operands));
+      }
+      if (bias) acc += bias[j];
+      y[i * n + j] = accumulate ? float(y[i * n + j] + acc) : float(acc);
+    }
+  }
+}
+
+void RmsNorm(const float* x, const float* weight, float eps, float* y, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * width;
+    double ss = 0;
+    for (int64_t c = 0; c < width; ++c) ss += double(xr[c]) * xr[c];
+    const float inv = float(1.0 / std::sqrt(ss / width + eps));
+    float* yr = y + r * width;
+    for (int64_t c = 0; c < width; ++c) yr[c] = xr[c] * inv * weight[c];
+  }
+}
+
+void RopeAngle(int64_t pos, int i, const RopeShape& shape, float* cos_out, float* sin_out) {
+  const double inv_freq = std::pow(shape.theta, -2.0 * i / shape.head_dim);
+  const double angle = double(pos) * inv_freq;
+  *cos_out = float(std::cos(angle));
+  *sin_out = float(std::sin(angle));
+}
+
+void Rope(float* x, int64_t rows, int64_t width, const RopeShape& shape) {
+  const int half = shape.head_dim / 2;
+  const int64_t heads = width / shape.head_dim;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = shape.offset + r % shape.seq_len;
+    for (int i = 0; i < half; ++i) {
+      float c, s;
+      RopeAngle(pos, i, shape, &c, &s);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = x + r * width + h * shape.head_dim;
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+      }
+    }
+  }
+}
+
+void Attention(const float* q, const float* k, const float* v, const AttentionShape& s, float* out,
+               bool bf16_operands) {
+  const int n_rep = s.num_heads / s.num_kv_heads;
+  const int64_t q_width = int64_t(s.num_heads) * s.head_dim;
+  const int64_t kv_width = int64_t(s.num_kv_heads) * s.head_dim;
+  const double scale = 1.0 / std::sqrt(double(s.head_dim));
+  std::vector<double> p(s.kv_len);
+  for (int b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.num_heads; ++h) {
+      const int kvh = h / n_rep;
+      for (int i = 0; i < s.q_len; ++i) {
+        const float* qi = q + (int64_t(b) * s.q_len + i) * q_width + h * s.head_dim;
+        const int last = s.q_offset + i;
+        double mx = -INFINITY;
+        for (int j = 0; j <= last; ++j) {
+          const float* kj = k + (int64_t(b) * s.kv_len + j) * kv_width + kvh * s.head_dim;
+          double dot = 0;
+          for (int d = 0; d < s.head_dim; ++d) {
+            dot += double(Op(qi[d], bf16_operands)) * double(Op(kj[d], bf16_operands));
+          }
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        double sum = 0;
+        for (int j = 0; j <= last; ++j) {
+          p[j] = std::exp(p[j] - mx);
+          sum += p[j];
+        }
+        float* oi = out + (int64_t(b) * s.q_len + i) * q_width + h * s.head_dim;
+        for (int d = 0; d < s.head_dim; ++d) {
+          double acc = 0;
+          for (int j = 0; j <= last; ++j) {
+            const float* vj = v + (int64_t(b) * s.kv_len + j) * kv_width + kvh * s.head_dim;
+            acc += double(Op(float(p[j] / sum), bf16_operands)) * double(Op(vj[d], bf16_operands));
+          }
+          oi[d] = float(acc);
+        }
+      }
+    }
+  }
+}
+
+void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void Add(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void Embedding(const float* table, int64_t vocab, int64_t width, const int32_t* ids, int64_t n,
+               float* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* src = table + int64_t(ids[r]) * width;
+    for (int64_t c = 0; c < width; ++c) out[r * width + c] = src[c];
+  }
+}
+
+void Nll(const float* logits, int64_t rows, int64_t vocab, const int32_t* targets, float* nll) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* l = logits + r * vocab;
+    double mx = -INFINITY;
+    for (int64_t c = 0; c < vocab; ++c) mx = std::max(mx, double(l[c]));
+    double sum = 0;
+    for (int64_t c = 0; c < vocab; ++c) sum += std::exp(double(l[c]) - mx);
+    nll[r] = float(mx + std::log(sum) - double(l[targets[r]]));
+  }
+}
+
+void AccumulateGram(const float* x, int64_t n, int64_t k, float* h, bool bf16_operands) {
+  for (int64_t a = 0; a < k; ++a) {
+    for (int64_t b = 0; b < k; ++b) {
+      double acc = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        acc += double(Op(x[t * k + a], bf16_operands)) * double(Op(x[t * k + b], bf16_operands));
+      }
+      h[a * k + b] += float(acc);
+    }
+  }
+}
+
+}  // namespace qcal::kernels::ref

@@ -1,0 +1,32 @@
+// Scalar reference implementations of every backend op: the specification that the optimized CPU
+// ops and the CUDA kernels are tested against. Readable over fast; accumulation in double.
+//
+// `bf16_operands` rounds each GEMM operand to bf16 (round-to-nearest-even) before multiplying, the
+// way --compute-dtype bf16 does on the fast paths.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/backend.h"
+
+namespace qcal::kernels::ref {
+
+// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n]); accumulate: y +=.
+void Linear(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n,
+            int64_t k, bool accumulate, bool bf16_operands);
+void RmsNorm(const float* x, const float* weight, float eps, float* y, int64_t rows, int64_t width);
+// Rotates every head of every row in place; width = heads * head_dim.
+void Rope(float* x, int64_t rows, int64_t width, const RopeShape& shape);
+// The cos/sin pair used for position `pos` and frequency index i (0 <= i < head_dim/2).
+void RopeAngle(int64_t pos, int i, const RopeShape& shape, float* cos_out, float* sin_out);
+void Attention(const float* q, const float* k, const float* v, const AttentionShape& shape,
+               float* out, bool bf16_operands);
+void SiluMul(const float* gate, const float* up, float* out, int64_t n);
+void Add(const float* x, float* y, int64_t n);
+void Embedding(const float* table, int64_t vocab, int64_t width, const int32_t* ids, int64_t n,
+               float* out);
+void Nll(const float* logits, int64_t rows, int64_t vocab, const int32_t* targets, float* nll);
+// h[k,k] += xᵀx for x [n,k].
+void AccumulateGram(const float* x, int64_t n, int64_t k, float* h, bool bf16_operands);
+
+}  // namespace qcal::kernels::ref

@@ -1,0 +1,95 @@
+#include "services/engine/evaluate.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace qcal::engine {
+
+absl::StatusOr<PerplexityResult> EvaluatePerplexity(Model& model, const TokenWindows& windows,
+                                                    const ProgressFn& progress) {
+  const auto start = std::chrono::steady_clock::now();
+  kernels::Backend& be = model.backend();
+  const int64_t n = static_cast<int64_t>(windows.inputs.size());
+  const int seq_len = windows.seq_len;
+  if (n == 0) return absl::InvalidArgumentError("no evaluation windows");
+  // Batch windows so that the logits of a batch stay under ~256 MiB.
+  const int64_t per_window = int64_t(seq_len) * model.config().vocab_size * 4;
+  const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(16, (256ll << 20) / per_window));
+  double nll_sum = 0;
+  for (int64_t w0 = 0; w0 < n; w0 += batch) {
+    const int64_t bsz = std::min(batch, n - w0);
+    std::vector<int> ids, targets;
+    for (int64_t w = w0; w < w0 + bsz; ++w) {
+      ids.insert(ids.end(), windows.inputs[w].begin(), windows.inputs[w].end());
+      targets.insert(targets.end(), windows.targets[w].begin(), windows.targets[w].end());
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor hidden, model.Embed(ids));
+    const SeqShape shape{static_cast<int>(bsz), seq_len, 0};
+    for (int b = 0; b < model.num_blocks(); ++b) {
+      QCAL_RETURN_IF_ERROR(model.BlockForward(b, hidden, shape));
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor logits, model.Logits(hidden));
+    Tensor target_tensor = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(targets.size())});
+    std::memcpy(target_tensor.raw(), targets.data(), targets.size() * sizeof(int));
+    QCAL_ASSIGN_OR_RETURN(Tensor nll, be.Alloc(DType::kF32, {static_cast<int64_t>(targets.size())}));
+    QCAL_RETURN_IF_ERROR(be.Nll(logits, target_tensor, nll));
+    QCAL_ASSIGN_OR_RETURN(Tensor nll_host, be.ToHost(nll));
+    const float* p = nll_host.data<float>();
+    for (size_t i = 0; i < targets.size(); ++i) {
+      if (!std::isfinite(p[i])) {
+        return absl::DataLossError(absl::StrCat("non-finite loss in window ", w0 + i / seq_len,
+                                                " (NaN or Inf weights or activations)"));
+      }
+      nll_sum += p[i];
+    }
+    if (progress) progress(w0 + bsz, n);
+  }
+  PerplexityResult r;
+  r.windows = n;
+  r.tokens = n * seq_len;
+  r.nll = nll_sum / static_cast<double>(r.tokens);
+  r.perplexity = std::exp(r.nll);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+absl::StatusOr<std::vector<int>> GenerateGreedy(Model& model, const std::vector<int>& prompt_ids,
+                                                const GenerateOptions& options) {
+  if (options.max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");
+  kernels::Backend& be = model.backend();
+  const ModelConfig& c = model.config();
+  std::vector<int> ids = {c.bos_token_id};
+  ids.insert(ids.end(), prompt_ids.begin(), prompt_ids.end());
+  const int capacity = static_cast<int>(ids.size()) + options.max_new_tokens;
+  QCAL_ASSIGN_OR_RETURN(KvCache cache, model.NewCache(capacity));
+  std::vector<int> generated;
+  std::vector<int> step = ids;
+  int offset = 0;
+  while (static_cast<int>(generated.size()) < options.max_new_tokens) {
+    QCAL_ASSIGN_OR_RETURN(Tensor hidden, model.Embed(step));
+    const SeqShape shape{1, static_cast<int>(step.size()), offset};
+    for (int b = 0; b < model.num_blocks(); ++b) {
+      QCAL_RETURN_IF_ERROR(model.BlockForward(b, hidden, shape, &cache));
+    }
+    Tensor last = hidden.Rows(hidden.dim(0) - 1, hidden.dim(0));
+    QCAL_ASSIGN_OR_RETURN(Tensor logits, model.Logits(last));
+    QCAL_ASSIGN_OR_RETURN(Tensor host, be.ToHost(logits));
+    const float* l = host.data<float>();
+    int best = 0;
+    for (int i = 1; i < c.vocab_size; ++i) {
+      if (l[i] > l[best]) best = i;
+    }
+    if (!std::isfinite(l[best])) return absl::DataLossError("non-finite logits during generation");
+    offset += static_cast<int>(step.size());
+    if (best == c.bos_token_id || best == c.eos_token_id) break;
+    generated.push_back(best);
+    step = {best};
+  }
+  return generated;
+}
+
+}  // namespace qcal::engine

@@ -1,0 +1,38 @@
+// Perplexity (DESIGN section 4) and greedy generation on a loaded Model.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/text_data.h"
+#include "services/engine/model.h"
+
+namespace qcal::engine {
+
+struct PerplexityResult {
+  double perplexity = 0;
+  double nll = 0;       // mean negative log-likelihood per predicted token (nats)
+  int64_t tokens = 0;   // predicted tokens
+  int64_t windows = 0;
+  double seconds = 0;
+};
+
+// Progress callback: windows done, windows total.
+using ProgressFn = std::function<void(int64_t done, int64_t total)>;
+
+// Runs every window through the model; the sum of NLL is taken in window order, in double.
+absl::StatusOr<PerplexityResult> EvaluatePerplexity(Model& model, const TokenWindows& windows,
+                                                    const ProgressFn& progress = nullptr);
+
+struct GenerateOptions {
+  int max_new_tokens = 64;  // Default: 64.
+};
+
+// Greedy decoding from BOS + prompt_ids with a KV cache; stops at BOS or EOS (not included) or
+// after max_new_tokens. Ties in the argmax go to the lowest token id. Returns the generated ids.
+absl::StatusOr<std::vector<int>> GenerateGreedy(Model& model, const std::vector<int>& prompt_ids,
+                                                const GenerateOptions& options);
+
+}  // namespace qcal::engine

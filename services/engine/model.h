@@ -1,0 +1,113 @@
+// The model as a sequence of transformer blocks, run one block at a time.
+//
+// Weights live on the backend's device in fp32. Later stages feed calibration activations through
+// one block at a time (BlockForward with a Tap to see every linear's input) and replace a block's
+// linear weights in place (SetLinearWeight). Not thread-safe.
+#pragma once
+
+#include <array>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/hf_config.h"
+#include "common/safetensors.h"
+#include "common/tensor.h"
+#include "kernels/backend.h"
+
+namespace qcal::engine {
+
+// The seven linears of a block, in forward order.
+enum class LinearKind { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kNumLinears = 7;
+inline constexpr std::array<LinearKind, kNumLinears> kAllLinears = {
+    LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO,
+    LinearKind::kGate, LinearKind::kUp, LinearKind::kDown};
+
+// The distinct linear inputs of a block: q/k/v share one, gate/up share one.
+enum class LinearInput { kQkv = 0, kO, kGateUp, kDown };
+inline constexpr int kNumLinearInputs = 4;
+
+// "q_proj", ..., "down_proj".
+const char* LinearName(LinearKind kind);
+// "self_attn" or "mlp".
+const char* LinearModule(LinearKind kind);
+// "model.layers.{block}.{self_attn|mlp}.{name}".
+std::string LinearPrefix(int block, LinearKind kind);
+LinearInput InputOf(LinearKind kind);
+// The linears reading `input`, in forward order.
+std::vector<LinearKind> ConsumersOf(LinearInput input);
+
+struct Linear {
+  Tensor weight;  // [d_out, d_in]
+  Tensor bias;    // [d_out] or undefined
+};
+
+struct BlockWeights {
+  Tensor input_norm;           // [hidden]
+  Tensor post_attention_norm;  // [hidden]
+  std::array<Linear, kNumLinears> linears;
+  Linear& at(LinearKind k) { return linears[static_cast<int>(k)]; }
+  const Linear& at(LinearKind k) const { return linears[static_cast<int>(k)]; }
+};
+
+// Where a batch of sequences sits: `batch` sequences of `seq_len` new tokens each, starting at
+// position `offset` (non-zero only with a KV cache).
+struct SeqShape {
+  int batch = 1;
+  int seq_len = 0;
+  int offset = 0;
+};
+
+// Keys and values of every block for one sequence, for incremental decoding.
+struct KvCache {
+  int capacity = 0;
+  int length = 0;  // tokens already cached
+  std::vector<Tensor> k, v;  // per block: [capacity, kv_dim]
+};
+
+// Called with each distinct linear input during BlockForward; may stop the forward early by
+// returning a non-OK status of code kCancelled (see BlockForward).
+using Tap = std::function<absl::Status(LinearInput input, const Tensor& x)>;
+
+class Model {
+ public:
+  // Loads config.json and all weights of a Hugging Face checkpoint directory onto the backend.
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, kernels::Backend* backend);
+  // A model from a config and already-built weights (synthetic models, tests).
+  static std::unique_ptr<Model> FromWeights(const ModelConfig& config, kernels::Backend* backend,
+                                            Tensor embed_tokens, Tensor final_norm, Tensor lm_head,
+                                            std::vector<BlockWeights> blocks);
+
+  const ModelConfig& config() const { return config_; }
+  kernels::Backend& backend() const { return *backend_; }
+  int num_blocks() const { return static_cast<int>(blocks_.size()); }
+  BlockWeights& block(int b) { return blocks_[b]; }
+  const BlockWeights& block(int b) const { return blocks_[b]; }
+  const Tensor& embed_tokens() const { return embed_tokens_; }
+  const Tensor& final_norm() const { return final_norm_; }
+  const Tensor& lm_head() const { return lm_head_; }
+
+  // hidden [ids.size(), hidden_size] = embedding rows of ids.
+  absl::StatusOr<Tensor> Embed(const std::vector<int>& ids);
+  // Runs block b in place on hidden [batch*seq_len, hidden_size]. With `cache`, keys and values
+  // are appended to it at shape.offset (batch must be 1). `tap`, when set, sees every distinct
+  // linear input; when it returns kCancelled the forward stops there and OK is returned.
+  absl::Status BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache = nullptr,
+                            const Tap& tap = nullptr);
+  // logits [rows, vocab] = lm_head(norm(hidden)).
+  absl::StatusOr<Tensor> Logits(const Tensor& hidden);
+  // A cache for one sequence of up to `capacity` tokens.
+  absl::StatusOr<KvCache> NewCache(int capacity);
+
+ private:
+  Model() = default;
+  ModelConfig config_;
+  kernels::Backend* backend_ = nullptr;
+  Tensor embed_tokens_, final_norm_, lm_head_;
+  std::vector<BlockWeights> blocks_;
+};
+
+}  // namespace qcal::engine

@@ -1,0 +1,53 @@
+// qcal generate: greedy decoding from BOS (plus an optional prompt).
+#include <cstdio>
+#include <memory>
+
+#include "common/status.h"
+#include "common/tokenizer.h"
+#include "kernels/backend.h"
+#include "services/engine/evaluate.h"
+#include "services/engine/model.h"
+#include "tools/qcal/commands.h"
+
+namespace qcal::cli {
+namespace {
+
+struct GenerateArgs {
+  std::string model;
+  std::string prompt;
+  int max_new_tokens = 64;
+  int threads = 0;
+};
+
+absl::Status RunGenerate(const GenerateArgs& a) {
+  kernels::BackendOptions bo;
+  bo.threads = a.threads;
+  QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
+  QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::Model::Load(a.model, backend.get()));
+  std::vector<int> prompt_ids;
+  if (!a.prompt.empty()) {
+    QCAL_ASSIGN_OR_RETURN(prompt_ids, tokenizer->Encode(a.prompt));
+  }
+  engine::GenerateOptions go;
+  go.max_new_tokens = a.max_new_tokens;
+  QCAL_ASSIGN_OR_RETURN(std::vector<int> ids, engine::GenerateGreedy(*model, prompt_ids, go));
+  QCAL_ASSIGN_OR_RETURN(std::string text, tokenizer->Decode(ids));
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fputc('\n', stdout);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+RunFn AddGenerate(CLI::App& app) {
+  auto a = std::make_shared<GenerateArgs>();
+  app.add_option("--model", a->model, "Model directory (Hugging Face layout)")->required();
+  app.add_option("--prompt", a->prompt, "Text to continue (default: none, start from BOS)");
+  app.add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate at most")
+      ->required()->check(CLI::Range(0, 1 << 20));
+  app.add_option("--threads", a->threads, "CPU threads (default: number of cores)")->check(CLI::NonNegativeNumber);
+  return [a] { return RunGenerate(*a); };
+}
+
+}  // namespace qcal::cli

@@ -1,0 +1,40 @@
+// qcal: the command-line front end.
+#include <cstdio>
+#include <map>
+#include <string>
+
+#include "common/logging.h"
+#include "tools/qcal/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"qcal: calibration and quantization for Llama-family language models"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Show help for every subcommand");
+  bool verbose = false;
+  app.add_flag("-v,--verbose", verbose, "Verbose logging on stderr");
+
+  std::map<CLI::App*, qcal::cli::RunFn> commands;
+  auto add = [&](const char* name, const char* help, qcal::cli::RunFn (*fn)(CLI::App&)) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    commands[sub] = fn(*sub);
+  };
+  add("eval", "Perplexity of a model on a text (DESIGN section 4 protocol)", qcal::cli::AddEval);
+  add("generate", "Greedy text generation", qcal::cli::AddGenerate);
+  add("synth", "Write a synthetic Llama-architecture checkpoint with a trained tokenizer",
+      qcal::cli::AddSynth);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  qcal::InitLogging(verbose);
+  for (auto& [sub, run] : commands) {
+    if (sub->parsed()) {
+      absl::Status st = run();
+      if (!st.ok()) return qcal::cli::ReportError(st);
+      return 0;
+    }
+  }
+  return 1;
+}
