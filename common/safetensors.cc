@@ -55,8 +55,28 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
   file->path_ = path;
   file->mapping_ = std::make_shared<MappedStorage>(map, file_size);
-  const auto* bytes = static_cast<const unsigned char*>(map);
+  QCAL_RETURN_IF_ERROR(file->Parse());
+  return file;
+}
 
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(const std::string& bytes,
+                                                                            const std::string& name) {
+  auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
+  file->path_ = name;
+  file->mapping_ = AllocateHost(bytes.size());
+  std::memcpy(file->mapping_->data(), bytes.data(), bytes.size());
+  if (bytes.size() < 8) {
+    return Bad(name, absl::StrCat("truncated safetensors file (", bytes.size(),
+                                  " bytes; the 8-byte header length is missing)"));
+  }
+  QCAL_RETURN_IF_ERROR(file->Parse());
+  return file;
+}
+
+absl::Status SafetensorsFile::Parse() {
+  const std::string& path = path_;
+  const uint64_t file_size = mapping_->bytes();
+  const auto* bytes = static_cast<const unsigned char*>(mapping_->data());
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
   if (header_len > kMaxSafetensorsHeaderBytes) {
@@ -67,8 +87,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     return Bad(path, absl::StrCat("safetensors header length ", header_len,
                                   " runs past the end of the file (", file_size, " bytes)"));
   }
-  file->data_offset_ = 8 + header_len;
-  const uint64_t data_size = file_size - file->data_offset_;
+  data_offset_ = 8 + header_len;
+  const uint64_t data_size = file_size - data_offset_;
 
   nlohmann::json header;
   try {
@@ -86,7 +106,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
       if (!entry.is_object()) return Bad(path, "__metadata__ is not an object");
       for (auto m = entry.begin(); m != entry.end(); ++m) {
         if (!m.value().is_string()) return Bad(path, "__metadata__ values must be strings");
-        file->metadata_[m.key()] = m.value().get<std::string>();
+        metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
@@ -132,9 +152,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
                                     DTypeName(info.dtype), ShapeString(info.shape), " (",
                                     numel * DTypeSize(info.dtype), " bytes)"));
     }
-    file->tensors_[name] = std::move(info);
+    tensors_[name] = std::move(info);
   }
-  return file;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> SafetensorsFile::Get(const std::string& name) const {
@@ -242,8 +262,8 @@ absl::StatusOr<Tensor> CheckpointReader::GetF32(const std::string& name, const S
   return t.ToF32();
 }
 
-absl::Status WriteSafetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
-                              const std::map<std::string, std::string>& metadata) {
+absl::StatusOr<std::string> SerializeSafetensors(const std::map<std::string, Tensor>& tensors,
+                                                 const std::map<std::string, std::string>& metadata) {
   // nlohmann::ordered_json keeps insertion order; std::map iteration gives sorted names.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) {
@@ -271,7 +291,13 @@ absl::Status WriteSafetensors(const std::string& path, const std::map<std::strin
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((len >> (8 * i)) & 0xff));
   out += text;
   for (const auto& [name, t] : tensors) out.append(static_cast<const char*>(t.raw()), t.nbytes());
-  return WriteStringToFile(path, out);
+  return out;
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  QCAL_ASSIGN_OR_RETURN(std::string bytes, SerializeSafetensors(tensors, metadata));
+  return WriteStringToFile(path, bytes);
 }
 
 }  // namespace qcal

@@ -30,6 +30,9 @@ struct TensorInfo {
 class SafetensorsFile {
  public:
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // Parses an in-memory safetensors byte string (copied); `name` is used in error messages.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(const std::string& bytes,
+                                                                    const std::string& name);
 
   const std::string& path() const { return path_; }
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
@@ -40,6 +43,8 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Validates the header of `storage_` (the whole file) and fills tensors_/metadata_.
+  absl::Status Parse();
   std::string path_;
   std::shared_ptr<Storage> mapping_;
   uint64_t data_offset_ = 0;
@@ -68,6 +73,10 @@ class CheckpointReader {
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> index_;  // tensor name -> files_ index
 };
+
+// The safetensors bytes of `tensors` (host tensors), sorted by name; see WriteSafetensors.
+absl::StatusOr<std::string> SerializeSafetensors(const std::map<std::string, Tensor>& tensors,
+                                                 const std::map<std::string, std::string>& metadata = {});
 
 // Writes `tensors` (host tensors, any dtype) to `path`, in sorted name order, with an optional
 // `__metadata__` map. The header is padded with spaces to a multiple of 8 bytes.

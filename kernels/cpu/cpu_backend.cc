@@ -1,7 +1,6 @@
 #include "kernels/cpu/cpu_backend.h"
 
 #include <cblas.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "common/parallel.h"
 #include "kernels/cpu/ref_ops.h"
 
 namespace qcal::kernels {
@@ -127,10 +127,9 @@ class CpuBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNorm", "weight"));
     const float* xp = x.data<float>();
     float* yp = y.data<float>();
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      ref::RmsNorm(xp + r * width, weight.data<float>(), eps, yp + r * width, 1, width);
-    }
+    ParallelFor(rows, width, [&](int64_t r0, int64_t r1) {
+      ref::RmsNorm(xp + r0 * width, weight.data<float>(), eps, yp + r0 * width, r1 - r0, width);
+    });
     return absl::OkStatus();
   }
 
@@ -151,8 +150,8 @@ class CpuBackend final : public Backend {
     }
     float* xp = x.data<float>();
     const int64_t heads = width / shape.head_dim;
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    ParallelFor(rows, width, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
       const float* t = &cs[size_t(r % shape.seq_len) * half * 2];
       for (int64_t h = 0; h < heads; ++h) {
         float* v = xp + r * width + h * shape.head_dim;
@@ -164,6 +163,7 @@ class CpuBackend final : public Backend {
         }
       }
     }
+    });
     return absl::OkStatus();
   }
 
@@ -197,8 +197,8 @@ class CpuBackend final : public Backend {
         // scores = scale * Q Kᵀ over the visible prefix, softmax per row, then out = P V.
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.q_len, s.kv_len, s.head_dim, scale,
                     qh, qw, kh, kvw, 0.0f, scores.data(), s.kv_len);
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < s.q_len; ++i) {
+        ParallelFor(s.q_len, s.kv_len, [&](int64_t i0, int64_t i1) {
+        for (int i = static_cast<int>(i0); i < i1; ++i) {
           float* row = scores.data() + size_t(i) * s.kv_len;
           const int last = s.q_offset + i;
           float mx = -INFINITY;
@@ -212,6 +212,7 @@ class CpuBackend final : public Backend {
           for (int j = 0; j <= last; ++j) row[j] *= inv;
           for (int j = last + 1; j < s.kv_len; ++j) row[j] = 0.0f;
         }
+        });
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.q_len, s.head_dim, s.kv_len, 1.0f,
                     scores.data(), s.kv_len, vh, kvw, 0.0f, oh, qw);
       }
@@ -224,12 +225,9 @@ class CpuBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectShape(up, gate.shape(), "SiluMul", "up"));
     QCAL_RETURN_IF_ERROR(ExpectShape(out, gate.shape(), "SiluMul", "out"));
     const int64_t n = gate.numel();
-    const int64_t step = 4096;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i += step) {
-      ref::SiluMul(gate.data<float>() + i, up.data<float>() + i, out.data<float>() + i,
-                   std::min(step, n - i));
-    }
+    ParallelFor(n, 8, [&](int64_t i0, int64_t i1) {
+      ref::SiluMul(gate.data<float>() + i0, up.data<float>() + i0, out.data<float>() + i0, i1 - i0);
+    });
     return absl::OkStatus();
   }
 
@@ -267,11 +265,10 @@ class CpuBackend final : public Backend {
       const int32_t t = targets.data<int32_t>()[r];
       if (t < 0 || t >= vocab) return absl::InvalidArgumentError("Nll: target outside the vocabulary");
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      ref::Nll(logits.data<float>() + r * vocab, 1, vocab, targets.data<int32_t>() + r,
-               nll.data<float>() + r);
-    }
+    ParallelFor(rows, vocab * 4, [&](int64_t r0, int64_t r1) {
+      ref::Nll(logits.data<float>() + r0 * vocab, r1 - r0, vocab, targets.data<int32_t>() + r0,
+               nll.data<float>() + r0);
+    });
     return absl::OkStatus();
   }
 
@@ -306,7 +303,7 @@ class CpuBackend final : public Backend {
 int SetCpuThreads(int threads) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   openblas_set_num_threads(threads);
-  omp_set_num_threads(threads);
+  SetParallelThreads(threads);
   return threads;
 }
 

@@ -57,7 +57,8 @@ absl::StatusOr<Tensor> LoadTo(kernels::Backend* backend, const CheckpointReader&
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kernels::Backend* backend) {
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kernels::Backend* backend,
+                                                   const LinearWeightFn& linear_weight) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   QCAL_ASSIGN_OR_RETURN(auto reader, CheckpointReader::Open(dir));
   const int64_t d = config.hidden_size, f = config.intermediate_size, v = config.vocab_size;
@@ -91,7 +92,15 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kerne
         case LinearKind::kDown: out = d; in = f; has_bias = config.mlp_bias; break;
       }
       const std::string prefix = LinearPrefix(b, k);
-      QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, LoadTo(backend, *reader, prefix + ".weight", {out, in}));
+      if (linear_weight) {
+        QCAL_ASSIGN_OR_RETURN(Tensor host, linear_weight(*reader, prefix, out, in));
+        if (host.shape() != Shape{out, in} || host.dtype() != DType::kF32) {
+          return absl::InternalError(absl::StrCat(prefix, ": weight loader returned ", host.DebugString()));
+        }
+        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, backend->ToDevice(host));
+      } else {
+        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, LoadTo(backend, *reader, prefix + ".weight", {out, in}));
+      }
       if (has_bias || reader->Has(prefix + ".bias")) {
         QCAL_ASSIGN_OR_RETURN(bw.at(k).bias, LoadTo(backend, *reader, prefix + ".bias", {out}));
       }

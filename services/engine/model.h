@@ -72,10 +72,17 @@ struct KvCache {
 // returning a non-OK status of code kCancelled (see BlockForward).
 using Tap = std::function<absl::Status(LinearInput input, const Tensor& x)>;
 
+// Supplies a linear's fp32 host weight [d_out, d_in] from a checkpoint (e.g. by dequantizing GPTQ
+// tensors). The default reads "<prefix>.weight".
+using LinearWeightFn = std::function<absl::StatusOr<Tensor>(
+    const CheckpointReader& reader, const std::string& prefix, int64_t d_out, int64_t d_in)>;
+
 class Model {
  public:
   // Loads config.json and all weights of a Hugging Face checkpoint directory onto the backend.
-  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, kernels::Backend* backend);
+  // `linear_weight` overrides how the seven linears' weights are read (quantized checkpoints).
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, kernels::Backend* backend,
+                                                     const LinearWeightFn& linear_weight = nullptr);
   // A model from a config and already-built weights (synthetic models, tests).
   static std::unique_ptr<Model> FromWeights(const ModelConfig& config, kernels::Backend* backend,
                                             Tensor embed_tokens, Tensor final_norm, Tensor lm_head,

@@ -9,6 +9,7 @@
 #include "kernels/backend.h"
 #include "nlohmann/json.hpp"
 #include "services/engine/evaluate.h"
+#include "services/engine/export/checkpoint_loader.h"
 #include "services/engine/model.h"
 #include "tools/qcal/commands.h"
 
@@ -29,7 +30,7 @@ absl::Status RunEval(const EvalArgs& a) {
   bo.threads = a.threads;
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
-  QCAL_ASSIGN_OR_RETURN(auto model, engine::Model::Load(a.model, backend.get()));
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get()));
   QCAL_ASSIGN_OR_RETURN(std::string text, LoadCorpusText(a.text));
   QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text));
   QCAL_ASSIGN_OR_RETURN(TokenWindows windows,

@@ -6,6 +6,7 @@
 #include "common/tokenizer.h"
 #include "kernels/backend.h"
 #include "services/engine/evaluate.h"
+#include "services/engine/export/checkpoint_loader.h"
 #include "services/engine/model.h"
 #include "tools/qcal/commands.h"
 
@@ -24,7 +25,7 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   bo.threads = a.threads;
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
-  QCAL_ASSIGN_OR_RETURN(auto model, engine::Model::Load(a.model, backend.get()));
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get()));
   std::vector<int> prompt_ids;
   if (!a.prompt.empty()) {
     QCAL_ASSIGN_OR_RETURN(prompt_ids, tokenizer->Encode(a.prompt));

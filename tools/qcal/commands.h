@@ -17,6 +17,7 @@ using RunFn = std::function<absl::Status()>;
 RunFn AddEval(CLI::App& app);
 RunFn AddGenerate(CLI::App& app);
 RunFn AddSynth(CLI::App& app);
+RunFn AddQuantize(CLI::App& app);
 
 // Prints a one-line error to stderr and returns the process exit code for it.
 int ReportError(const absl::Status& status);

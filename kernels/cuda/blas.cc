@@ -1,0 +1,53 @@
+#include "kernels/cuda/blas.h"
+
+#include <climits>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_resources.h"
+
+namespace qcal::kernels::cuda {
+namespace {
+
+// cuBLAS's classic API takes int dimensions.
+absl::Status CheckDims(const char* what, std::initializer_list<int64_t> dims) {
+  for (int64_t d : dims) {
+    if (d < 0 || d > INT_MAX) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": dimension ", d, " is outside cuBLAS's int range"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                  int64_t k, float alpha, const void* a, int64_t lda, const void* b, int64_t ldb,
+                  DType operands, float beta, float* c, int64_t ldc) {
+  QCAL_RETURN_IF_ERROR(CheckDims("GEMM", {m, n, k, lda, ldb, ldc}));
+  if (operands != DType::kF32 && operands != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GEMM: unsupported operand type ", DTypeName(operands)));
+  }
+  const cudaDataType_t type = operands == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and the column-major view of a
+  // row-major B is Bᵀ: hence B first, with the same transpose flags.
+  return CublasStatus(
+      cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                   static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, b, type,
+                   static_cast<int>(ldb), a, type, static_cast<int>(lda), &beta, c, CUDA_R_32F,
+                   static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      absl::StrCat("cublasGemmEx ", m, "x", n, "x", k, " ", DTypeName(operands)));
+}
+
+absl::Status SyrkLowerF32(cublasHandle_t handle, const float* x, int64_t n, int64_t k, float* h) {
+  QCAL_RETURN_IF_ERROR(CheckDims("SYRK", {n, k}));
+  const float one = 1.0f;
+  // Column-major, x is xᵀ [k,n] and the row-major lower triangle of h is its upper triangle.
+  return CublasStatus(
+      cublasSsyrk(handle, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, static_cast<int>(k),
+                  static_cast<int>(n), &one, x, static_cast<int>(k), &one, h, static_cast<int>(k)),
+      absl::StrCat("cublasSsyrk n=", n, " k=", k));
+}
+
+}  // namespace qcal::kernels::cuda

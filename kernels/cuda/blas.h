@@ -1,0 +1,30 @@
+// Row-major GEMM and SYRK over cuBLAS, for the ops built on matrix products (Linear,
+// AccumulateGram, later the GPTQ updates). Internal to kernels/cuda.
+//
+// cuBLAS is column-major; a row-major matrix is its transpose seen column-major, so every helper
+// here swaps operands instead of copying. fp32 operands use CUBLAS_COMPUTE_32F under the handle's
+// default math mode: true fp32, never TF32. bf16 operands multiply exactly and accumulate in fp32.
+#pragma once
+
+#include <cublas_v2.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "common/dtype.h"
+
+namespace qcal::kernels::cuda {
+
+// c[m,n] = alpha * op(a) · op(b) + beta * c, all row-major with row strides lda, ldb, ldc;
+// op(a) is [m,k] (a stored [m,k], or [k,m] with trans_a), op(b) is [k,n] (b stored [k,n], or
+// [n,k] with trans_b). a and b are both `operands` (kF32 or kBF16); c is fp32. With beta == 0, c
+// is not read. k == 0 is not allowed (cuBLAS leaves c unscaled); callers handle it.
+absl::Status Gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                  int64_t k, float alpha, const void* a, int64_t lda, const void* b, int64_t ldb,
+                  DType operands, float beta, float* c, int64_t ldc);
+
+// The lower triangle (row-major, diagonal included) of h[k,k] = xᵀx + h for a row-major fp32
+// x [n,k]; the strict upper triangle is not touched.
+absl::Status SyrkLowerF32(cublasHandle_t handle, const float* x, int64_t n, int64_t k, float* h);
+
+}  // namespace qcal::kernels::cuda

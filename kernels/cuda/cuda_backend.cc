@@ -1,0 +1,442 @@
+// The CUDA backend: the adapters that validate shapes and dtypes, run the launchers of the
+// kernels/cuda/*.cu files or cuBLAS on the backend's stream, and turn every failure into an
+// absl::Status.
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cpu/ref_ops.h"
+#include "kernels/cuda/attention.cuh"
+#include "kernels/cuda/blas.h"
+#include "kernels/cuda/cuda_resources.h"
+#include "kernels/cuda/elementwise.cuh"
+#include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/nll.cuh"
+#include "kernels/cuda/rms_norm.cuh"
+#include "kernels/cuda/rope.cuh"
+
+namespace qcal::kernels {
+namespace {
+
+using cuda::CudaStatus;
+
+absl::Status ExpectDevice(const Tensor& t, DType dtype, const char* op, const char* what) {
+  if (!t.defined()) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " is undefined"));
+  }
+  if (t.device() != Device::kCuda) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", what, " ", t.DebugString(), " is a host tensor, expected CUDA"));
+  }
+  if (t.dtype() != dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", what, " is ", t.DebugString(), ", expected ", DTypeName(dtype)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpectHostI32(const Tensor& t, const char* op, const char* what) {
+  if (!t.defined() || t.device() != Device::kHost || t.dtype() != DType::kI32) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " must be a host I32 tensor"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpectShape(const Tensor& t, const Shape& shape, const char* op, const char* what) {
+  if (t.shape() != shape) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": ", what, " has shape ", ShapeString(t.shape()), ", expected ", ShapeString(shape)));
+  }
+  return absl::OkStatus();
+}
+
+// Checks that every id lies in [0, limit).
+absl::Status CheckIds(const Tensor& ids, int64_t limit, const char* op, const char* what) {
+  const int32_t* p = ids.data<int32_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    if (p[i] < 0 || p[i] >= limit) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": ", what, " ", p[i], " at index ", i, " is outside [0, ", limit, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, ComputeDType dtype, std::string kind, cuda::CudaStream stream,
+              cuda::CublasHandle blas)
+      : device_(device),
+        dtype_(dtype),
+        kind_(std::move(kind)),
+        stream_(std::move(stream)),
+        blas_(std::move(blas)),
+        allocator_(std::make_shared<cuda::DeviceAllocator>(device)) {}
+
+  ~CudaBackend() override {
+    // Let queued work finish before the handle and stream go; errors have nowhere to go here.
+    if (cuda::UseDevice(device_).ok()) cudaStreamSynchronize(stream_.get());
+  }
+
+  std::string name() const override { return absl::StrCat("cuda:", device_); }
+  Device device() const override { return Device::kCuda; }
+  bool SupportsOp(Op) const override { return true; }
+  ComputeDType compute_dtype() const override { return dtype_; }
+  // One stream; the host threads play no part in the results.
+  int threads() const override { return 1; }
+  std::string DeviceKind() const override { return kind_; }
+
+  absl::StatusOr<Tensor> Alloc(DType dtype, const Shape& shape) override {
+    QCAL_ASSIGN_OR_RETURN(Tensor t, Uninitialized(dtype, shape));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream()), "Alloc: cudaMemsetAsync"));
+    return t;
+  }
+
+  absl::StatusOr<Tensor> ToDevice(const Tensor& t) override {
+    if (!t.defined()) return absl::InvalidArgumentError("ToDevice: tensor is undefined");
+    QCAL_ASSIGN_OR_RETURN(Tensor out, Uninitialized(t.dtype(), t.shape()));
+    const cudaMemcpyKind kind =
+        t.device() == Device::kHost ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice;
+    QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(out.raw(), t.raw(), t.nbytes(), kind, stream()),
+                                    absl::StrCat("ToDevice ", t.DebugString())));
+    // The host buffer may be released as soon as we return.
+    QCAL_RETURN_IF_ERROR(Synchronize());
+    return out;
+  }
+
+  absl::StatusOr<Tensor> ToHost(const Tensor& t) override {
+    if (!t.defined()) return absl::InvalidArgumentError("ToHost: tensor is undefined");
+    if (t.device() == Device::kHost) return t.Clone();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    Tensor out = Tensor::Zeros(t.dtype(), t.shape());
+    QCAL_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(out.raw(), t.raw(), t.nbytes(), cudaMemcpyDeviceToHost, stream()),
+        absl::StrCat("ToHost ", t.DebugString())));
+    QCAL_RETURN_IF_ERROR(Synchronize());
+    return out;
+  }
+
+  absl::Status Synchronize() override {
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cudaStreamSynchronize(stream()), "cudaStreamSynchronize");
+  }
+
+  absl::Status Copy(const Tensor& src, Tensor& dst) override {
+    if (!src.defined() || !dst.defined() || src.device() != Device::kCuda ||
+        dst.device() != Device::kCuda || src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Copy: ", src.DebugString(), " into ", dst.DebugString(),
+                       " (both must be CUDA tensors of the same dtype and element count)"));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream()),
+        "Copy: cudaMemcpyAsync");
+  }
+
+  absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
+                      bool accumulate) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "Linear", "x"));
+    if (!w.defined() || w.device() != Device::kCuda ||
+        (w.dtype() != DType::kF32 && w.dtype() != DType::kBF16)) {
+      return absl::InvalidArgumentError(absl::StrCat("Linear: w is ",
+                                                     w.defined() ? w.DebugString() : "undefined",
+                                                     ", expected a CUDA F32 or BF16 tensor"));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "Linear", "y"));
+    if (x.rank() != 2 || w.rank() != 2 || x.dim(1) != w.dim(1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Linear: x ", x.DebugString(), " and w ", w.DebugString(), " do not match"));
+    }
+    const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(y, {m, n}, "Linear", "y"));
+    const bool has_bias = bias && bias->defined();
+    if (has_bias) {
+      QCAL_RETURN_IF_ERROR(ExpectDevice(*bias, DType::kF32, "Linear", "bias"));
+      QCAL_RETURN_IF_ERROR(ExpectShape(*bias, {n}, "Linear", "bias"));
+    }
+    if (m == 0 || n == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    float* yp = y.data<float>();
+    if (has_bias && !accumulate) {
+      QCAL_RETURN_IF_ERROR(CudaStatus(
+          cuda::LaunchBroadcastRows(bias->data<float>(), yp, m, n, stream()), "Linear: bias"));
+    }
+    const float beta = (accumulate || has_bias) ? 1.0f : 0.0f;
+    if (k == 0) {
+      if (beta == 0.0f) {
+        QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(yp, 0, y.nbytes(), stream()), "Linear"));
+      }
+    } else {
+      // Operands in the compute dtype; scratch copies are released (to the pool, in stream
+      // order) when they go out of scope.
+      const DType operands = dtype_ == ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
+      QCAL_ASSIGN_OR_RETURN(Tensor xo, AsOperand(x, operands));
+      QCAL_ASSIGN_OR_RETURN(Tensor wo, AsOperand(w, operands));
+      QCAL_RETURN_IF_ERROR(cuda::Gemm(blas_.get(), false, true, m, n, k, 1.0f, xo.raw(), k,
+                                      wo.raw(), k, operands, beta, yp, n));
+    }
+    if (has_bias && accumulate) {
+      QCAL_RETURN_IF_ERROR(CudaStatus(
+          cuda::LaunchAddRowVector(bias->data<float>(), yp, m, n, stream()), "Linear: bias"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "RmsNorm", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(weight, DType::kF32, "RmsNorm", "weight"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "RmsNorm", "y"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "RmsNorm", "y"));
+    if (x.rank() == 0) return absl::InvalidArgumentError("RmsNorm: x must have rank >= 1");
+    const int64_t width = x.dim(-1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNorm", "weight"));
+    if (width == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchRmsNorm(x.data<float>(), weight.data<float>(), eps,
+                                          y.data<float>(), x.numel() / width, width, stream()),
+                      "RmsNorm kernel");
+  }
+
+  absl::Status Rope(Tensor& x, const RopeShape& shape) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "Rope", "x"));
+    if (x.rank() == 0 || shape.head_dim <= 0 || shape.head_dim % 2 != 0 ||
+        x.dim(-1) % shape.head_dim != 0 || shape.seq_len <= 0 || shape.offset < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Rope: bad shape (x ", x.DebugString(), ", head_dim ", shape.head_dim,
+                       ", seq_len ", shape.seq_len, ", offset ", shape.offset, ")"));
+    }
+    const int64_t width = x.dim(-1);
+    if (width == 0 || x.numel() == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(const float* table, RopeTable(shape));
+    return CudaStatus(cuda::LaunchRope(x.data<float>(), x.numel() / width, width, shape.seq_len,
+                                       shape.head_dim, table, stream()),
+                      "Rope kernel");
+  }
+
+  absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& s,
+                         Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(q, DType::kF32, "Attention", "q"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(k, DType::kF32, "Attention", "k"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(v, DType::kF32, "Attention", "v"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kF32, "Attention", "out"));
+    if (s.batch < 0 || s.q_len < 0 || s.q_offset < 0 || s.head_dim <= 0 || s.num_heads <= 0 ||
+        s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads != 0 ||
+        s.q_offset + s.q_len > s.kv_len) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Attention: bad shape (batch ", s.batch, ", q_len ", s.q_len, ", kv_len ",
+                       s.kv_len, ", heads ", s.num_heads, "/", s.num_kv_heads, ", head_dim ",
+                       s.head_dim, ", q_offset ", s.q_offset, ")"));
+    }
+    if (s.head_dim > cuda::kAttentionMaxHeadDim || s.batch > 65535 || s.num_heads > 65535) {
+      return absl::UnimplementedError(absl::StrCat(
+          "Attention: the CUDA kernel handles head_dim <= ", cuda::kAttentionMaxHeadDim,
+          " and at most 65535 sequences and heads (got head_dim ", s.head_dim, ", batch ", s.batch,
+          ", heads ", s.num_heads, ")"));
+    }
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                  kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    QCAL_RETURN_IF_ERROR(ExpectShape(q, {int64_t(s.batch) * s.q_len, qw}, "Attention", "q"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(k, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "k"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(v, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "v"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, q.shape(), "Attention", "out"));
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    cuda::AttentionArgs args;
+    args.q = q.data<float>();
+    args.k = k.data<float>();
+    args.v = v.data<float>();
+    args.out = out.data<float>();
+    args.batch = s.batch;
+    args.q_len = s.q_len;
+    args.kv_len = s.kv_len;
+    args.num_heads = s.num_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.q_offset = s.q_offset;
+    return CudaStatus(cuda::LaunchAttention(args, dtype_ == ComputeDType::kBF16, stream()),
+                      "Attention kernel");
+  }
+
+  absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(gate, DType::kF32, "SiluMul", "gate"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(up, DType::kF32, "SiluMul", "up"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kF32, "SiluMul", "out"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(up, gate.shape(), "SiluMul", "up"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, gate.shape(), "SiluMul", "out"));
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchSiluMul(gate.data<float>(), up.data<float>(), out.data<float>(),
+                                          gate.numel(), stream()),
+                      "SiluMul kernel");
+  }
+
+  absl::Status Add(const Tensor& x, Tensor& y) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "Add", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "Add", "y"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "Add", "y"));
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchAdd(x.data<float>(), y.data<float>(), x.numel(), stream()),
+                      "Add kernel");
+  }
+
+  absl::Status Embedding(const Tensor& table, const Tensor& ids, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(table, DType::kF32, "Embedding", "table"));
+    QCAL_RETURN_IF_ERROR(ExpectHostI32(ids, "Embedding", "ids"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kF32, "Embedding", "out"));
+    if (table.rank() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Embedding: table is ", table.DebugString(), ", expected rank 2"));
+    }
+    const int64_t vocab = table.dim(0), width = table.dim(1), n = ids.numel();
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, {n, width}, "Embedding", "out"));
+    QCAL_RETURN_IF_ERROR(CheckIds(ids, vocab, "Embedding", "token id"));
+    if (n == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(Tensor device_ids, ToDevice(ids));
+    return CudaStatus(cuda::LaunchEmbedding(table.data<float>(), width, device_ids.data<int32_t>(),
+                                            n, out.data<float>(), stream()),
+                      "Embedding kernel");
+  }
+
+  absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(logits, DType::kF32, "Nll", "logits"));
+    QCAL_RETURN_IF_ERROR(ExpectHostI32(targets, "Nll", "targets"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(nll, DType::kF32, "Nll", "nll"));
+    if (logits.rank() != 2 || logits.dim(1) == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Nll: logits is ", logits.DebugString(), ", expected [rows, vocab > 0]"));
+    }
+    const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+    if (targets.numel() != rows) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Nll: ", targets.numel(), " targets for ", rows, " rows of logits"));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(nll, {rows}, "Nll", "nll"));
+    QCAL_RETURN_IF_ERROR(CheckIds(targets, vocab, "Nll", "target"));
+    if (rows == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(Tensor device_targets, ToDevice(targets));
+    return CudaStatus(cuda::LaunchNll(logits.data<float>(), rows, vocab,
+                                      device_targets.data<int32_t>(), nll.data<float>(), stream()),
+                      "Nll kernel");
+  }
+
+  absl::Status AccumulateGram(const Tensor& x, Tensor& h) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "AccumulateGram", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(h, DType::kF32, "AccumulateGram", "h"));
+    if (x.rank() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("AccumulateGram: x is ", x.DebugString(), ", expected rank 2"));
+    }
+    const int64_t n = x.dim(0), k = x.dim(1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(h, {k, k}, "AccumulateGram", "h"));
+    if (n == 0 || k == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    float* hp = h.data<float>();
+    if (dtype_ == ComputeDType::kBF16) {
+      // No bf16 SYRK in cuBLAS: a full GEMM (both triangles), then the mirror below makes h
+      // exactly symmetric whatever order the GEMM summed the two triangles in.
+      QCAL_ASSIGN_OR_RETURN(Tensor xb, AsOperand(x, DType::kBF16));
+      QCAL_RETURN_IF_ERROR(cuda::Gemm(blas_.get(), true, false, k, k, n, 1.0f, xb.raw(), k,
+                                      xb.raw(), k, DType::kBF16, 1.0f, hp, k));
+    } else {
+      QCAL_RETURN_IF_ERROR(cuda::SyrkLowerF32(blas_.get(), x.data<float>(), n, k, hp));
+    }
+    return CudaStatus(cuda::LaunchMirrorLowerToUpper(hp, k, stream()), "AccumulateGram: mirror");
+  }
+
+ private:
+  cudaStream_t stream() const { return stream_.get(); }
+
+  absl::StatusOr<Tensor> Uninitialized(DType dtype, const Shape& shape) {
+    for (int64_t d : shape) {
+      if (d < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("Alloc: bad shape ", ShapeString(shape)));
+      }
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    const size_t bytes = NumElements(shape) * DTypeSize(dtype);
+    QCAL_ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage, allocator_->Allocate(bytes));
+    return Tensor(std::move(storage), 0, dtype, shape);
+  }
+
+  // `t` (a CUDA F32 or BF16 tensor) in the dtype `operands`: t itself when it already is, else a
+  // converted scratch copy (fp32 -> bf16 rounds to nearest even; bf16 -> fp32 is exact).
+  absl::StatusOr<Tensor> AsOperand(const Tensor& t, DType operands) {
+    if (t.dtype() == operands) return t;
+    QCAL_ASSIGN_OR_RETURN(Tensor out, Uninitialized(operands, t.shape()));
+    cudaError_t error;
+    if (operands == DType::kBF16) {
+      error =
+          cuda::LaunchF32ToBf16(t.data<float>(), out.data<__nv_bfloat16>(), t.numel(), stream());
+    } else {
+      error =
+          cuda::LaunchBf16ToF32(t.data<__nv_bfloat16>(), out.data<float>(), t.numel(), stream());
+    }
+    QCAL_RETURN_IF_ERROR(CudaStatus(error, "converting GEMM operands"));
+    return out;
+  }
+
+  // The device (cos, sin) table of `shape`, computed on the host by ref::RopeAngle so that both
+  // backends rotate by identical angles. The last table is kept while the shape stays the same
+  // (a whole evaluation; the q and k calls of one decoding step).
+  absl::StatusOr<const float*> RopeTable(const RopeShape& shape) {
+    const bool same = rope_table_.defined() && rope_key_.seq_len == shape.seq_len &&
+                      rope_key_.offset == shape.offset && rope_key_.head_dim == shape.head_dim &&
+                      rope_key_.theta == shape.theta;
+    if (!same) {
+      const int half = shape.head_dim / 2;
+      Tensor host = Tensor::Zeros(DType::kF32, {int64_t(shape.seq_len) * half * 2});
+      float* cs = host.data<float>();
+      for (int p = 0; p < shape.seq_len; ++p) {
+        for (int i = 0; i < half; ++i) {
+          const int64_t at = (int64_t(p) * half + i) * 2;
+          ref::RopeAngle(shape.offset + p, i, shape, &cs[at], &cs[at + 1]);
+        }
+      }
+      QCAL_ASSIGN_OR_RETURN(rope_table_, ToDevice(host));
+      rope_key_ = shape;
+    }
+    return rope_table_.data<float>();
+  }
+
+  const int device_;
+  const ComputeDType dtype_;
+  const std::string kind_;
+  // Declared before blas_: the handle is destroyed first.
+  cuda::CudaStream stream_;
+  cuda::CublasHandle blas_;
+  std::shared_ptr<cuda::DeviceAllocator> allocator_;
+  RopeShape rope_key_;
+  Tensor rope_table_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options,
+                                                           int index) {
+  const int count = CudaDeviceCount();
+  if (count == 0) return absl::FailedPreconditionError("no CUDA device is available");
+  if (index < 0 || index >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA device ", index, " does not exist (", count, " present)"));
+  }
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(index));
+  cudaDeviceProp prop;
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaGetDeviceProperties(&prop, index), "cudaGetDeviceProperties"));
+  QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
+  QCAL_ASSIGN_OR_RETURN(cuda::CublasHandle blas, cuda::CublasHandle::Create(stream.get()));
+  std::string kind =
+      absl::StrCat("cuda/", prop.name, "/sm_", prop.major, prop.minor, "/cublas-", blas.Version());
+  return std::make_unique<CudaBackend>(index, options.compute_dtype, std::move(kind),
+                                       std::move(stream), std::move(blas));
+}
+
+}  // namespace qcal::kernels

@@ -1,0 +1,106 @@
+// RAII owners of the CUDA backend's handles and device memory, and the conversion of CUDA and
+// cuBLAS error codes into absl::Status. Internal to kernels/cuda (this header includes CUDA
+// headers; nothing outside kernels/cuda may include it).
+//
+// Device memory comes from a DeviceAllocator: a caching pool per backend, because the engine
+// allocates and frees activations for every op and cudaMalloc/cudaFree synchronize the device.
+// All work of one backend runs on one stream, so a block freed by one op and handed to the next is
+// used in stream order and needs no event.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "common/tensor.h"
+
+namespace qcal::kernels::cuda {
+
+// OK for cudaSuccess; otherwise kResourceExhausted for allocation failures and kInternal for the
+// rest, with "<context>: <CUDA error name>: <description>".
+absl::Status CudaStatus(cudaError_t error, const std::string& context);
+// OK for CUBLAS_STATUS_SUCCESS; otherwise kResourceExhausted for CUBLAS_STATUS_ALLOC_FAILED and
+// kInternal for the rest, naming `context` and the cuBLAS status.
+absl::Status CublasStatus(cublasStatus_t status, const std::string& context);
+
+// Makes `device` current on the calling thread (a no-op when it already is).
+absl::Status UseDevice(int device);
+
+// A non-blocking stream on the current device; destroyed with the object.
+class CudaStream {
+ public:
+  static absl::StatusOr<CudaStream> Create();
+  CudaStream(CudaStream&& other) noexcept;
+  CudaStream& operator=(CudaStream&& other) noexcept;
+  CudaStream(const CudaStream&) = delete;
+  CudaStream& operator=(const CudaStream&) = delete;
+  ~CudaStream();
+
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  explicit CudaStream(cudaStream_t stream) : stream_(stream) {}
+  cudaStream_t stream_ = nullptr;
+};
+
+// A cuBLAS handle bound to one stream, with the default math mode (no TF32: fp32 GEMMs are true
+// fp32) and atomics disallowed (results are bit-identical run to run for a fixed configuration).
+class CublasHandle {
+ public:
+  static absl::StatusOr<CublasHandle> Create(cudaStream_t stream);
+  CublasHandle(CublasHandle&& other) noexcept;
+  CublasHandle& operator=(CublasHandle&& other) noexcept;
+  CublasHandle(const CublasHandle&) = delete;
+  CublasHandle& operator=(const CublasHandle&) = delete;
+  ~CublasHandle();
+
+  cublasHandle_t get() const { return handle_; }
+  // cuBLAS library version as "major.minor.patch".
+  std::string Version() const;
+
+ private:
+  explicit CublasHandle(cublasHandle_t handle) : handle_(handle) {}
+  cublasHandle_t handle_ = nullptr;
+};
+
+// A caching pool of device memory on one device. Blocks are rounded up (powers of two up to 1 MiB,
+// then multiples of 2 MiB) and reused by size class; they go back to the pool when the last Tensor
+// viewing them is destroyed, and to the driver when the pool is destroyed or an allocation fails
+// (then the allocation is retried once). Thread-safe. Create it with std::make_shared: storages
+// hold a reference, so the pool outlives every block it handed out.
+class DeviceAllocator : public std::enable_shared_from_this<DeviceAllocator> {
+ public:
+  explicit DeviceAllocator(int device) : device_(device) {}
+  DeviceAllocator(const DeviceAllocator&) = delete;
+  DeviceAllocator& operator=(const DeviceAllocator&) = delete;
+  ~DeviceAllocator();
+
+  // Uninitialised device memory of at least `bytes` bytes. The device must be current.
+  // kResourceExhausted (naming the size and the device's free memory) when the device is full.
+  absl::StatusOr<std::shared_ptr<Storage>> Allocate(size_t bytes);
+
+  // Bytes (rounded to size classes) handed out and not yet returned.
+  size_t bytes_in_use() const;
+
+ private:
+  class Block;
+  static size_t RoundUp(size_t bytes);
+  void Return(void* ptr, size_t size_class);
+  // cudaFree's every cached block.
+  void ReleaseCached();
+
+  const int device_;
+  mutable absl::Mutex mu_;
+  std::multimap<size_t, void*> free_ ABSL_GUARDED_BY(mu_);  // size class -> block
+  size_t in_use_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace qcal::kernels::cuda

@@ -1,0 +1,130 @@
+#include <algorithm>
+
+#include "kernels/cuda/elementwise.cuh"
+
+namespace qcal::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Grid-stride launches: enough blocks to fill the GPU, each thread looping over the rest.
+unsigned GridFor(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 16));
+}
+
+__global__ void SiluMulKernel(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+__global__ void AddKernel(const float* x, float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] += x[i];
+  }
+}
+
+template <bool kAccumulate>
+__global__ void RowVectorKernel(const float* row, float* y, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    if (kAccumulate) {
+      y[i] += row[i % cols];
+    } else {
+      y[i] = row[i % cols];
+    }
+  }
+}
+
+__global__ void F32ToBf16Kernel(const float* x, __nv_bfloat16* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = __float2bfloat16_rn(x[i]);
+  }
+}
+
+__global__ void Bf16ToF32Kernel(const __nv_bfloat16* x, float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = __bfloat162float(x[i]);
+  }
+}
+
+// One 32x32 tile of the upper triangle per block, read as the transposed lower tile through
+// shared memory so that both the reads and the writes are coalesced. The +1 column avoids bank
+// conflicts on the transposed read.
+constexpr int kTile = 32, kTileRows = 8;
+
+__global__ void MirrorLowerToUpperKernel(float* h, int64_t k) {
+  const int64_t tile_row = blockIdx.y, tile_col = blockIdx.x;
+  if (tile_col < tile_row) return;
+  __shared__ float tile[kTile][kTile + 1];
+  // Source: rows tile_col*32.., columns tile_row*32.. (the mirror image in the lower triangle).
+  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
+    const int64_t src_row = tile_col * kTile + r, src_col = tile_row * kTile + threadIdx.x;
+    if (src_row < k && src_col < k) tile[r][threadIdx.x] = h[src_row * k + src_col];
+  }
+  __syncthreads();
+  for (int r = threadIdx.y; r < kTile; r += kTileRows) {
+    const int64_t dst_row = tile_row * kTile + r, dst_col = tile_col * kTile + threadIdx.x;
+    if (dst_row < k && dst_col < k && dst_col > dst_row) {
+      h[dst_row * k + dst_col] = tile[threadIdx.x][r];
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n,
+                          cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  SiluMulKernel<<<GridFor(n), kThreads, 0, stream>>>(gate, up, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAdd(const float* x, float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  AddKernel<<<GridFor(n), kThreads, 0, stream>>>(x, y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchBroadcastRows(const float* row, float* y, int64_t rows, int64_t cols,
+                                cudaStream_t stream) {
+  if (rows * cols == 0) return cudaSuccess;
+  RowVectorKernel<false><<<GridFor(rows * cols), kThreads, 0, stream>>>(row, y, rows, cols);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAddRowVector(const float* row, float* y, int64_t rows, int64_t cols,
+                               cudaStream_t stream) {
+  if (rows * cols == 0) return cudaSuccess;
+  RowVectorKernel<true><<<GridFor(rows * cols), kThreads, 0, stream>>>(row, y, rows, cols);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchF32ToBf16(const float* x, __nv_bfloat16* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  F32ToBf16Kernel<<<GridFor(n), kThreads, 0, stream>>>(x, y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchBf16ToF32(const __nv_bfloat16* x, float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  Bf16ToF32Kernel<<<GridFor(n), kThreads, 0, stream>>>(x, y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchMirrorLowerToUpper(float* h, int64_t k, cudaStream_t stream) {
+  if (k <= 1) return cudaSuccess;
+  const int64_t tiles = (k + kTile - 1) / kTile;
+  if (tiles > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles));
+  MirrorLowerToUpperKernel<<<grid, dim3(kTile, kTileRows), 0, stream>>>(h, k);
+  return cudaGetLastError();
+}
+
+}  // namespace qcal::kernels::cuda

@@ -1,0 +1,361 @@
+#include "services/engine/pipeline.h"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/files.h"
+#include "common/status.h"
+#include "services/engine/evaluate.h"
+#include "services/engine/export/checkpoint_loader.h"
+#include "services/engine/export/checkpoint_writer.h"
+
+namespace qcal::engine {
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+constexpr const char* kQcalVersion = "0.1.0";
+
+absl::StatusOr<nlohmann::ordered_json> HashInput(const std::string& role, const std::string& path,
+                                                 const std::string& rel) {
+  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(path));
+  nlohmann::ordered_json j;
+  j["role"] = role;
+  if (!rel.empty()) j["path"] = rel;
+  j["sha256"] = sha;
+  return j;
+}
+
+int64_t DirBytes(const fs::path& dir, const std::string& suffix) {
+  int64_t total = 0;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      total += static_cast<int64_t>(e.file_size(ec));
+    }
+  }
+  return total;
+}
+
+int64_t PeakRssBytes() {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<int64_t>(ru.ru_maxrss) * 1024;
+}
+
+// The model files an input record lists: config, weights (and index), tokenizer.
+std::vector<std::string> ModelFiles(const std::string& dir) {
+  std::vector<std::string> weights;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.size() > 12 && n.compare(n.size() - 12, 12, ".safetensors") == 0) weights.push_back(n);
+  }
+  std::sort(weights.begin(), weights.end());
+  std::vector<std::string> files = {"config.json"};
+  files.insert(files.end(), weights.begin(), weights.end());
+  if (fs::exists(fs::path(dir) / "model.safetensors.index.json")) files.push_back("model.safetensors.index.json");
+  files.push_back("tokenizer.model");
+  return files;
+}
+
+}  // namespace
+
+nlohmann::ordered_json LayerReportJson(const LayerReport& r) {
+  nlohmann::ordered_json j;
+  j["name"] = r.name;
+  j["block"] = r.block;
+  j["d_out"] = r.d_out;
+  j["d_in"] = r.d_in;
+  j["rel_error"] = r.rel_error;
+  j["rel_error_rtn"] = r.rel_error_rtn;
+  j["dead_columns"] = r.dead_columns;
+  j["damp"] = r.damp_used;
+  return j;
+}
+
+absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j) {
+  LayerReport r;
+  try {
+    r.name = j.at("name").get<std::string>();
+    r.block = j.at("block").get<int>();
+    r.d_out = j.at("d_out").get<int64_t>();
+    r.d_in = j.at("d_in").get<int64_t>();
+    r.rel_error = j.at("rel_error").get<double>();
+    r.rel_error_rtn = j.at("rel_error_rtn").get<double>();
+    r.dead_columns = j.at("dead_columns").get<int>();
+    r.damp_used = j.at("damp").get<double>();
+  } catch (const nlohmann::json::exception& e) {
+    return absl::DataLossError(absl::StrCat("malformed layer report: ", e.what()));
+  }
+  for (LinearKind k : kAllLinears) {
+    if (LinearPrefix(r.block, k) == r.name) r.kind = k;
+  }
+  return r;
+}
+
+absl::Status JobOptions::Validate() const {
+  QCAL_RETURN_IF_ERROR(recipe.Validate());
+  if (model_dir.empty()) return absl::InvalidArgumentError("the model directory is required");
+  if (calib_path.empty()) return absl::InvalidArgumentError("the calibration text is required");
+  if (samples < 1) return absl::InvalidArgumentError(absl::StrCat("samples must be >= 1, got ", samples));
+  if (seq_len < 2) return absl::InvalidArgumentError(absl::StrCat("seq_len must be >= 2, got ", seq_len));
+  if (eval_seq_len < 0 || eval_seq_len == 1) {
+    return absl::InvalidArgumentError(absl::StrCat("eval_seq_len must be >= 2, got ", eval_seq_len));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o, JobLogFn log) {
+  QCAL_RETURN_IF_ERROR(o.Validate());
+  auto s = std::unique_ptr<JobSession>(new JobSession());
+  s->options_ = o;
+  s->log_ = std::move(log);
+  auto t0 = Clock::now();
+  kernels::BackendOptions bo;
+  bo.device = o.device;
+  bo.threads = o.threads;
+  QCAL_ASSIGN_OR_RETURN(s->backend_, kernels::CreateBackend(bo));
+  QCAL_ASSIGN_OR_RETURN(s->tokenizer_, Tokenizer::Load(o.model_dir));
+  QCAL_ASSIGN_OR_RETURN(CheckpointQuantization input_q, ReadCheckpointQuantization(o.model_dir));
+  if (!input_q.quant_method.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(o.model_dir, ": model is already quantized (",
+                                                   input_q.quant_method, "); quantize a full-precision checkpoint"));
+  }
+  QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get()));
+  const ModelConfig& cfg = s->model_->config();
+  s->timings_["load"] = Since(t0);
+  if (s->log_) {
+    s->log_(absl::StrFormat("loaded %s: %d blocks, hidden %d, intermediate %d, vocab %d (%s, %d threads)",
+                            o.model_dir, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
+                            cfg.vocab_size, s->backend_->name(), s->backend_->threads()));
+  }
+  t0 = Clock::now();
+  QCAL_ASSIGN_OR_RETURN(std::string calib_text, LoadCorpusText(o.calib_path));
+  QCAL_ASSIGN_OR_RETURN(std::vector<int> calib_tokens, s->tokenizer_->Encode(calib_text));
+  s->calib_tokens_ = calib_tokens.size();
+  QCAL_ASSIGN_OR_RETURN(auto samples, SampleCalibration(calib_tokens, o.samples, o.seq_len, o.seed,
+                                                        cfg.bos_token_id, o.calib_path));
+  QCAL_ASSIGN_OR_RETURN(s->acts_, EmbedCalibration(*s->model_, samples));
+  s->timings_["calibration_data"] = Since(t0);
+  return s;
+}
+
+absl::StatusOr<BlockArtifacts> JobSession::RunNextBlock() {
+  if (next_block() >= num_blocks()) return absl::FailedPreconditionError("every block is already quantized");
+  const auto t0 = Clock::now();
+  QCAL_ASSIGN_OR_RETURN(BlockArtifacts block, QuantizeBlock(*model_, acts_, options_.recipe, &times_));
+  done_.push_back(block);
+  if (log_) {
+    double err = 0;
+    for (const auto& r : block) err += r.report.rel_error;
+    log_(absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s)", next_block(), num_blocks(),
+                         err / block.size(), Since(t0)));
+  }
+  return block;
+}
+
+absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed, CalibActivations acts) {
+  if (static_cast<int>(committed.size()) != acts.next_block || acts.next_block > num_blocks()) {
+    return absl::InvalidArgumentError(absl::StrCat("restore: ", committed.size(),
+                                                   " committed blocks for a checkpoint at block ", acts.next_block));
+  }
+  if (acts.seq_len != acts_.seq_len || acts.chunk_batch != acts_.chunk_batch) {
+    return absl::DataLossError("restore: the activation checkpoint does not match this job's calibration data");
+  }
+  for (size_t b = 0; b < committed.size(); ++b) {
+    std::vector<QuantizedLinear> linears;
+    for (const auto& r : committed[b]) linears.push_back(r.quantized);
+    QCAL_RETURN_IF_ERROR(InstallBlock(*model_, static_cast<int>(b), linears));
+  }
+  done_ = committed;
+  acts_ = std::move(acts);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
+  if (next_block() != num_blocks()) {
+    return absl::FailedPreconditionError(absl::StrCat("Finish: only ", next_block(), " of ", num_blocks(),
+                                                      " blocks are quantized"));
+  }
+  const JobOptions& o = options_;
+  const fs::path dir(dir_str);
+  std::map<std::string, QuantizedLinear> quantized;
+  std::vector<LayerReport> layers;
+  for (const auto& block : done_) {
+    for (const auto& r : block) {
+      quantized[r.report.name] = r.quantized;
+      layers.push_back(r.report);
+    }
+  }
+  auto t0 = Clock::now();
+  QCAL_RETURN_IF_ERROR(WriteQuantizedCheckpoint(o.model_dir, dir.string(), o.recipe, quantized));
+  timings_["export"] = Since(t0);
+
+  JobResult result;
+  result.out_dir = o.out_dir;
+  TokenWindows windows;
+  const int eval_len = o.eval_seq_len > 0 ? o.eval_seq_len : o.seq_len;
+  if (!o.eval_text.empty()) {
+    t0 = Clock::now();
+    model_.reset();  // free the quantized model before loading the others
+    QCAL_ASSIGN_OR_RETURN(std::string eval_text, LoadCorpusText(o.eval_text));
+    QCAL_ASSIGN_OR_RETURN(std::vector<int> eval_tokens, tokenizer_->Encode(eval_text));
+    QCAL_ASSIGN_OR_RETURN(auto fp_model, Model::Load(o.model_dir, backend_.get()));
+    QCAL_ASSIGN_OR_RETURN(windows, MakeEvalWindows(eval_tokens, eval_len, o.eval_max_windows,
+                                                   fp_model->config().bos_token_id, o.eval_text));
+    QCAL_ASSIGN_OR_RETURN(PerplexityResult fp, EvaluatePerplexity(*fp_model, windows));
+    fp_model.reset();
+    result.perplexity_fp = fp.perplexity;
+    QCAL_ASSIGN_OR_RETURN(auto exported, LoadCheckpoint(dir.string(), backend_.get()));
+    QCAL_ASSIGN_OR_RETURN(PerplexityResult qp, EvaluatePerplexity(*exported, windows));
+    result.perplexity = qp.perplexity;
+    result.has_perplexity = true;
+    timings_["eval"] = Since(t0);
+    if (log_) {
+      log_(absl::StrFormat("perplexity %.4f (full precision %.4f; exported checkpoint loaded back, %d windows of %d)",
+                           qp.perplexity, fp.perplexity, fp.windows, eval_len));
+    }
+  }
+
+  // The deterministic report.
+  nlohmann::ordered_json rep;
+  rep["qcal_version"] = kQcalVersion;
+  rep["recipe"] = o.recipe.ToCanonicalJson();
+  rep["recipe_sha256"] = o.recipe.Sha256();
+  rep["format"] = IsGptqExportable(o.recipe) ? "gptq" : "qcal_fake";
+  nlohmann::ordered_json inputs = nlohmann::ordered_json::array();
+  for (const std::string& f : ModelFiles(o.model_dir)) {
+    QCAL_ASSIGN_OR_RETURN(auto j, HashInput("model", (fs::path(o.model_dir) / f).string(), "model/" + f));
+    inputs.push_back(j);
+  }
+  QCAL_ASSIGN_OR_RETURN(auto calib_j, HashInput("calib", o.calib_path, ""));
+  inputs.push_back(calib_j);
+  if (!o.eval_text.empty()) {
+    QCAL_ASSIGN_OR_RETURN(auto eval_j, HashInput("eval", o.eval_text, ""));
+    inputs.push_back(eval_j);
+  }
+  rep["inputs"] = inputs;
+  rep["calibration"] = {{"samples", o.samples}, {"seq_len", o.seq_len}, {"seed", o.seed},
+                        {"tokens_in_text", calib_tokens_}};
+  nlohmann::ordered_json layer_json = nlohmann::ordered_json::array();
+  nlohmann::ordered_json compat = nlohmann::ordered_json::array();
+  double sum_err = 0, sum_rtn = 0;
+  const int g = o.recipe.weights.group_size;
+  for (const LayerReport& l : layers) {
+    layer_json.push_back(LayerReportJson(l));
+    sum_err += l.rel_error;
+    sum_rtn += l.rel_error_rtn;
+    if (l.d_in % 32 != 0 || l.d_out % 32 != 0 || (g > 0 && g < l.d_in && l.d_in % g != 0)) {
+      compat.push_back(l.name);
+    }
+  }
+  rep["layers"] = layer_json;
+  const double n_layers = static_cast<double>(std::max<size_t>(1, layers.size()));
+  nlohmann::ordered_json summary;
+  summary["layers"] = layers.size();
+  summary["mean_rel_error"] = sum_err / n_layers;
+  summary["mean_rel_error_rtn"] = sum_rtn / n_layers;
+  summary["model_bytes_in"] = DirBytes(o.model_dir, ".safetensors");
+  summary["model_bytes_out"] = DirBytes(dir, ".safetensors");
+  rep["summary"] = summary;
+  rep["layers_other_engines_may_refuse"] = compat;
+  if (result.has_perplexity) {
+    rep["evaluation"] = {{"seq_len", eval_len},
+                         {"max_windows", o.eval_max_windows},
+                         {"windows", windows.inputs.size()},
+                         {"tokens", windows.inputs.size() * static_cast<size_t>(eval_len)},
+                         {"perplexity_fp", result.perplexity_fp},
+                         {"perplexity", result.perplexity}};
+  }
+  QCAL_RETURN_IF_ERROR(WriteStringToFile((dir / "qcal_report.json").string(), rep.dump(2) + "\n"));
+
+  nlohmann::ordered_json run;
+  run["job_id"] = o.job_id;
+  run["device_kind"] = backend_->DeviceKind();
+  run["threads"] = backend_->threads();
+  timings_["forward"] = times_.forward;
+  timings_["hessian"] = times_.hessian;
+  timings_["solve"] = times_.solve;
+  run["seconds"] = timings_;
+  run["peak_rss_bytes"] = PeakRssBytes();
+  QCAL_RETURN_IF_ERROR(WriteStringToFile((dir / "qcal_run.json").string(), run.dump(2) + "\n"));
+  result.report = std::move(rep);
+  return result;
+}
+
+namespace {
+
+bool IsNonEmptyDir(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_directory(p, ec) && !fs::is_empty(p, ec);
+}
+
+absl::Status PrepareTempDir(const fs::path& target, bool overwrite, fs::path* tmp) {
+  if (target.filename().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("output directory \"", target.string(), "\" has no name"));
+  }
+  std::error_code ec;
+  if (fs::exists(target, ec) && !fs::is_directory(target, ec)) {
+    return absl::AlreadyExistsError(absl::StrCat(target.string(), ": output path exists and is not a directory"));
+  }
+  if (IsNonEmptyDir(target) && !overwrite) {
+    return absl::AlreadyExistsError(
+        absl::StrCat(target.string(), ": output directory is not empty (use --overwrite to replace it)"));
+  }
+  *tmp = target.parent_path() / absl::StrCat(".", target.filename().string(), ".qcal-tmp");
+  fs::remove_all(*tmp, ec);
+  fs::create_directories(*tmp, ec);
+  if (ec) {
+    return absl::PermissionDeniedError(absl::StrCat(target.string(), ": cannot create the output directory: ",
+                                                    ec.message()));
+  }
+  QCAL_RETURN_IF_ERROR(Annotate(WriteStringToFile((*tmp / ".write-test").string(), "ok"),
+                                "the output directory is not writable"));
+  fs::remove(*tmp / ".write-test", ec);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<JobResult> RunQuantizeJob(const JobOptions& o, const JobLogFn& log) {
+  QCAL_RETURN_IF_ERROR(o.Validate());
+  if (o.out_dir.empty()) return absl::InvalidArgumentError("the output directory is required");
+  const auto t_start = Clock::now();
+  const fs::path target = fs::absolute(o.out_dir).lexically_normal();
+  fs::path tmp;
+  QCAL_RETURN_IF_ERROR(PrepareTempDir(target, o.overwrite, &tmp));
+  auto body = [&]() -> absl::StatusOr<JobResult> {
+    QCAL_ASSIGN_OR_RETURN(auto session, JobSession::Open(o, log));
+    while (session->next_block() < session->num_blocks()) {
+      QCAL_RETURN_IF_ERROR(session->RunNextBlock().status());
+    }
+    return session->Finish(tmp.string());
+  };
+  absl::StatusOr<JobResult> result = body();
+  std::error_code ec;
+  if (!result.ok()) {
+    fs::remove_all(tmp, ec);
+    return result.status();
+  }
+  if (fs::exists(target, ec)) fs::remove_all(target, ec);
+  if (!ec) fs::rename(tmp, target, ec);
+  if (ec) {
+    fs::remove_all(tmp, ec);
+    return absl::InternalError(absl::StrCat("cannot move the output into ", target.string(), ": ", ec.message()));
+  }
+  result->out_dir = target.string();
+  if (log) log(absl::StrFormat("done in %.1f s: %s", Since(t_start), target.string()));
+  return result;
+}
+
+}  // namespace qcal::engine

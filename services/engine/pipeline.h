@@ -1,0 +1,103 @@
+// One quantization job end to end. JobSession is the stepwise form the worker drives (one block at
+// a time, committing artifacts, resuming from a boundary checkpoint); RunQuantizeJob is the local
+// form `qcal quantize` uses: open, run every block, finish into a temporary directory beside the
+// target, rename it into place.
+//
+// Finish() exports the checkpoint, then evaluates the full-precision model (loaded afresh from
+// the source directory) and the exported checkpoint (loaded back from disk), and writes
+// qcal_report.json (deterministic) and qcal_run.json (timings, host facts).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/text_data.h"
+#include "common/tokenizer.h"
+#include "kernels/backend.h"
+#include "nlohmann/json.hpp"
+#include "services/engine/model.h"
+#include "services/engine/quantize.h"
+#include "services/engine/recipe.h"
+
+namespace qcal::engine {
+
+struct JobOptions {
+  std::string model_dir;       // Hugging Face checkpoint directory (full precision)
+  Recipe recipe;
+  std::string calib_path;      // .txt or .jsonl
+  int samples = 128;           // calibration samples N. Default: 128.
+  int seq_len = 2048;          // calibration sample length L (tokens, BOS included). Default: 2048.
+  uint64_t seed = 0;           // calibration sampling seed. Default: 0.
+  std::string out_dir;         // the output directory (see overwrite)
+  bool overwrite = false;      // replace an existing non-empty out_dir. Default: false.
+  std::string eval_text;       // optional evaluation text
+  int eval_seq_len = 0;        // 0: seq_len
+  int eval_max_windows = -1;   // -1: all windows
+  int threads = 0;             // CPU threads; 0 = number of cores
+  std::string device = "cpu";  // backend device
+  std::string job_id;          // recorded in qcal_run.json (service jobs); "" locally
+  absl::Status Validate() const;
+};
+
+struct JobResult {
+  std::string out_dir;
+  nlohmann::ordered_json report;  // the contents of qcal_report.json
+  bool has_perplexity = false;
+  double perplexity = 0;          // exported checkpoint, loaded back from disk
+  double perplexity_fp = 0;       // the input model
+};
+
+// Progress lines for humans (stderr).
+using JobLogFn = std::function<void(const std::string& line)>;
+
+// A committed block: its seven linears in forward order (quantized form and report).
+using BlockArtifacts = std::vector<LayerResult>;
+
+class JobSession {
+ public:
+  // Loads the model, tokenizer and calibration samples and embeds them (block 0's inputs).
+  static absl::StatusOr<std::unique_ptr<JobSession>> Open(const JobOptions& options, JobLogFn log = nullptr);
+
+  int num_blocks() const { return model_->num_blocks(); }
+  // The block RunNextBlock will quantize.
+  int next_block() const { return acts_.next_block; }
+  const CalibActivations& activations() const { return acts_; }
+  kernels::Backend& backend() { return *backend_; }
+
+  // Quantizes the next block; its artifacts are also kept for Finish().
+  absl::StatusOr<BlockArtifacts> RunNextBlock();
+
+  // Resumes from a boundary: installs the committed artifacts of blocks [0, acts.next_block) and
+  // continues from `acts` (a checkpoint SaveActivations wrote at that boundary).
+  absl::Status Restore(const std::vector<BlockArtifacts>& committed, CalibActivations acts);
+
+  // After every block: writes the checkpoint, report and run facts into `dir` (existing, empty)
+  // and evaluates. The caller moves `dir` into place.
+  absl::StatusOr<JobResult> Finish(const std::string& dir);
+
+ private:
+  JobSession() = default;
+  JobOptions options_;
+  JobLogFn log_;
+  std::unique_ptr<kernels::Backend> backend_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<Model> model_;
+  CalibActivations acts_;
+  std::vector<BlockArtifacts> done_;
+  size_t calib_tokens_ = 0;
+  StageTimes times_;
+  nlohmann::ordered_json timings_;
+};
+
+// `qcal quantize`: the whole job in this process. Refuses an existing non-empty out_dir unless
+// overwrite; writes "<parent>/.<name>.qcal-tmp" and renames it to out_dir at the end.
+absl::StatusOr<JobResult> RunQuantizeJob(const JobOptions& options, const JobLogFn& log = nullptr);
+
+// The report's JSON for one layer, and back (artifacts carry it).
+nlohmann::ordered_json LayerReportJson(const LayerReport& r);
+absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j);
+
+}  // namespace qcal::engine

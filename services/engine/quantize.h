@@ -1,0 +1,97 @@
+// The sequential quantization driver (DESIGN section 2, step 3), one block at a time: accumulate
+// statistics of every linear's input on the quantized path, solve each linear (RTN or GPTQ), replace
+// its weights by the quantized ones, and push the calibration activations through the quantized
+// block to feed the next.
+//
+// The stepwise API (EmbedCalibration, QuantizeBlock, InstallBlock, Save/LoadActivations) is what
+// the worker drives, committing each block's artifacts and checkpointing boundary activations so a
+// job can resume at a block boundary with bit-identical results. QuantizeModel runs all blocks.
+//
+// Memory: the calibration activations of the quantized path ([N·L, hidden] fp32, as chunks of
+// kCalibChunk samples) plus one block's statistics. Statistics are formed per chunk and summed in
+// chunk order, so the result does not depend on how chunks are scheduled.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "services/engine/model.h"
+#include "services/engine/quant/gptq.h"
+#include "services/engine/recipe.h"
+
+namespace qcal::engine {
+
+// Per-linear outcome, in the report.
+struct LayerReport {
+  int block = 0;
+  LinearKind kind = LinearKind::kQ;
+  std::string name;            // "model.layers.{i}.{module}.{proj}"
+  int64_t d_out = 0, d_in = 0;
+  // Relative output error ‖(W−Ŵ)Xᵀ‖/‖WXᵀ‖ on the quantized-path calibration inputs.
+  double rel_error = 0;
+  // The same for plain RTN of the same weights (a reference point for GPTQ).
+  double rel_error_rtn = 0;
+  int dead_columns = 0;
+  double damp_used = 0;
+  double solve_seconds = 0;    // timing: never in the deterministic report
+};
+
+struct LayerResult {
+  LayerReport report;
+  QuantizedLinear quantized;
+};
+
+struct StageTimes {
+  double forward = 0;   // block forwards (statistics passes and the quantized-path push)
+  double hessian = 0;   // Gram accumulation
+  double solve = 0;     // RTN/GPTQ solves
+};
+
+// The quantized-path hidden states entering the next block, one tensor per chunk of kCalibChunk
+// samples ([batch·seq_len, hidden] on the backend's device).
+struct CalibActivations {
+  int seq_len = 0;
+  int next_block = 0;             // the block these activations enter
+  std::vector<Tensor> chunks;
+  std::vector<int> chunk_batch;   // samples per chunk
+};
+
+// The weight quantizer spec of a recipe.
+QuantSpec SpecOf(const Recipe& recipe);
+
+// Embeds the calibration samples (equal length, BOS first): the inputs of block 0.
+absl::StatusOr<CalibActivations> EmbedCalibration(Model& model, const std::vector<std::vector<int>>& samples);
+
+// Quantizes block acts.next_block of `model` in place and advances `acts` through the quantized
+// block. Returns the block's seven linears in forward order.
+absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
+                                                       const Recipe& recipe, StageTimes* times = nullptr);
+
+// Installs already-quantized linears (from committed artifacts) into block `b`.
+absl::Status InstallBlock(Model& model, int b, const std::vector<QuantizedLinear>& linears);
+
+// Boundary checkpoints: the activations as one safetensors file (deterministic bytes).
+absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& acts, const std::string& path);
+absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend, const std::string& path);
+
+// Deterministic serialization of one quantized linear (a safetensors byte string).
+std::string SerializeQuantizedLinear(const QuantizedLinear& q);
+absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes);
+
+struct QuantizeOutcome {
+  std::vector<LayerReport> layers;
+  std::map<std::string, QuantizedLinear> quantized;  // by linear name
+  StageTimes times;
+};
+
+// Progress: blocks done, blocks total.
+using BlockProgressFn = std::function<void(int blocks_done, int blocks_total)>;
+
+// All blocks, in order.
+absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model, const std::vector<std::vector<int>>& samples,
+                                              const Recipe& recipe, const BlockProgressFn& progress = nullptr);
+
+}  // namespace qcal::engine

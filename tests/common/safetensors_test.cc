@@ -1,0 +1,366 @@
+// Tests of safetensors reading and writing (common/safetensors.h): round trips of every stored
+// dtype, the on-disk layout (sorted names, 8-byte padded header, metadata), sharded checkpoints,
+// and malformed files, each of which must give an error naming the file and the problem.
+#include "common/safetensors.h"
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/files.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/support/test_paths.h"
+
+namespace qcal {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+class SafetensorsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::MakeTempDir("safetensors_test");
+    ASSERT_FALSE(dir_.empty());
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string Path(const std::string& name) const { return (fs::path(dir_) / name).string(); }
+
+  // Writes a file made of an 8-byte little-endian header length, `header` and `data`.
+  std::string WriteRaw(const std::string& name, const std::string& header,
+                       const std::string& data = "", uint64_t header_len = UINT64_MAX) {
+    if (header_len == UINT64_MAX) header_len = header.size();
+    std::string bytes;
+    for (int i = 0; i < 8; ++i) bytes.push_back(static_cast<char>((header_len >> (8 * i)) & 0xff));
+    bytes += header;
+    bytes += data;
+    const std::string path = Path(name);
+    EXPECT_TRUE(WriteStringToFile(path, bytes).ok());
+    return path;
+  }
+
+  // Opening `path` fails with InvalidArgument and a message naming the file and `problem`.
+  static void ExpectOpenError(const std::string& path, const std::string& problem) {
+    auto file = SafetensorsFile::Open(path);
+    ASSERT_FALSE(file.ok()) << path;
+    EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument) << file.status();
+    EXPECT_THAT(std::string(file.status().message()), HasSubstr(path));
+    EXPECT_THAT(std::string(file.status().message()), HasSubstr(problem));
+  }
+
+  std::string dir_;
+};
+
+Tensor I32Tensor(const std::vector<int32_t>& values, Shape shape) {
+  Tensor t = Tensor::Zeros(DType::kI32, std::move(shape));
+  for (size_t i = 0; i < values.size(); ++i) t.data<int32_t>()[i] = values[i];
+  return t;
+}
+
+std::string Bytes(const Tensor& t) {
+  return std::string(static_cast<const char*>(t.raw()), t.nbytes());
+}
+
+TEST_F(SafetensorsTest, RoundTripsEveryDTypeWithSortedPaddedHeader) {
+  const std::vector<float> values = {1.0f, -2.5f, 0.1f, 65504.0f, -1e-7f, 3.0f};
+  Tensor f32 = Tensor::FromVector(values, {2, 3});
+  Tensor f16 = *f32.ConvertTo(DType::kF16);
+  Tensor bf16 = *f32.ConvertTo(DType::kBF16);
+  Tensor i32 = I32Tensor({7, -1, 1 << 30}, {3});
+  Tensor scalar = Tensor::FromVector({42.0f}, {});
+  const std::map<std::string, Tensor> tensors = {
+      {"z.weight", f32}, {"a.half", f16}, {"m.bf16", bf16}, {"b.ids", i32}, {"scalar", scalar}};
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}, {"origin", "qcal test"}};
+  const std::string path = Path("model.safetensors");
+  ASSERT_TRUE(WriteSafetensors(path, tensors, metadata).ok());
+
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->metadata(), metadata);
+  ASSERT_EQ((*file)->tensors().size(), tensors.size());
+  for (const auto& [name, want] : tensors) {
+    auto got = (*file)->Get(name);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->dtype(), want.dtype()) << name;
+    EXPECT_EQ(got->shape(), want.shape()) << name;
+    EXPECT_EQ(Bytes(*got), Bytes(want)) << name;
+  }
+  auto bf16_back = (*file)->Get("m.bf16")->ToF32();
+  ASSERT_TRUE(bf16_back.ok());
+  EXPECT_EQ(bf16_back->data<float>()[2], RoundToBf16(0.1f));
+  EXPECT_EQ(bf16_back->data<float>()[3], 65536.0f);  // 65504 rounds up on bf16's 8-bit grid
+  EXPECT_FALSE((*file)->Get("missing").ok());
+
+  // On-disk layout: the header length is a multiple of 8, the JSON is padded with spaces, the
+  // metadata comes first, names follow in sorted order, and the data offsets are contiguous.
+  auto raw = ReadFileToString(path);
+  ASSERT_TRUE(raw.ok());
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<uint8_t>((*raw)[i]);
+  EXPECT_EQ(header_len % 8, 0u);
+  const std::string header = raw->substr(8, header_len);
+  const size_t json_end = header.find_last_not_of(' ') + 1;
+  EXPECT_EQ(header[json_end - 1], '}');
+  EXPECT_LT(header.size() - json_end, 8u);
+  auto json = nlohmann::ordered_json::parse(header);
+  std::vector<std::string> keys;
+  for (auto it = json.begin(); it != json.end(); ++it) keys.push_back(it.key());
+  EXPECT_EQ(keys, (std::vector<std::string>{"__metadata__", "a.half", "b.ids", "m.bf16", "scalar",
+                                            "z.weight"}));
+  uint64_t offset = 0;
+  for (size_t i = 1; i < keys.size(); ++i) {
+    const auto& offsets = json[keys[i]]["data_offsets"];
+    EXPECT_EQ(offsets[0].get<uint64_t>(), offset) << keys[i];
+    offset = offsets[1].get<uint64_t>();
+  }
+  EXPECT_EQ(raw->size(), 8 + header_len + offset);
+
+  // Writing the same tensors again gives the same bytes.
+  const std::string again = Path("again.safetensors");
+  ASSERT_TRUE(WriteSafetensors(again, tensors, metadata).ok());
+  EXPECT_EQ(*ReadFileToString(again), *raw);
+}
+
+TEST_F(SafetensorsTest, NoMetadataMeansNoMetadataKey) {
+  const std::string path = Path("plain.safetensors");
+  ASSERT_TRUE(WriteSafetensors(path, {{"w", Tensor::FromVector({1, 2}, {2})}}).ok());
+  auto raw = ReadFileToString(path);
+  ASSERT_TRUE(raw.ok());
+  EXPECT_EQ(raw->find("__metadata__"), std::string::npos);
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_TRUE((*file)->metadata().empty());
+}
+
+TEST_F(SafetensorsTest, ReadsShardedCheckpointThroughIndex) {
+  ASSERT_TRUE(WriteSafetensors(
+                  Path("model-00001-of-00002.safetensors"),
+                  {{"layer.0.w", Tensor::FromVector({1, 2, 3, 4}, {2, 2})},
+                   {"layer.0.b", *Tensor::FromVector({0.5f, -0.5f}, {2}).ConvertTo(DType::kBF16)}})
+                  .ok());
+  ASSERT_TRUE(
+      WriteSafetensors(Path("model-00002-of-00002.safetensors"),
+                       {{"lm_head.weight",
+                         *Tensor::FromVector({1, 2, 3, 4, 5, 6}, {3, 2}).ConvertTo(DType::kF16)},
+                        {"ids", I32Tensor({1, 2}, {2})}})
+          .ok());
+  const std::string index = R"({
+    "metadata": {"total_size": 48},
+    "weight_map": {
+      "layer.0.w": "model-00001-of-00002.safetensors",
+      "layer.0.b": "model-00001-of-00002.safetensors",
+      "lm_head.weight": "model-00002-of-00002.safetensors",
+      "ids": "model-00002-of-00002.safetensors"
+    }})";
+  ASSERT_TRUE(WriteStringToFile(Path("model.safetensors.index.json"), index).ok());
+
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_EQ((*reader)->Names(),
+            (std::vector<std::string>{"ids", "layer.0.b", "layer.0.w", "lm_head.weight"}));
+  EXPECT_EQ(*(*reader)->FileOf("lm_head.weight"), "model-00002-of-00002.safetensors");
+  EXPECT_EQ(*(*reader)->FileOf("layer.0.w"), "model-00001-of-00002.safetensors");
+  auto info = (*reader)->Info("lm_head.weight");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->dtype, DType::kF16);
+  EXPECT_EQ(info->shape, (Shape{3, 2}));
+
+  auto head = (*reader)->GetF32("lm_head.weight", {3, 2});
+  ASSERT_TRUE(head.ok()) << head.status();
+  EXPECT_EQ(head->dtype(), DType::kF32);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(head->data<float>()[i], float(i + 1));
+  auto bias = (*reader)->GetF32("layer.0.b");
+  ASSERT_TRUE(bias.ok()) << bias.status();
+  EXPECT_EQ(bias->data<float>()[1], -0.5f);
+  auto ids = (*reader)->Get("ids");
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ(ids->data<int32_t>()[1], 2);
+
+  EXPECT_FALSE((*reader)->Has("nope"));
+  EXPECT_EQ((*reader)->Get("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*reader)->Info("nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(SafetensorsTest, ReadsSingleFileCheckpoint) {
+  ASSERT_TRUE(
+      WriteSafetensors(Path("model.safetensors"), {{"w", Tensor::FromVector({3}, {1})}}).ok());
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_EQ((*reader)->Names(), std::vector<std::string>{"w"});
+  EXPECT_EQ(*(*reader)->FileOf("w"), "model.safetensors");
+}
+
+TEST_F(SafetensorsTest, DirectoryWithoutWeightsIsNotFound) {
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_FALSE(reader.ok());
+  EXPECT_EQ(reader.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(reader.status().message()), HasSubstr(dir_));
+  EXPECT_THAT(std::string(reader.status().message()), HasSubstr("model.safetensors"));
+}
+
+TEST_F(SafetensorsTest, MissingFileIsNotFoundNamingThePath) {
+  const std::string path = Path("absent.safetensors");
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_FALSE(file.ok());
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(file.status().message()), HasSubstr(path));
+}
+
+TEST_F(SafetensorsTest, TruncatedFileShorterThanHeaderLength) {
+  ASSERT_TRUE(WriteStringToFile(Path("empty.safetensors"), "").ok());
+  ExpectOpenError(Path("empty.safetensors"), "truncated");
+  ASSERT_TRUE(WriteStringToFile(Path("short.safetensors"), std::string("\x10\x00\x00", 3)).ok());
+  ExpectOpenError(Path("short.safetensors"), "truncated");
+}
+
+TEST_F(SafetensorsTest, HeaderLengthPastEndOfFile) {
+  ExpectOpenError(WriteRaw("past.safetensors", "{}", "", 64), "runs past the end of the file");
+}
+
+TEST_F(SafetensorsTest, OversizedHeaderLength) {
+  ExpectOpenError(WriteRaw("huge.safetensors", "{}", "", kMaxSafetensorsHeaderBytes + 1),
+                  "exceeds the limit");
+  ExpectOpenError(WriteRaw("max.safetensors", "{}", "", UINT64_MAX - 1), "exceeds the limit");
+}
+
+TEST_F(SafetensorsTest, MalformedJson) {
+  ExpectOpenError(WriteRaw("json.safetensors", R"({"w": {"dtype": "F32", )"), "malformed");
+}
+
+TEST_F(SafetensorsTest, HeaderThatIsNotAnObject) {
+  ExpectOpenError(WriteRaw("array.safetensors", "[1, 2, 3]"), "not a JSON object");
+}
+
+TEST_F(SafetensorsTest, UnknownDType) {
+  const std::string path =
+      WriteRaw("dtype.safetensors",
+               R"({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}})", "ab");
+  ExpectOpenError(path, "unsupported dtype \"F8_E4M3\"");
+  ExpectOpenError(path, "tensor \"w\"");
+}
+
+TEST_F(SafetensorsTest, NegativeOrNonIntegerShape) {
+  ExpectOpenError(
+      WriteRaw("neg.safetensors",
+               R"({"w": {"dtype": "F32", "shape": [-1, 2], "data_offsets": [0, 8]}})", "12345678"),
+      "non-integer or negative dimension");
+  ExpectOpenError(
+      WriteRaw("frac.safetensors",
+               R"({"w": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}})", "1234"),
+      "non-integer or negative dimension");
+  ExpectOpenError(
+      WriteRaw("str.safetensors",
+               R"({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}})", "12345678"),
+      "shape is not an array");
+}
+
+TEST_F(SafetensorsTest, DataOffsetsPastEndOfData) {
+  ExpectOpenError(
+      WriteRaw("offsets.safetensors",
+               R"({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", "12345678"),
+      "run past the end of the file");
+}
+
+TEST_F(SafetensorsTest, ByteCountNotMatchingShape) {
+  ExpectOpenError(
+      WriteRaw("count.safetensors",
+               R"({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 8]}})", "12345678"),
+      "8 bytes do not match BF16[3] (6 bytes)");
+}
+
+TEST_F(SafetensorsTest, EndBeforeBegin) {
+  ExpectOpenError(
+      WriteRaw("order.safetensors",
+               R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}})", "12345678"),
+      "end < begin");
+}
+
+TEST_F(SafetensorsTest, MalformedEntries) {
+  ExpectOpenError(WriteRaw("fields.safetensors", R"({"w": {"dtype": "F32", "shape": [1]}})"),
+                  "needs dtype, shape and data_offsets");
+  ExpectOpenError(
+      WriteRaw("neg_offset.safetensors",
+               R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}})", "1234"),
+      "data_offsets must be two non-negative integers");
+  ExpectOpenError(WriteRaw("meta.safetensors", R"({"__metadata__": {"n": 3}})"),
+                  "__metadata__ values must be strings");
+}
+
+TEST_F(SafetensorsTest, IndexPointingToMissingShard) {
+  ASSERT_TRUE(WriteSafetensors(Path("a.safetensors"), {{"w", Tensor::FromVector({1}, {1})}}).ok());
+  ASSERT_TRUE(WriteStringToFile(Path("model.safetensors.index.json"),
+                                R"({"weight_map": {"w": "a.safetensors", "v": "b.safetensors"}})")
+                  .ok());
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_FALSE(reader.ok());
+  EXPECT_EQ(reader.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(reader.status().message()), HasSubstr(Path("b.safetensors")));
+}
+
+TEST_F(SafetensorsTest, IndexListingTensorMissingFromShard) {
+  ASSERT_TRUE(WriteSafetensors(Path("a.safetensors"), {{"w", Tensor::FromVector({1}, {1})}}).ok());
+  ASSERT_TRUE(WriteStringToFile(Path("model.safetensors.index.json"),
+                                R"({"weight_map": {"w": "a.safetensors", "v": "a.safetensors"}})")
+                  .ok());
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_FALSE(reader.ok());
+  EXPECT_EQ(reader.status().code(), absl::StatusCode::kInvalidArgument);
+  const std::string msg(reader.status().message());
+  EXPECT_THAT(msg, HasSubstr(Path("a.safetensors")));
+  EXPECT_THAT(msg, HasSubstr("tensor \"v\" listed in model.safetensors.index.json is missing"));
+}
+
+TEST_F(SafetensorsTest, MalformedIndex) {
+  const std::string index = Path("model.safetensors.index.json");
+  ASSERT_TRUE(WriteStringToFile(index, "{\"weight_map\": ").ok());
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_FALSE(reader.ok());
+  EXPECT_THAT(std::string(reader.status().message()), HasSubstr(index));
+  EXPECT_THAT(std::string(reader.status().message()), HasSubstr("malformed JSON"));
+
+  ASSERT_TRUE(WriteStringToFile(index, R"({"metadata": {}})").ok());
+  reader = CheckpointReader::Open(dir_);
+  ASSERT_FALSE(reader.ok());
+  EXPECT_THAT(std::string(reader.status().message()), HasSubstr("missing \"weight_map\" object"));
+
+  // Shard names are plain file names: no escaping the checkpoint directory.
+  ASSERT_TRUE(WriteStringToFile(index, R"({"weight_map": {"w": "../x.safetensors"}})").ok());
+  reader = CheckpointReader::Open(dir_);
+  ASSERT_FALSE(reader.ok());
+  EXPECT_THAT(std::string(reader.status().message()), HasSubstr("is not a plain file name"));
+}
+
+TEST_F(SafetensorsTest, GetF32ChecksShapeAndDType) {
+  ASSERT_TRUE(
+      WriteSafetensors(Path("model.safetensors"),
+                       {{"w", Tensor::FromVector({1, 2}, {2, 1})}, {"ids", I32Tensor({1, 2}, {2})}})
+          .ok());
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+
+  auto shape = (*reader)->GetF32("w", {1, 2});
+  ASSERT_FALSE(shape.ok());
+  EXPECT_EQ(shape.status().code(), absl::StatusCode::kInvalidArgument);
+  std::string msg(shape.status().message());
+  EXPECT_THAT(msg, HasSubstr(Path("model.safetensors")));
+  EXPECT_THAT(msg, HasSubstr("tensor \"w\" has shape [2, 1], expected [1, 2]"));
+
+  auto dtype = (*reader)->GetF32("ids");
+  ASSERT_FALSE(dtype.ok());
+  msg = std::string(dtype.status().message());
+  EXPECT_THAT(msg, HasSubstr(Path("model.safetensors")));
+  EXPECT_THAT(msg, HasSubstr("tensor \"ids\" has dtype I32"));
+
+  auto missing = (*reader)->GetF32("absent");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("absent"));
+}
+
+}  // namespace
+}  // namespace qcal

@@ -1,0 +1,551 @@
+// The CPU backend against its scalar `_ref` twins (kernels/cpu/ref_ops.h), the specification.
+//
+// Every op runs on random data with odd sizes and size 1, under both compute dtypes: with kBF16
+// the GEMM-based ops are compared with the reference rounding its operands the same way. Error is
+// ‖out − ref‖ / ‖ref‖ against a named per-op bound. A few known answers pin conventions the
+// reference itself could get wrong (RoPE half-split pairs, GQA head grouping), and bad shapes,
+// dtypes and token ids must come back as InvalidArgument.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/ref_ops.h"
+
+namespace qcal::kernels {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Per-op bounds on ‖out − ref‖ / ‖ref‖.
+//
+// GEMM-based ops (Linear, AccumulateGram): OpenBLAS accumulates in fp32 in a blocked order, the
+// reference in double. For random data the rounding error grows like sqrt(k)·2^-24, about 1e-6
+// for the k ≤ 257 used here; 1e-5 leaves headroom for the blocking order. Under kBF16 both sides
+// round the operands to bf16 identically and bf16×bf16 products are exact in fp32, so the same
+// bound holds, while skipping the rounding would cost ~1e-3 (checked below).
+constexpr double kLinearBound = 1e-5;
+constexpr double kGramBound = 1e-5;
+// Attention: two fp32 GEMMs plus an fp32 softmax against a double reference; errors compound
+// over the scores, the normalisation and the weighted sum of values, each ~1e-6 here.
+constexpr double kAttentionBound = 1e-5;
+// Row-wise fp32 formulas evaluated the same way as the reference (RmsNorm, Rope with the same
+// angle table, SiluMul's float exp, Nll's double log-sum-exp): only a few ulps may differ.
+constexpr double kElementwiseBound = 1e-6;
+// Pure data movement and a single fp32 addition per element (Add, Embedding, Copy): exact.
+constexpr double kExactBound = 0.0;
+
+// Deterministic uniform floats in [-scale, scale), independent of the standard library's
+// distribution implementation.
+class Random {
+ public:
+  explicit Random(uint32_t seed) : gen_(seed) {}
+  float Uniform(float scale) {
+    const float u = static_cast<float>(gen_() >> 8) * (1.0f / 16777216.0f);
+    return (2.0f * u - 1.0f) * scale;
+  }
+  int Below(int n) { return static_cast<int>(gen_() % static_cast<uint32_t>(n)); }
+  // An fp32 host tensor of uniform values.
+  Tensor Floats(const Shape& shape, float scale = 1.0f) {
+    Tensor t = Tensor::Zeros(DType::kF32, shape);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = Uniform(scale);
+    return t;
+  }
+  // An I32 host tensor of n ids in [0, vocab).
+  Tensor Ids(int64_t n, int vocab) {
+    Tensor t = Tensor::Zeros(DType::kI32, {n});
+    for (int64_t i = 0; i < n; ++i) t.data<int32_t>()[i] = Below(vocab);
+    return t;
+  }
+
+ private:
+  std::mt19937 gen_;
+};
+
+std::vector<float> Values(const Tensor& t) {
+  return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
+}
+
+// ‖out − ref‖ / ‖ref‖ in double; the absolute norm when ref is zero.
+double RelError(const float* out, const float* ref, int64_t n) {
+  double diff = 0, norm = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff += (double(out[i]) - ref[i]) * (double(out[i]) - ref[i]);
+    norm += double(ref[i]) * ref[i];
+  }
+  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+double RelError(const Tensor& out, const std::vector<float>& ref) {
+  EXPECT_EQ(out.numel(), static_cast<int64_t>(ref.size()));
+  return RelError(out.data<float>(), ref.data(), out.numel());
+}
+
+Tensor I32(const std::vector<int32_t>& values) {
+  Tensor t = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(values.size())});
+  std::memcpy(t.raw(), values.data(), values.size() * sizeof(int32_t));
+  return t;
+}
+
+std::unique_ptr<Backend> MakeCpuBackend(ComputeDType dtype) {
+  BackendOptions options;
+  options.device = "cpu";
+  options.threads = 2;
+  options.compute_dtype = dtype;
+  auto backend = CreateBackend(options);
+  QCAL_CHECK(backend.ok());
+  return std::move(backend).value();
+}
+
+class CpuOpsTest : public ::testing::TestWithParam<ComputeDType> {
+ protected:
+  void SetUp() override { backend_ = MakeCpuBackend(GetParam()); }
+  bool bf16() const { return GetParam() == ComputeDType::kBF16; }
+
+  std::unique_ptr<Backend> backend_;
+  Random rng_{20240611};
+};
+
+TEST_P(CpuOpsTest, BackendDescribesItself) {
+  EXPECT_EQ(backend_->name(), "cpu");
+  EXPECT_EQ(backend_->device(), Device::kHost);
+  EXPECT_EQ(backend_->compute_dtype(), GetParam());
+  EXPECT_EQ(backend_->threads(), 2);
+  EXPECT_THAT(backend_->DeviceKind(), HasSubstr("openblas"));
+  for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
+                Op::kEmbedding, Op::kNll, Op::kGram}) {
+    EXPECT_TRUE(backend_->SupportsOp(op));
+  }
+}
+
+TEST_P(CpuOpsTest, Linear) {
+  struct Case {
+    int64_t m, n, k;
+  };
+  for (const Case c : {Case{1, 1, 1}, Case{7, 13, 5}, Case{33, 17, 65}, Case{3, 129, 31},
+                       Case{1, 64, 257}, Case{4, 3, 0}}) {
+    const Tensor x = rng_.Floats({c.m, c.k});
+    const Tensor w = rng_.Floats({c.n, c.k}, 0.5f);
+    const Tensor bias = rng_.Floats({c.n});
+    const Tensor y0 = rng_.Floats({c.m, c.n});
+    for (const bool with_bias : {false, true}) {
+      for (const bool accumulate : {false, true}) {
+        Tensor y = y0.Clone();
+        ASSERT_TRUE(backend_->Linear(x, w, with_bias ? &bias : nullptr, y, accumulate).ok());
+        std::vector<float> ref = Values(y0);
+        ref::Linear(x.data<float>(), w.data<float>(), with_bias ? bias.data<float>() : nullptr,
+                    ref.data(), c.m, c.n, c.k, accumulate, bf16());
+        EXPECT_LE(RelError(y, ref), kLinearBound)
+            << "m=" << c.m << " n=" << c.n << " k=" << c.k << " bias=" << with_bias
+            << " accumulate=" << accumulate;
+      }
+    }
+  }
+}
+
+TEST_P(CpuOpsTest, RmsNorm) {
+  struct Case {
+    int64_t rows, width;
+  };
+  for (const Case c : {Case{1, 1}, Case{5, 7}, Case{3, 64}, Case{17, 129}}) {
+    const Tensor x = rng_.Floats({c.rows, c.width}, 3.0f);
+    const Tensor weight = rng_.Floats({c.width});
+    Tensor y = Tensor::Zeros(DType::kF32, {c.rows, c.width});
+    ASSERT_TRUE(backend_->RmsNorm(x, weight, 1e-5f, y).ok());
+    std::vector<float> ref(x.numel());
+    ref::RmsNorm(x.data<float>(), weight.data<float>(), 1e-5f, ref.data(), c.rows, c.width);
+    EXPECT_LE(RelError(y, ref), kElementwiseBound) << c.rows << "x" << c.width;
+    // y may alias x.
+    Tensor inplace = x.Clone();
+    ASSERT_TRUE(backend_->RmsNorm(inplace, weight, 1e-5f, inplace).ok());
+    EXPECT_LE(RelError(inplace, ref), kElementwiseBound) << c.rows << "x" << c.width;
+  }
+}
+
+TEST_P(CpuOpsTest, Rope) {
+  struct Case {
+    int batch, seq_len, offset, head_dim, heads;
+    double theta;
+  };
+  for (const Case c : {Case{1, 1, 0, 2, 1, 10000.0}, Case{2, 7, 0, 8, 3, 10000.0},
+                       Case{3, 5, 11, 64, 2, 500000.0}, Case{1, 1, 200, 6, 5, 10000.0}}) {
+    const int64_t rows = int64_t(c.batch) * c.seq_len, width = int64_t(c.heads) * c.head_dim;
+    const Tensor x0 = rng_.Floats({rows, width});
+    const RopeShape shape{c.seq_len, c.offset, c.head_dim, c.theta};
+    Tensor x = x0.Clone();
+    ASSERT_TRUE(backend_->Rope(x, shape).ok());
+    std::vector<float> ref = Values(x0);
+    ref::Rope(ref.data(), rows, width, shape);
+    EXPECT_LE(RelError(x, ref), kElementwiseBound)
+        << "batch=" << c.batch << " seq=" << c.seq_len << " offset=" << c.offset;
+  }
+}
+
+// Hugging Face's half-split convention rotates the pairs (i, i + head_dim/2), frequency i.
+TEST_P(CpuOpsTest, RopeRotatesHalfSplitPairs) {
+  const int pos = 3;
+  Tensor x = Tensor::FromVector({1, 0, 0, 0, 0, 1, 0, 0}, {1, 8});  // two heads of 4
+  ASSERT_TRUE(backend_->Rope(x, RopeShape{1, pos, 4, 10000.0}).ok());
+  const float c0 = std::cos(3.0f), s0 = std::sin(3.0f);
+  const double f1 = std::pow(10000.0, -0.5);  // frequency index 1: theta^(-2/4)
+  const float c1 = float(std::cos(pos * f1)), s1 = float(std::sin(pos * f1));
+  const std::vector<float> want = {c0, 0, s0, 0, 0, c1, 0, s1};
+  for (int i = 0; i < 8; ++i) EXPECT_NEAR(x.data<float>()[i], want[i], 1e-6f) << i;
+  // Position 0 is the identity.
+  const Tensor y0 = rng_.Floats({2, 8});
+  Tensor y = y0.Clone();
+  ASSERT_TRUE(backend_->Rope(y, RopeShape{1, 0, 8, 10000.0}).ok());
+  EXPECT_EQ(Values(y), Values(y0));
+}
+
+TEST_P(CpuOpsTest, Attention) {
+  std::vector<AttentionShape> cases = {
+      // batch, q_len, kv_len, heads, kv_heads, head_dim, q_offset
+      {1, 1, 1, 1, 1, 1, 0},    // size 1
+      {1, 13, 13, 6, 2, 8, 0},  // GQA prefill
+      {3, 7, 7, 4, 4, 5, 0},    // batch > 1, odd head_dim
+      {1, 1, 9, 8, 2, 16, 8},   // cached decode: q_len 1 at the end of the cache
+      {2, 4, 11, 6, 2, 7, 7},   // a chunk after a cached prefix, batch 2
+      {2, 2, 9, 3, 1, 4, 3},    // cache capacity beyond the visible prefix
+      {1, 1, 5, 4, 2, 8, 0},    // q_len 1 at position 0 of a longer buffer
+  };
+  for (const AttentionShape& s : cases) {
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                  kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    const Tensor q = rng_.Floats({int64_t(s.batch) * s.q_len, qw}, 2.0f);
+    const Tensor k = rng_.Floats({int64_t(s.batch) * s.kv_len, kvw}, 2.0f);
+    const Tensor v = rng_.Floats({int64_t(s.batch) * s.kv_len, kvw});
+    Tensor out = rng_.Floats(q.shape());  // stale contents must be overwritten
+    ASSERT_TRUE(backend_->Attention(q, k, v, s, out).ok());
+    std::vector<float> ref(q.numel());
+    ref::Attention(q.data<float>(), k.data<float>(), v.data<float>(), s, ref.data(), bf16());
+    EXPECT_LE(RelError(out, ref), kAttentionBound)
+        << "batch=" << s.batch << " q_len=" << s.q_len << " kv_len=" << s.kv_len
+        << " heads=" << s.num_heads << "/" << s.num_kv_heads << " offset=" << s.q_offset;
+  }
+}
+
+// A query at position 0 sees only key 0, so each head returns value row 0 of its KV head h / n_rep.
+TEST_P(CpuOpsTest, AttentionGroupsQueryHeadsByKvHead) {
+  const AttentionShape s{1, 1, 3, 4, 2, 2, 0};
+  const Tensor q = rng_.Floats({1, 8});
+  const Tensor k = rng_.Floats({3, 4});
+  const Tensor v = Tensor::FromVector({1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9, 9}, {3, 4});
+  Tensor out = Tensor::Zeros(DType::kF32, {1, 8});
+  ASSERT_TRUE(backend_->Attention(q, k, v, s, out).ok());
+  EXPECT_EQ(Values(out), (std::vector<float>{1, 2, 1, 2, 3, 4, 3, 4}));
+}
+
+TEST_P(CpuOpsTest, SiluMul) {
+  for (const Shape& shape : {Shape{1}, Shape{7}, Shape{3, 1367}, Shape{10001}}) {
+    const Tensor gate = rng_.Floats(shape, 6.0f);
+    const Tensor up = rng_.Floats(shape);
+    Tensor out = Tensor::Zeros(DType::kF32, shape);
+    ASSERT_TRUE(backend_->SiluMul(gate, up, out).ok());
+    std::vector<float> ref(gate.numel());
+    ref::SiluMul(gate.data<float>(), up.data<float>(), ref.data(), gate.numel());
+    EXPECT_LE(RelError(out, ref), kElementwiseBound) << ShapeString(shape);
+  }
+}
+
+TEST_P(CpuOpsTest, Add) {
+  for (const Shape& shape : {Shape{1}, Shape{13}, Shape{9, 111}}) {
+    const Tensor x = rng_.Floats(shape);
+    const Tensor y0 = rng_.Floats(shape);
+    Tensor y = y0.Clone();
+    ASSERT_TRUE(backend_->Add(x, y).ok());
+    std::vector<float> ref = Values(y0);
+    ref::Add(x.data<float>(), ref.data(), x.numel());
+    EXPECT_LE(RelError(y, ref), kExactBound) << ShapeString(shape);
+  }
+}
+
+TEST_P(CpuOpsTest, Embedding) {
+  struct Case {
+    int vocab;
+    int64_t width, n;
+  };
+  for (const Case c : {Case{1, 1, 1}, Case{37, 19, 23}, Case{512, 64, 300}}) {
+    const Tensor table = rng_.Floats({c.vocab, c.width});
+    Tensor ids = rng_.Ids(c.n, c.vocab);
+    ids.data<int32_t>()[0] = c.vocab - 1;  // the last row is reachable
+    Tensor out = Tensor::Zeros(DType::kF32, {c.n, c.width});
+    ASSERT_TRUE(backend_->Embedding(table, ids, out).ok());
+    std::vector<float> ref(out.numel());
+    ref::Embedding(table.data<float>(), c.vocab, c.width, ids.data<int32_t>(), c.n, ref.data());
+    EXPECT_LE(RelError(out, ref), kExactBound) << c.vocab << "x" << c.width;
+    EXPECT_EQ(std::memcmp(out.data<float>(), table.data<float>() + (c.vocab - 1) * c.width,
+                          c.width * sizeof(float)),
+              0);
+  }
+}
+
+TEST_P(CpuOpsTest, Nll) {
+  struct Case {
+    int64_t rows;
+    int vocab;
+  };
+  for (const Case c : {Case{1, 1}, Case{1, 2}, Case{9, 513}, Case{64, 4096}}) {
+    const Tensor logits = rng_.Floats({c.rows, c.vocab}, 8.0f);
+    const Tensor targets = rng_.Ids(c.rows, c.vocab);
+    Tensor nll = Tensor::Zeros(DType::kF32, {c.rows});
+    ASSERT_TRUE(backend_->Nll(logits, targets, nll).ok());
+    std::vector<float> ref(c.rows);
+    ref::Nll(logits.data<float>(), c.rows, c.vocab, targets.data<int32_t>(), ref.data());
+    EXPECT_LE(RelError(nll, ref), kElementwiseBound) << c.rows << "x" << c.vocab;
+  }
+}
+
+// Equal logits give log(vocab) whatever their size: the log-sum-exp must subtract the maximum.
+TEST_P(CpuOpsTest, NllIsStableForLargeLogits) {
+  const int vocab = 1000;
+  Tensor logits = Tensor::Zeros(DType::kF32, {2, vocab});
+  for (int i = 0; i < 2 * vocab; ++i) logits.data<float>()[i] = i < vocab ? 1e4f : -1e4f;
+  Tensor nll = Tensor::Zeros(DType::kF32, {2});
+  ASSERT_TRUE(backend_->Nll(logits, I32({0, vocab - 1}), nll).ok());
+  EXPECT_NEAR(nll.data<float>()[0], std::log(1000.0), 1e-5);
+  EXPECT_NEAR(nll.data<float>()[1], std::log(1000.0), 1e-5);
+}
+
+TEST_P(CpuOpsTest, AccumulateGram) {
+  struct Case {
+    int64_t n, k;
+  };
+  for (const Case c : {Case{1, 1}, Case{9, 7}, Case{65, 33}, Case{3, 130}, Case{0, 5}}) {
+    const Tensor x = rng_.Floats({c.n, c.k});
+    // Start from a symmetric matrix, as accumulated Hessians are.
+    Tensor h0 = rng_.Floats({c.k, c.k});
+    for (int64_t a = 0; a < c.k; ++a) {
+      for (int64_t b = 0; b < a; ++b) h0.data<float>()[a * c.k + b] = h0.data<float>()[b * c.k + a];
+    }
+    Tensor h = h0.Clone();
+    ASSERT_TRUE(backend_->AccumulateGram(x, h).ok());
+    std::vector<float> ref = Values(h0);
+    ref::AccumulateGram(x.data<float>(), c.n, c.k, ref.data(), bf16());
+    EXPECT_LE(RelError(h, ref), kGramBound) << c.n << "x" << c.k;
+    for (int64_t a = 0; a < c.k; ++a) {
+      for (int64_t b = 0; b < a; ++b) {
+        ASSERT_EQ(h.data<float>()[a * c.k + b], h.data<float>()[b * c.k + a]) << a << "," << b;
+      }
+    }
+  }
+}
+
+TEST_P(CpuOpsTest, CopyAllocAndTransfers) {
+  const Tensor src = rng_.Floats({5, 7});
+  Tensor dst = Tensor::Zeros(DType::kF32, {35});  // same element count, other shape
+  ASSERT_TRUE(backend_->Copy(src, dst).ok());
+  EXPECT_LE(RelError(dst, Values(src)), kExactBound);
+  Tensor ids_dst = Tensor::Zeros(DType::kI32, {3});
+  ASSERT_TRUE(backend_->Copy(I32({4, -5, 6}), ids_dst).ok());
+  EXPECT_EQ(ids_dst.data<int32_t>()[1], -5);
+
+  auto zeros = backend_->Alloc(DType::kF32, {3, 1});
+  ASSERT_TRUE(zeros.ok());
+  EXPECT_EQ(zeros->shape(), (Shape{3, 1}));
+  EXPECT_EQ(Values(*zeros), (std::vector<float>{0, 0, 0}));
+  auto device = backend_->ToDevice(src);
+  ASSERT_TRUE(device.ok());
+  device->data<float>()[0] += 1.0f;  // a deep copy: the source is untouched
+  EXPECT_NE(device->data<float>()[0], src.data<float>()[0]);
+  auto host = backend_->ToHost(*device);
+  ASSERT_TRUE(host.ok());
+  EXPECT_EQ(Values(*host), Values(*device));
+  EXPECT_TRUE(backend_->Synchronize().ok());
+}
+
+// Same inputs, same thread count: bit-identical results, run after run.
+TEST_P(CpuOpsTest, RepeatedCallsAreBitIdentical) {
+  const Tensor x = rng_.Floats({37, 96});
+  const Tensor w = rng_.Floats({53, 96});
+  const AttentionShape s{2, 19, 19, 6, 2, 16, 0};
+  const Tensor q = rng_.Floats({38, 96});
+  const Tensor kv = rng_.Floats({38, 32});
+  std::vector<float> first_linear, first_attention, first_gram;
+  for (int run = 0; run < 3; ++run) {
+    Tensor y = Tensor::Zeros(DType::kF32, {37, 53});
+    Tensor out = Tensor::Zeros(DType::kF32, {38, 96});
+    Tensor h = Tensor::Zeros(DType::kF32, {96, 96});
+    ASSERT_TRUE(backend_->Linear(x, w, nullptr, y, false).ok());
+    ASSERT_TRUE(backend_->Attention(q, kv, kv, s, out).ok());
+    ASSERT_TRUE(backend_->AccumulateGram(x, h).ok());
+    if (run == 0) {
+      first_linear = Values(y);
+      first_attention = Values(out);
+      first_gram = Values(h);
+    } else {
+      EXPECT_EQ(Values(y), first_linear);
+      EXPECT_EQ(Values(out), first_attention);
+      EXPECT_EQ(Values(h), first_gram);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ComputeDTypes, CpuOpsTest,
+                         ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16),
+                         [](const ::testing::TestParamInfo<ComputeDType>& info) {
+                           return info.param == ComputeDType::kBF16 ? "BF16" : "F32";
+                         });
+
+// The bf16 backend really rounds its GEMM operands: it stays within the bound of the rounding
+// reference and far outside it of the fp32 one, so the parity tests above can tell them apart.
+TEST(CpuBf16Test, GemmOperandsAreRoundedToBf16) {
+  auto backend = MakeCpuBackend(ComputeDType::kBF16);
+  Random rng(7);
+  const int64_t m = 9, n = 21, k = 77;
+  const Tensor x = rng.Floats({m, k});
+  const Tensor w = rng.Floats({n, k});
+  Tensor y = Tensor::Zeros(DType::kF32, {m, n});
+  ASSERT_TRUE(backend->Linear(x, w, nullptr, y, false).ok());
+  std::vector<float> fp32_ref(m * n);
+  ref::Linear(x.data<float>(), w.data<float>(), nullptr, fp32_ref.data(), m, n, k, false, false);
+  EXPECT_GT(RelError(y, fp32_ref), 10 * kLinearBound);
+
+  Tensor h = Tensor::Zeros(DType::kF32, {k, k});
+  ASSERT_TRUE(backend->AccumulateGram(x, h).ok());
+  std::vector<float> gram_ref(k * k);
+  ref::AccumulateGram(x.data<float>(), m, k, gram_ref.data(), false);
+  EXPECT_GT(RelError(h, gram_ref), 10 * kGramBound);
+
+  const AttentionShape s{1, 6, 6, 2, 1, 32, 0};
+  const Tensor q = rng.Floats({6, 64}, 2.0f);
+  const Tensor kv = rng.Floats({6, 32}, 2.0f);
+  Tensor out = Tensor::Zeros(DType::kF32, {6, 64});
+  ASSERT_TRUE(backend->Attention(q, kv, kv, s, out).ok());
+  std::vector<float> attn_ref(out.numel());
+  ref::Attention(q.data<float>(), kv.data<float>(), kv.data<float>(), s, attn_ref.data(), false);
+  EXPECT_GT(RelError(out, attn_ref), 10 * kAttentionBound);
+}
+
+class CpuOpsErrorTest : public ::testing::Test {
+ protected:
+  void SetUp() override { backend_ = MakeCpuBackend(ComputeDType::kF32); }
+
+  // `status` is InvalidArgument and its message mentions `what`.
+  static void ExpectInvalid(const absl::Status& status, const std::string& what) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr(what));
+  }
+  static Tensor F32(const Shape& shape) { return Tensor::Zeros(DType::kF32, shape); }
+
+  std::unique_ptr<Backend> backend_;
+};
+
+TEST_F(CpuOpsErrorTest, LinearShapesAndDTypes) {
+  Tensor y = F32({3, 5});
+  ExpectInvalid(backend_->Linear(F32({3, 4}), F32({5, 6}), nullptr, y, false), "do not match");
+  ExpectInvalid(backend_->Linear(F32({12}), F32({5, 4}), nullptr, y, false), "do not match");
+  Tensor bad_y = F32({5, 3});
+  ExpectInvalid(backend_->Linear(F32({3, 4}), F32({5, 4}), nullptr, bad_y, false), "y has shape");
+  const Tensor bad_bias = F32({4});
+  ExpectInvalid(backend_->Linear(F32({3, 4}), F32({5, 4}), &bad_bias, y, false), "bias");
+  ExpectInvalid(
+      backend_->Linear(Tensor::Zeros(DType::kI32, {3, 4}), F32({5, 4}), nullptr, y, false),
+      "x must be a host F32 tensor");
+  ExpectInvalid(
+      backend_->Linear(F32({3, 4}), Tensor::Zeros(DType::kF16, {5, 4}), nullptr, y, false),
+      "w must be a host F32 tensor");
+  ExpectInvalid(backend_->Linear(Tensor(), F32({5, 4}), nullptr, y, false), "x must be");
+}
+
+TEST_F(CpuOpsErrorTest, RmsNormRopeAndAttentionShapes) {
+  Tensor y = F32({2, 8});
+  ExpectInvalid(backend_->RmsNorm(F32({2, 8}), F32({7}), 1e-5f, y), "weight has shape");
+  Tensor bad_y = F32({2, 7});
+  ExpectInvalid(backend_->RmsNorm(F32({2, 8}), F32({8}), 1e-5f, bad_y), "y has shape");
+
+  Tensor x = F32({4, 12});
+  ExpectInvalid(backend_->Rope(x, RopeShape{4, 0, 5, 10000.0}), "Rope");  // odd head_dim
+  ExpectInvalid(backend_->Rope(x, RopeShape{4, 0, 8, 10000.0}), "Rope");  // 12 % 8 != 0
+  ExpectInvalid(backend_->Rope(x, RopeShape{0, 0, 4, 10000.0}), "Rope");  // no sequence
+
+  const AttentionShape ok{1, 2, 4, 4, 2, 4, 2};
+  Tensor out = F32({2, 16});
+  ASSERT_TRUE(backend_->Attention(F32({2, 16}), F32({4, 8}), F32({4, 8}), ok, out).ok());
+  AttentionShape past = ok;
+  past.q_offset = 3;  // 3 + 2 > kv_len
+  ExpectInvalid(backend_->Attention(F32({2, 16}), F32({4, 8}), F32({4, 8}), past, out),
+                "Attention");
+  AttentionShape groups = ok;
+  groups.num_kv_heads = 3;  // does not divide 4 heads
+  ExpectInvalid(backend_->Attention(F32({2, 16}), F32({4, 12}), F32({4, 12}), groups, out),
+                "Attention");
+  AttentionShape no_kv = ok;
+  no_kv.num_kv_heads = 0;
+  ExpectInvalid(backend_->Attention(F32({2, 16}), F32({4, 8}), F32({4, 8}), no_kv, out),
+                "Attention");
+  ExpectInvalid(backend_->Attention(F32({2, 16}), F32({3, 8}), F32({4, 8}), ok, out),
+                "k has shape");
+  ExpectInvalid(backend_->Attention(F32({2, 16}), F32({4, 8}), F32({4, 16}), ok, out),
+                "v has shape");
+  Tensor bad_out = F32({2, 8});
+  ExpectInvalid(backend_->Attention(F32({2, 16}), F32({4, 8}), F32({4, 8}), ok, bad_out),
+                "out has shape");
+}
+
+TEST_F(CpuOpsErrorTest, ElementwiseShapes) {
+  Tensor out = F32({3, 4});
+  ExpectInvalid(backend_->SiluMul(F32({3, 4}), F32({4, 3}), out), "up has shape");
+  Tensor bad_out = F32({12});
+  ExpectInvalid(backend_->SiluMul(F32({3, 4}), F32({3, 4}), bad_out), "out has shape");
+  Tensor y = F32({3, 5});
+  ExpectInvalid(backend_->Add(F32({3, 4}), y), "y has shape");
+  Tensor h = F32({4, 5});
+  ExpectInvalid(backend_->AccumulateGram(F32({3, 4}), h), "h has shape");
+  Tensor dst = F32({11});
+  ExpectInvalid(backend_->Copy(F32({3, 4}), dst), "Copy");
+  Tensor ids = Tensor::Zeros(DType::kI32, {12});
+  ExpectInvalid(backend_->Copy(F32({3, 4}), ids), "Copy");
+}
+
+TEST_F(CpuOpsErrorTest, EmbeddingRejectsOutOfRangeIds) {
+  const Tensor table = F32({10, 4});
+  Tensor out = F32({3, 4});
+  ASSERT_TRUE(backend_->Embedding(table, I32({0, 9, 5}), out).ok());
+  ExpectInvalid(backend_->Embedding(table, I32({0, 10, 5}), out), "token id 10");
+  ExpectInvalid(backend_->Embedding(table, I32({-1, 1, 2}), out), "token id -1");
+  ExpectInvalid(backend_->Embedding(table, F32({3}), out), "ids must be I32");
+  Tensor bad_out = F32({3, 5});
+  ExpectInvalid(backend_->Embedding(table, I32({0, 1, 2}), bad_out), "out has shape");
+}
+
+TEST_F(CpuOpsErrorTest, NllRejectsOutOfRangeTargets) {
+  const Tensor logits = F32({2, 6});
+  Tensor nll = F32({2});
+  ASSERT_TRUE(backend_->Nll(logits, I32({0, 5}), nll).ok());
+  ExpectInvalid(backend_->Nll(logits, I32({0, 6}), nll), "target outside the vocabulary");
+  ExpectInvalid(backend_->Nll(logits, I32({-1, 0}), nll), "target outside the vocabulary");
+  ExpectInvalid(backend_->Nll(logits, I32({0}), nll), "one id per row");
+  ExpectInvalid(backend_->Nll(logits, F32({2}), nll), "targets must be I32");
+  Tensor bad_nll = F32({3});
+  ExpectInvalid(backend_->Nll(logits, I32({0, 1}), bad_nll), "nll has shape");
+}
+
+TEST(BackendFactoryTest, DeviceNamesAndOptions) {
+  BackendOptions bad_device;
+  bad_device.device = "tpu";
+  auto b = CreateBackend(bad_device);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(b.status().message()), HasSubstr("tpu"));
+  BackendOptions bad_threads;
+  bad_threads.threads = -1;
+  EXPECT_FALSE(bad_threads.Validate().ok());
+  BackendOptions bad_index;
+  bad_index.device = "cuda:x";
+  EXPECT_FALSE(CreateBackend(bad_index).ok());
+  if (!CudaAvailable()) {
+    BackendOptions cuda;
+    cuda.device = "cuda";
+    EXPECT_FALSE(CreateBackend(cuda).ok());
+  }
+}
+
+}  // namespace
+}  // namespace qcal::kernels

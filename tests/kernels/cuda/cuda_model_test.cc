@@ -1,0 +1,135 @@
+// End to end on the CUDA backend: the shared models, loaded with Model::Load onto the GPU,
+// reproduce the published greedy sample and the reference perplexities (README of ../shared), and
+// agree with the CPU backend. Skips without a GPU or without ../shared.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/files.h"
+#include "common/text_data.h"
+#include "common/tokenizer.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "services/engine/evaluate.h"
+#include "services/engine/model.h"
+#include "tests/support/test_paths.h"
+
+namespace qcal {
+namespace {
+
+// Reference perplexities (float64, independent implementation) and the tolerance of the brief.
+constexpr double kStoriesReference = 6.8908;  // stories260k, L = 256, all windows
+constexpr double kSotuReference = 28.728;     // sotu-llama-16m, L = 512, first 32 windows
+constexpr double kReferenceTolerance = 1e-3;  // relative
+// CUDA against the CPU backend in the same compute dtype: different summation orders only.
+constexpr double kBackendParity = 1e-4;  // relative, on perplexity
+// bf16 compute against the fp32 reference: rounding of every GEMM operand.
+constexpr double kBf16Tolerance = 2e-2;  // relative
+
+std::unique_ptr<kernels::Backend> MakeBackend(const std::string& device,
+                                              kernels::ComputeDType dtype) {
+  kernels::BackendOptions options;
+  options.device = device;
+  options.compute_dtype = dtype;
+  auto backend = kernels::CreateBackend(options);
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return backend.ok() ? std::move(*backend) : nullptr;
+}
+
+absl::StatusOr<engine::PerplexityResult> Perplexity(kernels::Backend* backend,
+                                                    const std::string& model_dir,
+                                                    const std::string& text_path, int seq_len,
+                                                    int max_windows) {
+  QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(model_dir));
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::Model::Load(model_dir, backend));
+  QCAL_ASSIGN_OR_RETURN(std::string text, LoadCorpusText(text_path));
+  QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text));
+  QCAL_ASSIGN_OR_RETURN(
+      TokenWindows windows,
+      MakeEvalWindows(tokens, seq_len, max_windows, model->config().bos_token_id, text_path));
+  return engine::EvaluatePerplexity(*model, windows);
+}
+
+void Report(const char* what, const engine::PerplexityResult& r) {
+  std::printf("%s: perplexity %.5f, %lld tokens, %.3f s (%.0f tokens/s)\n", what, r.perplexity,
+              static_cast<long long>(r.tokens), r.seconds, r.tokens / std::max(r.seconds, 1e-9));
+}
+
+class CudaModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (kernels::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+    QCAL_REQUIRE_SHARED();
+    shared_ = testing::SharedDir();
+  }
+  std::string shared_;
+};
+
+TEST_F(CudaModelTest, StoriesGreedyReproducesPublishedSample) {
+  const std::string dir = shared_ + "/models/stories260k";
+  auto backend = MakeBackend("cuda", kernels::ComputeDType::kF32);
+  ASSERT_NE(backend, nullptr);
+  auto tokenizer = Tokenizer::Load(dir);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  auto model = engine::Model::Load(dir, backend.get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  engine::GenerateOptions options;
+  options.max_new_tokens = 256;
+  auto ids = engine::GenerateGreedy(**model, {}, options);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(ids->size(), 256u);
+  auto text = (*tokenizer)->Decode(*ids);
+  ASSERT_TRUE(text.ok()) << text.status();
+  auto golden = ReadFileToString(dir + "/greedy_256.txt");
+  ASSERT_TRUE(golden.ok()) << golden.status();
+  EXPECT_EQ(*text + "\n", *golden);
+}
+
+TEST_F(CudaModelTest, StoriesPerplexityMatchesReferenceAndCpu) {
+  const std::string dir = shared_ + "/models/stories260k";
+  const std::string text = shared_ + "/data/tinystories-eval.txt";
+  for (auto dtype : {kernels::ComputeDType::kF32, kernels::ComputeDType::kBF16}) {
+    const bool bf16 = dtype == kernels::ComputeDType::kBF16;
+    SCOPED_TRACE(bf16 ? "bf16" : "f32");
+    auto gpu = MakeBackend("cuda", dtype);
+    auto cpu = MakeBackend("cpu", dtype);
+    ASSERT_TRUE(gpu && cpu);
+    auto r_gpu = Perplexity(gpu.get(), dir, text, 256, -1);
+    ASSERT_TRUE(r_gpu.ok()) << r_gpu.status();
+    auto r_cpu = Perplexity(cpu.get(), dir, text, 256, -1);
+    ASSERT_TRUE(r_cpu.ok()) << r_cpu.status();
+    Report(bf16 ? "stories260k cuda bf16" : "stories260k cuda f32", *r_gpu);
+    Report(bf16 ? "stories260k cpu bf16" : "stories260k cpu f32", *r_cpu);
+    EXPECT_EQ(r_gpu->tokens, 24064);
+    EXPECT_NEAR(r_gpu->perplexity / r_cpu->perplexity, 1.0, kBackendParity);
+    EXPECT_NEAR(r_gpu->perplexity / kStoriesReference, 1.0,
+                bf16 ? kBf16Tolerance : kReferenceTolerance);
+  }
+}
+
+TEST_F(CudaModelTest, SotuPerplexityMatchesReferenceAndIsDeterministic) {
+  const std::string dir = shared_ + "/models/sotu-llama-16m";
+  const std::string text = shared_ + "/data/sotu-eval.txt";
+  for (auto dtype : {kernels::ComputeDType::kF32, kernels::ComputeDType::kBF16}) {
+    const bool bf16 = dtype == kernels::ComputeDType::kBF16;
+    SCOPED_TRACE(bf16 ? "bf16" : "f32");
+    auto gpu = MakeBackend("cuda", dtype);
+    ASSERT_NE(gpu, nullptr);
+    auto first = Perplexity(gpu.get(), dir, text, 512, 32);
+    ASSERT_TRUE(first.ok()) << first.status();
+    auto second = Perplexity(gpu.get(), dir, text, 512, 32);
+    ASSERT_TRUE(second.ok()) << second.status();
+    Report(bf16 ? "sotu-llama-16m cuda bf16" : "sotu-llama-16m cuda f32", *second);
+    EXPECT_EQ(first->tokens, 16384);
+    EXPECT_EQ(first->nll, second->nll);  // bit-identical run to run
+    EXPECT_NEAR(first->perplexity / kSotuReference, 1.0,
+                bf16 ? kBf16Tolerance : kReferenceTolerance);
+  }
+}
+
+}  // namespace
+}  // namespace qcal

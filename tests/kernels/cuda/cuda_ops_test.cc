@@ -1,0 +1,495 @@
+// Parity tests of every CUDA backend op against its scalar CPU twin (kernels/cpu/ref_ops.h), like
+// with like: fp32 compute against the reference in fp32 operands, bf16 compute against the
+// reference with bf16_operands. Random data, odd sizes and size 1; outputs are poisoned with NaN
+// first so that an unwritten element fails. Error is ‖out − ref‖ / ‖ref‖ against a per-op bound.
+// Every test skips when no CUDA device is present.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "common/dtype.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/ref_ops.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace qcal::kernels {
+namespace {
+
+// fp32 GEMMs against a double-accumulating reference: fp32 summation error only.
+constexpr double kLinearF32Bound = 1e-5;
+// bf16 operands multiply exactly in fp32; only the fp32 accumulation differs from the reference
+// (not rounding the operands would give ~3e-3).
+constexpr double kLinearBf16Bound = 1e-4;
+constexpr double kGramF32Bound = 1e-5;
+constexpr double kGramBf16Bound = 1e-4;
+constexpr double kRmsNormBound = 1e-6;
+// Same host-computed angles and no fused multiply-add: identical up to the last bit in practice.
+constexpr double kRopeBound = 1e-6;
+constexpr double kAttentionF32Bound = 1e-5;
+// Probabilities rounded to bf16 from an fp32 rather than double softmax: a rare 1-ulp flip
+// (not rounding them at all gives ~1e-3).
+constexpr double kAttentionBf16Bound = 5e-4;
+constexpr double kSiluMulBound = 1e-6;
+constexpr double kNllBound = 1e-6;
+// Large-shape checks against the CPU backend (both fp32, different summation orders).
+constexpr double kLargeF32Bound = 1e-5;
+// bf16 compute against those fp32 results: the rounding of the operands (~3e-3).
+constexpr double kLargeBf16VsF32Bound = 1e-2;
+
+std::vector<float> Random(int64_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+// ‖out − ref‖ / ‖ref‖ (‖out − ref‖ when ref is zero); infinity when out holds a NaN or Inf.
+double RelError(const std::vector<float>& out, const std::vector<float>& ref) {
+  EXPECT_EQ(out.size(), ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < std::min(out.size(), ref.size()); ++i) {
+    if (!std::isfinite(out[i])) return std::numeric_limits<double>::infinity();
+    num += (double(out[i]) - ref[i]) * (double(out[i]) - ref[i]);
+    den += double(ref[i]) * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+class CudaOpsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+    for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+      BackendOptions options;
+      options.device = "cuda";
+      options.compute_dtype = dtype;
+      auto backend = CreateBackend(options);
+      ASSERT_TRUE(backend.ok()) << backend.status();
+      (dtype == ComputeDType::kF32 ? f32_ : bf16_) = std::move(*backend);
+    }
+  }
+
+  Backend& Get(ComputeDType dtype) { return dtype == ComputeDType::kF32 ? *f32_ : *bf16_; }
+
+  Tensor Upload(Backend& be, const std::vector<float>& v, Shape shape) {
+    auto t = be.ToDevice(Tensor::FromVector(v, std::move(shape)));
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *t : Tensor();
+  }
+  // A device tensor full of NaN.
+  Tensor Poisoned(Backend& be, Shape shape) {
+    const int64_t n = NumElements(shape);
+    return Upload(be, std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()),
+                  std::move(shape));
+  }
+  std::vector<float> Download(Backend& be, const Tensor& t) {
+    auto host = be.ToHost(t);
+    EXPECT_TRUE(host.ok()) << host.status();
+    if (!host.ok()) return {};
+    const float* p = host->data<float>();
+    return std::vector<float>(p, p + host->numel());
+  }
+  Tensor Ids(const std::vector<int32_t>& ids) {
+    Tensor t = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(ids.size())});
+    std::copy(ids.begin(), ids.end(), t.data<int32_t>());
+    return t;
+  }
+
+  std::unique_ptr<Backend> f32_, bf16_;
+};
+
+const char* Name(ComputeDType dtype) { return dtype == ComputeDType::kF32 ? "f32" : "bf16"; }
+
+TEST_F(CudaOpsTest, LinearMatchesReference) {
+  struct Case {
+    int64_t m, n, k;
+  };
+  const Case cases[] = {{1, 1, 1},     {1, 7, 5},      {3, 1, 9}, {17, 33, 65},
+                        {64, 128, 96}, {130, 67, 257}, {5, 3, 0}, {2, 300, 1001}};
+  uint64_t seed = 1;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    const bool bf16 = dtype == ComputeDType::kBF16;
+    for (const Case& c : cases) {
+      for (bool with_bias : {false, true}) {
+        for (bool accumulate : {false, true}) {
+          SCOPED_TRACE(testing::Message()
+                       << Name(dtype) << " m=" << c.m << " n=" << c.n << " k=" << c.k
+                       << " bias=" << with_bias << " accumulate=" << accumulate);
+          const auto x = Random(c.m * c.k, seed++), w = Random(c.n * c.k, seed++);
+          const auto b = Random(c.n, seed++), y0 = Random(c.m * c.n, seed++);
+          std::vector<float> ref = y0;
+          ref::Linear(x.data(), w.data(), with_bias ? b.data() : nullptr, ref.data(), c.m, c.n, c.k,
+                      accumulate, bf16);
+          Tensor xd = Upload(be, x, {c.m, c.k}), wd = Upload(be, w, {c.n, c.k});
+          Tensor bd = Upload(be, b, {c.n});
+          Tensor yd = accumulate ? Upload(be, y0, {c.m, c.n}) : Poisoned(be, {c.m, c.n});
+          ASSERT_TRUE(be.Linear(xd, wd, with_bias ? &bd : nullptr, yd, accumulate).ok());
+          EXPECT_LE(RelError(Download(be, yd), ref), bf16 ? kLinearBf16Bound : kLinearF32Bound);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, LinearTakesBf16Weights) {
+  const int64_t m = 9, n = 31, k = 77;
+  const auto x = Random(m * k, 11), w = Random(n * k, 12);
+  std::vector<float> w_rounded = w;
+  for (float& v : w_rounded) v = RoundToBf16(v);
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    SCOPED_TRACE(Name(dtype));
+    Backend& be = Get(dtype);
+    const bool bf16 = dtype == ComputeDType::kBF16;
+    std::vector<float> ref(m * n);
+    ref::Linear(x.data(), w_rounded.data(), nullptr, ref.data(), m, n, k, false, bf16);
+    auto w_host = Tensor::FromVector(w, {n, k}).ConvertTo(DType::kBF16);
+    ASSERT_TRUE(w_host.ok());
+    auto wd = be.ToDevice(*w_host);
+    ASSERT_TRUE(wd.ok());
+    Tensor xd = Upload(be, x, {m, k}), yd = Poisoned(be, {m, n});
+    ASSERT_TRUE(be.Linear(xd, *wd, nullptr, yd, false).ok());
+    EXPECT_LE(RelError(Download(be, yd), ref), bf16 ? kLinearBf16Bound : kLinearF32Bound);
+  }
+}
+
+TEST_F(CudaOpsTest, RmsNormMatchesReference) {
+  Backend& be = *f32_;
+  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {5, 64}, {33, 4097}};
+  uint64_t seed = 100;
+  for (const auto& s : shapes) {
+    for (bool in_place : {false, true}) {
+      SCOPED_TRACE(testing::Message() << s[0] << "x" << s[1] << " in_place=" << in_place);
+      const auto x = Random(s[0] * s[1], seed++, 3.0f), w = Random(s[1], seed++);
+      std::vector<float> ref(x.size());
+      ref::RmsNorm(x.data(), w.data(), 1e-5f, ref.data(), s[0], s[1]);
+      Tensor xd = Upload(be, x, {s[0], s[1]}), wd = Upload(be, w, {s[1]});
+      Tensor yd = in_place ? xd : Poisoned(be, {s[0], s[1]});
+      ASSERT_TRUE(be.RmsNorm(xd, wd, 1e-5f, yd).ok());
+      EXPECT_LE(RelError(Download(be, yd), ref), kRmsNormBound);
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, RopeMatchesReference) {
+  Backend& be = *f32_;
+  struct Case {
+    int batch, seq_len, offset, heads, head_dim;
+    double theta;
+  };
+  const Case cases[] = {{1, 1, 0, 1, 2, 10000.0},
+                        {2, 5, 0, 3, 8, 10000.0},
+                        {1, 1, 37, 4, 64, 10000.0},
+                        {3, 17, 5, 2, 128, 500000.0},
+                        {1, 300, 0, 1, 6, 10000.0}};
+  uint64_t seed = 200;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(testing::Message() << "batch=" << c.batch << " seq_len=" << c.seq_len
+                                    << " offset=" << c.offset << " head_dim=" << c.head_dim);
+    const int64_t rows = int64_t(c.batch) * c.seq_len, width = int64_t(c.heads) * c.head_dim;
+    const RopeShape shape{c.seq_len, c.offset, c.head_dim, c.theta};
+    std::vector<float> ref = Random(rows * width, seed++);
+    Tensor xd = Upload(be, ref, {rows, width});
+    ref::Rope(ref.data(), rows, width, shape);
+    ASSERT_TRUE(be.Rope(xd, shape).ok());
+    EXPECT_LE(RelError(Download(be, xd), ref), kRopeBound);
+  }
+}
+
+TEST_F(CudaOpsTest, AttentionMatchesReference) {
+  const AttentionShape cases[] = {// batch, q_len, kv_len, heads, kv_heads, head_dim, q_offset
+                                  {1, 1, 1, 1, 1, 1, 0},       {1, 1, 1, 1, 1, 8, 0},
+                                  {2, 17, 17, 4, 2, 8, 0},     {1, 70, 70, 6, 2, 64, 0},
+                                  {1, 1, 37, 4, 4, 64, 36},    {1, 5, 133, 3, 1, 96, 128},
+                                  {2, 130, 130, 2, 1, 128, 0}, {1, 65, 200, 2, 2, 33, 135},
+                                  {3, 64, 64, 8, 8, 7, 0},     {1, 129, 129, 1, 1, 128, 0}};
+  uint64_t seed = 300;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    const bool bf16 = dtype == ComputeDType::kBF16;
+    for (const AttentionShape& s : cases) {
+      SCOPED_TRACE(testing::Message()
+                   << Name(dtype) << " batch=" << s.batch << " q_len=" << s.q_len
+                   << " kv_len=" << s.kv_len << " heads=" << s.num_heads << "/" << s.num_kv_heads
+                   << " head_dim=" << s.head_dim << " q_offset=" << s.q_offset);
+      const int64_t qn = int64_t(s.batch) * s.q_len * s.num_heads * s.head_dim;
+      const int64_t kvn = int64_t(s.batch) * s.kv_len * s.num_kv_heads * s.head_dim;
+      const auto q = Random(qn, seed++), k = Random(kvn, seed++), v = Random(kvn, seed++);
+      std::vector<float> ref(qn);
+      ref::Attention(q.data(), k.data(), v.data(), s, ref.data(), bf16);
+      const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                    kvw = int64_t(s.num_kv_heads) * s.head_dim;
+      Tensor qd = Upload(be, q, {int64_t(s.batch) * s.q_len, qw});
+      Tensor kd = Upload(be, k, {int64_t(s.batch) * s.kv_len, kvw});
+      Tensor vd = Upload(be, v, {int64_t(s.batch) * s.kv_len, kvw});
+      Tensor out = Poisoned(be, {int64_t(s.batch) * s.q_len, qw});
+      const absl::Status st = be.Attention(qd, kd, vd, s, out);
+      ASSERT_TRUE(st.ok()) << st;
+      EXPECT_LE(RelError(Download(be, out), ref), bf16 ? kAttentionBf16Bound : kAttentionF32Bound);
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, ElementwiseOpsMatchReference) {
+  Backend& be = *f32_;
+  uint64_t seed = 400;
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{100003}}) {
+    SCOPED_TRACE(testing::Message() << "n=" << n);
+    const auto g = Random(n, seed++, 4.0f), u = Random(n, seed++);
+    std::vector<float> ref(n);
+    ref::SiluMul(g.data(), u.data(), ref.data(), n);
+    Tensor gd = Upload(be, g, {n}), ud = Upload(be, u, {n}), out = Poisoned(be, {n});
+    ASSERT_TRUE(be.SiluMul(gd, ud, out).ok());
+    EXPECT_LE(RelError(Download(be, out), ref), kSiluMulBound);
+    ASSERT_TRUE(be.SiluMul(gd, ud, gd).ok());  // out aliasing gate, as the engine calls it
+    EXPECT_LE(RelError(Download(be, gd), ref), kSiluMulBound);
+
+    std::vector<float> y = Random(n, seed++);
+    Tensor yd = Upload(be, y, {n});
+    ref::Add(u.data(), y.data(), n);
+    ASSERT_TRUE(be.Add(ud, yd).ok());
+    EXPECT_EQ(Download(be, yd), y);
+  }
+}
+
+TEST_F(CudaOpsTest, EmbeddingGathersRows) {
+  Backend& be = *f32_;
+  const int64_t vocab = 11, width = 5;
+  const auto table = Random(vocab * width, 500);
+  Tensor td = Upload(be, table, {vocab, width});
+  for (const std::vector<int32_t>& ids :
+       {std::vector<int32_t>{3}, std::vector<int32_t>{0, 10, 4, 4, 7, 1, 10, 0, 2}}) {
+    const int64_t n = ids.size();
+    std::vector<float> ref(n * width);
+    ref::Embedding(table.data(), vocab, width, ids.data(), n, ref.data());
+    Tensor out = Poisoned(be, {n, width});
+    ASSERT_TRUE(be.Embedding(td, Ids(ids), out).ok());
+    EXPECT_EQ(Download(be, out), ref);
+  }
+  Tensor out = Poisoned(be, {2, width});
+  const absl::Status bad = be.Embedding(td, Ids({1, 11}), out);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+  EXPECT_NE(bad.message().find("token id 11"), std::string::npos) << bad;
+}
+
+TEST_F(CudaOpsTest, NllMatchesReference) {
+  Backend& be = *f32_;
+  const int64_t shapes[][2] = {{1, 1}, {3, 2}, {17, 513}, {5, 4096}, {2, 50000}};
+  uint64_t seed = 600;
+  for (const auto& s : shapes) {
+    SCOPED_TRACE(testing::Message() << s[0] << "x" << s[1]);
+    const auto logits = Random(s[0] * s[1], seed++, 3.0f);
+    std::mt19937_64 gen(seed++);
+    std::vector<int32_t> targets(s[0]);
+    for (int32_t& t : targets) t = static_cast<int32_t>(gen() % s[1]);
+    std::vector<float> ref(s[0]);
+    ref::Nll(logits.data(), s[0], s[1], targets.data(), ref.data());
+    Tensor ld = Upload(be, logits, {s[0], s[1]}), out = Poisoned(be, {s[0]});
+    ASSERT_TRUE(be.Nll(ld, Ids(targets), out).ok());
+    EXPECT_LE(RelError(Download(be, out), ref), kNllBound);
+  }
+}
+
+TEST_F(CudaOpsTest, GramMatchesReferenceAndIsSymmetric) {
+  const int64_t shapes[][2] = {{1, 1}, {7, 1}, {1, 5}, {33, 17}, {100, 130}, {513, 64}};
+  uint64_t seed = 700;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    const bool bf16 = dtype == ComputeDType::kBF16;
+    for (const auto& s : shapes) {
+      const int64_t n = s[0], k = s[1];
+      SCOPED_TRACE(testing::Message() << Name(dtype) << " n=" << n << " k=" << k);
+      const auto x = Random(n * k, seed++);
+      // Start from a symmetric h, as accumulation over chunks does.
+      std::vector<float> h0 = Random(k * k, seed++);
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t b = 0; b < a; ++b) h0[a * k + b] = h0[b * k + a];
+      }
+      std::vector<float> ref = h0;
+      ref::AccumulateGram(x.data(), n, k, ref.data(), bf16);
+      Tensor xd = Upload(be, x, {n, k}), hd = Upload(be, h0, {k, k});
+      ASSERT_TRUE(be.AccumulateGram(xd, hd).ok());
+      const auto h = Download(be, hd);
+      EXPECT_LE(RelError(h, ref), bf16 ? kGramBf16Bound : kGramF32Bound);
+      int asymmetric = 0;
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t b = 0; b < a; ++b) asymmetric += h[a * k + b] != h[b * k + a];
+      }
+      EXPECT_EQ(asymmetric, 0);
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, ResultsAreBitIdenticalRunToRun) {
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    SCOPED_TRACE(Name(dtype));
+    Backend& be = Get(dtype);
+    const AttentionShape s{2, 150, 150, 4, 2, 64, 0};
+    const int64_t rows = 300, width = 256, kv_width = 128, vocab = 1000;
+    Tensor x = Upload(be, Random(rows * width, 800), {rows, width});
+    Tensor w = Upload(be, Random(vocab * width, 801), {vocab, width});
+    Tensor k = Upload(be, Random(rows * kv_width, 802), {rows, kv_width});
+    Tensor v = Upload(be, Random(rows * kv_width, 803), {rows, kv_width});
+    std::mt19937_64 gen(804);
+    std::vector<int32_t> targets(rows);
+    for (int32_t& t : targets) t = static_cast<int32_t>(gen() % vocab);
+    std::vector<float> runs[2][4];
+    for (auto& run : runs) {
+      Tensor y = Poisoned(be, {rows, vocab}), attn = Poisoned(be, {rows, width});
+      Tensor nll = Poisoned(be, {rows}),
+             h = Upload(be, std::vector<float>(width * width, 0.0f), {width, width});
+      ASSERT_TRUE(be.Linear(x, w, nullptr, y, false).ok());
+      ASSERT_TRUE(be.Attention(x, k, v, s, attn).ok());
+      ASSERT_TRUE(be.Nll(y, Ids(targets), nll).ok());
+      ASSERT_TRUE(be.AccumulateGram(x, h).ok());
+      run[0] = Download(be, y);
+      run[1] = Download(be, attn);
+      run[2] = Download(be, nll);
+      run[3] = Download(be, h);
+    }
+    for (int op = 0; op < 4; ++op) EXPECT_EQ(runs[0][op], runs[1][op]) << "output " << op;
+  }
+}
+
+TEST_F(CudaOpsTest, MemoryOpsRoundTrip) {
+  Backend& be = *f32_;
+  auto zeros = be.Alloc(DType::kF32, {3, 5});
+  ASSERT_TRUE(zeros.ok());
+  EXPECT_EQ(zeros->device(), Device::kCuda);
+  EXPECT_EQ(Download(be, *zeros), std::vector<float>(15, 0.0f));
+
+  // Copy into a row range of a larger tensor, as the KV cache does.
+  const auto src = Random(2 * 4, 900);
+  Tensor sd = Upload(be, src, {2, 4});
+  Tensor cache = Poisoned(be, {6, 4});
+  Tensor rows = cache.Rows(3, 5);
+  ASSERT_TRUE(be.Copy(sd, rows).ok());
+  const auto all = Download(be, cache);
+  EXPECT_EQ(std::vector<float>(all.begin() + 12, all.begin() + 20), src);
+  EXPECT_TRUE(std::isnan(all[11]) && std::isnan(all[20]));
+  Tensor wrong = Poisoned(be, {3, 4});
+  EXPECT_EQ(be.Copy(sd, wrong).code(), absl::StatusCode::kInvalidArgument);
+
+  auto host = be.ToHost(sd);
+  ASSERT_TRUE(host.ok());
+  EXPECT_EQ(host->device(), Device::kHost);
+  EXPECT_EQ(host->shape(), (Shape{2, 4}));
+}
+
+TEST_F(CudaOpsTest, ErrorsAreStatusesNotCrashes) {
+  Backend& be = *f32_;
+  // 4 TiB: more than any GPU has. The backend stays usable afterwards.
+  auto huge = be.Alloc(DType::kF32, {int64_t{1} << 40});
+  ASSERT_FALSE(huge.ok());
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted) << huge.status();
+  EXPECT_NE(huge.status().message().find("out of memory"), std::string::npos) << huge.status();
+
+  Tensor x = Upload(be, Random(4 * 3, 1000), {4, 3}), w = Upload(be, Random(2 * 5, 1001), {2, 5});
+  Tensor y = Poisoned(be, {4, 2});
+  EXPECT_EQ(be.Linear(x, w, nullptr, y, false).code(), absl::StatusCode::kInvalidArgument);
+  const Tensor host_w = Tensor::FromVector(Random(2 * 3, 1002), {2, 3});
+  EXPECT_EQ(be.Linear(x, host_w, nullptr, y, false).code(), absl::StatusCode::kInvalidArgument);
+
+  const AttentionShape wide{1, 1, 1, 1, 1, 256, 0};
+  Tensor q = Poisoned(be, {1, 256});
+  Tensor out = Poisoned(be, {1, 256});
+  EXPECT_EQ(be.Attention(q, q, q, wide, out).code(), absl::StatusCode::kUnimplemented);
+  const AttentionShape past_end{1, 2, 1, 1, 1, 256, 0};
+  EXPECT_EQ(be.Attention(q, q, q, past_end, out).code(), absl::StatusCode::kInvalidArgument);
+
+  auto w_ok = be.ToDevice(host_w);
+  ASSERT_TRUE(w_ok.ok());
+  EXPECT_TRUE(be.Linear(x, *w_ok, nullptr, y, false).ok());
+  EXPECT_TRUE(be.Synchronize().ok());
+}
+
+TEST_F(CudaOpsTest, DeviceKindNamesGpuAndLibrary) {
+  const std::string kind = f32_->DeviceKind();
+  EXPECT_EQ(kind.rfind("cuda/", 0), 0u) << kind;
+  EXPECT_NE(kind.find("/sm_"), std::string::npos) << kind;
+  EXPECT_NE(kind.find("/cublas-"), std::string::npos) << kind;
+  std::printf("device kind: %s\n", kind.c_str());
+}
+
+// Median wall time of `fn` over `reps` runs after one warm-up, with the device synchronised.
+template <typename Fn>
+double MedianSeconds(Backend& be, int reps, Fn fn) {
+  std::vector<double> t;
+  for (int i = 0; i <= reps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    EXPECT_TRUE(be.Synchronize().ok());
+    if (i > 0)
+      t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// Llama-2-7B shapes (2048 tokens, 32 heads of 128) against the CPU backend, with timings printed
+// for the record (no timing is asserted).
+TEST_F(CudaOpsTest, SevenBShapesMatchCpuBackend) {
+  BackendOptions cpu_options;
+  auto cpu = CreateBackend(cpu_options);
+  ASSERT_TRUE(cpu.ok());
+  const int64_t tokens = 2048, hidden = 4096;
+  const AttentionShape s{1, 2048, 2048, 32, 32, 128, 0};
+  const auto x = Random(tokens * hidden, 1100), w = Random(hidden * hidden, 1101, 0.02f);
+  const auto k = Random(tokens * hidden, 1102), v = Random(tokens * hidden, 1103);
+  const Tensor xh = Tensor::FromVector(x, {tokens, hidden});
+  const Tensor wh = Tensor::FromVector(w, {hidden, hidden});
+  const Tensor kh = Tensor::FromVector(k, {tokens, hidden});
+  const Tensor vh = Tensor::FromVector(v, {tokens, hidden});
+  Tensor y_cpu = Tensor::Zeros(DType::kF32, {tokens, hidden});
+  Tensor attn_cpu = Tensor::Zeros(DType::kF32, {tokens, hidden});
+  Tensor h_cpu = Tensor::Zeros(DType::kF32, {hidden, hidden});
+  ASSERT_TRUE((*cpu)->Linear(xh, wh, nullptr, y_cpu, false).ok());
+  ASSERT_TRUE((*cpu)->Attention(xh, kh, vh, s, attn_cpu).ok());
+  ASSERT_TRUE((*cpu)->AccumulateGram(xh, h_cpu).ok());
+  auto as_vector = [](const Tensor& t) {
+    return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
+  };
+  const auto y_ref = as_vector(y_cpu), attn_ref = as_vector(attn_cpu), h_ref = as_vector(h_cpu);
+
+  const double linear_flop = 2.0 * tokens * hidden * hidden;
+  const double attention_flop =
+      4.0 * s.num_heads * s.head_dim * (double(tokens) * (tokens + 1) / 2);
+  const double gram_flop = 2.0 * tokens * hidden * hidden;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    SCOPED_TRACE(Name(dtype));
+    Backend& be = Get(dtype);
+    Tensor xd = Upload(be, x, {tokens, hidden}), wd = Upload(be, w, {hidden, hidden});
+    Tensor kd = Upload(be, k, {tokens, hidden}), vd = Upload(be, v, {tokens, hidden});
+    Tensor yd = Poisoned(be, {tokens, hidden}), ad = Poisoned(be, {tokens, hidden});
+    auto hd = be.Alloc(DType::kF32, {hidden, hidden});
+    ASSERT_TRUE(hd.ok());
+    ASSERT_TRUE(be.AccumulateGram(xd, *hd).ok());
+    const auto h = Download(be, *hd);
+    const double t_linear =
+        MedianSeconds(be, 5, [&] { ASSERT_TRUE(be.Linear(xd, wd, nullptr, yd, false).ok()); });
+    const double t_attention =
+        MedianSeconds(be, 5, [&] { ASSERT_TRUE(be.Attention(xd, kd, vd, s, ad).ok()); });
+    const double t_gram =
+        MedianSeconds(be, 5, [&] { ASSERT_TRUE(be.AccumulateGram(xd, *hd).ok()); });
+    std::printf(
+        "%-4s 7B shapes: linear 2048x4096x4096 %.3f ms (%.1f TFLOP/s), attention L=2048 "
+        "32x128 %.3f ms (%.1f TFLOP/s), gram 2048x4096 %.3f ms (%.1f TFLOP/s)\n",
+        Name(dtype), t_linear * 1e3, linear_flop / t_linear * 1e-12, t_attention * 1e3,
+        attention_flop / t_attention * 1e-12, t_gram * 1e3, gram_flop / t_gram * 1e-12);
+    // bf16 against the fp32 CPU results: bounded by the rounding of the operands.
+    const double bound = dtype == ComputeDType::kF32 ? kLargeF32Bound : kLargeBf16VsF32Bound;
+    EXPECT_LE(RelError(Download(be, yd), y_ref), bound);
+    EXPECT_LE(RelError(Download(be, ad), attn_ref), bound);
+    EXPECT_LE(RelError(h, h_ref), bound);
+  }
+}
+
+}  // namespace
+}  // namespace qcal::kernels

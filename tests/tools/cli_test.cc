@@ -1,0 +1,355 @@
+// End-to-end tests of the `qcal` binary, run as a subprocess (DESIGN section 6 conventions):
+// results on stdout only, exactly one JSON object with --json, the reference perplexities and the
+// golden greedy sample, and bad input failing with exit status 1 and one stderr line naming the
+// culprit. Broken model directories are built in a temp dir from copies of stories260k's files.
+#include <fcntl.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/files.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/support/test_paths.h"
+
+extern char** environ;
+
+namespace qcal {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+// Reference perplexities (shared/README.md): within 0.1%.
+constexpr double kPerplexityTolerance = 1e-3;
+
+struct RunResult {
+  bool exited = false;  // false when killed by a signal
+  int exit_code = -1;
+  int signal = 0;
+  std::string out;
+  std::string err;
+};
+
+std::string QcalPath() { return testing::BinaryDir() + "/bin/qcal"; }
+
+// Runs qcal with `args`, capturing stdout and stderr separately.
+RunResult RunQcal(const std::vector<std::string>& args) {
+  RunResult result;
+  int out_pipe[2], err_pipe[2];
+  if (pipe2(out_pipe, O_CLOEXEC) != 0 || pipe2(err_pipe, O_CLOEXEC) != 0) {
+    ADD_FAILURE() << "pipe2 failed";
+    return result;
+  }
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out_pipe[1], STDOUT_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, err_pipe[1], STDERR_FILENO);
+  const std::string path = QcalPath();
+  std::vector<std::string> storage = {path};
+  storage.insert(storage.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& s : storage) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  const int spawn_error = posix_spawn(&pid, path.c_str(), &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  close(out_pipe[1]);
+  close(err_pipe[1]);
+  if (spawn_error != 0) {
+    close(out_pipe[0]);
+    close(err_pipe[0]);
+    ADD_FAILURE() << "cannot run " << path << ": " << std::strerror(spawn_error);
+    return result;
+  }
+  // Drain both pipes together so that neither can fill up and block the child.
+  pollfd fds[2] = {{out_pipe[0], POLLIN, 0}, {err_pipe[0], POLLIN, 0}};
+  std::string* sinks[2] = {&result.out, &result.err};
+  int open_fds = 2;
+  char buf[65536];
+  while (open_fds > 0) {
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (fds[i].fd < 0 || fds[i].revents == 0) continue;
+      const ssize_t n = read(fds[i].fd, buf, sizeof(buf));
+      if (n > 0) {
+        sinks[i]->append(buf, static_cast<size_t>(n));
+      } else if (n == 0 || errno != EINTR) {
+        close(fds[i].fd);
+        fds[i].fd = -1;
+        --open_fds;
+      }
+    }
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(status)) {
+    result.exited = true;
+    result.exit_code = WEXITSTATUS(status);
+  } else if (WIFSIGNALED(status)) {
+    result.signal = WTERMSIG(status);
+  }
+  return result;
+}
+
+std::string Shared(const std::string& rel) { return testing::SharedDir() + "/" + rel; }
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fs::exists(QcalPath())) << QcalPath() << " is not built";
+    dir_ = testing::MakeTempDir("cli_test");
+    ASSERT_FALSE(dir_.empty());
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string Path(const std::string& rel) const { return (fs::path(dir_) / rel).string(); }
+
+  void WriteFile(const std::string& path, const std::string& contents) {
+    ASSERT_TRUE(WriteStringToFile(path, contents).ok()) << path;
+  }
+
+  // A writable copy of stories260k's config, weights and tokenizer in the temp dir. The shared
+  // files are read-only and must never be written, so each is read and written anew.
+  std::string CopyStories(const std::string& name) {
+    const std::string dst = Path(name);
+    fs::create_directories(dst);
+    for (const char* file : {"config.json", "model.safetensors", "tokenizer.model"}) {
+      auto bytes = ReadFileToString(Shared(std::string("models/stories260k/") + file));
+      EXPECT_TRUE(bytes.ok()) << bytes.status();
+      if (bytes.ok()) WriteFile(dst + "/" + file, *bytes);
+    }
+    return dst;
+  }
+
+  // Rewrites `model_dir`/config.json through `edit`.
+  void EditConfig(const std::string& model_dir, void (*edit)(nlohmann::json&)) {
+    auto text = ReadFileToString(model_dir + "/config.json");
+    ASSERT_TRUE(text.ok());
+    nlohmann::json j = nlohmann::json::parse(*text);
+    edit(j);
+    WriteFile(model_dir + "/config.json", j.dump(2));
+  }
+
+  // A failed run: exit status 1 (not a signal), nothing on stdout, and exactly one stderr line
+  // that names every string in `culprits`.
+  static void ExpectCleanFailure(const RunResult& r, const std::vector<std::string>& culprits) {
+    EXPECT_TRUE(r.exited) << "killed by signal " << r.signal;
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_EQ(r.out, "");
+    EXPECT_THAT(r.err, StartsWith("qcal: error: "));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.err.back(), '\n') << r.err;
+    for (const std::string& c : culprits) EXPECT_THAT(r.err, HasSubstr(c));
+  }
+
+  RunResult EvalStories(const std::string& model_dir, const std::string& text, int seq_len = 256) {
+    return RunQcal({"eval", "--model", model_dir, "--text", text, "--seq-len",
+                    std::to_string(seq_len), "--threads", "2"});
+  }
+
+  std::string dir_;
+};
+
+// Parses stdout as exactly one line holding one JSON object.
+nlohmann::json ParseJsonLine(const std::string& out) {
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+  EXPECT_FALSE(out.empty());
+  EXPECT_EQ(out.back(), '\n');
+  nlohmann::json j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_TRUE(j.is_object()) << out;
+  return j;
+}
+
+void ExpectEvalJson(const nlohmann::json& j, double perplexity, int64_t tokens, int64_t windows) {
+  ASSERT_TRUE(j.is_object());
+  for (const char* key : {"perplexity", "nll", "tokens", "windows", "seconds"}) {
+    ASSERT_TRUE(j.contains(key)) << key;
+  }
+  EXPECT_EQ(j.size(), 5u) << j.dump();
+  const double ppl = j["perplexity"].get<double>();
+  EXPECT_NEAR(ppl, perplexity, perplexity * kPerplexityTolerance);
+  EXPECT_NEAR(std::log(ppl), j["nll"].get<double>(), 1e-9);
+  EXPECT_EQ(j["tokens"].get<int64_t>(), tokens);
+  EXPECT_EQ(j["windows"].get<int64_t>(), windows);
+  EXPECT_GT(j["seconds"].get<double>(), 0.0);
+}
+
+TEST_F(CliTest, GenerateReproducesGoldenSample) {
+  QCAL_REQUIRE_SHARED();
+  const RunResult r =
+      RunQcal({"generate", "--model", Shared("models/stories260k"), "--max-new-tokens", "256"});
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.err;
+  auto golden = ReadFileToString(Shared("models/stories260k/greedy_256.txt"));
+  ASSERT_TRUE(golden.ok());
+  EXPECT_EQ(r.out, *golden);
+}
+
+TEST_F(CliTest, EvalStories260kMatchesReference) {
+  QCAL_REQUIRE_SHARED();
+  const RunResult r = RunQcal({"eval", "--model", Shared("models/stories260k"), "--text",
+                               Shared("data/tinystories-eval.txt"), "--seq-len", "256", "--json",
+                               "--threads", "2"});
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.err;
+  ExpectEvalJson(ParseJsonLine(r.out), 6.8908, 24064, 94);
+}
+
+TEST_F(CliTest, EvalSotuMatchesReference) {
+  QCAL_REQUIRE_SHARED();
+  const RunResult r = RunQcal({"eval", "--model", Shared("models/sotu-llama-16m"), "--text",
+                               Shared("data/sotu-eval.txt"), "--seq-len", "512", "--max-windows",
+                               "32", "--json", "--threads", "2"});
+  ASSERT_TRUE(r.exited && r.exit_code == 0) << r.err;
+  ExpectEvalJson(ParseJsonLine(r.out), 28.728, 16384, 32);
+}
+
+TEST_F(CliTest, MissingModelDirectory) {
+  const std::string model = Path("no-such-model");
+  WriteFile(Path("text.txt"), "Once upon a time.\n");
+  ExpectCleanFailure(EvalStories(model, Path("text.txt")), {model});
+  ExpectCleanFailure(RunQcal({"generate", "--model", model, "--max-new-tokens", "4"}), {model});
+}
+
+TEST_F(CliTest, TruncatedSafetensors) {
+  QCAL_REQUIRE_SHARED();
+  const std::string model = CopyStories("truncated");
+  const std::string weights = model + "/model.safetensors";
+  auto bytes = ReadFileToString(weights);
+  ASSERT_TRUE(bytes.ok());
+  // Cut inside the data section: the header is intact but its offsets run past the end.
+  WriteFile(weights, bytes->substr(0, bytes->size() / 2));
+  ExpectCleanFailure(EvalStories(model, Shared("data/tinystories-eval.txt")),
+                     {weights, "run past the end"});
+  // Cut inside the 8-byte length prefix.
+  WriteFile(weights, bytes->substr(0, 5));
+  ExpectCleanFailure(EvalStories(model, Shared("data/tinystories-eval.txt")),
+                     {weights, "truncated"});
+  ExpectCleanFailure(RunQcal({"generate", "--model", model, "--max-new-tokens", "4"}),
+                     {weights, "truncated"});
+}
+
+TEST_F(CliTest, UnsupportedArchitecture) {
+  QCAL_REQUIRE_SHARED();
+  const std::string model = CopyStories("gpt2");
+  EditConfig(model, [](nlohmann::json& j) { j["model_type"] = "gpt2"; });
+  ExpectCleanFailure(EvalStories(model, Shared("data/tinystories-eval.txt")),
+                     {model + "/config.json", "gpt2"});
+}
+
+TEST_F(CliTest, ConfigMissingKey) {
+  QCAL_REQUIRE_SHARED();
+  const std::string model = CopyStories("no-hidden-size");
+  EditConfig(model, [](nlohmann::json& j) { j.erase("hidden_size"); });
+  ExpectCleanFailure(EvalStories(model, Shared("data/tinystories-eval.txt")),
+                     {model + "/config.json", "hidden_size"});
+}
+
+TEST_F(CliTest, UnreadableTokenizer) {
+  QCAL_REQUIRE_SHARED();
+  const std::string model = CopyStories("bad-tokenizer");
+  std::string garbage(4096, '\0');
+  for (size_t i = 0; i < garbage.size(); ++i) garbage[i] = static_cast<char>((i * 131 + 7) & 0xff);
+  WriteFile(model + "/tokenizer.model", garbage);
+  ExpectCleanFailure(EvalStories(model, Shared("data/tinystories-eval.txt")),
+                     {model + "/tokenizer.model"});
+}
+
+TEST_F(CliTest, EmptyText) {
+  QCAL_REQUIRE_SHARED();
+  WriteFile(Path("empty.txt"), "");
+  ExpectCleanFailure(EvalStories(Shared("models/stories260k"), Path("empty.txt")),
+                     {Path("empty.txt"), "empty"});
+}
+
+TEST_F(CliTest, TextShorterThanOneWindow) {
+  QCAL_REQUIRE_SHARED();
+  WriteFile(Path("short.txt"), "Once upon a time, there was a little girl.\n");
+  ExpectCleanFailure(EvalStories(Shared("models/stories260k"), Path("short.txt"), 256),
+                     {Path("short.txt"), "too short"});
+}
+
+TEST_F(CliTest, MissingTextFile) {
+  QCAL_REQUIRE_SHARED();
+  ExpectCleanFailure(EvalStories(Shared("models/stories260k"), Path("absent.txt")),
+                     {Path("absent.txt")});
+}
+
+TEST_F(CliTest, UsageErrorsGoToStderr) {
+  const RunResult missing = RunQcal({"eval", "--model", Path("m")});
+  EXPECT_TRUE(missing.exited);
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_EQ(missing.out, "");
+  EXPECT_THAT(missing.err, HasSubstr("--text"));
+  const RunResult unknown = RunQcal({"frobnicate"});
+  EXPECT_TRUE(unknown.exited);
+  EXPECT_NE(unknown.exit_code, 0);
+  EXPECT_EQ(unknown.out, "");
+  const RunResult range =
+      RunQcal({"eval", "--model", Path("m"), "--text", Path("t"), "--seq-len", "1"});
+  EXPECT_TRUE(range.exited);
+  EXPECT_NE(range.exit_code, 0);
+  EXPECT_EQ(range.out, "");
+  EXPECT_THAT(range.err, HasSubstr("--seq-len"));
+}
+
+// The subcommand names listed under "Subcommands:" in `qcal --help`.
+std::vector<std::string> ListedSubcommands(const std::string& help) {
+  std::vector<std::string> names;
+  const size_t start = help.find("Subcommands:\n");
+  if (start == std::string::npos) return names;
+  size_t pos = start + 13;
+  while (pos < help.size()) {
+    size_t eol = help.find('\n', pos);
+    if (eol == std::string::npos) eol = help.size();
+    const std::string line = help.substr(pos, eol - pos);
+    pos = eol + 1;
+    const size_t name_begin = line.find_first_not_of(' ');
+    if (name_begin == std::string::npos || name_begin == 0) break;
+    names.push_back(line.substr(name_begin, line.find(' ', name_begin) - name_begin));
+  }
+  return names;
+}
+
+TEST_F(CliTest, HelpListsEveryOption) {
+  const RunResult top = RunQcal({"--help"});
+  EXPECT_EQ(top.exit_code, 0);
+  const std::vector<std::string> subcommands = ListedSubcommands(top.out);
+  for (const char* required : {"eval", "generate", "synth"}) {
+    EXPECT_THAT(subcommands, ::testing::Contains(required)) << top.out;
+  }
+  // Every subcommand's help goes to stdout with status 0.
+  for (const std::string& command : subcommands) {
+    const RunResult r = RunQcal({command, "--help"});
+    EXPECT_TRUE(r.exited) << command;
+    EXPECT_EQ(r.exit_code, 0) << command;
+    EXPECT_EQ(r.err, "") << command;
+    EXPECT_THAT(r.out, HasSubstr("qcal " + command + " [OPTIONS]"));
+  }
+  const std::vector<std::pair<std::string, std::vector<std::string>>> documented = {
+      {"eval", {"--model", "--text", "--seq-len", "--max-windows", "--threads", "--json"}},
+      {"generate", {"--model", "--prompt", "--max-new-tokens", "--threads"}},
+  };
+  for (const auto& [command, options] : documented) {
+    const RunResult r = RunQcal({command, "--help"});
+    for (const std::string& option : options) EXPECT_THAT(r.out, HasSubstr(option)) << command;
+  }
+}
+
+}  // namespace
+}  // namespace qcal

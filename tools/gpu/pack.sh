@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds what a GPU session needs (the qcal CLI and the GPU test binaries, CUDA on) and bundles it
+# with the shared models and evaluation texts into .devpack/pack.tar.gz through
+# ../shared/tools/device-pack. A device call then carries [".devpack"] and runs
+# tools/gpu/session.sh.
+#
+#   usage: tools/gpu/pack.sh [BUILD_DIR]     (default: build-cuda; JOBS=2 parallel compiles)
+#   env:   QCAL_SHARED_DIR (default: ../shared beside the checkout)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+build=${1:-build-cuda}
+[[ $build = /* ]] || build=$root/$build
+shared=${QCAL_SHARED_DIR:-$root/../shared}
+jobs=${JOBS:-2}
+# The bundle and the working tree travel together under a 64 MiB limit.
+max_bytes=$((48 << 20))
+
+[[ -x $shared/tools/device-pack ]] || { echo "pack.sh: no device-pack under $shared/tools" >&2; exit 1; }
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQCAL_CUDA=ON >/dev/null
+cmake --build "$build" --target qcal cuda_ops_test cuda_model_test -j "$jobs"
+
+# Only what the session reads, laid out like ../shared (QCAL_SHARED_DIR points there on the GPU).
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/shared/models" "$stage/shared/data"
+ln -s "$shared/models/stories260k" "$shared/models/sotu-llama-16m" "$stage/shared/models/"
+ln -s "$shared/data/tinystories-eval.txt" "$shared/data/sotu-eval.txt" "$stage/shared/data/"
+
+"$shared/tools/device-pack" "$root/.devpack" "$build/bin/qcal" "$build/tests/cuda_ops_test" \
+  "$build/tests/cuda_model_test" --data "$stage/shared"
+size=$(stat -c %s "$root/.devpack/pack.tar.gz")
+if (( size > max_bytes )); then
+  echo "pack.sh: bundle is $size bytes, over the $max_bytes-byte budget" >&2
+  exit 1
+fi
+echo "pack.sh: $root/.devpack/pack.tar.gz, $((size >> 20)) MiB"
