@@ -28,6 +28,7 @@ enum class Op {
   kEmbedding,
   kNll,
   kGram,
+  kActQuant,
 };
 
 enum class ComputeDType { kF32, kBF16 };
@@ -107,6 +108,15 @@ class Backend {
   virtual absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) = 0;
   // h[k,k] += xᵀ x for x [n,k], fp32 accumulation (operands rounded per compute_dtype).
   virtual absl::Status AccumulateGram(const Tensor& x, Tensor& h) = 0;
+
+  // Activation fake-quantization (DESIGN section 3, "Activation quantization"): per row (token) of
+  // x [rows, width], dynamic and symmetric with b = `bits` (2..8) and qmax = 2^(b-1) - 1:
+  // s = max|x_row| / qmax, out = s * clamp(round_half_even(x / s), -qmax, qmax); s = 0 gives 0.
+  // Bit-identical to ref::ActQuant (fp32 arithmetic, IEEE division). out may alias x.
+  // Not pure: backends without it return Unimplemented (and SupportsOp(kActQuant) false).
+  virtual absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) {
+    return absl::UnimplementedError("ActQuant is not implemented by the " + name() + " backend");
+  }
 };
 
 // Creates the backend named by options.device. Errors: unknown device, CUDA not built, no GPU.

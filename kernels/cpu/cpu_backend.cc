@@ -293,6 +293,24 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "ActQuant", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(out, "ActQuant", "out"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, x.shape(), "ActQuant", "out"));
+    if (bits < 2 || bits > 8) {
+      return absl::InvalidArgumentError(absl::StrCat("ActQuant: bits must be 2..8, got ", bits));
+    }
+    if (x.rank() < 1) return absl::InvalidArgumentError("ActQuant: x must have rank >= 1");
+    if (x.numel() == 0) return absl::OkStatus();
+    const int64_t width = x.dim(-1), rows = x.numel() / width;
+    // Rows are independent: each range runs the scalar reference, so the bits match it exactly.
+    ParallelFor(rows, width * 4, [&](int64_t r0, int64_t r1) {
+      ref::ActQuant(x.data<float>() + r0 * width, r1 - r0, width, bits,
+                    out.data<float>() + r0 * width);
+    });
+    return absl::OkStatus();
+  }
+
  private:
   int threads_;
   ComputeDType dtype_;

@@ -1,9 +1,11 @@
 #include "kernels/cpu/ref_ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common/dtype.h"
+#include "kernels/quant_grid.h"
 
 namespace qcal::kernels::ref {
 namespace {
@@ -142,6 +144,26 @@ void AccumulateGram(const float* x, int64_t n, int64_t k, float* h, bool bf16_op
         acc += double(Op(x[t * k + a], bf16_operands)) * double(Op(x[t * k + b], bf16_operands));
       }
       h[a * k + b] += float(acc);
+    }
+  }
+}
+
+void ActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out) {
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * width;
+    float* yr = out + r * width;
+    float amax = 0.0f;
+    for (int64_t c = 0; c < width; ++c) amax = std::max(amax, std::fabs(xr[c]));
+    const float s = amax / qmax;
+    for (int64_t c = 0; c < width; ++c) {
+      if (s == 0.0f) {
+        yr[c] = 0.0f;
+        continue;
+      }
+      // Subnormal s can push |x / s| past qmax: the clamp keeps the code on the grid.
+      const float q = std::clamp(RoundHalfEven(xr[c] / s), -qmax, qmax);
+      yr[c] = s * q;
     }
   }
 }

@@ -28,5 +28,10 @@ void Embedding(const float* table, int64_t vocab, int64_t width, const int32_t* 
 void Nll(const float* logits, int64_t rows, int64_t vocab, const int32_t* targets, float* nll);
 // h[k,k] += xᵀx for x [n,k].
 void AccumulateGram(const float* x, int64_t n, int64_t k, float* h, bool bf16_operands);
+// Per-token dynamic symmetric fake-quantization of x [rows, width] to `bits` (2..8), all in fp32:
+// qmax = 2^(bits-1) - 1, s = max_j |x[r, j]| / qmax, out = s * clamp(RoundHalfEven(x / s), -qmax,
+// qmax); a row with s == 0 (all zeros, or an amax so small that s underflows) gives zeros. Finite x
+// expected. out may alias x.
+void ActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out);
 
 }  // namespace qcal::kernels::ref

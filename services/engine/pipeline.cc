@@ -109,6 +109,9 @@ absl::Status JobOptions::Validate() const {
   if (calib_path.empty()) return absl::InvalidArgumentError("the calibration text is required");
   if (samples < 1) return absl::InvalidArgumentError(absl::StrCat("samples must be >= 1, got ", samples));
   if (seq_len < 2) return absl::InvalidArgumentError(absl::StrCat("seq_len must be >= 2, got ", seq_len));
+  if (compute_dtype != "f32" && compute_dtype != "bf16") {
+    return absl::InvalidArgumentError(absl::StrCat("compute dtype must be f32 or bf16, got \"", compute_dtype, "\""));
+  }
   if (eval_seq_len < 0 || eval_seq_len == 1) {
     return absl::InvalidArgumentError(absl::StrCat("eval_seq_len must be >= 2, got ", eval_seq_len));
   }
@@ -124,6 +127,7 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   kernels::BackendOptions bo;
   bo.device = o.device;
   bo.threads = o.threads;
+  bo.compute_dtype = o.compute_dtype == "bf16" ? kernels::ComputeDType::kBF16 : kernels::ComputeDType::kF32;
   QCAL_ASSIGN_OR_RETURN(s->backend_, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(s->tokenizer_, Tokenizer::Load(o.model_dir));
   QCAL_ASSIGN_OR_RETURN(CheckpointQuantization input_q, ReadCheckpointQuantization(o.model_dir));
@@ -283,6 +287,7 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   run["job_id"] = o.job_id;
   run["device_kind"] = backend_->DeviceKind();
   run["threads"] = backend_->threads();
+  run["compute_dtype"] = o.compute_dtype;
   timings_["forward"] = times_.forward;
   timings_["hessian"] = times_.hessian;
   timings_["solve"] = times_.solve;

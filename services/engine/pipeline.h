@@ -37,7 +37,8 @@ struct JobOptions {
   int eval_seq_len = 0;        // 0: seq_len
   int eval_max_windows = -1;   // -1: all windows
   int threads = 0;             // CPU threads; 0 = number of cores
-  std::string device = "cpu";  // backend device
+  std::string device = "cpu";  // backend device: cpu, cuda, cuda:N. Default: cpu.
+  std::string compute_dtype = "f32";  // f32 | bf16 (GEMM operands). Default: f32.
   std::string job_id;          // recorded in qcal_run.json (service jobs); "" locally
   absl::Status Validate() const;
 };

@@ -21,13 +21,12 @@ struct EvalArgs {
   std::string text;
   int seq_len = 0;
   int max_windows = -1;
-  int threads = 0;
+  DeviceFlags dev;
   bool json = false;
 };
 
 absl::Status RunEval(const EvalArgs& a) {
-  kernels::BackendOptions bo;
-  bo.threads = a.threads;
+  QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
   QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get()));
@@ -66,7 +65,7 @@ RunFn AddEval(CLI::App& app) {
   app.add_option("--text", a->text, "Evaluation text (.txt, or .jsonl with a \"text\" field)")->required();
   app.add_option("--seq-len", a->seq_len, "Window length L in tokens")->required()->check(CLI::Range(2, 1 << 20));
   app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)");
-  app.add_option("--threads", a->threads, "CPU threads (default: number of cores)")->check(CLI::NonNegativeNumber);
+  a->dev.Add(app);
   app.add_flag("--json", a->json, "Print one JSON object: perplexity, nll, tokens, windows, seconds");
   return [a] { return RunEval(*a); };
 }

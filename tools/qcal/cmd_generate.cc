@@ -17,12 +17,11 @@ struct GenerateArgs {
   std::string model;
   std::string prompt;
   int max_new_tokens = 64;
-  int threads = 0;
+  DeviceFlags dev;
 };
 
 absl::Status RunGenerate(const GenerateArgs& a) {
-  kernels::BackendOptions bo;
-  bo.threads = a.threads;
+  QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
   QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get()));
@@ -47,7 +46,7 @@ RunFn AddGenerate(CLI::App& app) {
   app.add_option("--prompt", a->prompt, "Text to continue (default: none, start from BOS)");
   app.add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate at most")
       ->required()->check(CLI::Range(0, 1 << 20));
-  app.add_option("--threads", a->threads, "CPU threads (default: number of cores)")->check(CLI::NonNegativeNumber);
+  a->dev.Add(app);
   return [a] { return RunGenerate(*a); };
 }
 

@@ -18,10 +18,15 @@ struct QuantizeArgs {
   std::string recipe_path;
   bool json = false;
   bool table = false;
+  DeviceFlags dev;
 };
 
 absl::Status RunQuantize(QuantizeArgs& a) {
   QCAL_ASSIGN_OR_RETURN(a.job.recipe, engine::LoadRecipeFile(a.recipe_path));
+  QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
+  a.job.device = bo.device;
+  a.job.threads = bo.threads;
+  a.job.compute_dtype = a.dev.compute_dtype;
   QCAL_ASSIGN_OR_RETURN(engine::JobResult r,
                         engine::RunQuantizeJob(a.job, [](const std::string& line) {
                           spdlog::info("quantize: {}", line);
@@ -76,7 +81,7 @@ RunFn AddQuantize(CLI::App& app) {
   app.add_option("--eval-seq-len", j.eval_seq_len, "Evaluation window length (default: --seq-len)")
       ->check(CLI::Range(2, 1 << 20));
   app.add_option("--eval-max-windows", j.eval_max_windows, "Evaluate only the first K windows (default: all)");
-  app.add_option("--threads", j.threads, "CPU threads (default: number of cores)")->check(CLI::NonNegativeNumber);
+  a->dev.Add(app);
   app.add_flag("--table", a->table, "Also print the per-layer relative output errors (RTN vs the recipe)");
   app.add_flag("--json", a->json, "Print one JSON object: perplexity, perplexity_fp, out, summary");
   return [a] { return RunQuantize(*a); };
