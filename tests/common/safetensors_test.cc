@@ -126,6 +126,33 @@ TEST_F(SafetensorsTest, RoundTripsEveryDTypeWithSortedPaddedHeader) {
   EXPECT_EQ(*ReadFileToString(again), *raw);
 }
 
+TEST_F(SafetensorsTest, InMemoryBytesMatchTheFile) {
+  const std::map<std::string, Tensor> tensors = {
+      {"b", *Tensor::FromVector({1, 2, 3}, {3}).ConvertTo(DType::kF16)},
+      {"a", I32Tensor({-4, 5}, {1, 2})}};
+  const std::map<std::string, std::string> metadata = {{"k", "v"}};
+  auto bytes = SerializeSafetensors(tensors, metadata);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  const std::string path = Path("mem.safetensors");
+  ASSERT_TRUE(WriteSafetensors(path, tensors, metadata).ok());
+  EXPECT_EQ(*ReadFileToString(path), *bytes);
+
+  auto file = SafetensorsFile::FromBytes(*bytes, "artifact");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->metadata(), metadata);
+  auto a = (*file)->Get("a");
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(Bytes(*a), Bytes(tensors.at("a")));
+
+  auto truncated = SafetensorsFile::FromBytes(bytes->substr(0, 7), "artifact");
+  ASSERT_FALSE(truncated.ok());
+  EXPECT_THAT(std::string(truncated.status().message()), HasSubstr("artifact: truncated"));
+  auto cut = SafetensorsFile::FromBytes(bytes->substr(0, bytes->size() - 1), "artifact");
+  ASSERT_FALSE(cut.ok());
+  EXPECT_THAT(std::string(cut.status().message()), HasSubstr("artifact: "));
+  EXPECT_THAT(std::string(cut.status().message()), HasSubstr("run past the end"));
+}
+
 TEST_F(SafetensorsTest, NoMetadataMeansNoMetadataKey) {
   const std::string path = Path("plain.safetensors");
   ASSERT_TRUE(WriteSafetensors(path, {{"w", Tensor::FromVector({1, 2}, {2})}}).ok());

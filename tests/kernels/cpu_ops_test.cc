@@ -5,6 +5,7 @@
 // ‖out − ref‖ / ‖ref‖ against a named per-op bound. A few known answers pin conventions the
 // reference itself could get wrong (RoPE half-split pairs, GQA head grouping), and bad shapes,
 // dtypes and token ids must come back as InvalidArgument.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,7 +39,8 @@ constexpr double kAttentionBound = 1e-5;
 // Row-wise fp32 formulas evaluated the same way as the reference (RmsNorm, Rope with the same
 // angle table, SiluMul's float exp, Nll's double log-sum-exp): only a few ulps may differ.
 constexpr double kElementwiseBound = 1e-6;
-// Pure data movement and a single fp32 addition per element (Add, Embedding, Copy): exact.
+// Pure data movement and a single fp32 addition per element (Add, Embedding, Copy), and ActQuant,
+// whose contract is bit-identity with its reference (the same fp32 operations per row): exact.
 constexpr double kExactBound = 0.0;
 
 // Deterministic uniform floats in [-scale, scale), independent of the standard library's
@@ -119,7 +121,7 @@ TEST_P(CpuOpsTest, BackendDescribesItself) {
   EXPECT_EQ(backend_->threads(), 2);
   EXPECT_THAT(backend_->DeviceKind(), HasSubstr("openblas"));
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant}) {
     EXPECT_TRUE(backend_->SupportsOp(op));
   }
 }
@@ -337,6 +339,41 @@ TEST_P(CpuOpsTest, AccumulateGram) {
   }
 }
 
+TEST_P(CpuOpsTest, ActQuant) {
+  struct Case {
+    int64_t rows, width;
+  };
+  for (const Case c : {Case{1, 1}, Case{5, 7}, Case{3, 129}, Case{64, 384}}) {
+    Tensor x = rng_.Floats({c.rows, c.width}, 4.0f);
+    if (c.rows > 1) std::fill(x.data<float>(), x.data<float>() + c.width, 0.0f);  // s = 0 row
+    for (int bits = 2; bits <= 8; ++bits) {
+      Tensor out = rng_.Floats(x.shape());
+      ASSERT_TRUE(backend_->ActQuant(x, bits, out).ok());
+      std::vector<float> ref(x.numel());
+      ref::ActQuant(x.data<float>(), c.rows, c.width, bits, ref.data());
+      EXPECT_LE(RelError(out, ref), kExactBound) << c.rows << "x" << c.width << " bits=" << bits;
+      // out may alias x.
+      Tensor inplace = x.Clone();
+      ASSERT_TRUE(backend_->ActQuant(inplace, bits, inplace).ok());
+      EXPECT_LE(RelError(inplace, ref), kExactBound)
+          << c.rows << "x" << c.width << " bits=" << bits;
+    }
+  }
+}
+
+// With max|x| = qmax the scale is exactly 1, so codes are x rounded half to even.
+TEST_P(CpuOpsTest, ActQuantRoundsHalfToEven) {
+  const Tensor x =
+      Tensor::FromVector({3, 2.5f, -1.5f, 0.5f, -0.5f, 1.25f, 0, 0, 0, 0, 0, 0}, {2, 6});
+  Tensor out = Tensor::Zeros(DType::kF32, {2, 6});
+  ASSERT_TRUE(backend_->ActQuant(x, 3, out).ok());  // qmax 3
+  EXPECT_EQ(Values(out), (std::vector<float>{3, 2, -2, 0, 0, 1, 0, 0, 0, 0, 0, 0}));
+  const Tensor y = Tensor::FromVector({7, -6.5f, 5.5f, 0.5f}, {1, 4});
+  Tensor y_out = Tensor::Zeros(DType::kF32, {1, 4});
+  ASSERT_TRUE(backend_->ActQuant(y, 4, y_out).ok());  // qmax 7
+  EXPECT_EQ(Values(y_out), (std::vector<float>{7, -6, 6, 0}));
+}
+
 TEST_P(CpuOpsTest, CopyAllocAndTransfers) {
   const Tensor src = rng_.Floats({5, 7});
   Tensor dst = Tensor::Zeros(DType::kF32, {35});  // same element count, other shape
@@ -502,6 +539,16 @@ TEST_F(CpuOpsErrorTest, ElementwiseShapes) {
   ExpectInvalid(backend_->Copy(F32({3, 4}), dst), "Copy");
   Tensor ids = Tensor::Zeros(DType::kI32, {12});
   ExpectInvalid(backend_->Copy(F32({3, 4}), ids), "Copy");
+}
+
+TEST_F(CpuOpsErrorTest, ActQuantBitsAndShapes) {
+  Tensor out = F32({2, 3});
+  ExpectInvalid(backend_->ActQuant(F32({2, 3}), 1, out), "bits must be 2..8, got 1");
+  ExpectInvalid(backend_->ActQuant(F32({2, 3}), 9, out), "bits must be 2..8, got 9");
+  Tensor bad_out = F32({3, 2});
+  ExpectInvalid(backend_->ActQuant(F32({2, 3}), 8, bad_out), "out has shape");
+  Tensor half_out = Tensor::Zeros(DType::kF16, {2, 3});
+  ExpectInvalid(backend_->ActQuant(F32({2, 3}), 8, half_out), "out must be a host F32 tensor");
 }
 
 TEST_F(CpuOpsErrorTest, EmbeddingRejectsOutOfRangeIds) {

@@ -2,16 +2,8 @@
 // results on stdout only, exactly one JSON object with --json, the reference perplexities and the
 // golden greedy sample, and bad input failing with exit status 1 and one stderr line naming the
 // culprit. Broken model directories are built in a temp dir from copies of stories260k's files.
-#include <fcntl.h>
-#include <poll.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
-#include <cstring>
 #include <filesystem>
 #include <string>
 #include <utility>
@@ -21,92 +13,21 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/support/subprocess.h"
 #include "tests/support/test_paths.h"
-
-extern char** environ;
 
 namespace qcal {
 namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
+using testing::QcalPath;
+using testing::RunQcal;
+using testing::RunResult;
 using ::testing::StartsWith;
 
 // Reference perplexities (shared/README.md): within 0.1%.
 constexpr double kPerplexityTolerance = 1e-3;
-
-struct RunResult {
-  bool exited = false;  // false when killed by a signal
-  int exit_code = -1;
-  int signal = 0;
-  std::string out;
-  std::string err;
-};
-
-std::string QcalPath() { return testing::BinaryDir() + "/bin/qcal"; }
-
-// Runs qcal with `args`, capturing stdout and stderr separately.
-RunResult RunQcal(const std::vector<std::string>& args) {
-  RunResult result;
-  int out_pipe[2], err_pipe[2];
-  if (pipe2(out_pipe, O_CLOEXEC) != 0 || pipe2(err_pipe, O_CLOEXEC) != 0) {
-    ADD_FAILURE() << "pipe2 failed";
-    return result;
-  }
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, out_pipe[1], STDOUT_FILENO);
-  posix_spawn_file_actions_adddup2(&actions, err_pipe[1], STDERR_FILENO);
-  const std::string path = QcalPath();
-  std::vector<std::string> storage = {path};
-  storage.insert(storage.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (std::string& s : storage) argv.push_back(s.data());
-  argv.push_back(nullptr);
-  pid_t pid = -1;
-  const int spawn_error = posix_spawn(&pid, path.c_str(), &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  close(out_pipe[1]);
-  close(err_pipe[1]);
-  if (spawn_error != 0) {
-    close(out_pipe[0]);
-    close(err_pipe[0]);
-    ADD_FAILURE() << "cannot run " << path << ": " << std::strerror(spawn_error);
-    return result;
-  }
-  // Drain both pipes together so that neither can fill up and block the child.
-  pollfd fds[2] = {{out_pipe[0], POLLIN, 0}, {err_pipe[0], POLLIN, 0}};
-  std::string* sinks[2] = {&result.out, &result.err};
-  int open_fds = 2;
-  char buf[65536];
-  while (open_fds > 0) {
-    if (poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      break;
-    }
-    for (int i = 0; i < 2; ++i) {
-      if (fds[i].fd < 0 || fds[i].revents == 0) continue;
-      const ssize_t n = read(fds[i].fd, buf, sizeof(buf));
-      if (n > 0) {
-        sinks[i]->append(buf, static_cast<size_t>(n));
-      } else if (n == 0 || errno != EINTR) {
-        close(fds[i].fd);
-        fds[i].fd = -1;
-        --open_fds;
-      }
-    }
-  }
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (WIFEXITED(status)) {
-    result.exited = true;
-    result.exit_code = WEXITSTATUS(status);
-  } else if (WIFSIGNALED(status)) {
-    result.signal = WTERMSIG(status);
-  }
-  return result;
-}
 
 std::string Shared(const std::string& rel) { return testing::SharedDir() + "/" + rel; }
 
@@ -342,8 +263,11 @@ TEST_F(CliTest, HelpListsEveryOption) {
     EXPECT_THAT(r.out, HasSubstr("qcal " + command + " [OPTIONS]"));
   }
   const std::vector<std::pair<std::string, std::vector<std::string>>> documented = {
-      {"eval", {"--model", "--text", "--seq-len", "--max-windows", "--threads", "--json"}},
-      {"generate", {"--model", "--prompt", "--max-new-tokens", "--threads"}},
+      {"eval",
+       {"--model", "--text", "--seq-len", "--max-windows", "--device", "--compute-dtype",
+        "--threads", "--json"}},
+      {"generate",
+       {"--model", "--prompt", "--max-new-tokens", "--device", "--compute-dtype", "--threads"}},
   };
   for (const auto& [command, options] : documented) {
     const RunResult r = RunQcal({command, "--help"});

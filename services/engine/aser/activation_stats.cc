@@ -19,9 +19,8 @@ absl::Status ActivationStats::Accumulate(const float* x, int64_t rows, int64_t w
                                                    " does not match ", this->width()));
   }
   if (seq_len < 1 || rows < 0 || rows % seq_len != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("activation statistics: ", rows,
-                                                   " rows are not whole samples of ", seq_len,
-                                                   " tokens"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "activation statistics: ", rows, " rows are not whole samples of ", seq_len, " tokens"));
   }
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < width; ++j) {
@@ -51,8 +50,8 @@ absl::Status ActivationStats::Accumulate(const float* x, int64_t rows, int64_t w
 
 absl::Status ActivationStats::Merge(const ActivationStats& other) {
   if (other.width() != width()) {
-    return absl::InvalidArgumentError(absl::StrCat("activation statistics: merging width ",
-                                                   other.width(), " into ", width()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation statistics: merging width ", other.width(), " into ", width()));
   }
   for (size_t j = 0; j < max_abs_.size(); ++j) {
     max_abs_[j] = std::max(max_abs_[j], other.max_abs_[j]);

@@ -3,10 +3,11 @@
 // Smoothing reads the maxima (a_j); the LQER diagonal whitening reads the means (s_j).
 //
 // Determinism. Statistics are formed per chunk of samples and merged in chunk order (DESIGN.md
-// section 2): Accumulate() first forms the chunk's own partial (sums in double, token order) and then
-// adds it to the running totals, exactly as Merge() of a separately accumulated partial would. So
-// one accumulator fed chunk by chunk and partials merged at an owner in the same chunk order give
-// bit-identical results, however the chunks were spread over workers. Maxima are exact in any order.
+// section 2): Accumulate() first forms the chunk's own partial (sums in double, token order) and
+// then adds it to the running totals, exactly as Merge() of a separately accumulated partial would.
+// So one accumulator fed chunk by chunk and partials merged at an owner in the same chunk order
+// give bit-identical results, however the chunks were spread over workers. Maxima are exact in any
+// order.
 #pragma once
 
 #include <cstdint>

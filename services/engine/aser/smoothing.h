@@ -1,22 +1,24 @@
-// Activation smoothing (DESIGN.md section 3, "Smoothing"): per-channel scales m that move activation
-// outliers of a linear input into the consumers' weights, (X·diag(m)⁻¹)(W·diag(m))ᵀ = XWᵀ, and their
-// exact folding into a block's weights, so that the full-precision block computes the same function.
+// Activation smoothing (DESIGN.md section 3, "Smoothing"): per-channel scales m that move
+// activation outliers of a linear input into the consumers' weights, (X·diag(m)⁻¹)(W·diag(m))ᵀ =
+// XWᵀ, and their exact folding into a block's weights, so that the full-precision block computes
+// the same function.
 //
-// Scales. For an input with channels j, a_j = max|X_tj| (ActivationStats, BOS excluded) and w_j = the
-// maximum of |W[:, j]| over the stacked rows of every consumer; both are clamped to >= kSmoothingFloor
-// before use. m_j = a_j^α / w_j^(1−α), computed in double and rounded to fp32.
+// Scales. For an input with channels j, a_j = max|X_tj| (ActivationStats, BOS excluded) and w_j =
+// the maximum of |W[:, j]| over the stacked rows of every consumer; both are clamped to >=
+// kSmoothingFloor before use. m_j = a_j^α / w_j^(1−α), computed in double and rounded to fp32.
 //   SmoothQuant: every channel gets its m_j.
 //   ASER: only the f = outlier_channels channels with the largest a_j·w_j get m_j (ties: the lower
-//     channel first); every other channel keeps m_j = 1. Those f channels are "extracted": the caller
-//     zeroes them in the part of W' that is quantized and error reconstruction restores them (see
-//     error_reconstruction.h).
-//   o_proj input (GQA): o channel c = h·d_h + i is a copy of v_proj output row k(c) = kv(h)·d_h + i,
-//     kv(h) = h / n_rep. Scales are tied per v row: m̃_k from ã_k = max a and w̃_k = max w over the
-//     n_rep tied channels, and m_c = m̃_k(c). ASER ranks the v rows by the max of a_c·w_c over their
-//     tied channels, takes the top ⌊f / n_rep⌋, and extracts all their tied channels (at most f).
+//     channel first); every other channel keeps m_j = 1. Those f channels are "extracted": the
+//     caller zeroes them in the part of W' that is quantized and error reconstruction restores them
+//     (see error_reconstruction.h).
+//   o_proj input (GQA): o channel c = h·d_h + i is a copy of v_proj output row
+//     k(c) = kv(h)·d_h + i, kv(h) = h / n_rep. Scales are tied per v row: m̃_k from ã_k = max a and
+//     w̃_k = max w over the n_rep tied channels, and m_c = m̃_k(c). ASER ranks the v rows by the max
+//     of a_c·w_c over their tied channels, takes the top ⌊f / n_rep⌋, and extracts all their tied
+//     channels (at most f).
 //
-// Folding (exact in real arithmetic; in fp32 each folded weight is one correctly rounded product or
-// quotient):
+// Folding (exact in real arithmetic; in fp32 each folded value is one correctly rounded product or
+// quotient, two for up_proj weights under both the gate/up and the down fold):
 //   q/k/v input:    input_layernorm /= m;          q, k, v columns *= m.
 //   o input:        v_proj rows (and bias) /= m̃;   o_proj columns *= m (= m̃ of their v row).
 //   gate/up input:  post_attention_layernorm /= m; gate, up columns *= m.
@@ -84,8 +86,8 @@ absl::StatusOr<SmoothingScales> ComputeSmoothingScales(const std::vector<float>&
 // Scales of the o_proj input with GQA tying: act_max [num_heads·head_dim], o_proj a host fp32
 // [d_out, num_heads·head_dim] matrix, head_dim = width / num_heads. Fills m, v_rows (kv_dim =
 // num_kv_heads·head_dim) and, for ASER, the extracted o_proj columns. Errors: as
-// ComputeSmoothingScales, plus num_heads not a positive multiple of num_kv_heads or not dividing the
-// width.
+// ComputeSmoothingScales, plus num_heads not a positive multiple of num_kv_heads or not dividing
+// the width.
 absl::StatusOr<SmoothingScales> ComputeOProjSmoothingScales(const std::vector<float>& act_max,
                                                             const Tensor& o_proj, int num_heads,
                                                             int num_kv_heads,
@@ -98,10 +100,10 @@ struct BlockSmoothing {
   const SmoothingScales& at(LinearInput in) const { return inputs[static_cast<int>(in)]; }
 };
 
-// Scales of every input of `block` (weights on `backend`, copied to the host to read) whose entry of
-// `stats` is non-null; the others stay empty (not smoothed). stats are the block's full-precision
-// statistics, indexed by LinearInput. Errors: a statistics width that does not match its consumers,
-// and those of the Compute* functions (annotated with the input's name).
+// Scales of every input of `block` (weights on `backend`, copied to the host to read) whose entry
+// of `stats` is non-null; the others stay empty (not smoothed). stats are the block's
+// full-precision statistics, indexed by LinearInput. Errors: a statistics width that does not match
+// its consumers, and those of the Compute* functions (annotated with the input's name).
 absl::StatusOr<BlockSmoothing> ComputeBlockSmoothing(
     kernels::Backend& backend, const BlockWeights& block, const ModelConfig& config,
     const std::array<const ActivationStats*, kNumLinearInputs>& stats,
@@ -110,7 +112,8 @@ absl::StatusOr<BlockSmoothing> ComputeBlockSmoothing(
 // Folds every non-empty input of `smoothing` into `block` (see the file comment), replacing the
 // affected tensors by new ones on `backend`. All checks run before any tensor is replaced, so on an
 // error the block is unchanged. Errors (InvalidArgument): a scale vector whose size does not match
-// the weights, a scale that is not finite and > 0, v_rows missing for a smoothed o input.
+// the weights, a scale that is not finite and > 0, v_rows missing for a smoothed o input, an o
+// input scale m_c that differs from v_rows of its v row (untied scales cannot be folded).
 absl::Status FoldBlockSmoothing(kernels::Backend& backend, const ModelConfig& config,
                                 const BlockSmoothing& smoothing, BlockWeights& block);
 
