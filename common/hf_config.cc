@@ -73,11 +73,11 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const
   if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0) {
     return Err(path, "key \"num_key_value_heads\" must divide num_attention_heads");
   }
-  QCAL_ASSIGN_OR_RETURN(c.head_dim, OptionalInt(j, "head_dim", c.hidden_size / c.num_heads, path));
-  if (c.head_dim <= 0 || c.head_dim % 2 != 0) return Err(path, "key \"head_dim\" must be even and positive");
-  if (!j.contains("head_dim") && c.hidden_size % c.num_heads != 0) {
+  if ((!j.contains("head_dim") || j["head_dim"].is_null()) && c.hidden_size % c.num_heads != 0) {
     return Err(path, "hidden_size is not divisible by num_attention_heads and head_dim is missing");
   }
+  QCAL_ASSIGN_OR_RETURN(c.head_dim, OptionalInt(j, "head_dim", c.hidden_size / c.num_heads, path));
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0) return Err(path, "key \"head_dim\" must be even and positive");
   QCAL_ASSIGN_OR_RETURN(c.max_position_embeddings, OptionalInt(j, "max_position_embeddings", 4096, path));
   QCAL_ASSIGN_OR_RETURN(c.rms_norm_eps, OptionalNumber(j, "rms_norm_eps", 1e-6, path));
   if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {

@@ -53,7 +53,11 @@ class SentencePieceTokenizer final : public Tokenizer {
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path) {
   std::string file = path;
-  if (std::filesystem::is_directory(path)) file = (std::filesystem::path(path) / "tokenizer.model").string();
+  if (std::filesystem::is_directory(path)) {
+    file = (std::filesystem::path(path) / "tokenizer.model").string();
+  } else if (!std::filesystem::exists(path) || std::filesystem::path(path).extension() != ".model") {
+    return absl::NotFoundError(absl::StrCat(path, ": no such model directory or tokenizer file"));
+  }
   if (!std::filesystem::exists(file)) {
     return absl::NotFoundError(absl::StrCat(file, ": tokenizer file not found"));
   }

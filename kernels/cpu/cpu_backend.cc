@@ -23,10 +23,29 @@ absl::Status ExpectF32(const Tensor& t, const char* op, const char* what) {
   return absl::OkStatus();
 }
 
+// Output and secondary operands: a host F32 tensor of exactly `shape` (so that writes of 4-byte
+// floats stay inside the buffer).
 absl::Status ExpectShape(const Tensor& t, const Shape& shape, const char* op, const char* what) {
+  QCAL_RETURN_IF_ERROR(ExpectF32(t, op, what));
   if (t.shape() != shape) {
     return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " has shape ", ShapeString(t.shape()),
                                                    ", expected ", ShapeString(shape)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpectRank(const Tensor& t, int rank, const char* op, const char* what) {
+  if (t.rank() != rank) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", what, " must have rank ", rank, ", got ", t.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpectRows(const Tensor& t, const char* op, const char* what) {
+  if (t.rank() < 1 || t.dim(-1) == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " needs a non-empty last dimension, got ",
+                                                   t.DebugString()));
   }
   return absl::OkStatus();
 }
@@ -122,6 +141,7 @@ class CpuBackend final : public Backend {
   absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "RmsNorm", "x"));
     QCAL_RETURN_IF_ERROR(ExpectF32(weight, "RmsNorm", "weight"));
+    QCAL_RETURN_IF_ERROR(ExpectRows(x, "RmsNorm", "x"));
     QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "RmsNorm", "y"));
     const int64_t width = x.dim(-1), rows = x.numel() / std::max<int64_t>(width, 1);
     QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNorm", "weight"));
@@ -135,6 +155,7 @@ class CpuBackend final : public Backend {
 
   absl::Status Rope(Tensor& x, const RopeShape& shape) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "Rope", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectRows(x, "Rope", "x"));
     if (shape.head_dim <= 0 || shape.head_dim % 2 || x.dim(-1) % shape.head_dim || shape.seq_len <= 0) {
       return absl::InvalidArgumentError("Rope: bad shape");
     }
@@ -240,6 +261,7 @@ class CpuBackend final : public Backend {
 
   absl::Status Embedding(const Tensor& table, const Tensor& ids, Tensor& out) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(table, "Embedding", "table"));
+    QCAL_RETURN_IF_ERROR(ExpectRank(table, 2, "Embedding", "table"));
     if (ids.dtype() != DType::kI32) return absl::InvalidArgumentError("Embedding: ids must be I32");
     const int64_t vocab = table.dim(0), width = table.dim(1), n = ids.numel();
     QCAL_RETURN_IF_ERROR(ExpectShape(out, {n, width}, "Embedding", "out"));
@@ -256,6 +278,7 @@ class CpuBackend final : public Backend {
 
   absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(logits, "Nll", "logits"));
+    QCAL_RETURN_IF_ERROR(ExpectRank(logits, 2, "Nll", "logits"));
     const int64_t rows = logits.dim(0), vocab = logits.dim(1);
     if (targets.dtype() != DType::kI32 || targets.numel() != rows) {
       return absl::InvalidArgumentError("Nll: targets must be I32 with one id per row");
@@ -275,6 +298,7 @@ class CpuBackend final : public Backend {
   absl::Status AccumulateGram(const Tensor& x, Tensor& h) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "AccumulateGram", "x"));
     QCAL_RETURN_IF_ERROR(ExpectF32(h, "AccumulateGram", "h"));
+    QCAL_RETURN_IF_ERROR(ExpectRank(x, 2, "AccumulateGram", "x"));
     const int64_t n = x.dim(0), k = x.dim(1);
     QCAL_RETURN_IF_ERROR(ExpectShape(h, {k, k}, "AccumulateGram", "h"));
     if (n == 0) return absl::OkStatus();
@@ -296,6 +320,7 @@ class CpuBackend final : public Backend {
   absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "ActQuant", "x"));
     QCAL_RETURN_IF_ERROR(ExpectF32(out, "ActQuant", "out"));
+    QCAL_RETURN_IF_ERROR(ExpectRows(x, "ActQuant", "x"));
     QCAL_RETURN_IF_ERROR(ExpectShape(out, x.shape(), "ActQuant", "out"));
     if (bits < 2 || bits > 8) {
       return absl::InvalidArgumentError(absl::StrCat("ActQuant: bits must be 2..8, got ", bits));

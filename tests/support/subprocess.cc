@@ -20,7 +20,10 @@ std::string QcalPath() { return BinaryDir() + "/bin/qcal"; }
 RunResult RunProcess(const std::string& path, const std::vector<std::string>& args) {
   RunResult result;
   int out_pipe[2], err_pipe[2];
-  if (pipe2(out_pipe, O_CLOEXEC) != 0 || pipe2(err_pipe, O_CLOEXEC) != 0) {
+  if (pipe2(out_pipe, O_CLOEXEC) != 0) return result;
+  if (pipe2(err_pipe, O_CLOEXEC) != 0) {
+    close(out_pipe[0]);
+    close(out_pipe[1]);
     return result;
   }
   posix_spawn_file_actions_t actions;

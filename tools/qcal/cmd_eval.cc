@@ -64,7 +64,8 @@ RunFn AddEval(CLI::App& app) {
   app.add_option("--model", a->model, "Model directory (Hugging Face layout)")->required();
   app.add_option("--text", a->text, "Evaluation text (.txt, or .jsonl with a \"text\" field)")->required();
   app.add_option("--seq-len", a->seq_len, "Window length L in tokens")->required()->check(CLI::Range(2, 1 << 20));
-  app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)");
+  app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)")
+      ->check(CLI::PositiveNumber);
   a->dev.Add(app);
   app.add_flag("--json", a->json, "Print one JSON object: perplexity, nll, tokens, windows, seconds");
   return [a] { return RunEval(*a); };

@@ -80,7 +80,8 @@ RunFn AddQuantize(CLI::App& app) {
   app.add_option("--eval-text", j.eval_text, "Evaluate perplexity on this text before and after");
   app.add_option("--eval-seq-len", j.eval_seq_len, "Evaluation window length (default: --seq-len)")
       ->check(CLI::Range(2, 1 << 20));
-  app.add_option("--eval-max-windows", j.eval_max_windows, "Evaluate only the first K windows (default: all)");
+  app.add_option("--eval-max-windows", j.eval_max_windows, "Evaluate only the first K windows (default: all)")
+      ->check(CLI::PositiveNumber);
   a->dev.Add(app);
   app.add_flag("--table", a->table, "Also print the per-layer relative output errors (RTN vs the recipe)");
   app.add_flag("--json", a->json, "Print one JSON object: perplexity, perplexity_fp, out, summary");
