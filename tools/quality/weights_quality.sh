@@ -7,12 +7,15 @@
 # Settings (DESIGN section 4 protocol):
 #   stories260k:    calibrate on tinystories-calib.txt, 128 x 256; evaluate tinystories-eval.txt, L = 256, all windows
 #   sotu-llama-16m: calibrate on sotu-calib.txt, 128 x 512; evaluate sotu-eval.txt, L = 512, K = 32
-# Seed 0, 2 threads. The markdown table goes to stdout; progress to stderr.
+# Seed 0, 2 threads, CPU. The markdown table goes to stdout; progress to stderr.
+# Environment: MODELS (default "stories260k sotu-llama-16m"), DEVICE (default cpu), THREADS (2).
 set -euo pipefail
 BUILD=${1:-build}
 SHARED=${2:-../shared}
 QCAL="$BUILD/bin/qcal"
 THREADS=${THREADS:-2}
+DEVICE=${DEVICE:-cpu}
+MODELS=${MODELS:-"stories260k sotu-llama-16m"}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
@@ -29,7 +32,7 @@ run() {  # run MODEL CALIB SAMPLES LEN EVAL EVAL_LEN MAXWIN METHOD BITS GROUP AC
   local json
   json=$("$QCAL" quantize --model "$model" --recipe "$recipe" --calib "$calib" --samples "$samples" \
     --seq-len "$len" --eval-text "$eval" --eval-seq-len "$elen" --eval-max-windows "$maxwin" \
-    --out "$WORK/out" --overwrite --threads "$THREADS" --device cpu --json 2>"$WORK/log") || {
+    --out "$WORK/out" --overwrite --threads "$THREADS" --device "$DEVICE" --json 2>"$WORK/log") || {
     cat "$WORK/log" >&2
     exit 1
   }
@@ -66,7 +69,11 @@ table() {  # table NAME MODEL CALIB SAMPLES LEN EVAL EVAL_LEN MAXWIN CONFIGS...
   echo
 }
 
+if [[ " $MODELS " == *" stories260k "* ]]; then
 table stories260k "$SHARED/models/stories260k" "$SHARED/data/tinystories-calib.txt" 128 256 \
   "$SHARED/data/tinystories-eval.txt" 256 -1 4:32 3:32 2:32
+fi
+if [[ " $MODELS " == *" sotu-llama-16m "* ]]; then
 table sotu-llama-16m "$SHARED/models/sotu-llama-16m" "$SHARED/data/sotu-calib.txt" 128 512 \
   "$SHARED/data/sotu-eval.txt" 512 32 4:128 3:128 2:64
+fi
