@@ -4,6 +4,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/hash_random.h"
 #if QCAL_HAVE_CUDA
 #include "kernels/cuda/cuda_backend.h"
 #endif
@@ -12,10 +13,26 @@ namespace qcal::kernels {
 
 absl::Status BackendOptions::Validate() const {
   if (threads < 0) return absl::InvalidArgumentError("threads must be >= 0");
+  if (memory_limit_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("memory_limit_bytes must be >= 0, got ", memory_limit_bytes));
+  }
   if (device != "cpu" && device != "cuda" && !absl::StartsWith(device, "cuda:")) {
     return absl::InvalidArgumentError(
         absl::StrCat("unknown device \"", device, "\" (expected cpu, cuda or cuda:N)"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Backend::FillUniform(Tensor& t, uint64_t seed, float lo, float hi) {
+  if (!t.defined() || t.device() != Device::kHost || t.dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("FillUniform: ", t.defined() ? t.DebugString() : "undefined tensor",
+                     " is not a host F32 tensor"));
+  }
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    p[i] = HashUniform(seed, static_cast<uint64_t>(i), lo, hi);
   return absl::OkStatus();
 }
 

@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/tensor.h"
+#include "kernels/quant_ops.h"
 
 namespace qcal::kernels {
 
@@ -31,6 +32,11 @@ enum class Op {
   kActQuant,
 };
 
+// Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. Backends
+// without them (the CPU backend) leave the solves to the engine's CPU quantizers
+// (services/engine/quant), which are the reference these ops are tested against.
+enum class SolverOp { kGptq, kQuantizeRtn, kOutputError };
+
 enum class ComputeDType { kF32, kBF16 };
 
 struct BackendOptions {
@@ -40,6 +46,10 @@ struct BackendOptions {
   int threads = 0;
   // GEMM operand precision. Default: kF32.
   ComputeDType compute_dtype = ComputeDType::kF32;
+  // Device memory, in bytes, that the engine plans with on a device backend: calibration
+  // activations beyond it live in pinned host memory. 0 = all free device memory. Not a cap on
+  // single allocations. Default: 0.
+  int64_t memory_limit_bytes = 0;
   absl::Status Validate() const;
 };
 
@@ -83,8 +93,22 @@ class Backend {
   // Copies a device tensor to the host.
   virtual absl::StatusOr<Tensor> ToHost(const Tensor& t) = 0;
   virtual absl::Status Synchronize() = 0;
-  // dst = src for two tensors of this device with the same dtype and element count.
+  // dst = src for two tensors with the same dtype and element count, each on this backend's
+  // device or, on a device backend, one of them in host memory (a transfer, complete on return).
   virtual absl::Status Copy(const Tensor& src, Tensor& dst) = 0;
+  // Bytes of device memory still available for new tensors (free memory plus this backend's cached
+  // blocks, within BackendOptions::memory_limit_bytes), or -1 for a backend that computes in host
+  // memory and plans none. Default: -1.
+  virtual int64_t AvailableMemory() { return -1; }
+  // A host tensor suited to Copy to and from this device: page-locked, from a cache, contents
+  // unspecified on CUDA. Default: Tensor::Zeros.
+  virtual absl::StatusOr<Tensor> AllocHost(DType dtype, const Shape& shape) {
+    return Tensor::Zeros(dtype, shape);
+  }
+  // Fills t (F32, on this device) with uniform values in [lo, hi): element i becomes
+  // HashUniform(seed, i, lo, hi) (kernels/hash_random.h), identical on every backend. The default
+  // fills host tensors; device backends override it.
+  virtual absl::Status FillUniform(Tensor& t, uint64_t seed, float lo, float hi);
 
   // y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n] when given); with `accumulate`, y += instead.
   // x, y fp32; w fp32 (or bf16 on backends that SupportsOp for it).
@@ -116,6 +140,44 @@ class Backend {
   // Not pure: backends without it return Unimplemented (and SupportsOp(kActQuant) false).
   virtual absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) {
     return absl::UnimplementedError("ActQuant is not implemented by the " + name() + " backend");
+  }
+
+  // Weight quantization on this backend's device (kernels/quant_ops.h). Not pure: a backend
+  // without them answers SupportsSolverOp false and returns Unimplemented. Each follows the CPU
+  // reference of services/engine/quant (gptq.h, quantized_linear.h) in fp32, so results agree with
+  // it within the fp32 tolerances of DESIGN section 3 (RTN codes exactly); bad input (non-finite
+  // weights or statistics, invalid spec or options, shapes) is InvalidArgument naming the value.
+  virtual bool SupportsSolverOp(SolverOp op) const { return false; }
+  // GPTQ steps 1-4 on the Gram matrix h (F32 [n, n] on this device; only the upper triangle
+  // j >= i is read): dead and outlier columns, the visiting order, damping (retried at 10x and
+  // 100x) and U. FailedPrecondition when H is not positive definite even with the most damping.
+  virtual absl::StatusOr<GptqFactor> GptqFactorize(const Tensor& h,
+                                                   const GptqSolveOptions& options) {
+    return Unsupported("GptqFactorize");
+  }
+  // GPTQ step 5: quantizes w (F32 [d_out, n] on this device) column by column in the factor's
+  // visiting order, in lazy blocks of `block_size` columns (gptq.h). w is not modified.
+  virtual absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
+                                                     const QuantSpec& spec, int block_size) {
+    return Unsupported("GptqSolve");
+  }
+  // Round to nearest, group by group: codes identical to engine::QuantizeRtn<float>.
+  virtual absl::StatusOr<QuantizedTensors> QuantizeRtn(const Tensor& w, const QuantSpec& spec) {
+    return Unsupported("QuantizeRtn");
+  }
+  // ||(W - W^) X^T||_F = sqrt(trace(E G E^T)) with E = w - w_hat (E = w when w_hat is undefined)
+  // for w, w_hat F32 [d_out, d_in] and the Gram matrix G = gram (F32 [d_in, d_in], upper triangle
+  // read), like engine::OutputError, to about fp32 accuracy (CUDA: EᵀE as three TF32 products of
+  // a split E, the trace summed in double).
+  virtual absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
+                                             const Tensor& gram) {
+    return Unsupported("OutputError");
+  }
+
+ private:
+  absl::Status Unsupported(const char* op) const {
+    return absl::UnimplementedError(std::string(op) + " is not implemented by the " + name() +
+                                    " backend");
   }
 };
 

@@ -1,6 +1,8 @@
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "kernels/cuda/attention.cuh"
 
@@ -19,11 +21,6 @@ constexpr int SharedFloats() {
   return 2 * kMaxD * kLd + kBk * kMaxD + kBk * kLd;
 }
 
-template <bool kBf16>
-__device__ __forceinline__ float Operand(float x) {
-  return kBf16 ? __bfloat162float(__float2bfloat16_rn(x)) : x;
-}
-
 // Max and sum over the 16 threads that share a query row (lanes 0-15 or 16-31 of a warp). The
 // butterfly leaves the same value, bit for bit, in every lane.
 __device__ __forceinline__ float RowMax(float v) {
@@ -38,7 +35,7 @@ __device__ __forceinline__ float RowSum(float v) {
   return v;
 }
 
-template <int kMaxD, bool kBf16>
+template <int kMaxD>
 __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, float scale) {
   extern __shared__ float4 shared4[];
   float* q_t = reinterpret_cast<float*>(shared4);  // [kMaxD][kLd]: q tile, feature-major
@@ -59,8 +56,7 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, flo
 
   for (int i = tid; i < kBq * dp; i += kThreads) {
     const int r = i / dp, c = i % dp;
-    q_t[c * kLd + r] =
-        (q0 + r < a.q_len && c < d) ? Operand<kBf16>(q[int64_t(q0 + r) * q_width + c]) : 0.0f;
+    q_t[c * kLd + r] = (q0 + r < a.q_len && c < d) ? q[int64_t(q0 + r) * q_width + c] : 0.0f;
   }
   // Keys past the last query of the tile are masked for every row: stop there.
   const int last_row = min(q0 + kBq, a.q_len) - 1;
@@ -75,96 +71,77 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, flo
     for (int c = 0; c < 4 * kGroups; ++c) o[i][c] = 0.0f;
   }
 
-  // fp32: one pass with rescaling (online softmax). bf16: pass 0 finds each row's maximum and sum,
-  // pass 1 forms the normalised, rounded probabilities and accumulates p·v.
-  constexpr int kPasses = kBf16 ? 2 : 1;
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const bool output_pass = pass == kPasses - 1;
-    for (int k0 = 0; k0 < kv_end; k0 += kBk) {
-      __syncthreads();  // the previous tile is no longer read (and the q tile is stored)
-      for (int i = tid; i < kBk * dp; i += kThreads) {
-        const int j = i / dp, c = i % dp;
-        k_t[c * kLd + j] =
-            (k0 + j < kv_end && c < d) ? Operand<kBf16>(k[int64_t(k0 + j) * kv_width + c]) : 0.0f;
-      }
-      if (output_pass) {
-        for (int i = tid; i < kBk * dp; i += kThreads) {
-          const int j = i / dp, c = i % dp;
-          v_s[j * kMaxD + c] =
-              (k0 + j < kv_end && c < d) ? Operand<kBf16>(v[int64_t(k0 + j) * kv_width + c]) : 0.0f;
-        }
-      }
-      __syncthreads();
+  // One pass with rescaling (online softmax).
+  for (int k0 = 0; k0 < kv_end; k0 += kBk) {
+    __syncthreads();  // the previous tile is no longer read (and the q tile is stored)
+    for (int i = tid; i < kBk * dp; i += kThreads) {
+      const int j = i / dp, c = i % dp;
+      k_t[c * kLd + j] = (k0 + j < kv_end && c < d) ? k[int64_t(k0 + j) * kv_width + c] : 0.0f;
+    }
+    for (int i = tid; i < kBk * dp; i += kThreads) {
+      const int j = i / dp, c = i % dp;
+      v_s[j * kMaxD + c] = (k0 + j < kv_end && c < d) ? v[int64_t(k0 + j) * kv_width + c] : 0.0f;
+    }
+    __syncthreads();
 
-      float s[4][4] = {};
+    float s[4][4] = {};
 #pragma unroll 4
-      for (int c = 0; c < dp; ++c) {
-        const float4 qa = *reinterpret_cast<const float4*>(q_t + c * kLd + ty * 4);
-        const float4 kb = *reinterpret_cast<const float4*>(k_t + c * kLd + tx * 4);
-        const float qv[4] = {qa.x, qa.y, qa.z, qa.w}, kv[4] = {kb.x, kb.y, kb.z, kb.w};
+    for (int c = 0; c < dp; ++c) {
+      const float4 qa = *reinterpret_cast<const float4*>(q_t + c * kLd + ty * 4);
+      const float4 kb = *reinterpret_cast<const float4*>(k_t + c * kLd + tx * 4);
+      const float qv[4] = {qa.x, qa.y, qa.z, qa.w}, kv[4] = {kb.x, kb.y, kb.z, kb.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[i][j] += qv[i] * kv[j];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = q0 + ty * 4 + i;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = k0 + tx * 4 + j;
+        const bool visible = row < a.q_len && key < kv_end && key <= a.q_offset + row;
+        s[i][j] = visible ? s[i][j] * scale : -INFINITY;
+      }
+    }
+
+    // s becomes the tile's unnormalised probabilities.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float m_new =
+          fmaxf(m[i], RowMax(fmaxf(fmaxf(s[i][0], s[i][1]), fmaxf(s[i][2], s[i][3]))));
+      // While a row has seen only masked keys, exponentiate against 0: every p is 0.
+      const float base = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = expf(m[i] - base);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = expf(s[i][j] - base);
+      l[i] = l[i] * alpha + RowSum((s[i][0] + s[i][1]) + (s[i][2] + s[i][3]));
+      m[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < 4 * kGroups; ++c) o[i][c] *= alpha;
+    }
+
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<float4*>(p_t + (tx * 4 + j) * kLd + ty * 4) =
+          make_float4(s[0][j], s[1][j], s[2][j], s[3][j]);
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int j = 0; j < kBk; ++j) {
+      const float4 pa = *reinterpret_cast<const float4*>(p_t + j * kLd + ty * 4);
+      const float pv[4] = {pa.x, pa.y, pa.z, pa.w};
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        if (g * 64 + tx * 4 >= dp) continue;
+        const float4 vb = *reinterpret_cast<const float4*>(v_s + j * kMaxD + g * 64 + tx * 4);
+        const float vv[4] = {vb.x, vb.y, vb.z, vb.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) s[i][j] += qv[i] * kv[j];
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = q0 + ty * 4 + i;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int key = k0 + tx * 4 + j;
-          const bool visible = row < a.q_len && key < kv_end && key <= a.q_offset + row;
-          s[i][j] = visible ? s[i][j] * scale : -INFINITY;
-        }
-      }
-
-      // s becomes the tile's probabilities (unnormalised for fp32, final for bf16's pass 1).
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (pass == 0) {
-          const float m_new =
-              fmaxf(m[i], RowMax(fmaxf(fmaxf(s[i][0], s[i][1]), fmaxf(s[i][2], s[i][3]))));
-          // While a row has seen only masked keys, exponentiate against 0: every p is 0.
-          const float base = m_new == -INFINITY ? 0.0f : m_new;
-          const float alpha = expf(m[i] - base);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) s[i][j] = expf(s[i][j] - base);
-          l[i] = l[i] * alpha + RowSum((s[i][0] + s[i][1]) + (s[i][2] + s[i][3]));
-          m[i] = m_new;
-          if (!kBf16) {
-#pragma unroll
-            for (int c = 0; c < 4 * kGroups; ++c) o[i][c] *= alpha;
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            s[i][j] = s[i][j] == -INFINITY ? 0.0f : Operand<true>(expf(s[i][j] - m[i]) / l[i]);
-          }
-        }
-      }
-      if (!output_pass) continue;
-
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        *reinterpret_cast<float4*>(p_t + (tx * 4 + j) * kLd + ty * 4) =
-            make_float4(s[0][j], s[1][j], s[2][j], s[3][j]);
-      }
-      __syncthreads();
-#pragma unroll 4
-      for (int j = 0; j < kBk; ++j) {
-        const float4 pa = *reinterpret_cast<const float4*>(p_t + j * kLd + ty * 4);
-        const float pv[4] = {pa.x, pa.y, pa.z, pa.w};
-#pragma unroll
-        for (int g = 0; g < kGroups; ++g) {
-          if (g * 64 + tx * 4 >= dp) continue;
-          const float4 vb = *reinterpret_cast<const float4*>(v_s + j * kMaxD + g * 64 + tx * 4);
-          const float vv[4] = {vb.x, vb.y, vb.z, vb.w};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-#pragma unroll
-            for (int u = 0; u < 4; ++u) o[i][g * 4 + u] += pv[i] * vv[u];
-          }
+          for (int u = 0; u < 4; ++u) o[i][g * 4 + u] += pv[i] * vv[u];
         }
       }
     }
@@ -174,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, flo
   for (int i = 0; i < 4; ++i) {
     const int row = q0 + ty * 4 + i;
     if (row >= a.q_len) continue;
-    const float inv = kBf16 ? 1.0f : 1.0f / l[i];
+    const float inv = 1.0f / l[i];
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
 #pragma unroll
@@ -186,31 +163,325 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, flo
   }
 }
 
-template <int kMaxD, bool kBf16>
+template <int kMaxD>
 cudaError_t Launch(const AttentionArgs& a, cudaStream_t stream) {
   constexpr int kBytes = SharedFloats<kMaxD>() * int(sizeof(float));
-  cudaError_t error = cudaFuncSetAttribute(AttentionKernel<kMaxD, kBf16>,
+  cudaError_t error = cudaFuncSetAttribute(AttentionKernel<kMaxD>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid((a.q_len + kBq - 1) / kBq, a.num_heads, a.batch);
   const float scale = 1.0f / sqrtf(float(a.head_dim));
-  AttentionKernel<kMaxD, kBf16><<<grid, kThreads, kBytes, stream>>>(a, scale);
+  AttentionKernel<kMaxD><<<grid, kThreads, kBytes, stream>>>(a, scale);
   return cudaGetLastError();
+}
+
+// ---- bf16 operands: tensor cores (mma.sync m16n8k16, bf16 x bf16 -> fp32) ----
+//
+// A block owns 128 queries of one head (8 warps x 16 rows) and streams keys and values in tiles of
+// 64 through shared memory, double-buffered with cp.async. q, k and v arrive pre-rounded to bf16
+// in a padded layout (LaunchPackBf16Heads), so tiles are whole 16-byte rows. Scores S = Q·Kᵀ
+// accumulate in fp32 on the tensor cores; pass 0 keeps each row's running maximum and sum, pass 1
+// recomputes S (bit-identical), rounds the normalised probabilities to bf16 exactly where the
+// reference does and accumulates P·V. The score fragments of a warp become the A operand of P·V
+// in registers (the C layout of two m16n8 tiles is the A layout of one m16k16 step).
+constexpr int kTcBq = 128;
+constexpr int kTcBk = 64;
+constexpr int kTcWarps = kTcBq / 16;
+constexpr int kTcThreads = kTcWarps * 32;
+
+template <int kD>
+struct TcLayout {
+  // Shared rows are padded by 16 bytes: the 8 rows of an ldmatrix read land in distinct banks.
+  static constexpr int kLd = kD + 8;
+  static constexpr int kTileElems = kTcBk * kLd;
+  static constexpr int kBytes = (kTcBq * kLd + 4 * kTileElems) * 2;  // q, 2 x k, 2 x v
+};
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; src_bytes 0 fills zeros.
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(dst)),
+               "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CopyAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(p)));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(p)));
+}
+
+// c += a·b for one m16n8k16 tile.
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Max and sum over the 4 threads of a quad (the threads holding one row of an m16n8 tile).
+__device__ __forceinline__ float QuadMax(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float QuadSum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+template <int kD>
+__global__ void __launch_bounds__(kTcThreads)
+    AttentionBf16Kernel(AttentionBf16Args a, float scale) {
+  using L = TcLayout<kD>;
+  extern __shared__ float4 shared4[];
+  __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(shared4);  // [kTcBq][kLd]
+  __nv_bfloat16* k_s = q_s + kTcBq * L::kLd;                       // 2 x [kTcBk][kLd]
+  __nv_bfloat16* v_s = k_s + 2 * L::kTileElems;                    // 2 x [kTcBk][kLd]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const int q0 = blockIdx.x * kTcBq, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (a.num_heads / a.num_kv_heads);
+  const int dp = a.padded_dim, chunks = dp / 8;  // 16-byte chunks per row
+  const int64_t q_row = int64_t(a.num_heads) * dp, kv_row = int64_t(a.num_kv_heads) * dp;
+  const __nv_bfloat16* q = a.q + int64_t(b) * a.q_len * q_row + int64_t(h) * dp;
+  const __nv_bfloat16* k = a.k + int64_t(b) * a.kv_len * kv_row + int64_t(kvh) * dp;
+  const __nv_bfloat16* v = a.v + int64_t(b) * a.kv_len * kv_row + int64_t(kvh) * dp;
+  float* out = a.out + int64_t(b) * a.q_len * a.num_heads * a.head_dim + int64_t(h) * a.head_dim;
+
+  const int last_row = min(q0 + kTcBq, a.q_len) - 1;
+  const int kv_end = min(a.kv_len, a.q_offset + last_row + 1);
+  const int tiles = (kv_end + kTcBk - 1) / kTcBk;
+
+  auto load_tile = [&](__nv_bfloat16* dst, const __nv_bfloat16* src, int k0) {
+    for (int i = tid; i < kTcBk * chunks; i += kTcThreads) {
+      const int j = i / chunks, c = (i % chunks) * 8;
+      const bool in = k0 + j < kv_end;
+      CopyAsync16(dst + j * L::kLd + c, src + int64_t(in ? k0 + j : 0) * kv_row + c, in ? 16 : 0);
+    }
+  };
+  for (int i = tid; i < kTcBq * chunks; i += kTcThreads) {
+    const int r = i / chunks, c = (i % chunks) * 8;
+    const bool in = q0 + r < a.q_len;
+    CopyAsync16(q_s + r * L::kLd + c, q + int64_t(in ? q0 + r : 0) * q_row + c, in ? 16 : 0);
+  }
+
+  // This warp's rows and the last key any of them sees.
+  const int row_lo = q0 + warp * 16 + g, row_hi = row_lo + 8;
+  const int warp_last_key = a.q_offset + min(q0 + warp * 16 + 15, a.q_len - 1);
+  const bool warp_active = q0 + warp * 16 < a.q_len;
+  uint32_t qa[kD / 16][4];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[kD / 8][4];
+#pragma unroll
+  for (int t = 0; t < kD / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+
+  // 1 / the row sums, once pass 0 has them: pass 1 multiplies (a rounding apart from dividing).
+  float inv_l[2] = {0.0f, 0.0f};
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool output_pass = pass == 1;
+    if (output_pass) {
+      inv_l[0] = 1.0f / l[0];
+      inv_l[1] = 1.0f / l[1];
+    }
+    if (tiles > 0) {
+      load_tile(k_s, k, 0);
+      if (output_pass) load_tile(v_s, v, 0);
+    }
+    CopyAsyncCommit();
+    for (int t = 0; t < tiles; ++t) {
+      const int k0 = t * kTcBk, buf = t & 1;
+      if (t + 1 < tiles) {
+        load_tile(k_s + (buf ^ 1) * L::kTileElems, k, k0 + kTcBk);
+        if (output_pass) load_tile(v_s + (buf ^ 1) * L::kTileElems, v, k0 + kTcBk);
+        CopyAsyncCommit();
+        CopyAsyncWait<1>();
+      } else {
+        CopyAsyncWait<0>();
+      }
+      __syncthreads();
+      if (pass == 0 && t == 0 && warp_active) {
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ++ks) {
+          if (ks * 16 < dp) {
+            const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int c = ks * 16 + (lane >> 4) * 8;
+            LdMatrixX4(qa[ks], q_s + r * L::kLd + c);
+          }
+        }
+      }
+      if (warp_active && k0 <= warp_last_key) {
+        const __nv_bfloat16* kt = k_s + buf * L::kTileElems;
+        float s[kTcBk / 8][4];
+#pragma unroll
+        for (int n = 0; n < kTcBk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ++ks) {
+          if (ks * 16 >= dp) continue;
+#pragma unroll
+          for (int p = 0; p < kTcBk / 16; ++p) {
+            uint32_t kb[4];
+            const int key = p * 16 + (lane & 7) + (lane >> 4) * 8;
+            const int c = ks * 16 + ((lane >> 3) & 1) * 8;
+            LdMatrixX4(kb, kt + key * L::kLd + c);
+            Mma(s[2 * p], qa[ks], kb[0], kb[1]);
+            Mma(s[2 * p + 1], qa[ks], kb[2], kb[3]);
+          }
+        }
+        // Scale and mask: element e of tile n is row (e < 2 ? row_lo : row_hi), key
+        // k0 + 8n + 2 t4 + (e & 1).
+#pragma unroll
+        for (int n = 0; n < kTcBk / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = e < 2 ? row_lo : row_hi, key = k0 + 8 * n + 2 * t4 + (e & 1);
+            const bool visible = row < a.q_len && key < kv_end && key <= a.q_offset + row;
+            s[n][e] = visible ? s[n][e] * scale : -INFINITY;
+          }
+        }
+        if (!output_pass) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < kTcBk / 8; ++n) {
+              mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+            }
+            const float m_new = fmaxf(m[half], QuadMax(mx));
+            // While a row has seen only masked keys, exponentiate against 0: every p is 0.
+            const float base = m_new == -INFINITY ? 0.0f : m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < kTcBk / 8; ++n) {
+              sum += expf(s[n][2 * half] - base) + expf(s[n][2 * half + 1] - base);
+            }
+            l[half] = l[half] * expf(m[half] - base) + QuadSum(sum);
+            m[half] = m_new;
+          }
+        } else {
+          const __nv_bfloat16* vt = v_s + buf * L::kTileElems;
+#pragma unroll
+          for (int kk = 0; kk < kTcBk / 16; ++kk) {
+            uint32_t pa[4];
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+              const int n = 2 * kk + (x >> 1), half = x & 1;
+              float p2[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float sv = s[n][2 * half + e];
+                p2[e] = sv == -INFINITY ? 0.0f : expf(sv - m[half]) * inv_l[half];
+              }
+              pa[x] = PackBf16(p2[0], p2[1]);
+            }
+#pragma unroll
+            for (int dq = 0; dq < kD / 16; ++dq) {
+              if (dq * 16 >= dp) continue;
+              uint32_t vb[4];
+              const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+              const int c = dq * 16 + (lane >> 4) * 8;
+              LdMatrixX4Trans(vb, vt + key * L::kLd + c);
+              Mma(o[2 * dq], pa, vb[0], vb[1]);
+              Mma(o[2 * dq + 1], pa, vb[2], vb[3]);
+            }
+          }
+        }
+      }
+      __syncthreads();  // the buffer is rewritten by the next iteration's prefetch
+    }
+  }
+
+#pragma unroll
+  for (int t = 0; t < kD / 8; ++t) {
+    const int c = 8 * t + 2 * t4;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = half == 0 ? row_lo : row_hi;
+      if (row >= a.q_len) continue;
+      float* dst = out + int64_t(row) * a.num_heads * a.head_dim;
+      if (c < a.head_dim) dst[c] = o[t][2 * half];
+      if (c + 1 < a.head_dim) dst[c + 1] = o[t][2 * half + 1];
+    }
+  }
+}
+
+template <int kD>
+cudaError_t LaunchBf16(const AttentionBf16Args& a, cudaStream_t stream) {
+  constexpr int kBytes = TcLayout<kD>::kBytes;
+  cudaError_t error = cudaFuncSetAttribute(AttentionBf16Kernel<kD>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (error != cudaSuccess) return error;
+  const dim3 grid((a.q_len + kTcBq - 1) / kTcBq, a.num_heads, a.batch);
+  const float scale = 1.0f / sqrtf(float(a.head_dim));
+  AttentionBf16Kernel<kD><<<grid, kTcThreads, kBytes, stream>>>(a, scale);
+  return cudaGetLastError();
+}
+
+__global__ void PackBf16HeadsKernel(const float* x, int64_t rows, int heads, int head_dim,
+                                    int padded_dim, __nv_bfloat16* out) {
+  const int64_t total = rows * heads * padded_dim;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(i % padded_dim);
+    const int64_t rh = i / padded_dim;  // row * heads + head
+    out[i] = c < head_dim ? __float2bfloat16_rn(x[rh * head_dim + c]) : __float2bfloat16_rn(0.0f);
+  }
 }
 
 }  // namespace
 
-cudaError_t LaunchAttention(const AttentionArgs& args, bool bf16_operands, cudaStream_t stream) {
+cudaError_t LaunchAttention(const AttentionArgs& args, cudaStream_t stream) {
   if (args.head_dim <= 0 || args.head_dim > kAttentionMaxHeadDim || args.num_kv_heads <= 0 ||
       args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 || args.batch > 65535 ||
       args.q_offset < 0 || args.q_offset + args.q_len > args.kv_len) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.q_len == 0 || args.num_heads == 0) return cudaSuccess;
-  if (args.head_dim <= 64) {
-    return bf16_operands ? Launch<64, true>(args, stream) : Launch<64, false>(args, stream);
+  if (args.head_dim <= 64) return Launch<64>(args, stream);
+  return Launch<128>(args, stream);
+}
+
+int AttentionPaddedDim(int head_dim) { return (head_dim + 15) / 16 * 16; }
+
+cudaError_t LaunchPackBf16Heads(const float* x, int64_t rows, int heads, int head_dim,
+                                __nv_bfloat16* out, cudaStream_t stream) {
+  const int64_t total = rows * heads * AttentionPaddedDim(head_dim);
+  if (total == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 1 << 16));
+  PackBf16HeadsKernel<<<grid, 256, 0, stream>>>(x, rows, heads, head_dim,
+                                                AttentionPaddedDim(head_dim), out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAttentionBf16(const AttentionBf16Args& args, cudaStream_t stream) {
+  if (args.head_dim <= 0 || args.head_dim > kAttentionMaxHeadDim ||
+      args.padded_dim != AttentionPaddedDim(args.head_dim) || args.num_kv_heads <= 0 ||
+      args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 || args.batch > 65535 ||
+      args.q_offset < 0 || args.q_offset + args.q_len > args.kv_len) {
+    return cudaErrorInvalidValue;
   }
-  return bf16_operands ? Launch<128, true>(args, stream) : Launch<128, false>(args, stream);
+  if (args.batch == 0 || args.q_len == 0 || args.num_heads == 0) return cudaSuccess;
+  if (args.padded_dim <= 64) return LaunchBf16<64>(args, stream);
+  return LaunchBf16<128>(args, stream);
 }
 
 }  // namespace qcal::kernels::cuda

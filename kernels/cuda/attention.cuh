@@ -1,14 +1,16 @@
-// Launcher of the CUDA causal grouped-query attention kernel (spec: ref::Attention).
+// Launchers of the CUDA causal grouped-query attention kernels (spec: ref::Attention).
 //
-// Flash-attention style: each block owns a tile of 64 queries of one head and streams the visible
-// keys and values through shared memory in tiles of 64, keeping a running softmax (maximum, sum)
-// per query, so memory does not grow with the sequence length. Arithmetic is fp32 on CUDA cores.
-// With bf16 operands, q, k and v are rounded to bf16 as they are loaded and the normalised
-// probabilities are rounded to bf16 before they multiply v, exactly where the reference rounds;
-// normalised probabilities need the final softmax sum, so that variant makes two passes over the
-// keys (statistics, then output).
+// Flash-attention style: a block owns a tile of queries of one head and streams the visible keys
+// and values through shared memory in tiles, keeping each query's softmax statistics (maximum,
+// sum), so memory does not grow with the sequence length.
+// - fp32 operands (LaunchAttention): fp32 arithmetic on CUDA cores, one pass with rescaling.
+// - bf16 operands (LaunchAttentionBf16): tensor cores. q, k and v are rounded to bf16 first
+//   (LaunchPackBf16Heads), and the normalised probabilities are rounded to bf16 before they
+//   multiply v, exactly where the reference rounds; normalised probabilities need the final
+//   softmax sum, so the kernel makes two passes over the keys (statistics, then output).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -37,6 +39,34 @@ struct AttentionArgs {
 
 // cudaErrorInvalidValue for shapes the kernel does not handle (head_dim outside
 // 1..kAttentionMaxHeadDim, num_heads not a multiple of num_kv_heads, batch or heads over 65535).
-cudaError_t LaunchAttention(const AttentionArgs& args, bool bf16_operands, cudaStream_t stream);
+cudaError_t LaunchAttention(const AttentionArgs& args, cudaStream_t stream);
+
+// head_dim rounded up to a multiple of 16: the row width of the packed bf16 layout.
+int AttentionPaddedDim(int head_dim);
+
+// out [rows, heads, AttentionPaddedDim(head_dim)] = x [rows, heads*head_dim] rounded to bf16
+// (to nearest, ties to even), each head's row zero-padded.
+cudaError_t LaunchPackBf16Heads(const float* x, int64_t rows, int heads, int head_dim,
+                                __nv_bfloat16* out, cudaStream_t stream);
+
+// As AttentionArgs, with q, k and v packed by LaunchPackBf16Heads (padded_dim =
+// AttentionPaddedDim(head_dim)); out stays fp32 [batch*q_len, num_heads*head_dim].
+struct AttentionBf16Args {
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* k = nullptr;
+  const __nv_bfloat16* v = nullptr;
+  float* out = nullptr;
+  int batch = 0;
+  int q_len = 0;
+  int kv_len = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int padded_dim = 0;
+  int q_offset = 0;
+};
+
+// Errors as LaunchAttention's, and for a padded_dim that does not match head_dim.
+cudaError_t LaunchAttentionBf16(const AttentionBf16Args& args, cudaStream_t stream);
 
 }  // namespace qcal::kernels::cuda

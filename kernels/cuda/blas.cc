@@ -40,6 +40,19 @@ absl::Status Gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, 
       absl::StrCat("cublasGemmEx ", m, "x", n, "x", k, " ", DTypeName(operands)));
 }
 
+absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                      int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+                      int64_t ldb, float beta, float* c, int64_t ldc) {
+  QCAL_RETURN_IF_ERROR(CheckDims("TF32 GEMM", {m, n, k, lda, ldb, ldc}));
+  return CublasStatus(
+      cublasGemmEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                   static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, b,
+                   CUDA_R_32F, static_cast<int>(ldb), a, CUDA_R_32F, static_cast<int>(lda), &beta,
+                   c, CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F_FAST_TF32,
+                   CUBLAS_GEMM_DEFAULT),
+      absl::StrCat("cublasGemmEx ", m, "x", n, "x", k, " TF32"));
+}
+
 absl::Status SyrkLowerF32(cublasHandle_t handle, const float* x, int64_t n, int64_t k, float* h) {
   QCAL_RETURN_IF_ERROR(CheckDims("SYRK", {n, k}));
   const float one = 1.0f;

@@ -1,5 +1,5 @@
 // Row-major GEMM and SYRK over cuBLAS, for the ops built on matrix products (Linear,
-// AccumulateGram, later the GPTQ updates). Internal to kernels/cuda.
+// AccumulateGram, the GPTQ updates, the output errors). Internal to kernels/cuda.
 //
 // cuBLAS is column-major; a row-major matrix is its transpose seen column-major, so every helper
 // here swaps operands instead of copying. fp32 operands use CUBLAS_COMPUTE_32F under the handle's
@@ -22,6 +22,12 @@ namespace qcal::kernels::cuda {
 absl::Status Gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
                   int64_t k, float alpha, const void* a, int64_t lda, const void* b, int64_t ldb,
                   DType operands, float beta, float* c, int64_t ldc);
+
+// The same for fp32 operands on the TF32 tensor cores (operands rounded to TF32 by the hardware,
+// fp32 accumulation): for callers that split fp32 values into exact TF32 parts (3xTF32).
+absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                      int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+                      int64_t ldb, float beta, float* c, int64_t ldc);
 
 // The lower triangle (row-major, diagonal included) of h[k,k] = xᵀx + h for a row-major fp32
 // x [n,k]; the strict upper triangle is not touched.

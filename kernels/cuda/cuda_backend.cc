@@ -6,16 +6,20 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cpu/ref_ops.h"
+#include "kernels/cuda/act_quant.cuh"
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/blas.h"
+#include "kernels/cuda/cuda_quant.h"
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/elementwise.cuh"
 #include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/fill.cuh"
 #include "kernels/cuda/nll.cuh"
 #include "kernels/cuda/rms_norm.cuh"
 #include "kernels/cuda/rope.cuh"
@@ -24,6 +28,10 @@ namespace qcal::kernels {
 namespace {
 
 using cuda::CudaStatus;
+
+// Row panels of the bf16 Gram product (AccumulateGram).
+constexpr int64_t kGramPanels = 8;
+constexpr int64_t kGramMinPanelWidth = 256;
 
 absl::Status ExpectDevice(const Tensor& t, DType dtype, const char* op, const char* what) {
   if (!t.defined()) {
@@ -69,14 +77,17 @@ absl::Status CheckIds(const Tensor& ids, int64_t limit, const char* op, const ch
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, ComputeDType dtype, std::string kind, cuda::CudaStream stream,
-              cuda::CublasHandle blas)
+  CudaBackend(int device, ComputeDType dtype, int64_t memory_limit, std::string kind,
+              cuda::CudaStream stream, cuda::CublasHandle blas, cuda::CusolverHandle solver)
       : device_(device),
         dtype_(dtype),
+        memory_limit_(memory_limit),
         kind_(std::move(kind)),
         stream_(std::move(stream)),
         blas_(std::move(blas)),
-        allocator_(std::make_shared<cuda::DeviceAllocator>(device)) {}
+        solver_(std::move(solver)),
+        allocator_(std::make_shared<cuda::CachingAllocator>(device, cuda::MemoryKind::kDevice)),
+        pinned_(std::make_shared<cuda::CachingAllocator>(device, cuda::MemoryKind::kPinnedHost)) {}
 
   ~CudaBackend() override {
     // Let queued work finish before the handle and stream go; errors have nowhere to go here.
@@ -86,6 +97,7 @@ class CudaBackend final : public Backend {
   std::string name() const override { return absl::StrCat("cuda:", device_); }
   Device device() const override { return Device::kCuda; }
   bool SupportsOp(Op) const override { return true; }
+  bool SupportsSolverOp(SolverOp) const override { return true; }
   ComputeDType compute_dtype() const override { return dtype_; }
   // One stream; the host threads play no part in the results.
   int threads() const override { return 1; }
@@ -128,16 +140,92 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status Copy(const Tensor& src, Tensor& dst) override {
-    if (!src.defined() || !dst.defined() || src.device() != Device::kCuda ||
-        dst.device() != Device::kCuda || src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
+    if (!src.defined() || !dst.defined() || src.dtype() != dst.dtype() ||
+        src.numel() != dst.numel() ||
+        (src.device() != Device::kCuda && dst.device() != Device::kCuda)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("Copy: ", src.DebugString(), " into ", dst.DebugString(),
-                       " (both must be CUDA tensors of the same dtype and element count)"));
+          absl::StrCat("Copy: ", src.defined() ? src.DebugString() : "undefined", " into ",
+                       dst.defined() ? dst.DebugString() : "undefined",
+                       " (same dtype and element count, at least one of them a CUDA tensor)"));
     }
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
-    return CudaStatus(
-        cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream()),
-        "Copy: cudaMemcpyAsync");
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDefault, stream()),
+                   absl::StrCat("Copy ", src.DebugString(), " into ", dst.DebugString())));
+    // A host buffer may be read or released as soon as we return.
+    if (src.device() == Device::kHost || dst.device() == Device::kHost) return Synchronize();
+    return absl::OkStatus();
+  }
+
+  int64_t AvailableMemory() override {
+    if (!cuda::UseDevice(device_).ok()) return 0;
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    int64_t available = static_cast<int64_t>(free_bytes + allocator_->bytes_cached());
+    if (memory_limit_ > 0) {
+      available = std::min(
+          available,
+          std::max<int64_t>(0, memory_limit_ - static_cast<int64_t>(allocator_->bytes_in_use())));
+    }
+    return available;
+  }
+
+  absl::StatusOr<Tensor> AllocHost(DType dtype, const Shape& shape) override {
+    for (int64_t d : shape) {
+      if (d < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("AllocHost: bad shape ", ShapeString(shape)));
+      }
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(std::shared_ptr<Storage> storage,
+                          pinned_->Allocate(NumElements(shape) * DTypeSize(dtype)));
+    return Tensor(std::move(storage), 0, dtype, shape);
+  }
+
+  absl::Status FillUniform(Tensor& t, uint64_t seed, float lo, float hi) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(t, DType::kF32, "FillUniform", "t"));
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchFillUniform(t.data<float>(), t.numel(), seed, lo, hi, stream()),
+                      "FillUniform kernel");
+  }
+
+  absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ActQuant", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kF32, "ActQuant", "out"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, x.shape(), "ActQuant", "out"));
+    if (bits < 2 || bits > 8) {
+      return absl::InvalidArgumentError(absl::StrCat("ActQuant: bits must be 2..8, got ", bits));
+    }
+    if (x.rank() < 1) return absl::InvalidArgumentError("ActQuant: x must have rank >= 1");
+    const int64_t width = x.dim(-1);
+    if (width == 0 || x.numel() == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchActQuant(x.data<float>(), x.numel() / width, width, bits,
+                                           out.data<float>(), stream()),
+                      "ActQuant kernel");
+  }
+
+  absl::StatusOr<GptqFactor> GptqFactorize(const Tensor& h,
+                                           const GptqSolveOptions& options) override {
+    return cuda::GptqFactorize(SolverContext(), h, options);
+  }
+
+  absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
+                                             const QuantSpec& spec, int block_size) override {
+    return cuda::GptqSolve(SolverContext(), w, factor, spec, block_size);
+  }
+
+  absl::StatusOr<QuantizedTensors> QuantizeRtn(const Tensor& w, const QuantSpec& spec) override {
+    return cuda::QuantizeRtn(SolverContext(), w, spec);
+  }
+
+  absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
+                                     const Tensor& gram) override {
+    return cuda::OutputError(SolverContext(), w, w_hat, gram);
   }
 
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
@@ -248,6 +336,7 @@ class CudaBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectShape(v, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "v"));
     QCAL_RETURN_IF_ERROR(ExpectShape(out, q.shape(), "Attention", "out"));
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    if (dtype_ == ComputeDType::kBF16) return AttentionBf16(q, k, v, s, out);
     cuda::AttentionArgs args;
     args.q = q.data<float>();
     args.k = k.data<float>();
@@ -260,8 +349,7 @@ class CudaBackend final : public Backend {
     args.num_kv_heads = s.num_kv_heads;
     args.head_dim = s.head_dim;
     args.q_offset = s.q_offset;
-    return CudaStatus(cuda::LaunchAttention(args, dtype_ == ComputeDType::kBF16, stream()),
-                      "Attention kernel");
+    return CudaStatus(cuda::LaunchAttention(args, stream()), "Attention kernel");
   }
 
   absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -340,11 +428,18 @@ class CudaBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
     float* hp = h.data<float>();
     if (dtype_ == ComputeDType::kBF16) {
-      // No bf16 SYRK in cuBLAS: a full GEMM (both triangles), then the mirror below makes h
-      // exactly symmetric whatever order the GEMM summed the two triangles in.
+      // No bf16 SYRK in cuBLAS: row panels of the lower triangle, each one GEMM against every
+      // earlier column, (P + 1) / 2P of a full product for P panels; the mirror below then makes h
+      // exactly symmetric. Panel starts are multiples of 64 columns (aligned operands).
       QCAL_ASSIGN_OR_RETURN(Tensor xb, AsOperand(x, DType::kBF16));
-      QCAL_RETURN_IF_ERROR(cuda::Gemm(blas_.get(), true, false, k, k, n, 1.0f, xb.raw(), k,
-                                      xb.raw(), k, DType::kBF16, 1.0f, hp, k));
+      const auto* xp = static_cast<const __nv_bfloat16*>(xb.raw());
+      const int64_t panels = k >= kGramPanels * kGramMinPanelWidth ? kGramPanels : 1;
+      const int64_t width = ((k + panels - 1) / panels + 63) / 64 * 64;
+      for (int64_t r0 = 0; r0 < k; r0 += width) {
+        const int64_t r1 = std::min(k, r0 + width);
+        QCAL_RETURN_IF_ERROR(cuda::Gemm(blas_.get(), true, false, r1 - r0, r1, n, 1.0f, xp + r0, k,
+                                        xp, k, DType::kBF16, 1.0f, hp + r0 * k, k));
+      }
     } else {
       QCAL_RETURN_IF_ERROR(cuda::SyrkLowerF32(blas_.get(), x.data<float>(), n, k, hp));
     }
@@ -353,6 +448,57 @@ class CudaBackend final : public Backend {
 
  private:
   cudaStream_t stream() const { return stream_.get(); }
+
+  // The tensor-core path: q, k and v rounded to bf16 into padded scratch copies, then the kernel.
+  absl::Status AttentionBf16(const Tensor& q, const Tensor& k, const Tensor& v,
+                             const AttentionShape& s, Tensor& out) {
+    const int dp = cuda::AttentionPaddedDim(s.head_dim);
+    const int64_t q_rows = int64_t(s.batch) * s.q_len, kv_rows = int64_t(s.batch) * s.kv_len;
+    QCAL_ASSIGN_OR_RETURN(Tensor qb,
+                          Uninitialized(DType::kBF16, {q_rows, int64_t(s.num_heads) * dp}));
+    QCAL_ASSIGN_OR_RETURN(Tensor kb,
+                          Uninitialized(DType::kBF16, {kv_rows, int64_t(s.num_kv_heads) * dp}));
+    QCAL_ASSIGN_OR_RETURN(Tensor vb,
+                          Uninitialized(DType::kBF16, {kv_rows, int64_t(s.num_kv_heads) * dp}));
+    auto* qp = static_cast<__nv_bfloat16*>(qb.raw());
+    auto* kp = static_cast<__nv_bfloat16*>(kb.raw());
+    auto* vp = static_cast<__nv_bfloat16*>(vb.raw());
+    QCAL_RETURN_IF_ERROR(CudaStatus(
+        cuda::LaunchPackBf16Heads(q.data<float>(), q_rows, s.num_heads, s.head_dim, qp, stream()),
+        "Attention: packing q"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchPackBf16Heads(k.data<float>(), kv_rows, s.num_kv_heads, s.head_dim,
+                                             kp, stream()),
+                   "Attention: packing k"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchPackBf16Heads(v.data<float>(), kv_rows, s.num_kv_heads, s.head_dim,
+                                             vp, stream()),
+                   "Attention: packing v"));
+    cuda::AttentionBf16Args args;
+    args.q = qp;
+    args.k = kp;
+    args.v = vp;
+    args.out = out.data<float>();
+    args.batch = s.batch;
+    args.q_len = s.q_len;
+    args.kv_len = s.kv_len;
+    args.num_heads = s.num_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.padded_dim = dp;
+    args.q_offset = s.q_offset;
+    return CudaStatus(cuda::LaunchAttentionBf16(args, stream()), "Attention kernel (bf16)");
+  }
+
+  cuda::QuantContext SolverContext() {
+    cuda::QuantContext ctx;
+    ctx.device = device_;
+    ctx.stream = stream();
+    ctx.blas = blas_.get();
+    ctx.solver = solver_.get();
+    ctx.alloc = [this](DType dtype, const Shape& shape) { return Uninitialized(dtype, shape); };
+    return ctx;
+  }
 
   absl::StatusOr<Tensor> Uninitialized(DType dtype, const Shape& shape) {
     for (int64_t d : shape) {
@@ -408,11 +554,14 @@ class CudaBackend final : public Backend {
 
   const int device_;
   const ComputeDType dtype_;
+  const int64_t memory_limit_;
   const std::string kind_;
-  // Declared before blas_: the handle is destroyed first.
+  // Declared before the handles: they are destroyed first.
   cuda::CudaStream stream_;
   cuda::CublasHandle blas_;
-  std::shared_ptr<cuda::DeviceAllocator> allocator_;
+  cuda::CusolverHandle solver_;
+  std::shared_ptr<cuda::CachingAllocator> allocator_;
+  std::shared_ptr<cuda::CachingAllocator> pinned_;
   RopeShape rope_key_;
   Tensor rope_table_;
 };
@@ -433,10 +582,15 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions&
       CudaStatus(cudaGetDeviceProperties(&prop, index), "cudaGetDeviceProperties"));
   QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
   QCAL_ASSIGN_OR_RETURN(cuda::CublasHandle blas, cuda::CublasHandle::Create(stream.get()));
-  std::string kind =
-      absl::StrCat("cuda/", prop.name, "/sm_", prop.major, prop.minor, "/cublas-", blas.Version());
-  return std::make_unique<CudaBackend>(index, options.compute_dtype, std::move(kind),
-                                       std::move(stream), std::move(blas));
+  QCAL_ASSIGN_OR_RETURN(cuda::CusolverHandle solver, cuda::CusolverHandle::Create(stream.get()));
+  int solver_version = 0;
+  QCAL_RETURN_IF_ERROR(
+      cuda::CusolverStatus(cusolverGetVersion(&solver_version), "cusolverGetVersion"));
+  std::string kind = absl::StrCat("cuda/", prop.name, "/sm_", prop.major, prop.minor, "/cublas-",
+                                  blas.Version(), "/cusolver-", solver_version);
+  return std::make_unique<CudaBackend>(index, options.compute_dtype, options.memory_limit_bytes,
+                                       std::move(kind), std::move(stream), std::move(blas),
+                                       std::move(solver));
 }
 
 }  // namespace qcal::kernels

@@ -2,8 +2,10 @@
 //
 // Every Backend op runs on the GPU: cuBLAS GEMMs for Linear and AccumulateGram (fp32 compute is
 // true fp32, never TF32; bf16 compute rounds operands to bf16 and accumulates in fp32), and own
-// kernels for the rest (kernels/cuda/*.cu, each with its launcher header). All work of one backend
-// is queued on one stream in call order; ToHost and Synchronize wait for it. Device tensors come
+// kernels for the rest (kernels/cuda/*.cu, each with its launcher header). The solver ops
+// (GptqFactorize, GptqSolve, QuantizeRtn, OutputError) run cuSOLVER, cuBLAS and own kernels
+// (cuda_quant.cc). All work of one backend is queued on one stream in call order; ToHost,
+// Synchronize and copies touching host memory wait for it. Device tensors come
 // from a caching pool and go back to it when their last view is destroyed. Results are
 // bit-identical run to run on the same GPU model and library versions (no atomics; reductions in
 // a fixed order). CUDA failures (out of memory, a failed launch) come back as absl::Status:
@@ -25,7 +27,8 @@ int CudaDeviceCount();
 
 // The backend on device `index`, with options.compute_dtype (options.threads is unused: host
 // threads play no part in the results). Errors when no such device exists or CUDA cannot start.
-// DeviceKind() is "cuda/<GPU name>/sm_<major><minor>/cublas-<version>".
+// DeviceKind() is "cuda/<GPU name>/sm_<major><minor>/cublas-<version>/cusolver-<version>".
+// options.memory_limit_bytes bounds AvailableMemory().
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options,
                                                            int index);
 

@@ -57,7 +57,8 @@ absl::StatusOr<Tensor> LoadTo(kernels::Backend* backend, const CheckpointReader&
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kernels::Backend* backend,
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
+                                                   kernels::Backend* backend,
                                                    const LinearWeightFn& linear_weight) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   QCAL_ASSIGN_OR_RETURN(auto reader, CheckpointReader::Open(dir));
@@ -66,7 +67,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kerne
   auto model = std::unique_ptr<Model>(new Model());
   model->config_ = config;
   model->backend_ = backend;
-  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_, LoadTo(backend, *reader, "model.embed_tokens.weight", {v, d}));
+  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_,
+                        LoadTo(backend, *reader, "model.embed_tokens.weight", {v, d}));
   QCAL_ASSIGN_OR_RETURN(model->final_norm_, LoadTo(backend, *reader, "model.norm.weight", {d}));
   if (config.tie_word_embeddings && !reader->Has("lm_head.weight")) {
     model->lm_head_ = model->embed_tokens_;
@@ -76,30 +78,53 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kerne
   for (int b = 0; b < config.num_layers; ++b) {
     BlockWeights bw;
     const std::string p = absl::StrCat("model.layers.", b, ".");
-    QCAL_ASSIGN_OR_RETURN(bw.input_norm, LoadTo(backend, *reader, p + "input_layernorm.weight", {d}));
+    QCAL_ASSIGN_OR_RETURN(bw.input_norm,
+                          LoadTo(backend, *reader, p + "input_layernorm.weight", {d}));
     QCAL_ASSIGN_OR_RETURN(bw.post_attention_norm,
                           LoadTo(backend, *reader, p + "post_attention_layernorm.weight", {d}));
     for (LinearKind k : kAllLinears) {
       int64_t out = 0, in = 0;
       bool has_bias = false;
       switch (k) {
-        case LinearKind::kQ: out = qd; in = d; has_bias = config.attention_bias; break;
+        case LinearKind::kQ:
+          out = qd;
+          in = d;
+          has_bias = config.attention_bias;
+          break;
         case LinearKind::kK:
-        case LinearKind::kV: out = kvd; in = d; has_bias = config.attention_bias; break;
-        case LinearKind::kO: out = d; in = qd; has_bias = config.o_bias; break;
+        case LinearKind::kV:
+          out = kvd;
+          in = d;
+          has_bias = config.attention_bias;
+          break;
+        case LinearKind::kO:
+          out = d;
+          in = qd;
+          has_bias = config.o_bias;
+          break;
         case LinearKind::kGate:
-        case LinearKind::kUp: out = f; in = d; has_bias = config.mlp_bias; break;
-        case LinearKind::kDown: out = d; in = f; has_bias = config.mlp_bias; break;
+        case LinearKind::kUp:
+          out = f;
+          in = d;
+          has_bias = config.mlp_bias;
+          break;
+        case LinearKind::kDown:
+          out = d;
+          in = f;
+          has_bias = config.mlp_bias;
+          break;
       }
       const std::string prefix = LinearPrefix(b, k);
       if (linear_weight) {
         QCAL_ASSIGN_OR_RETURN(Tensor host, linear_weight(*reader, prefix, out, in));
         if (host.shape() != Shape{out, in} || host.dtype() != DType::kF32) {
-          return absl::InternalError(absl::StrCat(prefix, ": weight loader returned ", host.DebugString()));
+          return absl::InternalError(
+              absl::StrCat(prefix, ": weight loader returned ", host.DebugString()));
         }
         QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, backend->ToDevice(host));
       } else {
-        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, LoadTo(backend, *reader, prefix + ".weight", {out, in}));
+        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight,
+                              LoadTo(backend, *reader, prefix + ".weight", {out, in}));
       }
       if (has_bias || reader->Has(prefix + ".bias")) {
         QCAL_ASSIGN_OR_RETURN(bw.at(k).bias, LoadTo(backend, *reader, prefix + ".bias", {out}));
@@ -126,8 +151,9 @@ std::unique_ptr<Model> Model::FromWeights(const ModelConfig& config, kernels::Ba
 absl::StatusOr<Tensor> Model::Embed(const std::vector<int>& ids) {
   Tensor id_tensor = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(ids.size())});
   std::memcpy(id_tensor.raw(), ids.data(), ids.size() * sizeof(int));
-  QCAL_ASSIGN_OR_RETURN(Tensor hidden,
-                        backend_->Alloc(DType::kF32, {static_cast<int64_t>(ids.size()), config_.hidden_size}));
+  QCAL_ASSIGN_OR_RETURN(
+      Tensor hidden,
+      backend_->Alloc(DType::kF32, {static_cast<int64_t>(ids.size()), config_.hidden_size}));
   QCAL_RETURN_IF_ERROR(backend_->Embedding(embed_tokens_, id_tensor, hidden));
   return hidden;
 }
@@ -144,46 +170,33 @@ absl::StatusOr<KvCache> Model::NewCache(int capacity) {
   return cache;
 }
 
-absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache,
-                                 const Tap& tap) {
-  kernels::Backend& be = *backend_;
-  const BlockWeights& w = blocks_[b];
-  const int64_t rows = int64_t(shape.batch) * shape.seq_len;
-  const int64_t d = config_.hidden_size;
-  if (hidden.shape() != Shape{rows, d}) {
-    return absl::InvalidArgumentError(absl::StrCat("BlockForward: hidden is ", hidden.DebugString(),
-                                                   ", expected [", rows, ", ", d, "]"));
-  }
-  if (cache && (shape.batch != 1 || shape.offset + shape.seq_len > cache->capacity)) {
-    return absl::InvalidArgumentError("BlockForward: KV cache needs batch 1 and enough capacity");
-  }
-  auto call_tap = [&](LinearInput in, const Tensor& x, bool* stop) -> absl::Status {
-    *stop = false;
-    if (!tap) return absl::OkStatus();
-    absl::Status st = tap(in, x);
-    if (st.code() == absl::StatusCode::kCancelled) {
-      *stop = true;
-      return absl::OkStatus();
-    }
-    return st;
-  };
-  auto linear = [&](const Tensor& x, LinearKind k) -> absl::StatusOr<Tensor> {
-    const Linear& l = w.at(k);
-    QCAL_ASSIGN_OR_RETURN(Tensor y, be.Alloc(DType::kF32, {x.dim(0), l.weight.dim(0)}));
-    QCAL_RETURN_IF_ERROR(be.Linear(x, l.weight, l.bias.defined() ? &l.bias : nullptr, y, false));
-    return y;
-  };
-  const float eps = static_cast<float>(config_.rms_norm_eps);
-  bool stop = false;
+absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x) {
+  const Linear& l = blocks_[b].at(kind);
+  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.weight.dim(0)}));
+  QCAL_RETURN_IF_ERROR(
+      backend_->Linear(x, l.weight, l.bias.defined() ? &l.bias : nullptr, y, false));
+  return y;
+}
 
-  // Attention.
-  QCAL_ASSIGN_OR_RETURN(Tensor h, be.Alloc(DType::kF32, {rows, d}));
-  QCAL_RETURN_IF_ERROR(be.RmsNorm(hidden, w.input_norm, eps, h));
-  QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kQkv, h, &stop));
-  if (stop) return absl::OkStatus();
-  QCAL_ASSIGN_OR_RETURN(Tensor q, linear(h, LinearKind::kQ));
-  QCAL_ASSIGN_OR_RETURN(Tensor k, linear(h, LinearKind::kK));
-  QCAL_ASSIGN_OR_RETURN(Tensor v, linear(h, LinearKind::kV));
+absl::StatusOr<Tensor> Model::NormedInput(int b, const Tensor& hidden, LinearInput input) {
+  if (input != LinearInput::kQkv && input != LinearInput::kGateUp) {
+    return absl::InvalidArgumentError("NormedInput: only the q/k/v and gate/up inputs are normed");
+  }
+  const BlockWeights& w = blocks_[b];
+  QCAL_ASSIGN_OR_RETURN(Tensor h, backend_->Alloc(DType::kF32, hidden.shape()));
+  QCAL_RETURN_IF_ERROR(
+      backend_->RmsNorm(hidden, input == LinearInput::kQkv ? w.input_norm : w.post_attention_norm,
+                        static_cast<float>(config_.rms_norm_eps), h));
+  return h;
+}
+
+absl::StatusOr<Tensor> Model::Attend(int b, const Tensor& x, const SeqShape& shape,
+                                     KvCache* cache) {
+  kernels::Backend& be = *backend_;
+  const int64_t rows = int64_t(shape.batch) * shape.seq_len;
+  QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x));
+  QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x));
+  QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x));
   kernels::RopeShape rope{shape.seq_len, shape.offset, config_.head_dim, config_.rope_theta};
   QCAL_RETURN_IF_ERROR(be.Rope(q, rope));
   QCAL_RETURN_IF_ERROR(be.Rope(k, rope));
@@ -209,25 +222,69 @@ absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, K
   }
   QCAL_ASSIGN_OR_RETURN(Tensor attn, be.Alloc(DType::kF32, {rows, config_.q_dim()}));
   QCAL_RETURN_IF_ERROR(be.Attention(q, keys, values, as, attn));
+  return attn;
+}
+
+absl::StatusOr<Tensor> Model::AttentionOutput(int b, const Tensor& x, const SeqShape& shape) {
+  return Attend(b, x, shape, nullptr);
+}
+
+absl::StatusOr<Tensor> Model::MlpProduct(int b, const Tensor& x) {
+  QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x));
+  QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x));
+  QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate, up, gate));
+  return gate;
+}
+
+absl::Status Model::AddProjection(int b, LinearKind kind, const Tensor& input, Tensor& hidden) {
+  if (kind != LinearKind::kO && kind != LinearKind::kDown) {
+    return absl::InvalidArgumentError(
+        "AddProjection: only o_proj and down_proj add to the residual");
+  }
+  const Linear& l = blocks_[b].at(kind);
+  return backend_->Linear(input, l.weight, l.bias.defined() ? &l.bias : nullptr, hidden, true);
+}
+
+absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache,
+                                 const Tap& tap) {
+  const int64_t rows = int64_t(shape.batch) * shape.seq_len;
+  const int64_t d = config_.hidden_size;
+  if (hidden.shape() != Shape{rows, d}) {
+    return absl::InvalidArgumentError(absl::StrCat("BlockForward: hidden is ", hidden.DebugString(),
+                                                   ", expected [", rows, ", ", d, "]"));
+  }
+  if (cache && (shape.batch != 1 || shape.offset + shape.seq_len > cache->capacity)) {
+    return absl::InvalidArgumentError("BlockForward: KV cache needs batch 1 and enough capacity");
+  }
+  auto call_tap = [&](LinearInput in, const Tensor& x, bool* stop) -> absl::Status {
+    *stop = false;
+    if (!tap) return absl::OkStatus();
+    absl::Status st = tap(in, x);
+    if (st.code() == absl::StatusCode::kCancelled) {
+      *stop = true;
+      return absl::OkStatus();
+    }
+    return st;
+  };
+  bool stop = false;
+
+  // Attention.
+  QCAL_ASSIGN_OR_RETURN(Tensor h, NormedInput(b, hidden, LinearInput::kQkv));
+  QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kQkv, h, &stop));
+  if (stop) return absl::OkStatus();
+  QCAL_ASSIGN_OR_RETURN(Tensor attn, Attend(b, h, shape, cache));
   QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kO, attn, &stop));
   if (stop) return absl::OkStatus();
-  {
-    const Linear& o = w.at(LinearKind::kO);
-    QCAL_RETURN_IF_ERROR(be.Linear(attn, o.weight, o.bias.defined() ? &o.bias : nullptr, hidden, true));
-  }
+  QCAL_RETURN_IF_ERROR(AddProjection(b, LinearKind::kO, attn, hidden));
 
   // MLP.
-  QCAL_RETURN_IF_ERROR(be.RmsNorm(hidden, w.post_attention_norm, eps, h));
+  QCAL_ASSIGN_OR_RETURN(h, NormedInput(b, hidden, LinearInput::kGateUp));
   QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kGateUp, h, &stop));
   if (stop) return absl::OkStatus();
-  QCAL_ASSIGN_OR_RETURN(Tensor gate, linear(h, LinearKind::kGate));
-  QCAL_ASSIGN_OR_RETURN(Tensor up, linear(h, LinearKind::kUp));
-  QCAL_RETURN_IF_ERROR(be.SiluMul(gate, up, gate));
-  QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kDown, gate, &stop));
+  QCAL_ASSIGN_OR_RETURN(Tensor mlp, MlpProduct(b, h));
+  QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kDown, mlp, &stop));
   if (stop) return absl::OkStatus();
-  const Linear& down = w.at(LinearKind::kDown);
-  QCAL_RETURN_IF_ERROR(
-      be.Linear(gate, down.weight, down.bias.defined() ? &down.bias : nullptr, hidden, true));
+  QCAL_RETURN_IF_ERROR(AddProjection(b, LinearKind::kDown, mlp, hidden));
   if (cache) cache->length = shape.offset + shape.seq_len;
   return absl::OkStatus();
 }
@@ -235,7 +292,8 @@ absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, K
 absl::StatusOr<Tensor> Model::Logits(const Tensor& hidden) {
   kernels::Backend& be = *backend_;
   QCAL_ASSIGN_OR_RETURN(Tensor h, be.Alloc(DType::kF32, hidden.shape()));
-  QCAL_RETURN_IF_ERROR(be.RmsNorm(hidden, final_norm_, static_cast<float>(config_.rms_norm_eps), h));
+  QCAL_RETURN_IF_ERROR(
+      be.RmsNorm(hidden, final_norm_, static_cast<float>(config_.rms_norm_eps), h));
   QCAL_ASSIGN_OR_RETURN(Tensor logits, be.Alloc(DType::kF32, {hidden.dim(0), config_.vocab_size}));
   QCAL_RETURN_IF_ERROR(be.Linear(h, lm_head_, nullptr, logits, false));
   return logits;

@@ -23,7 +23,7 @@ namespace qcal::engine {
 enum class LinearKind { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
 inline constexpr int kNumLinears = 7;
 inline constexpr std::array<LinearKind, kNumLinears> kAllLinears = {
-    LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO,
+    LinearKind::kQ,    LinearKind::kK,  LinearKind::kV,   LinearKind::kO,
     LinearKind::kGate, LinearKind::kUp, LinearKind::kDown};
 
 // The distinct linear inputs of a block: q/k/v share one, gate/up share one.
@@ -64,7 +64,7 @@ struct SeqShape {
 // Keys and values of every block for one sequence, for incremental decoding.
 struct KvCache {
   int capacity = 0;
-  int length = 0;  // tokens already cached
+  int length = 0;            // tokens already cached
   std::vector<Tensor> k, v;  // per block: [capacity, kv_dim]
 };
 
@@ -81,7 +81,8 @@ class Model {
  public:
   // Loads config.json and all weights of a Hugging Face checkpoint directory onto the backend.
   // `linear_weight` overrides how the seven linears' weights are read (quantized checkpoints).
-  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, kernels::Backend* backend,
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
+                                                     kernels::Backend* backend,
                                                      const LinearWeightFn& linear_weight = nullptr);
   // A model from a config and already-built weights (synthetic models, tests).
   static std::unique_ptr<Model> FromWeights(const ModelConfig& config, kernels::Backend* backend,
@@ -104,6 +105,21 @@ class Model {
   // linear input; when it returns kCancelled the forward stops there and OK is returned.
   absl::Status BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache = nullptr,
                             const Tap& tap = nullptr);
+  // Block b in stages, for drivers that take statistics between sub-layers without re-running the
+  // block from its start (the true-sequential quantization driver). In this order they compute
+  // exactly what BlockForward computes (the same ops on the same values: bit-identical results):
+  //   x = NormedInput(b, hidden, kQkv);    a = AttentionOutput(b, x, shape);
+  //   AddProjection(b, kO, a, hidden);     x = NormedInput(b, hidden, kGateUp);
+  //   m = MlpProduct(b, x);                AddProjection(b, kDown, m, hidden).
+  // The RMS-normed hidden state: q/k/v's input (kQkv) or gate/up's (kGateUp).
+  absl::StatusOr<Tensor> NormedInput(int b, const Tensor& hidden, LinearInput input);
+  // o_proj's input [rows, q_dim]: attention over RoPE'd q, k, v of the q/k/v input x (no cache).
+  absl::StatusOr<Tensor> AttentionOutput(int b, const Tensor& x, const SeqShape& shape);
+  // down_proj's input [rows, intermediate] = silu(gate_proj(x)) * up_proj(x).
+  absl::StatusOr<Tensor> MlpProduct(int b, const Tensor& x);
+  // hidden += o_proj(input) (kind kO) or down_proj(input) (kind kDown), with the bias if any.
+  absl::Status AddProjection(int b, LinearKind kind, const Tensor& input, Tensor& hidden);
+
   // logits [rows, vocab] = lm_head(norm(hidden)).
   absl::StatusOr<Tensor> Logits(const Tensor& hidden);
   // A cache for one sequence of up to `capacity` tokens.
@@ -111,6 +127,11 @@ class Model {
 
  private:
   Model() = default;
+  // y [rows, d_out] = linear `kind` of block b applied to x (bias included).
+  absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x);
+  // Attention of block b for the q/k/v input x, appending keys and values to `cache` when given.
+  absl::StatusOr<Tensor> Attend(int b, const Tensor& x, const SeqShape& shape, KvCache* cache);
+
   ModelConfig config_;
   kernels::Backend* backend_ = nullptr;
   Tensor embed_tokens_, final_norm_, lm_head_;

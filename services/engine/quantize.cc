@@ -1,12 +1,17 @@
 #include "services/engine/quantize.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <future>
+#include <system_error>
+#include <utility>
 
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "common/text_data.h"
@@ -16,7 +21,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 absl::Status CheckFinite(const Tensor& host, const std::string& what) {
   const float* p = host.data<float>();
@@ -26,14 +33,6 @@ absl::Status CheckFinite(const Tensor& host, const std::string& what) {
     }
   }
   return absl::OkStatus();
-}
-
-// The groups solved one after another within a block (true-sequential), or all at once.
-std::vector<std::vector<LinearInput>> SolveGroups(bool true_sequential) {
-  if (true_sequential) {
-    return {{LinearInput::kQkv}, {LinearInput::kO}, {LinearInput::kGateUp}, {LinearInput::kDown}};
-  }
-  return {{LinearInput::kQkv, LinearInput::kO, LinearInput::kGateUp, LinearInput::kDown}};
 }
 
 Tensor I32Tensor(const std::vector<int32_t>& v) {
@@ -47,16 +46,436 @@ std::vector<int32_t> I32Vector(const Tensor& t) {
   return std::vector<int32_t>(p, p + t.numel());
 }
 
+// Device bytes one block needs besides its weights and the calibration activations: the largest
+// statistics (a Gram sum and a per-chunk partial) plus the larger of the solver's scratch (the
+// factorization, U, working copies of the weight, codes, the split errors) and the per-chunk
+// forward temporaries (with their bf16 operand copies), and 1 GiB for library workspaces. A
+// planning estimate for what to keep on the device, not a bound.
+int64_t WorkingSetBytes(const ModelConfig& c, int64_t chunk_rows) {
+  const int64_t d = c.hidden_size, f = c.intermediate_size, qd = c.q_dim(), kvd = c.kv_dim();
+  const int64_t n = std::max({d, f, qd});
+  const int64_t w = std::max({f * d, qd * d});
+  const int64_t stats = 2 * n * n * 4;
+  const int64_t solve = 3 * n * n * 4 + w * 30;
+  const int64_t forward = chunk_rows * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 6;
+  return stats + std::max(solve, forward) + (int64_t{1} << 30);
+}
+
+// Moves a device chunk of activations to pinned host memory when the device has less than
+// `reserve` bytes available (device backends only; host backends plan no memory).
+absl::Status ParkIfShort(kernels::Backend& be, Tensor& chunk, int64_t reserve) {
+  if (be.device() == Device::kHost || chunk.device() == Device::kHost) return absl::OkStatus();
+  const int64_t available = be.AvailableMemory();
+  if (available < 0 || available >= reserve) return absl::OkStatus();
+  QCAL_ASSIGN_OR_RETURN(Tensor host, be.AllocHost(chunk.dtype(), chunk.shape()));
+  QCAL_RETURN_IF_ERROR(be.Copy(chunk, host));
+  chunk = std::move(host);
+  return absl::OkStatus();
+}
+
+// A QuantizedLinear from a device solve's results, with codes, scales and zeros already on the
+// host.
+QuantizedLinear ToQuantizedLinear(const kernels::QuantizedTensors& q, const QuantSpec& spec,
+                                  const Tensor& codes, const Tensor& scales, const Tensor& zeros) {
+  QuantizedLinear out;
+  out.d_out = q.d_out;
+  out.d_in = q.d_in;
+  out.spec = spec;
+  out.group_size = q.group_size;
+  out.n_groups = q.n_groups;
+  const uint8_t* c = codes.data<uint8_t>();
+  out.codes.assign(c, c + codes.numel());
+  const float* s = scales.data<float>();
+  out.scales.assign(s, s + scales.numel());
+  const int32_t* z = zeros.data<int32_t>();
+  out.zeros.assign(z, z + zeros.numel());
+  out.g_idx = q.g_idx;
+  out.perm = q.perm;
+  return out;
+}
+
+// Runs fn on a thread of its own when one can be started, else right here.
+std::future<QuantizedLinear> RunAsync(const std::function<QuantizedLinear()>& fn) {
+  try {
+    return std::async(std::launch::async, fn);
+  } catch (const std::system_error&) {
+    std::promise<QuantizedLinear> done;
+    done.set_value(fn());
+    return done.get_future();
+  }
+}
+
 absl::Status InstallWeight(Model& model, int b, LinearKind k, const QuantizedLinear& q) {
   Linear& lin = model.block(b).at(k);
   if (lin.weight.dim(0) != q.d_out || lin.weight.dim(1) != q.d_in) {
-    return absl::InvalidArgumentError(absl::StrCat(LinearPrefix(b, k), ": quantized shape [", q.d_out, ", ",
-                                                   q.d_in, "] does not match the model"));
+    return absl::InvalidArgumentError(absl::StrCat(LinearPrefix(b, k), ": quantized shape [",
+                                                   q.d_out, ", ", q.d_in,
+                                                   "] does not match the model"));
   }
   Tensor host = Tensor::FromVector(q.Dequantized(), {q.d_out, q.d_in});
   QCAL_ASSIGN_OR_RETURN(lin.weight, model.backend().ToDevice(host));
   return absl::OkStatus();
 }
+
+// Quantizes one block: statistics, solves and the push through the quantized block, on the host
+// (the CPU reference solvers) or, when the backend has the solver ops, entirely on its device.
+class BlockRun {
+ public:
+  BlockRun(Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes& times)
+      : model_(model),
+        be_(model.backend()),
+        acts_(acts),
+        recipe_(recipe),
+        t_(times),
+        b_(acts.next_block),
+        spec_(SpecOf(recipe)),
+        device_solve_(be_.SupportsSolverOp(kernels::SolverOp::kGptq) &&
+                      be_.SupportsSolverOp(kernels::SolverOp::kQuantizeRtn) &&
+                      be_.SupportsSolverOp(kernels::SolverOp::kOutputError)) {
+    gopt_.damp = recipe.gptq.damp;
+    gopt_.block_size = recipe.gptq.block_size;
+    gopt_.act_order = recipe.gptq.act_order;
+    const int64_t chunk_rows =
+        acts.chunk_batch.empty() ? 0 : int64_t(acts.chunk_batch[0]) * acts.seq_len;
+    reserve_ = WorkingSetBytes(model.config(), chunk_rows);
+  }
+
+  absl::StatusOr<std::vector<LayerResult>> Run() {
+    for (size_t c = acts_.chunks.size(); c-- > 0;) {
+      QCAL_RETURN_IF_ERROR(ParkIfShort(be_, acts_.chunks[c], reserve_));
+    }
+    clock_ = Clock::now();
+    QCAL_RETURN_IF_ERROR(recipe_.gptq.true_sequential ? Staged() : TwoPass());
+    for (size_t i = 0; i < pending_.size(); ++i) results_[i].quantized = pending_[i].get();
+    if (!pending_.empty()) {
+      const double before = t_.transfer;
+      QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+      t_.solve += t_.transfer - before;
+    }
+    acts_.next_block = b_ + 1;
+    return std::move(results_);
+  }
+
+ private:
+  // Adds the time since the last charge to `slot`, once the device has done the work queued
+  // meanwhile.
+  absl::Status Charge(double& slot) {
+    QCAL_RETURN_IF_ERROR(be_.Synchronize());
+    const auto now = Clock::now();
+    slot += std::chrono::duration<double>(now - clock_).count();
+    clock_ = now;
+    return absl::OkStatus();
+  }
+
+  SeqShape ShapeOf(size_t c) const { return SeqShape{acts_.chunk_batch[c], acts_.seq_len, 0}; }
+
+  // Chunk c's hidden state on the device: the chunk itself, or a device copy of a parked one.
+  absl::StatusOr<Tensor> Fetch(size_t c) {
+    const Tensor& chunk = acts_.chunks[c];
+    if (chunk.device() == be_.device()) return chunk;
+    QCAL_ASSIGN_OR_RETURN(Tensor d, be_.Alloc(chunk.dtype(), chunk.shape()));
+    QCAL_RETURN_IF_ERROR(be_.Copy(chunk, d));
+    return d;
+  }
+  // Writes back a hidden state that Fetch copied from a parked chunk.
+  absl::Status Store(size_t c, const Tensor& h) {
+    if (acts_.chunks[c].device() == be_.device()) return absl::OkStatus();
+    return be_.Copy(h, acts_.chunks[c]);
+  }
+  // Whether an intermediate may stay on the device for a later stage (else it is recomputed).
+  bool KeepOnDevice() {
+    const int64_t available = be_.AvailableMemory();
+    return available < 0 || available >= reserve_;
+  }
+
+  absl::StatusOr<Tensor> NewGram(LinearInput in) {
+    const int64_t width = model_.block(b_).at(ConsumersOf(in)[0]).weight.dim(1);
+    return be_.Alloc(DType::kF32, {width, width});
+  }
+  // sum += xᵀx through a zeroed per-chunk partial, so that sums run in chunk order whatever the
+  // split of chunks across workers.
+  absl::Status Accumulate(Tensor& sum, const Tensor& x) {
+    QCAL_ASSIGN_OR_RETURN(Tensor partial, be_.Alloc(DType::kF32, sum.shape()));
+    QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, partial));
+    return be_.Add(partial, sum);
+  }
+
+  // The attention output of chunk c's current hidden state h.
+  absl::StatusOr<Tensor> AttentionOf(const Tensor& h, size_t c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kQkv));
+    return model_.AttentionOutput(b_, x, ShapeOf(c));
+  }
+  // The MLP product of the post-attention hidden state h.
+  absl::StatusOr<Tensor> MlpOf(const Tensor& h) {
+    QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+    return model_.MlpProduct(b_, x);
+  }
+
+  // True-sequential: each sub-layer group's statistics are taken with the earlier groups already
+  // quantized, and the block runs once in stages (model.h) instead of from its start for every
+  // group. The attention outputs and MLP products of one stage feed the next when they fit on the
+  // device, and are recomputed from the chunk's hidden state otherwise; the hidden states advance
+  // in place (to the post-attention residual, then to the block output).
+  absl::Status Staged() {
+    const size_t chunks = acts_.chunks.size();
+    std::vector<Tensor> kept(chunks);
+    // q/k/v: the normed block input.
+    QCAL_ASSIGN_OR_RETURN(Tensor gram, NewGram(LinearInput::kQkv));
+    for (size_t c = 0; c < chunks; ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kQkv));
+      QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+      QCAL_RETURN_IF_ERROR(Accumulate(gram, x));
+      QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+    }
+    QCAL_RETURN_IF_ERROR(Solve(LinearInput::kQkv, gram));
+    // o: the attention output through the quantized q/k/v.
+    QCAL_ASSIGN_OR_RETURN(gram, NewGram(LinearInput::kO));
+    for (size_t c = 0; c < chunks; ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      QCAL_ASSIGN_OR_RETURN(Tensor a, AttentionOf(h, c));
+      QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+      QCAL_RETURN_IF_ERROR(Accumulate(gram, a));
+      QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+      if (KeepOnDevice()) kept[c] = std::move(a);
+    }
+    QCAL_RETURN_IF_ERROR(Solve(LinearInput::kO, gram));
+    // gate/up: the normed post-attention residual.
+    QCAL_ASSIGN_OR_RETURN(gram, NewGram(LinearInput::kGateUp));
+    for (size_t c = 0; c < chunks; ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      Tensor a = std::move(kept[c]);
+      if (!a.defined()) {
+        QCAL_ASSIGN_OR_RETURN(a, AttentionOf(h, c));
+      }
+      QCAL_RETURN_IF_ERROR(model_.AddProjection(b_, LinearKind::kO, a, h));
+      a = Tensor();
+      QCAL_RETURN_IF_ERROR(Store(c, h));
+      QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+      QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+      QCAL_RETURN_IF_ERROR(Accumulate(gram, x));
+      QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+    }
+    QCAL_RETURN_IF_ERROR(Solve(LinearInput::kGateUp, gram));
+    // down: the MLP product through the quantized gate/up.
+    QCAL_ASSIGN_OR_RETURN(gram, NewGram(LinearInput::kDown));
+    for (size_t c = 0; c < chunks; ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      QCAL_ASSIGN_OR_RETURN(Tensor m, MlpOf(h));
+      QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+      QCAL_RETURN_IF_ERROR(Accumulate(gram, m));
+      QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+      if (KeepOnDevice()) kept[c] = std::move(m);
+    }
+    QCAL_RETURN_IF_ERROR(Solve(LinearInput::kDown, gram));
+    gram = Tensor();
+    // The block output: the next block's input.
+    for (size_t c = 0; c < chunks; ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      Tensor m = std::move(kept[c]);
+      if (!m.defined()) {
+        QCAL_ASSIGN_OR_RETURN(m, MlpOf(h));
+      }
+      QCAL_RETURN_IF_ERROR(model_.AddProjection(b_, LinearKind::kDown, m, h));
+      QCAL_RETURN_IF_ERROR(Store(c, h));
+    }
+    return Charge(t_.forward);
+  }
+
+  // Without true-sequential: every statistic from the full-precision block, then all solves, then
+  // the push through the quantized block.
+  absl::Status TwoPass() {
+    std::map<LinearInput, Tensor> grams;
+    for (LinearInput in :
+         {LinearInput::kQkv, LinearInput::kO, LinearInput::kGateUp, LinearInput::kDown}) {
+      QCAL_ASSIGN_OR_RETURN(grams[in], NewGram(in));
+    }
+    for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      Tensor hidden;
+      if (be_.device() == Device::kHost) {
+        hidden = h.Clone();
+      } else {
+        QCAL_ASSIGN_OR_RETURN(hidden, be_.Alloc(DType::kF32, h.shape()));
+        QCAL_RETURN_IF_ERROR(be_.Copy(h, hidden));
+      }
+      auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
+        QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+        QCAL_RETURN_IF_ERROR(Accumulate(grams[in], x));
+        QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+        // Stop the forward once the last input has been seen.
+        if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
+        return absl::OkStatus();
+      };
+      QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
+    }
+    for (auto& [in, gram] : grams) QCAL_RETURN_IF_ERROR(Solve(in, gram));
+    grams.clear();
+    for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, h, ShapeOf(c)));
+      QCAL_RETURN_IF_ERROR(Store(c, h));
+    }
+    return Charge(t_.forward);
+  }
+
+  // Solves every linear reading `in` with its Gram matrix and installs the quantized weights.
+  absl::Status Solve(LinearInput in, const Tensor& gram) {
+    QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+    const double before = t_.factor + t_.quantize + t_.error + t_.transfer;
+    QCAL_RETURN_IF_ERROR(device_solve_ ? SolveOnDevice(in, gram) : SolveOnHost(in, gram));
+    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    t_.solve += t_.factor + t_.quantize + t_.error + t_.transfer - before;
+    return absl::OkStatus();
+  }
+
+  // A host copy of a device result, in the backend's transfer memory.
+  absl::StatusOr<Tensor> Download(const Tensor& t) {
+    QCAL_ASSIGN_OR_RETURN(Tensor host, be_.AllocHost(t.dtype(), t.shape()));
+    QCAL_RETURN_IF_ERROR(be_.Copy(t, host));
+    return host;
+  }
+
+  LayerResult NewResult(LinearKind k, int64_t d_out, int64_t d_in) const {
+    LayerResult r;
+    r.report.block = b_;
+    r.report.kind = k;
+    r.report.name = LinearPrefix(b_, k);
+    r.report.d_out = d_out;
+    r.report.d_in = d_in;
+    return r;
+  }
+
+  // The CPU reference: statistics and weights copied to the host, solved there.
+  absl::Status SolveOnHost(LinearInput in, const Tensor& gram_device) {
+    BlockWeights& bw = model_.block(b_);
+    QCAL_ASSIGN_OR_RETURN(Tensor gram, be_.ToHost(gram_device));
+    QCAL_RETURN_IF_ERROR(CheckFinite(gram, absl::StrCat("calibration statistics of block ", b_)));
+    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    for (LinearKind k : ConsumersOf(in)) {
+      const auto t0 = Clock::now();
+      const std::string name = LinearPrefix(b_, k);
+      QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(bw.at(k).weight));
+      QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", name)));
+      QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+      const int64_t d_out = w.dim(0), d_in = w.dim(1);
+      LayerResult r = NewResult(k, d_out, d_in);
+      QCAL_ASSIGN_OR_RETURN(QuantizedLinear rtn,
+                            QuantizeRtn<float>(w.data<float>(), d_out, d_in, spec_));
+      if (recipe_.method == "gptq") {
+        GptqOptions gopt;
+        gopt.damp = gopt_.damp;
+        gopt.block_size = gopt_.block_size;
+        gopt.act_order = gopt_.act_order;
+        GptqStats stats;
+        auto q = QuantizeGptq<float>(w.data<float>(), gram.data<float>(), d_out, d_in, spec_, gopt,
+                                     &stats);
+        if (!q.ok()) return Annotate(q.status(), name);
+        r.quantized = std::move(q).value();
+        r.report.dead_columns = stats.dead_columns;
+        r.report.damp_used = stats.damp_used;
+      } else {
+        r.quantized = rtn;
+      }
+      QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
+      const std::vector<float> w_hat = r.quantized.Dequantized();
+      const std::vector<float> w_rtn = rtn.Dequantized();
+      const std::vector<float> zeros(static_cast<size_t>(d_out * d_in), 0.0f);
+      const double norm =
+          OutputError(w.data<float>(), zeros.data(), gram.data<float>(), d_out, d_in);
+      const double denom = norm > 0 ? norm : 1.0;
+      r.report.rel_error =
+          OutputError(w.data<float>(), w_hat.data(), gram.data<float>(), d_out, d_in) / denom;
+      r.report.rel_error_rtn =
+          OutputError(w.data<float>(), w_rtn.data(), gram.data<float>(), d_out, d_in) / denom;
+      QCAL_RETURN_IF_ERROR(Charge(t_.error));
+      QCAL_RETURN_IF_ERROR(InstallWeight(model_, b_, k, r.quantized));
+      QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+      r.report.solve_seconds = Since(t0);
+      results_.push_back(std::move(r));
+    }
+    return absl::OkStatus();
+  }
+
+  // On the device: one factorization per input shared by its consumers; the weights never leave
+  // the device (the dequantized result replaces them there). Only codes, scales and zeros are
+  // copied to the host; their conversion into QuantizedLinear runs on a host thread while the
+  // device goes on with the next stage.
+  absl::Status SolveOnDevice(LinearInput in, const Tensor& gram) {
+    BlockWeights& bw = model_.block(b_);
+    const std::vector<LinearKind> consumers = ConsumersOf(in);
+    const bool gptq = recipe_.method == "gptq";
+    auto t0 = Clock::now();
+    kernels::GptqFactor factor;
+    if (gptq) {
+      auto f = be_.GptqFactorize(gram, gopt_);
+      if (!f.ok()) return Annotate(f.status(), LinearPrefix(b_, consumers[0]));
+      factor = std::move(f).value();
+      QCAL_RETURN_IF_ERROR(Charge(t_.factor));
+    }
+    for (LinearKind k : consumers) {
+      const std::string name = LinearPrefix(b_, k);
+      Linear& lin = bw.at(k);
+      const Tensor w = lin.weight;
+      LayerResult r = NewResult(k, w.dim(0), w.dim(1));
+      auto rtn = be_.QuantizeRtn(w, spec_);
+      if (!rtn.ok()) return Annotate(rtn.status(), name);
+      kernels::QuantizedTensors q = *rtn;
+      if (gptq) {
+        auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size);
+        if (!solved.ok()) return Annotate(solved.status(), name);
+        q = std::move(solved).value();
+        r.report.dead_columns = factor.dead_columns;
+        r.report.damp_used = factor.damp_used;
+      }
+      QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
+      QCAL_ASSIGN_OR_RETURN(const double norm, be_.OutputError(w, Tensor(), gram));
+      if (!std::isfinite(norm)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("calibration statistics of block ", b_, " contain NaN or Inf"));
+      }
+      const double denom = norm > 0 ? norm : 1.0;
+      QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, q.dequantized, gram));
+      double error_rtn = error;
+      if (gptq) {
+        QCAL_ASSIGN_OR_RETURN(error_rtn, be_.OutputError(w, rtn->dequantized, gram));
+      }
+      r.report.rel_error = error / denom;
+      r.report.rel_error_rtn = error_rtn / denom;
+      QCAL_RETURN_IF_ERROR(Charge(t_.error));
+      QCAL_ASSIGN_OR_RETURN(Tensor codes, Download(q.codes));
+      QCAL_ASSIGN_OR_RETURN(Tensor scales, Download(q.scales));
+      QCAL_ASSIGN_OR_RETURN(Tensor zeros, Download(q.zeros));
+      lin.weight = q.dequantized;
+      q.codes = q.scales = q.zeros = q.dequantized = Tensor();
+      const QuantSpec spec = spec_;
+      pending_.push_back(RunAsync([q, spec, codes, scales, zeros] {
+        return ToQuantizedLinear(q, spec, codes, scales, zeros);
+      }));
+      QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+      const auto now = Clock::now();
+      r.report.solve_seconds = std::chrono::duration<double>(now - t0).count();
+      t0 = now;
+      results_.push_back(std::move(r));
+    }
+    return absl::OkStatus();
+  }
+
+  Model& model_;
+  kernels::Backend& be_;
+  CalibActivations& acts_;
+  const Recipe& recipe_;
+  StageTimes& t_;
+  const int b_;
+  const QuantSpec spec_;
+  const bool device_solve_;
+  kernels::GptqSolveOptions gopt_;
+  int64_t reserve_ = 0;
+  Clock::time_point clock_;
+  std::vector<LayerResult> results_;
+  // Host conversions of device results, by index into results_ (device path only).
+  std::vector<std::future<QuantizedLinear>> pending_;
+};
 
 }  // namespace
 
@@ -69,7 +488,8 @@ QuantSpec SpecOf(const Recipe& recipe) {
   return spec;
 }
 
-absl::StatusOr<CalibActivations> EmbedCalibration(Model& model, const std::vector<std::vector<int>>& samples) {
+absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
+                                                  const std::vector<std::vector<int>>& samples) {
   if (samples.empty()) return absl::InvalidArgumentError("no calibration samples");
   CalibActivations acts;
   acts.seq_len = static_cast<int>(samples[0].size());
@@ -78,11 +498,13 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model, const std::vecto
       return absl::InvalidArgumentError("calibration samples must have equal length");
     }
   }
+  const int64_t reserve = WorkingSetBytes(model.config(), int64_t{kCalibChunk} * acts.seq_len);
   for (size_t c0 = 0; c0 < samples.size(); c0 += kCalibChunk) {
     const size_t c1 = std::min(samples.size(), c0 + kCalibChunk);
     std::vector<int> ids;
     for (size_t i = c0; i < c1; ++i) ids.insert(ids.end(), samples[i].begin(), samples[i].end());
     QCAL_ASSIGN_OR_RETURN(Tensor h, model.Embed(ids));
+    QCAL_RETURN_IF_ERROR(ParkIfShort(model.backend(), h, reserve));
     acts.chunks.push_back(std::move(h));
     acts.chunk_batch.push_back(static_cast<int>(c1 - c0));
   }
@@ -97,108 +519,14 @@ absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActiva
     return absl::OutOfRangeError(absl::StrCat("block ", b, " is outside the model"));
   }
   StageTimes local;
-  StageTimes& t = times ? *times : local;
-  kernels::Backend& be = model.backend();
-  const QuantSpec spec = SpecOf(recipe);
-  GptqOptions gopt;
-  gopt.damp = recipe.gptq.damp;
-  gopt.block_size = recipe.gptq.block_size;
-  gopt.act_order = recipe.gptq.act_order;
-  BlockWeights& bw = model.block(b);
-  std::vector<LayerResult> results;
-
-  for (const auto& group : SolveGroups(recipe.gptq.true_sequential)) {
-    // 1. Statistics: the Gram matrix of each input of the group, formed per chunk and summed in
-    //    chunk order (so any split of chunks across workers gives the same sums).
-    std::map<LinearInput, Tensor> grams;
-    for (LinearInput in : group) {
-      const int64_t width = bw.at(ConsumersOf(in)[0]).weight.dim(1);
-      QCAL_ASSIGN_OR_RETURN(grams[in], be.Alloc(DType::kF32, {width, width}));
-    }
-    const LinearInput last = group.back();
-    for (size_t c = 0; c < acts.chunks.size(); ++c) {
-      Tensor hidden = acts.chunks[c];
-      if (be.device() == Device::kHost) {
-        hidden = acts.chunks[c].Clone();
-      } else {
-        QCAL_ASSIGN_OR_RETURN(hidden, be.Alloc(DType::kF32, acts.chunks[c].shape()));
-        QCAL_RETURN_IF_ERROR(be.Copy(acts.chunks[c], hidden));
-      }
-      const auto t_fwd = Clock::now();
-      double tap_seconds = 0;
-      auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
-        auto it = grams.find(in);
-        if (it != grams.end()) {
-          const auto t0 = Clock::now();
-          QCAL_ASSIGN_OR_RETURN(Tensor partial, be.Alloc(DType::kF32, it->second.shape()));
-          QCAL_RETURN_IF_ERROR(be.AccumulateGram(x, partial));
-          QCAL_RETURN_IF_ERROR(be.Add(partial, it->second));
-          tap_seconds += Since(t0);
-        }
-        // Stop the forward once the group's last input has been seen.
-        if (in == last) return absl::CancelledError("statistics taken");
-        return absl::OkStatus();
-      };
-      QCAL_RETURN_IF_ERROR(
-          model.BlockForward(b, hidden, SeqShape{acts.chunk_batch[c], acts.seq_len, 0}, nullptr, tap));
-      t.hessian += tap_seconds;
-      t.forward += Since(t_fwd) - tap_seconds;
-    }
-    // 2. Solve every linear of the group and install its quantized weights.
-    for (LinearInput in : group) {
-      QCAL_ASSIGN_OR_RETURN(Tensor gram, be.ToHost(grams[in]));
-      QCAL_RETURN_IF_ERROR(CheckFinite(gram, absl::StrCat("calibration statistics of block ", b)));
-      for (LinearKind k : ConsumersOf(in)) {
-        const auto t0 = Clock::now();
-        const std::string name = LinearPrefix(b, k);
-        QCAL_ASSIGN_OR_RETURN(Tensor w, be.ToHost(bw.at(k).weight));
-        QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", name)));
-        const int64_t d_out = w.dim(0), d_in = w.dim(1);
-        LayerResult r;
-        r.report.block = b;
-        r.report.kind = k;
-        r.report.name = name;
-        r.report.d_out = d_out;
-        r.report.d_in = d_in;
-        QCAL_ASSIGN_OR_RETURN(QuantizedLinear rtn, QuantizeRtn<float>(w.data<float>(), d_out, d_in, spec));
-        if (recipe.method == "gptq") {
-          GptqStats stats;
-          auto q = QuantizeGptq<float>(w.data<float>(), gram.data<float>(), d_out, d_in, spec, gopt, &stats);
-          if (!q.ok()) return Annotate(q.status(), name);
-          r.quantized = std::move(q).value();
-          r.report.dead_columns = stats.dead_columns;
-          r.report.damp_used = stats.damp_used;
-        } else {
-          r.quantized = rtn;
-        }
-        const std::vector<float> w_hat = r.quantized.Dequantized();
-        const std::vector<float> w_rtn = rtn.Dequantized();
-        const std::vector<float> zeros(static_cast<size_t>(d_out * d_in), 0.0f);
-        const double norm = OutputError(w.data<float>(), zeros.data(), gram.data<float>(), d_out, d_in);
-        const double denom = norm > 0 ? norm : 1.0;
-        r.report.rel_error = OutputError(w.data<float>(), w_hat.data(), gram.data<float>(), d_out, d_in) / denom;
-        r.report.rel_error_rtn =
-            OutputError(w.data<float>(), w_rtn.data(), gram.data<float>(), d_out, d_in) / denom;
-        QCAL_RETURN_IF_ERROR(InstallWeight(model, b, k, r.quantized));
-        r.report.solve_seconds = Since(t0);
-        t.solve += r.report.solve_seconds;
-        results.push_back(std::move(r));
-      }
-    }
-  }
-  // 3. Push every chunk through the quantized block: the next block's inputs.
-  const auto t_push = Clock::now();
-  for (size_t c = 0; c < acts.chunks.size(); ++c) {
-    QCAL_RETURN_IF_ERROR(model.BlockForward(b, acts.chunks[c], SeqShape{acts.chunk_batch[c], acts.seq_len, 0}));
-  }
-  t.forward += Since(t_push);
-  acts.next_block = b + 1;
-  return results;
+  BlockRun run(model, acts, recipe, times ? *times : local);
+  return run.Run();
 }
 
 absl::Status InstallBlock(Model& model, int b, const std::vector<QuantizedLinear>& linears) {
   if (b < 0 || b >= model.num_blocks() || linears.size() != kAllLinears.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("InstallBlock: block ", b, " with ", linears.size(), " linears"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("InstallBlock: block ", b, " with ", linears.size(), " linears"));
   }
   for (size_t i = 0; i < linears.size(); ++i) {
     QCAL_RETURN_IF_ERROR(InstallWeight(model, b, kAllLinears[i], linears[i]));
@@ -206,7 +534,8 @@ absl::Status InstallBlock(Model& model, int b, const std::vector<QuantizedLinear
   return absl::OkStatus();
 }
 
-absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& acts, const std::string& path) {
+absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& acts,
+                             const std::string& path) {
   std::map<std::string, Tensor> tensors;
   std::string batches;
   for (size_t c = 0; c < acts.chunks.size(); ++c) {
@@ -220,7 +549,8 @@ absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& 
                            {"chunk_batch", batches}});
 }
 
-absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend, const std::string& path) {
+absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
+                                                 const std::string& path) {
   QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(path));
   CalibActivations acts;
   const auto& meta = file->metadata();
@@ -234,10 +564,12 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend, cons
   QCAL_RETURN_IF_ERROR(get_int("seq_len", &acts.seq_len));
   QCAL_RETURN_IF_ERROR(get_int("next_block", &acts.next_block));
   auto it = meta.find("chunk_batch");
-  if (it == meta.end()) return absl::DataLossError(absl::StrCat(path, ": activation checkpoint lacks chunk_batch"));
+  if (it == meta.end())
+    return absl::DataLossError(absl::StrCat(path, ": activation checkpoint lacks chunk_batch"));
   for (absl::string_view part : absl::StrSplit(it->second, ',')) {
     int v = 0;
-    if (!absl::SimpleAtoi(part, &v)) return absl::DataLossError(absl::StrCat(path, ": bad chunk_batch"));
+    if (!absl::SimpleAtoi(part, &v))
+      return absl::DataLossError(absl::StrCat(path, ": bad chunk_batch"));
     acts.chunk_batch.push_back(v);
   }
   if (acts.chunk_batch.size() != file->tensors().size()) {
@@ -245,7 +577,8 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend, cons
   }
   for (const auto& [name, info] : file->tensors()) {
     QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
-    if (t.dtype() != DType::kF32 || t.rank() != 2) return absl::DataLossError(absl::StrCat(path, ": bad chunk ", name));
+    if (t.dtype() != DType::kF32 || t.rank() != 2)
+      return absl::DataLossError(absl::StrCat(path, ": bad chunk ", name));
     QCAL_ASSIGN_OR_RETURN(Tensor dev, backend.ToDevice(t));
     acts.chunks.push_back(std::move(dev));
   }
@@ -296,9 +629,11 @@ absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes) {
   q.spec.group_size = static_cast<int>(gs);
   q.spec.symmetric = sym != 0;
   auto grid = meta.find("grid");
-  q.spec.grid = (grid != meta.end() && grid->second == "cuberoot") ? GridKind::kCuberoot : GridKind::kUniform;
+  q.spec.grid =
+      (grid != meta.end() && grid->second == "cuberoot") ? GridKind::kCuberoot : GridKind::kUniform;
   for (const char* name : {"codes", "zeros", "g_idx", "perm", "scales"}) {
-    if (!file->Has(name)) return absl::DataLossError(absl::StrCat("quantized linear artifact lacks ", name));
+    if (!file->Has(name))
+      return absl::DataLossError(absl::StrCat("quantized linear artifact lacks ", name));
   }
   QCAL_ASSIGN_OR_RETURN(Tensor codes, file->Get("codes"));
   QCAL_ASSIGN_OR_RETURN(Tensor zeros, file->Get("zeros"));
@@ -320,13 +655,16 @@ absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes) {
   return q;
 }
 
-absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model, const std::vector<std::vector<int>>& samples,
-                                              const Recipe& recipe, const BlockProgressFn& progress) {
+absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
+                                              const std::vector<std::vector<int>>& samples,
+                                              const Recipe& recipe,
+                                              const BlockProgressFn& progress) {
   QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(model, samples));
   QuantizeOutcome out;
   const int nb = model.num_blocks();
   for (int b = 0; b < nb; ++b) {
-    QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block, QuantizeBlock(model, acts, recipe, &out.times));
+    QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
+                          QuantizeBlock(model, acts, recipe, &out.times));
     for (LayerResult& r : block) {
       out.quantized[r.report.name] = std::move(r.quantized);
       out.layers.push_back(std::move(r.report));

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds what a GPU session needs (the qcal CLI and the GPU test binaries, CUDA on) and bundles it
-# with the shared models and evaluation texts into .devpack/pack.tar.gz through
-# ../shared/tools/device-pack. A device call then carries [".devpack"] and runs
-# tools/gpu/session.sh.
+# Builds what a GPU session needs (the qcal CLI and the GPU test binaries, CUDA on, no service:
+# only engine, kernels and common) and bundles stripped copies with the shared models and texts
+# into .devpack/pack.tar.gz through ../shared/tools/device-pack. A device call then carries
+# [".devpack"] and runs tools/gpu/session.sh.
 #
 #   usage: tools/gpu/pack.sh [BUILD_DIR]     (default: build-cuda; JOBS=2 parallel compiles)
 #   env:   QCAL_SHARED_DIR (default: ../shared beside the checkout)
@@ -12,24 +12,34 @@ build=${1:-build-cuda}
 [[ $build = /* ]] || build=$root/$build
 shared=${QCAL_SHARED_DIR:-$root/../shared}
 jobs=${JOBS:-2}
+binaries=(qcal cuda_ops_test cuda_quant_test cuda_model_test cuda_engine_test)
 # The bundle and the working tree travel together under a 64 MiB limit.
-max_bytes=$((48 << 20))
+max_bytes=$((58 << 20))
 
 [[ -x $shared/tools/device-pack ]] || { echo "pack.sh: no device-pack under $shared/tools" >&2; exit 1; }
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQCAL_CUDA=ON >/dev/null
-cmake --build "$build" --target qcal cuda_ops_test cuda_model_test -j "$jobs"
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQCAL_CUDA=ON \
+  -DQCAL_SERVICE=OFF >/dev/null
+cmake --build "$build" --target "${binaries[@]}" -j "$jobs"
 
 # Only what the session reads, laid out like ../shared (QCAL_SHARED_DIR points there on the GPU).
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage/shared/models" "$stage/shared/data"
+mkdir -p "$stage/shared/models" "$stage/shared/data" "$stage/bin"
 ln -s "$shared/models/stories260k" "$shared/models/sotu-llama-16m" "$stage/shared/models/"
-ln -s "$shared/data/tinystories-eval.txt" "$shared/data/sotu-eval.txt" "$stage/shared/data/"
+for text in tinystories-eval tinystories-calib sotu-eval sotu-calib; do
+  ln -s "$shared/data/$text.txt" "$stage/shared/data/"
+done
+paths=()
+for b in "${binaries[@]}"; do
+  src=$build/bin/$b
+  [[ -x $src ]] || src=$build/tests/$b
+  strip -o "$stage/bin/$b" "$src"
+  paths+=("$stage/bin/$b")
+done
 
-"$shared/tools/device-pack" "$root/.devpack" "$build/bin/qcal" "$build/tests/cuda_ops_test" \
-  "$build/tests/cuda_model_test" --data "$stage/shared"
+"$shared/tools/device-pack" "$root/.devpack" "${paths[@]}" --data "$stage/shared"
 size=$(stat -c %s "$root/.devpack/pack.tar.gz")
-if (( size > max_bytes )); then
+if ((size > max_bytes)); then
   echo "pack.sh: bundle is $size bytes, over the $max_bytes-byte budget" >&2
   exit 1
 fi

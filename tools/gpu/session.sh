@@ -1,30 +1,58 @@
 #!/usr/bin/env bash
-# One GPU session, run on the device machine from the repository root: unpacks the bundle made by
-# tools/gpu/pack.sh, runs the GPU tests (plus compute-sanitizer memcheck of the op tests and
-# racecheck of the attention kernel), evaluates both shared models on CUDA with the CLI when it
-# has --device, writes every log under $OUT and prints a summary table last.
+# One GPU session in one device call, run on the device machine from the repository root: unpacks
+# the bundle made by tools/gpu/pack.sh, then
+#   1. the GPU parity tests (label gpu: ops, solver ops, models, the quantization driver);
+#   2. qcal eval --device cuda on both shared models (reference perplexities 6.8908 and 28.728,
+#      within 0.1%) and greedy generation against stories260k's greedy_256.txt;
+#   3. qcal quantize --device cuda, GPTQ W4 g128 on sotu-llama-16m, twice (output files
+#      byte-identical, qcal_run.json aside), and once on the CPU with the same seed (perplexities
+#      within 0.5%);
+#   4. qcal bench: the 7B shape whole-model (three runs), the 70B shape per block (extrapolated);
+#   5. compute-sanitizer memcheck of the op and solver tests and racecheck of the attention
+#      kernels, while time is left;
+# writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
+# files) and prints the summary table last.
 #
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
+#   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval quantize bench sanitizer"
+#                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
+#                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
+#                              runs of the 7B bench (default: 3)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.gz}
-out=${OUT:-$root/out}
-mkdir -p "$out"
+dest=${OUT:-$root/out}
+steps=" ${QCAL_SESSION_STEPS:-tests eval quantize bench sanitizer} "
+budget=${QCAL_SESSION_BUDGET:-500}
+mkdir -p "$dest"
+out=$(mktemp -d /tmp/qcal-logs.XXXXXX)
 p=$(mktemp -d /tmp/qcal-pack.XXXXXX)
 tar xzf "$pack" -C "$p" || { echo "session.sh: cannot unpack $pack" >&2; exit 1; }
 export QCAL_SHARED_DIR=$p/data/shared QCAL_SOURCE_DIR=$root
 export LD_LIBRARY_PATH="$p/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+qcal=$p/bin/qcal
+models=$QCAL_SHARED_DIR/models
+data=$QCAL_SHARED_DIR/data
 summary=$out/summary.txt
 : >"$summary"
 status=0
 
+wants() { [[ $steps == *" $1 "* ]]; }
+# Whether at least $1 seconds of the session budget remain.
+time_for() { ((SECONDS + $1 <= budget)); }
+note() { echo "$*" >>"$summary"; }
+fail() {
+  note "FAIL: $*"
+  status=1
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1
-echo "gpu: $(head -1 "$out/gpu.txt")" >>"$summary"
+note "gpu: $(head -1 "$out/gpu.txt")"
 printf '%-34s %4s %6s %6s %7s %7s\n' step rc passed failed skipped seconds >>"$summary"
 
-# step NAME LOG TIMEOUT COMMAND...: runs one gtest binary (or wrapper), records its counts.
-step() {
+# gtest NAME LOG TIMEOUT COMMAND...: runs one gtest binary (or wrapper), records its counts.
+gtest() {
   local name=$1 log=$2 limit=$3
   shift 3
   local start=$SECONDS
@@ -39,50 +67,137 @@ step() {
   ((rc == 0)) || status=1
 }
 
-step cuda_ops_test "$out/cuda_ops_test.log" 100 "$p/bin/cuda_ops_test" --gtest_color=no
-step cuda_model_test "$out/cuda_model_test.log" 120 "$p/bin/cuda_model_test" --gtest_color=no
-# The 7B shapes are too slow under the sanitizer; the error test provokes a failed cudaMalloc,
-# which memcheck would report.
-sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [[ -n $sanitizer ]]; then
-  step "memcheck cuda_ops_test" "$out/memcheck.log" 90 "$sanitizer" --tool memcheck \
-    --error-exitcode 1 "$p/bin/cuda_ops_test" --gtest_color=no \
-    --gtest_filter='-*SevenB*:*ErrorsAreStatuses*'
-  step "racecheck attention" "$out/racecheck.log" 60 "$sanitizer" --tool racecheck \
-    --error-exitcode 1 "$p/bin/cuda_ops_test" --gtest_color=no --gtest_filter='*Attention*'
-else
-  echo "compute-sanitizer not found: sanitizer steps skipped" >>"$summary"
+# within VALUE REFERENCE TOLERANCE: whether |VALUE/REFERENCE - 1| <= TOLERANCE.
+within() { awk -v v="$1" -v r="$2" -v t="$3" 'BEGIN { d = v / r - 1; exit !(d <= t && -d <= t) }'; }
+# json_get JSON KEY: a top-level number of a one-line JSON object.
+json_get() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+
+if wants tests; then
+  for t in cuda_ops_test cuda_quant_test cuda_model_test cuda_engine_test; do
+    time_for 60 || { note "$t: skipped (session budget)"; continue; }
+    gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
+  done
 fi
 
-# The CLI on CUDA, once it has --device (the reference perplexities are 6.8908 and 28.728).
-eval_log=$out/eval.log
-if "$p/bin/qcal" eval --help 2>&1 | grep -q -- '--device'; then
-  evaluate() {
-    local label=$1
-    shift
-    local line
-    line=$(timeout 60 "$p/bin/qcal" eval --device cuda --json "$@" 2>>"$eval_log")
-    local rc=$?
-    echo "$label rc=$rc $line" >>"$eval_log"
-    printf '%-34s %4d %s\n' "$label" "$rc" "$line" >>"$summary"
-    ((rc == 0)) || status=1
+if wants eval; then
+  log=$out/eval.log
+  evaluate() {  # LABEL REFERENCE ARGS...
+    local label=$1 reference=$2
+    shift 2
+    local line rc ppl
+    line=$(timeout 120 "$qcal" eval --device cuda --json "$@" 2>>"$log")
+    rc=$?
+    echo "$label rc=$rc $line" >>"$log"
+    ppl=$( ((rc == 0)) && json_get "$line" perplexity)
+    printf '%-34s %4d perplexity %s (reference %s)\n' "$label" "$rc" "${ppl:-?}" "$reference" \
+      >>"$summary"
+    if ((rc != 0)) || ! within "$ppl" "$reference" 0.001; then
+      fail "$label: not within 0.1% of $reference"
+    fi
   }
-  evaluate "qcal eval stories260k L=256" --model "$QCAL_SHARED_DIR/models/stories260k" \
-    --text "$QCAL_SHARED_DIR/data/tinystories-eval.txt" --seq-len 256
-  evaluate "qcal eval sotu-llama-16m L=512" --model "$QCAL_SHARED_DIR/models/sotu-llama-16m" \
-    --text "$QCAL_SHARED_DIR/data/sotu-eval.txt" --seq-len 512 --max-windows 32
-else
-  echo "qcal eval --device cuda: skipped (the CLI has no --device flag yet)" | tee -a "$summary" >"$eval_log"
+  evaluate "eval stories260k L=256" 6.8908 --model "$models/stories260k" \
+    --text "$data/tinystories-eval.txt" --seq-len 256
+  evaluate "eval sotu-llama-16m L=512 K=32" 28.728 --model "$models/sotu-llama-16m" \
+    --text "$data/sotu-eval.txt" --seq-len 512 --max-windows 32
+  timeout 60 "$qcal" generate --device cuda --model "$models/stories260k" --max-new-tokens 256 \
+    >"$out/greedy_cuda.txt" 2>>"$log"
+  rc=$?
+  if ((rc == 0)) && cmp -s "$out/greedy_cuda.txt" "$models/stories260k/greedy_256.txt"; then
+    printf '%-34s %4d identical to greedy_256.txt\n' "generate stories260k greedy" "$rc" >>"$summary"
+  else
+    printf '%-34s %4d DIFFERS from greedy_256.txt\n' "generate stories260k greedy" "$rc" >>"$summary"
+    fail "greedy generation on the GPU"
+  fi
+fi
+
+if wants quantize && time_for 120; then
+  log=$out/quantize.log
+  recipe=$out/gptq-w4g128.yaml
+  printf 'method: gptq\nweights: {bits: 4, group_size: 128}\n' >"$recipe"
+  quantize() {  # DEVICE OUT_DIR
+    timeout 300 "$qcal" quantize --device "$1" --json --model "$models/sotu-llama-16m" \
+      --recipe "$recipe" --calib "$data/sotu-calib.txt" --samples 64 --seq-len 512 --seed 0 \
+      --eval-text "$data/sotu-eval.txt" --eval-seq-len 512 --eval-max-windows 32 \
+      --out "$2" --overwrite 2>>"$log"
+  }
+  q=$(mktemp -d /tmp/qcal-quant.XXXXXX)
+  start=$SECONDS
+  gpu1=$(quantize cuda "$q/gpu1") && gpu2=$(quantize cuda "$q/gpu2") && cpu=$(quantize cpu "$q/cpu")
+  rc=$?
+  echo "gpu1 $gpu1" >>"$log"
+  echo "gpu2 ${gpu2:-}" >>"$log"
+  echo "cpu ${cpu:-}" >>"$log"
+  if ((rc == 0)); then
+    identical=yes
+    for f in $(cd "$q/gpu1" && find . -type f ! -name qcal_run.json | sort); do
+      cmp -s "$q/gpu1/$f" "$q/gpu2/$f" || { identical="no ($f)"; break; }
+    done
+    ppl_gpu=$(json_get "$gpu1" perplexity)
+    ppl_cpu=$(json_get "$cpu" perplexity)
+    ppl_fp=$(json_get "$gpu1" perplexity_fp)
+    printf '%-34s %4d ppl gpu %s cpu %s (fp %s); two GPU runs identical: %s; %d s\n' \
+      "quantize sotu-llama-16m W4 g128" "$rc" "$ppl_gpu" "$ppl_cpu" "$ppl_fp" "$identical" \
+      $((SECONDS - start)) >>"$summary"
+    [[ $identical == yes ]] || fail "two GPU quantize runs differ: $identical"
+    within "$ppl_gpu" "$ppl_cpu" 0.005 || fail "GPU perplexity not within 0.5% of the CPU run's"
+    cp "$q/gpu1/qcal_report.json" "$out/quantize_gpu_report.json"
+    cp "$q/gpu1/qcal_run.json" "$out/quantize_gpu_run.json"
+  else
+    printf '%-34s %4d\n' "quantize sotu-llama-16m W4 g128" "$rc" >>"$summary"
+    fail "qcal quantize"
+  fi
+  rm -rf "$q"
+fi
+
+if wants bench; then
+  # The 7B shape whole-model QCAL_BENCH_RUNS times (default 3: the table reports their median),
+  # the 70B shape once.
+  for shape in 7b 70b; do
+    runs=1
+    [[ $shape == 7b ]] && runs=${QCAL_BENCH_RUNS:-3}
+    for ((run = 1; run <= runs; ++run)); do
+      time_for 90 || { note "bench $shape run $run: skipped (session budget)"; continue; }
+      start=$SECONDS
+      limit=$((budget - SECONDS))
+      ((limit > 300)) && limit=300
+      timeout "$limit" "$qcal" bench --shape "$shape" --compute-dtype bf16 \
+        >"$out/bench_${shape}_$run.txt" 2>"$out/bench_${shape}_$run.log"
+      rc=$?
+      printf '%-34s %4d %d s\n' "bench $shape bf16 run $run" "$rc" $((SECONDS - start)) >>"$summary"
+      ((rc == 0)) || fail "bench $shape run $run"
+      ((run == 1)) && sed 's/^/    /' "$out/bench_${shape}_$run.txt" >>"$summary"
+      ((run > 1)) && grep -h '^whole model' "$out/bench_${shape}_$run.txt" | sed 's/^/    /' \
+        >>"$summary"
+    done
+  done
+fi
+
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if wants sanitizer && [[ -n $sanitizer ]]; then
+  # The large shapes are too slow under the tools; the error tests provoke failed allocations,
+  # which memcheck would report.
+  time_for 100 && gtest "memcheck cuda_ops_test" "$out/memcheck_ops.log" 90 "$sanitizer" \
+    --tool memcheck --error-exitcode 1 "$p/bin/cuda_ops_test" --gtest_color=no \
+    --gtest_filter='-*SevenB*:*ErrorsAreStatuses*'
+  time_for 100 && gtest "memcheck cuda_quant_test" "$out/memcheck_quant.log" 90 "$sanitizer" \
+    --tool memcheck --error-exitcode 1 "$p/bin/cuda_quant_test" --gtest_color=no \
+    --gtest_filter='-*Factorize*:*OutputError*'
+  time_for 70 && gtest "racecheck attention" "$out/racecheck.log" 60 "$sanitizer" --tool \
+    racecheck --error-exitcode 1 "$p/bin/cuda_ops_test" --gtest_color=no \
+    --gtest_filter='*AttentionMatches*'
 fi
 
 {
   echo "--- numbers"
-  grep -hE '^(device kind|f32 |bf16 )' "$out/cuda_ops_test.log"
-  grep -hE 'perplexity [0-9.]+, [0-9]+ tokens' "$out/cuda_model_test.log"
-  grep -hE '^\[  FAILED  \] .* \([0-9]+ ms\)$' "$out"/*.log
-  grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/memcheck.log" "$out/racecheck.log" 2>/dev/null
+  grep -hE '^(device kind|f32 |bf16 )' "$out/cuda_ops_test.log" 2>/dev/null
+  grep -hE 'perplexity [0-9.]+, [0-9]+ tokens' "$out/cuda_model_test.log" 2>/dev/null
+  grep -hE '^\[  FAILED  \] .* \([0-9]+ ms\)$' "$out"/*.log 2>/dev/null
+  grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$out"/memcheck_*.log "$out/racecheck.log" 2>/dev/null
+  echo "session: ${SECONDS} s, status $status"
 } >>"$summary"
-rm -rf "$p"
+cp "$summary" "$dest/summary.txt"
+tar czf "$dest/logs.tar.gz" -C "$out" .
+rm -rf "$p" "$out"
 echo "=== qcal GPU session summary"
-cat "$summary"
+cat "$dest/summary.txt"
 exit $status

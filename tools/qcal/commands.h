@@ -20,6 +20,7 @@ RunFn AddEval(CLI::App& app);
 RunFn AddGenerate(CLI::App& app);
 RunFn AddSynth(CLI::App& app);
 RunFn AddQuantize(CLI::App& app);
+RunFn AddBench(CLI::App& app);
 
 // --device, --compute-dtype and --threads, shared by every command that computes.
 struct DeviceFlags {

@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   add("quantize", "Quantize a checkpoint locally (RTN or GPTQ) and export it", qcal::cli::AddQuantize);
   add("synth", "Write a synthetic Llama-architecture checkpoint with a trained tokenizer",
       qcal::cli::AddSynth);
+  add("bench", "Time GPTQ W4 g128 of a synthetic 7B- or 70B-shaped model (no disk I/O)",
+      qcal::cli::AddBench);
 
   try {
     app.parse(argc, argv);

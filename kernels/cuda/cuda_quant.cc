@@ -1,0 +1,461 @@
+#include "kernels/cuda/cuda_quant.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cuda/blas.h"
+#include "kernels/cuda/cuda_resources.h"
+#include "kernels/cuda/gptq.cuh"
+#include "kernels/cuda/output_error.cuh"
+
+namespace qcal::kernels::cuda {
+namespace {
+
+// Column panels of the lower-triangle products (S = EᵀE): panel p forms rows [p·T, (p+1)·T) of
+// S against every earlier column, (P + 1) / 2P of the full product.
+constexpr int64_t kPanels = 8;
+constexpr int64_t kMinPanelWidth = 128;
+
+absl::Status ValidateSpec(const QuantSpec& spec) {
+  if (spec.bits < 2 || spec.bits > 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights.bits must be in 2..8, got ", spec.bits));
+  }
+  if (spec.group_size == 0 || spec.group_size < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights.group_size must be -1 or >= 1, got ", spec.group_size));
+  }
+  if (spec.grid != GridKind::kUniform && spec.grid != GridKind::kCuberoot) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights.grid has unknown value ", static_cast<int>(spec.grid)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpectMatrix(const Tensor& t, const char* op, const char* what) {
+  if (!t.defined() || t.device() != Device::kCuda || t.dtype() != DType::kF32 || t.rank() != 2 ||
+      t.dim(0) <= 0 || t.dim(1) <= 0 || t.dim(0) > INT_MAX || t.dim(1) > INT_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " is ",
+                                                   t.defined() ? t.DebugString() : "undefined",
+                                                   ", expected a non-empty CUDA F32 matrix"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Sync(const QuantContext& ctx, const char* what) {
+  return CudaStatus(cudaStreamSynchronize(ctx.stream), what);
+}
+
+// Copies `count` elements of `src` (host) into a new device tensor; returns once it is there.
+template <typename T>
+absl::StatusOr<Tensor> Upload(const QuantContext& ctx, const std::vector<T>& src, DType dtype) {
+  QCAL_ASSIGN_OR_RETURN(Tensor t, ctx.alloc(dtype, {static_cast<int64_t>(src.size())}));
+  if (src.empty()) return t;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(t.raw(), src.data(), src.size() * sizeof(T),
+                                                  cudaMemcpyHostToDevice, ctx.stream),
+                                  "uploading solver indices"));
+  QCAL_RETURN_IF_ERROR(Sync(ctx, "uploading solver indices"));
+  return t;
+}
+
+template <typename T>
+absl::StatusOr<std::vector<T>> Download(const QuantContext& ctx, const void* src, int64_t count,
+                                        const char* what) {
+  std::vector<T> out(static_cast<size_t>(count));
+  if (count == 0) return out;
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(out.data(), src, count * sizeof(T), cudaMemcpyDeviceToHost, ctx.stream),
+      what));
+  QCAL_RETURN_IF_ERROR(Sync(ctx, what));
+  return out;
+}
+
+// InvalidArgument naming `what`[r, c] and its value for the first non-finite element of the
+// row-major matrix x (only j >= i when upper_only), as the CPU quantizers word it.
+absl::Status CheckFinite(const QuantContext& ctx, const Tensor& x, bool upper_only,
+                         const char* what) {
+  QCAL_ASSIGN_OR_RETURN(Tensor first, ctx.alloc(DType::kU8, {8}));
+  auto* first_p = static_cast<unsigned long long*>(first.raw());
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(first_p, 0xff, 8, ctx.stream), what));
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      LaunchFindNonFinite(x.data<float>(), x.dim(0), x.dim(1), upper_only, first_p, ctx.stream),
+      what));
+  QCAL_ASSIGN_OR_RETURN(auto index, Download<unsigned long long>(ctx, first_p, 1, what));
+  if (index[0] == ~0ull) return absl::OkStatus();
+  QCAL_ASSIGN_OR_RETURN(auto value, Download<float>(ctx, x.data<float>() + index[0], 1, what));
+  const int64_t cols = x.dim(1);
+  return absl::InvalidArgumentError(absl::StrCat(
+      what, "[", static_cast<int64_t>(index[0]) / cols, ", ", static_cast<int64_t>(index[0]) % cols,
+      "] is ", static_cast<double>(value[0]), " (not finite)"));
+}
+
+// The output tensors of a quantized weight, allocated on the device.
+absl::StatusOr<QuantizedTensors> NewQuantized(const QuantContext& ctx, int64_t d_out, int64_t d_in,
+                                              const QuantSpec& spec) {
+  QuantizedTensors q;
+  q.d_out = d_out;
+  q.d_in = d_in;
+  q.group_size = EffectiveGroupSize(spec, d_in);
+  q.n_groups = NumGroups(spec, d_in);
+  QCAL_ASSIGN_OR_RETURN(q.codes, ctx.alloc(DType::kU8, {d_out, d_in}));
+  QCAL_ASSIGN_OR_RETURN(q.dequantized, ctx.alloc(DType::kF32, {d_out, d_in}));
+  QCAL_ASSIGN_OR_RETURN(q.scales, ctx.alloc(DType::kF32, {q.n_groups, d_out}));
+  QCAL_ASSIGN_OR_RETURN(q.zeros, ctx.alloc(DType::kI32, {q.n_groups, d_out}));
+  q.g_idx.resize(static_cast<size_t>(d_in));
+  for (int64_t j = 0; j < d_in; ++j) q.g_idx[j] = static_cast<int32_t>(j / q.group_size);
+  return q;
+}
+
+absl::Status ScaleOverflowError(int64_t row, int64_t group) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("weight row ", row, ", group ", group,
+                   ": value range too large for an fp16 scale (max 65504)"));
+}
+
+// Device workspace and info word of the two cuSOLVER calls, sized once per factorization.
+struct SolverWork {
+  Tensor device;
+  std::vector<char> host;
+  size_t device_bytes = 0;
+  Tensor info;
+};
+
+absl::StatusOr<SolverWork> NewSolverWork(const QuantContext& ctx, cusolverDnParams_t params,
+                                         float* a, int64_t n) {
+  size_t potrf_device = 0, potrf_host = 0, trtri_device = 0, trtri_host = 0;
+  QCAL_RETURN_IF_ERROR(CusolverStatus(
+      cusolverDnXpotrf_bufferSize(ctx.solver, params, CUBLAS_FILL_MODE_LOWER, n, CUDA_R_32F, a, n,
+                                  CUDA_R_32F, &potrf_device, &potrf_host),
+      "cusolverDnXpotrf_bufferSize"));
+  QCAL_RETURN_IF_ERROR(CusolverStatus(
+      cusolverDnXtrtri_bufferSize(ctx.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n,
+                                  CUDA_R_32F, a, n, &trtri_device, &trtri_host),
+      "cusolverDnXtrtri_bufferSize"));
+  SolverWork work;
+  work.device_bytes = std::max<size_t>({potrf_device, trtri_device, 1});
+  QCAL_ASSIGN_OR_RETURN(work.device,
+                        ctx.alloc(DType::kU8, {static_cast<int64_t>(work.device_bytes)}));
+  work.host.resize(std::max<size_t>({potrf_host, trtri_host, 1}));
+  QCAL_ASSIGN_OR_RETURN(work.info, ctx.alloc(DType::kI32, {1}));
+  return work;
+}
+
+// Whether the info word of the last solver call is 0 (success).
+absl::StatusOr<bool> InfoOk(const QuantContext& ctx, const SolverWork& work, const char* what) {
+  QCAL_ASSIGN_OR_RETURN(auto info, Download<int32_t>(ctx, work.info.raw(), 1, what));
+  if (info[0] < 0) {
+    return absl::InternalError(absl::StrCat(what, ": invalid argument ", -info[0]));
+  }
+  return info[0] == 0;
+}
+
+// RAII for cusolverDnParams_t.
+class SolverParams {
+ public:
+  SolverParams() = default;
+  SolverParams(const SolverParams&) = delete;
+  SolverParams& operator=(const SolverParams&) = delete;
+  ~SolverParams() {
+    if (params_) cusolverDnDestroyParams(params_);
+  }
+  absl::Status Create() {
+    return CusolverStatus(cusolverDnCreateParams(&params_), "cusolverDnCreateParams");
+  }
+  cusolverDnParams_t get() const { return params_; }
+
+ private:
+  cusolverDnParams_t params_ = nullptr;
+};
+
+}  // namespace
+
+absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& h,
+                                         const GptqSolveOptions& options) {
+  if (!std::isfinite(options.damp) || options.damp < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("gptq.damp must be >= 0, got ", options.damp));
+  }
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(h, "GptqFactorize", "the Hessian"));
+  const int64_t n = h.dim(0);
+  if (h.dim(1) != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GptqFactorize: the Hessian ", h.DebugString(), " is not square"));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  QCAL_RETURN_IF_ERROR(CheckFinite(ctx, h, /*upper_only=*/true, "hessian"));
+
+  // 1-2. Dead and outlier columns, visiting order: decided on the host from the diagonal.
+  std::vector<float> diag(static_cast<size_t>(n));
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpy2DAsync(diag.data(), sizeof(float), h.data<float>(), (n + 1) * sizeof(float),
+                        sizeof(float), n, cudaMemcpyDeviceToHost, ctx.stream),
+      "reading the Hessian's diagonal"));
+  QCAL_RETURN_IF_ERROR(Sync(ctx, "reading the Hessian's diagonal"));
+  GptqFactor f;
+  f.n = n;
+  f.act_order = options.act_order;
+  f.removed.assign(static_cast<size_t>(n), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    if (diag[j] == 0.0f) {
+      f.removed[j] = 1;
+      ++f.dead_columns;
+    }
+  }
+  for (int32_t c : options.outlier_columns) {
+    if (c < 0 || c >= n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("outlier column ", c, " is out of range [0, ", n, ")"));
+    }
+    if (!f.removed[c]) {
+      f.removed[c] = 1;
+      ++f.outlier_columns;
+    }
+  }
+  auto diag_of = [&](int64_t j) { return f.removed[j] ? 1.0f : diag[j]; };
+  f.perm.resize(static_cast<size_t>(n));
+  std::iota(f.perm.begin(), f.perm.end(), 0);
+  if (options.act_order) {
+    std::stable_sort(f.perm.begin(), f.perm.end(),
+                     [&](int32_t a, int32_t b) { return diag_of(a) > diag_of(b); });
+  }
+  double diag_sum = 0;
+  for (int64_t j = 0; j < n; ++j) diag_sum += static_cast<double>(diag_of(j));
+  const double diag_mean = diag_sum / static_cast<double>(n);
+
+  // 3-4. Damping and U, retried with more damping like the CPU.
+  QCAL_ASSIGN_OR_RETURN(Tensor perm, Upload(ctx, f.perm, DType::kI32));
+  QCAL_ASSIGN_OR_RETURN(Tensor removed, Upload(ctx, f.removed, DType::kU8));
+  QCAL_ASSIGN_OR_RETURN(Tensor a, ctx.alloc(DType::kF32, {n, n}));
+  SolverParams params;
+  QCAL_RETURN_IF_ERROR(params.Create());
+  QCAL_ASSIGN_OR_RETURN(SolverWork work, NewSolverWork(ctx, params.get(), a.data<float>(), n));
+  double lambda = options.damp;
+  bool factored = false;
+  for (int attempt = 0; attempt < 3 && !factored; ++attempt) {
+    if (attempt > 0) {
+      if (options.damp == 0) break;
+      lambda *= 10;
+    }
+    f.damp_used = lambda;
+    QCAL_RETURN_IF_ERROR(CudaStatus(
+        LaunchBuildReversedHessian(h.data<float>(), n, perm.data<int32_t>(),
+                                   removed.data<uint8_t>(), static_cast<float>(lambda * diag_mean),
+                                   a.data<float>(), ctx.stream),
+        "GptqFactorize: building the damped Hessian"));
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnXpotrf(ctx.solver, params.get(), CUBLAS_FILL_MODE_LOWER, n, CUDA_R_32F,
+                         a.data<float>(), n, CUDA_R_32F, work.device.raw(), work.device_bytes,
+                         work.host.data(), work.host.size(), work.info.data<int32_t>()),
+        absl::StrCat("cusolverDnXpotrf n=", n)));
+    QCAL_ASSIGN_OR_RETURN(bool ok, InfoOk(ctx, work, "cusolverDnXpotrf"));
+    if (ok) {
+      QCAL_RETURN_IF_ERROR(CusolverStatus(
+          cusolverDnXtrtri(ctx.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_32F,
+                           a.data<float>(), n, work.device.raw(), work.device_bytes,
+                           work.host.data(), work.host.size(), work.info.data<int32_t>()),
+          absl::StrCat("cusolverDnXtrtri n=", n)));
+      QCAL_ASSIGN_OR_RETURN(ok, InfoOk(ctx, work, "cusolverDnXtrtri"));
+    }
+    factored = ok;
+    if (!factored) ++f.cholesky_failures;
+  }
+  if (!factored) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "GPTQ: the Hessian [", n, " x ", n, "] is not positive definite even with damping ",
+        f.damp_used, " (gptq.damp = ", options.damp,
+        "); more calibration data or a larger gptq.damp may help"));
+  }
+  QCAL_ASSIGN_OR_RETURN(f.u, ctx.alloc(DType::kF32, {n, n}));
+  QCAL_RETURN_IF_ERROR(CudaStatus(LaunchExtractU(a.data<float>(), n, f.u.data<float>(), ctx.stream),
+                                  "GptqFactorize: extracting U"));
+  return f;
+}
+
+absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor& w,
+                                           const GptqFactor& factor, const QuantSpec& spec,
+                                           int block_size) {
+  QCAL_RETURN_IF_ERROR(ValidateSpec(spec));
+  if (block_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gptq.block_size must be >= 1, got ", block_size));
+  }
+  if (block_size > GptqMaxBlockWidth()) {
+    return absl::UnimplementedError(absl::StrCat("gptq.block_size ", block_size,
+                                                 " exceeds the CUDA solver's limit of ",
+                                                 GptqMaxBlockWidth()));
+  }
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "GptqSolve", "the weight"));
+  const int64_t d_out = w.dim(0), n = w.dim(1);
+  if (factor.n != n || factor.u.shape() != Shape{n, n} || factor.u.device() != Device::kCuda ||
+      factor.perm.size() != static_cast<size_t>(n) ||
+      factor.removed.size() != static_cast<size_t>(n)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GptqSolve: the factor (n = ", factor.n, ") does not match the weight ", w.DebugString()));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  QCAL_RETURN_IF_ERROR(CheckFinite(ctx, w, /*upper_only=*/false, "weight"));
+  QCAL_ASSIGN_OR_RETURN(QuantizedTensors q, NewQuantized(ctx, d_out, n, spec));
+  QCAL_ASSIGN_OR_RETURN(Tensor perm, Upload(ctx, factor.perm, DType::kI32));
+  QCAL_ASSIGN_OR_RETURN(Tensor removed, Upload(ctx, factor.removed, DType::kU8));
+  QCAL_ASSIGN_OR_RETURN(Tensor wp, ctx.alloc(DType::kF32, {d_out, n}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchGatherColumns(w.data<float>(), d_out, n, perm.data<int32_t>(),
+                                     removed.data<uint8_t>(), wp.data<float>(), ctx.stream),
+                 "GptqSolve: permuting the weight"));
+  const int64_t bs = block_size;
+  QCAL_ASSIGN_OR_RETURN(Tensor err, ctx.alloc(DType::kF32, {d_out, bs}));
+  QCAL_ASSIGN_OR_RETURN(Tensor failures, ctx.alloc(DType::kI32, {d_out, 2}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaMemsetAsync(failures.raw(), 0, failures.nbytes(), ctx.stream), "GptqSolve"));
+
+  GptqBlockArgs args;
+  args.wp = wp.data<float>();
+  args.u = factor.u.data<float>();
+  args.n = n;
+  args.d_out = d_out;
+  args.group_size = q.group_size;
+  args.spec = spec;
+  args.perm = perm.data<int32_t>();
+  args.err = err.data<float>();
+  args.err_ld = bs;
+  args.codes = q.codes.data<uint8_t>();
+  args.dequantized = q.dequantized.data<float>();
+  args.scales = q.scales.data<float>();
+  args.zeros = q.zeros.data<int32_t>();
+  args.failures = reinterpret_cast<int2*>(failures.data<int32_t>());
+  const int64_t g = q.group_size;
+  std::vector<int64_t> block_starts;
+  for (int64_t i1 = 0; i1 < n;) {
+    int64_t i2 = std::min(i1 + bs, n);
+    // Cut the block before a group that starts inside it and extends past its end (gptq.h).
+    const int64_t last_group_start = (i2 - 1) / g * g;
+    if (last_group_start > i1 && std::min(last_group_start + g, n) > i2) i2 = last_group_start;
+    block_starts.push_back(i1);
+    args.i1 = i1;
+    args.i2 = i2;
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(LaunchGptqBlock(args, ctx.stream), "GptqSolve: column loop kernel"));
+    if (i2 < n) {
+      // Lazy update of every later column: W[:, i2:] -= E U[i1:i2, i2:].
+      QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, n - i2, i2 - i1, -1.0f,
+                                err.data<float>(), bs, factor.u.data<float>() + i1 * n + i2, n,
+                                DType::kF32, 1.0f, wp.data<float>() + i2, n));
+    }
+    i1 = i2;
+  }
+
+  // The CPU reports the first lazy block with a failure, and in it the lowest row.
+  QCAL_ASSIGN_OR_RETURN(
+      auto fails, Download<int32_t>(ctx, failures.raw(), 2 * d_out, "GptqSolve: reading failures"));
+  int64_t worst_block = -1, worst_row = -1;
+  for (int64_t o = 0; o < d_out; ++o) {
+    if (fails[2 * o] == 0) continue;
+    const int64_t block =
+        std::upper_bound(block_starts.begin(), block_starts.end(), int64_t{fails[2 * o + 1]}) -
+        block_starts.begin();
+    if (worst_block < 0 || block < worst_block) {
+      worst_block = block;
+      worst_row = o;
+    }
+  }
+  if (worst_row >= 0) {
+    const int64_t i = fails[2 * worst_row + 1];
+    if (fails[2 * worst_row] == kGptqScaleOverflow) return ScaleOverflowError(worst_row, i / g);
+    return absl::InvalidArgumentError(
+        absl::StrCat("GPTQ: non-finite rounding error at weight row ", worst_row, ", column ",
+                     factor.perm[i], " (ill-conditioned Hessian or extreme weights)"));
+  }
+  if (factor.act_order) {
+    for (int64_t p = 0; p < n; ++p) q.g_idx[factor.perm[p]] = static_cast<int32_t>(p / g);
+    q.perm = factor.perm;
+  }
+  return q;
+}
+
+absl::StatusOr<QuantizedTensors> QuantizeRtn(const QuantContext& ctx, const Tensor& w,
+                                             const QuantSpec& spec) {
+  QCAL_RETURN_IF_ERROR(ValidateSpec(spec));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "QuantizeRtn", "the weight"));
+  const int64_t d_out = w.dim(0), d_in = w.dim(1);
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  QCAL_RETURN_IF_ERROR(CheckFinite(ctx, w, /*upper_only=*/false, "weight"));
+  QCAL_ASSIGN_OR_RETURN(QuantizedTensors q, NewQuantized(ctx, d_out, d_in, spec));
+  QCAL_ASSIGN_OR_RETURN(Tensor overflow, ctx.alloc(DType::kI32, {d_out}));
+  // 0x7f7f7f7f: larger than any group index, "no overflow".
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaMemsetAsync(overflow.raw(), 0x7f, overflow.nbytes(), ctx.stream), "RTN"));
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      LaunchQuantizeRtn(w.data<float>(), d_out, d_in, q.group_size, spec, q.codes.data<uint8_t>(),
+                        q.dequantized.data<float>(), q.scales.data<float>(),
+                        q.zeros.data<int32_t>(), overflow.data<int32_t>(), ctx.stream),
+      "QuantizeRtn kernel"));
+  QCAL_ASSIGN_OR_RETURN(
+      auto groups, Download<int32_t>(ctx, overflow.raw(), d_out, "QuantizeRtn: reading overflows"));
+  for (int64_t o = 0; o < d_out; ++o) {
+    if (groups[o] < q.n_groups) return ScaleOverflowError(o, groups[o]);
+  }
+  return q;
+}
+
+absl::StatusOr<double> OutputError(const QuantContext& ctx, const Tensor& w, const Tensor& w_hat,
+                                   const Tensor& gram) {
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "OutputError", "w"));
+  const int64_t d_out = w.dim(0), d_in = w.dim(1);
+  if (w_hat.defined()) {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(w_hat, "OutputError", "w_hat"));
+    if (w_hat.shape() != w.shape()) {
+      return absl::InvalidArgumentError(absl::StrCat("OutputError: w_hat ", w_hat.DebugString(),
+                                                     " does not match w ", w.DebugString()));
+    }
+  }
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(gram, "OutputError", "gram"));
+  if (gram.shape() != Shape{d_in, d_in}) {
+    return absl::InvalidArgumentError(absl::StrCat("OutputError: gram ", gram.DebugString(),
+                                                   " does not match w ", w.DebugString()));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  QCAL_ASSIGN_OR_RETURN(Tensor hi, ctx.alloc(DType::kF32, {d_out, d_in}));
+  QCAL_ASSIGN_OR_RETURN(Tensor lo, ctx.alloc(DType::kF32, {d_out, d_in}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchSplitTf32(w.data<float>(), w_hat.defined() ? w_hat.data<float>() : nullptr,
+                                 d_out * d_in, hi.data<float>(), lo.data<float>(), ctx.stream),
+                 "OutputError: splitting E"));
+  QCAL_ASSIGN_OR_RETURN(Tensor partial, ctx.alloc(DType::kF64, {d_in}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaMemsetAsync(partial.raw(), 0, partial.nbytes(), ctx.stream), "OutputError"));
+  const int64_t panels = d_in >= kPanels * kMinPanelWidth ? kPanels : 1;
+  const int64_t width = (d_in + panels - 1) / panels;
+  QCAL_ASSIGN_OR_RETURN(Tensor st, ctx.alloc(DType::kF32, {d_in, width}));
+  const float* h = hi.data<float>();
+  const float* l = lo.data<float>();
+  float* stp = st.data<float>();
+  for (int64_t r0 = 0; r0 < d_in; r0 += width) {
+    const int64_t r1 = std::min(d_in, r0 + width), cols = r1 - r0;
+    // St [r1, r1 - r0] = E[:, :r1]ᵀ E[:, r0:r1] = hiᵀhi + hiᵀlo + loᵀhi (loᵀlo is below fp32's
+    // resolution).
+    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, h, d_in, h + r0,
+                                  d_in, 0.0f, stp, cols));
+    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, h, d_in, l + r0,
+                                  d_in, 1.0f, stp, cols));
+    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, l, d_in, h + r0,
+                                  d_in, 1.0f, stp, cols));
+    QCAL_RETURN_IF_ERROR(CudaStatus(LaunchWeightedPanelTrace(stp, r0, r1, gram.data<float>(), d_in,
+                                                             partial.data<double>(), ctx.stream),
+                                    "OutputError: trace"));
+  }
+  QCAL_ASSIGN_OR_RETURN(
+      auto sums, Download<double>(ctx, partial.raw(), d_in, "OutputError: reading the trace"));
+  double total = 0;
+  for (double s : sums) total += s;
+  // A Gram matrix is PSD; rounding can leave a tiny negative sum for a (near-)zero error.
+  return std::sqrt(std::max(total, 0.0));
+}
+
+}  // namespace qcal::kernels::cuda

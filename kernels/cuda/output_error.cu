@@ -1,0 +1,64 @@
+#include <algorithm>
+
+#include "kernels/cuda/block_reduce.cuh"
+#include "kernels/cuda/output_error.cuh"
+
+namespace qcal::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float RoundToTf32(float x) {
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(x));
+  return __uint_as_float(bits);
+}
+
+__global__ void SplitTf32Kernel(const float* w, const float* w_hat, int64_t count, float* hi,
+                                float* lo) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float e = w_hat ? w[i] - w_hat[i] : w[i];
+    const float h = RoundToTf32(e);
+    hi[i] = h;
+    lo[i] = e - h;
+  }
+}
+
+// One block per row j of the panel's transposed part; reads of st and g are contiguous in i.
+__global__ void WeightedPanelTraceKernel(const float* st, int64_t r0, int64_t r1, const float* g,
+                                         int64_t n, double* partial) {
+  __shared__ double scratch[32];
+  const int64_t j = blockIdx.x, width = r1 - r0;
+  const float* st_row = st + j * width;
+  const float* g_row = g + j * n;
+  double sum = 0;
+  for (int64_t i = std::max(j, r0) + threadIdx.x; i < r1; i += kThreads) {
+    const double term = double(st_row[i - r0]) * double(g_row[i]);
+    sum += i == j ? term : 2 * term;
+  }
+  sum = BlockReduce(sum, SumOp(), 0.0, scratch);
+  if (threadIdx.x == 0) partial[j] += sum;
+}
+
+}  // namespace
+
+cudaError_t LaunchSplitTf32(const float* w, const float* w_hat, int64_t count, float* hi, float* lo,
+                            cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const unsigned grid =
+      static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 1 << 16));
+  SplitTf32Kernel<<<grid, kThreads, 0, stream>>>(w, w_hat, count, hi, lo);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchWeightedPanelTrace(const float* st, int64_t r0, int64_t r1, const float* g,
+                                     int64_t n, double* partial, cudaStream_t stream) {
+  if (r1 <= r0) return cudaSuccess;
+  if (r1 > 0x7fffffff) return cudaErrorInvalidValue;
+  WeightedPanelTraceKernel<<<static_cast<unsigned>(r1), kThreads, 0, stream>>>(st, r0, r1, g, n,
+                                                                               partial);
+  return cudaGetLastError();
+}
+
+}  // namespace qcal::kernels::cuda

@@ -1,0 +1,27 @@
+// Launchers of the kernels of the GPU layer output error ||(W - W^) X^T||_F = sqrt(trace(E G Eᵀ))
+// (spec: engine::OutputError in services/engine/quant/quantized_linear.h). The adapter
+// (cuda_quant.cc) forms S = EᵀE on column panels (only S's lower triangle: about half the work of
+// E·G) as three TF32 tensor-core products of a two-term split E = hi + lo (hiᵀhi + hiᵀlo + loᵀhi,
+// the "3xTF32" scheme: about fp32 accuracy, several times the speed of fp64 or fp32 GEMMs), then
+// trace(E G Eᵀ) = sum over i, j of S_ij G_ij with G read from its upper triangle, summed in double.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace qcal::kernels::cuda {
+
+// e = w - w_hat (w_hat may be null: e = w) in fp32, split as hi = e rounded to TF32 (to nearest,
+// ties away) and lo = e - hi (exact).
+cudaError_t LaunchSplitTf32(const float* w, const float* w_hat, int64_t count, float* hi, float* lo,
+                            cudaStream_t stream);
+
+// For one panel of rows [r0, r1) of S, given st = Sᵀ restricted to the panel (row-major
+// [r1, r1 - r0]: st[j*(r1-r0) + (i-r0)] = S[i][j] for j < r1): partial[j] += sum over
+// i in [max(j, r0), r1) of (i == j ? 1 : 2) * st[j][i-r0] * g[j*n + i] in double for every j < r1,
+// each row j summed in a fixed order by one block (run to run identical).
+cudaError_t LaunchWeightedPanelTrace(const float* st, int64_t r0, int64_t r1, const float* g,
+                                     int64_t n, double* partial, cudaStream_t stream);
+
+}  // namespace qcal::kernels::cuda

@@ -1,0 +1,64 @@
+// Plain data of the backends' weight-quantization ops (Backend::GptqFactorize, GptqSolve,
+// QuantizeRtn, OutputError): the solve options, the factored Hessian that the consumers of one
+// linear input share, and a quantized weight whose tensors stay on the backend's device.
+//
+// The algorithm these ops run is the CPU reference's, services/engine/quant/gptq.h (dead and
+// outlier columns, act-order, damping with retries, U = upper Cholesky factor of H^-1, lazy
+// blocks cut before a group that would straddle a block end); the grid rules are quant_grid.h.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/tensor.h"
+#include "kernels/quant_grid.h"
+
+namespace qcal::kernels {
+
+// The GPTQ options of one solve; the same keys, meanings and defaults as engine::GptqOptions.
+struct GptqSolveOptions {
+  // Damping lambda: H += lambda * mean(diag H) * I; retried with 10x and 100x when the
+  // factorization fails (not retried when 0). >= 0. Default: 0.01.
+  double damp = 0.01;
+  // Lazy-batch width in columns, >= 1. Default: 128.
+  int block_size = 128;
+  // Visit columns by decreasing diag H (stable sort). Default: false.
+  bool act_order = false;
+  // Input columns taken out like dead columns (H row/column -> identity's, W column -> 0). Each
+  // in [0, n); duplicates allowed. Default: none.
+  std::vector<int32_t> outlier_columns;
+};
+
+// The factored Hessian of one linear input: everything of the solve that does not depend on W.
+struct GptqFactor {
+  int64_t n = 0;
+  // F32 [n, n] on the device: the upper triangle (row-major, visiting order) is U with
+  // UᵀU = (damped H in visiting order)⁻¹; the strict lower triangle is 0.
+  Tensor u;
+  // Visiting order: perm[p] = the original column visited at position p.
+  std::vector<int32_t> perm;
+  // Whether perm is act-order's (solves then record it, as QuantizedLinear::perm does).
+  bool act_order = false;
+  // Per original column: 1 when dead (H_jj == 0) or an outlier column.
+  std::vector<uint8_t> removed;
+  int dead_columns = 0;       // columns with H_jj == 0
+  int outlier_columns = 0;    // distinct outlier columns that were not also dead
+  double damp_used = 0;       // lambda of the successful factorization
+  int cholesky_failures = 0;  // failed factorizations before the success (0..2)
+};
+
+// A quantized weight W [d_out, d_in] whose tensors live on the backend's device.
+struct QuantizedTensors {
+  int64_t d_out = 0;
+  int64_t d_in = 0;
+  int64_t group_size = 0;      // effective g (kernels::EffectiveGroupSize)
+  int64_t n_groups = 0;        // ceil(d_in / g)
+  Tensor codes;                // U8 [d_out, d_in]: codes 0..2^bits-1, original column order
+  Tensor scales;               // F32 [n_groups, d_out]: fp16 values >= 2^-14
+  Tensor zeros;                // I32 [n_groups, d_out]
+  Tensor dequantized;          // F32 [d_out, d_in]: s (q - z) through g_idx, as QuantizedLinear
+  std::vector<int32_t> g_idx;  // [d_in] (host): group of each original column
+  std::vector<int32_t> perm;   // act-order permutation (host); empty without act-order
+};
+
+}  // namespace qcal::kernels

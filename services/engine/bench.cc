@@ -1,0 +1,246 @@
+#include "services/engine/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <memory>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/hash_random.h"
+#include "services/engine/model.h"
+
+namespace qcal::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+ModelConfig LlamaConfig(int hidden, int intermediate, int layers, int heads, int kv_heads) {
+  ModelConfig c;
+  c.model_type = "llama";
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.num_layers = layers;
+  c.num_heads = heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = hidden / heads;
+  c.vocab_size = 32000;
+  c.max_position_embeddings = 4096;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 10000.0;
+  c.tie_word_embeddings = true;
+  return c;
+}
+
+// Independent streams for every tensor: seed, block and tensor index hashed together.
+uint64_t StreamSeed(uint64_t seed, int block, int tensor) {
+  return kernels::HashBits(seed, (static_cast<uint64_t>(block) + 1) * 64 + tensor);
+}
+
+absl::StatusOr<Tensor> Uniform(kernels::Backend& be, const Shape& shape, uint64_t seed, float lo,
+                               float hi) {
+  QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, shape));
+  QCAL_RETURN_IF_ERROR(be.FillUniform(t, seed, lo, hi));
+  return t;
+}
+
+// Block b's weights: linears uniform with standard deviation 1/sqrt(d_in) (activations keep their
+// scale through the block), norms uniform in [0.8, 1.2).
+absl::StatusOr<BlockWeights> DrawBlock(kernels::Backend& be, const ModelConfig& c, uint64_t seed,
+                                       int b) {
+  BlockWeights w;
+  QCAL_ASSIGN_OR_RETURN(w.input_norm,
+                        Uniform(be, {c.hidden_size}, StreamSeed(seed, b, 0), 0.8f, 1.2f));
+  QCAL_ASSIGN_OR_RETURN(w.post_attention_norm,
+                        Uniform(be, {c.hidden_size}, StreamSeed(seed, b, 1), 0.8f, 1.2f));
+  for (LinearKind k : kAllLinears) {
+    int64_t out = 0, in = 0;
+    switch (k) {
+      case LinearKind::kQ:
+        out = c.q_dim();
+        in = c.hidden_size;
+        break;
+      case LinearKind::kK:
+      case LinearKind::kV:
+        out = c.kv_dim();
+        in = c.hidden_size;
+        break;
+      case LinearKind::kO:
+        out = c.hidden_size;
+        in = c.q_dim();
+        break;
+      case LinearKind::kGate:
+      case LinearKind::kUp:
+        out = c.intermediate_size;
+        in = c.hidden_size;
+        break;
+      case LinearKind::kDown:
+        out = c.hidden_size;
+        in = c.intermediate_size;
+        break;
+    }
+    const float a = std::sqrt(3.0f / static_cast<float>(in));
+    QCAL_ASSIGN_OR_RETURN(
+        w.at(k).weight,
+        Uniform(be, {out, in}, StreamSeed(seed, b, 2 + static_cast<int>(k)), -a, a));
+  }
+  return w;
+}
+
+}  // namespace
+
+absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
+  BenchShape s;
+  s.name = name;
+  if (name == "7b") {
+    s.config = LlamaConfig(4096, 11008, 32, 32, 32);
+    s.ideal_floor_seconds = 11;
+    s.library_floor_seconds = 15;
+    s.reference_seconds = 506;
+  } else if (name == "70b") {
+    s.config = LlamaConfig(8192, 28672, 80, 64, 8);
+    s.ideal_floor_seconds = 150;    // about 2.5 min
+    s.library_floor_seconds = 270;  // 4-5 min
+    s.reference_seconds = 42.9 * 80;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown bench shape \"", name, "\" (expected 7b or 70b)"));
+  }
+  return s;
+}
+
+Recipe BenchOptions::DefaultRecipe() {
+  Recipe r;
+  r.method = "gptq";
+  r.weights.bits = 4;
+  r.weights.group_size = 128;
+  return r;
+}
+
+absl::Status BenchOptions::Validate() const {
+  if (config.num_layers < 1 || config.hidden_size < 1 || config.intermediate_size < 1 ||
+      config.num_heads < 1 || config.num_kv_heads < 1 || config.head_dim < 1 ||
+      config.vocab_size < 2 || config.num_heads % config.num_kv_heads != 0) {
+    return absl::InvalidArgumentError("bench: the model config is incomplete");
+  }
+  if (samples < 1)
+    return absl::InvalidArgumentError(absl::StrCat("samples must be >= 1, got ", samples));
+  if (seq_len < 1)
+    return absl::InvalidArgumentError(absl::StrCat("seq-len must be >= 1, got ", seq_len));
+  if (blocks < 0)
+    return absl::InvalidArgumentError(absl::StrCat("blocks must be >= 0, got ", blocks));
+  return recipe.Validate();
+}
+
+BenchFlops CountFlops(const ModelConfig& c, int samples, int seq_len) {
+  const double tokens = double(samples) * seq_len;
+  const double d = c.hidden_size, f = c.intermediate_size, qd = c.q_dim(), kvd = c.kv_dim();
+  const double layers = c.num_layers;
+  BenchFlops out;
+  const double params = d * qd + 2 * d * kvd + qd * d + 3 * d * f;
+  const double attention = 4.0 * qd * (double(seq_len) * (seq_len + 1) / 2) * samples;
+  out.forward = layers * (2 * tokens * params + attention);
+  // Inputs of q/k/v and gate/up (width d), o (q_dim) and down (f).
+  out.hessian = layers * tokens * (2 * d * d + qd * qd + f * f);
+  // (d_out, d_in) of the seven linears; factorizations of the four inputs.
+  const double updates = qd * d * d + 2 * kvd * d * d + d * qd * qd + 2 * f * d * d + d * f * f;
+  const double factor = 2.0 / 3.0 * (2 * d * d * d + qd * qd * qd + f * f * f);
+  out.solve = layers * (updates + factor);
+  return out;
+}
+
+absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& options,
+                                     const BenchLogFn& log) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  const ModelConfig& c = options.config;
+  const int total = c.num_layers;
+  const int run = options.blocks == 0 ? total : std::min(options.blocks, total);
+  auto say = [&](const std::string& line) {
+    if (log) log(line);
+  };
+  BenchResult r;
+  r.device_kind = be.DeviceKind();
+  r.blocks_total = total;
+  r.blocks_run = run;
+  r.extrapolated = run < total;
+  r.flops = CountFlops(c, options.samples, options.seq_len);
+
+  // Setup (not timed in the totals): the embedding table and the calibration tokens.
+  auto t0 = Clock::now();
+  QCAL_ASSIGN_OR_RETURN(Tensor embed, Uniform(be, {c.vocab_size, c.hidden_size},
+                                              StreamSeed(options.seed, -1, 0), -1.0f, 1.0f));
+  QCAL_ASSIGN_OR_RETURN(Tensor final_norm,
+                        Uniform(be, {c.hidden_size}, StreamSeed(options.seed, -1, 1), 0.8f, 1.2f));
+  std::unique_ptr<Model> model =
+      Model::FromWeights(c, &be, embed, final_norm, embed, std::vector<BlockWeights>(total));
+  std::vector<std::vector<int>> samples(options.samples);
+  const uint64_t token_seed = StreamSeed(options.seed, -1, 2);
+  for (int i = 0; i < options.samples; ++i) {
+    samples[i].resize(options.seq_len);
+    samples[i][0] = c.bos_token_id;
+    for (int j = 1; j < options.seq_len; ++j) {
+      const uint64_t index = static_cast<uint64_t>(i) * options.seq_len + j;
+      samples[i][j] = static_cast<int>(kernels::HashBits(token_seed, index) % c.vocab_size);
+    }
+  }
+  QCAL_RETURN_IF_ERROR(be.Synchronize());
+  r.setup_seconds += Since(t0);
+
+  t0 = Clock::now();
+  QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(*model, samples));
+  QCAL_RETURN_IF_ERROR(be.Synchronize());
+  r.embed_seconds = Since(t0);
+  say(absl::StrCat("embedded ", options.samples, " x ", options.seq_len, " tokens in ",
+                   r.embed_seconds, " s"));
+
+  int layers = 0;
+  for (int b = 0; b < run; ++b) {
+    t0 = Clock::now();
+    QCAL_ASSIGN_OR_RETURN(model->block(b), DrawBlock(be, c, options.seed, b));
+    QCAL_RETURN_IF_ERROR(be.Synchronize());
+    r.setup_seconds += Since(t0);
+
+    t0 = Clock::now();
+    QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
+                          QuantizeBlock(*model, acts, options.recipe, &r.times));
+    QCAL_RETURN_IF_ERROR(be.Synchronize());
+    r.block_seconds.push_back(Since(t0));
+    for (const LayerResult& l : block) {
+      r.mean_rel_error += l.report.rel_error;
+      r.mean_rel_error_rtn += l.report.rel_error_rtn;
+      ++layers;
+    }
+    const int64_t available = be.AvailableMemory();
+    if (available >= 0 && (r.min_available_bytes < 0 || available < r.min_available_bytes)) {
+      r.min_available_bytes = available;
+    }
+    model->block(b) = BlockWeights();  // this block is done: free its weights
+    say(absl::StrCat("block ", b + 1, "/", run, ": ", r.block_seconds.back(), " s"));
+  }
+  if (layers > 0) {
+    r.mean_rel_error /= layers;
+    r.mean_rel_error_rtn /= layers;
+  }
+  double blocks_sum = 0;
+  for (double s : r.block_seconds) blocks_sum += s;
+  r.measured_seconds = r.embed_seconds + blocks_sum;
+  if (r.extrapolated) {
+    // The first block pays warm-up (library initialisation, pool growth): leave it out when others
+    // ran.
+    const bool skip_first = r.block_seconds.size() > 1;
+    const double per_block = (blocks_sum - (skip_first ? r.block_seconds[0] : 0.0)) /
+                             (r.block_seconds.size() - (skip_first ? 1 : 0));
+    r.model_seconds = r.embed_seconds + per_block * total;
+  } else {
+    r.model_seconds = r.measured_seconds;
+  }
+  r.tflops = r.model_seconds > 0 ? r.flops.total() / r.model_seconds * 1e-12 : 0;
+  return r;
+}
+
+}  // namespace qcal::engine

@@ -1,0 +1,102 @@
+// The quantization benchmark behind `qcal bench` (DESIGN section 9): GPTQ of a synthetic
+// Llama-architecture model of a published shape, timed per stage, with the FLOPs it does and how
+// far it is from the performance model's floors.
+//
+// Nothing is read from disk: the model's weights are drawn on the backend's device
+// (Backend::FillUniform, a block at a time just before the block is quantized, and freed after),
+// and the calibration tokens are random. The quantization itself is the real driver
+// (EmbedCalibration, then QuantizeBlock per block) with the given recipe, so the numbers are those
+// of `qcal quantize` less the disk I/O, the tokenizer and the export. With fewer blocks than the
+// model has, the whole-model time is extrapolated from the blocks run (leaving out the first,
+// which pays library and memory-pool warm-up, when more than one ran), and the result says so.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/hf_config.h"
+#include "kernels/backend.h"
+#include "services/engine/quantize.h"
+#include "services/engine/recipe.h"
+
+namespace qcal::engine {
+
+// A model shape with its reference figures from DESIGN section 9 (one H100, 128 x 2048).
+struct BenchShape {
+  std::string name;
+  ModelConfig config;
+  // Whole-model GPTQ floors: at the measured ceilings, and with library kernels. Seconds.
+  double ideal_floor_seconds = 0;
+  double library_floor_seconds = 0;
+  // The reference GPTQ implementation (IST-DASLab, PyTorch) on this workload. Seconds.
+  double reference_seconds = 0;
+};
+
+// "7b" (Llama-2-7B: hidden 4096, intermediate 11008, 32 heads, 32 layers, vocab 32000) or "70b"
+// (Llama-2-70B: hidden 8192, intermediate 28672, 64 heads, 8 KV heads, 80 layers). Errors:
+// InvalidArgument naming the shape.
+absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name);
+
+struct BenchOptions {
+  // The model (its num_layers blocks). Required.
+  ModelConfig config;
+  // Calibration samples and their length in tokens (BOS first). Default: 128 x 2048.
+  int samples = 128;
+  int seq_len = 2048;
+  // Blocks to quantize; 0 = all. With fewer than the model has, the total is extrapolated.
+  // Default: 0.
+  int blocks = 0;
+  // Seed of the weights and tokens. Default: 0.
+  uint64_t seed = 0;
+  // Default: GPTQ W4 g128 with the recipe defaults (damp 0.01, block 128, true-sequential).
+  Recipe recipe = DefaultRecipe();
+
+  static Recipe DefaultRecipe();
+  // InvalidArgument naming the field: a config without layers or heads, samples or seq_len < 1,
+  // blocks < 0, an invalid recipe.
+  absl::Status Validate() const;
+};
+
+// Useful floating-point work of the whole model, the way the performance model counts it: one
+// forward pass of the linears (2 flops per weight and token) and of causal attention
+// (4 L(L+1)/2 per head and sample), the Hessians as symmetric products (n k^2 per input of width
+// k), the GPTQ solves (d_out d_in^2 for the lazy updates per linear, 2/3 k^3 per factorization of a
+// width-k Hessian).
+struct BenchFlops {
+  double forward = 0;
+  double hessian = 0;
+  double solve = 0;
+  double total() const { return forward + hessian + solve; }
+};
+BenchFlops CountFlops(const ModelConfig& config, int samples, int seq_len);
+
+struct BenchResult {
+  std::string device_kind;  // Backend::DeviceKind()
+  int blocks_run = 0;
+  int blocks_total = 0;
+  bool extrapolated = false;  // model_seconds is extrapolated from blocks_run blocks
+  double setup_seconds = 0;   // drawing weights and tokens (not counted below)
+  double embed_seconds = 0;   // embedding the calibration tokens
+  StageTimes times;           // summed over the blocks run
+  std::vector<double> block_seconds;
+  double measured_seconds = 0;  // embedding plus the blocks run
+  double model_seconds = 0;     // the whole model: measured, or extrapolated
+  BenchFlops flops;             // of the whole model
+  double tflops = 0;            // flops.total() / model_seconds, in TFLOP/s
+  double mean_rel_error = 0;    // over the layers quantized
+  double mean_rel_error_rtn = 0;
+  // The least Backend::AvailableMemory() seen after a block (-1 on host backends).
+  int64_t min_available_bytes = -1;
+};
+
+// Progress lines for humans.
+using BenchLogFn = std::function<void(const std::string& line)>;
+
+// Runs the benchmark on `backend`.
+absl::StatusOr<BenchResult> RunBench(kernels::Backend& backend, const BenchOptions& options,
+                                     const BenchLogFn& log = nullptr);
+
+}  // namespace qcal::engine

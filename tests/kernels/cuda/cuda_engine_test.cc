@@ -1,0 +1,234 @@
+// The quantization driver on the CUDA backend against the CPU reference, end to end on a shared
+// model: per-layer errors agree within 1e-3 relative (the brief's bound), GPU runs are
+// bit-identical run to run, and spilling activations to pinned host memory (a tiny device memory
+// limit) changes nothing. Also, on the CPU and the GPU: the staged true-sequential driver leaves
+// exactly the activations that BlockForward computes through the quantized block, and the bench
+// runs a tiny shape. GPU parts skip without a GPU; shared-model parts without ../shared.
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/text_data.h"
+#include "common/tokenizer.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "services/engine/bench.h"
+#include "services/engine/model.h"
+#include "services/engine/quantize.h"
+#include "tests/support/test_paths.h"
+
+namespace qcal {
+namespace {
+
+// Per-layer relative output errors, GPU against CPU (fp32 compute both): different summation
+// orders and factorizations (DESIGN section 3 tolerances, end to end).
+constexpr double kLayerErrorParity = 1e-3;
+
+std::unique_ptr<kernels::Backend> MakeBackend(const std::string& device, int64_t memory_limit = 0) {
+  kernels::BackendOptions options;
+  options.device = device;
+  options.memory_limit_bytes = memory_limit;
+  auto backend = kernels::CreateBackend(options);
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return backend.ok() ? std::move(*backend) : nullptr;
+}
+
+engine::Recipe Gptq(bool true_sequential, bool act_order) {
+  engine::Recipe r;
+  r.method = "gptq";
+  r.weights.bits = 4;
+  r.weights.group_size = 32;
+  r.gptq.true_sequential = true_sequential;
+  r.gptq.act_order = act_order;
+  return r;
+}
+
+// 16 calibration samples of 64 tokens (two chunks) from the stories260k calibration text.
+std::vector<std::vector<int>> Samples(const std::string& shared) {
+  const std::string model = shared + "/models/stories260k";
+  auto tokenizer = Tokenizer::Load(model);
+  EXPECT_TRUE(tokenizer.ok()) << tokenizer.status();
+  auto text = LoadCorpusText(shared + "/data/tinystories-calib.txt");
+  EXPECT_TRUE(text.ok()) << text.status();
+  auto tokens = (*tokenizer)->Encode(*text);
+  EXPECT_TRUE(tokens.ok());
+  auto samples = SampleCalibration(*tokens, 16, 64, 0, 1, "calib");
+  EXPECT_TRUE(samples.ok()) << samples.status();
+  return samples.ok() ? *samples : std::vector<std::vector<int>>();
+}
+
+struct QuantizeRun {
+  std::vector<engine::LayerReport> layers;
+  std::vector<std::string> artifacts;           // SerializeQuantizedLinear, forward order
+  std::vector<std::vector<float>> activations;  // the last block's outputs, per chunk
+};
+
+QuantizeRun Quantize(kernels::Backend& be, const std::string& shared,
+                     const engine::Recipe& recipe) {
+  QuantizeRun run;
+  auto model = engine::Model::Load(shared + "/models/stories260k", &be);
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (!model.ok()) return run;
+  auto acts = engine::EmbedCalibration(**model, Samples(shared));
+  EXPECT_TRUE(acts.ok()) << acts.status();
+  if (!acts.ok()) return run;
+  for (int b = 0; b < (*model)->num_blocks(); ++b) {
+    auto block = engine::QuantizeBlock(**model, *acts, recipe);
+    EXPECT_TRUE(block.ok()) << block.status();
+    if (!block.ok()) return run;
+    for (const auto& r : *block) {
+      run.layers.push_back(r.report);
+      run.artifacts.push_back(engine::SerializeQuantizedLinear(r.quantized));
+    }
+  }
+  for (const Tensor& chunk : acts->chunks) {
+    auto host = be.ToHost(chunk);
+    EXPECT_TRUE(host.ok());
+    run.activations.emplace_back(host->data<float>(), host->data<float>() + host->numel());
+  }
+  return run;
+}
+
+class CudaEngineTest : public ::testing::Test {};
+
+// Skips the calling test without a GPU or without ../shared.
+#define REQUIRE_GPU_AND_SHARED()                                           \
+  do {                                                                     \
+    if (kernels::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device"; \
+    QCAL_REQUIRE_SHARED();                                                 \
+  } while (0)
+
+TEST_F(CudaEngineTest, GpuLayerErrorsMatchCpu) {
+  REQUIRE_GPU_AND_SHARED();
+  const std::string shared = testing::SharedDir();
+  auto cpu = MakeBackend("cpu");
+  auto gpu = MakeBackend("cuda");
+  ASSERT_TRUE(cpu && gpu);
+  for (bool true_sequential : {true, false}) {
+    for (bool act_order : {false, true}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "true_sequential " << true_sequential << " act_order " << act_order);
+      const engine::Recipe recipe = Gptq(true_sequential, act_order);
+      const QuantizeRun c = Quantize(*cpu, shared, recipe);
+      const QuantizeRun g = Quantize(*gpu, shared, recipe);
+      ASSERT_EQ(c.layers.size(), g.layers.size());
+      ASSERT_FALSE(c.layers.empty());
+      double gptq_sum = 0, rtn_sum = 0;
+      for (size_t i = 0; i < c.layers.size(); ++i) {
+        SCOPED_TRACE(c.layers[i].name);
+        EXPECT_EQ(c.layers[i].name, g.layers[i].name);
+        EXPECT_NEAR(g.layers[i].rel_error, c.layers[i].rel_error,
+                    kLayerErrorParity * c.layers[i].rel_error);
+        EXPECT_NEAR(g.layers[i].rel_error_rtn, c.layers[i].rel_error_rtn,
+                    kLayerErrorParity * c.layers[i].rel_error_rtn);
+        EXPECT_EQ(g.layers[i].dead_columns, c.layers[i].dead_columns);
+        EXPECT_EQ(g.layers[i].damp_used, c.layers[i].damp_used);
+        gptq_sum += g.layers[i].rel_error;
+        rtn_sum += g.layers[i].rel_error_rtn;
+      }
+      EXPECT_LT(gptq_sum, rtn_sum);  // DESIGN section 3: summed over a model, GPTQ < RTN
+    }
+  }
+}
+
+TEST_F(CudaEngineTest, GpuRunsAreBitIdenticalAndSpillingChangesNothing) {
+  REQUIRE_GPU_AND_SHARED();
+  const std::string shared = testing::SharedDir();
+  auto gpu = MakeBackend("cuda");
+  // A 1-byte plan: every chunk parked in pinned host memory, every intermediate recomputed.
+  auto tight = MakeBackend("cuda", 1);
+  ASSERT_TRUE(gpu && tight);
+  const engine::Recipe recipe = Gptq(true, false);
+  const QuantizeRun a = Quantize(*gpu, shared, recipe);
+  const QuantizeRun b = Quantize(*gpu, shared, recipe);
+  const QuantizeRun spilled = Quantize(*tight, shared, recipe);
+  ASSERT_FALSE(a.artifacts.empty());
+  EXPECT_EQ(a.artifacts, b.artifacts);
+  EXPECT_EQ(a.activations, b.activations);
+  EXPECT_EQ(a.artifacts, spilled.artifacts);
+  EXPECT_EQ(a.activations, spilled.activations);
+  for (size_t i = 0; i < a.layers.size(); ++i) {
+    EXPECT_EQ(a.layers[i].rel_error, spilled.layers[i].rel_error);
+  }
+}
+
+// The staged driver's block output equals BlockForward through the quantized block, bit for bit,
+// on every backend present.
+TEST_F(CudaEngineTest, StagedDriverMatchesBlockForward) {
+  QCAL_REQUIRE_SHARED();
+  const std::string shared = testing::SharedDir();
+  std::vector<std::string> devices = {"cpu"};
+  if (kernels::CudaDeviceCount() > 0) devices.push_back("cuda");
+  for (const std::string& device : devices) {
+    SCOPED_TRACE(device);
+    auto be = MakeBackend(device);
+    ASSERT_TRUE(be);
+    auto model = engine::Model::Load(shared + "/models/stories260k", be.get());
+    ASSERT_TRUE(model.ok()) << model.status();
+    auto acts = engine::EmbedCalibration(**model, Samples(shared));
+    ASSERT_TRUE(acts.ok()) << acts.status();
+    std::vector<Tensor> inputs;
+    for (const Tensor& chunk : acts->chunks) {
+      auto copy = be->Alloc(DType::kF32, chunk.shape());
+      ASSERT_TRUE(copy.ok());
+      ASSERT_TRUE(be->Copy(chunk, *copy).ok());
+      inputs.push_back(*copy);
+    }
+    ASSERT_TRUE(engine::QuantizeBlock(**model, *acts, Gptq(true, false)).ok());
+    for (size_t c = 0; c < inputs.size(); ++c) {
+      ASSERT_TRUE(
+          (*model)
+              ->BlockForward(0, inputs[c], engine::SeqShape{acts->chunk_batch[c], acts->seq_len, 0})
+              .ok());
+      auto want = be->ToHost(inputs[c]);
+      auto got = be->ToHost(acts->chunks[c]);
+      ASSERT_TRUE(want.ok() && got.ok());
+      EXPECT_TRUE(
+          std::equal(got->data<float>(), got->data<float>() + got->numel(), want->data<float>()));
+    }
+  }
+}
+
+TEST_F(CudaEngineTest, BenchRunsATinyShape) {
+  std::vector<std::string> devices = {"cpu"};
+  if (kernels::CudaDeviceCount() > 0) devices.push_back("cuda");
+  std::vector<double> errors;
+  for (const std::string& device : devices) {
+    SCOPED_TRACE(device);
+    auto be = MakeBackend(device);
+    ASSERT_TRUE(be);
+    engine::BenchOptions options;
+    options.config = engine::BenchShapeNamed("7b")->config;
+    options.config.hidden_size = 64;
+    options.config.intermediate_size = 160;
+    options.config.num_heads = 4;
+    options.config.num_kv_heads = 2;
+    options.config.head_dim = 16;
+    options.config.num_layers = 3;
+    options.config.vocab_size = 100;
+    options.samples = 12;
+    options.seq_len = 32;
+    options.blocks = 2;
+    auto r = engine::RunBench(*be, options);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->blocks_run, 2);
+    EXPECT_EQ(r->blocks_total, 3);
+    EXPECT_TRUE(r->extrapolated);
+    EXPECT_EQ(r->block_seconds.size(), 2u);
+    EXPECT_GT(r->model_seconds, r->embed_seconds);
+    EXPECT_GT(r->flops.total(), 0);
+    EXPECT_GT(r->mean_rel_error, 0);
+    EXPECT_LT(r->mean_rel_error, r->mean_rel_error_rtn);
+    errors.push_back(r->mean_rel_error);
+  }
+  if (errors.size() == 2) {
+    EXPECT_NEAR(errors[1], errors[0], kLayerErrorParity * errors[0]);
+  }
+  EXPECT_FALSE(engine::BenchShapeNamed("13b").ok());
+}
+
+}  // namespace
+}  // namespace qcal

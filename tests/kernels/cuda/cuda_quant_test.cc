@@ -1,0 +1,467 @@
+// Parity of the CUDA backend's solver ops (GptqFactorize, GptqSolve, QuantizeRtn, OutputError)
+// with the CPU reference quantizers of services/engine/quant, and of ActQuant and FillUniform with
+// their CPU twins. Tolerances are DESIGN section 3's fp32 ones: given the same W and U (computed
+// once on the CPU) the GPTQ solve's layer error agrees within 1e-5 relative and at most 0.1% of
+// the codes differ; RTN codes, scales and zeros are identical on the uniform grid. Skips without
+// a GPU.
+#include <lapacke.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/ref_ops.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "services/engine/quant/gptq.h"
+#include "services/engine/quant/quantized_linear.h"
+#include "tests/engine/quant/quant_test_data.h"
+
+namespace qcal::kernels {
+namespace {
+
+using engine::GptqOptions;
+using engine::GptqStats;
+using engine::QuantizedLinear;
+
+// Same W and U: the column loops agree operation for operation; only the lazy-update GEMMs sum in
+// different orders (DESIGN section 3, fp32 block-size oracle).
+constexpr double kSolveErrorBound = 1e-5;
+constexpr double kSolveCodeFraction = 1e-3;
+// Factorization on the GPU (potrf + trtri of the reversed matrix) against LAPACK's potrf, potri,
+// potrf on the CPU, both fp32, on Hessians with outlier channels (condition ~1e4 after damping):
+// a check against gross errors; the layer errors below are the real measure.
+constexpr double kFactorBound = 1e-2;
+// End to end (U from each side's own factorization): the per-layer error of the brief.
+constexpr double kEndToEndErrorBound = 1e-3;
+// EᵀE as three TF32 products (about fp32 accuracy) against the CPU's double precision.
+constexpr double kOutputErrorBound = 1e-5;
+
+class CudaQuantTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+    BackendOptions options;
+    options.device = "cuda";
+    auto backend = CreateBackend(options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    be_ = std::move(*backend);
+  }
+
+  Tensor Upload(const std::vector<float>& v, Shape shape) {
+    auto t = be_->ToDevice(Tensor::FromVector(v, std::move(shape)));
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *t : Tensor();
+  }
+  template <typename T>
+  std::vector<T> Download(const Tensor& t) {
+    auto host = be_->ToHost(t);
+    EXPECT_TRUE(host.ok()) << host.status();
+    if (!host.ok()) return {};
+    const T* p = host->data<T>();
+    return std::vector<T>(p, p + host->numel());
+  }
+
+  std::unique_ptr<Backend> be_;
+};
+
+// A symmetric Gram matrix of correlated activations with outlier channels; `dead` columns get no
+// signal (H_jj = 0).
+std::vector<float> TestGram(int64_t n, int64_t tokens, const std::vector<int>& dead,
+                            uint64_t seed) {
+  std::vector<double> x = testing::CorrelatedActivations(tokens, n, 2, seed);
+  for (int j : dead) {
+    for (int64_t t = 0; t < tokens; ++t) x[t * n + j] = 0;
+  }
+  return testing::Gram<float>(x, tokens, n);
+}
+
+// What gptq.cc computes before its column loop, on the CPU: removed columns, visiting order and
+// U (LAPACK potrf, potri, potrf in fp32 on the damped Hessian), as a GptqFactor with U uploaded.
+struct CpuFactor {
+  GptqFactor factor;
+  std::vector<float> u;
+};
+
+CpuFactor FactorOnCpu(Backend& be, const std::vector<float>& h, int64_t n,
+                      const GptqSolveOptions& options) {
+  CpuFactor out;
+  GptqFactor& f = out.factor;
+  f.n = n;
+  f.act_order = options.act_order;
+  f.removed.assign(n, 0);
+  for (int64_t j = 0; j < n; ++j) f.removed[j] = h[j * n + j] == 0.0f;
+  for (int32_t c : options.outlier_columns) f.removed[c] = 1;
+  auto diag = [&](int64_t j) { return f.removed[j] ? 1.0f : h[j * n + j]; };
+  f.perm.resize(n);
+  std::iota(f.perm.begin(), f.perm.end(), 0);
+  if (options.act_order) {
+    std::stable_sort(f.perm.begin(), f.perm.end(),
+                     [&](int32_t a, int32_t b) { return diag(a) > diag(b); });
+  }
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += diag(j);
+  const float damp_add = static_cast<float>(options.damp * (sum / n));
+  std::vector<float>& u = out.u;
+  u.assign(n * n, 0.0f);
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = a; b < n; ++b) {
+      const int64_t i = f.perm[a], j = f.perm[b];
+      float v = (f.removed[i] || f.removed[j]) ? (a == b ? 1.0f : 0.0f)
+                                               : (i <= j ? h[i * n + j] : h[j * n + i]);
+      u[a * n + b] = a == b ? v + damp_add : v;
+    }
+  }
+  const lapack_int ln = static_cast<lapack_int>(n);
+  EXPECT_EQ(LAPACKE_spotrf(LAPACK_COL_MAJOR, 'L', ln, u.data(), ln), 0);
+  EXPECT_EQ(LAPACKE_spotri(LAPACK_COL_MAJOR, 'L', ln, u.data(), ln), 0);
+  EXPECT_EQ(LAPACKE_spotrf(LAPACK_COL_MAJOR, 'L', ln, u.data(), ln), 0);
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < a; ++b) u[a * n + b] = 0.0f;
+  }
+  auto device_u = be.ToDevice(Tensor::FromVector(u, {n, n}));
+  EXPECT_TRUE(device_u.ok());
+  if (device_u.ok()) f.u = *device_u;
+  return out;
+}
+
+GptqOptions CpuOptions(const GptqSolveOptions& o) {
+  GptqOptions c;
+  c.damp = o.damp;
+  c.block_size = o.block_size;
+  c.act_order = o.act_order;
+  c.outlier_columns = o.outlier_columns;
+  return c;
+}
+
+double LayerError(const std::vector<float>& w, const std::vector<float>& w_hat,
+                  const std::vector<float>& h, int64_t d_out, int64_t d_in) {
+  return engine::OutputError(w.data(), w_hat.data(), h.data(), d_out, d_in);
+}
+
+struct SolveCase {
+  int64_t d_out, n;
+  QuantSpec spec;
+  GptqSolveOptions options;
+  std::vector<int> dead;
+};
+
+std::vector<SolveCase> SolveCases() {
+  std::vector<SolveCase> cases;
+  auto add = [&](int64_t d_out, int64_t n, int bits, int group, int block, bool act_order,
+                 std::vector<int32_t> outliers, std::vector<int> dead) {
+    SolveCase c;
+    c.d_out = d_out;
+    c.n = n;
+    c.spec.bits = bits;
+    c.spec.group_size = group;
+    c.options.block_size = block;
+    c.options.act_order = act_order;
+    c.options.outlier_columns = std::move(outliers);
+    c.dead = std::move(dead);
+    cases.push_back(std::move(c));
+  };
+  add(96, 256, 4, 128, 128, false, {}, {});  // the usual 128/128
+  add(1, 1, 4, 128, 128, false, {}, {});     // size 1
+  add(37, 161, 3, 32, 48, true, {}, {5});    // act-order, groups straddling blocks, a dead column
+  add(65, 200, 4, -1, 64, false, {7, 7, 150},
+      {});                                       // one group per row (cut at every block), outliers
+  add(50, 131, 2, 96, 64, false, {}, {0, 130});  // g > block: cut blocks
+  add(33, 100, 8, 8, 1, false, {}, {});          // block size 1
+  cases.back().spec.symmetric = true;
+  add(20, 70, 4, 16, 32, false, {}, {});
+  cases.back().spec.grid = GridKind::kCuberoot;
+  return cases;
+}
+
+TEST_F(CudaQuantTest, GptqSolveWithCpuUMatchesCpu) {
+  uint64_t seed = 10;
+  for (const SolveCase& c : SolveCases()) {
+    SCOPED_TRACE(::testing::Message()
+                 << "d_out=" << c.d_out << " n=" << c.n << " bits=" << c.spec.bits
+                 << " g=" << c.spec.group_size << " block=" << c.options.block_size
+                 << " act_order=" << c.options.act_order);
+    const auto w = testing::HeavyTailedWeights<float>(c.d_out, c.n, seed++);
+    const auto h = TestGram(c.n, 4 * c.n + 8, c.dead, seed++);
+    GptqStats stats;
+    auto cpu = engine::QuantizeGptq<float>(w.data(), h.data(), c.d_out, c.n, c.spec,
+                                           CpuOptions(c.options), &stats);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    CpuFactor f = FactorOnCpu(*be_, h, c.n, c.options);
+    auto gpu = be_->GptqSolve(Upload(w, {c.d_out, c.n}), f.factor, c.spec, c.options.block_size);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    const auto codes = Download<uint8_t>(gpu->codes);
+    int64_t differ = 0;
+    for (size_t i = 0; i < codes.size(); ++i) differ += codes[i] != cpu->codes[i];
+    EXPECT_LE(differ, kSolveCodeFraction * codes.size()) << differ << " codes differ";
+    EXPECT_EQ(gpu->g_idx, cpu->g_idx);
+    EXPECT_EQ(gpu->perm, cpu->perm);
+    EXPECT_EQ(gpu->n_groups, cpu->n_groups);
+    const auto deq = Download<float>(gpu->dequantized);
+    const double e_cpu = LayerError(w, cpu->Dequantized(), h, c.d_out, c.n);
+    const double e_gpu = LayerError(w, deq, h, c.d_out, c.n);
+    EXPECT_LE(std::abs(e_gpu - e_cpu), kSolveErrorBound * std::max(e_cpu, 1e-30))
+        << "cpu " << e_cpu << " gpu " << e_gpu;
+    // Group parameters are fitted on the same values up to the lazy updates' rounding.
+    const auto scales = Download<float>(gpu->scales);
+    int64_t scales_differ = 0;
+    for (size_t i = 0; i < scales.size(); ++i) scales_differ += scales[i] != cpu->scales[i];
+    EXPECT_LE(scales_differ, std::max<double>(1, kSolveCodeFraction * scales.size()));
+  }
+}
+
+TEST_F(CudaQuantTest, GptqFactorizeMatchesCpuFactorAndStats) {
+  uint64_t seed = 40;
+  for (const SolveCase& c : SolveCases()) {
+    SCOPED_TRACE(::testing::Message() << "n=" << c.n << " act_order=" << c.options.act_order);
+    const auto h = TestGram(c.n, 4 * c.n + 8, c.dead, seed++);
+    CpuFactor cpu = FactorOnCpu(*be_, h, c.n, c.options);
+    auto gpu = be_->GptqFactorize(Upload(h, {c.n, c.n}), c.options);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_EQ(gpu->perm, cpu.factor.perm);
+    EXPECT_EQ(gpu->removed, cpu.factor.removed);
+    const std::vector<float> u = Download<float>(gpu->u);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < u.size(); ++i) {
+      num += (double(u[i]) - cpu.u[i]) * (double(u[i]) - cpu.u[i]);
+      den += double(cpu.u[i]) * cpu.u[i];
+    }
+    EXPECT_LE(std::sqrt(num / den), kFactorBound);
+    GptqStats stats;
+    const auto w = testing::HeavyTailedWeights<float>(c.d_out, c.n, seed++);
+    auto q = engine::QuantizeGptq<float>(w.data(), h.data(), c.d_out, c.n, c.spec,
+                                         CpuOptions(c.options), &stats);
+    ASSERT_TRUE(q.ok()) << q.status();
+    EXPECT_EQ(gpu->dead_columns, stats.dead_columns);
+    EXPECT_EQ(gpu->outlier_columns, stats.outlier_columns);
+    EXPECT_EQ(gpu->damp_used, stats.damp_used);
+    // End to end: each side's own U.
+    auto solved = be_->GptqSolve(Upload(w, {c.d_out, c.n}), *gpu, c.spec, c.options.block_size);
+    ASSERT_TRUE(solved.ok()) << solved.status();
+    const double e_cpu = LayerError(w, q->Dequantized(), h, c.d_out, c.n);
+    const double e_gpu = LayerError(w, Download<float>(solved->dequantized), h, c.d_out, c.n);
+    EXPECT_LE(std::abs(e_gpu - e_cpu), kEndToEndErrorBound * std::max(e_cpu, 1e-30))
+        << "cpu " << e_cpu << " gpu " << e_gpu;
+  }
+}
+
+TEST_F(CudaQuantTest, GptqFactorizeRetriesDampingLikeTheCpu) {
+  // H = diag(1, ..., 1, d, 1, ...): with d = -0.05 the damping of 0.01 mean(diag) is too small and
+  // 10x suffices; with d = -5 even 100x fails; with d = 0.5 the first attempt succeeds.
+  const int64_t n = 24;
+  const std::pair<float, int> cases[] = {{0.5f, 0}, {-0.05f, 1}, {-5.0f, 3}};
+  for (auto [d, failures] : cases) {
+    SCOPED_TRACE(::testing::Message() << "d = " << d);
+    std::vector<float> h(n * n, 0.0f);
+    for (int64_t j = 0; j < n; ++j) h[j * n + j] = j == 5 ? d : 1.0f;
+    GptqSolveOptions options;
+    GptqStats stats;
+    const auto w = testing::HeavyTailedWeights<float>(4, n, 8);
+    auto cpu = engine::QuantizeGptq<float>(w.data(), h.data(), 4, n, QuantSpec(),
+                                           CpuOptions(options), &stats);
+    EXPECT_EQ(stats.cholesky_failures, failures);
+    auto gpu = be_->GptqFactorize(Upload(h, {n, n}), options);
+    ASSERT_EQ(gpu.ok(), cpu.ok()) << "cpu " << cpu.status() << ", gpu " << gpu.status();
+    if (gpu.ok()) {
+      EXPECT_EQ(gpu->cholesky_failures, stats.cholesky_failures);
+      EXPECT_EQ(gpu->damp_used, stats.damp_used);
+    } else {
+      EXPECT_EQ(gpu.status().code(), absl::StatusCode::kFailedPrecondition);
+      EXPECT_EQ(cpu.status().code(), absl::StatusCode::kFailedPrecondition);
+    }
+  }
+  // damp 0 is not retried: a singular H fails at once.
+  std::vector<float> singular(n * n, 1.0f);
+  GptqSolveOptions no_damp;
+  no_damp.damp = 0;
+  auto gpu = be_->GptqFactorize(Upload(singular, {n, n}), no_damp);
+  ASSERT_FALSE(gpu.ok());
+  EXPECT_EQ(gpu.status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(CudaQuantTest, RtnIsIdenticalToCpu) {
+  struct Case {
+    int64_t d_out, d_in;
+    int bits, group;
+    bool symmetric;
+    GridKind grid;
+  };
+  const Case cases[] = {
+      {1, 1, 4, 128, false, GridKind::kUniform},    {7, 33, 3, 8, false, GridKind::kUniform},
+      {64, 300, 4, 128, false, GridKind::kUniform}, {33, 130, 2, -1, false, GridKind::kUniform},
+      {16, 257, 8, 64, true, GridKind::kUniform},   {9, 50, 4, 16, false, GridKind::kCuberoot}};
+  uint64_t seed = 70;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message()
+                 << c.d_out << "x" << c.d_in << " bits " << c.bits << " g " << c.group);
+    QuantSpec spec;
+    spec.bits = c.bits;
+    spec.group_size = c.group;
+    spec.symmetric = c.symmetric;
+    spec.grid = c.grid;
+    auto w = testing::HeavyTailedWeights<float>(c.d_out, c.d_in, seed++);
+    if (c.d_in > 20) {
+      for (int64_t o = 0; o < c.d_out; ++o) {
+        for (int64_t j = 0; j < 16; ++j) w[o * c.d_in + j] = 0;  // an all-zero group
+      }
+    }
+    auto cpu = engine::QuantizeRtn<float>(w.data(), c.d_out, c.d_in, spec);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    auto gpu = be_->QuantizeRtn(Upload(w, {c.d_out, c.d_in}), spec);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    const auto codes = Download<uint8_t>(gpu->codes);
+    ASSERT_EQ(codes.size(), cpu->codes.size());
+    if (c.grid == GridKind::kUniform) {
+      EXPECT_TRUE(std::equal(codes.begin(), codes.end(), cpu->codes.begin()));
+      EXPECT_EQ(Download<float>(gpu->scales), cpu->scales);
+      EXPECT_EQ(Download<int32_t>(gpu->zeros), cpu->zeros);
+      EXPECT_EQ(Download<float>(gpu->dequantized), cpu->Dequantized());
+    } else {
+      // The cube roots come from CUDA's and the host's libm, which may differ by an ulp.
+      int64_t differ = 0;
+      for (size_t i = 0; i < codes.size(); ++i) differ += codes[i] != cpu->codes[i];
+      EXPECT_LE(differ, std::max<double>(1, kSolveCodeFraction * codes.size()));
+    }
+    EXPECT_EQ(gpu->g_idx, cpu->g_idx);
+  }
+}
+
+TEST_F(CudaQuantTest, OutputErrorMatchesCpu) {
+  uint64_t seed = 90;
+  for (auto [d_out, d_in] : {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {40, 1500}, {300, 129}}) {
+    SCOPED_TRACE(::testing::Message() << d_out << "x" << d_in);
+    const auto w = testing::HeavyTailedWeights<float>(d_out, d_in, seed++);
+    auto w_hat = w;
+    for (size_t i = 0; i < w_hat.size(); ++i) w_hat[i] += float(1e-3 * std::sin(double(i)));
+    const auto h = TestGram(d_in, 64, {}, seed++);
+    const Tensor wd = Upload(w, {d_out, d_in}), hd = Upload(h, {d_in, d_in});
+    const std::vector<float> zeros(w.size(), 0.0f);
+    for (bool with_hat : {false, true}) {
+      const double cpu = LayerError(w, with_hat ? w_hat : zeros, h, d_out, d_in);
+      auto gpu = be_->OutputError(wd, with_hat ? Upload(w_hat, {d_out, d_in}) : Tensor(), hd);
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      EXPECT_LE(std::abs(*gpu - cpu), kOutputErrorBound * cpu) << "cpu " << cpu << " gpu " << *gpu;
+    }
+  }
+}
+
+TEST_F(CudaQuantTest, SolverResultsAreBitIdenticalRunToRun) {
+  const int64_t d_out = 70, n = 300;
+  const auto w = testing::HeavyTailedWeights<float>(d_out, n, 5);
+  const auto h = TestGram(n, 900, {3}, 6);
+  GptqSolveOptions options;
+  options.act_order = true;
+  QuantSpec spec;
+  std::vector<uint8_t> codes[2];
+  std::vector<float> deq[2];
+  double error[2];
+  for (int run = 0; run < 2; ++run) {
+    const Tensor hd = Upload(h, {n, n}), wd = Upload(w, {d_out, n});
+    auto f = be_->GptqFactorize(hd, options);
+    ASSERT_TRUE(f.ok()) << f.status();
+    auto q = be_->GptqSolve(wd, *f, spec, options.block_size);
+    ASSERT_TRUE(q.ok()) << q.status();
+    codes[run] = Download<uint8_t>(q->codes);
+    deq[run] = Download<float>(q->dequantized);
+    auto e = be_->OutputError(wd, q->dequantized, hd);
+    ASSERT_TRUE(e.ok());
+    error[run] = *e;
+  }
+  EXPECT_EQ(codes[0], codes[1]);
+  EXPECT_EQ(deq[0], deq[1]);
+  EXPECT_EQ(error[0], error[1]);
+}
+
+TEST_F(CudaQuantTest, SolverOpsRejectBadInputWithStatuses) {
+  const int64_t n = 16;
+  auto h = TestGram(n, 40, {}, 3);
+  auto w = testing::HeavyTailedWeights<float>(4, n, 4);
+  QuantSpec spec;
+  GptqSolveOptions options;
+  auto f = be_->GptqFactorize(Upload(h, {n, n}), options);
+  ASSERT_TRUE(f.ok()) << f.status();
+
+  auto bad_w = w;
+  bad_w[2 * n + 5] = std::numeric_limits<float>::quiet_NaN();
+  auto nan_weight = be_->GptqSolve(Upload(bad_w, {4, n}), *f, spec, 128);
+  EXPECT_EQ(nan_weight.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(nan_weight.status().message().find("weight[2, 5]"), std::string::npos)
+      << nan_weight.status();
+  EXPECT_EQ(be_->QuantizeRtn(Upload(bad_w, {4, n}), spec).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  auto bad_h = h;
+  bad_h[3 * n + 9] = std::numeric_limits<float>::infinity();
+  auto inf_hessian = be_->GptqFactorize(Upload(bad_h, {n, n}), options);
+  EXPECT_EQ(inf_hessian.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(inf_hessian.status().message().find("hessian[3, 9]"), std::string::npos)
+      << inf_hessian.status();
+  // Only the upper triangle is read.
+  bad_h = h;
+  bad_h[9 * n + 3] = std::numeric_limits<float>::infinity();
+  EXPECT_TRUE(be_->GptqFactorize(Upload(bad_h, {n, n}), options).ok());
+
+  GptqSolveOptions outlier = options;
+  outlier.outlier_columns = {n};
+  EXPECT_EQ(be_->GptqFactorize(Upload(h, {n, n}), outlier).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(be_->GptqSolve(Upload(w, {2, 2 * n}), *f, spec, 128).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  QuantSpec bad_spec;
+  bad_spec.bits = 9;
+  EXPECT_EQ(be_->GptqSolve(Upload(w, {4, n}), *f, bad_spec, 128).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(be_->GptqSolve(Upload(w, {4, n}), *f, spec, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(be_->OutputError(Upload(w, {4, n}), Tensor(), Upload(w, {4, n})).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
+  uint64_t seed = 120;
+  for (auto [rows, width] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {17, 300}, {5, 4096}}) {
+    for (int bits : {2, 4, 8}) {
+      SCOPED_TRACE(::testing::Message() << rows << "x" << width << " bits " << bits);
+      testing::TestRng rng(seed++);
+      std::vector<float> x(rows * width);
+      for (float& v : x) v = float(rng.StudentT3());
+      for (int64_t c = 0; c < width; ++c) x[c] = 0;  // an all-zero row
+      std::vector<float> ref(x.size());
+      ref::ActQuant(x.data(), rows, width, bits, ref.data());
+      Tensor xd = Upload(x, {rows, width});
+      auto out = be_->Alloc(DType::kF32, {rows, width});
+      ASSERT_TRUE(out.ok());
+      ASSERT_TRUE(be_->ActQuant(xd, bits, *out).ok());
+      EXPECT_EQ(Download<float>(*out), ref);
+      ASSERT_TRUE(be_->ActQuant(xd, bits, xd).ok());  // in place
+      EXPECT_EQ(Download<float>(xd), ref);
+    }
+  }
+  EXPECT_TRUE(be_->SupportsOp(Op::kActQuant));
+}
+
+TEST_F(CudaQuantTest, FillUniformMatchesTheHostFill) {
+  BackendOptions cpu_options;
+  auto cpu = CreateBackend(cpu_options);
+  ASSERT_TRUE(cpu.ok());
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1} << 20}) {
+    Tensor host = Tensor::Zeros(DType::kF32, {n});
+    ASSERT_TRUE((*cpu)->FillUniform(host, 77, -0.5f, 1.5f).ok());
+    auto dev = be_->Alloc(DType::kF32, {n});
+    ASSERT_TRUE(dev.ok());
+    ASSERT_TRUE(be_->FillUniform(*dev, 77, -0.5f, 1.5f).ok());
+    const auto got = Download<float>(*dev);
+    const float* want = host.data<float>();
+    EXPECT_TRUE(std::equal(got.begin(), got.end(), want));
+    EXPECT_GE(*std::min_element(got.begin(), got.end()), -0.5f);
+    EXPECT_LT(*std::max_element(got.begin(), got.end()), 1.5f);
+  }
+}
+
+}  // namespace
+}  // namespace qcal::kernels

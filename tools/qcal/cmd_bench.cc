@@ -1,0 +1,154 @@
+// qcal bench: GPTQ of a synthetic 7B- or 70B-shaped model, timed per stage against the floors of
+// DESIGN section 9 (services/engine/bench.h). Default compute dtype bf16, the GPU fast path.
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "common/logging.h"
+#include "common/status.h"
+#include "nlohmann/json.hpp"
+#include "services/engine/bench.h"
+#include "tools/qcal/commands.h"
+
+namespace qcal::cli {
+namespace {
+
+// The bf16 tensor-core ceiling measured on an H100 (DESIGN section 9).
+constexpr double kCeilingTflops = 790;
+
+struct BenchArgs {
+  std::string shape = "7b";
+  int samples = 128;
+  int seq_len = 2048;
+  int blocks = -1;  // -1: all for 7b, 3 for 70b
+  uint64_t seed = 0;
+  bool json = false;
+  DeviceFlags dev;
+};
+
+absl::Status RunBench(BenchArgs& a) {
+  QCAL_ASSIGN_OR_RETURN(engine::BenchShape shape, engine::BenchShapeNamed(a.shape));
+  QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
+  QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
+  engine::BenchOptions options;
+  options.config = shape.config;
+  options.samples = a.samples;
+  options.seq_len = a.seq_len;
+  options.blocks = a.blocks >= 0 ? a.blocks : (a.shape == "70b" ? 3 : 0);
+  options.seed = a.seed;
+  QCAL_ASSIGN_OR_RETURN(engine::BenchResult r,
+                        engine::RunBench(*backend, options, [](const std::string& line) {
+                          spdlog::info("bench: {}", line);
+                        }));
+  const double per_block =
+      r.block_seconds.empty() ? 0 : (r.model_seconds - r.embed_seconds) / r.blocks_total;
+  const double ceiling_share = r.tflops / kCeilingTflops;
+  if (a.json) {
+    nlohmann::ordered_json j;
+    j["shape"] = shape.name;
+    j["device"] = r.device_kind;
+    j["compute_dtype"] = a.dev.compute_dtype;
+    j["samples"] = a.samples;
+    j["seq_len"] = a.seq_len;
+    j["blocks_run"] = r.blocks_run;
+    j["blocks_total"] = r.blocks_total;
+    j["extrapolated"] = r.extrapolated;
+    j["seconds"] = {{"model", r.model_seconds},
+                    {"measured", r.measured_seconds},
+                    {"per_block", per_block},
+                    {"embed", r.embed_seconds},
+                    {"forward", r.times.forward},
+                    {"hessian", r.times.hessian},
+                    {"solve", r.times.solve},
+                    {"solve_factor", r.times.factor},
+                    {"solve_quantize", r.times.quantize},
+                    {"solve_error", r.times.error},
+                    {"solve_transfer", r.times.transfer},
+                    {"setup_untimed", r.setup_seconds},
+                    {"blocks", r.block_seconds}};
+    j["pflop"] = {{"forward", r.flops.forward * 1e-15},
+                  {"hessian", r.flops.hessian * 1e-15},
+                  {"solve", r.flops.solve * 1e-15},
+                  {"total", r.flops.total() * 1e-15}};
+    j["tflops"] = r.tflops;
+    j["ceiling_tflops"] = kCeilingTflops;
+    j["ceiling_share"] = ceiling_share;
+    j["floors"] = {{"ideal_seconds", shape.ideal_floor_seconds},
+                   {"library_seconds", shape.library_floor_seconds},
+                   {"reference_seconds", shape.reference_seconds},
+                   {"x_ideal", r.model_seconds / shape.ideal_floor_seconds},
+                   {"x_library", r.model_seconds / shape.library_floor_seconds},
+                   {"speedup_vs_reference", shape.reference_seconds / r.model_seconds}};
+    j["mean_rel_error"] = r.mean_rel_error;
+    j["mean_rel_error_rtn"] = r.mean_rel_error_rtn;
+    j["min_available_bytes"] = r.min_available_bytes;
+    std::printf("%s\n", j.dump().c_str());
+    return absl::OkStatus();
+  }
+  const ModelConfig& c = shape.config;
+  std::printf(
+      "qcal bench: %s shape (hidden %d, intermediate %d, %d heads / %d KV, %d layers), "
+      "GPTQ W4 g128, %d x %d calibration tokens, compute %s\n",
+      shape.name.c_str(), c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+      c.num_layers, a.samples, a.seq_len, a.dev.compute_dtype.c_str());
+  std::printf("device: %s\n", r.device_kind.c_str());
+  if (r.extrapolated) {
+    std::printf("ran %d of %d blocks: the whole-model time is EXTRAPOLATED from them%s\n",
+                r.blocks_run, r.blocks_total,
+                r.blocks_run > 1 ? " (the first, warm-up, block left out)" : "");
+  } else {
+    std::printf("ran all %d blocks: the whole-model time is measured\n", r.blocks_total);
+  }
+  const double staged = r.times.forward + r.times.hessian + r.times.solve;
+  auto row = [&](const char* name, double s) {
+    std::printf("  %-10s %9.3f s  %5.1f%%\n", name, s, staged > 0 ? 100 * s / staged : 0.0);
+  };
+  std::printf("stages over the %d blocks run:\n", r.blocks_run);
+  row("forward", r.times.forward);
+  row("hessians", r.times.hessian);
+  row("solves", r.times.solve);
+  std::printf(
+      "    factorizations %.3f s, column loops and updates %.3f s, output errors %.3f s, "
+      "transfers %.3f s\n",
+      r.times.factor, r.times.quantize, r.times.error, r.times.transfer);
+  std::printf("  %-10s %9.3f s\n", "embedding", r.embed_seconds);
+  std::printf("whole model: %.2f s (%.3f s per block), excluding disk I/O; untimed setup %.2f s\n",
+              r.model_seconds, per_block, r.setup_seconds);
+  std::printf(
+      "achieved: %.1f TFLOP/s of useful work = %.1f%% of the %.0f TFLOP/s bf16 ceiling "
+      "(counted: forward %.3f, Hessians %.3f, solves %.3f PFLOP)\n",
+      r.tflops, 100 * ceiling_share, kCeilingTflops, r.flops.forward * 1e-15,
+      r.flops.hessian * 1e-15, r.flops.solve * 1e-15);
+  std::printf(
+      "floors (DESIGN section 9): %.2fx the ideal %.0f s, %.2fx the library-kernel %.0f s; "
+      "%.1fx faster than the reference GPTQ (%.0f s)\n",
+      r.model_seconds / shape.ideal_floor_seconds, shape.ideal_floor_seconds,
+      r.model_seconds / shape.library_floor_seconds, shape.library_floor_seconds,
+      shape.reference_seconds / r.model_seconds, shape.reference_seconds);
+  std::printf("mean relative output error %.5f (RTN %.5f)\n", r.mean_rel_error,
+              r.mean_rel_error_rtn);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+RunFn AddBench(CLI::App& app) {
+  auto a = std::make_shared<BenchArgs>();
+  a->dev.compute_dtype = "bf16";
+  app.add_option("--shape", a->shape, "Model shape: 7b or 70b (default: 7b)")
+      ->check(CLI::IsMember({"7b", "70b"}));
+  app.add_option("--samples", a->samples, "Calibration samples (default: 128)")
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--seq-len", a->seq_len, "Calibration sample length in tokens (default: 2048)")
+      ->check(CLI::Range(2, 1 << 20));
+  app.add_option("--blocks", a->blocks,
+                 "Blocks to quantize; fewer than the model has extrapolates the total "
+                 "(default: all for 7b, 3 for 70b)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)");
+  a->dev.Add(app);
+  app.add_flag("--json", a->json, "Print one JSON object");
+  return [a] { return RunBench(*a); };
+}
+
+}  // namespace qcal::cli
