@@ -15,6 +15,7 @@ PACKAGES=(
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev
+  prometheus openssl
 )
 
 missing=()
@@ -23,6 +24,12 @@ for p in "${PACKAGES[@]}"; do
     missing+=("$p")
   fi
 done
+
+# The service tests' Node.js client (tests/service/node): Debian's nodejs and npm, unless a node
+# with npm is already installed some other way.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  missing+=(nodejs npm)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

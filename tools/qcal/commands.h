@@ -12,6 +12,14 @@
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
 
+namespace qcal::v1 {
+class Job;
+class ProgressEvent;
+}  // namespace qcal::v1
+namespace qcal::rpc {
+struct ClientOptions;
+}  // namespace qcal::rpc
+
 namespace qcal::cli {
 
 using RunFn = std::function<absl::Status()>;
@@ -21,6 +29,45 @@ RunFn AddGenerate(CLI::App& app);
 RunFn AddSynth(CLI::App& app);
 RunFn AddQuantize(CLI::App& app);
 RunFn AddBench(CLI::App& app);
+
+// The service subcommands (built when QCAL_SERVICE is on): they talk to a qcal-coordinator.
+RunFn AddSubmit(CLI::App& app);
+RunFn AddStatus(CLI::App& app);
+RunFn AddList(CLI::App& app);
+RunFn AddCancel(CLI::App& app);
+RunFn AddWatch(CLI::App& app);
+
+// How the service subcommands reach the coordinator (flags shared by all of them).
+struct ConnectionFlags {
+  std::string coordinator = "127.0.0.1:50051";  // host:port
+  std::string tls_ca;                           // CA of the server certificate (PEM): TLS on
+  std::string tls_cert;                         // client certificate and key (PEM): mTLS
+  std::string tls_key;
+  std::string tls_server_name;  // name in the server certificate, when not the address's host
+  std::string token_file;       // file holding the bearer token
+  std::string client_id;        // sent as x-qcal-client
+  double timeout_seconds = 30;  // deadline of each call
+};
+// Declares --coordinator, --tls-*, --token-file, --client-id and --timeout-seconds.
+void AddConnectionFlags(CLI::App& app, ConnectionFlags& flags);
+rpc::ClientOptions ToClientOptions(const ConnectionFlags& flags);
+
+// Job progress on stderr: a live bar (block i/N, stage, ETA, tokens/s) redrawn in place when
+// stderr is a terminal, else one plain line per event.
+class ProgressPrinter {
+ public:
+  ProgressPrinter();
+  void Print(const v1::ProgressEvent& event);
+  // Ends the bar's line.
+  void Finish();
+
+ private:
+  bool tty_ = false;
+  bool drawn_ = false;
+};
+
+// OK for a SUCCEEDED job; otherwise an error naming the job, its state and its error.
+absl::Status FinalJobStatus(const v1::Job& job);
 
 // --device, --compute-dtype and --threads, shared by every command that computes.
 struct DeviceFlags {

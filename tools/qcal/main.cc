@@ -23,6 +23,13 @@ int main(int argc, char** argv) {
   add("quantize", "Quantize a checkpoint locally (RTN or GPTQ) and export it", qcal::cli::AddQuantize);
   add("synth", "Write a synthetic Llama-architecture checkpoint with a trained tokenizer",
       qcal::cli::AddSynth);
+#if QCAL_WITH_SERVICE
+  add("submit", "Submit a quantization job to a qcal-coordinator", qcal::cli::AddSubmit);
+  add("status", "Show one job of a qcal-coordinator", qcal::cli::AddStatus);
+  add("list", "List the jobs of a qcal-coordinator", qcal::cli::AddList);
+  add("cancel", "Cancel a job (at the next block boundary when running)", qcal::cli::AddCancel);
+  add("watch", "Follow a job's progress until it finishes", qcal::cli::AddWatch);
+#endif
   add("bench", "Time GPTQ W4 g128 of a synthetic 7B- or 70B-shaped model (no disk I/O)",
       qcal::cli::AddBench);
 

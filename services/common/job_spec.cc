@@ -1,0 +1,220 @@
+#include "services/common/job_spec.h"
+
+#include <cctype>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/files.h"
+#include "common/status.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+
+namespace qcal::service {
+namespace fs = std::filesystem;
+
+namespace {
+
+absl::Status FieldError(const std::string& field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("spec.", field, " ", what));
+}
+
+}  // namespace
+
+absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
+  engine::Recipe r;
+  if (p.has_method()) r.method = p.method();
+  const v1::WeightsRecipe& w = p.weights();
+  if (w.has_bits()) r.weights.bits = w.bits();
+  if (w.has_group_size()) r.weights.group_size = w.group_size();
+  if (w.has_symmetric()) r.weights.symmetric = w.symmetric();
+  if (w.has_grid()) r.weights.grid = w.grid();
+  const v1::GptqRecipe& g = p.gptq();
+  if (g.has_damp()) r.gptq.damp = g.damp();
+  if (g.has_block_size()) r.gptq.block_size = g.block_size();
+  if (g.has_act_order()) r.gptq.act_order = g.act_order();
+  if (g.has_true_sequential()) r.gptq.true_sequential = g.true_sequential();
+  QCAL_RETURN_IF_ERROR(r.Validate());
+  return r;
+}
+
+v1::Recipe RecipeToProto(const engine::Recipe& r) {
+  v1::Recipe p;
+  p.set_method(r.method);
+  v1::WeightsRecipe* w = p.mutable_weights();
+  w->set_bits(r.weights.bits);
+  w->set_group_size(r.weights.group_size);
+  w->set_symmetric(r.weights.symmetric);
+  w->set_grid(r.weights.grid);
+  v1::GptqRecipe* g = p.mutable_gptq();
+  g->set_damp(r.gptq.damp);
+  g->set_block_size(r.gptq.block_size);
+  g->set_act_order(r.gptq.act_order);
+  g->set_true_sequential(r.gptq.true_sequential);
+  return p;
+}
+
+absl::StatusOr<v1::JobSpec> NormalizeJobSpec(const v1::JobSpec& spec) {
+  v1::JobSpec n;
+  if (spec.model().empty()) return FieldError("model", "is required");
+  if (spec.calib().empty()) return FieldError("calib", "is required");
+  n.set_model(spec.model());
+  n.set_calib(spec.calib());
+  const int samples = spec.has_samples() ? spec.samples() : kDefaultSamples;
+  if (samples < 1 || samples > (1 << 20)) {
+    return FieldError("samples", absl::StrCat("must be in 1..1048576, got ", samples));
+  }
+  n.set_samples(samples);
+  const int seq_len = spec.has_seq_len() ? spec.seq_len() : kDefaultSeqLen;
+  if (seq_len < 2 || seq_len > (1 << 20)) {
+    return FieldError("seq_len", absl::StrCat("must be in 2..1048576, got ", seq_len));
+  }
+  n.set_seq_len(seq_len);
+  n.set_seed(spec.has_seed() ? spec.seed() : 0);
+  QCAL_ASSIGN_OR_RETURN(engine::Recipe recipe, RecipeFromProto(spec.recipe()));
+  *n.mutable_recipe() = RecipeToProto(recipe);
+  QCAL_RETURN_IF_ERROR(ValidateOutputName(spec.output_name()));
+  n.set_output_name(spec.output_name());
+  if (spec.has_eval_text() && !spec.eval_text().empty()) {
+    n.set_eval_text(spec.eval_text());
+    const int eval_len = spec.has_eval_seq_len() ? spec.eval_seq_len() : seq_len;
+    if (eval_len < 2 || eval_len > (1 << 20)) {
+      return FieldError("eval_seq_len", absl::StrCat("must be in 2..1048576, got ", eval_len));
+    }
+    n.set_eval_seq_len(eval_len);
+    const int windows = spec.has_eval_max_windows() ? spec.eval_max_windows() : -1;
+    if (windows == 0 || windows < -1) {
+      return FieldError("eval_max_windows",
+                        absl::StrCat("must be -1 (all) or >= 1, got ", windows));
+    }
+    n.set_eval_max_windows(windows);
+  }
+  if (spec.has_threads()) {
+    if (spec.threads() < 1 || spec.threads() > 4096) {
+      return FieldError("threads", absl::StrCat("must be in 1..4096, got ", spec.threads()));
+    }
+    n.set_threads(spec.threads());
+  }
+  n.set_overwrite(spec.has_overwrite() && spec.overwrite());
+  return n;
+}
+
+std::string SpecSha256(const v1::JobSpec& normalized) {
+  std::string bytes;
+  {
+    google::protobuf::io::StringOutputStream out(&bytes);
+    google::protobuf::io::CodedOutputStream coded(&out);
+    coded.SetSerializationDeterministic(true);
+    normalized.SerializeToCodedStream(&coded);
+  }
+  return Sha256Hex(bytes);
+}
+
+absl::Status ValidateOutputName(const std::string& name) {
+  if (name.empty()) return FieldError("output_name", "is required");
+  if (name.size() > kMaxOutputNameBytes) {
+    return FieldError("output_name",
+                      absl::StrCat("is longer than ", kMaxOutputNameBytes, " bytes"));
+  }
+  if (name.find('/') != std::string::npos || name.find('\0') != std::string::npos) {
+    return FieldError("output_name",
+                      absl::StrCat("\"", name, "\" must be one path component (no '/')"));
+  }
+  if (name[0] == '.') {
+    return FieldError("output_name", absl::StrCat("\"", name, "\" must not start with '.'"));
+  }
+  return absl::OkStatus();
+}
+
+std::string TempOutputName(const std::string& output_name, const std::string& job_id) {
+  return absl::StrCat(".", output_name, ".", job_id, ".qcal-tmp");
+}
+
+absl::StatusOr<engine::JobOptions> JobOptionsFromSpec(const v1::JobSpec& spec,
+                                                      const std::string& input_root,
+                                                      const std::string& output_root, int threads,
+                                                      const std::string& device,
+                                                      const std::string& job_id) {
+  engine::JobOptions o;
+  const fs::path in(input_root);
+  o.model_dir = (in / spec.model()).string();
+  QCAL_ASSIGN_OR_RETURN(o.recipe, RecipeFromProto(spec.recipe()));
+  o.calib_path = (in / spec.calib()).string();
+  o.samples = spec.samples();
+  o.seq_len = spec.seq_len();
+  o.seed = spec.seed();
+  o.out_dir = (fs::path(output_root) / spec.output_name()).string();
+  o.overwrite = spec.overwrite();
+  if (spec.has_eval_text()) {
+    o.eval_text = (in / spec.eval_text()).string();
+    o.eval_seq_len = spec.eval_seq_len();
+    o.eval_max_windows = spec.eval_max_windows();
+  }
+  o.threads = threads;
+  o.device = device;
+  o.job_id = job_id;
+  return o;
+}
+
+std::string JobStateName(v1::JobState state) {
+  std::string name = v1::JobState_Name(state);
+  const std::string prefix = "JOB_STATE_";
+  return name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name;
+}
+
+std::string JobStageName(v1::JobStage stage) {
+  std::string name = v1::JobStage_Name(stage);
+  const std::string prefix = "JOB_STAGE_";
+  if (name.rfind(prefix, 0) == 0) name = name.substr(prefix.size());
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
+}
+
+bool IsFinal(v1::JobState state) {
+  return state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+         state == v1::JOB_STATE_CANCELLED;
+}
+
+nlohmann::ordered_json JobToJson(const v1::Job& job) {
+  nlohmann::ordered_json j;
+  j["job_id"] = job.job_id();
+  j["state"] = JobStateName(job.state());
+  j["stage"] = JobStageName(job.stage());
+  j["client"] = job.client();
+  j["blocks_done"] = job.blocks_done();
+  j["num_blocks"] = job.num_blocks();
+  j["checkpoint_block"] = job.checkpoint_block();
+  j["attempts"] = job.attempts();
+  j["device_kind"] = job.device_kind();
+  j["threads"] = job.threads();
+  j["worker_id"] = job.worker_id();
+  j["cancel_requested"] = job.cancel_requested();
+  j["error"] = job.error();
+  j["output"] = job.spec().output_name();
+  j["recipe_sha256"] = job.recipe_sha256();
+  if (job.has_result()) {
+    j["perplexity"] = job.result().perplexity();
+    j["perplexity_fp"] = job.result().perplexity_fp();
+  }
+  j["created_unix_ms"] = job.created_unix_ms();
+  j["started_unix_ms"] = job.started_unix_ms();
+  j["finished_unix_ms"] = job.finished_unix_ms();
+  const v1::JobSpec& s = job.spec();
+  nlohmann::ordered_json spec;
+  spec["model"] = s.model();
+  spec["calib"] = s.calib();
+  spec["samples"] = s.samples();
+  spec["seq_len"] = s.seq_len();
+  spec["seed"] = s.seed();
+  if (s.has_eval_text()) {
+    spec["eval_text"] = s.eval_text();
+    spec["eval_seq_len"] = s.eval_seq_len();
+    spec["eval_max_windows"] = s.eval_max_windows();
+  }
+  if (s.has_threads()) spec["threads"] = s.threads();
+  absl::StatusOr<engine::Recipe> recipe = RecipeFromProto(s.recipe());
+  if (recipe.ok()) spec["recipe"] = recipe->ToCanonicalJson();
+  j["spec"] = spec;
+  return j;
+}
+
+}  // namespace qcal::service

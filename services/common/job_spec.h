@@ -1,0 +1,65 @@
+// The JobSpec of the API as the engine needs it: the recipe proto <-> engine::Recipe, the
+// normalized spec (every default of DESIGN section 6 filled in, ranges checked) that idempotency
+// compares and workers run, engine::JobOptions for a worker, output names, and the JSON the CLI
+// prints for a job.
+//
+// When a later issue adds a recipe section to engine::Recipe, RecipeFromProto/RecipeToProto gain
+// the matching message field (numbers are reserved in types.proto).
+#pragma once
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+#include "qcal/v1/types.pb.h"
+#include "services/engine/pipeline.h"
+#include "services/engine/recipe.h"
+
+namespace qcal::service {
+
+// Spec defaults not set by the recipe (DESIGN section 6, engine::JobOptions).
+inline constexpr int kDefaultSamples = 128;
+inline constexpr int kDefaultSeqLen = 2048;
+// Longest accepted output name and idempotency key, bytes.
+inline constexpr size_t kMaxOutputNameBytes = 200;
+inline constexpr size_t kMaxIdempotencyKeyBytes = 128;
+
+// The recipe of a spec with unset fields at their defaults, validated (errors name the key, e.g.
+// "recipe key \"weights.bits\" is required (2..8)").
+absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& proto);
+// Every field set.
+v1::Recipe RecipeToProto(const engine::Recipe& recipe);
+
+// Fills every default and checks every value that needs no file: the recipe, samples, seq_len,
+// eval options, threads, the output name, and that model/calib are given. Paths are checked by
+// the coordinator against its input root (services/common/input_paths.h). INVALID_ARGUMENT names
+// the field.
+absl::StatusOr<v1::JobSpec> NormalizeJobSpec(const v1::JobSpec& spec);
+// sha256 of the deterministic serialization of a normalized spec.
+std::string SpecSha256(const v1::JobSpec& normalized);
+
+// One path component: not empty, not "." or "..", no '/', no NUL, not starting with '.' (those
+// names are the temporary directories), at most kMaxOutputNameBytes.
+absl::Status ValidateOutputName(const std::string& name);
+// The temporary output directory of a job under the output root: ".<name>.<job_id>.qcal-tmp".
+std::string TempOutputName(const std::string& output_name, const std::string& job_id);
+
+// The engine's options for running a normalized spec with the given roots (paths joined, not
+// re-validated), thread count, device and job id. out_dir is the final output directory.
+absl::StatusOr<engine::JobOptions> JobOptionsFromSpec(const v1::JobSpec& spec,
+                                                      const std::string& input_root,
+                                                      const std::string& output_root, int threads,
+                                                      const std::string& device,
+                                                      const std::string& job_id);
+
+// "QUEUED", "RUNNING", ... and "loading", "quantizing", ...
+std::string JobStateName(v1::JobState state);
+std::string JobStageName(v1::JobStage stage);
+bool IsFinal(v1::JobState state);
+
+// The job as one JSON object (`qcal status --json`, `qcal list --json`): job_id, state, stage,
+// client, blocks_done, num_blocks, checkpoint_block, attempts, device_kind, threads, worker_id,
+// error, output, recipe_sha256, perplexity/perplexity_fp when present, and the spec.
+nlohmann::ordered_json JobToJson(const v1::Job& job);
+
+}  // namespace qcal::service

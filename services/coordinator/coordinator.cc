@@ -1,0 +1,1158 @@
+#include "services/coordinator/coordinator.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <set>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/files.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "nlohmann/json.hpp"
+#include "services/common/job_spec.h"
+#include "services/coordinator/store_schema.h"
+#include "services/engine/model.h"
+#include "services/engine/pipeline.h"
+
+namespace qcal::coordinator {
+namespace fs = std::filesystem;
+
+namespace {
+
+using store::v1::ActivationRecord;
+using store::v1::ArtifactRecord;
+using store::v1::BlockRecord;
+using store::v1::IdempotencyRecord;
+using store::v1::LayerDigest;
+using store::v1::WorkerRecord;
+
+constexpr size_t kMaxEventsPerJob = 1000;
+// A final job keeps only its last events (late watchers get the snapshot anyway).
+constexpr size_t kMaxEventsPerFinalJob = 16;
+constexpr absl::Duration kMaxAcquireWait = absl::Seconds(30);
+constexpr int64_t kMaxActivationBytes = int64_t{1} << 40;
+
+std::string StateLabel(v1::JobState state) {
+  std::string s = service::JobStateName(state);
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+// fsyncs a directory so that a rename inside it is durable.
+void SyncDir(const fs::path& dir) {
+  const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    fsync(fd);
+    close(fd);
+  }
+}
+
+// The job id recorded in <dir>/qcal_run.json, "" when there is none.
+std::string RunJobId(const fs::path& dir) {
+  absl::StatusOr<std::string> text = ReadFileToString((dir / "qcal_run.json").string());
+  if (!text.ok()) return "";
+  const nlohmann::json j = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("job_id") || !j["job_id"].is_string()) return "";
+  return j["job_id"].get<std::string>();
+}
+
+bool IsNonEmptyDir(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_directory(p, ec) && !fs::is_empty(p, ec);
+}
+
+}  // namespace
+
+absl::Status CoordinatorOptions::Validate() const {
+  if (data_dir.empty()) return absl::InvalidArgumentError("--data-dir is required");
+  if (input_root.empty()) return absl::InvalidArgumentError("--input-root is required");
+  if (output_root.empty()) return absl::InvalidArgumentError("--output-root is required");
+  QCAL_RETURN_IF_ERROR(scheduler.Validate());
+  if (heartbeat_interval <= absl::ZeroDuration() || heartbeat_interval >= scheduler.lease) {
+    return absl::InvalidArgumentError("the heartbeat interval must be > 0 and less than the lease");
+  }
+  if (max_active_jobs_per_client < 1) {
+    return absl::InvalidArgumentError("max_active_jobs_per_client must be >= 1");
+  }
+  if (checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
+  if (store_reopen_interval <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("the store reopen interval must be > 0");
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Construction and state loading.
+
+Coordinator::Coordinator(const CoordinatorOptions& options, StoreOpener open_store, Clock* clock,
+                         Metrics* metrics, service::FaultInjector* faults,
+                         service::InputRoot input_root)
+    : options_(options),
+      open_store_(std::move(open_store)),
+      clock_(clock),
+      metrics_(metrics),
+      faults_(faults),
+      input_root_(std::move(input_root)),
+      scheduler_(options.scheduler) {}
+
+Coordinator::~Coordinator() = default;
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const CoordinatorOptions& options,
+                                                                 StoreOpener open_store,
+                                                                 Clock* clock, Metrics* metrics,
+                                                                 service::FaultInjector* faults) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  QCAL_ASSIGN_OR_RETURN(service::InputRoot root, service::InputRoot::Open(options.input_root));
+  std::error_code ec;
+  if (!fs::is_directory(options.output_root, ec)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("output root \"", options.output_root, "\" is not a directory"));
+  }
+  fs::create_directories(fs::path(options.data_dir) / "activations", ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("data dir \"", options.data_dir, "\" cannot be created: ", ec.message()));
+  }
+  auto c = std::unique_ptr<Coordinator>(
+      new Coordinator(options, std::move(open_store), clock, metrics, faults, std::move(root)));
+  absl::MutexLock lock(&c->mu_);
+  QCAL_ASSIGN_OR_RETURN(c->store_, c->open_store_());
+  QCAL_RETURN_IF_ERROR(c->LoadState());
+  return c;
+}
+
+absl::Status Coordinator::LoadState() {
+  jobs_.clear();
+  by_seq_.clear();
+  scheduler_ = Scheduler(options_.scheduler);
+  const absl::Time now = clock_->Now();
+
+  QCAL_ASSIGN_OR_RETURN(auto counters,
+                        GetRecord<store::v1::Counters>(*store_, Column::kJobs, kCountersKey));
+  counters_ = counters.value_or(store::v1::Counters());
+  if (counters_.next_epoch() == 0) counters_.set_next_epoch(1);
+  if (counters_.next_seq() == 0) counters_.set_next_seq(1);
+
+  absl::Status decode_error;
+  QCAL_RETURN_IF_ERROR(
+      store_->Scan(Column::kWorkers, "", [&](const std::string& key, const std::string& value) {
+        absl::StatusOr<WorkerRecord> w = Decode<WorkerRecord>(Column::kWorkers, key, value);
+        if (!w.ok()) {
+          decode_error = w.status();
+          return false;
+        }
+        // Restored leases get a fresh period: a live worker keeps its job across the restart.
+        scheduler_.WorkerJoined(w->worker_id(), w->epoch(), {w->device_kind(), w->threads()}, now);
+        return true;
+      }));
+  QCAL_RETURN_IF_ERROR(decode_error);
+  QCAL_RETURN_IF_ERROR(store_->Scan(
+      Column::kJobs, kJobKeyPrefix, [&](const std::string& key, const std::string& value) {
+        absl::StatusOr<JobRecord> rec = Decode<JobRecord>(Column::kJobs, key, value);
+        if (!rec.ok()) {
+          decode_error = rec.status();
+          return false;
+        }
+        by_seq_[rec->seq()] = rec->job().job_id();
+        jobs_[rec->job().job_id()] = *std::move(rec);
+        return true;
+      }));
+  QCAL_RETURN_IF_ERROR(decode_error);
+
+  WriteBatch requeue;
+  for (auto& [id, rec] : jobs_) {
+    v1::Job& job = *rec.mutable_job();
+    const WorkerCaps req{job.device_kind(), job.threads()};
+    if (job.state() == v1::JOB_STATE_RUNNING) {
+      if (scheduler_.JobHeld(id, rec.seq(), req, job.attempts(), job.worker_id(), rec.epoch())
+              .ok()) {
+        if (job.cancel_requested()) scheduler_.RequestCancel(id);
+        continue;
+      }
+      job.set_state(v1::JOB_STATE_QUEUED);
+      job.set_stage(v1::JOB_STAGE_QUEUED);
+      job.clear_worker_id();
+      rec.set_epoch(0);
+      requeue.Put(Column::kJobs, JobKey(id), Encode(rec));
+    }
+    if (job.state() == v1::JOB_STATE_QUEUED) {
+      if (job.cancel_requested()) scheduler_.RequestCancel(id);
+      scheduler_.JobQueued(id, rec.seq(), req, job.attempts());
+    }
+  }
+  if (!requeue.empty()) QCAL_RETURN_IF_ERROR(store_->Write(requeue));
+
+  // Activation files that no record references (a crash between writing one and committing it,
+  // or between committing a newer one and deleting the older) are removed.
+  std::set<std::string> referenced;
+  QCAL_RETURN_IF_ERROR(
+      store_->Scan(Column::kActivations, "", [&](const std::string& key, const std::string& value) {
+        absl::StatusOr<ActivationRecord> a =
+            Decode<ActivationRecord>(Column::kActivations, key, value);
+        if (a.ok()) referenced.insert(a->file());
+        return true;
+      }));
+  std::error_code ec;
+  const fs::path act_root = fs::path(options_.data_dir) / "activations";
+  for (const auto& e : fs::recursive_directory_iterator(act_root, ec)) {
+    if (!e.is_regular_file()) continue;
+    const std::string rel = fs::relative(e.path(), options_.data_dir).string();
+    if (referenced.count(rel) == 0) fs::remove(e.path(), ec);
+  }
+  for (const auto& e : fs::directory_iterator(act_root, ec)) {
+    if (e.is_directory() && fs::is_empty(e.path(), ec)) fs::remove(e.path(), ec);
+  }
+  spdlog::info("coordinator: loaded {} jobs, {} worker leases, {} queued", jobs_.size(),
+               scheduler_.live_leases(), scheduler_.queued_jobs());
+  UpdateGauges();
+  work_cv_.SignalAll();
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store, serving state, events.
+
+bool Coordinator::serving() const {
+  absl::MutexLock lock(&mu_);
+  return serving_;
+}
+
+void Coordinator::SetServingCallback(std::function<void(bool)> callback) {
+  absl::MutexLock lock(&mu_);
+  serving_callback_ = std::move(callback);
+  if (serving_callback_) serving_callback_(serving_);
+}
+
+void Coordinator::SetServing(bool serving) {
+  if (serving_ == serving) return;
+  serving_ = serving;
+  metrics_->SetStoreWritable(serving);
+  if (serving_callback_) serving_callback_(serving);
+}
+
+absl::Status Coordinator::CheckServing() const {
+  if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
+  if (!serving_) {
+    return absl::UnavailableError("the coordinator's store is not writable; it is being reopened");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::Commit(const WriteBatch& batch) {
+  const absl::Time t0 = absl::Now();
+  const absl::Status s = store_->Write(batch);
+  metrics_->ObserveStoreWrite(absl::ToDoubleSeconds(absl::Now() - t0),
+                              static_cast<int64_t>(batch.bytes()), s.ok());
+  if (!s.ok()) {
+    spdlog::error("coordinator: store write failed, refusing writes until reopened: {}",
+                  s.ToString());
+    store_failed_at_ = clock_->Now();
+    SetServing(false);
+    return absl::UnavailableError(absl::StrCat("store write failed: ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+int64_t Coordinator::NowMs() const { return absl::ToUnixMillis(clock_->Now()); }
+
+std::string Coordinator::ActivationDir(const std::string& job_id) const {
+  return (fs::path(options_.data_dir) / "activations" / job_id).string();
+}
+
+v1::ProgressEvent Coordinator::MakeEvent(const JobRecord& rec) const {
+  const v1::Job& job = rec.job();
+  v1::ProgressEvent e;
+  e.set_job_id(job.job_id());
+  e.set_state(job.state());
+  e.set_stage(job.stage());
+  e.set_num_blocks(job.num_blocks());
+  e.set_blocks_done(job.blocks_done());
+  e.set_error(job.error());
+  e.set_unix_ms(NowMs());
+  e.set_block(-1);
+  e.set_eta_seconds(-1);
+  auto it = live_.find(job.job_id());
+  if (it != live_.end()) {
+    const Live& live = it->second;
+    e.set_block(live.block);
+    e.set_tokens_per_second(live.tokens_per_second);
+    if (live.blocks_timed > 0 && job.state() == v1::JOB_STATE_RUNNING) {
+      e.set_eta_seconds(live.block_seconds / live.blocks_timed *
+                        (job.num_blocks() - job.blocks_done()));
+    }
+  }
+  return e;
+}
+
+void Coordinator::Emit(const JobRecord& rec, const std::string& message) {
+  v1::ProgressEvent e = MakeEvent(rec);
+  e.set_message(message);
+  Live& live = live_[rec.job().job_id()];
+  live.events.push_back(std::move(e));
+  if (live.events.size() > kMaxEventsPerJob) {
+    live.events.pop_front();
+    ++live.first_index;
+  }
+  spdlog::info("job {}: {}", rec.job().job_id(), message);
+  events_cv_.SignalAll();
+}
+
+void Coordinator::UpdateGauges() {
+  std::map<std::string, int> by_state;
+  int64_t done = 0, total = 0;
+  for (const auto& [id, rec] : jobs_) {
+    by_state[StateLabel(rec.job().state())]++;
+    if (!service::IsFinal(rec.job().state())) {
+      done += rec.job().blocks_done();
+      total += rec.job().num_blocks();
+    }
+  }
+  metrics_->SetJobs(by_state);
+  metrics_->SetBlocks(done, total);
+  metrics_->SetWorkerLeases(scheduler_.live_leases());
+  int64_t memory = 0;
+  for (const auto& [w, bytes] : device_memory_) memory += bytes;
+  metrics_->SetDeviceMemory(memory);
+}
+
+std::string Coordinator::NewJobId() const {
+  std::random_device rd;
+  for (;;) {
+    const uint64_t r = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+    std::string id = absl::StrFormat("job-%016x", r);
+    if (jobs_.count(id) == 0) return id;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// QuantService.
+
+absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const std::string& client,
+                                                             const v1::SubmitJobRequest& request) {
+  const std::string& key = request.idempotency_key();
+  if (key.size() > service::kMaxIdempotencyKeyBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("idempotency_key is longer than ",
+                                                   service::kMaxIdempotencyKeyBytes, " bytes"));
+  }
+  QCAL_ASSIGN_OR_RETURN(v1::JobSpec spec, service::NormalizeJobSpec(request.spec()));
+  const std::string spec_sha = service::SpecSha256(spec);
+  // An earlier submit with the same key answers without re-validating the inputs (they may have
+  // changed since).
+  // Called with mu_ held.
+  auto existing = [&]() -> absl::StatusOr<std::optional<v1::SubmitJobResponse>> {
+    if (key.empty()) return std::optional<v1::SubmitJobResponse>();
+    QCAL_ASSIGN_OR_RETURN(auto idem, GetRecord<IdempotencyRecord>(*store_, Column::kJobs,
+                                                                  IdempotencyKey(client, key)));
+    if (!idem.has_value()) return std::optional<v1::SubmitJobResponse>();
+    if (idem->spec_sha256() != spec_sha) {
+      return absl::AlreadyExistsError(absl::StrCat("idempotency key \"", key,
+                                                   "\" was used for job ", idem->job_id(),
+                                                   " with a different spec"));
+    }
+    auto it = jobs_.find(idem->job_id());
+    if (it == jobs_.end()) {
+      return absl::DataLossError(absl::StrCat("idempotency key \"", key, "\" names job ",
+                                              idem->job_id(), ", which the store lacks"));
+    }
+    v1::SubmitJobResponse r;
+    *r.mutable_job() = it->second.job();
+    r.set_existing(true);
+    return std::optional<v1::SubmitJobResponse>(std::move(r));
+  };
+  {
+    absl::MutexLock lock(&mu_);
+    QCAL_RETURN_IF_ERROR(CheckServing());
+    QCAL_ASSIGN_OR_RETURN(auto found, existing());
+    if (found.has_value()) return *std::move(found);
+  }
+  QCAL_ASSIGN_OR_RETURN(service::ModelFacts facts, service::ValidateJobInputs(input_root_, spec));
+  QCAL_ASSIGN_OR_RETURN(engine::Recipe recipe, service::RecipeFromProto(spec.recipe()));
+
+  absl::MutexLock lock(&mu_);
+  QCAL_RETURN_IF_ERROR(CheckServing());
+  QCAL_ASSIGN_OR_RETURN(auto found, existing());
+  if (found.has_value()) return *std::move(found);
+  int active = 0;
+  for (const auto& [id, rec] : jobs_) {
+    if (service::IsFinal(rec.job().state())) continue;
+    if (rec.job().client() == client) ++active;
+    if (rec.job().spec().output_name() == spec.output_name()) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("output name \"", spec.output_name(), "\" is in use by job ", id));
+    }
+  }
+  if (!spec.overwrite() && IsNonEmptyDir(fs::path(options_.output_root) / spec.output_name())) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "output \"", spec.output_name(), "\" exists under the output root (set overwrite)"));
+  }
+  if (active >= options_.max_active_jobs_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat("client \"", client, "\" has ", active,
+                                                     " active jobs (quota ",
+                                                     options_.max_active_jobs_per_client, ")"));
+  }
+
+  JobRecord rec;
+  v1::Job& job = *rec.mutable_job();
+  job.set_job_id(NewJobId());
+  *job.mutable_spec() = spec;
+  job.set_state(v1::JOB_STATE_QUEUED);
+  job.set_stage(v1::JOB_STAGE_QUEUED);
+  job.set_client(client);
+  job.set_num_blocks(facts.num_blocks);
+  job.set_recipe_sha256(recipe.Sha256());
+  job.set_created_unix_ms(NowMs());
+  if (spec.has_threads()) job.set_threads(spec.threads());
+  rec.set_seq(counters_.next_seq());
+  rec.set_spec_sha256(spec_sha);
+  store::v1::Counters counters = counters_;
+  counters.set_next_seq(counters.next_seq() + 1);
+
+  WriteBatch batch;
+  batch.Put(Column::kJobs, JobKey(job.job_id()), Encode(rec));
+  batch.Put(Column::kJobs, kCountersKey, Encode(counters));
+  if (!key.empty()) {
+    IdempotencyRecord idem;
+    idem.set_client(client);
+    idem.set_key(key);
+    idem.set_spec_sha256(spec_sha);
+    idem.set_job_id(job.job_id());
+    batch.Put(Column::kJobs, IdempotencyKey(client, key), Encode(idem));
+  }
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  counters_ = counters;
+  const std::string id = job.job_id();
+  by_seq_[rec.seq()] = id;
+  jobs_[id] = rec;
+  scheduler_.JobQueued(id, rec.seq(), {"", job.threads()}, 0);
+  Emit(rec, absl::StrCat("submitted by ", client, ": ", spec.model(), " -> ", spec.output_name(),
+                         " (", facts.num_blocks, " blocks)"));
+  UpdateGauges();
+  work_cv_.SignalAll();
+  v1::SubmitJobResponse response;
+  *response.mutable_job() = job;
+  return response;
+}
+
+absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job \"", job_id, "\""));
+  return it->second.job();
+}
+
+absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(const v1::ListJobsRequest& request) {
+  int page_size = request.page_size() == 0 ? 100 : request.page_size();
+  if (page_size < 1 || page_size > 1000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size must be in 1..1000, got ", request.page_size()));
+  }
+  int64_t after = 0;
+  if (!request.page_token().empty() && !absl::SimpleAtoi(request.page_token(), &after)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad page_token \"", request.page_token(), "\""));
+  }
+  absl::MutexLock lock(&mu_);
+  v1::ListJobsResponse response;
+  for (auto it = by_seq_.upper_bound(after); it != by_seq_.end(); ++it) {
+    const v1::Job& job = jobs_.at(it->second).job();
+    if (request.state() != v1::JOB_STATE_UNSPECIFIED && job.state() != request.state()) continue;
+    if (response.jobs_size() == page_size) {
+      response.set_next_page_token(absl::StrCat(std::prev(it)->first));
+      break;
+    }
+    *response.add_jobs() = job;
+  }
+  return response;
+}
+
+absl::StatusOr<v1::Job> Coordinator::CancelJob(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job \"", job_id, "\""));
+  JobRecord& rec = it->second;
+  if (service::IsFinal(rec.job().state()) || rec.job().cancel_requested()) return rec.job();
+  QCAL_RETURN_IF_ERROR(CheckServing());
+  if (rec.job().state() == v1::JOB_STATE_QUEUED) {
+    QCAL_RETURN_IF_ERROR(
+        FinishJob(rec, v1::JOB_STATE_CANCELLED, "cancelled while queued", nullptr));
+    return rec.job();
+  }
+  JobRecord updated = rec;
+  updated.mutable_job()->set_cancel_requested(true);
+  WriteBatch batch;
+  batch.Put(Column::kJobs, JobKey(job_id), Encode(updated));
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  rec = updated;
+  scheduler_.RequestCancel(job_id);
+  Emit(rec, "cancel requested; the job stops at the next block boundary");
+  return rec.job();
+}
+
+absl::StatusOr<v1::ProgressEvent> Coordinator::Snapshot(const std::string& job_id,
+                                                        int64_t* cursor) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job \"", job_id, "\""));
+  const Live& live = live_[job_id];
+  *cursor = live.first_index + static_cast<int64_t>(live.events.size());
+  v1::ProgressEvent e = MakeEvent(it->second);
+  e.set_message(absl::StrCat("state ", service::JobStateName(it->second.job().state())));
+  return e;
+}
+
+absl::Status Coordinator::WaitForEvents(const std::string& job_id, int64_t* cursor,
+                                        absl::Time deadline, std::vector<v1::ProgressEvent>* events,
+                                        bool* done) {
+  absl::MutexLock lock(&mu_);
+  *done = false;
+  for (;;) {
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job \"", job_id, "\""));
+    const Live& live = live_[job_id];
+    const int64_t end = live.first_index + static_cast<int64_t>(live.events.size());
+    if (*cursor < live.first_index) *cursor = live.first_index;
+    for (; *cursor < end; ++*cursor) events->push_back(live.events[*cursor - live.first_index]);
+    if (service::IsFinal(it->second.job().state()) || shutdown_) {
+      *done = true;
+      return absl::OkStatus();
+    }
+    if (!events->empty()) return absl::OkStatus();
+    if (events_cv_.WaitWithDeadline(&mu_, deadline)) return absl::OkStatus();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WorkerService.
+
+absl::StatusOr<v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
+    const v1::RegisterWorkerRequest& request) {
+  if (request.device_kind().empty()) return absl::InvalidArgumentError("device_kind is required");
+  if (request.threads() < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("threads must be >= 1, got ", request.threads()));
+  }
+  absl::MutexLock lock(&mu_);
+  QCAL_RETURN_IF_ERROR(CheckServing());
+  store::v1::Counters counters = counters_;
+  const uint64_t epoch = counters.next_epoch();
+  counters.set_next_epoch(epoch + 1);
+  WorkerRecord w;
+  w.set_worker_id(absl::StrCat("w-", epoch));
+  w.set_epoch(epoch);
+  w.set_device_kind(request.device_kind());
+  w.set_threads(request.threads());
+  w.set_hostname(request.hostname());
+  WriteBatch batch;
+  batch.Put(Column::kWorkers, w.worker_id(), Encode(w));
+  batch.Put(Column::kJobs, kCountersKey, Encode(counters));
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  counters_ = counters;
+  scheduler_.WorkerJoined(w.worker_id(), epoch, {w.device_kind(), w.threads()}, clock_->Now());
+  spdlog::info("coordinator: worker {} registered ({}, {} threads, host {})", w.worker_id(),
+               w.device_kind(), w.threads(), w.hostname());
+  UpdateGauges();
+  v1::RegisterWorkerResponse response;
+  response.mutable_lease()->set_worker_id(w.worker_id());
+  response.mutable_lease()->set_epoch(epoch);
+  response.set_heartbeat_interval_ms(absl::ToInt64Milliseconds(options_.heartbeat_interval));
+  response.set_lease_ms(absl::ToInt64Milliseconds(options_.scheduler.lease));
+  return response;
+}
+
+absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
+  absl::MutexLock lock(&mu_);
+  const v1::Lease& lease = request.lease();
+  QCAL_RETURN_IF_ERROR(scheduler_.Heartbeat(lease.worker_id(), lease.epoch(), clock_->Now()));
+  device_memory_[lease.worker_id()] = request.device_memory_bytes();
+  if (!request.job_id().empty() &&
+      scheduler_.CheckHolds(lease.worker_id(), lease.epoch(), request.job_id()).ok()) {
+    JobRecord& rec = jobs_.at(request.job_id());
+    Live& live = live_[request.job_id()];
+    if (rec.job().stage() != request.stage() || live.block != request.block()) {
+      // Stage changes live in memory only: they are progress, not state.
+      rec.mutable_job()->set_stage(request.stage());
+      live.block = request.block();
+      Emit(rec, request.block() >= 0
+                    ? absl::StrCat(service::JobStageName(request.stage()), " block ",
+                                   request.block() + 1, "/", rec.job().num_blocks())
+                    : service::JobStageName(request.stage()));
+    }
+  }
+  return v1::HeartbeatResponse();
+}
+
+absl::StatusOr<v1::AcquireTaskResponse> Coordinator::AcquireTask(
+    const v1::AcquireTaskRequest& request, absl::Time deadline) {
+  const v1::Lease& lease = request.lease();
+  const absl::Time until = std::min(
+      deadline,
+      absl::Now() + std::min(absl::Milliseconds(std::max(0, request.wait_ms())), kMaxAcquireWait));
+  absl::MutexLock lock(&mu_);
+  for (;;) {
+    QCAL_RETURN_IF_ERROR(CheckServing());
+    QCAL_ASSIGN_OR_RETURN(std::optional<Action> action,
+                          scheduler_.Acquire(lease.worker_id(), lease.epoch()));
+    if (action.has_value()) {
+      JobRecord& rec = jobs_.at(action->job_id);
+      JobRecord updated = rec;
+      v1::Job& job = *updated.mutable_job();
+      job.set_state(v1::JOB_STATE_RUNNING);
+      job.set_stage(v1::JOB_STAGE_LOADING);
+      job.set_worker_id(action->worker_id);
+      job.set_attempts(action->attempt);
+      job.set_device_kind(action->caps.device_kind);
+      job.set_threads(action->caps.threads);
+      if (job.started_unix_ms() == 0) job.set_started_unix_ms(NowMs());
+      updated.set_epoch(action->epoch);
+      WriteBatch batch;
+      batch.Put(Column::kJobs, JobKey(job.job_id()), Encode(updated));
+      QCAL_RETURN_IF_ERROR(Commit(batch));
+      rec = updated;
+      if (action->attempt > 1) metrics_->AddTaskRetry();
+      Live& live = live_[job.job_id()];
+      live.block = -1;
+      live.block_seconds = 0;
+      live.blocks_timed = 0;
+      Emit(rec,
+           absl::StrCat("attempt ", action->attempt, " on ", action->worker_id, " (",
+                        job.device_kind(), ", ", job.threads(), " threads), resuming at block ",
+                        job.checkpoint_block(), "/", job.num_blocks()));
+      UpdateGauges();
+      v1::AcquireTaskResponse response;
+      v1::Task& task = *response.mutable_task();
+      task.set_job_id(job.job_id());
+      *task.mutable_spec() = job.spec();
+      task.set_threads(job.threads());
+      task.set_num_blocks(job.num_blocks());
+      task.set_blocks_done(job.blocks_done());
+      task.set_checkpoint_block(job.checkpoint_block());
+      task.set_checkpoint_every(options_.checkpoint_every);
+      task.set_temp_output_name(service::TempOutputName(job.spec().output_name(), job.job_id()));
+      task.set_attempt(action->attempt);
+      return response;
+    }
+    if (shutdown_ || work_cv_.WaitWithDeadline(&mu_, until)) return v1::AcquireTaskResponse();
+  }
+}
+
+absl::StatusOr<Coordinator::JobRecord*> Coordinator::HeldJob(const v1::Lease& lease,
+                                                             const std::string& job_id) {
+  QCAL_RETURN_IF_ERROR(CheckServing());
+  QCAL_RETURN_IF_ERROR(scheduler_.CheckHolds(lease.worker_id(), lease.epoch(), job_id));
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end() || it->second.job().state() != v1::JOB_STATE_RUNNING) {
+    return absl::FailedPreconditionError(absl::StrCat("job ", job_id, " is not running"));
+  }
+  return &it->second;
+}
+
+absl::Status Coordinator::CheckHolds(const v1::Lease& lease, const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  return HeldJob(lease, job_id).status();
+}
+
+absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
+    const v1::CommitBlockHeader& header, const std::vector<std::string>& artifacts) {
+  const int b = header.block();
+  // The content checks need no lock.
+  if (header.layers_size() != static_cast<int>(engine::kAllLinears.size()) ||
+      static_cast<int>(artifacts.size()) != header.layers_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("block ", b, ": expected ",
+                                                   engine::kAllLinears.size(), " layers, got ",
+                                                   header.layers_size()));
+  }
+  BlockRecord block;
+  block.set_block(b);
+  block.set_worker_id(header.lease().worker_id());
+  block.set_epoch(header.lease().epoch());
+  std::vector<engine::LayerReport> reports;
+  for (int l = 0; l < header.layers_size(); ++l) {
+    const v1::LayerManifest& m = header.layers(l);
+    const std::string expected_name = engine::LinearPrefix(b, engine::kAllLinears[l]);
+    if (m.name() != expected_name) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", b, " layer ", l, " is \"", m.name(),
+                                                     "\", expected \"", expected_name, "\""));
+    }
+    const std::string sha = Sha256Hex(artifacts[l]);
+    if (sha != m.sha256() || static_cast<int64_t>(artifacts[l].size()) != m.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(m.name(), ": the upload does not match its manifest (sha256 ", sha, ")"));
+    }
+    const nlohmann::json report_json =
+        nlohmann::json::parse(m.report_json(), nullptr, /*allow_exceptions=*/false);
+    absl::StatusOr<engine::LayerReport> report =
+        report_json.is_object() ? engine::LayerReportFromJson(report_json)
+                                : absl::InvalidArgumentError("not a JSON object");
+    if (!report.ok() || report->name != m.name()) {
+      return absl::InvalidArgumentError(absl::StrCat(m.name(), ": malformed report entry"));
+    }
+    reports.push_back(*report);
+    LayerDigest& d = *block.add_layers();
+    d.set_name(m.name());
+    d.set_sha256(sha);
+    d.set_size(m.size());
+    d.set_report_sha256(Sha256Hex(m.report_json()));
+  }
+
+  absl::MutexLock lock(&mu_);
+  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(header.lease(), header.job_id()));
+  // Copied: assigning *rec below replaces its Job message.
+  const v1::Job job = rec->job();
+  v1::CommitBlockResponse response;
+  if (job.cancel_requested()) {
+    QCAL_RETURN_IF_ERROR(
+        FinishJob(*rec, v1::JOB_STATE_CANCELLED, "cancelled by a client", nullptr));
+    response.set_cancel_job(true);
+    return response;
+  }
+  if (b < 0 || b >= job.num_blocks() || b > job.blocks_done()) {
+    return absl::FailedPreconditionError(absl::StrCat("job ", job.job_id(), ": block ", b,
+                                                      " is out of order (", job.blocks_done(),
+                                                      " of ", job.num_blocks(), " committed)"));
+  }
+  if (b < job.blocks_done()) {
+    // Recomputed after a resume: must reproduce the committed digests exactly.
+    QCAL_ASSIGN_OR_RETURN(
+        auto stored, GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(job.job_id(), b)));
+    if (!stored.has_value()) {
+      return absl::DataLossError(
+          absl::StrCat("job ", job.job_id(), ": block ", b, " is marked done but has no record"));
+    }
+    if (stored->layers_size() != block.layers_size()) {
+      return absl::DataLossError(absl::StrCat("job ", job.job_id(), ": block ", b, " record has ",
+                                              stored->layers_size(), " layers"));
+    }
+    for (int l = 0; l < block.layers_size(); ++l) {
+      const LayerDigest& now = block.layers(l);
+      const LayerDigest& then = stored->layers(l);
+      if (now.sha256() != then.sha256() || now.report_sha256() != then.report_sha256()) {
+        const std::string error =
+            absl::StrCat("determinism error: ", now.name(), " recomputed with sha256 ",
+                         now.sha256(), " (report ", now.report_sha256(), ") but committed with ",
+                         then.sha256(), " (report ", then.report_sha256(), ")");
+        QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
+        return absl::AbortedError(error);
+      }
+    }
+    response.set_already_committed(true);
+    Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(),
+                            " recomputed: matches the committed artifacts"));
+    return response;
+  }
+
+  QCAL_RETURN_IF_ERROR(faults_->Hit("precommit", b));
+  JobRecord updated = *rec;
+  updated.mutable_job()->set_blocks_done(b + 1);
+  updated.mutable_job()->set_stage(v1::JOB_STAGE_QUANTIZING);
+  WriteBatch batch;
+  for (int l = 0; l < header.layers_size(); ++l) {
+    ArtifactRecord a;
+    a.set_name(header.layers(l).name());
+    a.set_quantized(artifacts[l]);
+    a.set_report_json(header.layers(l).report_json());
+    batch.Put(Column::kArtifacts, ArtifactKey(job.job_id(), b, l), Encode(a));
+  }
+  batch.Put(Column::kTasks, BlockKey(job.job_id(), b), Encode(block));
+  batch.Put(Column::kJobs, JobKey(job.job_id()), Encode(updated));
+  if (absl::Status injected = faults_->Hit("store", b); !injected.ok()) {
+    // Behave exactly as a failed store write does.
+    metrics_->ObserveStoreWrite(0, 0, false);
+    store_failed_at_ = clock_->Now();
+    SetServing(false);
+    return absl::UnavailableError(absl::StrCat("store write failed: ", injected.message()));
+  }
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  *rec = updated;
+  QCAL_RETURN_IF_ERROR(faults_->Hit("commit", b));
+
+  metrics_->AddBlockCommitted();
+  metrics_->ObserveStage("block", header.stats().seconds());
+  for (int l = 0; l < header.layers_size(); ++l) {
+    metrics_->ObserveLayer(header.layers(l).solve_seconds(), reports[l].rel_error_rtn,
+                           reports[l].rel_error);
+  }
+  Live& live = live_[job.job_id()];
+  live.block = b;
+  if (header.stats().seconds() > 0) {
+    live.block_seconds += header.stats().seconds();
+    live.blocks_timed += 1;
+    live.tokens_per_second =
+        static_cast<double>(header.stats().tokens()) / header.stats().seconds();
+    metrics_->SetCalibrationTokensPerSecond(live.tokens_per_second);
+  }
+  Emit(*rec, absl::StrCat("block ", b + 1, "/", rec->job().num_blocks(), " committed"));
+  UpdateGauges();
+  return response;
+}
+
+ActivationUpload::~ActivationUpload() {
+  if (fd_ >= 0) close(fd_);
+  if (!staging_path_.empty()) {
+    std::error_code ec;
+    fs::remove(staging_path_, ec);
+  }
+}
+
+absl::Status ActivationUpload::Append(const std::string& data) {
+  if (written_ + static_cast<int64_t>(data.size()) > header_.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation upload exceeds its declared size ", header_.size()));
+  }
+  size_t off = 0;
+  while (off < data.size()) {
+    const ssize_t n = write(fd_, data.data() + off, data.size() - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return absl::UnavailableError(
+          absl::StrCat(staging_path_, ": write failed: ", std::strerror(errno)));
+    }
+    off += static_cast<size_t>(n);
+  }
+  written_ += static_cast<int64_t>(data.size());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ActivationUpload>> Coordinator::BeginActivations(
+    const v1::ActivationsHeader& header) {
+  if (header.size() < 0 || header.size() > kMaxActivationBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation size ", header.size(), " is out of range"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(header.lease(), header.job_id()));
+    if (header.block() < 1 || header.block() > rec->job().blocks_done()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", header.job_id(), ": no checkpoint at block ", header.block(), " (",
+                       rec->job().blocks_done(), " blocks committed)"));
+    }
+  }
+  std::error_code ec;
+  const fs::path dir = ActivationDir(header.job_id());
+  fs::create_directories(dir, ec);
+  auto upload = std::unique_ptr<ActivationUpload>(new ActivationUpload());
+  upload->header_ = header;
+  upload->started_ = absl::Now();
+  upload->staging_path_ =
+      (dir / absl::StrCat(".upload-", header.block(), "-", header.lease().epoch())).string();
+  upload->fd_ = open(upload->staging_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (upload->fd_ < 0) {
+    return absl::UnavailableError(
+        absl::StrCat(upload->staging_path_, ": cannot create: ", std::strerror(errno)));
+  }
+  return upload;
+}
+
+absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
+    ActivationUpload& upload) {
+  const v1::ActivationsHeader& header = upload.header();
+  if (upload.written_ != header.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("activation upload ended at ", upload.written_,
+                                                   " of ", header.size(), " bytes"));
+  }
+  if (fsync(upload.fd_) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat(upload.staging_path_, ": fsync failed: ", std::strerror(errno)));
+  }
+  close(upload.fd_);
+  upload.fd_ = -1;
+  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(upload.staging_path_));
+  if (sha != header.sha256()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation upload does not match its sha256 (got ", sha, ")"));
+  }
+
+  absl::MutexLock lock(&mu_);
+  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(header.lease(), header.job_id()));
+  v1::UploadActivationsResponse response;
+  const std::string& job_id = header.job_id();
+  if (rec->job().cancel_requested()) {
+    QCAL_RETURN_IF_ERROR(
+        FinishJob(*rec, v1::JOB_STATE_CANCELLED, "cancelled by a client", nullptr));
+    response.set_cancel_job(true);
+    return response;
+  }
+  QCAL_ASSIGN_OR_RETURN(auto previous,
+                        GetRecord<ActivationRecord>(*store_, Column::kActivations, job_id));
+  if (previous.has_value() && previous->block() >= header.block()) {
+    // A resumed attempt re-uploads boundaries it passes again: the bytes must not change.
+    if (previous->block() == header.block() && previous->sha256() != sha) {
+      const std::string error = absl::StrCat("determinism error: activations at block ",
+                                             header.block(), " recomputed with sha256 ", sha,
+                                             " but checkpointed with ", previous->sha256());
+      QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
+      return absl::AbortedError(error);
+    }
+    return response;
+  }
+  const fs::path final_path =
+      fs::path(ActivationDir(job_id)) / absl::StrFormat("block-%06d.safetensors", header.block());
+  std::error_code ec;
+  fs::rename(upload.staging_path_, final_path, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat(final_path.string(), ": rename failed: ", ec.message()));
+  }
+  upload.staging_path_.clear();
+  SyncDir(final_path.parent_path());
+  ActivationRecord a;
+  a.set_block(header.block());
+  a.set_file(fs::relative(final_path, options_.data_dir).string());
+  a.set_sha256(sha);
+  a.set_size(header.size());
+  JobRecord updated = *rec;
+  updated.mutable_job()->set_checkpoint_block(header.block());
+  WriteBatch batch;
+  batch.Put(Column::kActivations, job_id, Encode(a));
+  batch.Put(Column::kJobs, JobKey(job_id), Encode(updated));
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  *rec = updated;
+  if (previous.has_value() && previous->file() != a.file()) {
+    fs::remove(fs::path(options_.data_dir) / previous->file(), ec);
+  }
+  metrics_->ObserveStage("checkpoint", absl::ToDoubleSeconds(absl::Now() - upload.started_));
+  Emit(*rec, absl::StrCat("checkpoint at block ", header.block(), "/", rec->job().num_blocks()));
+  return response;
+}
+
+absl::StatusOr<ResumePlan> Coordinator::PrepareResume(const v1::FetchResumeRequest& request) {
+  absl::MutexLock lock(&mu_);
+  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(request.lease(), request.job_id()));
+  const std::string& job_id = request.job_id();
+  ResumePlan plan;
+  QCAL_ASSIGN_OR_RETURN(auto act,
+                        GetRecord<ActivationRecord>(*store_, Column::kActivations, job_id));
+  const int k = act.has_value() ? act->block() : 0;
+  if (k != rec->job().checkpoint_block()) {
+    return absl::DataLossError(absl::StrCat("job ", job_id, ": checkpoint record at block ", k,
+                                            ", job at ", rec->job().checkpoint_block()));
+  }
+  plan.header.set_checkpoint_block(k);
+  if (k == 0) return plan;
+  plan.header.set_activations_sha256(act->sha256());
+  plan.header.set_activations_size(act->size());
+  plan.activations_path = (fs::path(options_.data_dir) / act->file()).string();
+  for (int b = 0; b < k; ++b) {
+    QCAL_ASSIGN_OR_RETURN(auto block,
+                          GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(job_id, b)));
+    if (!block.has_value()) {
+      return absl::DataLossError(absl::StrCat("job ", job_id, ": block ", b, " has no record"));
+    }
+    v1::BlockManifest& bm = *plan.header.add_blocks();
+    bm.set_block(b);
+    for (int l = 0; l < block->layers_size(); ++l) {
+      const std::string key = ArtifactKey(job_id, b, l);
+      QCAL_ASSIGN_OR_RETURN(auto artifact,
+                            GetRecord<ArtifactRecord>(*store_, Column::kArtifacts, key));
+      if (!artifact.has_value() ||
+          Sha256Hex(artifact->report_json()) != block->layers(l).report_sha256()) {
+        return absl::DataLossError(absl::StrCat("store: artifact ", key, " is missing or corrupt"));
+      }
+      v1::LayerManifest& m = *bm.add_layers();
+      m.set_name(block->layers(l).name());
+      m.set_sha256(block->layers(l).sha256());
+      m.set_size(block->layers(l).size());
+      m.set_report_json(artifact->report_json());
+    }
+  }
+  return plan;
+}
+
+absl::StatusOr<std::string> Coordinator::ReadArtifact(const std::string& job_id, int block,
+                                                      int layer) {
+  absl::MutexLock lock(&mu_);
+  const std::string key = ArtifactKey(job_id, block, layer);
+  QCAL_ASSIGN_OR_RETURN(auto digest,
+                        GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(job_id, block)));
+  QCAL_ASSIGN_OR_RETURN(auto artifact, GetRecord<ArtifactRecord>(*store_, Column::kArtifacts, key));
+  if (!digest.has_value() || !artifact.has_value() || layer < 0 || layer >= digest->layers_size() ||
+      Sha256Hex(artifact->quantized()) != digest->layers(layer).sha256()) {
+    return absl::DataLossError(absl::StrCat("store: artifact ", key, " is missing or corrupt"));
+  }
+  return std::move(*artifact->mutable_quantized());
+}
+
+absl::StatusOr<v1::CompleteTaskResponse> Coordinator::CompleteTask(
+    const v1::CompleteTaskRequest& request) {
+  absl::MutexLock lock(&mu_);
+  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(request.lease(), request.job_id()));
+  // Copied: FinishJob replaces *rec's Job message.
+  const v1::Job job = rec->job();
+  const fs::path root(options_.output_root);
+  const fs::path tmp = root / service::TempOutputName(job.spec().output_name(), job.job_id());
+  const fs::path target = root / job.spec().output_name();
+  v1::CompleteTaskResponse response;
+  std::error_code ec;
+  if (job.cancel_requested()) {
+    fs::remove_all(tmp, ec);
+    QCAL_RETURN_IF_ERROR(
+        FinishJob(*rec, v1::JOB_STATE_CANCELLED, "cancelled by a client", nullptr));
+    response.set_state(v1::JOB_STATE_CANCELLED);
+    return response;
+  }
+  if (job.blocks_done() != job.num_blocks()) {
+    return absl::FailedPreconditionError(absl::StrCat("job ", job.job_id(), ": only ",
+                                                      job.blocks_done(), " of ", job.num_blocks(),
+                                                      " blocks are committed"));
+  }
+  if (RunJobId(tmp) != job.job_id()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(tmp.string(), " does not hold this job's output"));
+  }
+  if (fs::exists(target, ec)) {
+    // A target carrying this job's id is an earlier attempt's commit (DESIGN section 5).
+    if (RunJobId(target) == job.job_id() || job.spec().overwrite() || !IsNonEmptyDir(target)) {
+      fs::remove_all(target, ec);
+    } else {
+      const std::string error = absl::StrCat("output \"", job.spec().output_name(),
+                                             "\" appeared under the output root while the job ran");
+      fs::remove_all(tmp, ec);
+      QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
+      response.set_state(v1::JOB_STATE_FAILED);
+      return response;
+    }
+  }
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot move ", tmp.string(), " to ", target.string(), ": ", ec.message()));
+  }
+  SyncDir(root);
+  QCAL_RETURN_IF_ERROR(faults_->Hit("complete", job.num_blocks()));
+  metrics_->ObserveStage("finish", request.finish_seconds());
+  QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_SUCCEEDED, "",
+                                 request.has_result() ? &request.result() : nullptr));
+  response.set_state(v1::JOB_STATE_SUCCEEDED);
+  return response;
+}
+
+absl::Status Coordinator::FailTask(const v1::FailTaskRequest& request) {
+  absl::MutexLock lock(&mu_);
+  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(request.lease(), request.job_id()));
+  const std::string error = request.error().empty() ? "the worker failed the job" : request.error();
+  std::error_code ec;
+  fs::remove_all(fs::path(options_.output_root) /
+                     service::TempOutputName(rec->job().spec().output_name(), request.job_id()),
+                 ec);
+  return FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr);
+}
+
+absl::Status Coordinator::FinishJob(JobRecord& rec, v1::JobState state, const std::string& error,
+                                    const v1::JobResult* result) {
+  JobRecord updated = rec;
+  v1::Job& job = *updated.mutable_job();
+  const std::string id = job.job_id();
+  job.set_state(state);
+  job.set_stage(v1::JOB_STAGE_DONE);
+  job.set_error(error);
+  job.set_finished_unix_ms(NowMs());
+  job.clear_worker_id();
+  updated.set_epoch(0);
+  if (result != nullptr) *job.mutable_result() = *result;
+  WriteBatch batch;
+  batch.Put(Column::kJobs, JobKey(id), Encode(updated));
+  batch.DeletePrefix(Column::kArtifacts, JobScopedPrefix(id));
+  batch.DeletePrefix(Column::kTasks, JobScopedPrefix(id));
+  batch.Delete(Column::kActivations, id);
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  rec = updated;
+  scheduler_.JobFinished(id);
+  std::error_code ec;
+  fs::remove_all(ActivationDir(id), ec);
+  metrics_->ObserveJobDuration(
+      StateLabel(state), static_cast<double>(job.finished_unix_ms() - job.created_unix_ms()) / 1e3);
+  Emit(rec, error.empty() ? service::JobStateName(state)
+                          : absl::StrCat(service::JobStateName(state), ": ", error));
+  Live& live = live_[id];
+  while (live.events.size() > kMaxEventsPerFinalJob) {
+    live.events.pop_front();
+    ++live.first_index;
+  }
+  UpdateGauges();
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time-driven work.
+
+void Coordinator::Tick() {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = clock_->Now();
+  if (!serving_) {
+    if (now - store_failed_at_ < options_.store_reopen_interval) return;
+    // Reopen: drop the handle first (RocksDB holds a lock on the directory), then reload every
+    // piece of state from what the store has durably.
+    store_.reset();
+    absl::StatusOr<std::unique_ptr<KvStore>> reopened = open_store_();
+    absl::Status s = reopened.status();
+    if (s.ok()) {
+      store_ = *std::move(reopened);
+      s = LoadState();
+    }
+    if (!s.ok()) {
+      spdlog::error("coordinator: store reopen failed: {}", s.ToString());
+      store_failed_at_ = now;
+      return;
+    }
+    spdlog::info("coordinator: store reopened");
+    SetServing(true);
+    return;
+  }
+  for (const Action& a : scheduler_.Tick(now)) {
+    switch (a.kind) {
+      case Action::Kind::kExpireLease: {
+        WriteBatch batch;
+        batch.Delete(Column::kWorkers, a.worker_id);
+        if (!Commit(batch).ok()) return;
+        device_memory_.erase(a.worker_id);
+        metrics_->AddLeaseExpiry();
+        spdlog::warn("coordinator: lease {}@{} expired", a.worker_id, a.epoch);
+        break;
+      }
+      case Action::Kind::kRequeue: {
+        JobRecord& rec = jobs_.at(a.job_id);
+        JobRecord updated = rec;
+        v1::Job& job = *updated.mutable_job();
+        job.set_state(v1::JOB_STATE_QUEUED);
+        job.set_stage(v1::JOB_STAGE_QUEUED);
+        job.clear_worker_id();
+        updated.set_epoch(0);
+        WriteBatch batch;
+        batch.Put(Column::kJobs, JobKey(a.job_id), Encode(updated));
+        if (!Commit(batch).ok()) return;
+        rec = updated;
+        Emit(rec, absl::StrCat("requeued: ", a.reason, "; resumes at block ",
+                               rec.job().checkpoint_block(), "/", rec.job().num_blocks()));
+        work_cv_.SignalAll();
+        break;
+      }
+      case Action::Kind::kFailJob:
+        if (!FinishJob(jobs_.at(a.job_id), v1::JOB_STATE_FAILED, a.reason, nullptr).ok()) return;
+        break;
+      case Action::Kind::kCancelJob:
+        if (!FinishJob(jobs_.at(a.job_id), v1::JOB_STATE_CANCELLED, a.reason, nullptr).ok()) return;
+        break;
+      case Action::Kind::kAssign:
+        break;
+    }
+  }
+  UpdateGauges();
+}
+
+void Coordinator::Shutdown() {
+  absl::MutexLock lock(&mu_);
+  shutdown_ = true;
+  work_cv_.SignalAll();
+  events_cv_.SignalAll();
+}
+
+}  // namespace qcal::coordinator

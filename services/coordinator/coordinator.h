@@ -1,0 +1,206 @@
+// The coordinator's core (DESIGN section 7): jobs and their state machine (QUEUED -> RUNNING ->
+// SUCCEEDED / FAILED / CANCELLED) on the store, submit validation, worker leases through the
+// Scheduler, per-block commit points, activation checkpoints, resume, and progress events. The
+// gRPC service classes (grpc_services.h) only translate to and from these calls.
+//
+// Commit points: every state change is one synced WriteBatch, written before memory is updated.
+// A block's seven artifacts and its done mark go in one batch; a block committed before is
+// compared instead (a different digest fails the job as a determinism error). After a restart
+// (or a store reopen) everything is rebuilt from the store: QUEUED jobs queue again, RUNNING jobs
+// stay with their worker while its restored lease lives (it gets a fresh lease period), else they
+// are requeued and resume at their last activation checkpoint.
+//
+// Store failures: a failed write makes the coordinator refuse further writes (UNAVAILABLE, health
+// NOT_SERVING) until Tick reopens the store and reloads the state from it.
+//
+// Thread-safe: every public method may be called from any gRPC thread.
+#pragma once
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "qcal/store/v1/records.pb.h"
+#include "qcal/v1/quant_service.pb.h"
+#include "qcal/v1/worker_service.pb.h"
+#include "services/common/fault_injection.h"
+#include "services/common/input_paths.h"
+#include "services/coordinator/clock.h"
+#include "services/coordinator/kv_store.h"
+#include "services/coordinator/metrics.h"
+#include "services/coordinator/scheduler.h"
+
+namespace qcal::coordinator {
+
+struct CoordinatorOptions {
+  // State directory: the store in <data_dir>/store, activation checkpoints in
+  // <data_dir>/activations/<job_id>/. Required.
+  std::string data_dir;
+  // Job inputs are confined beneath this directory. Required.
+  std::string input_root;
+  // Outputs are created as <output_root>/<output_name>. Required.
+  std::string output_root;
+  // Lease duration and attempts per job (see SchedulerOptions).
+  SchedulerOptions scheduler;
+  // How often workers heartbeat; less than the lease. Default: 2 s.
+  absl::Duration heartbeat_interval = absl::Seconds(2);
+  // Jobs a client may have QUEUED or RUNNING at once; more is RESOURCE_EXHAUSTED. Default: 64.
+  int max_active_jobs_per_client = 64;
+  // Told to workers: checkpoint activations every this many blocks; 0 lets the worker choose
+  // (at most 5% of block time). Default: 0.
+  int checkpoint_every = 0;
+  // After a store write error, try to reopen the store this often. Default: 2 s.
+  absl::Duration store_reopen_interval = absl::Seconds(2);
+
+  absl::Status Validate() const;
+};
+
+// Opens (or reopens) the store.
+using StoreOpener = std::function<absl::StatusOr<std::unique_ptr<KvStore>>()>;
+
+// What a resuming worker is sent: the header (artifact manifests of blocks before the checkpoint)
+// and the checkpoint file to stream.
+struct ResumePlan {
+  v1::ResumeHeader header;
+  std::string activations_path;  // "" when checkpoint_block is 0
+};
+
+class Coordinator;
+
+// An activation checkpoint being received (UploadActivations): bytes go to a staging file in the
+// data directory; Coordinator::CommitActivations checks size and hash and commits it.
+class ActivationUpload {
+ public:
+  ~ActivationUpload();
+  // Appends the next bytes; INVALID_ARGUMENT past the declared size.
+  absl::Status Append(const std::string& data);
+  const v1::ActivationsHeader& header() const { return header_; }
+
+ private:
+  friend class Coordinator;
+  ActivationUpload() = default;
+  v1::ActivationsHeader header_;
+  std::string staging_path_;
+  int fd_ = -1;
+  int64_t written_ = 0;
+  absl::Time started_;
+};
+
+class Coordinator {
+ public:
+  // Opens the store through `open_store` and loads the state. `clock`, `metrics` and `faults`
+  // must outlive the coordinator.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options,
+                                                             StoreOpener open_store, Clock* clock,
+                                                             Metrics* metrics,
+                                                             service::FaultInjector* faults);
+  ~Coordinator();
+
+  // False after a store write error, until the store is reopened.
+  bool serving() const;
+  // Called with the new value whenever serving() changes (health checking).
+  void SetServingCallback(std::function<void(bool serving)> callback);
+
+  // --- QuantService. `client` is the caller's identity.
+  absl::StatusOr<v1::SubmitJobResponse> SubmitJob(const std::string& client,
+                                                  const v1::SubmitJobRequest& request);
+  absl::StatusOr<v1::Job> GetJob(const std::string& job_id);
+  absl::StatusOr<v1::ListJobsResponse> ListJobs(const v1::ListJobsRequest& request);
+  absl::StatusOr<v1::Job> CancelJob(const std::string& job_id);
+  // The job's current state as an event; *cursor is set to the index of the next event.
+  absl::StatusOr<v1::ProgressEvent> Snapshot(const std::string& job_id, int64_t* cursor);
+  // Waits until `deadline` for events at index >= *cursor, appends them to `events` and advances
+  // *cursor. *done: the job is final and every event was delivered (or the coordinator is
+  // shutting down).
+  absl::Status WaitForEvents(const std::string& job_id, int64_t* cursor, absl::Time deadline,
+                             std::vector<v1::ProgressEvent>* events, bool* done);
+
+  // --- WorkerService.
+  absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
+      const v1::RegisterWorkerRequest& request);
+  absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
+  // Waits until `deadline` (at most 30 s) for a task.
+  absl::StatusOr<v1::AcquireTaskResponse> AcquireTask(const v1::AcquireTaskRequest& request,
+                                                      absl::Time deadline);
+  // FAILED_PRECONDITION unless `lease` is live and holds job_id (early check of streamed uploads).
+  absl::Status CheckHolds(const v1::Lease& lease, const std::string& job_id);
+  // A block's artifacts (quantized bytes, in manifest order), already assembled from chunks.
+  absl::StatusOr<v1::CommitBlockResponse> CommitBlock(const v1::CommitBlockHeader& header,
+                                                      const std::vector<std::string>& artifacts);
+  absl::StatusOr<std::unique_ptr<ActivationUpload>> BeginActivations(
+      const v1::ActivationsHeader& header);
+  absl::StatusOr<v1::UploadActivationsResponse> CommitActivations(ActivationUpload& upload);
+  absl::StatusOr<ResumePlan> PrepareResume(const v1::FetchResumeRequest& request);
+  // One committed artifact's quantized bytes; DATA_LOSS when they no longer match the digest.
+  absl::StatusOr<std::string> ReadArtifact(const std::string& job_id, int block, int layer);
+  absl::StatusOr<v1::CompleteTaskResponse> CompleteTask(const v1::CompleteTaskRequest& request);
+  absl::Status FailTask(const v1::FailTaskRequest& request);
+
+  // Expires leases, reopens a failed store, refreshes gauges. Call every ~100 ms.
+  void Tick();
+  // Wakes every waiter (server shutdown); later waits return at once.
+  void Shutdown();
+
+ private:
+  using JobRecord = store::v1::JobRecord;
+  // Per-job state that lives only in memory: events and timings.
+  struct Live {
+    std::deque<v1::ProgressEvent> events;
+    int64_t first_index = 0;   // index of events.front()
+    double block_seconds = 0;  // sum over the blocks timed in this process
+    int blocks_timed = 0;
+    double tokens_per_second = 0;
+    int block = -1;
+  };
+
+  Coordinator(const CoordinatorOptions& options, StoreOpener open_store, Clock* clock,
+              Metrics* metrics, service::FaultInjector* faults, service::InputRoot input_root);
+
+  absl::Status LoadState() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckServing() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::Status Commit(const WriteBatch& batch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SetServing(bool serving) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The RUNNING job that `lease` holds.
+  absl::StatusOr<JobRecord*> HeldJob(const v1::Lease& lease, const std::string& job_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves a job to a final state (one batch: record, artifacts and checkpoint dropped).
+  absl::Status FinishJob(JobRecord& rec, v1::JobState state, const std::string& error,
+                         const v1::JobResult* result) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Emit(const JobRecord& rec, const std::string& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::ProgressEvent MakeEvent(const JobRecord& rec) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void UpdateGauges() ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  std::string NewJobId() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  std::string ActivationDir(const std::string& job_id) const;
+  int64_t NowMs() const;
+
+  const CoordinatorOptions options_;
+  const StoreOpener open_store_;
+  Clock* const clock_;
+  Metrics* const metrics_;
+  service::FaultInjector* const faults_;
+  const service::InputRoot input_root_;
+
+  mutable absl::Mutex mu_;
+  absl::CondVar work_cv_;    // a job became assignable
+  absl::CondVar events_cv_;  // an event was emitted
+  std::unique_ptr<KvStore> store_ ABSL_GUARDED_BY(mu_);
+  bool serving_ ABSL_GUARDED_BY(mu_) = true;
+  absl::Time store_failed_at_ ABSL_GUARDED_BY(mu_);
+  std::function<void(bool)> serving_callback_ ABSL_GUARDED_BY(mu_);
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  store::v1::Counters counters_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, JobRecord> jobs_ ABSL_GUARDED_BY(mu_);
+  std::map<int64_t, std::string> by_seq_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Live> live_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> device_memory_ ABSL_GUARDED_BY(mu_);  // per worker
+  Scheduler scheduler_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace qcal::coordinator

@@ -1,0 +1,181 @@
+// qcal-coordinator: the job API (gRPC), job state on RocksDB, worker leases and /metrics. Flags
+// map onto CoordinatorOptions here and nowhere else. SIGTERM or SIGINT shut it down gracefully.
+#include <atomic>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/files.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "nlohmann/json.hpp"
+#include "services/common/fault_injection.h"
+#include "services/common/rpc.h"
+#include "services/common/shutdown_signal.h"
+#include "services/coordinator/auth.h"
+#include "services/coordinator/coordinator.h"
+#include "services/coordinator/grpc_services.h"
+#include "services/coordinator/prometheus_metrics.h"
+#include "services/coordinator/rocks_store.h"
+
+namespace qcal::coordinator {
+namespace {
+
+struct Flags {
+  std::string listen = "127.0.0.1:50051";
+  std::string metrics_listen = "127.0.0.1:9464";
+  std::string port_file;
+  std::string auth_token_file;
+  rpc::ServerTlsOptions tls;
+  double lease_seconds = 10;
+  double heartbeat_seconds = 2;
+  double store_reopen_seconds = 2;
+  bool verbose = false;
+};
+
+// Writes {"grpc_port": N, "metrics_port": M} atomically (tests and scripts read it).
+absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
+  nlohmann::ordered_json j;
+  j["grpc_port"] = grpc_port;
+  j["metrics_port"] = metrics_port;
+  const std::string tmp = path + ".tmp";
+  QCAL_RETURN_IF_ERROR(WriteStringToFile(tmp, j.dump() + "\n"));
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat(path, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+absl::Status Run(const Flags& flags, CoordinatorOptions options) {
+  options.scheduler.lease = absl::Seconds(flags.lease_seconds);
+  options.heartbeat_interval = absl::Seconds(flags.heartbeat_seconds);
+  options.store_reopen_interval = absl::Seconds(flags.store_reopen_seconds);
+  QCAL_RETURN_IF_ERROR(options.Validate());
+
+  service::ShutdownSignal& shutdown = service::ShutdownSignal::Install();
+  QCAL_ASSIGN_OR_RETURN(auto faults, service::FaultInjector::FromEnv("coordinator"));
+  std::unique_ptr<Authenticator> auth = std::make_unique<Authenticator>();
+  if (!flags.auth_token_file.empty()) {
+    QCAL_ASSIGN_OR_RETURN(auth, Authenticator::FromTokenFile(flags.auth_token_file));
+  }
+  QCAL_ASSIGN_OR_RETURN(auto creds, rpc::CreateServerCredentials(flags.tls));
+  QCAL_ASSIGN_OR_RETURN(auto metrics, PrometheusMetrics::Create(flags.metrics_listen));
+  RealClock clock;
+  const std::string store_dir = (std::filesystem::path(options.data_dir) / "store").string();
+  StoreOpener opener = [store_dir]() -> absl::StatusOr<std::unique_ptr<KvStore>> {
+    QCAL_ASSIGN_OR_RETURN(std::unique_ptr<RocksStore> s, RocksStore::Open({store_dir}));
+    return std::unique_ptr<KvStore>(std::move(s));
+  };
+  QCAL_ASSIGN_OR_RETURN(auto coordinator,
+                        Coordinator::Create(options, opener, &clock, metrics.get(), faults.get()));
+
+  QuantGrpcService quant(coordinator.get(), auth.get(), metrics.get());
+  WorkerGrpcService workers(coordinator.get(), auth.get(), metrics.get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(flags.listen, creds, &port);
+  builder.SetMaxReceiveMessageSize(rpc::kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(rpc::kMaxMessageBytes);
+  builder.RegisterService(&quant);
+  builder.RegisterService(&workers);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", flags.listen));
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  coordinator->SetServingCallback([health](bool serving) {
+    health->SetServingStatus(serving);
+    health->SetServingStatus("qcal.v1.QuantService", serving);
+  });
+  spdlog::info("qcal-coordinator: listening on port {} (metrics port {}), auth {}, TLS {}", port,
+               metrics->port(), auth->enabled() ? "on" : "off",
+               flags.tls.cert.empty() ? "off" : "on");
+  if (!flags.port_file.empty()) {
+    QCAL_RETURN_IF_ERROR(WritePortFile(flags.port_file, port, metrics->port()));
+  }
+
+  std::atomic<bool> stop{false};
+  std::thread ticker([&] {
+    while (!stop.load()) {
+      coordinator->Tick();
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+  });
+  std::thread signal_waiter([&] {
+    const int sig = shutdown.Wait();
+    spdlog::info("qcal-coordinator: signal {}, shutting down", sig);
+    coordinator->Shutdown();
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  });
+  server->Wait();
+  stop.store(true);
+  ticker.join();
+  signal_waiter.join();
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace qcal::coordinator
+
+int main(int argc, char** argv) {
+  using qcal::coordinator::CoordinatorOptions;
+  CLI::App app{"qcal-coordinator: the qcal job service (gRPC API, RocksDB job state, /metrics)"};
+  qcal::coordinator::Flags flags;
+  CoordinatorOptions options;
+  app.add_option("--listen", flags.listen, "gRPC address host:port (port 0: any free port)");
+  app.add_option("--data-dir", options.data_dir, "State directory (RocksDB store, checkpoints)")
+      ->required();
+  app.add_option("--input-root", options.input_root, "Job inputs are confined beneath this")
+      ->required();
+  app.add_option("--output-root", options.output_root, "Outputs are created under this")
+      ->required();
+  app.add_option("--metrics-listen", flags.metrics_listen,
+                 "/metrics HTTP address host:port (\"\" disables)");
+  app.add_option("--port-file", flags.port_file,
+                 "Write {\"grpc_port\", \"metrics_port\"} as JSON here once listening");
+  app.add_option("--lease-seconds", flags.lease_seconds, "Worker lease duration (default 10)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--heartbeat-seconds", flags.heartbeat_seconds,
+                 "Worker heartbeat interval, less than the lease (default 2)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-attempts", options.scheduler.max_attempts,
+                 "A job that loses its worker this many times fails (default 5)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-active-jobs-per-client", options.max_active_jobs_per_client,
+                 "Quota of QUEUED + RUNNING jobs per client (default 64)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--checkpoint-every", options.checkpoint_every,
+                 "Activation checkpoint every N blocks; 0: workers keep it under 5% (default 0)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--store-reopen-seconds", flags.store_reopen_seconds,
+                 "Retry period for reopening the store after a write error (default 2)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--auth-token-file", flags.auth_token_file,
+                 "Bearer tokens, lines \"subject token\"; turns auth on");
+  app.add_option("--tls-cert", flags.tls.cert, "Server certificate chain (PEM); turns TLS on");
+  app.add_option("--tls-key", flags.tls.key, "Server private key (PEM)");
+  app.add_option("--tls-client-ca", flags.tls.client_ca,
+                 "CA for client certificates (PEM); turns mTLS on");
+  app.add_flag("-v,--verbose", flags.verbose, "Verbose logging");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  qcal::InitLogging(flags.verbose);
+  absl::Status s = qcal::coordinator::Run(flags, options);
+  if (!s.ok()) {
+    std::fprintf(stderr, "qcal-coordinator: error: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

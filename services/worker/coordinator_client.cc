@@ -1,0 +1,241 @@
+#include "services/worker/coordinator_client.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/files.h"
+#include "common/status.h"
+
+namespace qcal::worker {
+
+absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Create(
+    const rpc::ClientOptions& options) {
+  auto c = std::unique_ptr<CoordinatorClient>(new CoordinatorClient());
+  QCAL_ASSIGN_OR_RETURN(c->connection_, rpc::Connection::Open(options));
+  c->stub_ = v1::WorkerService::NewStub(c->connection_->channel());
+  return c;
+}
+
+absl::Duration CoordinatorClient::BulkTimeout(size_t bytes) const {
+  return connection_->options().timeout + absl::Seconds(static_cast<double>(bytes) / (16 << 20));
+}
+
+absl::StatusOr<v1::RegisterWorkerResponse> CoordinatorClient::RegisterWorker(
+    const v1::RegisterWorkerRequest& request) {
+  grpc::ClientContext context;
+  connection_->Prepare(&context);
+  v1::RegisterWorkerResponse response;
+  QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->RegisterWorker(&context, request, &response)));
+  return response;
+}
+
+absl::Status CoordinatorClient::Heartbeat(const v1::HeartbeatRequest& request) {
+  grpc::ClientContext context;
+  connection_->Prepare(&context);
+  v1::HeartbeatResponse response;
+  return rpc::FromGrpcStatus(stub_->Heartbeat(&context, request, &response));
+}
+
+absl::StatusOr<std::optional<v1::Task>> CoordinatorClient::AcquireTask(const v1::Lease& lease,
+                                                                       absl::Duration wait) {
+  grpc::ClientContext context;
+  connection_->Prepare(&context, connection_->options().timeout + wait);
+  v1::AcquireTaskRequest request;
+  *request.mutable_lease() = lease;
+  request.set_wait_ms(static_cast<int32_t>(absl::ToInt64Milliseconds(wait)));
+  v1::AcquireTaskResponse response;
+  {
+    absl::MutexLock lock(&mu_);
+    if (cancelled_) return absl::CancelledError("the worker is stopping");
+    waiting_ = &context;
+  }
+  const grpc::Status s = stub_->AcquireTask(&context, request, &response);
+  {
+    absl::MutexLock lock(&mu_);
+    waiting_ = nullptr;
+  }
+  QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(s));
+  if (!response.has_task()) return std::optional<v1::Task>();
+  return std::optional<v1::Task>(response.task());
+}
+
+void CoordinatorClient::CancelWait() {
+  absl::MutexLock lock(&mu_);
+  cancelled_ = true;
+  if (waiting_ != nullptr) waiting_->TryCancel();
+}
+
+absl::StatusOr<v1::CommitBlockResponse> CoordinatorClient::CommitBlock(
+    const v1::Lease& lease, const std::string& job_id, int block,
+    const std::vector<LayerArtifact>& layers, const v1::BlockStats& stats) {
+  size_t total = 0;
+  v1::CommitBlockChunk header_chunk;
+  v1::CommitBlockHeader& h = *header_chunk.mutable_header();
+  *h.mutable_lease() = lease;
+  h.set_job_id(job_id);
+  h.set_block(block);
+  *h.mutable_stats() = stats;
+  for (const LayerArtifact& l : layers) {
+    v1::LayerManifest& m = *h.add_layers();
+    m.set_name(l.name);
+    m.set_sha256(Sha256Hex(l.quantized));
+    m.set_size(static_cast<int64_t>(l.quantized.size()));
+    m.set_report_json(l.report_json);
+    m.set_solve_seconds(l.solve_seconds);
+    total += l.quantized.size();
+  }
+  grpc::ClientContext context;
+  connection_->Prepare(&context, BulkTimeout(total));
+  v1::CommitBlockResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::CommitBlockChunk>> writer =
+      stub_->CommitBlock(&context, &response);
+  bool ok = writer->Write(header_chunk);
+  for (size_t l = 0; ok && l < layers.size(); ++l) {
+    const std::string& bytes = layers[l].quantized;
+    for (size_t off = 0; ok && off < bytes.size(); off += rpc::kChunkBytes) {
+      v1::CommitBlockChunk c;
+      v1::ArtifactChunk& a = *c.mutable_artifact();
+      a.set_block(block);
+      a.set_layer(static_cast<int32_t>(l));
+      a.set_offset(static_cast<int64_t>(off));
+      a.set_data(bytes.substr(off, std::min(rpc::kChunkBytes, bytes.size() - off)));
+      ok = writer->Write(c);
+    }
+  }
+  if (ok) writer->WritesDone();
+  QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(writer->Finish()));
+  return response;
+}
+
+absl::StatusOr<v1::UploadActivationsResponse> CoordinatorClient::UploadActivations(
+    const v1::Lease& lease, const std::string& job_id, int block, const std::string& path) {
+  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(path));
+  std::ifstream in(path, std::ios::binary);
+  std::error_code ec;
+  const uintmax_t size = std::filesystem::file_size(path, ec);
+  if (!in || ec) return absl::InternalError(absl::StrCat(path, ": cannot read the checkpoint"));
+  grpc::ClientContext context;
+  connection_->Prepare(&context, BulkTimeout(size));
+  v1::UploadActivationsResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::ActivationsChunk>> writer =
+      stub_->UploadActivations(&context, &response);
+  v1::ActivationsChunk header_chunk;
+  v1::ActivationsHeader& h = *header_chunk.mutable_header();
+  *h.mutable_lease() = lease;
+  h.set_job_id(job_id);
+  h.set_block(block);
+  h.set_sha256(sha);
+  h.set_size(static_cast<int64_t>(size));
+  bool ok = writer->Write(header_chunk);
+  std::string buf(rpc::kChunkBytes, '\0');
+  while (ok && in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const std::streamsize n = in.gcount();
+    if (n <= 0) break;
+    v1::ActivationsChunk c;
+    c.set_data(buf.substr(0, static_cast<size_t>(n)));
+    ok = writer->Write(c);
+  }
+  if (ok) writer->WritesDone();
+  QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(writer->Finish()));
+  return response;
+}
+
+absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease,
+                                                          const std::string& job_id,
+                                                          const std::string& activations_path) {
+  grpc::ClientContext context;
+  // The size is unknown before the header arrives; allow for a large model's artifacts.
+  connection_->Prepare(&context, BulkTimeout(size_t{64} << 30));
+  v1::FetchResumeRequest request;
+  *request.mutable_lease() = lease;
+  request.set_job_id(job_id);
+  std::unique_ptr<grpc::ClientReader<v1::ResumeChunk>> reader =
+      stub_->FetchResume(&context, request);
+  std::ofstream out(activations_path, std::ios::binary | std::ios::trunc);
+  if (!out) {
+    context.TryCancel();
+    reader->Finish();
+    return absl::InternalError(absl::StrCat(activations_path, ": cannot create"));
+  }
+  v1::ResumeChunk chunk;
+  v1::ResumeHeader header;
+  ResumeData data;
+  bool have_header = false;
+  absl::Status bad;
+  while (bad.ok() && reader->Read(&chunk)) {
+    switch (chunk.part_case()) {
+      case v1::ResumeChunk::kHeader:
+        header = chunk.header();
+        have_header = true;
+        data.checkpoint_block = header.checkpoint_block();
+        data.blocks.assign(header.blocks_size(), {});
+        for (int b = 0; b < header.blocks_size(); ++b) {
+          for (const v1::LayerManifest& m : header.blocks(b).layers()) {
+            data.blocks[b].push_back({m.name(), "", m.report_json(), 0});
+          }
+        }
+        break;
+      case v1::ResumeChunk::kArtifact: {
+        const v1::ArtifactChunk& a = chunk.artifact();
+        if (!have_header || a.block() < 0 || a.block() >= static_cast<int>(data.blocks.size()) ||
+            a.layer() < 0 || a.layer() >= static_cast<int>(data.blocks[a.block()].size())) {
+          bad = absl::DataLossError("FetchResume: an artifact chunk outside the manifest");
+          break;
+        }
+        data.blocks[a.block()][a.layer()].quantized += a.data();
+        break;
+      }
+      case v1::ResumeChunk::kActivations:
+        out.write(chunk.activations().data(),
+                  static_cast<std::streamsize>(chunk.activations().size()));
+        break;
+      case v1::ResumeChunk::PART_NOT_SET:
+        break;
+    }
+  }
+  if (!bad.ok()) context.TryCancel();
+  const absl::Status finished = rpc::FromGrpcStatus(reader->Finish());
+  QCAL_RETURN_IF_ERROR(bad);
+  QCAL_RETURN_IF_ERROR(finished);
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat(activations_path, ": write failed"));
+  if (!have_header) return absl::DataLossError("FetchResume: no header");
+  for (int b = 0; b < header.blocks_size(); ++b) {
+    for (int l = 0; l < header.blocks(b).layers_size(); ++l) {
+      const v1::LayerManifest& m = header.blocks(b).layers(l);
+      if (Sha256Hex(data.blocks[b][l].quantized) != m.sha256()) {
+        return absl::DataLossError(
+            absl::StrCat("FetchResume: ", m.name(), " does not match its sha256"));
+      }
+    }
+  }
+  if (data.checkpoint_block > 0) {
+    QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(activations_path));
+    if (sha != header.activations_sha256()) {
+      return absl::DataLossError(
+          "FetchResume: the activation checkpoint does not match its sha256");
+    }
+  }
+  return data;
+}
+
+absl::StatusOr<v1::CompleteTaskResponse> CoordinatorClient::CompleteTask(
+    const v1::CompleteTaskRequest& request) {
+  grpc::ClientContext context;
+  connection_->Prepare(&context);
+  v1::CompleteTaskResponse response;
+  QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->CompleteTask(&context, request, &response)));
+  return response;
+}
+
+absl::Status CoordinatorClient::FailTask(const v1::FailTaskRequest& request) {
+  grpc::ClientContext context;
+  connection_->Prepare(&context);
+  v1::FailTaskResponse response;
+  return rpc::FromGrpcStatus(stub_->FailTask(&context, request, &response));
+}
+
+}  // namespace qcal::worker

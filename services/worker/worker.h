@@ -1,0 +1,106 @@
+// qcal-worker's task loop (DESIGN section 7): register for a lease and keep it alive with
+// heartbeats, acquire a job, run it block by block with the engine's JobSession, commit each
+// block's artifacts, upload boundary activation checkpoints, and finally write the output into
+// the job's temporary directory for the coordinator to move into place.
+//
+// Resume: a task with a checkpoint fetches the committed artifacts before it and the activations
+// at it, restores the session there, and recomputes the rest; the coordinator compares blocks it
+// already has. Checkpoints: every task.checkpoint_every blocks, or (0) whenever the blocks since
+// the last checkpoint took at least 19 times what that checkpoint cost (checkpoints at most 5% of
+// block time), and always after the last block.
+//
+// Failures: a problem with the job itself (bad input found while running, NaN weights, an error
+// writing the output) is reported with FailTask and fails the job. A lost lease or an unreachable
+// coordinator drops the task without reporting (the coordinator requeues it when the lease
+// expires); transient RPC errors are retried while the lease can still be alive.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "qcal/v1/worker_service.pb.h"
+#include "services/common/fault_injection.h"
+#include "services/common/rpc.h"
+#include "services/worker/coordinator_client.h"
+
+namespace qcal::worker {
+
+struct WorkerOptions {
+  // The coordinator and how to reach it. Required: coordinator.address.
+  rpc::ClientOptions coordinator;
+  // The same trees as the coordinator's --input-root and --output-root. Required.
+  std::string input_root;
+  std::string output_root;
+  // Backend device: "cpu", "cuda" or "cuda:N". Default: "cpu".
+  std::string device = "cpu";
+  // CPU threads; 0 = number of cores. Jobs pinned to another thread count never come here.
+  // Default: 0.
+  int threads = 0;
+  // Where activation checkpoints are staged on their way up or down. Default: $TMPDIR or /tmp.
+  std::string scratch_dir;
+  // Long-poll for work this long per AcquireTask call. Default: 5 s.
+  absl::Duration acquire_wait = absl::Seconds(5);
+
+  absl::Status Validate() const;
+};
+
+class Worker {
+ public:
+  // Resolves the device kind and thread count (a backend is created once to ask). `faults` must
+  // outlive the worker.
+  static absl::StatusOr<std::unique_ptr<Worker>> Create(const WorkerOptions& options,
+                                                        service::FaultInjector* faults);
+  ~Worker();
+
+  // Runs until Stop(). Returns an error only when the coordinator refuses the worker for good
+  // (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT at registration).
+  absl::Status Run();
+  // Thread-safe. A running task stops at its next block boundary (its lease then expires and the
+  // job moves on).
+  void Stop();
+
+  const std::string& device_kind() const { return device_kind_; }
+  int threads() const { return threads_; }
+
+ private:
+  enum class TaskEnd { kCompleted, kCancelled, kFailed, kDropped };
+
+  Worker() = default;
+  // One registration: heartbeats and tasks until the lease is lost or Stop().
+  absl::Status RunLease(const v1::RegisterWorkerResponse& registration);
+  void HeartbeatLoop();
+  TaskEnd RunTask(const v1::Task& task);
+  // Reports a job error (FailTask) and returns kFailed.
+  TaskEnd FailJob(const v1::Task& task, const absl::Status& error);
+  // Calls `call` until it succeeds, fails for good, or the lease is lost / Stop().
+  absl::Status Retry(const std::string& what, const std::function<absl::Status()>& call);
+  void SetProgress(const std::string& job_id, v1::JobStage stage, int block);
+  bool LeaseLost() const;
+
+  WorkerOptions options_;
+  service::FaultInjector* faults_ = nullptr;
+  std::string device_kind_;
+  int threads_ = 0;
+  std::string hostname_;
+  std::unique_ptr<CoordinatorClient> client_;
+
+  std::atomic<bool> stop_{false};
+  mutable absl::Mutex mu_;
+  absl::CondVar heartbeat_cv_;
+  v1::Lease lease_ ABSL_GUARDED_BY(mu_);
+  absl::Duration lease_duration_ ABSL_GUARDED_BY(mu_);
+  absl::Duration heartbeat_interval_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_contact_ ABSL_GUARDED_BY(mu_);
+  bool lease_lost_ ABSL_GUARDED_BY(mu_) = false;
+  bool heartbeat_stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::string job_id_ ABSL_GUARDED_BY(mu_);
+  v1::JobStage stage_ ABSL_GUARDED_BY(mu_) = v1::JOB_STAGE_UNSPECIFIED;
+  int block_ ABSL_GUARDED_BY(mu_) = -1;
+};
+
+}  // namespace qcal::worker
