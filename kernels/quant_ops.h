@@ -10,10 +10,29 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "common/tensor.h"
 #include "kernels/quant_grid.h"
 
 namespace qcal::kernels {
+
+// OK when bits is 2..8, group_size is -1 or >= 1 and the grid is known; otherwise
+// InvalidArgument naming the recipe key. Shared by the CPU quantizers and the backend ops.
+inline absl::Status ValidateQuantSpec(const QuantSpec& spec) {
+  if (spec.bits < 2 || spec.bits > 8) {
+    return absl::InvalidArgumentError(absl::StrCat("weights.bits must be in 2..8, got ", spec.bits));
+  }
+  if (spec.group_size == 0 || spec.group_size < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights.group_size must be -1 or >= 1, got ", spec.group_size));
+  }
+  if (spec.grid != GridKind::kUniform && spec.grid != GridKind::kCuberoot) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights.grid has unknown value ", static_cast<int>(spec.grid)));
+  }
+  return absl::OkStatus();
+}
 
 // The GPTQ options of one solve; the same keys, meanings and defaults as engine::GptqOptions.
 struct GptqSolveOptions {

@@ -24,22 +24,6 @@ namespace {
 constexpr int64_t kPanels = 8;
 constexpr int64_t kMinPanelWidth = 128;
 
-absl::Status ValidateSpec(const QuantSpec& spec) {
-  if (spec.bits < 2 || spec.bits > 8) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weights.bits must be in 2..8, got ", spec.bits));
-  }
-  if (spec.group_size == 0 || spec.group_size < -1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weights.group_size must be -1 or >= 1, got ", spec.group_size));
-  }
-  if (spec.grid != GridKind::kUniform && spec.grid != GridKind::kCuberoot) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weights.grid has unknown value ", static_cast<int>(spec.grid)));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status ExpectMatrix(const Tensor& t, const char* op, const char* what) {
   if (!t.defined() || t.device() != Device::kCuda || t.dtype() != DType::kF32 || t.rank() != 2 ||
       t.dim(0) <= 0 || t.dim(1) <= 0 || t.dim(0) > INT_MAX || t.dim(1) > INT_MAX) {
@@ -281,7 +265,7 @@ absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& 
 absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor& w,
                                            const GptqFactor& factor, const QuantSpec& spec,
                                            int block_size) {
-  QCAL_RETURN_IF_ERROR(ValidateSpec(spec));
+  QCAL_RETURN_IF_ERROR(ValidateQuantSpec(spec));
   if (block_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("gptq.block_size must be >= 1, got ", block_size));
@@ -381,7 +365,7 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
 
 absl::StatusOr<QuantizedTensors> QuantizeRtn(const QuantContext& ctx, const Tensor& w,
                                              const QuantSpec& spec) {
-  QCAL_RETURN_IF_ERROR(ValidateSpec(spec));
+  QCAL_RETURN_IF_ERROR(ValidateQuantSpec(spec));
   QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "QuantizeRtn", "the weight"));
   const int64_t d_out = w.dim(0), d_in = w.dim(1);
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));

@@ -13,22 +13,6 @@
 
 namespace qcal::engine {
 
-absl::Status ValidateQuantSpec(const QuantSpec& spec) {
-  if (spec.bits < 2 || spec.bits > 8) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weights.bits must be in 2..8, got ", spec.bits));
-  }
-  if (spec.group_size == 0 || spec.group_size < -1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weights.group_size must be -1 or >= 1, got ", spec.group_size));
-  }
-  if (spec.grid != GridKind::kUniform && spec.grid != GridKind::kCuberoot) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weights.grid has unknown value ", static_cast<int>(spec.grid)));
-  }
-  return absl::OkStatus();
-}
-
 std::vector<float> QuantizedLinear::Dequantized() const {
   std::vector<float> out(static_cast<size_t>(d_out * d_in));
   for (int64_t o = 0; o < d_out; ++o) {

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/quant_grid.h"
+#include "kernels/quant_ops.h"
 
 namespace qcal::engine {
 
@@ -20,7 +21,7 @@ using kernels::GroupParams;
 using kernels::QuantSpec;
 
 // OK when bits is 2..8 and group_size is -1 or >= 1; otherwise InvalidArgument naming the field.
-absl::Status ValidateQuantSpec(const QuantSpec& spec);
+using kernels::ValidateQuantSpec;
 
 // The result of quantizing one weight matrix W [d_out][d_in]. Group k of output row o covers the
 // input columns j with g_idx[j] == k; its parameters are scales/zeros[k * d_out + o].
