@@ -8,24 +8,36 @@ namespace qcal {
 
 size_t DTypeSize(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return 4;
-    case DType::kF16: return 2;
-    case DType::kBF16: return 2;
-    case DType::kI32: return 4;
-    case DType::kF64: return 8;
-    case DType::kU8: return 1;
+    case DType::kF32:
+      return 4;
+    case DType::kF16:
+      return 2;
+    case DType::kBF16:
+      return 2;
+    case DType::kI32:
+      return 4;
+    case DType::kF64:
+      return 8;
+    case DType::kU8:
+      return 1;
   }
   return 0;
 }
 
 const char* DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
-    case DType::kI32: return "I32";
-    case DType::kF64: return "F64";
-    case DType::kU8: return "U8";
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kI32:
+      return "I32";
+    case DType::kF64:
+      return "F64";
+    case DType::kU8:
+      return "U8";
   }
   return "?";
 }
@@ -71,13 +83,13 @@ uint16_t FloatToHalf(float f) {
   std::memcpy(&bits, &f, 4);
   uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;    // NaN
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;   // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {                         // below 2^-14: subnormal or zero
-    if (abs < 0x33000000u) return sign;            // below 2^-25 (half of min subnormal): zero
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                        // below 2^-14: subnormal or zero
+    if (abs < 0x33000000u) return sign;           // below 2^-25 (half of min subnormal): zero
     uint32_t exp = abs >> 23;
     uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
-    uint32_t shift = 126 - exp;                    // 113 - exp + 13
+    uint32_t shift = 126 - exp;  // 113 - exp + 13
     uint32_t result = mant >> shift;
     uint32_t rem = mant & ((1u << shift) - 1);
     uint32_t half = 1u << (shift - 1);

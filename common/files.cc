@@ -26,7 +26,8 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
 absl::Status WriteStringToFile(const std::string& path, const std::string& contents) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
-    return absl::PermissionDeniedError(absl::StrCat(path, ": cannot write: ", std::strerror(errno)));
+    return absl::PermissionDeniedError(
+        absl::StrCat(path, ": cannot write: ", std::strerror(errno)));
   }
   size_t done = 0;
   while (done < contents.size()) {
@@ -35,7 +36,8 @@ absl::Status WriteStringToFile(const std::string& path, const std::string& conte
       if (errno == EINTR) continue;
       int err = errno;
       ::close(fd);
-      return absl::ResourceExhaustedError(absl::StrCat(path, ": write failed: ", std::strerror(err)));
+      return absl::ResourceExhaustedError(
+          absl::StrCat(path, ": write failed: ", std::strerror(err)));
     }
     done += static_cast<size_t>(n);
   }
@@ -108,11 +110,26 @@ class Sha256 {
     }
     uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
     for (int i = 0; i < 64; ++i) {
-      uint32_t t1 = h + (Rotr(e, 6) ^ Rotr(e, 11) ^ Rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t1 =
+          h + (Rotr(e, 6) ^ Rotr(e, 11) ^ Rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
       uint32_t t2 = (Rotr(a, 2) ^ Rotr(a, 13) ^ Rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-      h = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+      h = g;
+      g = f;
+      f = e;
+      e = d + t1;
+      d = c;
+      c = b;
+      b = a;
+      a = t1 + t2;
     }
-    h_[0] += a; h_[1] += b; h_[2] += c; h_[3] += d; h_[4] += e; h_[5] += f; h_[6] += g; h_[7] += h;
+    h_[0] += a;
+    h_[1] += b;
+    h_[2] += c;
+    h_[3] += d;
+    h_[4] += e;
+    h_[5] += f;
+    h_[6] += g;
+    h_[7] += h;
   }
 
   std::array<uint32_t, 8> h_ = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,

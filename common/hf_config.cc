@@ -16,22 +16,28 @@ absl::Status Err(const std::string& path, const std::string& what) {
 }
 
 absl::StatusOr<int> RequireInt(const Json& j, const char* key, const std::string& path) {
-  if (!j.contains(key) || j[key].is_null()) return Err(path, absl::StrCat("missing key \"", key, "\""));
-  if (!j[key].is_number_integer() || j[key].get<int64_t>() <= 0 || j[key].get<int64_t>() > (1 << 30)) {
+  if (!j.contains(key) || j[key].is_null())
+    return Err(path, absl::StrCat("missing key \"", key, "\""));
+  if (!j[key].is_number_integer() || j[key].get<int64_t>() <= 0 ||
+      j[key].get<int64_t>() > (1 << 30)) {
     return Err(path, absl::StrCat("key \"", key, "\" must be a positive integer"));
   }
   return j[key].get<int>();
 }
 
-absl::StatusOr<int> OptionalInt(const Json& j, const char* key, int fallback, const std::string& path) {
+absl::StatusOr<int> OptionalInt(const Json& j, const char* key, int fallback,
+                                const std::string& path) {
   if (!j.contains(key) || j[key].is_null()) return fallback;
-  if (!j[key].is_number_integer()) return Err(path, absl::StrCat("key \"", key, "\" must be an integer"));
+  if (!j[key].is_number_integer())
+    return Err(path, absl::StrCat("key \"", key, "\" must be an integer"));
   return j[key].get<int>();
 }
 
-absl::StatusOr<bool> OptionalBool(const Json& j, const char* key, bool fallback, const std::string& path) {
+absl::StatusOr<bool> OptionalBool(const Json& j, const char* key, bool fallback,
+                                  const std::string& path) {
   if (!j.contains(key) || j[key].is_null()) return fallback;
-  if (!j[key].is_boolean()) return Err(path, absl::StrCat("key \"", key, "\" must be true or false"));
+  if (!j[key].is_boolean())
+    return Err(path, absl::StrCat("key \"", key, "\" must be true or false"));
   return j[key].get<bool>();
 }
 
@@ -44,7 +50,8 @@ absl::StatusOr<double> OptionalNumber(const Json& j, const char* key, double fal
 
 }  // namespace
 
-absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::string& path) {
+absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
+                                             const std::string& path) {
   Json j;
   try {
     j = Json::parse(json_text);
@@ -77,8 +84,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const
     return Err(path, "hidden_size is not divisible by num_attention_heads and head_dim is missing");
   }
   QCAL_ASSIGN_OR_RETURN(c.head_dim, OptionalInt(j, "head_dim", c.hidden_size / c.num_heads, path));
-  if (c.head_dim <= 0 || c.head_dim % 2 != 0) return Err(path, "key \"head_dim\" must be even and positive");
-  QCAL_ASSIGN_OR_RETURN(c.max_position_embeddings, OptionalInt(j, "max_position_embeddings", 4096, path));
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0)
+    return Err(path, "key \"head_dim\" must be even and positive");
+  QCAL_ASSIGN_OR_RETURN(c.max_position_embeddings,
+                        OptionalInt(j, "max_position_embeddings", 4096, path));
   QCAL_ASSIGN_OR_RETURN(c.rms_norm_eps, OptionalNumber(j, "rms_norm_eps", 1e-6, path));
   if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
     const Json& rp = j["rope_parameters"];

@@ -14,7 +14,7 @@
 namespace qcal {
 
 struct ModelConfig {
-  std::string model_type;      // "llama", "mistral" or "qwen2"
+  std::string model_type;  // "llama", "mistral" or "qwen2"
   int hidden_size = 0;
   int intermediate_size = 0;
   int num_layers = 0;

@@ -25,7 +25,8 @@ int ParallelThreads() {
   return t > 0 ? t : Cores();
 }
 
-void ParallelFor(int64_t n, int64_t work_per_item, const std::function<void(int64_t, int64_t)>& fn) {
+void ParallelFor(int64_t n, int64_t work_per_item,
+                 const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   const int64_t threads = std::min<int64_t>(ParallelThreads(), n);
   if (threads <= 1 || n * std::max<int64_t>(work_per_item, 1) < kMinParallelWork) {
@@ -34,7 +35,9 @@ void ParallelFor(int64_t n, int64_t work_per_item, const std::function<void(int6
   }
   std::vector<std::thread> workers;
   workers.reserve(static_cast<size_t>(threads - 1));
-  auto range = [&](int64_t t) { return std::pair<int64_t, int64_t>(n * t / threads, n * (t + 1) / threads); };
+  auto range = [&](int64_t t) {
+    return std::pair<int64_t, int64_t>(n * t / threads, n * (t + 1) / threads);
+  };
   for (int64_t t = 1; t < threads; ++t) {
     const auto [b, e] = range(t);
     workers.emplace_back([&fn, b, e] { fn(b, e); });

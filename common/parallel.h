@@ -3,8 +3,8 @@
 // Why not OpenMP: libgomp's barriers spin, and on an oversubscribed machine (CI runs tests in
 // parallel on 2 cores) a descheduled spinning thread turned a 1 s quantization into 50 s. Here the
 // calling thread and short-lived worker threads split [0, n) into one contiguous range each, and
-// the caller blocks in join() — nothing spins. The split depends only on n and the thread count, and
-// callers write disjoint outputs, so results do not depend on scheduling.
+// the caller blocks in join() — nothing spins. The split depends only on n and the thread count,
+// and callers write disjoint outputs, so results do not depend on scheduling.
 #pragma once
 
 #include <cstdint>

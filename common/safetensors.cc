@@ -59,8 +59,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   return file;
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(const std::string& bytes,
-                                                                            const std::string& name) {
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
+    const std::string& bytes, const std::string& name) {
   auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
   file->path_ = name;
   file->mapping_ = AllocateHost(bytes.size());
@@ -80,8 +80,8 @@ absl::Status SafetensorsFile::Parse() {
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
   if (header_len > kMaxSafetensorsHeaderBytes) {
-    return Bad(path, absl::StrCat("safetensors header length ", header_len, " exceeds the limit of ",
-                                  kMaxSafetensorsHeaderBytes, " bytes"));
+    return Bad(path, absl::StrCat("safetensors header length ", header_len,
+                                  " exceeds the limit of ", kMaxSafetensorsHeaderBytes, " bytes"));
   }
   if (header_len > file_size - 8) {
     return Bad(path, absl::StrCat("safetensors header length ", header_len,
@@ -115,7 +115,8 @@ absl::Status SafetensorsFile::Parse() {
         !entry.contains("data_offsets")) {
       return Bad(path, absl::StrCat(where, ": entry needs dtype, shape and data_offsets"));
     }
-    if (!entry["dtype"].is_string()) return Bad(path, absl::StrCat(where, ": dtype is not a string"));
+    if (!entry["dtype"].is_string())
+      return Bad(path, absl::StrCat(where, ": dtype is not a string"));
     auto dtype = ParseDType(entry["dtype"].get<std::string>());
     if (!dtype.ok()) return Bad(path, absl::StrCat(where, ": ", dtype.status().message()));
     TensorInfo info;
@@ -203,7 +204,8 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const s
       size_t id = shard_ids[shard];
       if (!reader->files_[id]->Has(name)) {
         return Bad(reader->files_[id]->path(),
-                   absl::StrCat("tensor \"", name, "\" listed in model.safetensors.index.json is missing"));
+                   absl::StrCat("tensor \"", name,
+                                "\" listed in model.safetensors.index.json is missing"));
       }
       reader->index_[name] = id;
     }
@@ -248,7 +250,8 @@ absl::StatusOr<Tensor> CheckpointReader::Get(const std::string& name) const {
   return files_[it->second]->Get(name);
 }
 
-absl::StatusOr<Tensor> CheckpointReader::GetF32(const std::string& name, const Shape& expected) const {
+absl::StatusOr<Tensor> CheckpointReader::GetF32(const std::string& name,
+                                                const Shape& expected) const {
   QCAL_ASSIGN_OR_RETURN(Tensor t, Get(name));
   const std::string& path = files_[index_.at(name)]->path();
   if (!expected.empty() && t.shape() != expected) {
@@ -262,8 +265,9 @@ absl::StatusOr<Tensor> CheckpointReader::GetF32(const std::string& name, const S
   return t.ToF32();
 }
 
-absl::StatusOr<std::string> SerializeSafetensors(const std::map<std::string, Tensor>& tensors,
-                                                 const std::map<std::string, std::string>& metadata) {
+absl::StatusOr<std::string> SerializeSafetensors(
+    const std::map<std::string, Tensor>& tensors,
+    const std::map<std::string, std::string>& metadata) {
   // nlohmann::ordered_json keeps insertion order; std::map iteration gives sorted names.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) {
@@ -274,7 +278,8 @@ absl::StatusOr<std::string> SerializeSafetensors(const std::map<std::string, Ten
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     if (t.device() != Device::kHost) {
-      return absl::InvalidArgumentError(absl::StrCat("WriteSafetensors: \"", name, "\" is not on the host"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("WriteSafetensors: \"", name, "\" is not on the host"));
     }
     nlohmann::ordered_json entry;
     entry["dtype"] = std::string(DTypeName(t.dtype()));

@@ -75,8 +75,9 @@ class CheckpointReader {
 };
 
 // The safetensors bytes of `tensors` (host tensors), sorted by name; see WriteSafetensors.
-absl::StatusOr<std::string> SerializeSafetensors(const std::map<std::string, Tensor>& tensors,
-                                                 const std::map<std::string, std::string>& metadata = {});
+absl::StatusOr<std::string> SerializeSafetensors(
+    const std::map<std::string, Tensor>& tensors,
+    const std::map<std::string, std::string>& metadata = {});
 
 // Writes `tensors` (host tensors, any dtype) to `path`, in sorted name order, with an optional
 // `__metadata__` map. The header is padded with spaces to a multiple of 8 bytes.

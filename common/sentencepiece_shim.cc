@@ -49,7 +49,8 @@ class VectorIterator : public sentencepiece::SentenceIterator {
 
 }  // namespace
 
-std::string Train(const std::string& args, const std::vector<std::string>& sentences, std::string* model) {
+std::string Train(const std::string& args, const std::vector<std::string>& sentences,
+                  std::string* model) {
   VectorIterator it(sentences);
   auto st = sentencepiece::SentencePieceTrainer::Train(args, &it, model);
   return st.ok() ? std::string() : st.ToString();

@@ -29,6 +29,7 @@ class Processor {
 
 // Runs the SentencePiece trainer with `args` (its command-line syntax) on the sentences given;
 // writes the serialized model into *model. Returns "" on success, else the error message.
-std::string Train(const std::string& args, const std::vector<std::string>& sentences, std::string* model);
+std::string Train(const std::string& args, const std::vector<std::string>& sentences,
+                  std::string* model);
 
 }  // namespace qcal::spm

@@ -16,27 +16,27 @@
 #define QCAL_STATUS_CONCAT(a, b) QCAL_STATUS_CONCAT_INNER(a, b)
 
 // Returns from the current function with `expr`'s status when it is not OK.
-#define QCAL_RETURN_IF_ERROR(expr)                  \
-  do {                                              \
-    ::absl::Status qcal_status_ = (expr);           \
-    if (!qcal_status_.ok()) return qcal_status_;    \
+#define QCAL_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    ::absl::Status qcal_status_ = (expr);        \
+    if (!qcal_status_.ok()) return qcal_status_; \
   } while (0)
 
 // `lhs = value of rexpr` when rexpr (a StatusOr) is OK; otherwise returns its status.
 #define QCAL_ASSIGN_OR_RETURN(lhs, rexpr) \
   QCAL_ASSIGN_OR_RETURN_IMPL(QCAL_STATUS_CONCAT(qcal_statusor_, __LINE__), lhs, rexpr)
-#define QCAL_ASSIGN_OR_RETURN_IMPL(statusor, lhs, rexpr) \
-  auto statusor = (rexpr);                               \
+#define QCAL_ASSIGN_OR_RETURN_IMPL(statusor, lhs, rexpr)   \
+  auto statusor = (rexpr);                                 \
   if (!statusor.ok()) return std::move(statusor).status(); \
   lhs = std::move(statusor).value()
 
 // Aborts the process when an internal invariant does not hold. Never use for input validation.
-#define QCAL_CHECK(cond)                                                              \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
+#define QCAL_CHECK(cond)                                                                    \
+  do {                                                                                      \
+    if (!(cond)) {                                                                          \
       std::fprintf(stderr, "qcal: CHECK failed at %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                                   \
-    }                                                                                 \
+      std::abort();                                                                         \
+    }                                                                                       \
   } while (0)
 
 namespace qcal {

@@ -20,7 +20,9 @@ class HostStorage final : public Storage {
 
 }  // namespace
 
-std::string ShapeString(const Shape& shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+std::string ShapeString(const Shape& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 int64_t NumElements(const Shape& shape) {
   int64_t n = 1;
@@ -136,8 +138,7 @@ absl::StatusOr<Tensor> Tensor::ConvertTo(DType dtype) const {
       break;
     }
     default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("cannot convert F32 to ", DTypeName(dtype)));
+      return absl::InvalidArgumentError(absl::StrCat("cannot convert F32 to ", DTypeName(dtype)));
   }
   return out;
 }

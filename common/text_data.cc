@@ -47,9 +47,11 @@ absl::StatusOr<std::string> LoadCorpusText(const std::string& path) {
 }
 
 absl::StatusOr<TokenWindows> MakeEvalWindows(const std::vector<int>& tokens, int seq_len,
-                                             int max_windows, int bos_id, const std::string& source) {
+                                             int max_windows, int bos_id,
+                                             const std::string& source) {
   if (seq_len < 2) {
-    return absl::InvalidArgumentError(absl::StrCat("sequence length must be at least 2, got ", seq_len));
+    return absl::InvalidArgumentError(
+        absl::StrCat("sequence length must be at least 2, got ", seq_len));
   }
   int64_t n = static_cast<int64_t>(tokens.size()) / seq_len;
   if (n == 0) {
@@ -75,7 +77,8 @@ absl::StatusOr<std::vector<std::vector<int>>> SampleCalibration(const std::vecto
                                                                 int num_samples, int seq_len,
                                                                 uint64_t seed, int bos_id,
                                                                 const std::string& source) {
-  if (num_samples < 1) return absl::InvalidArgumentError("number of calibration samples must be >= 1");
+  if (num_samples < 1)
+    return absl::InvalidArgumentError("number of calibration samples must be >= 1");
   if (seq_len < 2) return absl::InvalidArgumentError("calibration sequence length must be >= 2");
   const int64_t t = static_cast<int64_t>(tokens.size());
   if (t < seq_len - 1) {

@@ -48,7 +48,8 @@ absl::StatusOr<std::string> LoadCorpusText(const std::string& path);
 // Evaluation windows. `max_windows` < 0 keeps all. Error when the text has fewer than seq_len
 // tokens. `source` names the text in error messages.
 absl::StatusOr<TokenWindows> MakeEvalWindows(const std::vector<int>& tokens, int seq_len,
-                                             int max_windows, int bos_id, const std::string& source);
+                                             int max_windows, int bos_id,
+                                             const std::string& source);
 
 // Calibration samples (inputs only; each has seq_len tokens beginning with BOS).
 absl::StatusOr<std::vector<std::vector<int>>> SampleCalibration(const std::vector<int>& tokens,

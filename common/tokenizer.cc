@@ -31,7 +31,8 @@ class SentencePieceTokenizer final : public Tokenizer {
   absl::StatusOr<std::string> Decode(const std::vector<int>& ids) const override {
     for (int id : ids) {
       if (id < 0 || id >= sp_.PieceSize()) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", id, " is outside the vocabulary"));
       }
     }
     std::string out;
@@ -55,7 +56,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& pa
   std::string file = path;
   if (std::filesystem::is_directory(path)) {
     file = (std::filesystem::path(path) / "tokenizer.model").string();
-  } else if (!std::filesystem::exists(path) || std::filesystem::path(path).extension() != ".model") {
+  } else if (!std::filesystem::exists(path) ||
+             std::filesystem::path(path).extension() != ".model") {
     return absl::NotFoundError(absl::StrCat(path, ": no such model directory or tokenizer file"));
   }
   if (!std::filesystem::exists(file)) {

@@ -21,7 +21,8 @@ namespace qcal::kernels {
 // InvalidArgument naming the recipe key. Shared by the CPU quantizers and the backend ops.
 inline absl::Status ValidateQuantSpec(const QuantSpec& spec) {
   if (spec.bits < 2 || spec.bits > 8) {
-    return absl::InvalidArgumentError(absl::StrCat("weights.bits must be in 2..8, got ", spec.bits));
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights.bits must be in 2..8, got ", spec.bits));
   }
   if (spec.group_size == 0 || spec.group_size < -1) {
     return absl::InvalidArgumentError(

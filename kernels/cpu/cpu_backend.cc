@@ -28,8 +28,8 @@ absl::Status ExpectF32(const Tensor& t, const char* op, const char* what) {
 absl::Status ExpectShape(const Tensor& t, const Shape& shape, const char* op, const char* what) {
   QCAL_RETURN_IF_ERROR(ExpectF32(t, op, what));
   if (t.shape() != shape) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " has shape ", ShapeString(t.shape()),
-                                                   ", expected ", ShapeString(shape)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": ", what, " has shape ", ShapeString(t.shape()), ", expected ", ShapeString(shape)));
   }
   return absl::OkStatus();
 }
@@ -44,8 +44,8 @@ absl::Status ExpectRank(const Tensor& t, int rank, const char* op, const char* w
 
 absl::Status ExpectRows(const Tensor& t, const char* op, const char* what) {
   if (t.rank() < 1 || t.dim(-1) == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " needs a non-empty last dimension, got ",
-                                                   t.DebugString()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", what, " needs a non-empty last dimension, got ", t.DebugString()));
   }
   return absl::OkStatus();
 }
@@ -86,8 +86,8 @@ class CpuBackend final : public Backend {
   absl::Status Synchronize() override { return absl::OkStatus(); }
   absl::Status Copy(const Tensor& src, Tensor& dst) override {
     if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
-      return absl::InvalidArgumentError(absl::StrCat("Copy: ", src.DebugString(), " into ",
-                                                     dst.DebugString()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("Copy: ", src.DebugString(), " into ", dst.DebugString()));
     }
     std::memcpy(dst.raw(), src.raw(), src.nbytes());
     return absl::OkStatus();
@@ -127,7 +127,8 @@ class CpuBackend final : public Backend {
     if (k == 0) {
       if (beta == 0.0f) std::fill(yp, yp + m * n, 0.0f);
     } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xp, k, wp, k, beta, yp, n);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xp, k, wp, k, beta, yp,
+                  n);
     }
     if (has_bias && accumulate) {
       const float* b = bias->data<float>();
@@ -156,7 +157,8 @@ class CpuBackend final : public Backend {
   absl::Status Rope(Tensor& x, const RopeShape& shape) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "Rope", "x"));
     QCAL_RETURN_IF_ERROR(ExpectRows(x, "Rope", "x"));
-    if (shape.head_dim <= 0 || shape.head_dim % 2 || x.dim(-1) % shape.head_dim || shape.seq_len <= 0) {
+    if (shape.head_dim <= 0 || shape.head_dim % 2 || x.dim(-1) % shape.head_dim ||
+        shape.seq_len <= 0) {
       return absl::InvalidArgumentError("Rope: bad shape");
     }
     const int64_t width = x.dim(-1), rows = x.numel() / width;
@@ -172,31 +174,32 @@ class CpuBackend final : public Backend {
     float* xp = x.data<float>();
     const int64_t heads = width / shape.head_dim;
     ParallelFor(rows, width, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* t = &cs[size_t(r % shape.seq_len) * half * 2];
-      for (int64_t h = 0; h < heads; ++h) {
-        float* v = xp + r * width + h * shape.head_dim;
-        for (int i = 0; i < half; ++i) {
-          const float c = t[2 * i], s = t[2 * i + 1];
-          const float a = v[i], b = v[i + half];
-          v[i] = a * c - b * s;
-          v[i + half] = b * c + a * s;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* t = &cs[size_t(r % shape.seq_len) * half * 2];
+        for (int64_t h = 0; h < heads; ++h) {
+          float* v = xp + r * width + h * shape.head_dim;
+          for (int i = 0; i < half; ++i) {
+            const float c = t[2 * i], s = t[2 * i + 1];
+            const float a = v[i], b = v[i + half];
+            v[i] = a * c - b * s;
+            v[i + half] = b * c + a * s;
+          }
         }
       }
-    }
     });
     return absl::OkStatus();
   }
 
-  absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
-                         const AttentionShape& s, Tensor& out) override {
+  absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& s,
+                         Tensor& out) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(q, "Attention", "q"));
     QCAL_RETURN_IF_ERROR(ExpectF32(k, "Attention", "k"));
     QCAL_RETURN_IF_ERROR(ExpectF32(v, "Attention", "v"));
     if (s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads || s.q_offset + s.q_len > s.kv_len) {
       return absl::InvalidArgumentError("Attention: bad shape");
     }
-    const int64_t qw = int64_t(s.num_heads) * s.head_dim, kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                  kvw = int64_t(s.num_kv_heads) * s.head_dim;
     QCAL_RETURN_IF_ERROR(ExpectShape(q, {int64_t(s.batch) * s.q_len, qw}, "Attention", "q"));
     QCAL_RETURN_IF_ERROR(ExpectShape(k, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "k"));
     QCAL_RETURN_IF_ERROR(ExpectShape(v, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "v"));
@@ -219,20 +222,20 @@ class CpuBackend final : public Backend {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.q_len, s.kv_len, s.head_dim, scale,
                     qh, qw, kh, kvw, 0.0f, scores.data(), s.kv_len);
         ParallelFor(s.q_len, s.kv_len, [&](int64_t i0, int64_t i1) {
-        for (int i = static_cast<int>(i0); i < i1; ++i) {
-          float* row = scores.data() + size_t(i) * s.kv_len;
-          const int last = s.q_offset + i;
-          float mx = -INFINITY;
-          for (int j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
-          double sum = 0;
-          for (int j = 0; j <= last; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            sum += row[j];
+          for (int i = static_cast<int>(i0); i < i1; ++i) {
+            float* row = scores.data() + size_t(i) * s.kv_len;
+            const int last = s.q_offset + i;
+            float mx = -INFINITY;
+            for (int j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
+            double sum = 0;
+            for (int j = 0; j <= last; ++j) {
+              row[j] = std::exp(row[j] - mx);
+              sum += row[j];
+            }
+            const float inv = float(1.0 / sum);
+            for (int j = 0; j <= last; ++j) row[j] *= inv;
+            for (int j = last + 1; j < s.kv_len; ++j) row[j] = 0.0f;
           }
-          const float inv = float(1.0 / sum);
-          for (int j = 0; j <= last; ++j) row[j] *= inv;
-          for (int j = last + 1; j < s.kv_len; ++j) row[j] = 0.0f;
-        }
         });
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.q_len, s.head_dim, s.kv_len, 1.0f,
                     scores.data(), s.kv_len, vh, kvw, 0.0f, oh, qw);
@@ -286,7 +289,8 @@ class CpuBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectShape(nll, {rows}, "Nll", "nll"));
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t t = targets.data<int32_t>()[r];
-      if (t < 0 || t >= vocab) return absl::InvalidArgumentError("Nll: target outside the vocabulary");
+      if (t < 0 || t >= vocab)
+        return absl::InvalidArgumentError("Nll: target outside the vocabulary");
     }
     ParallelFor(rows, vocab * 4, [&](int64_t r0, int64_t r1) {
       ref::Nll(logits.data<float>() + r0 * vocab, r1 - r0, vocab, targets.data<int32_t>() + r0,

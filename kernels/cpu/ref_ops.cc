@@ -28,7 +28,8 @@ void Linear(const float* x, const float* w, const float* bias, float* y, int64_t
   }
 }
 
-void RmsNorm(const float* x, const float* weight, float eps, float* y, int64_t rows, int64_t width) {
+void RmsNorm(const float* x, const float* weight, float eps, float* y, int64_t rows,
+             int64_t width) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * width;
     double ss = 0;

@@ -35,7 +35,8 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(Model& model, const TokenWin
     QCAL_ASSIGN_OR_RETURN(Tensor logits, model.Logits(hidden));
     Tensor target_tensor = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(targets.size())});
     std::memcpy(target_tensor.raw(), targets.data(), targets.size() * sizeof(int));
-    QCAL_ASSIGN_OR_RETURN(Tensor nll, be.Alloc(DType::kF32, {static_cast<int64_t>(targets.size())}));
+    QCAL_ASSIGN_OR_RETURN(Tensor nll,
+                          be.Alloc(DType::kF32, {static_cast<int64_t>(targets.size())}));
     QCAL_RETURN_IF_ERROR(be.Nll(logits, target_tensor, nll));
     QCAL_ASSIGN_OR_RETURN(Tensor nll_host, be.ToHost(nll));
     const float* p = nll_host.data<float>();

@@ -13,8 +13,8 @@ namespace qcal::engine {
 
 struct PerplexityResult {
   double perplexity = 0;
-  double nll = 0;       // mean negative log-likelihood per predicted token (nats)
-  int64_t tokens = 0;   // predicted tokens
+  double nll = 0;      // mean negative log-likelihood per predicted token (nats)
+  int64_t tokens = 0;  // predicted tokens
   int64_t windows = 0;
   double seconds = 0;
 };

@@ -20,7 +20,9 @@ namespace fs = std::filesystem;
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 constexpr const char* kQcalVersion = "0.1.0";
 
@@ -39,7 +41,8 @@ int64_t DirBytes(const fs::path& dir, const std::string& suffix) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string n = e.path().filename().string();
-    if (n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    if (n.size() >= suffix.size() &&
+        n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0) {
       total += static_cast<int64_t>(e.file_size(ec));
     }
   }
@@ -63,7 +66,8 @@ std::vector<std::string> ModelFiles(const std::string& dir) {
   std::sort(weights.begin(), weights.end());
   std::vector<std::string> files = {"config.json"};
   files.insert(files.end(), weights.begin(), weights.end());
-  if (fs::exists(fs::path(dir) / "model.safetensors.index.json")) files.push_back("model.safetensors.index.json");
+  if (fs::exists(fs::path(dir) / "model.safetensors.index.json"))
+    files.push_back("model.safetensors.index.json");
   files.push_back("tokenizer.model");
   return files;
 }
@@ -107,13 +111,17 @@ absl::Status JobOptions::Validate() const {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   if (model_dir.empty()) return absl::InvalidArgumentError("the model directory is required");
   if (calib_path.empty()) return absl::InvalidArgumentError("the calibration text is required");
-  if (samples < 1) return absl::InvalidArgumentError(absl::StrCat("samples must be >= 1, got ", samples));
-  if (seq_len < 2) return absl::InvalidArgumentError(absl::StrCat("seq_len must be >= 2, got ", seq_len));
+  if (samples < 1)
+    return absl::InvalidArgumentError(absl::StrCat("samples must be >= 1, got ", samples));
+  if (seq_len < 2)
+    return absl::InvalidArgumentError(absl::StrCat("seq_len must be >= 2, got ", seq_len));
   if (compute_dtype != "f32" && compute_dtype != "bf16") {
-    return absl::InvalidArgumentError(absl::StrCat("compute dtype must be f32 or bf16, got \"", compute_dtype, "\""));
+    return absl::InvalidArgumentError(
+        absl::StrCat("compute dtype must be f32 or bf16, got \"", compute_dtype, "\""));
   }
   if (eval_seq_len < 0 || eval_seq_len == 1) {
-    return absl::InvalidArgumentError(absl::StrCat("eval_seq_len must be >= 2, got ", eval_seq_len));
+    return absl::InvalidArgumentError(
+        absl::StrCat("eval_seq_len must be >= 2, got ", eval_seq_len));
   }
   return absl::OkStatus();
 }
@@ -127,21 +135,24 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   kernels::BackendOptions bo;
   bo.device = o.device;
   bo.threads = o.threads;
-  bo.compute_dtype = o.compute_dtype == "bf16" ? kernels::ComputeDType::kBF16 : kernels::ComputeDType::kF32;
+  bo.compute_dtype =
+      o.compute_dtype == "bf16" ? kernels::ComputeDType::kBF16 : kernels::ComputeDType::kF32;
   QCAL_ASSIGN_OR_RETURN(s->backend_, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(s->tokenizer_, Tokenizer::Load(o.model_dir));
   QCAL_ASSIGN_OR_RETURN(CheckpointQuantization input_q, ReadCheckpointQuantization(o.model_dir));
   if (!input_q.quant_method.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(o.model_dir, ": model is already quantized (",
-                                                   input_q.quant_method, "); quantize a full-precision checkpoint"));
+                                                   input_q.quant_method,
+                                                   "); quantize a full-precision checkpoint"));
   }
   QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get()));
   const ModelConfig& cfg = s->model_->config();
   s->timings_["load"] = Since(t0);
   if (s->log_) {
-    s->log_(absl::StrFormat("loaded %s: %d blocks, hidden %d, intermediate %d, vocab %d (%s, %d threads)",
-                            o.model_dir, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
-                            cfg.vocab_size, s->backend_->name(), s->backend_->threads()));
+    s->log_(absl::StrFormat(
+        "loaded %s: %d blocks, hidden %d, intermediate %d, vocab %d (%s, %d threads)", o.model_dir,
+        cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, s->backend_->name(),
+        s->backend_->threads()));
   }
   t0 = Clock::now();
   QCAL_ASSIGN_OR_RETURN(std::string calib_text, LoadCorpusText(o.calib_path));
@@ -155,26 +166,31 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
 }
 
 absl::StatusOr<BlockArtifacts> JobSession::RunNextBlock() {
-  if (next_block() >= num_blocks()) return absl::FailedPreconditionError("every block is already quantized");
+  if (next_block() >= num_blocks())
+    return absl::FailedPreconditionError("every block is already quantized");
   const auto t0 = Clock::now();
-  QCAL_ASSIGN_OR_RETURN(BlockArtifacts block, QuantizeBlock(*model_, acts_, options_.recipe, &times_));
+  QCAL_ASSIGN_OR_RETURN(BlockArtifacts block,
+                        QuantizeBlock(*model_, acts_, options_.recipe, &times_));
   done_.push_back(block);
   if (log_) {
     double err = 0;
     for (const auto& r : block) err += r.report.rel_error;
-    log_(absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s)", next_block(), num_blocks(),
-                         err / block.size(), Since(t0)));
+    log_(absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s)", next_block(),
+                         num_blocks(), err / block.size(), Since(t0)));
   }
   return block;
 }
 
-absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed, CalibActivations acts) {
+absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
+                                 CalibActivations acts) {
   if (static_cast<int>(committed.size()) != acts.next_block || acts.next_block > num_blocks()) {
     return absl::InvalidArgumentError(absl::StrCat("restore: ", committed.size(),
-                                                   " committed blocks for a checkpoint at block ", acts.next_block));
+                                                   " committed blocks for a checkpoint at block ",
+                                                   acts.next_block));
   }
   if (acts.seq_len != acts_.seq_len || acts.chunk_batch != acts_.chunk_batch) {
-    return absl::DataLossError("restore: the activation checkpoint does not match this job's calibration data");
+    return absl::DataLossError(
+        "restore: the activation checkpoint does not match this job's calibration data");
   }
   for (size_t b = 0; b < committed.size(); ++b) {
     std::vector<QuantizedLinear> linears;
@@ -188,8 +204,8 @@ absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed, C
 
 absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   if (next_block() != num_blocks()) {
-    return absl::FailedPreconditionError(absl::StrCat("Finish: only ", next_block(), " of ", num_blocks(),
-                                                      " blocks are quantized"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("Finish: only ", next_block(), " of ", num_blocks(), " blocks are quantized"));
   }
   const JobOptions& o = options_;
   const fs::path dir(dir_str);
@@ -226,8 +242,10 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
     result.has_perplexity = true;
     timings_["eval"] = Since(t0);
     if (log_) {
-      log_(absl::StrFormat("perplexity %.4f (full precision %.4f; exported checkpoint loaded back, %d windows of %d)",
-                           qp.perplexity, fp.perplexity, fp.windows, eval_len));
+      log_(
+          absl::StrFormat("perplexity %.4f (full precision %.4f; exported checkpoint loaded back, "
+                          "%d windows of %d)",
+                          qp.perplexity, fp.perplexity, fp.windows, eval_len));
     }
   }
 
@@ -239,7 +257,8 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   rep["format"] = IsGptqExportable(o.recipe) ? "gptq" : "qcal_fake";
   nlohmann::ordered_json inputs = nlohmann::ordered_json::array();
   for (const std::string& f : ModelFiles(o.model_dir)) {
-    QCAL_ASSIGN_OR_RETURN(auto j, HashInput("model", (fs::path(o.model_dir) / f).string(), "model/" + f));
+    QCAL_ASSIGN_OR_RETURN(auto j,
+                          HashInput("model", (fs::path(o.model_dir) / f).string(), "model/" + f));
     inputs.push_back(j);
   }
   QCAL_ASSIGN_OR_RETURN(auto calib_j, HashInput("calib", o.calib_path, ""));
@@ -249,7 +268,9 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
     inputs.push_back(eval_j);
   }
   rep["inputs"] = inputs;
-  rep["calibration"] = {{"samples", o.samples}, {"seq_len", o.seq_len}, {"seed", o.seed},
+  rep["calibration"] = {{"samples", o.samples},
+                        {"seq_len", o.seq_len},
+                        {"seed", o.seed},
                         {"tokens_in_text", calib_tokens_}};
   nlohmann::ordered_json layer_json = nlohmann::ordered_json::array();
   nlohmann::ordered_json compat = nlohmann::ordered_json::array();
@@ -307,22 +328,24 @@ bool IsNonEmptyDir(const fs::path& p) {
 
 absl::Status PrepareTempDir(const fs::path& target, bool overwrite, fs::path* tmp) {
   if (target.filename().empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("output directory \"", target.string(), "\" has no name"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("output directory \"", target.string(), "\" has no name"));
   }
   std::error_code ec;
   if (fs::exists(target, ec) && !fs::is_directory(target, ec)) {
-    return absl::AlreadyExistsError(absl::StrCat(target.string(), ": output path exists and is not a directory"));
+    return absl::AlreadyExistsError(
+        absl::StrCat(target.string(), ": output path exists and is not a directory"));
   }
   if (IsNonEmptyDir(target) && !overwrite) {
-    return absl::AlreadyExistsError(
-        absl::StrCat(target.string(), ": output directory is not empty (use --overwrite to replace it)"));
+    return absl::AlreadyExistsError(absl::StrCat(
+        target.string(), ": output directory is not empty (use --overwrite to replace it)"));
   }
   *tmp = target.parent_path() / absl::StrCat(".", target.filename().string(), ".qcal-tmp");
   fs::remove_all(*tmp, ec);
   fs::create_directories(*tmp, ec);
   if (ec) {
-    return absl::PermissionDeniedError(absl::StrCat(target.string(), ": cannot create the output directory: ",
-                                                    ec.message()));
+    return absl::PermissionDeniedError(
+        absl::StrCat(target.string(), ": cannot create the output directory: ", ec.message()));
   }
   QCAL_RETURN_IF_ERROR(Annotate(WriteStringToFile((*tmp / ".write-test").string(), "ok"),
                                 "the output directory is not writable"));
@@ -356,7 +379,8 @@ absl::StatusOr<JobResult> RunQuantizeJob(const JobOptions& o, const JobLogFn& lo
   if (!ec) fs::rename(tmp, target, ec);
   if (ec) {
     fs::remove_all(tmp, ec);
-    return absl::InternalError(absl::StrCat("cannot move the output into ", target.string(), ": ", ec.message()));
+    return absl::InternalError(
+        absl::StrCat("cannot move the output into ", target.string(), ": ", ec.message()));
   }
   result->out_dir = target.string();
   if (log) log(absl::StrFormat("done in %.1f s: %s", Since(t_start), target.string()));

@@ -25,7 +25,7 @@
 namespace qcal::engine {
 
 struct JobOptions {
-  std::string model_dir;       // Hugging Face checkpoint directory (full precision)
+  std::string model_dir;  // Hugging Face checkpoint directory (full precision)
   Recipe recipe;
   std::string calib_path;      // .txt or .jsonl
   int samples = 128;           // calibration samples N. Default: 128.
@@ -39,7 +39,7 @@ struct JobOptions {
   int threads = 0;             // CPU threads; 0 = number of cores
   std::string device = "cpu";  // backend device: cpu, cuda, cuda:N. Default: cpu.
   std::string compute_dtype = "f32";  // f32 | bf16 (GEMM operands). Default: f32.
-  std::string job_id;          // recorded in qcal_run.json (service jobs); "" locally
+  std::string job_id;                 // recorded in qcal_run.json (service jobs); "" locally
   absl::Status Validate() const;
 };
 
@@ -47,8 +47,8 @@ struct JobResult {
   std::string out_dir;
   nlohmann::ordered_json report;  // the contents of qcal_report.json
   bool has_perplexity = false;
-  double perplexity = 0;          // exported checkpoint, loaded back from disk
-  double perplexity_fp = 0;       // the input model
+  double perplexity = 0;     // exported checkpoint, loaded back from disk
+  double perplexity_fp = 0;  // the input model
 };
 
 // Progress lines for humans (stderr).
@@ -60,7 +60,8 @@ using BlockArtifacts = std::vector<LayerResult>;
 class JobSession {
  public:
   // Loads the model, tokenizer and calibration samples and embeds them (block 0's inputs).
-  static absl::StatusOr<std::unique_ptr<JobSession>> Open(const JobOptions& options, JobLogFn log = nullptr);
+  static absl::StatusOr<std::unique_ptr<JobSession>> Open(const JobOptions& options,
+                                                          JobLogFn log = nullptr);
 
   int num_blocks() const { return model_->num_blocks(); }
   // The block RunNextBlock will quantize.

@@ -20,8 +20,8 @@ absl::Status CheckKeys(const YAML::Node& node, const std::string& source, const 
   for (const auto& kv : node) {
     const std::string key = kv.first.as<std::string>();
     if (!allowed.count(key)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          source, ": unknown recipe key \"", path.empty() ? key : path + "." + key, "\""));
+      return absl::InvalidArgumentError(absl::StrCat(source, ": unknown recipe key \"",
+                                                     path.empty() ? key : path + "." + key, "\""));
     }
   }
   return absl::OkStatus();
@@ -59,13 +59,15 @@ absl::Status Recipe::Validate() const {
                     absl::StrCat("must be -1 or a positive integer, got ", weights.group_size));
   }
   if (weights.grid != "uniform" && weights.grid != "cuberoot") {
-    return KeyError(src, "weights.grid", absl::StrCat("must be uniform or cuberoot, got \"", weights.grid, "\""));
+    return KeyError(src, "weights.grid",
+                    absl::StrCat("must be uniform or cuberoot, got \"", weights.grid, "\""));
   }
   if (!(gptq.damp >= 0 && gptq.damp <= 1)) {
     return KeyError(src, "gptq.damp", absl::StrCat("must be in [0, 1], got ", gptq.damp));
   }
   if (gptq.block_size < 1 || gptq.block_size > 4096) {
-    return KeyError(src, "gptq.block_size", absl::StrCat("must be in 1..4096, got ", gptq.block_size));
+    return KeyError(src, "gptq.block_size",
+                    absl::StrCat("must be in 1..4096, got ", gptq.block_size));
   }
   return absl::OkStatus();
 }
@@ -93,13 +95,15 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": malformed YAML: ", e.what()));
   }
-  if (!root || root.IsNull()) return absl::InvalidArgumentError(absl::StrCat(source, ": recipe is empty"));
+  if (!root || root.IsNull())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": recipe is empty"));
   QCAL_RETURN_IF_ERROR(CheckKeys(root, source, "", {"method", "weights", "gptq"}));
   Recipe r;
   QCAL_RETURN_IF_ERROR(Read(root, "method", source, "", &r.method));
   if (root["weights"]) {
     const YAML::Node w = root["weights"];
-    QCAL_RETURN_IF_ERROR(CheckKeys(w, source, "weights", {"bits", "group_size", "symmetric", "grid"}));
+    QCAL_RETURN_IF_ERROR(
+        CheckKeys(w, source, "weights", {"bits", "group_size", "symmetric", "grid"}));
     QCAL_RETURN_IF_ERROR(Read(w, "bits", source, "weights", &r.weights.bits));
     QCAL_RETURN_IF_ERROR(Read(w, "group_size", source, "weights", &r.weights.group_size));
     QCAL_RETURN_IF_ERROR(Read(w, "symmetric", source, "weights", &r.weights.symmetric));

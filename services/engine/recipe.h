@@ -14,21 +14,21 @@
 namespace qcal::engine {
 
 struct WeightsRecipe {
-  int bits = 0;               // required: 2..8
-  int group_size = 128;       // -1: one group per row; >= d_in same as -1. Default: 128.
-  bool symmetric = false;     // Default: false (asymmetric).
+  int bits = 0;                  // required: 2..8
+  int group_size = 128;          // -1: one group per row; >= d_in same as -1. Default: 128.
+  bool symmetric = false;        // Default: false (asymmetric).
   std::string grid = "uniform";  // uniform | cuberoot. Default: uniform.
 };
 
 struct GptqRecipe {
-  double damp = 0.01;         // λ in H += λ·mean(diag H)·I; 0 <= damp <= 1. Default: 0.01.
-  int block_size = 128;       // lazy-batch width, 1..4096. Default: 128.
-  bool act_order = false;     // Default: false.
+  double damp = 0.01;           // λ in H += λ·mean(diag H)·I; 0 <= damp <= 1. Default: 0.01.
+  int block_size = 128;         // lazy-batch width, 1..4096. Default: 128.
+  bool act_order = false;       // Default: false.
   bool true_sequential = true;  // Default: true.
 };
 
 struct Recipe {
-  std::string method;         // required: rtn | gptq
+  std::string method;  // required: rtn | gptq
   WeightsRecipe weights;
   GptqRecipe gptq;
 

@@ -19,6 +19,8 @@ RunResult RunProcess(const std::string& path, const std::vector<std::string>& ar
 
 // The qcal CLI of this build tree (BinaryDir()/bin/qcal).
 std::string QcalPath();
-inline RunResult RunQcal(const std::vector<std::string>& args) { return RunProcess(QcalPath(), args); }
+inline RunResult RunQcal(const std::vector<std::string>& args) {
+  return RunProcess(QcalPath(), args);
+}
 
 }  // namespace qcal::testing

@@ -19,7 +19,7 @@ std::string MakeTempDir(const std::string& prefix);
 }  // namespace qcal::testing
 
 // Skips the current test when ../shared is absent (a fresh user machine has none).
-#define QCAL_REQUIRE_SHARED()                                              \
-  do {                                                                     \
+#define QCAL_REQUIRE_SHARED()                                                        \
+  do {                                                                               \
     if (::qcal::testing::SharedDir().empty()) GTEST_SKIP() << "../shared is absent"; \
   } while (0)

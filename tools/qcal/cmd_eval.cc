@@ -32,8 +32,9 @@ absl::Status RunEval(const EvalArgs& a) {
   QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get()));
   QCAL_ASSIGN_OR_RETURN(std::string text, LoadCorpusText(a.text));
   QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text));
-  QCAL_ASSIGN_OR_RETURN(TokenWindows windows,
-                        MakeEvalWindows(tokens, a.seq_len, a.max_windows, model->config().bos_token_id, a.text));
+  QCAL_ASSIGN_OR_RETURN(
+      TokenWindows windows,
+      MakeEvalWindows(tokens, a.seq_len, a.max_windows, model->config().bos_token_id, a.text));
   spdlog::info("eval: {} windows of {} tokens on {} ({} threads)", windows.inputs.size(), a.seq_len,
                backend->name(), backend->threads());
   QCAL_ASSIGN_OR_RETURN(
@@ -51,8 +52,8 @@ absl::Status RunEval(const EvalArgs& a) {
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("perplexity %.4f  nll %.6f  tokens %lld  windows %lld  %.2f s (%.0f tokens/s)\n",
-                r.perplexity, r.nll, static_cast<long long>(r.tokens), static_cast<long long>(r.windows),
-                r.seconds, r.tokens / std::max(r.seconds, 1e-9));
+                r.perplexity, r.nll, static_cast<long long>(r.tokens),
+                static_cast<long long>(r.windows), r.seconds, r.tokens / std::max(r.seconds, 1e-9));
   }
   return absl::OkStatus();
 }
@@ -62,12 +63,16 @@ absl::Status RunEval(const EvalArgs& a) {
 RunFn AddEval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   app.add_option("--model", a->model, "Model directory (Hugging Face layout)")->required();
-  app.add_option("--text", a->text, "Evaluation text (.txt, or .jsonl with a \"text\" field)")->required();
-  app.add_option("--seq-len", a->seq_len, "Window length L in tokens")->required()->check(CLI::Range(2, 1 << 20));
+  app.add_option("--text", a->text, "Evaluation text (.txt, or .jsonl with a \"text\" field)")
+      ->required();
+  app.add_option("--seq-len", a->seq_len, "Window length L in tokens")
+      ->required()
+      ->check(CLI::Range(2, 1 << 20));
   app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)")
       ->check(CLI::PositiveNumber);
   a->dev.Add(app);
-  app.add_flag("--json", a->json, "Print one JSON object: perplexity, nll, tokens, windows, seconds");
+  app.add_flag("--json", a->json,
+               "Print one JSON object: perplexity, nll, tokens, windows, seconds");
   return [a] { return RunEval(*a); };
 }
 

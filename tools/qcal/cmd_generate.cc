@@ -45,7 +45,8 @@ RunFn AddGenerate(CLI::App& app) {
   app.add_option("--model", a->model, "Model directory (Hugging Face layout)")->required();
   app.add_option("--prompt", a->prompt, "Text to continue (default: none, start from BOS)");
   app.add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate at most")
-      ->required()->check(CLI::Range(0, 1 << 20));
+      ->required()
+      ->check(CLI::Range(0, 1 << 20));
   a->dev.Add(app);
   return [a] { return RunGenerate(*a); };
 }

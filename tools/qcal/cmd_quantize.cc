@@ -47,15 +47,16 @@ absl::Status RunQuantize(QuantizeArgs& a) {
       for (const auto& l : r.report["layers"]) {
         const std::string shape = std::to_string(l["d_out"].get<int64_t>()) + "x" +
                                   std::to_string(l["d_in"].get<int64_t>());
-        std::printf("%-36s %10s %10.5f %10.5f\n", l["name"].get<std::string>().c_str(), shape.c_str(),
-                    l["rel_error_rtn"].get<double>(), l["rel_error"].get<double>());
+        std::printf("%-36s %10s %10.5f %10.5f\n", l["name"].get<std::string>().c_str(),
+                    shape.c_str(), l["rel_error_rtn"].get<double>(), l["rel_error"].get<double>());
       }
     }
     std::printf("wrote %s\n", r.out_dir.c_str());
     std::printf("layers %d  mean relative output error %.5f (RTN %.5f)  size %.2f MB -> %.2f MB\n",
                 summary["layers"].get<int>(), summary["mean_rel_error"].get<double>(),
                 summary["mean_rel_error_rtn"].get<double>(),
-                summary["model_bytes_in"].get<double>() / 1e6, summary["model_bytes_out"].get<double>() / 1e6);
+                summary["model_bytes_in"].get<double>() / 1e6,
+                summary["model_bytes_out"].get<double>() / 1e6);
     if (r.has_perplexity) {
       std::printf("perplexity %.4f (full precision %.4f)\n", r.perplexity, r.perplexity_fp);
     }
@@ -68,22 +69,33 @@ absl::Status RunQuantize(QuantizeArgs& a) {
 RunFn AddQuantize(CLI::App& app) {
   auto a = std::make_shared<QuantizeArgs>();
   engine::JobOptions& j = a->job;
-  app.add_option("--model", j.model_dir, "Model directory (Hugging Face layout, full precision)")->required();
-  app.add_option("--recipe", a->recipe_path, "Recipe YAML (see the README's recipe reference)")->required();
-  app.add_option("--calib", j.calib_path, "Calibration text (.txt, or .jsonl with a \"text\" field)")->required();
-  app.add_option("--samples", j.samples, "Number of calibration samples N")->required()->check(CLI::Range(1, 1 << 20));
+  app.add_option("--model", j.model_dir, "Model directory (Hugging Face layout, full precision)")
+      ->required();
+  app.add_option("--recipe", a->recipe_path, "Recipe YAML (see the README's recipe reference)")
+      ->required();
+  app.add_option("--calib", j.calib_path,
+                 "Calibration text (.txt, or .jsonl with a \"text\" field)")
+      ->required();
+  app.add_option("--samples", j.samples, "Number of calibration samples N")
+      ->required()
+      ->check(CLI::Range(1, 1 << 20));
   app.add_option("--seq-len", j.seq_len, "Calibration sample length L in tokens (BOS included)")
-      ->required()->check(CLI::Range(2, 1 << 20));
+      ->required()
+      ->check(CLI::Range(2, 1 << 20));
   app.add_option("--seed", j.seed, "Calibration sampling seed (default: 0)");
-  app.add_option("--out", j.out_dir, "Output directory (written to a temporary directory, then renamed)")->required();
+  app.add_option("--out", j.out_dir,
+                 "Output directory (written to a temporary directory, then renamed)")
+      ->required();
   app.add_flag("--overwrite", j.overwrite, "Replace an existing non-empty output directory");
   app.add_option("--eval-text", j.eval_text, "Evaluate perplexity on this text before and after");
   app.add_option("--eval-seq-len", j.eval_seq_len, "Evaluation window length (default: --seq-len)")
       ->check(CLI::Range(2, 1 << 20));
-  app.add_option("--eval-max-windows", j.eval_max_windows, "Evaluate only the first K windows (default: all)")
+  app.add_option("--eval-max-windows", j.eval_max_windows,
+                 "Evaluate only the first K windows (default: all)")
       ->check(CLI::PositiveNumber);
   a->dev.Add(app);
-  app.add_flag("--table", a->table, "Also print the per-layer relative output errors (RTN vs the recipe)");
+  app.add_flag("--table", a->table,
+               "Also print the per-layer relative output errors (RTN vs the recipe)");
   app.add_flag("--json", a->json, "Print one JSON object: perplexity, perplexity_fp, out, summary");
   return [a] { return RunQuantize(*a); };
 }

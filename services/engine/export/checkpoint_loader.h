@@ -23,6 +23,7 @@ struct CheckpointQuantization {
 // none. Errors: an unsupported quant_method or checkpoint_format (e.g. gptq_v2), bad bits.
 absl::StatusOr<CheckpointQuantization> ReadCheckpointQuantization(const std::string& dir);
 
-absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir, kernels::Backend* backend);
+absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
+                                                      kernels::Backend* backend);
 
 }  // namespace qcal::engine

@@ -47,7 +47,8 @@ Tensor I32Tensor(const std::vector<int32_t>& v, Shape shape) {
 absl::Status AddGptqTensors(const std::string& name, const QuantizedLinear& q, int bits,
                             std::map<std::string, Tensor>& out) {
   QCAL_ASSIGN_OR_RETURN(std::vector<int32_t> qweight, PackQweight(q.codes, q.d_out, q.d_in, bits));
-  QCAL_ASSIGN_OR_RETURN(std::vector<int32_t> qzeros, PackQzeros(q.zeros, q.n_groups, q.d_out, bits));
+  QCAL_ASSIGN_OR_RETURN(std::vector<int32_t> qzeros,
+                        PackQzeros(q.zeros, q.n_groups, q.d_out, bits));
   const int64_t in_words = (q.d_in + 31) / 32 * bits;
   const int64_t out_words = (q.d_out + 31) / 32 * bits;
   out[name + ".qweight"] = I32Tensor(qweight, {in_words, q.d_out});
@@ -81,7 +82,8 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
   std::map<std::string, Tensor> tensors;
   for (const std::string& name : reader->Names()) {
     const std::string suffix = ".weight";
-    if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    if (name.size() > suffix.size() &&
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
       const std::string prefix = name.substr(0, name.size() - suffix.size());
       auto it = quantized.find(prefix);
       if (it != quantized.end()) {
@@ -98,7 +100,8 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
   }
   for (const auto& [prefix, q] : quantized) {
     if (!reader->Has(prefix + ".weight")) {
-      return absl::InternalError(absl::StrCat("quantized linear ", prefix, " is not in the source checkpoint"));
+      return absl::InternalError(
+          absl::StrCat("quantized linear ", prefix, " is not in the source checkpoint"));
     }
   }
   QCAL_RETURN_IF_ERROR(WriteSafetensors((fs::path(dir) / "model.safetensors").string(), tensors,
@@ -116,7 +119,8 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
   config["quantization_config"] = qc;
   if (!gptq) config["torch_dtype"] = "float32";
   if (config.contains("dtype") && !gptq) config["dtype"] = "float32";
-  QCAL_RETURN_IF_ERROR(WriteStringToFile((fs::path(dir) / "config.json").string(), config.dump(2) + "\n"));
+  QCAL_RETURN_IF_ERROR(
+      WriteStringToFile((fs::path(dir) / "config.json").string(), config.dump(2) + "\n"));
   QCAL_RETURN_IF_ERROR(
       WriteStringToFile((fs::path(dir) / "quantize_config.json").string(), qc.dump(2) + "\n"));
   return CopySmallFiles(source_dir, dir);

@@ -3,8 +3,8 @@
 //     bits, with `quantization_config` in config.json and the same keys in quantize_config.json;
 //   - otherwise (cuberoot grid, 5–7 bits) a fake-quant checkpoint: dequantized fp32 weights and
 //     `quantization_config.quant_method = "qcal_fake"`.
-// Every other tensor keeps its name, dtype and bytes. The tokenizer and the other small files of the
-// source directory (generation_config.json, tokenizer_config.json, special_tokens_map.json) are
+// Every other tensor keeps its name, dtype and bytes. The tokenizer and the other small files of
+// the source directory (generation_config.json, tokenizer_config.json, special_tokens_map.json) are
 // copied. All tensors go to one `model.safetensors`, sorted by name.
 #pragma once
 

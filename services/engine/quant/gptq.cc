@@ -1,7 +1,5 @@
 #include "services/engine/quant/gptq.h"
 
-#include "common/parallel.h"
-
 #include <cblas.h>
 #include <lapacke.h>
 
@@ -13,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 #include "common/status.h"
 #include "services/engine/quant/quant_internal.h"
 
@@ -193,32 +192,32 @@ absl::StatusOr<QuantizedLinear> QuantizeGptq(const T* w, const T* h, int64_t d_o
     // the same.
     const int64_t block_work = d_out * (i2 - i1) * (i2 - i1 + 8);
     ParallelFor(d_out, block_work / std::max<int64_t>(d_out, 1), [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      T* row = wp.data() + o * n;
-      T* row_err = err.data() + o * bs;
-      RowFailure& failure = failures[o];
-      GroupParams p{q.scales[(i1 / g) * d_out + o], q.zeros[(i1 / g) * d_out + o]};
-      for (int64_t i = i1; i < i2; ++i) {
-        if (i % g == 0) {
-          p = kernels::FitGroup(row + i, std::min(g, n - i), 1, spec);
-          q.scales[(i / g) * d_out + o] = p.scale;
-          q.zeros[(i / g) * d_out + o] = p.zero;
-          if (!std::isfinite(p.scale) && failure.kind == RowFailure::kNone) {
-            failure = {RowFailure::kScaleOverflow, i / g};
+      for (int64_t o = o0; o < o1; ++o) {
+        T* row = wp.data() + o * n;
+        T* row_err = err.data() + o * bs;
+        RowFailure& failure = failures[o];
+        GroupParams p{q.scales[(i1 / g) * d_out + o], q.zeros[(i1 / g) * d_out + o]};
+        for (int64_t i = i1; i < i2; ++i) {
+          if (i % g == 0) {
+            p = kernels::FitGroup(row + i, std::min(g, n - i), 1, spec);
+            q.scales[(i / g) * d_out + o] = p.scale;
+            q.zeros[(i / g) * d_out + o] = p.zero;
+            if (!std::isfinite(p.scale) && failure.kind == RowFailure::kNone) {
+              failure = {RowFailure::kScaleOverflow, i / g};
+            }
           }
+          const T wi = row[i];
+          const int32_t code = kernels::QuantizeCode(wi, p, spec);
+          q.codes[o * n + perm[i]] = code;
+          const T e = (wi - kernels::Dequantize<T>(code, p, spec)) / u[i * n + i];
+          if (!std::isfinite(e) && failure.kind == RowFailure::kNone) {
+            failure = {RowFailure::kNonFiniteError, perm[i]};
+          }
+          row_err[i - i1] = e;
+          const T* u_row = u.data() + i * n;
+          for (int64_t j = i + 1; j < i2; ++j) row[j] -= e * u_row[j];
         }
-        const T wi = row[i];
-        const int32_t code = kernels::QuantizeCode(wi, p, spec);
-        q.codes[o * n + perm[i]] = code;
-        const T e = (wi - kernels::Dequantize<T>(code, p, spec)) / u[i * n + i];
-        if (!std::isfinite(e) && failure.kind == RowFailure::kNone) {
-          failure = {RowFailure::kNonFiniteError, perm[i]};
-        }
-        row_err[i - i1] = e;
-        const T* u_row = u.data() + i * n;
-        for (int64_t j = i + 1; j < i2; ++j) row[j] -= e * u_row[j];
       }
-    }
     });
     for (int64_t o = 0; o < d_out; ++o) {
       const RowFailure& f = failures[o];

@@ -1,7 +1,5 @@
 #include "services/engine/quant/quantized_linear.h"
 
-#include "common/parallel.h"
-
 #include <cblas.h>
 
 #include <algorithm>
@@ -9,6 +7,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 #include "services/engine/quant/quant_internal.h"
 
 namespace qcal::engine {
@@ -83,18 +82,18 @@ absl::StatusOr<QuantizedLinear> QuantizeRtn(const T* w, int64_t d_out, int64_t d
   // depend on the thread count. Overflow is recorded per row and reported for the first row.
   std::vector<int64_t> overflow_group(static_cast<size_t>(d_out), -1);
   ParallelFor(d_out, d_in, [&](int64_t o0, int64_t o1) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const T* row = w + o * d_in;
-    for (int64_t k = 0; k < q.n_groups; ++k) {
-      const int64_t j0 = k * g, j1 = std::min(j0 + g, d_in);
-      const GroupParams p = kernels::FitGroup(row + j0, j1 - j0, 1, spec);
-      if (!std::isfinite(p.scale) && overflow_group[o] < 0) overflow_group[o] = k;
-      q.scales[k * d_out + o] = p.scale;
-      q.zeros[k * d_out + o] = p.zero;
-      for (int64_t j = j0; j < j1; ++j)
-        q.codes[o * d_in + j] = kernels::QuantizeCode(row[j], p, spec);
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* row = w + o * d_in;
+      for (int64_t k = 0; k < q.n_groups; ++k) {
+        const int64_t j0 = k * g, j1 = std::min(j0 + g, d_in);
+        const GroupParams p = kernels::FitGroup(row + j0, j1 - j0, 1, spec);
+        if (!std::isfinite(p.scale) && overflow_group[o] < 0) overflow_group[o] = k;
+        q.scales[k * d_out + o] = p.scale;
+        q.zeros[k * d_out + o] = p.zero;
+        for (int64_t j = j0; j < j1; ++j)
+          q.codes[o * d_in + j] = kernels::QuantizeCode(row[j], p, spec);
+      }
     }
-  }
   });
   for (int64_t o = 0; o < d_out; ++o) {
     if (overflow_group[o] >= 0) return internal::ScaleOverflowError(o, overflow_group[o]);

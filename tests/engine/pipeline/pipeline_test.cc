@@ -1,6 +1,8 @@
 // End-to-end tests of the quantization path on stories260k (issue 3 acceptance): round trip of the
 // exported checkpoint, an independent unpacking of the GPTQ tensors, determinism of whole jobs,
 // foreign GPTQ checkpoints, and GPTQ against RTN on a real model.
+#include "services/engine/pipeline.h"
+
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -20,7 +22,6 @@
 #include "services/engine/export/checkpoint_loader.h"
 #include "services/engine/export/checkpoint_writer.h"
 #include "services/engine/model.h"
-#include "services/engine/pipeline.h"
 #include "services/engine/quantize.h"
 #include "tests/support/test_paths.h"
 
@@ -135,7 +136,8 @@ TEST_P(RoundTripTest, ExportedCheckpointReproducesInMemoryModel) {
   auto src = CheckpointReader::Open(ModelDir());
   auto out = CheckpointReader::Open(dir);
   ASSERT_TRUE(src.ok() && out.ok());
-  for (const char* name : {"model.embed_tokens.weight", "model.norm.weight", "model.layers.3.input_layernorm.weight"}) {
+  for (const char* name : {"model.embed_tokens.weight", "model.norm.weight",
+                           "model.layers.3.input_layernorm.weight"}) {
     auto a = (*src)->Get(name);
     auto b = (*out)->Get(name);
     ASSERT_TRUE(a.ok() && b.ok()) << name;
@@ -153,9 +155,11 @@ INSTANTIATE_TEST_SUITE_P(
                       RoundTripCase{"gptq_w3_g32", MakeRecipe("gptq", 3, 32), "gptq"},
                       RoundTripCase{"gptq_w4_g32", MakeRecipe("gptq", 4, 32), "gptq"},
                       RoundTripCase{"gptq_w8_g32", MakeRecipe("gptq", 8, 32), "gptq"},
-                      RoundTripCase{"gptq_w4_g32_act_order", MakeRecipe("gptq", 4, 32, true), "gptq"},
+                      RoundTripCase{"gptq_w4_g32_act_order", MakeRecipe("gptq", 4, 32, true),
+                                    "gptq"},
                       RoundTripCase{"rtn_w4_row", MakeRecipe("rtn", 4, -1), "gptq"},
-                      RoundTripCase{"gptq_w3_cuberoot", MakeRecipe("gptq", 3, 32, false, "cuberoot"), "qcal_fake"},
+                      RoundTripCase{"gptq_w3_cuberoot",
+                                    MakeRecipe("gptq", 3, 32, false, "cuberoot"), "qcal_fake"},
                       RoundTripCase{"gptq_w5_g32", MakeRecipe("gptq", 5, 32), "qcal_fake"}),
     [](const ::testing::TestParamInfo<RoundTripCase>& info) { return info.param.name; });
 
@@ -167,7 +171,8 @@ uint32_t UnpackByHand(const int32_t* words, int64_t stride, int64_t o, int64_t i
   if (bits == 3) {
     const int64_t bit = (i / 32) * 96 + (i % 32) * 3;
     const uint64_t lo = static_cast<uint32_t>(words[(bit / 32) * stride + o]);
-    const uint64_t hi = (bit % 32) > 29 ? static_cast<uint32_t>(words[(bit / 32 + 1) * stride + o]) : 0;
+    const uint64_t hi =
+        (bit % 32) > 29 ? static_cast<uint32_t>(words[(bit / 32 + 1) * stride + o]) : 0;
     return static_cast<uint32_t>(((lo | (hi << 32)) >> (bit % 32)) & mask);
   }
   const int per = 32 / bits;
@@ -215,7 +220,8 @@ TEST_P(UnpackTest, WrittenTensorsMatchTheQuantizedLinears) {
       for (int64_t o = 0; o < q.d_out; ++o) {
         // Zero points are stored as z - 1 along d_out.
         const uint32_t stored = UnpackByHand(qz + g * zcols, 1, 0, o, b);
-        EXPECT_EQ(static_cast<int32_t>(stored) + 1, q.zeros[g * q.d_out + o]) << name << " zero " << g << "," << o;
+        EXPECT_EQ(static_cast<int32_t>(stored) + 1, q.zeros[g * q.d_out + o])
+            << name << " zero " << g << "," << o;
         EXPECT_EQ(HalfToFloat(sc[g * q.d_out + o]), q.scales[g * q.d_out + o]) << name << " scale";
       }
     }
@@ -226,7 +232,8 @@ TEST_P(UnpackTest, WrittenTensorsMatchTheQuantizedLinears) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Bits, UnpackTest,
-                         ::testing::Values(MakeRecipe("gptq", 4, 32), MakeRecipe("gptq", 3, 32, true),
+                         ::testing::Values(MakeRecipe("gptq", 4, 32),
+                                           MakeRecipe("gptq", 3, 32, true),
                                            MakeRecipe("rtn", 2, 64), MakeRecipe("gptq", 8, -1)));
 
 std::map<std::string, std::string> ReadDir(const std::string& dir) {
@@ -258,7 +265,8 @@ TEST_F(StoriesTest, TwoJobsGiveByteIdenticalOutputs) {
   auto b = RunQuantizeJob(o);
   ASSERT_TRUE(b.ok()) << b.status();
   auto fa = ReadDir(root + "/a"), fb = ReadDir(root + "/b");
-  ASSERT_TRUE(fa.count("qcal_run.json") && fa.count("qcal_report.json") && fa.count("model.safetensors"));
+  ASSERT_TRUE(fa.count("qcal_run.json") && fa.count("qcal_report.json") &&
+              fa.count("model.safetensors"));
   fa.erase("qcal_run.json");
   fb.erase("qcal_run.json");
   ASSERT_EQ(fa.size(), fb.size());

@@ -37,8 +37,9 @@ class QuantizeCliTest : public ::testing::Test {
 
   testing::RunResult Quantize(const std::string& recipe, const std::string& out,
                               const std::string& calib, std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"quantize", "--model", model_, "--recipe", recipe, "--calib", calib,
-                                     "--samples", "4", "--seq-len", "32", "--out", out, "--threads", "1"};
+    std::vector<std::string> args = {"quantize", "--model", model_,      "--recipe",  recipe,
+                                     "--calib",  calib,     "--samples", "4",         "--seq-len",
+                                     "32",       "--out",   out,         "--threads", "1"};
     args.insert(args.end(), extra.begin(), extra.end());
     return testing::RunQcal(args);
   }
@@ -95,7 +96,8 @@ TEST_F(QuantizeCliTest, CalibrationTextShorterThanOneSample) {
   const std::string short_text = dir_ + "/short.txt";
   ASSERT_TRUE(WriteStringToFile(short_text, "Once upon a time.").ok());
   const std::string out = dir_ + "/out";
-  ExpectCleanError(Quantize(WriteRecipe("method: rtn\nweights: {bits: 4}\n"), out, short_text), "too short");
+  ExpectCleanError(Quantize(WriteRecipe("method: rtn\nweights: {bits: 4}\n"), out, short_text),
+                   "too short");
   EXPECT_FALSE(fs::exists(out));
   EXPECT_FALSE(fs::exists(dir_ + "/.out.qcal-tmp"));
 }
@@ -120,14 +122,17 @@ TEST_F(QuantizeCliTest, OutputDirectoryNotWritable) {
   // for root too, unlike permission bits).
   const std::string blocker = dir_ + "/blocker";
   ASSERT_TRUE(WriteStringToFile(blocker, "x").ok());
-  ExpectCleanError(Quantize(WriteRecipe("method: rtn\nweights: {bits: 4}\n"), blocker + "/out", calib_),
-                   blocker);
+  ExpectCleanError(
+      Quantize(WriteRecipe("method: rtn\nweights: {bits: 4}\n"), blocker + "/out", calib_),
+      blocker);
 }
 
 TEST_F(QuantizeCliTest, MissingInputsNameThePath) {
   const std::string recipe = WriteRecipe("method: rtn\nweights: {bits: 4}\n");
-  ExpectCleanError(Quantize(recipe, dir_ + "/out", dir_ + "/no-such-calib.txt"), "no-such-calib.txt");
-  ExpectCleanError(Quantize(dir_ + "/no-such-recipe.yaml", dir_ + "/out", calib_), "no-such-recipe.yaml");
+  ExpectCleanError(Quantize(recipe, dir_ + "/out", dir_ + "/no-such-calib.txt"),
+                   "no-such-calib.txt");
+  ExpectCleanError(Quantize(dir_ + "/no-such-recipe.yaml", dir_ + "/out", calib_),
+                   "no-such-recipe.yaml");
 }
 
 }  // namespace

@@ -1,14 +1,12 @@
 // GPTQ on the CPU against the known answers of DESIGN.md section 3 ("GPTQ (OPTQ)").
 #include "services/engine/quant/gptq.h"
 
-#include "common/parallel.h"
-
-
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
 
+#include "common/parallel.h"
 #include "gtest/gtest.h"
 #include "services/engine/quant/quantized_linear.h"
 #include "tests/engine/quant/quant_test_data.h"
