@@ -312,6 +312,10 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   timings_["forward"] = times_.forward;
   timings_["hessian"] = times_.hessian;
   timings_["solve"] = times_.solve;
+  timings_["solve_parts"] = {{"factor", times_.factor},
+                             {"quantize", times_.quantize},
+                             {"error", times_.error},
+                             {"transfer", times_.transfer}};
   run["seconds"] = timings_;
   run["peak_rss_bytes"] = PeakRssBytes();
   QCAL_RETURN_IF_ERROR(WriteStringToFile((dir / "qcal_run.json").string(), run.dump(2) + "\n"));
