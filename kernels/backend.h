@@ -35,7 +35,7 @@ enum class Op {
 // Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. Backends
 // without them (the CPU backend) leave the solves to the engine's CPU quantizers
 // (services/engine/quant), which are the reference these ops are tested against.
-enum class SolverOp { kGptq, kQuantizeRtn, kOutputError };
+enum class SolverOp { kGptq, kQuantizeRtn, kOutputError, kErrorReconstruction };
 
 enum class ComputeDType { kF32, kBF16 };
 
@@ -172,6 +172,22 @@ class Backend {
   virtual absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
                                              const Tensor& gram) {
     return Unsupported("OutputError");
+  }
+  // The whitening factor S = lower Cholesky factor of G + δI, δ = damp · mean(diag G), for the
+  // Gram matrix G = gram (F32 [n, n] on this device, upper triangle read), computed in double and
+  // returned as F32 [n, n] (strict upper triangle 0). FailedPrecondition when G + δI is not
+  // positive definite (like engine::CholeskyWhitening).
+  virtual absl::StatusOr<Tensor> CholeskyWhitening(const Tensor& gram, double damp) {
+    return Unsupported("CholeskyWhitening");
+  }
+  // Error reconstruction of E = w − w_hat (F32 [d_out, d_in] each) with the whitening factor
+  // `whitening`: F32 [d_in, d_in] lower triangular S (Cholesky), F32 [d_in] diagonal s (LQER; a
+  // channel with s_j = 0 gets a zero column of L_B), or undefined (S = I). Like
+  // engine::ReconstructError with a fixed rank; kFull agrees with it to fp32 accuracy.
+  virtual absl::StatusOr<LowRankTensors> ReconstructError(const Tensor& w, const Tensor& w_hat,
+                                                          const Tensor& whitening,
+                                                          const LowRankOptions& options) {
+    return Unsupported("ReconstructError");
   }
 
  private:

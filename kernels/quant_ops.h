@@ -81,4 +81,41 @@ struct QuantizedTensors {
   std::vector<int32_t> perm;   // act-order permutation (host); empty without act-order
 };
 
+// Error reconstruction on the device (DESIGN section 3; the reference is
+// services/engine/aser/error_reconstruction.h): a rank-r factorization L_A·L_B of E = w − w_hat in
+// the metric of a whitening factor S, from the SVD of E·S.
+enum class SvdMethod {
+  kFull,        // the full SVD of E·S (cuSOLVER gesvd/gesvdj): the reference on the device
+  kRandomized,  // a randomized SVD of E·S (range finder with power iterations): the fast path
+};
+
+struct LowRankOptions {
+  // r >= 1, clamped to min(d_out, d_in). No default: 0 is invalid.
+  int rank = 0;
+  SvdMethod svd = SvdMethod::kRandomized;
+  // Randomized only: extra sketch columns p (the sketch has min(r + p, min(d_out, d_in)) columns),
+  // >= 0. Default: 16.
+  int oversample = 16;
+  // Randomized only: power (subspace) iterations q, >= 0. Default: 2.
+  int power_iterations = 2;
+  // Randomized only: seed of the Gaussian test matrix (results are deterministic for a given
+  // seed, device kind and library). Default: 0.
+  uint64_t seed = 0;
+};
+
+// A fitted correction whose factors live on the backend's device.
+struct LowRankTensors {
+  int64_t d_out = 0;
+  int64_t d_in = 0;
+  int64_t rank = 0;
+  Tensor a;  // F32 [d_out, rank]: L_A = U_r Σ_r (the PEFT adapter's lora_B)
+  Tensor b;  // F32 [rank, d_in]: L_B = V_rᵀ S⁻¹ (the PEFT adapter's lora_A)
+  // The leading singular values of E·S (host, descending): all min(d_out, d_in) with kFull, the
+  // `rank` computed ones with kRandomized.
+  std::vector<double> singular_values;
+  // ‖E·S‖_F, and sqrt(max(0, ‖E·S‖_F² − Σ_{i<=r} σ_i²)): the whitened error before and after.
+  double error_before = 0;
+  double error_after = 0;
+};
+
 }  // namespace qcal::kernels

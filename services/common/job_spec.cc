@@ -18,6 +18,12 @@ absl::Status FieldError(const std::string& field, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("spec.", field, " ", what));
 }
 
+// Worded like engine::Recipe::Validate's errors.
+absl::Status RankError(const std::string& what) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("recipe: recipe key \"error_reconstruction.rank\" ", what));
+}
+
 }  // namespace
 
 absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
@@ -33,6 +39,31 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
   if (g.has_block_size()) r.gptq.block_size = g.block_size();
   if (g.has_act_order()) r.gptq.act_order = g.act_order();
   if (g.has_true_sequential()) r.gptq.true_sequential = g.true_sequential();
+  const v1::ActivationsRecipe& a = p.activations();
+  if (a.has_bits()) r.activations.bits = a.bits();
+  const v1::SmoothingRecipe& m = p.smoothing();
+  if (m.has_method()) r.smoothing.method = m.method();
+  if (m.has_alpha()) r.smoothing.alpha = m.alpha();
+  if (m.has_outlier_channels()) r.smoothing.outlier_channels = m.outlier_channels();
+  if (p.has_error_reconstruction()) {
+    const v1::ErrorReconstructionRecipe& e = p.error_reconstruction();
+    engine::ErrorReconstructionRecipe& er = r.error_reconstruction;
+    er.enabled = true;
+    const bool rank_auto = e.has_rank_auto() && e.rank_auto();
+    if (e.has_rank()) {
+      if (rank_auto) return RankError("is set together with rank_auto (set one)");
+      // An explicit rank < 1 must not read as missing (0) or as kRecipeAutoRank (-1).
+      if (e.rank() < 1) {
+        return RankError(absl::StrCat("must be an integer >= 1 or auto, got ", e.rank()));
+      }
+      er.rank = e.rank();
+    } else if (rank_auto) {
+      er.rank = engine::kRecipeAutoRank;
+    }  // neither: rank stays 0, which Validate reports as required
+    if (e.has_energy()) er.energy = e.energy();
+    if (e.has_max_extra_params()) er.max_extra_params = e.max_extra_params();
+    if (e.has_whitening()) er.whitening = e.whitening();
+  }
   QCAL_RETURN_IF_ERROR(r.Validate());
   return r;
 }
@@ -50,6 +81,21 @@ v1::Recipe RecipeToProto(const engine::Recipe& r) {
   g->set_block_size(r.gptq.block_size);
   g->set_act_order(r.gptq.act_order);
   g->set_true_sequential(r.gptq.true_sequential);
+  p.mutable_activations()->set_bits(r.activations.bits);
+  v1::SmoothingRecipe* m = p.mutable_smoothing();
+  m->set_method(r.smoothing.method);
+  m->set_alpha(r.smoothing.alpha);
+  m->set_outlier_channels(r.smoothing.outlier_channels);
+  if (r.error_reconstruction.enabled) {
+    const engine::ErrorReconstructionRecipe& er = r.error_reconstruction;
+    v1::ErrorReconstructionRecipe* e = p.mutable_error_reconstruction();
+    // rank_auto is always set; rank only when fixed (RecipeFromProto refuses both).
+    e->set_rank_auto(er.rank == engine::kRecipeAutoRank);
+    if (er.rank != engine::kRecipeAutoRank) e->set_rank(er.rank);
+    e->set_energy(er.energy);
+    e->set_max_extra_params(er.max_extra_params);
+    e->set_whitening(er.whitening);
+  }
   return p;
 }
 

@@ -25,9 +25,11 @@ inline constexpr size_t kMaxOutputNameBytes = 200;
 inline constexpr size_t kMaxIdempotencyKeyBytes = 128;
 
 // The recipe of a spec with unset fields at their defaults, validated (errors name the key, e.g.
-// "recipe key \"weights.bits\" is required (2..8)").
+// "recipe key \"weights.bits\" is required (2..8)"). An absent error_reconstruction message means
+// off; a present one needs exactly one of `rank` (>= 1) and `rank_auto` = true.
 absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& proto);
-// Every field set.
+// Every field set, except error_reconstruction (absent when off) and its `rank` (absent when
+// rank_auto).
 v1::Recipe RecipeToProto(const engine::Recipe& recipe);
 
 // Fills every default and checks every value that needs no file: the recipe, samples, seq_len,

@@ -50,8 +50,11 @@ std::vector<LinearKind> ConsumersOf(LinearInput input) {
 namespace {
 
 absl::StatusOr<Tensor> LoadTo(kernels::Backend* backend, const CheckpointReader& reader,
-                              const std::string& name, const Shape& shape) {
+                              const std::string& name, const Shape& shape,
+                              std::map<std::string, DType>* dtypes) {
   QCAL_ASSIGN_OR_RETURN(Tensor host, reader.GetF32(name, shape));
+  QCAL_ASSIGN_OR_RETURN(TensorInfo info, reader.Info(name));
+  (*dtypes)[name] = info.dtype;
   return backend->ToDevice(host);
 }
 
@@ -67,21 +70,24 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   auto model = std::unique_ptr<Model>(new Model());
   model->config_ = config;
   model->backend_ = backend;
-  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_,
-                        LoadTo(backend, *reader, "model.embed_tokens.weight", {v, d}));
-  QCAL_ASSIGN_OR_RETURN(model->final_norm_, LoadTo(backend, *reader, "model.norm.weight", {d}));
+  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_, LoadTo(backend, *reader, "model.embed_tokens.weight",
+                                                     {v, d}, &model->source_dtypes_));
+  QCAL_ASSIGN_OR_RETURN(model->final_norm_,
+                        LoadTo(backend, *reader, "model.norm.weight", {d}, &model->source_dtypes_));
   if (config.tie_word_embeddings && !reader->Has("lm_head.weight")) {
     model->lm_head_ = model->embed_tokens_;
   } else {
-    QCAL_ASSIGN_OR_RETURN(model->lm_head_, LoadTo(backend, *reader, "lm_head.weight", {v, d}));
+    QCAL_ASSIGN_OR_RETURN(model->lm_head_, LoadTo(backend, *reader, "lm_head.weight", {v, d},
+                                                  &model->source_dtypes_));
   }
   for (int b = 0; b < config.num_layers; ++b) {
     BlockWeights bw;
     const std::string p = absl::StrCat("model.layers.", b, ".");
-    QCAL_ASSIGN_OR_RETURN(bw.input_norm,
-                          LoadTo(backend, *reader, p + "input_layernorm.weight", {d}));
+    QCAL_ASSIGN_OR_RETURN(bw.input_norm, LoadTo(backend, *reader, p + "input_layernorm.weight", {d},
+                                                &model->source_dtypes_));
     QCAL_ASSIGN_OR_RETURN(bw.post_attention_norm,
-                          LoadTo(backend, *reader, p + "post_attention_layernorm.weight", {d}));
+                          LoadTo(backend, *reader, p + "post_attention_layernorm.weight", {d},
+                                 &model->source_dtypes_));
     for (LinearKind k : kAllLinears) {
       int64_t out = 0, in = 0;
       bool has_bias = false;
@@ -123,16 +129,22 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
         }
         QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, backend->ToDevice(host));
       } else {
-        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight,
-                              LoadTo(backend, *reader, prefix + ".weight", {out, in}));
+        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, LoadTo(backend, *reader, prefix + ".weight",
+                                                      {out, in}, &model->source_dtypes_));
       }
       if (has_bias || reader->Has(prefix + ".bias")) {
-        QCAL_ASSIGN_OR_RETURN(bw.at(k).bias, LoadTo(backend, *reader, prefix + ".bias", {out}));
+        QCAL_ASSIGN_OR_RETURN(bw.at(k).bias, LoadTo(backend, *reader, prefix + ".bias", {out},
+                                                    &model->source_dtypes_));
       }
     }
     model->blocks_.push_back(std::move(bw));
   }
   return model;
+}
+
+DType Model::SourceDType(const std::string& name) const {
+  auto it = source_dtypes_.find(name);
+  return it == source_dtypes_.end() ? DType::kF32 : it->second;
 }
 
 std::unique_ptr<Model> Model::FromWeights(const ModelConfig& config, kernels::Backend* backend,
@@ -170,11 +182,28 @@ absl::StatusOr<KvCache> Model::NewCache(int capacity) {
   return cache;
 }
 
+absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate) {
+  kernels::Backend& be = *backend_;
+  const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
+  if (l.act_bits < 16) {
+    QCAL_ASSIGN_OR_RETURN(Tensor xq, be.Alloc(DType::kF32, x.shape()));
+    QCAL_RETURN_IF_ERROR(be.ActQuant(x, l.act_bits, xq));
+    QCAL_RETURN_IF_ERROR(be.Linear(xq, l.weight, bias, y, accumulate));
+  } else {
+    QCAL_RETURN_IF_ERROR(be.Linear(x, l.weight, bias, y, accumulate));
+  }
+  if (l.lora_a.defined()) {
+    QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {x.dim(0), l.lora_b.dim(0)}));
+    QCAL_RETURN_IF_ERROR(be.Linear(x, l.lora_b, nullptr, t, false));
+    QCAL_RETURN_IF_ERROR(be.Linear(t, l.lora_a, nullptr, y, true));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x) {
   const Linear& l = blocks_[b].at(kind);
   QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.weight.dim(0)}));
-  QCAL_RETURN_IF_ERROR(
-      backend_->Linear(x, l.weight, l.bias.defined() ? &l.bias : nullptr, y, false));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, y, false));
   return y;
 }
 
@@ -241,8 +270,7 @@ absl::Status Model::AddProjection(int b, LinearKind kind, const Tensor& input, T
     return absl::InvalidArgumentError(
         "AddProjection: only o_proj and down_proj add to the residual");
   }
-  const Linear& l = blocks_[b].at(kind);
-  return backend_->Linear(input, l.weight, l.bias.defined() ? &l.bias : nullptr, hidden, true);
+  return ApplyLinear(blocks_[b].at(kind), input, hidden, true);
 }
 
 absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache,

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,9 +41,15 @@ LinearInput InputOf(LinearKind kind);
 // The linears reading `input`, in forward order.
 std::vector<LinearKind> ConsumersOf(LinearInput input);
 
+// y = weight · ActQuant(x) + bias + lora_a · (lora_b · x): the (fake-)quantized weight branch sees
+// the input quantized per token to `act_bits` (DESIGN section 3; 16 = off), the low-rank error
+// reconstruction branch sees the unquantized input.
 struct Linear {
   Tensor weight;  // [d_out, d_in]
   Tensor bias;    // [d_out] or undefined
+  Tensor lora_a;  // L_A [d_out, r], or undefined (no low-rank branch)
+  Tensor lora_b;  // L_B [r, d_in], defined exactly when lora_a is
+  int act_bits = 16;
 };
 
 struct BlockWeights {
@@ -97,6 +104,9 @@ class Model {
   const Tensor& embed_tokens() const { return embed_tokens_; }
   const Tensor& final_norm() const { return final_norm_; }
   const Tensor& lm_head() const { return lm_head_; }
+  // The dtype a tensor had in the checkpoint Load read it from (kF32 for tensors it did not read
+  // and models built FromWeights). Folded smoothing writes changed tensors back in this dtype.
+  DType SourceDType(const std::string& name) const;
 
   // hidden [ids.size(), hidden_size] = embedding rows of ids.
   absl::StatusOr<Tensor> Embed(const std::vector<int>& ids);
@@ -127,6 +137,9 @@ class Model {
 
  private:
   Model() = default;
+  // y (+)= l applied to x: the weight branch (with its activation quantization and bias), then
+  // the low-rank branch added.
+  absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
   // y [rows, d_out] = linear `kind` of block b applied to x (bias included).
   absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x);
   // Attention of block b for the q/k/v input x, appending keys and values to `cache` when given.
@@ -136,6 +149,7 @@ class Model {
   kernels::Backend* backend_ = nullptr;
   Tensor embed_tokens_, final_norm_, lm_head_;
   std::vector<BlockWeights> blocks_;
+  std::map<std::string, DType> source_dtypes_;
 };
 
 }  // namespace qcal::engine

@@ -84,6 +84,14 @@ nlohmann::ordered_json LayerReportJson(const LayerReport& r) {
   j["rel_error_rtn"] = r.rel_error_rtn;
   j["dead_columns"] = r.dead_columns;
   j["damp"] = r.damp_used;
+  if (r.outlier_columns > 0) j["outlier_columns"] = r.outlier_columns;
+  if (r.rank > 0) {
+    j["rank"] = r.rank;
+    j["rel_error_er"] = r.rel_error_er;
+    j["whitened_error_before"] = r.whitened_error_before;
+    j["whitened_error_after"] = r.whitened_error_after;
+    j["extra_params"] = r.extra_params;
+  }
   return j;
 }
 
@@ -98,6 +106,14 @@ absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j) {
     r.rel_error_rtn = j.at("rel_error_rtn").get<double>();
     r.dead_columns = j.at("dead_columns").get<int>();
     r.damp_used = j.at("damp").get<double>();
+    r.outlier_columns = j.value("outlier_columns", 0);
+    if (j.contains("rank")) {
+      r.rank = j.at("rank").get<int64_t>();
+      r.rel_error_er = j.at("rel_error_er").get<double>();
+      r.whitened_error_before = j.at("whitened_error_before").get<double>();
+      r.whitened_error_after = j.at("whitened_error_after").get<double>();
+      r.extra_params = j.at("extra_params").get<double>();
+    }
   } catch (const nlohmann::json::exception& e) {
     return absl::DataLossError(absl::StrCat("malformed layer report: ", e.what()));
   }
@@ -193,9 +209,7 @@ absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
         "restore: the activation checkpoint does not match this job's calibration data");
   }
   for (size_t b = 0; b < committed.size(); ++b) {
-    std::vector<QuantizedLinear> linears;
-    for (const auto& r : committed[b]) linears.push_back(r.quantized);
-    QCAL_RETURN_IF_ERROR(InstallBlock(*model_, static_cast<int>(b), linears));
+    QCAL_RETURN_IF_ERROR(InstallBlock(*model_, static_cast<int>(b), committed[b]));
   }
   done_ = committed;
   acts_ = std::move(acts);
@@ -210,15 +224,23 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   const JobOptions& o = options_;
   const fs::path dir(dir_str);
   std::map<std::string, QuantizedLinear> quantized;
+  CheckpointExtras extras;
   std::vector<LayerReport> layers;
   for (const auto& block : done_) {
     for (const auto& r : block) {
       quantized[r.report.name] = r.quantized;
       layers.push_back(r.report);
+      for (const auto& [name, t] : r.folded) extras.replaced[name] = t;
+      if (r.report.rank > 0) {
+        const int64_t rank = r.report.rank;
+        extras.adapters[r.report.name] = {Tensor::FromVector(r.lora_a, {r.quantized.d_out, rank}),
+                                          Tensor::FromVector(r.lora_b, {rank, r.quantized.d_in})};
+      }
     }
   }
   auto t0 = Clock::now();
-  QCAL_RETURN_IF_ERROR(WriteQuantizedCheckpoint(o.model_dir, dir.string(), o.recipe, quantized));
+  QCAL_RETURN_IF_ERROR(
+      WriteQuantizedCheckpoint(o.model_dir, dir.string(), o.recipe, quantized, extras));
   timings_["export"] = Since(t0);
 
   JobResult result;
@@ -274,12 +296,16 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
                         {"tokens_in_text", calib_tokens_}};
   nlohmann::ordered_json layer_json = nlohmann::ordered_json::array();
   nlohmann::ordered_json compat = nlohmann::ordered_json::array();
-  double sum_err = 0, sum_rtn = 0;
+  double sum_err = 0, sum_rtn = 0, sum_er = 0;
+  int64_t params = 0, extra_params = 0;
   const int g = o.recipe.weights.group_size;
   for (const LayerReport& l : layers) {
     layer_json.push_back(LayerReportJson(l));
     sum_err += l.rel_error;
     sum_rtn += l.rel_error_rtn;
+    sum_er += l.rank > 0 ? l.rel_error_er : l.rel_error;
+    params += l.d_out * l.d_in;
+    extra_params += l.rank * (l.d_out + l.d_in);
     if (l.d_in % 32 != 0 || l.d_out % 32 != 0 || (g > 0 && g < l.d_in && l.d_in % g != 0)) {
       compat.push_back(l.name);
     }
@@ -290,6 +316,11 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   summary["layers"] = layers.size();
   summary["mean_rel_error"] = sum_err / n_layers;
   summary["mean_rel_error_rtn"] = sum_rtn / n_layers;
+  if (o.recipe.error_reconstruction.enabled) {
+    summary["mean_rel_error_er"] = sum_er / n_layers;
+    summary["extra_params"] = extra_params;
+    summary["extra_params_pct"] = params > 0 ? 100.0 * extra_params / params : 0.0;
+  }
   summary["model_bytes_in"] = DirBytes(o.model_dir, ".safetensors");
   summary["model_bytes_out"] = DirBytes(dir, ".safetensors");
   rep["summary"] = summary;
@@ -312,9 +343,11 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   timings_["forward"] = times_.forward;
   timings_["hessian"] = times_.hessian;
   timings_["solve"] = times_.solve;
+  timings_["smooth"] = times_.smooth;
   timings_["solve_parts"] = {{"factor", times_.factor},
                              {"quantize", times_.quantize},
                              {"error", times_.error},
+                             {"reconstruct", times_.reconstruct},
                              {"transfer", times_.transfer}};
   run["seconds"] = timings_;
   run["peak_rss_bytes"] = PeakRssBytes();

@@ -1,11 +1,15 @@
 #include "services/engine/quantize.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <future>
+#include <memory>
+#include <optional>
 #include <system_error>
 #include <utility>
 
@@ -15,6 +19,9 @@
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "common/text_data.h"
+#include "services/engine/aser/activation_stats.h"
+#include "services/engine/aser/error_reconstruction.h"
+#include "services/engine/aser/smoothing.h"
 
 namespace qcal::engine {
 namespace {
@@ -117,6 +124,60 @@ absl::Status InstallWeight(Model& model, int b, LinearKind k, const QuantizedLin
   return absl::OkStatus();
 }
 
+// The block tensor a folded-tensor name refers to: an RMSNorm weight or a linear's bias of block
+// b. NotFound for any other name.
+absl::StatusOr<Tensor*> FoldedTarget(Model& model, int b, const std::string& name) {
+  BlockWeights& bw = model.block(b);
+  const std::string p = absl::StrCat("model.layers.", b, ".");
+  if (name == p + "input_layernorm.weight") return &bw.input_norm;
+  if (name == p + "post_attention_layernorm.weight") return &bw.post_attention_norm;
+  for (LinearKind k : kAllLinears) {
+    if (name == LinearPrefix(b, k) + ".bias" && bw.at(k).bias.defined()) return &bw.at(k).bias;
+  }
+  return absl::NotFoundError(
+      absl::StrCat("folded tensor ", name, " is not a norm or bias of block ", b));
+}
+
+// The low-rank branch, activation bits and folded tensors of a result (the weight is installed
+// separately).
+absl::Status InstallExtras(Model& model, int b, LinearKind k, const LayerResult& r) {
+  Linear& lin = model.block(b).at(k);
+  kernels::Backend& be = model.backend();
+  const int64_t rank = r.report.rank;
+  if (rank > 0) {
+    const int64_t d_out = lin.weight.dim(0), d_in = lin.weight.dim(1);
+    if (static_cast<int64_t>(r.lora_a.size()) != d_out * rank ||
+        static_cast<int64_t>(r.lora_b.size()) != rank * d_in) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(LinearPrefix(b, k), ": low-rank factors do not match rank ", rank));
+    }
+    QCAL_ASSIGN_OR_RETURN(lin.lora_a, be.ToDevice(Tensor::FromVector(r.lora_a, {d_out, rank})));
+    QCAL_ASSIGN_OR_RETURN(lin.lora_b, be.ToDevice(Tensor::FromVector(r.lora_b, {rank, d_in})));
+  } else {
+    lin.lora_a = lin.lora_b = Tensor();
+  }
+  lin.act_bits = r.act_bits;
+  for (const auto& [name, host] : r.folded) {
+    QCAL_ASSIGN_OR_RETURN(Tensor * target, FoldedTarget(model, b, name));
+    if (host.shape() != target->shape()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": folded tensor has shape ", ShapeString(host.shape())));
+    }
+    QCAL_ASSIGN_OR_RETURN(*target, be.ToDevice(host));
+  }
+  return absl::OkStatus();
+}
+
+// out = w_hat + a·b (host, row-major [d_out][d_in]; a [d_out][r], b [r][d_in]).
+std::vector<float> AddLowRank(const std::vector<float>& w_hat, const std::vector<float>& a,
+                              const std::vector<float>& b, int64_t d_out, int64_t d_in, int64_t r) {
+  std::vector<float> out = w_hat;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(d_out),
+              static_cast<int>(d_in), static_cast<int>(r), 1.0f, a.data(), static_cast<int>(r),
+              b.data(), static_cast<int>(d_in), 1.0f, out.data(), static_cast<int>(d_in));
+  return out;
+}
+
 // Quantizes one block: statistics, solves and the push through the quantized block, on the host
 // (the CPU reference solvers) or, when the backend has the solver ops, entirely on its device.
 class BlockRun {
@@ -135,6 +196,8 @@ class BlockRun {
     gopt_.damp = recipe.gptq.damp;
     gopt_.block_size = recipe.gptq.block_size;
     gopt_.act_order = recipe.gptq.act_order;
+    const ModelConfig& c = model.config();
+    widths_ = {c.hidden_size, c.q_dim(), c.hidden_size, c.intermediate_size};
     const int64_t chunk_rows =
         acts.chunk_batch.empty() ? 0 : int64_t(acts.chunk_batch[0]) * acts.seq_len;
     reserve_ = WorkingSetBytes(model.config(), chunk_rows);
@@ -145,6 +208,7 @@ class BlockRun {
       QCAL_RETURN_IF_ERROR(ParkIfShort(be_, acts_.chunks[c], reserve_));
     }
     clock_ = Clock::now();
+    if (recipe_.smoothing.enabled()) QCAL_RETURN_IF_ERROR(Smooth());
     QCAL_RETURN_IF_ERROR(recipe_.gptq.true_sequential ? Staged() : TwoPass());
     for (size_t i = 0; i < pending_.size(); ++i) results_[i].quantized = pending_[i].get();
     if (!pending_.empty()) {
@@ -193,11 +257,93 @@ class BlockRun {
     return be_.Alloc(DType::kF32, {width, width});
   }
   // sum += xᵀx through a zeroed per-chunk partial, so that sums run in chunk order whatever the
-  // split of chunks across workers.
-  absl::Status Accumulate(Tensor& sum, const Tensor& x) {
+  // split of chunks across workers. With LQER's diagonal whitening, also the mean |x| per channel.
+  absl::Status Accumulate(LinearInput in, Tensor& sum, const Tensor& x) {
     QCAL_ASSIGN_OR_RETURN(Tensor partial, be_.Alloc(DType::kF32, sum.shape()));
     QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, partial));
-    return be_.Add(partial, sum);
+    QCAL_RETURN_IF_ERROR(be_.Add(partial, sum));
+    if (recipe_.error_reconstruction.enabled &&
+        recipe_.error_reconstruction.whitening == "diagonal") {
+      QCAL_RETURN_IF_ERROR(Observe(path_stats_, in, x));
+    }
+    return absl::OkStatus();
+  }
+
+  // Adds x (one chunk of input `in`) to stats[in], created on first use.
+  absl::Status Observe(std::array<std::unique_ptr<ActivationStats>, kNumLinearInputs>& stats,
+                       LinearInput in, const Tensor& x) {
+    auto& s = stats[static_cast<int>(in)];
+    if (!s) s = std::make_unique<ActivationStats>(widths_[static_cast<int>(in)]);
+    QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(x));
+    return Annotate(s->Accumulate(host.data<float>(), host.dim(0), host.dim(1), acts_.seq_len),
+                    absl::StrCat("activation statistics of block ", b_));
+  }
+
+  // Smoothing (DESIGN section 3): per-channel statistics of every input of the full-precision
+  // block, the scales of every input, and their exact fold into the block. The changed norm
+  // weights and biases are rounded to the checkpoint's dtype (the exported values) and recorded
+  // for the artifacts.
+  absl::Status Smooth() {
+    std::array<std::unique_ptr<ActivationStats>, kNumLinearInputs> stats;
+    for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+      Tensor hidden;
+      if (be_.device() == Device::kHost) {
+        hidden = h.Clone();
+      } else {
+        QCAL_ASSIGN_OR_RETURN(hidden, be_.Alloc(DType::kF32, h.shape()));
+        QCAL_RETURN_IF_ERROR(be_.Copy(h, hidden));
+      }
+      auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
+        QCAL_RETURN_IF_ERROR(Observe(stats, in, x));
+        if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
+        return absl::OkStatus();
+      };
+      QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
+    }
+    SmoothingOptions so;
+    so.method =
+        recipe_.smoothing.method == "aser" ? SmoothingMethod::kAser : SmoothingMethod::kSmoothQuant;
+    so.alpha = recipe_.smoothing.alpha;
+    so.outlier_channels = recipe_.smoothing.outlier_channels;
+    std::array<const ActivationStats*, kNumLinearInputs> ptrs{};
+    for (int i = 0; i < kNumLinearInputs; ++i) ptrs[i] = stats[i].get();
+    BlockWeights& bw = model_.block(b_);
+    auto scales = ComputeBlockSmoothing(be_, bw, model_.config(), ptrs, so);
+    if (!scales.ok()) return Annotate(scales.status(), absl::StrCat("smoothing of block ", b_));
+    smoothing_ = *std::move(scales);
+    QCAL_RETURN_IF_ERROR(Annotate(FoldBlockSmoothing(be_, model_.config(), smoothing_, bw),
+                                  absl::StrCat("smoothing of block ", b_)));
+    const std::string p = absl::StrCat("model.layers.", b_, ".");
+    if (!smoothing_.at(LinearInput::kQkv).m.empty()) {
+      QCAL_RETURN_IF_ERROR(
+          RoundFolded(LinearKind::kQ, p + "input_layernorm.weight", bw.input_norm));
+    }
+    if (!smoothing_.at(LinearInput::kGateUp).m.empty()) {
+      QCAL_RETURN_IF_ERROR(RoundFolded(LinearKind::kGate, p + "post_attention_layernorm.weight",
+                                       bw.post_attention_norm));
+    }
+    for (auto [in, k] : {std::pair{LinearInput::kO, LinearKind::kV},
+                         std::pair{LinearInput::kDown, LinearKind::kUp}}) {
+      if (!smoothing_.at(in).m.empty() && bw.at(k).bias.defined()) {
+        QCAL_RETURN_IF_ERROR(RoundFolded(k, LinearPrefix(b_, k) + ".bias", bw.at(k).bias));
+      }
+    }
+    return Charge(t_.smooth);
+  }
+
+  // Rounds a folded tensor to its checkpoint dtype in place and records it for kind's artifact.
+  absl::Status RoundFolded(LinearKind kind, const std::string& name, Tensor& t) {
+    QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(t));
+    host = host.Clone();
+    const DType dtype = model_.SourceDType(name);
+    if (dtype != DType::kF32) {
+      QCAL_ASSIGN_OR_RETURN(Tensor stored, host.ConvertTo(dtype));
+      QCAL_ASSIGN_OR_RETURN(host, stored.ToF32());
+      QCAL_ASSIGN_OR_RETURN(t, be_.ToDevice(host));
+    }
+    folded_[static_cast<int>(kind)][name] = host;
+    return absl::OkStatus();
   }
 
   // The attention output of chunk c's current hidden state h.
@@ -225,7 +371,7 @@ class BlockRun {
       QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
       QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kQkv));
       QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-      QCAL_RETURN_IF_ERROR(Accumulate(gram, x));
+      QCAL_RETURN_IF_ERROR(Accumulate(LinearInput::kQkv, gram, x));
       QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
     }
     QCAL_RETURN_IF_ERROR(Solve(LinearInput::kQkv, gram));
@@ -235,7 +381,7 @@ class BlockRun {
       QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
       QCAL_ASSIGN_OR_RETURN(Tensor a, AttentionOf(h, c));
       QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-      QCAL_RETURN_IF_ERROR(Accumulate(gram, a));
+      QCAL_RETURN_IF_ERROR(Accumulate(LinearInput::kO, gram, a));
       QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
       if (KeepOnDevice()) kept[c] = std::move(a);
     }
@@ -253,7 +399,7 @@ class BlockRun {
       QCAL_RETURN_IF_ERROR(Store(c, h));
       QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
       QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-      QCAL_RETURN_IF_ERROR(Accumulate(gram, x));
+      QCAL_RETURN_IF_ERROR(Accumulate(LinearInput::kGateUp, gram, x));
       QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
     }
     QCAL_RETURN_IF_ERROR(Solve(LinearInput::kGateUp, gram));
@@ -263,7 +409,7 @@ class BlockRun {
       QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
       QCAL_ASSIGN_OR_RETURN(Tensor m, MlpOf(h));
       QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-      QCAL_RETURN_IF_ERROR(Accumulate(gram, m));
+      QCAL_RETURN_IF_ERROR(Accumulate(LinearInput::kDown, gram, m));
       QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
       if (KeepOnDevice()) kept[c] = std::move(m);
     }
@@ -301,7 +447,7 @@ class BlockRun {
       }
       auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
         QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-        QCAL_RETURN_IF_ERROR(Accumulate(grams[in], x));
+        QCAL_RETURN_IF_ERROR(Accumulate(in, grams[in], x));
         QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
         // Stop the forward once the last input has been seen.
         if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
@@ -322,10 +468,10 @@ class BlockRun {
   // Solves every linear reading `in` with its Gram matrix and installs the quantized weights.
   absl::Status Solve(LinearInput in, const Tensor& gram) {
     QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-    const double before = t_.factor + t_.quantize + t_.error + t_.transfer;
+    const double before = t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct;
     QCAL_RETURN_IF_ERROR(device_solve_ ? SolveOnDevice(in, gram) : SolveOnHost(in, gram));
     QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
-    t_.solve += t_.factor + t_.quantize + t_.error + t_.transfer - before;
+    t_.solve += t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct - before;
     return absl::OkStatus();
   }
 
@@ -346,12 +492,78 @@ class BlockRun {
     return r;
   }
 
+  // The columns ASER extracted from input `in` (empty otherwise).
+  const std::vector<int32_t>& OutliersOf(LinearInput in) const {
+    return smoothing_.at(in).outliers;
+  }
+
+  // The whitening factor of input `in` for error reconstruction, from its Gram matrix (host) or
+  // its quantized-path statistics.
+  absl::StatusOr<WhiteningFactor> WhiteningOf(LinearInput in, const Tensor& gram_host) {
+    const std::string& kind = recipe_.error_reconstruction.whitening;
+    const int64_t n = gram_host.dim(0);
+    if (kind == "cholesky") {
+      auto f = CholeskyWhitening<float>(gram_host.data<float>(), n, recipe_.gptq.damp);
+      if (!f.ok()) {
+        return Annotate(f.status(), absl::StrCat("whitening of block ", b_, " (", kind, ")"));
+      }
+      return f;
+    }
+    if (kind == "diagonal") {
+      const auto& st = path_stats_[static_cast<int>(in)];
+      if (!st) return absl::InternalError("diagonal whitening without activation statistics");
+      return DiagonalWhitening(st->MeanAbs());
+    }
+    return IdentityWhitening(n);
+  }
+
+  // Error reconstruction of one linear on the host (DESIGN section 3): E = w − w_hat, where w is
+  // W' (smoothed) and w_hat the dequantized Q(W'_normal); fills the factors and the report.
+  absl::Status Reconstruct(LinearInput in, const float* w, const std::vector<float>& w_hat,
+                           const Tensor& gram_host, const WhiteningFactor& whitening, double denom,
+                           LayerResult& r) {
+    const ErrorReconstructionRecipe& er = recipe_.error_reconstruction;
+    const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
+    const int64_t outliers = static_cast<int64_t>(OutliersOf(in).size());
+    ErrorReconstructionOptions opt;
+    opt.rank = er.rank == kRecipeAutoRank ? kAutoRank : er.rank;
+    opt.energy = er.energy;
+    opt.max_extra_params = er.max_extra_params;
+    opt.min_rank = static_cast<int>(outliers);
+    if (er.rank != kRecipeAutoRank &&
+        outliers > std::min<int64_t>(er.rank, std::min(d_out, d_in))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          r.report.name, ": recipe key \"smoothing.outlier_channels\" extracts ", outliers,
+          " columns, more than the rank ", std::min<int64_t>(er.rank, std::min(d_out, d_in)),
+          " of this ", d_out, "x", d_in, " layer can restore"));
+    }
+    auto lr = ReconstructError<float>(w, w_hat.data(), d_out, d_in, whitening, opt);
+    if (!lr.ok()) return Annotate(lr.status(), r.report.name);
+    r.report.rank = lr->rank;
+    r.report.whitened_error_before = lr->error_before;
+    r.report.whitened_error_after = lr->error_after;
+    r.report.extra_params =
+        static_cast<double>(lr->extra_params()) / (static_cast<double>(d_out) * d_in);
+    const std::vector<float> w_eff = AddLowRank(w_hat, lr->a, lr->b, d_out, d_in, lr->rank);
+    r.report.rel_error_er =
+        OutputError(w, w_eff.data(), gram_host.data<float>(), d_out, d_in) / denom;
+    r.lora_a = std::move(lr->a);
+    r.lora_b = std::move(lr->b);
+    return absl::OkStatus();
+  }
+
   // The CPU reference: statistics and weights copied to the host, solved there.
   absl::Status SolveOnHost(LinearInput in, const Tensor& gram_device) {
     BlockWeights& bw = model_.block(b_);
     QCAL_ASSIGN_OR_RETURN(Tensor gram, be_.ToHost(gram_device));
     QCAL_RETURN_IF_ERROR(CheckFinite(gram, absl::StrCat("calibration statistics of block ", b_)));
     QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    const std::vector<int32_t>& outliers = OutliersOf(in);
+    std::optional<WhiteningFactor> whitening;
+    if (recipe_.error_reconstruction.enabled) {
+      QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(in, gram));
+      QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+    }
     for (LinearKind k : ConsumersOf(in)) {
       const auto t0 = Clock::now();
       const std::string name = LinearPrefix(b_, k);
@@ -360,13 +572,20 @@ class BlockRun {
       QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
       const int64_t d_out = w.dim(0), d_in = w.dim(1);
       LayerResult r = NewResult(k, d_out, d_in);
-      QCAL_ASSIGN_OR_RETURN(QuantizedLinear rtn,
-                            QuantizeRtn<float>(w.data<float>(), d_out, d_in, spec_));
+      // The part that is quantized: W' with ASER's extracted columns zeroed.
+      std::vector<float> w_normal;
+      const float* wq = w.data<float>();
+      if (!outliers.empty()) {
+        QCAL_ASSIGN_OR_RETURN(w_normal, ZeroColumns(wq, d_out, d_in, outliers));
+        wq = w_normal.data();
+      }
+      QCAL_ASSIGN_OR_RETURN(QuantizedLinear rtn, QuantizeRtn<float>(wq, d_out, d_in, spec_));
       if (recipe_.method == "gptq") {
         GptqOptions gopt;
         gopt.damp = gopt_.damp;
         gopt.block_size = gopt_.block_size;
         gopt.act_order = gopt_.act_order;
+        gopt.outlier_columns = outliers;
         GptqStats stats;
         auto q = QuantizeGptq<float>(w.data<float>(), gram.data<float>(), d_out, d_in, spec_, gopt,
                                      &stats);
@@ -377,6 +596,7 @@ class BlockRun {
       } else {
         r.quantized = rtn;
       }
+      r.report.outlier_columns = static_cast<int>(outliers.size());
       QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
       const std::vector<float> w_hat = r.quantized.Dequantized();
       const std::vector<float> w_rtn = rtn.Dequantized();
@@ -389,7 +609,14 @@ class BlockRun {
       r.report.rel_error_rtn =
           OutputError(w.data<float>(), w_rtn.data(), gram.data<float>(), d_out, d_in) / denom;
       QCAL_RETURN_IF_ERROR(Charge(t_.error));
+      if (whitening) {
+        QCAL_RETURN_IF_ERROR(Reconstruct(in, w.data<float>(), w_hat, gram, *whitening, denom, r));
+        QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+      }
+      r.act_bits = recipe_.activations.bits;
+      r.folded = folded_[static_cast<int>(k)];
       QCAL_RETURN_IF_ERROR(InstallWeight(model_, b_, k, r.quantized));
+      QCAL_RETURN_IF_ERROR(InstallExtras(model_, b_, k, r));
       QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
       r.report.solve_seconds = Since(t0);
       results_.push_back(std::move(r));
@@ -400,25 +627,44 @@ class BlockRun {
   // On the device: one factorization per input shared by its consumers; the weights never leave
   // the device (the dequantized result replaces them there). Only codes, scales and zeros are
   // copied to the host; their conversion into QuantizedLinear runs on a host thread while the
-  // device goes on with the next stage.
+  // device goes on with the next stage. Error reconstruction runs on the host (LAPACK) with the
+  // weight, its quantized form and the statistics copied there.
   absl::Status SolveOnDevice(LinearInput in, const Tensor& gram) {
     BlockWeights& bw = model_.block(b_);
     const std::vector<LinearKind> consumers = ConsumersOf(in);
     const bool gptq = recipe_.method == "gptq";
+    const std::vector<int32_t>& outliers = OutliersOf(in);
     auto t0 = Clock::now();
     kernels::GptqFactor factor;
+    kernels::GptqSolveOptions gopt = gopt_;
+    gopt.outlier_columns = outliers;
     if (gptq) {
-      auto f = be_.GptqFactorize(gram, gopt_);
+      auto f = be_.GptqFactorize(gram, gopt);
       if (!f.ok()) return Annotate(f.status(), LinearPrefix(b_, consumers[0]));
       factor = std::move(f).value();
       QCAL_RETURN_IF_ERROR(Charge(t_.factor));
+    }
+    Tensor gram_host;
+    std::optional<WhiteningFactor> whitening;
+    if (recipe_.error_reconstruction.enabled) {
+      QCAL_ASSIGN_OR_RETURN(gram_host, be_.ToHost(gram));
+      QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+      QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(in, gram_host));
+      QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
     }
     for (LinearKind k : consumers) {
       const std::string name = LinearPrefix(b_, k);
       Linear& lin = bw.at(k);
       const Tensor w = lin.weight;
       LayerResult r = NewResult(k, w.dim(0), w.dim(1));
-      auto rtn = be_.QuantizeRtn(w, spec_);
+      Tensor w_normal = w;
+      if (!outliers.empty()) {
+        QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(w));
+        QCAL_ASSIGN_OR_RETURN(std::vector<float> zeroed,
+                              ZeroColumns(host.data<float>(), w.dim(0), w.dim(1), outliers));
+        QCAL_ASSIGN_OR_RETURN(w_normal, be_.ToDevice(Tensor::FromVector(zeroed, w.shape())));
+      }
+      auto rtn = be_.QuantizeRtn(w_normal, spec_);
       if (!rtn.ok()) return Annotate(rtn.status(), name);
       kernels::QuantizedTensors q = *rtn;
       if (gptq) {
@@ -428,6 +674,7 @@ class BlockRun {
         r.report.dead_columns = factor.dead_columns;
         r.report.damp_used = factor.damp_used;
       }
+      r.report.outlier_columns = static_cast<int>(outliers.size());
       QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
       QCAL_ASSIGN_OR_RETURN(const double norm, be_.OutputError(w, Tensor(), gram));
       if (!std::isfinite(norm)) {
@@ -443,10 +690,23 @@ class BlockRun {
       r.report.rel_error = error / denom;
       r.report.rel_error_rtn = error_rtn / denom;
       QCAL_RETURN_IF_ERROR(Charge(t_.error));
+      if (whitening) {
+        QCAL_ASSIGN_OR_RETURN(Tensor w_host, be_.ToHost(w));
+        QCAL_ASSIGN_OR_RETURN(Tensor w_hat_host, be_.ToHost(q.dequantized));
+        const float* wh = w_hat_host.data<float>();
+        const std::vector<float> w_hat(wh, wh + w_hat_host.numel());
+        QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+        QCAL_RETURN_IF_ERROR(
+            Reconstruct(in, w_host.data<float>(), w_hat, gram_host, *whitening, denom, r));
+        QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+      }
       QCAL_ASSIGN_OR_RETURN(Tensor codes, Download(q.codes));
       QCAL_ASSIGN_OR_RETURN(Tensor scales, Download(q.scales));
       QCAL_ASSIGN_OR_RETURN(Tensor zeros, Download(q.zeros));
       lin.weight = q.dequantized;
+      r.act_bits = recipe_.activations.bits;
+      r.folded = folded_[static_cast<int>(k)];
+      QCAL_RETURN_IF_ERROR(InstallExtras(model_, b_, k, r));
       q.codes = q.scales = q.zeros = q.dequantized = Tensor();
       const QuantSpec spec = spec_;
       pending_.push_back(RunAsync([q, spec, codes, scales, zeros] {
@@ -470,6 +730,13 @@ class BlockRun {
   const QuantSpec spec_;
   const bool device_solve_;
   kernels::GptqSolveOptions gopt_;
+  // Channels of each linear input (LinearInput order).
+  std::array<int64_t, kNumLinearInputs> widths_{};
+  // Smoothing of this block (empty scales: none) and the tensors its fold changed, per linear.
+  BlockSmoothing smoothing_;
+  std::array<std::map<std::string, Tensor>, kNumLinears> folded_;
+  // Quantized-path activation statistics (LQER's diagonal whitening only).
+  std::array<std::unique_ptr<ActivationStats>, kNumLinearInputs> path_stats_;
   int64_t reserve_ = 0;
   Clock::time_point clock_;
   std::vector<LayerResult> results_;
@@ -523,13 +790,14 @@ absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActiva
   return run.Run();
 }
 
-absl::Status InstallBlock(Model& model, int b, const std::vector<QuantizedLinear>& linears) {
+absl::Status InstallBlock(Model& model, int b, const std::vector<LayerResult>& linears) {
   if (b < 0 || b >= model.num_blocks() || linears.size() != kAllLinears.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("InstallBlock: block ", b, " with ", linears.size(), " linears"));
   }
   for (size_t i = 0; i < linears.size(); ++i) {
-    QCAL_RETURN_IF_ERROR(InstallWeight(model, b, kAllLinears[i], linears[i]));
+    QCAL_RETURN_IF_ERROR(InstallWeight(model, b, kAllLinears[i], linears[i].quantized));
+    QCAL_RETURN_IF_ERROR(InstallExtras(model, b, kAllLinears[i], linears[i]));
   }
   return absl::OkStatus();
 }
@@ -585,29 +853,27 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
   return acts;
 }
 
-std::string SerializeQuantizedLinear(const QuantizedLinear& q) {
-  std::map<std::string, Tensor> t;
+namespace {
+
+// The tensors and metadata of a quantized linear's artifact.
+void QuantizedLinearEntries(const QuantizedLinear& q, std::map<std::string, Tensor>& t,
+                            std::map<std::string, std::string>& meta) {
   t["codes"] = I32Tensor(q.codes);
   t["zeros"] = I32Tensor(q.zeros);
   t["g_idx"] = I32Tensor(q.g_idx);
   t["perm"] = I32Tensor(q.perm);
   t["scales"] = Tensor::FromVector(q.scales, {static_cast<int64_t>(q.scales.size())});
-  std::map<std::string, std::string> meta = {
-      {"d_out", absl::StrCat(q.d_out)},
-      {"d_in", absl::StrCat(q.d_in)},
-      {"bits", absl::StrCat(q.spec.bits)},
-      {"group_size", absl::StrCat(q.spec.group_size)},
-      {"effective_group_size", absl::StrCat(q.group_size)},
-      {"n_groups", absl::StrCat(q.n_groups)},
-      {"symmetric", q.spec.symmetric ? "1" : "0"},
-      {"grid", q.spec.grid == GridKind::kCuberoot ? "cuberoot" : "uniform"}};
-  auto bytes = SerializeSafetensors(t, meta);
-  QCAL_CHECK(bytes.ok());  // host tensors only: cannot fail
-  return *std::move(bytes);
+  meta = {{"d_out", absl::StrCat(q.d_out)},
+          {"d_in", absl::StrCat(q.d_in)},
+          {"bits", absl::StrCat(q.spec.bits)},
+          {"group_size", absl::StrCat(q.spec.group_size)},
+          {"effective_group_size", absl::StrCat(q.group_size)},
+          {"n_groups", absl::StrCat(q.n_groups)},
+          {"symmetric", q.spec.symmetric ? "1" : "0"},
+          {"grid", q.spec.grid == GridKind::kCuberoot ? "cuberoot" : "uniform"}};
 }
 
-absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes) {
-  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::FromBytes(bytes, "quantized linear artifact"));
+absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file) {
   const auto& meta = file->metadata();
   auto get = [&](const char* key, int64_t* out) -> absl::Status {
     auto it = meta.find(key);
@@ -653,6 +919,84 @@ absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes) {
     return absl::DataLossError("quantized linear artifact has inconsistent sizes");
   }
   return q;
+}
+
+std::string Serialize(const std::map<std::string, Tensor>& t,
+                      const std::map<std::string, std::string>& meta) {
+  auto bytes = SerializeSafetensors(t, meta);
+  QCAL_CHECK(bytes.ok());  // host tensors only: cannot fail
+  return *std::move(bytes);
+}
+
+constexpr char kFoldedPrefix[] = "folded/";
+
+}  // namespace
+
+std::string SerializeQuantizedLinear(const QuantizedLinear& q) {
+  std::map<std::string, Tensor> t;
+  std::map<std::string, std::string> meta;
+  QuantizedLinearEntries(q, t, meta);
+  return Serialize(t, meta);
+}
+
+absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes) {
+  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::FromBytes(bytes, "quantized linear artifact"));
+  return QuantizedLinearFrom(file.get());
+}
+
+std::string SerializeLayerArtifact(const LayerResult& r) {
+  std::map<std::string, Tensor> t;
+  std::map<std::string, std::string> meta;
+  QuantizedLinearEntries(r.quantized, t, meta);
+  meta["act_bits"] = absl::StrCat(r.act_bits);
+  meta["rank"] = absl::StrCat(r.report.rank);
+  if (r.report.rank > 0) {
+    t["lora_a"] = Tensor::FromVector(r.lora_a, {r.quantized.d_out, r.report.rank});
+    t["lora_b"] = Tensor::FromVector(r.lora_b, {r.report.rank, r.quantized.d_in});
+  }
+  for (const auto& [name, host] : r.folded) t[kFoldedPrefix + name] = host;
+  return Serialize(t, meta);
+}
+
+absl::StatusOr<LayerResult> ParseLayerArtifact(const std::string& bytes) {
+  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::FromBytes(bytes, "layer artifact"));
+  LayerResult r;
+  QCAL_ASSIGN_OR_RETURN(r.quantized, QuantizedLinearFrom(file.get()));
+  const auto& meta = file->metadata();
+  int64_t act_bits = 16, rank = 0;
+  auto get = [&](const char* key, int64_t* out) -> absl::Status {
+    auto it = meta.find(key);
+    if (it != meta.end() && !absl::SimpleAtoi(it->second, out)) {
+      return absl::DataLossError(absl::StrCat("layer artifact has a bad \"", key, "\""));
+    }
+    return absl::OkStatus();
+  };
+  QCAL_RETURN_IF_ERROR(get("act_bits", &act_bits));
+  QCAL_RETURN_IF_ERROR(get("rank", &rank));
+  r.act_bits = static_cast<int>(act_bits);
+  r.report.rank = rank;
+  if (rank > 0) {
+    if (!file->Has("lora_a") || !file->Has("lora_b")) {
+      return absl::DataLossError("layer artifact of rank > 0 lacks its low-rank factors");
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor a, file->Get("lora_a"));
+    QCAL_ASSIGN_OR_RETURN(Tensor b, file->Get("lora_b"));
+    if (a.dtype() != DType::kF32 || b.dtype() != DType::kF32 ||
+        a.shape() != Shape{r.quantized.d_out, rank} || b.shape() != Shape{rank, r.quantized.d_in}) {
+      return absl::DataLossError("layer artifact has low-rank factors of the wrong shape");
+    }
+    r.lora_a.assign(a.data<float>(), a.data<float>() + a.numel());
+    r.lora_b.assign(b.data<float>(), b.data<float>() + b.numel());
+  }
+  for (const auto& [name, info] : file->tensors()) {
+    if (name.rfind(kFoldedPrefix, 0) != 0) continue;
+    QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
+    if (t.dtype() != DType::kF32) {
+      return absl::DataLossError(absl::StrCat("layer artifact: ", name, " is not F32"));
+    }
+    r.folded[name.substr(sizeof(kFoldedPrefix) - 1)] = t.Clone();
+  }
+  return r;
 }
 
 absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,

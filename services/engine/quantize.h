@@ -47,12 +47,33 @@ struct LayerReport {
   double rel_error_rtn = 0;
   int dead_columns = 0;
   double damp_used = 0;
+  // Smoothing (ASER): input columns extracted from the quantized part (0 otherwise).
+  int outlier_columns = 0;
+  // Error reconstruction (rank 0: off): the rank kept, the relative output error after the
+  // low-rank correction (rel_error is the error before it), the whitened errors ‖E·S‖_F and
+  // ‖(E − L_A·L_B)·S‖_F, and the extra parameters rank·(d_out + d_in) as a fraction of d_out·d_in.
+  int64_t rank = 0;
+  double rel_error_er = 0;
+  double whitened_error_before = 0;
+  double whitened_error_after = 0;
+  double extra_params = 0;
   double solve_seconds = 0;  // timing: never in the deterministic report
 };
 
 struct LayerResult {
   LayerReport report;
   QuantizedLinear quantized;
+  // Error reconstruction, host fp32 (empty when off): L_A [d_out][rank] and L_B [rank][d_in],
+  // row-major (rank = report.rank).
+  std::vector<float> lora_a;
+  std::vector<float> lora_b;
+  // Activation bits of the linear's weight branch (16: off).
+  int act_bits = 16;
+  // Full-precision tensors that folded smoothing changed, carried by this layer's artifact: its
+  // input's RMSNorm weight (q_proj, gate_proj) and its own bias (v_proj, up_proj), by checkpoint
+  // name; host fp32 holding values of the source checkpoint's dtype (what is exported and what the
+  // in-memory model uses).
+  std::map<std::string, Tensor> folded;
 };
 
 struct StageTimes {
@@ -66,6 +87,8 @@ struct StageTimes {
   double quantize = 0;
   double error = 0;
   double transfer = 0;
+  double smooth = 0;       // smoothing: the full-precision statistics pass, scales and folding
+  double reconstruct = 0;  // error reconstruction: whitening, SVD and factors (part of `solve`)
 };
 
 // The quantized-path hidden states entering the next block, one tensor per chunk of kCalibChunk
@@ -90,8 +113,9 @@ absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActiva
                                                        const Recipe& recipe,
                                                        StageTimes* times = nullptr);
 
-// Installs already-quantized linears (from committed artifacts) into block `b`.
-absl::Status InstallBlock(Model& model, int b, const std::vector<QuantizedLinear>& linears);
+// Installs a block's committed results (from artifacts: quantized weights, low-rank factors,
+// activation bits, folded tensors) into block `b`, in forward order.
+absl::Status InstallBlock(Model& model, int b, const std::vector<LayerResult>& linears);
 
 // Boundary checkpoints: the activations as one safetensors file (deterministic bytes).
 absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& acts,
@@ -102,6 +126,10 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
 // Deterministic serialization of one quantized linear (a safetensors byte string).
 std::string SerializeQuantizedLinear(const QuantizedLinear& q);
 absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes);
+// The same for a layer's whole artifact: the quantized linear plus the low-rank factors, the
+// activation bits and the folded tensors (the report travels separately, as JSON).
+std::string SerializeLayerArtifact(const LayerResult& r);
+absl::StatusOr<LayerResult> ParseLayerArtifact(const std::string& bytes);
 
 struct QuantizeOutcome {
   std::vector<LayerReport> layers;

@@ -1,9 +1,12 @@
 // The quantization recipe (DESIGN section 6): what a job computes, parsed from YAML or built from
 // the gRPC JobSpec, with every default filled in.
 //
-// Unknown keys and out-of-range values are errors naming the key. `method` and `weights.bits` have
-// no default. The canonical form (sorted-key JSON with defaults filled in) is what recipe_sha256
-// hashes, so two recipes that mean the same thing hash the same.
+// Unknown keys and out-of-range values are errors naming the key. `method`, `weights.bits` and,
+// when the section is present, `error_reconstruction.rank` have no default. Every key is hashed
+// with its value even where the recipe does not use it (alpha without smoothing, energy with a
+// fixed rank), so the hash identifies the text's meaning key by key. The canonical form (sorted-key
+// JSON with defaults filled in) is what recipe_sha256 hashes, so two recipes that mean the same
+// thing hash the same.
 #pragma once
 
 #include <string>
@@ -27,10 +30,40 @@ struct GptqRecipe {
   bool true_sequential = true;  // Default: true.
 };
 
+// Activation fake-quantization of every quantized linear's input (DESIGN section 3).
+struct ActivationsRecipe {
+  int bits = 16;  // 16: off; 4..8: per-token dynamic symmetric. Default: 16.
+  bool enabled() const { return bits < 16; }
+};
+
+// Activation smoothing (DESIGN section 3, "Smoothing").
+struct SmoothingRecipe {
+  std::string method = "none";  // none | smoothquant | aser. Default: none.
+  double alpha = 0.5;           // migration strength, 0..1. Default: 0.5.
+  int outlier_channels = 32;    // aser: channels extracted per input, >= 1. Default: 32.
+  bool enabled() const { return method != "none"; }
+};
+
+// `rank: auto` (ErrorReconstructionRecipe::rank).
+inline constexpr int kRecipeAutoRank = -1;
+
+// Low-rank error reconstruction (DESIGN section 3, "Error reconstruction"). Off unless the recipe
+// has the section (`enabled`).
+struct ErrorReconstructionRecipe {
+  bool enabled = false;
+  int rank = 0;                   // required when enabled: >= 1, or kRecipeAutoRank ("auto")
+  double energy = 0.9;            // rank auto: fraction of Σσ² kept, (0, 1]. Default: 0.9.
+  double max_extra_params = 0.1;  // rank auto: extra parameters per layer, (0, 1]. Default: 0.1.
+  std::string whitening = "cholesky";  // cholesky | diagonal | none. Default: cholesky.
+};
+
 struct Recipe {
   std::string method;  // required: rtn | gptq
   WeightsRecipe weights;
   GptqRecipe gptq;
+  ActivationsRecipe activations;
+  SmoothingRecipe smoothing;
+  ErrorReconstructionRecipe error_reconstruction;
 
   absl::Status Validate() const;
   // Sorted-key JSON with every default filled in.

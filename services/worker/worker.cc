@@ -261,7 +261,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
       engine::BlockArtifacts artifacts;
       for (const LayerArtifact& a : block) {
         engine::LayerResult r;
-        absl::StatusOr<engine::QuantizedLinear> q = engine::ParseQuantizedLinear(a.quantized);
+        absl::StatusOr<engine::LayerResult> q = engine::ParseLayerArtifact(a.quantized);
         if (!q.ok()) return FailJob(task, Annotate(q.status(), a.name));
         const nlohmann::json report_json =
             nlohmann::json::parse(a.report_json, nullptr, /*allow_exceptions=*/false);
@@ -269,7 +269,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
                                                          ? engine::LayerReportFromJson(report_json)
                                                          : absl::DataLossError("not a JSON object");
         if (!report.ok()) return FailJob(task, Annotate(report.status(), a.name));
-        r.quantized = *std::move(q);
+        r = *std::move(q);
         r.report = *std::move(report);
         artifacts.push_back(std::move(r));
       }
@@ -299,7 +299,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     if (absl::Status f = faults_->Hit("solve", b); !f.ok()) return FailJob(task, f);
     std::vector<LayerArtifact> layers;
     for (const engine::LayerResult& r : *block) {
-      layers.push_back({r.report.name, engine::SerializeQuantizedLinear(r.quantized),
+      layers.push_back({r.report.name, engine::SerializeLayerArtifact(r),
                         engine::LayerReportJson(r.report).dump(), r.report.solve_seconds});
     }
     v1::BlockStats stats;

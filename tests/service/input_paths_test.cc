@@ -6,6 +6,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <set>
 
 #include "common/files.h"
 #include "gmock/gmock.h"
@@ -147,6 +149,123 @@ TEST(JobSpecTest, BadValuesNameTheField) {
   EXPECT_THAT(std::string(NormalizeJobSpec(spec).status().message()),
               HasSubstr("weights.group_size"));
   EXPECT_EQ(TempOutputName("out", "job-1"), ".out.job-1.qcal-tmp");
+}
+
+// Proto -> engine -> proto keeps the recipe's meaning (canonical JSON, hence recipe_sha256) and
+// its normalized bytes, for the activations, smoothing and error_reconstruction sections too.
+TEST(JobSpecTest, RecipeSectionsRoundTripThroughTheProto) {
+  const char* kRecipes[] = {
+      "method: rtn\nweights: {bits: 4}\n",
+      "method: gptq\nweights: {bits: 3, group_size: -1}\nactivations: {bits: 8}\n"
+      "smoothing: {method: smoothquant, alpha: 0.7}\n",
+      "method: gptq\nweights: {bits: 4}\nactivations: {bits: 6}\n"
+      "smoothing: {method: aser, alpha: 0.25, outlier_channels: 16}\n"
+      "error_reconstruction: {rank: 64, energy: 0.5, max_extra_params: 0.05, whitening: none}\n",
+      "method: rtn\nweights: {bits: 2}\nsmoothing: {method: aser, outlier_channels: 128}\n"
+      "error_reconstruction: {rank: auto, whitening: diagonal}\n",
+  };
+  std::set<std::string> hashes;
+  for (const char* yaml : kRecipes) {
+    auto recipe = engine::ParseRecipeYaml(yaml, "r.yaml");
+    ASSERT_TRUE(recipe.ok()) << recipe.status();
+    const v1::Recipe proto = RecipeToProto(*recipe);
+    auto back = RecipeFromProto(proto);
+    ASSERT_TRUE(back.ok()) << yaml << ": " << back.status();
+    EXPECT_EQ(back->ToCanonicalJson().dump(), recipe->ToCanonicalJson().dump()) << yaml;
+    EXPECT_EQ(back->Sha256(), recipe->Sha256()) << yaml;
+    EXPECT_EQ(RecipeToProto(*back).SerializeAsString(), proto.SerializeAsString()) << yaml;
+    EXPECT_EQ(proto.has_error_reconstruction(), recipe->error_reconstruction.enabled) << yaml;
+    hashes.insert(recipe->Sha256());
+  }
+  EXPECT_EQ(hashes.size(), std::size(kRecipes));
+  // rank: auto travels as rank_auto with no rank.
+  auto recipe = engine::ParseRecipeYaml(kRecipes[3], "r.yaml");
+  ASSERT_TRUE(recipe.ok());
+  const v1::ErrorReconstructionRecipe e = RecipeToProto(*recipe).error_reconstruction();
+  EXPECT_TRUE(e.rank_auto());
+  EXPECT_FALSE(e.has_rank());
+}
+
+TEST(JobSpecTest, UnsetRecipeSectionFieldsTakeTheDocumentedDefaults) {
+  v1::JobSpec spec = testing::TinySpec("out");
+  v1::Recipe* p = spec.mutable_recipe();
+  p->clear_activations();
+  p->clear_smoothing();
+  p->clear_error_reconstruction();
+  auto n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->recipe().activations().bits(), 16);
+  EXPECT_EQ(n->recipe().smoothing().method(), "none");
+  EXPECT_DOUBLE_EQ(n->recipe().smoothing().alpha(), 0.5);
+  EXPECT_EQ(n->recipe().smoothing().outlier_channels(), 32);
+  EXPECT_FALSE(n->recipe().has_error_reconstruction());  // absent: off
+  // Empty section messages mean the same as absent ones.
+  p->mutable_activations();
+  p->mutable_smoothing();
+  EXPECT_EQ(SpecSha256(*n), SpecSha256(*NormalizeJobSpec(spec)));
+
+  // A present error_reconstruction with only rank_auto set: on, every other default.
+  p->mutable_smoothing()->set_method("aser");
+  p->mutable_error_reconstruction()->set_rank_auto(true);
+  auto recipe = RecipeFromProto(*p);
+  ASSERT_TRUE(recipe.ok()) << recipe.status();
+  EXPECT_TRUE(recipe->error_reconstruction.enabled);
+  EXPECT_EQ(recipe->error_reconstruction.rank, engine::kRecipeAutoRank);
+  EXPECT_DOUBLE_EQ(recipe->error_reconstruction.energy, 0.9);
+  EXPECT_DOUBLE_EQ(recipe->error_reconstruction.max_extra_params, 0.1);
+  EXPECT_EQ(recipe->error_reconstruction.whitening, "cholesky");
+  EXPECT_EQ(recipe->smoothing.outlier_channels, 32);
+  // Explicit defaults hash the same; a changed value does not.
+  v1::JobSpec explicit_spec = spec;
+  v1::ErrorReconstructionRecipe* e = explicit_spec.mutable_recipe()->mutable_error_reconstruction();
+  e->set_energy(0.9);
+  e->set_whitening("cholesky");
+  explicit_spec.mutable_recipe()->mutable_activations()->set_bits(16);
+  const std::string sha = SpecSha256(*NormalizeJobSpec(spec));
+  EXPECT_EQ(sha, SpecSha256(*NormalizeJobSpec(explicit_spec)));
+  e->set_energy(0.8);
+  EXPECT_NE(sha, SpecSha256(*NormalizeJobSpec(explicit_spec)));
+}
+
+TEST(JobSpecTest, BadRecipeSectionValuesNameTheKey) {
+  const auto error_of = [](const v1::Recipe& recipe) {
+    auto r = RecipeFromProto(recipe);
+    EXPECT_FALSE(r.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
+    return std::string(r.status().message());
+  };
+  const v1::Recipe base = testing::TinySpec("out").recipe();
+  v1::Recipe p = base;
+  p.mutable_error_reconstruction();  // present without a rank
+  EXPECT_THAT(error_of(p), HasSubstr("\"error_reconstruction.rank\" is required"));
+  p.mutable_error_reconstruction()->set_rank_auto(false);
+  EXPECT_THAT(error_of(p), HasSubstr("\"error_reconstruction.rank\" is required"));
+  for (int rank : {0, -1, -3}) {  // -1 is the engine's auto marker: it must not leak through
+    p.mutable_error_reconstruction()->set_rank(rank);
+    EXPECT_THAT(error_of(p), HasSubstr("\"error_reconstruction.rank\" must be")) << rank;
+  }
+  p.mutable_error_reconstruction()->set_rank(8);
+  p.mutable_error_reconstruction()->set_rank_auto(true);
+  EXPECT_THAT(error_of(p), HasSubstr("\"error_reconstruction.rank\" is set together"));
+  p.mutable_error_reconstruction()->clear_rank_auto();
+  p.mutable_error_reconstruction()->set_whitening("pca");
+  EXPECT_THAT(error_of(p), HasSubstr("\"error_reconstruction.whitening\""));
+
+  p = base;
+  p.mutable_activations()->set_bits(3);
+  EXPECT_THAT(error_of(p), HasSubstr("\"activations.bits\""));
+  p = base;
+  p.mutable_smoothing()->set_method("aser");
+  EXPECT_THAT(error_of(p), HasSubstr("\"smoothing.method\""));
+  p.mutable_error_reconstruction()->set_rank(16);  // default outlier_channels 32 > 16
+  EXPECT_THAT(error_of(p), HasSubstr("\"smoothing.outlier_channels\""));
+  p.mutable_smoothing()->set_alpha(1.5);
+  EXPECT_THAT(error_of(p), HasSubstr("\"smoothing.alpha\""));
+  // Through NormalizeJobSpec too.
+  v1::JobSpec spec = testing::TinySpec("out");
+  spec.mutable_recipe()->mutable_error_reconstruction()->set_energy(0.5);
+  EXPECT_THAT(std::string(NormalizeJobSpec(spec).status().message()),
+              HasSubstr("error_reconstruction.rank"));
 }
 
 TEST(FaultInjectionTest, ParsesPointsForItsProcessAndFiresOnce) {

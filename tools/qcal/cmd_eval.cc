@@ -22,6 +22,7 @@ struct EvalArgs {
   int seq_len = 0;
   int max_windows = -1;
   DeviceFlags dev;
+  int act_bits = 0;
   bool json = false;
 };
 
@@ -29,7 +30,7 @@ absl::Status RunEval(const EvalArgs& a) {
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
-  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get()));
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), {a.act_bits}));
   QCAL_ASSIGN_OR_RETURN(std::string text, LoadCorpusText(a.text));
   QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text));
   QCAL_ASSIGN_OR_RETURN(
@@ -71,6 +72,10 @@ RunFn AddEval(CLI::App& app) {
   app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)")
       ->check(CLI::PositiveNumber);
   a->dev.Add(app);
+  app.add_option("--act-bits", a->act_bits,
+                 "Activation bits of every block linear (4..8, or 16 for off); default: what the "
+                 "checkpoint records")
+      ->check(CLI::IsMember({4, 5, 6, 7, 8, 16}));
   app.add_flag("--json", a->json,
                "Print one JSON object: perplexity, nll, tokens, windows, seconds");
   return [a] { return RunEval(*a); };

@@ -18,13 +18,14 @@ struct GenerateArgs {
   std::string prompt;
   int max_new_tokens = 64;
   DeviceFlags dev;
+  int act_bits = 0;
 };
 
 absl::Status RunGenerate(const GenerateArgs& a) {
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
-  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get()));
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), {a.act_bits}));
   std::vector<int> prompt_ids;
   if (!a.prompt.empty()) {
     QCAL_ASSIGN_OR_RETURN(prompt_ids, tokenizer->Encode(a.prompt));
@@ -48,6 +49,10 @@ RunFn AddGenerate(CLI::App& app) {
       ->required()
       ->check(CLI::Range(0, 1 << 20));
   a->dev.Add(app);
+  app.add_option("--act-bits", a->act_bits,
+                 "Activation bits of every block linear (4..8, or 16 for off); default: what the "
+                 "checkpoint records")
+      ->check(CLI::IsMember({4, 5, 6, 7, 8, 16}));
   return [a] { return RunGenerate(*a); };
 }
 

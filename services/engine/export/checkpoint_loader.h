@@ -23,7 +23,22 @@ struct CheckpointQuantization {
 // none. Errors: an unsupported quant_method or checkpoint_format (e.g. gptq_v2), bad bits.
 absl::StatusOr<CheckpointQuantization> ReadCheckpointQuantization(const std::string& dir);
 
+struct LoadOptions {
+  // Activation bits of every block linear's weight branch: 0 = what the checkpoint records
+  // (quantization_config.qcal.activation_bits, 16 when absent), else 4..8 or 16 (off). Default: 0.
+  int act_bits = 0;
+};
+
+// Loads the checkpoint in `dir` and, when `dir`/adapter/adapter_config.json exists, its PEFT LoRA
+// adapter (DESIGN section 5; the low-rank branch of each listed linear, scaled by lora_alpha / r).
+// Errors name the file and the tensor or key at fault: a tensor of the adapter that names no linear
+// of the model, a shape that does not match, lora_A without lora_B, a non-LORA peft_type.
 absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
-                                                      kernels::Backend* backend);
+                                                      kernels::Backend* backend,
+                                                      const LoadOptions& options = {});
+
+// Reads `adapter_dir` (adapter_config.json, adapter_model.safetensors) and installs the low-rank
+// branches into `model`.
+absl::Status LoadLoraAdapter(const std::string& adapter_dir, Model& model);
 
 }  // namespace qcal::engine

@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
@@ -32,7 +33,7 @@ nlohmann::ordered_json QuantizationConfig(const Recipe& recipe) {
   } else {
     q["grid"] = recipe.weights.grid;
   }
-  q["qcal"] = {{"activation_bits", 16}, {"recipe_sha256", recipe.Sha256()}};
+  q["qcal"] = {{"activation_bits", recipe.activations.bits}, {"recipe_sha256", recipe.Sha256()}};
   return q;
 }
 
@@ -76,8 +77,20 @@ absl::Status CopySmallFiles(const std::string& source_dir, const std::string& di
 
 absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::string& dir,
                                       const Recipe& recipe,
-                                      const std::map<std::string, QuantizedLinear>& quantized) {
+                                      const std::map<std::string, QuantizedLinear>& quantized,
+                                      const CheckpointExtras& extras) {
   QCAL_ASSIGN_OR_RETURN(auto reader, CheckpointReader::Open(source_dir));
+  for (const auto& [name, t] : extras.replaced) {
+    if (!reader->Has(name)) {
+      return absl::InternalError(
+          absl::StrCat("replaced tensor ", name, " is not in the source checkpoint"));
+    }
+  }
+  for (const auto& [name, a] : extras.adapters) {
+    if (!quantized.count(name)) {
+      return absl::InternalError(absl::StrCat("adapter for ", name, ", not a quantized linear"));
+    }
+  }
   const bool gptq = IsGptqExportable(recipe);
   std::map<std::string, Tensor> tensors;
   for (const std::string& name : reader->Names()) {
@@ -95,6 +108,19 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
         }
         continue;
       }
+    }
+    auto replaced = extras.replaced.find(name);
+    if (replaced != extras.replaced.end()) {
+      QCAL_ASSIGN_OR_RETURN(TensorInfo info, reader->Info(name));
+      QCAL_ASSIGN_OR_RETURN(Tensor converted, replaced->second.ConvertTo(info.dtype));
+      QCAL_ASSIGN_OR_RETURN(Tensor back, converted.ToF32());
+      if (back.shape() != info.shape ||
+          std::memcmp(back.raw(), replaced->second.raw(), back.numel() * sizeof(float)) != 0) {
+        return absl::InternalError(
+            absl::StrCat("replaced tensor ", name, " is not exactly ", DTypeName(info.dtype)));
+      }
+      tensors[name] = std::move(converted);
+      continue;
     }
     QCAL_ASSIGN_OR_RETURN(tensors[name], reader->Get(name));
   }
@@ -123,7 +149,62 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
       WriteStringToFile((fs::path(dir) / "config.json").string(), config.dump(2) + "\n"));
   QCAL_RETURN_IF_ERROR(
       WriteStringToFile((fs::path(dir) / "quantize_config.json").string(), qc.dump(2) + "\n"));
+  if (!extras.adapters.empty()) {
+    QCAL_RETURN_IF_ERROR(WriteLoraAdapter((fs::path(dir) / "adapter").string(), extras.adapters));
+  }
   return CopySmallFiles(source_dir, dir);
+}
+
+absl::Status WriteLoraAdapter(const std::string& dir,
+                              const std::map<std::string, LowRankAdapter>& adapters) {
+  std::map<int64_t, int> count;
+  std::set<std::string> modules;
+  std::map<std::string, Tensor> tensors;
+  for (const auto& [name, ad] : adapters) {
+    if (ad.a.rank() != 2 || ad.b.rank() != 2 || ad.a.dim(1) != ad.b.dim(0) ||
+        ad.a.dtype() != DType::kF32 || ad.b.dtype() != DType::kF32) {
+      return absl::InternalError(absl::StrCat("adapter ", name, ": factors ", ad.a.DebugString(),
+                                              " and ", ad.b.DebugString()));
+    }
+    ++count[ad.a.dim(1)];
+    modules.insert(name.substr(name.rfind('.') + 1));
+    tensors["base_model.model." + name + ".lora_A.weight"] = ad.b;
+    tensors["base_model.model." + name + ".lora_B.weight"] = ad.a;
+  }
+  int64_t r = 0;
+  int best = 0;
+  for (const auto& [rank, n] : count) {
+    if (n >= best) {
+      best = n;
+      r = rank;
+    }
+  }
+  nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
+  nlohmann::ordered_json alpha_pattern = nlohmann::ordered_json::object();
+  for (const auto& [name, ad] : adapters) {
+    if (ad.a.dim(1) == r) continue;
+    rank_pattern[name] = ad.a.dim(1);
+    alpha_pattern[name] = ad.a.dim(1);
+  }
+  nlohmann::ordered_json cfg;
+  cfg["peft_type"] = "LORA";
+  cfg["task_type"] = "CAUSAL_LM";
+  cfg["r"] = r;
+  cfg["lora_alpha"] = r;
+  cfg["target_modules"] = std::vector<std::string>(modules.begin(), modules.end());
+  cfg["lora_dropout"] = 0;
+  cfg["bias"] = "none";
+  cfg["base_model_name_or_path"] = "..";
+  if (!rank_pattern.empty()) {
+    cfg["rank_pattern"] = rank_pattern;
+    cfg["alpha_pattern"] = alpha_pattern;
+  }
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::PermissionDeniedError(absl::StrCat(dir, ": ", ec.message()));
+  QCAL_RETURN_IF_ERROR(WriteSafetensors((fs::path(dir) / "adapter_model.safetensors").string(),
+                                        tensors, {{"format", "pt"}}));
+  return WriteStringToFile((fs::path(dir) / "adapter_config.json").string(), cfg.dump(2) + "\n");
 }
 
 }  // namespace qcal::engine

@@ -1,0 +1,257 @@
+// The recipe's activations, smoothing and error_reconstruction sections (DESIGN section 6): YAML
+// parsing of every key, every range and cross-section rule with an error naming the key, and the
+// canonical JSON / Sha256 that identifies a recipe.
+#include "services/engine/recipe.h"
+
+#include <set>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace qcal::engine {
+namespace {
+
+using ::testing::HasSubstr;
+
+// A valid recipe without the new sections; tests append them.
+constexpr char kBase[] = "method: gptq\nweights: {bits: 4}\n";
+
+absl::StatusOr<Recipe> Parse(const std::string& sections) {
+  return ParseRecipeYaml(kBase + sections, "r.yaml");
+}
+
+// The error of a recipe that must be refused: INVALID_ARGUMENT naming the file and the key.
+std::string Error(const std::string& sections, const std::string& key) {
+  absl::StatusOr<Recipe> r = Parse(sections);
+  EXPECT_FALSE(r.ok()) << sections;
+  if (r.ok()) return "";
+  EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
+  const std::string msg(r.status().message());
+  EXPECT_THAT(msg, HasSubstr("r.yaml")) << sections;
+  EXPECT_THAT(msg, HasSubstr("\"" + key + "\"")) << sections;
+  return msg;
+}
+
+Recipe ParseOk(const std::string& sections) {
+  absl::StatusOr<Recipe> r = Parse(sections);
+  EXPECT_TRUE(r.ok()) << sections << ": " << r.status();
+  return r.ok() ? *r : Recipe{};
+}
+
+std::string Sha(const std::string& text) {
+  absl::StatusOr<Recipe> r = ParseRecipeYaml(text, "r.yaml");
+  EXPECT_TRUE(r.ok()) << text << ": " << r.status();
+  return r.ok() ? r->Sha256() : "";
+}
+
+TEST(RecipeTest, NewSectionsDefaultToOff) {
+  const Recipe r = ParseOk("");
+  EXPECT_EQ(r.activations.bits, 16);
+  EXPECT_FALSE(r.activations.enabled());
+  EXPECT_EQ(r.smoothing.method, "none");
+  EXPECT_DOUBLE_EQ(r.smoothing.alpha, 0.5);
+  EXPECT_EQ(r.smoothing.outlier_channels, 32);
+  EXPECT_FALSE(r.smoothing.enabled());
+  EXPECT_FALSE(r.error_reconstruction.enabled);
+}
+
+TEST(RecipeTest, ActivationBitsAre16Or4To8) {
+  for (int bits : {4, 5, 6, 7, 8, 16}) {
+    const Recipe r = ParseOk("activations: {bits: " + std::to_string(bits) + "}\n");
+    EXPECT_EQ(r.activations.bits, bits);
+    EXPECT_EQ(r.activations.enabled(), bits != 16);
+  }
+  for (const char* bits : {"3", "9", "17", "0", "-1", "x"}) {
+    Error(std::string("activations: {bits: ") + bits + "}\n", "activations.bits");
+  }
+}
+
+TEST(RecipeTest, SmoothingKeysParse) {
+  Recipe r = ParseOk("smoothing:\n  method: smoothquant\n  alpha: 0.25\n  outlier_channels: 8\n");
+  EXPECT_EQ(r.smoothing.method, "smoothquant");
+  EXPECT_DOUBLE_EQ(r.smoothing.alpha, 0.25);
+  EXPECT_EQ(r.smoothing.outlier_channels, 8);
+  EXPECT_TRUE(r.smoothing.enabled());
+  EXPECT_DOUBLE_EQ(ParseOk("smoothing: {alpha: 0}\n").smoothing.alpha, 0.0);
+  EXPECT_DOUBLE_EQ(ParseOk("smoothing: {alpha: 1}\n").smoothing.alpha, 1.0);
+  r = ParseOk("smoothing: {method: aser}\nerror_reconstruction: {rank: 32}\n");
+  EXPECT_EQ(r.smoothing.method, "aser");
+}
+
+TEST(RecipeTest, SmoothingOutOfRangeNamesTheKey) {
+  EXPECT_THAT(Error("smoothing: {method: awq}\n", "smoothing.method"), HasSubstr("awq"));
+  Error("smoothing: {method: SmoothQuant}\n", "smoothing.method");
+  Error("smoothing: {alpha: -0.1}\n", "smoothing.alpha");
+  Error("smoothing: {alpha: 1.1}\n", "smoothing.alpha");
+  Error("smoothing: {alpha: .nan}\n", "smoothing.alpha");
+  Error("smoothing: {alpha: half}\n", "smoothing.alpha");
+  Error("smoothing: {outlier_channels: 0}\n", "smoothing.outlier_channels");
+  Error("smoothing: {outlier_channels: -4}\n", "smoothing.outlier_channels");
+}
+
+TEST(RecipeTest, AserRequiresErrorReconstruction) {
+  EXPECT_THAT(Error("smoothing: {method: aser}\n", "smoothing.method"),
+              HasSubstr("error_reconstruction"));
+  // SmoothQuant needs no reconstruction.
+  EXPECT_TRUE(Parse("smoothing: {method: smoothquant}\n").ok());
+}
+
+TEST(RecipeTest, ErrorReconstructionKeysParse) {
+  Recipe r = ParseOk(
+      "error_reconstruction:\n  rank: 64\n  energy: 0.5\n  max_extra_params: 0.2\n"
+      "  whitening: diagonal\n");
+  const ErrorReconstructionRecipe& er = r.error_reconstruction;
+  EXPECT_TRUE(er.enabled);
+  EXPECT_EQ(er.rank, 64);
+  EXPECT_DOUBLE_EQ(er.energy, 0.5);
+  EXPECT_DOUBLE_EQ(er.max_extra_params, 0.2);
+  EXPECT_EQ(er.whitening, "diagonal");
+
+  r = ParseOk("error_reconstruction: {rank: 1}\n");
+  EXPECT_TRUE(r.error_reconstruction.enabled);
+  EXPECT_EQ(r.error_reconstruction.rank, 1);
+  EXPECT_DOUBLE_EQ(r.error_reconstruction.energy, 0.9);
+  EXPECT_DOUBLE_EQ(r.error_reconstruction.max_extra_params, 0.1);
+  EXPECT_EQ(r.error_reconstruction.whitening, "cholesky");
+  EXPECT_EQ(
+      ParseOk("error_reconstruction: {rank: 8, whitening: none}\n").error_reconstruction.whitening,
+      "none");
+  // The closed ends of (0, 1].
+  r = ParseOk("error_reconstruction: {rank: auto, energy: 1, max_extra_params: 1}\n");
+  EXPECT_DOUBLE_EQ(r.error_reconstruction.energy, 1.0);
+  EXPECT_DOUBLE_EQ(r.error_reconstruction.max_extra_params, 1.0);
+}
+
+TEST(RecipeTest, RankIsRequiredWhenTheSectionIsPresent) {
+  EXPECT_THAT(Error("error_reconstruction: {energy: 0.5}\n", "error_reconstruction.rank"),
+              HasSubstr("required"));
+  EXPECT_THAT(Error("error_reconstruction: {}\n", "error_reconstruction.rank"),
+              HasSubstr("required"));
+  // An empty section is neither "off" nor "on".
+  Error("error_reconstruction:\n", "error_reconstruction");
+}
+
+TEST(RecipeTest, RankIsAPositiveIntegerOrAuto) {
+  for (const char* rank : {"0", "-3", "-1", "abc", "1.5", "Auto", "[4]"}) {
+    Error(std::string("error_reconstruction: {rank: ") + rank + "}\n", "error_reconstruction.rank");
+  }
+  EXPECT_EQ(ParseOk("error_reconstruction: {rank: auto}\n").error_reconstruction.rank,
+            kRecipeAutoRank);
+  EXPECT_EQ(ParseOk("error_reconstruction: {rank: \"auto\"}\n").error_reconstruction.rank,
+            kRecipeAutoRank);
+}
+
+TEST(RecipeTest, ErrorReconstructionOutOfRangeNamesTheKey) {
+  Error("error_reconstruction: {rank: auto, energy: 0}\n", "error_reconstruction.energy");
+  Error("error_reconstruction: {rank: auto, energy: 1.5}\n", "error_reconstruction.energy");
+  Error("error_reconstruction: {rank: auto, energy: -0.5}\n", "error_reconstruction.energy");
+  Error("error_reconstruction: {rank: auto, max_extra_params: 0}\n",
+        "error_reconstruction.max_extra_params");
+  Error("error_reconstruction: {rank: auto, max_extra_params: 2}\n",
+        "error_reconstruction.max_extra_params");
+  EXPECT_THAT(
+      Error("error_reconstruction: {rank: 4, whitening: svd}\n", "error_reconstruction.whitening"),
+      HasSubstr("svd"));
+}
+
+TEST(RecipeTest, OutlierChannelsMustNotExceedAFixedRank) {
+  EXPECT_THAT(Error("smoothing: {method: aser, outlier_channels: 33}\n"
+                    "error_reconstruction: {rank: 32}\n",
+                    "smoothing.outlier_channels"),
+              HasSubstr("error_reconstruction.rank"));
+  // The default outlier_channels (32) against a smaller rank.
+  Error("smoothing: {method: aser}\nerror_reconstruction: {rank: 16}\n",
+        "smoothing.outlier_channels");
+  EXPECT_TRUE(Parse("smoothing: {method: aser, outlier_channels: 32}\n"
+                    "error_reconstruction: {rank: 32}\n")
+                  .ok());
+  // rank: auto is raised to at least outlier_channels at run time.
+  EXPECT_TRUE(Parse("smoothing: {method: aser, outlier_channels: 4096}\n"
+                    "error_reconstruction: {rank: auto}\n")
+                  .ok());
+  // Without aser the outlier channels are unused.
+  EXPECT_TRUE(Parse("smoothing: {method: smoothquant, outlier_channels: 64}\n"
+                    "error_reconstruction: {rank: 8}\n")
+                  .ok());
+}
+
+TEST(RecipeTest, UnknownKeysInsideNewSectionsAreNamed) {
+  EXPECT_THAT(Error("activations: {bits: 8, group_size: 32}\n", "activations.group_size"),
+              HasSubstr("unknown"));
+  EXPECT_THAT(Error("smoothing: {method: smoothquant, beta: 0.5}\n", "smoothing.beta"),
+              HasSubstr("unknown"));
+  EXPECT_THAT(Error("error_reconstruction: {rank: 8, ranks: 8}\n", "error_reconstruction.ranks"),
+              HasSubstr("unknown"));
+  EXPECT_THAT(Error("hessian: {mode: layer}\n", "hessian"), HasSubstr("unknown"));
+  Error("activations: 8\n", "activations");
+}
+
+// The gRPC path builds the struct without YAML: Validate alone applies the same rules.
+TEST(RecipeTest, ValidateChecksTheStructDirectly) {
+  Recipe r = ParseOk("");
+  r.error_reconstruction.enabled = true;
+  EXPECT_THAT(std::string(r.Validate().message()), HasSubstr("\"error_reconstruction.rank\""));
+  r.error_reconstruction.rank = -2;
+  EXPECT_THAT(std::string(r.Validate().message()), HasSubstr("\"error_reconstruction.rank\""));
+  r.error_reconstruction.rank = kRecipeAutoRank;
+  EXPECT_TRUE(r.Validate().ok());
+  r.activations.bits = 2;
+  EXPECT_THAT(std::string(r.Validate().message()), HasSubstr("\"activations.bits\""));
+}
+
+TEST(RecipeTest, CanonicalJsonFillsDefaults) {
+  nlohmann::json j = ParseOk("").ToCanonicalJson();
+  EXPECT_EQ(j["activations"].dump(), R"({"bits":16})");
+  EXPECT_EQ(j["smoothing"].dump(), R"({"alpha":0.5,"method":"none","outlier_channels":32})");
+  ASSERT_TRUE(j.contains("error_reconstruction"));
+  EXPECT_TRUE(j["error_reconstruction"].is_null());
+
+  j = ParseOk("error_reconstruction: {rank: auto}\n").ToCanonicalJson();
+  EXPECT_EQ(j["error_reconstruction"].dump(),
+            R"({"energy":0.9,"max_extra_params":0.1,"rank":"auto","whitening":"cholesky"})");
+  j = ParseOk("error_reconstruction: {rank: 64}\n").ToCanonicalJson();
+  EXPECT_EQ(j["error_reconstruction"]["rank"], 64);
+}
+
+TEST(RecipeTest, SpellingsOfOneRecipeHashTheSame) {
+  const std::string a =
+      "method: gptq\nweights: {bits: 4}\nsmoothing: {method: aser}\n"
+      "error_reconstruction: {rank: auto}\n";
+  const std::string b =
+      "error_reconstruction:\n  whitening: cholesky\n  rank: \"auto\"\n  energy: 0.90\n"
+      "  max_extra_params: 1e-1\n"
+      "smoothing:\n  outlier_channels: 32\n  method: aser\n  alpha: 0.50\n"
+      "activations:\n  bits: 16\n"
+      "weights:\n  bits: 4\n"
+      "method: gptq\n";
+  EXPECT_EQ(Sha(a), Sha(b));
+  EXPECT_EQ(Sha(kBase), Sha(std::string(kBase) + "activations: {bits: 16}\nsmoothing: {}\n"));
+}
+
+TEST(RecipeTest, EachNewKeyChangesTheHash) {
+  const std::string base = std::string(kBase) + "smoothing: {method: aser, outlier_channels: 16}\n";
+  const std::vector<std::string> variants = {
+      base + "error_reconstruction: {rank: 32}\n",
+      base + "error_reconstruction: {rank: 32}\nactivations: {bits: 8}\n",
+      base + "error_reconstruction: {rank: 33}\n",
+      base + "error_reconstruction: {rank: auto}\n",
+      base + "error_reconstruction: {rank: 32, energy: 0.8}\n",
+      base + "error_reconstruction: {rank: 32, max_extra_params: 0.2}\n",
+      base + "error_reconstruction: {rank: 32, whitening: diagonal}\n",
+      std::string(kBase) + "smoothing: {method: aser, outlier_channels: 8}\n" +
+          "error_reconstruction: {rank: 32}\n",
+      std::string(kBase) + "smoothing: {method: aser, outlier_channels: 16, alpha: 0.6}\n" +
+          "error_reconstruction: {rank: 32}\n",
+      std::string(kBase) + "smoothing: {method: smoothquant, outlier_channels: 16}\n" +
+          "error_reconstruction: {rank: 32}\n",
+      std::string(kBase) + "smoothing: {method: smoothquant, outlier_channels: 16}\n",
+  };
+  std::set<std::string> hashes;
+  for (const std::string& v : variants) hashes.insert(Sha(v));
+  EXPECT_EQ(hashes.size(), variants.size());
+}
+
+}  // namespace
+}  // namespace qcal::engine
