@@ -230,12 +230,7 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
     for (const auto& r : block) {
       quantized[r.report.name] = r.quantized;
       layers.push_back(r.report);
-      for (const auto& [name, t] : r.folded) extras.replaced[name] = t;
-      if (r.report.rank > 0) {
-        const int64_t rank = r.report.rank;
-        extras.adapters[r.report.name] = {Tensor::FromVector(r.lora_a, {r.quantized.d_out, rank}),
-                                          Tensor::FromVector(r.lora_b, {rank, r.quantized.d_in})};
-      }
+      AddToExtras(r, extras);
     }
   }
   auto t0 = Clock::now();

@@ -999,6 +999,15 @@ absl::StatusOr<LayerResult> ParseLayerArtifact(const std::string& bytes) {
   return r;
 }
 
+void AddToExtras(const LayerResult& r, CheckpointExtras& extras) {
+  for (const auto& [name, t] : r.folded) extras.replaced[name] = t;
+  if (r.report.rank > 0) {
+    const int64_t rank = r.report.rank;
+    extras.adapters[r.report.name] = {Tensor::FromVector(r.lora_a, {r.quantized.d_out, rank}),
+                                      Tensor::FromVector(r.lora_b, {rank, r.quantized.d_in})};
+  }
+}
+
 absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
                                               const std::vector<std::vector<int>>& samples,
                                               const Recipe& recipe,
@@ -1010,6 +1019,7 @@ absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
     QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
                           QuantizeBlock(model, acts, recipe, &out.times));
     for (LayerResult& r : block) {
+      AddToExtras(r, out.extras);
       out.quantized[r.report.name] = std::move(r.quantized);
       out.layers.push_back(std::move(r.report));
     }

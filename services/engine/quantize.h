@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "services/engine/export/checkpoint_writer.h"
 #include "services/engine/model.h"
 #include "services/engine/quant/gptq.h"
 #include "services/engine/recipe.h"
@@ -134,8 +135,13 @@ absl::StatusOr<LayerResult> ParseLayerArtifact(const std::string& bytes);
 struct QuantizeOutcome {
   std::vector<LayerReport> layers;
   std::map<std::string, QuantizedLinear> quantized;  // by linear name
+  CheckpointExtras extras;  // folded tensors and low-rank adapters, for the export
   StageTimes times;
 };
+
+// Adds a layer's folded tensors and low-rank factors to what the export writes besides the
+// quantized linears.
+void AddToExtras(const LayerResult& r, CheckpointExtras& extras);
 
 // Progress: blocks done, blocks total.
 using BlockProgressFn = std::function<void(int blocks_done, int blocks_total)>;
