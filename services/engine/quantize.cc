@@ -276,7 +276,7 @@ class BlockRun {
     if (!s) s = std::make_unique<ActivationStats>(widths_[static_cast<int>(in)]);
     QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(x));
     return Annotate(s->Accumulate(host.data<float>(), host.dim(0), host.dim(1), acts_.seq_len),
-                    absl::StrCat("activation statistics of block ", b_));
+                    absl::StrCat("block ", b_));
   }
 
   // Smoothing (DESIGN section 3): per-channel statistics of every input of the full-precision
@@ -284,6 +284,11 @@ class BlockRun {
   // weights and biases are rounded to the checkpoint's dtype (the exported values) and recorded
   // for the artifacts.
   absl::Status Smooth() {
+    // Name a bad weight before its NaNs reach the statistics.
+    for (LinearKind k : kAllLinears) {
+      QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(model_.block(b_).at(k).weight));
+      QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", LinearPrefix(b_, k))));
+    }
     std::array<std::unique_ptr<ActivationStats>, kNumLinearInputs> stats;
     for (size_t c = 0; c < acts_.chunks.size(); ++c) {
       QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));

@@ -34,7 +34,14 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr char kRecipe[] = "method: gptq\nweights: {bits: 4, group_size: 32}\n";
+// Every stage that leaves state in the artifacts (ASER smoothing folded into norms, low-rank
+// factors, activation bits), so that the fault tests check all of it survives a resume.
+constexpr char kRecipe[] =
+    "method: gptq\n"
+    "weights: {bits: 4, group_size: 32}\n"
+    "activations: {bits: 8}\n"
+    "smoothing: {method: aser, outlier_channels: 4}\n"
+    "error_reconstruction: {rank: 8}\n";
 
 std::string ReadTail(const std::string& path, size_t bytes) {
   std::ifstream in(path, std::ios::binary);

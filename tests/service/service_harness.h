@@ -102,7 +102,8 @@ class Cluster {
     tls_key_ = key;
   }
 
-  // The spec the tests submit: GPTQ 4-bit g32 recipe, 16 samples × 64 tokens, seed 7, threads 1,
+  // The spec the tests submit: GPTQ 4-bit g32 with 8-bit activations, ASER smoothing (4 outlier
+  // channels) and rank-8 error reconstruction, 16 samples × 64 tokens, seed 7, threads 1,
   // evaluation on 4 windows of 64.
   v1::JobSpec Spec(const std::string& output_name) const;
   // The recipe file of Spec() (for the CLI and `qcal quantize`).

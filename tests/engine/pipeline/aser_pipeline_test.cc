@@ -171,8 +171,8 @@ class AserRoundTripTest : public AserModelTest,
 
 TEST_P(AserRoundTripTest, CheckpointPlusAdapterReproducesInMemoryModel) {
   const std::string model_dir = Shared("models/stories260k");
-  LoadData(model_dir, Shared("data/tinystories-calib.txt"), Shared("data/tinystories-eval.txt"),
-           16, 128, 256, 8);
+  LoadData(model_dir, Shared("data/tinystories-calib.txt"), Shared("data/tinystories-eval.txt"), 16,
+           128, 256, 8);
   const Recipe& recipe = GetParam().recipe;
   const std::string dir = RoundTrip(model_dir, recipe, nullptr);
   auto q = ReadCheckpointQuantization(dir);
@@ -209,13 +209,12 @@ INSTANTIATE_TEST_SUITE_P(
         RoundTripCase{"gptq_w4_act8", WithActBits(MakeRecipe("gptq", 4, -1), 8)},
         RoundTripCase{"gptq_w4_er16_act8",
                       WithActBits(WithEr(MakeRecipe("gptq", 4, -1), 16, "cholesky"), 8)},
-        RoundTripCase{"gptq_w4_aser8_act8",
-                      WithActBits(WithSmoothing(WithEr(MakeRecipe("gptq", 4, -1), 16, "cholesky"),
-                                                "aser", 8),
-                                  8)},
+        RoundTripCase{
+            "gptq_w4_aser8_act8",
+            WithActBits(WithSmoothing(WithEr(MakeRecipe("gptq", 4, -1), 16, "cholesky"), "aser", 8),
+                        8)},
         RoundTripCase{"gptq_w4_smoothquant_act8",
-                      WithActBits(WithSmoothing(MakeRecipe("gptq", 4, -1), "smoothquant", 32),
-                                  8)}),
+                      WithActBits(WithSmoothing(MakeRecipe("gptq", 4, -1), "smoothquant", 32), 8)}),
     [](const ::testing::TestParamInfo<RoundTripCase>& info) { return info.param.name; });
 
 // sotu-llama-16m is stored in bf16: the folded norm weights are exported in bf16 and the in-memory
@@ -247,8 +246,8 @@ TEST_F(AserModelTest, SmoothingFoldsIntoABf16CheckpointExactly) {
 
 TEST_F(AserModelTest, ActBitsOverrideAppliesAtLoad) {
   const std::string model_dir = Shared("models/stories260k");
-  LoadData(model_dir, Shared("data/tinystories-calib.txt"), Shared("data/tinystories-eval.txt"),
-           8, 128, 256, 4);
+  LoadData(model_dir, Shared("data/tinystories-calib.txt"), Shared("data/tinystories-eval.txt"), 8,
+           128, 256, 4);
   double in_memory = 0;
   const std::string dir =
       RoundTrip(model_dir, WithActBits(MakeRecipe("gptq", 4, -1), 4), &in_memory);
@@ -282,8 +281,8 @@ std::map<std::string, std::string> ReadDir(const std::string& dir) {
 TEST_F(AserModelTest, ResumeFromArtifactsIsByteIdentical) {
   JobOptions o;
   o.model_dir = Shared("models/stories260k");
-  o.recipe = WithActBits(
-      WithSmoothing(WithEr(MakeRecipe("gptq", 4, -1), 16, "cholesky"), "aser", 8), 8);
+  o.recipe =
+      WithActBits(WithSmoothing(WithEr(MakeRecipe("gptq", 4, -1), 16, "cholesky"), "aser", 8), 8);
   o.calib_path = Shared("data/tinystories-calib.txt");
   o.samples = 16;
   o.seq_len = 128;
