@@ -42,13 +42,21 @@ absl::Status RunQuantize(QuantizeArgs& a) {
     j["summary"] = summary;
     std::printf("%s\n", j.dump().c_str());
   } else {
+    const bool er = summary.contains("mean_rel_error_er");
     if (a.table) {
-      std::printf("%-36s %10s %10s %10s\n", "layer", "d_out x d_in", "RTN err", "err");
+      std::printf("%-36s %12s %10s %10s", "layer", "d_out x d_in", "RTN err", "err");
+      if (er) std::printf(" %6s %10s %8s", "rank", "err + ER", "extra %");
+      std::printf("\n");
       for (const auto& l : r.report["layers"]) {
         const std::string shape = std::to_string(l["d_out"].get<int64_t>()) + "x" +
                                   std::to_string(l["d_in"].get<int64_t>());
-        std::printf("%-36s %10s %10.5f %10.5f\n", l["name"].get<std::string>().c_str(),
+        std::printf("%-36s %12s %10.5f %10.5f", l["name"].get<std::string>().c_str(),
                     shape.c_str(), l["rel_error_rtn"].get<double>(), l["rel_error"].get<double>());
+        if (er && l.contains("rank")) {
+          std::printf(" %6lld %10.5f %8.2f", static_cast<long long>(l["rank"].get<int64_t>()),
+                      l["rel_error_er"].get<double>(), 100 * l["extra_params"].get<double>());
+        }
+        std::printf("\n");
       }
     }
     std::printf("wrote %s\n", r.out_dir.c_str());
@@ -57,6 +65,14 @@ absl::Status RunQuantize(QuantizeArgs& a) {
                 summary["mean_rel_error_rtn"].get<double>(),
                 summary["model_bytes_in"].get<double>() / 1e6,
                 summary["model_bytes_out"].get<double>() / 1e6);
+    if (er) {
+      std::printf(
+          "error reconstruction: mean relative output error %.5f, %lld extra parameters "
+          "(%.2f%% of the quantized linears; OUT/adapter)\n",
+          summary["mean_rel_error_er"].get<double>(),
+          static_cast<long long>(summary["extra_params"].get<int64_t>()),
+          summary["extra_params_pct"].get<double>());
+    }
     if (r.has_perplexity) {
       std::printf("perplexity %.4f (full precision %.4f)\n", r.perplexity, r.perplexity_fp);
     }
