@@ -15,6 +15,7 @@
 #include "kernels/cuda/act_quant.cuh"
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/blas.h"
+#include "kernels/cuda/cuda_low_rank.h"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/elementwise.cuh"
@@ -226,6 +227,16 @@ class CudaBackend final : public Backend {
   absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
                                      const Tensor& gram) override {
     return cuda::OutputError(SolverContext(), w, w_hat, gram);
+  }
+
+  absl::StatusOr<Tensor> CholeskyWhitening(const Tensor& gram, double damp) override {
+    return cuda::CholeskyWhitening(SolverContext(), gram, damp);
+  }
+
+  absl::StatusOr<LowRankTensors> ReconstructError(const Tensor& w, const Tensor& w_hat,
+                                                  const Tensor& whitening,
+                                                  const LowRankOptions& options) override {
+    return cuda::ReconstructError(SolverContext(), w, w_hat, whitening, options);
   }
 
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,

@@ -3,14 +3,14 @@
 // Every Backend op runs on the GPU: cuBLAS GEMMs for Linear and AccumulateGram (fp32 compute is
 // true fp32, never TF32; bf16 compute rounds operands to bf16 and accumulates in fp32), and own
 // kernels for the rest (kernels/cuda/*.cu, each with its launcher header). The solver ops
-// (GptqFactorize, GptqSolve, QuantizeRtn, OutputError) run cuSOLVER, cuBLAS and own kernels
-// (cuda_quant.cc). All work of one backend is queued on one stream in call order; ToHost,
-// Synchronize and copies touching host memory wait for it. Device tensors come
-// from a caching pool and go back to it when their last view is destroyed. Results are
-// bit-identical run to run on the same GPU model and library versions (no atomics; reductions in
-// a fixed order). CUDA failures (out of memory, a failed launch) come back as absl::Status:
-// kResourceExhausted for memory, kInternal for the rest. Not thread-safe: one thread drives a
-// backend at a time.
+// (GptqFactorize, GptqSolve, QuantizeRtn, OutputError; CholeskyWhitening and ReconstructError)
+// run cuSOLVER, cuBLAS and own kernels (cuda_quant.cc; cuda_low_rank.cc). All work of one backend
+// is queued on one stream in call order; ToHost, Synchronize and copies touching host memory wait
+// for it. Device tensors come from a caching pool and go back to it when their last view is
+// destroyed. Results are bit-identical run to run on the same GPU model and library versions (no
+// atomics; reductions in a fixed order). CUDA failures (out of memory, a failed launch) come back
+// as absl::Status: kResourceExhausted for memory, kInternal for the rest. Not thread-safe: one
+// thread drives a backend at a time.
 //
 // The driver library (libcuda) is never linked: on a machine without a GPU the runtime reports an
 // error from cudaGetDeviceCount, CudaDeviceCount() returns 0 and GPU tests skip.

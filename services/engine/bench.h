@@ -9,11 +9,15 @@
 // of `qcal quantize` less the disk I/O, the tokenizer and the export. With fewer blocks than the
 // model has, the whole-model time is extrapolated from the blocks run (leaving out the first,
 // which pays library and memory-pool warm-up, when more than one ran), and the result says so.
+//
+// RunErBench (`qcal bench --er`) times the device error-reconstruction ops on the 7B shape's
+// linears instead, and projects their whole-model cost.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -98,5 +102,68 @@ using BenchLogFn = std::function<void(const std::string& line)>;
 // Runs the benchmark on `backend`.
 absl::StatusOr<BenchResult> RunBench(kernels::Backend& backend, const BenchOptions& options,
                                      const BenchLogFn& log = nullptr);
+
+// The error-reconstruction benchmark behind `qcal bench --er` (DESIGN section 3, "Error
+// reconstruction (ASER)"): for each layer shape, W drawn on the device (uniform, standard deviation
+// 1/sqrt(d_in)), Ŵ its RTN W4 g128 (Backend::QuantizeRtn), G = XᵀX for X of random tokens with
+// correlated channels (8 shared latent factors plus independent noise, Backend::AccumulateGram),
+// then Backend::CholeskyWhitening and Backend::ReconstructError with both SVD methods, each timed
+// as the median of `runs` runs after one warm-up run. Needs a backend with the device solver ops
+// (SupportsSolverOp(kQuantizeRtn) and (kErrorReconstruction)); others get Unimplemented.
+struct ErBenchOptions {
+  // Layer shapes (d_out, d_in). Default: the 7B shape's three: 4096 x 4096 (q, k, v, o),
+  // 11008 x 4096 (gate, up), 4096 x 11008 (down).
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
+  // The correction's rank, >= 1. Default: 64.
+  int rank = 64;
+  // Randomized SVD: sketch oversampling >= 0 and power iterations >= 0. Default: 16 and 2.
+  int oversample = 16;
+  int power_iterations = 2;
+  // Rows of X (calibration tokens), >= 1. Default: 2048.
+  int tokens = 2048;
+  // Whitening damping λ (δ = λ·mean(diag G)), >= 0. Default: 0.01.
+  double damp = 0.01;
+  // Timed runs of each op after the warm-up, >= 1. Default: 3.
+  int runs = 3;
+  // Seed of W, X and the randomized SVD's test matrix. Default: 0.
+  uint64_t seed = 0;
+
+  // InvalidArgument naming the field.
+  absl::Status Validate() const;
+};
+
+struct ErBenchLayer {
+  int64_t d_out = 0;
+  int64_t d_in = 0;
+  // Medians over the timed runs, in seconds, each ending with the backend synchronized.
+  double whitening_seconds = 0;   // CholeskyWhitening of the [d_in, d_in] Gram matrix
+  double full_seconds = 0;        // ReconstructError, SvdMethod::kFull
+  double randomized_seconds = 0;  // ReconstructError, SvdMethod::kRandomized
+  // ‖E·S‖_F, and the whitened error left by each method's rank-r correction.
+  double error_before = 0;
+  double error_after_full = 0;
+  double error_after_randomized = 0;
+};
+
+// The whole-model cost of error reconstruction with the randomized SVD for the 7B shape (32
+// blocks; per block q, k, v, o 4096 x 4096, gate, up 11008 x 4096 and down 4096 x 11008, and four
+// whitening factors: the inputs of q/k/v, o and gate/up are 4096 wide, down's is 11008), projected
+// from the per-layer medians. Absent (blocks == 0) unless the three 7B shapes were measured.
+struct ErProjection {
+  int blocks = 0;
+  double randomized_seconds = 0;  // ReconstructError of the 224 linears
+  double whitening_seconds = 0;   // CholeskyWhitening of the 128 inputs
+  double full_seconds = 0;        // the same linears with SvdMethod::kFull, for comparison
+};
+
+struct ErBenchResult {
+  std::string device_kind;  // Backend::DeviceKind()
+  std::vector<ErBenchLayer> layers;
+  ErProjection projection_7b;
+};
+
+// Runs the error-reconstruction benchmark on `backend`.
+absl::StatusOr<ErBenchResult> RunErBench(kernels::Backend& backend, const ErBenchOptions& options,
+                                         const BenchLogFn& log = nullptr);
 
 }  // namespace qcal::engine

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # One GPU session in one device call, run on the device machine from the repository root: unpacks
 # the bundle made by tools/gpu/pack.sh, then
-#   1. the GPU parity tests (label gpu: ops, solver ops, models, the quantization driver);
+#   1. the GPU parity tests (label gpu: ops, solver ops, error reconstruction, models, the
+#      quantization driver);
 #   2. qcal eval --device cuda on both shared models (reference perplexities 6.8908 and 28.728,
 #      within 0.1%) and greedy generation against stories260k's greedy_256.txt;
 #   3. qcal quantize --device cuda, GPTQ W4 g128 on sotu-llama-16m, twice (output files
 #      byte-identical, qcal_run.json aside), and once on the CPU with the same seed (perplexities
 #      within 0.5%);
 #   4. qcal bench: the 7B shape whole-model (three runs), the 70B shape per block (extrapolated);
-#   5. compute-sanitizer memcheck of the op and solver tests and racecheck of the attention
+#   5. qcal bench --er: error reconstruction on the 7B shape's linears (whitening, full and
+#      randomized SVD at rank 64), with the randomized path's projected share of the 7B job;
+#   6. compute-sanitizer memcheck of the op and solver tests and racecheck of the attention
 #      kernels, while time is left;
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
 # files) and prints the summary table last.
 #
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
-#   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval quantize bench sanitizer"
+#   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval quantize bench er sanitizer"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -23,7 +26,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.gz}
 dest=${OUT:-$root/out}
-steps=" ${QCAL_SESSION_STEPS:-tests eval quantize bench sanitizer} "
+steps=" ${QCAL_SESSION_STEPS:-tests eval quantize bench er sanitizer} "
 budget=${QCAL_SESSION_BUDGET:-500}
 mkdir -p "$dest"
 out=$(mktemp -d /tmp/qcal-logs.XXXXXX)
@@ -73,7 +76,7 @@ within() { awk -v v="$1" -v r="$2" -v t="$3" 'BEGIN { d = v / r - 1; exit !(d <=
 json_get() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 if wants tests; then
-  for t in cuda_ops_test cuda_quant_test cuda_model_test cuda_engine_test; do
+  for t in cuda_ops_test cuda_quant_test cuda_low_rank_test cuda_model_test cuda_engine_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
   done
@@ -172,6 +175,39 @@ if wants bench; then
   done
 fi
 
+if wants er; then
+  # One run (three timed repetitions of every op, medians); the randomized SVD must stay within 1%
+  # of the full SVD's whitened error on every layer.
+  if time_for 90; then
+    start=$SECONDS
+    timeout 240 "$qcal" bench --er --json >"$out/bench_er.json" 2>"$out/bench_er.log"
+    rc=$?
+    printf '%-34s %4d %d s\n' "bench --er rank 64" "$rc" $((SECONDS - start)) >>"$summary"
+    if ((rc != 0)); then
+      fail "bench --er"
+    elif ! python3 - "$out/bench_er.json" >>"$summary" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+worst = 0
+for l in r["layers"]:
+    s = l["seconds"]
+    worst = max(worst, l["error_ratio"])
+    print("    %5d x %-5d whitening %.4f s, full %.3f s, randomized %.4f s, error ratio %.4f"
+          % (l["d_out"], l["d_in"], s["whitening"], s["full"], s["randomized"], l["error_ratio"]))
+p = r.get("projection_7b")
+if p:
+    print("    7B projection: %.2f s = %.1f%% of the %.2f s GPTQ job"
+          % (p["seconds"], 100 * p["share_of_gptq_job"], p["gptq_job_seconds"]))
+sys.exit(worst > 1.01)
+PY
+    then
+      fail "bench --er: the randomized SVD's error is above 1.01x the full SVD's"
+    fi
+  else
+    note "bench --er: skipped (session budget)"
+  fi
+fi
+
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if wants sanitizer && [[ -n $sanitizer ]]; then
   # The large shapes are too slow under the tools; the error tests provoke failed allocations,
@@ -182,6 +218,8 @@ if wants sanitizer && [[ -n $sanitizer ]]; then
   time_for 100 && gtest "memcheck cuda_quant_test" "$out/memcheck_quant.log" 90 "$sanitizer" \
     --tool memcheck --error-exitcode 1 "$p/bin/cuda_quant_test" --gtest_color=no \
     --gtest_filter='-*Factorize*:*OutputError*'
+  time_for 100 && gtest "memcheck cuda_low_rank_test" "$out/memcheck_low_rank.log" 90 \
+    "$sanitizer" --tool memcheck --error-exitcode 1 "$p/bin/cuda_low_rank_test" --gtest_color=no
   time_for 70 && gtest "racecheck attention" "$out/racecheck.log" 60 "$sanitizer" --tool \
     racecheck --error-exitcode 1 "$p/bin/cuda_ops_test" --gtest_color=no \
     --gtest_filter='*AttentionMatches*'

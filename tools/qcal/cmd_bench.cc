@@ -1,5 +1,7 @@
 // qcal bench: GPTQ of a synthetic 7B- or 70B-shaped model, timed per stage against the floors of
 // DESIGN section 9 (services/engine/bench.h). Default compute dtype bf16, the GPU fast path.
+// qcal bench --er: the device error-reconstruction ops (whitening, full and randomized SVD) on the
+// 7B shape's linears, with their projected share of the 7B GPTQ job.
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -15,6 +17,9 @@ namespace {
 
 // The bf16 tensor-core ceiling measured on an H100 (DESIGN section 9).
 constexpr double kCeilingTflops = 790;
+// The 7B GPTQ W4 g128 job on one H100 (docs/BENCHMARKS.md, 2026-11-22, median of three runs): what
+// the error-reconstruction projection is a share of.
+constexpr double kGptq7bJobSeconds = 27.75;
 
 struct BenchArgs {
   std::string shape = "7b";
@@ -23,10 +28,88 @@ struct BenchArgs {
   int blocks = -1;  // -1: all for 7b, 3 for 70b
   uint64_t seed = 0;
   bool json = false;
+  bool er = false;  // the error-reconstruction bench instead
+  engine::ErBenchOptions er_options;
   DeviceFlags dev;
 };
 
+absl::Status RunErBench(BenchArgs& a) {
+  QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
+  QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
+  engine::ErBenchOptions& o = a.er_options;
+  o.seed = a.seed;
+  QCAL_ASSIGN_OR_RETURN(engine::ErBenchResult r,
+                        engine::RunErBench(*backend, o, [](const std::string& line) {
+                          spdlog::info("bench --er: {}", line);
+                        }));
+  const engine::ErProjection& p = r.projection_7b;
+  const double projected = p.randomized_seconds + p.whitening_seconds;
+  if (a.json) {
+    nlohmann::ordered_json j;
+    j["bench"] = "error_reconstruction";
+    j["device"] = r.device_kind;
+    j["compute_dtype"] = a.dev.compute_dtype;
+    j["rank"] = o.rank;
+    j["oversample"] = o.oversample;
+    j["power_iterations"] = o.power_iterations;
+    j["tokens"] = o.tokens;
+    j["damp"] = o.damp;
+    j["runs"] = o.runs;
+    nlohmann::ordered_json layers = nlohmann::ordered_json::array();
+    for (const engine::ErBenchLayer& l : r.layers) {
+      layers.push_back({{"d_out", l.d_out},
+                        {"d_in", l.d_in},
+                        {"seconds",
+                         {{"whitening", l.whitening_seconds},
+                          {"full", l.full_seconds},
+                          {"randomized", l.randomized_seconds}}},
+                        {"error_before", l.error_before},
+                        {"error_after_full", l.error_after_full},
+                        {"error_after_randomized", l.error_after_randomized},
+                        {"error_ratio", l.error_after_randomized / l.error_after_full}});
+    }
+    j["layers"] = layers;
+    if (p.blocks > 0) {
+      j["projection_7b"] = {{"blocks", p.blocks},
+                            {"randomized_seconds", p.randomized_seconds},
+                            {"whitening_seconds", p.whitening_seconds},
+                            {"seconds", projected},
+                            {"full_seconds", p.full_seconds + p.whitening_seconds},
+                            {"gptq_job_seconds", kGptq7bJobSeconds},
+                            {"share_of_gptq_job", projected / kGptq7bJobSeconds}};
+    }
+    std::printf("%s\n", j.dump().c_str());
+    return absl::OkStatus();
+  }
+  std::printf(
+      "qcal bench --er: error reconstruction, rank %d (randomized: oversample %d, %d power "
+      "iterations), Gram of %d random tokens with correlated channels, damp %g; median of %d runs "
+      "after a warm-up\n",
+      o.rank, o.oversample, o.power_iterations, o.tokens, o.damp, o.runs);
+  std::printf("device: %s\n", r.device_kind.c_str());
+  std::printf("  %-15s %10s %10s %11s %8s   %-11s %-11s %-11s %7s\n", "d_out x d_in", "whitening",
+              "full SVD", "randomized", "speedup", "error_in", "after_full", "after_rand", "ratio");
+  for (const engine::ErBenchLayer& l : r.layers) {
+    const std::string shape = std::to_string(l.d_out) + " x " + std::to_string(l.d_in);
+    std::printf("  %-15s %8.4f s %8.3f s %9.4f s %7.0fx   %-11.5g %-11.5g %-11.5g %7.4f\n",
+                shape.c_str(), l.whitening_seconds, l.full_seconds, l.randomized_seconds,
+                l.full_seconds / l.randomized_seconds, l.error_before, l.error_after_full,
+                l.error_after_randomized, l.error_after_randomized / l.error_after_full);
+  }
+  if (p.blocks > 0) {
+    std::printf(
+        "7B shape (%d blocks x 7 linears, 4 whitening factors per block), randomized SVD: "
+        "%.2f s (reconstruction %.2f s + whitening %.2f s) = %.1f%% of the %.2f s 7B GPTQ job "
+        "(docs/BENCHMARKS.md); with the full SVD: %.0f s\n",
+        p.blocks, projected, p.randomized_seconds, p.whitening_seconds,
+        100 * projected / kGptq7bJobSeconds, kGptq7bJobSeconds,
+        p.full_seconds + p.whitening_seconds);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunBench(BenchArgs& a) {
+  if (a.er) return RunErBench(a);
   QCAL_ASSIGN_OR_RETURN(engine::BenchShape shape, engine::BenchShapeNamed(a.shape));
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
@@ -146,6 +229,18 @@ RunFn AddBench(CLI::App& app) {
                  "(default: all for 7b, 3 for 70b)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)");
+  app.add_flag("--er", a->er,
+               "Time error reconstruction (whitening, full and randomized SVD) on the 7B shape's "
+               "linears instead of GPTQ; --shape, --samples, --seq-len and --blocks are ignored");
+  app.add_option("--er-rank", a->er_options.rank, "With --er: the correction's rank (default: 64)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--er-tokens", a->er_options.tokens,
+                 "With --er: calibration tokens of the Gram matrices (default: 2048)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--er-runs", a->er_options.runs,
+                 "With --er: timed runs of each op after a warm-up; the median is reported "
+                 "(default: 3)")
+      ->check(CLI::PositiveNumber);
   a->dev.Add(app);
   app.add_flag("--json", a->json, "Print one JSON object");
   return [a] { return RunBench(*a); };

@@ -1,0 +1,627 @@
+#include "kernels/cuda/cuda_low_rank.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cuda/cuda_resources.h"
+#include "kernels/cuda/gptq.cuh"
+#include "kernels/cuda/low_rank.cuh"
+
+namespace qcal::kernels::cuda {
+namespace {
+
+enum class WhiteningKind { kCholesky, kDiagonal, kNone };
+
+// Column panels of M = E·S (MultiplyLower).
+constexpr int64_t kPanels = 8;
+constexpr int64_t kMinPanelWidth = 128;
+
+absl::Status ExpectMatrix(const Tensor& t, const char* op, const char* what) {
+  if (!t.defined() || t.device() != Device::kCuda || t.dtype() != DType::kF32 || t.rank() != 2 ||
+      t.dim(0) <= 0 || t.dim(1) <= 0 || t.dim(0) > INT_MAX || t.dim(1) > INT_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " is ",
+                                                   t.defined() ? t.DebugString() : "undefined",
+                                                   ", expected a non-empty CUDA F32 matrix"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Sync(const QuantContext& ctx, const char* what) {
+  return CudaStatus(cudaStreamSynchronize(ctx.stream), what);
+}
+
+template <typename T>
+absl::StatusOr<std::vector<T>> Download(const QuantContext& ctx, const void* src, int64_t count,
+                                        const char* what) {
+  std::vector<T> out(static_cast<size_t>(count));
+  if (count == 0) return out;
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(out.data(), src, count * sizeof(T), cudaMemcpyDeviceToHost, ctx.stream),
+      what));
+  QCAL_RETURN_IF_ERROR(Sync(ctx, what));
+  return out;
+}
+
+// The diagonal of the square row-major x [n, n] (fp32), on the host.
+absl::StatusOr<std::vector<float>> DownloadDiagonal(const QuantContext& ctx, const Tensor& x,
+                                                    const char* what) {
+  const int64_t n = x.dim(0);
+  std::vector<float> diag(static_cast<size_t>(n));
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpy2DAsync(diag.data(), sizeof(float), x.data<float>(), (n + 1) * sizeof(float),
+                        sizeof(float), n, cudaMemcpyDeviceToHost, ctx.stream),
+      what));
+  QCAL_RETURN_IF_ERROR(Sync(ctx, what));
+  return diag;
+}
+
+// InvalidArgument naming `what`[r, c] and its value for the first non-finite element of the
+// row-major x (`cols` columns) that `launch(first)` reports, as the CPU reference words it.
+template <typename Launch>
+absl::Status CheckFinite(const QuantContext& ctx, const float* x, int64_t cols, const char* what,
+                         Launch launch) {
+  QCAL_ASSIGN_OR_RETURN(Tensor first, ctx.alloc(DType::kU8, {8}));
+  auto* first_p = static_cast<unsigned long long*>(first.raw());
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(first_p, 0xff, 8, ctx.stream), what));
+  QCAL_RETURN_IF_ERROR(CudaStatus(launch(first_p), what));
+  QCAL_ASSIGN_OR_RETURN(auto index, Download<unsigned long long>(ctx, first_p, 1, what));
+  if (index[0] == ~0ull) return absl::OkStatus();
+  QCAL_ASSIGN_OR_RETURN(auto value, Download<float>(ctx, x + index[0], 1, what));
+  return absl::InvalidArgumentError(absl::StrCat(
+      what, "[", static_cast<int64_t>(index[0]) / cols, ", ", static_cast<int64_t>(index[0]) % cols,
+      "] is ", static_cast<double>(value[0]), " (not finite)"));
+}
+
+absl::Status CheckFiniteMatrix(const QuantContext& ctx, const Tensor& x, bool upper_only,
+                               const char* what) {
+  return CheckFinite(ctx, x.data<float>(), x.dim(1), what, [&](unsigned long long* first) {
+    return LaunchFindNonFinite(x.data<float>(), x.dim(0), x.dim(1), upper_only, first, ctx.stream);
+  });
+}
+
+// RAII for cusolverDnParams_t.
+class SolverParams {
+ public:
+  SolverParams() = default;
+  SolverParams(const SolverParams&) = delete;
+  SolverParams& operator=(const SolverParams&) = delete;
+  ~SolverParams() {
+    if (params_) cusolverDnDestroyParams(params_);
+  }
+  absl::Status Create() {
+    return CusolverStatus(cusolverDnCreateParams(&params_), "cusolverDnCreateParams");
+  }
+  cusolverDnParams_t get() const { return params_; }
+
+ private:
+  cusolverDnParams_t params_ = nullptr;
+};
+
+// The cuSOLVER state of one ReconstructError: the 64-bit API's parameters, a device workspace that
+// grows to the largest call (blocks go back to the pool in stream order, so a replaced one is safe
+// to release while queued work still reads it) and the info words.
+class Solver {
+ public:
+  explicit Solver(const QuantContext& ctx) : ctx_(ctx) {}
+
+  // `calls`: how many cuSOLVER calls with an info word the op makes.
+  absl::Status Init(int calls) {
+    slots_ = calls;
+    QCAL_RETURN_IF_ERROR(params_.Create());
+    QCAL_ASSIGN_OR_RETURN(info_, ctx_.alloc(DType::kI32, {calls}));
+    return CudaStatus(cudaMemsetAsync(info_.raw(), 0, info_.nbytes(), ctx_.stream),
+                      "clearing solver info words");
+  }
+
+  // x [rows, cols] (column-major, rows >= cols) := the Q of its Householder QR (geqrf + orgqr);
+  // when r is given, also the R into r [cols, cols] (column-major, strict lower triangle 0).
+  absl::Status Qr(double* x, int64_t rows, int64_t cols, double* r = nullptr) {
+    const int m = static_cast<int>(rows), n = static_cast<int>(cols);
+    QCAL_ASSIGN_OR_RETURN(Tensor tau, ctx_.alloc(DType::kF64, {cols}));
+    int geqrf_work = 0, orgqr_work = 0;
+    QCAL_RETURN_IF_ERROR(
+        CusolverStatus(cusolverDnDgeqrf_bufferSize(ctx_.solver, m, n, x, m, &geqrf_work),
+                       "cusolverDnDgeqrf_bufferSize"));
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnDorgqr_bufferSize(ctx_.solver, m, n, n, x, m, tau.data<double>(), &orgqr_work),
+        "cusolverDnDorgqr_bufferSize"));
+    QCAL_ASSIGN_OR_RETURN(
+        void* work, Work(sizeof(double) * static_cast<size_t>(std::max(geqrf_work, orgqr_work))));
+    auto* w = static_cast<double*>(work);
+    QCAL_ASSIGN_OR_RETURN(int* info, Info());
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnDgeqrf(ctx_.solver, m, n, x, m, tau.data<double>(), w, geqrf_work, info),
+        absl::StrCat("cusolverDnDgeqrf ", rows, "x", cols)));
+    if (r != nullptr) {
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(LaunchUpperTriangle(x, rows, cols, r, ctx_.stream), "extracting R"));
+    }
+    QCAL_ASSIGN_OR_RETURN(info, Info());
+    return CusolverStatus(
+        cusolverDnDorgqr(ctx_.solver, m, n, n, x, m, tau.data<double>(), w, orgqr_work, info),
+        absl::StrCat("cusolverDnDorgqr ", rows, "x", cols));
+  }
+
+  // Thin SVD of a [rows, cols] (column-major, rows >= cols, destroyed): a = u diag(sigma) vt with
+  // u [rows, cols] (leading dimension rows), sigma [cols] descending, vt [cols, cols].
+  absl::Status Svd(double* a, int64_t rows, int64_t cols, double* u, double* sigma, double* vt) {
+    size_t device_bytes = 0, host_bytes = 0;
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnXgesvd_bufferSize(ctx_.solver, params_.get(), 'S', 'S', rows, cols, CUDA_R_64F, a,
+                                    rows, CUDA_R_64F, sigma, CUDA_R_64F, u, rows, CUDA_R_64F, vt,
+                                    cols, CUDA_R_64F, &device_bytes, &host_bytes),
+        "cusolverDnXgesvd_bufferSize"));
+    QCAL_ASSIGN_OR_RETURN(void* work, Work(device_bytes));
+    std::vector<char> host(std::max<size_t>(host_bytes, 1));
+    svd_slots_.push_back(next_slot_);
+    QCAL_ASSIGN_OR_RETURN(int* info, Info());
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnXgesvd(ctx_.solver, params_.get(), 'S', 'S', rows, cols, CUDA_R_64F, a, rows,
+                         CUDA_R_64F, sigma, CUDA_R_64F, u, rows, CUDA_R_64F, vt, cols, CUDA_R_64F,
+                         work, device_bytes, host.data(), host_bytes, info),
+        absl::StrCat("cusolverDnXgesvd ", rows, "x", cols)));
+    // The host workspace must outlive the call's queued work.
+    return Sync(ctx_, "cusolverDnXgesvd");
+  }
+
+  // SVD of the small square a [k, k] (column-major, destroyed) by one-sided Jacobi (gesvdj, for
+  // the k x k triangle of the randomized path, where QR iteration's many small steps cost more
+  // than the sweeps): a = u diag(sigma) vᵀ, sigma descending, u and v [k, k].
+  absl::Status SmallSvd(double* a, int64_t k, double* u, double* sigma, double* v) {
+    const int n = static_cast<int>(k);
+    gesvdjInfo_t jacobi = nullptr;
+    QCAL_RETURN_IF_ERROR(
+        CusolverStatus(cusolverDnCreateGesvdjInfo(&jacobi), "cusolverDnCreateGesvdjInfo"));
+    struct Destroy {
+      gesvdjInfo_t p;
+      ~Destroy() { cusolverDnDestroyGesvdjInfo(p); }
+    } destroy{jacobi};
+    int lwork = 0;
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnDgesvdj_bufferSize(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n,
+                                     sigma, u, n, v, n, &lwork, jacobi),
+        "cusolverDnDgesvdj_bufferSize"));
+    QCAL_ASSIGN_OR_RETURN(void* work, Work(sizeof(double) * static_cast<size_t>(lwork)));
+    svd_slots_.push_back(next_slot_);
+    QCAL_ASSIGN_OR_RETURN(int* info, Info());
+    return CusolverStatus(
+        cusolverDnDgesvdj(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n, sigma, u,
+                          n, v, n, static_cast<double*>(work), lwork, info, jacobi),
+        absl::StrCat("cusolverDnDgesvdj ", k, "x", k));
+  }
+
+  // Reads the info words: a negative one is an invalid argument, a positive one of an SVD means
+  // that it did not converge (QR iteration, or Jacobi sweeps).
+  absl::Status Check() {
+    QCAL_ASSIGN_OR_RETURN(auto info,
+                          Download<int32_t>(ctx_, info_.raw(), next_slot_, "reading solver info"));
+    for (int i = 0; i < next_slot_; ++i) {
+      if (info[i] < 0) {
+        return absl::InternalError(absl::StrCat("error reconstruction: cuSOLVER call ", i,
+                                                " rejected argument ", -info[i]));
+      }
+      if (info[i] > 0 && std::count(svd_slots_.begin(), svd_slots_.end(), i) > 0) {
+        return absl::InternalError(absl::StrCat("error reconstruction: the SVD did not converge (",
+                                                "cuSOLVER info ", info[i], ")"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::StatusOr<int*> Info() {
+    if (next_slot_ == slots_) {
+      return absl::InternalError("error reconstruction: out of cuSOLVER info words");
+    }
+    return info_.data<int32_t>() + next_slot_++;
+  }
+
+  absl::StatusOr<void*> Work(size_t bytes) {
+    if (!work_.defined() || static_cast<size_t>(work_.nbytes()) < bytes) {
+      QCAL_ASSIGN_OR_RETURN(
+          work_, ctx_.alloc(DType::kU8, {static_cast<int64_t>(std::max<size_t>(bytes, 1))}));
+    }
+    return work_.raw();
+  }
+
+  const QuantContext& ctx_;
+  SolverParams params_;
+  Tensor info_;
+  Tensor work_;
+  int slots_ = 0;
+  int next_slot_ = 0;
+  std::vector<int> svd_slots_;
+};
+
+// The factors of M = E·S before the whitening solve, on the device, in double.
+struct Factors {
+  Tensor a;  // row-major [d_out, r]: U_r Σ_r
+  Tensor b;  // row-major [r, d_in] (its first r·d_in elements): V_rᵀ
+  std::vector<double> sigma;
+  double error_before = 0;
+  double error_after = 0;
+};
+
+// m [d_out, d_in] = e [d_out, d_in] · s [d_in, d_in] for a lower triangular s (strict upper
+// triangle 0), all row-major double. In column panels J of kPanels: M[:, J] = E[:, J0:] S[J0:, J]
+// skips the zero rows above the panel, (P + 1) / 2P of a full product. Plain GEMMs on the FP64
+// tensor cores: cuBLAS's trmm measured about 3x slower on the H100 at d_in = 4096.
+absl::Status MultiplyLower(const QuantContext& ctx, const double* e, const double* s, int64_t d_out,
+                           int64_t d_in, double* m) {
+  const int64_t panels = d_in >= kPanels * kMinPanelWidth ? kPanels : 1;
+  const int64_t width = (d_in + panels - 1) / panels;
+  const double one = 1.0, zero = 0.0;
+  for (int64_t j0 = 0; j0 < d_in; j0 += width) {
+    const int64_t j1 = std::min(d_in, j0 + width);
+    // Column-major: Mᵀ[J, :] = (Sᵀ)[J, J0:] · Eᵀ[J0:, :], Sᵀ being the buffer of s.
+    QCAL_RETURN_IF_ERROR(
+        CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(j1 - j0),
+                                 static_cast<int>(d_out), static_cast<int>(d_in - j0), &one,
+                                 s + j0 * d_in + j0, static_cast<int>(d_in), e + j0,
+                                 static_cast<int>(d_in), &zero, m + j0, static_cast<int>(d_in)),
+                     "ReconstructError: E·S"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateOptions(const LowRankOptions& o) {
+  if (o.rank < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("error_reconstruction.rank must be >= 1, got ", o.rank));
+  }
+  if (o.svd != SvdMethod::kFull && o.svd != SvdMethod::kRandomized) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("error reconstruction: unknown SVD method ", static_cast<int>(o.svd)));
+  }
+  if (o.oversample < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("error reconstruction: oversample must be >= 0, got ", o.oversample));
+  }
+  if (o.power_iterations < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "error reconstruction: power_iterations must be >= 0, got ", o.power_iterations));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<WhiteningKind> KindOf(const Tensor& s, int64_t d_in) {
+  if (!s.defined()) return WhiteningKind::kNone;
+  if (s.device() == Device::kCuda && s.dtype() == DType::kF32) {
+    if (s.shape() == Shape{d_in, d_in}) return WhiteningKind::kCholesky;
+    if (s.shape() == Shape{d_in}) return WhiteningKind::kDiagonal;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "ReconstructError: the whitening factor is ", s.DebugString(), ", expected a CUDA F32 [",
+      d_in, ", ", d_in, "] (Cholesky) or [", d_in, "] (diagonal) tensor, or none"));
+}
+
+// A Cholesky factor: finite lower triangle, non-zero diagonal (the solve divides by it). A
+// diagonal one: finite and >= 0 (engine::DiagonalWhitening's rule).
+absl::Status CheckWhitening(const QuantContext& ctx, const Tensor& s, WhiteningKind kind) {
+  if (kind == WhiteningKind::kCholesky) {
+    const int64_t n = s.dim(0);
+    QCAL_RETURN_IF_ERROR(
+        CheckFinite(ctx, s.data<float>(), n, "whitening", [&](unsigned long long* first) {
+          return LaunchFindNonFiniteLower(s.data<float>(), n, first, ctx.stream);
+        }));
+    QCAL_ASSIGN_OR_RETURN(auto diag, DownloadDiagonal(ctx, s, "reading the whitening diagonal"));
+    for (int64_t j = 0; j < n; ++j) {
+      if (diag[j] == 0.0f) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "whitening[", j, ", ", j, "] is 0: a triangular whitening factor must be invertible"));
+      }
+    }
+  } else if (kind == WhiteningKind::kDiagonal) {
+    QCAL_ASSIGN_OR_RETURN(
+        auto values, Download<float>(ctx, s.raw(), s.numel(), "reading the diagonal whitening"));
+    for (size_t j = 0; j < values.size(); ++j) {
+      if (!std::isfinite(values[j]) || values[j] < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("whitening: mean |x| of channel ", j, " is ",
+                                                       values[j], " (must be finite and >= 0)"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The full SVD of m (row-major [d_out, d_in], destroyed). Column-major, m is Mᵀ [d_in, d_out];
+// gesvd takes a tall matrix, so Mᵀ = V Σ Uᵀ is factored when d_in >= d_out, else a transposed
+// copy M = U Σ Vᵀ.
+absl::StatusOr<Factors> FullSvd(const QuantContext& ctx, Solver& solver, Tensor& m, int64_t d_out,
+                                int64_t d_in, int64_t r) {
+  const double one = 1.0, zero = 0.0;
+  const bool wide = d_in >= d_out;
+  const int64_t rows = wide ? d_in : d_out, k = wide ? d_out : d_in;
+  Tensor t = m;
+  if (!wide) {
+    QCAL_ASSIGN_OR_RETURN(t, ctx.alloc(DType::kF64, {d_in, d_out}));
+    QCAL_RETURN_IF_ERROR(CublasStatus(
+        cublasDgeam(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d_out),
+                    static_cast<int>(d_in), &one, m.data<double>(), static_cast<int>(d_in), &zero,
+                    t.data<double>(), static_cast<int>(d_out), t.data<double>(),
+                    static_cast<int>(d_out)),
+        "transposing E·S"));
+    m = Tensor();  // release it early: the SVD's workspace is large
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor u, ctx.alloc(DType::kF64, {k, rows}));
+  QCAL_ASSIGN_OR_RETURN(Tensor vt, ctx.alloc(DType::kF64, {k, k}));
+  QCAL_ASSIGN_OR_RETURN(Tensor sigma, ctx.alloc(DType::kF64, {k}));
+  QCAL_RETURN_IF_ERROR(solver.Svd(t.data<double>(), rows, k, u.data<double>(), sigma.data<double>(),
+                                  vt.data<double>()));
+  QCAL_RETURN_IF_ERROR(solver.Check());
+  t = Tensor();
+
+  Factors f;
+  QCAL_ASSIGN_OR_RETURN(f.a, ctx.alloc(DType::kF64, {d_out, r}));
+  const int ri = static_cast<int>(r), ki = static_cast<int>(k);
+  if (wide) {
+    // Mᵀ = u Σ vt: U = vtᵀ, V = u. Column-major, L_A is [r, d_out] = diag(σ_r) · vt[:r, :].
+    QCAL_RETURN_IF_ERROR(CublasStatus(
+        cublasDdgmm(ctx.blas, CUBLAS_SIDE_LEFT, ri, static_cast<int>(d_out), vt.data<double>(), ki,
+                    sigma.data<double>(), 1, f.a.data<double>(), ri),
+        "scaling U"));
+    // V_rᵀ row-major [r, d_in] is V_r column-major: u's first r columns.
+    f.b = u;
+  } else {
+    // M = u Σ vt: U = u, V = vtᵀ. L_A column-major [r, d_out] = (u[:, :r] Σ_r)ᵀ.
+    QCAL_RETURN_IF_ERROR(
+        CublasStatus(cublasDgeam(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, ri, static_cast<int>(d_out),
+                                 &one, u.data<double>(), static_cast<int>(d_out), &zero,
+                                 f.a.data<double>(), ri, f.a.data<double>(), ri),
+                     "transposing U"));
+    QCAL_RETURN_IF_ERROR(CublasStatus(
+        cublasDdgmm(ctx.blas, CUBLAS_SIDE_LEFT, ri, static_cast<int>(d_out), f.a.data<double>(), ri,
+                    sigma.data<double>(), 1, f.a.data<double>(), ri),
+        "scaling U"));
+    // V_r column-major [d_in, r] = (vt[:r, :])ᵀ.
+    QCAL_ASSIGN_OR_RETURN(f.b, ctx.alloc(DType::kF64, {r, d_in}));
+    QCAL_RETURN_IF_ERROR(CublasStatus(
+        cublasDgeam(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d_in), ri, &one,
+                    vt.data<double>(), ki, &zero, f.b.data<double>(), static_cast<int>(d_in),
+                    f.b.data<double>(), static_cast<int>(d_in)),
+        "transposing Vᵀ"));
+  }
+  QCAL_ASSIGN_OR_RETURN(f.sigma,
+                        Download<double>(ctx, sigma.raw(), k, "reading the singular values"));
+  // As the CPU: both sums smallest first.
+  double total = 0, tail = 0;
+  for (int64_t i = k - 1; i >= 0; --i) {
+    total += f.sigma[i] * f.sigma[i];
+    if (i >= r) tail += f.sigma[i] * f.sigma[i];
+  }
+  f.error_before = std::sqrt(total);
+  f.error_after = std::sqrt(tail);
+  return f;
+}
+
+// The randomized SVD of m (row-major [d_out, d_in], kept). Column-major, m is A = Mᵀ [d_in, d_out]
+// = V Σ Uᵀ; the range finder works on A's column space (V's side): Y = A Ω, Z = Aᵀ Y, ...,
+// Bᵀ = Aᵀ Q = Q₂ R, R = U_R Σ V_Rᵀ, so that V ≈ Q V_R and U ≈ Q₂ U_R.
+absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, const Tensor& m,
+                                      int64_t d_out, int64_t d_in, int64_t r,
+                                      const LowRankOptions& options) {
+  const int64_t k = std::min<int64_t>(r + options.oversample, std::min(d_out, d_in));
+  const int n_in = static_cast<int>(d_in), n_out = static_cast<int>(d_out);
+  const int ki = static_cast<int>(k), ri = static_cast<int>(r);
+  const double one = 1.0, zero = 0.0;
+  const double* a = m.data<double>();
+  Factors f;
+  QCAL_RETURN_IF_ERROR(CublasStatus(cublasDnrm2_64(ctx.blas, d_out * d_in, a, 1, &f.error_before),
+                                    "cublasDnrm2 of E·S"));
+
+  QCAL_ASSIGN_OR_RETURN(Tensor y, ctx.alloc(DType::kF64, {k, d_in}));   // [d_in, k] col-major
+  QCAL_ASSIGN_OR_RETURN(Tensor z, ctx.alloc(DType::kF64, {k, d_out}));  // [d_out, k] col-major
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchGaussian(z.data<double>(), k * d_out, options.seed, ctx.stream),
+                 "drawing the test matrix"));
+  double* yp = y.data<double>();
+  double* zp = z.data<double>();
+  auto sketch = [&]() {  // Y = A Z
+    return CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, ki, n_out, &one, a,
+                                    n_in, zp, n_out, &zero, yp, n_in),
+                        "randomized SVD: A Z");
+  };
+  auto project = [&]() {  // Z = Aᵀ Y
+    return CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, ki, n_in, &one, a,
+                                    n_in, yp, n_in, &zero, zp, n_out),
+                        "randomized SVD: Aᵀ Y");
+  };
+  QCAL_RETURN_IF_ERROR(sketch());
+  QCAL_RETURN_IF_ERROR(solver.Qr(yp, d_in, k));
+  for (int it = 0; it < options.power_iterations; ++it) {
+    QCAL_RETURN_IF_ERROR(project());
+    QCAL_RETURN_IF_ERROR(solver.Qr(zp, d_out, k));
+    QCAL_RETURN_IF_ERROR(sketch());
+    QCAL_RETURN_IF_ERROR(solver.Qr(yp, d_in, k));
+  }
+  // Bᵀ = Aᵀ Q = Q₂ R (z becomes Q₂), then R = U_R Σ V_Rᵀ.
+  QCAL_RETURN_IF_ERROR(project());
+  QCAL_ASSIGN_OR_RETURN(Tensor rm, ctx.alloc(DType::kF64, {k, k}));
+  QCAL_RETURN_IF_ERROR(solver.Qr(zp, d_out, k, rm.data<double>()));
+  QCAL_ASSIGN_OR_RETURN(Tensor ur, ctx.alloc(DType::kF64, {k, k}));
+  QCAL_ASSIGN_OR_RETURN(Tensor vr, ctx.alloc(DType::kF64, {k, k}));
+  QCAL_ASSIGN_OR_RETURN(Tensor sigma, ctx.alloc(DType::kF64, {k}));
+  QCAL_RETURN_IF_ERROR(solver.SmallSvd(rm.data<double>(), k, ur.data<double>(),
+                                       sigma.data<double>(), vr.data<double>()));
+  QCAL_RETURN_IF_ERROR(solver.Check());
+
+  // L_A column-major [r, d_out] = (Q₂ U_R[:, :r] Σ_r)ᵀ = (U_R[:, :r] Σ_r)ᵀ Q₂ᵀ.
+  QCAL_RETURN_IF_ERROR(
+      CublasStatus(cublasDdgmm(ctx.blas, CUBLAS_SIDE_RIGHT, ki, ri, ur.data<double>(), ki,
+                               sigma.data<double>(), 1, ur.data<double>(), ki),
+                   "scaling U_R"));
+  QCAL_ASSIGN_OR_RETURN(f.a, ctx.alloc(DType::kF64, {d_out, r}));
+  QCAL_RETURN_IF_ERROR(
+      CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_T, ri, n_out, ki, &one,
+                               ur.data<double>(), ki, zp, n_out, &zero, f.a.data<double>(), ri),
+                   "randomized SVD: L_A"));
+  // V_r column-major [d_in, r] = Q V_R[:, :r].
+  QCAL_ASSIGN_OR_RETURN(f.b, ctx.alloc(DType::kF64, {r, d_in}));
+  QCAL_RETURN_IF_ERROR(
+      CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, ri, ki, &one, yp, n_in,
+                               vr.data<double>(), ki, &zero, f.b.data<double>(), n_in),
+                   "randomized SVD: V_r"));
+  QCAL_ASSIGN_OR_RETURN(auto sigma_host,
+                        Download<double>(ctx, sigma.raw(), k, "reading the singular values"));
+  f.sigma.assign(sigma_host.begin(), sigma_host.begin() + r);
+  double kept = 0;
+  for (int64_t i = r - 1; i >= 0; --i) kept += f.sigma[i] * f.sigma[i];
+  f.error_after = std::sqrt(std::max(0.0, f.error_before * f.error_before - kept));
+  return f;
+}
+
+}  // namespace
+
+absl::StatusOr<Tensor> CholeskyWhitening(const QuantContext& ctx, const Tensor& gram, double damp) {
+  if (!std::isfinite(damp) || damp < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("whitening: damp must be >= 0, got ", damp));
+  }
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(gram, "CholeskyWhitening", "gram"));
+  const int64_t n = gram.dim(0);
+  if (gram.dim(1) != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CholeskyWhitening: gram ", gram.DebugString(), " is not square"));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, gram, /*upper_only=*/true, "whitening: gram"));
+  QCAL_ASSIGN_OR_RETURN(auto diag, DownloadDiagonal(ctx, gram, "reading the Gram diagonal"));
+  double diag_sum = 0;
+  for (float d : diag) diag_sum += static_cast<double>(d);
+  const double delta = damp * (diag_sum / static_cast<double>(n));
+
+  // G + δI in the row-major lower triangle, which is the column-major upper triangle: potrf(upper)
+  // there computes Uᵀ U = A, and the column-major U read row-major is the lower L with L Lᵀ = A.
+  QCAL_ASSIGN_OR_RETURN(Tensor a, ctx.alloc(DType::kF64, {n, n}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchLowerFromUpper(gram.data<float>(), n, delta, a.data<double>(), ctx.stream),
+                 "CholeskyWhitening: assembling G + δI"));
+  SolverParams params;
+  QCAL_RETURN_IF_ERROR(params.Create());
+  size_t device_bytes = 0, host_bytes = 0;
+  QCAL_RETURN_IF_ERROR(CusolverStatus(
+      cusolverDnXpotrf_bufferSize(ctx.solver, params.get(), CUBLAS_FILL_MODE_UPPER, n, CUDA_R_64F,
+                                  a.raw(), n, CUDA_R_64F, &device_bytes, &host_bytes),
+      "cusolverDnXpotrf_bufferSize"));
+  QCAL_ASSIGN_OR_RETURN(
+      Tensor work,
+      ctx.alloc(DType::kU8, {static_cast<int64_t>(std::max<size_t>(device_bytes, 1))}));
+  std::vector<char> host(std::max<size_t>(host_bytes, 1));
+  QCAL_ASSIGN_OR_RETURN(Tensor info, ctx.alloc(DType::kI32, {1}));
+  QCAL_RETURN_IF_ERROR(
+      CusolverStatus(cusolverDnXpotrf(ctx.solver, params.get(), CUBLAS_FILL_MODE_UPPER, n,
+                                      CUDA_R_64F, a.raw(), n, CUDA_R_64F, work.raw(), device_bytes,
+                                      host.data(), host_bytes, info.data<int32_t>()),
+                     absl::StrCat("cusolverDnXpotrf n=", n)));
+  QCAL_ASSIGN_OR_RETURN(auto code, Download<int32_t>(ctx, info.raw(), 1, "cusolverDnXpotrf"));
+  if (code[0] > 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "whitening: the input Gram matrix plus damping (delta ", delta,
+        ") is not positive definite (leading minor ", code[0], " of ", n, "); raise damp"));
+  }
+  if (code[0] < 0) {
+    return absl::InternalError(
+        absl::StrCat("whitening: cusolverDnXpotrf argument ", -code[0], " is invalid"));
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor s, ctx.alloc(DType::kF32, {n, n}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchLowerToF32(a.data<double>(), n, s.data<float>(), ctx.stream),
+                 "CholeskyWhitening: rounding the factor"));
+  return s;
+}
+
+absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const Tensor& w,
+                                                const Tensor& w_hat, const Tensor& whitening,
+                                                const LowRankOptions& options) {
+  QCAL_RETURN_IF_ERROR(ValidateOptions(options));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "ReconstructError", "w"));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w_hat, "ReconstructError", "w_hat"));
+  if (w_hat.shape() != w.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat("ReconstructError: w_hat ", w_hat.DebugString(),
+                                                   " does not match w ", w.DebugString()));
+  }
+  const int64_t d_out = w.dim(0), d_in = w.dim(1);
+  QCAL_ASSIGN_OR_RETURN(WhiteningKind kind, KindOf(whitening, d_in));
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, w, /*upper_only=*/false, "weight"));
+  QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, w_hat, /*upper_only=*/false, "quantized weight"));
+  QCAL_RETURN_IF_ERROR(CheckWhitening(ctx, whitening, kind));
+  const int64_t r = std::min<int64_t>(options.rank, std::min(d_out, d_in));
+  const int n_in = static_cast<int>(d_in), ri = static_cast<int>(r);
+
+  // The products and the solve take both operands in one precision: S in double, with its strict
+  // upper triangle (never read from the caller's tensor) set to 0.
+  Tensor s64;
+  if (kind == WhiteningKind::kCholesky) {
+    QCAL_ASSIGN_OR_RETURN(s64, ctx.alloc(DType::kF64, {d_in, d_in}));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(LaunchLowerToF64(whitening.data<float>(), d_in, s64.data<double>(), ctx.stream),
+                   "ReconstructError: widening S"));
+  }
+  // M = E·S, row-major [d_out, d_in].
+  Tensor m;
+  {
+    QCAL_ASSIGN_OR_RETURN(Tensor e, ctx.alloc(DType::kF64, {d_out, d_in}));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(LaunchWhitenedDifference(
+                       w.data<float>(), w_hat.data<float>(), d_out, d_in,
+                       kind == WhiteningKind::kDiagonal ? whitening.data<float>() : nullptr,
+                       e.data<double>(), ctx.stream),
+                   "ReconstructError: E"));
+    if (kind == WhiteningKind::kCholesky) {
+      QCAL_ASSIGN_OR_RETURN(m, ctx.alloc(DType::kF64, {d_out, d_in}));
+      QCAL_RETURN_IF_ERROR(
+          MultiplyLower(ctx, e.data<double>(), s64.data<double>(), d_out, d_in, m.data<double>()));
+    } else {
+      m = e;
+    }
+  }
+
+  // Info words: one SVD (kFull); two per QR, 2 + 4q + 2 of them, and one SVD (kRandomized).
+  Solver solver(ctx);
+  QCAL_RETURN_IF_ERROR(
+      solver.Init(options.svd == SvdMethod::kFull ? 1 : 4 * options.power_iterations + 5));
+  Factors f;
+  if (options.svd == SvdMethod::kFull) {
+    QCAL_ASSIGN_OR_RETURN(f, FullSvd(ctx, solver, m, d_out, d_in, r));
+  } else {
+    QCAL_ASSIGN_OR_RETURN(f, RandomizedSvd(ctx, solver, m, d_out, d_in, r, options));
+  }
+  m = Tensor();
+
+  // L_B = V_rᵀ S⁻¹: column-major L_Bᵀ = S⁻ᵀ V_r, a solve with the column-major upper Sᵀ.
+  double* b = f.b.data<double>();
+  if (kind == WhiteningKind::kCholesky) {
+    const double one = 1.0;
+    QCAL_RETURN_IF_ERROR(CublasStatus(
+        cublasDtrsm(ctx.blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N,
+                    CUBLAS_DIAG_NON_UNIT, n_in, ri, &one, s64.data<double>(), n_in, b, n_in),
+        "ReconstructError: V_rᵀ S⁻¹"));
+  } else if (kind == WhiteningKind::kDiagonal) {
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(LaunchDivideColumns(b, r, d_in, whitening.data<float>(), ctx.stream),
+                   "ReconstructError: V_rᵀ S⁻¹"));
+  }
+
+  LowRankTensors out;
+  out.d_out = d_out;
+  out.d_in = d_in;
+  out.rank = r;
+  QCAL_ASSIGN_OR_RETURN(out.a, ctx.alloc(DType::kF32, {d_out, r}));
+  QCAL_ASSIGN_OR_RETURN(out.b, ctx.alloc(DType::kF32, {r, d_in}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchF64ToF32(f.a.data<double>(), d_out * r, out.a.data<float>(), ctx.stream),
+                 "ReconstructError: rounding L_A"));
+  QCAL_RETURN_IF_ERROR(CudaStatus(LaunchF64ToF32(b, r * d_in, out.b.data<float>(), ctx.stream),
+                                  "ReconstructError: rounding L_B"));
+  out.singular_values = std::move(f.sigma);
+  out.error_before = f.error_before;
+  out.error_after = f.error_after;
+  return out;
+}
+
+}  // namespace qcal::kernels::cuda

@@ -1,0 +1,54 @@
+// Launchers of the error-reconstruction kernels (spec: engine::CholeskyWhitening and
+// engine::ReconstructError in services/engine/aser/error_reconstruction.h; the adapters, which run
+// the factorizations and products in cuSOLVER and cuBLAS, are in cuda_low_rank.cc). Each returns
+// the launch's cudaError_t, runs on `stream` asynchronously and knows nothing of tensors or absl.
+// All matrices are row-major unless a comment says column-major.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace qcal::kernels::cuda {
+
+// a [n, n] (double) = the row-major lower triangle of G + delta·I read from the upper triangle of
+// g [n, n] (fp32): a[i*n + j] = g[j*n + i] (+ delta when i == j) for j <= i, 0 for j > i.
+// Column-major, a is the upper triangle of G + delta·I, ready for potrf(upper).
+cudaError_t LaunchLowerFromUpper(const float* g, int64_t n, double delta, double* a,
+                                 cudaStream_t stream);
+
+// s [n, n] (fp32) = the lower triangle of a [n, n] (double) rounded to fp32; the strict upper
+// triangle of s is 0.
+cudaError_t LaunchLowerToF32(const double* a, int64_t n, float* s, cudaStream_t stream);
+
+// m[o*d_in + j] = (double(w) - double(w_hat)) · (scale ? scale[j] : 1) in double, for the
+// [d_out, d_in] matrices w and w_hat (fp32) and the optional per-column scale [d_in] (fp32).
+cudaError_t LaunchWhitenedDifference(const float* w, const float* w_hat, int64_t d_out,
+                                     int64_t d_in, const float* scale, double* m,
+                                     cudaStream_t stream);
+
+// x [rank, d_in] (double) /= scale[j] per column j, and 0 where scale[j] == 0 (a channel without
+// signal gets a zero column).
+cudaError_t LaunchDivideColumns(double* x, int64_t rank, int64_t d_in, const float* scale,
+                                cudaStream_t stream);
+
+// x[i] = a standard normal draw (Box-Muller on HashBits(seed, 2i) and HashBits(seed, 2i + 1),
+// kernels/hash_random.h), in double: the same values for the same seed on every run.
+cudaError_t LaunchGaussian(double* x, int64_t count, uint64_t seed, cudaStream_t stream);
+
+// dst (column-major [k, k], leading dimension k) = the upper triangle of src (column-major, leading
+// dimension ld >= k); the strict lower triangle of dst is 0.
+cudaError_t LaunchUpperTriangle(const double* src, int64_t ld, int64_t k, double* dst,
+                                cudaStream_t stream);
+
+// dst[i] = float(src[i]).
+cudaError_t LaunchF64ToF32(const double* src, int64_t count, float* dst, cudaStream_t stream);
+// a [n, n] (double) = the lower triangle of s [n, n] (fp32); the strict upper triangle of a is 0.
+cudaError_t LaunchLowerToF64(const float* s, int64_t n, double* a, cudaStream_t stream);
+
+// *first = min(*first, linear index of every non-finite element) of the lower triangle (j <= i)
+// of x [n, n] (fp32). The caller initialises *first to ~0ull.
+cudaError_t LaunchFindNonFiniteLower(const float* x, int64_t n, unsigned long long* first,
+                                     cudaStream_t stream);
+
+}  // namespace qcal::kernels::cuda

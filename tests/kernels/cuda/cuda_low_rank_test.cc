@@ -1,0 +1,501 @@
+// Parity of the CUDA backend's error-reconstruction ops (CholeskyWhitening, ReconstructError) with
+// the CPU reference of services/engine/aser/error_reconstruction.h (float64, LAPACK), on layers
+// whose error is real: W heavy-tailed, Ŵ = the device's RTN of W, G = XᵀX of correlated
+// activations with outlier channels. Both sides get the same fp32 whitening factor, so what is
+// compared is the SVD path: kFull against the CPU; kRandomized against kFull. Skips without a GPU.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "services/engine/aser/error_reconstruction.h"
+#include "tests/engine/quant/quant_test_data.h"
+
+namespace qcal::kernels {
+namespace {
+
+using engine::WhiteningFactor;
+
+// kFull (cusolverDnXgesvd, double) against LAPACK (double) from the same fp32 inputs: both are
+// backward stable, so each σ_i agrees to about 1e-13 · σ_1; the bound allows that absolute term
+// (exact zeros from a dead channel) on top of 1e-4 relative.
+constexpr double kSigmaRelBound = 1e-4;
+constexpr double kSigmaAbsBound = 1e-10;  // times σ_1
+// error_before and error_after: sums of the same σ², both in double.
+constexpr double kErrorRelBound = 1e-6;
+// L_A·L_B against the CPU's (factors may differ in sign; products may not): ‖ΔP‖_F / ‖P‖_F. Both
+// are products of fp32-rounded factors (about 1e-7 each), and singular vectors near the rank cut
+// move by rounding / gap.
+constexpr double kProductBound = 1e-4;
+// The whitened residual of the returned fp32 factors, ‖(E − L_A L_B) S‖_F, against error_after:
+// |difference| <= this · error_before (the CPU test's bound for its fp32 factors); at full rank,
+// where every one of the 64 directions carries its rounding, 1e-4.
+constexpr double kResidualBound = 1e-5;
+constexpr double kFullRankResidualBound = 1e-4;
+// kRandomized (oversample 16, 2 power iterations) against kFull: error_after at most 1% above;
+// on a decaying spectrum the r leading σ within 1e-3 relative.
+constexpr double kRandomizedErrorRatio = 1.01;
+constexpr double kRandomizedSigmaBound = 1e-3;
+// GPU Cholesky (double, rounded to fp32) against the CPU's (double): ‖ΔS‖_F / ‖S‖_F.
+constexpr double kWhiteningBound = 1e-6;
+
+enum class Kind { kCholesky, kDiagonal, kNone };
+
+const char* KindName(Kind k) {
+  switch (k) {
+    case Kind::kCholesky:
+      return "cholesky";
+    case Kind::kDiagonal:
+      return "diagonal";
+    case Kind::kNone:
+      return "none";
+  }
+  return "?";
+}
+
+// A layer: w, w_hat (RTN on the device), the Gram matrix and the mean |x| of its inputs (host).
+struct Layer {
+  int64_t d_out = 0, d_in = 0;
+  std::vector<float> w, w_hat, gram, mean_abs;
+};
+
+class CudaLowRankTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+    BackendOptions options;
+    options.device = "cuda";
+    auto backend = CreateBackend(options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    be_ = std::move(*backend);
+  }
+
+  Tensor Upload(const std::vector<float>& v, Shape shape) {
+    auto t = be_->ToDevice(Tensor::FromVector(v, std::move(shape)));
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *t : Tensor();
+  }
+  std::vector<float> Download(const Tensor& t) {
+    auto host = be_->ToHost(t);
+    EXPECT_TRUE(host.ok()) << host.status();
+    if (!host.ok()) return {};
+    const float* p = host->data<float>();
+    return std::vector<float>(p, p + host->numel());
+  }
+
+  // W heavy-tailed, Ŵ its 3-bit RTN (group 16) on the device, X [tokens, d_in] correlated with 3
+  // outlier channels; channel `dead` (if >= 0) gets no signal (mean |x| = 0, G row and column 0).
+  Layer MakeLayer(int64_t d_out, int64_t d_in, int64_t tokens, uint64_t seed, int dead = -1) {
+    Layer l;
+    l.d_out = d_out;
+    l.d_in = d_in;
+    l.w = testing::HeavyTailedWeights<float>(d_out, d_in, seed);
+    QuantSpec spec;
+    spec.bits = 3;
+    spec.group_size = 16;
+    auto q = be_->QuantizeRtn(Upload(l.w, {d_out, d_in}), spec);
+    EXPECT_TRUE(q.ok()) << q.status();
+    if (q.ok()) l.w_hat = Download(q->dequantized);
+    std::vector<double> x = testing::CorrelatedActivations(tokens, d_in, 3, seed + 1);
+    if (dead >= 0) {
+      for (int64_t t = 0; t < tokens; ++t) x[t * d_in + dead] = 0;
+    }
+    l.gram = testing::Gram<float>(x, tokens, d_in);
+    l.mean_abs.assign(d_in, 0.0f);
+    for (int64_t j = 0; j < d_in; ++j) {
+      double sum = 0;
+      for (int64_t t = 0; t < tokens; ++t) sum += std::fabs(x[t * d_in + j]);
+      l.mean_abs[j] = static_cast<float>(sum / tokens);
+    }
+    return l;
+  }
+
+  // The device whitening factor of `kind` (undefined for kNone) and the same values as the CPU's
+  // WhiteningFactor.
+  void Whitening(const Layer& l, Kind kind, Tensor* device, WhiteningFactor* cpu) {
+    const int64_t n = l.d_in;
+    if (kind == Kind::kNone) {
+      *device = Tensor();
+      *cpu = engine::IdentityWhitening(n);
+      return;
+    }
+    if (kind == Kind::kDiagonal) {
+      *device = Upload(l.mean_abs, {n});
+      auto s = engine::DiagonalWhitening(std::vector<double>(l.mean_abs.begin(), l.mean_abs.end()));
+      ASSERT_TRUE(s.ok()) << s.status();
+      *cpu = *s;
+      return;
+    }
+    auto s = be_->CholeskyWhitening(Upload(l.gram, {n, n}), 0.01);
+    ASSERT_TRUE(s.ok()) << s.status();
+    *device = *s;
+    const std::vector<float> host = Download(*s);
+    cpu->kind = engine::Whitening::kCholesky;
+    cpu->d_in = n;
+    cpu->factor.assign(host.begin(), host.end());
+  }
+
+  std::unique_ptr<Backend> be_;
+};
+
+std::vector<double> ToDouble(const std::vector<float>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// P = a·b in double, a [d_out, r], b [r, d_in].
+template <typename A, typename B>
+std::vector<double> Product(const std::vector<A>& a, const std::vector<B>& b, int64_t d_out,
+                            int64_t d_in, int64_t r) {
+  std::vector<double> p(d_out * d_in, 0.0);
+  for (int64_t o = 0; o < d_out; ++o) {
+    for (int64_t i = 0; i < r; ++i) {
+      const double ai = a[o * r + i];
+      for (int64_t j = 0; j < d_in; ++j) p[o * d_in + j] += ai * double(b[i * d_in + j]);
+    }
+  }
+  return p;
+}
+
+double RelativeDifference(const std::vector<double>& x, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (x[i] - ref[i]) * (x[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// ‖(E − P) S‖_F in double with S applied by plain loops.
+double WhitenedResidual(const Layer& l, const std::vector<double>& p, const WhiteningFactor& s) {
+  const int64_t d_out = l.d_out, n = l.d_in;
+  double sum = 0;
+  std::vector<double> row(n);
+  for (int64_t o = 0; o < d_out; ++o) {
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = double(l.w[o * n + j]) - double(l.w_hat[o * n + j]) - p[o * n + j];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      double v = 0;
+      switch (s.kind) {
+        case engine::Whitening::kCholesky:
+          for (int64_t i = j; i < n; ++i) v += row[i] * s.factor[i * n + j];  // (R S)_j, S lower
+          break;
+        case engine::Whitening::kDiagonal:
+          v = row[j] * s.factor[j];
+          break;
+        case engine::Whitening::kNone:
+          v = row[j];
+          break;
+      }
+      sum += v * v;
+    }
+  }
+  return std::sqrt(sum);
+}
+
+TEST_F(CudaLowRankTest, FullMatchesCpuReference) {
+  EXPECT_TRUE(be_->SupportsSolverOp(SolverOp::kErrorReconstruction));
+  struct Case {
+    int64_t d_out, d_in, rank;
+  };
+  // Tall (Mᵀ factored through a transposed copy), wide, square, size 1.
+  const Case cases[] = {{172, 64, 8}, {96, 200, 16}, {64, 64, 5}, {1, 1, 1}};
+  uint64_t seed = 10;
+  for (const Case& c : cases) {
+    const Layer l = MakeLayer(c.d_out, c.d_in, 3 * c.d_in + 8, seed++, c.d_in > 4 ? 4 : -1);
+    for (Kind kind : {Kind::kCholesky, Kind::kDiagonal, Kind::kNone}) {
+      SCOPED_TRACE(::testing::Message()
+                   << c.d_out << "x" << c.d_in << " rank " << c.rank << " " << KindName(kind));
+      Tensor s;
+      WhiteningFactor cpu_s;
+      Whitening(l, kind, &s, &cpu_s);
+      engine::ErrorReconstructionOptions cpu_options;
+      cpu_options.rank = static_cast<int>(c.rank);
+      auto cpu = engine::ReconstructError<double>(ToDouble(l.w).data(), ToDouble(l.w_hat).data(),
+                                                  c.d_out, c.d_in, cpu_s, cpu_options);
+      ASSERT_TRUE(cpu.ok()) << cpu.status();
+      LowRankOptions options;
+      options.rank = static_cast<int>(c.rank);
+      options.svd = SvdMethod::kFull;
+      auto gpu = be_->ReconstructError(Upload(l.w, {c.d_out, c.d_in}),
+                                       Upload(l.w_hat, {c.d_out, c.d_in}), s, options);
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      ASSERT_EQ(gpu->rank, cpu->rank);
+      EXPECT_EQ(gpu->a.shape(), (Shape{c.d_out, c.rank}));
+      EXPECT_EQ(gpu->b.shape(), (Shape{c.rank, c.d_in}));
+      ASSERT_EQ(gpu->singular_values.size(), cpu->singular_values.size());
+      const double sigma1 = cpu->singular_values[0];
+      for (size_t i = 0; i < cpu->singular_values.size(); ++i) {
+        const double want = cpu->singular_values[i], got = gpu->singular_values[i];
+        EXPECT_LE(std::fabs(got - want), kSigmaRelBound * want + kSigmaAbsBound * sigma1)
+            << "sigma " << i << ": gpu " << got << " cpu " << want;
+      }
+      EXPECT_NEAR(gpu->error_before, cpu->error_before, kErrorRelBound * cpu->error_before);
+      EXPECT_NEAR(gpu->error_after, cpu->error_after, kErrorRelBound * cpu->error_before);
+
+      const std::vector<float> a = Download(gpu->a), b = Download(gpu->b);
+      const std::vector<double> p = Product(a, b, c.d_out, c.d_in, c.rank);
+      const std::vector<double> p_cpu = Product(cpu->a, cpu->b, c.d_out, c.d_in, c.rank);
+      EXPECT_LE(RelativeDifference(p, p_cpu), kProductBound);
+      const double residual = WhitenedResidual(l, p, cpu_s);
+      EXPECT_NEAR(residual, gpu->error_after, kResidualBound * gpu->error_before);
+      if (kind == Kind::kDiagonal && c.d_in > 4) {
+        for (int64_t i = 0; i < c.rank; ++i) EXPECT_EQ(b[i * c.d_in + 4], 0.0f) << "row " << i;
+      }
+    }
+  }
+}
+
+TEST_F(CudaLowRankTest, RandomizedIsCloseToFullOnRealErrors) {
+  // A whitened RTN error: a few large σ from the correlated and outlier channels, then a slowly
+  // decaying tail.
+  struct Case {
+    int64_t d_out, d_in, rank;
+  };
+  const Case cases[] = {{384, 256, 32}, {200, 520, 16}};
+  uint64_t seed = 30;
+  for (const Case& c : cases) {
+    const Layer l = MakeLayer(c.d_out, c.d_in, 2 * c.d_in, seed++);
+    for (Kind kind : {Kind::kCholesky, Kind::kDiagonal}) {
+      SCOPED_TRACE(::testing::Message() << c.d_out << "x" << c.d_in << " " << KindName(kind));
+      Tensor s;
+      WhiteningFactor cpu_s;
+      Whitening(l, kind, &s, &cpu_s);
+      const Tensor w = Upload(l.w, {c.d_out, c.d_in}), w_hat = Upload(l.w_hat, {c.d_out, c.d_in});
+      LowRankOptions options;
+      options.rank = static_cast<int>(c.rank);
+      options.svd = SvdMethod::kFull;
+      auto full = be_->ReconstructError(w, w_hat, s, options);
+      ASSERT_TRUE(full.ok()) << full.status();
+      options.svd = SvdMethod::kRandomized;
+      auto rnd = be_->ReconstructError(w, w_hat, s, options);
+      ASSERT_TRUE(rnd.ok()) << rnd.status();
+      EXPECT_EQ(rnd->singular_values.size(), static_cast<size_t>(c.rank));
+      EXPECT_NEAR(rnd->error_before, full->error_before, kErrorRelBound * full->error_before);
+      EXPECT_GE(rnd->error_after, full->error_after * (1 - kErrorRelBound));
+      EXPECT_LE(rnd->error_after, kRandomizedErrorRatio * full->error_after)
+          << "randomized " << rnd->error_after << " full " << full->error_after;
+      // The reported error is what the fp32 factors achieve.
+      const std::vector<double> p =
+          Product(Download(rnd->a), Download(rnd->b), c.d_out, c.d_in, c.rank);
+      EXPECT_NEAR(WhitenedResidual(l, p, cpu_s), rnd->error_after,
+                  kResidualBound * rnd->error_before);
+    }
+  }
+}
+
+TEST_F(CudaLowRankTest, RandomizedFindsTheLeadingSingularValuesOfADecayingSpectrum) {
+  // E = Σ_i exp(-i/10) g_i h_iᵀ (Gaussian g, h), added to an RTN-quantized W.
+  const int64_t d_out = 300, d_in = 200, terms = 120, rank = 16;
+  Layer l = MakeLayer(d_out, d_in, 2 * d_in, 50);
+  testing::TestRng rng(51);
+  std::vector<double> e(d_out * d_in, 0.0);
+  for (int64_t t = 0; t < terms; ++t) {
+    std::vector<double> g(d_out), h(d_in);
+    for (double& v : g) v = rng.Normal() / std::sqrt(double(d_out));
+    for (double& v : h) v = rng.Normal() / std::sqrt(double(d_in));
+    const double c = 0.05 * std::exp(-double(t) / 10);
+    for (int64_t o = 0; o < d_out; ++o) {
+      for (int64_t j = 0; j < d_in; ++j) e[o * d_in + j] += c * g[o] * h[j];
+    }
+  }
+  for (size_t i = 0; i < e.size(); ++i) l.w[i] = l.w_hat[i] + static_cast<float>(e[i]);
+  const Tensor w = Upload(l.w, {d_out, d_in}), w_hat = Upload(l.w_hat, {d_out, d_in});
+  for (Kind kind : {Kind::kNone, Kind::kCholesky}) {
+    SCOPED_TRACE(KindName(kind));
+    Tensor s;
+    WhiteningFactor cpu_s;
+    Whitening(l, kind, &s, &cpu_s);
+    LowRankOptions options;
+    options.rank = rank;
+    options.svd = SvdMethod::kFull;
+    auto full = be_->ReconstructError(w, w_hat, s, options);
+    ASSERT_TRUE(full.ok()) << full.status();
+    options.svd = SvdMethod::kRandomized;
+    auto rnd = be_->ReconstructError(w, w_hat, s, options);
+    ASSERT_TRUE(rnd.ok()) << rnd.status();
+    ASSERT_EQ(rnd->singular_values.size(), static_cast<size_t>(rank));
+    for (int64_t i = 0; i < rank; ++i) {
+      EXPECT_NEAR(rnd->singular_values[i], full->singular_values[i],
+                  kRandomizedSigmaBound * full->singular_values[i])
+          << "sigma " << i;
+    }
+    EXPECT_LE(rnd->error_after, kRandomizedErrorRatio * full->error_after);
+    const std::vector<double> p_full =
+        Product(Download(full->a), Download(full->b), d_out, d_in, rank);
+    const std::vector<double> p_rnd =
+        Product(Download(rnd->a), Download(rnd->b), d_out, d_in, rank);
+    EXPECT_LE(RelativeDifference(p_rnd, p_full), 1e-2);
+  }
+}
+
+TEST_F(CudaLowRankTest, RankIsClampedAndFullRankIsExact) {
+  const Layer l = MakeLayer(172, 64, 200, 60);
+  Tensor s;
+  WhiteningFactor cpu_s;
+  Whitening(l, Kind::kCholesky, &s, &cpu_s);
+  const Tensor w = Upload(l.w, {172, 64}), w_hat = Upload(l.w_hat, {172, 64});
+  for (SvdMethod method : {SvdMethod::kFull, SvdMethod::kRandomized}) {
+    SCOPED_TRACE(method == SvdMethod::kFull ? "full" : "randomized");
+    LowRankOptions options;
+    options.rank = 1000;
+    options.svd = method;
+    auto out = be_->ReconstructError(w, w_hat, s, options);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(out->rank, 64);
+    EXPECT_EQ(out->a.shape(), (Shape{172, 64}));
+    EXPECT_EQ(out->b.shape(), (Shape{64, 64}));
+    EXPECT_EQ(out->singular_values.size(), 64u);
+    EXPECT_LE(out->error_after, 1e-6 * out->error_before);
+    const std::vector<double> p = Product(Download(out->a), Download(out->b), 172, 64, 64);
+    EXPECT_LE(WhitenedResidual(l, p, cpu_s), kFullRankResidualBound * out->error_before);
+  }
+}
+
+TEST_F(CudaLowRankTest, ResultsAreBitIdenticalRunToRun) {
+  const Layer l = MakeLayer(150, 330, 400, 70);
+  const Tensor w = Upload(l.w, {150, 330}), w_hat = Upload(l.w_hat, {150, 330});
+  const Tensor gram = Upload(l.gram, {330, 330});
+  for (SvdMethod method : {SvdMethod::kRandomized, SvdMethod::kFull}) {
+    std::vector<float> a[2], b[2], s[2];
+    std::vector<double> sigma[2];
+    double after[2];
+    for (int run = 0; run < 2; ++run) {
+      auto whitening = be_->CholeskyWhitening(gram, 0.01);
+      ASSERT_TRUE(whitening.ok()) << whitening.status();
+      LowRankOptions options;
+      options.rank = 24;
+      options.svd = method;
+      options.seed = 7;
+      auto out = be_->ReconstructError(w, w_hat, *whitening, options);
+      ASSERT_TRUE(out.ok()) << out.status();
+      s[run] = Download(*whitening);
+      a[run] = Download(out->a);
+      b[run] = Download(out->b);
+      sigma[run] = out->singular_values;
+      after[run] = out->error_after;
+    }
+    EXPECT_EQ(s[0], s[1]);
+    EXPECT_EQ(a[0], a[1]);
+    EXPECT_EQ(b[0], b[1]);
+    EXPECT_EQ(sigma[0], sigma[1]);
+    EXPECT_EQ(after[0], after[1]);
+  }
+}
+
+TEST_F(CudaLowRankTest, CholeskyWhiteningMatchesCpu) {
+  uint64_t seed = 80;
+  for (auto [n, tokens] : {std::pair<int64_t, int64_t>{1, 4}, {37, 20}, {300, 900}, {513, 1100}}) {
+    for (double damp : {0.01, 0.1}) {
+      SCOPED_TRACE(::testing::Message() << "n " << n << " damp " << damp);
+      const std::vector<double> x = testing::CorrelatedActivations(tokens, n, 2, seed++);
+      std::vector<float> gram = testing::Gram<float>(x, tokens, n);
+      auto cpu = engine::CholeskyWhitening<float>(gram.data(), n, damp);
+      ASSERT_TRUE(cpu.ok()) << cpu.status();
+      // Only the upper triangle is read.
+      for (int64_t i = 1; i < n; ++i) gram[i * n] = std::numeric_limits<float>::quiet_NaN();
+      auto gpu = be_->CholeskyWhitening(Upload(gram, {n, n}), damp);
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      EXPECT_EQ(gpu->shape(), (Shape{n, n}));
+      const std::vector<float> s = Download(*gpu);
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = i + 1; j < n; ++j) ASSERT_EQ(s[i * n + j], 0.0f) << i << ", " << j;
+      }
+      EXPECT_LE(RelativeDifference(ToDouble(s), cpu->factor), kWhiteningBound);
+    }
+  }
+}
+
+TEST_F(CudaLowRankTest, CholeskyWhiteningFailsLikeTheCpuWhenNotPositiveDefinite) {
+  const int64_t n = 24;
+  std::vector<float> g(n * n, 0.0f);
+  for (int64_t j = 0; j < n; ++j) g[j * n + j] = j == 5 ? -1.0f : 1.0f;
+  auto cpu = engine::CholeskyWhitening<float>(g.data(), n, 0.0);
+  auto gpu = be_->CholeskyWhitening(Upload(g, {n, n}), 0.0);
+  ASSERT_FALSE(cpu.ok());
+  ASSERT_FALSE(gpu.ok());
+  EXPECT_EQ(gpu.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(gpu.status().message(), cpu.status().message());
+  EXPECT_NE(gpu.status().message().find("leading minor 6 of 24"), std::string::npos)
+      << gpu.status();
+  const std::vector<float> zeros(n * n, 0.0f);
+  EXPECT_EQ(be_->CholeskyWhitening(Upload(zeros, {n, n}), 0.01).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(CudaLowRankTest, BadInputIsInvalidArgument) {
+  const int64_t d_out = 6, n = 16;
+  const Layer l = MakeLayer(d_out, n, 40, 90);
+  const Tensor w = Upload(l.w, {d_out, n}), w_hat = Upload(l.w_hat, {d_out, n});
+  auto s = be_->CholeskyWhitening(Upload(l.gram, {n, n}), 0.01);
+  ASSERT_TRUE(s.ok()) << s.status();
+  LowRankOptions options;
+  options.rank = 4;
+  auto expect_invalid = [](const absl::Status& status, const std::string& names) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_NE(status.message().find(names), std::string::npos) << status;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+
+  auto bad = l.w;
+  bad[2 * n + 5] = nan;
+  expect_invalid(be_->ReconstructError(Upload(bad, {d_out, n}), w_hat, *s, options).status(),
+                 "weight[2, 5]");
+  expect_invalid(be_->ReconstructError(w, Upload(bad, {d_out, n}), *s, options).status(),
+                 "quantized weight[2, 5]");
+  expect_invalid(be_->ReconstructError(w, Upload(l.w, {n, d_out}), *s, options).status(), "w_hat");
+  expect_invalid(be_->ReconstructError(w, Tensor(), *s, options).status(), "w_hat");
+  expect_invalid(
+      be_->ReconstructError(Tensor::FromVector(l.w, {d_out, n}), w_hat, *s, options).status(),
+      "expected a non-empty CUDA F32 matrix");
+
+  // Whitening: wrong shape, non-finite lower triangle (the strict upper one is not read), a zero
+  // pivot, a negative diagonal scale.
+  expect_invalid(be_->ReconstructError(w, w_hat, Upload(l.mean_abs, {n / 2, 2}), options).status(),
+                 "whitening factor");
+  auto s_host = Download(*s);
+  auto s_bad = s_host;
+  s_bad[9 * n + 3] = nan;
+  expect_invalid(be_->ReconstructError(w, w_hat, Upload(s_bad, {n, n}), options).status(),
+                 "whitening[9, 3]");
+  s_bad = s_host;
+  s_bad[3 * n + 9] = nan;
+  EXPECT_TRUE(be_->ReconstructError(w, w_hat, Upload(s_bad, {n, n}), options).ok());
+  s_bad = s_host;
+  s_bad[7 * n + 7] = 0.0f;
+  expect_invalid(be_->ReconstructError(w, w_hat, Upload(s_bad, {n, n}), options).status(),
+                 "whitening[7, 7]");
+  auto diag_bad = l.mean_abs;
+  diag_bad[3] = -1.0f;
+  expect_invalid(be_->ReconstructError(w, w_hat, Upload(diag_bad, {n}), options).status(),
+                 "channel 3");
+
+  LowRankOptions bad_options = options;
+  bad_options.rank = 0;
+  expect_invalid(be_->ReconstructError(w, w_hat, *s, bad_options).status(),
+                 "error_reconstruction.rank");
+  bad_options = options;
+  bad_options.oversample = -1;
+  expect_invalid(be_->ReconstructError(w, w_hat, *s, bad_options).status(), "oversample");
+  bad_options = options;
+  bad_options.power_iterations = -1;
+  expect_invalid(be_->ReconstructError(w, w_hat, *s, bad_options).status(), "power_iterations");
+
+  // CholeskyWhitening: non-finite upper triangle, bad damp, non-square.
+  auto g_bad = l.gram;
+  g_bad[3 * n + 9] = std::numeric_limits<float>::infinity();
+  expect_invalid(be_->CholeskyWhitening(Upload(g_bad, {n, n}), 0.01).status(), "gram[3, 9]");
+  expect_invalid(be_->CholeskyWhitening(Upload(l.gram, {n, n}), -0.5).status(), "damp");
+  expect_invalid(be_->CholeskyWhitening(Upload(l.gram, {n, n}), std::nan("")).status(), "damp");
+  expect_invalid(be_->CholeskyWhitening(Upload(l.gram, {n / 2, 2 * n}), 0.01).status(),
+                 "not square");
+}
+
+}  // namespace
+}  // namespace qcal::kernels
