@@ -35,7 +35,7 @@ enum class Op {
 // Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. Backends
 // without them (the CPU backend) leave the solves to the engine's CPU quantizers
 // (services/engine/quant), which are the reference these ops are tested against.
-enum class SolverOp { kGptq, kQuantizeRtn, kOutputError, kErrorReconstruction };
+enum class SolverOp { kGptq, kQuantizeRtn, kOutputError, kErrorReconstruction, kChannelStats };
 
 enum class ComputeDType { kF32, kBF16 };
 
@@ -188,6 +188,17 @@ class Backend {
                                                           const Tensor& whitening,
                                                           const LowRankOptions& options) {
     return Unsupported("ReconstructError");
+  }
+  // w += a·b for F32 a [d_out, r], b [r, d_in] and w [d_out, d_in] on this device: a low-rank
+  // correction added to a dense weight (to measure the corrected layer's output error).
+  virtual absl::Status AddLowRank(const Tensor& a, const Tensor& b, Tensor& w) {
+    return Unsupported("AddLowRank");
+  }
+  // Per-channel statistics of one chunk of a linear's input x (F32 [rows, width] on this device,
+  // rows whole samples of seq_len tokens), like engine::ActivationStats::Accumulate (bit-identical
+  // max; sums in double in another order). InvalidArgument for a bad shape or seq_len.
+  virtual absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) {
+    return Unsupported("ChannelAbsStats");
   }
 
  private:

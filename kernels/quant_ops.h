@@ -118,4 +118,15 @@ struct LowRankTensors {
   double error_after = 0;
 };
 
+// Per-channel statistics of one chunk of a linear's input (the smoothing statistics of DESIGN
+// section 3), on the host.
+struct ChannelStats {
+  std::vector<float> max_abs;   // [width]: max |x_tj| over the counted rows (0 if none)
+  std::vector<double> sum_abs;  // [width]: Σ |x_tj| over the counted rows
+  int64_t tokens = 0;           // rows counted: those that are not a sample's first (BOS)
+  int64_t skipped = 0;          // BOS rows skipped
+  // The first column holding a NaN or an infinity in any row (BOS rows included); -1 if none.
+  int64_t first_bad_column = -1;
+};
+
 }  // namespace qcal::kernels

@@ -15,6 +15,7 @@
 #include "kernels/cuda/act_quant.cuh"
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/blas.h"
+#include "kernels/cuda/channel_stats.cuh"
 #include "kernels/cuda/cuda_low_rank.h"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/cuda/cuda_resources.h"
@@ -237,6 +238,47 @@ class CudaBackend final : public Backend {
                                                   const Tensor& whitening,
                                                   const LowRankOptions& options) override {
     return cuda::ReconstructError(SolverContext(), w, w_hat, whitening, options);
+  }
+
+  absl::Status AddLowRank(const Tensor& a, const Tensor& b, Tensor& w) override {
+    return cuda::AddLowRank(SolverContext(), a, b, w);
+  }
+
+  absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ChannelAbsStats", "x"));
+    if (x.rank() != 2 || seq_len < 1 || x.dim(0) % seq_len != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ChannelAbsStats: x ", x.DebugString(), " is not whole samples of ", seq_len, " tokens"));
+    }
+    const int64_t rows = x.dim(0), width = x.dim(1);
+    ChannelStats out;
+    out.skipped = rows / seq_len;
+    out.tokens = rows - out.skipped;
+    out.max_abs.assign(width, 0.0f);
+    out.sum_abs.assign(width, 0.0);
+    if (width == 0 || rows == 0) return out;
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    // Scratch in doubles: a double, a float and an int per (segment, column).
+    const int64_t segments = cuda::ChannelStatsSegments(rows);
+    QCAL_ASSIGN_OR_RETURN(Tensor scratch, Alloc(DType::kF64, {2 * segments * width}));
+    QCAL_ASSIGN_OR_RETURN(Tensor max_abs, Alloc(DType::kF32, {width}));
+    QCAL_ASSIGN_OR_RETURN(Tensor sum_abs, Alloc(DType::kF64, {width}));
+    QCAL_ASSIGN_OR_RETURN(Tensor bad, Alloc(DType::kI32, {width}));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchChannelStats(x.data<float>(), rows, width, seq_len,
+                                            scratch.data<double>(), max_abs.data<float>(),
+                                            sum_abs.data<double>(), bad.data<int32_t>(), stream()),
+                   "ChannelAbsStats kernel"));
+    QCAL_ASSIGN_OR_RETURN(Tensor max_host, ToHost(max_abs));
+    QCAL_ASSIGN_OR_RETURN(Tensor sum_host, ToHost(sum_abs));
+    QCAL_ASSIGN_OR_RETURN(Tensor bad_host, ToHost(bad));
+    std::copy_n(max_host.data<float>(), width, out.max_abs.begin());
+    std::copy_n(sum_host.data<double>(), width, out.sum_abs.begin());
+    const int32_t* b = bad_host.data<int32_t>();
+    for (int64_t j = 0; j < width && out.first_bad_column < 0; ++j) {
+      if (b[j] != 0) out.first_bad_column = j;
+    }
+    return out;
   }
 
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,

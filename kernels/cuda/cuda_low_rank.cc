@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "kernels/cuda/blas.h"
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/gptq.cuh"
 #include "kernels/cuda/low_rank.cuh"
@@ -622,6 +623,21 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   out.error_before = f.error_before;
   out.error_after = f.error_after;
   return out;
+}
+
+absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& b, Tensor& w) {
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(a, "AddLowRank", "a"));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(b, "AddLowRank", "b"));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "AddLowRank", "w"));
+  const int64_t d_out = w.dim(0), d_in = w.dim(1), r = a.dim(1);
+  if (a.dim(0) != d_out || b.dim(0) != r || b.dim(1) != d_in) {
+    return absl::InvalidArgumentError(absl::StrCat("AddLowRank: a ", a.DebugString(), " times b ",
+                                                   b.DebugString(), " does not match w ",
+                                                   w.DebugString()));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  return Gemm(ctx.blas, /*trans_a=*/false, /*trans_b=*/false, d_out, d_in, r, 1.0f, a.data<float>(),
+              r, b.data<float>(), d_in, DType::kF32, 1.0f, w.data<float>(), d_in);
 }
 
 }  // namespace qcal::kernels::cuda

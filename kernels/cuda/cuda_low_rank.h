@@ -47,4 +47,7 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
                                                 const Tensor& w_hat, const Tensor& whitening,
                                                 const LowRankOptions& options);
 
+// w += a·b (one fp32 GEMM, true fp32).
+absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& b, Tensor& w);
+
 }  // namespace qcal::kernels::cuda

@@ -274,6 +274,17 @@ class BlockRun {
                        LinearInput in, const Tensor& x) {
     auto& s = stats[static_cast<int>(in)];
     if (!s) s = std::make_unique<ActivationStats>(widths_[static_cast<int>(in)]);
+    if (be_.SupportsSolverOp(kernels::SolverOp::kChannelStats)) {
+      // On the device: only the per-channel totals come back.
+      QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(x, acts_.seq_len));
+      if (c.first_bad_column >= 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("block ", b_, ": activation statistics: channel ", c.first_bad_column,
+                         " of a linear input holds a value that is not finite"));
+      }
+      return Annotate(s->AddTotals(c.max_abs, c.sum_abs, c.tokens, c.skipped),
+                      absl::StrCat("block ", b_));
+    }
     QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(x));
     return Annotate(s->Accumulate(host.data<float>(), host.dim(0), host.dim(1), acts_.seq_len),
                     absl::StrCat("block ", b_));
@@ -522,6 +533,80 @@ class BlockRun {
     return IdentityWhitening(n);
   }
 
+  // ASER's extracted columns are restored by the low-rank branch only: a fixed rank (after
+  // clamping) below their number is an error naming the layer.
+  absl::Status CheckOutliersFitRank(LinearInput in, const LayerResult& r) const {
+    const int rank = recipe_.error_reconstruction.rank;
+    const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
+    const int64_t outliers = static_cast<int64_t>(OutliersOf(in).size());
+    if (rank == kRecipeAutoRank || outliers <= std::min<int64_t>(rank, std::min(d_out, d_in))) {
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(absl::StrCat(
+        r.report.name, ": recipe key \"smoothing.outlier_channels\" extracts ", outliers,
+        " columns, more than the rank ", std::min<int64_t>(rank, std::min(d_out, d_in)),
+        " of this ", d_out, "x", d_in, " layer can restore"));
+  }
+
+  // Error reconstruction runs on the device when the backend has the ops and the rank is fixed
+  // (rank auto reads the whole spectrum, which only the host's full SVD gives cheaply).
+  bool DeviceReconstruction() const {
+    return recipe_.error_reconstruction.enabled &&
+           recipe_.error_reconstruction.rank != kRecipeAutoRank &&
+           be_.SupportsSolverOp(kernels::SolverOp::kErrorReconstruction);
+  }
+
+  // The device whitening factor of input `in` (Backend::ReconstructError's `whitening`):
+  // Cholesky of the device Gram matrix, LQER's mean |x| uploaded, or undefined for plain SVD.
+  absl::StatusOr<Tensor> DeviceWhiteningOf(LinearInput in, const Tensor& gram) {
+    const std::string& kind = recipe_.error_reconstruction.whitening;
+    if (kind == "cholesky") {
+      auto s = be_.CholeskyWhitening(gram, recipe_.gptq.damp);
+      if (!s.ok()) {
+        return Annotate(s.status(), absl::StrCat("whitening of block ", b_, " (", kind, ")"));
+      }
+      return s;
+    }
+    if (kind == "diagonal") {
+      const auto& st = path_stats_[static_cast<int>(in)];
+      if (!st) return absl::InternalError("diagonal whitening without activation statistics");
+      QCAL_ASSIGN_OR_RETURN(const WhiteningFactor f, DiagonalWhitening(st->MeanAbs()));
+      const std::vector<float> s(f.factor.begin(), f.factor.end());
+      return be_.ToDevice(Tensor::FromVector(s, {f.d_in}));
+    }
+    return Tensor();
+  }
+
+  // Error reconstruction of one linear on the device with the randomized SVD (fixed rank): the
+  // factors are fitted and the corrected layer's output error measured there; only the factors
+  // come back to the host.
+  absl::Status ReconstructOnDevice(LinearInput in, const Tensor& w, const Tensor& w_hat,
+                                   const Tensor& gram, const Tensor& whitening, double denom,
+                                   LayerResult& r) {
+    QCAL_RETURN_IF_ERROR(CheckOutliersFitRank(in, r));
+    kernels::LowRankOptions opt;
+    opt.rank = recipe_.error_reconstruction.rank;
+    opt.svd = kernels::SvdMethod::kRandomized;
+    auto lr = be_.ReconstructError(w, w_hat, whitening, opt);
+    if (!lr.ok()) return Annotate(lr.status(), r.report.name);
+    const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
+    r.report.rank = static_cast<int>(lr->rank);
+    r.report.whitened_error_before = lr->error_before;
+    r.report.whitened_error_after = lr->error_after;
+    r.report.extra_params = static_cast<double>(lr->rank * (d_out + d_in)) /
+                            (static_cast<double>(d_out) * static_cast<double>(d_in));
+    QCAL_ASSIGN_OR_RETURN(Tensor w_eff, be_.Alloc(DType::kF32, w_hat.shape()));
+    QCAL_RETURN_IF_ERROR(be_.Copy(w_hat, w_eff));
+    QCAL_RETURN_IF_ERROR(be_.AddLowRank(lr->a, lr->b, w_eff));
+    QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, w_eff, gram));
+    r.report.rel_error_er = error / denom;
+    QCAL_ASSIGN_OR_RETURN(Tensor a, be_.ToHost(lr->a));
+    QCAL_ASSIGN_OR_RETURN(Tensor b, be_.ToHost(lr->b));
+    r.lora_a.assign(a.data<float>(), a.data<float>() + a.numel());
+    r.lora_b.assign(b.data<float>(), b.data<float>() + b.numel());
+    return absl::OkStatus();
+  }
+
   // Error reconstruction of one linear on the host (DESIGN section 3): E = w − w_hat, where w is
   // W' (smoothed) and w_hat the dequantized Q(W'_normal); fills the factors and the report.
   absl::Status Reconstruct(LinearInput in, const float* w, const std::vector<float>& w_hat,
@@ -535,13 +620,7 @@ class BlockRun {
     opt.energy = er.energy;
     opt.max_extra_params = er.max_extra_params;
     opt.min_rank = static_cast<int>(outliers);
-    if (er.rank != kRecipeAutoRank &&
-        outliers > std::min<int64_t>(er.rank, std::min(d_out, d_in))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          r.report.name, ": recipe key \"smoothing.outlier_channels\" extracts ", outliers,
-          " columns, more than the rank ", std::min<int64_t>(er.rank, std::min(d_out, d_in)),
-          " of this ", d_out, "x", d_in, " layer can restore"));
-    }
+    QCAL_RETURN_IF_ERROR(CheckOutliersFitRank(in, r));
     auto lr = ReconstructError<float>(w, w_hat.data(), d_out, d_in, whitening, opt);
     if (!lr.ok()) return Annotate(lr.status(), r.report.name);
     r.report.rank = lr->rank;
@@ -632,7 +711,8 @@ class BlockRun {
   // On the device: one factorization per input shared by its consumers; the weights never leave
   // the device (the dequantized result replaces them there). Only codes, scales and zeros are
   // copied to the host; their conversion into QuantizedLinear runs on a host thread while the
-  // device goes on with the next stage. Error reconstruction runs on the host (LAPACK) with the
+  // device goes on with the next stage. Error reconstruction runs on the device too (randomized
+  // SVD, ReconstructOnDevice) for a fixed rank; rank auto runs on the host (LAPACK) with the
   // weight, its quantized form and the statistics copied there.
   absl::Status SolveOnDevice(LinearInput in, const Tensor& gram) {
     BlockWeights& bw = model_.block(b_);
@@ -651,7 +731,12 @@ class BlockRun {
     }
     Tensor gram_host;
     std::optional<WhiteningFactor> whitening;
-    if (recipe_.error_reconstruction.enabled) {
+    const bool device_er = DeviceReconstruction();
+    Tensor device_whitening;
+    if (device_er) {
+      QCAL_ASSIGN_OR_RETURN(device_whitening, DeviceWhiteningOf(in, gram));
+      QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+    } else if (recipe_.error_reconstruction.enabled) {
       QCAL_ASSIGN_OR_RETURN(gram_host, be_.ToHost(gram));
       QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
       QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(in, gram_host));
@@ -695,7 +780,11 @@ class BlockRun {
       r.report.rel_error = error / denom;
       r.report.rel_error_rtn = error_rtn / denom;
       QCAL_RETURN_IF_ERROR(Charge(t_.error));
-      if (whitening) {
+      if (device_er) {
+        QCAL_RETURN_IF_ERROR(
+            ReconstructOnDevice(in, w, q.dequantized, gram, device_whitening, denom, r));
+        QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+      } else if (whitening) {
         QCAL_ASSIGN_OR_RETURN(Tensor w_host, be_.ToHost(w));
         QCAL_ASSIGN_OR_RETURN(Tensor w_hat_host, be_.ToHost(q.dequantized));
         const float* wh = w_hat_host.data<float>();

@@ -5,12 +5,13 @@
 #      quantization driver);
 #   2. qcal eval --device cuda on both shared models (reference perplexities 6.8908 and 28.728,
 #      within 0.1%) and greedy generation against stories260k's greedy_256.txt;
-#   3. qcal quantize --device cuda, GPTQ W4 g128 on sotu-llama-16m, twice (output files
-#      byte-identical, qcal_run.json aside), and once on the CPU with the same seed (perplexities
-#      within 0.5%);
+#   3. qcal quantize --device cuda on sotu-llama-16m, GPTQ W4 g128 and ASER W4A8 per-channel
+#      (rank 64), each twice (output files byte-identical, qcal_run.json aside) and once on the CPU
+#      with the same seed (perplexities within 0.5%);
 #   4. qcal bench: the 7B shape whole-model (three runs), the 70B shape per block (extrapolated);
 #   5. qcal bench --er: error reconstruction on the 7B shape's linears (whitening, full and
-#      randomized SVD at rank 64), with the randomized path's projected share of the 7B job;
+#      randomized SVD at rank 64), with the randomized path's projected share of the 7B job; then
+#      the whole 7B shape with GPTQ alone, with rank-64 ER and with ASER W4A8 (qcal bench --recipe);
 #   6. compute-sanitizer memcheck of the op and solver tests and racecheck of the attention
 #      kernels, while time is left;
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
@@ -113,43 +114,55 @@ if wants eval; then
   fi
 fi
 
-if wants quantize && time_for 120; then
+if wants quantize; then
   log=$out/quantize.log
-  recipe=$out/gptq-w4g128.yaml
-  printf 'method: gptq\nweights: {bits: 4, group_size: 128}\n' >"$recipe"
-  quantize() {  # DEVICE OUT_DIR
-    timeout 300 "$qcal" quantize --device "$1" --json --model "$models/sotu-llama-16m" \
-      --recipe "$recipe" --calib "$data/sotu-calib.txt" --samples 64 --seq-len 512 --seed 0 \
-      --eval-text "$data/sotu-eval.txt" --eval-seq-len 512 --eval-max-windows 32 \
-      --out "$2" --overwrite 2>>"$log"
+  # check LABEL RECIPE_YAML: quantize sotu-llama-16m twice on the GPU and once on the CPU.
+  check() {
+    local label=$1 recipe=$out/recipe-$((++n_recipe)).yaml
+    time_for 120 || { note "$label: skipped (session budget)"; return; }
+    printf '%s' "$2" >"$recipe"
+    quantize() {  # DEVICE OUT_DIR
+      timeout 300 "$qcal" quantize --device "$1" --json --model "$models/sotu-llama-16m" \
+        --recipe "$recipe" --calib "$data/sotu-calib.txt" --samples 64 --seq-len 512 --seed 0 \
+        --eval-text "$data/sotu-eval.txt" --eval-seq-len 512 --eval-max-windows 32 \
+        --out "$2" --overwrite 2>>"$log"
+    }
+    local q gpu1 gpu2 cpu rc start=$SECONDS
+    q=$(mktemp -d /tmp/qcal-quant.XXXXXX)
+    echo "== $label" >>"$log"
+    gpu1=$(quantize cuda "$q/gpu1") && gpu2=$(quantize cuda "$q/gpu2") && cpu=$(quantize cpu "$q/cpu")
+    rc=$?
+    echo "gpu1 $gpu1" >>"$log"
+    echo "gpu2 ${gpu2:-}" >>"$log"
+    echo "cpu ${cpu:-}" >>"$log"
+    if ((rc == 0)); then
+      local identical=yes f
+      for f in $(cd "$q/gpu1" && find . -type f ! -name qcal_run.json | sort); do
+        cmp -s "$q/gpu1/$f" "$q/gpu2/$f" || { identical="no ($f)"; break; }
+      done
+      local ppl_gpu ppl_cpu ppl_fp
+      ppl_gpu=$(json_get "$gpu1" perplexity)
+      ppl_cpu=$(json_get "$cpu" perplexity)
+      ppl_fp=$(json_get "$gpu1" perplexity_fp)
+      printf '%-34s %4d ppl gpu %s cpu %s (fp %s); two GPU runs identical: %s; %d s\n' \
+        "$label" "$rc" "$ppl_gpu" "$ppl_cpu" "$ppl_fp" "$identical" $((SECONDS - start)) \
+        >>"$summary"
+      [[ $identical == yes ]] || fail "$label: two GPU quantize runs differ: $identical"
+      within "$ppl_gpu" "$ppl_cpu" 0.005 || fail "$label: GPU perplexity not within 0.5% of the CPU's"
+      cp "$q/gpu1/qcal_report.json" "$out/quantize_gpu_report_$n_recipe.json"
+      cp "$q/gpu1/qcal_run.json" "$out/quantize_gpu_run_$n_recipe.json"
+      cp "$q/cpu/qcal_run.json" "$out/quantize_cpu_run_$n_recipe.json"
+    else
+      printf '%-34s %4d\n' "$label" "$rc" >>"$summary"
+      fail "$label: qcal quantize"
+    fi
+    rm -rf "$q"
   }
-  q=$(mktemp -d /tmp/qcal-quant.XXXXXX)
-  start=$SECONDS
-  gpu1=$(quantize cuda "$q/gpu1") && gpu2=$(quantize cuda "$q/gpu2") && cpu=$(quantize cpu "$q/cpu")
-  rc=$?
-  echo "gpu1 $gpu1" >>"$log"
-  echo "gpu2 ${gpu2:-}" >>"$log"
-  echo "cpu ${cpu:-}" >>"$log"
-  if ((rc == 0)); then
-    identical=yes
-    for f in $(cd "$q/gpu1" && find . -type f ! -name qcal_run.json | sort); do
-      cmp -s "$q/gpu1/$f" "$q/gpu2/$f" || { identical="no ($f)"; break; }
-    done
-    ppl_gpu=$(json_get "$gpu1" perplexity)
-    ppl_cpu=$(json_get "$cpu" perplexity)
-    ppl_fp=$(json_get "$gpu1" perplexity_fp)
-    printf '%-34s %4d ppl gpu %s cpu %s (fp %s); two GPU runs identical: %s; %d s\n' \
-      "quantize sotu-llama-16m W4 g128" "$rc" "$ppl_gpu" "$ppl_cpu" "$ppl_fp" "$identical" \
-      $((SECONDS - start)) >>"$summary"
-    [[ $identical == yes ]] || fail "two GPU quantize runs differ: $identical"
-    within "$ppl_gpu" "$ppl_cpu" 0.005 || fail "GPU perplexity not within 0.5% of the CPU run's"
-    cp "$q/gpu1/qcal_report.json" "$out/quantize_gpu_report.json"
-    cp "$q/gpu1/qcal_run.json" "$out/quantize_gpu_run.json"
-  else
-    printf '%-34s %4d\n' "quantize sotu-llama-16m W4 g128" "$rc" >>"$summary"
-    fail "qcal quantize"
-  fi
-  rm -rf "$q"
+  n_recipe=0
+  check "quantize sotu-llama-16m W4 g128" $'method: gptq\nweights: {bits: 4, group_size: 128}\n'
+  # ASER over GPTQ at W4A8 per-channel (rank 64, 32 outlier channels): error reconstruction on
+  # the device (randomized SVD) against the CPU's (full SVD).
+  check "quantize sotu-llama-16m ASER W4A8" $'method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\nsmoothing: {method: aser, outlier_channels: 32}\nerror_reconstruction: {rank: 64}\n'
 fi
 
 if wants bench; then
@@ -206,6 +219,26 @@ PY
   else
     note "bench --er: skipped (session budget)"
   fi
+  # The whole 7B shape with error reconstruction in the job (the randomized SVD on the device),
+  # against plain GPTQ in the same session: rank 64 whitening ER, then ASER at W4A8 per-channel.
+  er_recipes=(
+    "gptq-w4g128:method: gptq\nweights: {bits: 4, group_size: 128}\n"
+    "er-r64:method: gptq\nweights: {bits: 4, group_size: 128}\nerror_reconstruction: {rank: 64}\n"
+    "aser-w4a8-r64:method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\nsmoothing: {method: aser, outlier_channels: 32}\nerror_reconstruction: {rank: 64}\n"
+  )
+  for entry in "${er_recipes[@]}"; do
+    name=${entry%%:*}
+    time_for 100 || { note "bench 7b $name: skipped (session budget)"; continue; }
+    printf "${entry#*:}" >"$out/bench-$name.yaml"
+    start=$SECONDS
+    timeout 240 "$qcal" bench --shape 7b --compute-dtype bf16 --recipe "$out/bench-$name.yaml" \
+      >"$out/bench_7b_$name.txt" 2>"$out/bench_7b_$name.log"
+    rc=$?
+    printf '%-34s %4d %d s\n' "bench 7b bf16 $name" "$rc" $((SECONDS - start)) >>"$summary"
+    ((rc == 0)) || fail "bench 7b $name"
+    grep -hE '^(whole model|  smoothing|  forward|  hessians|  solves|    factorizations)' \
+      "$out/bench_7b_$name.txt" | sed 's/^/    /' >>"$summary"
+  done
 fi
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)

@@ -10,6 +10,7 @@
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "services/engine/bench.h"
+#include "services/engine/recipe.h"
 #include "tools/qcal/commands.h"
 
 namespace qcal::cli {
@@ -28,7 +29,8 @@ struct BenchArgs {
   int blocks = -1;  // -1: all for 7b, 3 for 70b
   uint64_t seed = 0;
   bool json = false;
-  bool er = false;  // the error-reconstruction bench instead
+  bool er = false;          // the error-reconstruction bench instead
+  std::string recipe_path;  // empty: GPTQ W4 g128
   engine::ErBenchOptions er_options;
   DeviceFlags dev;
 };
@@ -119,6 +121,11 @@ absl::Status RunBench(BenchArgs& a) {
   options.seq_len = a.seq_len;
   options.blocks = a.blocks >= 0 ? a.blocks : (a.shape == "70b" ? 3 : 0);
   options.seed = a.seed;
+  std::string recipe_name = "GPTQ W4 g128";
+  if (!a.recipe_path.empty()) {
+    QCAL_ASSIGN_OR_RETURN(options.recipe, engine::LoadRecipeFile(a.recipe_path));
+    recipe_name = "recipe " + a.recipe_path;
+  }
   QCAL_ASSIGN_OR_RETURN(engine::BenchResult r,
                         engine::RunBench(*backend, options, [](const std::string& line) {
                           spdlog::info("bench: {}", line);
@@ -129,6 +136,7 @@ absl::Status RunBench(BenchArgs& a) {
   if (a.json) {
     nlohmann::ordered_json j;
     j["shape"] = shape.name;
+    j["recipe"] = recipe_name;
     j["device"] = r.device_kind;
     j["compute_dtype"] = a.dev.compute_dtype;
     j["samples"] = a.samples;
@@ -140,12 +148,14 @@ absl::Status RunBench(BenchArgs& a) {
                     {"measured", r.measured_seconds},
                     {"per_block", per_block},
                     {"embed", r.embed_seconds},
+                    {"smooth", r.times.smooth},
                     {"forward", r.times.forward},
                     {"hessian", r.times.hessian},
                     {"solve", r.times.solve},
                     {"solve_factor", r.times.factor},
                     {"solve_quantize", r.times.quantize},
                     {"solve_error", r.times.error},
+                    {"solve_reconstruct", r.times.reconstruct},
                     {"solve_transfer", r.times.transfer},
                     {"setup_untimed", r.setup_seconds},
                     {"blocks", r.block_seconds}};
@@ -171,9 +181,9 @@ absl::Status RunBench(BenchArgs& a) {
   const ModelConfig& c = shape.config;
   std::printf(
       "qcal bench: %s shape (hidden %d, intermediate %d, %d heads / %d KV, %d layers), "
-      "GPTQ W4 g128, %d x %d calibration tokens, compute %s\n",
+      "%s, %d x %d calibration tokens, compute %s\n",
       shape.name.c_str(), c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
-      c.num_layers, a.samples, a.seq_len, a.dev.compute_dtype.c_str());
+      c.num_layers, recipe_name.c_str(), a.samples, a.seq_len, a.dev.compute_dtype.c_str());
   std::printf("device: %s\n", r.device_kind.c_str());
   if (r.extrapolated) {
     std::printf("ran %d of %d blocks: the whole-model time is EXTRAPOLATED from them%s\n",
@@ -182,18 +192,19 @@ absl::Status RunBench(BenchArgs& a) {
   } else {
     std::printf("ran all %d blocks: the whole-model time is measured\n", r.blocks_total);
   }
-  const double staged = r.times.forward + r.times.hessian + r.times.solve;
+  const double staged = r.times.smooth + r.times.forward + r.times.hessian + r.times.solve;
   auto row = [&](const char* name, double s) {
     std::printf("  %-10s %9.3f s  %5.1f%%\n", name, s, staged > 0 ? 100 * s / staged : 0.0);
   };
   std::printf("stages over the %d blocks run:\n", r.blocks_run);
+  if (r.times.smooth > 0) row("smoothing", r.times.smooth);
   row("forward", r.times.forward);
   row("hessians", r.times.hessian);
   row("solves", r.times.solve);
   std::printf(
       "    factorizations %.3f s, column loops and updates %.3f s, output errors %.3f s, "
-      "transfers %.3f s\n",
-      r.times.factor, r.times.quantize, r.times.error, r.times.transfer);
+      "transfers %.3f s, error reconstruction %.3f s\n",
+      r.times.factor, r.times.quantize, r.times.error, r.times.transfer, r.times.reconstruct);
   std::printf("  %-10s %9.3f s\n", "embedding", r.embed_seconds);
   std::printf("whole model: %.2f s (%.3f s per block), excluding disk I/O; untimed setup %.2f s\n",
               r.model_seconds, per_block, r.setup_seconds);
@@ -229,6 +240,10 @@ RunFn AddBench(CLI::App& app) {
                  "(default: all for 7b, 3 for 70b)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)");
+  app.add_option("--recipe", a->recipe_path,
+                 "Recipe YAML to run instead of GPTQ W4 g128 (smoothing, error reconstruction "
+                 "and activation bits included); the FLOP counts stay GPTQ's")
+      ->check(CLI::ExistingFile);
   app.add_flag("--er", a->er,
                "Time error reconstruction (whitening, full and randomized SVD) on the 7B shape's "
                "linears instead of GPTQ; --shape, --samples, --seq-len and --blocks are ignored");

@@ -62,6 +62,23 @@ absl::Status ActivationStats::Merge(const ActivationStats& other) {
   return absl::OkStatus();
 }
 
+absl::Status ActivationStats::AddTotals(const std::vector<float>& max_abs,
+                                        const std::vector<double>& sum_abs, int64_t tokens,
+                                        int64_t skipped) {
+  if (static_cast<int64_t>(max_abs.size()) != width() ||
+      static_cast<int64_t>(sum_abs.size()) != width() || tokens < 0 || skipped < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation statistics: totals of width ", max_abs.size(), "/", sum_abs.size(),
+                     " (", tokens, " tokens, ", skipped, " skipped) do not fit width ", width()));
+  }
+  ActivationStats partial(width());
+  partial.max_abs_ = max_abs;
+  partial.sum_abs_ = sum_abs;
+  partial.tokens_ = tokens;
+  partial.skipped_ = skipped;
+  return Merge(partial);
+}
+
 std::vector<double> ActivationStats::MeanAbs() const {
   std::vector<double> mean(sum_abs_.size(), 0.0);
   if (tokens_ == 0) return mean;

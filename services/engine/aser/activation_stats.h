@@ -30,6 +30,11 @@ class ActivationStats {
   absl::Status Accumulate(const float* x, int64_t rows, int64_t width, int64_t seq_len);
   // Adds another accumulator's totals (the next chunk's partial). Error: width mismatch.
   absl::Status Merge(const ActivationStats& other);
+  // Adds a chunk's totals computed elsewhere (a device's Backend::ChannelAbsStats): per-channel
+  // max |x| and Σ|x| over `tokens` counted rows, `skipped` BOS rows. Errors (InvalidArgument, the
+  // statistics are unchanged): width mismatch, negative counts.
+  absl::Status AddTotals(const std::vector<float>& max_abs, const std::vector<double>& sum_abs,
+                         int64_t tokens, int64_t skipped);
 
   int64_t width() const { return static_cast<int64_t>(max_abs_.size()); }
   // Tokens counted (BOS positions excluded).

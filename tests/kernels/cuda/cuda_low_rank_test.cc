@@ -9,11 +9,13 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "services/engine/aser/activation_stats.h"
 #include "services/engine/aser/error_reconstruction.h"
 #include "tests/engine/quant/quant_test_data.h"
 
@@ -495,6 +497,60 @@ TEST_F(CudaLowRankTest, BadInputIsInvalidArgument) {
   expect_invalid(be_->CholeskyWhitening(Upload(l.gram, {n, n}), std::nan("")).status(), "damp");
   expect_invalid(be_->CholeskyWhitening(Upload(l.gram, {n / 2, 2 * n}), 0.01).status(),
                  "not square");
+}
+
+// AddLowRank against the double product on the host, at odd sizes and rank 1; bad shapes are
+// refused.
+TEST_F(CudaLowRankTest, AddLowRankMatchesHostProduct) {
+  for (const auto& [d_out, d_in, r] :
+       {std::tuple<int64_t, int64_t, int64_t>{37, 71, 5}, {1, 9, 1}, {130, 257, 16}}) {
+    SCOPED_TRACE(::testing::Message() << d_out << "x" << d_in << " rank " << r);
+    const std::vector<float> a = testing::HeavyTailedWeights<float>(d_out, r, 11);
+    const std::vector<float> b = testing::HeavyTailedWeights<float>(r, d_in, 12);
+    const std::vector<float> w = testing::HeavyTailedWeights<float>(d_out, d_in, 13);
+    Tensor dw = Upload(w, {d_out, d_in});
+    ASSERT_TRUE(be_->AddLowRank(Upload(a, {d_out, r}), Upload(b, {r, d_in}), dw).ok());
+    std::vector<double> ref = Product(a, b, d_out, d_in, r);
+    for (int64_t i = 0; i < d_out * d_in; ++i) ref[i] += w[i];
+    EXPECT_LE(RelativeDifference(ToDouble(Download(dw)), ref), 1e-6);
+  }
+  Tensor w = Upload(std::vector<float>(12, 0.0f), {3, 4});
+  const absl::Status bad = be_->AddLowRank(Upload(std::vector<float>(6, 1.0f), {3, 2}),
+                                           Upload(std::vector<float>(6, 1.0f), {2, 3}), w);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+}
+
+// The smoothing statistics of a chunk on the device against engine::ActivationStats (the host
+// reference): max |x| bit-identical, Σ|x| to double rounding, the same counts; non-finite values
+// found in any row, BOS rows included; a bad shape refused.
+TEST_F(CudaLowRankTest, ChannelAbsStatsMatchesActivationStats) {
+  for (const auto& [samples, seq_len, width] :
+       {std::tuple<int64_t, int64_t, int64_t>{3, 37, 301}, {8, 512, 96}, {1, 1, 5}}) {
+    SCOPED_TRACE(::testing::Message() << samples << " x " << seq_len << " x " << width);
+    const int64_t rows = samples * seq_len;
+    std::vector<float> x = testing::HeavyTailedWeights<float>(rows, width, 21);
+    x[0] = 1e4f;  // a BOS row's outlier must not count
+    engine::ActivationStats ref(width);
+    ASSERT_TRUE(ref.Accumulate(x.data(), rows, width, seq_len).ok());
+    auto got = be_->ChannelAbsStats(Upload(x, {rows, width}), seq_len);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->tokens, ref.tokens());
+    EXPECT_EQ(got->skipped, ref.skipped());
+    EXPECT_EQ(got->first_bad_column, -1);
+    EXPECT_EQ(got->max_abs, ref.max_abs());
+    ASSERT_EQ(got->sum_abs.size(), ref.sum_abs().size());
+    for (int64_t j = 0; j < width; ++j) {
+      EXPECT_NEAR(got->sum_abs[j], ref.sum_abs()[j], 1e-12 * std::fabs(ref.sum_abs()[j]) + 1e-300)
+          << "column " << j;
+    }
+    x[(rows - 1) * width + width - 1] = std::numeric_limits<float>::infinity();
+    if (seq_len > 1) x[seq_len * (samples - 1) * width + 2 % width] = std::nanf("");
+    auto bad = be_->ChannelAbsStats(Upload(x, {rows, width}), seq_len);
+    ASSERT_TRUE(bad.ok()) << bad.status();
+    EXPECT_EQ(bad->first_bad_column, seq_len > 1 ? 2 % width : width - 1);
+  }
+  auto wrong = be_->ChannelAbsStats(Upload(std::vector<float>(10, 1.0f), {5, 2}), 2);
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kInvalidArgument) << wrong.status();
 }
 
 }  // namespace
