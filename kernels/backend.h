@@ -35,7 +35,13 @@ enum class Op {
 // Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. Backends
 // without them (the CPU backend) leave the solves to the engine's CPU quantizers
 // (services/engine/quant), which are the reference these ops are tested against.
-enum class SolverOp { kGptq, kQuantizeRtn, kOutputError, kErrorReconstruction, kChannelStats };
+enum class SolverOp {
+  kGptq,
+  kQuantizeRtn,
+  kOutputError,
+  kErrorReconstruction,
+  kSmoothing,  // ChannelAbsStats, ScaleColumns, DivideRows
+};
 
 enum class ComputeDType { kF32, kBF16 };
 
@@ -196,10 +202,19 @@ class Backend {
   }
   // Per-channel statistics of one chunk of a linear's input x (F32 [rows, width] on this device,
   // rows whole samples of seq_len tokens), like engine::ActivationStats::Accumulate (bit-identical
-  // max; sums in double in another order). InvalidArgument for a bad shape or seq_len.
+  // max; sums in double in another order). seq_len 0 counts every row (a weight's column maxima).
+  // InvalidArgument for a bad shape or seq_len.
   virtual absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) {
     return Unsupported("ChannelAbsStats");
   }
+  // w[r, j] *= m[j] for F32 w [rows, width] and m [width] on this device (IEEE products: the same
+  // bits as the host).
+  virtual absl::Status ScaleColumns(Tensor& w, const Tensor& m) {
+    return Unsupported("ScaleColumns");
+  }
+  // w[r, ...] /= m[r] for F32 w [rows, ...] (a vector is rows of one) and m [rows] on this device
+  // (IEEE division: the same bits as the host).
+  virtual absl::Status DivideRows(Tensor& w, const Tensor& m) { return Unsupported("DivideRows"); }
 
  private:
   absl::Status Unsupported(const char* op) const {

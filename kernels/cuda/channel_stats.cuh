@@ -11,7 +11,8 @@ namespace qcal::kernels::cuda {
 // Row segments the statistics are split into: partials [segments, width] of each output.
 int64_t ChannelStatsSegments(int64_t rows);
 
-// For x [rows, width] (row-major fp32): over the rows with r % seq_len != 0 (not a sample's BOS),
+// For x [rows, width] (row-major fp32): over the rows with r % seq_len != 0 (not a sample's BOS;
+// every row when seq_len == 0),
 // max_abs[j] = max |x_rj| and sum_abs[j] = Σ |x_rj| summed in double; over all rows, bad[j] = 1
 // when column j holds a NaN or an infinity, else 0. `partials` is scratch of
 // ChannelStatsSegments(rows) · width · (sizeof(float) + sizeof(double) + sizeof(int)) bytes. Each

@@ -25,6 +25,7 @@
 #include "kernels/cuda/nll.cuh"
 #include "kernels/cuda/rms_norm.cuh"
 #include "kernels/cuda/rope.cuh"
+#include "kernels/cuda/scale.cuh"
 
 namespace qcal::kernels {
 namespace {
@@ -246,13 +247,13 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) override {
     QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ChannelAbsStats", "x"));
-    if (x.rank() != 2 || seq_len < 1 || x.dim(0) % seq_len != 0) {
+    if (x.rank() != 2 || seq_len < 0 || (seq_len > 0 && x.dim(0) % seq_len != 0)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "ChannelAbsStats: x ", x.DebugString(), " is not whole samples of ", seq_len, " tokens"));
     }
     const int64_t rows = x.dim(0), width = x.dim(1);
     ChannelStats out;
-    out.skipped = rows / seq_len;
+    out.skipped = seq_len > 0 ? rows / seq_len : 0;
     out.tokens = rows - out.skipped;
     out.max_abs.assign(width, 0.0f);
     out.sum_abs.assign(width, 0.0);
@@ -279,6 +280,34 @@ class CudaBackend final : public Backend {
       if (b[j] != 0) out.first_bad_column = j;
     }
     return out;
+  }
+
+  absl::Status ScaleColumns(Tensor& w, const Tensor& m) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(w, DType::kF32, "ScaleColumns", "w"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(m, DType::kF32, "ScaleColumns", "m"));
+    if (w.rank() != 2 || m.rank() != 1 || m.dim(0) != w.dim(1)) {
+      return absl::InvalidArgumentError(absl::StrCat("ScaleColumns: scales ", m.DebugString(),
+                                                     " do not match the columns of ",
+                                                     w.DebugString()));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cuda::LaunchScaleColumns(w.data<float>(), w.dim(0), w.dim(1), m.data<float>(), stream()),
+        "ScaleColumns kernel");
+  }
+
+  absl::Status DivideRows(Tensor& w, const Tensor& m) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(w, DType::kF32, "DivideRows", "w"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(m, DType::kF32, "DivideRows", "m"));
+    if (w.rank() < 1 || m.rank() != 1 || m.dim(0) != w.dim(0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DivideRows: scales ", m.DebugString(), " do not match the rows of ", w.DebugString()));
+    }
+    const int64_t rows = w.dim(0);
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchDivideRows(w.data<float>(), rows, rows > 0 ? w.numel() / rows : 0,
+                                             m.data<float>(), stream()),
+                      "DivideRows kernel");
   }
 
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,

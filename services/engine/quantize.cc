@@ -274,7 +274,7 @@ class BlockRun {
                        LinearInput in, const Tensor& x) {
     auto& s = stats[static_cast<int>(in)];
     if (!s) s = std::make_unique<ActivationStats>(widths_[static_cast<int>(in)]);
-    if (be_.SupportsSolverOp(kernels::SolverOp::kChannelStats)) {
+    if (be_.SupportsSolverOp(kernels::SolverOp::kSmoothing)) {
       // On the device: only the per-channel totals come back.
       QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(x, acts_.seq_len));
       if (c.first_bad_column >= 0) {
@@ -295,9 +295,21 @@ class BlockRun {
   // weights and biases are rounded to the checkpoint's dtype (the exported values) and recorded
   // for the artifacts.
   absl::Status Smooth() {
-    // Name a bad weight before its NaNs reach the statistics.
+    // Name a bad weight before its NaNs reach the statistics (on the device where it can).
+    const bool device_ops =
+        be_.device() != Device::kHost && be_.SupportsSolverOp(kernels::SolverOp::kSmoothing);
     for (LinearKind k : kAllLinears) {
-      QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(model_.block(b_).at(k).weight));
+      const Tensor& weight = model_.block(b_).at(k).weight;
+      if (device_ops) {
+        QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(weight, 0));
+        if (c.first_bad_column >= 0) {
+          return absl::InvalidArgumentError(absl::StrCat("weight ", LinearPrefix(b_, k),
+                                                         ": column ", c.first_bad_column,
+                                                         " holds a value that is not finite"));
+        }
+        continue;
+      }
+      QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(weight));
       QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", LinearPrefix(b_, k))));
     }
     std::array<std::unique_ptr<ActivationStats>, kNumLinearInputs> stats;
@@ -748,7 +760,15 @@ class BlockRun {
       const Tensor w = lin.weight;
       LayerResult r = NewResult(k, w.dim(0), w.dim(1));
       Tensor w_normal = w;
-      if (!outliers.empty()) {
+      if (!outliers.empty() && be_.SupportsSolverOp(kernels::SolverOp::kSmoothing)) {
+        // A copy with the extracted columns multiplied by 0, on the device.
+        std::vector<float> keep(static_cast<size_t>(w.dim(1)), 1.0f);
+        for (int32_t j : outliers) keep[j] = 0.0f;
+        QCAL_ASSIGN_OR_RETURN(Tensor mask, be_.ToDevice(Tensor::FromVector(keep, {w.dim(1)})));
+        QCAL_ASSIGN_OR_RETURN(w_normal, be_.Alloc(DType::kF32, w.shape()));
+        QCAL_RETURN_IF_ERROR(be_.Copy(w, w_normal));
+        QCAL_RETURN_IF_ERROR(be_.ScaleColumns(w_normal, mask));
+      } else if (!outliers.empty()) {
         QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(w));
         QCAL_ASSIGN_OR_RETURN(std::vector<float> zeroed,
                               ZeroColumns(host.data<float>(), w.dim(0), w.dim(1), outliers));

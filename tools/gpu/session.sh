@@ -224,6 +224,7 @@ PY
   er_recipes=(
     "gptq-w4g128:method: gptq\nweights: {bits: 4, group_size: 128}\n"
     "er-r64:method: gptq\nweights: {bits: 4, group_size: 128}\nerror_reconstruction: {rank: 64}\n"
+    "gptq-w4-perchannel:method: gptq\nweights: {bits: 4, group_size: -1}\n"
     "aser-w4a8-r64:method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\nsmoothing: {method: aser, outlier_channels: 32}\nerror_reconstruction: {rank: 64}\n"
   )
   for entry in "${er_recipes[@]}"; do

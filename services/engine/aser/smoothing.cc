@@ -99,6 +99,18 @@ void DivideRows(Tensor& w, const std::vector<float>& m) {
   }
 }
 
+// Column maxima given from elsewhere must be what WeightColumnMax returns: finite, >= 0.
+absl::Status CheckWeightMax(const std::vector<float>& w_max) {
+  if (w_max.empty()) return absl::InvalidArgumentError("smoothing: no consumer weights");
+  for (size_t j = 0; j < w_max.size(); ++j) {
+    if (!std::isfinite(w_max[j]) || w_max[j] < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("smoothing: weight column maximum ", j, " is ", w_max[j]));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status SmoothingOptions::Validate() const {
@@ -144,6 +156,14 @@ absl::StatusOr<SmoothingScales> ComputeSmoothingScales(const std::vector<float>&
                                                        const SmoothingOptions& options) {
   QCAL_RETURN_IF_ERROR(options.Validate());
   QCAL_ASSIGN_OR_RETURN(std::vector<float> w_max, WeightColumnMax(consumers));
+  return ComputeSmoothingScalesFromMax(act_max, w_max, options);
+}
+
+absl::StatusOr<SmoothingScales> ComputeSmoothingScalesFromMax(const std::vector<float>& act_max,
+                                                              const std::vector<float>& w_max,
+                                                              const SmoothingOptions& options) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  QCAL_RETURN_IF_ERROR(CheckWeightMax(w_max));
   const int64_t width = static_cast<int64_t>(w_max.size());
   if (static_cast<int64_t>(act_max.size()) != width) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -177,6 +197,14 @@ absl::StatusOr<SmoothingScales> ComputeOProjSmoothingScales(const std::vector<fl
                                                             const SmoothingOptions& options) {
   QCAL_RETURN_IF_ERROR(options.Validate());
   QCAL_ASSIGN_OR_RETURN(std::vector<float> w_max, WeightColumnMax({o_proj}));
+  return ComputeOProjSmoothingScalesFromMax(act_max, w_max, num_heads, num_kv_heads, options);
+}
+
+absl::StatusOr<SmoothingScales> ComputeOProjSmoothingScalesFromMax(
+    const std::vector<float>& act_max, const std::vector<float>& w_max, int num_heads,
+    int num_kv_heads, const SmoothingOptions& options) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  QCAL_RETURN_IF_ERROR(CheckWeightMax(w_max));
   const int64_t width = static_cast<int64_t>(w_max.size());
   if (num_heads < 1 || num_kv_heads < 1 || num_heads % num_kv_heads != 0 ||
       width % num_heads != 0) {
@@ -227,6 +255,48 @@ absl::StatusOr<SmoothingScales> ComputeOProjSmoothingScales(const std::vector<fl
   return out;
 }
 
+namespace {
+
+// Where the backend has the smoothing ops and the weights live on its device: the column maxima
+// and the fold run there, and only scales and per-column maxima cross to or from the host.
+bool OnDevice(kernels::Backend& backend) {
+  return backend.device() != Device::kHost &&
+         backend.SupportsSolverOp(kernels::SolverOp::kSmoothing);
+}
+
+// WeightColumnMax of the consumers of `in`, on the device when OnDevice (the same values: a
+// maximum is exact in any order).
+absl::StatusOr<std::vector<float>> ColumnMax(kernels::Backend& backend, const BlockWeights& block,
+                                             LinearInput in) {
+  std::vector<Tensor> consumers;
+  if (!OnDevice(backend)) {
+    for (LinearKind k : ConsumersOf(in)) {
+      QCAL_ASSIGN_OR_RETURN(Tensor w, backend.ToHost(block.at(k).weight));
+      consumers.push_back(std::move(w));
+    }
+    return WeightColumnMax(consumers);
+  }
+  std::vector<float> w_max;
+  for (LinearKind k : ConsumersOf(in)) {
+    QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c,
+                          backend.ChannelAbsStats(block.at(k).weight, /*seq_len=*/0));
+    if (c.first_bad_column >= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "smoothing: weight column ", c.first_bad_column, " holds a value that is not finite"));
+    }
+    if (w_max.empty()) w_max.assign(c.max_abs.size(), 0.0f);
+    if (c.max_abs.size() != w_max.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("smoothing: consumer weights of widths ",
+                                                     w_max.size(), " and ", c.max_abs.size(),
+                                                     " share an input"));
+    }
+    for (size_t j = 0; j < w_max.size(); ++j) w_max[j] = std::max(w_max[j], c.max_abs[j]);
+  }
+  return w_max;
+}
+
+}  // namespace
+
 absl::StatusOr<BlockSmoothing> ComputeBlockSmoothing(
     kernels::Backend& backend, const BlockWeights& block, const ModelConfig& config,
     const std::array<const ActivationStats*, kNumLinearInputs>& stats,
@@ -236,16 +306,12 @@ absl::StatusOr<BlockSmoothing> ComputeBlockSmoothing(
   for (int i = 0; i < kNumLinearInputs; ++i) {
     const auto in = static_cast<LinearInput>(i);
     if (stats[i] == nullptr) continue;
-    std::vector<Tensor> consumers;
-    for (LinearKind k : ConsumersOf(in)) {
-      QCAL_ASSIGN_OR_RETURN(Tensor w, backend.ToHost(block.at(k).weight));
-      consumers.push_back(std::move(w));
-    }
+    QCAL_ASSIGN_OR_RETURN(std::vector<float> w_max, ColumnMax(backend, block, in));
     absl::StatusOr<SmoothingScales> scales =
         in == LinearInput::kO
-            ? ComputeOProjSmoothingScales(stats[i]->max_abs(), consumers[0], config.num_heads,
-                                          config.num_kv_heads, options)
-            : ComputeSmoothingScales(stats[i]->max_abs(), consumers, options);
+            ? ComputeOProjSmoothingScalesFromMax(stats[i]->max_abs(), w_max, config.num_heads,
+                                                 config.num_kv_heads, options)
+            : ComputeSmoothingScalesFromMax(stats[i]->max_abs(), w_max, options);
     if (!scales.ok()) return Annotate(scales.status(), InputName(in));
     out.at(in) = std::move(scales).value();
   }
@@ -257,17 +323,45 @@ absl::Status FoldBlockSmoothing(kernels::Backend& backend, const ModelConfig& co
   // Host copies of every tensor that changes, keyed by where it goes back.
   Tensor input_norm, post_norm;
   std::array<Tensor, kNumLinears> weights, biases;
+  // Weights and biases are copied and scaled on the device when OnDevice, else on the host;
+  // norm weights (one vector each) always on the host.
+  const bool on_device = OnDevice(backend);
+  auto fetch = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
+    if (!on_device) return backend.ToHost(t);
+    QCAL_ASSIGN_OR_RETURN(Tensor copy, backend.Alloc(DType::kF32, t.shape()));
+    QCAL_RETURN_IF_ERROR(backend.Copy(t, copy));
+    return copy;
+  };
+  auto upload = [&](const std::vector<float>& m) {
+    return backend.ToDevice(Tensor::FromVector(m, {static_cast<int64_t>(m.size())}));
+  };
+  auto divide_rows = [&](Tensor& t, const std::vector<float>& m) -> absl::Status {
+    if (t.device() == Device::kHost) {
+      DivideRows(t, m);
+      return absl::OkStatus();
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor dm, upload(m));
+    return backend.DivideRows(t, dm);
+  };
+  auto multiply_columns = [&](Tensor& t, const std::vector<float>& m) -> absl::Status {
+    if (t.device() == Device::kHost) {
+      MultiplyColumns(t, m);
+      return absl::OkStatus();
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor dm, upload(m));
+    return backend.ScaleColumns(t, dm);
+  };
   auto weight = [&](LinearKind k) -> absl::StatusOr<Tensor*> {
     Tensor& t = weights[static_cast<int>(k)];
     if (!t.defined()) {
-      QCAL_ASSIGN_OR_RETURN(t, backend.ToHost(block.at(k).weight));
+      QCAL_ASSIGN_OR_RETURN(t, fetch(block.at(k).weight));
     }
     return &t;
   };
   auto bias = [&](LinearKind k) -> absl::StatusOr<Tensor*> {
     Tensor& t = biases[static_cast<int>(k)];
     if (!t.defined() && block.at(k).bias.defined()) {
-      QCAL_ASSIGN_OR_RETURN(t, backend.ToHost(block.at(k).bias));
+      QCAL_ASSIGN_OR_RETURN(t, fetch(block.at(k).bias));
     }
     return &t;
   };
@@ -315,8 +409,8 @@ absl::Status FoldBlockSmoothing(kernels::Backend& backend, const ModelConfig& co
           return absl::InvalidArgumentError(
               absl::StrCat("v_proj ", v->DebugString(), " does not have kv_dim rows"));
         }
-        DivideRows(*v, s.v_rows);
-        if (vb->defined()) DivideRows(*vb, s.v_rows);
+        QCAL_RETURN_IF_ERROR(divide_rows(*v, s.v_rows));
+        if (vb->defined()) QCAL_RETURN_IF_ERROR(divide_rows(*vb, s.v_rows));
         break;
       }
       case LinearInput::kDown: {
@@ -326,18 +420,19 @@ absl::Status FoldBlockSmoothing(kernels::Backend& backend, const ModelConfig& co
           return absl::InvalidArgumentError(absl::StrCat(
               "up_proj ", up->DebugString(), " does not match down_proj width ", width));
         }
-        DivideRows(*up, s.m);
-        if (ub->defined()) DivideRows(*ub, s.m);
+        QCAL_RETURN_IF_ERROR(divide_rows(*up, s.m));
+        if (ub->defined()) QCAL_RETURN_IF_ERROR(divide_rows(*ub, s.m));
         break;
       }
     }
     for (LinearKind k : consumers) {
       QCAL_ASSIGN_OR_RETURN(Tensor * w, weight(k));
-      MultiplyColumns(*w, s.m);
+      QCAL_RETURN_IF_ERROR(multiply_columns(*w, s.m));
     }
   }
 
-  // Everything is computed: copy to the device, then install, so a failed copy changes nothing.
+  // Everything is computed: copy to the device (host-computed tensors), then install, so a failed
+  // copy changes nothing.
   BlockWeights updated = block;
   if (input_norm.defined()) {
     QCAL_ASSIGN_OR_RETURN(updated.input_norm, backend.ToDevice(input_norm));
@@ -348,10 +443,18 @@ absl::Status FoldBlockSmoothing(kernels::Backend& backend, const ModelConfig& co
   for (LinearKind k : kAllLinears) {
     const int i = static_cast<int>(k);
     if (weights[i].defined()) {
-      QCAL_ASSIGN_OR_RETURN(updated.at(k).weight, backend.ToDevice(weights[i]));
+      if (on_device) {
+        updated.at(k).weight = weights[i];
+      } else {
+        QCAL_ASSIGN_OR_RETURN(updated.at(k).weight, backend.ToDevice(weights[i]));
+      }
     }
     if (biases[i].defined()) {
-      QCAL_ASSIGN_OR_RETURN(updated.at(k).bias, backend.ToDevice(biases[i]));
+      if (on_device) {
+        updated.at(k).bias = biases[i];
+      } else {
+        QCAL_ASSIGN_OR_RETURN(updated.at(k).bias, backend.ToDevice(biases[i]));
+      }
     }
   }
   block = std::move(updated);

@@ -83,6 +83,13 @@ absl::StatusOr<SmoothingScales> ComputeSmoothingScales(const std::vector<float>&
                                                        const std::vector<Tensor>& consumers,
                                                        const SmoothingOptions& options);
 
+// The same from the consumers' column maxima w_max = WeightColumnMax(consumers) (computed
+// wherever the weights are, e.g. Backend::ChannelAbsStats on a device). Errors: as above, with a
+// w_max entry that is negative or not finite.
+absl::StatusOr<SmoothingScales> ComputeSmoothingScalesFromMax(const std::vector<float>& act_max,
+                                                              const std::vector<float>& w_max,
+                                                              const SmoothingOptions& options);
+
 // Scales of the o_proj input with GQA tying: act_max [num_heads·head_dim], o_proj a host fp32
 // [d_out, num_heads·head_dim] matrix, head_dim = width / num_heads. Fills m, v_rows (kv_dim =
 // num_kv_heads·head_dim) and, for ASER, the extracted o_proj columns. Errors: as
@@ -92,6 +99,11 @@ absl::StatusOr<SmoothingScales> ComputeOProjSmoothingScales(const std::vector<fl
                                                             const Tensor& o_proj, int num_heads,
                                                             int num_kv_heads,
                                                             const SmoothingOptions& options);
+
+// The same from o_proj's column maxima w_max.
+absl::StatusOr<SmoothingScales> ComputeOProjSmoothingScalesFromMax(
+    const std::vector<float>& act_max, const std::vector<float>& w_max, int num_heads,
+    int num_kv_heads, const SmoothingOptions& options);
 
 // The smoothing of a whole block, indexed by LinearInput.
 struct BlockSmoothing {

@@ -211,6 +211,44 @@ TEST_F(CudaEngineTest, GpuErrorReconstructionMatchesCpu) {
   }
 }
 
+// SmoothQuant (statistics, column maxima and the fold on the device) against the CPU. Without
+// activation quantization every layer is within the GPTQ parity bound. With 8-bit activations
+// (W4A8) the per-token rounding of the quantized path turns the backends' last-bit differences
+// into whole quantization steps on some activations, which compound block after block (measured:
+// blocks 0-1 within 1e-3, later layers up to 1.7% apart, in both directions): there block 0 is held
+// to the parity bound and the model's mean error to 1%. GPU runs are bit-identical either way.
+TEST_F(CudaEngineTest, GpuSmoothingMatchesCpu) {
+  REQUIRE_GPU_AND_SHARED();
+  const std::string shared = testing::SharedDir();
+  auto cpu = MakeBackend("cpu");
+  auto gpu = MakeBackend("cuda");
+  ASSERT_TRUE(cpu && gpu);
+  for (int act_bits : {16, 8}) {
+    SCOPED_TRACE(::testing::Message() << "activation bits " << act_bits);
+    engine::Recipe recipe = Gptq(true, false);
+    recipe.activations.bits = act_bits;
+    recipe.smoothing.method = "smoothquant";
+    const QuantizeRun c = Quantize(*cpu, shared, recipe);
+    const QuantizeRun g = Quantize(*gpu, shared, recipe);
+    const QuantizeRun g2 = Quantize(*gpu, shared, recipe);
+    ASSERT_EQ(c.layers.size(), g.layers.size());
+    ASSERT_FALSE(c.layers.empty());
+    double sum_c = 0, sum_g = 0;
+    for (size_t i = 0; i < c.layers.size(); ++i) {
+      SCOPED_TRACE(c.layers[i].name);
+      if (act_bits == 16 || c.layers[i].name.rfind("model.layers.0.", 0) == 0) {
+        EXPECT_NEAR(g.layers[i].rel_error, c.layers[i].rel_error,
+                    kLayerErrorParity * c.layers[i].rel_error);
+      }
+      sum_c += c.layers[i].rel_error;
+      sum_g += g.layers[i].rel_error;
+    }
+    EXPECT_NEAR(sum_g, sum_c, 1e-2 * sum_c);
+    EXPECT_EQ(g.artifacts, g2.artifacts);
+    EXPECT_EQ(g.activations, g2.activations);
+  }
+}
+
 // The staged driver's block output equals BlockForward through the quantized block, bit for bit,
 // on every backend present.
 TEST_F(CudaEngineTest, StagedDriverMatchesBlockForward) {

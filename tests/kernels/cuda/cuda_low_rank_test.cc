@@ -551,6 +551,48 @@ TEST_F(CudaLowRankTest, ChannelAbsStatsMatchesActivationStats) {
   }
   auto wrong = be_->ChannelAbsStats(Upload(std::vector<float>(10, 1.0f), {5, 2}), 2);
   EXPECT_EQ(wrong.status().code(), absl::StatusCode::kInvalidArgument) << wrong.status();
+
+  // seq_len 0: every row counts (a weight's column maxima).
+  const std::vector<float> w = testing::HeavyTailedWeights<float>(70, 33, 22);
+  auto cols = be_->ChannelAbsStats(Upload(w, {70, 33}), 0);
+  ASSERT_TRUE(cols.ok()) << cols.status();
+  EXPECT_EQ(cols->tokens, 70);
+  EXPECT_EQ(cols->skipped, 0);
+  for (int64_t j = 0; j < 33; ++j) {
+    float m = 0;
+    for (int64_t r = 0; r < 70; ++r) m = std::max(m, std::fabs(w[r * 33 + j]));
+    EXPECT_EQ(cols->max_abs[j], m) << "column " << j;
+  }
+}
+
+// The smoothing fold's scalings on the device give the host loops' bits (one IEEE product or
+// quotient per element); mismatched scales are refused.
+TEST_F(CudaLowRankTest, ScaleColumnsAndDivideRowsMatchTheHostBitForBit) {
+  const int64_t rows = 131, cols = 77;
+  const std::vector<float> w = testing::HeavyTailedWeights<float>(rows, cols, 31);
+  std::vector<float> m_cols = testing::HeavyTailedWeights<float>(1, cols, 32);
+  std::vector<float> m_rows = testing::HeavyTailedWeights<float>(1, rows, 33);
+  for (float& v : m_cols) v = std::fabs(v) + 0.01f;
+  for (float& v : m_rows) v = std::fabs(v) + 0.01f;
+  std::vector<float> scaled = w, divided = w;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      scaled[r * cols + j] *= m_cols[j];
+      divided[r * cols + j] /= m_rows[r];
+    }
+  }
+  Tensor a = Upload(w, {rows, cols}), b = Upload(w, {rows, cols});
+  ASSERT_TRUE(be_->ScaleColumns(a, Upload(m_cols, {cols})).ok());
+  ASSERT_TRUE(be_->DivideRows(b, Upload(m_rows, {rows})).ok());
+  EXPECT_EQ(Download(a), scaled);
+  EXPECT_EQ(Download(b), divided);
+  // A vector is rows of one (a bias).
+  Tensor bias = Upload(m_cols, {cols});
+  ASSERT_TRUE(be_->DivideRows(bias, Upload(m_cols, {cols})).ok());
+  EXPECT_EQ(Download(bias), std::vector<float>(cols, 1.0f));
+  EXPECT_EQ(be_->ScaleColumns(a, Upload(m_rows, {rows})).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(be_->DivideRows(a, Upload(m_cols, {cols})).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
