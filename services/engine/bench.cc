@@ -214,6 +214,10 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
     for (const LayerResult& l : block) {
       r.mean_rel_error += l.report.rel_error;
       r.mean_rel_error_rtn += l.report.rel_error_rtn;
+      r.mean_rel_error_er += l.report.rank > 0 ? l.report.rel_error_er : l.report.rel_error;
+      r.mean_rank += l.report.rank;
+      r.extra_params += static_cast<double>(l.report.rank) * (l.report.d_out + l.report.d_in);
+      r.base_params += static_cast<double>(l.report.d_out) * l.report.d_in;
       ++layers;
     }
     const int64_t available = be.AvailableMemory();
@@ -226,6 +230,8 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
   if (layers > 0) {
     r.mean_rel_error /= layers;
     r.mean_rel_error_rtn /= layers;
+    r.mean_rel_error_er /= layers;
+    r.mean_rank /= layers;
   }
   double blocks_sum = 0;
   for (double s : r.block_seconds) blocks_sum += s;

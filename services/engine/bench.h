@@ -92,6 +92,12 @@ struct BenchResult {
   double tflops = 0;            // flops.total() / model_seconds, in TFLOP/s
   double mean_rel_error = 0;    // over the layers quantized
   double mean_rel_error_rtn = 0;
+  // With error reconstruction: the mean error after it (rel_error where a layer has none), the
+  // mean rank, and the parameters of the low-rank branches and of the quantized weights.
+  double mean_rel_error_er = 0;
+  double mean_rank = 0;
+  double extra_params = 0;
+  double base_params = 0;
   // The least Backend::AvailableMemory() seen after a block (-1 on host backends).
   int64_t min_available_bytes = -1;
 };

@@ -560,11 +560,9 @@ class BlockRun {
         " of this ", d_out, "x", d_in, " layer can restore"));
   }
 
-  // Error reconstruction runs on the device when the backend has the ops and the rank is fixed
-  // (rank auto reads the whole spectrum, which only the host's full SVD gives cheaply).
+  // Error reconstruction runs on the device when the backend has the ops.
   bool DeviceReconstruction() const {
     return recipe_.error_reconstruction.enabled &&
-           recipe_.error_reconstruction.rank != kRecipeAutoRank &&
            be_.SupportsSolverOp(kernels::SolverOp::kErrorReconstruction);
   }
 
@@ -589,33 +587,70 @@ class BlockRun {
     return Tensor();
   }
 
-  // Error reconstruction of one linear on the device with the randomized SVD (fixed rank): the
-  // factors are fitted and the corrected layer's output error measured there; only the factors
-  // come back to the host.
+  // The engine's options for error reconstruction of a linear fed by `in`.
+  ErrorReconstructionOptions ErOptions(LinearInput in) const {
+    const ErrorReconstructionRecipe& er = recipe_.error_reconstruction;
+    ErrorReconstructionOptions opt;
+    opt.rank = er.rank == kRecipeAutoRank ? kAutoRank : er.rank;
+    opt.energy = er.energy;
+    opt.max_extra_params = er.max_extra_params;
+    opt.min_rank = static_cast<int>(OutliersOf(in).size());
+    return opt;
+  }
+
+  // Error reconstruction of one linear on the device with the randomized SVD: the factors are
+  // fitted and the corrected layer's output error measured there; only the factors come back to
+  // the host. Rank auto computes the largest rank the rule allows (MaxRank), applies ChooseRank to
+  // those leading singular values plus one value carrying the rest of ‖E·S‖_F², and keeps the
+  // leading columns of L_A and rows of L_B (the best rank-r factors within the sketch).
   absl::Status ReconstructOnDevice(LinearInput in, const Tensor& w, const Tensor& w_hat,
                                    const Tensor& gram, const Tensor& whitening, double denom,
                                    LayerResult& r) {
     QCAL_RETURN_IF_ERROR(CheckOutliersFitRank(in, r));
+    const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
+    const ErrorReconstructionOptions eopt = ErOptions(in);
     kernels::LowRankOptions opt;
-    opt.rank = recipe_.error_reconstruction.rank;
+    opt.rank = static_cast<int>(MaxRank(d_out, d_in, eopt));
     opt.svd = kernels::SvdMethod::kRandomized;
     auto lr = be_.ReconstructError(w, w_hat, whitening, opt);
     if (!lr.ok()) return Annotate(lr.status(), r.report.name);
-    const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
-    r.report.rank = static_cast<int>(lr->rank);
+    QCAL_ASSIGN_OR_RETURN(Tensor a_all, be_.ToHost(lr->a));
+    QCAL_ASSIGN_OR_RETURN(Tensor b_all, be_.ToHost(lr->b));
+    const int64_t computed = lr->rank;
+    int64_t rank = computed;
+    double error_after = lr->error_after;
+    if (eopt.rank == kAutoRank) {
+      std::vector<double> sigma = lr->singular_values;
+      double kept = 0;
+      for (double v : sigma) kept += v * v;
+      const double total = lr->error_before * lr->error_before;
+      sigma.push_back(std::sqrt(std::max(0.0, total - kept)));
+      rank = std::min(ChooseRank(sigma, d_out, d_in, eopt), computed);
+      double kept_r = 0;
+      for (int64_t i = 0; i < rank; ++i) kept_r += sigma[i] * sigma[i];
+      error_after = std::sqrt(std::max(0.0, total - kept_r));
+    }
+    r.report.rank = static_cast<int>(rank);
     r.report.whitened_error_before = lr->error_before;
-    r.report.whitened_error_after = lr->error_after;
-    r.report.extra_params = static_cast<double>(lr->rank * (d_out + d_in)) /
+    r.report.whitened_error_after = error_after;
+    r.report.extra_params = static_cast<double>(rank * (d_out + d_in)) /
                             (static_cast<double>(d_out) * static_cast<double>(d_in));
+    // L_A's leading `rank` columns and L_B's leading `rank` rows.
+    r.lora_a.resize(static_cast<size_t>(d_out * rank));
+    for (int64_t o = 0; o < d_out; ++o) {
+      std::copy_n(a_all.data<float>() + o * computed, rank, r.lora_a.begin() + o * rank);
+    }
+    r.lora_b.assign(b_all.data<float>(), b_all.data<float>() + rank * d_in);
+    Tensor a = lr->a, b = lr->b;
+    if (rank != computed) {
+      QCAL_ASSIGN_OR_RETURN(a, be_.ToDevice(Tensor::FromVector(r.lora_a, {d_out, rank})));
+      QCAL_ASSIGN_OR_RETURN(b, be_.ToDevice(Tensor::FromVector(r.lora_b, {rank, d_in})));
+    }
     QCAL_ASSIGN_OR_RETURN(Tensor w_eff, be_.Alloc(DType::kF32, w_hat.shape()));
     QCAL_RETURN_IF_ERROR(be_.Copy(w_hat, w_eff));
-    QCAL_RETURN_IF_ERROR(be_.AddLowRank(lr->a, lr->b, w_eff));
+    QCAL_RETURN_IF_ERROR(be_.AddLowRank(a, b, w_eff));
     QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, w_eff, gram));
     r.report.rel_error_er = error / denom;
-    QCAL_ASSIGN_OR_RETURN(Tensor a, be_.ToHost(lr->a));
-    QCAL_ASSIGN_OR_RETURN(Tensor b, be_.ToHost(lr->b));
-    r.lora_a.assign(a.data<float>(), a.data<float>() + a.numel());
-    r.lora_b.assign(b.data<float>(), b.data<float>() + b.numel());
     return absl::OkStatus();
   }
 
@@ -624,14 +659,8 @@ class BlockRun {
   absl::Status Reconstruct(LinearInput in, const float* w, const std::vector<float>& w_hat,
                            const Tensor& gram_host, const WhiteningFactor& whitening, double denom,
                            LayerResult& r) {
-    const ErrorReconstructionRecipe& er = recipe_.error_reconstruction;
     const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
-    const int64_t outliers = static_cast<int64_t>(OutliersOf(in).size());
-    ErrorReconstructionOptions opt;
-    opt.rank = er.rank == kRecipeAutoRank ? kAutoRank : er.rank;
-    opt.energy = er.energy;
-    opt.max_extra_params = er.max_extra_params;
-    opt.min_rank = static_cast<int>(outliers);
+    const ErrorReconstructionOptions opt = ErOptions(in);
     QCAL_RETURN_IF_ERROR(CheckOutliersFitRank(in, r));
     auto lr = ReconstructError<float>(w, w_hat.data(), d_out, d_in, whitening, opt);
     if (!lr.ok()) return Annotate(lr.status(), r.report.name);
@@ -724,8 +753,8 @@ class BlockRun {
   // the device (the dequantized result replaces them there). Only codes, scales and zeros are
   // copied to the host; their conversion into QuantizedLinear runs on a host thread while the
   // device goes on with the next stage. Error reconstruction runs on the device too (randomized
-  // SVD, ReconstructOnDevice) for a fixed rank; rank auto runs on the host (LAPACK) with the
-  // weight, its quantized form and the statistics copied there.
+  // SVD, ReconstructOnDevice) when the backend has it, else on the host (LAPACK) with the weight,
+  // its quantized form and the statistics copied there.
   absl::Status SolveOnDevice(LinearInput in, const Tensor& gram) {
     BlockWeights& bw = model_.block(b_);
     const std::vector<LinearKind> consumers = ConsumersOf(in);

@@ -224,6 +224,7 @@ PY
   er_recipes=(
     "gptq-w4g128:method: gptq\nweights: {bits: 4, group_size: 128}\n"
     "er-r64:method: gptq\nweights: {bits: 4, group_size: 128}\nerror_reconstruction: {rank: 64}\n"
+    "er-auto:method: gptq\nweights: {bits: 4, group_size: 128}\nerror_reconstruction: {rank: auto}\n"
     "gptq-w4-perchannel:method: gptq\nweights: {bits: 4, group_size: -1}\n"
     "aser-w4a8-r64:method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\nsmoothing: {method: aser, outlier_channels: 32}\nerror_reconstruction: {rank: 64}\n"
   )
@@ -237,7 +238,7 @@ PY
     rc=$?
     printf '%-34s %4d %d s\n' "bench 7b bf16 $name" "$rc" $((SECONDS - start)) >>"$summary"
     ((rc == 0)) || fail "bench 7b $name"
-    grep -hE '^(whole model|  smoothing|  forward|  hessians|  solves|    factorizations)' \
+    grep -hE '^(whole model|  smoothing|  forward|  hessians|  solves|    factorizations|mean rel)' \
       "$out/bench_7b_$name.txt" | sed 's/^/    /' >>"$summary"
   done
 fi

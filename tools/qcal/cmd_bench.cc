@@ -174,6 +174,9 @@ absl::Status RunBench(BenchArgs& a) {
                    {"speedup_vs_reference", shape.reference_seconds / r.model_seconds}};
     j["mean_rel_error"] = r.mean_rel_error;
     j["mean_rel_error_rtn"] = r.mean_rel_error_rtn;
+    j["mean_rel_error_er"] = r.mean_rel_error_er;
+    j["mean_rank"] = r.mean_rank;
+    j["extra_params_pct"] = r.base_params > 0 ? 100 * r.extra_params / r.base_params : 0.0;
     j["min_available_bytes"] = r.min_available_bytes;
     std::printf("%s\n", j.dump().c_str());
     return absl::OkStatus();
@@ -221,6 +224,13 @@ absl::Status RunBench(BenchArgs& a) {
       shape.reference_seconds / r.model_seconds, shape.reference_seconds);
   std::printf("mean relative output error %.5f (RTN %.5f)\n", r.mean_rel_error,
               r.mean_rel_error_rtn);
+  if (r.mean_rank > 0) {
+    std::printf(
+        "mean relative output error after reconstruction %.5f; mean rank %.1f, extra parameters "
+        "%.2f%%\n",
+        r.mean_rel_error_er, r.mean_rank,
+        r.base_params > 0 ? 100 * r.extra_params / r.base_params : 0.0);
+  }
   return absl::OkStatus();
 }
 

@@ -170,6 +170,21 @@ absl::Status ErrorReconstructionOptions::Validate() const {
   return absl::OkStatus();
 }
 
+namespace {
+
+// The largest r with r·(d_out + d_in) <= max_extra_params · d_out·d_in; the floor's rounding is
+// corrected both ways.
+int64_t RankBudget(int64_t d_out, int64_t d_in, const ErrorReconstructionOptions& options) {
+  const double budget = options.max_extra_params * static_cast<double>(d_out * d_in);
+  const double per_rank = static_cast<double>(d_out + d_in);
+  int64_t r_budget = static_cast<int64_t>(std::floor(budget / per_rank));
+  while (r_budget > 0 && static_cast<double>(r_budget) * per_rank > budget) --r_budget;
+  while (static_cast<double>(r_budget + 1) * per_rank <= budget) ++r_budget;
+  return r_budget;
+}
+
+}  // namespace
+
 int64_t ChooseRank(const std::vector<double>& sigma, int64_t d_out, int64_t d_in,
                    const ErrorReconstructionOptions& options) {
   const int64_t k = std::min(d_out, d_in);
@@ -186,15 +201,16 @@ int64_t ChooseRank(const std::vector<double>& sigma, int64_t d_out, int64_t d_in
       break;
     }
   }
-  // The largest r with r·(d_out + d_in) <= budget; the floor's rounding is corrected both ways.
-  const double budget = options.max_extra_params * static_cast<double>(d_out * d_in);
-  const double per_rank = static_cast<double>(d_out + d_in);
-  int64_t r_budget = static_cast<int64_t>(std::floor(budget / per_rank));
-  while (r_budget > 0 && static_cast<double>(r_budget) * per_rank > budget) --r_budget;
-  while (static_cast<double>(r_budget + 1) * per_rank <= budget) ++r_budget;
-  int64_t r = std::min(r_energy, r_budget);
+  int64_t r = std::min(r_energy, RankBudget(d_out, d_in, options));
   r = std::max<int64_t>(r, std::max(options.min_rank, 1));
   return std::min(r, k);
+}
+
+int64_t MaxRank(int64_t d_out, int64_t d_in, const ErrorReconstructionOptions& options) {
+  const int64_t k = std::min(d_out, d_in);
+  if (options.rank != kAutoRank) return std::min<int64_t>(options.rank, k);
+  const int64_t r = std::max<int64_t>(RankBudget(d_out, d_in, options), options.min_rank);
+  return std::min<int64_t>(std::max<int64_t>(r, 1), k);
 }
 
 template <typename T>

@@ -95,6 +95,12 @@ struct ErrorReconstructionOptions {
 int64_t ChooseRank(const std::vector<double>& sigma, int64_t d_out, int64_t d_in,
                    const ErrorReconstructionOptions& options);
 
+// The largest rank ChooseRank can return for a [d_out, d_in] layer whatever the spectrum: fixed,
+// min(rank, k); auto, min(max(r_budget, min_rank, 1), k). A device that computes only the leading
+// singular values (a randomized SVD) computes this many, then applies ChooseRank to them plus one
+// value carrying the rest of ‖E·S‖_F² (the auto rule needs only the leading values and the total).
+int64_t MaxRank(int64_t d_out, int64_t d_in, const ErrorReconstructionOptions& options);
+
 // A fitted correction, W ≈ Ŵ + a·b.
 template <typename T>
 struct LowRankCorrection {

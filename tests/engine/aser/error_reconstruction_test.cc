@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -266,6 +267,47 @@ TEST(ChooseRankTest, BudgetFloorAndClamp) {
   // Fixed ranks ignore the rule and clamp.
   EXPECT_EQ(ChooseRank(flat, 64, 64, Rank(7)), 7);
   EXPECT_EQ(ChooseRank(flat, 80, 64, Rank(99)), 64);
+}
+
+// MaxRank bounds ChooseRank whatever the spectrum, and the leading values plus one carrying the
+// rest of the total give ChooseRank's answer on the full spectrum whenever it is <= MaxRank (the
+// device's rank auto).
+TEST(ChooseRankTest, MaxRankBoundsTheRuleAndTheLeadingValuesSuffice) {
+  ErrorReconstructionOptions o = Rank(kAutoRank);
+  o.max_extra_params = 0.1;
+  EXPECT_EQ(MaxRank(64, 64, o), 3);
+  o.min_rank = 8;
+  EXPECT_EQ(MaxRank(64, 64, o), 8);
+  o.min_rank = 100;
+  EXPECT_EQ(MaxRank(64, 64, o), 64);
+  o.min_rank = 0;
+  o.max_extra_params = 0.01;  // below one rank: still 1
+  EXPECT_EQ(MaxRank(8, 8, o), 1);
+  EXPECT_EQ(MaxRank(64, 64, Rank(7)), 7);
+  EXPECT_EQ(MaxRank(80, 64, Rank(99)), 64);
+
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t d_out = 20 + trial % 37, d_in = 30 + trial % 23;
+    const int64_t k = std::min(d_out, d_in);
+    std::vector<double> sigma(static_cast<size_t>(k));
+    double v = 1.0;
+    for (double& x : sigma) x = (v *= 0.5 + 0.5 * u(rng));
+    ErrorReconstructionOptions a = Rank(kAutoRank);
+    a.energy = 0.05 + 0.95 * u(rng);
+    a.max_extra_params = 0.02 + 0.98 * u(rng);
+    a.min_rank = static_cast<int>(trial % 5);
+    const int64_t m = MaxRank(d_out, d_in, a);
+    const int64_t r = ChooseRank(sigma, d_out, d_in, a);
+    EXPECT_LE(r, m);
+    std::vector<double> lead(sigma.begin(), sigma.begin() + m);
+    double total = 0, kept = 0;
+    for (double x : sigma) total += x * x;
+    for (double x : lead) kept += x * x;
+    lead.push_back(std::sqrt(std::max(0.0, total - kept)));
+    EXPECT_EQ(std::min(ChooseRank(lead, d_out, d_in, a), m), r) << "trial " << trial;
+  }
 }
 
 TEST(ChooseRankTest, AutoRankInReconstructError) {

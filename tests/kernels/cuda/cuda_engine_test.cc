@@ -6,6 +6,7 @@
 // runs a tiny shape. GPU parts skip without a GPU; shared-model parts without ../shared.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -209,6 +210,52 @@ TEST_F(CudaEngineTest, GpuErrorReconstructionMatchesCpu) {
     EXPECT_EQ(g.lora, g2.lora);
     EXPECT_EQ(g.activations, g2.activations);
   }
+}
+
+// rank: auto on the device (randomized SVD of the largest rank the rule allows, the rule applied
+// to its leading singular values and the total) against the CPU (the full spectrum): block 0's
+// ranks equal (same inputs, a decaying spectrum resolved by the sketch), every rank within one of
+// the CPU's, within the budget and at least the extracted columns; the model's mean error after
+// reconstruction within 2%; GPU runs bit-identical.
+TEST_F(CudaEngineTest, GpuAutoRankMatchesCpu) {
+  REQUIRE_GPU_AND_SHARED();
+  const std::string shared = testing::SharedDir();
+  auto cpu = MakeBackend("cpu");
+  auto gpu = MakeBackend("cuda");
+  ASSERT_TRUE(cpu && gpu);
+  engine::Recipe recipe = Gptq(true, false);
+  recipe.weights.bits = 3;
+  recipe.error_reconstruction.enabled = true;
+  recipe.error_reconstruction.rank = engine::kRecipeAutoRank;
+  recipe.error_reconstruction.energy = 0.5;
+  recipe.error_reconstruction.max_extra_params = 0.4;
+  recipe.smoothing.method = "aser";
+  recipe.smoothing.outlier_channels = 2;
+  const QuantizeRun c = Quantize(*cpu, shared, recipe);
+  const QuantizeRun g = Quantize(*gpu, shared, recipe);
+  const QuantizeRun g2 = Quantize(*gpu, shared, recipe);
+  ASSERT_EQ(c.layers.size(), g.layers.size());
+  ASSERT_FALSE(c.layers.empty());
+  double sum_c = 0, sum_g = 0;
+  int differing = 0;
+  for (size_t i = 0; i < c.layers.size(); ++i) {
+    SCOPED_TRACE(c.layers[i].name);
+    const engine::LayerReport& l = g.layers[i];
+    if (c.layers[i].name.rfind("model.layers.0.", 0) == 0) {
+      EXPECT_EQ(l.rank, c.layers[i].rank);
+    }
+    EXPECT_LE(std::abs(l.rank - c.layers[i].rank), 1);
+    differing += l.rank != c.layers[i].rank;
+    EXPECT_GE(l.rank, l.outlier_columns);
+    EXPECT_LE(l.extra_params, 0.4 + 1e-12);
+    EXPECT_LT(l.rel_error_er, l.rel_error);
+    sum_c += c.layers[i].rel_error_er;
+    sum_g += l.rel_error_er;
+  }
+  RecordProperty("ranks_differing", differing);
+  EXPECT_NEAR(sum_g, sum_c, 2e-2 * sum_c);
+  EXPECT_EQ(g.artifacts, g2.artifacts);
+  EXPECT_EQ(g.lora, g2.lora);
 }
 
 // SmoothQuant (statistics, column maxima and the fold on the device) against the CPU. Without
