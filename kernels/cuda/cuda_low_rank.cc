@@ -12,6 +12,7 @@
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/gptq.cuh"
 #include "kernels/cuda/low_rank.cuh"
+#include "kernels/cuda/solver_util.h"
 
 namespace qcal::kernels::cuda {
 namespace {
@@ -21,32 +22,6 @@ enum class WhiteningKind { kCholesky, kDiagonal, kNone };
 // Column panels of M = E·S (MultiplyLower).
 constexpr int64_t kPanels = 8;
 constexpr int64_t kMinPanelWidth = 128;
-
-absl::Status ExpectMatrix(const Tensor& t, const char* op, const char* what) {
-  if (!t.defined() || t.device() != Device::kCuda || t.dtype() != DType::kF32 || t.rank() != 2 ||
-      t.dim(0) <= 0 || t.dim(1) <= 0 || t.dim(0) > INT_MAX || t.dim(1) > INT_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " is ",
-                                                   t.defined() ? t.DebugString() : "undefined",
-                                                   ", expected a non-empty CUDA F32 matrix"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status Sync(const QuantContext& ctx, const char* what) {
-  return CudaStatus(cudaStreamSynchronize(ctx.stream), what);
-}
-
-template <typename T>
-absl::StatusOr<std::vector<T>> Download(const QuantContext& ctx, const void* src, int64_t count,
-                                        const char* what) {
-  std::vector<T> out(static_cast<size_t>(count));
-  if (count == 0) return out;
-  QCAL_RETURN_IF_ERROR(CudaStatus(
-      cudaMemcpyAsync(out.data(), src, count * sizeof(T), cudaMemcpyDeviceToHost, ctx.stream),
-      what));
-  QCAL_RETURN_IF_ERROR(Sync(ctx, what));
-  return out;
-}
 
 // The diagonal of the square row-major x [n, n] (fp32), on the host.
 absl::StatusOr<std::vector<float>> DownloadDiagonal(const QuantContext& ctx, const Tensor& x,
@@ -60,48 +35,6 @@ absl::StatusOr<std::vector<float>> DownloadDiagonal(const QuantContext& ctx, con
   QCAL_RETURN_IF_ERROR(Sync(ctx, what));
   return diag;
 }
-
-// InvalidArgument naming `what`[r, c] and its value for the first non-finite element of the
-// row-major x (`cols` columns) that `launch(first)` reports, as the CPU reference words it.
-template <typename Launch>
-absl::Status CheckFinite(const QuantContext& ctx, const float* x, int64_t cols, const char* what,
-                         Launch launch) {
-  QCAL_ASSIGN_OR_RETURN(Tensor first, ctx.alloc(DType::kU8, {8}));
-  auto* first_p = static_cast<unsigned long long*>(first.raw());
-  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(first_p, 0xff, 8, ctx.stream), what));
-  QCAL_RETURN_IF_ERROR(CudaStatus(launch(first_p), what));
-  QCAL_ASSIGN_OR_RETURN(auto index, Download<unsigned long long>(ctx, first_p, 1, what));
-  if (index[0] == ~0ull) return absl::OkStatus();
-  QCAL_ASSIGN_OR_RETURN(auto value, Download<float>(ctx, x + index[0], 1, what));
-  return absl::InvalidArgumentError(absl::StrCat(
-      what, "[", static_cast<int64_t>(index[0]) / cols, ", ", static_cast<int64_t>(index[0]) % cols,
-      "] is ", static_cast<double>(value[0]), " (not finite)"));
-}
-
-absl::Status CheckFiniteMatrix(const QuantContext& ctx, const Tensor& x, bool upper_only,
-                               const char* what) {
-  return CheckFinite(ctx, x.data<float>(), x.dim(1), what, [&](unsigned long long* first) {
-    return LaunchFindNonFinite(x.data<float>(), x.dim(0), x.dim(1), upper_only, first, ctx.stream);
-  });
-}
-
-// RAII for cusolverDnParams_t.
-class SolverParams {
- public:
-  SolverParams() = default;
-  SolverParams(const SolverParams&) = delete;
-  SolverParams& operator=(const SolverParams&) = delete;
-  ~SolverParams() {
-    if (params_) cusolverDnDestroyParams(params_);
-  }
-  absl::Status Create() {
-    return CusolverStatus(cusolverDnCreateParams(&params_), "cusolverDnCreateParams");
-  }
-  cusolverDnParams_t get() const { return params_; }
-
- private:
-  cusolverDnParams_t params_ = nullptr;
-};
 
 // The cuSOLVER state of one ReconstructError: the 64-bit API's parameters, a device workspace that
 // grows to the largest call (blocks go back to the pool in stream order, so a replaced one is safe

@@ -15,6 +15,7 @@
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/gptq.cuh"
 #include "kernels/cuda/output_error.cuh"
+#include "kernels/cuda/solver_util.h"
 
 namespace qcal::kernels::cuda {
 namespace {
@@ -23,20 +24,6 @@ namespace {
 // S against every earlier column, (P + 1) / 2P of the full product.
 constexpr int64_t kPanels = 8;
 constexpr int64_t kMinPanelWidth = 128;
-
-absl::Status ExpectMatrix(const Tensor& t, const char* op, const char* what) {
-  if (!t.defined() || t.device() != Device::kCuda || t.dtype() != DType::kF32 || t.rank() != 2 ||
-      t.dim(0) <= 0 || t.dim(1) <= 0 || t.dim(0) > INT_MAX || t.dim(1) > INT_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " is ",
-                                                   t.defined() ? t.DebugString() : "undefined",
-                                                   ", expected a non-empty CUDA F32 matrix"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status Sync(const QuantContext& ctx, const char* what) {
-  return CudaStatus(cudaStreamSynchronize(ctx.stream), what);
-}
 
 // Copies `count` elements of `src` (host) into a new device tensor; returns once it is there.
 template <typename T>
@@ -48,37 +35,6 @@ absl::StatusOr<Tensor> Upload(const QuantContext& ctx, const std::vector<T>& src
                                   "uploading solver indices"));
   QCAL_RETURN_IF_ERROR(Sync(ctx, "uploading solver indices"));
   return t;
-}
-
-template <typename T>
-absl::StatusOr<std::vector<T>> Download(const QuantContext& ctx, const void* src, int64_t count,
-                                        const char* what) {
-  std::vector<T> out(static_cast<size_t>(count));
-  if (count == 0) return out;
-  QCAL_RETURN_IF_ERROR(CudaStatus(
-      cudaMemcpyAsync(out.data(), src, count * sizeof(T), cudaMemcpyDeviceToHost, ctx.stream),
-      what));
-  QCAL_RETURN_IF_ERROR(Sync(ctx, what));
-  return out;
-}
-
-// InvalidArgument naming `what`[r, c] and its value for the first non-finite element of the
-// row-major matrix x (only j >= i when upper_only), as the CPU quantizers word it.
-absl::Status CheckFinite(const QuantContext& ctx, const Tensor& x, bool upper_only,
-                         const char* what) {
-  QCAL_ASSIGN_OR_RETURN(Tensor first, ctx.alloc(DType::kU8, {8}));
-  auto* first_p = static_cast<unsigned long long*>(first.raw());
-  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(first_p, 0xff, 8, ctx.stream), what));
-  QCAL_RETURN_IF_ERROR(CudaStatus(
-      LaunchFindNonFinite(x.data<float>(), x.dim(0), x.dim(1), upper_only, first_p, ctx.stream),
-      what));
-  QCAL_ASSIGN_OR_RETURN(auto index, Download<unsigned long long>(ctx, first_p, 1, what));
-  if (index[0] == ~0ull) return absl::OkStatus();
-  QCAL_ASSIGN_OR_RETURN(auto value, Download<float>(ctx, x.data<float>() + index[0], 1, what));
-  const int64_t cols = x.dim(1);
-  return absl::InvalidArgumentError(absl::StrCat(
-      what, "[", static_cast<int64_t>(index[0]) / cols, ", ", static_cast<int64_t>(index[0]) % cols,
-      "] is ", static_cast<double>(value[0]), " (not finite)"));
 }
 
 // The output tensors of a quantized weight, allocated on the device.
@@ -141,24 +97,6 @@ absl::StatusOr<bool> InfoOk(const QuantContext& ctx, const SolverWork& work, con
   return info[0] == 0;
 }
 
-// RAII for cusolverDnParams_t.
-class SolverParams {
- public:
-  SolverParams() = default;
-  SolverParams(const SolverParams&) = delete;
-  SolverParams& operator=(const SolverParams&) = delete;
-  ~SolverParams() {
-    if (params_) cusolverDnDestroyParams(params_);
-  }
-  absl::Status Create() {
-    return CusolverStatus(cusolverDnCreateParams(&params_), "cusolverDnCreateParams");
-  }
-  cusolverDnParams_t get() const { return params_; }
-
- private:
-  cusolverDnParams_t params_ = nullptr;
-};
-
 }  // namespace
 
 absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& h,
@@ -173,7 +111,7 @@ absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& 
         absl::StrCat("GptqFactorize: the Hessian ", h.DebugString(), " is not square"));
   }
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
-  QCAL_RETURN_IF_ERROR(CheckFinite(ctx, h, /*upper_only=*/true, "hessian"));
+  QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, h, /*upper_only=*/true, "hessian"));
 
   // 1-2. Dead and outlier columns, visiting order: decided on the host from the diagonal.
   std::vector<float> diag(static_cast<size_t>(n));
@@ -284,7 +222,7 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
         "GptqSolve: the factor (n = ", factor.n, ") does not match the weight ", w.DebugString()));
   }
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
-  QCAL_RETURN_IF_ERROR(CheckFinite(ctx, w, /*upper_only=*/false, "weight"));
+  QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, w, /*upper_only=*/false, "weight"));
   QCAL_ASSIGN_OR_RETURN(QuantizedTensors q, NewQuantized(ctx, d_out, n, spec));
   QCAL_ASSIGN_OR_RETURN(Tensor perm, Upload(ctx, factor.perm, DType::kI32));
   QCAL_ASSIGN_OR_RETURN(Tensor removed, Upload(ctx, factor.removed, DType::kU8));
@@ -369,7 +307,7 @@ absl::StatusOr<QuantizedTensors> QuantizeRtn(const QuantContext& ctx, const Tens
   QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "QuantizeRtn", "the weight"));
   const int64_t d_out = w.dim(0), d_in = w.dim(1);
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
-  QCAL_RETURN_IF_ERROR(CheckFinite(ctx, w, /*upper_only=*/false, "weight"));
+  QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, w, /*upper_only=*/false, "weight"));
   QCAL_ASSIGN_OR_RETURN(QuantizedTensors q, NewQuantized(ctx, d_out, d_in, spec));
   QCAL_ASSIGN_OR_RETURN(Tensor overflow, ctx.alloc(DType::kI32, {d_out}));
   // 0x7f7f7f7f: larger than any group index, "no overflow".

@@ -105,6 +105,37 @@ class CudaEngineTest : public ::testing::Test {};
     QCAL_REQUIRE_SHARED();                                                 \
   } while (0)
 
+// `recipe` quantized on the CPU and twice on the GPU; the two GPU runs must be bit-identical
+// (codes, low-rank factors and the last block's activations) and match the CPU run layer for layer.
+struct CpuGpuRuns {
+  QuantizeRun cpu, gpu;
+};
+CpuGpuRuns QuantizeOnBoth(const std::string& shared, const engine::Recipe& recipe) {
+  auto cpu = MakeBackend("cpu");
+  auto gpu = MakeBackend("cuda");
+  if (!cpu || !gpu) return {};
+  CpuGpuRuns runs{Quantize(*cpu, shared, recipe), Quantize(*gpu, shared, recipe)};
+  const QuantizeRun again = Quantize(*gpu, shared, recipe);
+  EXPECT_EQ(runs.gpu.artifacts, again.artifacts);
+  EXPECT_EQ(runs.gpu.lora, again.lora);
+  EXPECT_EQ(runs.gpu.activations, again.activations);
+  EXPECT_FALSE(runs.cpu.layers.empty());
+  EXPECT_EQ(runs.cpu.layers.size(), runs.gpu.layers.size());
+  for (size_t i = 0; i < runs.cpu.layers.size() && i < runs.gpu.layers.size(); ++i) {
+    EXPECT_EQ(runs.gpu.layers[i].name, runs.cpu.layers[i].name);
+  }
+  return runs;
+}
+
+bool InFirstBlock(const engine::LayerReport& l) { return l.name.rfind("model.layers.0.", 0) == 0; }
+
+// Σ over a run's layers of one metric.
+double Sum(const QuantizeRun& run, double engine::LayerReport::*metric) {
+  double sum = 0;
+  for (const engine::LayerReport& l : run.layers) sum += l.*metric;
+  return sum;
+}
+
 TEST_F(CudaEngineTest, GpuLayerErrorsMatchCpu) {
   REQUIRE_GPU_AND_SHARED();
   const std::string shared = testing::SharedDir();
@@ -168,10 +199,6 @@ TEST_F(CudaEngineTest, GpuRunsAreBitIdenticalAndSpillingChangesNothing) {
 // directions); every layer improved by the correction; GPU runs bit-identical, factors included.
 TEST_F(CudaEngineTest, GpuErrorReconstructionMatchesCpu) {
   REQUIRE_GPU_AND_SHARED();
-  const std::string shared = testing::SharedDir();
-  auto cpu = MakeBackend("cpu");
-  auto gpu = MakeBackend("cuda");
-  ASSERT_TRUE(cpu && gpu);
   for (const char* whitening : {"cholesky", "diagonal", "none"}) {
     SCOPED_TRACE(whitening);
     engine::Recipe recipe = Gptq(true, false);
@@ -184,31 +211,23 @@ TEST_F(CudaEngineTest, GpuErrorReconstructionMatchesCpu) {
       recipe.smoothing.method = "aser";
       recipe.smoothing.outlier_channels = 4;
     }
-    const QuantizeRun c = Quantize(*cpu, shared, recipe);
-    const QuantizeRun g = Quantize(*gpu, shared, recipe);
-    const QuantizeRun g2 = Quantize(*gpu, shared, recipe);
+    const auto [c, g] = QuantizeOnBoth(testing::SharedDir(), recipe);
     ASSERT_EQ(c.layers.size(), g.layers.size());
-    ASSERT_FALSE(c.layers.empty());
-    double sum_c = 0, sum_g = 0;
     for (size_t i = 0; i < c.layers.size(); ++i) {
       SCOPED_TRACE(c.layers[i].name);
-      EXPECT_EQ(g.layers[i].rank, 8);
-      EXPECT_EQ(g.layers[i].rank, c.layers[i].rank);
-      EXPECT_EQ(g.layers[i].outlier_columns, c.layers[i].outlier_columns);
-      EXPECT_EQ(g.layers[i].extra_params, c.layers[i].extra_params);
-      if (c.layers[i].name.rfind("model.layers.0.", 0) == 0) {
-        EXPECT_NEAR(g.layers[i].rel_error_er, c.layers[i].rel_error_er,
-                    1e-2 * c.layers[i].rel_error_er);
+      const engine::LayerReport& l = g.layers[i];
+      EXPECT_EQ(l.rank, 8);
+      EXPECT_EQ(l.rank, c.layers[i].rank);
+      EXPECT_EQ(l.outlier_columns, c.layers[i].outlier_columns);
+      EXPECT_EQ(l.extra_params, c.layers[i].extra_params);
+      if (InFirstBlock(l)) {
+        EXPECT_NEAR(l.rel_error_er, c.layers[i].rel_error_er, 1e-2 * c.layers[i].rel_error_er);
       }
-      EXPECT_LT(g.layers[i].rel_error_er, g.layers[i].rel_error);
-      EXPECT_LT(g.layers[i].whitened_error_after, g.layers[i].whitened_error_before);
-      sum_c += c.layers[i].rel_error_er;
-      sum_g += g.layers[i].rel_error_er;
+      EXPECT_LT(l.rel_error_er, l.rel_error);
+      EXPECT_LT(l.whitened_error_after, l.whitened_error_before);
     }
-    EXPECT_NEAR(sum_g, sum_c, 2e-2 * sum_c);
-    EXPECT_EQ(g.artifacts, g2.artifacts);
-    EXPECT_EQ(g.lora, g2.lora);
-    EXPECT_EQ(g.activations, g2.activations);
+    const double sum_c = Sum(c, &engine::LayerReport::rel_error_er);
+    EXPECT_NEAR(Sum(g, &engine::LayerReport::rel_error_er), sum_c, 2e-2 * sum_c);
   }
 }
 
@@ -219,10 +238,6 @@ TEST_F(CudaEngineTest, GpuErrorReconstructionMatchesCpu) {
 // reconstruction within 2%; GPU runs bit-identical.
 TEST_F(CudaEngineTest, GpuAutoRankMatchesCpu) {
   REQUIRE_GPU_AND_SHARED();
-  const std::string shared = testing::SharedDir();
-  auto cpu = MakeBackend("cpu");
-  auto gpu = MakeBackend("cuda");
-  ASSERT_TRUE(cpu && gpu);
   engine::Recipe recipe = Gptq(true, false);
   recipe.weights.bits = 3;
   recipe.error_reconstruction.enabled = true;
@@ -231,17 +246,13 @@ TEST_F(CudaEngineTest, GpuAutoRankMatchesCpu) {
   recipe.error_reconstruction.max_extra_params = 0.4;
   recipe.smoothing.method = "aser";
   recipe.smoothing.outlier_channels = 2;
-  const QuantizeRun c = Quantize(*cpu, shared, recipe);
-  const QuantizeRun g = Quantize(*gpu, shared, recipe);
-  const QuantizeRun g2 = Quantize(*gpu, shared, recipe);
+  const auto [c, g] = QuantizeOnBoth(testing::SharedDir(), recipe);
   ASSERT_EQ(c.layers.size(), g.layers.size());
-  ASSERT_FALSE(c.layers.empty());
-  double sum_c = 0, sum_g = 0;
   int differing = 0;
   for (size_t i = 0; i < c.layers.size(); ++i) {
     SCOPED_TRACE(c.layers[i].name);
     const engine::LayerReport& l = g.layers[i];
-    if (c.layers[i].name.rfind("model.layers.0.", 0) == 0) {
+    if (InFirstBlock(l)) {
       EXPECT_EQ(l.rank, c.layers[i].rank);
     }
     EXPECT_LE(std::abs(l.rank - c.layers[i].rank), 1);
@@ -249,13 +260,10 @@ TEST_F(CudaEngineTest, GpuAutoRankMatchesCpu) {
     EXPECT_GE(l.rank, l.outlier_columns);
     EXPECT_LE(l.extra_params, 0.4 + 1e-12);
     EXPECT_LT(l.rel_error_er, l.rel_error);
-    sum_c += c.layers[i].rel_error_er;
-    sum_g += l.rel_error_er;
   }
   RecordProperty("ranks_differing", differing);
-  EXPECT_NEAR(sum_g, sum_c, 2e-2 * sum_c);
-  EXPECT_EQ(g.artifacts, g2.artifacts);
-  EXPECT_EQ(g.lora, g2.lora);
+  const double sum_c = Sum(c, &engine::LayerReport::rel_error_er);
+  EXPECT_NEAR(Sum(g, &engine::LayerReport::rel_error_er), sum_c, 2e-2 * sum_c);
 }
 
 // SmoothQuant (statistics, column maxima and the fold on the device) against the CPU. Without
@@ -266,33 +274,22 @@ TEST_F(CudaEngineTest, GpuAutoRankMatchesCpu) {
 // to the parity bound and the model's mean error to 1%. GPU runs are bit-identical either way.
 TEST_F(CudaEngineTest, GpuSmoothingMatchesCpu) {
   REQUIRE_GPU_AND_SHARED();
-  const std::string shared = testing::SharedDir();
-  auto cpu = MakeBackend("cpu");
-  auto gpu = MakeBackend("cuda");
-  ASSERT_TRUE(cpu && gpu);
   for (int act_bits : {16, 8}) {
     SCOPED_TRACE(::testing::Message() << "activation bits " << act_bits);
     engine::Recipe recipe = Gptq(true, false);
     recipe.activations.bits = act_bits;
     recipe.smoothing.method = "smoothquant";
-    const QuantizeRun c = Quantize(*cpu, shared, recipe);
-    const QuantizeRun g = Quantize(*gpu, shared, recipe);
-    const QuantizeRun g2 = Quantize(*gpu, shared, recipe);
+    const auto [c, g] = QuantizeOnBoth(testing::SharedDir(), recipe);
     ASSERT_EQ(c.layers.size(), g.layers.size());
-    ASSERT_FALSE(c.layers.empty());
-    double sum_c = 0, sum_g = 0;
     for (size_t i = 0; i < c.layers.size(); ++i) {
       SCOPED_TRACE(c.layers[i].name);
-      if (act_bits == 16 || c.layers[i].name.rfind("model.layers.0.", 0) == 0) {
+      if (act_bits == 16 || InFirstBlock(c.layers[i])) {
         EXPECT_NEAR(g.layers[i].rel_error, c.layers[i].rel_error,
                     kLayerErrorParity * c.layers[i].rel_error);
       }
-      sum_c += c.layers[i].rel_error;
-      sum_g += g.layers[i].rel_error;
     }
-    EXPECT_NEAR(sum_g, sum_c, 1e-2 * sum_c);
-    EXPECT_EQ(g.artifacts, g2.artifacts);
-    EXPECT_EQ(g.activations, g2.activations);
+    const double sum_c = Sum(c, &engine::LayerReport::rel_error);
+    EXPECT_NEAR(Sum(g, &engine::LayerReport::rel_error), sum_c, 1e-2 * sum_c);
   }
 }
 

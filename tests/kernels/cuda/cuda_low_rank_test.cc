@@ -18,6 +18,7 @@
 #include "services/engine/aser/activation_stats.h"
 #include "services/engine/aser/error_reconstruction.h"
 #include "tests/engine/quant/quant_test_data.h"
+#include "tests/kernels/cuda/cuda_test_fixture.h"
 
 namespace qcal::kernels {
 namespace {
@@ -67,30 +68,8 @@ struct Layer {
   std::vector<float> w, w_hat, gram, mean_abs;
 };
 
-class CudaLowRankTest : public ::testing::Test {
+class CudaLowRankTest : public CudaBackendTest {
  protected:
-  void SetUp() override {
-    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
-    BackendOptions options;
-    options.device = "cuda";
-    auto backend = CreateBackend(options);
-    ASSERT_TRUE(backend.ok()) << backend.status();
-    be_ = std::move(*backend);
-  }
-
-  Tensor Upload(const std::vector<float>& v, Shape shape) {
-    auto t = be_->ToDevice(Tensor::FromVector(v, std::move(shape)));
-    EXPECT_TRUE(t.ok()) << t.status();
-    return t.ok() ? *t : Tensor();
-  }
-  std::vector<float> Download(const Tensor& t) {
-    auto host = be_->ToHost(t);
-    EXPECT_TRUE(host.ok()) << host.status();
-    if (!host.ok()) return {};
-    const float* p = host->data<float>();
-    return std::vector<float>(p, p + host->numel());
-  }
-
   // W heavy-tailed, Ŵ its 3-bit RTN (group 16) on the device, X [tokens, d_in] correlated with 3
   // outlier channels; channel `dead` (if >= 0) gets no signal (mean |x| = 0, G row and column 0).
   Layer MakeLayer(int64_t d_out, int64_t d_in, int64_t tokens, uint64_t seed, int dead = -1) {
@@ -142,8 +121,6 @@ class CudaLowRankTest : public ::testing::Test {
     cpu->d_in = n;
     cpu->factor.assign(host.begin(), host.end());
   }
-
-  std::unique_ptr<Backend> be_;
 };
 
 std::vector<double> ToDouble(const std::vector<float>& v) {

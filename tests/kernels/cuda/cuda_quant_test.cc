@@ -21,6 +21,7 @@
 #include "services/engine/quant/gptq.h"
 #include "services/engine/quant/quantized_linear.h"
 #include "tests/engine/quant/quant_test_data.h"
+#include "tests/kernels/cuda/cuda_test_fixture.h"
 
 namespace qcal::kernels {
 namespace {
@@ -42,33 +43,7 @@ constexpr double kEndToEndErrorBound = 1e-3;
 // EᵀE as three TF32 products (about fp32 accuracy) against the CPU's double precision.
 constexpr double kOutputErrorBound = 1e-5;
 
-class CudaQuantTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
-    BackendOptions options;
-    options.device = "cuda";
-    auto backend = CreateBackend(options);
-    ASSERT_TRUE(backend.ok()) << backend.status();
-    be_ = std::move(*backend);
-  }
-
-  Tensor Upload(const std::vector<float>& v, Shape shape) {
-    auto t = be_->ToDevice(Tensor::FromVector(v, std::move(shape)));
-    EXPECT_TRUE(t.ok()) << t.status();
-    return t.ok() ? *t : Tensor();
-  }
-  template <typename T>
-  std::vector<T> Download(const Tensor& t) {
-    auto host = be_->ToHost(t);
-    EXPECT_TRUE(host.ok()) << host.status();
-    if (!host.ok()) return {};
-    const T* p = host->data<T>();
-    return std::vector<T>(p, p + host->numel());
-  }
-
-  std::unique_ptr<Backend> be_;
-};
+using CudaQuantTest = CudaBackendTest;
 
 // A symmetric Gram matrix of correlated activations with outlier channels; `dead` columns get no
 // signal (H_jj = 0).
