@@ -778,7 +778,8 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   metrics_->ObserveStage("block", header.stats().seconds());
   for (int l = 0; l < header.layers_size(); ++l) {
     metrics_->ObserveLayer(header.layers(l).solve_seconds(), reports[l].rel_error_rtn,
-                           reports[l].rel_error);
+                           reports[l].rel_error,
+                           reports[l].rank > 0 ? reports[l].rel_error_er : -1.0);
   }
   Live& live = live_[job.job_id()];
   live.block = b;

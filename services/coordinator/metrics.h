@@ -14,7 +14,10 @@
 //   qcal_calibration_tokens_per_second    gauge      calibration tokens/s through the last block
 //   qcal_layer_solve_seconds              histogram  per-layer solve time
 //   qcal_layer_rel_error{kind}            histogram  per-layer relative output error: kind=rtn
-//                                                    (plain RTN, the "before"), kind=recipe (after)
+//                                                    (plain RTN, the "before"), kind=recipe (the
+//                                                    recipe's quantizer), kind=reconstructed
+//                                                    (after error reconstruction, when the recipe
+//                                                    has it)
 //   qcal_worker_leases                    gauge      live worker leases
 //   qcal_lease_expiries_total             counter    leases that expired
 //   qcal_task_retries_total               counter    job attempts after the first
@@ -46,7 +49,9 @@ class Metrics {
   virtual void SetBlocks(int64_t done, int64_t total) = 0;
   virtual void AddBlockCommitted() = 0;
   virtual void SetCalibrationTokensPerSecond(double tokens_per_second) = 0;
-  virtual void ObserveLayer(double solve_seconds, double rel_error_rtn, double rel_error) = 0;
+  // rel_error_er < 0: the layer has no error reconstruction.
+  virtual void ObserveLayer(double solve_seconds, double rel_error_rtn, double rel_error,
+                            double rel_error_er) = 0;
   virtual void SetWorkerLeases(int leases) = 0;
   virtual void AddLeaseExpiry() = 0;
   virtual void AddTaskRetry() = 0;

@@ -321,10 +321,14 @@ void PrometheusMetrics::SetCalibrationTokensPerSecond(double tokens_per_second) 
   impl_->tokens_per_second.Set(tokens_per_second);
 }
 
-void PrometheusMetrics::ObserveLayer(double solve_seconds, double rel_error_rtn, double rel_error) {
+void PrometheusMetrics::ObserveLayer(double solve_seconds, double rel_error_rtn, double rel_error,
+                                     double rel_error_er) {
   impl_->solve_seconds.Observe(solve_seconds);
   impl_->layer_error.Add({{"kind", "rtn"}}, ErrorBuckets()).Observe(rel_error_rtn);
   impl_->layer_error.Add({{"kind", "recipe"}}, ErrorBuckets()).Observe(rel_error);
+  if (rel_error_er >= 0) {
+    impl_->layer_error.Add({{"kind", "reconstructed"}}, ErrorBuckets()).Observe(rel_error_er);
+  }
 }
 
 void PrometheusMetrics::SetWorkerLeases(int leases) { impl_->leases.Set(leases); }

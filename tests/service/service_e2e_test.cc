@@ -117,6 +117,13 @@ TEST(ServiceE2eTest, SubmitSucceedsWithTheLocalOutput) {
   ASSERT_EQ(list.exit_code, 0) << list.err;
   EXPECT_EQ(nlohmann::json::parse(list.out)["jobs"].size(), 1u);
   EXPECT_EQ(Metric(c, "qcal_blocks_committed_total"), c.model().num_blocks);
+  // Every linear's errors: RTN, the recipe's quantizer, and after error reconstruction (the
+  // harness recipe has it).
+  for (const char* kind : {"rtn", "recipe", "reconstructed"}) {
+    EXPECT_EQ(Metric(c, absl::StrCat("qcal_layer_rel_error_count{kind=\"", kind, "\"}")),
+              7 * c.model().num_blocks)
+        << kind;
+  }
 
   // SIGTERM shuts both down gracefully.
   worker->Signal(SIGTERM);
