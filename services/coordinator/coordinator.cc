@@ -790,6 +790,10 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
         static_cast<double>(header.stats().tokens()) / header.stats().seconds();
     metrics_->SetCalibrationTokensPerSecond(live.tokens_per_second);
   }
+  if (header.stats().hessian_seconds() > 0) {
+    metrics_->SetHessianFlopsPerSecond(header.stats().hessian_flops() /
+                                       header.stats().hessian_seconds());
+  }
   Emit(*rec, absl::StrCat("block ", b + 1, "/", rec->job().num_blocks(), " committed"));
   UpdateGauges();
   return response;

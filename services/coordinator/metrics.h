@@ -12,6 +12,8 @@
 //   qcal_job_blocks_total                 gauge      blocks, summed over active jobs
 //   qcal_blocks_committed_total           counter    block commits (new, not re-verified ones)
 //   qcal_calibration_tokens_per_second    gauge      calibration tokens/s through the last block
+//   qcal_hessian_flops_per_second         gauge      Hessian accumulation rate of the last block
+//                                                    (useful FLOPs: n·k² per linear input)
 //   qcal_layer_solve_seconds              histogram  per-layer solve time
 //   qcal_layer_rel_error{kind}            histogram  per-layer relative output error: kind=rtn
 //                                                    (plain RTN, the "before"), kind=recipe (the
@@ -49,6 +51,7 @@ class Metrics {
   virtual void SetBlocks(int64_t done, int64_t total) = 0;
   virtual void AddBlockCommitted() = 0;
   virtual void SetCalibrationTokensPerSecond(double tokens_per_second) = 0;
+  virtual void SetHessianFlopsPerSecond(double flops_per_second) = 0;
   // rel_error_er < 0: the layer has no error reconstruction.
   virtual void ObserveLayer(double solve_seconds, double rel_error_rtn, double rel_error,
                             double rel_error_er) = 0;

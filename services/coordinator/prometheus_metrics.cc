@@ -203,6 +203,14 @@ struct PrometheusMetrics::Impl {
           .Help("Calibration tokens per second through the last committed block")
           .Register(*registry)
           .Add({});
+  prometheus::Gauge& hessian_flops_per_second =
+      BuildGauge()
+          .Name("qcal_hessian_flops_per_second")
+          .Help(
+              "Useful floating-point operations per second of the last committed block's "
+              "Hessian accumulation")
+          .Register(*registry)
+          .Add({});
   Histogram& solve_seconds = BuildHistogram()
                                  .Name("qcal_layer_solve_seconds")
                                  .Help("Per-layer solve time, seconds")
@@ -319,6 +327,10 @@ void PrometheusMetrics::AddBlockCommitted() { impl_->blocks_committed.Increment(
 
 void PrometheusMetrics::SetCalibrationTokensPerSecond(double tokens_per_second) {
   impl_->tokens_per_second.Set(tokens_per_second);
+}
+
+void PrometheusMetrics::SetHessianFlopsPerSecond(double flops_per_second) {
+  impl_->hessian_flops_per_second.Set(flops_per_second);
 }
 
 void PrometheusMetrics::ObserveLayer(double solve_seconds, double rel_error_rtn, double rel_error,

@@ -29,6 +29,7 @@ class PrometheusMetrics final : public Metrics {
   void SetBlocks(int64_t done, int64_t total) override;
   void AddBlockCommitted() override;
   void SetCalibrationTokensPerSecond(double tokens_per_second) override;
+  void SetHessianFlopsPerSecond(double flops_per_second) override;
   void ObserveLayer(double solve_seconds, double rel_error_rtn, double rel_error,
                     double rel_error_er) override;
   void SetWorkerLeases(int leases) override;

@@ -64,6 +64,9 @@ class JobSession {
                                                           JobLogFn log = nullptr);
 
   int num_blocks() const { return model_->num_blocks(); }
+  const ModelConfig& config() const { return model_->config(); }
+  // Seconds per stage so far, summed over the blocks this session ran.
+  const StageTimes& times() const { return times_; }
   // The block RunNextBlock will quantize.
   int next_block() const { return acts_.next_block; }
   const CalibActivations& activations() const { return acts_; }

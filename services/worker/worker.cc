@@ -14,6 +14,7 @@
 #include "nlohmann/json.hpp"
 #include "services/common/input_paths.h"
 #include "services/common/job_spec.h"
+#include "services/engine/bench.h"
 #include "services/engine/pipeline.h"
 
 namespace qcal::worker {
@@ -293,6 +294,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     const int b = session.next_block();
     SetProgress(job_id, v1::JOB_STAGE_QUANTIZING, b);
     const absl::Time t0 = absl::Now();
+    const double hessian_before = session.times().hessian;
     absl::StatusOr<engine::BlockArtifacts> block = session.RunNextBlock();
     if (!block.ok()) return FailJob(task, Annotate(block.status(), absl::StrCat("block ", b)));
     const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
@@ -305,6 +307,10 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     v1::BlockStats stats;
     stats.set_seconds(seconds);
     stats.set_tokens(static_cast<int64_t>(task.spec().samples()) * task.spec().seq_len());
+    stats.set_hessian_seconds(session.times().hessian - hessian_before);
+    stats.set_hessian_flops(
+        engine::CountFlops(session.config(), task.spec().samples(), task.spec().seq_len()).hessian /
+        std::max(session.config().num_layers, 1));
     v1::CommitBlockResponse committed;
     const absl::Status s = Retry("CommitBlock", [&] {
       absl::StatusOr<v1::CommitBlockResponse> r =

@@ -117,6 +117,7 @@ TEST(ServiceE2eTest, SubmitSucceedsWithTheLocalOutput) {
   ASSERT_EQ(list.exit_code, 0) << list.err;
   EXPECT_EQ(nlohmann::json::parse(list.out)["jobs"].size(), 1u);
   EXPECT_EQ(Metric(c, "qcal_blocks_committed_total"), c.model().num_blocks);
+  EXPECT_GT(Metric(c, "qcal_hessian_flops_per_second"), 0);
   // Every linear's errors: RTN, the recipe's quantizer, and after error reconstruction (the
   // harness recipe has it).
   for (const char* kind : {"rtn", "recipe", "reconstructed"}) {
