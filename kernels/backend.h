@@ -39,8 +39,8 @@ enum class SolverOp {
   kGptq,
   kQuantizeRtn,
   kOutputError,
-  kErrorReconstruction,
-  kSmoothing,  // ChannelAbsStats, ScaleColumns, DivideRows
+  kErrorReconstruction,  // CholeskyWhitening, ReconstructError, AddLowRank
+  kSmoothing,            // ChannelAbsStats, ScaleColumns, DivideRows
 };
 
 enum class ComputeDType { kF32, kBF16 };

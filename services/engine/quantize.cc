@@ -274,7 +274,7 @@ class BlockRun {
                        LinearInput in, const Tensor& x) {
     auto& s = stats[static_cast<int>(in)];
     if (!s) s = std::make_unique<ActivationStats>(widths_[static_cast<int>(in)]);
-    if (be_.SupportsSolverOp(kernels::SolverOp::kSmoothing)) {
+    if (SmoothingOnDevice(be_)) {
       // On the device: only the per-channel totals come back.
       QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(x, acts_.seq_len));
       if (c.first_bad_column >= 0) {
@@ -296,11 +296,9 @@ class BlockRun {
   // for the artifacts.
   absl::Status Smooth() {
     // Name a bad weight before its NaNs reach the statistics (on the device where it can).
-    const bool device_ops =
-        be_.device() != Device::kHost && be_.SupportsSolverOp(kernels::SolverOp::kSmoothing);
     for (LinearKind k : kAllLinears) {
       const Tensor& weight = model_.block(b_).at(k).weight;
-      if (device_ops) {
+      if (SmoothingOnDevice(be_)) {
         QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(weight, 0));
         if (c.first_bad_column >= 0) {
           return absl::InvalidArgumentError(absl::StrCat("weight ", LinearPrefix(b_, k),
@@ -789,7 +787,7 @@ class BlockRun {
       const Tensor w = lin.weight;
       LayerResult r = NewResult(k, w.dim(0), w.dim(1));
       Tensor w_normal = w;
-      if (!outliers.empty() && be_.SupportsSolverOp(kernels::SolverOp::kSmoothing)) {
+      if (!outliers.empty() && SmoothingOnDevice(be_)) {
         // A copy with the extracted columns multiplied by 0, on the device.
         std::vector<float> keep(static_cast<size_t>(w.dim(1)), 1.0f);
         for (int32_t j : outliers) keep[j] = 0.0f;

@@ -255,21 +255,19 @@ absl::StatusOr<SmoothingScales> ComputeOProjSmoothingScalesFromMax(
   return out;
 }
 
-namespace {
-
-// Where the backend has the smoothing ops and the weights live on its device: the column maxima
-// and the fold run there, and only scales and per-column maxima cross to or from the host.
-bool OnDevice(kernels::Backend& backend) {
+bool SmoothingOnDevice(kernels::Backend& backend) {
   return backend.device() != Device::kHost &&
          backend.SupportsSolverOp(kernels::SolverOp::kSmoothing);
 }
 
-// WeightColumnMax of the consumers of `in`, on the device when OnDevice (the same values: a
-// maximum is exact in any order).
+namespace {
+
+// WeightColumnMax of the consumers of `in`, on the device when SmoothingOnDevice (the same values:
+// a maximum is exact in any order).
 absl::StatusOr<std::vector<float>> ColumnMax(kernels::Backend& backend, const BlockWeights& block,
                                              LinearInput in) {
   std::vector<Tensor> consumers;
-  if (!OnDevice(backend)) {
+  if (!SmoothingOnDevice(backend)) {
     for (LinearKind k : ConsumersOf(in)) {
       QCAL_ASSIGN_OR_RETURN(Tensor w, backend.ToHost(block.at(k).weight));
       consumers.push_back(std::move(w));
@@ -323,9 +321,9 @@ absl::Status FoldBlockSmoothing(kernels::Backend& backend, const ModelConfig& co
   // Host copies of every tensor that changes, keyed by where it goes back.
   Tensor input_norm, post_norm;
   std::array<Tensor, kNumLinears> weights, biases;
-  // Weights and biases are copied and scaled on the device when OnDevice, else on the host;
-  // norm weights (one vector each) always on the host.
-  const bool on_device = OnDevice(backend);
+  // Weights and biases are copied and scaled on the device when SmoothingOnDevice, else on the
+  // host; norm weights (one vector each) always on the host.
+  const bool on_device = SmoothingOnDevice(backend);
   auto fetch = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
     if (!on_device) return backend.ToHost(t);
     QCAL_ASSIGN_OR_RETURN(Tensor copy, backend.Alloc(DType::kF32, t.shape()));

@@ -121,6 +121,11 @@ absl::StatusOr<BlockSmoothing> ComputeBlockSmoothing(
     const std::array<const ActivationStats*, kNumLinearInputs>& stats,
     const SmoothingOptions& options);
 
+// Whether the smoothing work runs on the backend's device: its statistics (ChannelAbsStats), the
+// weights' checks and column maxima, the fold (ScaleColumns, DivideRows) and ASER's column
+// zeroing. Otherwise weights and activations are copied to the host for it.
+bool SmoothingOnDevice(kernels::Backend& backend);
+
 // Folds every non-empty input of `smoothing` into `block` (see the file comment), replacing the
 // affected tensors by new ones on `backend`. All checks run before any tensor is replaced, so on an
 // error the block is unchanged. Errors (InvalidArgument): a scale vector whose size does not match
