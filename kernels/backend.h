@@ -106,6 +106,12 @@ class Backend {
   // blocks, within BackendOptions::memory_limit_bytes), or -1 for a backend that computes in host
   // memory and plans none. Default: -1.
   virtual int64_t AvailableMemory() { return -1; }
+  // Device memory held by live tensors now, and the most held since creation or the last
+  // ResetPeakMemory, in bytes (allocator size classes), or -1 for a backend that computes in host
+  // memory (its tensors count in the process's resident set). Default: -1.
+  virtual int64_t MemoryInUse() const { return -1; }
+  virtual int64_t PeakMemoryInUse() const { return -1; }
+  virtual void ResetPeakMemory() {}
   // A host tensor suited to Copy to and from this device: page-locked, from a cache, contents
   // unspecified on CUDA. Default: Tensor::Zeros.
   virtual absl::StatusOr<Tensor> AllocHost(DType dtype, const Shape& shape) {

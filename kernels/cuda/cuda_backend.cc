@@ -176,6 +176,12 @@ class CudaBackend final : public Backend {
     return available;
   }
 
+  int64_t MemoryInUse() const override { return static_cast<int64_t>(allocator_->bytes_in_use()); }
+  int64_t PeakMemoryInUse() const override {
+    return static_cast<int64_t>(allocator_->peak_bytes_in_use());
+  }
+  void ResetPeakMemory() override { allocator_->ResetPeak(); }
+
   absl::StatusOr<Tensor> AllocHost(DType dtype, const Shape& shape) override {
     for (int64_t d : shape) {
       if (d < 0) {

@@ -1,5 +1,7 @@
 #include "kernels/cuda/cuda_resources.h"
 
+#include <algorithm>
+
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -164,6 +166,7 @@ absl::StatusOr<std::shared_ptr<Storage>> CachingAllocator::Allocate(size_t bytes
       void* ptr = it->second;
       free_.erase(it);
       in_use_ += size_class;
+      peak_in_use_ = std::max(peak_in_use_, in_use_);
       cached_ -= size_class;
       return std::make_shared<Block>(ptr, bytes, size_class, shared_from_this(), StorageDevice());
     }
@@ -195,6 +198,7 @@ absl::StatusOr<std::shared_ptr<Storage>> CachingAllocator::Allocate(size_t bytes
   }
   absl::MutexLock lock(&mu_);
   in_use_ += size_class;
+  peak_in_use_ = std::max(peak_in_use_, in_use_);
   return std::make_shared<Block>(ptr, bytes, size_class, shared_from_this(), StorageDevice());
 }
 
@@ -228,6 +232,16 @@ size_t CachingAllocator::bytes_in_use() const {
 size_t CachingAllocator::bytes_cached() const {
   absl::MutexLock lock(&mu_);
   return cached_;
+}
+
+size_t CachingAllocator::peak_bytes_in_use() const {
+  absl::MutexLock lock(&mu_);
+  return peak_in_use_;
+}
+
+void CachingAllocator::ResetPeak() {
+  absl::MutexLock lock(&mu_);
+  peak_in_use_ = in_use_;
 }
 
 }  // namespace qcal::kernels::cuda

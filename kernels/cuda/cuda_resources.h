@@ -124,6 +124,9 @@ class CachingAllocator : public std::enable_shared_from_this<CachingAllocator> {
   size_t bytes_in_use() const;
   // Bytes held in the pool's free lists (reusable without cudaMalloc).
   size_t bytes_cached() const;
+  // The most bytes_in_use() has been since creation or the last ResetPeak().
+  size_t peak_bytes_in_use() const;
+  void ResetPeak();
 
  private:
   class Block;
@@ -140,6 +143,7 @@ class CachingAllocator : public std::enable_shared_from_this<CachingAllocator> {
   std::multimap<size_t, void*> free_ ABSL_GUARDED_BY(mu_);  // size class -> block
   size_t in_use_ ABSL_GUARDED_BY(mu_) = 0;
   size_t cached_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t peak_in_use_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace qcal::kernels::cuda

@@ -2,8 +2,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <future>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/status.h"
 
 namespace qcal::engine {
@@ -49,97 +51,259 @@ std::vector<LinearKind> ConsumersOf(LinearInput input) {
 
 namespace {
 
-absl::StatusOr<Tensor> LoadTo(kernels::Backend* backend, const CheckpointReader& reader,
-                              const std::string& name, const Shape& shape,
-                              std::map<std::string, DType>* dtypes) {
-  QCAL_ASSIGN_OR_RETURN(Tensor host, reader.GetF32(name, shape));
-  QCAL_ASSIGN_OR_RETURN(TensorInfo info, reader.Info(name));
-  (*dtypes)[name] = info.dtype;
-  return backend->ToDevice(host);
+// Shape and bias of linear `kind` in a model of `c`.
+struct LinearGeometry {
+  int64_t d_out = 0, d_in = 0;
+  bool bias = false;
+};
+LinearGeometry GeometryOf(const ModelConfig& c, LinearKind kind) {
+  switch (kind) {
+    case LinearKind::kQ:
+      return {c.q_dim(), c.hidden_size, c.attention_bias};
+    case LinearKind::kK:
+    case LinearKind::kV:
+      return {c.kv_dim(), c.hidden_size, c.attention_bias};
+    case LinearKind::kO:
+      return {c.hidden_size, c.q_dim(), c.o_bias};
+    case LinearKind::kGate:
+    case LinearKind::kUp:
+      return {c.intermediate_size, c.hidden_size, c.mlp_bias};
+    case LinearKind::kDown:
+      return {c.hidden_size, c.intermediate_size, c.mlp_bias};
+  }
+  return {};
 }
+
+// Converts a host tensor of dtype F32, F16 or BF16 into the F32 host tensor `dst` (same count).
+void ConvertInto(const Tensor& src, Tensor& dst) {
+  float* out = dst.data<float>();
+  const int64_t n = src.numel();
+  switch (src.dtype()) {
+    case DType::kF32:
+      std::memcpy(out, src.raw(), n * sizeof(float));
+      break;
+    case DType::kF16: {
+      const uint16_t* in = src.data<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(in[i]);
+      break;
+    }
+    case DType::kBF16: {
+      const uint16_t* in = src.data<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(in[i]);
+      break;
+    }
+    default:
+      QCAL_CHECK(false);  // callers check the dtype first
+  }
+}
+
+// A tensor of the checkpoint in its stored dtype, checking the shape and that the dtype is a
+// floating type the model can run.
+absl::StatusOr<Tensor> ReadFloat(const CheckpointReader& reader, const std::string& name,
+                                 const Shape& shape) {
+  QCAL_ASSIGN_OR_RETURN(Tensor t, reader.Get(name));
+  if (t.shape() != shape ||
+      (t.dtype() != DType::kF32 && t.dtype() != DType::kF16 && t.dtype() != DType::kBF16)) {
+    QCAL_ASSIGN_OR_RETURN(std::string file, reader.FileOf(name));
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": tensor \"", name, "\" is ", t.DebugString(), ", expected ",
+                     ShapeString(shape), " of F32, F16 or BF16"));
+  }
+  return t;
+}
+
+// Places a host tensor on the backend (a no-op for a host backend).
+absl::StatusOr<Tensor> Place(kernels::Backend& be, const Tensor& host) {
+  if (host.device() == be.device()) return host;
+  return be.ToDevice(host);
+}
+
+// One block's tensors read on the host, before they are placed on the backend.
+struct HostBlock {
+  int b = -1;
+  BlockWeights weights;                 // host fp32 tensors
+  std::map<std::string, DType> dtypes;  // stored dtype of every tensor read
+};
 
 }  // namespace
 
+// Reads blocks from a checkpoint on the host, one tensor at a time, optionally one block ahead on
+// a thread of its own. The reader thread touches only the checkpoint files and host memory (the
+// backend's AllocHost, which is thread-safe, for pinned buffers).
+class Model::BlockSource {
+ public:
+  BlockSource(std::unique_ptr<CheckpointReader> reader, const ModelConfig& config,
+              kernels::Backend* backend, LinearWeightFn linear_weight)
+      : reader_(std::move(reader)),
+        config_(config),
+        backend_(backend),
+        linear_weight_(std::move(linear_weight)) {}
+  ~BlockSource() {
+    if (pending_.valid()) pending_.wait();
+  }
+
+  const CheckpointReader& reader() const { return *reader_; }
+
+  // Starts reading block b in the background unless a read is already pending.
+  void Prefetch(int b) {
+    if (pending_.valid() || b < 0 || b >= config_.num_layers) return;
+    pending_block_ = b;
+    pending_ = std::async(std::launch::async, [this, b] { return Read(b); });
+  }
+
+  // Block b: the background read's result when it is for b, else read here.
+  absl::StatusOr<HostBlock> Take(int b) {
+    if (pending_.valid()) {
+      absl::StatusOr<HostBlock> r = pending_.get();
+      if (pending_block_ == b) return r;
+    }
+    return Read(b);
+  }
+
+ private:
+  // A host fp32 buffer: pinned on device backends (uploads at bus speed).
+  absl::StatusOr<Tensor> HostF32(const Shape& shape) const {
+    if (backend_->device() == Device::kHost) return Tensor::Zeros(DType::kF32, shape);
+    return backend_->AllocHost(DType::kF32, shape);
+  }
+  absl::StatusOr<Tensor> ReadF32(const std::string& name, const Shape& shape,
+                                 std::map<std::string, DType>* dtypes) const {
+    QCAL_ASSIGN_OR_RETURN(Tensor stored, ReadFloat(*reader_, name, shape));
+    (*dtypes)[name] = stored.dtype();
+    QCAL_ASSIGN_OR_RETURN(Tensor out, HostF32(shape));
+    ConvertInto(stored, out);
+    return out;
+  }
+
+  absl::StatusOr<HostBlock> Read(int b) const {
+    HostBlock hb;
+    hb.b = b;
+    const int64_t d = config_.hidden_size;
+    const std::string p = absl::StrCat("model.layers.", b, ".");
+    QCAL_ASSIGN_OR_RETURN(hb.weights.input_norm,
+                          ReadF32(p + "input_layernorm.weight", {d}, &hb.dtypes));
+    QCAL_ASSIGN_OR_RETURN(hb.weights.post_attention_norm,
+                          ReadF32(p + "post_attention_layernorm.weight", {d}, &hb.dtypes));
+    for (LinearKind k : kAllLinears) {
+      const LinearGeometry g = GeometryOf(config_, k);
+      const std::string prefix = LinearPrefix(b, k);
+      Linear& l = hb.weights.at(k);
+      if (linear_weight_) {
+        QCAL_ASSIGN_OR_RETURN(l.weight, linear_weight_(*reader_, prefix, g.d_out, g.d_in));
+        if (l.weight.shape() != Shape{g.d_out, g.d_in} || l.weight.dtype() != DType::kF32) {
+          return absl::InternalError(
+              absl::StrCat(prefix, ": weight loader returned ", l.weight.DebugString()));
+        }
+      } else {
+        QCAL_ASSIGN_OR_RETURN(l.weight, ReadF32(prefix + ".weight", {g.d_out, g.d_in}, &hb.dtypes));
+      }
+      if (g.bias || reader_->Has(prefix + ".bias")) {
+        QCAL_ASSIGN_OR_RETURN(l.bias, ReadF32(prefix + ".bias", {g.d_out}, &hb.dtypes));
+      }
+    }
+    return hb;
+  }
+
+  std::unique_ptr<CheckpointReader> reader_;
+  const ModelConfig config_;
+  kernels::Backend* backend_;
+  const LinearWeightFn linear_weight_;
+  std::future<absl::StatusOr<HostBlock>> pending_;
+  int pending_block_ = -1;
+};
+
+Model::Model() = default;
+Model::~Model() = default;
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
                                                    kernels::Backend* backend,
-                                                   const LinearWeightFn& linear_weight) {
+                                                   const ModelLoadOptions& options) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   QCAL_ASSIGN_OR_RETURN(auto reader, CheckpointReader::Open(dir));
-  const int64_t d = config.hidden_size, f = config.intermediate_size, v = config.vocab_size;
-  const int64_t qd = config.q_dim(), kvd = config.kv_dim();
+  const int64_t d = config.hidden_size, v = config.vocab_size;
   auto model = std::unique_ptr<Model>(new Model());
   model->config_ = config;
   model->backend_ = backend;
-  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_, LoadTo(backend, *reader, "model.embed_tokens.weight",
-                                                     {v, d}, &model->source_dtypes_));
-  QCAL_ASSIGN_OR_RETURN(model->final_norm_,
-                        LoadTo(backend, *reader, "model.norm.weight", {d}, &model->source_dtypes_));
+  model->on_block_loaded_ = options.on_block_loaded;
+  auto place_f32 = [&](const std::string& name, const Shape& shape) -> absl::StatusOr<Tensor> {
+    QCAL_ASSIGN_OR_RETURN(Tensor stored, ReadFloat(*reader, name, shape));
+    model->source_dtypes_[name] = stored.dtype();
+    QCAL_ASSIGN_OR_RETURN(Tensor f32, stored.ToF32());
+    return Place(*backend, f32);
+  };
+  // The embedding table stays on the host in its stored dtype; Embed gathers rows.
+  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_, ReadFloat(*reader, "model.embed_tokens.weight", {v, d}));
+  model->source_dtypes_["model.embed_tokens.weight"] = model->embed_tokens_.dtype();
+  QCAL_ASSIGN_OR_RETURN(model->final_norm_, place_f32("model.norm.weight", {d}));
   if (config.tie_word_embeddings && !reader->Has("lm_head.weight")) {
-    model->lm_head_ = model->embed_tokens_;
+    QCAL_ASSIGN_OR_RETURN(Tensor f32, model->embed_tokens_.ToF32());
+    QCAL_ASSIGN_OR_RETURN(model->lm_head_, Place(*backend, f32));
   } else {
-    QCAL_ASSIGN_OR_RETURN(model->lm_head_, LoadTo(backend, *reader, "lm_head.weight", {v, d},
-                                                  &model->source_dtypes_));
+    QCAL_ASSIGN_OR_RETURN(model->lm_head_, place_f32("lm_head.weight", {v, d}));
   }
-  for (int b = 0; b < config.num_layers; ++b) {
-    BlockWeights bw;
-    const std::string p = absl::StrCat("model.layers.", b, ".");
-    QCAL_ASSIGN_OR_RETURN(bw.input_norm, LoadTo(backend, *reader, p + "input_layernorm.weight", {d},
-                                                &model->source_dtypes_));
-    QCAL_ASSIGN_OR_RETURN(bw.post_attention_norm,
-                          LoadTo(backend, *reader, p + "post_attention_layernorm.weight", {d},
-                                 &model->source_dtypes_));
-    for (LinearKind k : kAllLinears) {
-      int64_t out = 0, in = 0;
-      bool has_bias = false;
-      switch (k) {
-        case LinearKind::kQ:
-          out = qd;
-          in = d;
-          has_bias = config.attention_bias;
-          break;
-        case LinearKind::kK:
-        case LinearKind::kV:
-          out = kvd;
-          in = d;
-          has_bias = config.attention_bias;
-          break;
-        case LinearKind::kO:
-          out = d;
-          in = qd;
-          has_bias = config.o_bias;
-          break;
-        case LinearKind::kGate:
-        case LinearKind::kUp:
-          out = f;
-          in = d;
-          has_bias = config.mlp_bias;
-          break;
-        case LinearKind::kDown:
-          out = d;
-          in = f;
-          has_bias = config.mlp_bias;
-          break;
-      }
-      const std::string prefix = LinearPrefix(b, k);
-      if (linear_weight) {
-        QCAL_ASSIGN_OR_RETURN(Tensor host, linear_weight(*reader, prefix, out, in));
-        if (host.shape() != Shape{out, in} || host.dtype() != DType::kF32) {
-          return absl::InternalError(
-              absl::StrCat(prefix, ": weight loader returned ", host.DebugString()));
-        }
-        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, backend->ToDevice(host));
-      } else {
-        QCAL_ASSIGN_OR_RETURN(bw.at(k).weight, LoadTo(backend, *reader, prefix + ".weight",
-                                                      {out, in}, &model->source_dtypes_));
-      }
-      if (has_bias || reader->Has(prefix + ".bias")) {
-        QCAL_ASSIGN_OR_RETURN(bw.at(k).bias, LoadTo(backend, *reader, prefix + ".bias", {out},
-                                                    &model->source_dtypes_));
-      }
-    }
-    model->blocks_.push_back(std::move(bw));
+  model->blocks_.resize(config.num_layers);
+  model->resident_.assign(config.num_layers, false);
+  model->source_ = std::make_unique<BlockSource>(std::move(reader), config, backend,
+                                                 options.linear_weight);
+  if (options.residency == BlockResidency::kStreaming) {
+    model->source_->Prefetch(0);
+    return model;
   }
+  for (int b = 0; b < config.num_layers; ++b) QCAL_RETURN_IF_ERROR(model->AcquireBlock(b));
+  model->source_.reset();  // every block is resident: the checkpoint is not read again
   return model;
+}
+
+bool Model::resident(int b) const {
+  return b >= 0 && b < num_blocks() && resident_[b];
+}
+
+absl::Status Model::AcquireBlock(int b) {
+  if (b < 0 || b >= num_blocks()) {
+    return absl::OutOfRangeError(absl::StrCat("block ", b, " of a model with ", num_blocks()));
+  }
+  auto prefetch_next = [&] {
+    if (b + 1 < num_blocks() && !resident_[b + 1]) source_->Prefetch(b + 1);
+  };
+  if (resident_[b]) {
+    if (source_) prefetch_next();
+    return absl::OkStatus();
+  }
+  if (!source_) return absl::FailedPreconditionError(absl::StrCat("block ", b, " was released"));
+  QCAL_ASSIGN_OR_RETURN(HostBlock hb, source_->Take(b));
+  // Start the next read before the uploads: the reader thread and the copies overlap.
+  prefetch_next();
+  BlockWeights w;
+  QCAL_ASSIGN_OR_RETURN(w.input_norm, Place(*backend_, hb.weights.input_norm));
+  QCAL_ASSIGN_OR_RETURN(w.post_attention_norm, Place(*backend_, hb.weights.post_attention_norm));
+  for (LinearKind k : kAllLinears) {
+    const Linear& h = hb.weights.at(k);
+    QCAL_ASSIGN_OR_RETURN(w.at(k).weight, Place(*backend_, h.weight));
+    if (h.bias.defined()) {
+      QCAL_ASSIGN_OR_RETURN(w.at(k).bias, Place(*backend_, h.bias));
+    }
+  }
+  for (const auto& [name, dtype] : hb.dtypes) source_dtypes_[name] = dtype;
+  hb = HostBlock();  // pinned buffers back to the pool before the hook allocates
+  if (on_block_loaded_) QCAL_RETURN_IF_ERROR(on_block_loaded_(b, w));
+  blocks_[b] = std::move(w);
+  resident_[b] = true;
+  return absl::OkStatus();
+}
+
+void Model::ReleaseBlock(int b) {
+  if (!source_ || b < 0 || b >= num_blocks()) return;
+  blocks_[b] = BlockWeights();
+  resident_[b] = false;
+}
+
+int64_t Model::BlockBytes() const {
+  int64_t elements = 2 * config_.hidden_size;
+  for (LinearKind k : kAllLinears) {
+    const LinearGeometry g = GeometryOf(config_, k);
+    elements += g.d_out * g.d_in + (g.bias ? g.d_out : 0);
+  }
+  return elements * static_cast<int64_t>(sizeof(float));
 }
 
 DType Model::SourceDType(const std::string& name) const {
@@ -156,16 +320,34 @@ std::unique_ptr<Model> Model::FromWeights(const ModelConfig& config, kernels::Ba
   model->embed_tokens_ = std::move(embed_tokens);
   model->final_norm_ = std::move(final_norm);
   model->lm_head_ = std::move(lm_head);
+  model->resident_.assign(blocks.size(), true);
   model->blocks_ = std::move(blocks);
   return model;
 }
 
 absl::StatusOr<Tensor> Model::Embed(const std::vector<int>& ids) {
-  Tensor id_tensor = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(ids.size())});
+  const int64_t n = static_cast<int64_t>(ids.size()), d = config_.hidden_size;
+  if (embed_tokens_.device() == Device::kHost) {
+    // Gather rows of the host table (any float dtype) into fp32, then place them.
+    for (int64_t i = 0; i < n; ++i) {
+      if (ids[i] < 0 || ids[i] >= embed_tokens_.dim(0)) {
+        return absl::InvalidArgumentError(absl::StrCat("Embed: token id ", ids[i],
+                                                       " is outside the vocabulary [0, ",
+                                                       embed_tokens_.dim(0), ")"));
+      }
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor rows, backend_->device() == Device::kHost
+                                           ? absl::StatusOr<Tensor>(Tensor::Zeros(DType::kF32, {n, d}))
+                                           : backend_->AllocHost(DType::kF32, {n, d}));
+    for (int64_t i = 0; i < n; ++i) {
+      Tensor dst = rows.Rows(i, i + 1);
+      ConvertInto(embed_tokens_.Rows(ids[i], ids[i] + 1), dst);
+    }
+    return Place(*backend_, rows);
+  }
+  Tensor id_tensor = Tensor::Zeros(DType::kI32, {n});
   std::memcpy(id_tensor.raw(), ids.data(), ids.size() * sizeof(int));
-  QCAL_ASSIGN_OR_RETURN(
-      Tensor hidden,
-      backend_->Alloc(DType::kF32, {static_cast<int64_t>(ids.size()), config_.hidden_size}));
+  QCAL_ASSIGN_OR_RETURN(Tensor hidden, backend_->Alloc(DType::kF32, {n, d}));
   QCAL_RETURN_IF_ERROR(backend_->Embedding(embed_tokens_, id_tensor, hidden));
   return hidden;
 }
@@ -275,6 +457,10 @@ absl::Status Model::AddProjection(int b, LinearKind kind, const Tensor& input, T
 
 absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache,
                                  const Tap& tap) {
+  if (!resident(b)) {
+    return absl::FailedPreconditionError(absl::StrCat("BlockForward: block ", b,
+                                                      " is not loaded (AcquireBlock first)"));
+  }
   const int64_t rows = int64_t(shape.batch) * shape.seq_len;
   const int64_t d = config_.hidden_size;
   if (hidden.shape() != Shape{rows, d}) {

@@ -1,8 +1,20 @@
 // The model as a sequence of transformer blocks, run one block at a time.
 //
-// Weights live on the backend's device in fp32. Later stages feed calibration activations through
-// one block at a time (BlockForward with a Tap to see every linear's input) and replace a block's
-// linear weights in place (SetLinearWeight). Not thread-safe.
+// Block weights live on the backend's device in fp32. Later stages feed calibration activations
+// through one block at a time (BlockForward with a Tap to see every linear's input) and replace a
+// block's linear weights in place.
+//
+// Residency (DESIGN section 2, "Memory"). A model loaded with BlockResidency::kAll holds every
+// block; one loaded with kStreaming holds the embeddings, the final norm and lm_head, plus only the
+// blocks in flight: AcquireBlock(b) makes block b resident (reading it from the checkpoint, one
+// tensor at a time, unless the reader thread has already read it) and starts reading block b + 1
+// on a reader thread while the caller computes; ReleaseBlock(b) frees it. The reader thread only
+// reads and converts on the host (into pinned memory on device backends); uploads happen on the
+// caller's thread, so the backend is used from one thread. The embedding table of a loaded model
+// stays on the host in its stored dtype (a 128k × 8192 bf16 table is 2 GiB) and Embed gathers
+// rows; lm_head lives on the device in fp32.
+//
+// Not thread-safe: one thread drives a Model.
 #pragma once
 
 #include <array>
@@ -84,14 +96,35 @@ using Tap = std::function<absl::Status(LinearInput input, const Tensor& x)>;
 using LinearWeightFn = std::function<absl::StatusOr<Tensor>(
     const CheckpointReader& reader, const std::string& prefix, int64_t d_out, int64_t d_in)>;
 
+// Where Load keeps the blocks.
+enum class BlockResidency {
+  kAll,        // every block on the backend from Load on
+  kStreaming,  // only the blocks acquired and not yet released (plus one prefetched)
+};
+
+// Called with every block right after its weights are placed on the backend (streaming models:
+// each time the block is loaded), e.g. to add an adapter's low-rank branches.
+using BlockLoadedFn = std::function<absl::Status(int b, BlockWeights& weights)>;
+
+struct ModelLoadOptions {
+  // How the seven linears' weights are read (quantized checkpoints). Default: "<prefix>.weight".
+  LinearWeightFn linear_weight;
+  // Runs after each block is loaded. Default: none.
+  BlockLoadedFn on_block_loaded;
+  // Default: kAll.
+  BlockResidency residency = BlockResidency::kAll;
+};
+
 class Model {
  public:
-  // Loads config.json and all weights of a Hugging Face checkpoint directory onto the backend.
-  // `linear_weight` overrides how the seven linears' weights are read (quantized checkpoints).
+  // Loads config.json, the embeddings, final norm and lm_head of a Hugging Face checkpoint
+  // directory, and (kAll) every block. Tensors are read one at a time (pread; a file that changes
+  // while it is read is an error naming it).
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
                                                      kernels::Backend* backend,
-                                                     const LinearWeightFn& linear_weight = nullptr);
-  // A model from a config and already-built weights (synthetic models, tests).
+                                                     const ModelLoadOptions& options = {});
+  // A model from a config and already-built weights (synthetic models, tests); every block is
+  // resident.
   static std::unique_ptr<Model> FromWeights(const ModelConfig& config, kernels::Backend* backend,
                                             Tensor embed_tokens, Tensor final_norm, Tensor lm_head,
                                             std::vector<BlockWeights> blocks);
@@ -99,8 +132,20 @@ class Model {
   const ModelConfig& config() const { return config_; }
   kernels::Backend& backend() const { return *backend_; }
   int num_blocks() const { return static_cast<int>(blocks_.size()); }
+  // Block b's weights; defined only while it is resident.
   BlockWeights& block(int b) { return blocks_[b]; }
   const BlockWeights& block(int b) const { return blocks_[b]; }
+  bool streaming() const { return source_ != nullptr; }
+  bool resident(int b) const;
+  // Makes block b resident (a no-op for a resident block) and, when streaming, starts reading
+  // block b + 1 in the background. Errors name the file and tensor (a shard truncated or removed
+  // while the job runs, a wrong shape); after one the model stays usable for other blocks.
+  absl::Status AcquireBlock(int b);
+  // Frees block b's weights when streaming (a no-op for kAll models and FromWeights models).
+  void ReleaseBlock(int b);
+  // Bytes of one block's weights in fp32 on the backend (the linears and norms).
+  int64_t BlockBytes() const;
+  // The embedding table: on the host in the checkpoint's dtype (Load), or as given (FromWeights).
   const Tensor& embed_tokens() const { return embed_tokens_; }
   const Tensor& final_norm() const { return final_norm_; }
   const Tensor& lm_head() const { return lm_head_; }
@@ -108,9 +153,12 @@ class Model {
   // and models built FromWeights). Folded smoothing writes changed tensors back in this dtype.
   DType SourceDType(const std::string& name) const;
 
-  // hidden [ids.size(), hidden_size] = embedding rows of ids.
+  ~Model();
+
+  // hidden [ids.size(), hidden_size] = embedding rows of ids (fp32, on the backend).
   absl::StatusOr<Tensor> Embed(const std::vector<int>& ids);
-  // Runs block b in place on hidden [batch*seq_len, hidden_size]. With `cache`, keys and values
+  // Runs block b (which must be resident) in place on hidden [batch*seq_len, hidden_size]. With
+  // `cache`, keys and values
   // are appended to it at shape.offset (batch must be 1). `tap`, when set, sees every distinct
   // linear input; when it returns kCancelled the forward stops there and OK is returned.
   absl::Status BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache = nullptr,
@@ -136,7 +184,8 @@ class Model {
   absl::StatusOr<KvCache> NewCache(int capacity);
 
  private:
-  Model() = default;
+  class BlockSource;
+  Model();
   // y (+)= l applied to x: the weight branch (with its activation quantization and bias), then
   // the low-rank branch added.
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
@@ -149,7 +198,10 @@ class Model {
   kernels::Backend* backend_ = nullptr;
   Tensor embed_tokens_, final_norm_, lm_head_;
   std::vector<BlockWeights> blocks_;
+  std::vector<bool> resident_;
   std::map<std::string, DType> source_dtypes_;
+  std::unique_ptr<BlockSource> source_;  // streaming models only
+  BlockLoadedFn on_block_loaded_;
 };
 
 }  // namespace qcal::engine

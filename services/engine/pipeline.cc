@@ -1,6 +1,6 @@
 #include "services/engine/pipeline.h"
 
-#include <sys/resource.h>
+#include <stdlib.h>
 
 #include <algorithm>
 #include <chrono>
@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/files.h"
+#include "common/memory_usage.h"
 #include "common/status.h"
 #include "services/engine/evaluate.h"
 #include "services/engine/export/checkpoint_loader.h"
@@ -47,12 +48,6 @@ int64_t DirBytes(const fs::path& dir, const std::string& suffix) {
     }
   }
   return total;
-}
-
-int64_t PeakRssBytes() {
-  struct rusage ru;
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<int64_t>(ru.ru_maxrss) * 1024;
 }
 
 // The model files an input record lists: config, weights (and index), tokenizer.
@@ -154,6 +149,9 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   bo.compute_dtype =
       o.compute_dtype == "bf16" ? kernels::ComputeDType::kBF16 : kernels::ComputeDType::kF32;
   QCAL_ASSIGN_OR_RETURN(s->backend_, kernels::CreateBackend(bo));
+  // This job's peaks: a worker process runs many jobs.
+  ResetPeakRss();
+  s->backend_->ResetPeakMemory();
   QCAL_ASSIGN_OR_RETURN(s->tokenizer_, Tokenizer::Load(o.model_dir));
   QCAL_ASSIGN_OR_RETURN(CheckpointQuantization input_q, ReadCheckpointQuantization(o.model_dir));
   if (!input_q.quant_method.empty()) {
@@ -161,8 +159,22 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
                                                    input_q.quant_method,
                                                    "); quantize a full-precision checkpoint"));
   }
-  QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get()));
+  ModelLoadOptions load;
+  load.residency = BlockResidency::kStreaming;
+  QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get(), load));
   const ModelConfig& cfg = s->model_->config();
+  std::string scratch_root = o.scratch_dir;
+  if (scratch_root.empty()) {
+    std::error_code ec;
+    scratch_root = fs::temp_directory_path(ec).string();
+    if (ec) scratch_root = "/tmp";
+  }
+  std::string templ = (fs::path(scratch_root) / "qcal-job-XXXXXX").string();
+  if (mkdtemp(templ.data()) == nullptr) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        scratch_root, ": cannot create a scratch directory: ", std::strerror(errno)));
+  }
+  s->scratch_ = templ;
   s->timings_["load"] = Since(t0);
   if (s->log_) {
     s->log_(absl::StrFormat(
@@ -184,15 +196,27 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
 absl::StatusOr<BlockArtifacts> JobSession::RunNextBlock() {
   if (next_block() >= num_blocks())
     return absl::FailedPreconditionError("every block is already quantized");
-  const auto t0 = Clock::now();
+  const int b = next_block();
+  auto t0 = Clock::now();
+  QCAL_RETURN_IF_ERROR(model_->AcquireBlock(b));
+  const double wait = Since(t0);
+  load_wait_ += wait;
+  t0 = Clock::now();
   QCAL_ASSIGN_OR_RETURN(BlockArtifacts block,
                         QuantizeBlock(*model_, acts_, options_.recipe, &times_));
-  done_.push_back(block);
+  model_->ReleaseBlock(b);
+  QCAL_RETURN_IF_ERROR(Spill(b, block));
+  blocks_seconds_ += wait + Since(t0);
   if (log_) {
     double err = 0;
     for (const auto& r : block) err += r.report.rel_error;
-    log_(absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s)", next_block(),
-                         num_blocks(), err / block.size(), Since(t0)));
+    std::string memory = absl::StrFormat("host RSS %.2f GiB", CurrentRssBytes() / double(1 << 30));
+    if (backend_->MemoryInUse() >= 0) {
+      absl::StrAppendFormat(&memory, ", device %.2f GiB", backend_->MemoryInUse() / double(1 << 30));
+    }
+    log_(absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s + %.2f s waiting "
+                         "for weights; %s)",
+                         next_block(), num_blocks(), err / block.size(), Since(t0), wait, memory));
   }
   return block;
 }
@@ -208,12 +232,84 @@ absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
     return absl::DataLossError(
         "restore: the activation checkpoint does not match this job's calibration data");
   }
+  // Blocks before the boundary are never run again: their artifacts only feed the export.
+  layers_.clear();
+  adapter_ranks_.clear();
   for (size_t b = 0; b < committed.size(); ++b) {
-    QCAL_RETURN_IF_ERROR(InstallBlock(*model_, static_cast<int>(b), committed[b]));
+    QCAL_RETURN_IF_ERROR(Spill(static_cast<int>(b), committed[b]));
   }
-  done_ = committed;
   acts_ = std::move(acts);
   return absl::OkStatus();
+}
+
+JobSession::~JobSession() {
+  if (scratch_.empty()) return;
+  std::error_code ec;
+  fs::remove_all(scratch_, ec);
+}
+
+int64_t JobSession::PeakRssBytes() const { return qcal::PeakRssBytes(); }
+
+int64_t JobSession::PeakDeviceBytes() const { return backend_->PeakMemoryInUse(); }
+
+namespace {
+
+constexpr char kSpillMagic[8] = {'Q', 'C', 'A', 'L', 'S', 'P', 'L', '1'};
+
+void AppendRecord(std::string& out, const std::string& bytes) {
+  const uint64_t n = bytes.size();
+  out.append(reinterpret_cast<const char*>(&n), sizeof(n));
+  out.append(bytes);
+}
+
+absl::StatusOr<std::string> NextRecord(const std::string& in, size_t& pos,
+                                       const std::string& path) {
+  uint64_t n = 0;
+  if (in.size() - pos < sizeof(n)) return absl::DataLossError(absl::StrCat(path, ": truncated"));
+  std::memcpy(&n, in.data() + pos, sizeof(n));
+  pos += sizeof(n);
+  if (in.size() - pos < n) return absl::DataLossError(absl::StrCat(path, ": truncated"));
+  std::string out = in.substr(pos, n);
+  pos += n;
+  return out;
+}
+
+std::string SpillPath(const std::string& scratch, int b) {
+  return (fs::path(scratch) / absl::StrFormat("block-%05d.artifacts", b)).string();
+}
+
+}  // namespace
+
+absl::Status JobSession::Spill(int b, const BlockArtifacts& block) {
+  std::string bytes(kSpillMagic, sizeof(kSpillMagic));
+  for (const LayerResult& r : block) {
+    AppendRecord(bytes, SerializeLayerArtifact(r));
+    AppendRecord(bytes, LayerReportJson(r.report).dump());
+    layers_.push_back(r.report);
+    if (r.report.rank > 0) adapter_ranks_[r.report.name] = r.report.rank;
+  }
+  return Annotate(WriteStringToFile(SpillPath(scratch_, b), bytes),
+                  "writing a finished block to the scratch directory");
+}
+
+absl::StatusOr<BlockArtifacts> JobSession::Unspill(int b) const {
+  const std::string path = SpillPath(scratch_, b);
+  QCAL_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(path));
+  if (bytes.compare(0, sizeof(kSpillMagic), std::string(kSpillMagic, sizeof(kSpillMagic))) != 0) {
+    return absl::DataLossError(absl::StrCat(path, ": not a spilled block"));
+  }
+  size_t pos = sizeof(kSpillMagic);
+  BlockArtifacts block;
+  while (pos < bytes.size()) {
+    QCAL_ASSIGN_OR_RETURN(std::string artifact, NextRecord(bytes, pos, path));
+    QCAL_ASSIGN_OR_RETURN(std::string report, NextRecord(bytes, pos, path));
+    QCAL_ASSIGN_OR_RETURN(LayerResult r, ParseLayerArtifact(artifact));
+    const nlohmann::json j = nlohmann::json::parse(report, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object()) return absl::DataLossError(absl::StrCat(path, ": malformed report"));
+    QCAL_ASSIGN_OR_RETURN(r.report, LayerReportFromJson(j));
+    block.push_back(std::move(r));
+  }
+  return block;
 }
 
 absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
@@ -223,20 +319,27 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   }
   const JobOptions& o = options_;
   const fs::path dir(dir_str);
-  std::map<std::string, QuantizedLinear> quantized;
-  CheckpointExtras extras;
-  std::vector<LayerReport> layers;
-  for (const auto& block : done_) {
-    for (const auto& r : block) {
-      quantized[r.report.name] = r.quantized;
-      layers.push_back(r.report);
-      AddToExtras(r, extras);
-    }
-  }
+  // The quantized-path activations and the streaming model are not needed any more.
+  acts_ = CalibActivations();
+  const int blocks = num_blocks();
+  model_.reset();
   auto t0 = Clock::now();
-  QCAL_RETURN_IF_ERROR(
-      WriteQuantizedCheckpoint(o.model_dir, dir.string(), o.recipe, quantized, extras));
+  {
+    // TODO(streaming export): replace by the block-streaming writer.
+    std::map<std::string, QuantizedLinear> quantized;
+    CheckpointExtras extras;
+    for (int b = 0; b < blocks; ++b) {
+      QCAL_ASSIGN_OR_RETURN(BlockArtifacts block, Unspill(b));
+      for (const auto& r : block) {
+        quantized[r.report.name] = r.quantized;
+        AddToExtras(r, extras);
+      }
+    }
+    QCAL_RETURN_IF_ERROR(
+        WriteQuantizedCheckpoint(o.model_dir, dir.string(), o.recipe, quantized, extras));
+  }
   timings_["export"] = Since(t0);
+  const std::vector<LayerReport>& layers = layers_;
 
   JobResult result;
   result.out_dir = o.out_dir;
@@ -244,17 +347,22 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   const int eval_len = o.eval_seq_len > 0 ? o.eval_seq_len : o.seq_len;
   if (!o.eval_text.empty()) {
     t0 = Clock::now();
-    model_.reset();  // free the quantized model before loading the others
     QCAL_ASSIGN_OR_RETURN(std::string eval_text, LoadCorpusText(o.eval_text));
     QCAL_ASSIGN_OR_RETURN(std::vector<int> eval_tokens, tokenizer_->Encode(eval_text));
-    QCAL_ASSIGN_OR_RETURN(auto fp_model, Model::Load(o.model_dir, backend_.get()));
+    ModelLoadOptions stream;
+    stream.residency = BlockResidency::kStreaming;
+    QCAL_ASSIGN_OR_RETURN(auto fp_model, Model::Load(o.model_dir, backend_.get(), stream));
     QCAL_ASSIGN_OR_RETURN(windows, MakeEvalWindows(eval_tokens, eval_len, o.eval_max_windows,
                                                    fp_model->config().bos_token_id, o.eval_text));
     QCAL_ASSIGN_OR_RETURN(PerplexityResult fp, EvaluatePerplexity(*fp_model, windows));
     fp_model.reset();
     result.perplexity_fp = fp.perplexity;
-    QCAL_ASSIGN_OR_RETURN(auto exported, LoadCheckpoint(dir.string(), backend_.get()));
+    LoadOptions exported_stream;
+    exported_stream.residency = BlockResidency::kStreaming;
+    QCAL_ASSIGN_OR_RETURN(auto exported,
+                          LoadCheckpoint(dir.string(), backend_.get(), exported_stream));
     QCAL_ASSIGN_OR_RETURN(PerplexityResult qp, EvaluatePerplexity(*exported, windows));
+    exported.reset();
     result.perplexity = qp.perplexity;
     result.has_perplexity = true;
     timings_["eval"] = Since(t0);
@@ -273,6 +381,7 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   rep["recipe_sha256"] = o.recipe.Sha256();
   rep["format"] = IsGptqExportable(o.recipe) ? "gptq" : "qcal_fake";
   nlohmann::ordered_json inputs = nlohmann::ordered_json::array();
+  t0 = Clock::now();
   for (const std::string& f : ModelFiles(o.model_dir)) {
     QCAL_ASSIGN_OR_RETURN(auto j,
                           HashInput("model", (fs::path(o.model_dir) / f).string(), "model/" + f));
@@ -285,6 +394,7 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
     inputs.push_back(eval_j);
   }
   rep["inputs"] = inputs;
+  timings_["hash_inputs"] = Since(t0);
   rep["calibration"] = {{"samples", o.samples},
                         {"seq_len", o.seq_len},
                         {"seed", o.seed},
@@ -344,8 +454,13 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
                              {"error", times_.error},
                              {"reconstruct", times_.reconstruct},
                              {"transfer", times_.transfer}};
+  timings_["load_wait"] = load_wait_;
+  timings_["blocks"] = blocks_seconds_;
   run["seconds"] = timings_;
-  run["peak_rss_bytes"] = PeakRssBytes();
+  result.peak_rss_bytes = PeakRssBytes();
+  result.peak_device_bytes = PeakDeviceBytes();
+  run["peak_rss_bytes"] = result.peak_rss_bytes;
+  if (result.peak_device_bytes >= 0) run["peak_device_bytes"] = result.peak_device_bytes;
   QCAL_RETURN_IF_ERROR(WriteStringToFile((dir / "qcal_run.json").string(), run.dump(2) + "\n"));
   result.report = std::move(rep);
   return result;

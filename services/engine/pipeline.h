@@ -3,9 +3,15 @@
 // form `qcal quantize` uses: open, run every block, finish into a temporary directory beside the
 // target, rename it into place.
 //
-// Finish() exports the checkpoint, then evaluates the full-precision model (loaded afresh from
-// the source directory) and the exported checkpoint (loaded back from disk), and writes
-// qcal_report.json (deterministic) and qcal_run.json (timings, host facts).
+// Memory (DESIGN section 2): the session streams the model (Model with BlockResidency::kStreaming):
+// it holds the embeddings, lm_head, the calibration activations and the block in flight (plus the
+// next one, prefetched). Each finished block's artifacts are spilled to a scratch directory and
+// dropped from memory; Finish() streams them into the export shard by shard.
+//
+// Finish() exports the checkpoint, then evaluates the full-precision model (streamed afresh from
+// the source directory) and the exported checkpoint (streamed back from disk), layer-major, and
+// writes qcal_report.json (deterministic) and qcal_run.json (timings, peak host RSS and peak
+// device memory, host facts).
 #pragma once
 
 #include <functional>
@@ -40,6 +46,11 @@ struct JobOptions {
   std::string device = "cpu";  // backend device: cpu, cuda, cuda:N. Default: cpu.
   std::string compute_dtype = "f32";  // f32 | bf16 (GEMM operands). Default: f32.
   std::string job_id;                 // recorded in qcal_run.json (service jobs); "" locally
+  // Where finished blocks' artifacts wait for the export (a private directory is made inside).
+  // Default: "" = the system temporary directory ($TMPDIR or /tmp).
+  std::string scratch_dir;
+  // Shard size of the exported checkpoint in bytes (DESIGN section 5). Default: 4 GiB.
+  int64_t shard_size = 4ll << 30;
   absl::Status Validate() const;
 };
 
@@ -49,6 +60,8 @@ struct JobResult {
   bool has_perplexity = false;
   double perplexity = 0;     // exported checkpoint, loaded back from disk
   double perplexity_fp = 0;  // the input model
+  int64_t peak_rss_bytes = 0;      // host resident set, highest during the job
+  int64_t peak_device_bytes = -1;  // device memory held by tensors, highest (-1: host backend)
 };
 
 // Progress lines for humans (stderr).
@@ -59,6 +72,7 @@ using BlockArtifacts = std::vector<LayerResult>;
 
 class JobSession {
  public:
+  ~JobSession();
   // Loads the model, tokenizer and calibration samples and embeds them (block 0's inputs).
   static absl::StatusOr<std::unique_ptr<JobSession>> Open(const JobOptions& options,
                                                           JobLogFn log = nullptr);
@@ -72,12 +86,16 @@ class JobSession {
   const CalibActivations& activations() const { return acts_; }
   kernels::Backend& backend() { return *backend_; }
 
-  // Quantizes the next block; its artifacts are also kept for Finish().
+  // Quantizes the next block; its artifacts are also spilled for Finish().
   absl::StatusOr<BlockArtifacts> RunNextBlock();
 
-  // Resumes from a boundary: installs the committed artifacts of blocks [0, acts.next_block) and
-  // continues from `acts` (a checkpoint SaveActivations wrote at that boundary).
+  // Resumes from a boundary: takes the committed artifacts of blocks [0, acts.next_block) (for the
+  // export) and continues from `acts` (a checkpoint SaveActivations wrote at that boundary).
   absl::Status Restore(const std::vector<BlockArtifacts>& committed, CalibActivations acts);
+
+  // Peak host RSS and device memory since Open, in bytes (device: -1 on a host backend).
+  int64_t PeakRssBytes() const;
+  int64_t PeakDeviceBytes() const;
 
   // After every block: writes the checkpoint, report and run facts into `dir` (existing, empty)
   // and evaluates. The caller moves `dir` into place.
@@ -85,14 +103,22 @@ class JobSession {
 
  private:
   JobSession() = default;
+  // Writes block b's artifacts to the scratch directory; reads them back.
+  absl::Status Spill(int b, const BlockArtifacts& block);
+  absl::StatusOr<BlockArtifacts> Unspill(int b) const;
+
   JobOptions options_;
   JobLogFn log_;
   std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<Model> model_;
   CalibActivations acts_;
-  std::vector<BlockArtifacts> done_;
+  std::string scratch_;             // this session's private scratch directory
+  std::vector<LayerReport> layers_;  // every finished linear's report, in order
+  std::map<std::string, int64_t> adapter_ranks_;  // error reconstruction: rank per linear
   size_t calib_tokens_ = 0;
+  double load_wait_ = 0;       // seconds spent waiting for block weights (not overlapped)
+  double blocks_seconds_ = 0;  // seconds in RunNextBlock, waits included
   StageTimes times_;
   nlohmann::ordered_json timings_;
 };

@@ -141,6 +141,129 @@ absl::StatusOr<CheckpointQuantization> ReadCheckpointQuantization(const std::str
   return q;
 }
 
+namespace {
+
+// A PEFT LoRA adapter (DESIGN section 5), validated at open and installed block by block.
+class LoraAdapter {
+ public:
+  static absl::StatusOr<std::unique_ptr<LoraAdapter>> Open(const std::string& adapter_dir,
+                                                           const ModelConfig& config) {
+    auto a = std::unique_ptr<LoraAdapter>(new LoraAdapter());
+    a->config_path_ = (fs::path(adapter_dir) / "adapter_config.json").string();
+    a->weights_path_ = (fs::path(adapter_dir) / "adapter_model.safetensors").string();
+    QCAL_ASSIGN_OR_RETURN(nlohmann::json cfg, ReadJson(a->config_path_));
+    if (!cfg.is_object() || cfg.value("peft_type", std::string()) != "LORA") {
+      return absl::InvalidArgumentError(
+          absl::StrCat(a->config_path_, ": peft_type must be \"LORA\""));
+    }
+    QCAL_RETURN_IF_ERROR(a->Number(cfg.value("r", nlohmann::json()), "r", &a->r_));
+    QCAL_RETURN_IF_ERROR(
+        a->Number(cfg.value("lora_alpha", nlohmann::json()), "lora_alpha", &a->alpha_));
+    a->rank_pattern_ = cfg.value("rank_pattern", nlohmann::json::object());
+    a->alpha_pattern_ = cfg.value("alpha_pattern", nlohmann::json::object());
+    QCAL_ASSIGN_OR_RETURN(a->file_, SafetensorsFile::Open(a->weights_path_));
+    std::map<std::string, std::pair<int, LinearKind>> linears;
+    for (int b = 0; b < config.num_layers; ++b) {
+      for (LinearKind k : kAllLinears) linears[LinearPrefix(b, k)] = {b, k};
+    }
+    const std::string head = "base_model.model.";
+    const std::string a_tail = ".lora_A.weight", b_tail = ".lora_B.weight";
+    for (const auto& [name, info] : a->file_->tensors()) {
+      auto ends_with = [&](const std::string& tail) {
+        return name.size() > tail.size() &&
+               name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+      };
+      const bool is_a = ends_with(a_tail), is_b = ends_with(b_tail);
+      if (name.rfind(head, 0) != 0 || (!is_a && !is_b)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(a->weights_path_, ": unexpected tensor \"", name, "\""));
+      }
+      const std::string prefix =
+          name.substr(head.size(), name.size() - head.size() - a_tail.size());
+      auto it = linears.find(prefix);
+      if (it == linears.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(a->weights_path_, ": \"", prefix, "\" is not a linear of the model"));
+      }
+      Entry& e = a->entries_[it->second.first][it->second.second];
+      (is_a ? e.a_name : e.b_name) = name;
+    }
+    for (const auto& [b, kinds] : a->entries_) {
+      for (const auto& [k, e] : kinds) {
+        if (e.a_name.empty() || e.b_name.empty()) {
+          return absl::InvalidArgumentError(absl::StrCat(a->weights_path_, ": ", LinearPrefix(b, k),
+                                                         " has only ",
+                                                         e.a_name.empty() ? "lora_B" : "lora_A"));
+        }
+      }
+    }
+    return a;
+  }
+
+  // Adds the low-rank branches of block b's listed linears to `w` (on `backend`).
+  absl::Status Install(int b, BlockWeights& w, kernels::Backend& backend) const {
+    auto it = entries_.find(b);
+    if (it == entries_.end()) return absl::OkStatus();
+    for (const auto& [k, e] : it->second) {
+      const std::string prefix = LinearPrefix(b, k);
+      QCAL_ASSIGN_OR_RETURN(Tensor la_raw, file_->Get(e.a_name));
+      QCAL_ASSIGN_OR_RETURN(Tensor lb_raw, file_->Get(e.b_name));
+      QCAL_ASSIGN_OR_RETURN(Tensor la, la_raw.ToF32());  // L_B [r, d_in]
+      QCAL_ASSIGN_OR_RETURN(Tensor lb, lb_raw.ToF32());  // L_A [d_out, r]
+      Linear& lin = w.at(k);
+      const int64_t d_out = lin.weight.dim(0), d_in = lin.weight.dim(1);
+      if (la.rank() != 2 || lb.rank() != 2 || la.dim(1) != d_in || lb.dim(0) != d_out ||
+          la.dim(0) != lb.dim(1) || la.dim(0) < 1) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            weights_path_, ": ", prefix, " lora_A ", ShapeString(la.shape()), " and lora_B ",
+            ShapeString(lb.shape()), " do not fit a [", d_out, ", ", d_in, "] linear"));
+      }
+      double rank = r_, alpha = alpha_;
+      if (rank_pattern_.contains(prefix)) {
+        QCAL_RETURN_IF_ERROR(Number(rank_pattern_[prefix], "rank_pattern." + prefix, &rank));
+      }
+      if (alpha_pattern_.contains(prefix)) {
+        QCAL_RETURN_IF_ERROR(Number(alpha_pattern_[prefix], "alpha_pattern." + prefix, &alpha));
+      }
+      if (rank != static_cast<double>(la.dim(0))) {
+        return absl::InvalidArgumentError(absl::StrCat(config_path_, ": rank of ", prefix, " is ",
+                                                       rank, " but its factors have rank ",
+                                                       la.dim(0)));
+      }
+      const float scale = static_cast<float>(alpha / rank);
+      if (scale != 1.0f) {
+        float* p = lb.data<float>();
+        for (int64_t i = 0; i < lb.numel(); ++i) p[i] *= scale;
+      }
+      QCAL_ASSIGN_OR_RETURN(lin.lora_b, backend.ToDevice(la));
+      QCAL_ASSIGN_OR_RETURN(lin.lora_a, backend.ToDevice(lb));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  struct Entry {
+    std::string a_name, b_name;  // tensor names of lora_A and lora_B
+  };
+  LoraAdapter() = default;
+  absl::Status Number(const nlohmann::json& j, const std::string& key, double* out) const {
+    if (!j.is_number() || !(j.get<double>() > 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(config_path_, ": \"", key, "\" must be a positive number"));
+    }
+    *out = j.get<double>();
+    return absl::OkStatus();
+  }
+
+  std::string config_path_, weights_path_;
+  double r_ = 0, alpha_ = 0;
+  nlohmann::json rank_pattern_, alpha_pattern_;
+  std::unique_ptr<SafetensorsFile> file_;
+  std::map<int, std::map<LinearKind, Entry>> entries_;  // block -> linear -> tensors
+};
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
                                                       kernels::Backend* backend,
                                                       const LoadOptions& options) {
@@ -151,116 +274,41 @@ absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
         absl::StrCat(options.act_bits != 0 ? std::string("--act-bits") : dir + "/config.json",
                      ": activation bits must be 16 (off) or 4..8, got ", act_bits));
   }
-  std::unique_ptr<Model> model;
-  if (q.quant_method != "gptq") {
-    QCAL_ASSIGN_OR_RETURN(model, Model::Load(dir, backend));
-  } else {
-    const int bits = q.bits;
-    QCAL_ASSIGN_OR_RETURN(
-        model, Model::Load(dir, backend,
-                           [bits](const CheckpointReader& reader, const std::string& prefix,
-                                  int64_t d_out, int64_t d_in) {
-                             return DequantizeGptq(reader, prefix, d_out, d_in, bits);
-                           }));
-  }
-  const fs::path adapter = fs::path(dir) / "adapter";
-  if (fs::exists(adapter / "adapter_config.json")) {
-    QCAL_RETURN_IF_ERROR(LoadLoraAdapter(adapter.string(), *model));
-  }
   if (act_bits < 16 && !backend->SupportsOp(kernels::Op::kActQuant)) {
     return absl::UnimplementedError(absl::StrCat("activation quantization is not supported by the ",
                                                  backend->name(), " backend"));
   }
-  for (int b = 0; b < model->num_blocks(); ++b) {
-    for (LinearKind k : kAllLinears) model->block(b).at(k).act_bits = act_bits;
+  QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
+  std::shared_ptr<LoraAdapter> adapter;
+  const fs::path adapter_dir = fs::path(dir) / "adapter";
+  if (fs::exists(adapter_dir / "adapter_config.json")) {
+    QCAL_ASSIGN_OR_RETURN(adapter, LoraAdapter::Open(adapter_dir.string(), config));
   }
-  return model;
+  ModelLoadOptions mo;
+  mo.residency = options.residency;
+  if (q.quant_method == "gptq") {
+    const int bits = q.bits;
+    mo.linear_weight = [bits](const CheckpointReader& reader, const std::string& prefix,
+                              int64_t d_out, int64_t d_in) {
+      return DequantizeGptq(reader, prefix, d_out, d_in, bits);
+    };
+  }
+  mo.on_block_loaded = [adapter, act_bits, backend](int b, BlockWeights& w) -> absl::Status {
+    if (adapter) QCAL_RETURN_IF_ERROR(adapter->Install(b, w, *backend));
+    for (LinearKind k : kAllLinears) w.at(k).act_bits = act_bits;
+    return absl::OkStatus();
+  };
+  return Model::Load(dir, backend, mo);
 }
 
 absl::Status LoadLoraAdapter(const std::string& adapter_dir, Model& model) {
-  const std::string config_path = (fs::path(adapter_dir) / "adapter_config.json").string();
-  const std::string weights_path = (fs::path(adapter_dir) / "adapter_model.safetensors").string();
-  QCAL_ASSIGN_OR_RETURN(nlohmann::json cfg, ReadJson(config_path));
-  if (!cfg.is_object() || cfg.value("peft_type", std::string()) != "LORA") {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, ": peft_type must be \"LORA\""));
-  }
-  auto number = [&](const nlohmann::json& j, const std::string& key, double* out) -> absl::Status {
-    if (!j.is_number() || !(j.get<double>() > 0)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(config_path, ": \"", key, "\" must be a positive number"));
-    }
-    *out = j.get<double>();
-    return absl::OkStatus();
-  };
-  double r = 0, alpha = 0;
-  QCAL_RETURN_IF_ERROR(number(cfg.value("r", nlohmann::json()), "r", &r));
-  QCAL_RETURN_IF_ERROR(number(cfg.value("lora_alpha", nlohmann::json()), "lora_alpha", &alpha));
-  const nlohmann::json rank_pattern = cfg.value("rank_pattern", nlohmann::json::object());
-  const nlohmann::json alpha_pattern = cfg.value("alpha_pattern", nlohmann::json::object());
-  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(weights_path));
-  const std::string head = "base_model.model.";
-  std::map<std::string, std::pair<Tensor, Tensor>> factors;  // prefix -> (lora_A, lora_B)
-  for (const auto& [name, info] : file->tensors()) {
-    const std::string a_tail = ".lora_A.weight", b_tail = ".lora_B.weight";
-    auto ends_with = [&](const std::string& tail) {
-      return name.size() > tail.size() &&
-             name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
-    };
-    const bool is_a = ends_with(a_tail), is_b = ends_with(b_tail);
-    if (name.rfind(head, 0) != 0 || (!is_a && !is_b)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(weights_path, ": unexpected tensor \"", name, "\""));
-    }
-    const std::string prefix = name.substr(head.size(), name.size() - head.size() - a_tail.size());
-    QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
-    QCAL_ASSIGN_OR_RETURN(Tensor f32, t.ToF32());
-    (is_a ? factors[prefix].first : factors[prefix].second) = std::move(f32);
-  }
-  std::map<std::string, std::pair<int, LinearKind>> linears;
+  QCAL_ASSIGN_OR_RETURN(auto adapter, LoraAdapter::Open(adapter_dir, model.config()));
   for (int b = 0; b < model.num_blocks(); ++b) {
-    for (LinearKind k : kAllLinears) linears[LinearPrefix(b, k)] = {b, k};
-  }
-  for (auto& [prefix, ab] : factors) {
-    auto it = linears.find(prefix);
-    if (it == linears.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(weights_path, ": \"", prefix, "\" is not a linear of the model"));
+    if (!model.resident(b)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("LoadLoraAdapter: block ", b, " is not loaded"));
     }
-    if (!ab.first.defined() || !ab.second.defined()) {
-      return absl::InvalidArgumentError(absl::StrCat(weights_path, ": ", prefix, " has only ",
-                                                     ab.first.defined() ? "lora_A" : "lora_B"));
-    }
-    Linear& lin = model.block(it->second.first).at(it->second.second);
-    const int64_t d_out = lin.weight.dim(0), d_in = lin.weight.dim(1);
-    const Tensor& la = ab.first;   // L_B [r, d_in]
-    const Tensor& lb = ab.second;  // L_A [d_out, r]
-    if (la.rank() != 2 || lb.rank() != 2 || la.dim(1) != d_in || lb.dim(0) != d_out ||
-        la.dim(0) != lb.dim(1) || la.dim(0) < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          weights_path, ": ", prefix, " lora_A ", ShapeString(la.shape()), " and lora_B ",
-          ShapeString(lb.shape()), " do not fit a [", d_out, ", ", d_in, "] linear"));
-    }
-    double rank = r, a = alpha;
-    if (rank_pattern.contains(prefix)) {
-      QCAL_RETURN_IF_ERROR(number(rank_pattern[prefix], "rank_pattern." + prefix, &rank));
-    }
-    if (alpha_pattern.contains(prefix)) {
-      QCAL_RETURN_IF_ERROR(number(alpha_pattern[prefix], "alpha_pattern." + prefix, &a));
-    }
-    if (rank != static_cast<double>(la.dim(0))) {
-      return absl::InvalidArgumentError(absl::StrCat(config_path, ": rank of ", prefix, " is ",
-                                                     rank, " but its factors have rank ",
-                                                     la.dim(0)));
-    }
-    Tensor scaled_b = lb;
-    const float scale = static_cast<float>(a / rank);
-    if (scale != 1.0f) {
-      scaled_b = lb.Clone();
-      float* p = scaled_b.data<float>();
-      for (int64_t i = 0; i < scaled_b.numel(); ++i) p[i] *= scale;
-    }
-    QCAL_ASSIGN_OR_RETURN(lin.lora_b, model.backend().ToDevice(la));
-    QCAL_ASSIGN_OR_RETURN(lin.lora_a, model.backend().ToDevice(scaled_b));
+    QCAL_RETURN_IF_ERROR(adapter->Install(b, model.block(b), model.backend()));
   }
   return absl::OkStatus();
 }

@@ -27,10 +27,13 @@ struct LoadOptions {
   // Activation bits of every block linear's weight branch: 0 = what the checkpoint records
   // (quantization_config.qcal.activation_bits, 16 when absent), else 4..8 or 16 (off). Default: 0.
   int act_bits = 0;
+  // kStreaming loads blocks on demand (Model::AcquireBlock), dequantizing each as it is read, and
+  // adds the adapter's branches to each block as it loads. Default: kAll.
+  BlockResidency residency = BlockResidency::kAll;
 };
 
-// Loads the checkpoint in `dir` and, when `dir`/adapter/adapter_config.json exists, its PEFT LoRA
-// adapter (DESIGN section 5; the low-rank branch of each listed linear, scaled by lora_alpha / r).
+// Loads the checkpoint in `dir` (one model.safetensors or shards with an index, ours or another
+// tool's) and, when `dir`/adapter/adapter_config.json exists, its PEFT LoRA adapter (DESIGN section 5; the low-rank branch of each listed linear, scaled by lora_alpha / r).
 // Errors name the file and the tensor or key at fault: a tensor of the adapter that names no linear
 // of the model, a shape that does not match, lora_A without lora_B, a non-LORA peft_type.
 absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
@@ -38,7 +41,7 @@ absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
                                                       const LoadOptions& options = {});
 
 // Reads `adapter_dir` (adapter_config.json, adapter_model.safetensors) and installs the low-rank
-// branches into `model`.
+// branches into `model`, every block of which must be resident.
 absl::Status LoadLoraAdapter(const std::string& adapter_dir, Model& model);
 
 }  // namespace qcal::engine
