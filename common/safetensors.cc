@@ -265,9 +265,8 @@ absl::StatusOr<Tensor> CheckpointReader::GetF32(const std::string& name,
   return t.ToF32();
 }
 
-absl::StatusOr<std::string> SerializeSafetensors(
-    const std::map<std::string, Tensor>& tensors,
-    const std::map<std::string, std::string>& metadata) {
+std::string SafetensorsHeader(const std::map<std::string, TensorInfo>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
   // nlohmann::ordered_json keeps insertion order; std::map iteration gives sorted names.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) {
@@ -275,26 +274,38 @@ absl::StatusOr<std::string> SerializeSafetensors(
     for (const auto& [k, v] : metadata) meta[k] = v;
     header["__metadata__"] = meta;
   }
+  for (const auto& [name, info] : tensors) {
+    nlohmann::ordered_json entry;
+    entry["dtype"] = std::string(DTypeName(info.dtype));
+    entry["shape"] = info.shape;
+    entry["data_offsets"] = {info.begin, info.end};
+    header[name] = entry;
+  }
+  std::string text = header.dump();
+  while (text.size() % 8 != 0) text.push_back(' ');
+  std::string out;
+  out.reserve(8 + text.size());
+  const uint64_t len = text.size();
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((len >> (8 * i)) & 0xff));
+  out += text;
+  return out;
+}
+
+absl::StatusOr<std::string> SerializeSafetensors(
+    const std::map<std::string, Tensor>& tensors,
+    const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, TensorInfo> infos;
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     if (t.device() != Device::kHost) {
       return absl::InvalidArgumentError(
           absl::StrCat("WriteSafetensors: \"", name, "\" is not on the host"));
     }
-    nlohmann::ordered_json entry;
-    entry["dtype"] = std::string(DTypeName(t.dtype()));
-    entry["shape"] = t.shape();
-    entry["data_offsets"] = {offset, offset + t.nbytes()};
-    header[name] = entry;
+    infos[name] = TensorInfo{t.dtype(), t.shape(), offset, offset + t.nbytes()};
     offset += t.nbytes();
   }
-  std::string text = header.dump();
-  while (text.size() % 8 != 0) text.push_back(' ');
-  std::string out;
-  out.reserve(8 + text.size() + offset);
-  uint64_t len = text.size();
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((len >> (8 * i)) & 0xff));
-  out += text;
+  std::string out = SafetensorsHeader(infos, metadata);
+  out.reserve(out.size() + offset);
   for (const auto& [name, t] : tensors) out.append(static_cast<const char*>(t.raw()), t.nbytes());
   return out;
 }

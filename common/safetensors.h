@@ -74,6 +74,14 @@ class CheckpointReader {
   std::map<std::string, size_t> index_;  // tensor name -> files_ index
 };
 
+// The header of a safetensors file: the 8-byte little-endian header length followed by the JSON
+// header, padded with spaces to a multiple of 8 bytes. The JSON lists `metadata` first (as
+// `__metadata__`, omitted when empty), then `tensors` in sorted name order with their dtype, shape
+// and data offsets as given (they need not be in name order; readers check only that they lie in
+// the data section). Shared by WriteSafetensors and ShardedSafetensorsWriter.
+std::string SafetensorsHeader(const std::map<std::string, TensorInfo>& tensors,
+                              const std::map<std::string, std::string>& metadata);
+
 // The safetensors bytes of `tensors` (host tensors), sorted by name; see WriteSafetensors.
 absl::StatusOr<std::string> SerializeSafetensors(
     const std::map<std::string, Tensor>& tensors,
