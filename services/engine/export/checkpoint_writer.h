@@ -19,6 +19,8 @@
 //      name: the quantized linears' GPTQ tensors (or fake-quant `.weight`) and the block's other
 //      source tensors (norms, biases);
 //   3. every remaining source tensor (model.norm, lm_head, anything else), sorted by name.
+// (The data order is the only difference from a file written whole by WriteSafetensors, whose data
+// follows name order: the same when name order is block order, i.e. no lm_head, < 10 blocks.)
 // At most one block's quantized linears and extras, and one tensor's bytes, are in memory at a
 // time; unquantized tensors are copied from the source one at a time. The PEFT adapter (one
 // `adapter/adapter_model.safetensors`, as PEFT expects) is streamed the same way, in parallel.
