@@ -17,5 +17,8 @@ int64_t PeakRssBytes();
 // Starts a new high-water mark at the current resident set size. Returns false when the kernel
 // refuses (the peak then covers the whole process lifetime).
 bool ResetPeakRss();
+// Memory the kernel could give this process without swapping (MemAvailable in /proc/meminfo), in
+// bytes; -1 when unknown.
+int64_t AvailableHostMemoryBytes();
 
 }  // namespace qcal

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "common/memory_usage.h"
 #include "common/status.h"
 
 namespace qcal::engine {
@@ -297,14 +298,26 @@ void Model::ReleaseBlock(int b) {
   resident_[b] = false;
 }
 
-int64_t Model::BlockBytes() const {
-  int64_t elements = 2 * config_.hidden_size;
+int64_t BlockBytesOf(const ModelConfig& config) {
+  int64_t elements = 2 * config.hidden_size;
   for (LinearKind k : kAllLinears) {
-    const LinearGeometry g = GeometryOf(config_, k);
+    const LinearGeometry g = GeometryOf(config, k);
     elements += g.d_out * g.d_in + (g.bias ? g.d_out : 0);
   }
   return elements * static_cast<int64_t>(sizeof(float));
 }
+
+BlockResidency ResidencyToFit(const ModelConfig& config, kernels::Backend& backend) {
+  const int64_t available = backend.device() == Device::kHost ? AvailableHostMemoryBytes()
+                                                              : backend.AvailableMemory();
+  if (available < 0) return BlockResidency::kAll;
+  // The blocks, lm_head in fp32, and a quarter of what is left for activations and workspaces.
+  const int64_t need = config.num_layers * BlockBytesOf(config) +
+                       config.vocab_size * config.hidden_size * 4;
+  return need <= available / 4 * 3 ? BlockResidency::kAll : BlockResidency::kStreaming;
+}
+
+int64_t Model::BlockBytes() const { return BlockBytesOf(config_); }
 
 DType Model::SourceDType(const std::string& name) const {
   auto it = source_dtypes_.find(name);

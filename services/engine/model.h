@@ -106,6 +106,12 @@ enum class BlockResidency {
 // each time the block is loaded), e.g. to add an adapter's low-rank branches.
 using BlockLoadedFn = std::function<absl::Status(int b, BlockWeights& weights)>;
 
+// Bytes of one block's weights in fp32 (the linears, biases and norms) for a model of `config`.
+int64_t BlockBytesOf(const ModelConfig& config);
+// kAll when every block of `config` fits in the backend's memory with room to run (device memory
+// for a device backend, the host's available memory otherwise), else kStreaming.
+BlockResidency ResidencyToFit(const ModelConfig& config, kernels::Backend& backend);
+
 struct ModelLoadOptions {
   // How the seven linears' weights are read (quantized checkpoints). Default: "<prefix>.weight".
   LinearWeightFn linear_weight;

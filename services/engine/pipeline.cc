@@ -130,6 +130,10 @@ absl::Status JobOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("compute dtype must be f32 or bf16, got \"", compute_dtype, "\""));
   }
+  if (shard_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shard size must be at least 1 byte, got ", shard_size));
+  }
   if (eval_seq_len < 0 || eval_seq_len == 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("eval_seq_len must be >= 2, got ", eval_seq_len));
@@ -163,6 +167,10 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   load.residency = BlockResidency::kStreaming;
   QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get(), load));
   const ModelConfig& cfg = s->model_->config();
+  QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(cfg, o.seq_len), o.model_dir));
+  if (!o.eval_text.empty() && o.eval_seq_len > 0) {
+    QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(cfg, o.eval_seq_len), o.model_dir));
+  }
   std::string scratch_root = o.scratch_dir;
   if (scratch_root.empty()) {
     std::error_code ec;
@@ -324,20 +332,20 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   const int blocks = num_blocks();
   model_.reset();
   auto t0 = Clock::now();
-  {
-    // TODO(streaming export): replace by the block-streaming writer.
-    std::map<std::string, QuantizedLinear> quantized;
-    CheckpointExtras extras;
-    for (int b = 0; b < blocks; ++b) {
-      QCAL_ASSIGN_OR_RETURN(BlockArtifacts block, Unspill(b));
-      for (const auto& r : block) {
-        quantized[r.report.name] = r.quantized;
-        AddToExtras(r, extras);
-      }
-    }
-    QCAL_RETURN_IF_ERROR(
-        WriteQuantizedCheckpoint(o.model_dir, dir.string(), o.recipe, quantized, extras));
-  }
+  ExportOptions export_options;
+  export_options.shard_size = o.shard_size;
+  QCAL_RETURN_IF_ERROR(WriteQuantizedCheckpoint(
+      o.model_dir, dir.string(), o.recipe, blocks,
+      [&](int b) -> absl::StatusOr<BlockExport> {
+        QCAL_ASSIGN_OR_RETURN(BlockArtifacts block, Unspill(b));
+        BlockExport e;
+        for (const LayerResult& r : block) {
+          e.quantized[r.report.name] = r.quantized;
+          AddToExtras(r, e.extras);
+        }
+        return e;
+      },
+      adapter_ranks_, export_options));
   timings_["export"] = Since(t0);
   const std::vector<LayerReport>& layers = layers_;
 

@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "common/hf_config.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/text_data.h"
@@ -30,7 +31,12 @@ absl::Status RunEval(const EvalArgs& a) {
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
-  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), {a.act_bits}));
+  engine::LoadOptions load;
+  load.act_bits = a.act_bits;
+  // Evaluation runs layer-major, one block resident at a time (DESIGN section 2, "Memory").
+  load.residency = engine::BlockResidency::kStreaming;
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), load));
+  QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(model->config(), a.seq_len), a.model));
   QCAL_ASSIGN_OR_RETURN(std::string text, LoadCorpusText(a.text));
   QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text));
   QCAL_ASSIGN_OR_RETURN(

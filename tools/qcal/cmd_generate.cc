@@ -2,6 +2,8 @@
 #include <cstdio>
 #include <memory>
 
+#include "common/hf_config.h"
+#include "common/logging.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
 #include "kernels/backend.h"
@@ -25,7 +27,17 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
-  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), {a.act_bits}));
+  QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(a.model));
+  engine::LoadOptions load;
+  load.act_bits = a.act_bits;
+  // The whole model on the device when it fits; otherwise every token streams every block.
+  load.residency = engine::ResidencyToFit(config, *backend);
+  if (load.residency == engine::BlockResidency::kStreaming) {
+    spdlog::warn("generate: the model does not fit in {} memory; streaming its blocks for every "
+                 "token (slow)",
+                 backend->name());
+  }
+  QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), load));
   std::vector<int> prompt_ids;
   if (!a.prompt.empty()) {
     QCAL_ASSIGN_OR_RETURN(prompt_ids, tokenizer->Encode(a.prompt));

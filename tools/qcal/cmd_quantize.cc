@@ -6,6 +6,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
+#include "services/engine/export/checkpoint_writer.h"
 #include "services/engine/pipeline.h"
 #include "services/engine/recipe.h"
 #include "tools/qcal/commands.h"
@@ -18,6 +19,7 @@ struct QuantizeArgs {
   std::string recipe_path;
   bool json = false;
   bool table = false;
+  std::string shard_size;
   DeviceFlags dev;
 };
 
@@ -27,11 +29,22 @@ absl::Status RunQuantize(QuantizeArgs& a) {
   a.job.device = bo.device;
   a.job.threads = bo.threads;
   a.job.compute_dtype = a.dev.compute_dtype;
+  if (!a.shard_size.empty()) {
+    absl::StatusOr<int64_t> size = engine::ParseByteSize(a.shard_size);
+    if (!size.ok()) return Annotate(size.status(), "--shard-size");
+    a.job.shard_size = *size;
+  }
   QCAL_ASSIGN_OR_RETURN(engine::JobResult r,
                         engine::RunQuantizeJob(a.job, [](const std::string& line) {
                           spdlog::info("quantize: {}", line);
                         }));
   const auto& summary = r.report["summary"];
+  if (r.peak_device_bytes >= 0) {
+    spdlog::info("quantize: peak host RSS {:.2f} GiB, peak device memory {:.2f} GiB",
+                 r.peak_rss_bytes / double(1ll << 30), r.peak_device_bytes / double(1ll << 30));
+  } else {
+    spdlog::info("quantize: peak host RSS {:.2f} GiB", r.peak_rss_bytes / double(1ll << 30));
+  }
   if (a.json) {
     nlohmann::ordered_json j;
     if (r.has_perplexity) {
@@ -109,6 +122,11 @@ RunFn AddQuantize(CLI::App& app) {
   app.add_option("--eval-max-windows", j.eval_max_windows,
                  "Evaluate only the first K windows (default: all)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--shard-size", a->shard_size,
+                 "Largest output shard, e.g. 4GiB, 500MB or a byte count (default: 4GiB); larger "
+                 "checkpoints are written as model-0000i-of-0000N.safetensors with an index");
+  app.add_option("--scratch-dir", j.scratch_dir,
+                 "Where finished blocks wait for the export (default: $TMPDIR or /tmp)");
   a->dev.Add(app);
   app.add_flag("--table", a->table,
                "Also print the per-layer relative output errors (RTN vs the recipe)");
