@@ -136,7 +136,7 @@ struct SynthOptions {
   uint64_t seed = 0;
   // Largest data section of one safetensors shard, in bytes (ShardedSafetensorsWriter's
   // max_shard_bytes); <= 0 writes one model.safetensors whatever its size. Default: 5e9, so tiny
-  // and small are one file, 7b three shards, 13b six, 70b twenty-eight.
+  // and small are one file, 7b three shards, 13b six, 70b twenty-nine.
   int64_t shard_bytes = kSynthDefaultShardBytes;
   // Threads generating the weights and hashing the files; 0 = the number of cores. The output does
   // not depend on it. Default: 0.
