@@ -105,7 +105,7 @@ absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
     s.reference_seconds = 506;
   } else if (name == "13b") {
     // DESIGN section 9 gives no 13B figures: the 7B floors scaled by the useful-FLOP ratio at
-    // 128 x 2048 tokens (about 1.9); no reference measurement.
+    // 128 x 2048 tokens (about 1.96); no reference measurement.
     s.config = LlamaConfig(5120, 13824, 40, 40, 40);
     const ModelConfig c7 = LlamaConfig(4096, 11008, 32, 32, 32);
     const double ratio =
