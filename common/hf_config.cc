@@ -125,6 +125,17 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
   if (c.dtype != "float32" && c.dtype != "float16" && c.dtype != "bfloat16") {
     return Err(path, absl::StrCat("unsupported dtype \"", c.dtype, "\""));
   }
+  if (c.model_type != "llama" && j.contains("sliding_window") && !j["sliding_window"].is_null()) {
+    const Json& w = j["sliding_window"];
+    if (!w.is_number_integer() || w.get<int64_t>() < 0) {
+      return Err(path, "key \"sliding_window\" must be a non-negative integer or null");
+    }
+    c.sliding_window = w.get<int64_t>();
+    if (qwen) {
+      QCAL_ASSIGN_OR_RETURN(const bool used, OptionalBool(j, "use_sliding_window", false, path));
+      if (!used) c.sliding_window = 0;
+    }
+  }
   return c;
 }
 
@@ -132,6 +143,16 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
   QCAL_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   return ParseModelConfig(text, path);
+}
+
+absl::Status CheckSequenceLength(const ModelConfig& config, int64_t seq_len) {
+  if (config.sliding_window > 0 && seq_len > config.sliding_window) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.json: sliding_window ", config.sliding_window,
+                     " is shorter than the sequence length ", seq_len,
+                     " (sliding-window attention is not implemented)"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace qcal

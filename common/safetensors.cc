@@ -1,7 +1,6 @@
 #include "common/safetensors.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -17,68 +16,41 @@
 namespace qcal {
 namespace {
 
-class MappedStorage final : public Storage {
- public:
-  MappedStorage(void* data, size_t bytes) : Storage(data, bytes, Device::kHost) {}
-  ~MappedStorage() override {
-    if (bytes() > 0) munmap(data(), bytes());
-  }
-};
-
 absl::Status Bad(const std::string& path, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
 }
 
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  }
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    ::close(fd);
-    return absl::InternalError(absl::StrCat(path, ": stat failed: ", std::strerror(errno)));
-  }
-  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
-  if (file_size < 8) {
-    ::close(fd);
-    return Bad(path, absl::StrCat("truncated safetensors file (", file_size,
-                                  " bytes; the 8-byte header length is missing)"));
-  }
-  void* map = mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (map == MAP_FAILED) {
-    return absl::InternalError(absl::StrCat(path, ": mmap failed: ", std::strerror(errno)));
-  }
-  auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
-  file->path_ = path;
-  file->mapping_ = std::make_shared<MappedStorage>(map, file_size);
-  QCAL_RETURN_IF_ERROR(file->Parse());
-  return file;
+absl::Status Changed(const std::string& path, const std::string& what) {
+  return absl::DataLossError(
+      absl::StrCat(path, ": the file changed while it was being read (", what, ")"));
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
-    const std::string& bytes, const std::string& name) {
-  auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
-  file->path_ = name;
-  file->mapping_ = AllocateHost(bytes.size());
-  std::memcpy(file->mapping_->data(), bytes.data(), bytes.size());
-  if (bytes.size() < 8) {
-    return Bad(name, absl::StrCat("truncated safetensors file (", bytes.size(),
-                                  " bytes; the 8-byte header length is missing)"));
+// Reads exactly `bytes` bytes at `offset`; false on a short read (the file shrank) with errno 0,
+// or on an error with errno set.
+bool PreadAll(int fd, void* dst, size_t bytes, uint64_t offset) {
+  auto* p = static_cast<char*>(dst);
+  while (bytes > 0) {
+    const ssize_t n = ::pread(fd, p, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = 0;
+      return false;
+    }
+    p += n;
+    bytes -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
   }
-  QCAL_RETURN_IF_ERROR(file->Parse());
-  return file;
+  return true;
 }
 
-absl::Status SafetensorsFile::Parse() {
-  const std::string& path = path_;
-  const uint64_t file_size = mapping_->bytes();
-  const auto* bytes = static_cast<const unsigned char*>(mapping_->data());
+uint64_t HeaderLength(const unsigned char* bytes) {
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
+  return header_len;
+}
+
+// Checks the 8-byte header length against the cap and the file size.
+absl::Status CheckHeaderLength(const std::string& path, uint64_t header_len, uint64_t file_size) {
   if (header_len > kMaxSafetensorsHeaderBytes) {
     return Bad(path, absl::StrCat("safetensors header length ", header_len,
                                   " exceeds the limit of ", kMaxSafetensorsHeaderBytes, " bytes"));
@@ -87,13 +59,73 @@ absl::Status SafetensorsFile::Parse() {
     return Bad(path, absl::StrCat("safetensors header length ", header_len,
                                   " runs past the end of the file (", file_size, " bytes)"));
   }
-  data_offset_ = 8 + header_len;
-  const uint64_t data_size = file_size - data_offset_;
+  return absl::OkStatus();
+}
 
+absl::Status Truncated(const std::string& path, uint64_t file_size) {
+  return Bad(path, absl::StrCat("truncated safetensors file (", file_size,
+                                " bytes; the 8-byte header length is missing)"));
+}
+
+}  // namespace
+
+SafetensorsFile::~SafetensorsFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
+  file->path_ = path;
+  file->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (file->fd_ < 0) {
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  }
+  struct stat st;
+  if (fstat(file->fd_, &st) != 0) {
+    return absl::InternalError(absl::StrCat(path, ": stat failed: ", std::strerror(errno)));
+  }
+  if (!S_ISREG(st.st_mode)) return Bad(path, "not a regular file");
+  file->identity_ = {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
+                     static_cast<uint64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec),
+                     static_cast<int64_t>(st.st_mtim.tv_nsec)};
+  const uint64_t file_size = file->identity_.size;
+  if (file_size < 8) return Truncated(path, file_size);
+  unsigned char len_bytes[8];
+  if (!PreadAll(file->fd_, len_bytes, 8, 0)) {
+    return Changed(path, "cannot read the header length");
+  }
+  const uint64_t header_len = HeaderLength(len_bytes);
+  QCAL_RETURN_IF_ERROR(CheckHeaderLength(path, header_len, file_size));
+  std::string header(header_len, '\0');
+  if (!PreadAll(file->fd_, header.data(), header_len, 8)) {
+    return Changed(path, absl::StrCat("cannot read the ", header_len, "-byte header"));
+  }
+  QCAL_RETURN_IF_ERROR(file->Parse(header.data(), header_len, file_size - 8 - header_len));
+  return file;
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
+    const std::string& bytes, const std::string& name) {
+  if (bytes.size() < 8) return Truncated(name, bytes.size());
+  auto file = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
+  file->path_ = name;
+  file->in_memory_ = AllocateHost(bytes.size());
+  std::memcpy(file->in_memory_->data(), bytes.data(), bytes.size());
+  const auto* raw = reinterpret_cast<const unsigned char*>(bytes.data());
+  const uint64_t header_len = HeaderLength(raw);
+  QCAL_RETURN_IF_ERROR(CheckHeaderLength(name, header_len, bytes.size()));
+  QCAL_RETURN_IF_ERROR(file->Parse(static_cast<const char*>(file->in_memory_->data()) + 8,
+                                   header_len, bytes.size() - 8 - header_len));
+  return file;
+}
+
+absl::Status SafetensorsFile::Parse(const char* header_text, uint64_t header_len,
+                                    uint64_t data_size) {
+  const std::string& path = path_;
+  data_offset_ = 8 + header_len;
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(reinterpret_cast<const char*>(bytes + 8),
-                                   reinterpret_cast<const char*>(bytes + 8 + header_len));
+    header = nlohmann::json::parse(header_text, header_text + header_len);
   } catch (const nlohmann::json::exception& e) {
     return Bad(path, absl::StrCat("malformed safetensors header JSON: ", e.what()));
   }
@@ -158,13 +190,64 @@ absl::Status SafetensorsFile::Parse() {
   return absl::OkStatus();
 }
 
+absl::Status SafetensorsFile::CheckIdentity() const {
+  struct stat st;
+  if (::stat(path_.c_str(), &st) != 0) {
+    return Changed(path_, absl::StrCat("it can no longer be found: ", std::strerror(errno)));
+  }
+  if (static_cast<uint64_t>(st.st_dev) != identity_.dev ||
+      static_cast<uint64_t>(st.st_ino) != identity_.ino) {
+    return Changed(path_, "the path now names another file");
+  }
+  if (static_cast<uint64_t>(st.st_size) != identity_.size) {
+    return Changed(
+        path_, absl::StrCat("its size went from ", identity_.size, " to ", st.st_size, " bytes"));
+  }
+  if (st.st_mtim.tv_sec != identity_.mtime_sec || st.st_mtim.tv_nsec != identity_.mtime_nsec) {
+    return Changed(path_, "it was modified");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsFile::ReadInto(const std::string& name, void* dst, size_t bytes) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat(path_, ": no tensor \"", name, "\""));
+  }
+  const TensorInfo& info = it->second;
+  const uint64_t size = info.end - info.begin;
+  if (bytes != size) {
+    return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor \"", name, "\" has ", size,
+                                                   " bytes; the buffer has ", bytes));
+  }
+  if (in_memory_ != nullptr) {
+    std::memcpy(dst, static_cast<const char*>(in_memory_->data()) + data_offset_ + info.begin,
+                bytes);
+    return absl::OkStatus();
+  }
+  QCAL_RETURN_IF_ERROR(CheckIdentity());
+  if (!PreadAll(fd_, dst, bytes, data_offset_ + info.begin)) {
+    if (errno == 0) {
+      return Changed(path_, absl::StrCat("short read of tensor \"", name, "\""));
+    }
+    return absl::DataLossError(
+        absl::StrCat(path_, ": reading tensor \"", name, "\" failed: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Tensor> SafetensorsFile::Get(const std::string& name) const {
   auto it = tensors_.find(name);
   if (it == tensors_.end()) {
     return absl::NotFoundError(absl::StrCat(path_, ": no tensor \"", name, "\""));
   }
   const TensorInfo& info = it->second;
-  return Tensor(mapping_, data_offset_ + info.begin, info.dtype, info.shape);
+  if (in_memory_ != nullptr) {
+    return Tensor(in_memory_, data_offset_ + info.begin, info.dtype, info.shape);
+  }
+  Tensor t = Tensor::Zeros(info.dtype, info.shape);
+  QCAL_RETURN_IF_ERROR(ReadInto(name, t.raw(), t.nbytes()));
+  return t;
 }
 
 absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const std::string& dir) {
@@ -248,6 +331,14 @@ absl::StatusOr<Tensor> CheckpointReader::Get(const std::string& name) const {
     return absl::NotFoundError(absl::StrCat(dir_, ": checkpoint has no tensor \"", name, "\""));
   }
   return files_[it->second]->Get(name);
+}
+
+absl::Status CheckpointReader::ReadInto(const std::string& name, void* dst, size_t bytes) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) {
+    return absl::NotFoundError(absl::StrCat(dir_, ": checkpoint has no tensor \"", name, "\""));
+  }
+  return files_[it->second]->ReadInto(name, dst, bytes);
 }
 
 absl::StatusOr<Tensor> CheckpointReader::GetF32(const std::string& name,

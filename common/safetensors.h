@@ -1,9 +1,14 @@
-// Safetensors reading (memory-mapped, single file or sharded) and writing (sorted tensor order).
+// Safetensors reading (single file or sharded, by pread) and writing (sorted tensor order).
 //
 // Reading validates everything a malformed or hostile file could get wrong before any tensor is
 // touched: the header length against the file size and a 100 MiB cap, the JSON itself, every
 // entry's dtype, shape and offsets, that offsets lie inside the data section and that the byte
 // count matches dtype × shape. Errors name the file and the tensor at fault.
+//
+// Tensors are read with pread, not a memory map (DESIGN section 2): a file truncated, deleted or
+// replaced while a job runs must fail that read with an error naming the file, not kill the
+// process with SIGBUS. Open reads only the header and records the file's identity; every tensor
+// read first stats the path again and compares.
 #pragma once
 
 #include <map>
@@ -26,27 +31,57 @@ struct TensorInfo {
   uint64_t end = 0;
 };
 
-// One memory-mapped .safetensors file. Tensors returned by Get alias the mapping (read-only).
+// One .safetensors file: its validated header, and tensors read on demand.
+//
+// Thread safety: the accessors and reads (Get, ReadInto) are const and may be called from several
+// threads at once (each read is a stat and a pread on a descriptor opened once), as long as the
+// object outlives them.
 class SafetensorsFile {
  public:
+  // Opens `path` and reads and validates its header (not the data). The descriptor stays open, so
+  // reads need no further path lookups other than the identity check.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
   // Parses an in-memory safetensors byte string (copied); `name` is used in error messages.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(const std::string& bytes,
                                                                     const std::string& name);
+  ~SafetensorsFile();
 
   const std::string& path() const { return path_; }
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   bool Has(const std::string& name) const { return tensors_.count(name) != 0; }
-  // A read-only view of the tensor in its stored dtype.
+  // The tensor in its stored dtype, as a host tensor that owns its memory (for FromBytes it shares
+  // the in-memory copy). Callers must treat it as read-only. NotFound for an unknown name;
+  // DataLoss, naming the file, when the file changed since Open (see ReadInto).
   absl::StatusOr<Tensor> Get(const std::string& name) const;
+  // Reads the stored bytes of tensor `name` into `dst`, which holds `bytes` bytes: exactly the
+  // tensor's size (InvalidArgument otherwise). Before reading, the path is stat'ed again and its
+  // device, inode, size and modification time are compared with those recorded by Open; a change,
+  // a vanished path or a short read is DataLoss "<path>: the file changed while it was being read
+  // (...)". Thread-safe.
+  absl::Status ReadInto(const std::string& name, void* dst, size_t bytes) const;
 
  private:
+  // What identifies the file's contents as they were at Open.
+  struct Identity {
+    uint64_t dev = 0;
+    uint64_t ino = 0;
+    uint64_t size = 0;
+    int64_t mtime_sec = 0;
+    int64_t mtime_nsec = 0;
+  };
+
   SafetensorsFile() = default;
-  // Validates the header of `storage_` (the whole file) and fills tensors_/metadata_.
-  absl::Status Parse();
+  // Validates `header_len` bytes of header JSON for a data section of `data_size` bytes and fills
+  // tensors_/metadata_.
+  absl::Status Parse(const char* header, uint64_t header_len, uint64_t data_size);
+  // OK when the path still names the file recorded by Open, unchanged.
+  absl::Status CheckIdentity() const;
+
   std::string path_;
-  std::shared_ptr<Storage> mapping_;
+  int fd_ = -1;                         // -1 for FromBytes
+  Identity identity_;                   // of fd_, at Open
+  std::shared_ptr<Storage> in_memory_;  // FromBytes: the whole file
   uint64_t data_offset_ = 0;
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
@@ -61,8 +96,11 @@ class CheckpointReader {
   bool Has(const std::string& name) const { return index_.count(name) != 0; }
   std::vector<std::string> Names() const;
   absl::StatusOr<TensorInfo> Info(const std::string& name) const;
-  // Stored dtype, read-only view.
+  // Stored dtype, an owning host tensor (treat as read-only); see SafetensorsFile::Get.
   absl::StatusOr<Tensor> Get(const std::string& name) const;
+  // Reads the stored bytes of `name` into `dst` (exactly `bytes` bytes); see
+  // SafetensorsFile::ReadInto. Thread-safe as long as the reader outlives the call.
+  absl::Status ReadInto(const std::string& name, void* dst, size_t bytes) const;
   // A fresh fp32 host copy, checking the shape when `expected` is non-empty. Errors name the file.
   absl::StatusOr<Tensor> GetF32(const std::string& name, const Shape& expected = {}) const;
   // The file holding `name`, relative to the directory.

@@ -245,6 +245,52 @@ TEST(HfConfigTest, RopeScalingIsRejected) {
   EXPECT_TRUE(Parse(j).ok());
 }
 
+TEST(HfConfigTest, SlidingWindow) {
+  Json j = BaseConfig();
+  EXPECT_EQ(Parse(j)->sliding_window, 0);  // absent
+
+  j["model_type"] = "mistral";
+  j["sliding_window"] = 4096;
+  EXPECT_EQ(Parse(j)->sliding_window, 4096);
+  j["sliding_window"] = nullptr;  // Mistral v0.2 and later
+  EXPECT_EQ(Parse(j)->sliding_window, 0);
+  j["sliding_window"] = -1;
+  ExpectError(j, "key \"sliding_window\" must be a non-negative integer or null");
+  j["sliding_window"] = "4096";
+  ExpectError(j, "sliding_window");
+
+  // Qwen2 uses the window only with use_sliding_window true (transformers' default is false).
+  j["model_type"] = "qwen2";
+  j["sliding_window"] = 32768;
+  j["max_window_layers"] = 28;
+  EXPECT_EQ(Parse(j)->sliding_window, 0);
+  j["use_sliding_window"] = false;
+  EXPECT_EQ(Parse(j)->sliding_window, 0);
+  j["use_sliding_window"] = true;
+  EXPECT_EQ(Parse(j)->sliding_window, 32768);
+  j["use_sliding_window"] = "yes";
+  ExpectError(j, "use_sliding_window");
+
+  // transformers' Llama has no sliding-window attention: the key is ignored.
+  j = BaseConfig();
+  j["sliding_window"] = 4096;
+  EXPECT_EQ(Parse(j)->sliding_window, 0);
+}
+
+TEST(HfConfigTest, CheckSequenceLength) {
+  ModelConfig c;
+  EXPECT_TRUE(CheckSequenceLength(c, 1 << 20).ok());  // no window
+  c.sliding_window = 4096;
+  EXPECT_TRUE(CheckSequenceLength(c, 1).ok());
+  EXPECT_TRUE(CheckSequenceLength(c, 4096).ok());  // the window covers every position
+  const absl::Status s = CheckSequenceLength(c, 8192);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(),
+            "config.json: sliding_window 4096 is shorter than the sequence length 8192 "
+            "(sliding-window attention is not implemented)");
+  EXPECT_FALSE(CheckSequenceLength(c, 4097).ok());
+}
+
 TEST(HfConfigTest, LoadFromMissingDirectoryNamesThePath) {
   const std::string dir = testing::MakeTempDir("hf_config_test");
   ASSERT_FALSE(dir.empty());

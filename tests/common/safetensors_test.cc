@@ -3,12 +3,19 @@
 // and malformed files, each of which must give an error naming the file and the problem.
 #include "common/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -387,6 +394,160 @@ TEST_F(SafetensorsTest, GetF32ChecksShapeAndDType) {
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(missing.status().message()), HasSubstr("absent"));
+}
+
+// Reads of a file that changed after Open: a DataLoss error naming the file, never a SIGBUS.
+class ChangedFileTest : public SafetensorsTest {
+ protected:
+  void SetUp() override {
+    SafetensorsTest::SetUp();
+    path_ = Path("model.safetensors");
+    ASSERT_TRUE(WriteSafetensors(path_, {{"a", Tensor::FromVector({1, 2, 3, 4}, {4})},
+                                         {"b", Tensor::FromVector({5, 6, 7, 8}, {2, 2})}})
+                    .ok());
+    auto file = SafetensorsFile::Open(path_);
+    ASSERT_TRUE(file.ok()) << file.status();
+    file_ = std::move(*file);
+    ASSERT_TRUE(file_->Get("b").ok());  // readable before the change
+  }
+
+  // Every read of every tensor fails with DataLoss naming the file and `why`.
+  void ExpectReadsFail(const std::string& why) {
+    for (const std::string name : {"a", "b"}) {
+      auto got = file_->Get(name);
+      ASSERT_FALSE(got.ok()) << name;
+      EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+      const std::string msg(got.status().message());
+      EXPECT_THAT(msg, HasSubstr(path_ + ": the file changed while it was being read"));
+      EXPECT_THAT(msg, HasSubstr(why));
+      float buf[4];
+      const absl::Status s = file_->ReadInto(name, buf, sizeof(buf));
+      EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+      EXPECT_THAT(std::string(s.message()), HasSubstr(path_));
+    }
+  }
+
+  std::string path_;
+  std::unique_ptr<SafetensorsFile> file_;
+};
+
+TEST_F(ChangedFileTest, TruncatedAfterOpen) {
+  const auto size = fs::file_size(path_);
+  fs::resize_file(path_, size - 4);
+  ExpectReadsFail(absl::StrCat("its size went from ", size, " to ", size - 4, " bytes"));
+}
+
+TEST_F(ChangedFileTest, DeletedAfterOpen) {
+  fs::remove(path_);
+  ExpectReadsFail("it can no longer be found");
+}
+
+TEST_F(ChangedFileTest, ReplacedByAnotherFileOfTheSameSize) {
+  const std::string other = Path("other.safetensors");
+  ASSERT_TRUE(WriteSafetensors(other, {{"a", Tensor::FromVector({9, 9, 9, 9}, {4})},
+                                       {"b", Tensor::FromVector({9, 9, 9, 9}, {2, 2})}})
+                  .ok());
+  ASSERT_EQ(fs::file_size(other), fs::file_size(path_));
+  fs::rename(other, path_);
+  ExpectReadsFail("the path now names another file");
+}
+
+TEST_F(ChangedFileTest, RewrittenInPlace) {
+  // Same inode and size, new contents; the modification time is set apart explicitly, since two
+  // writes within one kernel clock tick may share a timestamp.
+  struct stat before;
+  ASSERT_EQ(::stat(path_.c_str(), &before), 0);
+  auto raw = ReadFileToString(path_);
+  ASSERT_TRUE(raw.ok());
+  std::string changed = *raw;
+  changed.back() ^= 1;
+  const int fd = ::open(path_.c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pwrite(fd, changed.data(), changed.size(), 0), static_cast<ssize_t>(changed.size()));
+  struct timespec times[2] = {before.st_atim, before.st_mtim};
+  times[1].tv_sec += 1;
+  ASSERT_EQ(::futimens(fd, times), 0);
+  ::close(fd);
+  ExpectReadsFail("it was modified");
+}
+
+TEST_F(SafetensorsTest, ReadIntoCopiesTheStoredBytesAndChecksTheSize) {
+  const Tensor w = Tensor::FromVector({1, 2, 3, 4, 5, 6}, {2, 3});
+  const Tensor ids = I32Tensor({7, 8}, {2});
+  ASSERT_TRUE(WriteSafetensors(Path("model.safetensors"), {{"w", w}, {"ids", ids}}).ok());
+  auto reader = CheckpointReader::Open(dir_);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+
+  std::string buf(w.nbytes(), '\0');
+  ASSERT_TRUE((*reader)->ReadInto("w", buf.data(), buf.size()).ok());
+  EXPECT_EQ(buf, Bytes(w));
+  std::string small(ids.nbytes(), '\0');
+  ASSERT_TRUE((*reader)->ReadInto("ids", small.data(), small.size()).ok());
+  EXPECT_EQ(small, Bytes(ids));
+
+  const absl::Status wrong = (*reader)->ReadInto("w", buf.data(), buf.size() - 1);
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument) << wrong;
+  EXPECT_THAT(std::string(wrong.message()), HasSubstr(Path("model.safetensors")));
+  EXPECT_THAT(std::string(wrong.message()), HasSubstr("tensor \"w\" has 24 bytes"));
+  EXPECT_EQ((*reader)->ReadInto("nope", buf.data(), buf.size()).code(),
+            absl::StatusCode::kNotFound);
+
+  // Concurrent reads from several threads all see the stored bytes.
+  std::atomic<int> good{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      for (int k = 0; k < 50; ++k) {
+        std::string out(w.nbytes(), '\0');
+        if ((*reader)->ReadInto("w", out.data(), out.size()).ok() && out == Bytes(w)) ++good;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(good.load(), 200);
+
+  // In-memory files read the same way.
+  auto bytes = SerializeSafetensors({{"w", w}});
+  ASSERT_TRUE(bytes.ok());
+  auto mem = SafetensorsFile::FromBytes(*bytes, "artifact");
+  ASSERT_TRUE(mem.ok()) << mem.status();
+  std::string from_mem(w.nbytes(), '\0');
+  ASSERT_TRUE((*mem)->ReadInto("w", from_mem.data(), from_mem.size()).ok());
+  EXPECT_EQ(from_mem, Bytes(w));
+}
+
+TEST_F(SafetensorsTest, GetReturnsAnIndependentCopy) {
+  const std::string path = Path("model.safetensors");
+  ASSERT_TRUE(WriteSafetensors(path, {{"w", Tensor::FromVector({1, 2}, {2})}}).ok());
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto first = (*file)->Get("w");
+  ASSERT_TRUE(first.ok());
+  first->data<float>()[0] = 99;  // callers must not, but a copy cannot corrupt later reads
+  auto second = (*file)->Get("w");
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(second->data<float>()[0], 1.0f);
+}
+
+TEST_F(SafetensorsTest, OpensThroughProcSelfFd) {
+  // services/common/input_paths.cc validates model files through /proc/self/fd/N.
+  const std::string path = Path("model.safetensors");
+  ASSERT_TRUE(WriteSafetensors(path, {{"w", Tensor::FromVector({1, 2}, {2})}}).ok());
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  const std::string proc = absl::StrCat("/proc/self/fd/", fd);
+  {
+    auto file = SafetensorsFile::Open(proc);
+    ASSERT_TRUE(file.ok()) << file.status();
+    auto w = (*file)->Get("w");
+    ASSERT_TRUE(w.ok()) << w.status();
+    EXPECT_EQ(w->data<float>()[1], 2.0f);
+  }
+  ::close(fd);
+}
+
+TEST_F(SafetensorsTest, DirectoryIsNotASafetensorsFile) {
+  ExpectOpenError(dir_, "not a regular file");
 }
 
 }  // namespace
