@@ -6,6 +6,7 @@ find_package(nlohmann_json CONFIG REQUIRED)
 find_package(CLI11 CONFIG REQUIRED)
 find_package(spdlog CONFIG REQUIRED)
 find_package(yaml-cpp CONFIG REQUIRED)
+find_package(OpenSSL REQUIRED)  # libssl-dev: SHA-256 (common/files.cc)
 
 set(BLA_VENDOR OpenBLAS)
 find_package(BLAS REQUIRED)

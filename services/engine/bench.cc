@@ -103,6 +103,16 @@ absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
     s.ideal_floor_seconds = 11;
     s.library_floor_seconds = 15;
     s.reference_seconds = 506;
+  } else if (name == "13b") {
+    // DESIGN section 9 gives no 13B figures: the 7B floors scaled by the useful-FLOP ratio at
+    // 128 x 2048 tokens (about 1.96); no reference measurement.
+    s.config = LlamaConfig(5120, 13824, 40, 40, 40);
+    const ModelConfig c7 = LlamaConfig(4096, 11008, 32, 32, 32);
+    const double ratio =
+        CountFlops(s.config, 128, 2048).total() / CountFlops(c7, 128, 2048).total();
+    s.ideal_floor_seconds = 11 * ratio;
+    s.library_floor_seconds = 15 * ratio;
+    s.floors_scaled = true;
   } else if (name == "70b") {
     s.config = LlamaConfig(8192, 28672, 80, 64, 8);
     s.ideal_floor_seconds = 150;    // about 2.5 min
@@ -110,7 +120,7 @@ absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
     s.reference_seconds = 42.9 * 80;
   } else {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown bench shape \"", name, "\" (expected 7b or 70b)"));
+        absl::StrCat("unknown bench shape \"", name, "\" (expected 7b, 13b or 70b)"));
   }
   return s;
 }

@@ -2,6 +2,7 @@
 // SynthOptions and prints the result.
 #include <cstdio>
 #include <memory>
+#include <string>
 
 #include "common/status.h"
 #include "nlohmann/json.hpp"
@@ -14,7 +15,13 @@ namespace {
 struct SynthArgs {
   std::string out;
   std::string preset = "tiny";
+  int layers = 0;
+  CLI::Option* layers_flag = nullptr;  // set: --layers was given
+  std::string dtype;                   // empty: the preset's
   uint64_t seed = 0;
+  int64_t shard_size = engine::kSynthDefaultShardBytes;
+  int threads = 0;
+  bool no_sha256 = false;
   bool overwrite = false;
   bool json = false;
 };
@@ -23,7 +30,13 @@ absl::Status RunSynth(const SynthArgs& a) {
   engine::SynthOptions options;
   options.out_dir = a.out;
   QCAL_ASSIGN_OR_RETURN(options.preset, engine::ParseSynthPreset(a.preset));
+  if (a.layers_flag->count() > 0) options.layers = a.layers;
+  if (a.dtype == "f32") options.dtype = DType::kF32;
+  if (a.dtype == "bf16") options.dtype = DType::kBF16;
   options.seed = a.seed;
+  options.shard_bytes = a.shard_size;
+  options.threads = a.threads;
+  options.sha256 = !a.no_sha256;
   options.overwrite = a.overwrite;
   QCAL_ASSIGN_OR_RETURN(engine::SynthResult r, engine::WriteSyntheticCheckpoint(options));
   if (a.json) {
@@ -31,11 +44,15 @@ absl::Status RunSynth(const SynthArgs& a) {
     j["out"] = a.out;
     j["preset"] = a.preset;
     j["seed"] = a.seed;
+    j["layers"] = r.config.num_layers;
+    j["dtype"] = r.config.dtype;
     j["parameters"] = r.num_parameters;
     j["outlier_channels"] = r.outlier_channels;
     nlohmann::ordered_json files = nlohmann::ordered_json::object();
     for (const engine::SynthFile& f : r.files) {
-      files[f.name] = {{"bytes", f.bytes}, {"sha256", f.sha256}};
+      nlohmann::ordered_json entry = {{"bytes", f.bytes}};
+      if (!f.sha256.empty()) entry["sha256"] = f.sha256;
+      files[f.name] = entry;
     }
     j["files"] = files;
     std::printf("%s\n", j.dump().c_str());
@@ -48,16 +65,36 @@ absl::Status RunSynth(const SynthArgs& a) {
 RunFn AddSynth(CLI::App& app) {
   auto a = std::make_shared<SynthArgs>();
   app.add_option("--out", a->out, "Output directory (Hugging Face layout)")->required();
-  app.add_option("--preset", a->preset, "Architecture: tiny (default) or small");
+  app.add_option("--preset", a->preset,
+                 "Architecture: tiny (default) or small (fp32), or the Llama-2 shapes 7b, 13b, "
+                 "70b (bf16, sharded)");
+  a->layers_flag =
+      app.add_option("--layers", a->layers, "Transformer blocks, replacing the preset's count")
+          ->check(CLI::PositiveNumber);
+  app.add_option("--dtype", a->dtype,
+                 "Weight dtype, f32 or bf16 (default: f32 for tiny and small, bf16 for the Llama-2 "
+                 "presets)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   app.add_option("--seed", a->seed, "Seed of the weights and the generated texts (default 0)")
       ->check([](const std::string& v) {
         // CLI11 would wrap "-1" to 2^64 - 1.
         return !v.empty() && v[0] == '-' ? std::string("must be a non-negative integer")
                                          : std::string();
       });
+  app.add_option("--shard-size", a->shard_size,
+                 "Largest safetensors shard, in bytes (default 5000000000); 0 writes one "
+                 "model.safetensors")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", a->threads, "Threads generating the weights (default: cores)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--no-sha256", a->no_sha256,
+               "Skip hashing the written files (--json then lists sizes only); hashing rereads "
+               "every file, which for 70b is 138 GB");
   app.add_flag("--overwrite", a->overwrite, "Replace an existing non-empty output directory");
-  app.add_flag("--json", a->json,
-               "Print one JSON object: out, preset, seed, parameters, outlier_channels, files");
+  app.add_flag(
+      "--json", a->json,
+      "Print one JSON object: out, preset, seed, layers, dtype, parameters, outlier_channels, "
+      "files");
   return [a] { return RunSynth(*a); };
 }
 

@@ -3,20 +3,27 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
+#include <future>
 #include <numbers>
 #include <system_error>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/dtype.h"
 #include "common/files.h"
 #include "common/logging.h"
-#include "common/safetensors.h"
+#include "common/safetensors_writer.h"
 #include "common/sentencepiece_shim.h"
 #include "common/status.h"
 #include "common/text_data.h"
 #include "nlohmann/json.hpp"
+#include "services/engine/bench.h"
 #include "services/engine/model.h"
 #include "services/engine/synth/synthetic_text.h"
 
@@ -50,70 +57,158 @@ uint64_t StreamSeed(uint64_t seed, const std::string& name) {
   return SplitMix64(seed).Next() ^ Fnv1a(name);
 }
 
-// Standard normal draws by Box–Muller on a SplitMix64 stream, both values of each pair used.
-class Gaussian {
+// One tensor's random stream, addressed by position: Bits(n) is output n (0-based) of
+// SplitMix64(seed), Normal(m) the m-th standard normal of the Box–Muller pairs built from it.
+class Stream {
  public:
-  explicit Gaussian(uint64_t seed) : rng_(seed) {}
+  explicit Stream(uint64_t seed) : seed_(seed) {}
+
+  uint64_t Bits(uint64_t n) const {
+    uint64_t z = seed_ + (n + 1) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
 
   // Uniform on the open interval (0, 1), so that log() below is finite.
-  double Uniform() { return (static_cast<double>(rng_.Next() >> 11) + 0.5) * 0x1p-53; }
+  double Uniform(uint64_t n) const { return (static_cast<double>(Bits(n) >> 11) + 0.5) * 0x1p-53; }
 
-  double Next() {
-    if (has_spare_) {
-      has_spare_ = false;
-      return spare_;
+  // Calls fn(k, x) for k in [0, count) with x the normal first + k.
+  template <typename Fn>
+  void ForEachNormal(uint64_t first, int64_t count, Fn&& fn) const {
+    int64_t k = 0;
+    uint64_t m = first;
+    while (k < count) {
+      const uint64_t pair = m / 2;
+      const double r = std::sqrt(-2.0 * std::log(Uniform(2 * pair)));
+      const double theta = 2.0 * std::numbers::pi * Uniform(2 * pair + 1);
+      if (m % 2 == 0) {
+        fn(k++, r * std::cos(theta));
+        if (k == count) break;
+      }
+      fn(k++, r * std::sin(theta));
+      m = 2 * pair + 2;
     }
-    const double u1 = Uniform();
-    const double u2 = Uniform();
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    const double theta = 2.0 * std::numbers::pi * u2;
-    spare_ = r * std::sin(theta);
-    has_spare_ = true;
-    return r * std::cos(theta);
+  }
+
+  double Normal(uint64_t m) const {
+    double out = 0;
+    ForEachNormal(m, 1, [&](int64_t, double x) { out = x; });
+    return out;
+  }
+
+  std::vector<double> Normals(uint64_t first, int64_t count) const {
+    std::vector<double> out(static_cast<size_t>(count));
+    ForEachNormal(first, count, [&](int64_t k, double x) { out[k] = x; });
+    return out;
   }
 
  private:
-  SplitMix64 rng_;
-  bool has_spare_ = false;
-  double spare_ = 0;
+  uint64_t seed_;
 };
 
-Tensor LinearWeight(uint64_t seed, const std::string& name, int64_t d_out, int64_t d_in) {
-  Gaussian g(StreamSeed(seed, name));
-  std::vector<double> row(d_out), col(d_in);
-  for (double& r : row) r = std::exp(kRowLogSigma * g.Next());
-  for (double& c : col) c = std::exp(kColumnLogSigma * g.Next());
+// Runs fn(piece) for every piece in [0, pieces) on up to `threads` threads, each taking the next
+// piece when done with one. Pieces write disjoint outputs, so the result does not depend on
+// scheduling.
+void ForEachPiece(int64_t pieces, int threads, const std::function<void(int64_t)>& fn) {
+  const int64_t workers = std::min<int64_t>(threads, pieces);
+  if (workers <= 1) {
+    for (int64_t p = 0; p < pieces; ++p) fn(p);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t p = next++; p < pieces; p = next++) fn(p);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(workers - 1));
+  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+}
+
+int ResolveThreads(int threads) {
+  return threads > 0 ? threads
+                     : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// Stores fp32 values into a tensor of dtype F32 or BF16, piece by piece: fill(begin, count, dst)
+// writes elements [begin, begin + count) as fp32 into dst.
+void FillPieces(Tensor& t, int threads, const std::function<void(int64_t, int64_t, float*)>& fill) {
+  const int64_t n = t.numel();
+  const int64_t pieces = (n + kSynthPieceElements - 1) / kSynthPieceElements;
+  ForEachPiece(pieces, threads, [&](int64_t p) {
+    const int64_t begin = p * kSynthPieceElements;
+    const int64_t count = std::min(kSynthPieceElements, n - begin);
+    if (t.dtype() == DType::kF32) {
+      fill(begin, count, t.data<float>() + begin);
+      return;
+    }
+    std::vector<float> scratch(static_cast<size_t>(count));
+    fill(begin, count, scratch.data());
+    uint16_t* out = t.data<uint16_t>() + begin;
+    for (int64_t i = 0; i < count; ++i) out[i] = FloatToBf16(scratch[i]);
+  });
+}
+
+// Normals 0 .. d_out + d_in - 1 are the row and column scales' exponents, then one per weight.
+Tensor LinearWeight(const PlannedTensor& p, uint64_t seed, int threads) {
+  const Stream s(StreamSeed(seed, p.name));
+  const int64_t d_out = p.shape[0], d_in = p.shape[1];
+  std::vector<double> row = s.Normals(0, d_out), col = s.Normals(d_out, d_in);
+  for (double& r : row) r = std::exp(kRowLogSigma * r);
+  for (double& c : col) c = std::exp(kColumnLogSigma * c);
   const double base = kLinearGain / std::sqrt(static_cast<double>(d_in));
-  Tensor t = Tensor::Zeros(DType::kF32, {d_out, d_in});
-  float* w = t.data<float>();
-  for (int64_t i = 0; i < d_out; ++i) {
-    for (int64_t j = 0; j < d_in; ++j) {
-      w[i * d_in + j] = static_cast<float>(base * row[i] * col[j] * g.Next());
+  Tensor t = Tensor::Zeros(p.dtype, p.shape);
+  FillPieces(t, threads, [&](int64_t begin, int64_t count, float* dst) {
+    s.ForEachNormal(d_out + d_in + begin, count, [&](int64_t k, double x) {
+      const int64_t e = begin + k;
+      dst[k] = static_cast<float>(base * row[e / d_in] * col[e % d_in] * x);
+    });
+  });
+  return t;
+}
+
+// Normals 0 .. hidden - 1, then the outliers' uniforms after the last pair.
+Tensor NormWeight(const PlannedTensor& p, uint64_t seed, const std::vector<int>& outliers) {
+  const Stream s(StreamSeed(seed, p.name));
+  const int64_t hidden = p.shape[0];
+  std::vector<float> w(static_cast<size_t>(hidden));
+  s.ForEachNormal(0, hidden, [&](int64_t c, double x) {
+    w[c] = static_cast<float>(kNormMean + kNormSigma * x);
+  });
+  uint64_t next = 2 * static_cast<uint64_t>((hidden + 1) / 2);
+  for (int c : outliers) {
+    w[c] = static_cast<float>(kOutlierNormMin +
+                              (kOutlierNormMax - kOutlierNormMin) * s.Uniform(next++));
+  }
+  Tensor t = Tensor::Zeros(p.dtype, p.shape);
+  for (int64_t c = 0; c < hidden; ++c) {
+    if (p.dtype == DType::kF32) {
+      t.data<float>()[c] = w[c];
+    } else {
+      t.data<uint16_t>()[c] = FloatToBf16(w[c]);
     }
   }
   return t;
 }
 
-Tensor NormWeight(uint64_t seed, const std::string& name, int64_t hidden,
-                  const std::vector<int>& outliers) {
-  Gaussian g(StreamSeed(seed, name));
-  Tensor t = Tensor::Zeros(DType::kF32, {hidden});
-  float* w = t.data<float>();
-  for (int64_t c = 0; c < hidden; ++c) w[c] = static_cast<float>(kNormMean + kNormSigma * g.Next());
-  for (int c : outliers) {
-    w[c] = static_cast<float>(kOutlierNormMin + (kOutlierNormMax - kOutlierNormMin) * g.Uniform());
-  }
-  return t;
-}
-
-Tensor EmbeddingWeight(uint64_t seed, const std::string& name, int64_t vocab, int64_t hidden) {
-  Gaussian g(StreamSeed(seed, name));
-  Tensor t = Tensor::Zeros(DType::kF32, {vocab, hidden});
-  float* w = t.data<float>();
-  for (int64_t v = 0; v < vocab; ++v) {
-    const double scale = kEmbedSigma * std::exp(kEmbedRowLogSigma * g.Next());
-    for (int64_t c = 0; c < hidden; ++c) w[v * hidden + c] = static_cast<float>(scale * g.Next());
-  }
+// Row v is normals v·(hidden + 1) (its scale's exponent) and the next hidden (its values).
+Tensor EmbeddingWeight(const PlannedTensor& p, uint64_t seed, int threads) {
+  const Stream s(StreamSeed(seed, p.name));
+  const int64_t hidden = p.shape[1];
+  Tensor t = Tensor::Zeros(p.dtype, p.shape);
+  FillPieces(t, threads, [&](int64_t begin, int64_t count, float* dst) {
+    for (int64_t done = 0; done < count;) {
+      const int64_t v = (begin + done) / hidden, c = (begin + done) % hidden;
+      const int64_t run = std::min(hidden - c, count - done);
+      const uint64_t row_first = static_cast<uint64_t>(v) * (hidden + 1);
+      const double scale = kEmbedSigma * std::exp(kEmbedRowLogSigma * s.Normal(row_first));
+      s.ForEachNormal(row_first + 1 + c, run,
+                      [&](int64_t k, double x) { dst[done + k] = static_cast<float>(scale * x); });
+      done += run;
+    }
+  });
   return t;
 }
 
@@ -200,42 +295,57 @@ absl::Status WriteFile(const fs::path& dir, const std::string& name, const std::
 }  // namespace
 
 absl::StatusOr<SynthPreset> ParseSynthPreset(const std::string& name) {
-  if (name == "tiny") return SynthPreset::kTiny;
-  if (name == "small") return SynthPreset::kSmall;
+  for (SynthPreset p : {SynthPreset::kTiny, SynthPreset::kSmall, SynthPreset::k7b,
+                        SynthPreset::k13b, SynthPreset::k70b}) {
+    if (name == SynthPresetName(p)) return p;
+  }
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown synth preset \"", name, "\" (expected tiny or small)"));
+      absl::StrCat("unknown synth preset \"", name, "\" (expected tiny, small, 7b, 13b or 70b)"));
 }
 
 const char* SynthPresetName(SynthPreset preset) {
-  return preset == SynthPreset::kTiny ? "tiny" : "small";
+  switch (preset) {
+    case SynthPreset::kTiny:
+      return "tiny";
+    case SynthPreset::kSmall:
+      return "small";
+    case SynthPreset::k7b:
+      return "7b";
+    case SynthPreset::k13b:
+      return "13b";
+    case SynthPreset::k70b:
+      return "70b";
+  }
+  return "?";
 }
 
-ModelConfig SynthConfig(SynthPreset preset) {
+ModelConfig SynthConfig(SynthPreset preset, int layers) {
   ModelConfig c;
-  c.model_type = "llama";
-  c.head_dim = 32;
-  c.max_position_embeddings = 2048;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 10000.0;
+  if (preset == SynthPreset::kTiny || preset == SynthPreset::kSmall) {
+    c.model_type = "llama";
+    c.head_dim = 32;
+    c.max_position_embeddings = 2048;
+    c.rms_norm_eps = 1e-5;
+    c.rope_theta = 10000.0;
+    c.dtype = "float32";
+    const bool tiny = preset == SynthPreset::kTiny;
+    c.hidden_size = tiny ? 128 : 256;
+    c.intermediate_size = tiny ? 384 : 768;
+    c.num_layers = tiny ? 2 : 4;
+    c.num_heads = tiny ? 4 : 8;
+    c.num_kv_heads = tiny ? 2 : 4;
+    c.vocab_size = tiny ? 512 : 1024;
+  } else {
+    // One definition of the Llama-2 shapes: the benchmark's (vocab, eps, theta, 4096 positions).
+    const absl::StatusOr<BenchShape> shape = BenchShapeNamed(SynthPresetName(preset));
+    QCAL_CHECK(shape.ok());
+    c = shape->config;
+    c.dtype = "bfloat16";
+  }
   c.tie_word_embeddings = false;
   c.bos_token_id = 1;
   c.eos_token_id = 2;
-  c.dtype = "float32";
-  if (preset == SynthPreset::kTiny) {
-    c.hidden_size = 128;
-    c.intermediate_size = 384;
-    c.num_layers = 2;
-    c.num_heads = 4;
-    c.num_kv_heads = 2;
-    c.vocab_size = 512;
-  } else {
-    c.hidden_size = 256;
-    c.intermediate_size = 768;
-    c.num_layers = 4;
-    c.num_heads = 8;
-    c.num_kv_heads = 4;
-    c.vocab_size = 1024;
-  }
+  if (layers > 0) c.num_layers = layers;
   return c;
 }
 
@@ -257,18 +367,16 @@ std::vector<int> SynthOutlierChannels(SynthPreset preset, uint64_t seed) {
   return channels;
 }
 
-std::map<std::string, Tensor> SynthesizeWeights(SynthPreset preset, uint64_t seed) {
-  const ModelConfig c = SynthConfig(preset);
-  const std::vector<int> outliers = SynthOutlierChannels(preset, seed);
+std::vector<PlannedTensor> SynthTensorPlan(const ModelConfig& c) {
+  const DType dtype = c.dtype == "bfloat16" ? DType::kBF16 : DType::kF32;
   const int64_t d = c.hidden_size, f = c.intermediate_size, v = c.vocab_size;
-  std::map<std::string, Tensor> w;
-  w["model.embed_tokens.weight"] = EmbeddingWeight(seed, "model.embed_tokens.weight", v, d);
-  w["model.norm.weight"] = NormWeight(seed, "model.norm.weight", d, {});
-  w["lm_head.weight"] = LinearWeight(seed, "lm_head.weight", v, d);
+  std::vector<PlannedTensor> plan;
+  plan.push_back({"model.embed_tokens.weight", dtype, {v, d}});
+  plan.push_back({"model.norm.weight", dtype, {d}});
+  plan.push_back({"lm_head.weight", dtype, {v, d}});
   for (int b = 0; b < c.num_layers; ++b) {
     for (const char* norm : {"input_layernorm", "post_attention_layernorm"}) {
-      const std::string name = absl::StrCat("model.layers.", b, ".", norm, ".weight");
-      w[name] = NormWeight(seed, name, d, outliers);
+      plan.push_back({absl::StrCat("model.layers.", b, ".", norm, ".weight"), dtype, {d}});
     }
     for (LinearKind k : kAllLinears) {
       int64_t d_out = d, d_in = d;
@@ -291,11 +399,34 @@ std::map<std::string, Tensor> SynthesizeWeights(SynthPreset preset, uint64_t see
           d_in = f;
           break;
       }
-      const std::string name = LinearPrefix(b, k) + ".weight";
-      w[name] = LinearWeight(seed, name, d_out, d_in);
+      plan.push_back({LinearPrefix(b, k) + ".weight", dtype, {d_out, d_in}});
     }
   }
+  std::sort(plan.begin(), plan.end(),
+            [](const PlannedTensor& a, const PlannedTensor& b) { return a.name < b.name; });
+  return plan;
+}
+
+Tensor SynthesizeTensor(const PlannedTensor& tensor, uint64_t seed,
+                        const std::vector<int>& outliers, int threads) {
+  threads = ResolveThreads(threads);
+  if (tensor.name == "model.embed_tokens.weight") return EmbeddingWeight(tensor, seed, threads);
+  if (tensor.name == "model.norm.weight") return NormWeight(tensor, seed, {});
+  if (tensor.shape.size() == 1) return NormWeight(tensor, seed, outliers);
+  return LinearWeight(tensor, seed, threads);
+}
+
+std::map<std::string, Tensor> SynthesizeWeights(SynthPreset preset, uint64_t seed, int layers) {
+  const std::vector<int> outliers = SynthOutlierChannels(preset, seed);
+  std::map<std::string, Tensor> w;
+  for (const PlannedTensor& p : SynthTensorPlan(SynthConfig(preset, layers))) {
+    w[p.name] = SynthesizeTensor(p, seed, outliers, /*threads=*/0);
+  }
   return w;
+}
+
+int SynthTokenizerVocab(const ModelConfig& config) {
+  return std::min(config.vocab_size, kSynthMaxTokenizerVocab);
 }
 
 absl::StatusOr<std::string> TrainSynthTokenizer(const std::string& text, int vocab_size) {
@@ -327,11 +458,92 @@ absl::StatusOr<std::string> TrainSynthTokenizer(const std::string& text, int voc
 
 absl::Status SynthOptions::Validate() const {
   if (out_dir.empty()) return absl::InvalidArgumentError("synth: the output directory is empty");
+  if (layers.has_value() && *layers < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("synth: layers must be >= 1, got ", *layers));
+  }
+  if (dtype.has_value() && *dtype != DType::kF32 && *dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("synth: dtype must be F32 or BF16, got ", DTypeName(*dtype)));
+  }
+  if (threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("synth: threads must be >= 0, got ", threads));
+  }
   return absl::OkStatus();
 }
 
+namespace {
+
+// Generates the plan's tensors in order and streams them into `dir`: tensor i + 1 is generated
+// (on `threads` threads) while tensor i is being written, so two tensors at most are in memory.
+absl::Status WriteWeights(const fs::path& dir, const std::vector<PlannedTensor>& plan,
+                          uint64_t seed, const std::vector<int>& outliers, int64_t shard_bytes,
+                          int threads) {
+  QCAL_ASSIGN_OR_RETURN(std::unique_ptr<ShardedSafetensorsWriter> writer,
+                        ShardedSafetensorsWriter::Create(dir.string(), plan, shard_bytes, "model",
+                                                         {{"format", "pt"}}));
+  int64_t total_bytes = 0, done_bytes = 0;
+  for (const PlannedTensor& p : plan) total_bytes += NumElements(p.shape) * DTypeSize(p.dtype);
+  const auto start = std::chrono::steady_clock::now();
+  auto last_log = start;
+  Tensor writing;                   // the tensor being written
+  std::future<absl::Status> write;  // its write; destroyed (waited for) before `writing`
+  for (const PlannedTensor& p : plan) {
+    Tensor next = SynthesizeTensor(p, seed, outliers, threads);
+    if (write.valid()) QCAL_RETURN_IF_ERROR(write.get());
+    writing = std::move(next);
+    write = std::async(std::launch::async,
+                       [&writer, &writing, &p] { return writer->Write(p.name, writing); });
+    done_bytes += writing.nbytes();
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_log > std::chrono::seconds(10)) {
+      last_log = now;
+      const double seconds = std::chrono::duration<double>(now - start).count();
+      spdlog::info("synth: {:.1f} of {:.1f} GB generated ({:.0f} MB/s)", done_bytes * 1e-9,
+                   total_bytes * 1e-9, done_bytes * 1e-6 / seconds);
+    }
+  }
+  if (write.valid()) QCAL_RETURN_IF_ERROR(write.get());
+  QCAL_RETURN_IF_ERROR(writer->Finish());
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  spdlog::info("synth: {:.2f} GB of weights in {} files in {:.1f} s ({:.0f} MB/s, {} threads)",
+               total_bytes * 1e-9, writer->shard_files().size(), seconds,
+               total_bytes * 1e-6 / std::max(seconds, 1e-9), threads);
+  return absl::OkStatus();
+}
+
+// Name, size and (when asked) sha256 of every file in `dir`, sorted by name; files are hashed in
+// parallel.
+absl::StatusOr<std::vector<SynthFile>> ListFiles(const fs::path& dir, bool sha256, int threads) {
+  std::vector<SynthFile> files;
+  std::error_code ec;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    const uintmax_t bytes = e.file_size(ec);
+    if (ec) return absl::DataLossError(absl::StrCat(e.path().string(), ": ", ec.message()));
+    files.push_back({e.path().filename().string(), static_cast<int64_t>(bytes), ""});
+  }
+  if (ec) return absl::DataLossError(absl::StrCat(dir.string(), ": ", ec.message()));
+  std::sort(files.begin(), files.end(),
+            [](const SynthFile& a, const SynthFile& b) { return a.name < b.name; });
+  if (!sha256) return files;
+  std::vector<absl::Status> status(files.size());
+  ForEachPiece(static_cast<int64_t>(files.size()), threads, [&](int64_t i) {
+    absl::StatusOr<std::string> sha = Sha256File((dir / files[i].name).string());
+    if (sha.ok()) {
+      files[i].sha256 = *std::move(sha);
+    } else {
+      status[i] = sha.status();
+    }
+  });
+  for (const absl::Status& st : status) QCAL_RETURN_IF_ERROR(st);
+  return files;
+}
+
+}  // namespace
+
 absl::StatusOr<SynthResult> WriteSyntheticCheckpoint(const SynthOptions& options) {
   QCAL_RETURN_IF_ERROR(options.Validate());
+  const int threads = ResolveThreads(options.threads);
   fs::path target = fs::path(options.out_dir).lexically_normal();
   if (!target.has_filename()) target = target.parent_path();
   if (!target.has_filename() || target.filename() == "." || target.filename() == "..") {
@@ -361,12 +573,15 @@ absl::StatusOr<SynthResult> WriteSyntheticCheckpoint(const SynthOptions& options
                   ec);
 
   SynthResult result;
-  result.config = SynthConfig(options.preset);
+  result.config = SynthConfig(options.preset, options.layers.value_or(0));
+  if (options.dtype.has_value()) {
+    result.config.dtype = *options.dtype == DType::kBF16 ? "bfloat16" : "float32";
+  }
   result.outlier_channels = SynthOutlierChannels(options.preset, options.seed);
   const ModelConfig& c = result.config;
-  spdlog::info("synth: {} preset (hidden {}, {} layers, vocab {}), seed {}",
+  spdlog::info("synth: {} preset (hidden {}, {} layers, vocab {}), seed {}, {} threads",
                SynthPresetName(options.preset), c.hidden_size, c.num_layers, c.vocab_size,
-               options.seed);
+               options.seed, threads);
 
   const std::string calib =
       GenerateSyntheticText(StreamSeed(options.seed, "calib.txt"), kSynthCalibBytes);
@@ -375,27 +590,21 @@ absl::StatusOr<SynthResult> WriteSyntheticCheckpoint(const SynthOptions& options
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "calib.txt", calib));
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "eval.txt", eval));
 
-  spdlog::info("synth: training the tokenizer on {} bytes of calib.txt", calib.size());
-  QCAL_ASSIGN_OR_RETURN(std::string tokenizer, TrainSynthTokenizer(calib, c.vocab_size));
+  const int tokenizer_vocab = SynthTokenizerVocab(c);
+  spdlog::info("synth: training a {}-piece tokenizer on {} bytes of calib.txt", tokenizer_vocab,
+               calib.size());
+  QCAL_ASSIGN_OR_RETURN(std::string tokenizer, TrainSynthTokenizer(calib, tokenizer_vocab));
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "tokenizer.model", tokenizer));
 
-  const std::map<std::string, Tensor> weights = SynthesizeWeights(options.preset, options.seed);
-  for (const auto& [name, t] : weights) result.num_parameters += t.numel();
-  spdlog::info("synth: {} parameters, outlier channels [{}]", result.num_parameters,
+  const std::vector<PlannedTensor> plan = SynthTensorPlan(c);
+  for (const PlannedTensor& p : plan) result.num_parameters += NumElements(p.shape);
+  spdlog::info("synth: {} parameters ({}), outlier channels [{}]", result.num_parameters, c.dtype,
                absl::StrJoin(result.outlier_channels, ", "));
   QCAL_RETURN_IF_ERROR(
-      WriteSafetensors((tmp / "model.safetensors").string(), weights, {{"format", "pt"}}));
+      WriteWeights(tmp, plan, options.seed, result.outlier_channels, options.shard_bytes, threads));
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "config.json", ConfigJson(c)));
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "generation_config.json", GenerationConfigJson(c)));
-
-  for (const char* name : {"calib.txt", "config.json", "eval.txt", "generation_config.json",
-                           "model.safetensors", "tokenizer.model"}) {
-    const fs::path path = tmp / name;
-    QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(path.string()));
-    const uintmax_t bytes = fs::file_size(path, ec);
-    if (ec) return absl::DataLossError(absl::StrCat(path.string(), ": ", ec.message()));
-    result.files.push_back({name, static_cast<int64_t>(bytes), std::move(sha)});
-  }
+  QCAL_ASSIGN_OR_RETURN(result.files, ListFiles(tmp, options.sha256, threads));
 
   // The target may have changed while we wrote; check again before replacing it.
   QCAL_RETURN_IF_ERROR(CheckTarget(target, options.overwrite));

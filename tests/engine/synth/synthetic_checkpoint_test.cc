@@ -12,14 +12,19 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/files.h"
 #include "common/hf_config.h"
+#include "common/safetensors.h"
+#include "common/safetensors_writer.h"
 #include "common/status.h"
 #include "common/text_data.h"
 #include "common/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "nlohmann/json.hpp"
+#include "services/engine/bench.h"
 #include "services/engine/evaluate.h"
 #include "services/engine/model.h"
 #include "services/engine/synth/synthetic_text.h"
@@ -107,14 +112,136 @@ TEST(SynthPresetTest, DimensionsMatchTheSpecAndAreMultiplesOf128) {
   }
 }
 
+TEST(SynthPresetTest, Llama2PresetsHaveLlama2DimensionsAndTheBenchShapes) {
+  struct Want {
+    SynthPreset preset;
+    int hidden, intermediate, heads, kv_heads, layers;
+  };
+  for (const Want& w : {Want{SynthPreset::k7b, 4096, 11008, 32, 32, 32},
+                        Want{SynthPreset::k13b, 5120, 13824, 40, 40, 40},
+                        Want{SynthPreset::k70b, 8192, 28672, 64, 8, 80}}) {
+    SCOPED_TRACE(SynthPresetName(w.preset));
+    const ModelConfig c = SynthConfig(w.preset);
+    EXPECT_EQ(c.model_type, "llama");
+    EXPECT_EQ(c.hidden_size, w.hidden);
+    EXPECT_EQ(c.intermediate_size, w.intermediate);
+    EXPECT_EQ(c.num_heads, w.heads);
+    EXPECT_EQ(c.num_kv_heads, w.kv_heads);
+    EXPECT_EQ(c.num_layers, w.layers);
+    EXPECT_EQ(c.head_dim, 128);
+    EXPECT_EQ(c.vocab_size, 32000);
+    EXPECT_EQ(c.max_position_embeddings, 4096);
+    EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-5);
+    EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
+    EXPECT_FALSE(c.tie_word_embeddings);
+    EXPECT_EQ(c.dtype, "bfloat16");
+    EXPECT_EQ(c.bos_token_id, 1);
+    EXPECT_EQ(c.eos_token_id, 2);
+    EXPECT_EQ(SynthTokenizerVocab(c), 2048);
+    // `qcal bench --shape` runs the same dimensions.
+    auto bench = BenchShapeNamed(SynthPresetName(w.preset));
+    ASSERT_TRUE(bench.ok()) << bench.status();
+    EXPECT_EQ(bench->config.hidden_size, c.hidden_size);
+    EXPECT_EQ(bench->config.intermediate_size, c.intermediate_size);
+    EXPECT_EQ(bench->config.num_heads, c.num_heads);
+    EXPECT_EQ(bench->config.num_kv_heads, c.num_kv_heads);
+    EXPECT_EQ(bench->config.head_dim, c.head_dim);
+    EXPECT_EQ(bench->config.num_layers, c.num_layers);
+    EXPECT_EQ(bench->config.vocab_size, c.vocab_size);
+    EXPECT_GT(bench->ideal_floor_seconds, 0);
+    EXPECT_GT(bench->library_floor_seconds, bench->ideal_floor_seconds);
+  }
+  // The 13b floors are the 7b ones scaled by the FLOP ratio.
+  const BenchShape b7 = *BenchShapeNamed("7b"), b13 = *BenchShapeNamed("13b");
+  EXPECT_TRUE(b13.floors_scaled);
+  EXPECT_FALSE(b7.floors_scaled);
+  const double ratio =
+      CountFlops(b13.config, 128, 2048).total() / CountFlops(b7.config, 128, 2048).total();
+  EXPECT_GT(ratio, 1.5);
+  EXPECT_NEAR(b13.ideal_floor_seconds, b7.ideal_floor_seconds * ratio, 1e-9);
+  EXPECT_EQ(b13.reference_seconds, 0);
+  EXPECT_EQ(SynthTokenizerVocab(SynthConfig(SynthPreset::kTiny)), 512);
+  EXPECT_EQ(SynthTokenizerVocab(SynthConfig(SynthPreset::kSmall)), 1024);
+}
+
+TEST(SynthPresetTest, LayersReplaceTheBlockCountOfEveryPreset) {
+  for (SynthPreset p : {SynthPreset::kTiny, SynthPreset::kSmall, SynthPreset::k7b,
+                        SynthPreset::k13b, SynthPreset::k70b}) {
+    SCOPED_TRACE(SynthPresetName(p));
+    const ModelConfig base = SynthConfig(p);
+    const ModelConfig one = SynthConfig(p, 1), five = SynthConfig(p, 5);
+    EXPECT_EQ(one.num_layers, 1);
+    EXPECT_EQ(five.num_layers, 5);
+    EXPECT_EQ(five.hidden_size, base.hidden_size);
+    EXPECT_EQ(SynthTensorPlan(one).size(), 3u + 9);
+    EXPECT_EQ(SynthTensorPlan(five).size(), 3u + 9 * 5);
+  }
+}
+
+// The Llama-2 presets' tensors, sizes and shards, planned without writing anything.
+TEST(SynthPlanTest, Llama2PlansHaveTheRealParameterCountsDtypesShapesAndShards) {
+  struct Want {
+    SynthPreset preset;
+    int64_t parameters;
+    size_t shards;
+  };
+  TempDir dir;
+  for (const Want& w :
+       {Want{SynthPreset::k7b, 6'738'415'616, 3}, Want{SynthPreset::k13b, 13'015'864'320, 6},
+        Want{SynthPreset::k70b, 68'976'648'192, 29}}) {
+    SCOPED_TRACE(SynthPresetName(w.preset));
+    const ModelConfig c = SynthConfig(w.preset);
+    const std::vector<PlannedTensor> plan = SynthTensorPlan(c);
+    ASSERT_EQ(plan.size(), 3u + 9 * c.num_layers);
+    int64_t parameters = 0;
+    std::map<std::string, Shape> shapes;
+    for (const PlannedTensor& p : plan) {
+      EXPECT_EQ(p.dtype, DType::kBF16) << p.name;
+      parameters += NumElements(p.shape);
+      shapes[p.name] = p.shape;
+    }
+    EXPECT_EQ(parameters, w.parameters);
+    EXPECT_TRUE(std::is_sorted(
+        plan.begin(), plan.end(),
+        [](const PlannedTensor& a, const PlannedTensor& b) { return a.name < b.name; }));
+    const int64_t d = c.hidden_size, f = c.intermediate_size, kv = c.kv_dim();
+    const std::string last = absl::StrCat("model.layers.", c.num_layers - 1, ".");
+    EXPECT_EQ(shapes.at("model.embed_tokens.weight"), (Shape{32000, d}));
+    EXPECT_EQ(shapes.at("lm_head.weight"), (Shape{32000, d}));
+    EXPECT_EQ(shapes.at("model.norm.weight"), (Shape{d}));
+    EXPECT_EQ(shapes.at(last + "input_layernorm.weight"), (Shape{d}));
+    EXPECT_EQ(shapes.at(last + "self_attn.q_proj.weight"), (Shape{d, d}));
+    EXPECT_EQ(shapes.at(last + "self_attn.k_proj.weight"), (Shape{kv, d}));
+    EXPECT_EQ(shapes.at(last + "self_attn.v_proj.weight"), (Shape{kv, d}));
+    EXPECT_EQ(shapes.at(last + "self_attn.o_proj.weight"), (Shape{d, d}));
+    EXPECT_EQ(shapes.at(last + "mlp.gate_proj.weight"), (Shape{f, d}));
+    EXPECT_EQ(shapes.at(last + "mlp.up_proj.weight"), (Shape{f, d}));
+    EXPECT_EQ(shapes.at(last + "mlp.down_proj.weight"), (Shape{d, f}));
+    EXPECT_FALSE(shapes.count(absl::StrCat("model.layers.", c.num_layers, ".mlp.up_proj.weight")));
+
+    auto writer = ShardedSafetensorsWriter::Create(dir.path(), plan, kSynthDefaultShardBytes);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    const std::vector<std::string>& files = (*writer)->shard_files();
+    ASSERT_EQ(files.size(), w.shards);
+    EXPECT_EQ(files.front(), absl::StrCat("model-00001-of-", absl::Dec(w.shards, absl::kZeroPad5),
+                                          ".safetensors"));
+  }
+  EXPECT_TRUE(ListDir(dir.path()).empty());
+}
+
 TEST(SynthPresetTest, ParsesNames) {
   EXPECT_EQ(*ParseSynthPreset("tiny"), SynthPreset::kTiny);
   EXPECT_EQ(*ParseSynthPreset("small"), SynthPreset::kSmall);
+  EXPECT_EQ(*ParseSynthPreset("7b"), SynthPreset::k7b);
+  EXPECT_EQ(*ParseSynthPreset("13b"), SynthPreset::k13b);
+  EXPECT_EQ(*ParseSynthPreset("70b"), SynthPreset::k70b);
   EXPECT_STREQ(SynthPresetName(SynthPreset::kSmall), "small");
+  EXPECT_STREQ(SynthPresetName(SynthPreset::k13b), "13b");
   auto bad = ParseSynthPreset("huge");
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("\"huge\""));
+  EXPECT_THAT(bad.status().message(), HasSubstr("13b"));
 }
 
 TEST(SynthWeightsTest, NormWeightsCarryTheSameOutlierChannelsInEveryLayer) {
@@ -183,6 +310,56 @@ TEST(SynthWeightsTest, SameSeedSameWeightsOtherSeedOtherWeights) {
     ASSERT_EQ(t.nbytes(), b.at(name).nbytes());
     EXPECT_EQ(std::memcmp(t.raw(), b.at(name).raw(), t.nbytes()), 0);
     EXPECT_NE(std::memcmp(t.raw(), c.at(name).raw(), t.nbytes()), 0);
+  }
+}
+
+// Odd sizes: pieces end inside rows, the linear's weights start at an odd position of its stream
+// (d_out + d_in odd), so the halves of a Box–Muller pair fall in different pieces.
+TEST(SynthWeightsTest, TensorsDoNotDependOnTheThreadCountAndBf16IsTheRoundedFp32) {
+  const std::vector<int> outliers = {3, 17};
+  for (const PlannedTensor& f32 :
+       {PlannedTensor{"model.layers.0.mlp.down_proj.weight", DType::kF32, {37, 5000}},
+        PlannedTensor{"model.embed_tokens.weight", DType::kF32, {301, 999}},
+        PlannedTensor{"model.layers.2.input_layernorm.weight", DType::kF32, {129}}}) {
+    SCOPED_TRACE(f32.name);
+    ASSERT_TRUE(f32.shape.size() == 1 || NumElements(f32.shape) > 2 * kSynthPieceElements);
+    const Tensor one = SynthesizeTensor(f32, 9, outliers, 1);
+    for (int threads : {2, 3, 8}) {
+      const Tensor many = SynthesizeTensor(f32, 9, outliers, threads);
+      ASSERT_EQ(many.nbytes(), one.nbytes());
+      EXPECT_EQ(std::memcmp(many.raw(), one.raw(), one.nbytes()), 0) << threads << " threads";
+    }
+    PlannedTensor bf16 = f32;
+    bf16.dtype = DType::kBF16;
+    const Tensor b = SynthesizeTensor(bf16, 9, outliers, 2);
+    ASSERT_EQ(b.dtype(), DType::kBF16);
+    ASSERT_EQ(b.shape(), f32.shape);
+    const float* x = one.data<float>();
+    const uint16_t* y = b.data<uint16_t>();
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < one.numel(); ++i) mismatches += y[i] != FloatToBf16(x[i]);
+    EXPECT_EQ(mismatches, 0);
+    // A different seed gives different values.
+    const Tensor other = SynthesizeTensor(f32, 10, outliers, 2);
+    EXPECT_NE(std::memcmp(other.raw(), one.raw(), one.nbytes()), 0);
+  }
+}
+
+// The streamed, piece-parallel generator reproduces the bytes the sequential generator wrote before
+// it (sha256 of `qcal synth --preset tiny|small --seed 5`'s model.safetensors). Depends on libm's
+// exp/log/sin/cos results, as every synthetic checkpoint does.
+TEST(SynthCheckpointTest, TinyAndSmallKeepTheirBytes) {
+  TempDir dir;
+  for (const auto& [preset, sha] :
+       {std::pair{SynthPreset::kTiny,
+                  "b8c4fa9ccd00b356260a20922e14060430bfe2a2c9594ab4923ffc980a5e7d8e"},
+        std::pair{SynthPreset::kSmall,
+                  "faabed5b5372667d0092f82da7c9e37bafa52a429b3edc3159e38ccc0c811ddb"}}) {
+    SCOPED_TRACE(SynthPresetName(preset));
+    const std::string out = dir.Sub(SynthPresetName(preset));
+    auto r = Write(out, preset, 5);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(Sha256Hex(Read(out + "/model.safetensors")), sha);
   }
 }
 
@@ -356,6 +533,153 @@ TEST(SynthCheckpointTest, TinyLoadsEvaluatesAndHasActivationOutliers) {
 
 TEST(SynthCheckpointTest, SmallLoadsEvaluatesAndHasActivationOutliers) {
   CheckLoadsAndRuns(SynthPreset::kSmall, 0, 2);
+}
+
+// The Llama-2 presets' write path (bf16, shards, index) on the tiny shape with three blocks and
+// 200 kB shards: the same bytes from 1 and 2 threads, and the checkpoint loads and evaluates.
+TEST(SynthCheckpointTest, ShardedBf16CheckpointIsThreadIndependentAndLoads) {
+  TempDir dir;
+  SynthOptions o;
+  o.preset = SynthPreset::kTiny;
+  o.layers = 3;
+  o.dtype = DType::kBF16;
+  o.seed = 4;
+  o.shard_bytes = 200'000;
+  o.out_dir = dir.Sub("a");
+  o.threads = 1;
+  auto a = WriteSyntheticCheckpoint(o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  o.out_dir = dir.Sub("b");
+  o.threads = 2;
+  auto b = WriteSyntheticCheckpoint(o);
+  ASSERT_TRUE(b.ok()) << b.status();
+
+  const ModelConfig c = a->config;
+  EXPECT_EQ(c.num_layers, 3);
+  EXPECT_EQ(c.dtype, "bfloat16");
+  const std::vector<PlannedTensor> plan = SynthTensorPlan(c);
+  int64_t data_bytes = 0;
+  for (const PlannedTensor& p : plan) data_bytes += NumElements(p.shape) * 2;
+  EXPECT_EQ(a->num_parameters, data_bytes / 2);
+  const size_t shards = static_cast<size_t>(ListDir(dir.Sub("a")).size() - 6);
+  ASSERT_GE(shards, 7u);  // 1.44 MB of bf16 weights in 200 kB shards
+  std::vector<std::string> want = {"calib.txt", "config.json", "eval.txt",
+                                   "generation_config.json"};
+  for (size_t i = 1; i <= shards; ++i) {
+    want.push_back(absl::StrCat("model-", absl::Dec(i, absl::kZeroPad5), "-of-",
+                                absl::Dec(shards, absl::kZeroPad5), ".safetensors"));
+  }
+  want.push_back("model.safetensors.index.json");
+  want.push_back("tokenizer.model");
+  ASSERT_EQ(ListDir(dir.Sub("a")), want);
+  ASSERT_EQ(a->files.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    SCOPED_TRACE(want[i]);
+    const std::string bytes = Read(dir.Sub("a/" + want[i]));
+    EXPECT_EQ(bytes, Read(dir.Sub("b/" + want[i])));
+    EXPECT_EQ(a->files[i].name, want[i]);
+    EXPECT_EQ(a->files[i].sha256, Sha256Hex(bytes));
+    EXPECT_EQ(a->files[i].sha256, b->files[i].sha256);
+  }
+
+  // config.json and the index.
+  const nlohmann::json config = nlohmann::json::parse(Read(dir.Sub("a/config.json")));
+  EXPECT_EQ(config["torch_dtype"], "bfloat16");
+  EXPECT_EQ(config["num_hidden_layers"], 3);
+  EXPECT_EQ(config["hidden_size"], 128);
+  EXPECT_EQ(config["tie_word_embeddings"], false);
+  const nlohmann::json index =
+      nlohmann::json::parse(Read(dir.Sub("a/model.safetensors.index.json")));
+  EXPECT_EQ(index["metadata"]["total_size"], data_bytes);
+  ASSERT_EQ(index["weight_map"].size(), plan.size());
+  for (const PlannedTensor& p : plan) {
+    ASSERT_TRUE(index["weight_map"].contains(p.name)) << p.name;
+    const std::string shard = index["weight_map"][p.name];
+    EXPECT_TRUE(std::count(want.begin(), want.end(), shard)) << shard;
+  }
+
+  // Every tensor through CheckpointReader: bf16, its planned shape, the generator's bytes.
+  auto reader = CheckpointReader::Open(dir.Sub("a"));
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  std::vector<std::string> names;
+  for (const PlannedTensor& p : plan) names.push_back(p.name);
+  EXPECT_EQ((*reader)->Names(), names);
+  for (const PlannedTensor& p : plan) {
+    SCOPED_TRACE(p.name);
+    auto t = (*reader)->Get(p.name);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ(t->dtype(), DType::kBF16);
+    EXPECT_EQ(t->shape(), p.shape);
+    const Tensor want_t = SynthesizeTensor(p, 4, a->outlier_channels);
+    EXPECT_EQ(std::memcmp(t->raw(), want_t.raw(), want_t.nbytes()), 0);
+  }
+
+  // The model loads from the shards and gives a finite, untrained perplexity.
+  kernels::BackendOptions bo;
+  bo.threads = 1;
+  auto backend = kernels::CreateBackend(bo);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto model = Model::Load(dir.Sub("a"), backend->get());
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto tok = Tokenizer::Load(dir.Sub("a"));
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto text = LoadCorpusText(dir.Sub("a/eval.txt"));
+  ASSERT_TRUE(text.ok()) << text.status();
+  auto ids = (*tok)->Encode(*text);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  auto windows = MakeEvalWindows(*ids, 128, 2, 1, "eval.txt");
+  ASSERT_TRUE(windows.ok()) << windows.status();
+  auto ppl = EvaluatePerplexity(**model, *windows);
+  ASSERT_TRUE(ppl.ok()) << ppl.status();
+  EXPECT_GT(ppl->perplexity, 0.25 * c.vocab_size);
+  EXPECT_LT(ppl->perplexity, 4.0 * c.vocab_size);
+}
+
+TEST(SynthCheckpointTest, LayersChangeTheTinyBlockCount) {
+  TempDir dir;
+  SynthOptions o;
+  o.out_dir = dir.Sub("m");
+  o.layers = 1;
+  o.sha256 = false;
+  auto r = WriteSyntheticCheckpoint(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config.num_layers, 1);
+  EXPECT_EQ(r->num_parameters, 524928 - 196864);  // tiny less one block
+  for (const SynthFile& f : r->files) EXPECT_TRUE(f.sha256.empty()) << f.name;
+  EXPECT_EQ(ListDir(o.out_dir), kFiles);  // one fp32 file, as tiny always had
+  auto config = LoadModelConfig(o.out_dir);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->num_layers, 1);
+  EXPECT_EQ(config->dtype, "float32");
+  auto reader = CheckpointReader::Open(o.out_dir);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_TRUE((*reader)->Has("model.layers.0.mlp.down_proj.weight"));
+  EXPECT_FALSE((*reader)->Has("model.layers.1.mlp.down_proj.weight"));
+  EXPECT_EQ((*reader)->Names().size(), 3u + 9);
+}
+
+TEST(SynthCheckpointTest, BadLayersThreadsAndDtypeAreErrors) {
+  TempDir dir;
+  for (int layers : {0, -1}) {
+    SynthOptions o;
+    o.out_dir = dir.Sub("m");
+    o.layers = layers;
+    auto r = WriteSyntheticCheckpoint(o);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(r.status().message(), HasSubstr(absl::StrCat("layers must be >= 1, got ", layers)));
+  }
+  SynthOptions threads;
+  threads.out_dir = dir.Sub("m");
+  threads.threads = -2;
+  EXPECT_THAT(WriteSyntheticCheckpoint(threads).status().message(),
+              HasSubstr("threads must be >= 0, got -2"));
+  SynthOptions dtype;
+  dtype.out_dir = dir.Sub("m");
+  dtype.dtype = DType::kI32;
+  EXPECT_THAT(WriteSyntheticCheckpoint(dtype).status().message(),
+              HasSubstr("dtype must be F32 or BF16, got I32"));
+  EXPECT_TRUE(ListDir(dir.path()).empty());  // nothing written
 }
 
 TEST(SynthCheckpointTest, RefusesANonEmptyDirectoryUnlessOverwrite) {
