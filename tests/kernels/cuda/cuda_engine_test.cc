@@ -365,7 +365,7 @@ TEST_F(CudaEngineTest, BenchRunsATinyShape) {
   if (errors.size() == 2) {
     EXPECT_NEAR(errors[1], errors[0], kLayerErrorParity * errors[0]);
   }
-  EXPECT_FALSE(engine::BenchShapeNamed("13b").ok());
+  EXPECT_FALSE(engine::BenchShapeNamed("30b").ok());
 }
 
 }  // namespace
