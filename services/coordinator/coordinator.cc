@@ -1034,6 +1034,7 @@ absl::StatusOr<v1::CompleteTaskResponse> Coordinator::CompleteTask(
   SyncDir(root);
   QCAL_RETURN_IF_ERROR(faults_->Hit("complete", job.num_blocks()));
   metrics_->ObserveStage("finish", request.finish_seconds());
+  metrics_->SetJobPeakMemory(request.peak_rss_bytes(), request.peak_device_bytes());
   QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_SUCCEEDED, "",
                                  request.has_result() ? &request.result() : nullptr));
   response.set_state(v1::JOB_STATE_SUCCEEDED);

@@ -30,6 +30,8 @@
 //   qcal_store_write_errors_total         counter    failed store writes
 //   qcal_store_writable                   gauge      1 while the store accepts writes, else 0
 //   qcal_device_memory_bytes              gauge      accelerator memory in use, summed over workers
+//   qcal_job_peak_rss_bytes               gauge      peak host RSS of the last job to succeed
+//   qcal_job_peak_device_memory_bytes     gauge      peak device memory of the last job to succeed
 // Per-job values (blocks i/N, ETA, tokens/s) are in WatchJob events and `qcal status`.
 //
 // Implementations are thread-safe.
@@ -63,6 +65,8 @@ class Metrics {
   virtual void ObserveStoreWrite(double seconds, int64_t bytes, bool ok) = 0;
   virtual void SetStoreWritable(bool writable) = 0;
   virtual void SetDeviceMemory(int64_t bytes) = 0;
+  // The peaks a job reported when it succeeded (bytes).
+  virtual void SetJobPeakMemory(int64_t rss_bytes, int64_t device_bytes) = 0;
 };
 
 }  // namespace qcal::coordinator

@@ -269,6 +269,16 @@ struct PrometheusMetrics::Impl {
                                          .Help("Accelerator memory in use, summed over workers")
                                          .Register(*registry)
                                          .Add({});
+  prometheus::Gauge& job_peak_rss = BuildGauge()
+                                        .Name("qcal_job_peak_rss_bytes")
+                                        .Help("Peak host RSS of the last job to succeed")
+                                        .Register(*registry)
+                                        .Add({});
+  prometheus::Gauge& job_peak_device = BuildGauge()
+                                           .Name("qcal_job_peak_device_memory_bytes")
+                                           .Help("Peak device memory of the last job to succeed")
+                                           .Register(*registry)
+                                           .Add({});
 };
 
 PrometheusMetrics::PrometheusMetrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -367,6 +377,11 @@ void PrometheusMetrics::SetStoreWritable(bool writable) {
 }
 void PrometheusMetrics::SetDeviceMemory(int64_t bytes) {
   impl_->device_memory.Set(static_cast<double>(bytes));
+}
+
+void PrometheusMetrics::SetJobPeakMemory(int64_t rss_bytes, int64_t device_bytes) {
+  impl_->job_peak_rss.Set(static_cast<double>(rss_bytes));
+  impl_->job_peak_device.Set(static_cast<double>(device_bytes));
 }
 
 }  // namespace qcal::coordinator

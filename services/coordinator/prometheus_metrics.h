@@ -39,6 +39,7 @@ class PrometheusMetrics final : public Metrics {
   void ObserveStoreWrite(double seconds, int64_t bytes, bool ok) override;
   void SetStoreWritable(bool writable) override;
   void SetDeviceMemory(int64_t bytes) override;
+  void SetJobPeakMemory(int64_t rss_bytes, int64_t device_bytes) override;
 
  private:
   struct Impl;

@@ -176,6 +176,9 @@ void Worker::HeartbeatLoop() {
     request.set_job_id(job_id_);
     request.set_stage(stage_);
     request.set_block(block_);
+    if (backend_ != nullptr) {
+      request.set_device_memory_bytes(std::max<int64_t>(0, backend_->MemoryInUse()));
+    }
     mu_.Unlock();
     const absl::Status s = client_->Heartbeat(request);
     mu_.Lock();
@@ -221,6 +224,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
       service::JobOptionsFromSpec(task.spec(), options_.input_root, options_.output_root,
                                   task.threads(), options_.device, job_id);
   if (!job_options.ok()) return FailJob(task, job_options.status());
+  job_options->scratch_dir = options_.scratch_dir;
   // The same confinement and file checks as at submit: inputs may have changed since.
   absl::StatusOr<service::InputRoot> root = service::InputRoot::Open(options_.input_root);
   if (!root.ok()) return drop("input root", root.status());
@@ -231,6 +235,18 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
       *job_options, [&](const std::string& line) { spdlog::info("job {}: {}", job_id, line); });
   if (!opened.ok()) return FailJob(task, opened.status());
   engine::JobSession& session = **opened;
+  {
+    absl::MutexLock lock(&mu_);
+    backend_ = &session.backend();
+  }
+  // Cleared before the session (and its backend) goes away.
+  struct BackendGuard {
+    Worker* worker;
+    ~BackendGuard() {
+      absl::MutexLock lock(&worker->mu_);
+      worker->backend_ = nullptr;
+    }
+  } backend_guard{this};
   const int num_blocks = session.num_blocks();
   if (num_blocks != task.num_blocks()) {
     return FailJob(
@@ -368,6 +384,8 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
   *request.mutable_lease() = lease;
   request.set_job_id(job_id);
   request.set_finish_seconds(absl::ToDoubleSeconds(absl::Now() - t0));
+  request.set_peak_rss_bytes(result->peak_rss_bytes);
+  request.set_peak_device_bytes(std::max<int64_t>(0, result->peak_device_bytes));
   if (result->has_perplexity) {
     request.mutable_result()->set_perplexity(result->perplexity);
     request.mutable_result()->set_perplexity_fp(result->perplexity_fp);

@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "kernels/backend.h"
 #include "qcal/v1/worker_service.pb.h"
 #include "services/common/fault_injection.h"
 #include "services/common/rpc.h"
@@ -101,6 +102,8 @@ class Worker {
   std::string job_id_ ABSL_GUARDED_BY(mu_);
   v1::JobStage stage_ ABSL_GUARDED_BY(mu_) = v1::JOB_STAGE_UNSPECIFIED;
   int block_ ABSL_GUARDED_BY(mu_) = -1;
+  // The running job's backend (heartbeats report its memory in use); null between jobs.
+  kernels::Backend* backend_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
 }  // namespace qcal::worker

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -69,7 +70,8 @@ RunResult RunProcess(const std::string& path, const std::vector<std::string>& ar
     }
   }
   int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  struct rusage usage {};
+  while (wait4(pid, &status, 0, &usage) < 0 && errno == EINTR) {
   }
   if (WIFEXITED(status)) {
     result.exited = true;
@@ -77,6 +79,7 @@ RunResult RunProcess(const std::string& path, const std::vector<std::string>& ar
   } else if (WIFSIGNALED(status)) {
     result.signal = WTERMSIG(status);
   }
+  result.max_rss_bytes = static_cast<int64_t>(usage.ru_maxrss) * 1024;
   return result;
 }
 

@@ -1,6 +1,7 @@
 // Runs a program as a subprocess with stdout and stderr captured separately (tests only).
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@ struct RunResult {
   int signal = 0;
   std::string out;
   std::string err;
+  int64_t max_rss_bytes = 0;  // the process's peak resident set (getrusage of the child)
 };
 
 // Runs `path` with `args`, waits for it, and returns what it printed and how it ended.
