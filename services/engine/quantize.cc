@@ -263,7 +263,7 @@ class BlockRun {
     QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, partial));
     QCAL_RETURN_IF_ERROR(be_.Add(partial, sum));
     if (recipe_.error_reconstruction.enabled &&
-        recipe_.error_reconstruction.whitening == "diagonal") {
+        recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
       QCAL_RETURN_IF_ERROR(Observe(path_stats_, in, x));
     }
     return absl::OkStatus();
@@ -328,8 +328,7 @@ class BlockRun {
       QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
     }
     SmoothingOptions so;
-    so.method =
-        recipe_.smoothing.method == "aser" ? SmoothingMethod::kAser : SmoothingMethod::kSmoothQuant;
+    so.method = recipe_.smoothing.method;
     so.alpha = recipe_.smoothing.alpha;
     so.outlier_channels = recipe_.smoothing.outlier_channels;
     std::array<const ActivationStats*, kNumLinearInputs> ptrs{};
@@ -526,16 +525,17 @@ class BlockRun {
   // The whitening factor of input `in` for error reconstruction, from its Gram matrix (host) or
   // its quantized-path statistics.
   absl::StatusOr<WhiteningFactor> WhiteningOf(LinearInput in, const Tensor& gram_host) {
-    const std::string& kind = recipe_.error_reconstruction.whitening;
+    const Whitening kind = recipe_.error_reconstruction.whitening;
     const int64_t n = gram_host.dim(0);
-    if (kind == "cholesky") {
+    if (kind == Whitening::kCholesky) {
       auto f = CholeskyWhitening<float>(gram_host.data<float>(), n, recipe_.gptq.damp);
       if (!f.ok()) {
-        return Annotate(f.status(), absl::StrCat("whitening of block ", b_, " (", kind, ")"));
+        return Annotate(f.status(),
+                        absl::StrCat("whitening of block ", b_, " (", RecipeName(kind), ")"));
       }
       return f;
     }
-    if (kind == "diagonal") {
+    if (kind == Whitening::kDiagonal) {
       const auto& st = path_stats_[static_cast<int>(in)];
       if (!st) return absl::InternalError("diagonal whitening without activation statistics");
       return DiagonalWhitening(st->MeanAbs());
@@ -567,15 +567,16 @@ class BlockRun {
   // The device whitening factor of input `in` (Backend::ReconstructError's `whitening`):
   // Cholesky of the device Gram matrix, LQER's mean |x| uploaded, or undefined for plain SVD.
   absl::StatusOr<Tensor> DeviceWhiteningOf(LinearInput in, const Tensor& gram) {
-    const std::string& kind = recipe_.error_reconstruction.whitening;
-    if (kind == "cholesky") {
+    const Whitening kind = recipe_.error_reconstruction.whitening;
+    if (kind == Whitening::kCholesky) {
       auto s = be_.CholeskyWhitening(gram, recipe_.gptq.damp);
       if (!s.ok()) {
-        return Annotate(s.status(), absl::StrCat("whitening of block ", b_, " (", kind, ")"));
+        return Annotate(s.status(),
+                        absl::StrCat("whitening of block ", b_, " (", RecipeName(kind), ")"));
       }
       return s;
     }
-    if (kind == "diagonal") {
+    if (kind == Whitening::kDiagonal) {
       const auto& st = path_stats_[static_cast<int>(in)];
       if (!st) return absl::InternalError("diagonal whitening without activation statistics");
       QCAL_ASSIGN_OR_RETURN(const WhiteningFactor f, DiagonalWhitening(st->MeanAbs()));
@@ -703,7 +704,7 @@ class BlockRun {
         wq = w_normal.data();
       }
       QCAL_ASSIGN_OR_RETURN(QuantizedLinear rtn, QuantizeRtn<float>(wq, d_out, d_in, spec_));
-      if (recipe_.method == "gptq") {
+      if (recipe_.method == QuantMethod::kGptq) {
         GptqOptions gopt;
         gopt.damp = gopt_.damp;
         gopt.block_size = gopt_.block_size;
@@ -756,7 +757,7 @@ class BlockRun {
   absl::Status SolveOnDevice(LinearInput in, const Tensor& gram) {
     BlockWeights& bw = model_.block(b_);
     const std::vector<LinearKind> consumers = ConsumersOf(in);
-    const bool gptq = recipe_.method == "gptq";
+    const bool gptq = recipe_.method == QuantMethod::kGptq;
     const std::vector<int32_t>& outliers = OutliersOf(in);
     auto t0 = Clock::now();
     kernels::GptqFactor factor;
@@ -892,7 +893,7 @@ QuantSpec SpecOf(const Recipe& recipe) {
   spec.bits = recipe.weights.bits;
   spec.group_size = recipe.weights.group_size;
   spec.symmetric = recipe.weights.symmetric;
-  spec.grid = recipe.weights.grid == "cuberoot" ? GridKind::kCuberoot : GridKind::kUniform;
+  spec.grid = recipe.weights.grid;
   return spec;
 }
 
