@@ -204,6 +204,15 @@ nlohmann::json Recipe::ToCanonicalJson() const {
   return j;
 }
 
+kernels::QuantSpec SpecOf(const Recipe& recipe) {
+  kernels::QuantSpec spec;
+  spec.bits = recipe.weights.bits;
+  spec.group_size = recipe.weights.group_size;
+  spec.symmetric = recipe.weights.symmetric;
+  spec.grid = recipe.weights.grid;
+  return spec;
+}
+
 std::string Recipe::Sha256() const { return Sha256Hex(ToCanonicalJson().dump()); }
 
 absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::string& source) {

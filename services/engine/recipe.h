@@ -97,6 +97,9 @@ struct Recipe {
   std::string Sha256() const;
 };
 
+// The weight quantizer spec of a recipe.
+kernels::QuantSpec SpecOf(const Recipe& recipe);
+
 // Parses recipe YAML text; `source` names the file in error messages.
 absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::string& source);
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path);
