@@ -123,7 +123,7 @@ class Backend {
   virtual absl::Status FillUniform(Tensor& t, uint64_t seed, float lo, float hi);
 
   // y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n] when given); with `accumulate`, y += instead.
-  // x, y fp32; w fp32 (or bf16 on backends that SupportsOp for it).
+  // x, y fp32; w fp32 (the CUDA backend also takes bf16 weights; the CPU backend fp32 only).
   virtual absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                               bool accumulate) = 0;
   // y[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight.  y may alias x.

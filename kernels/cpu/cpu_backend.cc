@@ -62,7 +62,24 @@ class CpuBackend final : public Backend {
 
   std::string name() const override { return "cpu"; }
   Device device() const override { return Device::kHost; }
-  bool SupportsOp(Op) const override { return true; }
+  // Every Op (listed, so that a new Op fails to compile until it is answered here); no SolverOp:
+  // the engine solves on the host with its CPU reference (Backend::SupportsSolverOp's default).
+  bool SupportsOp(Op op) const override {
+    switch (op) {
+      case Op::kLinear:
+      case Op::kRmsNorm:
+      case Op::kRope:
+      case Op::kAttention:
+      case Op::kSiluMul:
+      case Op::kAdd:
+      case Op::kEmbedding:
+      case Op::kNll:
+      case Op::kGram:
+      case Op::kActQuant:
+        return true;
+    }
+    return false;
+  }
   ComputeDType compute_dtype() const override { return dtype_; }
   int threads() const override { return threads_; }
 

@@ -24,16 +24,34 @@ absl::Status RankError(const std::string& what) {
       absl::StrCat("recipe: recipe key \"error_reconstruction.rank\" ", what));
 }
 
+// The value of a recipe enum key spelled `name` (engine::Parse*), worded like
+// engine::Recipe::Validate's errors.
+template <typename E>
+absl::Status ParseEnum(absl::StatusOr<E> (*parse)(std::string_view), const std::string& name,
+                       E* out) {
+  absl::StatusOr<E> v = parse(name);
+  if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("recipe: ", v.status().message()));
+  *out = *v;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
   engine::Recipe r;
-  if (p.has_method()) r.method = p.method();
+  // An empty method reads as a missing one (Validate: "is required").
+  if (p.has_method() && !p.method().empty()) {
+    engine::QuantMethod method{};
+    QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseQuantMethod, p.method(), &method));
+    r.method = method;
+  }
   const v1::WeightsRecipe& w = p.weights();
   if (w.has_bits()) r.weights.bits = w.bits();
   if (w.has_group_size()) r.weights.group_size = w.group_size();
   if (w.has_symmetric()) r.weights.symmetric = w.symmetric();
-  if (w.has_grid()) r.weights.grid = w.grid();
+  if (w.has_grid()) {
+    QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseGrid, w.grid(), &r.weights.grid));
+  }
   const v1::GptqRecipe& g = p.gptq();
   if (g.has_damp()) r.gptq.damp = g.damp();
   if (g.has_block_size()) r.gptq.block_size = g.block_size();
@@ -42,7 +60,9 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
   const v1::ActivationsRecipe& a = p.activations();
   if (a.has_bits()) r.activations.bits = a.bits();
   const v1::SmoothingRecipe& m = p.smoothing();
-  if (m.has_method()) r.smoothing.method = m.method();
+  if (m.has_method()) {
+    QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseSmoothingMethod, m.method(), &r.smoothing.method));
+  }
   if (m.has_alpha()) r.smoothing.alpha = m.alpha();
   if (m.has_outlier_channels()) r.smoothing.outlier_channels = m.outlier_channels();
   if (p.has_error_reconstruction()) {
@@ -62,7 +82,9 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
     }  // neither: rank stays 0, which Validate reports as required
     if (e.has_energy()) er.energy = e.energy();
     if (e.has_max_extra_params()) er.max_extra_params = e.max_extra_params();
-    if (e.has_whitening()) er.whitening = e.whitening();
+    if (e.has_whitening()) {
+      QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseWhitening, e.whitening(), &er.whitening));
+    }
   }
   QCAL_RETURN_IF_ERROR(r.Validate());
   return r;
@@ -70,12 +92,12 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
 
 v1::Recipe RecipeToProto(const engine::Recipe& r) {
   v1::Recipe p;
-  p.set_method(r.method);
+  if (r.method) p.set_method(std::string(engine::RecipeName(*r.method)));
   v1::WeightsRecipe* w = p.mutable_weights();
   w->set_bits(r.weights.bits);
   w->set_group_size(r.weights.group_size);
   w->set_symmetric(r.weights.symmetric);
-  w->set_grid(r.weights.grid);
+  w->set_grid(std::string(engine::RecipeName(r.weights.grid)));
   v1::GptqRecipe* g = p.mutable_gptq();
   g->set_damp(r.gptq.damp);
   g->set_block_size(r.gptq.block_size);
@@ -83,7 +105,7 @@ v1::Recipe RecipeToProto(const engine::Recipe& r) {
   g->set_true_sequential(r.gptq.true_sequential);
   p.mutable_activations()->set_bits(r.activations.bits);
   v1::SmoothingRecipe* m = p.mutable_smoothing();
-  m->set_method(r.smoothing.method);
+  m->set_method(std::string(engine::RecipeName(r.smoothing.method)));
   m->set_alpha(r.smoothing.alpha);
   m->set_outlier_channels(r.smoothing.outlier_channels);
   if (r.error_reconstruction.enabled) {
@@ -94,7 +116,7 @@ v1::Recipe RecipeToProto(const engine::Recipe& r) {
     if (er.rank != engine::kRecipeAutoRank) e->set_rank(er.rank);
     e->set_energy(er.energy);
     e->set_max_extra_params(er.max_extra_params);
-    e->set_whitening(er.whitening);
+    e->set_whitening(std::string(engine::RecipeName(er.whitening)));
   }
   return p;
 }

@@ -127,7 +127,7 @@ absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
 
 Recipe BenchOptions::DefaultRecipe() {
   Recipe r;
-  r.method = "gptq";
+  r.method = QuantMethod::kGptq;
   r.weights.bits = 4;
   r.weights.group_size = 128;
   return r;

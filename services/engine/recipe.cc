@@ -1,6 +1,8 @@
 #include "services/engine/recipe.h"
 
+#include <array>
 #include <set>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
@@ -42,14 +44,79 @@ absl::Status Read(const YAML::Node& parent, const char* key, const std::string& 
   return absl::OkStatus();
 }
 
+// A recipe enum's names, in the order its error message lists them.
+template <typename E, size_t N>
+using Names = std::array<std::pair<E, const char*>, N>;
+
+constexpr Names<QuantMethod, 2> kMethodNames = {
+    {{QuantMethod::kRtn, "rtn"}, {QuantMethod::kGptq, "gptq"}}};
+constexpr Names<kernels::GridKind, 2> kGridNames = {
+    {{kernels::GridKind::kUniform, "uniform"}, {kernels::GridKind::kCuberoot, "cuberoot"}}};
+constexpr Names<SmoothingMethod, 3> kSmoothingNames = {
+    {{SmoothingMethod::kNone, "none"},
+     {SmoothingMethod::kSmoothQuant, "smoothquant"},
+     {SmoothingMethod::kAser, "aser"}}};
+constexpr Names<Whitening, 3> kWhiteningNames = {{{Whitening::kCholesky, "cholesky"},
+                                                  {Whitening::kDiagonal, "diagonal"},
+                                                  {Whitening::kNone, "none"}}};
+
+template <typename E, size_t N>
+const char* NameOf(const Names<E, N>& names, E v) {
+  for (const auto& [value, name] : names) {
+    if (value == v) return name;
+  }
+  return "?";
+}
+
+// `recipe key "<key>" must be a, b or c, got "<name>"` for a name that is not in `names`.
+template <typename E, size_t N>
+absl::StatusOr<E> ValueOf(const Names<E, N>& names, const char* key, std::string_view name) {
+  std::string expected;
+  for (size_t i = 0; i < N; ++i) {
+    if (name == names[i].second) return names[i].first;
+    absl::StrAppend(&expected, i == 0 ? "" : (i + 1 == N ? " or " : ", "), names[i].second);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("recipe key \"", key, "\" must be ", expected,
+                                                 ", got \"", std::string(name), "\""));
+}
+
+// Reads a string key and parses it with `parse` (a Parse* function), naming the source.
+template <typename E>
+absl::Status ReadEnum(const YAML::Node& parent, const char* key, const std::string& source,
+                      const std::string& path, absl::StatusOr<E> (*parse)(std::string_view),
+                      E* out) {
+  if (!parent[key]) return absl::OkStatus();
+  std::string name;
+  QCAL_RETURN_IF_ERROR(Read(parent, key, source, path, &name));
+  absl::StatusOr<E> v = parse(name);
+  if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", v.status().message()));
+  *out = *v;
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+const char* RecipeName(QuantMethod v) { return NameOf(kMethodNames, v); }
+const char* RecipeName(kernels::GridKind v) { return NameOf(kGridNames, v); }
+const char* RecipeName(SmoothingMethod v) { return NameOf(kSmoothingNames, v); }
+const char* RecipeName(Whitening v) { return NameOf(kWhiteningNames, v); }
+
+absl::StatusOr<QuantMethod> ParseQuantMethod(std::string_view name) {
+  return ValueOf(kMethodNames, "method", name);
+}
+absl::StatusOr<kernels::GridKind> ParseGrid(std::string_view name) {
+  return ValueOf(kGridNames, "weights.grid", name);
+}
+absl::StatusOr<SmoothingMethod> ParseSmoothingMethod(std::string_view name) {
+  return ValueOf(kSmoothingNames, "smoothing.method", name);
+}
+absl::StatusOr<Whitening> ParseWhitening(std::string_view name) {
+  return ValueOf(kWhiteningNames, "error_reconstruction.whitening", name);
+}
 
 absl::Status Recipe::Validate() const {
   const std::string src = "recipe";
-  if (method.empty()) return KeyError(src, "method", "is required (rtn or gptq)");
-  if (method != "rtn" && method != "gptq") {
-    return KeyError(src, "method", absl::StrCat("must be rtn or gptq, got \"", method, "\""));
-  }
+  if (!method) return KeyError(src, "method", "is required (rtn or gptq)");
   if (weights.bits == 0) return KeyError(src, "weights.bits", "is required (2..8)");
   if (weights.bits < 2 || weights.bits > 8) {
     return KeyError(src, "weights.bits", absl::StrCat("must be in 2..8, got ", weights.bits));
@@ -57,10 +124,6 @@ absl::Status Recipe::Validate() const {
   if (weights.group_size == 0 || weights.group_size < -1) {
     return KeyError(src, "weights.group_size",
                     absl::StrCat("must be -1 or a positive integer, got ", weights.group_size));
-  }
-  if (weights.grid != "uniform" && weights.grid != "cuberoot") {
-    return KeyError(src, "weights.grid",
-                    absl::StrCat("must be uniform or cuberoot, got \"", weights.grid, "\""));
   }
   if (!(gptq.damp >= 0 && gptq.damp <= 1)) {
     return KeyError(src, "gptq.damp", absl::StrCat("must be in [0, 1], got ", gptq.damp));
@@ -73,12 +136,6 @@ absl::Status Recipe::Validate() const {
   if (ab != 16 && (ab < 4 || ab > 8)) {
     return KeyError(src, "activations.bits", absl::StrCat("must be 16 (off) or 4..8, got ", ab));
   }
-  if (smoothing.method != "none" && smoothing.method != "smoothquant" &&
-      smoothing.method != "aser") {
-    return KeyError(
-        src, "smoothing.method",
-        absl::StrCat("must be none, smoothquant or aser, got \"", smoothing.method, "\""));
-  }
   if (!(smoothing.alpha >= 0 && smoothing.alpha <= 1)) {
     return KeyError(src, "smoothing.alpha",
                     absl::StrCat("must be in [0, 1], got ", smoothing.alpha));
@@ -88,7 +145,7 @@ absl::Status Recipe::Validate() const {
                     absl::StrCat("must be >= 1, got ", smoothing.outlier_channels));
   }
   const ErrorReconstructionRecipe& er = error_reconstruction;
-  if (smoothing.method == "aser" && !er.enabled) {
+  if (smoothing.method == SmoothingMethod::kAser && !er.enabled) {
     return KeyError(src, "smoothing.method",
                     "aser requires an error_reconstruction section (it reconstructs the "
                     "extracted outlier channels)");
@@ -109,12 +166,7 @@ absl::Status Recipe::Validate() const {
       return KeyError(src, "error_reconstruction.max_extra_params",
                       absl::StrCat("must be in (0, 1], got ", er.max_extra_params));
     }
-    if (er.whitening != "cholesky" && er.whitening != "diagonal" && er.whitening != "none") {
-      return KeyError(
-          src, "error_reconstruction.whitening",
-          absl::StrCat("must be cholesky, diagonal or none, got \"", er.whitening, "\""));
-    }
-    if (smoothing.method == "aser" && er.rank != kRecipeAutoRank &&
+    if (smoothing.method == SmoothingMethod::kAser && er.rank != kRecipeAutoRank &&
         smoothing.outlier_channels > er.rank) {
       return KeyError(src, "smoothing.outlier_channels",
                       absl::StrCat("must not exceed error_reconstruction.rank (", er.rank,
@@ -126,17 +178,17 @@ absl::Status Recipe::Validate() const {
 
 nlohmann::json Recipe::ToCanonicalJson() const {
   nlohmann::json j;  // nlohmann::json objects keep keys sorted
-  j["method"] = method;
+  j["method"] = method ? std::string(RecipeName(*method)) : "";
   j["weights"] = {{"bits", weights.bits},
                   {"group_size", weights.group_size},
                   {"symmetric", weights.symmetric},
-                  {"grid", weights.grid}};
+                  {"grid", std::string(RecipeName(weights.grid))}};
   j["gptq"] = {{"damp", gptq.damp},
                {"block_size", gptq.block_size},
                {"act_order", gptq.act_order},
                {"true_sequential", gptq.true_sequential}};
   j["activations"] = {{"bits", activations.bits}};
-  j["smoothing"] = {{"method", smoothing.method},
+  j["smoothing"] = {{"method", std::string(RecipeName(smoothing.method))},
                     {"alpha", smoothing.alpha},
                     {"outlier_channels", smoothing.outlier_channels}};
   if (error_reconstruction.enabled) {
@@ -145,11 +197,20 @@ nlohmann::json Recipe::ToCanonicalJson() const {
         {"rank", er.rank == kRecipeAutoRank ? nlohmann::json("auto") : nlohmann::json(er.rank)},
         {"energy", er.energy},
         {"max_extra_params", er.max_extra_params},
-        {"whitening", er.whitening}};
+        {"whitening", std::string(RecipeName(er.whitening))}};
   } else {
     j["error_reconstruction"] = nullptr;
   }
   return j;
+}
+
+kernels::QuantSpec SpecOf(const Recipe& recipe) {
+  kernels::QuantSpec spec;
+  spec.bits = recipe.weights.bits;
+  spec.group_size = recipe.weights.group_size;
+  spec.symmetric = recipe.weights.symmetric;
+  spec.grid = recipe.weights.grid;
+  return spec;
 }
 
 std::string Recipe::Sha256() const { return Sha256Hex(ToCanonicalJson().dump()); }
@@ -167,7 +228,12 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
       CheckKeys(root, source, "",
                 {"method", "weights", "gptq", "activations", "smoothing", "error_reconstruction"}));
   Recipe r;
-  QCAL_RETURN_IF_ERROR(Read(root, "method", source, "", &r.method));
+  // An empty method reads as a missing one (Validate: "is required").
+  if (root["method"] && !(root["method"].IsScalar() && root["method"].Scalar().empty())) {
+    QuantMethod method{};
+    QCAL_RETURN_IF_ERROR(ReadEnum(root, "method", source, "", &ParseQuantMethod, &method));
+    r.method = method;
+  }
   if (root["weights"]) {
     const YAML::Node w = root["weights"];
     QCAL_RETURN_IF_ERROR(
@@ -175,7 +241,7 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     QCAL_RETURN_IF_ERROR(Read(w, "bits", source, "weights", &r.weights.bits));
     QCAL_RETURN_IF_ERROR(Read(w, "group_size", source, "weights", &r.weights.group_size));
     QCAL_RETURN_IF_ERROR(Read(w, "symmetric", source, "weights", &r.weights.symmetric));
-    QCAL_RETURN_IF_ERROR(Read(w, "grid", source, "weights", &r.weights.grid));
+    QCAL_RETURN_IF_ERROR(ReadEnum(w, "grid", source, "weights", &ParseGrid, &r.weights.grid));
   }
   if (root["gptq"]) {
     const YAML::Node g = root["gptq"];
@@ -195,7 +261,8 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     const YAML::Node m = root["smoothing"];
     QCAL_RETURN_IF_ERROR(
         CheckKeys(m, source, "smoothing", {"method", "alpha", "outlier_channels"}));
-    QCAL_RETURN_IF_ERROR(Read(m, "method", source, "smoothing", &r.smoothing.method));
+    QCAL_RETURN_IF_ERROR(
+        ReadEnum(m, "method", source, "smoothing", &ParseSmoothingMethod, &r.smoothing.method));
     QCAL_RETURN_IF_ERROR(Read(m, "alpha", source, "smoothing", &r.smoothing.alpha));
     QCAL_RETURN_IF_ERROR(
         Read(m, "outlier_channels", source, "smoothing", &r.smoothing.outlier_channels));
@@ -223,7 +290,8 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     QCAL_RETURN_IF_ERROR(Read(e, "energy", source, "error_reconstruction", &er.energy));
     QCAL_RETURN_IF_ERROR(
         Read(e, "max_extra_params", source, "error_reconstruction", &er.max_extra_params));
-    QCAL_RETURN_IF_ERROR(Read(e, "whitening", source, "error_reconstruction", &er.whitening));
+    QCAL_RETURN_IF_ERROR(
+        ReadEnum(e, "whitening", source, "error_reconstruction", &ParseWhitening, &er.whitening));
   }
   absl::Status st = r.Validate();
   if (!st.ok()) {

@@ -9,18 +9,43 @@
 // thing hash the same.
 #pragma once
 
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
+#include "kernels/quant_grid.h"
 #include "nlohmann/json.hpp"
 
 namespace qcal::engine {
 
+// The values of the recipe's string keys. YAML, the proto and the canonical JSON spell them as
+// the names below (RecipeName); Parse* turn a name back into the value at that boundary.
+// method: rtn | gptq.
+enum class QuantMethod { kRtn, kGptq };
+// smoothing.method: none | smoothquant | aser.
+enum class SmoothingMethod { kNone, kSmoothQuant, kAser };
+// error_reconstruction.whitening: cholesky | diagonal | none.
+enum class Whitening { kCholesky, kDiagonal, kNone };
+// weights.grid: uniform | cuberoot (kernels::GridKind).
+
+const char* RecipeName(QuantMethod v);
+const char* RecipeName(kernels::GridKind v);
+const char* RecipeName(SmoothingMethod v);
+const char* RecipeName(Whitening v);
+
+// The value a name stands for; InvalidArgument `recipe key "<key>" must be ..., got "<name>"`
+// otherwise (callers prefix the source).
+absl::StatusOr<QuantMethod> ParseQuantMethod(std::string_view name);
+absl::StatusOr<kernels::GridKind> ParseGrid(std::string_view name);
+absl::StatusOr<SmoothingMethod> ParseSmoothingMethod(std::string_view name);
+absl::StatusOr<Whitening> ParseWhitening(std::string_view name);
+
 struct WeightsRecipe {
-  int bits = 0;                  // required: 2..8
-  int group_size = 128;          // -1: one group per row; >= d_in same as -1. Default: 128.
-  bool symmetric = false;        // Default: false (asymmetric).
-  std::string grid = "uniform";  // uniform | cuberoot. Default: uniform.
+  int bits = 0;            // required: 2..8
+  int group_size = 128;    // -1: one group per row; >= d_in same as -1. Default: 128.
+  bool symmetric = false;  // Default: false (asymmetric).
+  kernels::GridKind grid = kernels::GridKind::kUniform;  // Default: uniform.
 };
 
 struct GptqRecipe {
@@ -38,10 +63,10 @@ struct ActivationsRecipe {
 
 // Activation smoothing (DESIGN section 3, "Smoothing").
 struct SmoothingRecipe {
-  std::string method = "none";  // none | smoothquant | aser. Default: none.
-  double alpha = 0.5;           // migration strength, 0..1. Default: 0.5.
-  int outlier_channels = 32;    // aser: channels extracted per input, >= 1. Default: 32.
-  bool enabled() const { return method != "none"; }
+  SmoothingMethod method = SmoothingMethod::kNone;  // Default: none.
+  double alpha = 0.5;                               // migration strength, 0..1. Default: 0.5.
+  int outlier_channels = 32;  // aser: channels extracted per input, >= 1. Default: 32.
+  bool enabled() const { return method != SmoothingMethod::kNone; }
 };
 
 // `rank: auto` (ErrorReconstructionRecipe::rank).
@@ -54,11 +79,11 @@ struct ErrorReconstructionRecipe {
   int rank = 0;                   // required when enabled: >= 1, or kRecipeAutoRank ("auto")
   double energy = 0.9;            // rank auto: fraction of Σσ² kept, (0, 1]. Default: 0.9.
   double max_extra_params = 0.1;  // rank auto: extra parameters per layer, (0, 1]. Default: 0.1.
-  std::string whitening = "cholesky";  // cholesky | diagonal | none. Default: cholesky.
+  Whitening whitening = Whitening::kCholesky;  // Default: cholesky.
 };
 
 struct Recipe {
-  std::string method;  // required: rtn | gptq
+  std::optional<QuantMethod> method;  // required
   WeightsRecipe weights;
   GptqRecipe gptq;
   ActivationsRecipe activations;
@@ -71,6 +96,9 @@ struct Recipe {
   // sha256 of ToCanonicalJson().dump().
   std::string Sha256() const;
 };
+
+// The weight quantizer spec of a recipe.
+kernels::QuantSpec SpecOf(const Recipe& recipe);
 
 // Parses recipe YAML text; `source` names the file in error messages.
 absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::string& source);

@@ -50,7 +50,7 @@ TEST(RecipeTest, NewSectionsDefaultToOff) {
   const Recipe r = ParseOk("");
   EXPECT_EQ(r.activations.bits, 16);
   EXPECT_FALSE(r.activations.enabled());
-  EXPECT_EQ(r.smoothing.method, "none");
+  EXPECT_EQ(r.smoothing.method, SmoothingMethod::kNone);
   EXPECT_DOUBLE_EQ(r.smoothing.alpha, 0.5);
   EXPECT_EQ(r.smoothing.outlier_channels, 32);
   EXPECT_FALSE(r.smoothing.enabled());
@@ -70,14 +70,14 @@ TEST(RecipeTest, ActivationBitsAre16Or4To8) {
 
 TEST(RecipeTest, SmoothingKeysParse) {
   Recipe r = ParseOk("smoothing:\n  method: smoothquant\n  alpha: 0.25\n  outlier_channels: 8\n");
-  EXPECT_EQ(r.smoothing.method, "smoothquant");
+  EXPECT_EQ(r.smoothing.method, SmoothingMethod::kSmoothQuant);
   EXPECT_DOUBLE_EQ(r.smoothing.alpha, 0.25);
   EXPECT_EQ(r.smoothing.outlier_channels, 8);
   EXPECT_TRUE(r.smoothing.enabled());
   EXPECT_DOUBLE_EQ(ParseOk("smoothing: {alpha: 0}\n").smoothing.alpha, 0.0);
   EXPECT_DOUBLE_EQ(ParseOk("smoothing: {alpha: 1}\n").smoothing.alpha, 1.0);
   r = ParseOk("smoothing: {method: aser}\nerror_reconstruction: {rank: 32}\n");
-  EXPECT_EQ(r.smoothing.method, "aser");
+  EXPECT_EQ(r.smoothing.method, SmoothingMethod::kAser);
 }
 
 TEST(RecipeTest, SmoothingOutOfRangeNamesTheKey) {
@@ -107,17 +107,17 @@ TEST(RecipeTest, ErrorReconstructionKeysParse) {
   EXPECT_EQ(er.rank, 64);
   EXPECT_DOUBLE_EQ(er.energy, 0.5);
   EXPECT_DOUBLE_EQ(er.max_extra_params, 0.2);
-  EXPECT_EQ(er.whitening, "diagonal");
+  EXPECT_EQ(er.whitening, Whitening::kDiagonal);
 
   r = ParseOk("error_reconstruction: {rank: 1}\n");
   EXPECT_TRUE(r.error_reconstruction.enabled);
   EXPECT_EQ(r.error_reconstruction.rank, 1);
   EXPECT_DOUBLE_EQ(r.error_reconstruction.energy, 0.9);
   EXPECT_DOUBLE_EQ(r.error_reconstruction.max_extra_params, 0.1);
-  EXPECT_EQ(r.error_reconstruction.whitening, "cholesky");
+  EXPECT_EQ(r.error_reconstruction.whitening, Whitening::kCholesky);
   EXPECT_EQ(
       ParseOk("error_reconstruction: {rank: 8, whitening: none}\n").error_reconstruction.whitening,
-      "none");
+      Whitening::kNone);
   // The closed ends of (0, 1].
   r = ParseOk("error_reconstruction: {rank: auto, energy: 1, max_extra_params: 1}\n");
   EXPECT_DOUBLE_EQ(r.error_reconstruction.energy, 1.0);
@@ -213,6 +213,52 @@ TEST(RecipeTest, CanonicalJsonFillsDefaults) {
             R"({"energy":0.9,"max_extra_params":0.1,"rank":"auto","whitening":"cholesky"})");
   j = ParseOk("error_reconstruction: {rank: 64}\n").ToCanonicalJson();
   EXPECT_EQ(j["error_reconstruction"]["rank"], 64);
+}
+
+// recipe_sha256 values pinned before the string keys became enums (method, weights.grid,
+// smoothing.method, error_reconstruction.whitening): every value of each key, hashes unchanged.
+TEST(RecipeTest, HashesOfEveryEnumValueArePinned) {
+  EXPECT_EQ(Sha("method: gptq\nweights: {bits: 4, group_size: 128}\n"),
+            "96119047551a70b2065a42cd95495d9b73e46a6896c3cfdeaee72b89041e5a27");
+  EXPECT_EQ(Sha("method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\n"
+                "smoothing: {method: aser, outlier_channels: 8}\n"
+                "error_reconstruction: {rank: 16, whitening: cholesky}\n"),
+            "aa0906007427d9e57c887d057b807f17ab356eaa45500e8f1e19b77fe93ed46d");
+  EXPECT_EQ(Sha("method: rtn\nweights: {bits: 3, group_size: 32, grid: cuberoot}\n"
+                "gptq: {true_sequential: false}\nsmoothing: {method: smoothquant}\n"
+                "error_reconstruction: {rank: auto, whitening: diagonal}\n"),
+            "6728da8e3621a9262a3f43928cc2a24d4eb68164e42b942bedad0587b0d31acb");
+  EXPECT_EQ(Sha("method: gptq\nweights: {bits: 3, group_size: 32, symmetric: true}\n"
+                "gptq: {true_sequential: false, act_order: true}\n"
+                "smoothing: {method: aser, outlier_channels: 4}\n"
+                "error_reconstruction: {rank: 8, whitening: none}\n"),
+            "9e98aa4e94d0feabc0d99e958ecf6ba0e1cc7b9c0a07dc1c48b9135c9e05de51");
+}
+
+TEST(RecipeTest, EnumNamesRoundTrip) {
+  for (QuantMethod v : {QuantMethod::kRtn, QuantMethod::kGptq}) {
+    EXPECT_EQ(ParseQuantMethod(RecipeName(v)).value(), v);
+  }
+  for (kernels::GridKind v : {kernels::GridKind::kUniform, kernels::GridKind::kCuberoot}) {
+    EXPECT_EQ(ParseGrid(RecipeName(v)).value(), v);
+  }
+  for (SmoothingMethod v :
+       {SmoothingMethod::kNone, SmoothingMethod::kSmoothQuant, SmoothingMethod::kAser}) {
+    EXPECT_EQ(ParseSmoothingMethod(RecipeName(v)).value(), v);
+  }
+  for (Whitening v : {Whitening::kCholesky, Whitening::kDiagonal, Whitening::kNone}) {
+    EXPECT_EQ(ParseWhitening(RecipeName(v)).value(), v);
+  }
+  EXPECT_EQ(ParseQuantMethod("awq").status().message(),
+            "recipe key \"method\" must be rtn or gptq, got \"awq\"");
+  EXPECT_EQ(ParseWhitening("svd").status().message(),
+            "recipe key \"error_reconstruction.whitening\" must be cholesky, diagonal or none, "
+            "got \"svd\"");
+  // An empty method is a missing one.
+  EXPECT_THAT(
+      std::string(
+          ParseRecipeYaml("method: \"\"\nweights: {bits: 4}\n", "r.yaml").status().message()),
+      HasSubstr("\"method\" is required"));
 }
 
 TEST(RecipeTest, SpellingsOfOneRecipeHashTheSame) {

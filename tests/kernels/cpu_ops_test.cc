@@ -126,6 +126,79 @@ TEST_P(CpuOpsTest, BackendDescribesItself) {
   }
 }
 
+// SupportsOp and SupportsSolverOp answer what the backend does: each supported op runs on tiny
+// inputs, and each unsupported solver op returns Unimplemented.
+TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
+  Backend& be = *backend_;
+  const Tensor x = rng_.Floats({2, 4});
+  const Tensor w = rng_.Floats({3, 4});
+  auto runs = [&](Op op) -> absl::Status {
+    Tensor y2x3 = Tensor::Zeros(DType::kF32, {2, 3});
+    Tensor y2x4 = Tensor::Zeros(DType::kF32, {2, 4});
+    switch (op) {
+      case Op::kLinear:
+        return be.Linear(x, w, nullptr, y2x3, false);
+      case Op::kRmsNorm:
+        return be.RmsNorm(x, rng_.Floats({4}), 1e-5f, y2x4);
+      case Op::kRope: {
+        Tensor r = x.Clone();
+        return be.Rope(r, RopeShape{2, 0, 4, 10000.0});
+      }
+      case Op::kAttention:
+        return be.Attention(x, x, x, AttentionShape{1, 2, 2, 1, 1, 4, 0}, y2x4);
+      case Op::kSiluMul:
+        return be.SiluMul(x, x, y2x4);
+      case Op::kAdd:
+        return be.Add(x, y2x4);
+      case Op::kEmbedding: {
+        Tensor ids = Tensor::Zeros(DType::kI32, {2});
+        return be.Embedding(x, ids, y2x4);
+      }
+      case Op::kNll: {
+        Tensor targets = Tensor::Zeros(DType::kI32, {2});
+        Tensor nll = Tensor::Zeros(DType::kF32, {2});
+        return be.Nll(x, targets, nll);
+      }
+      case Op::kGram: {
+        Tensor h = Tensor::Zeros(DType::kF32, {4, 4});
+        return be.AccumulateGram(x, h);
+      }
+      case Op::kActQuant:
+        return be.ActQuant(x, 8, y2x4);
+    }
+    return absl::InternalError("unknown op");
+  };
+  for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant}) {
+    SCOPED_TRACE(static_cast<int>(op));
+    EXPECT_EQ(be.SupportsOp(op), runs(op).ok());
+  }
+  // No solver op on the CPU backend: the engine's CPU reference solves on the host.
+  const Tensor h = rng_.Floats({4, 4});
+  auto unimplemented = [&](SolverOp op) -> bool {
+    Tensor wm = w.Clone();
+    switch (op) {
+      case SolverOp::kGptq:
+        return absl::IsUnimplemented(be.GptqFactorize(h, GptqSolveOptions{}).status());
+      case SolverOp::kQuantizeRtn:
+        return absl::IsUnimplemented(be.QuantizeRtn(w, QuantSpec{}).status());
+      case SolverOp::kOutputError:
+        return absl::IsUnimplemented(be.OutputError(w, w, h).status());
+      case SolverOp::kErrorReconstruction:
+        return absl::IsUnimplemented(be.CholeskyWhitening(h, 0.01).status());
+      case SolverOp::kSmoothing:
+        return absl::IsUnimplemented(be.ChannelAbsStats(x, 0).status());
+    }
+    return false;
+  };
+  for (SolverOp op : {SolverOp::kGptq, SolverOp::kQuantizeRtn, SolverOp::kOutputError,
+                      SolverOp::kErrorReconstruction, SolverOp::kSmoothing}) {
+    SCOPED_TRACE(static_cast<int>(op));
+    EXPECT_FALSE(be.SupportsSolverOp(op));
+    EXPECT_TRUE(unimplemented(op));
+  }
+}
+
 TEST_P(CpuOpsTest, Linear) {
   struct Case {
     int64_t m, n, k;

@@ -213,7 +213,7 @@ TEST(JobSpecTest, UnsetRecipeSectionFieldsTakeTheDocumentedDefaults) {
   EXPECT_EQ(recipe->error_reconstruction.rank, engine::kRecipeAutoRank);
   EXPECT_DOUBLE_EQ(recipe->error_reconstruction.energy, 0.9);
   EXPECT_DOUBLE_EQ(recipe->error_reconstruction.max_extra_params, 0.1);
-  EXPECT_EQ(recipe->error_reconstruction.whitening, "cholesky");
+  EXPECT_EQ(recipe->error_reconstruction.whitening, engine::Whitening::kCholesky);
   EXPECT_EQ(recipe->smoothing.outlier_channels, 32);
   // Explicit defaults hash the same; a changed value does not.
   v1::JobSpec explicit_spec = spec;

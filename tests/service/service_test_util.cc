@@ -39,7 +39,7 @@ v1::JobSpec TinySpec(const std::string& output_name) {
   spec.set_seq_len(32);
   spec.set_seed(1);
   engine::Recipe recipe;
-  recipe.method = "gptq";
+  recipe.method = engine::QuantMethod::kGptq;
   recipe.weights.bits = 4;
   *spec.mutable_recipe() = service::RecipeToProto(recipe);
   spec.set_output_name(output_name);

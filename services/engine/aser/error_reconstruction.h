@@ -31,10 +31,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "services/engine/recipe.h"
 
 namespace qcal::engine {
-
-enum class Whitening { kCholesky, kDiagonal, kNone };
 
 // A whitening factor S for inputs of d_in channels.
 struct WhiteningFactor {

@@ -114,6 +114,9 @@ absl::Status CheckWeightMax(const std::vector<float>& w_max) {
 }  // namespace
 
 absl::Status SmoothingOptions::Validate() const {
+  if (method == SmoothingMethod::kNone) {
+    return absl::InvalidArgumentError("smoothing.method none computes no scales");
+  }
   if (!std::isfinite(alpha) || alpha < 0 || alpha > 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("smoothing.alpha must be in [0, 1], got ", alpha));

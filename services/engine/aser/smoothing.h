@@ -40,16 +40,15 @@
 #include "kernels/backend.h"
 #include "services/engine/aser/activation_stats.h"
 #include "services/engine/model.h"
+#include "services/engine/recipe.h"
 
 namespace qcal::engine {
 
 // a_j and w_j are clamped to at least this before the scale formula and the ASER ranking.
 inline constexpr double kSmoothingFloor = 1e-5;
 
-enum class SmoothingMethod { kSmoothQuant, kAser };
-
 struct SmoothingOptions {
-  // Which channels are scaled (see the file comment). Default: kSmoothQuant.
+  // Which channels are scaled (see the file comment): kSmoothQuant or kAser. Default: kSmoothQuant.
   SmoothingMethod method = SmoothingMethod::kSmoothQuant;
   // Migration strength α, in [0, 1]. Default: 0.5.
   double alpha = 0.5;

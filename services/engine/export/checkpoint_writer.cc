@@ -26,7 +26,8 @@ namespace fs = std::filesystem;
 
 bool IsGptqExportable(const Recipe& recipe) {
   const int b = recipe.weights.bits;
-  return recipe.weights.grid == "uniform" && (b == 2 || b == 3 || b == 4 || b == 8);
+  return recipe.weights.grid == kernels::GridKind::kUniform &&
+         (b == 2 || b == 3 || b == 4 || b == 8);
 }
 
 nlohmann::ordered_json QuantizationConfig(const Recipe& recipe) {
@@ -34,7 +35,7 @@ nlohmann::ordered_json QuantizationConfig(const Recipe& recipe) {
   q["quant_method"] = IsGptqExportable(recipe) ? "gptq" : "qcal_fake";
   q["bits"] = recipe.weights.bits;
   q["group_size"] = recipe.weights.group_size;
-  q["desc_act"] = recipe.method == "gptq" && recipe.gptq.act_order;
+  q["desc_act"] = recipe.method == QuantMethod::kGptq && recipe.gptq.act_order;
   q["sym"] = recipe.weights.symmetric;
   q["damp_percent"] = recipe.gptq.damp;
   q["true_sequential"] = recipe.gptq.true_sequential;
@@ -42,7 +43,7 @@ nlohmann::ordered_json QuantizationConfig(const Recipe& recipe) {
   if (IsGptqExportable(recipe)) {
     q["checkpoint_format"] = "gptq";
   } else {
-    q["grid"] = recipe.weights.grid;
+    q["grid"] = std::string(RecipeName(recipe.weights.grid));
   }
   q["qcal"] = {{"activation_bits", recipe.activations.bits}, {"recipe_sha256", recipe.Sha256()}};
   return q;

@@ -38,7 +38,7 @@ std::string Shared(const std::string& rel) { return testing::SharedDir() + "/" +
 
 Recipe MakeRecipe(const std::string& method, int bits, int group) {
   Recipe r;
-  r.method = method;
+  r.method = *ParseQuantMethod(method);
   r.weights.bits = bits;
   r.weights.group_size = group;
   return r;
@@ -47,12 +47,12 @@ Recipe MakeRecipe(const std::string& method, int bits, int group) {
 Recipe WithEr(Recipe r, int rank, const std::string& whitening) {
   r.error_reconstruction.enabled = true;
   r.error_reconstruction.rank = rank;
-  r.error_reconstruction.whitening = whitening;
+  r.error_reconstruction.whitening = *ParseWhitening(whitening);
   return r;
 }
 
 Recipe WithSmoothing(Recipe r, const std::string& method, int outliers) {
-  r.smoothing.method = method;
+  r.smoothing.method = *ParseSmoothingMethod(method);
   r.smoothing.outlier_channels = outliers;
   return r;
 }

@@ -41,10 +41,10 @@ std::string EvalPath() { return testing::SharedDir() + "/data/tinystories-eval.t
 Recipe MakeRecipe(const std::string& method, int bits, int group, bool act_order = false,
                   const std::string& grid = "uniform") {
   Recipe r;
-  r.method = method;
+  r.method = *ParseQuantMethod(method);
   r.weights.bits = bits;
   r.weights.group_size = group;
-  r.weights.grid = grid;
+  r.weights.grid = *ParseGrid(grid);
   r.gptq.act_order = act_order;
   return r;
 }

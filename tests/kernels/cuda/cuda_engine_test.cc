@@ -39,7 +39,7 @@ std::unique_ptr<kernels::Backend> MakeBackend(const std::string& device, int64_t
 
 engine::Recipe Gptq(bool true_sequential, bool act_order) {
   engine::Recipe r;
-  r.method = "gptq";
+  r.method = engine::QuantMethod::kGptq;
   r.weights.bits = 4;
   r.weights.group_size = 32;
   r.gptq.true_sequential = true_sequential;
@@ -206,9 +206,9 @@ TEST_F(CudaEngineTest, GpuErrorReconstructionMatchesCpu) {
     recipe.activations.bits = 8;
     recipe.error_reconstruction.enabled = true;
     recipe.error_reconstruction.rank = 8;
-    recipe.error_reconstruction.whitening = whitening;
+    recipe.error_reconstruction.whitening = *engine::ParseWhitening(whitening);
     if (std::string(whitening) == "cholesky") {
-      recipe.smoothing.method = "aser";
+      recipe.smoothing.method = engine::SmoothingMethod::kAser;
       recipe.smoothing.outlier_channels = 4;
     }
     const auto [c, g] = QuantizeOnBoth(testing::SharedDir(), recipe);
@@ -244,7 +244,7 @@ TEST_F(CudaEngineTest, GpuAutoRankMatchesCpu) {
   recipe.error_reconstruction.rank = engine::kRecipeAutoRank;
   recipe.error_reconstruction.energy = 0.5;
   recipe.error_reconstruction.max_extra_params = 0.4;
-  recipe.smoothing.method = "aser";
+  recipe.smoothing.method = engine::SmoothingMethod::kAser;
   recipe.smoothing.outlier_channels = 2;
   const auto [c, g] = QuantizeOnBoth(testing::SharedDir(), recipe);
   ASSERT_EQ(c.layers.size(), g.layers.size());
@@ -278,7 +278,7 @@ TEST_F(CudaEngineTest, GpuSmoothingMatchesCpu) {
     SCOPED_TRACE(::testing::Message() << "activation bits " << act_bits);
     engine::Recipe recipe = Gptq(true, false);
     recipe.activations.bits = act_bits;
-    recipe.smoothing.method = "smoothquant";
+    recipe.smoothing.method = engine::SmoothingMethod::kSmoothQuant;
     const auto [c, g] = QuantizeOnBoth(testing::SharedDir(), recipe);
     ASSERT_EQ(c.layers.size(), g.layers.size());
     for (size_t i = 0; i < c.layers.size(); ++i) {

@@ -1,0 +1,231 @@
+#include "services/engine/driver/artifacts.h"
+
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/safetensors.h"
+#include "common/status.h"
+
+namespace qcal::engine {
+namespace {
+
+Tensor I32Tensor(const std::vector<int32_t>& v) {
+  Tensor t = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(v.size())});
+  if (!v.empty()) std::memcpy(t.raw(), v.data(), v.size() * sizeof(int32_t));
+  return t;
+}
+
+std::vector<int32_t> I32Vector(const Tensor& t) {
+  const int32_t* p = t.data<int32_t>();
+  return std::vector<int32_t>(p, p + t.numel());
+}
+
+// The tensors and metadata of a quantized linear's artifact.
+void QuantizedLinearEntries(const QuantizedLinear& q, std::map<std::string, Tensor>& t,
+                            std::map<std::string, std::string>& meta) {
+  t["codes"] = I32Tensor(q.codes);
+  t["zeros"] = I32Tensor(q.zeros);
+  t["g_idx"] = I32Tensor(q.g_idx);
+  t["perm"] = I32Tensor(q.perm);
+  t["scales"] = Tensor::FromVector(q.scales, {static_cast<int64_t>(q.scales.size())});
+  meta = {{"d_out", absl::StrCat(q.d_out)},
+          {"d_in", absl::StrCat(q.d_in)},
+          {"bits", absl::StrCat(q.spec.bits)},
+          {"group_size", absl::StrCat(q.spec.group_size)},
+          {"effective_group_size", absl::StrCat(q.group_size)},
+          {"n_groups", absl::StrCat(q.n_groups)},
+          {"symmetric", q.spec.symmetric ? "1" : "0"},
+          {"grid", q.spec.grid == GridKind::kCuberoot ? "cuberoot" : "uniform"}};
+}
+
+absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file) {
+  const auto& meta = file->metadata();
+  auto get = [&](const char* key, int64_t* out) -> absl::Status {
+    auto it = meta.find(key);
+    if (it == meta.end() || !absl::SimpleAtoi(it->second, out)) {
+      return absl::DataLossError(absl::StrCat("quantized linear artifact lacks \"", key, "\""));
+    }
+    return absl::OkStatus();
+  };
+  QuantizedLinear q;
+  int64_t bits = 0, gs = 0, sym = 0;
+  QCAL_RETURN_IF_ERROR(get("d_out", &q.d_out));
+  QCAL_RETURN_IF_ERROR(get("d_in", &q.d_in));
+  QCAL_RETURN_IF_ERROR(get("bits", &bits));
+  QCAL_RETURN_IF_ERROR(get("group_size", &gs));
+  QCAL_RETURN_IF_ERROR(get("effective_group_size", &q.group_size));
+  QCAL_RETURN_IF_ERROR(get("n_groups", &q.n_groups));
+  QCAL_RETURN_IF_ERROR(get("symmetric", &sym));
+  q.spec.bits = static_cast<int>(bits);
+  q.spec.group_size = static_cast<int>(gs);
+  q.spec.symmetric = sym != 0;
+  auto grid = meta.find("grid");
+  q.spec.grid =
+      (grid != meta.end() && grid->second == "cuberoot") ? GridKind::kCuberoot : GridKind::kUniform;
+  for (const char* name : {"codes", "zeros", "g_idx", "perm", "scales"}) {
+    if (!file->Has(name))
+      return absl::DataLossError(absl::StrCat("quantized linear artifact lacks ", name));
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor codes, file->Get("codes"));
+  QCAL_ASSIGN_OR_RETURN(Tensor zeros, file->Get("zeros"));
+  QCAL_ASSIGN_OR_RETURN(Tensor g_idx, file->Get("g_idx"));
+  QCAL_ASSIGN_OR_RETURN(Tensor perm, file->Get("perm"));
+  QCAL_ASSIGN_OR_RETURN(Tensor scales, file->Get("scales"));
+  q.codes = I32Vector(codes);
+  q.zeros = I32Vector(zeros);
+  q.g_idx = I32Vector(g_idx);
+  q.perm = I32Vector(perm);
+  const float* sp = scales.data<float>();
+  q.scales.assign(sp, sp + scales.numel());
+  if (static_cast<int64_t>(q.codes.size()) != q.d_out * q.d_in ||
+      static_cast<int64_t>(q.scales.size()) != q.n_groups * q.d_out ||
+      static_cast<int64_t>(q.zeros.size()) != q.n_groups * q.d_out ||
+      static_cast<int64_t>(q.g_idx.size()) != q.d_in) {
+    return absl::DataLossError("quantized linear artifact has inconsistent sizes");
+  }
+  return q;
+}
+
+std::string Serialize(const std::map<std::string, Tensor>& t,
+                      const std::map<std::string, std::string>& meta) {
+  auto bytes = SerializeSafetensors(t, meta);
+  QCAL_CHECK(bytes.ok());  // host tensors only: cannot fail
+  return *std::move(bytes);
+}
+
+constexpr char kFoldedPrefix[] = "folded/";
+
+}  // namespace
+
+absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& acts,
+                             const std::string& path) {
+  std::map<std::string, Tensor> tensors;
+  std::string batches;
+  for (size_t c = 0; c < acts.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor host, backend.ToHost(acts.chunks[c]));
+    tensors[absl::StrCat("chunk.", 100000 + c)] = host;
+    absl::StrAppend(&batches, c ? "," : "", acts.chunk_batch[c]);
+  }
+  return WriteSafetensors(path, tensors,
+                          {{"seq_len", absl::StrCat(acts.seq_len)},
+                           {"next_block", absl::StrCat(acts.next_block)},
+                           {"chunk_batch", batches}});
+}
+
+absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
+                                                 const std::string& path) {
+  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(path));
+  CalibActivations acts;
+  const auto& meta = file->metadata();
+  auto get_int = [&](const char* key, int* out) -> absl::Status {
+    auto it = meta.find(key);
+    if (it == meta.end() || !absl::SimpleAtoi(it->second, out)) {
+      return absl::DataLossError(absl::StrCat(path, ": activation checkpoint lacks \"", key, "\""));
+    }
+    return absl::OkStatus();
+  };
+  QCAL_RETURN_IF_ERROR(get_int("seq_len", &acts.seq_len));
+  QCAL_RETURN_IF_ERROR(get_int("next_block", &acts.next_block));
+  auto it = meta.find("chunk_batch");
+  if (it == meta.end())
+    return absl::DataLossError(absl::StrCat(path, ": activation checkpoint lacks chunk_batch"));
+  for (absl::string_view part : absl::StrSplit(it->second, ',')) {
+    int v = 0;
+    if (!absl::SimpleAtoi(part, &v))
+      return absl::DataLossError(absl::StrCat(path, ": bad chunk_batch"));
+    acts.chunk_batch.push_back(v);
+  }
+  if (acts.chunk_batch.size() != file->tensors().size()) {
+    return absl::DataLossError(absl::StrCat(path, ": chunk count does not match chunk_batch"));
+  }
+  for (const auto& [name, info] : file->tensors()) {
+    QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
+    if (t.dtype() != DType::kF32 || t.rank() != 2)
+      return absl::DataLossError(absl::StrCat(path, ": bad chunk ", name));
+    QCAL_ASSIGN_OR_RETURN(Tensor dev, backend.ToDevice(t));
+    acts.chunks.push_back(std::move(dev));
+  }
+  return acts;
+}
+
+std::string SerializeQuantizedLinear(const QuantizedLinear& q) {
+  std::map<std::string, Tensor> t;
+  std::map<std::string, std::string> meta;
+  QuantizedLinearEntries(q, t, meta);
+  return Serialize(t, meta);
+}
+
+absl::StatusOr<QuantizedLinear> ParseQuantizedLinear(const std::string& bytes) {
+  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::FromBytes(bytes, "quantized linear artifact"));
+  return QuantizedLinearFrom(file.get());
+}
+
+std::string SerializeLayerArtifact(const LayerResult& r) {
+  std::map<std::string, Tensor> t;
+  std::map<std::string, std::string> meta;
+  QuantizedLinearEntries(r.quantized, t, meta);
+  meta["act_bits"] = absl::StrCat(r.act_bits);
+  meta["rank"] = absl::StrCat(r.report.rank);
+  if (r.report.rank > 0) {
+    t["lora_a"] = Tensor::FromVector(r.lora_a, {r.quantized.d_out, r.report.rank});
+    t["lora_b"] = Tensor::FromVector(r.lora_b, {r.report.rank, r.quantized.d_in});
+  }
+  for (const auto& [name, host] : r.folded) t[kFoldedPrefix + name] = host;
+  return Serialize(t, meta);
+}
+
+absl::StatusOr<LayerResult> ParseLayerArtifact(const std::string& bytes) {
+  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::FromBytes(bytes, "layer artifact"));
+  LayerResult r;
+  QCAL_ASSIGN_OR_RETURN(r.quantized, QuantizedLinearFrom(file.get()));
+  const auto& meta = file->metadata();
+  int64_t act_bits = 16, rank = 0;
+  auto get = [&](const char* key, int64_t* out) -> absl::Status {
+    auto it = meta.find(key);
+    if (it != meta.end() && !absl::SimpleAtoi(it->second, out)) {
+      return absl::DataLossError(absl::StrCat("layer artifact has a bad \"", key, "\""));
+    }
+    return absl::OkStatus();
+  };
+  QCAL_RETURN_IF_ERROR(get("act_bits", &act_bits));
+  QCAL_RETURN_IF_ERROR(get("rank", &rank));
+  r.act_bits = static_cast<int>(act_bits);
+  r.report.rank = rank;
+  if (rank > 0) {
+    if (!file->Has("lora_a") || !file->Has("lora_b")) {
+      return absl::DataLossError("layer artifact of rank > 0 lacks its low-rank factors");
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor a, file->Get("lora_a"));
+    QCAL_ASSIGN_OR_RETURN(Tensor b, file->Get("lora_b"));
+    if (a.dtype() != DType::kF32 || b.dtype() != DType::kF32 ||
+        a.shape() != Shape{r.quantized.d_out, rank} || b.shape() != Shape{rank, r.quantized.d_in}) {
+      return absl::DataLossError("layer artifact has low-rank factors of the wrong shape");
+    }
+    r.lora_a.assign(a.data<float>(), a.data<float>() + a.numel());
+    r.lora_b.assign(b.data<float>(), b.data<float>() + b.numel());
+  }
+  for (const auto& [name, info] : file->tensors()) {
+    if (name.rfind(kFoldedPrefix, 0) != 0) continue;
+    QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
+    if (t.dtype() != DType::kF32) {
+      return absl::DataLossError(absl::StrCat("layer artifact: ", name, " is not F32"));
+    }
+    r.folded[name.substr(sizeof(kFoldedPrefix) - 1)] = t.Clone();
+  }
+  return r;
+}
+
+void AddToExtras(const LayerResult& r, CheckpointExtras& extras) {
+  for (const auto& [name, t] : r.folded) extras.replaced[name] = t;
+  if (r.report.rank > 0) {
+    const int64_t rank = r.report.rank;
+    extras.adapters[r.report.name] = {Tensor::FromVector(r.lora_a, {r.quantized.d_out, rank}),
+                                      Tensor::FromVector(r.lora_b, {rank, r.quantized.d_in})};
+  }
+}
+
+}  // namespace qcal::engine

@@ -1,0 +1,812 @@
+#include "services/engine/driver/block_runner.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <future>
+#include <memory>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "services/engine/driver/install.h"
+#include "services/engine/driver/memory_plan.h"
+#include "services/engine/quant/gptq.h"
+
+namespace qcal::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+absl::Status CheckFinite(const Tensor& host, const std::string& what) {
+  const float* p = host.data<float>();
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    if (!std::isfinite(p[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " contains NaN or Inf"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// A QuantizedLinear from a device solve's results, with codes, scales and zeros already on the
+// host.
+QuantizedLinear ToQuantizedLinear(const kernels::QuantizedTensors& q, const QuantSpec& spec,
+                                  const Tensor& codes, const Tensor& scales, const Tensor& zeros) {
+  QuantizedLinear out;
+  out.d_out = q.d_out;
+  out.d_in = q.d_in;
+  out.spec = spec;
+  out.group_size = q.group_size;
+  out.n_groups = q.n_groups;
+  const uint8_t* c = codes.data<uint8_t>();
+  out.codes.assign(c, c + codes.numel());
+  const float* s = scales.data<float>();
+  out.scales.assign(s, s + scales.numel());
+  const int32_t* z = zeros.data<int32_t>();
+  out.zeros.assign(z, z + zeros.numel());
+  out.g_idx = q.g_idx;
+  out.perm = q.perm;
+  return out;
+}
+
+// Runs fn on a thread of its own when one can be started, else right here.
+std::future<QuantizedLinear> RunAsync(const std::function<QuantizedLinear()>& fn) {
+  try {
+    return std::async(std::launch::async, fn);
+  } catch (const std::system_error&) {
+    std::promise<QuantizedLinear> done;
+    done.set_value(fn());
+    return done.get_future();
+  }
+}
+
+// out = w_hat + a·b (host, row-major [d_out][d_in]; a [d_out][r], b [r][d_in]).
+std::vector<float> AddLowRank(const std::vector<float>& w_hat, const std::vector<float>& a,
+                              const std::vector<float>& b, int64_t d_out, int64_t d_in, int64_t r) {
+  std::vector<float> out = w_hat;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(d_out),
+              static_cast<int>(d_in), static_cast<int>(r), 1.0f, a.data(), static_cast<int>(r),
+              b.data(), static_cast<int>(d_in), 1.0f, out.data(), static_cast<int>(d_in));
+  return out;
+}
+
+}  // namespace
+
+BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe,
+                         StageTimes& times)
+    : model_(model),
+      be_(model.backend()),
+      acts_(acts),
+      recipe_(recipe),
+      t_(times),
+      b_(acts.next_block),
+      spec_(SpecOf(recipe)),
+      device_solve_(be_.SupportsSolverOp(kernels::SolverOp::kGptq) &&
+                    be_.SupportsSolverOp(kernels::SolverOp::kQuantizeRtn) &&
+                    be_.SupportsSolverOp(kernels::SolverOp::kOutputError)) {
+  gopt_.damp = recipe.gptq.damp;
+  gopt_.block_size = recipe.gptq.block_size;
+  gopt_.act_order = recipe.gptq.act_order;
+  const ModelConfig& c = model.config();
+  widths_ = {c.hidden_size, c.q_dim(), c.hidden_size, c.intermediate_size};
+  const int64_t chunk_rows =
+      acts.chunk_batch.empty() ? 0 : int64_t(acts.chunk_batch[0]) * acts.seq_len;
+  reserve_ = WorkingSetBytes(model.config(), chunk_rows);
+}
+
+absl::StatusOr<std::vector<LayerResult>> BlockRunner::Run() {
+  QCAL_RETURN_IF_ERROR(Begin());
+  if (recipe_.smoothing.enabled()) {
+    QCAL_ASSIGN_OR_RETURN(const SmoothingStatistics stats, CollectSmoothingStatistics());
+    QCAL_ASSIGN_OR_RETURN(BlockSmoothing smoothing, SolveSmoothing(stats));
+    QCAL_RETURN_IF_ERROR(InstallSmoothing(std::move(smoothing)));
+  }
+  constexpr std::array<LinearInput, kNumLinearInputs> kGroups = {
+      LinearInput::kQkv, LinearInput::kO, LinearInput::kGateUp, LinearInput::kDown};
+  if (recipe_.gptq.true_sequential) {
+    for (LinearInput group : kGroups) {
+      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, CollectStatistics(group));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, Solve(stats));
+      QCAL_RETURN_IF_ERROR(Install(std::move(solved)));
+      QCAL_RETURN_IF_ERROR(Push(group));
+    }
+  } else {
+    QCAL_ASSIGN_OR_RETURN(auto stats, CollectFullPrecisionStatistics());
+    for (const InputStatistics& s : stats) {
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, Solve(s));
+      QCAL_RETURN_IF_ERROR(Install(std::move(solved)));
+    }
+    stats = {};
+    QCAL_RETURN_IF_ERROR(PushBlock());
+  }
+  return Finish();
+}
+
+absl::Status BlockRunner::Begin() {
+  for (size_t c = acts_.chunks.size(); c-- > 0;) {
+    QCAL_RETURN_IF_ERROR(ParkIfShort(be_, acts_.chunks[c], reserve_));
+  }
+  kept_.assign(acts_.chunks.size(), Tensor());
+  clock_ = Clock::now();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SmoothingStatistics> BlockRunner::CollectSmoothingStatistics() {
+  // Name a bad weight before its NaNs reach the statistics (on the device where it can).
+  for (LinearKind k : kAllLinears) {
+    const Tensor& weight = model_.block(b_).at(k).weight;
+    if (SmoothingOnDevice(be_)) {
+      QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(weight, 0));
+      if (c.first_bad_column >= 0) {
+        return absl::InvalidArgumentError(absl::StrCat("weight ", LinearPrefix(b_, k), ": column ",
+                                                       c.first_bad_column,
+                                                       " holds a value that is not finite"));
+      }
+      continue;
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(weight));
+    QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", LinearPrefix(b_, k))));
+  }
+  SmoothingStatistics stats;
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor hidden, FetchCopy(c));
+    auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
+      QCAL_RETURN_IF_ERROR(Observe(stats.inputs[static_cast<int>(in)], in, x));
+      if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
+      return absl::OkStatus();
+    };
+    QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
+  }
+  return stats;
+}
+
+absl::StatusOr<BlockSmoothing> BlockRunner::SolveSmoothing(const SmoothingStatistics& stats) {
+  SmoothingOptions so;
+  so.method = recipe_.smoothing.method;
+  so.alpha = recipe_.smoothing.alpha;
+  so.outlier_channels = recipe_.smoothing.outlier_channels;
+  std::array<const ActivationStats*, kNumLinearInputs> ptrs{};
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    ptrs[i] = stats.inputs[i] ? &*stats.inputs[i] : nullptr;
+  }
+  auto scales = ComputeBlockSmoothing(be_, model_.block(b_), model_.config(), ptrs, so);
+  if (!scales.ok()) return Annotate(scales.status(), absl::StrCat("smoothing of block ", b_));
+  return scales;
+}
+
+absl::Status BlockRunner::InstallSmoothing(BlockSmoothing smoothing) {
+  smoothing_ = std::move(smoothing);
+  BlockWeights& bw = model_.block(b_);
+  QCAL_RETURN_IF_ERROR(Annotate(FoldBlockSmoothing(be_, model_.config(), smoothing_, bw),
+                                absl::StrCat("smoothing of block ", b_)));
+  const std::string p = absl::StrCat("model.layers.", b_, ".");
+  if (!smoothing_.at(LinearInput::kQkv).m.empty()) {
+    QCAL_RETURN_IF_ERROR(RoundFolded(LinearKind::kQ, p + "input_layernorm.weight", bw.input_norm));
+  }
+  if (!smoothing_.at(LinearInput::kGateUp).m.empty()) {
+    QCAL_RETURN_IF_ERROR(RoundFolded(LinearKind::kGate, p + "post_attention_layernorm.weight",
+                                     bw.post_attention_norm));
+  }
+  for (auto [in, k] : {std::pair{LinearInput::kO, LinearKind::kV},
+                       std::pair{LinearInput::kDown, LinearKind::kUp}}) {
+    if (!smoothing_.at(in).m.empty() && bw.at(k).bias.defined()) {
+      QCAL_RETURN_IF_ERROR(RoundFolded(k, LinearPrefix(b_, k) + ".bias", bw.at(k).bias));
+    }
+  }
+  return Charge(t_.smooth);
+}
+
+// The group's input is computed from each chunk's current hidden state: the normed block input
+// (q/k/v), the attention output through the installed q/k/v (o), the normed post-attention
+// residual (gate/up) or the MLP product through the installed gate/up (down). The last two of
+// these are what Push(kO) and Push(kDown) add projections of: kept for them while they fit.
+absl::StatusOr<InputStatistics> BlockRunner::CollectStatistics(LinearInput group) {
+  QCAL_ASSIGN_OR_RETURN(InputStatistics stats, NewStatistics(group));
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+    Tensor x;
+    switch (group) {
+      case LinearInput::kQkv:
+      case LinearInput::kGateUp: {
+        QCAL_ASSIGN_OR_RETURN(x, model_.NormedInput(b_, h, group));
+        break;
+      }
+      case LinearInput::kO: {
+        QCAL_ASSIGN_OR_RETURN(x, AttentionOf(h, c));
+        break;
+      }
+      case LinearInput::kDown: {
+        QCAL_ASSIGN_OR_RETURN(x, MlpOf(h));
+        break;
+      }
+    }
+    QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+    QCAL_RETURN_IF_ERROR(Accumulate(stats, x));
+    QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+    if ((group == LinearInput::kO || group == LinearInput::kDown) && KeepOnDevice()) {
+      kept_[c] = std::move(x);
+    }
+  }
+  return stats;
+}
+
+absl::StatusOr<std::array<InputStatistics, kNumLinearInputs>>
+BlockRunner::CollectFullPrecisionStatistics() {
+  std::array<InputStatistics, kNumLinearInputs> stats;
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    QCAL_ASSIGN_OR_RETURN(stats[i], NewStatistics(static_cast<LinearInput>(i)));
+  }
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor hidden, FetchCopy(c));
+    auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
+      QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+      QCAL_RETURN_IF_ERROR(Accumulate(stats[static_cast<int>(in)], x));
+      QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+      // Stop the forward once the last input has been seen.
+      if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
+      return absl::OkStatus();
+    };
+    QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
+  }
+  return stats;
+}
+
+absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::Solve(const InputStatistics& stats) {
+  QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+  const double before = t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct;
+  QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved,
+                        device_solve_ ? SolveOnDevice(stats) : SolveOnHost(stats));
+  QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+  t_.solve += t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct - before;
+  return solved;
+}
+
+absl::Status BlockRunner::Install(std::vector<SolvedLinear> solved) {
+  for (SolvedLinear& s : solved) {
+    const LinearKind k = s.result.report.kind;
+    if (s.weight.defined()) {
+      model_.block(b_).at(k).weight = s.weight;
+    } else {
+      QCAL_RETURN_IF_ERROR(InstallWeight(model_, b_, k, s.result.quantized));
+    }
+    QCAL_RETURN_IF_ERROR(InstallExtras(model_, b_, k, s.result));
+    results_.push_back(std::move(s.result));
+    pending_.push_back(std::move(s.conversion));
+  }
+  const double before = t_.transfer;
+  QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+  t_.solve += t_.transfer - before;
+  return absl::OkStatus();
+}
+
+absl::Status BlockRunner::Push(LinearInput group) {
+  if (group != LinearInput::kO && group != LinearInput::kDown) return absl::OkStatus();
+  const LinearKind proj = group == LinearInput::kO ? LinearKind::kO : LinearKind::kDown;
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+    Tensor x = std::move(kept_[c]);
+    kept_[c] = Tensor();
+    if (!x.defined()) {
+      if (group == LinearInput::kO) {
+        QCAL_ASSIGN_OR_RETURN(x, AttentionOf(h, c));
+      } else {
+        QCAL_ASSIGN_OR_RETURN(x, MlpOf(h));
+      }
+    }
+    QCAL_RETURN_IF_ERROR(model_.AddProjection(b_, proj, x, h));
+    x = Tensor();
+    QCAL_RETURN_IF_ERROR(Store(c, h));
+  }
+  return Charge(t_.forward);
+}
+
+absl::Status BlockRunner::PushBlock() {
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+    QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, h, ShapeOf(c)));
+    QCAL_RETURN_IF_ERROR(Store(c, h));
+  }
+  return Charge(t_.forward);
+}
+
+absl::StatusOr<std::vector<LayerResult>> BlockRunner::Finish() {
+  bool converted = false;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    if (!pending_[i].valid()) continue;
+    results_[i].quantized = pending_[i].get();
+    converted = true;
+  }
+  pending_.clear();
+  if (converted) {
+    const double before = t_.transfer;
+    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    t_.solve += t_.transfer - before;
+  }
+  acts_.next_block = b_ + 1;
+  return std::move(results_);
+}
+
+// A working copy of chunk c's hidden state for a statistics pass that must not advance it.
+absl::StatusOr<Tensor> BlockRunner::FetchCopy(size_t c) {
+  QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+  if (be_.device() == Device::kHost) return h.Clone();
+  QCAL_ASSIGN_OR_RETURN(Tensor hidden, be_.Alloc(DType::kF32, h.shape()));
+  QCAL_RETURN_IF_ERROR(be_.Copy(h, hidden));
+  return hidden;
+}
+
+absl::StatusOr<InputStatistics> BlockRunner::NewStatistics(LinearInput in) {
+  InputStatistics stats;
+  stats.input = in;
+  const int64_t width = model_.block(b_).at(ConsumersOf(in)[0]).weight.dim(1);
+  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
+  return stats;
+}
+
+// gram += xᵀx through a zeroed per-chunk partial, so that sums run in chunk order whatever the
+// split of chunks across workers. With LQER's diagonal whitening, also the mean |x| per channel.
+absl::Status BlockRunner::Accumulate(InputStatistics& stats, const Tensor& x) {
+  QCAL_ASSIGN_OR_RETURN(Tensor partial, be_.Alloc(DType::kF32, stats.gram.shape()));
+  QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, partial));
+  QCAL_RETURN_IF_ERROR(be_.Add(partial, stats.gram));
+  if (recipe_.error_reconstruction.enabled &&
+      recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
+    QCAL_RETURN_IF_ERROR(Observe(stats.abs_stats, stats.input, x));
+  }
+  return absl::OkStatus();
+}
+
+// Adds x (one chunk of input `in`) to s, created on first use.
+absl::Status BlockRunner::Observe(std::optional<ActivationStats>& s, LinearInput in,
+                                  const Tensor& x) {
+  if (!s) s.emplace(widths_[static_cast<int>(in)]);
+  if (SmoothingOnDevice(be_)) {
+    // On the device: only the per-channel totals come back.
+    QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(x, acts_.seq_len));
+    if (c.first_bad_column >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", b_, ": activation statistics: channel ", c.first_bad_column,
+                       " of a linear input holds a value that is not finite"));
+    }
+    return Annotate(s->AddTotals(c.max_abs, c.sum_abs, c.tokens, c.skipped),
+                    absl::StrCat("block ", b_));
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(x));
+  return Annotate(s->Accumulate(host.data<float>(), host.dim(0), host.dim(1), acts_.seq_len),
+                  absl::StrCat("block ", b_));
+}
+
+// Adds the time since the last charge to `slot`, once the device has done the work queued
+// meanwhile.
+absl::Status BlockRunner::Charge(double& slot) {
+  QCAL_RETURN_IF_ERROR(be_.Synchronize());
+  const auto now = Clock::now();
+  slot += std::chrono::duration<double>(now - clock_).count();
+  clock_ = now;
+  return absl::OkStatus();
+}
+
+SeqShape BlockRunner::ShapeOf(size_t c) const {
+  return SeqShape{acts_.chunk_batch[c], acts_.seq_len, 0};
+}
+
+// Chunk c's hidden state on the device: the chunk itself, or a device copy of a parked one.
+absl::StatusOr<Tensor> BlockRunner::Fetch(size_t c) {
+  const Tensor& chunk = acts_.chunks[c];
+  if (chunk.device() == be_.device()) return chunk;
+  QCAL_ASSIGN_OR_RETURN(Tensor d, be_.Alloc(chunk.dtype(), chunk.shape()));
+  QCAL_RETURN_IF_ERROR(be_.Copy(chunk, d));
+  return d;
+}
+// Writes back a hidden state that Fetch copied from a parked chunk.
+absl::Status BlockRunner::Store(size_t c, const Tensor& h) {
+  if (acts_.chunks[c].device() == be_.device()) return absl::OkStatus();
+  return be_.Copy(h, acts_.chunks[c]);
+}
+// Whether an intermediate may stay on the device for a later stage (else it is recomputed).
+bool BlockRunner::KeepOnDevice() {
+  const int64_t available = be_.AvailableMemory();
+  return available < 0 || available >= reserve_;
+}
+
+// Rounds a folded tensor to its checkpoint dtype in place and records it for kind's artifact.
+absl::Status BlockRunner::RoundFolded(LinearKind kind, const std::string& name, Tensor& t) {
+  QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(t));
+  host = host.Clone();
+  const DType dtype = model_.SourceDType(name);
+  if (dtype != DType::kF32) {
+    QCAL_ASSIGN_OR_RETURN(Tensor stored, host.ConvertTo(dtype));
+    QCAL_ASSIGN_OR_RETURN(host, stored.ToF32());
+    QCAL_ASSIGN_OR_RETURN(t, be_.ToDevice(host));
+  }
+  folded_[static_cast<int>(kind)][name] = host;
+  return absl::OkStatus();
+}
+
+// The attention output of chunk c's current hidden state h.
+absl::StatusOr<Tensor> BlockRunner::AttentionOf(const Tensor& h, size_t c) {
+  QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kQkv));
+  return model_.AttentionOutput(b_, x, ShapeOf(c));
+}
+// The MLP product of the post-attention hidden state h.
+absl::StatusOr<Tensor> BlockRunner::MlpOf(const Tensor& h) {
+  QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+  return model_.MlpProduct(b_, x);
+}
+
+// A host copy of a device result, in the backend's transfer memory.
+absl::StatusOr<Tensor> BlockRunner::Download(const Tensor& t) {
+  QCAL_ASSIGN_OR_RETURN(Tensor host, be_.AllocHost(t.dtype(), t.shape()));
+  QCAL_RETURN_IF_ERROR(be_.Copy(t, host));
+  return host;
+}
+
+LayerResult BlockRunner::NewResult(LinearKind k, int64_t d_out, int64_t d_in) const {
+  LayerResult r;
+  r.report.block = b_;
+  r.report.kind = k;
+  r.report.name = LinearPrefix(b_, k);
+  r.report.d_out = d_out;
+  r.report.d_in = d_in;
+  return r;
+}
+
+// The columns ASER extracted from input `in` (empty otherwise).
+const std::vector<int32_t>& BlockRunner::OutliersOf(LinearInput in) const {
+  return smoothing_.at(in).outliers;
+}
+
+// ASER's extracted columns are restored by the low-rank branch only: a fixed rank (after
+// clamping) below their number is an error naming the layer.
+absl::Status BlockRunner::CheckOutliersFitRank(LinearInput in, const LayerResult& r) const {
+  const int rank = recipe_.error_reconstruction.rank;
+  const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
+  const int64_t outliers = static_cast<int64_t>(OutliersOf(in).size());
+  if (rank == kRecipeAutoRank || outliers <= std::min<int64_t>(rank, std::min(d_out, d_in))) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(r.report.name, ": recipe key \"smoothing.outlier_channels\" extracts ", outliers,
+                   " columns, more than the rank ", std::min<int64_t>(rank, std::min(d_out, d_in)),
+                   " of this ", d_out, "x", d_in, " layer can restore"));
+}
+
+// Error reconstruction runs on the device when the backend has the ops.
+bool BlockRunner::DeviceReconstruction() const {
+  return recipe_.error_reconstruction.enabled &&
+         be_.SupportsSolverOp(kernels::SolverOp::kErrorReconstruction);
+}
+
+// The engine's options for error reconstruction of a linear fed by `in`.
+ErrorReconstructionOptions BlockRunner::ErOptions(LinearInput in) const {
+  const ErrorReconstructionRecipe& er = recipe_.error_reconstruction;
+  ErrorReconstructionOptions opt;
+  opt.rank = er.rank == kRecipeAutoRank ? kAutoRank : er.rank;
+  opt.energy = er.energy;
+  opt.max_extra_params = er.max_extra_params;
+  opt.min_rank = static_cast<int>(OutliersOf(in).size());
+  return opt;
+}
+
+// Error reconstruction of one linear on the device with the randomized SVD: the factors are
+// fitted and the corrected layer's output error measured there; only the factors come back to
+// the host. Rank auto computes the largest rank the rule allows (MaxRank), applies ChooseRank to
+// those leading singular values plus one value carrying the rest of ‖E·S‖_F², and keeps the
+// leading columns of L_A and rows of L_B (the best rank-r factors within the sketch).
+absl::Status BlockRunner::ReconstructOnDevice(LinearInput in, const Tensor& w, const Tensor& w_hat,
+                                              const Tensor& gram, const Tensor& whitening,
+                                              double denom, LayerResult& r) {
+  QCAL_RETURN_IF_ERROR(CheckOutliersFitRank(in, r));
+  const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
+  const ErrorReconstructionOptions eopt = ErOptions(in);
+  kernels::LowRankOptions opt;
+  opt.rank = static_cast<int>(MaxRank(d_out, d_in, eopt));
+  opt.svd = kernels::SvdMethod::kRandomized;
+  auto lr = be_.ReconstructError(w, w_hat, whitening, opt);
+  if (!lr.ok()) return Annotate(lr.status(), r.report.name);
+  QCAL_ASSIGN_OR_RETURN(Tensor a_all, be_.ToHost(lr->a));
+  QCAL_ASSIGN_OR_RETURN(Tensor b_all, be_.ToHost(lr->b));
+  const int64_t computed = lr->rank;
+  int64_t rank = computed;
+  double error_after = lr->error_after;
+  if (eopt.rank == kAutoRank) {
+    std::vector<double> sigma = lr->singular_values;
+    double kept = 0;
+    for (double v : sigma) kept += v * v;
+    const double total = lr->error_before * lr->error_before;
+    sigma.push_back(std::sqrt(std::max(0.0, total - kept)));
+    rank = std::min(ChooseRank(sigma, d_out, d_in, eopt), computed);
+    double kept_r = 0;
+    for (int64_t i = 0; i < rank; ++i) kept_r += sigma[i] * sigma[i];
+    error_after = std::sqrt(std::max(0.0, total - kept_r));
+  }
+  r.report.rank = static_cast<int>(rank);
+  r.report.whitened_error_before = lr->error_before;
+  r.report.whitened_error_after = error_after;
+  r.report.extra_params = static_cast<double>(rank * (d_out + d_in)) /
+                          (static_cast<double>(d_out) * static_cast<double>(d_in));
+  // L_A's leading `rank` columns and L_B's leading `rank` rows.
+  r.lora_a.resize(static_cast<size_t>(d_out * rank));
+  for (int64_t o = 0; o < d_out; ++o) {
+    std::copy_n(a_all.data<float>() + o * computed, rank, r.lora_a.begin() + o * rank);
+  }
+  r.lora_b.assign(b_all.data<float>(), b_all.data<float>() + rank * d_in);
+  Tensor a = lr->a, b = lr->b;
+  if (rank != computed) {
+    QCAL_ASSIGN_OR_RETURN(a, be_.ToDevice(Tensor::FromVector(r.lora_a, {d_out, rank})));
+    QCAL_ASSIGN_OR_RETURN(b, be_.ToDevice(Tensor::FromVector(r.lora_b, {rank, d_in})));
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor w_eff, be_.Alloc(DType::kF32, w_hat.shape()));
+  QCAL_RETURN_IF_ERROR(be_.Copy(w_hat, w_eff));
+  QCAL_RETURN_IF_ERROR(be_.AddLowRank(a, b, w_eff));
+  QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, w_eff, gram));
+  r.report.rel_error_er = error / denom;
+  return absl::OkStatus();
+}
+
+// Error reconstruction of one linear on the host (DESIGN section 3): E = w − w_hat, where w is
+// W' (smoothed) and w_hat the dequantized Q(W'_normal); fills the factors and the report.
+absl::Status BlockRunner::Reconstruct(LinearInput in, const float* w,
+                                      const std::vector<float>& w_hat, const Tensor& gram_host,
+                                      const WhiteningFactor& whitening, double denom,
+                                      LayerResult& r) {
+  const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
+  const ErrorReconstructionOptions opt = ErOptions(in);
+  QCAL_RETURN_IF_ERROR(CheckOutliersFitRank(in, r));
+  auto lr = ReconstructError<float>(w, w_hat.data(), d_out, d_in, whitening, opt);
+  if (!lr.ok()) return Annotate(lr.status(), r.report.name);
+  r.report.rank = lr->rank;
+  r.report.whitened_error_before = lr->error_before;
+  r.report.whitened_error_after = lr->error_after;
+  r.report.extra_params =
+      static_cast<double>(lr->extra_params()) / (static_cast<double>(d_out) * d_in);
+  const std::vector<float> w_eff = AddLowRank(w_hat, lr->a, lr->b, d_out, d_in, lr->rank);
+  r.report.rel_error_er =
+      OutputError(w, w_eff.data(), gram_host.data<float>(), d_out, d_in) / denom;
+  r.lora_a = std::move(lr->a);
+  r.lora_b = std::move(lr->b);
+  return absl::OkStatus();
+}
+
+// The whitening factor of input `in` for error reconstruction, from its Gram matrix (host) or
+// its quantized-path statistics.
+absl::StatusOr<WhiteningFactor> BlockRunner::WhiteningOf(const InputStatistics& stats,
+                                                         const Tensor& gram_host) {
+  const Whitening kind = recipe_.error_reconstruction.whitening;
+  const int64_t n = gram_host.dim(0);
+  if (kind == Whitening::kCholesky) {
+    auto f = CholeskyWhitening<float>(gram_host.data<float>(), n, recipe_.gptq.damp);
+    if (!f.ok()) {
+      return Annotate(f.status(),
+                      absl::StrCat("whitening of block ", b_, " (", RecipeName(kind), ")"));
+    }
+    return f;
+  }
+  if (kind == Whitening::kDiagonal) {
+    if (!stats.abs_stats) {
+      return absl::InternalError("diagonal whitening without activation statistics");
+    }
+    return DiagonalWhitening(stats.abs_stats->MeanAbs());
+  }
+  return IdentityWhitening(n);
+}
+
+// The device whitening factor of input `in` (Backend::ReconstructError's `whitening`):
+// Cholesky of the device Gram matrix, LQER's mean |x| uploaded, or undefined for plain SVD.
+absl::StatusOr<Tensor> BlockRunner::DeviceWhiteningOf(const InputStatistics& stats) {
+  const Whitening kind = recipe_.error_reconstruction.whitening;
+  if (kind == Whitening::kCholesky) {
+    auto s = be_.CholeskyWhitening(stats.gram, recipe_.gptq.damp);
+    if (!s.ok()) {
+      return Annotate(s.status(),
+                      absl::StrCat("whitening of block ", b_, " (", RecipeName(kind), ")"));
+    }
+    return s;
+  }
+  if (kind == Whitening::kDiagonal) {
+    if (!stats.abs_stats) {
+      return absl::InternalError("diagonal whitening without activation statistics");
+    }
+    QCAL_ASSIGN_OR_RETURN(const WhiteningFactor f, DiagonalWhitening(stats.abs_stats->MeanAbs()));
+    const std::vector<float> s(f.factor.begin(), f.factor.end());
+    return be_.ToDevice(Tensor::FromVector(s, {f.d_in}));
+  }
+  return Tensor();
+}
+
+// The CPU reference: statistics and weights copied to the host, solved there.
+absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveOnHost(const InputStatistics& stats) {
+  const LinearInput in = stats.input;
+  BlockWeights& bw = model_.block(b_);
+  std::vector<SolvedLinear> solved;
+  QCAL_ASSIGN_OR_RETURN(Tensor gram, be_.ToHost(stats.gram));
+  QCAL_RETURN_IF_ERROR(CheckFinite(gram, absl::StrCat("calibration statistics of block ", b_)));
+  QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+  const std::vector<int32_t>& outliers = OutliersOf(in);
+  std::optional<WhiteningFactor> whitening;
+  if (recipe_.error_reconstruction.enabled) {
+    QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(stats, gram));
+    QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+  }
+  for (LinearKind k : ConsumersOf(in)) {
+    const auto t0 = Clock::now();
+    const std::string name = LinearPrefix(b_, k);
+    QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(bw.at(k).weight));
+    QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", name)));
+    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    const int64_t d_out = w.dim(0), d_in = w.dim(1);
+    LayerResult r = NewResult(k, d_out, d_in);
+    // The part that is quantized: W' with ASER's extracted columns zeroed.
+    std::vector<float> w_normal;
+    const float* wq = w.data<float>();
+    if (!outliers.empty()) {
+      QCAL_ASSIGN_OR_RETURN(w_normal, ZeroColumns(wq, d_out, d_in, outliers));
+      wq = w_normal.data();
+    }
+    QCAL_ASSIGN_OR_RETURN(QuantizedLinear rtn, QuantizeRtn<float>(wq, d_out, d_in, spec_));
+    if (recipe_.method == QuantMethod::kGptq) {
+      GptqOptions gopt;
+      gopt.damp = gopt_.damp;
+      gopt.block_size = gopt_.block_size;
+      gopt.act_order = gopt_.act_order;
+      gopt.outlier_columns = outliers;
+      GptqStats gstats;
+      auto q = QuantizeGptq<float>(w.data<float>(), gram.data<float>(), d_out, d_in, spec_, gopt,
+                                   &gstats);
+      if (!q.ok()) return Annotate(q.status(), name);
+      r.quantized = std::move(q).value();
+      r.report.dead_columns = gstats.dead_columns;
+      r.report.damp_used = gstats.damp_used;
+    } else {
+      r.quantized = rtn;
+    }
+    r.report.outlier_columns = static_cast<int>(outliers.size());
+    QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
+    const std::vector<float> w_hat = r.quantized.Dequantized();
+    const std::vector<float> w_rtn = rtn.Dequantized();
+    const std::vector<float> zeros(static_cast<size_t>(d_out * d_in), 0.0f);
+    const double norm = OutputError(w.data<float>(), zeros.data(), gram.data<float>(), d_out, d_in);
+    const double denom = norm > 0 ? norm : 1.0;
+    r.report.rel_error =
+        OutputError(w.data<float>(), w_hat.data(), gram.data<float>(), d_out, d_in) / denom;
+    r.report.rel_error_rtn =
+        OutputError(w.data<float>(), w_rtn.data(), gram.data<float>(), d_out, d_in) / denom;
+    QCAL_RETURN_IF_ERROR(Charge(t_.error));
+    if (whitening) {
+      QCAL_RETURN_IF_ERROR(Reconstruct(in, w.data<float>(), w_hat, gram, *whitening, denom, r));
+      QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+    }
+    r.act_bits = recipe_.activations.bits;
+    r.folded = folded_[static_cast<int>(k)];
+    r.report.solve_seconds = Since(t0);
+    solved.push_back(SolvedLinear{std::move(r), Tensor(), {}});
+  }
+  return solved;
+}
+
+// On the device: one factorization per input shared by its consumers; the weights never leave
+// the device (the dequantized result replaces them there). Only codes, scales and zeros are
+// copied to the host; their conversion into QuantizedLinear runs on a host thread while the
+// device goes on with the next stage. Error reconstruction runs on the device too (randomized
+// SVD, ReconstructOnDevice) when the backend has it, else on the host (LAPACK) with the weight,
+// its quantized form and the statistics copied there.
+absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveOnDevice(const InputStatistics& stats) {
+  const LinearInput in = stats.input;
+  const Tensor& gram = stats.gram;
+  BlockWeights& bw = model_.block(b_);
+  std::vector<SolvedLinear> solved;
+  const std::vector<LinearKind> consumers = ConsumersOf(in);
+  const bool gptq = recipe_.method == QuantMethod::kGptq;
+  const std::vector<int32_t>& outliers = OutliersOf(in);
+  auto t0 = Clock::now();
+  kernels::GptqFactor factor;
+  kernels::GptqSolveOptions gopt = gopt_;
+  gopt.outlier_columns = outliers;
+  if (gptq) {
+    auto f = be_.GptqFactorize(gram, gopt);
+    if (!f.ok()) return Annotate(f.status(), LinearPrefix(b_, consumers[0]));
+    factor = std::move(f).value();
+    QCAL_RETURN_IF_ERROR(Charge(t_.factor));
+  }
+  Tensor gram_host;
+  std::optional<WhiteningFactor> whitening;
+  const bool device_er = DeviceReconstruction();
+  Tensor device_whitening;
+  if (device_er) {
+    QCAL_ASSIGN_OR_RETURN(device_whitening, DeviceWhiteningOf(stats));
+    QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+  } else if (recipe_.error_reconstruction.enabled) {
+    QCAL_ASSIGN_OR_RETURN(gram_host, be_.ToHost(gram));
+    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(stats, gram_host));
+    QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+  }
+  for (LinearKind k : consumers) {
+    const std::string name = LinearPrefix(b_, k);
+    Linear& lin = bw.at(k);
+    const Tensor w = lin.weight;
+    LayerResult r = NewResult(k, w.dim(0), w.dim(1));
+    Tensor w_normal = w;
+    if (!outliers.empty() && SmoothingOnDevice(be_)) {
+      // A copy with the extracted columns multiplied by 0, on the device.
+      std::vector<float> keep(static_cast<size_t>(w.dim(1)), 1.0f);
+      for (int32_t j : outliers) keep[j] = 0.0f;
+      QCAL_ASSIGN_OR_RETURN(Tensor mask, be_.ToDevice(Tensor::FromVector(keep, {w.dim(1)})));
+      QCAL_ASSIGN_OR_RETURN(w_normal, be_.Alloc(DType::kF32, w.shape()));
+      QCAL_RETURN_IF_ERROR(be_.Copy(w, w_normal));
+      QCAL_RETURN_IF_ERROR(be_.ScaleColumns(w_normal, mask));
+    } else if (!outliers.empty()) {
+      QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(w));
+      QCAL_ASSIGN_OR_RETURN(std::vector<float> zeroed,
+                            ZeroColumns(host.data<float>(), w.dim(0), w.dim(1), outliers));
+      QCAL_ASSIGN_OR_RETURN(w_normal, be_.ToDevice(Tensor::FromVector(zeroed, w.shape())));
+    }
+    auto rtn = be_.QuantizeRtn(w_normal, spec_);
+    if (!rtn.ok()) return Annotate(rtn.status(), name);
+    kernels::QuantizedTensors q = *rtn;
+    if (gptq) {
+      auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size);
+      if (!solved.ok()) return Annotate(solved.status(), name);
+      q = std::move(solved).value();
+      r.report.dead_columns = factor.dead_columns;
+      r.report.damp_used = factor.damp_used;
+    }
+    r.report.outlier_columns = static_cast<int>(outliers.size());
+    QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
+    QCAL_ASSIGN_OR_RETURN(const double norm, be_.OutputError(w, Tensor(), gram));
+    if (!std::isfinite(norm)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("calibration statistics of block ", b_, " contain NaN or Inf"));
+    }
+    const double denom = norm > 0 ? norm : 1.0;
+    QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, q.dequantized, gram));
+    double error_rtn = error;
+    if (gptq) {
+      QCAL_ASSIGN_OR_RETURN(error_rtn, be_.OutputError(w, rtn->dequantized, gram));
+    }
+    r.report.rel_error = error / denom;
+    r.report.rel_error_rtn = error_rtn / denom;
+    QCAL_RETURN_IF_ERROR(Charge(t_.error));
+    if (device_er) {
+      QCAL_RETURN_IF_ERROR(
+          ReconstructOnDevice(in, w, q.dequantized, gram, device_whitening, denom, r));
+      QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+    } else if (whitening) {
+      QCAL_ASSIGN_OR_RETURN(Tensor w_host, be_.ToHost(w));
+      QCAL_ASSIGN_OR_RETURN(Tensor w_hat_host, be_.ToHost(q.dequantized));
+      const float* wh = w_hat_host.data<float>();
+      const std::vector<float> w_hat(wh, wh + w_hat_host.numel());
+      QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+      QCAL_RETURN_IF_ERROR(
+          Reconstruct(in, w_host.data<float>(), w_hat, gram_host, *whitening, denom, r));
+      QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor codes, Download(q.codes));
+    QCAL_ASSIGN_OR_RETURN(Tensor scales, Download(q.scales));
+    QCAL_ASSIGN_OR_RETURN(Tensor zeros, Download(q.zeros));
+    r.act_bits = recipe_.activations.bits;
+    r.folded = folded_[static_cast<int>(k)];
+    const Tensor w_hat = q.dequantized;
+    q.codes = q.scales = q.zeros = q.dequantized = Tensor();
+    const QuantSpec spec = spec_;
+    std::future<QuantizedLinear> conversion = RunAsync([q, spec, codes, scales, zeros] {
+      return ToQuantizedLinear(q, spec, codes, scales, zeros);
+    });
+    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    const auto now = Clock::now();
+    r.report.solve_seconds = std::chrono::duration<double>(now - t0).count();
+    t0 = now;
+    solved.push_back(SolvedLinear{std::move(r), w_hat, std::move(conversion)});
+  }
+  return solved;
+}
+
+}  // namespace qcal::engine

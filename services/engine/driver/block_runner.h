@@ -1,0 +1,179 @@
+// One block of the sequential driver (DESIGN section 2, step 3), as separately callable phases
+// whose inputs and outputs are plain structs, so that the phases of one block can run in
+// different processes (statistics on every worker for its chunks, solves on the owner, install
+// and push everywhere):
+//
+//   smoothing (recipes with smoothing.method != none):
+//     CollectSmoothingStatistics → SolveSmoothing → InstallSmoothing
+//   per sub-layer group (true_sequential: q/k/v, o, gate/up, down in turn):
+//     CollectStatistics(group) → Solve → Install → Push(group)
+//   without true_sequential:
+//     CollectFullPrecisionStatistics → (Solve → Install) per group → PushBlock
+//   Finish: the block's results, in forward order.
+//
+// Run() calls them in that order. The statistics of a group are taken on the current hidden
+// states of the calibration chunks: with true_sequential the earlier groups are already installed
+// and pushed, so each group sees the quantized path up to it; the hidden states advance in place
+// (Push(kO) to the post-attention residual, Push(kDown) to the block output). The attention
+// outputs and MLP products that a group's statistics compute are kept on the device for its Push
+// while they fit (Backend::AvailableMemory) and recomputed otherwise; the results are
+// bit-identical either way.
+//
+// Solve runs on the host (the CPU reference solvers of services/engine/quant and aser) or, on a
+// backend with the solver ops (SupportsSolverOp), entirely on its device; then only codes, scales
+// and zeros travel to the host, converted on a host thread while the device goes on (Finish waits).
+//
+// Not thread-safe. After an error the block's weights and the activations are not usable.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <future>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/backend.h"
+#include "services/engine/aser/activation_stats.h"
+#include "services/engine/aser/error_reconstruction.h"
+#include "services/engine/aser/smoothing.h"
+#include "services/engine/driver/results.h"
+#include "services/engine/model.h"
+#include "services/engine/recipe.h"
+
+namespace qcal::engine {
+
+// Per-channel |x| statistics (maxima, sums) of every linear input of the full-precision block:
+// what the smoothing scales are computed from.
+struct SmoothingStatistics {
+  std::array<std::optional<ActivationStats>, kNumLinearInputs> inputs;  // LinearInput order
+};
+
+// The statistics of one linear input over the calibration chunks.
+struct InputStatistics {
+  LinearInput input = LinearInput::kQkv;
+  // F32 [width, width] on the backend's device: Σ_chunks XᵀX, each chunk's Gram formed in a
+  // zeroed partial and added to the sum in chunk order.
+  Tensor gram;
+  // Per-channel |x| statistics of the same inputs: only for LQER's diagonal whitening (the mean
+  // |x| is its factor); empty otherwise.
+  std::optional<ActivationStats> abs_stats;
+};
+
+// One solved linear, not yet installed.
+struct SolvedLinear {
+  // The report, the low-rank factors, activation bits and folded tensors; `quantized` too once
+  // `conversion` (if valid) has been waited for.
+  LayerResult result;
+  // The dequantized weight on the backend's device (device solves); undefined when Install is to
+  // dequantize result.quantized itself.
+  Tensor weight;
+  // Device solves: the host conversion of codes, scales and zeros into result.quantized, still
+  // running. Invalid for host solves.
+  std::future<QuantizedLinear> conversion;
+};
+
+class BlockRunner {
+ public:
+  // Block acts.next_block of `model`, with a validated recipe. `times` accumulates the stage
+  // times. All three must outlive the runner.
+  BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes& times);
+
+  // All phases in order; advances acts to the next block. Returns the block's seven linears in
+  // forward order.
+  absl::StatusOr<std::vector<LayerResult>> Run();
+
+  // Parks the chunks that do not fit on the device in pinned host memory (device backends). First.
+  absl::Status Begin();
+
+  // Smoothing statistics of the full-precision block's inputs (after checking that its weights are
+  // finite).
+  absl::StatusOr<SmoothingStatistics> CollectSmoothingStatistics();
+  // The smoothing scales of the block from complete statistics.
+  absl::StatusOr<BlockSmoothing> SolveSmoothing(const SmoothingStatistics& stats);
+  // Folds the scales into the block, rounds the changed norm weights and biases to the
+  // checkpoint's dtype (the exported values) and records them for the artifacts of their linears;
+  // ASER's extracted columns are then known to Solve. Before any Solve of the block.
+  absl::Status InstallSmoothing(BlockSmoothing smoothing);
+
+  // True-sequential statistics of `group` on the current hidden states.
+  absl::StatusOr<InputStatistics> CollectStatistics(LinearInput group);
+  // Without true-sequential: the statistics of every group from one full-precision pass, in
+  // LinearInput order.
+  absl::StatusOr<std::array<InputStatistics, kNumLinearInputs>> CollectFullPrecisionStatistics();
+
+  // Solves every linear reading stats.input (smoothing → quantization → error reconstruction),
+  // in forward order. Reads the block's weights; changes nothing in the model.
+  absl::StatusOr<std::vector<SolvedLinear>> Solve(const InputStatistics& stats);
+  // Puts solved linears into the model and records them for Finish.
+  absl::Status Install(std::vector<SolvedLinear> solved);
+
+  // True-sequential: advances the hidden states past the sub-layer that `group` completes
+  // (kO: the attention residual; kDown: the MLP residual, giving the block output). No-op for kQkv
+  // and kGateUp, whose outputs only feed the next group.
+  absl::Status Push(LinearInput group);
+  // Without true-sequential: the hidden states through the whole quantized block.
+  absl::Status PushBlock();
+
+  // The installed results in forward order (waiting for host conversions); advances acts to the
+  // next block.
+  absl::StatusOr<std::vector<LayerResult>> Finish();
+
+ private:
+  absl::Status Charge(double& slot);
+  SeqShape ShapeOf(size_t c) const;
+  absl::StatusOr<Tensor> Fetch(size_t c);
+  absl::Status Store(size_t c, const Tensor& h);
+  absl::StatusOr<Tensor> FetchCopy(size_t c);
+  bool KeepOnDevice();
+  absl::StatusOr<InputStatistics> NewStatistics(LinearInput in);
+  absl::Status Accumulate(InputStatistics& stats, const Tensor& x);
+  absl::Status Observe(std::optional<ActivationStats>& stats, LinearInput in, const Tensor& x);
+  absl::Status RoundFolded(LinearKind kind, const std::string& name, Tensor& t);
+  absl::StatusOr<Tensor> AttentionOf(const Tensor& h, size_t c);
+  absl::StatusOr<Tensor> MlpOf(const Tensor& h);
+  absl::StatusOr<Tensor> Download(const Tensor& t);
+  LayerResult NewResult(LinearKind k, int64_t d_out, int64_t d_in) const;
+  const std::vector<int32_t>& OutliersOf(LinearInput in) const;
+  absl::StatusOr<WhiteningFactor> WhiteningOf(const InputStatistics& stats,
+                                              const Tensor& gram_host);
+  absl::Status CheckOutliersFitRank(LinearInput in, const LayerResult& r) const;
+  bool DeviceReconstruction() const;
+  absl::StatusOr<Tensor> DeviceWhiteningOf(const InputStatistics& stats);
+  ErrorReconstructionOptions ErOptions(LinearInput in) const;
+  absl::Status ReconstructOnDevice(LinearInput in, const Tensor& w, const Tensor& w_hat,
+                                   const Tensor& gram, const Tensor& whitening, double denom,
+                                   LayerResult& r);
+  absl::Status Reconstruct(LinearInput in, const float* w, const std::vector<float>& w_hat,
+                           const Tensor& gram_host, const WhiteningFactor& whitening, double denom,
+                           LayerResult& r);
+  absl::StatusOr<std::vector<SolvedLinear>> SolveOnHost(const InputStatistics& stats);
+  absl::StatusOr<std::vector<SolvedLinear>> SolveOnDevice(const InputStatistics& stats);
+
+  Model& model_;
+  kernels::Backend& be_;
+  CalibActivations& acts_;
+  const Recipe& recipe_;
+  StageTimes& t_;
+  const int b_;
+  const QuantSpec spec_;
+  const bool device_solve_;
+  kernels::GptqSolveOptions gopt_;
+  // Channels of each linear input (LinearInput order).
+  std::array<int64_t, kNumLinearInputs> widths_{};
+  // Smoothing of this block (empty scales: none) and the tensors its fold changed, per linear.
+  BlockSmoothing smoothing_;
+  std::array<std::map<std::string, Tensor>, kNumLinears> folded_;
+  // Attention outputs (after CollectStatistics(kO)) or MLP products (after
+  // CollectStatistics(kDown)) per chunk, kept on the device for Push; undefined: recompute.
+  std::vector<Tensor> kept_;
+  int64_t reserve_ = 0;
+  std::chrono::steady_clock::time_point clock_;
+  // Installed results and, aligned with them, their pending host conversions.
+  std::vector<LayerResult> results_;
+  std::vector<std::future<QuantizedLinear>> pending_;
+};
+
+}  // namespace qcal::engine

@@ -1,0 +1,30 @@
+#include "services/engine/driver/memory_plan.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "common/status.h"
+
+namespace qcal::engine {
+
+int64_t WorkingSetBytes(const ModelConfig& c, int64_t chunk_rows) {
+  const int64_t d = c.hidden_size, f = c.intermediate_size, qd = c.q_dim(), kvd = c.kv_dim();
+  const int64_t n = std::max({d, f, qd});
+  const int64_t w = std::max({f * d, qd * d});
+  const int64_t stats = 2 * n * n * 4;
+  const int64_t solve = 3 * n * n * 4 + w * 30;
+  const int64_t forward = chunk_rows * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 6;
+  return stats + std::max(solve, forward) + (int64_t{1} << 30);
+}
+
+absl::Status ParkIfShort(kernels::Backend& be, Tensor& chunk, int64_t reserve) {
+  if (be.device() == Device::kHost || chunk.device() == Device::kHost) return absl::OkStatus();
+  const int64_t available = be.AvailableMemory();
+  if (available < 0 || available >= reserve) return absl::OkStatus();
+  QCAL_ASSIGN_OR_RETURN(Tensor host, be.AllocHost(chunk.dtype(), chunk.shape()));
+  QCAL_RETURN_IF_ERROR(be.Copy(chunk, host));
+  chunk = std::move(host);
+  return absl::OkStatus();
+}
+
+}  // namespace qcal::engine

@@ -1,0 +1,27 @@
+// Device memory planning of the sequential driver: how many bytes a block's working set needs on
+// the device, and parking calibration chunks in pinned host memory when the device runs short
+// (device backends only; a host backend plans no memory).
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "common/hf_config.h"
+#include "common/tensor.h"
+#include "kernels/backend.h"
+
+namespace qcal::engine {
+
+// Device bytes one block needs besides its weights and the calibration activations: the largest
+// statistics (a Gram sum and a per-chunk partial) plus the larger of the solver's scratch (the
+// factorization, U, working copies of the weight, codes, the split errors) and the per-chunk
+// forward temporaries (with their bf16 operand copies), and 1 GiB for library workspaces. A
+// planning estimate for what to keep on the device, not a bound. chunk_rows: batch·seq_len of
+// one calibration chunk.
+int64_t WorkingSetBytes(const ModelConfig& c, int64_t chunk_rows);
+
+// Moves a device chunk of activations to pinned host memory when the device has less than
+// `reserve` bytes available (device backends only; host backends plan no memory).
+absl::Status ParkIfShort(kernels::Backend& be, Tensor& chunk, int64_t reserve);
+
+}  // namespace qcal::engine

@@ -1,0 +1,82 @@
+// What the sequential driver's pieces pass each other (DESIGN section 2, step 3): a linear's
+// report and committed result, the per-stage times of a job, and the calibration activations of
+// the quantized path between blocks.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/tensor.h"
+#include "services/engine/model.h"
+#include "services/engine/quant/quantized_linear.h"
+
+namespace qcal::engine {
+
+// Per-linear outcome, in the report.
+struct LayerReport {
+  int block = 0;
+  LinearKind kind = LinearKind::kQ;
+  std::string name;  // "model.layers.{i}.{module}.{proj}"
+  int64_t d_out = 0, d_in = 0;
+  // Relative output error ‖(W−Ŵ)Xᵀ‖/‖WXᵀ‖ on the quantized-path calibration inputs.
+  double rel_error = 0;
+  // The same for plain RTN of the same weights (a reference point for GPTQ).
+  double rel_error_rtn = 0;
+  int dead_columns = 0;
+  double damp_used = 0;
+  // Smoothing (ASER): input columns extracted from the quantized part (0 otherwise).
+  int outlier_columns = 0;
+  // Error reconstruction (rank 0: off): the rank kept, the relative output error after the
+  // low-rank correction (rel_error is the error before it), the whitened errors ‖E·S‖_F and
+  // ‖(E − L_A·L_B)·S‖_F, and the extra parameters rank·(d_out + d_in) as a fraction of d_out·d_in.
+  int64_t rank = 0;
+  double rel_error_er = 0;
+  double whitened_error_before = 0;
+  double whitened_error_after = 0;
+  double extra_params = 0;
+  double solve_seconds = 0;  // timing: never in the deterministic report
+};
+
+struct LayerResult {
+  LayerReport report;
+  QuantizedLinear quantized;
+  // Error reconstruction, host fp32 (empty when off): L_A [d_out][rank] and L_B [rank][d_in],
+  // row-major (rank = report.rank).
+  std::vector<float> lora_a;
+  std::vector<float> lora_b;
+  // Activation bits of the linear's weight branch (16: off).
+  int act_bits = 16;
+  // Full-precision tensors that folded smoothing changed, carried by this layer's artifact: its
+  // input's RMSNorm weight (q_proj, gate_proj) and its own bias (v_proj, up_proj), by checkpoint
+  // name; host fp32 holding values of the source checkpoint's dtype (what is exported and what the
+  // in-memory model uses).
+  std::map<std::string, Tensor> folded;
+};
+
+struct StageTimes {
+  double forward = 0;  // block forwards (statistics passes and the quantized-path push)
+  double hessian = 0;  // Gram accumulation
+  double solve = 0;    // RTN/GPTQ solves: the sum of the four parts below
+  // Parts of `solve`: Hessian factorizations (the device solver; the host solver factors inside
+  // `quantize`), the RTN and GPTQ column loops with their lazy updates, the report's output
+  // errors, and moving statistics, weights and results between the device and the host.
+  double factor = 0;
+  double quantize = 0;
+  double error = 0;
+  double transfer = 0;
+  double smooth = 0;       // smoothing: the full-precision statistics pass, scales and folding
+  double reconstruct = 0;  // error reconstruction: whitening, SVD and factors (part of `solve`)
+};
+
+// The quantized-path hidden states entering the next block, one tensor per chunk of kCalibChunk
+// samples ([batch·seq_len, hidden] on the backend's device).
+struct CalibActivations {
+  int seq_len = 0;
+  int next_block = 0;  // the block these activations enter
+  std::vector<Tensor> chunks;
+  std::vector<int> chunk_batch;  // samples per chunk
+};
+
+}  // namespace qcal::engine
