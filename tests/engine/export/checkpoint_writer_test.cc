@@ -42,10 +42,10 @@ using ::testing::HasSubstr;
 
 Recipe MakeRecipe(int bits, int group, const std::string& grid = "uniform") {
   Recipe r;
-  r.method = "rtn";
+  r.method = QuantMethod::kRtn;
   r.weights.bits = bits;
   r.weights.group_size = group;
-  r.weights.grid = grid;
+  r.weights.grid = *ParseGrid(grid);
   return r;
 }
 
