@@ -245,7 +245,8 @@ absl::StatusOr<Tensor> SafetensorsFile::Get(const std::string& name) const {
   if (in_memory_ != nullptr) {
     return Tensor(in_memory_, data_offset_ + info.begin, info.dtype, info.shape);
   }
-  Tensor t = Tensor::Zeros(info.dtype, info.shape);
+  // Checkpoint tensors come and go block by block: keep them out of the heap.
+  Tensor t = Tensor::ZerosMapped(info.dtype, info.shape);
   QCAL_RETURN_IF_ERROR(ReadInto(name, t.raw(), t.nbytes()));
   return t;
 }

@@ -1,5 +1,9 @@
 #include "common/tensor.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
+
 #include <malloc.h>
 
 #include <cstdlib>
@@ -18,7 +22,25 @@ class HostStorage final : public Storage {
   ~HostStorage() override { std::free(data()); }
 };
 
+// Pages of an anonymous mapping of their own, returned to the system when freed.
+class MappedHostStorage final : public Storage {
+ public:
+  MappedHostStorage(void* data, size_t bytes, size_t mapped)
+      : Storage(data, bytes, Device::kHost), mapped_(mapped) {}
+  ~MappedHostStorage() override { munmap(data(), mapped_); }
+
+ private:
+  size_t mapped_;
+};
+
 }  // namespace
+
+std::shared_ptr<Storage> AllocateHostPages(size_t bytes) {
+  const size_t mapped = std::max<size_t>(bytes, 1);
+  void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  QCAL_CHECK(p != MAP_FAILED);
+  return std::make_shared<MappedHostStorage>(p, bytes, mapped);
+}
 
 std::string ShapeString(const Shape& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -56,6 +78,11 @@ Tensor::Tensor(std::shared_ptr<Storage> storage, size_t offset, DType dtype, Sha
 Tensor Tensor::Zeros(DType dtype, Shape shape) {
   size_t bytes = NumElements(shape) * DTypeSize(dtype);
   return Tensor(AllocateHost(bytes), 0, dtype, std::move(shape));
+}
+
+Tensor Tensor::ZerosMapped(DType dtype, Shape shape) {
+  size_t bytes = NumElements(shape) * DTypeSize(dtype);
+  return Tensor(AllocateHostPages(bytes), 0, dtype, std::move(shape));
 }
 
 Tensor Tensor::FromVector(const std::vector<float>& values, Shape shape) {

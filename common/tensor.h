@@ -43,6 +43,11 @@ class Storage {
 
 // 64-byte aligned, zero-initialised host memory.
 std::shared_ptr<Storage> AllocateHost(size_t bytes);
+// Zeroed host memory from an anonymous mapping of its own, unmapped when freed. For large tensors
+// that live for a while and then go (a streamed block's weights, tensors read from a checkpoint):
+// AllocateHost keeps freed memory in the heap for reuse by same-sized scratch tensors, where
+// weights of changing sizes would fragment it and grow the resident set block after block.
+std::shared_ptr<Storage> AllocateHostPages(size_t bytes);
 
 class Tensor {
  public:
@@ -51,6 +56,8 @@ class Tensor {
 
   // A zero-filled host tensor.
   static Tensor Zeros(DType dtype, Shape shape);
+  // The same in its own pages (AllocateHostPages).
+  static Tensor ZerosMapped(DType dtype, Shape shape);
   // A host fp32 tensor holding `values` (size must match the shape).
   static Tensor FromVector(const std::vector<float>& values, Shape shape);
 

@@ -1,5 +1,7 @@
 #include "services/engine/model.h"
 
+#include <malloc.h>
+
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -164,7 +166,7 @@ class Model::BlockSource {
  private:
   // A host fp32 buffer: pinned on device backends (uploads at bus speed).
   absl::StatusOr<Tensor> HostF32(const Shape& shape) const {
-    if (backend_->device() == Device::kHost) return Tensor::Zeros(DType::kF32, shape);
+    if (backend_->device() == Device::kHost) return Tensor::ZerosMapped(DType::kF32, shape);
     return backend_->AllocHost(DType::kF32, shape);
   }
   absl::StatusOr<Tensor> ReadF32(const std::string& name, const Shape& shape,
@@ -296,6 +298,10 @@ void Model::ReleaseBlock(int b) {
   if (!source_ || b < 0 || b >= num_blocks()) return;
   blocks_[b] = BlockWeights();
   resident_[b] = false;
+  // The heap keeps freed memory for the per-op scratch tensors (common/tensor.cc); hand the pages
+  // that a block's transient buffers (unpacked codes, conversions) left behind back to the
+  // system, so the resident set does not creep up block after block.
+  malloc_trim(0);
 }
 
 int64_t BlockBytesOf(const ModelConfig& config) {

@@ -19,6 +19,14 @@ Tensor I32Tensor(const std::vector<int32_t>& v) {
   return t;
 }
 
+// Codes are at most 8 bits: one byte each in artifacts (a 70B model's codes are 70 GB as int32).
+Tensor U8Tensor(const std::vector<int32_t>& v) {
+  Tensor t = Tensor::Zeros(DType::kU8, {static_cast<int64_t>(v.size())});
+  uint8_t* p = t.data<uint8_t>();
+  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<uint8_t>(v[i]);
+  return t;
+}
+
 std::vector<int32_t> I32Vector(const Tensor& t) {
   const int32_t* p = t.data<int32_t>();
   return std::vector<int32_t>(p, p + t.numel());
@@ -27,7 +35,7 @@ std::vector<int32_t> I32Vector(const Tensor& t) {
 // The tensors and metadata of a quantized linear's artifact.
 void QuantizedLinearEntries(const QuantizedLinear& q, std::map<std::string, Tensor>& t,
                             std::map<std::string, std::string>& meta) {
-  t["codes"] = I32Tensor(q.codes);
+  t["codes"] = U8Tensor(q.codes);
   t["zeros"] = I32Tensor(q.zeros);
   t["g_idx"] = I32Tensor(q.g_idx);
   t["perm"] = I32Tensor(q.perm);
@@ -75,7 +83,11 @@ absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file)
   QCAL_ASSIGN_OR_RETURN(Tensor g_idx, file->Get("g_idx"));
   QCAL_ASSIGN_OR_RETURN(Tensor perm, file->Get("perm"));
   QCAL_ASSIGN_OR_RETURN(Tensor scales, file->Get("scales"));
-  q.codes = I32Vector(codes);
+  if (codes.dtype() != DType::kU8) {
+    return absl::DataLossError("quantized linear artifact: codes are not U8");
+  }
+  const uint8_t* cp = codes.data<uint8_t>();
+  q.codes.assign(cp, cp + codes.numel());
   q.zeros = I32Vector(zeros);
   q.g_idx = I32Vector(g_idx);
   q.perm = I32Vector(perm);

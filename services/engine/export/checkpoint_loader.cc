@@ -74,7 +74,7 @@ absl::StatusOr<Tensor> DequantizeGptq(const CheckpointReader& reader, const std:
           absl::StrCat(prefix, ".g_idx[", i, "] = ", gi[i], " is outside [0, ", n_groups, ")"));
     }
   }
-  Tensor w = Tensor::Zeros(DType::kF32, {d_out, d_in});
+  Tensor w = Tensor::ZerosMapped(DType::kF32, {d_out, d_in});
   float* wp = w.data<float>();
   const float* sp = scales.data<float>();
   for (int64_t o = 0; o < d_out; ++o) {
