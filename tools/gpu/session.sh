@@ -14,6 +14,12 @@
 #      the whole 7B shape with GPTQ alone, with rank-64 ER and with ASER W4A8 (qcal bench --recipe);
 #   6. compute-sanitizer memcheck of the op and solver tests and racecheck of the attention
 #      kernels, while time is left;
+#   7. (steps stream13, stream70; not in the default set) the streaming engine at real sizes on
+#      the local disk: `qcal synth --preset 13b` (26 GB of bf16 shards), then `qcal quantize
+#      --device cuda --compute-dtype bf16` GPTQ W4 g128, 128 x 2048 calibration, 16 evaluation
+#      windows, and `qcal bench --shape 13b` with the same recipe (the ratio of the job's
+#      quantize stages to the bench); the files are deleted after. stream70: the same with
+#      `--preset 70b --layers 12` against `qcal bench --shape 70b`'s time per block;
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
 # files) and prints the summary table last.
 #
@@ -242,6 +248,66 @@ PY
       "$out/bench_7b_$name.txt" | sed 's/^/    /' >>"$summary"
   done
 fi
+
+# stream_job LABEL SYNTH_ARGS BENCH_SHAPE: synthesizes a checkpoint on the local disk, quantizes it
+# end to end on the GPU, runs the bench on the same shape, keeps qcal_run.json and the logs, and
+# deletes the files.
+stream_job() {
+  local label=$1 synth_args=$2 shape=$3
+  local work=/tmp/qcal-stream-$label log=$out/stream_$label.log start rc
+  rm -rf "$work"
+  mkdir -p "$work/scratch"
+  printf 'method: gptq\nweights: {bits: 4, group_size: 128}\n' >"$work/w4g128.yaml"
+  df -h /tmp >>"$log" 2>&1
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  "$qcal" synth $synth_args --out "$work/model" --no-sha256 >>"$log" 2>&1
+  rc=$?
+  printf '%-34s %4d %d s (%s)\n' "synth $label" "$rc" $((SECONDS - start)) \
+    "$(du -sh "$work/model" | cut -f1)" >>"$summary"
+  ((rc == 0)) || { fail "synth $label"; rm -rf "$work"; return; }
+  # The page cache holds the shards just written: the job's reads are warm.
+  start=$SECONDS
+  timeout 480 "$qcal" quantize --device cuda --compute-dtype bf16 --model "$work/model" \
+    --recipe "$work/w4g128.yaml" --calib "$work/model/calib.txt" --samples 128 --seq-len 2048 \
+    --eval-text "$work/model/eval.txt" --eval-max-windows 16 --scratch-dir "$work/scratch" \
+    --out "$work/out" --json >"$out/stream_${label}_quantize.json" 2>>"$log"
+  rc=$?
+  local wall=$((SECONDS - start))
+  printf '%-34s %4d %d s wall\n' "quantize $label streaming" "$rc" "$wall" >>"$summary"
+  if ((rc == 0)); then
+    cp "$work/out/qcal_run.json" "$out/stream_${label}_run.json"
+    ls -la "$work/out" >>"$log"
+    python3 - "$work/out/qcal_run.json" >>"$summary" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+s = r["seconds"]
+stages = s["load"] + s["calibration_data"] + s["blocks"]
+print("    stages: load %.1f, calibration %.1f, blocks %.1f (waiting for weights %.1f; forward %.1f,"
+      " hessian %.1f, solve %.1f), export %.1f, hash %.1f, eval %.1f"
+      % (s["load"], s["calibration_data"], s["blocks"], s["load_wait"], s["forward"], s["hessian"],
+         s["solve"], s["export"], s["hash_inputs"], s.get("eval", 0)))
+print("    quantize stages %.1f s; peak host RSS %.2f GiB; peak device memory %.2f GiB"
+      % (stages, r["peak_rss_bytes"] / 2**30, r.get("peak_device_bytes", -1) / 2**30))
+PY
+    grep -E 'block [0-9]+/' "$log" | tail -3 | sed 's/^/    /' >>"$summary"
+  else
+    fail "quantize $label"
+    tail -5 "$log" | sed 's/^/    /' >>"$summary"
+  fi
+  rm -rf "$work"
+  start=$SECONDS
+  # The bench's default recipe is the job's: GPTQ W4 g128, 128 x 2048.
+  timeout 300 "$qcal" bench --shape "$shape" --compute-dtype bf16 \
+    >"$out/stream_${label}_bench.txt" 2>>"$log"
+  rc=$?
+  printf '%-34s %4d %d s\n' "bench $shape bf16" "$rc" $((SECONDS - start)) >>"$summary"
+  sed 's/^/    /' "$out/stream_${label}_bench.txt" | head -20 >>"$summary"
+  ((rc == 0)) || fail "bench $shape"
+}
+
+wants stream13 && stream_job 13b "--preset 13b --threads 16" 13b
+wants stream70 && stream_job 70b12 "--preset 70b --layers 12 --threads 16" 70b
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if wants sanitizer && [[ -n $sanitizer ]]; then
