@@ -9,9 +9,9 @@
 #include <signal.h>
 
 #include <filesystem>
-#include <fstream>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
