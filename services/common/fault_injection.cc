@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 
@@ -29,9 +30,13 @@ absl::StatusOr<std::unique_ptr<FaultInjector>> FaultInjector::Parse(const std::s
     Fault f;
     const std::string& action = parts.back();
     if (action == "kill") {
-      f.kill = true;
-    } else if (action != "error") {
-      return bad("action must be kill or error");
+      f.action = Action::kKill;
+    } else if (action == "error") {
+      f.action = Action::kError;
+    } else if (action == "stop") {
+      f.action = Action::kStop;
+    } else {
+      return bad("action must be kill, error or stop");
     }
     for (size_t i = 1; i + 1 < parts.size(); ++i) {
       const std::string& kv = parts[i];
@@ -64,18 +69,34 @@ absl::StatusOr<std::unique_ptr<FaultInjector>> FaultInjector::FromEnv(const std:
 }
 
 absl::Status FaultInjector::Hit(const std::string& stage, int block) {
-  absl::MutexLock lock(&mu_);
-  for (Fault& f : faults_) {
-    if (f.fired || f.stage != stage || (f.block >= 0 && f.block != block)) continue;
-    f.fired = true;
-    spdlog::warn("fault injection: stage={} block={}: {}", stage, block, f.kill ? "kill" : "error");
-    if (f.kill) {
+  Action action = Action::kError;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = std::find_if(faults_.begin(), faults_.end(), [&](const Fault& f) {
+      return !f.fired && f.stage == stage && (f.block < 0 || f.block == block);
+    });
+    if (it == faults_.end()) return absl::OkStatus();
+    it->fired = true;
+    action = it->action;
+  }
+  const std::string where = absl::StrCat("fault injection: stage=", stage, " block=", block);
+  switch (action) {
+    case Action::kKill:
+      spdlog::warn("{}: kill", where);
       spdlog::default_logger()->flush();
       kill(getpid(), SIGKILL);
-    }
-    return absl::InternalError(absl::StrCat("injected fault at stage=", stage, " block=", block));
+      break;
+    case Action::kStop:
+      spdlog::warn("{}: stop (SIGSTOP; waiting for SIGCONT)", where);
+      spdlog::default_logger()->flush();
+      raise(SIGSTOP);
+      spdlog::warn("{}: continued", where);
+      return absl::OkStatus();
+    case Action::kError:
+      spdlog::warn("{}: error", where);
+      break;
   }
-  return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("injected fault at stage=", stage, " block=", block));
 }
 
 }  // namespace qcal::service

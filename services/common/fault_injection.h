@@ -1,6 +1,6 @@
 // Test-only fault injection (DESIGN section 7), so that kill tests hit exact points: a process
-// reads QCAL_FAULT at start-up and, when it reaches a named point, kills itself with SIGKILL or
-// makes the point fail.
+// reads QCAL_FAULT at start-up and, when it reaches a named point, kills itself with SIGKILL, makes
+// the point fail, or stops itself so that a test can act on the world at that exact point.
 //
 // QCAL_FAULT = FAULT[,FAULT...]; FAULT = PROCESS[:block=N][:stage=NAME]:ACTION
 //   PROCESS  worker | coordinator (faults for the other process are ignored)
@@ -10,12 +10,16 @@
 //            (output written, not reported). Coordinator: precommit (before a block's store
 //            write), commit (after it, before the reply), store (the block's store write fails),
 //            complete (output renamed, state not yet written).
-//   ACTION   kill (SIGKILL this process) | error (the point returns INTERNAL)
-// Example: QCAL_FAULT=worker:block=2:stage=solve:kill
+//   ACTION   kill (SIGKILL this process) | error (the point returns INTERNAL) | stop (the process
+//            sends itself SIGSTOP; once a test has done what it needed to while every thread is
+//            frozen, SIGCONT resumes it and the point passes as if no fault were set)
+// Examples: QCAL_FAULT=worker:block=2:stage=solve:kill; QCAL_FAULT=worker:block=1:stage=commit:stop
+// (a test sees the stop as state 'T' in /proc/PID/stat, or waitpid with WUNTRACED).
 // Each fault fires at most once per process. Builds configured with QCAL_TESTS=OFF ignore the
 // variable (and log that they do).
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,16 +39,18 @@ class FaultInjector {
   // Parses the QCAL_FAULT environment variable (unset or empty: no faults).
   static absl::StatusOr<std::unique_ptr<FaultInjector>> FromEnv(const std::string& process);
 
-  // Reached point (stage, block): SIGKILLs the process or returns INTERNAL when a fault that has
-  // not fired matches; OK otherwise. Thread-safe.
+  // Reached point (stage, block): when a fault that has not fired matches, SIGKILLs the process,
+  // returns INTERNAL, or SIGSTOPs the process and returns OK once it is continued; OK otherwise.
+  // Thread-safe.
   absl::Status Hit(const std::string& stage, int block);
   bool empty() const { return faults_.empty(); }
 
  private:
+  enum class Action { kKill, kError, kStop };
   struct Fault {
     std::string stage;
     int block = -1;  // -1: any
-    bool kill = false;
+    Action action = Action::kError;
     bool fired = false;
   };
   absl::Mutex mu_;

@@ -3,10 +3,14 @@
 #include "services/common/input_paths.h"
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <set>
 
 #include "common/files.h"
@@ -276,10 +280,56 @@ TEST(FaultInjectionTest, ParsesPointsForItsProcessAndFiresOnce) {
   EXPECT_TRUE((*f)->Hit("commit", 2).ok());  // the coordinator's fault is not ours
   EXPECT_TRUE(absl::IsInternal((*f)->Hit("solve", 2)));
   EXPECT_TRUE((*f)->Hit("solve", 2).ok());  // fired once
-  for (const char* bad : {"worker:stage=solve", "gpu:stage=x:kill", "worker:block=x:stage=a:kill",
-                          "worker:block=1:kill", "worker:stage=a:explode"}) {
+  for (const char* bad :
+       {"worker:stage=solve", "gpu:stage=x:kill", "worker:block=x:stage=a:kill",
+        "worker:block=1:kill", "worker:stage=a:explode", "worker:stage=a:stop:kill"}) {
     EXPECT_TRUE(absl::IsInvalidArgument(FaultInjector::Parse(bad, "worker").status())) << bad;
   }
+}
+
+// waitpid(pid, WUNTRACED) polled for at most 20 s: the status of the child's next stop or exit,
+// or nullopt when neither came.
+std::optional<int> WaitStoppedOrExited(pid_t pid) {
+  for (int i = 0; i < 2000; ++i) {
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG | WUNTRACED) == pid) return status;
+    usleep(10'000);
+  }
+  return std::nullopt;
+}
+
+TEST(FaultInjectionTest, StopFreezesTheProcessAtThePointUntilContinued) {
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // Child: exit code 0 when every Hit is OK; only Hit("commit", 1) may stop.
+    auto f = FaultInjector::Parse("worker:block=1:stage=commit:stop", "worker");
+    if (!f.ok()) _exit(2);
+    if (!(*f)->Hit("commit", 0).ok() || !(*f)->Hit("solve", 1).ok()) _exit(3);
+    if (!(*f)->Hit("commit", 1).ok()) _exit(4);  // stops here; OK once continued
+    if (!(*f)->Hit("commit", 1).ok()) _exit(5);  // fired once: no second stop
+    _exit(0);
+  }
+  // Reaps the child whatever happens below.
+  struct Reaper {
+    pid_t pid;
+    bool exited = false;
+    ~Reaper() {
+      if (exited) return;
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  } reaper{pid};
+  std::optional<int> status = WaitStoppedOrExited(pid);
+  ASSERT_TRUE(status.has_value()) << "the child neither stopped nor exited";
+  ASSERT_TRUE(WIFSTOPPED(*status)) << "the child did not stop: status " << *status;
+  EXPECT_EQ(WSTOPSIG(*status), SIGSTOP);
+  ASSERT_EQ(kill(pid, SIGCONT), 0);
+  status = WaitStoppedOrExited(pid);
+  ASSERT_TRUE(status.has_value()) << "the child did not exit after SIGCONT";
+  ASSERT_TRUE(WIFEXITED(*status)) << "the child stopped again: status " << *status;
+  reaper.exited = true;
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
 }
 
 }  // namespace
