@@ -201,7 +201,7 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   return s;
 }
 
-absl::StatusOr<BlockArtifacts> JobSession::RunNextBlock() {
+absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock() {
   if (next_block() >= num_blocks())
     return absl::FailedPreconditionError("every block is already quantized");
   const int b = next_block();
@@ -210,21 +210,22 @@ absl::StatusOr<BlockArtifacts> JobSession::RunNextBlock() {
   const double wait = Since(t0);
   load_wait_ += wait;
   t0 = Clock::now();
-  QCAL_ASSIGN_OR_RETURN(BlockArtifacts block,
+  QCAL_ASSIGN_OR_RETURN(BlockArtifacts quantized,
                         QuantizeBlock(*model_, acts_, options_.recipe, &times_));
   model_->ReleaseBlock(b);
+  auto block = std::make_shared<const BlockArtifacts>(std::move(quantized));
   QCAL_RETURN_IF_ERROR(Spill(b, block));
   blocks_seconds_ += wait + Since(t0);
   if (log_) {
     double err = 0;
-    for (const auto& r : block) err += r.report.rel_error;
+    for (const auto& r : *block) err += r.report.rel_error;
     std::string memory = absl::StrFormat("host RSS %.2f GiB", CurrentRssBytes() / double(1 << 30));
     if (backend_->MemoryInUse() >= 0) {
       absl::StrAppendFormat(&memory, ", device %.2f GiB", backend_->MemoryInUse() / double(1 << 30));
     }
     log_(absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s + %.2f s waiting "
                          "for weights; %s)",
-                         next_block(), num_blocks(), err / block.size(), Since(t0), wait, memory));
+                         next_block(), num_blocks(), err / block->size(), Since(t0), wait, memory));
   }
   return block;
 }
@@ -244,13 +245,16 @@ absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
   layers_.clear();
   adapter_ranks_.clear();
   for (size_t b = 0; b < committed.size(); ++b) {
-    QCAL_RETURN_IF_ERROR(Spill(static_cast<int>(b), committed[b]));
+    QCAL_RETURN_IF_ERROR(
+        Spill(static_cast<int>(b), std::make_shared<const BlockArtifacts>(committed[b])));
   }
+  QCAL_RETURN_IF_ERROR(WaitForSpill());
   acts_ = std::move(acts);
   return absl::OkStatus();
 }
 
 JobSession::~JobSession() {
+  if (spill_.valid()) spill_.wait();
   if (scratch_.empty()) return;
   std::error_code ec;
   fs::remove_all(scratch_, ec);
@@ -288,16 +292,28 @@ std::string SpillPath(const std::string& scratch, int b) {
 
 }  // namespace
 
-absl::Status JobSession::Spill(int b, const BlockArtifacts& block) {
-  std::string bytes(kSpillMagic, sizeof(kSpillMagic));
-  for (const LayerResult& r : block) {
-    AppendRecord(bytes, SerializeLayerArtifact(r));
-    AppendRecord(bytes, LayerReportJson(r.report).dump());
+absl::Status JobSession::Spill(int b, BlockArtifactsPtr block) {
+  QCAL_RETURN_IF_ERROR(WaitForSpill());
+  for (const LayerResult& r : *block) {
     layers_.push_back(r.report);
     if (r.report.rank > 0) adapter_ranks_[r.report.name] = r.report.rank;
   }
-  return Annotate(WriteStringToFile(SpillPath(scratch_, b), bytes),
-                  "writing a finished block to the scratch directory");
+  // Serializing and writing a 70B block's artifacts takes seconds: it overlaps the next block.
+  spill_ = std::async(std::launch::async, [path = SpillPath(scratch_, b), block = std::move(block)] {
+    std::string bytes(kSpillMagic, sizeof(kSpillMagic));
+    for (const LayerResult& r : *block) {
+      AppendRecord(bytes, SerializeLayerArtifact(r));
+      AppendRecord(bytes, LayerReportJson(r.report).dump());
+    }
+    return Annotate(WriteStringToFile(path, bytes),
+                    "writing a finished block to the scratch directory");
+  });
+  return absl::OkStatus();
+}
+
+absl::Status JobSession::WaitForSpill() {
+  if (!spill_.valid()) return absl::OkStatus();
+  return spill_.get();
 }
 
 absl::StatusOr<BlockArtifacts> JobSession::Unspill(int b) const {
@@ -327,6 +343,7 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   }
   const JobOptions& o = options_;
   const fs::path dir(dir_str);
+  QCAL_RETURN_IF_ERROR(WaitForSpill());
   // The quantized-path activations and the streaming model are not needed any more.
   acts_ = CalibActivations();
   const int blocks = num_blocks();
@@ -334,14 +351,22 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   auto t0 = Clock::now();
   ExportOptions export_options;
   export_options.shard_size = o.shard_size;
+  // Block b + 1 is read back from the scratch directory while block b is written.
+  std::future<absl::StatusOr<BlockArtifacts>> next;
+  auto read_ahead = [&](int b) {
+    if (b < blocks) next = std::async(std::launch::async, [this, b] { return Unspill(b); });
+  };
+  read_ahead(0);
   QCAL_RETURN_IF_ERROR(WriteQuantizedCheckpoint(
       o.model_dir, dir.string(), o.recipe, blocks,
       [&](int b) -> absl::StatusOr<BlockExport> {
-        QCAL_ASSIGN_OR_RETURN(BlockArtifacts block, Unspill(b));
+        absl::StatusOr<BlockArtifacts> read = next.get();
+        read_ahead(b + 1);
+        QCAL_ASSIGN_OR_RETURN(BlockArtifacts block, std::move(read));
         BlockExport e;
-        for (const LayerResult& r : block) {
-          e.quantized[r.report.name] = r.quantized;
+        for (LayerResult& r : block) {
           AddToExtras(r, e.extras);
+          e.quantized[r.report.name] = std::move(r.quantized);
         }
         return e;
       },

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <functional>
+#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -69,6 +70,8 @@ using JobLogFn = std::function<void(const std::string& line)>;
 
 // A committed block: its seven linears in forward order (quantized form and report).
 using BlockArtifacts = std::vector<LayerResult>;
+// Shared with the background thread that spills it to the scratch directory.
+using BlockArtifactsPtr = std::shared_ptr<const BlockArtifacts>;
 
 class JobSession {
  public:
@@ -86,8 +89,10 @@ class JobSession {
   const CalibActivations& activations() const { return acts_; }
   kernels::Backend& backend() { return *backend_; }
 
-  // Quantizes the next block; its artifacts are also spilled for Finish().
-  absl::StatusOr<BlockArtifacts> RunNextBlock();
+  // Quantizes the next block. Its artifacts are also spilled for Finish(), on a background thread
+  // that overlaps the next block (one spill in flight; its error, if any, is returned by the
+  // next call or by Finish).
+  absl::StatusOr<BlockArtifactsPtr> RunNextBlock();
 
   // Resumes from a boundary: takes the committed artifacts of blocks [0, acts.next_block) (for the
   // export) and continues from `acts` (a checkpoint SaveActivations wrote at that boundary).
@@ -103,8 +108,11 @@ class JobSession {
 
  private:
   JobSession() = default;
-  // Writes block b's artifacts to the scratch directory; reads them back.
-  absl::Status Spill(int b, const BlockArtifacts& block);
+  // Records block b's reports and writes its artifacts to the scratch directory, in the background
+  // (the previous spill is waited for first); WaitForSpill returns the last spill's outcome.
+  absl::Status Spill(int b, BlockArtifactsPtr block);
+  absl::Status WaitForSpill();
+  // Block b's artifacts, read back from the scratch directory.
   absl::StatusOr<BlockArtifacts> Unspill(int b) const;
 
   JobOptions options_;
@@ -114,6 +122,7 @@ class JobSession {
   std::unique_ptr<Model> model_;
   CalibActivations acts_;
   std::string scratch_;             // this session's private scratch directory
+  std::future<absl::Status> spill_;  // the spill in flight, if any
   std::vector<LayerReport> layers_;  // every finished linear's report, in order
   std::map<std::string, int64_t> adapter_ranks_;  // error reconstruction: rank per linear
   size_t calib_tokens_ = 0;

@@ -311,12 +311,12 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     SetProgress(job_id, v1::JOB_STAGE_QUANTIZING, b);
     const absl::Time t0 = absl::Now();
     const double hessian_before = session.times().hessian;
-    absl::StatusOr<engine::BlockArtifacts> block = session.RunNextBlock();
+    absl::StatusOr<engine::BlockArtifactsPtr> block = session.RunNextBlock();
     if (!block.ok()) return FailJob(task, Annotate(block.status(), absl::StrCat("block ", b)));
     const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
     if (absl::Status f = faults_->Hit("solve", b); !f.ok()) return FailJob(task, f);
     std::vector<LayerArtifact> layers;
-    for (const engine::LayerResult& r : *block) {
+    for (const engine::LayerResult& r : **block) {
       layers.push_back({r.report.name, engine::SerializeLayerArtifact(r),
                         engine::LayerReportJson(r.report).dump(), r.report.solve_seconds});
     }

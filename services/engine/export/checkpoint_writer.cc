@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <limits>
 #include <memory>
 #include <set>
@@ -369,6 +370,16 @@ absl::Status WriteVector(ShardedSafetensorsWriter& w, const std::string& name,
 // Writes `items` in order; `e` is the block they belong to (null outside blocks).
 absl::Status WriteItems(const CheckpointReader& reader, const std::vector<PlanItem>& items,
                         const BlockExport* e, int bits, ShardedSafetensorsWriter& w) {
+  // Packing a 70B block's codes takes seconds on one thread: pack its linears' qweights on a
+  // thread each, then write in plan order.
+  std::map<std::string, std::future<absl::StatusOr<std::vector<int32_t>>>> packed;
+  for (const PlanItem& item : items) {
+    if (item.source != Source::kQweight) continue;
+    const QuantizedLinear* q = &e->quantized.at(item.key);
+    packed[item.tensor.name] = std::async(std::launch::async, [q, bits] {
+      return PackQweight(q->codes, q->d_out, q->d_in, bits);
+    });
+  }
   for (const PlanItem& item : items) {
     const std::string& name = item.tensor.name;
     if (item.source == Source::kCopy) {
@@ -393,7 +404,7 @@ absl::Status WriteItems(const CheckpointReader& reader, const std::vector<PlanIt
     const QuantizedLinear& q = e->quantized.at(item.key);
     switch (item.source) {
       case Source::kQweight: {
-        QCAL_ASSIGN_OR_RETURN(std::vector<int32_t> v, PackQweight(q.codes, q.d_out, q.d_in, bits));
+        QCAL_ASSIGN_OR_RETURN(std::vector<int32_t> v, packed.at(name).get());
         QCAL_RETURN_IF_ERROR(WriteVector(w, name, v));
         break;
       }

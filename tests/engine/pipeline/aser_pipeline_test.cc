@@ -303,7 +303,7 @@ TEST_F(AserModelTest, ResumeFromArtifactsIsByteIdentical) {
       auto block = (*first)->RunNextBlock();
       ASSERT_TRUE(block.ok()) << block.status();
       std::vector<std::pair<std::string, std::string>> layers;
-      for (const LayerResult& r : *block) {
+      for (const LayerResult& r : **block) {
         layers.emplace_back(SerializeLayerArtifact(r), LayerReportJson(r.report).dump());
       }
       committed.push_back(std::move(layers));
