@@ -15,7 +15,7 @@
 #include "common/status.h"
 #include "services/engine/driver/install.h"
 #include "services/engine/driver/memory_plan.h"
-#include "services/engine/quant/gptq.h"
+#include "services/engine/quant/quantized_linear.h"
 
 namespace qcal::engine {
 namespace {
