@@ -32,9 +32,11 @@ enum class Op {
   kActQuant,
 };
 
-// Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. Backends
-// without them (the CPU backend) leave the solves to the engine's CPU quantizers
-// (services/engine/quant), which are the reference these ops are tested against.
+// Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. The CPU
+// backend runs their references (kernels/cpu/quant_ref.h, the engine's quantizers) for every group
+// but kErrorReconstruction, whose device form (randomized SVD, rank chosen from the leading values)
+// is not the reference's full SVD: without it the engine reconstructs on the host
+// (services/engine/aser).
 enum class SolverOp {
   kGptq,
   kQuantizeRtn,
@@ -106,9 +108,12 @@ class Backend {
   // blocks, within BackendOptions::memory_limit_bytes), or -1 for a backend that computes in host
   // memory and plans none. Default: -1.
   virtual int64_t AvailableMemory() { return -1; }
-  // Device memory held by live tensors now, and the most held since creation or the last
-  // ResetPeakMemory, in bytes (allocator size classes), or -1 for a backend that computes in host
-  // memory (its tensors count in the process's resident set). Default: -1.
+  // Memory held by the backend's live tensors now, and the most held since creation or the last
+  // ResetPeakMemory, in bytes; -1 when the backend does not account it (the default). CUDA: device
+  // memory of its caching allocator (size classes). CPU: the bytes of every tensor it allocated
+  // (Alloc, AllocHost, ToDevice, ToHost and the results of its ops) that is still alive, whoever
+  // holds it: its working memory, a part of the process's resident set; scratch buffers internal
+  // to an op are not counted. Thread-safe.
   virtual int64_t MemoryInUse() const { return -1; }
   virtual int64_t PeakMemoryInUse() const { return -1; }
   virtual void ResetPeakMemory() {}
@@ -156,9 +161,10 @@ class Backend {
 
   // Weight quantization on this backend's device (kernels/quant_ops.h). Not pure: a backend
   // without them answers SupportsSolverOp false and returns Unimplemented. Each follows the CPU
-  // reference of services/engine/quant (gptq.h, quantized_linear.h) in fp32, so results agree with
-  // it within the fp32 tolerances of DESIGN section 3 (RTN codes exactly); bad input (non-finite
-  // weights or statistics, invalid spec or options, shapes) is InvalidArgument naming the value.
+  // reference kernels/cpu/quant_ref.h in fp32, so results agree with it within the fp32 tolerances
+  // of DESIGN section 3 (RTN codes exactly; the CPU backend runs the reference itself, bit for
+  // bit); bad input (non-finite weights or statistics, invalid spec or options, shapes) is
+  // InvalidArgument naming the value.
   virtual bool SupportsSolverOp(SolverOp op) const { return false; }
   // GPTQ steps 1-4 on the Gram matrix h (F32 [n, n] on this device; only the upper triangle
   // j >= i is read): dead and outlier columns, the visiting order, damping (retried at 10x and
@@ -168,18 +174,18 @@ class Backend {
     return Unsupported("GptqFactorize");
   }
   // GPTQ step 5: quantizes w (F32 [d_out, n] on this device) column by column in the factor's
-  // visiting order, in lazy blocks of `block_size` columns (gptq.h). w is not modified.
+  // visiting order, in lazy blocks of `block_size` columns (quant_ref.h). w is not modified.
   virtual absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
                                                      const QuantSpec& spec, int block_size) {
     return Unsupported("GptqSolve");
   }
-  // Round to nearest, group by group: codes identical to engine::QuantizeRtn<float>.
+  // Round to nearest, group by group: codes identical to ref::QuantizeRtn<float>.
   virtual absl::StatusOr<QuantizedTensors> QuantizeRtn(const Tensor& w, const QuantSpec& spec) {
     return Unsupported("QuantizeRtn");
   }
   // ||(W - W^) X^T||_F = sqrt(trace(E G E^T)) with E = w - w_hat (E = w when w_hat is undefined)
   // for w, w_hat F32 [d_out, d_in] and the Gram matrix G = gram (F32 [d_in, d_in], upper triangle
-  // read), like engine::OutputError, to about fp32 accuracy (CUDA: EᵀE as three TF32 products of
+  // read), like ref::OutputError, to about fp32 accuracy (CUDA: EᵀE as three TF32 products of
   // a split E, the trace summed in double).
   virtual absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
                                              const Tensor& gram) {

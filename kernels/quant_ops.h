@@ -2,9 +2,9 @@
 // QuantizeRtn, OutputError): the solve options, the factored Hessian that the consumers of one
 // linear input share, and a quantized weight whose tensors stay on the backend's device.
 //
-// The algorithm these ops run is the CPU reference's, services/engine/quant/gptq.h (dead and
-// outlier columns, act-order, damping with retries, U = upper Cholesky factor of H^-1, lazy
-// blocks cut before a group that would straddle a block end); the grid rules are quant_grid.h.
+// The algorithm these ops run is the CPU reference's, kernels/cpu/quant_ref.h (dead and outlier
+// columns, act-order, damping with retries, U = upper Cholesky factor of H^-1, lazy blocks cut
+// before a group that would straddle a block end); the grid rules are quant_grid.h.
 #pragma once
 
 #include <cstdint>

@@ -3,14 +3,18 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_ops.h"
 
 namespace qcal::kernels {
@@ -50,20 +54,61 @@ absl::Status ExpectRows(const Tensor& t, const char* op, const char* what) {
   return absl::OkStatus();
 }
 
+absl::Status ExpectMatrix(const Tensor& t, const char* op, const char* what) {
+  QCAL_RETURN_IF_ERROR(ExpectF32(t, op, what));
+  return ExpectRank(t, 2, op, what);
+}
+
 std::vector<float> RoundedCopy(const float* p, int64_t n) {
   std::vector<float> out(p, p + n);
   for (float& v : out) v = RoundToBf16(v);
   return out;
 }
 
+// Bytes held by the live tensors of one backend, and their peak. Shared with the tensors' storage,
+// which may outlive the backend.
+class MemoryCounter {
+ public:
+  void Add(int64_t bytes) {
+    const int64_t now = in_use_.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+    int64_t peak = peak_.load(std::memory_order_relaxed);
+    while (now > peak && !peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+    }
+  }
+  void Subtract(int64_t bytes) { in_use_.fetch_sub(bytes, std::memory_order_relaxed); }
+  int64_t in_use() const { return in_use_.load(std::memory_order_relaxed); }
+  int64_t peak() const { return peak_.load(std::memory_order_relaxed); }
+  void ResetPeak() { peak_.store(in_use(), std::memory_order_relaxed); }
+
+ private:
+  std::atomic<int64_t> in_use_{0};
+  std::atomic<int64_t> peak_{0};
+};
+
+// Host memory (AllocateHost) counted in a MemoryCounter while it lives.
+class CountedStorage final : public Storage {
+ public:
+  CountedStorage(std::shared_ptr<Storage> memory, std::shared_ptr<MemoryCounter> counter)
+      : Storage(memory->data(), memory->bytes(), Device::kHost),
+        memory_(std::move(memory)),
+        counter_(std::move(counter)) {
+    counter_->Add(static_cast<int64_t>(bytes()));
+  }
+  ~CountedStorage() override { counter_->Subtract(static_cast<int64_t>(bytes())); }
+
+ private:
+  std::shared_ptr<Storage> memory_;
+  std::shared_ptr<MemoryCounter> counter_;
+};
+
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(int threads, ComputeDType dtype) : threads_(threads), dtype_(dtype) {}
+  CpuBackend(int threads, ComputeDType dtype)
+      : threads_(threads), dtype_(dtype), memory_(std::make_shared<MemoryCounter>()) {}
 
   std::string name() const override { return "cpu"; }
   Device device() const override { return Device::kHost; }
-  // Every Op (listed, so that a new Op fails to compile until it is answered here); no SolverOp:
-  // the engine solves on the host with its CPU reference (Backend::SupportsSolverOp's default).
+  // Every Op (listed, so that a new Op fails to compile until it is answered here).
   bool SupportsOp(Op op) const override {
     switch (op) {
       case Op::kLinear:
@@ -77,6 +122,22 @@ class CpuBackend final : public Backend {
       case Op::kGram:
       case Op::kActQuant:
         return true;
+    }
+    return false;
+  }
+  // The solver ops run their references (quant_ref.h, ref_ops.h), bit for bit. Not error
+  // reconstruction: the device form (randomized SVD, ReconstructError's fixed rank) would not give
+  // the engine's host results (full SVD, rank chosen from the whole spectrum), which the engine
+  // therefore computes itself on a host backend.
+  bool SupportsSolverOp(SolverOp op) const override {
+    switch (op) {
+      case SolverOp::kGptq:
+      case SolverOp::kQuantizeRtn:
+      case SolverOp::kOutputError:
+      case SolverOp::kSmoothing:
+        return true;
+      case SolverOp::kErrorReconstruction:
+        return false;
     }
     return false;
   }
@@ -96,11 +157,17 @@ class CpuBackend final : public Backend {
   }
 
   absl::StatusOr<Tensor> Alloc(DType dtype, const Shape& shape) override {
-    return Tensor::Zeros(dtype, shape);
+    return NewTensor(dtype, shape);
   }
-  absl::StatusOr<Tensor> ToDevice(const Tensor& host) override { return host.Clone(); }
-  absl::StatusOr<Tensor> ToHost(const Tensor& t) override { return t.Clone(); }
+  absl::StatusOr<Tensor> ToDevice(const Tensor& host) override { return CountedClone(host); }
+  absl::StatusOr<Tensor> ToHost(const Tensor& t) override { return CountedClone(t); }
+  absl::StatusOr<Tensor> AllocHost(DType dtype, const Shape& shape) override {
+    return NewTensor(dtype, shape);
+  }
   absl::Status Synchronize() override { return absl::OkStatus(); }
+  int64_t MemoryInUse() const override { return memory_->in_use(); }
+  int64_t PeakMemoryInUse() const override { return memory_->peak(); }
+  void ResetPeakMemory() override { memory_->ResetPeak(); }
   absl::Status Copy(const Tensor& src, Tensor& dst) override {
     if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
       return absl::InvalidArgumentError(
@@ -357,9 +424,120 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<GptqFactor> GptqFactorize(const Tensor& h,
+                                           const GptqSolveOptions& options) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(h, "GptqFactorize", "the Hessian"));
+    const int64_t n = h.dim(0);
+    if (h.dim(1) != n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("GptqFactorize: the Hessian ", h.DebugString(), " is not square"));
+    }
+    Tensor u = NewTensor(DType::kF32, {n, n});
+    GptqFactor f;
+    QCAL_RETURN_IF_ERROR(ref::GptqFactorize(h.data<float>(), n, options, u.data<float>(), &f));
+    f.u = std::move(u);
+    return f;
+  }
+
+  absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
+                                             const QuantSpec& spec, int block_size) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "GptqSolve", "the weight"));
+    const int64_t n = w.dim(1);
+    if (factor.n != n || factor.u.shape() != Shape{n, n} || factor.u.device() != Device::kHost ||
+        factor.u.dtype() != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat("GptqSolve: the factor (n = ", factor.n,
+                                                     ") does not match the weight ",
+                                                     w.DebugString()));
+    }
+    QCAL_ASSIGN_OR_RETURN(const QuantizedLinear q,
+                          ref::GptqSolve(w.data<float>(), w.dim(0), factor, factor.u.data<float>(),
+                                         spec, block_size));
+    return ToTensors(q);
+  }
+
+  absl::StatusOr<QuantizedTensors> QuantizeRtn(const Tensor& w, const QuantSpec& spec) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "QuantizeRtn", "the weight"));
+    QCAL_ASSIGN_OR_RETURN(const QuantizedLinear q,
+                          ref::QuantizeRtn(w.data<float>(), w.dim(0), w.dim(1), spec));
+    return ToTensors(q);
+  }
+
+  absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
+                                     const Tensor& gram) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "OutputError", "w"));
+    const int64_t d_out = w.dim(0), d_in = w.dim(1);
+    if (w_hat.defined())
+      QCAL_RETURN_IF_ERROR(ExpectShape(w_hat, w.shape(), "OutputError", "w_hat"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(gram, {d_in, d_in}, "OutputError", "gram"));
+    return ref::OutputError(w.data<float>(), w_hat.defined() ? w_hat.data<float>() : nullptr,
+                            gram.data<float>(), d_out, d_in);
+  }
+
+  absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "ChannelAbsStats", "x"));
+    if (x.rank() != 2 || seq_len < 0 || (seq_len > 0 && x.dim(0) % seq_len != 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ChannelAbsStats: x ", x.DebugString(), " is not whole samples of ", seq_len, " tokens"));
+    }
+    return ref::ChannelAbsStats(x.data<float>(), x.dim(0), x.dim(1), seq_len);
+  }
+
+  absl::Status ScaleColumns(Tensor& w, const Tensor& m) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "ScaleColumns", "w"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(m, {w.dim(1)}, "ScaleColumns", "m"));
+    const int64_t width = w.dim(1);
+    ParallelFor(w.dim(0), width, [&](int64_t r0, int64_t r1) {
+      ref::ScaleColumns(w.data<float>() + r0 * width, r1 - r0, width, m.data<float>());
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status DivideRows(Tensor& w, const Tensor& m) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(w, "DivideRows", "w"));
+    if (w.rank() < 1) return absl::InvalidArgumentError("DivideRows: w must have rank >= 1");
+    const int64_t rows = w.dim(0), width = rows > 0 ? w.numel() / rows : 0;
+    QCAL_RETURN_IF_ERROR(ExpectShape(m, {rows}, "DivideRows", "m"));
+    ParallelFor(rows, width, [&](int64_t r0, int64_t r1) {
+      ref::DivideRows(w.data<float>() + r0 * width, r1 - r0, width, m.data<float>() + r0);
+    });
+    return absl::OkStatus();
+  }
+
  private:
+  // A zero-filled host tensor counted in MemoryInUse while it lives.
+  Tensor NewTensor(DType dtype, const Shape& shape) {
+    const size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
+    return Tensor(std::make_shared<CountedStorage>(AllocateHost(bytes), memory_), 0, dtype, shape);
+  }
+  Tensor CountedClone(const Tensor& t) {
+    Tensor out = NewTensor(t.dtype(), t.shape());
+    std::memcpy(out.raw(), t.raw(), t.nbytes());
+    return out;
+  }
+  // The tensors of a host result: codes as U8, the dequantized weight as Install would form it.
+  QuantizedTensors ToTensors(const QuantizedLinear& q) {
+    QuantizedTensors out;
+    out.d_out = q.d_out;
+    out.d_in = q.d_in;
+    out.group_size = q.group_size;
+    out.n_groups = q.n_groups;
+    out.codes = NewTensor(DType::kU8, {q.d_out, q.d_in});
+    std::copy(q.codes.begin(), q.codes.end(), out.codes.data<uint8_t>());
+    out.scales = NewTensor(DType::kF32, {q.n_groups, q.d_out});
+    std::copy(q.scales.begin(), q.scales.end(), out.scales.data<float>());
+    out.zeros = NewTensor(DType::kI32, {q.n_groups, q.d_out});
+    std::copy(q.zeros.begin(), q.zeros.end(), out.zeros.data<int32_t>());
+    out.dequantized = NewTensor(DType::kF32, {q.d_out, q.d_in});
+    const std::vector<float> w_hat = q.Dequantized();
+    std::copy(w_hat.begin(), w_hat.end(), out.dequantized.data<float>());
+    out.g_idx = q.g_idx;
+    out.perm = q.perm;
+    return out;
+  }
+
   int threads_;
   ComputeDType dtype_;
+  std::shared_ptr<MemoryCounter> memory_;
 };
 
 }  // namespace

@@ -169,4 +169,41 @@ void ActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out)
   }
 }
 
+ChannelStats ChannelAbsStats(const float* x, int64_t rows, int64_t width, int64_t seq_len) {
+  ChannelStats out;
+  out.max_abs.assign(static_cast<size_t>(width), 0.0f);
+  out.sum_abs.assign(static_cast<size_t>(width), 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * width;
+    for (int64_t j = 0; j < width; ++j) {
+      if (!std::isfinite(xr[j]) && (out.first_bad_column < 0 || j < out.first_bad_column)) {
+        out.first_bad_column = j;
+      }
+    }
+    if (seq_len > 0 && r % seq_len == 0) {
+      ++out.skipped;
+      continue;
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      const float v = std::fabs(xr[j]);
+      out.max_abs[j] = std::max(out.max_abs[j], v);
+      out.sum_abs[j] += v;
+    }
+    ++out.tokens;
+  }
+  return out;
+}
+
+void ScaleColumns(float* w, int64_t rows, int64_t width, const float* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) w[r * width + j] *= m[j];
+  }
+}
+
+void DivideRows(float* w, int64_t rows, int64_t width, const float* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) w[r * width + j] /= m[r];
+  }
+}
+
 }  // namespace qcal::kernels::ref

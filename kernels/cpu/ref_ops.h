@@ -34,4 +34,15 @@ void AccumulateGram(const float* x, int64_t n, int64_t k, float* h, bool bf16_op
 // expected. out may alias x.
 void ActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out);
 
+// Per-channel |x| statistics of x [rows, width] (Backend::ChannelAbsStats): with seq_len > 0 the
+// rows r % seq_len == 0 (each sample's BOS) are skipped, with seq_len 0 every row counts. Maxima
+// in fp32; sums in double in row order, the order of engine::ActivationStats::Accumulate, so that
+// its totals added with AddTotals give the same bits. first_bad_column looks at every row.
+// rows % seq_len == 0 expected.
+ChannelStats ChannelAbsStats(const float* x, int64_t rows, int64_t width, int64_t seq_len);
+// w[r, j] *= m[j] for w [rows, width].
+void ScaleColumns(float* w, int64_t rows, int64_t width, const float* m);
+// w[r, j] /= m[r] for w [rows, width].
+void DivideRows(float* w, int64_t rows, int64_t width, const float* m);
+
 }  // namespace qcal::kernels::ref

@@ -12,11 +12,15 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_ops.h"
 
 namespace qcal::kernels {
@@ -127,7 +131,7 @@ TEST_P(CpuOpsTest, BackendDescribesItself) {
 }
 
 // SupportsOp and SupportsSolverOp answer what the backend does: each supported op runs on tiny
-// inputs, and each unsupported solver op returns Unimplemented.
+// inputs, and the unsupported solver op (error reconstruction) returns Unimplemented.
 TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
   Backend& be = *backend_;
   const Tensor x = rng_.Floats({2, 4});
@@ -173,30 +177,39 @@ TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
     SCOPED_TRACE(static_cast<int>(op));
     EXPECT_EQ(be.SupportsOp(op), runs(op).ok());
   }
-  // No solver op on the CPU backend: the engine's CPU reference solves on the host.
-  const Tensor h = rng_.Floats({4, 4});
-  auto unimplemented = [&](SolverOp op) -> bool {
+  // The solver ops run, except error reconstruction (the engine's host path on a CPU backend).
+  const Tensor h = Tensor::FromVector({4, 1, 0, 0, 1, 4, 1, 0, 0, 1, 4, 1, 0, 0, 1, 4}, {4, 4});
+  auto solver_runs = [&](SolverOp op) -> absl::Status {
     Tensor wm = w.Clone();
     switch (op) {
-      case SolverOp::kGptq:
-        return absl::IsUnimplemented(be.GptqFactorize(h, GptqSolveOptions{}).status());
+      case SolverOp::kGptq: {
+        auto f = be.GptqFactorize(h, GptqSolveOptions{});
+        if (!f.ok()) return f.status();
+        return be.GptqSolve(w, *f, QuantSpec{}, 128).status();
+      }
       case SolverOp::kQuantizeRtn:
-        return absl::IsUnimplemented(be.QuantizeRtn(w, QuantSpec{}).status());
+        return be.QuantizeRtn(w, QuantSpec{}).status();
       case SolverOp::kOutputError:
-        return absl::IsUnimplemented(be.OutputError(w, w, h).status());
-      case SolverOp::kErrorReconstruction:
-        return absl::IsUnimplemented(be.CholeskyWhitening(h, 0.01).status());
-      case SolverOp::kSmoothing:
-        return absl::IsUnimplemented(be.ChannelAbsStats(x, 0).status());
+        return be.OutputError(w, w, h).status();
+      case SolverOp::kErrorReconstruction: {
+        const absl::Status s = be.CholeskyWhitening(h, 0.01).status();
+        return absl::IsUnimplemented(s) ? s : absl::InternalError("not Unimplemented");
+      }
+      case SolverOp::kSmoothing: {
+        QCAL_RETURN_IF_ERROR(be.ChannelAbsStats(x, 0).status());
+        QCAL_RETURN_IF_ERROR(be.ScaleColumns(wm, Tensor::FromVector({1, 2, 3, 4}, {4})));
+        return be.DivideRows(wm, Tensor::FromVector({1, 2, 3}, {3}));
+      }
     }
-    return false;
+    return absl::InternalError("unknown solver op");
   };
   for (SolverOp op : {SolverOp::kGptq, SolverOp::kQuantizeRtn, SolverOp::kOutputError,
                       SolverOp::kErrorReconstruction, SolverOp::kSmoothing}) {
     SCOPED_TRACE(static_cast<int>(op));
-    EXPECT_FALSE(be.SupportsSolverOp(op));
-    EXPECT_TRUE(unimplemented(op));
+    const absl::Status runs = solver_runs(op);
+    EXPECT_EQ(be.SupportsSolverOp(op), runs.ok()) << runs;
   }
+  EXPECT_FALSE(be.SupportsSolverOp(SolverOp::kErrorReconstruction));
 }
 
 TEST_P(CpuOpsTest, Linear) {
@@ -665,6 +678,298 @@ TEST(BackendFactoryTest, DeviceNamesAndOptions) {
     cuda.device = "cuda";
     EXPECT_FALSE(CreateBackend(cuda).ok());
   }
+}
+
+// The solver ops run their references (quant_ref.h, ref_ops.h): the contract is bit-identity, so
+// every comparison below is exact.
+class CpuSolverOpsTest : public ::testing::Test {
+ protected:
+  // A Gram matrix XᵀX of `tokens` random rows over n channels, with channel `dead` (if >= 0) zero
+  // in every row (H_jj = 0).
+  Tensor Gram(int64_t n, int64_t tokens, int64_t dead) {
+    Tensor x = rng_.Floats({tokens, n});
+    if (dead >= 0) {
+      for (int64_t t = 0; t < tokens; ++t) x.data<float>()[t * n + dead] = 0.0f;
+    }
+    Tensor h = Tensor::Zeros(DType::kF32, {n, n});
+    ref::AccumulateGram(x.data<float>(), tokens, n, h.data<float>(), false);
+    return h;
+  }
+
+  std::unique_ptr<Backend> be_ = MakeCpuBackend(ComputeDType::kF32);
+  Random rng_{31337};
+};
+
+template <typename T>
+std::vector<T> Elements(const Tensor& t) {
+  return std::vector<T>(t.data<T>(), t.data<T>() + t.numel());
+}
+
+// The backend's tensors hold exactly the reference's result (codes as U8).
+void ExpectSameQuantized(const QuantizedTensors& got, const QuantizedLinear& want) {
+  EXPECT_EQ(got.d_out, want.d_out);
+  EXPECT_EQ(got.d_in, want.d_in);
+  EXPECT_EQ(got.group_size, want.group_size);
+  EXPECT_EQ(got.n_groups, want.n_groups);
+  EXPECT_EQ(got.codes.dtype(), DType::kU8);
+  const std::vector<uint8_t> codes = Elements<uint8_t>(got.codes);
+  EXPECT_EQ(std::vector<int32_t>(codes.begin(), codes.end()), want.codes);
+  EXPECT_EQ(got.scales.shape(), (Shape{want.n_groups, want.d_out}));
+  EXPECT_EQ(Elements<float>(got.scales), want.scales);
+  EXPECT_EQ(Elements<int32_t>(got.zeros), want.zeros);
+  EXPECT_EQ(Elements<float>(got.dequantized), want.Dequantized());
+  EXPECT_EQ(got.g_idx, want.g_idx);
+  EXPECT_EQ(got.perm, want.perm);
+}
+
+TEST_F(CpuSolverOpsTest, QuantizeRtnIsTheReference) {
+  struct Case {
+    int64_t d_out, d_in;
+    QuantSpec spec;
+  };
+  for (const Case& c : {Case{1, 1, {4, 128, false, GridKind::kUniform}},
+                        Case{3, 7, {3, 2, false, GridKind::kUniform}},
+                        Case{13, 33, {4, -1, true, GridKind::kUniform}},
+                        Case{5, 130, {4, 128, false, GridKind::kUniform}},
+                        Case{9, 17, {2, 5, false, GridKind::kCuberoot}},
+                        Case{1, 64, {8, 16, true, GridKind::kCuberoot}}}) {
+    SCOPED_TRACE(testing::Message() << c.d_out << "x" << c.d_in << " g" << c.spec.group_size);
+    const Tensor w = rng_.Floats({c.d_out, c.d_in});
+    auto got = be_->QuantizeRtn(w, c.spec);
+    ASSERT_TRUE(got.ok()) << got.status();
+    auto want = ref::QuantizeRtn(w.data<float>(), c.d_out, c.d_in, c.spec);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ExpectSameQuantized(*got, *want);
+  }
+}
+
+TEST_F(CpuSolverOpsTest, GptqIsTheReference) {
+  struct Case {
+    int64_t d_out, n, dead;
+    QuantSpec spec;
+    int block_size;
+    bool act_order;
+    std::vector<int32_t> outliers;
+  };
+  const std::vector<Case> cases = {
+      {1, 1, -1, {4, 128, false, GridKind::kUniform}, 128, false, {}},
+      {3, 5, 2, {4, -1, false, GridKind::kUniform}, 2, false, {}},
+      {7, 33, -1, {3, 8, true, GridKind::kUniform}, 16, true, {}},
+      {17, 65, 40, {4, -1, false, GridKind::kUniform}, 128, true, {3, 3, 17}},
+      {5, 40, -1, {4, 32, false, GridKind::kCuberoot}, 12, false, {39}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(testing::Message() << c.d_out << "x" << c.n << " g" << c.spec.group_size << " bs"
+                                    << c.block_size << " act_order " << c.act_order);
+    const Tensor h = Gram(c.n, 2 * c.n + 3, c.dead);
+    const Tensor w = rng_.Floats({c.d_out, c.n});
+    GptqSolveOptions options;
+    options.block_size = c.block_size;
+    options.act_order = c.act_order;
+    options.outlier_columns = c.outliers;
+    auto factor = be_->GptqFactorize(h, options);
+    ASSERT_TRUE(factor.ok()) << factor.status();
+    std::vector<float> u(static_cast<size_t>(c.n * c.n));
+    GptqFactor want_factor;
+    ASSERT_TRUE(ref::GptqFactorize(h.data<float>(), c.n, options, u.data(), &want_factor).ok());
+    EXPECT_EQ(Elements<float>(factor->u), u);
+    EXPECT_EQ(factor->perm, want_factor.perm);
+    EXPECT_EQ(factor->removed, want_factor.removed);
+    EXPECT_EQ(factor->dead_columns, c.dead >= 0 ? 1 : 0);
+    EXPECT_EQ(factor->outlier_columns, want_factor.outlier_columns);
+    EXPECT_EQ(factor->damp_used, want_factor.damp_used);
+    auto got = be_->GptqSolve(w, *factor, c.spec, c.block_size);
+    ASSERT_TRUE(got.ok()) << got.status();
+    auto want =
+        ref::GptqSolve(w.data<float>(), c.d_out, want_factor, u.data(), c.spec, c.block_size);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ExpectSameQuantized(*got, *want);
+    // Removed columns quantize to exactly 0.
+    for (int32_t j : c.outliers) EXPECT_EQ(want->Dequantized()[j], 0.0f);
+  }
+}
+
+TEST_F(CpuSolverOpsTest, OutputErrorIsTheReference) {
+  for (const auto& [d_out, d_in] : {std::pair<int64_t, int64_t>{1, 1}, {5, 3}, {70, 33}}) {
+    const Tensor w = rng_.Floats({d_out, d_in});
+    const Tensor w_hat = rng_.Floats({d_out, d_in});
+    const Tensor gram = Gram(d_in, d_in + 2, -1);
+    auto got = be_->OutputError(w, w_hat, gram);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(*got, ref::OutputError(w.data<float>(), w_hat.data<float>(), gram.data<float>(),
+                                     d_out, d_in));
+    EXPECT_GT(*got, 0.0);
+    // Without w_hat: the norm ||W Xᵀ||, the same bits as against an explicit zero matrix.
+    const std::vector<float> zeros(static_cast<size_t>(d_out * d_in), 0.0f);
+    auto norm = be_->OutputError(w, Tensor(), gram);
+    ASSERT_TRUE(norm.ok()) << norm.status();
+    EXPECT_EQ(*norm,
+              ref::OutputError(w.data<float>(), zeros.data(), gram.data<float>(), d_out, d_in));
+    auto none = be_->OutputError(w, w, gram);
+    ASSERT_TRUE(none.ok());
+    EXPECT_EQ(*none, 0.0);
+  }
+}
+
+TEST_F(CpuSolverOpsTest, SmoothingOpsAreTheReference) {
+  for (const auto& [rows, width, seq_len] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 0},
+                                             {1, 1, 1},
+                                             {6, 5, 3},
+                                             {12, 33, 4},
+                                             {7, 3, 0}}) {
+    SCOPED_TRACE(testing::Message() << rows << "x" << width << " seq_len " << seq_len);
+    const Tensor x = rng_.Floats({rows, width}, 3.0f);
+    auto stats = be_->ChannelAbsStats(x, seq_len);
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    // Column maxima and sums, BOS rows (r % seq_len == 0) skipped, sums in row order.
+    std::vector<float> max_abs(static_cast<size_t>(width), 0.0f);
+    std::vector<double> sum_abs(static_cast<size_t>(width), 0.0);
+    int64_t tokens = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (seq_len > 0 && r % seq_len == 0) continue;
+      ++tokens;
+      for (int64_t j = 0; j < width; ++j) {
+        const float v = std::fabs(x.data<float>()[r * width + j]);
+        max_abs[j] = std::max(max_abs[j], v);
+        sum_abs[j] += v;
+      }
+    }
+    EXPECT_EQ(stats->max_abs, max_abs);
+    EXPECT_EQ(stats->sum_abs, sum_abs);
+    EXPECT_EQ(stats->tokens, tokens);
+    EXPECT_EQ(stats->skipped, rows - tokens);
+    EXPECT_EQ(stats->first_bad_column, -1);
+
+    const Tensor m_cols = rng_.Floats({width}, 2.0f);
+    const Tensor m_rows = rng_.Floats({rows}, 2.0f);
+    Tensor scaled = x.Clone();
+    ASSERT_TRUE(be_->ScaleColumns(scaled, m_cols).ok());
+    Tensor divided = x.Clone();
+    ASSERT_TRUE(be_->DivideRows(divided, m_rows).ok());
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < width; ++j) {
+        const float v = x.data<float>()[r * width + j];
+        ASSERT_EQ(scaled.data<float>()[r * width + j], v * m_cols.data<float>()[j]);
+        ASSERT_EQ(divided.data<float>()[r * width + j], v / m_rows.data<float>()[r]);
+      }
+    }
+  }
+  // A vector divides as rows of one (a bias).
+  Tensor bias = Tensor::FromVector({6, 3, -1}, {3});
+  ASSERT_TRUE(be_->DivideRows(bias, Tensor::FromVector({2, 3, 4}, {3})).ok());
+  EXPECT_EQ(Values(bias), (std::vector<float>{3, 1, -0.25f}));
+  // A non-finite value is found in any row, BOS included; the lowest such column is named.
+  Tensor bad = rng_.Floats({4, 6});
+  bad.data<float>()[0 * 6 + 4] = NAN;
+  bad.data<float>()[3 * 6 + 2] = INFINITY;
+  auto found = be_->ChannelAbsStats(bad, 2);
+  ASSERT_TRUE(found.ok());
+  EXPECT_EQ(found->first_bad_column, 2);
+}
+
+TEST_F(CpuSolverOpsTest, BadInputsAreInvalidArgument) {
+  const Tensor w = rng_.Floats({4, 6});
+  const Tensor h = Gram(6, 10, -1);
+  auto expect_invalid = [](const absl::Status& s, const std::string& text) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(text));
+  };
+  expect_invalid(be_->GptqFactorize(rng_.Floats({4, 6}), {}).status(), "not square");
+  Tensor nan_h = h.Clone();
+  nan_h.data<float>()[1 * 6 + 3] = NAN;
+  expect_invalid(be_->GptqFactorize(nan_h, {}).status(), "hessian[1, 3] is nan (not finite)");
+  GptqSolveOptions out_of_range;
+  out_of_range.outlier_columns = {6};
+  expect_invalid(be_->GptqFactorize(h, out_of_range).status(), "outlier column 6");
+  GptqSolveOptions negative_damp;
+  negative_damp.damp = -1;
+  expect_invalid(be_->GptqFactorize(h, negative_damp).status(), "gptq.damp");
+  auto factor = be_->GptqFactorize(h, {});
+  ASSERT_TRUE(factor.ok());
+  expect_invalid(be_->GptqSolve(rng_.Floats({4, 5}), *factor, {}, 128).status(), "factor");
+  expect_invalid(be_->GptqSolve(w, *factor, {}, 0).status(), "gptq.block_size");
+  expect_invalid(be_->GptqSolve(w, *factor, QuantSpec{9, 128}, 128).status(), "weights.bits");
+  Tensor nan_w = w.Clone();
+  nan_w.data<float>()[2 * 6 + 5] = INFINITY;
+  expect_invalid(be_->GptqSolve(nan_w, *factor, {}, 128).status(), "weight[2, 5] is inf");
+  expect_invalid(be_->QuantizeRtn(nan_w, {}).status(), "weight[2, 5] is inf (not finite)");
+  expect_invalid(be_->QuantizeRtn(rng_.Floats({6}), {}).status(), "rank 2");
+  expect_invalid(be_->OutputError(w, rng_.Floats({4, 5}), h).status(), "w_hat has shape");
+  expect_invalid(be_->OutputError(w, Tensor(), rng_.Floats({5, 5})).status(), "gram has shape");
+  expect_invalid(be_->ChannelAbsStats(w, 3).status(), "whole samples");
+  Tensor wm = w.Clone();
+  expect_invalid(be_->ScaleColumns(wm, rng_.Floats({4})), "m has shape");
+  expect_invalid(be_->DivideRows(wm, rng_.Floats({6})), "m has shape");
+  // An indefinite Hessian without damping cannot be factored: FailedPrecondition.
+  GptqSolveOptions no_damp;
+  no_damp.damp = 0;
+  auto singular = be_->GptqFactorize(Tensor::FromVector({1, 2, 2, 1}, {2, 2}), no_damp);
+  EXPECT_EQ(singular.status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// MemoryInUse counts the bytes of the live tensors the backend allocated; the peak stays until
+// ResetPeakMemory.
+TEST(CpuMemoryTest, CountsLiveTensors) {
+  auto be = MakeCpuBackend(ComputeDType::kF32);
+  const int64_t base = be->MemoryInUse();
+  EXPECT_GE(base, 0);
+  EXPECT_GE(be->PeakMemoryInUse(), base);
+  constexpr int64_t kBytes = 1000 * 257 * 4;
+  int64_t held = 0;
+  {
+    auto a = be->Alloc(DType::kF32, {1000, 257});
+    ASSERT_TRUE(a.ok());
+    EXPECT_GE(be->MemoryInUse(), base + kBytes);
+    auto copy = be->ToDevice(*a);
+    auto host = be->AllocHost(DType::kU8, {kBytes});
+    ASSERT_TRUE(copy.ok() && host.ok());
+    held = be->MemoryInUse();
+    EXPECT_GE(held, base + 3 * kBytes);
+    Tensor alias = *copy;  // a view holds the same storage: counted once
+    copy = Tensor();
+    EXPECT_EQ(be->MemoryInUse(), held);
+  }
+  EXPECT_EQ(be->MemoryInUse(), base);
+  EXPECT_GE(be->PeakMemoryInUse(), held);
+  be->ResetPeakMemory();
+  EXPECT_EQ(be->PeakMemoryInUse(), base);
+  // Solver results count too, and a host tensor made elsewhere does not.
+  const Tensor outside = Tensor::Zeros(DType::kF32, {64, 64});
+  EXPECT_EQ(be->MemoryInUse(), base);
+  {
+    auto q = be->QuantizeRtn(outside, QuantSpec{});
+    ASSERT_TRUE(q.ok());
+    EXPECT_GE(be->MemoryInUse(), base + 64 * 64 * (1 + 4));
+  }
+  EXPECT_EQ(be->MemoryInUse(), base);
+  EXPECT_GE(be->PeakMemoryInUse(), base + 64 * 64 * (1 + 4));
+}
+
+// Tensors allocated and freed from many threads at once leave the count where it started, and the
+// peak covers what was live together.
+TEST(CpuMemoryTest, CountsAcrossThreads) {
+  auto be = MakeCpuBackend(ComputeDType::kF32);
+  const int64_t base = be->MemoryInUse();
+  constexpr int kThreads = 8;
+  constexpr int64_t kBytes = 4096;
+  std::vector<std::thread> threads;
+  std::vector<Tensor> kept(kThreads);
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] {
+      for (int round = 0; round < 200; ++round) {
+        auto t = be->Alloc(DType::kU8, {kBytes});
+        QCAL_CHECK(t.ok());
+      }
+      auto t = be->Alloc(DType::kU8, {kBytes});
+      QCAL_CHECK(t.ok());
+      kept[i] = *t;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(be->MemoryInUse(), base + kThreads * kBytes);
+  EXPECT_GE(be->PeakMemoryInUse(), base + kThreads * kBytes);
+  kept.clear();
+  EXPECT_EQ(be->MemoryInUse(), base);
 }
 
 }  // namespace

@@ -122,7 +122,9 @@ absl::StatusOr<BlockSmoothing> ComputeBlockSmoothing(
 
 // Whether the smoothing work runs on the backend's device: its statistics (ChannelAbsStats), the
 // weights' checks and column maxima, the fold (ScaleColumns, DivideRows) and ASER's column
-// zeroing. Otherwise weights and activations are copied to the host for it.
+// zeroing. Otherwise weights and activations are copied to the host for it. A host backend keeps
+// the host path even with the ops (the CPU backend has them): the results would be the same bits,
+// and the host path's errors name the row and column of a non-finite value.
 bool SmoothingOnDevice(kernels::Backend& backend);
 
 // Folds every non-empty input of `smoothing` into `block` (see the file comment), replacing the

@@ -15,16 +15,12 @@
 #include "common/status.h"
 #include "services/engine/driver/install.h"
 #include "services/engine/driver/memory_plan.h"
-#include "services/engine/quant/gptq.h"
+#include "services/engine/quant/quantized_linear.h"
 
 namespace qcal::engine {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
 
 absl::Status CheckFinite(const Tensor& host, const std::string& what) {
   const float* p = host.data<float>();
@@ -34,6 +30,13 @@ absl::Status CheckFinite(const Tensor& host, const std::string& what) {
     }
   }
   return absl::OkStatus();
+}
+
+// CheckFinite for a tensor in host memory, before a solve: the error names the statistics or the
+// weight as a whole. Device tensors are left to the solver ops, which check their inputs on the
+// device and name the first bad value.
+absl::Status CheckFiniteOnHost(const Tensor& t, const std::string& what) {
+  return t.device() == Device::kHost ? CheckFinite(t, what) : absl::OkStatus();
 }
 
 // A QuantizedLinear from a device solve's results, with codes, scales and zeros already on the
@@ -88,10 +91,7 @@ BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& rec
       recipe_(recipe),
       t_(times),
       b_(acts.next_block),
-      spec_(SpecOf(recipe)),
-      device_solve_(be_.SupportsSolverOp(kernels::SolverOp::kGptq) &&
-                    be_.SupportsSolverOp(kernels::SolverOp::kQuantizeRtn) &&
-                    be_.SupportsSolverOp(kernels::SolverOp::kOutputError)) {
+      spec_(SpecOf(recipe)) {
   gopt_.damp = recipe.gptq.damp;
   gopt_.block_size = recipe.gptq.block_size;
   gopt_.act_order = recipe.gptq.act_order;
@@ -262,8 +262,7 @@ BlockRunner::CollectFullPrecisionStatistics() {
 absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::Solve(const InputStatistics& stats) {
   QCAL_RETURN_IF_ERROR(Charge(t_.forward));
   const double before = t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct;
-  QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved,
-                        device_solve_ ? SolveOnDevice(stats) : SolveOnHost(stats));
+  QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, SolveInput(stats));
   QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
   t_.solve += t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct - before;
   return solved;
@@ -622,83 +621,14 @@ absl::StatusOr<Tensor> BlockRunner::DeviceWhiteningOf(const InputStatistics& sta
   return Tensor();
 }
 
-// The CPU reference: statistics and weights copied to the host, solved there.
-absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveOnHost(const InputStatistics& stats) {
-  const LinearInput in = stats.input;
-  BlockWeights& bw = model_.block(b_);
-  std::vector<SolvedLinear> solved;
-  QCAL_ASSIGN_OR_RETURN(Tensor gram, be_.ToHost(stats.gram));
-  QCAL_RETURN_IF_ERROR(CheckFinite(gram, absl::StrCat("calibration statistics of block ", b_)));
-  QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
-  const std::vector<int32_t>& outliers = OutliersOf(in);
-  std::optional<WhiteningFactor> whitening;
-  if (recipe_.error_reconstruction.enabled) {
-    QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(stats, gram));
-    QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
-  }
-  for (LinearKind k : ConsumersOf(in)) {
-    const auto t0 = Clock::now();
-    const std::string name = LinearPrefix(b_, k);
-    QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(bw.at(k).weight));
-    QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", name)));
-    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
-    const int64_t d_out = w.dim(0), d_in = w.dim(1);
-    LayerResult r = NewResult(k, d_out, d_in);
-    // The part that is quantized: W' with ASER's extracted columns zeroed.
-    std::vector<float> w_normal;
-    const float* wq = w.data<float>();
-    if (!outliers.empty()) {
-      QCAL_ASSIGN_OR_RETURN(w_normal, ZeroColumns(wq, d_out, d_in, outliers));
-      wq = w_normal.data();
-    }
-    QCAL_ASSIGN_OR_RETURN(QuantizedLinear rtn, QuantizeRtn<float>(wq, d_out, d_in, spec_));
-    if (recipe_.method == QuantMethod::kGptq) {
-      GptqOptions gopt;
-      gopt.damp = gopt_.damp;
-      gopt.block_size = gopt_.block_size;
-      gopt.act_order = gopt_.act_order;
-      gopt.outlier_columns = outliers;
-      GptqStats gstats;
-      auto q = QuantizeGptq<float>(w.data<float>(), gram.data<float>(), d_out, d_in, spec_, gopt,
-                                   &gstats);
-      if (!q.ok()) return Annotate(q.status(), name);
-      r.quantized = std::move(q).value();
-      r.report.dead_columns = gstats.dead_columns;
-      r.report.damp_used = gstats.damp_used;
-    } else {
-      r.quantized = rtn;
-    }
-    r.report.outlier_columns = static_cast<int>(outliers.size());
-    QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
-    const std::vector<float> w_hat = r.quantized.Dequantized();
-    const std::vector<float> w_rtn = rtn.Dequantized();
-    const std::vector<float> zeros(static_cast<size_t>(d_out * d_in), 0.0f);
-    const double norm = OutputError(w.data<float>(), zeros.data(), gram.data<float>(), d_out, d_in);
-    const double denom = norm > 0 ? norm : 1.0;
-    r.report.rel_error =
-        OutputError(w.data<float>(), w_hat.data(), gram.data<float>(), d_out, d_in) / denom;
-    r.report.rel_error_rtn =
-        OutputError(w.data<float>(), w_rtn.data(), gram.data<float>(), d_out, d_in) / denom;
-    QCAL_RETURN_IF_ERROR(Charge(t_.error));
-    if (whitening) {
-      QCAL_RETURN_IF_ERROR(Reconstruct(in, w.data<float>(), w_hat, gram, *whitening, denom, r));
-      QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
-    }
-    r.act_bits = recipe_.activations.bits;
-    r.folded = folded_[static_cast<int>(k)];
-    r.report.solve_seconds = Since(t0);
-    solved.push_back(SolvedLinear{std::move(r), Tensor(), {}});
-  }
-  return solved;
-}
-
-// On the device: one factorization per input shared by its consumers; the weights never leave
-// the device (the dequantized result replaces them there). Only codes, scales and zeros are
-// copied to the host; their conversion into QuantizedLinear runs on a host thread while the
-// device goes on with the next stage. Error reconstruction runs on the device too (randomized
-// SVD, ReconstructOnDevice) when the backend has it, else on the host (LAPACK) with the weight,
-// its quantized form and the statistics copied there.
-absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveOnDevice(const InputStatistics& stats) {
+// With the backend's solver ops: one factorization per input shared by its consumers; the weights
+// never leave the device (the dequantized result replaces them there). Only codes, scales and
+// zeros are copied to the host; their conversion into QuantizedLinear runs on a host thread while
+// the device goes on with the next stage. Error reconstruction runs on the device (randomized SVD,
+// ReconstructOnDevice) when the backend has it, else on the host (LAPACK, the full SVD of the
+// reference: the CPU backend's case) with the weight, its quantized form and the statistics copied
+// there; that host whitening comes before the factorization, as it always has on the host.
+absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(const InputStatistics& stats) {
   const LinearInput in = stats.input;
   const Tensor& gram = stats.gram;
   BlockWeights& bw = model_.block(b_);
@@ -707,6 +637,17 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveOnDevice(const Input
   const bool gptq = recipe_.method == QuantMethod::kGptq;
   const std::vector<int32_t>& outliers = OutliersOf(in);
   auto t0 = Clock::now();
+  QCAL_RETURN_IF_ERROR(
+      CheckFiniteOnHost(gram, absl::StrCat("calibration statistics of block ", b_)));
+  const bool device_er = DeviceReconstruction();
+  Tensor gram_host;
+  std::optional<WhiteningFactor> whitening;
+  if (recipe_.error_reconstruction.enabled && !device_er) {
+    QCAL_ASSIGN_OR_RETURN(gram_host, be_.ToHost(gram));
+    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+    QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(stats, gram_host));
+    QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
+  }
   kernels::GptqFactor factor;
   kernels::GptqSolveOptions gopt = gopt_;
   gopt.outlier_columns = outliers;
@@ -716,23 +657,16 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveOnDevice(const Input
     factor = std::move(f).value();
     QCAL_RETURN_IF_ERROR(Charge(t_.factor));
   }
-  Tensor gram_host;
-  std::optional<WhiteningFactor> whitening;
-  const bool device_er = DeviceReconstruction();
   Tensor device_whitening;
   if (device_er) {
     QCAL_ASSIGN_OR_RETURN(device_whitening, DeviceWhiteningOf(stats));
-    QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
-  } else if (recipe_.error_reconstruction.enabled) {
-    QCAL_ASSIGN_OR_RETURN(gram_host, be_.ToHost(gram));
-    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
-    QCAL_ASSIGN_OR_RETURN(whitening, WhiteningOf(stats, gram_host));
     QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
   }
   for (LinearKind k : consumers) {
     const std::string name = LinearPrefix(b_, k);
     Linear& lin = bw.at(k);
     const Tensor w = lin.weight;
+    QCAL_RETURN_IF_ERROR(CheckFiniteOnHost(w, absl::StrCat("weight ", name)));
     LayerResult r = NewResult(k, w.dim(0), w.dim(1));
     Tensor w_normal = w;
     if (!outliers.empty() && SmoothingOnDevice(be_)) {

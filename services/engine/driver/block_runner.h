@@ -19,9 +19,14 @@
 // while they fit (Backend::AvailableMemory) and recomputed otherwise; the results are
 // bit-identical either way.
 //
-// Solve runs on the host (the CPU reference solvers of services/engine/quant and aser) or, on a
-// backend with the solver ops (SupportsSolverOp), entirely on its device; then only codes, scales
-// and zeros travel to the host, converted on a host thread while the device goes on (Finish waits).
+// Solve runs on the backend's solver ops (Backend::GptqFactorize, GptqSolve, QuantizeRtn,
+// OutputError), which every backend has (the CPU backend runs their references,
+// kernels/cpu/quant_ref.h): the weights and their quantized forms stay on the device, and only
+// codes, scales and zeros travel to the host, converted on a host thread while the device goes on
+// (Finish waits). Error reconstruction runs on the device where the backend has it
+// (SupportsSolverOp(kErrorReconstruction): a randomized SVD whose rank auto rule sees only the
+// leading singular values), else on the host with the reference's full SVD (services/engine/aser):
+// the CPU backend's case, so that CPU results stay those of the reference.
 //
 // Not thread-safe. After an error the block's weights and the activations are not usable.
 #pragma once
@@ -67,11 +72,11 @@ struct SolvedLinear {
   // The report, the low-rank factors, activation bits and folded tensors; `quantized` too once
   // `conversion` (if valid) has been waited for.
   LayerResult result;
-  // The dequantized weight on the backend's device (device solves); undefined when Install is to
-  // dequantize result.quantized itself.
+  // The dequantized weight on the backend's device, from Solve; undefined for a linear solved
+  // elsewhere (received as an artifact), which Install dequantizes from result.quantized.
   Tensor weight;
-  // Device solves: the host conversion of codes, scales and zeros into result.quantized, still
-  // running. Invalid for host solves.
+  // From Solve: the host conversion of codes, scales and zeros into result.quantized, still
+  // running. A caller that sends the result elsewhere waits for it first.
   std::future<QuantizedLinear> conversion;
 };
 
@@ -149,8 +154,7 @@ class BlockRunner {
   absl::Status Reconstruct(LinearInput in, const float* w, const std::vector<float>& w_hat,
                            const Tensor& gram_host, const WhiteningFactor& whitening, double denom,
                            LayerResult& r);
-  absl::StatusOr<std::vector<SolvedLinear>> SolveOnHost(const InputStatistics& stats);
-  absl::StatusOr<std::vector<SolvedLinear>> SolveOnDevice(const InputStatistics& stats);
+  absl::StatusOr<std::vector<SolvedLinear>> SolveInput(const InputStatistics& stats);
 
   Model& model_;
   kernels::Backend& be_;
@@ -159,7 +163,6 @@ class BlockRunner {
   StageTimes& t_;
   const int b_;
   const QuantSpec spec_;
-  const bool device_solve_;
   kernels::GptqSolveOptions gopt_;
   // Channels of each linear input (LinearInput order).
   std::array<int64_t, kNumLinearInputs> widths_{};

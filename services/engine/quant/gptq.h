@@ -1,40 +1,9 @@
 // GPTQ (OPTQ) on the CPU: quantizes a weight matrix column by column, spreading each column's
 // rounding error over the columns not yet quantized so that the layer output error
-// ||(W - W^) X^T|| stays small (DESIGN.md section 3, "GPTQ (OPTQ)"). It is the reference for the
-// CUDA solver.
-//
-// Algorithm. H is the input Gram matrix (any positive multiple of X^T X: every step below is
-// invariant to its scale).
-//   1. Dead columns (H_jj = 0) and the requested outlier columns are taken out: their H row and
-//      column become the identity's and W[:, j] = 0, so they neither receive nor spread error and
-//      quantize to exactly 0. Groups keep the original column indices.
-//   2. Act-order (optional): columns are visited by decreasing diag H (stable: ties keep the lower
-//      index first, the diagonal taken after step 1 and before damping); groups are consecutive
-//      runs of g columns in that order, and g_idx records each original column's group.
-//   3. Damping: H += damp * mean(diag H) * I.
-//   4. U = upper Cholesky factor of H^-1 (potrf, potri, potrf in the precision T).
-//   5. For each column i in visiting order: q_i = Q(w_i), e = (w_i - w^_i) / U_ii, and every later
-//      column j takes w_j -= e U_ij.
-//
-// Lazy batches. Step 5 is done in blocks of `block_size` columns. Inside a block the update of
-// step 5 is applied at once to the block's own columns only (a rank-1 update of a narrow panel),
-// and the errors e are collected in E [d_out][block]. At the end of the block all later columns
-// take W[:, end:] -= E U[block, end:] in one GEMM. The result is the same as step 5 up to rounding.
-//
-// Groups. A group's scale and zero point are fitted when the visit reaches its first column, on
-// the group's current values: every error from earlier columns must already be in them. Inside a
-// block that holds for the block's own columns; a group that starts inside a block but extends past
-// its end would miss the pending lazy update of its later columns, so the block is cut short just
-// before such a group: the cut applies the pending update (the "flush") to every later column,
-// and the group then starts the next block. With g a multiple of the block size or the block size
-// a multiple of g (the usual 128/128, 32/128) no block is ever cut.
-//
-// Determinism. Given U, rows of W are independent: each row's column loop reads only that row and
-// U. The column loop runs one row per OpenMP iteration, each row start to finish on one thread with
-// a fixed order of operations, so its bits do not depend on the number of threads or on
-// scheduling. The block-end update is one BLAS GEMM over all rows whose shapes do not depend on the
-// thread count either; its bits depend at most on the BLAS library's own thread count, which a job
-// records (DESIGN.md section 7). Identical inputs therefore give identical codes, scales and zeros.
+// ||(W - W^) X^T|| stays small (DESIGN.md section 3, "GPTQ (OPTQ)"). The algorithm, its lazy
+// batches, groups and determinism are specified by the CPU reference it runs,
+// kernels/cpu/quant_ref.h (GptqFactorize, then GptqSolve); this is the engine's one-call form of
+// it.
 #pragma once
 
 #include <cstdint>

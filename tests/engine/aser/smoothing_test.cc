@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -63,6 +64,27 @@ TEST(ActivationStatsTest, ChunkedAccumulationEqualsMergedPartialsBitForBit) {
   EXPECT_EQ(one.tokens(), 4 * 3 * (seq_len - 1));
   EXPECT_EQ(one.max_abs(), owner.max_abs());
   EXPECT_EQ(std::memcmp(one.sum_abs().data(), owner.sum_abs().data(), width * sizeof(double)), 0);
+}
+
+// The CPU backend's ChannelAbsStats sums in Accumulate's order: its totals, added with AddTotals,
+// give Accumulate's bits, so the statistics do not depend on which of the two paths took them.
+TEST(ActivationStatsTest, CpuChannelAbsStatsTotalsEqualAccumulateBitForBit) {
+  const std::unique_ptr<kernels::Backend> be = CpuBackend();
+  TestRng rng(5);
+  const int64_t width = 23, seq_len = 5;
+  ActivationStats host(width), totals(width);
+  for (int chunk = 0; chunk < 3; ++chunk) {
+    std::vector<float> x(static_cast<size_t>(2 * seq_len * width));
+    for (float& v : x) v = float(rng.StudentT3());
+    ASSERT_TRUE(host.Accumulate(x.data(), 2 * seq_len, width, seq_len).ok());
+    auto c = be->ChannelAbsStats(Tensor::FromVector(x, {2 * seq_len, width}), seq_len);
+    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_TRUE(totals.AddTotals(c->max_abs, c->sum_abs, c->tokens, c->skipped).ok());
+  }
+  EXPECT_EQ(host.tokens(), totals.tokens());
+  EXPECT_EQ(host.skipped(), totals.skipped());
+  EXPECT_EQ(host.max_abs(), totals.max_abs());
+  EXPECT_EQ(std::memcmp(host.sum_abs().data(), totals.sum_abs().data(), width * sizeof(double)), 0);
 }
 
 TEST(ActivationStatsTest, RejectsBadChunks) {

@@ -28,8 +28,9 @@ bool SameBytes(const Tensor& a, const Tensor& b) {
          std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
-// A solved linear as another process receives it: its artifact and its report.
-SolvedLinear Transported(const SolvedLinear& s) {
+// A solved linear as another process receives it: its artifact (once converted) and its report.
+SolvedLinear Transported(SolvedLinear& s) {
+  if (s.conversion.valid()) s.result.quantized = s.conversion.get();
   auto parsed = ParseLayerArtifact(SerializeLayerArtifact(s.result));
   EXPECT_TRUE(parsed.ok()) << parsed.status();
   SolvedLinear out;
@@ -38,9 +39,9 @@ SolvedLinear Transported(const SolvedLinear& s) {
   return out;
 }
 
-std::vector<SolvedLinear> TransportedAll(const std::vector<SolvedLinear>& solved) {
+std::vector<SolvedLinear> TransportedAll(std::vector<SolvedLinear> solved) {
   std::vector<SolvedLinear> out;
-  for (const SolvedLinear& s : solved) out.push_back(Transported(s));
+  for (SolvedLinear& s : solved) out.push_back(Transported(s));
   return out;
 }
 
@@ -59,16 +60,16 @@ absl::StatusOr<std::vector<LayerResult>> RunPhases(Model& model, CalibActivation
     for (LinearInput group :
          {LinearInput::kQkv, LinearInput::kO, LinearInput::kGateUp, LinearInput::kDown}) {
       QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, runner.CollectStatistics(group));
-      QCAL_ASSIGN_OR_RETURN(const std::vector<SolvedLinear> solved, runner.Solve(stats));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, runner.Solve(stats));
       EXPECT_EQ(solved.size(), ConsumersOf(group).size());
-      QCAL_RETURN_IF_ERROR(runner.Install(TransportedAll(solved)));
+      QCAL_RETURN_IF_ERROR(runner.Install(TransportedAll(std::move(solved))));
       QCAL_RETURN_IF_ERROR(runner.Push(group));
     }
   } else {
     QCAL_ASSIGN_OR_RETURN(const auto all, runner.CollectFullPrecisionStatistics());
     for (const InputStatistics& stats : all) {
-      QCAL_ASSIGN_OR_RETURN(const std::vector<SolvedLinear> solved, runner.Solve(stats));
-      QCAL_RETURN_IF_ERROR(runner.Install(TransportedAll(solved)));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, runner.Solve(stats));
+      QCAL_RETURN_IF_ERROR(runner.Install(TransportedAll(std::move(solved))));
     }
     QCAL_RETURN_IF_ERROR(runner.PushBlock());
   }

@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "common/parallel.h"
+#include "common/tensor.h"
 #include "gtest/gtest.h"
+#include "kernels/backend.h"
 #include "services/engine/quant/quantized_linear.h"
 #include "tests/engine/quant/quant_test_data.h"
 
@@ -415,6 +417,53 @@ TEST(GptqDeterminism, RepeatAndThreadCount) {
   ExpectSameQuantization(*two, *again);
   ExpectSameQuantization(*rtn_one, *rtn_two);
   EXPECT_EQ(one->Dequantized(), two->Dequantized());
+}
+
+// The block runner factors a shared input's Hessian once (Backend::GptqFactorize) and solves each
+// consumer with it: on the CPU backend every consumer gets exactly QuantizeGptq<float>'s result.
+TEST(GptqSharedFactor, CpuBackendSolvesMatchQuantizeGptq) {
+  kernels::BackendOptions bo;
+  bo.threads = 2;
+  auto be = kernels::CreateBackend(bo);
+  ASSERT_TRUE(be.ok()) << be.status();
+  const Problem p = MakeProblem(48, 160, 41);
+  const std::vector<float> h = Convert<float>(p.h);
+  Tensor gram = Tensor::FromVector(h, {p.d_in, p.d_in});
+  for (const bool act_order : {false, true}) {
+    SCOPED_TRACE(::testing::Message() << "act_order " << act_order);
+    GptqOptions options = Options(0.01, 64, act_order);
+    options.outlier_columns = {5, 99};
+    kernels::GptqSolveOptions solve;
+    solve.damp = options.damp;
+    solve.block_size = options.block_size;
+    solve.act_order = options.act_order;
+    solve.outlier_columns = options.outlier_columns;
+    auto factor = (*be)->GptqFactorize(gram, solve);
+    ASSERT_TRUE(factor.ok()) << factor.status();
+    const QuantSpec spec = Spec(4, 32);
+    for (uint64_t seed : {7, 8, 9}) {  // three consumers of the input (q, k, v)
+      const std::vector<float> w =
+          Convert<float>(HeavyTailedWeights<double>(p.d_out, p.d_in, seed));
+      GptqStats stats;
+      auto want = QuantizeGptq(w.data(), h.data(), p.d_out, p.d_in, spec, options, &stats);
+      ASSERT_TRUE(want.ok()) << want.status();
+      auto got = (*be)->GptqSolve(Tensor::FromVector(w, {p.d_out, p.d_in}), *factor, spec,
+                                  options.block_size);
+      ASSERT_TRUE(got.ok()) << got.status();
+      const uint8_t* codes = got->codes.data<uint8_t>();
+      EXPECT_EQ(std::vector<int32_t>(codes, codes + got->codes.numel()), want->codes);
+      const float* scales = got->scales.data<float>();
+      EXPECT_EQ(std::vector<float>(scales, scales + got->scales.numel()), want->scales);
+      const int32_t* zeros = got->zeros.data<int32_t>();
+      EXPECT_EQ(std::vector<int32_t>(zeros, zeros + got->zeros.numel()), want->zeros);
+      const float* w_hat = got->dequantized.data<float>();
+      EXPECT_EQ(std::vector<float>(w_hat, w_hat + got->dequantized.numel()), want->Dequantized());
+      EXPECT_EQ(got->g_idx, want->g_idx);
+      EXPECT_EQ(got->perm, want->perm);
+      EXPECT_EQ(factor->damp_used, stats.damp_used);
+      EXPECT_EQ(factor->outlier_columns, stats.outlier_columns);
+    }
+  }
 }
 
 TEST(GptqErrors, RejectsBadInput) {
