@@ -61,6 +61,11 @@ std::shared_ptr<Storage> AllocateHost(size_t bytes) {
   std::call_once(configured, [] {
     mallopt(M_MMAP_THRESHOLD, 1 << 30);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    // Short-lived threads (block readers, spills, per-linear conversions) would each get an arena
+    // of their own that keeps what it freed: with a 1 GiB trim threshold the resident set then
+    // grows block after block. Two arenas bound that; allocations are per op, not per element,
+    // so the lock is not contended.
+    mallopt(M_ARENA_MAX, 2);
   });
   size_t rounded = ((bytes + 63) / 64) * 64;
   if (rounded == 0) rounded = 64;

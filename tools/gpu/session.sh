@@ -17,7 +17,7 @@
 #   7. (steps stream13, stream70; not in the default set) the streaming engine at real sizes on
 #      the local disk: `qcal synth --preset 13b` (26 GB of bf16 shards), then `qcal quantize
 #      --device cuda --compute-dtype bf16` GPTQ W4 g128, 128 x 2048 calibration, 16 evaluation
-#      windows, and `qcal bench --shape 13b` with the same recipe (the ratio of the job's
+#      windows of 512 tokens (the synthetic eval.txt holds about 20), and `qcal bench --shape 13b` with the same recipe (the ratio of the job's
 #      quantize stages to the bench); the files are deleted after. stream70: the same with
 #      `--preset 70b --layers 12` against `qcal bench --shape 70b`'s time per block;
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
@@ -270,7 +270,8 @@ stream_job() {
   start=$SECONDS
   timeout 480 "$qcal" quantize --device cuda --compute-dtype bf16 --model "$work/model" \
     --recipe "$work/w4g128.yaml" --calib "$work/model/calib.txt" --samples 128 --seq-len 2048 \
-    --eval-text "$work/model/eval.txt" --eval-max-windows 16 --scratch-dir "$work/scratch" \
+    --eval-text "$work/model/eval.txt" --eval-seq-len 512 --eval-max-windows 16 \
+    --scratch-dir "$work/scratch" \
     --out "$work/out" --json >"$out/stream_${label}_quantize.json" 2>>"$log"
   rc=$?
   local wall=$((SECONDS - start))
