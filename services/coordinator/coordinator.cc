@@ -319,6 +319,10 @@ void Coordinator::UpdateGauges() {
   metrics_->SetJobs(by_state);
   metrics_->SetBlocks(done, total);
   metrics_->SetWorkerLeases(scheduler_.live_leases());
+  PublishDeviceMemory();
+}
+
+void Coordinator::PublishDeviceMemory() {
   int64_t memory = 0;
   for (const auto& [w, bytes] : device_memory_) memory += bytes;
   metrics_->SetDeviceMemory(memory);
@@ -573,6 +577,7 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
   const v1::Lease& lease = request.lease();
   QCAL_RETURN_IF_ERROR(scheduler_.Heartbeat(lease.worker_id(), lease.epoch(), clock_->Now()));
   device_memory_[lease.worker_id()] = request.device_memory_bytes();
+  PublishDeviceMemory();
   if (!request.job_id().empty() &&
       scheduler_.CheckHolds(lease.worker_id(), lease.epoch(), request.job_id()).ok()) {
     JobRecord& rec = jobs_.at(request.job_id());

@@ -176,6 +176,8 @@ class Coordinator {
   void Emit(const JobRecord& rec, const std::string& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::ProgressEvent MakeEvent(const JobRecord& rec) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void UpdateGauges() ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // qcal_device_memory_bytes from the workers' last heartbeats.
+  void PublishDeviceMemory() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string NewJobId() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string ActivationDir(const std::string& job_id) const;
   int64_t NowMs() const;

@@ -372,9 +372,8 @@ absl::StatusOr<Tensor> Model::Embed(const std::vector<int>& ids) {
                                                        embed_tokens_.dim(0), ")"));
       }
     }
-    QCAL_ASSIGN_OR_RETURN(Tensor rows, backend_->device() == Device::kHost
-                                           ? absl::StatusOr<Tensor>(Tensor::Zeros(DType::kF32, {n, d}))
-                                           : backend_->AllocHost(DType::kF32, {n, d}));
+    // From the backend, so that its memory accounting sees the activations.
+    QCAL_ASSIGN_OR_RETURN(Tensor rows, backend_->AllocHost(DType::kF32, {n, d}));
     for (int64_t i = 0; i < n; ++i) {
       Tensor dst = rows.Rows(i, i + 1);
       ConvertInto(embed_tokens_.Rows(ids[i], ids[i] + 1), dst);

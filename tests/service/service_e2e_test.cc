@@ -46,17 +46,6 @@ void ExpectSucceededWithBaseline(Cluster& c, const std::string& job_id, const st
   EXPECT_EQ(nlohmann::json::parse(*run)["job_id"], job_id);
 }
 
-// One value of a metric in the coordinator's /metrics text, -1 when absent.
-double Metric(Cluster& c, const std::string& series) {
-  absl::StatusOr<std::string> text = HttpGet(c.metrics_port(), "/metrics");
-  if (!text.ok()) return -1;
-  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
-    if (line.rfind(series + " ", 0) == 0)
-      return std::stod(std::string(line.substr(series.size() + 1)));
-  }
-  return -1;
-}
-
 TEST(ServiceE2eTest, SubmitSucceedsWithTheLocalOutput) {
   Cluster c("e2e-happy");
   c.StartCoordinator();
@@ -118,6 +107,19 @@ TEST(ServiceE2eTest, SubmitSucceedsWithTheLocalOutput) {
   EXPECT_EQ(nlohmann::json::parse(list.out)["jobs"].size(), 1u);
   EXPECT_EQ(Metric(c, "qcal_blocks_committed_total"), c.model().num_blocks);
   EXPECT_GT(Metric(c, "qcal_hessian_flops_per_second"), 0);
+  // The job's peaks reach the metrics as the job recorded them.
+  {
+    absl::StatusOr<std::string> run = ReadFileToString(c.output_root() + "/happy/qcal_run.json");
+    ASSERT_TRUE(run.ok());
+    const nlohmann::json r = nlohmann::json::parse(*run);
+    EXPECT_GT(r["peak_rss_bytes"].get<int64_t>(), 0);
+    EXPECT_GT(r["peak_device_bytes"].get<int64_t>(), 0);  // the CPU backend's tensors
+    EXPECT_EQ(Metric(c, "qcal_job_peak_rss_bytes"), r["peak_rss_bytes"].get<double>());
+    EXPECT_EQ(Metric(c, "qcal_job_peak_device_memory_bytes"),
+              r["peak_device_bytes"].get<double>());
+  }
+  // Between jobs no backend holds memory.
+  EXPECT_EQ(Metric(c, "qcal_device_memory_bytes"), 0);
   // Every linear's errors: RTN, the recipe's quantizer, and after error reconstruction (the
   // harness recipe has it).
   for (const char* kind : {"rtn", "recipe", "reconstructed"}) {

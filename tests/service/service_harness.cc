@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/files.h"
 #include "gtest/gtest.h"
@@ -356,6 +357,17 @@ std::string CompareOutputs(const std::string& a, const std::string& b) {
     if (!x.ok() || !y.ok() || *x != *y) return absl::StrCat(f, " differs");
   }
   return "";
+}
+
+double Metric(Cluster& c, const std::string& series) {
+  absl::StatusOr<std::string> text = HttpGet(c.metrics_port(), "/metrics");
+  if (!text.ok()) return -1;
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    if (line.rfind(series + " ", 0) == 0) {
+      return std::stod(std::string(line.substr(series.size() + 1)));
+    }
+  }
+  return -1;
 }
 
 absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {

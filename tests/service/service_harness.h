@@ -140,6 +140,9 @@ std::string CompareOutputs(const std::string& a, const std::string& b);
 
 // GET http://127.0.0.1:port/path; the body, or an error.
 absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
+// One value of a metric in the coordinator's /metrics text ("name" or "name{labels}"), -1 when
+// absent or unreadable.
+double Metric(Cluster& c, const std::string& series);
 // A free loopback TCP port (bound and released).
 int FreePort();
 

@@ -131,6 +131,9 @@ TEST_P(ServiceStreamingTest, ShardDamagedWhileRunningFailsTheJobAndTheServiceGoe
   EXPECT_EQ(running->state(), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(running->blocks_done(), 2);
   EXPECT_EQ(running->num_blocks(), kBlocks);
+  // Heartbeats sent while the job ran carried the memory its backend held (at least the
+  // calibration activations; before the worker filled it, the gauge was always 0).
+  EXPECT_GT(Metric(c, "qcal_device_memory_bytes"), 0);
 
   const std::string shard_path = model_dir + "/" + shard;
   if (damage == Damage::kTruncate) {
