@@ -1,11 +1,9 @@
 #include "common/tensor.h"
 
+#include <malloc.h>
 #include <sys/mman.h>
 
 #include <algorithm>
-
-#include <malloc.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <mutex>

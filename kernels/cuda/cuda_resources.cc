@@ -1,7 +1,6 @@
 #include "kernels/cuda/cuda_resources.h"
 
 #include <algorithm>
-
 #include <utility>
 
 #include "absl/strings/str_cat.h"

@@ -108,9 +108,9 @@ absl::StatusOr<Tensor> ReadFloat(const CheckpointReader& reader, const std::stri
   if (t.shape() != shape ||
       (t.dtype() != DType::kF32 && t.dtype() != DType::kF16 && t.dtype() != DType::kBF16)) {
     QCAL_ASSIGN_OR_RETURN(std::string file, reader.FileOf(name));
-    return absl::InvalidArgumentError(
-        absl::StrCat(file, ": tensor \"", name, "\" is ", t.DebugString(), ", expected ",
-                     ShapeString(shape), " of F32, F16 or BF16"));
+    return absl::InvalidArgumentError(absl::StrCat(file, ": tensor \"", name, "\" is ",
+                                                   t.DebugString(), ", expected ",
+                                                   ShapeString(shape), " of F32, F16 or BF16"));
   }
   return t;
 }
@@ -250,7 +250,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
     return Place(*backend, f32);
   };
   // The embedding table stays on the host in its stored dtype; Embed gathers rows.
-  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_, ReadFloat(*reader, "model.embed_tokens.weight", {v, d}));
+  QCAL_ASSIGN_OR_RETURN(model->embed_tokens_,
+                        ReadFloat(*reader, "model.embed_tokens.weight", {v, d}));
   model->source_dtypes_["model.embed_tokens.weight"] = model->embed_tokens_.dtype();
   QCAL_ASSIGN_OR_RETURN(model->final_norm_, place_f32("model.norm.weight", {d}));
   if (config.tie_word_embeddings && !reader->Has("lm_head.weight")) {
@@ -261,8 +262,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   }
   model->blocks_.resize(config.num_layers);
   model->resident_.assign(config.num_layers, false);
-  model->source_ = std::make_unique<BlockSource>(std::move(reader), config, backend,
-                                                 options.linear_weight);
+  model->source_ =
+      std::make_unique<BlockSource>(std::move(reader), config, backend, options.linear_weight);
   if (options.residency == BlockResidency::kStreaming) {
     model->source_->Prefetch(0);
     return model;
@@ -272,9 +273,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   return model;
 }
 
-bool Model::resident(int b) const {
-  return b >= 0 && b < num_blocks() && resident_[b];
-}
+bool Model::resident(int b) const { return b >= 0 && b < num_blocks() && resident_[b]; }
 
 absl::Status Model::AcquireBlock(int b) {
   if (b < 0 || b >= num_blocks()) {
@@ -331,12 +330,12 @@ int64_t BlockBytesOf(const ModelConfig& config) {
 }
 
 BlockResidency ResidencyToFit(const ModelConfig& config, kernels::Backend& backend) {
-  const int64_t available = backend.device() == Device::kHost ? AvailableHostMemoryBytes()
-                                                              : backend.AvailableMemory();
+  const int64_t available =
+      backend.device() == Device::kHost ? AvailableHostMemoryBytes() : backend.AvailableMemory();
   if (available < 0) return BlockResidency::kAll;
   // The blocks, lm_head in fp32, and a quarter of what is left for activations and workspaces.
-  const int64_t need = config.num_layers * BlockBytesOf(config) +
-                       config.vocab_size * config.hidden_size * 4;
+  const int64_t need =
+      config.num_layers * BlockBytesOf(config) + config.vocab_size * config.hidden_size * 4;
   return need <= available / 4 * 3 ? BlockResidency::kAll : BlockResidency::kStreaming;
 }
 
@@ -493,8 +492,8 @@ absl::Status Model::AddProjection(int b, LinearKind kind, const Tensor& input, T
 absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache,
                                  const Tap& tap) {
   if (!resident(b)) {
-    return absl::FailedPreconditionError(absl::StrCat("BlockForward: block ", b,
-                                                      " is not loaded (AcquireBlock first)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("BlockForward: block ", b, " is not loaded (AcquireBlock first)"));
   }
   const int64_t rows = int64_t(shape.batch) * shape.seq_len;
   const int64_t d = config_.hidden_size;

@@ -179,8 +179,8 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   }
   std::string templ = (fs::path(scratch_root) / "qcal-job-XXXXXX").string();
   if (mkdtemp(templ.data()) == nullptr) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        scratch_root, ": cannot create a scratch directory: ", std::strerror(errno)));
+    return absl::PermissionDeniedError(
+        absl::StrCat(scratch_root, ": cannot create a scratch directory: ", std::strerror(errno)));
   }
   s->scratch_ = templ;
   s->timings_["load"] = Since(t0);
@@ -221,11 +221,13 @@ absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock() {
     for (const auto& r : *block) err += r.report.rel_error;
     std::string memory = absl::StrFormat("host RSS %.2f GiB", CurrentRssBytes() / double(1 << 30));
     if (backend_->MemoryInUse() >= 0) {
-      absl::StrAppendFormat(&memory, ", device %.2f GiB", backend_->MemoryInUse() / double(1 << 30));
+      absl::StrAppendFormat(&memory, ", device %.2f GiB",
+                            backend_->MemoryInUse() / double(1 << 30));
     }
-    log_(absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s + %.2f s waiting "
-                         "for weights; %s)",
-                         next_block(), num_blocks(), err / block->size(), Since(t0), wait, memory));
+    log_(
+        absl::StrFormat("block %d/%d: mean relative output error %.5f (%.2f s + %.2f s waiting "
+                        "for weights; %s)",
+                        next_block(), num_blocks(), err / block->size(), Since(t0), wait, memory));
   }
   return block;
 }
@@ -299,15 +301,16 @@ absl::Status JobSession::Spill(int b, BlockArtifactsPtr block) {
     if (r.report.rank > 0) adapter_ranks_[r.report.name] = r.report.rank;
   }
   // Serializing and writing a 70B block's artifacts takes seconds: it overlaps the next block.
-  spill_ = std::async(std::launch::async, [path = SpillPath(scratch_, b), block = std::move(block)] {
-    std::string bytes(kSpillMagic, sizeof(kSpillMagic));
-    for (const LayerResult& r : *block) {
-      AppendRecord(bytes, SerializeLayerArtifact(r));
-      AppendRecord(bytes, LayerReportJson(r.report).dump());
-    }
-    return Annotate(WriteStringToFile(path, bytes),
-                    "writing a finished block to the scratch directory");
-  });
+  spill_ =
+      std::async(std::launch::async, [path = SpillPath(scratch_, b), block = std::move(block)] {
+        std::string bytes(kSpillMagic, sizeof(kSpillMagic));
+        for (const LayerResult& r : *block) {
+          AppendRecord(bytes, SerializeLayerArtifact(r));
+          AppendRecord(bytes, LayerReportJson(r.report).dump());
+        }
+        return Annotate(WriteStringToFile(path, bytes),
+                        "writing a finished block to the scratch directory");
+      });
   return absl::OkStatus();
 }
 

@@ -59,8 +59,8 @@ struct JobResult {
   std::string out_dir;
   nlohmann::ordered_json report;  // the contents of qcal_report.json
   bool has_perplexity = false;
-  double perplexity = 0;     // exported checkpoint, loaded back from disk
-  double perplexity_fp = 0;  // the input model
+  double perplexity = 0;           // exported checkpoint, loaded back from disk
+  double perplexity_fp = 0;        // the input model
   int64_t peak_rss_bytes = 0;      // host resident set, highest during the job
   int64_t peak_device_bytes = -1;  // device memory held by tensors, highest (-1: host backend)
 };
@@ -121,9 +121,9 @@ class JobSession {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<Model> model_;
   CalibActivations acts_;
-  std::string scratch_;             // this session's private scratch directory
-  std::future<absl::Status> spill_;  // the spill in flight, if any
-  std::vector<LayerReport> layers_;  // every finished linear's report, in order
+  std::string scratch_;                           // this session's private scratch directory
+  std::future<absl::Status> spill_;               // the spill in flight, if any
+  std::vector<LayerReport> layers_;               // every finished linear's report, in order
   std::map<std::string, int64_t> adapter_ranks_;  // error reconstruction: rank per linear
   size_t calib_tokens_ = 0;
   double load_wait_ = 0;       // seconds spent waiting for block weights (not overlapped)

@@ -115,8 +115,7 @@ TEST(ServiceE2eTest, SubmitSucceedsWithTheLocalOutput) {
     EXPECT_GT(r["peak_rss_bytes"].get<int64_t>(), 0);
     EXPECT_GT(r["peak_device_bytes"].get<int64_t>(), 0);  // the CPU backend's tensors
     EXPECT_EQ(Metric(c, "qcal_job_peak_rss_bytes"), r["peak_rss_bytes"].get<double>());
-    EXPECT_EQ(Metric(c, "qcal_job_peak_device_memory_bytes"),
-              r["peak_device_bytes"].get<double>());
+    EXPECT_EQ(Metric(c, "qcal_job_peak_device_memory_bytes"), r["peak_device_bytes"].get<double>());
   }
   // Between jobs no backend holds memory.
   EXPECT_EQ(Metric(c, "qcal_device_memory_bytes"), 0);

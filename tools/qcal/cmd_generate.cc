@@ -33,9 +33,10 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   // The whole model on the device when it fits; otherwise every token streams every block.
   load.residency = engine::ResidencyToFit(config, *backend);
   if (load.residency == engine::BlockResidency::kStreaming) {
-    spdlog::warn("generate: the model does not fit in {} memory; streaming its blocks for every "
-                 "token (slow)",
-                 backend->name());
+    spdlog::warn(
+        "generate: the model does not fit in {} memory; streaming its blocks for every "
+        "token (slow)",
+        backend->name());
   }
   QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), load));
   std::vector<int> prompt_ids;

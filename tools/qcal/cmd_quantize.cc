@@ -63,8 +63,8 @@ absl::Status RunQuantize(QuantizeArgs& a) {
       for (const auto& l : r.report["layers"]) {
         const std::string shape = std::to_string(l["d_out"].get<int64_t>()) + "x" +
                                   std::to_string(l["d_in"].get<int64_t>());
-        std::printf("%-36s %12s %10.5f %10.5f", l["name"].get<std::string>().c_str(),
-                    shape.c_str(), l["rel_error_rtn"].get<double>(), l["rel_error"].get<double>());
+        std::printf("%-36s %12s %10.5f %10.5f", l["name"].get<std::string>().c_str(), shape.c_str(),
+                    l["rel_error_rtn"].get<double>(), l["rel_error"].get<double>());
         if (er && l.contains("rank")) {
           std::printf(" %6lld %10.5f %8.2f", static_cast<long long>(l["rank"].get<int64_t>()),
                       l["rel_error_er"].get<double>(), 100 * l["extra_params"].get<double>());

@@ -29,9 +29,10 @@ run() {  # run MODEL CALIB SAMPLES LEN EVAL EVAL_LEN MAXWIN METHOD BITS GROUP AC
   printf 'method: %s\nweights:\n  bits: %s\n  group_size: %s\n  grid: %s\ngptq:\n  act_order: %s\n' \
     "$method" "$bits" "$group" "$grid" "$act" >"$recipe"
   local start=$SECONDS
-  local json
+  local json windows=()
+  ((maxwin > 0)) && windows=(--eval-max-windows "$maxwin")  # -1: all windows (the flag's default)
   json=$("$QCAL" quantize --model "$model" --recipe "$recipe" --calib "$calib" --samples "$samples" \
-    --seq-len "$len" --eval-text "$eval" --eval-seq-len "$elen" --eval-max-windows "$maxwin" \
+    --seq-len "$len" --eval-text "$eval" --eval-seq-len "$elen" "${windows[@]}" \
     --out "$WORK/out" --overwrite --threads "$THREADS" --device "$DEVICE" --json 2>"$WORK/log") || {
     cat "$WORK/log" >&2
     exit 1

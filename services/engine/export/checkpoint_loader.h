@@ -33,9 +33,10 @@ struct LoadOptions {
 };
 
 // Loads the checkpoint in `dir` (one model.safetensors or shards with an index, ours or another
-// tool's) and, when `dir`/adapter/adapter_config.json exists, its PEFT LoRA adapter (DESIGN section 5; the low-rank branch of each listed linear, scaled by lora_alpha / r).
-// Errors name the file and the tensor or key at fault: a tensor of the adapter that names no linear
-// of the model, a shape that does not match, lora_A without lora_B, a non-LORA peft_type.
+// tool's) and, when `dir`/adapter/adapter_config.json exists, its PEFT LoRA adapter (DESIGN section
+// 5; the low-rank branch of each listed linear, scaled by lora_alpha / r). Errors name the file and
+// the tensor or key at fault: a tensor of the adapter that names no linear of the model, a shape
+// that does not match, lora_A without lora_B, a non-LORA peft_type.
 absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
                                                       kernels::Backend* backend,
                                                       const LoadOptions& options = {});

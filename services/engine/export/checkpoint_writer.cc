@@ -376,9 +376,8 @@ absl::Status WriteItems(const CheckpointReader& reader, const std::vector<PlanIt
   for (const PlanItem& item : items) {
     if (item.source != Source::kQweight) continue;
     const QuantizedLinear* q = &e->quantized.at(item.key);
-    packed[item.tensor.name] = std::async(std::launch::async, [q, bits] {
-      return PackQweight(q->codes, q->d_out, q->d_in, bits);
-    });
+    packed[item.tensor.name] = std::async(
+        std::launch::async, [q, bits] { return PackQweight(q->codes, q->d_out, q->d_in, bits); });
   }
   for (const PlanItem& item : items) {
     const std::string& name = item.tensor.name;

@@ -34,8 +34,8 @@ class StreamingMemoryTest : public ::testing::Test {
   std::string Synth(int layers) {
     const std::string out = dir_ + "/small-" + std::to_string(layers);
     const testing::RunResult r =
-        testing::RunQcal({"synth", "--preset", "small", "--layers", std::to_string(layers),
-                          "--out", out, "--no-sha256"});
+        testing::RunQcal({"synth", "--preset", "small", "--layers", std::to_string(layers), "--out",
+                          out, "--no-sha256"});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return out;
   }
@@ -58,7 +58,8 @@ class StreamingMemoryTest : public ::testing::Test {
 
 TEST_F(StreamingMemoryTest, PeakRssDoesNotGrowWithTheNumberOfBlocks) {
   recipe_ = dir_ + "/w4.yaml";
-  ASSERT_TRUE(WriteStringToFile(recipe_, "method: gptq\nweights: {bits: 4, group_size: 128}\n").ok());
+  ASSERT_TRUE(
+      WriteStringToFile(recipe_, "method: gptq\nweights: {bits: 4, group_size: 128}\n").ok());
   const std::string m8 = Synth(8), m32 = Synth(32);
   const testing::RunResult q8 = Quantize(m8, dir_ + "/q8");
   ASSERT_EQ(q8.exit_code, 0) << q8.err;
@@ -68,8 +69,8 @@ TEST_F(StreamingMemoryTest, PeakRssDoesNotGrowWithTheNumberOfBlocks) {
   // every block would differ by 24 · kBlockF32Bytes (about 82 MB).
   const int64_t bound = 2 * kBlockF32Bytes;
   EXPECT_LT(std::llabs(q32.max_rss_bytes - q8.max_rss_bytes), bound)
-      << "quantize peak RSS: 8 blocks " << q8.max_rss_bytes << " B, 32 blocks "
-      << q32.max_rss_bytes << " B";
+      << "quantize peak RSS: 8 blocks " << q8.max_rss_bytes << " B, 32 blocks " << q32.max_rss_bytes
+      << " B";
 
   // The job's own accounting agrees with the kernel's.
   for (const auto& [out, r] : {std::pair{dir_ + "/q8", &q8}, std::pair{dir_ + "/q32", &q32}}) {
