@@ -7,10 +7,13 @@
 // before a group that would straddle a block end); the grid rules are quant_grid.h.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "common/tensor.h"
 #include "kernels/quant_grid.h"
@@ -66,6 +69,44 @@ struct GptqFactor {
   double damp_used = 0;       // lambda of the successful factorization
   int cholesky_failures = 0;  // failed factorizations before the success (0..2)
 };
+
+// Steps 1-2 of every backend's GptqFactorize, on the host: marks dead columns (H_jj == 0) and the
+// outlier columns in f.removed (with their counts), sets f.perm to the visiting order (act-order:
+// decreasing effective diagonal, stable), and returns the mean of the effective diagonal (a
+// removed column counts as 1) in double, which damping scales. `diag(j)` is H_jj in the
+// backend's precision. InvalidArgument for an outlier column outside [0, n).
+template <typename DiagFn>
+absl::StatusOr<double> PlanGptqColumns(int64_t n, DiagFn diag, const GptqSolveOptions& options,
+                                       GptqFactor& f) {
+  using T = decltype(diag(int64_t{0}));
+  f.removed.assign(static_cast<size_t>(n), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    if (diag(j) == T(0)) {
+      f.removed[j] = 1;
+      ++f.dead_columns;
+    }
+  }
+  for (int32_t c : options.outlier_columns) {
+    if (c < 0 || c >= n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("outlier column ", c, " is out of range [0, ", n, ")"));
+    }
+    if (!f.removed[c]) {
+      f.removed[c] = 1;
+      ++f.outlier_columns;
+    }
+  }
+  auto effective = [&](int64_t j) { return f.removed[j] ? T(1) : diag(j); };
+  f.perm.resize(static_cast<size_t>(n));
+  std::iota(f.perm.begin(), f.perm.end(), 0);
+  if (options.act_order) {
+    std::stable_sort(f.perm.begin(), f.perm.end(),
+                     [&](int32_t a, int32_t b) { return effective(a) > effective(b); });
+  }
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(effective(j));
+  return sum / static_cast<double>(n);
+}
 
 // A quantized weight W [d_out, d_in] whose tensors live on the backend's device.
 struct QuantizedTensors {

@@ -212,38 +212,12 @@ absl::Status GptqFactorize(const T* h, int64_t n, const GptqSolveOptions& option
   f.n = n;
   f.act_order = options.act_order;
 
-  // 1. Dead and outlier columns.
-  f.removed.assign(static_cast<size_t>(n), 0);
-  for (int64_t j = 0; j < n; ++j) {
-    if (h[j * n + j] == T(0)) {
-      f.removed[j] = 1;
-      ++f.dead_columns;
-    }
-  }
-  for (int32_t c : options.outlier_columns) {
-    if (c < 0 || c >= n) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("outlier column ", c, " is out of range [0, ", n, ")"));
-    }
-    if (!f.removed[c]) {
-      f.removed[c] = 1;
-      ++f.outlier_columns;
-    }
-  }
-  auto diag = [&](int64_t j) { return f.removed[j] ? T(1) : h[j * n + j]; };
-
-  // 2. Visiting order.
-  f.perm.resize(static_cast<size_t>(n));
-  std::iota(f.perm.begin(), f.perm.end(), 0);
-  if (options.act_order) {
-    std::stable_sort(f.perm.begin(), f.perm.end(),
-                     [&](int32_t a, int32_t b) { return diag(a) > diag(b); });
-  }
+  // 1-2. Dead and outlier columns, visiting order.
+  QCAL_ASSIGN_OR_RETURN(const double diag_mean,
+                        PlanGptqColumns(
+                            n, [&](int64_t j) { return h[j * n + j]; }, options, f));
 
   // 3-4. Damping and U, retrying with more damping when H is not positive definite enough.
-  double diag_sum = 0;
-  for (int64_t j = 0; j < n; ++j) diag_sum += static_cast<double>(diag(j));
-  const double diag_mean = diag_sum / static_cast<double>(n);
   std::fill(u, u + n * n, T(0));
   double lambda = options.damp;
   bool factored = false;

@@ -123,33 +123,9 @@ absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& 
   GptqFactor f;
   f.n = n;
   f.act_order = options.act_order;
-  f.removed.assign(static_cast<size_t>(n), 0);
-  for (int64_t j = 0; j < n; ++j) {
-    if (diag[j] == 0.0f) {
-      f.removed[j] = 1;
-      ++f.dead_columns;
-    }
-  }
-  for (int32_t c : options.outlier_columns) {
-    if (c < 0 || c >= n) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("outlier column ", c, " is out of range [0, ", n, ")"));
-    }
-    if (!f.removed[c]) {
-      f.removed[c] = 1;
-      ++f.outlier_columns;
-    }
-  }
-  auto diag_of = [&](int64_t j) { return f.removed[j] ? 1.0f : diag[j]; };
-  f.perm.resize(static_cast<size_t>(n));
-  std::iota(f.perm.begin(), f.perm.end(), 0);
-  if (options.act_order) {
-    std::stable_sort(f.perm.begin(), f.perm.end(),
-                     [&](int32_t a, int32_t b) { return diag_of(a) > diag_of(b); });
-  }
-  double diag_sum = 0;
-  for (int64_t j = 0; j < n; ++j) diag_sum += static_cast<double>(diag_of(j));
-  const double diag_mean = diag_sum / static_cast<double>(n);
+  QCAL_ASSIGN_OR_RETURN(const double diag_mean,
+                        PlanGptqColumns(
+                            n, [&](int64_t j) { return diag[j]; }, options, f));
 
   // 3-4. Damping and U, retried with more damping like the CPU.
   QCAL_ASSIGN_OR_RETURN(Tensor perm, Upload(ctx, f.perm, DType::kI32));

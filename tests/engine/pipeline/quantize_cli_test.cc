@@ -8,6 +8,7 @@
 #include "common/files.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tests/support/subprocess.h"
 #include "tests/support/test_paths.h"
 
@@ -115,6 +116,30 @@ TEST_F(QuantizeCliTest, OutputDirectoryNotEmptyNeedsOverwrite) {
   EXPECT_FALSE(fs::exists(out + "/keep.txt"));
   EXPECT_TRUE(fs::exists(out + "/model.safetensors"));
   EXPECT_THAT(r.out, HasSubstr("\"out\""));
+}
+
+TEST_F(QuantizeCliTest, SlidingWindowShorterThanTheSequenceIsRefused) {
+  // stories260k as a Mistral checkpoint with a 16-token sliding window: a 32-token job and a
+  // 32-token evaluation are refused naming the key and both values; 16 tokens run.
+  const std::string model = dir_ + "/windowed";
+  fs::copy(model_, model, fs::copy_options::recursive);
+  auto config = ReadFileToString(model + "/config.json");
+  ASSERT_TRUE(config.ok());
+  nlohmann::json j = nlohmann::json::parse(*config);
+  j["model_type"] = "mistral";
+  j["sliding_window"] = 16;
+  ASSERT_TRUE(WriteStringToFile(model + "/config.json", j.dump()).ok());
+  const std::string recipe = WriteRecipe("method: rtn\nweights: {bits: 4}\n");
+  const std::string out = dir_ + "/out";
+  model_ = model;
+  ExpectCleanError(Quantize(recipe, out, calib_), "sliding_window 16");
+  EXPECT_FALSE(fs::exists(out));
+  const testing::RunResult eval = testing::RunQcal(
+      {"eval", "--model", model, "--text", calib_, "--seq-len", "32", "--max-windows", "1"});
+  ExpectCleanError(eval, "sliding_window 16 is shorter than the sequence length 32");
+  const testing::RunResult fits = testing::RunQcal(
+      {"eval", "--model", model, "--text", calib_, "--seq-len", "16", "--max-windows", "1"});
+  EXPECT_EQ(fits.exit_code, 0) << fits.err;
 }
 
 TEST_F(QuantizeCliTest, OutputDirectoryNotWritable) {
