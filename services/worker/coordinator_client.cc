@@ -192,6 +192,7 @@ absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease
         out.write(chunk.activations().data(),
                   static_cast<std::streamsize>(chunk.activations().size()));
         break;
+      case v1::ResumeChunk::kChunkData:
       case v1::ResumeChunk::PART_NOT_SET:
         break;
     }
