@@ -163,6 +163,17 @@ absl::StatusOr<v1::JobSpec> NormalizeJobSpec(const v1::JobSpec& spec) {
     n.set_threads(spec.threads());
   }
   n.set_overwrite(spec.has_overwrite() && spec.overwrite());
+  const int64_t shard_size = spec.has_shard_size() ? spec.shard_size() : int64_t{4} << 30;
+  if (shard_size < 1) {
+    return FieldError("shard_size", absl::StrCat("must be at least 1 byte, got ", shard_size));
+  }
+  n.set_shard_size(shard_size);
+  const std::string dtype = spec.has_compute_dtype() ? spec.compute_dtype() : "f32";
+  if (dtype != "f32" && dtype != "bf16") {
+    return FieldError("compute_dtype",
+                      absl::StrCat("must be \"f32\" or \"bf16\", got \"", dtype, "\""));
+  }
+  n.set_compute_dtype(dtype);
   return n;
 }
 
@@ -220,6 +231,8 @@ absl::StatusOr<engine::JobOptions> JobOptionsFromSpec(const v1::JobSpec& spec,
   o.threads = threads;
   o.device = device;
   o.job_id = job_id;
+  if (spec.has_shard_size()) o.shard_size = spec.shard_size();
+  if (spec.has_compute_dtype()) o.compute_dtype = spec.compute_dtype();
   return o;
 }
 

@@ -1,5 +1,7 @@
 // qcal quantize: one local quantization job (DESIGN section 6 and 7: local mode, paths as given,
-// output exactly at --out).
+// output exactly at --out). With the service built in, the job runs through an in-process
+// coordinator and --workers workers (services/local); the engine-only build calls the engine
+// directly. Both give byte-identical outputs.
 #include <cstdio>
 #include <memory>
 
@@ -11,6 +13,10 @@
 #include "services/engine/recipe.h"
 #include "tools/qcal/commands.h"
 
+#if QCAL_WITH_SERVICE
+#include "services/local/local_run.h"
+#endif
+
 namespace qcal::cli {
 namespace {
 
@@ -20,6 +26,7 @@ struct QuantizeArgs {
   bool json = false;
   bool table = false;
   std::string shard_size;
+  int workers = 1;
   DeviceFlags dev;
 };
 
@@ -34,10 +41,15 @@ absl::Status RunQuantize(QuantizeArgs& a) {
     if (!size.ok()) return Annotate(size.status(), "--shard-size");
     a.job.shard_size = *size;
   }
-  QCAL_ASSIGN_OR_RETURN(engine::JobResult r,
-                        engine::RunQuantizeJob(a.job, [](const std::string& line) {
-                          spdlog::info("quantize: {}", line);
-                        }));
+  const engine::JobLogFn log = [](const std::string& line) { spdlog::info("quantize: {}", line); };
+#if QCAL_WITH_SERVICE
+  local::LocalRunOptions lo;
+  lo.job = a.job;
+  lo.workers = a.workers;
+  QCAL_ASSIGN_OR_RETURN(engine::JobResult r, local::RunLocalJob(lo, log));
+#else
+  QCAL_ASSIGN_OR_RETURN(engine::JobResult r, engine::RunQuantizeJob(a.job, log));
+#endif
   const auto& summary = r.report["summary"];
   if (r.peak_device_bytes >= 0) {
     spdlog::info("quantize: peak host RSS {:.2f} GiB, peak device memory {:.2f} GiB",
@@ -128,6 +140,11 @@ RunFn AddQuantize(CLI::App& app) {
   app.add_option("--scratch-dir", j.scratch_dir,
                  "Where finished blocks wait for the export (default: $TMPDIR or /tmp)");
   a->dev.Add(app);
+#if QCAL_WITH_SERVICE
+  app.add_option("--workers", a->workers,
+                 "In-process workers sharing the job, each with --threads (default: 1)")
+      ->check(CLI::Range(1, 64));
+#endif
   app.add_flag("--table", a->table,
                "Also print the per-layer relative output errors (RTN vs the recipe)");
   app.add_flag("--json", a->json, "Print one JSON object: perplexity, perplexity_fp, out, summary");
