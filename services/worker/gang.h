@@ -1,0 +1,43 @@
+// The worker's side of a gang (DESIGN section 7): the plan a task carries, as the engine's
+// GangPlan, and the Transport the engine exchanges over, wrapped so that fault injection can stop
+// or kill the process at exact exchange points (stages "exchange": a statistic's partials or a
+// completed statistic about to go out; "solve": an owner about to send a layer it solved).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "qcal/v1/worker_service.pb.h"
+#include "services/common/fault_injection.h"
+#include "services/engine/gang/plan.h"
+#include "services/engine/gang/transport.h"
+
+namespace qcal::worker {
+
+// The engine's plan from a task's GangPlan (validated: ranges tile the chunks, every linear has
+// exactly one owner). `num_samples` must give the plan's chunk count.
+absl::StatusOr<engine::GangPlan> PlanFromProto(const v1::GangPlan& proto, int num_samples);
+
+// The peers' addresses, by rank.
+std::vector<std::string> PeerAddresses(const v1::GangPlan& proto);
+
+// Forwards to `inner`, hitting the fault points first. Both must outlive it.
+class FaultingTransport final : public engine::Transport {
+ public:
+  FaultingTransport(engine::Transport* inner, service::FaultInjector* faults)
+      : inner_(inner), faults_(faults) {}
+  absl::Status Send(int to, const engine::MessageKey& key, std::string payload) override;
+  absl::StatusOr<std::string> Receive(const engine::MessageKey& key,
+                                      absl::Duration timeout) override {
+    return inner_->Receive(key, timeout);
+  }
+  int64_t bytes_sent() const override { return inner_->bytes_sent(); }
+  double receive_wait_seconds() const override { return inner_->receive_wait_seconds(); }
+
+ private:
+  engine::Transport* const inner_;
+  service::FaultInjector* const faults_;
+};
+
+}  // namespace qcal::worker
