@@ -138,9 +138,9 @@ TEST_F(PeerTransportTest, StaleGangEpochIsRefusedNamingBothEpochs) {
 }
 
 TEST_F(PeerTransportTest, LayerFromNonOwnerIsRefused) {
-  // Linear q is rank 0's; rank 1 sends it.
+  // Linear q is rank 0's; rank 1 sends it (several chunks: refused while the sender streams).
   const absl::Status s = transports_[1]->Send(
-      2, Key(MessageKind::kLayer, static_cast<int>(LinearKind::kQ), 1), "layer");
+      2, Key(MessageKind::kLayer, static_cast<int>(LinearKind::kQ), 1), RandomBytes(8 << 20, 5));
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), "does not own that linear (rank 0 does)")) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), addresses_[2])) << s;
@@ -202,11 +202,13 @@ TEST_F(PeerTransportTest, SlowerPeerIsRetriedUntilItOpensTheTask) {
     EXPECT_TRUE(servers_[2]->SetTask(kJob, Plan(2)).ok());
   });
   const absl::Time start = absl::Now();
-  const absl::Status s = transports_[0]->Send(2, key, "down");
+  const std::string down = RandomBytes(6 << 20, 6);
+  const absl::Status s = transports_[0]->Send(2, key, down);
   opener.join();
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_GE(SecondsSince(start), 0.35);
-  EXPECT_EQ(*transports_[2]->Receive(key, absl::Seconds(1)), "down");
+  EXPECT_TRUE(*transports_[2]->Receive(key, absl::Seconds(1)) == down);
+  EXPECT_EQ(transports_[0]->bytes_sent(), static_cast<int64_t>(down.size()));
 }
 
 TEST_F(PeerTransportTest, NewerEpochIsNotReadyUntilTheDeadline) {

@@ -173,7 +173,10 @@ absl::StatusOr<std::unique_ptr<PeerServer>> PeerServer::Start(const PeerServerOp
 
 PeerServer::~PeerServer() {
   ClearTask();
-  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  // In-flight deliveries are cancelled after 1 s; the server goes before the mailbox it fills.
+  if (server_ == nullptr) return;  // Start failed
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  server_.reset();
 }
 
 absl::Status PeerServer::SetTask(const std::string& job_id, const engine::GangPlan& plan) {
