@@ -52,6 +52,11 @@ int main(int argc, char** argv) {
   app.add_option("--timeout-seconds", timeout_seconds,
                  "Deadline of each coordinator call (default 30)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--peer-listen", o.peer_listen,
+                 "Address of the internal peer service, host:port (default 127.0.0.1:0)");
+  app.add_option("--peer-advertise", o.peer_advertise,
+                 "host:port peers dial (default: the bound --peer-listen address, a wildcard "
+                 "host replaced by the hostname)");
   app.add_option("--token-file", o.coordinator.token_file, "File holding the bearer token");
   app.add_option("--tls-ca", o.coordinator.tls_ca,
                  "CA of the coordinator's certificate (PEM); TLS on");

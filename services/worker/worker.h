@@ -46,6 +46,13 @@ struct WorkerOptions {
   std::string scratch_dir;
   // Long-poll for work this long per AcquireTask call. Default: 5 s.
   absl::Duration acquire_wait = absl::Seconds(5);
+  // host:port the internal peer service listens on (gang members exchange statistics and layers
+  // there); port 0 picks a free one. Default: "127.0.0.1:0".
+  std::string peer_listen = "127.0.0.1:0";
+  // host:port peers should dial, sent to the coordinator for the gang plan. Default: "" (the bound
+  // peer_listen address, a wildcard host 0.0.0.0 or [::] replaced by the hostname; see
+  // AdvertiseAddress in services/worker/peer/peer_server.h).
+  std::string peer_advertise;
 
   absl::Status Validate() const;
 };
