@@ -166,8 +166,8 @@ absl::StatusOr<v1::JobSpec> NormalizeJobSpec(const v1::JobSpec& spec) {
   const int min_workers = spec.workers().has_min() ? spec.workers().min() : 1;
   const int max_workers = spec.workers().has_max() ? spec.workers().max() : min_workers;
   if (min_workers < 1 || min_workers > kMaxGangWorkers) {
-    return FieldError("workers.min", absl::StrCat("must be in 1..", kMaxGangWorkers, ", got ",
-                                                  min_workers));
+    return FieldError("workers.min",
+                      absl::StrCat("must be in 1..", kMaxGangWorkers, ", got ", min_workers));
   }
   if (max_workers < min_workers || max_workers > kMaxGangWorkers) {
     return FieldError("workers.max", absl::StrCat("must be in workers.min (", min_workers, ")..",

@@ -91,8 +91,7 @@ std::string GangSummary(const v1::Job& job) {
   std::string out = absl::StrCat("gang epoch ", job.gang_epoch(), ":");
   for (const v1::GangMember& m : job.gang()) {
     absl::StrAppend(&out, m.rank() == 0 ? " " : "; ", "rank ", m.rank(), " ", m.worker_id(),
-                    " chunks [", m.chunk_begin(), ",", m.chunk_end(), ") linears ",
-                    LinearList(m));
+                    " chunks [", m.chunk_begin(), ",", m.chunk_end(), ") linears ", LinearList(m));
   }
   return out;
 }
@@ -226,8 +225,7 @@ absl::Status Coordinator::LoadState() {
       restored.push_back(scheduler_.JobRestored(id, rec.seq(), req, job.attempts(),
                                                 GangSizeOf(job.spec()), export_only, members));
     } else if (job.state() == v1::JOB_STATE_QUEUED) {
-      scheduler_.JobQueued(id, rec.seq(), req, job.attempts(), GangSizeOf(job.spec()),
-                           export_only);
+      scheduler_.JobQueued(id, rec.seq(), req, job.attempts(), GangSizeOf(job.spec()), export_only);
     }
     if (!service::IsFinal(job.state()) && job.cancel_requested()) scheduler_.RequestCancel(id);
   }
@@ -651,10 +649,9 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     // Stage changes live in memory only: they are progress, not state.
     rec.mutable_job()->set_stage(request.stage());
     live.block = request.block();
-    Emit(rec, request.block() >= 0
-                  ? absl::StrCat(service::JobStageName(request.stage()), " block ",
-                                 request.block() + 1, "/", rec.job().num_blocks())
-                  : service::JobStageName(request.stage()));
+    Emit(rec, request.block() >= 0 ? absl::StrCat(service::JobStageName(request.stage()), " block ",
+                                                  request.block() + 1, "/", rec.job().num_blocks())
+                                   : service::JobStageName(request.stage()));
   }
   return response;
 }
@@ -925,9 +922,8 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   std::vector<bool> fresh(static_cast<size_t>(n), false);
   std::array<std::optional<LayerDigest>, engine::kNumLinears> in;
   for (int l = 0; l < engine::kNumLinears; ++l) {
-    QCAL_ASSIGN_OR_RETURN(auto stored,
-                          GetRecord<store::v1::LayerRecord>(*store_, Column::kTasks,
-                                                            LayerKey(id, b, l)));
+    QCAL_ASSIGN_OR_RETURN(auto stored, GetRecord<store::v1::LayerRecord>(*store_, Column::kTasks,
+                                                                         LayerKey(id, b, l)));
     if (stored.has_value()) in[static_cast<size_t>(l)] = stored->digest();
   }
   for (int i = 0; i < n; ++i) {
@@ -1028,9 +1024,9 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
     std::string names;
     for (int i = 0; i < n; ++i) {
       if (fresh[static_cast<size_t>(i)]) {
-        absl::StrAppend(&names, names.empty() ? "" : ",",
-                        engine::LinearName(engine::kAllLinears[static_cast<size_t>(
-                            header.layer_index(i))]));
+        absl::StrAppend(
+            &names, names.empty() ? "" : ",",
+            engine::LinearName(engine::kAllLinears[static_cast<size_t>(header.layer_index(i))]));
       }
     }
     Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(), ": ", names,
@@ -1043,8 +1039,8 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   if (header.stats().seconds() > 0) {
     live.block_seconds += header.stats().seconds();
     live.blocks_timed += 1;
-    live.tokens_per_second = static_cast<double>(job.spec().samples()) * job.spec().seq_len() /
-                             header.stats().seconds();
+    live.tokens_per_second =
+        static_cast<double>(job.spec().samples()) * job.spec().seq_len() / header.stats().seconds();
     metrics_->SetCalibrationTokensPerSecond(live.tokens_per_second);
   }
   if (header.stats().hessian_seconds() > 0) {
@@ -1096,10 +1092,10 @@ absl::StatusOr<std::unique_ptr<ActivationUpload>> Coordinator::BeginActivations(
     const v1::Job& job = jobs_.at(header.job_id()).job();
     const v1::GangMember& me = job.gang(rank);
     if (header.chunk() < me.chunk_begin() || header.chunk() >= me.chunk_end()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "job ", header.job_id(), ": chunk ", header.chunk(), " is not in rank ", rank,
-          "'s chunks [", me.chunk_begin(), ", ", me.chunk_end(), ") under gang epoch ",
-          job.gang_epoch()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", header.job_id(), ": chunk ", header.chunk(), " is not in rank ",
+                       rank, "'s chunks [", me.chunk_begin(), ", ", me.chunk_end(),
+                       ") under gang epoch ", job.gang_epoch()));
     }
     const int ahead = job.gang_size() > 1 ? 1 : 0;
     if (header.block() < 1 || header.block() > job.num_blocks() ||
@@ -1134,18 +1130,18 @@ absl::Status Coordinator::AdvanceCheckpoint(JobRecord& updated, const Activation
   std::map<int, int> chunks;  // boundary -> chunks in
   std::vector<std::pair<std::string, ActivationRecord>> records;
   absl::Status decode_error;
-  QCAL_RETURN_IF_ERROR(store_->Scan(
-      Column::kActivations, JobScopedPrefix(job.job_id()),
-      [&](const std::string& key, const std::string& value) {
-        absl::StatusOr<ActivationRecord> a = Decode<ActivationRecord>(Column::kActivations, key, value);
-        if (!a.ok()) {
-          decode_error = a.status();
-          return false;
-        }
-        chunks[a->block()]++;
-        records.emplace_back(key, *std::move(a));
-        return true;
-      }));
+  QCAL_RETURN_IF_ERROR(store_->Scan(Column::kActivations, JobScopedPrefix(job.job_id()),
+                                    [&](const std::string& key, const std::string& value) {
+                                      absl::StatusOr<ActivationRecord> a = Decode<ActivationRecord>(
+                                          Column::kActivations, key, value);
+                                      if (!a.ok()) {
+                                        decode_error = a.status();
+                                        return false;
+                                      }
+                                      chunks[a->block()]++;
+                                      records.emplace_back(key, *std::move(a));
+                                      return true;
+                                    }));
   QCAL_RETURN_IF_ERROR(decode_error);
   if (added != nullptr) chunks[added->block()]++;
   int best = job.checkpoint_block();
@@ -1267,8 +1263,8 @@ absl::StatusOr<ResumePlan> Coordinator::PrepareResume(const v1::FetchResumeReque
     QCAL_ASSIGN_OR_RETURN(auto act,
                           GetRecord<ActivationRecord>(*store_, Column::kActivations, key));
     if (!act.has_value()) {
-      return absl::DataLossError(absl::StrCat("job ", job_id, ": checkpoint at block ", k,
-                                              " lacks chunk ", c));
+      return absl::DataLossError(
+          absl::StrCat("job ", job_id, ": checkpoint at block ", k, " lacks chunk ", c));
     }
     v1::ChunkFile& f = *plan.header.add_chunks();
     f.set_chunk(c);

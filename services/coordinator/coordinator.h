@@ -231,7 +231,7 @@ class Coordinator {
   std::map<std::string, JobRecord> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, std::string> by_seq_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Live> live_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, int64_t> device_memory_ ABSL_GUARDED_BY(mu_);  // per worker
+  std::map<std::string, int64_t> device_memory_ ABSL_GUARDED_BY(mu_);       // per worker
   std::map<std::string, std::string> peer_addresses_ ABSL_GUARDED_BY(mu_);  // per worker
   // Per worker: the cumulative exchange bytes and reduction wait its last heartbeat reported.
   std::map<std::string, std::pair<int64_t, double>> exchange_ ABSL_GUARDED_BY(mu_);

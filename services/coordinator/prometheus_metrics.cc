@@ -327,6 +327,8 @@ absl::StatusOr<std::unique_ptr<PrometheusMetrics>> PrometheusMetrics::Create(
   impl->store_writable.Set(1);
   impl->exchange_bytes.Add({{"rank", "0"}});
   impl->reduction_wait.Add({{"rank", "0"}});
+  impl->block_exchange_bytes.Add({{"rank", "0"}}, ByteBuckets());
+  impl->block_reduction_wait.Add({{"rank", "0"}}, SecondsBuckets());
   auto metrics = std::unique_ptr<PrometheusMetrics>(new PrometheusMetrics(std::move(impl)));
   if (!listen.empty()) {
     PrometheusMetrics* m = metrics.get();
@@ -414,7 +416,6 @@ void PrometheusMetrics::SetJobPeakMemory(int64_t rss_bytes, int64_t device_bytes
   impl_->job_peak_rss.Set(static_cast<double>(rss_bytes));
   impl_->job_peak_device.Set(static_cast<double>(device_bytes));
 }
-
 
 void PrometheusMetrics::AddExchange(int rank, int64_t bytes, double wait_seconds) {
   impl_->exchange_bytes.Add({{"rank", RankLabel(rank)}}).Increment(static_cast<double>(bytes));

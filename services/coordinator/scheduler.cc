@@ -49,9 +49,9 @@ absl::StatusOr<int> Scheduler::CheckGang(const std::string& worker_id, uint64_t 
   if (absl::Status s = CheckHolds(worker_id, epoch, job_id); !s.ok()) return s;
   const JobState& j = jobs_.at(job_id);
   if (gang_epoch != j.gang_epoch) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("job ", job_id, ": gang epoch ", gang_epoch, " is stale (the job runs under ",
-                     j.gang_epoch, "); ask for the task again"));
+    return absl::FailedPreconditionError(absl::StrCat("job ", job_id, ": gang epoch ", gang_epoch,
+                                                      " is stale (the job runs under ",
+                                                      j.gang_epoch, "); ask for the task again"));
   }
   const auto it = std::find(j.members.begin(), j.members.end(), worker_id);
   return static_cast<int>(it - j.members.begin());
@@ -83,9 +83,9 @@ void Scheduler::JobQueued(const std::string& job_id, int64_t seq, const WorkerCa
   queue_.insert({seq, job_id});
 }
 
-Action Scheduler::JobRestored(const std::string& job_id, int64_t seq,
-                              const WorkerCaps& requirement, int attempts, GangSize size,
-                              bool export_only, const std::vector<std::string>& members) {
+Action Scheduler::JobRestored(const std::string& job_id, int64_t seq, const WorkerCaps& requirement,
+                              int attempts, GangSize size, bool export_only,
+                              const std::vector<std::string>& members) {
   JobState& j = jobs_[job_id];
   j.seq = seq;
   j.requirement = requirement;
@@ -242,7 +242,8 @@ absl::StatusOr<std::optional<Action>> Scheduler::Acquire(const std::string& work
     const std::string job_id = queued_id;
     queue_.erase({seq, job_id});
     jobs_.at(job_id).attempts += 1;
-    return std::optional<Action>(Plan(Action::Kind::kAssign, job_id, std::move(members), worker_id));
+    return std::optional<Action>(
+        Plan(Action::Kind::kAssign, job_id, std::move(members), worker_id));
   }
   return std::optional<Action>();
 }
@@ -322,10 +323,9 @@ std::vector<Action> Scheduler::Tick(absl::Time now) {
       auto it = workers_.find(m);
       if (it != workers_.end() && it->second.job_id == job_id) members.push_back(m);
     }
-    const std::string reason = lost.size() == 1
-                                   ? absl::StrCat("the lease of ", lost[0], " expired")
-                                   : absl::StrCat("the leases of ", absl::StrJoin(lost, ", "),
-                                                  " expired");
+    const std::string reason =
+        lost.size() == 1 ? absl::StrCat("the lease of ", lost[0], " expired")
+                         : absl::StrCat("the leases of ", absl::StrJoin(lost, ", "), " expired");
     Action a = Recover(job_id, std::move(members), "", lost[0], reason, /*count_attempt=*/true);
     if (a.kind != Action::Kind::kReplan) a.worker_id = lost[0];
     actions.push_back(std::move(a));

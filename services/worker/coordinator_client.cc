@@ -172,9 +172,9 @@ absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease
   bool have_header = false;
   absl::Status bad;
   std::ofstream out;
-  int open_chunk = -1;    // the chunk `out` writes
-  int64_t written = 0;    // bytes of it so far
-  int next_file = 0;      // index into header.chunks of the next chunk to open
+  int open_chunk = -1;  // the chunk `out` writes
+  int64_t written = 0;  // bytes of it so far
+  int next_file = 0;    // index into header.chunks of the next chunk to open
   while (bad.ok() && reader->Read(&chunk)) {
     switch (chunk.part_case()) {
       case v1::ResumeChunk::kHeader:

@@ -60,9 +60,11 @@ class CoordinatorClient {
                                                       const v1::BlockStats& stats);
   // `path`: the SaveActivations file of calibration chunk `chunk` at the boundary before
   // `block`, streamed from disk.
-  absl::StatusOr<v1::UploadActivationsResponse> UploadActivations(
-      const v1::Lease& lease, const std::string& job_id, int block, int chunk, uint64_t gang_epoch,
-      const std::string& path);
+  absl::StatusOr<v1::UploadActivationsResponse> UploadActivations(const v1::Lease& lease,
+                                                                  const std::string& job_id,
+                                                                  int block, int chunk,
+                                                                  uint64_t gang_epoch,
+                                                                  const std::string& path);
   // Fetches the checkpoint of chunks [chunk_begin, chunk_end) (and, with `artifacts`, the
   // committed artifacts before it), writing chunk c to <dir>/chunk-<c, 6 digits>.safetensors.
   // DATA_LOSS when a received artifact or chunk file does not match its sha256.

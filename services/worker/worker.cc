@@ -333,8 +333,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
       }
       committed.push_back(std::move(artifacts));
     }
-    absl::StatusOr<engine::CalibActivations> acts =
-        LoadChunks(session.backend(), data.chunk_paths);
+    absl::StatusOr<engine::CalibActivations> acts = LoadChunks(session.backend(), data.chunk_paths);
     if (!acts.ok()) return FailJob(task, acts.status());
     if (absl::Status s = session.Restore(committed, *std::move(acts)); !s.ok())
       return FailJob(task, s);

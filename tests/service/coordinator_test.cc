@@ -298,8 +298,8 @@ TEST_F(CoordinatorTest, RestartKeepsJobsAndLeasesAndReplansUnderANewGangEpoch) {
   EXPECT_EQ(jobs->jobs(0).attempts(), 1) << "a restart counts no attempt";
   EXPECT_EQ(jobs->jobs(1).state(), v1::JOB_STATE_QUEUED);
   // The old plan is stale: refused, and the heartbeat says drop.
-  EXPECT_TRUE(absl::IsFailedPrecondition(Commit(w, id, 1, "", {0, 1, 2, 3, 4, 5, 6}, old_epoch)
-                                             .status()));
+  EXPECT_TRUE(
+      absl::IsFailedPrecondition(Commit(w, id, 1, "", {0, 1, 2, 3, 4, 5, 6}, old_epoch).status()));
   v1::HeartbeatRequest hb;
   *hb.mutable_lease() = w;
   hb.set_job_id(id);
@@ -432,8 +432,8 @@ TEST_F(CoordinatorTest, ALostMemberReplansTheGangAndAbandonReplansAgain) {
   bool done = false;
   ASSERT_TRUE(coordinator_->WaitForEvents(id, &cursor, absl::Now(), &events, &done).ok());
   ASSERT_FALSE(events.empty());
-  EXPECT_NE(events.back().message().find(absl::StrCat("re-planned on 2 workers: the lease of ",
-                                                       w2.worker_id(), " expired")),
+  EXPECT_NE(events.back().message().find(
+                absl::StrCat("re-planned on 2 workers: the lease of ", w2.worker_id(), " expired")),
             std::string::npos)
       << events.back().message();
   // Members get the new plan when they ask.

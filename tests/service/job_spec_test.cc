@@ -38,9 +38,9 @@ TEST(JobSpecWorkersTest, OutOfRangeCountsAreInvalidArgumentNamingTheKey) {
     int min, max;  // 0: unset
     const char* key;
   };
-  for (const Case& c : {Case{0, 0, nullptr}, Case{-1, 0, "spec.workers.min"},
-                        Case{65, 0, "spec.workers.min"}, Case{4, 2, "spec.workers.max"},
-                        Case{1, 65, "spec.workers.max"}, Case{0, 0, nullptr}}) {
+  for (const Case& c :
+       {Case{0, 0, nullptr}, Case{-1, 0, "spec.workers.min"}, Case{65, 0, "spec.workers.min"},
+        Case{4, 2, "spec.workers.max"}, Case{1, 65, "spec.workers.max"}, Case{0, 0, nullptr}}) {
     v1::JobSpec spec = testing::TinySpec("a");
     if (c.min != 0) spec.mutable_workers()->set_min(c.min);
     if (c.max != 0) spec.mutable_workers()->set_max(c.max);

@@ -32,8 +32,9 @@ absl::Status RunStatus(const StatusArgs& a) {
               service::JobStageName(job.stage()).c_str(), job.blocks_done(), job.num_blocks(),
               job.checkpoint_block(), job.attempts(), job.spec().output_name().c_str());
   if (job.gang_size() > 0) {
-    std::printf("gang epoch %llu, %d worker%s:\n", static_cast<unsigned long long>(job.gang_epoch()),
-                job.gang_size(), job.gang_size() == 1 ? "" : "s");
+    std::printf("gang epoch %llu, %d worker%s:\n",
+                static_cast<unsigned long long>(job.gang_epoch()), job.gang_size(),
+                job.gang_size() == 1 ? "" : "s");
     for (const v1::GangMember& m : job.gang()) {
       std::string linears;
       for (int l : m.owned_linears()) {
