@@ -948,8 +948,8 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   if (!any_fresh) {
     response.set_already_committed(true);
     response.set_block_complete(done_mark.has_value());
-    Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(), " recomputed by rank ", rank,
-                            ": matches the committed artifacts"));
+    Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(),
+                            " recomputed: matches the committed artifacts (rank ", rank, ")"));
     return response;
   }
 
