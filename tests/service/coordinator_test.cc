@@ -541,6 +541,37 @@ TEST_F(CoordinatorTest, BoundariesArePerChunkAndUsableOnlyWhenComplete) {
   EXPECT_EQ(coordinator_->GetJob(id)->state(), v1::JOB_STATE_FAILED);
 }
 
+TEST_F(CoordinatorTest, ReplanFaultPointIsReachedAfterTheNewPlanIsPersisted) {
+  auto faults = service::FaultInjector::Parse("coordinator:stage=replan:error", "coordinator");
+  ASSERT_TRUE(faults.ok()) << faults.status();
+  coordinator_.reset();
+  const std::string dir = tree_.data + "/store";
+  auto c = Coordinator::Create(
+      options_,
+      [dir]() -> absl::StatusOr<std::unique_ptr<KvStore>> {
+        auto s = RocksStore::Open({dir});
+        if (!s.ok()) return s.status();
+        return std::unique_ptr<KvStore>(*std::move(s));
+      },
+      &clock_, metrics_.get(), faults->get());
+  ASSERT_TRUE(c.ok()) << c.status();
+  coordinator_ = *std::move(c);
+  const std::string id = Submit("alice", testing::TinySpec("a"))->job().job_id();
+  const v1::Lease w = Register();
+  std::optional<v1::Task> t = Acquire(w);
+  ASSERT_TRUE(t.has_value());
+  v1::AbandonTaskRequest abandon;
+  *abandon.mutable_lease() = w;
+  abandon.set_job_id(id);
+  abandon.set_gang_epoch(t->gang().gang_epoch());
+  EXPECT_TRUE(absl::IsInternal(coordinator_->AbandonTask(abandon)));
+  // The fault point comes after the commit point: the new plan is in place.
+  const v1::Job job = *coordinator_->GetJob(id);
+  EXPECT_GT(job.gang_epoch(), t->gang().gang_epoch());
+  EXPECT_EQ(job.attempts(), 2);
+  coordinator_.reset();
+}
+
 TEST_F(CoordinatorTest, StoreWriteErrorRefusesWritesUntilReopened) {
   std::vector<bool> health;
   coordinator_->SetServingCallback([&](bool serving) { health.push_back(serving); });
