@@ -9,7 +9,8 @@
 //            not uploaded), commit (block committed), checkpoint (activations uploaded), finish
 //            (output written, not reported). Coordinator: precommit (before a block's store
 //            write), commit (after it, before the reply), store (the block's store write fails),
-//            complete (output renamed, state not yet written).
+//            complete (output renamed, state not yet written), replan (a gang's new plan was
+//            persisted, before its members hear of it; block = the job's checkpoint block).
 //   ACTION   kill (SIGKILL this process) | error (the point returns INTERNAL) | stop (the process
 //            sends itself SIGSTOP; once a test has done what it needed to while every thread is
 //            frozen, SIGCONT resumes it and the point passes as if no fault were set)

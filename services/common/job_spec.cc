@@ -174,6 +174,18 @@ absl::StatusOr<v1::JobSpec> NormalizeJobSpec(const v1::JobSpec& spec) {
                       absl::StrCat("must be \"f32\" or \"bf16\", got \"", dtype, "\""));
   }
   n.set_compute_dtype(dtype);
+  const int min_workers = spec.workers().has_min() ? spec.workers().min() : 1;
+  const int max_workers = spec.workers().has_max() ? spec.workers().max() : min_workers;
+  if (min_workers < 1 || min_workers > kMaxGangWorkers) {
+    return FieldError("workers.min",
+                      absl::StrCat("must be in 1..", kMaxGangWorkers, ", got ", min_workers));
+  }
+  if (max_workers < min_workers || max_workers > kMaxGangWorkers) {
+    return FieldError("workers.max", absl::StrCat("must be in workers.min (", min_workers, ")..",
+                                                  kMaxGangWorkers, ", got ", max_workers));
+  }
+  n.mutable_workers()->set_min(min_workers);
+  n.mutable_workers()->set_max(max_workers);
   return n;
 }
 
@@ -268,6 +280,21 @@ nlohmann::ordered_json JobToJson(const v1::Job& job) {
   j["device_kind"] = job.device_kind();
   j["threads"] = job.threads();
   j["worker_id"] = job.worker_id();
+  if (job.gang_size() > 0) {
+    j["gang_epoch"] = job.gang_epoch();
+    nlohmann::ordered_json gang = nlohmann::ordered_json::array();
+    for (const v1::GangMember& m : job.gang()) {
+      nlohmann::ordered_json g;
+      g["rank"] = m.rank();
+      g["worker_id"] = m.worker_id();
+      g["peer_address"] = m.peer_address();
+      g["chunks"] = {m.chunk_begin(), m.chunk_end()};
+      g["owned_linears"] = nlohmann::ordered_json::array();
+      for (int l : m.owned_linears()) g["owned_linears"].push_back(l);
+      gang.push_back(std::move(g));
+    }
+    j["gang"] = std::move(gang);
+  }
   j["cancel_requested"] = job.cancel_requested();
   j["error"] = job.error();
   j["output"] = job.spec().output_name();
@@ -292,6 +319,9 @@ nlohmann::ordered_json JobToJson(const v1::Job& job) {
     spec["eval_max_windows"] = s.eval_max_windows();
   }
   if (s.has_threads()) spec["threads"] = s.threads();
+  if (s.has_workers()) {
+    spec["workers"] = {{"min", s.workers().min()}, {"max", s.workers().max()}};
+  }
   absl::StatusOr<engine::Recipe> recipe = RecipeFromProto(s.recipe());
   if (recipe.ok()) spec["recipe"] = recipe->ToCanonicalJson();
   j["spec"] = spec;

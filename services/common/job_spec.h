@@ -23,6 +23,8 @@ inline constexpr int kDefaultSeqLen = 2048;
 // Longest accepted output name and idempotency key, bytes.
 inline constexpr size_t kMaxOutputNameBytes = 200;
 inline constexpr size_t kMaxIdempotencyKeyBytes = 128;
+// Largest gang a job may ask for (JobSpec.workers.max).
+inline constexpr int kMaxGangWorkers = 64;
 
 // The recipe of a spec with unset fields at their defaults, validated (errors name the key, e.g.
 // "recipe key \"weights.bits\" is required (2..8)"). An absent error_reconstruction message means
@@ -33,7 +35,8 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& proto);
 v1::Recipe RecipeToProto(const engine::Recipe& recipe);
 
 // Fills every default and checks every value that needs no file: the recipe, samples, seq_len,
-// eval options, threads, the output name, and that model/calib are given. Paths are checked by
+// eval options, threads, workers (min default 1, max default min, 1 <= min <= max <=
+// kMaxGangWorkers), the output name, and that model/calib are given. Paths are checked by
 // the coordinator against its input root (services/common/input_paths.h). INVALID_ARGUMENT names
 // the field.
 absl::StatusOr<v1::JobSpec> NormalizeJobSpec(const v1::JobSpec& spec);
@@ -61,7 +64,8 @@ bool IsFinal(v1::JobState state);
 
 // The job as one JSON object (`qcal status --json`, `qcal list --json`): job_id, state, stage,
 // client, blocks_done, num_blocks, checkpoint_block, attempts, device_kind, threads, worker_id,
-// error, output, recipe_sha256, perplexity/perplexity_fp when present, and the spec.
+// error, output, recipe_sha256, perplexity/perplexity_fp when present, gang_epoch and gang (rank,
+// worker_id, peer_address, chunks [begin, end), owned_linears) while it has one, and the spec.
 nlohmann::ordered_json JobToJson(const v1::Job& job);
 
 }  // namespace qcal::service

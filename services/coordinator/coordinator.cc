@@ -20,6 +20,7 @@
 #include "nlohmann/json.hpp"
 #include "services/common/job_spec.h"
 #include "services/coordinator/store_schema.h"
+#include "services/engine/gang/plan.h"
 #include "services/engine/model.h"
 #include "services/engine/pipeline.h"
 
@@ -68,6 +69,44 @@ std::string RunJobId(const fs::path& dir) {
 bool IsNonEmptyDir(const fs::path& p) {
   std::error_code ec;
   return fs::is_directory(p, ec) && !fs::is_empty(p, ec);
+}
+
+GangSize GangSizeOf(const v1::JobSpec& spec) {
+  const int min = std::max(1, spec.workers().min());
+  return {min, std::max(min, spec.workers().max())};
+}
+
+// "q,k,v" for a member's owned linears.
+std::string LinearList(const v1::GangMember& m) {
+  std::string out;
+  for (int l : m.owned_linears()) {
+    if (!out.empty()) out += ",";
+    out += engine::LinearName(engine::kAllLinears[static_cast<size_t>(l)]);
+  }
+  return out.empty() ? "-" : out;
+}
+
+// One line describing a plan, for events and logs.
+std::string GangSummary(const v1::Job& job) {
+  std::string out = absl::StrCat("gang epoch ", job.gang_epoch(), ":");
+  for (const v1::GangMember& m : job.gang()) {
+    absl::StrAppend(&out, m.rank() == 0 ? " " : "; ", "rank ", m.rank(), " ", m.worker_id(),
+                    " chunks [", m.chunk_begin(), ",", m.chunk_end(), ") linears ", LinearList(m));
+  }
+  return out;
+}
+
+// Removes the directories left empty under `dir` (deepest first), not `dir` itself.
+void RemoveEmptyDirs(const fs::path& dir) {
+  std::error_code ec;
+  std::vector<fs::path> dirs;
+  for (const auto& e : fs::recursive_directory_iterator(dir, ec)) {
+    if (e.is_directory()) dirs.push_back(e.path());
+  }
+  std::sort(dirs.rbegin(), dirs.rend());
+  for (const fs::path& d : dirs) {
+    if (fs::is_empty(d, ec)) fs::remove(d, ec);
+  }
 }
 
 }  // namespace
@@ -141,6 +180,8 @@ absl::Status Coordinator::LoadState() {
   counters_ = counters.value_or(store::v1::Counters());
   if (counters_.next_epoch() == 0) counters_.set_next_epoch(1);
   if (counters_.next_seq() == 0) counters_.set_next_seq(1);
+  if (counters_.next_gang_epoch() == 0) counters_.set_next_gang_epoch(1);
+  peer_addresses_.clear();
 
   absl::Status decode_error;
   QCAL_RETURN_IF_ERROR(
@@ -150,8 +191,9 @@ absl::Status Coordinator::LoadState() {
           decode_error = w.status();
           return false;
         }
-        // Restored leases get a fresh period: a live worker keeps its job across the restart.
+        // Restored leases get a fresh period: a live gang goes on under a new plan.
         scheduler_.WorkerJoined(w->worker_id(), w->epoch(), {w->device_kind(), w->threads()}, now);
+        peer_addresses_[w->worker_id()] = w->peer_address();
         return true;
       }));
   QCAL_RETURN_IF_ERROR(decode_error);
@@ -163,33 +205,31 @@ absl::Status Coordinator::LoadState() {
           return false;
         }
         by_seq_[rec->seq()] = rec->job().job_id();
+        // Gang epochs only grow, whatever the counter says.
+        counters_.set_next_gang_epoch(
+            std::max(counters_.next_gang_epoch(), rec->job().gang_epoch() + 1));
         jobs_[rec->job().job_id()] = *std::move(rec);
         return true;
       }));
   QCAL_RETURN_IF_ERROR(decode_error);
+  scheduler_.SetNextGangEpoch(counters_.next_gang_epoch());
 
-  WriteBatch requeue;
+  std::vector<Action> restored;
   for (auto& [id, rec] : jobs_) {
-    v1::Job& job = *rec.mutable_job();
+    const v1::Job& job = rec.job();
     const WorkerCaps req{job.device_kind(), job.threads()};
+    const bool export_only = job.num_blocks() > 0 && job.blocks_done() == job.num_blocks();
     if (job.state() == v1::JOB_STATE_RUNNING) {
-      if (scheduler_.JobHeld(id, rec.seq(), req, job.attempts(), job.worker_id(), rec.epoch())
-              .ok()) {
-        if (job.cancel_requested()) scheduler_.RequestCancel(id);
-        continue;
-      }
-      job.set_state(v1::JOB_STATE_QUEUED);
-      job.set_stage(v1::JOB_STAGE_QUEUED);
-      job.clear_worker_id();
-      rec.set_epoch(0);
-      requeue.Put(Column::kJobs, JobKey(id), Encode(rec));
+      std::vector<std::string> members;
+      for (const v1::GangMember& m : job.gang()) members.push_back(m.worker_id());
+      restored.push_back(scheduler_.JobRestored(id, rec.seq(), req, job.attempts(),
+                                                GangSizeOf(job.spec()), export_only, members));
+    } else if (job.state() == v1::JOB_STATE_QUEUED) {
+      scheduler_.JobQueued(id, rec.seq(), req, job.attempts(), GangSizeOf(job.spec()), export_only);
     }
-    if (job.state() == v1::JOB_STATE_QUEUED) {
-      if (job.cancel_requested()) scheduler_.RequestCancel(id);
-      scheduler_.JobQueued(id, rec.seq(), req, job.attempts());
-    }
+    if (!service::IsFinal(job.state()) && job.cancel_requested()) scheduler_.RequestCancel(id);
   }
-  if (!requeue.empty()) QCAL_RETURN_IF_ERROR(store_->Write(requeue));
+  for (const Action& a : restored) QCAL_RETURN_IF_ERROR(Apply(a));
 
   // Activation files that no record references (a crash between writing one and committing it,
   // or between committing a newer one and deleting the older) are removed.
@@ -208,9 +248,7 @@ absl::Status Coordinator::LoadState() {
     const std::string rel = fs::relative(e.path(), options_.data_dir).string();
     if (referenced.count(rel) == 0) fs::remove(e.path(), ec);
   }
-  for (const auto& e : fs::directory_iterator(act_root, ec)) {
-    if (e.is_directory() && fs::is_empty(e.path(), ec)) fs::remove(e.path(), ec);
-  }
+  RemoveEmptyDirs(act_root);
   spdlog::info("coordinator: loaded {} jobs, {} worker leases, {} queued", jobs_.size(),
                scheduler_.live_leases(), scheduler_.queued_jobs());
   UpdateGauges();
@@ -436,9 +474,11 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const std::string& 
   const std::string id = job.job_id();
   by_seq_[rec.seq()] = id;
   jobs_[id] = rec;
-  scheduler_.JobQueued(id, rec.seq(), {"", job.threads()}, 0);
+  configs_[id] = facts.config;
+  scheduler_.JobQueued(id, rec.seq(), {"", job.threads()}, 0, GangSizeOf(spec));
   Emit(rec, absl::StrCat("submitted by ", client, ": ", spec.model(), " -> ", spec.output_name(),
-                         " (", facts.num_blocks, " blocks)"));
+                         " (", facts.num_blocks, " blocks, ", spec.workers().min(), "..",
+                         spec.workers().max(), " workers)"));
   UpdateGauges();
   work_cv_.SignalAll();
   v1::SubmitJobResponse response;
@@ -555,14 +595,16 @@ absl::StatusOr<v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
   w.set_device_kind(request.device_kind());
   w.set_threads(request.threads());
   w.set_hostname(request.hostname());
+  w.set_peer_address(request.peer_address());
   WriteBatch batch;
   batch.Put(Column::kWorkers, w.worker_id(), Encode(w));
   batch.Put(Column::kJobs, kCountersKey, Encode(counters));
   QCAL_RETURN_IF_ERROR(Commit(batch));
   counters_ = counters;
   scheduler_.WorkerJoined(w.worker_id(), epoch, {w.device_kind(), w.threads()}, clock_->Now());
-  spdlog::info("coordinator: worker {} registered ({}, {} threads, host {})", w.worker_id(),
-               w.device_kind(), w.threads(), w.hostname());
+  peer_addresses_[w.worker_id()] = w.peer_address();
+  spdlog::info("coordinator: worker {} registered ({}, {} threads, host {}, peers at {})",
+               w.worker_id(), w.device_kind(), w.threads(), w.hostname(), w.peer_address());
   UpdateGauges();
   v1::RegisterWorkerResponse response;
   response.mutable_lease()->set_worker_id(w.worker_id());
@@ -578,21 +620,168 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
   QCAL_RETURN_IF_ERROR(scheduler_.Heartbeat(lease.worker_id(), lease.epoch(), clock_->Now()));
   device_memory_[lease.worker_id()] = request.device_memory_bytes();
   PublishDeviceMemory();
-  if (!request.job_id().empty() &&
-      scheduler_.CheckHolds(lease.worker_id(), lease.epoch(), request.job_id()).ok()) {
-    JobRecord& rec = jobs_.at(request.job_id());
-    Live& live = live_[request.job_id()];
-    if (rec.job().stage() != request.stage() || live.block != request.block()) {
-      // Stage changes live in memory only: they are progress, not state.
-      rec.mutable_job()->set_stage(request.stage());
-      live.block = request.block();
-      Emit(rec, request.block() >= 0
-                    ? absl::StrCat(service::JobStageName(request.stage()), " block ",
-                                   request.block() + 1, "/", rec.job().num_blocks())
-                    : service::JobStageName(request.stage()));
+  v1::HeartbeatResponse response;
+  if (request.job_id().empty()) return response;
+  if (scheduler_.ShouldDrop(lease.worker_id(), request.job_id(), request.gang_epoch())) {
+    response.set_drop_task(true);
+    return response;
+  }
+  JobRecord& rec = jobs_.at(request.job_id());
+  // Exchange totals are cumulative per worker process: the metrics take the increase (all of a
+  // value that went down, from a restarted process).
+  int rank = 0;
+  for (const v1::GangMember& m : rec.job().gang()) {
+    if (m.worker_id() == lease.worker_id()) rank = m.rank();
+  }
+  auto& [bytes, wait] = exchange_[lease.worker_id()];
+  const int64_t bytes_delta = request.exchange_bytes_total() >= bytes
+                                  ? request.exchange_bytes_total() - bytes
+                                  : request.exchange_bytes_total();
+  const double wait_delta = request.reduction_wait_seconds_total() >= wait
+                                ? request.reduction_wait_seconds_total() - wait
+                                : request.reduction_wait_seconds_total();
+  bytes = request.exchange_bytes_total();
+  wait = request.reduction_wait_seconds_total();
+  if (bytes_delta > 0 || wait_delta > 0) metrics_->AddExchange(rank, bytes_delta, wait_delta);
+  Live& live = live_[request.job_id()];
+  // Rank 0 reports the job's progress (the others run the same blocks).
+  if (rank == 0 && (rec.job().stage() != request.stage() || live.block != request.block())) {
+    // Stage changes live in memory only: they are progress, not state.
+    rec.mutable_job()->set_stage(request.stage());
+    live.block = request.block();
+    Emit(rec, request.block() >= 0 ? absl::StrCat(service::JobStageName(request.stage()), " block ",
+                                                  request.block() + 1, "/", rec.job().num_blocks())
+                                   : service::JobStageName(request.stage()));
+  }
+  return response;
+}
+
+absl::StatusOr<const ModelConfig*> Coordinator::ConfigOf(const JobRecord& rec) {
+  const std::string& id = rec.job().job_id();
+  auto it = configs_.find(id);
+  if (it != configs_.end()) return &it->second;
+  const std::string rel = (fs::path(rec.job().spec().model()) / "config.json").string();
+  QCAL_ASSIGN_OR_RETURN(service::ScopedFd fd, input_root_.OpenFile(rel, "spec.model"));
+  QCAL_ASSIGN_OR_RETURN(std::string text, ReadFileToString(fd.ProcPath()));
+  QCAL_ASSIGN_OR_RETURN(ModelConfig config, ParseModelConfig(text, rel));
+  return &(configs_[id] = std::move(config));
+}
+
+v1::Task Coordinator::MakeTask(const JobRecord& rec, int rank) const {
+  const v1::Job& job = rec.job();
+  v1::Task task;
+  task.set_job_id(job.job_id());
+  *task.mutable_spec() = job.spec();
+  task.set_threads(job.threads());
+  task.set_num_blocks(job.num_blocks());
+  task.set_blocks_done(job.blocks_done());
+  task.set_checkpoint_block(job.checkpoint_block());
+  task.set_checkpoint_every(options_.checkpoint_every);
+  task.set_temp_output_name(service::TempOutputName(job.spec().output_name(), job.job_id()));
+  task.set_attempt(job.attempts());
+  v1::GangPlan& plan = *task.mutable_gang();
+  plan.set_gang_epoch(job.gang_epoch());
+  plan.set_rank(rank);
+  plan.set_world(job.gang_size());
+  plan.set_total_chunks(engine::NumChunks(job.spec().samples()));
+  *plan.mutable_members() = job.gang();
+  return task;
+}
+
+absl::Status Coordinator::Apply(const Action& a) {
+  auto it = jobs_.find(a.job_id);
+  if (it == jobs_.end()) return absl::OkStatus();
+  JobRecord& rec = it->second;
+  switch (a.kind) {
+    case Action::Kind::kFailJob:
+      return FinishJob(rec, v1::JOB_STATE_FAILED, a.reason, nullptr);
+    case Action::Kind::kCancelJob:
+      return FinishJob(rec, v1::JOB_STATE_CANCELLED, a.reason, nullptr);
+    case Action::Kind::kRequeue: {
+      JobRecord updated = rec;
+      v1::Job& job = *updated.mutable_job();
+      job.set_state(v1::JOB_STATE_QUEUED);
+      job.set_stage(v1::JOB_STAGE_QUEUED);
+      job.clear_worker_id();
+      job.clear_gang();
+      job.set_gang_epoch(0);
+      WriteBatch batch;
+      batch.Put(Column::kJobs, JobKey(a.job_id), Encode(updated));
+      QCAL_RETURN_IF_ERROR(Commit(batch));
+      rec = updated;
+      Emit(rec, absl::StrCat("requeued: ", a.reason, "; resumes at block ",
+                             rec.job().checkpoint_block(), "/", rec.job().num_blocks()));
+      work_cv_.SignalAll();
+      return absl::OkStatus();
+    }
+    case Action::Kind::kAssign:
+    case Action::Kind::kReplan:
+      break;
+    case Action::Kind::kDeliver:
+    case Action::Kind::kExpireLease:
+      return absl::OkStatus();
+  }
+  absl::StatusOr<const ModelConfig*> config = ConfigOf(rec);
+  if (!config.ok()) {
+    return FinishJob(rec, v1::JOB_STATE_FAILED,
+                     absl::StrCat("cannot plan the job: ", config.status().message()), nullptr);
+  }
+  const int world = static_cast<int>(a.members.size());
+  const engine::GangPlan plan =
+      engine::MakeGangPlan(**config, rec.job().spec().samples(), world, 0, a.gang_epoch);
+  JobRecord updated = rec;
+  v1::Job& job = *updated.mutable_job();
+  job.set_state(v1::JOB_STATE_RUNNING);
+  job.set_stage(v1::JOB_STAGE_LOADING);
+  job.set_worker_id(a.members.front());
+  job.set_attempts(a.attempt);
+  job.set_device_kind(a.caps.device_kind);
+  job.set_threads(a.caps.threads);
+  if (job.started_unix_ms() == 0) job.set_started_unix_ms(NowMs());
+  job.set_gang_epoch(a.gang_epoch);
+  job.clear_gang();
+  for (int r = 0; r < world; ++r) {
+    v1::GangMember& m = *job.add_gang();
+    m.set_rank(r);
+    m.set_worker_id(a.members[static_cast<size_t>(r)]);
+    m.set_peer_address(peer_addresses_[m.worker_id()]);
+    m.set_chunk_begin(plan.chunks[static_cast<size_t>(r)].begin);
+    m.set_chunk_end(plan.chunks[static_cast<size_t>(r)].end);
+    for (int l = 0; l < engine::kNumLinears; ++l) {
+      if (plan.owners[static_cast<size_t>(l)] == r) m.add_owned_linears(l);
     }
   }
-  return v1::HeartbeatResponse();
+  store::v1::Counters counters = counters_;
+  counters.set_next_gang_epoch(scheduler_.next_gang_epoch());
+  WriteBatch batch;
+  batch.Put(Column::kJobs, JobKey(a.job_id), Encode(updated));
+  batch.Put(Column::kJobs, kCountersKey, Encode(counters));
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  const int previous_attempts = rec.job().attempts();
+  rec = updated;
+  counters_ = counters;
+  // A restart's re-plan counts no attempt (and is no retry).
+  if (a.attempt > 1 && a.attempt > previous_attempts) metrics_->AddTaskRetry();
+  Live& live = live_[a.job_id];
+  live.block = -1;
+  live.block_seconds = 0;
+  live.blocks_timed = 0;
+  std::string members;
+  for (const std::string& m : a.members) absl::StrAppend(&members, members.empty() ? "" : ", ", m);
+  const std::string resume = absl::StrCat("resuming at block ", job.checkpoint_block(), "/",
+                                          job.num_blocks(), "; ", GangSummary(job));
+  if (a.kind == Action::Kind::kAssign) {
+    Emit(rec, absl::StrCat("attempt ", a.attempt, " on ", members, " (", job.device_kind(), ", ",
+                           job.threads(), " threads), ", resume));
+  } else {
+    Emit(rec, absl::StrCat(a.reason, "; attempt ", a.attempt, ", ", resume));
+  }
+  UpdateGauges();
+  work_cv_.SignalAll();
+  if (a.kind == Action::Kind::kReplan) {
+    QCAL_RETURN_IF_ERROR(faults_->Hit("replan", job.checkpoint_block()));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<v1::AcquireTaskResponse> Coordinator::AcquireTask(
@@ -607,42 +796,18 @@ absl::StatusOr<v1::AcquireTaskResponse> Coordinator::AcquireTask(
     QCAL_ASSIGN_OR_RETURN(std::optional<Action> action,
                           scheduler_.Acquire(lease.worker_id(), lease.epoch()));
     if (action.has_value()) {
-      JobRecord& rec = jobs_.at(action->job_id);
-      JobRecord updated = rec;
-      v1::Job& job = *updated.mutable_job();
-      job.set_state(v1::JOB_STATE_RUNNING);
-      job.set_stage(v1::JOB_STAGE_LOADING);
-      job.set_worker_id(action->worker_id);
-      job.set_attempts(action->attempt);
-      job.set_device_kind(action->caps.device_kind);
-      job.set_threads(action->caps.threads);
-      if (job.started_unix_ms() == 0) job.set_started_unix_ms(NowMs());
-      updated.set_epoch(action->epoch);
-      WriteBatch batch;
-      batch.Put(Column::kJobs, JobKey(job.job_id()), Encode(updated));
-      QCAL_RETURN_IF_ERROR(Commit(batch));
-      rec = updated;
-      if (action->attempt > 1) metrics_->AddTaskRetry();
-      Live& live = live_[job.job_id()];
-      live.block = -1;
-      live.block_seconds = 0;
-      live.blocks_timed = 0;
-      Emit(rec,
-           absl::StrCat("attempt ", action->attempt, " on ", action->worker_id, " (",
-                        job.device_kind(), ", ", job.threads(), " threads), resuming at block ",
-                        job.checkpoint_block(), "/", job.num_blocks()));
-      UpdateGauges();
+      QCAL_RETURN_IF_ERROR(Apply(*action));
+      auto it = jobs_.find(action->job_id);
+      const bool assigned = action->kind == Action::Kind::kAssign ||
+                            action->kind == Action::Kind::kReplan ||
+                            action->kind == Action::Kind::kDeliver;
+      // A job failed, cancelled or requeued instead (or whose plan failed): look again.
+      if (!assigned || action->rank < 0 || it == jobs_.end() ||
+          it->second.job().state() != v1::JOB_STATE_RUNNING) {
+        continue;
+      }
       v1::AcquireTaskResponse response;
-      v1::Task& task = *response.mutable_task();
-      task.set_job_id(job.job_id());
-      *task.mutable_spec() = job.spec();
-      task.set_threads(job.threads());
-      task.set_num_blocks(job.num_blocks());
-      task.set_blocks_done(job.blocks_done());
-      task.set_checkpoint_block(job.checkpoint_block());
-      task.set_checkpoint_every(options_.checkpoint_every);
-      task.set_temp_output_name(service::TempOutputName(job.spec().output_name(), job.job_id()));
-      task.set_attempt(action->attempt);
+      *response.mutable_task() = MakeTask(it->second, action->rank);
       return response;
     }
     if (shutdown_ || work_cv_.WaitWithDeadline(&mu_, until)) return v1::AcquireTaskResponse();
@@ -665,30 +830,41 @@ absl::Status Coordinator::CheckHolds(const v1::Lease& lease, const std::string& 
   return HeldJob(lease, job_id).status();
 }
 
+absl::StatusOr<int> Coordinator::GangRank(const v1::Lease& lease, const std::string& job_id,
+                                          uint64_t gang_epoch) {
+  QCAL_RETURN_IF_ERROR(HeldJob(lease, job_id).status());
+  return scheduler_.CheckGang(lease.worker_id(), lease.epoch(), job_id, gang_epoch);
+}
+
 absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
     const v1::CommitBlockHeader& header, const std::vector<std::string>& artifacts) {
   const int b = header.block();
+  const int n = header.layers_size();
   // The content checks need no lock.
-  if (header.layers_size() != static_cast<int>(engine::kAllLinears.size()) ||
-      static_cast<int>(artifacts.size()) != header.layers_size()) {
-    return absl::InvalidArgumentError(absl::StrCat("block ", b, ": expected ",
-                                                   engine::kAllLinears.size(), " layers, got ",
-                                                   header.layers_size()));
+  if (n < 1 || n > engine::kNumLinears || static_cast<int>(artifacts.size()) != n ||
+      header.layer_index_size() != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block ", b, ": ", n, " layers with ", header.layer_index_size(),
+                     " layer indices (1..", engine::kNumLinears, " layers, one index each)"));
   }
-  BlockRecord block;
-  block.set_block(b);
-  block.set_worker_id(header.lease().worker_id());
-  block.set_epoch(header.lease().epoch());
+  std::vector<LayerDigest> digests;
   std::vector<engine::LayerReport> reports;
-  for (int l = 0; l < header.layers_size(); ++l) {
-    const v1::LayerManifest& m = header.layers(l);
-    const std::string expected_name = engine::LinearPrefix(b, engine::kAllLinears[l]);
+  std::set<int> seen;
+  for (int i = 0; i < n; ++i) {
+    const v1::LayerManifest& m = header.layers(i);
+    const int l = header.layer_index(i);
+    if (l < 0 || l >= engine::kNumLinears || !seen.insert(l).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", b, ": layer index ", l, " is out of range or repeated"));
+    }
+    const std::string expected_name =
+        engine::LinearPrefix(b, engine::kAllLinears[static_cast<size_t>(l)]);
     if (m.name() != expected_name) {
       return absl::InvalidArgumentError(absl::StrCat("block ", b, " layer ", l, " is \"", m.name(),
                                                      "\", expected \"", expected_name, "\""));
     }
-    const std::string sha = Sha256Hex(artifacts[l]);
-    if (sha != m.sha256() || static_cast<int64_t>(artifacts[l].size()) != m.size()) {
+    const std::string sha = Sha256Hex(artifacts[i]);
+    if (sha != m.sha256() || static_cast<int64_t>(artifacts[i].size()) != m.size()) {
       return absl::InvalidArgumentError(
           absl::StrCat(m.name(), ": the upload does not match its manifest (sha256 ", sha, ")"));
     }
@@ -701,7 +877,7 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
       return absl::InvalidArgumentError(absl::StrCat(m.name(), ": malformed report entry"));
     }
     reports.push_back(*report);
-    LayerDigest& d = *block.add_layers();
+    LayerDigest& d = digests.emplace_back();
     d.set_name(m.name());
     d.set_sha256(sha);
     d.set_size(m.size());
@@ -709,9 +885,12 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   }
 
   absl::MutexLock lock(&mu_);
-  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(header.lease(), header.job_id()));
+  QCAL_ASSIGN_OR_RETURN(const int rank,
+                        GangRank(header.lease(), header.job_id(), header.gang_epoch()));
+  JobRecord* rec = &jobs_.at(header.job_id());
   // Copied: assigning *rec below replaces its Job message.
   const v1::Job job = rec->job();
+  const std::string& id = job.job_id();
   v1::CommitBlockResponse response;
   if (job.cancel_requested()) {
     QCAL_RETURN_IF_ERROR(
@@ -719,55 +898,104 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
     response.set_cancel_job(true);
     return response;
   }
-  if (b < 0 || b >= job.num_blocks() || b > job.blocks_done()) {
-    return absl::FailedPreconditionError(absl::StrCat("job ", job.job_id(), ": block ", b,
+  const v1::GangMember& me = job.gang(rank);
+  for (int i = 0; i < n; ++i) {
+    const int l = header.layer_index(i);
+    if (std::find(me.owned_linears().begin(), me.owned_linears().end(), l) ==
+        me.owned_linears().end()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", id, ": rank ", rank, " (", me.worker_id(), ") does not own ",
+                       digests[static_cast<size_t>(i)].name(), " under gang epoch ",
+                       job.gang_epoch(), "; only its owner commits it"));
+    }
+  }
+  // A gang's owners commit independently: one block past the committed prefix may arrive while
+  // another owner's layers of the block before are still on their way.
+  const int ahead = job.gang_size() > 1 ? 1 : 0;
+  if (b < 0 || b >= job.num_blocks() || b > job.blocks_done() + ahead) {
+    return absl::FailedPreconditionError(absl::StrCat("job ", id, ": block ", b,
                                                       " is out of order (", job.blocks_done(),
                                                       " of ", job.num_blocks(), " committed)"));
   }
-  if (b < job.blocks_done()) {
-    // Recomputed after a resume: must reproduce the committed digests exactly.
-    QCAL_ASSIGN_OR_RETURN(
-        auto stored, GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(job.job_id(), b)));
-    if (!stored.has_value()) {
-      return absl::DataLossError(
-          absl::StrCat("job ", job.job_id(), ": block ", b, " is marked done but has no record"));
+
+  // Layers committed before (an earlier attempt) must be reproduced exactly.
+  std::vector<bool> fresh(static_cast<size_t>(n), false);
+  std::array<std::optional<LayerDigest>, engine::kNumLinears> in;
+  for (int l = 0; l < engine::kNumLinears; ++l) {
+    QCAL_ASSIGN_OR_RETURN(auto stored, GetRecord<store::v1::LayerRecord>(*store_, Column::kTasks,
+                                                                         LayerKey(id, b, l)));
+    if (stored.has_value()) in[static_cast<size_t>(l)] = stored->digest();
+  }
+  for (int i = 0; i < n; ++i) {
+    const LayerDigest& now = digests[static_cast<size_t>(i)];
+    const std::optional<LayerDigest>& then = in[static_cast<size_t>(header.layer_index(i))];
+    if (!then.has_value()) {
+      fresh[static_cast<size_t>(i)] = true;
+      continue;
     }
-    if (stored->layers_size() != block.layers_size()) {
-      return absl::DataLossError(absl::StrCat("job ", job.job_id(), ": block ", b, " record has ",
-                                              stored->layers_size(), " layers"));
+    if (now.sha256() != then->sha256() || now.report_sha256() != then->report_sha256()) {
+      const std::string error =
+          absl::StrCat("determinism error: ", now.name(), " recomputed with sha256 ", now.sha256(),
+                       " (report ", now.report_sha256(), ") but committed with ", then->sha256(),
+                       " (report ", then->report_sha256(), ")");
+      QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
+      return absl::AbortedError(error);
     }
-    for (int l = 0; l < block.layers_size(); ++l) {
-      const LayerDigest& now = block.layers(l);
-      const LayerDigest& then = stored->layers(l);
-      if (now.sha256() != then.sha256() || now.report_sha256() != then.report_sha256()) {
-        const std::string error =
-            absl::StrCat("determinism error: ", now.name(), " recomputed with sha256 ",
-                         now.sha256(), " (report ", now.report_sha256(), ") but committed with ",
-                         then.sha256(), " (report ", then.report_sha256(), ")");
-        QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
-        return absl::AbortedError(error);
-      }
-    }
+  }
+  const bool any_fresh = std::find(fresh.begin(), fresh.end(), true) != fresh.end();
+  QCAL_ASSIGN_OR_RETURN(auto done_mark,
+                        GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(id, b)));
+  if (!any_fresh) {
     response.set_already_committed(true);
+    response.set_block_complete(done_mark.has_value());
     Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(),
-                            " recomputed: matches the committed artifacts"));
+                            " recomputed: matches the committed artifacts (rank ", rank, ")"));
     return response;
   }
 
   QCAL_RETURN_IF_ERROR(faults_->Hit("precommit", b));
-  JobRecord updated = *rec;
-  updated.mutable_job()->set_blocks_done(b + 1);
-  updated.mutable_job()->set_stage(v1::JOB_STAGE_QUANTIZING);
   WriteBatch batch;
-  for (int l = 0; l < header.layers_size(); ++l) {
+  for (int i = 0; i < n; ++i) {
+    if (!fresh[static_cast<size_t>(i)]) continue;
+    const int l = header.layer_index(i);
     ArtifactRecord a;
-    a.set_name(header.layers(l).name());
-    a.set_quantized(artifacts[l]);
-    a.set_report_json(header.layers(l).report_json());
-    batch.Put(Column::kArtifacts, ArtifactKey(job.job_id(), b, l), Encode(a));
+    a.set_name(header.layers(i).name());
+    a.set_quantized(artifacts[static_cast<size_t>(i)]);
+    a.set_report_json(header.layers(i).report_json());
+    batch.Put(Column::kArtifacts, ArtifactKey(id, b, l), Encode(a));
+    store::v1::LayerRecord lr;
+    *lr.mutable_digest() = digests[static_cast<size_t>(i)];
+    lr.set_worker_id(header.lease().worker_id());
+    lr.set_gang_epoch(header.gang_epoch());
+    batch.Put(Column::kTasks, LayerKey(id, b, l), Encode(lr));
+    in[static_cast<size_t>(l)] = digests[static_cast<size_t>(i)];
   }
-  batch.Put(Column::kTasks, BlockKey(job.job_id(), b), Encode(block));
-  batch.Put(Column::kJobs, JobKey(job.job_id()), Encode(updated));
+  const bool complete =
+      std::all_of(in.begin(), in.end(), [](const auto& d) { return d.has_value(); });
+  JobRecord updated = *rec;
+  updated.mutable_job()->set_stage(v1::JOB_STAGE_QUANTIZING);
+  std::vector<std::string> stale_files;
+  if (complete && !done_mark.has_value()) {
+    BlockRecord block;
+    block.set_block(b);
+    block.set_worker_id(header.lease().worker_id());
+    block.set_epoch(header.lease().epoch());
+    for (const auto& d : in) *block.add_layers() = *d;
+    batch.Put(Column::kTasks, BlockKey(id, b), Encode(block));
+    // The committed prefix grows over this block and any later one already done.
+    int done = job.blocks_done();
+    while (done < job.num_blocks()) {
+      if (done != b) {
+        QCAL_ASSIGN_OR_RETURN(auto mark,
+                              GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(id, done)));
+        if (!mark.has_value()) break;
+      }
+      ++done;
+    }
+    updated.mutable_job()->set_blocks_done(done);
+    QCAL_RETURN_IF_ERROR(AdvanceCheckpoint(updated, nullptr, batch, &stale_files));
+  }
+  batch.Put(Column::kJobs, JobKey(id), Encode(updated));
   if (absl::Status injected = faults_->Hit("store", b); !injected.ok()) {
     // Behave exactly as a failed store write does.
     metrics_->ObserveStoreWrite(0, 0, false);
@@ -777,29 +1005,49 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   }
   QCAL_RETURN_IF_ERROR(Commit(batch));
   *rec = updated;
+  std::error_code ec;
+  for (const std::string& f : stale_files) fs::remove(f, ec);
   QCAL_RETURN_IF_ERROR(faults_->Hit("commit", b));
+  response.set_block_complete(complete);
+  if (rec->job().blocks_done() == rec->job().num_blocks()) scheduler_.SetExportOnly(id);
 
+  for (int i = 0; i < n; ++i) {
+    if (!fresh[static_cast<size_t>(i)]) continue;
+    const engine::LayerReport& r = reports[static_cast<size_t>(i)];
+    metrics_->ObserveLayer(header.layers(i).solve_seconds(), r.rel_error_rtn, r.rel_error,
+                           r.rank > 0 ? r.rel_error_er : -1.0);
+  }
+  metrics_->ObserveBlockExchange(rank, header.stats().exchange_bytes(),
+                                 header.stats().reduction_wait_seconds());
+  Live& live = live_[id];
+  if (!complete || done_mark.has_value()) {
+    std::string names;
+    for (int i = 0; i < n; ++i) {
+      if (fresh[static_cast<size_t>(i)]) {
+        absl::StrAppend(
+            &names, names.empty() ? "" : ",",
+            engine::LinearName(engine::kAllLinears[static_cast<size_t>(header.layer_index(i))]));
+      }
+    }
+    Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(), ": ", names,
+                            " committed by rank ", rank));
+    return response;
+  }
   metrics_->AddBlockCommitted();
   metrics_->ObserveStage("block", header.stats().seconds());
-  for (int l = 0; l < header.layers_size(); ++l) {
-    metrics_->ObserveLayer(header.layers(l).solve_seconds(), reports[l].rel_error_rtn,
-                           reports[l].rel_error,
-                           reports[l].rank > 0 ? reports[l].rel_error_er : -1.0);
-  }
-  Live& live = live_[job.job_id()];
   live.block = b;
   if (header.stats().seconds() > 0) {
     live.block_seconds += header.stats().seconds();
     live.blocks_timed += 1;
     live.tokens_per_second =
-        static_cast<double>(header.stats().tokens()) / header.stats().seconds();
+        static_cast<double>(job.spec().samples()) * job.spec().seq_len() / header.stats().seconds();
     metrics_->SetCalibrationTokensPerSecond(live.tokens_per_second);
   }
   if (header.stats().hessian_seconds() > 0) {
     metrics_->SetHessianFlopsPerSecond(header.stats().hessian_flops() /
                                        header.stats().hessian_seconds());
   }
-  Emit(*rec, absl::StrCat("block ", b + 1, "/", rec->job().num_blocks(), " committed"));
+  Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(), " committed"));
   UpdateGauges();
   return response;
 }
@@ -839,11 +1087,22 @@ absl::StatusOr<std::unique_ptr<ActivationUpload>> Coordinator::BeginActivations(
   }
   {
     absl::MutexLock lock(&mu_);
-    QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(header.lease(), header.job_id()));
-    if (header.block() < 1 || header.block() > rec->job().blocks_done()) {
+    QCAL_ASSIGN_OR_RETURN(const int rank,
+                          GangRank(header.lease(), header.job_id(), header.gang_epoch()));
+    const v1::Job& job = jobs_.at(header.job_id()).job();
+    const v1::GangMember& me = job.gang(rank);
+    if (header.chunk() < me.chunk_begin() || header.chunk() >= me.chunk_end()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", header.job_id(), ": chunk ", header.chunk(), " is not in rank ",
+                       rank, "'s chunks [", me.chunk_begin(), ", ", me.chunk_end(),
+                       ") under gang epoch ", job.gang_epoch()));
+    }
+    const int ahead = job.gang_size() > 1 ? 1 : 0;
+    if (header.block() < 1 || header.block() > job.num_blocks() ||
+        header.block() > job.blocks_done() + ahead) {
       return absl::FailedPreconditionError(
           absl::StrCat("job ", header.job_id(), ": no checkpoint at block ", header.block(), " (",
-                       rec->job().blocks_done(), " blocks committed)"));
+                       job.blocks_done(), " blocks committed)"));
     }
   }
   std::error_code ec;
@@ -852,14 +1111,51 @@ absl::StatusOr<std::unique_ptr<ActivationUpload>> Coordinator::BeginActivations(
   auto upload = std::unique_ptr<ActivationUpload>(new ActivationUpload());
   upload->header_ = header;
   upload->started_ = absl::Now();
-  upload->staging_path_ =
-      (dir / absl::StrCat(".upload-", header.block(), "-", header.lease().epoch())).string();
+  upload->staging_path_ = (dir / absl::StrCat(".upload-", header.block(), "-", header.chunk(), "-",
+                                              header.lease().epoch()))
+                              .string();
   upload->fd_ = open(upload->staging_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (upload->fd_ < 0) {
     return absl::UnavailableError(
         absl::StrCat(upload->staging_path_, ": cannot create: ", std::strerror(errno)));
   }
   return upload;
+}
+
+absl::Status Coordinator::AdvanceCheckpoint(JobRecord& updated, const ActivationRecord* added,
+                                            WriteBatch& batch,
+                                            std::vector<std::string>* stale_files) {
+  v1::Job& job = *updated.mutable_job();
+  const int total = engine::NumChunks(job.spec().samples());
+  std::map<int, int> chunks;  // boundary -> chunks in
+  std::vector<std::pair<std::string, ActivationRecord>> records;
+  absl::Status decode_error;
+  QCAL_RETURN_IF_ERROR(store_->Scan(Column::kActivations, JobScopedPrefix(job.job_id()),
+                                    [&](const std::string& key, const std::string& value) {
+                                      absl::StatusOr<ActivationRecord> a = Decode<ActivationRecord>(
+                                          Column::kActivations, key, value);
+                                      if (!a.ok()) {
+                                        decode_error = a.status();
+                                        return false;
+                                      }
+                                      chunks[a->block()]++;
+                                      records.emplace_back(key, *std::move(a));
+                                      return true;
+                                    }));
+  QCAL_RETURN_IF_ERROR(decode_error);
+  if (added != nullptr) chunks[added->block()]++;
+  int best = job.checkpoint_block();
+  for (const auto& [block, count] : chunks) {
+    if (count == total && block <= job.blocks_done()) best = std::max(best, block);
+  }
+  if (best == job.checkpoint_block()) return absl::OkStatus();
+  job.set_checkpoint_block(best);
+  for (const auto& [key, a] : records) {
+    if (a.block() >= best) continue;
+    batch.Delete(Column::kActivations, key);
+    stale_files->push_back((fs::path(options_.data_dir) / a.file()).string());
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
@@ -882,7 +1178,9 @@ absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
   }
 
   absl::MutexLock lock(&mu_);
-  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(header.lease(), header.job_id()));
+  // Checked again: the gang may have been re-planned while the bytes arrived.
+  QCAL_RETURN_IF_ERROR(GangRank(header.lease(), header.job_id(), header.gang_epoch()).status());
+  JobRecord* rec = &jobs_.at(header.job_id());
   v1::UploadActivationsResponse response;
   const std::string& job_id = header.job_id();
   if (rec->job().cancel_requested()) {
@@ -891,22 +1189,27 @@ absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
     response.set_cancel_job(true);
     return response;
   }
+  // Older than the usable checkpoint: those boundaries are gone, nothing to keep.
+  if (header.block() < rec->job().checkpoint_block()) return response;
+  const std::string key = ActivationKey(job_id, header.block(), header.chunk());
   QCAL_ASSIGN_OR_RETURN(auto previous,
-                        GetRecord<ActivationRecord>(*store_, Column::kActivations, job_id));
-  if (previous.has_value() && previous->block() >= header.block()) {
+                        GetRecord<ActivationRecord>(*store_, Column::kActivations, key));
+  if (previous.has_value()) {
     // A resumed attempt re-uploads boundaries it passes again: the bytes must not change.
-    if (previous->block() == header.block() && previous->sha256() != sha) {
-      const std::string error = absl::StrCat("determinism error: activations at block ",
-                                             header.block(), " recomputed with sha256 ", sha,
-                                             " but checkpointed with ", previous->sha256());
+    if (previous->sha256() != sha) {
+      const std::string error = absl::StrCat(
+          "determinism error: activations of chunk ", header.chunk(), " at block ", header.block(),
+          " recomputed with sha256 ", sha, " but checkpointed with ", previous->sha256());
       QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
       return absl::AbortedError(error);
     }
     return response;
   }
-  const fs::path final_path =
-      fs::path(ActivationDir(job_id)) / absl::StrFormat("block-%06d.safetensors", header.block());
+  const fs::path final_path = fs::path(ActivationDir(job_id)) /
+                              absl::StrFormat("block-%06d", header.block()) /
+                              absl::StrFormat("chunk-%06d.safetensors", header.chunk());
   std::error_code ec;
+  fs::create_directories(final_path.parent_path(), ec);
   fs::rename(upload.staging_path_, final_path, ec);
   if (ec) {
     return absl::UnavailableError(
@@ -914,23 +1217,29 @@ absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
   }
   upload.staging_path_.clear();
   SyncDir(final_path.parent_path());
+  SyncDir(final_path.parent_path().parent_path());
   ActivationRecord a;
   a.set_block(header.block());
+  a.set_chunk(header.chunk());
   a.set_file(fs::relative(final_path, options_.data_dir).string());
   a.set_sha256(sha);
   a.set_size(header.size());
   JobRecord updated = *rec;
-  updated.mutable_job()->set_checkpoint_block(header.block());
   WriteBatch batch;
-  batch.Put(Column::kActivations, job_id, Encode(a));
-  batch.Put(Column::kJobs, JobKey(job_id), Encode(updated));
+  batch.Put(Column::kActivations, key, Encode(a));
+  std::vector<std::string> stale_files;
+  QCAL_RETURN_IF_ERROR(AdvanceCheckpoint(updated, &a, batch, &stale_files));
+  const bool advanced = updated.job().checkpoint_block() != rec->job().checkpoint_block();
+  if (advanced) batch.Put(Column::kJobs, JobKey(job_id), Encode(updated));
   QCAL_RETURN_IF_ERROR(Commit(batch));
   *rec = updated;
-  if (previous.has_value() && previous->file() != a.file()) {
-    fs::remove(fs::path(options_.data_dir) / previous->file(), ec);
-  }
+  for (const std::string& f : stale_files) fs::remove(f, ec);
+  RemoveEmptyDirs(ActivationDir(job_id));
   metrics_->ObserveStage("checkpoint", absl::ToDoubleSeconds(absl::Now() - upload.started_));
-  Emit(*rec, absl::StrCat("checkpoint at block ", header.block(), "/", rec->job().num_blocks()));
+  if (advanced) {
+    Emit(*rec, absl::StrCat("checkpoint at block ", rec->job().checkpoint_block(), "/",
+                            rec->job().num_blocks()));
+  }
   return response;
 }
 
@@ -938,19 +1247,32 @@ absl::StatusOr<ResumePlan> Coordinator::PrepareResume(const v1::FetchResumeReque
   absl::MutexLock lock(&mu_);
   QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(request.lease(), request.job_id()));
   const std::string& job_id = request.job_id();
-  ResumePlan plan;
-  QCAL_ASSIGN_OR_RETURN(auto act,
-                        GetRecord<ActivationRecord>(*store_, Column::kActivations, job_id));
-  const int k = act.has_value() ? act->block() : 0;
-  if (k != rec->job().checkpoint_block()) {
-    return absl::DataLossError(absl::StrCat("job ", job_id, ": checkpoint record at block ", k,
-                                            ", job at ", rec->job().checkpoint_block()));
+  const int total = engine::NumChunks(rec->job().spec().samples());
+  if (request.chunk_begin() < 0 || request.chunk_begin() > request.chunk_end() ||
+      request.chunk_end() > total) {
+    return absl::InvalidArgumentError(absl::StrCat("chunks [", request.chunk_begin(), ", ",
+                                                   request.chunk_end(), ") are not within [0, ",
+                                                   total, ")"));
   }
+  ResumePlan plan;
+  const int k = rec->job().checkpoint_block();
   plan.header.set_checkpoint_block(k);
   if (k == 0) return plan;
-  plan.header.set_activations_sha256(act->sha256());
-  plan.header.set_activations_size(act->size());
-  plan.activations_path = (fs::path(options_.data_dir) / act->file()).string();
+  for (int c = request.chunk_begin(); c < request.chunk_end(); ++c) {
+    const std::string key = ActivationKey(job_id, k, c);
+    QCAL_ASSIGN_OR_RETURN(auto act,
+                          GetRecord<ActivationRecord>(*store_, Column::kActivations, key));
+    if (!act.has_value()) {
+      return absl::DataLossError(
+          absl::StrCat("job ", job_id, ": checkpoint at block ", k, " lacks chunk ", c));
+    }
+    v1::ChunkFile& f = *plan.header.add_chunks();
+    f.set_chunk(c);
+    f.set_sha256(act->sha256());
+    f.set_size(act->size());
+    plan.chunk_paths.push_back((fs::path(options_.data_dir) / act->file()).string());
+  }
+  if (!request.artifacts()) return plan;
   for (int b = 0; b < k; ++b) {
     QCAL_ASSIGN_OR_RETURN(auto block,
                           GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(job_id, b)));
@@ -994,7 +1316,23 @@ absl::StatusOr<std::string> Coordinator::ReadArtifact(const std::string& job_id,
 absl::StatusOr<v1::CompleteTaskResponse> Coordinator::CompleteTask(
     const v1::CompleteTaskRequest& request) {
   absl::MutexLock lock(&mu_);
-  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(request.lease(), request.job_id()));
+  QCAL_ASSIGN_OR_RETURN(const int rank,
+                        GangRank(request.lease(), request.job_id(), request.gang_epoch()));
+  JobRecord* rec = &jobs_.at(request.job_id());
+  if (request.member_done()) {
+    QCAL_RETURN_IF_ERROR(scheduler_.MemberDone(request.lease().worker_id(), request.lease().epoch(),
+                                               request.job_id(), request.gang_epoch()));
+    Emit(*rec, absl::StrCat("rank ", rank, " (", request.lease().worker_id(),
+                            ") finished its part and left the gang"));
+    v1::CompleteTaskResponse response;
+    response.set_state(rec->job().state());
+    return response;
+  }
+  if (rank != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", request.job_id(), ": rank ", rank,
+                     " may only report member_done; rank 0 completes the job"));
+  }
   // Copied: FinishJob replaces *rec's Job message.
   const v1::Job job = rec->job();
   const fs::path root(options_.output_root);
@@ -1050,11 +1388,24 @@ absl::Status Coordinator::FailTask(const v1::FailTaskRequest& request) {
   absl::MutexLock lock(&mu_);
   QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(request.lease(), request.job_id()));
   const std::string error = request.error().empty() ? "the worker failed the job" : request.error();
+  spdlog::warn("coordinator: {} fails job {}: {}", request.lease().worker_id(), request.job_id(),
+               error);
   std::error_code ec;
   fs::remove_all(fs::path(options_.output_root) /
                      service::TempOutputName(rec->job().spec().output_name(), request.job_id()),
                  ec);
   return FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr);
+}
+
+absl::Status Coordinator::AbandonTask(const v1::AbandonTaskRequest& request) {
+  absl::MutexLock lock(&mu_);
+  QCAL_RETURN_IF_ERROR(HeldJob(request.lease(), request.job_id()).status());
+  const std::string reason =
+      request.reason().empty() ? std::string("no reason given") : request.reason();
+  QCAL_ASSIGN_OR_RETURN(Action action,
+                        scheduler_.Abandon(request.lease().worker_id(), request.lease().epoch(),
+                                           request.job_id(), request.gang_epoch(), reason));
+  return Apply(action);
 }
 
 absl::Status Coordinator::FinishJob(JobRecord& rec, v1::JobState state, const std::string& error,
@@ -1067,16 +1418,18 @@ absl::Status Coordinator::FinishJob(JobRecord& rec, v1::JobState state, const st
   job.set_error(error);
   job.set_finished_unix_ms(NowMs());
   job.clear_worker_id();
-  updated.set_epoch(0);
+  job.clear_gang();
+  job.set_gang_epoch(0);
   if (result != nullptr) *job.mutable_result() = *result;
   WriteBatch batch;
   batch.Put(Column::kJobs, JobKey(id), Encode(updated));
   batch.DeletePrefix(Column::kArtifacts, JobScopedPrefix(id));
   batch.DeletePrefix(Column::kTasks, JobScopedPrefix(id));
-  batch.Delete(Column::kActivations, id);
+  batch.DeletePrefix(Column::kActivations, JobScopedPrefix(id));
   QCAL_RETURN_IF_ERROR(Commit(batch));
   rec = updated;
   scheduler_.JobFinished(id);
+  configs_.erase(id);
   std::error_code ec;
   fs::remove_all(ActivationDir(id), ec);
   metrics_->ObserveJobDuration(
@@ -1119,41 +1472,20 @@ void Coordinator::Tick() {
     return;
   }
   for (const Action& a : scheduler_.Tick(now)) {
-    switch (a.kind) {
-      case Action::Kind::kExpireLease: {
-        WriteBatch batch;
-        batch.Delete(Column::kWorkers, a.worker_id);
-        if (!Commit(batch).ok()) return;
-        device_memory_.erase(a.worker_id);
-        metrics_->AddLeaseExpiry();
-        spdlog::warn("coordinator: lease {}@{} expired", a.worker_id, a.epoch);
-        break;
-      }
-      case Action::Kind::kRequeue: {
-        JobRecord& rec = jobs_.at(a.job_id);
-        JobRecord updated = rec;
-        v1::Job& job = *updated.mutable_job();
-        job.set_state(v1::JOB_STATE_QUEUED);
-        job.set_stage(v1::JOB_STAGE_QUEUED);
-        job.clear_worker_id();
-        updated.set_epoch(0);
-        WriteBatch batch;
-        batch.Put(Column::kJobs, JobKey(a.job_id), Encode(updated));
-        if (!Commit(batch).ok()) return;
-        rec = updated;
-        Emit(rec, absl::StrCat("requeued: ", a.reason, "; resumes at block ",
-                               rec.job().checkpoint_block(), "/", rec.job().num_blocks()));
-        work_cv_.SignalAll();
-        break;
-      }
-      case Action::Kind::kFailJob:
-        if (!FinishJob(jobs_.at(a.job_id), v1::JOB_STATE_FAILED, a.reason, nullptr).ok()) return;
-        break;
-      case Action::Kind::kCancelJob:
-        if (!FinishJob(jobs_.at(a.job_id), v1::JOB_STATE_CANCELLED, a.reason, nullptr).ok()) return;
-        break;
-      case Action::Kind::kAssign:
-        break;
+    if (a.kind == Action::Kind::kExpireLease) {
+      WriteBatch batch;
+      batch.Delete(Column::kWorkers, a.worker_id);
+      if (!Commit(batch).ok()) return;
+      device_memory_.erase(a.worker_id);
+      peer_addresses_.erase(a.worker_id);
+      exchange_.erase(a.worker_id);
+      metrics_->AddLeaseExpiry();
+      spdlog::warn("coordinator: lease {}@{} expired", a.worker_id, a.epoch);
+      continue;
+    }
+    if (absl::Status s = Apply(a); !s.ok()) {
+      spdlog::error("coordinator: {}", s.ToString());
+      return;
     }
   }
   UpdateGauges();

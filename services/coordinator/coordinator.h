@@ -1,14 +1,24 @@
 // The coordinator's core (DESIGN section 7): jobs and their state machine (QUEUED -> RUNNING ->
-// SUCCEEDED / FAILED / CANCELLED) on the store, submit validation, worker leases through the
-// Scheduler, per-block commit points, activation checkpoints, resume, and progress events. The
-// gRPC service classes (grpc_services.h) only translate to and from these calls.
+// SUCCEEDED / FAILED / CANCELLED) on the store, submit validation, worker leases and gangs
+// through the Scheduler, per-owner layer commits, per-chunk activation checkpoints, resume, and
+// progress events. The gRPC service classes (grpc_services.h) only translate to and from these
+// calls.
+//
+// Gangs: a RUNNING job has a plan (Job.gang, Job.gang_epoch) computed with engine::MakeGangPlan
+// from the model's config.json; every member's Task carries it. Commits, uploads, member_done and
+// AbandonTask name the gang epoch and are refused (FAILED_PRECONDITION) under a stale one.
 //
 // Commit points: every state change is one synced WriteBatch, written before memory is updated.
-// A block's seven artifacts and its done mark go in one batch; a block committed before is
-// compared instead (a different digest fails the job as a determinism error). After a restart
-// (or a store reopen) everything is rebuilt from the store: QUEUED jobs queue again, RUNNING jobs
-// stay with their worker while its restored lease lives (it gets a fresh lease period), else they
-// are requeued and resume at their last activation checkpoint.
+// Each committed layer is stored with its digest as it arrives (only by its owner under the
+// current plan); the block's done mark goes in the same batch as the last of its seven layers. A
+// layer committed before (an earlier attempt) is compared instead: a different digest fails the
+// job as a determinism error. Boundary checkpoints are per calibration chunk, files in the data
+// directory referenced and hashed from the store; a boundary is usable once all C chunks are in,
+// and Job.checkpoint_block is the latest usable boundary at or below blocks_done (older
+// boundaries are then deleted). After a restart (or a store reopen) everything is rebuilt from
+// the store: QUEUED jobs queue again; RUNNING jobs are re-planned under a new gang epoch on their
+// members whose leases were restored (at least workers.min), else requeued, and resume at their
+// checkpoint. The old plan's members see drop_task in heartbeat replies and refusals.
 //
 // Store failures: a failed write makes the coordinator refuse further writes (UNAVAILABLE, health
 // NOT_SERVING) until Tick reopens the store and reloads the state from it.
@@ -27,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/hf_config.h"
 #include "qcal/store/v1/records.pb.h"
 #include "qcal/v1/quant_service.pb.h"
 #include "qcal/v1/worker_service.pb.h"
@@ -41,7 +52,7 @@ namespace qcal::coordinator {
 
 struct CoordinatorOptions {
   // State directory: the store in <data_dir>/store, activation checkpoints in
-  // <data_dir>/activations/<job_id>/. Required.
+  // <data_dir>/activations/<job_id>/block-<6 digits>/chunk-<6 digits>.safetensors. Required.
   std::string data_dir;
   // Job inputs are confined beneath this directory. Required.
   std::string input_root;
@@ -65,17 +76,18 @@ struct CoordinatorOptions {
 // Opens (or reopens) the store.
 using StoreOpener = std::function<absl::StatusOr<std::unique_ptr<KvStore>>()>;
 
-// What a resuming worker is sent: the header (artifact manifests of blocks before the checkpoint)
-// and the checkpoint file to stream.
+// What a resuming worker is sent: the header (the requested chunks' files at the checkpoint and,
+// when asked, the artifact manifests of the blocks before it) and the chunk files to stream, in
+// chunk order (none when checkpoint_block is 0).
 struct ResumePlan {
   v1::ResumeHeader header;
-  std::string activations_path;  // "" when checkpoint_block is 0
+  std::vector<std::string> chunk_paths;  // aligned with header.chunks
 };
 
 class Coordinator;
 
-// An activation checkpoint being received (UploadActivations): bytes go to a staging file in the
-// data directory; Coordinator::CommitActivations checks size and hash and commits it.
+// One chunk's activation checkpoint being received (UploadActivations): bytes go to a staging file
+// in the data directory; Coordinator::CommitActivations checks size and hash and commits it.
 class ActivationUpload {
  public:
   ~ActivationUpload();
@@ -131,7 +143,7 @@ class Coordinator {
                                                       absl::Time deadline);
   // FAILED_PRECONDITION unless `lease` is live and holds job_id (early check of streamed uploads).
   absl::Status CheckHolds(const v1::Lease& lease, const std::string& job_id);
-  // A block's artifacts (quantized bytes, in manifest order), already assembled from chunks.
+  // Some of a block's layers (quantized bytes, in manifest order), already assembled from chunks.
   absl::StatusOr<v1::CommitBlockResponse> CommitBlock(const v1::CommitBlockHeader& header,
                                                       const std::vector<std::string>& artifacts);
   absl::StatusOr<std::unique_ptr<ActivationUpload>> BeginActivations(
@@ -142,6 +154,7 @@ class Coordinator {
   absl::StatusOr<std::string> ReadArtifact(const std::string& job_id, int block, int layer);
   absl::StatusOr<v1::CompleteTaskResponse> CompleteTask(const v1::CompleteTaskRequest& request);
   absl::Status FailTask(const v1::FailTaskRequest& request);
+  absl::Status AbandonTask(const v1::AbandonTaskRequest& request);
 
   // Expires leases, reopens a failed store, refreshes gauges. Call every ~100 ms.
   void Tick();
@@ -176,6 +189,23 @@ class Coordinator {
   void Emit(const JobRecord& rec, const std::string& message) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::ProgressEvent MakeEvent(const JobRecord& rec) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void UpdateGauges() ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The model config of a job (read through the input root once, then cached).
+  absl::StatusOr<const ModelConfig*> ConfigOf(const JobRecord& rec)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Persists and announces a scheduler action: kAssign / kReplan (the plan is computed and
+  // stored; a job whose plan cannot be computed fails), kRequeue, kFailJob, kCancelJob.
+  absl::Status Apply(const Action& action) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The Task of `rank` under the job's current plan.
+  v1::Task MakeTask(const JobRecord& rec, int rank) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The sender's rank when `lease` holds job_id under gang_epoch (and the job runs).
+  absl::StatusOr<int> GangRank(const v1::Lease& lease, const std::string& job_id,
+                               uint64_t gang_epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves updated.job().checkpoint_block to the latest usable boundary at or below blocks_done,
+  // counting `added` (not yet stored) too; deletes the records of older boundaries in `batch` and
+  // appends their files (to remove after the commit) to *stale_files.
+  absl::Status AdvanceCheckpoint(JobRecord& updated, const store::v1::ActivationRecord* added,
+                                 WriteBatch& batch, std::vector<std::string>* stale_files)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // qcal_device_memory_bytes from the workers' last heartbeats.
   void PublishDeviceMemory() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string NewJobId() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -201,7 +231,11 @@ class Coordinator {
   std::map<std::string, JobRecord> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, std::string> by_seq_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Live> live_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, int64_t> device_memory_ ABSL_GUARDED_BY(mu_);  // per worker
+  std::map<std::string, int64_t> device_memory_ ABSL_GUARDED_BY(mu_);       // per worker
+  std::map<std::string, std::string> peer_addresses_ ABSL_GUARDED_BY(mu_);  // per worker
+  // Per worker: the cumulative exchange bytes and reduction wait its last heartbeat reported.
+  std::map<std::string, std::pair<int64_t, double>> exchange_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, ModelConfig> configs_ ABSL_GUARDED_BY(mu_);  // per job
   Scheduler scheduler_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -162,6 +162,7 @@ grpc::Status WorkerGrpcService::CommitBlock(grpc::ServerContext* context,
   if (absl::Status s = coordinator_->CheckHolds(header.lease(), header.job_id()); !s.ok()) {
     return scope.Done(s);
   }
+  // Artifact chunks name the layer by its position in the header (not its layer_index).
   int64_t total = 0;
   for (const v1::LayerManifest& m : header.layers()) {
     if (m.size() < 0) return scope.Done(absl::InvalidArgumentError("negative artifact size"));
@@ -245,27 +246,34 @@ grpc::Status WorkerGrpcService::FetchResume(grpc::ServerContext* context,
       } while (off < bytes->size());
     }
   }
-  if (!plan->activations_path.empty()) {
-    const int fd = open(plan->activations_path.c_str(), O_RDONLY | O_CLOEXEC);
+  for (int i = 0; i < plan->header.chunks_size(); ++i) {
+    const std::string& path = plan->chunk_paths[static_cast<size_t>(i)];
+    const int c = plan->header.chunks(i).chunk();
+    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-      return scope.Done(absl::DataLossError(absl::StrCat(
-          plan->activations_path, ": cannot open the checkpoint: ", std::strerror(errno))));
+      return scope.Done(absl::DataLossError(
+          absl::StrCat(path, ": cannot open the checkpoint: ", std::strerror(errno))));
     }
     std::string buf(rpc::kChunkBytes, '\0');
+    int64_t offset = 0;
     for (;;) {
       const ssize_t n = read(fd, buf.data(), buf.size());
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
         close(fd);
         if (n < 0) {
-          return scope.Done(absl::DataLossError(
-              absl::StrCat(plan->activations_path, ": read failed: ", std::strerror(errno))));
+          return scope.Done(
+              absl::DataLossError(absl::StrCat(path, ": read failed: ", std::strerror(errno))));
         }
         break;
       }
-      v1::ResumeChunk c;
-      c.set_activations(buf.substr(0, static_cast<size_t>(n)));
-      if (!writer->Write(c)) {
+      v1::ResumeChunk r;
+      v1::ChunkData& d = *r.mutable_chunk_data();
+      d.set_chunk(c);
+      d.set_offset(offset);
+      d.set_data(buf.substr(0, static_cast<size_t>(n)));
+      offset += n;
+      if (!writer->Write(r)) {
         close(fd);
         return scope.Done(gone);
       }
@@ -290,6 +298,14 @@ grpc::Status WorkerGrpcService::FailTask(grpc::ServerContext* context,
   RpcScope scope(metrics_, "FailTask");
   if (absl::Status s = auth_->Identify(*context).status(); !s.ok()) return scope.Done(s);
   return scope.Done(coordinator_->FailTask(*request));
+}
+
+grpc::Status WorkerGrpcService::AbandonTask(grpc::ServerContext* context,
+                                            const v1::AbandonTaskRequest* request,
+                                            v1::AbandonTaskResponse* response) {
+  RpcScope scope(metrics_, "AbandonTask");
+  if (absl::Status s = auth_->Identify(*context).status(); !s.ok()) return scope.Done(s);
+  return scope.Done(coordinator_->AbandonTask(*request));
 }
 
 }  // namespace qcal::coordinator

@@ -59,6 +59,8 @@ class WorkerGrpcService final : public v1::WorkerService::Service {
                             v1::CompleteTaskResponse* response) override;
   grpc::Status FailTask(grpc::ServerContext* context, const v1::FailTaskRequest* request,
                         v1::FailTaskResponse* response) override;
+  grpc::Status AbandonTask(grpc::ServerContext* context, const v1::AbandonTaskRequest* request,
+                           v1::AbandonTaskResponse* response) override;
 
  private:
   Coordinator* const coordinator_;

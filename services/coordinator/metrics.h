@@ -32,6 +32,12 @@
 //   qcal_device_memory_bytes              gauge      accelerator memory in use, summed over workers
 //   qcal_job_peak_rss_bytes               gauge      peak host RSS of the last job to succeed
 //   qcal_job_peak_device_memory_bytes     gauge      peak device memory of the last job to succeed
+//   qcal_exchange_bytes_total{rank}       counter    peer exchange payload bytes sent, by gang
+//                                                    rank (from heartbeats' cumulative totals)
+//   qcal_reduction_wait_seconds_total{rank} counter  time gang members waited at reductions
+//   qcal_block_exchange_bytes{rank}       histogram  bytes a rank sent for one block (commits)
+//   qcal_block_reduction_wait_seconds{rank} histogram reduction wait of a rank in one block
+// `rank` is a gang rank (0..63), never a worker id.
 // Per-job values (blocks i/N, ETA, tokens/s) are in WatchJob events and `qcal status`.
 //
 // Implementations are thread-safe.
@@ -67,6 +73,9 @@ class Metrics {
   virtual void SetDeviceMemory(int64_t bytes) = 0;
   // The peaks a job reported when it succeeded (bytes).
   virtual void SetJobPeakMemory(int64_t rss_bytes, int64_t device_bytes) = 0;
+  // Peer exchange of gang rank `rank`: increments of the cumulative totals, and one block's.
+  virtual void AddExchange(int rank, int64_t bytes, double wait_seconds) = 0;
+  virtual void ObserveBlockExchange(int rank, int64_t bytes, double wait_seconds) = 0;
 };
 
 }  // namespace qcal::coordinator

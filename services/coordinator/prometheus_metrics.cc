@@ -37,6 +37,15 @@ Histogram::BucketBoundaries SecondsBuckets() {
   return b;
 }
 
+// Bytes from 1 KiB to ~69 GiB, ×4 steps.
+Histogram::BucketBoundaries ByteBuckets() {
+  Histogram::BucketBoundaries b;
+  for (double v = 1024; v < 1e11; v *= 4) b.push_back(v);
+  return b;
+}
+
+std::string RankLabel(int rank) { return std::to_string(rank); }
+
 // Relative errors from 1e-4 to 1.
 Histogram::BucketBoundaries ErrorBuckets() {
   return {1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0};
@@ -49,7 +58,7 @@ const char* const kStages[] = {"block", "checkpoint", "finish"};
 const char* const kMethods[] = {
     "SubmitJob",      "GetJob",       "ListJobs",    "CancelJob",   "WatchJob",
     "RegisterWorker", "Heartbeat",    "AcquireTask", "CommitBlock", "UploadActivations",
-    "FetchResume",    "CompleteTask", "FailTask"};
+    "FetchResume",    "CompleteTask", "FailTask",    "AbandonTask"};
 
 // A minimal HTTP/1.0 server for GET /metrics on one thread. prometheus-cpp's own exposer
 // (civetweb) runs handlers on 100 KiB thread stacks, which the static TLS of this process's
@@ -274,6 +283,26 @@ struct PrometheusMetrics::Impl {
                                         .Help("Peak host RSS of the last job to succeed")
                                         .Register(*registry)
                                         .Add({});
+  prometheus::Family<prometheus::Counter>& exchange_bytes =
+      BuildCounter()
+          .Name("qcal_exchange_bytes_total")
+          .Help("Peer exchange payload bytes sent, by gang rank")
+          .Register(*registry);
+  prometheus::Family<prometheus::Counter>& reduction_wait =
+      BuildCounter()
+          .Name("qcal_reduction_wait_seconds_total")
+          .Help("Seconds gang members waited for partials, statistics and layers, by gang rank")
+          .Register(*registry);
+  prometheus::Family<Histogram>& block_exchange_bytes =
+      BuildHistogram()
+          .Name("qcal_block_exchange_bytes")
+          .Help("Peer exchange bytes one gang rank sent for one block")
+          .Register(*registry);
+  prometheus::Family<Histogram>& block_reduction_wait =
+      BuildHistogram()
+          .Name("qcal_block_reduction_wait_seconds")
+          .Help("Seconds one gang rank waited at reductions in one block")
+          .Register(*registry);
   prometheus::Gauge& job_peak_device = BuildGauge()
                                            .Name("qcal_job_peak_device_memory_bytes")
                                            .Help("Peak device memory of the last job to succeed")
@@ -296,6 +325,10 @@ absl::StatusOr<std::unique_ptr<PrometheusMetrics>> PrometheusMetrics::Create(
     impl->rpcs.Add({{"method", m}, {"code", "OK"}});
   }
   impl->store_writable.Set(1);
+  impl->exchange_bytes.Add({{"rank", "0"}});
+  impl->reduction_wait.Add({{"rank", "0"}});
+  impl->block_exchange_bytes.Add({{"rank", "0"}}, ByteBuckets());
+  impl->block_reduction_wait.Add({{"rank", "0"}}, SecondsBuckets());
   auto metrics = std::unique_ptr<PrometheusMetrics>(new PrometheusMetrics(std::move(impl)));
   if (!listen.empty()) {
     PrometheusMetrics* m = metrics.get();
@@ -382,6 +415,18 @@ void PrometheusMetrics::SetDeviceMemory(int64_t bytes) {
 void PrometheusMetrics::SetJobPeakMemory(int64_t rss_bytes, int64_t device_bytes) {
   impl_->job_peak_rss.Set(static_cast<double>(rss_bytes));
   impl_->job_peak_device.Set(static_cast<double>(device_bytes));
+}
+
+void PrometheusMetrics::AddExchange(int rank, int64_t bytes, double wait_seconds) {
+  impl_->exchange_bytes.Add({{"rank", RankLabel(rank)}}).Increment(static_cast<double>(bytes));
+  impl_->reduction_wait.Add({{"rank", RankLabel(rank)}}).Increment(wait_seconds);
+}
+
+void PrometheusMetrics::ObserveBlockExchange(int rank, int64_t bytes, double wait_seconds) {
+  impl_->block_exchange_bytes.Add({{"rank", RankLabel(rank)}}, ByteBuckets())
+      .Observe(static_cast<double>(bytes));
+  impl_->block_reduction_wait.Add({{"rank", RankLabel(rank)}}, SecondsBuckets())
+      .Observe(wait_seconds);
 }
 
 }  // namespace qcal::coordinator

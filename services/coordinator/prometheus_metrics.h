@@ -40,6 +40,8 @@ class PrometheusMetrics final : public Metrics {
   void SetStoreWritable(bool writable) override;
   void SetDeviceMemory(int64_t bytes) override;
   void SetJobPeakMemory(int64_t rss_bytes, int64_t device_bytes) override;
+  void AddExchange(int rank, int64_t bytes, double wait_seconds) override;
+  void ObserveBlockExchange(int rank, int64_t bytes, double wait_seconds) override;
 
  private:
   struct Impl;

@@ -11,6 +11,11 @@
 
 namespace qcal::coordinator {
 
+namespace {
+// Artifacts of at least this many bytes are stored in blob files (all real ones are larger).
+constexpr uint64_t kMinBlobBytes = 4096;
+}  // namespace
+
 absl::Status RocksStoreOptions::Validate() const {
   if (dir.empty()) return absl::InvalidArgumentError("the store directory is required");
   return absl::OkStatus();
@@ -62,7 +67,19 @@ absl::StatusOr<std::unique_ptr<RocksStore>> RocksStore::Open(const RocksStoreOpt
   std::vector<rocksdb::ColumnFamilyDescriptor> families;
   families.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
   for (int c = 0; c < kNumColumns; ++c) {
-    families.emplace_back(ColumnName(static_cast<Column>(c)), rocksdb::ColumnFamilyOptions());
+    rocksdb::ColumnFamilyOptions cf;
+    if (static_cast<Column>(c) == Column::kArtifacts) {
+      // Quantized layers (megabytes, up to gigabytes at 70B) are separated into blob files when
+      // their memtable is flushed; the LSM tree keeps only references, so compactions never
+      // rewrite them. A small write buffer flushes soon after each commit, so the memtable
+      // holds about one commit's artifacts rather than accumulating them.
+      cf.enable_blob_files = true;
+      cf.min_blob_size = kMinBlobBytes;
+      cf.blob_file_size = 256 << 20;
+      cf.enable_blob_garbage_collection = true;
+      cf.write_buffer_size = 8 << 20;
+    }
+    families.emplace_back(ColumnName(static_cast<Column>(c)), cf);
   }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;

@@ -24,6 +24,14 @@ std::string ArtifactKey(const std::string& job_id, int block, int layer) {
   return absl::StrFormat("%s/%06d/%02d", job_id, block, layer);
 }
 
+std::string LayerKey(const std::string& job_id, int block, int layer) {
+  return absl::StrFormat("%s/layer/%06d/%02d", job_id, block, layer);
+}
+
+std::string ActivationKey(const std::string& job_id, int block, int chunk) {
+  return absl::StrFormat("%s/%06d/%06d", job_id, block, chunk);
+}
+
 std::string JobScopedPrefix(const std::string& job_id) { return absl::StrCat(job_id, "/"); }
 
 std::string Encode(const google::protobuf::MessageLite& record) {

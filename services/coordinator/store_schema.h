@@ -5,10 +5,12 @@
 //                "idem/<sha256(client NUL key)>"   IdempotencyRecord
 //                "meta/counters"                   Counters (next lease epoch, next sequence)
 //   tasks        "<job_id>/block/<6-digit block>"  BlockRecord (the block is done; its digests)
+//                "<job_id>/layer/<6-digit block>/<2-digit layer>"  LayerRecord (a layer is in)
 //   workers      "<worker_id>"                     WorkerRecord (a granted lease)
 //   artifacts    "<job_id>/<6-digit block>/<2-digit layer>"  ArtifactRecord
-//   activations  "<job_id>"                        ActivationRecord (latest boundary checkpoint,
-//                                                  a file under <data-dir>/activations/<job_id>/)
+//   activations  "<job_id>/<6-digit block>/<6-digit chunk>"  ActivationRecord (one chunk of a
+//                                                  boundary checkpoint, a file under
+//                                                  <data-dir>/activations/<job_id>/)
 //
 // A record that does not parse is DATA_LOSS naming the column and key.
 #pragma once
@@ -31,7 +33,9 @@ std::string JobKey(const std::string& job_id);
 std::string IdempotencyKey(const std::string& client, const std::string& key);
 std::string BlockKey(const std::string& job_id, int block);
 std::string ArtifactKey(const std::string& job_id, int block, int layer);
-// Every tasks / artifacts key of a job starts with this.
+std::string LayerKey(const std::string& job_id, int block, int layer);
+std::string ActivationKey(const std::string& job_id, int block, int chunk);
+// Every tasks / artifacts / activations key of a job starts with this.
 std::string JobScopedPrefix(const std::string& job_id);
 
 // Deterministic serialization of a record.

@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/files.h"
 #include "common/status.h"
 
@@ -31,11 +32,12 @@ absl::StatusOr<v1::RegisterWorkerResponse> CoordinatorClient::RegisterWorker(
   return response;
 }
 
-absl::Status CoordinatorClient::Heartbeat(const v1::HeartbeatRequest& request) {
+absl::StatusOr<bool> CoordinatorClient::Heartbeat(const v1::HeartbeatRequest& request) {
   grpc::ClientContext context;
   connection_->Prepare(&context);
   v1::HeartbeatResponse response;
-  return rpc::FromGrpcStatus(stub_->Heartbeat(&context, request, &response));
+  QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->Heartbeat(&context, request, &response)));
+  return response.drop_task();
 }
 
 absl::StatusOr<std::optional<v1::Task>> CoordinatorClient::AcquireTask(const v1::Lease& lease,
@@ -68,16 +70,19 @@ void CoordinatorClient::CancelWait() {
 }
 
 absl::StatusOr<v1::CommitBlockResponse> CoordinatorClient::CommitBlock(
-    const v1::Lease& lease, const std::string& job_id, int block,
-    const std::vector<LayerArtifact>& layers, const v1::BlockStats& stats) {
+    const v1::Lease& lease, const std::string& job_id, int block, uint64_t gang_epoch,
+    const std::vector<OwnedLayer>& layers, const v1::BlockStats& stats) {
   size_t total = 0;
   v1::CommitBlockChunk header_chunk;
   v1::CommitBlockHeader& h = *header_chunk.mutable_header();
   *h.mutable_lease() = lease;
   h.set_job_id(job_id);
   h.set_block(block);
+  h.set_gang_epoch(gang_epoch);
   *h.mutable_stats() = stats;
-  for (const LayerArtifact& l : layers) {
+  for (const OwnedLayer& owned : layers) {
+    const LayerArtifact& l = owned.artifact;
+    h.add_layer_index(owned.index);
     v1::LayerManifest& m = *h.add_layers();
     m.set_name(l.name);
     m.set_sha256(Sha256Hex(l.quantized));
@@ -93,7 +98,7 @@ absl::StatusOr<v1::CommitBlockResponse> CoordinatorClient::CommitBlock(
       stub_->CommitBlock(&context, &response);
   bool ok = writer->Write(header_chunk);
   for (size_t l = 0; ok && l < layers.size(); ++l) {
-    const std::string& bytes = layers[l].quantized;
+    const std::string& bytes = layers[l].artifact.quantized;
     for (size_t off = 0; ok && off < bytes.size(); off += rpc::kChunkBytes) {
       v1::CommitBlockChunk c;
       v1::ArtifactChunk& a = *c.mutable_artifact();
@@ -110,7 +115,8 @@ absl::StatusOr<v1::CommitBlockResponse> CoordinatorClient::CommitBlock(
 }
 
 absl::StatusOr<v1::UploadActivationsResponse> CoordinatorClient::UploadActivations(
-    const v1::Lease& lease, const std::string& job_id, int block, const std::string& path) {
+    const v1::Lease& lease, const std::string& job_id, int block, int chunk, uint64_t gang_epoch,
+    const std::string& path) {
   QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(path));
   std::ifstream in(path, std::ios::binary);
   std::error_code ec;
@@ -126,6 +132,8 @@ absl::StatusOr<v1::UploadActivationsResponse> CoordinatorClient::UploadActivatio
   *h.mutable_lease() = lease;
   h.set_job_id(job_id);
   h.set_block(block);
+  h.set_chunk(chunk);
+  h.set_gang_epoch(gang_epoch);
   h.set_sha256(sha);
   h.set_size(static_cast<int64_t>(size));
   bool ok = writer->Write(header_chunk);
@@ -145,29 +153,35 @@ absl::StatusOr<v1::UploadActivationsResponse> CoordinatorClient::UploadActivatio
 
 absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease,
                                                           const std::string& job_id,
-                                                          const std::string& activations_path) {
+                                                          int chunk_begin, int chunk_end,
+                                                          bool artifacts, const std::string& dir) {
   grpc::ClientContext context;
   // The size is unknown before the header arrives; allow for a large model's artifacts.
   connection_->Prepare(&context, BulkTimeout(size_t{64} << 30));
   v1::FetchResumeRequest request;
   *request.mutable_lease() = lease;
   request.set_job_id(job_id);
+  request.set_chunk_begin(chunk_begin);
+  request.set_chunk_end(chunk_end);
+  request.set_artifacts(artifacts);
   std::unique_ptr<grpc::ClientReader<v1::ResumeChunk>> reader =
       stub_->FetchResume(&context, request);
-  std::ofstream out(activations_path, std::ios::binary | std::ios::trunc);
-  if (!out) {
-    context.TryCancel();
-    reader->Finish();
-    return absl::InternalError(absl::StrCat(activations_path, ": cannot create"));
-  }
   v1::ResumeChunk chunk;
   v1::ResumeHeader header;
   ResumeData data;
   bool have_header = false;
   absl::Status bad;
+  std::ofstream out;
+  int open_chunk = -1;  // the chunk `out` writes
+  int64_t written = 0;  // bytes of it so far
+  int next_file = 0;    // index into header.chunks of the next chunk to open
   while (bad.ok() && reader->Read(&chunk)) {
     switch (chunk.part_case()) {
       case v1::ResumeChunk::kHeader:
+        if (have_header) {
+          bad = absl::DataLossError("FetchResume: a second header");
+          break;
+        }
         header = chunk.header();
         have_header = true;
         data.checkpoint_block = header.checkpoint_block();
@@ -176,6 +190,11 @@ absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease
           for (const v1::LayerManifest& m : header.blocks(b).layers()) {
             data.blocks[b].push_back({m.name(), "", m.report_json(), 0});
           }
+        }
+        for (const v1::ChunkFile& f : header.chunks()) {
+          data.chunk_paths.push_back(
+              (std::filesystem::path(dir) / absl::StrFormat("chunk-%06d.safetensors", f.chunk()))
+                  .string());
         }
         break;
       case v1::ResumeChunk::kArtifact: {
@@ -188,21 +207,40 @@ absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease
         data.blocks[a.block()][a.layer()].quantized += a.data();
         break;
       }
-      case v1::ResumeChunk::kActivations:
-        out.write(chunk.activations().data(),
-                  static_cast<std::streamsize>(chunk.activations().size()));
+      case v1::ResumeChunk::kChunkData: {
+        const v1::ChunkData& d = chunk.chunk_data();
+        if (have_header && d.chunk() != open_chunk && next_file < header.chunks_size() &&
+            header.chunks(next_file).chunk() == d.chunk() && d.offset() == 0) {
+          out.close();
+          out.open(data.chunk_paths[static_cast<size_t>(next_file)],
+                   std::ios::binary | std::ios::trunc);
+          if (!out) {
+            bad = absl::InternalError(
+                absl::StrCat(data.chunk_paths[static_cast<size_t>(next_file)], ": cannot create"));
+            break;
+          }
+          open_chunk = d.chunk();
+          written = 0;
+          ++next_file;
+        }
+        if (d.chunk() != open_chunk || d.offset() != written) {
+          bad = absl::DataLossError(absl::StrCat("FetchResume: chunk ", d.chunk(), " data at ",
+                                                 d.offset(), " is out of order"));
+          break;
+        }
+        out.write(d.data().data(), static_cast<std::streamsize>(d.data().size()));
+        written += static_cast<int64_t>(d.data().size());
         break;
-      case v1::ResumeChunk::kChunkData:
+      }
       case v1::ResumeChunk::PART_NOT_SET:
         break;
     }
   }
+  out.close();
   if (!bad.ok()) context.TryCancel();
   const absl::Status finished = rpc::FromGrpcStatus(reader->Finish());
   QCAL_RETURN_IF_ERROR(bad);
   QCAL_RETURN_IF_ERROR(finished);
-  out.close();
-  if (!out) return absl::InternalError(absl::StrCat(activations_path, ": write failed"));
   if (!have_header) return absl::DataLossError("FetchResume: no header");
   for (int b = 0; b < header.blocks_size(); ++b) {
     for (int l = 0; l < header.blocks(b).layers_size(); ++l) {
@@ -213,11 +251,16 @@ absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease
       }
     }
   }
-  if (data.checkpoint_block > 0) {
-    QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(activations_path));
-    if (sha != header.activations_sha256()) {
-      return absl::DataLossError(
-          "FetchResume: the activation checkpoint does not match its sha256");
+  for (int i = 0; i < header.chunks_size(); ++i) {
+    const std::string& path = data.chunk_paths[static_cast<size_t>(i)];
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(path, ec);
+    absl::StatusOr<std::string> sha = Sha256File(path);
+    if (ec || static_cast<int64_t>(size) != header.chunks(i).size() || !sha.ok() ||
+        *sha != header.chunks(i).sha256()) {
+      return absl::DataLossError(absl::StrCat("FetchResume: the checkpoint of chunk ",
+                                              header.chunks(i).chunk(),
+                                              " does not match its size and sha256"));
     }
   }
   return data;
@@ -230,6 +273,13 @@ absl::StatusOr<v1::CompleteTaskResponse> CoordinatorClient::CompleteTask(
   v1::CompleteTaskResponse response;
   QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub_->CompleteTask(&context, request, &response)));
   return response;
+}
+
+absl::Status CoordinatorClient::AbandonTask(const v1::AbandonTaskRequest& request) {
+  grpc::ClientContext context;
+  connection_->Prepare(&context);
+  v1::AbandonTaskResponse response;
+  return rpc::FromGrpcStatus(stub_->AbandonTask(&context, request, &response));
 }
 
 absl::Status CoordinatorClient::FailTask(const v1::FailTaskRequest& request) {

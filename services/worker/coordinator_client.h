@@ -24,11 +24,19 @@ struct LayerArtifact {
   double solve_seconds = 0;
 };
 
-// What FetchResume returns: the committed artifacts of blocks [0, checkpoint_block). The
-// activation checkpoint goes to a file (it can be gigabytes).
+// One layer of a commit: its position in forward order (q 0 ... down 6) and its artifact.
+struct OwnedLayer {
+  int index = 0;
+  LayerArtifact artifact;
+};
+
+// What FetchResume returns: the checkpoint boundary, the committed artifacts of blocks
+// [0, checkpoint_block) when asked for, and the files the requested chunks' activations were
+// written to (chunk order; none when checkpoint_block is 0).
 struct ResumeData {
   int checkpoint_block = 0;
   std::vector<std::vector<LayerArtifact>> blocks;
+  std::vector<std::string> chunk_paths;
 };
 
 class CoordinatorClient {
@@ -38,26 +46,34 @@ class CoordinatorClient {
 
   absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
       const v1::RegisterWorkerRequest& request);
-  absl::Status Heartbeat(const v1::HeartbeatRequest& request);
+  // The reply's drop_task: the task the request names is no longer this worker's.
+  absl::StatusOr<bool> Heartbeat(const v1::HeartbeatRequest& request);
   // nullopt when no task came within `wait`.
   absl::StatusOr<std::optional<v1::Task>> AcquireTask(const v1::Lease& lease, absl::Duration wait);
   // Cancels an AcquireTask wait in progress (it returns CANCELLED). Thread-safe.
   void CancelWait();
+  // The sender's layers of `block` (those its rank owns) under `gang_epoch`.
   absl::StatusOr<v1::CommitBlockResponse> CommitBlock(const v1::Lease& lease,
                                                       const std::string& job_id, int block,
-                                                      const std::vector<LayerArtifact>& layers,
+                                                      uint64_t gang_epoch,
+                                                      const std::vector<OwnedLayer>& layers,
                                                       const v1::BlockStats& stats);
-  // `path`: the SaveActivations file of the boundary before `block`, streamed from disk.
+  // `path`: the SaveActivations file of calibration chunk `chunk` at the boundary before
+  // `block`, streamed from disk.
   absl::StatusOr<v1::UploadActivationsResponse> UploadActivations(const v1::Lease& lease,
                                                                   const std::string& job_id,
-                                                                  int block,
+                                                                  int block, int chunk,
+                                                                  uint64_t gang_epoch,
                                                                   const std::string& path);
-  // Writes the activation checkpoint (when there is one) to `activations_path`. DATA_LOSS when a
-  // received artifact or the checkpoint does not match its sha256.
+  // Fetches the checkpoint of chunks [chunk_begin, chunk_end) (and, with `artifacts`, the
+  // committed artifacts before it), writing chunk c to <dir>/chunk-<c, 6 digits>.safetensors.
+  // DATA_LOSS when a received artifact or chunk file does not match its sha256.
   absl::StatusOr<ResumeData> FetchResume(const v1::Lease& lease, const std::string& job_id,
-                                         const std::string& activations_path);
+                                         int chunk_begin, int chunk_end, bool artifacts,
+                                         const std::string& dir);
   absl::StatusOr<v1::CompleteTaskResponse> CompleteTask(const v1::CompleteTaskRequest& request);
   absl::Status FailTask(const v1::FailTaskRequest& request);
+  absl::Status AbandonTask(const v1::AbandonTaskRequest& request);
 
  private:
   CoordinatorClient() = default;

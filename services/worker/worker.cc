@@ -26,6 +26,34 @@ bool Transient(const absl::Status& s) {
   return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s);
 }
 
+// --- Per-chunk checkpoint files (interim, single-worker: the gang task loop replaces these).
+// Chunk c's activations as a one-chunk CalibActivations file.
+absl::Status SaveChunk(kernels::Backend& backend, const engine::CalibActivations& acts, int c,
+                       const std::string& path) {
+  engine::CalibActivations one;
+  one.seq_len = acts.seq_len;
+  one.next_block = acts.next_block;
+  one.chunks = {acts.chunks[static_cast<size_t>(c)]};
+  one.chunk_batch = {acts.chunk_batch[static_cast<size_t>(c)]};
+  return engine::SaveActivations(backend, one, path);
+}
+
+// The chunk files FetchResume wrote, in chunk order, as one CalibActivations.
+absl::StatusOr<engine::CalibActivations> LoadChunks(kernels::Backend& backend,
+                                                    const std::vector<std::string>& paths) {
+  engine::CalibActivations all;
+  for (const std::string& path : paths) {
+    QCAL_ASSIGN_OR_RETURN(engine::CalibActivations one, engine::LoadActivations(backend, path));
+    all.seq_len = one.seq_len;
+    all.next_block = one.next_block;
+    for (size_t i = 0; i < one.chunks.size(); ++i) {
+      all.chunks.push_back(std::move(one.chunks[i]));
+      all.chunk_batch.push_back(one.chunk_batch[i]);
+    }
+  }
+  return all;
+}
+
 }  // namespace
 
 absl::Status WorkerOptions::Validate() const {
@@ -180,7 +208,8 @@ void Worker::HeartbeatLoop() {
       request.set_device_memory_bytes(std::max<int64_t>(0, backend_->MemoryInUse()));
     }
     mu_.Unlock();
-    const absl::Status s = client_->Heartbeat(request);
+    // drop_task is not acted on here: a dropped task's next commit is refused anyway.
+    const absl::Status s = client_->Heartbeat(request).status();
     mu_.Lock();
     if (s.ok()) {
       last_contact_ = absl::Now();
@@ -253,21 +282,33 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
         task, absl::FailedPreconditionError(absl::StrCat(
                   "the model has ", num_blocks, " blocks, the job expects ", task.num_blocks())));
   }
-  const std::string scratch = (fs::path(options_.scratch_dir) /
-                               absl::StrCat("qcal-", job_id, "-", getpid(), ".safetensors"))
-                                  .string();
+  // The gang plan: this worker's chunks and linears (a single worker holds all of them).
+  const v1::GangPlan& gang = task.gang();
+  const uint64_t gang_epoch = gang.gang_epoch();
+  if (gang.rank() < 0 || gang.rank() >= gang.members_size()) {
+    return FailJob(task, absl::FailedPreconditionError("the task's gang plan lacks this worker"));
+  }
+  const v1::GangMember& me = gang.members(gang.rank());
+  const std::string scratch =
+      (fs::path(options_.scratch_dir) / absl::StrCat("qcal-", job_id, "-", getpid())).string();
   struct ScratchGuard {
     std::string path;
     ~ScratchGuard() {
       std::error_code ec;
-      fs::remove(path, ec);
+      fs::remove_all(path, ec);
     }
   } scratch_guard{scratch};
+  {
+    std::error_code ec;
+    fs::create_directories(scratch, ec);
+    if (ec) return drop("scratch", absl::InternalError(absl::StrCat(scratch, ": ", ec.message())));
+  }
 
   if (task.checkpoint_block() > 0) {
     ResumeData data;
     const absl::Status fetched = Retry("FetchResume", [&] {
-      absl::StatusOr<ResumeData> r = client_->FetchResume(lease, job_id, scratch);
+      absl::StatusOr<ResumeData> r = client_->FetchResume(
+          lease, job_id, me.chunk_begin(), me.chunk_end(), /*artifacts=*/true, scratch);
       if (r.ok()) data = *std::move(r);
       return r.status();
     });
@@ -292,8 +333,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
       }
       committed.push_back(std::move(artifacts));
     }
-    absl::StatusOr<engine::CalibActivations> acts =
-        engine::LoadActivations(session.backend(), scratch);
+    absl::StatusOr<engine::CalibActivations> acts = LoadChunks(session.backend(), data.chunk_paths);
     if (!acts.ok()) return FailJob(task, acts.status());
     if (absl::Status s = session.Restore(committed, *std::move(acts)); !s.ok())
       return FailJob(task, s);
@@ -315,10 +355,12 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     if (!block.ok()) return FailJob(task, Annotate(block.status(), absl::StrCat("block ", b)));
     const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
     if (absl::Status f = faults_->Hit("solve", b); !f.ok()) return FailJob(task, f);
-    std::vector<LayerArtifact> layers;
-    for (const engine::LayerResult& r : **block) {
-      layers.push_back({r.report.name, engine::SerializeLayerArtifact(r),
-                        engine::LayerReportJson(r.report).dump(), r.report.solve_seconds});
+    std::vector<OwnedLayer> layers;
+    for (int l : me.owned_linears()) {
+      const engine::LayerResult& r = (**block)[static_cast<size_t>(l)];
+      layers.push_back({l,
+                        {r.report.name, engine::SerializeLayerArtifact(r),
+                         engine::LayerReportJson(r.report).dump(), r.report.solve_seconds}});
     }
     v1::BlockStats stats;
     stats.set_seconds(seconds);
@@ -330,7 +372,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     v1::CommitBlockResponse committed;
     const absl::Status s = Retry("CommitBlock", [&] {
       absl::StatusOr<v1::CommitBlockResponse> r =
-          client_->CommitBlock(lease, job_id, b, layers, stats);
+          client_->CommitBlock(lease, job_id, b, gang_epoch, layers, stats);
       if (r.ok()) committed = *r;
       return r.status();
     });
@@ -344,20 +386,24 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     if (due || last) {
       SetProgress(job_id, v1::JOB_STAGE_CHECKPOINTING, b);
       const absl::Time t1 = absl::Now();
-      if (absl::Status saved =
-              engine::SaveActivations(session.backend(), session.activations(), scratch);
-          !saved.ok()) {
-        return FailJob(task, saved);
+      for (int c = me.chunk_begin(); c < me.chunk_end(); ++c) {
+        const std::string file = (fs::path(scratch) / absl::StrCat("up-", c)).string();
+        if (absl::Status saved = SaveChunk(session.backend(), session.activations(), c, file);
+            !saved.ok()) {
+          return FailJob(task, saved);
+        }
+        v1::UploadActivationsResponse uploaded;
+        const absl::Status u = Retry("UploadActivations", [&] {
+          absl::StatusOr<v1::UploadActivationsResponse> r =
+              client_->UploadActivations(lease, job_id, b + 1, c, gang_epoch, file);
+          if (r.ok()) uploaded = *r;
+          return r.status();
+        });
+        std::error_code ec;
+        fs::remove(file, ec);
+        if (!u.ok()) return drop("UploadActivations", u);
+        if (uploaded.cancel_job()) return TaskEnd::kCancelled;
       }
-      v1::UploadActivationsResponse uploaded;
-      const absl::Status u = Retry("UploadActivations", [&] {
-        absl::StatusOr<v1::UploadActivationsResponse> r =
-            client_->UploadActivations(lease, job_id, b + 1, scratch);
-        if (r.ok()) uploaded = *r;
-        return r.status();
-      });
-      if (!u.ok()) return drop("UploadActivations", u);
-      if (uploaded.cancel_job()) return TaskEnd::kCancelled;
       checkpoint_cost = absl::ToDoubleSeconds(absl::Now() - t1);
       since_checkpoint = 0;
       if (absl::Status f = faults_->Hit("checkpoint", b + 1); !f.ok()) return FailJob(task, f);
@@ -383,6 +429,7 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
   v1::CompleteTaskRequest request;
   *request.mutable_lease() = lease;
   request.set_job_id(job_id);
+  request.set_gang_epoch(gang_epoch);
   request.set_finish_seconds(absl::ToDoubleSeconds(absl::Now() - t0));
   request.set_peak_rss_bytes(result->peak_rss_bytes);
   request.set_peak_device_bytes(std::max<int64_t>(0, result->peak_device_bytes));

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "gtest/gtest.h"
 #include "services/common/job_spec.h"
@@ -107,22 +108,32 @@ class CoordinatorTest : public ::testing::Test {
     return r->task();
   }
 
-  // A block's commit with made-up quantized bytes (the coordinator only hashes them) and
-  // well-formed report entries; `salt` changes the bytes.
+  // Layers of a block with made-up quantized bytes (the coordinator only hashes them) and
+  // well-formed report entries; `salt` changes the bytes. `layers`: indices in forward order (all
+  // seven by default); `gang_epoch` 0: the job's current one.
   absl::StatusOr<v1::CommitBlockResponse> Commit(const v1::Lease& lease, const std::string& job_id,
-                                                 int block, const std::string& salt = "") {
+                                                 int block, const std::string& salt = "",
+                                                 std::vector<int> layers = {0, 1, 2, 3, 4, 5, 6},
+                                                 uint64_t gang_epoch = 0) {
     v1::CommitBlockHeader header;
     *header.mutable_lease() = lease;
     header.set_job_id(job_id);
     header.set_block(block);
+    if (gang_epoch == 0) {
+      auto job = coordinator_->GetJob(job_id);
+      if (job.ok()) gang_epoch = job->gang_epoch();
+    }
+    header.set_gang_epoch(gang_epoch);
     std::vector<std::string> artifacts;
-    for (engine::LinearKind kind : engine::kAllLinears) {
+    for (int l : layers) {
+      const engine::LinearKind kind = engine::kAllLinears[static_cast<size_t>(l)];
       engine::LayerReport r;
       r.block = block;
       r.kind = kind;
       r.name = engine::LinearPrefix(block, kind);
       r.rel_error = 0.01;
       artifacts.push_back(absl::StrCat("quantized ", r.name, salt));
+      header.add_layer_index(l);
       v1::LayerManifest& m = *header.add_layers();
       m.set_name(r.name);
       m.set_sha256(Sha256Hex(artifacts.back()));
@@ -267,24 +278,298 @@ TEST_F(CoordinatorTest, CancelStopsARunningJobAtTheNextBlockBoundary) {
   EXPECT_EQ(coordinator_->GetJob(id)->state(), v1::JOB_STATE_CANCELLED);
 }
 
-TEST_F(CoordinatorTest, RestartKeepsJobsAndLeases) {
+TEST_F(CoordinatorTest, RestartKeepsJobsAndLeasesAndReplansUnderANewGangEpoch) {
   auto a = Submit("alice", testing::TinySpec("a"));
   auto b = Submit("alice", testing::TinySpec("b"));
   ASSERT_TRUE(a.ok() && b.ok());
+  const std::string id = a->job().job_id();
   const v1::Lease w = Register();
-  ASSERT_EQ(Acquire(w)->job_id(), a->job().job_id());
-  ASSERT_TRUE(Commit(w, a->job().job_id(), 0).ok());
+  std::optional<v1::Task> task = Acquire(w);
+  ASSERT_EQ(task->job_id(), id);
+  const uint64_t old_epoch = task->gang().gang_epoch();
+  ASSERT_TRUE(Commit(w, id, 0).ok());
   Open();  // a restart on the same data dir
   auto jobs = coordinator_->ListJobs(v1::ListJobsRequest());
   ASSERT_TRUE(jobs.ok());
   ASSERT_EQ(jobs->jobs_size(), 2);
   EXPECT_EQ(jobs->jobs(0).state(), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(jobs->jobs(0).blocks_done(), 1);
+  EXPECT_GT(jobs->jobs(0).gang_epoch(), old_epoch);
+  EXPECT_EQ(jobs->jobs(0).attempts(), 1) << "a restart counts no attempt";
   EXPECT_EQ(jobs->jobs(1).state(), v1::JOB_STATE_QUEUED);
-  // The restored lease still holds its job and may go on committing.
-  EXPECT_TRUE(Commit(w, a->job().job_id(), 1).ok());
+  // The old plan is stale: refused, and the heartbeat says drop.
+  EXPECT_TRUE(
+      absl::IsFailedPrecondition(Commit(w, id, 1, "", {0, 1, 2, 3, 4, 5, 6}, old_epoch).status()));
+  v1::HeartbeatRequest hb;
+  *hb.mutable_lease() = w;
+  hb.set_job_id(id);
+  hb.set_gang_epoch(old_epoch);
+  auto beat = coordinator_->Heartbeat(hb);
+  ASSERT_TRUE(beat.ok()) << beat.status();
+  EXPECT_TRUE(beat->drop_task());
+  // The restored lease asks again and goes on under the new plan.
+  task = Acquire(w);
+  ASSERT_TRUE(task.has_value());
+  EXPECT_EQ(task->job_id(), id);
+  EXPECT_EQ(task->gang().gang_epoch(), jobs->jobs(0).gang_epoch());
+  EXPECT_EQ(task->blocks_done(), 1);
+  hb.set_gang_epoch(task->gang().gang_epoch());
+  EXPECT_FALSE(coordinator_->Heartbeat(hb)->drop_task());
+  EXPECT_TRUE(Commit(w, id, 1).ok());
   // Epochs keep growing across the restart.
   EXPECT_GT(Register().epoch(), w.epoch());
+}
+
+TEST_F(CoordinatorTest, AGangGetsOnePlanAndOwnersCommitTheirLayers) {
+  v1::JobSpec spec = testing::TinySpec("g");
+  spec.mutable_workers()->set_min(2);
+  auto job = Submit("alice", spec);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string id = job->job().job_id();
+  EXPECT_EQ(job->job().spec().workers().max(), 2);
+  v1::RegisterWorkerRequest request;
+  request.set_device_kind("cpu/test");
+  request.set_threads(1);
+  request.set_peer_address("127.0.0.1:7001");
+  const v1::Lease w1 = coordinator_->RegisterWorker(request)->lease();
+  EXPECT_FALSE(Acquire(w1).has_value()) << "min 2";
+  request.set_peer_address("127.0.0.1:7002");
+  const v1::Lease w2 = coordinator_->RegisterWorker(request)->lease();
+  std::optional<v1::Task> t2 = Acquire(w2);
+  std::optional<v1::Task> t1 = Acquire(w1);
+  ASSERT_TRUE(t1.has_value() && t2.has_value());
+  const v1::GangPlan& plan = t1->gang();
+  EXPECT_EQ(plan.gang_epoch(), t2->gang().gang_epoch());
+  EXPECT_EQ(plan.world(), 2);
+  EXPECT_EQ(plan.rank(), 0);
+  EXPECT_EQ(t2->gang().rank(), 1);
+  EXPECT_EQ(plan.total_chunks(), 2);  // 16 samples
+  ASSERT_EQ(plan.members_size(), 2);
+  EXPECT_EQ(plan.members(0).worker_id(), w1.worker_id());
+  EXPECT_EQ(plan.members(1).peer_address(), "127.0.0.1:7002");
+  EXPECT_EQ(plan.members(0).chunk_begin(), 0);
+  EXPECT_EQ(plan.members(0).chunk_end(), 1);
+  EXPECT_EQ(plan.members(1).chunk_end(), 2);
+  std::vector<int> owned[2];
+  for (int r = 0; r < 2; ++r) {
+    owned[r].assign(plan.members(r).owned_linears().begin(), plan.members(r).owned_linears().end());
+    EXPECT_FALSE(owned[r].empty()) << r;
+  }
+  EXPECT_EQ(owned[0].size() + owned[1].size(), 7u);
+  const v1::Job running = *coordinator_->GetJob(id);
+  EXPECT_EQ(running.gang_size(), 2);
+  EXPECT_EQ(running.gang_epoch(), plan.gang_epoch());
+
+  // A layer the sender does not own, and a stale epoch, are refused.
+  auto foreign = Commit(w1, id, 0, "", {owned[1][0]});
+  EXPECT_TRUE(absl::IsFailedPrecondition(foreign.status())) << foreign.status();
+  EXPECT_NE(foreign.status().message().find("does not own"), std::string::npos);
+  EXPECT_TRUE(absl::IsFailedPrecondition(
+      Commit(w1, id, 0, "", owned[0], plan.gang_epoch() + 100).status()));
+  // Rank 1's layers, then rank 0's: the block completes with the last of the seven.
+  auto part = Commit(w2, id, 0, "", owned[1]);
+  ASSERT_TRUE(part.ok()) << part.status();
+  EXPECT_FALSE(part->block_complete());
+  EXPECT_EQ(coordinator_->GetJob(id)->blocks_done(), 0);
+  // Block 1 may arrive before block 0 completes (one block ahead), block 2 may not.
+  ASSERT_TRUE(Commit(w2, id, 1, "", owned[1]).ok());
+  auto rest = Commit(w1, id, 0, "", owned[0]);
+  ASSERT_TRUE(rest.ok()) << rest.status();
+  EXPECT_TRUE(rest->block_complete());
+  EXPECT_FALSE(rest->already_committed());
+  EXPECT_EQ(coordinator_->GetJob(id)->blocks_done(), 1);
+  // A re-sent layer is compared, not stored again.
+  auto again = Commit(w2, id, 0, "", owned[1]);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->already_committed());
+  EXPECT_TRUE(again->block_complete());
+
+  // Rank 1 finishes its part and leaves; rank 0 cannot complete before every block is in.
+  ASSERT_TRUE(Commit(w1, id, 1, "", owned[0]).ok());
+  EXPECT_EQ(coordinator_->GetJob(id)->blocks_done(), 2);
+  v1::CompleteTaskRequest done;
+  *done.mutable_lease() = w2;
+  done.set_job_id(id);
+  done.set_gang_epoch(plan.gang_epoch());
+  done.set_member_done(true);
+  auto left = coordinator_->CompleteTask(done);
+  ASSERT_TRUE(left.ok()) << left.status();
+  EXPECT_EQ(left->state(), v1::JOB_STATE_RUNNING);
+  EXPECT_TRUE(absl::IsFailedPrecondition(Commit(w2, id, 1, "", owned[1]).status()));
+}
+
+TEST_F(CoordinatorTest, ALostMemberReplansTheGangAndAbandonReplansAgain) {
+  v1::JobSpec spec = testing::TinySpec("g");
+  spec.mutable_workers()->set_min(1);
+  spec.mutable_workers()->set_max(3);
+  const std::string id = Submit("alice", spec)->job().job_id();
+  const v1::Lease w1 = Register();
+  const v1::Lease w2 = Register();
+  const v1::Lease w3 = Register();
+  std::optional<v1::Task> t = Acquire(w1);
+  ASSERT_TRUE(t.has_value());
+  EXPECT_EQ(t->gang().world(), 3);
+  ASSERT_TRUE(Acquire(w2).has_value());
+  ASSERT_TRUE(Acquire(w3).has_value());
+  int64_t cursor = 0;
+  ASSERT_TRUE(coordinator_->Snapshot(id, &cursor).ok());
+  // w2 stops heartbeating.
+  clock_.Advance(absl::Seconds(6));
+  for (const v1::Lease& w : {w1, w3}) {
+    v1::HeartbeatRequest hb;
+    *hb.mutable_lease() = w;
+    ASSERT_TRUE(coordinator_->Heartbeat(hb).ok());
+  }
+  clock_.Advance(absl::Seconds(5));
+  coordinator_->Tick();
+  v1::Job job = *coordinator_->GetJob(id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(job.gang_size(), 2);
+  EXPECT_GT(job.gang_epoch(), t->gang().gang_epoch());
+  EXPECT_EQ(job.attempts(), 2);
+  EXPECT_EQ(job.gang(1).worker_id(), w3.worker_id());
+  std::vector<v1::ProgressEvent> events;
+  bool done = false;
+  ASSERT_TRUE(coordinator_->WaitForEvents(id, &cursor, absl::Now(), &events, &done).ok());
+  ASSERT_FALSE(events.empty());
+  EXPECT_NE(events.back().message().find(
+                absl::StrCat("re-planned on 2 workers: the lease of ", w2.worker_id(), " expired")),
+            std::string::npos)
+      << events.back().message();
+  // Members get the new plan when they ask.
+  std::optional<v1::Task> t3 = Acquire(w3);
+  ASSERT_TRUE(t3.has_value());
+  EXPECT_EQ(t3->gang().rank(), 1);
+  EXPECT_EQ(t3->gang().gang_epoch(), job.gang_epoch());
+  // AbandonTask under a stale epoch is refused; under the current one it re-plans.
+  v1::AbandonTaskRequest abandon;
+  *abandon.mutable_lease() = w3;
+  abandon.set_job_id(id);
+  abandon.set_gang_epoch(t->gang().gang_epoch());
+  abandon.set_reason("peer unreachable");
+  EXPECT_TRUE(absl::IsFailedPrecondition(coordinator_->AbandonTask(abandon)));
+  abandon.set_gang_epoch(job.gang_epoch());
+  ASSERT_TRUE(coordinator_->AbandonTask(abandon).ok());
+  job = *coordinator_->GetJob(id);
+  EXPECT_EQ(job.attempts(), 3);
+  EXPECT_EQ(job.gang_size(), 2);
+  // max_attempts 3: the next abandon fails the job.
+  abandon.set_gang_epoch(job.gang_epoch());
+  ASSERT_TRUE(coordinator_->AbandonTask(abandon).ok());
+  EXPECT_EQ(coordinator_->GetJob(id)->state(), v1::JOB_STATE_FAILED);
+}
+
+TEST_F(CoordinatorTest, BoundariesArePerChunkAndUsableOnlyWhenComplete) {
+  v1::JobSpec spec = testing::TinySpec("g");
+  spec.mutable_workers()->set_min(2);
+  const std::string id = Submit("alice", spec)->job().job_id();
+  const v1::Lease w1 = Register();
+  const v1::Lease w2 = Register();
+  std::optional<v1::Task> t1 = Acquire(w1);
+  ASSERT_TRUE(t1.has_value());
+  ASSERT_TRUE(Acquire(w2).has_value());
+  const uint64_t epoch = t1->gang().gang_epoch();
+  std::vector<int> owned[2];
+  for (int r = 0; r < 2; ++r) {
+    const auto& m = t1->gang().members(r);
+    owned[r].assign(m.owned_linears().begin(), m.owned_linears().end());
+  }
+  auto upload = [&](const v1::Lease& lease, int block, int chunk,
+                    const std::string& bytes) -> absl::Status {
+    v1::ActivationsHeader h;
+    *h.mutable_lease() = lease;
+    h.set_job_id(id);
+    h.set_block(block);
+    h.set_chunk(chunk);
+    h.set_gang_epoch(epoch);
+    h.set_sha256(Sha256Hex(bytes));
+    h.set_size(static_cast<int64_t>(bytes.size()));
+    auto u = coordinator_->BeginActivations(h);
+    if (!u.ok()) return u.status();
+    if (absl::Status s = (*u)->Append(bytes); !s.ok()) return s;
+    return coordinator_->CommitActivations(**u).status();
+  };
+  for (int b = 0; b < 2; ++b) {
+    ASSERT_TRUE(Commit(w1, id, b, "", owned[0]).ok());
+    ASSERT_TRUE(Commit(w2, id, b, "", owned[1]).ok());
+  }
+  // Chunk 1 is rank 1's: rank 0 may not upload it.
+  EXPECT_TRUE(absl::IsFailedPrecondition(upload(w1, 1, 1, "x")));
+  ASSERT_TRUE(upload(w1, 1, 0, "boundary 1 chunk 0").ok());
+  EXPECT_EQ(coordinator_->GetJob(id)->checkpoint_block(), 0) << "one of two chunks";
+  ASSERT_TRUE(upload(w2, 1, 1, "boundary 1 chunk 1").ok());
+  EXPECT_EQ(coordinator_->GetJob(id)->checkpoint_block(), 1);
+  const fs::path b1 = fs::path(tree_.data) / "activations" / id / "block-000001";
+  EXPECT_TRUE(fs::exists(b1 / "chunk-000001.safetensors"));
+  // The same chunk again must carry the same bytes.
+  ASSERT_TRUE(upload(w2, 1, 1, "boundary 1 chunk 1").ok());
+
+  // FetchResume of one chunk range: only that chunk's file, and no manifests unless asked.
+  v1::FetchResumeRequest fetch;
+  *fetch.mutable_lease() = w2;
+  fetch.set_job_id(id);
+  fetch.set_chunk_begin(1);
+  fetch.set_chunk_end(2);
+  auto plan = coordinator_->PrepareResume(fetch);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->header.checkpoint_block(), 1);
+  ASSERT_EQ(plan->header.chunks_size(), 1);
+  EXPECT_EQ(plan->header.chunks(0).chunk(), 1);
+  EXPECT_EQ(plan->header.chunks(0).sha256(), Sha256Hex("boundary 1 chunk 1"));
+  EXPECT_EQ(plan->header.blocks_size(), 0);
+  EXPECT_EQ(*ReadFileToString(plan->chunk_paths[0]), "boundary 1 chunk 1");
+  fetch.set_chunk_begin(0);
+  fetch.set_artifacts(true);
+  plan = coordinator_->PrepareResume(fetch);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->header.chunks_size(), 2);
+  ASSERT_EQ(plan->header.blocks_size(), 1);
+  EXPECT_EQ(plan->header.blocks(0).layers_size(), 7);
+  fetch.set_chunk_end(3);
+  EXPECT_TRUE(absl::IsInvalidArgument(coordinator_->PrepareResume(fetch).status()));
+
+  // A newer complete boundary replaces the older one, files included.
+  ASSERT_TRUE(upload(w2, 2, 1, "boundary 2 chunk 1").ok());
+  EXPECT_EQ(coordinator_->GetJob(id)->checkpoint_block(), 1);
+  EXPECT_TRUE(fs::exists(b1));
+  ASSERT_TRUE(upload(w1, 2, 0, "boundary 2 chunk 0").ok());
+  EXPECT_EQ(coordinator_->GetJob(id)->checkpoint_block(), 2);
+  EXPECT_FALSE(fs::exists(b1));
+  // Recomputed with other bytes: a determinism error.
+  auto changed = upload(w1, 2, 0, "boundary 2 chunk 0, changed");
+  EXPECT_TRUE(absl::IsAborted(changed)) << changed;
+  EXPECT_EQ(coordinator_->GetJob(id)->state(), v1::JOB_STATE_FAILED);
+}
+
+TEST_F(CoordinatorTest, ReplanFaultPointIsReachedAfterTheNewPlanIsPersisted) {
+  auto faults = service::FaultInjector::Parse("coordinator:stage=replan:error", "coordinator");
+  ASSERT_TRUE(faults.ok()) << faults.status();
+  coordinator_.reset();
+  const std::string dir = tree_.data + "/store";
+  auto c = Coordinator::Create(
+      options_,
+      [dir]() -> absl::StatusOr<std::unique_ptr<KvStore>> {
+        auto s = RocksStore::Open({dir});
+        if (!s.ok()) return s.status();
+        return std::unique_ptr<KvStore>(*std::move(s));
+      },
+      &clock_, metrics_.get(), faults->get());
+  ASSERT_TRUE(c.ok()) << c.status();
+  coordinator_ = *std::move(c);
+  const std::string id = Submit("alice", testing::TinySpec("a"))->job().job_id();
+  const v1::Lease w = Register();
+  std::optional<v1::Task> t = Acquire(w);
+  ASSERT_TRUE(t.has_value());
+  v1::AbandonTaskRequest abandon;
+  *abandon.mutable_lease() = w;
+  abandon.set_job_id(id);
+  abandon.set_gang_epoch(t->gang().gang_epoch());
+  EXPECT_TRUE(absl::IsInternal(coordinator_->AbandonTask(abandon)));
+  // The fault point comes after the commit point: the new plan is in place.
+  const v1::Job job = *coordinator_->GetJob(id);
+  EXPECT_GT(job.gang_epoch(), t->gang().gang_epoch());
+  EXPECT_EQ(job.attempts(), 2);
+  coordinator_.reset();
 }
 
 TEST_F(CoordinatorTest, StoreWriteErrorRefusesWritesUntilReopened) {

@@ -137,14 +137,190 @@ TEST_F(SchedulerTest, ReacquireReturnsTheHeldJobAsANewAttempt) {
   EXPECT_EQ((*s.Acquire("w-1", 1))->job_id, "job-b");
 }
 
-TEST_F(SchedulerTest, RestoredHeldJobsNeedALiveLease) {
+TEST_F(SchedulerTest, RestoredRunningJobsAreReplannedOnLiveMembersOrQueued) {
   Scheduler s(Options());
+  s.SetNextGangEpoch(40);
   s.WorkerJoined("w-1", 1, kCpu1, t0_);
-  EXPECT_TRUE(s.JobHeld("job-a", 1, kCpu1, 1, "w-1", 1).ok());
-  EXPECT_TRUE(absl::IsFailedPrecondition(s.JobHeld("job-b", 2, kCpu1, 1, "w-1", 1)));
-  EXPECT_TRUE(absl::IsFailedPrecondition(s.JobHeld("job-c", 3, kCpu1, 1, "w-2", 5)));
+  s.WorkerJoined("w-2", 2, kCpu1, t0_);
+  // w-3's lease was not restored: the gang goes on with w-1 and w-2 under a new epoch.
+  Action a = s.JobRestored("job-a", 1, kCpu1, 2, {2, 3}, false, {"w-1", "w-2", "w-3"});
+  EXPECT_EQ(a.kind, Kind::kReplan);
+  EXPECT_EQ(a.gang_epoch, 40u);
+  EXPECT_EQ(a.members, (std::vector<std::string>{"w-1", "w-2"}));
+  EXPECT_EQ(a.attempt, 2) << "a restart counts no attempt";
+  EXPECT_EQ(s.next_gang_epoch(), 41u);
+  // A member learns its part when it asks; until then its heartbeats say drop.
+  EXPECT_TRUE(s.ShouldDrop("w-2", "job-a", 7));
+  auto part = s.Acquire("w-2", 2);
+  ASSERT_TRUE(part.ok() && part->has_value());
+  EXPECT_EQ((*part)->kind, Kind::kDeliver);
+  EXPECT_EQ((*part)->rank, 1);
+  EXPECT_FALSE(s.ShouldDrop("w-2", "job-a", 40));
+  EXPECT_TRUE(s.ShouldDrop("w-2", "job-a", 39));
+  // Too few live members: queued.
+  Action b = s.JobRestored("job-b", 2, kCpu1, 1, {2, 2}, false, {"w-7", "w-8"});
+  EXPECT_EQ(b.kind, Kind::kRequeue);
+  EXPECT_EQ(s.queued_jobs(), 1);
   EXPECT_TRUE(s.CheckHolds("w-1", 1, "job-a").ok());
   EXPECT_TRUE(absl::IsFailedPrecondition(s.CheckHolds("w-1", 1, "job-b")));
+}
+
+TEST_F(SchedulerTest, AGangStartsWithMinWorkersAndTakesUpToMaxRankedById) {
+  Scheduler s(Options());
+  s.JobQueued("job-a", 1, kAny, 0, {2, 3});
+  s.WorkerJoined("w-2", 2, kCpu1, t0_);
+  auto none = s.Acquire("w-2", 2);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value()) << "one worker is fewer than min 2";
+  s.WorkerJoined("w-9", 9, kCpu2, t0_);  // other caps: not a gang mate
+  EXPECT_FALSE(s.Acquire("w-9", 9)->has_value());
+  s.WorkerJoined("w-1", 1, kCpu1, t0_);
+  s.WorkerJoined("w-3", 3, kCpu1, t0_);
+  s.WorkerJoined("w-4", 4, kCpu1, t0_);
+  auto a = s.Acquire("w-3", 3);
+  ASSERT_TRUE(a.ok() && a->has_value());
+  EXPECT_EQ((*a)->kind, Kind::kAssign);
+  // The asker plus the lowest ids up to max, ranked by id.
+  EXPECT_EQ((*a)->members, (std::vector<std::string>{"w-1", "w-2", "w-3"}));
+  EXPECT_EQ((*a)->rank, 2);
+  EXPECT_EQ((*a)->attempt, 1);
+  EXPECT_EQ((*a)->caps, kCpu1);
+  const uint64_t epoch = (*a)->gang_epoch;
+  EXPECT_EQ(s.JobOf("w-1"), "job-a");
+  EXPECT_EQ(s.JobOf("w-4"), "");
+  // Other members get their part when they ask (no new attempt, same epoch).
+  auto part = s.Acquire("w-1", 1);
+  ASSERT_TRUE(part.ok() && part->has_value());
+  EXPECT_EQ((*part)->kind, Kind::kDeliver);
+  EXPECT_EQ((*part)->rank, 0);
+  EXPECT_EQ((*part)->gang_epoch, epoch);
+  EXPECT_EQ((*part)->attempt, 1);
+  EXPECT_EQ(*s.CheckGang("w-1", 1, "job-a", epoch), 0);
+  EXPECT_TRUE(absl::IsFailedPrecondition(s.CheckGang("w-1", 1, "job-a", epoch + 1).status()));
+  EXPECT_TRUE(absl::IsFailedPrecondition(s.CheckGang("w-4", 4, "job-a", epoch).status()));
+}
+
+TEST_F(SchedulerTest, LostMemberReplansWhileMinRemainsElseRequeuesUntilAWorkerJoins) {
+  Scheduler s(Options());  // max_attempts 3
+  s.JobQueued("job-a", 1, kAny, 0, {2, 3});
+  for (int w = 1; w <= 3; ++w) s.WorkerJoined(absl::StrCat("w-", w), w, kCpu1, t0_);
+  auto a = s.Acquire("w-1", 1);
+  ASSERT_TRUE(a.ok() && a->has_value());
+  ASSERT_EQ((*a)->members.size(), 3u);
+  const uint64_t first = (*a)->gang_epoch;
+  // w-1 and w-3 heartbeat; w-2's lease expires.
+  const absl::Time t1 = t0_ + absl::Seconds(5);
+  ASSERT_TRUE(s.Heartbeat("w-1", 1, t1).ok());
+  ASSERT_TRUE(s.Heartbeat("w-3", 3, t1).ok());
+  std::vector<Action> actions = s.Tick(t0_ + absl::Seconds(10));
+  ASSERT_EQ(actions.size(), 2u);
+  EXPECT_EQ(actions[0].kind, Kind::kExpireLease);
+  EXPECT_EQ(actions[1].kind, Kind::kReplan);
+  EXPECT_EQ(actions[1].members, (std::vector<std::string>{"w-1", "w-3"}));
+  EXPECT_GT(actions[1].gang_epoch, first);
+  EXPECT_EQ(actions[1].attempt, 2);
+  EXPECT_EQ(actions[1].reason, "re-planned on 2 workers: the lease of w-2 expired");
+  // The old epoch is stale; the survivors get the new plan when they ask.
+  EXPECT_TRUE(s.ShouldDrop("w-1", "job-a", first));
+  EXPECT_TRUE(absl::IsFailedPrecondition(s.CheckGang("w-1", 1, "job-a", first).status()));
+  auto part = s.Acquire("w-3", 3);
+  ASSERT_TRUE(part.ok() && part->has_value());
+  EXPECT_EQ((*part)->kind, Kind::kDeliver);
+  EXPECT_EQ((*part)->rank, 1) << "re-ranked";
+  // w-3 goes too: one left is fewer than min 2, so the job is requeued and w-1 freed.
+  ASSERT_TRUE(s.Heartbeat("w-1", 1, t0_ + absl::Seconds(14)).ok());
+  actions = s.Tick(t1 + absl::Seconds(10));
+  ASSERT_EQ(actions.size(), 2u);
+  EXPECT_EQ(actions[1].kind, Kind::kRequeue);
+  EXPECT_EQ(s.JobOf("w-1"), "");
+  EXPECT_EQ(s.queued_jobs(), 1);
+  EXPECT_FALSE(s.Acquire("w-1", 1)->has_value()) << "still fewer than min";
+  // A worker joins: the job starts again on two.
+  s.WorkerJoined("w-5", 5, kCpu1, t0_ + absl::Seconds(16));
+  auto again = s.Acquire("w-5", 5);
+  ASSERT_TRUE(again.ok() && again->has_value());
+  EXPECT_EQ((*again)->kind, Kind::kAssign);
+  EXPECT_EQ((*again)->members, (std::vector<std::string>{"w-1", "w-5"}));
+  EXPECT_EQ((*again)->attempt, 3);
+}
+
+TEST_F(SchedulerTest, DroppedTaskAndAbandonReplanUnderANewEpochAndCountAttempts) {
+  Scheduler s(Options());  // max_attempts 3
+  s.JobQueued("job-a", 1, kAny, 0, {2, 2});
+  s.WorkerJoined("w-1", 1, kCpu1, t0_);
+  s.WorkerJoined("w-2", 2, kCpu1, t0_);
+  auto a = s.Acquire("w-2", 2);
+  ASSERT_TRUE(a.ok() && a->has_value());
+  ASSERT_EQ((*s.Acquire("w-1", 1))->kind, Kind::kDeliver);
+  const uint64_t e1 = (*a)->gang_epoch;
+  // w-1 asks again while the job runs: it dropped its task.
+  auto dropped = s.Acquire("w-1", 1);
+  ASSERT_TRUE(dropped.ok() && dropped->has_value());
+  EXPECT_EQ((*dropped)->kind, Kind::kReplan);
+  EXPECT_EQ((*dropped)->rank, 0);
+  EXPECT_EQ((*dropped)->attempt, 2);
+  const uint64_t e2 = (*dropped)->gang_epoch;
+  EXPECT_GT(e2, e1);
+  // w-2 still runs e1: refused, and told to drop.
+  EXPECT_TRUE(absl::IsFailedPrecondition(s.Abandon("w-2", 2, "job-a", e1, "x").status()));
+  EXPECT_TRUE(s.ShouldDrop("w-2", "job-a", e1));
+  EXPECT_EQ((*s.Acquire("w-2", 2))->kind, Kind::kDeliver);
+  // AbandonTask under the current epoch: a re-plan, then out of attempts.
+  auto abandoned = s.Abandon("w-2", 2, "job-a", e2, "peer w-1 unreachable");
+  ASSERT_TRUE(abandoned.ok()) << abandoned.status();
+  EXPECT_EQ(abandoned->kind, Kind::kReplan);
+  EXPECT_EQ(abandoned->attempt, 3);
+  EXPECT_NE(abandoned->reason.find("peer w-1 unreachable"), std::string::npos);
+  auto last = s.Abandon("w-1", 1, "job-a", abandoned->gang_epoch, "again");
+  ASSERT_TRUE(last.ok());
+  EXPECT_EQ(last->kind, Kind::kFailJob);
+  EXPECT_EQ(s.JobOf("w-1"), "");
+  EXPECT_EQ(s.JobOf("w-2"), "");
+}
+
+TEST_F(SchedulerTest, MemberDoneLeavesTheGangAndExportNeedsOneWorker) {
+  Scheduler s(Options());
+  s.JobQueued("job-a", 1, kAny, 0, {2, 2});
+  s.JobQueued("job-b", 2, kAny, 0);
+  s.WorkerJoined("w-1", 1, kCpu1, t0_);
+  s.WorkerJoined("w-2", 2, kCpu1, t0_);
+  auto a = s.Acquire("w-1", 1);
+  ASSERT_TRUE(a.ok() && a->has_value());
+  const uint64_t epoch = (*a)->gang_epoch;
+  ASSERT_EQ((*s.Acquire("w-2", 2))->kind, Kind::kDeliver);
+  EXPECT_TRUE(absl::IsFailedPrecondition(s.MemberDone("w-1", 1, "job-a", epoch)))
+      << "rank 0 completes the job";
+  EXPECT_TRUE(absl::IsFailedPrecondition(s.MemberDone("w-2", 2, "job-a", epoch + 1)));
+  s.SetExportOnly("job-a");
+  ASSERT_TRUE(s.MemberDone("w-2", 2, "job-a", epoch).ok());
+  EXPECT_EQ(s.JobOf("w-2"), "");
+  // The freed member takes other work; rank 0 keeps its rank and epoch.
+  auto b = s.Acquire("w-2", 2);
+  ASSERT_TRUE(b.ok() && b->has_value());
+  EXPECT_EQ((*b)->job_id, "job-b");
+  EXPECT_EQ(*s.CheckGang("w-1", 1, "job-a", epoch), 0);
+  // Rank 0 lost during the export: requeued, and it starts again on one worker.
+  ASSERT_TRUE(s.Heartbeat("w-2", 2, t0_ + absl::Seconds(5)).ok());
+  std::vector<Action> actions = s.Tick(t0_ + absl::Seconds(10));
+  ASSERT_EQ(actions.size(), 2u);
+  EXPECT_EQ(actions[1].kind, Kind::kRequeue);
+  s.JobFinished("job-b");
+  s.WorkerJoined("w-3", 3, kCpu1, t0_ + absl::Seconds(10));
+  auto exporter = s.Acquire("w-3", 3);
+  ASSERT_TRUE(exporter.ok() && exporter->has_value());
+  EXPECT_EQ((*exporter)->job_id, "job-a");
+  EXPECT_EQ((*exporter)->members, (std::vector<std::string>{"w-3"}));
+}
+
+TEST_F(SchedulerTest, AJobThatCannotFormDoesNotBlockYoungerOnes) {
+  Scheduler s(Options());
+  s.JobQueued("job-big", 1, kAny, 0, {4, 4});
+  s.JobQueued("job-small", 2, kAny, 0);
+  s.WorkerJoined("w-1", 1, kCpu1, t0_);
+  auto a = s.Acquire("w-1", 1);
+  ASSERT_TRUE(a.ok() && a->has_value());
+  EXPECT_EQ((*a)->job_id, "job-small");
+  EXPECT_EQ(s.queued_jobs(), 1);
 }
 
 TEST_F(SchedulerTest, SameEventsGiveSameActions) {

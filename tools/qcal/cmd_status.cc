@@ -1,4 +1,5 @@
-// qcal status JOB: one job's state, progress and result (or the job as JSON with --json).
+// qcal status JOB: one job's state, progress, gang (rank, worker, peer address, chunks, owned
+// linears) while it runs, and result (or the job as JSON with --json).
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -7,6 +8,7 @@
 #include "common/status.h"
 #include "services/common/job_spec.h"
 #include "services/common/quant_client.h"
+#include "services/engine/model.h"
 #include "tools/qcal/commands.h"
 
 namespace qcal::cli {
@@ -29,6 +31,21 @@ absl::Status RunStatus(const StatusArgs& a) {
               job.job_id().c_str(), service::JobStateName(job.state()).c_str(),
               service::JobStageName(job.stage()).c_str(), job.blocks_done(), job.num_blocks(),
               job.checkpoint_block(), job.attempts(), job.spec().output_name().c_str());
+  if (job.gang_size() > 0) {
+    std::printf("gang epoch %llu, %d worker%s:\n",
+                static_cast<unsigned long long>(job.gang_epoch()), job.gang_size(),
+                job.gang_size() == 1 ? "" : "s");
+    for (const v1::GangMember& m : job.gang()) {
+      std::string linears;
+      for (int l : m.owned_linears()) {
+        if (!linears.empty()) linears += ",";
+        linears += engine::LinearName(engine::kAllLinears[static_cast<size_t>(l)]);
+      }
+      std::printf("  rank %-2d %-12s %-21s chunks [%d,%d)  linears %s\n", m.rank(),
+                  m.worker_id().c_str(), m.peer_address().empty() ? "-" : m.peer_address().c_str(),
+                  m.chunk_begin(), m.chunk_end(), linears.empty() ? "-" : linears.c_str());
+    }
+  }
   if (job.has_result()) {
     std::printf("perplexity %.4f (full precision %.4f)\n", job.result().perplexity(),
                 job.result().perplexity_fp());

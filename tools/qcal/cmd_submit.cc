@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <memory>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "services/common/job_spec.h"
 #include "services/common/quant_client.h"
@@ -48,7 +50,7 @@ struct SubmitArgs {
   std::string recipe_path;
   int samples = 0, seq_len = 0, threads = 0, eval_seq_len = 0, eval_max_windows = 0;
   uint64_t seed = 0;
-  std::string eval_text, idempotency_key;
+  std::string eval_text, idempotency_key, workers;
   bool overwrite = false, wait = false, json = false;
   CLI::App* app = nullptr;
 };
@@ -64,6 +66,21 @@ absl::Status RunSubmit(SubmitArgs& a) {
   // Unset options stay unset: the coordinator applies the documented defaults.
   if (a.app->count("--seed") > 0) spec.set_seed(a.seed);
   if (a.app->count("--threads") > 0) spec.set_threads(a.threads);
+  if (!a.workers.empty()) {
+    // N, or MIN:MAX; the coordinator checks the range (1 <= MIN <= MAX <= 64).
+    const size_t colon = a.workers.find(':');
+    int min = 0, max = 0;
+    const bool ok = colon == std::string::npos
+                        ? absl::SimpleAtoi(a.workers, &min) && (max = min, true)
+                        : absl::SimpleAtoi(a.workers.substr(0, colon), &min) &&
+                              absl::SimpleAtoi(a.workers.substr(colon + 1), &max);
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--workers \"", a.workers, "\" is not N or MIN:MAX"));
+    }
+    spec.mutable_workers()->set_min(min);
+    spec.mutable_workers()->set_max(max);
+  }
   if (!a.eval_text.empty()) spec.set_eval_text(a.eval_text);
   if (a.app->count("--eval-seq-len") > 0) spec.set_eval_seq_len(a.eval_seq_len);
   if (a.app->count("--eval-max-windows") > 0) spec.set_eval_max_windows(a.eval_max_windows);
@@ -119,6 +136,9 @@ RunFn AddSubmit(CLI::App& app) {
   app.add_option("--threads", a->threads,
                  "Threads the job runs with (default: the first worker's --threads)")
       ->check(CLI::Range(1, 4096));
+  app.add_option("--workers", a->workers,
+                 "Workers sharing the job: N, or MIN:MAX (it starts with MIN free matching "
+                 "workers and takes up to MAX; default 1)");
   app.add_option_function<std::string>(
          "--output-name", [a](const std::string& v) { a->spec.set_output_name(v); },
          "Output directory name, created under the output root")

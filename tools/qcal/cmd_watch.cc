@@ -37,6 +37,10 @@ void ProgressPrinter::Print(const v1::ProgressEvent& e) {
   const std::string rate =
       e.tokens_per_second() > 0 ? absl::StrFormat("  %.0f tok/s", e.tokens_per_second()) : "";
   if (tty_) {
+    // A new plan (start or re-plan) names the gang: keep it on its own line above the bar.
+    if (e.message().find("gang epoch ") != std::string::npos) {
+      std::fprintf(stderr, "\r\033[K%s\n", e.message().c_str());
+    }
     constexpr int kWidth = 24;
     const int filled = e.num_blocks() > 0 ? kWidth * e.blocks_done() / e.num_blocks() : 0;
     std::string bar(filled, '#');

@@ -1,0 +1,62 @@
+// NormalizeJobSpec's gang size (JobSpec.workers): defaults, the range 1 <= min <= max <= 64, and
+// errors that name the key.
+#include "services/common/job_spec.h"
+
+#include <string>
+
+#include "gtest/gtest.h"
+#include "tests/service/service_test_util.h"
+
+namespace qcal::service {
+namespace {
+
+TEST(JobSpecWorkersTest, DefaultsAreOneAndMaxFollowsMin) {
+  v1::JobSpec spec = testing::TinySpec("a");
+  auto n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->workers().min(), 1);
+  EXPECT_EQ(n->workers().max(), 1);
+  spec.mutable_workers()->set_min(3);
+  n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->workers().min(), 3);
+  EXPECT_EQ(n->workers().max(), 3);
+  spec.mutable_workers()->set_max(kMaxGangWorkers);
+  n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->workers().max(), 64);
+  // Explicit defaults are the same spec.
+  v1::JobSpec explicit_spec = testing::TinySpec("a");
+  explicit_spec.mutable_workers()->set_min(1);
+  explicit_spec.mutable_workers()->set_max(1);
+  EXPECT_EQ(SpecSha256(*NormalizeJobSpec(explicit_spec)),
+            SpecSha256(*NormalizeJobSpec(testing::TinySpec("a"))));
+}
+
+TEST(JobSpecWorkersTest, OutOfRangeCountsAreInvalidArgumentNamingTheKey) {
+  struct Case {
+    int min, max;  // 0: unset
+    const char* key;
+  };
+  for (const Case& c :
+       {Case{0, 0, nullptr}, Case{-1, 0, "spec.workers.min"}, Case{65, 0, "spec.workers.min"},
+        Case{4, 2, "spec.workers.max"}, Case{1, 65, "spec.workers.max"}, Case{0, 0, nullptr}}) {
+    v1::JobSpec spec = testing::TinySpec("a");
+    if (c.min != 0) spec.mutable_workers()->set_min(c.min);
+    if (c.max != 0) spec.mutable_workers()->set_max(c.max);
+    auto n = NormalizeJobSpec(spec);
+    if (c.key == nullptr) {
+      EXPECT_TRUE(n.ok()) << n.status();
+      continue;
+    }
+    EXPECT_TRUE(absl::IsInvalidArgument(n.status())) << c.min << ":" << c.max;
+    EXPECT_NE(n.status().message().find(c.key), std::string::npos) << n.status();
+  }
+  // min 0 given explicitly is out of range too.
+  v1::JobSpec spec = testing::TinySpec("a");
+  spec.mutable_workers()->set_min(0);
+  EXPECT_TRUE(absl::IsInvalidArgument(NormalizeJobSpec(spec).status()));
+}
+
+}  // namespace
+}  // namespace qcal::service
