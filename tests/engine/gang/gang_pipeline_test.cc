@@ -4,7 +4,9 @@
 // block with the same seven artifacts, and each rank's transport counted exactly the bytes
 // ExchangeBytesPerBlock predicts. Recipes: GPTQ 4-bit; ASER (smoothing, error reconstruction
 // rank 16, 8-bit activations); and a two-pass GPTQ with LQER's diagonal whitening (the
-// full-precision statistics pass and the |x| statistics inside InputStatistics).
+// full-precision statistics pass and the |x| statistics inside InputStatistics). On the CPU
+// backend, and on CUDA too when a GPU is present (owners install their device-dequantized
+// weights, the other ranks the artifact's: the same bits).
 //
 // 36 samples make C = 5 chunks (the last of 4 samples): W = 4 splits them 1, 1, 1, 2.
 #include <array>
@@ -18,6 +20,7 @@
 #include "common/files.h"
 #include "common/hf_config.h"
 #include "gtest/gtest.h"
+#include "kernels/cuda/cuda_backend.h"
 #include "services/engine/gang/exchange.h"
 #include "services/engine/gang/local_transport.h"
 #include "services/engine/pipeline.h"
@@ -29,8 +32,9 @@ namespace fs = std::filesystem;
 
 constexpr int kSamples = 36;
 
-JobOptions Options(const Recipe& recipe, const std::string& out_dir) {
+JobOptions Options(const Recipe& recipe, const std::string& device, const std::string& out_dir) {
   JobOptions o;
+  o.device = device;
   o.model_dir = testing::SharedDir() + "/models/stories260k";
   o.calib_path = testing::SharedDir() + "/data/tinystories-calib.txt";
   o.eval_text = testing::SharedDir() + "/data/tinystories-eval.txt";
@@ -156,14 +160,31 @@ Recipe DiagonalTwoPass() {
   return r;
 }
 
-class GangPipelineTest : public ::testing::TestWithParam<std::pair<const char*, Recipe>> {};
+Recipe RecipeNamed(const std::string& name) {
+  if (name == "aser") return Aser();
+  if (name == "diagonal_two_pass") return DiagonalTwoPass();
+  return Gptq4();
+}
+
+void CheckEveryGangSize(const Recipe& recipe, const std::string& device);
+
+class GangPipelineTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GangPipelineTest, EveryGangSizeExportsTheSameBytes) {
   QCAL_REQUIRE_SHARED();
-  const Recipe& recipe = GetParam().second;
+  const Recipe recipe = RecipeNamed(GetParam());
+  std::vector<std::string> devices = {"cpu"};
+  if (kernels::CudaDeviceCount() > 0) devices.push_back("cuda");
+  for (const std::string& device : devices) {
+    SCOPED_TRACE(device);
+    CheckEveryGangSize(recipe, device);
+  }
+}
+
+void CheckEveryGangSize(const Recipe& recipe, const std::string& device) {
   const std::string tmp = testing::MakeTempDir("gang_pipeline");
   const std::string direct = tmp + "/direct";
-  auto plain = RunQuantizeJob(Options(recipe, direct));
+  auto plain = RunQuantizeJob(Options(recipe, device, direct));
   ASSERT_TRUE(plain.ok()) << plain.status();
   const std::map<std::string, std::string> expected = OutputFiles(direct);
   ASSERT_TRUE(expected.count("qcal_report.json"));
@@ -171,7 +192,7 @@ TEST_P(GangPipelineTest, EveryGangSizeExportsTheSameBytes) {
   for (int world = 1; world <= 4; ++world) {
     SCOPED_TRACE(world);
     const std::string out = tmp + "/w" + std::to_string(world);
-    const GangRun run = RunGang(Options(recipe, out), world, out);
+    const GangRun run = RunGang(Options(recipe, device, out), world, out);
     const std::map<std::string, std::string> got = OutputFiles(out);
     ASSERT_EQ(got.size(), expected.size());
     for (const auto& [name, bytes] : expected) {
@@ -190,10 +211,8 @@ TEST_P(GangPipelineTest, EveryGangSizeExportsTheSameBytes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Recipes, GangPipelineTest,
-                         ::testing::Values(std::make_pair("gptq4", Gptq4()),
-                                           std::make_pair("aser", Aser()),
-                                           std::make_pair("diagonal_two_pass", DiagonalTwoPass())),
-                         [](const auto& info) { return std::string(info.param.first); });
+                         ::testing::Values("gptq4", "aser", "diagonal_two_pass"),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace qcal::engine
