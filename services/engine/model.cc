@@ -44,6 +44,11 @@ LinearInput InputOf(LinearKind kind) {
   return LinearInput::kQkv;
 }
 
+const char* LinearInputName(LinearInput input) {
+  static const char* const kNames[] = {"qkv", "o", "gate_up", "down"};
+  return kNames[static_cast<int>(input)];
+}
+
 std::vector<LinearKind> ConsumersOf(LinearInput input) {
   std::vector<LinearKind> out;
   for (LinearKind k : kAllLinears) {

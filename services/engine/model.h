@@ -42,6 +42,10 @@ inline constexpr std::array<LinearKind, kNumLinears> kAllLinears = {
 // The distinct linear inputs of a block: q/k/v share one, gate/up share one.
 enum class LinearInput { kQkv = 0, kO, kGateUp, kDown };
 inline constexpr int kNumLinearInputs = 4;
+inline constexpr std::array<LinearInput, kNumLinearInputs> kAllLinearInputs = {
+    LinearInput::kQkv, LinearInput::kO, LinearInput::kGateUp, LinearInput::kDown};
+// "qkv", "o", "gate_up", "down" (for errors).
+const char* LinearInputName(LinearInput input);
 
 // "q_proj", ..., "down_proj".
 const char* LinearName(LinearKind kind);

@@ -141,8 +141,17 @@ absl::Status JobOptions::Validate() const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o, JobLogFn log) {
+absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o, JobLogFn log,
+                                                             std::optional<GangPlan> gang) {
   QCAL_RETURN_IF_ERROR(o.Validate());
+  if (gang) {
+    QCAL_RETURN_IF_ERROR(gang->Validate());
+    if (gang->total_chunks != NumChunks(o.samples)) {
+      return absl::InvalidArgumentError(absl::StrCat("the gang plan has ", gang->total_chunks,
+                                                     " chunks; ", o.samples, " samples make ",
+                                                     NumChunks(o.samples)));
+    }
+  }
   auto s = std::unique_ptr<JobSession>(new JobSession());
   s->options_ = o;
   s->log_ = std::move(log);
@@ -167,6 +176,7 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   load.residency = BlockResidency::kStreaming;
   QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get(), load));
   const ModelConfig& cfg = s->model_->config();
+  s->gang_ = gang ? *std::move(gang) : MakeGangPlan(cfg, o.samples, 1, 0, 0);
   QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(cfg, o.seq_len), o.model_dir));
   if (!o.eval_text.empty() && o.eval_seq_len > 0) {
     QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(cfg, o.eval_seq_len), o.model_dir));
@@ -196,22 +206,30 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   s->calib_tokens_ = calib_tokens.size();
   QCAL_ASSIGN_OR_RETURN(auto samples, SampleCalibration(calib_tokens, o.samples, o.seq_len, o.seed,
                                                         cfg.bos_token_id, o.calib_path));
-  QCAL_ASSIGN_OR_RETURN(s->acts_, EmbedCalibration(*s->model_, samples));
+  QCAL_ASSIGN_OR_RETURN(s->acts_, EmbedCalibration(*s->model_, samples, s->gang_.local()));
   s->timings_["calibration_data"] = Since(t0);
   return s;
 }
 
-absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock() {
+absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock(Transport* transport,
+                                                           const GangBlockOptions& gang_options) {
   if (next_block() >= num_blocks())
     return absl::FailedPreconditionError("every block is already quantized");
+  if (transport == nullptr && gang_.world > 1) {
+    return absl::FailedPreconditionError(absl::StrCat("rank ", gang_.rank, " of a gang of ",
+                                                      gang_.world, " runs a block without peers"));
+  }
   const int b = next_block();
   auto t0 = Clock::now();
   QCAL_RETURN_IF_ERROR(model_->AcquireBlock(b));
   const double wait = Since(t0);
   load_wait_ += wait;
   t0 = Clock::now();
-  QCAL_ASSIGN_OR_RETURN(BlockArtifacts quantized,
-                        QuantizeBlock(*model_, acts_, options_.recipe, &times_));
+  absl::StatusOr<BlockArtifacts> run =
+      transport == nullptr
+          ? QuantizeBlock(*model_, acts_, options_.recipe, &times_)
+          : RunGangBlock(*model_, acts_, options_.recipe, gang_, transport, gang_options, times_);
+  QCAL_ASSIGN_OR_RETURN(BlockArtifacts quantized, std::move(run));
   model_->ReleaseBlock(b);
   auto block = std::make_shared<const BlockArtifacts>(std::move(quantized));
   QCAL_RETURN_IF_ERROR(Spill(b, block));
@@ -239,9 +257,12 @@ absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
                                                    " committed blocks for a checkpoint at block ",
                                                    acts.next_block));
   }
-  if (acts.seq_len != acts_.seq_len || acts.chunk_batch != acts_.chunk_batch) {
-    return absl::DataLossError(
-        "restore: the activation checkpoint does not match this job's calibration data");
+  if (acts.seq_len != acts_.seq_len || acts.chunk_batch != acts_.chunk_batch ||
+      acts.first_chunk != acts_.first_chunk || acts.total_chunks != acts_.total_chunks) {
+    return absl::DataLossError(absl::StrCat(
+        "restore: the activation checkpoint (chunks from ", acts.first_chunk, " of ",
+        acts.total_chunks, ") does not match this rank's calibration data (chunks [",
+        gang_.local().begin, ", ", gang_.local().end, ") of ", gang_.total_chunks, ")"));
   }
   // Blocks before the boundary are never run again: their artifacts only feed the export.
   layers_.clear();
@@ -340,6 +361,10 @@ absl::StatusOr<BlockArtifacts> JobSession::Unspill(int b) const {
 }
 
 absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
+  if (gang_.rank != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("Finish: rank ", gang_.rank, " of the gang; rank 0 exports"));
+  }
   if (next_block() != num_blocks()) {
     return absl::FailedPreconditionError(
         absl::StrCat("Finish: only ", next_block(), " of ", num_blocks(), " blocks are quantized"));

@@ -8,6 +8,11 @@
 // next one, prefetched). Each finished block's artifacts are spilled to a scratch directory and
 // dropped from memory; Finish() streams them into the export shard by shard.
 //
+// Gang mode (DESIGN section 7): a session is one rank of a GangPlan. Every rank samples the whole
+// calibration set exactly as a single worker does, then embeds only its own chunks; RunNextBlock
+// runs the block over a Transport (gang/gang_block.h) and returns, and spills, all seven linears
+// on every rank; only rank 0 calls Finish. W = 1 (the default plan) needs no transport.
+//
 // Finish() exports the checkpoint, then evaluates the full-precision model (streamed afresh from
 // the source directory) and the exported checkpoint (streamed back from disk), layer-major, and
 // writes qcal_report.json (deterministic) and qcal_run.json (timings, peak host RSS and peak
@@ -17,6 +22,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +31,9 @@
 #include "common/tokenizer.h"
 #include "kernels/backend.h"
 #include "nlohmann/json.hpp"
+#include "services/engine/gang/gang_block.h"
+#include "services/engine/gang/plan.h"
+#include "services/engine/gang/transport.h"
 #include "services/engine/model.h"
 #include "services/engine/quantize.h"
 #include "services/engine/recipe.h"
@@ -76,9 +85,12 @@ using BlockArtifactsPtr = std::shared_ptr<const BlockArtifacts>;
 class JobSession {
  public:
   ~JobSession();
-  // Loads the model, tokenizer and calibration samples and embeds them (block 0's inputs).
-  static absl::StatusOr<std::unique_ptr<JobSession>> Open(const JobOptions& options,
-                                                          JobLogFn log = nullptr);
+  // Loads the model, tokenizer and calibration samples and embeds this rank's chunks of them
+  // (block 0's inputs). `gang`: this worker's plan (InvalidArgument when it is not valid or not
+  // made for options.samples); default: the single-rank plan.
+  static absl::StatusOr<std::unique_ptr<JobSession>> Open(
+      const JobOptions& options, JobLogFn log = nullptr,
+      std::optional<GangPlan> gang = std::nullopt);
 
   int num_blocks() const { return model_->num_blocks(); }
   const ModelConfig& config() const { return model_->config(); }
@@ -86,24 +98,32 @@ class JobSession {
   const StageTimes& times() const { return times_; }
   // The block RunNextBlock will quantize.
   int next_block() const { return acts_.next_block; }
+  // This rank's chunks of the calibration activations.
   const CalibActivations& activations() const { return acts_; }
+  const GangPlan& gang() const { return gang_; }
   kernels::Backend& backend() { return *backend_; }
 
-  // Quantizes the next block. Its artifacts are also spilled for Finish(), on a background thread
-  // that overlaps the next block (one spill in flight; its error, if any, is returned by the
-  // next call or by Finish).
-  absl::StatusOr<BlockArtifactsPtr> RunNextBlock();
+  // Quantizes the next block: with `transport` as this rank of the gang (RunGangBlock, all ranks
+  // at once), without (only for a gang of one) directly on this worker (QuantizeBlock); both give
+  // the same bits. Returns all seven linears. They are also spilled for Finish(), on a background
+  // thread that overlaps the next block (one spill in flight; its error, if any, is returned by
+  // the next call or by Finish).
+  absl::StatusOr<BlockArtifactsPtr> RunNextBlock(Transport* transport = nullptr,
+                                                 const GangBlockOptions& gang_options = {});
 
   // Resumes from a boundary: takes the committed artifacts of blocks [0, acts.next_block) (for the
-  // export) and continues from `acts` (a checkpoint SaveActivations wrote at that boundary).
+  // export) and continues from `acts`: this rank's chunks at that boundary (SaveActivations, or
+  // AssembleActivations of per-chunk checkpoints). DataLoss when they are not this rank's chunks
+  // of this job's calibration data.
   absl::Status Restore(const std::vector<BlockArtifacts>& committed, CalibActivations acts);
 
   // Peak host RSS and device memory since Open, in bytes (device: -1 on a host backend).
   int64_t PeakRssBytes() const;
   int64_t PeakDeviceBytes() const;
 
-  // After every block: writes the checkpoint, report and run facts into `dir` (existing, empty)
-  // and evaluates. The caller moves `dir` into place.
+  // After every block, on rank 0 only (FailedPrecondition elsewhere): writes the checkpoint,
+  // report and run facts into `dir` (existing, empty) and evaluates. The caller moves `dir` into
+  // place.
   absl::StatusOr<JobResult> Finish(const std::string& dir);
 
  private:
@@ -120,6 +140,7 @@ class JobSession {
   std::unique_ptr<kernels::Backend> backend_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<Model> model_;
+  GangPlan gang_;
   CalibActivations acts_;
   std::string scratch_;                           // this session's private scratch directory
   std::future<absl::Status> spill_;               // the spill in flight, if any

@@ -13,6 +13,12 @@ namespace qcal::engine {
 
 absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
                                                   const std::vector<std::vector<int>>& samples) {
+  return EmbedCalibration(model, samples, {0, NumChunks(static_cast<int>(samples.size()))});
+}
+
+absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
+                                                  const std::vector<std::vector<int>>& samples,
+                                                  ChunkRange chunks) {
   if (samples.empty()) return absl::InvalidArgumentError("no calibration samples");
   CalibActivations acts;
   acts.seq_len = static_cast<int>(samples[0].size());
@@ -21,8 +27,16 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
       return absl::InvalidArgumentError("calibration samples must have equal length");
     }
   }
+  acts.total_chunks = NumChunks(static_cast<int>(samples.size()));
+  if (chunks.begin < 0 || chunks.end < chunks.begin || chunks.end > acts.total_chunks) {
+    return absl::InvalidArgumentError(absl::StrCat("chunks [", chunks.begin, ", ", chunks.end,
+                                                   ") outside the ", acts.total_chunks,
+                                                   " chunks of the calibration set"));
+  }
+  acts.first_chunk = chunks.begin;
   const int64_t reserve = WorkingSetBytes(model.config(), int64_t{kCalibChunk} * acts.seq_len);
-  for (size_t c0 = 0; c0 < samples.size(); c0 += kCalibChunk) {
+  for (int c = chunks.begin; c < chunks.end; ++c) {
+    const size_t c0 = static_cast<size_t>(c) * kCalibChunk;
     const size_t c1 = std::min(samples.size(), c0 + kCalibChunk);
     std::vector<int> ids;
     for (size_t i = c0; i < c1; ++i) ids.insert(ids.end(), samples[i].begin(), samples[i].end());

@@ -13,8 +13,10 @@
 // job can resume at a block boundary with bit-identical results. QuantizeModel runs all blocks.
 //
 // Memory: the calibration activations of the quantized path ([N·L, hidden] fp32, as chunks of
-// kCalibChunk samples) plus one block's statistics. Statistics are formed per chunk and summed in
-// chunk order, so the result does not depend on how chunks are scheduled. On a device backend the
+// kCalibChunk samples) plus one block's statistics. Statistics are formed per chunk and summed by
+// the canonical reduction (gang/reduction.h: a fixed pairwise tree over the chunk indices, holding
+// at most about 2·log2(C) partials of a statistic at once), so the result does not depend on how
+// chunks are scheduled or split across workers. On a device backend the
 // chunks stay on the device while Backend::AvailableMemory leaves room for a block's working set,
 // and are parked in pinned host memory otherwise. QuantizeBlock advances acts in place: after an
 // error, acts, like the block's weights, is not usable any more.
@@ -30,6 +32,7 @@
 #include "services/engine/driver/install.h"
 #include "services/engine/driver/results.h"
 #include "services/engine/export/checkpoint_writer.h"
+#include "services/engine/gang/plan.h"
 #include "services/engine/model.h"
 #include "services/engine/quant/gptq.h"
 #include "services/engine/recipe.h"
@@ -39,6 +42,12 @@ namespace qcal::engine {
 // Embeds the calibration samples (equal length, BOS first): the inputs of block 0.
 absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
                                                   const std::vector<std::vector<int>>& samples);
+// The same for one gang member: `samples` is the whole calibration set, of which only the chunks
+// [chunks.begin, chunks.end) are embedded (first_chunk and total_chunks set accordingly; no chunk
+// for an empty range). InvalidArgument for a range outside the set's chunks.
+absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
+                                                  const std::vector<std::vector<int>>& samples,
+                                                  ChunkRange chunks);
 
 // Quantizes block acts.next_block of `model` in place and advances `acts` through the quantized
 // block (all phases of a BlockRunner). Returns the block's seven linears in forward order.

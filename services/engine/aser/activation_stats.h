@@ -2,12 +2,12 @@
 // maximum and the mean of |X_tj| over the calibration tokens, excluding each sample's BOS position.
 // Smoothing reads the maxima (a_j); the LQER diagonal whitening reads the means (s_j).
 //
-// Determinism. Statistics are formed per chunk of samples and merged in chunk order (DESIGN.md
-// section 2): Accumulate() first forms the chunk's own partial (sums in double, token order) and
-// then adds it to the running totals, exactly as Merge() of a separately accumulated partial would.
-// So one accumulator fed chunk by chunk and partials merged at an owner in the same chunk order
-// give bit-identical results, however the chunks were spread over workers. Maxima are exact in any
-// order.
+// Determinism. Statistics are formed per chunk of samples (Accumulate() on empty statistics: the
+// chunk's sums in double, token order) and merged by the canonical reduction (DESIGN.md section 2,
+// gang/reduction.h: Merge() is its combine), so they are bit-identical however the chunks were
+// spread over workers. Accumulate() into non-empty statistics forms the chunk's partial first and
+// then adds it, exactly as Merge() of a separately accumulated partial would. Maxima are exact in
+// any order.
 #pragma once
 
 #include <cstdint>

@@ -119,13 +119,61 @@ absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& 
   std::string batches;
   for (size_t c = 0; c < acts.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor host, backend.ToHost(acts.chunks[c]));
-    tensors[absl::StrCat("chunk.", 100000 + c)] = host;
+    tensors[absl::StrCat("chunk.", 100000 + acts.first_chunk + static_cast<int>(c))] = host;
     absl::StrAppend(&batches, c ? "," : "", acts.chunk_batch[c]);
   }
   return WriteSafetensors(path, tensors,
                           {{"seq_len", absl::StrCat(acts.seq_len)},
                            {"next_block", absl::StrCat(acts.next_block)},
-                           {"chunk_batch", batches}});
+                           {"chunk_batch", batches},
+                           {"first_chunk", absl::StrCat(acts.first_chunk)},
+                           {"total_chunks", absl::StrCat(acts.total_chunks)}});
+}
+
+absl::Status SaveActivationChunk(kernels::Backend& backend, const CalibActivations& acts, int chunk,
+                                 const std::string& path) {
+  const int local = chunk - acts.first_chunk;
+  if (local < 0 || local >= static_cast<int>(acts.chunks.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk ", chunk, " is not held (chunks ",
+                                                   acts.first_chunk, " to ",
+                                                   acts.first_chunk + acts.chunks.size(), ")"));
+  }
+  CalibActivations one;
+  one.seq_len = acts.seq_len;
+  one.next_block = acts.next_block;
+  one.chunks = {acts.chunks[static_cast<size_t>(local)]};
+  one.chunk_batch = {acts.chunk_batch[static_cast<size_t>(local)]};
+  one.first_chunk = chunk;
+  one.total_chunks = acts.total_chunks;
+  return SaveActivations(backend, one, path);
+}
+
+absl::StatusOr<CalibActivations> AssembleActivations(kernels::Backend& backend,
+                                                     const std::vector<std::string>& chunk_paths) {
+  if (chunk_paths.empty()) return absl::InvalidArgumentError("no activation chunk files");
+  CalibActivations acts;
+  for (size_t i = 0; i < chunk_paths.size(); ++i) {
+    QCAL_ASSIGN_OR_RETURN(CalibActivations part, LoadActivations(backend, chunk_paths[i]));
+    if (i == 0) {
+      acts.seq_len = part.seq_len;
+      acts.next_block = part.next_block;
+      acts.first_chunk = part.first_chunk;
+      acts.total_chunks = part.total_chunks;
+    }
+    const int expected = acts.first_chunk + static_cast<int>(acts.chunks.size());
+    if (part.seq_len != acts.seq_len || part.next_block != acts.next_block ||
+        part.total_chunks != acts.total_chunks || part.first_chunk != expected) {
+      return absl::DataLossError(
+          absl::StrCat(chunk_paths[i], ": chunk ", part.first_chunk, " at block ", part.next_block,
+                       " of ", part.total_chunks, " does not follow chunk ", expected - 1,
+                       " at block ", acts.next_block, " of ", acts.total_chunks));
+    }
+    for (size_t c = 0; c < part.chunks.size(); ++c) {
+      acts.chunks.push_back(std::move(part.chunks[c]));
+      acts.chunk_batch.push_back(part.chunk_batch[c]);
+    }
+  }
+  return acts;
 }
 
 absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
@@ -153,6 +201,17 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
   }
   if (acts.chunk_batch.size() != file->tensors().size()) {
     return absl::DataLossError(absl::StrCat(path, ": chunk count does not match chunk_batch"));
+  }
+  // Checkpoints written before gangs hold every chunk.
+  acts.total_chunks = static_cast<int>(acts.chunk_batch.size());
+  if (meta.count("first_chunk") || meta.count("total_chunks")) {
+    QCAL_RETURN_IF_ERROR(get_int("first_chunk", &acts.first_chunk));
+    QCAL_RETURN_IF_ERROR(get_int("total_chunks", &acts.total_chunks));
+  }
+  if (acts.first_chunk < 0 ||
+      acts.first_chunk + static_cast<int>(acts.chunk_batch.size()) > acts.total_chunks) {
+    return absl::DataLossError(absl::StrCat(path, ": chunks from ", acts.first_chunk,
+                                            " do not fit in ", acts.total_chunks));
   }
   for (const auto& [name, info] : file->tensors()) {
     QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));

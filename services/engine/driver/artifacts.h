@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
@@ -13,11 +14,23 @@
 
 namespace qcal::engine {
 
-// Boundary checkpoints: the activations as one safetensors file (deterministic bytes).
+// Boundary checkpoints: the activations as one safetensors file (deterministic bytes), with their
+// global chunk indices (a file without them holds chunks [0, n) of n).
 absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& acts,
                              const std::string& path);
 absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
                                                  const std::string& path);
+
+// Per-chunk boundary checkpoints (DESIGN section 7: a job resumes on any number of workers). One
+// chunk, by its global index (held by acts), in SaveActivations' format; InvalidArgument for a
+// chunk acts does not hold.
+absl::Status SaveActivationChunk(kernels::Backend& backend, const CalibActivations& acts, int chunk,
+                                 const std::string& path);
+// A rank's activations from the per-chunk files of its contiguous chunks, in chunk order (at
+// least one). DataLoss when the files are not consecutive chunks of one boundary and job (block,
+// sequence length, total chunks).
+absl::StatusOr<CalibActivations> AssembleActivations(kernels::Backend& backend,
+                                                     const std::vector<std::string>& chunk_paths);
 
 // Deterministic serialization of one quantized linear (a safetensors byte string).
 std::string SerializeQuantizedLinear(const QuantizedLinear& q);

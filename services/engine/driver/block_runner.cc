@@ -102,35 +102,72 @@ BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& rec
   reserve_ = WorkingSetBytes(model.config(), chunk_rows);
 }
 
+Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend) {
+  return [&backend](InputStatistics& left, const InputStatistics& right) -> absl::Status {
+    if (left.input != right.input || left.gram.shape() != right.gram.shape() ||
+        left.abs_stats.has_value() != right.abs_stats.has_value()) {
+      return absl::InvalidArgumentError(
+          "partial statistics of different inputs or shapes cannot be summed");
+    }
+    QCAL_RETURN_IF_ERROR(backend.Add(right.gram, left.gram));
+    if (left.abs_stats) QCAL_RETURN_IF_ERROR(left.abs_stats->Merge(*right.abs_stats));
+    return absl::OkStatus();
+  };
+}
+
+Combine<ActivationStats> ActivationStatsCombine() {
+  return [](ActivationStats& left, const ActivationStats& right) { return left.Merge(right); };
+}
+
 absl::StatusOr<std::vector<LayerResult>> BlockRunner::Run() {
+  QCAL_RETURN_IF_ERROR(CheckHoldsEveryChunk());
   QCAL_RETURN_IF_ERROR(Begin());
   if (recipe_.smoothing.enabled()) {
-    QCAL_ASSIGN_OR_RETURN(const SmoothingStatistics stats, CollectSmoothingStatistics());
+    QCAL_ASSIGN_OR_RETURN(SmoothingPartials partials, CollectSmoothingPartials());
+    QCAL_ASSIGN_OR_RETURN(const SmoothingStatistics stats, CompleteSmoothing(std::move(partials)));
     QCAL_ASSIGN_OR_RETURN(BlockSmoothing smoothing, SolveSmoothing(stats));
     QCAL_RETURN_IF_ERROR(InstallSmoothing(std::move(smoothing)));
   }
-  constexpr std::array<LinearInput, kNumLinearInputs> kGroups = {
-      LinearInput::kQkv, LinearInput::kO, LinearInput::kGateUp, LinearInput::kDown};
   if (recipe_.gptq.true_sequential) {
-    for (LinearInput group : kGroups) {
-      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, CollectStatistics(group));
-      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, Solve(stats));
+    for (LinearInput group : kAllLinearInputs) {
+      QCAL_ASSIGN_OR_RETURN(InputPartials partials, CollectPartials(group));
+      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, Complete(group, std::move(partials)));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, Solve(stats, ConsumersOf(group)));
       QCAL_RETURN_IF_ERROR(Install(std::move(solved)));
       QCAL_RETURN_IF_ERROR(Push(group));
     }
   } else {
-    QCAL_ASSIGN_OR_RETURN(auto stats, CollectFullPrecisionStatistics());
-    for (const InputStatistics& s : stats) {
-      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, Solve(s));
+    QCAL_ASSIGN_OR_RETURN(auto partials, CollectFullPrecisionPartials());
+    for (LinearInput group : kAllLinearInputs) {
+      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats,
+                            Complete(group, std::move(partials[static_cast<int>(group)])));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, Solve(stats, ConsumersOf(group)));
       QCAL_RETURN_IF_ERROR(Install(std::move(solved)));
     }
-    stats = {};
     QCAL_RETURN_IF_ERROR(PushBlock());
   }
   return Finish();
 }
 
+absl::Status BlockRunner::CheckHoldsEveryChunk() const {
+  if (acts_.first_chunk == 0 && static_cast<int>(acts_.chunks.size()) == acts_.total_chunks) {
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("block ", b_, ": the activations hold chunks [", acts_.first_chunk, ", ",
+                   acts_.first_chunk + acts_.chunks.size(), ") of ", acts_.total_chunks,
+                   "; a share of the chunks runs as one rank of a gang"));
+}
+
 absl::Status BlockRunner::Begin() {
+  const int held = static_cast<int>(acts_.chunks.size());
+  if (acts_.total_chunks < 1 || acts_.first_chunk < 0 ||
+      acts_.first_chunk + held > acts_.total_chunks ||
+      acts_.chunk_batch.size() != acts_.chunks.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block ", b_, ": the activations hold ", held, " chunks from chunk ", acts_.first_chunk,
+        " of ", acts_.total_chunks, " (", acts_.chunk_batch.size(), " batch sizes)"));
+  }
   for (size_t c = acts_.chunks.size(); c-- > 0;) {
     QCAL_RETURN_IF_ERROR(ParkIfShort(be_, acts_.chunks[c], reserve_));
   }
@@ -139,7 +176,7 @@ absl::Status BlockRunner::Begin() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<SmoothingStatistics> BlockRunner::CollectSmoothingStatistics() {
+absl::StatusOr<SmoothingPartials> BlockRunner::CollectSmoothingPartials() {
   // Name a bad weight before its NaNs reach the statistics (on the device where it can).
   for (LinearKind k : kAllLinears) {
     const Tensor& weight = model_.block(b_).at(k).weight;
@@ -155,15 +192,39 @@ absl::StatusOr<SmoothingStatistics> BlockRunner::CollectSmoothingStatistics() {
     QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToHost(weight));
     QCAL_RETURN_IF_ERROR(CheckFinite(w, absl::StrCat("weight ", LinearPrefix(b_, k))));
   }
-  SmoothingStatistics stats;
+  const int begin = acts_.first_chunk;
+  const int end = begin + static_cast<int>(acts_.chunks.size());
+  std::vector<TreeAccumulator<ActivationStats>> acc;
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    acc.emplace_back(begin, end, acts_.total_chunks, ActivationStatsCombine());
+  }
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor hidden, FetchCopy(c));
     auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
-      QCAL_RETURN_IF_ERROR(Observe(stats.inputs[static_cast<int>(in)], in, x));
+      QCAL_ASSIGN_OR_RETURN(ActivationStats s, ChunkAbsStats(in, x));
+      QCAL_RETURN_IF_ERROR(acc[static_cast<size_t>(in)].Add(std::move(s)));
       if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
       return absl::OkStatus();
     };
     QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
+  }
+  SmoothingPartials out;
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    QCAL_ASSIGN_OR_RETURN(out.inputs[static_cast<size_t>(i)], acc[static_cast<size_t>(i)].Finish());
+  }
+  return out;
+}
+
+absl::StatusOr<SmoothingStatistics> BlockRunner::CompleteSmoothing(SmoothingPartials all) const {
+  SmoothingStatistics stats;
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    auto s = CompleteTree(std::move(all.inputs[static_cast<size_t>(i)]), acts_.total_chunks,
+                          ActivationStatsCombine());
+    if (!s.ok()) {
+      return Annotate(s.status(), absl::StrCat("block ", b_, ": smoothing statistics of input ",
+                                               LinearInputName(static_cast<LinearInput>(i))));
+    }
+    stats.inputs[static_cast<size_t>(i)] = *std::move(s);
   }
   return stats;
 }
@@ -208,8 +269,8 @@ absl::Status BlockRunner::InstallSmoothing(BlockSmoothing smoothing) {
 // (q/k/v), the attention output through the installed q/k/v (o), the normed post-attention
 // residual (gate/up) or the MLP product through the installed gate/up (down). The last two of
 // these are what Push(kO) and Push(kDown) add projections of: kept for them while they fit.
-absl::StatusOr<InputStatistics> BlockRunner::CollectStatistics(LinearInput group) {
-  QCAL_ASSIGN_OR_RETURN(InputStatistics stats, NewStatistics(group));
+absl::StatusOr<InputPartials> BlockRunner::CollectPartials(LinearInput group) {
+  TreeAccumulator<InputStatistics> acc = NewInputAccumulator();
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
     Tensor x;
@@ -229,26 +290,26 @@ absl::StatusOr<InputStatistics> BlockRunner::CollectStatistics(LinearInput group
       }
     }
     QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-    QCAL_RETURN_IF_ERROR(Accumulate(stats, x));
+    QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(group, x));
+    QCAL_RETURN_IF_ERROR(acc.Add(std::move(partial)));
     QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
     if ((group == LinearInput::kO || group == LinearInput::kDown) && KeepOnDevice()) {
       kept_[c] = std::move(x);
     }
   }
-  return stats;
+  return acc.Finish();
 }
 
-absl::StatusOr<std::array<InputStatistics, kNumLinearInputs>>
-BlockRunner::CollectFullPrecisionStatistics() {
-  std::array<InputStatistics, kNumLinearInputs> stats;
-  for (int i = 0; i < kNumLinearInputs; ++i) {
-    QCAL_ASSIGN_OR_RETURN(stats[i], NewStatistics(static_cast<LinearInput>(i)));
-  }
+absl::StatusOr<std::array<InputPartials, kNumLinearInputs>>
+BlockRunner::CollectFullPrecisionPartials() {
+  std::vector<TreeAccumulator<InputStatistics>> acc;
+  for (int i = 0; i < kNumLinearInputs; ++i) acc.push_back(NewInputAccumulator());
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor hidden, FetchCopy(c));
     auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
       QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-      QCAL_RETURN_IF_ERROR(Accumulate(stats[static_cast<int>(in)], x));
+      QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(in, x));
+      QCAL_RETURN_IF_ERROR(acc[static_cast<size_t>(in)].Add(std::move(partial)));
       QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
       // Stop the forward once the last input has been seen.
       if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
@@ -256,13 +317,33 @@ BlockRunner::CollectFullPrecisionStatistics() {
     };
     QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
   }
+  std::array<InputPartials, kNumLinearInputs> out;
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    QCAL_ASSIGN_OR_RETURN(out[static_cast<size_t>(i)], acc[static_cast<size_t>(i)].Finish());
+  }
+  return out;
+}
+
+absl::StatusOr<InputStatistics> BlockRunner::Complete(LinearInput group, InputPartials all) {
+  auto stats = CompleteTree(std::move(all), acts_.total_chunks, InputStatisticsCombine(be_));
+  if (!stats.ok()) {
+    return Annotate(stats.status(),
+                    absl::StrCat("block ", b_, ": statistics of input ", LinearInputName(group)));
+  }
+  if (stats->input != group) {
+    return absl::InvalidArgumentError(absl::StrCat("block ", b_, ": statistics of input ",
+                                                   LinearInputName(stats->input), " given as ",
+                                                   LinearInputName(group)));
+  }
+  QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
   return stats;
 }
 
-absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::Solve(const InputStatistics& stats) {
+absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::Solve(const InputStatistics& stats,
+                                                             const std::vector<LinearKind>& kinds) {
   QCAL_RETURN_IF_ERROR(Charge(t_.forward));
   const double before = t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct;
-  QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, SolveInput(stats));
+  QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, SolveInput(stats, kinds));
   QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
   t_.solve += t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct - before;
   return solved;
@@ -342,31 +423,31 @@ absl::StatusOr<Tensor> BlockRunner::FetchCopy(size_t c) {
   return hidden;
 }
 
-absl::StatusOr<InputStatistics> BlockRunner::NewStatistics(LinearInput in) {
+// The canonical reduction over this rank's chunks.
+TreeAccumulator<InputStatistics> BlockRunner::NewInputAccumulator() {
+  const int begin = acts_.first_chunk;
+  return TreeAccumulator<InputStatistics>(begin, begin + static_cast<int>(acts_.chunks.size()),
+                                          acts_.total_chunks, InputStatisticsCombine(be_));
+}
+
+// One chunk's statistics of input `in`: xᵀx in a zeroed tensor and, with LQER's diagonal
+// whitening, the chunk's |x| statistics.
+absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, const Tensor& x) {
   InputStatistics stats;
   stats.input = in;
-  const int64_t width = model_.block(b_).at(ConsumersOf(in)[0]).weight.dim(1);
+  const int64_t width = widths_[static_cast<int>(in)];
   QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
+  QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, stats.gram));
+  if (recipe_.error_reconstruction.enabled &&
+      recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
+    QCAL_ASSIGN_OR_RETURN(stats.abs_stats, ChunkAbsStats(in, x));
+  }
   return stats;
 }
 
-// gram += xᵀx through a zeroed per-chunk partial, so that sums run in chunk order whatever the
-// split of chunks across workers. With LQER's diagonal whitening, also the mean |x| per channel.
-absl::Status BlockRunner::Accumulate(InputStatistics& stats, const Tensor& x) {
-  QCAL_ASSIGN_OR_RETURN(Tensor partial, be_.Alloc(DType::kF32, stats.gram.shape()));
-  QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, partial));
-  QCAL_RETURN_IF_ERROR(be_.Add(partial, stats.gram));
-  if (recipe_.error_reconstruction.enabled &&
-      recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
-    QCAL_RETURN_IF_ERROR(Observe(stats.abs_stats, stats.input, x));
-  }
-  return absl::OkStatus();
-}
-
-// Adds x (one chunk of input `in`) to s, created on first use.
-absl::Status BlockRunner::Observe(std::optional<ActivationStats>& s, LinearInput in,
-                                  const Tensor& x) {
-  if (!s) s.emplace(widths_[static_cast<int>(in)]);
+// The |x| statistics of x, one chunk of input `in`.
+absl::StatusOr<ActivationStats> BlockRunner::ChunkAbsStats(LinearInput in, const Tensor& x) {
+  ActivationStats s(widths_[static_cast<int>(in)]);
   if (SmoothingOnDevice(be_)) {
     // On the device: only the per-channel totals come back.
     QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(x, acts_.seq_len));
@@ -375,12 +456,15 @@ absl::Status BlockRunner::Observe(std::optional<ActivationStats>& s, LinearInput
           absl::StrCat("block ", b_, ": activation statistics: channel ", c.first_bad_column,
                        " of a linear input holds a value that is not finite"));
     }
-    return Annotate(s->AddTotals(c.max_abs, c.sum_abs, c.tokens, c.skipped),
-                    absl::StrCat("block ", b_));
+    QCAL_RETURN_IF_ERROR(Annotate(s.AddTotals(c.max_abs, c.sum_abs, c.tokens, c.skipped),
+                                  absl::StrCat("block ", b_)));
+    return s;
   }
   QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(x));
-  return Annotate(s->Accumulate(host.data<float>(), host.dim(0), host.dim(1), acts_.seq_len),
-                  absl::StrCat("block ", b_));
+  QCAL_RETURN_IF_ERROR(
+      Annotate(s.Accumulate(host.data<float>(), host.dim(0), host.dim(1), acts_.seq_len),
+               absl::StrCat("block ", b_)));
+  return s;
 }
 
 // Adds the time since the last charge to `slot`, once the device has done the work queued
@@ -628,7 +712,8 @@ absl::StatusOr<Tensor> BlockRunner::DeviceWhiteningOf(const InputStatistics& sta
 // ReconstructOnDevice) when the backend has it, else on the host (LAPACK, the full SVD of the
 // reference: the CPU backend's case) with the weight, its quantized form and the statistics copied
 // there; that host whitening comes before the factorization, as it always has on the host.
-absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(const InputStatistics& stats) {
+absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
+    const InputStatistics& stats, const std::vector<LinearKind>& kinds) {
   const LinearInput in = stats.input;
   const Tensor& gram = stats.gram;
   BlockWeights& bw = model_.block(b_);
@@ -662,7 +747,11 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(const InputSta
     QCAL_ASSIGN_OR_RETURN(device_whitening, DeviceWhiteningOf(stats));
     QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
   }
-  for (LinearKind k : consumers) {
+  for (LinearKind k : kinds) {
+    if (std::find(consumers.begin(), consumers.end(), k) == consumers.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(LinearPrefix(b_, k), " does not read input ", LinearInputName(in)));
+    }
     const std::string name = LinearPrefix(b_, k);
     Linear& lin = bw.at(k);
     const Tensor w = lin.weight;

@@ -4,14 +4,23 @@
 // and push everywhere):
 //
 //   smoothing (recipes with smoothing.method != none):
-//     CollectSmoothingStatistics → SolveSmoothing → InstallSmoothing
+//     CollectSmoothingPartials → CompleteSmoothing → SolveSmoothing → InstallSmoothing
 //   per sub-layer group (true_sequential: q/k/v, o, gate/up, down in turn):
-//     CollectStatistics(group) → Solve → Install → Push(group)
+//     CollectPartials(group) → Complete → Solve → Install → Push(group)
 //   without true_sequential:
-//     CollectFullPrecisionStatistics → (Solve → Install) per group → PushBlock
+//     CollectFullPrecisionPartials → (Complete → Solve → Install) per group → PushBlock
 //   Finish: the block's results, in forward order.
 //
-// Run() calls them in that order. The statistics of a group are taken on the current hidden
+// Statistics (DESIGN section 2, step 3.2). The runner holds the chunks CalibActivations names
+// (a gang member's contiguous range, or all of them). Every statistic (the Gram matrix XᵀX of each
+// linear input, the smoothing ActivationStats, the diagonal whitening's ActivationStats) is formed
+// per chunk in a zeroed partial and summed by the canonical reduction (gang/reduction.h): Collect*
+// returns this rank's cover of the tree; Complete* builds the statistic from the union of every
+// rank's partials. One worker holding every chunk runs exactly the same code (its cover is the
+// root), so the results are bit-identical for any number of workers.
+//
+// Run() calls the phases in order, for a runner holding every chunk (gang/gang_block.h runs one
+// rank of a gang). The statistics of a group are taken on the current hidden
 // states of the calibration chunks: with true_sequential the earlier groups are already installed
 // and pushed, so each group sees the quantized path up to it; the hidden states advance in place
 // (Push(kO) to the post-attention residual, Push(kDown) to the block output). The attention
@@ -45,6 +54,7 @@
 #include "services/engine/aser/error_reconstruction.h"
 #include "services/engine/aser/smoothing.h"
 #include "services/engine/driver/results.h"
+#include "services/engine/gang/reduction.h"
 #include "services/engine/model.h"
 #include "services/engine/recipe.h"
 
@@ -59,8 +69,9 @@ struct SmoothingStatistics {
 // The statistics of one linear input over the calibration chunks.
 struct InputStatistics {
   LinearInput input = LinearInput::kQkv;
-  // F32 [width, width] on the backend's device: Σ_chunks XᵀX, each chunk's Gram formed in a
-  // zeroed partial and added to the sum in chunk order.
+  // F32 [width, width] on the backend's device: Σ XᵀX over the chunks (a partial: over the chunks
+  // of its tree node), each chunk's Gram formed in a zeroed tensor and summed by the canonical
+  // reduction.
   Tensor gram;
   // Per-channel |x| statistics of the same inputs: only for LQER's diagonal whitening (the mean
   // |x| is its factor); empty otherwise.
@@ -80,6 +91,17 @@ struct SolvedLinear {
   std::future<QuantizedLinear> conversion;
 };
 
+// Partial statistics of one rank: per linear input, its cover of the canonical reduction.
+using InputPartials = TreePartials<InputStatistics>;
+struct SmoothingPartials {
+  std::array<TreePartials<ActivationStats>, kNumLinearInputs> inputs;  // LinearInput order
+};
+
+// The canonical reduction's combines: Gram matrices added on `backend` (and abs statistics
+// merged), ActivationStats merged. Errors: mismatched shapes or presence of abs statistics.
+Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend);
+Combine<ActivationStats> ActivationStatsCombine();
+
 class BlockRunner {
  public:
   // Block acts.next_block of `model`, with a validated recipe. `times` accumulates the stage
@@ -93,9 +115,11 @@ class BlockRunner {
   // Parks the chunks that do not fit on the device in pinned host memory (device backends). First.
   absl::Status Begin();
 
-  // Smoothing statistics of the full-precision block's inputs (after checking that its weights are
-  // finite).
-  absl::StatusOr<SmoothingStatistics> CollectSmoothingStatistics();
+  // This rank's partial smoothing statistics of the full-precision block's inputs (after checking
+  // that its weights are finite): per input, the cover of its chunks.
+  absl::StatusOr<SmoothingPartials> CollectSmoothingPartials();
+  // The smoothing statistics from every rank's partials (per input, the union of their covers).
+  absl::StatusOr<SmoothingStatistics> CompleteSmoothing(SmoothingPartials all) const;
   // The smoothing scales of the block from complete statistics.
   absl::StatusOr<BlockSmoothing> SolveSmoothing(const SmoothingStatistics& stats);
   // Folds the scales into the block, rounds the changed norm weights and biases to the
@@ -103,15 +127,19 @@ class BlockRunner {
   // ASER's extracted columns are then known to Solve. Before any Solve of the block.
   absl::Status InstallSmoothing(BlockSmoothing smoothing);
 
-  // True-sequential statistics of `group` on the current hidden states.
-  absl::StatusOr<InputStatistics> CollectStatistics(LinearInput group);
-  // Without true-sequential: the statistics of every group from one full-precision pass, in
-  // LinearInput order.
-  absl::StatusOr<std::array<InputStatistics, kNumLinearInputs>> CollectFullPrecisionStatistics();
+  // True-sequential: this rank's partial statistics of `group` on the current hidden states.
+  absl::StatusOr<InputPartials> CollectPartials(LinearInput group);
+  // Without true-sequential: this rank's partial statistics of every group from one
+  // full-precision pass, in LinearInput order.
+  absl::StatusOr<std::array<InputPartials, kNumLinearInputs>> CollectFullPrecisionPartials();
+  // The statistics of `group` from every rank's partials (the union of their covers).
+  absl::StatusOr<InputStatistics> Complete(LinearInput group, InputPartials all);
 
-  // Solves every linear reading stats.input (smoothing → quantization → error reconstruction),
-  // in forward order. Reads the block's weights; changes nothing in the model.
-  absl::StatusOr<std::vector<SolvedLinear>> Solve(const InputStatistics& stats);
+  // Solves `kinds` (consumers of stats.input, in forward order; all of them: ConsumersOf) through
+  // smoothing → quantization → error reconstruction. Reads the block's weights; changes nothing in
+  // the model. A gang member solves only the linears it owns, with the same bits.
+  absl::StatusOr<std::vector<SolvedLinear>> Solve(const InputStatistics& stats,
+                                                  const std::vector<LinearKind>& kinds);
   // Puts solved linears into the model and records them for Finish.
   absl::Status Install(std::vector<SolvedLinear> solved);
 
@@ -133,9 +161,10 @@ class BlockRunner {
   absl::Status Store(size_t c, const Tensor& h);
   absl::StatusOr<Tensor> FetchCopy(size_t c);
   bool KeepOnDevice();
-  absl::StatusOr<InputStatistics> NewStatistics(LinearInput in);
-  absl::Status Accumulate(InputStatistics& stats, const Tensor& x);
-  absl::Status Observe(std::optional<ActivationStats>& stats, LinearInput in, const Tensor& x);
+  absl::Status CheckHoldsEveryChunk() const;
+  TreeAccumulator<InputStatistics> NewInputAccumulator();
+  absl::StatusOr<InputStatistics> ChunkStatistics(LinearInput in, const Tensor& x);
+  absl::StatusOr<ActivationStats> ChunkAbsStats(LinearInput in, const Tensor& x);
   absl::Status RoundFolded(LinearKind kind, const std::string& name, Tensor& t);
   absl::StatusOr<Tensor> AttentionOf(const Tensor& h, size_t c);
   absl::StatusOr<Tensor> MlpOf(const Tensor& h);
@@ -154,7 +183,8 @@ class BlockRunner {
   absl::Status Reconstruct(LinearInput in, const float* w, const std::vector<float>& w_hat,
                            const Tensor& gram_host, const WhiteningFactor& whitening, double denom,
                            LayerResult& r);
-  absl::StatusOr<std::vector<SolvedLinear>> SolveInput(const InputStatistics& stats);
+  absl::StatusOr<std::vector<SolvedLinear>> SolveInput(const InputStatistics& stats,
+                                                       const std::vector<LinearKind>& kinds);
 
   Model& model_;
   kernels::Backend& be_;
@@ -169,8 +199,8 @@ class BlockRunner {
   // Smoothing of this block (empty scales: none) and the tensors its fold changed, per linear.
   BlockSmoothing smoothing_;
   std::array<std::map<std::string, Tensor>, kNumLinears> folded_;
-  // Attention outputs (after CollectStatistics(kO)) or MLP products (after
-  // CollectStatistics(kDown)) per chunk, kept on the device for Push; undefined: recompute.
+  // Attention outputs (after CollectPartials(kO)) or MLP products (after
+  // CollectPartials(kDown)) per chunk, kept on the device for Push; undefined: recompute.
   std::vector<Tensor> kept_;
   int64_t reserve_ = 0;
   std::chrono::steady_clock::time_point clock_;

@@ -71,12 +71,16 @@ struct StageTimes {
 };
 
 // The quantized-path hidden states entering the next block, one tensor per chunk of kCalibChunk
-// samples ([batch·seq_len, hidden] on the backend's device).
+// samples ([batch·seq_len, hidden] on the backend's device). A gang member holds only its own
+// contiguous chunks [first_chunk, first_chunk + chunks.size()) of the job's total_chunks; a single
+// worker holds them all (first_chunk 0).
 struct CalibActivations {
   int seq_len = 0;
   int next_block = 0;  // the block these activations enter
   std::vector<Tensor> chunks;
   std::vector<int> chunk_batch;  // samples per chunk
+  int first_chunk = 0;           // the global index of chunks[0]
+  int total_chunks = 0;          // C: the chunks of the whole calibration set
 };
 
 }  // namespace qcal::engine

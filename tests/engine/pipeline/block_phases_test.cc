@@ -52,23 +52,31 @@ absl::StatusOr<std::vector<LayerResult>> RunPhases(Model& model, CalibActivation
   BlockRunner runner(model, acts, recipe, times);
   QCAL_RETURN_IF_ERROR(runner.Begin());
   if (recipe.smoothing.enabled()) {
-    QCAL_ASSIGN_OR_RETURN(const SmoothingStatistics stats, runner.CollectSmoothingStatistics());
+    QCAL_ASSIGN_OR_RETURN(SmoothingPartials partials, runner.CollectSmoothingPartials());
+    QCAL_ASSIGN_OR_RETURN(const SmoothingStatistics stats,
+                          runner.CompleteSmoothing(std::move(partials)));
     QCAL_ASSIGN_OR_RETURN(BlockSmoothing smoothing, runner.SolveSmoothing(stats));
     QCAL_RETURN_IF_ERROR(runner.InstallSmoothing(std::move(smoothing)));
   }
   if (recipe.gptq.true_sequential) {
     for (LinearInput group :
          {LinearInput::kQkv, LinearInput::kO, LinearInput::kGateUp, LinearInput::kDown}) {
-      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, runner.CollectStatistics(group));
-      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, runner.Solve(stats));
+      QCAL_ASSIGN_OR_RETURN(InputPartials partials, runner.CollectPartials(group));
+      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats,
+                            runner.Complete(group, std::move(partials)));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved,
+                            runner.Solve(stats, ConsumersOf(group)));
       EXPECT_EQ(solved.size(), ConsumersOf(group).size());
       QCAL_RETURN_IF_ERROR(runner.Install(TransportedAll(std::move(solved))));
       QCAL_RETURN_IF_ERROR(runner.Push(group));
     }
   } else {
-    QCAL_ASSIGN_OR_RETURN(const auto all, runner.CollectFullPrecisionStatistics());
-    for (const InputStatistics& stats : all) {
-      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, runner.Solve(stats));
+    QCAL_ASSIGN_OR_RETURN(auto all, runner.CollectFullPrecisionPartials());
+    for (LinearInput group : kAllLinearInputs) {
+      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats,
+                            runner.Complete(group, std::move(all[static_cast<int>(group)])));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved,
+                            runner.Solve(stats, ConsumersOf(group)));
       QCAL_RETURN_IF_ERROR(runner.Install(TransportedAll(std::move(solved))));
     }
     QCAL_RETURN_IF_ERROR(runner.PushBlock());

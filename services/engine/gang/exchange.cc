@@ -1,0 +1,291 @@
+#include "services/engine/gang/exchange.h"
+
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "services/engine/driver/artifacts.h"
+#include "services/engine/pipeline.h"
+
+namespace qcal::engine {
+namespace {
+
+constexpr char kInputMagic[4] = {'Q', 'G', 'I', 'S'};
+constexpr char kStatsMagic[4] = {'Q', 'G', 'A', 'S'};
+constexpr char kLayerMagic[4] = {'Q', 'G', 'L', 'Y'};
+// magic, input, node count, abs statistics flag, width.
+constexpr int64_t kInputHeaderBytes = 4 + 4 + 4 + 4 + 8;
+// magic, node count, width.
+constexpr int64_t kStatsHeaderBytes = 4 + 4 + 8;
+// level, index.
+constexpr int64_t kNodeBytes = 4 + 4;
+
+int64_t AbsStatsBytes(int64_t width) { return 8 + 8 + width * (4 + 8); }
+
+class Writer {
+ public:
+  explicit Writer(int64_t size) { out_.reserve(static_cast<size_t>(size)); }
+  template <typename T>
+  void Put(T v) {
+    out_.append(reinterpret_cast<const char*>(&v), sizeof(v));
+  }
+  void PutBytes(const void* p, size_t n) { out_.append(static_cast<const char*>(p), n); }
+  std::string Take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+class Reader {
+ public:
+  Reader(const std::string& in, const char* what) : in_(in), what_(what) {}
+  template <typename T>
+  absl::StatusOr<T> Get() {
+    T v{};
+    QCAL_RETURN_IF_ERROR(GetBytes(&v, sizeof(v)));
+    return v;
+  }
+  absl::Status GetBytes(void* p, size_t n) {
+    if (in_.size() - pos_ < n) return absl::DataLossError(absl::StrCat(what_, ": truncated"));
+    std::memcpy(p, in_.data() + pos_, n);
+    pos_ += n;
+    return absl::OkStatus();
+  }
+  absl::Status Magic(const char (&magic)[4]) {
+    char m[4];
+    QCAL_RETURN_IF_ERROR(GetBytes(m, 4));
+    if (std::memcmp(m, magic, 4) != 0) {
+      return absl::DataLossError(absl::StrCat(what_, ": not this kind of payload"));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status End() const {
+    if (pos_ != in_.size()) {
+      return absl::DataLossError(absl::StrCat(what_, ": ", in_.size() - pos_, " trailing bytes"));
+    }
+    return absl::OkStatus();
+  }
+  size_t pos() const { return pos_; }
+
+ private:
+  const std::string& in_;
+  const char* what_;
+  size_t pos_ = 0;
+};
+
+void PutAbsStats(Writer& w, const ActivationStats& s) {
+  w.Put<int64_t>(s.tokens());
+  w.Put<int64_t>(s.skipped());
+  w.PutBytes(s.max_abs().data(), s.max_abs().size() * sizeof(float));
+  w.PutBytes(s.sum_abs().data(), s.sum_abs().size() * sizeof(double));
+}
+
+// Adding totals to empty statistics is exact (max(0, a) = a for a >= 0, 0.0 + s = s): the bits
+// sent are the bits received.
+absl::StatusOr<ActivationStats> GetAbsStats(Reader& r, int64_t width) {
+  QCAL_ASSIGN_OR_RETURN(const int64_t tokens, r.Get<int64_t>());
+  QCAL_ASSIGN_OR_RETURN(const int64_t skipped, r.Get<int64_t>());
+  std::vector<float> max_abs(static_cast<size_t>(width));
+  std::vector<double> sum_abs(static_cast<size_t>(width));
+  QCAL_RETURN_IF_ERROR(r.GetBytes(max_abs.data(), max_abs.size() * sizeof(float)));
+  QCAL_RETURN_IF_ERROR(r.GetBytes(sum_abs.data(), sum_abs.size() * sizeof(double)));
+  ActivationStats s(width);
+  QCAL_RETURN_IF_ERROR(s.AddTotals(max_abs, sum_abs, tokens, skipped));
+  return s;
+}
+
+absl::StatusOr<TreeNode> GetNode(Reader& r) {
+  TreeNode n;
+  QCAL_ASSIGN_OR_RETURN(n.level, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(n.index, r.Get<int32_t>());
+  return n;
+}
+
+// Node counts and widths read from the wire are bounded by what the remaining bytes can hold
+// before anything is allocated.
+absl::Status CheckCount(int64_t count, int64_t node_bytes, size_t remaining, const char* what) {
+  if (count < 0 || (node_bytes > 0 && count > static_cast<int64_t>(remaining) / node_bytes)) {
+    return absl::DataLossError(absl::StrCat(what, ": ", count, " nodes do not fit the payload"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int64_t InputPartialsBytes(int64_t nodes, int64_t width, bool abs_stats) {
+  return kInputHeaderBytes +
+         nodes * (kNodeBytes + width * width * 4 + (abs_stats ? AbsStatsBytes(width) : 0));
+}
+
+int64_t ActivationStatsPartialsBytes(int64_t nodes, int64_t width) {
+  return kStatsHeaderBytes + nodes * (kNodeBytes + AbsStatsBytes(width));
+}
+
+absl::StatusOr<std::string> SerializeInputPartials(kernels::Backend& backend, LinearInput input,
+                                                   int64_t width, const InputPartials& partials) {
+  const bool abs = !partials.empty() && partials[0].value.abs_stats.has_value();
+  for (const auto& p : partials) {
+    if (p.value.input != input || p.value.gram.shape() != Shape{width, width} ||
+        p.value.abs_stats.has_value() != abs || (abs && p.value.abs_stats->width() != width)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("partial statistics of input ", LinearInputName(p.value.input),
+                       " do not fit input ", LinearInputName(input), " of width ", width));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(partials.size());
+  Writer w(InputPartialsBytes(n, width, abs));
+  w.PutBytes(kInputMagic, 4);
+  w.Put<int32_t>(static_cast<int32_t>(input));
+  w.Put<int32_t>(static_cast<int32_t>(n));
+  w.Put<int32_t>(abs ? 1 : 0);
+  w.Put<int64_t>(width);
+  for (const auto& p : partials) {
+    w.Put<int32_t>(p.node.level);
+    w.Put<int32_t>(p.node.index);
+    QCAL_ASSIGN_OR_RETURN(Tensor host, backend.ToHost(p.value.gram));
+    w.PutBytes(host.raw(), host.nbytes());
+    if (abs) PutAbsStats(w, *p.value.abs_stats);
+  }
+  return w.Take();
+}
+
+absl::StatusOr<InputPartials> ParseInputPartials(kernels::Backend& backend, LinearInput input,
+                                                 int64_t width, const std::string& bytes) {
+  Reader r(bytes, "partial statistics");
+  QCAL_RETURN_IF_ERROR(r.Magic(kInputMagic));
+  QCAL_ASSIGN_OR_RETURN(const int32_t got_input, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(const int32_t count, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(const int32_t abs, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(const int64_t got_width, r.Get<int64_t>());
+  if (got_input != static_cast<int32_t>(input) || got_width != width || (abs != 0 && abs != 1)) {
+    return absl::DataLossError(absl::StrCat("partial statistics of input ", got_input, " (width ",
+                                            got_width, ") where input ", LinearInputName(input),
+                                            " of width ", width, " was expected"));
+  }
+  QCAL_RETURN_IF_ERROR(CheckCount(count, InputPartialsBytes(1, width, abs) - kInputHeaderBytes,
+                                  bytes.size() - r.pos(), "partial statistics"));
+  InputPartials out;
+  for (int32_t i = 0; i < count; ++i) {
+    TreePartial<InputStatistics> p;
+    QCAL_ASSIGN_OR_RETURN(p.node, GetNode(r));
+    p.value.input = input;
+    Tensor host = Tensor::Zeros(DType::kF32, {width, width});
+    QCAL_RETURN_IF_ERROR(r.GetBytes(host.raw(), host.nbytes()));
+    QCAL_ASSIGN_OR_RETURN(p.value.gram, backend.ToDevice(host));
+    if (abs) {
+      QCAL_ASSIGN_OR_RETURN(ActivationStats s, GetAbsStats(r, width));
+      p.value.abs_stats = std::move(s);
+    }
+    out.push_back(std::move(p));
+  }
+  QCAL_RETURN_IF_ERROR(r.End());
+  return out;
+}
+
+absl::StatusOr<std::string> SerializeActivationStatsPartials(
+    int64_t width, const TreePartials<ActivationStats>& partials) {
+  for (const auto& p : partials) {
+    if (p.value.width() != width) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "activation statistics of width ", p.value.width(), " where ", width, " was expected"));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(partials.size());
+  Writer w(ActivationStatsPartialsBytes(n, width));
+  w.PutBytes(kStatsMagic, 4);
+  w.Put<int32_t>(static_cast<int32_t>(n));
+  w.Put<int64_t>(width);
+  for (const auto& p : partials) {
+    w.Put<int32_t>(p.node.level);
+    w.Put<int32_t>(p.node.index);
+    PutAbsStats(w, p.value);
+  }
+  return w.Take();
+}
+
+absl::StatusOr<TreePartials<ActivationStats>> ParseActivationStatsPartials(
+    int64_t width, const std::string& bytes) {
+  Reader r(bytes, "partial activation statistics");
+  QCAL_RETURN_IF_ERROR(r.Magic(kStatsMagic));
+  QCAL_ASSIGN_OR_RETURN(const int32_t count, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(const int64_t got_width, r.Get<int64_t>());
+  if (got_width != width) {
+    return absl::DataLossError(absl::StrCat("activation statistics of width ", got_width, " where ",
+                                            width, " was expected"));
+  }
+  QCAL_RETURN_IF_ERROR(CheckCount(count, kNodeBytes + AbsStatsBytes(width), bytes.size() - r.pos(),
+                                  "partial activation statistics"));
+  TreePartials<ActivationStats> out;
+  for (int32_t i = 0; i < count; ++i) {
+    QCAL_ASSIGN_OR_RETURN(const TreeNode node, GetNode(r));
+    QCAL_ASSIGN_OR_RETURN(ActivationStats s, GetAbsStats(r, width));
+    out.push_back({node, std::move(s)});
+  }
+  QCAL_RETURN_IF_ERROR(r.End());
+  return out;
+}
+
+std::string SerializeSolvedLayer(const LayerResult& result) {
+  const std::string artifact = SerializeLayerArtifact(result);
+  const std::string report = LayerReportJson(result.report).dump();
+  Writer w(static_cast<int64_t>(4 + 8 + artifact.size() + report.size()));
+  w.PutBytes(kLayerMagic, 4);
+  w.Put<uint64_t>(artifact.size());
+  w.PutBytes(artifact.data(), artifact.size());
+  w.PutBytes(report.data(), report.size());
+  return w.Take();
+}
+
+absl::StatusOr<LayerResult> ParseSolvedLayer(const std::string& bytes) {
+  Reader r(bytes, "solved layer");
+  QCAL_RETURN_IF_ERROR(r.Magic(kLayerMagic));
+  QCAL_ASSIGN_OR_RETURN(const uint64_t n, r.Get<uint64_t>());
+  if (n > bytes.size() - r.pos()) return absl::DataLossError("solved layer: truncated");
+  std::string artifact(static_cast<size_t>(n), '\0');
+  QCAL_RETURN_IF_ERROR(r.GetBytes(artifact.data(), artifact.size()));
+  QCAL_ASSIGN_OR_RETURN(LayerResult out, ParseLayerArtifact(artifact));
+  const nlohmann::json j =
+      nlohmann::json::parse(bytes.substr(r.pos()), nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return absl::DataLossError("solved layer: malformed report");
+  QCAL_ASSIGN_OR_RETURN(out.report, LayerReportFromJson(j));
+  return out;
+}
+
+std::vector<int64_t> ExchangeBytesPerBlock(const GangPlan& plan, const ModelConfig& config,
+                                           const Recipe& recipe,
+                                           const std::array<int64_t, kNumLinears>& layer_bytes) {
+  const int world = plan.world;
+  std::vector<int64_t> sent(static_cast<size_t>(world), 0);
+  std::vector<int64_t> cover(static_cast<size_t>(world), 0);
+  for (int r = 0; r < world; ++r) {
+    const ChunkRange& c = plan.chunks[static_cast<size_t>(r)];
+    cover[static_cast<size_t>(r)] =
+        static_cast<int64_t>(AlignedCover(c.begin, c.end, plan.total_chunks).size());
+  }
+  const bool abs = recipe.error_reconstruction.enabled &&
+                   recipe.error_reconstruction.whitening == Whitening::kDiagonal;
+  for (LinearInput in : kAllLinearInputs) {
+    const int64_t width = LinearShape(config, ConsumersOf(in)[0]).second;
+    const int owner = plan.StatOwner(in);
+    const int64_t consumers = static_cast<int64_t>(plan.ConsumerOwners(in).size());
+    for (int r = 0; r < world; ++r) {
+      if (r == owner) continue;
+      const int64_t nodes = cover[static_cast<size_t>(r)];
+      if (recipe.smoothing.enabled()) {
+        sent[static_cast<size_t>(r)] += ActivationStatsPartialsBytes(nodes, width);
+      }
+      sent[static_cast<size_t>(r)] += InputPartialsBytes(nodes, width, abs);
+    }
+    if (recipe.smoothing.enabled()) {
+      sent[static_cast<size_t>(owner)] += (world - 1) * ActivationStatsPartialsBytes(1, width);
+    }
+    sent[static_cast<size_t>(owner)] += (consumers - 1) * InputPartialsBytes(1, width, abs);
+  }
+  for (LinearKind k : kAllLinears) {
+    sent[static_cast<size_t>(plan.OwnerOf(k))] += (world - 1) * layer_bytes[static_cast<size_t>(k)];
+  }
+  return sent;
+}
+
+}  // namespace qcal::engine

@@ -1,0 +1,67 @@
+// The payloads a gang exchanges during a block (transport.h names the messages), as deterministic
+// byte strings: the same values give the same bytes on every worker.
+//
+//   kPartials / kStatistic of a group step: InputStatistics partials (tree nodes with their fp32
+//     Gram matrices and, for LQER's diagonal whitening, their |x| statistics). A completed
+//     statistic travels as the single root node of its tree, so one format serves both and the
+//     receiver completes it with the same call (BlockRunner::Complete).
+//   kPartials / kStatistic of the smoothing step: ActivationStats partials of one linear input,
+//     the same way.
+//   kLayer: a solved linear: its artifact (SerializeLayerArtifact: the quantized linear, low-rank
+//     factors, activation bits, folded tensors) and its report (LayerReportJson): everything
+//     Install and the export need.
+//
+// Layout (host byte order; workers of a gang share a device kind, so one byte order): a 4-byte
+// magic, then fixed-size fields; ExchangeBytesPerBlock is derived from the same layout.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/backend.h"
+#include "services/engine/driver/block_runner.h"
+#include "services/engine/gang/plan.h"
+#include "services/engine/recipe.h"
+
+namespace qcal::engine {
+
+// Partial (or completed) statistics of `input`, whose channels number `width`: the Gram matrices
+// are copied from the backend's device. Errors: a partial of another input or width
+// (InvalidArgument), the device copy's.
+absl::StatusOr<std::string> SerializeInputPartials(kernels::Backend& backend, LinearInput input,
+                                                   int64_t width, const InputPartials& partials);
+// The partials back, Gram matrices on the backend's device. DataLoss for malformed bytes or
+// another input or width than expected.
+absl::StatusOr<InputPartials> ParseInputPartials(kernels::Backend& backend, LinearInput input,
+                                                 int64_t width, const std::string& bytes);
+
+// ActivationStats partials of one linear input of `width` channels (InvalidArgument for a partial
+// of another width).
+absl::StatusOr<std::string> SerializeActivationStatsPartials(
+    int64_t width, const TreePartials<ActivationStats>& partials);
+absl::StatusOr<TreePartials<ActivationStats>> ParseActivationStatsPartials(
+    int64_t width, const std::string& bytes);
+
+// A solved linear: artifact and report. Parsing gives back the artifact's fields and the report's
+// deterministic fields (LayerReportFromJson: the timing solve_seconds stays behind).
+std::string SerializeSolvedLayer(const LayerResult& r);
+absl::StatusOr<LayerResult> ParseSolvedLayer(const std::string& bytes);
+
+// Bytes of the formats above, for `nodes` nodes.
+int64_t InputPartialsBytes(int64_t nodes, int64_t width, bool abs_stats);
+int64_t ActivationStatsPartialsBytes(int64_t nodes, int64_t width);
+
+// The payload bytes each rank (index) sends during one block of a job of `config` and `recipe`
+// under `plan` (gang/gang_block.h): its cover of every statistic to the statistic's owner (the
+// smoothing statistics too, when the recipe smooths), each owner's completed statistics to the
+// other owners of its consumers (smoothing statistics: to every other rank), and every solved
+// linear to every other rank, linear k's payload being layer_bytes[k] (SerializeSolvedLayer's
+// size). Framing excluded, as Transport::bytes_sent counts.
+std::vector<int64_t> ExchangeBytesPerBlock(const GangPlan& plan, const ModelConfig& config,
+                                           const Recipe& recipe,
+                                           const std::array<int64_t, kNumLinears>& layer_bytes);
+
+}  // namespace qcal::engine

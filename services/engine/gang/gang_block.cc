@@ -1,0 +1,272 @@
+#include "services/engine/gang/gang_block.h"
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "services/engine/driver/block_runner.h"
+#include "services/engine/gang/exchange.h"
+
+namespace qcal::engine {
+namespace {
+
+// The exchanges of one block for one rank.
+class GangBlock {
+ public:
+  GangBlock(Model& model, CalibActivations& acts, const Recipe& recipe, const GangPlan& plan,
+            Transport* transport, const GangBlockOptions& options, StageTimes& times)
+      : be_(model.backend()),
+        config_(model.config()),
+        recipe_(recipe),
+        plan_(plan),
+        transport_(transport),
+        options_(options),
+        b_(acts.next_block),
+        runner_(model, acts, recipe, times) {}
+
+  absl::StatusOr<std::vector<LayerResult>> Run() {
+    QCAL_RETURN_IF_ERROR(runner_.Begin());
+    if (recipe_.smoothing.enabled()) QCAL_RETURN_IF_ERROR(Smooth());
+    if (recipe_.gptq.true_sequential) {
+      for (LinearInput g : kAllLinearInputs) {
+        QCAL_ASSIGN_OR_RETURN(InputPartials mine, runner_.CollectPartials(g));
+        QCAL_ASSIGN_OR_RETURN(std::optional<InputPartials> kept, Contribute(g, std::move(mine)));
+        QCAL_RETURN_IF_ERROR(SolveAndInstall(g, std::move(kept)));
+        QCAL_RETURN_IF_ERROR(runner_.Push(g));
+      }
+    } else {
+      QCAL_ASSIGN_OR_RETURN(auto all, runner_.CollectFullPrecisionPartials());
+      std::array<std::optional<InputPartials>, kNumLinearInputs> kept;
+      for (LinearInput g : kAllLinearInputs) {
+        const size_t i = static_cast<size_t>(g);
+        QCAL_ASSIGN_OR_RETURN(kept[i], Contribute(g, std::move(all[i])));
+      }
+      for (LinearInput g : kAllLinearInputs) {
+        QCAL_RETURN_IF_ERROR(SolveAndInstall(g, std::move(kept[static_cast<size_t>(g)])));
+      }
+      QCAL_RETURN_IF_ERROR(runner_.PushBlock());
+    }
+    return runner_.Finish();
+  }
+
+ private:
+  int rank() const { return plan_.rank; }
+  int64_t Width(LinearInput in) const { return LinearShape(config_, ConsumersOf(in)[0]).second; }
+  MessageKey Key(int step, MessageKind kind, int item) const {
+    return MessageKey{b_, step, kind, item, rank()};
+  }
+  absl::Status Send(int to, const MessageKey& key, std::string payload) {
+    return Annotate(transport_->Send(to, key, std::move(payload)),
+                    absl::StrCat("sending ", DescribeKey(key), " to rank ", to));
+  }
+  absl::StatusOr<std::string> Receive(int step, MessageKind kind, int item, int from) {
+    const MessageKey key{b_, step, kind, item, from};
+    auto payload = transport_->Receive(key, options_.receive_timeout);
+    if (!payload.ok()) {
+      return Annotate(payload.status(),
+                      absl::StrCat("rank ", rank(), " receiving ", DescribeKey(key)));
+    }
+    return payload;
+  }
+  // The tree root holding a completed statistic, as it travels.
+  TreeNode Root() const { return TreeNode{TreeDepth(plan_.total_chunks), 0}; }
+
+  // Smoothing: partials to each input's owner, completed statistics from it to every rank.
+  absl::Status Smooth() {
+    QCAL_ASSIGN_OR_RETURN(SmoothingPartials mine, runner_.CollectSmoothingPartials());
+    for (LinearInput in : kAllLinearInputs) {
+      const size_t i = static_cast<size_t>(in);
+      const int owner = plan_.StatOwner(in);
+      if (owner == rank()) continue;
+      QCAL_ASSIGN_OR_RETURN(std::string bytes,
+                            SerializeActivationStatsPartials(Width(in), mine.inputs[i]));
+      QCAL_RETURN_IF_ERROR(Send(owner,
+                                Key(kStepSmoothing, MessageKind::kPartials, static_cast<int>(i)),
+                                std::move(bytes)));
+    }
+    SmoothingPartials complete;
+    for (LinearInput in : kAllLinearInputs) {
+      const size_t i = static_cast<size_t>(in);
+      if (plan_.StatOwner(in) != rank()) continue;
+      TreePartials<ActivationStats> all = std::move(mine.inputs[i]);
+      for (int q = 0; q < plan_.world; ++q) {
+        if (q == rank()) continue;
+        QCAL_ASSIGN_OR_RETURN(std::string bytes, Receive(kStepSmoothing, MessageKind::kPartials,
+                                                         static_cast<int>(i), q));
+        QCAL_ASSIGN_OR_RETURN(auto theirs, ParseActivationStatsPartials(Width(in), bytes));
+        for (auto& p : theirs) all.push_back(std::move(p));
+      }
+      QCAL_ASSIGN_OR_RETURN(ActivationStats stats, CompleteTree(std::move(all), plan_.total_chunks,
+                                                                ActivationStatsCombine()));
+      complete.inputs[i].push_back({Root(), std::move(stats)});
+      if (plan_.world == 1) continue;
+      QCAL_ASSIGN_OR_RETURN(const std::string bytes,
+                            SerializeActivationStatsPartials(Width(in), complete.inputs[i]));
+      for (int q = 0; q < plan_.world; ++q) {
+        if (q == rank()) continue;
+        QCAL_RETURN_IF_ERROR(
+            Send(q, Key(kStepSmoothing, MessageKind::kStatistic, static_cast<int>(i)), bytes));
+      }
+    }
+    for (LinearInput in : kAllLinearInputs) {
+      const size_t i = static_cast<size_t>(in);
+      const int owner = plan_.StatOwner(in);
+      if (owner == rank()) continue;
+      QCAL_ASSIGN_OR_RETURN(std::string bytes, Receive(kStepSmoothing, MessageKind::kStatistic,
+                                                       static_cast<int>(i), owner));
+      QCAL_ASSIGN_OR_RETURN(complete.inputs[i], ParseActivationStatsPartials(Width(in), bytes));
+    }
+    QCAL_ASSIGN_OR_RETURN(const SmoothingStatistics stats,
+                          runner_.CompleteSmoothing(std::move(complete)));
+    QCAL_ASSIGN_OR_RETURN(BlockSmoothing smoothing, runner_.SolveSmoothing(stats));
+    return runner_.InstallSmoothing(std::move(smoothing));
+  }
+
+  // Sends this rank's partials of group g to its statistic owner; the owner keeps its own.
+  absl::StatusOr<std::optional<InputPartials>> Contribute(LinearInput g, InputPartials mine) {
+    const int owner = plan_.StatOwner(g);
+    if (owner == rank()) return std::optional<InputPartials>(std::move(mine));
+    QCAL_ASSIGN_OR_RETURN(std::string bytes, SerializeInputPartials(be_, g, Width(g), mine));
+    QCAL_RETURN_IF_ERROR(
+        Send(owner, Key(StepOf(static_cast<int>(g)), MessageKind::kPartials, static_cast<int>(g)),
+             std::move(bytes)));
+    return std::optional<InputPartials>();
+  }
+
+  // The completed statistics of g on the owners of its consumers (nullopt elsewhere): the
+  // statistic owner completes the tree from its own partials (`kept`) and everyone else's and
+  // forwards the result; the other consumer owners receive it.
+  absl::StatusOr<std::optional<InputStatistics>> Gather(LinearInput g,
+                                                        std::optional<InputPartials> kept) {
+    const int step = StepOf(static_cast<int>(g));
+    const int item = static_cast<int>(g);
+    const int owner = plan_.StatOwner(g);
+    const std::vector<int> consumers = plan_.ConsumerOwners(g);
+    if (owner == rank()) {
+      InputPartials all = std::move(*kept);
+      for (int q = 0; q < plan_.world; ++q) {
+        if (q == rank()) continue;
+        QCAL_ASSIGN_OR_RETURN(std::string bytes, Receive(step, MessageKind::kPartials, item, q));
+        QCAL_ASSIGN_OR_RETURN(InputPartials theirs, ParseInputPartials(be_, g, Width(g), bytes));
+        for (auto& p : theirs) all.push_back(std::move(p));
+      }
+      QCAL_ASSIGN_OR_RETURN(InputStatistics stats, runner_.Complete(g, std::move(all)));
+      if (consumers.size() > 1) {
+        InputPartials root;
+        root.push_back({Root(), stats});
+        QCAL_ASSIGN_OR_RETURN(const std::string bytes,
+                              SerializeInputPartials(be_, g, Width(g), root));
+        for (int q : consumers) {
+          if (q != rank())
+            QCAL_RETURN_IF_ERROR(Send(q, Key(step, MessageKind::kStatistic, item), bytes));
+        }
+      }
+      return std::optional<InputStatistics>(std::move(stats));
+    }
+    if (std::find(consumers.begin(), consumers.end(), rank()) == consumers.end()) {
+      return std::optional<InputStatistics>();
+    }
+    QCAL_ASSIGN_OR_RETURN(std::string bytes, Receive(step, MessageKind::kStatistic, item, owner));
+    QCAL_ASSIGN_OR_RETURN(InputPartials root, ParseInputPartials(be_, g, Width(g), bytes));
+    QCAL_ASSIGN_OR_RETURN(InputStatistics stats, runner_.Complete(g, std::move(root)));
+    return std::optional<InputStatistics>(std::move(stats));
+  }
+
+  // Solves the linears of g this rank owns, sends them to every other rank, and installs all of
+  // g's linears in forward order.
+  absl::Status SolveAndInstall(LinearInput g, std::optional<InputPartials> kept) {
+    const int step = StepOf(static_cast<int>(g));
+    QCAL_ASSIGN_OR_RETURN(std::optional<InputStatistics> stats, Gather(g, std::move(kept)));
+    std::vector<LinearKind> owned;
+    for (LinearKind k : ConsumersOf(g)) {
+      if (plan_.Owns(k)) owned.push_back(k);
+    }
+    std::vector<SolvedLinear> solved;
+    if (!owned.empty()) {
+      QCAL_ASSIGN_OR_RETURN(solved, runner_.Solve(*stats, owned));
+    }
+    stats.reset();
+    if (plan_.world > 1) {
+      for (SolvedLinear& s : solved) {
+        if (s.conversion.valid()) s.result.quantized = s.conversion.get();
+        const std::string bytes = SerializeSolvedLayer(s.result);
+        for (int q = 0; q < plan_.world; ++q) {
+          if (q == rank()) continue;
+          QCAL_RETURN_IF_ERROR(Send(
+              q, Key(step, MessageKind::kLayer, static_cast<int>(s.result.report.kind)), bytes));
+        }
+      }
+    }
+    std::vector<SolvedLinear> install;
+    size_t next_own = 0;
+    for (LinearKind k : ConsumersOf(g)) {
+      if (plan_.Owns(k)) {
+        install.push_back(std::move(solved[next_own++]));
+        continue;
+      }
+      QCAL_ASSIGN_OR_RETURN(std::string bytes, Receive(step, MessageKind::kLayer,
+                                                       static_cast<int>(k), plan_.OwnerOf(k)));
+      QCAL_ASSIGN_OR_RETURN(LayerResult r, ParseSolvedLayer(bytes));
+      if (r.report.kind != k || r.report.block != b_) {
+        return absl::DataLossError(absl::StrCat("rank ", rank(), ": received ", r.report.name,
+                                                " as ", LinearPrefix(b_, k)));
+      }
+      SolvedLinear s;
+      s.result = std::move(r);
+      install.push_back(std::move(s));
+    }
+    return runner_.Install(std::move(install));
+  }
+
+  kernels::Backend& be_;
+  const ModelConfig& config_;
+  const Recipe& recipe_;
+  const GangPlan& plan_;
+  Transport* transport_;
+  const GangBlockOptions& options_;
+  const int b_;
+  BlockRunner runner_;
+};
+
+}  // namespace
+
+absl::Status GangBlockOptions::Validate() const {
+  if (receive_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("receive timeout must be positive, got ",
+                                                   absl::FormatDuration(receive_timeout)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivations& acts,
+                                                      const Recipe& recipe, const GangPlan& plan,
+                                                      Transport* transport,
+                                                      const GangBlockOptions& options,
+                                                      StageTimes& times) {
+  QCAL_RETURN_IF_ERROR(recipe.Validate());
+  QCAL_RETURN_IF_ERROR(plan.Validate());
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  if (transport == nullptr && plan.world > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", plan.rank, " of a gang of ", plan.world, " has no transport"));
+  }
+  const int b = acts.next_block;
+  if (b < 0 || b >= model.num_blocks()) {
+    return absl::OutOfRangeError(absl::StrCat("block ", b, " is outside the model"));
+  }
+  const ChunkRange& local = plan.local();
+  if (acts.first_chunk != local.begin || static_cast<int>(acts.chunks.size()) != local.size() ||
+      acts.total_chunks != plan.total_chunks) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", plan.rank, " holds chunks [", acts.first_chunk, ", ",
+        acts.first_chunk + acts.chunks.size(), ") of ", acts.total_chunks, "; its plan gives it [",
+        local.begin, ", ", local.end, ") of ", plan.total_chunks));
+  }
+  GangBlock block(model, acts, recipe, plan, transport, options, times);
+  return block.Run();
+}
+
+}  // namespace qcal::engine
