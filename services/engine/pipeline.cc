@@ -252,7 +252,10 @@ absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock(Transport* transport,
 
 absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
                                  CalibActivations acts) {
-  if (static_cast<int>(committed.size()) != acts.next_block || acts.next_block > num_blocks()) {
+  // Only rank 0 exports: the other ranks restore without the earlier blocks' artifacts.
+  const bool exporter = gang_.rank == 0;
+  if ((exporter ? static_cast<int>(committed.size()) != acts.next_block : !committed.empty()) ||
+      acts.next_block > num_blocks()) {
     return absl::InvalidArgumentError(absl::StrCat("restore: ", committed.size(),
                                                    " committed blocks for a checkpoint at block ",
                                                    acts.next_block));

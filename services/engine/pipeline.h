@@ -112,9 +112,9 @@ class JobSession {
                                                  const GangBlockOptions& gang_options = {});
 
   // Resumes from a boundary: takes the committed artifacts of blocks [0, acts.next_block) (for the
-  // export) and continues from `acts`: this rank's chunks at that boundary (SaveActivations, or
-  // AssembleActivations of per-chunk checkpoints). DataLoss when they are not this rank's chunks
-  // of this job's calibration data.
+  // export; rank 0 only, the other ranks pass none) and continues from `acts`: this rank's chunks
+  // at that boundary (SaveActivations, or AssembleActivations of per-chunk checkpoints). DataLoss
+  // when they are not this rank's chunks of this job's calibration data.
   absl::Status Restore(const std::vector<BlockArtifacts>& committed, CalibActivations acts);
 
   // Peak host RSS and device memory since Open, in bytes (device: -1 on a host backend).

@@ -49,13 +49,25 @@ std::vector<std::string> PeerAddresses(const v1::GangPlan& proto) {
   return out;
 }
 
+absl::Status FaultingTransport::Note(absl::Status s) {
+  if (!s.ok() && first_error_.ok()) first_error_ = s;
+  return s;
+}
+
 absl::Status FaultingTransport::Send(int to, const engine::MessageKey& key, std::string payload) {
   if (key.kind == engine::MessageKind::kPartials || key.kind == engine::MessageKind::kStatistic) {
     QCAL_RETURN_IF_ERROR(faults_->Hit("exchange", key.block));
   } else if (key.kind == engine::MessageKind::kLayer) {
     QCAL_RETURN_IF_ERROR(faults_->Hit("solve", key.block));
   }
-  return inner_->Send(to, key, std::move(payload));
+  return Note(inner_->Send(to, key, std::move(payload)));
+}
+
+absl::StatusOr<std::string> FaultingTransport::Receive(const engine::MessageKey& key,
+                                                       absl::Duration timeout) {
+  absl::StatusOr<std::string> r = inner_->Receive(key, timeout);
+  if (!r.ok()) Note(r.status()).IgnoreError();
+  return r;
 }
 
 }  // namespace qcal::worker

@@ -22,22 +22,27 @@ absl::StatusOr<engine::GangPlan> PlanFromProto(const v1::GangPlan& proto, int nu
 // The peers' addresses, by rank.
 std::vector<std::string> PeerAddresses(const v1::GangPlan& proto);
 
-// Forwards to `inner`, hitting the fault points first. Both must outlive it.
+// Forwards to `inner`, hitting the fault points first, and remembers the first exchange that
+// failed (so that the task can tell a failed exchange from a failed job). Both must outlive it.
+// Used from the thread that runs the task.
 class FaultingTransport final : public engine::Transport {
  public:
   FaultingTransport(engine::Transport* inner, service::FaultInjector* faults)
       : inner_(inner), faults_(faults) {}
   absl::Status Send(int to, const engine::MessageKey& key, std::string payload) override;
   absl::StatusOr<std::string> Receive(const engine::MessageKey& key,
-                                      absl::Duration timeout) override {
-    return inner_->Receive(key, timeout);
-  }
+                                      absl::Duration timeout) override;
   int64_t bytes_sent() const override { return inner_->bytes_sent(); }
   double receive_wait_seconds() const override { return inner_->receive_wait_seconds(); }
+  // OK until a Send or Receive failed; then that error.
+  const absl::Status& first_error() const { return first_error_; }
 
  private:
+  absl::Status Note(absl::Status s);
+
   engine::Transport* const inner_;
   service::FaultInjector* const faults_;
+  absl::Status first_error_;
 };
 
 }  // namespace qcal::worker

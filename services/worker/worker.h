@@ -1,18 +1,25 @@
-// qcal-worker's task loop (DESIGN section 7): register for a lease and keep it alive with
-// heartbeats, acquire a job, run it block by block with the engine's JobSession, commit each
-// block's artifacts, upload boundary activation checkpoints, and finally write the output into
-// the job's temporary directory for the coordinator to move into place.
+// qcal-worker (DESIGN section 7): register for a lease and keep it alive with heartbeats
+// (worker.cc), acquire a task and run it (task.cc): one attempt of a job as one rank of its gang.
+// The rank embeds its calibration chunks, runs every block with the engine's JobSession over the
+// peer exchange (services/worker/peer: partial statistics to their owners, solved layers to every
+// rank), commits the linears it owns, uploads its chunks at boundary checkpoints, and at the end
+// either leaves the gang (ranks > 0) or writes the output into the job's temporary directory for
+// the coordinator to move into place (rank 0). A single-worker job is a gang of one.
 //
-// Resume: a task with a checkpoint fetches the committed artifacts before it and the activations
-// at it, restores the session there, and recomputes the rest; the coordinator compares blocks it
-// already has. Checkpoints: every task.checkpoint_every blocks, or (0) whenever the blocks since
-// the last checkpoint took at least 19 times what that checkpoint cost (checkpoints at most 5% of
-// block time), and always after the last block.
+// Resume: a task with a checkpoint fetches its chunks' activations at that boundary (and, on rank
+// 0, the committed artifacts before it), restores the session there, and recomputes the rest; the
+// coordinator compares layers it already has. Checkpoints: every task.checkpoint_every blocks, or
+// (0) whenever the blocks since the last checkpoint took at least 19 times what that checkpoint
+// cost (checkpoints at most 5% of block time), decided by rank 0 and sent to the other ranks, and
+// always after the last block.
 //
 // Failures: a problem with the job itself (bad input found while running, NaN weights, an error
 // writing the output) is reported with FailTask and fails the job. A lost lease or an unreachable
-// coordinator drops the task without reporting (the coordinator requeues it when the lease
-// expires); transient RPC errors are retried while the lease can still be alive.
+// coordinator drops the task without reporting (the coordinator re-plans or requeues it when the
+// lease expires); transient RPC errors are retried while the lease can still be alive. A failed
+// exchange (a peer refused a message or could not be reached in time) abandons the attempt
+// (AbandonTask: the coordinator re-plans the gang). A heartbeat answered with drop_task (the gang
+// was re-planned) stops the task at once, waking any wait on a peer.
 #pragma once
 
 #include <atomic>
@@ -28,6 +35,7 @@
 #include "services/common/fault_injection.h"
 #include "services/common/rpc.h"
 #include "services/worker/coordinator_client.h"
+#include "services/worker/peer/peer_server.h"
 
 namespace qcal::worker {
 
@@ -85,6 +93,12 @@ class Worker {
   TaskEnd RunTask(const v1::Task& task);
   // Reports a job error (FailTask) and returns kFailed.
   TaskEnd FailJob(const v1::Task& task, const absl::Status& error);
+  // Gives the attempt up (AbandonTask: the gang is re-planned) and returns kDropped.
+  TaskEnd AbandonJob(const v1::Task& task, const absl::Status& why);
+  // The task the heartbeats name (gang epoch 0: none); a drop_task reply for it clears the peer
+  // server's task (waking waits on peers) and marks it dropped.
+  void SetTask(const std::string& job_id, uint64_t gang_epoch);
+  bool TaskDropped() const;
   // Calls `call` until it succeeds, fails for good, or the lease is lost / Stop().
   absl::Status Retry(const std::string& what, const std::function<absl::Status()>& call);
   void SetProgress(const std::string& job_id, v1::JobStage stage, int block);
@@ -96,6 +110,8 @@ class Worker {
   int threads_ = 0;
   std::string hostname_;
   std::unique_ptr<CoordinatorClient> client_;
+  std::unique_ptr<PeerServer> peer_server_;
+  std::string peer_address_;  // what peers dial (sent at registration)
 
   std::atomic<bool> stop_{false};
   mutable absl::Mutex mu_;
@@ -111,6 +127,13 @@ class Worker {
   int block_ ABSL_GUARDED_BY(mu_) = -1;
   // The running job's backend (heartbeats report its memory in use); null between jobs.
   kernels::Backend* backend_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // The running task's job and gang epoch (0: none), and whether the coordinator dropped it.
+  std::string task_job_ ABSL_GUARDED_BY(mu_);
+  uint64_t task_epoch_ ABSL_GUARDED_BY(mu_) = 0;
+  bool task_dropped_ ABSL_GUARDED_BY(mu_) = false;
+  // Peer exchange of this process so far: payload bytes sent, seconds waiting on peers.
+  int64_t exchange_bytes_total_ ABSL_GUARDED_BY(mu_) = 0;
+  double reduction_wait_total_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace qcal::worker
