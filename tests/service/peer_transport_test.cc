@@ -212,6 +212,8 @@ TEST_F(PeerTransportTest, SlowerPeerIsRetriedUntilItOpensTheTask) {
 }
 
 TEST_F(PeerTransportTest, NewerEpochIsNotReadyUntilTheDeadline) {
+  // Rank 0 already runs the newer epoch (its own server too); rank 1 does not yet.
+  ASSERT_TRUE(servers_[0]->SetTask(kJob, Plan(0, kEpoch + 1)).ok());
   std::unique_ptr<GrpcTransport> ahead = MakeTransport(Plan(0, kEpoch + 1), absl::Seconds(1));
   const absl::Time start = absl::Now();
   const absl::Status s = ahead->Send(1, Key(MessageKind::kLayer, 0, 0), "x");
@@ -220,6 +222,20 @@ TEST_F(PeerTransportTest, NewerEpochIsNotReadyUntilTheDeadline) {
   EXPECT_TRUE(absl::StrContains(s.message(), "not ready: gang epoch 8")) << s;
   EXPECT_GE(elapsed, 0.5);
   EXPECT_LT(elapsed, 3.0);
+}
+
+TEST_F(PeerTransportTest, DroppedTaskStopsRetriesAtOnce) {
+  // Rank 1 is down; rank 0's task is cleared (a heartbeat's drop_task) while it retries.
+  servers_[1].reset();
+  std::thread dropper([&] {
+    absl::SleepFor(absl::Milliseconds(300));
+    servers_[0]->ClearTask();
+  });
+  const absl::Time start = absl::Now();
+  const absl::Status s = transports_[0]->Send(1, Key(MessageKind::kPartials, 0, 0), "x");
+  dropper.join();
+  EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
+  EXPECT_LT(SecondsSince(start), 5.0);
 }
 
 TEST_F(PeerTransportTest, UnreachablePeerFailsWithinTheDeadline) {

@@ -69,11 +69,29 @@ std::string LocalRun(const Cluster& c, const char* recipe_yaml, int workers) {
   std::fputs(recipe_yaml, f);
   std::fclose(f);
   const std::string in = c.input_root() + "/";
-  const RunResult r = RunQcal(
-      {"quantize", "--model", in + c.model().model, "--recipe", recipe, "--calib",
-       in + c.model().calib, "--samples", "40", "--seq-len", "32", "--seed", "7", "--threads", "1",
-       "--eval-text", in + c.model().eval, "--eval-max-windows", "4", "--workers",
-       std::to_string(workers), "--out", dir + "/out"});
+  const RunResult r = RunQcal({"quantize",
+                               "--model",
+                               in + c.model().model,
+                               "--recipe",
+                               recipe,
+                               "--calib",
+                               in + c.model().calib,
+                               "--samples",
+                               "40",
+                               "--seq-len",
+                               "32",
+                               "--seed",
+                               "7",
+                               "--threads",
+                               "1",
+                               "--eval-text",
+                               in + c.model().eval,
+                               "--eval-max-windows",
+                               "4",
+                               "--workers",
+                               std::to_string(workers),
+                               "--out",
+                               dir + "/out"});
   EXPECT_TRUE(r.exited && r.exit_code == 0) << r.err;
   return dir + "/out";
 }

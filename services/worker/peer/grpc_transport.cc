@@ -126,6 +126,12 @@ absl::Status GrpcTransport::Send(int to, const engine::MessageKey& key, std::str
           ": gave up after ", attempts, " attempts in ", absl::FormatDuration(now - start),
           "; last error ", absl::StatusCodeToString(last.code()), ": ", last.message()));
     }
+    // The task was dropped or replaced meanwhile (a re-plan): stop retrying at once.
+    if (!mailbox_->RunsTask(job_id_, plan_.epoch)) {
+      return absl::CancelledError(absl::StrCat("sending ", engine::DescribeKey(key), " to rank ",
+                                               to, ": this worker no longer runs job ", job_id_,
+                                               " under gang epoch ", plan_.epoch));
+    }
     absl::SleepFor(std::min(backoff, deadline - now));
     backoff = std::min(backoff * 2, absl::Seconds(1));
   }

@@ -54,6 +54,8 @@ class GrpcTransport final : public engine::Transport {
       const std::vector<std::string>& peers, PeerServer* mailbox,
       const GrpcTransportOptions& options);
 
+  // Retries UNAVAILABLE (and a receiver not ready yet) until the deadline; gives up at once with
+  // CANCELLED when the local peer server stops running this job and epoch (the task was dropped).
   absl::Status Send(int to, const engine::MessageKey& key, std::string payload) override;
   // Delegates to the mailbox; FAILED_PRECONDITION when it does not run this job and gang epoch.
   absl::StatusOr<std::string> Receive(const engine::MessageKey& key,
