@@ -50,21 +50,25 @@ int64_t NumElements(const Shape& shape) {
   return n;
 }
 
-std::shared_ptr<Storage> AllocateHost(size_t bytes) {
-  // Activation and scratch tensors of a few MiB are allocated and freed for every op. By default
-  // glibc serves those with mmap and returns them with munmap, so each one costs page faults on
-  // first touch: that was a third of a CPU quantization's time, in the kernel. Keep them in the
-  // heap instead (mmap only above 1 GiB) and don't trim freed memory eagerly.
-  static std::once_flag configured;
-  std::call_once(configured, [] {
+// Activation and scratch tensors of a few MiB are allocated and freed for every op. By default
+// glibc serves those with mmap and returns them with munmap, so each one costs page faults on first
+// touch: that was a third of a CPU quantization's time, in the kernel. Keep them in the heap
+// instead (mmap only above 1 GiB) and don't trim freed memory eagerly. Threads (block readers,
+// spills, per-linear conversions, and in `qcal quantize` the in-process coordinator's gRPC and
+// RocksDB threads) would each get an arena of their own that keeps what it freed: with a 1 GiB trim
+// threshold the resident set then grows block after block. Two arenas bound that; allocations are
+// per op, not per element, so the lock is not contended. Set before main(), so that no thread
+// has made an arena of its own yet.
+struct HostAllocatorSetup {
+  HostAllocatorSetup() {
     mallopt(M_MMAP_THRESHOLD, 1 << 30);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
-    // Short-lived threads (block readers, spills, per-linear conversions) would each get an arena
-    // of their own that keeps what it freed: with a 1 GiB trim threshold the resident set then
-    // grows block after block. Two arenas bound that; allocations are per op, not per element,
-    // so the lock is not contended.
     mallopt(M_ARENA_MAX, 2);
-  });
+  }
+};
+const HostAllocatorSetup host_allocator_setup;
+
+std::shared_ptr<Storage> AllocateHost(size_t bytes) {
   size_t rounded = ((bytes + 63) / 64) * 64;
   if (rounded == 0) rounded = 64;
   void* p = std::aligned_alloc(64, rounded);

@@ -57,6 +57,34 @@ void SyncDir(const fs::path& dir) {
   }
 }
 
+// Writes `bytes` to `path` through a temporary file, fsynced, renamed into place.
+absl::Status WriteFileSynced(const std::string& path, const std::string& bytes) {
+  const std::string tmp = path + ".tmp";
+  const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::UnavailableError(absl::StrCat(tmp, ": ", std::strerror(errno)));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t w = write(fd, bytes.data() + done, bytes.size() - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      const std::string why = std::strerror(errno);
+      close(fd);
+      return absl::UnavailableError(absl::StrCat(tmp, ": write failed: ", why));
+    }
+    done += static_cast<size_t>(w);
+  }
+  if (fsync(fd) != 0) {
+    const std::string why = std::strerror(errno);
+    close(fd);
+    return absl::UnavailableError(absl::StrCat(tmp, ": fsync failed: ", why));
+  }
+  close(fd);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::UnavailableError(absl::StrCat(path, ": rename failed: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
 // The job id recorded in <dir>/qcal_run.json, "" when there is none.
 std::string RunJobId(const fs::path& dir) {
   absl::StatusOr<std::string> text = ReadFileToString((dir / "qcal_run.json").string());
@@ -304,6 +332,33 @@ int64_t Coordinator::NowMs() const { return absl::ToUnixMillis(clock_->Now()); }
 
 std::string Coordinator::ActivationDir(const std::string& job_id) const {
   return (fs::path(options_.data_dir) / "activations" / job_id).string();
+}
+
+std::string Coordinator::ArtifactDir(const std::string& job_id) const {
+  return (fs::path(options_.data_dir) / "artifacts" / job_id).string();
+}
+
+std::string Coordinator::ArtifactFile(const std::string& job_id, int block, int layer) {
+  return absl::StrFormat("artifacts/%s/%06d-%02d.bin", job_id, block, layer);
+}
+
+absl::StatusOr<std::string> Coordinator::ArtifactBytes(const ArtifactRecord& artifact,
+                                                       const std::string& sha256,
+                                                       const std::string& key) const {
+  std::string bytes = artifact.quantized();
+  if (!artifact.file().empty()) {
+    absl::StatusOr<std::string> read =
+        ReadFileToString((fs::path(options_.data_dir) / artifact.file()).string());
+    if (!read.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("store: artifact ", key, ": ", read.status().message()));
+    }
+    bytes = *std::move(read);
+  }
+  if (Sha256Hex(bytes) != sha256) {
+    return absl::DataLossError(absl::StrCat("store: artifact ", key, " is corrupt"));
+  }
+  return bytes;
 }
 
 v1::ProgressEvent Coordinator::MakeEvent(const JobRecord& rec) const {
@@ -954,13 +1009,29 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   }
 
   QCAL_RETURN_IF_ERROR(faults_->Hit("precommit", b));
+  // The artifacts' bytes go to files first (synced); the batch then records them. A crash between
+  // the two leaves files that no record names, which the next commit of the block overwrites.
+  {
+    std::error_code ec;
+    fs::create_directories(ArtifactDir(id), ec);
+    if (ec) {
+      return absl::UnavailableError(absl::StrCat(ArtifactDir(id), ": ", ec.message()));
+    }
+    for (int i = 0; i < n; ++i) {
+      if (!fresh[static_cast<size_t>(i)]) continue;
+      const fs::path path =
+          fs::path(options_.data_dir) / ArtifactFile(id, b, header.layer_index(i));
+      QCAL_RETURN_IF_ERROR(WriteFileSynced(path.string(), artifacts[static_cast<size_t>(i)]));
+    }
+    SyncDir(ArtifactDir(id));
+  }
   WriteBatch batch;
   for (int i = 0; i < n; ++i) {
     if (!fresh[static_cast<size_t>(i)]) continue;
     const int l = header.layer_index(i);
     ArtifactRecord a;
     a.set_name(header.layers(i).name());
-    a.set_quantized(artifacts[static_cast<size_t>(i)]);
+    a.set_file(ArtifactFile(id, b, l));
     a.set_report_json(header.layers(i).report_json());
     batch.Put(Column::kArtifacts, ArtifactKey(id, b, l), Encode(a));
     store::v1::LayerRecord lr;
@@ -1306,11 +1377,10 @@ absl::StatusOr<std::string> Coordinator::ReadArtifact(const std::string& job_id,
   QCAL_ASSIGN_OR_RETURN(auto digest,
                         GetRecord<BlockRecord>(*store_, Column::kTasks, BlockKey(job_id, block)));
   QCAL_ASSIGN_OR_RETURN(auto artifact, GetRecord<ArtifactRecord>(*store_, Column::kArtifacts, key));
-  if (!digest.has_value() || !artifact.has_value() || layer < 0 || layer >= digest->layers_size() ||
-      Sha256Hex(artifact->quantized()) != digest->layers(layer).sha256()) {
-    return absl::DataLossError(absl::StrCat("store: artifact ", key, " is missing or corrupt"));
+  if (!digest.has_value() || !artifact.has_value() || layer < 0 || layer >= digest->layers_size()) {
+    return absl::DataLossError(absl::StrCat("store: artifact ", key, " is missing"));
   }
-  return std::move(*artifact->mutable_quantized());
+  return ArtifactBytes(*artifact, digest->layers(layer).sha256(), key);
 }
 
 absl::StatusOr<v1::CompleteTaskResponse> Coordinator::CompleteTask(
@@ -1432,6 +1502,7 @@ absl::Status Coordinator::FinishJob(JobRecord& rec, v1::JobState state, const st
   configs_.erase(id);
   std::error_code ec;
   fs::remove_all(ActivationDir(id), ec);
+  fs::remove_all(ArtifactDir(id), ec);
   metrics_->ObserveJobDuration(
       StateLabel(state), static_cast<double>(job.finished_unix_ms() - job.created_unix_ms()) / 1e3);
   Emit(rec, error.empty() ? service::JobStateName(state)

@@ -210,6 +210,14 @@ class Coordinator {
   void PublishDeviceMemory() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string NewJobId() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string ActivationDir(const std::string& job_id) const;
+  // Where a job's committed artifacts live (files referenced from the store), and one layer's
+  // file relative to the data directory.
+  std::string ArtifactDir(const std::string& job_id) const;
+  static std::string ArtifactFile(const std::string& job_id, int block, int layer);
+  // The quantized bytes of a stored artifact (file or inline), checked against `sha256`.
+  absl::StatusOr<std::string> ArtifactBytes(const store::v1::ArtifactRecord& artifact,
+                                            const std::string& sha256,
+                                            const std::string& key) const;
   int64_t NowMs() const;
 
   const CoordinatorOptions options_;

@@ -109,6 +109,20 @@ absl::StatusOr<engine::JobResult> RunLocalJob(const LocalRunOptions& options,
     return absl::InvalidArgumentError(
         absl::StrCat("--out: the parent directory \"", output_root, "\" does not exist"));
   }
+  // The same refusals as the engine's local run (pipeline.cc), before anything starts; an empty
+  // directory in the way is removed (the coordinator only creates its output).
+  if (fs::exists(out, ec) && !fs::is_directory(out, ec)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat(out.string(), ": output path exists and is not a directory"));
+  }
+  if (fs::is_directory(out, ec) && !fs::is_empty(out, ec)) {
+    if (!job.overwrite) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          out.string(), ": output directory is not empty (use --overwrite to replace it)"));
+    }
+  } else if (fs::is_directory(out, ec)) {
+    fs::remove(out, ec);
+  }
   std::string scratch = job.scratch_dir;
   if (scratch.empty()) {
     const char* tmp = std::getenv("TMPDIR");

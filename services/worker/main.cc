@@ -14,8 +14,9 @@
 namespace qcal::worker {
 namespace {
 
-absl::Status Run(WorkerOptions options, double timeout_seconds) {
+absl::Status Run(WorkerOptions options, double timeout_seconds, double peer_timeout_seconds) {
   options.coordinator.timeout = absl::Seconds(timeout_seconds);
+  options.peer_timeout = absl::Seconds(peer_timeout_seconds);
   service::ShutdownSignal& shutdown = service::ShutdownSignal::Install();
   QCAL_ASSIGN_OR_RETURN(auto faults, service::FaultInjector::FromEnv("worker"));
   QCAL_ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker, Worker::Create(options, faults.get()));
@@ -38,6 +39,7 @@ int main(int argc, char** argv) {
   CLI::App app{"qcal-worker: runs qcal quantization jobs for a coordinator"};
   qcal::worker::WorkerOptions o;
   double timeout_seconds = 30;
+  double peer_timeout_seconds = 120;
   bool verbose = false;
   app.add_option("--coordinator", o.coordinator.address, "Coordinator address host:port")
       ->required();
@@ -57,6 +59,10 @@ int main(int argc, char** argv) {
   app.add_option("--peer-advertise", o.peer_advertise,
                  "host:port peers dial (default: the bound --peer-listen address, a wildcard "
                  "host replaced by the hostname)");
+  app.add_option("--peer-timeout-seconds", peer_timeout_seconds,
+                 "Give a gang attempt up when a message to a peer takes longer, retries included "
+                 "(plus 0.1 s per MiB; default 120)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--token-file", o.coordinator.token_file, "File holding the bearer token");
   app.add_option("--tls-ca", o.coordinator.tls_ca,
                  "CA of the coordinator's certificate (PEM); TLS on");
@@ -71,7 +77,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   qcal::InitLogging(verbose);
-  absl::Status s = qcal::worker::Run(o, timeout_seconds);
+  absl::Status s = qcal::worker::Run(o, timeout_seconds, peer_timeout_seconds);
   if (!s.ok()) {
     std::fprintf(stderr, "qcal-worker: error: %s\n", std::string(s.message()).c_str());
     return 1;

@@ -93,8 +93,10 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
   std::unique_ptr<FaultingTransport> transport;
   if (plan->world > 1) {
     if (absl::Status s = peer_server_->SetTask(job_id, *plan); !s.ok()) return drop("peers", s);
-    absl::StatusOr<std::unique_ptr<GrpcTransport>> t = GrpcTransport::Create(
-        job_id, *plan, PeerAddresses(gang), peer_server_.get(), GrpcTransportOptions());
+    GrpcTransportOptions to;
+    to.timeout = options_.peer_timeout;
+    absl::StatusOr<std::unique_ptr<GrpcTransport>> t =
+        GrpcTransport::Create(job_id, *plan, PeerAddresses(gang), peer_server_.get(), to);
     if (!t.ok()) return drop("peers", t.status());
     grpc = *std::move(t);
     transport = std::make_unique<FaultingTransport>(grpc.get(), faults_);

@@ -33,6 +33,9 @@ absl::Status WorkerOptions::Validate() const {
   if (input_root.empty()) return absl::InvalidArgumentError("--input-root is required");
   if (output_root.empty()) return absl::InvalidArgumentError("--output-root is required");
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
+  if (peer_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--peer-timeout-seconds must be > 0");
+  }
   if (acquire_wait <= absl::ZeroDuration())
     return absl::InvalidArgumentError("acquire_wait must be > 0");
   return absl::OkStatus();

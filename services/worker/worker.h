@@ -61,6 +61,9 @@ struct WorkerOptions {
   // peer_listen address, a wildcard host 0.0.0.0 or [::] replaced by the hostname; see
   // AdvertiseAddress in services/worker/peer/peer_server.h).
   std::string peer_advertise;
+  // How long one message to a peer may take, retries included, before the attempt is given up
+  // (plus 100 ms per MiB of payload). Default: 120 s.
+  absl::Duration peer_timeout = absl::Seconds(120);
 
   absl::Status Validate() const;
 };

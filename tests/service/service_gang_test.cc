@@ -3,7 +3,9 @@
 // reconstruction, 8-bit activations), and from `qcal quantize --workers 1 / 2`; a worker of three
 // SIGKILLed while partials are exchanged, and inside an owner's solve; the coordinator SIGKILLed
 // during a multi-worker block and restarted; a `min: 3` job left with two workers requeued until
-// a third joins. Every case ends with byte-identical files (qcal_run.json aside).
+// a third joins; a peer that cannot be reached fails the attempt (and, out of attempts, the job
+// with the reason), not a process. Every case that succeeds ends with byte-identical files
+// (qcal_run.json aside).
 #include <signal.h>
 
 #include <string>
@@ -181,6 +183,26 @@ TEST(ServiceGangTest, MinThreeLeftWithTwoIsRequeuedUntilAThirdJoins) {
   c.StartWorker();
   const std::string out = Succeeded(c, id, "out");
   EXPECT_EQ(CompareOutputs(Baseline(c), out), "");
+}
+
+TEST(ServiceGangTest, UnreachablePeerFailsTheAttemptNotTheProcess) {
+  Cluster c("gang-unreachable");
+  c.StartCoordinator({"--max-attempts", "2"});
+  Process* good = c.StartWorker({"--peer-timeout-seconds", "1"});
+  // Alive and heartbeating, but it tells its peers an address where nobody listens.
+  Process* bad = c.StartWorker({"--peer-timeout-seconds", "1", "--peer-advertise", "127.0.0.1:1"});
+  const std::string id = Submit(c, GangSpec(c, kGptq, "out", 2, 2));
+  absl::StatusOr<v1::Job> job = c.WaitFinal(id, kJobTimeout);
+  ASSERT_TRUE(job.ok()) << job.status() << c.Logs();
+  EXPECT_EQ(job->state(), v1::JOB_STATE_FAILED);
+  EXPECT_NE(job->error().find("127.0.0.1:1"), std::string::npos) << job->error();
+  EXPECT_EQ(job->attempts(), 2);
+  // Every process is still up, and a job that needs no peer still runs.
+  EXPECT_TRUE(good->running());
+  EXPECT_TRUE(bad->running());
+  EXPECT_TRUE(c.coordinator()->running());
+  const std::string after = Submit(c, GangSpec(c, kGptq, "after", 1, 1));
+  EXPECT_EQ(CompareOutputs(LocalRun(c, kGptq, 1), Succeeded(c, after, "after")), "");
 }
 
 }  // namespace

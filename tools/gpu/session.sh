@@ -2,7 +2,7 @@
 # One GPU session in one device call, run on the device machine from the repository root: unpacks
 # the bundle made by tools/gpu/pack.sh, then
 #   1. the GPU parity tests (label gpu: ops, solver ops, error reconstruction, models, the
-#      quantization driver);
+#      quantization driver) and the gang pipeline test (W = 1..4 ranks on CUDA, same bytes);
 #   2. qcal eval --device cuda on both shared models (reference perplexities 6.8908 and 28.728,
 #      within 0.1%) and greedy generation against stories260k's greedy_256.txt;
 #   3. qcal quantize --device cuda on sotu-llama-16m, GPTQ W4 g128 and ASER W4A8 per-channel
@@ -83,7 +83,8 @@ within() { awk -v v="$1" -v r="$2" -v t="$3" 'BEGIN { d = v / r - 1; exit !(d <=
 json_get() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 if wants tests; then
-  for t in cuda_ops_test cuda_quant_test cuda_low_rank_test cuda_model_test cuda_engine_test; do
+  for t in cuda_ops_test cuda_quant_test cuda_low_rank_test cuda_model_test cuda_engine_test \
+      gang_pipeline_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
   done
