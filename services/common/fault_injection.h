@@ -6,8 +6,10 @@
 //   PROCESS  worker | coordinator (faults for the other process are ignored)
 //   block=N  only at block N (any block when absent)
 //   stage=S  the point's name (required). Worker: open (session opened), solve (block computed,
-//            not uploaded), commit (block committed), checkpoint (activations uploaded), finish
-//            (output written, not reported). Coordinator: precommit (before a block's store
+//            not uploaded; in a gang of more than one: an owner about to send a layer it solved),
+//            exchange (a gang member about to send partial or completed statistics), commit
+//            (block committed), checkpoint (activations uploaded), finish (output written, not
+//            reported). Coordinator: precommit (before a block's store
 //            write), commit (after it, before the reply), store (the block's store write fails),
 //            complete (output renamed, state not yet written), replan (a gang's new plan was
 //            persisted, before its members hear of it; block = the job's checkpoint block).

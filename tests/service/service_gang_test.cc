@@ -63,6 +63,15 @@ std::string Succeeded(Cluster& c, const std::string& id, const std::string& outp
   return c.output_root() + "/" + output;
 }
 
+// Waits until `n` workers hold leases, so that a gang can take all of them.
+void WaitForWorkers(Cluster& c, int n) {
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while (Metric(c, "qcal_worker_leases") < n && absl::Now() < end) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_GE(Metric(c, "qcal_worker_leases"), n) << c.Logs();
+}
+
 // `qcal quantize --workers N` of the same job into a fresh directory.
 std::string LocalRun(const Cluster& c, const char* recipe_yaml, int workers) {
   const std::string dir = MakeTempDir("qcal-gang-local");
@@ -105,6 +114,7 @@ TEST_P(GangRecipeTest, SameOutputOnOneToFourWorkers) {
   Cluster c(absl::StrCat("gang-", recipe == kGptq ? "gptq" : "aser"));
   c.StartCoordinator();
   for (int i = 0; i < 4; ++i) c.StartWorker();
+  WaitForWorkers(c, 4);
   std::vector<std::string> outputs;
   for (int w = 1; w <= 4; ++w) {
     const std::string name = absl::StrCat("w", w);
@@ -137,6 +147,7 @@ void KillOneOfThree(const std::string& name, const std::string& fault) {
   c.StartWorker();
   c.StartWorker();
   Process* victim = c.StartWorker({}, {{"QCAL_FAULT", fault}});
+  WaitForWorkers(c, 3);
   const std::string id = Submit(c, GangSpec(c, kAser, "out", 2, 3));
   ASSERT_TRUE(victim->Wait(kJobTimeout)) << c.Logs();
   EXPECT_EQ(victim->term_signal(), SIGKILL);
@@ -159,6 +170,7 @@ TEST(ServiceGangTest, CoordinatorKilledDuringAMultiWorkerBlock) {
   Cluster c("gang-kill-coordinator");
   c.StartCoordinator({}, {{"QCAL_FAULT", "coordinator:block=1:stage=commit:kill"}});
   for (int i = 0; i < 3; ++i) c.StartWorker();
+  WaitForWorkers(c, 3);
   const std::string id = Submit(c, GangSpec(c, kAser, "out", 3, 3));
   ASSERT_TRUE(c.coordinator()->Wait(kJobTimeout)) << c.Logs();
   EXPECT_EQ(c.coordinator()->term_signal(), SIGKILL);
@@ -173,6 +185,7 @@ TEST(ServiceGangTest, MinThreeLeftWithTwoIsRequeuedUntilAThirdJoins) {
   c.StartWorker();
   c.StartWorker();
   Process* victim = c.StartWorker({}, {{"QCAL_FAULT", "worker:block=1:stage=exchange:kill"}});
+  WaitForWorkers(c, 3);
   const std::string id = Submit(c, GangSpec(c, kAser, "out", 3, 3));
   ASSERT_TRUE(victim->Wait(kJobTimeout)) << c.Logs();
   ASSERT_TRUE(c.WaitState(id, v1::JOB_STATE_QUEUED, absl::Seconds(30))) << c.Logs();
@@ -191,6 +204,7 @@ TEST(ServiceGangTest, UnreachablePeerFailsTheAttemptNotTheProcess) {
   Process* good = c.StartWorker({"--peer-timeout-seconds", "1"});
   // Alive and heartbeating, but it tells its peers an address where nobody listens.
   Process* bad = c.StartWorker({"--peer-timeout-seconds", "1", "--peer-advertise", "127.0.0.1:1"});
+  WaitForWorkers(c, 2);
   const std::string id = Submit(c, GangSpec(c, kGptq, "out", 2, 2));
   absl::StatusOr<v1::Job> job = c.WaitFinal(id, kJobTimeout);
   ASSERT_TRUE(job.ok()) << job.status() << c.Logs();
