@@ -163,7 +163,7 @@ TEST(ServiceGangTest, WorkerKilledWhilePartialsAreExchanged) {
 }
 
 TEST(ServiceGangTest, WorkerKilledInsideAnOwnersSolve) {
-  KillOneOfThree("gang-kill-solve", "worker:block=2:stage=solve:kill");
+  KillOneOfThree("gang-kill-solve", "worker:block=1:stage=solve:kill");
 }
 
 TEST(ServiceGangTest, CoordinatorKilledDuringAMultiWorkerBlock) {
