@@ -20,7 +20,7 @@
 #include "common/files.h"
 #include "common/hf_config.h"
 #include "gtest/gtest.h"
-#include "kernels/cuda/cuda_backend.h"
+#include "kernels/backend.h"
 #include "services/engine/gang/exchange.h"
 #include "services/engine/gang/local_transport.h"
 #include "services/engine/pipeline.h"
@@ -174,7 +174,7 @@ TEST_P(GangPipelineTest, EveryGangSizeExportsTheSameBytes) {
   QCAL_REQUIRE_SHARED();
   const Recipe recipe = RecipeNamed(GetParam());
   std::vector<std::string> devices = {"cpu"};
-  if (kernels::CudaDeviceCount() > 0) devices.push_back("cuda");
+  if (kernels::CudaAvailable()) devices.push_back("cuda");
   for (const std::string& device : devices) {
     SCOPED_TRACE(device);
     CheckEveryGangSize(recipe, device);
