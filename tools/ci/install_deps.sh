@@ -12,6 +12,7 @@ PACKAGES=(
   prometheus-cpp-dev
   libopenblas-dev liblapacke-dev
   libsentencepiece-dev sentencepiece
+  libpcre2-dev libutf8proc-dev
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev
