@@ -455,8 +455,8 @@ absl::Status ByteLevelBpeTokenizer::ParseModel(const Json& m, const JsonReader& 
     }
     const uint64_t pair =
         (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint32_t>(ib->second);
-    // The first occurrence of a pair sets its rank, as in HF.
-    merges_.try_emplace(pair, static_cast<int>(i), im->second);
+    // A repeated pair takes its last rank, as HF's map built from the list does.
+    merges_.insert_or_assign(pair, std::pair<int, int>(static_cast<int>(i), im->second));
   }
   return absl::OkStatus();
 }
@@ -568,11 +568,11 @@ std::vector<Segment> ByteLevelBpeTokenizer::SplitOnAddedTokens(std::vector<Segme
           size_t p = start - 1;
           while (p > 0 && (static_cast<unsigned char>(s[p]) & 0xC0) == 0x80) --p;
           size_t q = p;
-          word_before = IsAlphanumericCodePoint(NextCodePoint(s, &q));
+          word_before = IsWordCodePoint(NextCodePoint(s, &q));
         }
         if (stop < s.size()) {
           size_t q = stop;
-          word_after = IsAlphanumericCodePoint(NextCodePoint(s, &q));
+          word_after = IsWordCodePoint(NextCodePoint(s, &q));
         }
         if (word_before || word_after) {
           i = stop;

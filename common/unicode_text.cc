@@ -141,16 +141,20 @@ absl::StatusOr<std::string> NormalizeUnicode(std::string_view s, UnicodeForm for
   return std::string(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
 }
 
-bool IsAlphanumericCodePoint(char32_t c) {
+bool IsWordCodePoint(char32_t c) {
+  if (c == 0x200C || c == 0x200D) return true;
   switch (utf8proc_category(static_cast<utf8proc_int32_t>(c))) {
     case UTF8PROC_CATEGORY_LU:
     case UTF8PROC_CATEGORY_LL:
     case UTF8PROC_CATEGORY_LT:
     case UTF8PROC_CATEGORY_LM:
     case UTF8PROC_CATEGORY_LO:
+    case UTF8PROC_CATEGORY_MN:
+    case UTF8PROC_CATEGORY_MC:
+    case UTF8PROC_CATEGORY_ME:
     case UTF8PROC_CATEGORY_ND:
     case UTF8PROC_CATEGORY_NL:
-    case UTF8PROC_CATEGORY_NO:
+    case UTF8PROC_CATEGORY_PC:
       return true;
     default:
       return false;

@@ -29,9 +29,10 @@ absl::StatusOr<std::string> NormalizeTextFile(std::string_view raw, const std::s
 enum class UnicodeForm { kNfc, kNfd, kNfkc, kNfkd };
 absl::StatusOr<std::string> NormalizeUnicode(std::string_view s, UnicodeForm form);
 
-// Whether code point `c` is a letter or number (general category L* or N*), for single_word
-// matching of added tokens.
-bool IsAlphanumericCodePoint(char32_t c);
+// Whether code point `c` is a word character as Rust's regex `\w` has it (letters, marks,
+// decimal and letter numbers, connector punctuation such as '_', ZWNJ and ZWJ), for the
+// single_word matching of added tokens.
+bool IsWordCodePoint(char32_t c);
 
 // Decodes the code point starting at s[*pos] (valid UTF-8 assumed) and advances *pos past it.
 char32_t NextCodePoint(std::string_view s, size_t* pos);

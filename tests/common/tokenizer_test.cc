@@ -255,6 +255,8 @@ TEST_F(TokenizerTest, AddedTokensAreMatchedInText) {
   EXPECT_THAT(*r, ElementsAre('a', rstrip, 'b'));
   EXPECT_THAT(Encode(*tok, "cat"), ElementsAre(word));
   EXPECT_THAT(Encode(*tok, "concat"), ElementsAre('c', 'o', 'n', 'c', 'a', 't'));
+  EXPECT_THAT(Encode(*tok, "cat_"), ElementsAre('c', 'a', 't', '_'));  // '_' is a word char
+  EXPECT_THAT(Encode(*tok, "(cat)"), ElementsAre('(', word, ')'));
   EXPECT_THAT(tok->SpecialTokensIn("x<think><|eot|>y<L>"), ElementsAre("<|eot|>", "<L>"));
   EXPECT_TRUE(tok->SpecialTokensIn("plain <think> text").empty());
   EXPECT_EQ(tok->TokenId("<think>"), think);
