@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <queue>
 #include <string_view>
 #include <utility>
@@ -13,7 +14,6 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status.h"
 #include "common/unicode_text.h"
@@ -35,7 +35,6 @@ constexpr size_t kMaxCacheEntries = 1 << 17;
 struct Pcre2CodeDeleter {
   void operator()(pcre2_code* c) const { pcre2_code_free(c); }
 };
-using Pcre2Code = std::unique_ptr<pcre2_code, Pcre2CodeDeleter>;
 struct Pcre2MatchDataDeleter {
   void operator()(pcre2_match_data* m) const { pcre2_match_data_free(m); }
 };
@@ -103,7 +102,7 @@ absl::StatusOr<std::shared_ptr<pcre2_code>> CompileRegex(const std::string& patt
                                                          const std::string& key) {
   int err = 0;
   PCRE2_SIZE offset = 0;
-  uint32_t options = PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK;
+  uint32_t options = PCRE2_UTF | PCRE2_UCP;
   if (literal) options |= PCRE2_LITERAL;
   pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                                    options, &err, &offset, nullptr);
@@ -118,17 +117,29 @@ absl::StatusOr<std::shared_ptr<pcre2_code>> CompileRegex(const std::string& patt
   return std::shared_ptr<pcre2_code>(code, Pcre2CodeDeleter());
 }
 
-// [start, end) of every match of `re` in `s`, scanning as HF's find_iter does (an empty match
-// advances by one character).
-std::vector<std::pair<size_t, size_t>> FindAll(pcre2_code* re, std::string_view s) {
+// [start, end) of every match of `re` in `s` (valid UTF-8), scanning as HF's find_iter does (an
+// empty match advances by one character).
+absl::StatusOr<std::vector<std::pair<size_t, size_t>>> FindAll(pcre2_code* re, std::string_view s) {
   std::vector<std::pair<size_t, size_t>> out;
   std::unique_ptr<pcre2_match_data, Pcre2MatchDataDeleter> md(
       pcre2_match_data_create_from_pattern(re, nullptr));
   size_t pos = 0;
   while (pos <= s.size()) {
-    const int rc = pcre2_match(re, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos,
-                               PCRE2_NO_UTF_CHECK, md.get(), nullptr);
-    if (rc < 0) break;
+    const auto subject = reinterpret_cast<PCRE2_SPTR>(s.data());
+    int rc = pcre2_match(re, subject, s.size(), pos, PCRE2_NO_UTF_CHECK, md.get(), nullptr);
+    if (rc == PCRE2_ERROR_JIT_STACKLIMIT) {
+      // The interpreter keeps its backtracking state on the heap.
+      rc = pcre2_match(re, subject, s.size(), pos, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, md.get(),
+                       nullptr);
+    }
+    if (rc == PCRE2_ERROR_NOMATCH) break;
+    if (rc < 0) {
+      PCRE2_UCHAR msg[256];
+      pcre2_get_error_message(rc, msg, sizeof(msg));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("pre-tokenizer regex failed at byte ", pos, " of a ", s.size(),
+                       "-byte piece: ", reinterpret_cast<const char*>(msg)));
+    }
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
     const size_t start = ov[0], end = ov[1];
     if (end > start) {
@@ -145,14 +156,16 @@ std::vector<std::pair<size_t, size_t>> FindAll(pcre2_code* re, std::string_view 
 }
 
 // HF's NormalizedString::split with a SplitDelimiterBehavior. Empty pieces are dropped.
-std::vector<std::string> SplitPiece(const std::string& s, const PreTokenizerStep& step) {
+absl::StatusOr<std::vector<std::string>> SplitPiece(const std::string& s,
+                                                    const PreTokenizerStep& step) {
   struct Part {
     size_t start, end;
     bool match;
   };
   std::vector<Part> parts;
   size_t prev = 0;
-  for (const auto& [start, end] : FindAll(step.regex.get(), s)) {
+  QCAL_ASSIGN_OR_RETURN(auto matches, FindAll(step.regex.get(), s));
+  for (const auto& [start, end] : matches) {
     if (start > prev) parts.push_back({prev, start, step.invert});
     parts.push_back({start, end, !step.invert});
     prev = end;
@@ -241,7 +254,7 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
   // Splits `segments` further on the added tokens with normalized == `normalized`.
   std::vector<Segment> SplitOnAddedTokens(std::vector<Segment> segments, bool normalized) const;
   absl::StatusOr<std::string> Normalize(const std::string& s) const;
-  std::vector<std::string> PreTokenize(const std::string& s) const;
+  absl::StatusOr<std::vector<std::string>> PreTokenize(const std::string& s) const;
   // BPE of one byte-mapped word, appended to *ids.
   absl::Status EncodeWord(const std::string& word, std::vector<int>* ids) const;
 
@@ -605,7 +618,8 @@ std::vector<Segment> ByteLevelBpeTokenizer::SplitOnAddedTokens(std::vector<Segme
   return out;
 }
 
-std::vector<std::string> ByteLevelBpeTokenizer::PreTokenize(const std::string& s) const {
+absl::StatusOr<std::vector<std::string>> ByteLevelBpeTokenizer::PreTokenize(
+    const std::string& s) const {
   std::vector<std::string> pieces = {s};
   for (const PreTokenizerStep& step : pre_tokenizer_) {
     std::vector<std::string> next;
@@ -617,7 +631,8 @@ std::vector<std::string> ByteLevelBpeTokenizer::PreTokenize(const std::string& s
           continue;
         }
       }
-      for (std::string& q : SplitPiece(p, step)) next.push_back(std::move(q));
+      QCAL_ASSIGN_OR_RETURN(std::vector<std::string> split, SplitPiece(p, step));
+      for (std::string& q : split) next.push_back(std::move(q));
     }
     pieces = std::move(next);
   }
@@ -725,9 +740,8 @@ absl::StatusOr<std::vector<int>> ByteLevelBpeTokenizer::Encode(const std::string
       ids.push_back(s.added_id);
       continue;
     }
-    for (const std::string& word : PreTokenize(s.text)) {
-      QCAL_RETURN_IF_ERROR(EncodeWord(word, &ids));
-    }
+    QCAL_ASSIGN_OR_RETURN(std::vector<std::string> words, PreTokenize(s.text));
+    for (const std::string& word : words) QCAL_RETURN_IF_ERROR(EncodeWord(word, &ids));
   }
   return ids;
 }
