@@ -19,6 +19,9 @@ target_include_directories(qcal_blas INTERFACE ${QCAL_CBLAS_INCLUDE})
 
 pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
 find_library(QCAL_SPM_TRAIN_LIB NAMES sentencepiece_train REQUIRED)
+# Byte-level BPE tokenizer.json: PCRE2 for the pre-tokenizer regexes, utf8proc for NFC.
+pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
+pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
 
 if(QCAL_TESTS)
   find_package(GTest CONFIG REQUIRED)

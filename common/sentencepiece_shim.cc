@@ -31,6 +31,10 @@ std::string Processor::Decode(const std::vector<int>& ids, std::string* text) co
 int Processor::PieceSize() const { return impl_->sp.GetPieceSize(); }
 int Processor::BosId() const { return impl_->sp.bos_id(); }
 int Processor::EosId() const { return impl_->sp.eos_id(); }
+int Processor::PieceToId(const std::string& piece) const {
+  const int id = impl_->sp.PieceToId(piece);
+  return impl_->sp.IdToPiece(id) == piece ? id : -1;
+}
 
 namespace {
 

@@ -21,6 +21,8 @@ class Processor {
   int PieceSize() const;
   int BosId() const;
   int EosId() const;
+  // Id of `piece`, or -1 when it is not in the vocabulary.
+  int PieceToId(const std::string& piece) const;
 
  private:
   struct Impl;

@@ -202,7 +202,19 @@ absl::StatusOr<ModelFacts> ValidateJobInputs(const InputRoot& root, const v1::Jo
       }
     }
   }
-  QCAL_RETURN_IF_ERROR(root.OpenFile(file_in_model("tokenizer.model"), "model file").status());
+  // The tokenizer: tokenizer.json (byte-level BPE) or tokenizer.model (SentencePiece).
+  {
+    absl::StatusOr<ScopedFd> json = root.OpenFile(file_in_model("tokenizer.json"), "model file");
+    if (!json.ok()) {
+      absl::StatusOr<ScopedFd> model =
+          root.OpenFile(file_in_model("tokenizer.model"), "model file");
+      if (!model.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "spec.model \"", spec.model(), "\" has no tokenizer: neither tokenizer.json (",
+            json.status().message(), ") nor tokenizer.model (", model.status().message(), ")"));
+      }
+    }
+  }
   QCAL_RETURN_IF_ERROR(root.OpenFile(spec.calib(), "spec.calib").status());
   if (spec.has_eval_text()) {
     QCAL_RETURN_IF_ERROR(root.OpenFile(spec.eval_text(), "spec.eval_text").status());

@@ -8,7 +8,7 @@
 // ValidateJobInputs is what SubmitJob checks before accepting a job (and what a worker checks
 // again before running it): the model directory's config.json parses, every *.safetensors header
 // is well formed with offsets inside its file, the index names only present shards, the
-// tokenizer, calibration and evaluation files exist.
+// tokenizer (tokenizer.json or tokenizer.model), calibration and evaluation files exist.
 #pragma once
 
 #include <memory>

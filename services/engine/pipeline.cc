@@ -63,7 +63,9 @@ std::vector<std::string> ModelFiles(const std::string& dir) {
   files.insert(files.end(), weights.begin(), weights.end());
   if (fs::exists(fs::path(dir) / "model.safetensors.index.json"))
     files.push_back("model.safetensors.index.json");
-  files.push_back("tokenizer.model");
+  for (const char* f : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}) {
+    if (fs::exists(fs::path(dir) / f)) files.push_back(f);
+  }
   return files;
 }
 
@@ -202,10 +204,12 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   }
   t0 = Clock::now();
   QCAL_ASSIGN_OR_RETURN(std::string calib_text, LoadCorpusText(o.calib_path));
-  QCAL_ASSIGN_OR_RETURN(std::vector<int> calib_tokens, s->tokenizer_->Encode(calib_text));
+  QCAL_ASSIGN_OR_RETURN(std::vector<int> calib_tokens,
+                        TokenizeCorpus(*s->tokenizer_, calib_text, o.calib_path));
   s->calib_tokens_ = calib_tokens.size();
+  // BOS as DESIGN section 4 says: tokenizer_config.json decides; none for Qwen.
   QCAL_ASSIGN_OR_RETURN(auto samples, SampleCalibration(calib_tokens, o.samples, o.seq_len, o.seed,
-                                                        cfg.bos_token_id, o.calib_path));
+                                                        s->tokenizer_->bos_id(), o.calib_path));
   QCAL_ASSIGN_OR_RETURN(s->acts_, EmbedCalibration(*s->model_, samples, s->gang_.local()));
   s->timings_["calibration_data"] = Since(t0);
   return s;
@@ -412,12 +416,13 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   if (!o.eval_text.empty()) {
     t0 = Clock::now();
     QCAL_ASSIGN_OR_RETURN(std::string eval_text, LoadCorpusText(o.eval_text));
-    QCAL_ASSIGN_OR_RETURN(std::vector<int> eval_tokens, tokenizer_->Encode(eval_text));
+    QCAL_ASSIGN_OR_RETURN(std::vector<int> eval_tokens,
+                          TokenizeCorpus(*tokenizer_, eval_text, o.eval_text));
     ModelLoadOptions stream;
     stream.residency = BlockResidency::kStreaming;
     QCAL_ASSIGN_OR_RETURN(auto fp_model, Model::Load(o.model_dir, backend_.get(), stream));
     QCAL_ASSIGN_OR_RETURN(windows, MakeEvalWindows(eval_tokens, eval_len, o.eval_max_windows,
-                                                   fp_model->config().bos_token_id, o.eval_text));
+                                                   tokenizer_->bos_id(), o.eval_text));
     QCAL_ASSIGN_OR_RETURN(PerplexityResult fp, EvaluatePerplexity(*fp_model, windows));
     fp_model.reset();
     result.perplexity_fp = fp.perplexity;

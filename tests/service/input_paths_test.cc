@@ -95,6 +95,24 @@ TEST_F(InputPathsTest, ModelFilesAreCheckedAtSubmit) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("tiny/config.json"));
 }
 
+TEST_F(InputPathsTest, EitherTokenizerFileIsAccepted) {
+  const v1::JobSpec good = testing::TinySpec("out");
+  const std::string model = tree_.input + "/tiny/tokenizer.model";
+  const std::string json = tree_.input + "/tiny/tokenizer.json";
+  ASSERT_TRUE(fs::exists(model));
+  ASSERT_TRUE(WriteStringToFile(json, "{}").ok());
+  EXPECT_TRUE(Validate(good).ok());
+  fs::remove(model);
+  EXPECT_TRUE(Validate(good).ok());  // tokenizer.json alone (Llama 3, Qwen)
+  fs::remove(json);
+  const absl::Status s = Validate(good);
+  EXPECT_TRUE(absl::IsInvalidArgument(s));
+  EXPECT_THAT(
+      std::string(s.message()),
+      HasSubstr("has no tokenizer: neither tokenizer.json (model file \"tiny/tokenizer.json\" "
+                "does not exist"));
+}
+
 TEST_F(InputPathsTest, IndexMustNameExistingShards) {
   ASSERT_TRUE(
       WriteStringToFile(tree_.input + "/tiny/model.safetensors.index.json",

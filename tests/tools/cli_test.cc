@@ -9,6 +9,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/files.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -140,6 +143,57 @@ TEST_F(CliTest, EvalSotuMatchesReference) {
   ExpectEvalJson(ParseJsonLine(r.out), 28.728, 16384, 32);
 }
 
+// DESIGN section 4, "Text files": a CRLF copy with a BOM is read as the LF file, so the
+// perplexity is exactly the same; an invalid byte is an error naming its offset.
+TEST_F(CliTest, EvalOfACrlfCopyWithABomIsExactlyTheLfPerplexity) {
+  QCAL_REQUIRE_SHARED();
+  auto lf = ReadFileToString(Shared("data/tinystories-eval.txt"));
+  ASSERT_TRUE(lf.ok());
+  std::string crlf = "\xEF\xBB\xBF";
+  for (char c : *lf) {
+    if (c == '\n') crlf += '\r';
+    crlf += c;
+  }
+  WriteFile(Path("crlf.txt"), crlf);
+  const RunResult a = RunQcal({"eval", "--model", Shared("models/stories260k"), "--text",
+                               Shared("data/tinystories-eval.txt"), "--seq-len", "256", "--json"});
+  const RunResult b = RunQcal({"eval", "--model", Shared("models/stories260k"), "--text",
+                               Path("crlf.txt"), "--seq-len", "256", "--json"});
+  ASSERT_TRUE(a.exit_code == 0 && b.exit_code == 0) << a.err << b.err;
+  const nlohmann::json ja = ParseJsonLine(a.out), jb = ParseJsonLine(b.out);
+  EXPECT_EQ(ja["perplexity"].get<double>(), jb["perplexity"].get<double>());
+  EXPECT_EQ(jb["tokens"].get<int64_t>(), 24064);
+
+  WriteFile(Path("bad.txt"), *lf + "\xC3(");
+  ExpectCleanFailure(EvalStories(Shared("models/stories260k"), Path("bad.txt")),
+                     {Path("bad.txt"), absl::StrCat("byte offset ", lf->size())});
+}
+
+TEST_F(CliTest, TokenizePrintsIdsOrTheirNumber) {
+  QCAL_REQUIRE_SHARED();
+  const std::string model = Shared("models/stories260k");
+  const RunResult count = RunQcal(
+      {"tokenize", "--model", model, "--text", Shared("data/tinystories-eval.txt"), "--count"});
+  ASSERT_EQ(count.exit_code, 0) << count.err;
+  EXPECT_EQ(count.out, "24183\n");  // 94 windows of 256 and a tail of 119
+  WriteFile(Path("two.jsonl"), "{\"text\": \"Once upon a time\"}\n{\"text\": \"Lily\"}\n");
+  const RunResult each = RunQcal(
+      {"tokenize", "--model", model, "--text", Path("two.jsonl"), "--json", "--each-record"});
+  ASSERT_EQ(each.exit_code, 0) << each.err;
+  const std::vector<std::string> lines = absl::StrSplit(each.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u) << each.out;
+  const nlohmann::json first = nlohmann::json::parse(lines[0]);
+  EXPECT_EQ(first["count"].get<size_t>(), first["ids"].size());
+  EXPECT_GT(first["ids"].size(), 1u);
+  const RunResult plain = RunQcal({"tokenize", "--model", model, "--text", Path("two.jsonl")});
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  std::vector<std::string> ids;
+  for (const auto& id : first["ids"]) ids.push_back(std::to_string(id.get<int>()));
+  EXPECT_THAT(plain.out, StartsWith(absl::StrJoin(ids, " ") + " "));
+  ExpectCleanFailure(RunQcal({"tokenize", "--model", Path("none"), "--text", Path("two.jsonl")}),
+                     {Path("none")});
+}
+
 TEST_F(CliTest, MissingModelDirectory) {
   const std::string model = Path("no-such-model");
   WriteFile(Path("text.txt"), "Once upon a time.\n");
@@ -251,7 +305,7 @@ TEST_F(CliTest, HelpListsEveryOption) {
   const RunResult top = RunQcal({"--help"});
   EXPECT_EQ(top.exit_code, 0);
   const std::vector<std::string> subcommands = ListedSubcommands(top.out);
-  for (const char* required : {"eval", "generate", "synth"}) {
+  for (const char* required : {"eval", "generate", "synth", "tokenize"}) {
     EXPECT_THAT(subcommands, ::testing::Contains(required)) << top.out;
   }
   // Every subcommand's help goes to stdout with status 0.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian bookworm packages qcal needs to build and test, when any is missing.
 # Nothing is downloaded from anywhere but Debian's archive (and, for the Node.js interop test,
-# the npm registry through `npm ci` with a committed lockfile, done by that test's own script).
+# the npm registry through `npm ci` with a committed lockfile, done by the Node.js tests themselves).
 set -euo pipefail
 
 PACKAGES=(
@@ -12,6 +12,7 @@ PACKAGES=(
   prometheus-cpp-dev
   libopenblas-dev liblapacke-dev
   libsentencepiece-dev sentencepiece
+  libpcre2-dev libutf8proc-dev
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev
@@ -26,8 +27,9 @@ for p in "${PACKAGES[@]}"; do
   fi
 done
 
-# The service tests' Node.js client (tests/service/node): Debian's nodejs and npm, unless a node
-# with npm is already installed some other way.
+# The Node.js tests (tests/service/node: the gRPC client; tests/common/node: the tokenizer
+# cross-check): Debian's nodejs and npm, unless a node with npm is already installed some other
+# way.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   missing+=(nodejs npm)
 fi

@@ -1,7 +1,10 @@
-// qcal generate: greedy decoding from BOS (plus an optional prompt).
+// qcal generate: greedy decoding from BOS (plus an optional prompt), decoded with the model's
+// tokenizer and cut at the first of its EOS ids (generation_config.json's list included).
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 
+#include "absl/strings/str_cat.h"
 #include "common/hf_config.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -27,6 +30,12 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
+  if (tokenizer->bos_id() < 0 && a.prompt.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(a.model,
+                     ": the tokenizer has no BOS token (tokenizer_config.json), so "
+                     "generation needs a --prompt"));
+  }
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(a.model));
   engine::LoadOptions load;
   load.act_bits = a.act_bits;
@@ -46,6 +55,8 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   engine::GenerateOptions go;
   go.max_new_tokens = a.max_new_tokens;
   QCAL_ASSIGN_OR_RETURN(std::vector<int> ids, engine::GenerateGreedy(*model, prompt_ids, go));
+  const std::vector<int>& eos = tokenizer->eos_ids();
+  ids.erase(std::find_first_of(ids.begin(), ids.end(), eos.begin(), eos.end()), ids.end());
   QCAL_ASSIGN_OR_RETURN(std::string text, tokenizer->Decode(ids));
   std::fwrite(text.data(), 1, text.size(), stdout);
   std::fputc('\n', stdout);

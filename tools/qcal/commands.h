@@ -27,6 +27,7 @@ using RunFn = std::function<absl::Status()>;
 RunFn AddEval(CLI::App& app);
 RunFn AddGenerate(CLI::App& app);
 RunFn AddSynth(CLI::App& app);
+RunFn AddTokenize(CLI::App& app);
 RunFn AddQuantize(CLI::App& app);
 RunFn AddBench(CLI::App& app);
 

@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   };
   add("eval", "Perplexity of a model on a text (DESIGN section 4 protocol)", qcal::cli::AddEval);
   add("generate", "Greedy text generation", qcal::cli::AddGenerate);
+  add("tokenize", "Token ids (or their number) of a text file under a model's tokenizer",
+      qcal::cli::AddTokenize);
   add("quantize", "Quantize a checkpoint locally (RTN or GPTQ) and export it",
       qcal::cli::AddQuantize);
   add("synth", "Write a synthetic Llama-architecture checkpoint with a trained tokenizer",
