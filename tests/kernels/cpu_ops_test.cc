@@ -319,6 +319,122 @@ TEST_P(CpuOpsTest, Attention) {
   }
 }
 
+// Sliding windows (Mistral): the optimized op against the reference, and the reference against a
+// direct definition: a query at position p sees keys p - W + 1 .. p only.
+TEST_P(CpuOpsTest, SlidingWindowAttention) {
+  struct Case {
+    AttentionShape s;
+    int window;
+  };
+  const Case cases[] = {{{1, 40, 40, 4, 2, 8, 0}, 5},   {{2, 13, 13, 2, 1, 4, 0}, 1},
+                        {{1, 1, 30, 2, 2, 8, 29}, 7},   {{1, 6, 30, 2, 1, 8, 24}, 10},
+                        {{1, 12, 12, 2, 2, 8, 0}, 100}};
+  for (const Case& c : cases) {
+    AttentionShape s = c.s;
+    s.sliding_window = c.window;
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                  kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    const Tensor q = rng_.Floats({int64_t(s.batch) * s.q_len, qw}, 2.0f);
+    const Tensor k = rng_.Floats({int64_t(s.batch) * s.kv_len, kvw}, 2.0f);
+    const Tensor v = rng_.Floats({int64_t(s.batch) * s.kv_len, kvw});
+    Tensor out = rng_.Floats(q.shape());
+    ASSERT_TRUE(backend_->Attention(q, k, v, s, out).ok());
+    std::vector<float> ref(q.numel());
+    ref::Attention(q.data<float>(), k.data<float>(), v.data<float>(), s, ref.data(), bf16());
+    EXPECT_LE(RelError(out, ref), kAttentionBound) << "window=" << s.sliding_window;
+  }
+  // Window 1: every query returns its own value row.
+  const AttentionShape one{1, 5, 5, 1, 1, 2, 0, 1};
+  const Tensor q = rng_.Floats({5, 2}), k = rng_.Floats({5, 2}), v = rng_.Floats({5, 2});
+  Tensor out = Tensor::Zeros(DType::kF32, {5, 2});
+  ASSERT_TRUE(backend_->Attention(q, k, v, one, out).ok());
+  const double tol = bf16() ? 4e-3 : 1e-6;  // bf16 operands round v
+  for (int i = 0; i < 10; ++i) EXPECT_NEAR(out.data<float>()[i], v.data<float>()[i], tol) << i;
+  // Window 2 at position 3 of a cache: keys 2 and 3 only (key 0 and 1 changed: same result).
+  const AttentionShape two{1, 1, 4, 1, 1, 2, 3, 2};
+  const Tensor k4 = rng_.Floats({4, 2}), v4 = rng_.Floats({4, 2}), q1 = rng_.Floats({1, 2});
+  Tensor a = Tensor::Zeros(DType::kF32, {1, 2}), b = Tensor::Zeros(DType::kF32, {1, 2});
+  ASSERT_TRUE(backend_->Attention(q1, k4, v4, two, a).ok());
+  Tensor k4b = k4.Clone(), v4b = v4.Clone();
+  for (int i = 0; i < 4; ++i) k4b.data<float>()[i] = v4b.data<float>()[i] = 7.0f;
+  ASSERT_TRUE(backend_->Attention(q1, k4b, v4b, two, b).ok());
+  EXPECT_EQ(Values(a), Values(b));
+}
+
+// The scaled inverse frequencies against transformers' formulas written out here.
+TEST(RopeScalingTest, InverseFrequencies) {
+  const int dim = 64;
+  const double theta = 500000.0;
+  auto base = [&](int i) { return std::pow(theta, -2.0 * i / dim); };
+  RopeShape shape{1, 0, dim, theta};
+  shape.scaling.type = RopeScaling::Type::kLinear;
+  shape.scaling.factor = 4;
+  for (int i = 0; i < dim / 2; ++i) EXPECT_DOUBLE_EQ(ref::RopeInvFreq(i, shape), base(i) / 4) << i;
+
+  // Llama 3.1 (factor 8, low 1, high 4, original 8192): high frequencies kept, low ones / 8, the
+  // band between interpolated.
+  shape.scaling = RopeScaling{};
+  shape.scaling.type = RopeScaling::Type::kLlama3;
+  shape.scaling.factor = 8;
+  shape.scaling.low_freq_factor = 1;
+  shape.scaling.high_freq_factor = 4;
+  shape.scaling.original_max_position_embeddings = 8192;
+  int kept = 0, divided = 0, smoothed = 0;
+  for (int i = 0; i < dim / 2; ++i) {
+    const double f = base(i), wavelen = 2 * M_PI / f, got = ref::RopeInvFreq(i, shape);
+    if (wavelen < 8192 / 4.0) {
+      EXPECT_DOUBLE_EQ(got, f) << i;
+      ++kept;
+    } else if (wavelen > 8192 / 1.0) {
+      EXPECT_DOUBLE_EQ(got, f / 8) << i;
+      ++divided;
+    } else {
+      const double smooth = (8192 / wavelen - 1) / (4 - 1);
+      EXPECT_DOUBLE_EQ(got, (1 - smooth) * f / 8 + smooth * f) << i;
+      ++smoothed;
+    }
+  }
+  EXPECT_GT(kept, 0);
+  EXPECT_GT(divided, 0);
+  EXPECT_GT(smoothed, 0);
+
+  // YaRN (factor 4, original 64, beta 32/1): low = floor(dim ln(64 / (32·2π)) / (2 ln θ)) clamped
+  // at 0, high = ceil(dim ln(64 / 2π) / (2 ln θ)); the ramp mixes f / 4 and f.
+  shape.scaling = RopeScaling{};
+  shape.scaling.type = RopeScaling::Type::kYarn;
+  shape.scaling.factor = 4;
+  shape.scaling.original_max_position_embeddings = 64;
+  shape.scaling.attention_factor = 0.1 * std::log(4.0) + 1;
+  auto cd = [&](double rot) { return dim * std::log(64 / (rot * 2 * M_PI)) / (2 * std::log(theta)); };
+  const double low = std::max(std::floor(cd(32)), 0.0), high = std::min(std::ceil(cd(1)), dim - 1.0);
+  ASSERT_LT(low, high);
+  for (int i = 0; i < dim / 2; ++i) {
+    const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+    const double extrapolation = 1 - ramp;
+    const double want = base(i) / 4 * (1 - extrapolation) + base(i) * extrapolation;
+    EXPECT_NEAR(ref::RopeInvFreq(i, shape), want, 1e-15 * base(0)) << i;
+  }
+  // cos/sin carry the attention factor.
+  float c, s;
+  ref::RopeAngle(0, 0, shape, &c, &s);
+  EXPECT_FLOAT_EQ(c, float(0.1 * std::log(4.0) + 1));
+  EXPECT_EQ(s, 0.0f);
+}
+
+TEST_P(CpuOpsTest, ScaledRope) {
+  RopeShape shape{9, 100, 16, 10000.0};
+  shape.scaling.type = RopeScaling::Type::kYarn;
+  shape.scaling.factor = 8;
+  shape.scaling.original_max_position_embeddings = 32;
+  shape.scaling.attention_factor = 1.2;
+  const Tensor x0 = rng_.Floats({18, 32});
+  Tensor x = x0.Clone();
+  ASSERT_TRUE(backend_->Rope(x, shape).ok());
+  std::vector<float> ref = Values(x0);
+  ref::Rope(ref.data(), 18, 32, shape);
+  EXPECT_LE(RelError(x, ref), kElementwiseBound);
+}
+
 // A query at position 0 sees only key 0, so each head returns value row 0 of its KV head h / n_rep.
 TEST_P(CpuOpsTest, AttentionGroupsQueryHeadsByKvHead) {
   const AttentionShape s{1, 1, 3, 4, 2, 2, 0};
