@@ -89,7 +89,8 @@ absl::Status ParseRopeScaling(const Json& rp, const std::string& where, int max_
     return number(k, 0);
   };
   if (rp.contains("partial_rotary_factor") && !rp["partial_rotary_factor"].is_null() &&
-      !(rp["partial_rotary_factor"].is_number() && rp["partial_rotary_factor"].get<double>() == 1)) {
+      !(rp["partial_rotary_factor"].is_number() &&
+        rp["partial_rotary_factor"].get<double>() == 1)) {
     return Err(path, absl::StrCat("unsupported key \"", key("partial_rotary_factor"), "\" ",
                                   JsonValue(rp["partial_rotary_factor"]), " (only 1)"));
   }
@@ -103,16 +104,18 @@ absl::Status ParseRopeScaling(const Json& rp, const std::string& where, int max_
                                   "\" (supported: default, linear, llama3, yarn)"));
   }
   QCAL_ASSIGN_OR_RETURN(r.factor, required("factor"));
-  QCAL_RETURN_IF_ERROR(CheckRange(path, key("factor"), r.factor, 1, false, 1e6, false,
-                                  "finite, >= 1 and <= 1e6"));
+  QCAL_RETURN_IF_ERROR(
+      CheckRange(path, key("factor"), r.factor, 1, false, 1e6, false, "finite, >= 1 and <= 1e6"));
   auto original = [&](bool need) -> absl::Status {
     const char* k = "original_max_position_embeddings";
     if (!rp.contains(k) || rp[k].is_null()) {
-      if (need) return Err(path, absl::StrCat("missing key \"", key(k), "\" (rope type \"", type, "\")"));
+      if (need)
+        return Err(path, absl::StrCat("missing key \"", key(k), "\" (rope type \"", type, "\")"));
       r.original_max_position_embeddings = max_positions;
       return absl::OkStatus();
     }
-    if (!rp[k].is_number_integer() || rp[k].get<int64_t>() < 1 || rp[k].get<int64_t>() > (1 << 30)) {
+    if (!rp[k].is_number_integer() || rp[k].get<int64_t>() < 1 ||
+        rp[k].get<int64_t>() > (1 << 30)) {
       return Err(path, absl::StrCat("key \"", key(k), "\" is ", JsonValue(rp[k]),
                                     " (must be a positive integer)"));
     }
@@ -139,8 +142,8 @@ absl::Status ParseRopeScaling(const Json& rp, const std::string& where, int max_
     // transformers: `get("beta_fast") or 32` (0 means the default too).
     r.beta_fast = beta_fast == 0 ? 32.0 : beta_fast;
     r.beta_slow = beta_slow == 0 ? 1.0 : beta_slow;
-    QCAL_RETURN_IF_ERROR(CheckRange(path, key("beta_fast"), r.beta_fast, 0, true, 1e6, false,
-                                    "finite and > 0"));
+    QCAL_RETURN_IF_ERROR(
+        CheckRange(path, key("beta_fast"), r.beta_fast, 0, true, 1e6, false, "finite and > 0"));
     QCAL_RETURN_IF_ERROR(CheckRange(path, key("beta_slow"), r.beta_slow, 0, true, r.beta_fast,
                                     false, "finite, > 0 and <= beta_fast"));
     if (rp.contains("truncate") && !rp["truncate"].is_null()) {
@@ -218,15 +221,15 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
       (!j["max_position_embeddings"].is_number_integer() ||
        j["max_position_embeddings"].get<int64_t>() < 1 ||
        j["max_position_embeddings"].get<int64_t>() > (int64_t{1} << 30))) {
-    return Err(path, absl::StrCat("key \"max_position_embeddings\" is ",
-                                  JsonValue(j["max_position_embeddings"]),
-                                  " (must be an integer >= 1)"));
+    return Err(path,
+               absl::StrCat("key \"max_position_embeddings\" is ",
+                            JsonValue(j["max_position_embeddings"]), " (must be an integer >= 1)"));
   }
   QCAL_ASSIGN_OR_RETURN(c.max_position_embeddings,
                         OptionalInt(j, "max_position_embeddings", 4096, path));
   QCAL_ASSIGN_OR_RETURN(c.rms_norm_eps, OptionalNumber(j, "rms_norm_eps", 1e-6, path));
-  QCAL_RETURN_IF_ERROR(CheckRange(path, "rms_norm_eps", c.rms_norm_eps, 0, true, 1, true,
-                                  "finite and in (0, 1)"));
+  QCAL_RETURN_IF_ERROR(
+      CheckRange(path, "rms_norm_eps", c.rms_norm_eps, 0, true, 1, true, "finite and in (0, 1)"));
 
   // RoPE: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older configs have
   // rope_theta at top level and rope_scaling {type or rope_type, ...} (null = none).

@@ -1,7 +1,7 @@
-// RoPE scaling parameters (`rope_scaling` / `rope_parameters` of a Hugging Face config.json), shared
-// by the config parser (common/hf_config) and the rotary-embedding ops (kernels/, ref::RopeInvFreq
-// computes the scaled inverse frequencies exactly as transformers' `_compute_*_parameters` in
-// modeling_rope_utils.py do, in double precision).
+// RoPE scaling parameters (`rope_scaling` / `rope_parameters` of a Hugging Face config.json),
+// shared by the config parser (common/hf_config) and the rotary-embedding ops (kernels/,
+// ref::RopeInvFreq computes the scaled inverse frequencies exactly as transformers'
+// `_compute_*_parameters` in modeling_rope_utils.py do, in double precision).
 #pragma once
 
 namespace qcal {

@@ -358,20 +358,13 @@ TEST(HfConfigTest, OutOfRangeValuesAreNamed) {
 
 TEST(HfConfigTest, Qwen3) {
   // Qwen3-0.6B's shape: head_dim 128 with hidden 1024 and 16 heads (not hidden / heads).
-  Json j = {{"model_type", "qwen3"},
-            {"hidden_size", 1024},
-            {"intermediate_size", 3072},
-            {"num_hidden_layers", 28},
-            {"num_attention_heads", 16},
-            {"num_key_value_heads", 8},
-            {"head_dim", 128},
-            {"vocab_size", 151936},
-            {"attention_bias", false},
-            {"tie_word_embeddings", true},
-            {"sliding_window", nullptr},
-            {"use_sliding_window", false},
-            {"max_window_layers", 28},
-            {"rope_theta", 1000000},
+  Json j = {{"model_type", "qwen3"},     {"hidden_size", 1024},
+            {"intermediate_size", 3072}, {"num_hidden_layers", 28},
+            {"num_attention_heads", 16}, {"num_key_value_heads", 8},
+            {"head_dim", 128},           {"vocab_size", 151936},
+            {"attention_bias", false},   {"tie_word_embeddings", true},
+            {"sliding_window", nullptr}, {"use_sliding_window", false},
+            {"max_window_layers", 28},   {"rope_theta", 1000000},
             {"rms_norm_eps", 1e-6}};
   auto c = Parse(j);
   ASSERT_TRUE(c.ok()) << c.status();

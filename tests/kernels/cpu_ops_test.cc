@@ -326,8 +326,10 @@ TEST_P(CpuOpsTest, SlidingWindowAttention) {
     AttentionShape s;
     int window;
   };
-  const Case cases[] = {{{1, 40, 40, 4, 2, 8, 0}, 5},   {{2, 13, 13, 2, 1, 4, 0}, 1},
-                        {{1, 1, 30, 2, 2, 8, 29}, 7},   {{1, 6, 30, 2, 1, 8, 24}, 10},
+  const Case cases[] = {{{1, 40, 40, 4, 2, 8, 0}, 5},
+                        {{2, 13, 13, 2, 1, 4, 0}, 1},
+                        {{1, 1, 30, 2, 2, 8, 29}, 7},
+                        {{1, 6, 30, 2, 1, 8, 24}, 10},
                         {{1, 12, 12, 2, 2, 8, 0}, 100}};
   for (const Case& c : cases) {
     AttentionShape s = c.s;
@@ -405,8 +407,11 @@ TEST(RopeScalingTest, InverseFrequencies) {
   shape.scaling.factor = 4;
   shape.scaling.original_max_position_embeddings = 64;
   shape.scaling.attention_factor = 0.1 * std::log(4.0) + 1;
-  auto cd = [&](double rot) { return dim * std::log(64 / (rot * 2 * M_PI)) / (2 * std::log(theta)); };
-  const double low = std::max(std::floor(cd(32)), 0.0), high = std::min(std::ceil(cd(1)), dim - 1.0);
+  auto cd = [&](double rot) {
+    return dim * std::log(64 / (rot * 2 * M_PI)) / (2 * std::log(theta));
+  };
+  const double low = std::max(std::floor(cd(32)), 0.0),
+               high = std::min(std::ceil(cd(1)), dim - 1.0);
   ASSERT_LT(low, high);
   for (int i = 0; i < dim / 2; ++i) {
     const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);

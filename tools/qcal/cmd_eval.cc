@@ -4,9 +4,9 @@
 #include <cstring>
 #include <memory>
 
-#include "common/hf_config.h"
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
+#include "common/hf_config.h"
 #include "common/logging.h"
 #include "common/safetensors.h"
 #include "common/status.h"
@@ -124,8 +124,8 @@ absl::Status RunEval(const EvalArgs& a) {
 RunFn AddEval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   app.add_option("--model", a->model, "Model directory (Hugging Face layout)")->required();
-  auto* text = app.add_option("--text", a->text,
-                               "Evaluation text (.txt, or .jsonl with a \"text\" field)");
+  auto* text =
+      app.add_option("--text", a->text, "Evaluation text (.txt, or .jsonl with a \"text\" field)");
   app.add_option("--seq-len", a->seq_len, "Window length L in tokens (required with --text)")
       ->check(CLI::Range(2, 1 << 20));
   auto* logits = app.add_option(

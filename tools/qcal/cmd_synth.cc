@@ -75,10 +75,11 @@ RunFn AddSynth(CLI::App& app) {
   app.add_option("--preset", a->preset,
                  "Architecture: tiny (default) or small (fp32), or the Llama-2 shapes 7b, 13b, "
                  "70b (bf16, sharded)");
-  app.add_option("--arch", a->arch,
-                 "Model family: llama (default), llama3 (llama3 rope scaling), qwen2 (q/k/v biases, "
-                 "tied embeddings, yarn rope), qwen3 (q/k norms, head_dim 64), mistral (sliding "
-                 "window 16); all but llama need preset tiny or small")
+  app.add_option(
+         "--arch", a->arch,
+         "Model family: llama (default), llama3 (llama3 rope scaling), qwen2 (q/k/v biases, "
+         "tied embeddings, yarn rope), qwen3 (q/k norms, head_dim 64), mistral (sliding "
+         "window 16); all but llama need preset tiny or small")
       ->check(CLI::IsMember({"llama", "llama3", "qwen2", "qwen3", "mistral"}));
   app.add_option("--tokenizer", a->tokenizer,
                  "Directory with a real tokenizer.json and tokenizer_config.json (and optionally "

@@ -512,10 +512,10 @@ std::vector<PlannedTensor> SynthTensorPlan(const ModelConfig& c) {
           break;
       }
       plan.push_back({LinearPrefix(b, k) + ".weight", dtype, {d_out, d_in}});
-      const bool bias = k == LinearKind::kO ? c.o_bias
-                                            : (k == LinearKind::kQ || k == LinearKind::kK ||
-                                               k == LinearKind::kV) &&
-                                                  c.attention_bias;
+      const bool bias = k == LinearKind::kO
+                            ? c.o_bias
+                            : (k == LinearKind::kQ || k == LinearKind::kK || k == LinearKind::kV) &&
+                                  c.attention_bias;
       if (bias) plan.push_back({LinearPrefix(b, k) + ".bias", dtype, {d_out}});
     }
   }
@@ -530,7 +530,8 @@ Tensor SynthesizeTensor(const PlannedTensor& tensor, uint64_t seed,
   if (tensor.name == "model.embed_tokens.weight") return EmbeddingWeight(tensor, seed, threads);
   if (tensor.name == "model.norm.weight") return NormWeight(tensor, seed, {});
   if (EndsWith(tensor.name, ".bias")) return BiasWeight(tensor, seed);
-  if (EndsWith(tensor.name, "_norm.weight") && tensor.name.find("self_attn.") != std::string::npos) {
+  if (EndsWith(tensor.name, "_norm.weight") &&
+      tensor.name.find("self_attn.") != std::string::npos) {
     return NormWeight(tensor, seed, {});  // q_norm / k_norm: head_dim channels, no outliers
   }
   if (tensor.shape.size() == 1) return NormWeight(tensor, seed, outliers);
@@ -638,9 +639,9 @@ absl::StatusOr<std::map<std::string, std::string>> ReadTokenizerFiles(const std:
   for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
     const fs::path path = fs::path(dir) / name;
     if (!fs::exists(path)) {
-      return absl::NotFoundError(
-          absl::StrCat(path.string(), ": missing (--tokenizer needs tokenizer.json and "
-                                      "tokenizer_config.json)"));
+      return absl::NotFoundError(absl::StrCat(path.string(),
+                                              ": missing (--tokenizer needs tokenizer.json and "
+                                              "tokenizer_config.json)"));
     }
     QCAL_ASSIGN_OR_RETURN(files[name], ReadFileToString(path.string()));
   }
@@ -675,8 +676,8 @@ absl::StatusOr<std::map<std::string, std::string>> ReadTokenizerFiles(const std:
   for (const auto& [piece, id] : tok["model"]["vocab"].items()) {
     if (!id.is_number_integer() || id.get<int64_t>() < 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat(tok_path, ": model.vocab entry ", nlohmann::json(piece).dump(),
-                       " has id ", id.dump(), " (expected a non-negative integer)"));
+          absl::StrCat(tok_path, ": model.vocab entry ", nlohmann::json(piece).dump(), " has id ",
+                       id.dump(), " (expected a non-negative integer)"));
     }
     max_id = std::max(max_id, id.get<int64_t>());
   }
@@ -841,8 +842,8 @@ absl::StatusOr<SynthResult> WriteSyntheticCheckpoint(const SynthOptions& options
     QCAL_ASSIGN_OR_RETURN(std::string tokenizer, TrainSynthTokenizer(calib, tokenizer_vocab));
     QCAL_RETURN_IF_ERROR(WriteFile(tmp, "tokenizer.model", tokenizer));
   } else {
-    spdlog::info("synth: tokenizer files from {} (vocab {}, bos {}, eos {})",
-                 options.tokenizer_dir, c.vocab_size, c.bos_token_id, c.eos_token_id);
+    spdlog::info("synth: tokenizer files from {} (vocab {}, bos {}, eos {})", options.tokenizer_dir,
+                 c.vocab_size, c.bos_token_id, c.eos_token_id);
     for (const auto& [name, bytes] : tokenizer_files) {
       QCAL_RETURN_IF_ERROR(WriteFile(tmp, name, bytes));
     }

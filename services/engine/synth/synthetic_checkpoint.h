@@ -36,9 +36,9 @@
 // of training a SentencePiece model; the vocabulary is the largest token id of tokenizer.json
 // (model.vocab and added_tokens) + 1, rounded up to a multiple of 128, and bos/eos ids follow
 // generation_config.json or the tokens named in tokenizer_config.json.
-// Every byte is a function of (preset, arch, layers, dtype, seed, shard size, tokenizer files): the same options give
-// byte-identical files whatever the number of threads, and nothing written holds a path, a time or
-// a host name.
+// Every byte is a function of (preset, arch, layers, dtype, seed, shard size, tokenizer files): the
+// same options give byte-identical files whatever the number of threads, and nothing written holds
+// a path, a time or a host name.
 //
 // Weight statistics, chosen to resemble trained checkpoints where quantization cares:
 //   linear W[i, j] = 0.6/sqrt(d_in) · r_i · c_j · n_ij with n ~ N(0, 1), row scales r = e^(0.3·N)

@@ -4,9 +4,9 @@
 // weights (a sliding window limits the receptive field, q/k norms make q/k_proj scale-invariant,
 // cached decoding equals the full forward past the window and past
 // original_max_position_embeddings), `qcal eval --logits-out`, and quantize → export → reload →
-// evaluate round trips (GPTQ W4, and GPTQ W4 with ASER smoothing and error reconstruction) that keep
-// the family's config keys, tensors and tokenizer files. Numerical agreement with transformers is
-// checked by tools/families/compare_transformers.py on a GPU machine (not here).
+// evaluate round trips (GPTQ W4, and GPTQ W4 with ASER smoothing and error reconstruction) that
+// keep the family's config keys, tensors and tokenizer files. Numerical agreement with transformers
+// is checked by tools/families/compare_transformers.py on a GPU machine (not here).
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -346,10 +346,29 @@ TEST_P(FamilyRoundTripTest, ExportReloadsWithTheSamePerplexityAndKeepsTheFamily)
   const std::string out = *root_ + "/" + SynthArchName(rt.arch) + "-" + rt.recipe;
   // Calibration and evaluation windows of 96 tokens: past the window (16) and past
   // original_max_position_embeddings (64).
-  auto q = testing::RunQcal({"quantize", "--model", src, "--recipe", recipe_path, "--calib",
-                             src + "/calib.txt", "--samples", "8", "--seq-len", "96", "--out", out,
-                             "--eval-text", src + "/eval.txt", "--eval-seq-len", "96",
-                             "--eval-max-windows", "3", "--threads", "2", "--json", "--overwrite"});
+  auto q = testing::RunQcal({"quantize",
+                             "--model",
+                             src,
+                             "--recipe",
+                             recipe_path,
+                             "--calib",
+                             src + "/calib.txt",
+                             "--samples",
+                             "8",
+                             "--seq-len",
+                             "96",
+                             "--out",
+                             out,
+                             "--eval-text",
+                             src + "/eval.txt",
+                             "--eval-seq-len",
+                             "96",
+                             "--eval-max-windows",
+                             "3",
+                             "--threads",
+                             "2",
+                             "--json",
+                             "--overwrite"});
   ASSERT_EQ(q.exit_code, 0) << q.err;
   const nlohmann::json qj = nlohmann::json::parse(q.out);
   const double in_memory = qj["perplexity"].get<double>();
