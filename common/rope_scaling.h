@@ -1,7 +1,10 @@
 // RoPE scaling parameters (`rope_scaling` / `rope_parameters` of a Hugging Face config.json),
 // shared by the config parser (common/hf_config) and the rotary-embedding ops (kernels/,
 // ref::RopeInvFreq computes the scaled inverse frequencies exactly as transformers'
-// `_compute_*_parameters` in modeling_rope_utils.py do, in double precision).
+// `_compute_*_parameters` in modeling_rope_utils.py do, in double precision). YaRN follows
+// transformers 5: `factor` is used as given (transformers 4.4x-4.5x replaced it by
+// max_position_embeddings / original_max_position_embeddings when the latter was set; synthetic
+// checkpoints keep the two equal, so both versions agree on them).
 #pragma once
 
 namespace qcal {
