@@ -426,6 +426,88 @@ TEST(RopeScalingTest, InverseFrequencies) {
   EXPECT_EQ(s, 0.0f);
 }
 
+// Golden inverse frequencies from transformers 5.17.0 (ROPE_INIT_FUNCTIONS[type](config, "cpu"),
+// float32) for head_dim 32: llama3 (theta 5e5, factor 8, low 1, high 4, original 64), yarn (theta
+// 1e6, factor 4, original 64, max_position_embeddings 256) and yarn as Qwen documents it (original
+// 32768 = max_position_embeddings: transformers 5 keeps the explicit factor 4, attention factor
+// 0.1·ln 4 + 1 = 1.138629436111989 for both yarn configs).
+TEST(RopeScalingTest, MatchesTransformers) {
+  const std::vector<double> llama3 = {1.0,
+                                      0.44036662578582764,
+                                      0.07940301299095154,
+                                      0.010674637742340565,
+                                      0.004700753837823868,
+                                      0.0020700551103800535,
+                                      0.0009115831344388425,
+                                      0.00040143076330423355,
+                                      0.00017677668074611574,
+                                      7.784655463183299e-05,
+                                      3.428102354519069e-05,
+                                      1.5096217794052791e-05,
+                                      6.647869668086059e-06,
+                                      2.927499735960737e-06,
+                                      1.289173155782919e-06,
+                                      5.677088097399974e-07};
+  const std::vector<double> yarn64 = {1.0,
+                                      0.3162723779678345,
+                                      0.08891396969556808,
+                                      0.018747353926301003,
+                                      0.007905694656074047,
+                                      0.0033338037319481373,
+                                      0.0014058533124625683,
+                                      0.0005928434547968209,
+                                      0.0002500000118743628,
+                                      0.00010542412201175466,
+                                      4.4456985051510856e-05,
+                                      1.8747356079984456e-05,
+                                      7.905693564680405e-06,
+                                      3.3338035336782923e-06,
+                                      1.405853367941745e-06,
+                                      5.928434347879374e-07};
+  const std::vector<double> yarn_qwen = {1.0,
+                                         0.4216965138912201,
+                                         0.17782793939113617,
+                                         0.07498941570520401,
+                                         0.03162277862429619,
+                                         0.01333521492779255,
+                                         0.00477990135550499,
+                                         0.001659961650148034,
+                                         0.0005499999970197678,
+                                         0.00016867858357727528,
+                                         4.4456985051510856e-05,
+                                         1.8747356079984456e-05,
+                                         7.905693564680405e-06,
+                                         3.3338035336782923e-06,
+                                         1.405853367941745e-06,
+                                         5.928434347879374e-07};
+  RopeScaling l3;
+  l3.type = RopeScaling::Type::kLlama3;
+  l3.factor = 8;
+  l3.low_freq_factor = 1;
+  l3.high_freq_factor = 4;
+  l3.original_max_position_embeddings = 64;
+  RopeScaling y64;
+  y64.type = RopeScaling::Type::kYarn;
+  y64.factor = 4;
+  y64.original_max_position_embeddings = 64;
+  RopeScaling yq = y64;
+  yq.original_max_position_embeddings = 32768;
+  const struct {
+    RopeScaling scaling;
+    double theta;
+    const std::vector<double>* want;
+  } cases[] = {{l3, 500000.0, &llama3}, {y64, 1e6, &yarn64}, {yq, 1e6, &yarn_qwen}};
+  for (const auto& c : cases) {
+    const RopeShape shape{1, 0, 32, c.theta, c.scaling};
+    for (int i = 0; i < 16; ++i) {
+      // float32 in transformers: a few ulps of fp32.
+      EXPECT_NEAR(ref::RopeInvFreq(i, shape), (*c.want)[i], 4e-7 * (*c.want)[i])
+          << RopeTypeName(c.scaling.type) << " original "
+          << c.scaling.original_max_position_embeddings << " i=" << i;
+    }
+  }
+}
+
 TEST_P(CpuOpsTest, ScaledRope) {
   RopeShape shape{9, 100, 16, 10000.0};
   shape.scaling.type = RopeScaling::Type::kYarn;
