@@ -1,9 +1,11 @@
 #include "common/hf_config.h"
 
+#include <cmath>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
+#include "common/logging.h"
 #include "common/status.h"
 
 namespace qcal {
@@ -50,6 +52,127 @@ absl::StatusOr<double> OptionalNumber(const Json& j, const char* key, double fal
 
 }  // namespace
 
+namespace {
+
+std::string JsonValue(const Json& v) { return v.dump(); }
+
+// A finite number in [lo, hi] (strict bounds when the flags say so), else an error naming the key
+// and the value.
+absl::Status CheckRange(const std::string& path, const std::string& key, double v, double lo,
+                        bool lo_open, double hi, bool hi_open, const std::string& rule) {
+  const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+  if (ok) return absl::OkStatus();
+  return Err(path, absl::StrCat("key \"", key, "\" is ", v, " (must be ", rule, ")"));
+}
+
+// Reads the scaling part of a rope_scaling / rope_parameters object `rp` (named `where`).
+absl::Status ParseRopeScaling(const Json& rp, const std::string& where, int max_positions,
+                              const std::string& path, RopeScaling* out) {
+  std::string type = "default";
+  const char* type_key = rp.contains("rope_type") ? "rope_type" : "type";
+  if (rp.contains(type_key) && !rp[type_key].is_null()) {
+    if (!rp[type_key].is_string()) {
+      return Err(path, absl::StrCat("key \"", where, ".", type_key, "\" must be a string"));
+    }
+    type = rp[type_key].get<std::string>();
+  }
+  auto key = [&](const char* k) { return absl::StrCat(where, ".", k); };
+  auto number = [&](const char* k, double fallback) -> absl::StatusOr<double> {
+    if (!rp.contains(k) || rp[k].is_null()) return fallback;
+    if (!rp[k].is_number()) return Err(path, absl::StrCat("key \"", key(k), "\" must be a number"));
+    return rp[k].get<double>();
+  };
+  auto required = [&](const char* k) -> absl::StatusOr<double> {
+    if (!rp.contains(k) || rp[k].is_null()) {
+      return Err(path, absl::StrCat("missing key \"", key(k), "\" (rope type \"", type, "\")"));
+    }
+    return number(k, 0);
+  };
+  if (rp.contains("partial_rotary_factor") && !rp["partial_rotary_factor"].is_null() &&
+      !(rp["partial_rotary_factor"].is_number() &&
+        rp["partial_rotary_factor"].get<double>() == 1)) {
+    return Err(path, absl::StrCat("unsupported key \"", key("partial_rotary_factor"), "\" ",
+                                  JsonValue(rp["partial_rotary_factor"]), " (only 1)"));
+  }
+  RopeScaling r;
+  if (type == "default") {
+    *out = r;
+    return absl::OkStatus();
+  }
+  if (type != "linear" && type != "llama3" && type != "yarn") {
+    return Err(path, absl::StrCat("unsupported rope type: key \"", key(type_key), "\" is \"", type,
+                                  "\" (supported: default, linear, llama3, yarn)"));
+  }
+  QCAL_ASSIGN_OR_RETURN(r.factor, required("factor"));
+  QCAL_RETURN_IF_ERROR(
+      CheckRange(path, key("factor"), r.factor, 1, false, 1e6, false, "finite, >= 1 and <= 1e6"));
+  auto original = [&](bool need) -> absl::Status {
+    const char* k = "original_max_position_embeddings";
+    if (!rp.contains(k) || rp[k].is_null()) {
+      if (need)
+        return Err(path, absl::StrCat("missing key \"", key(k), "\" (rope type \"", type, "\")"));
+      r.original_max_position_embeddings = max_positions;
+      return absl::OkStatus();
+    }
+    if (!rp[k].is_number_integer() || rp[k].get<int64_t>() < 1 ||
+        rp[k].get<int64_t>() > (1 << 30)) {
+      return Err(path, absl::StrCat("key \"", key(k), "\" is ", JsonValue(rp[k]),
+                                    " (must be a positive integer)"));
+    }
+    r.original_max_position_embeddings = rp[k].get<int>();
+    return absl::OkStatus();
+  };
+  if (type == "linear") {
+    r.type = RopeScaling::Type::kLinear;
+  } else if (type == "llama3") {
+    r.type = RopeScaling::Type::kLlama3;
+    QCAL_ASSIGN_OR_RETURN(r.low_freq_factor, required("low_freq_factor"));
+    QCAL_ASSIGN_OR_RETURN(r.high_freq_factor, required("high_freq_factor"));
+    QCAL_RETURN_IF_ERROR(CheckRange(path, key("low_freq_factor"), r.low_freq_factor, 0, true, 1e6,
+                                    false, "finite and > 0"));
+    QCAL_RETURN_IF_ERROR(CheckRange(path, key("high_freq_factor"), r.high_freq_factor,
+                                    r.low_freq_factor, true, 1e6, false,
+                                    "finite and > low_freq_factor"));
+    QCAL_RETURN_IF_ERROR(original(/*need=*/true));
+  } else {
+    r.type = RopeScaling::Type::kYarn;
+    QCAL_RETURN_IF_ERROR(original(/*need=*/false));
+    QCAL_ASSIGN_OR_RETURN(double beta_fast, number("beta_fast", 0));
+    QCAL_ASSIGN_OR_RETURN(double beta_slow, number("beta_slow", 0));
+    // transformers: `get("beta_fast") or 32` (0 means the default too).
+    r.beta_fast = beta_fast == 0 ? 32.0 : beta_fast;
+    r.beta_slow = beta_slow == 0 ? 1.0 : beta_slow;
+    QCAL_RETURN_IF_ERROR(
+        CheckRange(path, key("beta_fast"), r.beta_fast, 0, true, 1e6, false, "finite and > 0"));
+    QCAL_RETURN_IF_ERROR(CheckRange(path, key("beta_slow"), r.beta_slow, 0, true, r.beta_fast,
+                                    false, "finite, > 0 and <= beta_fast"));
+    if (rp.contains("truncate") && !rp["truncate"].is_null()) {
+      if (!rp["truncate"].is_boolean()) {
+        return Err(path, absl::StrCat("key \"", key("truncate"), "\" must be true or false"));
+      }
+      r.truncate = rp["truncate"].get<bool>();
+    }
+    auto mscale_of = [](double scale, double m) {
+      return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0;
+    };
+    QCAL_ASSIGN_OR_RETURN(double mscale, number("mscale", 0));
+    QCAL_ASSIGN_OR_RETURN(double mscale_all_dim, number("mscale_all_dim", 0));
+    if (rp.contains("attention_factor") && !rp["attention_factor"].is_null()) {
+      QCAL_ASSIGN_OR_RETURN(r.attention_factor, number("attention_factor", 1));
+      QCAL_RETURN_IF_ERROR(CheckRange(path, key("attention_factor"), r.attention_factor, 0, true,
+                                      1e3, false, "finite, > 0 and <= 1000"));
+    } else if (mscale != 0 && mscale_all_dim != 0) {
+      r.attention_factor = mscale_of(r.factor, mscale) / mscale_of(r.factor, mscale_all_dim);
+    } else {
+      r.attention_factor = mscale_of(r.factor, 1.0);
+    }
+  }
+  *out = r;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
                                              const std::string& path) {
   Json j;
@@ -64,12 +187,14 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
     return Err(path, "missing key \"model_type\"");
   }
   c.model_type = j["model_type"].get<std::string>();
-  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2") {
-    return Err(path, absl::StrCat("unsupported architecture: model_type \"", c.model_type,
-                                  "\" (supported: llama, mistral, qwen2)"));
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2" &&
+      c.model_type != "qwen3") {
+    return Err(path, absl::StrCat("unsupported architecture: key \"model_type\" is \"",
+                                  c.model_type, "\" (supported: llama, mistral, qwen2, qwen3)"));
   }
   if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
-    return Err(path, "unsupported hidden_act (only \"silu\")");
+    return Err(path, absl::StrCat("unsupported key \"hidden_act\" ", JsonValue(j["hidden_act"]),
+                                  " (only \"silu\")"));
   }
   QCAL_ASSIGN_OR_RETURN(c.hidden_size, RequireInt(j, "hidden_size", path));
   QCAL_ASSIGN_OR_RETURN(c.intermediate_size, RequireInt(j, "intermediate_size", path));
@@ -77,36 +202,68 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
   QCAL_ASSIGN_OR_RETURN(c.num_heads, RequireInt(j, "num_attention_heads", path));
   QCAL_ASSIGN_OR_RETURN(c.vocab_size, RequireInt(j, "vocab_size", path));
   QCAL_ASSIGN_OR_RETURN(c.num_kv_heads, OptionalInt(j, "num_key_value_heads", c.num_heads, path));
-  if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0) {
+  if (c.num_kv_heads <= 0) {
+    return Err(path, absl::StrCat("key \"num_key_value_heads\" is ", c.num_kv_heads,
+                                  " (must be positive)"));
+  }
+  if (c.num_heads % c.num_kv_heads != 0) {
     return Err(path, "key \"num_key_value_heads\" must divide num_attention_heads");
   }
   if ((!j.contains("head_dim") || j["head_dim"].is_null()) && c.hidden_size % c.num_heads != 0) {
     return Err(path, "hidden_size is not divisible by num_attention_heads and head_dim is missing");
   }
   QCAL_ASSIGN_OR_RETURN(c.head_dim, OptionalInt(j, "head_dim", c.hidden_size / c.num_heads, path));
-  if (c.head_dim <= 0 || c.head_dim % 2 != 0)
-    return Err(path, "key \"head_dim\" must be even and positive");
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0 || c.head_dim > 4096) {
+    return Err(path, absl::StrCat("key \"head_dim\" is ", c.head_dim,
+                                  " (must be even, positive and <= 4096)"));
+  }
+  if (j.contains("max_position_embeddings") && !j["max_position_embeddings"].is_null() &&
+      (!j["max_position_embeddings"].is_number_integer() ||
+       j["max_position_embeddings"].get<int64_t>() < 1 ||
+       j["max_position_embeddings"].get<int64_t>() > (int64_t{1} << 30))) {
+    return Err(path,
+               absl::StrCat("key \"max_position_embeddings\" is ",
+                            JsonValue(j["max_position_embeddings"]), " (must be an integer >= 1)"));
+  }
   QCAL_ASSIGN_OR_RETURN(c.max_position_embeddings,
                         OptionalInt(j, "max_position_embeddings", 4096, path));
   QCAL_ASSIGN_OR_RETURN(c.rms_norm_eps, OptionalNumber(j, "rms_norm_eps", 1e-6, path));
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-    const Json& rp = j["rope_parameters"];
-    QCAL_ASSIGN_OR_RETURN(c.rope_theta, OptionalNumber(rp, "rope_theta", 10000.0, path));
-    if (rp.contains("rope_type") && rp["rope_type"] != "default") {
-      return Err(path, "unsupported rope_parameters.rope_type (only \"default\")");
-    }
+  QCAL_RETURN_IF_ERROR(
+      CheckRange(path, "rms_norm_eps", c.rms_norm_eps, 0, true, 1, true, "finite and in (0, 1)"));
+
+  // RoPE: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older configs have
+  // rope_theta at top level and rope_scaling {type or rope_type, ...} (null = none).
+  const bool has_params = j.contains("rope_parameters") && !j["rope_parameters"].is_null();
+  const bool has_scaling = j.contains("rope_scaling") && !j["rope_scaling"].is_null();
+  if (has_params && !j["rope_parameters"].is_object()) {
+    return Err(path, "key \"rope_parameters\" must be an object");
+  }
+  if (has_scaling && !j["rope_scaling"].is_object()) {
+    return Err(path, "key \"rope_scaling\" must be an object");
+  }
+  if (has_params && j["rope_parameters"].contains("rope_theta")) {
+    QCAL_ASSIGN_OR_RETURN(c.rope_theta,
+                          OptionalNumber(j["rope_parameters"], "rope_theta", 10000.0, path));
   } else {
     QCAL_ASSIGN_OR_RETURN(c.rope_theta, OptionalNumber(j, "rope_theta", 10000.0, path));
   }
-  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-    return Err(path, "unsupported key \"rope_scaling\" (RoPE scaling is not implemented)");
+  QCAL_RETURN_IF_ERROR(CheckRange(path, "rope_theta", c.rope_theta, 0, true, 1e12, false,
+                                  "finite, > 0 and <= 1e12"));
+  if (has_params) {
+    QCAL_RETURN_IF_ERROR(ParseRopeScaling(j["rope_parameters"], "rope_parameters",
+                                          c.max_position_embeddings, path, &c.rope_scaling));
   }
-  if (c.rope_theta <= 0) return Err(path, "key \"rope_theta\" must be positive");
+  if (has_scaling && c.rope_scaling.type == RopeScaling::Type::kDefault) {
+    QCAL_RETURN_IF_ERROR(ParseRopeScaling(j["rope_scaling"], "rope_scaling",
+                                          c.max_position_embeddings, path, &c.rope_scaling));
+  }
+
   QCAL_ASSIGN_OR_RETURN(c.tie_word_embeddings, OptionalBool(j, "tie_word_embeddings", false, path));
-  const bool qwen = c.model_type == "qwen2";
+  const bool qwen2 = c.model_type == "qwen2", qwen3 = c.model_type == "qwen3";
   QCAL_ASSIGN_OR_RETURN(bool attn_bias, OptionalBool(j, "attention_bias", false, path));
-  c.attention_bias = qwen || attn_bias;
-  c.o_bias = !qwen && attn_bias;
+  c.attention_bias = qwen2 || attn_bias;
+  c.o_bias = !qwen2 && attn_bias;
+  c.qk_norm = qwen3;
   QCAL_ASSIGN_OR_RETURN(c.mlp_bias, OptionalBool(j, "mlp_bias", false, path));
   QCAL_ASSIGN_OR_RETURN(c.bos_token_id, OptionalInt(j, "bos_token_id", 1, path));
   if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
@@ -125,16 +282,21 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
   if (c.dtype != "float32" && c.dtype != "float16" && c.dtype != "bfloat16") {
     return Err(path, absl::StrCat("unsupported dtype \"", c.dtype, "\""));
   }
-  if (c.model_type != "llama" && j.contains("sliding_window") && !j["sliding_window"].is_null()) {
+  if (qwen2 || qwen3) {
+    QCAL_ASSIGN_OR_RETURN(const bool used, OptionalBool(j, "use_sliding_window", false, path));
+    if (used) {
+      return Err(path, absl::StrCat("unsupported key \"use_sliding_window\" true for model_type \"",
+                                    c.model_type,
+                                    "\" (Qwen's per-layer sliding windows are not implemented)"));
+    }
+  } else if (c.model_type == "mistral" && j.contains("sliding_window") &&
+             !j["sliding_window"].is_null()) {
     const Json& w = j["sliding_window"];
-    if (!w.is_number_integer() || w.get<int64_t>() < 0) {
-      return Err(path, "key \"sliding_window\" must be a non-negative integer or null");
+    if (!w.is_number_integer() || w.get<int64_t>() < 1 || w.get<int64_t>() > (int64_t{1} << 30)) {
+      return Err(path, absl::StrCat("key \"sliding_window\" is ", JsonValue(w),
+                                    " (must be a positive integer or null)"));
     }
     c.sliding_window = w.get<int64_t>();
-    if (qwen) {
-      QCAL_ASSIGN_OR_RETURN(const bool used, OptionalBool(j, "use_sliding_window", false, path));
-      if (!used) c.sliding_window = 0;
-    }
   }
   return c;
 }
@@ -145,13 +307,20 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   return ParseModelConfig(text, path);
 }
 
+std::string SequenceLengthWarning(const ModelConfig& config, int64_t seq_len) {
+  if (seq_len <= config.max_position_embeddings) return "";
+  return absl::StrCat("the sequence length ", seq_len, " is longer than max_position_embeddings ",
+                      config.max_position_embeddings,
+                      " of config.json: positions past it were not trained");
+}
+
 absl::Status CheckSequenceLength(const ModelConfig& config, int64_t seq_len) {
-  if (config.sliding_window > 0 && seq_len > config.sliding_window) {
+  if (seq_len < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("config.json: sliding_window ", config.sliding_window,
-                     " is shorter than the sequence length ", seq_len,
-                     " (sliding-window attention is not implemented)"));
+        absl::StrCat("the sequence length must be >= 1, got ", seq_len));
   }
+  const std::string warning = SequenceLengthWarning(config, seq_len);
+  if (!warning.empty()) spdlog::warn("{}", warning);
   return absl::OkStatus();
 }
 

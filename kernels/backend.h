@@ -14,6 +14,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/rope_scaling.h"
 #include "common/tensor.h"
 #include "kernels/quant_ops.h"
 
@@ -62,9 +63,23 @@ struct BackendOptions {
 };
 
 // Shapes of one attention call. Queries: [batch*q_len, num_heads*head_dim]; keys and values:
-// [batch*kv_len, num_kv_heads*head_dim]. Query i of a sequence sits at position q_offset + i and
-// attends keys 0 .. q_offset + i (causal). q_offset + q_len <= kv_len.
+// [batch*kv_len, num_kv_heads*head_dim]. Query i of a sequence sits at position p = q_offset + i
+// and attends keys 0 .. p (causal), or with a sliding window W > 0 only keys max(0, p - W + 1) .. p
+// (W keys, itself included: transformers' `kv_idx > q_idx - sliding_window`).
+// q_offset + q_len <= kv_len.
 struct AttentionShape {
+  // Positional construction as with an aggregate (the window last, defaulted).
+  AttentionShape() = default;
+  AttentionShape(int batch, int q_len, int kv_len, int num_heads, int num_kv_heads, int head_dim,
+                 int q_offset, int sliding_window = 0)
+      : batch(batch),
+        q_len(q_len),
+        kv_len(kv_len),
+        num_heads(num_heads),
+        num_kv_heads(num_kv_heads),
+        head_dim(head_dim),
+        q_offset(q_offset),
+        sliding_window(sliding_window) {}
   int batch = 1;
   int q_len = 0;
   int kv_len = 0;
@@ -72,14 +87,21 @@ struct AttentionShape {
   int num_kv_heads = 0;
   int head_dim = 0;
   int q_offset = 0;
+  int sliding_window = 0;  // 0 = none
 };
 
 // RoPE placement: row r of a [batch*seq_len, ...] tensor is at position offset + r % seq_len.
 struct RopeShape {
+  // Positional construction as with an aggregate (the scaling last, defaulted).
+  RopeShape() = default;
+  RopeShape(int seq_len, int offset, int head_dim, double theta, RopeScaling scaling = {})
+      : seq_len(seq_len), offset(offset), head_dim(head_dim), theta(theta), scaling(scaling) {}
   int seq_len = 0;
   int offset = 0;
   int head_dim = 0;
   double theta = 10000.0;
+  // Scaled inverse frequencies and YaRN's cos/sin factor (ref::RopeInvFreq, ref::RopeAngle).
+  RopeScaling scaling;
 };
 
 class Backend {

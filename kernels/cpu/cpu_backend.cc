@@ -279,7 +279,8 @@ class CpuBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectF32(q, "Attention", "q"));
     QCAL_RETURN_IF_ERROR(ExpectF32(k, "Attention", "k"));
     QCAL_RETURN_IF_ERROR(ExpectF32(v, "Attention", "v"));
-    if (s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads || s.q_offset + s.q_len > s.kv_len) {
+    if (s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads || s.q_offset + s.q_len > s.kv_len ||
+        s.sliding_window < 0) {
       return absl::InvalidArgumentError("Attention: bad shape");
     }
     const int64_t qw = int64_t(s.num_heads) * s.head_dim,
@@ -309,15 +310,17 @@ class CpuBackend final : public Backend {
           for (int i = static_cast<int>(i0); i < i1; ++i) {
             float* row = scores.data() + size_t(i) * s.kv_len;
             const int last = s.q_offset + i;
+            const int first = s.sliding_window > 0 ? std::max(0, last - s.sliding_window + 1) : 0;
             float mx = -INFINITY;
-            for (int j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
+            for (int j = first; j <= last; ++j) mx = std::max(mx, row[j]);
             double sum = 0;
-            for (int j = 0; j <= last; ++j) {
+            for (int j = first; j <= last; ++j) {
               row[j] = std::exp(row[j] - mx);
               sum += row[j];
             }
             const float inv = float(1.0 / sum);
-            for (int j = 0; j <= last; ++j) row[j] *= inv;
+            for (int j = 0; j < first; ++j) row[j] = 0.0f;
+            for (int j = first; j <= last; ++j) row[j] *= inv;
             for (int j = last + 1; j < s.kv_len; ++j) row[j] = 0.0f;
           }
         });

@@ -40,11 +40,55 @@ void RmsNorm(const float* x, const float* weight, float eps, float* y, int64_t r
   }
 }
 
+double RopeInvFreq(int i, const RopeShape& shape) {
+  const RopeScaling& r = shape.scaling;
+  const int dim = shape.head_dim;
+  const double inv_freq = std::pow(shape.theta, -2.0 * i / dim);
+  switch (r.type) {
+    case RopeScaling::Type::kDefault:
+      return inv_freq;
+    case RopeScaling::Type::kLinear:
+      return inv_freq / r.factor;
+    case RopeScaling::Type::kLlama3: {
+      const double old_context = r.original_max_position_embeddings;
+      const double low_freq_wavelen = old_context / r.low_freq_factor;
+      const double high_freq_wavelen = old_context / r.high_freq_factor;
+      const double wavelen = 2 * M_PI / inv_freq;
+      if (wavelen < high_freq_wavelen) return inv_freq;
+      if (wavelen > low_freq_wavelen) return inv_freq / r.factor;
+      const double smooth =
+          (old_context / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+      return (1 - smooth) * inv_freq / r.factor + smooth * inv_freq;
+    }
+    case RopeScaling::Type::kYarn: {
+      const double base = shape.theta;
+      auto correction_dim = [&](double rotations) {
+        return dim * std::log(r.original_max_position_embeddings / (rotations * 2 * M_PI)) /
+               (2 * std::log(base));
+      };
+      double low = correction_dim(r.beta_fast), high = correction_dim(r.beta_slow);
+      if (r.truncate) {
+        low = std::floor(low);
+        high = std::ceil(high);
+      }
+      low = std::max(low, 0.0);
+      high = std::min(high, double(dim - 1));
+      if (low == high) high += 0.001;  // transformers' guard against a zero-width ramp
+      const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+      const double extrapolation = 1 - ramp;
+      const double interpolation = inv_freq / r.factor;
+      return interpolation * (1 - extrapolation) + inv_freq * extrapolation;
+    }
+  }
+  return inv_freq;
+}
+
 void RopeAngle(int64_t pos, int i, const RopeShape& shape, float* cos_out, float* sin_out) {
-  const double inv_freq = std::pow(shape.theta, -2.0 * i / shape.head_dim);
-  const double angle = double(pos) * inv_freq;
-  *cos_out = float(std::cos(angle));
-  *sin_out = float(std::sin(angle));
+  const double angle = double(pos) * RopeInvFreq(i, shape);
+  const double scale =
+      shape.scaling.type == RopeScaling::Type::kYarn ? shape.scaling.attention_factor : 1.0;
+  *cos_out = float(std::cos(angle) * scale);
+  *sin_out = float(std::sin(angle) * scale);
 }
 
 void Rope(float* x, int64_t rows, int64_t width, const RopeShape& shape) {
@@ -78,8 +122,9 @@ void Attention(const float* q, const float* k, const float* v, const AttentionSh
       for (int i = 0; i < s.q_len; ++i) {
         const float* qi = q + (int64_t(b) * s.q_len + i) * q_width + h * s.head_dim;
         const int last = s.q_offset + i;
+        const int first = s.sliding_window > 0 ? std::max(0, last - s.sliding_window + 1) : 0;
         double mx = -INFINITY;
-        for (int j = 0; j <= last; ++j) {
+        for (int j = first; j <= last; ++j) {
           const float* kj = k + (int64_t(b) * s.kv_len + j) * kv_width + kvh * s.head_dim;
           double dot = 0;
           for (int d = 0; d < s.head_dim; ++d) {
@@ -89,14 +134,14 @@ void Attention(const float* q, const float* k, const float* v, const AttentionSh
           mx = std::max(mx, p[j]);
         }
         double sum = 0;
-        for (int j = 0; j <= last; ++j) {
+        for (int j = first; j <= last; ++j) {
           p[j] = std::exp(p[j] - mx);
           sum += p[j];
         }
         float* oi = out + (int64_t(b) * s.q_len + i) * q_width + h * s.head_dim;
         for (int d = 0; d < s.head_dim; ++d) {
           double acc = 0;
-          for (int j = 0; j <= last; ++j) {
+          for (int j = first; j <= last; ++j) {
             const float* vj = v + (int64_t(b) * s.kv_len + j) * kv_width + kvh * s.head_dim;
             acc += double(Op(float(p[j] / sum), bf16_operands)) * double(Op(vj[d], bf16_operands));
           }

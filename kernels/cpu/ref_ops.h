@@ -17,7 +17,11 @@ void Linear(const float* x, const float* w, const float* bias, float* y, int64_t
 void RmsNorm(const float* x, const float* weight, float eps, float* y, int64_t rows, int64_t width);
 // Rotates every head of every row in place; width = heads * head_dim.
 void Rope(float* x, int64_t rows, int64_t width, const RopeShape& shape);
-// The cos/sin pair used for position `pos` and frequency index i (0 <= i < head_dim/2).
+// The inverse frequency of index i (0 <= i < head_dim/2): theta^(-2i/head_dim), scaled as
+// transformers' `_compute_{linear_scaling,llama3,yarn}_parameters` scale it (in double).
+double RopeInvFreq(int i, const RopeShape& shape);
+// The cos/sin pair used for position `pos` and frequency index i (0 <= i < head_dim/2): the cos
+// and sin of pos · RopeInvFreq(i), times YaRN's attention factor (1 for other types).
 void RopeAngle(int64_t pos, int i, const RopeShape& shape, float* cos_out, float* sin_out);
 void Attention(const float* q, const float* k, const float* v, const AttentionShape& shape,
                float* out, bool bf16_operands);

@@ -61,6 +61,10 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, flo
   // Keys past the last query of the tile are masked for every row: stop there.
   const int last_row = min(q0 + kBq, a.q_len) - 1;
   const int kv_end = min(a.kv_len, a.q_offset + last_row + 1);
+  // With a sliding window, keys before the first query's window are masked for every row: start at
+  // the tile holding the first visible key.
+  const int kv_begin =
+      a.sliding_window > 0 ? max(0, a.q_offset + q0 - a.sliding_window + 1) / kBk * kBk : 0;
 
   float m[4], l[4], o[4][4 * kGroups];
 #pragma unroll
@@ -72,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, flo
   }
 
   // One pass with rescaling (online softmax).
-  for (int k0 = 0; k0 < kv_end; k0 += kBk) {
+  for (int k0 = kv_begin; k0 < kv_end; k0 += kBk) {
     __syncthreads();  // the previous tile is no longer read (and the q tile is stored)
     for (int i = tid; i < kBk * dp; i += kThreads) {
       const int j = i / dp, c = i % dp;
@@ -102,7 +106,8 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionArgs a, flo
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int key = k0 + tx * 4 + j;
-        const bool visible = row < a.q_len && key < kv_end && key <= a.q_offset + row;
+        const bool visible = row < a.q_len && key < kv_end && key <= a.q_offset + row &&
+                             (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
         s[i][j] = visible ? s[i][j] * scale : -INFINITY;
       }
     }
@@ -270,7 +275,10 @@ __global__ void __launch_bounds__(kTcThreads)
 
   const int last_row = min(q0 + kTcBq, a.q_len) - 1;
   const int kv_end = min(a.kv_len, a.q_offset + last_row + 1);
-  const int tiles = (kv_end + kTcBk - 1) / kTcBk;
+  // With a sliding window, tiles wholly before the first query's window are skipped.
+  const int kv_begin =
+      a.sliding_window > 0 ? max(0, a.q_offset + q0 - a.sliding_window + 1) / kTcBk * kTcBk : 0;
+  const int tiles = kv_end > kv_begin ? (kv_end - kv_begin + kTcBk - 1) / kTcBk : 0;
 
   auto load_tile = [&](__nv_bfloat16* dst, const __nv_bfloat16* src, int k0) {
     for (int i = tid; i < kTcBk * chunks; i += kTcThreads) {
@@ -304,12 +312,12 @@ __global__ void __launch_bounds__(kTcThreads)
       inv_l[1] = 1.0f / l[1];
     }
     if (tiles > 0) {
-      load_tile(k_s, k, 0);
-      if (output_pass) load_tile(v_s, v, 0);
+      load_tile(k_s, k, kv_begin);
+      if (output_pass) load_tile(v_s, v, kv_begin);
     }
     CopyAsyncCommit();
     for (int t = 0; t < tiles; ++t) {
-      const int k0 = t * kTcBk, buf = t & 1;
+      const int k0 = kv_begin + t * kTcBk, buf = t & 1;
       if (t + 1 < tiles) {
         load_tile(k_s + (buf ^ 1) * L::kTileElems, k, k0 + kTcBk);
         if (output_pass) load_tile(v_s + (buf ^ 1) * L::kTileElems, v, k0 + kTcBk);
@@ -354,7 +362,9 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int row = e < 2 ? row_lo : row_hi, key = k0 + 8 * n + 2 * t4 + (e & 1);
-            const bool visible = row < a.q_len && key < kv_end && key <= a.q_offset + row;
+            const bool visible =
+                row < a.q_len && key < kv_end && key <= a.q_offset + row &&
+                (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
             s[n][e] = visible ? s[n][e] * scale : -INFINITY;
           }
         }
@@ -452,7 +462,7 @@ __global__ void PackBf16HeadsKernel(const float* x, int64_t rows, int heads, int
 cudaError_t LaunchAttention(const AttentionArgs& args, cudaStream_t stream) {
   if (args.head_dim <= 0 || args.head_dim > kAttentionMaxHeadDim || args.num_kv_heads <= 0 ||
       args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 || args.batch > 65535 ||
-      args.q_offset < 0 || args.q_offset + args.q_len > args.kv_len) {
+      args.q_offset < 0 || args.q_offset + args.q_len > args.kv_len || args.sliding_window < 0) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.q_len == 0 || args.num_heads == 0) return cudaSuccess;
@@ -476,7 +486,7 @@ cudaError_t LaunchAttentionBf16(const AttentionBf16Args& args, cudaStream_t stre
   if (args.head_dim <= 0 || args.head_dim > kAttentionMaxHeadDim ||
       args.padded_dim != AttentionPaddedDim(args.head_dim) || args.num_kv_heads <= 0 ||
       args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 || args.batch > 65535 ||
-      args.q_offset < 0 || args.q_offset + args.q_len > args.kv_len) {
+      args.q_offset < 0 || args.q_offset + args.q_len > args.kv_len || args.sliding_window < 0) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.q_len == 0 || args.num_heads == 0) return cudaSuccess;

@@ -22,7 +22,8 @@ inline constexpr int kAttentionMaxHeadDim = 128;
 
 // Row-major device tensors and shapes as in kernels::AttentionShape: q and out
 // [batch*q_len, num_heads*head_dim], k and v [batch*kv_len, num_kv_heads*head_dim]; query i of a
-// sequence sits at position q_offset + i and attends keys 0 .. q_offset + i.
+// sequence sits at position p = q_offset + i and attends keys 0 .. p, or with sliding_window W > 0
+// keys max(0, p - W + 1) .. p (ref::Attention).
 struct AttentionArgs {
   const float* q = nullptr;
   const float* k = nullptr;
@@ -35,6 +36,7 @@ struct AttentionArgs {
   int num_kv_heads = 0;
   int head_dim = 0;
   int q_offset = 0;
+  int sliding_window = 0;  // 0 = none
 };
 
 // cudaErrorInvalidValue for shapes the kernel does not handle (head_dim outside
@@ -64,6 +66,7 @@ struct AttentionBf16Args {
   int head_dim = 0;
   int padded_dim = 0;
   int q_offset = 0;
+  int sliding_window = 0;  // 0 = none
 };
 
 // Errors as LaunchAttention's, and for a padded_dim that does not match head_dim.

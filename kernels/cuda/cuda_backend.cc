@@ -405,7 +405,7 @@ class CudaBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kF32, "Attention", "out"));
     if (s.batch < 0 || s.q_len < 0 || s.q_offset < 0 || s.head_dim <= 0 || s.num_heads <= 0 ||
         s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads != 0 ||
-        s.q_offset + s.q_len > s.kv_len) {
+        s.q_offset + s.q_len > s.kv_len || s.sliding_window < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("Attention: bad shape (batch ", s.batch, ", q_len ", s.q_len, ", kv_len ",
                        s.kv_len, ", heads ", s.num_heads, "/", s.num_kv_heads, ", head_dim ",
@@ -437,6 +437,7 @@ class CudaBackend final : public Backend {
     args.num_kv_heads = s.num_kv_heads;
     args.head_dim = s.head_dim;
     args.q_offset = s.q_offset;
+    args.sliding_window = s.sliding_window;
     return CudaStatus(cuda::LaunchAttention(args, stream()), "Attention kernel");
   }
 
@@ -575,6 +576,7 @@ class CudaBackend final : public Backend {
     args.head_dim = s.head_dim;
     args.padded_dim = dp;
     args.q_offset = s.q_offset;
+    args.sliding_window = s.sliding_window;
     return CudaStatus(cuda::LaunchAttentionBf16(args, stream()), "Attention kernel (bf16)");
   }
 
@@ -623,7 +625,7 @@ class CudaBackend final : public Backend {
   absl::StatusOr<const float*> RopeTable(const RopeShape& shape) {
     const bool same = rope_table_.defined() && rope_key_.seq_len == shape.seq_len &&
                       rope_key_.offset == shape.offset && rope_key_.head_dim == shape.head_dim &&
-                      rope_key_.theta == shape.theta;
+                      rope_key_.theta == shape.theta && rope_key_.scaling == shape.scaling;
     if (!same) {
       const int half = shape.head_dim / 2;
       Tensor host = Tensor::Zeros(DType::kF32, {int64_t(shape.seq_len) * half * 2});

@@ -118,6 +118,19 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(Model& model, const TokenWin
   return r;
 }
 
+absl::StatusOr<Tensor> SequenceLogits(Model& model, const std::vector<int>& ids) {
+  if (ids.empty()) return absl::InvalidArgumentError("SequenceLogits: no tokens");
+  QCAL_ASSIGN_OR_RETURN(Tensor hidden, model.Embed(ids));
+  const SeqShape shape{1, static_cast<int>(ids.size()), 0};
+  for (int b = 0; b < model.num_blocks(); ++b) {
+    QCAL_RETURN_IF_ERROR(model.AcquireBlock(b));
+    QCAL_RETURN_IF_ERROR(model.BlockForward(b, hidden, shape));
+    model.ReleaseBlock(b);
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor logits, model.Logits(hidden));
+  return model.backend().ToHost(logits);
+}
+
 absl::StatusOr<std::vector<int>> GenerateGreedy(Model& model, const std::vector<int>& prompt_ids,
                                                 const GenerateOptions& options) {
   if (options.max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");

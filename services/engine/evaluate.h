@@ -26,6 +26,11 @@ using ProgressFn = std::function<void(int64_t done, int64_t total)>;
 absl::StatusOr<PerplexityResult> EvaluatePerplexity(Model& model, const TokenWindows& windows,
                                                     const ProgressFn& progress = nullptr);
 
+// fp32 logits [ids.size(), vocab] on the host of one sequence `ids` (no BOS added), run block by
+// block (streaming models acquire and release each block), exactly the ops EvaluatePerplexity runs
+// on a batch of one window.
+absl::StatusOr<Tensor> SequenceLogits(Model& model, const std::vector<int>& ids);
+
 struct GenerateOptions {
   int max_new_tokens = 64;  // Default: 64.
 };

@@ -192,6 +192,13 @@ class Model::BlockSource {
                           ReadF32(p + "input_layernorm.weight", {d}, &hb.dtypes));
     QCAL_ASSIGN_OR_RETURN(hb.weights.post_attention_norm,
                           ReadF32(p + "post_attention_layernorm.weight", {d}, &hb.dtypes));
+    if (config_.qk_norm) {
+      const int64_t hd = config_.head_dim;
+      QCAL_ASSIGN_OR_RETURN(hb.weights.q_norm,
+                            ReadF32(p + "self_attn.q_norm.weight", {hd}, &hb.dtypes));
+      QCAL_ASSIGN_OR_RETURN(hb.weights.k_norm,
+                            ReadF32(p + "self_attn.k_norm.weight", {hd}, &hb.dtypes));
+    }
     // The seven linears are read, converted (or dequantized) on threads of their own: one
     // thread converting a 70B block's 3.4 GB takes longer than the GPU takes to quantize it.
     std::array<std::map<std::string, DType>, kNumLinears> dtypes;
@@ -298,6 +305,10 @@ absl::Status Model::AcquireBlock(int b) {
   BlockWeights w;
   QCAL_ASSIGN_OR_RETURN(w.input_norm, Place(*backend_, hb.weights.input_norm));
   QCAL_ASSIGN_OR_RETURN(w.post_attention_norm, Place(*backend_, hb.weights.post_attention_norm));
+  if (hb.weights.q_norm.defined()) {
+    QCAL_ASSIGN_OR_RETURN(w.q_norm, Place(*backend_, hb.weights.q_norm));
+    QCAL_ASSIGN_OR_RETURN(w.k_norm, Place(*backend_, hb.weights.k_norm));
+  }
   for (LinearKind k : kAllLinears) {
     const Linear& h = hb.weights.at(k);
     QCAL_ASSIGN_OR_RETURN(w.at(k).weight, Place(*backend_, h.weight));
@@ -326,7 +337,7 @@ void Model::ReleaseBlock(int b) {
 }
 
 int64_t BlockBytesOf(const ModelConfig& config) {
-  int64_t elements = 2 * config.hidden_size;
+  int64_t elements = 2 * config.hidden_size + (config.qk_norm ? 2 * config.head_dim : 0);
   for (LinearKind k : kAllLinears) {
     const LinearGeometry g = GeometryOf(config, k);
     elements += g.d_out * g.d_in + (g.bias ? g.d_out : 0);
@@ -447,7 +458,17 @@ absl::StatusOr<Tensor> Model::Attend(int b, const Tensor& x, const SeqShape& sha
   QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x));
   QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x));
   QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x));
-  kernels::RopeShape rope{shape.seq_len, shape.offset, config_.head_dim, config_.rope_theta};
+  const BlockWeights& w = blocks_[b];
+  if (w.q_norm.defined()) {
+    // Qwen3: RMSNorm over each head's features, before RoPE.
+    const float eps = static_cast<float>(config_.rms_norm_eps);
+    const int64_t hd = config_.head_dim;
+    Tensor qh = q.Reshape({q.numel() / hd, hd}), kh = k.Reshape({k.numel() / hd, hd});
+    QCAL_RETURN_IF_ERROR(be.RmsNorm(qh, w.q_norm, eps, qh));
+    QCAL_RETURN_IF_ERROR(be.RmsNorm(kh, w.k_norm, eps, kh));
+  }
+  kernels::RopeShape rope{shape.seq_len, shape.offset, config_.head_dim, config_.rope_theta,
+                          config_.rope_scaling};
   QCAL_RETURN_IF_ERROR(be.Rope(q, rope));
   QCAL_RETURN_IF_ERROR(be.Rope(k, rope));
   kernels::AttentionShape as;
@@ -456,6 +477,7 @@ absl::StatusOr<Tensor> Model::Attend(int b, const Tensor& x, const SeqShape& sha
   as.num_heads = config_.num_heads;
   as.num_kv_heads = config_.num_kv_heads;
   as.head_dim = config_.head_dim;
+  as.sliding_window = static_cast<int>(config_.sliding_window);
   Tensor keys = k, values = v;
   if (cache) {
     Tensor kd = cache->k[b].Rows(shape.offset, shape.offset + shape.seq_len);

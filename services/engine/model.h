@@ -68,9 +68,15 @@ struct Linear {
   int act_bits = 16;
 };
 
+// What the smoothing fold (services/engine/aser/smoothing.h) may scale: input_norm and
+// post_attention_norm (divided), the columns of every linear and the rows of v_proj and up_proj.
+// q_norm and k_norm act on the q/k_proj outputs after the projection, so no fold scales through
+// them and q/k_proj rows are never scaled: with them the fold stays exact.
 struct BlockWeights {
   Tensor input_norm;           // [hidden]
   Tensor post_attention_norm;  // [hidden]
+  // Qwen3 (ModelConfig::qk_norm): per-head RMSNorm weights of q and k [head_dim]; else undefined.
+  Tensor q_norm, k_norm;
   std::array<Linear, kNumLinears> linears;
   Linear& at(LinearKind k) { return linears[static_cast<int>(k)]; }
   const Linear& at(LinearKind k) const { return linears[static_cast<int>(k)]; }

@@ -2,6 +2,7 @@
 // the Hugging Face format a loader must accept, and errors that name the file and key at fault.
 #include "common/hf_config.h"
 
+#include <cmath>
 #include <filesystem>
 #include <string>
 
@@ -107,8 +108,8 @@ TEST(HfConfigTest, RopeThetaTopLevelOrUnderRopeParameters) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_DOUBLE_EQ(c->rope_theta, 1000000.0);
 
-  nested["rope_parameters"]["rope_type"] = "yarn";
-  ExpectError(nested, "rope_type");
+  nested["rope_parameters"]["rope_type"] = "dynamic";
+  ExpectError(nested, "key \"rope_parameters.rope_type\" is \"dynamic\"");
   Json zero = BaseConfig();
   zero["rope_theta"] = 0;
   ExpectError(zero, "rope_theta");
@@ -214,7 +215,9 @@ TEST(HfConfigTest, BadValuesAreNamed) {
 TEST(HfConfigTest, UnsupportedArchitecture) {
   Json j = BaseConfig();
   j["model_type"] = "gpt2";
-  ExpectError(j, "unsupported architecture: model_type \"gpt2\"");
+  ExpectError(j, "unsupported architecture: key \"model_type\" is \"gpt2\"");
+  j["model_type"] = "gemma2";
+  ExpectError(j, "key \"model_type\" is \"gemma2\"");
   j = BaseConfig();
   j["hidden_act"] = "gelu";
   ExpectError(j, "hidden_act");
@@ -237,12 +240,146 @@ TEST(HfConfigTest, MalformedJson) {
   ExpectError(Json::array({1, 2}), "not a JSON object");
 }
 
-TEST(HfConfigTest, RopeScalingIsRejected) {
+TEST(HfConfigTest, RopeScalingTypes) {
   Json j = BaseConfig();
-  j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
-  ExpectError(j, "rope_scaling");
   j["rope_scaling"] = nullptr;  // HF writes null when there is no scaling
-  EXPECT_TRUE(Parse(j).ok());
+  EXPECT_EQ(Parse(j)->rope_scaling.type, RopeScaling::Type::kDefault);
+
+  j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  auto c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLinear);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 2.0);
+
+  // Llama 3.1's config.json.
+  j["rope_scaling"] = {{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0},
+                       {"original_max_position_embeddings", 8192}};
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 8.0);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.low_freq_factor, 1.0);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.high_freq_factor, 4.0);
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 8192);
+  j["rope_scaling"].erase("original_max_position_embeddings");
+  ExpectError(j, "missing key \"rope_scaling.original_max_position_embeddings\"");
+
+  // YaRN as Qwen documents it; the attention factor defaults to 0.1 ln(factor) + 1.
+  j = BaseConfig();
+  j["model_type"] = "qwen2";
+  j["max_position_embeddings"] = 32768;
+  j["rope_scaling"] = {
+      {"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 32768}};
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kYarn);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 4.0);
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 32768);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.beta_fast, 32.0);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.beta_slow, 1.0);
+  EXPECT_TRUE(c->rope_scaling.truncate);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.attention_factor, 0.1 * std::log(4.0) + 1.0);
+  j["rope_scaling"]["attention_factor"] = 1.5;
+  j["rope_scaling"].erase("original_max_position_embeddings");
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_DOUBLE_EQ(c->rope_scaling.attention_factor, 1.5);
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 32768);  // max_position_embeddings
+
+  // transformers 5: everything under rope_parameters.
+  j = BaseConfig();
+  j["rope_parameters"] = {{"rope_type", "yarn"},
+                          {"rope_theta", 1e6},
+                          {"factor", 2.0},
+                          {"beta_fast", 16.0},
+                          {"original_max_position_embeddings", 64}};
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_DOUBLE_EQ(c->rope_theta, 1e6);
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kYarn);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.beta_fast, 16.0);
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 64);
+}
+
+TEST(HfConfigTest, UnknownRopeTypeIsNamed) {
+  Json j = BaseConfig();
+  j["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
+  ExpectError(j, "unsupported rope type: key \"rope_scaling.type\" is \"dynamic\"");
+  j["rope_scaling"] = {{"rope_type", "longrope"}, {"factor", 2.0}};
+  ExpectError(j, "key \"rope_scaling.rope_type\" is \"longrope\"");
+  j["rope_scaling"] = {{"rope_type", "linear"}};
+  ExpectError(j, "missing key \"rope_scaling.factor\"");
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 0.5}};
+  ExpectError(j, "key \"rope_scaling.factor\" is 0.5");
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}, {"partial_rotary_factor", 0.5}};
+  ExpectError(j, "partial_rotary_factor");
+  j["rope_scaling"] = "linear";
+  ExpectError(j, "key \"rope_scaling\" must be an object");
+}
+
+TEST(HfConfigTest, OutOfRangeValuesAreNamed) {
+  for (double eps : {-1e-9, 0.0, 1.0, 1e308}) {
+    Json j = BaseConfig();
+    j["rms_norm_eps"] = eps;
+    ExpectError(j, "key \"rms_norm_eps\" is");
+  }
+  Json ok = BaseConfig();
+  ok["rms_norm_eps"] = 1e-5;
+  EXPECT_TRUE(Parse(ok).ok());
+  for (int n : {0, -1}) {
+    Json j = BaseConfig();
+    j["max_position_embeddings"] = n;
+    ExpectError(j, "key \"max_position_embeddings\" is " + std::to_string(n));
+  }
+  for (double theta : {1e308, -1.0, 0.0, 1e13}) {
+    Json j = BaseConfig();
+    j["rope_theta"] = theta;
+    ExpectError(j, "key \"rope_theta\" is");
+  }
+  Json nested = BaseConfig();
+  nested["rope_parameters"] = {{"rope_theta", 1e308}, {"rope_type", "default"}};
+  ExpectError(nested, "key \"rope_theta\" is");
+  Json heads = BaseConfig();
+  heads["num_attention_heads"] = 0;
+  ExpectError(heads, "key \"num_attention_heads\" must be a positive integer");
+  heads = BaseConfig();
+  heads["num_key_value_heads"] = -2;
+  ExpectError(heads, "key \"num_key_value_heads\" is -2");
+  Json layers = BaseConfig();
+  layers["num_hidden_layers"] = 0;
+  ExpectError(layers, "key \"num_hidden_layers\" must be a positive integer");
+  Json head_dim = BaseConfig();
+  head_dim["head_dim"] = -8;
+  ExpectError(head_dim, "key \"head_dim\" is -8");
+}
+
+TEST(HfConfigTest, Qwen3) {
+  // Qwen3-0.6B's shape: head_dim 128 with hidden 1024 and 16 heads (not hidden / heads).
+  Json j = {{"model_type", "qwen3"},     {"hidden_size", 1024},
+            {"intermediate_size", 3072}, {"num_hidden_layers", 28},
+            {"num_attention_heads", 16}, {"num_key_value_heads", 8},
+            {"head_dim", 128},           {"vocab_size", 151936},
+            {"attention_bias", false},   {"tie_word_embeddings", true},
+            {"sliding_window", nullptr}, {"use_sliding_window", false},
+            {"max_window_layers", 28},   {"rope_theta", 1000000},
+            {"rms_norm_eps", 1e-6}};
+  auto c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->q_dim(), 2048);
+  EXPECT_TRUE(c->qk_norm);
+  EXPECT_FALSE(c->attention_bias);
+  EXPECT_TRUE(c->tie_word_embeddings);
+  EXPECT_EQ(c->sliding_window, 0);
+  j["attention_bias"] = true;
+  c = Parse(j);
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(c->attention_bias);
+  EXPECT_TRUE(c->o_bias);
+  EXPECT_FALSE(Parse(BaseConfig())->qk_norm);
 }
 
 TEST(HfConfigTest, SlidingWindow) {
@@ -255,11 +392,14 @@ TEST(HfConfigTest, SlidingWindow) {
   j["sliding_window"] = nullptr;  // Mistral v0.2 and later
   EXPECT_EQ(Parse(j)->sliding_window, 0);
   j["sliding_window"] = -1;
-  ExpectError(j, "key \"sliding_window\" must be a non-negative integer or null");
+  ExpectError(j, "key \"sliding_window\" is -1");
+  j["sliding_window"] = 0;
+  ExpectError(j, "key \"sliding_window\" is 0");
   j["sliding_window"] = "4096";
   ExpectError(j, "sliding_window");
 
-  // Qwen2 uses the window only with use_sliding_window true (transformers' default is false).
+  // Qwen2 uses the window only with use_sliding_window true (transformers' default is false),
+  // which is refused.
   j["model_type"] = "qwen2";
   j["sliding_window"] = 32768;
   j["max_window_layers"] = 28;
@@ -267,7 +407,9 @@ TEST(HfConfigTest, SlidingWindow) {
   j["use_sliding_window"] = false;
   EXPECT_EQ(Parse(j)->sliding_window, 0);
   j["use_sliding_window"] = true;
-  EXPECT_EQ(Parse(j)->sliding_window, 32768);
+  ExpectError(j, "unsupported key \"use_sliding_window\" true for model_type \"qwen2\"");
+  j["model_type"] = "qwen3";
+  ExpectError(j, "use_sliding_window");
   j["use_sliding_window"] = "yes";
   ExpectError(j, "use_sliding_window");
 
@@ -279,16 +421,18 @@ TEST(HfConfigTest, SlidingWindow) {
 
 TEST(HfConfigTest, CheckSequenceLength) {
   ModelConfig c;
-  EXPECT_TRUE(CheckSequenceLength(c, 1 << 20).ok());  // no window
-  c.sliding_window = 4096;
+  c.max_position_embeddings = 2048;
   EXPECT_TRUE(CheckSequenceLength(c, 1).ok());
-  EXPECT_TRUE(CheckSequenceLength(c, 4096).ok());  // the window covers every position
-  const absl::Status s = CheckSequenceLength(c, 8192);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(s.message(),
-            "config.json: sliding_window 4096 is shorter than the sequence length 8192 "
-            "(sliding-window attention is not implemented)");
-  EXPECT_FALSE(CheckSequenceLength(c, 4097).ok());
+  EXPECT_TRUE(CheckSequenceLength(c, 2048).ok());
+  EXPECT_EQ(SequenceLengthWarning(c, 2048), "");
+  // Longer sequences run, with a warning naming both numbers.
+  EXPECT_TRUE(CheckSequenceLength(c, 4096).ok());
+  EXPECT_THAT(SequenceLengthWarning(c, 4096), HasSubstr("4096"));
+  EXPECT_THAT(SequenceLengthWarning(c, 4096), HasSubstr("max_position_embeddings 2048"));
+  // A sliding window shorter than the sequence is computed, no error.
+  c.sliding_window = 16;
+  EXPECT_TRUE(CheckSequenceLength(c, 64).ok());
+  EXPECT_FALSE(CheckSequenceLength(c, 0).ok());
 }
 
 TEST(HfConfigTest, LoadFromMissingDirectoryNamesThePath) {

@@ -319,6 +319,209 @@ TEST_P(CpuOpsTest, Attention) {
   }
 }
 
+// Sliding windows (Mistral): the optimized op against the reference, and the reference against a
+// direct definition: a query at position p sees keys p - W + 1 .. p only.
+TEST_P(CpuOpsTest, SlidingWindowAttention) {
+  struct Case {
+    AttentionShape s;
+    int window;
+  };
+  const Case cases[] = {{{1, 40, 40, 4, 2, 8, 0}, 5},
+                        {{2, 13, 13, 2, 1, 4, 0}, 1},
+                        {{1, 1, 30, 2, 2, 8, 29}, 7},
+                        {{1, 6, 30, 2, 1, 8, 24}, 10},
+                        {{1, 12, 12, 2, 2, 8, 0}, 100}};
+  for (const Case& c : cases) {
+    AttentionShape s = c.s;
+    s.sliding_window = c.window;
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                  kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    const Tensor q = rng_.Floats({int64_t(s.batch) * s.q_len, qw}, 2.0f);
+    const Tensor k = rng_.Floats({int64_t(s.batch) * s.kv_len, kvw}, 2.0f);
+    const Tensor v = rng_.Floats({int64_t(s.batch) * s.kv_len, kvw});
+    Tensor out = rng_.Floats(q.shape());
+    ASSERT_TRUE(backend_->Attention(q, k, v, s, out).ok());
+    std::vector<float> ref(q.numel());
+    ref::Attention(q.data<float>(), k.data<float>(), v.data<float>(), s, ref.data(), bf16());
+    EXPECT_LE(RelError(out, ref), kAttentionBound) << "window=" << s.sliding_window;
+  }
+  // Window 1: every query returns its own value row.
+  const AttentionShape one{1, 5, 5, 1, 1, 2, 0, 1};
+  const Tensor q = rng_.Floats({5, 2}), k = rng_.Floats({5, 2}), v = rng_.Floats({5, 2});
+  Tensor out = Tensor::Zeros(DType::kF32, {5, 2});
+  ASSERT_TRUE(backend_->Attention(q, k, v, one, out).ok());
+  const double tol = bf16() ? 4e-3 : 1e-6;  // bf16 operands round v
+  for (int i = 0; i < 10; ++i) EXPECT_NEAR(out.data<float>()[i], v.data<float>()[i], tol) << i;
+  // Window 2 at position 3 of a cache: keys 2 and 3 only (key 0 and 1 changed: same result).
+  const AttentionShape two{1, 1, 4, 1, 1, 2, 3, 2};
+  const Tensor k4 = rng_.Floats({4, 2}), v4 = rng_.Floats({4, 2}), q1 = rng_.Floats({1, 2});
+  Tensor a = Tensor::Zeros(DType::kF32, {1, 2}), b = Tensor::Zeros(DType::kF32, {1, 2});
+  ASSERT_TRUE(backend_->Attention(q1, k4, v4, two, a).ok());
+  Tensor k4b = k4.Clone(), v4b = v4.Clone();
+  for (int i = 0; i < 4; ++i) k4b.data<float>()[i] = v4b.data<float>()[i] = 7.0f;
+  ASSERT_TRUE(backend_->Attention(q1, k4b, v4b, two, b).ok());
+  EXPECT_EQ(Values(a), Values(b));
+}
+
+// The scaled inverse frequencies against transformers' formulas written out here.
+TEST(RopeScalingTest, InverseFrequencies) {
+  const int dim = 64;
+  const double theta = 500000.0;
+  auto base = [&](int i) { return std::pow(theta, -2.0 * i / dim); };
+  RopeShape shape{1, 0, dim, theta};
+  shape.scaling.type = RopeScaling::Type::kLinear;
+  shape.scaling.factor = 4;
+  for (int i = 0; i < dim / 2; ++i) EXPECT_DOUBLE_EQ(ref::RopeInvFreq(i, shape), base(i) / 4) << i;
+
+  // Llama 3.1 (factor 8, low 1, high 4, original 8192): high frequencies kept, low ones / 8, the
+  // band between interpolated.
+  shape.scaling = RopeScaling{};
+  shape.scaling.type = RopeScaling::Type::kLlama3;
+  shape.scaling.factor = 8;
+  shape.scaling.low_freq_factor = 1;
+  shape.scaling.high_freq_factor = 4;
+  shape.scaling.original_max_position_embeddings = 8192;
+  int kept = 0, divided = 0, smoothed = 0;
+  for (int i = 0; i < dim / 2; ++i) {
+    const double f = base(i), wavelen = 2 * M_PI / f, got = ref::RopeInvFreq(i, shape);
+    if (wavelen < 8192 / 4.0) {
+      EXPECT_DOUBLE_EQ(got, f) << i;
+      ++kept;
+    } else if (wavelen > 8192 / 1.0) {
+      EXPECT_DOUBLE_EQ(got, f / 8) << i;
+      ++divided;
+    } else {
+      const double smooth = (8192 / wavelen - 1) / (4 - 1);
+      EXPECT_DOUBLE_EQ(got, (1 - smooth) * f / 8 + smooth * f) << i;
+      ++smoothed;
+    }
+  }
+  EXPECT_GT(kept, 0);
+  EXPECT_GT(divided, 0);
+  EXPECT_GT(smoothed, 0);
+
+  // YaRN (factor 4, original 64, beta 32/1): low = floor(dim ln(64 / (32·2π)) / (2 ln θ)) clamped
+  // at 0, high = ceil(dim ln(64 / 2π) / (2 ln θ)); the ramp mixes f / 4 and f.
+  shape.scaling = RopeScaling{};
+  shape.scaling.type = RopeScaling::Type::kYarn;
+  shape.scaling.factor = 4;
+  shape.scaling.original_max_position_embeddings = 64;
+  shape.scaling.attention_factor = 0.1 * std::log(4.0) + 1;
+  auto cd = [&](double rot) {
+    return dim * std::log(64 / (rot * 2 * M_PI)) / (2 * std::log(theta));
+  };
+  const double low = std::max(std::floor(cd(32)), 0.0),
+               high = std::min(std::ceil(cd(1)), dim - 1.0);
+  ASSERT_LT(low, high);
+  for (int i = 0; i < dim / 2; ++i) {
+    const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+    const double extrapolation = 1 - ramp;
+    const double want = base(i) / 4 * (1 - extrapolation) + base(i) * extrapolation;
+    EXPECT_NEAR(ref::RopeInvFreq(i, shape), want, 1e-15 * base(0)) << i;
+  }
+  // cos/sin carry the attention factor.
+  float c, s;
+  ref::RopeAngle(0, 0, shape, &c, &s);
+  EXPECT_FLOAT_EQ(c, float(0.1 * std::log(4.0) + 1));
+  EXPECT_EQ(s, 0.0f);
+}
+
+// Golden inverse frequencies from transformers 5.17.0 (ROPE_INIT_FUNCTIONS[type](config, "cpu"),
+// float32) for head_dim 32: llama3 (theta 5e5, factor 8, low 1, high 4, original 64), yarn (theta
+// 1e6, factor 4, original 64, max_position_embeddings 256) and yarn as Qwen documents it (original
+// 32768 = max_position_embeddings: transformers 5 keeps the explicit factor 4, attention factor
+// 0.1·ln 4 + 1 = 1.138629436111989 for both yarn configs).
+TEST(RopeScalingTest, MatchesTransformers) {
+  const std::vector<double> llama3 = {1.0,
+                                      0.44036662578582764,
+                                      0.07940301299095154,
+                                      0.010674637742340565,
+                                      0.004700753837823868,
+                                      0.0020700551103800535,
+                                      0.0009115831344388425,
+                                      0.00040143076330423355,
+                                      0.00017677668074611574,
+                                      7.784655463183299e-05,
+                                      3.428102354519069e-05,
+                                      1.5096217794052791e-05,
+                                      6.647869668086059e-06,
+                                      2.927499735960737e-06,
+                                      1.289173155782919e-06,
+                                      5.677088097399974e-07};
+  const std::vector<double> yarn64 = {1.0,
+                                      0.3162723779678345,
+                                      0.08891396969556808,
+                                      0.018747353926301003,
+                                      0.007905694656074047,
+                                      0.0033338037319481373,
+                                      0.0014058533124625683,
+                                      0.0005928434547968209,
+                                      0.0002500000118743628,
+                                      0.00010542412201175466,
+                                      4.4456985051510856e-05,
+                                      1.8747356079984456e-05,
+                                      7.905693564680405e-06,
+                                      3.3338035336782923e-06,
+                                      1.405853367941745e-06,
+                                      5.928434347879374e-07};
+  const std::vector<double> yarn_qwen = {1.0,
+                                         0.4216965138912201,
+                                         0.17782793939113617,
+                                         0.07498941570520401,
+                                         0.03162277862429619,
+                                         0.01333521492779255,
+                                         0.00477990135550499,
+                                         0.001659961650148034,
+                                         0.0005499999970197678,
+                                         0.00016867858357727528,
+                                         4.4456985051510856e-05,
+                                         1.8747356079984456e-05,
+                                         7.905693564680405e-06,
+                                         3.3338035336782923e-06,
+                                         1.405853367941745e-06,
+                                         5.928434347879374e-07};
+  RopeScaling l3;
+  l3.type = RopeScaling::Type::kLlama3;
+  l3.factor = 8;
+  l3.low_freq_factor = 1;
+  l3.high_freq_factor = 4;
+  l3.original_max_position_embeddings = 64;
+  RopeScaling y64;
+  y64.type = RopeScaling::Type::kYarn;
+  y64.factor = 4;
+  y64.original_max_position_embeddings = 64;
+  RopeScaling yq = y64;
+  yq.original_max_position_embeddings = 32768;
+  const struct {
+    RopeScaling scaling;
+    double theta;
+    const std::vector<double>* want;
+  } cases[] = {{l3, 500000.0, &llama3}, {y64, 1e6, &yarn64}, {yq, 1e6, &yarn_qwen}};
+  for (const auto& c : cases) {
+    const RopeShape shape{1, 0, 32, c.theta, c.scaling};
+    for (int i = 0; i < 16; ++i) {
+      // float32 in transformers: a few ulps of fp32.
+      EXPECT_NEAR(ref::RopeInvFreq(i, shape), (*c.want)[i], 4e-7 * (*c.want)[i])
+          << RopeTypeName(c.scaling.type) << " original "
+          << c.scaling.original_max_position_embeddings << " i=" << i;
+    }
+  }
+}
+
+TEST_P(CpuOpsTest, ScaledRope) {
+  RopeShape shape{9, 100, 16, 10000.0};
+  shape.scaling.type = RopeScaling::Type::kYarn;
+  shape.scaling.factor = 8;
+  shape.scaling.original_max_position_embeddings = 32;
+  shape.scaling.attention_factor = 1.2;
+  const Tensor x0 = rng_.Floats({18, 32});
+  Tensor x = x0.Clone();
+  ASSERT_TRUE(backend_->Rope(x, shape).ok());
+  std::vector<float> ref = Values(x0);
+  ref::Rope(ref.data(), 18, 32, shape);
+  EXPECT_LE(RelError(x, ref), kElementwiseBound);
+}
+
 // A query at position 0 sees only key 0, so each head returns value row 0 of its KV head h / n_rep.
 TEST_P(CpuOpsTest, AttentionGroupsQueryHeadsByKvHead) {
   const AttentionShape s{1, 1, 3, 4, 2, 2, 0};

@@ -1,9 +1,14 @@
-// qcal eval: perplexity of a checkpoint on a text file.
+// qcal eval: perplexity of a checkpoint on a text file; with --logits-out, the first window's fp32
+// logits as a safetensors file (for comparisons with other implementations, tools/families/).
 #include <cstdio>
+#include <cstring>
 #include <memory>
 
+#include "absl/strings/str_cat.h"
+#include "common/files.h"
 #include "common/hf_config.h"
 #include "common/logging.h"
+#include "common/safetensors.h"
 #include "common/status.h"
 #include "common/text_data.h"
 #include "common/tokenizer.h"
@@ -25,18 +30,62 @@ struct EvalArgs {
   DeviceFlags dev;
   int act_bits = 0;
   bool json = false;
+  std::string logits_out;
+  std::string ids;
 };
+
+// Token ids from a JSON file holding a list of integers (--ids).
+absl::StatusOr<std::vector<int>> ReadIds(const std::string& path) {
+  QCAL_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": malformed JSON: ", e.what()));
+  }
+  if (!j.is_array() || j.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": expected a non-empty list of ids"));
+  }
+  std::vector<int> ids;
+  for (const auto& v : j) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > (1 << 30)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": token id ", v.dump(), " is not a non-negative integer"));
+    }
+    ids.push_back(v.get<int>());
+  }
+  return ids;
+}
+
+// Writes logits [seq, vocab] (F32) and the ids they were computed from (I32 [seq]) to `path`.
+absl::Status WriteLogits(const std::string& path, const Tensor& logits,
+                         const std::vector<int>& ids) {
+  Tensor id_tensor = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(ids.size())});
+  std::memcpy(id_tensor.raw(), ids.data(), ids.size() * sizeof(int));
+  QCAL_RETURN_IF_ERROR(WriteSafetensors(path, {{"logits", logits}, {"input_ids", id_tensor}}));
+  spdlog::info("eval: wrote logits [{}, {}] to {}", logits.dim(0), logits.dim(1), path);
+  return absl::OkStatus();
+}
 
 absl::Status RunEval(const EvalArgs& a) {
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
-  QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
   engine::LoadOptions load;
   load.act_bits = a.act_bits;
   // Evaluation runs layer-major, one block resident at a time (DESIGN section 2, "Memory").
   load.residency = engine::BlockResidency::kStreaming;
   QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), load));
+  if (!a.ids.empty()) {
+    // A given token sequence: its logits only (no tokenizer, no windows, no BOS added).
+    QCAL_ASSIGN_OR_RETURN(std::vector<int> ids, ReadIds(a.ids));
+    QCAL_RETURN_IF_ERROR(
+        Annotate(CheckSequenceLength(model->config(), static_cast<int64_t>(ids.size())), a.model));
+    QCAL_ASSIGN_OR_RETURN(Tensor logits, engine::SequenceLogits(*model, ids));
+    return WriteLogits(a.logits_out, logits, ids);
+  }
+  if (a.seq_len < 2) return absl::InvalidArgumentError("--seq-len is required with --text");
   QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(model->config(), a.seq_len), a.model));
+  QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
   QCAL_ASSIGN_OR_RETURN(std::string text, LoadCorpusText(a.text));
   QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text));
   QCAL_ASSIGN_OR_RETURN(
@@ -44,6 +93,11 @@ absl::Status RunEval(const EvalArgs& a) {
       MakeEvalWindows(tokens, a.seq_len, a.max_windows, model->config().bos_token_id, a.text));
   spdlog::info("eval: {} windows of {} tokens on {} ({} threads)", windows.inputs.size(), a.seq_len,
                backend->name(), backend->threads());
+  if (!a.logits_out.empty()) {
+    QCAL_ASSIGN_OR_RETURN(Tensor logits, engine::SequenceLogits(*model, windows.inputs[0]));
+    QCAL_RETURN_IF_ERROR(WriteLogits(a.logits_out, logits, windows.inputs[0]));
+    // A streaming model read its blocks once already; perplexity reads them again.
+  }
   QCAL_ASSIGN_OR_RETURN(
       engine::PerplexityResult r,
       engine::EvaluatePerplexity(*model, windows, [](int64_t done, int64_t total) {
@@ -70,11 +124,21 @@ absl::Status RunEval(const EvalArgs& a) {
 RunFn AddEval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   app.add_option("--model", a->model, "Model directory (Hugging Face layout)")->required();
-  app.add_option("--text", a->text, "Evaluation text (.txt, or .jsonl with a \"text\" field)")
-      ->required();
-  app.add_option("--seq-len", a->seq_len, "Window length L in tokens")
-      ->required()
+  auto* text =
+      app.add_option("--text", a->text, "Evaluation text (.txt, or .jsonl with a \"text\" field)");
+  app.add_option("--seq-len", a->seq_len, "Window length L in tokens (required with --text)")
       ->check(CLI::Range(2, 1 << 20));
+  auto* logits = app.add_option(
+      "--logits-out", a->logits_out,
+      "Also write the first window's fp32 logits to this safetensors file (tensor \"logits\" "
+      "[seq, vocab], and \"input_ids\" [seq] I32, the ids they were computed from)");
+  auto* ids = app.add_option(
+      "--ids", a->ids,
+      "Instead of --text: a JSON file with one list of token ids, run as one sequence (no BOS "
+      "added); only its logits are written (needs --logits-out)");
+  ids->needs(logits);
+  ids->excludes(text);
+  text->excludes(ids);
   app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)")
       ->check(CLI::PositiveNumber);
   a->dev.Add(app);
@@ -84,7 +148,12 @@ RunFn AddEval(CLI::App& app) {
       ->check(CLI::IsMember({4, 5, 6, 7, 8, 16}));
   app.add_flag("--json", a->json,
                "Print one JSON object: perplexity, nll, tokens, windows, seconds");
-  return [a] { return RunEval(*a); };
+  return [a, text, ids] {
+    if (text->count() == 0 && ids->count() == 0) {
+      return absl::InvalidArgumentError("eval: --text (or --ids with --logits-out) is required");
+    }
+    return RunEval(*a);
+  };
 }
 
 }  // namespace qcal::cli

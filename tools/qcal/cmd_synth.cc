@@ -15,6 +15,8 @@ namespace {
 struct SynthArgs {
   std::string out;
   std::string preset = "tiny";
+  std::string arch = "llama";
+  std::string tokenizer;
   int layers = 0;
   CLI::Option* layers_flag = nullptr;  // set: --layers was given
   std::string dtype;                   // empty: the preset's
@@ -30,6 +32,8 @@ absl::Status RunSynth(const SynthArgs& a) {
   engine::SynthOptions options;
   options.out_dir = a.out;
   QCAL_ASSIGN_OR_RETURN(options.preset, engine::ParseSynthPreset(a.preset));
+  QCAL_ASSIGN_OR_RETURN(options.arch, engine::ParseSynthArch(a.arch));
+  options.tokenizer_dir = a.tokenizer;
   if (a.layers_flag->count() > 0) options.layers = a.layers;
   if (a.dtype == "f32") options.dtype = DType::kF32;
   if (a.dtype == "bf16") options.dtype = DType::kBF16;
@@ -43,6 +47,9 @@ absl::Status RunSynth(const SynthArgs& a) {
     nlohmann::ordered_json j;
     j["out"] = a.out;
     j["preset"] = a.preset;
+    j["arch"] = a.arch;
+    j["model_type"] = r.config.model_type;
+    j["vocab_size"] = r.config.vocab_size;
     j["seed"] = a.seed;
     j["layers"] = r.config.num_layers;
     j["dtype"] = r.config.dtype;
@@ -68,6 +75,16 @@ RunFn AddSynth(CLI::App& app) {
   app.add_option("--preset", a->preset,
                  "Architecture: tiny (default) or small (fp32), or the Llama-2 shapes 7b, 13b, "
                  "70b (bf16, sharded)");
+  app.add_option(
+         "--arch", a->arch,
+         "Model family: llama (default), llama3 (llama3 rope scaling), qwen2 (q/k/v biases, "
+         "tied embeddings, yarn rope), qwen3 (q/k norms, head_dim 64), mistral (sliding "
+         "window 16); all but llama need preset tiny or small")
+      ->check(CLI::IsMember({"llama", "llama3", "qwen2", "qwen3", "mistral"}));
+  app.add_option("--tokenizer", a->tokenizer,
+                 "Directory with a real tokenizer.json and tokenizer_config.json (and optionally "
+                 "generation_config.json) to copy in; the vocabulary follows tokenizer.json "
+                 "(default: train a SentencePiece tokenizer on calib.txt)");
   a->layers_flag =
       app.add_option("--layers", a->layers, "Transformer blocks, replacing the preset's count")
           ->check(CLI::PositiveNumber);

@@ -27,6 +27,10 @@
 // is linear in V. Compute all four inputs' scales from the same unsmoothed block (its weights and
 // first full-precision statistics) and then fold: the o fold changes v rows, which the q/k/v weight
 // maxima read, and the down fold changes up rows, which the gate/up maxima read.
+// Nothing is folded into q_proj or k_proj rows, nor into Qwen3's q_norm / k_norm: those norms act
+// on the q/k_proj outputs, which the q/k/v-input fold leaves unchanged (only the product X·Wᵀ is
+// re-associated), so the fold stays exact with them; the attention variants (rope scaling, sliding
+// windows, q/k biases) sit on the same unchanged outputs.
 #pragma once
 
 #include <array>

@@ -212,11 +212,55 @@ Tensor EmbeddingWeight(const PlannedTensor& p, uint64_t seed, int threads) {
   return t;
 }
 
+// Biases (q/k/v of qwen2): 0.1 · N(0, 1).
+Tensor BiasWeight(const PlannedTensor& p, uint64_t seed) {
+  const Stream s(StreamSeed(seed, p.name));
+  Tensor t = Tensor::Zeros(p.dtype, p.shape);
+  s.ForEachNormal(0, p.shape[0], [&](int64_t c, double x) {
+    const float v = static_cast<float>(0.1 * x);
+    if (p.dtype == DType::kF32) {
+      t.data<float>()[c] = v;
+    } else {
+      t.data<uint16_t>()[c] = FloatToBf16(v);
+    }
+  });
+  return t;
+}
+
+bool EndsWith(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
 std::string ConfigJson(const ModelConfig& c) {
   // nlohmann::json keeps keys sorted, so the bytes do not depend on insertion order.
   nlohmann::json j;
-  j["architectures"] = {"LlamaForCausalLM"};
-  j["attention_bias"] = false;
+  if (c.model_type == "mistral") {
+    j["architectures"] = {"MistralForCausalLM"};
+    j["sliding_window"] = c.sliding_window;
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
+    j["architectures"] = {c.model_type == "qwen2" ? "Qwen2ForCausalLM" : "Qwen3ForCausalLM"};
+    j["use_sliding_window"] = false;
+    j["sliding_window"] = 64;  // ignored: use_sliding_window is false
+    j["max_window_layers"] = c.num_layers;
+  } else {
+    j["architectures"] = {"LlamaForCausalLM"};
+  }
+  const RopeScaling& r = c.rope_scaling;
+  if (r.type == RopeScaling::Type::kLlama3) {
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", r.factor},
+                         {"low_freq_factor", r.low_freq_factor},
+                         {"high_freq_factor", r.high_freq_factor},
+                         {"original_max_position_embeddings", r.original_max_position_embeddings}};
+  } else if (r.type == RopeScaling::Type::kYarn) {
+    j["rope_scaling"] = {{"type", "yarn"},
+                         {"rope_type", "yarn"},
+                         {"factor", r.factor},
+                         {"original_max_position_embeddings", r.original_max_position_embeddings}};
+  } else if (r.type == RopeScaling::Type::kLinear) {
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", r.factor}};
+  }
+  j["attention_bias"] = c.model_type != "qwen2" && c.attention_bias;
   j["attention_dropout"] = 0.0;
   j["bos_token_id"] = c.bos_token_id;
   j["eos_token_id"] = c.eos_token_id;
@@ -319,7 +363,32 @@ const char* SynthPresetName(SynthPreset preset) {
   return "?";
 }
 
-ModelConfig SynthConfig(SynthPreset preset, int layers) {
+absl::StatusOr<SynthArch> ParseSynthArch(const std::string& name) {
+  for (SynthArch a : {SynthArch::kLlama, SynthArch::kLlama3, SynthArch::kQwen2, SynthArch::kQwen3,
+                      SynthArch::kMistral}) {
+    if (name == SynthArchName(a)) return a;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown synth arch \"", name, "\" (expected llama, llama3, qwen2, qwen3 or mistral)"));
+}
+
+const char* SynthArchName(SynthArch arch) {
+  switch (arch) {
+    case SynthArch::kLlama:
+      return "llama";
+    case SynthArch::kLlama3:
+      return "llama3";
+    case SynthArch::kQwen2:
+      return "qwen2";
+    case SynthArch::kQwen3:
+      return "qwen3";
+    case SynthArch::kMistral:
+      return "mistral";
+  }
+  return "?";
+}
+
+ModelConfig SynthConfig(SynthPreset preset, int layers, SynthArch arch) {
   ModelConfig c;
   if (preset == SynthPreset::kTiny || preset == SynthPreset::kSmall) {
     c.model_type = "llama";
@@ -346,6 +415,42 @@ ModelConfig SynthConfig(SynthPreset preset, int layers) {
   c.bos_token_id = 1;
   c.eos_token_id = 2;
   if (layers > 0) c.num_layers = layers;
+  switch (arch) {
+    case SynthArch::kLlama:
+      break;
+    case SynthArch::kLlama3:
+      c.rope_theta = 500000.0;
+      c.rope_scaling.type = RopeScaling::Type::kLlama3;
+      c.rope_scaling.factor = 8;
+      c.rope_scaling.low_freq_factor = 1;
+      c.rope_scaling.high_freq_factor = 4;
+      c.rope_scaling.original_max_position_embeddings = 64;
+      break;
+    case SynthArch::kQwen2:
+      c.model_type = "qwen2";
+      c.attention_bias = true;
+      c.tie_word_embeddings = true;
+      c.rms_norm_eps = 1e-6;
+      c.rope_theta = 1000000.0;
+      c.rope_scaling.type = RopeScaling::Type::kYarn;
+      c.rope_scaling.factor = 4;
+      c.rope_scaling.original_max_position_embeddings = 64;
+      c.rope_scaling.attention_factor = 0.1 * std::log(4.0) + 1.0;
+      c.max_position_embeddings = 256;
+      break;
+    case SynthArch::kQwen3:
+      c.model_type = "qwen3";
+      c.head_dim = 64;
+      c.qk_norm = true;
+      c.tie_word_embeddings = true;
+      c.rms_norm_eps = 1e-6;
+      c.rope_theta = 1000000.0;
+      break;
+    case SynthArch::kMistral:
+      c.model_type = "mistral";
+      c.sliding_window = 16;
+      break;
+  }
   return c;
 }
 
@@ -373,10 +478,17 @@ std::vector<PlannedTensor> SynthTensorPlan(const ModelConfig& c) {
   std::vector<PlannedTensor> plan;
   plan.push_back({"model.embed_tokens.weight", dtype, {v, d}});
   plan.push_back({"model.norm.weight", dtype, {d}});
-  plan.push_back({"lm_head.weight", dtype, {v, d}});
+  if (!c.tie_word_embeddings) plan.push_back({"lm_head.weight", dtype, {v, d}});
   for (int b = 0; b < c.num_layers; ++b) {
     for (const char* norm : {"input_layernorm", "post_attention_layernorm"}) {
       plan.push_back({absl::StrCat("model.layers.", b, ".", norm, ".weight"), dtype, {d}});
+    }
+    if (c.qk_norm) {
+      for (const char* norm : {"q_norm", "k_norm"}) {
+        plan.push_back({absl::StrCat("model.layers.", b, ".self_attn.", norm, ".weight"),
+                        dtype,
+                        {c.head_dim}});
+      }
     }
     for (LinearKind k : kAllLinears) {
       int64_t d_out = d, d_in = d;
@@ -400,6 +512,11 @@ std::vector<PlannedTensor> SynthTensorPlan(const ModelConfig& c) {
           break;
       }
       plan.push_back({LinearPrefix(b, k) + ".weight", dtype, {d_out, d_in}});
+      const bool bias = k == LinearKind::kO
+                            ? c.o_bias
+                            : (k == LinearKind::kQ || k == LinearKind::kK || k == LinearKind::kV) &&
+                                  c.attention_bias;
+      if (bias) plan.push_back({LinearPrefix(b, k) + ".bias", dtype, {d_out}});
     }
   }
   std::sort(plan.begin(), plan.end(),
@@ -412,14 +529,20 @@ Tensor SynthesizeTensor(const PlannedTensor& tensor, uint64_t seed,
   threads = ResolveThreads(threads);
   if (tensor.name == "model.embed_tokens.weight") return EmbeddingWeight(tensor, seed, threads);
   if (tensor.name == "model.norm.weight") return NormWeight(tensor, seed, {});
+  if (EndsWith(tensor.name, ".bias")) return BiasWeight(tensor, seed);
+  if (EndsWith(tensor.name, "_norm.weight") &&
+      tensor.name.find("self_attn.") != std::string::npos) {
+    return NormWeight(tensor, seed, {});  // q_norm / k_norm: head_dim channels, no outliers
+  }
   if (tensor.shape.size() == 1) return NormWeight(tensor, seed, outliers);
   return LinearWeight(tensor, seed, threads);
 }
 
-std::map<std::string, Tensor> SynthesizeWeights(SynthPreset preset, uint64_t seed, int layers) {
+std::map<std::string, Tensor> SynthesizeWeights(SynthPreset preset, uint64_t seed, int layers,
+                                                SynthArch arch) {
   const std::vector<int> outliers = SynthOutlierChannels(preset, seed);
   std::map<std::string, Tensor> w;
-  for (const PlannedTensor& p : SynthTensorPlan(SynthConfig(preset, layers))) {
+  for (const PlannedTensor& p : SynthTensorPlan(SynthConfig(preset, layers, arch))) {
     w[p.name] = SynthesizeTensor(p, seed, outliers, /*threads=*/0);
   }
   return w;
@@ -468,8 +591,125 @@ absl::Status SynthOptions::Validate() const {
   if (threads < 0) {
     return absl::InvalidArgumentError(absl::StrCat("synth: threads must be >= 0, got ", threads));
   }
+  if (arch != SynthArch::kLlama && preset != SynthPreset::kTiny && preset != SynthPreset::kSmall) {
+    return absl::InvalidArgumentError(absl::StrCat("synth: arch ", SynthArchName(arch),
+                                                   " needs preset tiny or small, got ",
+                                                   SynthPresetName(preset)));
+  }
   return absl::OkStatus();
 }
+
+namespace {
+
+// The id of token `content` in tokenizer.json (added tokens first, then model.vocab), or -1.
+int TokenId(const nlohmann::json& tok, const std::string& content) {
+  if (tok.contains("added_tokens") && tok["added_tokens"].is_array()) {
+    for (const auto& t : tok["added_tokens"]) {
+      if (t.is_object() && t.value("content", "") == content && t.contains("id") &&
+          t["id"].is_number_integer()) {
+        return t["id"].get<int>();
+      }
+    }
+  }
+  if (tok.contains("model") && tok["model"].is_object() && tok["model"].contains("vocab") &&
+      tok["model"]["vocab"].is_object()) {
+    const auto& vocab = tok["model"]["vocab"];
+    auto it = vocab.find(content);
+    if (it != vocab.end() && it->is_number_integer()) return it->get<int>();
+  }
+  return -1;
+}
+
+// A token named in tokenizer_config.json: a string or {"content": ...}; "" when absent or null.
+std::string NamedToken(const nlohmann::json& cfg, const char* key) {
+  if (!cfg.contains(key)) return "";
+  const auto& v = cfg[key];
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) {
+    return v["content"].get<std::string>();
+  }
+  return "";
+}
+
+// Reads `dir`'s tokenizer files for the checkpoint: sets the vocabulary and bos/eos of `c` and
+// returns the files to copy (name -> bytes).
+absl::StatusOr<std::map<std::string, std::string>> ReadTokenizerFiles(const std::string& dir,
+                                                                      ModelConfig& c) {
+  std::map<std::string, std::string> files;
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    const fs::path path = fs::path(dir) / name;
+    if (!fs::exists(path)) {
+      return absl::NotFoundError(absl::StrCat(path.string(),
+                                              ": missing (--tokenizer needs tokenizer.json and "
+                                              "tokenizer_config.json)"));
+    }
+    QCAL_ASSIGN_OR_RETURN(files[name], ReadFileToString(path.string()));
+  }
+  for (const char* name : {"generation_config.json", "special_tokens_map.json"}) {
+    const fs::path path = fs::path(dir) / name;
+    if (fs::exists(path)) {
+      QCAL_ASSIGN_OR_RETURN(files[name], ReadFileToString(path.string()));
+    }
+  }
+  const std::string tok_path = (fs::path(dir) / "tokenizer.json").string();
+  nlohmann::json tok, cfg, gen;
+  try {
+    tok = nlohmann::json::parse(files["tokenizer.json"]);
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(tok_path, ": malformed JSON: ", e.what()));
+  }
+  try {
+    cfg = nlohmann::json::parse(files["tokenizer_config.json"]);
+    if (files.count("generation_config.json")) {
+      gen = nlohmann::json::parse(files["generation_config.json"]);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": malformed tokenizer_config.json or ",
+                                                   "generation_config.json: ", e.what()));
+  }
+  int64_t max_id = -1;
+  if (!tok.is_object() || !tok.contains("model") || !tok["model"].is_object() ||
+      !tok["model"].contains("vocab") || !tok["model"]["vocab"].is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(tok_path, ": key \"model.vocab\" missing or not an object"));
+  }
+  for (const auto& [piece, id] : tok["model"]["vocab"].items()) {
+    if (!id.is_number_integer() || id.get<int64_t>() < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(tok_path, ": model.vocab entry ", nlohmann::json(piece).dump(), " has id ",
+                       id.dump(), " (expected a non-negative integer)"));
+    }
+    max_id = std::max(max_id, id.get<int64_t>());
+  }
+  if (tok.contains("added_tokens") && tok["added_tokens"].is_array()) {
+    for (const auto& t : tok["added_tokens"]) {
+      if (t.is_object() && t.contains("id") && t["id"].is_number_integer()) {
+        max_id = std::max(max_id, t["id"].get<int64_t>());
+      }
+    }
+  }
+  if (max_id < 0 || max_id >= (int64_t{1} << 24)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(tok_path, ": no usable token ids (largest ", max_id, ")"));
+  }
+  c.vocab_size = static_cast<int>((max_id + 1 + 127) / 128 * 128);
+  auto gen_id = [&](const char* key) -> int {
+    if (!gen.is_object() || !gen.contains(key)) return -1;
+    const auto& v = gen[key];
+    if (v.is_number_integer()) return v.get<int>();
+    if (v.is_array() && !v.empty() && v[0].is_number_integer()) return v[0].get<int>();
+    return -1;
+  };
+  const int eos_named = TokenId(tok, NamedToken(cfg, "eos_token"));
+  const int eos = gen_id("eos_token_id") >= 0 ? gen_id("eos_token_id") : eos_named;
+  const int bos_named = TokenId(tok, NamedToken(cfg, "bos_token"));
+  const int bos = bos_named >= 0 ? bos_named : gen_id("bos_token_id");
+  c.eos_token_id = eos >= 0 ? eos : 0;
+  c.bos_token_id = bos >= 0 ? bos : c.eos_token_id;
+  return files;
+}
+
+}  // namespace
 
 namespace {
 
@@ -573,15 +813,20 @@ absl::StatusOr<SynthResult> WriteSyntheticCheckpoint(const SynthOptions& options
                   ec);
 
   SynthResult result;
-  result.config = SynthConfig(options.preset, options.layers.value_or(0));
+  result.config = SynthConfig(options.preset, options.layers.value_or(0), options.arch);
+  std::map<std::string, std::string> tokenizer_files;
+  if (!options.tokenizer_dir.empty()) {
+    QCAL_ASSIGN_OR_RETURN(tokenizer_files,
+                          ReadTokenizerFiles(options.tokenizer_dir, result.config));
+  }
   if (options.dtype.has_value()) {
     result.config.dtype = *options.dtype == DType::kBF16 ? "bfloat16" : "float32";
   }
   result.outlier_channels = SynthOutlierChannels(options.preset, options.seed);
   const ModelConfig& c = result.config;
-  spdlog::info("synth: {} preset (hidden {}, {} layers, vocab {}), seed {}, {} threads",
-               SynthPresetName(options.preset), c.hidden_size, c.num_layers, c.vocab_size,
-               options.seed, threads);
+  spdlog::info("synth: {} preset, {} (hidden {}, {} layers, vocab {}), seed {}, {} threads",
+               SynthPresetName(options.preset), SynthArchName(options.arch), c.hidden_size,
+               c.num_layers, c.vocab_size, options.seed, threads);
 
   const std::string calib =
       GenerateSyntheticText(StreamSeed(options.seed, "calib.txt"), kSynthCalibBytes);
@@ -590,11 +835,19 @@ absl::StatusOr<SynthResult> WriteSyntheticCheckpoint(const SynthOptions& options
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "calib.txt", calib));
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "eval.txt", eval));
 
-  const int tokenizer_vocab = SynthTokenizerVocab(c);
-  spdlog::info("synth: training a {}-piece tokenizer on {} bytes of calib.txt", tokenizer_vocab,
-               calib.size());
-  QCAL_ASSIGN_OR_RETURN(std::string tokenizer, TrainSynthTokenizer(calib, tokenizer_vocab));
-  QCAL_RETURN_IF_ERROR(WriteFile(tmp, "tokenizer.model", tokenizer));
+  if (tokenizer_files.empty()) {
+    const int tokenizer_vocab = SynthTokenizerVocab(c);
+    spdlog::info("synth: training a {}-piece tokenizer on {} bytes of calib.txt", tokenizer_vocab,
+                 calib.size());
+    QCAL_ASSIGN_OR_RETURN(std::string tokenizer, TrainSynthTokenizer(calib, tokenizer_vocab));
+    QCAL_RETURN_IF_ERROR(WriteFile(tmp, "tokenizer.model", tokenizer));
+  } else {
+    spdlog::info("synth: tokenizer files from {} (vocab {}, bos {}, eos {})", options.tokenizer_dir,
+                 c.vocab_size, c.bos_token_id, c.eos_token_id);
+    for (const auto& [name, bytes] : tokenizer_files) {
+      QCAL_RETURN_IF_ERROR(WriteFile(tmp, name, bytes));
+    }
+  }
 
   const std::vector<PlannedTensor> plan = SynthTensorPlan(c);
   for (const PlannedTensor& p : plan) result.num_parameters += NumElements(p.shape);
@@ -603,7 +856,9 @@ absl::StatusOr<SynthResult> WriteSyntheticCheckpoint(const SynthOptions& options
   QCAL_RETURN_IF_ERROR(
       WriteWeights(tmp, plan, options.seed, result.outlier_channels, options.shard_bytes, threads));
   QCAL_RETURN_IF_ERROR(WriteFile(tmp, "config.json", ConfigJson(c)));
-  QCAL_RETURN_IF_ERROR(WriteFile(tmp, "generation_config.json", GenerationConfigJson(c)));
+  if (!tokenizer_files.count("generation_config.json")) {
+    QCAL_RETURN_IF_ERROR(WriteFile(tmp, "generation_config.json", GenerationConfigJson(c)));
+  }
   QCAL_ASSIGN_OR_RETURN(result.files, ListFiles(tmp, options.sha256, threads));
 
   // The target may have changed while we wrote; check again before replacing it.

@@ -18,9 +18,27 @@
 //                           SynthTokenizerVocab(config) pieces
 //   calib.txt, eval.txt     generated text (GenerateSyntheticText) from two different streams;
 //                           the tokenizer is trained on calib.txt only
-// Every byte is a function of (preset, layers, dtype, seed, shard size): the same options give
-// byte-identical files whatever the number of threads, and nothing written holds a path, a time or
-// a host name.
+// Architectures (SynthArch, `qcal synth --arch`; tiny and small presets only for all but llama):
+//   llama    as above (the default; bytes unchanged by the other architectures).
+//   llama3   model_type llama, rope_theta 500000, rope_scaling {rope_type llama3, factor 8,
+//            low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 64}.
+//   qwen2    model_type qwen2: q/k/v biases (0.1·N(0, 1)), tied embeddings (no lm_head tensor),
+//            rope_theta 1e6, rope_scaling {type yarn, factor 4, original_max_position_embeddings
+//            64} with max_position_embeddings 256 (= factor × original, so transformers versions
+//            that derive the factor from the two lengths agree), sliding_window 64 with
+//            use_sliding_window false (must be ignored).
+//   qwen3    model_type qwen3: head_dim 64 (q_dim = 2 × hidden), per-head q_norm / k_norm weights
+//            (norm statistics, no outliers), tied embeddings, rope_theta 1e6.
+//   mistral  model_type mistral, sliding_window 16.
+// The small original_max_position_embeddings and windows let a test run past them with short
+// sequences. With `tokenizer_dir` (`--tokenizer DIR`), tokenizer.json and tokenizer_config.json
+// (and generation_config.json and special_tokens_map.json when present) are copied from DIR instead
+// of training a SentencePiece model; the vocabulary is the largest token id of tokenizer.json
+// (model.vocab and added_tokens) + 1, rounded up to a multiple of 128, and bos/eos ids follow
+// generation_config.json or the tokens named in tokenizer_config.json.
+// Every byte is a function of (preset, arch, layers, dtype, seed, shard size, tokenizer files): the
+// same options give byte-identical files whatever the number of threads, and nothing written holds
+// a path, a time or a host name.
 //
 // Weight statistics, chosen to resemble trained checkpoints where quantization cares:
 //   linear W[i, j] = 0.6/sqrt(d_in) · r_i · c_j · n_ij with n ~ N(0, 1), row scales r = e^(0.3·N)
@@ -70,6 +88,11 @@ namespace qcal::engine {
 //   k70b:   hidden 8192, intermediate 28672, 80 layers, 64 heads, 8 KV heads, 4 outlier channels
 //           (68,976,648,192 parameters, 138 GB).
 enum class SynthPreset { kTiny, kSmall, k7b, k13b, k70b };
+enum class SynthArch { kLlama, kLlama3, kQwen2, kQwen3, kMistral };
+
+// "llama", "llama3", "qwen2", "qwen3" or "mistral"; the error names the value.
+absl::StatusOr<SynthArch> ParseSynthArch(const std::string& name);
+const char* SynthArchName(SynthArch arch);
 
 // "tiny", "small", "7b", "13b" or "70b"; the error names the value.
 absl::StatusOr<SynthPreset> ParseSynthPreset(const std::string& name);
@@ -77,7 +100,8 @@ const char* SynthPresetName(SynthPreset preset);
 
 // The model configuration of a preset (max_position_embeddings 2048 for tiny and small, 4096 for
 // the Llama-2 presets; dtype "float32" or "bfloat16"). `layers` > 0 replaces num_layers.
-ModelConfig SynthConfig(SynthPreset preset, int layers = 0);
+// `arch` changes the family's keys (see the header comment).
+ModelConfig SynthConfig(SynthPreset preset, int layers = 0, SynthArch arch = SynthArch::kLlama);
 // How many hidden channels carry large norm weights in a preset.
 int SynthOutlierCount(SynthPreset preset);
 
@@ -105,7 +129,8 @@ Tensor SynthesizeTensor(const PlannedTensor& tensor, uint64_t seed,
 // All weights of the preset's model (`layers` > 0 replaces the block count) as host tensors of the
 // preset's dtype by Hugging Face name. Holds the whole model: for tiny and small (tests); the
 // checkpoint writer streams the tensors instead.
-std::map<std::string, Tensor> SynthesizeWeights(SynthPreset preset, uint64_t seed, int layers = 0);
+std::map<std::string, Tensor> SynthesizeWeights(SynthPreset preset, uint64_t seed, int layers = 0,
+                                                SynthArch arch = SynthArch::kLlama);
 
 // Pieces of the trained tokenizer: the vocabulary, at most 2048 (the generated calibration text
 // holds fewer than 3000 BPE pieces, so a 32000-piece vocabulary cannot be trained on it; token ids
@@ -127,6 +152,11 @@ struct SynthOptions {
   std::string out_dir;
   // Architecture. Default: kTiny.
   SynthPreset preset = SynthPreset::kTiny;
+  // Model family; other than kLlama needs preset kTiny or kSmall. Default: kLlama.
+  SynthArch arch = SynthArch::kLlama;
+  // A directory with a real tokenizer.json and tokenizer_config.json to copy in (the vocabulary
+  // follows it); empty: train a SentencePiece tokenizer. Default: empty.
+  std::string tokenizer_dir;
   // Transformer blocks, replacing the preset's count; >= 1 when set. Default: unset (the preset's).
   std::optional<int> layers;
   // Weight dtype, kF32 or kBF16, replacing the preset's (config.json's torch_dtype follows).
@@ -149,7 +179,7 @@ struct SynthOptions {
   bool overwrite = false;
 
   // InvalidArgument naming the field: empty out_dir, layers < 1, a dtype other than F32 or BF16,
-  // threads < 0.
+  // threads < 0, an arch other than llama with a Llama-2 preset.
   absl::Status Validate() const;
 };
 

@@ -237,6 +237,90 @@ TEST_F(CudaOpsTest, AttentionMatchesReference) {
   }
 }
 
+// Sliding-window attention (Mistral) against the reference, for windows shorter than the
+// sequence: prefill over several key tiles, cached decode, and a chunk after a cached prefix.
+TEST_F(CudaOpsTest, SlidingWindowAttentionMatchesReference) {
+  struct Case {
+    AttentionShape s;
+    int window;
+  };
+  const Case cases[] = {{{1, 200, 200, 4, 2, 64, 0}, 16},  {{2, 150, 150, 2, 1, 32, 0}, 1},
+                        {{1, 1, 300, 4, 4, 64, 299}, 70},  {{1, 65, 230, 2, 2, 128, 165}, 100},
+                        {{1, 300, 300, 2, 1, 96, 0}, 129}, {{1, 40, 40, 3, 1, 8, 0}, 64}};
+  uint64_t seed = 900;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    const bool bf16 = dtype == ComputeDType::kBF16;
+    for (Case c : cases) {
+      AttentionShape s = c.s;
+      s.sliding_window = c.window;
+      SCOPED_TRACE(testing::Message()
+                   << Name(dtype) << " q_len=" << s.q_len << " kv_len=" << s.kv_len
+                   << " q_offset=" << s.q_offset << " window=" << s.sliding_window);
+      const int64_t qn = int64_t(s.batch) * s.q_len * s.num_heads * s.head_dim;
+      const int64_t kvn = int64_t(s.batch) * s.kv_len * s.num_kv_heads * s.head_dim;
+      const auto q = Random(qn, seed++), k = Random(kvn, seed++), v = Random(kvn, seed++);
+      std::vector<float> ref(qn), full(qn);
+      ref::Attention(q.data(), k.data(), v.data(), s, ref.data(), bf16);
+      AttentionShape no_window = s;
+      no_window.sliding_window = 0;
+      ref::Attention(q.data(), k.data(), v.data(), no_window, full.data(), bf16);
+      const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                    kvw = int64_t(s.num_kv_heads) * s.head_dim;
+      Tensor qd = Upload(be, q, {int64_t(s.batch) * s.q_len, qw});
+      Tensor kd = Upload(be, k, {int64_t(s.batch) * s.kv_len, kvw});
+      Tensor vd = Upload(be, v, {int64_t(s.batch) * s.kv_len, kvw});
+      Tensor out = Poisoned(be, {int64_t(s.batch) * s.q_len, qw});
+      const absl::Status st = be.Attention(qd, kd, vd, s, out);
+      ASSERT_TRUE(st.ok()) << st;
+      const std::vector<float> got = Download(be, out);
+      EXPECT_LE(RelError(got, ref), bf16 ? kAttentionBf16Bound : kAttentionF32Bound);
+      // The window changes the result when it is shorter than the visible prefix.
+      if (s.sliding_window < s.q_offset + s.q_len) {
+        EXPECT_GT(RelError(got, full), 1e-3);
+      }
+    }
+  }
+}
+
+// Scaled RoPE (linear, llama3, yarn with its cos/sin factor) uses the reference's table.
+TEST_F(CudaOpsTest, ScaledRopeMatchesReference) {
+  Backend& be = *f32_;
+  RopeScaling linear;
+  linear.type = RopeScaling::Type::kLinear;
+  linear.factor = 4;
+  RopeScaling llama3;
+  llama3.type = RopeScaling::Type::kLlama3;
+  llama3.factor = 8;
+  llama3.low_freq_factor = 1;
+  llama3.high_freq_factor = 4;
+  llama3.original_max_position_embeddings = 64;
+  RopeScaling yarn;
+  yarn.type = RopeScaling::Type::kYarn;
+  yarn.factor = 4;
+  yarn.original_max_position_embeddings = 64;
+  yarn.attention_factor = 0.1 * std::log(4.0) + 1;
+  uint64_t seed = 950;
+  for (const RopeScaling& scaling : {linear, llama3, yarn}) {
+    SCOPED_TRACE(RopeTypeName(scaling.type));
+    const int seq_len = 200, heads = 3, head_dim = 64;
+    RopeShape shape{seq_len, 10, head_dim, 500000.0, scaling};
+    const int64_t rows = seq_len, width = int64_t(heads) * head_dim;
+    std::vector<float> ref = Random(rows * width, seed++);
+    Tensor xd = Upload(be, ref, {rows, width});
+    ref::Rope(ref.data(), rows, width, shape);
+    ASSERT_TRUE(be.Rope(xd, shape).ok());
+    EXPECT_LE(RelError(Download(be, xd), ref), kRopeBound);
+    // The table is rebuilt when only the scaling changes.
+    RopeShape plain{seq_len, 10, head_dim, 500000.0};
+    std::vector<float> ref2 = Random(rows * width, seed++);
+    Tensor yd = Upload(be, ref2, {rows, width});
+    ref::Rope(ref2.data(), rows, width, plain);
+    ASSERT_TRUE(be.Rope(yd, plain).ok());
+    EXPECT_LE(RelError(Download(be, yd), ref2), kRopeBound);
+  }
+}
+
 TEST_F(CudaOpsTest, ElementwiseOpsMatchReference) {
   Backend& be = *f32_;
   uint64_t seed = 400;
