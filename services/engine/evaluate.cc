@@ -1,5 +1,6 @@
 #include "services/engine/evaluate.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -136,8 +137,13 @@ absl::StatusOr<std::vector<int>> GenerateGreedy(Model& model, const std::vector<
   if (options.max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");
   kernels::Backend& be = model.backend();
   const ModelConfig& c = model.config();
-  std::vector<int> ids = {c.bos_token_id};
+  const int bos = options.bos_id == GenerateOptions::kFromConfig ? c.bos_token_id : options.bos_id;
+  std::vector<int> ids;
+  if (bos >= 0) ids.push_back(bos);
   ids.insert(ids.end(), prompt_ids.begin(), prompt_ids.end());
+  if (ids.empty()) return absl::InvalidArgumentError("generation needs a BOS token or a prompt");
+  const std::vector<int> eos =
+      options.eos_ids.empty() ? std::vector<int>{c.eos_token_id} : options.eos_ids;
   const int capacity = static_cast<int>(ids.size()) + options.max_new_tokens;
   QCAL_ASSIGN_OR_RETURN(KvCache cache, model.NewCache(capacity));
   std::vector<int> generated;
@@ -161,7 +167,7 @@ absl::StatusOr<std::vector<int>> GenerateGreedy(Model& model, const std::vector<
     }
     if (!std::isfinite(l[best])) return absl::DataLossError("non-finite logits during generation");
     offset += static_cast<int>(step.size());
-    if (best == c.bos_token_id || best == c.eos_token_id) break;
+    if ((bos >= 0 && best == bos) || std::find(eos.begin(), eos.end(), best) != eos.end()) break;
     generated.push_back(best);
     step = {best};
   }

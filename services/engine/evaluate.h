@@ -33,10 +33,19 @@ absl::StatusOr<Tensor> SequenceLogits(Model& model, const std::vector<int>& ids)
 
 struct GenerateOptions {
   int max_new_tokens = 64;  // Default: 64.
+  // The tokenizer's BOS (DESIGN section 4: tokenizer_config.json decides), prepended to the
+  // prompt; -1: the model has none (the prompt must then not be empty). Default: config.json's
+  // bos_token_id (kFromConfig).
+  static constexpr int kFromConfig = -2;
+  int bos_id = kFromConfig;
+  // Generation stops at any of these (generation_config.json's list); empty: config.json's
+  // eos_token_id. Default: empty.
+  std::vector<int> eos_ids;
 };
 
-// Greedy decoding from BOS + prompt_ids with a KV cache; stops at BOS or EOS (not included) or
+// Greedy decoding from BOS + prompt_ids with a KV cache; stops at BOS or an EOS (not included) or
 // after max_new_tokens. Ties in the argmax go to the lowest token id. Returns the generated ids.
+// InvalidArgument for an empty start (no BOS and no prompt).
 absl::StatusOr<std::vector<int>> GenerateGreedy(Model& model, const std::vector<int>& prompt_ids,
                                                 const GenerateOptions& options);
 

@@ -87,10 +87,9 @@ absl::Status RunEval(const EvalArgs& a) {
   QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(model->config(), a.seq_len), a.model));
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
   QCAL_ASSIGN_OR_RETURN(std::string text, LoadCorpusText(a.text));
-  QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text));
-  QCAL_ASSIGN_OR_RETURN(
-      TokenWindows windows,
-      MakeEvalWindows(tokens, a.seq_len, a.max_windows, model->config().bos_token_id, a.text));
+  QCAL_ASSIGN_OR_RETURN(std::vector<int> tokens, TokenizeCorpus(*tokenizer, text, a.text));
+  QCAL_ASSIGN_OR_RETURN(TokenWindows windows, MakeEvalWindows(tokens, a.seq_len, a.max_windows,
+                                                              tokenizer->bos_id(), a.text));
   spdlog::info("eval: {} windows of {} tokens on {} ({} threads)", windows.inputs.size(), a.seq_len,
                backend->name(), backend->threads());
   if (!a.logits_out.empty()) {

@@ -54,6 +54,8 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   }
   engine::GenerateOptions go;
   go.max_new_tokens = a.max_new_tokens;
+  go.bos_id = tokenizer->bos_id();
+  go.eos_ids = tokenizer->eos_ids();
   QCAL_ASSIGN_OR_RETURN(std::vector<int> ids, engine::GenerateGreedy(*model, prompt_ids, go));
   const std::vector<int>& eos = tokenizer->eos_ids();
   ids.erase(std::find_first_of(ids.begin(), ids.end(), eos.begin(), eos.end()), ids.end());
