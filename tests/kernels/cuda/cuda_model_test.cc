@@ -31,6 +31,10 @@ constexpr double kReferenceTolerance = 1e-3;  // relative
 constexpr double kBackendParity = 1e-4;  // relative, on perplexity
 // bf16 compute against the fp32 reference: rounding of every GEMM operand.
 constexpr double kBf16Tolerance = 2e-2;  // relative
+// bf16 compute against fp32, on raw logits (relative Frobenius error over a window): each GEMM
+// operand keeps 8 significant bits, and the errors of 2 random-weight blocks, attention and lm_head
+// add up to about 2% (H200: llama3 0.0225, mistral 0.0212). Perplexity, above, moves less.
+constexpr double kBf16LogitsTolerance = 5e-2;
 
 std::unique_ptr<kernels::Backend> MakeBackend(const std::string& device,
                                               kernels::ComputeDType dtype) {
@@ -169,7 +173,7 @@ TEST(CudaFamiliesTest, LogitsMatchTheCpuBackend) {
         num += d * d;
         den += double(want->data<float>()[i]) * want->data<float>()[i];
       }
-      EXPECT_LT(std::sqrt(num / den), bf16 ? kBf16Tolerance : kBackendParity)
+      EXPECT_LT(std::sqrt(num / den), bf16 ? kBf16LogitsTolerance : kBackendParity)
           << (bf16 ? "bf16" : "f32");
       // Greedy generation with the KV cache runs (sliding window and scaled rope in decode).
       engine::GenerateOptions go;
