@@ -57,28 +57,13 @@ void SyncDir(const fs::path& dir) {
   }
 }
 
-// Writes `bytes` to `path` through a temporary file, fsynced, renamed into place.
+// Writes `bytes` to `path` through a temporary file, fsynced (WriteStringToFile), renamed into
+// place. Errors are UNAVAILABLE, so that the committing worker retries.
 absl::Status WriteFileSynced(const std::string& path, const std::string& bytes) {
   const std::string tmp = path + ".tmp";
-  const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::UnavailableError(absl::StrCat(tmp, ": ", std::strerror(errno)));
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t w = write(fd, bytes.data() + done, bytes.size() - done);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) {
-      const std::string why = std::strerror(errno);
-      close(fd);
-      return absl::UnavailableError(absl::StrCat(tmp, ": write failed: ", why));
-    }
-    done += static_cast<size_t>(w);
+  if (absl::Status s = WriteStringToFile(tmp, bytes); !s.ok()) {
+    return absl::UnavailableError(s.message());
   }
-  if (fsync(fd) != 0) {
-    const std::string why = std::strerror(errno);
-    close(fd);
-    return absl::UnavailableError(absl::StrCat(tmp, ": fsync failed: ", why));
-  }
-  close(fd);
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     return absl::UnavailableError(absl::StrCat(path, ": rename failed: ", std::strerror(errno)));
   }
