@@ -31,6 +31,10 @@ enum class Op {
   kNll,
   kGram,
   kActQuant,
+  // The gradient pass's ops (DESIGN section 2, step 4): Gemm, RmsNormBackward, RopeBackward,
+  // AttentionBackward, SiluMulBackward, EmbeddingBackward, NllBackward, ScaleRowsByNorm,
+  // AccumulateSquares. A backend supports all of them or none.
+  kBackward,
 };
 
 // Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. The CPU
@@ -172,6 +176,69 @@ class Backend {
   // h[k,k] += xᵀ x for x [n,k], fp32 accumulation (operands rounded per compute_dtype).
   virtual absl::Status AccumulateGram(const Tensor& x, Tensor& h) = 0;
 
+  // ---- Backward ops: the gradient pass (DESIGN section 2, step 4; section 3, "Output-adaptive
+  // calibration"). Each is the exact gradient of its forward op above for the same inputs,
+  // computed in fp32 (GEMM operands rounded per compute_dtype, as the forward rounds them), with a
+  // scalar twin in kernels/cpu/ref_grad.h that is its specification. Not pure: a backend without
+  // them answers SupportsOp(kBackward) false and returns Unimplemented.
+  //
+  // c = alpha·op(a)·op(b) + beta·c, where op(a) is [m,k] (a [m,k], or a [k,m] with trans_a),
+  // op(b) is [k,n] (b [k,n], or b [n,k] with trans_b) and c is [m,n]. beta == 0 ignores c's
+  // contents (NaN included). Operands rounded per compute_dtype, fp32 accumulation.
+  virtual absl::Status Gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                            float alpha, float beta, Tensor& c) {
+    return UnsupportedOp("Gemm");
+  }
+  // dx = ∂<dy, RmsNorm(x, weight, eps)>/∂x for x, dy [rows, width] (weight [width]; the weight's
+  // own gradient is not formed). dx may alias dy.
+  virtual absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps,
+                                       const Tensor& dy, Tensor& dx) {
+    return UnsupportedOp("RmsNormBackward");
+  }
+  // In place: g = Rᵀ·g on every head, where R is Rope's rotation for the same shape (the rotation
+  // by the negative angle, YaRN's factor included): the gradient of Rope.
+  virtual absl::Status RopeBackward(Tensor& g, const RopeShape& shape) {
+    return UnsupportedOp("RopeBackward");
+  }
+  // The gradients of Attention(q, k, v, shape) given dout = ∂ℓ/∂out: dq (shaped like q), dk, dv
+  // (shaped like k, v), overwritten. The probabilities are recomputed (on the GPU flash-style,
+  // tile by tile, never an L×L matrix per head in memory); causal and sliding-window masks as in
+  // the forward.
+  virtual absl::Status AttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& dout, const AttentionShape& shape,
+                                         Tensor& dq, Tensor& dk, Tensor& dv) {
+    return UnsupportedOp("AttentionBackward");
+  }
+  // For out = silu(gate)·up: dgate = dout·up·silu'(gate), dup = dout·silu(gate).
+  virtual absl::Status SiluMulBackward(const Tensor& gate, const Tensor& up, const Tensor& dout,
+                                       Tensor& dgate, Tensor& dup) {
+    return UnsupportedOp("SiluMulBackward");
+  }
+  // dtable[ids[r]] += dout[r] for r = 0, 1, ... in order (deterministic: every row of dtable sums
+  // its tokens in row order). ids is a host I32 tensor [rows]; dout [rows, width]; dtable
+  // [vocab, width]. InvalidArgument for an id outside the table.
+  virtual absl::Status EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
+    return UnsupportedOp("EmbeddingBackward");
+  }
+  // dlogits[r] = scale·(softmax(logits[r]) − onehot(targets[r])): the gradient of scale·Σ_r nll[r]
+  // (Nll). targets is a host I32 tensor; a row whose target is −1 predicts nothing and gets
+  // zeros. dlogits may alias logits.
+  virtual absl::Status NllBackward(const Tensor& logits, const Tensor& targets, float scale,
+                                   Tensor& dlogits) {
+    return UnsupportedOp("NllBackward");
+  }
+  // x[r, :] *= ‖g[r, :]‖₂ for x [rows, width_x] and g [rows, width_g] (the norm summed in double
+  // on the CPU, in fp32 pairs on device backends, then rounded to fp32): the per-token Hessian
+  // H_tok = Σ_t ‖g_t‖²·x_t x_tᵀ is then AccumulateGram of the scaled x. A norm of a power of two
+  // is exact, so ‖g_t‖² = 4 scales every row by exactly 2.
+  virtual absl::Status ScaleRowsByNorm(const Tensor& g, Tensor& x) {
+    return UnsupportedOp("ScaleRowsByNorm");
+  }
+  // f += g ⊙ g, elementwise (the diagonal Fisher), for F32 tensors of the same element count.
+  virtual absl::Status AccumulateSquares(const Tensor& g, Tensor& f) {
+    return UnsupportedOp("AccumulateSquares");
+  }
+
   // Activation fake-quantization (DESIGN section 3, "Activation quantization"): per row (token) of
   // x [rows, width], dynamic and symmetric with b = `bits` (2..8) and qmax = 2^(b-1) - 1:
   // s = max|x_row| / qmax, out = s * clamp(round_half_even(x / s), -qmax, qmax); s = 0 gives 0.
@@ -249,6 +316,9 @@ class Backend {
   // w[r, ...] /= m[r] for F32 w [rows, ...] (a vector is rows of one) and m [rows] on this device
   // (IEEE division: the same bits as the host).
   virtual absl::Status DivideRows(Tensor& w, const Tensor& m) { return Unsupported("DivideRows"); }
+
+ protected:
+  absl::Status UnsupportedOp(const char* op) const { return Unsupported(op); }
 
  private:
   absl::Status Unsupported(const char* op) const {

@@ -99,7 +99,7 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return absl::StrCat("cuda:", device_); }
   Device device() const override { return Device::kCuda; }
-  bool SupportsOp(Op) const override { return true; }
+  bool SupportsOp(Op op) const override { return op != Op::kBackward; }  // backward: issue 12
   bool SupportsSolverOp(SolverOp) const override { return true; }
   ComputeDType compute_dtype() const override { return dtype_; }
   // One stream; the host threads play no part in the results.

@@ -35,6 +35,7 @@
 #include "services/engine/gang/plan.h"
 #include "services/engine/gang/transport.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/oac_statistics.h"
 #include "services/engine/quantize.h"
 #include "services/engine/recipe.h"
 
@@ -110,6 +111,21 @@ class JobSession {
   // the next call or by Finish).
   absl::StatusOr<BlockArtifactsPtr> RunNextBlock(Transport* transport = nullptr,
                                                  const GangBlockOptions& gang_options = {});
+
+  // ---- The gradient pass (recipes with hessian != layer; DESIGN section 2, step 4).
+  // Whether the recipe needs the pass and this session has no statistics yet (it has neither run
+  // nor restored them).
+  bool NeedsGradientPass() const;
+  // Runs the pass over this rank's chunks, before the first RunNextBlock. With `transport`, as
+  // this rank of the gang: each linear's partials go to its owner in the plan (gang/plan.h),
+  // which completes the canonical reduction; without, a gang of one. Returns the files this rank
+  // completed (the linears it owns; every linear for W = 1), under the session's scratch
+  // directory, for the caller to commit; blocks then read their statistics from them.
+  absl::StatusOr<std::vector<OacFile>> RunGradientPass(Transport* transport = nullptr,
+                                                       const GangBlockOptions& gang_options = {});
+  // Resume: the statistics of an earlier pass of this job (at least the linears this rank owns
+  // from the next block on), read when their block is solved and checked against their sha256.
+  absl::Status RestoreGradientPass(std::vector<OacFile> files);
 
   // Resumes from a boundary: takes the committed artifacts of blocks [0, acts.next_block) (for the
   // export; rank 0 only, the other ranks pass none) and continues from `acts`: this rank's chunks

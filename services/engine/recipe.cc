@@ -59,6 +59,10 @@ constexpr Names<SmoothingMethod, 3> kSmoothingNames = {
 constexpr Names<Whitening, 3> kWhiteningNames = {{{Whitening::kCholesky, "cholesky"},
                                                   {Whitening::kDiagonal, "diagonal"},
                                                   {Whitening::kNone, "none"}}};
+constexpr Names<HessianKind, 3> kHessianNames = {
+    {{HessianKind::kLayer, "layer"},
+     {HessianKind::kOutputAdaptive, "output_adaptive"},
+     {HessianKind::kOutputAdaptiveToken, "output_adaptive_token"}}};
 
 template <typename E, size_t N>
 const char* NameOf(const Names<E, N>& names, E v) {
@@ -100,6 +104,7 @@ const char* RecipeName(QuantMethod v) { return NameOf(kMethodNames, v); }
 const char* RecipeName(kernels::GridKind v) { return NameOf(kGridNames, v); }
 const char* RecipeName(SmoothingMethod v) { return NameOf(kSmoothingNames, v); }
 const char* RecipeName(Whitening v) { return NameOf(kWhiteningNames, v); }
+const char* RecipeName(HessianKind v) { return NameOf(kHessianNames, v); }
 
 absl::StatusOr<QuantMethod> ParseQuantMethod(std::string_view name) {
   return ValueOf(kMethodNames, "method", name);
@@ -112,6 +117,9 @@ absl::StatusOr<SmoothingMethod> ParseSmoothingMethod(std::string_view name) {
 }
 absl::StatusOr<Whitening> ParseWhitening(std::string_view name) {
   return ValueOf(kWhiteningNames, "error_reconstruction.whitening", name);
+}
+absl::StatusOr<HessianKind> ParseHessianKind(std::string_view name) {
+  return ValueOf(kHessianNames, "hessian", name);
 }
 
 absl::Status Recipe::Validate() const {
@@ -131,6 +139,11 @@ absl::Status Recipe::Validate() const {
   if (gptq.block_size < 1 || gptq.block_size > 4096) {
     return KeyError(src, "gptq.block_size",
                     absl::StrCat("must be in 1..4096, got ", gptq.block_size));
+  }
+  if (hessian != HessianKind::kLayer && method != QuantMethod::kGptq) {
+    return KeyError(src, "hessian",
+                    absl::StrCat("\"", RecipeName(hessian), "\" requires method gptq, got \"",
+                                 RecipeName(*method), "\""));
   }
   const int ab = activations.bits;
   if (ab != 16 && (ab < 4 || ab > 8)) {
@@ -188,6 +201,7 @@ nlohmann::json Recipe::ToCanonicalJson() const {
                {"act_order", gptq.act_order},
                {"true_sequential", gptq.true_sequential}};
   j["activations"] = {{"bits", activations.bits}};
+  j["hessian"] = std::string(RecipeName(hessian));
   j["smoothing"] = {{"method", std::string(RecipeName(smoothing.method))},
                     {"alpha", smoothing.alpha},
                     {"outlier_channels", smoothing.outlier_channels}};
@@ -226,7 +240,8 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     return absl::InvalidArgumentError(absl::StrCat(source, ": recipe is empty"));
   QCAL_RETURN_IF_ERROR(
       CheckKeys(root, source, "",
-                {"method", "weights", "gptq", "activations", "smoothing", "error_reconstruction"}));
+                {"method", "weights", "gptq", "activations", "smoothing", "error_reconstruction",
+                                 "hessian"}));
   Recipe r;
   // An empty method reads as a missing one (Validate: "is required").
   if (root["method"] && !(root["method"].IsScalar() && root["method"].Scalar().empty())) {
@@ -234,6 +249,7 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     QCAL_RETURN_IF_ERROR(ReadEnum(root, "method", source, "", &ParseQuantMethod, &method));
     r.method = method;
   }
+  QCAL_RETURN_IF_ERROR(ReadEnum(root, "hessian", source, "", &ParseHessianKind, &r.hessian));
   if (root["weights"]) {
     const YAML::Node w = root["weights"];
     QCAL_RETURN_IF_ERROR(

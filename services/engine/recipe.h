@@ -28,11 +28,14 @@ enum class SmoothingMethod { kNone, kSmoothQuant, kAser };
 // error_reconstruction.whitening: cholesky | diagonal | none.
 enum class Whitening { kCholesky, kDiagonal, kNone };
 // weights.grid: uniform | cuberoot (kernels::GridKind).
+// hessian: layer | output_adaptive | output_adaptive_token (DESIGN section 3, OAC).
+enum class HessianKind { kLayer, kOutputAdaptive, kOutputAdaptiveToken };
 
 const char* RecipeName(QuantMethod v);
 const char* RecipeName(kernels::GridKind v);
 const char* RecipeName(SmoothingMethod v);
 const char* RecipeName(Whitening v);
+const char* RecipeName(HessianKind v);
 
 // The value a name stands for; InvalidArgument `recipe key "<key>" must be ..., got "<name>"`
 // otherwise (callers prefix the source).
@@ -40,6 +43,7 @@ absl::StatusOr<QuantMethod> ParseQuantMethod(std::string_view name);
 absl::StatusOr<kernels::GridKind> ParseGrid(std::string_view name);
 absl::StatusOr<SmoothingMethod> ParseSmoothingMethod(std::string_view name);
 absl::StatusOr<Whitening> ParseWhitening(std::string_view name);
+absl::StatusOr<HessianKind> ParseHessianKind(std::string_view name);
 
 struct WeightsRecipe {
   int bits = 0;            // required: 2..8
@@ -89,6 +93,13 @@ struct Recipe {
   ActivationsRecipe activations;
   SmoothingRecipe smoothing;
   ErrorReconstructionRecipe error_reconstruction;
+  // What weighs GPTQ's rounding: the layer's Gram matrix, or the output-adaptive Hessian from the
+  // gradient pass (sample-wise H_oac or per-token H_tok). Anything but kLayer needs method gptq.
+  // Default: layer.
+  HessianKind hessian = HessianKind::kLayer;
+
+  // Whether the job runs the gradient pass (DESIGN section 2, step 4).
+  bool NeedsGradientPass() const { return hessian != HessianKind::kLayer; }
 
   absl::Status Validate() const;
   // Sorted-key JSON with every default filled in.

@@ -184,7 +184,13 @@ TEST(RecipeTest, UnknownKeysInsideNewSectionsAreNamed) {
               HasSubstr("unknown"));
   EXPECT_THAT(Error("error_reconstruction: {rank: 8, ranks: 8}\n", "error_reconstruction.ranks"),
               HasSubstr("unknown"));
-  EXPECT_THAT(Error("hessian: {mode: layer}\n", "hessian"), HasSubstr("unknown"));
+  EXPECT_THAT(Error("hessian: {mode: layer}\n", "hessian"), HasSubstr("must be a scalar"));
+  EXPECT_THAT(Error("hessian: fisher\n", "hessian"),
+              HasSubstr("must be layer, output_adaptive or output_adaptive_token, got \"fisher\""));
+  Recipe rtn = ParseOk("hessian: output_adaptive_token\n");
+  rtn.method = QuantMethod::kRtn;
+  EXPECT_THAT(std::string(rtn.Validate().message()),
+              HasSubstr("recipe key \"hessian\" \"output_adaptive_token\" requires method gptq"));
   Error("activations: 8\n", "activations");
 }
 
@@ -217,22 +223,23 @@ TEST(RecipeTest, CanonicalJsonFillsDefaults) {
 
 // recipe_sha256 values pinned before the string keys became enums (method, weights.grid,
 // smoothing.method, error_reconstruction.whitening): every value of each key, hashes unchanged.
+// Re-pinned once when the canonical form gained `hessian` (issue 12, OAC).
 TEST(RecipeTest, HashesOfEveryEnumValueArePinned) {
   EXPECT_EQ(Sha("method: gptq\nweights: {bits: 4, group_size: 128}\n"),
-            "96119047551a70b2065a42cd95495d9b73e46a6896c3cfdeaee72b89041e5a27");
+            "2ce27e1f2e1aeb9c9570570a73dfd186efdd55c68444048a896b579d70ab15c6");
   EXPECT_EQ(Sha("method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\n"
                 "smoothing: {method: aser, outlier_channels: 8}\n"
                 "error_reconstruction: {rank: 16, whitening: cholesky}\n"),
-            "aa0906007427d9e57c887d057b807f17ab356eaa45500e8f1e19b77fe93ed46d");
+            "9f8839fdd3bf5f109502a95226d0772a378a01ac8c66cf2eca48cc02352054c4");
   EXPECT_EQ(Sha("method: rtn\nweights: {bits: 3, group_size: 32, grid: cuberoot}\n"
                 "gptq: {true_sequential: false}\nsmoothing: {method: smoothquant}\n"
                 "error_reconstruction: {rank: auto, whitening: diagonal}\n"),
-            "6728da8e3621a9262a3f43928cc2a24d4eb68164e42b942bedad0587b0d31acb");
+            "43fea8ab77b41246b31c86bcc22aea04eeb0112b2fb4d198e52c5f5e67561501");
   EXPECT_EQ(Sha("method: gptq\nweights: {bits: 3, group_size: 32, symmetric: true}\n"
                 "gptq: {true_sequential: false, act_order: true}\n"
                 "smoothing: {method: aser, outlier_channels: 4}\n"
                 "error_reconstruction: {rank: 8, whitening: none}\n"),
-            "9e98aa4e94d0feabc0d99e958ecf6ba0e1cc7b9c0a07dc1c48b9135c9e05de51");
+            "020a0ca7236fc6e192d77541e592e865052e4af850b645644512cb6cd4908198");
 }
 
 TEST(RecipeTest, EnumNamesRoundTrip) {

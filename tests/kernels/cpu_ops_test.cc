@@ -125,7 +125,7 @@ TEST_P(CpuOpsTest, BackendDescribesItself) {
   EXPECT_EQ(backend_->threads(), 2);
   EXPECT_THAT(backend_->DeviceKind(), HasSubstr("openblas"));
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward}) {
     EXPECT_TRUE(backend_->SupportsOp(op));
   }
 }
@@ -169,11 +169,15 @@ TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
       }
       case Op::kActQuant:
         return be.ActQuant(x, 8, y2x4);
+      case Op::kBackward: {
+        Tensor c = Tensor::Zeros(DType::kF32, {4, 4});
+        return be.Gemm(x, true, x, false, 1.0f, 0.0f, c);
+      }
     }
     return absl::InternalError("unknown op");
   };
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward}) {
     SCOPED_TRACE(static_cast<int>(op));
     EXPECT_EQ(be.SupportsOp(op), runs(op).ok());
   }
