@@ -86,6 +86,9 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
       QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseWhitening, e.whitening(), &er.whitening));
     }
   }
+  if (p.has_hessian()) {
+    QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseHessianKind, p.hessian(), &r.hessian));
+  }
   QCAL_RETURN_IF_ERROR(r.Validate());
   return r;
 }
@@ -118,6 +121,7 @@ v1::Recipe RecipeToProto(const engine::Recipe& r) {
     e->set_max_extra_params(er.max_extra_params);
     e->set_whitening(std::string(engine::RecipeName(er.whitening)));
   }
+  p.set_hessian(std::string(engine::RecipeName(r.hessian)));
   return p;
 }
 
@@ -276,6 +280,7 @@ nlohmann::ordered_json JobToJson(const v1::Job& job) {
   j["blocks_done"] = job.blocks_done();
   j["num_blocks"] = job.num_blocks();
   j["checkpoint_block"] = job.checkpoint_block();
+  j["gradient_pass_done"] = job.gradient_pass_done();
   j["attempts"] = job.attempts();
   j["device_kind"] = job.device_kind();
   j["threads"] = job.threads();

@@ -41,6 +41,9 @@ constexpr size_t kMaxEventsPerJob = 1000;
 constexpr size_t kMaxEventsPerFinalJob = 16;
 constexpr absl::Duration kMaxAcquireWait = absl::Seconds(30);
 constexpr int64_t kMaxActivationBytes = int64_t{1} << 40;
+// Largest gradient-pass file accepted: a 70B down projection's packed Hessian and Fisher are
+// about 2.5 GB.
+constexpr int64_t kMaxGradientFileBytes = int64_t{64} << 30;
 
 std::string StateLabel(v1::JobState state) {
   std::string s = service::JobStateName(state);
@@ -55,6 +58,27 @@ void SyncDir(const fs::path& dir) {
     fsync(fd);
     close(fd);
   }
+}
+
+// Appends `data` to the staging file `fd` (`path` names it in errors); UNAVAILABLE on a write
+// error.
+absl::Status AppendToFd(int fd, const std::string& path, const std::string& data) {
+  size_t off = 0;
+  while (off < data.size()) {
+    const ssize_t n = write(fd, data.data() + off, data.size() - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return absl::UnavailableError(absl::StrCat(path, ": write failed: ", std::strerror(errno)));
+    }
+    off += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+// Whether a job's recipe runs the gradient pass (an unset hessian, from a spec stored before the
+// key existed, is the default "layer").
+bool RunsGradientPass(const v1::JobSpec& spec) {
+  return spec.recipe().has_hessian() && spec.recipe().hessian() != "layer";
 }
 
 // Writes `bytes` to `path` through a temporary file, fsynced (WriteStringToFile), renamed into
@@ -262,6 +286,15 @@ absl::Status Coordinator::LoadState() {
     if (referenced.count(rel) == 0) fs::remove(e.path(), ec);
   }
   RemoveEmptyDirs(act_root);
+  // Gradient-pass uploads cut off by a crash leave staging files; committed files stay (their
+  // records name them).
+  for (const auto& e :
+       fs::recursive_directory_iterator(fs::path(options_.data_dir) / "artifacts", ec)) {
+    if (e.is_regular_file() && e.path().parent_path().filename() == "oac" &&
+        e.path().filename().string().rfind(".upload-", 0) == 0) {
+      fs::remove(e.path(), ec);
+    }
+  }
   spdlog::info("coordinator: loaded {} jobs, {} worker leases, {} queued", jobs_.size(),
                scheduler_.live_leases(), scheduler_.queued_jobs());
   UpdateGauges();
@@ -325,6 +358,14 @@ std::string Coordinator::ArtifactDir(const std::string& job_id) const {
 
 std::string Coordinator::ArtifactFile(const std::string& job_id, int block, int layer) {
   return absl::StrFormat("artifacts/%s/%06d-%02d.bin", job_id, block, layer);
+}
+
+std::string Coordinator::GradientFile(const std::string& job_id, int block, int layer) {
+  return absl::StrFormat("artifacts/%s/oac/%06d-%02d.safetensors", job_id, block, layer);
+}
+
+std::string Coordinator::GradientDir(const std::string& job_id) const {
+  return (fs::path(ArtifactDir(job_id)) / "oac").string();
 }
 
 absl::StatusOr<std::string> Coordinator::ArtifactBytes(const ArtifactRecord& artifact,
@@ -719,6 +760,7 @@ v1::Task Coordinator::MakeTask(const JobRecord& rec, int rank) const {
   task.set_checkpoint_every(options_.checkpoint_every);
   task.set_temp_output_name(service::TempOutputName(job.spec().output_name(), job.job_id()));
   task.set_attempt(job.attempts());
+  task.set_gradient_pass_done(job.gradient_pass_done());
   v1::GangPlan& plan = *task.mutable_gang();
   plan.set_gang_epoch(job.gang_epoch());
   plan.set_rank(rank);
@@ -1121,16 +1163,7 @@ absl::Status ActivationUpload::Append(const std::string& data) {
     return absl::InvalidArgumentError(
         absl::StrCat("activation upload exceeds its declared size ", header_.size()));
   }
-  size_t off = 0;
-  while (off < data.size()) {
-    const ssize_t n = write(fd_, data.data() + off, data.size() - off);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return absl::UnavailableError(
-          absl::StrCat(staging_path_, ": write failed: ", std::strerror(errno)));
-    }
-    off += static_cast<size_t>(n);
-  }
+  QCAL_RETURN_IF_ERROR(AppendToFd(fd_, staging_path_, data));
   written_ += static_cast<int64_t>(data.size());
   return absl::OkStatus();
 }
@@ -1366,6 +1399,236 @@ absl::StatusOr<std::string> Coordinator::ReadArtifact(const std::string& job_id,
     return absl::DataLossError(absl::StrCat("store: artifact ", key, " is missing"));
   }
   return ArtifactBytes(*artifact, digest->layers(layer).sha256(), key);
+}
+
+GradientUpload::~GradientUpload() {
+  if (fd_ >= 0) close(fd_);
+  if (!staging_path_.empty()) {
+    std::error_code ec;
+    fs::remove(staging_path_, ec);
+  }
+}
+
+absl::Status GradientUpload::Append(const std::string& data) {
+  if (written_ + static_cast<int64_t>(data.size()) > header_.file().size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gradient file upload exceeds its declared size ", header_.file().size()));
+  }
+  QCAL_RETURN_IF_ERROR(AppendToFd(fd_, staging_path_, data));
+  written_ += static_cast<int64_t>(data.size());
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::CheckGradientOwner(const JobRecord& rec, int rank, int block,
+                                             int layer) const {
+  const v1::Job& job = rec.job();
+  if (!RunsGradientPass(job.spec())) {
+    return absl::FailedPreconditionError(absl::StrCat("job ", job.job_id(), ": recipe hessian \"",
+                                                      job.spec().recipe().hessian(),
+                                                      "\" has no gradient pass"));
+  }
+  if (block < 0 || block >= job.num_blocks() || layer < 0 || layer >= engine::kNumLinears) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", job.job_id(), ": no gradient-pass file for block ", block, " linear ",
+                     layer, " (", job.num_blocks(), " blocks)"));
+  }
+  const v1::GangMember& me = job.gang(rank);
+  if (std::find(me.owned_linears().begin(), me.owned_linears().end(), layer) ==
+      me.owned_linears().end()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job.job_id(), ": rank ", rank, " (", me.worker_id(), ") does not own ",
+        engine::LinearPrefix(block, engine::kAllLinears[static_cast<size_t>(layer)]),
+        " under gang epoch ", job.gang_epoch(), "; only its owner commits its statistics"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<GradientUpload>> Coordinator::BeginGradientFile(
+    const v1::GradientFileHeader& header) {
+  const v1::GradientFileManifest& f = header.file();
+  if (f.size() < 1 || f.size() > kMaxGradientFileBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gradient file size ", f.size(), " is out of range (1..", kMaxGradientFileBytes, ")"));
+  }
+  if (f.sha256().size() != 64) {
+    return absl::InvalidArgumentError("gradient file sha256 must be 64 hex digits");
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    QCAL_ASSIGN_OR_RETURN(const int rank,
+                          GangRank(header.lease(), header.job_id(), header.gang_epoch()));
+    QCAL_RETURN_IF_ERROR(
+        CheckGradientOwner(jobs_.at(header.job_id()), rank, f.block(), f.linear()));
+  }
+  const fs::path dir = GradientDir(header.job_id());
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat(dir.string(), ": ", ec.message()));
+  auto upload = std::unique_ptr<GradientUpload>(new GradientUpload());
+  upload->header_ = header;
+  upload->staging_path_ =
+      (dir / absl::StrCat(".upload-", f.block(), "-", f.linear(), "-", header.lease().epoch()))
+          .string();
+  upload->fd_ = open(upload->staging_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (upload->fd_ < 0) {
+    return absl::UnavailableError(
+        absl::StrCat(upload->staging_path_, ": cannot create: ", std::strerror(errno)));
+  }
+  return upload;
+}
+
+absl::StatusOr<v1::UploadGradientFileResponse> Coordinator::CommitGradientFile(
+    GradientUpload& upload) {
+  const v1::GradientFileHeader& header = upload.header();
+  const v1::GradientFileManifest& f = header.file();
+  const std::string name =
+      engine::LinearPrefix(f.block(), engine::kAllLinears[static_cast<size_t>(f.linear())]);
+  if (upload.written_ != f.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("gradient file of ", name, " ended at ",
+                                                   upload.written_, " of ", f.size(), " bytes"));
+  }
+  if (fsync(upload.fd_) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat(upload.staging_path_, ": fsync failed: ", std::strerror(errno)));
+  }
+  close(upload.fd_);
+  upload.fd_ = -1;
+  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(upload.staging_path_));
+  if (sha != f.sha256()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gradient file of ", name, " does not match its sha256 ", f.sha256(), " (got ", sha, ")"));
+  }
+
+  absl::MutexLock lock(&mu_);
+  // Checked again: the gang may have been re-planned while the bytes arrived.
+  QCAL_ASSIGN_OR_RETURN(const int rank,
+                        GangRank(header.lease(), header.job_id(), header.gang_epoch()));
+  JobRecord* rec = &jobs_.at(header.job_id());
+  QCAL_RETURN_IF_ERROR(CheckGradientOwner(*rec, rank, f.block(), f.linear()));
+  const std::string id = header.job_id();
+  v1::UploadGradientFileResponse response;
+  if (rec->job().cancel_requested()) {
+    QCAL_RETURN_IF_ERROR(
+        FinishJob(*rec, v1::JOB_STATE_CANCELLED, "cancelled by a client", nullptr));
+    response.set_cancel_job(true);
+    return response;
+  }
+  if (header.last()) metrics_->ObserveStage("gradient", header.pass_seconds());
+  const std::string key = GradientFileKey(id, f.block(), f.linear());
+  QCAL_ASSIGN_OR_RETURN(auto previous,
+                        GetRecord<store::v1::GradientFileRecord>(*store_, Column::kTasks, key));
+  if (previous.has_value()) {
+    // An earlier attempt committed this linear's statistics: the pass must reproduce them.
+    if (previous->sha256() != sha) {
+      const std::string error =
+          absl::StrCat("determinism error: gradient-pass statistics of ", name,
+                       " recomputed with sha256 ", sha, " but committed with ", previous->sha256());
+      QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
+      return absl::AbortedError(error);
+    }
+    response.set_already_committed(true);
+    response.set_pass_complete(rec->job().gradient_pass_done());
+    if (header.last()) {
+      Emit(*rec, absl::StrCat("gradient pass recomputed: matches the committed statistics (rank ",
+                              rank, ")"));
+    }
+    return response;
+  }
+  int committed = 0;
+  absl::Status decode_error;
+  QCAL_RETURN_IF_ERROR(store_->Scan(
+      Column::kTasks, GradientFilePrefix(id), [&](const std::string& k, const std::string& v) {
+        absl::StatusOr<store::v1::GradientFileRecord> r =
+            Decode<store::v1::GradientFileRecord>(Column::kTasks, k, v);
+        if (!r.ok()) {
+          decode_error = r.status();
+          return false;
+        }
+        ++committed;
+        return true;
+      }));
+  QCAL_RETURN_IF_ERROR(decode_error);
+  const fs::path final_path = fs::path(options_.data_dir) / GradientFile(id, f.block(), f.linear());
+  std::error_code ec;
+  fs::rename(upload.staging_path_, final_path, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat(final_path.string(), ": rename failed: ", ec.message()));
+  }
+  upload.staging_path_.clear();
+  SyncDir(final_path.parent_path());
+  SyncDir(final_path.parent_path().parent_path());
+  store::v1::GradientFileRecord g;
+  g.set_block(f.block());
+  g.set_layer(f.linear());
+  g.set_file(GradientFile(id, f.block(), f.linear()));
+  g.set_sha256(sha);
+  g.set_size(f.size());
+  g.set_worker_id(header.lease().worker_id());
+  g.set_gang_epoch(header.gang_epoch());
+  WriteBatch batch;
+  batch.Put(Column::kTasks, key, Encode(g));
+  const bool complete = committed + 1 == rec->job().num_blocks() * engine::kNumLinears;
+  JobRecord updated = *rec;
+  if (complete) {
+    updated.mutable_job()->set_gradient_pass_done(true);
+    batch.Put(Column::kJobs, JobKey(id), Encode(updated));
+  }
+  QCAL_RETURN_IF_ERROR(Commit(batch));
+  *rec = updated;
+  response.set_pass_complete(rec->job().gradient_pass_done());
+  if (complete) {
+    QCAL_RETURN_IF_ERROR(faults_->Hit("gradient_done", 0));
+    Emit(*rec, absl::StrCat("gradient pass committed (", committed + 1, " files)"));
+  } else if (header.last()) {
+    Emit(*rec, absl::StrCat("gradient pass: rank ", rank, "'s statistics committed"));
+  }
+  return response;
+}
+
+absl::StatusOr<GradientFetchPlan> Coordinator::PrepareGradientFetch(
+    const v1::FetchGradientPassRequest& request) {
+  absl::MutexLock lock(&mu_);
+  QCAL_ASSIGN_OR_RETURN(JobRecord * rec, HeldJob(request.lease(), request.job_id()));
+  const v1::Job& job = rec->job();
+  const std::string& id = job.job_id();
+  if (!job.gradient_pass_done()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", id, ": the gradient pass is not complete"));
+  }
+  if (request.from_block() < 0 || request.from_block() > job.num_blocks()) {
+    return absl::InvalidArgumentError(absl::StrCat("from_block ", request.from_block(),
+                                                   " is not within [0, ", job.num_blocks(), "]"));
+  }
+  std::set<int> linears;
+  for (int l : request.linears()) {
+    if (l < 0 || l >= engine::kNumLinears || !linears.insert(l).second) {
+      return absl::InvalidArgumentError(absl::StrCat("linear ", l, " is out of range or repeated"));
+    }
+  }
+  GradientFetchPlan plan;
+  for (int b = request.from_block(); b < job.num_blocks(); ++b) {
+    for (int l : linears) {
+      const std::string key = GradientFileKey(id, b, l);
+      QCAL_ASSIGN_OR_RETURN(auto g,
+                            GetRecord<store::v1::GradientFileRecord>(*store_, Column::kTasks, key));
+      const std::string path =
+          g.has_value() ? (fs::path(options_.data_dir) / g->file()).string() : "";
+      std::error_code ec;
+      const uintmax_t size = path.empty() ? 0 : fs::file_size(path, ec);
+      if (!g.has_value() || ec || static_cast<int64_t>(size) != g->size()) {
+        return absl::DataLossError(
+            absl::StrCat("store: gradient-pass file ", key, " is missing or truncated"));
+      }
+      v1::GradientFileManifest& m = *plan.header.add_files();
+      m.set_block(b);
+      m.set_linear(l);
+      m.set_sha256(g->sha256());
+      m.set_size(g->size());
+      plan.paths.push_back(path);
+    }
+  }
+  return plan;
 }
 
 absl::StatusOr<v1::CompleteTaskResponse> Coordinator::CompleteTask(

@@ -15,10 +15,19 @@
 // job as a determinism error. Boundary checkpoints are per calibration chunk, files in the data
 // directory referenced and hashed from the store; a boundary is usable once all C chunks are in,
 // and Job.checkpoint_block is the latest usable boundary at or below blocks_done (older
-// boundaries are then deleted). After a restart (or a store reopen) everything is rebuilt from
-// the store: QUEUED jobs queue again; RUNNING jobs are re-planned under a new gang epoch on their
-// members whose leases were restored (at least workers.min), else requeued, and resume at their
-// checkpoint. The old plan's members see drop_task in heartbeat replies and refusals.
+// boundaries are then deleted).
+//
+// The gradient pass (output-adaptive recipes) is job state too: each linear's statistics file is
+// committed by its owner (UploadGradientFile) as a file under
+// <data_dir>/artifacts/<job_id>/oac/, referenced and hashed from the store, and the write that
+// brings in the model's last linear also sets Job.gradient_pass_done. A file committed before is
+// compared instead (a different sha256 is a determinism error). A block commits only after every
+// owner has committed its files (owners upload before they enter block 0, and block 0 needs every
+// owner), so any checkpoint boundary > 0 implies a complete pass. After a restart (or a store
+// reopen) everything is rebuilt from the store: QUEUED jobs queue again; RUNNING jobs are
+// re-planned under a new gang epoch on their members whose leases were restored (at least
+// workers.min), else requeued, and resume at their checkpoint. The old plan's members see drop_task
+// in heartbeat replies and refusals.
 //
 // Store failures: a failed write makes the coordinator refuse further writes (UNAVAILABLE, health
 // NOT_SERVING) until Tick reopens the store and reloads the state from it.
@@ -84,6 +93,12 @@ struct ResumePlan {
   std::vector<std::string> chunk_paths;  // aligned with header.chunks
 };
 
+// What FetchGradientPass streams: the manifests and the files' absolute paths (aligned).
+struct GradientFetchPlan {
+  v1::GradientPassHeader header;
+  std::vector<std::string> paths;
+};
+
 class Coordinator;
 
 // One chunk's activation checkpoint being received (UploadActivations): bytes go to a staging file
@@ -103,6 +118,24 @@ class ActivationUpload {
   int fd_ = -1;
   int64_t written_ = 0;
   absl::Time started_;
+};
+
+// One gradient-pass file being received (UploadGradientFile), staged like an ActivationUpload;
+// Coordinator::CommitGradientFile checks size and hash and commits it.
+class GradientUpload {
+ public:
+  ~GradientUpload();
+  // Appends the next bytes; INVALID_ARGUMENT past the declared size.
+  absl::Status Append(const std::string& data);
+  const v1::GradientFileHeader& header() const { return header_; }
+
+ private:
+  friend class Coordinator;
+  GradientUpload() = default;
+  v1::GradientFileHeader header_;
+  std::string staging_path_;
+  int fd_ = -1;
+  int64_t written_ = 0;
 };
 
 class Coordinator {
@@ -150,6 +183,14 @@ class Coordinator {
       const v1::ActivationsHeader& header);
   absl::StatusOr<v1::UploadActivationsResponse> CommitActivations(ActivationUpload& upload);
   absl::StatusOr<ResumePlan> PrepareResume(const v1::FetchResumeRequest& request);
+  // One linear's gradient-pass statistics from its owner under the current gang epoch.
+  absl::StatusOr<std::unique_ptr<GradientUpload>> BeginGradientFile(
+      const v1::GradientFileHeader& header);
+  absl::StatusOr<v1::UploadGradientFileResponse> CommitGradientFile(GradientUpload& upload);
+  // The committed files a resuming worker asks for (FAILED_PRECONDITION unless the pass is done;
+  // DATA_LOSS when a file or its record is missing or of the wrong size).
+  absl::StatusOr<GradientFetchPlan> PrepareGradientFetch(
+      const v1::FetchGradientPassRequest& request);
   // One committed artifact's quantized bytes; DATA_LOSS when they no longer match the digest.
   absl::StatusOr<std::string> ReadArtifact(const std::string& job_id, int block, int layer);
   absl::StatusOr<v1::CompleteTaskResponse> CompleteTask(const v1::CompleteTaskRequest& request);
@@ -214,6 +255,13 @@ class Coordinator {
   // file relative to the data directory.
   std::string ArtifactDir(const std::string& job_id) const;
   static std::string ArtifactFile(const std::string& job_id, int block, int layer);
+  // A gradient-pass file relative to the data directory, and the directory of a job's.
+  static std::string GradientFile(const std::string& job_id, int block, int layer);
+  std::string GradientDir(const std::string& job_id) const;
+  // FAILED_PRECONDITION unless the job's recipe runs the gradient pass, `block` and `layer` are in
+  // range and `rank` owns `layer` under the job's plan.
+  absl::Status CheckGradientOwner(const JobRecord& rec, int rank, int block, int layer) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // The quantized bytes of a stored artifact (file or inline), checked against `sha256`.
   absl::StatusOr<std::string> ArtifactBytes(const store::v1::ArtifactRecord& artifact,
                                             const std::string& sha256,

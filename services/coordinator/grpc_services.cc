@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <functional>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -42,6 +44,36 @@ class RpcScope {
 
 absl::Time DeadlineOf(const grpc::ServerContext& context) {
   return absl::FromChrono(context.deadline());
+}
+
+// Reads the file at `path` in pieces of at most rpc::kChunkBytes, calling `send(offset, bytes)`
+// for each; a false return stops (CANCELLED: the peer went away). DATA_LOSS names the file when it
+// cannot be read.
+absl::Status StreamFile(const std::string& path,
+                        const std::function<bool(int64_t, std::string)>& send) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::DataLossError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  }
+  std::string buf(rpc::kChunkBytes, '\0');
+  int64_t offset = 0;
+  for (;;) {
+    const ssize_t n = read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      close(fd);
+      return absl::DataLossError(absl::StrCat(path, ": read failed: ", std::strerror(err)));
+    }
+    if (n == 0) break;
+    if (!send(offset, buf.substr(0, static_cast<size_t>(n)))) {
+      close(fd);
+      return absl::CancelledError("the worker went away");
+    }
+    offset += n;
+  }
+  close(fd);
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -249,35 +281,62 @@ grpc::Status WorkerGrpcService::FetchResume(grpc::ServerContext* context,
   for (int i = 0; i < plan->header.chunks_size(); ++i) {
     const std::string& path = plan->chunk_paths[static_cast<size_t>(i)];
     const int c = plan->header.chunks(i).chunk();
-    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      return scope.Done(absl::DataLossError(
-          absl::StrCat(path, ": cannot open the checkpoint: ", std::strerror(errno))));
-    }
-    std::string buf(rpc::kChunkBytes, '\0');
-    int64_t offset = 0;
-    for (;;) {
-      const ssize_t n = read(fd, buf.data(), buf.size());
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        close(fd);
-        if (n < 0) {
-          return scope.Done(
-              absl::DataLossError(absl::StrCat(path, ": read failed: ", std::strerror(errno))));
-        }
-        break;
-      }
+    const absl::Status s = StreamFile(path, [&](int64_t offset, std::string bytes) {
       v1::ResumeChunk r;
       v1::ChunkData& d = *r.mutable_chunk_data();
       d.set_chunk(c);
       d.set_offset(offset);
-      d.set_data(buf.substr(0, static_cast<size_t>(n)));
-      offset += n;
-      if (!writer->Write(r)) {
-        close(fd);
-        return scope.Done(gone);
-      }
+      d.set_data(std::move(bytes));
+      return writer->Write(r);
+    });
+    if (!s.ok()) return scope.Done(s);
+  }
+  return scope.Done(absl::OkStatus());
+}
+
+grpc::Status WorkerGrpcService::UploadGradientFile(
+    grpc::ServerContext* context, grpc::ServerReader<v1::GradientFileChunk>* reader,
+    v1::UploadGradientFileResponse* response) {
+  RpcScope scope(metrics_, "UploadGradientFile");
+  if (absl::Status s = auth_->Identify(*context).status(); !s.ok()) return scope.Done(s);
+  v1::GradientFileChunk chunk;
+  if (!reader->Read(&chunk) || !chunk.has_header()) {
+    return scope.Done(absl::InvalidArgumentError("UploadGradientFile must start with a header"));
+  }
+  absl::StatusOr<std::unique_ptr<GradientUpload>> upload =
+      coordinator_->BeginGradientFile(chunk.header());
+  if (!upload.ok()) return scope.Done(upload.status());
+  while (reader->Read(&chunk)) {
+    if (chunk.part_case() != v1::GradientFileChunk::kData) {
+      return scope.Done(absl::InvalidArgumentError("UploadGradientFile: a second header"));
     }
+    if (absl::Status s = (*upload)->Append(chunk.data()); !s.ok()) return scope.Done(s);
+  }
+  absl::StatusOr<v1::UploadGradientFileResponse> r = coordinator_->CommitGradientFile(**upload);
+  if (r.ok()) *response = *std::move(r);
+  return scope.Done(r.status());
+}
+
+grpc::Status WorkerGrpcService::FetchGradientPass(
+    grpc::ServerContext* context, const v1::FetchGradientPassRequest* request,
+    grpc::ServerWriter<v1::GradientPassChunk>* writer) {
+  RpcScope scope(metrics_, "FetchGradientPass");
+  if (absl::Status s = auth_->Identify(*context).status(); !s.ok()) return scope.Done(s);
+  absl::StatusOr<GradientFetchPlan> plan = coordinator_->PrepareGradientFetch(*request);
+  if (!plan.ok()) return scope.Done(plan.status());
+  v1::GradientPassChunk first;
+  *first.mutable_header() = plan->header;
+  if (!writer->Write(first)) return scope.Done(absl::CancelledError("the worker went away"));
+  for (size_t i = 0; i < plan->paths.size(); ++i) {
+    const absl::Status s = StreamFile(plan->paths[i], [&](int64_t offset, std::string bytes) {
+      v1::GradientPassChunk c;
+      v1::GradientFileData& d = *c.mutable_data();
+      d.set_file(static_cast<int32_t>(i));
+      d.set_offset(offset);
+      d.set_data(std::move(bytes));
+      return writer->Write(c);
+    });
+    if (!s.ok()) return scope.Done(s);
   }
   return scope.Done(absl::OkStatus());
 }

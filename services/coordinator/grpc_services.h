@@ -55,6 +55,12 @@ class WorkerGrpcService final : public v1::WorkerService::Service {
                                  v1::UploadActivationsResponse* response) override;
   grpc::Status FetchResume(grpc::ServerContext* context, const v1::FetchResumeRequest* request,
                            grpc::ServerWriter<v1::ResumeChunk>* writer) override;
+  grpc::Status UploadGradientFile(grpc::ServerContext* context,
+                                  grpc::ServerReader<v1::GradientFileChunk>* reader,
+                                  v1::UploadGradientFileResponse* response) override;
+  grpc::Status FetchGradientPass(grpc::ServerContext* context,
+                                 const v1::FetchGradientPassRequest* request,
+                                 grpc::ServerWriter<v1::GradientPassChunk>* writer) override;
   grpc::Status CompleteTask(grpc::ServerContext* context, const v1::CompleteTaskRequest* request,
                             v1::CompleteTaskResponse* response) override;
   grpc::Status FailTask(grpc::ServerContext* context, const v1::FailTaskRequest* request,

@@ -5,9 +5,11 @@
 //   qcal_jobs{state}                      gauge      jobs per state (queued, running, succeeded,
 //                                                    failed, cancelled)
 //   qcal_job_duration_seconds{state}      histogram  submit to final state, by final state
-//   qcal_stage_duration_seconds{stage}    histogram  stage wall time: block (one block's
-//                                                    statistics, solves and push), checkpoint
-//                                                    (activation upload), finish (export + eval)
+//   qcal_stage_duration_seconds{stage}    histogram  stage wall time: gradient (one rank's
+//                                                    gradient pass, output-adaptive recipes),
+//                                                    block (one block's statistics, solves and
+//                                                    push), checkpoint (activation upload),
+//                                                    finish (export + eval)
 //   qcal_job_blocks_done                  gauge      committed blocks, summed over active jobs
 //   qcal_job_blocks_total                 gauge      blocks, summed over active jobs
 //   qcal_blocks_committed_total           counter    block commits (new, not re-verified ones)

@@ -54,11 +54,12 @@ Histogram::BucketBoundaries ErrorBuckets() {
 const char* const kStates[] = {"queued", "running", "succeeded", "failed", "cancelled"};
 // The bounded label values, created up front so that every series exists from the start.
 const char* const kFinalStates[] = {"succeeded", "failed", "cancelled"};
-const char* const kStages[] = {"block", "checkpoint", "finish"};
+const char* const kStages[] = {"gradient", "block", "checkpoint", "finish"};
 const char* const kMethods[] = {
-    "SubmitJob",      "GetJob",       "ListJobs",    "CancelJob",   "WatchJob",
-    "RegisterWorker", "Heartbeat",    "AcquireTask", "CommitBlock", "UploadActivations",
-    "FetchResume",    "CompleteTask", "FailTask",    "AbandonTask"};
+    "SubmitJob",        "GetJob",       "ListJobs",    "CancelJob",   "WatchJob",
+    "RegisterWorker",   "Heartbeat",    "AcquireTask", "CommitBlock", "UploadActivations",
+    "FetchResume",      "CompleteTask", "FailTask",    "AbandonTask", "UploadGradientFile",
+    "FetchGradientPass"};
 
 // A minimal HTTP/1.0 server for GET /metrics on one thread. prometheus-cpp's own exposer
 // (civetweb) runs handlers on 100 KiB thread stacks, which the static TLS of this process's
@@ -189,7 +190,7 @@ struct PrometheusMetrics::Impl {
   prometheus::Family<Histogram>& stage_duration =
       BuildHistogram()
           .Name("qcal_stage_duration_seconds")
-          .Help("Wall time of job stages: block, checkpoint, finish")
+          .Help("Wall time of job stages: gradient, block, checkpoint, finish")
           .Register(*registry);
   prometheus::Gauge& blocks_done = BuildGauge()
                                        .Name("qcal_job_blocks_done")

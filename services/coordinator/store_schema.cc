@@ -32,6 +32,12 @@ std::string ActivationKey(const std::string& job_id, int block, int chunk) {
   return absl::StrFormat("%s/%06d/%06d", job_id, block, chunk);
 }
 
+std::string GradientFileKey(const std::string& job_id, int block, int layer) {
+  return absl::StrFormat("%s/oac/%06d/%02d", job_id, block, layer);
+}
+
+std::string GradientFilePrefix(const std::string& job_id) { return absl::StrCat(job_id, "/oac/"); }
+
 std::string JobScopedPrefix(const std::string& job_id) { return absl::StrCat(job_id, "/"); }
 
 std::string Encode(const google::protobuf::MessageLite& record) {

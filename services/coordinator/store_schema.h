@@ -6,6 +6,9 @@
 //                "meta/counters"                   Counters (next lease epoch, next sequence)
 //   tasks        "<job_id>/block/<6-digit block>"  BlockRecord (the block is done; its digests)
 //                "<job_id>/layer/<6-digit block>/<2-digit layer>"  LayerRecord (a layer is in)
+//                "<job_id>/oac/<6-digit block>/<2-digit layer>"    GradientFileRecord (a linear's
+//                                                  gradient-pass statistics are in, a file under
+//                                                  <data-dir>/artifacts/<job_id>/oac/)
 //   workers      "<worker_id>"                     WorkerRecord (a granted lease)
 //   artifacts    "<job_id>/<6-digit block>/<2-digit layer>"  ArtifactRecord
 //   activations  "<job_id>/<6-digit block>/<6-digit chunk>"  ActivationRecord (one chunk of a
@@ -35,6 +38,9 @@ std::string BlockKey(const std::string& job_id, int block);
 std::string ArtifactKey(const std::string& job_id, int block, int layer);
 std::string LayerKey(const std::string& job_id, int block, int layer);
 std::string ActivationKey(const std::string& job_id, int block, int chunk);
+std::string GradientFileKey(const std::string& job_id, int block, int layer);
+// Every GradientFileKey of a job starts with this.
+std::string GradientFilePrefix(const std::string& job_id);
 // Every tasks / artifacts / activations key of a job starts with this.
 std::string JobScopedPrefix(const std::string& job_id);
 

@@ -266,6 +266,120 @@ absl::StatusOr<ResumeData> CoordinatorClient::FetchResume(const v1::Lease& lease
   return data;
 }
 
+absl::StatusOr<v1::UploadGradientFileResponse> CoordinatorClient::UploadGradientFile(
+    const v1::Lease& lease, const std::string& job_id, uint64_t gang_epoch,
+    const GradientFile& file, bool last, double pass_seconds) {
+  std::ifstream in(file.path, std::ios::binary);
+  if (!in) return absl::InternalError(absl::StrCat(file.path, ": cannot read the statistics"));
+  grpc::ClientContext context;
+  connection_->Prepare(&context, BulkTimeout(static_cast<size_t>(file.size)));
+  v1::UploadGradientFileResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::GradientFileChunk>> writer =
+      stub_->UploadGradientFile(&context, &response);
+  v1::GradientFileChunk header_chunk;
+  v1::GradientFileHeader& h = *header_chunk.mutable_header();
+  *h.mutable_lease() = lease;
+  h.set_job_id(job_id);
+  h.set_gang_epoch(gang_epoch);
+  v1::GradientFileManifest& m = *h.mutable_file();
+  m.set_block(file.block);
+  m.set_linear(file.linear);
+  m.set_sha256(file.sha256);
+  m.set_size(file.size);
+  h.set_last(last);
+  h.set_pass_seconds(pass_seconds);
+  bool ok = writer->Write(header_chunk);
+  std::string buf(rpc::kChunkBytes, '\0');
+  while (ok && in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const std::streamsize n = in.gcount();
+    if (n <= 0) break;
+    v1::GradientFileChunk c;
+    c.set_data(buf.substr(0, static_cast<size_t>(n)));
+    ok = writer->Write(c);
+  }
+  if (ok) writer->WritesDone();
+  QCAL_RETURN_IF_ERROR(rpc::FromGrpcStatus(writer->Finish()));
+  return response;
+}
+
+absl::StatusOr<std::vector<GradientFile>> CoordinatorClient::FetchGradientPass(
+    const v1::Lease& lease, const std::string& job_id, int from_block,
+    const std::vector<int>& linears, const std::string& dir) {
+  grpc::ClientContext context;
+  // The size is unknown before the header arrives; allow for a large model's statistics.
+  connection_->Prepare(&context, BulkTimeout(size_t{64} << 30));
+  v1::FetchGradientPassRequest request;
+  *request.mutable_lease() = lease;
+  request.set_job_id(job_id);
+  request.set_from_block(from_block);
+  for (int l : linears) request.add_linears(l);
+  std::unique_ptr<grpc::ClientReader<v1::GradientPassChunk>> reader =
+      stub_->FetchGradientPass(&context, request);
+  v1::GradientPassChunk chunk;
+  std::vector<GradientFile> files;
+  bool have_header = false;
+  absl::Status bad;
+  std::ofstream out;
+  int open_file = -1;   // the file `out` writes
+  int64_t written = 0;  // bytes of it so far
+  while (bad.ok() && reader->Read(&chunk)) {
+    if (chunk.has_header()) {
+      if (have_header) {
+        bad = absl::DataLossError("FetchGradientPass: a second header");
+        break;
+      }
+      have_header = true;
+      for (const v1::GradientFileManifest& m : chunk.header().files()) {
+        files.push_back({m.block(), m.linear(),
+                         (std::filesystem::path(dir) /
+                          absl::StrFormat("oac-%06d-%02d.safetensors", m.block(), m.linear()))
+                             .string(),
+                         m.sha256(), m.size()});
+      }
+      continue;
+    }
+    const v1::GradientFileData& d = chunk.data();
+    // Files arrive in order, each from offset 0; the next one starts where the last ended.
+    if (have_header && d.file() == open_file + 1 && d.offset() == 0 &&
+        d.file() < static_cast<int>(files.size())) {
+      out.close();
+      open_file = d.file();
+      written = 0;
+      out.open(files[static_cast<size_t>(open_file)].path, std::ios::binary | std::ios::trunc);
+      if (!out) {
+        bad = absl::InternalError(
+            absl::StrCat(files[static_cast<size_t>(open_file)].path, ": cannot create"));
+        break;
+      }
+    }
+    if (!have_header || d.file() != open_file || d.offset() != written) {
+      bad = absl::DataLossError(absl::StrCat("FetchGradientPass: file ", d.file(), " data at ",
+                                             d.offset(), " is out of order"));
+      break;
+    }
+    out.write(d.data().data(), static_cast<std::streamsize>(d.data().size()));
+    written += static_cast<int64_t>(d.data().size());
+  }
+  out.close();
+  if (!bad.ok()) context.TryCancel();
+  const absl::Status finished = rpc::FromGrpcStatus(reader->Finish());
+  QCAL_RETURN_IF_ERROR(bad);
+  QCAL_RETURN_IF_ERROR(finished);
+  if (!have_header) return absl::DataLossError("FetchGradientPass: no header");
+  for (const GradientFile& f : files) {
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(f.path, ec);
+    absl::StatusOr<std::string> sha = Sha256File(f.path);
+    if (ec || static_cast<int64_t>(size) != f.size || !sha.ok() || *sha != f.sha256) {
+      return absl::DataLossError(absl::StrCat("FetchGradientPass: the statistics of block ",
+                                              f.block, " linear ", f.linear,
+                                              " do not match their size and sha256"));
+    }
+  }
+  return files;
+}
+
 absl::StatusOr<v1::CompleteTaskResponse> CoordinatorClient::CompleteTask(
     const v1::CompleteTaskRequest& request) {
   grpc::ClientContext context;

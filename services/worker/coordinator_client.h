@@ -39,6 +39,15 @@ struct ResumeData {
   std::vector<std::string> chunk_paths;
 };
 
+// One linear's gradient-pass statistics file as the worker uploads or receives it.
+struct GradientFile {
+  int block = 0;
+  int linear = 0;  // position in forward order (q 0 ... down 6)
+  std::string path;
+  std::string sha256;  // hex
+  int64_t size = 0;
+};
+
 class CoordinatorClient {
  public:
   static absl::StatusOr<std::unique_ptr<CoordinatorClient>> Create(
@@ -71,6 +80,21 @@ class CoordinatorClient {
   absl::StatusOr<ResumeData> FetchResume(const v1::Lease& lease, const std::string& job_id,
                                          int chunk_begin, int chunk_end, bool artifacts,
                                          const std::string& dir);
+  // Commits `file` (streamed from disk; its sha256 and size as given) under `gang_epoch`. `last`:
+  // the rank's last file of the pass, which carries the pass's wall time.
+  absl::StatusOr<v1::UploadGradientFileResponse> UploadGradientFile(const v1::Lease& lease,
+                                                                    const std::string& job_id,
+                                                                    uint64_t gang_epoch,
+                                                                    const GradientFile& file,
+                                                                    bool last, double pass_seconds);
+  // Fetches the committed gradient-pass files of blocks [from_block, num_blocks) for `linears`,
+  // writing each to <dir>/oac-<block, 6 digits>-<linear, 2 digits>.safetensors. DATA_LOSS when a
+  // received file does not match its size and sha256.
+  absl::StatusOr<std::vector<GradientFile>> FetchGradientPass(const v1::Lease& lease,
+                                                              const std::string& job_id,
+                                                              int from_block,
+                                                              const std::vector<int>& linears,
+                                                              const std::string& dir);
   absl::StatusOr<v1::CompleteTaskResponse> CompleteTask(const v1::CompleteTaskRequest& request);
   absl::Status FailTask(const v1::FailTaskRequest& request);
   absl::Status AbandonTask(const v1::AbandonTaskRequest& request);

@@ -181,6 +181,15 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
   }
   if (absl::Status f = faults_->Hit("open", session.next_block()); !f.ok()) return FailJob(task, f);
 
+  // The gradient pass (output-adaptive recipes), before block 0: restored when an earlier attempt
+  // committed it, else run here (every rank over its chunks) and committed by each linear's owner.
+  if (session.NeedsGradientPass() && session.next_block() < num_blocks) {
+    const std::optional<TaskEnd> end =
+        task.gradient_pass_done() ? RestoreGradientPass(task, lease, *plan, scratch, session)
+                                  : RunGradientPass(task, lease, *plan, transport.get(), session);
+    if (end.has_value()) return *end;
+  }
+
   const int every = task.checkpoint_every();
   double since_checkpoint = 0, checkpoint_cost = 0;
   while (session.next_block() < num_blocks) {
@@ -335,6 +344,117 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
   });
   if (!c.ok()) return drop("CompleteTask", c);
   return completed.state() == v1::JOB_STATE_CANCELLED ? TaskEnd::kCancelled : TaskEnd::kCompleted;
+}
+
+std::optional<Worker::TaskEnd> Worker::RunGradientPass(const v1::Task& task, const v1::Lease& lease,
+                                                       const engine::GangPlan& plan,
+                                                       FaultingTransport* transport,
+                                                       engine::JobSession& session) {
+  const std::string& job_id = task.job_id();
+  const uint64_t gang_epoch = task.gang().gang_epoch();
+  SetProgress(job_id, v1::JOB_STAGE_GRADIENT, -1);
+  const absl::Time t0 = absl::Now();
+  const int64_t bytes_before = transport ? transport->bytes_sent() : 0;
+  const double wait_before = transport ? transport->receive_wait_seconds() : 0;
+  absl::StatusOr<std::vector<engine::OacFile>> files = session.RunGradientPass(transport);
+  if (transport != nullptr) {
+    absl::MutexLock lock(&mu_);
+    exchange_bytes_total_ += transport->bytes_sent() - bytes_before;
+    reduction_wait_total_ += transport->receive_wait_seconds() - wait_before;
+  }
+  if (!files.ok()) {
+    if (TaskDropped()) {
+      spdlog::warn("worker: dropping job {}: gradient pass: {}", job_id, files.status().ToString());
+      return TaskEnd::kDropped;
+    }
+    // A failed exchange gives the attempt up (the gang is re-planned); anything else is the job's.
+    if (transport != nullptr && !transport->first_error().ok()) {
+      return AbandonJob(task, Annotate(transport->first_error(), "gradient pass"));
+    }
+    return FailJob(task, Annotate(files.status(), "gradient pass"));
+  }
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+  // Block, then linear order, whatever order the pass wrote them in.
+  std::sort(files->begin(), files->end(), [](const engine::OacFile& a, const engine::OacFile& b) {
+    return std::make_pair(a.block, a.kind) < std::make_pair(b.block, b.kind);
+  });
+  int block = -1;
+  for (size_t i = 0; i < files->size(); ++i) {
+    const engine::OacFile& f = (*files)[i];
+    if (f.block != block) {
+      block = f.block;
+      if (absl::Status s = faults_->Hit("gradient_upload", block); !s.ok()) {
+        return FailJob(task, s);
+      }
+    }
+    if (stop_.load()) {
+      spdlog::warn("worker: dropping job {}: stopping", job_id);
+      return TaskEnd::kDropped;
+    }
+    const GradientFile file{f.block, static_cast<int>(f.kind), f.path, f.sha256, f.bytes};
+    const bool last = i + 1 == files->size();
+    v1::UploadGradientFileResponse uploaded;
+    const absl::Status u = Retry("UploadGradientFile", [&] {
+      absl::StatusOr<v1::UploadGradientFileResponse> r =
+          client_->UploadGradientFile(lease, job_id, gang_epoch, file, last, seconds);
+      if (r.ok()) uploaded = *r;
+      return r.status();
+    });
+    if (!u.ok()) {
+      spdlog::warn("worker: dropping job {}: UploadGradientFile: {}", job_id, u.ToString());
+      return TaskEnd::kDropped;
+    }
+    if (uploaded.cancel_job()) return TaskEnd::kCancelled;
+  }
+  spdlog::info("worker: job {}: gradient pass committed ({} files of rank {}, {:.2f} s)", job_id,
+               files->size(), plan.rank, seconds);
+  if (absl::Status s = faults_->Hit("gradient_done", 0); !s.ok()) return FailJob(task, s);
+  return std::nullopt;
+}
+
+std::optional<Worker::TaskEnd> Worker::RestoreGradientPass(const v1::Task& task,
+                                                           const v1::Lease& lease,
+                                                           const engine::GangPlan& plan,
+                                                           const std::string& scratch,
+                                                           engine::JobSession& session) {
+  const std::string& job_id = task.job_id();
+  SetProgress(job_id, v1::JOB_STAGE_LOADING, -1);
+  // The linears this rank solves, from the block it resumes at.
+  std::vector<int> linears;
+  for (engine::LinearKind k : engine::kAllLinears) {
+    if (plan.Owns(k)) linears.push_back(static_cast<int>(k));
+  }
+  std::vector<GradientFile> fetched;
+  if (!linears.empty()) {
+    const absl::Status s = Retry("FetchGradientPass", [&] {
+      absl::StatusOr<std::vector<GradientFile>> r =
+          client_->FetchGradientPass(lease, job_id, session.next_block(), linears, scratch);
+      if (r.ok()) fetched = *std::move(r);
+      return r.status();
+    });
+    if (absl::IsDataLoss(s)) return FailJob(task, s);
+    if (!s.ok()) {
+      spdlog::warn("worker: dropping job {}: FetchGradientPass: {}", job_id, s.ToString());
+      return TaskEnd::kDropped;
+    }
+  }
+  std::vector<engine::OacFile> files;
+  for (const GradientFile& g : fetched) {
+    engine::OacFile f;
+    f.block = g.block;
+    f.kind = engine::kAllLinears[static_cast<size_t>(g.linear)];
+    f.path = g.path;
+    f.sha256 = g.sha256;
+    f.bytes = g.size;
+    files.push_back(std::move(f));
+  }
+  const size_t n = files.size();
+  if (absl::Status s = session.RestoreGradientPass(std::move(files)); !s.ok()) {
+    return FailJob(task, Annotate(s, "restoring the gradient pass"));
+  }
+  spdlog::info("worker: job {}: gradient pass restored ({} files from block {})", job_id, n,
+               session.next_block());
+  return std::nullopt;
 }
 
 }  // namespace qcal::worker

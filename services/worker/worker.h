@@ -24,6 +24,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -34,7 +35,10 @@
 #include "qcal/v1/worker_service.pb.h"
 #include "services/common/fault_injection.h"
 #include "services/common/rpc.h"
+#include "services/engine/gang/plan.h"
+#include "services/engine/pipeline.h"
 #include "services/worker/coordinator_client.h"
+#include "services/worker/gang.h"
 #include "services/worker/peer/peer_server.h"
 
 namespace qcal::worker {
@@ -94,6 +98,17 @@ class Worker {
   absl::Status RunLease(const v1::RegisterWorkerResponse& registration);
   void HeartbeatLoop();
   TaskEnd RunTask(const v1::Task& task);
+  // The gradient pass of an output-adaptive task (task.cc), before block 0: runs it on this rank
+  // and uploads the files of the linears it owns; or, when the task says the pass is done, fetches
+  // those of its linears from the session's next block on into `scratch` and restores them.
+  // nullopt to go on; otherwise how the task ends.
+  std::optional<TaskEnd> RunGradientPass(const v1::Task& task, const v1::Lease& lease,
+                                         const engine::GangPlan& plan, FaultingTransport* transport,
+                                         engine::JobSession& session);
+  std::optional<TaskEnd> RestoreGradientPass(const v1::Task& task, const v1::Lease& lease,
+                                             const engine::GangPlan& plan,
+                                             const std::string& scratch,
+                                             engine::JobSession& session);
   // Reports a job error (FailTask) and returns kFailed.
   TaskEnd FailJob(const v1::Task& task, const absl::Status& error);
   // Gives the attempt up (AbandonTask: the gang is re-planned) and returns kDropped.

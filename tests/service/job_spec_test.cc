@@ -1,5 +1,6 @@
 // NormalizeJobSpec's gang size (JobSpec.workers): defaults, the range 1 <= min <= max <= 64, and
-// errors that name the key.
+// errors that name the key; the recipe's `hessian` (proto3 optional string) both ways, and its
+// errors at submit.
 #include "services/common/job_spec.h"
 
 #include <string>
@@ -56,6 +57,43 @@ TEST(JobSpecWorkersTest, OutOfRangeCountsAreInvalidArgumentNamingTheKey) {
   v1::JobSpec spec = testing::TinySpec("a");
   spec.mutable_workers()->set_min(0);
   EXPECT_TRUE(absl::IsInvalidArgument(NormalizeJobSpec(spec).status()));
+}
+
+TEST(JobSpecHessianTest, UnsetIsLayerAndEveryKindRoundTrips) {
+  v1::JobSpec spec = testing::TinySpec("a");
+  spec.mutable_recipe()->clear_hessian();
+  auto n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->recipe().hessian(), "layer");
+  // An explicit default is the same spec.
+  spec.mutable_recipe()->set_hessian("layer");
+  EXPECT_EQ(SpecSha256(*NormalizeJobSpec(spec)), SpecSha256(*n));
+  for (const char* kind : {"layer", "output_adaptive", "output_adaptive_token"}) {
+    spec.mutable_recipe()->set_hessian(kind);
+    n = NormalizeJobSpec(spec);
+    ASSERT_TRUE(n.ok()) << kind << ": " << n.status();
+    EXPECT_EQ(n->recipe().hessian(), kind);
+    absl::StatusOr<engine::Recipe> recipe = RecipeFromProto(n->recipe());
+    ASSERT_TRUE(recipe.ok()) << recipe.status();
+    EXPECT_EQ(engine::RecipeName(recipe->hessian), std::string(kind));
+    EXPECT_EQ(recipe->NeedsGradientPass(), std::string(kind) != "layer");
+    EXPECT_EQ(RecipeToProto(*recipe).hessian(), kind);
+  }
+}
+
+TEST(JobSpecHessianTest, BadValuesAreInvalidArgumentNamingTheKey) {
+  v1::JobSpec spec = testing::TinySpec("a");
+  spec.mutable_recipe()->set_hessian("fisher");
+  auto n = NormalizeJobSpec(spec);
+  EXPECT_TRUE(absl::IsInvalidArgument(n.status()));
+  EXPECT_NE(n.status().message().find("\"hessian\""), std::string::npos) << n.status();
+  EXPECT_NE(n.status().message().find("fisher"), std::string::npos) << n.status();
+  // The output-adaptive kinds need GPTQ.
+  spec.mutable_recipe()->set_hessian("output_adaptive");
+  spec.mutable_recipe()->set_method("rtn");
+  n = NormalizeJobSpec(spec);
+  EXPECT_TRUE(absl::IsInvalidArgument(n.status()));
+  EXPECT_NE(n.status().message().find("\"hessian\""), std::string::npos) << n.status();
 }
 
 }  // namespace
