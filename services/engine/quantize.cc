@@ -49,14 +49,15 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
 }
 
 absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
-                                                       const Recipe& recipe, StageTimes* times) {
+                                                       const Recipe& recipe, StageTimes* times,
+                                                       const OacSource& oac) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   const int b = acts.next_block;
   if (b < 0 || b >= model.num_blocks()) {
     return absl::OutOfRangeError(absl::StrCat("block ", b, " is outside the model"));
   }
   StageTimes local;
-  BlockRunner runner(model, acts, recipe, times ? *times : local);
+  BlockRunner runner(model, acts, recipe, times ? *times : local, oac);
   return runner.Run();
 }
 

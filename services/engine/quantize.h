@@ -34,6 +34,7 @@
 #include "services/engine/export/checkpoint_writer.h"
 #include "services/engine/gang/plan.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/oac_statistics.h"
 #include "services/engine/quant/gptq.h"
 #include "services/engine/recipe.h"
 
@@ -50,10 +51,12 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
                                                   ChunkRange chunks);
 
 // Quantizes block acts.next_block of `model` in place and advances `acts` through the quantized
-// block (all phases of a BlockRunner). Returns the block's seven linears in forward order.
+// block (all phases of a BlockRunner). Returns the block's seven linears in forward order. `oac`:
+// the output-adaptive statistics, required when recipe.hessian != layer (BlockRunner).
 absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
                                                        const Recipe& recipe,
-                                                       StageTimes* times = nullptr);
+                                                       StageTimes* times = nullptr,
+                                                       const OacSource& oac = nullptr);
 
 struct QuantizeOutcome {
   std::vector<LayerReport> layers;
