@@ -8,6 +8,7 @@
 #include "common/text_data.h"
 #include "services/engine/driver/block_runner.h"
 #include "services/engine/driver/memory_plan.h"
+#include "services/engine/oac/oac_job.h"
 
 namespace qcal::engine {
 
@@ -65,12 +66,22 @@ absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
                                               const std::vector<std::vector<int>>& samples,
                                               const Recipe& recipe,
                                               const BlockProgressFn& progress) {
-  QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(model, samples));
+  QCAL_RETURN_IF_ERROR(recipe.Validate());
   QuantizeOutcome out;
+  OacMemoryStore oac;
+  if (recipe.NeedsGradientPass()) {
+    const ChunkRange all{0, NumChunks(static_cast<int>(samples.size()))};
+    QCAL_ASSIGN_OR_RETURN(const GradientChunks chunks, GradientChunksOf(samples, all));
+    QCAL_ASSIGN_OR_RETURN(out.gradient_pass,
+                          RunGradientPass(model, chunks, GradientPassOptionsOf(recipe, ""),
+                                          oac.Sink(model.backend(), all.end)));
+  }
+  const OacSource source = recipe.NeedsGradientPass() ? oac.Source() : OacSource();
+  QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(model, samples));
   const int nb = model.num_blocks();
   for (int b = 0; b < nb; ++b) {
     QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
-                          QuantizeBlock(model, acts, recipe, &out.times));
+                          QuantizeBlock(model, acts, recipe, &out.times, source));
     for (LayerResult& r : block) {
       AddToExtras(r, out.extras);
       out.quantized[r.report.name] = std::move(r.quantized);
