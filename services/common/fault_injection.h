@@ -7,12 +7,18 @@
 //   block=N  only at block N (any block when absent)
 //   stage=S  the point's name (required). Worker: open (session opened), solve (block computed,
 //            not uploaded; in a gang of more than one: an owner about to send a layer it solved),
-//            exchange (a gang member about to send partial or completed statistics), commit
-//            (block committed), checkpoint (activations uploaded), finish (output written, not
-//            reported). Coordinator: precommit (before a block's store
-//            write), commit (after it, before the reply), store (the block's store write fails),
-//            complete (output renamed, state not yet written), replan (a gang's new plan was
-//            persisted, before its members hear of it; block = the job's checkpoint block).
+//            exchange (a gang member about to send partial or completed statistics), gradient
+//            (mid gradient pass, in a gang of more than one: the pass's partials of block N about
+//            to go to a linear's owner; the pass runs from the last block down), gradient_upload
+//            (the pass is computed; this rank's statistics files of block N are about to be
+//            committed, those of earlier blocks are in), gradient_done (every file of this rank's
+//            pass is committed, block 0 not started; block = 0), commit (block committed),
+//            checkpoint (activations uploaded), finish (output written, not reported).
+//            Coordinator: precommit (before a block's store write), commit (after it, before the
+//            reply), store (the block's store write fails), gradient_done (the store write that
+//            completed a job's gradient pass is done, before the reply; block = 0), complete
+//            (output renamed, state not yet written), replan (a gang's new plan was persisted,
+//            before its members hear of it; block = the job's checkpoint block).
 //   ACTION   kill (SIGKILL this process) | error (the point returns INTERNAL) | stop (the process
 //            sends itself SIGSTOP; once a test has done what it needed to while every thread is
 //            frozen, SIGCONT resumes it and the point passes as if no fault were set)

@@ -59,6 +59,8 @@ absl::Status FaultingTransport::Send(int to, const engine::MessageKey& key, std:
     QCAL_RETURN_IF_ERROR(faults_->Hit("exchange", key.block));
   } else if (key.kind == engine::MessageKind::kLayer) {
     QCAL_RETURN_IF_ERROR(faults_->Hit("solve", key.block));
+  } else if (key.kind == engine::MessageKind::kOacPartials) {
+    QCAL_RETURN_IF_ERROR(faults_->Hit("gradient", key.block));
   }
   return Note(inner_->Send(to, key, std::move(payload)));
 }

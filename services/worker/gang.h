@@ -1,7 +1,8 @@
 // The worker's side of a gang (DESIGN section 7): the plan a task carries, as the engine's
 // GangPlan, and the Transport the engine exchanges over, wrapped so that fault injection can stop
 // or kill the process at exact exchange points (stages "exchange": a statistic's partials or a
-// completed statistic about to go out; "solve": an owner about to send a layer it solved).
+// completed statistic about to go out; "solve": an owner about to send a layer it solved;
+// "gradient": the gradient pass's partials of a block about to go to a linear's owner).
 #pragma once
 
 #include <string>

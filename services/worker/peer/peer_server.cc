@@ -63,10 +63,13 @@ namespace {
 
 // Range checks of a key that do not depend on the plan (INVALID_ARGUMENT).
 absl::Status CheckKeyShape(const v1::PeerMessageKey& key) {
-  if (key.kind() < 0 || key.kind() > static_cast<int>(MessageKind::kControl)) {
+  if (key.kind() < 0 || key.kind() > static_cast<int>(MessageKind::kOacPartials)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown message kind ", key.kind()));
   }
-  if (key.block() < 0 || key.step() < 0 || key.step() > engine::kStepBoundary) {
+  // The gradient pass's partials have a step of their own, and only they.
+  const bool gradient = key.kind() == static_cast<int>(MessageKind::kOacPartials);
+  if (key.block() < 0 || key.step() < 0 ||
+      (gradient ? key.step() != engine::kStepGradientPass : key.step() > engine::kStepBoundary)) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad block ", key.block(), " or step ", key.step()));
   }
@@ -77,6 +80,7 @@ absl::Status CheckKeyShape(const v1::PeerMessageKey& key) {
       items = engine::kNumLinearInputs;
       break;
     case MessageKind::kLayer:
+    case MessageKind::kOacPartials:
       items = engine::kNumLinears;
       break;
     case MessageKind::kControl:
@@ -266,6 +270,14 @@ absl::Status PeerServer::Check(const v1::PeerHeader& header, bool* duplicate) co
       if (key.from != owner) {
         return absl::FailedPreconditionError(
             absl::StrCat(what, ": the sender does not own that linear (rank ", owner, " does)"));
+      }
+      break;
+    }
+    case MessageKind::kOacPartials: {
+      const int owner = plan_.OwnerOf(static_cast<engine::LinearKind>(key.item));
+      if (owner != rank) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            what, ": rank ", rank, " does not own that linear (rank ", owner, " does)"));
       }
       break;
     }
