@@ -1,6 +1,7 @@
 // The coordinator core in-process, on a real RocksDB store and a simulated clock: idempotency and
 // quotas per client, leases (expiry requeues, stale epochs refused), block commit points and the
-// artifact-hash determinism check, restarts, and store write errors (NOT_SERVING until reopened).
+// artifact-hash determinism check, gradient-pass files (per owner, the pass's done mark, the same
+// check, resume), restarts, and store write errors (NOT_SERVING until reopened).
 #include "services/coordinator/coordinator.h"
 
 #include <atomic>
@@ -11,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
+#include "common/status.h"
 #include "gtest/gtest.h"
 #include "services/common/job_spec.h"
 #include "services/coordinator/prometheus_metrics.h"
@@ -143,6 +145,29 @@ class CoordinatorTest : public ::testing::Test {
     return coordinator_->CommitBlock(header, artifacts);
   }
 
+  // One gradient-pass file with `bytes` as its content (the coordinator only hashes it), under the
+  // job's current gang epoch; `sha256` "" means the content's.
+  absl::StatusOr<v1::UploadGradientFileResponse> UploadGradient(const v1::Lease& lease,
+                                                                const std::string& job_id,
+                                                                int block, int linear,
+                                                                const std::string& bytes,
+                                                                const std::string& sha256 = "") {
+    v1::GradientFileHeader header;
+    *header.mutable_lease() = lease;
+    header.set_job_id(job_id);
+    auto job = coordinator_->GetJob(job_id);
+    if (job.ok()) header.set_gang_epoch(job->gang_epoch());
+    v1::GradientFileManifest& f = *header.mutable_file();
+    f.set_block(block);
+    f.set_linear(linear);
+    f.set_sha256(sha256.empty() ? Sha256Hex(bytes) : sha256);
+    f.set_size(static_cast<int64_t>(bytes.size()));
+    QCAL_ASSIGN_OR_RETURN(std::unique_ptr<GradientUpload> upload,
+                          coordinator_->BeginGradientFile(header));
+    QCAL_RETURN_IF_ERROR(upload->Append(bytes));
+    return coordinator_->CommitGradientFile(*upload);
+  }
+
   testing::ServiceTree tree_;
   CoordinatorOptions options_;
   testing::FakeClock clock_;
@@ -261,6 +286,89 @@ TEST_F(CoordinatorTest, RecomputedBlocksMustMatchTheCommittedOnes) {
   const v1::Job failed = *coordinator_->GetJob(id);
   EXPECT_EQ(failed.state(), v1::JOB_STATE_FAILED);
   EXPECT_NE(failed.error().find("determinism error"), std::string::npos) << failed.error();
+}
+
+TEST_F(CoordinatorTest, GradientFilesAreCommittedPerOwnerHashedAndResumed) {
+  v1::JobSpec spec = testing::TinySpec("oac");
+  spec.mutable_recipe()->set_hessian("output_adaptive");
+  auto job = Submit("alice", spec);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string id = job->job().job_id();
+  auto layer_job = Submit("alice", testing::TinySpec("layer"));
+  ASSERT_TRUE(layer_job.ok());
+  const v1::Lease w = Register();
+  std::optional<v1::Task> task = Acquire(w);
+  ASSERT_TRUE(task.has_value());
+  ASSERT_EQ(task->job_id(), id);
+  EXPECT_FALSE(task->gradient_pass_done());
+  auto content = [](int b, int l) {
+    return absl::StrCat("statistics of block ", b, " linear ", l);
+  };
+
+  // The tiny model has 2 blocks: 14 files; the last one marks the pass done.
+  for (int b = 0; b < 2; ++b) {
+    for (int l = 0; l < engine::kNumLinears; ++l) {
+      if (b == 1 && l == 6) continue;
+      auto r = UploadGradient(w, id, b, l, content(b, l));
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_FALSE(r->already_committed());
+      EXPECT_FALSE(r->pass_complete());
+    }
+  }
+  EXPECT_FALSE(coordinator_->GetJob(id)->gradient_pass_done());
+  v1::FetchGradientPassRequest fetch;
+  *fetch.mutable_lease() = w;
+  fetch.set_job_id(id);
+  fetch.set_from_block(1);
+  fetch.add_linears(0);
+  fetch.add_linears(6);
+  EXPECT_TRUE(absl::IsFailedPrecondition(coordinator_->PrepareGradientFetch(fetch).status()));
+  // Bad uploads: a hash that does not match, a block out of range.
+  auto bad = UploadGradient(w, id, 1, 6, content(1, 6), std::string(64, '0'));
+  EXPECT_TRUE(absl::IsInvalidArgument(bad.status())) << bad.status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(UploadGradient(w, id, 2, 0, "x").status()));
+  // A recomputed file that matches is compared, not stored again.
+  auto same = UploadGradient(w, id, 0, 3, content(0, 3));
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_TRUE(same->already_committed());
+  auto last = UploadGradient(w, id, 1, 6, content(1, 6));
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_TRUE(last->pass_complete());
+  EXPECT_TRUE(coordinator_->GetJob(id)->gradient_pass_done());
+
+  // A restart keeps the pass; the new plan's task says so, and the files come back by hash.
+  Open();
+  task = Acquire(w);
+  ASSERT_TRUE(task.has_value());
+  ASSERT_EQ(task->job_id(), id);
+  EXPECT_TRUE(task->gradient_pass_done());
+  auto plan = coordinator_->PrepareGradientFetch(fetch);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->header.files_size(), 2);
+  ASSERT_EQ(plan->paths.size(), 2u);
+  EXPECT_EQ(plan->header.files(1).block(), 1);
+  EXPECT_EQ(plan->header.files(1).linear(), 6);
+  EXPECT_EQ(plan->header.files(1).sha256(), Sha256Hex(content(1, 6)));
+  EXPECT_EQ(*ReadFileToString(plan->paths[1]), content(1, 6));
+
+  // A recomputed file that differs fails the job as a determinism error.
+  auto different = UploadGradient(w, id, 0, 0, "other statistics");
+  EXPECT_TRUE(absl::IsAborted(different.status())) << different.status();
+  auto failed = coordinator_->GetJob(id);
+  EXPECT_EQ(failed->state(), v1::JOB_STATE_FAILED);
+  EXPECT_NE(failed->error().find("determinism error: gradient-pass statistics of "
+                                 "model.layers.0.self_attn.q_proj"),
+            std::string::npos)
+      << failed->error();
+  EXPECT_FALSE(fs::exists(tree_.data + "/artifacts/" + id));
+
+  // A job whose recipe has no pass takes no files.
+  task = Acquire(w);
+  ASSERT_TRUE(task.has_value());
+  ASSERT_EQ(task->job_id(), layer_job->job().job_id());
+  auto refused = UploadGradient(w, task->job_id(), 0, 0, "x");
+  EXPECT_TRUE(absl::IsFailedPrecondition(refused.status())) << refused.status();
+  EXPECT_NE(refused.status().message().find("hessian"), std::string::npos);
 }
 
 TEST_F(CoordinatorTest, CancelStopsARunningJobAtTheNextBlockBoundary) {
