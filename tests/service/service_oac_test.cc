@@ -2,11 +2,12 @@
 // processes on loopback: a `hessian: output_adaptive` job succeeds on 1, 2 and 3 workers and from
 // `qcal quantize` with byte-identical output that evaluates (and differs from the layer-Hessian
 // output, so the key reached the engine); a gang member SIGKILLed in the middle of the gradient
-// pass (re-plan, the pass redone); a worker SIGKILLed while committing the pass's files (the pass
-// redone, the files already in compared) and right after committing them (the pass restored, not
-// redone); the coordinator SIGKILLed right after the store write that completed the pass and
-// restarted (the pass restored, not redone). Every case ends with the same bytes (qcal_run.json
-// aside) as the undisturbed `qcal quantize`.
+// pass (re-plan, the pass redone) and one killed in block 1 (re-plan, the pass restored by the new
+// owners); a worker SIGKILLed while committing the pass's files (the pass redone, the files
+// already in compared) and right after committing them (the pass restored, not redone); the
+// coordinator SIGKILLed right after the store write that completed the pass and restarted (the
+// pass restored, not redone). Every case ends with the same bytes (qcal_run.json aside) as the
+// undisturbed `qcal quantize`.
 #include <signal.h>
 
 #include <cmath>
@@ -161,6 +162,24 @@ TEST(ServiceOacTest, GangMemberKilledInTheMiddleOfThePass) {
   const v1::Job job = Succeeded(c, id);
   EXPECT_GE(job.attempts(), 2);
   EXPECT_EQ(CompareOutputs(Baseline(c), c.output_root() + "/out"), "");
+}
+
+TEST(ServiceOacTest, GangMemberKilledAfterThePassRestoresItUnderTheNewPlan) {
+  Cluster c("oac-kill-exchange");
+  c.StartCoordinator();
+  c.StartWorker();
+  c.StartWorker();
+  Process* victim = c.StartWorker({}, {{"QCAL_FAULT", "worker:block=1:stage=exchange:kill"}});
+  WaitForWorkers(c, 3);
+  const std::string id = Submit(c, OacSpec(c, "out", 2, 3));
+  ASSERT_TRUE(victim->Wait(kJobTimeout)) << c.Logs();
+  EXPECT_EQ(victim->term_signal(), SIGKILL);
+  const v1::Job job = Succeeded(c, id);
+  EXPECT_GE(job.attempts(), 2);
+  EXPECT_EQ(CompareOutputs(Baseline(c), c.output_root() + "/out"), "");
+  // The three members of the first plan committed the pass; the two of the second (owning other
+  // linears) fetched their files instead of running it again.
+  EXPECT_EQ(Metric(c, kGradientCount), 3);
 }
 
 // One worker runs the job and dies at `fault`; a second one, started after, finishes it.
