@@ -371,6 +371,42 @@ TEST_F(CoordinatorTest, GradientFilesAreCommittedPerOwnerHashedAndResumed) {
   EXPECT_NE(refused.status().message().find("hessian"), std::string::npos);
 }
 
+TEST_F(CoordinatorTest, InAGangEachOwnerCommitsTheStatisticsOfItsLinears) {
+  v1::JobSpec spec = testing::TinySpec("g");
+  spec.mutable_recipe()->set_hessian("output_adaptive_token");
+  spec.mutable_workers()->set_min(2);
+  auto job = Submit("alice", spec);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string id = job->job().job_id();
+  const v1::Lease w[2] = {Register(), Register()};
+  std::optional<v1::Task> t[2] = {Acquire(w[0]), Acquire(w[1])};
+  ASSERT_TRUE(t[0].has_value() && t[1].has_value());
+  // By rank: the forward-order positions it owns.
+  std::vector<int> owned[2];
+  for (int r = 0; r < 2; ++r) {
+    const v1::GangMember& m = t[0]->gang().members(r);
+    owned[r].assign(m.owned_linears().begin(), m.owned_linears().end());
+    ASSERT_FALSE(owned[r].empty());
+  }
+  const int rank_of_w0 = t[0]->gang().rank();
+  auto foreign = UploadGradient(w[0], id, 0, owned[1 - rank_of_w0][0], "x");
+  EXPECT_TRUE(absl::IsFailedPrecondition(foreign.status())) << foreign.status();
+  EXPECT_NE(foreign.status().message().find("does not own"), std::string::npos);
+  // Rank by rank: the pass is done with the other rank's last file, not before.
+  for (int r = 0; r < 2; ++r) {
+    const v1::Lease& lease = w[r == rank_of_w0 ? 0 : 1];
+    for (int b = 0; b < 2; ++b) {
+      for (int l : owned[r]) {
+        auto up = UploadGradient(lease, id, b, l, absl::StrCat("statistics ", b, " ", l));
+        ASSERT_TRUE(up.ok()) << up.status();
+        const bool last = r == 1 && b == 1 && l == owned[1].back();
+        EXPECT_EQ(up->pass_complete(), last) << r << " " << b << " " << l;
+      }
+    }
+  }
+  EXPECT_TRUE(coordinator_->GetJob(id)->gradient_pass_done());
+}
+
 TEST_F(CoordinatorTest, CancelStopsARunningJobAtTheNextBlockBoundary) {
   auto job = Submit("alice", testing::TinySpec("a"));
   const std::string id = job->job().job_id();
