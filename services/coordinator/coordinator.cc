@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +23,8 @@
 #include "services/coordinator/store_schema.h"
 #include "services/engine/gang/plan.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/oac_job.h"
+#include "services/engine/oac/oac_statistics.h"
 #include "services/engine/pipeline.h"
 
 namespace qcal::coordinator {
@@ -499,6 +502,24 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const std::string& 
   }
   QCAL_ASSIGN_OR_RETURN(service::ModelFacts facts, service::ValidateJobInputs(input_root_, spec));
   QCAL_ASSIGN_OR_RETURN(engine::Recipe recipe, service::RecipeFromProto(spec.recipe()));
+  if (recipe.NeedsGradientPass()) {
+    // The pass's files of every linear end up in the data directory: refuse at the start, with
+    // the numbers, a job they could not fit (DESIGN section 2, "Memory").
+    const int64_t bytes = engine::ModelOacBytes(
+        facts.config, engine::GradientPassOptionsOf(recipe, options_.data_dir).fisher);
+    struct statvfs st;
+    if (statvfs(options_.data_dir.c_str(), &st) == 0) {
+      const int64_t free_bytes =
+          static_cast<int64_t>(st.f_bavail) * static_cast<int64_t>(st.f_frsize);
+      if (bytes > free_bytes) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "recipe key \"hessian\" is %s: the gradient pass stores %d bytes (%.2f GiB) of "
+            "statistics in the coordinator's data directory %s, which has %d bytes (%.2f GiB) free",
+            engine::RecipeName(recipe.hessian), bytes, static_cast<double>(bytes) / (1 << 30),
+            options_.data_dir, free_bytes, static_cast<double>(free_bytes) / (1 << 30)));
+      }
+    }
+  }
 
   absl::MutexLock lock(&mu_);
   QCAL_RETURN_IF_ERROR(CheckServing());

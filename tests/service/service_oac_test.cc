@@ -1,13 +1,13 @@
 // Output-adaptive calibration as job state (issue 12 "Persistence" and acceptance 2), with real
 // processes on loopback: a `hessian: output_adaptive` job succeeds on 1, 2 and 3 workers and from
 // `qcal quantize` with byte-identical output that evaluates (and differs from the layer-Hessian
-// output, so the key reached the engine); a gang member SIGKILLed in the middle of the gradient
-// pass (re-plan, the pass redone) and one killed in block 1 (re-plan, the pass restored by the new
-// owners); a worker SIGKILLed while committing the pass's files (the pass redone, the files
-// already in compared) and right after committing them (the pass restored, not redone); the
-// coordinator SIGKILLed right after the store write that completed the pass and restarted (the
-// pass restored, not redone). Every case ends with the same bytes (qcal_run.json aside) as the
-// undisturbed `qcal quantize`.
+// output, so the key reached the engine), as does an `output_adaptive_token` job on 2 workers; a
+// gang member SIGKILLed in the middle of the gradient pass (re-plan, the pass redone) and one
+// killed in block 1 (re-plan, the pass restored by the new owners); a worker SIGKILLed while
+// committing the pass's files (the pass redone, the files already in compared) and right after
+// committing them (the pass restored, not redone); the coordinator SIGKILLed right after the store
+// write that completed the pass and restarted (the pass restored, not redone). Every case ends with
+// the same bytes (qcal_run.json aside) as the undisturbed `qcal quantize`.
 #include <signal.h>
 
 #include <cmath>
@@ -31,14 +31,17 @@ constexpr absl::Duration kJobTimeout = absl::Seconds(120);
 
 constexpr char kOac[] =
     "method: gptq\nweights: {bits: 3, group_size: 32}\nhessian: output_adaptive\n";
+constexpr char kOacToken[] =
+    "method: gptq\nweights: {bits: 3, group_size: 32}\nhessian: output_adaptive_token\n";
 constexpr char kLayer[] = "method: gptq\nweights: {bits: 3, group_size: 32}\n";
 // The gradient-pass durations the coordinator observed (one per rank that committed its files).
 constexpr char kGradientCount[] = "qcal_stage_duration_seconds_count{stage=\"gradient\"}";
 
 // 24 samples of 32 tokens: three chunks of 8, so that each of three workers holds one.
-v1::JobSpec OacSpec(const Cluster& c, const std::string& output, int min_workers, int max_workers) {
+v1::JobSpec OacSpec(const Cluster& c, const std::string& output, int min_workers, int max_workers,
+                    const char* recipe_yaml = kOac) {
   v1::JobSpec spec = c.Spec(output);
-  absl::StatusOr<engine::Recipe> recipe = engine::ParseRecipeYaml(kOac, "recipe");
+  absl::StatusOr<engine::Recipe> recipe = engine::ParseRecipeYaml(recipe_yaml, "recipe");
   EXPECT_TRUE(recipe.ok()) << recipe.status();
   *spec.mutable_recipe() = service::RecipeToProto(*recipe);
   spec.set_samples(24);
@@ -146,6 +149,11 @@ TEST(ServiceOacTest, SameOutputOnOneToThreeWorkersAndLocally) {
   EXPECT_EQ(Metric(c, kGradientCount), 6);
   // The output-adaptive Hessians changed the codes: the key reached the solve.
   EXPECT_NE(CompareOutputs(outputs[0], LocalRun(c, kLayer, 1)), "");
+  // The per-token form too, on two workers against `qcal quantize --workers 1`.
+  Succeeded(c, Submit(c, OacSpec(c, "token", 2, 2, kOacToken)));
+  const std::string token = c.output_root() + "/token";
+  EXPECT_EQ(CompareOutputs(token, LocalRun(c, kOacToken, 1)), "") << "output_adaptive_token";
+  EXPECT_NE(CompareOutputs(token, outputs[0]), "");
 }
 
 TEST(ServiceOacTest, GangMemberKilledInTheMiddleOfThePass) {
