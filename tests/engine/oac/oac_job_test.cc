@@ -5,8 +5,9 @@
 //     H' = diag(m)⁻¹·H·diag(m)⁻¹ and F' = F·diag(m)⁻²;
 //   - a job with hessian output_adaptive (and _token) gives byte-identical outputs twice, and
 //     different model bytes from hessian layer;
-//   - W = 1 and gangs of 2 and 3 ranks (threads over LocalTransport) export the same bytes, and
-//     each rank's files are exactly the linears it owns;
+//   - W = 1 and gangs of 2 and 3 ranks (threads over LocalTransport) export the same bytes, with
+//     GPTQ and with ASER (smoothing, extracted columns, error reconstruction), and each rank's
+//     files are exactly the linears it owns;
 //   - a job restored from the pass's files gives the output of the job that ran the pass, and a
 //     file whose sha256 does not match fails the job naming it;
 //   - the refusals name recipe key "hessian": seq_len < 2, scratch space too small, a block
@@ -280,10 +281,25 @@ void RunGang(const JobOptions& o, int world, const std::string& out_dir) {
   }
 }
 
-TEST(OacGangTest, GangsOfTwoAndThreeExportTheBytesOfOneWorker) {
+// ASER with OAC: each linear's Hessian smoothed by its input's scales, the extracted columns dead
+// in it, error reconstruction whitened by the layer Gram.
+Recipe OacAser() {
+  Recipe r = Oac(HessianKind::kOutputAdaptive);
+  r.weights.bits = 4;
+  r.weights.group_size = -1;
+  r.smoothing.method = SmoothingMethod::kAser;
+  r.smoothing.outlier_channels = 8;
+  r.error_reconstruction.enabled = true;
+  r.error_reconstruction.rank = 16;
+  return r;
+}
+
+class OacGangTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(OacGangTest, GangsOfTwoAndThreeExportTheBytesOfOneWorker) {
   QCAL_REQUIRE_SHARED();
   const std::string tmp = testing::MakeTempDir("oac_gang");
-  const Recipe recipe = Oac(HessianKind::kOutputAdaptive);
+  const Recipe recipe = GetParam() ? OacAser() : Oac(HessianKind::kOutputAdaptive);
   auto direct = RunQuantizeJob(Options(recipe, tmp + "/direct"));
   ASSERT_TRUE(direct.ok()) << direct.status();
   const auto expected = OutputFiles(tmp + "/direct");
@@ -295,6 +311,9 @@ TEST(OacGangTest, GangsOfTwoAndThreeExportTheBytesOfOneWorker) {
   }
   fs::remove_all(tmp);
 }
+
+INSTANTIATE_TEST_SUITE_P(Recipes, OacGangTest, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "aser" : "gptq"; });
 
 // ---- Resume.
 
