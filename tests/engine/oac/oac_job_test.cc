@@ -12,6 +12,7 @@
 //     file whose sha256 does not match fails the job naming it;
 //   - the refusals name recipe key "hessian": seq_len < 2, scratch space too small, a block
 //     before the pass;
+//   - the bench runs the pass on a tiny shape and GPTQ alone beside it;
 //   - the output-adaptive partials round-trip their wire format and go only to the linear's owner.
 #include "services/engine/oac/oac_job.h"
 
@@ -32,6 +33,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "nlohmann/json.hpp"
+#include "services/engine/bench.h"
 #include "services/engine/driver/block_runner.h"
 #include "services/engine/gang/exchange.h"
 #include "services/engine/gang/local_transport.h"
@@ -376,9 +378,8 @@ TEST(OacRestoreTest, RestoredFilesGiveTheOutputOfThePass) {
 // ---- Refusals.
 
 TEST(OacRefusalTest, SeqLenBelowTwoNamesHessian) {
+  // Validate only: the model and texts are not read.
   JobOptions o = Options(Oac(HessianKind::kOutputAdaptiveToken), "/nonexistent");
-  o.model_dir = "m";
-  o.calib_path = "c";
   o.seq_len = 1;
   const absl::Status s = o.Validate();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
@@ -423,6 +424,48 @@ TEST(OacRefusalTest, ABlockBeforeThePassAndAPassWithoutPeersAreRefused) {
   EXPECT_FALSE((*plain)->NeedsGradientPass());
   EXPECT_EQ((*plain)->RunGradientPass().status().code(), absl::StatusCode::kFailedPrecondition);
   fs::remove_all(tmp);
+}
+
+// ---- The bench.
+
+// `qcal bench --recipe oac.yaml` on a tiny shape: the pass over all three blocks though two are
+// quantized, its time inside the whole-job time, and GPTQ alone timed beside it.
+TEST(OacBenchTest, BenchRunsThePassAndGptqAloneBesideIt) {
+  kernels::BackendOptions bo;
+  bo.threads = 1;
+  auto be = kernels::CreateBackend(bo);
+  ASSERT_TRUE(be.ok()) << be.status();
+  BenchOptions options;
+  options.config = BenchShapeNamed("7b")->config;
+  options.config.hidden_size = 64;
+  options.config.intermediate_size = 160;
+  options.config.num_heads = 4;
+  options.config.num_kv_heads = 2;
+  options.config.head_dim = 16;
+  options.config.num_layers = 3;
+  options.config.vocab_size = 100;
+  options.samples = 12;
+  options.seq_len = 32;
+  options.blocks = 2;
+  options.recipe = Oac(HessianKind::kOutputAdaptiveToken);
+  options.recipe.weights.group_size = 16;
+  auto r = RunBench(**be, options);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(r->has_gradient_pass);
+  EXPECT_EQ(r->gradient_pass.tokens, int64_t{12} * 31);
+  EXPECT_GT(r->gradient_pass.loss, 0);
+  EXPECT_GT(r->gradient_pass.seconds, 0);
+  EXPECT_GT(r->model_seconds, r->gradient_pass.seconds);
+  EXPECT_GT(r->layer_model_seconds, 0);
+  EXPECT_EQ(r->blocks_run, 2);
+  EXPECT_GT(r->mean_rel_error, 0);
+  options.recipe.hessian = HessianKind::kLayer;
+  auto layer = RunBench(**be, options);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  EXPECT_FALSE(layer->has_gradient_pass);
+  EXPECT_EQ(layer->layer_model_seconds, 0);
+  // GPTQ minimizes the layer error the report measures; the output-adaptive Hessian does not.
+  EXPECT_NE(r->mean_rel_error, layer->mean_rel_error);
 }
 
 // ---- The exchange.
