@@ -240,12 +240,8 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
   gradient_pass_["files"] = files.size();
   gradient_pass_["file_bytes"] = bytes;
   if (log_) {
-    log_(absl::StrFormat(
-        "gradient pass: %.2f s (forward %.2f s, backward %.2f s, Hessians %.2f s), loss %.4f per "
-        "token over %d tokens, %d files (%.2f GiB)",
-        stats.seconds, stats.forward_seconds, stats.backward_seconds, stats.hessian_seconds,
-        stats.tokens > 0 ? stats.loss / static_cast<double>(stats.tokens) : 0.0, stats.tokens,
-        files.size(), bytes / double(1 << 30)));
+    log_(absl::StrFormat("gradient pass: rank %d wrote %d statistics files (%.3f GiB)", rank,
+                         files.size(), bytes / double(1 << 30)));
   }
   oac_files_.clear();
   for (const OacFile& f : files) oac_files_[{f.block, f.kind}] = f;

@@ -5,7 +5,7 @@
 //     H' = diag(m)⁻¹·H·diag(m)⁻¹ and F' = F·diag(m)⁻²;
 //   - a job with hessian output_adaptive (and _token) gives byte-identical outputs twice, and
 //     different model bytes from hessian layer;
-//   - W = 1 and gangs of 2 and 3 ranks (threads over LocalTransport) export the same bytes, with
+//   - W = 1 and gangs of 2, 3 and 4 ranks (threads over LocalTransport) export the same bytes, with
 //     GPTQ and with ASER (smoothing, extracted columns, error reconstruction), and each rank's
 //     files are exactly the linears it owns;
 //   - a job restored from the pass's files gives the output of the job that ran the pass, and a
@@ -298,14 +298,15 @@ Recipe OacAser() {
 
 class OacGangTest : public ::testing::TestWithParam<bool> {};
 
-TEST_P(OacGangTest, GangsOfTwoAndThreeExportTheBytesOfOneWorker) {
+// W = 4 > C = 3: rank 3 holds no chunk, sends empty covers and still owns a linear.
+TEST_P(OacGangTest, GangsOfTwoThreeAndFourExportTheBytesOfOneWorker) {
   QCAL_REQUIRE_SHARED();
   const std::string tmp = testing::MakeTempDir("oac_gang");
   const Recipe recipe = GetParam() ? OacAser() : Oac(HessianKind::kOutputAdaptive);
   auto direct = RunQuantizeJob(Options(recipe, tmp + "/direct"));
   ASSERT_TRUE(direct.ok()) << direct.status();
   const auto expected = OutputFiles(tmp + "/direct");
-  for (int world : {1, 2, 3}) {
+  for (int world : {1, 2, 3, 4}) {
     SCOPED_TRACE(world);
     const std::string out = tmp + "/w" + std::to_string(world);
     RunGang(Options(recipe, out), world, out);
