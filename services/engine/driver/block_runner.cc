@@ -800,6 +800,10 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     const Tensor w = lin.weight;
     QCAL_RETURN_IF_ERROR(CheckFiniteOnHost(w, absl::StrCat("weight ", name)));
     LayerResult r = NewResult(k, w.dim(0), w.dim(1));
+    if (gptq && output_adaptive) {
+      QCAL_ASSIGN_OR_RETURN(factor, OutputAdaptiveFactor(in, k, gopt));
+      QCAL_RETURN_IF_ERROR(Charge(t_.factor));
+    }
     Tensor w_normal = w;
     if (!outliers.empty() && SmoothingOnDevice(be_)) {
       // A copy with the extracted columns multiplied by 0, on the device.
@@ -819,10 +823,6 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     if (!rtn.ok()) return Annotate(rtn.status(), name);
     kernels::QuantizedTensors q = *rtn;
     if (gptq) {
-      if (output_adaptive) {
-        QCAL_ASSIGN_OR_RETURN(factor, OutputAdaptiveFactor(in, k, gopt));
-        QCAL_RETURN_IF_ERROR(Charge(t_.factor));
-      }
       auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size);
       if (!solved.ok()) return Annotate(solved.status(), name);
       q = std::move(solved).value();
