@@ -254,7 +254,11 @@ class BlockWalk {
   absl::Status Acquire(int b) {
     QCAL_CHECK(pos_ < order_.size() && order_[pos_] == b);
     ++pos_;
-    return model_.AcquireBlock(b, pos_ < order_.size() ? order_[pos_] : -1);
+    // The next other block: the last block of the forward is also the first of the backward, so
+    // its successor's read starts before the loss head rather than after it.
+    size_t next = pos_;
+    while (next < order_.size() && order_[next] == b) ++next;
+    return model_.AcquireBlock(b, next < order_.size() ? order_[next] : -1);
   }
   void Done(int b) {
     if (pos_ >= order_.size() || order_[pos_] != b) model_.ReleaseBlock(b);
@@ -304,6 +308,13 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
   for (int c = 0; c < n; ++c) {
     shapes[c] = SeqShape{chunks.chunk_batch[c], seq_len, 0};
     rows_total += int64_t{chunks.chunk_batch[c]} * seq_len;
+  }
+  if (n == 0) {
+    // A rank without chunks (more ranks than chunks) contributes empty covers.
+    for (int b = blocks - 1; b >= 0; --b) QCAL_RETURN_IF_ERROR(sink(b, BlockOacPartials()));
+    GradientPassStats stats;
+    stats.seconds = SecondsSince(t_start);
+    return stats;
   }
   const int64_t act = rows_total * config.hidden_size * int64_t{sizeof(float)};
   QCAL_ASSIGN_OR_RETURN(

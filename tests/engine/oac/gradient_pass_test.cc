@@ -124,6 +124,9 @@ TEST_P(GradientPassTest, RanksAndBoundarySpacingGiveTheSameBits) {
   EXPECT_GT(one.loss, 0);
   ExpectSameBits(one, RunRanks(*model_, chunks_, {0, 2, 5}, options_), "2 ranks");
   ExpectSameBits(one, RunRanks(*model_, chunks_, {0, 1, 3, 5}, options_), "3 ranks");
+  const Statistics with_empty = RunRanks(*model_, chunks_, {0, 0, 4, 5}, options_);
+  ExpectSameBits(one, with_empty, "3 ranks, the first without chunks");
+  EXPECT_EQ(with_empty.sink_order, one.sink_order);
   const Statistics three = RunRanks(*model_, chunks_, {0, 1, 3, 5}, options_);
   EXPECT_NEAR(three.loss, one.loss, 1e-9 * one.loss);
   for (int k : {2, 3, 5}) {
