@@ -100,6 +100,91 @@ void ExpectSameBits(const Statistics& a, const Statistics& b, const std::string&
   for (const auto& [key, values] : a.fisher) EXPECT_EQ(values, b.fisher.at(key)) << what;
 }
 
+// The CPU backend with a memory budget, optionally posing as a device backend (its "device"
+// memory is host memory either way), so that the pass must keep its boundaries on the host or
+// the scratch disk.
+class BudgetBackend final : public kernels::Backend {
+ public:
+  BudgetBackend(std::unique_ptr<kernels::Backend> inner, int64_t budget, Device device)
+      : inner_(std::move(inner)), budget_(budget), device_(device) {}
+  std::string name() const override { return "budget-" + inner_->name(); }
+  Device device() const override { return device_; }
+  bool SupportsOp(kernels::Op op) const override { return inner_->SupportsOp(op); }
+  kernels::ComputeDType compute_dtype() const override { return inner_->compute_dtype(); }
+  int threads() const override { return inner_->threads(); }
+  std::string DeviceKind() const override { return inner_->DeviceKind(); }
+  int64_t AvailableMemory() override { return budget_; }
+  absl::StatusOr<Tensor> Alloc(DType dtype, const Shape& shape) override {
+    return inner_->Alloc(dtype, shape);
+  }
+  absl::StatusOr<Tensor> ToDevice(const Tensor& host) override { return inner_->ToDevice(host); }
+  absl::StatusOr<Tensor> ToHost(const Tensor& t) override { return inner_->ToHost(t); }
+  absl::Status Synchronize() override { return inner_->Synchronize(); }
+  absl::Status Copy(const Tensor& src, Tensor& dst) override { return inner_->Copy(src, dst); }
+  absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
+                      bool accumulate) override {
+    return inner_->Linear(x, w, bias, y, accumulate);
+  }
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y) override {
+    return inner_->RmsNorm(x, weight, eps, y);
+  }
+  absl::Status Rope(Tensor& x, const kernels::RopeShape& shape) override {
+    return inner_->Rope(x, shape);
+  }
+  absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                         const kernels::AttentionShape& shape, Tensor& out) override {
+    return inner_->Attention(q, k, v, shape, out);
+  }
+  absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    return inner_->SiluMul(gate, up, out);
+  }
+  absl::Status Add(const Tensor& x, Tensor& y) override { return inner_->Add(x, y); }
+  absl::Status Embedding(const Tensor& table, const Tensor& ids, Tensor& out) override {
+    return inner_->Embedding(table, ids, out);
+  }
+  absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) override {
+    return inner_->Nll(logits, targets, nll);
+  }
+  absl::Status AccumulateGram(const Tensor& x, Tensor& h) override {
+    return inner_->AccumulateGram(x, h);
+  }
+  absl::Status Gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+                    float beta, Tensor& c) override {
+    return inner_->Gemm(a, trans_a, b, trans_b, alpha, beta, c);
+  }
+  absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy,
+                               Tensor& dx) override {
+    return inner_->RmsNormBackward(x, weight, eps, dy, dx);
+  }
+  absl::Status RopeBackward(Tensor& g, const kernels::RopeShape& shape) override {
+    return inner_->RopeBackward(g, shape);
+  }
+  absl::Status AttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& dout, const kernels::AttentionShape& shape,
+                                 Tensor& dq, Tensor& dk, Tensor& dv) override {
+    return inner_->AttentionBackward(q, k, v, dout, shape, dq, dk, dv);
+  }
+  absl::Status SiluMulBackward(const Tensor& gate, const Tensor& up, const Tensor& dout,
+                               Tensor& dgate, Tensor& dup) override {
+    return inner_->SiluMulBackward(gate, up, dout, dgate, dup);
+  }
+  absl::Status NllBackward(const Tensor& logits, const Tensor& targets, float scale,
+                           Tensor& dlogits) override {
+    return inner_->NllBackward(logits, targets, scale, dlogits);
+  }
+  absl::Status ScaleRowsByNorm(const Tensor& g, Tensor& x) override {
+    return inner_->ScaleRowsByNorm(g, x);
+  }
+  absl::Status AccumulateSquares(const Tensor& g, Tensor& f) override {
+    return inner_->AccumulateSquares(g, f);
+  }
+
+ private:
+  std::unique_ptr<kernels::Backend> inner_;
+  int64_t budget_;
+  Device device_;
+};
+
 class GradientPassTest : public ::testing::TestWithParam<HessianKind> {
  protected:
   void SetUp() override {
@@ -207,6 +292,73 @@ TEST(GradientPassStreamingTest, StreamingModelGivesTheResidentModelsBits) {
     for (int b = 0; b < 3; ++b) EXPECT_FALSE((*streaming)->resident(b)) << "block " << b;
   }
   fs::remove_all(dir);
+}
+
+TEST(GradientPassTiersTest, BoundariesOnTheHostOrScratchDiskGiveTheSameBits) {
+  const ModelConfig config = OacConfig(OacVariant::kQwen3, 5);
+  const GradientChunks chunks = MakeChunks(config.vocab_size, 6, {2, 1, 2}, 12);
+  GradientPassOptions options;
+  options.kind = HessianKind::kOutputAdaptive;
+  options.fisher = true;
+  auto reference_be = testing::OacCpuBackend();
+  auto reference = OacRandomModel(config, reference_be.get(), 41);
+  auto unlimited = PlanGradientPass(*reference, chunks, options);
+  ASSERT_TRUE(unlimited.ok()) << unlimited.status();
+  EXPECT_EQ(unlimited->tier, BoundaryTier::kDevice);
+  EXPECT_EQ(unlimited->boundary_every, 1);
+  const int64_t act = unlimited->activation_bytes;
+  EXPECT_EQ(act, 5 * 6 * 24 * 4);
+  EXPECT_EQ(unlimited->kept_bytes, 4 * act);
+  // The working set, and a budget that holds k + 1 = 2 activations beside it but not the 5 that
+  // the best device-only plan (k = 2: the segment's 2, one carried, 2 other boundaries) needs.
+  const int64_t working = unlimited->device_bytes - 6 * act;
+  const int64_t budget = working + 3 * act;
+  const Statistics want = RunRanks(*reference, chunks, {0, 3}, options);
+
+  struct Case {
+    Device device;
+    std::string scratch;
+    BoundaryTier tier;
+    int k;
+  };
+  const std::string scratch = testing::MakeTempDir("oac_scratch");
+  for (const Case& c : {Case{Device::kCuda, "", BoundaryTier::kHost, 1},
+                        Case{Device::kHost, scratch, BoundaryTier::kScratch, 1}}) {
+    SCOPED_TRACE(BoundaryTierName(c.tier));
+    BudgetBackend be(testing::OacCpuBackend(), budget, c.device);
+    auto model = OacRandomModel(config, &be, 41);
+    GradientPassOptions o = options;
+    o.scratch_dir = c.scratch;
+    auto plan = PlanGradientPass(*model, chunks, o);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_EQ(plan->tier, c.tier);
+    EXPECT_EQ(plan->boundary_every, c.k);
+    EXPECT_LE(plan->device_bytes, budget);
+    ExpectSameBits(want, RunRanks(*model, chunks, {0, 1, 3}, o), BoundaryTierName(c.tier));
+    o.boundary_every = 2;
+    ExpectSameBits(want, RunRanks(*model, chunks, {0, 3}, o), "k 2");
+  }
+  // The scratch directory is left as it was.
+  EXPECT_TRUE(fs::is_empty(scratch));
+  fs::remove_all(scratch);
+  // Nowhere to go: refused before any work, naming the sizes.
+  BudgetBackend tight(testing::OacCpuBackend(), budget, Device::kHost);
+  auto model = OacRandomModel(config, &tight, 41);
+  auto refused = PlanGradientPass(*model, chunks, options);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(),
+              ::testing::HasSubstr(absl::StrCat(act, " bytes a block, 5 blocks")));
+  EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("none given"));
+  int calls = 0;
+  EXPECT_EQ(RunGradientPass(*model, chunks, options,
+                            [&](int, BlockOacPartials) {
+                              ++calls;
+                              return absl::OkStatus();
+                            })
+                .status()
+                .code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(calls, 0);
 }
 
 TEST(GradientPassErrorsTest, BadInputAndSinkErrors) {
