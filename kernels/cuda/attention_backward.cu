@@ -293,9 +293,8 @@ __global__ void __launch_bounds__(kThreads) DkDvKernel(AttentionBackwardArgs a, 
   // with a window W, j > q_offset + i - W.
   const int last_key = min(k0 + kTile, a.kv_len) - 1;
   const int q_begin = max(0, k0 - a.q_offset) / kTile * kTile;
-  const int q_end = a.sliding_window > 0
-                        ? min(a.q_len, last_key - a.q_offset + a.sliding_window)
-                        : a.q_len;
+  const int q_end =
+      a.sliding_window > 0 ? min(a.q_len, last_key - a.q_offset + a.sliding_window) : a.q_len;
 
   float dk[4][4 * kGroups], dv[4][4 * kGroups];
 #pragma unroll
