@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) DqKernel(AttentionBackwardArgs a, fl
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float p = Visible(a, row, k0 + tx * 4 + j) ? expf(s[i][j] * scale - lse[i]) : 0.0f;
-        ds[i][j] = Operand<kBf16>(p * (dpv[i][j] - delta[i]));
+        ds[i][j] = p * (dpv[i][j] - delta[i]);
       }
     }
     __syncthreads();  // every thread has read v_t: it now takes the row-major keys
@@ -331,8 +331,8 @@ __global__ void __launch_bounds__(kThreads) DkDvKernel(AttentionBackwardArgs a, 
           const float p = Visible(a, i0 + tx * 4 + i, k0 + ty * 4 + j)
                               ? expf(s[j][i] * scale - row_lse[i])
                               : 0.0f;
-          s[j][i] = Operand<kBf16>(p);
-          dpv[j][i] = Operand<kBf16>(p * (dpv[j][i] - row_delta[i]));
+          s[j][i] = p;
+          dpv[j][i] = p * (dpv[j][i] - row_delta[i]);
         }
       }
       __syncthreads();  // every thread has read the feature-major tiles: they take row-major ones

@@ -12,8 +12,7 @@
 //    visible query tiles, in order, and accumulates dv = Pᵀ·dout and dk = scale·dSᵀ·q.
 // Tiles of 64 queries × 64 keys live in shared memory; 256 threads each own 4 × 4 scores, fp32
 // arithmetic on CUDA cores. With bf16 operands, q, k, v and dout are rounded to bf16 as they are
-// loaded, and so are the operands of the last products (P for dv, dS for dq and dk): the
-// products of bf16 values are exact in fp32, the sums are fp32, as in the forward.
+// loaded, exactly where the reference rounds them; the probabilities and dS stay fp32.
 #pragma once
 
 #include <cuda_runtime.h>

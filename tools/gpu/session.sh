@@ -83,8 +83,8 @@ within() { awk -v v="$1" -v r="$2" -v t="$3" 'BEGIN { d = v / r - 1; exit !(d <=
 json_get() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 if wants tests; then
-  for t in cuda_ops_test cuda_quant_test cuda_low_rank_test cuda_model_test cuda_engine_test \
-      gang_pipeline_test; do
+  for t in cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_model_test \
+      cuda_engine_test gang_pipeline_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
   done
