@@ -7,8 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -709,7 +709,7 @@ class CudaBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectShape(dout, {n, width}, op, "dout"));
     QCAL_RETURN_IF_ERROR(CheckIds(ids, vocab, op, "token id"));
     if (n == 0 || width == 0) return absl::OkStatus();
-    if (n > INT32_MAX) {
+    if (n > std::numeric_limits<int32_t>::max()) {
       return absl::InvalidArgumentError(absl::StrCat(op, ": ", n, " rows exceed the I32 plan"));
     }
     // The plan [tokens | starts | rows] (embedding_backward.cuh): a counting sort of the rows by
