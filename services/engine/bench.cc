@@ -215,10 +215,9 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
     r.setup_seconds += Since(t0);
     const ChunkRange all{0, NumChunks(options.samples)};
     QCAL_ASSIGN_OR_RETURN(const GradientChunks chunks, GradientChunksOf(samples, all));
-    QCAL_ASSIGN_OR_RETURN(
-        r.gradient_pass,
-        RunGradientPass(*model, chunks, GradientPassOptionsOf(options.recipe, ""),
-                        oac.Sink(be, all.end), log));
+    QCAL_ASSIGN_OR_RETURN(r.gradient_pass,
+                          RunGradientPass(*model, chunks, GradientPassOptionsOf(options.recipe, ""),
+                                          oac.Sink(be, all.end), log));
     r.has_gradient_pass = true;
     say(absl::StrCat("gradient pass: ", r.gradient_pass.seconds, " s (forward ",
                      r.gradient_pass.forward_seconds, " s, backward ",

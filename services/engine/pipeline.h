@@ -13,6 +13,11 @@
 // runs the block over a Transport (gang/gang_block.h) and returns, and spills, all seven linears
 // on every rank; only rank 0 calls Finish. W = 1 (the default plan) needs no transport.
 //
+// Output-adaptive recipes (hessian != layer): RunGradientPass (or RestoreGradientPass) comes
+// before the first block (oac/oac_job.cc); each linear's statistics are then read from its file
+// when its block is solved. In a gang each rank keeps the files of the linears it owns, and the
+// pass's facts in qcal_run.json are rank 0's share.
+//
 // Finish() exports the checkpoint, then evaluates the full-precision model (streamed afresh from
 // the source directory) and the exported checkpoint (streamed back from disk), layer-major, and
 // writes qcal_report.json (deterministic) and qcal_run.json (timings, peak host RSS and peak

@@ -127,9 +127,8 @@ absl::Status SmoothLinearOac(const std::vector<float>& m, LinearOac& oac) {
   if (!f.defined()) return absl::OkStatus();
   if (f.device() != Device::kHost || f.dtype() != DType::kF32 || f.shape().size() != 2 ||
       f.dim(1) != n) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "a Fisher to smooth must be a host F32 [d_out, ", n, "] tensor, got ",
-        ShapeString(f.shape())));
+    return absl::InvalidArgumentError(absl::StrCat("a Fisher to smooth must be a host F32 [d_out, ",
+                                                   n, "] tensor, got ", ShapeString(f.shape())));
   }
   float* fp = f.data<float>();
   for (int64_t o = 0; o < f.dim(0); ++o) {
@@ -801,6 +800,10 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     const Tensor w = lin.weight;
     QCAL_RETURN_IF_ERROR(CheckFiniteOnHost(w, absl::StrCat("weight ", name)));
     LayerResult r = NewResult(k, w.dim(0), w.dim(1));
+    if (gptq && output_adaptive) {
+      QCAL_ASSIGN_OR_RETURN(factor, OutputAdaptiveFactor(in, k, gopt));
+      QCAL_RETURN_IF_ERROR(Charge(t_.factor));
+    }
     Tensor w_normal = w;
     if (!outliers.empty() && SmoothingOnDevice(be_)) {
       // A copy with the extracted columns multiplied by 0, on the device.
@@ -820,10 +823,6 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     if (!rtn.ok()) return Annotate(rtn.status(), name);
     kernels::QuantizedTensors q = *rtn;
     if (gptq) {
-      if (output_adaptive) {
-        QCAL_ASSIGN_OR_RETURN(factor, OutputAdaptiveFactor(in, k, gopt));
-        QCAL_RETURN_IF_ERROR(Charge(t_.factor));
-      }
       auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size);
       if (!solved.ok()) return Annotate(solved.status(), name);
       q = std::move(solved).value();
@@ -899,9 +898,9 @@ absl::StatusOr<kernels::GptqFactor> BlockRunner::OutputAdaptiveFactor(
   const int64_t d_in = widths_[static_cast<int>(in)];
   if (!stats.hessian.defined() || stats.hessian.dtype() != DType::kF32 ||
       stats.hessian.shape() != Shape{d_in, d_in}) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("output-adaptive Hessian of ", name, ": expected F32 [", d_in, ", ", d_in,
-                     "], got ", ShapeString(stats.hessian.shape())));
+    return absl::InvalidArgumentError(absl::StrCat("output-adaptive Hessian of ", name,
+                                                   ": expected F32 [", d_in, ", ", d_in, "], got ",
+                                                   ShapeString(stats.hessian.shape())));
   }
   const std::vector<float>& m = smoothing_.at(in).m;
   if (!m.empty()) {
@@ -910,8 +909,8 @@ absl::StatusOr<kernels::GptqFactor> BlockRunner::OutputAdaptiveFactor(
     if (stats.fisher.defined()) {
       QCAL_ASSIGN_OR_RETURN(stats.fisher, be_.ToHost(stats.fisher));
     }
-    QCAL_RETURN_IF_ERROR(Annotate(SmoothLinearOac(m, stats),
-                                  absl::StrCat("output-adaptive statistics of ", name)));
+    QCAL_RETURN_IF_ERROR(
+        Annotate(SmoothLinearOac(m, stats), absl::StrCat("output-adaptive statistics of ", name)));
   }
   QCAL_RETURN_IF_ERROR(
       CheckFiniteOnHost(stats.hessian, absl::StrCat("output-adaptive Hessian of ", name)));

@@ -206,7 +206,7 @@ class BlockRunner {
   absl::StatusOr<std::vector<SolvedLinear>> SolveInput(const InputStatistics& stats,
                                                        const std::vector<LinearKind>& kinds);
   absl::StatusOr<kernels::GptqFactor> OutputAdaptiveFactor(LinearInput in, LinearKind k,
-                                                            const kernels::GptqSolveOptions& gopt);
+                                                           const kernels::GptqSolveOptions& gopt);
 
   Model& model_;
   kernels::Backend& be_;

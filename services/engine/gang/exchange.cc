@@ -225,9 +225,8 @@ absl::StatusOr<std::string> SerializeOacPartials(kernels::Backend& backend, Line
   return w.Take();
 }
 
-absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backend,
-                                                         LinearKind kind, int64_t d_out,
-                                                         int64_t d_in, bool fisher,
+absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backend, LinearKind kind,
+                                                         int64_t d_out, int64_t d_in, bool fisher,
                                                          const std::string& bytes) {
   Reader r(bytes, "partial output-adaptive statistics");
   QCAL_RETURN_IF_ERROR(r.Magic(kOacMagic));
@@ -238,10 +237,10 @@ absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backe
   QCAL_ASSIGN_OR_RETURN(const int64_t got_in, r.Get<int64_t>());
   if (got_kind != static_cast<int32_t>(kind) || got_out != d_out || got_in != d_in ||
       got_fisher != (fisher ? 1 : 0)) {
-    return absl::DataLossError(absl::StrCat(
-        "partial output-adaptive statistics of linear ", got_kind, " (", got_out, "x", got_in,
-        ", Fisher flag ", got_fisher, ") where ", LinearName(kind), " (", d_out, "x", d_in,
-        fisher ? ", with a Fisher)" : ")", " was expected"));
+    return absl::DataLossError(
+        absl::StrCat("partial output-adaptive statistics of linear ", got_kind, " (", got_out, "x",
+                     got_in, ", Fisher flag ", got_fisher, ") where ", LinearName(kind), " (",
+                     d_out, "x", d_in, fisher ? ", with a Fisher)" : ")", " was expected"));
   }
   QCAL_RETURN_IF_ERROR(CheckCount(count, OacPartialsBytes(1, d_out, d_in, fisher) - kOacHeaderBytes,
                                   bytes.size() - r.pos(), "partial output-adaptive statistics"));

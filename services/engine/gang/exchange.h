@@ -54,9 +54,8 @@ absl::StatusOr<TreePartials<ActivationStats>> ParseActivationStatsPartials(
 absl::StatusOr<std::string> SerializeOacPartials(kernels::Backend& backend, LinearKind kind,
                                                  int64_t d_out, int64_t d_in, bool fisher,
                                                  const TreePartials<LinearOac>& partials);
-absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backend,
-                                                         LinearKind kind, int64_t d_out,
-                                                         int64_t d_in, bool fisher,
+absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backend, LinearKind kind,
+                                                         int64_t d_out, int64_t d_in, bool fisher,
                                                          const std::string& bytes);
 
 // A solved linear: artifact and report. Parsing gives back the artifact's fields and the report's

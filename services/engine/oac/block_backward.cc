@@ -206,23 +206,25 @@ absl::StatusOr<HeadGradient> LossBackward(Model& model, const Tensor& hidden,
   const int64_t slice = std::max<int64_t>(1, kMaxLogitBytes / (vocab * int64_t{sizeof(float)}));
   HeadGradient out;
   QCAL_ASSIGN_OR_RETURN(out.d_hidden, be.Alloc(DType::kF32, hidden.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor nll, be.Alloc(DType::kF32, {rows}));
   for (int64_t r0 = 0; r0 < rows; r0 += slice) {
     const int64_t r1 = std::min(rows, r0 + slice);
     const Tensor x = normed.Rows(r0, r1), t = target_t.Rows(r0, r1);
     QCAL_ASSIGN_OR_RETURN(Tensor logits, be.Alloc(DType::kF32, {r1 - r0, vocab}));
     QCAL_RETURN_IF_ERROR(be.Linear(x, model.lm_head(), nullptr, logits, false));
-    QCAL_ASSIGN_OR_RETURN(Tensor nll, be.Alloc(DType::kF32, {r1 - r0}));
-    QCAL_RETURN_IF_ERROR(be.Nll(logits, nll_target_t.Rows(r0, r1), nll));
-    QCAL_ASSIGN_OR_RETURN(Tensor nll_host, be.ToHost(nll));
-    for (int64_t r = 0; r < r1 - r0; ++r) {
-      if (targets[r0 + r] >= 0) out.loss += nll_host.data<float>()[r];
-    }
+    Tensor nll_rows = nll.Rows(r0, r1);
+    QCAL_RETURN_IF_ERROR(be.Nll(logits, nll_target_t.Rows(r0, r1), nll_rows));
     QCAL_RETURN_IF_ERROR(be.NllBackward(logits, t, 1.0f, logits));
     Tensor d_normed = out.d_hidden.Rows(r0, r1);
     QCAL_RETURN_IF_ERROR(be.Gemm(logits, false, model.lm_head(), false, 1.0f, 0.0f, d_normed));
   }
   QCAL_RETURN_IF_ERROR(
       be.RmsNormBackward(hidden, model.final_norm(), eps, out.d_hidden, out.d_hidden));
+  // One transfer for the whole loss, after the last slice is queued.
+  QCAL_ASSIGN_OR_RETURN(Tensor nll_host, be.ToHost(nll));
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] >= 0) out.loss += nll_host.data<float>()[r];
+  }
   return out;
 }
 

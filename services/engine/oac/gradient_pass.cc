@@ -56,18 +56,6 @@ absl::Status ValidateChunks(const GradientChunks& chunks, const GradientPassOpti
   return absl::OkStatus();
 }
 
-// Where the kept block inputs outside the segment in hand live (DESIGN section 2, "Memory": device
-// memory, then host memory, then the scratch disk).
-enum class Tier { kDevice, kHost, kScratch };
-const char* TierName(Tier t) {
-  return t == Tier::kDevice ? "device" : t == Tier::kHost ? "host" : "scratch";
-}
-
-struct BoundaryPlan {
-  int k = 1;
-  Tier tier = Tier::kDevice;
-};
-
 // Bytes the backward needs besides the carried activations: one chunk's block internals and
 // per-sample products, the loss head's logits slice, and the statistics (a chunk's partials plus
 // the live nodes of the canonical reduction).
@@ -91,65 +79,18 @@ int64_t WorkingBytes(const ModelConfig& c, const GradientChunks& chunks,
                                                    : d;
     stats += d_in * d_in + (options.fisher ? d_out * d_in : 0);
   }
+  // A chunk's partials, and the accumulator's nodes (at most a cover's, plus one being summed).
   const int64_t live = std::min<int64_t>(static_cast<int64_t>(chunks.ids.size()),
-                                         TreeDepth(chunks.total_chunks) + 1) +
+                                         MaxCoverNodes(chunks.total_chunks) + 1) +
                        1;
   return (elements + stats * live) * int64_t{sizeof(float)} + (int64_t{256} << 20);
-}
-
-// k and the tier: the smallest k (the least recomputation) in the first tier that holds the
-// boundaries. Activation sets of `act` bytes: the device holds the segment in hand (k inputs) and
-// the carried hidden state or gradient, plus the other segments' boundaries in the device tier;
-// the host or the scratch disk hold those boundaries otherwise.
-absl::StatusOr<BoundaryPlan> PlanBoundaries(kernels::Backend& be, int blocks, int64_t act,
-                                            int64_t working, const GradientPassOptions& options) {
-  const bool host_backend = be.device() == Device::kHost;
-  const int64_t host_avail = AvailableHostMemoryBytes();
-  int64_t device_avail = host_backend ? host_avail : be.AvailableMemory();
-  if (device_avail < 0) device_avail = INT64_MAX;
-  const int64_t host_limit = host_avail < 0 ? INT64_MAX : host_avail;
-  int64_t disk = -1;
-  if (!options.scratch_dir.empty()) {
-    std::error_code ec;
-    const fs::space_info space = fs::space(options.scratch_dir, ec);
-    if (!ec) disk = static_cast<int64_t>(space.available);
-  }
-  auto others = [&](int k) { return int64_t{(blocks + k - 1) / k - 1}; };
-  auto fits = [&](int k, Tier tier) {
-    const double segment = double(k + 1) * act + working;
-    const double kept = double(others(k)) * act;
-    switch (tier) {
-      case Tier::kDevice:
-        return segment + kept <= double(device_avail);
-      case Tier::kHost:
-        return !host_backend && segment <= double(device_avail) && kept <= double(host_limit);
-      case Tier::kScratch:
-        return disk >= 0 && segment <= double(device_avail) && kept <= double(disk);
-    }
-    return false;
-  };
-  const int k_min = options.boundary_every > 0 ? std::min(options.boundary_every, blocks) : 1;
-  const int k_max = options.boundary_every > 0 ? k_min : blocks;
-  for (Tier tier : {Tier::kDevice, Tier::kHost, Tier::kScratch}) {
-    for (int k = k_min; k <= k_max; ++k) {
-      if (fits(k, tier)) return BoundaryPlan{k, tier};
-    }
-  }
-  return absl::ResourceExhaustedError(absl::StrCat(
-      "gradient pass: the activations of this rank's chunks (", act, " bytes a block, ", blocks,
-      " blocks", options.boundary_every > 0 ? absl::StrCat(", boundary_every ", k_min) : "",
-      ") fit neither device memory (", device_avail, " bytes available, ", working,
-      " needed for work) nor host memory (", host_limit, ") nor the scratch disk (",
-      options.scratch_dir.empty() ? std::string("none given")
-                                  : absl::StrCat(disk, " bytes at ", options.scratch_dir),
-      ")"));
 }
 
 // The kept block inputs outside the segment in hand, per (block, chunk), in their tier. Device
 // tensors go in and come out; Take frees what it returns.
 class BoundaryStore {
  public:
-  BoundaryStore(kernels::Backend& be, Tier tier) : be_(be), tier_(tier) {}
+  BoundaryStore(kernels::Backend& be, BoundaryTier tier) : be_(be), tier_(tier) {}
   ~BoundaryStore() {
     if (!dir_.empty()) {
       std::error_code ec;
@@ -158,7 +99,7 @@ class BoundaryStore {
   }
 
   absl::Status Open(const std::string& scratch_dir) {
-    if (tier_ != Tier::kScratch) return absl::OkStatus();
+    if (tier_ != BoundaryTier::kScratch) return absl::OkStatus();
     std::string tmpl = (fs::path(scratch_dir) / "qcal-gradient-pass-XXXXXX").string();
     if (::mkdtemp(tmpl.data()) == nullptr) {
       return absl::UnavailableError(absl::StrCat(scratch_dir,
@@ -173,17 +114,17 @@ class BoundaryStore {
   absl::Status Put(int block, int chunk, const Tensor& t) {
     Tensor kept;
     switch (tier_) {
-      case Tier::kDevice: {
+      case BoundaryTier::kDevice: {
         QCAL_ASSIGN_OR_RETURN(kept, be_.Alloc(DType::kF32, t.shape()));
         QCAL_RETURN_IF_ERROR(be_.Copy(t, kept));
         break;
       }
-      case Tier::kHost: {
+      case BoundaryTier::kHost: {
         QCAL_ASSIGN_OR_RETURN(kept, be_.AllocHost(DType::kF32, t.shape()));
         QCAL_RETURN_IF_ERROR(be_.Copy(t, kept));
         break;
       }
-      case Tier::kScratch: {
+      case BoundaryTier::kScratch: {
         QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(t));
         const std::string path = PathOf(block, chunk);
         std::FILE* f = std::fopen(path.c_str(), "wb");
@@ -208,7 +149,7 @@ class BoundaryStore {
 
   absl::StatusOr<Tensor> Take(int block, int chunk) {
     const std::pair<int, int> key{block, chunk};
-    if (tier_ == Tier::kScratch) {
+    if (tier_ == BoundaryTier::kScratch) {
       const std::string path = PathOf(block, chunk);
       QCAL_ASSIGN_OR_RETURN(Tensor host, be_.AllocHost(DType::kF32, shapes_.at(key)));
       std::FILE* f = std::fopen(path.c_str(), "rb");
@@ -227,7 +168,7 @@ class BoundaryStore {
     }
     Tensor kept = std::move(kept_.at(key));
     kept_.erase(key);
-    if (tier_ == Tier::kDevice) return kept;
+    if (tier_ == BoundaryTier::kDevice) return kept;
     QCAL_ASSIGN_OR_RETURN(Tensor t, be_.Alloc(DType::kF32, kept.shape()));
     QCAL_RETURN_IF_ERROR(be_.Copy(kept, t));
     return t;
@@ -239,7 +180,7 @@ class BoundaryStore {
   }
 
   kernels::Backend& be_;
-  Tier tier_;
+  BoundaryTier tier_;
   std::string dir_;  // scratch tier: the pass's own directory, removed at the end
   std::map<std::pair<int, int>, Tensor> kept_;
   std::map<std::pair<int, int>, Shape> shapes_;
@@ -254,7 +195,11 @@ class BlockWalk {
   absl::Status Acquire(int b) {
     QCAL_CHECK(pos_ < order_.size() && order_[pos_] == b);
     ++pos_;
-    return model_.AcquireBlock(b, pos_ < order_.size() ? order_[pos_] : -1);
+    // The next other block: the last block of the forward is also the first of the backward, so
+    // its successor's read starts before the loss head rather than after it.
+    size_t next = pos_;
+    while (next < order_.size() && order_[next] == b) ++next;
+    return model_.AcquireBlock(b, next < order_.size() ? order_[next] : -1);
   }
   void Done(int b) {
     if (pos_ >= order_.size() || order_[pos_] != b) model_.ReleaseBlock(b);
@@ -285,6 +230,79 @@ std::vector<int> AcquisitionOrder(int blocks, int k) {
 
 }  // namespace
 
+const char* BoundaryTierName(BoundaryTier tier) {
+  switch (tier) {
+    case BoundaryTier::kDevice:
+      return "device";
+    case BoundaryTier::kHost:
+      return "host";
+    case BoundaryTier::kScratch:
+      return "scratch";
+  }
+  return "?";
+}
+
+absl::StatusOr<GradientPassPlan> PlanGradientPass(Model& model, const GradientChunks& chunks,
+                                                  const GradientPassOptions& options) {
+  QCAL_RETURN_IF_ERROR(ValidateChunks(chunks, options));
+  kernels::Backend& be = model.backend();
+  const int blocks = model.num_blocks();
+  int64_t rows = 0;
+  for (int b : chunks.chunk_batch) rows += int64_t{b} * chunks.seq_len;
+  const int64_t act = rows * model.config().hidden_size * int64_t{sizeof(float)};
+  const int64_t working = WorkingBytes(model.config(), chunks, options);
+  const bool host_backend = be.device() == Device::kHost;
+  const int64_t host_avail = AvailableHostMemoryBytes();
+  int64_t device_avail = be.AvailableMemory();
+  if (device_avail < 0 && host_backend) device_avail = host_avail;
+  if (device_avail < 0) device_avail = INT64_MAX;
+  const int64_t host_limit = host_avail < 0 ? INT64_MAX : host_avail;
+  int64_t disk = -1;
+  if (!options.scratch_dir.empty()) {
+    std::error_code ec;
+    const fs::space_info space = fs::space(options.scratch_dir, ec);
+    if (!ec) disk = static_cast<int64_t>(space.available);
+  }
+  auto plan_for = [&](int k, BoundaryTier tier) {
+    GradientPassPlan p;
+    p.boundary_every = k;
+    p.tier = tier;
+    p.activation_bytes = act;
+    p.kept_bytes = int64_t{(blocks + k - 1) / k - 1} * act;
+    p.device_bytes =
+        int64_t{k + 1} * act + working + (tier == BoundaryTier::kDevice ? p.kept_bytes : 0);
+    return p;
+  };
+  auto fits = [&](const GradientPassPlan& p) {
+    if (p.device_bytes > device_avail) return false;
+    switch (p.tier) {
+      case BoundaryTier::kDevice:
+        return true;
+      case BoundaryTier::kHost:
+        return !host_backend && p.kept_bytes <= host_limit;
+      case BoundaryTier::kScratch:
+        return disk >= 0 && p.kept_bytes <= disk;
+    }
+    return false;
+  };
+  const int k_min = options.boundary_every > 0 ? std::min(options.boundary_every, blocks) : 1;
+  const int k_max = options.boundary_every > 0 ? k_min : blocks;
+  for (BoundaryTier tier : {BoundaryTier::kDevice, BoundaryTier::kHost, BoundaryTier::kScratch}) {
+    for (int k = k_min; k <= k_max; ++k) {
+      const GradientPassPlan p = plan_for(k, tier);
+      if (fits(p)) return p;
+    }
+  }
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "gradient pass: the activations of this rank's chunks (", act, " bytes a block, ", blocks,
+      " blocks", options.boundary_every > 0 ? absl::StrCat(", boundary_every ", k_min) : "",
+      ") fit neither device memory (", device_avail, " bytes available, ", working,
+      " needed for work) nor host memory (", host_limit, ") nor the scratch disk (",
+      options.scratch_dir.empty() ? std::string("none given")
+                                  : absl::StrCat(disk, " bytes at ", options.scratch_dir),
+      ")"));
+}
+
 absl::StatusOr<GradientPassStats> RunGradientPass(
     Model& model, const GradientChunks& chunks, const GradientPassOptions& options,
     const OacSink& sink, const std::function<void(const std::string&)>& log) {
@@ -295,29 +313,28 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
     return absl::UnimplementedError(
         absl::StrCat("gradient pass: the ", be.name(), " backend has no backward ops"));
   }
-  const ModelConfig& config = model.config();
   const int blocks = model.num_blocks();
   const int n = static_cast<int>(chunks.ids.size());
   const int seq_len = chunks.seq_len;
   std::vector<SeqShape> shapes(n);
-  int64_t rows_total = 0;
-  for (int c = 0; c < n; ++c) {
-    shapes[c] = SeqShape{chunks.chunk_batch[c], seq_len, 0};
-    rows_total += int64_t{chunks.chunk_batch[c]} * seq_len;
+  for (int c = 0; c < n; ++c) shapes[c] = SeqShape{chunks.chunk_batch[c], seq_len, 0};
+  if (n == 0) {
+    // A rank without chunks (more ranks than chunks) contributes empty covers.
+    for (int b = blocks - 1; b >= 0; --b) QCAL_RETURN_IF_ERROR(sink(b, BlockOacPartials()));
+    GradientPassStats stats;
+    stats.seconds = SecondsSince(t_start);
+    return stats;
   }
-  const int64_t act = rows_total * config.hidden_size * int64_t{sizeof(float)};
-  QCAL_ASSIGN_OR_RETURN(
-      BoundaryPlan plan,
-      PlanBoundaries(be, blocks, act, WorkingBytes(config, chunks, options), options));
-  const int k = plan.k;
+  QCAL_ASSIGN_OR_RETURN(const GradientPassPlan plan, PlanGradientPass(model, chunks, options));
+  const int k = plan.boundary_every;
   GradientPassStats stats;
   stats.boundary_every = k;
   if (log) {
     log(absl::StrFormat(
         "gradient pass: %d chunks (%d..%d of %d), %d blocks, boundaries every %d block(s) in %s "
-        "memory (%.2f GB of activations a block)",
+        "memory (%.2f GB of activations a block, %.2f GB planned on the device)",
         n, chunks.first_chunk, chunks.first_chunk + n - 1, chunks.total_chunks, blocks, k,
-        TierName(plan.tier), act / 1e9));
+        BoundaryTierName(plan.tier), plan.activation_bytes / 1e9, plan.device_bytes / 1e9));
   }
   BoundaryStore store(be, plan.tier);
   QCAL_RETURN_IF_ERROR(store.Open(options.scratch_dir));
@@ -375,6 +392,8 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
   std::array<LinearOac, kNumLinears> partial;
   double tap_seconds = 0;
   const GradTap tap = [&](LinearKind kind, const Tensor& x, const Tensor& dy) -> absl::Status {
+    // Timed between synchronizations: the block's own queued work is not the statistics'.
+    QCAL_RETURN_IF_ERROR(be.Synchronize());
     const auto t_tap = std::chrono::steady_clock::now();
     LinearOac& p = partial[static_cast<int>(kind)];
     const int64_t d_in = x.dim(1), d_out = dy.dim(1), samples = x.dim(0) / seq_len;

@@ -64,9 +64,8 @@ int64_t OwnedOacBytes(const ModelConfig& config, const GangPlan& plan, bool fish
 absl::Status CheckOacStorage(const Recipe& recipe, int64_t bytes, const std::string& dir) {
   struct statvfs fs_stats;
   if (statvfs(dir.c_str(), &fs_stats) != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(dir, ": cannot read the free space of the scratch directory: ",
-                     std::strerror(errno)));
+    return absl::FailedPreconditionError(absl::StrCat(
+        dir, ": cannot read the free space of the scratch directory: ", std::strerror(errno)));
   }
   const int64_t free_bytes =
       static_cast<int64_t>(fs_stats.f_bavail) * static_cast<int64_t>(fs_stats.f_frsize);
@@ -110,8 +109,8 @@ OacSource OacMemoryStore::Source() const {
   return [this](int block, LinearKind kind) -> absl::StatusOr<LinearOac> {
     auto it = stats_.find({block, kind});
     if (it == stats_.end()) {
-      return absl::NotFoundError(absl::StrCat("the gradient pass left no statistics for ",
-                                              LinearPrefix(block, kind)));
+      return absl::NotFoundError(
+          absl::StrCat("the gradient pass left no statistics for ", LinearPrefix(block, kind)));
     }
     return it->second;
   };
@@ -152,8 +151,9 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
         next_block()));
   }
   if (transport == nullptr && gang_.world > 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "rank ", gang_.rank, " of a gang of ", gang_.world, " runs the gradient pass without peers"));
+    return absl::FailedPreconditionError(absl::StrCat("rank ", gang_.rank, " of a gang of ",
+                                                      gang_.world,
+                                                      " runs the gradient pass without peers"));
   }
   QCAL_RETURN_IF_ERROR(gang_options.Validate());
   const GradientPassOptions pass_options = GradientPassOptionsOf(recipe, scratch_);
@@ -174,7 +174,8 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
                          from};
     auto payload = transport->Receive(key, gang_options.receive_timeout);
     if (!payload.ok()) {
-      return Annotate(payload.status(), absl::StrCat("rank ", rank, " receiving ", DescribeKey(key)));
+      return Annotate(payload.status(),
+                      absl::StrCat("rank ", rank, " receiving ", DescribeKey(key)));
     }
     return payload;
   };
@@ -188,8 +189,9 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
                                                  partials[static_cast<size_t>(k)]));
       const MessageKey key{b, kStepGradientPass, MessageKind::kOacPartials, static_cast<int>(k),
                            rank};
-      QCAL_RETURN_IF_ERROR(Annotate(transport->Send(owner, key, std::move(bytes)),
-                                    absl::StrCat("sending ", DescribeKey(key), " to rank ", owner)));
+      QCAL_RETURN_IF_ERROR(
+          Annotate(transport->Send(owner, key, std::move(bytes)),
+                   absl::StrCat("sending ", DescribeKey(key), " to rank ", owner)));
       partials[static_cast<size_t>(k)].clear();
     }
     for (LinearKind k : kAllLinears) {
@@ -230,21 +232,16 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
                          RecipeName(recipe.hessian), gang_.local().begin, gang_.local().end,
                          gang_.total_chunks, num_blocks()));
   }
-  QCAL_ASSIGN_OR_RETURN(GradientPassStats stats,
-                        engine::RunGradientPass(*model_, gradient_chunks_, pass_options, sink,
-                                                log_));
+  QCAL_ASSIGN_OR_RETURN(GradientPassStats stats, engine::RunGradientPass(*model_, gradient_chunks_,
+                                                                         pass_options, sink, log_));
   gradient_pass_ = GradientPassJson(stats);
   int64_t bytes = 0;
   for (const OacFile& f : files) bytes += f.bytes;
   gradient_pass_["files"] = files.size();
   gradient_pass_["file_bytes"] = bytes;
   if (log_) {
-    log_(absl::StrFormat(
-        "gradient pass: %.2f s (forward %.2f s, backward %.2f s, Hessians %.2f s), loss %.4f per "
-        "token over %d tokens, %d files (%.2f GiB)",
-        stats.seconds, stats.forward_seconds, stats.backward_seconds, stats.hessian_seconds,
-        stats.tokens > 0 ? stats.loss / static_cast<double>(stats.tokens) : 0.0, stats.tokens,
-        files.size(), bytes / double(1 << 30)));
+    log_(absl::StrFormat("gradient pass: rank %d wrote %d statistics files (%.3f GiB)", rank,
+                         files.size(), bytes / double(1 << 30)));
   }
   oac_files_.clear();
   for (const OacFile& f : files) oac_files_[{f.block, f.kind}] = f;
@@ -267,8 +264,8 @@ absl::Status JobSession::RestoreGradientPass(std::vector<OacFile> files) {
     }
     const std::pair<int, LinearKind> key{f.block, f.kind};
     if (!by_linear.emplace(key, std::move(f)).second) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "restore: two gradient-pass files for ", LinearPrefix(key.first, key.second)));
+      return absl::InvalidArgumentError(absl::StrCat("restore: two gradient-pass files for ",
+                                                     LinearPrefix(key.first, key.second)));
     }
   }
   oac_files_ = std::move(by_linear);
@@ -286,8 +283,7 @@ OacSource JobSession::OacFiles() const {
                        LinearPrefix(block, kind), " (restore every linear it owns)"));
     }
     const auto [d_out, d_in] = LinearShape(config(), kind);
-    return ReadLinearOac(it->second.path, options_.recipe.hessian, d_out, d_in,
-                         it->second.sha256);
+    return ReadLinearOac(it->second.path, options_.recipe.hessian, d_out, d_in, it->second.sha256);
   };
 }
 

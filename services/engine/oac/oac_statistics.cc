@@ -37,12 +37,13 @@ absl::Status CheckSquare(const char* op, const Tensor& h, int64_t n) {
 }
 
 // The two orders of Xᵀ(ΓΓᵀ)X for one sample (x [L, d_in], dy [L, d_out]), in multiply-adds:
-// through the L × L product P = ΓΓᵀ (P, then PX, then Xᵀ(PX)), or through the weight gradient
-// G = ΓᵀX (then GᵀG). The first is cheaper for long samples of narrow-output linears, the second
-// when L exceeds the widths (small models).
+// through the L × L product P = ΓΓᵀ (P, then Z = PX, then the full product XᵀZ), or through the
+// weight gradient G = ΓᵀX and GᵀG, a symmetric product (AccumulateGram: half a GEMM). Ties, as
+// for d_in = d_out = 2L (Llama-2-7B's attention linears at L = 2048), go to G: its result is
+// symmetric bit for bit, where XᵀZ's triangles agree only to rounding.
 bool ThroughTokenProduct(int64_t l, int64_t d_in, int64_t d_out) {
   const double via_p = double(l) * l * (d_out + d_in) + double(l) * d_in * d_in;
-  const double via_g = double(l) * d_out * d_in + double(d_out) * d_in * d_in;
+  const double via_g = double(l) * d_out * d_in + 0.5 * double(d_out) * d_in * d_in;
   return via_p < via_g;
 }
 
