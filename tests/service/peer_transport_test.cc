@@ -179,6 +179,21 @@ TEST_F(PeerTransportTest, StatisticAndControlRules) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(PeerTransportTest, GradientPartialsGoOnlyToTheLinearsOwner) {
+  const int k = static_cast<int>(LinearKind::kK);  // owned by rank 1
+  const MessageKey key = Key(MessageKind::kOacPartials, k, 0, engine::kStepGradientPass, 3);
+  ASSERT_TRUE(transports_[0]->Send(1, key, "h").ok());
+  EXPECT_EQ(*transports_[1]->Receive(key, absl::Seconds(1)), "h");
+  const absl::Status s = transports_[0]->Send(2, key, "h");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "rank 2 does not own that linear (rank 1 does)")) << s;
+  // The pass's partials have their own step, and only they use it.
+  EXPECT_FALSE(transports_[0]->Send(1, Key(MessageKind::kOacPartials, k, 0, 1), "h").ok());
+  EXPECT_FALSE(transports_[2]
+                   ->Send(0, Key(MessageKind::kPartials, 0, 2, engine::kStepGradientPass), "p")
+                   .ok());
+}
+
 TEST_F(PeerTransportTest, ResentMessageIsAcceptedOnceAndAnotherPayloadRefused) {
   const MessageKey key = Key(MessageKind::kLayer, static_cast<int>(LinearKind::kK), 1);
   ASSERT_TRUE(transports_[1]->Send(0, key, "same").ok());
