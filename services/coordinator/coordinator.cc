@@ -1547,6 +1547,8 @@ absl::StatusOr<v1::UploadGradientFileResponse> Coordinator::CommitGradientFile(
       QCAL_RETURN_IF_ERROR(FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr));
       return absl::AbortedError(error);
     }
+    spdlog::info("coordinator: job {}: gradient-pass statistics of {} recomputed by rank {}: match",
+                 id, name, rank);
     response.set_already_committed(true);
     response.set_pass_complete(rec->job().gradient_pass_done());
     if (header.last()) {

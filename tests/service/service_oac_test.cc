@@ -3,7 +3,8 @@
 // `qcal quantize` with byte-identical output that evaluates (and differs from the layer-Hessian
 // output, so the key reached the engine), as does an `output_adaptive_token` job on 2 workers; a
 // gang member SIGKILLed in the middle of the gradient pass (re-plan, the pass redone) and one
-// killed in block 1 (re-plan, the pass restored by the new owners); a worker SIGKILLed while
+// killed in block 1 (re-plan, the pass restored by the new owners) or while committing its files
+// (re-plan, the pass redone on two and the files already in compared); a worker SIGKILLed while
 // committing the pass's files (the pass redone, the files already in compared) and right after
 // committing them (the pass restored, not redone); the coordinator SIGKILLed right after the store
 // write that completed the pass and restarted (the pass restored, not redone). Every case ends with
@@ -163,6 +164,24 @@ TEST(ServiceOacTest, GangMemberKilledInTheMiddleOfThePass) {
   c.StartWorker();
   // The pass runs from the last block down: block 1 (of 2 or 5) is in its middle.
   Process* victim = c.StartWorker({}, {{"QCAL_FAULT", "worker:block=1:stage=gradient:kill"}});
+  WaitForWorkers(c, 3);
+  const std::string id = Submit(c, OacSpec(c, "out", 2, 3));
+  ASSERT_TRUE(victim->Wait(kJobTimeout)) << c.Logs();
+  EXPECT_EQ(victim->term_signal(), SIGKILL);
+  const v1::Job job = Succeeded(c, id);
+  EXPECT_GE(job.attempts(), 2);
+  EXPECT_EQ(CompareOutputs(Baseline(c), c.output_root() + "/out"), "");
+}
+
+TEST(ServiceOacTest, GangMemberKilledWhileCommittingThePassIsReproducedOnTwo) {
+  Cluster c("oac-kill-gang-upload");
+  c.StartCoordinator();
+  c.StartWorker();
+  c.StartWorker();
+  // The victim's block-0 files are in when it dies; the pass is redone on two workers, whose
+  // owners (another plan) must reproduce them bit for bit.
+  Process* victim =
+      c.StartWorker({}, {{"QCAL_FAULT", "worker:block=1:stage=gradient_upload:kill"}});
   WaitForWorkers(c, 3);
   const std::string id = Submit(c, OacSpec(c, "out", 2, 3));
   ASSERT_TRUE(victim->Wait(kJobTimeout)) << c.Logs();
