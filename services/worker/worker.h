@@ -8,16 +8,16 @@
 //
 // Resume: a task with a checkpoint fetches its chunks' activations at that boundary (and, on rank
 // 0, the committed artifacts before it), restores the session there, and recomputes the rest; the
-// coordinator compares layers it already has.
+// coordinator compares layers it already has. Checkpoints: every task.checkpoint_every blocks, or
+// (0) whenever the blocks since the last checkpoint took at least 19 times what that checkpoint
+// cost (checkpoints at most 5% of block time), decided by rank 0 and sent to the other ranks, and
+// always after the last block.
 //
 // Output-adaptive recipes run the gradient pass before block 0 (every rank over its chunks, the
 // partials going to each linear's owner), and each owner commits its linears' statistics files
 // (UploadGradientFile) before it enters block 0. A task whose job already has the whole pass
 // committed (task.gradient_pass_done) fetches the files of the linears its rank owns from its
-// resume block on (FetchGradientPass, sha256-checked) and restores them instead. Checkpoints: every task.checkpoint_every blocks, or
-// (0) whenever the blocks since the last checkpoint took at least 19 times what that checkpoint
-// cost (checkpoints at most 5% of block time), decided by rank 0 and sent to the other ranks, and
-// always after the last block.
+// resume block on (FetchGradientPass, sha256-checked) and restores them instead.
 //
 // Failures: a problem with the job itself (bad input found while running, NaN weights, an error
 // writing the output) is reported with FailTask and fails the job. A lost lease or an unreachable
