@@ -15,6 +15,7 @@
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "kernels/cpu/quant_ref.h"
+#include "kernels/cpu/ref_grad.h"
 #include "kernels/cpu/ref_ops.h"
 
 namespace qcal::kernels {
@@ -63,6 +64,49 @@ std::vector<float> RoundedCopy(const float* p, int64_t n) {
   std::vector<float> out(p, p + n);
   for (float& v : out) v = RoundToBf16(v);
   return out;
+}
+
+// The head counts and lengths of an attention call, the one at fault named.
+absl::Status CheckAttentionShape(const AttentionShape& s, const char* op) {
+  if (s.batch < 0 || s.q_len < 0 || s.head_dim <= 0 || s.num_heads <= 0 || s.num_kv_heads <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": batch ", s.batch, ", q_len ", s.q_len, ", heads ", s.num_heads, ", kv heads ",
+        s.num_kv_heads, ", head_dim ", s.head_dim, " (head counts and head_dim must be positive)"));
+  }
+  if (s.num_heads % s.num_kv_heads) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": ", s.num_heads, " heads are not a multiple of ", s.num_kv_heads, " kv heads"));
+  }
+  if (s.q_offset < 0 || s.q_offset + s.q_len > s.kv_len || s.sliding_window < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": q_offset ", s.q_offset, " + q_len ", s.q_len, " exceeds kv_len ",
+                     s.kv_len, " or sliding_window ", s.sliding_window, " is negative"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckRopeShape(const Tensor& x, const RopeShape& shape, const char* op) {
+  if (shape.head_dim <= 0 || shape.head_dim % 2 || x.dim(-1) % shape.head_dim ||
+      shape.seq_len <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": head_dim ", shape.head_dim, " (positive, even, dividing the width of ",
+                     x.DebugString(), ") or seq_len ", shape.seq_len, " (positive) is wrong"));
+  }
+  return absl::OkStatus();
+}
+
+// Rope's cos/sin per position of the sequence and frequency index, interleaved: entry
+// (p·half + i)·2 is the cos of position offset + p, index i, and the next one its sin.
+std::vector<float> RopeTable(const RopeShape& shape) {
+  const int half = shape.head_dim / 2;
+  std::vector<float> cs(size_t(shape.seq_len) * half * 2);
+  for (int p = 0; p < shape.seq_len; ++p) {
+    for (int i = 0; i < half; ++i) {
+      ref::RopeAngle(shape.offset + p, i, shape, &cs[(size_t(p) * half + i) * 2],
+                     &cs[(size_t(p) * half + i) * 2 + 1]);
+    }
+  }
+  return cs;
 }
 
 // Bytes held by the live tensors of one backend, and their peak. Shared with the tensors' storage,
@@ -122,8 +166,8 @@ class CpuBackend final : public Backend {
       case Op::kGram:
       case Op::kActQuant:
         return true;
-      case Op::kBackward:  // until the backward ops land (issue 12)
-        return false;
+      case Op::kBackward:
+        return true;
     }
     return false;
   }
@@ -243,20 +287,10 @@ class CpuBackend final : public Backend {
   absl::Status Rope(Tensor& x, const RopeShape& shape) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "Rope", "x"));
     QCAL_RETURN_IF_ERROR(ExpectRows(x, "Rope", "x"));
-    if (shape.head_dim <= 0 || shape.head_dim % 2 || x.dim(-1) % shape.head_dim ||
-        shape.seq_len <= 0) {
-      return absl::InvalidArgumentError("Rope: bad shape");
-    }
+    QCAL_RETURN_IF_ERROR(CheckRopeShape(x, shape, "Rope"));
     const int64_t width = x.dim(-1), rows = x.numel() / width;
     const int half = shape.head_dim / 2;
-    // Cos/sin table per position in the sequence, computed once.
-    std::vector<float> cs(size_t(shape.seq_len) * half * 2);
-    for (int p = 0; p < shape.seq_len; ++p) {
-      for (int i = 0; i < half; ++i) {
-        ref::RopeAngle(shape.offset + p, i, shape, &cs[(size_t(p) * half + i) * 2],
-                       &cs[(size_t(p) * half + i) * 2 + 1]);
-      }
-    }
+    const std::vector<float> cs = RopeTable(shape);
     float* xp = x.data<float>();
     const int64_t heads = width / shape.head_dim;
     ParallelFor(rows, width, [&](int64_t r0, int64_t r1) {
@@ -407,6 +441,288 @@ class CpuBackend final : public Backend {
     for (int64_t a = 0; a < k; ++a) {
       for (int64_t b = 0; b < a; ++b) hp[a * k + b] = hp[b * k + a];
     }
+    return absl::OkStatus();
+  }
+
+  absl::Status Gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+                    float beta, Tensor& c) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(a, "Gemm", "a"));
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(b, "Gemm", "b"));
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(c, "Gemm", "c"));
+    const int64_t m = a.dim(trans_a ? 1 : 0), k = a.dim(trans_a ? 0 : 1);
+    const int64_t kb = b.dim(trans_b ? 1 : 0), n = b.dim(trans_b ? 0 : 1);
+    if (k != kb) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gemm: op(a) of a ", a.DebugString(), (trans_a ? " (transposed)" : ""),
+                       " has ", k, " columns but op(b) of b ", b.DebugString(),
+                       (trans_b ? " (transposed)" : ""), " has ", kb, " rows"));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(c, {m, n}, "Gemm", "c"));
+    if (m == 0 || n == 0) return absl::OkStatus();
+    float* cp = c.data<float>();
+    // beta == 0 ignores c's contents, NaN included: BLAS would propagate 0·NaN.
+    if (beta == 0.0f) std::fill(cp, cp + m * n, 0.0f);
+    if (k == 0) {
+      for (int64_t i = 0; i < m * n; ++i) cp[i] *= beta;
+      return absl::OkStatus();
+    }
+    const float* ap = a.data<float>();
+    const float* bp = b.data<float>();
+    std::vector<float> ar, br;
+    if (dtype_ == ComputeDType::kBF16) {
+      ar = RoundedCopy(ap, a.numel());
+      br = RoundedCopy(bp, b.numel());
+      ap = ar.data();
+      bp = br.data();
+    }
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, ap, a.dim(1), bp, b.dim(1),
+                beta, cp, n);
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy,
+                               Tensor& dx) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "RmsNormBackward", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectRows(x, "RmsNormBackward", "x"));
+    const int64_t width = x.dim(-1), rows = x.numel() / width;
+    QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNormBackward", "weight"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dy, x.shape(), "RmsNormBackward", "dy"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dx, x.shape(), "RmsNormBackward", "dx"));
+    // Rows are independent: each range runs the reference (which allows dx == dy).
+    ParallelFor(rows, width * 2, [&](int64_t r0, int64_t r1) {
+      ref::RmsNormBackward(x.data<float>() + r0 * width, weight.data<float>(), double(eps),
+                           dy.data<float>() + r0 * width, dx.data<float>() + r0 * width, r1 - r0,
+                           width);
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status RopeBackward(Tensor& g, const RopeShape& shape) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(g, "RopeBackward", "g"));
+    QCAL_RETURN_IF_ERROR(ExpectRows(g, "RopeBackward", "g"));
+    QCAL_RETURN_IF_ERROR(CheckRopeShape(g, shape, "RopeBackward"));
+    const int64_t width = g.dim(-1), rows = g.numel() / width;
+    const int half = shape.head_dim / 2;
+    const std::vector<float> cs = RopeTable(shape);
+    float* gp = g.data<float>();
+    const int64_t heads = width / shape.head_dim;
+    ParallelFor(rows, width, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* t = &cs[size_t(r % shape.seq_len) * half * 2];
+        for (int64_t h = 0; h < heads; ++h) {
+          float* v = gp + r * width + h * shape.head_dim;
+          for (int i = 0; i < half; ++i) {
+            // The transposed rotation: the same angle table, sin negated.
+            const float c = t[2 * i], s = t[2 * i + 1];
+            const float a = v[i], b = v[i + half];
+            v[i] = a * c + b * s;
+            v[i + half] = b * c - a * s;
+          }
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  // Per (sequence, head), with P the recomputed probabilities [q_len, kv_len] (zero where masked):
+  // dV_kv += Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale, dQ = dS·K, dK_kv += dSᵀ·Q.
+  // The n_rep query heads of a KV head add into dK and dV in head order (the first overwrites),
+  // so the result depends only on the BLAS and ParallelFor thread counts. With kBF16 q, k, v and
+  // dout are rounded first, as ref::AttentionBackward rounds them.
+  absl::Status AttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& dout, const AttentionShape& s, Tensor& dq,
+                                 Tensor& dk, Tensor& dv) override {
+    const char* op = "AttentionBackward";
+    QCAL_RETURN_IF_ERROR(CheckAttentionShape(s, op));
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                  kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    const Shape q_shape{int64_t(s.batch) * s.q_len, qw}, kv_shape{int64_t(s.batch) * s.kv_len, kvw};
+    QCAL_RETURN_IF_ERROR(ExpectShape(q, q_shape, op, "q"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(k, kv_shape, op, "k"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(v, kv_shape, op, "v"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dout, q_shape, op, "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dq, q_shape, op, "dq"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dk, kv_shape, op, "dk"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dv, kv_shape, op, "dv"));
+    if (s.q_len == 0 || s.kv_len == 0) {
+      // No query sees a key: every gradient is zero (and BLAS is not asked for empty products).
+      std::fill(dk.data<float>(), dk.data<float>() + dk.numel(), 0.0f);
+      std::fill(dv.data<float>(), dv.data<float>() + dv.numel(), 0.0f);
+      return absl::OkStatus();
+    }
+    const float* qp = q.data<float>();
+    const float* kp = k.data<float>();
+    const float* vp = v.data<float>();
+    const float* dop = dout.data<float>();
+    std::vector<float> qr, kr, vr, dor;
+    if (dtype_ == ComputeDType::kBF16) {
+      qr = RoundedCopy(qp, q.numel());
+      kr = RoundedCopy(kp, k.numel());
+      vr = RoundedCopy(vp, v.numel());
+      dor = RoundedCopy(dop, dout.numel());
+      qp = qr.data();
+      kp = kr.data();
+      vp = vr.data();
+      dop = dor.data();
+    }
+    const int n_rep = s.num_heads / s.num_kv_heads;
+    const int hd = s.head_dim;
+    const float scale = float(1.0 / std::sqrt(double(hd)));
+    std::vector<float> probs(size_t(s.q_len) * s.kv_len), dscores(size_t(s.q_len) * s.kv_len);
+    for (int b = 0; b < s.batch; ++b) {
+      for (int h = 0; h < s.num_heads; ++h) {
+        const int kvh = h / n_rep;
+        const int64_t q_off = int64_t(b) * s.q_len * qw + h * hd;
+        const int64_t kv_off = int64_t(b) * s.kv_len * kvw + kvh * hd;
+        const float* qh = qp + q_off;
+        const float* doh = dop + q_off;
+        const float* kh = kp + kv_off;
+        const float* vh = vp + kv_off;
+        // probs = softmax(scale·Q Kᵀ) over the visible keys; dscores = dO Vᵀ, then dS in place.
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.q_len, s.kv_len, hd, scale, qh, qw,
+                    kh, kvw, 0.0f, probs.data(), s.kv_len);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.q_len, s.kv_len, hd, 1.0f, doh, qw,
+                    vh, kvw, 0.0f, dscores.data(), s.kv_len);
+        ParallelFor(s.q_len, s.kv_len * 4, [&](int64_t i0, int64_t i1) {
+          for (int i = static_cast<int>(i0); i < i1; ++i) {
+            float* p = probs.data() + size_t(i) * s.kv_len;
+            float* ds = dscores.data() + size_t(i) * s.kv_len;
+            const int last = s.q_offset + i;
+            const int first = s.sliding_window > 0 ? std::max(0, last - s.sliding_window + 1) : 0;
+            float mx = -INFINITY;
+            for (int j = first; j <= last; ++j) mx = std::max(mx, p[j]);
+            double sum = 0;
+            for (int j = first; j <= last; ++j) {
+              p[j] = std::exp(p[j] - mx);
+              sum += p[j];
+            }
+            const float inv = float(1.0 / sum);
+            double p_dp = 0;
+            for (int j = first; j <= last; ++j) {
+              p[j] *= inv;
+              p_dp += double(p[j]) * ds[j];
+            }
+            for (int j = first; j <= last; ++j) {
+              ds[j] = float(double(p[j]) * (ds[j] - p_dp) * scale);
+            }
+            std::fill(p, p + first, 0.0f);
+            std::fill(ds, ds + first, 0.0f);
+            std::fill(p + last + 1, p + s.kv_len, 0.0f);
+            std::fill(ds + last + 1, ds + s.kv_len, 0.0f);
+          }
+        });
+        const float accumulate = h % n_rep == 0 ? 0.0f : 1.0f;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.q_len, hd, s.kv_len, 1.0f,
+                    dscores.data(), s.kv_len, kh, kvw, 0.0f, dq.data<float>() + q_off, qw);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, s.kv_len, hd, s.q_len, 1.0f,
+                    dscores.data(), s.kv_len, qh, qw, accumulate, dk.data<float>() + kv_off, kvw);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, s.kv_len, hd, s.q_len, 1.0f,
+                    probs.data(), s.kv_len, doh, qw, accumulate, dv.data<float>() + kv_off, kvw);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SiluMulBackward(const Tensor& gate, const Tensor& up, const Tensor& dout,
+                               Tensor& dgate, Tensor& dup) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(gate, "SiluMulBackward", "gate"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(up, gate.shape(), "SiluMulBackward", "up"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dout, gate.shape(), "SiluMulBackward", "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dgate, gate.shape(), "SiluMulBackward", "dgate"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dup, gate.shape(), "SiluMulBackward", "dup"));
+    ParallelFor(gate.numel(), 16, [&](int64_t i0, int64_t i1) {
+      ref::SiluMulBackward(gate.data<float>() + i0, up.data<float>() + i0, dout.data<float>() + i0,
+                           dgate.data<float>() + i0, dup.data<float>() + i0, i1 - i0);
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(dout, "EmbeddingBackward", "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(dtable, "EmbeddingBackward", "dtable"));
+    const int64_t rows = dout.dim(0), width = dout.dim(1), vocab = dtable.dim(0);
+    if (ids.dtype() != DType::kI32 || ids.device() != Device::kHost || ids.numel() != rows) {
+      return absl::InvalidArgumentError(absl::StrCat("EmbeddingBackward: ids ", ids.DebugString(),
+                                                     " must be host I32 with one id per row of ",
+                                                     dout.DebugString()));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(dtable, {vocab, width}, "EmbeddingBackward", "dtable"));
+    const int32_t* id = ids.data<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      if (id[r] < 0 || id[r] >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("EmbeddingBackward: token id ", id[r], " of row ", r,
+                         " is outside the table (vocab ", vocab, ")"));
+      }
+    }
+    // Threads split the columns, so every element still sums its rows in row order (the
+    // reference's bits) and no two threads write the same element.
+    const float* dp = dout.data<float>();
+    float* tp = dtable.data<float>();
+    ParallelFor(width, rows, [&](int64_t c0, int64_t c1) {
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = tp + int64_t(id[r]) * width;
+        const float* src = dp + r * width;
+        for (int64_t c = c0; c < c1; ++c) dst[c] += src[c];
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status NllBackward(const Tensor& logits, const Tensor& targets, float scale,
+                           Tensor& dlogits) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(logits, "NllBackward", "logits"));
+    const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+    if (targets.dtype() != DType::kI32 || targets.device() != Device::kHost ||
+        targets.numel() != rows) {
+      return absl::InvalidArgumentError(absl::StrCat("NllBackward: targets ", targets.DebugString(),
+                                                     " must be host I32 with one id per row of ",
+                                                     logits.DebugString()));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(dlogits, logits.shape(), "NllBackward", "dlogits"));
+    const int32_t* t = targets.data<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      if (t[r] < -1 || t[r] >= vocab) {
+        return absl::InvalidArgumentError(absl::StrCat("NllBackward: target ", t[r], " of row ", r,
+                                                       " is outside the vocabulary (", vocab,
+                                                       ") and is not -1"));
+      }
+    }
+    ParallelFor(rows, vocab * 8, [&](int64_t r0, int64_t r1) {
+      ref::NllBackward(logits.data<float>() + r0 * vocab, r1 - r0, vocab, t + r0, scale,
+                       dlogits.data<float>() + r0 * vocab);
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status ScaleRowsByNorm(const Tensor& g, Tensor& x) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(g, "ScaleRowsByNorm", "g"));
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(x, "ScaleRowsByNorm", "x"));
+    if (g.dim(0) != x.dim(0)) {
+      return absl::InvalidArgumentError(absl::StrCat("ScaleRowsByNorm: g ", g.DebugString(),
+                                                     " and x ", x.DebugString(),
+                                                     " have different row counts"));
+    }
+    const int64_t rows = x.dim(0), width_g = g.dim(1), width_x = x.dim(1);
+    ParallelFor(rows, width_g + width_x, [&](int64_t r0, int64_t r1) {
+      ref::ScaleRowsByNorm(g.data<float>() + r0 * width_g, r1 - r0, width_g,
+                           x.data<float>() + r0 * width_x, width_x);
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status AccumulateSquares(const Tensor& g, Tensor& f) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(g, "AccumulateSquares", "g"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(f, "AccumulateSquares", "f"));
+    if (g.numel() != f.numel()) {
+      return absl::InvalidArgumentError(absl::StrCat("AccumulateSquares: g ", g.DebugString(),
+                                                     " and f ", f.DebugString(),
+                                                     " have different element counts"));
+    }
+    ParallelFor(g.numel(), 2, [&](int64_t i0, int64_t i1) {
+      ref::AccumulateSquares(g.data<float>() + i0, i1 - i0, f.data<float>() + i0);
+    });
     return absl::OkStatus();
   }
 

@@ -45,6 +45,8 @@ void RmsNormBackward(const T* x, const T* weight, double eps, const T* dy, T* dx
                      int64_t width);
 template <typename T>
 void RopeBackward(T* g, int64_t rows, int64_t width, const RopeShape& shape);
+// bf16_operands rounds q, k, v and dout (as the forward rounds its operands); the recomputed
+// probabilities and the score gradients stay in double.
 template <typename T>
 void AttentionBackward(const T* q, const T* k, const T* v, const T* dout,
                        const AttentionShape& shape, T* dq, T* dk, T* dv, bool bf16_operands);

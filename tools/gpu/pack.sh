@@ -12,7 +12,7 @@ build=${1:-build-cuda}
 [[ $build = /* ]] || build=$root/$build
 shared=${QCAL_SHARED_DIR:-$root/../shared}
 jobs=${JOBS:-2}
-binaries=(qcal cuda_ops_test cuda_quant_test cuda_low_rank_test cuda_model_test cuda_engine_test
+binaries=(qcal cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_model_test cuda_engine_test
   gang_pipeline_test)
 # The bundle and the working tree travel together under a 64 MiB limit.
 max_bytes=$((58 << 20))

@@ -86,8 +86,8 @@ within() { awk -v v="$1" -v r="$2" -v t="$3" 'BEGIN { d = v / r - 1; exit !(d <=
 json_get() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 if wants tests; then
-  for t in cuda_ops_test cuda_quant_test cuda_low_rank_test cuda_model_test cuda_engine_test \
-      gang_pipeline_test; do
+  for t in cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_model_test \
+      cuda_engine_test gang_pipeline_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
   done
@@ -356,11 +356,19 @@ if wants sanitizer && [[ -n $sanitizer ]]; then
   time_for 70 && gtest "racecheck attention" "$out/racecheck.log" 60 "$sanitizer" --tool \
     racecheck --error-exitcode 1 "$p/bin/cuda_ops_test" --gtest_color=no \
     --gtest_filter='*AttentionMatches*'
+  time_for 100 && gtest "memcheck cuda_backward_test" "$out/memcheck_backward.log" 90 \
+    "$sanitizer" --tool memcheck --error-exitcode 1 "$p/bin/cuda_backward_test" --gtest_color=no \
+    --gtest_filter='-*SevenB*:*ErrorsAreStatuses*'
+  # About 65 s on an H200 (one 2x300x300, 8/2 heads of 128 backward per dtype, twice).
+  time_for 110 && gtest "racecheck attention backward" "$out/racecheck_backward.log" 100 \
+    "$sanitizer" --tool racecheck --error-exitcode 1 "$p/bin/cuda_backward_test" \
+    --gtest_color=no --gtest_filter='*AttentionBackwardIsBitIdentical*'
 fi
 
 {
   echo "--- numbers"
   grep -hE '^(device kind|f32 |bf16 )' "$out/cuda_ops_test.log" 2>/dev/null
+  grep -hE 'attention backward 7B' "$out/cuda_backward_test.log" 2>/dev/null
   grep -hE 'perplexity [0-9.]+, [0-9]+ tokens' "$out/cuda_model_test.log" 2>/dev/null
   grep -hE '^\[  FAILED  \] .* \([0-9]+ ms\)$' "$out"/*.log 2>/dev/null
   grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$out"/memcheck_*.log "$out/racecheck.log" 2>/dev/null
