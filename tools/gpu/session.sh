@@ -9,8 +9,8 @@
 #      (rank 64), each twice (output files byte-identical, qcal_run.json aside) and once on the CPU
 #      with the same seed (perplexities within 0.5%);
 #   3b. (step oac) OAC: quantize sotu-llama-16m W2 g64 with hessian output_adaptive as in 3; the
-#      7B shape with GPTQ W2 g64 alone, then with the sample-wise and per-token output-adaptive
-#      Hessians (qcal bench --recipe; the gradient pass inside the job);
+#      7B shape with the sample-wise and per-token output-adaptive Hessians at W2 g64 (qcal bench
+#      --recipe: the gradient pass inside the job, then GPTQ alone on the same weights);
 #   4. qcal bench: the 7B shape whole-model (three runs), the 70B shape per block (extrapolated);
 #   5. qcal bench --er: error reconstruction on the 7B shape's linears (whitening, full and
 #      randomized SVD at rank 64), with the randomized path's projected share of the 7B job; then
@@ -178,18 +178,17 @@ fi
 
 if wants oac; then
   # OAC (issue 12): sotu-llama-16m W2 g64 with the sample-wise output-adaptive Hessian, twice on the
-  # GPU and once on the CPU; then the 7B shape with GPTQ alone against both OAC forms (the gradient
-  # pass inside the job) at the same weights.
+  # GPU and once on the CPU; then the 7B shape with both OAC forms (the gradient pass inside the
+  # job; the bench reruns the same recipe with hessian layer, GPTQ alone, for the ratio).
   log=$out/oac.log
   check "quantize sotu-llama-16m OAC W2 g64" $'method: gptq\nhessian: output_adaptive\nweights: {bits: 2, group_size: 64}\n'
   oac_recipes=(
-    "gptq-w2g64:method: gptq\nweights: {bits: 2, group_size: 64}\n"
     "oac-w2g64:method: gptq\nhessian: output_adaptive\nweights: {bits: 2, group_size: 64}\n"
     "oac-token-w2g64:method: gptq\nhessian: output_adaptive_token\nweights: {bits: 2, group_size: 64}\n"
   )
   for entry in "${oac_recipes[@]}"; do
     name=${entry%%:*}
-    time_for 150 || { note "bench 7b $name: skipped (session budget)"; continue; }
+    time_for 200 || { note "bench 7b $name: skipped (session budget)"; continue; }
     printf "${entry#*:}" >"$out/bench-$name.yaml"
     start=$SECONDS
     timeout 400 "$qcal" bench --shape 7b --compute-dtype bf16 --recipe "$out/bench-$name.yaml" \
@@ -197,7 +196,7 @@ if wants oac; then
     rc=$?
     printf '%-34s %4d %d s\n' "bench 7b bf16 $name" "$rc" $((SECONDS - start)) >>"$summary"
     ((rc == 0)) || { fail "bench 7b $name"; tail -5 "$out/bench_7b_$name.log" | sed 's/^/    /' >>"$summary"; }
-    grep -hE '^(whole model|  gradient|  forward|  hessians|  solves|mean rel)' \
+    grep -hE '^(whole model|gradient pass|the same recipe|  forward|  hessians|  solves|mean rel)' \
       "$out/bench_7b_$name.txt" | sed 's/^/    /' >>"$summary"
   done
 fi
