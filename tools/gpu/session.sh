@@ -89,6 +89,7 @@ if wants tests; then
   for t in cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_model_test \
       cuda_engine_test gang_pipeline_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
+    [[ -x $p/bin/$t ]] || { note "$t: not in the bundle (QCAL_PACK_BINARIES)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
   done
 fi
