@@ -13,7 +13,10 @@
 //    visible query tiles, in order, and accumulates dv = Pᵀ·dout and dk = scale·dSᵀ·q.
 // Tiles of 64 queries × 64 keys live in shared memory; 256 threads each own 4 × 4 scores, fp32
 // arithmetic on CUDA cores. With bf16 operands, q, k, v and dout are rounded to bf16 as they are
-// loaded, exactly where the reference rounds them; the probabilities and dS stay fp32.
+// loaded, exactly where the reference rounds them; the probabilities and dS stay fp32 (the
+// backend's fp32 compute runs this path; its bf16 compute runs the tensor-core path, about 8x
+// faster: 10 ms against 81 ms for a Llama-2-7B chunk, 8 x 2048 tokens, 32 heads of 128, on an
+// H200).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -68,7 +71,8 @@ cudaError_t LaunchAttentionBackward(const AttentionBackwardArgs& args, cudaStrea
 //    tiles in order, recompute Sᵀ and dPᵀ, then dv += Pᵀ·dout and dk += scale·dSᵀ·q with P and dS
 //    rounded to bf16.
 // Unlike the reference (and the exact path with bf16_operands), P and dS are rounded to bf16 where
-// they enter a product: ~3e-3 relative error against ref::AttentionBackward with bf16 operands.
+// they enter a product: about 2e-3 relative error against ref::AttentionBackward with bf16
+// operands (measured on an H200; the exact path is within 5e-7).
 struct AttentionBackwardBf16Args {
   const __nv_bfloat16* q = nullptr;
   const __nv_bfloat16* k = nullptr;

@@ -39,7 +39,8 @@ constexpr double kRopeBackwardBound = 1e-6;
 constexpr double kAttentionBackwardBound = 5e-6;
 // bf16 compute (the tensor-core kernels) against the reference with bf16 operands: q, k, v and
 // dout are rounded as the reference rounds them, but P and dS are also rounded to bf16 where they
-// enter dv = Pᵀ·dout, dq = dS·k and dk = dSᵀ·q, which the reference keeps in double.
+// enter dv = Pᵀ·dout, dq = dS·k and dk = dSᵀ·q, which the reference keeps in double (measured on
+// an H200: at most 1.9e-3 over the cases below).
 constexpr double kAttentionBackwardBf16Bound = 1e-2;
 // fp32 elementwise formula against the double one.
 constexpr double kSiluMulBackwardBound = 1e-6;
@@ -47,7 +48,8 @@ constexpr double kSiluMulBackwardBound = 1e-6;
 constexpr double kNllBackwardBound = 1e-6;
 // Squares summed in fp32 on the device (in double in the reference).
 constexpr double kScaleRowsByNormBound = 1e-6;
-// bf16 against fp32 at the 7B shape: the rounding of q, k, v and dout, and of P and dS.
+// bf16 against fp32 at the 7B shape: the rounding of q, k, v and dout, and of P and dS (measured
+// on an H200: 3.1e-3 for dq and dk, 2.2e-3 for dv).
 constexpr double kAttentionBackwardBf16VsF32Bound = 2e-2;
 
 std::vector<float> Random(int64_t n, uint64_t seed, float scale = 1.0f) {
@@ -260,7 +262,9 @@ TEST_F(CudaBackwardTest, AttentionBackwardMatchesReference) {
                         {{1, 300, 300, 2, 1, 96, 0}, 129},
                         // Whole 64 x 64 tiles (unmasked and diagonal) across query groups.
                         {{2, 256, 256, 4, 1, 128, 0}, 0},
-                        {{1, 192, 448, 4, 2, 64, 256}, 150}};
+                        {{1, 192, 448, 4, 2, 64, 256}, 150},
+                        // No queries: dk and dv are zeros.
+                        {{1, 0, 70, 4, 2, 64, 70}, 0}};
   uint64_t seed = 300;
   for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
     Backend& be = Get(dtype);
@@ -521,7 +525,8 @@ TEST_F(CudaBackwardTest, SevenBAttentionBackwardTiming) {
     } else {
       const double eq = RelError(got.dq, f32_grads.dq), ek = RelError(got.dk, f32_grads.dk),
                    ev = RelError(got.dv, f32_grads.dv);
-      std::printf("bf16 against f32 at the 7B shape: dq %.2e dk %.2e dv %.2e\n", eq, ek, ev);
+      std::printf("bf16 attention backward 7B chunk against f32: dq %.2e dk %.2e dv %.2e\n", eq, ek,
+                  ev);
       EXPECT_LE(eq, kAttentionBackwardBf16VsF32Bound);
       EXPECT_LE(ek, kAttentionBackwardBf16VsF32Bound);
       EXPECT_LE(ev, kAttentionBackwardBf16VsF32Bound);
