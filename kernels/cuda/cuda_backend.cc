@@ -7,13 +7,17 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cpu/ref_ops.h"
 #include "kernels/cuda/act_quant.cuh"
 #include "kernels/cuda/attention.cuh"
+#include "kernels/cuda/attention_backward.cuh"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/channel_stats.cuh"
 #include "kernels/cuda/cuda_low_rank.h"
@@ -21,9 +25,13 @@
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/elementwise.cuh"
 #include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/embedding_backward.cuh"
 #include "kernels/cuda/fill.cuh"
+#include "kernels/cuda/grad_elementwise.cuh"
 #include "kernels/cuda/nll.cuh"
+#include "kernels/cuda/nll_backward.cuh"
 #include "kernels/cuda/rms_norm.cuh"
+#include "kernels/cuda/rms_norm_backward.cuh"
 #include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/scale.cuh"
 
@@ -99,7 +107,7 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return absl::StrCat("cuda:", device_); }
   Device device() const override { return Device::kCuda; }
-  bool SupportsOp(Op op) const override { return op != Op::kBackward; }  // backward: issue 12
+  bool SupportsOp(Op) const override { return true; }
   bool SupportsSolverOp(SolverOp) const override { return true; }
   ComputeDType compute_dtype() const override { return dtype_; }
   // One stream; the host threads play no part in the results.
@@ -533,6 +541,267 @@ class CudaBackend final : public Backend {
       QCAL_RETURN_IF_ERROR(cuda::SyrkLowerF32(blas_.get(), x.data<float>(), n, k, hp));
     }
     return CudaStatus(cuda::LaunchMirrorLowerToUpper(hp, k, stream()), "AccumulateGram: mirror");
+  }
+
+  // ---- Backward ops (kernels/backend.h; specs in kernels/cpu/ref_grad.h).
+
+  absl::Status Gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+                    float beta, Tensor& c) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(a, DType::kF32, "Gemm", "a"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(b, DType::kF32, "Gemm", "b"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "Gemm", "c"));
+    if (a.rank() != 2 || b.rank() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat("Gemm: a ", a.DebugString(), " and b ",
+                                                     b.DebugString(), " must be matrices"));
+    }
+    const int64_t m = trans_a ? a.dim(1) : a.dim(0), k = trans_a ? a.dim(0) : a.dim(1);
+    const int64_t kb = trans_b ? b.dim(1) : b.dim(0), n = trans_b ? b.dim(0) : b.dim(1);
+    if (k != kb) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gemm: op(a) of ", a.DebugString(), (trans_a ? " transposed" : ""), " has ",
+                       k, " columns but op(b) of ", b.DebugString(), (trans_b ? " transposed" : ""),
+                       " has ", kb, " rows"));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(c, {m, n}, "Gemm", "c"));
+    if (m == 0 || n == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    float* cp = c.data<float>();
+    if (k == 0) {  // cuBLAS leaves c unscaled for an empty inner dimension
+      if (beta == 0.0f) {
+        return CudaStatus(cudaMemsetAsync(cp, 0, c.nbytes(), stream()), "Gemm: zeroing c");
+      }
+      return CudaStatus(cuda::LaunchScale(cp, c.numel(), beta, stream()), "Gemm: scaling c");
+    }
+    const DType operands = dtype_ == ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
+    QCAL_ASSIGN_OR_RETURN(Tensor ao, AsOperand(a, operands));
+    QCAL_ASSIGN_OR_RETURN(Tensor bo, AsOperand(b, operands));
+    return cuda::Gemm(blas_.get(), trans_a, trans_b, m, n, k, alpha, ao.raw(), a.dim(1), bo.raw(),
+                      b.dim(1), operands, beta, cp, n);
+  }
+
+  absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy,
+                               Tensor& dx) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "RmsNormBackward", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(weight, DType::kF32, "RmsNormBackward", "weight"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dy, DType::kF32, "RmsNormBackward", "dy"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dx, DType::kF32, "RmsNormBackward", "dx"));
+    if (x.rank() == 0) return absl::InvalidArgumentError("RmsNormBackward: x must have rank >= 1");
+    QCAL_RETURN_IF_ERROR(ExpectShape(dy, x.shape(), "RmsNormBackward", "dy"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dx, x.shape(), "RmsNormBackward", "dx"));
+    const int64_t width = x.dim(-1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNormBackward", "weight"));
+    if (width == 0 || x.numel() == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cuda::LaunchRmsNormBackward(x.data<float>(), weight.data<float>(), eps, dy.data<float>(),
+                                    dx.data<float>(), x.numel() / width, width, stream()),
+        "RmsNormBackward kernel");
+  }
+
+  absl::Status RopeBackward(Tensor& g, const RopeShape& shape) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(g, DType::kF32, "RopeBackward", "g"));
+    if (g.rank() == 0 || shape.head_dim <= 0 || shape.head_dim % 2 != 0 ||
+        g.dim(-1) % shape.head_dim != 0 || shape.seq_len <= 0 || shape.offset < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "RopeBackward: bad shape (g ", g.DebugString(), ", head_dim ", shape.head_dim,
+          ", seq_len ", shape.seq_len, ", offset ", shape.offset, ")"));
+    }
+    const int64_t width = g.dim(-1);
+    if (width == 0 || g.numel() == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(const float* table, RopeTable(shape));
+    return CudaStatus(cuda::LaunchRopeBackward(g.data<float>(), g.numel() / width, width,
+                                               shape.seq_len, shape.head_dim, table, stream()),
+                      "RopeBackward kernel");
+  }
+
+  absl::Status AttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& dout, const AttentionShape& s, Tensor& dq,
+                                 Tensor& dk, Tensor& dv) override {
+    const char* op = "AttentionBackward";
+    QCAL_RETURN_IF_ERROR(ExpectDevice(q, DType::kF32, op, "q"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(k, DType::kF32, op, "k"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(v, DType::kF32, op, "v"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dout, DType::kF32, op, "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dq, DType::kF32, op, "dq"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dk, DType::kF32, op, "dk"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dv, DType::kF32, op, "dv"));
+    if (s.batch < 0 || s.q_len < 0 || s.q_offset < 0 || s.head_dim <= 0 || s.num_heads <= 0 ||
+        s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads != 0 ||
+        s.q_offset + s.q_len > s.kv_len || s.sliding_window < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": bad shape (batch ", s.batch, ", q_len ", s.q_len, ", kv_len ",
+                       s.kv_len, ", heads ", s.num_heads, "/", s.num_kv_heads, ", head_dim ",
+                       s.head_dim, ", q_offset ", s.q_offset, ", window ", s.sliding_window, ")"));
+    }
+    if (s.head_dim > cuda::kAttentionMaxHeadDim || s.batch > 65535 || s.num_heads > 65535) {
+      return absl::UnimplementedError(
+          absl::StrCat(op, ": the CUDA kernels handle head_dim <= ", cuda::kAttentionMaxHeadDim,
+                       " and at most 65535 sequences and heads (got head_dim ", s.head_dim,
+                       ", batch ", s.batch, ", heads ", s.num_heads, ")"));
+    }
+    const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                  kvw = int64_t(s.num_kv_heads) * s.head_dim;
+    const int64_t q_rows = int64_t(s.batch) * s.q_len, kv_rows = int64_t(s.batch) * s.kv_len;
+    QCAL_RETURN_IF_ERROR(ExpectShape(q, {q_rows, qw}, op, "q"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(k, {kv_rows, kvw}, op, "k"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(v, {kv_rows, kvw}, op, "v"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dout, q.shape(), op, "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dq, q.shape(), op, "dq"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dk, k.shape(), op, "dk"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dv, v.shape(), op, "dv"));
+    if (kv_rows == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(
+        Tensor scratch,
+        Uninitialized(DType::kF32, {std::max<int64_t>(1, cuda::AttentionBackwardScratchFloats(
+                                                             s.batch, s.num_heads, s.q_len))}));
+    cuda::AttentionBackwardArgs args;
+    args.q = q.data<float>();
+    args.k = k.data<float>();
+    args.v = v.data<float>();
+    args.dout = dout.data<float>();
+    args.dq = dq.data<float>();
+    args.dk = dk.data<float>();
+    args.dv = dv.data<float>();
+    args.scratch = scratch.data<float>();
+    args.batch = s.batch;
+    args.q_len = s.q_len;
+    args.kv_len = s.kv_len;
+    args.num_heads = s.num_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.q_offset = s.q_offset;
+    args.sliding_window = s.sliding_window;
+    args.bf16_operands = dtype_ == ComputeDType::kBF16;
+    return CudaStatus(cuda::LaunchAttentionBackward(args, stream()), "AttentionBackward kernels");
+  }
+
+  absl::Status SiluMulBackward(const Tensor& gate, const Tensor& up, const Tensor& dout,
+                               Tensor& dgate, Tensor& dup) override {
+    const char* op = "SiluMulBackward";
+    QCAL_RETURN_IF_ERROR(ExpectDevice(gate, DType::kF32, op, "gate"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(up, DType::kF32, op, "up"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dout, DType::kF32, op, "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dgate, DType::kF32, op, "dgate"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dup, DType::kF32, op, "dup"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(up, gate.shape(), op, "up"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dout, gate.shape(), op, "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dgate, gate.shape(), op, "dgate"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(dup, gate.shape(), op, "dup"));
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cuda::LaunchSiluMulBackward(gate.data<float>(), up.data<float>(), dout.data<float>(),
+                                    dgate.data<float>(), dup.data<float>(), gate.numel(), stream()),
+        "SiluMulBackward kernel");
+  }
+
+  absl::Status EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable) override {
+    const char* op = "EmbeddingBackward";
+    QCAL_RETURN_IF_ERROR(ExpectHostI32(ids, op, "ids"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dout, DType::kF32, op, "dout"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dtable, DType::kF32, op, "dtable"));
+    if (dtable.rank() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": dtable is ", dtable.DebugString(), ", expected rank 2"));
+    }
+    const int64_t vocab = dtable.dim(0), width = dtable.dim(1), n = ids.numel();
+    QCAL_RETURN_IF_ERROR(ExpectShape(dout, {n, width}, op, "dout"));
+    QCAL_RETURN_IF_ERROR(CheckIds(ids, vocab, op, "token id"));
+    if (n == 0 || width == 0) return absl::OkStatus();
+    if (n > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": ", n, " rows exceed the I32 plan"));
+    }
+    // The plan [tokens | starts | rows] (embedding_backward.cuh): a counting sort of the rows by
+    // token, stable, so each token keeps its rows in order.
+    const int32_t* id = ids.data<int32_t>();
+    std::vector<int32_t> count(vocab, 0);
+    for (int64_t r = 0; r < n; ++r) ++count[id[r]];
+    std::vector<int32_t> tokens;
+    for (int64_t t = 0; t < vocab; ++t) {
+      if (count[t] > 0) tokens.push_back(static_cast<int32_t>(t));
+    }
+    const int64_t distinct = static_cast<int64_t>(tokens.size());
+    QCAL_ASSIGN_OR_RETURN(Tensor plan, AllocHost(DType::kI32, {2 * distinct + 1 + n}));
+    int32_t* p = plan.data<int32_t>();
+    int32_t* starts = p + distinct;
+    int32_t* rows = starts + distinct + 1;
+    std::vector<int32_t> next(vocab, 0);  // where token t's next row goes
+    int32_t at = 0;
+    for (int64_t u = 0; u < distinct; ++u) {
+      p[u] = tokens[u];
+      starts[u] = at;
+      next[tokens[u]] = at;
+      at += count[tokens[u]];
+    }
+    starts[distinct] = at;
+    for (int64_t r = 0; r < n; ++r) rows[next[id[r]]++] = static_cast<int32_t>(r);
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(Tensor device_plan, ToDevice(plan));
+    return CudaStatus(
+        cuda::LaunchEmbeddingBackward(device_plan.data<int32_t>(), distinct, dout.data<float>(),
+                                      width, dtable.data<float>(), stream()),
+        "EmbeddingBackward kernel");
+  }
+
+  absl::Status NllBackward(const Tensor& logits, const Tensor& targets, float scale,
+                           Tensor& dlogits) override {
+    const char* op = "NllBackward";
+    QCAL_RETURN_IF_ERROR(ExpectDevice(logits, DType::kF32, op, "logits"));
+    QCAL_RETURN_IF_ERROR(ExpectHostI32(targets, op, "targets"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(dlogits, DType::kF32, op, "dlogits"));
+    if (logits.rank() != 2 || logits.dim(1) == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": logits is ", logits.DebugString(), ", expected [rows, vocab > 0]"));
+    }
+    const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+    if (targets.numel() != rows) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": ", targets.numel(), " targets for ", rows, " rows of logits"));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(dlogits, logits.shape(), op, "dlogits"));
+    const int32_t* t = targets.data<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      if (t[r] < -1 || t[r] >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(op, ": target ", t[r], " at row ", r, " is outside [-1, ", vocab, ")"));
+      }
+    }
+    if (rows == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(Tensor device_targets, ToDevice(targets));
+    return CudaStatus(
+        cuda::LaunchNllBackward(logits.data<float>(), rows, vocab, device_targets.data<int32_t>(),
+                                scale, dlogits.data<float>(), stream()),
+        "NllBackward kernel");
+  }
+
+  absl::Status ScaleRowsByNorm(const Tensor& g, Tensor& x) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(g, DType::kF32, "ScaleRowsByNorm", "g"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ScaleRowsByNorm", "x"));
+    if (g.rank() != 2 || x.rank() != 2 || g.dim(0) != x.dim(0)) {
+      return absl::InvalidArgumentError(absl::StrCat("ScaleRowsByNorm: g ", g.DebugString(),
+                                                     " and x ", x.DebugString(),
+                                                     " must be matrices with the same rows"));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchScaleRowsByNorm(g.data<float>(), g.dim(0), g.dim(1),
+                                                  x.data<float>(), x.dim(1), stream()),
+                      "ScaleRowsByNorm kernel");
+  }
+
+  absl::Status AccumulateSquares(const Tensor& g, Tensor& f) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(g, DType::kF32, "AccumulateSquares", "g"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(f, DType::kF32, "AccumulateSquares", "f"));
+    if (g.numel() != f.numel()) {
+      return absl::InvalidArgumentError(absl::StrCat("AccumulateSquares: g ", g.DebugString(),
+                                                     " and f ", f.DebugString(),
+                                                     " differ in element count"));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cuda::LaunchAccumulateSquares(g.data<float>(), f.data<float>(), g.numel(), stream()),
+        "AccumulateSquares kernel");
   }
 
  private:

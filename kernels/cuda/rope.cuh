@@ -1,4 +1,5 @@
-// Launcher of the CUDA rotary-embedding kernel (spec: ref::Rope, Hugging Face half-split).
+// Launchers of the CUDA rotary-embedding kernel (spec: ref::Rope, Hugging Face half-split) and of
+// its backward (spec: ref::RopeBackward).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,5 +14,8 @@ namespace qcal::kernels::cuda {
 // use the same angles. width is a multiple of head_dim, head_dim is even.
 cudaError_t LaunchRope(float* x, int64_t rows, int64_t width, int seq_len, int head_dim,
                        const float* cos_sin, cudaStream_t stream);
+// The same rotation by the negative angles (the transpose of LaunchRope's): the gradient of Rope.
+cudaError_t LaunchRopeBackward(float* x, int64_t rows, int64_t width, int seq_len, int head_dim,
+                               const float* cos_sin, cudaStream_t stream);
 
 }  // namespace qcal::kernels::cuda

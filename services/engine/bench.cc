@@ -11,6 +11,7 @@
 #include "common/status.h"
 #include "kernels/hash_random.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/oac_job.h"
 
 namespace qcal::engine {
 namespace {
@@ -202,6 +203,30 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
   QCAL_RETURN_IF_ERROR(be.Synchronize());
   r.setup_seconds += Since(t0);
 
+  // Output-adaptive recipes: the gradient pass over the whole full-precision model first.
+  const bool output_adaptive = options.recipe.NeedsGradientPass();
+  OacMemoryStore oac;
+  if (output_adaptive) {
+    t0 = Clock::now();
+    for (int b = 0; b < total; ++b) {
+      QCAL_ASSIGN_OR_RETURN(model->block(b), DrawBlock(be, c, options.seed, b));
+    }
+    QCAL_RETURN_IF_ERROR(be.Synchronize());
+    r.setup_seconds += Since(t0);
+    const ChunkRange all{0, NumChunks(options.samples)};
+    QCAL_ASSIGN_OR_RETURN(const GradientChunks chunks, GradientChunksOf(samples, all));
+    QCAL_ASSIGN_OR_RETURN(r.gradient_pass,
+                          RunGradientPass(*model, chunks, GradientPassOptionsOf(options.recipe, ""),
+                                          oac.Sink(be, all.end), log));
+    r.has_gradient_pass = true;
+    say(absl::StrCat("gradient pass: ", r.gradient_pass.seconds, " s (forward ",
+                     r.gradient_pass.forward_seconds, " s, backward ",
+                     r.gradient_pass.backward_seconds, " s, Hessians ",
+                     r.gradient_pass.hessian_seconds, " s), statistics ",
+                     oac.bytes() / double(1 << 30), " GiB"));
+  }
+  const OacSource source = output_adaptive ? oac.Source() : OacSource();
+
   t0 = Clock::now();
   QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(*model, samples));
   QCAL_RETURN_IF_ERROR(be.Synchronize());
@@ -211,14 +236,16 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
 
   int layers = 0;
   for (int b = 0; b < run; ++b) {
-    t0 = Clock::now();
-    QCAL_ASSIGN_OR_RETURN(model->block(b), DrawBlock(be, c, options.seed, b));
-    QCAL_RETURN_IF_ERROR(be.Synchronize());
-    r.setup_seconds += Since(t0);
+    if (!output_adaptive) {
+      t0 = Clock::now();
+      QCAL_ASSIGN_OR_RETURN(model->block(b), DrawBlock(be, c, options.seed, b));
+      QCAL_RETURN_IF_ERROR(be.Synchronize());
+      r.setup_seconds += Since(t0);
+    }
 
     t0 = Clock::now();
     QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
-                          QuantizeBlock(*model, acts, options.recipe, &r.times));
+                          QuantizeBlock(*model, acts, options.recipe, &r.times, source));
     QCAL_RETURN_IF_ERROR(be.Synchronize());
     r.block_seconds.push_back(Since(t0));
     for (const LayerResult& l : block) {
@@ -256,7 +283,22 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
   } else {
     r.model_seconds = r.measured_seconds;
   }
+  if (output_adaptive) {
+    r.measured_seconds += r.gradient_pass.seconds;
+    r.model_seconds += r.gradient_pass.seconds;
+  }
   r.tflops = r.model_seconds > 0 ? r.flops.total() / r.model_seconds * 1e-12 : 0;
+  if (output_adaptive) {
+    // GPTQ alone on the same weights and tokens, for the ratio.
+    acts = CalibActivations();
+    model.reset();
+    oac = OacMemoryStore();
+    BenchOptions layer = options;
+    layer.recipe.hessian = HessianKind::kLayer;
+    say("the same recipe with hessian layer (GPTQ alone), for comparison");
+    QCAL_ASSIGN_OR_RETURN(const BenchResult baseline, RunBench(be, layer, log));
+    r.layer_model_seconds = baseline.model_seconds;
+  }
   return r;
 }
 

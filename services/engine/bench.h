@@ -10,6 +10,13 @@
 // model has, the whole-model time is extrapolated from the blocks run (leaving out the first,
 // which pays library and memory-pool warm-up, when more than one ran), and the result says so.
 //
+// Output-adaptive recipes (hessian != layer; `qcal bench --recipe docs/recipes/oac.yaml`): every
+// block is drawn first, the gradient pass runs over the whole full-precision model (all blocks,
+// whatever `blocks` says: the pass cannot be cut short) with its statistics in host memory, then
+// the blocks are quantized with them. The whole-job time is the pass plus the (extrapolated)
+// blocks; the same recipe with hessian layer (GPTQ alone) then runs on the same weights and tokens
+// for comparison.
+//
 // RunErBench (`qcal bench --er`) times the device error-reconstruction ops on the 7B shape's
 // linears instead, and projects their whole-model cost.
 #pragma once
@@ -23,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "common/hf_config.h"
 #include "kernels/backend.h"
+#include "services/engine/oac/gradient_pass.h"
 #include "services/engine/quantize.h"
 #include "services/engine/recipe.h"
 
@@ -107,6 +115,11 @@ struct BenchResult {
   double base_params = 0;
   // The least Backend::AvailableMemory() seen after a block (-1 on host backends).
   int64_t min_available_bytes = -1;
+  // Output-adaptive recipes: the gradient pass (its seconds are part of model_seconds), and the
+  // whole-model seconds of the same recipe with hessian layer (GPTQ alone); 0 otherwise.
+  bool has_gradient_pass = false;
+  GradientPassStats gradient_pass;
+  double layer_model_seconds = 0;
 };
 
 // Progress lines for humans.

@@ -287,12 +287,12 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
 
 bool Model::resident(int b) const { return b >= 0 && b < num_blocks() && resident_[b]; }
 
-absl::Status Model::AcquireBlock(int b) {
+absl::Status Model::AcquireBlock(int b, int next) {
   if (b < 0 || b >= num_blocks()) {
     return absl::OutOfRangeError(absl::StrCat("block ", b, " of a model with ", num_blocks()));
   }
   auto prefetch_next = [&] {
-    if (b + 1 < num_blocks() && !resident_[b + 1]) source_->Prefetch(b + 1);
+    if (next >= 0 && next < num_blocks() && !resident_[next]) source_->Prefetch(next);
   };
   if (resident_[b]) {
     if (source_) prefetch_next();

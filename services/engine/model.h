@@ -156,7 +156,10 @@ class Model {
   // Makes block b resident (a no-op for a resident block) and, when streaming, starts reading
   // block b + 1 in the background. Errors name the file and tensor (a shard truncated or removed
   // while the job runs, a wrong shape); after one the model stays usable for other blocks.
-  absl::Status AcquireBlock(int b);
+  absl::Status AcquireBlock(int b) { return AcquireBlock(b, b + 1); }
+  // The same, prefetching block `next` instead (none when it is out of range or resident): the
+  // gradient pass walks the blocks backward.
+  absl::Status AcquireBlock(int b, int next);
   // Frees block b's weights when streaming (a no-op for kAll models and FromWeights models).
   void ReleaseBlock(int b);
   // Bytes of one block's weights in fp32 on the backend (the linears and norms).

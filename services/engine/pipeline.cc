@@ -14,6 +14,7 @@
 #include "services/engine/evaluate.h"
 #include "services/engine/export/checkpoint_loader.h"
 #include "services/engine/export/checkpoint_writer.h"
+#include "services/engine/oac/oac_job.h"
 
 namespace qcal::engine {
 namespace fs = std::filesystem;
@@ -122,6 +123,12 @@ absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j) {
 
 absl::Status JobOptions::Validate() const {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
+  if (recipe.NeedsGradientPass() && seq_len < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "recipe key \"hessian\" is ", RecipeName(recipe.hessian),
+        ": the gradient pass needs seq_len >= 2 (a next-token prediction per sample), got ",
+        seq_len));
+  }
   if (model_dir.empty()) return absl::InvalidArgumentError("the model directory is required");
   if (calib_path.empty()) return absl::InvalidArgumentError("the calibration text is required");
   if (samples < 1)
@@ -211,6 +218,9 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   QCAL_ASSIGN_OR_RETURN(auto samples, SampleCalibration(calib_tokens, o.samples, o.seq_len, o.seed,
                                                         s->tokenizer_->bos_id(), o.calib_path));
   QCAL_ASSIGN_OR_RETURN(s->acts_, EmbedCalibration(*s->model_, samples, s->gang_.local()));
+  if (o.recipe.NeedsGradientPass()) {
+    QCAL_ASSIGN_OR_RETURN(s->gradient_chunks_, GradientChunksOf(samples, s->gang_.local()));
+  }
   s->timings_["calibration_data"] = Since(t0);
   return s;
 }
@@ -223,6 +233,12 @@ absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock(Transport* transport,
     return absl::FailedPreconditionError(absl::StrCat("rank ", gang_.rank, " of a gang of ",
                                                       gang_.world, " runs a block without peers"));
   }
+  if (options_.recipe.NeedsGradientPass() && !has_oac_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("recipe key \"hessian\" is ", RecipeName(options_.recipe.hessian),
+                     ": run (or restore) the gradient pass before block ", next_block()));
+  }
+  const OacSource oac = options_.recipe.NeedsGradientPass() ? OacFiles() : OacSource();
   const int b = next_block();
   auto t0 = Clock::now();
   QCAL_RETURN_IF_ERROR(model_->AcquireBlock(b));
@@ -230,9 +246,9 @@ absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock(Transport* transport,
   load_wait_ += wait;
   t0 = Clock::now();
   absl::StatusOr<BlockArtifacts> run =
-      transport == nullptr
-          ? QuantizeBlock(*model_, acts_, options_.recipe, &times_)
-          : RunGangBlock(*model_, acts_, options_.recipe, gang_, transport, gang_options, times_);
+      transport == nullptr ? QuantizeBlock(*model_, acts_, options_.recipe, &times_, oac)
+                           : RunGangBlock(*model_, acts_, options_.recipe, gang_, transport,
+                                          gang_options, times_, oac);
   QCAL_ASSIGN_OR_RETURN(BlockArtifacts quantized, std::move(run));
   model_->ReleaseBlock(b);
   auto block = std::make_shared<const BlockArtifacts>(std::move(quantized));
@@ -526,6 +542,7 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   timings_["load_wait"] = load_wait_;
   timings_["blocks"] = blocks_seconds_;
   run["seconds"] = timings_;
+  if (!gradient_pass_.is_null()) run["gradient_pass"] = gradient_pass_;
   result.peak_rss_bytes = PeakRssBytes();
   result.peak_device_bytes = PeakDeviceBytes();
   run["peak_rss_bytes"] = result.peak_rss_bytes;
@@ -580,6 +597,7 @@ absl::StatusOr<JobResult> RunQuantizeJob(const JobOptions& o, const JobLogFn& lo
   QCAL_RETURN_IF_ERROR(PrepareTempDir(target, o.overwrite, &tmp));
   auto body = [&]() -> absl::StatusOr<JobResult> {
     QCAL_ASSIGN_OR_RETURN(auto session, JobSession::Open(o, log));
+    if (session->NeedsGradientPass()) QCAL_RETURN_IF_ERROR(session->RunGradientPass().status());
     while (session->next_block() < session->num_blocks()) {
       QCAL_RETURN_IF_ERROR(session->RunNextBlock().status());
     }

@@ -13,6 +13,11 @@
 // runs the block over a Transport (gang/gang_block.h) and returns, and spills, all seven linears
 // on every rank; only rank 0 calls Finish. W = 1 (the default plan) needs no transport.
 //
+// Output-adaptive recipes (hessian != layer): RunGradientPass (or RestoreGradientPass) comes
+// before the first block (oac/oac_job.cc); each linear's statistics are then read from its file
+// when its block is solved. In a gang each rank keeps the files of the linears it owns, and the
+// pass's facts in qcal_run.json are rank 0's share.
+//
 // Finish() exports the checkpoint, then evaluates the full-precision model (streamed afresh from
 // the source directory) and the exported checkpoint (streamed back from disk), layer-major, and
 // writes qcal_report.json (deterministic) and qcal_run.json (timings, peak host RSS and peak
@@ -35,6 +40,7 @@
 #include "services/engine/gang/plan.h"
 #include "services/engine/gang/transport.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/gradient_pass.h"
 #include "services/engine/oac/oac_statistics.h"
 #include "services/engine/quantize.h"
 #include "services/engine/recipe.h"
@@ -150,6 +156,9 @@ class JobSession {
   absl::Status WaitForSpill();
   // Block b's artifacts, read back from the scratch directory.
   absl::StatusOr<BlockArtifacts> Unspill(int b) const;
+  // The solve's output-adaptive statistics: the files of oac_files_, read and checked against
+  // their sha256 (oac/oac_job.cc).
+  OacSource OacFiles() const;
 
   JobOptions options_;
   JobLogFn log_;
@@ -167,6 +176,13 @@ class JobSession {
   double blocks_seconds_ = 0;  // seconds in RunNextBlock, waits included
   StageTimes times_;
   nlohmann::ordered_json timings_;
+  // The gradient pass (oac/oac_job.cc): this rank's calibration token ids (kept only when the
+  // recipe needs the pass), the statistics files this rank solves from by (block, linear), whether
+  // they are in place (run or restored), and the pass's facts for qcal_run.json.
+  GradientChunks gradient_chunks_;
+  std::map<std::pair<int, LinearKind>, OacFile> oac_files_;
+  bool has_oac_ = false;
+  nlohmann::ordered_json gradient_pass_;
 };
 
 // `qcal quantize`: the whole job in this process. Refuses an existing non-empty out_dir unless

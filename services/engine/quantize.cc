@@ -8,6 +8,7 @@
 #include "common/text_data.h"
 #include "services/engine/driver/block_runner.h"
 #include "services/engine/driver/memory_plan.h"
+#include "services/engine/oac/oac_job.h"
 
 namespace qcal::engine {
 
@@ -49,14 +50,15 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
 }
 
 absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
-                                                       const Recipe& recipe, StageTimes* times) {
+                                                       const Recipe& recipe, StageTimes* times,
+                                                       const OacSource& oac) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   const int b = acts.next_block;
   if (b < 0 || b >= model.num_blocks()) {
     return absl::OutOfRangeError(absl::StrCat("block ", b, " is outside the model"));
   }
   StageTimes local;
-  BlockRunner runner(model, acts, recipe, times ? *times : local);
+  BlockRunner runner(model, acts, recipe, times ? *times : local, oac);
   return runner.Run();
 }
 
@@ -64,12 +66,22 @@ absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
                                               const std::vector<std::vector<int>>& samples,
                                               const Recipe& recipe,
                                               const BlockProgressFn& progress) {
-  QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(model, samples));
+  QCAL_RETURN_IF_ERROR(recipe.Validate());
   QuantizeOutcome out;
+  OacMemoryStore oac;
+  if (recipe.NeedsGradientPass()) {
+    const ChunkRange all{0, NumChunks(static_cast<int>(samples.size()))};
+    QCAL_ASSIGN_OR_RETURN(const GradientChunks chunks, GradientChunksOf(samples, all));
+    QCAL_ASSIGN_OR_RETURN(out.gradient_pass,
+                          RunGradientPass(model, chunks, GradientPassOptionsOf(recipe, ""),
+                                          oac.Sink(model.backend(), all.end)));
+  }
+  const OacSource source = recipe.NeedsGradientPass() ? oac.Source() : OacSource();
+  QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(model, samples));
   const int nb = model.num_blocks();
   for (int b = 0; b < nb; ++b) {
     QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
-                          QuantizeBlock(model, acts, recipe, &out.times));
+                          QuantizeBlock(model, acts, recipe, &out.times, source));
     for (LayerResult& r : block) {
       AddToExtras(r, out.extras);
       out.quantized[r.report.name] = std::move(r.quantized);

@@ -34,6 +34,8 @@
 #include "services/engine/export/checkpoint_writer.h"
 #include "services/engine/gang/plan.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/gradient_pass.h"
+#include "services/engine/oac/oac_statistics.h"
 #include "services/engine/quant/gptq.h"
 #include "services/engine/recipe.h"
 
@@ -50,12 +52,16 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
                                                   ChunkRange chunks);
 
 // Quantizes block acts.next_block of `model` in place and advances `acts` through the quantized
-// block (all phases of a BlockRunner). Returns the block's seven linears in forward order.
+// block (all phases of a BlockRunner). Returns the block's seven linears in forward order. `oac`:
+// the output-adaptive statistics, required when recipe.hessian != layer (BlockRunner).
 absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
                                                        const Recipe& recipe,
-                                                       StageTimes* times = nullptr);
+                                                       StageTimes* times = nullptr,
+                                                       const OacSource& oac = nullptr);
 
 struct QuantizeOutcome {
+  // Recipes with hessian != layer: the gradient pass that ran before block 0.
+  GradientPassStats gradient_pass;
   std::vector<LayerReport> layers;
   std::map<std::string, QuantizedLinear> quantized;  // by linear name
   CheckpointExtras extras;  // folded tensors and low-rank adapters, for the export
@@ -65,7 +71,8 @@ struct QuantizeOutcome {
 // Progress: blocks done, blocks total.
 using BlockProgressFn = std::function<void(int blocks_done, int blocks_total)>;
 
-// All blocks, in order.
+// All blocks, in order; with hessian != layer, the gradient pass first (its statistics held in
+// host memory).
 absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
                                               const std::vector<std::vector<int>>& samples,
                                               const Recipe& recipe,

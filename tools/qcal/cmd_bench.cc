@@ -183,6 +183,19 @@ absl::Status RunBench(BenchArgs& a) {
     j["mean_rank"] = r.mean_rank;
     j["extra_params_pct"] = r.base_params > 0 ? 100 * r.extra_params / r.base_params : 0.0;
     j["min_available_bytes"] = r.min_available_bytes;
+    if (r.has_gradient_pass) {
+      const engine::GradientPassStats& g = r.gradient_pass;
+      j["gradient_pass"] = {{"seconds", g.seconds},
+                            {"forward_seconds", g.forward_seconds},
+                            {"backward_seconds", g.backward_seconds},
+                            {"hessian_seconds", g.hessian_seconds},
+                            {"loss", g.loss},
+                            {"tokens", g.tokens},
+                            {"boundary_every", g.boundary_every},
+                            {"peak_device_bytes", g.peak_device_bytes}};
+      j["layer_model_seconds"] = r.layer_model_seconds;
+      j["x_layer"] = r.layer_model_seconds > 0 ? r.model_seconds / r.layer_model_seconds : 0.0;
+    }
     std::printf("%s\n", j.dump().c_str());
     return absl::OkStatus();
   }
@@ -214,8 +227,23 @@ absl::Status RunBench(BenchArgs& a) {
       "transfers %.3f s, error reconstruction %.3f s\n",
       r.times.factor, r.times.quantize, r.times.error, r.times.transfer, r.times.reconstruct);
   std::printf("  %-10s %9.3f s\n", "embedding", r.embed_seconds);
+  if (r.has_gradient_pass) {
+    const engine::GradientPassStats& g = r.gradient_pass;
+    std::printf(
+        "gradient pass (whole model, before block 0): %.3f s (forward %.3f s, backward %.3f s, "
+        "Hessians %.3f s; boundaries every %d blocks; peak device %.2f GiB), loss %.4f per "
+        "token\n",
+        g.seconds, g.forward_seconds, g.backward_seconds, g.hessian_seconds, g.boundary_every,
+        g.peak_device_bytes / double(1 << 30),
+        g.tokens > 0 ? g.loss / static_cast<double>(g.tokens) : 0.0);
+  }
   std::printf("whole model: %.2f s (%.3f s per block), excluding disk I/O; untimed setup %.2f s\n",
               r.model_seconds, per_block, r.setup_seconds);
+  if (r.has_gradient_pass) {
+    std::printf("the same recipe with hessian layer (GPTQ alone): %.2f s; this job is %.2fx that\n",
+                r.layer_model_seconds,
+                r.layer_model_seconds > 0 ? r.model_seconds / r.layer_model_seconds : 0.0);
+  }
   std::printf(
       "achieved: %.1f TFLOP/s of useful work = %.1f%% of the %.0f TFLOP/s bf16 ceiling "
       "(counted: forward %.3f, Hessians %.3f, solves %.3f PFLOP)\n",
@@ -261,7 +289,8 @@ RunFn AddBench(CLI::App& app) {
   app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)");
   app.add_option("--recipe", a->recipe_path,
                  "Recipe YAML to run instead of GPTQ W4 g128 (smoothing, error reconstruction "
-                 "and activation bits included); the FLOP counts stay GPTQ's")
+                 "and activation bits included; hessian output_adaptive* adds the gradient pass "
+                 "and a GPTQ-alone run to compare with); the FLOP counts stay GPTQ's")
       ->check(CLI::ExistingFile);
   app.add_flag("--er", a->er,
                "Time error reconstruction (whitening, full and randomized SVD) on the 7B shape's "

@@ -84,12 +84,13 @@ std::vector<float> AddLowRank(const std::vector<float>& w_hat, const std::vector
 }  // namespace
 
 BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe,
-                         StageTimes& times)
+                         StageTimes& times, OacSource oac)
     : model_(model),
       be_(model.backend()),
       acts_(acts),
       recipe_(recipe),
       t_(times),
+      oac_(std::move(oac)),
       b_(acts.next_block),
       spec_(SpecOf(recipe)) {
   gopt_.damp = recipe.gptq.damp;
@@ -100,6 +101,40 @@ BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& rec
   const int64_t chunk_rows =
       acts.chunk_batch.empty() ? 0 : int64_t(acts.chunk_batch[0]) * acts.seq_len;
   reserve_ = WorkingSetBytes(model.config(), chunk_rows);
+}
+
+absl::Status SmoothLinearOac(const std::vector<float>& m, LinearOac& oac) {
+  if (m.empty()) return absl::OkStatus();
+  const int64_t n = static_cast<int64_t>(m.size());
+  for (size_t j = 0; j < m.size(); ++j) {
+    if (!std::isfinite(m[j]) || !(m[j] > 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("smoothing scale ", j, " is ", m[j], "; it must be finite and > 0"));
+    }
+  }
+  Tensor& h = oac.hessian;
+  if (!h.defined() || h.device() != Device::kHost || h.dtype() != DType::kF32 ||
+      h.shape() != Shape{n, n}) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("an output-adaptive Hessian to smooth must be a host F32 [", n, ", ", n,
+                     "] tensor, got ", ShapeString(h.shape())));
+  }
+  float* hp = h.data<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) hp[i * n + j] = hp[i * n + j] / m[i] / m[j];
+  }
+  Tensor& f = oac.fisher;
+  if (!f.defined()) return absl::OkStatus();
+  if (f.device() != Device::kHost || f.dtype() != DType::kF32 || f.shape().size() != 2 ||
+      f.dim(1) != n) {
+    return absl::InvalidArgumentError(absl::StrCat("a Fisher to smooth must be a host F32 [d_out, ",
+                                                   n, "] tensor, got ", ShapeString(f.shape())));
+  }
+  float* fp = f.data<float>();
+  for (int64_t o = 0; o < f.dim(0); ++o) {
+    for (int64_t j = 0; j < n; ++j) fp[o * n + j] = fp[o * n + j] / m[j] / m[j];
+  }
+  return absl::OkStatus();
 }
 
 Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend) {
@@ -160,6 +195,12 @@ absl::Status BlockRunner::CheckHoldsEveryChunk() const {
 }
 
 absl::Status BlockRunner::Begin() {
+  if (recipe_.NeedsGradientPass() && !oac_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("block ", b_, ": recipe key \"hessian\" is ", RecipeName(recipe_.hessian),
+                     " but the block was given no gradient-pass statistics (run the gradient "
+                     "pass first)"));
+  }
   const int held = static_cast<int>(acts_.chunks.size());
   if (acts_.total_chunks < 1 || acts_.first_chunk < 0 ||
       acts_.first_chunk + held > acts_.total_chunks ||
@@ -736,7 +777,9 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
   kernels::GptqFactor factor;
   kernels::GptqSolveOptions gopt = gopt_;
   gopt.outlier_columns = outliers;
-  if (gptq) {
+  // Output-adaptive Hessians are per linear: each consumer is factorized in the loop below.
+  const bool output_adaptive = recipe_.NeedsGradientPass();
+  if (gptq && !output_adaptive) {
     auto f = be_.GptqFactorize(gram, gopt);
     if (!f.ok()) return Annotate(f.status(), LinearPrefix(b_, consumers[0]));
     factor = std::move(f).value();
@@ -757,6 +800,10 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     const Tensor w = lin.weight;
     QCAL_RETURN_IF_ERROR(CheckFiniteOnHost(w, absl::StrCat("weight ", name)));
     LayerResult r = NewResult(k, w.dim(0), w.dim(1));
+    if (gptq && output_adaptive) {
+      QCAL_ASSIGN_OR_RETURN(factor, OutputAdaptiveFactor(in, k, gopt));
+      QCAL_RETURN_IF_ERROR(Charge(t_.factor));
+    }
     Tensor w_normal = w;
     if (!outliers.empty() && SmoothingOnDevice(be_)) {
       // A copy with the extracted columns multiplied by 0, on the device.
@@ -830,6 +877,51 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     solved.push_back(SolvedLinear{std::move(r), w_hat, std::move(conversion)});
   }
   return solved;
+}
+
+// Linear k's own output-adaptive Hessian from the gradient pass, smoothed like its input (the
+// Fisher with it), uploaded and factorized with the options of its input (ASER's extracted columns
+// among them).
+absl::StatusOr<kernels::GptqFactor> BlockRunner::OutputAdaptiveFactor(
+    LinearInput in, LinearKind k, const kernels::GptqSolveOptions& gopt) {
+  const std::string name = LinearPrefix(b_, k);
+  if (!oac_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(name, ": recipe key \"hessian\" is ", RecipeName(recipe_.hessian),
+                     " but the solve was given no gradient-pass statistics"));
+  }
+  auto got = oac_(b_, k);
+  if (!got.ok()) {
+    return Annotate(got.status(), absl::StrCat("output-adaptive statistics of ", name));
+  }
+  LinearOac stats = *std::move(got);
+  const int64_t d_in = widths_[static_cast<int>(in)];
+  if (!stats.hessian.defined() || stats.hessian.dtype() != DType::kF32 ||
+      stats.hessian.shape() != Shape{d_in, d_in}) {
+    return absl::InvalidArgumentError(absl::StrCat("output-adaptive Hessian of ", name,
+                                                   ": expected F32 [", d_in, ", ", d_in, "], got ",
+                                                   ShapeString(stats.hessian.shape())));
+  }
+  const std::vector<float>& m = smoothing_.at(in).m;
+  if (!m.empty()) {
+    // The transform runs on the host, in one fixed order, whatever the backend.
+    QCAL_ASSIGN_OR_RETURN(stats.hessian, be_.ToHost(stats.hessian));
+    if (stats.fisher.defined()) {
+      QCAL_ASSIGN_OR_RETURN(stats.fisher, be_.ToHost(stats.fisher));
+    }
+    QCAL_RETURN_IF_ERROR(
+        Annotate(SmoothLinearOac(m, stats), absl::StrCat("output-adaptive statistics of ", name)));
+  }
+  QCAL_RETURN_IF_ERROR(
+      CheckFiniteOnHost(stats.hessian, absl::StrCat("output-adaptive Hessian of ", name)));
+  Tensor h = stats.hessian;
+  if (h.device() != be_.device()) {
+    QCAL_ASSIGN_OR_RETURN(h, be_.ToDevice(h));
+  }
+  QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
+  auto f = be_.GptqFactorize(h, gopt);
+  if (!f.ok()) return Annotate(f.status(), name);
+  return f;
 }
 
 }  // namespace qcal::engine

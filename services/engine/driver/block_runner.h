@@ -28,6 +28,15 @@
 // while they fit (Backend::AvailableMemory) and recomputed otherwise; the results are
 // bit-identical either way.
 //
+// Output-adaptive Hessians (recipe.hessian != layer; DESIGN section 3, "Output-adaptive
+// calibration"): the runner is given an OacSource supplying each linear's own H_oac or H_tok (from
+// the gradient pass). GPTQ then factorizes every linear separately with its own Hessian (q, k and
+// v apart; gate and up apart) instead of the input's shared Gram matrix; with smoothing, the
+// Hessian of the smoothed layer W' = W·diag(m) is diag(m)⁻¹·H·diag(m)⁻¹ (m: the scales of the
+// linear's input; SmoothLinearOac), and ASER's extracted columns are dead columns of it as of the
+// Gram matrix. The Gram matrix stays what the smoothing statistics, the error reconstruction's
+// whitening and the report's output errors are computed from: they are about activations.
+//
 // Solve runs on the backend's solver ops (Backend::GptqFactorize, GptqSolve, QuantizeRtn,
 // OutputError), which every backend has (the CPU backend runs their references,
 // kernels/cpu/quant_ref.h): the weights and their quantized forms stay on the device, and only
@@ -56,6 +65,7 @@
 #include "services/engine/driver/results.h"
 #include "services/engine/gang/reduction.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/oac_statistics.h"
 #include "services/engine/recipe.h"
 
 namespace qcal::engine {
@@ -102,11 +112,21 @@ struct SmoothingPartials {
 Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend);
 Combine<ActivationStats> ActivationStatsCombine();
 
+// The statistics of a linear whose input was smoothed by `m` (one scale per input column, d_in):
+// the Hessian of W' = W·diag(m), H'_ij = (H_ij / m_i) / m_j, and the Fisher of W',
+// F'_ij = (F_ij / m_j) / m_j (when present), in place on host tensors. Empty m: unchanged.
+// InvalidArgument for a device tensor, a shape that does not match m, or a scale that is not
+// finite and > 0.
+absl::Status SmoothLinearOac(const std::vector<float>& m, LinearOac& oac);
+
 class BlockRunner {
  public:
   // Block acts.next_block of `model`, with a validated recipe. `times` accumulates the stage
-  // times. All three must outlive the runner.
-  BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes& times);
+  // times. All three must outlive the runner. `oac` supplies the output-adaptive statistics of
+  // the linears this runner solves: required when recipe.hessian != layer (Solve fails without
+  // it), unused otherwise.
+  BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes& times,
+              OacSource oac = nullptr);
 
   // All phases in order; advances acts to the next block. Returns the block's seven linears in
   // forward order.
@@ -185,12 +205,15 @@ class BlockRunner {
                            LayerResult& r);
   absl::StatusOr<std::vector<SolvedLinear>> SolveInput(const InputStatistics& stats,
                                                        const std::vector<LinearKind>& kinds);
+  absl::StatusOr<kernels::GptqFactor> OutputAdaptiveFactor(LinearInput in, LinearKind k,
+                                                           const kernels::GptqSolveOptions& gopt);
 
   Model& model_;
   kernels::Backend& be_;
   CalibActivations& acts_;
   const Recipe& recipe_;
   StageTimes& t_;
+  const OacSource oac_;
   const int b_;
   const QuantSpec spec_;
   kernels::GptqSolveOptions gopt_;

@@ -14,6 +14,9 @@ namespace {
 constexpr char kInputMagic[4] = {'Q', 'G', 'I', 'S'};
 constexpr char kStatsMagic[4] = {'Q', 'G', 'A', 'S'};
 constexpr char kLayerMagic[4] = {'Q', 'G', 'L', 'Y'};
+constexpr char kOacMagic[4] = {'Q', 'G', 'O', 'A'};
+// magic, linear, node count, Fisher flag, d_out, d_in.
+constexpr int64_t kOacHeaderBytes = 4 + 4 + 4 + 4 + 8 + 8;
 // magic, input, node count, abs statistics flag, width.
 constexpr int64_t kInputHeaderBytes = 4 + 4 + 4 + 4 + 8;
 // magic, node count, width.
@@ -176,6 +179,86 @@ absl::StatusOr<InputPartials> ParseInputPartials(kernels::Backend& backend, Line
     if (abs) {
       QCAL_ASSIGN_OR_RETURN(ActivationStats s, GetAbsStats(r, width));
       p.value.abs_stats = std::move(s);
+    }
+    out.push_back(std::move(p));
+  }
+  QCAL_RETURN_IF_ERROR(r.End());
+  return out;
+}
+
+int64_t OacPartialsBytes(int64_t nodes, int64_t d_out, int64_t d_in, bool fisher) {
+  return kOacHeaderBytes +
+         nodes * (kNodeBytes + d_in * (d_in + 1) / 2 * 4 + (fisher ? d_out * d_in * 4 : 0));
+}
+
+absl::StatusOr<std::string> SerializeOacPartials(kernels::Backend& backend, LinearKind kind,
+                                                 int64_t d_out, int64_t d_in, bool fisher,
+                                                 const TreePartials<LinearOac>& partials) {
+  for (const auto& p : partials) {
+    if (p.value.hessian.shape() != Shape{d_in, d_in} || p.value.fisher.defined() != fisher ||
+        (fisher && p.value.fisher.shape() != Shape{d_out, d_in})) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "output-adaptive statistics of Hessian shape ", ShapeString(p.value.hessian.shape()),
+          " do not fit linear ", LinearName(kind), " (", d_out, "x", d_in,
+          fisher ? ", with a Fisher)" : ")"));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(partials.size());
+  Writer w(OacPartialsBytes(n, d_out, d_in, fisher));
+  w.PutBytes(kOacMagic, 4);
+  w.Put<int32_t>(static_cast<int32_t>(kind));
+  w.Put<int32_t>(static_cast<int32_t>(n));
+  w.Put<int32_t>(fisher ? 1 : 0);
+  w.Put<int64_t>(d_out);
+  w.Put<int64_t>(d_in);
+  for (const auto& p : partials) {
+    w.Put<int32_t>(p.node.level);
+    w.Put<int32_t>(p.node.index);
+    QCAL_ASSIGN_OR_RETURN(Tensor h, backend.ToHost(p.value.hessian));
+    const float* hp = h.data<float>();
+    for (int64_t i = 0; i < d_in; ++i) w.PutBytes(hp + i * d_in + i, (d_in - i) * sizeof(float));
+    if (fisher) {
+      QCAL_ASSIGN_OR_RETURN(Tensor f, backend.ToHost(p.value.fisher));
+      w.PutBytes(f.raw(), f.nbytes());
+    }
+  }
+  return w.Take();
+}
+
+absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backend, LinearKind kind,
+                                                         int64_t d_out, int64_t d_in, bool fisher,
+                                                         const std::string& bytes) {
+  Reader r(bytes, "partial output-adaptive statistics");
+  QCAL_RETURN_IF_ERROR(r.Magic(kOacMagic));
+  QCAL_ASSIGN_OR_RETURN(const int32_t got_kind, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(const int32_t count, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(const int32_t got_fisher, r.Get<int32_t>());
+  QCAL_ASSIGN_OR_RETURN(const int64_t got_out, r.Get<int64_t>());
+  QCAL_ASSIGN_OR_RETURN(const int64_t got_in, r.Get<int64_t>());
+  if (got_kind != static_cast<int32_t>(kind) || got_out != d_out || got_in != d_in ||
+      got_fisher != (fisher ? 1 : 0)) {
+    return absl::DataLossError(
+        absl::StrCat("partial output-adaptive statistics of linear ", got_kind, " (", got_out, "x",
+                     got_in, ", Fisher flag ", got_fisher, ") where ", LinearName(kind), " (",
+                     d_out, "x", d_in, fisher ? ", with a Fisher)" : ")", " was expected"));
+  }
+  QCAL_RETURN_IF_ERROR(CheckCount(count, OacPartialsBytes(1, d_out, d_in, fisher) - kOacHeaderBytes,
+                                  bytes.size() - r.pos(), "partial output-adaptive statistics"));
+  TreePartials<LinearOac> out;
+  for (int32_t c = 0; c < count; ++c) {
+    TreePartial<LinearOac> p;
+    QCAL_ASSIGN_OR_RETURN(p.node, GetNode(r));
+    Tensor h = Tensor::Zeros(DType::kF32, {d_in, d_in});
+    float* hp = h.data<float>();
+    for (int64_t i = 0; i < d_in; ++i) {
+      QCAL_RETURN_IF_ERROR(r.GetBytes(hp + i * d_in + i, (d_in - i) * sizeof(float)));
+      for (int64_t j = i + 1; j < d_in; ++j) hp[j * d_in + i] = hp[i * d_in + j];
+    }
+    QCAL_ASSIGN_OR_RETURN(p.value.hessian, backend.ToDevice(h));
+    if (fisher) {
+      Tensor f = Tensor::Zeros(DType::kF32, {d_out, d_in});
+      QCAL_RETURN_IF_ERROR(r.GetBytes(f.raw(), f.nbytes()));
+      QCAL_ASSIGN_OR_RETURN(p.value.fisher, backend.ToDevice(f));
     }
     out.push_back(std::move(p));
   }

@@ -7,6 +7,7 @@
 //     receiver completes it with the same call (BlockRunner::Complete).
 //   kPartials / kStatistic of the smoothing step: ActivationStats partials of one linear input,
 //     the same way.
+//   kOacPartials (the gradient pass): output-adaptive statistics partials of one linear.
 //   kLayer: a solved linear: its artifact (SerializeLayerArtifact: the quantized linear, low-rank
 //     factors, activation bits, folded tensors) and its report (LayerReportJson): everything
 //     Install and the export need.
@@ -45,6 +46,18 @@ absl::StatusOr<std::string> SerializeActivationStatsPartials(
 absl::StatusOr<TreePartials<ActivationStats>> ParseActivationStatsPartials(
     int64_t width, const std::string& bytes);
 
+// Partial output-adaptive statistics of linear `kind` (d_out x d_in) from the gradient pass
+// (kOacPartials), on the backend's device: per node the Hessian's upper triangle (row i holds
+// H[i, i..d_in-1]; the solve and the files read nothing else) and, when `fisher`, the Fisher.
+// Parsing mirrors the triangle into both (LinearOac's form). InvalidArgument for a partial of
+// another shape or Fisher presence; DataLoss for malformed bytes or another linear or shape.
+absl::StatusOr<std::string> SerializeOacPartials(kernels::Backend& backend, LinearKind kind,
+                                                 int64_t d_out, int64_t d_in, bool fisher,
+                                                 const TreePartials<LinearOac>& partials);
+absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backend, LinearKind kind,
+                                                         int64_t d_out, int64_t d_in, bool fisher,
+                                                         const std::string& bytes);
+
 // A solved linear: artifact and report. Parsing gives back the artifact's fields and the report's
 // deterministic fields (LayerReportFromJson: the timing solve_seconds stays behind).
 std::string SerializeSolvedLayer(const LayerResult& r);
@@ -53,6 +66,7 @@ absl::StatusOr<LayerResult> ParseSolvedLayer(const std::string& bytes);
 // Bytes of the formats above, for `nodes` nodes.
 int64_t InputPartialsBytes(int64_t nodes, int64_t width, bool abs_stats);
 int64_t ActivationStatsPartialsBytes(int64_t nodes, int64_t width);
+int64_t OacPartialsBytes(int64_t nodes, int64_t d_out, int64_t d_in, bool fisher);
 
 // The payload bytes each rank (index) sends during one block of a job of `config` and `recipe`
 // under `plan` (gang/gang_block.h): its cover of every statistic to the statistic's owner (the

@@ -17,7 +17,8 @@ namespace {
 class GangBlock {
  public:
   GangBlock(Model& model, CalibActivations& acts, const Recipe& recipe, const GangPlan& plan,
-            Transport* transport, const GangBlockOptions& options, StageTimes& times)
+            Transport* transport, const GangBlockOptions& options, StageTimes& times,
+            const OacSource& oac)
       : be_(model.backend()),
         config_(model.config()),
         recipe_(recipe),
@@ -25,7 +26,7 @@ class GangBlock {
         transport_(transport),
         options_(options),
         b_(acts.next_block),
-        runner_(model, acts, recipe, times) {}
+        runner_(model, acts, recipe, times, oac) {}
 
   absl::StatusOr<std::vector<LayerResult>> Run() {
     QCAL_RETURN_IF_ERROR(runner_.Begin());
@@ -245,7 +246,7 @@ absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivat
                                                       const Recipe& recipe, const GangPlan& plan,
                                                       Transport* transport,
                                                       const GangBlockOptions& options,
-                                                      StageTimes& times) {
+                                                      StageTimes& times, const OacSource& oac) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   QCAL_RETURN_IF_ERROR(plan.Validate());
   QCAL_RETURN_IF_ERROR(options.Validate());
@@ -265,7 +266,7 @@ absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivat
         acts.first_chunk + acts.chunks.size(), ") of ", acts.total_chunks, "; its plan gives it [",
         local.begin, ", ", local.end, ") of ", plan.total_chunks));
   }
-  GangBlock block(model, acts, recipe, plan, transport, options, times);
+  GangBlock block(model, acts, recipe, plan, transport, options, times, oac);
   return block.Run();
 }
 

@@ -31,6 +31,7 @@
 #include "services/engine/gang/plan.h"
 #include "services/engine/gang/transport.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/oac_statistics.h"
 #include "services/engine/recipe.h"
 
 namespace qcal::engine {
@@ -48,11 +49,13 @@ struct GangBlockOptions {
 // plan.world == 1). Returns all seven linears of the block in forward order (solved here or
 // received), and advances acts to the next block. `times` accumulates the stage times. Errors:
 // an invalid plan or options, activations that do not match the plan (InvalidArgument), the
-// transport's (a refused message, a peer that does not answer in time), the solves'.
+// transport's (a refused message, a peer that does not answer in time), the solves'. `oac`: the
+// output-adaptive statistics of the linears this rank owns, required when recipe.hessian != layer.
 absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivations& acts,
                                                       const Recipe& recipe, const GangPlan& plan,
                                                       Transport* transport,
                                                       const GangBlockOptions& options,
-                                                      StageTimes& times);
+                                                      StageTimes& times,
+                                                      const OacSource& oac = nullptr);
 
 }  // namespace qcal::engine

@@ -39,9 +39,8 @@ absl::Status LocalTransport::Send(int to, const MessageKey& key, std::string pay
         absl::StrCat("rank ", rank_, " cannot send ", what, " in a gang of ", plan.world));
   }
   const bool per_input = key.kind == MessageKind::kPartials || key.kind == MessageKind::kStatistic;
-  const int items = per_input                         ? kNumLinearInputs
-                    : key.kind == MessageKind::kLayer ? kNumLinears
-                                                      : 1;
+  const bool per_linear = key.kind == MessageKind::kLayer || key.kind == MessageKind::kOacPartials;
+  const int items = per_input ? kNumLinearInputs : per_linear ? kNumLinears : 1;
   if (key.item < 0 || key.item >= items) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": no such item"));
   }
@@ -65,6 +64,12 @@ absl::Status LocalTransport::Send(int to, const MessageKey& key, std::string pay
     const int owner = plan.OwnerOf(static_cast<LinearKind>(key.item));
     if (key.from != owner) {
       return refuse(absl::StrCat("the sender does not own that linear (rank ", owner, " does)"));
+    }
+  }
+  if (key.kind == MessageKind::kOacPartials) {
+    const int owner = plan.OwnerOf(static_cast<LinearKind>(key.item));
+    if (to != owner) {
+      return refuse(absl::StrCat("it does not own that linear (rank ", owner, " does)"));
     }
   }
   const int64_t bytes = static_cast<int64_t>(payload.size());

@@ -5,9 +5,10 @@
 // Refusals (FAILED_PRECONDITION, naming DescribeKey and both ranks): a sender under another gang
 // epoch than the receiver's; kPartials to a rank that does not complete that statistic
 // (GangPlan::StatOwner); kStatistic from a rank that does not complete it; kLayer from a rank that
-// does not own that linear. Also refused: a rank outside the gang or this rank itself as the
-// receiver, a key whose `from` is not this rank, an item outside its kind's range
-// (INVALID_ARGUMENT), and a message already delivered and not yet received (ALREADY_EXISTS).
+// does not own that linear; kOacPartials to a rank that does not own that linear. Also refused: a
+// rank outside the gang or this rank itself as the receiver, a key whose `from` is not this rank,
+// an item outside its kind's range (INVALID_ARGUMENT), and a message already delivered and not yet
+// received (ALREADY_EXISTS).
 //
 // Thread safety: every method may be called from any thread; one rank's transport is meant for
 // that rank's thread.

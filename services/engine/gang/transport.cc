@@ -5,7 +5,8 @@
 namespace qcal::engine {
 
 std::string DescribeKey(const MessageKey& key) {
-  static const char* const kKinds[] = {"partials", "statistic", "layer", "control"};
+  static const char* const kKinds[] = {"partials", "statistic", "layer", "control",
+                                       "output-adaptive partials"};
   return absl::StrCat("block ", key.block, " step ", key.step, " ",
                       kKinds[static_cast<int>(key.kind)], " ", key.item, " from rank ", key.from);
 }

@@ -11,10 +11,13 @@
 //   kStatistic  a completed statistic, from its owner to the other owners of its consumers;
 //   kLayer      a solved linear (its artifact and report), from its owner to every other rank;
 //   kControl    small decisions one rank makes for all (for example whether to checkpoint at this
-//               boundary), from rank 0 to every other rank.
+//               boundary), from rank 0 to every other rank;
+//   kOacPartials the gradient pass's partial output-adaptive statistics of one linear (step
+//               kStepGradientPass, item the LinearKind), to the linear's owner, which completes
+//               the canonical reduction and persists the result.
 // A receiver refuses (FAILED_PRECONDITION) a message under another gang epoch or for another job,
-// kPartials it does not own the statistic of, kStatistic from a rank that does not own it, and
-// kLayer from a rank that does not own that linear.
+// kPartials it does not own the statistic of, kStatistic from a rank that does not own it,
+// kLayer from a rank that does not own that linear, and kOacPartials of a linear it does not own.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +29,13 @@
 
 namespace qcal::engine {
 
-enum class MessageKind { kPartials = 0, kStatistic = 1, kLayer = 2, kControl = 3 };
+enum class MessageKind {
+  kPartials = 0,
+  kStatistic = 1,
+  kLayer = 2,
+  kControl = 3,
+  kOacPartials = 4
+};
 
 // The steps of a block that exchange messages.
 inline constexpr int kStepSmoothing = 0;  // smoothing statistics of the full-precision block
@@ -34,13 +43,16 @@ inline constexpr int kStepSmoothing = 0;  // smoothing statistics of the full-pr
 // true_sequential the four groups still use their own steps.
 inline constexpr int StepOf(int linear_input) { return 1 + linear_input; }
 inline constexpr int kStepBoundary = 5;  // control messages at the end of the block
+// The gradient pass (DESIGN section 2, step 4), before the block loop: kOacPartials of the
+// pass's block `block`.
+inline constexpr int kStepGradientPass = 6;
 
 struct MessageKey {
   int block = 0;
   int step = 0;
   MessageKind kind = MessageKind::kPartials;
   // kPartials / kStatistic: the LinearInput index (kStepSmoothing: the LinearInput index too);
-  // kLayer: the LinearKind index; kControl: 0.
+  // kLayer, kOacPartials: the LinearKind index; kControl: 0.
   int item = 0;
   // The sending rank.
   int from = 0;

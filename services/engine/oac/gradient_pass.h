@@ -31,7 +31,7 @@ namespace qcal::engine {
 
 struct GradientPassOptions {
   HessianKind kind = HessianKind::kOutputAdaptive;  // kOutputAdaptive or kOutputAdaptiveToken
-  bool fisher = false;   // also form the diagonal Fisher. Default: false.
+  bool fisher = false;     // also form the diagonal Fisher. Default: false.
   int boundary_every = 0;  // k >= 1; 0 = chosen to fit. Default: 0.
   // Where kept boundaries that fit neither device nor host memory are spilled. Default: "" (none:
   // an error when they do not fit in memory).
@@ -65,6 +65,31 @@ struct GradientPassStats {
   int boundary_every = 0;       // the k used
   int64_t peak_device_bytes = -1;
 };
+
+// Where the pass keeps the block inputs it needs again (DESIGN section 2, "Memory").
+enum class BoundaryTier { kDevice, kHost, kScratch };
+const char* BoundaryTierName(BoundaryTier tier);  // "device", "host", "scratch"
+
+// How RunGradientPass holds the activations of this rank's chunks: the segment in hand (k block
+// inputs) and the carried hidden state or gradient on the device, the other segments' first
+// inputs (the kept boundaries) in `tier`. The smallest k (the least recomputation) of the first
+// tier that holds them, in the order device memory (Backend::AvailableMemory; a host backend
+// that plans none: the host's available memory), pinned host memory (device backends only), the
+// scratch disk (options.scratch_dir's free space); options.boundary_every fixes k.
+struct GradientPassPlan {
+  int boundary_every = 1;
+  BoundaryTier tier = BoundaryTier::kDevice;
+  int64_t activation_bytes = 0;  // one block input of every chunk of the rank (fp32)
+  int64_t kept_bytes = 0;        // the kept boundaries outside the segment in hand, in `tier`
+  // The planned peak on the device: k + 1 activations, the working set (one chunk's block
+  // internals, the loss head's logits, the statistics being summed) and, in the device tier,
+  // kept_bytes.
+  int64_t device_bytes = 0;
+};
+// ResourceExhausted naming the sizes when no tier holds the pass; InvalidArgument for bad chunks
+// or options (as RunGradientPass).
+absl::StatusOr<GradientPassPlan> PlanGradientPass(Model& model, const GradientChunks& chunks,
+                                                  const GradientPassOptions& options);
 
 // Runs the pass on `model` (streaming or resident; a streaming model's blocks are acquired in
 // turn, last to first for the backward). Progress lines go to `log` when set.

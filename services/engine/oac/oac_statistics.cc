@@ -1,0 +1,245 @@
+#include "services/engine/oac/oac_statistics.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/files.h"
+#include "common/safetensors.h"
+#include "common/status.h"
+
+namespace qcal::engine {
+namespace {
+
+absl::Status CheckSample(const char* op, const Tensor& x, const Tensor& dy) {
+  if (x.rank() != 2 || dy.rank() != 2 || x.dim(0) != dy.dim(0) || x.dtype() != DType::kF32 ||
+      dy.dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": x is ", x.DebugString(), " and dy ",
+                                                   dy.DebugString(),
+                                                   ", expected F32 [L, d_in] and [L, d_out]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckSquare(const char* op, const Tensor& h, int64_t n) {
+  if (h.shape() != Shape{n, n} || h.dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": h is ", h.DebugString(), ", expected F32 [", n, ", ", n, "]"));
+  }
+  return absl::OkStatus();
+}
+
+// The two orders of Xᵀ(ΓΓᵀ)X for one sample (x [L, d_in], dy [L, d_out]), in multiply-adds:
+// through the L × L product P = ΓΓᵀ (P, then Z = PX, then the full product XᵀZ), or through the
+// weight gradient G = ΓᵀX and GᵀG, a symmetric product (AccumulateGram: half a GEMM). Ties, as
+// for d_in = d_out = 2L (Llama-2-7B's attention linears at L = 2048), go to G: its result is
+// symmetric bit for bit, where XᵀZ's triangles agree only to rounding.
+bool ThroughTokenProduct(int64_t l, int64_t d_in, int64_t d_out) {
+  const double via_p = double(l) * l * (d_out + d_in) + double(l) * d_in * d_in;
+  const double via_g = double(l) * d_out * d_in + 0.5 * double(d_out) * d_in * d_in;
+  return via_p < via_g;
+}
+
+std::string KindMetadata(HessianKind kind) { return RecipeName(kind); }
+
+absl::Status DataLoss(const std::string& path, const std::string& what) {
+  return absl::DataLossError(absl::StrCat(path, ": ", what));
+}
+
+}  // namespace
+
+absl::Status AccumulateOacHessian(kernels::Backend& be, HessianKind kind, const Tensor& x,
+                                  const Tensor& dy, Tensor& h) {
+  QCAL_RETURN_IF_ERROR(CheckSample("AccumulateOacHessian", x, dy));
+  const int64_t l = x.dim(0), d_in = x.dim(1), d_out = dy.dim(1);
+  QCAL_RETURN_IF_ERROR(CheckSquare("AccumulateOacHessian", h, d_in));
+  if (l == 0) return absl::OkStatus();
+  switch (kind) {
+    case HessianKind::kLayer:
+      return absl::InvalidArgumentError(
+          "AccumulateOacHessian: hessian kind layer has no output-adaptive statistics");
+    case HessianKind::kOutputAdaptiveToken: {
+      // Xᵀdiag(‖g_t‖²)X = X̃ᵀX̃ with x̃_t = ‖g_t‖·x_t; AccumulateGram writes both triangles
+      // (symmetric by construction), like the layer Hessian.
+      QCAL_ASSIGN_OR_RETURN(Tensor scaled, be.Alloc(DType::kF32, x.shape()));
+      QCAL_RETURN_IF_ERROR(be.Copy(x, scaled));
+      QCAL_RETURN_IF_ERROR(be.ScaleRowsByNorm(dy, scaled));
+      return be.AccumulateGram(scaled, h);
+    }
+    case HessianKind::kOutputAdaptive:
+      break;
+  }
+  if (ThroughTokenProduct(l, d_in, d_out)) {
+    QCAL_ASSIGN_OR_RETURN(Tensor p, be.Alloc(DType::kF32, {l, l}));
+    QCAL_RETURN_IF_ERROR(be.Gemm(dy, false, dy, true, 1.0f, 0.0f, p));
+    QCAL_ASSIGN_OR_RETURN(Tensor z, be.Alloc(DType::kF32, {l, d_in}));
+    QCAL_RETURN_IF_ERROR(be.Gemm(p, false, x, false, 1.0f, 0.0f, z));
+    // Both triangles from one product: equal to rounding (GEMM sums in an order of its own), not
+    // bit for bit; the persisted form keeps the upper triangle (WriteLinearOac).
+    return be.Gemm(x, true, z, false, 1.0f, 1.0f, h);
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor g, be.Alloc(DType::kF32, {d_out, d_in}));
+  QCAL_RETURN_IF_ERROR(be.Gemm(dy, true, x, false, 1.0f, 0.0f, g));
+  return be.AccumulateGram(g, h);
+}
+
+absl::Status AccumulateFisher(kernels::Backend& be, const Tensor& x, const Tensor& dy, Tensor& f) {
+  QCAL_RETURN_IF_ERROR(CheckSample("AccumulateFisher", x, dy));
+  const int64_t d_in = x.dim(1), d_out = dy.dim(1);
+  if (f.shape() != Shape{d_out, d_in} || f.dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat("AccumulateFisher: f is ", f.DebugString(),
+                                                   ", expected F32 [", d_out, ", ", d_in, "]"));
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor g, be.Alloc(DType::kF32, {d_out, d_in}));
+  QCAL_RETURN_IF_ERROR(be.Gemm(dy, true, x, false, 1.0f, 0.0f, g));
+  return be.AccumulateSquares(g, f);
+}
+
+Combine<LinearOac> LinearOacCombine(kernels::Backend& be) {
+  return [&be](LinearOac& left, const LinearOac& right) -> absl::Status {
+    if (left.hessian.shape() != right.hessian.shape() ||
+        left.fisher.defined() != right.fisher.defined() ||
+        (left.fisher.defined() && left.fisher.shape() != right.fisher.shape())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LinearOacCombine: partials of different shapes (hessian ",
+                       left.hessian.DebugString(), " and ", right.hessian.DebugString(), ")"));
+    }
+    QCAL_RETURN_IF_ERROR(be.Add(right.hessian, left.hessian));
+    if (left.fisher.defined()) QCAL_RETURN_IF_ERROR(be.Add(right.fisher, left.fisher));
+    return absl::OkStatus();
+  };
+}
+
+int64_t LinearOacBytes(int64_t d_out, int64_t d_in, bool fisher) {
+  return (d_in * (d_in + 1) / 2 + (fisher ? d_out * d_in : 0)) * int64_t{sizeof(float)};
+}
+
+int64_t ModelOacBytes(const ModelConfig& config, bool fisher) {
+  const int64_t d = config.hidden_size, q = config.q_dim(), kv = config.kv_dim(),
+                inter = config.intermediate_size;
+  const int64_t block = LinearOacBytes(q, d, fisher) + 2 * LinearOacBytes(kv, d, fisher) +
+                        LinearOacBytes(d, q, fisher) + 2 * LinearOacBytes(inter, d, fisher) +
+                        LinearOacBytes(d, inter, fisher);
+  return block * config.num_layers;
+}
+
+absl::StatusOr<std::string> WriteLinearOac(const std::string& path, HessianKind kind,
+                                           const LinearOac& oac) {
+  const Tensor& h = oac.hessian;
+  if (kind == HessianKind::kLayer || h.device() != Device::kHost || h.dtype() != DType::kF32 ||
+      h.rank() != 2 || h.dim(0) != h.dim(1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("WriteLinearOac: ", path,
+                     ": needs an output-adaptive kind and a square F32 host Hessian, "
+                     "got kind ",
+                     RecipeName(kind), " and ", h.DebugString()));
+  }
+  const int64_t n = h.dim(0);
+  std::map<std::string, Tensor> tensors;
+  Tensor upper = Tensor::Zeros(DType::kF32, {n * (n + 1) / 2});
+  float* u = upper.data<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(u, h.data<float>() + i * n + i, (n - i) * sizeof(float));
+    u += n - i;
+  }
+  tensors["hessian_upper"] = upper;
+  if (oac.fisher.defined()) {
+    const Tensor& f = oac.fisher;
+    if (f.device() != Device::kHost || f.dtype() != DType::kF32 || f.rank() != 2 || f.dim(1) != n) {
+      return absl::InvalidArgumentError(absl::StrCat("WriteLinearOac: ", path,
+                                                     ": the Fisher must be F32 [d_out, ", n,
+                                                     "] on the host, got ", f.DebugString()));
+    }
+    tensors["fisher"] = f;
+  }
+  QCAL_ASSIGN_OR_RETURN(
+      std::string bytes,
+      SerializeSafetensors(
+          tensors, {{"qcal_oac", "1"}, {"kind", KindMetadata(kind)}, {"n", absl::StrCat(n)}}));
+  const std::string tmp = path + ".tmp";
+  QCAL_RETURN_IF_ERROR(WriteStringToFile(tmp, bytes));
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    std::remove(tmp.c_str());
+    return absl::UnavailableError(
+        absl::StrCat(path, ": rename from ", tmp, " failed: ", std::strerror(err)));
+  }
+  // The rename is durable once the directory is synced.
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    return absl::UnavailableError(
+        absl::StrCat(path, ": syncing its directory failed: ", std::strerror(err)));
+  }
+  ::close(fd);
+  return Sha256Hex(bytes);
+}
+
+absl::StatusOr<LinearOac> ReadLinearOac(const std::string& path, HessianKind kind, int64_t d_out,
+                                        int64_t d_in, const std::string& expected_sha256) {
+  QCAL_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(path));
+  if (!expected_sha256.empty()) {
+    const std::string actual = Sha256Hex(bytes);
+    if (actual != expected_sha256) {
+      return DataLoss(
+          path, absl::StrCat("sha256 ", actual, " does not match the recorded ", expected_sha256));
+    }
+  }
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::FromBytes(bytes, path);
+  if (!file.ok()) {
+    return DataLoss(path,
+                    absl::StrCat("not a readable safetensors file: ", file.status().message()));
+  }
+  const std::map<std::string, std::string>& meta = (*file)->metadata();
+  auto meta_is = [&](const std::string& key, const std::string& value) {
+    auto it = meta.find(key);
+    return it != meta.end() && it->second == value;
+  };
+  if (!meta_is("qcal_oac", "1")) return DataLoss(path, "not an OAC statistics file (qcal_oac)");
+  if (!meta_is("kind", KindMetadata(kind))) {
+    auto it = meta.find("kind");
+    return DataLoss(path, absl::StrCat("holds hessian kind \"", it == meta.end() ? "" : it->second,
+                                       "\", expected \"", KindMetadata(kind), "\""));
+  }
+  if (!meta_is("n", absl::StrCat(d_in))) {
+    return DataLoss(path, absl::StrCat("is not for d_in ", d_in, " (metadata n)"));
+  }
+  const int64_t packed = d_in * (d_in + 1) / 2;
+  auto get = [&](const std::string& name, const Shape& shape) -> absl::StatusOr<Tensor> {
+    absl::StatusOr<Tensor> t = (*file)->Get(name);
+    if (!t.ok())
+      return DataLoss(path, absl::StrCat("tensor \"", name, "\": ", t.status().message()));
+    if (t->dtype() != DType::kF32 || t->shape() != shape) {
+      return DataLoss(path, absl::StrCat("tensor \"", name, "\" is ", t->DebugString(),
+                                         ", expected F32 ", ShapeString(shape)));
+    }
+    return t;
+  };
+  QCAL_ASSIGN_OR_RETURN(Tensor upper, get("hessian_upper", {packed}));
+  LinearOac out;
+  out.hessian = Tensor::Zeros(DType::kF32, {d_in, d_in});
+  float* h = out.hessian.data<float>();
+  const float* u = upper.data<float>();
+  for (int64_t i = 0; i < d_in; ++i) {
+    for (int64_t j = i; j < d_in; ++j, ++u) h[i * d_in + j] = h[j * d_in + i] = *u;
+  }
+  if ((*file)->Has("fisher")) {
+    QCAL_ASSIGN_OR_RETURN(Tensor f, get("fisher", {d_out, d_in}));
+    out.fisher = f.Clone();
+  }
+  if ((*file)->tensors().size() != ((*file)->Has("fisher") ? 2u : 1u)) {
+    return DataLoss(path, "holds tensors other than hessian_upper and fisher");
+  }
+  return out;
+}
+
+}  // namespace qcal::engine
