@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 
 namespace qcal::engine {
 
@@ -34,12 +35,15 @@ void AdamWStep(T* p, const T* g, T* m, T* v, int64_t n, int64_t t, const AdamWOp
   const T step_size = static_cast<T>(o.lr / (1.0 - std::pow(o.beta1, t_d)));
   const T bias2_sqrt = static_cast<T>(std::sqrt(1.0 - std::pow(o.beta2, t_d)));
   const T eps = static_cast<T>(o.eps);
-  for (int64_t i = 0; i < n; ++i) {
-    p[i] *= decay;
-    m[i] = b1 * m[i] + one_minus_b1 * g[i];
-    v[i] = b2 * v[i] + one_minus_b2 * g[i] * g[i];
-    p[i] -= step_size * m[i] / (std::sqrt(v[i]) / bias2_sqrt + eps);
-  }
+  // Elements are independent: the split over threads does not change any bit.
+  ParallelFor(n, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      p[i] *= decay;
+      m[i] = b1 * m[i] + one_minus_b1 * g[i];
+      v[i] = b2 * v[i] + one_minus_b2 * g[i] * g[i];
+      p[i] -= step_size * m[i] / (std::sqrt(v[i]) / bias2_sqrt + eps);
+    }
+  });
 }
 
 template void AdamWStep<float>(float*, const float*, float*, float*, int64_t, int64_t,

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 #include "common/status.h"
 #include "kernels/hash_random.h"
 
@@ -34,6 +35,15 @@ absl::Status CheckHostF32(const Tensor& t, const Shape& shape, LinearKind kind, 
                      ", expected a host F32 tensor ", ShapeString(shape)));
   }
   return absl::OkStatus();
+}
+
+// dst += src elementwise (host F32 tensors of one size).
+void AddInto(const Tensor& src, Tensor& dst) {
+  const float* a = src.data<float>();
+  float* b = dst.data<float>();
+  ParallelFor(src.numel(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) b[i] += a[i];
+  });
 }
 
 }  // namespace
@@ -245,17 +255,13 @@ struct BlockTrainer::State {
     QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x[i], false, 1.0f, 0.0f, g));
     QCAL_ASSIGN_OR_RETURN(Tensor g_host, OnHost(*be, g));
     QCAL_RETURN_IF_ERROR(be->Synchronize());
-    float* lora = l.g_lora.data<float>();
-    const float* src = g_host.data<float>();
-    for (int64_t e = 0; e < g_host.numel(); ++e) lora[e] += src[e];
+    AddInto(g_host, l.g_lora);
     if (l.act_bits < 16) {
       QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 0.0f, g));
       QCAL_ASSIGN_OR_RETURN(g_host, OnHost(*be, g));
       QCAL_RETURN_IF_ERROR(be->Synchronize());
-      src = g_host.data<float>();
     }
-    float* gq = l.g_q.data<float>();
-    for (int64_t e = 0; e < g_host.numel(); ++e) gq[e] += src[e];
+    AddInto(g_host, l.g_q);
     if (dx) {
       QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.q_dev, false, 1.0f, 0.0f, *dx));
       QCAL_ASSIGN_OR_RETURN(Tensor t, be->Alloc(DType::kF32, {dy.dim(0), l.a_dev.dim(1)}));
@@ -345,14 +351,24 @@ struct BlockTrainer::State {
       const float* fp = l.fisher.defined() ? l.fisher.data<float>() : nullptr;
       float* gq = l.g_q.data<float>();
       float* gl = l.g_lora.data<float>();
-      for (int64_t e = 0; e < eff_host.numel(); ++e) {
-        const float d = ep[e] - wp[e];
-        const float f = fp ? fp[e] : 1.0f;
-        total += static_cast<double>(f) * static_cast<double>(d) * static_cast<double>(d);
-        const float g = scale * f * d;
-        gq[e] += g;
-        gl[e] += g;
-      }
+      const int64_t d_in = l.d_in();
+      // Per-row sums, added in row order: the total does not depend on the thread count.
+      std::vector<double> row_sums(static_cast<size_t>(l.d_out()), 0.0);
+      ParallelFor(l.d_out(), d_in, [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+          double sum = 0;
+          for (int64_t e = o * d_in; e < (o + 1) * d_in; ++e) {
+            const float d = ep[e] - wp[e];
+            const float f = fp ? fp[e] : 1.0f;
+            sum += static_cast<double>(f) * static_cast<double>(d) * static_cast<double>(d);
+            const float g = scale * f * d;
+            gq[e] += g;
+            gl[e] += g;
+          }
+          row_sums[o] = sum;
+        }
+      });
+      for (double r : row_sums) total += r;
     }
     return total;
   }
@@ -428,6 +444,8 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
     l.layout.d_in = d_in;
     l.layout.spec = spec;
     l.layout.perm = in.perm;
+    l.layout.grid_scales = in.grid_scales;
+    l.layout.grid_zeros = in.grid_zeros;
     QCAL_RETURN_IF_ERROR(l.layout.Validate());
     l.base = in.base;
     l.reference = in.reference;

@@ -97,6 +97,11 @@ struct RetrainLinearInput {
   Tensor lora_b;     // starting L_B [r, d_in]; defined exactly when lora_a is
   // Act-order's visiting order (groups are runs of it, as GPTQ forms them); empty: none.
   std::vector<int32_t> perm;
+  // The solver's grid (QuantizedLinear::scales and zeros, [n_groups, d_out]), whose span the
+  // clipping scales (ClipLayout::grid_scales: unclipped, Q(W̃) is then exactly the solver's
+  // codes); empty: the span of W̃'s own min/max (RTN's fit of W̃).
+  std::vector<float> grid_scales;
+  std::vector<int32_t> grid_zeros;
 };
 
 struct RetrainBlockInput {

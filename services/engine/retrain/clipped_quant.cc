@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 #include "common/status.h"
 
 namespace qcal::engine {
@@ -28,7 +29,7 @@ template <typename T>
 struct GroupFit {
   GroupParams p;
   Branch branch = Branch::kDegenerate;
-  T xmin0 = 0, xmax0 = 0;  // unclipped min(min w, 0), max(max w, 0)
+  T xmin0 = 0, xmax0 = 0;  // unclipped range: min(min w, 0), max(max w, 0) or the grid's span
   T cmin = 1, cmax = 1;    // σ(β), σ(γ)
   int64_t argmin = -1;     // column attaining xmin0 (< 0), else −1
   int64_t argmax = -1;     // column attaining xmax0 (> 0), else −1
@@ -48,14 +49,31 @@ GroupColumns ColumnsOf(const ClipLayout& layout, int64_t k) {
           std::min((k + 1) * g, layout.d_in)};
 }
 
-// FitGroup (kernels/quant_grid.h) with the clip factors in T, recording the branch.
+// FitGroup (kernels/quant_grid.h) with the clip factors in T, recording the branch. The unclipped
+// range is the group's min/max, or the span of the solver's grid (group k, row o) when the layout
+// has one.
 template <typename T>
-GroupFit<T> Fit(const T* row, const GroupColumns& cols, const QuantSpec& spec, T gamma, T beta) {
+GroupFit<T> Fit(const T* row, const GroupColumns& cols, const ClipLayout& layout, int64_t o,
+                int64_t k, T gamma, T beta) {
+  const QuantSpec& spec = layout.spec;
   GroupFit<T> f;
-  for (int64_t pos = cols.begin; pos < cols.end; ++pos) {
-    const int64_t j = cols[pos];
-    if (row[j] < f.xmin0) f.xmin0 = row[j], f.argmin = j;
-    if (row[j] > f.xmax0) f.xmax0 = row[j], f.argmax = j;
+  if (layout.has_grid()) {
+    const T s = static_cast<T>(layout.grid_scales[k * layout.d_out + o]);
+    const T maxq = static_cast<T>(kernels::MaxCode(spec));
+    if (spec.symmetric) {
+      f.xmax0 = maxq * s / T(2);
+      f.xmin0 = -f.xmax0;
+    } else {
+      const T z = static_cast<T>(layout.grid_zeros[k * layout.d_out + o]);
+      f.xmin0 = -z * s;
+      f.xmax0 = (maxq - z) * s;
+    }
+  } else {
+    for (int64_t pos = cols.begin; pos < cols.end; ++pos) {
+      const int64_t j = cols[pos];
+      if (row[j] < f.xmin0) f.xmin0 = row[j], f.argmin = j;
+      if (row[j] > f.xmax0) f.xmax0 = row[j], f.argmax = j;
+    }
   }
   f.cmin = Sigmoid(beta);
   f.cmax = Sigmoid(gamma);
@@ -111,6 +129,27 @@ absl::Status ClipLayout::Validate() const {
       seen[c] = 1;
     }
   }
+  if (grid_scales.empty() != grid_zeros.empty()) {
+    return absl::InvalidArgumentError("clipped quantization: grid scales and zeros go together");
+  }
+  if (has_grid()) {
+    const size_t n = static_cast<size_t>(n_groups() * d_out);
+    if (grid_scales.size() != n || grid_zeros.size() != n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("clipped quantization: the grid has ", grid_scales.size(), " scales and ",
+                       grid_zeros.size(), " zeros, expected ", n, " ([n_groups, d_out])"));
+    }
+    const int32_t maxq = kernels::MaxCode(spec);
+    for (size_t i = 0; i < n; ++i) {
+      const float s = grid_scales[i];
+      if (!(s >= kernels::kMinScale && std::isfinite(s)) || grid_zeros[i] < 0 ||
+          grid_zeros[i] > maxq) {
+        return absl::InvalidArgumentError(absl::StrCat("clipped quantization: grid group ",
+                                                       i / d_out, " row ", i % d_out, " has scale ",
+                                                       s, " and zero ", grid_zeros[i]));
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -123,20 +162,23 @@ template <typename T>
 void ClippedFakeQuant(const T* w, const ClipLayout& layout, const T* gamma, const T* beta,
                       T* w_hat) {
   const int64_t n_groups = layout.n_groups();
-  for (int64_t o = 0; o < layout.d_out; ++o) {
-    const T* row = w + o * layout.d_in;
-    T* out = w_hat + o * layout.d_in;
-    for (int64_t k = 0; k < n_groups; ++k) {
-      const GroupColumns cols = ColumnsOf(layout, k);
-      const int64_t i = o * n_groups + k;
-      const GroupFit<T> f = Fit(row, cols, layout.spec, gamma[i], beta[i]);
-      for (int64_t pos = cols.begin; pos < cols.end; ++pos) {
-        const int64_t j = cols[pos];
-        out[j] = kernels::Dequantize<T>(kernels::QuantizeCode(row[j], f.p, layout.spec), f.p,
-                                        layout.spec);
+  // Rows are independent: each is computed start to finish by one thread.
+  ParallelFor(layout.d_out, layout.d_in, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* row = w + o * layout.d_in;
+      T* out = w_hat + o * layout.d_in;
+      for (int64_t k = 0; k < n_groups; ++k) {
+        const GroupColumns cols = ColumnsOf(layout, k);
+        const int64_t i = o * n_groups + k;
+        const GroupFit<T> f = Fit(row, cols, layout, o, k, gamma[i], beta[i]);
+        for (int64_t pos = cols.begin; pos < cols.end; ++pos) {
+          const int64_t j = cols[pos];
+          out[j] = kernels::Dequantize<T>(kernels::QuantizeCode(row[j], f.p, layout.spec), f.p,
+                                          layout.spec);
+        }
       }
     }
-  }
+  });
 }
 
 template <typename T>
@@ -144,64 +186,67 @@ void ClippedFakeQuantBackward(const T* w, const ClipLayout& layout, const T* gam
                               const T* d_w_hat, T* d_gamma, T* d_beta, T* d_w) {
   const int64_t n_groups = layout.n_groups();
   const T maxq = static_cast<T>(kernels::MaxCode(layout.spec));
-  for (int64_t o = 0; o < layout.d_out; ++o) {
-    const T* row = w + o * layout.d_in;
-    const T* dy = d_w_hat + o * layout.d_in;
-    T* dw = d_w ? d_w + o * layout.d_in : nullptr;
-    for (int64_t k = 0; k < n_groups; ++k) {
-      const GroupColumns cols = ColumnsOf(layout, k);
-      const int64_t i = o * n_groups + k;
-      const GroupFit<T> f = Fit(row, cols, layout.spec, gamma[i], beta[i]);
-      const T s = static_cast<T>(f.p.scale), z = static_cast<T>(f.p.zero);
-      // ∂ŵ/∂s summed over the group (gs), and the clamped weights' direct ∂ŵ/∂xmin (g_xmin).
-      T gs = 0, g_xmin = 0, g_xmax = 0;
-      for (int64_t pos = cols.begin; pos < cols.end; ++pos) {
-        const int64_t j = cols[pos];
-        const T ratio = row[j] / s;
-        const T rounded = RoundHalfEven(ratio);
-        const T code = rounded + z;
-        const bool inside = code >= T(0) && code <= maxq;
-        if (inside) {
-          gs += dy[j] * (rounded - ratio);
-          if (dw) dw[j] = dy[j];
-        } else {
-          const T clamped = code < T(0) ? T(0) : maxq;
-          if (f.branch == Branch::kAsymmetric) {
-            gs += dy[j] * (clamped - f.z_offset);
-            g_xmin += dy[j];
+  // Rows are independent: each is computed start to finish by one thread.
+  ParallelFor(layout.d_out, layout.d_in, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* row = w + o * layout.d_in;
+      const T* dy = d_w_hat + o * layout.d_in;
+      T* dw = d_w ? d_w + o * layout.d_in : nullptr;
+      for (int64_t k = 0; k < n_groups; ++k) {
+        const GroupColumns cols = ColumnsOf(layout, k);
+        const int64_t i = o * n_groups + k;
+        const GroupFit<T> f = Fit(row, cols, layout, o, k, gamma[i], beta[i]);
+        const T s = static_cast<T>(f.p.scale), z = static_cast<T>(f.p.zero);
+        // ∂ŵ/∂s summed over the group (gs), and the clamped weights' direct ∂ŵ/∂xmin (g_xmin).
+        T gs = 0, g_xmin = 0, g_xmax = 0;
+        for (int64_t pos = cols.begin; pos < cols.end; ++pos) {
+          const int64_t j = cols[pos];
+          const T ratio = row[j] / s;
+          const T rounded = RoundHalfEven(ratio);
+          const T code = rounded + z;
+          const bool inside = code >= T(0) && code <= maxq;
+          if (inside) {
+            gs += dy[j] * (rounded - ratio);
+            if (dw) dw[j] = dy[j];
           } else {
-            gs += dy[j] * (clamped - z);
+            const T clamped = code < T(0) ? T(0) : maxq;
+            if (f.branch == Branch::kAsymmetric) {
+              gs += dy[j] * (clamped - f.z_offset);
+              g_xmin += dy[j];
+            } else {
+              gs += dy[j] * (clamped - z);
+            }
+            if (dw) dw[j] = 0;
           }
-          if (dw) dw[j] = 0;
+        }
+        // The scale's dependence on the clipped range (the fp16 rounding passes gradients as is).
+        switch (f.branch) {
+          case Branch::kDegenerate:
+            g_xmin = 0;
+            break;
+          case Branch::kAsymmetric:
+            g_xmax += gs / maxq;
+            g_xmin -= gs / maxq;
+            break;
+          case Branch::kZeroFallback:
+            g_xmax += gs / (maxq - T(1));
+            break;
+          case Branch::kSymmetricMin:
+            g_xmin -= T(2) * gs / maxq;
+            break;
+          case Branch::kSymmetricMax:
+            g_xmax += T(2) * gs / maxq;
+            break;
+        }
+        d_gamma[i] = g_xmax * f.xmax0 * f.cmax * (T(1) - f.cmax);
+        d_beta[i] = g_xmin * f.xmin0 * f.cmin * (T(1) - f.cmin);
+        if (dw) {
+          if (f.argmax >= 0) dw[f.argmax] += g_xmax * f.cmax;
+          if (f.argmin >= 0) dw[f.argmin] += g_xmin * f.cmin;
         }
       }
-      // The scale's dependence on the clipped range (the fp16 rounding passes gradients as is).
-      switch (f.branch) {
-        case Branch::kDegenerate:
-          g_xmin = 0;
-          break;
-        case Branch::kAsymmetric:
-          g_xmax += gs / maxq;
-          g_xmin -= gs / maxq;
-          break;
-        case Branch::kZeroFallback:
-          g_xmax += gs / (maxq - T(1));
-          break;
-        case Branch::kSymmetricMin:
-          g_xmin -= T(2) * gs / maxq;
-          break;
-        case Branch::kSymmetricMax:
-          g_xmax += T(2) * gs / maxq;
-          break;
-      }
-      d_gamma[i] = g_xmax * f.xmax0 * f.cmax * (T(1) - f.cmax);
-      d_beta[i] = g_xmin * f.xmin0 * f.cmin * (T(1) - f.cmin);
-      if (dw) {
-        if (f.argmax >= 0) dw[f.argmax] += g_xmax * f.cmax;
-        if (f.argmin >= 0) dw[f.argmin] += g_xmin * f.cmin;
-      }
     }
-  }
+  });
 }
 
 absl::StatusOr<kernels::QuantizedLinear> QuantizeClipped(const float* w, const ClipLayout& layout,
@@ -239,7 +284,7 @@ absl::StatusOr<kernels::QuantizedLinear> QuantizeClipped(const float* w, const C
     for (int64_t k = 0; k < n_groups; ++k) {
       const GroupColumns cols = ColumnsOf(layout, k);
       const int64_t i = o * n_groups + k;
-      const GroupFit<float> f = Fit(row, cols, layout.spec, gamma[i], beta[i]);
+      const GroupFit<float> f = Fit(row, cols, layout, o, k, gamma[i], beta[i]);
       if (!std::isfinite(f.p.scale)) {
         return absl::InvalidArgumentError(absl::StrCat("clipped quantization: the range of row ", o,
                                                        " group ", k, " overflows an fp16 scale"));

@@ -9,10 +9,11 @@
 // Forward, per output row o and group k (the columns of the group: k·g .. k·g + g − 1, or with
 // act-order perm[k·g] .. perm[k·g + g − 1]), with clip_max = σ(γ[o,k]) and clip_min = σ(β[o,k]):
 // the group is fitted exactly as kernels/quant_grid.h's FitGroup does with those clip factors
-// (xmin = min(min w, 0)·clip_min, xmax = max(max w, 0)·clip_max, the fp16-rounded scale, the
+// (xmin = min(min w, 0)·clip_min, xmax = max(max w, 0)·clip_max — or the solver's grid span
+// clipped, see ClipLayout::grid_scales — the fp16-rounded scale, the
 // zero point from the rounded scale, the z = 0 fallback, the symmetric rule), and
-// ŵ = s·(clamp(round(w/s) + z, 0, maxq) − z). For T = float and the same clip factors the codes,
-// scales and zeros are FitGroup<float>/QuantizeCode<float>'s bit for bit, so the export's
+// ŵ = s·(clamp(round(w/s) + z, 0, maxq) − z). For T = float, no grid and the same clip factors the
+// codes, scales and zeros are FitGroup<float>/QuantizeCode<float>'s bit for bit, so the export's
 // re-rounding (QuantizeClipped) reproduces the trained forward exactly.
 //
 // STE backward. round() of w/s and of the zero point, and the fp16 rounding of the scale, pass
@@ -47,12 +48,23 @@ struct ClipLayout {
   int64_t d_in = 0;
   kernels::QuantSpec spec;
   std::vector<int32_t> perm;
+  // The solver's grid, [n_groups, d_out] as kernels::QuantizedLinear stores it, or empty. With it
+  // the unclipped range of group (o, k) is that grid's span, [−z·s, (maxq − z)·s] (symmetric:
+  // ±maxq·s/2), instead of [min(min w, 0), max(max w, 0)]: unclipped (σ = 1) the fit then returns
+  // exactly the solver's s and z, so Q(W̃) with GPTQ's pre-rounding values W̃ reproduces GPTQ's
+  // codes (GPTQ fits a group on its values at the group's first column, which later columns'
+  // errors change: W̃'s own min/max would not give GPTQ's grid). The range is then constant: no
+  // gradient reaches w through it.
+  std::vector<float> grid_scales;
+  std::vector<int32_t> grid_zeros;
+  bool has_grid() const { return !grid_scales.empty(); }
 
   int64_t group_size() const { return kernels::EffectiveGroupSize(spec, d_in); }
   int64_t n_groups() const { return kernels::NumGroups(spec, d_in); }
   int64_t num_logits() const { return d_out * n_groups(); }
-  // OK for a valid uniform spec, a positive shape and a perm that is empty or a permutation of
-  // 0..d_in − 1; otherwise InvalidArgument naming the value.
+  // OK for a valid uniform spec, a positive shape, a perm that is empty or a permutation of
+  // 0..d_in − 1, and a grid that is empty or [n_groups, d_out] scales >= 2^-14 (finite) and zeros
+  // in 0..maxq; otherwise InvalidArgument naming the value.
   absl::Status Validate() const;
 };
 

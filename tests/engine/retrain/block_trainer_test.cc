@@ -17,9 +17,11 @@
 #include <string>
 #include <vector>
 
+#include "common/parallel.h"
 #include "common/text_data.h"
 #include "common/tokenizer.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_grad.h"
 #include "kernels/hash_random.h"
 #include "tests/engine/retrain/frozen_surrogate.h"
@@ -357,7 +359,10 @@ TEST(BlockTrainerTest, ForwardIsModelBlockForward) {
     BlockWeights installed = s.q;
     for (LinearKind k : kAllLinears) {
       const int i = Idx(k);
-      ClipLayout l{s.base[i].dim(0), s.base[i].dim(1), s.spec, {}};
+      ClipLayout l;
+      l.d_out = s.base[i].dim(0);
+      l.d_in = s.base[i].dim(1);
+      l.spec = s.spec;
       std::vector<float> four(l.num_logits(), 4.0f);
       Tensor w = Tensor::Zeros(DType::kF32, s.base[i].shape());
       ClippedFakeQuant<float>(s.base[i].data<float>(), l, four.data(), four.data(),
@@ -660,8 +665,40 @@ TEST(BlockTrainerTest, LossDecreasesOverEpochsOnARandomBlock) {
   }
 }
 
+// Host loops split rows over threads (ParallelFor): 1 and 3 threads train the same bits.
+TEST(BlockTrainerTest, ThreadCountDoesNotChangeTheResult) {
+  auto be = CpuBackend();
+  TinyBlockOptions so;
+  so.hidden = 128;
+  so.heads = 4;
+  so.kv_heads = 2;
+  so.head_dim = 32;
+  so.intermediate = 512;  // gate/up/down: 65536 weights, enough for ParallelFor to split
+  so.group_size = 32;
+  so.samples = 2;
+  so.seq_len = 8;
+  const TinyBlock s = MakeTinyBlock(*be, so, 91);
+  auto run = [&](int threads) {
+    SetParallelThreads(threads);
+    auto r = RetrainBlock(*be, s.config, s.spec, Options(0, 1, 1, 0.1), s.Input(true));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return std::move(r).value();
+  };
+  const RetrainResult one = run(1);
+  const RetrainResult three = run(3);
+  SetParallelThreads(0);
+  for (LinearKind k : kAllLinears) {
+    ExpectSameBytes(one.linears[Idx(k)].lora_a, three.linears[Idx(k)].lora_a, LinearName(k));
+    ExpectSameBytes(one.linears[Idx(k)].lora_b, three.linears[Idx(k)].lora_b, LinearName(k));
+    EXPECT_EQ(one.linears[Idx(k)].quantized.codes, three.linears[Idx(k)].quantized.codes);
+    EXPECT_EQ(one.linears[Idx(k)].quantized.scales, three.linears[Idx(k)].quantized.scales);
+  }
+  EXPECT_EQ(one.epochs[0].mean.loss, three.epochs[0].mean.loss);
+  EXPECT_EQ(one.output_mse_after, three.output_mse_after);
+}
+
 // stories260k's first block (DESIGN: the block sees the quantized path's inputs; for block 0 the
-// embeddings), W2 g32, RTN base, ApiQ's output stage: the training loss decreases every epoch.
+// embeddings), W2 g32 on RTN's grid, ApiQ's output stage: the training loss decreases every epoch.
 TEST(BlockTrainerTest, LossDecreasesOnStories260kFirstBlock) {
   QCAL_REQUIRE_SHARED();
   auto be = CpuBackend();
@@ -688,13 +725,20 @@ TEST(BlockTrainerTest, LossDecreasesOnStories260kFirstBlock) {
     in.inputs.push_back(*x);
     in.targets.push_back(y);
   }
-  for (LinearKind k : kAllLinears) {
-    in.linears[Idx(k)].base = (*model)->block(0).at(k).weight;
-    in.linears[Idx(k)].reference = (*model)->block(0).at(k).weight;
-  }
   kernels::QuantSpec spec;
   spec.bits = 2;
   spec.group_size = 32;
+  // RTN's solve: W̃ = W, and the clipping scales the span of RTN's grid.
+  for (LinearKind k : kAllLinears) {
+    const Tensor& w = (*model)->block(0).at(k).weight;
+    RetrainLinearInput& l = in.linears[Idx(k)];
+    l.base = w;
+    l.reference = w;
+    auto rtn = kernels::ref::QuantizeRtn<float>(w.data<float>(), w.dim(0), w.dim(1), spec);
+    ASSERT_TRUE(rtn.ok()) << rtn.status();
+    l.grid_scales = rtn->scales;
+    l.grid_zeros = rtn->zeros;
+  }
   RetrainOptions o = Options(0, 0, 5, 0.1);
   o.rank = 16;
   auto r = RetrainBlock(*be, (*model)->config(), spec, o, std::move(in));

@@ -63,6 +63,65 @@ std::vector<double> SpecialWeights(int64_t d_out, int64_t d_in, std::mt19937& rn
   return w;
 }
 
+// A solver's grid for the layout: fp16 scales and zeros as a solver produces them (asymmetric
+// 1..maxq, the z = 0 fallback's 1 included; symmetric 2^(b−1)).
+void RandomGrid(ClipLayout& l, std::mt19937& rng) {
+  const int32_t maxq = kernels::MaxCode(l.spec);
+  std::uniform_real_distribution<float> s(0.01f, 0.5f);
+  std::uniform_int_distribution<int32_t> z(1, maxq);
+  const size_t n = static_cast<size_t>(l.n_groups() * l.d_out);
+  l.grid_scales.resize(n);
+  l.grid_zeros.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    l.grid_scales[i] = kernels::RoundScaleToHalf(s(rng));
+    l.grid_zeros[i] = l.spec.symmetric ? 1 << (l.spec.bits - 1) : z(rng);
+  }
+  l.grid_zeros[0] = l.spec.symmetric ? l.grid_zeros[0] : maxq;  // the edge z = maxq
+}
+
+// Unclipped (σ = 1) on the solver's grid, the fit returns exactly the solver's scales and zeros
+// and the codes are QuantizeCode of w on them: GPTQ's codes for its pre-rounding values W̃. On
+// RTN's grid of W itself, exactly RTN.
+TEST(ClippedQuantTest, UnclippedGridSpanReproducesTheSolversGrid) {
+  std::mt19937 rng(5);
+  for (int bits : {2, 3, 4, 8}) {
+    for (bool sym : {false, true}) {
+      for (bool permuted : {false, true}) {
+        ClipLayout l = Layout(7, 45, Spec(bits, 16, sym), permuted, rng);
+        RandomGrid(l, rng);
+        ASSERT_TRUE(l.Validate().ok()) << l.Validate();
+        const std::vector<float> w = Uniform<float>(l.d_out * l.d_in, -1, 1, rng);
+        const std::vector<float> one(l.num_logits(), 40.0f);
+        auto q = QuantizeClipped(w.data(), l, one.data(), one.data());
+        ASSERT_TRUE(q.ok()) << q.status();
+        EXPECT_EQ(q->scales, l.grid_scales) << "bits " << bits << " sym " << sym;
+        EXPECT_EQ(q->zeros, l.grid_zeros) << "bits " << bits << " sym " << sym;
+        for (int64_t o = 0; o < l.d_out; ++o) {
+          for (int64_t j = 0; j < l.d_in; ++j) {
+            const int64_t k = q->g_idx[j];
+            const GroupParams p{l.grid_scales[k * l.d_out + o], l.grid_zeros[k * l.d_out + o]};
+            ASSERT_EQ(q->codes[o * l.d_in + j],
+                      kernels::QuantizeCode(w[o * l.d_in + j], p, l.spec));
+          }
+        }
+      }
+    }
+  }
+  ClipLayout l = Layout(5, 40, Spec(3, 16, false), false, rng);
+  const std::vector<float> w = Uniform<float>(l.d_out * l.d_in, -2, 1, rng);
+  auto rtn = kernels::ref::QuantizeRtn<float>(w.data(), l.d_out, l.d_in, l.spec);
+  ASSERT_TRUE(rtn.ok());
+  l.grid_scales = rtn->scales;
+  l.grid_zeros = rtn->zeros;
+  const std::vector<float> one(l.num_logits(), 40.0f);
+  auto q = QuantizeClipped(w.data(), l, one.data(), one.data());
+  ASSERT_TRUE(q.ok());
+  EXPECT_EQ(q->codes, rtn->codes);
+  EXPECT_EQ(q->scales, rtn->scales);
+  l.grid_zeros.pop_back();
+  EXPECT_FALSE(l.Validate().ok());
+}
+
 // The forward is FitGroup/QuantizeCode/Dequantize with clip factors σ(β), σ(γ), bit for bit in
 // float, and QuantizeClipped's codes dequantize to exactly the forward.
 TEST(ClippedQuantTest, ForwardIsTheGridRulesWithClipFactors) {
@@ -162,8 +221,9 @@ TEST(ClippedQuantTest, SteBackwardIsTheDerivativeOfTheFrozenSurrogate) {
   int64_t clamped_codes = 0;
   for (int bits : {2, 3, 4}) {
     for (bool sym : {false, true}) {
-      for (bool permuted : {false, true}) {
-        const ClipLayout l = Layout(5, 21, Spec(bits, 8, sym), permuted, rng);
+      for (int variant : {0, 1, 2}) {  // plain, act-order groups, the solver's grid
+        ClipLayout l = Layout(5, 21, Spec(bits, 8, sym), variant == 1, rng);
+        if (variant == 2) RandomGrid(l, rng);
         const std::vector<double> w = SpecialWeights(l.d_out, l.d_in, rng);
         std::vector<double> gamma = Uniform<double>(l.num_logits(), -1, 5, rng);
         std::vector<double> beta = Uniform<double>(l.num_logits(), -1, 5, rng);
@@ -202,8 +262,8 @@ TEST(ClippedQuantTest, SteBackwardIsTheDerivativeOfTheFrozenSurrogate) {
           wv[i] = keep;
           ASSERT_NEAR(dw[i], (up - down) / (2 * h), 1e-6) << "w[" << i << "]";
         }
-        // The empty-range row has no clipping gradient.
-        for (int64_t k = 0; k < l.n_groups(); ++k) {
+        // The empty-range row has no clipping gradient (without a grid: its weights are 0).
+        for (int64_t k = 0; k < l.n_groups() && !l.has_grid(); ++k) {
           EXPECT_EQ(dg[2 * l.n_groups() + k], 0.0);
           EXPECT_EQ(db[2 * l.n_groups() + k], 0.0);
         }

@@ -33,9 +33,13 @@ class FrozenSurrogate {
         }
         const double* row = &w0[o * l.d_in];
         double xmin0 = 0, xmax0 = 0;
-        for (int64_t j : gr.cols) {
-          if (row[j] < xmin0) xmin0 = row[j], gr.argmin = j;
-          if (row[j] > xmax0) xmax0 = row[j], gr.argmax = j;
+        if (l.has_grid()) {
+          Span(l, o, k, &xmin0, &xmax0);
+        } else {
+          for (int64_t j : gr.cols) {
+            if (row[j] < xmin0) xmin0 = row[j], gr.argmin = j;
+            if (row[j] > xmax0) xmax0 = row[j], gr.argmax = j;
+          }
         }
         const int64_t i = o * l.n_groups() + k;
         double xmin = xmin0 / (1 + std::exp(-b0[i])), xmax = xmax0 / (1 + std::exp(-g0[i]));
@@ -85,8 +89,9 @@ class FrozenSurrogate {
         const int64_t i = o * l_.n_groups() + k;
         const Group& gr = groups_[i];
         const double* row = &w[o * l_.d_in];
-        const double xmin0 = gr.argmin >= 0 ? row[gr.argmin] : 0;
-        const double xmax0 = gr.argmax >= 0 ? row[gr.argmax] : 0;
+        double xmin0 = gr.argmin >= 0 ? row[gr.argmin] : 0;
+        double xmax0 = gr.argmax >= 0 ? row[gr.argmax] : 0;
+        if (l_.has_grid()) Span(l_, o, k, &xmin0, &xmax0);
         const double xmin = xmin0 / (1 + std::exp(-beta[i]));
         const double xmax = xmax0 / (1 + std::exp(-gamma[i]));
         double s = gr.s_const, z = gr.z;
@@ -118,6 +123,20 @@ class FrozenSurrogate {
   }
 
  private:
+  // The solver grid's span of group (o, k): [−z·s, (maxq − z)·s], symmetric ±maxq·s/2.
+  static void Span(const ClipLayout& l, int64_t o, int64_t k, double* xmin0, double* xmax0) {
+    const double maxq = (1 << l.spec.bits) - 1;
+    const double s = l.grid_scales[k * l.d_out + o];
+    if (l.spec.symmetric) {
+      *xmax0 = maxq * s / 2;
+      *xmin0 = -*xmax0;
+    } else {
+      const double z = l.grid_zeros[k * l.d_out + o];
+      *xmin0 = -z * s;
+      *xmax0 = (maxq - z) * s;
+    }
+  }
+
   struct Group {
     std::vector<int64_t> cols;
     int64_t argmin = -1, argmax = -1;
