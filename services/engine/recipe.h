@@ -102,8 +102,7 @@ struct RetrainEpochs {
 // Block retraining (DESIGN section 3, "Retraining"; section 2, step 3.4). Off unless the recipe has
 // the section (`enabled`). Choices where DESIGN leaves room (docs: services/engine/retrain):
 // - saliency does not need method gptq: its Fisher comes from the gradient pass, which does not
-//   depend on the solver, and RTN's frozen base W̃ is W itself. It makes the job run the gradient
-//   pass (NeedsGradientPass).
+//   depend on the solver, and RTN's frozen base W̃ is W itself (Recipe::NeedsFisher).
 // - the clipped grid's straight-through estimator is defined for weights.grid uniform only.
 struct RetrainRecipe {
   bool enabled = false;
@@ -135,11 +134,13 @@ struct Recipe {
   HessianKind hessian = HessianKind::kLayer;
   RetrainRecipe retrain;
 
-  // Whether the job needs the diagonal Fisher of the gradient pass (saliency retraining).
+  // Whether the job runs the gradient pass (DESIGN section 2, step 4) for OAC's Hessians. The
+  // driver reads it as "GPTQ uses output-adaptive Hessians", so it stays about `hessian` alone.
+  bool NeedsGradientPass() const { return hessian != HessianKind::kLayer; }
+  // Whether retraining needs the diagonal Fisher of the gradient pass (saliency). Not wired yet:
+  // the job must then run the gradient pass too (for the Fisher only, keeping GPTQ's layer
+  // Hessians when hessian is layer).
   bool NeedsFisher() const { return retrain.enabled && retrain.method == RetrainMethod::kSaliency; }
-  // Whether the job runs the gradient pass (DESIGN section 2, step 4): for OAC's Hessians or the
-  // saliency Fisher.
-  bool NeedsGradientPass() const { return hessian != HessianKind::kLayer || NeedsFisher(); }
 
   absl::Status Validate() const;
   // Sorted-key JSON with every default filled in. `retrain` appears only when the section is

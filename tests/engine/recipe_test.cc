@@ -324,6 +324,7 @@ TEST(RecipeTest, RetrainIsOffWhenAbsentAndFillsDefaultsWhenPresent) {
   EXPECT_DOUBLE_EQ(r.retrain.lr_clip, 5.0e-3);
   EXPECT_DOUBLE_EQ(r.retrain.weight_decay, 0.1);
   EXPECT_FALSE(r.NeedsGradientPass());
+  EXPECT_FALSE(r.NeedsFisher());
   EXPECT_EQ(r.ToCanonicalJson()["retrain"].dump(),
             R"({"epochs":{"mixed":0,"output":20,"weight":0},"lambda":0.1,"lr_clip":0.005,)"
             R"("lr_lora":0.0005,"method":"apiq","rank":64,"weight_decay":0.1})");
@@ -343,13 +344,14 @@ TEST(RecipeTest, RetrainKeysParse) {
   EXPECT_DOUBLE_EQ(r.retrain.lr_lora, 1e-3);
   EXPECT_DOUBLE_EQ(r.retrain.lr_clip, 0.01);
   EXPECT_DOUBLE_EQ(r.retrain.weight_decay, 0.0);
-  // Saliency needs the Fisher, hence the gradient pass, with rtn as with gptq.
+  // Saliency needs the Fisher, with rtn as with gptq; NeedsGradientPass stays about OAC's
+  // Hessians (the driver reads it as "GPTQ uses output-adaptive Hessians").
   EXPECT_TRUE(r.NeedsFisher());
-  EXPECT_TRUE(r.NeedsGradientPass());
+  EXPECT_FALSE(r.NeedsGradientPass());
   const absl::StatusOr<Recipe> rtn =
       ParseRecipeYaml("method: rtn\nweights: {bits: 2}\nretrain: {method: saliency}\n", "r.yaml");
   ASSERT_TRUE(rtn.ok()) << rtn.status();
-  EXPECT_TRUE(rtn->NeedsGradientPass());
+  EXPECT_TRUE(rtn->NeedsFisher());
 }
 
 TEST(RecipeTest, RetrainWithErrorReconstructionTakesItsRanks) {
