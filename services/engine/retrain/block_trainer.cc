@@ -440,6 +440,14 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
     QCAL_RETURN_IF_ERROR(CheckHostF32(in.base, w_shape, kind, "base"));
     QCAL_RETURN_IF_ERROR(CheckHostF32(in.reference, w_shape, kind, "reference"));
     if (in.fisher.defined()) QCAL_RETURN_IF_ERROR(CheckHostF32(in.fisher, w_shape, kind, "fisher"));
+    // The fake quantizer assumes finite weights (QuantizeClipped checks again at the end).
+    const float* wp = in.base.data<float>();
+    for (int64_t e = 0; e < in.base.numel(); ++e) {
+      if (!std::isfinite(wp[e])) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "retrain: ", LinearName(kind), " base [", e / d_in, ", ", e % d_in, "] is not finite"));
+      }
+    }
     l.layout.d_out = d_out;
     l.layout.d_in = d_in;
     l.layout.spec = spec;

@@ -593,6 +593,16 @@ TEST(BlockTrainerTest, RandomStartIsSeededKaimingUniformAndZero) {
   }
 }
 
+TEST(BlockTrainerTest, StagesAreWeightMixedOutput) {
+  const char* names[] = {"weight", "mixed", "output"};
+  const double c_out[] = {0, 1, 1}, c_reg[] = {1, 1, 0};
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_STREQ(RetrainStageName(kRetrainStages[i]), names[i]);
+    EXPECT_EQ(CoefficientsOf(kRetrainStages[i]).c_out, c_out[i]);
+    EXPECT_EQ(CoefficientsOf(kRetrainStages[i]).c_reg, c_reg[i]);
+  }
+}
+
 TEST(BlockTrainerTest, SampleOrderIsASeededPermutationPerEpoch) {
   const std::vector<int> a = RetrainSampleOrder(3, 0, 10);
   EXPECT_EQ(a, RetrainSampleOrder(3, 0, 10));
@@ -615,6 +625,14 @@ TEST(BlockTrainerTest, InvalidInputsAreErrors) {
   in = s.Input(false);
   in.linears[4].fisher = Tensor::Zeros(DType::kF32, {3, 3});
   EXPECT_FALSE(BlockTrainer::Create(*be, s.config, s.spec, Options(0, 0, 1, 0.1), in).ok());
+  in = s.Input(false);
+  Tensor bad_base = s.base[6].Clone();
+  bad_base.data<float>()[5] = NAN;
+  in.linears[6].base = bad_base;
+  t = BlockTrainer::Create(*be, s.config, s.spec, Options(0, 0, 1, 0.1), in);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(std::string(t.status().message()).find("down_proj base [0, 5]"), std::string::npos)
+      << t.status();
   in = s.Input(false);
   in.targets.pop_back();
   EXPECT_FALSE(BlockTrainer::Create(*be, s.config, s.spec, Options(0, 0, 1, 0.1), in).ok());
