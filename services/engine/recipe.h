@@ -155,6 +155,10 @@ kernels::QuantSpec SpecOf(const Recipe& recipe);
 
 // Parses recipe YAML text; `source` names the file in error messages.
 absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::string& source);
+// The file's recipe, refused (CheckRecipeRunnable) when it asks for what jobs do not run yet.
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path);
+// InvalidArgument naming the key, from `source`, for a recipe section that parses but that jobs do
+// not run yet: `retrain` (issue 13: the trainer exists, the block loop does not call it).
+absl::Status CheckRecipeRunnable(const Recipe& recipe, const std::string& source);
 
 }  // namespace qcal::engine

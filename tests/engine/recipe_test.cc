@@ -3,6 +3,8 @@
 // and the canonical JSON / Sha256 that identifies a recipe.
 #include "services/engine/recipe.h"
 
+#include <cstdio>
+#include <fstream>
 #include <set>
 #include <string>
 #include <vector>
@@ -412,6 +414,27 @@ TEST(RecipeTest, EachRetrainKeyChangesTheHash) {
             Sha(std::string(kBase) +
                 "retrain: {method: apiq, rank: 64, epochs: {weight: 0, mixed: 0, output: 20},"
                 " lambda: 0.1, lr_lora: 5.0e-4, lr_clip: 5.0e-3, weight_decay: 0.1}\n"));
+}
+
+// Jobs do not run the trainer yet: a recipe file with `retrain` is refused by name, so that no job
+// exports an untrained model as if it were retrained. The section itself parses (above).
+TEST(RecipeTest, RecipeFilesWithRetrainAreRefusedUntilJobsRunIt) {
+  const std::string path = ::testing::TempDir() + "/retrain_recipe.yaml";
+  {
+    std::ofstream f(path);
+    f << kBase << "retrain: {}\n";
+  }
+  absl::StatusOr<Recipe> r = LoadRecipeFile(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(r.status()));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("recipe key \"retrain\""));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr(path));
+  {
+    std::ofstream f(path);
+    f << kBase;
+  }
+  EXPECT_TRUE(LoadRecipeFile(path).ok());
+  std::remove(path.c_str());
 }
 
 }  // namespace
