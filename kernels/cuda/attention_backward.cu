@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/attention_backward.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 
 namespace qcal::kernels::cuda {
 namespace {
@@ -103,7 +104,8 @@ __device__ __forceinline__ void AccumulateProduct(const float* p, const float* x
 }
 
 // Whether query `row` (of a sequence) attends key `key`: the forward's causal and window masks.
-__device__ __forceinline__ bool Visible(const AttentionBackwardArgs& a, int row, int key) {
+template <typename Args>
+__device__ __forceinline__ bool Visible(const Args& a, int row, int key) {
   return row < a.q_len && key < a.kv_len && key <= a.q_offset + row &&
          (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
 }
@@ -394,6 +396,417 @@ cudaError_t Launch(const AttentionBackwardArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// ---- bf16 operands: tensor cores (see the header) ----
+//
+// Both kernels give each of 4 warps 16 rows of the block's 64 (queries for dq, keys for dk and
+// dv) and stream the other side in tiles of 64 through shared memory, double-buffered with
+// cp.async. A warp's row fragments are re-read from shared memory for every tile (ldmatrix), which
+// keeps the register count low enough for two blocks per SM. Scores are kept in log2 units
+// (scale·log2(e)·q·k) so that every exponential is one Exp2.
+constexpr int kTcRows = 64;  // the block's own rows: 4 warps x 16
+constexpr int kTcCols = 64;  // rows of each streamed tile
+constexpr int kTcThreads = 128;
+static_assert(kTcThreads == 2 * kTcCols, "the dk/dv kernel loads a tile's lse and D in one step");
+static_assert(kTcRows == 16 * kTcThreads / 32, "a warp owns 16 of the block's rows");
+static_assert(kTcRows == kTcCols, "own and streamed tiles share one shared-memory layout");
+
+// 2^x in one MUFU.EX2 instruction (flush to zero, 2^-22 relative error; 2^-inf = 0). exp2f would
+// add the denormal handling, and on these kernels the non-tensor instructions rival the
+// tensor-core time per tile.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int kD>
+struct TcLayout {
+  // Shared rows are padded by 16 bytes: the 8 rows of an ldmatrix read land in distinct banks.
+  static constexpr int kLd = kD + 8;
+  static constexpr int kTileElems = kTcRows * kLd;
+  // Two resident tiles (q and dout, or k and v) and two double-buffered streamed ones; the dk/dv
+  // kernel adds the streamed queries' logsumexp and D, double-buffered.
+  static constexpr int kBytes = 6 * kTileElems * 2;
+  static constexpr int kDkDvBytes = kBytes + 4 * kTcCols * int(sizeof(float));
+};
+
+// s[n] = A·Bᵀ for the warp's 16 rows `a` and kN·8 rows `b` (both row-major bf16, leading
+// dimension kLd), reduced over the dp features: the accumulator tiles of a 16 x kN·8 product.
+template <int kD, int kN>
+__device__ __forceinline__ void ScoreTile(const __nv_bfloat16* a, const __nv_bfloat16* b, int dp,
+                                          int lane, float (&s)[kN][4]) {
+  constexpr int kLd = TcLayout<kD>::kLd;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    if (ks * 16 >= dp) continue;
+    uint32_t af[4];
+    mma::LdMatrixX4(af, a + ((lane & 7) + ((lane >> 3) & 1) * 8) * kLd + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int p = 0; p < kN / 2; ++p) {
+      uint32_t bf[4];
+      const int row = p * 16 + (lane & 7) + (lane >> 4) * 8;
+      mma::LdMatrixX4(bf, b + row * kLd + ks * 16 + ((lane >> 3) & 1) * 8);
+      mma::Mma(s[2 * p], af, bf[0], bf[1]);
+      mma::Mma(s[2 * p + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// o += A·B for A = kK k-steps of 16 columns in A-fragment form (packed bf16) and B = the kK·16
+// rows `b` (row-major bf16 over the dp features, leading dimension kLd): the warp's 16 x kD result.
+template <int kD, int kK>
+__device__ __forceinline__ void AccumulateTile(const uint32_t (&pa)[kK][4], const __nv_bfloat16* b,
+                                               int dp, int lane, float (&o)[kD / 8][4]) {
+  constexpr int kLd = TcLayout<kD>::kLd;
+#pragma unroll
+  for (int kk = 0; kk < kK; ++kk) {
+#pragma unroll
+    for (int dq = 0; dq < kD / 16; ++dq) {
+      if (dq * 16 >= dp) continue;
+      uint32_t bf[4];
+      const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      mma::LdMatrixX4Trans(bf, b + row * kLd + dq * 16 + (lane >> 4) * 8);
+      mma::Mma(o[2 * dq], pa[kk], bf[0], bf[1]);
+      mma::Mma(o[2 * dq + 1], pa[kk], bf[2], bf[3]);
+    }
+  }
+}
+
+// Copies `rows` rows of dp bf16 features from src (row stride `stride` elements), starting at row
+// r0, into dst (leading dimension kLd); rows at or past `end` become zeros.
+template <int kD>
+__device__ __forceinline__ void LoadRowsAsync(__nv_bfloat16* dst, const __nv_bfloat16* src,
+                                              int64_t stride, int r0, int end, int rows, int dp) {
+  constexpr int kLd = TcLayout<kD>::kLd;
+  const int chunks = dp / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < rows * chunks; i += kTcThreads) {
+    const int r = i / chunks, c = (i % chunks) * 8;
+    const bool in = r0 + r < end;
+    mma::CopyAsync16(dst + r * kLd + c, src + (in ? int64_t(r0 + r) * stride : 0) + c, in ? 16 : 0);
+  }
+}
+
+// Writes a warp's 16 x kD fp32 accumulators (rows row_lo and row_lo + 8 of each tile, times
+// `scale`) to dst (row stride `stride`), skipping rows at or past `end` and columns past d.
+template <int kD>
+__device__ __forceinline__ void StoreRows(const float (&o)[kD / 8][4], float scale, float* dst,
+                                          int64_t stride, int row_lo, int end, int d, int t4) {
+#pragma unroll
+  for (int t = 0; t < kD / 8; ++t) {
+    const int c = 8 * t + 2 * t4;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row_lo + 8 * half;
+      if (row >= end) continue;
+      float* p = dst + int64_t(row) * stride + c;
+      if (c < d) p[0] = o[t][2 * half] * scale;
+      if (c + 1 < d) p[1] = o[t][2 * half + 1] * scale;
+    }
+  }
+}
+
+// Steps 1 and 2: one block per (64 queries, head, sequence); the grid's z runs over query tiles
+// from the last (which sees the most keys) so that the longest blocks start first.
+template <int kD>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    DqBf16Kernel(AttentionBackwardBf16Args a, float scale, float scale_log2) {
+  using L = TcLayout<kD>;
+  extern __shared__ float4 shared4[];
+  __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(shared4);  // [kTcRows][kLd]
+  __nv_bfloat16* do_s = q_s + L::kTileElems;                       // [kTcRows][kLd]
+  __nv_bfloat16* k_s = do_s + L::kTileElems;                       // 2 x [kTcCols][kLd]
+  __nv_bfloat16* v_s = k_s + 2 * L::kTileElems;                    // 2 x [kTcCols][kLd]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int h = blockIdx.x, b = blockIdx.y, q0 = (gridDim.z - 1 - blockIdx.z) * kTcRows;
+  const int kvh = h / (a.num_heads / a.num_kv_heads);
+  const int dp = a.padded_dim, d = a.head_dim, window = a.sliding_window;
+  const int64_t q_row = int64_t(a.num_heads) * dp, kv_row = int64_t(a.num_kv_heads) * dp;
+  const int64_t q_base = int64_t(b) * a.q_len * q_row + int64_t(h) * dp;
+  const int64_t kv_base = int64_t(b) * a.kv_len * kv_row + int64_t(kvh) * dp;
+  const __nv_bfloat16* k = a.k + kv_base;
+  const __nv_bfloat16* v = a.v + kv_base;
+  float* lse_out = a.scratch + (int64_t(b) * a.num_heads + h) * a.q_len;
+  float* delta_out = lse_out + int64_t(a.batch) * a.num_heads * a.q_len;
+
+  LoadRowsAsync<kD>(q_s, a.q + q_base, q_row, q0, a.q_len, kTcRows, dp);
+  LoadRowsAsync<kD>(do_s, a.dout + q_base, q_row, q0, a.q_len, kTcRows, dp);
+  // The keys any query of the block sees, as in the forward kernel.
+  const int last_row = min(q0 + kTcRows, a.q_len) - 1;
+  const int kv_end = min(a.kv_len, a.q_offset + last_row + 1);
+  const int kv_begin = window > 0 ? max(0, a.q_offset + q0 - window + 1) / kTcCols * kTcCols : 0;
+  const int tiles = kv_end > kv_begin ? (kv_end - kv_begin + kTcCols - 1) / kTcCols : 0;
+
+  // This warp's rows: row_lo (accumulator elements 0, 1) and row_lo + 8 (elements 2, 3) of 16
+  // starting at w0, and the keys that any of them sees.
+  const int w0 = q0 + warp * 16, row_lo = w0 + g;
+  const bool warp_active = w0 < a.q_len;
+  const int warp_last_key = a.q_offset + min(w0 + 15, a.q_len - 1);
+  const int warp_first_key = window > 0 ? a.q_offset + w0 - window + 1 : 0;
+  const __nv_bfloat16* q_w = q_s + warp * 16 * L::kLd;
+  const __nv_bfloat16* do_w = do_s + warp * 16 * L::kLd;
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[2] = {0.0f, 0.0f};
+  float lse[2] = {0.0f, 0.0f}, delta[2] = {0.0f, 0.0f};
+  float o[kD / 8][4];
+#pragma unroll
+  for (int t = 0; t < kD / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+
+  // Pass 0: statistics (online softmax, D accumulated with the same rescaling as the row sum);
+  // pass 1: dq. Both recompute S and dP from the same operands in the same order.
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row_lo + 8 * half;
+        // Every query sees at least itself; rows past the sequence have nothing.
+        const bool live = row < a.q_len && l[half] > 0.0f;
+        lse[half] = live ? m[half] + log2f(l[half]) : 0.0f;
+        delta[half] = live ? acc[half] / l[half] : 0.0f;
+        if (t4 == 0 && row < a.q_len) {
+          lse_out[row] = lse[half];
+          delta_out[row] = delta[half];
+        }
+      }
+    }
+    if (tiles > 0) {
+      LoadRowsAsync<kD>(k_s, k, kv_row, kv_begin, kv_end, kTcCols, dp);
+      LoadRowsAsync<kD>(v_s, v, kv_row, kv_begin, kv_end, kTcCols, dp);
+    }
+    mma::CopyAsyncCommit();
+    for (int t = 0; t < tiles; ++t) {
+      const int k0 = kv_begin + t * kTcCols, buf = t & 1;
+      if (t + 1 < tiles) {
+        LoadRowsAsync<kD>(k_s + (buf ^ 1) * L::kTileElems, k, kv_row, k0 + kTcCols, kv_end, kTcCols,
+                          dp);
+        LoadRowsAsync<kD>(v_s + (buf ^ 1) * L::kTileElems, v, kv_row, k0 + kTcCols, kv_end, kTcCols,
+                          dp);
+        mma::CopyAsyncCommit();
+        mma::CopyAsyncWait<1>();
+      } else {
+        mma::CopyAsyncWait<0>();
+      }
+      __syncthreads();
+      if (warp_active && k0 <= warp_last_key && k0 + kTcCols - 1 >= warp_first_key) {
+        const __nv_bfloat16* kt = k_s + buf * L::kTileElems;
+        float s[kTcCols / 8][4], dpv[kTcCols / 8][4];
+        ScoreTile<kD, kTcCols / 8>(q_w, kt, dp, lane, s);
+        ScoreTile<kD, kTcCols / 8>(do_w, v_s + buf * L::kTileElems, dp, lane, dpv);
+        // Tiles wholly inside every mask skip the per-element test.
+        const bool full = w0 + 15 < a.q_len && k0 + kTcCols <= a.kv_len &&
+                          k0 + kTcCols - 1 <= a.q_offset + w0 &&
+                          (window <= 0 || k0 > a.q_offset + w0 + 15 - window);
+        // Element e of tile n: row row_lo + 8·(e / 2), key k0 + 8n + 2·t4 + e % 2.
+#pragma unroll
+        for (int n = 0; n < kTcCols / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = row_lo + (e >> 1) * 8, key = k0 + 8 * n + 2 * t4 + (e & 1);
+            s[n][e] = full || Visible(a, row, key) ? s[n][e] * scale_log2 : -INFINITY;
+          }
+        }
+        if (pass == 0) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < kTcCols / 8; ++n) {
+              mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+            }
+            const float m_new = fmaxf(m[half], mma::QuadMax(mx));
+            // While a row has seen only masked keys, exponentiate against 0: every p is 0.
+            const float base = m_new == -INFINITY ? 0.0f : m_new;
+            float ps = 0.0f, pd = 0.0f;
+#pragma unroll
+            for (int n = 0; n < kTcCols / 8; ++n) {
+#pragma unroll
+              for (int e = 2 * half; e < 2 * half + 2; ++e) {
+                const float p = Exp2(s[n][e] - base);
+                ps += p;
+                pd += p * dpv[n][e];
+              }
+            }
+            const float alpha = Exp2(m[half] - base);
+            l[half] = l[half] * alpha + mma::QuadSum(ps);
+            acc[half] = acc[half] * alpha + mma::QuadSum(pd);
+            m[half] = m_new;
+          }
+        } else {
+          // dS = P ⊙ (dP − D) as the A operand of dS·k, 16 keys per k-step.
+          uint32_t dsa[kTcCols / 16][4];
+#pragma unroll
+          for (int kk = 0; kk < kTcCols / 16; ++kk) {
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+              const int n = 2 * kk + (x >> 1), half = x & 1;
+              float ds[2];
+#pragma unroll
+              for (int u = 0; u < 2; ++u) {
+                const int e = 2 * half + u;
+                ds[u] = Exp2(s[n][e] - lse[half]) * (dpv[n][e] - delta[half]);
+              }
+              dsa[kk][x] = mma::PackBf16(ds[0], ds[1]);
+            }
+          }
+          AccumulateTile<kD, kTcCols / 16>(dsa, kt, dp, lane, o);
+        }
+      }
+      __syncthreads();  // the buffer is rewritten by the next iteration's prefetch
+    }
+  }
+  const int64_t out_row = int64_t(a.num_heads) * d;
+  StoreRows<kD>(o, scale, a.dq + int64_t(b) * a.q_len * out_row + int64_t(h) * d, out_row, row_lo,
+                a.q_len, d, t4);
+}
+
+// Step 3: one block per (64 keys, kv head, sequence), looping over the group's query heads and
+// their visible query tiles in order; the grid's z runs over key tiles from the first (which the
+// most queries see).
+template <int kD>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    DkDvBf16Kernel(AttentionBackwardBf16Args a, float scale, float scale_log2) {
+  using L = TcLayout<kD>;
+  extern __shared__ float4 shared4[];
+  __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(shared4);     // [kTcRows][kLd]
+  __nv_bfloat16* v_s = k_s + L::kTileElems;                           // [kTcRows][kLd]
+  __nv_bfloat16* q_s = v_s + L::kTileElems;                           // 2 x [kTcCols][kLd]
+  __nv_bfloat16* do_s = q_s + 2 * L::kTileElems;                      // 2 x [kTcCols][kLd]
+  float* lse_s = reinterpret_cast<float*>(do_s + 2 * L::kTileElems);  // 2 x [kTcCols]
+  float* delta_s = lse_s + 2 * kTcCols;                               // 2 x [kTcCols]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int kvh = blockIdx.x, b = blockIdx.y, k0 = blockIdx.z * kTcRows;
+  const int n_rep = a.num_heads / a.num_kv_heads;
+  const int dp = a.padded_dim, d = a.head_dim, window = a.sliding_window;
+  const int64_t q_row = int64_t(a.num_heads) * dp, kv_row = int64_t(a.num_kv_heads) * dp;
+  const int64_t kv_base = int64_t(b) * a.kv_len * kv_row + int64_t(kvh) * dp;
+  const int64_t stats = int64_t(a.batch) * a.num_heads * a.q_len;
+
+  // The query tiles that see a key of this block: query i sees key j when j <= q_offset + i and,
+  // with a window W, j > q_offset + i - W.
+  const int last_key = min(k0 + kTcRows, a.kv_len) - 1;
+  const int q_begin = max(0, k0 - a.q_offset) / kTcCols * kTcCols;
+  const int q_end = window > 0 ? min(a.q_len, last_key - a.q_offset + window) : a.q_len;
+  const int q_tiles = q_end > q_begin ? (q_end - q_begin + kTcCols - 1) / kTcCols : 0;
+  const int iterations = n_rep * q_tiles;  // (query head, query tile) pairs, head-major
+
+  // Queries and dout of iteration `it` into buffer `buf`.
+  auto prefetch = [&](int it, int buf) {
+    const int h = kvh * n_rep + it / q_tiles, i0 = q_begin + (it % q_tiles) * kTcCols;
+    const int64_t q_base = int64_t(b) * a.q_len * q_row + int64_t(h) * dp;
+    LoadRowsAsync<kD>(q_s + buf * L::kTileElems, a.q + q_base, q_row, i0, a.q_len, kTcCols, dp);
+    LoadRowsAsync<kD>(do_s + buf * L::kTileElems, a.dout + q_base, q_row, i0, a.q_len, kTcCols, dp);
+  };
+  if (iterations > 0) {
+    LoadRowsAsync<kD>(k_s, a.k + kv_base, kv_row, k0, a.kv_len, kTcRows, dp);
+    LoadRowsAsync<kD>(v_s, a.v + kv_base, kv_row, k0, a.kv_len, kTcRows, dp);
+    prefetch(0, 0);
+  }
+  mma::CopyAsyncCommit();
+
+  // This warp's keys: key_lo (accumulator elements 0, 1) and key_lo + 8 (elements 2, 3) of 16
+  // starting at w0.
+  const int w0 = k0 + warp * 16, key_lo = w0 + g;
+  const bool warp_active = w0 < a.kv_len;
+  const __nv_bfloat16* k_w = k_s + warp * 16 * L::kLd;
+  const __nv_bfloat16* v_w = v_s + warp * 16 * L::kLd;
+
+  float dk[kD / 8][4], dv[kD / 8][4];
+#pragma unroll
+  for (int t = 0; t < kD / 8; ++t) {
+    dk[t][0] = dk[t][1] = dk[t][2] = dk[t][3] = 0.0f;
+    dv[t][0] = dv[t][1] = dv[t][2] = dv[t][3] = 0.0f;
+  }
+  for (int it = 0; it < iterations; ++it) {
+    const int buf = it & 1;
+    const int h = kvh * n_rep + it / q_tiles, i0 = q_begin + (it % q_tiles) * kTcCols;
+    if (it + 1 < iterations) {
+      prefetch(it + 1, buf ^ 1);
+      mma::CopyAsyncCommit();
+      mma::CopyAsyncWait<1>();
+    } else {
+      mma::CopyAsyncWait<0>();
+    }
+    // The tile's logsumexp and D (buffer `buf` was last read two iterations ago).
+    {
+      const int64_t at = (int64_t(b) * a.num_heads + h) * a.q_len;
+      const int c = threadIdx.x % kTcCols, row = i0 + c;
+      const float x =
+          row < a.q_len ? a.scratch[(threadIdx.x < kTcCols ? 0 : stats) + at + row] : 0.0f;
+      (threadIdx.x < kTcCols ? lse_s : delta_s)[buf * kTcCols + c] = x;
+    }
+    __syncthreads();
+    const int row_last = min(i0 + kTcCols, a.q_len) - 1;
+    // Whether any key of the warp is seen by a query of the tile.
+    if (warp_active && w0 <= a.q_offset + row_last &&
+        (window <= 0 || w0 + 15 > a.q_offset + i0 - window)) {
+      const __nv_bfloat16* qt = q_s + buf * L::kTileElems;
+      const __nv_bfloat16* dot = do_s + buf * L::kTileElems;
+      const float* lse = lse_s + buf * kTcCols;
+      const float* delta = delta_s + buf * kTcCols;
+      float s[kTcCols / 8][4], dpv[kTcCols / 8][4];  // [key][query]: Sᵀ and dPᵀ
+      ScoreTile<kD, kTcCols / 8>(k_w, qt, dp, lane, s);
+      ScoreTile<kD, kTcCols / 8>(v_w, dot, dp, lane, dpv);
+      const bool full = w0 + 15 < a.kv_len && i0 + kTcCols <= a.q_len &&
+                        w0 + 15 <= a.q_offset + i0 &&
+                        (window <= 0 || w0 > a.q_offset + i0 + kTcCols - 1 - window);
+      // Pᵀ and dSᵀ as A operands over the tile's queries, 16 per k-step. Element e of tile n:
+      // key key_lo + 8·(e / 2), query i0 + 8n + 2·t4 + e % 2.
+      uint32_t pa[kTcCols / 16][4], dsa[kTcCols / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kTcCols / 16; ++kk) {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int n = 2 * kk + (x >> 1), half = x & 1;
+          float p[2], ds[2];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int e = 2 * half + u, c = 8 * n + 2 * t4 + u;
+            const int key = key_lo + 8 * half, row = i0 + c;
+            p[u] = full || Visible(a, row, key) ? Exp2(s[n][e] * scale_log2 - lse[c]) : 0.0f;
+            ds[u] = p[u] * (dpv[n][e] - delta[c]);
+          }
+          pa[kk][x] = mma::PackBf16(p[0], p[1]);
+          dsa[kk][x] = mma::PackBf16(ds[0], ds[1]);
+        }
+      }
+      AccumulateTile<kD, kTcCols / 16>(pa, dot, dp, lane, dv);
+      AccumulateTile<kD, kTcCols / 16>(dsa, qt, dp, lane, dk);
+    }
+    __syncthreads();  // the buffers are rewritten by the next iteration's prefetch
+  }
+  const int64_t out_row = int64_t(a.num_kv_heads) * d;
+  const int64_t out_base = int64_t(b) * a.kv_len * out_row + int64_t(kvh) * d;
+  StoreRows<kD>(dk, scale, a.dk + out_base, out_row, key_lo, a.kv_len, d, t4);
+  StoreRows<kD>(dv, 1.0f, a.dv + out_base, out_row, key_lo, a.kv_len, d, t4);
+}
+
+template <int kD>
+cudaError_t LaunchBf16(const AttentionBackwardBf16Args& a, cudaStream_t stream) {
+  constexpr int kDqBytes = TcLayout<kD>::kBytes;
+  constexpr int kDkDvBytes = TcLayout<kD>::kDkDvBytes;
+  cudaError_t error =
+      cudaFuncSetAttribute(DqBf16Kernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDqBytes);
+  if (error != cudaSuccess) return error;
+  error = cudaFuncSetAttribute(DkDvBf16Kernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kDkDvBytes);
+  if (error != cudaSuccess) return error;
+  const float scale = 1.0f / sqrtf(float(a.head_dim));
+  const float scale_log2 = scale * 1.4426950408889634f;  // log2(e)
+  if (a.q_len > 0) {
+    const dim3 grid(a.num_heads, a.batch, (a.q_len + kTcRows - 1) / kTcRows);
+    DqBf16Kernel<kD><<<grid, kTcThreads, kDqBytes, stream>>>(a, scale, scale_log2);
+    error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  // With no queries this still runs: every dk and dv row becomes zero.
+  const dim3 grid(a.num_kv_heads, a.batch, (a.kv_len + kTcRows - 1) / kTcRows);
+  DkDvBf16Kernel<kD><<<grid, kTcThreads, kDkDvBytes, stream>>>(a, scale, scale_log2);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 int64_t AttentionBackwardScratchFloats(int batch, int num_heads, int q_len) {
@@ -412,6 +825,21 @@ cudaError_t LaunchAttentionBackward(const AttentionBackwardArgs& args, cudaStrea
     return args.bf16_operands ? Launch<64, true>(args, stream) : Launch<64, false>(args, stream);
   }
   return args.bf16_operands ? Launch<128, true>(args, stream) : Launch<128, false>(args, stream);
+}
+
+cudaError_t LaunchAttentionBackwardBf16(const AttentionBackwardBf16Args& args,
+                                        cudaStream_t stream) {
+  const int64_t tiles = (int64_t(std::max(args.q_len, args.kv_len)) + kTcRows - 1) / kTcRows;
+  if (args.head_dim <= 0 || args.head_dim > kAttentionMaxHeadDim ||
+      args.padded_dim != AttentionPaddedDim(args.head_dim) || args.num_kv_heads <= 0 ||
+      args.num_heads <= 0 || args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 ||
+      args.batch < 0 || args.batch > 65535 || args.q_len < 0 || args.q_offset < 0 ||
+      args.q_offset + args.q_len > args.kv_len || args.sliding_window < 0 || tiles > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  if (args.batch == 0 || args.kv_len == 0) return cudaSuccess;
+  if (args.padded_dim <= 64) return LaunchBf16<64>(args, stream);
+  return LaunchBf16<128>(args, stream);
 }
 
 }  // namespace qcal::kernels::cuda

@@ -656,6 +656,9 @@ class CudaBackend final : public Backend {
         Tensor scratch,
         Uninitialized(DType::kF32, {std::max<int64_t>(1, cuda::AttentionBackwardScratchFloats(
                                                              s.batch, s.num_heads, s.q_len))}));
+    if (dtype_ == ComputeDType::kBF16) {
+      return AttentionBackwardBf16(q, k, v, dout, s, scratch, dq, dk, dv);
+    }
     cuda::AttentionBackwardArgs args;
     args.q = q.data<float>();
     args.k = k.data<float>();
@@ -673,7 +676,6 @@ class CudaBackend final : public Backend {
     args.head_dim = s.head_dim;
     args.q_offset = s.q_offset;
     args.sliding_window = s.sliding_window;
-    args.bf16_operands = dtype_ == ComputeDType::kBF16;
     return CudaStatus(cuda::LaunchAttentionBackward(args, stream()), "AttentionBackward kernels");
   }
 
@@ -847,6 +849,57 @@ class CudaBackend final : public Backend {
     args.q_offset = s.q_offset;
     args.sliding_window = s.sliding_window;
     return CudaStatus(cuda::LaunchAttentionBf16(args, stream()), "Attention kernel (bf16)");
+  }
+
+  // AttentionBackward with bf16 compute: q, k, v and dout packed to bf16 as AttentionBf16 packs
+  // them, then the tensor-core kernels (P and dS rounded to bf16 where they enter a product).
+  absl::Status AttentionBackwardBf16(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& dout, const AttentionShape& s, Tensor& scratch,
+                                     Tensor& dq, Tensor& dk, Tensor& dv) {
+    const int dp = cuda::AttentionPaddedDim(s.head_dim);
+    const int64_t q_rows = int64_t(s.batch) * s.q_len, kv_rows = int64_t(s.batch) * s.kv_len;
+    const Shape q_shape{q_rows, int64_t(s.num_heads) * dp};
+    const Shape kv_shape{kv_rows, int64_t(s.num_kv_heads) * dp};
+    QCAL_ASSIGN_OR_RETURN(Tensor qb, Uninitialized(DType::kBF16, q_shape));
+    QCAL_ASSIGN_OR_RETURN(Tensor dob, Uninitialized(DType::kBF16, q_shape));
+    QCAL_ASSIGN_OR_RETURN(Tensor kb, Uninitialized(DType::kBF16, kv_shape));
+    QCAL_ASSIGN_OR_RETURN(Tensor vb, Uninitialized(DType::kBF16, kv_shape));
+    const struct {
+      const Tensor& from;
+      Tensor& to;
+      int64_t rows;
+      int heads;
+      const char* what;
+    } packs[] = {{q, qb, q_rows, s.num_heads, "AttentionBackward: packing q"},
+                 {dout, dob, q_rows, s.num_heads, "AttentionBackward: packing dout"},
+                 {k, kb, kv_rows, s.num_kv_heads, "AttentionBackward: packing k"},
+                 {v, vb, kv_rows, s.num_kv_heads, "AttentionBackward: packing v"}};
+    for (const auto& p : packs) {
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cuda::LaunchPackBf16Heads(p.from.data<float>(), p.rows, p.heads, s.head_dim,
+                                               static_cast<__nv_bfloat16*>(p.to.raw()), stream()),
+                     p.what));
+    }
+    cuda::AttentionBackwardBf16Args args;
+    args.q = static_cast<const __nv_bfloat16*>(qb.raw());
+    args.k = static_cast<const __nv_bfloat16*>(kb.raw());
+    args.v = static_cast<const __nv_bfloat16*>(vb.raw());
+    args.dout = static_cast<const __nv_bfloat16*>(dob.raw());
+    args.dq = dq.data<float>();
+    args.dk = dk.data<float>();
+    args.dv = dv.data<float>();
+    args.scratch = scratch.data<float>();
+    args.batch = s.batch;
+    args.q_len = s.q_len;
+    args.kv_len = s.kv_len;
+    args.num_heads = s.num_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.padded_dim = dp;
+    args.q_offset = s.q_offset;
+    args.sliding_window = s.sliding_window;
+    return CudaStatus(cuda::LaunchAttentionBackwardBf16(args, stream()),
+                      "AttentionBackward kernels (bf16)");
   }
 
   cuda::QuantContext SolverContext() {

@@ -123,6 +123,7 @@ absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j) {
 
 absl::Status JobOptions::Validate() const {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
+  QCAL_RETURN_IF_ERROR(CheckRecipeRunnable(recipe, "recipe"));
   if (recipe.NeedsGradientPass() && seq_len < 2) {
     return absl::InvalidArgumentError(absl::StrCat(
         "recipe key \"hessian\" is ", RecipeName(recipe.hessian),

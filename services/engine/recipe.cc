@@ -1,6 +1,7 @@
 #include "services/engine/recipe.h"
 
 #include <array>
+#include <cmath>
 #include <set>
 #include <utility>
 
@@ -63,6 +64,8 @@ constexpr Names<HessianKind, 3> kHessianNames = {
     {{HessianKind::kLayer, "layer"},
      {HessianKind::kOutputAdaptive, "output_adaptive"},
      {HessianKind::kOutputAdaptiveToken, "output_adaptive_token"}}};
+constexpr Names<RetrainMethod, 2> kRetrainMethodNames = {
+    {{RetrainMethod::kApiq, "apiq"}, {RetrainMethod::kSaliency, "saliency"}}};
 
 template <typename E, size_t N>
 const char* NameOf(const Names<E, N>& names, E v) {
@@ -105,6 +108,7 @@ const char* RecipeName(kernels::GridKind v) { return NameOf(kGridNames, v); }
 const char* RecipeName(SmoothingMethod v) { return NameOf(kSmoothingNames, v); }
 const char* RecipeName(Whitening v) { return NameOf(kWhiteningNames, v); }
 const char* RecipeName(HessianKind v) { return NameOf(kHessianNames, v); }
+const char* RecipeName(RetrainMethod v) { return NameOf(kRetrainMethodNames, v); }
 
 absl::StatusOr<QuantMethod> ParseQuantMethod(std::string_view name) {
   return ValueOf(kMethodNames, "method", name);
@@ -121,6 +125,59 @@ absl::StatusOr<Whitening> ParseWhitening(std::string_view name) {
 absl::StatusOr<HessianKind> ParseHessianKind(std::string_view name) {
   return ValueOf(kHessianNames, "hessian", name);
 }
+absl::StatusOr<RetrainMethod> ParseRetrainMethod(std::string_view name) {
+  return ValueOf(kRetrainMethodNames, "retrain.method", name);
+}
+
+namespace {
+
+// The retrain section's rules (Recipe::Validate), naming the key.
+absl::Status ValidateRetrain(const Recipe& r, const std::string& src) {
+  const RetrainRecipe& t = r.retrain;
+  if (r.weights.grid != kernels::GridKind::kUniform) {
+    return KeyError(src, "weights.grid",
+                    absl::StrCat("must be uniform with a retrain section (the clipped grid's "
+                                 "straight-through estimator is defined for it), got \"",
+                                 RecipeName(r.weights.grid), "\""));
+  }
+  if (t.rank) {
+    if (r.error_reconstruction.enabled) {
+      return KeyError(src, "retrain.rank",
+                      "must be absent with error_reconstruction (the LoRA starts from its factors, "
+                      "at their ranks)");
+    }
+    if (*t.rank < 1) {
+      return KeyError(src, "retrain.rank", absl::StrCat("must be an integer >= 1, got ", *t.rank));
+    }
+  }
+  const std::pair<const char*, int> stages[] = {{"retrain.epochs.weight", t.epochs.weight},
+                                                {"retrain.epochs.mixed", t.epochs.mixed},
+                                                {"retrain.epochs.output", t.epochs.output}};
+  for (const auto& [key, epochs] : stages) {
+    if (epochs < 0) return KeyError(src, key, absl::StrCat("must be >= 0, got ", epochs));
+  }
+  if (t.epochs.weight + t.epochs.mixed + t.epochs.output == 0) {
+    return KeyError(src, "retrain.epochs", "must give at least one stage a positive epoch count");
+  }
+  if (!(t.lambda >= 0 && std::isfinite(t.lambda))) {
+    return KeyError(src, "retrain.lambda", absl::StrCat("must be finite and >= 0, got ", t.lambda));
+  }
+  if (!(t.lr_lora > 0 && std::isfinite(t.lr_lora))) {
+    return KeyError(src, "retrain.lr_lora",
+                    absl::StrCat("must be finite and > 0, got ", t.lr_lora));
+  }
+  if (!(t.lr_clip > 0 && std::isfinite(t.lr_clip))) {
+    return KeyError(src, "retrain.lr_clip",
+                    absl::StrCat("must be finite and > 0, got ", t.lr_clip));
+  }
+  if (!(t.weight_decay >= 0 && std::isfinite(t.weight_decay))) {
+    return KeyError(src, "retrain.weight_decay",
+                    absl::StrCat("must be finite and >= 0, got ", t.weight_decay));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status Recipe::Validate() const {
   const std::string src = "recipe";
@@ -186,6 +243,7 @@ absl::Status Recipe::Validate() const {
                                    "), got ", smoothing.outlier_channels));
     }
   }
+  if (retrain.enabled) QCAL_RETURN_IF_ERROR(ValidateRetrain(*this, src));
   return absl::OkStatus();
 }
 
@@ -215,6 +273,20 @@ nlohmann::json Recipe::ToCanonicalJson() const {
   } else {
     j["error_reconstruction"] = nullptr;
   }
+  if (retrain.enabled) {
+    const RetrainRecipe& t = retrain;
+    // With error_reconstruction the rank is absent (its factors' ranks): null.
+    j["retrain"] = {
+        {"method", std::string(RecipeName(t.method))},
+        {"rank", error_reconstruction.enabled ? nlohmann::json(nullptr)
+                                              : nlohmann::json(t.RankOrDefault())},
+        {"epochs",
+         {{"weight", t.epochs.weight}, {"mixed", t.epochs.mixed}, {"output", t.epochs.output}}},
+        {"lambda", t.lambda},
+        {"lr_lora", t.lr_lora},
+        {"lr_clip", t.lr_clip},
+        {"weight_decay", t.weight_decay}};
+  }
   return j;
 }
 
@@ -238,10 +310,9 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
   }
   if (!root || root.IsNull())
     return absl::InvalidArgumentError(absl::StrCat(source, ": recipe is empty"));
-  QCAL_RETURN_IF_ERROR(
-      CheckKeys(root, source, "",
-                {"method", "weights", "gptq", "activations", "smoothing", "error_reconstruction",
-                                 "hessian"}));
+  QCAL_RETURN_IF_ERROR(CheckKeys(root, source, "",
+                                 {"method", "weights", "gptq", "activations", "smoothing",
+                                  "error_reconstruction", "hessian", "retrain"}));
   Recipe r;
   // An empty method reads as a missing one (Validate: "is required").
   if (root["method"] && !(root["method"].IsScalar() && root["method"].Scalar().empty())) {
@@ -309,6 +380,31 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     QCAL_RETURN_IF_ERROR(
         ReadEnum(e, "whitening", source, "error_reconstruction", &ParseWhitening, &er.whitening));
   }
+  if (root["retrain"]) {
+    const YAML::Node t = root["retrain"];
+    QCAL_RETURN_IF_ERROR(
+        CheckKeys(t, source, "retrain",
+                  {"method", "rank", "epochs", "lambda", "lr_lora", "lr_clip", "weight_decay"}));
+    RetrainRecipe& rt = r.retrain;
+    rt.enabled = true;
+    QCAL_RETURN_IF_ERROR(ReadEnum(t, "method", source, "retrain", &ParseRetrainMethod, &rt.method));
+    if (t["rank"]) {
+      int rank = 0;
+      QCAL_RETURN_IF_ERROR(Read(t, "rank", source, "retrain", &rank));
+      rt.rank = rank;
+    }
+    if (t["epochs"]) {
+      const YAML::Node e = t["epochs"];
+      QCAL_RETURN_IF_ERROR(CheckKeys(e, source, "retrain.epochs", {"weight", "mixed", "output"}));
+      QCAL_RETURN_IF_ERROR(Read(e, "weight", source, "retrain.epochs", &rt.epochs.weight));
+      QCAL_RETURN_IF_ERROR(Read(e, "mixed", source, "retrain.epochs", &rt.epochs.mixed));
+      QCAL_RETURN_IF_ERROR(Read(e, "output", source, "retrain.epochs", &rt.epochs.output));
+    }
+    QCAL_RETURN_IF_ERROR(Read(t, "lambda", source, "retrain", &rt.lambda));
+    QCAL_RETURN_IF_ERROR(Read(t, "lr_lora", source, "retrain", &rt.lr_lora));
+    QCAL_RETURN_IF_ERROR(Read(t, "lr_clip", source, "retrain", &rt.lr_clip));
+    QCAL_RETURN_IF_ERROR(Read(t, "weight_decay", source, "retrain", &rt.weight_decay));
+  }
   absl::Status st = r.Validate();
   if (!st.ok()) {
     // Validate() names the key; re-prefix with the file.
@@ -319,9 +415,20 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
   return r;
 }
 
+absl::Status CheckRecipeRunnable(const Recipe& recipe, const std::string& source) {
+  if (recipe.retrain.enabled) {
+    return KeyError(source, "retrain",
+                    "is not run by jobs yet (the block trainer, services/engine/retrain, is not "
+                    "wired into the block loop): refused rather than silently skipped");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path) {
   QCAL_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
-  return ParseRecipeYaml(text, path);
+  QCAL_ASSIGN_OR_RETURN(Recipe recipe, ParseRecipeYaml(text, path));
+  QCAL_RETURN_IF_ERROR(CheckRecipeRunnable(recipe, path));
+  return recipe;
 }
 
 }  // namespace qcal::engine

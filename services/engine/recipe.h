@@ -30,12 +30,15 @@ enum class Whitening { kCholesky, kDiagonal, kNone };
 // weights.grid: uniform | cuberoot (kernels::GridKind).
 // hessian: layer | output_adaptive | output_adaptive_token (DESIGN section 3, OAC).
 enum class HessianKind { kLayer, kOutputAdaptive, kOutputAdaptiveToken };
+// retrain.method: apiq | saliency (DESIGN section 3, "Retraining").
+enum class RetrainMethod { kApiq, kSaliency };
 
 const char* RecipeName(QuantMethod v);
 const char* RecipeName(kernels::GridKind v);
 const char* RecipeName(SmoothingMethod v);
 const char* RecipeName(Whitening v);
 const char* RecipeName(HessianKind v);
+const char* RecipeName(RetrainMethod v);
 
 // The value a name stands for; InvalidArgument `recipe key "<key>" must be ..., got "<name>"`
 // otherwise (callers prefix the source).
@@ -44,6 +47,7 @@ absl::StatusOr<kernels::GridKind> ParseGrid(std::string_view name);
 absl::StatusOr<SmoothingMethod> ParseSmoothingMethod(std::string_view name);
 absl::StatusOr<Whitening> ParseWhitening(std::string_view name);
 absl::StatusOr<HessianKind> ParseHessianKind(std::string_view name);
+absl::StatusOr<RetrainMethod> ParseRetrainMethod(std::string_view name);
 
 struct WeightsRecipe {
   int bits = 0;            // required: 2..8
@@ -86,6 +90,37 @@ struct ErrorReconstructionRecipe {
   Whitening whitening = Whitening::kCholesky;  // Default: cholesky.
 };
 
+// Epochs of each retraining stage, as (c_out, c_reg) of the loss: weight-preservation (0, 1),
+// mixed (1, 1), output-preservation (1, 0), run in that order. A stage key left out of the recipe
+// keeps its default (so `epochs: {weight: 15, output: 5}` is the saliency paper's 15 / 0 / 5).
+struct RetrainEpochs {
+  int weight = 0;   // >= 0. Default: 0.
+  int mixed = 0;    // >= 0. Default: 0.
+  int output = 20;  // >= 0. Default: 20.
+};
+
+// Block retraining (DESIGN section 3, "Retraining"; section 2, step 3.4). Off unless the recipe has
+// the section (`enabled`). Choices where DESIGN leaves room (docs: services/engine/retrain):
+// - saliency does not need method gptq: its Fisher comes from the gradient pass, which does not
+//   depend on the solver, and RTN's frozen base W̃ is W itself (Recipe::NeedsFisher).
+// - the clipped grid's straight-through estimator is defined for weights.grid uniform only.
+struct RetrainRecipe {
+  bool enabled = false;
+  RetrainMethod method = RetrainMethod::kApiq;  // Default: apiq.
+  // LoRA rank, >= 1. Absent (nullopt) with error_reconstruction, whose factors start the LoRA at
+  // their own ranks; absent without it means 64. Default: 64.
+  std::optional<int> rank;
+  RetrainEpochs epochs;       // at least one stage > 0
+  double lambda = 0.1;        // weight of the Fisher-weighted term, >= 0 (finite). Default: 0.1.
+  double lr_lora = 5.0e-4;    // AdamW learning rate of the LoRA factors, > 0. Default: 5e-4.
+  double lr_clip = 5.0e-3;    // AdamW learning rate of the clipping logits, > 0. Default: 5e-3.
+  double weight_decay = 0.1;  // AdamW decoupled weight decay, >= 0. Default: 0.1.
+
+  // The LoRA rank trained when there are no error-reconstruction factors: rank or its default.
+  int RankOrDefault() const { return rank.value_or(kDefaultRank); }
+  static constexpr int kDefaultRank = 64;
+};
+
 struct Recipe {
   std::optional<QuantMethod> method;  // required
   WeightsRecipe weights;
@@ -97,12 +132,19 @@ struct Recipe {
   // gradient pass (sample-wise H_oac or per-token H_tok). Anything but kLayer needs method gptq.
   // Default: layer.
   HessianKind hessian = HessianKind::kLayer;
+  RetrainRecipe retrain;
 
-  // Whether the job runs the gradient pass (DESIGN section 2, step 4).
+  // Whether the job runs the gradient pass (DESIGN section 2, step 4) for OAC's Hessians. The
+  // driver reads it as "GPTQ uses output-adaptive Hessians", so it stays about `hessian` alone.
   bool NeedsGradientPass() const { return hessian != HessianKind::kLayer; }
+  // Whether retraining needs the diagonal Fisher of the gradient pass (saliency). Not wired yet:
+  // the job must then run the gradient pass too (for the Fisher only, keeping GPTQ's layer
+  // Hessians when hessian is layer).
+  bool NeedsFisher() const { return retrain.enabled && retrain.method == RetrainMethod::kSaliency; }
 
   absl::Status Validate() const;
-  // Sorted-key JSON with every default filled in.
+  // Sorted-key JSON with every default filled in. `retrain` appears only when the section is
+  // present, so recipes without it keep the hashes they had before the section existed.
   nlohmann::json ToCanonicalJson() const;
   // sha256 of ToCanonicalJson().dump().
   std::string Sha256() const;
@@ -113,6 +155,10 @@ kernels::QuantSpec SpecOf(const Recipe& recipe);
 
 // Parses recipe YAML text; `source` names the file in error messages.
 absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::string& source);
+// The file's recipe, refused (CheckRecipeRunnable) when it asks for what jobs do not run yet.
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path);
+// InvalidArgument naming the key, from `source`, for a recipe section that parses but that jobs do
+// not run yet: `retrain` (issue 13: the trainer exists, the block loop does not call it).
+absl::Status CheckRecipeRunnable(const Recipe& recipe, const std::string& source);
 
 }  // namespace qcal::engine

@@ -8,6 +8,9 @@
 #   3. qcal quantize --device cuda on sotu-llama-16m, GPTQ W4 g128 and ASER W4A8 per-channel
 #      (rank 64), each twice (output files byte-identical, qcal_run.json aside) and once on the CPU
 #      with the same seed (perplexities within 0.5%);
+#   3b. (step oac) OAC: quantize sotu-llama-16m W2 g64 with hessian output_adaptive as in 3; the
+#      7B shape with the sample-wise and per-token output-adaptive Hessians at W2 g64 (qcal bench
+#      --recipe: the gradient pass inside the job, then GPTQ alone on the same weights);
 #   4. qcal bench: the 7B shape whole-model (three runs), the 70B shape per block (extrapolated);
 #   5. qcal bench --er: error reconstruction on the 7B shape's linears (whitening, full and
 #      randomized SVD at rank 64), with the randomized path's projected share of the 7B job; then
@@ -25,7 +28,7 @@
 #
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
-#   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval quantize bench er sanitizer"
+#   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval quantize oac bench er sanitizer"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -33,7 +36,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.gz}
 dest=${OUT:-$root/out}
-steps=" ${QCAL_SESSION_STEPS:-tests eval quantize bench er sanitizer} "
+steps=" ${QCAL_SESSION_STEPS:-tests eval quantize oac bench er sanitizer} "
 budget=${QCAL_SESSION_BUDGET:-500}
 mkdir -p "$dest"
 out=$(mktemp -d /tmp/qcal-logs.XXXXXX)
@@ -86,6 +89,7 @@ if wants tests; then
   for t in cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_model_test \
       cuda_engine_test gang_pipeline_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
+    [[ -x $p/bin/$t ]] || { note "$t: not in the bundle (QCAL_PACK_BINARIES)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
   done
 fi
@@ -121,55 +125,81 @@ if wants eval; then
   fi
 fi
 
+# check LABEL RECIPE_YAML (steps quantize and oac): quantize sotu-llama-16m twice on the GPU and once
+# on the CPU; logs to $log.
+n_recipe=0
+check() {
+  local label=$1 recipe=$out/recipe-$((++n_recipe)).yaml
+  time_for 120 || { note "$label: skipped (session budget)"; return; }
+  printf '%s' "$2" >"$recipe"
+  quantize() {  # DEVICE OUT_DIR
+    timeout 300 "$qcal" quantize --device "$1" --json --model "$models/sotu-llama-16m" \
+      --recipe "$recipe" --calib "$data/sotu-calib.txt" --samples 64 --seq-len 512 --seed 0 \
+      --eval-text "$data/sotu-eval.txt" --eval-seq-len 512 --eval-max-windows 32 \
+      --out "$2" --overwrite 2>>"$log"
+  }
+  local q gpu1 gpu2 cpu rc start=$SECONDS
+  q=$(mktemp -d /tmp/qcal-quant.XXXXXX)
+  echo "== $label" >>"$log"
+  gpu1=$(quantize cuda "$q/gpu1") && gpu2=$(quantize cuda "$q/gpu2") && cpu=$(quantize cpu "$q/cpu")
+  rc=$?
+  echo "gpu1 $gpu1" >>"$log"
+  echo "gpu2 ${gpu2:-}" >>"$log"
+  echo "cpu ${cpu:-}" >>"$log"
+  if ((rc == 0)); then
+    local identical=yes f
+    for f in $(cd "$q/gpu1" && find . -type f ! -name qcal_run.json | sort); do
+      cmp -s "$q/gpu1/$f" "$q/gpu2/$f" || { identical="no ($f)"; break; }
+    done
+    local ppl_gpu ppl_cpu ppl_fp
+    ppl_gpu=$(json_get "$gpu1" perplexity)
+    ppl_cpu=$(json_get "$cpu" perplexity)
+    ppl_fp=$(json_get "$gpu1" perplexity_fp)
+    printf '%-34s %4d ppl gpu %s cpu %s (fp %s); two GPU runs identical: %s; %d s\n' \
+      "$label" "$rc" "$ppl_gpu" "$ppl_cpu" "$ppl_fp" "$identical" $((SECONDS - start)) \
+      >>"$summary"
+    [[ $identical == yes ]] || fail "$label: two GPU quantize runs differ: $identical"
+    within "$ppl_gpu" "$ppl_cpu" 0.005 || fail "$label: GPU perplexity not within 0.5% of the CPU's"
+    cp "$q/gpu1/qcal_report.json" "$out/quantize_gpu_report_$n_recipe.json"
+    cp "$q/gpu1/qcal_run.json" "$out/quantize_gpu_run_$n_recipe.json"
+    cp "$q/cpu/qcal_run.json" "$out/quantize_cpu_run_$n_recipe.json"
+  else
+    printf '%-34s %4d\n' "$label" "$rc" >>"$summary"
+    fail "$label: qcal quantize"
+  fi
+  rm -rf "$q"
+}
 if wants quantize; then
   log=$out/quantize.log
-  # check LABEL RECIPE_YAML: quantize sotu-llama-16m twice on the GPU and once on the CPU.
-  check() {
-    local label=$1 recipe=$out/recipe-$((++n_recipe)).yaml
-    time_for 120 || { note "$label: skipped (session budget)"; return; }
-    printf '%s' "$2" >"$recipe"
-    quantize() {  # DEVICE OUT_DIR
-      timeout 300 "$qcal" quantize --device "$1" --json --model "$models/sotu-llama-16m" \
-        --recipe "$recipe" --calib "$data/sotu-calib.txt" --samples 64 --seq-len 512 --seed 0 \
-        --eval-text "$data/sotu-eval.txt" --eval-seq-len 512 --eval-max-windows 32 \
-        --out "$2" --overwrite 2>>"$log"
-    }
-    local q gpu1 gpu2 cpu rc start=$SECONDS
-    q=$(mktemp -d /tmp/qcal-quant.XXXXXX)
-    echo "== $label" >>"$log"
-    gpu1=$(quantize cuda "$q/gpu1") && gpu2=$(quantize cuda "$q/gpu2") && cpu=$(quantize cpu "$q/cpu")
-    rc=$?
-    echo "gpu1 $gpu1" >>"$log"
-    echo "gpu2 ${gpu2:-}" >>"$log"
-    echo "cpu ${cpu:-}" >>"$log"
-    if ((rc == 0)); then
-      local identical=yes f
-      for f in $(cd "$q/gpu1" && find . -type f ! -name qcal_run.json | sort); do
-        cmp -s "$q/gpu1/$f" "$q/gpu2/$f" || { identical="no ($f)"; break; }
-      done
-      local ppl_gpu ppl_cpu ppl_fp
-      ppl_gpu=$(json_get "$gpu1" perplexity)
-      ppl_cpu=$(json_get "$cpu" perplexity)
-      ppl_fp=$(json_get "$gpu1" perplexity_fp)
-      printf '%-34s %4d ppl gpu %s cpu %s (fp %s); two GPU runs identical: %s; %d s\n' \
-        "$label" "$rc" "$ppl_gpu" "$ppl_cpu" "$ppl_fp" "$identical" $((SECONDS - start)) \
-        >>"$summary"
-      [[ $identical == yes ]] || fail "$label: two GPU quantize runs differ: $identical"
-      within "$ppl_gpu" "$ppl_cpu" 0.005 || fail "$label: GPU perplexity not within 0.5% of the CPU's"
-      cp "$q/gpu1/qcal_report.json" "$out/quantize_gpu_report_$n_recipe.json"
-      cp "$q/gpu1/qcal_run.json" "$out/quantize_gpu_run_$n_recipe.json"
-      cp "$q/cpu/qcal_run.json" "$out/quantize_cpu_run_$n_recipe.json"
-    else
-      printf '%-34s %4d\n' "$label" "$rc" >>"$summary"
-      fail "$label: qcal quantize"
-    fi
-    rm -rf "$q"
-  }
-  n_recipe=0
   check "quantize sotu-llama-16m W4 g128" $'method: gptq\nweights: {bits: 4, group_size: 128}\n'
   # ASER over GPTQ at W4A8 per-channel (rank 64, 32 outlier channels): error reconstruction on
   # the device (randomized SVD) against the CPU's (full SVD).
   check "quantize sotu-llama-16m ASER W4A8" $'method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\nsmoothing: {method: aser, outlier_channels: 32}\nerror_reconstruction: {rank: 64}\n'
+fi
+
+if wants oac; then
+  # OAC (issue 12): sotu-llama-16m W2 g64 with the sample-wise output-adaptive Hessian, twice on the
+  # GPU and once on the CPU; then the 7B shape with both OAC forms (the gradient pass inside the
+  # job; the bench reruns the same recipe with hessian layer, GPTQ alone, for the ratio).
+  log=$out/oac.log
+  check "quantize sotu-llama-16m OAC W2 g64" $'method: gptq\nhessian: output_adaptive\nweights: {bits: 2, group_size: 64}\n'
+  oac_recipes=(
+    "oac-w2g64:method: gptq\nhessian: output_adaptive\nweights: {bits: 2, group_size: 64}\n"
+    "oac-token-w2g64:method: gptq\nhessian: output_adaptive_token\nweights: {bits: 2, group_size: 64}\n"
+  )
+  for entry in "${oac_recipes[@]}"; do
+    name=${entry%%:*}
+    time_for 200 || { note "bench 7b $name: skipped (session budget)"; continue; }
+    printf "${entry#*:}" >"$out/bench-$name.yaml"
+    start=$SECONDS
+    timeout 400 "$qcal" bench --shape 7b --compute-dtype bf16 --recipe "$out/bench-$name.yaml" \
+      >"$out/bench_7b_$name.txt" 2>"$out/bench_7b_$name.log"
+    rc=$?
+    printf '%-34s %4d %d s\n' "bench 7b bf16 $name" "$rc" $((SECONDS - start)) >>"$summary"
+    ((rc == 0)) || { fail "bench 7b $name"; tail -5 "$out/bench_7b_$name.log" | sed 's/^/    /' >>"$summary"; }
+    grep -hE '^(whole model|gradient pass|the same recipe|  forward|  hessians|  solves|mean rel)' \
+      "$out/bench_7b_$name.txt" | sed 's/^/    /' >>"$summary"
+  done
 fi
 
 if wants bench; then

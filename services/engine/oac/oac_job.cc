@@ -83,6 +83,18 @@ std::string OacFilePath(const std::string& dir, int block, LinearKind kind) {
       .string();
 }
 
+namespace {
+
+// A host copy of t in the backend's host buffers (AllocHost: page-locked on a device backend).
+absl::StatusOr<Tensor> ToHostBuffer(kernels::Backend& backend, const Tensor& t) {
+  if (t.device() == Device::kHost) return t.Clone();
+  QCAL_ASSIGN_OR_RETURN(Tensor host, backend.AllocHost(t.dtype(), t.shape()));
+  QCAL_RETURN_IF_ERROR(backend.Copy(t, host));
+  return host;
+}
+
+}  // namespace
+
 OacSink OacMemoryStore::Sink(kernels::Backend& backend, int total_chunks) {
   return [this, &backend, total_chunks](int block, BlockOacPartials partials) -> absl::Status {
     for (LinearKind k : kAllLinears) {
@@ -92,11 +104,13 @@ OacSink OacMemoryStore::Sink(kernels::Backend& backend, int total_chunks) {
         return Annotate(done.status(),
                         absl::StrCat("output-adaptive statistics of ", LinearPrefix(block, k)));
       }
+      // Into the backend's page-locked host memory: a 7B model's statistics are 26 GiB, which
+      // pageable copies move at a third of the bus's speed, twice (here and in the solve).
       LinearOac host;
-      QCAL_ASSIGN_OR_RETURN(host.hessian, backend.ToHost(done->hessian));
+      QCAL_ASSIGN_OR_RETURN(host.hessian, ToHostBuffer(backend, done->hessian));
       bytes_ += host.hessian.nbytes();
       if (done->fisher.defined()) {
-        QCAL_ASSIGN_OR_RETURN(host.fisher, backend.ToHost(done->fisher));
+        QCAL_ASSIGN_OR_RETURN(host.fisher, ToHostBuffer(backend, done->fisher));
         bytes_ += host.fisher.nbytes();
       }
       stats_[{block, k}] = std::move(host);

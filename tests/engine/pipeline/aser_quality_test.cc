@@ -3,20 +3,15 @@
 // (tools/quality/aser_quality.sh): whitening error reconstruction beats GPTQ alone at W3 g128;
 // whitening <= LQER diagonal <= plain SVD in perplexity at the same rank; ASER beats GPTQ at W4A8
 // per-channel. Each test runs its own quantizations, so each assertion stands alone.
-#include <filesystem>
 #include <string>
-#include <vector>
 
-#include "common/files.h"
 #include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
-#include "tests/support/subprocess.h"
-#include "tests/support/test_paths.h"
+#include "tests/engine/pipeline/stories_quality.h"
 
 namespace qcal {
 namespace {
 
-namespace fs = std::filesystem;
+using AserQualityTest = testing::StoriesQualityTest;
 
 // The W3A16 g128 recipe of the table's W3 row, and its W4A8 per-channel row (8-bit activations
 // everywhere, the GPTQ baseline included).
@@ -27,60 +22,6 @@ constexpr char kW4A8[] =
 std::string Er(const std::string& whitening) {
   return "error_reconstruction: {rank: 16, whitening: " + whitening + "}\n";
 }
-
-class AserQualityTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    QCAL_REQUIRE_SHARED();
-    dir_ = testing::MakeTempDir("aser-quality");
-  }
-  void TearDown() override {
-    if (!dir_.empty()) fs::remove_all(dir_);
-  }
-
-  // Quantizes stories260k with `yaml` (calibration 128 x 256 on tinystories-calib, seed 0) and
-  // returns the exported checkpoint's perplexity on tinystories-eval (L = 256, all windows), or a
-  // negative number after recording a failure.
-  double Perplexity(const std::string& yaml) {
-    const std::string recipe = dir_ + "/recipe-" + std::to_string(++n_) + ".yaml";
-    EXPECT_TRUE(WriteStringToFile(recipe, yaml).ok());
-    const std::string shared = testing::SharedDir();
-    const testing::RunResult r = testing::RunQcal({"quantize",
-                                                   "--model",
-                                                   shared + "/models/stories260k",
-                                                   "--recipe",
-                                                   recipe,
-                                                   "--calib",
-                                                   shared + "/data/tinystories-calib.txt",
-                                                   "--samples",
-                                                   "128",
-                                                   "--seq-len",
-                                                   "256",
-                                                   "--eval-text",
-                                                   shared + "/data/tinystories-eval.txt",
-                                                   "--out",
-                                                   dir_ + "/out",
-                                                   "--overwrite",
-                                                   "--threads",
-                                                   "2",
-                                                   "--device",
-                                                   "cpu",
-                                                   "--json"});
-    if (!r.exited || r.exit_code != 0) {
-      ADD_FAILURE() << "qcal quantize failed (exit " << r.exit_code << ", signal " << r.signal
-                    << ") for recipe:\n"
-                    << yaml << r.err;
-      return -1;
-    }
-    const nlohmann::json j = nlohmann::json::parse(r.out);
-    const double ppl = j.at("perplexity").get<double>();
-    RecordProperty("perplexity_" + std::to_string(n_), std::to_string(ppl));
-    return ppl;
-  }
-
-  std::string dir_;
-  int n_ = 0;
-};
 
 TEST_F(AserQualityTest, WhiteningErrorReconstructionBeatsGptqAtThreeBits) {
   const double gptq = Perplexity(kW3);

@@ -2,7 +2,8 @@
 // their scalar specifications in kernels/cpu/ref_grad.h (T = float), like with like: fp32 compute
 // against the reference in fp32 operands, bf16 compute against the reference with bf16 operands.
 // Random data, odd sizes and size 1; outputs are poisoned with NaN first so that an unwritten
-// element fails. Error is ‖out − ref‖ / ‖ref‖ against a per-op bound; AttentionBackward and
+// element fails. Error is ‖out − ref‖ / ‖ref‖ against a per-op bound (AttentionBackward in bf16
+// runs tensor-core kernels that also round P and dS, hence its own bound); AttentionBackward and
 // EmbeddingBackward are also checked byte-identical run to run, and one 7B-shaped
 // AttentionBackward is timed (printed, not asserted). Every test skips without a CUDA device.
 #include <algorithm>
@@ -33,18 +34,22 @@ constexpr double kGemmBf16Bound = 1e-4;
 constexpr double kRmsNormBackwardBound = 1e-6;
 // Same host-computed angles and no fused multiply-add: identical bits in practice.
 constexpr double kRopeBackwardBound = 1e-6;
-// Scores, probabilities, dP − D and the three products in fp32 against the double reference
-// (measured on an H200: at most 5e-7); with bf16 the operands are rounded exactly as the
-// reference rounds them, so the bound is the same (rounding P or dS to bf16 as well would give
-// ~2e-3).
+// fp32 compute (the exact CUDA-core kernels): scores, probabilities, dP − D and the three products
+// in fp32 against the double reference (measured on an H200: at most 7e-7).
 constexpr double kAttentionBackwardBound = 5e-6;
+// bf16 compute (the tensor-core kernels) against the reference with bf16 operands: q, k, v and
+// dout are rounded as the reference rounds them, but P and dS are also rounded to bf16 where they
+// enter dv = Pᵀ·dout, dq = dS·k and dk = dSᵀ·q, which the reference keeps in double (measured on
+// an H200: at most 1.9e-3 over the cases below).
+constexpr double kAttentionBackwardBf16Bound = 1e-2;
 // fp32 elementwise formula against the double one.
 constexpr double kSiluMulBackwardBound = 1e-6;
 // Probabilities in double as in the reference, one rounding to fp32.
 constexpr double kNllBackwardBound = 1e-6;
 // Squares summed in fp32 on the device (in double in the reference).
 constexpr double kScaleRowsByNormBound = 1e-6;
-// bf16 against fp32 at the 7B shape: the rounding of q, k, v and dout.
+// bf16 against fp32 at the 7B shape: the rounding of q, k, v and dout, and of P and dS (measured
+// on an H200: 3.1e-3 for dq and dk, 2.2e-3 for dv).
 constexpr double kAttentionBackwardBf16VsF32Bound = 2e-2;
 
 std::vector<float> Random(int64_t n, uint64_t seed, float scale = 1.0f) {
@@ -241,13 +246,25 @@ TEST_F(CudaBackwardTest, AttentionBackwardMatchesReference) {
     int window;
   };
   const Case cases[] = {// batch, q_len, kv_len, heads, kv_heads, head_dim, q_offset; sliding window
-                        {{1, 1, 1, 1, 1, 1, 0}, 0},          {{1, 1, 1, 1, 1, 8, 0}, 0},
-                        {{2, 17, 17, 4, 2, 8, 0}, 0},        {{1, 70, 70, 6, 2, 64, 0}, 0},
-                        {{1, 1, 37, 4, 4, 64, 36}, 0},       {{1, 5, 133, 3, 1, 96, 128}, 0},
-                        {{2, 130, 130, 2, 1, 128, 0}, 0},    {{1, 65, 200, 2, 2, 33, 135}, 0},
-                        {{3, 64, 64, 8, 8, 7, 0}, 0},        {{1, 129, 129, 1, 1, 128, 0}, 0},
-                        {{1, 200, 200, 4, 2, 64, 0}, 16},    {{2, 150, 150, 2, 1, 32, 0}, 1},
-                        {{1, 65, 230, 2, 2, 128, 165}, 100}, {{1, 300, 300, 2, 1, 96, 0}, 129}};
+                        {{1, 1, 1, 1, 1, 1, 0}, 0},
+                        {{1, 1, 1, 1, 1, 8, 0}, 0},
+                        {{2, 17, 17, 4, 2, 8, 0}, 0},
+                        {{1, 70, 70, 6, 2, 64, 0}, 0},
+                        {{1, 1, 37, 4, 4, 64, 36}, 0},
+                        {{1, 5, 133, 3, 1, 96, 128}, 0},
+                        {{2, 130, 130, 2, 1, 128, 0}, 0},
+                        {{1, 65, 200, 2, 2, 33, 135}, 0},
+                        {{3, 64, 64, 8, 8, 7, 0}, 0},
+                        {{1, 129, 129, 1, 1, 128, 0}, 0},
+                        {{1, 200, 200, 4, 2, 64, 0}, 16},
+                        {{2, 150, 150, 2, 1, 32, 0}, 1},
+                        {{1, 65, 230, 2, 2, 128, 165}, 100},
+                        {{1, 300, 300, 2, 1, 96, 0}, 129},
+                        // Whole 64 x 64 tiles (unmasked and diagonal) across query groups.
+                        {{2, 256, 256, 4, 1, 128, 0}, 0},
+                        {{1, 192, 448, 4, 2, 64, 256}, 150},
+                        // No queries: dk and dv are zeros.
+                        {{1, 0, 70, 4, 2, 64, 70}, 0}};
   uint64_t seed = 300;
   for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
     Backend& be = Get(dtype);
@@ -274,9 +291,10 @@ TEST_F(CudaBackwardTest, AttentionBackwardMatchesReference) {
           "dq %.2e dk %.2e dv %.2e\n",
           Name(dtype), s.batch, s.q_len, s.kv_len, s.num_heads, s.num_kv_heads, s.head_dim,
           s.q_offset, s.sliding_window, eq, ek, ev);
-      EXPECT_LE(eq, kAttentionBackwardBound);
-      EXPECT_LE(ek, kAttentionBackwardBound);
-      EXPECT_LE(ev, kAttentionBackwardBound);
+      const double bound = bf16 ? kAttentionBackwardBf16Bound : kAttentionBackwardBound;
+      EXPECT_LE(eq, bound);
+      EXPECT_LE(ek, bound);
+      EXPECT_LE(ev, bound);
     }
   }
 }
@@ -479,7 +497,7 @@ TEST_F(CudaBackwardTest, SevenBAttentionBackwardTiming) {
   const int64_t rows = int64_t(s.batch) * s.q_len, width = int64_t(s.num_heads) * s.head_dim;
   const double forward_flop =
       4.0 * s.batch * s.num_heads * s.head_dim * (double(s.q_len) * (s.q_len + 1) / 2);
-  std::vector<float> dq_f32;
+  AttentionGrads f32_grads;
   for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
     SCOPED_TRACE(Name(dtype));
     Backend& be = Get(dtype);
@@ -501,11 +519,17 @@ TEST_F(CudaBackwardTest, SevenBAttentionBackwardTiming) {
         "%.1f forward-TFLOP/s)\n",
         Name(dtype), t_backward * 1e3, t_forward * 1e3, t_backward / t_forward,
         forward_flop / t_backward * 1e-12);
-    std::vector<float> got = Download(be, dq);
+    AttentionGrads got{Download(be, dq), Download(be, dk), Download(be, dv)};
     if (dtype == ComputeDType::kF32) {
-      dq_f32 = std::move(got);
+      f32_grads = std::move(got);
     } else {
-      EXPECT_LE(RelError(got, dq_f32), kAttentionBackwardBf16VsF32Bound);
+      const double eq = RelError(got.dq, f32_grads.dq), ek = RelError(got.dk, f32_grads.dk),
+                   ev = RelError(got.dv, f32_grads.dv);
+      std::printf("bf16 attention backward 7B chunk against f32: dq %.2e dk %.2e dv %.2e\n", eq, ek,
+                  ev);
+      EXPECT_LE(eq, kAttentionBackwardBf16VsF32Bound);
+      EXPECT_LE(ek, kAttentionBackwardBf16VsF32Bound);
+      EXPECT_LE(ev, kAttentionBackwardBf16VsF32Bound);
     }
   }
 }

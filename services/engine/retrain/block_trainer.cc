@@ -1,0 +1,626 @@
+#include "services/engine/retrain/block_trainer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/parallel.h"
+#include "common/status.h"
+#include "kernels/hash_random.h"
+
+namespace qcal::engine {
+namespace {
+
+using kernels::Backend;
+
+// A host tensor on the backend (no copy on a host backend).
+absl::StatusOr<Tensor> OnDevice(Backend& be, const Tensor& host) {
+  if (host.device() == be.device()) return host;
+  return be.ToDevice(host);
+}
+
+// A backend tensor on the host (no copy on a host backend).
+absl::StatusOr<Tensor> OnHost(Backend& be, const Tensor& t) {
+  if (t.device() == Device::kHost) return t;
+  return be.ToHost(t);
+}
+
+absl::Status CheckHostF32(const Tensor& t, const Shape& shape, LinearKind kind, const char* what) {
+  if (!t.defined() || t.device() != Device::kHost || t.dtype() != DType::kF32 ||
+      t.shape() != shape) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("retrain: ", LinearName(kind), " ", what, " is ",
+                     t.defined() ? t.DebugString() : std::string("undefined"),
+                     ", expected a host F32 tensor ", ShapeString(shape)));
+  }
+  return absl::OkStatus();
+}
+
+// dst += src elementwise (host F32 tensors of one size).
+void AddInto(const Tensor& src, Tensor& dst) {
+  const float* a = src.data<float>();
+  float* b = dst.data<float>();
+  ParallelFor(src.numel(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) b[i] += a[i];
+  });
+}
+
+}  // namespace
+
+const char* RetrainStageName(RetrainStage stage) {
+  switch (stage) {
+    case RetrainStage::kWeight:
+      return "weight";
+    case RetrainStage::kMixed:
+      return "mixed";
+    case RetrainStage::kOutput:
+      return "output";
+  }
+  return "?";
+}
+
+LossCoefficients CoefficientsOf(RetrainStage stage) {
+  switch (stage) {
+    case RetrainStage::kWeight:
+      return {0, 1};
+    case RetrainStage::kMixed:
+      return {1, 1};
+    case RetrainStage::kOutput:
+      return {1, 0};
+  }
+  return {};
+}
+
+absl::Status RetrainOptions::Validate() const {
+  RetrainRecipe r;
+  r.enabled = true;
+  r.rank = rank;
+  r.epochs = epochs;
+  r.lambda = lambda;
+  r.lr_lora = lr_lora;
+  r.lr_clip = lr_clip;
+  r.weight_decay = weight_decay;
+  // The recipe's rules name the recipe's keys; a uniform-grid recipe without error
+  // reconstruction checks exactly the retrain section.
+  Recipe recipe;
+  recipe.method = QuantMethod::kRtn;
+  recipe.weights.bits = 4;
+  recipe.retrain = r;
+  QCAL_RETURN_IF_ERROR(recipe.Validate());
+  if (!std::isfinite(initial_clip_logit)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("retrain: initial_clip_logit must be finite, got ", initial_clip_logit));
+  }
+  return absl::OkStatus();
+}
+
+RetrainOptions RetrainOptionsOf(const RetrainRecipe& recipe, uint64_t seed) {
+  RetrainOptions o;
+  o.epochs = recipe.epochs;
+  o.lambda = recipe.lambda;
+  o.lr_lora = recipe.lr_lora;
+  o.lr_clip = recipe.lr_clip;
+  o.weight_decay = recipe.weight_decay;
+  o.rank = recipe.RankOrDefault();
+  o.seed = seed;
+  return o;
+}
+
+std::vector<int> RetrainSampleOrder(uint64_t seed, int epoch, int n) {
+  std::vector<int> order(static_cast<size_t>(std::max(n, 0)));
+  for (int i = 0; i < n; ++i) order[i] = i;
+  const uint64_t stream = kernels::HashBits(seed, kNumLinears + static_cast<uint64_t>(epoch));
+  for (int i = n - 1; i >= 1; --i) {
+    const int j = static_cast<int>(kernels::HashBits(stream, i) % static_cast<uint64_t>(i + 1));
+    std::swap(order[i], order[j]);
+  }
+  return order;
+}
+
+// One trainable linear.
+struct TrainLinear {
+  LinearKind kind = LinearKind::kQ;
+  ClipLayout layout;
+  Tensor base, reference, fisher;  // host
+  Tensor bias;                     // backend, or undefined
+  int act_bits = 16;
+  RetrainParams params, grads;                                  // host
+  std::vector<float> m_a, v_a, m_b, v_b, m_g, v_g, m_be, v_be;  // AdamW moments
+  // This step's tensors: Q(W̃; γ, β) on the host and on the backend, the factors on the backend.
+  Tensor q_host, q_dev, a_dev, b_dev;
+  // ∂loss/∂(the weight branch's W) and ∂loss/∂(L_A·L_B), host [d_out, d_in]; the same tensor
+  // without activation quantization (both branches then see the same input).
+  Tensor g_q, g_lora;
+  int64_t d_out() const { return layout.d_out; }
+  int64_t d_in() const { return layout.d_in; }
+};
+
+// What one sample's forward keeps for the backward.
+struct ForwardActs {
+  // Per linear: the input of the weight branch (activation-quantized when act_bits < 16) and of
+  // the low-rank branch.
+  std::array<Tensor, kNumLinears> x_q, x;
+  Tensor q_pre, k_pre;  // q/k projections before Qwen3's q/k norms (undefined without them)
+  Tensor q, k, v;       // attention's operands (after norms and RoPE)
+  Tensor h1;            // the residual after attention
+  Tensor gate, up;      // the MLP projections
+  Tensor out;           // the block's output
+};
+
+struct BlockTrainer::State {
+  Backend* be = nullptr;
+  ModelConfig config;
+  RetrainOptions options;
+  RetrainBlockInput input;
+  std::array<TrainLinear, kNumLinears> linears;
+  int64_t steps = 0;
+
+  TrainLinear& L(LinearKind k) { return linears[static_cast<int>(k)]; }
+
+  // Q(W̃; γ, β) and the factors, placed on the backend for this step.
+  absl::Status PrepareWeights() {
+    for (TrainLinear& l : linears) {
+      ClippedFakeQuant<float>(l.base.data<float>(), l.layout, l.params.gamma.data<float>(),
+                              l.params.beta.data<float>(), l.q_host.data<float>());
+      QCAL_ASSIGN_OR_RETURN(l.q_dev, OnDevice(*be, l.q_host));
+      QCAL_ASSIGN_OR_RETURN(l.a_dev, OnDevice(*be, l.params.lora_a));
+      QCAL_ASSIGN_OR_RETURN(l.b_dev, OnDevice(*be, l.params.lora_b));
+    }
+    return absl::OkStatus();
+  }
+
+  // y (+)= Q·ActQuant(x) + bias + L_A(L_B x), recording the branches' inputs.
+  absl::Status Apply(LinearKind kind, const Tensor& x, ForwardActs& acts, Tensor& y,
+                     bool accumulate) {
+    TrainLinear& l = L(kind);
+    const int i = static_cast<int>(kind);
+    acts.x[i] = x;
+    acts.x_q[i] = x;
+    if (l.act_bits < 16) {
+      QCAL_ASSIGN_OR_RETURN(acts.x_q[i], be->Alloc(DType::kF32, x.shape()));
+      QCAL_RETURN_IF_ERROR(be->ActQuant(x, l.act_bits, acts.x_q[i]));
+    }
+    QCAL_RETURN_IF_ERROR(
+        be->Linear(acts.x_q[i], l.q_dev, l.bias.defined() ? &l.bias : nullptr, y, accumulate));
+    QCAL_ASSIGN_OR_RETURN(Tensor t, be->Alloc(DType::kF32, {x.dim(0), l.a_dev.dim(1)}));
+    QCAL_RETURN_IF_ERROR(be->Linear(x, l.b_dev, nullptr, t, false));
+    return be->Linear(t, l.a_dev, nullptr, y, true);
+  }
+
+  absl::StatusOr<Tensor> Project(LinearKind kind, const Tensor& x, ForwardActs& acts) {
+    QCAL_ASSIGN_OR_RETURN(Tensor y, be->Alloc(DType::kF32, {x.dim(0), L(kind).d_out()}));
+    QCAL_RETURN_IF_ERROR(Apply(kind, x, acts, y, false));
+    return y;
+  }
+
+  kernels::RopeShape Rope(int64_t rows) const {
+    return kernels::RopeShape(static_cast<int>(rows), 0, config.head_dim, config.rope_theta,
+                              config.rope_scaling);
+  }
+  kernels::AttentionShape Attention(int64_t rows) const {
+    const int n = static_cast<int>(rows);
+    return kernels::AttentionShape(1, n, n, config.num_heads, config.num_kv_heads, config.head_dim,
+                                   0, static_cast<int>(config.sliding_window));
+  }
+
+  // The quantized block on x [rows, hidden] (Model::BlockForward's ops and order).
+  absl::StatusOr<ForwardActs> Forward(const Tensor& x) {
+    const BlockWeights& w = *input.block;
+    const float eps = static_cast<float>(config.rms_norm_eps);
+    const int64_t rows = x.dim(0);
+    ForwardActs acts;
+    QCAL_ASSIGN_OR_RETURN(Tensor a, be->Alloc(DType::kF32, x.shape()));
+    QCAL_RETURN_IF_ERROR(be->RmsNorm(x, w.input_norm, eps, a));
+    QCAL_ASSIGN_OR_RETURN(acts.q, Project(LinearKind::kQ, a, acts));
+    QCAL_ASSIGN_OR_RETURN(acts.k, Project(LinearKind::kK, a, acts));
+    QCAL_ASSIGN_OR_RETURN(acts.v, Project(LinearKind::kV, a, acts));
+    if (w.q_norm.defined()) {
+      const int64_t hd = config.head_dim;
+      QCAL_ASSIGN_OR_RETURN(acts.q_pre, be->Alloc(DType::kF32, acts.q.shape()));
+      QCAL_ASSIGN_OR_RETURN(acts.k_pre, be->Alloc(DType::kF32, acts.k.shape()));
+      QCAL_RETURN_IF_ERROR(be->Copy(acts.q, acts.q_pre));
+      QCAL_RETURN_IF_ERROR(be->Copy(acts.k, acts.k_pre));
+      Tensor qh = acts.q.Reshape({acts.q.numel() / hd, hd});
+      Tensor kh = acts.k.Reshape({acts.k.numel() / hd, hd});
+      QCAL_RETURN_IF_ERROR(be->RmsNorm(qh, w.q_norm, eps, qh));
+      QCAL_RETURN_IF_ERROR(be->RmsNorm(kh, w.k_norm, eps, kh));
+    }
+    QCAL_RETURN_IF_ERROR(be->Rope(acts.q, Rope(rows)));
+    QCAL_RETURN_IF_ERROR(be->Rope(acts.k, Rope(rows)));
+    QCAL_ASSIGN_OR_RETURN(Tensor attn, be->Alloc(DType::kF32, {rows, config.q_dim()}));
+    QCAL_RETURN_IF_ERROR(be->Attention(acts.q, acts.k, acts.v, Attention(rows), attn));
+    QCAL_ASSIGN_OR_RETURN(acts.h1, be->Alloc(DType::kF32, x.shape()));
+    QCAL_RETURN_IF_ERROR(be->Copy(x, acts.h1));
+    QCAL_RETURN_IF_ERROR(Apply(LinearKind::kO, attn, acts, acts.h1, true));
+    QCAL_ASSIGN_OR_RETURN(Tensor m, be->Alloc(DType::kF32, x.shape()));
+    QCAL_RETURN_IF_ERROR(be->RmsNorm(acts.h1, w.post_attention_norm, eps, m));
+    QCAL_ASSIGN_OR_RETURN(acts.gate, Project(LinearKind::kGate, m, acts));
+    QCAL_ASSIGN_OR_RETURN(acts.up, Project(LinearKind::kUp, m, acts));
+    QCAL_ASSIGN_OR_RETURN(Tensor p, be->Alloc(DType::kF32, acts.gate.shape()));
+    QCAL_RETURN_IF_ERROR(be->SiluMul(acts.gate, acts.up, p));
+    QCAL_ASSIGN_OR_RETURN(acts.out, be->Alloc(DType::kF32, x.shape()));
+    QCAL_RETURN_IF_ERROR(be->Copy(acts.h1, acts.out));
+    QCAL_RETURN_IF_ERROR(Apply(LinearKind::kDown, p, acts, acts.out, true));
+    return acts;
+  }
+
+  // For y = linear(x) with output gradient dy: adds dyᵀ·x_q to g_q and dyᵀ·x to g_lora (host),
+  // and, when dx is given, sets dx = dy·Q + (dy·L_A)·L_B (ActQuant passes gradients through).
+  absl::Status LinearBackward(LinearKind kind, const ForwardActs& acts, const Tensor& dy,
+                              Tensor* dx) {
+    TrainLinear& l = L(kind);
+    const int i = static_cast<int>(kind);
+    QCAL_ASSIGN_OR_RETURN(Tensor g, be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
+    QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x[i], false, 1.0f, 0.0f, g));
+    QCAL_ASSIGN_OR_RETURN(Tensor g_host, OnHost(*be, g));
+    QCAL_RETURN_IF_ERROR(be->Synchronize());
+    AddInto(g_host, l.g_lora);
+    if (l.act_bits < 16) {
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 0.0f, g));
+      QCAL_ASSIGN_OR_RETURN(g_host, OnHost(*be, g));
+      QCAL_RETURN_IF_ERROR(be->Synchronize());
+    }
+    AddInto(g_host, l.g_q);
+    if (dx) {
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.q_dev, false, 1.0f, 0.0f, *dx));
+      QCAL_ASSIGN_OR_RETURN(Tensor t, be->Alloc(DType::kF32, {dy.dim(0), l.a_dev.dim(1)}));
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.a_dev, false, 1.0f, 0.0f, t));
+      QCAL_RETURN_IF_ERROR(be->Gemm(t, false, l.b_dev, false, 1.0f, 1.0f, *dx));
+    }
+    return absl::OkStatus();
+  }
+
+  // Back-propagates dout = ∂loss/∂out through the block into every linear's g_q and g_lora.
+  absl::Status Backward(const Tensor& x, const ForwardActs& acts, const Tensor& dout) {
+    const BlockWeights& w = *input.block;
+    const float eps = static_cast<float>(config.rms_norm_eps);
+    const int64_t rows = x.dim(0);
+    // MLP: out = h1 + down(silu(gate)·up), gate/up = linear(RmsNorm(h1)).
+    QCAL_ASSIGN_OR_RETURN(Tensor dp, be->Alloc(DType::kF32, acts.gate.shape()));
+    QCAL_RETURN_IF_ERROR(LinearBackward(LinearKind::kDown, acts, dout, &dp));
+    QCAL_ASSIGN_OR_RETURN(Tensor dgate, be->Alloc(DType::kF32, acts.gate.shape()));
+    QCAL_ASSIGN_OR_RETURN(Tensor dup, be->Alloc(DType::kF32, acts.up.shape()));
+    QCAL_RETURN_IF_ERROR(be->SiluMulBackward(acts.gate, acts.up, dp, dgate, dup));
+    QCAL_ASSIGN_OR_RETURN(Tensor dm, be->Alloc(DType::kF32, x.shape()));
+    QCAL_ASSIGN_OR_RETURN(Tensor dm_up, be->Alloc(DType::kF32, x.shape()));
+    QCAL_RETURN_IF_ERROR(LinearBackward(LinearKind::kGate, acts, dgate, &dm));
+    QCAL_RETURN_IF_ERROR(LinearBackward(LinearKind::kUp, acts, dup, &dm_up));
+    QCAL_RETURN_IF_ERROR(be->Add(dm_up, dm));
+    QCAL_ASSIGN_OR_RETURN(Tensor dh1, be->Alloc(DType::kF32, x.shape()));
+    QCAL_RETURN_IF_ERROR(be->RmsNormBackward(acts.h1, w.post_attention_norm, eps, dm, dh1));
+    QCAL_RETURN_IF_ERROR(be->Add(dout, dh1));
+    // Attention: h1 = x + o(attention(rope(q), rope(k), v)), q/k/v = linear(RmsNorm(x)).
+    QCAL_ASSIGN_OR_RETURN(Tensor dattn, be->Alloc(DType::kF32, {rows, config.q_dim()}));
+    QCAL_RETURN_IF_ERROR(LinearBackward(LinearKind::kO, acts, dh1, &dattn));
+    QCAL_ASSIGN_OR_RETURN(Tensor dq, be->Alloc(DType::kF32, acts.q.shape()));
+    QCAL_ASSIGN_OR_RETURN(Tensor dk, be->Alloc(DType::kF32, acts.k.shape()));
+    QCAL_ASSIGN_OR_RETURN(Tensor dv, be->Alloc(DType::kF32, acts.v.shape()));
+    QCAL_RETURN_IF_ERROR(
+        be->AttentionBackward(acts.q, acts.k, acts.v, dattn, Attention(rows), dq, dk, dv));
+    QCAL_RETURN_IF_ERROR(be->RopeBackward(dq, Rope(rows)));
+    QCAL_RETURN_IF_ERROR(be->RopeBackward(dk, Rope(rows)));
+    if (w.q_norm.defined()) {
+      const int64_t hd = config.head_dim;
+      Tensor dqh = dq.Reshape({dq.numel() / hd, hd}), dkh = dk.Reshape({dk.numel() / hd, hd});
+      QCAL_RETURN_IF_ERROR(
+          be->RmsNormBackward(acts.q_pre.Reshape(dqh.shape()), w.q_norm, eps, dqh, dqh));
+      QCAL_RETURN_IF_ERROR(
+          be->RmsNormBackward(acts.k_pre.Reshape(dkh.shape()), w.k_norm, eps, dkh, dkh));
+    }
+    QCAL_RETURN_IF_ERROR(LinearBackward(LinearKind::kQ, acts, dq, nullptr));
+    QCAL_RETURN_IF_ERROR(LinearBackward(LinearKind::kK, acts, dk, nullptr));
+    return LinearBackward(LinearKind::kV, acts, dv, nullptr);
+  }
+
+  // MSE(target, out) in double and, when dout is given, dout = scale·(out − target).
+  absl::StatusOr<double> Mse(const Tensor& out, const Tensor& target, float scale, Tensor* dout) {
+    QCAL_ASSIGN_OR_RETURN(Tensor y, OnHost(*be, out));
+    QCAL_ASSIGN_OR_RETURN(Tensor t, OnHost(*be, target));
+    QCAL_RETURN_IF_ERROR(be->Synchronize());
+    const float* yp = y.data<float>();
+    const float* tp = t.data<float>();
+    const int64_t n = y.numel();
+    double sum = 0;
+    for (int64_t e = 0; e < n; ++e) {
+      const double d = static_cast<double>(yp[e]) - static_cast<double>(tp[e]);
+      sum += d * d;
+    }
+    if (dout) {
+      Tensor d = Tensor::Zeros(DType::kF32, y.shape());
+      float* dp = d.data<float>();
+      for (int64_t e = 0; e < n; ++e) dp[e] = scale * (yp[e] - tp[e]);
+      QCAL_ASSIGN_OR_RETURN(*dout, OnDevice(*be, d));
+    }
+    return sum / static_cast<double>(n);
+  }
+
+  // Σ F (Weff − W)² over every linear (double), adding weight·2F(Weff − W) to g_q and g_lora.
+  absl::StatusOr<double> Regularizer(double weight) {
+    double total = 0;
+    const float scale = static_cast<float>(2.0 * weight);
+    for (TrainLinear& l : linears) {
+      // Weff = Q + L_A·L_B.
+      QCAL_ASSIGN_OR_RETURN(Tensor eff, be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
+      QCAL_RETURN_IF_ERROR(be->Copy(l.q_dev, eff));
+      QCAL_RETURN_IF_ERROR(be->Gemm(l.a_dev, false, l.b_dev, false, 1.0f, 1.0f, eff));
+      QCAL_ASSIGN_OR_RETURN(Tensor eff_host, OnHost(*be, eff));
+      QCAL_RETURN_IF_ERROR(be->Synchronize());
+      const float* ep = eff_host.data<float>();
+      const float* wp = l.reference.data<float>();
+      const float* fp = l.fisher.defined() ? l.fisher.data<float>() : nullptr;
+      float* gq = l.g_q.data<float>();
+      float* gl = l.g_lora.data<float>();
+      const int64_t d_in = l.d_in();
+      // Per-row sums, added in row order: the total does not depend on the thread count.
+      std::vector<double> row_sums(static_cast<size_t>(l.d_out()), 0.0);
+      ParallelFor(l.d_out(), d_in, [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+          double sum = 0;
+          for (int64_t e = o * d_in; e < (o + 1) * d_in; ++e) {
+            const float d = ep[e] - wp[e];
+            const float f = fp ? fp[e] : 1.0f;
+            sum += static_cast<double>(f) * static_cast<double>(d) * static_cast<double>(d);
+            const float g = scale * f * d;
+            gq[e] += g;
+            gl[e] += g;
+          }
+          row_sums[o] = sum;
+        }
+      });
+      for (double r : row_sums) total += r;
+    }
+    return total;
+  }
+
+  // The parameter gradients from g_q and g_lora: ∂L_A = G·L_Bᵀ, ∂L_B = L_Aᵀ·G, ∂γ/∂β by the STE.
+  absl::Status ParamGrads() {
+    for (TrainLinear& l : linears) {
+      QCAL_ASSIGN_OR_RETURN(Tensor g, OnDevice(*be, l.g_lora));
+      QCAL_ASSIGN_OR_RETURN(Tensor da, be->Alloc(DType::kF32, l.params.lora_a.shape()));
+      QCAL_ASSIGN_OR_RETURN(Tensor db, be->Alloc(DType::kF32, l.params.lora_b.shape()));
+      QCAL_RETURN_IF_ERROR(be->Gemm(g, false, l.b_dev, true, 1.0f, 0.0f, da));
+      QCAL_RETURN_IF_ERROR(be->Gemm(l.a_dev, true, g, false, 1.0f, 0.0f, db));
+      QCAL_ASSIGN_OR_RETURN(Tensor da_host, OnHost(*be, da));
+      QCAL_ASSIGN_OR_RETURN(Tensor db_host, OnHost(*be, db));
+      QCAL_RETURN_IF_ERROR(be->Synchronize());
+      std::copy_n(da_host.data<float>(), da_host.numel(), l.grads.lora_a.data<float>());
+      std::copy_n(db_host.data<float>(), db_host.numel(), l.grads.lora_b.data<float>());
+      ClippedFakeQuantBackward<float>(
+          l.base.data<float>(), l.layout, l.params.gamma.data<float>(), l.params.beta.data<float>(),
+          l.g_q.data<float>(), l.grads.gamma.data<float>(), l.grads.beta.data<float>(), nullptr);
+    }
+    return absl::OkStatus();
+  }
+};
+
+BlockTrainer::BlockTrainer(std::unique_ptr<State> state) : s_(std::move(state)) {}
+BlockTrainer::~BlockTrainer() = default;
+
+absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& backend,
+                                                                   const ModelConfig& config,
+                                                                   const kernels::QuantSpec& spec,
+                                                                   const RetrainOptions& options,
+                                                                   RetrainBlockInput input) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  if (!backend.SupportsOp(kernels::Op::kBackward)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("retrain: the ", backend.name(), " backend has no backward ops"));
+  }
+  if (input.block == nullptr) return absl::InvalidArgumentError("retrain: no block given");
+  if (input.inputs.empty() || input.inputs.size() != input.targets.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("retrain: ", input.inputs.size(), " inputs and ",
+                                                   input.targets.size(),
+                                                   " targets; need the same positive number"));
+  }
+  for (size_t n = 0; n < input.inputs.size(); ++n) {
+    const Tensor& x = input.inputs[n];
+    if (x.rank() != 2 || x.dim(1) != config.hidden_size || x.dim(0) < 1 ||
+        input.targets[n].shape() != x.shape()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "retrain: sample ", n, " has input ", x.DebugString(), " and target ",
+          input.targets[n].DebugString(), "; expected two [seq_len, ", config.hidden_size, "]"));
+    }
+  }
+  auto s = std::make_unique<State>();
+  s->be = &backend;
+  s->config = config;
+  s->options = options;
+  for (LinearKind kind : kAllLinears) {
+    RetrainLinearInput& in = input.linears[static_cast<int>(kind)];
+    const Linear& installed = input.block->at(kind);
+    TrainLinear& l = s->L(kind);
+    l.kind = kind;
+    if (!in.base.defined() || in.base.rank() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("retrain: ", LinearName(kind), " has no base weight [d_out, d_in]"));
+    }
+    const int64_t d_out = in.base.dim(0), d_in = in.base.dim(1);
+    const Shape w_shape = {d_out, d_in};
+    QCAL_RETURN_IF_ERROR(CheckHostF32(in.base, w_shape, kind, "base"));
+    QCAL_RETURN_IF_ERROR(CheckHostF32(in.reference, w_shape, kind, "reference"));
+    if (in.fisher.defined()) QCAL_RETURN_IF_ERROR(CheckHostF32(in.fisher, w_shape, kind, "fisher"));
+    // The fake quantizer assumes finite weights (QuantizeClipped checks again at the end).
+    const float* wp = in.base.data<float>();
+    for (int64_t e = 0; e < in.base.numel(); ++e) {
+      if (!std::isfinite(wp[e])) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "retrain: ", LinearName(kind), " base [", e / d_in, ", ", e % d_in, "] is not finite"));
+      }
+    }
+    l.layout.d_out = d_out;
+    l.layout.d_in = d_in;
+    l.layout.spec = spec;
+    l.layout.perm = in.perm;
+    l.layout.grid_scales = in.grid_scales;
+    l.layout.grid_zeros = in.grid_zeros;
+    QCAL_RETURN_IF_ERROR(l.layout.Validate());
+    l.base = in.base;
+    l.reference = in.reference;
+    l.fisher = in.fisher;
+    l.bias = installed.bias;
+    l.act_bits = installed.act_bits;
+    // The LoRA start.
+    if (in.lora_a.defined() != in.lora_b.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "retrain: ", LinearName(kind), " has one starting LoRA factor; give both or neither"));
+    }
+    if (in.lora_a.defined()) {
+      const int64_t r = in.lora_a.rank() == 2 ? in.lora_a.dim(1) : 0;
+      QCAL_RETURN_IF_ERROR(
+          CheckHostF32(in.lora_a, {d_out, std::max<int64_t>(r, 1)}, kind, "starting lora_a (L_A)"));
+      QCAL_RETURN_IF_ERROR(CheckHostF32(in.lora_b, {r, d_in}, kind, "starting lora_b (L_B)"));
+      l.params.lora_a = in.lora_a.Clone();
+      l.params.lora_b = in.lora_b.Clone();
+    } else {
+      const int64_t r = std::min<int64_t>(options.rank, std::min(d_out, d_in));
+      l.params.lora_a = Tensor::Zeros(DType::kF32, {d_out, r});
+      l.params.lora_b = Tensor::Zeros(DType::kF32, {r, d_in});
+      const float bound = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_in)));
+      const uint64_t stream = kernels::HashBits(options.seed, static_cast<uint64_t>(kind));
+      float* b = l.params.lora_b.data<float>();
+      for (int64_t e = 0; e < r * d_in; ++e) b[e] = kernels::HashUniform(stream, e, -bound, bound);
+    }
+    const Shape clip_shape = {d_out, l.layout.n_groups()};
+    l.params.gamma = Tensor::Zeros(DType::kF32, clip_shape);
+    l.params.beta = Tensor::Zeros(DType::kF32, clip_shape);
+    std::fill_n(l.params.gamma.data<float>(), l.layout.num_logits(), options.initial_clip_logit);
+    std::fill_n(l.params.beta.data<float>(), l.layout.num_logits(), options.initial_clip_logit);
+    l.grads.lora_a = Tensor::Zeros(DType::kF32, l.params.lora_a.shape());
+    l.grads.lora_b = Tensor::Zeros(DType::kF32, l.params.lora_b.shape());
+    l.grads.gamma = Tensor::Zeros(DType::kF32, clip_shape);
+    l.grads.beta = Tensor::Zeros(DType::kF32, clip_shape);
+    for (auto* mv : {&l.m_a, &l.v_a}) mv->assign(l.params.lora_a.numel(), 0.0f);
+    for (auto* mv : {&l.m_b, &l.v_b}) mv->assign(l.params.lora_b.numel(), 0.0f);
+    for (auto* mv : {&l.m_g, &l.v_g, &l.m_be, &l.v_be}) mv->assign(l.layout.num_logits(), 0.0f);
+    l.q_host = Tensor::Zeros(DType::kF32, w_shape);
+    l.g_q = Tensor::Zeros(DType::kF32, w_shape);
+    l.g_lora = Tensor::Zeros(DType::kF32, w_shape);
+  }
+  s->input = std::move(input);
+  return std::unique_ptr<BlockTrainer>(new BlockTrainer(std::move(s)));
+}
+
+absl::StatusOr<StepLoss> BlockTrainer::ComputeGradients(int sample, LossCoefficients c) {
+  State& s = *s_;
+  if (sample < 0 || sample >= num_samples()) {
+    return absl::InvalidArgumentError(absl::StrCat("retrain: sample ", sample, " out of range"));
+  }
+  QCAL_RETURN_IF_ERROR(s.PrepareWeights());
+  for (TrainLinear& l : s.linears) {
+    std::fill_n(l.g_q.data<float>(), l.g_q.numel(), 0.0f);
+    std::fill_n(l.g_lora.data<float>(), l.g_lora.numel(), 0.0f);
+  }
+  StepLoss loss;
+  if (c.c_out != 0) {
+    const Tensor& x = s.input.inputs[sample];
+    QCAL_ASSIGN_OR_RETURN(ForwardActs acts, s.Forward(x));
+    Tensor dout;
+    const float scale = static_cast<float>(2.0 * c.c_out / static_cast<double>(x.numel()));
+    QCAL_ASSIGN_OR_RETURN(loss.output_mse, s.Mse(acts.out, s.input.targets[sample], scale, &dout));
+    QCAL_RETURN_IF_ERROR(s.Backward(x, acts, dout));
+    loss.loss += c.c_out * loss.output_mse;
+  }
+  const double reg_weight = c.c_reg * s.options.lambda;
+  if (reg_weight != 0) {
+    QCAL_ASSIGN_OR_RETURN(loss.regularizer, s.Regularizer(reg_weight));
+    loss.loss += reg_weight * loss.regularizer;
+  }
+  QCAL_RETURN_IF_ERROR(s.ParamGrads());
+  return loss;
+}
+
+void BlockTrainer::Step() {
+  State& s = *s_;
+  ++s.steps;
+  AdamWOptions lora{s.options.lr_lora, 0.9, 0.999, 1e-8, s.options.weight_decay};
+  AdamWOptions clip{s.options.lr_clip, 0.9, 0.999, 1e-8, s.options.weight_decay};
+  for (TrainLinear& l : s.linears) {
+    RetrainParams& p = l.params;
+    RetrainParams& g = l.grads;
+    AdamWStep<float>(p.lora_a.data<float>(), g.lora_a.data<float>(), l.m_a.data(), l.v_a.data(),
+                     p.lora_a.numel(), s.steps, lora);
+    AdamWStep<float>(p.lora_b.data<float>(), g.lora_b.data<float>(), l.m_b.data(), l.v_b.data(),
+                     p.lora_b.numel(), s.steps, lora);
+    AdamWStep<float>(p.gamma.data<float>(), g.gamma.data<float>(), l.m_g.data(), l.v_g.data(),
+                     p.gamma.numel(), s.steps, clip);
+    AdamWStep<float>(p.beta.data<float>(), g.beta.data<float>(), l.m_be.data(), l.v_be.data(),
+                     p.beta.numel(), s.steps, clip);
+  }
+}
+
+absl::StatusOr<std::vector<EpochLoss>> BlockTrainer::Train() {
+  State& s = *s_;
+  std::vector<EpochLoss> history;
+  const int n = num_samples();
+  int global_epoch = 0;
+  for (RetrainStage stage : kRetrainStages) {
+    const int epochs = stage == RetrainStage::kWeight  ? s.options.epochs.weight
+                       : stage == RetrainStage::kMixed ? s.options.epochs.mixed
+                                                       : s.options.epochs.output;
+    const LossCoefficients c = CoefficientsOf(stage);
+    for (int e = 0; e < epochs; ++e, ++global_epoch) {
+      EpochLoss record;
+      record.stage = stage;
+      record.epoch = e;
+      for (int sample : RetrainSampleOrder(s.options.seed, global_epoch, n)) {
+        QCAL_ASSIGN_OR_RETURN(StepLoss l, ComputeGradients(sample, c));
+        Step();
+        record.mean.output_mse += l.output_mse / n;
+        record.mean.regularizer += l.regularizer / n;
+        record.mean.loss += l.loss / n;
+      }
+      history.push_back(record);
+    }
+  }
+  return history;
+}
+
+absl::StatusOr<double> BlockTrainer::OutputMse() {
+  State& s = *s_;
+  QCAL_RETURN_IF_ERROR(s.PrepareWeights());
+  double total = 0;
+  for (int n = 0; n < num_samples(); ++n) {
+    QCAL_ASSIGN_OR_RETURN(ForwardActs acts, s.Forward(s.input.inputs[n]));
+    QCAL_ASSIGN_OR_RETURN(double mse, s.Mse(acts.out, s.input.targets[n], 0, nullptr));
+    total += mse;
+  }
+  return total / num_samples();
+}
+
+absl::StatusOr<RetrainedLinear> BlockTrainer::Finish(LinearKind kind) const {
+  const TrainLinear& l = s_->linears[static_cast<int>(kind)];
+  RetrainedLinear out;
+  QCAL_ASSIGN_OR_RETURN(
+      out.quantized, QuantizeClipped(l.base.data<float>(), l.layout, l.params.gamma.data<float>(),
+                                     l.params.beta.data<float>()));
+  out.lora_a = l.params.lora_a.Clone();
+  out.lora_b = l.params.lora_b.Clone();
+  return out;
+}
+
+const RetrainParams& BlockTrainer::params(LinearKind kind) const {
+  return s_->linears[static_cast<int>(kind)].params;
+}
+const RetrainParams& BlockTrainer::grads(LinearKind kind) const {
+  return s_->linears[static_cast<int>(kind)].grads;
+}
+int BlockTrainer::num_samples() const { return static_cast<int>(s_->input.inputs.size()); }
+int64_t BlockTrainer::steps() const { return s_->steps; }
+
+absl::StatusOr<RetrainResult> RetrainBlock(Backend& backend, const ModelConfig& config,
+                                           const kernels::QuantSpec& spec,
+                                           const RetrainOptions& options, RetrainBlockInput input) {
+  QCAL_ASSIGN_OR_RETURN(std::unique_ptr<BlockTrainer> trainer,
+                        BlockTrainer::Create(backend, config, spec, options, std::move(input)));
+  RetrainResult result;
+  QCAL_ASSIGN_OR_RETURN(result.output_mse_before, trainer->OutputMse());
+  QCAL_ASSIGN_OR_RETURN(result.epochs, trainer->Train());
+  QCAL_ASSIGN_OR_RETURN(result.output_mse_after, trainer->OutputMse());
+  for (LinearKind kind : kAllLinears) {
+    QCAL_ASSIGN_OR_RETURN(result.linears[static_cast<int>(kind)], trainer->Finish(kind));
+  }
+  return result;
+}
+
+}  // namespace qcal::engine
