@@ -78,10 +78,15 @@ absl::Status AppendToFd(int fd, const std::string& path, const std::string& data
   return absl::OkStatus();
 }
 
-// Whether a job's recipe runs the gradient pass (an unset hessian, from a spec stored before the
-// key existed, is the default "layer").
+// Whether a job runs the gradient pass: for output-adaptive Hessians, or for the Fisher that
+// saliency retraining needs (an unset hessian, from a spec stored before the key existed, is the
+// default "layer").
+bool RunsGradientPass(const engine::Recipe& recipe) {
+  return recipe.NeedsGradientPass() || recipe.NeedsFisher();
+}
 bool RunsGradientPass(const v1::JobSpec& spec) {
-  return spec.recipe().has_hessian() && spec.recipe().hessian() != "layer";
+  absl::StatusOr<engine::Recipe> recipe = service::RecipeFromProto(spec.recipe());
+  return recipe.ok() && RunsGradientPass(*recipe);
 }
 
 // Writes `bytes` to `path` through a temporary file, fsynced (WriteStringToFile), renamed into
@@ -502,7 +507,7 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const std::string& 
   }
   QCAL_ASSIGN_OR_RETURN(service::ModelFacts facts, service::ValidateJobInputs(input_root_, spec));
   QCAL_ASSIGN_OR_RETURN(engine::Recipe recipe, service::RecipeFromProto(spec.recipe()));
-  if (recipe.NeedsGradientPass()) {
+  if (RunsGradientPass(recipe)) {
     // The pass's files of every linear end up in the data directory: refuse at the start, with
     // the numbers, a job they could not fit (DESIGN section 2, "Memory").
     const int64_t bytes = engine::ModelOacBytes(
