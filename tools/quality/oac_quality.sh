@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the OAC quality table of docs/QUALITY.md (issue 12): perplexity of GPTQ against
 # output-adaptive calibration with the sample-wise Hessian H_oac and the per-token H_tok, each with
-# and without act-order, and sample-wise OAC with rank-16 and rank-64 error reconstruction
+# and without act-order, and GPTQ and sample-wise OAC with rank-16 and rank-64 error reconstruction
 # (Cholesky whitening), plus the gradient pass's time.
 #
 #   tools/quality/oac_quality.sh [BUILD_DIR] [SHARED_DIR] > tables.md
@@ -80,8 +80,13 @@ run() {
 ppl() {  # ppl ENTRY -> perplexity with 4 decimals, or "failed"
   if [[ -n $1 ]]; then printf '%.4f' "$(num perplexity "$1.json")"; else echo failed; fi
 }
-pass_secs() {  # pass_secs ENTRY -> the gradient pass's seconds from qcal_run.json, or "-"
-  if [[ -n $1 ]]; then printf '%.1f' "$(num gradient_pass_seconds "$1.run.json")"; else echo -; fi
+pass_secs() {  # pass_secs ENTRY -> the gradient pass's seconds (qcal_run.json gradient_pass), or "-"
+  if [[ -n $1 ]]; then
+    python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))["gradient_pass"]["seconds"])' \
+      "$1.run.json"
+  else
+    echo -
+  fi
 }
 job_secs() {  # job_secs ENTRY -> the whole job's wall seconds (qcal quantize, evaluation included)
   if [[ -n $1 ]]; then cat "$1.secs"; else echo -; fi
@@ -94,8 +99,8 @@ table() {
   local timing=()
   echo "### $name"
   echo
-  echo "| Weights | Group | FP | GPTQ | GPTQ act-order | OAC | OAC act-order | OAC per-token | OAC per-token act-order | OAC + ER r16 | OAC + ER r64 |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| Weights | Group | FP | GPTQ | GPTQ act-order | OAC | OAC act-order | OAC per-token | OAC per-token act-order | GPTQ + ER r16 | OAC + ER r16 | GPTQ + ER r64 | OAC + ER r64 |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   local cfg
   for cfg in "$@"; do
     IFS=: read -r bits group <<<"$cfg"
@@ -106,16 +111,18 @@ table() {
     run "${m[@]}" "$bits" "$group" output_adaptive true 0; local oa=$R
     run "${m[@]}" "$bits" "$group" output_adaptive_token false 0; local t=$R
     run "${m[@]}" "$bits" "$group" output_adaptive_token true 0; local ta=$R
+    run "${m[@]}" "$bits" "$group" layer false 16; local g16=$R
     run "${m[@]}" "$bits" "$group" output_adaptive false 16; local r16=$R
+    run "${m[@]}" "$bits" "$group" layer false 64; local g64=$R
     run "${m[@]}" "$bits" "$group" output_adaptive false 64; local r64=$R
     local fp=failed e
     for e in $g $o $t; do
       fp=$(printf '%.4f' "$(num perplexity_fp "$e.json")")
       break
     done
-    printf '| W%s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$bits" "$group" "$fp" \
-      "$(ppl "$g")" "$(ppl "$ga")" "$(ppl "$o")" "$(ppl "$oa")" "$(ppl "$t")" "$(ppl "$ta")" \
-      "$(ppl "$r16")" "$(ppl "$r64")"
+    printf '| W%s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$bits" "$group" \
+      "$fp" "$(ppl "$g")" "$(ppl "$ga")" "$(ppl "$o")" "$(ppl "$oa")" "$(ppl "$t")" "$(ppl "$ta")" \
+      "$(ppl "$g16")" "$(ppl "$r16")" "$(ppl "$g64")" "$(ppl "$r64")"
     timing+=("| W$bits g$group | $(job_secs "$g") | $(pass_secs "$o") | $(job_secs "$o") | $(pass_secs "$t") | $(job_secs "$t") |")
   done
   echo
