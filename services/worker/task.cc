@@ -356,7 +356,14 @@ std::optional<Worker::TaskEnd> Worker::RunGradientPass(const v1::Task& task, con
   const absl::Time t0 = absl::Now();
   const int64_t bytes_before = transport ? transport->bytes_sent() : 0;
   const double wait_before = transport ? transport->receive_wait_seconds() : 0;
-  absl::StatusOr<std::vector<engine::OacFile>> files = session.RunGradientPass(transport);
+  engine::GangBlockOptions pass_options;
+  pass_options.gradient_block = [&](int b) -> absl::Status {
+    SetProgress(job_id, v1::JOB_STAGE_GRADIENT, b);
+    // With peers the fault point is hit where the block's partials are sent (FaultingTransport).
+    return transport == nullptr ? faults_->Hit("gradient", b) : absl::OkStatus();
+  };
+  absl::StatusOr<std::vector<engine::OacFile>> files =
+      session.RunGradientPass(transport, pass_options);
   if (transport != nullptr) {
     absl::MutexLock lock(&mu_);
     exchange_bytes_total_ += transport->bytes_sent() - bytes_before;

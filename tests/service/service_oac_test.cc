@@ -225,6 +225,12 @@ double KillTheOnlyWorker(const std::string& name, const std::string& fault) {
   return Metric(c, kGradientCount);
 }
 
+TEST(ServiceOacTest, WorkerKilledInTheMiddleOfThePassRedoesIt) {
+  // Killed as the backward reaches block 0's statistics (the last block's are done, nothing is
+  // committed): the second attempt runs the whole pass.
+  EXPECT_EQ(KillTheOnlyWorker("oac-kill-mid", "worker:block=0:stage=gradient:kill"), 1);
+}
+
 TEST(ServiceOacTest, WorkerKilledWhileCommittingThePassRedoesIt) {
   // Block 0's files are in, the rest not: the second attempt runs the pass again and reproduces
   // the committed files.

@@ -23,6 +23,7 @@
 // backend and activations).
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -40,6 +41,11 @@ struct GangBlockOptions {
   // How long a rank waits for one message of a peer before failing the block
   // (DEADLINE_EXCEEDED naming the message). Default: 30 minutes.
   absl::Duration receive_timeout = absl::Minutes(30);
+  // The gradient pass (JobSession::RunGradientPass) calls this as it reaches block b's statistics
+  // (last block first), before anything of the block is sent or written: progress, and the
+  // worker's fault point `gradient` on a worker without peers. An error stops the pass. Default:
+  // none.
+  std::function<absl::Status(int block)> gradient_block;
   // InvalidArgument for a timeout that is not positive.
   absl::Status Validate() const;
 };

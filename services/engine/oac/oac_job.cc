@@ -194,6 +194,7 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
     return payload;
   };
   auto sink = [&](int b, BlockOacPartials partials) -> absl::Status {
+    if (gang_options.gradient_block) QCAL_RETURN_IF_ERROR(gang_options.gradient_block(b));
     for (LinearKind k : kAllLinears) {
       const int owner = gang_.OwnerOf(k);
       if (owner == rank) continue;
