@@ -8,8 +8,9 @@
 //   stage=S  the point's name (required). Worker: open (session opened), solve (block computed,
 //            not uploaded; in a gang of more than one: an owner about to send a layer it solved),
 //            exchange (a gang member about to send partial or completed statistics), gradient
-//            (mid gradient pass, in a gang of more than one: the pass's partials of block N about
-//            to go to a linear's owner; the pass runs from the last block down), gradient_upload
+//            (mid gradient pass, as it reaches block N's statistics: in a gang, the partials about
+//            to go to a linear's owner; alone, before the block's files are written; the pass
+//            runs from the last block down), gradient_upload
 //            (the pass is computed; this rank's statistics files of block N are about to be
 //            committed, those of earlier blocks are in), gradient_done (every file of this rank's
 //            pass is committed, block 0 not started; block = 0), commit (block committed),
