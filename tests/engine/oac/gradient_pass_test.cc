@@ -349,6 +349,7 @@ TEST(GradientPassTiersTest, BoundariesOnTheHostOrScratchDiskGiveTheSameBits) {
   EXPECT_THAT(refused.status().message(),
               ::testing::HasSubstr(absl::StrCat(act, " bytes a block, 5 blocks")));
   EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("none given"));
+  EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("recipe key \"hessian\""));
   int calls = 0;
   EXPECT_EQ(RunGradientPass(*model, chunks, options,
                             [&](int, BlockOacPartials) {
