@@ -21,6 +21,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/ref_grad.h"
 #include "kernels/cpu/ref_ops.h"
+#include "tests/kernels/kernel_test_random.h"
 
 namespace qcal::kernels {
 namespace {
@@ -45,23 +46,7 @@ constexpr double kRopeBound = 1e-6;
 // EmbeddingBackward sums each element in row order as the reference does: bit for bit.
 constexpr double kExactBound = 0.0;
 
-class Random {
- public:
-  explicit Random(uint32_t seed) : gen_(seed) {}
-  float Uniform(float scale) {
-    const float u = static_cast<float>(gen_() >> 8) * (1.0f / 16777216.0f);
-    return (2.0f * u - 1.0f) * scale;
-  }
-  int Below(int n) { return static_cast<int>(gen_() % static_cast<uint32_t>(n)); }
-  Tensor Floats(const Shape& shape, float scale = 1.0f) {
-    Tensor t = Tensor::Zeros(DType::kF32, shape);
-    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = Uniform(scale);
-    return t;
-  }
-
- private:
-  std::mt19937 gen_;
-};
+using kernel_tests::Random;
 
 Tensor I32(const std::vector<int32_t>& values) {
   Tensor t = Tensor::Zeros(DType::kI32, {int64_t(values.size())});
