@@ -35,24 +35,10 @@ constexpr char kAser[] =
 // 40 samples of 32 tokens: five chunks of 8, so that 2, 3 and 4 workers split them unevenly.
 v1::JobSpec GangSpec(const Cluster& c, const char* recipe_yaml, const std::string& output,
                      int min_workers, int max_workers) {
-  v1::JobSpec spec = c.Spec(output);
-  absl::StatusOr<engine::Recipe> recipe = engine::ParseRecipeYaml(recipe_yaml, "recipe");
-  EXPECT_TRUE(recipe.ok()) << recipe.status();
-  *spec.mutable_recipe() = service::RecipeToProto(*recipe);
-  spec.set_samples(40);
-  spec.set_seq_len(32);
-  spec.mutable_workers()->set_min(min_workers);
-  spec.mutable_workers()->set_max(max_workers);
-  return spec;
+  return c.GangSpec(output, recipe_yaml, 40, min_workers, max_workers);
 }
 
-std::string Submit(Cluster& c, const v1::JobSpec& spec) {
-  v1::SubmitJobRequest request;
-  *request.mutable_spec() = spec;
-  absl::StatusOr<v1::SubmitJobResponse> r = c.Client()->Submit(request);
-  EXPECT_TRUE(r.ok()) << r.status();
-  return r.ok() ? r->job().job_id() : "";
-}
+std::string Submit(Cluster& c, const v1::JobSpec& spec) { return c.SubmitSpec(spec); }
 
 // Waits for SUCCEEDED; the output directory.
 std::string Succeeded(Cluster& c, const std::string& id, const std::string& output) {

@@ -264,6 +264,27 @@ v1::JobSpec Cluster::Spec(const std::string& output_name) const {
   return spec;
 }
 
+v1::JobSpec Cluster::GangSpec(const std::string& output_name, const char* recipe_yaml, int samples,
+                              int min_workers, int max_workers) const {
+  v1::JobSpec spec = Spec(output_name);
+  absl::StatusOr<engine::Recipe> recipe = engine::ParseRecipeYaml(recipe_yaml, "recipe");
+  EXPECT_TRUE(recipe.ok()) << recipe.status();
+  if (recipe.ok()) *spec.mutable_recipe() = service::RecipeToProto(*recipe);
+  spec.set_samples(samples);
+  spec.set_seq_len(32);
+  spec.mutable_workers()->set_min(min_workers);
+  spec.mutable_workers()->set_max(max_workers);
+  return spec;
+}
+
+std::string Cluster::SubmitSpec(const v1::JobSpec& spec) {
+  v1::SubmitJobRequest request;
+  *request.mutable_spec() = spec;
+  absl::StatusOr<v1::SubmitJobResponse> r = Client()->Submit(request);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? r->job().job_id() : "";
+}
+
 absl::StatusOr<v1::Job> Cluster::WaitFinal(const std::string& job_id, absl::Duration timeout) {
   std::unique_ptr<service::QuantClient> client = Client("waiter");
   const absl::Time end = absl::Now() + timeout;

@@ -108,6 +108,12 @@ class Cluster {
   v1::JobSpec Spec(const std::string& output_name) const;
   // The recipe file of Spec() (for the CLI and `qcal quantize`).
   std::string RecipePath() const;
+  // Spec() with `recipe_yaml`, `samples` samples of 32 tokens and workers {min, max}: the jobs of
+  // the many-workers tests (chunks of 8 samples split among the gang).
+  v1::JobSpec GangSpec(const std::string& output_name, const char* recipe_yaml, int samples,
+                       int min_workers, int max_workers) const;
+  // Submits `spec` (a test failure when refused) and returns the job id ("" when refused).
+  std::string SubmitSpec(const v1::JobSpec& spec);
 
   // Polls GetJob until the job is final or `timeout` passes; fails at once if the coordinator
   // died.

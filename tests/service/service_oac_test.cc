@@ -41,24 +41,10 @@ constexpr char kGradientCount[] = "qcal_stage_duration_seconds_count{stage=\"gra
 // 24 samples of 32 tokens: three chunks of 8, so that each of three workers holds one.
 v1::JobSpec OacSpec(const Cluster& c, const std::string& output, int min_workers, int max_workers,
                     const char* recipe_yaml = kOac) {
-  v1::JobSpec spec = c.Spec(output);
-  absl::StatusOr<engine::Recipe> recipe = engine::ParseRecipeYaml(recipe_yaml, "recipe");
-  EXPECT_TRUE(recipe.ok()) << recipe.status();
-  *spec.mutable_recipe() = service::RecipeToProto(*recipe);
-  spec.set_samples(24);
-  spec.set_seq_len(32);
-  spec.mutable_workers()->set_min(min_workers);
-  spec.mutable_workers()->set_max(max_workers);
-  return spec;
+  return c.GangSpec(output, recipe_yaml, 24, min_workers, max_workers);
 }
 
-std::string Submit(Cluster& c, const v1::JobSpec& spec) {
-  v1::SubmitJobRequest request;
-  *request.mutable_spec() = spec;
-  absl::StatusOr<v1::SubmitJobResponse> r = c.Client()->Submit(request);
-  EXPECT_TRUE(r.ok()) << r.status();
-  return r.ok() ? r->job().job_id() : "";
-}
+std::string Submit(Cluster& c, const v1::JobSpec& spec) { return c.SubmitSpec(spec); }
 
 // Waits for SUCCEEDED; the final job.
 v1::Job Succeeded(Cluster& c, const std::string& id) {
