@@ -21,21 +21,6 @@
 
 namespace qcal::testing {
 
-inline std::unique_ptr<kernels::Backend> CpuBackend() {
-  kernels::BackendOptions options;
-  options.threads = 1;
-  auto backend = kernels::CreateBackend(options);
-  QCAL_CHECK(backend.ok());
-  return std::move(backend).value();
-}
-
-// A host fp32 tensor of N(0, 1) · scale entries.
-inline Tensor RandomTensor(TestRng& rng, Shape shape, double scale) {
-  std::vector<float> v(static_cast<size_t>(NumElements(shape)));
-  for (float& x : v) x = static_cast<float>(scale * rng.Normal());
-  return Tensor::FromVector(v, std::move(shape));
-}
-
 // hidden 48, 6 heads over 2 KV heads (n_rep 3), head_dim 8, intermediate 80, vocab 64, 2 blocks;
 // every linear has a bias. Norm weights carry outlier channels (x 12) so that smoothing has
 // something to move, and the up_proj rows of a few channels are scaled up (outliers in the down

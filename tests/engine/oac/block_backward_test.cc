@@ -17,7 +17,7 @@ namespace {
 
 using ::qcal::testing::OacConfig;
 using ::qcal::testing::OacRandomModel;
-using ::qcal::testing::OacRandomTensor;
+using ::qcal::testing::RandomTensor;
 using ::qcal::testing::OacVariant;
 using ::qcal::testing::TestRng;
 using ::qcal::testing::Values;
@@ -49,8 +49,8 @@ class BlockBackwardTest : public ::testing::TestWithParam<OacVariant> {
     model_ = OacRandomModel(OacConfig(GetParam(), 2), be_.get(), 17);
     TestRng rng(5);
     const int64_t rows = int64_t{kShape.batch} * kShape.seq_len;
-    x_ = OacRandomTensor(rng, {rows, model_->config().hidden_size}, 1.0);
-    r_ = OacRandomTensor(rng, {rows, model_->config().hidden_size}, 1.0);
+    x_ = RandomTensor(rng, {rows, model_->config().hidden_size}, 1.0);
+    r_ = RandomTensor(rng, {rows, model_->config().hidden_size}, 1.0);
   }
   std::unique_ptr<kernels::Backend> be_;
   std::unique_ptr<Model> model_;
@@ -92,7 +92,7 @@ TEST_P(BlockBackwardTest, InputGradientMatchesCentralDifferences) {
   TestRng rng(11);
   const float eps = 1e-2f;
   for (int trial = 0; trial < 4; ++trial) {
-    Tensor u = OacRandomTensor(rng, x_.shape(), 1.0);
+    Tensor u = RandomTensor(rng, x_.shape(), 1.0);
     Tensor plus = x_.Clone(), minus = x_.Clone();
     for (int64_t i = 0; i < u.numel(); ++i) {
       plus.data<float>()[i] += eps * u.data<float>()[i];
@@ -131,7 +131,7 @@ TEST_P(BlockBackwardTest, TapGivesEachWeightGradient) {
   for (LinearKind kind : kAllLinears) {
     Tensor& w = model_->block(0).at(kind).weight;
     const Tensor saved = w.Clone();
-    Tensor u = OacRandomTensor(rng, w.shape(), 1.0 / std::sqrt(double(w.dim(1))));
+    Tensor u = RandomTensor(rng, w.shape(), 1.0 / std::sqrt(double(w.dim(1))));
     auto loss_at = [&](float sign) {
       for (int64_t i = 0; i < w.numel(); ++i) {
         w.data<float>()[i] = saved.data<float>()[i] + sign * eps * u.data<float>()[i];
@@ -170,7 +170,7 @@ TEST_P(BlockBackwardTest, LossHeadMatchesNllAndCentralDifferences) {
   TestRng rng(3);
   const float eps = 1e-2f;
   for (int trial = 0; trial < 3; ++trial) {
-    Tensor u = OacRandomTensor(rng, x_.shape(), 1.0);
+    Tensor u = RandomTensor(rng, x_.shape(), 1.0);
     Tensor plus = x_.Clone(), minus = x_.Clone();
     for (int64_t i = 0; i < u.numel(); ++i) {
       plus.data<float>()[i] += eps * u.data<float>()[i];
@@ -203,8 +203,8 @@ TEST(BlockBackwardErrorsTest, RefusesBadShapesQuantizedLinearsAndBadTargets) {
   auto be = testing::OacCpuBackend();
   auto model = OacRandomModel(OacConfig(OacVariant::kLlama, 1), be.get(), 1);
   TestRng rng(1);
-  Tensor x = OacRandomTensor(rng, {14, 24}, 1.0);
-  Tensor short_x = OacRandomTensor(rng, {13, 24}, 1.0);
+  Tensor x = RandomTensor(rng, {14, 24}, 1.0);
+  Tensor short_x = RandomTensor(rng, {13, 24}, 1.0);
   EXPECT_EQ(BlockBackward(*model, 0, short_x, kShape, x).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(BlockBackward(*model, 0, x, SeqShape{2, 7, 3}, x).status().code(),

@@ -22,7 +22,7 @@ namespace qcal::engine {
 namespace {
 
 namespace fs = std::filesystem;
-using ::qcal::testing::OacRandomTensor;
+using ::qcal::testing::RandomTensor;
 using ::qcal::testing::TestRng;
 using ::qcal::testing::Values;
 using ::testing::HasSubstr;
@@ -63,7 +63,7 @@ TEST(OacStatisticsTest, TokenHessianWithGradientNormsOfFourIsFourGramsAndKeepsGp
   auto be = testing::OacCpuBackend();
   TestRng rng(9);
   const int64_t rows = 53, d_in = 40, d_out = 19;
-  Tensor x = OacRandomTensor(rng, {rows, d_in}, 1.0);
+  Tensor x = RandomTensor(rng, {rows, d_in}, 1.0);
   // Every row of dy has four entries ±1 at random places: ‖g_t‖² = 4 exactly.
   Tensor dy = Tensor::Zeros(DType::kF32, {rows, d_out});
   for (int64_t t = 0; t < rows; ++t) {
@@ -84,7 +84,7 @@ TEST(OacStatisticsTest, TokenHessianWithGradientNormsOfFourIsFourGramsAndKeepsGp
   EXPECT_EQ(Values(h_tok), four_gram);
 
   // GPTQ on H and on 4·H: the damping is relative and U scales by 1/2, so the codes are the same.
-  Tensor w = OacRandomTensor(rng, {23, d_in}, 0.1);
+  Tensor w = RandomTensor(rng, {23, d_in}, 0.1);
   kernels::QuantSpec spec;
   spec.bits = 3;
   spec.group_size = 16;
@@ -118,10 +118,10 @@ TEST(OacStatisticsTest, SampleHessianAndFisherMatchWeightGradientsInDouble) {
     SCOPED_TRACE(::testing::Message() << "L " << c.l << " d_in " << c.d_in << " d_out " << c.d_out);
     TestRng rng(c.l * 100 + c.d_in);
     const int samples = 3;
-    Tensor x = OacRandomTensor(rng, {samples * c.l, c.d_in}, 1.0);
-    Tensor dy = OacRandomTensor(rng, {samples * c.l, c.d_out}, 0.3);
+    Tensor x = RandomTensor(rng, {samples * c.l, c.d_in}, 1.0);
+    Tensor dy = RandomTensor(rng, {samples * c.l, c.d_out}, 0.3);
     // Accumulated onto a non-zero symmetric h: the op adds.
-    Tensor h = OacRandomTensor(rng, {c.d_in, c.d_in}, 1.0);
+    Tensor h = RandomTensor(rng, {c.d_in, c.d_in}, 1.0);
     for (int64_t i = 0; i < c.d_in; ++i) {
       for (int64_t j = 0; j < i; ++j)
         h.data<float>()[i * c.d_in + j] = h.data<float>()[j * c.d_in + i];
@@ -201,11 +201,11 @@ class OacFileTest : public ::testing::Test {
   void SetUp() override {
     dir_ = testing::MakeTempDir("oac_file");
     TestRng rng(2);
-    Tensor a = OacRandomTensor(rng, {9, n_}, 1.0);
+    Tensor a = RandomTensor(rng, {9, n_}, 1.0);
     oac_.hessian = Tensor::Zeros(DType::kF32, {n_, n_});
     auto be = testing::OacCpuBackend();
     QCAL_CHECK(be->AccumulateGram(a, oac_.hessian).ok());
-    oac_.fisher = OacRandomTensor(rng, {d_out_, n_}, 1.0);
+    oac_.fisher = RandomTensor(rng, {d_out_, n_}, 1.0);
   }
   void TearDown() override { fs::remove_all(dir_); }
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }

@@ -15,20 +15,8 @@
 
 namespace qcal::testing {
 
-inline std::unique_ptr<kernels::Backend> OacCpuBackend(int threads = 2) {
-  kernels::BackendOptions options;
-  options.threads = threads;
-  auto backend = kernels::CreateBackend(options);
-  QCAL_CHECK(backend.ok());
-  return std::move(backend).value();
-}
-
-// A host fp32 tensor of N(0, 1) · scale entries.
-inline Tensor OacRandomTensor(TestRng& rng, Shape shape, double scale) {
-  std::vector<float> v(static_cast<size_t>(NumElements(shape)));
-  for (float& x : v) x = static_cast<float>(scale * rng.Normal());
-  return Tensor::FromVector(v, std::move(shape));
-}
+// The OAC tests' CPU backend: two threads, so that the parallel paths run.
+inline std::unique_ptr<kernels::Backend> OacCpuBackend() { return CpuBackend(2); }
 
 enum class OacVariant {
   kLlama,        // GQA (6 heads over 2), biases on every linear
@@ -83,12 +71,12 @@ inline std::unique_ptr<engine::Model> OacRandomModel(const ModelConfig& c, kerne
   for (int b = 0; b < c.num_layers; ++b) {
     engine::BlockWeights bw;
     for (Tensor* norm : {&bw.input_norm, &bw.post_attention_norm}) {
-      *norm = OacRandomTensor(rng, {d}, 0.1);
+      *norm = RandomTensor(rng, {d}, 0.1);
       for (int64_t j = 0; j < d; ++j) norm->data<float>()[j] += 1.0f;
     }
     if (c.qk_norm) {
       for (Tensor* norm : {&bw.q_norm, &bw.k_norm}) {
-        *norm = OacRandomTensor(rng, {c.head_dim}, 0.1);
+        *norm = RandomTensor(rng, {c.head_dim}, 0.1);
         for (int64_t j = 0; j < c.head_dim; ++j) norm->data<float>()[j] += 1.0f;
       }
     }
@@ -114,15 +102,15 @@ inline std::unique_ptr<engine::Model> OacRandomModel(const ModelConfig& c, kerne
           out = d, in = f, bias = c.mlp_bias;
           break;
       }
-      bw.at(k).weight = OacRandomTensor(rng, {out, in}, 1.0 / std::sqrt(double(in)));
-      if (bias) bw.at(k).bias = OacRandomTensor(rng, {out}, 0.1);
+      bw.at(k).weight = RandomTensor(rng, {out, in}, 1.0 / std::sqrt(double(in)));
+      if (bias) bw.at(k).bias = RandomTensor(rng, {out}, 0.1);
     }
     blocks.push_back(std::move(bw));
   }
-  Tensor embed = OacRandomTensor(rng, {c.vocab_size, d}, 1.0);
-  Tensor final_norm = OacRandomTensor(rng, {d}, 0.1);
+  Tensor embed = RandomTensor(rng, {c.vocab_size, d}, 1.0);
+  Tensor final_norm = RandomTensor(rng, {d}, 0.1);
   for (int64_t j = 0; j < d; ++j) final_norm.data<float>()[j] += 1.0f;
-  Tensor lm_head = OacRandomTensor(rng, {c.vocab_size, d}, 2.0 / std::sqrt(double(d)));
+  Tensor lm_head = RandomTensor(rng, {c.vocab_size, d}, 2.0 / std::sqrt(double(d)));
   return engine::Model::FromWeights(c, cpu, embed, final_norm, lm_head, std::move(blocks));
 }
 

@@ -5,9 +5,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "common/status.h"
+#include "common/tensor.h"
 #include "common/text_data.h"
+#include "kernels/backend.h"
 
 namespace qcal::testing {
 
@@ -104,6 +108,22 @@ std::vector<T> Identity(int64_t n) {
 template <typename T, typename U>
 std::vector<T> Convert(const std::vector<U>& v) {
   return std::vector<T>(v.begin(), v.end());
+}
+
+// A CPU backend with `threads` threads (results depend on the thread count only through BLAS).
+inline std::unique_ptr<kernels::Backend> CpuBackend(int threads = 1) {
+  kernels::BackendOptions options;
+  options.threads = threads;
+  auto backend = kernels::CreateBackend(options);
+  QCAL_CHECK(backend.ok());
+  return std::move(backend).value();
+}
+
+// A host fp32 tensor of N(0, 1) · scale entries.
+inline Tensor RandomTensor(TestRng& rng, Shape shape, double scale) {
+  std::vector<float> v(static_cast<size_t>(NumElements(shape)));
+  for (float& x : v) x = static_cast<float>(scale * rng.Normal());
+  return Tensor::FromVector(v, std::move(shape));
 }
 
 }  // namespace qcal::testing
