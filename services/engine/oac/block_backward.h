@@ -24,8 +24,7 @@ namespace qcal::engine {
 // Sees each linear's input x [rows, d_in] and output gradient dy = ∂ℓ/∂y [rows, d_out] while both
 // are live, in backward order (down, up, gate, o, v, k, q). q, k and v (and gate, up) see the same
 // x but their own dy.
-using GradTap =
-    std::function<absl::Status(LinearKind kind, const Tensor& x, const Tensor& dy)>;
+using GradTap = std::function<absl::Status(LinearKind kind, const Tensor& x, const Tensor& dy)>;
 
 // ∂ℓ/∂input for block b (resident) given input [batch·seq_len, hidden] (the block's input, not
 // modified) and d_output = ∂ℓ/∂(block output) of the same shape. No KV cache (shape.offset 0).

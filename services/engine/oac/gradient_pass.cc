@@ -295,8 +295,9 @@ absl::StatusOr<GradientPassPlan> PlanGradientPass(Model& model, const GradientCh
   }
   return absl::ResourceExhaustedError(absl::StrCat(
       "recipe key \"hessian\" is ", RecipeName(options.kind),
-      ", whose gradient pass cannot be placed: the activations of this rank's chunks (", act, " bytes a block, ", blocks,
-      " blocks", options.boundary_every > 0 ? absl::StrCat(", boundary_every ", k_min) : "",
+      ", whose gradient pass cannot be placed: the activations of this rank's chunks (", act,
+      " bytes a block, ", blocks, " blocks",
+      options.boundary_every > 0 ? absl::StrCat(", boundary_every ", k_min) : "",
       ") fit neither device memory (", device_avail, " bytes available, ", working,
       " needed for work) nor host memory (", host_limit, ") nor the scratch disk (",
       options.scratch_dir.empty() ? std::string("none given")

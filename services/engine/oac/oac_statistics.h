@@ -11,7 +11,8 @@
 // Files. One linear's statistics are persisted as a safetensors file (common/safetensors_writer):
 // "hessian_upper" F32 [n(n+1)/2], the upper triangle row by row (row i holds H[i, i..n-1]), and,
 // when formed, "fisher" F32 [d_out, d_in]; metadata {"qcal_oac": "1", "kind": <recipe name>,
-// "n": "<d_in>"}. Written to a temporary name, fsynced and renamed: a reader never sees half a file.
+// "n": "<d_in>"}. Written to a temporary name, fsynced and renamed: a reader never sees half a
+// file.
 #pragma once
 
 #include <array>

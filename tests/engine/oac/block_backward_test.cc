@@ -17,8 +17,8 @@ namespace {
 
 using ::qcal::testing::OacConfig;
 using ::qcal::testing::OacRandomModel;
-using ::qcal::testing::RandomTensor;
 using ::qcal::testing::OacVariant;
+using ::qcal::testing::RandomTensor;
 using ::qcal::testing::TestRng;
 using ::qcal::testing::Values;
 
