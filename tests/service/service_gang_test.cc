@@ -50,47 +50,9 @@ std::string Succeeded(Cluster& c, const std::string& id, const std::string& outp
 }
 
 // Waits until `n` workers hold leases, so that a gang can take all of them.
-void WaitForWorkers(Cluster& c, int n) {
-  const absl::Time end = absl::Now() + absl::Seconds(30);
-  while (Metric(c, "qcal_worker_leases") < n && absl::Now() < end) {
-    absl::SleepFor(absl::Milliseconds(50));
-  }
-  ASSERT_GE(Metric(c, "qcal_worker_leases"), n) << c.Logs();
-}
-
 // `qcal quantize --workers N` of the same job into a fresh directory.
 std::string LocalRun(const Cluster& c, const char* recipe_yaml, int workers) {
-  const std::string dir = MakeTempDir("qcal-gang-local");
-  const std::string recipe = dir + "/recipe.yaml";
-  FILE* f = std::fopen(recipe.c_str(), "w");
-  std::fputs(recipe_yaml, f);
-  std::fclose(f);
-  const std::string in = c.input_root() + "/";
-  const RunResult r = RunQcal({"quantize",
-                               "--model",
-                               in + c.model().model,
-                               "--recipe",
-                               recipe,
-                               "--calib",
-                               in + c.model().calib,
-                               "--samples",
-                               "40",
-                               "--seq-len",
-                               "32",
-                               "--seed",
-                               "7",
-                               "--threads",
-                               "1",
-                               "--eval-text",
-                               in + c.model().eval,
-                               "--eval-max-windows",
-                               "4",
-                               "--workers",
-                               std::to_string(workers),
-                               "--out",
-                               dir + "/out"});
-  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.err;
-  return dir + "/out";
+  return LocalGangRun(c, recipe_yaml, 40, workers);
 }
 
 class GangRecipeTest : public ::testing::TestWithParam<const char*> {};

@@ -441,4 +441,44 @@ int FreePort() {
   return ntohs(addr.sin_port);
 }
 
+void WaitForWorkers(Cluster& c, int n) {
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while (Metric(c, "qcal_worker_leases") < n && absl::Now() < end) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_GE(Metric(c, "qcal_worker_leases"), n) << c.Logs();
+}
+
+std::string LocalGangRun(const Cluster& c, const char* recipe_yaml, int samples, int workers) {
+  const std::string dir = MakeTempDir("qcal-gang-local");
+  const std::string recipe = dir + "/recipe.yaml";
+  EXPECT_TRUE(WriteStringToFile(recipe, recipe_yaml).ok());
+  const std::string in = c.input_root() + "/";
+  const RunResult r = RunQcal({"quantize",
+                               "--model",
+                               in + c.model().model,
+                               "--recipe",
+                               recipe,
+                               "--calib",
+                               in + c.model().calib,
+                               "--samples",
+                               std::to_string(samples),
+                               "--seq-len",
+                               "32",
+                               "--seed",
+                               "7",
+                               "--threads",
+                               "1",
+                               "--eval-text",
+                               in + c.model().eval,
+                               "--eval-max-windows",
+                               "4",
+                               "--workers",
+                               std::to_string(workers),
+                               "--out",
+                               dir + "/out"});
+  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.err;
+  return dir + "/out";
+}
+
 }  // namespace qcal::testing

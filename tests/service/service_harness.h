@@ -151,5 +151,10 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
 double Metric(Cluster& c, const std::string& series);
 // A free loopback TCP port (bound and released).
 int FreePort();
+// Waits up to 30 s until the coordinator counts `n` worker leases (a test failure otherwise).
+void WaitForWorkers(Cluster& c, int n);
+// `qcal quantize --workers N` of a many-workers job (Cluster::GangSpec with `recipe_yaml` and
+// `samples`) on the cluster's inputs, into a fresh directory; returns its output directory.
+std::string LocalGangRun(const Cluster& c, const char* recipe_yaml, int samples, int workers);
 
 }  // namespace qcal::testing

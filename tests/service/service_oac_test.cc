@@ -56,45 +56,9 @@ v1::Job Succeeded(Cluster& c, const std::string& id) {
   return *job;
 }
 
-void WaitForWorkers(Cluster& c, int n) {
-  const absl::Time end = absl::Now() + absl::Seconds(30);
-  while (Metric(c, "qcal_worker_leases") < n && absl::Now() < end) {
-    absl::SleepFor(absl::Milliseconds(50));
-  }
-  ASSERT_GE(Metric(c, "qcal_worker_leases"), n) << c.Logs();
-}
-
 // `qcal quantize --workers N` of the same job into a fresh directory.
 std::string LocalRun(const Cluster& c, const char* recipe_yaml, int workers) {
-  const std::string dir = MakeTempDir("qcal-oac-local");
-  const std::string recipe = dir + "/recipe.yaml";
-  EXPECT_TRUE(WriteStringToFile(recipe, recipe_yaml).ok());
-  const std::string in = c.input_root() + "/";
-  const RunResult r = RunQcal({"quantize",
-                               "--model",
-                               in + c.model().model,
-                               "--recipe",
-                               recipe,
-                               "--calib",
-                               in + c.model().calib,
-                               "--samples",
-                               "24",
-                               "--seq-len",
-                               "32",
-                               "--seed",
-                               "7",
-                               "--threads",
-                               "1",
-                               "--eval-text",
-                               in + c.model().eval,
-                               "--eval-max-windows",
-                               "4",
-                               "--workers",
-                               std::to_string(workers),
-                               "--out",
-                               dir + "/out"});
-  EXPECT_TRUE(r.exited && r.exit_code == 0) << r.err;
-  return dir + "/out";
+  return LocalGangRun(c, recipe_yaml, 24, workers);
 }
 
 // The undisturbed output of the OAC job (`qcal quantize`, one worker), computed once.
