@@ -227,10 +227,10 @@ class Backend {
                                    Tensor& dlogits) {
     return UnsupportedOp("NllBackward");
   }
-  // x[r, :] *= ‖g[r, :]‖₂ for x [rows, width_x] and g [rows, width_g] (the squares summed in double
-  // on the CPU, in fp32 by a block reduction on the CUDA backend; the norm rounded to fp32): the per-token Hessian
-  // H_tok = Σ_t ‖g_t‖²·x_t x_tᵀ is then AccumulateGram of the scaled x. A norm of a power of two
-  // is exact, so ‖g_t‖² = 4 scales every row by exactly 2.
+  // x[r, :] *= ‖g[r, :]‖₂ for x [rows, width_x] and g [rows, width_g] (the squares summed in
+  // double on the CPU, in fp32 by a block reduction on the CUDA backend; the norm rounded to
+  // fp32): the per-token Hessian H_tok = Σ_t ‖g_t‖²·x_t x_tᵀ is then AccumulateGram of the scaled
+  // x. A norm of a power of two is exact, so ‖g_t‖² = 4 scales every row by exactly 2.
   virtual absl::Status ScaleRowsByNorm(const Tensor& g, Tensor& x) {
     return UnsupportedOp("ScaleRowsByNorm");
   }
