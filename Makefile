@@ -4,7 +4,7 @@ BUILD_TYPE ?= Release
 JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
 
-.PHONY: all deps configure build test test-cpu demo format clean
+.PHONY: all deps configure build test expectations test-cpu demo format clean
 
 all: build
 
@@ -18,7 +18,11 @@ build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
 test: build
-	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS) --timeout 900
+	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS) --timeout 900 -LE expectation
+
+# Tests of published expectations that our measurements contradict (docs/QUALITY.md explains each).
+expectations: build
+	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS) --timeout 900 -L expectation
 
 demo: build
 	@bash tools/demo.sh $(BUILD)
