@@ -772,10 +772,10 @@ class CpuBackend final : public Backend {
                                                      w.DebugString()));
     }
     std::vector<float> pre_round;
-    QCAL_ASSIGN_OR_RETURN(const QuantizedLinear q,
-                          ref::GptqSolve(w.data<float>(), w.dim(0), factor, factor.u.data<float>(),
-                                         spec, block_size,
-                                         record_pre_round ? &pre_round : nullptr));
+    QCAL_ASSIGN_OR_RETURN(
+        const QuantizedLinear q,
+        ref::GptqSolve(w.data<float>(), w.dim(0), factor, factor.u.data<float>(), spec, block_size,
+                       record_pre_round ? &pre_round : nullptr));
     QuantizedTensors t = ToTensors(q);
     if (record_pre_round) t.pre_round = Tensor::FromVector(pre_round, {w.dim(0), n});
     return t;
