@@ -10,12 +10,13 @@
 // Subcommands:
 //   objective  GPTQ (layer Hessian), OAC (H_oac) and per-token OAC (H_tok): their perplexities,
 //              and per linear tr(ΔW·H_oac·ΔWᵀ) of each method's error ΔW, i.e. whether OAC's solve
-//              lowers its own objective. The quick part (about a minute on 2 idle cores).
+//              lowers its own objective. The quick part: 81 s on 2 shared cores.
 //   all        objective, then the perplexity of the FP model with a single linear, and with a
-//              single block, replaced by each method's (about 120 evaluations).
+//              single block, replaced by each method's (about 120 evaluations; long).
 //   curvature  Along the OAC error Δ of five linears: the calibration loss L(W + εΔ) for ε from
-//              0.02 to 1, its second difference against ΔᵀH_oacΔ and ΔᵀH_tokΔ, and the share of
-//              the first-order term in the loss change (about 60 calibration-set evaluations).
+//              0.02 to 1, split into its odd (first-order) and even (second-order) parts, and
+//              the second difference against ΔᵀH_oacΔ and ΔᵀH_tokΔ (60 calibration-set
+//              evaluations; more than 5 minutes on 2 shared cores).
 //
 //   build/bin/oac_probe SUBCOMMAND [--bits N] [--group N] [--damp X] [SHARED_DIR]
 //   tools/quality/oac_probe.sh SUBCOMMAND [...]   (builds the target first)
@@ -327,8 +328,8 @@ absl::Status RunCurvature(const Context& c) {
       "calibration set (L0 = %.4f)\n",
       o.bits, o.group_size, o.damp, l0);
   std::printf(
-      "curvature = (L(+ε) + L(-ε) - 2·L0) / ε²; first-order share = (L(+ε) - L(-ε)) / 2 / "
-      "(L(+ε) - L0)\n\n");
+      "odd = (L(+ε) - L(-ε)) / 2 (the first-order term and odd higher ones); even = (L(+ε) + "
+      "L(-ε) - 2·L0) / 2; curvature = 2·even / ε²\n\n");
   const LinearId probed[] = {{0, static_cast<int>(LinearKind::kGate)},
                              {0, static_cast<int>(LinearKind::kV)},
                              {2, static_cast<int>(LinearKind::kDown)},
@@ -342,8 +343,8 @@ absl::Status RunCurvature(const Context& c) {
     std::printf("block %d %s (d_out %.0f): ΔᵀH_oacΔ %.4g, ΔᵀH_tokΔ %.4g\n\n", id.first,
                 kLinearNames[id.second], d_out, q_oac, q_tok);
     std::printf(
-        "| ε | L(+ε) - L0 | L(-ε) - L0 | curvature | first-order share | H_oac / curv | "
-        "H_oac / curv / d_out | H_tok / curv |\n|---|---|---|---|---|---|---|---|\n");
+        "| ε | L(+ε) - L0 | L(-ε) - L0 | odd | even | curvature | H_oac / curv | "
+        "H_oac / curv / d_out | H_tok / curv |\n|---|---|---|---|---|---|---|---|---|\n");
     float* w = fp->block(id.first).at(static_cast<LinearKind>(id.second)).weight.data<float>();
     const std::vector<float>& wf = w_fp.at(id);
     for (const double eps : {0.02, 0.05, 0.1, 0.25, 0.5, 1.0}) {
@@ -355,9 +356,9 @@ absl::Status RunCurvature(const Context& c) {
       }
       SetLinear(*fp, w_fp, id);
       const double curv = (l[0] + l[1] - 2 * l0) / (eps * eps);
-      std::printf("| %.2f | %.4f | %.4f | %.4g | %.3f | %.3g | %.3g | %.3g |\n", eps, l[0] - l0,
-                  l[1] - l0, curv, 0.5 * (l[0] - l[1]) / (l[0] - l0), q_oac / curv,
-                  q_oac / curv / d_out, q_tok / curv);
+      std::printf("| %.2f | %.4f | %.4f | %.4f | %.4f | %.4g | %.3g | %.3g | %.3g |\n", eps,
+                  l[0] - l0, l[1] - l0, 0.5 * (l[0] - l[1]), 0.5 * (l[0] + l[1] - 2 * l0), curv,
+                  q_oac / curv, q_oac / curv / d_out, q_tok / curv);
     }
     std::printf("\n");
   }
