@@ -42,9 +42,9 @@ absl::Status CheckOperands(const AbqActivations& a, const AbqWeights& w) {
   if (a.spec.weight_bits != w.spec.weight_bits || a.spec.act_bits != w.spec.act_bits ||
       AbqGroupSize(a.spec, a.k) != AbqGroupSize(w.spec, w.k) || a.k != w.k) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "ABQ: operands do not match: activations W", a.spec.weight_bits, "A", a.spec.act_bits,
-        " g", a.spec.group_size, " k ", a.k, ", weights W", w.spec.weight_bits, "A",
-        w.spec.act_bits, " g", w.spec.group_size, " k ", w.k));
+        "ABQ: operands do not match: activations W", a.spec.weight_bits, "A", a.spec.act_bits, " g",
+        a.spec.group_size, " k ", a.k, ", weights W", w.spec.weight_bits, "A", w.spec.act_bits,
+        " g", w.spec.group_size, " k ", w.k));
   }
   return ValidateAbqShape(w.spec, a.m, w.n, w.k);
 }
@@ -112,10 +112,10 @@ absl::Status ValidateAbqShape(const AbqSpec& spec, int64_t m, int64_t n, int64_t
   const int64_t g = AbqGroupSize(spec, k);
   const int64_t per_column = int64_t{ActMax(spec)} * ((int64_t{1} << (spec.weight_bits + 1)) - 1);
   if (g > kInt32Max / per_column) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ABQ: a k-group of ", g, " columns at W", spec.weight_bits, "A", spec.act_bits,
-        " can overflow the int32 sums (at most ", kInt32Max / per_column,
-        " columns per group); use a smaller group size"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ABQ: a k-group of ", g, " columns at W", spec.weight_bits, "A", spec.act_bits,
+                     " can overflow the int32 sums (at most ", kInt32Max / per_column,
+                     " columns per group); use a smaller group size"));
   }
   return absl::OkStatus();
 }
@@ -349,8 +349,8 @@ absl::StatusOr<std::vector<float>> AbqEpilogue(std::span<const int32_t> dot,
       float acc = 0.0f;
       for (int64_t gr = 0; gr < n_groups; ++gr) {
         // Exact in int32 by ValidateAbqShape's bound.
-        const int32_t c = dot[(t * w.n + o) * n_groups + gr] -
-                          w.zeros[gr * w.n + o] * a.sums[t * n_groups + gr];
+        const int32_t c =
+            dot[(t * w.n + o) * n_groups + gr] - w.zeros[gr * w.n + o] * a.sums[t * n_groups + gr];
         acc = std::fma(static_cast<float>(c), w.scales[gr * w.n + o], acc);
       }
       y[t * w.n + o] = acc * a.scales[t];

@@ -94,8 +94,8 @@ absl::Status ValidateAbqShape(const AbqSpec& spec, int64_t m, int64_t n, int64_t
 struct AbqWeights {
   AbqSpec spec;
   int64_t n = 0, k = 0;
-  int64_t words = 0;     // AbqWords(k)
-  int64_t n_groups = 0;  // AbqNumGroups(spec, k)
+  int64_t words = 0;             // AbqWords(k)
+  int64_t n_groups = 0;          // AbqNumGroups(spec, k)
   std::vector<uint32_t> planes;  // [n][weight_bits][words]
   std::vector<float> scales;     // s_w [n_groups][n]
   std::vector<int32_t> zeros;    // z [n_groups][n], each in [0, 2^weight_bits]

@@ -152,20 +152,18 @@ TEST_P(RoundTripTest, ExportedCheckpointReproducesInMemoryModel) {
 
 INSTANTIATE_TEST_SUITE_P(
     Formats, RoundTripTest,
-    ::testing::Values(RoundTripCase{"gptq_w2_g32", MakeRecipe("gptq", 2, 32), "gptq"},
-                      RoundTripCase{"gptq_w3_g32", MakeRecipe("gptq", 3, 32), "gptq"},
-                      RoundTripCase{"gptq_w4_g32", MakeRecipe("gptq", 4, 32), "gptq"},
-                      RoundTripCase{"gptq_w8_g32", MakeRecipe("gptq", 8, 32), "gptq"},
-                      RoundTripCase{"gptq_w4_g32_act_order", MakeRecipe("gptq", 4, 32, true),
-                                    "gptq"},
-                      RoundTripCase{"rtn_w4_row", MakeRecipe("rtn", 4, -1), "gptq"},
-                      RoundTripCase{"gptq_w2_balanced",
-                                    MakeRecipe("gptq", 2, 32, false, "balanced"), "gptq"},
-                      RoundTripCase{"rtn_w2_balanced_row",
-                                    MakeRecipe("rtn", 2, -1, false, "balanced"), "gptq"},
-                      RoundTripCase{"gptq_w3_cuberoot",
-                                    MakeRecipe("gptq", 3, 32, false, "cuberoot"), "qcal_fake"},
-                      RoundTripCase{"gptq_w5_g32", MakeRecipe("gptq", 5, 32), "qcal_fake"}),
+    ::testing::Values(
+        RoundTripCase{"gptq_w2_g32", MakeRecipe("gptq", 2, 32), "gptq"},
+        RoundTripCase{"gptq_w3_g32", MakeRecipe("gptq", 3, 32), "gptq"},
+        RoundTripCase{"gptq_w4_g32", MakeRecipe("gptq", 4, 32), "gptq"},
+        RoundTripCase{"gptq_w8_g32", MakeRecipe("gptq", 8, 32), "gptq"},
+        RoundTripCase{"gptq_w4_g32_act_order", MakeRecipe("gptq", 4, 32, true), "gptq"},
+        RoundTripCase{"rtn_w4_row", MakeRecipe("rtn", 4, -1), "gptq"},
+        RoundTripCase{"gptq_w2_balanced", MakeRecipe("gptq", 2, 32, false, "balanced"), "gptq"},
+        RoundTripCase{"rtn_w2_balanced_row", MakeRecipe("rtn", 2, -1, false, "balanced"), "gptq"},
+        RoundTripCase{"gptq_w3_cuberoot", MakeRecipe("gptq", 3, 32, false, "cuberoot"),
+                      "qcal_fake"},
+        RoundTripCase{"gptq_w5_g32", MakeRecipe("gptq", 5, 32), "qcal_fake"}),
     [](const ::testing::TestParamInfo<RoundTripCase>& info) { return info.param.name; });
 
 // Reads code `i` of column `o` from a packed GPTQ tensor whose word w of that column sits at

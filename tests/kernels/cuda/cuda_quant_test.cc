@@ -170,7 +170,8 @@ TEST_F(CudaQuantTest, GptqSolveWithCpuUMatchesCpu) {
                                            CpuOptions(c.options), &stats);
     ASSERT_TRUE(cpu.ok()) << cpu.status();
     CpuFactor f = FactorOnCpu(*be_, h, c.n, c.options);
-    auto gpu = be_->GptqSolve(Upload(w, {c.d_out, c.n}), f.factor, c.spec, c.options.block_size, false);
+    auto gpu =
+        be_->GptqSolve(Upload(w, {c.d_out, c.n}), f.factor, c.spec, c.options.block_size, false);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     const auto codes = Download<uint8_t>(gpu->codes);
     int64_t differ = 0;
@@ -218,7 +219,8 @@ TEST_F(CudaQuantTest, GptqFactorizeMatchesCpuFactorAndStats) {
     EXPECT_EQ(gpu->outlier_columns, stats.outlier_columns);
     EXPECT_EQ(gpu->damp_used, stats.damp_used);
     // End to end: each side's own U.
-    auto solved = be_->GptqSolve(Upload(w, {c.d_out, c.n}), *gpu, c.spec, c.options.block_size, false);
+    auto solved =
+        be_->GptqSolve(Upload(w, {c.d_out, c.n}), *gpu, c.spec, c.options.block_size, false);
     ASSERT_TRUE(solved.ok()) << solved.status();
     const double e_cpu = LayerError(w, q->Dequantized(), h, c.d_out, c.n);
     const double e_gpu = LayerError(w, Download<float>(solved->dequantized), h, c.d_out, c.n);
