@@ -5,6 +5,7 @@
 // planes that give back their codes, and unsupported combinations are refused.
 #include "kernels/cpu/abq_ref.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_ops.h"
 #include "services/engine/export/gptq_pack.h"
 #include "tests/kernels/kernel_test_random.h"
@@ -267,6 +269,72 @@ TEST(AbqRef, GptqV1CheckpointRepacksIntoPlanes) {
             PackGptqV1ToAbq(*qweight, *qzeros, x.wscales, g_idx, x.n, x.k, x.spec);
         ASSERT_FALSE(bad.ok());
         EXPECT_THAT(std::string(bad.status().message()), HasSubstr("act-order"));
+      }
+    }
+  }
+}
+
+// A linear quantized by the CPU quantizer (RTN) and written as GPTQ v1 tensors, repacked into
+// planes and multiplied by prologue-quantized activations, equals the fake-quant path
+// ActQuant(x) · Dequantized(W)ᵀ (evaluated in float64) within the epilogue's bound plus the
+// rounding of ActQuant's fp32 products s_a·a: for every grid ABQ takes, the balanced one included.
+TEST(AbqRef, QuantizedLinearMatchesTheFakeQuantPath) {
+  Random rng(13);
+  struct Grid {
+    int bits, group;
+    bool symmetric;
+    GridKind grid;
+  };
+  const int64_t m = 5, n = 37, k = 300;
+  for (const Grid& gr :
+       {Grid{2, 32, false, GridKind::kBalanced}, Grid{2, 128, true, GridKind::kBalanced},
+        Grid{2, -1, false, GridKind::kUniform}, Grid{3, 32, false, GridKind::kUniform},
+        Grid{4, 128, false, GridKind::kUniform}, Grid{8, -1, true, GridKind::kUniform}}) {
+    for (int ab : {4, 8}) {
+      SCOPED_TRACE(absl::StrCat("bits ", gr.bits, " g", gr.group, " grid ",
+                                static_cast<int>(gr.grid), " sym ", gr.symmetric, " A", ab));
+      QuantSpec spec;
+      spec.bits = gr.bits;
+      spec.group_size = gr.group;
+      spec.symmetric = gr.symmetric;
+      spec.grid = gr.grid;
+      std::vector<float> w(static_cast<size_t>(n * k)), x(static_cast<size_t>(m * k));
+      for (float& v : w) v = rng.Uniform(0.1f);
+      for (float& v : x) v = rng.Uniform(2.0f);
+      absl::StatusOr<QuantizedLinear> q = ref::QuantizeRtn(w.data(), n, k, spec);
+      ASSERT_TRUE(q.ok()) << q.status();
+      EXPECT_EQ(*std::max_element(q->codes.begin(), q->codes.end()), MaxCode(spec));
+      const int b = CodeBits(spec);
+      absl::StatusOr<std::vector<int32_t>> qweight = engine::PackQweight(q->codes, n, k, b);
+      absl::StatusOr<std::vector<int32_t>> qzeros = engine::PackQzeros(q->zeros, q->n_groups, n, b);
+      ASSERT_TRUE(qweight.ok() && qzeros.ok());
+      absl::StatusOr<AbqSpec> abq = AbqSpecFor(spec, ab);
+      ASSERT_TRUE(abq.ok()) << abq.status();
+      absl::StatusOr<AbqWeights> pw =
+          PackGptqV1ToAbq(*qweight, *qzeros, q->scales, q->g_idx, n, k, *abq);
+      ASSERT_TRUE(pw.ok()) << pw.status();
+      absl::StatusOr<AbqActivations> pa = AbqQuantizeActivations(x, m, k, *abq);
+      ASSERT_TRUE(pa.ok()) << pa.status();
+      absl::StatusOr<std::vector<int32_t>> dot = AbqIntegerGemm(*pa, *pw);
+      ASSERT_TRUE(dot.ok());
+      absl::StatusOr<std::vector<float>> y = AbqEpilogue(*dot, *pa, *pw);
+      ASSERT_TRUE(y.ok());
+
+      std::vector<float> xq(x.size());
+      ref::ActQuant(x.data(), m, k, ab, xq.data());
+      const std::vector<float> wd = q->Dequantized();
+      for (int64_t t = 0; t < m; ++t) {
+        for (int64_t o = 0; o < n; ++o) {
+          double ref = 0, abs_sum = 0;
+          for (int64_t c = 0; c < k; ++c) {
+            const double p = double{xq[t * k + c]} * wd[o * k + c];
+            ref += p;
+            abs_sum += std::fabs(p);
+          }
+          const double bound =
+              AbqEpilogueErrorBound(*dot, *pa, *pw, t, o) + std::ldexp(1.0, -23) * abs_sum;
+          ASSERT_LE(std::fabs((*y)[t * n + o] - ref), bound) << "t " << t << " o " << o;
+        }
       }
     }
   }
