@@ -8,16 +8,21 @@
 // of a scale is therefore done here with integer bit arithmetic; tests check it against
 // common/dtype.h's RoundToHalf.
 //
-// Summary of the rules (b bits, maxq = 2^b - 1, round() = round half to even):
+// Summary of the rules (b bits, maxq = 2^b - 1 (4 for the balanced grid), round() = round half to
+// even):
 //   xmin = min(min y, 0) * clip_min, xmax = max(max y, 0) * clip_max, where y = w (uniform grid)
 //          or y = sign(w)|w|^(1/3) (cuberoot grid); xmin == xmax (all zero) -> xmin = -1, xmax = 1.
 //   asymmetric: s = h((xmax - xmin) / maxq), z = round(-xmin / s); if z == 0: z = 1,
 //               s = h(xmax / (maxq - 1)) (GPTQ v1 files cannot store a zero point of 0).
-//   symmetric:  s = h(2 max(|xmin|, |xmax|) / maxq), z = 2^(b-1).
+//   symmetric:  s = h(2 max(|xmin|, |xmax|) / maxq), z = 2^(b-1) (balanced: s = h(a / 2), z = 2,
+//               the five levels -2s..2s).
 //   h(x) rounds to the nearest fp16 value (ties to even) and clamps to >= 2^-14 (fp16's smallest
 //   normal); z is always computed from the rounded s.
 //   code:  q = clamp(round(y / s) + z, 0, maxq);  value: y^ = s (q - z), w^ = y^ (uniform) or
 //   y^ * y^ * y^ (cuberoot), evaluated in the caller's precision T.
+// The balanced grid (ABQ bit balance, b = 2 only) is the uniform grid with maxq = 4: five levels
+// 0..4, s = h((xmax - xmin) / 4), z = round(-xmin / s), and s = h(xmax / 3) when z rounds to 0. Its
+// codes need three bits (CodeBits): exports store them as 3-bit GPTQ v1 codes.
 #pragma once
 
 #include <cmath>
@@ -36,11 +41,13 @@ namespace qcal::kernels {
 enum class GridKind : int32_t {
   kUniform,   // y = w: 2^b evenly spaced levels.
   kCuberoot,  // y = sign(w)|w|^(1/3) is quantized uniformly; w^ = y^3, so levels are denser near 0.
+  kBalanced,  // ABQ bit balance, bits = 2 only: y = w on five evenly spaced levels (codes 0..4).
 };
 
 // One linear's weight quantizer. Plain data; engine code validates it (ValidateQuantSpec).
 struct QuantSpec {
-  // Bits per code, 2..8. Default: 4.
+  // Bits per code, 2..8 (2 for the balanced grid, whose codes are stored in 3: CodeBits). Default:
+  // 4.
   int bits = 4;
   // Input columns per group (per output row). -1: one group per row; a value >= d_in is the same
   // as -1. Default: 128.
@@ -63,8 +70,15 @@ struct GroupParams {
 // fp16's smallest positive normal value, 2^-14: the lower bound of every scale.
 inline constexpr float kMinScale = 6.103515625e-05f;
 
-// The largest code, 2^bits - 1.
-QCAL_HOST_DEVICE inline int32_t MaxCode(const QuantSpec& spec) { return (1 << spec.bits) - 1; }
+// The largest code: 2^bits - 1, or 4 for the balanced grid.
+QCAL_HOST_DEVICE inline int32_t MaxCode(const QuantSpec& spec) {
+  return spec.grid == GridKind::kBalanced ? 4 : (1 << spec.bits) - 1;
+}
+
+// Bits needed to store a code (0..MaxCode): 3 for the balanced grid, otherwise bits.
+QCAL_HOST_DEVICE inline int CodeBits(const QuantSpec& spec) {
+  return spec.grid == GridKind::kBalanced ? 3 : spec.bits;
+}
 
 // The effective group width g for a linear with d_in input columns (d_in for group_size -1 or
 // group_size >= d_in). The last group of a row may be shorter than g.

@@ -20,8 +20,9 @@
 
 namespace qcal::kernels {
 
-// OK when bits is 2..8, group_size is -1 or >= 1 and the grid is known; otherwise
-// InvalidArgument naming the recipe key. Shared by the CPU quantizers and the backend ops.
+// OK when bits is 2..8, group_size is -1 or >= 1, the grid is known and the balanced grid has
+// bits 2; otherwise InvalidArgument naming the recipe key. Shared by the CPU quantizers and the
+// backend ops.
 inline absl::Status ValidateQuantSpec(const QuantSpec& spec) {
   if (spec.bits < 2 || spec.bits > 8) {
     return absl::InvalidArgumentError(
@@ -31,9 +32,14 @@ inline absl::Status ValidateQuantSpec(const QuantSpec& spec) {
     return absl::InvalidArgumentError(
         absl::StrCat("weights.group_size must be -1 or >= 1, got ", spec.group_size));
   }
-  if (spec.grid != GridKind::kUniform && spec.grid != GridKind::kCuberoot) {
+  if (spec.grid != GridKind::kUniform && spec.grid != GridKind::kCuberoot &&
+      spec.grid != GridKind::kBalanced) {
     return absl::InvalidArgumentError(
         absl::StrCat("weights.grid has unknown value ", static_cast<int>(spec.grid)));
+  }
+  if (spec.grid == GridKind::kBalanced && spec.bits != 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights.grid balanced requires weights.bits 2, got ", spec.bits));
   }
   return absl::OkStatus();
 }

@@ -51,8 +51,9 @@ using Names = std::array<std::pair<E, const char*>, N>;
 
 constexpr Names<QuantMethod, 2> kMethodNames = {
     {{QuantMethod::kRtn, "rtn"}, {QuantMethod::kGptq, "gptq"}}};
-constexpr Names<kernels::GridKind, 2> kGridNames = {
-    {{kernels::GridKind::kUniform, "uniform"}, {kernels::GridKind::kCuberoot, "cuberoot"}}};
+constexpr Names<kernels::GridKind, 3> kGridNames = {{{kernels::GridKind::kUniform, "uniform"},
+                                                     {kernels::GridKind::kCuberoot, "cuberoot"},
+                                                     {kernels::GridKind::kBalanced, "balanced"}}};
 constexpr Names<SmoothingMethod, 3> kSmoothingNames = {
     {{SmoothingMethod::kNone, "none"},
      {SmoothingMethod::kSmoothQuant, "smoothquant"},
@@ -185,6 +186,12 @@ absl::Status Recipe::Validate() const {
   if (weights.bits == 0) return KeyError(src, "weights.bits", "is required (2..8)");
   if (weights.bits < 2 || weights.bits > 8) {
     return KeyError(src, "weights.bits", absl::StrCat("must be in 2..8, got ", weights.bits));
+  }
+  if (weights.grid == kernels::GridKind::kBalanced && weights.bits != 2) {
+    return KeyError(src, "weights.grid",
+                    absl::StrCat("balanced requires weights.bits 2 (its five levels are the 2-bit "
+                                 "grid plus one), got weights.bits ",
+                                 weights.bits));
   }
   if (weights.group_size == 0 || weights.group_size < -1) {
     return KeyError(src, "weights.group_size",

@@ -27,7 +27,7 @@ enum class QuantMethod { kRtn, kGptq };
 enum class SmoothingMethod { kNone, kSmoothQuant, kAser };
 // error_reconstruction.whitening: cholesky | diagonal | none.
 enum class Whitening { kCholesky, kDiagonal, kNone };
-// weights.grid: uniform | cuberoot (kernels::GridKind).
+// weights.grid: uniform | cuberoot | balanced (kernels::GridKind; balanced requires bits 2).
 // hessian: layer | output_adaptive | output_adaptive_token (DESIGN section 3, OAC).
 enum class HessianKind { kLayer, kOutputAdaptive, kOutputAdaptiveToken };
 // retrain.method: apiq | saliency (DESIGN section 3, "Retraining").

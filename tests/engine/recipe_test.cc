@@ -244,11 +244,41 @@ TEST(RecipeTest, HashesOfEveryEnumValueArePinned) {
             "020a0ca7236fc6e192d77541e592e865052e4af850b645644512cb6cd4908198");
 }
 
+// The balanced grid (ABQ bit balance) parses at 2 bits, hashes apart from uniform, and other bit
+// widths are refused naming weights.grid and weights.bits.
+TEST(RecipeTest, BalancedGridRequiresTwoBits) {
+  const absl::StatusOr<Recipe> r =
+      ParseRecipeYaml("method: rtn\nweights: {bits: 2, grid: balanced}\n", "r.yaml");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->weights.grid, kernels::GridKind::kBalanced);
+  EXPECT_EQ(r->ToCanonicalJson()["weights"]["grid"], "balanced");
+  EXPECT_NE(Sha("method: rtn\nweights: {bits: 2, grid: balanced}\n"),
+            Sha("method: rtn\nweights: {bits: 2}\n"));
+  for (int bits : {3, 4, 8}) {
+    const absl::StatusOr<Recipe> bad = ParseRecipeYaml(
+        "method: gptq\nweights: {bits: " + std::to_string(bits) + ", grid: balanced}\n", "r.yaml");
+    ASSERT_FALSE(bad.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(bad.status()));
+    const std::string msg(bad.status().message());
+    EXPECT_THAT(msg, HasSubstr("recipe key \"weights.grid\" balanced requires weights.bits 2"));
+    EXPECT_THAT(msg, HasSubstr("got weights.bits " + std::to_string(bits)));
+  }
+  const absl::StatusOr<Recipe> sym = ParseRecipeYaml(
+      "method: gptq\nweights: {bits: 2, grid: balanced, symmetric: true}\n", "r.yaml");
+  EXPECT_TRUE(sym.ok()) << sym.status();
+  const absl::StatusOr<Recipe> typo =
+      ParseRecipeYaml("method: gptq\nweights: {bits: 2, grid: balance}\n", "r.yaml");
+  ASSERT_FALSE(typo.ok());
+  EXPECT_THAT(std::string(typo.status().message()), HasSubstr("\"weights.grid\""));
+  EXPECT_THAT(std::string(typo.status().message()), HasSubstr("balanced"));
+}
+
 TEST(RecipeTest, EnumNamesRoundTrip) {
   for (QuantMethod v : {QuantMethod::kRtn, QuantMethod::kGptq}) {
     EXPECT_EQ(ParseQuantMethod(RecipeName(v)).value(), v);
   }
-  for (kernels::GridKind v : {kernels::GridKind::kUniform, kernels::GridKind::kCuberoot}) {
+  for (kernels::GridKind v :
+       {kernels::GridKind::kUniform, kernels::GridKind::kCuberoot, kernels::GridKind::kBalanced}) {
     EXPECT_EQ(ParseGrid(RecipeName(v)).value(), v);
   }
   for (SmoothingMethod v :

@@ -915,7 +915,9 @@ TEST_F(CpuSolverOpsTest, QuantizeRtnIsTheReference) {
                         Case{13, 33, {4, -1, true, GridKind::kUniform}},
                         Case{5, 130, {4, 128, false, GridKind::kUniform}},
                         Case{9, 17, {2, 5, false, GridKind::kCuberoot}},
-                        Case{1, 64, {8, 16, true, GridKind::kCuberoot}}}) {
+                        Case{1, 64, {8, 16, true, GridKind::kCuberoot}},
+                        Case{11, 70, {2, 32, false, GridKind::kBalanced}},
+                        Case{4, 33, {2, -1, true, GridKind::kBalanced}}}) {
     SCOPED_TRACE(testing::Message() << c.d_out << "x" << c.d_in << " g" << c.spec.group_size);
     const Tensor w = rng_.Floats({c.d_out, c.d_in});
     auto got = be_->QuantizeRtn(w, c.spec);
@@ -940,6 +942,7 @@ TEST_F(CpuSolverOpsTest, GptqIsTheReference) {
       {7, 33, -1, {3, 8, true, GridKind::kUniform}, 16, true, {}},
       {17, 65, 40, {4, -1, false, GridKind::kUniform}, 128, true, {3, 3, 17}},
       {5, 40, -1, {4, 32, false, GridKind::kCuberoot}, 12, false, {39}},
+      {9, 70, 3, {2, 32, false, GridKind::kBalanced}, 16, true, {}},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(testing::Message() << c.d_out << "x" << c.n << " g" << c.spec.group_size << " bs"

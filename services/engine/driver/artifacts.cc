@@ -47,7 +47,7 @@ void QuantizedLinearEntries(const QuantizedLinear& q, std::map<std::string, Tens
           {"effective_group_size", absl::StrCat(q.group_size)},
           {"n_groups", absl::StrCat(q.n_groups)},
           {"symmetric", q.spec.symmetric ? "1" : "0"},
-          {"grid", q.spec.grid == GridKind::kCuberoot ? "cuberoot" : "uniform"}};
+          {"grid", RecipeName(q.spec.grid)}};
 }
 
 absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file) {
@@ -72,8 +72,11 @@ absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file)
   q.spec.group_size = static_cast<int>(gs);
   q.spec.symmetric = sym != 0;
   auto grid = meta.find("grid");
-  q.spec.grid =
-      (grid != meta.end() && grid->second == "cuberoot") ? GridKind::kCuberoot : GridKind::kUniform;
+  if (grid != meta.end()) {
+    absl::StatusOr<GridKind> kind = ParseGrid(grid->second);
+    if (!kind.ok()) return absl::DataLossError(kind.status().message());
+    q.spec.grid = *kind;
+  }
   for (const char* name : {"codes", "zeros", "g_idx", "perm", "scales"}) {
     if (!file->Has(name))
       return absl::DataLossError(absl::StrCat("quantized linear artifact lacks ", name));

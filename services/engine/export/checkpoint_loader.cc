@@ -138,6 +138,23 @@ absl::StatusOr<CheckpointQuantization> ReadCheckpointQuantization(const std::str
       qc["qcal"]["activation_bits"].is_number_integer()) {
     q.activation_bits = qc["qcal"]["activation_bits"].get<int>();
   }
+  if (qc.contains("qcal") && qc["qcal"].is_object() && qc["qcal"].contains("grid")) {
+    const nlohmann::json& grid = qc["qcal"]["grid"];
+    if (!grid.is_string() || (grid != "uniform" && grid != "cuberoot" && grid != "balanced")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": qcal.grid must be \"uniform\", \"cuberoot\" or \"balanced\", got ",
+          grid.dump()));
+    }
+    q.grid = grid.get<std::string>();
+  }
+  if (q.quant_method == "gptq" && q.grid == "cuberoot") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": qcal.grid \"cuberoot\" cannot be stored as GPTQ (it is a qcal_fake export)"));
+  }
+  if (q.quant_method == "gptq" && q.grid == "balanced" && q.bits != 3) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": qcal.grid \"balanced\" is stored as 3-bit codes (bits 3), got bits ", q.bits));
+  }
   return q;
 }
 

@@ -17,10 +17,16 @@ struct CheckpointQuantization {
   int bits = 16;
   int group_size = -1;
   int activation_bits = 16;  // qcal extension; 16 = off
+  // qcal extension (quantization_config.qcal.grid): "uniform" (also when absent), "cuberoot" or
+  // "balanced". A balanced GPTQ checkpoint stores codes 0..4 as 3-bit codes (bits = 3) and is
+  // dequantized like any other; the ABQ kernels give it three weight planes.
+  std::string grid = "uniform";
 };
 
 // Reads `quantization_config` from config.json, or quantize_config.json when config.json has
-// none. Errors: an unsupported quant_method or checkpoint_format (e.g. gptq_v2), bad bits.
+// none. Errors: an unsupported quant_method or checkpoint_format (e.g. gptq_v2), bad bits, an
+// unknown qcal.grid, or a GPTQ checkpoint with grid "cuberoot", or "balanced" with bits other than
+// 3.
 absl::StatusOr<CheckpointQuantization> ReadCheckpointQuantization(const std::string& dir);
 
 struct LoadOptions {

@@ -27,6 +27,7 @@ namespace fs = std::filesystem;
 
 bool IsGptqExportable(const Recipe& recipe) {
   const int b = recipe.weights.bits;
+  if (recipe.weights.grid == kernels::GridKind::kBalanced) return b == 2;  // stored as 3-bit codes
   return recipe.weights.grid == kernels::GridKind::kUniform &&
          (b == 2 || b == 3 || b == 4 || b == 8);
 }
@@ -34,7 +35,8 @@ bool IsGptqExportable(const Recipe& recipe) {
 nlohmann::ordered_json QuantizationConfig(const Recipe& recipe) {
   nlohmann::ordered_json q;
   q["quant_method"] = IsGptqExportable(recipe) ? "gptq" : "qcal_fake";
-  q["bits"] = recipe.weights.bits;
+  // The stored code width: 3 for the balanced grid, whose codes 0..4 any 3-bit reader dequantizes.
+  q["bits"] = kernels::CodeBits(SpecOf(recipe));
   q["group_size"] = recipe.weights.group_size;
   q["desc_act"] = recipe.method == QuantMethod::kGptq && recipe.gptq.act_order;
   q["sym"] = recipe.weights.symmetric;
@@ -46,7 +48,9 @@ nlohmann::ordered_json QuantizationConfig(const Recipe& recipe) {
   } else {
     q["grid"] = std::string(RecipeName(recipe.weights.grid));
   }
-  q["qcal"] = {{"activation_bits", recipe.activations.bits}, {"recipe_sha256", recipe.Sha256()}};
+  q["qcal"] = {{"activation_bits", recipe.activations.bits},
+               {"recipe_sha256", recipe.Sha256()},
+               {"grid", std::string(RecipeName(recipe.weights.grid))}};
   return q;
 }
 
@@ -183,10 +187,8 @@ absl::StatusOr<ExportPlan> MakePlan(const CheckpointReader& reader, const std::s
                                     const Recipe& recipe, int num_blocks,
                                     const std::map<std::string, int64_t>& adapter_ranks) {
   const bool gptq = IsGptqExportable(recipe);
-  const int bits = recipe.weights.bits;
-  QuantSpec spec;
-  spec.bits = bits;
-  spec.group_size = recipe.weights.group_size;
+  const QuantSpec spec = SpecOf(recipe);
+  const int bits = kernels::CodeBits(spec);
   ExportPlan plan;
   plan.blocks.resize(num_blocks);
   std::set<std::string> quantized_weights;
@@ -546,7 +548,7 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
         adapter_writer, ShardedSafetensorsWriter::Create(adapter_dir, std::move(adapter_tensors), 0,
                                                          "adapter_model", metadata));
   }
-  const int bits = recipe.weights.bits;
+  const int bits = kernels::CodeBits(SpecOf(recipe));
   QCAL_RETURN_IF_ERROR(WriteItems(*reader, plan.head, nullptr, bits, *model_writer));
   for (int b = 0; b < num_blocks; ++b) {
     QCAL_ASSIGN_OR_RETURN(const BlockExport e, block(b));

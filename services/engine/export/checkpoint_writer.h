@@ -1,6 +1,8 @@
 // Writes a quantized checkpoint (DESIGN section 5) into a directory:
 //   - GPTQ v1 (qweight/qzeros/scales/g_idx per quantized linear) for uniform grids at 2, 3, 4, 8
-//     bits, with `quantization_config` in config.json and the same keys in quantize_config.json;
+//     bits and the balanced 2-bit grid (codes 0..4 stored as 3-bit codes, `bits: 3`, with
+//     `quantization_config.qcal.grid: "balanced"`), with `quantization_config` in config.json and
+//     the same keys in quantize_config.json;
 //   - otherwise (cuberoot grid, 5–7 bits) a fake-quant checkpoint: dequantized fp32 weights and
 //     `quantization_config.quant_method = "qcal_fake"`.
 // Every other tensor keeps its name, dtype and bytes (except tensors changed by folded smoothing,

@@ -303,6 +303,49 @@ TEST(ParseByteSizeTest, RejectsMalformedSizesNamingThem) {
   }
 }
 
+// The balanced grid is exported as GPTQ v1 with 3-bit codes and says so in qcal.grid; the
+// recipe's own bits (2) stay in the recipe and its hash.
+TEST(QuantizationConfigTest, BalancedGridIsThreeBitGptqWithItsGrid) {
+  const Recipe balanced = MakeRecipe(2, 32, "balanced");
+  EXPECT_TRUE(IsGptqExportable(balanced));
+  const nlohmann::ordered_json q = QuantizationConfig(balanced);
+  EXPECT_EQ(q["quant_method"], "gptq");
+  EXPECT_EQ(q["checkpoint_format"], "gptq");
+  EXPECT_EQ(q["bits"], 3);
+  EXPECT_EQ(q["qcal"]["grid"], "balanced");
+  EXPECT_EQ(q["qcal"]["recipe_sha256"], balanced.Sha256());
+  const nlohmann::ordered_json u = QuantizationConfig(MakeRecipe(2, 32));
+  EXPECT_EQ(u["bits"], 2);
+  EXPECT_EQ(u["qcal"]["grid"], "uniform");
+}
+
+// The loader reads qcal.grid and refuses grids a GPTQ v1 checkpoint cannot hold.
+TEST(ReadCheckpointQuantizationTest, ReadsAndChecksTheGrid) {
+  const std::string dir = testing::MakeTempDir("qgrid");
+  auto read = [&](const std::string& qc) {
+    EXPECT_TRUE(
+        WriteStringToFile(dir + "/config.json", "{\"quantization_config\": " + qc + "}").ok());
+    return ReadCheckpointQuantization(dir);
+  };
+  auto q = read(R"({"quant_method": "gptq", "bits": 3, "qcal": {"grid": "balanced"}})");
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_EQ(q->grid, "balanced");
+  EXPECT_EQ(q->bits, 3);
+  q = read(R"({"quant_method": "gptq", "bits": 4})");
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_EQ(q->grid, "uniform");
+  q = read(R"({"quant_method": "gptq", "bits": 2, "qcal": {"grid": "balanced"}})");
+  ASSERT_FALSE(q.ok());
+  EXPECT_THAT(std::string(q.status().message()), HasSubstr("bits 3"));
+  q = read(R"({"quant_method": "gptq", "bits": 4, "qcal": {"grid": "cuberoot"}})");
+  ASSERT_FALSE(q.ok());
+  EXPECT_THAT(std::string(q.status().message()), HasSubstr("cuberoot"));
+  q = read(R"({"quant_method": "gptq", "bits": 4, "qcal": {"grid": "nf4"}})");
+  ASSERT_FALSE(q.ok());
+  EXPECT_THAT(std::string(q.status().message()), HasSubstr("qcal.grid"));
+  fs::remove_all(dir);
+}
+
 TEST(ExportOptionsTest, ShardSizeMustBePositive) {
   ExportOptions o;
   EXPECT_EQ(o.shard_size, 4ll << 30);
@@ -443,7 +486,8 @@ TEST_P(SynthFormatTest, ShardedAndSingleFileExportsLoadIdentically) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, SynthFormatTest,
                          ::testing::Values(MakeRecipe(4, 32), MakeRecipe(3, -1), MakeRecipe(5, 32),
-                                           MakeRecipe(3, 32, "cuberoot")));
+                                           MakeRecipe(3, 32, "cuberoot"),
+                                           MakeRecipe(2, 32, "balanced")));
 
 // The single-file export holds exactly the tensors of the map-based layout that preceded the
 // streaming writer (every source tensor, GPTQ tensors for the quantized linears, replaced tensors

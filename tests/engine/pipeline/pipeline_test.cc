@@ -125,7 +125,8 @@ TEST_P(RoundTripTest, ExportedCheckpointReproducesInMemoryModel) {
   auto q = ReadCheckpointQuantization(dir);
   ASSERT_TRUE(q.ok()) << q.status();
   EXPECT_EQ(q->quant_method, c.format);
-  EXPECT_EQ(q->bits, c.recipe.weights.bits);
+  EXPECT_EQ(q->bits, kernels::CodeBits(SpecOf(c.recipe)));  // 3 for the balanced grid
+  EXPECT_EQ(q->grid, RecipeName(c.recipe.weights.grid));
   auto exported = LoadCheckpoint(dir, backend_.get());
   ASSERT_TRUE(exported.ok()) << exported.status();
   ExpectSameLinears(**model, **exported);
@@ -151,16 +152,18 @@ TEST_P(RoundTripTest, ExportedCheckpointReproducesInMemoryModel) {
 
 INSTANTIATE_TEST_SUITE_P(
     Formats, RoundTripTest,
-    ::testing::Values(RoundTripCase{"gptq_w2_g32", MakeRecipe("gptq", 2, 32), "gptq"},
-                      RoundTripCase{"gptq_w3_g32", MakeRecipe("gptq", 3, 32), "gptq"},
-                      RoundTripCase{"gptq_w4_g32", MakeRecipe("gptq", 4, 32), "gptq"},
-                      RoundTripCase{"gptq_w8_g32", MakeRecipe("gptq", 8, 32), "gptq"},
-                      RoundTripCase{"gptq_w4_g32_act_order", MakeRecipe("gptq", 4, 32, true),
-                                    "gptq"},
-                      RoundTripCase{"rtn_w4_row", MakeRecipe("rtn", 4, -1), "gptq"},
-                      RoundTripCase{"gptq_w3_cuberoot",
-                                    MakeRecipe("gptq", 3, 32, false, "cuberoot"), "qcal_fake"},
-                      RoundTripCase{"gptq_w5_g32", MakeRecipe("gptq", 5, 32), "qcal_fake"}),
+    ::testing::Values(
+        RoundTripCase{"gptq_w2_g32", MakeRecipe("gptq", 2, 32), "gptq"},
+        RoundTripCase{"gptq_w3_g32", MakeRecipe("gptq", 3, 32), "gptq"},
+        RoundTripCase{"gptq_w4_g32", MakeRecipe("gptq", 4, 32), "gptq"},
+        RoundTripCase{"gptq_w8_g32", MakeRecipe("gptq", 8, 32), "gptq"},
+        RoundTripCase{"gptq_w4_g32_act_order", MakeRecipe("gptq", 4, 32, true), "gptq"},
+        RoundTripCase{"rtn_w4_row", MakeRecipe("rtn", 4, -1), "gptq"},
+        RoundTripCase{"gptq_w2_balanced", MakeRecipe("gptq", 2, 32, false, "balanced"), "gptq"},
+        RoundTripCase{"rtn_w2_balanced_row", MakeRecipe("rtn", 2, -1, false, "balanced"), "gptq"},
+        RoundTripCase{"gptq_w3_cuberoot", MakeRecipe("gptq", 3, 32, false, "cuberoot"),
+                      "qcal_fake"},
+        RoundTripCase{"gptq_w5_g32", MakeRecipe("gptq", 5, 32), "qcal_fake"}),
     [](const ::testing::TestParamInfo<RoundTripCase>& info) { return info.param.name; });
 
 // Reads code `i` of column `o` from a packed GPTQ tensor whose word w of that column sits at
@@ -183,7 +186,7 @@ class UnpackTest : public StoriesTest, public ::testing::WithParamInterface<Reci
 
 TEST_P(UnpackTest, WrittenTensorsMatchTheQuantizedLinears) {
   const Recipe recipe = GetParam();
-  const int b = recipe.weights.bits;
+  const int b = kernels::CodeBits(SpecOf(recipe));  // 3 for the balanced grid
   auto model = Model::Load(ModelDir(), backend_.get());
   ASSERT_TRUE(model.ok());
   auto outcome = QuantizeModel(**model, Samples(8, 64), recipe);
@@ -234,7 +237,8 @@ TEST_P(UnpackTest, WrittenTensorsMatchTheQuantizedLinears) {
 INSTANTIATE_TEST_SUITE_P(Bits, UnpackTest,
                          ::testing::Values(MakeRecipe("gptq", 4, 32),
                                            MakeRecipe("gptq", 3, 32, true),
-                                           MakeRecipe("rtn", 2, 64), MakeRecipe("gptq", 8, -1)));
+                                           MakeRecipe("rtn", 2, 64), MakeRecipe("gptq", 8, -1),
+                                           MakeRecipe("gptq", 2, 32, false, "balanced")));
 
 std::map<std::string, std::string> ReadDir(const std::string& dir) {
   std::map<std::string, std::string> files;

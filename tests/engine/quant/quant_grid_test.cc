@@ -284,6 +284,73 @@ TEST(Cuberoot, FitsOnCubeRootsAndCubesBack) {
   EXPECT_LT(Dequantize<float>(0, p, spec), 0.0f);
 }
 
+// The balanced grid: five levels 0..4, s = (xmax - xmin)/4, codes stored in 3 bits.
+TEST(Balanced, FiveLevelsByHand) {
+  QuantSpec spec;
+  spec.bits = 2;
+  spec.grid = GridKind::kBalanced;
+  EXPECT_EQ(MaxCode(spec), 4);
+  EXPECT_EQ(CodeBits(spec), 3);
+  {
+    const float w[] = {-1.0f, -0.3f, 0.2f, 3.0f};  // s = 4/4 = 1, z = round(1) = 1
+    const GroupParams p = FitGroup(w, 4, 1, spec);
+    EXPECT_EQ(p.scale, 1.0f);
+    EXPECT_EQ(p.zero, 1);
+    const int32_t want[] = {0, 1, 1, 4};
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(QuantizeCode(w[i], p, spec), want[i]) << i;
+    EXPECT_EQ(QuantizeCode(100.0f, p, spec), 4);  // clamped at the fifth level
+    EXPECT_EQ(Dequantize<float>(4, p, spec), 3.0f);
+  }
+  {
+    // All positive: z rounds to 0, so z = 1 and s = xmax / 3.
+    const float w[] = {0.5f, 2.0f, 3.0f};
+    const GroupParams p = FitGroup(w, 3, 1, spec);
+    EXPECT_EQ(p.zero, 1);
+    EXPECT_EQ(p.scale, 1.0f);
+    EXPECT_EQ(QuantizeCode(3.0f, p, spec), 4);
+    EXPECT_EQ(QuantizeCode(0.5f, p, spec), 1);  // round(0.5) = 0 (ties to even)
+  }
+  {
+    // All negative: z = 4, the top code is zero.
+    const float w[] = {-4.0f, -1.0f};
+    const GroupParams p = FitGroup(w, 2, 1, spec);
+    EXPECT_EQ(p.scale, 1.0f);
+    EXPECT_EQ(p.zero, 4);
+    EXPECT_EQ(QuantizeCode(-4.0f, p, spec), 0);
+    EXPECT_EQ(QuantizeCode(0.0f, p, spec), 4);
+  }
+  {
+    // Symmetric: s = 2a/4, z = 2, levels -2s..2s.
+    spec.symmetric = true;
+    const float w[] = {-1.0f, 0.3f, 2.0f};
+    const GroupParams p = FitGroup(w, 3, 1, spec);
+    EXPECT_EQ(p.scale, 1.0f);
+    EXPECT_EQ(p.zero, 2);
+    EXPECT_EQ(QuantizeCode(-1.0f, p, spec), 1);
+    EXPECT_EQ(QuantizeCode(2.0f, p, spec), 4);
+    EXPECT_EQ(QuantizeCode(-5.0f, p, spec), 0);
+    EXPECT_EQ(Dequantize<float>(0, p, spec), -2.0f);
+  }
+  // Random groups: every code is in 0..4 and the error is at most s/2 inside the range (plus the
+  // fp16 rounding of s: 0.51 s).
+  spec.symmetric = false;
+  uint32_t state = 12345;
+  for (int trial = 0; trial < 200; ++trial) {
+    float w[37];
+    for (float& v : w) {
+      state = state * 1664525u + 1013904223u;
+      v = static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 23);
+    }
+    const GroupParams p = FitGroup(w, 37, 1, spec);
+    for (float v : w) {
+      const int32_t q = QuantizeCode(v, p, spec);
+      ASSERT_GE(q, 0);
+      ASSERT_LE(q, 4);
+      ASSERT_LE(std::fabs(Dequantize<float>(q, p, spec) - v), 0.51f * p.scale);
+    }
+  }
+}
+
 TEST(GroupLayout, EffectiveGroupSizeAndCount) {
   QuantSpec spec;
   spec.group_size = 32;

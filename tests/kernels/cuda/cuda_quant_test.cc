@@ -151,6 +151,8 @@ std::vector<SolveCase> SolveCases() {
   cases.back().spec.symmetric = true;
   add(20, 70, 4, 16, 32, false, {}, {});
   cases.back().spec.grid = GridKind::kCuberoot;
+  add(24, 96, 2, 32, 32, false, {}, {});
+  cases.back().spec.grid = GridKind::kBalanced;
   return cases;
 }
 
@@ -271,7 +273,8 @@ TEST_F(CudaQuantTest, RtnIsIdenticalToCpu) {
   const Case cases[] = {
       {1, 1, 4, 128, false, GridKind::kUniform},    {7, 33, 3, 8, false, GridKind::kUniform},
       {64, 300, 4, 128, false, GridKind::kUniform}, {33, 130, 2, -1, false, GridKind::kUniform},
-      {16, 257, 8, 64, true, GridKind::kUniform},   {9, 50, 4, 16, false, GridKind::kCuberoot}};
+      {16, 257, 8, 64, true, GridKind::kUniform},   {9, 50, 4, 16, false, GridKind::kCuberoot},
+      {12, 70, 2, 32, false, GridKind::kBalanced}};
   uint64_t seed = 70;
   for (const Case& c : cases) {
     SCOPED_TRACE(::testing::Message()
