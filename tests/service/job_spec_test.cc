@@ -177,24 +177,25 @@ TEST(JobSpecRetrainTest, BadValuesAreInvalidArgumentNamingTheKey) {
   n = NormalizeJobSpec(spec);
   ASSERT_TRUE(n.ok()) << n.status();
   EXPECT_FALSE(n->recipe().retrain().has_rank());
+}
 
-  // weights.grid "balanced" (ABQ bit balance) crosses the proto both ways and needs bits 2.
-  TEST(JobSpecGridTest, BalancedRoundTripsAndNeedsTwoBits) {
-    v1::JobSpec spec = testing::TinySpec("a");
-    spec.mutable_recipe()->mutable_weights()->set_bits(2);
-    spec.mutable_recipe()->mutable_weights()->set_grid("balanced");
-    auto n = NormalizeJobSpec(spec);
-    ASSERT_TRUE(n.ok()) << n.status();
-    absl::StatusOr<engine::Recipe> recipe = RecipeFromProto(n->recipe());
-    ASSERT_TRUE(recipe.ok()) << recipe.status();
-    EXPECT_EQ(recipe->weights.grid, kernels::GridKind::kBalanced);
-    EXPECT_EQ(RecipeToProto(*recipe).weights().grid(), "balanced");
-    spec.mutable_recipe()->mutable_weights()->set_bits(3);
-    n = NormalizeJobSpec(spec);
-    EXPECT_TRUE(absl::IsInvalidArgument(n.status()));
-    EXPECT_NE(n.status().message().find("\"weights.grid\""), std::string::npos) << n.status();
-    EXPECT_NE(n.status().message().find("weights.bits"), std::string::npos) << n.status();
-  }
+// weights.grid "balanced" (ABQ bit balance) crosses the proto both ways and needs bits 2.
+TEST(JobSpecGridTest, BalancedRoundTripsAndNeedsTwoBits) {
+  v1::JobSpec spec = testing::TinySpec("a");
+  spec.mutable_recipe()->mutable_weights()->set_bits(2);
+  spec.mutable_recipe()->mutable_weights()->set_grid("balanced");
+  auto n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  absl::StatusOr<engine::Recipe> recipe = RecipeFromProto(n->recipe());
+  ASSERT_TRUE(recipe.ok()) << recipe.status();
+  EXPECT_EQ(recipe->weights.grid, kernels::GridKind::kBalanced);
+  EXPECT_EQ(RecipeToProto(*recipe).weights().grid(), "balanced");
+  spec.mutable_recipe()->mutable_weights()->set_bits(3);
+  n = NormalizeJobSpec(spec);
+  EXPECT_TRUE(absl::IsInvalidArgument(n.status()));
+  EXPECT_NE(n.status().message().find("\"weights.grid\""), std::string::npos) << n.status();
+  EXPECT_NE(n.status().message().find("weights.bits"), std::string::npos) << n.status();
+}
 
 }  // namespace
 }  // namespace qcal::service
