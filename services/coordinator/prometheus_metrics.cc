@@ -122,6 +122,12 @@ class MetricsHttpServer {
   // the static TLS glibc carves out of it (about 230 KiB with the CUDA libraries).
   static constexpr size_t kThreadStackBytes = size_t{2} << 20;
 
+  // The send buffer of every connection (accepted sockets inherit the listener's), fixed rather
+  // than autotuned up to net.ipv4.tcp_wmem's 4 MiB: clients that stop reading then pin at most
+  // this much kernel memory each (Linux doubles the figure for bookkeeping). A scrape of the
+  // coordinator is ~100 KiB.
+  static constexpr int kSendBufferBytes = 256 << 10;
+
   struct Open {
     int fd;
     absl::Time deadline;
@@ -155,7 +161,9 @@ class MetricsHttpServer {
     }
     const int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     const int one = 1;
+    const int sndbuf = kSendBufferBytes;
     const bool ok = fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
+                    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)) == 0 &&
                     bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0;
     const int err = errno;
     freeaddrinfo(ai);
@@ -200,18 +208,18 @@ class MetricsHttpServer {
     const bool get = std::strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
                      std::strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
     unsigned status = MHD_HTTP_OK;
-    std::string body;
+    std::shared_ptr<const std::string> body;
     if (path != "/metrics") {
       status = MHD_HTTP_NOT_FOUND;
-      body = "not found\n";
+      body = std::make_shared<const std::string>("not found\n");
     } else if (!get) {
       status = MHD_HTTP_METHOD_NOT_ALLOWED;
-      body = "method not allowed\n";
+      body = std::make_shared<const std::string>("method not allowed\n");
     } else {
-      body = self->render_();
+      body = self->SharedRender();
     }
-    MHD_Response* response =
-        MHD_create_response_from_buffer(body.size(), body.data(), MHD_RESPMEM_MUST_COPY);
+    MHD_Response* response = MHD_create_response_from_buffer(
+        body->size(), const_cast<char*>(body->data()), MHD_RESPMEM_MUST_COPY);
     if (response == nullptr) return MHD_NO;
     MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8");
@@ -223,6 +231,32 @@ class MetricsHttpServer {
     MHD_destroy_response(response);
     return queued;
   }
+
+  // Concurrent scrapes share one render: one that arrives while a render is under way takes its
+  // result. A burst of scrapes then costs about one render, not one each.
+  std::shared_ptr<const std::string> SharedRender() {
+    {
+      absl::MutexLock lock(&render_mu_);
+      if (rendering_) {
+        const RenderWait wait = {this, renders_};
+        render_mu_.Await(absl::Condition(&RenderWait::Done, &wait));
+        return last_render_;
+      }
+      rendering_ = true;
+    }
+    auto text = std::make_shared<const std::string>(render_());
+    absl::MutexLock lock(&render_mu_);
+    last_render_ = text;
+    ++renders_;
+    rendering_ = false;
+    return text;
+  }
+
+  struct RenderWait {
+    const MetricsHttpServer* server;
+    uint64_t seen;
+    static bool Done(const RenderWait* w) { return w->server->renders_ != w->seen; }
+  };
 
   static void Log(void* /*cls*/, const char* format, va_list args) {
     char line[512];
@@ -250,6 +284,10 @@ class MetricsHttpServer {
   const absl::Duration response_timeout_;
   int port_ = 0;
   Render render_;
+  absl::Mutex render_mu_;
+  bool rendering_ ABSL_GUARDED_BY(render_mu_) = false;
+  uint64_t renders_ ABSL_GUARDED_BY(render_mu_) = 0;
+  std::shared_ptr<const std::string> last_render_ ABSL_GUARDED_BY(render_mu_);
   MHD_Daemon* daemon_ = nullptr;
   absl::Mutex mu_;
   absl::flat_hash_map<MHD_Connection*, Open> open_ ABSL_GUARDED_BY(mu_);
