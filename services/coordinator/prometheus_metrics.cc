@@ -98,7 +98,7 @@ class MetricsHttpServer {
         &MetricsHttpServer::NotifyConnection, server.get(), MHD_OPTION_EXTERNAL_LOGGER,
         &MetricsHttpServer::Log, nullptr, MHD_OPTION_END);
     if (server->daemon_ == nullptr) {
-      close(fd);
+      // Not closed here: MHD may have closed it already, and the number may be someone else's.
       return absl::UnavailableError(
           absl::StrCat("metrics endpoint ", options.listen, ": libmicrohttpd did not start"));
     }
@@ -125,7 +125,7 @@ class MetricsHttpServer {
   // The send buffer of every connection (accepted sockets inherit the listener's), fixed rather
   // than autotuned up to net.ipv4.tcp_wmem's 4 MiB: clients that stop reading then pin at most
   // this much kernel memory each (Linux doubles the figure for bookkeeping). A scrape of the
-  // coordinator is ~100 KiB.
+  // coordinator is ~40 KiB, so it fits whole.
   static constexpr int kSendBufferBytes = 256 << 10;
 
   struct Open {

@@ -193,6 +193,30 @@ TEST(MetricsHttpTest, ScrapesSucceedBesideASlowSenderAndANonReader) {
   close(stalled);
 }
 
+// Idle connections fill every slot; a scrape then waits for the request deadline to free one.
+TEST(MetricsHttpTest, ConnectionLimitHoldsUntilDeadlinesFreeSlots) {
+  PrometheusMetricsOptions options;
+  options.listen = "127.0.0.1:0";
+  options.http_threads = 2;
+  options.http_max_connections = 4;
+  options.http_request_timeout = absl::Seconds(1);
+  auto metrics = PrometheusMetrics::Create(options);
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  const int port = (*metrics)->port();
+  std::vector<int> idle;
+  for (int i = 0; i < 4; ++i) idle.push_back(Connect(port));
+  absl::SleepFor(absl::Milliseconds(200));  // all four accepted
+  const absl::Time t0 = absl::Now();
+  absl::StatusOr<Reply> r = Request(port, kScrape);
+  const double waited = absl::ToDoubleSeconds(absl::Now() - t0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 200);
+  std::printf("scrape behind 4 idle connections at the limit: %.2f s\n", waited);
+  EXPECT_GT(waited, 0.5);
+  EXPECT_LT(waited, 3.0);
+  for (int fd : idle) close(fd);
+}
+
 TEST(MetricsHttpTest, OnlyGetMetricsIsServed) {
   PrometheusMetricsOptions options;
   options.listen = "127.0.0.1:0";
