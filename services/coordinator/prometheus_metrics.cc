@@ -299,7 +299,7 @@ class MetricsHttpServer {
 
 struct PrometheusMetrics::Impl {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
-  std::unique_ptr<MetricsHttpServer> http;  // declared after the registry: stopped before it dies
+  std::unique_ptr<MetricsHttpServer> http;
 
   prometheus::Family<prometheus::Gauge>& jobs =
       BuildGauge().Name("qcal_jobs").Help("Jobs per state").Register(*registry);
@@ -433,7 +433,8 @@ struct PrometheusMetrics::Impl {
 };
 
 PrometheusMetrics::PrometheusMetrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-PrometheusMetrics::~PrometheusMetrics() = default;
+// The server goes first, while the registry its renders read is whole.
+PrometheusMetrics::~PrometheusMetrics() { impl_->http.reset(); }
 
 absl::Status PrometheusMetricsOptions::Validate() const {
   if (http_threads < 1) return absl::InvalidArgumentError("metrics: http_threads must be >= 1");
