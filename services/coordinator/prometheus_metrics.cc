@@ -218,9 +218,16 @@ class MetricsHttpServer {
     } else {
       body = self->SharedRender();
     }
-    MHD_Response* response = MHD_create_response_from_buffer(
-        body->size(), const_cast<char*>(body->data()), MHD_RESPMEM_MUST_COPY);
-    if (response == nullptr) return MHD_NO;
+    // The response holds a reference to the text (scrapes sharing a render share its bytes too);
+    // MHD never writes to the buffer.
+    auto* held = new std::shared_ptr<const std::string>(std::move(body));
+    MHD_Response* response = MHD_create_response_from_buffer_with_free_callback_cls(
+        (*held)->size(), const_cast<char*>((*held)->data()),
+        [](void* p) { delete static_cast<std::shared_ptr<const std::string>*>(p); }, held);
+    if (response == nullptr) {
+      delete held;
+      return MHD_NO;
+    }
     MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8");
     // One request per connection: the deadlines then bound a connection's whole life.
