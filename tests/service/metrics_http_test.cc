@@ -114,12 +114,17 @@ TEST(MetricsHttpTest, ScrapesSucceedBesideASlowSenderAndANonReader) {
   const size_t full = m.Text().size();
   ASSERT_GT(full, size_t{1} << 20);
 
-  // The slow sender: a request head that never ends, a byte a second, until the server closes.
-  std::atomic<bool> slow_closed{false};
-  absl::Time slow_end;  // read after the join
+  // Both bad clients connect before any thread starts, so that no ASSERT leaves one running.
   const absl::Time slow_start = absl::Now();
   const int slow = Connect(port);
   ASSERT_GE(slow, 0);
+  const absl::Time stalled_start = absl::Now();
+  const int stalled = Connect(port, 4096);
+  ASSERT_GE(stalled, 0);
+
+  // The slow sender: a request head that never ends, a byte a second, until the server closes.
+  std::atomic<bool> slow_closed{false};
+  absl::Time slow_end;  // read after the join
   std::thread slow_sender([&] {
     const std::string head = "GET /metrics HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     for (size_t i = 0; absl::Now() < slow_start + absl::Seconds(10); ++i) {
@@ -135,10 +140,7 @@ TEST(MetricsHttpTest, ScrapesSucceedBesideASlowSenderAndANonReader) {
   });
 
   // The non-reader: a whole request, then nothing.
-  const absl::Time stalled_start = absl::Now();
-  const int stalled = Connect(port, 4096);
-  ASSERT_GE(stalled, 0);
-  ASSERT_TRUE(SendAll(stalled, kScrape));
+  EXPECT_TRUE(SendAll(stalled, kScrape));
   absl::SleepFor(absl::Milliseconds(500));  // its response is rendered and its writes stall
 
   // 10 clients, 5 scrapes each, all at once.
@@ -165,7 +167,6 @@ TEST(MetricsHttpTest, ScrapesSucceedBesideASlowSenderAndANonReader) {
   }
   for (std::thread& t : clients) t.join();
   const absl::Time scrapes_done = absl::Now();
-  ASSERT_EQ(seconds.size(), 50u);
   EXPECT_TRUE(errors.empty()) << errors.size() << " failed, first: " << errors.front();
   std::sort(seconds.begin(), seconds.end());
   std::printf("scrapes of %zu bytes: 50 in %.2f s, median %.3f s, max %.3f s\n", full,
