@@ -42,4 +42,6 @@ if(QCAL_SERVICE)
     find_library(QCAL_ROCKSDB_LIB NAMES rocksdb REQUIRED)
   endif()
   find_package(prometheus-cpp CONFIG REQUIRED)
+  # The /metrics HTTP server (services/coordinator/prometheus_metrics.cc).
+  pkg_check_modules(MICROHTTPD REQUIRED IMPORTED_TARGET libmicrohttpd)
 endif()

@@ -1,5 +1,6 @@
 // qcal-coordinator: the job API (gRPC), job state on RocksDB, worker leases and /metrics. Flags
-// map onto CoordinatorOptions here and nowhere else. SIGTERM or SIGINT shut it down gracefully.
+// map onto CoordinatorOptions and PrometheusMetricsOptions here and nowhere else. SIGTERM or
+// SIGINT shut it down gracefully.
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
@@ -32,6 +33,8 @@ namespace {
 struct Flags {
   std::string listen = "127.0.0.1:50051";
   std::string metrics_listen = "127.0.0.1:9464";
+  double metrics_request_timeout_seconds = 5;
+  double metrics_response_timeout_seconds = 10;
   std::string port_file;
   std::string auth_token_file;
   rpc::ServerTlsOptions tls;
@@ -54,7 +57,8 @@ absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_p
   return absl::OkStatus();
 }
 
-absl::Status Run(const Flags& flags, CoordinatorOptions options) {
+absl::Status Run(const Flags& flags, CoordinatorOptions options,
+                 PrometheusMetricsOptions metrics_options) {
   options.scheduler.lease = absl::Seconds(flags.lease_seconds);
   options.heartbeat_interval = absl::Seconds(flags.heartbeat_seconds);
   options.store_reopen_interval = absl::Seconds(flags.store_reopen_seconds);
@@ -67,7 +71,10 @@ absl::Status Run(const Flags& flags, CoordinatorOptions options) {
     QCAL_ASSIGN_OR_RETURN(auth, Authenticator::FromTokenFile(flags.auth_token_file));
   }
   QCAL_ASSIGN_OR_RETURN(auto creds, rpc::CreateServerCredentials(flags.tls));
-  QCAL_ASSIGN_OR_RETURN(auto metrics, PrometheusMetrics::Create(flags.metrics_listen));
+  metrics_options.listen = flags.metrics_listen;
+  metrics_options.http_request_timeout = absl::Seconds(flags.metrics_request_timeout_seconds);
+  metrics_options.http_response_timeout = absl::Seconds(flags.metrics_response_timeout_seconds);
+  QCAL_ASSIGN_OR_RETURN(auto metrics, PrometheusMetrics::Create(metrics_options));
   RealClock clock;
   const std::string store_dir = (std::filesystem::path(options.data_dir) / "store").string();
   StoreOpener opener = [store_dir]() -> absl::StatusOr<std::unique_ptr<KvStore>> {
@@ -131,6 +138,7 @@ int main(int argc, char** argv) {
   CLI::App app{"qcal-coordinator: the qcal job service (gRPC API, RocksDB job state, /metrics)"};
   qcal::coordinator::Flags flags;
   CoordinatorOptions options;
+  qcal::coordinator::PrometheusMetricsOptions metrics_options;
   app.add_option("--listen", flags.listen, "gRPC address host:port (port 0: any free port)");
   app.add_option("--data-dir", options.data_dir, "State directory (RocksDB store, checkpoints)")
       ->required();
@@ -140,6 +148,18 @@ int main(int argc, char** argv) {
       ->required();
   app.add_option("--metrics-listen", flags.metrics_listen,
                  "/metrics HTTP address host:port (\"\" disables)");
+  app.add_option("--metrics-threads", metrics_options.http_threads,
+                 "/metrics server threads (default 4)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--metrics-max-connections", metrics_options.http_max_connections,
+                 "/metrics connections open at once (default 64)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--metrics-request-timeout-seconds", flags.metrics_request_timeout_seconds,
+                 "/metrics: a connection must send its request head within this (default 5)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--metrics-response-timeout-seconds", flags.metrics_response_timeout_seconds,
+                 "/metrics: the response must be sent within this, or it is cut (default 10)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--port-file", flags.port_file,
                  "Write {\"grpc_port\", \"metrics_port\"} as JSON here once listening");
   app.add_option("--lease-seconds", flags.lease_seconds, "Worker lease duration (default 10)")
@@ -172,7 +192,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   qcal::InitLogging(flags.verbose);
-  absl::Status s = qcal::coordinator::Run(flags, options);
+  absl::Status s = qcal::coordinator::Run(flags, options, metrics_options);
   if (!s.ok()) {
     std::fprintf(stderr, "qcal-coordinator: error: %s\n", std::string(s.message()).c_str());
     return 1;

@@ -1,20 +1,25 @@
 #include "services/coordinator/prometheus_metrics.h"
 
+#include <microhttpd.h>
 #include <netdb.h>
-#include <poll.h>
-#include <sys/eventfd.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
+#include <cstdarg>
+#include <cstdio>
 #include <cstring>
 #include <functional>
+#include <string_view>
 #include <thread>
-#include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "common/status.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -61,16 +66,80 @@ const char* const kMethods[] = {
     "FetchResume",      "CompleteTask", "FailTask",    "AbandonTask", "UploadGradientFile",
     "FetchGradientPass"};
 
-// A minimal HTTP/1.0 server for GET /metrics on one thread. prometheus-cpp's own exposer
-// (civetweb) runs handlers on 100 KiB thread stacks, which the static TLS of this process's
-// libraries (gRPC, OpenBLAS, ...) leaves too small: scrapes crashed in printf. Scrapes are rare
-// and small, so one thread with a normal stack serving connections in turn is enough.
+// GET /metrics on GNU libmicrohttpd (see the header for why not civetweb). MHD runs a pool of
+// threads, each polling its share of the connections, so a slow client costs a connection slot and
+// never blocks a thread. MHD's own connection timeout counts inactivity only (a byte a second
+// resets it), so deadlines are ours: every open connection is listed with the time by which it
+// must have sent its request head, then the time by which its response must be out, and a reaper
+// thread shuts down the socket of any connection past its deadline; MHD then sees the socket fail
+// and closes the connection itself.
 class MetricsHttpServer {
  public:
   using Render = std::function<std::string()>;
 
-  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& address,
-                                                                  Render render) {
+  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(
+      const PrometheusMetricsOptions& options, Render render) {
+    QCAL_ASSIGN_OR_RETURN(const int fd, Listen(options.listen));
+    sockaddr_storage bound = {};
+    socklen_t len = sizeof(bound);
+    getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+    auto server = std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer(options));
+    server->port_ =
+        ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                          : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+    server->render_ = std::move(render);
+    // MHD takes the listening socket and closes it in MHD_stop_daemon.
+    server->daemon_ = MHD_start_daemon(
+        MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG, 0, nullptr, nullptr,
+        &MetricsHttpServer::HandleRequest, server.get(), MHD_OPTION_LISTEN_SOCKET, fd,
+        MHD_OPTION_THREAD_POOL_SIZE, static_cast<unsigned>(options.http_threads),
+        MHD_OPTION_CONNECTION_LIMIT, static_cast<unsigned>(options.http_max_connections),
+        MHD_OPTION_THREAD_STACK_SIZE, kThreadStackBytes, MHD_OPTION_NOTIFY_CONNECTION,
+        &MetricsHttpServer::NotifyConnection, server.get(), MHD_OPTION_EXTERNAL_LOGGER,
+        &MetricsHttpServer::Log, nullptr, MHD_OPTION_END);
+    if (server->daemon_ == nullptr) {
+      // Not closed here: MHD may have closed it already, and the number may be someone else's.
+      return absl::UnavailableError(
+          absl::StrCat("metrics endpoint ", options.listen, ": libmicrohttpd did not start"));
+    }
+    server->reaper_ = std::thread([s = server.get()] { s->Reap(); });
+    return server;
+  }
+
+  ~MetricsHttpServer() {
+    if (daemon_ != nullptr) MHD_stop_daemon(daemon_);
+    {
+      absl::MutexLock lock(&mu_);
+      stopping_ = true;
+    }
+    if (reaper_.joinable()) reaper_.join();
+  }
+
+  int port() const { return port_; }
+
+ private:
+  // Pool threads get their own stack size rather than the RLIMIT_STACK default, and one far above
+  // the static TLS glibc carves out of it (about 230 KiB with the CUDA libraries).
+  static constexpr size_t kThreadStackBytes = size_t{2} << 20;
+
+  // The send buffer of every connection (accepted sockets inherit the listener's), fixed rather
+  // than autotuned up to net.ipv4.tcp_wmem's 4 MiB: clients that stop reading then pin at most
+  // this much kernel memory each (Linux doubles the figure for bookkeeping). A scrape of the
+  // coordinator is ~40 KiB, so it fits whole.
+  static constexpr int kSendBufferBytes = 256 << 10;
+
+  struct Open {
+    int fd;
+    absl::Time deadline;
+    bool cut;
+  };
+
+  explicit MetricsHttpServer(const PrometheusMetricsOptions& options)
+      : request_timeout_(options.http_request_timeout),
+        response_timeout_(options.http_response_timeout) {}
+
+  // A bound, listening, non-blocking socket for "host:port".
+  static absl::StatusOr<int> Listen(const std::string& address) {
     const size_t colon = address.rfind(':');
     if (colon == std::string::npos) {
       return absl::InvalidArgumentError(
@@ -90,10 +159,12 @@ class MetricsHttpServer {
       return absl::InvalidArgumentError(
           absl::StrCat("metrics address \"", address, "\" does not resolve"));
     }
-    const int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     const int one = 1;
+    const int sndbuf = kSendBufferBytes;
     const bool ok = fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
-                    bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 16) == 0;
+                    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)) == 0 &&
+                    bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0;
     const int err = errno;
     freeaddrinfo(ai);
     if (!ok) {
@@ -101,84 +172,141 @@ class MetricsHttpServer {
       return absl::UnavailableError(
           absl::StrCat("metrics endpoint ", address, " cannot listen: ", std::strerror(err)));
     }
-    sockaddr_storage bound = {};
-    socklen_t len = sizeof(bound);
-    getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
-    auto server = std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer());
-    server->fd_ = fd;
-    server->wake_ = eventfd(0, EFD_CLOEXEC);
-    server->port_ =
-        ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
-                                          : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-    server->render_ = std::move(render);
-    server->thread_ = std::thread([s = server.get()] { s->Serve(); });
-    return server;
+    return fd;
   }
 
-  ~MetricsHttpServer() {
-    const uint64_t one = 1;
-    if (write(wake_, &one, sizeof(one)) < 0) spdlog::warn("metrics: cannot wake the server");
-    thread_.join();
-    close(fd_);
-    close(wake_);
+  static void NotifyConnection(void* cls, MHD_Connection* connection, void** /*socket_context*/,
+                               MHD_ConnectionNotificationCode code) {
+    auto* self = static_cast<MetricsHttpServer*>(cls);
+    absl::MutexLock lock(&self->mu_);
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+      const MHD_ConnectionInfo* info =
+          MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+      if (info == nullptr) return;
+      self->open_[connection] = {info->connect_fd, absl::Now() + self->request_timeout_, false};
+    } else {
+      // MHD closes the socket only after this returns, so the reaper (under the same mutex)
+      // never shuts down a descriptor that has been reused.
+      self->open_.erase(connection);
+    }
   }
 
-  int port() const { return port_; }
+  static MHD_Result HandleRequest(void* cls, MHD_Connection* connection, const char* url,
+                                  const char* method, const char* /*version*/,
+                                  const char* /*upload_data*/, size_t* upload_data_size,
+                                  void** request_state) {
+    auto* self = static_cast<MetricsHttpServer*>(cls);
+    if (*request_state == nullptr) {  // the head is in: the response deadline starts
+      *request_state = self;
+      absl::MutexLock lock(&self->mu_);
+      auto it = self->open_.find(connection);
+      if (it != self->open_.end()) it->second.deadline = absl::Now() + self->response_timeout_;
+      return MHD_YES;
+    }
+    *upload_data_size = 0;  // a request body is ignored
+    const std::string_view path(url);
+    const bool get = std::strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
+                     std::strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+    unsigned status = MHD_HTTP_OK;
+    std::shared_ptr<const std::string> body;
+    if (path != "/metrics") {
+      status = MHD_HTTP_NOT_FOUND;
+      body = std::make_shared<const std::string>("not found\n");
+    } else if (!get) {
+      status = MHD_HTTP_METHOD_NOT_ALLOWED;
+      body = std::make_shared<const std::string>("method not allowed\n");
+    } else {
+      body = self->SharedRender();
+    }
+    // The response holds a reference to the text (scrapes sharing a render share its bytes too);
+    // MHD never writes to the buffer.
+    auto* held = new std::shared_ptr<const std::string>(std::move(body));
+    MHD_Response* response = MHD_create_response_from_buffer_with_free_callback_cls(
+        (*held)->size(), const_cast<char*>((*held)->data()),
+        [](void* p) { delete static_cast<std::shared_ptr<const std::string>*>(p); }, held);
+    if (response == nullptr) {
+      delete held;
+      return MHD_NO;
+    }
+    MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8");
+    // One request per connection: the deadlines then bound a connection's whole life.
+    MHD_add_response_header(response, MHD_HTTP_HEADER_CONNECTION, "close");
+    if (status == MHD_HTTP_METHOD_NOT_ALLOWED)
+      MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
+    const MHD_Result queued = MHD_queue_response(connection, status, response);
+    MHD_destroy_response(response);
+    return queued;
+  }
 
- private:
-  MetricsHttpServer() = default;
-  void Serve() {
-    for (;;) {
-      pollfd fds[2] = {{fd_, POLLIN, 0}, {wake_, POLLIN, 0}};
-      if (poll(fds, 2, -1) < 0) {
-        if (errno == EINTR) continue;
-        return;
+  // Concurrent scrapes share one render: one that arrives while a render is under way takes its
+  // result. A burst of scrapes then costs about one render, not one each.
+  std::shared_ptr<const std::string> SharedRender() {
+    {
+      absl::MutexLock lock(&render_mu_);
+      if (rendering_) {
+        const RenderWait wait = {this, renders_};
+        render_mu_.Await(absl::Condition(&RenderWait::Done, &wait));
+        return last_render_;
       }
-      if (fds[1].revents != 0) return;
-      const int conn = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (conn < 0) continue;
-      Handle(conn);
-      close(conn);
+      rendering_ = true;
+    }
+    auto text = std::make_shared<const std::string>(render_());
+    absl::MutexLock lock(&render_mu_);
+    last_render_ = text;
+    ++renders_;
+    rendering_ = false;
+    return text;
+  }
+
+  struct RenderWait {
+    const MetricsHttpServer* server;
+    uint64_t seen;
+    static bool Done(const RenderWait* w) { return w->server->renders_ != w->seen; }
+  };
+
+  static void Log(void* /*cls*/, const char* format, va_list args) {
+    char line[512];
+    std::vsnprintf(line, sizeof(line), format, args);
+    std::string_view text(line);
+    while (!text.empty() && text.back() == '\n') text.remove_suffix(1);
+    spdlog::debug("metrics http: {}", text);
+  }
+
+  void Reap() {
+    absl::MutexLock lock(&mu_);
+    while (!mu_.AwaitWithTimeout(absl::Condition(&stopping_), kReapInterval)) {
+      const absl::Time now = absl::Now();
+      for (auto& [connection, open] : open_) {
+        if (open.cut || now < open.deadline) continue;
+        shutdown(open.fd, SHUT_RDWR);
+        open.cut = true;
+      }
     }
   }
 
-  // Reads the request head (2 s at most) and answers it.
-  void Handle(int conn) {
-    std::string head;
-    char buf[4096];
-    while (head.find("\r\n\r\n") == std::string::npos && head.size() < 16384) {
-      pollfd p = {conn, POLLIN, 0};
-      if (poll(&p, 1, 2000) <= 0) return;
-      const ssize_t n = read(conn, buf, sizeof(buf));
-      if (n <= 0) return;
-      head.append(buf, static_cast<size_t>(n));
-    }
-    const bool metrics = head.rfind("GET /metrics ", 0) == 0 || head.rfind("GET /metrics?", 0) == 0;
-    const std::string body = metrics ? render_() : "not found\n";
-    const std::string response = absl::StrCat(
-        "HTTP/1.0 ", metrics ? "200 OK" : "404 Not Found",
-        "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: ",
-        body.size(), "\r\nConnection: close\r\n\r\n", body);
-    size_t off = 0;
-    while (off < response.size()) {
-      const ssize_t n = send(conn, response.data() + off, response.size() - off, MSG_NOSIGNAL);
-      if (n <= 0) return;
-      off += static_cast<size_t>(n);
-    }
-  }
+  static constexpr absl::Duration kReapInterval = absl::Milliseconds(100);
 
-  int fd_ = -1;
-  int wake_ = -1;
+  const absl::Duration request_timeout_;
+  const absl::Duration response_timeout_;
   int port_ = 0;
   Render render_;
-  std::thread thread_;
+  absl::Mutex render_mu_;
+  bool rendering_ ABSL_GUARDED_BY(render_mu_) = false;
+  uint64_t renders_ ABSL_GUARDED_BY(render_mu_) = 0;
+  std::shared_ptr<const std::string> last_render_ ABSL_GUARDED_BY(render_mu_);
+  MHD_Daemon* daemon_ = nullptr;
+  absl::Mutex mu_;
+  absl::flat_hash_map<MHD_Connection*, Open> open_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread reaper_;
 };
 
 }  // namespace
 
 struct PrometheusMetrics::Impl {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
-  std::unique_ptr<MetricsHttpServer> http;  // declared after the registry: stopped before it dies
+  std::unique_ptr<MetricsHttpServer> http;
 
   prometheus::Family<prometheus::Gauge>& jobs =
       BuildGauge().Name("qcal_jobs").Help("Jobs per state").Register(*registry);
@@ -312,10 +440,25 @@ struct PrometheusMetrics::Impl {
 };
 
 PrometheusMetrics::PrometheusMetrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-PrometheusMetrics::~PrometheusMetrics() = default;
+// The server goes first, while the registry its renders read is whole.
+PrometheusMetrics::~PrometheusMetrics() { impl_->http.reset(); }
+
+absl::Status PrometheusMetricsOptions::Validate() const {
+  if (http_threads < 1) return absl::InvalidArgumentError("metrics: http_threads must be >= 1");
+  if (http_max_connections < http_threads) {
+    return absl::InvalidArgumentError(
+        "metrics: http_max_connections must be at least http_threads (each thread gets a share)");
+  }
+  if (http_request_timeout <= absl::ZeroDuration() ||
+      http_response_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("metrics: HTTP timeouts must be positive");
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<PrometheusMetrics>> PrometheusMetrics::Create(
-    const std::string& listen) {
+    const PrometheusMetricsOptions& options) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
   auto impl = std::make_unique<Impl>();
   for (const char* s : kStates) impl->jobs.Add({{"state", s}}).Set(0);
   for (const char* k : {"rtn", "recipe"}) impl->layer_error.Add({{"kind", k}}, ErrorBuckets());
@@ -331,10 +474,10 @@ absl::StatusOr<std::unique_ptr<PrometheusMetrics>> PrometheusMetrics::Create(
   impl->block_exchange_bytes.Add({{"rank", "0"}}, ByteBuckets());
   impl->block_reduction_wait.Add({{"rank", "0"}}, SecondsBuckets());
   auto metrics = std::unique_ptr<PrometheusMetrics>(new PrometheusMetrics(std::move(impl)));
-  if (!listen.empty()) {
+  if (!options.listen.empty()) {
     PrometheusMetrics* m = metrics.get();
     absl::StatusOr<std::unique_ptr<MetricsHttpServer>> http =
-        MetricsHttpServer::Start(listen, [m] { return m->Text(); });
+        MetricsHttpServer::Start(options, [m] { return m->Text(); });
     if (!http.ok()) return http.status();
     m->impl_->http = *std::move(http);
   }

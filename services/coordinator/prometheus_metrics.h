@@ -1,21 +1,48 @@
 // PrometheusMetrics: the Metrics of metrics.h on prometheus-cpp (registry and text format), the
-// only code that includes its headers. Serves GET /metrics over HTTP when given a listen address
-// (its own small server; see the .cc for why not prometheus-cpp's civetweb exposer).
+// only code that includes its headers or libmicrohttpd's. Serves GET /metrics over HTTP when given
+// a listen address, on GNU libmicrohttpd: a pool of threads each multiplexing many connections, a
+// connection limit, and a deadline for reading each request and one for writing each response.
+// (Not prometheus-cpp's civetweb exposer: civetweb's threads have 100 KiB stacks, fixed when
+// Debian built it, and glibc carves the process's static TLS out of them; OpenBLAS's and the CUDA
+// libraries' TLS, linked here through the engine, leave too little or none. docs/OPERATIONS.md.)
 #pragma once
 
 #include <memory>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "services/coordinator/metrics.h"
 
 namespace qcal::coordinator {
 
+struct PrometheusMetricsOptions {
+  // "host:port" to serve GET /metrics on (an IPv6 host in brackets; port 0 picks a free port), or
+  // "" for no endpoint. Default: "" (none).
+  std::string listen;
+  // Threads serving the endpoint. Each multiplexes its connections, so a slow or stalled client
+  // holds a connection slot, never a thread; a scrape renders on one of them. Default: 4.
+  int http_threads = 4;
+  // Connections open at once over all threads. Beyond it, new connections wait in the kernel's
+  // listen backlog until a slot frees. Default: 64.
+  int http_max_connections = 64;
+  // From accept until the request head is complete; a connection still sending its head then is
+  // closed. Checked every 100 ms. Default: 5 s.
+  absl::Duration http_request_timeout = absl::Seconds(5);
+  // From the complete request head until the whole response is sent; a client that reads too
+  // slowly (or not at all) is then cut off. Checked every 100 ms. Default: 10 s.
+  absl::Duration http_response_timeout = absl::Seconds(10);
+
+  // InvalidArgument naming the field when a value is out of range.
+  absl::Status Validate() const;
+};
+
 class PrometheusMetrics final : public Metrics {
  public:
-  // `listen`: "host:port" for the /metrics endpoint (port 0 picks a free port), or "" for none.
-  // Errors name the address.
-  static absl::StatusOr<std::unique_ptr<PrometheusMetrics>> Create(const std::string& listen);
+  // Starts the /metrics endpoint when `options.listen` is set. Errors name the address.
+  static absl::StatusOr<std::unique_ptr<PrometheusMetrics>> Create(
+      const PrometheusMetricsOptions& options);
   ~PrometheusMetrics() override;
 
   // The bound HTTP port, 0 without an endpoint.

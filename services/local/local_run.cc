@@ -135,7 +135,7 @@ absl::StatusOr<engine::JobResult> RunLocalJob(const LocalRunOptions& options,
   co.data_dir = temp.path();
   co.input_root = "/";
   co.output_root = output_root;
-  QCAL_ASSIGN_OR_RETURN(auto metrics, coordinator::PrometheusMetrics::Create(""));
+  QCAL_ASSIGN_OR_RETURN(auto metrics, coordinator::PrometheusMetrics::Create({}));
   coordinator::RealClock clock;
   service::FaultInjector no_faults;
   const std::string store_dir = (fs::path(temp.path()) / "store").string();

@@ -53,7 +53,7 @@ class CoordinatorTest : public ::testing::Test {
  protected:
   void SetUp() override {
     tree_ = testing::MakeServiceTree("coordinator_test");
-    auto metrics = PrometheusMetrics::Create("");
+    auto metrics = PrometheusMetrics::Create({});
     ASSERT_TRUE(metrics.ok());
     metrics_ = *std::move(metrics);
     options_.data_dir = tree_.data;

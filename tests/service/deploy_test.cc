@@ -50,7 +50,7 @@ std::string Read(const std::string& path) {
 
 // Series names the coordinator exports (histograms with their _bucket, _sum and _count).
 std::set<std::string> ExportedMetrics() {
-  auto metrics = coordinator::PrometheusMetrics::Create("");
+  auto metrics = coordinator::PrometheusMetrics::Create({});
   EXPECT_TRUE(metrics.ok());
   std::set<std::string> names;
   for (absl::string_view line : absl::StrSplit((*metrics)->Text(), '\n')) {

@@ -9,7 +9,7 @@ PACKAGES=(
   libabsl-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   librocksdb-dev
-  prometheus-cpp-dev
+  prometheus-cpp-dev libmicrohttpd-dev
   libopenblas-dev liblapacke-dev
   libsentencepiece-dev sentencepiece
   libpcre2-dev libutf8proc-dev
