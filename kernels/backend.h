@@ -281,14 +281,15 @@ class Backend {
                                               Tensor* dy) {
     return UnsupportedOp("SquaredError");
   }
-  // Σ F·(x − r)² over x, r [rows, width] (F = f, or 1 when f is undefined; the difference in fp32,
-  // the products and sums in double), adding g = (scale·F)·(x − r) in fp32 to g1 and to g2 when
-  // given (bit-identical to ref::WeightedSquaredError's). The sum is the reference's (per-row
-  // sums in row order) on the CPU; on CUDA per-row sums by a fixed-order block reduction, then
-  // added in row order (deterministic; within 1e-12 relative of the CPU's).
+  // total + Σ F·(x − r)² over x, r [rows, width] (F = f, or 1 when f is undefined; the difference
+  // in fp32, the products and sums in double: per-row sums, added to `total` one by one in row
+  // order, so that sums over several tensors chain), adding g = (scale·F)·(x − r) in fp32 to g1
+  // and to g2 when given (bit-identical to ref::WeightedSquaredError's). The row sums are the
+  // reference's on the CPU; on CUDA each is a fixed-order block reduction (deterministic; the
+  // result within 1e-12 relative of the CPU's).
   virtual absl::StatusOr<double> WeightedSquaredError(const Tensor& x, const Tensor& r,
                                                       const Tensor& f, float scale, Tensor* g1,
-                                                      Tensor* g2) {
+                                                      Tensor* g2, double total) {
     return UnsupportedOp("WeightedSquaredError");
   }
 

@@ -797,7 +797,8 @@ class CpuBackend final : public Backend {
   }
 
   absl::StatusOr<double> WeightedSquaredError(const Tensor& x, const Tensor& r, const Tensor& f,
-                                              float scale, Tensor* g1, Tensor* g2) override {
+                                              float scale, Tensor* g1, Tensor* g2,
+                                              double total) override {
     const char* op = "WeightedSquaredError";
     QCAL_RETURN_IF_ERROR(CheckTrainOperand(x, DType::kF32, x.shape(), Device::kHost, op, "x"));
     QCAL_RETURN_IF_ERROR(ExpectRank(x, 2, op, "x"));
@@ -810,7 +811,7 @@ class CpuBackend final : public Backend {
       QCAL_RETURN_IF_ERROR(CheckTrainOperand(*g2, DType::kF32, x.shape(), Device::kHost, op, "g2"));
     return ref::WeightedSquaredError(
         x.data<float>(), r.data<float>(), f.defined() ? f.data<float>() : nullptr, x.dim(0),
-        x.dim(1), scale, g1 ? g1->data<float>() : nullptr, g2 ? g2->data<float>() : nullptr);
+        x.dim(1), scale, g1 ? g1->data<float>() : nullptr, g2 ? g2->data<float>() : nullptr, total);
   }
 
   absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) override {

@@ -224,7 +224,7 @@ double SquaredError(const float* y, const float* t, int64_t n, float scale, floa
 }
 
 double WeightedSquaredError(const float* x, const float* r, const float* f, int64_t rows,
-                            int64_t width, float scale, float* g1, float* g2) {
+                            int64_t width, float scale, float* g1, float* g2, double total) {
   // Per-row sums, added in row order: the total does not depend on the thread count.
   std::vector<double> row_sums(static_cast<size_t>(rows), 0.0);
   ParallelFor(rows, width, [&](int64_t o0, int64_t o1) {
@@ -241,7 +241,6 @@ double WeightedSquaredError(const float* x, const float* r, const float* f, int6
       row_sums[o] = sum;
     }
   });
-  double total = 0;
   for (double s : row_sums) total += s;
   return total;
 }

@@ -45,10 +45,11 @@ void AdamWStep(T* p, const T* g, T* m, T* v, int64_t n, int64_t t, const AdamWOp
 // order; when dy is not null, dy_e = scale·(y_e − t_e) in float (overwritten; may alias y or t).
 double SquaredError(const float* y, const float* t, int64_t n, float scale, float* dy);
 
-// Σ_e F_e·d_e² with d_e = x_e − r_e in float, for rows × width elements: F_e·d_e·d_e in double,
-// summed per row in element order and the rows' sums in row order. Also g = (scale·F_e)·d_e in
-// float is added to g1_e and to g2_e (either may be null). f null means F = 1.
+// total + Σ_e F_e·d_e² with d_e = x_e − r_e in float, for rows × width elements: F_e·d_e·d_e in
+// double, summed per row in element order, the rows' sums added to `total` one by one in row
+// order. Also g = (scale·F_e)·d_e in float is added to g1_e and to g2_e (either may be null).
+// f null means F = 1.
 double WeightedSquaredError(const float* x, const float* r, const float* f, int64_t rows,
-                            int64_t width, float scale, float* g1, float* g2);
+                            int64_t width, float scale, float* g1, float* g2, double total);
 
 }  // namespace qcal::kernels::ref

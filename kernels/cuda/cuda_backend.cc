@@ -897,7 +897,8 @@ class CudaBackend final : public Backend {
   }
 
   absl::StatusOr<double> WeightedSquaredError(const Tensor& x, const Tensor& r, const Tensor& f,
-                                              float scale, Tensor* g1, Tensor* g2) override {
+                                              float scale, Tensor* g1, Tensor* g2,
+                                              double total) override {
     const char* op = "WeightedSquaredError";
     QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, op, "x"));
     if (x.rank() != 2) {
@@ -915,7 +916,7 @@ class CudaBackend final : public Backend {
       QCAL_RETURN_IF_ERROR(CheckTrainOperand(*g2, DType::kF32, x.shape(), Device::kCuda, op, "g2"));
     }
     const int64_t rows = x.dim(0);
-    if (rows == 0) return 0.0;
+    if (rows == 0) return total;
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
     QCAL_ASSIGN_OR_RETURN(Tensor row_sums, Uninitialized(DType::kF64, {rows}));
     QCAL_RETURN_IF_ERROR(
@@ -925,7 +926,6 @@ class CudaBackend final : public Backend {
                        g2 ? g2->data<float>() : nullptr, row_sums.data<double>(), stream()),
                    "WeightedSquaredError kernel"));
     QCAL_ASSIGN_OR_RETURN(Tensor sums, ToHost(row_sums));
-    double total = 0;
     for (int64_t o = 0; o < rows; ++o) total += sums.data<double>()[o];
     return total;
   }

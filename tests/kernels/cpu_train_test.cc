@@ -123,9 +123,9 @@ TEST_F(CpuTrainTest, LossTermsAreTheReference) {
       std::vector<float> e1(g0.data<float>(), g0.data<float>() + n), e2(n, 0.0f);
       const double ew = ref::WeightedSquaredError(y.data<float>(), t.data<float>(),
                                                   weighted ? f.data<float>() : nullptr, shape[0],
-                                                  shape[1], 0.3f, e1.data(), e2.data());
+                                                  shape[1], 0.3f, e1.data(), e2.data(), 2.5);
       Tensor g1 = g0.Clone(), g2 = Zeros(shape);
-      auto wsum = be_->WeightedSquaredError(y, t, weighted ? f : Tensor(), 0.3f, &g1, &g2);
+      auto wsum = be_->WeightedSquaredError(y, t, weighted ? f : Tensor(), 0.3f, &g1, &g2, 2.5);
       ASSERT_TRUE(wsum.ok()) << wsum.status();
       EXPECT_EQ(*wsum, ew);
       EXPECT_EQ(FirstBitDifference(g1.data<float>(), e1.data(), n), -1);
@@ -171,7 +171,7 @@ TEST_F(CpuTrainTest, TrainingOpsRejectBadOperands) {
   EXPECT_EQ(be_->AdamWStep(p, g, m, v, 1, bad).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(be_->SquaredError(p, Zeros({6}), 1.0f, nullptr).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(be_->WeightedSquaredError(p, p, Tensor(), 1.0f, nullptr, nullptr).status().code(),
+  EXPECT_EQ(be_->WeightedSquaredError(p, p, Tensor(), 1.0f, nullptr, nullptr, 0.0).status().code(),
             absl::StatusCode::kInvalidArgument);  // rank 1
 }
 

@@ -323,9 +323,8 @@ struct BlockTrainer::State {
       QCAL_RETURN_IF_ERROR(be->Copy(l.q, eff));
       QCAL_RETURN_IF_ERROR(
           be->Gemm(l.params.lora_a, false, l.params.lora_b, false, 1.0f, 1.0f, eff));
-      QCAL_ASSIGN_OR_RETURN(const double sum, be->WeightedSquaredError(eff, l.reference, l.fisher,
-                                                                       scale, &l.g_q, &l.g_lora));
-      total += sum;
+      QCAL_ASSIGN_OR_RETURN(total, be->WeightedSquaredError(eff, l.reference, l.fisher, scale,
+                                                            &l.g_q, &l.g_lora, total));
     }
     return total;
   }

@@ -35,12 +35,12 @@ using engine::QuantizedLinear;
 // different orders (DESIGN section 3, fp32 block-size oracle).
 constexpr double kSolveErrorBound = 1e-5;
 constexpr double kSolveCodeFraction = 1e-3;
-// W̃ (record_pre_round) against the CPU reference's with the same U: per weight row whose codes all
-// match, ‖W̃_gpu − W̃_cpu‖ ≤ kSolveErrorBound·‖W̃_cpu‖ (the lazy-update GEMMs' rounding carried
-// through the column loop, the same relative bound as the layer error). A row with a differing
-// code (at most the code fraction above) takes a different error path from there on and is only
-// held to the exact rounding check.
-constexpr double kPreRoundRowBound = kSolveErrorBound;
+// W̃ (record_pre_round) against the CPU reference's with the same U: over the weight rows whose
+// codes all match, ‖W̃_gpu − W̃_cpu‖_F ≤ kPreRoundBound·‖W̃_cpu‖_F (the lazy-update GEMMs'
+// rounding carried through the column loop; the same relative bound as the layer error). A row
+// with a differing code (at most the code fraction above) takes another error path from there on
+// and is held only to the exact rounding check.
+constexpr double kPreRoundBound = kSolveErrorBound;
 // Factorization on the GPU (potrf + trtri of the reversed matrix) against LAPACK's potrf, potri,
 // potrf on the CPU, both fp32, on Hessians with outlier channels (condition ~1e4 after damping):
 // a check against gross errors; the layer errors below are the real measure.
@@ -199,7 +199,8 @@ TEST_F(CudaQuantTest, GptqSolveWithCpuUMatchesCpu) {
 }
 
 // W̃ rounds to the returned codes exactly on the returned scales and zeros (QuantizeCode, the same
-// function the kernel rounded with), and agrees with the CPU reference's W̃ for the same U.
+// function the kernel rounded with; on the cuberoot grid up to the code fraction, cbrt being the
+// device's), and agrees with the CPU reference's W̃ for the same U.
 TEST_F(CudaQuantTest, GptqSolveRecordsPreRoundValues) {
   uint64_t seed = 70;
   for (const SolveCase& c : SolveCases()) {
@@ -225,9 +226,10 @@ TEST_F(CudaQuantTest, GptqSolveRecordsPreRoundValues) {
     const auto zeros = Download<int32_t>(gpu->zeros);
     ASSERT_EQ(pre.size(), static_cast<size_t>(c.d_out * c.n));
     int64_t wrong_codes = 0, rows_differ = 0;
+    double diff2 = 0, norm2 = 0;  // over the rows whose codes all match the CPU's
     for (int64_t o = 0; o < c.d_out; ++o) {
       bool same_codes = true;
-      double diff2 = 0, norm2 = 0;
+      double row_diff2 = 0, row_norm2 = 0;
       for (int64_t j = 0; j < c.n; ++j) {
         const int64_t k = gpu->g_idx[j];
         const GroupParams p{scales[k * c.d_out + o], zeros[k * c.d_out + o]};
@@ -235,16 +237,22 @@ TEST_F(CudaQuantTest, GptqSolveRecordsPreRoundValues) {
         wrong_codes += QuantizeCode(pre[idx], p, c.spec) != codes[idx];
         same_codes = same_codes && codes[idx] == cpu->codes[idx];
         const double d = static_cast<double>(pre[idx]) - cpu_pre[idx];
-        diff2 += d * d;
-        norm2 += static_cast<double>(cpu_pre[idx]) * cpu_pre[idx];
+        row_diff2 += d * d;
+        row_norm2 += static_cast<double>(cpu_pre[idx]) * cpu_pre[idx];
       }
-      if (!same_codes) {
+      if (same_codes) {
+        diff2 += row_diff2;
+        norm2 += row_norm2;
+      } else {
         ++rows_differ;
-        continue;
       }
-      EXPECT_LE(std::sqrt(diff2), kPreRoundRowBound * std::sqrt(norm2)) << "row " << o;
     }
-    EXPECT_EQ(wrong_codes, 0) << "W̃ does not round to the returned codes";
+    EXPECT_LE(std::sqrt(diff2), kPreRoundBound * std::sqrt(norm2));
+    if (c.spec.grid == GridKind::kUniform) {
+      EXPECT_EQ(wrong_codes, 0) << "W̃ does not round to the returned codes";
+    } else {  // the device's cbrtf and the host's may differ in the last bit
+      EXPECT_LE(wrong_codes, kSolveCodeFraction * codes.size());
+    }
     EXPECT_LE(rows_differ, std::max<double>(1, kSolveCodeFraction * codes.size()));
     for (int64_t j = 0; j < c.n; ++j) {
       if (!f.factor.removed[j]) continue;

@@ -128,15 +128,15 @@ TEST_F(CudaTrainTest, LossTermsMatchReference) {
       std::vector<float> e1(g0.data<float>(), g0.data<float>() + n), e2(n, 0.0f);
       const double ew = ref::WeightedSquaredError(y.data<float>(), t.data<float>(),
                                                   weighted ? f.data<float>() : nullptr, shape[0],
-                                                  shape[1], 0.3f, e1.data(), e2.data());
+                                                  shape[1], 0.3f, e1.data(), e2.data(), 2.5);
       Tensor g1 = Up(g0), g2 = Zeros(shape);
-      auto wsum = be_->WeightedSquaredError(yd, td, weighted ? fd : Tensor(), 0.3f, &g1, &g2);
+      auto wsum = be_->WeightedSquaredError(yd, td, weighted ? fd : Tensor(), 0.3f, &g1, &g2, 2.5);
       ASSERT_TRUE(wsum.ok()) << wsum.status();
       EXPECT_LE(std::abs(*wsum - ew), kLossSumBound * std::abs(ew)) << *wsum << " vs " << ew;
       EXPECT_EQ(FirstBitDifference(Download(g1).data(), e1.data(), n), -1);
       EXPECT_EQ(FirstBitDifference(Download(g2).data(), e2.data(), n), -1);
       auto wagain =
-          be_->WeightedSquaredError(yd, td, weighted ? fd : Tensor(), 0.3f, nullptr, nullptr);
+          be_->WeightedSquaredError(yd, td, weighted ? fd : Tensor(), 0.3f, nullptr, nullptr, 2.5);
       ASSERT_TRUE(wagain.ok());
       EXPECT_EQ(*wagain, *wsum);  // deterministic
     }
