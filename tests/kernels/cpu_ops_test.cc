@@ -1095,7 +1095,8 @@ TEST_F(CpuSolverOpsTest, BadInputsAreInvalidArgument) {
   ASSERT_TRUE(factor.ok());
   expect_invalid(be_->GptqSolve(rng_.Floats({4, 5}), *factor, {}, 128, false).status(), "factor");
   expect_invalid(be_->GptqSolve(w, *factor, {}, 0, false).status(), "gptq.block_size");
-  expect_invalid(be_->GptqSolve(w, *factor, QuantSpec{9, 128}, 128, false).status(), "weights.bits");
+  expect_invalid(be_->GptqSolve(w, *factor, QuantSpec{9, 128}, 128, false).status(),
+                 "weights.bits");
   Tensor nan_w = w.Clone();
   nan_w.data<float>()[2 * 6 + 5] = INFINITY;
   expect_invalid(be_->GptqSolve(nan_w, *factor, {}, 128, false).status(), "weight[2, 5] is inf");
