@@ -252,7 +252,8 @@ class Backend {
   //
   // w_hat [d_out, d_in] = the clipped fake-quant of w [d_out, d_in] with the clipping logits gamma
   // and beta [d_out, n_groups] on `layout`: bit-identical to ref::ClippedFakeQuant<float> on every
-  // backend. w finite and the layout valid (ClipTensors); w_hat must not alias w.
+  // backend. w finite and the layout valid (ClipTensors); w_hat may alias w (each group reads and
+  // writes only its own columns).
   virtual absl::Status ClippedFakeQuant(const Tensor& w, const ClipTensors& layout,
                                         const Tensor& gamma, const Tensor& beta, Tensor& w_hat) {
     return UnsupportedOp("ClippedFakeQuant");

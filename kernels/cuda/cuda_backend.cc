@@ -817,9 +817,6 @@ class CudaBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, Device::kCuda, op));
     QCAL_RETURN_IF_ERROR(
         CheckTrainOperand(w_hat, DType::kF32, w.shape(), Device::kCuda, op, "w_hat"));
-    if (w_hat.raw() == w.raw()) {
-      return absl::InvalidArgumentError("ClippedFakeQuant: w_hat must not alias w");
-    }
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
     return CudaStatus(
         cuda::LaunchClippedFakeQuant(layout.view(), w.data<float>(), gamma.data<float>(),

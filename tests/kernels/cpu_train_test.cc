@@ -47,6 +47,9 @@ TEST_F(CpuTrainTest, ClippedFakeQuantIsTheReference) {
     ref::ClippedFakeQuant(c.w.data<float>(), c.layout.view(), c.gamma.data<float>(),
                           c.beta.data<float>(), expected.data());
     EXPECT_EQ(FirstBitDifference(w_hat.data<float>(), expected.data(), c.w.numel()), -1);
+    Tensor in_place = c.w.Clone();  // w_hat aliasing w
+    ASSERT_TRUE(be_->ClippedFakeQuant(in_place, layout, c.gamma, c.beta, in_place).ok());
+    EXPECT_EQ(FirstBitDifference(in_place.data<float>(), expected.data(), c.w.numel()), -1);
     // The export's re-rounding reproduces the forward exactly.
     auto q = ref::QuantizeClipped(c.w.data<float>(), c.layout, c.gamma.data<float>(),
                                   c.beta.data<float>());
