@@ -17,6 +17,7 @@
 #include "common/rope_scaling.h"
 #include "common/tensor.h"
 #include "kernels/quant_ops.h"
+#include "kernels/train_ops.h"
 
 namespace qcal::kernels {
 
@@ -35,6 +36,10 @@ enum class Op {
   // AttentionBackward, SiluMulBackward, EmbeddingBackward, NllBackward, ScaleRowsByNorm,
   // AccumulateSquares. A backend supports all of them or none.
   kBackward,
+  // Block retraining's ops (DESIGN section 3, "Retraining"): ClippedFakeQuant,
+  // ClippedFakeQuantBackward, AdamWStep, SquaredError, WeightedSquaredError. A backend supports all
+  // of them or none.
+  kTrain,
 };
 
 // Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. The CPU
@@ -239,6 +244,56 @@ class Backend {
     return UnsupportedOp("AccumulateSquares");
   }
 
+  // ---- Training ops: block retraining (DESIGN section 3, "Retraining (ApiQ and
+  // saliency-aware)"). Each has a CPU reference in kernels/cpu/train_ref.h that is its
+  // specification (the rules: kernels/train_math.h); every tensor is F32 (the layout's I32) on this
+  // backend's device. Not pure: a backend without them answers SupportsOp(kTrain) false and
+  // returns Unimplemented.
+  //
+  // w_hat [d_out, d_in] = the clipped fake-quant of w [d_out, d_in] with the clipping logits gamma
+  // and beta [d_out, n_groups] on `layout`: bit-identical to ref::ClippedFakeQuant<float> on every
+  // backend. w finite and the layout valid (ClipTensors); w_hat may alias w (each group reads and
+  // writes only its own columns).
+  virtual absl::Status ClippedFakeQuant(const Tensor& w, const ClipTensors& layout,
+                                        const Tensor& gamma, const Tensor& beta, Tensor& w_hat) {
+    return UnsupportedOp("ClippedFakeQuant");
+  }
+  // Its STE gradients for d_w_hat [d_out, d_in]: d_gamma, d_beta [d_out, n_groups] and, when d_w
+  // is given, d_w [d_out, d_in], all overwritten: bit-identical to ref::ClippedFakeQuantBackward
+  // <float> on every backend (each group's sums run over its positions in order on one thread).
+  virtual absl::Status ClippedFakeQuantBackward(const Tensor& w, const ClipTensors& layout,
+                                                const Tensor& gamma, const Tensor& beta,
+                                                const Tensor& d_w_hat, Tensor& d_gamma,
+                                                Tensor& d_beta, Tensor* d_w) {
+    return UnsupportedOp("ClippedFakeQuantBackward");
+  }
+  // AdamW step t >= 1 (1-based) on p with gradients g and moments m, v (F32 tensors of one element
+  // count; zero before step 1), in place: bit-identical to ref::AdamWStep<float> on every backend.
+  // InvalidArgument for invalid options (AdamWOptions::Validate) or t < 1.
+  virtual absl::Status AdamWStep(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, int64_t t,
+                                 const AdamWOptions& options) {
+    return UnsupportedOp("AdamWStep");
+  }
+  // Σ (y − target)² over all elements (each difference and square in double) and, when dy is
+  // given, dy = scale·(y − target) in fp32 (bit-identical to ref::SquaredError's; dy may alias y).
+  // The sum is ref::SquaredError's in element order on the CPU; on CUDA per-block double partial
+  // sums added in a fixed order (deterministic run to run; within 1e-12 relative of the CPU's).
+  virtual absl::StatusOr<double> SquaredError(const Tensor& y, const Tensor& target, float scale,
+                                              Tensor* dy) {
+    return UnsupportedOp("SquaredError");
+  }
+  // total + Σ F·(x − r)² over x, r [rows, width] (F = f, or 1 when f is undefined; the difference
+  // in fp32, the products and sums in double: per-row sums, added to `total` one by one in row
+  // order, so that sums over several tensors chain), adding g = (scale·F)·(x − r) in fp32 to g1
+  // and to g2 when given (bit-identical to ref::WeightedSquaredError's). The row sums are the
+  // reference's on the CPU; on CUDA each is a fixed-order block reduction (deterministic; the
+  // result within 1e-12 relative of the CPU's).
+  virtual absl::StatusOr<double> WeightedSquaredError(const Tensor& x, const Tensor& r,
+                                                      const Tensor& f, float scale, Tensor* g1,
+                                                      Tensor* g2, double total) {
+    return UnsupportedOp("WeightedSquaredError");
+  }
+
   // Activation fake-quantization (DESIGN section 3, "Activation quantization"): per row (token) of
   // x [rows, width], dynamic and symmetric with b = `bits` (2..8) and qmax = 2^(b-1) - 1:
   // s = max|x_row| / qmax, out = s * clamp(round_half_even(x / s), -qmax, qmax); s = 0 gives 0.
@@ -265,7 +320,9 @@ class Backend {
   // GPTQ step 5: quantizes w (F32 [d_out, n] on this device) column by column in the factor's
   // visiting order, in lazy blocks of `block_size` columns (quant_ref.h). w is not modified.
   // record_pre_round: also return W̃ (QuantizedTensors::pre_round), bit-identical to the
-  // reference's on the CPU backend; the codes are the same either way.
+  // reference's on the CPU backend; on CUDA the values its column loop rounded (so they round to
+  // its codes exactly), within the solve's fp32 tolerance of the reference's. The codes are the
+  // same either way.
   virtual absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
                                                      const QuantSpec& spec, int block_size,
                                                      bool record_pre_round) {

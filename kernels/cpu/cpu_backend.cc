@@ -17,6 +17,7 @@
 #include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_grad.h"
 #include "kernels/cpu/ref_ops.h"
+#include "kernels/cpu/train_ref.h"
 
 namespace qcal::kernels {
 namespace {
@@ -167,6 +168,8 @@ class CpuBackend final : public Backend {
       case Op::kActQuant:
         return true;
       case Op::kBackward:
+        return true;
+      case Op::kTrain:
         return true;
     }
     return false;
@@ -724,6 +727,91 @@ class CpuBackend final : public Backend {
       ref::AccumulateSquares(g.data<float>() + i0, i1 - i0, f.data<float>() + i0);
     });
     return absl::OkStatus();
+  }
+
+  // The training ops run their references (train_ref.h), bit for bit.
+  absl::Status ClippedFakeQuant(const Tensor& w, const ClipTensors& layout, const Tensor& gamma,
+                                const Tensor& beta, Tensor& w_hat) override {
+    const char* op = "ClippedFakeQuant";
+    QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, Device::kHost, op));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(w_hat, DType::kF32, w.shape(), Device::kHost, op, "w_hat"));
+    ref::ClippedFakeQuant(w.data<float>(), layout.view(), gamma.data<float>(), beta.data<float>(),
+                          w_hat.data<float>());
+    return absl::OkStatus();
+  }
+
+  absl::Status ClippedFakeQuantBackward(const Tensor& w, const ClipTensors& layout,
+                                        const Tensor& gamma, const Tensor& beta,
+                                        const Tensor& d_w_hat, Tensor& d_gamma, Tensor& d_beta,
+                                        Tensor* d_w) override {
+    const char* op = "ClippedFakeQuantBackward";
+    QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, Device::kHost, op));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(d_w_hat, DType::kF32, w.shape(), Device::kHost, op, "d_w_hat"));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(d_gamma, DType::kF32, gamma.shape(), Device::kHost, op, "d_gamma"));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(d_beta, DType::kF32, gamma.shape(), Device::kHost, op, "d_beta"));
+    if (d_w) {
+      QCAL_RETURN_IF_ERROR(
+          CheckTrainOperand(*d_w, DType::kF32, w.shape(), Device::kHost, op, "d_w"));
+    }
+    ref::ClippedFakeQuantBackward(w.data<float>(), layout.view(), gamma.data<float>(),
+                                  beta.data<float>(), d_w_hat.data<float>(), d_gamma.data<float>(),
+                                  d_beta.data<float>(), d_w ? d_w->data<float>() : nullptr);
+    return absl::OkStatus();
+  }
+
+  absl::Status AdamWStep(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, int64_t t,
+                         const AdamWOptions& options) override {
+    const char* op = "AdamWStep";
+    QCAL_RETURN_IF_ERROR(options.Validate());
+    if (t < 1) return absl::InvalidArgumentError(absl::StrCat(op, ": step ", t, " is not >= 1"));
+    QCAL_RETURN_IF_ERROR(CheckTrainOperand(p, DType::kF32, p.shape(), Device::kHost, op, "p"));
+    for (const auto& [x, what] :
+         {std::pair<const Tensor*, const char*>{&g, "g"}, {&m, "m"}, {&v, "v"}}) {
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(*x, DType::kF32, x->defined() ? x->shape() : Shape{},
+                                             Device::kHost, op, what));
+      if (x->numel() != p.numel()) {
+        return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " ", x->DebugString(),
+                                                       " and p ", p.DebugString(),
+                                                       " differ in element count"));
+      }
+    }
+    ref::AdamWStep(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), p.numel(), t,
+                   options);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<double> SquaredError(const Tensor& y, const Tensor& target, float scale,
+                                      Tensor* dy) override {
+    const char* op = "SquaredError";
+    QCAL_RETURN_IF_ERROR(CheckTrainOperand(y, DType::kF32, y.shape(), Device::kHost, op, "y"));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(target, DType::kF32, y.shape(), Device::kHost, op, "target"));
+    if (dy)
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(*dy, DType::kF32, y.shape(), Device::kHost, op, "dy"));
+    return ref::SquaredError(y.data<float>(), target.data<float>(), y.numel(), scale,
+                             dy ? dy->data<float>() : nullptr);
+  }
+
+  absl::StatusOr<double> WeightedSquaredError(const Tensor& x, const Tensor& r, const Tensor& f,
+                                              float scale, Tensor* g1, Tensor* g2,
+                                              double total) override {
+    const char* op = "WeightedSquaredError";
+    QCAL_RETURN_IF_ERROR(CheckTrainOperand(x, DType::kF32, x.shape(), Device::kHost, op, "x"));
+    QCAL_RETURN_IF_ERROR(ExpectRank(x, 2, op, "x"));
+    QCAL_RETURN_IF_ERROR(CheckTrainOperand(r, DType::kF32, x.shape(), Device::kHost, op, "r"));
+    if (f.defined())
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(f, DType::kF32, x.shape(), Device::kHost, op, "f"));
+    if (g1)
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(*g1, DType::kF32, x.shape(), Device::kHost, op, "g1"));
+    if (g2)
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(*g2, DType::kF32, x.shape(), Device::kHost, op, "g2"));
+    return ref::WeightedSquaredError(
+        x.data<float>(), r.data<float>(), f.defined() ? f.data<float>() : nullptr, x.dim(0),
+        x.dim(1), scale, g1 ? g1->data<float>() : nullptr, g2 ? g2->data<float>() : nullptr, total);
   }
 
   absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) override {

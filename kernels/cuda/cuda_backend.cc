@@ -16,10 +16,13 @@
 #include "common/status.h"
 #include "kernels/cpu/ref_ops.h"
 #include "kernels/cuda/act_quant.cuh"
+#include "kernels/cuda/adamw.cuh"
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/attention_backward.cuh"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/channel_stats.cuh"
+#include "kernels/cuda/clipped_quant.cuh"
+#include "kernels/cuda/clipped_quant_backward.cuh"
 #include "kernels/cuda/cuda_low_rank.h"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/cuda/cuda_resources.h"
@@ -34,6 +37,7 @@
 #include "kernels/cuda/rms_norm_backward.cuh"
 #include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/scale.cuh"
+#include "kernels/cuda/squared_error.cuh"
 
 namespace qcal::kernels {
 namespace {
@@ -805,6 +809,122 @@ class CudaBackend final : public Backend {
     return CudaStatus(
         cuda::LaunchAccumulateSquares(g.data<float>(), f.data<float>(), g.numel(), stream()),
         "AccumulateSquares kernel");
+  }
+
+  absl::Status ClippedFakeQuant(const Tensor& w, const ClipTensors& layout, const Tensor& gamma,
+                                const Tensor& beta, Tensor& w_hat) override {
+    const char* op = "ClippedFakeQuant";
+    QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, Device::kCuda, op));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(w_hat, DType::kF32, w.shape(), Device::kCuda, op, "w_hat"));
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cuda::LaunchClippedFakeQuant(layout.view(), w.data<float>(), gamma.data<float>(),
+                                     beta.data<float>(), w_hat.data<float>(), stream()),
+        "ClippedFakeQuant kernel");
+  }
+
+  absl::Status ClippedFakeQuantBackward(const Tensor& w, const ClipTensors& layout,
+                                        const Tensor& gamma, const Tensor& beta,
+                                        const Tensor& d_w_hat, Tensor& d_gamma, Tensor& d_beta,
+                                        Tensor* d_w) override {
+    const char* op = "ClippedFakeQuantBackward";
+    QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, Device::kCuda, op));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(d_w_hat, DType::kF32, w.shape(), Device::kCuda, op, "d_w_hat"));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(d_gamma, DType::kF32, gamma.shape(), Device::kCuda, op, "d_gamma"));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(d_beta, DType::kF32, gamma.shape(), Device::kCuda, op, "d_beta"));
+    if (d_w) {
+      QCAL_RETURN_IF_ERROR(
+          CheckTrainOperand(*d_w, DType::kF32, w.shape(), Device::kCuda, op, "d_w"));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(cuda::LaunchClippedFakeQuantBackward(
+                          layout.view(), w.data<float>(), gamma.data<float>(), beta.data<float>(),
+                          d_w_hat.data<float>(), d_gamma.data<float>(), d_beta.data<float>(),
+                          d_w ? d_w->data<float>() : nullptr, stream()),
+                      "ClippedFakeQuantBackward kernel");
+  }
+
+  absl::Status AdamWStep(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, int64_t t,
+                         const AdamWOptions& options) override {
+    const char* op = "AdamWStep";
+    QCAL_RETURN_IF_ERROR(options.Validate());
+    if (t < 1) return absl::InvalidArgumentError(absl::StrCat(op, ": step ", t, " is not >= 1"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(p, DType::kF32, op, "p"));
+    for (const auto& [x, what] :
+         {std::pair<const Tensor*, const char*>{&g, "g"}, {&m, "m"}, {&v, "v"}}) {
+      QCAL_RETURN_IF_ERROR(ExpectDevice(*x, DType::kF32, op, what));
+      if (x->numel() != p.numel()) {
+        return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " ", x->DebugString(),
+                                                       " and p ", p.DebugString(),
+                                                       " differ in element count"));
+      }
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cuda::LaunchAdamWStep(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(),
+                              p.numel(), AdamWCoefficientsOf<float>(options, t), stream()),
+        "AdamWStep kernel");
+  }
+
+  absl::StatusOr<double> SquaredError(const Tensor& y, const Tensor& target, float scale,
+                                      Tensor* dy) override {
+    const char* op = "SquaredError";
+    QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, op, "y"));
+    QCAL_RETURN_IF_ERROR(
+        CheckTrainOperand(target, DType::kF32, y.shape(), Device::kCuda, op, "target"));
+    if (dy) {
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(*dy, DType::kF32, y.shape(), Device::kCuda, op, "dy"));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    const int64_t blocks = cuda::SquaredErrorBlocks(y.numel());
+    QCAL_ASSIGN_OR_RETURN(Tensor partial, Uninitialized(DType::kF64, {blocks}));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchSquaredError(y.data<float>(), target.data<float>(), y.numel(), scale,
+                                            dy ? dy->data<float>() : nullptr,
+                                            partial.data<double>(), stream()),
+                   "SquaredError kernel"));
+    QCAL_ASSIGN_OR_RETURN(Tensor sums, ToHost(partial));
+    double total = 0;
+    for (int64_t b = 0; b < blocks; ++b) total += sums.data<double>()[b];
+    return total;
+  }
+
+  absl::StatusOr<double> WeightedSquaredError(const Tensor& x, const Tensor& r, const Tensor& f,
+                                              float scale, Tensor* g1, Tensor* g2,
+                                              double total) override {
+    const char* op = "WeightedSquaredError";
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, op, "x"));
+    if (x.rank() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": x must have rank 2, got ", x.DebugString()));
+    }
+    QCAL_RETURN_IF_ERROR(CheckTrainOperand(r, DType::kF32, x.shape(), Device::kCuda, op, "r"));
+    if (f.defined()) {
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(f, DType::kF32, x.shape(), Device::kCuda, op, "f"));
+    }
+    if (g1) {
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(*g1, DType::kF32, x.shape(), Device::kCuda, op, "g1"));
+    }
+    if (g2) {
+      QCAL_RETURN_IF_ERROR(CheckTrainOperand(*g2, DType::kF32, x.shape(), Device::kCuda, op, "g2"));
+    }
+    const int64_t rows = x.dim(0);
+    if (rows == 0) return total;
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(Tensor row_sums, Uninitialized(DType::kF64, {rows}));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchWeightedSquaredError(
+                       x.data<float>(), r.data<float>(), f.defined() ? f.data<float>() : nullptr,
+                       rows, x.dim(1), scale, g1 ? g1->data<float>() : nullptr,
+                       g2 ? g2->data<float>() : nullptr, row_sums.data<double>(), stream()),
+                   "WeightedSquaredError kernel"));
+    QCAL_ASSIGN_OR_RETURN(Tensor sums, ToHost(row_sums));
+    for (int64_t o = 0; o < rows; ++o) total += sums.data<double>()[o];
+    return total;
   }
 
  private:

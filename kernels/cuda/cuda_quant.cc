@@ -180,9 +180,6 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
                                            const GptqFactor& factor, const QuantSpec& spec,
                                            int block_size, bool record_pre_round) {
   QCAL_RETURN_IF_ERROR(ValidateQuantSpec(spec));
-  if (record_pre_round) {
-    return absl::UnimplementedError("GptqSolve: recording W̃ is not implemented on CUDA yet");
-  }
   if (block_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("gptq.block_size must be >= 1, got ", block_size));
@@ -211,6 +208,9 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
                                      removed.data<uint8_t>(), wp.data<float>(), ctx.stream),
                  "GptqSolve: permuting the weight"));
   const int64_t bs = block_size;
+  if (record_pre_round) {
+    QCAL_ASSIGN_OR_RETURN(q.pre_round, ctx.alloc(DType::kF32, {d_out, n}));
+  }
   QCAL_ASSIGN_OR_RETURN(Tensor err, ctx.alloc(DType::kF32, {d_out, bs}));
   QCAL_ASSIGN_OR_RETURN(Tensor failures, ctx.alloc(DType::kI32, {d_out, 2}));
   QCAL_RETURN_IF_ERROR(
@@ -230,6 +230,7 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
   args.dequantized = q.dequantized.data<float>();
   args.scales = q.scales.data<float>();
   args.zeros = q.zeros.data<int32_t>();
+  args.pre_round = record_pre_round ? q.pre_round.data<float>() : nullptr;
   args.failures = reinterpret_cast<int2*>(failures.data<int32_t>());
   const int64_t g = q.group_size;
   std::vector<int64_t> block_starts;

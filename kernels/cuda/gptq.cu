@@ -111,6 +111,7 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int stride) {
       }
       const float wi = row[c];
       const int32_t code = QuantizeCode(wi, p, a.spec);
+      if (a.pre_round != nullptr) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
       const float wq = Dequantize<float>(code, p, a.spec);
       const float e = (wi - wq) / __ldg(a.u + i * a.n + i);
       if (!isfinite(e) && failure.x == 0) {

@@ -61,6 +61,9 @@ struct GptqBlockArgs {
   float* dequantized = nullptr;  // [d_out, n], original column order
   float* scales = nullptr;       // [n_groups, d_out]
   int32_t* zeros = nullptr;      // [n_groups, d_out]
+  // [d_out, n], original column order, or null: W̃, each weight's value when its column is
+  // rounded (the value QuantizeCode rounds; removed columns are visited too and hold 0).
+  float* pre_round = nullptr;
   // [d_out] per row: (kind, visiting position) of the row's first failure; kind 0 none,
   // kGptqScaleOverflow, kGptqNonFiniteError. Rows keep the first one across blocks.
   int2* failures = nullptr;

@@ -101,7 +101,8 @@ TEST_P(CpuOpsTest, BackendDescribesItself) {
   EXPECT_EQ(backend_->threads(), 2);
   EXPECT_THAT(backend_->DeviceKind(), HasSubstr("openblas"));
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward,
+                Op::kTrain}) {
     EXPECT_TRUE(backend_->SupportsOp(op));
   }
 }
@@ -149,11 +150,17 @@ TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
         Tensor c = Tensor::Zeros(DType::kF32, {4, 4});
         return be.Gemm(x, true, x, false, 1.0f, 0.0f, c);
       }
+      case Op::kTrain: {
+        Tensor p = x.Clone(), m = Tensor::Zeros(DType::kF32, {2, 4});
+        Tensor v = Tensor::Zeros(DType::kF32, {2, 4});
+        return be.AdamWStep(p, x, m, v, 1, AdamWOptions{});
+      }
     }
     return absl::InternalError("unknown op");
   };
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward,
+                Op::kTrain}) {
     SCOPED_TRACE(static_cast<int>(op));
     EXPECT_EQ(be.SupportsOp(op), runs(op).ok());
   }

@@ -20,10 +20,11 @@ absl::StatusOr<Tensor> OnDevice(Backend& be, const Tensor& host) {
   return be.ToDevice(host);
 }
 
-// A backend tensor on the host (no copy on a host backend).
-absl::StatusOr<Tensor> OnHost(Backend& be, const Tensor& t) {
-  if (t.device() == Device::kHost) return t;
-  return be.ToHost(t);
+// A host I32 tensor holding `values`.
+Tensor I32Tensor(const std::vector<int32_t>& values, const Shape& shape) {
+  Tensor t = Tensor::Zeros(DType::kI32, shape);
+  std::copy(values.begin(), values.end(), t.data<int32_t>());
+  return t;
 }
 
 absl::Status CheckHostF32(const Tensor& t, const Shape& shape, LinearKind kind, const char* what) {
@@ -35,15 +36,6 @@ absl::Status CheckHostF32(const Tensor& t, const Shape& shape, LinearKind kind, 
                      ", expected a host F32 tensor ", ShapeString(shape)));
   }
   return absl::OkStatus();
-}
-
-// dst += src elementwise (host F32 tensors of one size).
-void AddInto(const Tensor& src, Tensor& dst) {
-  const float* a = src.data<float>();
-  float* b = dst.data<float>();
-  ParallelFor(src.numel(), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) b[i] += a[i];
-  });
 }
 
 }  // namespace
@@ -118,18 +110,19 @@ std::vector<int> RetrainSampleOrder(uint64_t seed, int epoch, int n) {
   return order;
 }
 
-// One trainable linear.
+// One trainable linear. Every tensor but base_host lives on the backend.
 struct TrainLinear {
   LinearKind kind = LinearKind::kQ;
-  ClipLayout layout;
-  Tensor base, reference, fisher;  // host
-  Tensor bias;                     // backend, or undefined
+  ClipLayout layout;               // host form (validated; Finish's re-rounding)
+  kernels::ClipTensors clip;       // the same layout on the backend
+  Tensor base_host;                // W̃ (host)
+  Tensor base, reference, fisher;  // W̃, W, F (undefined: F = 1)
+  Tensor bias;                     // or undefined
   int act_bits = 16;
-  RetrainParams params, grads;                                  // host
-  std::vector<float> m_a, v_a, m_b, v_b, m_g, v_g, m_be, v_be;  // AdamW moments
-  // This step's tensors: Q(W̃; γ, β) on the host and on the backend, the factors on the backend.
-  Tensor q_host, q_dev, a_dev, b_dev;
-  // ∂loss/∂(the weight branch's W) and ∂loss/∂(L_A·L_B), host [d_out, d_in]; the same tensor
+  RetrainParams params, grads;
+  RetrainParams m, v;  // AdamW moments
+  Tensor q;            // this step's Q(W̃; γ, β)
+  // ∂loss/∂(the weight branch's W) and ∂loss/∂(L_A·L_B), [d_out, d_in]; the same tensor
   // without activation quantization (both branches then see the same input).
   Tensor g_q, g_lora;
   int64_t d_out() const { return layout.d_out; }
@@ -158,14 +151,11 @@ struct BlockTrainer::State {
 
   TrainLinear& L(LinearKind k) { return linears[static_cast<int>(k)]; }
 
-  // Q(W̃; γ, β) and the factors, placed on the backend for this step.
+  // Q(W̃; γ, β) for this step.
   absl::Status PrepareWeights() {
     for (TrainLinear& l : linears) {
-      ClippedFakeQuant<float>(l.base.data<float>(), l.layout, l.params.gamma.data<float>(),
-                              l.params.beta.data<float>(), l.q_host.data<float>());
-      QCAL_ASSIGN_OR_RETURN(l.q_dev, OnDevice(*be, l.q_host));
-      QCAL_ASSIGN_OR_RETURN(l.a_dev, OnDevice(*be, l.params.lora_a));
-      QCAL_ASSIGN_OR_RETURN(l.b_dev, OnDevice(*be, l.params.lora_b));
+      QCAL_RETURN_IF_ERROR(
+          be->ClippedFakeQuant(l.base, l.clip, l.params.gamma, l.params.beta, l.q));
     }
     return absl::OkStatus();
   }
@@ -182,10 +172,11 @@ struct BlockTrainer::State {
       QCAL_RETURN_IF_ERROR(be->ActQuant(x, l.act_bits, acts.x_q[i]));
     }
     QCAL_RETURN_IF_ERROR(
-        be->Linear(acts.x_q[i], l.q_dev, l.bias.defined() ? &l.bias : nullptr, y, accumulate));
-    QCAL_ASSIGN_OR_RETURN(Tensor t, be->Alloc(DType::kF32, {x.dim(0), l.a_dev.dim(1)}));
-    QCAL_RETURN_IF_ERROR(be->Linear(x, l.b_dev, nullptr, t, false));
-    return be->Linear(t, l.a_dev, nullptr, y, true);
+        be->Linear(acts.x_q[i], l.q, l.bias.defined() ? &l.bias : nullptr, y, accumulate));
+    const Tensor& a = l.params.lora_a;
+    QCAL_ASSIGN_OR_RETURN(Tensor t, be->Alloc(DType::kF32, {x.dim(0), a.dim(1)}));
+    QCAL_RETURN_IF_ERROR(be->Linear(x, l.params.lora_b, nullptr, t, false));
+    return be->Linear(t, a, nullptr, y, true);
   }
 
   absl::StatusOr<Tensor> Project(LinearKind kind, const Tensor& x, ForwardActs& acts) {
@@ -245,28 +236,26 @@ struct BlockTrainer::State {
     return acts;
   }
 
-  // For y = linear(x) with output gradient dy: adds dyᵀ·x_q to g_q and dyᵀ·x to g_lora (host),
-  // and, when dx is given, sets dx = dy·Q + (dy·L_A)·L_B (ActQuant passes gradients through).
+  // For y = linear(x) with output gradient dy: adds dyᵀ·x_q to g_q and dyᵀ·x to g_lora (each
+  // product formed, then added), and, when dx is given, sets dx = dy·Q + (dy·L_A)·L_B (ActQuant
+  // passes gradients through).
   absl::Status LinearBackward(LinearKind kind, const ForwardActs& acts, const Tensor& dy,
                               Tensor* dx) {
     TrainLinear& l = L(kind);
     const int i = static_cast<int>(kind);
     QCAL_ASSIGN_OR_RETURN(Tensor g, be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
     QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x[i], false, 1.0f, 0.0f, g));
-    QCAL_ASSIGN_OR_RETURN(Tensor g_host, OnHost(*be, g));
-    QCAL_RETURN_IF_ERROR(be->Synchronize());
-    AddInto(g_host, l.g_lora);
+    QCAL_RETURN_IF_ERROR(be->Add(g, l.g_lora));
     if (l.act_bits < 16) {
       QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 0.0f, g));
-      QCAL_ASSIGN_OR_RETURN(g_host, OnHost(*be, g));
-      QCAL_RETURN_IF_ERROR(be->Synchronize());
     }
-    AddInto(g_host, l.g_q);
+    QCAL_RETURN_IF_ERROR(be->Add(g, l.g_q));
     if (dx) {
-      QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.q_dev, false, 1.0f, 0.0f, *dx));
-      QCAL_ASSIGN_OR_RETURN(Tensor t, be->Alloc(DType::kF32, {dy.dim(0), l.a_dev.dim(1)}));
-      QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.a_dev, false, 1.0f, 0.0f, t));
-      QCAL_RETURN_IF_ERROR(be->Gemm(t, false, l.b_dev, false, 1.0f, 1.0f, *dx));
+      const Tensor& a = l.params.lora_a;
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.q, false, 1.0f, 0.0f, *dx));
+      QCAL_ASSIGN_OR_RETURN(Tensor t, be->Alloc(DType::kF32, {dy.dim(0), a.dim(1)}));
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, a, false, 1.0f, 0.0f, t));
+      QCAL_RETURN_IF_ERROR(be->Gemm(t, false, l.params.lora_b, false, 1.0f, 1.0f, *dx));
     }
     return absl::OkStatus();
   }
@@ -313,62 +302,29 @@ struct BlockTrainer::State {
     return LinearBackward(LinearKind::kV, acts, dv, nullptr);
   }
 
-  // MSE(target, out) in double and, when dout is given, dout = scale·(out − target).
+  // MSE(target, out) (the squares summed in double on the backend) and, when dout is given,
+  // dout = scale·(out − target).
   absl::StatusOr<double> Mse(const Tensor& out, const Tensor& target, float scale, Tensor* dout) {
-    QCAL_ASSIGN_OR_RETURN(Tensor y, OnHost(*be, out));
-    QCAL_ASSIGN_OR_RETURN(Tensor t, OnHost(*be, target));
-    QCAL_RETURN_IF_ERROR(be->Synchronize());
-    const float* yp = y.data<float>();
-    const float* tp = t.data<float>();
-    const int64_t n = y.numel();
-    double sum = 0;
-    for (int64_t e = 0; e < n; ++e) {
-      const double d = static_cast<double>(yp[e]) - static_cast<double>(tp[e]);
-      sum += d * d;
-    }
     if (dout) {
-      Tensor d = Tensor::Zeros(DType::kF32, y.shape());
-      float* dp = d.data<float>();
-      for (int64_t e = 0; e < n; ++e) dp[e] = scale * (yp[e] - tp[e]);
-      QCAL_ASSIGN_OR_RETURN(*dout, OnDevice(*be, d));
+      QCAL_ASSIGN_OR_RETURN(*dout, be->Alloc(DType::kF32, out.shape()));
     }
-    return sum / static_cast<double>(n);
+    QCAL_ASSIGN_OR_RETURN(const double sum, be->SquaredError(out, target, scale, dout));
+    return sum / static_cast<double>(out.numel());
   }
 
-  // Σ F (Weff − W)² over every linear (double), adding weight·2F(Weff − W) to g_q and g_lora.
+  // Σ F (Weff − W)² over every linear (double, on the backend), adding weight·2F(Weff − W) to
+  // g_q and g_lora.
   absl::StatusOr<double> Regularizer(double weight) {
     double total = 0;
     const float scale = static_cast<float>(2.0 * weight);
     for (TrainLinear& l : linears) {
       // Weff = Q + L_A·L_B.
       QCAL_ASSIGN_OR_RETURN(Tensor eff, be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
-      QCAL_RETURN_IF_ERROR(be->Copy(l.q_dev, eff));
-      QCAL_RETURN_IF_ERROR(be->Gemm(l.a_dev, false, l.b_dev, false, 1.0f, 1.0f, eff));
-      QCAL_ASSIGN_OR_RETURN(Tensor eff_host, OnHost(*be, eff));
-      QCAL_RETURN_IF_ERROR(be->Synchronize());
-      const float* ep = eff_host.data<float>();
-      const float* wp = l.reference.data<float>();
-      const float* fp = l.fisher.defined() ? l.fisher.data<float>() : nullptr;
-      float* gq = l.g_q.data<float>();
-      float* gl = l.g_lora.data<float>();
-      const int64_t d_in = l.d_in();
-      // Per-row sums, added in row order: the total does not depend on the thread count.
-      std::vector<double> row_sums(static_cast<size_t>(l.d_out()), 0.0);
-      ParallelFor(l.d_out(), d_in, [&](int64_t o0, int64_t o1) {
-        for (int64_t o = o0; o < o1; ++o) {
-          double sum = 0;
-          for (int64_t e = o * d_in; e < (o + 1) * d_in; ++e) {
-            const float d = ep[e] - wp[e];
-            const float f = fp ? fp[e] : 1.0f;
-            sum += static_cast<double>(f) * static_cast<double>(d) * static_cast<double>(d);
-            const float g = scale * f * d;
-            gq[e] += g;
-            gl[e] += g;
-          }
-          row_sums[o] = sum;
-        }
-      });
-      for (double r : row_sums) total += r;
+      QCAL_RETURN_IF_ERROR(be->Copy(l.q, eff));
+      QCAL_RETURN_IF_ERROR(
+          be->Gemm(l.params.lora_a, false, l.params.lora_b, false, 1.0f, 1.0f, eff));
+      QCAL_ASSIGN_OR_RETURN(total, be->WeightedSquaredError(eff, l.reference, l.fisher, scale,
+                                                            &l.g_q, &l.g_lora, total));
     }
     return total;
   }
@@ -376,19 +332,13 @@ struct BlockTrainer::State {
   // The parameter gradients from g_q and g_lora: ∂L_A = G·L_Bᵀ, ∂L_B = L_Aᵀ·G, ∂γ/∂β by the STE.
   absl::Status ParamGrads() {
     for (TrainLinear& l : linears) {
-      QCAL_ASSIGN_OR_RETURN(Tensor g, OnDevice(*be, l.g_lora));
-      QCAL_ASSIGN_OR_RETURN(Tensor da, be->Alloc(DType::kF32, l.params.lora_a.shape()));
-      QCAL_ASSIGN_OR_RETURN(Tensor db, be->Alloc(DType::kF32, l.params.lora_b.shape()));
-      QCAL_RETURN_IF_ERROR(be->Gemm(g, false, l.b_dev, true, 1.0f, 0.0f, da));
-      QCAL_RETURN_IF_ERROR(be->Gemm(l.a_dev, true, g, false, 1.0f, 0.0f, db));
-      QCAL_ASSIGN_OR_RETURN(Tensor da_host, OnHost(*be, da));
-      QCAL_ASSIGN_OR_RETURN(Tensor db_host, OnHost(*be, db));
-      QCAL_RETURN_IF_ERROR(be->Synchronize());
-      std::copy_n(da_host.data<float>(), da_host.numel(), l.grads.lora_a.data<float>());
-      std::copy_n(db_host.data<float>(), db_host.numel(), l.grads.lora_b.data<float>());
-      ClippedFakeQuantBackward<float>(
-          l.base.data<float>(), l.layout, l.params.gamma.data<float>(), l.params.beta.data<float>(),
-          l.g_q.data<float>(), l.grads.gamma.data<float>(), l.grads.beta.data<float>(), nullptr);
+      QCAL_RETURN_IF_ERROR(
+          be->Gemm(l.g_lora, false, l.params.lora_b, true, 1.0f, 0.0f, l.grads.lora_a));
+      QCAL_RETURN_IF_ERROR(
+          be->Gemm(l.params.lora_a, true, l.g_lora, false, 1.0f, 0.0f, l.grads.lora_b));
+      QCAL_RETURN_IF_ERROR(be->ClippedFakeQuantBackward(l.base, l.clip, l.params.gamma,
+                                                        l.params.beta, l.g_q, l.grads.gamma,
+                                                        l.grads.beta, nullptr));
     }
     return absl::OkStatus();
   }
@@ -403,9 +353,9 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
                                                                    const RetrainOptions& options,
                                                                    RetrainBlockInput input) {
   QCAL_RETURN_IF_ERROR(options.Validate());
-  if (!backend.SupportsOp(kernels::Op::kBackward)) {
+  if (!backend.SupportsOp(kernels::Op::kBackward) || !backend.SupportsOp(kernels::Op::kTrain)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("retrain: the ", backend.name(), " backend has no backward ops"));
+        absl::StrCat("retrain: the ", backend.name(), " backend has no backward or training ops"));
   }
   if (input.block == nullptr) return absl::InvalidArgumentError("retrain: no block given");
   if (input.inputs.empty() || input.inputs.size() != input.targets.size()) {
@@ -455,9 +405,24 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
     l.layout.grid_scales = in.grid_scales;
     l.layout.grid_zeros = in.grid_zeros;
     QCAL_RETURN_IF_ERROR(l.layout.Validate());
-    l.base = in.base;
-    l.reference = in.reference;
-    l.fisher = in.fisher;
+    l.clip.d_out = d_out;
+    l.clip.d_in = d_in;
+    l.clip.spec = spec;
+    if (!in.perm.empty()) {
+      QCAL_ASSIGN_OR_RETURN(l.clip.perm, OnDevice(backend, I32Tensor(in.perm, {d_in})));
+    }
+    if (l.layout.has_grid()) {
+      const Shape grid = {l.layout.n_groups(), d_out};
+      QCAL_ASSIGN_OR_RETURN(l.clip.grid_scales,
+                            OnDevice(backend, Tensor::FromVector(in.grid_scales, grid)));
+      QCAL_ASSIGN_OR_RETURN(l.clip.grid_zeros, OnDevice(backend, I32Tensor(in.grid_zeros, grid)));
+    }
+    l.base_host = in.base;
+    QCAL_ASSIGN_OR_RETURN(l.base, OnDevice(backend, in.base));
+    QCAL_ASSIGN_OR_RETURN(l.reference, OnDevice(backend, in.reference));
+    if (in.fisher.defined()) {
+      QCAL_ASSIGN_OR_RETURN(l.fisher, OnDevice(backend, in.fisher));
+    }
     l.bias = installed.bias;
     l.act_bits = installed.act_bits;
     // The LoRA start.
@@ -470,32 +435,31 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
       QCAL_RETURN_IF_ERROR(
           CheckHostF32(in.lora_a, {d_out, std::max<int64_t>(r, 1)}, kind, "starting lora_a (L_A)"));
       QCAL_RETURN_IF_ERROR(CheckHostF32(in.lora_b, {r, d_in}, kind, "starting lora_b (L_B)"));
-      l.params.lora_a = in.lora_a.Clone();
-      l.params.lora_b = in.lora_b.Clone();
+      QCAL_ASSIGN_OR_RETURN(l.params.lora_a, backend.ToDevice(in.lora_a));
+      QCAL_ASSIGN_OR_RETURN(l.params.lora_b, backend.ToDevice(in.lora_b));
     } else {
       const int64_t r = std::min<int64_t>(options.rank, std::min(d_out, d_in));
-      l.params.lora_a = Tensor::Zeros(DType::kF32, {d_out, r});
-      l.params.lora_b = Tensor::Zeros(DType::kF32, {r, d_in});
+      Tensor b = Tensor::Zeros(DType::kF32, {r, d_in});
       const float bound = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_in)));
       const uint64_t stream = kernels::HashBits(options.seed, static_cast<uint64_t>(kind));
-      float* b = l.params.lora_b.data<float>();
-      for (int64_t e = 0; e < r * d_in; ++e) b[e] = kernels::HashUniform(stream, e, -bound, bound);
+      float* bp = b.data<float>();
+      for (int64_t e = 0; e < r * d_in; ++e) bp[e] = kernels::HashUniform(stream, e, -bound, bound);
+      QCAL_ASSIGN_OR_RETURN(l.params.lora_a, backend.Alloc(DType::kF32, {d_out, r}));
+      QCAL_ASSIGN_OR_RETURN(l.params.lora_b, backend.ToDevice(b));
     }
     const Shape clip_shape = {d_out, l.layout.n_groups()};
-    l.params.gamma = Tensor::Zeros(DType::kF32, clip_shape);
-    l.params.beta = Tensor::Zeros(DType::kF32, clip_shape);
-    std::fill_n(l.params.gamma.data<float>(), l.layout.num_logits(), options.initial_clip_logit);
-    std::fill_n(l.params.beta.data<float>(), l.layout.num_logits(), options.initial_clip_logit);
-    l.grads.lora_a = Tensor::Zeros(DType::kF32, l.params.lora_a.shape());
-    l.grads.lora_b = Tensor::Zeros(DType::kF32, l.params.lora_b.shape());
-    l.grads.gamma = Tensor::Zeros(DType::kF32, clip_shape);
-    l.grads.beta = Tensor::Zeros(DType::kF32, clip_shape);
-    for (auto* mv : {&l.m_a, &l.v_a}) mv->assign(l.params.lora_a.numel(), 0.0f);
-    for (auto* mv : {&l.m_b, &l.v_b}) mv->assign(l.params.lora_b.numel(), 0.0f);
-    for (auto* mv : {&l.m_g, &l.v_g, &l.m_be, &l.v_be}) mv->assign(l.layout.num_logits(), 0.0f);
-    l.q_host = Tensor::Zeros(DType::kF32, w_shape);
-    l.g_q = Tensor::Zeros(DType::kF32, w_shape);
-    l.g_lora = Tensor::Zeros(DType::kF32, w_shape);
+    Tensor logits = Tensor::Zeros(DType::kF32, clip_shape);
+    std::fill_n(logits.data<float>(), l.layout.num_logits(), options.initial_clip_logit);
+    QCAL_ASSIGN_OR_RETURN(l.params.gamma, backend.ToDevice(logits));
+    QCAL_ASSIGN_OR_RETURN(l.params.beta, backend.ToDevice(logits));
+    // Gradients and moments start at zero (Alloc zero-fills).
+    for (RetrainParams* t : {&l.grads, &l.m, &l.v}) {
+      QCAL_ASSIGN_OR_RETURN(t->lora_a, backend.Alloc(DType::kF32, l.params.lora_a.shape()));
+      QCAL_ASSIGN_OR_RETURN(t->lora_b, backend.Alloc(DType::kF32, l.params.lora_b.shape()));
+      QCAL_ASSIGN_OR_RETURN(t->gamma, backend.Alloc(DType::kF32, clip_shape));
+      QCAL_ASSIGN_OR_RETURN(t->beta, backend.Alloc(DType::kF32, clip_shape));
+    }
+    QCAL_ASSIGN_OR_RETURN(l.q, backend.Alloc(DType::kF32, w_shape));
   }
   s->input = std::move(input);
   return std::unique_ptr<BlockTrainer>(new BlockTrainer(std::move(s)));
@@ -508,8 +472,8 @@ absl::StatusOr<StepLoss> BlockTrainer::ComputeGradients(int sample, LossCoeffici
   }
   QCAL_RETURN_IF_ERROR(s.PrepareWeights());
   for (TrainLinear& l : s.linears) {
-    std::fill_n(l.g_q.data<float>(), l.g_q.numel(), 0.0f);
-    std::fill_n(l.g_lora.data<float>(), l.g_lora.numel(), 0.0f);
+    QCAL_ASSIGN_OR_RETURN(l.g_q, s.be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
+    QCAL_ASSIGN_OR_RETURN(l.g_lora, s.be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
   }
   StepLoss loss;
   if (c.c_out != 0) {
@@ -530,7 +494,7 @@ absl::StatusOr<StepLoss> BlockTrainer::ComputeGradients(int sample, LossCoeffici
   return loss;
 }
 
-void BlockTrainer::Step() {
+absl::Status BlockTrainer::Step() {
   State& s = *s_;
   ++s.steps;
   AdamWOptions lora{s.options.lr_lora, 0.9, 0.999, 1e-8, s.options.weight_decay};
@@ -538,15 +502,14 @@ void BlockTrainer::Step() {
   for (TrainLinear& l : s.linears) {
     RetrainParams& p = l.params;
     RetrainParams& g = l.grads;
-    AdamWStep<float>(p.lora_a.data<float>(), g.lora_a.data<float>(), l.m_a.data(), l.v_a.data(),
-                     p.lora_a.numel(), s.steps, lora);
-    AdamWStep<float>(p.lora_b.data<float>(), g.lora_b.data<float>(), l.m_b.data(), l.v_b.data(),
-                     p.lora_b.numel(), s.steps, lora);
-    AdamWStep<float>(p.gamma.data<float>(), g.gamma.data<float>(), l.m_g.data(), l.v_g.data(),
-                     p.gamma.numel(), s.steps, clip);
-    AdamWStep<float>(p.beta.data<float>(), g.beta.data<float>(), l.m_be.data(), l.v_be.data(),
-                     p.beta.numel(), s.steps, clip);
+    QCAL_RETURN_IF_ERROR(
+        s.be->AdamWStep(p.lora_a, g.lora_a, l.m.lora_a, l.v.lora_a, s.steps, lora));
+    QCAL_RETURN_IF_ERROR(
+        s.be->AdamWStep(p.lora_b, g.lora_b, l.m.lora_b, l.v.lora_b, s.steps, lora));
+    QCAL_RETURN_IF_ERROR(s.be->AdamWStep(p.gamma, g.gamma, l.m.gamma, l.v.gamma, s.steps, clip));
+    QCAL_RETURN_IF_ERROR(s.be->AdamWStep(p.beta, g.beta, l.m.beta, l.v.beta, s.steps, clip));
   }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<EpochLoss>> BlockTrainer::Train() {
@@ -565,7 +528,7 @@ absl::StatusOr<std::vector<EpochLoss>> BlockTrainer::Train() {
       record.epoch = e;
       for (int sample : RetrainSampleOrder(s.options.seed, global_epoch, n)) {
         QCAL_ASSIGN_OR_RETURN(StepLoss l, ComputeGradients(sample, c));
-        Step();
+        QCAL_RETURN_IF_ERROR(Step());
         record.mean.output_mse += l.output_mse / n;
         record.mean.regularizer += l.regularizer / n;
         record.mean.loss += l.loss / n;
@@ -590,12 +553,15 @@ absl::StatusOr<double> BlockTrainer::OutputMse() {
 
 absl::StatusOr<RetrainedLinear> BlockTrainer::Finish(LinearKind kind) const {
   const TrainLinear& l = s_->linears[static_cast<int>(kind)];
+  Backend& be = *s_->be;
+  QCAL_ASSIGN_OR_RETURN(const Tensor gamma, be.ToHost(l.params.gamma));
+  QCAL_ASSIGN_OR_RETURN(const Tensor beta, be.ToHost(l.params.beta));
   RetrainedLinear out;
-  QCAL_ASSIGN_OR_RETURN(
-      out.quantized, QuantizeClipped(l.base.data<float>(), l.layout, l.params.gamma.data<float>(),
-                                     l.params.beta.data<float>()));
-  out.lora_a = l.params.lora_a.Clone();
-  out.lora_b = l.params.lora_b.Clone();
+  QCAL_ASSIGN_OR_RETURN(out.lora_a, be.ToHost(l.params.lora_a));
+  QCAL_ASSIGN_OR_RETURN(out.lora_b, be.ToHost(l.params.lora_b));
+  QCAL_RETURN_IF_ERROR(be.Synchronize());
+  QCAL_ASSIGN_OR_RETURN(out.quantized, QuantizeClipped(l.base_host.data<float>(), l.layout,
+                                                       gamma.data<float>(), beta.data<float>()));
   return out;
 }
 

@@ -25,9 +25,12 @@
 // Gradients: the quantized block is recomputed forward per sample (the same ops as
 // Model::BlockForward, on the backend) and differentiated with the backend's backward ops; the
 // rounding of the base and of the activations passes gradients straight through (the weight
-// branch's ∂/∂x through ActQuant is the identity). The fake quantizer and AdamW are host code
-// (clipped_quant.h, adamw.h): on a device backend the quantized weights and gradients cross to the
-// host every step (correct; CUDA kernels are later work).
+// branch's ∂/∂x through ActQuant is the identity). The fake quantizer, its STE backward, AdamW
+// and the two loss terms are backend ops too (Backend::ClippedFakeQuant, ClippedFakeQuantBackward,
+// AdamWStep, SquaredError, WeightedSquaredError): parameters, moments and gradients stay on the
+// backend's device for the whole training; per step only the loss sums (two doubles per term)
+// come back to the host. The inputs are uploaded once (Create), the results downloaded once
+// (Finish).
 //
 // Optimizer: one AdamW (adamw.h) over all stages (its step count and moments carry across them),
 // lr_lora for the LoRA factors and lr_clip for the logits, the same decoupled weight decay for
@@ -116,7 +119,7 @@ struct RetrainBlockInput {
   std::vector<Tensor> targets;
 };
 
-// A linear's trainable tensors (host F32), or their gradients.
+// A linear's trainable tensors (F32, on the backend's device), or their gradients.
 struct RetrainParams {
   Tensor lora_a;  // [d_out, r]
   Tensor lora_b;  // [r, d_in]
@@ -173,11 +176,11 @@ class BlockTrainer {
   absl::StatusOr<std::vector<EpochLoss>> Train();
   // The loss of sample n at the current parameters, and its gradients (grads()).
   absl::StatusOr<StepLoss> ComputeGradients(int sample, LossCoefficients c);
-  // One AdamW step with the gradients of the last ComputeGradients.
-  void Step();
+  // One AdamW step with the gradients of the last ComputeGradients (errors: the backend's).
+  absl::Status Step();
   // Mean over samples of MSE(target, Block_q(x)) at the current parameters.
   absl::StatusOr<double> OutputMse();
-  // The linear re-rounded on its clipped grid, with its LoRA factors.
+  // The linear re-rounded on its clipped grid, with its LoRA factors (copied to the host).
   absl::StatusOr<RetrainedLinear> Finish(LinearKind kind) const;
 
   const RetrainParams& params(LinearKind kind) const;
