@@ -264,8 +264,11 @@ class Backend {
   }
   // GPTQ step 5: quantizes w (F32 [d_out, n] on this device) column by column in the factor's
   // visiting order, in lazy blocks of `block_size` columns (quant_ref.h). w is not modified.
+  // record_pre_round: also return W̃ (QuantizedTensors::pre_round), bit-identical to the
+  // reference's on the CPU backend; the codes are the same either way.
   virtual absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
-                                                     const QuantSpec& spec, int block_size) {
+                                                     const QuantSpec& spec, int block_size,
+                                                     bool record_pre_round) {
     return Unsupported("GptqSolve");
   }
   // Round to nearest, group by group: codes identical to ref::QuantizeRtn<float>.

@@ -120,6 +120,12 @@ struct QuantizedTensors {
   Tensor dequantized;          // F32 [d_out, d_in]: s (q - z) through g_idx, as QuantizedLinear
   std::vector<int32_t> g_idx;  // [d_in] (host): group of each original column
   std::vector<int32_t> perm;   // act-order permutation (host); empty without act-order
+  // F32 [d_out, d_in] on the device, original column order, only when the solve was asked to
+  // record it (GptqSolve's record_pre_round): W̃, the value each weight had when its column was
+  // rounded (GPTQ's updated weight; removed columns 0). Rounding W̃ on the solve's own scales and
+  // zeros gives its codes exactly (QuantizeCode(W̃_ij) = codes_ij): retraining's frozen base
+  // (DESIGN section 3, "Retraining"). Undefined otherwise.
+  Tensor pre_round;
 };
 
 // Error reconstruction on the device (DESIGN section 3; the reference is

@@ -761,7 +761,8 @@ class CpuBackend final : public Backend {
   }
 
   absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
-                                             const QuantSpec& spec, int block_size) override {
+                                             const QuantSpec& spec, int block_size,
+                                             bool record_pre_round) override {
     QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "GptqSolve", "the weight"));
     const int64_t n = w.dim(1);
     if (factor.n != n || factor.u.shape() != Shape{n, n} || factor.u.device() != Device::kHost ||
@@ -770,10 +771,14 @@ class CpuBackend final : public Backend {
                                                      ") does not match the weight ",
                                                      w.DebugString()));
     }
+    std::vector<float> pre_round;
     QCAL_ASSIGN_OR_RETURN(const QuantizedLinear q,
                           ref::GptqSolve(w.data<float>(), w.dim(0), factor, factor.u.data<float>(),
-                                         spec, block_size));
-    return ToTensors(q);
+                                         spec, block_size,
+                                         record_pre_round ? &pre_round : nullptr));
+    QuantizedTensors t = ToTensors(q);
+    if (record_pre_round) t.pre_round = Tensor::FromVector(pre_round, {w.dim(0), n});
+    return t;
   }
 
   absl::StatusOr<QuantizedTensors> QuantizeRtn(const Tensor& w, const QuantSpec& spec) override {

@@ -242,7 +242,8 @@ absl::Status GptqFactorize(const T* h, int64_t n, const GptqSolveOptions& option
 
 template <typename T>
 absl::StatusOr<QuantizedLinear> GptqSolve(const T* w, int64_t d_out, const GptqFactor& factor,
-                                          const T* u, const QuantSpec& spec, int block_size) {
+                                          const T* u, const QuantSpec& spec, int block_size,
+                                          std::vector<T>* pre_round) {
   const int64_t n = factor.n;
   QCAL_RETURN_IF_ERROR(CheckGptqWeight(w, d_out, n, spec));
   if (block_size < 1) {
@@ -266,6 +267,8 @@ absl::StatusOr<QuantizedLinear> GptqSolve(const T* w, int64_t d_out, const GptqF
       wp[o * n + p] = factor.removed[j] ? T(0) : w[o * n + j];
     }
   }
+  if (pre_round) pre_round->assign(static_cast<size_t>(d_out * n), T(0));
+  T* const pre = pre_round ? pre_round->data() : nullptr;
   const int64_t g = q.group_size;
   const int64_t bs = block_size;
   std::vector<T> err(static_cast<size_t>(d_out * bs));
@@ -297,6 +300,7 @@ absl::StatusOr<QuantizedLinear> GptqSolve(const T* w, int64_t d_out, const GptqF
           const T wi = row[i];
           const int32_t code = QuantizeCode(wi, p, spec);
           q.codes[o * n + perm[i]] = code;
+          if (pre) pre[o * n + perm[i]] = wi;
           const T e = (wi - Dequantize<T>(code, p, spec)) / u[i * n + i];
           if (!std::isfinite(e) && failure.kind == RowFailure::kNone) {
             failure = {RowFailure::kNonFiniteError, perm[i]};
@@ -371,10 +375,12 @@ template absl::Status GptqFactorize<float>(const float*, int64_t, const GptqSolv
 template absl::Status GptqFactorize<double>(const double*, int64_t, const GptqSolveOptions&,
                                             double*, GptqFactor*);
 template absl::StatusOr<QuantizedLinear> GptqSolve<float>(const float*, int64_t, const GptqFactor&,
-                                                          const float*, const QuantSpec&, int);
+                                                          const float*, const QuantSpec&, int,
+                                                          std::vector<float>*);
 template absl::StatusOr<QuantizedLinear> GptqSolve<double>(const double*, int64_t,
                                                            const GptqFactor&, const double*,
-                                                           const QuantSpec&, int);
+                                                           const QuantSpec&, int,
+                                                           std::vector<double>*);
 
 }  // namespace ref
 }  // namespace qcal::kernels

@@ -112,10 +112,13 @@ absl::Status GptqFactorize(const T* h, int64_t n, const GptqSolveOptions& option
 // (u its U, in the same precision T) in lazy blocks of block_size columns. Errors
 // (InvalidArgument): those of CheckGptqWeight, block_size < 1, a factor of another size, a
 // non-finite error during the solve (naming row and column), a group range overflowing an fp16
-// scale.
+// scale. pre_round, when not null, receives W̃ row-major [d_out][factor.n] in original column
+// order: each weight's value when its column was rounded (removed columns 0), so that
+// QuantizeCode(W̃_ij) on the row's group parameters is codes_ij.
 template <typename T>
 absl::StatusOr<QuantizedLinear> GptqSolve(const T* w, int64_t d_out, const GptqFactor& factor,
-                                          const T* u, const QuantSpec& spec, int block_size);
+                                          const T* u, const QuantSpec& spec, int block_size,
+                                          std::vector<T>* pre_round = nullptr);
 
 // The layer output error ||(W - W^) X^T||_F computed from the Gram matrix G = X^T X [d_in][d_in]:
 // sqrt(trace(E G E^T)) with E = W - W^ (E = W when w_hat is null), in double precision. Only the

@@ -232,8 +232,9 @@ class CudaBackend final : public Backend {
   }
 
   absl::StatusOr<QuantizedTensors> GptqSolve(const Tensor& w, const GptqFactor& factor,
-                                             const QuantSpec& spec, int block_size) override {
-    return cuda::GptqSolve(SolverContext(), w, factor, spec, block_size);
+                                             const QuantSpec& spec, int block_size,
+                                             bool record_pre_round) override {
+    return cuda::GptqSolve(SolverContext(), w, factor, spec, block_size, record_pre_round);
   }
 
   absl::StatusOr<QuantizedTensors> QuantizeRtn(const Tensor& w, const QuantSpec& spec) override {

@@ -34,7 +34,7 @@ absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& 
                                          const GptqSolveOptions& options);
 absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor& w,
                                            const GptqFactor& factor, const QuantSpec& spec,
-                                           int block_size);
+                                           int block_size, bool record_pre_round);
 absl::StatusOr<QuantizedTensors> QuantizeRtn(const QuantContext& ctx, const Tensor& w,
                                              const QuantSpec& spec);
 absl::StatusOr<double> OutputError(const QuantContext& ctx, const Tensor& w, const Tensor& w_hat,

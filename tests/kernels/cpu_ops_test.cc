@@ -165,7 +165,7 @@ TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
       case SolverOp::kGptq: {
         auto f = be.GptqFactorize(h, GptqSolveOptions{});
         if (!f.ok()) return f.status();
-        return be.GptqSolve(w, *f, QuantSpec{}, 128).status();
+        return be.GptqSolve(w, *f, QuantSpec{}, 128, false).status();
       }
       case SolverOp::kQuantizeRtn:
         return be.QuantizeRtn(w, QuantSpec{}).status();
@@ -961,7 +961,7 @@ TEST_F(CpuSolverOpsTest, GptqIsTheReference) {
     EXPECT_EQ(factor->dead_columns, c.dead >= 0 ? 1 : 0);
     EXPECT_EQ(factor->outlier_columns, want_factor.outlier_columns);
     EXPECT_EQ(factor->damp_used, want_factor.damp_used);
-    auto got = be_->GptqSolve(w, *factor, c.spec, c.block_size);
+    auto got = be_->GptqSolve(w, *factor, c.spec, c.block_size, false);
     ASSERT_TRUE(got.ok()) << got.status();
     auto want =
         ref::GptqSolve(w.data<float>(), c.d_out, want_factor, u.data(), c.spec, c.block_size);
@@ -969,6 +969,30 @@ TEST_F(CpuSolverOpsTest, GptqIsTheReference) {
     ExpectSameQuantized(*got, *want);
     // Removed columns quantize to exactly 0.
     for (int32_t j : c.outliers) EXPECT_EQ(want->Dequantized()[j], 0.0f);
+
+    // Recording W̃ changes nothing else, equals the reference's bit for bit, and rounds to the
+    // codes on the solve's own group parameters (retraining's frozen base).
+    auto recorded = be_->GptqSolve(w, *factor, c.spec, c.block_size, /*record_pre_round=*/true);
+    ASSERT_TRUE(recorded.ok()) << recorded.status();
+    ExpectSameQuantized(*recorded, *want);
+    EXPECT_FALSE(got->pre_round.defined());
+    ASSERT_EQ(recorded->pre_round.shape(), (Shape{c.d_out, c.n}));
+    std::vector<float> want_pre;
+    ASSERT_TRUE(ref::GptqSolve(w.data<float>(), c.d_out, want_factor, u.data(), c.spec,
+                               c.block_size, &want_pre)
+                    .ok());
+    EXPECT_EQ(Elements<float>(recorded->pre_round), want_pre);
+    const float* pre = recorded->pre_round.data<float>();
+    const uint8_t* codes = recorded->codes.data<uint8_t>();
+    int mismatches = 0;
+    for (int64_t o = 0; o < c.d_out; ++o) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        const int32_t grp = want->g_idx[j];
+        const GroupParams gp{want->scales[grp * c.d_out + o], want->zeros[grp * c.d_out + o]};
+        if (QuantizeCode(pre[o * c.n + j], gp, c.spec) != codes[o * c.n + j]) ++mismatches;
+      }
+    }
+    EXPECT_EQ(mismatches, 0);
   }
 }
 
@@ -1069,12 +1093,12 @@ TEST_F(CpuSolverOpsTest, BadInputsAreInvalidArgument) {
   expect_invalid(be_->GptqFactorize(h, negative_damp).status(), "gptq.damp");
   auto factor = be_->GptqFactorize(h, {});
   ASSERT_TRUE(factor.ok());
-  expect_invalid(be_->GptqSolve(rng_.Floats({4, 5}), *factor, {}, 128).status(), "factor");
-  expect_invalid(be_->GptqSolve(w, *factor, {}, 0).status(), "gptq.block_size");
-  expect_invalid(be_->GptqSolve(w, *factor, QuantSpec{9, 128}, 128).status(), "weights.bits");
+  expect_invalid(be_->GptqSolve(rng_.Floats({4, 5}), *factor, {}, 128, false).status(), "factor");
+  expect_invalid(be_->GptqSolve(w, *factor, {}, 0, false).status(), "gptq.block_size");
+  expect_invalid(be_->GptqSolve(w, *factor, QuantSpec{9, 128}, 128, false).status(), "weights.bits");
   Tensor nan_w = w.Clone();
   nan_w.data<float>()[2 * 6 + 5] = INFINITY;
-  expect_invalid(be_->GptqSolve(nan_w, *factor, {}, 128).status(), "weight[2, 5] is inf");
+  expect_invalid(be_->GptqSolve(nan_w, *factor, {}, 128, false).status(), "weight[2, 5] is inf");
   expect_invalid(be_->QuantizeRtn(nan_w, {}).status(), "weight[2, 5] is inf (not finite)");
   expect_invalid(be_->QuantizeRtn(rng_.Floats({6}), {}).status(), "rank 2");
   expect_invalid(be_->OutputError(w, rng_.Floats({4, 5}), h).status(), "w_hat has shape");

@@ -823,7 +823,7 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     if (!rtn.ok()) return Annotate(rtn.status(), name);
     kernels::QuantizedTensors q = *rtn;
     if (gptq) {
-      auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size);
+      auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size, /*record_pre_round=*/false);
       if (!solved.ok()) return Annotate(solved.status(), name);
       q = std::move(solved).value();
       r.report.dead_columns = factor.dead_columns;

@@ -95,8 +95,8 @@ TEST(OacStatisticsTest, TokenHessianWithGradientNormsOfFourIsFourGramsAndKeepsGp
     auto f_layer = be->GptqFactorize(gram, solve);
     auto f_tok = be->GptqFactorize(h_tok, solve);
     ASSERT_TRUE(f_layer.ok() && f_tok.ok());
-    auto q_layer = be->GptqSolve(w, *f_layer, spec, solve.block_size);
-    auto q_tok = be->GptqSolve(w, *f_tok, spec, solve.block_size);
+    auto q_layer = be->GptqSolve(w, *f_layer, spec, solve.block_size, false);
+    auto q_tok = be->GptqSolve(w, *f_tok, spec, solve.block_size, false);
     ASSERT_TRUE(q_layer.ok() && q_tok.ok());
     const uint8_t* a = q_layer->codes.data<uint8_t>();
     const uint8_t* b = q_tok->codes.data<uint8_t>();

@@ -448,7 +448,7 @@ TEST(GptqSharedFactor, CpuBackendSolvesMatchQuantizeGptq) {
       auto want = QuantizeGptq(w.data(), h.data(), p.d_out, p.d_in, spec, options, &stats);
       ASSERT_TRUE(want.ok()) << want.status();
       auto got = (*be)->GptqSolve(Tensor::FromVector(w, {p.d_out, p.d_in}), *factor, spec,
-                                  options.block_size);
+                                  options.block_size, false);
       ASSERT_TRUE(got.ok()) << got.status();
       const uint8_t* codes = got->codes.data<uint8_t>();
       EXPECT_EQ(std::vector<int32_t>(codes, codes + got->codes.numel()), want->codes);

@@ -168,7 +168,7 @@ TEST_F(CudaQuantTest, GptqSolveWithCpuUMatchesCpu) {
                                            CpuOptions(c.options), &stats);
     ASSERT_TRUE(cpu.ok()) << cpu.status();
     CpuFactor f = FactorOnCpu(*be_, h, c.n, c.options);
-    auto gpu = be_->GptqSolve(Upload(w, {c.d_out, c.n}), f.factor, c.spec, c.options.block_size);
+    auto gpu = be_->GptqSolve(Upload(w, {c.d_out, c.n}), f.factor, c.spec, c.options.block_size, false);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     const auto codes = Download<uint8_t>(gpu->codes);
     int64_t differ = 0;
@@ -216,7 +216,7 @@ TEST_F(CudaQuantTest, GptqFactorizeMatchesCpuFactorAndStats) {
     EXPECT_EQ(gpu->outlier_columns, stats.outlier_columns);
     EXPECT_EQ(gpu->damp_used, stats.damp_used);
     // End to end: each side's own U.
-    auto solved = be_->GptqSolve(Upload(w, {c.d_out, c.n}), *gpu, c.spec, c.options.block_size);
+    auto solved = be_->GptqSolve(Upload(w, {c.d_out, c.n}), *gpu, c.spec, c.options.block_size, false);
     ASSERT_TRUE(solved.ok()) << solved.status();
     const double e_cpu = LayerError(w, q->Dequantized(), h, c.d_out, c.n);
     const double e_gpu = LayerError(w, Download<float>(solved->dequantized), h, c.d_out, c.n);
@@ -339,7 +339,7 @@ TEST_F(CudaQuantTest, SolverResultsAreBitIdenticalRunToRun) {
     const Tensor hd = Upload(h, {n, n}), wd = Upload(w, {d_out, n});
     auto f = be_->GptqFactorize(hd, options);
     ASSERT_TRUE(f.ok()) << f.status();
-    auto q = be_->GptqSolve(wd, *f, spec, options.block_size);
+    auto q = be_->GptqSolve(wd, *f, spec, options.block_size, false);
     ASSERT_TRUE(q.ok()) << q.status();
     codes[run] = Download<uint8_t>(q->codes);
     deq[run] = Download<float>(q->dequantized);
@@ -363,7 +363,7 @@ TEST_F(CudaQuantTest, SolverOpsRejectBadInputWithStatuses) {
 
   auto bad_w = w;
   bad_w[2 * n + 5] = std::numeric_limits<float>::quiet_NaN();
-  auto nan_weight = be_->GptqSolve(Upload(bad_w, {4, n}), *f, spec, 128);
+  auto nan_weight = be_->GptqSolve(Upload(bad_w, {4, n}), *f, spec, 128, false);
   EXPECT_EQ(nan_weight.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(nan_weight.status().message().find("weight[2, 5]"), std::string::npos)
       << nan_weight.status();
@@ -385,13 +385,13 @@ TEST_F(CudaQuantTest, SolverOpsRejectBadInputWithStatuses) {
   outlier.outlier_columns = {n};
   EXPECT_EQ(be_->GptqFactorize(Upload(h, {n, n}), outlier).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(be_->GptqSolve(Upload(w, {2, 2 * n}), *f, spec, 128).status().code(),
+  EXPECT_EQ(be_->GptqSolve(Upload(w, {2, 2 * n}), *f, spec, 128, false).status().code(),
             absl::StatusCode::kInvalidArgument);
   QuantSpec bad_spec;
   bad_spec.bits = 9;
-  EXPECT_EQ(be_->GptqSolve(Upload(w, {4, n}), *f, bad_spec, 128).status().code(),
+  EXPECT_EQ(be_->GptqSolve(Upload(w, {4, n}), *f, bad_spec, 128, false).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(be_->GptqSolve(Upload(w, {4, n}), *f, spec, 0).status().code(),
+  EXPECT_EQ(be_->GptqSolve(Upload(w, {4, n}), *f, spec, 0, false).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(be_->OutputError(Upload(w, {4, n}), Tensor(), Upload(w, {4, n})).status().code(),
             absl::StatusCode::kInvalidArgument);
