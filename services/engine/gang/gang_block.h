@@ -57,11 +57,9 @@ struct GangBlockOptions {
 // an invalid plan or options, activations that do not match the plan (InvalidArgument), the
 // transport's (a refused message, a peer that does not answer in time), the solves'. `oac`: the
 // output-adaptive statistics of the linears this rank owns, required when recipe.hessian != layer.
-absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivations& acts,
-                                                      const Recipe& recipe, const GangPlan& plan,
-                                                      Transport* transport,
-                                                      const GangBlockOptions& options,
-                                                      StageTimes& times,
-                                                      const OacSource& oac = nullptr);
+absl::StatusOr<std::vector<LayerResult>> RunGangBlock(
+    Model& model, CalibActivations& acts, const Recipe& recipe, const GangPlan& plan,
+    Transport* transport, const GangBlockOptions& options, StageTimes& times,
+    const OacSource& oac = nullptr, uint64_t seed = 0);
 
 }  // namespace qcal::engine
