@@ -89,6 +89,22 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
   if (p.has_hessian()) {
     QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseHessianKind, p.hessian(), &r.hessian));
   }
+  if (p.has_retrain()) {
+    const v1::RetrainRecipe& t = p.retrain();
+    engine::RetrainRecipe& rt = r.retrain;
+    rt.enabled = true;
+    if (t.has_method()) {
+      QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseRetrainMethod, t.method(), &rt.method));
+    }
+    if (t.has_rank()) rt.rank = t.rank();
+    if (t.epochs().has_weight()) rt.epochs.weight = t.epochs().weight();
+    if (t.epochs().has_mixed()) rt.epochs.mixed = t.epochs().mixed();
+    if (t.epochs().has_output()) rt.epochs.output = t.epochs().output();
+    if (t.has_lambda()) rt.lambda = t.lambda();
+    if (t.has_lr_lora()) rt.lr_lora = t.lr_lora();
+    if (t.has_lr_clip()) rt.lr_clip = t.lr_clip();
+    if (t.has_weight_decay()) rt.weight_decay = t.weight_decay();
+  }
   QCAL_RETURN_IF_ERROR(r.Validate());
   return r;
 }
@@ -122,6 +138,20 @@ v1::Recipe RecipeToProto(const engine::Recipe& r) {
     e->set_whitening(std::string(engine::RecipeName(er.whitening)));
   }
   p.set_hessian(std::string(engine::RecipeName(r.hessian)));
+  if (r.retrain.enabled) {
+    const engine::RetrainRecipe& rt = r.retrain;
+    v1::RetrainRecipe* t = p.mutable_retrain();
+    t->set_method(std::string(engine::RecipeName(rt.method)));
+    // rank only when given: absent with error_reconstruction.
+    if (rt.rank) t->set_rank(*rt.rank);
+    t->mutable_epochs()->set_weight(rt.epochs.weight);
+    t->mutable_epochs()->set_mixed(rt.epochs.mixed);
+    t->mutable_epochs()->set_output(rt.epochs.output);
+    t->set_lambda(rt.lambda);
+    t->set_lr_lora(rt.lr_lora);
+    t->set_lr_clip(rt.lr_clip);
+    t->set_weight_decay(rt.weight_decay);
+  }
   return p;
 }
 
