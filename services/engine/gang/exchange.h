@@ -85,7 +85,8 @@ int64_t OacPartialsBytes(int64_t nodes, int64_t d_out, int64_t d_in, bool fisher
 // smoothing statistics too, when the recipe smooths), each owner's completed statistics to the
 // other owners of its consumers (smoothing statistics: to every other rank), and every solved
 // linear to every other rank, linear k's payload being layer_bytes[k] (SerializeSolvedLayer's
-// size). Framing excluded, as Transport::bytes_sent counts.
+// size). Framing excluded, as Transport::bytes_sent counts. Retraining's messages (step
+// kStepRetrain: bases, samples and retrained linears) are not included.
 std::vector<int64_t> ExchangeBytesPerBlock(const GangPlan& plan, const ModelConfig& config,
                                            const Recipe& recipe,
                                            const std::array<int64_t, kNumLinears>& layer_bytes);
