@@ -102,8 +102,8 @@ double InMemoryPerplexity(const JobOptions& o) {
   if (!q.ok()) return -1;
   auto text = LoadCorpusText(o.eval_text);
   auto eval_tokens = TokenizeCorpus(**tok, *text, o.eval_text);
-  auto windows = MakeEvalWindows(*eval_tokens, o.eval_seq_len, o.eval_max_windows,
-                                 (*tok)->bos_id(), o.eval_text);
+  auto windows = MakeEvalWindows(*eval_tokens, o.eval_seq_len, o.eval_max_windows, (*tok)->bos_id(),
+                                 o.eval_text);
   EXPECT_TRUE(windows.ok()) << windows.status();
   auto p = EvaluatePerplexity(**model, *windows);
   EXPECT_TRUE(p.ok()) << p.status();
@@ -238,9 +238,8 @@ TEST(RetrainPipelineTest, GangsOfOneTwoAndThreeExportTheDirectRunsBytes) {
     std::vector<std::thread> threads;
     for (int r = 0; r < world; ++r) {
       threads.emplace_back([&, r] {
-        status[static_cast<size_t>(r)] =
-            RunRank(o, plans[static_cast<size_t>(r)], transports[static_cast<size_t>(r)].get(),
-                    out);
+        status[static_cast<size_t>(r)] = RunRank(o, plans[static_cast<size_t>(r)],
+                                                 transports[static_cast<size_t>(r)].get(), out);
       });
     }
     for (std::thread& t : threads) t.join();
