@@ -291,10 +291,10 @@ absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock(Transport* transport,
   load_wait_ += wait;
   t0 = Clock::now();
   absl::StatusOr<BlockArtifacts> run =
-      transport == nullptr
-          ? QuantizeBlock(*model_, acts_, options_.recipe, &times_, oac, options_.seed)
-          : RunGangBlock(*model_, acts_, options_.recipe, gang_, transport, gang_options, times_,
-                         oac, options_.seed);
+      transport == nullptr ? QuantizeBlock(*model_, acts_, options_.recipe, &times_, oac,
+                                           options_.seed, gang_options.retrain_block)
+                           : RunGangBlock(*model_, acts_, options_.recipe, gang_, transport,
+                                          gang_options, times_, oac, options_.seed);
   QCAL_ASSIGN_OR_RETURN(BlockArtifacts quantized, std::move(run));
   model_->ReleaseBlock(b);
   auto block = std::make_shared<const BlockArtifacts>(std::move(quantized));

@@ -49,9 +49,9 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
   return acts;
 }
 
-absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
-                                                       const Recipe& recipe, StageTimes* times,
-                                                       const OacSource& oac, uint64_t seed) {
+absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(
+    Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes* times,
+    const OacSource& oac, uint64_t seed, const std::function<absl::Status(int)>& before_training) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   const int b = acts.next_block;
   if (b < 0 || b >= model.num_blocks()) {
@@ -59,6 +59,7 @@ absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActiva
   }
   StageTimes local;
   BlockRunner runner(model, acts, recipe, times ? *times : local, oac, seed);
+  runner.set_before_training(before_training);
   return runner.Run();
 }
 

@@ -55,12 +55,12 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
 // Quantizes block acts.next_block of `model` in place and advances `acts` through the quantized
 // block (all phases of a BlockRunner). Returns the block's seven linears in forward order. `oac`:
 // the output-adaptive statistics, required when recipe.hessian != layer or the recipe needs the
-// Fisher (BlockRunner). `seed`: the calibration seed, which seeds retraining (BlockRunner).
-absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
-                                                       const Recipe& recipe,
-                                                       StageTimes* times = nullptr,
-                                                       const OacSource& oac = nullptr,
-                                                       uint64_t seed = 0);
+// Fisher (BlockRunner). `seed`: the calibration seed, which seeds retraining (BlockRunner);
+// `before_training`: BlockRunner::set_before_training.
+absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(
+    Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes* times = nullptr,
+    const OacSource& oac = nullptr, uint64_t seed = 0,
+    const std::function<absl::Status(int)>& before_training = nullptr);
 
 struct QuantizeOutcome {
   // Recipes with hessian != layer: the gradient pass that ran before block 0.

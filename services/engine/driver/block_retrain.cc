@@ -221,6 +221,7 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
     }
   }
   QCAL_RETURN_IF_ERROR(Charge(t_.retrain));
+  if (before_training_) QCAL_RETURN_IF_ERROR(before_training_(b_));
   const RetrainOptions options = RetrainOptionsOf(recipe_.retrain, RetrainSeed(seed_, b_));
   auto trained = RetrainBlock(be_, model_.config(), spec_, options, std::move(in));
   if (!trained.ok()) {

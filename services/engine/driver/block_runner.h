@@ -68,6 +68,7 @@
 
 #include <array>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <map>
 #include <optional>
@@ -216,6 +217,10 @@ class BlockRunner {
   absl::StatusOr<std::vector<LayerResult>> TrainBlock(const std::vector<Tensor>& inputs,
                                                       const std::vector<Tensor>& targets,
                                                       const std::vector<int>& chunk_batch);
+  // Called by TrainBlock with the block index before training starts (a fault point, progress).
+  void set_before_training(std::function<absl::Status(int block)> hook) {
+    before_training_ = std::move(hook);
+  }
   // The ranks that did not train: installs TrainBlock's linears (in forward order) and pushes this
   // rank's chunks through the retrained block from their kept inputs; the linears replace the
   // results Finish returns.
@@ -290,6 +295,7 @@ class BlockRunner {
   // Retraining: the job's seed, this rank's chunks' quantized-path block inputs, and per linear
   // the frozen base, the Fisher (saliency) and the full-precision reference (host F32).
   const uint64_t seed_ = 0;
+  std::function<absl::Status(int block)> before_training_;
   std::vector<Tensor> x_in_;
   std::array<Tensor, kNumLinears> base_, fisher_, reference_;
 };

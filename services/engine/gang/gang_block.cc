@@ -30,6 +30,8 @@ class GangBlock {
         acts_(acts),
         runner_(model, acts, recipe, times, oac, seed) {}
 
+  BlockRunner& runner() { return runner_; }
+
   absl::StatusOr<std::vector<LayerResult>> Run() {
     QCAL_RETURN_IF_ERROR(runner_.Begin());
     if (recipe_.smoothing.enabled()) QCAL_RETURN_IF_ERROR(Smooth());
@@ -354,6 +356,7 @@ absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivat
         local.begin, ", ", local.end, ") of ", plan.total_chunks));
   }
   GangBlock block(model, acts, recipe, plan, transport, options, times, oac, seed);
+  block.runner().set_before_training(options.retrain_block);
   return block.Run();
 }
 

@@ -46,6 +46,10 @@ struct GangBlockOptions {
   // worker's fault point `gradient` on a worker without peers. An error stops the pass. Default:
   // none.
   std::function<absl::Status(int block)> gradient_block;
+  // Retraining: called on the training rank with block b once the block's inputs and targets are
+  // gathered, before its training starts (JobSession::RunNextBlock passes it without peers too):
+  // the worker's fault point `retrain`. An error stops the block. Default: none.
+  std::function<absl::Status(int block)> retrain_block;
   // InvalidArgument for a timeout that is not positive.
   absl::Status Validate() const;
 };
