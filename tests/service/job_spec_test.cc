@@ -1,6 +1,6 @@
 // NormalizeJobSpec's gang size (JobSpec.workers): defaults, the range 1 <= min <= max <= 64, and
 // errors that name the key; the recipe's `hessian` (proto3 optional string) both ways, and its
-// errors at submit.
+// errors at submit; the recipe's `retrain` section both ways (absent: off; a rank only when given).
 #include "services/common/job_spec.h"
 
 #include <string>
@@ -94,6 +94,44 @@ TEST(JobSpecHessianTest, BadValuesAreInvalidArgumentNamingTheKey) {
   n = NormalizeJobSpec(spec);
   EXPECT_TRUE(absl::IsInvalidArgument(n.status()));
   EXPECT_NE(n.status().message().find("\"hessian\""), std::string::npos) << n.status();
+}
+
+TEST(JobSpecRetrainTest, AbsentIsOffAndTheSectionRoundTrips) {
+  v1::JobSpec spec = testing::TinySpec("a");
+  auto n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_FALSE(n->recipe().has_retrain());
+  auto off = RecipeFromProto(n->recipe());
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_FALSE(off->retrain.enabled);
+
+  spec.mutable_recipe()->mutable_weights()->set_grid("uniform");
+  v1::RetrainRecipe* t = spec.mutable_recipe()->mutable_retrain();
+  t->set_method("saliency");
+  t->mutable_epochs()->set_weight(15);
+  t->mutable_epochs()->set_output(5);
+  t->set_lambda(0.25);
+  n = NormalizeJobSpec(spec);
+  ASSERT_TRUE(n.ok()) << n.status();
+  auto recipe = RecipeFromProto(n->recipe());
+  ASSERT_TRUE(recipe.ok()) << recipe.status();
+  EXPECT_TRUE(recipe->retrain.enabled);
+  EXPECT_EQ(recipe->retrain.method, engine::RetrainMethod::kSaliency);
+  EXPECT_FALSE(recipe->retrain.rank.has_value());
+  EXPECT_EQ(recipe->retrain.epochs.weight, 15);
+  EXPECT_EQ(recipe->retrain.epochs.mixed, 0);
+  EXPECT_EQ(recipe->retrain.epochs.output, 5);
+  EXPECT_DOUBLE_EQ(recipe->retrain.lambda, 0.25);
+  EXPECT_TRUE(recipe->RunsGradientPass());
+  // Back to the proto and again: the same recipe, hash included.
+  auto again = RecipeFromProto(RecipeToProto(*recipe));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->Sha256(), recipe->Sha256());
+  EXPECT_FALSE(RecipeToProto(*recipe).retrain().has_rank());
+  t->set_rank(0);
+  n = NormalizeJobSpec(spec);
+  EXPECT_TRUE(absl::IsInvalidArgument(n.status()));
+  EXPECT_NE(n.status().message().find("retrain.rank"), std::string::npos) << n.status();
 }
 
 }  // namespace
