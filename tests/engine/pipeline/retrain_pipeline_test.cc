@@ -11,6 +11,7 @@
 //   the direct run.
 // - Saliency runs the gradient pass for the Fisher, trains the weight stage with a non-zero
 //   regularizer, and differs from ApiQ.
+// - The training hook (the worker's fault point `retrain`) runs before each block trains.
 #include <filesystem>
 #include <map>
 #include <string>
@@ -248,6 +249,26 @@ TEST(RetrainPipelineTest, GangsOfOneTwoAndThreeExportTheDirectRunsBytes) {
     }
     ExpectSameFiles(root + "/direct", out);
   }
+  fs::remove_all(root);
+}
+
+// The worker's fault point `retrain` (GangBlockOptions::retrain_block): called once per block,
+// before its training; its error stops the block.
+TEST(RetrainPipelineTest, TheTrainingHookRunsBeforeEachBlockTrains) {
+  QCAL_REQUIRE_SHARED();
+  const std::string root = testing::MakeTempDir("retrain-hook");
+  auto session = JobSession::Open(Options(Apiq(), root + "/out", 8, 32));
+  ASSERT_TRUE(session.ok()) << session.status();
+  std::vector<int> seen;
+  GangBlockOptions options;
+  options.retrain_block = [&](int block) {
+    seen.push_back(block);
+    return block == 1 ? absl::InternalError("fault point retrain") : absl::OkStatus();
+  };
+  ASSERT_TRUE((*session)->RunNextBlock(nullptr, options).ok());
+  const absl::Status failed = (*session)->RunNextBlock(nullptr, options).status();
+  EXPECT_EQ(failed.code(), absl::StatusCode::kInternal) << failed;
+  EXPECT_EQ(seen, (std::vector<int>{0, 1}));
   fs::remove_all(root);
 }
 
