@@ -13,7 +13,9 @@
 //            runs from the last block down), gradient_upload
 //            (the pass is computed; this rank's statistics files of block N are about to be
 //            committed, those of earlier blocks are in), gradient_done (every file of this rank's
-//            pass is committed, block 0 not started; block = 0), commit (block committed),
+//            pass is committed, block 0 not started; block = 0), retrain (a recipe that
+//            retrains: the training rank has block N's inputs and targets and is about to train
+//            it), commit (block committed),
 //            checkpoint (activations uploaded), finish (output written, not reported).
 //            Coordinator: precommit (before a block's store write), commit (after it, before the
 //            reply), store (the block's store write fails), gradient_done (the store write that

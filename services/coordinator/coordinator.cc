@@ -1139,7 +1139,7 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
     if (!fresh[static_cast<size_t>(i)]) continue;
     const engine::LayerReport& r = reports[static_cast<size_t>(i)];
     metrics_->ObserveLayer(header.layers(i).solve_seconds(), r.rel_error_rtn, r.rel_error,
-                           r.rank > 0 ? r.rel_error_er : -1.0);
+                           r.reconstructed ? r.rel_error_er : -1.0);
   }
   metrics_->ObserveBlockExchange(rank, header.stats().exchange_bytes(),
                                  header.stats().reduction_wait_seconds());

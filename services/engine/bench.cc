@@ -203,8 +203,9 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
   QCAL_RETURN_IF_ERROR(be.Synchronize());
   r.setup_seconds += Since(t0);
 
-  // Output-adaptive recipes: the gradient pass over the whole full-precision model first.
-  const bool output_adaptive = options.recipe.NeedsGradientPass();
+  // Output-adaptive recipes (and saliency, for the Fisher): the gradient pass over the whole
+  // full-precision model first.
+  const bool output_adaptive = options.recipe.RunsGradientPass();
   OacMemoryStore oac;
   if (output_adaptive) {
     t0 = Clock::now();

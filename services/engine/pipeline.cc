@@ -11,6 +11,7 @@
 #include "common/files.h"
 #include "common/memory_usage.h"
 #include "common/status.h"
+#include "services/engine/driver/memory_plan.h"
 #include "services/engine/evaluate.h"
 #include "services/engine/export/checkpoint_loader.h"
 #include "services/engine/export/checkpoint_writer.h"
@@ -83,12 +84,27 @@ nlohmann::ordered_json LayerReportJson(const LayerReport& r) {
   j["dead_columns"] = r.dead_columns;
   j["damp"] = r.damp_used;
   if (r.outlier_columns > 0) j["outlier_columns"] = r.outlier_columns;
-  if (r.rank > 0) {
-    j["rank"] = r.rank;
+  if (r.rank > 0) j["rank"] = r.rank;
+  if (r.reconstructed) {
     j["rel_error_er"] = r.rel_error_er;
     j["whitened_error_before"] = r.whitened_error_before;
     j["whitened_error_after"] = r.whitened_error_after;
-    j["extra_params"] = r.extra_params;
+  }
+  if (r.rank > 0) j["extra_params"] = r.extra_params;
+  if (r.retrained) j["rel_error_retrained"] = r.rel_error_retrained;
+  if (r.block_retrain) {
+    const BlockRetrainReport& t = *r.block_retrain;
+    nlohmann::ordered_json epochs = nlohmann::ordered_json::array();
+    for (const BlockRetrainReport::Epoch& e : t.epochs) {
+      epochs.push_back({{"stage", e.stage},
+                        {"epoch", e.epoch},
+                        {"loss", e.loss},
+                        {"output_mse", e.output_mse},
+                        {"regularizer", e.regularizer}});
+    }
+    j["block_retrain"] = {{"epochs", epochs},
+                          {"output_mse_before", t.output_mse_before},
+                          {"output_mse_after", t.output_mse_after}};
   }
   return j;
 }
@@ -107,10 +123,27 @@ absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j) {
     r.outlier_columns = j.value("outlier_columns", 0);
     if (j.contains("rank")) {
       r.rank = j.at("rank").get<int64_t>();
+      r.extra_params = j.at("extra_params").get<double>();
+    }
+    r.reconstructed = j.contains("rel_error_er");
+    if (r.reconstructed) {
       r.rel_error_er = j.at("rel_error_er").get<double>();
       r.whitened_error_before = j.at("whitened_error_before").get<double>();
       r.whitened_error_after = j.at("whitened_error_after").get<double>();
-      r.extra_params = j.at("extra_params").get<double>();
+    }
+    r.retrained = j.contains("rel_error_retrained");
+    if (r.retrained) r.rel_error_retrained = j.at("rel_error_retrained").get<double>();
+    if (j.contains("block_retrain")) {
+      const nlohmann::json& t = j.at("block_retrain");
+      BlockRetrainReport b;
+      for (const nlohmann::json& e : t.at("epochs")) {
+        b.epochs.push_back({e.at("stage").get<std::string>(), e.at("epoch").get<int>(),
+                            e.at("loss").get<double>(), e.at("output_mse").get<double>(),
+                            e.at("regularizer").get<double>()});
+      }
+      b.output_mse_before = t.at("output_mse_before").get<double>();
+      b.output_mse_after = t.at("output_mse_after").get<double>();
+      r.block_retrain = std::move(b);
     }
   } catch (const nlohmann::json::exception& e) {
     return absl::DataLossError(absl::StrCat("malformed layer report: ", e.what()));
@@ -123,8 +156,7 @@ absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j) {
 
 absl::Status JobOptions::Validate() const {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
-  QCAL_RETURN_IF_ERROR(CheckRecipeRunnable(recipe, "recipe"));
-  if (recipe.NeedsGradientPass() && seq_len < 2) {
+  if (recipe.RunsGradientPass() && seq_len < 2) {
     return absl::InvalidArgumentError(absl::StrCat(
         "recipe key \"hessian\" is ", RecipeName(recipe.hessian),
         ": the gradient pass needs seq_len >= 2 (a next-token prediction per sample), got ",
@@ -219,7 +251,17 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   QCAL_ASSIGN_OR_RETURN(auto samples, SampleCalibration(calib_tokens, o.samples, o.seq_len, o.seed,
                                                         s->tokenizer_->bos_id(), o.calib_path));
   QCAL_ASSIGN_OR_RETURN(s->acts_, EmbedCalibration(*s->model_, samples, s->gang_.local()));
-  if (o.recipe.NeedsGradientPass()) {
+  if (s->log_) {
+    int64_t rows = 0;
+    for (int b : s->acts_.chunk_batch) rows += int64_t{b} * o.seq_len;
+    s->log_(absl::StrFormat(
+        "calibration activations: %.3f GiB%s",
+        CalibActivationBytes(cfg, rows, o.recipe.retrain.enabled) / double(1 << 30),
+        o.recipe.retrain.enabled ? " (three copies while a block retrains: quantized path, its "
+                                   "block input, full-precision path)"
+                                 : ""));
+  }
+  if (o.recipe.RunsGradientPass()) {
     QCAL_ASSIGN_OR_RETURN(s->gradient_chunks_, GradientChunksOf(samples, s->gang_.local()));
   }
   s->timings_["calibration_data"] = Since(t0);
@@ -234,12 +276,14 @@ absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock(Transport* transport,
     return absl::FailedPreconditionError(absl::StrCat("rank ", gang_.rank, " of a gang of ",
                                                       gang_.world, " runs a block without peers"));
   }
-  if (options_.recipe.NeedsGradientPass() && !has_oac_) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("recipe key \"hessian\" is ", RecipeName(options_.recipe.hessian),
-                     ": run (or restore) the gradient pass before block ", next_block()));
+  if (options_.recipe.RunsGradientPass() && !has_oac_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        options_.recipe.NeedsGradientPass()
+            ? absl::StrCat("recipe key \"hessian\" is ", RecipeName(options_.recipe.hessian))
+            : std::string("recipe key \"retrain.method\" is saliency"),
+        ": run (or restore) the gradient pass before block ", next_block()));
   }
-  const OacSource oac = options_.recipe.NeedsGradientPass() ? OacFiles() : OacSource();
+  const OacSource oac = options_.recipe.RunsGradientPass() ? OacFiles() : OacSource();
   const int b = next_block();
   auto t0 = Clock::now();
   QCAL_RETURN_IF_ERROR(model_->AcquireBlock(b));
@@ -247,9 +291,10 @@ absl::StatusOr<BlockArtifactsPtr> JobSession::RunNextBlock(Transport* transport,
   load_wait_ += wait;
   t0 = Clock::now();
   absl::StatusOr<BlockArtifacts> run =
-      transport == nullptr ? QuantizeBlock(*model_, acts_, options_.recipe, &times_, oac)
+      transport == nullptr ? QuantizeBlock(*model_, acts_, options_.recipe, &times_, oac,
+                                           options_.seed, gang_options.retrain_block)
                            : RunGangBlock(*model_, acts_, options_.recipe, gang_, transport,
-                                          gang_options, times_, oac);
+                                          gang_options, times_, oac, options_.seed);
   QCAL_ASSIGN_OR_RETURN(BlockArtifacts quantized, std::move(run));
   model_->ReleaseBlock(b);
   auto block = std::make_shared<const BlockArtifacts>(std::move(quantized));
@@ -287,6 +332,14 @@ absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
         "restore: the activation checkpoint (chunks from ", acts.first_chunk, " of ",
         acts.total_chunks, ") does not match this rank's calibration data (chunks [",
         gang_.local().begin, ", ", gang_.local().end, ") of ", gang_.total_chunks, ")"));
+  }
+  // A recipe that retrains continues the full-precision path too (both start at the embeddings).
+  const bool fp_path = options_.recipe.retrain.enabled && acts.next_block > 0;
+  if (fp_path ? acts.fp_chunks.size() != acts.chunks.size() : !acts.fp_chunks.empty()) {
+    return absl::DataLossError(absl::StrCat(
+        "restore: the activation checkpoint at block ", acts.next_block, " holds ",
+        acts.fp_chunks.size(), " full-precision chunks for ", acts.chunks.size(),
+        " chunks; the recipe ", fp_path ? "retrains and needs" : "holds no", " one per chunk"));
   }
   // Blocks before the boundary are never run again: their artifacts only feed the export.
   layers_.clear();
@@ -487,14 +540,24 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
                         {"tokens_in_text", calib_tokens_}};
   nlohmann::ordered_json layer_json = nlohmann::ordered_json::array();
   nlohmann::ordered_json compat = nlohmann::ordered_json::array();
-  double sum_err = 0, sum_rtn = 0, sum_er = 0;
+  double sum_err = 0, sum_rtn = 0, sum_er = 0, sum_retrained = 0;
   int64_t params = 0, extra_params = 0;
   const int g = o.recipe.weights.group_size;
+  nlohmann::ordered_json retrain_json = nlohmann::ordered_json::array();
   for (const LayerReport& l : layers) {
-    layer_json.push_back(LayerReportJson(l));
+    nlohmann::ordered_json lj = LayerReportJson(l);
+    // The block's retraining goes to the report's "retrain" list, not to its first linear.
+    if (lj.contains("block_retrain")) {
+      nlohmann::ordered_json bj = {{"block", l.block}};
+      for (auto& [key, value] : lj["block_retrain"].items()) bj[key] = value;
+      retrain_json.push_back(std::move(bj));
+      lj.erase("block_retrain");
+    }
+    layer_json.push_back(std::move(lj));
     sum_err += l.rel_error;
     sum_rtn += l.rel_error_rtn;
-    sum_er += l.rank > 0 ? l.rel_error_er : l.rel_error;
+    sum_er += l.reconstructed ? l.rel_error_er : l.rel_error;
+    sum_retrained += l.rel_error_retrained;
     params += l.d_out * l.d_in;
     extra_params += l.rank * (l.d_out + l.d_in);
     if (l.d_in % 32 != 0 || l.d_out % 32 != 0 || (g > 0 && g < l.d_in && l.d_in % g != 0)) {
@@ -502,13 +565,15 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
     }
   }
   rep["layers"] = layer_json;
+  if (o.recipe.retrain.enabled) rep["retrain"] = retrain_json;
   const double n_layers = static_cast<double>(std::max<size_t>(1, layers.size()));
   nlohmann::ordered_json summary;
   summary["layers"] = layers.size();
   summary["mean_rel_error"] = sum_err / n_layers;
   summary["mean_rel_error_rtn"] = sum_rtn / n_layers;
-  if (o.recipe.error_reconstruction.enabled) {
-    summary["mean_rel_error_er"] = sum_er / n_layers;
+  if (o.recipe.error_reconstruction.enabled) summary["mean_rel_error_er"] = sum_er / n_layers;
+  if (o.recipe.retrain.enabled) summary["mean_rel_error_retrained"] = sum_retrained / n_layers;
+  if (o.recipe.error_reconstruction.enabled || o.recipe.retrain.enabled) {
     summary["extra_params"] = extra_params;
     summary["extra_params_pct"] = params > 0 ? 100.0 * extra_params / params : 0.0;
   }
@@ -535,6 +600,7 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   timings_["hessian"] = times_.hessian;
   timings_["solve"] = times_.solve;
   timings_["smooth"] = times_.smooth;
+  if (o.recipe.retrain.enabled) timings_["retrain"] = times_.retrain;
   timings_["solve_parts"] = {{"factor", times_.factor},
                              {"quantize", times_.quantize},
                              {"error", times_.error},

@@ -6,7 +6,16 @@
 // Memory (DESIGN section 2): the session streams the model (Model with BlockResidency::kStreaming):
 // it holds the embeddings, lm_head, the calibration activations and the block in flight (plus the
 // next one, prefetched). Each finished block's artifacts are spilled to a scratch directory and
-// dropped from memory; Finish() streams them into the export shard by shard.
+// dropped from memory; Finish() streams them into the export shard by shard. A recipe that
+// retrains holds about three times the activations (CalibActivationBytes: the quantized path, its
+// copy at the block input, the full-precision path), and a gang's training rank also the other
+// ranks' inputs and targets while a block trains.
+//
+// Retraining (recipe.retrain; DESIGN section 2, step 3.4): RunNextBlock trains the block after
+// its linears are solved (BlockRunner::TrainBlock; in a gang on rank 0, gang/gang_block.h), and
+// the artifacts it returns and spills are the retrained linears (codes re-rounded on the clipped
+// grid, the LoRA as their low-rank factors), so the export is a GPTQ checkpoint plus the adapter.
+// Saliency also runs the gradient pass for the Fisher (Recipe::RunsGradientPass).
 //
 // Gang mode (DESIGN section 7): a session is one rank of a GangPlan. Every rank samples the whole
 // calibration set exactly as a single worker does, then embeds only its own chunks; RunNextBlock
@@ -135,8 +144,10 @@ class JobSession {
 
   // Resumes from a boundary: takes the committed artifacts of blocks [0, acts.next_block) (for the
   // export; rank 0 only, the other ranks pass none) and continues from `acts`: this rank's chunks
-  // at that boundary (SaveActivations, or AssembleActivations of per-chunk checkpoints). DataLoss
-  // when they are not this rank's chunks of this job's calibration data.
+  // at that boundary (SaveActivations, or AssembleActivations of per-chunk checkpoints), with the
+  // full-precision path's chunks when the recipe retrains (past block 0). DataLoss when they are
+  // not this rank's chunks of this job's calibration data, or lack (or hold without retraining)
+  // the full-precision path.
   absl::Status Restore(const std::vector<BlockArtifacts>& committed, CalibActivations acts);
 
   // Peak host RSS and device memory since Open, in bytes (device: -1 on a host backend).

@@ -49,39 +49,41 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
   return acts;
 }
 
-absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
-                                                       const Recipe& recipe, StageTimes* times,
-                                                       const OacSource& oac) {
+absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(
+    Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes* times,
+    const OacSource& oac, uint64_t seed, const std::function<absl::Status(int)>& before_training) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   const int b = acts.next_block;
   if (b < 0 || b >= model.num_blocks()) {
     return absl::OutOfRangeError(absl::StrCat("block ", b, " is outside the model"));
   }
   StageTimes local;
-  BlockRunner runner(model, acts, recipe, times ? *times : local, oac);
+  BlockRunner runner(model, acts, recipe, times ? *times : local, oac, seed);
+  runner.set_before_training(before_training);
   return runner.Run();
 }
 
 absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
                                               const std::vector<std::vector<int>>& samples,
-                                              const Recipe& recipe,
-                                              const BlockProgressFn& progress) {
+                                              const Recipe& recipe, const BlockProgressFn& progress,
+                                              uint64_t seed) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   QuantizeOutcome out;
   OacMemoryStore oac;
-  if (recipe.NeedsGradientPass()) {
+  const bool pass = recipe.NeedsGradientPass() || recipe.NeedsFisher();
+  if (pass) {
     const ChunkRange all{0, NumChunks(static_cast<int>(samples.size()))};
     QCAL_ASSIGN_OR_RETURN(const GradientChunks chunks, GradientChunksOf(samples, all));
     QCAL_ASSIGN_OR_RETURN(out.gradient_pass,
                           RunGradientPass(model, chunks, GradientPassOptionsOf(recipe, ""),
                                           oac.Sink(model.backend(), all.end)));
   }
-  const OacSource source = recipe.NeedsGradientPass() ? oac.Source() : OacSource();
+  const OacSource source = pass ? oac.Source() : OacSource();
   QCAL_ASSIGN_OR_RETURN(CalibActivations acts, EmbedCalibration(model, samples));
   const int nb = model.num_blocks();
   for (int b = 0; b < nb; ++b) {
     QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
-                          QuantizeBlock(model, acts, recipe, &out.times, source));
+                          QuantizeBlock(model, acts, recipe, &out.times, source, seed));
     for (LayerResult& r : block) {
       AddToExtras(r, out.extras);
       out.quantized[r.report.name] = std::move(r.quantized);

@@ -13,13 +13,14 @@
 // job can resume at a block boundary with bit-identical results. QuantizeModel runs all blocks.
 //
 // Memory: the calibration activations of the quantized path ([N·L, hidden] fp32, as chunks of
-// kCalibChunk samples) plus one block's statistics. Statistics are formed per chunk and summed by
-// the canonical reduction (gang/reduction.h: a fixed pairwise tree over the chunk indices, holding
-// at most about 2·log2(C) partials of a statistic at once), so the result does not depend on how
-// chunks are scheduled or split across workers. On a device backend the
-// chunks stay on the device while Backend::AvailableMemory leaves room for a block's working set,
-// and are parked in pinned host memory otherwise. QuantizeBlock advances acts in place: after an
-// error, acts, like the block's weights, is not usable any more.
+// kCalibChunk samples) plus one block's statistics; a recipe that retrains holds three times the
+// activations (the full-precision path and the block's inputs besides; block_runner.h). Statistics
+// are formed per chunk and summed by the canonical reduction (gang/reduction.h: a fixed pairwise
+// tree over the chunk indices, holding at most about 2·log2(C) partials of a statistic at once), so
+// the result does not depend on how chunks are scheduled or split across workers. On a device
+// backend the chunks stay on the device while Backend::AvailableMemory leaves room for a block's
+// working set, and are parked in pinned host memory otherwise. QuantizeBlock advances acts in
+// place: after an error, acts, like the block's weights, is not usable any more.
 #pragma once
 
 #include <functional>
@@ -53,11 +54,13 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
 
 // Quantizes block acts.next_block of `model` in place and advances `acts` through the quantized
 // block (all phases of a BlockRunner). Returns the block's seven linears in forward order. `oac`:
-// the output-adaptive statistics, required when recipe.hessian != layer (BlockRunner).
-absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(Model& model, CalibActivations& acts,
-                                                       const Recipe& recipe,
-                                                       StageTimes* times = nullptr,
-                                                       const OacSource& oac = nullptr);
+// the output-adaptive statistics, required when recipe.hessian != layer or the recipe needs the
+// Fisher (BlockRunner). `seed`: the calibration seed, which seeds retraining (BlockRunner);
+// `before_training`: BlockRunner::set_before_training.
+absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(
+    Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes* times = nullptr,
+    const OacSource& oac = nullptr, uint64_t seed = 0,
+    const std::function<absl::Status(int)>& before_training = nullptr);
 
 struct QuantizeOutcome {
   // Recipes with hessian != layer: the gradient pass that ran before block 0.
@@ -71,11 +74,12 @@ struct QuantizeOutcome {
 // Progress: blocks done, blocks total.
 using BlockProgressFn = std::function<void(int blocks_done, int blocks_total)>;
 
-// All blocks, in order; with hessian != layer, the gradient pass first (its statistics held in
-// host memory).
+// All blocks, in order; with hessian != layer or a recipe that needs the Fisher, the gradient
+// pass first (its statistics held in host memory). `seed` seeds retraining (QuantizeBlock).
 absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
                                               const std::vector<std::vector<int>>& samples,
                                               const Recipe& recipe,
-                                              const BlockProgressFn& progress = nullptr);
+                                              const BlockProgressFn& progress = nullptr,
+                                              uint64_t seed = 0);
 
 }  // namespace qcal::engine

@@ -422,20 +422,9 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
   return r;
 }
 
-absl::Status CheckRecipeRunnable(const Recipe& recipe, const std::string& source) {
-  if (recipe.retrain.enabled) {
-    return KeyError(source, "retrain",
-                    "is not run by jobs yet (the block trainer, services/engine/retrain, is not "
-                    "wired into the block loop): refused rather than silently skipped");
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path) {
   QCAL_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
-  QCAL_ASSIGN_OR_RETURN(Recipe recipe, ParseRecipeYaml(text, path));
-  QCAL_RETURN_IF_ERROR(CheckRecipeRunnable(recipe, path));
-  return recipe;
+  return ParseRecipeYaml(text, path);
 }
 
 }  // namespace qcal::engine

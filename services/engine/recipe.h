@@ -137,10 +137,18 @@ struct Recipe {
   // Whether the job runs the gradient pass (DESIGN section 2, step 4) for OAC's Hessians. The
   // driver reads it as "GPTQ uses output-adaptive Hessians", so it stays about `hessian` alone.
   bool NeedsGradientPass() const { return hessian != HessianKind::kLayer; }
-  // Whether retraining needs the diagonal Fisher of the gradient pass (saliency). Not wired yet:
-  // the job must then run the gradient pass too (for the Fisher only, keeping GPTQ's layer
-  // Hessians when hessian is layer).
+  // Whether retraining needs the diagonal Fisher of the gradient pass (saliency). The job then
+  // runs the gradient pass too, GPTQ keeping its layer Hessians when hessian is layer.
   bool NeedsFisher() const { return retrain.enabled && retrain.method == RetrainMethod::kSaliency; }
+  // Whether the job runs the gradient pass: for output-adaptive Hessians or for the Fisher.
+  bool RunsGradientPass() const { return NeedsGradientPass() || NeedsFisher(); }
+  // The Hessian kind the gradient pass forms and its files record: `hessian`, or for a pass run
+  // only for the Fisher (hessian: layer) the per-token H_tok, the cheapest (one Gram product per
+  // linear and chunk), which the solve then does not read. A pass that forms the Fisher alone
+  // is later work.
+  HessianKind GradientPassKind() const {
+    return NeedsGradientPass() ? hessian : HessianKind::kOutputAdaptiveToken;
+  }
 
   absl::Status Validate() const;
   // Sorted-key JSON with every default filled in. `retrain` appears only when the section is
@@ -155,10 +163,7 @@ kernels::QuantSpec SpecOf(const Recipe& recipe);
 
 // Parses recipe YAML text; `source` names the file in error messages.
 absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::string& source);
-// The file's recipe, refused (CheckRecipeRunnable) when it asks for what jobs do not run yet.
+// The file's recipe (ParseRecipeYaml of its text, errors naming the file).
 absl::StatusOr<Recipe> LoadRecipeFile(const std::string& path);
-// InvalidArgument naming the key, from `source`, for a recipe section that parses but that jobs do
-// not run yet: `retrain` (issue 13: the trainer exists, the block loop does not call it).
-absl::Status CheckRecipeRunnable(const Recipe& recipe, const std::string& source);
 
 }  // namespace qcal::engine

@@ -202,7 +202,10 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     const double hessian_before = session.times().hessian;
     const int64_t bytes_before = transport ? transport->bytes_sent() : 0;
     const double wait_before = transport ? transport->receive_wait_seconds() : 0;
-    absl::StatusOr<engine::BlockArtifactsPtr> block = session.RunNextBlock(transport.get());
+    engine::GangBlockOptions block_options;
+    block_options.retrain_block = [&](int block) { return faults_->Hit("retrain", block); };
+    absl::StatusOr<engine::BlockArtifactsPtr> block =
+        session.RunNextBlock(transport.get(), block_options);
     if (!block.ok()) return block_failed(block.status(), b);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
     if (plan->world == 1) {

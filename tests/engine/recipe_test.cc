@@ -446,24 +446,28 @@ TEST(RecipeTest, EachRetrainKeyChangesTheHash) {
                 " lambda: 0.1, lr_lora: 5.0e-4, lr_clip: 5.0e-3, weight_decay: 0.1}\n"));
 }
 
-// Jobs do not run the trainer yet: a recipe file with `retrain` is refused by name, so that no job
-// exports an untrained model as if it were retrained. The section itself parses (above).
-TEST(RecipeTest, RecipeFilesWithRetrainAreRefusedUntilJobsRunIt) {
+// Jobs run retraining (issue 13): a recipe file with `retrain` loads, and its errors name the file.
+TEST(RecipeTest, RecipeFilesWithRetrainLoad) {
   const std::string path = ::testing::TempDir() + "/retrain_recipe.yaml";
   {
     std::ofstream f(path);
-    f << kBase << "retrain: {}\n";
+    f << kBase << "retrain: {method: saliency, epochs: {weight: 15, output: 5}}\n";
   }
   absl::StatusOr<Recipe> r = LoadRecipeFile(path);
-  ASSERT_FALSE(r.ok());
-  EXPECT_TRUE(absl::IsInvalidArgument(r.status()));
-  EXPECT_THAT(std::string(r.status().message()), HasSubstr("recipe key \"retrain\""));
-  EXPECT_THAT(std::string(r.status().message()), HasSubstr(path));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->retrain.enabled);
+  EXPECT_TRUE(r->NeedsFisher());
+  EXPECT_TRUE(r->RunsGradientPass());
+  EXPECT_FALSE(r->NeedsGradientPass());
+  EXPECT_EQ(r->GradientPassKind(), HessianKind::kOutputAdaptiveToken);
   {
     std::ofstream f(path);
-    f << kBase;
+    f << kBase << "retrain: {lambda: -1}\n";
   }
-  EXPECT_TRUE(LoadRecipeFile(path).ok());
+  r = LoadRecipeFile(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("retrain.lambda"));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr(path));
   std::remove(path.c_str());
 }
 

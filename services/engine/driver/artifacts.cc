@@ -113,6 +113,8 @@ std::string Serialize(const std::map<std::string, Tensor>& t,
 }
 
 constexpr char kFoldedPrefix[] = "folded/";
+// The full-precision path's chunks in an activation checkpoint (recipes that retrain).
+constexpr char kFpChunkPrefix[] = "fp_chunk.";
 
 }  // namespace
 
@@ -120,9 +122,19 @@ absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& 
                              const std::string& path) {
   std::map<std::string, Tensor> tensors;
   std::string batches;
+  if (!acts.fp_chunks.empty() && acts.fp_chunks.size() != acts.chunks.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("activations with ", acts.chunks.size(),
+                                                   " chunks and ", acts.fp_chunks.size(),
+                                                   " full-precision chunks"));
+  }
   for (size_t c = 0; c < acts.chunks.size(); ++c) {
+    const int index = 100000 + acts.first_chunk + static_cast<int>(c);
     QCAL_ASSIGN_OR_RETURN(Tensor host, backend.ToHost(acts.chunks[c]));
-    tensors[absl::StrCat("chunk.", 100000 + acts.first_chunk + static_cast<int>(c))] = host;
+    tensors[absl::StrCat("chunk.", index)] = host;
+    if (!acts.fp_chunks.empty()) {
+      QCAL_ASSIGN_OR_RETURN(tensors[absl::StrCat(kFpChunkPrefix, index)],
+                            backend.ToHost(acts.fp_chunks[c]));
+    }
     absl::StrAppend(&batches, c ? "," : "", acts.chunk_batch[c]);
   }
   return WriteSafetensors(path, tensors,
@@ -145,6 +157,7 @@ absl::Status SaveActivationChunk(kernels::Backend& backend, const CalibActivatio
   one.seq_len = acts.seq_len;
   one.next_block = acts.next_block;
   one.chunks = {acts.chunks[static_cast<size_t>(local)]};
+  if (!acts.fp_chunks.empty()) one.fp_chunks = {acts.fp_chunks[static_cast<size_t>(local)]};
   one.chunk_batch = {acts.chunk_batch[static_cast<size_t>(local)]};
   one.first_chunk = chunk;
   one.total_chunks = acts.total_chunks;
@@ -171,9 +184,14 @@ absl::StatusOr<CalibActivations> AssembleActivations(kernels::Backend& backend,
                        " of ", part.total_chunks, " does not follow chunk ", expected - 1,
                        " at block ", acts.next_block, " of ", acts.total_chunks));
     }
+    if (i > 0 && part.fp_chunks.empty() != acts.fp_chunks.empty()) {
+      return absl::DataLossError(absl::StrCat(
+          chunk_paths[i], ": the chunk files do not all hold the full-precision path"));
+    }
     for (size_t c = 0; c < part.chunks.size(); ++c) {
       acts.chunks.push_back(std::move(part.chunks[c]));
       acts.chunk_batch.push_back(part.chunk_batch[c]);
+      if (!part.fp_chunks.empty()) acts.fp_chunks.push_back(std::move(part.fp_chunks[c]));
     }
   }
   return acts;
@@ -202,7 +220,10 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
       return absl::DataLossError(absl::StrCat(path, ": bad chunk_batch"));
     acts.chunk_batch.push_back(v);
   }
-  if (acts.chunk_batch.size() != file->tensors().size()) {
+  size_t fp = 0;
+  for (const auto& [name, info] : file->tensors()) fp += name.rfind(kFpChunkPrefix, 0) == 0;
+  const size_t quantized_path = file->tensors().size() - fp;
+  if (acts.chunk_batch.size() != quantized_path || (fp != 0 && fp != quantized_path)) {
     return absl::DataLossError(absl::StrCat(path, ": chunk count does not match chunk_batch"));
   }
   // Checkpoints written before gangs hold every chunk.
@@ -216,12 +237,17 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
     return absl::DataLossError(absl::StrCat(path, ": chunks from ", acts.first_chunk,
                                             " do not fit in ", acts.total_chunks));
   }
+  // Names sort "chunk.*" before "fp_chunk.*", each in chunk order.
   for (const auto& [name, info] : file->tensors()) {
     QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
     if (t.dtype() != DType::kF32 || t.rank() != 2)
       return absl::DataLossError(absl::StrCat(path, ": bad chunk ", name));
     QCAL_ASSIGN_OR_RETURN(Tensor dev, backend.ToDevice(t));
-    acts.chunks.push_back(std::move(dev));
+    const bool full_precision = name.rfind(kFpChunkPrefix, 0) == 0;
+    if (full_precision && dev.shape() != acts.chunks[acts.fp_chunks.size()].shape()) {
+      return absl::DataLossError(absl::StrCat(path, ": ", name, " does not match its chunk"));
+    }
+    (full_precision ? acts.fp_chunks : acts.chunks).push_back(std::move(dev));
   }
   return acts;
 }

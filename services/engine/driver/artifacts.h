@@ -15,7 +15,9 @@
 namespace qcal::engine {
 
 // Boundary checkpoints: the activations as one safetensors file (deterministic bytes), with their
-// global chunk indices (a file without them holds chunks [0, n) of n).
+// global chunk indices (a file without them holds chunks [0, n) of n), and the full-precision
+// path's chunks when acts holds them (recipes that retrain: "fp_chunk.<index>" beside
+// "chunk.<index>"; a resumed job needs both paths for identical bytes).
 absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& acts,
                              const std::string& path);
 absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,

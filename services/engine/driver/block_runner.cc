@@ -84,7 +84,7 @@ std::vector<float> AddLowRank(const std::vector<float>& w_hat, const std::vector
 }  // namespace
 
 BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe,
-                         StageTimes& times, OacSource oac)
+                         StageTimes& times, OacSource oac, uint64_t seed)
     : model_(model),
       be_(model.backend()),
       acts_(acts),
@@ -92,7 +92,8 @@ BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& rec
       t_(times),
       oac_(std::move(oac)),
       b_(acts.next_block),
-      spec_(SpecOf(recipe)) {
+      spec_(SpecOf(recipe)),
+      seed_(seed) {
   gopt_.damp = recipe.gptq.damp;
   gopt_.block_size = recipe.gptq.block_size;
   gopt_.act_order = recipe.gptq.act_order;
@@ -113,15 +114,16 @@ absl::Status SmoothLinearOac(const std::vector<float>& m, LinearOac& oac) {
     }
   }
   Tensor& h = oac.hessian;
-  if (!h.defined() || h.device() != Device::kHost || h.dtype() != DType::kF32 ||
-      h.shape() != Shape{n, n}) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("an output-adaptive Hessian to smooth must be a host F32 [", n, ", ", n,
-                     "] tensor, got ", ShapeString(h.shape())));
-  }
-  float* hp = h.data<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < n; ++j) hp[i * n + j] = hp[i * n + j] / m[i] / m[j];
+  if (h.defined()) {
+    if (h.device() != Device::kHost || h.dtype() != DType::kF32 || h.shape() != Shape{n, n}) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("an output-adaptive Hessian to smooth must be a host F32 [", n, ", ", n,
+                       "] tensor, got ", ShapeString(h.shape())));
+    }
+    float* hp = h.data<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) hp[i * n + j] = hp[i * n + j] / m[i] / m[j];
+    }
   }
   Tensor& f = oac.fisher;
   if (!f.defined()) return absl::OkStatus();
@@ -181,6 +183,9 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::Run() {
     }
     QCAL_RETURN_IF_ERROR(PushBlock());
   }
+  if (Retrains()) {
+    QCAL_RETURN_IF_ERROR(TrainBlock(x_in_, acts_.fp_chunks, acts_.chunk_batch).status());
+  }
   return Finish();
 }
 
@@ -201,6 +206,12 @@ absl::Status BlockRunner::Begin() {
                      " but the block was given no gradient-pass statistics (run the gradient "
                      "pass first)"));
   }
+  if (recipe_.NeedsFisher() && !oac_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("block ", b_,
+                     ": recipe key \"retrain.method\" is saliency but the block "
+                     "was given no gradient-pass Fisher (run the gradient pass first)"));
+  }
   const int held = static_cast<int>(acts_.chunks.size());
   if (acts_.total_chunks < 1 || acts_.first_chunk < 0 ||
       acts_.first_chunk + held > acts_.total_chunks ||
@@ -214,6 +225,7 @@ absl::Status BlockRunner::Begin() {
   }
   kept_.assign(acts_.chunks.size(), Tensor());
   clock_ = Clock::now();
+  if (Retrains()) QCAL_RETURN_IF_ERROR(BeginRetrain());
   return absl::OkStatus();
 }
 
@@ -393,6 +405,14 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::Solve(const InputStatisti
 absl::Status BlockRunner::Install(std::vector<SolvedLinear> solved) {
   for (SolvedLinear& s : solved) {
     const LinearKind k = s.result.report.kind;
+    if (Retrains()) {
+      // The weight about to be replaced: full precision, smoothing folded.
+      QCAL_ASSIGN_OR_RETURN(reference_[static_cast<int>(k)],
+                            be_.ToHost(model_.block(b_).at(k).weight));
+      if (s.retrain_base.defined()) {
+        SetRetrainBase(k, std::move(s.retrain_base), std::move(s.retrain_fisher));
+      }
+    }
     if (s.weight.defined()) {
       model_.block(b_).at(k).weight = s.weight;
     } else {
@@ -439,18 +459,8 @@ absl::Status BlockRunner::PushBlock() {
 }
 
 absl::StatusOr<std::vector<LayerResult>> BlockRunner::Finish() {
-  bool converted = false;
-  for (size_t i = 0; i < pending_.size(); ++i) {
-    if (!pending_[i].valid()) continue;
-    results_[i].quantized = pending_[i].get();
-    converted = true;
-  }
-  pending_.clear();
-  if (converted) {
-    const double before = t_.transfer;
-    QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
-    t_.solve += t_.transfer - before;
-  }
+  QCAL_RETURN_IF_ERROR(WaitForConversions());
+  x_in_.clear();
   acts_.next_block = b_ + 1;
   return std::move(results_);
 }
@@ -653,6 +663,7 @@ absl::Status BlockRunner::ReconstructOnDevice(LinearInput in, const Tensor& w, c
     error_after = std::sqrt(std::max(0.0, total - kept_r));
   }
   r.report.rank = static_cast<int>(rank);
+  r.report.reconstructed = true;
   r.report.whitened_error_before = lr->error_before;
   r.report.whitened_error_after = error_after;
   r.report.extra_params = static_cast<double>(rank * (d_out + d_in)) /
@@ -688,6 +699,7 @@ absl::Status BlockRunner::Reconstruct(LinearInput in, const float* w,
   auto lr = ReconstructError<float>(w, w_hat.data(), d_out, d_in, whitening, opt);
   if (!lr.ok()) return Annotate(lr.status(), r.report.name);
   r.report.rank = lr->rank;
+  r.report.reconstructed = true;
   r.report.whitened_error_before = lr->error_before;
   r.report.whitened_error_after = lr->error_after;
   r.report.extra_params =
@@ -823,11 +835,20 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     if (!rtn.ok()) return Annotate(rtn.status(), name);
     kernels::QuantizedTensors q = *rtn;
     if (gptq) {
-      auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size, /*record_pre_round=*/false);
+      auto solved = be_.GptqSolve(w, factor, spec_, gopt_.block_size, Retrains());
       if (!solved.ok()) return Annotate(solved.status(), name);
       q = std::move(solved).value();
       r.report.dead_columns = factor.dead_columns;
       r.report.damp_used = factor.damp_used;
+    }
+    // Retraining's frozen base: W̃ for GPTQ, the weight RTN rounded.
+    Tensor retrain_base, retrain_fisher;
+    if (Retrains()) {
+      QCAL_ASSIGN_OR_RETURN(retrain_base, be_.ToHost(gptq ? q.pre_round : w_normal));
+      q.pre_round = Tensor();
+      if (recipe_.NeedsFisher()) {
+        QCAL_ASSIGN_OR_RETURN(retrain_fisher, FisherOf(in, k));
+      }
     }
     r.report.outlier_columns = static_cast<int>(outliers.size());
     QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
@@ -874,7 +895,8 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     const auto now = Clock::now();
     r.report.solve_seconds = std::chrono::duration<double>(now - t0).count();
     t0 = now;
-    solved.push_back(SolvedLinear{std::move(r), w_hat, std::move(conversion)});
+    solved.push_back(SolvedLinear{std::move(r), std::move(retrain_base), std::move(retrain_fisher),
+                                  w_hat, std::move(conversion)});
   }
   return solved;
 }

@@ -37,6 +37,23 @@
 // Gram matrix. The Gram matrix stays what the smoothing statistics, the error reconstruction's
 // whitening and the report's output errors are computed from: they are about activations.
 //
+// Retraining (recipe.retrain.enabled; DESIGN section 2, steps 3.4 and 3.5, and section 3,
+// "Retraining"; the phases are in driver/block_retrain.cc):
+//   Begin also pushes every chunk of acts.fp_chunks through the block's original weights (before
+//   smoothing folds or any install): the full-precision block outputs, which are the training
+//   targets and replace acts.fp_chunks as the next block's full-precision inputs; and keeps a copy
+//   of every chunk's quantized-path input (the training inputs, from which the retrained block is
+//   pushed).
+//   Solve records each linear's frozen base W̃ (GPTQ's pre-rounding values; RTN: the weight it
+//   rounds, ASER's extracted columns zeroed) and, for saliency, its Fisher transformed by its
+//   input's smoothing like the Hessian (SmoothLinearOac); Install keeps the weight it replaces, the
+//   full-precision weight in the quantized block's coordinates, as the regularizer's reference.
+//   After the block's last Install and push, one rank (the lowest-index gang member) calls
+//   TrainBlock with every chunk's inputs and targets; the others InstallRetrained with its result.
+//   Memory: while a block trains a rank holds three sets of activations of its chunks (the
+//   quantized path advancing in place, its copy at the block input, the full-precision path),
+//   and the training rank also the other ranks' inputs and targets.
+//
 // Solve runs on the backend's solver ops (Backend::GptqFactorize, GptqSolve, QuantizeRtn,
 // OutputError), which every backend has (the CPU backend runs their references,
 // kernels/cpu/quant_ref.h): the weights and their quantized forms stay on the device, and only
@@ -51,6 +68,7 @@
 
 #include <array>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <map>
 #include <optional>
@@ -93,6 +111,10 @@ struct SolvedLinear {
   // The report, the low-rank factors, activation bits and folded tensors; `quantized` too once
   // `conversion` (if valid) has been waited for.
   LayerResult result;
+  // Retraining: the frozen base W̃ and, for saliency, the smoothed Fisher (host F32; undefined
+  // otherwise and for a linear received from another rank).
+  Tensor retrain_base;
+  Tensor retrain_fisher;
   // The dequantized weight on the backend's device, from Solve; undefined for a linear solved
   // elsewhere (received as an artifact), which Install dequantizes from result.quantized.
   Tensor weight;
@@ -113,8 +135,9 @@ Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend);
 Combine<ActivationStats> ActivationStatsCombine();
 
 // The statistics of a linear whose input was smoothed by `m` (one scale per input column, d_in):
-// the Hessian of W' = W·diag(m), H'_ij = (H_ij / m_i) / m_j, and the Fisher of W',
-// F'_ij = (F_ij / m_j) / m_j (when present), in place on host tensors. Empty m: unchanged.
+// the Hessian of W' = W·diag(m), H'_ij = (H_ij / m_i) / m_j (when present: a Fisher-only pass for
+// saliency retraining has none), and the Fisher of W', F'_ij = (F_ij / m_j) / m_j (when present),
+// in place on host tensors. Empty m: unchanged.
 // InvalidArgument for a device tensor, a shape that does not match m, or a scale that is not
 // finite and > 0.
 absl::Status SmoothLinearOac(const std::vector<float>& m, LinearOac& oac);
@@ -123,10 +146,12 @@ class BlockRunner {
  public:
   // Block acts.next_block of `model`, with a validated recipe. `times` accumulates the stage
   // times. All three must outlive the runner. `oac` supplies the output-adaptive statistics of
-  // the linears this runner solves: required when recipe.hessian != layer (Solve fails without
-  // it), unused otherwise.
+  // the linears this runner solves (and the Fisher, for saliency retraining): required when
+  // recipe.hessian != layer or the recipe needs the Fisher (Solve fails without it), unused
+  // otherwise. `seed` (the job's calibration seed) seeds retraining's LoRA start and sample
+  // order, mixed with the block index (RetrainSeed); unused without retraining.
   BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes& times,
-              OacSource oac = nullptr);
+              OacSource oac = nullptr, uint64_t seed = 0);
 
   // All phases in order; advances acts to the next block. Returns the block's seven linears in
   // forward order.
@@ -170,6 +195,37 @@ class BlockRunner {
   // Without true-sequential: the hidden states through the whole quantized block.
   absl::Status PushBlock();
 
+  // ---- Retraining (see above). After the last Install and Push (or PushBlock) of the block.
+  // This rank's chunks' quantized-path block inputs and full-precision targets (from Begin).
+  const std::vector<Tensor>& retrain_inputs() const { return x_in_; }
+  const std::vector<Tensor>& retrain_targets() const { return acts_.fp_chunks; }
+  // Linear k's frozen base W̃ and Fisher (saliency; undefined for apiq) as host F32 tensors, when
+  // this rank solved it; undefined otherwise.
+  const Tensor& retrain_base(LinearKind k) const { return base_[static_cast<int>(k)]; }
+  const Tensor& retrain_fisher(LinearKind k) const { return fisher_[static_cast<int>(k)]; }
+  // Sets them for a linear solved on another rank (host F32 [d_out, d_in]).
+  void SetRetrainBase(LinearKind k, Tensor base, Tensor fisher);
+  // Trains the block (services/engine/retrain/block_trainer.h) on every chunk of the calibration
+  // set, in global chunk order: inputs[c] and targets[c] [chunk_batch[c]·seq_len, hidden] on the
+  // backend, one training sample per calibration sample. Every linear must be installed and have
+  // its base. Then installs the retrained linears (codes re-rounded on the clipped grid, the LoRA
+  // as their low-rank branch), pushes every given chunk through the retrained block from its input
+  // (this rank's own chunks become acts' hidden states), and measures each linear's relative
+  // output error on those pushes' inputs (its Gram matrix summed over the chunks by the canonical
+  // reduction). Returns the retrained linears in forward order, which also replace the results
+  // Finish returns; the report of the first carries the block's BlockRetrainReport.
+  absl::StatusOr<std::vector<LayerResult>> TrainBlock(const std::vector<Tensor>& inputs,
+                                                      const std::vector<Tensor>& targets,
+                                                      const std::vector<int>& chunk_batch);
+  // Called by TrainBlock with the block index before training starts (a fault point, progress).
+  void set_before_training(std::function<absl::Status(int block)> hook) {
+    before_training_ = std::move(hook);
+  }
+  // The ranks that did not train: installs TrainBlock's linears (in forward order) and pushes this
+  // rank's chunks through the retrained block from their kept inputs; the linears replace the
+  // results Finish returns.
+  absl::Status InstallRetrained(std::vector<LayerResult> trained);
+
   // The installed results in forward order (waiting for host conversions); advances acts to the
   // next block.
   absl::StatusOr<std::vector<LayerResult>> Finish();
@@ -207,6 +263,12 @@ class BlockRunner {
                                                        const std::vector<LinearKind>& kinds);
   absl::StatusOr<kernels::GptqFactor> OutputAdaptiveFactor(LinearInput in, LinearKind k,
                                                            const kernels::GptqSolveOptions& gopt);
+  bool Retrains() const { return recipe_.retrain.enabled; }
+  absl::Status BeginRetrain();
+  absl::StatusOr<Tensor> FisherOf(LinearInput in, LinearKind k);
+  absl::Status WaitForConversions();
+  absl::Status PushRetrained(const std::vector<Tensor>& inputs, const std::vector<int>& batch,
+                             int first, std::vector<Tensor>* grams);
 
   Model& model_;
   kernels::Backend& be_;
@@ -230,6 +292,16 @@ class BlockRunner {
   // Installed results and, aligned with them, their pending host conversions.
   std::vector<LayerResult> results_;
   std::vector<std::future<QuantizedLinear>> pending_;
+  // Retraining: the job's seed, this rank's chunks' quantized-path block inputs, and per linear
+  // the frozen base, the Fisher (saliency) and the full-precision reference (host F32).
+  const uint64_t seed_ = 0;
+  std::function<absl::Status(int block)> before_training_;
+  std::vector<Tensor> x_in_;
+  std::array<Tensor, kNumLinears> base_, fisher_, reference_;
 };
+
+// The seed of block b's retraining for the job's calibration seed: HashBits(seed, b), so that the
+// blocks' random LoRA starts differ.
+uint64_t RetrainSeed(uint64_t seed, int block);
 
 }  // namespace qcal::engine

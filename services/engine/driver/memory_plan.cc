@@ -17,6 +17,10 @@ int64_t WorkingSetBytes(const ModelConfig& c, int64_t chunk_rows) {
   return stats + std::max(solve, forward) + (int64_t{1} << 30);
 }
 
+int64_t CalibActivationBytes(const ModelConfig& c, int64_t rows, bool retrain) {
+  return rows * c.hidden_size * int64_t{sizeof(float)} * (retrain ? 3 : 1);
+}
+
 absl::Status ParkIfShort(kernels::Backend& be, Tensor& chunk, int64_t reserve) {
   if (be.device() == Device::kHost || chunk.device() == Device::kHost) return absl::OkStatus();
   const int64_t available = be.AvailableMemory();

@@ -20,6 +20,13 @@ namespace qcal::engine {
 // one calibration chunk.
 int64_t WorkingSetBytes(const ModelConfig& c, int64_t chunk_rows);
 
+// Bytes of the calibration activations a rank holds for `rows` tokens (its chunks' batch·seq_len
+// summed), fp32: one copy (the quantized path), or three while a recipe that retrains runs a block
+// (the quantized path, its copy at the block input, and the full-precision path; block_runner.h).
+// The training rank of a gang also gathers the other ranks' inputs and targets (two copies of
+// theirs).
+int64_t CalibActivationBytes(const ModelConfig& c, int64_t rows, bool retrain);
+
 // Moves a device chunk of activations to pinned host memory when the device has less than
 // `reserve` bytes available (device backends only; host backends plan no memory).
 absl::Status ParkIfShort(kernels::Backend& be, Tensor& chunk, int64_t reserve);

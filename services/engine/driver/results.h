@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,22 @@
 #include "services/engine/quant/quantized_linear.h"
 
 namespace qcal::engine {
+
+// What retraining did to one block (DESIGN section 3, "Retraining"), in the report: the mean
+// training loss of every epoch, stage by stage, and the output MSE of the quantized block against
+// the full-precision block over the calibration samples before and after training.
+struct BlockRetrainReport {
+  struct Epoch {
+    std::string stage;  // "weight", "mixed", "output"
+    int epoch = 0;      // within the stage
+    double loss = 0;  // c_out·output_mse + c_reg·λ·regularizer, the mean over the epoch's steps
+    double output_mse = 0;
+    double regularizer = 0;
+  };
+  std::vector<Epoch> epochs;
+  double output_mse_before = 0;
+  double output_mse_after = 0;
+};
 
 // Per-linear outcome, in the report.
 struct LayerReport {
@@ -36,6 +53,15 @@ struct LayerReport {
   double whitened_error_before = 0;
   double whitened_error_after = 0;
   double extra_params = 0;
+  // Whether error reconstruction ran (rel_error_er and the whitened errors are its).
+  bool reconstructed = false;
+  // Retraining: the linear's LoRA and clipping were trained (rank and extra_params are then the
+  // LoRA's), and its relative output error ‖(W − Q(W̃; γ, β) − L_A·L_B)Xᵀ‖/‖WXᵀ‖ after training,
+  // X the retrained block's quantized-path inputs of the linear (all calibration samples).
+  bool retrained = false;
+  double rel_error_retrained = 0;
+  // The block's retraining, carried by its first linear (q_proj) only.
+  std::optional<BlockRetrainReport> block_retrain;
   double solve_seconds = 0;  // timing: never in the deterministic report
 };
 
@@ -68,6 +94,9 @@ struct StageTimes {
   double transfer = 0;
   double smooth = 0;       // smoothing: the full-precision statistics pass, scales and folding
   double reconstruct = 0;  // error reconstruction: whitening, SVD and factors (part of `solve`)
+  // Retraining: the full-precision block's outputs (the targets), gathering and training, and the
+  // retrained block's push with its output errors.
+  double retrain = 0;
 };
 
 // The quantized-path hidden states entering the next block, one tensor per chunk of kCalibChunk
@@ -81,6 +110,13 @@ struct CalibActivations {
   std::vector<int> chunk_batch;  // samples per chunk
   int first_chunk = 0;           // the global index of chunks[0]
   int total_chunks = 0;          // C: the chunks of the whole calibration set
+  // Recipes that retrain (DESIGN section 2, step 3.5): the full-precision path's hidden states
+  // entering the next block (the original model's, block by block), aligned with `chunks` (same
+  // shapes; on the device or parked like them). Empty otherwise, and at block 0, where both paths
+  // start from the embeddings (the first retraining block copies `chunks`). With them a job holds
+  // about three times the activations of one path while a block trains: these, the quantized path
+  // advancing in place, and the block's quantized-path inputs kept for training and the push.
+  std::vector<Tensor> fp_chunks;
 };
 
 }  // namespace qcal::engine

@@ -1,9 +1,12 @@
 #include "services/engine/gang/exchange.h"
 
 #include <cstring>
+#include <map>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/safetensors.h"
 #include "common/status.h"
 #include "services/engine/driver/artifacts.h"
 #include "services/engine/pipeline.h"
@@ -307,6 +310,80 @@ absl::StatusOr<TreePartials<ActivationStats>> ParseActivationStatsPartials(
   }
   QCAL_RETURN_IF_ERROR(r.End());
   return out;
+}
+
+namespace {
+
+// Two named F32 tensors of one shape as a safetensors byte string (host copies of `a` and `b`;
+// `b` may be undefined).
+absl::StatusOr<std::string> SerializePair(kernels::Backend* backend, const char* name_a,
+                                          const Tensor& a, const char* name_b, const Tensor& b) {
+  std::map<std::string, Tensor> t;
+  for (auto [name, x] : {std::pair{name_a, &a}, std::pair{name_b, &b}}) {
+    if (!x->defined()) continue;
+    if (x->dtype() != DType::kF32 || x->shape() != a.shape() || x->rank() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat("retraining exchange: ", name, " is ",
+                                                     x->DebugString(), ", expected F32 ",
+                                                     ShapeString(a.shape())));
+    }
+    Tensor host = *x;
+    if (host.device() != Device::kHost) {
+      QCAL_ASSIGN_OR_RETURN(host, backend->ToHost(host));
+    }
+    t[name] = host;
+  }
+  return SerializeSafetensors(t, {});
+}
+
+absl::Status ParsePair(const std::string& bytes, const char* what, const Shape& shape,
+                       const char* name_a, Tensor* a, const char* name_b, Tensor* b,
+                       bool b_required) {
+  QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::FromBytes(bytes, what));
+  for (auto [name, out, required] :
+       {std::tuple{name_a, a, true}, std::tuple{name_b, b, b_required}}) {
+    if (!file->Has(name)) {
+      if (required) return absl::DataLossError(absl::StrCat(what, ": no ", name));
+      *out = Tensor();
+      continue;
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
+    if (t.dtype() != DType::kF32 || t.shape() != shape) {
+      return absl::DataLossError(absl::StrCat(what, ": ", name, " is ", t.DebugString(),
+                                              ", expected F32 ", ShapeString(shape)));
+    }
+    *out = t.Clone();
+  }
+  if (file->tensors().size() != (b->defined() ? 2u : 1u)) {
+    return absl::DataLossError(absl::StrCat(what, ": unexpected tensors"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SerializeRetrainBase(const Tensor& base, const Tensor& fisher) {
+  return SerializePair(nullptr, "base", base, "fisher", fisher);
+}
+
+absl::Status ParseRetrainBase(const std::string& bytes, int64_t d_out, int64_t d_in, Tensor* base,
+                              Tensor* fisher) {
+  return ParsePair(bytes, "retraining base", {d_out, d_in}, "base", base, "fisher", fisher,
+                   /*b_required=*/false);
+}
+
+absl::StatusOr<std::string> SerializeRetrainSamples(kernels::Backend& backend, const Tensor& inputs,
+                                                    const Tensor& targets) {
+  if (!targets.defined()) return absl::InvalidArgumentError("retraining samples: no targets");
+  return SerializePair(&backend, "inputs", inputs, "targets", targets);
+}
+
+absl::Status ParseRetrainSamples(kernels::Backend& backend, const std::string& bytes, int64_t rows,
+                                 int64_t hidden, Tensor* inputs, Tensor* targets) {
+  QCAL_RETURN_IF_ERROR(ParsePair(bytes, "retraining samples", {rows, hidden}, "inputs", inputs,
+                                 "targets", targets, /*b_required=*/true));
+  QCAL_ASSIGN_OR_RETURN(*inputs, backend.ToDevice(*inputs));
+  QCAL_ASSIGN_OR_RETURN(*targets, backend.ToDevice(*targets));
+  return absl::OkStatus();
 }
 
 std::string SerializeSolvedLayer(const LayerResult& result) {

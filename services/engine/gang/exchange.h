@@ -58,6 +58,18 @@ absl::StatusOr<TreePartials<LinearOac>> ParseOacPartials(kernels::Backend& backe
                                                          int64_t d_out, int64_t d_in, bool fisher,
                                                          const std::string& bytes);
 
+// Retraining: a linear's frozen base W̃ and Fisher (undefined: none) as kRetrainBase carries them
+// (host F32 [d_out, d_in]); one chunk's quantized-path inputs and full-precision targets
+// (kRetrainSamples; copied from and parsed onto the backend's device). InvalidArgument for
+// tensors of other shapes; DataLoss for malformed bytes or other shapes than expected.
+absl::StatusOr<std::string> SerializeRetrainBase(const Tensor& base, const Tensor& fisher);
+absl::Status ParseRetrainBase(const std::string& bytes, int64_t d_out, int64_t d_in, Tensor* base,
+                              Tensor* fisher);
+absl::StatusOr<std::string> SerializeRetrainSamples(kernels::Backend& backend, const Tensor& inputs,
+                                                    const Tensor& targets);
+absl::Status ParseRetrainSamples(kernels::Backend& backend, const std::string& bytes, int64_t rows,
+                                 int64_t hidden, Tensor* inputs, Tensor* targets);
+
 // A solved linear: artifact and report. Parsing gives back the artifact's fields and the report's
 // deterministic fields (LayerReportFromJson: the timing solve_seconds stays behind).
 std::string SerializeSolvedLayer(const LayerResult& r);
@@ -73,7 +85,8 @@ int64_t OacPartialsBytes(int64_t nodes, int64_t d_out, int64_t d_in, bool fisher
 // smoothing statistics too, when the recipe smooths), each owner's completed statistics to the
 // other owners of its consumers (smoothing statistics: to every other rank), and every solved
 // linear to every other rank, linear k's payload being layer_bytes[k] (SerializeSolvedLayer's
-// size). Framing excluded, as Transport::bytes_sent counts.
+// size). Framing excluded, as Transport::bytes_sent counts. Retraining's messages (step
+// kStepRetrain: bases, samples and retrained linears) are not included.
 std::vector<int64_t> ExchangeBytesPerBlock(const GangPlan& plan, const ModelConfig& config,
                                            const Recipe& recipe,
                                            const std::array<int64_t, kNumLinears>& layer_bytes);

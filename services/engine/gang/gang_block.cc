@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/safetensors.h"
 #include "common/status.h"
 #include "services/engine/driver/block_runner.h"
 #include "services/engine/gang/exchange.h"
@@ -18,7 +19,7 @@ class GangBlock {
  public:
   GangBlock(Model& model, CalibActivations& acts, const Recipe& recipe, const GangPlan& plan,
             Transport* transport, const GangBlockOptions& options, StageTimes& times,
-            const OacSource& oac)
+            const OacSource& oac, uint64_t seed)
       : be_(model.backend()),
         config_(model.config()),
         recipe_(recipe),
@@ -26,7 +27,10 @@ class GangBlock {
         transport_(transport),
         options_(options),
         b_(acts.next_block),
-        runner_(model, acts, recipe, times, oac) {}
+        acts_(acts),
+        runner_(model, acts, recipe, times, oac, seed) {}
+
+  BlockRunner& runner() { return runner_; }
 
   absl::StatusOr<std::vector<LayerResult>> Run() {
     QCAL_RETURN_IF_ERROR(runner_.Begin());
@@ -50,6 +54,7 @@ class GangBlock {
       }
       QCAL_RETURN_IF_ERROR(runner_.PushBlock());
     }
+    if (recipe_.retrain.enabled) QCAL_RETURN_IF_ERROR(Retrain());
     return runner_.Finish();
   }
 
@@ -222,6 +227,88 @@ class GangBlock {
     return runner_.Install(std::move(install));
   }
 
+  // Retraining (DESIGN section 2, step 3.4): the trainer (kRetrainRank) gathers every linear's base
+  // from its owner and every chunk's inputs and targets from the rank holding it, trains, and sends
+  // the retrained linears to every other rank, which installs them and pushes its own chunks.
+  absl::Status Retrain() {
+    if (rank() != kRetrainRank) {
+      for (LinearKind k : kAllLinears) {
+        if (!plan_.Owns(k)) continue;
+        QCAL_ASSIGN_OR_RETURN(std::string bytes, SerializeRetrainBase(runner_.retrain_base(k),
+                                                                      runner_.retrain_fisher(k)));
+        QCAL_RETURN_IF_ERROR(Send(kRetrainRank,
+                                  Key(kStepRetrain, MessageKind::kRetrainBase, static_cast<int>(k)),
+                                  std::move(bytes)));
+      }
+      const std::vector<Tensor>& inputs = runner_.retrain_inputs();
+      const std::vector<Tensor>& targets = runner_.retrain_targets();
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        QCAL_ASSIGN_OR_RETURN(std::string bytes,
+                              SerializeRetrainSamples(be_, inputs[i], targets[i]));
+        const int chunk = plan_.local().begin + static_cast<int>(i);
+        QCAL_RETURN_IF_ERROR(Send(kRetrainRank,
+                                  Key(kStepRetrain, MessageKind::kRetrainSamples, chunk),
+                                  std::move(bytes)));
+      }
+      std::vector<LayerResult> trained;
+      for (LinearKind k : kAllLinears) {
+        QCAL_ASSIGN_OR_RETURN(std::string bytes, Receive(kStepRetrain, MessageKind::kRetrained,
+                                                         static_cast<int>(k), kRetrainRank));
+        QCAL_ASSIGN_OR_RETURN(LayerResult r, ParseSolvedLayer(bytes));
+        trained.push_back(std::move(r));
+      }
+      return runner_.InstallRetrained(std::move(trained));
+    }
+    for (LinearKind k : kAllLinears) {
+      if (plan_.Owns(k)) continue;
+      QCAL_ASSIGN_OR_RETURN(std::string bytes, Receive(kStepRetrain, MessageKind::kRetrainBase,
+                                                       static_cast<int>(k), plan_.OwnerOf(k)));
+      const auto [d_out, d_in] = LinearShape(config_, k);
+      Tensor base, fisher;
+      QCAL_RETURN_IF_ERROR(ParseRetrainBase(bytes, d_out, d_in, &base, &fisher));
+      runner_.SetRetrainBase(k, std::move(base), std::move(fisher));
+    }
+    std::vector<Tensor> inputs, targets;
+    std::vector<int> batch;
+    for (int q = 0; q < plan_.world; ++q) {
+      const ChunkRange& range = plan_.chunks[static_cast<size_t>(q)];
+      for (int c = range.begin; c < range.end; ++c) {
+        if (q == rank()) {
+          inputs.push_back(runner_.retrain_inputs()[static_cast<size_t>(c - range.begin)]);
+          targets.push_back(runner_.retrain_targets()[static_cast<size_t>(c - range.begin)]);
+          batch.push_back(acts_.chunk_batch[static_cast<size_t>(c - range.begin)]);
+          continue;
+        }
+        QCAL_ASSIGN_OR_RETURN(std::string bytes,
+                              Receive(kStepRetrain, MessageKind::kRetrainSamples, c, q));
+        // Every chunk but the last holds kCalibChunk samples; the rows say how many.
+        QCAL_ASSIGN_OR_RETURN(auto file, SafetensorsFile::FromBytes(bytes, "retraining samples"));
+        QCAL_ASSIGN_OR_RETURN(Tensor probe, file->Get("inputs"));
+        const int64_t rows = probe.rank() == 2 ? probe.dim(0) : 0;
+        if (rows < 1 || rows % acts_.seq_len != 0) {
+          return absl::DataLossError(absl::StrCat("rank ", rank(), ": retraining chunk ", c,
+                                                  " from rank ", q, " holds ", rows, " rows"));
+        }
+        Tensor x, y;
+        QCAL_RETURN_IF_ERROR(ParseRetrainSamples(be_, bytes, rows, config_.hidden_size, &x, &y));
+        inputs.push_back(std::move(x));
+        targets.push_back(std::move(y));
+        batch.push_back(static_cast<int>(rows / acts_.seq_len));
+      }
+    }
+    QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> trained,
+                          runner_.TrainBlock(inputs, targets, batch));
+    for (const LayerResult& r : trained) {
+      const std::string bytes = SerializeSolvedLayer(r);
+      for (int q = 0; q < plan_.world; ++q) {
+        if (q == rank()) continue;
+        QCAL_RETURN_IF_ERROR(Send(
+            q, Key(kStepRetrain, MessageKind::kRetrained, static_cast<int>(r.report.kind)), bytes));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   kernels::Backend& be_;
   const ModelConfig& config_;
   const Recipe& recipe_;
@@ -229,6 +316,7 @@ class GangBlock {
   Transport* transport_;
   const GangBlockOptions& options_;
   const int b_;
+  const CalibActivations& acts_;
   BlockRunner runner_;
 };
 
@@ -246,7 +334,8 @@ absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivat
                                                       const Recipe& recipe, const GangPlan& plan,
                                                       Transport* transport,
                                                       const GangBlockOptions& options,
-                                                      StageTimes& times, const OacSource& oac) {
+                                                      StageTimes& times, const OacSource& oac,
+                                                      uint64_t seed) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
   QCAL_RETURN_IF_ERROR(plan.Validate());
   QCAL_RETURN_IF_ERROR(options.Validate());
@@ -266,7 +355,8 @@ absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivat
         acts.first_chunk + acts.chunks.size(), ") of ", acts.total_chunks, "; its plan gives it [",
         local.begin, ", ", local.end, ") of ", plan.total_chunks));
   }
-  GangBlock block(model, acts, recipe, plan, transport, options, times, oac);
+  GangBlock block(model, acts, recipe, plan, transport, options, times, oac, seed);
+  block.runner().set_before_training(options.retrain_block);
   return block.Run();
 }
 

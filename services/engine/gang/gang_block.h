@@ -46,6 +46,10 @@ struct GangBlockOptions {
   // worker's fault point `gradient` on a worker without peers. An error stops the pass. Default:
   // none.
   std::function<absl::Status(int block)> gradient_block;
+  // Retraining: called on the training rank with block b once the block's inputs and targets are
+  // gathered, before its training starts (JobSession::RunNextBlock passes it without peers too):
+  // the worker's fault point `retrain`. An error stops the block. Default: none.
+  std::function<absl::Status(int block)> retrain_block;
   // InvalidArgument for a timeout that is not positive.
   absl::Status Validate() const;
 };
@@ -57,11 +61,9 @@ struct GangBlockOptions {
 // an invalid plan or options, activations that do not match the plan (InvalidArgument), the
 // transport's (a refused message, a peer that does not answer in time), the solves'. `oac`: the
 // output-adaptive statistics of the linears this rank owns, required when recipe.hessian != layer.
-absl::StatusOr<std::vector<LayerResult>> RunGangBlock(Model& model, CalibActivations& acts,
-                                                      const Recipe& recipe, const GangPlan& plan,
-                                                      Transport* transport,
-                                                      const GangBlockOptions& options,
-                                                      StageTimes& times,
-                                                      const OacSource& oac = nullptr);
+absl::StatusOr<std::vector<LayerResult>> RunGangBlock(
+    Model& model, CalibActivations& acts, const Recipe& recipe, const GangPlan& plan,
+    Transport* transport, const GangBlockOptions& options, StageTimes& times,
+    const OacSource& oac = nullptr, uint64_t seed = 0);
 
 }  // namespace qcal::engine

@@ -39,8 +39,14 @@ absl::Status LocalTransport::Send(int to, const MessageKey& key, std::string pay
         absl::StrCat("rank ", rank_, " cannot send ", what, " in a gang of ", plan.world));
   }
   const bool per_input = key.kind == MessageKind::kPartials || key.kind == MessageKind::kStatistic;
-  const bool per_linear = key.kind == MessageKind::kLayer || key.kind == MessageKind::kOacPartials;
-  const int items = per_input ? kNumLinearInputs : per_linear ? kNumLinears : 1;
+  const bool per_linear =
+      key.kind == MessageKind::kLayer || key.kind == MessageKind::kOacPartials ||
+      key.kind == MessageKind::kRetrainBase || key.kind == MessageKind::kRetrained;
+  const bool per_chunk = key.kind == MessageKind::kRetrainSamples;
+  const int items = per_input    ? kNumLinearInputs
+                    : per_linear ? kNumLinears
+                    : per_chunk  ? plan.total_chunks
+                                 : 1;
   if (key.item < 0 || key.item >= items) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": no such item"));
   }
@@ -71,6 +77,18 @@ absl::Status LocalTransport::Send(int to, const MessageKey& key, std::string pay
     if (to != owner) {
       return refuse(absl::StrCat("it does not own that linear (rank ", owner, " does)"));
     }
+  }
+  if ((key.kind == MessageKind::kRetrainBase || key.kind == MessageKind::kRetrainSamples) &&
+      to != kRetrainRank) {
+    return refuse(absl::StrCat("it does not train the block (rank ", kRetrainRank, " does)"));
+  }
+  if (key.kind == MessageKind::kRetrainBase &&
+      key.from != plan.OwnerOf(static_cast<LinearKind>(key.item))) {
+    return refuse("the sender does not own that linear");
+  }
+  if (key.kind == MessageKind::kRetrained && key.from != kRetrainRank) {
+    return refuse(
+        absl::StrCat("the sender does not train the block (rank ", kRetrainRank, " does)"));
   }
   const int64_t bytes = static_cast<int64_t>(payload.size());
   {

@@ -15,9 +15,19 @@
 //   kOacPartials the gradient pass's partial output-adaptive statistics of one linear (step
 //               kStepGradientPass, item the LinearKind), to the linear's owner, which completes
 //               the canonical reduction and persists the result.
+// Retraining (step kStepRetrain; recipes with a retrain section; DESIGN section 2, step 3.4), the
+// trainer being rank 0 (kRetrainRank):
+//   kRetrainBase    a solved linear's frozen base W̃ (and Fisher, saliency), from its owner to the
+//                   trainer (item the LinearKind);
+//   kRetrainSamples one chunk's quantized-path block inputs and full-precision targets, from the
+//                   rank holding it to the trainer (item the global chunk index);
+//   kRetrained      a retrained linear (artifact and report, as kLayer), from the trainer to every
+//                   other rank (item the LinearKind).
 // A receiver refuses (FAILED_PRECONDITION) a message under another gang epoch or for another job,
 // kPartials it does not own the statistic of, kStatistic from a rank that does not own it,
-// kLayer from a rank that does not own that linear, and kOacPartials of a linear it does not own.
+// kLayer from a rank that does not own that linear, kOacPartials of a linear it does not own,
+// kRetrainBase and kRetrainSamples when it is not the trainer (and kRetrainBase from a rank that
+// does not own the linear), and kRetrained from a rank that is not the trainer.
 #pragma once
 
 #include <cstdint>
@@ -34,7 +44,10 @@ enum class MessageKind {
   kStatistic = 1,
   kLayer = 2,
   kControl = 3,
-  kOacPartials = 4
+  kOacPartials = 4,
+  kRetrainBase = 5,
+  kRetrainSamples = 6,
+  kRetrained = 7
 };
 
 // The steps of a block that exchange messages.
@@ -46,13 +59,18 @@ inline constexpr int kStepBoundary = 5;  // control messages at the end of the b
 // The gradient pass (DESIGN section 2, step 4), before the block loop: kOacPartials of the
 // pass's block `block`.
 inline constexpr int kStepGradientPass = 6;
+// Retraining of block `block`, after its last group is installed and pushed.
+inline constexpr int kStepRetrain = 7;
+// The rank that trains every block (the lowest-index gang member).
+inline constexpr int kRetrainRank = 0;
 
 struct MessageKey {
   int block = 0;
   int step = 0;
   MessageKind kind = MessageKind::kPartials;
   // kPartials / kStatistic: the LinearInput index (kStepSmoothing: the LinearInput index too);
-  // kLayer, kOacPartials: the LinearKind index; kControl: 0.
+  // kLayer, kOacPartials, kRetrainBase, kRetrained: the LinearKind index; kRetrainSamples: the
+  // global chunk index; kControl: 0.
   int item = 0;
   // The sending rank.
   int from = 0;

@@ -46,7 +46,8 @@ absl::StatusOr<GradientChunks> GradientChunksOf(const std::vector<std::vector<in
 
 GradientPassOptions GradientPassOptionsOf(const Recipe& recipe, const std::string& scratch_dir) {
   GradientPassOptions o;
-  o.kind = recipe.hessian;
+  o.kind = recipe.GradientPassKind();
+  o.fisher = recipe.NeedsFisher();
   o.scratch_dir = scratch_dir;
   return o;
 }
@@ -146,7 +147,7 @@ nlohmann::ordered_json GradientPassJson(const GradientPassStats& s) {
 // ---- JobSession's gradient pass (pipeline.h).
 
 bool JobSession::NeedsGradientPass() const {
-  return options_.recipe.NeedsGradientPass() && !has_oac_;
+  return options_.recipe.RunsGradientPass() && !has_oac_;
 }
 
 // Per block, each linear's partials go to its owner (all sends of the block before its receives,
@@ -155,9 +156,10 @@ bool JobSession::NeedsGradientPass() const {
 absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
     Transport* transport, const GangBlockOptions& gang_options) {
   const Recipe& recipe = options_.recipe;
-  if (!recipe.NeedsGradientPass()) {
+  if (!recipe.RunsGradientPass()) {
     return absl::FailedPreconditionError(
-        "recipe key \"hessian\" is layer: the job has no gradient pass");
+        "recipe key \"hessian\" is layer and nothing needs the Fisher: the job has no gradient "
+        "pass");
   }
   if (next_block() != 0) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -235,7 +237,7 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
       f.block = b;
       f.kind = k;
       f.path = OacFilePath(dir, b, k);
-      QCAL_ASSIGN_OR_RETURN(f.sha256, WriteLinearOac(f.path, recipe.hessian, host));
+      QCAL_ASSIGN_OR_RETURN(f.sha256, WriteLinearOac(f.path, pass_options.kind, host));
       f.bytes = static_cast<int64_t>(fs::file_size(f.path, ec));
       if (ec) return absl::DataLossError(absl::StrCat(f.path, ": ", ec.message()));
       files.push_back(f);
@@ -243,9 +245,9 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
     return absl::OkStatus();
   };
   if (log_) {
-    log_(absl::StrFormat("gradient pass (%s): chunks [%d, %d) of %d, %d blocks",
-                         RecipeName(recipe.hessian), gang_.local().begin, gang_.local().end,
-                         gang_.total_chunks, num_blocks()));
+    log_(absl::StrFormat("gradient pass (%s%s): chunks [%d, %d) of %d, %d blocks",
+                         RecipeName(pass_options.kind), pass_options.fisher ? " and Fisher" : "",
+                         gang_.local().begin, gang_.local().end, gang_.total_chunks, num_blocks()));
   }
   QCAL_ASSIGN_OR_RETURN(GradientPassStats stats, engine::RunGradientPass(*model_, gradient_chunks_,
                                                                          pass_options, sink, log_));
@@ -265,9 +267,10 @@ absl::StatusOr<std::vector<OacFile>> JobSession::RunGradientPass(
 }
 
 absl::Status JobSession::RestoreGradientPass(std::vector<OacFile> files) {
-  if (!options_.recipe.NeedsGradientPass()) {
+  if (!options_.recipe.RunsGradientPass()) {
     return absl::FailedPreconditionError(
-        "recipe key \"hessian\" is layer: the job has no gradient pass to restore");
+        "recipe key \"hessian\" is layer and nothing needs the Fisher: the job has no gradient "
+        "pass to restore");
   }
   std::map<std::pair<int, LinearKind>, OacFile> by_linear;
   for (OacFile& f : files) {
@@ -298,7 +301,8 @@ OacSource JobSession::OacFiles() const {
                        LinearPrefix(block, kind), " (restore every linear it owns)"));
     }
     const auto [d_out, d_in] = LinearShape(config(), kind);
-    return ReadLinearOac(it->second.path, options_.recipe.hessian, d_out, d_in, it->second.sha256);
+    return ReadLinearOac(it->second.path, options_.recipe.GradientPassKind(), d_out, d_in,
+                         it->second.sha256);
   };
 }
 

@@ -29,7 +29,7 @@ namespace qcal::engine {
 absl::StatusOr<GradientChunks> GradientChunksOf(const std::vector<std::vector<int>>& samples,
                                                 ChunkRange chunks);
 
-// The pass's options for `recipe` (its Hessian kind; no Fisher: no recipe uses it yet), spilling
+// The pass's options for `recipe` (Recipe::GradientPassKind; the Fisher for saliency), spilling
 // boundaries that fit no memory under `scratch_dir`.
 GradientPassOptions GradientPassOptionsOf(const Recipe& recipe, const std::string& scratch_dir);
 

@@ -1,6 +1,7 @@
 // Block retraining (DESIGN section 3, "Retraining (ApiQ and saliency-aware)"; section 2, step
 // 3.4): after a block is quantized, train its LoRA factors and its learnable clipping so that the
-// quantized block reproduces the full-precision block. Standalone: the job does not call it yet.
+// quantized block reproduces the full-precision block. The job's block loop calls it through
+// BlockRunner::TrainBlock (services/engine/driver/block_retrain.cc).
 //
 // Trained per linear (all seven): L_A [d_out, r] and L_B [r, d_in] (the effective weight is
 // Q(W̃) + L_A·L_B, as inference computes Q(W)x + L_A(L_B x); PEFT's lora_B and lora_A, with

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -63,13 +64,15 @@ namespace {
 
 // Range checks of a key that do not depend on the plan (INVALID_ARGUMENT).
 absl::Status CheckKeyShape(const v1::PeerMessageKey& key) {
-  if (key.kind() < 0 || key.kind() > static_cast<int>(MessageKind::kOacPartials)) {
+  if (key.kind() < 0 || key.kind() > static_cast<int>(MessageKind::kRetrained)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown message kind ", key.kind()));
   }
-  // The gradient pass's partials have a step of their own, and only they.
+  // The gradient pass's partials and retraining's messages have steps of their own, and only they.
   const bool gradient = key.kind() == static_cast<int>(MessageKind::kOacPartials);
+  const bool retrain = key.kind() >= static_cast<int>(MessageKind::kRetrainBase);
+  const int own_step = gradient ? engine::kStepGradientPass : retrain ? engine::kStepRetrain : -1;
   if (key.block() < 0 || key.step() < 0 ||
-      (gradient ? key.step() != engine::kStepGradientPass : key.step() > engine::kStepBoundary)) {
+      (own_step >= 0 ? key.step() != own_step : key.step() > engine::kStepBoundary)) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad block ", key.block(), " or step ", key.step()));
   }
@@ -81,7 +84,12 @@ absl::Status CheckKeyShape(const v1::PeerMessageKey& key) {
       break;
     case MessageKind::kLayer:
     case MessageKind::kOacPartials:
+    case MessageKind::kRetrainBase:
+    case MessageKind::kRetrained:
       items = engine::kNumLinears;
+      break;
+    case MessageKind::kRetrainSamples:  // a chunk index, checked against the plan on delivery
+      items = std::numeric_limits<int>::max();
       break;
     case MessageKind::kControl:
       break;
@@ -285,6 +293,33 @@ absl::Status PeerServer::Check(const v1::PeerHeader& header, bool* duplicate) co
       if (key.from != 0) {
         return absl::FailedPreconditionError(
             absl::StrCat(what, ": control messages come from rank 0 only"));
+      }
+      break;
+    case MessageKind::kRetrainBase:
+    case MessageKind::kRetrainSamples: {
+      if (rank != engine::kRetrainRank) {
+        return absl::FailedPreconditionError(absl::StrCat(what, ": rank ", rank,
+                                                          " does not train the block (rank ",
+                                                          engine::kRetrainRank, " does)"));
+      }
+      if (key.kind == MessageKind::kRetrainBase &&
+          key.from != plan_.OwnerOf(static_cast<engine::LinearKind>(key.item))) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(what, ": the sender does not own that linear"));
+      }
+      if (key.kind == MessageKind::kRetrainSamples) {
+        const engine::ChunkRange& held = plan_.chunks[static_cast<size_t>(key.from)];
+        if (key.item < held.begin || key.item >= held.end) {
+          return absl::FailedPreconditionError(
+              absl::StrCat(what, ": the sender does not hold that chunk"));
+        }
+      }
+      break;
+    }
+    case MessageKind::kRetrained:
+      if (key.from != engine::kRetrainRank) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            what, ": retrained linears come from rank ", engine::kRetrainRank, " only"));
       }
       break;
   }
