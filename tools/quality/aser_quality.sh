@@ -22,22 +22,9 @@
 set -euo pipefail
 BUILD=${1:-build}
 SHARED=${2:-../shared}
-QCAL=${QCAL:-"$BUILD/bin/qcal"}
-THREADS=${THREADS:-2}
-DEVICE=${DEVICE:-cpu}
-MODELS=${MODELS:-"stories260k sotu-llama-16m"}
-if [[ -n "${WORK:-}" ]]; then
-  mkdir -p "$WORK"
-else
-  WORK=$(mktemp -d)
-  trap 'rm -rf "$WORK"' EXIT
-fi
-mkdir -p "$WORK/cache"
-FAILED=0
-
-num() {  # num KEY FILE -> the first number after "KEY": in FILE
-  grep -o "\"$1\": *[0-9.eE+-]*" "$2" | head -n 1 | sed 's/.*: *//'
-}
+# shellcheck source=tools/quality/lib.sh
+source "$(dirname "$0")/lib.sh"
+quality_setup
 
 # run MODEL_DIR CALIB SAMPLES LEN EVAL EVAL_LEN MAXWIN METHOD BITS GROUP ABITS SMOOTH OUTLIERS RANK WHITEN
 # -> R (the cache entry: R.json is the --json output, R.run.json the run's qcal_run.json), or R=""
@@ -55,38 +42,11 @@ run() {
   if ((rank > 0)); then
     recipe+=$(printf '\nerror_reconstruction:\n  rank: %s\n  whitening: %s' "$rank" "$whiten")
   fi
-  local key
-  key=$(printf '%s\n%s %s %s %s %s %s\n%s\n' "$(basename "$model")" "$calib" "$samples" "$len" "$eval" \
-    "$elen" "$maxwin" "$recipe" | sha1sum | cut -c1-16)
-  R="$WORK/cache/$key"
-  local label="$(basename "$model") $method W${bits}A${abits} g$group smooth=$smooth/$outliers rank=$rank/$whiten"
-  if [[ -s "$R.json" ]]; then
-    echo "  $label: $(num perplexity "$R.json") (cached)" >&2
-    return
-  fi
-  printf '%s\n' "$recipe" >"$R.yaml"
-  local windows=()
-  ((maxwin > 0)) && windows=(--eval-max-windows "$maxwin")
-  local start=$SECONDS
-  if "$QCAL" quantize --model "$model" --recipe "$R.yaml" --calib "$calib" --samples "$samples" \
-    --seq-len "$len" --eval-text "$eval" --eval-seq-len "$elen" "${windows[@]}" \
-    --out "$WORK/out" --overwrite --threads "$THREADS" --device "$DEVICE" --json \
-    >"$R.tmp" 2>"$R.log"; then
-    cp "$WORK/out/qcal_run.json" "$R.run.json"
-    mv "$R.tmp" "$R.json"
-    echo "  $label: $(num perplexity "$R.json") ($((SECONDS - start)) s)" >&2
-  else
-    echo "  $label: FAILED ($((SECONDS - start)) s); recipe $R.yaml; error:" >&2
-    sed 's/^/    /' "$R.log" >&2
-    rm -f "$R.tmp"
-    R=""
-    FAILED=1
-  fi
+  local label
+  label="$(basename "$model") $method W${bits}A${abits} g$group smooth=$smooth/$outliers rank=$rank/$whiten"
+  quantize_cached "$label" "$recipe" "$model" "$calib" "$samples" "$len" "$eval" "$elen" "$maxwin"
 }
 
-ppl() {  # ppl ENTRY -> perplexity with 4 decimals, or "failed"
-  if [[ -n $1 ]]; then printf '%.4f' "$(num perplexity "$1.json")"; else echo failed; fi
-}
 extra() {  # extra ENTRY -> extra_params_pct with 1 decimal, or "failed"
   if [[ -n $1 ]]; then printf '%.1f' "$(num extra_params_pct "$1.json")"; else echo failed; fi
 }

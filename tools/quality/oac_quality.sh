@@ -18,22 +18,9 @@
 set -euo pipefail
 BUILD=${1:-build}
 SHARED=${2:-../shared}
-QCAL=${QCAL:-"$BUILD/bin/qcal"}
-THREADS=${THREADS:-2}
-DEVICE=${DEVICE:-cpu}
-MODELS=${MODELS:-"stories260k sotu-llama-16m"}
-if [[ -n "${WORK:-}" ]]; then
-  mkdir -p "$WORK"
-else
-  WORK=$(mktemp -d)
-  trap 'rm -rf "$WORK"' EXIT
-fi
-mkdir -p "$WORK/cache"
-FAILED=0
-
-num() {  # num KEY FILE -> the first number after "KEY": in FILE
-  grep -o "\"$1\": *[0-9.eE+-]*" "$2" | head -n 1 | sed 's/.*: *//'
-}
+# shellcheck source=tools/quality/lib.sh
+source "$(dirname "$0")/lib.sh"
+quality_setup
 
 # run MODEL_DIR CALIB SAMPLES LEN EVAL EVAL_LEN MAXWIN BITS GROUP HESSIAN ACT_ORDER RANK
 # -> R (the cache entry: R.json is the --json output, R.run.json the run's qcal_run.json), or R=""
@@ -47,39 +34,11 @@ run() {
   if ((rank > 0)); then
     recipe+=$(printf '\nerror_reconstruction:\n  rank: %s\n  whitening: cholesky' "$rank")
   fi
-  local key
-  key=$(printf '%s\n%s %s %s %s %s %s %s %s\n%s\n' "$(basename "$model")" "$calib" "$samples" "$len" \
-    "$eval" "$elen" "$maxwin" "$DEVICE" "$THREADS" "$recipe" | sha1sum | cut -c1-16)
-  R="$WORK/cache/$key"
-  local label="$(basename "$model") W$bits g$group hessian=$hessian act_order=$act_order rank=$rank"
-  if [[ -s "$R.json" ]]; then
-    echo "  $label: $(num perplexity "$R.json") (cached)" >&2
-    return
-  fi
-  printf '%s\n' "$recipe" >"$R.yaml"
-  local windows=()
-  ((maxwin > 0)) && windows=(--eval-max-windows "$maxwin")
-  local start=$SECONDS
-  if "$QCAL" quantize --model "$model" --recipe "$R.yaml" --calib "$calib" --samples "$samples" \
-    --seq-len "$len" --eval-text "$eval" --eval-seq-len "$elen" "${windows[@]}" \
-    --out "$WORK/out" --overwrite --threads "$THREADS" --device "$DEVICE" --json \
-    >"$R.tmp" 2>"$R.log"; then
-    cp "$WORK/out/qcal_run.json" "$R.run.json"
-    echo $((SECONDS - start)) >"$R.secs"
-    mv "$R.tmp" "$R.json"
-    echo "  $label: $(num perplexity "$R.json") ($((SECONDS - start)) s)" >&2
-  else
-    echo "  $label: FAILED ($((SECONDS - start)) s); recipe $R.yaml; error:" >&2
-    sed 's/^/    /' "$R.log" >&2
-    rm -f "$R.tmp"
-    R=""
-    FAILED=1
-  fi
+  local label
+  label="$(basename "$model") W$bits g$group hessian=$hessian act_order=$act_order rank=$rank"
+  quantize_cached "$label" "$recipe" "$model" "$calib" "$samples" "$len" "$eval" "$elen" "$maxwin"
 }
 
-ppl() {  # ppl ENTRY -> perplexity with 4 decimals, or "failed"
-  if [[ -n $1 ]]; then printf '%.4f' "$(num perplexity "$1.json")"; else echo failed; fi
-}
 pass_secs() {  # pass_secs ENTRY -> the gradient pass's seconds (qcal_run.json gradient_pass), or "-"
   if [[ -n $1 ]]; then
     python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))["gradient_pass"]["seconds"])' \

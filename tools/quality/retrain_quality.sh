@@ -21,24 +21,11 @@
 set -euo pipefail
 BUILD=${1:-build}
 SHARED=${2:-../shared}
-QCAL=${QCAL:-"$BUILD/bin/qcal"}
-THREADS=${THREADS:-2}
-DEVICE=${DEVICE:-cpu}
-MODELS=${MODELS:-"stories260k sotu-llama-16m"}
+# shellcheck source=tools/quality/lib.sh
+source "$(dirname "$0")/lib.sh"
+quality_setup
 SAMPLES_STORIES=${SAMPLES_STORIES:-128}
 SAMPLES_SOTU=${SAMPLES_SOTU:-128}
-if [[ -n "${WORK:-}" ]]; then
-  mkdir -p "$WORK"
-else
-  WORK=$(mktemp -d)
-  trap 'rm -rf "$WORK"' EXIT
-fi
-mkdir -p "$WORK/cache"
-FAILED=0
-
-num() {  # num KEY FILE -> the first number after "KEY": in FILE
-  grep -o "\"$1\": *[0-9.eE+-]*" "$2" | head -n 1 | sed 's/.*: *//'
-}
 
 # recipe ROW BITS GROUP RANK -> the recipe text of a row (gptq, er, apiq, saliency, apiq_oac)
 recipe() {
@@ -67,35 +54,9 @@ run() {
   local row=$8 bits=$9 group=${10} rank=${11}
   local text
   text=$(recipe "$row" "$bits" "$group" "$rank")
-  local key
-  key=$(printf '%s\n%s %s %s %s %s %s %s %s\n%s\n' "$(basename "$model")" "$calib" "$samples" "$len" \
-    "$eval" "$elen" "$maxwin" "$DEVICE" "$THREADS" "$text" | sha1sum | cut -c1-16)
-  R="$WORK/cache/$key"
-  local label="$(basename "$model") W$bits g$group $row"
-  if [[ -s "$R.json" ]]; then
-    echo "  $label: $(num perplexity "$R.json") (cached)" >&2
-    return
-  fi
-  printf '%s\n' "$text" >"$R.yaml"
-  local windows=()
-  ((maxwin > 0)) && windows=(--eval-max-windows "$maxwin")
-  local start=$SECONDS
-  if "$QCAL" quantize --model "$model" --recipe "$R.yaml" --calib "$calib" --samples "$samples" \
-    --seq-len "$len" --eval-text "$eval" --eval-seq-len "$elen" "${windows[@]}" \
-    --out "$WORK/out" --overwrite --threads "$THREADS" --device "$DEVICE" --json \
-    >"$R.tmp" 2>"$R.log"; then
-    cp "$WORK/out/qcal_run.json" "$R.run.json"
-    cp "$WORK/out/qcal_report.json" "$R.report.json"
-    echo $((SECONDS - start)) >"$R.secs"
-    mv "$R.tmp" "$R.json"
-    echo "  $label: $(num perplexity "$R.json") ($((SECONDS - start)) s)" >&2
-  else
-    echo "  $label: FAILED ($((SECONDS - start)) s); recipe $R.yaml; error:" >&2
-    sed 's/^/    /' "$R.log" >&2
-    rm -f "$R.tmp"
-    R=""
-    FAILED=1
-  fi
+  local label
+  label="$(basename "$model") W$bits g$group $row"
+  quantize_cached "$label" "$text" "$model" "$calib" "$samples" "$len" "$eval" "$elen" "$maxwin"
 }
 
 # cells ENTRY -> "| perplexity | extra parameters % | gradient pass s | solve s | retrain s | job s |"
