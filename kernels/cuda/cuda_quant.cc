@@ -180,9 +180,6 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
                                            const GptqFactor& factor, const QuantSpec& spec,
                                            int block_size, bool record_pre_round) {
   QCAL_RETURN_IF_ERROR(ValidateQuantSpec(spec));
-  if (record_pre_round) {
-    return absl::UnimplementedError("GptqSolve: recording W̃ is not implemented on CUDA yet");
-  }
   if (block_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("gptq.block_size must be >= 1, got ", block_size));
