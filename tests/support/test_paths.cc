@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "common/files.h"
+
 namespace qcal::testing {
 namespace fs = std::filesystem;
 
@@ -29,6 +31,17 @@ std::string MakeTempDir(const std::string& prefix) {
   std::string templ = (root / (prefix + "-XXXXXX")).string();
   char* made = mkdtemp(templ.data());
   return made ? std::string(made) : std::string();
+}
+
+std::map<std::string, std::string> OutputFiles(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (!e.is_regular_file() || e.path().filename() == "qcal_run.json") continue;
+    absl::StatusOr<std::string> bytes = ReadFileToString(e.path().string());
+    EXPECT_TRUE(bytes.ok()) << bytes.status();
+    files[fs::relative(e.path(), dir).string()] = bytes.ok() ? *bytes : "";
+  }
+  return files;
 }
 
 }  // namespace qcal::testing

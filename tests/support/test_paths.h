@@ -1,6 +1,7 @@
 // Paths and skip helpers shared by the tests.
 #pragma once
 
+#include <map>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -15,6 +16,10 @@ std::string BinaryDir();
 std::string SharedDir();
 // A fresh empty directory under the test temp dir; removed by the caller if wanted.
 std::string MakeTempDir(const std::string& prefix);
+// Every regular file under dir but qcal_run.json (which byte comparisons leave out), by path
+// relative to dir, with its bytes; a file that cannot be read fails the test (EXPECT) and maps to
+// "". What tests compare to show two runs wrote the same output.
+std::map<std::string, std::string> OutputFiles(const std::string& dir);
 
 }  // namespace qcal::testing
 

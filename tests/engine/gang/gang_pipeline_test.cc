@@ -48,17 +48,7 @@ JobOptions Options(const Recipe& recipe, const std::string& device, const std::s
   return o;
 }
 
-// Every file under dir but qcal_run.json, by relative path.
-std::map<std::string, std::string> OutputFiles(const std::string& dir) {
-  std::map<std::string, std::string> files;
-  for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    if (!e.is_regular_file() || e.path().filename() == "qcal_run.json") continue;
-    auto bytes = ReadFileToString(e.path().string());
-    EXPECT_TRUE(bytes.ok()) << bytes.status();
-    files[fs::relative(e.path(), dir).string()] = bytes.ok() ? *bytes : "";
-  }
-  return files;
-}
+using testing::OutputFiles;
 
 struct GangRun {
   // Per rank, per block: the seven artifacts and reports as they travel.

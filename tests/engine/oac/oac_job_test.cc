@@ -74,17 +74,7 @@ JobOptions Options(const Recipe& recipe, const std::string& out_dir) {
   return o;
 }
 
-// Every file under dir but qcal_run.json, by relative path.
-std::map<std::string, std::string> OutputFiles(const std::string& dir) {
-  std::map<std::string, std::string> files;
-  for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    if (!e.is_regular_file() || e.path().filename() == "qcal_run.json") continue;
-    auto bytes = ReadFileToString(e.path().string());
-    EXPECT_TRUE(bytes.ok()) << bytes.status();
-    files[fs::relative(e.path(), dir).string()] = bytes.ok() ? *bytes : "";
-  }
-  return files;
-}
+using testing::OutputFiles;
 
 void ExpectSameFiles(const std::map<std::string, std::string>& got,
                      const std::map<std::string, std::string>& want) {

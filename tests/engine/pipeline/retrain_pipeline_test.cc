@@ -61,17 +61,7 @@ JobOptions Options(const Recipe& recipe, const std::string& out_dir, int samples
   return o;
 }
 
-// Every file under dir but qcal_run.json, by relative path.
-std::map<std::string, std::string> OutputFiles(const std::string& dir) {
-  std::map<std::string, std::string> files;
-  for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    if (!e.is_regular_file() || e.path().filename() == "qcal_run.json") continue;
-    auto bytes = ReadFileToString(e.path().string());
-    EXPECT_TRUE(bytes.ok()) << bytes.status();
-    files[fs::relative(e.path(), dir).string()] = bytes.ok() ? *bytes : "";
-  }
-  return files;
-}
+using testing::OutputFiles;
 
 void ExpectSameFiles(const std::string& expected_dir, const std::string& got_dir) {
   const auto expected = OutputFiles(expected_dir), got = OutputFiles(got_dir);
