@@ -101,8 +101,7 @@ TEST_P(CpuOpsTest, BackendDescribesItself) {
   EXPECT_EQ(backend_->threads(), 2);
   EXPECT_THAT(backend_->DeviceKind(), HasSubstr("openblas"));
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward,
-                Op::kTrain}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward, Op::kTrain}) {
     EXPECT_TRUE(backend_->SupportsOp(op));
   }
 }
@@ -159,8 +158,7 @@ TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
     return absl::InternalError("unknown op");
   };
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward,
-                Op::kTrain}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward, Op::kTrain}) {
     SCOPED_TRACE(static_cast<int>(op));
     EXPECT_EQ(be.SupportsOp(op), runs(op).ok());
   }
