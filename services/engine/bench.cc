@@ -216,10 +216,25 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
     r.setup_seconds += Since(t0);
     const ChunkRange all{0, NumChunks(options.samples)};
     QCAL_ASSIGN_OR_RETURN(const GradientChunks chunks, GradientChunksOf(samples, all));
-    QCAL_ASSIGN_OR_RETURN(r.gradient_pass,
-                          RunGradientPass(*model, chunks, GradientPassOptionsOf(options.recipe, ""),
-                                          oac.Sink(be, all.end), log));
+    // The statistics stay on the device when the pass can plan room for them beside its kept
+    // boundaries (no host copies: a 7B model's are 28 GB, which page-locked host buffers take
+    // 16 s to allocate and fill); else they go to page-locked host memory.
+    GradientPassOptions pass = GradientPassOptionsOf(options.recipe, "");
+    bool on_device = false;
+    if (be.device() != Device::kHost) {
+      GradientPassOptions keep = pass;
+      keep.sink_device_bytes_per_block = OacMemoryStore::DeviceBytesPerBlock(c, pass.fisher);
+      if (PlanGradientPass(*model, chunks, keep).ok()) {
+        pass = keep;
+        on_device = true;
+      }
+    }
+    say(absl::StrCat("gradient pass: statistics kept in ",
+                     on_device ? "device memory" : "page-locked host memory"));
+    QCAL_ASSIGN_OR_RETURN(r.gradient_pass, RunGradientPass(*model, chunks, pass,
+                                                           oac.Sink(be, all.end, on_device), log));
     r.has_gradient_pass = true;
+    r.oac_on_device = on_device;
     say(absl::StrCat("gradient pass: ", r.gradient_pass.seconds, " s (forward ",
                      r.gradient_pass.forward_seconds, " s, backward ",
                      r.gradient_pass.backward_seconds, " s, Hessians ",
@@ -236,6 +251,7 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
                    r.embed_seconds, " s"));
 
   int layers = 0;
+  r.times.profile_retrain = true;
   for (int b = 0; b < run; ++b) {
     if (!output_adaptive) {
       t0 = Clock::now();

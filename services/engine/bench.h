@@ -12,10 +12,11 @@
 //
 // Output-adaptive recipes (hessian != layer; `qcal bench --recipe docs/recipes/oac.yaml`): every
 // block is drawn first, the gradient pass runs over the whole full-precision model (all blocks,
-// whatever `blocks` says: the pass cannot be cut short) with its statistics in host memory, then
-// the blocks are quantized with them. The whole-job time is the pass plus the (extrapolated)
-// blocks; the same recipe with hessian layer (GPTQ alone) then runs on the same weights and tokens
-// for comparison.
+// whatever `blocks` says: the pass cannot be cut short) with its statistics in device memory when
+// the pass can plan room for them (else page-locked host memory), then the blocks are quantized
+// with them. A job persists them to its scratch directory instead (disk I/O, left out here). The
+// whole-job time is the pass plus the (extrapolated) blocks; the same recipe with hessian layer
+// (GPTQ alone) then runs on the same weights and tokens for comparison.
 //
 // RunErBench (`qcal bench --er`) times the device error-reconstruction ops on the 7B shape's
 // linears instead, and projects their whole-model cost.
@@ -119,6 +120,7 @@ struct BenchResult {
   // whole-model seconds of the same recipe with hessian layer (GPTQ alone); 0 otherwise.
   bool has_gradient_pass = false;
   GradientPassStats gradient_pass;
+  bool oac_on_device = false;  // the statistics were kept in device memory (else host)
   double layer_model_seconds = 0;
 };
 

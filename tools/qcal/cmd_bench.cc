@@ -10,6 +10,7 @@
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "services/engine/bench.h"
+#include "services/engine/oac/oac_job.h"
 #include "services/engine/recipe.h"
 #include "tools/qcal/commands.h"
 
@@ -157,6 +158,14 @@ absl::Status RunBench(BenchArgs& a) {
                     {"solve_error", r.times.error},
                     {"solve_reconstruct", r.times.reconstruct},
                     {"solve_transfer", r.times.transfer},
+                    {"retrain", r.times.retrain},
+                    {"retrain_steps",
+                     {{"weights", r.times.retrain_parts.weights},
+                      {"forward", r.times.retrain_parts.forward},
+                      {"backward", r.times.retrain_parts.backward},
+                      {"regularizer", r.times.retrain_parts.regularizer},
+                      {"params", r.times.retrain_parts.params},
+                      {"optimizer", r.times.retrain_parts.optimizer}}},
                     {"setup_untimed", r.setup_seconds},
                     {"blocks", r.block_seconds}};
     j["pflop"] = {{"forward", r.flops.forward * 1e-15},
@@ -184,15 +193,8 @@ absl::Status RunBench(BenchArgs& a) {
     j["extra_params_pct"] = r.base_params > 0 ? 100 * r.extra_params / r.base_params : 0.0;
     j["min_available_bytes"] = r.min_available_bytes;
     if (r.has_gradient_pass) {
-      const engine::GradientPassStats& g = r.gradient_pass;
-      j["gradient_pass"] = {{"seconds", g.seconds},
-                            {"forward_seconds", g.forward_seconds},
-                            {"backward_seconds", g.backward_seconds},
-                            {"hessian_seconds", g.hessian_seconds},
-                            {"loss", g.loss},
-                            {"tokens", g.tokens},
-                            {"boundary_every", g.boundary_every},
-                            {"peak_device_bytes", g.peak_device_bytes}};
+      j["gradient_pass"] = engine::GradientPassJson(r.gradient_pass);
+      j["gradient_pass"]["statistics_on_device"] = r.oac_on_device;
       j["layer_model_seconds"] = r.layer_model_seconds;
       j["x_layer"] = r.layer_model_seconds > 0 ? r.model_seconds / r.layer_model_seconds : 0.0;
     }
@@ -213,7 +215,8 @@ absl::Status RunBench(BenchArgs& a) {
   } else {
     std::printf("ran all %d blocks: the whole-model time is measured\n", r.blocks_total);
   }
-  const double staged = r.times.smooth + r.times.forward + r.times.hessian + r.times.solve;
+  const double staged =
+      r.times.smooth + r.times.forward + r.times.hessian + r.times.solve + r.times.retrain;
   auto row = [&](const char* name, double s) {
     std::printf("  %-10s %9.3f s  %5.1f%%\n", name, s, staged > 0 ? 100 * s / staged : 0.0);
   };
@@ -222,6 +225,14 @@ absl::Status RunBench(BenchArgs& a) {
   row("forward", r.times.forward);
   row("hessians", r.times.hessian);
   row("solves", r.times.solve);
+  if (r.times.retrain > 0) {
+    row("retraining", r.times.retrain);
+    const engine::RetrainSeconds& t = r.times.retrain_parts;
+    std::printf(
+        "    training steps: fake-quantized bases %.3f s, forward %.3f s, backward %.3f s, "
+        "regularizer %.3f s, parameter gradients %.3f s, AdamW %.3f s\n",
+        t.weights, t.forward, t.backward, t.regularizer, t.params, t.optimizer);
+  }
   std::printf(
       "    factorizations %.3f s, column loops and updates %.3f s, output errors %.3f s, "
       "transfers %.3f s, error reconstruction %.3f s\n",
@@ -230,10 +241,11 @@ absl::Status RunBench(BenchArgs& a) {
   if (r.has_gradient_pass) {
     const engine::GradientPassStats& g = r.gradient_pass;
     std::printf(
-        "gradient pass (whole model, before block 0): %.3f s (forward %.3f s, backward %.3f s, "
-        "Hessians %.3f s; boundaries every %d blocks; peak device %.2f GiB), loss %.4f per "
-        "token\n",
-        g.seconds, g.forward_seconds, g.backward_seconds, g.hessian_seconds, g.boundary_every,
+        "gradient pass (whole model, before block 0): %.3f s (forward %.3f s, backward %.3f s "
+        "with the loss head %.3f s, Hessians %.3f s, handing them over %.3f s; statistics kept "
+        "in %s memory; boundaries every %d blocks; peak device %.2f GiB), loss %.4f per token\n",
+        g.seconds, g.forward_seconds, g.backward_seconds, g.head_seconds, g.hessian_seconds,
+        g.sink_seconds, r.oac_on_device ? "device" : "host", g.boundary_every,
         g.peak_device_bytes / double(1 << 30),
         g.tokens > 0 ? g.loss / static_cast<double>(g.tokens) : 0.0);
   }

@@ -222,11 +222,19 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
   }
   QCAL_RETURN_IF_ERROR(Charge(t_.retrain));
   if (before_training_) QCAL_RETURN_IF_ERROR(before_training_(b_));
-  const RetrainOptions options = RetrainOptionsOf(recipe_.retrain, RetrainSeed(seed_, b_));
+  RetrainOptions options = RetrainOptionsOf(recipe_.retrain, RetrainSeed(seed_, b_));
+  options.profile = t_.profile_retrain;
   auto trained = RetrainBlock(be_, model_.config(), spec_, options, std::move(in));
   if (!trained.ok()) {
     return Annotate(trained.status(), absl::StrCat("retraining block ", b_));
   }
+  RetrainSeconds& parts = t_.retrain_parts;
+  parts.weights += trained->seconds.weights;
+  parts.forward += trained->seconds.forward;
+  parts.backward += trained->seconds.backward;
+  parts.regularizer += trained->seconds.regularizer;
+  parts.params += trained->seconds.params;
+  parts.optimizer += trained->seconds.optimizer;
   std::vector<LayerResult> out;
   for (LinearKind k : kAllLinears) {
     const int i = static_cast<int>(k);

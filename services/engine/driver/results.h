@@ -12,6 +12,7 @@
 #include "common/tensor.h"
 #include "services/engine/model.h"
 #include "services/engine/quant/quantized_linear.h"
+#include "services/engine/retrain/block_trainer.h"
 
 namespace qcal::engine {
 
@@ -97,6 +98,10 @@ struct StageTimes {
   // Retraining: the full-precision block's outputs (the targets), gathering and training, and the
   // retrained block's push with its output errors.
   double retrain = 0;
+  // Set by the caller (the bench) to have the trainer time the parts of its steps into
+  // retrain_parts (a few synchronizations a step).
+  bool profile_retrain = false;
+  RetrainSeconds retrain_parts;
 };
 
 // The quantized-path hidden states entering the next block, one tensor per chunk of kCalibChunk

@@ -269,8 +269,17 @@ absl::StatusOr<GradientPassPlan> PlanGradientPass(Model& model, const GradientCh
     p.tier = tier;
     p.activation_bytes = act;
     p.kept_bytes = int64_t{(blocks + k - 1) / k - 1} * act;
-    p.device_bytes =
-        int64_t{k + 1} * act + working + (tier == BoundaryTier::kDevice ? p.kept_bytes : 0);
+    // The most that kept boundaries (on the device) and the sink's statistics hold together: while
+    // block b runs backward, the boundaries of the segments below b's and the statistics of
+    // blocks b..B−1.
+    int64_t kept_peak = 0;
+    for (int b = 0; b < blocks; ++b) {
+      const int64_t below = tier == BoundaryTier::kDevice ? int64_t{b / k} * act : 0;
+      kept_peak =
+          std::max(kept_peak, below + int64_t{blocks - b} * options.sink_device_bytes_per_block);
+    }
+    if (tier == BoundaryTier::kDevice) kept_peak = std::max(kept_peak, p.kept_bytes);
+    p.device_bytes = int64_t{k + 1} * act + working + kept_peak;
     return p;
   };
   auto fits = [&](const GradientPassPlan& p) {
@@ -386,7 +395,8 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
     carried[c] = std::move(head.d_hidden);
   }
   QCAL_RETURN_IF_ERROR(be.Synchronize());
-  stats.backward_seconds += SecondsSince(t0);
+  stats.head_seconds = SecondsSince(t0);
+  stats.backward_seconds += stats.head_seconds;
 
   // ---- Backward, block by block from the last. The tap sums one chunk's statistics into zeroed
   // partials: sample by sample for H_oac and the Fisher (a sample's Γ couples its tokens), the
@@ -465,7 +475,10 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
       const double block_seconds = SecondsSince(t_block);
       stats.hessian_seconds += tap_seconds - tap_before;
       stats.backward_seconds += block_seconds - (tap_seconds - tap_before);
+      const auto t_sink = std::chrono::steady_clock::now();
       QCAL_RETURN_IF_ERROR(sink(b, std::move(partials)));
+      QCAL_RETURN_IF_ERROR(be.Synchronize());
+      stats.sink_seconds += SecondsSince(t_sink);
       walk.Done(b);
       if (log) {
         log(absl::StrFormat("gradient pass: block %d backward in %.2f s (statistics %.2f s)", b,
@@ -477,9 +490,10 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
   stats.seconds = SecondsSince(t_start);
   if (log) {
     log(absl::StrFormat(
-        "gradient pass: done in %.1f s (forward %.1f s, backward %.1f s, "
-        "statistics %.1f s), loss %.4f over %d predictions",
-        stats.seconds, stats.forward_seconds, stats.backward_seconds, stats.hessian_seconds,
+        "gradient pass: done in %.1f s (forward %.1f s, backward %.1f s of which the loss "
+        "head %.1f s, statistics %.1f s, handing them over %.1f s), loss %.4f over %d predictions",
+        stats.seconds, stats.forward_seconds, stats.backward_seconds, stats.head_seconds,
+        stats.hessian_seconds, stats.sink_seconds,
         stats.tokens > 0 ? stats.loss / stats.tokens : 0.0, stats.tokens));
   }
   return stats;

@@ -36,6 +36,10 @@ struct GradientPassOptions {
   // Where kept boundaries that fit neither device nor host memory are spilled. Default: "" (none:
   // an error when they do not fit in memory).
   std::string scratch_dir;
+  // Device memory the sink keeps per block of statistics handed to it (statistics left on the
+  // device, as the bench's sink does). The plan keeps room for them: at the backward of block b
+  // the statistics of blocks b..B−1 are live beside the boundaries below b. Default: 0.
+  int64_t sink_device_bytes_per_block = 0;
 };
 
 // This rank's calibration chunks: chunk c (global index first_chunk + c) holds chunk_batch[c]
@@ -60,6 +64,8 @@ struct GradientPassStats {
   double forward_seconds = 0;   // the forward sweep and recomputation
   double backward_seconds = 0;  // block backwards and the loss head
   double hessian_seconds = 0;   // the per-sample accumulations
+  double head_seconds = 0;      // the loss head (part of backward_seconds)
+  double sink_seconds = 0;      // handing each block's partials to the sink (persisting them)
   double loss = 0;              // Σ NLL over this rank's predictions
   int64_t tokens = 0;           // predictions
   int boundary_every = 0;       // the k used
@@ -82,8 +88,9 @@ struct GradientPassPlan {
   int64_t activation_bytes = 0;  // one block input of every chunk of the rank (fp32)
   int64_t kept_bytes = 0;        // the kept boundaries outside the segment in hand, in `tier`
   // The planned peak on the device: k + 1 activations, the working set (one chunk's block
-  // internals, the loss head's logits, the statistics being summed) and, in the device tier,
-  // kept_bytes.
+  // internals, the loss head's logits, the statistics being summed) and the most that the kept
+  // boundaries (device tier) and the sink's device statistics
+  // (options.sink_device_bytes_per_block) hold at once.
   int64_t device_bytes = 0;
 };
 // ResourceExhausted naming the sizes when no tier holds the pass; InvalidArgument for bad chunks

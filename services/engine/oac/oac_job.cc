@@ -96,14 +96,29 @@ absl::StatusOr<Tensor> ToHostBuffer(kernels::Backend& backend, const Tensor& t) 
 
 }  // namespace
 
-OacSink OacMemoryStore::Sink(kernels::Backend& backend, int total_chunks) {
-  return [this, &backend, total_chunks](int block, BlockOacPartials partials) -> absl::Status {
+int64_t OacMemoryStore::DeviceBytesPerBlock(const ModelConfig& config, bool fisher) {
+  int64_t bytes = 0;
+  for (LinearKind k : kAllLinears) {
+    const auto [d_out, d_in] = LinearShape(config, k);
+    bytes += (d_in * d_in + (fisher ? d_out * d_in : 0)) * int64_t{sizeof(float)};
+  }
+  return bytes;
+}
+
+OacSink OacMemoryStore::Sink(kernels::Backend& backend, int total_chunks, bool on_device) {
+  return [this, &backend, total_chunks, on_device](int block,
+                                                   BlockOacPartials partials) -> absl::Status {
     for (LinearKind k : kAllLinears) {
       auto done = CompleteTree(std::move(partials[static_cast<size_t>(k)]), total_chunks,
                                LinearOacCombine(backend));
       if (!done.ok()) {
         return Annotate(done.status(),
                         absl::StrCat("output-adaptive statistics of ", LinearPrefix(block, k)));
+      }
+      if (on_device) {
+        bytes_ += done->hessian.nbytes() + (done->fisher.defined() ? done->fisher.nbytes() : 0);
+        stats_[{block, k}] = *std::move(done);
+        continue;
       }
       // Into the backend's page-locked host memory: a 7B model's statistics are 26 GiB, which
       // pageable copies move at a third of the bus's speed, twice (here and in the solve).
@@ -137,6 +152,8 @@ nlohmann::ordered_json GradientPassJson(const GradientPassStats& s) {
   j["forward_seconds"] = s.forward_seconds;
   j["backward_seconds"] = s.backward_seconds;
   j["hessian_seconds"] = s.hessian_seconds;
+  j["head_seconds"] = s.head_seconds;
+  j["sink_seconds"] = s.sink_seconds;
   j["loss"] = s.loss;
   j["tokens"] = s.tokens;
   j["boundary_every"] = s.boundary_every;

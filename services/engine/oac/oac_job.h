@@ -50,8 +50,13 @@ std::string OacFilePath(const std::string& dir, int block, LinearKind kind);
 class OacMemoryStore {
  public:
   // A sink for a pass over all `total_chunks` chunks: completes each linear's tree on `backend`
-  // (its one root, for a rank holding every chunk) and keeps it on the host.
-  OacSink Sink(kernels::Backend& backend, int total_chunks);
+  // (its one root, for a rank holding every chunk) and keeps it in the backend's page-locked host
+  // memory, or, with `on_device`, where it was summed (the pass must have planned for it:
+  // GradientPassOptions::sink_device_bytes_per_block = DeviceBytesPerBlock).
+  OacSink Sink(kernels::Backend& backend, int total_chunks, bool on_device = false);
+  // What Sink(..., on_device = true) keeps per block: every linear's full d_in × d_in F32
+  // Hessian, and its Fisher when `fisher`.
+  static int64_t DeviceBytesPerBlock(const ModelConfig& config, bool fisher);
   // The statistics kept for (block, kind); NotFound naming the linear when absent.
   OacSource Source() const;
   // Bytes held.

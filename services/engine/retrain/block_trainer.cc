@@ -1,6 +1,7 @@
 #include "services/engine/retrain/block_trainer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <utility>
 
@@ -148,6 +149,18 @@ struct BlockTrainer::State {
   RetrainBlockInput input;
   std::array<TrainLinear, kNumLinears> linears;
   int64_t steps = 0;
+  RetrainSeconds seconds;
+  std::chrono::steady_clock::time_point mark;
+
+  // With options.profile: adds the time since the last mark to *part (after synchronizing).
+  absl::Status Lap(double* part) {
+    if (!options.profile) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(be->Synchronize());
+    const auto now = std::chrono::steady_clock::now();
+    if (part) *part += std::chrono::duration<double>(now - mark).count();
+    mark = now;
+    return absl::OkStatus();
+  }
 
   TrainLinear& L(LinearKind k) { return linears[static_cast<int>(k)]; }
 
@@ -470,11 +483,13 @@ absl::StatusOr<StepLoss> BlockTrainer::ComputeGradients(int sample, LossCoeffici
   if (sample < 0 || sample >= num_samples()) {
     return absl::InvalidArgumentError(absl::StrCat("retrain: sample ", sample, " out of range"));
   }
+  QCAL_RETURN_IF_ERROR(s.Lap(nullptr));
   QCAL_RETURN_IF_ERROR(s.PrepareWeights());
   for (TrainLinear& l : s.linears) {
     QCAL_ASSIGN_OR_RETURN(l.g_q, s.be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
     QCAL_ASSIGN_OR_RETURN(l.g_lora, s.be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
   }
+  QCAL_RETURN_IF_ERROR(s.Lap(&s.seconds.weights));
   StepLoss loss;
   if (c.c_out != 0) {
     const Tensor& x = s.input.inputs[sample];
@@ -482,15 +497,19 @@ absl::StatusOr<StepLoss> BlockTrainer::ComputeGradients(int sample, LossCoeffici
     Tensor dout;
     const float scale = static_cast<float>(2.0 * c.c_out / static_cast<double>(x.numel()));
     QCAL_ASSIGN_OR_RETURN(loss.output_mse, s.Mse(acts.out, s.input.targets[sample], scale, &dout));
+    QCAL_RETURN_IF_ERROR(s.Lap(&s.seconds.forward));
     QCAL_RETURN_IF_ERROR(s.Backward(x, acts, dout));
+    QCAL_RETURN_IF_ERROR(s.Lap(&s.seconds.backward));
     loss.loss += c.c_out * loss.output_mse;
   }
   const double reg_weight = c.c_reg * s.options.lambda;
   if (reg_weight != 0) {
     QCAL_ASSIGN_OR_RETURN(loss.regularizer, s.Regularizer(reg_weight));
+    QCAL_RETURN_IF_ERROR(s.Lap(&s.seconds.regularizer));
     loss.loss += reg_weight * loss.regularizer;
   }
   QCAL_RETURN_IF_ERROR(s.ParamGrads());
+  QCAL_RETURN_IF_ERROR(s.Lap(&s.seconds.params));
   return loss;
 }
 
@@ -509,7 +528,7 @@ absl::Status BlockTrainer::Step() {
     QCAL_RETURN_IF_ERROR(s.be->AdamWStep(p.gamma, g.gamma, l.m.gamma, l.v.gamma, s.steps, clip));
     QCAL_RETURN_IF_ERROR(s.be->AdamWStep(p.beta, g.beta, l.m.beta, l.v.beta, s.steps, clip));
   }
-  return absl::OkStatus();
+  return s.Lap(&s.seconds.optimizer);
 }
 
 absl::StatusOr<std::vector<EpochLoss>> BlockTrainer::Train() {
@@ -573,6 +592,7 @@ const RetrainParams& BlockTrainer::grads(LinearKind kind) const {
 }
 int BlockTrainer::num_samples() const { return static_cast<int>(s_->input.inputs.size()); }
 int64_t BlockTrainer::steps() const { return s_->steps; }
+const RetrainSeconds& BlockTrainer::seconds() const { return s_->seconds; }
 
 absl::StatusOr<RetrainResult> RetrainBlock(Backend& backend, const ModelConfig& config,
                                            const kernels::QuantSpec& spec,
@@ -583,6 +603,7 @@ absl::StatusOr<RetrainResult> RetrainBlock(Backend& backend, const ModelConfig& 
   QCAL_ASSIGN_OR_RETURN(result.output_mse_before, trainer->OutputMse());
   QCAL_ASSIGN_OR_RETURN(result.epochs, trainer->Train());
   QCAL_ASSIGN_OR_RETURN(result.output_mse_after, trainer->OutputMse());
+  result.seconds = trainer->seconds();
   for (LinearKind kind : kAllLinears) {
     QCAL_ASSIGN_OR_RETURN(result.linears[static_cast<int>(kind)], trainer->Finish(kind));
   }

@@ -86,6 +86,9 @@ struct RetrainOptions {
   uint64_t seed = 0;
   // γ and β at the start (σ(4) ≈ 0.982 of the range). Default: 4.
   float initial_clip_logit = 4.0f;
+  // Time the parts of every step (RetrainResult::seconds), synchronizing the backend after each
+  // part: for benchmarks, which pay a few synchronizations a step for the breakdown. Default: off.
+  bool profile = false;
   // OK when every field is in range; otherwise InvalidArgument naming the recipe key.
   absl::Status Validate() const;
 };
@@ -135,6 +138,16 @@ struct StepLoss {
   double loss = 0;         // c_out·output_mse + c_reg·λ·regularizer
 };
 
+// Where training's time goes, summed over its steps (RetrainOptions::profile).
+struct RetrainSeconds {
+  double weights = 0;      // fake-quantizing the frozen bases, Q(W̃; γ, β)
+  double forward = 0;      // the quantized block and the output loss
+  double backward = 0;     // back through the block into the weight gradients
+  double regularizer = 0;  // the Fisher-weighted term
+  double params = 0;       // the LoRA and clipping gradients from the weight gradients
+  double optimizer = 0;    // AdamW
+};
+
 // Means over one epoch's steps.
 struct EpochLoss {
   RetrainStage stage = RetrainStage::kOutput;
@@ -156,6 +169,7 @@ struct RetrainResult {
   // and after training.
   double output_mse_before = 0;
   double output_mse_after = 0;
+  RetrainSeconds seconds;  // filled when RetrainOptions::profile
 };
 
 // Epoch e's visiting order of n samples: a Fisher-Yates shuffle (i = n−1 .. 1 swaps i with
@@ -188,6 +202,8 @@ class BlockTrainer {
   const RetrainParams& grads(LinearKind kind) const;
   int num_samples() const;
   int64_t steps() const;
+  // The time of each part of the steps so far (RetrainOptions::profile; zeros without it).
+  const RetrainSeconds& seconds() const;
 
  private:
   struct State;
