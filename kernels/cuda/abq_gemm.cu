@@ -106,6 +106,27 @@ struct GemmParams {
   int32_t* dot;
 };
 
+// Where the calling lane's warp works: lane coordinates in the mma fragments (g = lane / 4,
+// t4 = lane % 4), its first output o0 (outs_per_warp outputs a warp, kWarps warps a block along
+// grid.x) and its block's first token t0 and token count mt (kTileTokens a block along grid.y).
+struct WarpTile {
+  int lane, warp, g, t4;
+  int64_t o0, t0;
+  int mt;
+};
+
+__device__ __forceinline__ WarpTile MakeWarpTile(int outs_per_warp, int64_t m) {
+  WarpTile w;
+  w.lane = threadIdx.x & 31;
+  w.warp = threadIdx.x >> 5;
+  w.g = w.lane >> 2;
+  w.t4 = w.lane & 3;
+  w.o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + w.warp) * outs_per_warp;
+  w.t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
+  w.mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), m - w.t0));
+  return w;
+}
+
 __device__ __forceinline__ uint32_t LoadWord(const uint32_t* row, int word, int end) {
   return (row != nullptr && word < end) ? __ldg(row + word) : 0u;
 }
@@ -155,12 +176,10 @@ __global__ void __launch_bounds__(kWarps * 32) AbqBinaryGemmKernel(GemmParams p)
   constexpr int kPairs = (kOuts * kTileTokens + 31) / 32;  // (output, token) pairs per lane
   // Per warp: the plane-combined sums P[row][token] = Σ_i sgn_i 2^i popc of one k-group.
   __shared__ uint32_t plane_sums[kWarps][16][kTileTokens];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kOuts;
+  const WarpTile tile = MakeWarpTile(kOuts, p.m);
+  const int lane = tile.lane, g = tile.g, t4 = tile.t4, mt = tile.mt;
+  const int64_t o0 = tile.o0, t0 = tile.t0;
   if (o0 >= p.w.n) return;  // whole warps only; no block-wide barrier follows
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
-  const int mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), p.m - t0));
   const int tiles = (mt + kTokensPerTile - 1) / kTokensPerTile;
   const int words = p.w.words;
 
@@ -178,7 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32) AbqBinaryGemmKernel(GemmParams p)
   float out[kPairs];
 #pragma unroll
   for (int q = 0; q < kPairs; ++q) out[q] = 0.0f;
-  uint32_t(*sums)[kTileTokens] = plane_sums[warp];
+  uint32_t(*sums)[kTileTokens] = plane_sums[tile.warp];
 
   for (int gr = 0; gr < p.w.n_groups; ++gr) {
     const int begin = gr * p.w.group_words;
@@ -301,12 +320,10 @@ __device__ __forceinline__ void LoadPlanes(uint32_t (&dst)[kBits], const uint32_
 template <int kWb, int kAb>
 __global__ void __launch_bounds__(kWarps * 32) AbqInt8GemmKernel(GemmParams p) {
   constexpr int kTiles = kTileTokens / 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 16;
+  const WarpTile tile = MakeWarpTile(16, p.m);
+  const int g = tile.g, t4 = tile.t4, mt = tile.mt;
+  const int64_t o0 = tile.o0, t0 = tile.t0;
   if (o0 >= p.w.n) return;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
-  const int mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), p.m - t0));
   const int tiles = (mt + 7) / 8;
   const int64_t words = p.w.words;
   const uint32_t* w_lo = o0 + g < p.w.n ? p.w.planes + (o0 + g) * kWb * words : nullptr;
@@ -398,12 +415,10 @@ template <int kWb>
 __global__ void __launch_bounds__(kWarps * 32)
     AbqWeightOnlyKernel(AbqDeviceWeights wt, const float* x, int64_t m, float* y) {
   constexpr int kTiles = kTileTokens / 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 16;
+  const WarpTile tile = MakeWarpTile(16, m);
+  const int g = tile.g, t4 = tile.t4, mt = tile.mt;
+  const int64_t o0 = tile.o0, t0 = tile.t0;
   if (o0 >= wt.n) return;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
-  const int mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), m - t0));
   const int tiles = (mt + 7) / 8;
   const int64_t words = wt.words, k = wt.k;
   const bool lo_ok = o0 + g < wt.n, hi_ok = o0 + g + 8 < wt.n;

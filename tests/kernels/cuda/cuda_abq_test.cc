@@ -21,48 +21,26 @@
 #include "gtest/gtest.h"
 #include "kernels/cpu/abq_ref.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "tests/kernels/abq_test_cases.h"
 #include "tests/kernels/kernel_test_random.h"
 
 namespace qcal::kernels {
 namespace {
 
+using abq_tests::AllCombos;
+using abq_tests::Combo;
+using abq_tests::Name;
+using abq_tests::Shape3;
 using kernel_tests::Random;
 using ::testing::HasSubstr;
 
 constexpr AbqKernel kIntegerKernels[] = {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma};
-
-struct Shape3 {
-  int64_t m, n, k;
-};
 
 // Size 1; k below one word, off a word, off the k128 and k256 tiles, several k-groups; n across
 // warps (b1 W2: 8 outputs a warp, 32 a block; int8 and A16: 16 and 64) and blocks; m one decode
 // tile, a full one, and prefill over 3 and 16 token tiles.
 constexpr Shape3 kShapes[] = {{1, 1, 1},      {1, 37, 300},  {3, 5, 31},    {7, 133, 257},
                               {16, 19, 1000}, {37, 21, 520}, {256, 33, 384}};
-
-struct Combo {
-  int wb;
-  bool balanced;  // codes 0..4 on 3 planes
-  int ab;
-  int group;
-};
-
-std::vector<Combo> AllCombos() {
-  std::vector<Combo> out;
-  for (int ab : {4, 8}) {
-    for (int group : {-1, 32, 128}) {
-      for (int wb : {2, 3, 4, 8}) out.push_back({wb, false, ab, group});
-      out.push_back({3, true, ab, group});
-    }
-  }
-  return out;
-}
-
-std::string Name(const Combo& c, const Shape3& s) {
-  return absl::StrCat(c.balanced ? "W2*" : absl::StrCat("W", c.wb), "A", c.ab, " g", c.group, " m",
-                      s.m, " n", s.n, " k", s.k);
-}
 
 // Random packed weights: codes over the whole range (0..4 for the balanced grid), GPTQ v1 zero
 // points in [1, 2^wb], positive scales over a few binades.
