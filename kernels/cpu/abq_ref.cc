@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/status.h"
 
 namespace qcal::kernels {
@@ -375,6 +376,49 @@ double AbqEpilogueErrorBound(std::span<const int32_t> dot, const AbqActivations&
   }
   return static_cast<double>(n_groups + 2) * std::ldexp(1.0, -23) *
          std::fabs(static_cast<double>(a.scales[t])) * total;
+}
+
+absl::StatusOr<std::vector<double>> AbqWeightOnlyReference(std::span<const float> x, int64_t m,
+                                                           const AbqWeights& w) {
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(w.spec, m, w.n, w.k));
+  if (static_cast<int64_t>(x.size()) != m * w.k) return SizeError("x", x.size(), m * w.k);
+  const std::vector<int32_t> codes = UnpackAbqWeightCodes(w);
+  const int64_t g = AbqGroupSize(w.spec, w.k);
+  std::vector<double> y(static_cast<size_t>(m * w.n), 0.0);
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t o = 0; o < w.n; ++o) {
+      double total = 0;
+      for (int64_t gr = 0; gr < w.n_groups; ++gr) {
+        const int32_t z = w.zeros[gr * w.n + o];
+        double sum = 0;
+        for (int64_t c = gr * g; c < std::min(w.k, (gr + 1) * g); ++c) {
+          sum += double{RoundToBf16(x[t * w.k + c])} * (codes[o * w.k + c] - z);
+        }
+        total += double{w.scales[gr * w.n + o]} * sum;
+      }
+      y[t * w.n + o] = total;
+    }
+  }
+  return y;
+}
+
+double AbqWeightOnlyErrorBound(std::span<const float> x, const AbqWeights& w, int64_t t,
+                               int64_t o) {
+  const int wb = w.spec.weight_bits;
+  const int64_t g = AbqGroupSize(w.spec, w.k);
+  double total = 0;
+  for (int64_t gr = 0; gr < w.n_groups; ++gr) {
+    const int32_t z = w.zeros[gr * w.n + o];
+    double sum = 0;
+    for (int64_t c = gr * g; c < std::min(w.k, (gr + 1) * g); ++c) {
+      int32_t q = 0;
+      for (int j = 0; j < wb; ++j)
+        q |= static_cast<int32_t>(GetBit(&w.planes[(o * wb + j) * w.words], c)) << j;
+      sum += std::fabs(double{RoundToBf16(x[t * w.k + c])} * (q - z));
+    }
+    total += std::fabs(double{w.scales[gr * w.n + o]}) * sum;
+  }
+  return static_cast<double>(g + w.n_groups + 2) * std::ldexp(1.0, -22) * total;
 }
 
 }  // namespace qcal::kernels

@@ -170,4 +170,19 @@ absl::StatusOr<std::vector<float>> AbqGemm(const AbqActivations& a, const AbqWei
 double AbqEpilogueErrorBound(std::span<const int32_t> dot, const AbqActivations& a,
                              const AbqWeights& w, int64_t t, int64_t o);
 
+// The weight-only (A16) baseline's specification, for the CUDA kernel that dequantizes the packed
+// weights in registers and multiplies on bf16 tensor cores: activations are rounded to bf16 (round
+// to nearest even), weights enter as the exact integers q − z, each k-group is summed in fp32 and
+// scaled by s_w in the epilogue. Returns y64 [m][n] = Σ_G s_w[G][o]·Σ_{k in G} bf16(x[t][k])·(q −
+// z) in double precision. Errors: x of the wrong size, m < 1.
+absl::StatusOr<std::vector<double>> AbqWeightOnlyReference(std::span<const float> x, int64_t m,
+                                                           const AbqWeights& w);
+
+// The bound on |y[t][o] − y64[t][o]| for the fp32 kernel: (g + n_groups + 2)·2^-22·
+// Σ_G |s_w[G][o]|·Σ_{k in G} |bf16(x[t][k])·(q − z)|, g the group length. The products are exact
+// in fp32; each of the at most g additions of a group's fp32 accumulation (tensor cores may
+// truncate rather than round: at most one ulp, 2^-23 relative) and each epilogue fma adds at most
+// 2^-23 of the absolute sum; the factor 2 covers the higher-order terms.
+double AbqWeightOnlyErrorBound(std::span<const float> x, const AbqWeights& w, int64_t t, int64_t o);
+
 }  // namespace qcal::kernels

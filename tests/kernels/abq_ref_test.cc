@@ -18,11 +18,16 @@
 #include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_ops.h"
 #include "services/engine/export/gptq_pack.h"
+#include "tests/kernels/abq_test_cases.h"
 #include "tests/kernels/kernel_test_random.h"
 
 namespace qcal::kernels {
 namespace {
 
+using abq_tests::AllCombos;
+using abq_tests::Combo;
+using abq_tests::Name;
+using abq_tests::Shape3;
 using kernel_tests::Random;
 using ::testing::HasSubstr;
 
@@ -30,35 +35,8 @@ using ::testing::HasSubstr;
 const std::vector<int32_t> kOneZero = {1};
 const std::vector<float> kOneScale = {1.0f};
 
-struct Shape3 {
-  int64_t m, n, k;
-};
-
 // Odd M, K off every word and tile width, and size 1.
 constexpr Shape3 kShapes[] = {{1, 1, 1}, {3, 5, 31}, {5, 3, 129}, {1, 7, 300}, {7, 2, 257}};
-
-struct Combo {
-  int wb;
-  bool balanced;  // codes 0..4 on 3 planes
-  int ab;
-  int group;
-};
-
-std::vector<Combo> AllCombos() {
-  std::vector<Combo> out;
-  for (int ab : {4, 8}) {
-    for (int group : {-1, 32, 128}) {
-      for (int wb : {2, 3, 4, 8}) out.push_back({wb, false, ab, group});
-      out.push_back({3, true, ab, group});
-    }
-  }
-  return out;
-}
-
-std::string Name(const Combo& c, const Shape3& s) {
-  return absl::StrCat(c.balanced ? "W2*" : absl::StrCat("W", c.wb), "A", c.ab, " g", c.group, " m",
-                      s.m, " n", s.n, " k", s.k);
-}
 
 // Random codes of one case; extreme = every code at the end of its range that maximizes |sums|.
 struct Case {

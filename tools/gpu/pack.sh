@@ -12,8 +12,9 @@ build=${1:-build-cuda}
 [[ $build = /* ]] || build=$root/$build
 shared=${QCAL_SHARED_DIR:-$root/../shared}
 jobs=${JOBS:-2}
-binaries=(qcal cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_model_test
-  cuda_engine_test gang_pipeline_test cuda_train_test retrain_cuda_block_trainer_test)
+binaries=(qcal cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_abq_test
+  cuda_model_test cuda_engine_test gang_pipeline_test cuda_train_test
+  retrain_cuda_block_trainer_test)
 # QCAL_PACK_BINARIES (space-separated) bundles fewer, when the whole set would pass the size budget;
 # session.sh notes the tests whose binary is not in the bundle.
 if [[ -n ${QCAL_PACK_BINARIES:-} ]]; then read -r -a binaries <<<"$QCAL_PACK_BINARIES"; fi

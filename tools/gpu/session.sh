@@ -17,7 +17,9 @@
 #   5. qcal bench --er: error reconstruction on the 7B shape's linears (whitening, full and
 #      randomized SVD at rank 64), with the randomized path's projected share of the 7B job; then
 #      the whole 7B shape with GPTQ alone, with rank-64 ER and with ASER W4A8 (qcal bench --recipe);
-#   6. compute-sanitizer memcheck of the op and solver tests and racecheck of the attention
+#   5b. (step abq) qcal bench --abq: the ABQ GEMMs (b1, int8 IMMA, weight-only A16) against cuBLAS
+#      bf16 and int8 at 4096x4096, 11008x4096, 4096x11008 and 8192x28672, m = 1, 4, 8, 16, 64;
+#   6. compute-sanitizer memcheck of the op, solver and ABQ tests and racecheck of the attention
 #      kernels, while time is left;
 #   7. (steps stream13, stream70; not in the default set) the streaming engine at real sizes on
 #      the local disk: `qcal synth --preset 13b` (26 GB of bf16 shards), then `qcal quantize
@@ -31,7 +33,7 @@
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
 #   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval quantize oac retrain bench er
-#                              sanitizer stream13 stream70"
+#                              abq sanitizer stream13 stream70"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -39,7 +41,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.gz}
 dest=${OUT:-$root/out}
-steps=" ${QCAL_SESSION_STEPS:-tests eval quantize oac retrain bench er sanitizer} "
+steps=" ${QCAL_SESSION_STEPS:-tests eval quantize oac retrain bench er abq sanitizer} "
 budget=${QCAL_SESSION_BUDGET:-500}
 mkdir -p "$dest"
 out=$(mktemp -d /tmp/qcal-logs.XXXXXX)
@@ -89,8 +91,8 @@ within() { awk -v v="$1" -v r="$2" -v t="$3" 'BEGIN { d = v / r - 1; exit !(d <=
 json_get() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 if wants tests; then
-  for t in cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_model_test \
-      cuda_engine_test gang_pipeline_test; do
+  for t in cuda_ops_test cuda_backward_test cuda_quant_test cuda_low_rank_test cuda_abq_test \
+      cuda_model_test cuda_engine_test gang_pipeline_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
     [[ -x $p/bin/$t ]] || { note "$t: not in the bundle (QCAL_PACK_BINARIES)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
@@ -325,6 +327,20 @@ PY
   done
 fi
 
+if wants abq; then
+  # One table (about 280 timings of 20 runs each); the summary gets it whole.
+  if time_for 120; then
+    start=$SECONDS
+    timeout 300 "$qcal" bench --abq >"$out/bench_abq.txt" 2>"$out/bench_abq.log"
+    rc=$?
+    printf '%-34s %4d %d s\n' "bench --abq" "$rc" $((SECONDS - start)) >>"$summary"
+    ((rc == 0)) || fail "bench --abq"
+    sed 's/^/    /' "$out/bench_abq.txt" >>"$summary"
+  else
+    note "bench --abq: skipped (session budget)"
+  fi
+fi
+
 # stream_job LABEL SYNTH_ARGS BENCH_SHAPE: synthesizes a checkpoint on the local disk, quantizes it
 # end to end on the GPU, runs the bench on the same shape, keeps qcal_run.json and the logs, and
 # deletes the files.
@@ -398,6 +414,8 @@ if wants sanitizer && [[ -n $sanitizer ]]; then
     --gtest_filter='-*Factorize*:*OutputError*'
   time_for 100 && gtest "memcheck cuda_low_rank_test" "$out/memcheck_low_rank.log" 90 \
     "$sanitizer" --tool memcheck --error-exitcode 1 "$p/bin/cuda_low_rank_test" --gtest_color=no
+  time_for 130 && gtest "memcheck cuda_abq_test" "$out/memcheck_abq.log" 120 "$sanitizer" \
+    --tool memcheck --error-exitcode 1 "$p/bin/cuda_abq_test" --gtest_color=no
   time_for 70 && gtest "racecheck attention" "$out/racecheck.log" 60 "$sanitizer" --tool \
     racecheck --error-exitcode 1 "$p/bin/cuda_ops_test" --gtest_color=no \
     --gtest_filter='*AttentionMatches*'

@@ -2,12 +2,18 @@
 // of DESIGN section 9 (services/engine/bench.h). Default compute dtype bf16, the GPU fast path.
 // qcal bench --er: the device error-reconstruction ops (whitening, full and randomized SVD) on the
 // 7B shape's linears, with their projected share of the 7B GPTQ job.
+// qcal bench --abq: the ABQ arbitrary-bit GEMMs per shape and token count against cuBLAS
+// (kernels/abq_bench.h), with bytes moved as a share of the H100/H200 HBM bandwidth.
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "common/logging.h"
 #include "common/status.h"
+#include "kernels/abq_bench.h"
 #include "nlohmann/json.hpp"
 #include "services/engine/bench.h"
 #include "services/engine/oac/oac_job.h"
@@ -22,6 +28,8 @@ constexpr double kCeilingTflops = 790;
 // The 7B GPTQ W4 g128 job on one H100 (docs/BENCHMARKS.md, 2026-11-22, median of three runs): what
 // the error-reconstruction projection is a share of.
 constexpr double kGptq7bJobSeconds = 27.75;
+// The HBM bandwidth that qcal bench --abq reports bytes moved against (H200: 4.8 TB/s).
+constexpr double kHbmBytesPerSecond = 4.8e12;
 
 struct BenchArgs {
   std::string shape = "7b";
@@ -30,7 +38,9 @@ struct BenchArgs {
   int blocks = -1;  // -1: all for 7b and 13b, 3 for 70b
   uint64_t seed = 0;
   bool json = false;
-  bool er = false;          // the error-reconstruction bench instead
+  bool er = false;   // the error-reconstruction bench instead
+  bool abq = false;  // the ABQ GEMM bench instead
+  kernels::AbqBenchOptions abq_options;
   std::string recipe_path;  // empty: GPTQ W4 g128
   engine::ErBenchOptions er_options;
   DeviceFlags dev;
@@ -111,8 +121,62 @@ absl::Status RunErBench(BenchArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status RunAbqBench(BenchArgs& a) {
+  kernels::AbqBenchOptions& o = a.abq_options;
+  o.seed = a.seed;
+  QCAL_ASSIGN_OR_RETURN(std::vector<kernels::AbqBenchRow> rows,
+                        kernels::RunAbqBench(o, [](const std::string& line) {
+                          spdlog::info("bench --abq: {}", line);
+                        }));
+  // cuBLAS bf16 per (shape, m): what the speedups are relative to.
+  std::map<std::tuple<int64_t, int64_t, int64_t>, double> bf16;
+  for (const kernels::AbqBenchRow& r : rows) {
+    if (r.kernel == "cublas") bf16[{r.d_out, r.d_in, r.m}] = r.seconds;
+  }
+  auto speedup = [&](const kernels::AbqBenchRow& r) {
+    const auto it = bf16.find({r.d_out, r.d_in, r.m});
+    return it == bf16.end() ? 0.0 : it->second / r.seconds;
+  };
+  if (a.json) {
+    nlohmann::ordered_json j;
+    j["bench"] = "abq";
+    j["group_size"] = o.group_size;
+    j["iters"] = o.iters;
+    j["hbm_bytes_per_second"] = kHbmBytesPerSecond;
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const kernels::AbqBenchRow& r : rows) {
+      list.push_back({{"d_out", r.d_out},
+                      {"d_in", r.d_in},
+                      {"m", r.m},
+                      {"config", r.config},
+                      {"kernel", r.kernel},
+                      {"seconds", r.seconds},
+                      {"bytes", r.bytes},
+                      {"hbm_share", r.bytes / r.seconds / kHbmBytesPerSecond},
+                      {"speedup_vs_cublas_bf16", speedup(r)}});
+    }
+    j["rows"] = list;
+    std::printf("%s\n", j.dump().c_str());
+    return absl::OkStatus();
+  }
+  std::printf(
+      "qcal bench --abq: whole-layer GEMM time (ABQ prologue included), weights g%d, mean of %d "
+      "runs after 3 warm-ups; bytes = the least each call moves, as a share of %.1f TB/s\n",
+      o.group_size, o.iters, kHbmBytesPerSecond * 1e-12);
+  std::printf("%-14s %4s  %-7s %-11s %10s %10s %8s %8s\n", "d_out x d_in", "m", "config", "kernel",
+              "us", "MB", "HBM %", "x bf16");
+  for (const kernels::AbqBenchRow& r : rows) {
+    const std::string shape = std::to_string(r.d_out) + " x " + std::to_string(r.d_in);
+    std::printf("%-14s %4lld  %-7s %-11s %10.2f %10.2f %7.1f%% %8.2f\n", shape.c_str(),
+                static_cast<long long>(r.m), r.config.c_str(), r.kernel.c_str(), r.seconds * 1e6,
+                r.bytes * 1e-6, 100 * r.bytes / r.seconds / kHbmBytesPerSecond, speedup(r));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunBench(BenchArgs& a) {
   if (a.er) return RunErBench(a);
+  if (a.abq) return RunAbqBench(a);
   QCAL_ASSIGN_OR_RETURN(engine::BenchShape shape, engine::BenchShapeNamed(a.shape));
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
@@ -316,6 +380,18 @@ RunFn AddBench(CLI::App& app) {
                  "With --er: timed runs of each op after a warm-up; the median is reported "
                  "(default: 3)")
       ->check(CLI::PositiveNumber);
+  app.add_flag("--abq", a->abq,
+               "Time the ABQ arbitrary-bit GEMMs (b1 and int8 IMMA, weight-only A16) against "
+               "cuBLAS bf16 and int8 per shape and token count on CUDA device 0; the other "
+               "options except --seed and --json are ignored");
+  app.add_option("--abq-tokens", a->abq_options.tokens,
+                 "With --abq: token counts m (default: 1 4 8 16 64)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--abq-iters", a->abq_options.iters,
+                 "With --abq: timed runs per measurement after 3 warm-ups (default: 20)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--abq-group", a->abq_options.group_size,
+                 "With --abq: weight group size, -1 or a multiple of 32 (default: 128)");
   a->dev.Add(app);
   app.add_flag("--json", a->json, "Print one JSON object");
   return [a] { return RunBench(*a); };

@@ -1,0 +1,127 @@
+#include "kernels/abq_bench.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cpu/abq_ref.h"
+#if QCAL_HAVE_CUDA
+#include "kernels/cuda/cuda_abq.h"
+#endif
+
+namespace qcal::kernels {
+
+absl::Status AbqBenchOptions::Validate() const {
+  if (shapes.empty() || tokens.empty()) {
+    return absl::InvalidArgumentError("ABQ bench: no shapes or no token counts");
+  }
+  for (const auto& [d_out, d_in] : shapes) {
+    if (d_out < 1 || d_in < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("ABQ bench: bad shape ", d_out, " x ", d_in));
+    }
+  }
+  for (int64_t m : tokens) {
+    if (m < 1) return absl::InvalidArgumentError(absl::StrCat("ABQ bench: bad m ", m));
+  }
+  if (iters < 1) return absl::InvalidArgumentError(absl::StrCat("ABQ bench: bad iters ", iters));
+  return ValidateAbqSpec(AbqSpec{4, 8, group_size});
+}
+
+#if QCAL_HAVE_CUDA
+namespace {
+
+struct Config {
+  const char* name;
+  int weight_bits;  // planes (3 for the balanced grid)
+  int act_bits;     // 16: weight-only
+};
+
+// The configurations of DESIGN section 3's benchmark; W2* is the balanced grid (3 planes).
+constexpr Config kConfigs[] = {{"W4A16", 4, 16}, {"W2*A16", 3, 16}, {"W2A8", 2, 8}, {"W2*A8", 3, 8},
+                               {"W4A8", 4, 8},   {"W4A4", 4, 4},    {"W8A8", 8, 8}};
+
+uint64_t SplitMix(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Random packed weights without going through codes (every bit pattern of the planes is a valid
+// code; d_in multiple of 32 keeps the padding bits zero, otherwise they are cleared).
+AbqWeights RandomPackedWeights(const AbqSpec& spec, int64_t n, int64_t k, uint64_t seed) {
+  AbqWeights w;
+  w.spec = spec;
+  w.n = n;
+  w.k = k;
+  w.words = AbqWords(k);
+  w.n_groups = AbqNumGroups(spec, k);
+  uint64_t state = seed;
+  w.planes.resize(static_cast<size_t>(n * spec.weight_bits * w.words));
+  for (size_t i = 0; i < w.planes.size(); i += 2) {
+    const uint64_t r = SplitMix(state);
+    w.planes[i] = static_cast<uint32_t>(r);
+    if (i + 1 < w.planes.size()) w.planes[i + 1] = static_cast<uint32_t>(r >> 32);
+  }
+  if (k % kAbqWordBits != 0) {
+    const uint32_t mask = (1u << (k % kAbqWordBits)) - 1;
+    for (size_t row = 0; row < w.planes.size() / w.words; ++row) {
+      w.planes[(row + 1) * w.words - 1] &= mask;
+    }
+  }
+  w.scales.assign(static_cast<size_t>(w.n_groups * n), 0.01f);
+  w.zeros.assign(static_cast<size_t>(w.n_groups * n), 1 << (spec.weight_bits - 1));
+  return w;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
+    const AbqBenchOptions& options, const std::function<void(const std::string&)>& log) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  std::vector<AbqBenchRow> rows;
+  for (const auto& [n, k] : options.shapes) {
+    log(absl::StrCat(n, " x ", k, ": cuBLAS"));
+    for (int64_t m : options.tokens) {
+      for (bool int8 : {false, true}) {
+        QCAL_ASSIGN_OR_RETURN(double s,
+                              TimeCublasGemm(int8, m, n, k, options.device, options.iters));
+        const double in = int8 ? 1 : 2, out = int8 ? 4 : 2;
+        rows.push_back({n, k, m, int8 ? "W8A8" : "bf16", int8 ? "cublas-int8" : "cublas", s,
+                        in * (n * k + m * k) + out * m * n});
+      }
+    }
+    for (const Config& c : kConfigs) {
+      log(absl::StrCat(n, " x ", k, ": ", c.name));
+      const bool a16 = c.act_bits == 16;
+      const AbqSpec spec{c.weight_bits, a16 ? 8 : c.act_bits, options.group_size};
+      const AbqWeights w = RandomPackedWeights(spec, n, k, options.seed + c.weight_bits);
+      QCAL_ASSIGN_OR_RETURN(auto linear, CudaAbqLinear::Create(w, options.device));
+      // Weights, scales and zeros, x (fp32) in and y (fp32) out; the ABQ kernels also write and
+      // read the activation planes once.
+      const double weight_bytes =
+          4.0 * static_cast<double>(w.planes.size()) + 8.0 * static_cast<double>(w.scales.size());
+      for (int64_t m : options.tokens) {
+        const double io = 4.0 * (m * k + m * n);
+        const double planes = 2 * 4.0 * m * spec.act_bits * w.words;
+        const std::vector<AbqKernel> kernels =
+            a16 ? std::vector<AbqKernel>{AbqKernel::kWeightOnly}
+                : std::vector<AbqKernel>{AbqKernel::kBinaryMma, AbqKernel::kInt8Mma};
+        for (AbqKernel kernel : kernels) {
+          QCAL_ASSIGN_OR_RETURN(double s, linear->TimeForward(m, kernel, options.iters));
+          rows.push_back({n, k, m, c.name, AbqKernelName(kernel), s,
+                          weight_bytes + io + (a16 ? 0.0 : planes)});
+        }
+      }
+    }
+  }
+  return rows;
+}
+#else
+absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
+    const AbqBenchOptions& options, const std::function<void(const std::string&)>& log) {
+  QCAL_RETURN_IF_ERROR(options.Validate());
+  return absl::FailedPreconditionError(
+      "qcal bench --abq needs the CUDA kernels, but qcal was built without CUDA");
+}
+#endif
+
+}  // namespace qcal::kernels

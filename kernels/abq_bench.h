@@ -1,0 +1,51 @@
+// The per-GEMM benchmark of the ABQ kernels (qcal bench --abq; DESIGN.md section 3, "Arbitrary-bit
+// inference kernels"): each shape and token count through cuBLAS bf16 and int8, the weight-only
+// A16 kernel and both ABQ integer kernels (b1 and int8 IMMA), every one timed as a whole layer
+// (the ABQ prologue's launch included) on random device-resident weights. Needs a CUDA build and
+// a GPU; elsewhere RunAbqBench fails with FailedPrecondition.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace qcal::kernels {
+
+struct AbqBenchOptions {
+  // (d_out, d_in) of each GEMM. Default: LLaMA-7B's square, up and down projections and
+  // LLaMA-70B's down projection.
+  std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {4096, 4096}, {11008, 4096}, {4096, 11008}, {8192, 28672}};
+  // Token counts m. Default: decode 1, 4, 8, 16 and a small prefill 64.
+  std::vector<int64_t> tokens = {1, 4, 8, 16, 64};
+  // Weight group size of the quantized configurations (-1 or a multiple of 32). Default: 128.
+  int group_size = 128;
+  // Timed runs per measurement, after 3 warm-up runs. Default: 20.
+  int iters = 20;
+  // CUDA device index. Default: 0.
+  int device = 0;
+  // Seed of the random weights. Default: 0.
+  uint64_t seed = 0;
+
+  absl::Status Validate() const;
+};
+
+// One timed GEMM.
+struct AbqBenchRow {
+  int64_t d_out = 0, d_in = 0, m = 0;
+  std::string config;  // "bf16", "W8A8" (cuBLAS int8), "W4A16", "W2*A16", "W2A8", "W2*A8", ...
+  std::string kernel;  // "cublas", "cublas-int8", "a16", "b1" or "int8"
+  double seconds = 0;  // mean per whole-layer call
+  double bytes = 0;    // the least the call must move through device memory (see abq_bench.cc)
+};
+
+// Runs every (shape, m, configuration, kernel); `log` gets a line per shape.
+absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
+    const AbqBenchOptions& options, const std::function<void(const std::string&)>& log);
+
+}  // namespace qcal::kernels

@@ -1,0 +1,66 @@
+// Launchers of the ABQ arbitrary-bit GEMM kernels (spec: kernels/cpu/abq_ref.h, whose packed
+// layouts they read and write unchanged; the adapter is cuda_abq.cc). Each returns the launch's
+// cudaError_t, runs on `stream` asynchronously and knows nothing of tensors or absl.
+//
+//   LaunchAbqPrologue     per-token quantization of x, packed into activation planes with s_a and
+//                         Σa per k-group (AbqQuantizeActivations bit for bit);
+//   LaunchAbqGemm         the integer GEMM and the fp32 epilogue (AbqIntegerGemm + AbqEpilogue bit
+//                         for bit), by one of two kernels over the same planes:
+//                           kBinary  b1 AND + popcount mma.sync (m16n8k256, m16n8k128 tails);
+//                           kInt8    planes unpacked in registers to u8 weight codes and s8
+//                                    activation codes, mma.sync m16n8k32 (IMMA);
+//   LaunchAbqWeightOnly   the A16 baseline: weight codes dequantized in registers to bf16 (q − z),
+//                         x rounded to bf16, bf16 mma.sync with fp32 accumulation per k-group and
+//                         s_w applied per group in fp32 (spec: AbqWeightOnlyReference).
+// Tiles: a warp owns 16 weight rows (b1: 16/wb outputs × wb planes; int8 and A16: 16 outputs) for
+// 16 tokens; blocks of 4 warps; grid.y walks the tokens in tiles of 16 (decode m <= 16 is one
+// tile, prefill loops over tiles). Every output is written by exactly one thread, with no atomics:
+// results are bit-identical run to run.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace qcal::kernels::cuda {
+
+// Packed weights on the device ([n][wb][words] planes, s_w and z [n_groups][n]).
+struct AbqDeviceWeights {
+  const uint32_t* planes = nullptr;
+  const float* scales = nullptr;
+  const int32_t* zeros = nullptr;
+  int64_t n = 0;
+  int64_t k = 0;
+  int words = 0;        // ceil(k / 32)
+  int group_words = 0;  // words per k-group (words when there is one group)
+  int n_groups = 0;
+  int weight_bits = 0;  // 2, 3, 4 or 8
+};
+
+// Packed activations on the device ([m][ab][words] planes, s_a [m], Σa [m][n_groups]).
+struct AbqDeviceActivations {
+  uint32_t* planes = nullptr;
+  float* scales = nullptr;
+  int32_t* sums = nullptr;
+  int64_t m = 0;
+  int act_bits = 0;  // 4 or 8
+};
+
+enum class AbqMma { kBinary, kInt8 };
+
+// Quantizes x [a.m][w.k] per token into `a` (planes, scales, sums for w's k-grouping). Needs
+// w.n_groups * 4 bytes of shared memory (at most 48 KiB); cudaErrorInvalidValue otherwise or for
+// act_bits other than 4 and 8.
+cudaError_t LaunchAbqPrologue(const float* x, const AbqDeviceWeights& w,
+                              const AbqDeviceActivations& a, cudaStream_t stream);
+
+// y [a.m][w.n] (fp32) from packed activations and weights; dot [a.m][w.n][w.n_groups] receives
+// the integer sums when not null. cudaErrorInvalidValue for unsupported bit widths.
+cudaError_t LaunchAbqGemm(AbqMma mma, const AbqDeviceWeights& w, const AbqDeviceActivations& a,
+                          float* y, int32_t* dot, cudaStream_t stream);
+
+// y [m][w.n] = the weight-only GEMM of x [m][w.k] (fp32, rounded to bf16 in the kernel).
+cudaError_t LaunchAbqWeightOnly(const float* x, int64_t m, const AbqDeviceWeights& w, float* y,
+                                cudaStream_t stream);
+
+}  // namespace qcal::kernels::cuda

@@ -1,0 +1,378 @@
+#include "kernels/cuda/cuda_abq.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cuda/abq_gemm.cuh"
+#include "kernels/cuda/cuda_resources.h"
+
+namespace qcal::kernels {
+namespace {
+
+using cuda::CachingAllocator;
+using cuda::CudaStatus;
+
+// The launchers' limits: the token grid (65,535 tiles of 16) and Σa per group in shared memory.
+constexpr int64_t kMaxTokens = int64_t{65535} * 16;
+constexpr int64_t kMaxGroups = 48 * 1024 / 4;
+constexpr int kWarmup = 3;
+
+absl::Status SizeError(const char* what, size_t got, int64_t want) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("ABQ (CUDA): ", what, " has ", got, " elements, expected ", want));
+}
+
+// An uninitialised device buffer of `count` elements of T from the pool.
+template <typename T>
+struct DeviceArray {
+  std::shared_ptr<Storage> storage;
+  T* get() const { return storage ? static_cast<T*>(storage->data()) : nullptr; }
+};
+
+template <typename T>
+absl::StatusOr<DeviceArray<T>> Allocate(CachingAllocator& alloc, int64_t count) {
+  QCAL_ASSIGN_OR_RETURN(auto storage, alloc.Allocate(static_cast<size_t>(count) * sizeof(T)));
+  return DeviceArray<T>{std::move(storage)};
+}
+
+template <typename T>
+absl::Status Upload(const DeviceArray<T>& dst, std::span<const T> src, cudaStream_t stream) {
+  return CudaStatus(
+      cudaMemcpyAsync(dst.get(), src.data(), src.size_bytes(), cudaMemcpyHostToDevice, stream),
+      "ABQ upload");
+}
+
+template <typename T>
+absl::Status Download(std::vector<T>& dst, const DeviceArray<T>& src, int64_t count,
+                      cudaStream_t stream) {
+  dst.resize(static_cast<size_t>(count));
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(dst.data(), src.get(), count * sizeof(T), cudaMemcpyDeviceToHost, stream),
+      "ABQ download"));
+  return CudaStatus(cudaStreamSynchronize(stream), "ABQ download");
+}
+
+// A pair of CUDA events timing `iters` calls of `run` on `stream` after kWarmup untimed ones.
+template <typename Run>
+absl::StatusOr<double> TimeOnStream(cudaStream_t stream, int iters, Run run) {
+  if (iters < 1) return absl::InvalidArgumentError(absl::StrCat("iters must be >= 1, got ", iters));
+  for (int i = 0; i < kWarmup; ++i) QCAL_RETURN_IF_ERROR(run());
+  cudaEvent_t start = nullptr, stop = nullptr;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&start), "cudaEventCreate"));
+  absl::Status status = CudaStatus(cudaEventCreate(&stop), "cudaEventCreate");
+  float ms = 0;
+  if (status.ok()) status = CudaStatus(cudaEventRecord(start, stream), "cudaEventRecord");
+  for (int i = 0; i < iters && status.ok(); ++i) status = run();
+  if (status.ok()) status = CudaStatus(cudaEventRecord(stop, stream), "cudaEventRecord");
+  if (status.ok()) status = CudaStatus(cudaEventSynchronize(stop), "cudaEventSynchronize");
+  if (status.ok()) status = CudaStatus(cudaEventElapsedTime(&ms, start, stop), "elapsed time");
+  cudaEventDestroy(start);
+  if (stop != nullptr) cudaEventDestroy(stop);
+  QCAL_RETURN_IF_ERROR(status);
+  return static_cast<double>(ms) * 1e-3 / iters;
+}
+
+absl::Status CheckTokens(int64_t m) {
+  if (m < 1 || m > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ABQ (CUDA): m must be in [1, ", kMaxTokens, "], got ", m));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const char* AbqKernelName(AbqKernel kernel) {
+  switch (kernel) {
+    case AbqKernel::kBinaryMma:
+      return "b1";
+    case AbqKernel::kInt8Mma:
+      return "int8";
+    case AbqKernel::kWeightOnly:
+      return "a16";
+  }
+  return "?";
+}
+
+struct CudaAbqLinear::State {
+  explicit State(cuda::CudaStream s) : stream(std::move(s)) {}
+
+  int device = 0;
+  AbqSpec spec;
+  int64_t n = 0, k = 0, words = 0, n_groups = 0, group_words = 0;
+  cuda::CudaStream stream;
+  std::shared_ptr<CachingAllocator> alloc;
+  DeviceArray<uint32_t> planes;
+  DeviceArray<float> scales;
+  DeviceArray<int32_t> zeros;
+
+  cuda::AbqDeviceWeights Weights() const {
+    cuda::AbqDeviceWeights w;
+    w.planes = planes.get();
+    w.scales = scales.get();
+    w.zeros = zeros.get();
+    w.n = n;
+    w.k = k;
+    w.words = static_cast<int>(words);
+    w.group_words = static_cast<int>(group_words);
+    w.n_groups = static_cast<int>(n_groups);
+    w.weight_bits = spec.weight_bits;
+    return w;
+  }
+
+  // Device activations of m tokens (uninitialised).
+  struct Activations {
+    DeviceArray<uint32_t> planes;
+    DeviceArray<float> scales;
+    DeviceArray<int32_t> sums;
+    cuda::AbqDeviceActivations View(int64_t m, int act_bits) const {
+      return {planes.get(), scales.get(), sums.get(), m, act_bits};
+    }
+  };
+  absl::StatusOr<Activations> AllocateActivations(int64_t m) {
+    Activations a;
+    QCAL_ASSIGN_OR_RETURN(a.planes, Allocate<uint32_t>(*alloc, m * spec.act_bits * words));
+    QCAL_ASSIGN_OR_RETURN(a.scales, Allocate<float>(*alloc, m));
+    QCAL_ASSIGN_OR_RETURN(a.sums, Allocate<int32_t>(*alloc, m * n_groups));
+    return a;
+  }
+
+  // The GEMM (integer kernels) or the weight-only GEMM into y, on the stream.
+  absl::Status Launch(AbqKernel kernel, const float* x, const Activations* a, int64_t m, float* y,
+                      int32_t* dot) {
+    cudaError_t err;
+    if (kernel == AbqKernel::kWeightOnly) {
+      err = cuda::LaunchAbqWeightOnly(x, m, Weights(), y, stream.get());
+    } else {
+      const cuda::AbqMma mma =
+          kernel == AbqKernel::kBinaryMma ? cuda::AbqMma::kBinary : cuda::AbqMma::kInt8;
+      err = cuda::LaunchAbqGemm(mma, Weights(), a->View(m, spec.act_bits), y, dot, stream.get());
+    }
+    return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
+  }
+  absl::Status Prologue(const float* x, const Activations& a, int64_t m) {
+    return CudaStatus(cuda::LaunchAbqPrologue(x, Weights(), a.View(m, spec.act_bits), stream.get()),
+                      "ABQ prologue");
+  }
+};
+
+CudaAbqLinear::CudaAbqLinear(std::unique_ptr<State> state) : state_(std::move(state)) {}
+
+CudaAbqLinear::~CudaAbqLinear() {
+  if (state_ != nullptr && cuda::UseDevice(state_->device).ok()) {
+    cudaStreamSynchronize(state_->stream.get());
+  }
+}
+
+const AbqSpec& CudaAbqLinear::spec() const { return state_->spec; }
+int64_t CudaAbqLinear::n() const { return state_->n; }
+int64_t CudaAbqLinear::k() const { return state_->k; }
+
+absl::StatusOr<std::unique_ptr<CudaAbqLinear>> CudaAbqLinear::Create(const AbqWeights& w,
+                                                                     int device) {
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(w.spec, 1, w.n, w.k));
+  const int64_t words = AbqWords(w.k), n_groups = AbqNumGroups(w.spec, w.k);
+  if (w.words != words || w.n_groups != n_groups) {
+    return absl::InvalidArgumentError(absl::StrCat("ABQ (CUDA): weights have words ", w.words,
+                                                   " and n_groups ", w.n_groups, ", expected ",
+                                                   words, " and ", n_groups));
+  }
+  if (n_groups > kMaxGroups) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ABQ (CUDA): ", n_groups, " k-groups, at most ", kMaxGroups,
+                     " are supported (the prologue keeps Σa per group in shared memory)"));
+  }
+  const int64_t n_planes = w.n * w.spec.weight_bits * words;
+  if (static_cast<int64_t>(w.planes.size()) != n_planes) {
+    return SizeError("planes", w.planes.size(), n_planes);
+  }
+  if (static_cast<int64_t>(w.scales.size()) != n_groups * w.n) {
+    return SizeError("scales", w.scales.size(), n_groups * w.n);
+  }
+  if (static_cast<int64_t>(w.zeros.size()) != n_groups * w.n) {
+    return SizeError("zeros", w.zeros.size(), n_groups * w.n);
+  }
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
+  QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
+  auto state = std::make_unique<State>(std::move(stream));
+  state->device = device;
+  state->spec = w.spec;
+  state->n = w.n;
+  state->k = w.k;
+  state->words = words;
+  state->n_groups = n_groups;
+  state->group_words = n_groups == 1 ? words : AbqGroupSize(w.spec, w.k) / kAbqWordBits;
+  state->alloc = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
+  QCAL_ASSIGN_OR_RETURN(state->planes, Allocate<uint32_t>(*state->alloc, n_planes));
+  QCAL_ASSIGN_OR_RETURN(state->scales, Allocate<float>(*state->alloc, n_groups * w.n));
+  QCAL_ASSIGN_OR_RETURN(state->zeros, Allocate<int32_t>(*state->alloc, n_groups * w.n));
+  const cudaStream_t s = state->stream.get();
+  QCAL_RETURN_IF_ERROR(Upload(state->planes, std::span<const uint32_t>(w.planes), s));
+  QCAL_RETURN_IF_ERROR(Upload(state->scales, std::span<const float>(w.scales), s));
+  QCAL_RETURN_IF_ERROR(Upload(state->zeros, std::span<const int32_t>(w.zeros), s));
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(s), "ABQ weight upload"));
+  return std::unique_ptr<CudaAbqLinear>(new CudaAbqLinear(std::move(state)));
+}
+
+absl::StatusOr<AbqActivations> CudaAbqLinear::QuantizeActivations(std::span<const float> x,
+                                                                  int64_t m) {
+  State& st = *state_;
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
+  QCAL_RETURN_IF_ERROR(CheckTokens(m));
+  if (static_cast<int64_t>(x.size()) != m * st.k) return SizeError("x", x.size(), m * st.k);
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
+  const cudaStream_t s = st.stream.get();
+  QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dx, Allocate<float>(*st.alloc, m * st.k));
+  QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
+  QCAL_RETURN_IF_ERROR(Upload(dx, x, s));
+  QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+  AbqActivations a;
+  a.spec = st.spec;
+  a.m = m;
+  a.k = st.k;
+  a.words = st.words;
+  a.n_groups = st.n_groups;
+  QCAL_RETURN_IF_ERROR(Download(a.planes, da.planes, m * st.spec.act_bits * st.words, s));
+  QCAL_RETURN_IF_ERROR(Download(a.scales, da.scales, m, s));
+  QCAL_RETURN_IF_ERROR(Download(a.sums, da.sums, m * st.n_groups, s));
+  return a;
+}
+
+absl::StatusOr<std::vector<float>> CudaAbqLinear::Forward(std::span<const float> x, int64_t m,
+                                                          AbqKernel kernel,
+                                                          std::vector<int32_t>* dot) {
+  State& st = *state_;
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
+  QCAL_RETURN_IF_ERROR(CheckTokens(m));
+  if (static_cast<int64_t>(x.size()) != m * st.k) return SizeError("x", x.size(), m * st.k);
+  if (kernel == AbqKernel::kWeightOnly && dot != nullptr) {
+    return absl::InvalidArgumentError("ABQ (CUDA): the weight-only kernel has no integer sums");
+  }
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
+  const cudaStream_t s = st.stream.get();
+  QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dx, Allocate<float>(*st.alloc, m * st.k));
+  QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
+  DeviceArray<int32_t> ddot;
+  if (dot != nullptr) {
+    QCAL_ASSIGN_OR_RETURN(ddot, Allocate<int32_t>(*st.alloc, m * st.n * st.n_groups));
+  }
+  QCAL_RETURN_IF_ERROR(Upload(dx, x, s));
+  State::Activations da;
+  if (kernel != AbqKernel::kWeightOnly) {
+    QCAL_ASSIGN_OR_RETURN(da, st.AllocateActivations(m));
+    QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+  }
+  QCAL_RETURN_IF_ERROR(st.Launch(kernel, dx.get(), &da, m, dy.get(), ddot.get()));
+  std::vector<float> y;
+  QCAL_RETURN_IF_ERROR(Download(y, dy, m * st.n, s));
+  if (dot != nullptr) QCAL_RETURN_IF_ERROR(Download(*dot, ddot, m * st.n * st.n_groups, s));
+  return y;
+}
+
+absl::StatusOr<std::vector<float>> CudaAbqLinear::Gemm(const AbqActivations& a, AbqKernel kernel,
+                                                       std::vector<int32_t>* dot) {
+  State& st = *state_;
+  if (kernel == AbqKernel::kWeightOnly) {
+    return absl::InvalidArgumentError(
+        "ABQ (CUDA): Gemm takes packed activations; the weight-only kernel takes x (Forward)");
+  }
+  if (a.spec.weight_bits != st.spec.weight_bits || a.spec.act_bits != st.spec.act_bits ||
+      AbqGroupSize(a.spec, a.k) != AbqGroupSize(st.spec, st.k) || a.k != st.k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ABQ (CUDA): activations W", a.spec.weight_bits, "A", a.spec.act_bits, " g",
+        a.spec.group_size, " k ", a.k, " do not match the weights' W", st.spec.weight_bits, "A",
+        st.spec.act_bits, " g", st.spec.group_size, " k ", st.k));
+  }
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, a.m, st.n, st.k));
+  QCAL_RETURN_IF_ERROR(CheckTokens(a.m));
+  const int64_t m = a.m;
+  if (static_cast<int64_t>(a.planes.size()) != m * st.spec.act_bits * st.words) {
+    return SizeError("activation planes", a.planes.size(), m * st.spec.act_bits * st.words);
+  }
+  if (static_cast<int64_t>(a.scales.size()) != m) {
+    return SizeError("activation scales", a.scales.size(), m);
+  }
+  if (static_cast<int64_t>(a.sums.size()) != m * st.n_groups) {
+    return SizeError("activation sums", a.sums.size(), m * st.n_groups);
+  }
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
+  const cudaStream_t s = st.stream.get();
+  QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
+  QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
+  DeviceArray<int32_t> ddot;
+  if (dot != nullptr) {
+    QCAL_ASSIGN_OR_RETURN(ddot, Allocate<int32_t>(*st.alloc, m * st.n * st.n_groups));
+  }
+  QCAL_RETURN_IF_ERROR(Upload(da.planes, std::span<const uint32_t>(a.planes), s));
+  QCAL_RETURN_IF_ERROR(Upload(da.scales, std::span<const float>(a.scales), s));
+  QCAL_RETURN_IF_ERROR(Upload(da.sums, std::span<const int32_t>(a.sums), s));
+  QCAL_RETURN_IF_ERROR(st.Launch(kernel, nullptr, &da, m, dy.get(), ddot.get()));
+  std::vector<float> y;
+  QCAL_RETURN_IF_ERROR(Download(y, dy, m * st.n, s));
+  if (dot != nullptr) QCAL_RETURN_IF_ERROR(Download(*dot, ddot, m * st.n * st.n_groups, s));
+  return y;
+}
+
+absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters) {
+  State& st = *state_;
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
+  QCAL_RETURN_IF_ERROR(CheckTokens(m));
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
+  const cudaStream_t s = st.stream.get();
+  std::vector<float> x(static_cast<size_t>(m * st.k));
+  std::mt19937 gen(static_cast<uint32_t>(m * 7919 + st.k));
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (float& v : x) v = dist(gen);
+  QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dx, Allocate<float>(*st.alloc, m * st.k));
+  QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
+  QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
+  QCAL_RETURN_IF_ERROR(Upload(dx, std::span<const float>(x), s));
+  return TimeOnStream(s, iters, [&]() -> absl::Status {
+    if (kernel != AbqKernel::kWeightOnly) QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+    return st.Launch(kernel, dx.get(), &da, m, dy.get(), nullptr);
+  });
+}
+
+absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k, int device,
+                                      int iters) {
+  if (m < 1 || n < 1 || k < 1 || m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuBLAS GEMM: bad shape m ", m, ", n ", n, ", k ", k));
+  }
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
+  QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
+  QCAL_ASSIGN_OR_RETURN(cuda::CublasHandle handle, cuda::CublasHandle::Create(stream.get()));
+  auto alloc = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
+  const size_t in_bytes = int8 ? 1 : 2, out_bytes = int8 ? 4 : 2;
+  QCAL_ASSIGN_OR_RETURN(auto w, alloc->Allocate(static_cast<size_t>(n * k) * in_bytes));
+  QCAL_ASSIGN_OR_RETURN(auto x, alloc->Allocate(static_cast<size_t>(m * k) * in_bytes));
+  QCAL_ASSIGN_OR_RETURN(auto y, alloc->Allocate(static_cast<size_t>(m * n) * out_bytes));
+  const cudaStream_t s = stream.get();
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(w->data(), 0, w->bytes(), s), "memset"));
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(x->data(), 0, x->bytes(), s), "memset"));
+  // Column-major: y (n × m, ld n) = W (k × n, ld k)ᵀ · x (k × m, ld k).
+  const int in = static_cast<int>(n), im = static_cast<int>(m), ik = static_cast<int>(k);
+  const float alpha_f = 1.0f, beta_f = 0.0f;
+  const int32_t alpha_i = 1, beta_i = 0;
+  return TimeOnStream(s, iters, [&]() -> absl::Status {
+    cublasStatus_t status;
+    if (int8) {
+      status = cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, in, im, ik, &alpha_i, w->data(),
+                            CUDA_R_8I, ik, x->data(), CUDA_R_8I, ik, &beta_i, y->data(), CUDA_R_32I,
+                            in, CUBLAS_COMPUTE_32I, CUBLAS_GEMM_DEFAULT);
+    } else {
+      status = cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, in, im, ik, &alpha_f, w->data(),
+                            CUDA_R_16BF, ik, x->data(), CUDA_R_16BF, ik, &beta_f, y->data(),
+                            CUDA_R_16BF, in, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    }
+    return cuda::CublasStatus(status, int8 ? "cublasGemmEx int8" : "cublasGemmEx bf16");
+  });
+}
+
+}  // namespace qcal::kernels

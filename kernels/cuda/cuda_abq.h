@@ -1,0 +1,82 @@
+// The ABQ arbitrary-bit GEMMs (DESIGN.md section 3, "Arbitrary-bit inference kernels") on one
+// CUDA device: a linear's packed weights (kernels/cpu/abq_ref.h, AbqWeights) uploaded once, and
+// whole-layer forwards through one of three kernels (abq_gemm.cuh):
+//   kBinaryMma  the ABQ path: the activation prologue, then b1 AND + popcount mma.sync over the
+//               bit planes and the fp32 epilogue;
+//   kInt8Mma    the comparison: the same prologue and planes, unpacked in registers to u8/s8 for
+//               the int8 mma.sync (IMMA), the same epilogue;
+//   kWeightOnly the A16 baseline (W4A16, W2*A16): weights dequantized to bf16 in registers, x
+//               rounded to bf16, bf16 mma.sync with fp32 accumulation.
+// The two integer kernels equal the CPU reference bit for bit: their integer sums are
+// AbqIntegerGemm's and their outputs AbqGemm(AbqQuantizeActivations(x), w)'s. The weight-only
+// kernel is within AbqWeightOnlyErrorBound of AbqWeightOnlyReference. No kernel is ever swapped
+// for another: the caller names it.
+//
+// Only kernels/cuda includes CUDA headers; this header does not. The class owns its stream and
+// device memory; it is not thread-safe (one thread drives an instance). Also the timing of the
+// layer and of cuBLAS's GEMMs, for qcal bench --abq (kernels/abq_bench.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/cpu/abq_ref.h"
+
+namespace qcal::kernels {
+
+enum class AbqKernel { kBinaryMma, kInt8Mma, kWeightOnly };
+
+// "b1", "int8" or "a16".
+const char* AbqKernelName(AbqKernel kernel);
+
+class CudaAbqLinear {
+ public:
+  // Uploads `w` (validated: its spec, shape and tensor sizes) to CUDA device `device`. Errors:
+  // no such device, out of device memory (kResourceExhausted), invalid weights, or more than
+  // 12,288 k-groups (the prologue keeps Σa per group in shared memory).
+  static absl::StatusOr<std::unique_ptr<CudaAbqLinear>> Create(const AbqWeights& w, int device);
+  ~CudaAbqLinear();
+  CudaAbqLinear(const CudaAbqLinear&) = delete;
+  CudaAbqLinear& operator=(const CudaAbqLinear&) = delete;
+
+  const AbqSpec& spec() const;
+  int64_t n() const;
+  int64_t k() const;
+
+  // The prologue alone: x [m][k] quantized and packed on the device, downloaded. Equals
+  // AbqQuantizeActivations(x, m, k, spec()) bit for bit.
+  absl::StatusOr<AbqActivations> QuantizeActivations(std::span<const float> x, int64_t m);
+
+  // y [m][n] for x [m][k] (1 <= m <= 1,048,560) through the whole layer with `kernel`; for the
+  // integer kernels `dot`, when not null, receives the integer sums [m][n][n_groups]
+  // (InvalidArgument for kWeightOnly, which has none).
+  absl::StatusOr<std::vector<float>> Forward(std::span<const float> x, int64_t m, AbqKernel kernel,
+                                             std::vector<int32_t>* dot = nullptr);
+
+  // The integer GEMM and epilogue alone on given packed activations (e.g. the CPU prologue's):
+  // y [a.m][n], and the integer sums in `dot` when not null. kWeightOnly is refused.
+  absl::StatusOr<std::vector<float>> Gemm(const AbqActivations& a, AbqKernel kernel,
+                                          std::vector<int32_t>* dot = nullptr);
+
+  // Mean seconds of one whole-layer forward of m tokens on device-resident inputs (uniform in
+  // [-1, 1]), launches included (the prologue's too), over `iters` runs timed with CUDA events
+  // after 3 warm-up runs.
+  absl::StatusOr<double> TimeForward(int64_t m, AbqKernel kernel, int iters);
+
+ private:
+  struct State;
+  explicit CudaAbqLinear(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+// Mean seconds of cuBLAS's GEMM y = x·Wᵀ for x [m][k], W [n][k] on `device`, timed as
+// TimeForward: bf16 operands and output with fp32 accumulation (int8 false), or int8 operands with
+// int32 output (int8 true: the W8A8 integer GEMM without its scales). Operands are zero-filled
+// (timing only).
+absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k, int device,
+                                      int iters);
+
+}  // namespace qcal::kernels

@@ -1,0 +1,243 @@
+// The ABQ CUDA kernels (kernels/cuda/cuda_abq.h) against the CPU integer reference
+// (kernels/cpu/abq_ref.h) on random data, for every supported (weight bits 2, 3, 4, 8 and the
+// balanced grid on 3 planes) × (activation bits 4, 8) × (group -1, 32, 128): the prologue's planes,
+// scales and Σa are identical; both integer kernels (b1 AND + popcount and unpack-to-int8) give
+// the reference's integer sums exactly and its outputs bit for bit, from x (the whole layer) and
+// from the reference's packed activations; the weight-only A16 kernel is within
+// AbqWeightOnlyErrorBound of its float64 reference. Shapes cover size 1, odd m (1, 3, 7, 16 and
+// the prefill sizes 37 and 256), k off every word and tile width, and odd n across several warps
+// and blocks. Skips without a GPU.
+#include "kernels/cuda/cuda_abq.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/abq_ref.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "tests/kernels/abq_test_cases.h"
+#include "tests/kernels/kernel_test_random.h"
+
+namespace qcal::kernels {
+namespace {
+
+using abq_tests::AllCombos;
+using abq_tests::Combo;
+using abq_tests::Name;
+using abq_tests::Shape3;
+using kernel_tests::Random;
+using ::testing::HasSubstr;
+
+constexpr AbqKernel kIntegerKernels[] = {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma};
+
+// Size 1; k below one word, off a word, off the k128 and k256 tiles, several k-groups; n across
+// warps (b1 W2: 8 outputs a warp, 32 a block; int8 and A16: 16 and 64) and blocks; m one decode
+// tile, a full one, and prefill over 3 and 16 token tiles.
+constexpr Shape3 kShapes[] = {{1, 1, 1},      {1, 37, 300},  {3, 5, 31},    {7, 133, 257},
+                              {16, 19, 1000}, {37, 21, 520}, {256, 33, 384}};
+
+// Random packed weights: codes over the whole range (0..4 for the balanced grid), GPTQ v1 zero
+// points in [1, 2^wb], positive scales over a few binades.
+AbqWeights RandomWeights(const Combo& c, int64_t n, int64_t k, Random& rng) {
+  const AbqSpec spec{c.wb, c.ab, c.group};
+  const int64_t n_groups = AbqNumGroups(spec, k);
+  const int max_code = c.balanced ? 4 : (1 << c.wb) - 1;
+  std::vector<int32_t> codes, zeros;
+  std::vector<float> scales;
+  for (int64_t i = 0; i < n * k; ++i) codes.push_back(rng.Below(max_code + 1));
+  for (int64_t i = 0; i < n_groups * n; ++i) {
+    zeros.push_back(1 + rng.Below(1 << c.wb));
+    scales.push_back(std::ldexp(1.0f + rng.Uniform(0.5f), -3 - rng.Below(6)));
+  }
+  auto w = PackAbqWeights(codes, zeros, scales, n, k, spec);
+  EXPECT_TRUE(w.ok()) << w.status();
+  return w.ok() ? *std::move(w) : AbqWeights{};
+}
+
+// x [m][k] uniform, with an outlier column per token and (m >= 3) token 1 all zero (s_a = 0).
+std::vector<float> RandomX(int64_t m, int64_t k, Random& rng) {
+  std::vector<float> x(static_cast<size_t>(m * k));
+  for (float& v : x) v = rng.Uniform(1.0f);
+  for (int64_t t = 0; t < m; ++t) x[t * k + rng.Below(static_cast<int>(k))] = 8.0f;
+  if (m >= 3) std::fill(x.begin() + k, x.begin() + 2 * k, 0.0f);
+  return x;
+}
+
+// Number of positions where a and b differ (bit patterns for floats), with the first few
+// reported under `what`.
+template <typename T>
+int64_t CountMismatches(const std::vector<T>& got, const std::vector<T>& want,
+                        const std::string& what) {
+  EXPECT_EQ(got.size(), want.size()) << what;
+  int64_t bad = 0;
+  for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
+      if (++bad <= 3)
+        ADD_FAILURE() << what << " [" << i << "]: got " << got[i] << ", want " << want[i];
+    }
+  }
+  return bad;
+}
+
+class CudaAbqTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_F(CudaAbqTest, PrologueEqualsReferenceBitForBit) {
+  Random rng(11);
+  for (const Combo& c : AllCombos()) {
+    for (const Shape3& s : kShapes) {
+      const std::string name = Name(c, s);
+      const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+      const std::vector<float> x = RandomX(s.m, s.k, rng);
+      auto ref = AbqQuantizeActivations(x, s.m, s.k, w.spec);
+      ASSERT_TRUE(ref.ok()) << name << ": " << ref.status();
+      auto lin = CudaAbqLinear::Create(w, 0);
+      ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
+      auto got = (*lin)->QuantizeActivations(x, s.m);
+      ASSERT_TRUE(got.ok()) << name << ": " << got.status();
+      EXPECT_EQ(CountMismatches(got->planes, ref->planes, name + " planes"), 0);
+      EXPECT_EQ(CountMismatches(got->scales, ref->scales, name + " s_a"), 0);
+      EXPECT_EQ(CountMismatches(got->sums, ref->sums, name + " sums"), 0);
+    }
+  }
+}
+
+TEST_F(CudaAbqTest, IntegerKernelsEqualReferenceBitForBit) {
+  Random rng(12);
+  for (const Combo& c : AllCombos()) {
+    for (const Shape3& s : kShapes) {
+      const std::string name = Name(c, s);
+      const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+      const std::vector<float> x = RandomX(s.m, s.k, rng);
+      auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
+      ASSERT_TRUE(a.ok()) << name << ": " << a.status();
+      auto dot_ref = AbqIntegerGemm(*a, w);
+      ASSERT_TRUE(dot_ref.ok()) << name << ": " << dot_ref.status();
+      auto y_ref = AbqEpilogue(*dot_ref, *a, w);
+      ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
+      auto lin = CudaAbqLinear::Create(w, 0);
+      ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
+      for (AbqKernel kernel : kIntegerKernels) {
+        const std::string kname = absl::StrCat(name, " ", AbqKernelName(kernel));
+        std::vector<int32_t> dot;
+        auto y = (*lin)->Forward(x, s.m, kernel, &dot);
+        ASSERT_TRUE(y.ok()) << kname << ": " << y.status();
+        EXPECT_EQ(CountMismatches(dot, *dot_ref, kname + " forward sums"), 0);
+        EXPECT_EQ(CountMismatches(*y, *y_ref, kname + " forward y"), 0);
+        // Without the sums output (the timed path) and from the reference's activations.
+        auto y_plain = (*lin)->Forward(x, s.m, kernel);
+        ASSERT_TRUE(y_plain.ok()) << kname << ": " << y_plain.status();
+        EXPECT_EQ(CountMismatches(*y_plain, *y_ref, kname + " forward y (no sums)"), 0);
+        std::vector<int32_t> dot_gemm;
+        auto y_gemm = (*lin)->Gemm(*a, kernel, &dot_gemm);
+        ASSERT_TRUE(y_gemm.ok()) << kname << ": " << y_gemm.status();
+        EXPECT_EQ(CountMismatches(dot_gemm, *dot_ref, kname + " gemm sums"), 0);
+        EXPECT_EQ(CountMismatches(*y_gemm, *y_ref, kname + " gemm y"), 0);
+      }
+    }
+  }
+}
+
+// The largest sums: W8A8 per channel over 16,384 columns with every code at the end of its range
+// (|dot| = 16384·127·255 = 530,595,840 and z·Σa beyond it), against the plain int64 product.
+TEST_F(CudaAbqTest, ExtremeCodesAreExact) {
+  const int64_t n = 3, k = 16384, m = 2;
+  const AbqSpec spec{8, 8, -1};
+  std::vector<int32_t> codes(n * k, 255), zeros(n, 256);
+  std::vector<float> scales(n, 1.0f);
+  auto w = PackAbqWeights(codes, zeros, scales, n, k, spec);
+  ASSERT_TRUE(w.ok()) << w.status();
+  std::vector<float> x(m * k, -1.0f);  // codes -127
+  std::fill(x.begin() + k, x.end(), 1.0f);
+  auto a = AbqQuantizeActivations(x, m, k, spec);
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto y_ref = AbqGemm(*a, *w);
+  ASSERT_TRUE(y_ref.ok()) << y_ref.status();
+  auto lin = CudaAbqLinear::Create(*w, 0);
+  ASSERT_TRUE(lin.ok()) << lin.status();
+  for (AbqKernel kernel : kIntegerKernels) {
+    std::vector<int32_t> dot;
+    auto y = (*lin)->Forward(x, m, kernel, &dot);
+    ASSERT_TRUE(y.ok()) << y.status();
+    ASSERT_EQ(dot.size(), static_cast<size_t>(m * n));
+    for (int64_t o = 0; o < n; ++o) {
+      EXPECT_EQ(dot[o], -int64_t{127} * 255 * k) << AbqKernelName(kernel);
+      EXPECT_EQ(dot[n + o], int64_t{127} * 255 * k) << AbqKernelName(kernel);
+    }
+    // y = s_a·(dot − z·Σa) = ±s_a·127·k, the reference's bits.
+    EXPECT_EQ(CountMismatches(*y, *y_ref, AbqKernelName(kernel)), 0);
+    EXPECT_NEAR((*y)[0], static_cast<double>(k), 1e-6 * k);
+  }
+}
+
+TEST_F(CudaAbqTest, WeightOnlyWithinItsBound) {
+  Random rng(13);
+  for (int ab : {4, 8}) {  // activation bits play no part; both specs must be accepted
+    for (const Combo& c :
+         {Combo{4, false, ab, 128}, Combo{3, true, ab, 128}, Combo{2, false, ab, -1},
+          Combo{8, false, ab, 32}, Combo{4, false, ab, -1}}) {
+      for (const Shape3& s : kShapes) {
+        const std::string name = Name(c, s) + " a16";
+        const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+        const std::vector<float> x = RandomX(s.m, s.k, rng);
+        auto ref = AbqWeightOnlyReference(x, s.m, w);
+        ASSERT_TRUE(ref.ok()) << name << ": " << ref.status();
+        auto lin = CudaAbqLinear::Create(w, 0);
+        ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
+        auto y = (*lin)->Forward(x, s.m, AbqKernel::kWeightOnly);
+        ASSERT_TRUE(y.ok()) << name << ": " << y.status();
+        ASSERT_EQ(y->size(), ref->size()) << name;
+        int64_t bad = 0;
+        for (int64_t t = 0; t < s.m; ++t) {
+          for (int64_t o = 0; o < s.n; ++o) {
+            const double got = (*y)[t * s.n + o], want = (*ref)[t * s.n + o];
+            const double bound = AbqWeightOnlyErrorBound(x, w, t, o);
+            if (!(std::fabs(got - want) <= bound) && ++bad <= 3) {
+              ADD_FAILURE() << name << " [" << t << "][" << o << "]: got " << got << ", want "
+                            << want << ", bound " << bound;
+            }
+          }
+        }
+        EXPECT_EQ(bad, 0) << name;
+      }
+    }
+  }
+}
+
+TEST_F(CudaAbqTest, RefusesBadInput) {
+  Random rng(14);
+  const AbqWeights w = RandomWeights({4, false, 8, 128}, 5, 300, rng);
+  auto lin = CudaAbqLinear::Create(w, 0);
+  ASSERT_TRUE(lin.ok()) << lin.status();
+  const std::vector<float> x = RandomX(2, 300, rng);
+  std::vector<int32_t> dot;
+  EXPECT_THAT((*lin)->Forward(x, 2, AbqKernel::kWeightOnly, &dot).status().message(),
+              HasSubstr("no integer sums"));
+  EXPECT_THAT((*lin)->Forward(x, 3, AbqKernel::kBinaryMma).status().message(),
+              HasSubstr("x has 600 elements, expected 900"));
+  EXPECT_THAT((*lin)->Forward({}, 0, AbqKernel::kInt8Mma).status().message(),
+              HasSubstr("must be >= 1"));
+  auto a = AbqQuantizeActivations(x, 2, 300, AbqSpec{4, 4, 128});
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_THAT((*lin)->Gemm(*a, AbqKernel::kBinaryMma).status().message(),
+              HasSubstr("do not match"));
+  AbqWeights bad = w;
+  bad.spec.weight_bits = 5;
+  EXPECT_THAT(CudaAbqLinear::Create(bad, 0).status().message(), HasSubstr("weight bits"));
+  bad = w;
+  bad.planes.pop_back();
+  EXPECT_THAT(CudaAbqLinear::Create(bad, 0).status().message(), HasSubstr("planes has"));
+}
+
+}  // namespace
+}  // namespace qcal::kernels
