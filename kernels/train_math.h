@@ -263,6 +263,19 @@ QCAL_HOST_DEVICE inline void ClippedFakeQuantBackwardGroup(const T* row, const C
   }
 }
 
+// Group k of a layout whose groups are whole (d_in a multiple of g, no permutation) as a layout of
+// its own: one group of g columns at k = 0, with the grid pointers moved to group k's, so that the
+// group functions above can run on a copy of the group's g values (as the CUDA kernels' staged
+// path does) and compute exactly what they compute on the row.
+QCAL_HOST_DEVICE inline ClipView GroupView(const ClipView& layout, int64_t k) {
+  ClipView v = layout;
+  v.d_in = layout.group_size();
+  v.perm = nullptr;
+  if (layout.grid_scales) v.grid_scales = layout.grid_scales + k * layout.d_out;
+  if (layout.grid_zeros) v.grid_zeros = layout.grid_zeros + k * layout.d_out;
+  return v;
+}
+
 // The per-step scalars of AdamW in T (kernels/train_ops.h's AdamWCoefficientsOf computes them in
 // double from the options and the step, rounded to T once).
 template <typename T>

@@ -249,20 +249,20 @@ struct BlockTrainer::State {
     return acts;
   }
 
-  // For y = linear(x) with output gradient dy: adds dyᵀ·x_q to g_q and dyᵀ·x to g_lora (each
-  // product formed, then added), and, when dx is given, sets dx = dy·Q + (dy·L_A)·L_B (ActQuant
-  // passes gradients through).
+  // For y = linear(x) with output gradient dy: adds dyᵀ·x_q to g_q and dyᵀ·x to g_lora (the
+  // GEMM accumulating into g_lora; without activation quantization x_q = x and g_q gets g_lora's
+  // product added), and, when dx is given, sets dx = dy·Q + (dy·L_A)·L_B (ActQuant passes
+  // gradients through). Each linear's backward runs once a step, into zeroed gradients.
   absl::Status LinearBackward(LinearKind kind, const ForwardActs& acts, const Tensor& dy,
                               Tensor* dx) {
     TrainLinear& l = L(kind);
     const int i = static_cast<int>(kind);
-    QCAL_ASSIGN_OR_RETURN(Tensor g, be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
-    QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x[i], false, 1.0f, 0.0f, g));
-    QCAL_RETURN_IF_ERROR(be->Add(g, l.g_lora));
+    QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x[i], false, 1.0f, 1.0f, l.g_lora));
     if (l.act_bits < 16) {
-      QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 0.0f, g));
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 1.0f, l.g_q));
+    } else {
+      QCAL_RETURN_IF_ERROR(be->Add(l.g_lora, l.g_q));
     }
-    QCAL_RETURN_IF_ERROR(be->Add(g, l.g_q));
     if (dx) {
       const Tensor& a = l.params.lora_a;
       QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.q, false, 1.0f, 0.0f, *dx));
