@@ -130,16 +130,16 @@ if wants eval; then
   fi
 fi
 
-# check LABEL RECIPE_YAML [TOLERANCE] (steps quantize, oac and retrain): quantize sotu-llama-16m twice on the GPU and once
+# check LABEL RECIPE_YAML [TOLERANCE [SAMPLES]] (steps quantize, oac and retrain): quantize sotu-llama-16m twice on the GPU and once
 # on the CPU; logs to $log.
 n_recipe=0
 check() {
-  local label=$1 recipe=$out/recipe-$((++n_recipe)).yaml tolerance=${3:-0.005}
+  local label=$1 recipe=$out/recipe-$((++n_recipe)).yaml tolerance=${3:-0.005} samples=${4:-64}
   time_for 120 || { note "$label: skipped (session budget)"; return; }
   printf '%s' "$2" >"$recipe"
   quantize() {  # DEVICE OUT_DIR
     timeout 300 "$qcal" quantize --device "$1" --json --model "$models/sotu-llama-16m" \
-      --recipe "$recipe" --calib "$data/sotu-calib.txt" --samples 64 --seq-len 512 --seed 0 \
+      --recipe "$recipe" --calib "$data/sotu-calib.txt" --samples "$samples" --seq-len 512 --seed 0 \
       --eval-text "$data/sotu-eval.txt" --eval-seq-len 512 --eval-max-windows 32 \
       --out "$2" --overwrite 2>>"$log"
   }
@@ -215,9 +215,9 @@ fi
 
 if wants retrain; then
   # Retraining (issue 13): the trainer's ops and the whole trainer on the device against the CPU;
-  # quantize sotu-llama-16m with ApiQ (W2 g64, 2 output epochs: at the default 20 the CPU trainer
-  # takes about 215 s a block with 16 threads) twice on the GPU and once on the CPU (bound 1%:
-  # AdamW on fp32 sums in a different order); then
+  # quantize sotu-llama-16m with ApiQ (W2 g64, 16 samples, 2 output epochs: at 64 samples and
+  # the default 20 epochs the CPU trainer takes about 215 s a block with 16 threads) twice on the
+  # GPU and once on the CPU (bound 1%: AdamW on fp32 sums in a different order); then
   # the 7B shape with ApiQ W2 g64 on QCAL_RETRAIN_BLOCKS blocks (default 2, the first left out as
   # warm-up) with QCAL_RETRAIN_EPOCHS output epochs (default 20), projected to the whole model.
   log=$out/retrain.log
@@ -226,7 +226,7 @@ if wants retrain; then
     [[ -x $p/bin/$t ]] || { note "$t: not in the bundle (QCAL_PACK_BINARIES)"; continue; }
     gtest "$t" "$out/$t.log" 240 "$p/bin/$t" --gtest_color=no
   done
-  check "quantize sotu-llama-16m ApiQ W2 g64 2ep" $'method: gptq\nweights: {bits: 2, group_size: 64}\nretrain: {method: apiq, epochs: {output: 2}}\n' 0.01
+  check "quantize sotu-llama-16m ApiQ W2 g64 16x2ep" $'method: gptq\nweights: {bits: 2, group_size: 64}\nretrain: {method: apiq, epochs: {output: 2}}\n' 0.01 16
   blocks=${QCAL_RETRAIN_BLOCKS:-2}
   epochs=${QCAL_RETRAIN_EPOCHS:-20}
   if time_for 200; then
