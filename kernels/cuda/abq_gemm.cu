@@ -44,9 +44,12 @@ namespace qcal::kernels::cuda {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kWarps = 4;        // warps per GEMM block
-constexpr int kTileTokens = 16;  // tokens per GEMM block (grid.y walks the rest)
-constexpr int kPrologueThreads = 256;
+constexpr int kSplitWarps = 16;                    // warps per GEMM block; they split K
+constexpr int kGemmThreads = kSplitWarps * 32;     //
+constexpr int kTileRows = 16;                      // weight rows (mma A rows) per GEMM block
+constexpr int kTileTokens = 16;                    // tokens per GEMM block (grid.y walks the rest)
+constexpr int kRoundBytes = 32 * 1024;             // shared memory of one round of k-groups
+constexpr int kPrologueThreads = 1024;             //
 constexpr int kMaxPrologueGroups = 48 * 1024 / 4;  // Σa per group in shared memory
 
 // ---- Prologue --------------------------------------------------------------------------------
@@ -54,7 +57,8 @@ constexpr int kMaxPrologueGroups = 48 * 1024 / 4;  // Σa per group in shared me
 // One block per token. The maximum is exact in any order; the codes are ref AbqQuantizeActivations'
 // (IEEE division, RoundHalfEven, clamp that maps NaN to −qmax). Each warp packs whole words: lane
 // l holds column 32·word + l, and a ballot per plane gives that plane's word with column l at bit
-// l. Σa per group is an integer sum (shared-memory atomics: exact in any order).
+// l. Σa per group is an integer sum (shared-memory atomics: exact in any order). The loops are
+// unrolled so that each thread has several loads in flight (the row is read from L2 twice).
 template <int kAb>
 __global__ void __launch_bounds__(kPrologueThreads)
     AbqPrologueKernel(const float* x, int64_t k, int words, int group_words, int n_groups,
@@ -65,6 +69,7 @@ __global__ void __launch_bounds__(kPrologueThreads)
   const int64_t t = blockIdx.x;
   const float* xr = x + t * k;
   float amax = 0.0f;
+#pragma unroll 4
   for (int64_t c = threadIdx.x; c < k; c += kPrologueThreads) amax = fmaxf(amax, fabsf(xr[c]));
   amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);
   const float s = amax / kQmax;
@@ -73,6 +78,7 @@ __global__ void __launch_bounds__(kPrologueThreads)
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* tp = planes + t * kAb * static_cast<int64_t>(words);
+#pragma unroll 4
   for (int word = warp; word < words; word += kPrologueThreads / 32) {
     const int64_t c = static_cast<int64_t>(word) * 32 + lane;
     int32_t v = 0;
@@ -94,7 +100,24 @@ __global__ void __launch_bounds__(kPrologueThreads)
   }
 }
 
-// ---- Shared pieces of the GEMMs --------------------------------------------------------------
+// ---- The block structure shared by the GEMMs -------------------------------------------------
+//
+// A block owns kTileRows weight rows (the mma A operand) and up to kTileTokens tokens, over all
+// of K. Its k-groups are taken in rounds of plan.groups groups; each group is cut into plan.parts
+// parts (1 when there are at least kSplitWarps groups), and the round's (group, part) units are
+// dealt to the kSplitWarps warps. A warp computes a unit's sums for its 16 rows and the block's
+// tokens and stores them in the unit's slot in shared memory ([16 rows][ts tokens]); after a
+// barrier one thread per (output, token) runs the epilogue over the round's groups in order,
+// adding a group's parts (integers: exact in any order; A16: fp32 in part order), and keeps its
+// fp32 accumulator across rounds. Each unit slot is written by one warp and each output by one
+// thread, without atomics: results are bit-identical run to run. The round's s_w, z and Σa are
+// copied to shared memory asynchronously (cp.async) while the warps stream the weights.
+
+struct RoundPlan {
+  int groups = 1;  // k-groups per round
+  int parts = 1;   // units per k-group
+  int ts = 1;      // token stride of a unit slot: min(m, kTileTokens)
+};
 
 struct GemmParams {
   AbqDeviceWeights w;
@@ -104,42 +127,150 @@ struct GemmParams {
   int64_t m;
   float* y;
   int32_t* dot;
+  RoundPlan plan;
 };
 
-// Where the calling lane's warp works: lane coordinates in the mma fragments (g = lane / 4,
-// t4 = lane % 4), its first output o0 (outs_per_warp outputs a warp, kWarps warps a block along
-// grid.x) and its block's first token t0 and token count mt (kTileTokens a block along grid.y).
-struct WarpTile {
+// Shared bytes per k-group of a round: the unit slots, s_w and z [kTileRows], Σa [ts].
+int RoundBytesPerGroup(const RoundPlan& plan) {
+  return 4 * (plan.parts * kTileRows * plan.ts + 2 * kTileRows + plan.ts);
+}
+
+RoundPlan PlanRounds(int n_groups, int64_t m) {
+  RoundPlan plan;
+  plan.ts = static_cast<int>(std::min<int64_t>(m, kTileTokens));
+  plan.parts = n_groups >= kSplitWarps ? 1 : (kSplitWarps + n_groups - 1) / n_groups;
+  plan.groups = std::clamp(kRoundBytes / RoundBytesPerGroup(plan), 1, n_groups);
+  return plan;
+}
+
+// The calling thread's place: lane coordinates in the mma fragments (g = lane / 4,
+// t4 = lane % 4), the block's first output o0 (outs outputs a block along grid.x), first token
+// t0 and token count mt (kTileTokens a block along grid.y).
+struct BlockTile {
   int lane, warp, g, t4;
   int64_t o0, t0;
   int mt;
 };
 
-__device__ __forceinline__ WarpTile MakeWarpTile(int outs_per_warp, int64_t m) {
-  WarpTile w;
-  w.lane = threadIdx.x & 31;
-  w.warp = threadIdx.x >> 5;
-  w.g = w.lane >> 2;
-  w.t4 = w.lane & 3;
-  w.o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + w.warp) * outs_per_warp;
-  w.t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
-  w.mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), m - w.t0));
-  return w;
+__device__ __forceinline__ BlockTile MakeBlockTile(int outs, int64_t m) {
+  BlockTile b;
+  b.lane = threadIdx.x & 31;
+  b.warp = threadIdx.x >> 5;
+  b.g = b.lane >> 2;
+  b.t4 = b.lane & 3;
+  b.o0 = static_cast<int64_t>(blockIdx.x) * outs;
+  b.t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
+  b.mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), m - b.t0));
+  return b;
 }
 
 __device__ __forceinline__ uint32_t LoadWord(const uint32_t* row, int word, int end) {
   return (row != nullptr && word < end) ? __ldg(row + word) : 0u;
 }
 
-// The epilogue's step for one (token t, output o, group gr) with integer sum `dot` (AbqEpilogue).
-__device__ __forceinline__ float EpilogueStep(const GemmParams& p, int64_t t, int64_t o, int gr,
-                                              uint32_t dot, float acc) {
-  const int64_t wi = static_cast<int64_t>(gr) * p.w.n + o;
-  const uint32_t za =
-      static_cast<uint32_t>(p.w.zeros[wi]) * static_cast<uint32_t>(p.a_sums[t * p.w.n_groups + gr]);
-  const int32_t c = static_cast<int32_t>(dot - za);
-  if (p.dot != nullptr) p.dot[(t * p.w.n + o) * p.w.n_groups + gr] = static_cast<int32_t>(dot);
-  return __fmaf_rn(__int2float_rn(c), p.w.scales[wi], acc);
+// 4 bytes global -> shared without a register (completed by CopyAsyncWait).
+__device__ __forceinline__ void CopyAsync4(void* dst, const void* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void CopyAsyncWait() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// The round's shared memory.
+struct RoundShared {
+  uint32_t* units;  // [groups · parts][kTileRows][ts]
+  float* scales;    // s_w [groups][kTileRows]
+  int32_t* zeros;   // z [groups][kTileRows]
+  int32_t* sums;    // Σa [groups][ts]
+  __device__ const uint32_t* Slot(const RoundPlan& plan, int group, int part) const {
+    return units + (group * plan.parts + part) * kTileRows * plan.ts;
+  }
+};
+
+// Runs the rounds: unit(group, begin, end, slot) on each warp's units (words [begin, end) of
+// k-group `group`, sums stored to slot[row · ts + token]), then epilogue(g0, rg, shared) on every
+// thread after the round's barrier.
+template <typename Unit, typename Epilogue>
+__device__ __forceinline__ void RunRounds(const AbqDeviceWeights& w, const RoundPlan& plan,
+                                          const BlockTile& b, int outs, const int32_t* a_sums,
+                                          Unit unit, Epilogue epilogue) {
+  extern __shared__ uint32_t round_smem[];
+  RoundShared sh;
+  sh.units = round_smem;
+  sh.scales = reinterpret_cast<float*>(sh.units + plan.groups * plan.parts * kTileRows * plan.ts);
+  sh.zeros = reinterpret_cast<int32_t*>(sh.scales + plan.groups * kTileRows);
+  sh.sums = sh.zeros + plan.groups * kTileRows;
+  for (int g0 = 0; g0 < w.n_groups; g0 += plan.groups) {
+    const int rg = min(plan.groups, w.n_groups - g0);
+    for (int i = threadIdx.x; i < rg * kTileRows; i += kGemmThreads) {
+      const int ol = i % kTileRows;
+      const int64_t o = b.o0 + ol;
+      if (ol < outs && o < w.n) {
+        const int64_t gi = static_cast<int64_t>(g0 + i / kTileRows) * w.n + o;
+        CopyAsync4(sh.scales + i, w.scales + gi);
+        CopyAsync4(sh.zeros + i, w.zeros + gi);
+      }
+    }
+    if (a_sums != nullptr) {
+      for (int i = threadIdx.x; i < rg * b.mt; i += kGemmThreads) {
+        const int gl = i / b.mt, tl = i % b.mt;
+        CopyAsync4(sh.sums + gl * plan.ts + tl, a_sums + (b.t0 + tl) * w.n_groups + g0 + gl);
+      }
+    }
+    for (int u = b.warp; u < rg * plan.parts; u += kSplitWarps) {
+      const int group = g0 + u / plan.parts, part = u % plan.parts;
+      const int gb = group * w.group_words, ge = min(gb + w.group_words, w.words);
+      const int len = (ge - gb + plan.parts - 1) / plan.parts;
+      const int begin = min(gb + part * len, ge), end = min(begin + len, ge);
+      unit(group, begin, end, sh.units + u * kTileRows * plan.ts);
+    }
+    CopyAsyncWait();
+    __syncthreads();
+    epilogue(g0, rg, sh);
+    __syncthreads();
+  }
+}
+
+// The integer epilogue of the calling thread's (output ol, token tl) over one round: dot_G = the
+// sum of the group's parts, each Σ_j 2^j·slot[ol·kRowsPerOut + j] (b1: a row per weight plane;
+// int8: one row per output), then AbqEpilogue's steps.
+template <int kRowsPerOut>
+__device__ __forceinline__ float IntegerEpilogueRound(const GemmParams& p, const BlockTile& b,
+                                                      int ol, int tl, int g0, int rg,
+                                                      const RoundShared& sh, float acc) {
+  const int ts = p.plan.ts;
+  const int64_t o = b.o0 + ol, t = b.t0 + tl;
+  for (int gl = 0; gl < rg; ++gl) {
+    uint32_t dot = 0;
+    for (int part = 0; part < p.plan.parts; ++part) {
+      const uint32_t* slot = sh.Slot(p.plan, gl, part);
+#pragma unroll
+      for (int j = 0; j < kRowsPerOut; ++j) dot += slot[(ol * kRowsPerOut + j) * ts + tl] << j;
+    }
+    const uint32_t za = static_cast<uint32_t>(sh.zeros[gl * kTileRows + ol]) *
+                        static_cast<uint32_t>(sh.sums[gl * ts + tl]);
+    const int32_t c = static_cast<int32_t>(dot - za);
+    if (p.dot != nullptr) {
+      p.dot[(t * p.w.n + o) * p.w.n_groups + g0 + gl] = static_cast<int32_t>(dot);
+    }
+    acc = __fmaf_rn(__int2float_rn(c), sh.scales[gl * kTileRows + ol], acc);
+  }
+  return acc;
+}
+
+// The integer GEMMs' block: rounds with `unit`, the epilogue above, y = acc·s_a.
+template <int kRowsPerOut, typename Unit>
+__device__ __forceinline__ void RunIntegerGemm(const GemmParams& p, const BlockTile& b, int outs,
+                                               Unit unit) {
+  const int ol = threadIdx.x / b.mt, tl = threadIdx.x % b.mt;
+  const bool mine = ol < outs && b.o0 + ol < p.w.n;  // threads past outs·mt have ol >= outs
+  float acc = 0.0f;
+  RunRounds(p.w, p.plan, b, outs, p.a_sums, unit, [&](int g0, int rg, const RoundShared& sh) {
+    if (mine) acc = IntegerEpilogueRound<kRowsPerOut>(p, b, ol, tl, g0, rg, sh, acc);
+  });
+  if (mine) p.y[(b.t0 + tl) * p.w.n + b.o0 + ol] = __fmul_rn(acc, p.a_scales[b.t0 + tl]);
 }
 
 // ---- b1 AND + popcount -----------------------------------------------------------------------
@@ -167,44 +298,33 @@ __device__ __forceinline__ uint32_t ActPlaneWeight(int i) {
   return i == kAb - 1 ? 0u - (1u << i) : 1u << i;
 }
 
-template <int kWb, int kAb>
-__global__ void __launch_bounds__(kWarps * 32) AbqBinaryGemmKernel(GemmParams p) {
-  constexpr int kOuts = 16 / kWb;  // outputs per warp (wb = 3: 5 outputs, row 15 unused)
+// kTiles n8 tiles of activation plane columns (kTiles <= 16 / (8 / kAb)); the block's 16 A rows
+// are the planes of 16 / kWb outputs (wb = 3: 5 outputs, row 15 unused).
+template <int kWb, int kAb, int kTiles>
+__global__ void __launch_bounds__(kGemmThreads, kTiles <= 4 ? 2 : 1)
+    AbqBinaryGemmKernel(GemmParams p) {
+  constexpr int kOuts = 16 / kWb;
   constexpr int kRows = kOuts * kWb;
   constexpr int kTokensPerTile = 8 / kAb;  // tokens per n8 tile
-  constexpr int kTiles = kTileTokens / kTokensPerTile;
-  constexpr int kPairs = (kOuts * kTileTokens + 31) / 32;  // (output, token) pairs per lane
-  // Per warp: the plane-combined sums P[row][token] = Σ_i sgn_i 2^i popc of one k-group.
-  __shared__ uint32_t plane_sums[kWarps][16][kTileTokens];
-  const WarpTile tile = MakeWarpTile(kOuts, p.m);
-  const int lane = tile.lane, g = tile.g, t4 = tile.t4, mt = tile.mt;
-  const int64_t o0 = tile.o0, t0 = tile.t0;
-  if (o0 >= p.w.n) return;  // whole warps only; no block-wide barrier follows
-  const int tiles = (mt + kTokensPerTile - 1) / kTokensPerTile;
-  const int words = p.w.words;
-
+  const BlockTile b = MakeBlockTile(kOuts, p.m);
+  const int g = b.g, t4 = b.t4, mt = b.mt;
+  const int tiles = min(kTiles, (mt + kTokensPerTile - 1) / kTokensPerTile);
+  const int64_t words = p.w.words;
   auto weight_row = [&](int r) -> const uint32_t* {
-    return (r < kRows && o0 + r / kWb < p.w.n) ? p.w.planes + (o0 * kWb + r) * words : nullptr;
+    return (r < kRows && b.o0 + r / kWb < p.w.n) ? p.w.planes + (b.o0 * kWb + r) * words : nullptr;
   };
   const uint32_t* w_lo = weight_row(g);
   const uint32_t* w_hi = weight_row(g + 8);
-  const uint32_t* a_row[kTiles];
-#pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-    const int col = nt * 8 + g;
-    a_row[nt] = col / kAb < mt ? p.a_planes + (t0 * kAb + col) * words : nullptr;
-  }
-  float out[kPairs];
-#pragma unroll
-  for (int q = 0; q < kPairs; ++q) out[q] = 0.0f;
-  uint32_t(*sums)[kTileTokens] = plane_sums[tile.warp];
-
-  for (int gr = 0; gr < p.w.n_groups; ++gr) {
-    const int begin = gr * p.w.group_words;
-    const int end = min(begin + p.w.group_words, words);
+  // Column c of n-tile nt: activation plane row t0·ab + 8·nt + c (token (8·nt + c) / ab).
+  const uint32_t* a_base = p.a_planes + (b.t0 * kAb + g) * words;
+  auto a_row = [&](int nt) -> const uint32_t* {
+    return (nt * 8 + g) / kAb < mt ? a_base + nt * 8 * words : nullptr;
+  };
+  RunIntegerGemm<kWb>(p, b, kOuts, [&](int, int begin, int end, uint32_t* slot) {
     int acc[kTiles][4];
 #pragma unroll
     for (int nt = 0; nt < kTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+#pragma unroll 2
     for (int w = begin; w < end; w += 8) {
       const int lo = w + t4, hi = w + 4 + t4;
       const uint32_t a0 = LoadWord(w_lo, lo, end), a1 = LoadWord(w_hi, lo, end);
@@ -213,19 +333,20 @@ __global__ void __launch_bounds__(kWarps * 32) AbqBinaryGemmKernel(GemmParams p)
 #pragma unroll
         for (int nt = 0; nt < kTiles; ++nt) {
           if (nt < tiles) {
-            MmaB1K256(acc[nt], a0, a1, a2, a3, LoadWord(a_row[nt], lo, end),
-                      LoadWord(a_row[nt], hi, end));
+            const uint32_t* ar = a_row(nt);
+            MmaB1K256(acc[nt], a0, a1, a2, a3, LoadWord(ar, lo, end), LoadWord(ar, hi, end));
           }
         }
-      } else {  // at most 4 words left in the group (e.g. group 128): half the instruction
+      } else {  // at most 4 words left in the unit (e.g. group 128): half the instruction
 #pragma unroll
         for (int nt = 0; nt < kTiles; ++nt) {
-          if (nt < tiles) MmaB1K128(acc[nt], a0, a1, LoadWord(a_row[nt], lo, end));
+          if (nt < tiles) MmaB1K128(acc[nt], a0, a1, LoadWord(a_row(nt), lo, end));
         }
       }
     }
     // Activation planes: lane (g, t4) holds columns 2·t4 and 2·t4 + 1 of rows g and g + 8; the
     // quad (ab = 8) or lane pair (ab = 4) holding one token's planes adds them with their weights.
+    const int ts = p.plan.ts;
 #pragma unroll
     for (int nt = 0; nt < kTiles; ++nt) {
       if (nt < tiles) {
@@ -241,36 +362,14 @@ __global__ void __launch_bounds__(kWarps * 32) AbqBinaryGemmKernel(GemmParams p)
           lo += __shfl_xor_sync(kFull, lo, 2);
           hi += __shfl_xor_sync(kFull, hi, 2);
         }
-        if (kAb == 8 ? t4 == 0 : (t4 & 1) == 0) {
-          const int tl = nt * kTokensPerTile + (kAb == 8 ? 0 : t4 >> 1);
-          sums[g][tl] = lo;
-          sums[g + 8][tl] = hi;
+        const int tl = nt * kTokensPerTile + (kAb == 8 ? 0 : t4 >> 1);
+        if ((kAb == 8 ? t4 == 0 : (t4 & 1) == 0) && tl < mt) {
+          slot[g * ts + tl] = lo;
+          slot[(g + 8) * ts + tl] = hi;
         }
       }
     }
-    __syncwarp();
-    // Weight planes: dot(o, t) = Σ_j 2^j P[o·wb + j][t], then the epilogue step.
-#pragma unroll
-    for (int q = 0; q < kPairs; ++q) {
-      const int pair = lane + 32 * q;
-      const int ol = pair / kTileTokens, tl = pair % kTileTokens;
-      if (ol < kOuts && o0 + ol < p.w.n && tl < mt) {
-        uint32_t dot = 0;
-#pragma unroll
-        for (int j = 0; j < kWb; ++j) dot += sums[ol * kWb + j][tl] << j;
-        out[q] = EpilogueStep(p, t0 + tl, o0 + ol, gr, dot, out[q]);
-      }
-    }
-    __syncwarp();
-  }
-#pragma unroll
-  for (int q = 0; q < kPairs; ++q) {
-    const int pair = lane + 32 * q;
-    const int ol = pair / kTileTokens, tl = pair % kTileTokens;
-    if (ol < kOuts && o0 + ol < p.w.n && tl < mt) {
-      p.y[(t0 + tl) * p.w.n + o0 + ol] = __fmul_rn(out[q], p.a_scales[t0 + tl]);
-    }
-  }
+  });
 }
 
 // ---- Unpack to int8 (IMMA) -------------------------------------------------------------------
@@ -315,34 +414,48 @@ __device__ __forceinline__ void LoadPlanes(uint32_t (&dst)[kBits], const uint32_
   for (int i = 0; i < kBits; ++i) dst[i] = row0 != nullptr ? __ldg(row0 + i * stride + word) : 0u;
 }
 
-// C layout of the 16-output × 16-token warp tile: element e of n-tile nt is output row
+// Token n-tiles of the int8 and A16 kernels: kTileTokens / 8.
+constexpr int kTokenTiles = kTileTokens / 8;
+
+// C layout of the 16-output × 16-token tile: element e of n-tile nt is output row
 // g + 8·(e / 2) and token 8·nt + 2·t4 + e % 2.
+template <typename T>
+__device__ __forceinline__ void StoreTile(const T (&acc)[kTokenTiles][4], int g, int t4, int mt,
+                                          int ts, uint32_t* slot) {
+#pragma unroll
+  for (int nt = 0; nt < kTokenTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e >> 1), tl = nt * 8 + 2 * t4 + (e & 1);
+      if (tl < mt) {
+        uint32_t bits;
+        memcpy(&bits, &acc[nt][e], sizeof(bits));
+        slot[row * ts + tl] = bits;
+      }
+    }
+  }
+}
+
 template <int kWb, int kAb>
-__global__ void __launch_bounds__(kWarps * 32) AbqInt8GemmKernel(GemmParams p) {
-  constexpr int kTiles = kTileTokens / 8;
-  const WarpTile tile = MakeWarpTile(16, p.m);
-  const int g = tile.g, t4 = tile.t4, mt = tile.mt;
-  const int64_t o0 = tile.o0, t0 = tile.t0;
-  if (o0 >= p.w.n) return;
+__global__ void __launch_bounds__(kGemmThreads, 2) AbqInt8GemmKernel(GemmParams p) {
+  const BlockTile b = MakeBlockTile(16, p.m);
+  const int g = b.g, t4 = b.t4, mt = b.mt;
   const int tiles = (mt + 7) / 8;
   const int64_t words = p.w.words;
-  const uint32_t* w_lo = o0 + g < p.w.n ? p.w.planes + (o0 + g) * kWb * words : nullptr;
-  const uint32_t* w_hi = o0 + g + 8 < p.w.n ? p.w.planes + (o0 + g + 8) * kWb * words : nullptr;
-  const uint32_t* a_tok[kTiles];
+  const uint32_t* w_lo = b.o0 + g < p.w.n ? p.w.planes + (b.o0 + g) * kWb * words : nullptr;
+  const uint32_t* w_hi = b.o0 + g + 8 < p.w.n ? p.w.planes + (b.o0 + g + 8) * kWb * words : nullptr;
+  const uint32_t* a_tok[kTokenTiles];
 #pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-    a_tok[nt] = nt * 8 + g < mt ? p.a_planes + (t0 + nt * 8 + g) * kAb * words : nullptr;
+  for (int nt = 0; nt < kTokenTiles; ++nt) {
+    a_tok[nt] = nt * 8 + g < mt ? p.a_planes + (b.t0 + nt * 8 + g) * kAb * words : nullptr;
   }
-  float out[kTiles][4];
+  RunIntegerGemm<1>(p, b, 16, [&](int, int begin, int end, uint32_t* slot) {
+    int acc[kTokenTiles][4];
 #pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) out[nt][0] = out[nt][1] = out[nt][2] = out[nt][3] = 0.0f;
-
-  for (int gr = 0; gr < p.w.n_groups; ++gr) {
-    const int begin = gr * p.w.group_words;
-    const int end = min(begin + p.w.group_words, p.w.words);
-    int acc[kTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    for (int nt = 0; nt < kTokenTiles; ++nt) {
+      acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    }
+#pragma unroll 4
     for (int w = begin; w < end; ++w) {
       uint32_t lo[kWb], hi[kWb];
       LoadPlanes<kWb>(lo, w_lo, words, w);
@@ -352,7 +465,7 @@ __global__ void __launch_bounds__(kWarps * 32) AbqInt8GemmKernel(GemmParams p) {
       const uint32_t a2 = PlanesToBytes<kWb, false>(lo, 16 + 4 * t4);
       const uint32_t a3 = PlanesToBytes<kWb, false>(hi, 16 + 4 * t4);
 #pragma unroll
-      for (int nt = 0; nt < kTiles; ++nt) {
+      for (int nt = 0; nt < kTokenTiles; ++nt) {
         if (nt < tiles) {
           uint32_t act[kAb];
           LoadPlanes<kAb>(act, a_tok[nt], words, w);
@@ -361,30 +474,8 @@ __global__ void __launch_bounds__(kWarps * 32) AbqInt8GemmKernel(GemmParams p) {
         }
       }
     }
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t o = o0 + g + 8 * (e >> 1);
-        const int tl = nt * 8 + 2 * t4 + (e & 1);
-        if (o < p.w.n && tl < mt) {
-          out[nt][e] =
-              EpilogueStep(p, t0 + tl, o, gr, static_cast<uint32_t>(acc[nt][e]), out[nt][e]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t o = o0 + g + 8 * (e >> 1);
-      const int tl = nt * 8 + 2 * t4 + (e & 1);
-      if (o < p.w.n && tl < mt) {
-        p.y[(t0 + tl) * p.w.n + o] = __fmul_rn(out[nt][e], p.a_scales[t0 + tl]);
-      }
-    }
-  }
+    StoreTile(acc, g, t4, mt, p.plan.ts, slot);
+  });
 }
 
 // ---- Weight-only A16 -------------------------------------------------------------------------
@@ -409,38 +500,37 @@ __device__ __forceinline__ float LoadX(const float* row, int64_t c, int64_t k) {
   return (row != nullptr && c < k) ? __ldg(row + c) : 0.0f;
 }
 
-// Per k-group: acc_G = Σ_{k in G} bf16(x)·(q − z) on the tensor cores (fp32), then
-// out = fma(acc_G, s_w, out). Padding columns have code 0 but x = 0 there, so they add nothing.
+// Per unit: Σ_{k in unit} bf16(x)·(q − z) on the tensor cores (fp32); per k-group the parts are
+// added in order to acc_G, then out = fma(acc_G, s_w, out). Padding columns have code 0 but x = 0
+// there, so they add nothing.
 template <int kWb>
-__global__ void __launch_bounds__(kWarps * 32)
-    AbqWeightOnlyKernel(AbqDeviceWeights wt, const float* x, int64_t m, float* y) {
-  constexpr int kTiles = kTileTokens / 8;
-  const WarpTile tile = MakeWarpTile(16, m);
-  const int g = tile.g, t4 = tile.t4, mt = tile.mt;
-  const int64_t o0 = tile.o0, t0 = tile.t0;
-  if (o0 >= wt.n) return;
+__global__ void __launch_bounds__(kGemmThreads, 2)
+    AbqWeightOnlyKernel(AbqDeviceWeights wt, const float* x, int64_t m, float* y, RoundPlan plan) {
+  const BlockTile b = MakeBlockTile(16, m);
+  const int g = b.g, t4 = b.t4, mt = b.mt;
   const int tiles = (mt + 7) / 8;
   const int64_t words = wt.words, k = wt.k;
-  const bool lo_ok = o0 + g < wt.n, hi_ok = o0 + g + 8 < wt.n;
-  const uint32_t* w_lo = lo_ok ? wt.planes + (o0 + g) * kWb * words : nullptr;
-  const uint32_t* w_hi = hi_ok ? wt.planes + (o0 + g + 8) * kWb * words : nullptr;
-  const float* x_tok[kTiles];
+  const bool lo_ok = b.o0 + g < wt.n, hi_ok = b.o0 + g + 8 < wt.n;
+  const uint32_t* w_lo = lo_ok ? wt.planes + (b.o0 + g) * kWb * words : nullptr;
+  const uint32_t* w_hi = hi_ok ? wt.planes + (b.o0 + g + 8) * kWb * words : nullptr;
+  const float* x_tok[kTokenTiles];
 #pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt)
-    x_tok[nt] = nt * 8 + g < mt ? x + (t0 + nt * 8 + g) * k : nullptr;
-  float out[kTiles][4];
+  for (int nt = 0; nt < kTokenTiles; ++nt) {
+    x_tok[nt] = nt * 8 + g < mt ? x + (b.t0 + nt * 8 + g) * k : nullptr;
+  }
+  const int ol = threadIdx.x / mt, tl = threadIdx.x % mt;
+  const bool mine = ol < 16 && b.o0 + ol < wt.n;
+  float out = 0.0f;
+  auto unit = [&](int group, int begin, int end, uint32_t* slot) {
+    const int64_t gi = static_cast<int64_t>(group) * wt.n;
+    const int z_lo = lo_ok ? __ldg(wt.zeros + gi + b.o0 + g) : 0;
+    const int z_hi = hi_ok ? __ldg(wt.zeros + gi + b.o0 + g + 8) : 0;
+    float acc[kTokenTiles][4];
 #pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) out[nt][0] = out[nt][1] = out[nt][2] = out[nt][3] = 0.0f;
-
-  for (int gr = 0; gr < wt.n_groups; ++gr) {
-    const int begin = gr * wt.group_words;
-    const int end = min(begin + wt.group_words, wt.words);
-    const int64_t gi = static_cast<int64_t>(gr) * wt.n;
-    const int z_lo = lo_ok ? wt.zeros[gi + o0 + g] : 0;
-    const int z_hi = hi_ok ? wt.zeros[gi + o0 + g + 8] : 0;
-    float acc[kTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    for (int nt = 0; nt < kTokenTiles; ++nt) {
+      acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    }
+#pragma unroll 2
     for (int w = begin; w < end; ++w) {
       uint32_t lo[kWb], hi[kWb];
       LoadPlanes<kWb>(lo, w_lo, words, w);
@@ -453,7 +543,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                                WeightPair<kWb>(hi, bit + 8, z_hi)};
         const int64_t c = static_cast<int64_t>(w) * 32 + bit;
 #pragma unroll
-        for (int nt = 0; nt < kTiles; ++nt) {
+        for (int nt = 0; nt < kTokenTiles; ++nt) {
           if (nt < tiles) {
             const float* xr = x_tok[nt];
             mma::Mma(acc[nt], a, mma::PackBf16(LoadX(xr, c, k), LoadX(xr, c + 1, k)),
@@ -462,42 +552,60 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
       }
     }
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t o = o0 + g + 8 * (e >> 1);
-        if (o < wt.n) out[nt][e] = __fmaf_rn(acc[nt][e], wt.scales[gi + o], out[nt][e]);
+    StoreTile(acc, g, t4, mt, plan.ts, slot);
+  };
+  RunRounds(wt, plan, b, 16, nullptr, unit, [&](int, int rg, const RoundShared& sh) {
+    if (!mine) return;
+    for (int gl = 0; gl < rg; ++gl) {
+      float sum = 0.0f;
+      for (int part = 0; part < plan.parts; ++part) {
+        const float v = __uint_as_float(sh.Slot(plan, gl, part)[ol * plan.ts + tl]);
+        sum = part == 0 ? v : __fadd_rn(sum, v);
       }
+      out = __fmaf_rn(sum, sh.scales[gl * kTileRows + ol], out);
     }
-  }
-#pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t o = o0 + g + 8 * (e >> 1);
-      const int tl = nt * 8 + 2 * t4 + (e & 1);
-      if (o < wt.n && tl < mt) y[(t0 + tl) * wt.n + o] = out[nt][e];
-    }
-  }
+  });
+  if (mine) y[(b.t0 + tl) * wt.n + b.o0 + ol] = out;
 }
 
 // ---- Dispatch --------------------------------------------------------------------------------
 
 bool TokenGridOk(int64_t m) { return m >= 1 && (m + kTileTokens - 1) / kTileTokens <= 65535; }
 
-dim3 GemmGrid(int64_t n, int outs_per_warp, int64_t m) {
-  const int64_t per_block = static_cast<int64_t>(kWarps) * outs_per_warp;
-  return dim3(static_cast<unsigned>((n + per_block - 1) / per_block),
+dim3 GemmGrid(int64_t n, int outs, int64_t m) {
+  return dim3(static_cast<unsigned>((n + outs - 1) / outs),
               static_cast<unsigned>((m + kTileTokens - 1) / kTileTokens));
+}
+
+size_t RoundSharedBytes(const RoundPlan& plan) {
+  return static_cast<size_t>(plan.groups) * RoundBytesPerGroup(plan);
+}
+
+// The b1 kernel with the fewest n-tiles that hold the block's tokens: 1 (m = 1, or 2 for A4), 4
+// or all of kTileTokens.
+template <int kWb, int kAb>
+void LaunchBinary(const GemmParams& p, cudaStream_t stream) {
+  constexpr int kTokensPerTile = 8 / kAb;
+  constexpr int kMaxTiles = kTileTokens / kTokensPerTile;
+  const int tiles = (p.plan.ts + kTokensPerTile - 1) / kTokensPerTile;
+  const dim3 grid = GemmGrid(p.w.n, 16 / kWb, p.m);
+  const size_t shared = RoundSharedBytes(p.plan);
+  if (tiles <= 1) {
+    AbqBinaryGemmKernel<kWb, kAb, 1><<<grid, kGemmThreads, shared, stream>>>(p);
+  } else if (tiles <= 4) {
+    AbqBinaryGemmKernel<kWb, kAb, 4><<<grid, kGemmThreads, shared, stream>>>(p);
+  } else {
+    AbqBinaryGemmKernel<kWb, kAb, kMaxTiles><<<grid, kGemmThreads, shared, stream>>>(p);
+  }
 }
 
 template <int kWb, int kAb>
 cudaError_t LaunchGemmFor(AbqMma mma, const GemmParams& p, cudaStream_t stream) {
   if (mma == AbqMma::kBinary) {
-    AbqBinaryGemmKernel<kWb, kAb><<<GemmGrid(p.w.n, 16 / kWb, p.m), kWarps * 32, 0, stream>>>(p);
+    LaunchBinary<kWb, kAb>(p, stream);
   } else {
-    AbqInt8GemmKernel<kWb, kAb><<<GemmGrid(p.w.n, 16, p.m), kWarps * 32, 0, stream>>>(p);
+    AbqInt8GemmKernel<kWb, kAb>
+        <<<GemmGrid(p.w.n, 16, p.m), kGemmThreads, RoundSharedBytes(p.plan), stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -547,7 +655,7 @@ cudaError_t LaunchAbqPrologue(const float* x, const AbqDeviceWeights& w,
 cudaError_t LaunchAbqGemm(AbqMma mma, const AbqDeviceWeights& w, const AbqDeviceActivations& a,
                           float* y, int32_t* dot, cudaStream_t stream) {
   if (!WeightsOk(w) || !TokenGridOk(a.m)) return cudaErrorInvalidValue;
-  const GemmParams p{w, a.planes, a.scales, a.sums, a.m, y, dot};
+  const GemmParams p{w, a.planes, a.scales, a.sums, a.m, y, dot, PlanRounds(w.n_groups, a.m)};
   if (a.act_bits == 4) return LaunchGemmAb<4>(mma, p, stream);
   if (a.act_bits == 8) return LaunchGemmAb<8>(mma, p, stream);
   return cudaErrorInvalidValue;
@@ -557,18 +665,20 @@ cudaError_t LaunchAbqWeightOnly(const float* x, int64_t m, const AbqDeviceWeight
                                 cudaStream_t stream) {
   if (!WeightsOk(w) || !TokenGridOk(m)) return cudaErrorInvalidValue;
   const dim3 grid = GemmGrid(w.n, 16, m);
+  const RoundPlan plan = PlanRounds(w.n_groups, m);
+  const size_t shared = RoundSharedBytes(plan);
   switch (w.weight_bits) {
     case 2:
-      AbqWeightOnlyKernel<2><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<2><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     case 3:
-      AbqWeightOnlyKernel<3><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<3><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     case 4:
-      AbqWeightOnlyKernel<4><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<4><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     case 8:
-      AbqWeightOnlyKernel<8><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<8><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     default:
       return cudaErrorInvalidValue;
