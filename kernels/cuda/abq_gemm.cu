@@ -189,10 +189,17 @@ struct RoundShared {
   }
 };
 
-// Runs the rounds: unit(group, begin, end, slot) on each warp's units (words [begin, end) of
-// k-group `group`, sums stored to slot[row · ts + token]), then epilogue(g0, rg, shared) on every
-// thread after the round's barrier.
-template <typename Unit, typename Epilogue>
+// One unit of work: words [begin, end) of k-group `group`, whose sums go to slot[row · ts +
+// token]; slot is null for the empty units that pad a warp's last batch.
+struct UnitWork {
+  int group, begin, end;
+  uint32_t* slot;
+};
+
+// Runs the rounds: unit(batch) on each warp's units, kBatch at a time (UnitWork[kBatch]: units
+// u, u + kSplitWarps, ..., so that a warp can have the loads of several units in flight), then
+// epilogue(g0, rg, shared) on every thread after the round's barrier.
+template <int kBatch, typename Unit, typename Epilogue>
 __device__ __forceinline__ void RunRounds(const AbqDeviceWeights& w, const RoundPlan& plan,
                                           const BlockTile& b, int outs, const int32_t* a_sums,
                                           Unit unit, Epilogue epilogue) {
@@ -219,12 +226,23 @@ __device__ __forceinline__ void RunRounds(const AbqDeviceWeights& w, const Round
         CopyAsync4(sh.sums + gl * plan.ts + tl, a_sums + (b.t0 + tl) * w.n_groups + g0 + gl);
       }
     }
-    for (int u = b.warp; u < rg * plan.parts; u += kSplitWarps) {
-      const int group = g0 + u / plan.parts, part = u % plan.parts;
-      const int gb = group * w.group_words, ge = min(gb + w.group_words, w.words);
-      const int len = (ge - gb + plan.parts - 1) / plan.parts;
-      const int begin = min(gb + part * len, ge), end = min(begin + len, ge);
-      unit(group, begin, end, sh.units + u * kTileRows * plan.ts);
+    const int nu = rg * plan.parts;
+    for (int u0 = b.warp; u0 < nu; u0 += kSplitWarps * kBatch) {
+      UnitWork batch[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int u = u0 + i * kSplitWarps;
+        if (u < nu) {
+          const int group = g0 + u / plan.parts, part = u % plan.parts;
+          const int gb = group * w.group_words, ge = min(gb + w.group_words, w.words);
+          const int len = (ge - gb + plan.parts - 1) / plan.parts;
+          const int begin = min(gb + part * len, ge);
+          batch[i] = {group, begin, min(begin + len, ge), sh.units + u * kTileRows * plan.ts};
+        } else {
+          batch[i] = {0, 0, 0, nullptr};
+        }
+      }
+      unit(batch);
     }
     CopyAsyncWait();
     __syncthreads();
@@ -242,6 +260,7 @@ __device__ __forceinline__ float IntegerEpilogueRound(const GemmParams& p, const
                                                       const RoundShared& sh, float acc) {
   const int ts = p.plan.ts;
   const int64_t o = b.o0 + ol, t = b.t0 + tl;
+#pragma unroll 4
   for (int gl = 0; gl < rg; ++gl) {
     uint32_t dot = 0;
     for (int part = 0; part < p.plan.parts; ++part) {
@@ -261,15 +280,17 @@ __device__ __forceinline__ float IntegerEpilogueRound(const GemmParams& p, const
 }
 
 // The integer GEMMs' block: rounds with `unit`, the epilogue above, y = acc·s_a.
-template <int kRowsPerOut, typename Unit>
+template <int kRowsPerOut, int kBatch, typename Unit>
 __device__ __forceinline__ void RunIntegerGemm(const GemmParams& p, const BlockTile& b, int outs,
                                                Unit unit) {
   const int ol = threadIdx.x / b.mt, tl = threadIdx.x % b.mt;
   const bool mine = ol < outs && b.o0 + ol < p.w.n;  // threads past outs·mt have ol >= outs
   float acc = 0.0f;
-  RunRounds(p.w, p.plan, b, outs, p.a_sums, unit, [&](int g0, int rg, const RoundShared& sh) {
-    if (mine) acc = IntegerEpilogueRound<kRowsPerOut>(p, b, ol, tl, g0, rg, sh, acc);
-  });
+  RunRounds<kBatch>(p.w, p.plan, b, outs, p.a_sums, unit,
+                    [&](int g0, int rg, const RoundShared& sh) {
+                      if (mine)
+                        acc = IntegerEpilogueRound<kRowsPerOut>(p, b, ol, tl, g0, rg, sh, acc);
+                    });
   if (mine) p.y[(b.t0 + tl) * p.w.n + b.o0 + ol] = __fmul_rn(acc, p.a_scales[b.t0 + tl]);
 }
 
@@ -320,27 +341,61 @@ __global__ void __launch_bounds__(kGemmThreads, kTiles <= 4 ? 2 : 1)
   auto a_row = [&](int nt) -> const uint32_t* {
     return (nt * 8 + g) / kAb < mt ? a_base + nt * 8 * words : nullptr;
   };
-  RunIntegerGemm<kWb>(p, b, kOuts, [&](int, int begin, int end, uint32_t* slot) {
-    int acc[kTiles][4];
+  // Units in flight per warp, and whether the activation words are loaded with the weights
+  // (registers: decode of one n-tile only).
+  constexpr int kBatch = kTiles == 1 ? 2 : 1;
+  constexpr bool kLoadAhead = kTiles == 1;
+  RunIntegerGemm<kWb, kBatch>(p, b, kOuts, [&](const UnitWork(&units)[kBatch]) {
+    int acc[kBatch][kTiles][4];
+    int steps = 0;
 #pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
-#pragma unroll 2
-    for (int w = begin; w < end; w += 8) {
-      const int lo = w + t4, hi = w + 4 + t4;
-      const uint32_t a0 = LoadWord(w_lo, lo, end), a1 = LoadWord(w_hi, lo, end);
-      if (end - w > 4) {
-        const uint32_t a2 = LoadWord(w_lo, hi, end), a3 = LoadWord(w_hi, hi, end);
+    for (int i = 0; i < kBatch; ++i) {
+      steps = max(steps, units[i].end - units[i].begin);
 #pragma unroll
-        for (int nt = 0; nt < kTiles; ++nt) {
-          if (nt < tiles) {
-            const uint32_t* ar = a_row(nt);
-            MmaB1K256(acc[nt], a0, a1, a2, a3, LoadWord(ar, lo, end), LoadWord(ar, hi, end));
-          }
+      for (int nt = 0; nt < kTiles; ++nt) {
+        acc[i][nt][0] = acc[i][nt][1] = acc[i][nt][2] = acc[i][nt][3] = 0;
+      }
+    }
+    for (int s = 0; s < steps; s += 8) {
+      // The loads of the batch's step first, then the mmas: k256 over 8 words, k128 when at
+      // most 4 are left in the unit (e.g. group 128), nothing when the unit is done.
+      uint32_t a[kBatch][4], bw[kBatch][kLoadAhead ? kTiles : 1][2];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int w = units[i].begin + s, end = units[i].end;
+        const int lo = w + t4, hi = w + 4 + t4;
+        a[i][0] = LoadWord(w_lo, lo, end);
+        a[i][1] = LoadWord(w_hi, lo, end);
+        a[i][2] = LoadWord(w_lo, hi, end);
+        a[i][3] = LoadWord(w_hi, hi, end);
+#pragma unroll
+        for (int nt = 0; nt < (kLoadAhead ? kTiles : 0); ++nt) {
+          const uint32_t* ar = nt < tiles ? a_row(nt) : nullptr;
+          bw[i][nt][0] = LoadWord(ar, lo, end);
+          bw[i][nt][1] = LoadWord(ar, hi, end);
         }
-      } else {  // at most 4 words left in the unit (e.g. group 128): half the instruction
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int w = units[i].begin + s, end = units[i].end, left = end - w;
 #pragma unroll
         for (int nt = 0; nt < kTiles; ++nt) {
-          if (nt < tiles) MmaB1K128(acc[nt], a0, a1, LoadWord(a_row(nt), lo, end));
+          if (nt < tiles && left > 0) {
+            uint32_t b0, b1;
+            if (kLoadAhead) {
+              b0 = bw[i][nt][0];
+              b1 = bw[i][nt][1];
+            } else {
+              const uint32_t* ar = a_row(nt);
+              b0 = LoadWord(ar, w + t4, end);
+              b1 = LoadWord(ar, w + 4 + t4, end);
+            }
+            if (left > 4) {
+              MmaB1K256(acc[i][nt], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+            } else {
+              MmaB1K128(acc[i][nt], a[i][0], a[i][1], b0);
+            }
+          }
         }
       }
     }
@@ -348,24 +403,29 @@ __global__ void __launch_bounds__(kGemmThreads, kTiles <= 4 ? 2 : 1)
     // quad (ab = 8) or lane pair (ab = 4) holding one token's planes adds them with their weights.
     const int ts = p.plan.ts;
 #pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
-      if (nt < tiles) {
-        const uint32_t wt0 = ActPlaneWeight<kAb>((2 * t4) % kAb);
-        const uint32_t wt1 = ActPlaneWeight<kAb>((2 * t4 + 1) % kAb);
-        uint32_t lo =
-            static_cast<uint32_t>(acc[nt][0]) * wt0 + static_cast<uint32_t>(acc[nt][1]) * wt1;
-        uint32_t hi =
-            static_cast<uint32_t>(acc[nt][2]) * wt0 + static_cast<uint32_t>(acc[nt][3]) * wt1;
-        lo += __shfl_xor_sync(kFull, lo, 1);
-        hi += __shfl_xor_sync(kFull, hi, 1);
-        if (kAb == 8) {
-          lo += __shfl_xor_sync(kFull, lo, 2);
-          hi += __shfl_xor_sync(kFull, hi, 2);
-        }
-        const int tl = nt * kTokensPerTile + (kAb == 8 ? 0 : t4 >> 1);
-        if ((kAb == 8 ? t4 == 0 : (t4 & 1) == 0) && tl < mt) {
-          slot[g * ts + tl] = lo;
-          slot[(g + 8) * ts + tl] = hi;
+    for (int i = 0; i < kBatch; ++i) {
+      uint32_t* slot = units[i].slot;
+      if (slot == nullptr) continue;  // warp-uniform
+#pragma unroll
+      for (int nt = 0; nt < kTiles; ++nt) {
+        if (nt < tiles) {
+          const uint32_t wt0 = ActPlaneWeight<kAb>((2 * t4) % kAb);
+          const uint32_t wt1 = ActPlaneWeight<kAb>((2 * t4 + 1) % kAb);
+          uint32_t lo = static_cast<uint32_t>(acc[i][nt][0]) * wt0 +
+                        static_cast<uint32_t>(acc[i][nt][1]) * wt1;
+          uint32_t hi = static_cast<uint32_t>(acc[i][nt][2]) * wt0 +
+                        static_cast<uint32_t>(acc[i][nt][3]) * wt1;
+          lo += __shfl_xor_sync(kFull, lo, 1);
+          hi += __shfl_xor_sync(kFull, hi, 1);
+          if (kAb == 8) {
+            lo += __shfl_xor_sync(kFull, lo, 2);
+            hi += __shfl_xor_sync(kFull, hi, 2);
+          }
+          const int tl = nt * kTokensPerTile + (kAb == 8 ? 0 : t4 >> 1);
+          if ((kAb == 8 ? t4 == 0 : (t4 & 1) == 0) && tl < mt) {
+            slot[g * ts + tl] = lo;
+            slot[(g + 8) * ts + tl] = hi;
+          }
         }
       }
     }
@@ -449,7 +509,9 @@ __global__ void __launch_bounds__(kGemmThreads, 2) AbqInt8GemmKernel(GemmParams 
   for (int nt = 0; nt < kTokenTiles; ++nt) {
     a_tok[nt] = nt * 8 + g < mt ? p.a_planes + (b.t0 + nt * 8 + g) * kAb * words : nullptr;
   }
-  RunIntegerGemm<1>(p, b, 16, [&](int, int begin, int end, uint32_t* slot) {
+  RunIntegerGemm<1, 1>(p, b, 16, [&](const UnitWork(&units)[1]) {
+    const int begin = units[0].begin, end = units[0].end;
+    if (units[0].slot == nullptr) return;
     int acc[kTokenTiles][4];
 #pragma unroll
     for (int nt = 0; nt < kTokenTiles; ++nt) {
@@ -474,7 +536,7 @@ __global__ void __launch_bounds__(kGemmThreads, 2) AbqInt8GemmKernel(GemmParams 
         }
       }
     }
-    StoreTile(acc, g, t4, mt, p.plan.ts, slot);
+    StoreTile(acc, g, t4, mt, p.plan.ts, units[0].slot);
   });
 }
 
@@ -521,7 +583,9 @@ __global__ void __launch_bounds__(kGemmThreads, 2)
   const int ol = threadIdx.x / mt, tl = threadIdx.x % mt;
   const bool mine = ol < 16 && b.o0 + ol < wt.n;
   float out = 0.0f;
-  auto unit = [&](int group, int begin, int end, uint32_t* slot) {
+  auto unit = [&](const UnitWork(&units)[1]) {
+    const int group = units[0].group, begin = units[0].begin, end = units[0].end;
+    if (units[0].slot == nullptr) return;
     const int64_t gi = static_cast<int64_t>(group) * wt.n;
     const int z_lo = lo_ok ? __ldg(wt.zeros + gi + b.o0 + g) : 0;
     const int z_hi = hi_ok ? __ldg(wt.zeros + gi + b.o0 + g + 8) : 0;
@@ -552,9 +616,9 @@ __global__ void __launch_bounds__(kGemmThreads, 2)
         }
       }
     }
-    StoreTile(acc, g, t4, mt, plan.ts, slot);
+    StoreTile(acc, g, t4, mt, plan.ts, units[0].slot);
   };
-  RunRounds(wt, plan, b, 16, nullptr, unit, [&](int, int rg, const RoundShared& sh) {
+  RunRounds<1>(wt, plan, b, 16, nullptr, unit, [&](int, int rg, const RoundShared& sh) {
     if (!mine) return;
     for (int gl = 0; gl < rg; ++gl) {
       float sum = 0.0f;
