@@ -49,6 +49,7 @@ constexpr int kGemmThreads = kSplitWarps * 32;     //
 constexpr int kTileRows = 16;                      // weight rows (mma A rows) per GEMM block
 constexpr int kTileTokens = 16;                    // tokens per GEMM block (grid.y walks the rest)
 constexpr int kRoundBytes = 32 * 1024;             // shared memory of one round of k-groups
+constexpr int kPrefetchBytes = 64 * 1024;          // weights a block asks L2 for at its start
 constexpr int kPrologueThreads = 1024;             //
 constexpr int kMaxPrologueGroups = 48 * 1024 / 4;  // Σa per group in shared memory
 
@@ -65,6 +66,9 @@ __global__ void __launch_bounds__(kPrologueThreads)
                       uint32_t* planes, float* scales, int32_t* sums) {
   extern __shared__ int32_t group_sums[];
   __shared__ float scratch[32];
+  // The GEMM that follows may start now (it waits for this grid's completion before it reads the
+  // activations: griddepcontrol.wait in RunRounds).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   constexpr float kQmax = static_cast<float>((1 << (kAb - 1)) - 1);
   const int64_t t = blockIdx.x;
   const float* xr = x + t * k;
@@ -178,6 +182,19 @@ __device__ __forceinline__ void CopyAsyncWait() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// Asks L2 for the first kPrefetchBytes of the block's weight rows (contiguous: the planes of
+// outputs o0 .. o0 + outs − 1), one 128-byte line per thread and step, without waiting: the whole
+// slab is requested from DRAM at once instead of one unit's words per warp at a time.
+__device__ __forceinline__ void PrefetchWeights(const AbqDeviceWeights& w, int64_t o0, int outs) {
+  const int64_t row_bytes = static_cast<int64_t>(w.weight_bits) * w.words * 4;
+  const int64_t bytes = min(static_cast<int64_t>(kPrefetchBytes),
+                            min(static_cast<int64_t>(outs), w.n - o0) * row_bytes);
+  const char* base = reinterpret_cast<const char*>(w.planes) + o0 * row_bytes;
+  for (int64_t off = threadIdx.x * int64_t{128}; off < bytes; off += kGemmThreads * int64_t{128}) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + off));
+  }
+}
+
 // The round's shared memory.
 struct RoundShared {
   uint32_t* units;  // [groups · parts][kTileRows][ts]
@@ -204,6 +221,10 @@ __device__ __forceinline__ void RunRounds(const AbqDeviceWeights& w, const Round
                                           const BlockTile& b, int outs, const int32_t* a_sums,
                                           Unit unit, Epilogue epilogue) {
   extern __shared__ uint32_t round_smem[];
+  PrefetchWeights(w, b.o0, outs);
+  // Launched programmatically after the prologue (LaunchGemmKernel): the weights' prefetch above
+  // overlaps it; everything below may read its outputs. A no-op for an ordinary launch.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   RoundShared sh;
   sh.units = round_smem;
   sh.scales = reinterpret_cast<float*>(sh.units + plan.groups * plan.parts * kTileRows * plan.ts);
@@ -645,33 +666,41 @@ size_t RoundSharedBytes(const RoundPlan& plan) {
   return static_cast<size_t>(plan.groups) * RoundBytesPerGroup(plan);
 }
 
+// An integer GEMM kernel launched with programmatic stream serialization: it may start while the
+// prologue before it on the stream runs (prefetching its weights into L2), which hides most of a
+// launch's latency; griddepcontrol.wait orders its reads of the activations after the prologue.
+template <typename Kernel>
+cudaError_t LaunchGemmKernel(Kernel kernel, const GemmParams& p, dim3 grid, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kGemmThreads);
+  config.dynamicSmemBytes = RoundSharedBytes(p.plan);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
 // The b1 kernel with the fewest n-tiles that hold the block's tokens: 1 (m = 1, or 2 for A4), 4
 // or all of kTileTokens.
 template <int kWb, int kAb>
-void LaunchBinary(const GemmParams& p, cudaStream_t stream) {
+cudaError_t LaunchBinary(const GemmParams& p, cudaStream_t stream) {
   constexpr int kTokensPerTile = 8 / kAb;
   constexpr int kMaxTiles = kTileTokens / kTokensPerTile;
   const int tiles = (p.plan.ts + kTokensPerTile - 1) / kTokensPerTile;
   const dim3 grid = GemmGrid(p.w.n, 16 / kWb, p.m);
-  const size_t shared = RoundSharedBytes(p.plan);
-  if (tiles <= 1) {
-    AbqBinaryGemmKernel<kWb, kAb, 1><<<grid, kGemmThreads, shared, stream>>>(p);
-  } else if (tiles <= 4) {
-    AbqBinaryGemmKernel<kWb, kAb, 4><<<grid, kGemmThreads, shared, stream>>>(p);
-  } else {
-    AbqBinaryGemmKernel<kWb, kAb, kMaxTiles><<<grid, kGemmThreads, shared, stream>>>(p);
-  }
+  if (tiles <= 1) return LaunchGemmKernel(AbqBinaryGemmKernel<kWb, kAb, 1>, p, grid, stream);
+  if (tiles <= 4) return LaunchGemmKernel(AbqBinaryGemmKernel<kWb, kAb, 4>, p, grid, stream);
+  return LaunchGemmKernel(AbqBinaryGemmKernel<kWb, kAb, kMaxTiles>, p, grid, stream);
 }
 
 template <int kWb, int kAb>
 cudaError_t LaunchGemmFor(AbqMma mma, const GemmParams& p, cudaStream_t stream) {
-  if (mma == AbqMma::kBinary) {
-    LaunchBinary<kWb, kAb>(p, stream);
-  } else {
-    AbqInt8GemmKernel<kWb, kAb>
-        <<<GemmGrid(p.w.n, 16, p.m), kGemmThreads, RoundSharedBytes(p.plan), stream>>>(p);
-  }
-  return cudaGetLastError();
+  if (mma == AbqMma::kBinary) return LaunchBinary<kWb, kAb>(p, stream);
+  return LaunchGemmKernel(AbqInt8GemmKernel<kWb, kAb>, p, GemmGrid(p.w.n, 16, p.m), stream);
 }
 
 template <int kAb>
