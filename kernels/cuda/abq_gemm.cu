@@ -25,7 +25,7 @@
 //   bf16 m16n8k16 (mma_sync.cuh): A a0 = row g, k 2·t4, 2·t4 + 1; a1 = row g + 8; a2 = row g,
 //     k 8 + 2·t4, +1; a3 = row g + 8; B b0 = k 2·t4, +1 of column g; b1 = k 8 + 2·t4, +1 (the
 //     lower k in the lower half). Two mmas cover one plane word (bits 0..15, then 16..31).
-// Roles: weights are the A operand (their 16 rows are what a warp streams from memory) and tokens
+// Roles: weights are the A operand (their 16 rows are what a block streams from memory) and tokens
 // the B operand's 8 columns, so decode (m <= 16) wastes no weight bandwidth on padding. In the b1
 // kernel an A row is one weight plane (row r = o·wb + j, consecutive in memory) and a B column
 // one activation plane (column c of n-tile nt = token (8·nt + c) / ab, plane c % ab: activation
@@ -186,10 +186,10 @@ __device__ __forceinline__ void CopyAsyncWait() {
 // outputs o0 .. o0 + outs − 1), one 128-byte line per thread and step, without waiting: the whole
 // slab is requested from DRAM at once instead of one unit's words per warp at a time.
 __device__ __forceinline__ void PrefetchWeights(const AbqDeviceWeights& w, int64_t o0, int outs) {
-  const int64_t row_bytes = static_cast<int64_t>(w.weight_bits) * w.words * 4;
+  const int64_t out_bytes = static_cast<int64_t>(w.weight_bits) * w.words * 4;  // wb planes
   const int64_t bytes = min(static_cast<int64_t>(kPrefetchBytes),
-                            min(static_cast<int64_t>(outs), w.n - o0) * row_bytes);
-  const char* base = reinterpret_cast<const char*>(w.planes) + o0 * row_bytes;
+                            min(static_cast<int64_t>(outs), w.n - o0) * out_bytes);
+  const char* base = reinterpret_cast<const char*>(w.planes) + o0 * out_bytes;
   for (int64_t off = threadIdx.x * int64_t{128}; off < bytes; off += kGemmThreads * int64_t{128}) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + off));
   }
