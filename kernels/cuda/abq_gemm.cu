@@ -20,11 +20,15 @@
 //   see the same k for the same register and bit, which is all AND + popcount needs.
 //   s8/u8 m16n8k32: A a0 = row g, columns 4·t4 + [0, 4) (byte e = column 4·t4 + e); a1 = row
 //     g + 8, the same; a2 = row g, columns 16 + 4·t4 + [0, 4); a3 = row g + 8, the same. B b0 =
-//     rows 4·t4 + [0, 4) of column g; b1 = rows 16 + 4·t4 + [0, 4). One mma covers one plane
-//     word: its bits 4·t4..4·t4+3 and 16+4·t4..16+4·t4+3 become the four bytes of a register.
+//     rows 4·t4 + [0, 4) of column g; b1 = rows 16 + 4·t4 + [0, 4) (byte e = k 4·t4 + e). One
+//     mma covers one plane word, in a k order that both operands share (a sum does not depend on
+//     it): mma k 4·t4 + e is the word's bit t4 + 8·e and k 16 + 4·t4 + e its bit t4 + 4 + 8·e, so
+//     a register's four bytes come from one shift and one mask per plane (PlanesToBytes).
 //   bf16 m16n8k16 (mma_sync.cuh): A a0 = row g, k 2·t4, 2·t4 + 1; a1 = row g + 8; a2 = row g,
 //     k 8 + 2·t4, +1; a3 = row g + 8; B b0 = k 2·t4, +1 of column g; b1 = k 8 + 2·t4, +1 (the
-//     lower k in the lower half). Two mmas cover one plane word (bits 0..15, then 16..31).
+//     lower k in the lower half). Two mmas cover one plane word, in a k order both operands share:
+//     in mma h, k pair κ (k 2κ, 2κ + 1) is the word's bits s and s + 16 for s = 8·h + κ, so that
+//     a register's pair comes from one shift and one mask per plane (WeightPair).
 // Roles: weights are the A operand (their 16 rows are what a block streams from memory) and tokens
 // the B operand's 8 columns, so decode (m <= 16) wastes no weight bandwidth on padding. In the b1
 // kernel an A row is one weight plane (row r = o·wb + j, consecutive in memory) and a B column
@@ -464,25 +468,20 @@ __device__ __forceinline__ void MmaU8S8(int (&c)[4], uint32_t a0, uint32_t a1, u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Bits 0..3 of `nibble` to bit 0 of bytes 0..3. The four shifted copies (by 0, 7, 14, 21) do not
-// overlap, so the product has no carries.
-__device__ __forceinline__ uint32_t SpreadNibble(uint32_t nibble) {
-  return (nibble * 0x00204081u) & 0x01010101u;
-}
-
-// Four codes (columns shift..shift+3 of one word) as bytes, from their kBits planes: unsigned
-// (weights, u8), or two's complement sign-extended to 8 bits (activations, s8: the top plane
-// fills bits kBits−1..7 of its byte).
+// Four codes (columns s, s + 8, s + 16, s + 24 of one word: byte e = column s + 8·e) as bytes,
+// from their kBits planes: unsigned (weights, u8), or two's complement sign-extended to 8 bits
+// (activations, s8: the top plane fills bits kBits−1..7 of its byte; each byte of `bits` is 0 or
+// 1, so the product has no carries).
 template <int kBits, bool kSigned>
-__device__ __forceinline__ uint32_t PlanesToBytes(const uint32_t (&planes)[kBits], int shift) {
+__device__ __forceinline__ uint32_t PlanesToBytes(const uint32_t (&planes)[kBits], int s) {
   uint32_t r = 0;
 #pragma unroll
   for (int i = 0; i < kBits; ++i) {
-    const uint32_t spread = SpreadNibble((planes[i] >> shift) & 0xFu);
+    const uint32_t bits = (planes[i] >> s) & 0x01010101u;
     if (kSigned && i == kBits - 1) {
-      r |= spread * ((0xFFu << i) & 0xFFu);
+      r |= bits * ((0xFFu << i) & 0xFFu);
     } else {
-      r |= spread << i;
+      r |= bits << i;
     }
   }
   return r;
@@ -543,17 +542,17 @@ __global__ void __launch_bounds__(kGemmThreads, 2) AbqInt8GemmKernel(GemmParams 
       uint32_t lo[kWb], hi[kWb];
       LoadPlanes<kWb>(lo, w_lo, words, w);
       LoadPlanes<kWb>(hi, w_hi, words, w);
-      const uint32_t a0 = PlanesToBytes<kWb, false>(lo, 4 * t4);
-      const uint32_t a1 = PlanesToBytes<kWb, false>(hi, 4 * t4);
-      const uint32_t a2 = PlanesToBytes<kWb, false>(lo, 16 + 4 * t4);
-      const uint32_t a3 = PlanesToBytes<kWb, false>(hi, 16 + 4 * t4);
+      const uint32_t a0 = PlanesToBytes<kWb, false>(lo, t4);
+      const uint32_t a1 = PlanesToBytes<kWb, false>(hi, t4);
+      const uint32_t a2 = PlanesToBytes<kWb, false>(lo, t4 + 4);
+      const uint32_t a3 = PlanesToBytes<kWb, false>(hi, t4 + 4);
 #pragma unroll
       for (int nt = 0; nt < kTokenTiles; ++nt) {
         if (nt < tiles) {
           uint32_t act[kAb];
           LoadPlanes<kAb>(act, a_tok[nt], words, w);
-          MmaU8S8(acc[nt], a0, a1, a2, a3, PlanesToBytes<kAb, true>(act, 4 * t4),
-                  PlanesToBytes<kAb, true>(act, 16 + 4 * t4));
+          MmaU8S8(acc[nt], a0, a1, a2, a3, PlanesToBytes<kAb, true>(act, t4),
+                  PlanesToBytes<kAb, true>(act, t4 + 4));
         }
       }
     }
@@ -572,11 +571,32 @@ __device__ __forceinline__ int CodeAt(const uint32_t (&planes)[kWb], int bit) {
   return q;
 }
 
-// q − z at columns bit and bit + 1, as a bf16 pair (exact: |q − z| <= 256).
+// bf16x2 (128 + z, 128 + z): exact for z <= 16 (wb <= 4).
+__device__ __forceinline__ uint32_t BiasedZeroPair(int z) {
+  return mma::PackBf16(static_cast<float>(128 + z), static_cast<float>(128 + z));
+}
+
+// q − z at columns s (low half) and s + 16 (high half), as a bf16 pair (exact: |q − z| <= 256).
+// For wb <= 4 the codes go straight into the mantissa of 128 (bf16 0x4300 | q is 128 + q, q <
+// 128) and one bf16x2 subtraction of biased_z = BiasedZeroPair(z) leaves q − z, exactly (a small
+// integer); wb = 8 converts through fp32.
 template <int kWb>
-__device__ __forceinline__ uint32_t WeightPair(const uint32_t (&planes)[kWb], int bit, int z) {
-  return mma::PackBf16(static_cast<float>(CodeAt<kWb>(planes, bit) - z),
-                       static_cast<float>(CodeAt<kWb>(planes, bit + 1) - z));
+__device__ __forceinline__ uint32_t WeightPair(const uint32_t (&planes)[kWb], int s, int z,
+                                               uint32_t biased_z) {
+  if constexpr (kWb <= 4) {
+    uint32_t r = 0x43004300u;
+#pragma unroll
+    for (int j = 0; j < kWb; ++j) r |= ((planes[j] >> s) & 0x00010001u) << j;
+    __nv_bfloat162 v, b;
+    memcpy(&v, &r, sizeof(r));
+    memcpy(&b, &biased_z, sizeof(b));
+    v = __hsub2(v, b);
+    memcpy(&r, &v, sizeof(r));
+    return r;
+  } else {
+    return mma::PackBf16(static_cast<float>(CodeAt<kWb>(planes, s) - z),
+                         static_cast<float>(CodeAt<kWb>(planes, s + 16) - z));
+  }
 }
 
 __device__ __forceinline__ float LoadX(const float* row, int64_t c, int64_t k) {
@@ -610,6 +630,7 @@ __global__ void __launch_bounds__(kGemmThreads, 2)
     const int64_t gi = static_cast<int64_t>(group) * wt.n;
     const int z_lo = lo_ok ? __ldg(wt.zeros + gi + b.o0 + g) : 0;
     const int z_hi = hi_ok ? __ldg(wt.zeros + gi + b.o0 + g + 8) : 0;
+    const uint32_t bz_lo = BiasedZeroPair(z_lo), bz_hi = BiasedZeroPair(z_hi);
     float acc[kTokenTiles][4];
 #pragma unroll
     for (int nt = 0; nt < kTokenTiles; ++nt) {
@@ -622,17 +643,19 @@ __global__ void __launch_bounds__(kGemmThreads, 2)
       LoadPlanes<kWb>(hi, w_hi, words, w);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int bit = 16 * half + 2 * t4;
-        const uint32_t a[4] = {WeightPair<kWb>(lo, bit, z_lo), WeightPair<kWb>(hi, bit, z_hi),
-                               WeightPair<kWb>(lo, bit + 8, z_lo),
-                               WeightPair<kWb>(hi, bit + 8, z_hi)};
-        const int64_t c = static_cast<int64_t>(w) * 32 + bit;
+        // Column pairs (s, s + 16): k pair t4 is s0, k pair 4 + t4 is s1 (one k order for both
+        // operands, as in the int8 kernel).
+        const int s0 = 8 * half + t4, s1 = s0 + 4;
+        const uint32_t a[4] = {
+            WeightPair<kWb>(lo, s0, z_lo, bz_lo), WeightPair<kWb>(hi, s0, z_hi, bz_hi),
+            WeightPair<kWb>(lo, s1, z_lo, bz_lo), WeightPair<kWb>(hi, s1, z_hi, bz_hi)};
+        const int64_t c = static_cast<int64_t>(w) * 32;
 #pragma unroll
         for (int nt = 0; nt < kTokenTiles; ++nt) {
           if (nt < tiles) {
             const float* xr = x_tok[nt];
-            mma::Mma(acc[nt], a, mma::PackBf16(LoadX(xr, c, k), LoadX(xr, c + 1, k)),
-                     mma::PackBf16(LoadX(xr, c + 8, k), LoadX(xr, c + 9, k)));
+            mma::Mma(acc[nt], a, mma::PackBf16(LoadX(xr, c + s0, k), LoadX(xr, c + s0 + 16, k)),
+                     mma::PackBf16(LoadX(xr, c + s1, k), LoadX(xr, c + s1 + 16, k)));
           }
         }
       }
