@@ -20,15 +20,19 @@
 //   see the same k for the same register and bit, which is all AND + popcount needs.
 //   s8/u8 m16n8k32: A a0 = row g, columns 4·t4 + [0, 4) (byte e = column 4·t4 + e); a1 = row
 //     g + 8, the same; a2 = row g, columns 16 + 4·t4 + [0, 4); a3 = row g + 8, the same. B b0 =
-//     rows 4·t4 + [0, 4) of column g; b1 = rows 16 + 4·t4 + [0, 4) (byte e = k 4·t4 + e). One
-//     mma covers one plane word, in a k order that both operands share (a sum does not depend on
-//     it): mma k 4·t4 + e is the word's bit t4 + 8·e and k 16 + 4·t4 + e its bit t4 + 4 + 8·e, so
-//     a register's four bytes come from one shift and one mask per plane (PlanesToBytes).
+//     rows 4·t4 + [0, 4) of column g; b1 = rows 16 + 4·t4 + [0, 4) (byte e = k 4·t4 + e). Four
+//     mmas cover four plane words of one k-group, in a k order that both operands share (a sum
+//     does not depend on it): lane t4 brings word w + t4, and in mma σ its k 4·t4 + e is that
+//     word's bit 2σ + 8·e and its k 16 + 4·t4 + e bit 2σ + 1 + 8·e, so that each lane loads
+//     only its own word and a register's four bytes come from one shift and one mask per plane
+//     (PlanesToBytes).
 //   bf16 m16n8k16 (mma_sync.cuh): A a0 = row g, k 2·t4, 2·t4 + 1; a1 = row g + 8; a2 = row g,
 //     k 8 + 2·t4, +1; a3 = row g + 8; B b0 = k 2·t4, +1 of column g; b1 = k 8 + 2·t4, +1 (the
-//     lower k in the lower half). Two mmas cover one plane word, in a k order both operands share:
-//     in mma h, k pair κ (k 2κ, 2κ + 1) is the word's bits s and s + 16 for s = 8·h + κ, so that
-//     a register's pair comes from one shift and one mask per plane (WeightPair).
+//     lower k in the lower half). Eight mmas cover four plane words of one k-group, in a k order
+//     both operands share: lane t4 brings word w + t4, and in mma μ its k pair t4 (a0, b0) is
+//     that word's bits s and s + 16 for s = 2μ and its k pair 4 + t4 (a2, b1) the same for
+//     s = 2μ + 1, so that a register's pair comes from one shift and one mask per plane
+//     (WeightPair).
 // Roles: weights are the A operand (their 16 rows are what a block streams from memory) and tokens
 // the B operand's 8 columns, so decode (m <= 16) wastes no weight bandwidth on padding. In the b1
 // kernel an A row is one weight plane (row r = o·wb + j, consecutive in memory) and a B column
@@ -499,11 +503,11 @@ constexpr int kTokenTiles = kTileTokens / 8;
 
 // C layout of the 16-output × 16-token tile: element e of n-tile nt is output row
 // g + 8·(e / 2) and token 8·nt + 2·t4 + e % 2.
-template <typename T>
-__device__ __forceinline__ void StoreTile(const T (&acc)[kTokenTiles][4], int g, int t4, int mt,
-                                          int ts, uint32_t* slot) {
+template <typename T, int kTiles>
+__device__ __forceinline__ void StoreTile(const T (&acc)[kTiles][4], int g, int t4, int mt, int ts,
+                                          uint32_t* slot) {
 #pragma unroll
-  for (int nt = 0; nt < kTokenTiles; ++nt) {
+  for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = g + 8 * (e >> 1), tl = nt * 8 + 2 * t4 + (e & 1);
@@ -516,43 +520,55 @@ __device__ __forceinline__ void StoreTile(const T (&acc)[kTokenTiles][4], int g,
   }
 }
 
-template <int kWb, int kAb>
-__global__ void __launch_bounds__(kGemmThreads, 2) AbqInt8GemmKernel(GemmParams p) {
+// kTiles n8 tiles of tokens: 1 (m <= 8) or kTokenTiles.
+template <int kWb, int kAb, int kTiles>
+__global__ void __launch_bounds__(kGemmThreads, kTiles == 1 ? 2 : 1)
+    AbqInt8GemmKernel(GemmParams p) {
   const BlockTile b = MakeBlockTile(16, p.m);
   const int g = b.g, t4 = b.t4, mt = b.mt;
   const int tiles = (mt + 7) / 8;
   const int64_t words = p.w.words;
   const uint32_t* w_lo = b.o0 + g < p.w.n ? p.w.planes + (b.o0 + g) * kWb * words : nullptr;
   const uint32_t* w_hi = b.o0 + g + 8 < p.w.n ? p.w.planes + (b.o0 + g + 8) * kWb * words : nullptr;
-  const uint32_t* a_tok[kTokenTiles];
+  const uint32_t* a_tok[kTiles];
 #pragma unroll
-  for (int nt = 0; nt < kTokenTiles; ++nt) {
+  for (int nt = 0; nt < kTiles; ++nt) {
     a_tok[nt] = nt * 8 + g < mt ? p.a_planes + (b.t0 + nt * 8 + g) * kAb * words : nullptr;
   }
   RunIntegerGemm<1, 1>(p, b, 16, [&](const UnitWork(&units)[1]) {
     const int begin = units[0].begin, end = units[0].end;
     if (units[0].slot == nullptr) return;
-    int acc[kTokenTiles][4];
+    int acc[kTiles][4];
 #pragma unroll
-    for (int nt = 0; nt < kTokenTiles; ++nt) {
+    for (int nt = 0; nt < kTiles; ++nt) {
       acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
     }
-#pragma unroll 4
-    for (int w = begin; w < end; ++w) {
-      uint32_t lo[kWb], hi[kWb];
-      LoadPlanes<kWb>(lo, w_lo, words, w);
-      LoadPlanes<kWb>(hi, w_hi, words, w);
-      const uint32_t a0 = PlanesToBytes<kWb, false>(lo, t4);
-      const uint32_t a1 = PlanesToBytes<kWb, false>(hi, t4);
-      const uint32_t a2 = PlanesToBytes<kWb, false>(lo, t4 + 4);
-      const uint32_t a3 = PlanesToBytes<kWb, false>(hi, t4 + 4);
+    // Steps of 4 words: lane (g, t4) loads word w + t4 only (zero past the unit's end), and the
+    // step's 4 mmas σ take bits 2σ + 8·e (a0, b0) and 2σ + 1 + 8·e (a2, b1) of each lane's word.
+#pragma unroll 1
+    for (int w = begin; w < end; w += 4) {
+      const int word = w + t4;
+      const bool in = word < end;
+      uint32_t lo[kWb], hi[kWb], act[kTiles][kAb];
+      LoadPlanes<kWb>(lo, in ? w_lo : nullptr, words, word);
+      LoadPlanes<kWb>(hi, in ? w_hi : nullptr, words, word);
 #pragma unroll
-      for (int nt = 0; nt < kTokenTiles; ++nt) {
-        if (nt < tiles) {
-          uint32_t act[kAb];
-          LoadPlanes<kAb>(act, a_tok[nt], words, w);
-          MmaU8S8(acc[nt], a0, a1, a2, a3, PlanesToBytes<kAb, true>(act, t4),
-                  PlanesToBytes<kAb, true>(act, t4 + 4));
+      for (int nt = 0; nt < kTiles; ++nt) {
+        LoadPlanes<kAb>(act[nt], in && nt < tiles ? a_tok[nt] : nullptr, words, word);
+      }
+#pragma unroll
+      for (int sigma = 0; sigma < 4; ++sigma) {
+        const int s0 = 2 * sigma, s1 = s0 + 1;
+        const uint32_t a0 = PlanesToBytes<kWb, false>(lo, s0);
+        const uint32_t a1 = PlanesToBytes<kWb, false>(hi, s0);
+        const uint32_t a2 = PlanesToBytes<kWb, false>(lo, s1);
+        const uint32_t a3 = PlanesToBytes<kWb, false>(hi, s1);
+#pragma unroll
+        for (int nt = 0; nt < kTiles; ++nt) {
+          if (nt < tiles) {
+            MmaU8S8(acc[nt], a0, a1, a2, a3, PlanesToBytes<kAb, true>(act[nt], s0),
+                    PlanesToBytes<kAb, true>(act[nt], s1));
+          }
         }
       }
     }
@@ -636,26 +652,30 @@ __global__ void __launch_bounds__(kGemmThreads, 2)
     for (int nt = 0; nt < kTokenTiles; ++nt) {
       acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
     }
-#pragma unroll 2
-    for (int w = begin; w < end; ++w) {
+    // Steps of 4 words: lane (g, t4) loads word w + t4 only, and the step's 8 mmas μ take the
+    // column pairs s = 2μ (a0, b0) and 2μ + 1 (a2, b1) of each lane's word (x is 0 past the
+    // unit's end, where the weights are 0 too).
+    for (int w = begin; w < end; w += 4) {
+      const int word = w + t4;
+      const bool in = word < end;
       uint32_t lo[kWb], hi[kWb];
-      LoadPlanes<kWb>(lo, w_lo, words, w);
-      LoadPlanes<kWb>(hi, w_hi, words, w);
+      LoadPlanes<kWb>(lo, in ? w_lo : nullptr, words, word);
+      LoadPlanes<kWb>(hi, in ? w_hi : nullptr, words, word);
+      const int64_t c = static_cast<int64_t>(word) * 32;
+      const int64_t c_end = in ? k : 0;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        // Column pairs (s, s + 16): k pair t4 is s0, k pair 4 + t4 is s1 (one k order for both
-        // operands, as in the int8 kernel).
-        const int s0 = 8 * half + t4, s1 = s0 + 4;
+      for (int mu = 0; mu < 8; ++mu) {
+        const int s0 = 2 * mu, s1 = s0 + 1;
         const uint32_t a[4] = {
             WeightPair<kWb>(lo, s0, z_lo, bz_lo), WeightPair<kWb>(hi, s0, z_hi, bz_hi),
             WeightPair<kWb>(lo, s1, z_lo, bz_lo), WeightPair<kWb>(hi, s1, z_hi, bz_hi)};
-        const int64_t c = static_cast<int64_t>(w) * 32;
 #pragma unroll
         for (int nt = 0; nt < kTokenTiles; ++nt) {
           if (nt < tiles) {
             const float* xr = x_tok[nt];
-            mma::Mma(acc[nt], a, mma::PackBf16(LoadX(xr, c + s0, k), LoadX(xr, c + s0 + 16, k)),
-                     mma::PackBf16(LoadX(xr, c + s1, k), LoadX(xr, c + s1 + 16, k)));
+            mma::Mma(acc[nt], a,
+                     mma::PackBf16(LoadX(xr, c + s0, c_end), LoadX(xr, c + s0 + 16, c_end)),
+                     mma::PackBf16(LoadX(xr, c + s1, c_end), LoadX(xr, c + s1 + 16, c_end)));
           }
         }
       }
@@ -723,7 +743,9 @@ cudaError_t LaunchBinary(const GemmParams& p, cudaStream_t stream) {
 template <int kWb, int kAb>
 cudaError_t LaunchGemmFor(AbqMma mma, const GemmParams& p, cudaStream_t stream) {
   if (mma == AbqMma::kBinary) return LaunchBinary<kWb, kAb>(p, stream);
-  return LaunchGemmKernel(AbqInt8GemmKernel<kWb, kAb>, p, GemmGrid(p.w.n, 16, p.m), stream);
+  const dim3 grid = GemmGrid(p.w.n, 16, p.m);
+  if (p.plan.ts <= 8) return LaunchGemmKernel(AbqInt8GemmKernel<kWb, kAb, 1>, p, grid, stream);
+  return LaunchGemmKernel(AbqInt8GemmKernel<kWb, kAb, kTokenTiles>, p, grid, stream);
 }
 
 template <int kAb>
