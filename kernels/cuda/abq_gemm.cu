@@ -42,6 +42,8 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "kernels/cuda/abq_gemm.cuh"
 #include "kernels/cuda/block_reduce.cuh"
@@ -67,7 +69,8 @@ constexpr int kMaxPrologueGroups = 48 * 1024 / 4;  // Σa per group in shared me
 // (IEEE division, RoundHalfEven, clamp that maps NaN to −qmax). Each warp packs whole words: lane
 // l holds column 32·word + l, and a ballot per plane gives that plane's word with column l at bit
 // l. Σa per group is an integer sum (shared-memory atomics: exact in any order). The loops are
-// unrolled so that each thread has several loads in flight (the row is read from L2 twice).
+// unrolled so that each thread has several loads in flight (the row is read twice; the maximum
+// with float4 loads when the row is 16-byte aligned: fmaxf ignores NaN in any order).
 template <int kAb>
 __global__ void __launch_bounds__(kPrologueThreads)
     AbqPrologueKernel(const float* x, int64_t k, int words, int group_words, int n_groups,
@@ -81,8 +84,17 @@ __global__ void __launch_bounds__(kPrologueThreads)
   const int64_t t = blockIdx.x;
   const float* xr = x + t * k;
   float amax = 0.0f;
+  if (k % 4 == 0 && reinterpret_cast<uintptr_t>(xr) % 16 == 0) {  // float4 loads
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
 #pragma unroll 4
-  for (int64_t c = threadIdx.x; c < k; c += kPrologueThreads) amax = fmaxf(amax, fabsf(xr[c]));
+    for (int64_t c = threadIdx.x; c < k / 4; c += kPrologueThreads) {
+      const float4 v = x4[c];
+      amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t c = threadIdx.x; c < k; c += kPrologueThreads) amax = fmaxf(amax, fabsf(xr[c]));
+  }
   amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);
   const float s = amax / kQmax;
   if (threadIdx.x == 0) scales[t] = s;
