@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(kGemmThreads, kTiles <= 4 ? 2 : 1)
         for (int nt = 0; nt < kTiles; ++nt) {
           if (nt < tiles && left > 0) {
             uint32_t b0, b1;
-            if (kLoadAhead) {
+            if constexpr (kLoadAhead) {
               b0 = bw[i][nt][0];
               b1 = bw[i][nt][1];
             } else {
