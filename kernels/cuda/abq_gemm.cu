@@ -20,12 +20,20 @@
 //   see the same k for the same register and bit, which is all AND + popcount needs.
 //   s8/u8 m16n8k32: A a0 = row g, columns 4·t4 + [0, 4) (byte e = column 4·t4 + e); a1 = row
 //     g + 8, the same; a2 = row g, columns 16 + 4·t4 + [0, 4); a3 = row g + 8, the same. B b0 =
-//     rows 4·t4 + [0, 4) of column g; b1 = rows 16 + 4·t4 + [0, 4). One mma covers one plane
-//     word: its bits 4·t4..4·t4+3 and 16+4·t4..16+4·t4+3 become the four bytes of a register.
+//     rows 4·t4 + [0, 4) of column g; b1 = rows 16 + 4·t4 + [0, 4) (byte e = k 4·t4 + e). Four
+//     mmas cover four plane words of one k-group, in a k order that both operands share (a sum
+//     does not depend on it): lane t4 brings word w + t4, and in mma σ its k 4·t4 + e is that
+//     word's bit 2σ + 8·e and its k 16 + 4·t4 + e bit 2σ + 1 + 8·e, so that each lane loads
+//     only its own word and a register's four bytes come from one shift and one mask per plane
+//     (PlanesToBytes).
 //   bf16 m16n8k16 (mma_sync.cuh): A a0 = row g, k 2·t4, 2·t4 + 1; a1 = row g + 8; a2 = row g,
 //     k 8 + 2·t4, +1; a3 = row g + 8; B b0 = k 2·t4, +1 of column g; b1 = k 8 + 2·t4, +1 (the
-//     lower k in the lower half). Two mmas cover one plane word (bits 0..15, then 16..31).
-// Roles: weights are the A operand (their 16 rows are what a warp streams from memory) and tokens
+//     lower k in the lower half). Eight mmas cover four plane words of one k-group, in a k order
+//     both operands share: lane t4 brings word w + t4, and in mma μ its k pair t4 (a0, b0) is
+//     that word's bits s and s + 16 for s = 2μ and its k pair 4 + t4 (a2, b1) the same for
+//     s = 2μ + 1, so that a register's pair comes from one shift and one mask per plane
+//     (WeightPair).
+// Roles: weights are the A operand (their 16 rows are what a block streams from memory) and tokens
 // the B operand's 8 columns, so decode (m <= 16) wastes no weight bandwidth on padding. In the b1
 // kernel an A row is one weight plane (row r = o·wb + j, consecutive in memory) and a B column
 // one activation plane (column c of n-tile nt = token (8·nt + c) / ab, plane c % ab: activation
@@ -34,6 +42,8 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "kernels/cuda/abq_gemm.cuh"
 #include "kernels/cuda/block_reduce.cuh"
@@ -44,9 +54,13 @@ namespace qcal::kernels::cuda {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kWarps = 4;        // warps per GEMM block
-constexpr int kTileTokens = 16;  // tokens per GEMM block (grid.y walks the rest)
-constexpr int kPrologueThreads = 256;
+constexpr int kSplitWarps = 16;                    // warps per GEMM block; they split K
+constexpr int kGemmThreads = kSplitWarps * 32;     //
+constexpr int kTileRows = 16;                      // weight rows (mma A rows) per GEMM block
+constexpr int kTileTokens = 16;                    // tokens per GEMM block (grid.y walks the rest)
+constexpr int kRoundBytes = 32 * 1024;             // shared memory of one round of k-groups
+constexpr int kPrefetchBytes = 64 * 1024;          // weights a block asks L2 for at its start
+constexpr int kPrologueThreads = 1024;             //
 constexpr int kMaxPrologueGroups = 48 * 1024 / 4;  // Σa per group in shared memory
 
 // ---- Prologue --------------------------------------------------------------------------------
@@ -54,18 +68,33 @@ constexpr int kMaxPrologueGroups = 48 * 1024 / 4;  // Σa per group in shared me
 // One block per token. The maximum is exact in any order; the codes are ref AbqQuantizeActivations'
 // (IEEE division, RoundHalfEven, clamp that maps NaN to −qmax). Each warp packs whole words: lane
 // l holds column 32·word + l, and a ballot per plane gives that plane's word with column l at bit
-// l. Σa per group is an integer sum (shared-memory atomics: exact in any order).
+// l. Σa per group is an integer sum (shared-memory atomics: exact in any order). The loops are
+// unrolled so that each thread has several loads in flight (the row is read twice; the maximum
+// with float4 loads when the row is 16-byte aligned: fmaxf ignores NaN in any order).
 template <int kAb>
 __global__ void __launch_bounds__(kPrologueThreads)
     AbqPrologueKernel(const float* x, int64_t k, int words, int group_words, int n_groups,
                       uint32_t* planes, float* scales, int32_t* sums) {
   extern __shared__ int32_t group_sums[];
   __shared__ float scratch[32];
+  // The GEMM that follows may start now (it waits for this grid's completion before it reads the
+  // activations: griddepcontrol.wait in RunRounds).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   constexpr float kQmax = static_cast<float>((1 << (kAb - 1)) - 1);
   const int64_t t = blockIdx.x;
   const float* xr = x + t * k;
   float amax = 0.0f;
-  for (int64_t c = threadIdx.x; c < k; c += kPrologueThreads) amax = fmaxf(amax, fabsf(xr[c]));
+  if (k % 4 == 0 && reinterpret_cast<uintptr_t>(xr) % 16 == 0) {  // float4 loads
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+#pragma unroll 4
+    for (int64_t c = threadIdx.x; c < k / 4; c += kPrologueThreads) {
+      const float4 v = x4[c];
+      amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t c = threadIdx.x; c < k; c += kPrologueThreads) amax = fmaxf(amax, fabsf(xr[c]));
+  }
   amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);
   const float s = amax / kQmax;
   if (threadIdx.x == 0) scales[t] = s;
@@ -73,6 +102,7 @@ __global__ void __launch_bounds__(kPrologueThreads)
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* tp = planes + t * kAb * static_cast<int64_t>(words);
+#pragma unroll 4
   for (int word = warp; word < words; word += kPrologueThreads / 32) {
     const int64_t c = static_cast<int64_t>(word) * 32 + lane;
     int32_t v = 0;
@@ -94,7 +124,24 @@ __global__ void __launch_bounds__(kPrologueThreads)
   }
 }
 
-// ---- Shared pieces of the GEMMs --------------------------------------------------------------
+// ---- The block structure shared by the GEMMs -------------------------------------------------
+//
+// A block owns kTileRows weight rows (the mma A operand) and up to kTileTokens tokens, over all
+// of K. Its k-groups are taken in rounds of plan.groups groups; each group is cut into plan.parts
+// parts (1 when there are at least kSplitWarps groups), and the round's (group, part) units are
+// dealt to the kSplitWarps warps. A warp computes a unit's sums for its 16 rows and the block's
+// tokens and stores them in the unit's slot in shared memory ([16 rows][ts tokens]); after a
+// barrier one thread per (output, token) runs the epilogue over the round's groups in order,
+// adding a group's parts (integers: exact in any order; A16: fp32 in part order), and keeps its
+// fp32 accumulator across rounds. Each unit slot is written by one warp and each output by one
+// thread, without atomics: results are bit-identical run to run. The round's s_w, z and Σa are
+// copied to shared memory asynchronously (cp.async) while the warps stream the weights.
+
+struct RoundPlan {
+  int groups = 1;  // k-groups per round
+  int parts = 1;   // units per k-group
+  int ts = 1;      // token stride of a unit slot: min(m, kTileTokens)
+};
 
 struct GemmParams {
   AbqDeviceWeights w;
@@ -104,42 +151,188 @@ struct GemmParams {
   int64_t m;
   float* y;
   int32_t* dot;
+  RoundPlan plan;
 };
 
-// Where the calling lane's warp works: lane coordinates in the mma fragments (g = lane / 4,
-// t4 = lane % 4), its first output o0 (outs_per_warp outputs a warp, kWarps warps a block along
-// grid.x) and its block's first token t0 and token count mt (kTileTokens a block along grid.y).
-struct WarpTile {
+// Shared bytes per k-group of a round: the unit slots, s_w and z [kTileRows], Σa [ts].
+int RoundBytesPerGroup(const RoundPlan& plan) {
+  return 4 * (plan.parts * kTileRows * plan.ts + 2 * kTileRows + plan.ts);
+}
+
+RoundPlan PlanRounds(int n_groups, int64_t m) {
+  RoundPlan plan;
+  plan.ts = static_cast<int>(std::min<int64_t>(m, kTileTokens));
+  plan.parts = n_groups >= kSplitWarps ? 1 : (kSplitWarps + n_groups - 1) / n_groups;
+  plan.groups = std::clamp(kRoundBytes / RoundBytesPerGroup(plan), 1, n_groups);
+  return plan;
+}
+
+// The calling thread's place: lane coordinates in the mma fragments (g = lane / 4,
+// t4 = lane % 4), the block's first output o0 (outs outputs a block along grid.x), first token
+// t0 and token count mt (kTileTokens a block along grid.y).
+struct BlockTile {
   int lane, warp, g, t4;
   int64_t o0, t0;
   int mt;
 };
 
-__device__ __forceinline__ WarpTile MakeWarpTile(int outs_per_warp, int64_t m) {
-  WarpTile w;
-  w.lane = threadIdx.x & 31;
-  w.warp = threadIdx.x >> 5;
-  w.g = w.lane >> 2;
-  w.t4 = w.lane & 3;
-  w.o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + w.warp) * outs_per_warp;
-  w.t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
-  w.mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), m - w.t0));
-  return w;
+__device__ __forceinline__ BlockTile MakeBlockTile(int outs, int64_t m) {
+  BlockTile b;
+  b.lane = threadIdx.x & 31;
+  b.warp = threadIdx.x >> 5;
+  b.g = b.lane >> 2;
+  b.t4 = b.lane & 3;
+  b.o0 = static_cast<int64_t>(blockIdx.x) * outs;
+  b.t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
+  b.mt = static_cast<int>(min(static_cast<int64_t>(kTileTokens), m - b.t0));
+  return b;
 }
 
 __device__ __forceinline__ uint32_t LoadWord(const uint32_t* row, int word, int end) {
   return (row != nullptr && word < end) ? __ldg(row + word) : 0u;
 }
 
-// The epilogue's step for one (token t, output o, group gr) with integer sum `dot` (AbqEpilogue).
-__device__ __forceinline__ float EpilogueStep(const GemmParams& p, int64_t t, int64_t o, int gr,
-                                              uint32_t dot, float acc) {
-  const int64_t wi = static_cast<int64_t>(gr) * p.w.n + o;
-  const uint32_t za =
-      static_cast<uint32_t>(p.w.zeros[wi]) * static_cast<uint32_t>(p.a_sums[t * p.w.n_groups + gr]);
-  const int32_t c = static_cast<int32_t>(dot - za);
-  if (p.dot != nullptr) p.dot[(t * p.w.n + o) * p.w.n_groups + gr] = static_cast<int32_t>(dot);
-  return __fmaf_rn(__int2float_rn(c), p.w.scales[wi], acc);
+// 4 bytes global -> shared without a register (completed by CopyAsyncWait).
+__device__ __forceinline__ void CopyAsync4(void* dst, const void* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void CopyAsyncWait() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// Asks L2 for the first kPrefetchBytes of the block's weight rows (contiguous: the planes of
+// outputs o0 .. o0 + outs − 1), one 128-byte line per thread and step, without waiting: the whole
+// slab is requested from DRAM at once instead of one unit's words per warp at a time.
+__device__ __forceinline__ void PrefetchWeights(const AbqDeviceWeights& w, int64_t o0, int outs) {
+  const int64_t out_bytes = static_cast<int64_t>(w.weight_bits) * w.words * 4;  // wb planes
+  const int64_t bytes = min(static_cast<int64_t>(kPrefetchBytes),
+                            min(static_cast<int64_t>(outs), w.n - o0) * out_bytes);
+  const char* base = reinterpret_cast<const char*>(w.planes) + o0 * out_bytes;
+  for (int64_t off = threadIdx.x * int64_t{128}; off < bytes; off += kGemmThreads * int64_t{128}) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + off));
+  }
+}
+
+// The round's shared memory.
+struct RoundShared {
+  uint32_t* units;  // [groups · parts][kTileRows][ts]
+  float* scales;    // s_w [groups][kTileRows]
+  int32_t* zeros;   // z [groups][kTileRows]
+  int32_t* sums;    // Σa [groups][ts]
+  __device__ const uint32_t* Slot(const RoundPlan& plan, int group, int part) const {
+    return units + (group * plan.parts + part) * kTileRows * plan.ts;
+  }
+};
+
+// One unit of work: words [begin, end) of k-group `group`, whose sums go to slot[row · ts +
+// token]; slot is null for the empty units that pad a warp's last batch.
+struct UnitWork {
+  int group, begin, end;
+  uint32_t* slot;
+};
+
+// Runs the rounds: unit(batch) on each warp's units, kBatch at a time (UnitWork[kBatch]: units
+// u, u + kSplitWarps, ..., so that a warp can have the loads of several units in flight), then
+// epilogue(g0, rg, shared) on every thread after the round's barrier.
+template <int kBatch, typename Unit, typename Epilogue>
+__device__ __forceinline__ void RunRounds(const AbqDeviceWeights& w, const RoundPlan& plan,
+                                          const BlockTile& b, int outs, const int32_t* a_sums,
+                                          Unit unit, Epilogue epilogue) {
+  extern __shared__ uint32_t round_smem[];
+  PrefetchWeights(w, b.o0, outs);
+  // Launched programmatically after the prologue (LaunchGemmKernel): the weights' prefetch above
+  // overlaps it; everything below may read its outputs. A no-op for an ordinary launch.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  RoundShared sh;
+  sh.units = round_smem;
+  sh.scales = reinterpret_cast<float*>(sh.units + plan.groups * plan.parts * kTileRows * plan.ts);
+  sh.zeros = reinterpret_cast<int32_t*>(sh.scales + plan.groups * kTileRows);
+  sh.sums = sh.zeros + plan.groups * kTileRows;
+  for (int g0 = 0; g0 < w.n_groups; g0 += plan.groups) {
+    const int rg = min(plan.groups, w.n_groups - g0);
+    for (int i = threadIdx.x; i < rg * kTileRows; i += kGemmThreads) {
+      const int ol = i % kTileRows;
+      const int64_t o = b.o0 + ol;
+      if (ol < outs && o < w.n) {
+        const int64_t gi = static_cast<int64_t>(g0 + i / kTileRows) * w.n + o;
+        CopyAsync4(sh.scales + i, w.scales + gi);
+        CopyAsync4(sh.zeros + i, w.zeros + gi);
+      }
+    }
+    if (a_sums != nullptr) {
+      for (int i = threadIdx.x; i < rg * b.mt; i += kGemmThreads) {
+        const int gl = i / b.mt, tl = i % b.mt;
+        CopyAsync4(sh.sums + gl * plan.ts + tl, a_sums + (b.t0 + tl) * w.n_groups + g0 + gl);
+      }
+    }
+    const int nu = rg * plan.parts;
+    for (int u0 = b.warp; u0 < nu; u0 += kSplitWarps * kBatch) {
+      UnitWork batch[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int u = u0 + i * kSplitWarps;
+        if (u < nu) {
+          const int group = g0 + u / plan.parts, part = u % plan.parts;
+          const int gb = group * w.group_words, ge = min(gb + w.group_words, w.words);
+          const int len = (ge - gb + plan.parts - 1) / plan.parts;
+          const int begin = min(gb + part * len, ge);
+          batch[i] = {group, begin, min(begin + len, ge), sh.units + u * kTileRows * plan.ts};
+        } else {
+          batch[i] = {0, 0, 0, nullptr};
+        }
+      }
+      unit(batch);
+    }
+    CopyAsyncWait();
+    __syncthreads();
+    epilogue(g0, rg, sh);
+    __syncthreads();
+  }
+}
+
+// The integer epilogue of the calling thread's (output ol, token tl) over one round: dot_G = the
+// sum of the group's parts, each Σ_j 2^j·slot[ol·kRowsPerOut + j] (b1: a row per weight plane;
+// int8: one row per output), then AbqEpilogue's steps.
+template <int kRowsPerOut>
+__device__ __forceinline__ float IntegerEpilogueRound(const GemmParams& p, const BlockTile& b,
+                                                      int ol, int tl, int g0, int rg,
+                                                      const RoundShared& sh, float acc) {
+  const int ts = p.plan.ts;
+  const int64_t o = b.o0 + ol, t = b.t0 + tl;
+#pragma unroll 4
+  for (int gl = 0; gl < rg; ++gl) {
+    uint32_t dot = 0;
+    for (int part = 0; part < p.plan.parts; ++part) {
+      const uint32_t* slot = sh.Slot(p.plan, gl, part);
+#pragma unroll
+      for (int j = 0; j < kRowsPerOut; ++j) dot += slot[(ol * kRowsPerOut + j) * ts + tl] << j;
+    }
+    const uint32_t za = static_cast<uint32_t>(sh.zeros[gl * kTileRows + ol]) *
+                        static_cast<uint32_t>(sh.sums[gl * ts + tl]);
+    const int32_t c = static_cast<int32_t>(dot - za);
+    if (p.dot != nullptr) {
+      p.dot[(t * p.w.n + o) * p.w.n_groups + g0 + gl] = static_cast<int32_t>(dot);
+    }
+    acc = __fmaf_rn(__int2float_rn(c), sh.scales[gl * kTileRows + ol], acc);
+  }
+  return acc;
+}
+
+// The integer GEMMs' block: rounds with `unit`, the epilogue above, y = acc·s_a.
+template <int kRowsPerOut, int kBatch, typename Unit>
+__device__ __forceinline__ void RunIntegerGemm(const GemmParams& p, const BlockTile& b, int outs,
+                                               Unit unit) {
+  const int ol = threadIdx.x / b.mt, tl = threadIdx.x % b.mt;
+  const bool mine = ol < outs && b.o0 + ol < p.w.n;  // threads past outs·mt have ol >= outs
+  float acc = 0.0f;
+  RunRounds<kBatch>(p.w, p.plan, b, outs, p.a_sums, unit,
+                    [&](int g0, int rg, const RoundShared& sh) {
+                      if (mine)
+                        acc = IntegerEpilogueRound<kRowsPerOut>(p, b, ol, tl, g0, rg, sh, acc);
+                    });
+  if (mine) p.y[(b.t0 + tl) * p.w.n + b.o0 + ol] = __fmul_rn(acc, p.a_scales[b.t0 + tl]);
 }
 
 // ---- b1 AND + popcount -----------------------------------------------------------------------
@@ -167,110 +360,117 @@ __device__ __forceinline__ uint32_t ActPlaneWeight(int i) {
   return i == kAb - 1 ? 0u - (1u << i) : 1u << i;
 }
 
-template <int kWb, int kAb>
-__global__ void __launch_bounds__(kWarps * 32) AbqBinaryGemmKernel(GemmParams p) {
-  constexpr int kOuts = 16 / kWb;  // outputs per warp (wb = 3: 5 outputs, row 15 unused)
+// kTiles n8 tiles of activation plane columns (kTiles <= 16 / (8 / kAb)); the block's 16 A rows
+// are the planes of 16 / kWb outputs (wb = 3: 5 outputs, row 15 unused).
+template <int kWb, int kAb, int kTiles>
+__global__ void __launch_bounds__(kGemmThreads, kTiles <= 4 ? 2 : 1)
+    AbqBinaryGemmKernel(GemmParams p) {
+  constexpr int kOuts = 16 / kWb;
   constexpr int kRows = kOuts * kWb;
   constexpr int kTokensPerTile = 8 / kAb;  // tokens per n8 tile
-  constexpr int kTiles = kTileTokens / kTokensPerTile;
-  constexpr int kPairs = (kOuts * kTileTokens + 31) / 32;  // (output, token) pairs per lane
-  // Per warp: the plane-combined sums P[row][token] = Σ_i sgn_i 2^i popc of one k-group.
-  __shared__ uint32_t plane_sums[kWarps][16][kTileTokens];
-  const WarpTile tile = MakeWarpTile(kOuts, p.m);
-  const int lane = tile.lane, g = tile.g, t4 = tile.t4, mt = tile.mt;
-  const int64_t o0 = tile.o0, t0 = tile.t0;
-  if (o0 >= p.w.n) return;  // whole warps only; no block-wide barrier follows
-  const int tiles = (mt + kTokensPerTile - 1) / kTokensPerTile;
-  const int words = p.w.words;
-
+  const BlockTile b = MakeBlockTile(kOuts, p.m);
+  const int g = b.g, t4 = b.t4, mt = b.mt;
+  const int tiles = min(kTiles, (mt + kTokensPerTile - 1) / kTokensPerTile);
+  const int64_t words = p.w.words;
   auto weight_row = [&](int r) -> const uint32_t* {
-    return (r < kRows && o0 + r / kWb < p.w.n) ? p.w.planes + (o0 * kWb + r) * words : nullptr;
+    return (r < kRows && b.o0 + r / kWb < p.w.n) ? p.w.planes + (b.o0 * kWb + r) * words : nullptr;
   };
   const uint32_t* w_lo = weight_row(g);
   const uint32_t* w_hi = weight_row(g + 8);
-  const uint32_t* a_row[kTiles];
+  // Column c of n-tile nt: activation plane row t0·ab + 8·nt + c (token (8·nt + c) / ab).
+  const uint32_t* a_base = p.a_planes + (b.t0 * kAb + g) * words;
+  auto a_row = [&](int nt) -> const uint32_t* {
+    return (nt * 8 + g) / kAb < mt ? a_base + nt * 8 * words : nullptr;
+  };
+  // Units in flight per warp, and whether the activation words are loaded with the weights
+  // (registers: decode of one n-tile only).
+  constexpr int kBatch = kTiles == 1 ? 2 : 1;
+  constexpr bool kLoadAhead = kTiles == 1;
+  RunIntegerGemm<kWb, kBatch>(p, b, kOuts, [&](const UnitWork(&units)[kBatch]) {
+    int acc[kBatch][kTiles][4];
+    int steps = 0;
 #pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-    const int col = nt * 8 + g;
-    a_row[nt] = col / kAb < mt ? p.a_planes + (t0 * kAb + col) * words : nullptr;
-  }
-  float out[kPairs];
+    for (int i = 0; i < kBatch; ++i) {
+      steps = max(steps, units[i].end - units[i].begin);
 #pragma unroll
-  for (int q = 0; q < kPairs; ++q) out[q] = 0.0f;
-  uint32_t(*sums)[kTileTokens] = plane_sums[tile.warp];
-
-  for (int gr = 0; gr < p.w.n_groups; ++gr) {
-    const int begin = gr * p.w.group_words;
-    const int end = min(begin + p.w.group_words, words);
-    int acc[kTiles][4];
+      for (int nt = 0; nt < kTiles; ++nt) {
+        acc[i][nt][0] = acc[i][nt][1] = acc[i][nt][2] = acc[i][nt][3] = 0;
+      }
+    }
+    for (int s = 0; s < steps; s += 8) {
+      // The loads of the batch's step first, then the mmas: k256 over 8 words, k128 when at
+      // most 4 are left in the unit (e.g. group 128), nothing when the unit is done.
+      uint32_t a[kBatch][4], bw[kBatch][kLoadAhead ? kTiles : 1][2];
 #pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
-    for (int w = begin; w < end; w += 8) {
-      const int lo = w + t4, hi = w + 4 + t4;
-      const uint32_t a0 = LoadWord(w_lo, lo, end), a1 = LoadWord(w_hi, lo, end);
-      if (end - w > 4) {
-        const uint32_t a2 = LoadWord(w_lo, hi, end), a3 = LoadWord(w_hi, hi, end);
+      for (int i = 0; i < kBatch; ++i) {
+        const int w = units[i].begin + s, end = units[i].end;
+        const int lo = w + t4, hi = w + 4 + t4;
+        a[i][0] = LoadWord(w_lo, lo, end);
+        a[i][1] = LoadWord(w_hi, lo, end);
+        a[i][2] = LoadWord(w_lo, hi, end);
+        a[i][3] = LoadWord(w_hi, hi, end);
 #pragma unroll
-        for (int nt = 0; nt < kTiles; ++nt) {
-          if (nt < tiles) {
-            MmaB1K256(acc[nt], a0, a1, a2, a3, LoadWord(a_row[nt], lo, end),
-                      LoadWord(a_row[nt], hi, end));
-          }
+        for (int nt = 0; nt < (kLoadAhead ? kTiles : 0); ++nt) {
+          const uint32_t* ar = nt < tiles ? a_row(nt) : nullptr;
+          bw[i][nt][0] = LoadWord(ar, lo, end);
+          bw[i][nt][1] = LoadWord(ar, hi, end);
         }
-      } else {  // at most 4 words left in the group (e.g. group 128): half the instruction
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int w = units[i].begin + s, end = units[i].end, left = end - w;
 #pragma unroll
         for (int nt = 0; nt < kTiles; ++nt) {
-          if (nt < tiles) MmaB1K128(acc[nt], a0, a1, LoadWord(a_row[nt], lo, end));
+          if (nt < tiles && left > 0) {
+            uint32_t b0, b1;
+            if constexpr (kLoadAhead) {
+              b0 = bw[i][nt][0];
+              b1 = bw[i][nt][1];
+            } else {
+              const uint32_t* ar = a_row(nt);
+              b0 = LoadWord(ar, w + t4, end);
+              b1 = LoadWord(ar, w + 4 + t4, end);
+            }
+            if (left > 4) {
+              MmaB1K256(acc[i][nt], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+            } else {
+              MmaB1K128(acc[i][nt], a[i][0], a[i][1], b0);
+            }
+          }
         }
       }
     }
     // Activation planes: lane (g, t4) holds columns 2·t4 and 2·t4 + 1 of rows g and g + 8; the
     // quad (ab = 8) or lane pair (ab = 4) holding one token's planes adds them with their weights.
+    const int ts = p.plan.ts;
 #pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
-      if (nt < tiles) {
-        const uint32_t wt0 = ActPlaneWeight<kAb>((2 * t4) % kAb);
-        const uint32_t wt1 = ActPlaneWeight<kAb>((2 * t4 + 1) % kAb);
-        uint32_t lo =
-            static_cast<uint32_t>(acc[nt][0]) * wt0 + static_cast<uint32_t>(acc[nt][1]) * wt1;
-        uint32_t hi =
-            static_cast<uint32_t>(acc[nt][2]) * wt0 + static_cast<uint32_t>(acc[nt][3]) * wt1;
-        lo += __shfl_xor_sync(kFull, lo, 1);
-        hi += __shfl_xor_sync(kFull, hi, 1);
-        if (kAb == 8) {
-          lo += __shfl_xor_sync(kFull, lo, 2);
-          hi += __shfl_xor_sync(kFull, hi, 2);
-        }
-        if (kAb == 8 ? t4 == 0 : (t4 & 1) == 0) {
+    for (int i = 0; i < kBatch; ++i) {
+      uint32_t* slot = units[i].slot;
+      if (slot == nullptr) continue;  // warp-uniform
+#pragma unroll
+      for (int nt = 0; nt < kTiles; ++nt) {
+        if (nt < tiles) {
+          const uint32_t wt0 = ActPlaneWeight<kAb>((2 * t4) % kAb);
+          const uint32_t wt1 = ActPlaneWeight<kAb>((2 * t4 + 1) % kAb);
+          uint32_t lo = static_cast<uint32_t>(acc[i][nt][0]) * wt0 +
+                        static_cast<uint32_t>(acc[i][nt][1]) * wt1;
+          uint32_t hi = static_cast<uint32_t>(acc[i][nt][2]) * wt0 +
+                        static_cast<uint32_t>(acc[i][nt][3]) * wt1;
+          lo += __shfl_xor_sync(kFull, lo, 1);
+          hi += __shfl_xor_sync(kFull, hi, 1);
+          if (kAb == 8) {
+            lo += __shfl_xor_sync(kFull, lo, 2);
+            hi += __shfl_xor_sync(kFull, hi, 2);
+          }
           const int tl = nt * kTokensPerTile + (kAb == 8 ? 0 : t4 >> 1);
-          sums[g][tl] = lo;
-          sums[g + 8][tl] = hi;
+          if ((kAb == 8 ? t4 == 0 : (t4 & 1) == 0) && tl < mt) {
+            slot[g * ts + tl] = lo;
+            slot[(g + 8) * ts + tl] = hi;
+          }
         }
       }
     }
-    __syncwarp();
-    // Weight planes: dot(o, t) = Σ_j 2^j P[o·wb + j][t], then the epilogue step.
-#pragma unroll
-    for (int q = 0; q < kPairs; ++q) {
-      const int pair = lane + 32 * q;
-      const int ol = pair / kTileTokens, tl = pair % kTileTokens;
-      if (ol < kOuts && o0 + ol < p.w.n && tl < mt) {
-        uint32_t dot = 0;
-#pragma unroll
-        for (int j = 0; j < kWb; ++j) dot += sums[ol * kWb + j][tl] << j;
-        out[q] = EpilogueStep(p, t0 + tl, o0 + ol, gr, dot, out[q]);
-      }
-    }
-    __syncwarp();
-  }
-#pragma unroll
-  for (int q = 0; q < kPairs; ++q) {
-    const int pair = lane + 32 * q;
-    const int ol = pair / kTileTokens, tl = pair % kTileTokens;
-    if (ol < kOuts && o0 + ol < p.w.n && tl < mt) {
-      p.y[(t0 + tl) * p.w.n + o0 + ol] = __fmul_rn(out[q], p.a_scales[t0 + tl]);
-    }
-  }
+  });
 }
 
 // ---- Unpack to int8 (IMMA) -------------------------------------------------------------------
@@ -284,25 +484,20 @@ __device__ __forceinline__ void MmaU8S8(int (&c)[4], uint32_t a0, uint32_t a1, u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Bits 0..3 of `nibble` to bit 0 of bytes 0..3. The four shifted copies (by 0, 7, 14, 21) do not
-// overlap, so the product has no carries.
-__device__ __forceinline__ uint32_t SpreadNibble(uint32_t nibble) {
-  return (nibble * 0x00204081u) & 0x01010101u;
-}
-
-// Four codes (columns shift..shift+3 of one word) as bytes, from their kBits planes: unsigned
-// (weights, u8), or two's complement sign-extended to 8 bits (activations, s8: the top plane
-// fills bits kBits−1..7 of its byte).
+// Four codes (columns s, s + 8, s + 16, s + 24 of one word: byte e = column s + 8·e) as bytes,
+// from their kBits planes: unsigned (weights, u8), or two's complement sign-extended to 8 bits
+// (activations, s8: the top plane fills bits kBits−1..7 of its byte; each byte of `bits` is 0 or
+// 1, so the product has no carries).
 template <int kBits, bool kSigned>
-__device__ __forceinline__ uint32_t PlanesToBytes(const uint32_t (&planes)[kBits], int shift) {
+__device__ __forceinline__ uint32_t PlanesToBytes(const uint32_t (&planes)[kBits], int s) {
   uint32_t r = 0;
 #pragma unroll
   for (int i = 0; i < kBits; ++i) {
-    const uint32_t spread = SpreadNibble((planes[i] >> shift) & 0xFu);
+    const uint32_t bits = (planes[i] >> s) & 0x01010101u;
     if (kSigned && i == kBits - 1) {
-      r |= spread * ((0xFFu << i) & 0xFFu);
+      r |= bits * ((0xFFu << i) & 0xFFu);
     } else {
-      r |= spread << i;
+      r |= bits << i;
     }
   }
   return r;
@@ -315,76 +510,82 @@ __device__ __forceinline__ void LoadPlanes(uint32_t (&dst)[kBits], const uint32_
   for (int i = 0; i < kBits; ++i) dst[i] = row0 != nullptr ? __ldg(row0 + i * stride + word) : 0u;
 }
 
-// C layout of the 16-output × 16-token warp tile: element e of n-tile nt is output row
-// g + 8·(e / 2) and token 8·nt + 2·t4 + e % 2.
-template <int kWb, int kAb>
-__global__ void __launch_bounds__(kWarps * 32) AbqInt8GemmKernel(GemmParams p) {
-  constexpr int kTiles = kTileTokens / 8;
-  const WarpTile tile = MakeWarpTile(16, p.m);
-  const int g = tile.g, t4 = tile.t4, mt = tile.mt;
-  const int64_t o0 = tile.o0, t0 = tile.t0;
-  if (o0 >= p.w.n) return;
-  const int tiles = (mt + 7) / 8;
-  const int64_t words = p.w.words;
-  const uint32_t* w_lo = o0 + g < p.w.n ? p.w.planes + (o0 + g) * kWb * words : nullptr;
-  const uint32_t* w_hi = o0 + g + 8 < p.w.n ? p.w.planes + (o0 + g + 8) * kWb * words : nullptr;
-  const uint32_t* a_tok[kTiles];
-#pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-    a_tok[nt] = nt * 8 + g < mt ? p.a_planes + (t0 + nt * 8 + g) * kAb * words : nullptr;
-  }
-  float out[kTiles][4];
-#pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) out[nt][0] = out[nt][1] = out[nt][2] = out[nt][3] = 0.0f;
+// Token n-tiles of the int8 and A16 kernels: kTileTokens / 8.
+constexpr int kTokenTiles = kTileTokens / 8;
 
-  for (int gr = 0; gr < p.w.n_groups; ++gr) {
-    const int begin = gr * p.w.group_words;
-    const int end = min(begin + p.w.group_words, p.w.words);
-    int acc[kTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
-    for (int w = begin; w < end; ++w) {
-      uint32_t lo[kWb], hi[kWb];
-      LoadPlanes<kWb>(lo, w_lo, words, w);
-      LoadPlanes<kWb>(hi, w_hi, words, w);
-      const uint32_t a0 = PlanesToBytes<kWb, false>(lo, 4 * t4);
-      const uint32_t a1 = PlanesToBytes<kWb, false>(hi, 4 * t4);
-      const uint32_t a2 = PlanesToBytes<kWb, false>(lo, 16 + 4 * t4);
-      const uint32_t a3 = PlanesToBytes<kWb, false>(hi, 16 + 4 * t4);
-#pragma unroll
-      for (int nt = 0; nt < kTiles; ++nt) {
-        if (nt < tiles) {
-          uint32_t act[kAb];
-          LoadPlanes<kAb>(act, a_tok[nt], words, w);
-          MmaU8S8(acc[nt], a0, a1, a2, a3, PlanesToBytes<kAb, true>(act, 4 * t4),
-                  PlanesToBytes<kAb, true>(act, 16 + 4 * t4));
-        }
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t o = o0 + g + 8 * (e >> 1);
-        const int tl = nt * 8 + 2 * t4 + (e & 1);
-        if (o < p.w.n && tl < mt) {
-          out[nt][e] =
-              EpilogueStep(p, t0 + tl, o, gr, static_cast<uint32_t>(acc[nt][e]), out[nt][e]);
-        }
-      }
-    }
-  }
+// C layout of the 16-output × 16-token tile: element e of n-tile nt is output row
+// g + 8·(e / 2) and token 8·nt + 2·t4 + e % 2.
+template <typename T, int kTiles>
+__device__ __forceinline__ void StoreTile(const T (&acc)[kTiles][4], int g, int t4, int mt, int ts,
+                                          uint32_t* slot) {
 #pragma unroll
   for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int64_t o = o0 + g + 8 * (e >> 1);
-      const int tl = nt * 8 + 2 * t4 + (e & 1);
-      if (o < p.w.n && tl < mt) {
-        p.y[(t0 + tl) * p.w.n + o] = __fmul_rn(out[nt][e], p.a_scales[t0 + tl]);
+      const int row = g + 8 * (e >> 1), tl = nt * 8 + 2 * t4 + (e & 1);
+      if (tl < mt) {
+        uint32_t bits;
+        memcpy(&bits, &acc[nt][e], sizeof(bits));
+        slot[row * ts + tl] = bits;
       }
     }
   }
+}
+
+// kTiles n8 tiles of tokens: 1 (m <= 8) or kTokenTiles.
+template <int kWb, int kAb, int kTiles>
+__global__ void __launch_bounds__(kGemmThreads, kTiles == 1 ? 2 : 1)
+    AbqInt8GemmKernel(GemmParams p) {
+  const BlockTile b = MakeBlockTile(16, p.m);
+  const int g = b.g, t4 = b.t4, mt = b.mt;
+  const int tiles = (mt + 7) / 8;
+  const int64_t words = p.w.words;
+  const uint32_t* w_lo = b.o0 + g < p.w.n ? p.w.planes + (b.o0 + g) * kWb * words : nullptr;
+  const uint32_t* w_hi = b.o0 + g + 8 < p.w.n ? p.w.planes + (b.o0 + g + 8) * kWb * words : nullptr;
+  const uint32_t* a_tok[kTiles];
+#pragma unroll
+  for (int nt = 0; nt < kTiles; ++nt) {
+    a_tok[nt] = nt * 8 + g < mt ? p.a_planes + (b.t0 + nt * 8 + g) * kAb * words : nullptr;
+  }
+  RunIntegerGemm<1, 1>(p, b, 16, [&](const UnitWork(&units)[1]) {
+    const int begin = units[0].begin, end = units[0].end;
+    if (units[0].slot == nullptr) return;
+    int acc[kTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kTiles; ++nt) {
+      acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    }
+    // Steps of 4 words: lane (g, t4) loads word w + t4 only (zero past the unit's end), and the
+    // step's 4 mmas σ take bits 2σ + 8·e (a0, b0) and 2σ + 1 + 8·e (a2, b1) of each lane's word.
+#pragma unroll 1
+    for (int w = begin; w < end; w += 4) {
+      const int word = w + t4;
+      const bool in = word < end;
+      uint32_t lo[kWb], hi[kWb], act[kTiles][kAb];
+      LoadPlanes<kWb>(lo, in ? w_lo : nullptr, words, word);
+      LoadPlanes<kWb>(hi, in ? w_hi : nullptr, words, word);
+#pragma unroll
+      for (int nt = 0; nt < kTiles; ++nt) {
+        LoadPlanes<kAb>(act[nt], in && nt < tiles ? a_tok[nt] : nullptr, words, word);
+      }
+#pragma unroll
+      for (int sigma = 0; sigma < 4; ++sigma) {
+        const int s0 = 2 * sigma, s1 = s0 + 1;
+        const uint32_t a0 = PlanesToBytes<kWb, false>(lo, s0);
+        const uint32_t a1 = PlanesToBytes<kWb, false>(hi, s0);
+        const uint32_t a2 = PlanesToBytes<kWb, false>(lo, s1);
+        const uint32_t a3 = PlanesToBytes<kWb, false>(hi, s1);
+#pragma unroll
+        for (int nt = 0; nt < kTiles; ++nt) {
+          if (nt < tiles) {
+            MmaU8S8(acc[nt], a0, a1, a2, a3, PlanesToBytes<kAb, true>(act[nt], s0),
+                    PlanesToBytes<kAb, true>(act[nt], s1));
+          }
+        }
+      }
+    }
+    StoreTile(acc, g, t4, mt, p.plan.ts, units[0].slot);
+  });
 }
 
 // ---- Weight-only A16 -------------------------------------------------------------------------
@@ -398,108 +599,165 @@ __device__ __forceinline__ int CodeAt(const uint32_t (&planes)[kWb], int bit) {
   return q;
 }
 
-// q − z at columns bit and bit + 1, as a bf16 pair (exact: |q − z| <= 256).
+// bf16x2 (128 + z, 128 + z): exact for z <= 16 (wb <= 4).
+__device__ __forceinline__ uint32_t BiasedZeroPair(int z) {
+  return mma::PackBf16(static_cast<float>(128 + z), static_cast<float>(128 + z));
+}
+
+// q − z at columns s (low half) and s + 16 (high half), as a bf16 pair (exact: |q − z| <= 256).
+// For wb <= 4 the codes go straight into the mantissa of 128 (bf16 0x4300 | q is 128 + q, q <
+// 128) and one bf16x2 subtraction of biased_z = BiasedZeroPair(z) leaves q − z, exactly (a small
+// integer); wb = 8 converts through fp32.
 template <int kWb>
-__device__ __forceinline__ uint32_t WeightPair(const uint32_t (&planes)[kWb], int bit, int z) {
-  return mma::PackBf16(static_cast<float>(CodeAt<kWb>(planes, bit) - z),
-                       static_cast<float>(CodeAt<kWb>(planes, bit + 1) - z));
+__device__ __forceinline__ uint32_t WeightPair(const uint32_t (&planes)[kWb], int s, int z,
+                                               uint32_t biased_z) {
+  if constexpr (kWb <= 4) {
+    uint32_t r = 0x43004300u;
+#pragma unroll
+    for (int j = 0; j < kWb; ++j) r |= ((planes[j] >> s) & 0x00010001u) << j;
+    __nv_bfloat162 v, b;
+    memcpy(&v, &r, sizeof(r));
+    memcpy(&b, &biased_z, sizeof(b));
+    v = __hsub2(v, b);
+    memcpy(&r, &v, sizeof(r));
+    return r;
+  } else {
+    return mma::PackBf16(static_cast<float>(CodeAt<kWb>(planes, s) - z),
+                         static_cast<float>(CodeAt<kWb>(planes, s + 16) - z));
+  }
 }
 
 __device__ __forceinline__ float LoadX(const float* row, int64_t c, int64_t k) {
   return (row != nullptr && c < k) ? __ldg(row + c) : 0.0f;
 }
 
-// Per k-group: acc_G = Σ_{k in G} bf16(x)·(q − z) on the tensor cores (fp32), then
-// out = fma(acc_G, s_w, out). Padding columns have code 0 but x = 0 there, so they add nothing.
+// Per unit: Σ_{k in unit} bf16(x)·(q − z) on the tensor cores (fp32); per k-group the parts are
+// added in order to acc_G, then out = fma(acc_G, s_w, out). Padding columns have code 0 but x = 0
+// there, so they add nothing.
 template <int kWb>
-__global__ void __launch_bounds__(kWarps * 32)
-    AbqWeightOnlyKernel(AbqDeviceWeights wt, const float* x, int64_t m, float* y) {
-  constexpr int kTiles = kTileTokens / 8;
-  const WarpTile tile = MakeWarpTile(16, m);
-  const int g = tile.g, t4 = tile.t4, mt = tile.mt;
-  const int64_t o0 = tile.o0, t0 = tile.t0;
-  if (o0 >= wt.n) return;
+__global__ void __launch_bounds__(kGemmThreads, 2)
+    AbqWeightOnlyKernel(AbqDeviceWeights wt, const float* x, int64_t m, float* y, RoundPlan plan) {
+  const BlockTile b = MakeBlockTile(16, m);
+  const int g = b.g, t4 = b.t4, mt = b.mt;
   const int tiles = (mt + 7) / 8;
   const int64_t words = wt.words, k = wt.k;
-  const bool lo_ok = o0 + g < wt.n, hi_ok = o0 + g + 8 < wt.n;
-  const uint32_t* w_lo = lo_ok ? wt.planes + (o0 + g) * kWb * words : nullptr;
-  const uint32_t* w_hi = hi_ok ? wt.planes + (o0 + g + 8) * kWb * words : nullptr;
-  const float* x_tok[kTiles];
+  const bool lo_ok = b.o0 + g < wt.n, hi_ok = b.o0 + g + 8 < wt.n;
+  const uint32_t* w_lo = lo_ok ? wt.planes + (b.o0 + g) * kWb * words : nullptr;
+  const uint32_t* w_hi = hi_ok ? wt.planes + (b.o0 + g + 8) * kWb * words : nullptr;
+  const float* x_tok[kTokenTiles];
 #pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt)
-    x_tok[nt] = nt * 8 + g < mt ? x + (t0 + nt * 8 + g) * k : nullptr;
-  float out[kTiles][4];
+  for (int nt = 0; nt < kTokenTiles; ++nt) {
+    x_tok[nt] = nt * 8 + g < mt ? x + (b.t0 + nt * 8 + g) * k : nullptr;
+  }
+  const int ol = threadIdx.x / mt, tl = threadIdx.x % mt;
+  const bool mine = ol < 16 && b.o0 + ol < wt.n;
+  float out = 0.0f;
+  auto unit = [&](const UnitWork(&units)[1]) {
+    const int group = units[0].group, begin = units[0].begin, end = units[0].end;
+    if (units[0].slot == nullptr) return;
+    const int64_t gi = static_cast<int64_t>(group) * wt.n;
+    const int z_lo = lo_ok ? __ldg(wt.zeros + gi + b.o0 + g) : 0;
+    const int z_hi = hi_ok ? __ldg(wt.zeros + gi + b.o0 + g + 8) : 0;
+    const uint32_t bz_lo = BiasedZeroPair(z_lo), bz_hi = BiasedZeroPair(z_hi);
+    float acc[kTokenTiles][4];
 #pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) out[nt][0] = out[nt][1] = out[nt][2] = out[nt][3] = 0.0f;
-
-  for (int gr = 0; gr < wt.n_groups; ++gr) {
-    const int begin = gr * wt.group_words;
-    const int end = min(begin + wt.group_words, wt.words);
-    const int64_t gi = static_cast<int64_t>(gr) * wt.n;
-    const int z_lo = lo_ok ? wt.zeros[gi + o0 + g] : 0;
-    const int z_hi = hi_ok ? wt.zeros[gi + o0 + g + 8] : 0;
-    float acc[kTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    for (int w = begin; w < end; ++w) {
+    for (int nt = 0; nt < kTokenTiles; ++nt) {
+      acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    }
+    // Steps of 4 words: lane (g, t4) loads word w + t4 only, and the step's 8 mmas μ take the
+    // column pairs s = 2μ (a0, b0) and 2μ + 1 (a2, b1) of each lane's word (x is 0 past the
+    // unit's end, where the weights are 0 too).
+    for (int w = begin; w < end; w += 4) {
+      const int word = w + t4;
+      const bool in = word < end;
       uint32_t lo[kWb], hi[kWb];
-      LoadPlanes<kWb>(lo, w_lo, words, w);
-      LoadPlanes<kWb>(hi, w_hi, words, w);
+      LoadPlanes<kWb>(lo, in ? w_lo : nullptr, words, word);
+      LoadPlanes<kWb>(hi, in ? w_hi : nullptr, words, word);
+      const int64_t c = static_cast<int64_t>(word) * 32;
+      const int64_t c_end = in ? k : 0;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int bit = 16 * half + 2 * t4;
-        const uint32_t a[4] = {WeightPair<kWb>(lo, bit, z_lo), WeightPair<kWb>(hi, bit, z_hi),
-                               WeightPair<kWb>(lo, bit + 8, z_lo),
-                               WeightPair<kWb>(hi, bit + 8, z_hi)};
-        const int64_t c = static_cast<int64_t>(w) * 32 + bit;
+      for (int mu = 0; mu < 8; ++mu) {
+        const int s0 = 2 * mu, s1 = s0 + 1;
+        const uint32_t a[4] = {
+            WeightPair<kWb>(lo, s0, z_lo, bz_lo), WeightPair<kWb>(hi, s0, z_hi, bz_hi),
+            WeightPair<kWb>(lo, s1, z_lo, bz_lo), WeightPair<kWb>(hi, s1, z_hi, bz_hi)};
 #pragma unroll
-        for (int nt = 0; nt < kTiles; ++nt) {
+        for (int nt = 0; nt < kTokenTiles; ++nt) {
           if (nt < tiles) {
             const float* xr = x_tok[nt];
-            mma::Mma(acc[nt], a, mma::PackBf16(LoadX(xr, c, k), LoadX(xr, c + 1, k)),
-                     mma::PackBf16(LoadX(xr, c + 8, k), LoadX(xr, c + 9, k)));
+            mma::Mma(acc[nt], a,
+                     mma::PackBf16(LoadX(xr, c + s0, c_end), LoadX(xr, c + s0 + 16, c_end)),
+                     mma::PackBf16(LoadX(xr, c + s1, c_end), LoadX(xr, c + s1 + 16, c_end)));
           }
         }
       }
     }
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t o = o0 + g + 8 * (e >> 1);
-        if (o < wt.n) out[nt][e] = __fmaf_rn(acc[nt][e], wt.scales[gi + o], out[nt][e]);
+    StoreTile(acc, g, t4, mt, plan.ts, units[0].slot);
+  };
+  RunRounds<1>(wt, plan, b, 16, nullptr, unit, [&](int, int rg, const RoundShared& sh) {
+    if (!mine) return;
+    for (int gl = 0; gl < rg; ++gl) {
+      float sum = 0.0f;
+      for (int part = 0; part < plan.parts; ++part) {
+        const float v = __uint_as_float(sh.Slot(plan, gl, part)[ol * plan.ts + tl]);
+        sum = part == 0 ? v : __fadd_rn(sum, v);
       }
+      out = __fmaf_rn(sum, sh.scales[gl * kTileRows + ol], out);
     }
-  }
-#pragma unroll
-  for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t o = o0 + g + 8 * (e >> 1);
-      const int tl = nt * 8 + 2 * t4 + (e & 1);
-      if (o < wt.n && tl < mt) y[(t0 + tl) * wt.n + o] = out[nt][e];
-    }
-  }
+  });
+  if (mine) y[(b.t0 + tl) * wt.n + b.o0 + ol] = out;
 }
 
 // ---- Dispatch --------------------------------------------------------------------------------
 
 bool TokenGridOk(int64_t m) { return m >= 1 && (m + kTileTokens - 1) / kTileTokens <= 65535; }
 
-dim3 GemmGrid(int64_t n, int outs_per_warp, int64_t m) {
-  const int64_t per_block = static_cast<int64_t>(kWarps) * outs_per_warp;
-  return dim3(static_cast<unsigned>((n + per_block - 1) / per_block),
+dim3 GemmGrid(int64_t n, int outs, int64_t m) {
+  return dim3(static_cast<unsigned>((n + outs - 1) / outs),
               static_cast<unsigned>((m + kTileTokens - 1) / kTileTokens));
+}
+
+size_t RoundSharedBytes(const RoundPlan& plan) {
+  return static_cast<size_t>(plan.groups) * RoundBytesPerGroup(plan);
+}
+
+// An integer GEMM kernel launched with programmatic stream serialization: it may start while the
+// prologue before it on the stream runs (prefetching its weights into L2), which hides most of a
+// launch's latency; griddepcontrol.wait orders its reads of the activations after the prologue.
+template <typename Kernel>
+cudaError_t LaunchGemmKernel(Kernel kernel, const GemmParams& p, dim3 grid, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kGemmThreads);
+  config.dynamicSmemBytes = RoundSharedBytes(p.plan);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+// The b1 kernel with the fewest n-tiles that hold the block's tokens: 1 (m = 1, or 2 for A4), 4
+// or all of kTileTokens.
+template <int kWb, int kAb>
+cudaError_t LaunchBinary(const GemmParams& p, cudaStream_t stream) {
+  constexpr int kTokensPerTile = 8 / kAb;
+  constexpr int kMaxTiles = kTileTokens / kTokensPerTile;
+  const int tiles = (p.plan.ts + kTokensPerTile - 1) / kTokensPerTile;
+  const dim3 grid = GemmGrid(p.w.n, 16 / kWb, p.m);
+  if (tiles <= 1) return LaunchGemmKernel(AbqBinaryGemmKernel<kWb, kAb, 1>, p, grid, stream);
+  if (tiles <= 4) return LaunchGemmKernel(AbqBinaryGemmKernel<kWb, kAb, 4>, p, grid, stream);
+  return LaunchGemmKernel(AbqBinaryGemmKernel<kWb, kAb, kMaxTiles>, p, grid, stream);
 }
 
 template <int kWb, int kAb>
 cudaError_t LaunchGemmFor(AbqMma mma, const GemmParams& p, cudaStream_t stream) {
-  if (mma == AbqMma::kBinary) {
-    AbqBinaryGemmKernel<kWb, kAb><<<GemmGrid(p.w.n, 16 / kWb, p.m), kWarps * 32, 0, stream>>>(p);
-  } else {
-    AbqInt8GemmKernel<kWb, kAb><<<GemmGrid(p.w.n, 16, p.m), kWarps * 32, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  if (mma == AbqMma::kBinary) return LaunchBinary<kWb, kAb>(p, stream);
+  const dim3 grid = GemmGrid(p.w.n, 16, p.m);
+  if (p.plan.ts <= 8) return LaunchGemmKernel(AbqInt8GemmKernel<kWb, kAb, 1>, p, grid, stream);
+  return LaunchGemmKernel(AbqInt8GemmKernel<kWb, kAb, kTokenTiles>, p, grid, stream);
 }
 
 template <int kAb>
@@ -547,7 +805,7 @@ cudaError_t LaunchAbqPrologue(const float* x, const AbqDeviceWeights& w,
 cudaError_t LaunchAbqGemm(AbqMma mma, const AbqDeviceWeights& w, const AbqDeviceActivations& a,
                           float* y, int32_t* dot, cudaStream_t stream) {
   if (!WeightsOk(w) || !TokenGridOk(a.m)) return cudaErrorInvalidValue;
-  const GemmParams p{w, a.planes, a.scales, a.sums, a.m, y, dot};
+  const GemmParams p{w, a.planes, a.scales, a.sums, a.m, y, dot, PlanRounds(w.n_groups, a.m)};
   if (a.act_bits == 4) return LaunchGemmAb<4>(mma, p, stream);
   if (a.act_bits == 8) return LaunchGemmAb<8>(mma, p, stream);
   return cudaErrorInvalidValue;
@@ -557,18 +815,20 @@ cudaError_t LaunchAbqWeightOnly(const float* x, int64_t m, const AbqDeviceWeight
                                 cudaStream_t stream) {
   if (!WeightsOk(w) || !TokenGridOk(m)) return cudaErrorInvalidValue;
   const dim3 grid = GemmGrid(w.n, 16, m);
+  const RoundPlan plan = PlanRounds(w.n_groups, m);
+  const size_t shared = RoundSharedBytes(plan);
   switch (w.weight_bits) {
     case 2:
-      AbqWeightOnlyKernel<2><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<2><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     case 3:
-      AbqWeightOnlyKernel<3><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<3><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     case 4:
-      AbqWeightOnlyKernel<4><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<4><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     case 8:
-      AbqWeightOnlyKernel<8><<<grid, kWarps * 32, 0, stream>>>(w, x, m, y);
+      AbqWeightOnlyKernel<8><<<grid, kGemmThreads, shared, stream>>>(w, x, m, y, plan);
       break;
     default:
       return cudaErrorInvalidValue;

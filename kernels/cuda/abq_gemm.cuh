@@ -12,10 +12,16 @@
 //   LaunchAbqWeightOnly   the A16 baseline: weight codes dequantized in registers to bf16 (q − z),
 //                         x rounded to bf16, bf16 mma.sync with fp32 accumulation per k-group and
 //                         s_w applied per group in fp32 (spec: AbqWeightOnlyReference).
-// Tiles: a warp owns 16 weight rows (b1: 16/wb outputs × wb planes; int8 and A16: 16 outputs) for
-// 16 tokens; blocks of 4 warps; grid.y walks the tokens in tiles of 16 (decode m <= 16 is one
-// tile, prefill loops over tiles). Every output is written by exactly one thread, with no atomics:
-// results are bit-identical run to run.
+// Tiles: a block of 16 warps owns 16 weight rows (b1: 16/wb outputs × wb planes; int8 and A16:
+// 16 outputs) and up to 16 tokens over all of K; grid.x walks the outputs, grid.y the tokens in
+// tiles of 16 (decode m <= 16 is one tile, prefill loops over tiles). The warps split K into
+// (k-group, part) units whose sums meet in shared memory; one thread per (output, token) then
+// runs the fp32 epilogue over the groups in order. Every output is written by exactly one thread,
+// with no atomics: results are bit-identical run to run. The same kernels serve every m; the b1
+// kernel is compiled for 1, 4 and all n8 tiles of activation planes and launched with the fewest
+// that hold the tokens (m = 1: one tile, two units in flight per warp). The integer GEMMs are
+// launched with programmatic stream serialization (PDL), so that a GEMM after LaunchAbqPrologue on
+// the same stream starts (and prefetches its weights into L2) while the prologue runs.
 #pragma once
 
 #include <cuda_runtime.h>

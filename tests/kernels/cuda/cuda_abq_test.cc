@@ -37,10 +37,12 @@ using ::testing::HasSubstr;
 constexpr AbqKernel kIntegerKernels[] = {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma};
 
 // Size 1; k below one word, off a word, off the k128 and k256 tiles, several k-groups; n across
-// warps (b1 W2: 8 outputs a warp, 32 a block; int8 and A16: 16 and 64) and blocks; m one decode
-// tile, a full one, and prefill over 3 and 16 token tiles.
-constexpr Shape3 kShapes[] = {{1, 1, 1},      {1, 37, 300},  {3, 5, 31},    {7, 133, 257},
-                              {16, 19, 1000}, {37, 21, 520}, {256, 33, 384}};
+// blocks (b1: 16/wb outputs a block; int8 and A16: 16); m one decode tile, a full one, and
+// prefill over 3 and 16 token tiles. The GEMM kernels' variants: b1 with 1, 4 and all n8 tiles
+// (m = 1; 3; 7 and up), k-groups cut into parts (fewer than 16 groups) or whole, one round of
+// groups or several (k 6000 at g32 with m = 1: 188 groups; k 1000 at g32 with m = 16).
+constexpr Shape3 kShapes[] = {{1, 1, 1},    {1, 37, 300},   {3, 5, 31},    {7, 133, 257},
+                              {1, 9, 6000}, {16, 19, 1000}, {37, 21, 520}, {256, 33, 384}};
 
 // Random packed weights: codes over the whole range (0..4 for the balanced grid), GPTQ v1 zero
 // points in [1, 2^wb], positive scales over a few binades.
