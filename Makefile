@@ -4,7 +4,8 @@ BUILD_TYPE ?= Release
 JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
 
-.PHONY: all deps configure build test expectations test-cpu demo format clean
+.PHONY: all deps configure build test expectations test-cpu demo format clean fuzz-configure fuzz \
+  sanitize
 
 all: build
 
@@ -24,6 +25,22 @@ test: build
 expectations: build
 	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS) --timeout 900 -L expectation
 
+# The fuzz build (docs/OPERATIONS.md, "Fuzzing"): clang, ASan + UBSan, libFuzzer, no CUDA, in its
+# own directory. `make sanitize` runs the fast unit tests under the sanitizers; `make fuzz` runs
+# every harness for FUZZ_SECONDS seconds (each).
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 60
+
+fuzz-configure: deps
+	@cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_COMPILER=clang \
+	  -DCMAKE_CXX_COMPILER=clang++ -DQCAL_FUZZ=ON -DQCAL_CUDA=OFF >/dev/null
+
+sanitize: fuzz-configure
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target check_sanitize
+
+fuzz: fuzz-configure
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) cmake --build $(FUZZ_BUILD) -j $(JOBS) --target run_fuzzers
+
 demo: build
 	@bash tools/demo.sh $(BUILD)
 
@@ -32,4 +49,4 @@ format:
 	  | xargs clang-format -i
 
 clean:
-	@rm -rf $(BUILD)
+	@rm -rf $(BUILD) $(FUZZ_BUILD)

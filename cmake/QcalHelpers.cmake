@@ -6,6 +6,17 @@ if(QCAL_WERROR)
 endif()
 
 set(QCAL_SANITIZER_FLAGS "")
+if(QCAL_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+    message(FATAL_ERROR "QCAL_FUZZ=ON needs clang (libFuzzer): -DCMAKE_CXX_COMPILER=clang++")
+  endif()
+  set(QCAL_SANITIZE_ADDRESS ON)
+  set(QCAL_SANITIZE_UNDEFINED ON)
+  # Coverage instrumentation for libFuzzer in every library; the harnesses link the fuzzer's
+  # main (tests/fuzz), the unit tests link none (the sanitizer runtime has the no-op callbacks).
+  # -O1 (after the build type's -O3, so it wins): half the compile time under the sanitizers.
+  list(APPEND QCAL_SANITIZER_FLAGS -fsanitize=fuzzer-no-link -O1 -gline-tables-only)
+endif()
 if(QCAL_SANITIZE_ADDRESS)
   list(APPEND QCAL_SANITIZER_FLAGS -fsanitize=address -fno-omit-frame-pointer)
 endif()

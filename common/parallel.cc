@@ -39,8 +39,9 @@ void ParallelFor(int64_t n, int64_t work_per_item,
     return std::pair<int64_t, int64_t>(n * t / threads, n * (t + 1) / threads);
   };
   for (int64_t t = 1; t < threads; ++t) {
-    const auto [b, e] = range(t);
-    workers.emplace_back([&fn, b, e] { fn(b, e); });
+    // Captured by name: clang 14 (the fuzz build) cannot capture structured bindings.
+    const std::pair<int64_t, int64_t> r = range(t);
+    workers.emplace_back([&fn, r] { fn(r.first, r.second); });
   }
   const auto [b0, e0] = range(0);
   fn(b0, e0);

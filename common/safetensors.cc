@@ -221,8 +221,11 @@ absl::Status SafetensorsFile::ReadInto(const std::string& name, void* dst, size_
                                                    " bytes; the buffer has ", bytes));
   }
   if (in_memory_ != nullptr) {
-    std::memcpy(dst, static_cast<const char*>(in_memory_->data()) + data_offset_ + info.begin,
-                bytes);
+    // An empty tensor's buffer may be null, which memcpy must not see even for 0 bytes.
+    if (bytes > 0) {
+      std::memcpy(dst, static_cast<const char*>(in_memory_->data()) + data_offset_ + info.begin,
+                  bytes);
+    }
     return absl::OkStatus();
   }
   QCAL_RETURN_IF_ERROR(CheckIdentity());

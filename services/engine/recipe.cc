@@ -21,7 +21,13 @@ absl::Status CheckKeys(const YAML::Node& node, const std::string& source, const 
                        const std::set<std::string>& allowed) {
   if (!node.IsMap()) return KeyError(source, path, "must be a mapping");
   for (const auto& kv : node) {
-    const std::string key = kv.first.as<std::string>();
+    // A complex key ("? [a, b]: ...") is a sequence or a mapping: no recipe key is.
+    if (!kv.first.IsScalar()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": recipe keys must be plain names",
+                       path.empty() ? std::string() : absl::StrCat(" (under \"", path, "\")")));
+    }
+    const std::string key = kv.first.Scalar();
     if (!allowed.count(key)) {
       return absl::InvalidArgumentError(absl::StrCat(source, ": unknown recipe key \"",
                                                      path.empty() ? key : path + "." + key, "\""));

@@ -1,5 +1,6 @@
 #include "services/engine/driver/artifacts.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "absl/strings/str_split.h"
 #include "common/safetensors.h"
 #include "common/status.h"
+#include "kernels/quant_ops.h"
 
 namespace qcal::engine {
 namespace {
@@ -50,6 +52,52 @@ void QuantizedLinearEntries(const QuantizedLinear& q, std::map<std::string, Tens
           {"grid", RecipeName(q.spec.grid)}};
 }
 
+// Everything Install, the export and the exchange index by: a valid spec, positive dimensions
+// whose product fits, codes on the grid, groups inside the scales and zeros, and a permutation.
+absl::Status ValidateQuantizedLinear(const QuantizedLinear& q) {
+  auto bad = [](const std::string& what) {
+    return absl::DataLossError(absl::StrCat("quantized linear artifact: ", what));
+  };
+  if (absl::Status s = kernels::ValidateQuantSpec(q.spec); !s.ok()) {
+    return bad(std::string(s.message()));
+  }
+  if (q.d_out < 1 || q.d_in < 1 || q.d_out > (int64_t{1} << 31) || q.d_in > (int64_t{1} << 31)) {
+    return bad(absl::StrCat("shape [", q.d_out, ", ", q.d_in, "] is not positive and below 2^31"));
+  }
+  if (q.group_size != kernels::EffectiveGroupSize(q.spec, q.d_in) ||
+      q.n_groups != kernels::NumGroups(q.spec, q.d_in)) {
+    return bad(absl::StrCat("group size ", q.group_size, " and ", q.n_groups,
+                            " groups do not follow group_size ", q.spec.group_size, " and d_in ",
+                            q.d_in));
+  }
+  // Sizes compared before the product: d_out · d_in may not fit int64.
+  if (static_cast<int64_t>(q.codes.size()) / q.d_in != q.d_out ||
+      static_cast<int64_t>(q.codes.size()) % q.d_in != 0 ||
+      static_cast<int64_t>(q.scales.size()) != q.n_groups * q.d_out ||
+      static_cast<int64_t>(q.zeros.size()) != q.n_groups * q.d_out ||
+      static_cast<int64_t>(q.g_idx.size()) != q.d_in ||
+      (!q.perm.empty() && static_cast<int64_t>(q.perm.size()) != q.d_in)) {
+    return bad("inconsistent sizes");
+  }
+  for (int32_t g : q.g_idx) {
+    if (g < 0 || g >= q.n_groups) {
+      return bad(absl::StrCat("g_idx ", g, " is outside [0, ", q.n_groups, ")"));
+    }
+  }
+  std::vector<bool> seen(q.perm.size(), false);
+  for (int32_t p : q.perm) {
+    if (p < 0 || p >= q.d_in || seen[static_cast<size_t>(p)]) {
+      return bad("perm is not a permutation of the input columns");
+    }
+    seen[static_cast<size_t>(p)] = true;
+  }
+  const int32_t max_code = kernels::MaxCode(q.spec);
+  for (int32_t c : q.codes) {
+    if (c < 0 || c > max_code) return bad(absl::StrCat("code ", c, " is outside 0..", max_code));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file) {
   const auto& meta = file->metadata();
   auto get = [&](const char* key, int64_t* out) -> absl::Status {
@@ -68,6 +116,10 @@ absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file)
   QCAL_RETURN_IF_ERROR(get("effective_group_size", &q.group_size));
   QCAL_RETURN_IF_ERROR(get("n_groups", &q.n_groups));
   QCAL_RETURN_IF_ERROR(get("symmetric", &sym));
+  if (bits < 2 || bits > 8 || gs < -1 || gs > (int64_t{1} << 31) - 1) {
+    return absl::DataLossError(absl::StrCat("quantized linear artifact: bits ", bits,
+                                            " or group_size ", gs, " out of range"));
+  }
   q.spec.bits = static_cast<int>(bits);
   q.spec.group_size = static_cast<int>(gs);
   q.spec.symmetric = sym != 0;
@@ -77,31 +129,31 @@ absl::StatusOr<QuantizedLinear> QuantizedLinearFrom(const SafetensorsFile* file)
     if (!kind.ok()) return absl::DataLossError(kind.status().message());
     q.spec.grid = *kind;
   }
-  for (const char* name : {"codes", "zeros", "g_idx", "perm", "scales"}) {
+  // Each tensor's stored dtype, as QuantizedLinearEntries writes it.
+  const std::pair<const char*, DType> tensors[] = {{"codes", DType::kU8},
+                                                   {"zeros", DType::kI32},
+                                                   {"g_idx", DType::kI32},
+                                                   {"perm", DType::kI32},
+                                                   {"scales", DType::kF32}};
+  std::map<std::string, Tensor> t;
+  for (const auto& [name, dtype] : tensors) {
     if (!file->Has(name))
       return absl::DataLossError(absl::StrCat("quantized linear artifact lacks ", name));
+    QCAL_ASSIGN_OR_RETURN(t[name], file->Get(name));
+    if (t[name].dtype() != dtype) {
+      return absl::DataLossError(absl::StrCat("quantized linear artifact: ", name, " is ",
+                                              DTypeName(t[name].dtype()), ", not ",
+                                              DTypeName(dtype)));
+    }
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor codes, file->Get("codes"));
-  QCAL_ASSIGN_OR_RETURN(Tensor zeros, file->Get("zeros"));
-  QCAL_ASSIGN_OR_RETURN(Tensor g_idx, file->Get("g_idx"));
-  QCAL_ASSIGN_OR_RETURN(Tensor perm, file->Get("perm"));
-  QCAL_ASSIGN_OR_RETURN(Tensor scales, file->Get("scales"));
-  if (codes.dtype() != DType::kU8) {
-    return absl::DataLossError("quantized linear artifact: codes are not U8");
-  }
-  const uint8_t* cp = codes.data<uint8_t>();
-  q.codes.assign(cp, cp + codes.numel());
-  q.zeros = I32Vector(zeros);
-  q.g_idx = I32Vector(g_idx);
-  q.perm = I32Vector(perm);
-  const float* sp = scales.data<float>();
-  q.scales.assign(sp, sp + scales.numel());
-  if (static_cast<int64_t>(q.codes.size()) != q.d_out * q.d_in ||
-      static_cast<int64_t>(q.scales.size()) != q.n_groups * q.d_out ||
-      static_cast<int64_t>(q.zeros.size()) != q.n_groups * q.d_out ||
-      static_cast<int64_t>(q.g_idx.size()) != q.d_in) {
-    return absl::DataLossError("quantized linear artifact has inconsistent sizes");
-  }
+  const uint8_t* cp = t["codes"].data<uint8_t>();
+  q.codes.assign(cp, cp + t["codes"].numel());
+  q.zeros = I32Vector(t["zeros"]);
+  q.g_idx = I32Vector(t["g_idx"]);
+  q.perm = I32Vector(t["perm"]);
+  const float* sp = t["scales"].data<float>();
+  q.scales.assign(sp, sp + t["scales"].numel());
+  QCAL_RETURN_IF_ERROR(ValidateQuantizedLinear(q));
   return q;
 }
 
@@ -113,7 +165,9 @@ std::string Serialize(const std::map<std::string, Tensor>& t,
 }
 
 constexpr char kFoldedPrefix[] = "folded/";
-// The full-precision path's chunks in an activation checkpoint (recipes that retrain).
+// The quantized path's and (recipes that retrain) the full-precision path's chunks in an
+// activation checkpoint.
+constexpr char kChunkPrefix[] = "chunk.";
 constexpr char kFpChunkPrefix[] = "fp_chunk.";
 
 }  // namespace
@@ -130,7 +184,7 @@ absl::Status SaveActivations(kernels::Backend& backend, const CalibActivations& 
   for (size_t c = 0; c < acts.chunks.size(); ++c) {
     const int index = 100000 + acts.first_chunk + static_cast<int>(c);
     QCAL_ASSIGN_OR_RETURN(Tensor host, backend.ToHost(acts.chunks[c]));
-    tensors[absl::StrCat("chunk.", index)] = host;
+    tensors[absl::StrCat(kChunkPrefix, index)] = host;
     if (!acts.fp_chunks.empty()) {
       QCAL_ASSIGN_OR_RETURN(tensors[absl::StrCat(kFpChunkPrefix, index)],
                             backend.ToHost(acts.fp_chunks[c]));
@@ -214,15 +268,28 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
   auto it = meta.find("chunk_batch");
   if (it == meta.end())
     return absl::DataLossError(absl::StrCat(path, ": activation checkpoint lacks chunk_batch"));
+  if (acts.seq_len < 1 || acts.next_block < 0) {
+    return absl::DataLossError(absl::StrCat(path, ": seq_len ", acts.seq_len, " or next_block ",
+                                            acts.next_block, " out of range"));
+  }
   for (absl::string_view part : absl::StrSplit(it->second, ',')) {
     int v = 0;
-    if (!absl::SimpleAtoi(part, &v))
+    if (!absl::SimpleAtoi(part, &v) || v < 1)
       return absl::DataLossError(absl::StrCat(path, ": bad chunk_batch"));
     acts.chunk_batch.push_back(v);
   }
-  size_t fp = 0;
-  for (const auto& [name, info] : file->tensors()) fp += name.rfind(kFpChunkPrefix, 0) == 0;
-  const size_t quantized_path = file->tensors().size() - fp;
+  // Tensors are "chunk.<index>", then (recipes that retrain) "fp_chunk.<index>", each in chunk
+  // order: names sort "chunk.*" before "fp_chunk.*", and indices have six digits.
+  size_t fp = 0, quantized_path = 0;
+  for (const auto& [name, info] : file->tensors()) {
+    if (name.rfind(kFpChunkPrefix, 0) == 0) {
+      ++fp;
+    } else if (name.rfind(kChunkPrefix, 0) == 0) {
+      ++quantized_path;
+    } else {
+      return absl::DataLossError(absl::StrCat(path, ": unexpected tensor \"", name, "\""));
+    }
+  }
   if (acts.chunk_batch.size() != quantized_path || (fp != 0 && fp != quantized_path)) {
     return absl::DataLossError(absl::StrCat(path, ": chunk count does not match chunk_batch"));
   }
@@ -233,20 +300,26 @@ absl::StatusOr<CalibActivations> LoadActivations(kernels::Backend& backend,
     QCAL_RETURN_IF_ERROR(get_int("total_chunks", &acts.total_chunks));
   }
   if (acts.first_chunk < 0 ||
-      acts.first_chunk + static_cast<int>(acts.chunk_batch.size()) > acts.total_chunks) {
+      int64_t{acts.first_chunk} + static_cast<int64_t>(acts.chunk_batch.size()) >
+          acts.total_chunks) {
     return absl::DataLossError(absl::StrCat(path, ": chunks from ", acts.first_chunk,
                                             " do not fit in ", acts.total_chunks));
   }
-  // Names sort "chunk.*" before "fp_chunk.*", each in chunk order.
   for (const auto& [name, info] : file->tensors()) {
     QCAL_ASSIGN_OR_RETURN(Tensor t, file->Get(name));
-    if (t.dtype() != DType::kF32 || t.rank() != 2)
-      return absl::DataLossError(absl::StrCat(path, ": bad chunk ", name));
-    QCAL_ASSIGN_OR_RETURN(Tensor dev, backend.ToDevice(t));
     const bool full_precision = name.rfind(kFpChunkPrefix, 0) == 0;
-    if (full_precision && dev.shape() != acts.chunks[acts.fp_chunks.size()].shape()) {
-      return absl::DataLossError(absl::StrCat(path, ": ", name, " does not match its chunk"));
+    const size_t c = full_precision ? acts.fp_chunks.size() : acts.chunks.size();
+    if (t.dtype() != DType::kF32 || t.rank() != 2) {
+      return absl::DataLossError(absl::StrCat(path, ": chunk ", name, " is ", t.DebugString()));
     }
+    // Chunk c holds its samples' rows, as wide as the other chunks (the block runner's shapes).
+    const Shape expected = {int64_t{acts.chunk_batch[c]} * acts.seq_len,
+                            acts.chunks.empty() ? t.dim(1) : acts.chunks[0].dim(1)};
+    if (t.shape() != expected) {
+      return absl::DataLossError(absl::StrCat(path, ": chunk ", name, " is ", t.DebugString(),
+                                              ", expected F32", ShapeString(expected)));
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor dev, backend.ToDevice(t));
     (full_precision ? acts.fp_chunks : acts.chunks).push_back(std::move(dev));
   }
   return acts;
@@ -293,6 +366,14 @@ absl::StatusOr<LayerResult> ParseLayerArtifact(const std::string& bytes) {
   };
   QCAL_RETURN_IF_ERROR(get("act_bits", &act_bits));
   QCAL_RETURN_IF_ERROR(get("rank", &rank));
+  if (act_bits != 16 && (act_bits < 4 || act_bits > 8)) {
+    return absl::DataLossError(
+        absl::StrCat("layer artifact: act_bits ", act_bits, " is not 16 (off) or 4..8"));
+  }
+  if (rank < 0 || rank > std::min(r.quantized.d_out, r.quantized.d_in)) {
+    return absl::DataLossError(absl::StrCat("layer artifact: rank ", rank, " is outside 0..",
+                                            std::min(r.quantized.d_out, r.quantized.d_in)));
+  }
   r.act_bits = static_cast<int>(act_bits);
   r.report.rank = rank;
   if (rank > 0) {

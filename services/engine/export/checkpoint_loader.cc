@@ -25,6 +25,17 @@ absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
   }
 }
 
+// The string under `key` of a JSON object, `fallback` when absent; an error naming the key when
+// it is there but not a string (nlohmann's value() would throw).
+absl::StatusOr<std::string> StringOr(const nlohmann::json& j, const char* key,
+                                     const std::string& fallback, const std::string& source) {
+  if (!j.contains(key)) return fallback;
+  if (!j[key].is_string()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": key \"", key, "\" must be a string"));
+  }
+  return j[key].get<std::string>();
+}
+
 absl::StatusOr<Tensor> ReadTyped(const CheckpointReader& reader, const std::string& name,
                                  DType dtype, const Shape& shape) {
   QCAL_ASSIGN_OR_RETURN(Tensor t, reader.Get(name));
@@ -108,14 +119,15 @@ absl::StatusOr<CheckpointQuantization> ReadCheckpointQuantization(const std::str
         absl::StrCat(source, ": quantization config is not an object"));
   CheckpointQuantization q;
   // quantize_config.json written by AutoGPTQ may omit quant_method; it is GPTQ then.
-  q.quant_method = qc.value("quant_method", std::string("gptq"));
+  QCAL_ASSIGN_OR_RETURN(q.quant_method, StringOr(qc, "quant_method", "gptq", source));
   if (q.quant_method != "gptq" && q.quant_method != "qcal_fake") {
     return absl::InvalidArgumentError(absl::StrCat(source, ": unsupported quant_method \"",
                                                    q.quant_method,
                                                    "\" (supported: gptq, qcal_fake)"));
   }
   if (q.quant_method == "gptq") {
-    const std::string format = qc.value("checkpoint_format", std::string("gptq"));
+    QCAL_ASSIGN_OR_RETURN(const std::string format,
+                          StringOr(qc, "checkpoint_format", "gptq", source));
     if (format != "gptq") {
       return absl::InvalidArgumentError(absl::StrCat(source, ": unsupported checkpoint_format \"",
                                                      format,
@@ -169,13 +181,24 @@ class LoraAdapter {
     a->config_path_ = (fs::path(adapter_dir) / "adapter_config.json").string();
     a->weights_path_ = (fs::path(adapter_dir) / "adapter_model.safetensors").string();
     QCAL_ASSIGN_OR_RETURN(nlohmann::json cfg, ReadJson(a->config_path_));
-    if (!cfg.is_object() || cfg.value("peft_type", std::string()) != "LORA") {
+    if (!cfg.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(a->config_path_, ": not a JSON object"));
+    }
+    QCAL_ASSIGN_OR_RETURN(const std::string peft_type,
+                          StringOr(cfg, "peft_type", "", a->config_path_));
+    if (peft_type != "LORA") {
       return absl::InvalidArgumentError(
           absl::StrCat(a->config_path_, ": peft_type must be \"LORA\""));
     }
     QCAL_RETURN_IF_ERROR(a->Number(cfg.value("r", nlohmann::json()), "r", &a->r_));
     QCAL_RETURN_IF_ERROR(
         a->Number(cfg.value("lora_alpha", nlohmann::json()), "lora_alpha", &a->alpha_));
+    for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+      if (cfg.contains(key) && !cfg[key].is_object()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(a->config_path_, ": \"", key, "\" must be an object"));
+      }
+    }
     a->rank_pattern_ = cfg.value("rank_pattern", nlohmann::json::object());
     a->alpha_pattern_ = cfg.value("alpha_pattern", nlohmann::json::object());
     QCAL_ASSIGN_OR_RETURN(a->file_, SafetensorsFile::Open(a->weights_path_));
@@ -185,7 +208,8 @@ class LoraAdapter {
     }
     const std::string head = "base_model.model.";
     const std::string a_tail = ".lora_A.weight", b_tail = ".lora_B.weight";
-    for (const auto& [name, info] : a->file_->tensors()) {
+    for (const auto& tensor : a->file_->tensors()) {
+      const std::string& name = tensor.first;  // not a structured binding: clang 14 captures none
       auto ends_with = [&](const std::string& tail) {
         return name.size() > tail.size() &&
                name.compare(name.size() - tail.size(), tail.size(), tail) == 0;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs libFuzzer harnesses of a fuzz build (QCAL_FUZZ=ON) for FUZZ_SECONDS seconds each (default
+# 60), each from its committed seed corpus (tests/fuzz/corpus/<name>, read only) plus the corpus it
+# grew in earlier runs (BUILD/fuzz/corpus/<name>). Prints one line per harness with its executions
+# and a total; exits non-zero when any harness finds a crash, a leak, a timeout (10 s for one
+# input) or an out-of-memory (2 GiB), naming the input that shows it (BUILD/fuzz/artifacts/).
+#
+#   tests/fuzz/run_fuzzers.sh BUILD NAME...     (from the repository root)
+set -uo pipefail
+build=$1
+shift
+seconds=${FUZZ_SECONDS:-60}
+mkdir -p "$build/fuzz/tmp" "$build/fuzz/artifacts" "$build/fuzz/logs"
+export TMPDIR="$build/fuzz/tmp"
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
+total=0
+failed=()
+for name in "$@"; do
+  mkdir -p "$build/fuzz/corpus/$name"
+  log="$build/fuzz/logs/$name.log"
+  "$build/fuzz/fuzz_$name" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+    -print_final_stats=1 -artifact_prefix="$build/fuzz/artifacts/$name-" \
+    "$build/fuzz/corpus/$name" "tests/fuzz/corpus/$name" >"$log" 2>&1
+  rc=$?
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  runs=${runs:-0}
+  total=$((total + runs))
+  if [ $rc -ne 0 ]; then
+    failed+=("$name")
+    echo "fuzz: $name FAILED after $runs executions (exit $rc); log $log:"
+    grep -E "ERROR|SUMMARY|Test unit written|runtime error|CHECK failed" "$log" | head -20
+  else
+    echo "fuzz: $name $runs executions in ${seconds} s"
+  fi
+done
+echo "fuzz: $total executions in all, ${#failed[@]} harnesses failed${failed:+: ${failed[*]}}"
+[ ${#failed[@]} -eq 0 ]
