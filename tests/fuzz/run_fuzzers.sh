@@ -19,8 +19,15 @@ failed=()
 for name in "$@"; do
   mkdir -p "$build/fuzz/corpus/$name"
   log="$build/fuzz/logs/$name.log"
+  # Dictionaries (tests/fuzz/dict): boundary numbers and the format's keys.
+  case $name in
+    recipe | model_config) dict=(-dict="tests/fuzz/dict/$name.dict") ;;
+    safetensors | gptq_checkpoint | adapter | activations | layer_artifact)
+      dict=(-dict=tests/fuzz/dict/checkpoint.dict) ;;
+    *) dict=() ;;
+  esac
   "$build/fuzz/fuzz_$name" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
-    -print_final_stats=1 -artifact_prefix="$build/fuzz/artifacts/$name-" \
+    -print_final_stats=1 -artifact_prefix="$build/fuzz/artifacts/$name-" "${dict[@]}" \
     "$build/fuzz/corpus/$name" "tests/fuzz/corpus/$name" >"$log" 2>&1
   rc=$?
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
