@@ -24,6 +24,11 @@ namespace {
 
 using Json = nlohmann::json;
 
+// Token ids (vocabulary and added tokens) are below this: 64 times the largest vocabularies in use
+// (256k). The id table is dense (an entry per id up to the largest), so a file naming one id near
+// 2^30 would otherwise allocate 32 GiB.
+constexpr int64_t kMaxTokenIds = int64_t{1} << 24;
+
 // The pattern ByteLevel's use_regex applies (GPT-2's).
 constexpr char kGpt2Pattern[] =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
@@ -420,9 +425,9 @@ absl::Status ByteLevelBpeTokenizer::ParseModel(const Json& m, const JsonReader& 
   int max_id = -1;
   vocab_.reserve(m["vocab"].size());
   for (const auto& [token, id] : m["vocab"].items()) {
-    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > (1 << 30)) {
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= kMaxTokenIds) {
       return r.Error(absl::StrCat("model.vocab[\"", token, "\"]"),
-                     "must be a non-negative integer id");
+                     absl::StrCat("must be an integer id in [0, ", kMaxTokenIds, ")"));
     }
     vocab_[token] = id.get<int>();
     max_id = std::max(max_id, id.get<int>());
@@ -481,10 +486,11 @@ absl::Status ByteLevelBpeTokenizer::ParseAddedTokens(const Json& a, const JsonRe
     const std::string key = absl::StrCat("added_tokens[", i, "]");
     const Json& t = a[i];
     if (!t.is_object() || !t.contains("id") || !t["id"].is_number_integer() ||
-        t["id"].get<int64_t>() < 0 || t["id"].get<int64_t>() > (1 << 30) ||
+        t["id"].get<int64_t>() < 0 || t["id"].get<int64_t>() >= kMaxTokenIds ||
         !t.contains("content") || !t["content"].is_string() ||
         t["content"].get<std::string>().empty()) {
-      return r.Error(key, "needs a non-negative integer \"id\" and a non-empty string \"content\"");
+      return r.Error(key, absl::StrCat("needs an integer \"id\" in [0, ", kMaxTokenIds,
+                                       ") and a non-empty string \"content\""));
     }
     AddedToken tok;
     tok.id = t["id"].get<int>();

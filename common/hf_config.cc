@@ -217,6 +217,11 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
     return Err(path, absl::StrCat("key \"head_dim\" is ", c.head_dim,
                                   " (must be even, positive and <= 4096)"));
   }
+  // q_dim (and kv_dim, no larger) is an int, like every other size: at most 2^30.
+  if (int64_t{c.num_heads} * c.head_dim > (int64_t{1} << 30)) {
+    return Err(path, absl::StrCat("num_attention_heads ", c.num_heads, " x head_dim ", c.head_dim,
+                                  " is larger than 2^30"));
+  }
   if (j.contains("max_position_embeddings") && !j["max_position_embeddings"].is_null() &&
       (!j["max_position_embeddings"].is_number_integer() ||
        j["max_position_embeddings"].get<int64_t>() < 1 ||

@@ -163,7 +163,8 @@ absl::Status ValidateRetrain(const Recipe& r, const std::string& src) {
   for (const auto& [key, epochs] : stages) {
     if (epochs < 0) return KeyError(src, key, absl::StrCat("must be >= 0, got ", epochs));
   }
-  if (t.epochs.weight + t.epochs.mixed + t.epochs.output == 0) {
+  // Summed in 64 bits: each count may be up to INT_MAX.
+  if (int64_t{t.epochs.weight} + t.epochs.mixed + t.epochs.output == 0) {
     return KeyError(src, "retrain.epochs", "must give at least one stage a positive epoch count");
   }
   if (!(t.lambda >= 0 && std::isfinite(t.lambda))) {

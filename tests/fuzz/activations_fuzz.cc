@@ -7,23 +7,15 @@
 // Input: one checkpoint file, optionally followed by kFileSeparator and the next chunk's file
 // (then the two are assembled, as a worker resuming on a range of chunks does).
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "services/engine/driver/artifacts.h"
 #include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static std::unique_ptr<qcal::kernels::Backend> backend = [] {
-    qcal::kernels::BackendOptions options;
-    options.threads = 1;
-    auto b = qcal::kernels::CreateCpuBackend(options);
-    QCAL_CHECK(b.ok());
-    return *std::move(b);
-  }();
+  qcal::kernels::Backend* backend = &qcal::fuzz::CpuBackend();
   const std::vector<std::string> files = qcal::fuzz::SplitFiles(data, size, 2);
   const qcal::fuzz::ScratchDir& dir = qcal::fuzz::ScratchDir::Get();
   dir.Clear();

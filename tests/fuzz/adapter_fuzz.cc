@@ -5,23 +5,15 @@
 //
 // Input: adapter_config.json, kFileSeparator, adapter_model.safetensors.
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "services/engine/export/checkpoint_loader.h"
 #include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static std::unique_ptr<qcal::kernels::Backend> backend = [] {
-    qcal::kernels::BackendOptions options;
-    options.threads = 1;
-    auto b = qcal::kernels::CreateCpuBackend(options);
-    QCAL_CHECK(b.ok());
-    return *std::move(b);
-  }();
+  qcal::kernels::Backend* backend = &qcal::fuzz::CpuBackend();
   static const std::map<std::string, std::string> base = qcal::fuzz::TinyModelFiles();
   const std::vector<std::string> files = qcal::fuzz::SplitFiles(data, size, 2);
   const qcal::fuzz::ScratchDir& dir = qcal::fuzz::ScratchDir::Get();
@@ -29,7 +21,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   qcal::fuzz::WriteFiles(dir.path(), base);
   dir.Write("adapter/adapter_config.json", files[0]);
   dir.Write("adapter/adapter_model.safetensors", files[1]);
-  auto model = qcal::engine::LoadCheckpoint(dir.path(), backend.get());
+  auto model = qcal::engine::LoadCheckpoint(dir.path(), backend);
   if (!model.ok()) return 0;
   // The installed branches fit their linears: [d_out, r] and [r, d_in].
   for (qcal::engine::LinearKind k : qcal::engine::kAllLinears) {

@@ -5,11 +5,12 @@
 #include <string>
 #include <vector>
 
+#include "common/bpe_tokenizer.h"
 #include "common/files.h"
+#include "common/hf_config.h"
 #include "common/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "services/engine/driver/artifacts.h"
 #include "services/engine/export/checkpoint_loader.h"
 #include "services/engine/gang/exchange.h"
@@ -30,14 +31,6 @@ std::vector<std::string> Input(const std::string& harness, const std::string& na
   absl::StatusOr<std::string> bytes = ReadFileToString(path);
   EXPECT_TRUE(bytes.ok()) << bytes.status();
   return fuzz::SplitFiles(reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size(), parts);
-}
-
-std::unique_ptr<kernels::Backend> Cpu() {
-  kernels::BackendOptions options;
-  options.threads = 1;
-  auto backend = kernels::CreateCpuBackend(options);
-  EXPECT_TRUE(backend.ok()) << backend.status();
-  return *std::move(backend);
 }
 
 // UBSan: memcpy to the null buffer of an empty tensor (0 bytes) in SafetensorsFile::ReadInto.
@@ -62,6 +55,39 @@ TEST(FuzzRegressionTest, RecipeComplexKeyIsAnError) {
               HasSubstr("complex_key.yaml: recipe keys must be plain names"));
 }
 
+// UBSan: signed overflow summing retrain.epochs (2147483647 + 1) in Recipe::Validate. Large counts
+// are valid; the sum is taken in 64 bits.
+TEST(FuzzRegressionTest, RecipeEpochSumOverflow) {
+  const std::vector<std::string> files = Input("recipe", "epochs_overflow.yaml", 1);
+  auto recipe = engine::ParseRecipeYaml(files[0], "epochs_overflow.yaml");
+  ASSERT_TRUE(recipe.ok()) << recipe.status();
+  EXPECT_EQ(recipe->retrain.epochs.weight, 2147483647);
+  EXPECT_EQ(recipe->retrain.epochs.mixed, 1);
+}
+
+// UBSan: signed overflow in ModelConfig::q_dim() (num_attention_heads 2^30 x head_dim 4096), which
+// Model::Load and the harness compute from a config that parsed.
+TEST(FuzzRegressionTest, ModelConfigQDimOverflow) {
+  const std::vector<std::string> files = Input("model_config", "q_dim_overflow", 3);
+  auto config = ParseModelConfig(files[0], "config.json");
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(config.status().message()),
+              HasSubstr("config.json: num_attention_heads 1073741824 x head_dim 4096 is larger "
+                        "than 2^30"));
+}
+
+// ASan out-of-memory: one vocabulary id of 2^30 made the dense id table 2^30 strings (32 GiB).
+TEST(FuzzRegressionTest, TokenizerHugeTokenId) {
+  const std::vector<std::string> files = Input("tokenizer", "huge_token_id", 2);
+  auto tok = ParseByteLevelBpe(files[0], "tokenizer.json");
+  ASSERT_FALSE(tok.ok());
+  EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(tok.status().message()),
+              HasSubstr("tokenizer.json: key \"model.vocab[\"zz\"]\": must be an integer id in "
+                        "[0, 16777216)"));
+}
+
 // An uncaught nlohmann::json type_error: adapter_config.json's peft_type an object.
 TEST(FuzzRegressionTest, AdapterPeftTypeNotAString) {
   const std::vector<std::string> files = Input("adapter", "peft_type_object", 2);
@@ -69,8 +95,7 @@ TEST(FuzzRegressionTest, AdapterPeftTypeNotAString) {
   fuzz::WriteFiles(dir, fuzz::TinyModelFiles());
   fuzz::WriteFiles(dir, {{"adapter/adapter_config.json", files[0]},
                          {"adapter/adapter_model.safetensors", files[1]}});
-  auto backend = Cpu();
-  auto model = engine::LoadCheckpoint(dir, backend.get());
+  auto model = engine::LoadCheckpoint(dir, &fuzz::CpuBackend());
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(std::string(model.status().message()),
               HasSubstr("adapter/adapter_config.json: key \"peft_type\" must be a string"));
@@ -84,8 +109,7 @@ TEST(FuzzRegressionTest, ActivationChunkBatchZero) {
   const std::vector<std::string> files = Input("activations", "chunk_batch_zero", 1);
   const std::string dir = testing::MakeTempDir("fuzz_regression_acts");
   fuzz::WriteFiles(dir, {{"chunk.safetensors", files[0]}});
-  auto backend = Cpu();
-  auto acts = engine::LoadActivations(*backend, dir + "/chunk.safetensors");
+  auto acts = engine::LoadActivations(fuzz::CpuBackend(), dir + "/chunk.safetensors");
   ASSERT_FALSE(acts.ok());
   EXPECT_EQ(acts.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(std::string(acts.status().message()),

@@ -12,6 +12,7 @@
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "common/tensor.h"
+#include "kernels/cpu/cpu_backend.h"
 #include "nlohmann/json.hpp"
 
 namespace qcal::fuzz {
@@ -66,6 +67,17 @@ void ScratchDir::Clear() const {
 std::string ScratchDir::Write(const std::string& rel, std::string_view bytes) const {
   WriteFiles(path_, {{rel, std::string(bytes)}});
   return (fs::path(path_) / rel).string();
+}
+
+kernels::Backend& CpuBackend() {
+  static kernels::Backend* backend = [] {
+    kernels::BackendOptions options;
+    options.threads = 1;
+    auto b = kernels::CreateCpuBackend(options);
+    QCAL_CHECK(b.ok());
+    return b->release();
+  }();
+  return *backend;
 }
 
 std::string TinyModelConfigJson() {

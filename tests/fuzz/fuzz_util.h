@@ -14,6 +14,8 @@
 #include <string_view>
 #include <vector>
 
+#include "kernels/backend.h"
+
 namespace qcal::fuzz {
 
 inline constexpr std::string_view kFileSeparator = "\n--qcal-fuzz-next-file--\n";
@@ -40,6 +42,9 @@ class ScratchDir {
   ScratchDir();
   std::string path_;
 };
+
+// The process's CPU backend, one thread (created on first use; aborts if it cannot be).
+kernels::Backend& CpuBackend();
 
 // A tiny Llama checkpoint in Hugging Face layout: `config.json` and `model.safetensors` (F32,
 // deterministic values): hidden 32, intermediate 64, 1 layer, 2 heads, 1 KV head, vocab 64.

@@ -5,23 +5,15 @@
 // Input: config.json, kFileSeparator, quantize_config.json (empty: absent), kFileSeparator,
 // model.safetensors.
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "services/engine/export/checkpoint_loader.h"
 #include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static std::unique_ptr<qcal::kernels::Backend> backend = [] {
-    qcal::kernels::BackendOptions options;
-    options.threads = 1;
-    auto b = qcal::kernels::CreateCpuBackend(options);
-    QCAL_CHECK(b.ok());
-    return *std::move(b);
-  }();
+  qcal::kernels::Backend* backend = &qcal::fuzz::CpuBackend();
   const std::vector<std::string> files = qcal::fuzz::SplitFiles(data, size, 3);
   const qcal::fuzz::ScratchDir& dir = qcal::fuzz::ScratchDir::Get();
   dir.Clear();
@@ -29,7 +21,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!files[1].empty()) dir.Write("quantize_config.json", files[1]);
   dir.Write("model.safetensors", files[2]);
   auto quantization = qcal::engine::ReadCheckpointQuantization(dir.path());
-  auto model = qcal::engine::LoadCheckpoint(dir.path(), backend.get());
+  auto model = qcal::engine::LoadCheckpoint(dir.path(), backend);
   // The loader reads the quantization config first: it cannot load what it refuses.
   QCAL_CHECK(quantization.ok() || !model.ok());
   if (model.ok()) {

@@ -19,7 +19,6 @@
 #include "common/hf_config.h"
 #include "common/safetensors.h"
 #include "common/status.h"
-#include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/quant_ref.h"
 #include "nlohmann/json.hpp"
 #include "qcal/v1/quant_service.pb.h"
@@ -387,16 +386,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   const qcal::fuzz::Corpus corpus{argv[1]};
-  qcal::kernels::BackendOptions options;
-  options.threads = 1;
-  auto backend = qcal::fuzz::Check(qcal::kernels::CreateCpuBackend(options));
   qcal::fuzz::SafetensorsSeeds(corpus);
   qcal::fuzz::ModelConfigSeeds(corpus);
   qcal::fuzz::RecipeSeeds(corpus);
   qcal::fuzz::TokenizerSeeds(corpus);
   qcal::fuzz::GptqSeeds(corpus);
   qcal::fuzz::AdapterSeeds(corpus);
-  qcal::fuzz::ActivationSeeds(corpus, *backend);
+  qcal::fuzz::ActivationSeeds(corpus, qcal::fuzz::CpuBackend());
   qcal::fuzz::LayerSeeds(corpus);
   qcal::fuzz::JobSpecSeeds(corpus);
   return 0;
