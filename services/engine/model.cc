@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <future>
 
 #include "absl/strings/str_cat.h"
@@ -250,6 +251,15 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
                                                    const ModelLoadOptions& options) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   QCAL_ASSIGN_OR_RETURN(auto reader, CheckpointReader::Open(dir));
+  // Blocks are read later, one at a time, but per-block state is sized now by config.json: a
+  // num_hidden_layers the checkpoint does not have must be an error here, not a huge allocation.
+  const std::string last_block =
+      absl::StrCat("model.layers.", config.num_layers - 1, ".input_layernorm.weight");
+  if (!reader->Has(last_block)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        (std::filesystem::path(dir) / "config.json").string(), ": num_hidden_layers is ",
+        config.num_layers, " but the checkpoint has no tensor \"", last_block, "\""));
+  }
   const int64_t d = config.hidden_size, v = config.vocab_size;
   auto model = std::unique_ptr<Model>(new Model());
   model->config_ = config;

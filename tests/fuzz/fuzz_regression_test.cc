@@ -88,6 +88,21 @@ TEST(FuzzRegressionTest, TokenizerHugeTokenId) {
                         "[0, 16777216)"));
 }
 
+// ASan allocation-size-too-big (std::bad_alloc in a plain build): config.json's
+// num_hidden_layers 2^30 sized Model's per-block state (1.9 TB) before any block was read.
+TEST(FuzzRegressionTest, CheckpointNumLayersBeyondItsTensors) {
+  const std::vector<std::string> files = Input("gptq_checkpoint", "num_layers_2_30", 3);
+  const std::string dir = testing::MakeTempDir("fuzz_regression_layers");
+  fuzz::WriteFiles(dir, {{"config.json", files[0]}, {"model.safetensors", files[2]}});
+  auto model = engine::LoadCheckpoint(dir, &fuzz::CpuBackend());
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(model.status().message()),
+              HasSubstr("config.json: num_hidden_layers is 1073741824 but the checkpoint has no "
+                        "tensor \"model.layers.1073741823.input_layernorm.weight\""));
+  fs::remove_all(dir);
+}
+
 // An uncaught nlohmann::json type_error: adapter_config.json's peft_type an object.
 TEST(FuzzRegressionTest, AdapterPeftTypeNotAString) {
   const std::vector<std::string> files = Input("adapter", "peft_type_object", 2);
