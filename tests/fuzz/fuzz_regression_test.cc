@@ -117,6 +117,23 @@ TEST(FuzzRegressionTest, AdapterPeftTypeNotAString) {
   fs::remove_all(dir);
 }
 
+// The same uncaught type_error, by review, in quantize_config.json's quant_method and
+// checkpoint_format (nlohmann's value() with a string default throws on another type).
+TEST(FuzzRegressionTest, QuantizeConfigKeysNotStrings) {
+  const std::string dir = testing::MakeTempDir("fuzz_regression_quantize_config");
+  for (const char* qc :
+       {R"({"quant_method": 4, "bits": 4})", R"({"checkpoint_format": [], "bits": 4})"}) {
+    fuzz::WriteFiles(dir,
+                     {{"config.json", fuzz::TinyModelConfigJson()}, {"quantize_config.json", qc}});
+    auto q = engine::ReadCheckpointQuantization(dir);
+    ASSERT_FALSE(q.ok()) << qc;
+    EXPECT_THAT(std::string(q.status().message()),
+                ::testing::MatchesRegex(".*quantize_config.json: key \"(quant_method|"
+                                        "checkpoint_format)\" must be a string"));
+  }
+  fs::remove_all(dir);
+}
+
 // The harness's check that every chunk has chunk_batch · seq_len rows: chunk_batch "0" was
 // accepted with a chunk of 3 rows (the block runner would read 0 samples of it, or, with a larger
 // chunk_batch, past its end).
@@ -129,6 +146,24 @@ TEST(FuzzRegressionTest, ActivationChunkBatchZero) {
   EXPECT_EQ(acts.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(std::string(acts.status().message()),
               HasSubstr("chunk.safetensors: bad chunk_batch"));
+  fs::remove_all(dir);
+}
+
+// The same reader, by review: a tensor named neither chunk.* nor fp_chunk.* sorts after the
+// fp_chunk.* tensors, so the full-precision chunks were matched against quantized-path chunks not
+// yet read (an index past the end of acts.chunks).
+TEST(FuzzRegressionTest, ActivationUnexpectedTensorName) {
+  std::map<std::string, Tensor> tensors;
+  tensors["fp_chunk.100000"] = Tensor::Zeros(DType::kF32, {3, 4});
+  tensors["zzz"] = Tensor::Zeros(DType::kF32, {3, 4});
+  const std::string dir = testing::MakeTempDir("fuzz_regression_acts_names");
+  ASSERT_TRUE(WriteSafetensors(dir + "/chunk.safetensors", tensors,
+                               {{"seq_len", "3"}, {"next_block", "1"}, {"chunk_batch", "1"}})
+                  .ok());
+  auto acts = engine::LoadActivations(fuzz::CpuBackend(), dir + "/chunk.safetensors");
+  ASSERT_FALSE(acts.ok());
+  EXPECT_THAT(std::string(acts.status().message()),
+              HasSubstr("chunk.safetensors: unexpected tensor \"zzz\""));
   fs::remove_all(dir);
 }
 
