@@ -177,5 +177,16 @@ TEST(FuzzRegressionTest, LayerArtifactGroupIndexOutOfRange) {
   EXPECT_THAT(std::string(layer.status().message()), HasSubstr("quantized linear artifact: g_idx"));
 }
 
+// UBSan: signed overflow in Dequantize (code 3 − zero point −2147483647) for a solved layer whose
+// zero points are off the grid's range.
+TEST(FuzzRegressionTest, LayerArtifactZeroPointOutOfRange) {
+  const std::vector<std::string> files = Input("layer_artifact", "zero_point_overflow", 1);
+  auto layer = engine::ParseSolvedLayer(files[0]);
+  ASSERT_FALSE(layer.ok());
+  EXPECT_EQ(layer.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(layer.status().message()),
+              HasSubstr("quantized linear artifact: zero point -2147483647 is outside 0.."));
+}
+
 }  // namespace
 }  // namespace qcal

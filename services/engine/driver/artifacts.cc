@@ -95,6 +95,12 @@ absl::Status ValidateQuantizedLinear(const QuantizedLinear& q) {
   for (int32_t c : q.codes) {
     if (c < 0 || c > max_code) return bad(absl::StrCat("code ", c, " is outside 0..", max_code));
   }
+  // Zero points lie in 0..max_code + 1 (GPTQ v1's range, 2^b for uniform grids): q − z then fits.
+  for (int32_t z : q.zeros) {
+    if (z < 0 || z > max_code + 1) {
+      return bad(absl::StrCat("zero point ", z, " is outside 0..", max_code + 1));
+    }
+  }
   return absl::OkStatus();
 }
 
