@@ -341,7 +341,9 @@ absl::Status Coordinator::CheckServing() const {
 
 absl::Status Coordinator::Commit(const WriteBatch& batch) {
   const absl::Time t0 = absl::Now();
-  const absl::Status s = store_->Write(batch);
+  // An injected failure (fault point "write") takes the path of a failed store write.
+  absl::Status s = faults_->Hit("write", -1);
+  if (s.ok()) s = store_->Write(batch);
   metrics_->ObserveStoreWrite(absl::ToDoubleSeconds(absl::Now() - t0),
                               static_cast<int64_t>(batch.bytes()), s.ok());
   if (!s.ok()) {

@@ -38,6 +38,7 @@ absl::Status WorkerOptions::Validate() const {
   }
   if (acquire_wait <= absl::ZeroDuration())
     return absl::InvalidArgumentError("acquire_wait must be > 0");
+  QCAL_RETURN_IF_ERROR(Annotate(peer_limits.Validate(), "--peer-grpc-* flags"));
   return absl::OkStatus();
 }
 
@@ -71,6 +72,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
   QCAL_ASSIGN_OR_RETURN(w->client_, CoordinatorClient::Create(options.coordinator));
   PeerServerOptions po;
   po.listen = options.peer_listen;
+  po.limits = options.peer_limits;
   QCAL_ASSIGN_OR_RETURN(w->peer_server_, PeerServer::Start(po));
   w->peer_address_ = AdvertiseAddress(options.peer_advertise, w->peer_server_->address());
   return w;

@@ -74,6 +74,8 @@ struct WorkerOptions {
   // How long one message to a peer may take, retries included, before the attempt is given up
   // (plus 100 ms per MiB of payload). Default: 120 s.
   absl::Duration peer_timeout = absl::Seconds(120);
+  // Connection limits of the peer server. Default: PeerServerLimits() (peer_server.h).
+  rpc::ServerLimits peer_limits = PeerServerLimits();
 
   absl::Status Validate() const;
 };

@@ -18,6 +18,7 @@ PACKAGES=(
   libspdlog-dev
   libssl-dev
   prometheus openssl
+  python3
 )
 
 missing=()
