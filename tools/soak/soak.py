@@ -9,7 +9,9 @@ submitters at once), and for --duration seconds injects seeded faults:
                     kills at random fault points inside workers (QCAL_FAULT ...:p=P:kill)
   kill_coordinator  SIGKILL of the coordinator (restarted on the same data directory and port), and
                     kills at random fault points inside it
-  stop_worker       SIGSTOP of a random worker for longer than its lease, then SIGCONT
+  stop_worker       SIGSTOP of a random worker for longer than its lease, then SIGCONT, and stops
+                    at random fault points inside workers (QCAL_FAULT ...:p=P:stop), continued
+                    the same way
   store_error       a failed store write at random commits (QCAL_FAULT coordinator:stage=write:p=P)
 
 Then it stops the faults, restarts the processes without QCAL_FAULT, waits for every job, submits
@@ -73,6 +75,15 @@ FAULT_KINDS = ["kill_worker", "kill_coordinator", "stop_worker", "store_error"]
 def log(msg):
     sys.stderr.write("soak %s %s\n" % (time.strftime("%H:%M:%S"), msg))
     sys.stderr.flush()
+
+
+def process_state(pid):
+    """The state letter of /proc/PID/stat ('T' when stopped), or '' when unreadable."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 class Proc:
@@ -139,6 +150,7 @@ class Soak:
         self.events = []           # (time, action, arg) heap of restarts and SIGCONTs
         self.stop_submitting = threading.Event()
         self.done = threading.Event()
+        self.halt = threading.Event()   # ends the supervisor
         self.problems = []
 
     # ----------------------------------------------------------------------------------------
@@ -213,8 +225,11 @@ class Soak:
                 faults.append("coordinator:stage=write:p=%g:seed=%d:error" % (a.store_error_p, seed))
             if a.point_kill_p > 0:
                 faults.append("coordinator:stage=*:p=%g:seed=%d:kill" % (a.point_kill_p, seed + 1))
-        elif a.point_kill_p > 0:
-            faults.append("worker:stage=*:p=%g:seed=%d:kill" % (a.point_kill_p, seed))
+        else:
+            if a.point_kill_p > 0:
+                faults.append("worker:stage=*:p=%g:seed=%d:kill" % (a.point_kill_p, seed))
+            if a.point_stop_p > 0:
+                faults.append("worker:stage=*:p=%g:seed=%d:stop" % (a.point_stop_p, seed + 1))
         if faults:
             env["QCAL_FAULT"] = ",".join(faults)
         return env
@@ -303,6 +318,12 @@ class Soak:
             self.coordinator = None
             self.schedule(self.rng.uniform(0.2, 1.5), "restart_coordinator")
         for slot, w in list(self.workers.items()):
+            if w.alive() and not w.stopped and process_state(w.pid) == "T":
+                # Stopped itself at a fault point: continue it once its lease is gone.
+                w.stopped = True
+                self.faults["stop_worker"] += 1
+                self.fault_detail["stop_worker (fault point)"] += 1
+                self.schedule(self.args.lease_seconds + self.rng.uniform(0.5, 3.0), "cont", w)
             if not w.alive():
                 self.note_exit(w)
                 w.close()
@@ -340,6 +361,12 @@ class Soak:
             self.supervise()
             return True
 
+    def supervisor(self):
+        while not self.halt.is_set():
+            with self.lock:
+                self.supervise()
+            self.halt.wait(0.05)
+
     def chaos(self):
         a = self.args
         every = {"kill_worker": a.kill_worker_every, "kill_coordinator": a.kill_coordinator_every,
@@ -350,7 +377,6 @@ class Soak:
         end = self.t0 + a.duration
         while time.time() < end:
             with self.lock:
-                self.supervise()
                 for kind in sorted(next_at):
                     if time.time() >= next_at[kind]:
                         self.inject(kind)
@@ -472,6 +498,8 @@ class Soak:
             self.start_coordinator()
             for slot in range(a.workers):
                 self.start_worker(slot)
+        supervisor = threading.Thread(target=self.supervisor, daemon=True)
+        supervisor.start()
         threads = [threading.Thread(target=self.monitor, daemon=True)]
         threads += [threading.Thread(target=self.submitter, args=(i,), daemon=True)
                     for i in range(a.submitters)]
@@ -480,12 +508,10 @@ class Soak:
         self.chaos()
         log("fault phase over after %d s: draining" % (time.time() - self.t0))
         self.stop_submitting.set()
-        for t in threads[1:]:
-            t.join()
         # Every process is replaced by one without QCAL_FAULT: the processes of the fault phase
-        # are SIGKILLed (one more crash each, not counted), stopped ones included.
+        # are SIGKILLed (one more crash each, not counted), stopped ones included. Submits in
+        # flight go on against the new ones.
         with self.lock:
-            self.supervise()
             self.faulty = False
             self.events = []
             procs = ([self.coordinator] if self.coordinator else []) + list(self.workers.values())
@@ -499,10 +525,10 @@ class Soak:
             self.start_coordinator()
             for slot in range(a.workers):
                 self.start_worker(slot)
+        for t in threads[1:]:
+            t.join()
         drain_end = time.time() + a.drain_timeout
         while time.time() < drain_end:
-            with self.lock:
-                self.supervise()
             if self.poll_jobs():
                 with self.lock:
                     ids = {j for k in self.keys.values() for j in k["acks"]}
@@ -519,6 +545,8 @@ class Soak:
         self.poll_jobs()
         self.done.set()
         threads[0].join()
+        self.halt.set()
+        supervisor.join()
         with self.lock:
             self.supervise()
             procs = list(self.workers.values()) + [c for c in [self.coordinator] if c]
@@ -704,6 +732,8 @@ def main():
                    help="probability that a coordinator store write fails")
     p.add_argument("--point-kill-p", type=float, default=0.002,
                    help="probability that a process kills itself at a fault point it reaches")
+    p.add_argument("--point-stop-p", type=float, default=0.002,
+                   help="probability that a worker stops itself (SIGSTOP) at a fault point")
     p.add_argument("--min-faults", type=int, default=0,
                    help="fail unless every fault kind was injected at least this often")
     p.add_argument("--drain-timeout", type=float, default=600)
