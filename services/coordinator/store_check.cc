@@ -157,20 +157,31 @@ class Checker {
     });
   }
 
+  // A per-job key "<job_id>/<6 digits>/<`digits` digits>" of `column`: recorded as the job's,
+  // its two indices parsed; a problem (and false) when the key has another shape.
+  bool JobKeyIndices(Column column, const std::string& key, size_t digits, std::string* job_id,
+                     int* first, int* second) {
+    const ScopedKey k = SplitScoped(key);
+    scoped_jobs_.insert({k.job_id, absl::StrCat(ColumnName(column), "/", key)});
+    *job_id = k.job_id;
+    if (k.rest.size() == 2 && ParseIndex(k.rest[0], 6, first) &&
+        ParseIndex(k.rest[1], digits, second)) {
+      return true;
+    }
+    Problem(absl::StrCat(ColumnName(column), "/", key, ": unknown key"));
+    return false;
+  }
+
   absl::Status ScanArtifacts() {
     return store_.Scan(Column::kArtifacts, "",
                        [&](const std::string& key, const std::string& value) {
-                         const ScopedKey k = SplitScoped(key);
-                         scoped_jobs_.insert({k.job_id, absl::StrCat("artifacts/", key)});
+                         std::string job_id;
                          int block = 0, layer = 0;
-                         if (k.rest.size() != 2 || !ParseIndex(k.rest[0], 6, &block) ||
-                             !ParseIndex(k.rest[1], 2, &layer)) {
-                           Problem(absl::StrCat("artifacts/", key, ": unknown key"));
-                           return true;
-                         }
                          ArtifactRecord a;
-                         if (Parse(Column::kArtifacts, key, value, &a))
-                           artifacts_[{k.job_id, block, layer}] = a;
+                         if (JobKeyIndices(Column::kArtifacts, key, 2, &job_id, &block, &layer) &&
+                             Parse(Column::kArtifacts, key, value, &a)) {
+                           artifacts_[{job_id, block, layer}] = a;
+                         }
                          return true;
                        });
   }
@@ -178,23 +189,20 @@ class Checker {
   absl::Status ScanActivations() {
     return store_.Scan(
         Column::kActivations, "", [&](const std::string& key, const std::string& value) {
-          const ScopedKey k = SplitScoped(key);
-          scoped_jobs_.insert({k.job_id, absl::StrCat("activations/", key)});
+          std::string job_id;
           int block = 0, chunk = 0;
-          if (k.rest.size() != 2 || !ParseIndex(k.rest[0], 6, &block) ||
-              !ParseIndex(k.rest[1], 6, &chunk)) {
-            Problem(absl::StrCat("activations/", key, ": unknown key"));
+          ActivationRecord a;
+          if (!JobKeyIndices(Column::kActivations, key, 6, &job_id, &block, &chunk) ||
+              !Parse(Column::kActivations, key, value, &a)) {
             return true;
           }
-          ActivationRecord a;
-          if (!Parse(Column::kActivations, key, value, &a)) return true;
           if (a.block() != block || a.chunk() != chunk) {
             Problem(absl::StrCat("activations/", key, ": names block ", a.block(), " chunk ",
                                  a.chunk()));
           }
           referenced_files_.insert(a.file());
           CheckFile(absl::StrCat("activations/", key), a.file(), a.size(), a.sha256());
-          activations_[k.job_id].push_back(a);
+          activations_[job_id].push_back(a);
           return true;
         });
   }

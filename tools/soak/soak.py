@@ -123,9 +123,13 @@ class Soak:
         self.args = args
         # The fault schedule's own generator (chaos thread and supervisor, under the lock).
         self.rng = random.Random(args.seed)
-        self.bin = os.path.join(os.path.abspath(args.build), "bin")
         self.work = args.work_dir or tempfile.mkdtemp(prefix="qcal-soak-")
         os.makedirs(self.work, exist_ok=True)
+        # The binaries are copied, so that a rebuild of the tree during a long run changes nothing.
+        self.bin = os.path.join(self.work, "bin")
+        os.makedirs(self.bin, exist_ok=True)
+        for name in ("qcal", "qcal-coordinator", "qcal-worker"):
+            shutil.copy2(os.path.join(os.path.abspath(args.build), "bin", name), self.bin)
         self.input = os.path.join(self.work, "input")
         self.output = os.path.join(self.work, "output")
         self.data = os.path.join(self.work, "data")
@@ -152,6 +156,7 @@ class Soak:
         self.done = threading.Event()
         self.halt = threading.Event()   # ends the supervisor
         self.problems = []
+        self.driver_errors = []    # exceptions in the soak's own threads
 
     # ----------------------------------------------------------------------------------------
     # Inputs and baselines
@@ -278,6 +283,12 @@ class Soak:
         self.workers[slot] = Proc("worker", slot, argv, self.fault_env("worker", n),
                                   os.path.join(self.logs, "worker-w%d-%03d.log" % (slot, n)))
 
+    def kill_all(self):
+        with self.lock:
+            for p in [self.coordinator] + list(self.workers.values()):
+                if p is not None and p.alive():
+                    os.kill(p.pid, signal.SIGKILL)
+
     def schedule(self, delay, action, arg=None):
         heapq.heappush(self.events, (time.time() + delay, action, arg))
 
@@ -361,6 +372,18 @@ class Soak:
             self.supervise()
             return True
 
+    def guarded(self, fn, *args):
+        """Runs fn(*args) on a thread; an exception there fails the soak instead of vanishing."""
+        def run():
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 (recorded and reported)
+                import traceback
+                with self.lock:
+                    self.driver_errors.append(traceback.format_exc())
+                log("DRIVER ERROR in %s:\n%s" % (fn.__name__, traceback.format_exc()))
+        return threading.Thread(target=run, daemon=True)
+
     def supervisor(self):
         while not self.halt.is_set():
             with self.lock:
@@ -394,6 +417,8 @@ class Soak:
                                timeout=timeout)
         except subprocess.TimeoutExpired:
             return 124, "", "timed out"
+        except OSError as e:
+            return 127, "", str(e)
         return r.returncode, r.stdout.decode(), r.stderr.decode(errors="replace")
 
     def submit(self, key, rng):
@@ -449,7 +474,7 @@ class Soak:
                 continue
             if race:
                 # Two submitters at once with the same new key.
-                t = threading.Thread(target=self.submit, args=(key, random.Random(rng.random())))
+                t = self.guarded(self.submit, key, random.Random(rng.random()))
                 t.start()
                 self.submit(key, rng)
                 t.join()
@@ -498,11 +523,10 @@ class Soak:
             self.start_coordinator()
             for slot in range(a.workers):
                 self.start_worker(slot)
-        supervisor = threading.Thread(target=self.supervisor, daemon=True)
+        supervisor = self.guarded(self.supervisor)
         supervisor.start()
-        threads = [threading.Thread(target=self.monitor, daemon=True)]
-        threads += [threading.Thread(target=self.submitter, args=(i,), daemon=True)
-                    for i in range(a.submitters)]
+        threads = [self.guarded(self.monitor)]
+        threads += [self.guarded(self.submitter, i) for i in range(a.submitters)]
         for t in threads:
             t.start()
         self.chaos()
@@ -658,6 +682,7 @@ class Soak:
         self.problems += ["store: " + p for p in store.get("problems", [])]
         self.problems += ["unexpected exit: " + u for u in self.unexpected]
         self.problems += ["never acknowledged: " + n for n in self.never_acked]
+        self.problems += ["driver error: " + e.strip().splitlines()[-1] for e in self.driver_errors]
         lost = len(acked) - succeeded
         rows = [
             ("wall time, s", "%d" % self.wall, ""),
@@ -689,6 +714,7 @@ class Soak:
         for name, value, rule in rows:
             print("  %-*s  %8s  %s" % (width, name, value, rule))
         bad = (lost or duplicated or self.never_acked or leftovers or not store.get("ok") or
+               self.driver_errors or
                self.unexpected or unexpected_jobs or identical != len(acked) or not acked)
         short = [k for k in FAULT_KINDS if self.faults[k] < a.min_faults]
         if short:
@@ -741,7 +767,13 @@ def main():
                    help="give a submit up (never acknowledged) after retrying this long")
     p.add_argument("--summary-json", help="also write the table and problems here")
     args = p.parse_args()
-    sys.exit(Soak(args).main())
+    soak = Soak(args)
+    try:
+        code = soak.main()
+    except BaseException:
+        soak.kill_all()  # leave no process behind
+        raise
+    sys.exit(code)
 
 
 if __name__ == "__main__":
