@@ -3,7 +3,10 @@
 #include <cctype>
 #include <filesystem>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "common/files.h"
 #include "common/status.h"
 #include "google/protobuf/io/coded_stream.h"
@@ -251,8 +254,26 @@ absl::Status ValidateOutputName(const std::string& name) {
   return absl::OkStatus();
 }
 
-std::string TempOutputName(const std::string& output_name, const std::string& job_id) {
-  return absl::StrCat(".", output_name, ".", job_id, ".qcal-tmp");
+std::string TempOutputName(const std::string& output_name, const std::string& job_id,
+                           uint64_t gang_epoch) {
+  return absl::StrCat(".", output_name, ".", job_id, ".", gang_epoch, ".qcal-tmp");
+}
+
+std::string JobOfTempOutputName(const std::string& name) {
+  constexpr absl::string_view kSuffix = ".qcal-tmp";
+  absl::string_view s = name;
+  if (s.size() <= kSuffix.size() || s.front() != '.' || !absl::EndsWith(s, kSuffix)) return "";
+  s.remove_suffix(kSuffix.size());
+  // ".<name>.<job_id>.<epoch>": job ids and epochs hold no '.', output names may.
+  const size_t epoch_dot = s.rfind('.');
+  uint64_t epoch = 0;
+  if (epoch_dot == absl::string_view::npos || !absl::SimpleAtoi(s.substr(epoch_dot + 1), &epoch)) {
+    return "";
+  }
+  s = s.substr(0, epoch_dot);
+  const size_t job_dot = s.rfind('.');
+  if (job_dot == absl::string_view::npos || job_dot == 0) return "";
+  return std::string(s.substr(job_dot + 1));
 }
 
 absl::StatusOr<engine::JobOptions> JobOptionsFromSpec(const v1::JobSpec& spec,

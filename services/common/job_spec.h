@@ -7,6 +7,7 @@
 // the matching message field (numbers are reserved in types.proto).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -46,8 +47,14 @@ std::string SpecSha256(const v1::JobSpec& normalized);
 // One path component: not empty, not "." or "..", no '/', no NUL, not starting with '.' (those
 // names are the temporary directories), at most kMaxOutputNameBytes.
 absl::Status ValidateOutputName(const std::string& name);
-// The temporary output directory of a job under the output root: ".<name>.<job_id>.qcal-tmp".
-std::string TempOutputName(const std::string& output_name, const std::string& job_id);
+// The temporary output directory of one attempt of a job under the output root:
+// ".<name>.<job_id>.<gang_epoch>.qcal-tmp". Each plan has its own, so that an attempt that goes
+// on exporting after it lost its lease (a worker stopped past its lease, then continued) never
+// writes into the directory that another attempt exports into and the coordinator renames.
+std::string TempOutputName(const std::string& output_name, const std::string& job_id,
+                           uint64_t gang_epoch);
+// The job id in a TempOutputName, or "" when `name` is not one.
+std::string JobOfTempOutputName(const std::string& name);
 
 // The engine's options for running a normalized spec with the given roots (paths joined, not
 // re-validated), thread count, device and job id. out_dir is the final output directory.

@@ -1,6 +1,10 @@
 #include "services/common/rpc.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
+#include <limits>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -60,6 +64,7 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(const ClientOptions
   // quickly after a coordinator restart.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  SetClientKeepalive(args);
   if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
   c->channel_ = grpc::CreateCustomChannel(options.address, creds, args);
   return c;
@@ -70,6 +75,65 @@ void Connection::Prepare(grpc::ClientContext* context, absl::Duration timeout) c
     context->AddMetadata(kAuthorizationMetadata, absl::StrCat("Bearer ", token_));
   if (!options_.client_id.empty()) context->AddMetadata(kClientIdMetadata, options_.client_id);
   context->set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+}
+
+namespace {
+
+// gRPC's millisecond arguments: InfiniteDuration is INT_MAX (gRPC's "off").
+int Millis(absl::Duration d) {
+  if (d == absl::InfiniteDuration()) return std::numeric_limits<int>::max();
+  return static_cast<int>(
+      std::min<int64_t>(absl::ToInt64Milliseconds(d), std::numeric_limits<int>::max() - 1));
+}
+
+}  // namespace
+
+void SetClientKeepalive(grpc::ChannelArguments& args) {
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, Millis(kClientKeepaliveTime));
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, Millis(kClientKeepaliveTimeout));
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 0);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+}
+
+absl::Status ServerLimits::Validate() const {
+  const std::pair<const char*, absl::Duration> durations[] = {
+      {"keepalive_time", keepalive_time},
+      {"keepalive_timeout", keepalive_timeout},
+      {"min_ping_interval", min_ping_interval},
+      {"max_connection_idle", max_connection_idle},
+      {"max_connection_age", max_connection_age},
+      {"max_connection_age_grace", max_connection_age_grace}};
+  for (const auto& [name, d] : durations) {
+    if (d <= absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("server limit ", name, " must be > 0, got ", absl::FormatDuration(d)));
+    }
+  }
+  if (min_ping_interval > kClientKeepaliveTime) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "server limit min_ping_interval (", absl::FormatDuration(min_ping_interval),
+        ") must be at most the clients' keepalive interval (",
+        absl::FormatDuration(kClientKeepaliveTime), "), or their pings would close connections"));
+  }
+  if (max_concurrent_streams < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "server limit max_concurrent_streams must be >= 1, got ", max_concurrent_streams));
+  }
+  return absl::OkStatus();
+}
+
+void ServerLimits::Apply(grpc::ServerBuilder& builder) const {
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, Millis(keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, Millis(keepalive_timeout));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             Millis(min_ping_interval));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS,
+                             permit_keepalive_without_calls ? 1 : 0);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, Millis(max_connection_idle));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, Millis(max_connection_age));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                             Millis(max_connection_age_grace));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_concurrent_streams);
 }
 
 absl::Status ServerTlsOptions::Validate() const {

@@ -1,7 +1,8 @@
 // gRPC plumbing shared by qcal-coordinator, qcal-worker and the qcal CLI: message-size limits and
-// the chunk size of bulk transfers, channel and server credentials (plaintext, TLS, mTLS), per-call
-// metadata (bearer token, client id) and deadlines, and the mapping between absl::Status and
-// grpc::Status (the same canonical codes both ways).
+// the chunk size of bulk transfers, client keepalive and servers' connection limits, channel and
+// server credentials (plaintext, TLS, mTLS), per-call metadata (bearer token, client id) and
+// deadlines, and the mapping between absl::Status and grpc::Status (the same canonical codes both
+// ways).
 #pragma once
 
 #include <cstddef>
@@ -14,6 +15,8 @@
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+#include "grpcpp/support/channel_arguments.h"
 #include "grpcpp/support/status.h"
 
 namespace qcal::rpc {
@@ -68,6 +71,53 @@ class Connection {
   ClientOptions options_;
   std::string token_;
   std::shared_ptr<grpc::Channel> channel_;
+};
+
+// Client keepalive (every channel this code opens: the CLI's, the workers' to the coordinator and
+// to their peers): while a call is open, a connection quiet for kClientKeepaliveTime is pinged and
+// dropped when the ping is not answered within kClientKeepaliveTimeout; a connection with no call
+// open is never pinged (so that a server's idle limit can close it). Pings are allowed on
+// streams that carry no data (a quiet WatchJob, a long block). Servers must accept pings this
+// often: ServerLimits::min_ping_interval <= kClientKeepaliveTime.
+inline constexpr absl::Duration kClientKeepaliveTime = absl::Seconds(30);
+inline constexpr absl::Duration kClientKeepaliveTimeout = absl::Seconds(10);
+// Sets the keepalive above on `args`.
+void SetClientKeepalive(grpc::ChannelArguments& args);
+
+// Connection limits of a gRPC server, set explicitly on qcal-coordinator and on each worker's
+// peer server (docs/OPERATIONS.md, "gRPC connections"). Durations: InfiniteDuration() turns a
+// limit off.
+struct ServerLimits {
+  // The server pings a connection that has been quiet this long and closes it when the ping is
+  // not answered within keepalive_timeout: dead clients and half-open connections go away.
+  // Default: 60 s and 20 s.
+  absl::Duration keepalive_time = absl::Seconds(60);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  // Keepalive enforcement: pings from a client closer together than this on a connection that
+  // sends no data are strikes, and after two strikes the connection gets GOAWAY
+  // (too_many_pings). At most kClientKeepaliveTime. Default: 10 s.
+  absl::Duration min_ping_interval = absl::Seconds(10);
+  // Whether a client may ping a connection with no call open (else such pings are strikes).
+  // Default: false.
+  bool permit_keepalive_without_calls = false;
+  // A connection with no call open for this long is sent GOAWAY and closed; the client
+  // reconnects on its next call. Default: 5 min.
+  absl::Duration max_connection_idle = absl::Minutes(5);
+  // A connection this old (gRPC adds up to ±10% jitter) is sent GOAWAY: new calls go to a new
+  // connection, calls in flight may finish within max_connection_age_grace, after which they
+  // are cut (UNAVAILABLE at the client). Default: 30 min and 10 min (longer than any WatchJob
+  // stream, whose client deadline is 60 s).
+  absl::Duration max_connection_age = absl::Minutes(30);
+  absl::Duration max_connection_age_grace = absl::Minutes(10);
+  // Calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a client
+  // holds further calls until one ends. Default: 100.
+  int max_concurrent_streams = 100;
+
+  // INVALID_ARGUMENT naming the field: a duration <= 0, min_ping_interval above
+  // kClientKeepaliveTime, max_concurrent_streams < 1.
+  absl::Status Validate() const;
+  // The channel arguments of these limits on `builder`.
+  void Apply(grpc::ServerBuilder& builder) const;
 };
 
 // TLS of a server. Both files set: TLS; client_ca also set: mTLS (clients must present a

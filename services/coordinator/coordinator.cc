@@ -210,7 +210,13 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const Coordinat
       new Coordinator(options, std::move(open_store), clock, metrics, faults, std::move(root)));
   absl::MutexLock lock(&c->mu_);
   QCAL_ASSIGN_OR_RETURN(c->store_, c->open_store_());
-  QCAL_RETURN_IF_ERROR(c->LoadState());
+  if (absl::Status s = c->LoadState(); !s.ok()) {
+    // A store write that failed while the state was restored (the re-plans of running jobs) is
+    // what it is at any other time: NOT_SERVING until Tick reopens the store and loads again.
+    // Any other error (a record that does not parse) stops the start.
+    if (c->serving_) return s;
+    spdlog::error("coordinator: a store write failed while loading the state: {}", s.ToString());
+  }
   return c;
 }
 
@@ -294,6 +300,15 @@ absl::Status Coordinator::LoadState() {
     if (referenced.count(rel) == 0) fs::remove(e.path(), ec);
   }
   RemoveEmptyDirs(act_root);
+  // What a crash left of final jobs: artifact directories (removed after the batch that ended the
+  // job) and temporary outputs (an attempt killed or stopped while it exported).
+  std::set<std::string> final_jobs;
+  for (const auto& [id, rec] : jobs_) {
+    if (!service::IsFinal(rec.job().state())) continue;
+    final_jobs.insert(id);
+    fs::remove_all(ArtifactDir(id), ec);
+  }
+  RemoveTempOutputs(final_jobs);
   // Gradient-pass uploads cut off by a crash leave staging files; committed files stay (their
   // records name them).
   for (const auto& e :
@@ -341,7 +356,9 @@ absl::Status Coordinator::CheckServing() const {
 
 absl::Status Coordinator::Commit(const WriteBatch& batch) {
   const absl::Time t0 = absl::Now();
-  const absl::Status s = store_->Write(batch);
+  // An injected failure (fault point "write") takes the path of a failed store write.
+  absl::Status s = faults_->Hit("write", -1);
+  if (s.ok()) s = store_->Write(batch);
   metrics_->ObserveStoreWrite(absl::ToDoubleSeconds(absl::Now() - t0),
                               static_cast<int64_t>(batch.bytes()), s.ok());
   if (!s.ok()) {
@@ -355,6 +372,16 @@ absl::Status Coordinator::Commit(const WriteBatch& batch) {
 }
 
 int64_t Coordinator::NowMs() const { return absl::ToUnixMillis(clock_->Now()); }
+
+void Coordinator::RemoveTempOutputs(const std::set<std::string>& job_ids) const {
+  if (job_ids.empty()) return;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(options_.output_root, ec)) {
+    if (job_ids.count(service::JobOfTempOutputName(e.path().filename().string())) > 0) {
+      fs::remove_all(e.path(), ec);
+    }
+  }
+}
 
 std::string Coordinator::ActivationDir(const std::string& job_id) const {
   return (fs::path(options_.data_dir) / "activations" / job_id).string();
@@ -784,7 +811,8 @@ v1::Task Coordinator::MakeTask(const JobRecord& rec, int rank) const {
   task.set_blocks_done(job.blocks_done());
   task.set_checkpoint_block(job.checkpoint_block());
   task.set_checkpoint_every(options_.checkpoint_every);
-  task.set_temp_output_name(service::TempOutputName(job.spec().output_name(), job.job_id()));
+  task.set_temp_output_name(
+      service::TempOutputName(job.spec().output_name(), job.job_id(), job.gang_epoch()));
   task.set_attempt(job.attempts());
   task.set_gradient_pass_done(job.gradient_pass_done());
   v1::GangPlan& plan = *task.mutable_gang();
@@ -1682,7 +1710,8 @@ absl::StatusOr<v1::CompleteTaskResponse> Coordinator::CompleteTask(
   // Copied: FinishJob replaces *rec's Job message.
   const v1::Job job = rec->job();
   const fs::path root(options_.output_root);
-  const fs::path tmp = root / service::TempOutputName(job.spec().output_name(), job.job_id());
+  const fs::path tmp =
+      root / service::TempOutputName(job.spec().output_name(), job.job_id(), request.gang_epoch());
   const fs::path target = root / job.spec().output_name();
   v1::CompleteTaskResponse response;
   std::error_code ec;
@@ -1736,10 +1765,6 @@ absl::Status Coordinator::FailTask(const v1::FailTaskRequest& request) {
   const std::string error = request.error().empty() ? "the worker failed the job" : request.error();
   spdlog::warn("coordinator: {} fails job {}: {}", request.lease().worker_id(), request.job_id(),
                error);
-  std::error_code ec;
-  fs::remove_all(fs::path(options_.output_root) /
-                     service::TempOutputName(rec->job().spec().output_name(), request.job_id()),
-                 ec);
   return FinishJob(*rec, v1::JOB_STATE_FAILED, error, nullptr);
 }
 
@@ -1779,6 +1804,7 @@ absl::Status Coordinator::FinishJob(JobRecord& rec, v1::JobState state, const st
   std::error_code ec;
   fs::remove_all(ActivationDir(id), ec);
   fs::remove_all(ArtifactDir(id), ec);
+  RemoveTempOutputs({id});
   metrics_->ObserveJobDuration(
       StateLabel(state), static_cast<double>(job.finished_unix_ms() - job.created_unix_ms()) / 1e3);
   Emit(rec, error.empty() ? service::JobStateName(state)

@@ -39,6 +39,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -251,6 +252,8 @@ class Coordinator {
   void PublishDeviceMemory() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string NewJobId() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string ActivationDir(const std::string& job_id) const;
+  // Removes every temporary output directory (service::TempOutputName) of these jobs.
+  void RemoveTempOutputs(const std::set<std::string>& job_ids) const;
   // Where a job's committed artifacts live (files referenced from the store), and one layer's
   // file relative to the data directory.
   std::string ArtifactDir(const std::string& job_id) const;

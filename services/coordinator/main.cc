@@ -20,12 +20,14 @@
 #include "nlohmann/json.hpp"
 #include "services/common/fault_injection.h"
 #include "services/common/rpc.h"
+#include "services/common/server_limit_flags.h"
 #include "services/common/shutdown_signal.h"
 #include "services/coordinator/auth.h"
 #include "services/coordinator/coordinator.h"
 #include "services/coordinator/grpc_services.h"
 #include "services/coordinator/prometheus_metrics.h"
 #include "services/coordinator/rocks_store.h"
+#include "services/coordinator/store_check.h"
 
 namespace qcal::coordinator {
 namespace {
@@ -41,6 +43,7 @@ struct Flags {
   double lease_seconds = 10;
   double heartbeat_seconds = 2;
   double store_reopen_seconds = 2;
+  rpc::ServerLimits grpc_limits;
   bool verbose = false;
 };
 
@@ -63,6 +66,7 @@ absl::Status Run(const Flags& flags, CoordinatorOptions options,
   options.heartbeat_interval = absl::Seconds(flags.heartbeat_seconds);
   options.store_reopen_interval = absl::Seconds(flags.store_reopen_seconds);
   QCAL_RETURN_IF_ERROR(options.Validate());
+  QCAL_RETURN_IF_ERROR(Annotate(flags.grpc_limits.Validate(), "--grpc-* flags"));
 
   service::ShutdownSignal& shutdown = service::ShutdownSignal::Install();
   QCAL_ASSIGN_OR_RETURN(auto faults, service::FaultInjector::FromEnv("coordinator"));
@@ -92,6 +96,7 @@ absl::Status Run(const Flags& flags, CoordinatorOptions options,
   builder.AddListeningPort(flags.listen, creds, &port);
   builder.SetMaxReceiveMessageSize(rpc::kMaxMessageBytes);
   builder.SetMaxSendMessageSize(rpc::kMaxMessageBytes);
+  flags.grpc_limits.Apply(builder);
   builder.RegisterService(&quant);
   builder.RegisterService(&workers);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -130,6 +135,27 @@ absl::Status Run(const Flags& flags, CoordinatorOptions options,
   return absl::OkStatus();
 }
 
+// --check-store: 0 when consistent, 1 with problems (listed in the JSON), 2 when it cannot run.
+int CheckStoreMain(const std::string& data_dir) {
+  if (data_dir.empty()) {
+    std::fprintf(stderr, "qcal-coordinator: error: --check-store needs --data-dir\n");
+    return 2;
+  }
+  RocksStoreOptions o;
+  o.dir = (std::filesystem::path(data_dir) / "store").string();
+  o.read_only = true;
+  absl::StatusOr<std::unique_ptr<RocksStore>> store = RocksStore::Open(o);
+  absl::StatusOr<StoreCheckResult> result =
+      store.ok() ? CheckStore(**store, data_dir) : store.status();
+  if (!result.ok()) {
+    std::fprintf(stderr, "qcal-coordinator: error: %s\n",
+                 std::string(result.status().message()).c_str());
+    return 2;
+  }
+  std::printf("%s\n", result->ToJson().c_str());
+  return result->ok() ? 0 : 1;
+}
+
 }  // namespace
 }  // namespace qcal::coordinator
 
@@ -142,10 +168,14 @@ int main(int argc, char** argv) {
   app.add_option("--listen", flags.listen, "gRPC address host:port (port 0: any free port)");
   app.add_option("--data-dir", options.data_dir, "State directory (RocksDB store, checkpoints)")
       ->required();
-  app.add_option("--input-root", options.input_root, "Job inputs are confined beneath this")
-      ->required();
-  app.add_option("--output-root", options.output_root, "Outputs are created under this")
-      ->required();
+  app.add_option("--input-root", options.input_root,
+                 "Job inputs are confined beneath this (required to serve)");
+  app.add_option("--output-root", options.output_root,
+                 "Outputs are created under this (required to serve)");
+  bool check_store = false;
+  app.add_flag("--check-store", check_store,
+               "Check the store under --data-dir (read-only, coordinator stopped) and the files "
+               "it references; print the result as JSON and exit 1 on any inconsistency");
   app.add_option("--metrics-listen", flags.metrics_listen,
                  "/metrics HTTP address host:port (\"\" disables)");
   app.add_option("--metrics-threads", metrics_options.http_threads,
@@ -179,6 +209,7 @@ int main(int argc, char** argv) {
   app.add_option("--store-reopen-seconds", flags.store_reopen_seconds,
                  "Retry period for reopening the store after a write error (default 2)")
       ->check(CLI::PositiveNumber);
+  qcal::rpc::AddServerLimitFlags(app, "grpc-", &flags.grpc_limits);
   app.add_option("--auth-token-file", flags.auth_token_file,
                  "Bearer tokens, lines \"subject token\"; turns auth on");
   app.add_option("--tls-cert", flags.tls.cert, "Server certificate chain (PEM); turns TLS on");
@@ -192,6 +223,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   qcal::InitLogging(flags.verbose);
+  if (check_store) return qcal::coordinator::CheckStoreMain(options.data_dir);
   absl::Status s = qcal::coordinator::Run(flags, options, metrics_options);
   if (!s.ok()) {
     std::fprintf(stderr, "qcal-coordinator: error: %s\n", std::string(s.message()).c_str());

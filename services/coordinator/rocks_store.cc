@@ -51,7 +51,7 @@ RocksStore::~RocksStore() = default;
 absl::StatusOr<std::unique_ptr<RocksStore>> RocksStore::Open(const RocksStoreOptions& options) {
   QCAL_RETURN_IF_ERROR(options.Validate());
   std::error_code ec;
-  std::filesystem::create_directories(options.dir, ec);
+  if (!options.read_only) std::filesystem::create_directories(options.dir, ec);
   if (ec) {
     return absl::UnavailableError(
         absl::StrCat("store ", options.dir, ": cannot create the directory: ", ec.message()));
@@ -59,8 +59,8 @@ absl::StatusOr<std::unique_ptr<RocksStore>> RocksStore::Open(const RocksStoreOpt
   auto impl = std::make_unique<Impl>();
   impl->dir = options.dir;
   rocksdb::DBOptions db_options;
-  db_options.create_if_missing = true;
-  db_options.create_missing_column_families = true;
+  db_options.create_if_missing = !options.read_only;
+  db_options.create_missing_column_families = !options.read_only;
   // The coordinator's writes are small and few; keep the footprint small.
   db_options.max_background_jobs = 2;
   db_options.keep_log_file_num = 4;
@@ -83,7 +83,10 @@ absl::StatusOr<std::unique_ptr<RocksStore>> RocksStore::Open(const RocksStoreOpt
   }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;
-  const rocksdb::Status s = rocksdb::DB::Open(db_options, options.dir, families, &handles, &raw);
+  const rocksdb::Status s =
+      options.read_only
+          ? rocksdb::DB::OpenForReadOnly(db_options, options.dir, families, &handles, &raw)
+          : rocksdb::DB::Open(db_options, options.dir, families, &handles, &raw);
   if (!s.ok()) return impl->Error(s, "open");
   impl->db.reset(raw);
   // handles[0] is the default family, which the store does not use.

@@ -14,6 +14,10 @@ namespace qcal::coordinator {
 struct RocksStoreOptions {
   // Database directory; created (with its parents) when missing. Required.
   std::string dir;
+  // Open an existing database for reading only (Write fails); the directory is not created.
+  // A read-only open takes no lock, so it may run beside a coordinator, but then sees the
+  // state as of the open. Default: false.
+  bool read_only = false;
   absl::Status Validate() const;
 };
 

@@ -8,6 +8,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "services/common/fault_injection.h"
+#include "services/common/server_limit_flags.h"
 #include "services/common/shutdown_signal.h"
 #include "services/worker/worker.h"
 
@@ -63,6 +64,7 @@ int main(int argc, char** argv) {
                  "Give a gang attempt up when a message to a peer takes longer, retries included "
                  "(plus 0.1 s per MiB; default 120)")
       ->check(CLI::PositiveNumber);
+  qcal::rpc::AddServerLimitFlags(app, "peer-grpc-", &o.peer_limits);
   app.add_option("--token-file", o.coordinator.token_file, "File holding the bearer token");
   app.add_option("--tls-ca", o.coordinator.tls_ca,
                  "CA of the coordinator's certificate (PEM); TLS on");

@@ -312,7 +312,13 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     if (!c.ok()) return drop("CompleteTask", c);
     return TaskEnd::kCompleted;
   }
+  // An attempt that lost its lease (stopped past it, then continued) does not export: another
+  // attempt has the job.
+  if (LeaseLost()) return drop("export", absl::FailedPreconditionError("lease lost"));
+  if (TaskDropped()) return drop("export", absl::AbortedError("dropped by the coordinator"));
   SetProgress(job_id, v1::JOB_STAGE_EXPORTING, -1);
+  // This attempt's own directory (the name carries the gang epoch); removed unless the
+  // coordinator takes it.
   const fs::path tmp = fs::path(options_.output_root) / task.temp_output_name();
   std::error_code ec;
   fs::remove_all(tmp, ec);
@@ -345,7 +351,12 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
     if (r.ok()) completed = *r;
     return r.status();
   });
-  if (!c.ok()) return drop("CompleteTask", c);
+  if (!c.ok()) {
+    // Refused (the lease or the plan is gone) or unreachable: the job is another attempt's now,
+    // and this directory no one's. (A directory the coordinator renamed is no longer here.)
+    fs::remove_all(tmp, ec);
+    return drop("CompleteTask", c);
+  }
   return completed.state() == v1::JOB_STATE_CANCELLED ? TaskEnd::kCancelled : TaskEnd::kCompleted;
 }
 

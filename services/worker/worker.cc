@@ -38,6 +38,7 @@ absl::Status WorkerOptions::Validate() const {
   }
   if (acquire_wait <= absl::ZeroDuration())
     return absl::InvalidArgumentError("acquire_wait must be > 0");
+  QCAL_RETURN_IF_ERROR(Annotate(peer_limits.Validate(), "--peer-grpc-* flags"));
   return absl::OkStatus();
 }
 
@@ -53,6 +54,10 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
     const char* tmp = std::getenv("TMPDIR");
     w->options_.scratch_dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
   }
+  // Everything staged on local disk goes under this worker's own directory, which the next worker
+  // to start there removes if this one dies without doing so.
+  QCAL_ASSIGN_OR_RETURN(w->scratch_, ScratchSpace::Create(w->options_.scratch_dir));
+  w->options_.scratch_dir = w->scratch_->path();
   QCAL_RETURN_IF_ERROR(service::InputRoot::Open(options.input_root).status());
   std::error_code ec;
   if (!fs::is_directory(options.output_root, ec)) {
@@ -71,6 +76,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
   QCAL_ASSIGN_OR_RETURN(w->client_, CoordinatorClient::Create(options.coordinator));
   PeerServerOptions po;
   po.listen = options.peer_listen;
+  po.limits = options.peer_limits;
   QCAL_ASSIGN_OR_RETURN(w->peer_server_, PeerServer::Start(po));
   w->peer_address_ = AdvertiseAddress(options.peer_advertise, w->peer_server_->address());
   return w;

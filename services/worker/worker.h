@@ -46,6 +46,7 @@
 #include "services/worker/coordinator_client.h"
 #include "services/worker/gang.h"
 #include "services/worker/peer/peer_server.h"
+#include "services/worker/scratch.h"
 
 namespace qcal::worker {
 
@@ -60,7 +61,10 @@ struct WorkerOptions {
   // CPU threads; 0 = number of cores. Jobs pinned to another thread count never come here.
   // Default: 0.
   int threads = 0;
-  // Where activation checkpoints are staged on their way up or down. Default: $TMPDIR or /tmp.
+  // Where activation checkpoints are staged on their way up or down and finished blocks wait for
+  // the export: in the worker's own qcal-worker-XXXXXX subdirectory, which the next worker to
+  // start on the same directory removes if this one dies without doing so (scratch.h). Must be
+  // local to the machine. Default: $TMPDIR or /tmp.
   std::string scratch_dir;
   // Long-poll for work this long per AcquireTask call. Default: 5 s.
   absl::Duration acquire_wait = absl::Seconds(5);
@@ -74,6 +78,8 @@ struct WorkerOptions {
   // How long one message to a peer may take, retries included, before the attempt is given up
   // (plus 100 ms per MiB of payload). Default: 120 s.
   absl::Duration peer_timeout = absl::Seconds(120);
+  // Connection limits of the peer server. Default: PeerServerLimits() (peer_server.h).
+  rpc::ServerLimits peer_limits = PeerServerLimits();
 
   absl::Status Validate() const;
 };
@@ -128,7 +134,8 @@ class Worker {
   void SetProgress(const std::string& job_id, v1::JobStage stage, int block);
   bool LeaseLost() const;
 
-  WorkerOptions options_;
+  WorkerOptions options_;  // scratch_dir: scratch_'s path
+  std::unique_ptr<ScratchSpace> scratch_;
   service::FaultInjector* faults_ = nullptr;
   std::string device_kind_;
   int threads_ = 0;

@@ -766,5 +766,96 @@ TEST_F(CoordinatorTest, EventsFollowTheJob) {
   EXPECT_EQ(events.back().state(), v1::JOB_STATE_CANCELLED);
 }
 
+// Found by the chaos soak: a store write error while a restart re-planned the running jobs made
+// Create fail, and the coordinator exit.
+TEST_F(CoordinatorTest, AStoreWriteErrorWhileRestoringIsRetriedNotFatal) {
+  auto job = Submit("alice", testing::TinySpec("a"));
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string id = job->job().job_id();
+  const v1::Lease w = Register();
+  std::optional<v1::Task> task = Acquire(w);
+  ASSERT_TRUE(task.has_value());
+  ASSERT_TRUE(Commit(w, id, 0).ok());
+  fail_writes_ = true;
+  Open();  // the restart re-plans the job on w: that write fails
+  ASSERT_NE(coordinator_, nullptr);
+  EXPECT_FALSE(coordinator_->serving());
+  EXPECT_TRUE(absl::IsUnavailable(Submit("alice", testing::TinySpec("b")).status()));
+  fail_writes_ = false;
+  clock_.Advance(absl::Seconds(3));
+  coordinator_->Tick();
+  ASSERT_TRUE(coordinator_->serving());
+  const v1::Job restored = *coordinator_->GetJob(id);
+  EXPECT_EQ(restored.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(restored.blocks_done(), 1);
+  EXPECT_GT(restored.gang_epoch(), task->gang().gang_epoch());
+  std::optional<v1::Task> again = Acquire(w);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->gang().gang_epoch(), restored.gang_epoch());
+  EXPECT_TRUE(Commit(w, id, 1).ok());
+}
+
+// Found by the chaos soak: a worker stopped past its lease while exporting went on after another
+// attempt had exported into the same temporary directory, and left it behind (or could have
+// written into it while the coordinator renamed it).
+TEST_F(CoordinatorTest, EachAttemptExportsIntoItsOwnDirectoryAndLeftoversAreRemoved) {
+  auto job = Submit("alice", testing::TinySpec("a"));
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string id = job->job().job_id();
+  const v1::Lease w1 = Register();
+  std::optional<v1::Task> first = Acquire(w1);
+  ASSERT_TRUE(first.has_value());
+  ASSERT_TRUE(Commit(w1, id, 0).ok());
+  ASSERT_TRUE(Commit(w1, id, 1).ok());
+  // w1 stops past its lease; the job is requeued and w2 exports it.
+  clock_.Advance(absl::Seconds(11));
+  coordinator_->Tick();
+  const v1::Lease w2 = Register();
+  std::optional<v1::Task> second = Acquire(w2);
+  ASSERT_TRUE(second.has_value());
+  ASSERT_NE(first->temp_output_name(), second->temp_output_name());
+  EXPECT_EQ(second->temp_output_name(),
+            absl::StrCat(".a.", id, ".", second->gang().gang_epoch(), ".qcal-tmp"));
+  // Both attempts write their export.
+  const fs::path root = tree_.output;
+  const std::string run = absl::StrCat("{\"job_id\": \"", id, "\"}");
+  for (const v1::Task* t : {&*first, &*second}) {
+    fs::create_directories(root / t->temp_output_name());
+    ASSERT_TRUE(
+        WriteStringToFile((root / t->temp_output_name() / "qcal_run.json").string(), run).ok());
+    ASSERT_TRUE(WriteStringToFile((root / t->temp_output_name() / "model.safetensors").string(),
+                                  t->temp_output_name())
+                    .ok());
+  }
+  v1::CompleteTaskRequest stale;
+  *stale.mutable_lease() = w1;
+  stale.set_job_id(id);
+  stale.set_gang_epoch(first->gang().gang_epoch());
+  EXPECT_TRUE(absl::IsFailedPrecondition(coordinator_->CompleteTask(stale).status()));
+  v1::CompleteTaskRequest done;
+  *done.mutable_lease() = w2;
+  done.set_job_id(id);
+  done.set_gang_epoch(second->gang().gang_epoch());
+  auto completed = coordinator_->CompleteTask(done);
+  ASSERT_TRUE(completed.ok()) << completed.status();
+  EXPECT_EQ(completed->state(), v1::JOB_STATE_SUCCEEDED);
+  // The output is the second attempt's, whole; the first attempt's directory is gone.
+  EXPECT_EQ(*ReadFileToString((root / "a" / "model.safetensors").string()),
+            second->temp_output_name());
+  EXPECT_FALSE(fs::exists(root / first->temp_output_name()));
+  EXPECT_FALSE(fs::exists(root / second->temp_output_name()));
+
+  // What a crash left of the final job goes at the next start; another job's directory stays.
+  const std::string leftover = service::TempOutputName("a", id, 12345);
+  const std::string others = service::TempOutputName("b", "job-00000000000000ff", 1);
+  fs::create_directories(root / leftover);
+  fs::create_directories(root / others);
+  fs::create_directories(fs::path(tree_.data) / "artifacts" / id);
+  Open();
+  EXPECT_FALSE(fs::exists(root / leftover));
+  EXPECT_TRUE(fs::exists(root / others));
+  EXPECT_FALSE(fs::exists(fs::path(tree_.data) / "artifacts" / id));
+}
+
 }  // namespace
 }  // namespace qcal::coordinator

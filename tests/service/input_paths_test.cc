@@ -170,7 +170,13 @@ TEST(JobSpecTest, BadValuesNameTheField) {
   spec.mutable_recipe()->mutable_weights()->set_group_size(0);
   EXPECT_THAT(std::string(NormalizeJobSpec(spec).status().message()),
               HasSubstr("weights.group_size"));
-  EXPECT_EQ(TempOutputName("out", "job-1"), ".out.job-1.qcal-tmp");
+  EXPECT_EQ(TempOutputName("out", "job-1", 7), ".out.job-1.7.qcal-tmp");
+  EXPECT_EQ(JobOfTempOutputName(".out.job-1.7.qcal-tmp"), "job-1");
+  EXPECT_EQ(JobOfTempOutputName(".my.out.job-1.7.qcal-tmp"), "job-1");
+  for (const char* other : {"out", ".out.job-1.qcal-tmp", ".out.job-1.x.qcal-tmp", ".7.qcal-tmp",
+                            "out.job-1.7.qcal-tmp", ".qcal-tmp"}) {
+    EXPECT_EQ(JobOfTempOutputName(other), "") << other;
+  }
 }
 
 // Proto -> engine -> proto keeps the recipe's meaning (canonical JSON, hence recipe_sha256) and

@@ -19,6 +19,7 @@ PACKAGES=(
   libssl-dev
   clang libclang-rt-14-dev
   prometheus openssl
+  python3
 )
 
 missing=()

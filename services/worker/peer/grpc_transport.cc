@@ -52,6 +52,7 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   // Reconnect quickly to a peer that is still starting or restarting.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  rpc::SetClientKeepalive(args);
   for (int r = 0; r < plan.world; ++r) {
     const std::string& address = peers[static_cast<size_t>(r)];
     if (r == plan.rank || t->stubs_.count(address) != 0) continue;

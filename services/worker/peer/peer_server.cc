@@ -19,10 +19,17 @@ namespace qcal::worker {
 using engine::MessageKey;
 using engine::MessageKind;
 
+rpc::ServerLimits PeerServerLimits() {
+  rpc::ServerLimits limits;
+  limits.max_connection_age_grace = absl::InfiniteDuration();
+  return limits;
+}
+
 absl::Status PeerServerOptions::Validate() const {
   std::string host;
   int port = 0;
   QCAL_RETURN_IF_ERROR(rpc::ParseHostPort(listen, &host, &port));
+  QCAL_RETURN_IF_ERROR(limits.Validate());
   if (max_payload_bytes < 0) {
     return absl::InvalidArgumentError("max_payload_bytes must be >= 0");
   }
@@ -171,6 +178,7 @@ absl::StatusOr<std::unique_ptr<PeerServer>> PeerServer::Start(const PeerServerOp
   builder.SetMaxSendMessageSize(rpc::kMaxMessageBytes);
   // A second worker on the same port must fail, not share it.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  options.limits.Apply(builder);
   builder.RegisterService(server->service_.get());
   server->server_ = builder.BuildAndStart();
   if (!server->server_ || port == 0) {

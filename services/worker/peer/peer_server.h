@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "qcal/v1/peer_service.pb.h"
+#include "services/common/rpc.h"
 #include "services/engine/gang/plan.h"
 #include "services/engine/gang/transport.h"
 
@@ -47,6 +48,9 @@ class Server;
 
 namespace qcal::worker {
 
+// The default connection limits of a peer server (see PeerServerOptions::limits).
+rpc::ServerLimits PeerServerLimits();
+
 struct PeerServerOptions {
   // host:port to listen on; port 0 picks a free one (see PeerServer::address()).
   // Default: "127.0.0.1:0".
@@ -54,6 +58,11 @@ struct PeerServerOptions {
   // Largest payload of one message, bytes. Larger ones get RESOURCE_EXHAUSTED.
   // Default: 16 GiB (the largest layer of a 70B model is about 0.2 GiB quantized).
   int64_t max_payload_bytes = int64_t{16} << 30;
+  // Connection limits (keepalive enforcement, idle and age limits, streams per connection).
+  // Default: rpc::ServerLimits's, except that a connection past its maximum age keeps its
+  // deliveries in flight as long as they take (no grace limit: a message may take minutes, and
+  // peers are not behind a load balancer that the age limit would rebalance).
+  rpc::ServerLimits limits = PeerServerLimits();
 
   absl::Status Validate() const;
 };
