@@ -89,6 +89,13 @@ absl::Status CheckTrainOperand(const Tensor& t, DType dtype, const Shape& shape,
 // InvalidArgument naming op and the operand.
 absl::Status CheckClipOperands(const ClipTensors& layout, const Tensor& w, const Tensor& gamma,
                                const Tensor& beta, Device device, const char* op);
+// The STE backward's operands: CheckClipOperands, d_w_hat F32 like w, d_gamma and d_beta F32 like
+// gamma, and d_w (when given) F32 like w, all on `device`.
+absl::Status CheckClipBackwardOperands(const ClipTensors& layout, const Tensor& w,
+                                       const Tensor& gamma, const Tensor& beta,
+                                       const Tensor& d_w_hat, const Tensor& d_gamma,
+                                       const Tensor& d_beta, const Tensor* d_w, Device device,
+                                       const char* op);
 
 // AdamW (Loshchilov and Hutter) as PyTorch's torch.optim.AdamW computes it (the optimizer of
 // block retraining).

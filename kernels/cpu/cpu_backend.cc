@@ -746,17 +746,8 @@ class CpuBackend final : public Backend {
                                         const Tensor& d_w_hat, Tensor& d_gamma, Tensor& d_beta,
                                         Tensor* d_w) override {
     const char* op = "ClippedFakeQuantBackward";
-    QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, Device::kHost, op));
-    QCAL_RETURN_IF_ERROR(
-        CheckTrainOperand(d_w_hat, DType::kF32, w.shape(), Device::kHost, op, "d_w_hat"));
-    QCAL_RETURN_IF_ERROR(
-        CheckTrainOperand(d_gamma, DType::kF32, gamma.shape(), Device::kHost, op, "d_gamma"));
-    QCAL_RETURN_IF_ERROR(
-        CheckTrainOperand(d_beta, DType::kF32, gamma.shape(), Device::kHost, op, "d_beta"));
-    if (d_w) {
-      QCAL_RETURN_IF_ERROR(
-          CheckTrainOperand(*d_w, DType::kF32, w.shape(), Device::kHost, op, "d_w"));
-    }
+    QCAL_RETURN_IF_ERROR(CheckClipBackwardOperands(layout, w, gamma, beta, d_w_hat, d_gamma, d_beta,
+                                                   d_w, Device::kHost, op));
     ref::ClippedFakeQuantBackward(w.data<float>(), layout.view(), gamma.data<float>(),
                                   beta.data<float>(), d_w_hat.data<float>(), d_gamma.data<float>(),
                                   d_beta.data<float>(), d_w ? d_w->data<float>() : nullptr);

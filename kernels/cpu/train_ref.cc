@@ -119,6 +119,20 @@ absl::Status CheckClipOperands(const ClipTensors& layout, const Tensor& w, const
   return absl::OkStatus();
 }
 
+absl::Status CheckClipBackwardOperands(const ClipTensors& layout, const Tensor& w,
+                                       const Tensor& gamma, const Tensor& beta,
+                                       const Tensor& d_w_hat, const Tensor& d_gamma,
+                                       const Tensor& d_beta, const Tensor* d_w, Device device,
+                                       const char* op) {
+  QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, device, op));
+  QCAL_RETURN_IF_ERROR(CheckTrainOperand(d_w_hat, DType::kF32, w.shape(), device, op, "d_w_hat"));
+  QCAL_RETURN_IF_ERROR(
+      CheckTrainOperand(d_gamma, DType::kF32, gamma.shape(), device, op, "d_gamma"));
+  QCAL_RETURN_IF_ERROR(CheckTrainOperand(d_beta, DType::kF32, gamma.shape(), device, op, "d_beta"));
+  if (d_w) QCAL_RETURN_IF_ERROR(CheckTrainOperand(*d_w, DType::kF32, w.shape(), device, op, "d_w"));
+  return absl::OkStatus();
+}
+
 namespace ref {
 
 template <typename T>
