@@ -27,9 +27,12 @@ expectations: build
 
 # The fuzz build (docs/OPERATIONS.md, "Fuzzing"): clang, ASan + UBSan, libFuzzer, no CUDA, in its
 # own directory. `make sanitize` runs the fast unit tests under the sanitizers; `make fuzz` runs
-# every harness for FUZZ_SECONDS seconds (each).
+# every harness for FUZZ_SECONDS seconds (each), or, with FUZZ_RUNS=N, N inputs each from the fixed
+# seed FUZZ_SEED (reproducible: what CI runs).
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?=
+FUZZ_SEED ?= 1
 
 fuzz-configure: deps
 	@cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_COMPILER=clang \
@@ -39,7 +42,7 @@ sanitize: fuzz-configure
 	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target check_sanitize
 
 fuzz: fuzz-configure
-	@FUZZ_SECONDS=$(FUZZ_SECONDS) cmake --build $(FUZZ_BUILD) -j $(JOBS) --target run_fuzzers
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_RUNS=$(FUZZ_RUNS) FUZZ_SEED=$(FUZZ_SEED) cmake --build $(FUZZ_BUILD) -j $(JOBS) --target run_fuzzers
 
 demo: build
 	@bash tools/demo.sh $(BUILD)

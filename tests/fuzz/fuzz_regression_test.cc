@@ -188,5 +188,16 @@ TEST(FuzzRegressionTest, LayerArtifactZeroPointOutOfRange) {
               HasSubstr("quantized linear artifact: zero point -2147483647 is outside 0.."));
 }
 
+// CHECK failure in Tensor::FromVector (re-serializing a solved layer): its report JSON says rank
+// 2 while its artifact has rank 0 and no low-rank factors.
+TEST(FuzzRegressionTest, LayerArtifactReportRankMismatch) {
+  const std::vector<std::string> files = Input("layer_artifact", "report_rank_mismatch", 1);
+  auto layer = engine::ParseSolvedLayer(files[0]);
+  ASSERT_FALSE(layer.ok());
+  EXPECT_EQ(layer.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(layer.status().message()),
+              HasSubstr("solved layer: the report's rank 2 is not the artifact's rank 0"));
+}
+
 }  // namespace
 }  // namespace qcal

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs libFuzzer harnesses of a fuzz build (QCAL_FUZZ=ON) for FUZZ_SECONDS seconds each (default
-# 60), each from its committed seed corpus (tests/fuzz/corpus/<name>, read only) plus the corpus it
-# grew in earlier runs (BUILD/fuzz/corpus/<name>). Prints one line per harness with its executions
+# Runs libFuzzer harnesses of a fuzz build (QCAL_FUZZ=ON), each from its committed seed corpus
+# (tests/fuzz/corpus/<name>, read only) plus the corpus it grew in earlier runs
+# (BUILD/fuzz/corpus/<name>). Two modes:
+#   - FUZZ_SECONDS=N (default 60): N seconds each, random seed: the search for new bugs;
+#   - FUZZ_RUNS=N: N inputs each from seed FUZZ_SEED (default 1), no time bound: reproducible, the
+#     same inputs on every machine, so CI passes or fails on the code, not on luck or CPU speed. Prints one line per harness with its executions
 # and a total; exits non-zero when any harness finds a crash, a leak, a timeout (10 s for one
 # input) or an out-of-memory (2 GiB), naming the input that shows it (BUILD/fuzz/artifacts/).
 #
@@ -10,6 +13,14 @@ set -uo pipefail
 build=$1
 shift
 seconds=${FUZZ_SECONDS:-60}
+runs_wanted=${FUZZ_RUNS:-}
+if [ -n "$runs_wanted" ]; then
+  bound=(-runs="$runs_wanted" -seed="${FUZZ_SEED:-1}")
+  unit="from seed ${FUZZ_SEED:-1}"
+else
+  bound=(-max_total_time="$seconds")
+  unit="in ${seconds} s"
+fi
 mkdir -p "$build/fuzz/tmp" "$build/fuzz/artifacts" "$build/fuzz/logs"
 export TMPDIR="$build/fuzz/tmp"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
@@ -26,7 +37,7 @@ for name in "$@"; do
       dict=(-dict=tests/fuzz/dict/checkpoint.dict) ;;
     *) dict=() ;;
   esac
-  "$build/fuzz/fuzz_$name" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+  "$build/fuzz/fuzz_$name" "${bound[@]}" -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="$build/fuzz/artifacts/$name-" "${dict[@]}" \
     "$build/fuzz/corpus/$name" "tests/fuzz/corpus/$name" >"$log" 2>&1
   rc=$?
@@ -38,7 +49,7 @@ for name in "$@"; do
     echo "fuzz: $name FAILED after $runs executions (exit $rc); log $log:"
     grep -E "ERROR|SUMMARY|Test unit written|runtime error|CHECK failed" "$log" | head -20
   else
-    echo "fuzz: $name $runs executions in ${seconds} s"
+    echo "fuzz: $name $runs executions $unit"
   fi
 done
 echo "fuzz: $total executions in all, ${#failed[@]} harnesses failed${failed:+: ${failed[*]}}"

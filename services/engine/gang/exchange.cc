@@ -408,7 +408,12 @@ absl::StatusOr<LayerResult> ParseSolvedLayer(const std::string& bytes) {
   const nlohmann::json j =
       nlohmann::json::parse(bytes.substr(r.pos()), nullptr, /*allow_exceptions=*/false);
   if (!j.is_object()) return absl::DataLossError("solved layer: malformed report");
+  const int64_t artifact_rank = out.report.rank;
   QCAL_ASSIGN_OR_RETURN(out.report, LayerReportFromJson(j));
+  if (out.report.rank != artifact_rank) {
+    return absl::DataLossError(absl::StrCat("solved layer: the report's rank ", out.report.rank,
+                                            " is not the artifact's rank ", artifact_rank));
+  }
   return out;
 }
 
