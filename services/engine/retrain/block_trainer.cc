@@ -149,6 +149,7 @@ struct BlockTrainer::State {
   RetrainBlockInput input;
   std::array<TrainLinear, kNumLinears> linears;
   int64_t steps = 0;
+  int64_t optimizer_steps = 0;
   RetrainSeconds seconds;
   std::chrono::steady_clock::time_point mark;
 
@@ -513,20 +514,36 @@ absl::StatusOr<StepLoss> BlockTrainer::ComputeGradients(int sample, LossCoeffici
   return loss;
 }
 
+absl::Status BlockTrainer::RestartOptimizer() {
+  State& s = *s_;
+  s.optimizer_steps = 0;
+  for (TrainLinear& l : s.linears) {
+    for (RetrainParams* t : {&l.m, &l.v}) {
+      for (Tensor* x : {&t->lora_a, &t->lora_b, &t->gamma, &t->beta}) {
+        QCAL_ASSIGN_OR_RETURN(*x, s.be->Alloc(DType::kF32, x->shape()));  // zero-filled
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status BlockTrainer::Step() {
   State& s = *s_;
   ++s.steps;
+  ++s.optimizer_steps;
   AdamWOptions lora{s.options.lr_lora, 0.9, 0.999, 1e-8, s.options.weight_decay};
   AdamWOptions clip{s.options.lr_clip, 0.9, 0.999, 1e-8, s.options.weight_decay};
   for (TrainLinear& l : s.linears) {
     RetrainParams& p = l.params;
     RetrainParams& g = l.grads;
     QCAL_RETURN_IF_ERROR(
-        s.be->AdamWStep(p.lora_a, g.lora_a, l.m.lora_a, l.v.lora_a, s.steps, lora));
+        s.be->AdamWStep(p.lora_a, g.lora_a, l.m.lora_a, l.v.lora_a, s.optimizer_steps, lora));
     QCAL_RETURN_IF_ERROR(
-        s.be->AdamWStep(p.lora_b, g.lora_b, l.m.lora_b, l.v.lora_b, s.steps, lora));
-    QCAL_RETURN_IF_ERROR(s.be->AdamWStep(p.gamma, g.gamma, l.m.gamma, l.v.gamma, s.steps, clip));
-    QCAL_RETURN_IF_ERROR(s.be->AdamWStep(p.beta, g.beta, l.m.beta, l.v.beta, s.steps, clip));
+        s.be->AdamWStep(p.lora_b, g.lora_b, l.m.lora_b, l.v.lora_b, s.optimizer_steps, lora));
+    QCAL_RETURN_IF_ERROR(
+        s.be->AdamWStep(p.gamma, g.gamma, l.m.gamma, l.v.gamma, s.optimizer_steps, clip));
+    QCAL_RETURN_IF_ERROR(
+        s.be->AdamWStep(p.beta, g.beta, l.m.beta, l.v.beta, s.optimizer_steps, clip));
   }
   return s.Lap(&s.seconds.optimizer);
 }
@@ -541,6 +558,7 @@ absl::StatusOr<std::vector<EpochLoss>> BlockTrainer::Train() {
                        : stage == RetrainStage::kMixed ? s.options.epochs.mixed
                                                        : s.options.epochs.output;
     const LossCoefficients c = CoefficientsOf(stage);
+    if (epochs > 0 && s.optimizer_steps > 0) QCAL_RETURN_IF_ERROR(RestartOptimizer());
     for (int e = 0; e < epochs; ++e, ++global_epoch) {
       EpochLoss record;
       record.stage = stage;
@@ -592,6 +610,7 @@ const RetrainParams& BlockTrainer::grads(LinearKind kind) const {
 }
 int BlockTrainer::num_samples() const { return static_cast<int>(s_->input.inputs.size()); }
 int64_t BlockTrainer::steps() const { return s_->steps; }
+int64_t BlockTrainer::optimizer_steps() const { return s_->optimizer_steps; }
 const RetrainSeconds& BlockTrainer::seconds() const { return s_->seconds; }
 
 absl::StatusOr<RetrainResult> RetrainBlock(Backend& backend, const ModelConfig& config,

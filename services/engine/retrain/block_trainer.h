@@ -33,9 +33,13 @@
 // come back to the host. The inputs are uploaded once (Create), the results downloaded once
 // (Finish).
 //
-// Optimizer: one AdamW (adamw.h) over all stages (its step count and moments carry across them),
-// lr_lora for the LoRA factors and lr_clip for the logits, the same decoupled weight decay for
-// both (as ApiQ's AdamW parameter groups). Sample order: epoch e (0-based, counted across
+// Optimizer: AdamW (adamw.h), lr_lora for the LoRA factors and lr_clip for the logits, the same
+// decoupled weight decay for both (as ApiQ's AdamW parameter groups). Each stage that trains
+// starts a fresh optimizer: its moments at zero and its step count (bias correction) at 1; the
+// parameters carry over. Carrying the moments across stages throttled the output stage after a
+// Fisher-weighted weight stage, whose regularizer gradients are orders of magnitude larger than
+// the output MSE's (docs/QUALITY.md, "Block retraining"). A recipe with one training stage (ApiQ)
+// is unaffected. Sample order: epoch e (0-based, counted across
 // stages) visits the samples in RetrainSampleOrder(seed, e, N).
 //
 // Not thread-safe: one thread drives a trainer, and the backend is used from that thread.
@@ -193,6 +197,8 @@ class BlockTrainer {
   absl::StatusOr<StepLoss> ComputeGradients(int sample, LossCoefficients c);
   // One AdamW step with the gradients of the last ComputeGradients (errors: the backend's).
   absl::Status Step();
+  // Zeroes the AdamW moments and restarts the step count (Train calls it between stages).
+  absl::Status RestartOptimizer();
   // Mean over samples of MSE(target, Block_q(x)) at the current parameters.
   absl::StatusOr<double> OutputMse();
   // The linear re-rounded on its clipped grid, with its LoRA factors (copied to the host).
@@ -201,7 +207,9 @@ class BlockTrainer {
   const RetrainParams& params(LinearKind kind) const;
   const RetrainParams& grads(LinearKind kind) const;
   int num_samples() const;
+  // Steps taken: in all, and since the optimizer last (re)started.
   int64_t steps() const;
+  int64_t optimizer_steps() const;
   // The time of each part of the steps so far (RetrainOptions::profile; zeros without it).
   const RetrainSeconds& seconds() const;
 
