@@ -103,7 +103,6 @@ absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
     s.config = LlamaConfig(4096, 11008, 32, 32, 32);
     s.ideal_floor_seconds = 11;
     s.library_floor_seconds = 15;
-    s.reference_seconds = 506;
   } else if (name == "13b") {
     // DESIGN section 9 gives no 13B figures: the 7B floors scaled by the useful-FLOP ratio at
     // 128 x 2048 tokens (about 1.96); no reference measurement.
@@ -118,7 +117,6 @@ absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
     s.config = LlamaConfig(8192, 28672, 80, 64, 8);
     s.ideal_floor_seconds = 150;    // about 2.5 min
     s.library_floor_seconds = 270;  // 4-5 min
-    s.reference_seconds = 42.9 * 80;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("unknown bench shape \"", name, "\" (expected 7b, 13b or 70b)"));

@@ -37,7 +37,9 @@
 
 namespace qcal::engine {
 
-// A model shape with its reference figures from DESIGN section 9 (one H100, 128 x 2048).
+// A model shape with its floors from DESIGN section 9 (one H100, 128 x 2048). The reference GPTQ's
+// time is not built in: it depends on the GPU, so `qcal bench --reference-seconds-per-layer` takes
+// it as measured (docs/BENCHMARKS.md records the H200's).
 struct BenchShape {
   std::string name;
   ModelConfig config;
@@ -46,9 +48,6 @@ struct BenchShape {
   double library_floor_seconds = 0;
   // The floors are not in DESIGN section 9 but the 7b ones scaled by the useful-FLOP ratio (13b).
   bool floors_scaled = false;
-  // The reference GPTQ implementation (IST-DASLab, PyTorch) on this workload. Seconds; 0 where
-  // none was measured (13b).
-  double reference_seconds = 0;
 };
 
 // "7b" (Llama-2-7B: hidden 4096, intermediate 11008, 32 heads, 32 layers), "13b" (Llama-2-13B:

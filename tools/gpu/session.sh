@@ -261,7 +261,10 @@ if wants bench; then
       start=$SECONDS
       limit=$((budget - SECONDS))
       ((limit > 300)) && limit=300
-      timeout "$limit" "$qcal" bench --shape "$shape" --compute-dtype bf16 \
+      # The reference GPTQ's seconds per layer measured on the H200 (docs/BENCHMARKS.md): 7b only.
+      ref=()
+      [[ $shape == 7b ]] && ref=(--reference-seconds-per-layer 9.61)
+      timeout "$limit" "$qcal" bench --shape "$shape" --compute-dtype bf16 "${ref[@]}" \
         >"$out/bench_${shape}_$run.txt" 2>"$out/bench_${shape}_$run.log"
       rc=$?
       printf '%-34s %4d %d s\n' "bench $shape bf16 run $run" "$rc" $((SECONDS - start)) >>"$summary"
