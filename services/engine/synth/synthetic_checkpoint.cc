@@ -393,9 +393,9 @@ const char* SynthPresetName(SynthPreset preset) {
 }
 
 absl::StatusOr<SynthArch> ParseSynthArch(const std::string& name) {
-  for (SynthArch a : {SynthArch::kLlama, SynthArch::kLlama3, SynthArch::kQwen2, SynthArch::kQwen3,
-                      SynthArch::kMistral, SynthArch::kMixtral, SynthArch::kQwen2Moe,
-                      SynthArch::kQwen3Moe}) {
+  for (SynthArch a :
+       {SynthArch::kLlama, SynthArch::kLlama3, SynthArch::kQwen2, SynthArch::kQwen3,
+        SynthArch::kMistral, SynthArch::kMixtral, SynthArch::kQwen2Moe, SynthArch::kQwen3Moe}) {
     if (name == SynthArchName(a)) return a;
   }
   return absl::InvalidArgumentError(
@@ -571,8 +571,7 @@ std::vector<PlannedTensor> SynthTensorPlan(const ModelConfig& c) {
       for (int e = 0; e < c.num_experts; ++e) {
         for (LinearKind k : {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown}) {
           const int64_t inter = c.moe_intermediate_size;
-          plan.push_back({ExpertLinearPrefix(c, b, e, k) + ".weight",
-                          dtype,
+          plan.push_back({ExpertLinearPrefix(c, b, e, k) + ".weight", dtype,
                           k == LinearKind::kDown ? Shape{d, inter} : Shape{inter, d}});
         }
       }

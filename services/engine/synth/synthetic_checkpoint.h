@@ -98,16 +98,7 @@ namespace qcal::engine {
 //   k70b:   hidden 8192, intermediate 28672, 80 layers, 64 heads, 8 KV heads, 4 outlier channels
 //           (68,976,648,192 parameters, 138 GB).
 enum class SynthPreset { kTiny, kSmall, k7b, k13b, k70b };
-enum class SynthArch {
-  kLlama,
-  kLlama3,
-  kQwen2,
-  kQwen3,
-  kMistral,
-  kMixtral,
-  kQwen2Moe,
-  kQwen3Moe
-};
+enum class SynthArch { kLlama, kLlama3, kQwen2, kQwen3, kMistral, kMixtral, kQwen2Moe, kQwen3Moe };
 
 // "llama", "llama3", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe" or "qwen3_moe"; the error
 // names the value.
