@@ -328,6 +328,11 @@ absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
   std::shared_ptr<LoraAdapter> adapter;
   const fs::path adapter_dir = fs::path(dir) / "adapter";
   if (fs::exists(adapter_dir / "adapter_config.json")) {
+    if (config.moe()) {
+      return absl::UnimplementedError(absl::StrCat(adapter_dir.string(),
+                                                   ": adapters on a mixture-of-experts model (",
+                                                   config.model_type, ") are not supported yet"));
+    }
     QCAL_ASSIGN_OR_RETURN(adapter, LoraAdapter::Open(adapter_dir.string(), config));
   }
   ModelLoadOptions mo;
