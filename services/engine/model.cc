@@ -208,7 +208,7 @@ class Model::BlockSource {
     constexpr int kMoeReaders = 8;
     std::vector<LinearKind> dense;
     for (LinearKind k : kAllLinears) {
-      if (!moe || InputOf(k) == LinearInput::kQkv || k == LinearKind::kO) dense.push_back(k);
+      if (HasDenseLinear(config_, b, k)) dense.push_back(k);
     }
     const int readers = moe ? std::min(kMoeReaders, config_.num_experts) : 0;
     std::vector<std::map<std::string, DType>> dtypes(dense.size() + readers + 1);
@@ -224,17 +224,10 @@ class Model::BlockSource {
       m.experts.resize(config_.num_experts);
       for (int t = 0; t < readers; ++t) {
         reads.push_back(std::async(std::launch::async, [this, b, t, readers, &m, &dtypes, &dense] {
-          const LinearGeometry up{config_.moe_intermediate_size, config_.hidden_size, false};
-          const LinearGeometry down{config_.hidden_size, config_.moe_intermediate_size, false};
-          auto* types = &dtypes[dense.size() + t];
           for (int j = t; j < config_.num_experts; j += readers) {
-            ExpertWeights& e = m.experts[j];
-            QCAL_RETURN_IF_ERROR(ReadLinear(ExpertLinearPrefix(config_, b, j, LinearKind::kGate),
-                                            up, e.gate, types));
             QCAL_RETURN_IF_ERROR(
-                ReadLinear(ExpertLinearPrefix(config_, b, j, LinearKind::kUp), up, e.up, types));
-            QCAL_RETURN_IF_ERROR(ReadLinear(ExpertLinearPrefix(config_, b, j, LinearKind::kDown),
-                                            down, e.down, types));
+                ReadExpert([&](LinearKind k) { return ExpertLinearPrefix(config_, b, j, k); },
+                           config_.moe_intermediate_size, m.experts[j], &dtypes[dense.size() + t]));
           }
           return absl::OkStatus();
         }));
@@ -248,20 +241,24 @@ class Model::BlockSource {
       QCAL_ASSIGN_OR_RETURN(m.router,
                             ReadF32(RouterWeightName(config_, b), {config_.num_experts, d}, types));
       if (config_.shared_expert_intermediate_size > 0) {
-        const LinearGeometry up{config_.shared_expert_intermediate_size, d, false};
-        const LinearGeometry down{d, config_.shared_expert_intermediate_size, false};
-        QCAL_RETURN_IF_ERROR(
-            ReadLinear(SharedExpertPrefix(b, LinearKind::kGate), up, m.shared.gate, types));
-        QCAL_RETURN_IF_ERROR(
-            ReadLinear(SharedExpertPrefix(b, LinearKind::kUp), up, m.shared.up, types));
-        QCAL_RETURN_IF_ERROR(
-            ReadLinear(SharedExpertPrefix(b, LinearKind::kDown), down, m.shared.down, types));
+        QCAL_RETURN_IF_ERROR(ReadExpert([&](LinearKind k) { return SharedExpertPrefix(b, k); },
+                                        config_.shared_expert_intermediate_size, m.shared, types));
         QCAL_ASSIGN_OR_RETURN(m.shared_expert_gate,
                               ReadF32(SharedExpertGateWeightName(b), {1, d}, types));
       }
     }
     for (const auto& types : dtypes) hb.dtypes.insert(types.begin(), types.end());
     return hb;
+  }
+
+  // One expert's gate/up/down linears (`inter` wide), named by prefix_of(kind).
+  absl::Status ReadExpert(const std::function<std::string(LinearKind)>& prefix_of, int64_t inter,
+                          ExpertWeights& e, std::map<std::string, DType>* dtypes) const {
+    const int64_t d = config_.hidden_size;
+    QCAL_RETURN_IF_ERROR(
+        ReadLinear(prefix_of(LinearKind::kGate), {inter, d, false}, e.gate, dtypes));
+    QCAL_RETURN_IF_ERROR(ReadLinear(prefix_of(LinearKind::kUp), {inter, d, false}, e.up, dtypes));
+    return ReadLinear(prefix_of(LinearKind::kDown), {d, inter, false}, e.down, dtypes);
   }
 
   absl::Status ReadLinear(const std::string& prefix, const LinearGeometry& g, Linear& l,
@@ -379,14 +376,15 @@ absl::Status Model::AcquireBlock(int b, int next) {
     MoeWeights& m = w.moe;
     QCAL_ASSIGN_OR_RETURN(m.router, Place(*backend_, hm.router));
     m.experts.resize(hm.experts.size());
+    auto place_expert = [&](const ExpertWeights& h, ExpertWeights& out) -> absl::Status {
+      QCAL_RETURN_IF_ERROR(place_linear(h.gate, out.gate));
+      QCAL_RETURN_IF_ERROR(place_linear(h.up, out.up));
+      return place_linear(h.down, out.down);
+    };
     for (size_t j = 0; j < hm.experts.size(); ++j) {
-      QCAL_RETURN_IF_ERROR(place_linear(hm.experts[j].gate, m.experts[j].gate));
-      QCAL_RETURN_IF_ERROR(place_linear(hm.experts[j].up, m.experts[j].up));
-      QCAL_RETURN_IF_ERROR(place_linear(hm.experts[j].down, m.experts[j].down));
+      QCAL_RETURN_IF_ERROR(place_expert(hm.experts[j], m.experts[j]));
     }
-    QCAL_RETURN_IF_ERROR(place_linear(hm.shared.gate, m.shared.gate));
-    QCAL_RETURN_IF_ERROR(place_linear(hm.shared.up, m.shared.up));
-    QCAL_RETURN_IF_ERROR(place_linear(hm.shared.down, m.shared.down));
+    QCAL_RETURN_IF_ERROR(place_expert(hm.shared, m.shared));
     if (hm.shared_expert_gate.defined()) {
       QCAL_ASSIGN_OR_RETURN(m.shared_expert_gate, Place(*backend_, hm.shared_expert_gate));
     }
@@ -411,11 +409,15 @@ void Model::ReleaseBlock(int b) {
   if (backend_->device() == Device::kHost) malloc_trim(0);
 }
 
+bool HasDenseLinear(const ModelConfig& config, int b, LinearKind kind) {
+  return !config.IsMoeBlock(b) || static_cast<int>(kind) <= static_cast<int>(LinearKind::kO);
+}
+
 int64_t BlockBytesOf(const ModelConfig& config, int b) {
   const bool moe = config.IsMoeBlock(b);
   int64_t elements = 2 * config.hidden_size + (config.qk_norm ? 2 * config.head_dim : 0);
   for (LinearKind k : kAllLinears) {
-    if (moe && InputOf(k) != LinearInput::kQkv && k != LinearKind::kO) continue;
+    if (!HasDenseLinear(config, b, k)) continue;
     const LinearGeometry g = GeometryOf(config, k);
     elements += g.d_out * g.d_in + (g.bias ? g.d_out : 0);
   }

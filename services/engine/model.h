@@ -140,6 +140,9 @@ enum class BlockResidency {
 // each time the block is loaded), e.g. to add an adapter's low-rank branches.
 using BlockLoadedFn = std::function<absl::Status(int b, BlockWeights& weights)>;
 
+// Whether block b has the dense linear `kind`: every block has q/k/v/o_proj; an MoE block
+// (ModelConfig::IsMoeBlock) has no gate/up/down_proj.
+bool HasDenseLinear(const ModelConfig& config, int b, LinearKind kind);
 // Bytes of block b's weights in fp32 (the linears, biases and norms; an MoE block's router and
 // every expert) for a model of `config`.
 int64_t BlockBytesOf(const ModelConfig& config, int b);

@@ -560,29 +560,26 @@ std::vector<PlannedTensor> SynthTensorPlan(const ModelConfig& c) {
                         {c.head_dim}});
       }
     }
-    const bool moe = c.IsMoeBlock(b);
-    if (moe) {
-      const auto mlp = [&](const std::string& prefix, int64_t inter) {
-        plan.push_back({prefix + "gate_proj.weight", dtype, {inter, d}});
-        plan.push_back({prefix + "up_proj.weight", dtype, {inter, d}});
-        plan.push_back({prefix + "down_proj.weight", dtype, {d, inter}});
+    if (c.IsMoeBlock(b)) {
+      const auto expert = [&](const std::function<std::string(LinearKind)>& prefix_of,
+                              int64_t inter) {
+        plan.push_back({prefix_of(LinearKind::kGate) + ".weight", dtype, {inter, d}});
+        plan.push_back({prefix_of(LinearKind::kUp) + ".weight", dtype, {inter, d}});
+        plan.push_back({prefix_of(LinearKind::kDown) + ".weight", dtype, {d, inter}});
       };
       plan.push_back({RouterWeightName(c, b), dtype, {c.num_experts, d}});
       for (int e = 0; e < c.num_experts; ++e) {
-        for (LinearKind k : {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown}) {
-          const int64_t inter = c.moe_intermediate_size;
-          plan.push_back({ExpertLinearPrefix(c, b, e, k) + ".weight", dtype,
-                          k == LinearKind::kDown ? Shape{d, inter} : Shape{inter, d}});
-        }
+        expert([&](LinearKind k) { return ExpertLinearPrefix(c, b, e, k); },
+               c.moe_intermediate_size);
       }
       if (c.shared_expert_intermediate_size > 0) {
-        mlp(absl::StrCat("model.layers.", b, ".mlp.shared_expert."),
-            c.shared_expert_intermediate_size);
+        expert([&](LinearKind k) { return SharedExpertPrefix(b, k); },
+               c.shared_expert_intermediate_size);
         plan.push_back({SharedExpertGateWeightName(b), dtype, {1, d}});
       }
     }
     for (LinearKind k : kAllLinears) {
-      if (moe && InputOf(k) != LinearInput::kQkv && k != LinearKind::kO) continue;
+      if (!HasDenseLinear(c, b, k)) continue;
       int64_t d_out = d, d_in = d;
       switch (k) {
         case LinearKind::kQ:

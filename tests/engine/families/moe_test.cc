@@ -31,6 +31,7 @@
 #include "services/engine/quantize.h"
 #include "services/engine/recipe.h"
 #include "services/engine/synth/synthetic_checkpoint.h"
+#include "tests/engine/families/family_checkpoints.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/test_paths.h"
 
@@ -40,7 +41,8 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-const SynthArch kMoeFamilies[] = {SynthArch::kMixtral, SynthArch::kQwen2Moe, SynthArch::kQwen3Moe};
+const std::vector<SynthArch> kMoeFamilies = {SynthArch::kMixtral, SynthArch::kQwen2Moe,
+                                             SynthArch::kQwen3Moe};
 
 TEST(RouteTokensTest, TopKOrderAndRenormalisation) {
   // Probabilities 0.1, 0.2, 0.3, 0.4: top 2 is experts 3, 2.
@@ -74,55 +76,10 @@ TEST(RouteTokensTest, TiesKeepTheLowerIndexFirst) {
 }
 
 // Synthetic MoE checkpoints of every family, written once for the suite.
-class MoeTest : public ::testing::Test {
+class MoeTest : public FamilyCheckpointTest {
  protected:
-  static void SetUpTestSuite() {
-    root_ = new std::string(testing::MakeTempDir("moe"));
-    for (SynthArch a : kMoeFamilies) {
-      SynthOptions o;
-      o.out_dir = Dir(a);
-      o.arch = a;
-      o.sha256 = false;
-      o.threads = 2;
-      auto r = WriteSyntheticCheckpoint(o);
-      ASSERT_TRUE(r.ok()) << r.status();
-    }
-  }
-  static void TearDownTestSuite() {
-    if (root_ != nullptr && !root_->empty()) fs::remove_all(*root_);
-    delete root_;
-    root_ = nullptr;
-  }
-  void SetUp() override {
-    kernels::BackendOptions bo;
-    bo.threads = 2;
-    auto be = kernels::CreateBackend(bo);
-    ASSERT_TRUE(be.ok()) << be.status();
-    backend_ = std::move(be).value();
-  }
-
-  static std::string Dir(SynthArch a) { return *root_ + "/" + SynthArchName(a); }
-
-  std::unique_ptr<Model> Load(const std::string& dir,
-                              BlockResidency residency = BlockResidency::kAll) {
-    ModelLoadOptions o;
-    o.residency = residency;
-    auto m = Model::Load(dir, backend_.get(), o);
-    EXPECT_TRUE(m.ok()) << m.status();
-    return m.ok() ? std::move(m).value() : nullptr;
-  }
-
-  // Deterministic ids in [3, vocab).
-  static std::vector<int> Ids(int n, int vocab, int salt = 0) {
-    std::vector<int> ids(n);
-    for (int i = 0; i < n; ++i) ids[i] = 3 + (i * 37 + salt * 11 + 5) % (vocab - 3);
-    return ids;
-  }
-
-  static std::string* root_;
-  std::unique_ptr<kernels::Backend> backend_;
+  static void SetUpTestSuite() { WriteCheckpoints("moe", kMoeFamilies); }
 };
-std::string* MoeTest::root_ = nullptr;
 
 // The reference MoE MLP, in double, from the checkpoint's fp32 tensors.
 class ReferenceMoe {
@@ -285,7 +242,7 @@ TEST_F(MoeTest, PresetsCarryEachFamilysKeysAndTensors) {
 TEST_F(MoeTest, MoeMlpMatchesScalarReference) {
   for (SynthArch a : kMoeFamilies) {
     SCOPED_TRACE(SynthArchName(a));
-    auto model = Load(Dir(a));
+    auto model = Load(a);
     ASSERT_NE(model, nullptr);
     const ModelConfig& c = model->config();
     auto reader = CheckpointReader::Open(Dir(a));
@@ -353,7 +310,7 @@ TEST_F(MoeTest, MoeMlpMatchesScalarReference) {
 // weights zeroed (sigmoid 1/2) and with the shared expert removed, the three outputs give the
 // shared expert's contribution and show the gated output adds exactly sigmoid(g·x) times it.
 TEST_F(MoeTest, SharedExpertGateScalesTheSharedExpert) {
-  auto model = Load(Dir(SynthArch::kQwen2Moe));
+  auto model = Load(SynthArch::kQwen2Moe);
   ASSERT_NE(model, nullptr);
   const ModelConfig& c = model->config();
   auto h = model->Embed(Ids(16, c.vocab_size, 5));
@@ -402,7 +359,7 @@ TEST_F(MoeTest, SharedExpertGateScalesTheSharedExpert) {
 TEST_F(MoeTest, StreamingEqualsResident) {
   for (SynthArch a : kMoeFamilies) {
     SCOPED_TRACE(SynthArchName(a));
-    auto all = Load(Dir(a));
+    auto all = Load(a);
     auto streamed = Load(Dir(a), BlockResidency::kStreaming);
     ASSERT_NE(all, nullptr);
     ASSERT_NE(streamed, nullptr);
@@ -421,7 +378,7 @@ TEST_F(MoeTest, StreamingEqualsResident) {
 TEST_F(MoeTest, CachedGenerationEqualsFullForward) {
   for (SynthArch a : kMoeFamilies) {
     SCOPED_TRACE(SynthArchName(a));
-    auto model = Load(Dir(a));
+    auto model = Load(a);
     ASSERT_NE(model, nullptr);
     const ModelConfig& c = model->config();
     GenerateOptions o;
@@ -482,7 +439,7 @@ TEST_F(MoeTest, MissingExpertTensorIsNamed) {
 // Every quantization entry point refuses an MoE model before it touches a linear.
 TEST_F(MoeTest, QuantizationIsRefusedClearly) {
   const std::string want = "mixture-of-experts quantization is not supported yet: ";
-  auto model = Load(Dir(SynthArch::kMixtral));
+  auto model = Load(SynthArch::kMixtral);
   ASSERT_NE(model, nullptr);
   auto recipe = ParseRecipeYaml("method: gptq\nweights: {bits: 4}\n", "recipe");
   ASSERT_TRUE(recipe.ok());
