@@ -658,8 +658,9 @@ absl::Status Model::AddMoeOutput(int b, const Tensor& x, const Routing& routing,
   const int64_t rows = x.dim(0), d = config_.hidden_size;
   QCAL_ASSIGN_OR_RETURN(Tensor sum, be.Alloc(DType::kF32, {rows, d}));
   // Rows are gathered with Embedding (x as the table), scaled with ScaleRowsByNorm (a one-column
-  // g holds the weight w >= 0: sqrt(w²) = w exactly) and added back with EmbeddingBackward,
-  // which adds every row in order: the sum of a token's experts runs in increasing expert order.
+  // g holds the weight w >= 0; sqrt(w²) = w exactly, in double on the CPU and in fp32 on the GPU
+  // for w above ~1e-19, where w² would underflow) and added back with EmbeddingBackward, which
+  // adds every row in order: the sum of a token's experts runs in increasing expert order.
   std::vector<int32_t> expert_rows;
   std::vector<float> weights;
   for (int e = 0; e < config_.num_experts; ++e) {
