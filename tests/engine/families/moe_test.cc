@@ -22,6 +22,7 @@
 #include "common/files.h"
 #include "common/hf_config.h"
 #include "common/safetensors.h"
+#include "common/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
@@ -400,6 +401,31 @@ TEST_F(MoeTest, CachedGenerationEqualsFullForward) {
     }
     EXPECT_EQ(*cached, full);
     EXPECT_GE(full.size(), 8u);
+  }
+}
+
+// `qcal generate` (its own residency choice, the checkpoint's tokenizer) prints the decoded ids
+// of the in-process cached greedy generation.
+TEST_F(MoeTest, GenerateCliPrintsTheGreedyTokens) {
+  for (SynthArch a : kMoeFamilies) {
+    SCOPED_TRACE(SynthArchName(a));
+    auto model = Load(a);
+    ASSERT_NE(model, nullptr);
+    auto tokenizer = Tokenizer::Load(Dir(a));
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    GenerateOptions o;
+    o.max_new_tokens = 16;
+    o.bos_id = (*tokenizer)->bos_id();
+    o.eos_ids = (*tokenizer)->eos_ids();
+    auto ids = GenerateGreedy(*model, {}, o);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    ASSERT_FALSE(ids->empty());
+    auto text = (*tokenizer)->Decode(*ids);
+    ASSERT_TRUE(text.ok());
+    auto r = testing::RunQcal(
+        {"generate", "--model", Dir(a), "--max-new-tokens", "16", "--threads", "2"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out, *text + "\n");
   }
 }
 
