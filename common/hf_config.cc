@@ -1,5 +1,6 @@
 #include "common/hf_config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 
@@ -171,6 +172,59 @@ absl::Status ParseRopeScaling(const Json& rp, const std::string& where, int max_
   return absl::OkStatus();
 }
 
+// The mixture-of-experts keys of a mixtral, qwen2_moe or qwen3_moe config, with transformers 5's
+// defaults (configuration_mixtral.py, configuration_qwen2_moe.py, configuration_qwen3_moe.py).
+absl::Status ParseMoe(const Json& j, const std::string& path, ModelConfig* c) {
+  auto positive = [&](const char* key, int fallback) -> absl::StatusOr<int> {
+    QCAL_ASSIGN_OR_RETURN(const int v, OptionalInt(j, key, fallback, path));
+    if (v < 1 || v > (1 << 20)) {
+      return Err(path, absl::StrCat("key \"", key, "\" is ", v, " (must be >= 1)"));
+    }
+    return v;
+  };
+  const char* experts_key = "num_experts";
+  if (c->model_type == "mixtral") {
+    experts_key = "num_local_experts";
+    QCAL_ASSIGN_OR_RETURN(c->num_experts, positive(experts_key, 8));
+    QCAL_ASSIGN_OR_RETURN(c->num_experts_per_tok, OptionalInt(j, "num_experts_per_tok", 2, path));
+    c->moe_intermediate_size = c->intermediate_size;
+    c->norm_topk_prob = true;  // MixtralTopKRouter always renormalises
+  } else {
+    const bool qwen2 = c->model_type == "qwen2_moe";
+    QCAL_ASSIGN_OR_RETURN(c->num_experts, positive(experts_key, qwen2 ? 60 : 128));
+    QCAL_ASSIGN_OR_RETURN(c->num_experts_per_tok,
+                          OptionalInt(j, "num_experts_per_tok", qwen2 ? 4 : 8, path));
+    QCAL_ASSIGN_OR_RETURN(c->moe_intermediate_size,
+                          positive("moe_intermediate_size", qwen2 ? 1408 : 768));
+    if (qwen2) {
+      QCAL_ASSIGN_OR_RETURN(c->shared_expert_intermediate_size,
+                            positive("shared_expert_intermediate_size", 5632));
+    }
+    QCAL_ASSIGN_OR_RETURN(c->norm_topk_prob, OptionalBool(j, "norm_topk_prob", false, path));
+    QCAL_ASSIGN_OR_RETURN(c->decoder_sparse_step, positive("decoder_sparse_step", 1));
+    if (j.contains("mlp_only_layers") && !j["mlp_only_layers"].is_null()) {
+      const Json& m = j["mlp_only_layers"];
+      if (!m.is_array()) return Err(path, "key \"mlp_only_layers\" must be a list of integers");
+      for (const Json& v : m) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= c->num_layers) {
+          return Err(path, absl::StrCat("key \"mlp_only_layers\" holds ", JsonValue(v),
+                                        " (must be block indices in [0, num_hidden_layers = ",
+                                        c->num_layers, "))"));
+        }
+        c->mlp_only_layers.push_back(v.get<int>());
+      }
+      std::sort(c->mlp_only_layers.begin(), c->mlp_only_layers.end());
+      c->mlp_only_layers.erase(std::unique(c->mlp_only_layers.begin(), c->mlp_only_layers.end()),
+                               c->mlp_only_layers.end());
+    }
+  }
+  if (c->num_experts_per_tok < 1 || c->num_experts_per_tok > c->num_experts) {
+    return Err(path, absl::StrCat("key \"num_experts_per_tok\" is ", c->num_experts_per_tok,
+                                  " (must be in [1, ", experts_key, " = ", c->num_experts, "])"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
@@ -187,10 +241,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
     return Err(path, "missing key \"model_type\"");
   }
   c.model_type = j["model_type"].get<std::string>();
-  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2" &&
-      c.model_type != "qwen3") {
-    return Err(path, absl::StrCat("unsupported architecture: key \"model_type\" is \"",
-                                  c.model_type, "\" (supported: llama, mistral, qwen2, qwen3)"));
+  const std::string& mt = c.model_type;
+  if (mt != "llama" && mt != "mistral" && mt != "qwen2" && mt != "qwen3" && mt != "mixtral" &&
+      mt != "qwen2_moe" && mt != "qwen3_moe") {
+    return Err(path, absl::StrCat("unsupported architecture: key \"model_type\" is \"", mt,
+                                  "\" (supported: llama, mistral, qwen2, qwen3, mixtral, "
+                                  "qwen2_moe, qwen3_moe)"));
   }
   if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
     return Err(path, absl::StrCat("unsupported key \"hidden_act\" ", JsonValue(j["hidden_act"]),
@@ -264,9 +320,14 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
   }
 
   QCAL_ASSIGN_OR_RETURN(c.tie_word_embeddings, OptionalBool(j, "tie_word_embeddings", false, path));
-  const bool qwen2 = c.model_type == "qwen2", qwen3 = c.model_type == "qwen3";
+  // Attention as the dense family each MoE family extends: qwen2_moe as qwen2 (q/k/v biases, from
+  // `qkv_bias` in transformers 5), qwen3_moe as qwen3, mixtral as mistral.
+  const bool qwen2 = mt == "qwen2" || mt == "qwen2_moe";
+  const bool qwen3 = mt == "qwen3" || mt == "qwen3_moe";
+  const bool mistral = mt == "mistral" || mt == "mixtral";
   QCAL_ASSIGN_OR_RETURN(bool attn_bias, OptionalBool(j, "attention_bias", false, path));
-  c.attention_bias = qwen2 || attn_bias;
+  QCAL_ASSIGN_OR_RETURN(const bool qkv_bias, OptionalBool(j, "qkv_bias", true, path));
+  c.attention_bias = mt == "qwen2" || (mt == "qwen2_moe" && qkv_bias) || (!qwen2 && attn_bias);
   c.o_bias = !qwen2 && attn_bias;
   c.qk_norm = qwen3;
   QCAL_ASSIGN_OR_RETURN(c.mlp_bias, OptionalBool(j, "mlp_bias", false, path));
@@ -294,8 +355,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
                                     c.model_type,
                                     "\" (Qwen's per-layer sliding windows are not implemented)"));
     }
-  } else if (c.model_type == "mistral" && j.contains("sliding_window") &&
-             !j["sliding_window"].is_null()) {
+  } else if (mistral && j.contains("sliding_window") && !j["sliding_window"].is_null()) {
     const Json& w = j["sliding_window"];
     if (!w.is_number_integer() || w.get<int64_t>() < 1 || w.get<int64_t>() > (int64_t{1} << 30)) {
       return Err(path, absl::StrCat("key \"sliding_window\" is ", JsonValue(w),
@@ -303,7 +363,22 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
     }
     c.sliding_window = w.get<int64_t>();
   }
+  if (mt == "mixtral" || mt == "qwen2_moe" || mt == "qwen3_moe") {
+    QCAL_RETURN_IF_ERROR(ParseMoe(j, path, &c));
+  }
   return c;
+}
+
+bool ModelConfig::IsMoeBlock(int b) const {
+  if (!moe()) return false;
+  if (std::binary_search(mlp_only_layers.begin(), mlp_only_layers.end(), b)) return false;
+  return (b + 1) % decoder_sparse_step == 0;
+}
+
+absl::Status CheckQuantizable(const ModelConfig& config) {
+  if (!config.moe()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("mixture-of-experts quantization is not supported yet: ", config.model_type));
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {

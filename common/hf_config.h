@@ -8,6 +8,22 @@
 //            from `max_window_layers` on only), false/absent means full attention.
 //   qwen3    Qwen3: `head_dim` independent of hidden/heads, per-head `q_norm` / `k_norm` (RMSNorm
 //            over head_dim, before RoPE), `attention_bias` (q/k/v/o); sliding windows as qwen2.
+// Mixture-of-experts families (docs/MOE.md; keys as transformers 5 names them, its defaults when
+// absent):
+//   mixtral    attention as mistral (`sliding_window`, no biases); every block's MLP is
+//              `num_local_experts` (8) experts of `intermediate_size`, `num_experts_per_tok` (2)
+//              routed per token, top-k weights always renormalised; `router_jitter_noise` is a
+//              training option and ignored.
+//   qwen2_moe  attention as qwen2 (`qkv_bias`, default true: q/k/v biases); `num_experts` (60)
+//              experts of `moe_intermediate_size` (1408), top `num_experts_per_tok` (4),
+//              renormalised only with `norm_topk_prob` (false), plus a shared expert of
+//              `shared_expert_intermediate_size` (5632) scaled by sigmoid(`shared_expert_gate`).
+//   qwen3_moe  attention as qwen3; experts as qwen2_moe without the shared expert (defaults 128
+//              experts of 768, top 8).
+//   A qwen*_moe block b is an MoE block unless b is in `mlp_only_layers` or (b + 1) is not a
+//   multiple of `decoder_sparse_step` (1); its other blocks have a dense MLP of intermediate_size.
+//   `num_experts_per_tok` must be in [1, number of experts], `decoder_sparse_step` >= 1 and
+//   `mlp_only_layers` a list of block indices: errors name the key.
 // RoPE: `rope_theta` at top level or under `rope_parameters` (transformers 5); scaling from
 // `rope_scaling` or `rope_parameters` with type (`rope_type` or `type`) default, linear, llama3 or
 // yarn (common/rope_scaling.h); any other type is refused naming the key and value. `dtype` or
@@ -18,6 +34,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/rope_scaling.h"
@@ -26,7 +43,8 @@
 namespace qcal {
 
 struct ModelConfig {
-  std::string model_type;  // "llama", "mistral", "qwen2" or "qwen3"
+  // "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe" or "qwen3_moe"
+  std::string model_type;
   int hidden_size = 0;
   int intermediate_size = 0;
   int num_layers = 0;
@@ -54,6 +72,21 @@ struct ModelConfig {
   // Llama has no sliding-window attention in transformers, so the key is ignored there.
   int64_t sliding_window = 0;
 
+  // Mixture of experts (mixtral, qwen2_moe, qwen3_moe); num_experts == 0 for a dense model.
+  int num_experts = 0;            // routed experts per MoE block
+  int num_experts_per_tok = 0;    // top-k
+  int moe_intermediate_size = 0;  // each routed expert's intermediate size
+  // Qwen2-MoE's shared expert (every token, scaled by sigmoid(shared_expert_gate · x)); 0 = none.
+  int shared_expert_intermediate_size = 0;
+  // Renormalise the top-k routing weights to sum 1 (always for Mixtral).
+  bool norm_topk_prob = false;
+  int decoder_sparse_step = 1;
+  std::vector<int> mlp_only_layers;  // sorted, distinct
+
+  bool moe() const { return num_experts > 0; }
+  // Whether block b's MLP is a mixture of experts (else a dense gate/up/down MLP).
+  bool IsMoeBlock(int b) const;
+
   int n_rep() const { return num_heads / num_kv_heads; }
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
@@ -63,6 +96,12 @@ struct ModelConfig {
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::string& path);
 // Reads `<dir>/config.json`.
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
+
+// OK for a dense model; InvalidArgument "mixture-of-experts quantization is not supported yet:
+// <model_type>" for an MoE one. Every quantization entry point (job submission, the engine's job
+// session and block driver, the gradient pass, the export) calls it before touching a linear, so an
+// MoE checkpoint is refused up front rather than quantized without its experts.
+absl::Status CheckQuantizable(const ModelConfig& config);
 
 // Checks a sequence length that a command is about to run: seq_len must be >= 1 (InvalidArgument
 // otherwise). A sequence longer than max_position_embeddings is run (RoPE extrapolates) with a

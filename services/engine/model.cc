@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -200,26 +201,68 @@ class Model::BlockSource {
       QCAL_ASSIGN_OR_RETURN(hb.weights.k_norm,
                             ReadF32(p + "self_attn.k_norm.weight", {hd}, &hb.dtypes));
     }
-    // The seven linears are read, converted (or dequantized) on threads of their own: one
-    // thread converting a 70B block's 3.4 GB takes longer than the GPU takes to quantize it.
-    std::array<std::map<std::string, DType>, kNumLinears> dtypes;
-    std::vector<std::future<absl::Status>> reads;
+    // The linears are read, converted (or dequantized) on threads of their own: one thread
+    // converting a 70B block's 3.4 GB takes longer than the GPU takes to quantize it. An MoE
+    // block's experts are read by kMoeReaders threads, expert j by thread j % kMoeReaders.
+    const bool moe = config_.IsMoeBlock(b);
+    constexpr int kMoeReaders = 8;
+    std::vector<LinearKind> dense;
     for (LinearKind k : kAllLinears) {
-      reads.push_back(std::async(std::launch::async, [this, b, k, &hb, &dtypes] {
-        return ReadLinear(b, k, hb.weights.at(k), &dtypes[static_cast<int>(k)]);
+      if (HasDenseLinear(config_, b, k)) dense.push_back(k);
+    }
+    const int readers = moe ? std::min(kMoeReaders, config_.num_experts) : 0;
+    std::vector<std::map<std::string, DType>> dtypes(dense.size() + readers + 1);
+    std::vector<std::future<absl::Status>> reads;
+    for (size_t i = 0; i < dense.size(); ++i) {
+      reads.push_back(std::async(std::launch::async, [this, b, k = dense[i], &hb, &dtypes, i] {
+        const LinearGeometry g = GeometryOf(config_, k);
+        return ReadLinear(LinearPrefix(b, k), g, hb.weights.at(k), &dtypes[i]);
       }));
+    }
+    MoeWeights& m = hb.weights.moe;
+    if (moe) {
+      m.experts.resize(config_.num_experts);
+      for (int t = 0; t < readers; ++t) {
+        reads.push_back(std::async(std::launch::async, [this, b, t, readers, &m, &dtypes, &dense] {
+          for (int j = t; j < config_.num_experts; j += readers) {
+            QCAL_RETURN_IF_ERROR(
+                ReadExpert([&](LinearKind k) { return ExpertLinearPrefix(config_, b, j, k); },
+                           config_.moe_intermediate_size, m.experts[j], &dtypes[dense.size() + t]));
+          }
+          return absl::OkStatus();
+        }));
+      }
     }
     absl::Status status;
     for (auto& r : reads) status.Update(r.get());
     QCAL_RETURN_IF_ERROR(status);
-    for (const auto& m : dtypes) hb.dtypes.insert(m.begin(), m.end());
+    if (moe) {
+      auto* types = &dtypes.back();
+      QCAL_ASSIGN_OR_RETURN(m.router,
+                            ReadF32(RouterWeightName(config_, b), {config_.num_experts, d}, types));
+      if (config_.shared_expert_intermediate_size > 0) {
+        QCAL_RETURN_IF_ERROR(ReadExpert([&](LinearKind k) { return SharedExpertPrefix(b, k); },
+                                        config_.shared_expert_intermediate_size, m.shared, types));
+        QCAL_ASSIGN_OR_RETURN(m.shared_expert_gate,
+                              ReadF32(SharedExpertGateWeightName(b), {1, d}, types));
+      }
+    }
+    for (const auto& types : dtypes) hb.dtypes.insert(types.begin(), types.end());
     return hb;
   }
 
-  absl::Status ReadLinear(int b, LinearKind k, Linear& l,
+  // One expert's gate/up/down linears (`inter` wide), named by prefix_of(kind).
+  absl::Status ReadExpert(const std::function<std::string(LinearKind)>& prefix_of, int64_t inter,
+                          ExpertWeights& e, std::map<std::string, DType>* dtypes) const {
+    const int64_t d = config_.hidden_size;
+    QCAL_RETURN_IF_ERROR(
+        ReadLinear(prefix_of(LinearKind::kGate), {inter, d, false}, e.gate, dtypes));
+    QCAL_RETURN_IF_ERROR(ReadLinear(prefix_of(LinearKind::kUp), {inter, d, false}, e.up, dtypes));
+    return ReadLinear(prefix_of(LinearKind::kDown), {d, inter, false}, e.down, dtypes);
+  }
+
+  absl::Status ReadLinear(const std::string& prefix, const LinearGeometry& g, Linear& l,
                           std::map<std::string, DType>* dtypes) const {
-    const LinearGeometry g = GeometryOf(config_, k);
-    const std::string prefix = LinearPrefix(b, k);
     if (linear_weight_) {
       QCAL_ASSIGN_OR_RETURN(l.weight, linear_weight_(*reader_, prefix, g.d_out, g.d_in));
       if (l.weight.shape() != Shape{g.d_out, g.d_in} || l.weight.dtype() != DType::kF32) {
@@ -319,11 +362,31 @@ absl::Status Model::AcquireBlock(int b, int next) {
     QCAL_ASSIGN_OR_RETURN(w.q_norm, Place(*backend_, hb.weights.q_norm));
     QCAL_ASSIGN_OR_RETURN(w.k_norm, Place(*backend_, hb.weights.k_norm));
   }
-  for (LinearKind k : kAllLinears) {
-    const Linear& h = hb.weights.at(k);
-    QCAL_ASSIGN_OR_RETURN(w.at(k).weight, Place(*backend_, h.weight));
+  auto place_linear = [&](const Linear& h, Linear& out) -> absl::Status {
+    if (!h.weight.defined()) return absl::OkStatus();
+    QCAL_ASSIGN_OR_RETURN(out.weight, Place(*backend_, h.weight));
     if (h.bias.defined()) {
-      QCAL_ASSIGN_OR_RETURN(w.at(k).bias, Place(*backend_, h.bias));
+      QCAL_ASSIGN_OR_RETURN(out.bias, Place(*backend_, h.bias));
+    }
+    return absl::OkStatus();
+  };
+  for (LinearKind k : kAllLinears) QCAL_RETURN_IF_ERROR(place_linear(hb.weights.at(k), w.at(k)));
+  if (hb.weights.moe.defined()) {
+    const MoeWeights& hm = hb.weights.moe;
+    MoeWeights& m = w.moe;
+    QCAL_ASSIGN_OR_RETURN(m.router, Place(*backend_, hm.router));
+    m.experts.resize(hm.experts.size());
+    auto place_expert = [&](const ExpertWeights& h, ExpertWeights& out) -> absl::Status {
+      QCAL_RETURN_IF_ERROR(place_linear(h.gate, out.gate));
+      QCAL_RETURN_IF_ERROR(place_linear(h.up, out.up));
+      return place_linear(h.down, out.down);
+    };
+    for (size_t j = 0; j < hm.experts.size(); ++j) {
+      QCAL_RETURN_IF_ERROR(place_expert(hm.experts[j], m.experts[j]));
+    }
+    QCAL_RETURN_IF_ERROR(place_expert(hm.shared, m.shared));
+    if (hm.shared_expert_gate.defined()) {
+      QCAL_ASSIGN_OR_RETURN(m.shared_expert_gate, Place(*backend_, hm.shared_expert_gate));
     }
   }
   for (const auto& [name, dtype] : hb.dtypes) source_dtypes_[name] = dtype;
@@ -346,13 +409,32 @@ void Model::ReleaseBlock(int b) {
   if (backend_->device() == Device::kHost) malloc_trim(0);
 }
 
-int64_t BlockBytesOf(const ModelConfig& config) {
+bool HasDenseLinear(const ModelConfig& config, int b, LinearKind kind) {
+  return !config.IsMoeBlock(b) || static_cast<int>(kind) <= static_cast<int>(LinearKind::kO);
+}
+
+int64_t BlockBytesOf(const ModelConfig& config, int b) {
+  const bool moe = config.IsMoeBlock(b);
   int64_t elements = 2 * config.hidden_size + (config.qk_norm ? 2 * config.head_dim : 0);
   for (LinearKind k : kAllLinears) {
+    if (!HasDenseLinear(config, b, k)) continue;
     const LinearGeometry g = GeometryOf(config, k);
     elements += g.d_out * g.d_in + (g.bias ? g.d_out : 0);
   }
+  if (moe) {
+    const int64_t d = config.hidden_size;
+    elements += int64_t{config.num_experts} * d * (1 + 3 * int64_t{config.moe_intermediate_size});
+    if (config.shared_expert_intermediate_size > 0) {
+      elements += d * (1 + 3 * int64_t{config.shared_expert_intermediate_size});
+    }
+  }
   return elements * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t BlockBytesOf(const ModelConfig& config) {
+  int64_t most = 0;
+  for (int b = 0; b < config.num_layers; ++b) most = std::max(most, BlockBytesOf(config, b));
+  return most;
 }
 
 BlockResidency ResidencyToFit(const ModelConfig& config, kernels::Backend& backend) {
@@ -360,8 +442,8 @@ BlockResidency ResidencyToFit(const ModelConfig& config, kernels::Backend& backe
       backend.device() == Device::kHost ? AvailableHostMemoryBytes() : backend.AvailableMemory();
   if (available < 0) return BlockResidency::kAll;
   // The blocks, lm_head in fp32, and a quarter of what is left for activations and workspaces.
-  const int64_t need =
-      config.num_layers * BlockBytesOf(config) + config.vocab_size * config.hidden_size * 4;
+  int64_t need = int64_t{config.vocab_size} * config.hidden_size * 4;
+  for (int b = 0; b < config.num_layers; ++b) need += BlockBytesOf(config, b);
   return need <= available / 4 * 3 ? BlockResidency::kAll : BlockResidency::kStreaming;
 }
 
@@ -512,10 +594,105 @@ absl::StatusOr<Tensor> Model::AttentionOutput(int b, const Tensor& x, const SeqS
 }
 
 absl::StatusOr<Tensor> Model::MlpProduct(int b, const Tensor& x) {
+  if (blocks_[b].moe.defined()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("MlpProduct: block ", b, " is a mixture-of-experts block"));
+  }
   QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x));
   QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x));
   QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate, up, gate));
   return gate;
+}
+
+absl::StatusOr<Tensor> Model::ExpertForward(const ExpertWeights& e, const Tensor& x) {
+  kernels::Backend& be = *backend_;
+  const int64_t rows = x.dim(0);
+  QCAL_ASSIGN_OR_RETURN(Tensor gate, be.Alloc(DType::kF32, {rows, e.gate.weight.dim(0)}));
+  QCAL_ASSIGN_OR_RETURN(Tensor up, be.Alloc(DType::kF32, {rows, e.up.weight.dim(0)}));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(e.gate, x, gate, false));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(e.up, x, up, false));
+  QCAL_RETURN_IF_ERROR(be.SiluMul(gate, up, gate));
+  QCAL_ASSIGN_OR_RETURN(Tensor y, be.Alloc(DType::kF32, {rows, e.down.weight.dim(0)}));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(e.down, gate, y, false));
+  return y;
+}
+
+absl::StatusOr<Routing> Model::Route(int b, const Tensor& x) {
+  const MoeWeights& m = blocks_[b].moe;
+  if (!m.defined()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("Route: block ", b, " is not a mixture-of-experts block"));
+  }
+  kernels::Backend& be = *backend_;
+  const int64_t rows = x.dim(0);
+  QCAL_ASSIGN_OR_RETURN(Tensor logits, be.Alloc(DType::kF32, {rows, config_.num_experts}));
+  QCAL_RETURN_IF_ERROR(be.Linear(x, m.router, nullptr, logits, false));
+  QCAL_ASSIGN_OR_RETURN(Tensor host, be.ToHost(logits));
+  const float* l = host.data<float>();
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    if (!std::isfinite(l[i])) {
+      return absl::DataLossError(
+          absl::StrCat("block ", b, ": non-finite router logit at row ", i / config_.num_experts));
+    }
+  }
+  return RouteTokens(l, rows, config_.num_experts, config_.num_experts_per_tok,
+                     config_.norm_topk_prob);
+}
+
+absl::Status Model::AddMoeOutput(int b, const Tensor& x, const Routing& routing, Tensor& hidden) {
+  const MoeWeights& m = blocks_[b].moe;
+  if (!m.defined()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("AddMoeOutput: block ", b, " is not a mixture-of-experts block"));
+  }
+  if (routing.rows != x.dim(0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AddMoeOutput: a routing of ", routing.rows, " rows for ", x.dim(0), " rows"));
+  }
+  if (!backend_->SupportsOp(kernels::Op::kBackward)) {
+    return absl::UnimplementedError(
+        absl::StrCat("mixture-of-experts blocks need the row gather/scatter ops, which the ",
+                     backend_->name(), " backend lacks"));
+  }
+  kernels::Backend& be = *backend_;
+  const int64_t rows = x.dim(0), d = config_.hidden_size;
+  QCAL_ASSIGN_OR_RETURN(Tensor sum, be.Alloc(DType::kF32, {rows, d}));
+  // Rows are gathered with Embedding (x as the table), scaled with ScaleRowsByNorm (a one-column
+  // g holds the weight w >= 0; sqrt(w²) = w exactly, in double on the CPU and in fp32 on the GPU
+  // for w above ~1e-19, where w² would underflow) and added back with EmbeddingBackward, which
+  // adds every row in order: the sum of a token's experts runs in increasing expert order.
+  std::vector<int32_t> expert_rows;
+  std::vector<float> weights;
+  for (int e = 0; e < config_.num_experts; ++e) {
+    routing.RowsOf(e, &expert_rows, &weights);
+    if (expert_rows.empty()) continue;
+    const int64_t n = static_cast<int64_t>(expert_rows.size());
+    Tensor ids = Tensor::Zeros(DType::kI32, {n});
+    std::memcpy(ids.raw(), expert_rows.data(), n * sizeof(int32_t));
+    QCAL_ASSIGN_OR_RETURN(Tensor xe, be.Alloc(DType::kF32, {n, d}));
+    QCAL_RETURN_IF_ERROR(be.Embedding(x, ids, xe));
+    QCAL_ASSIGN_OR_RETURN(Tensor ye, ExpertForward(m.experts[e], xe));
+    Tensor w = Tensor::Zeros(DType::kF32, {n, 1});
+    std::memcpy(w.raw(), weights.data(), n * sizeof(float));
+    QCAL_ASSIGN_OR_RETURN(Tensor wd, Place(be, w));
+    QCAL_RETURN_IF_ERROR(be.ScaleRowsByNorm(wd, ye));
+    QCAL_RETURN_IF_ERROR(be.EmbeddingBackward(ids, ye, sum));
+  }
+  if (m.shared_expert_gate.defined()) {
+    // Qwen2-MoE: experts + sigmoid(shared_expert_gate(x)) * shared_expert(x).
+    QCAL_ASSIGN_OR_RETURN(Tensor shared, ExpertForward(m.shared, x));
+    QCAL_ASSIGN_OR_RETURN(Tensor g, be.Alloc(DType::kF32, {rows, 1}));
+    QCAL_RETURN_IF_ERROR(be.Linear(x, m.shared_expert_gate, nullptr, g, false));
+    QCAL_ASSIGN_OR_RETURN(Tensor gh, be.ToHost(g));
+    float* gp = gh.data<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      gp[r] = static_cast<float>(1.0 / (1.0 + std::exp(-double(gp[r]))));
+    }
+    QCAL_ASSIGN_OR_RETURN(Tensor gd, Place(be, gh));
+    QCAL_RETURN_IF_ERROR(be.ScaleRowsByNorm(gd, shared));
+    QCAL_RETURN_IF_ERROR(be.Add(shared, sum));
+  }
+  return be.Add(sum, hidden);
 }
 
 absl::Status Model::AddProjection(int b, LinearKind kind, const Tensor& input, Tensor& hidden) {
@@ -566,6 +743,13 @@ absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, K
   QCAL_ASSIGN_OR_RETURN(h, NormedInput(b, hidden, LinearInput::kGateUp));
   QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kGateUp, h, &stop));
   if (stop) return absl::OkStatus();
+  if (blocks_[b].moe.defined()) {
+    QCAL_ASSIGN_OR_RETURN(const Routing routing, Route(b, h));
+    if (routing_observer_) routing_observer_(b, routing);
+    QCAL_RETURN_IF_ERROR(AddMoeOutput(b, h, routing, hidden));
+    if (cache) cache->length = shape.offset + shape.seq_len;
+    return absl::OkStatus();
+  }
   QCAL_ASSIGN_OR_RETURN(Tensor mlp, MlpProduct(b, h));
   QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kDown, mlp, &stop));
   if (stop) return absl::OkStatus();

@@ -29,6 +29,7 @@
 #include "common/safetensors.h"
 #include "common/tensor.h"
 #include "kernels/backend.h"
+#include "services/engine/moe.h"
 
 namespace qcal::engine {
 
@@ -68,6 +69,23 @@ struct Linear {
   int act_bits = 16;
 };
 
+// One expert's SwiGLU MLP, down(silu(gate(x)) * up(x)) (a routed expert or Qwen2-MoE's shared
+// expert).
+struct ExpertWeights {
+  Linear gate, up, down;
+};
+
+// The MLP of a mixture-of-experts block (ModelConfig::IsMoeBlock; moe.h): a router, the routed
+// experts and, for Qwen2-MoE, a shared expert whose output is scaled per token by
+// sigmoid(shared_expert_gate · x). The router and the shared expert gate stay in full precision.
+struct MoeWeights {
+  Tensor router;                       // [num_experts, hidden]
+  std::vector<ExpertWeights> experts;  // num_experts
+  ExpertWeights shared;                // weights defined only with a shared expert
+  Tensor shared_expert_gate;           // [1, hidden], or undefined
+  bool defined() const { return router.defined(); }
+};
+
 // What the smoothing fold (services/engine/aser/smoothing.h) may scale: input_norm and
 // post_attention_norm (divided), the columns of every linear and the rows of v_proj and up_proj.
 // q_norm and k_norm act on the q/k_proj outputs after the projection, so no fold scales through
@@ -77,7 +95,10 @@ struct BlockWeights {
   Tensor post_attention_norm;  // [hidden]
   // Qwen3 (ModelConfig::qk_norm): per-head RMSNorm weights of q and k [head_dim]; else undefined.
   Tensor q_norm, k_norm;
+  // An MoE block leaves gate/up/down_proj undefined and holds its MLP in `moe`; a dense block
+  // leaves `moe` empty.
   std::array<Linear, kNumLinears> linears;
+  MoeWeights moe;
   Linear& at(LinearKind k) { return linears[static_cast<int>(k)]; }
   const Linear& at(LinearKind k) const { return linears[static_cast<int>(k)]; }
 };
@@ -106,6 +127,9 @@ using Tap = std::function<absl::Status(LinearInput input, const Tensor& x)>;
 using LinearWeightFn = std::function<absl::StatusOr<Tensor>(
     const CheckpointReader& reader, const std::string& prefix, int64_t d_out, int64_t d_in)>;
 
+// Sees MoE block `b`'s routing of the rows of one BlockForward call.
+using RoutingObserver = std::function<void(int b, const Routing& routing)>;
+
 // Where Load keeps the blocks.
 enum class BlockResidency {
   kAll,        // every block on the backend from Load on
@@ -116,7 +140,13 @@ enum class BlockResidency {
 // each time the block is loaded), e.g. to add an adapter's low-rank branches.
 using BlockLoadedFn = std::function<absl::Status(int b, BlockWeights& weights)>;
 
-// Bytes of one block's weights in fp32 (the linears, biases and norms) for a model of `config`.
+// Whether block b has the dense linear `kind`: every block has q/k/v/o_proj; an MoE block
+// (ModelConfig::IsMoeBlock) has no gate/up/down_proj.
+bool HasDenseLinear(const ModelConfig& config, int b, LinearKind kind);
+// Bytes of block b's weights in fp32 (the linears, biases and norms; an MoE block's router and
+// every expert) for a model of `config`.
+int64_t BlockBytesOf(const ModelConfig& config, int b);
+// The largest BlockBytesOf(config, b) over the blocks: what one resident block may take.
 int64_t BlockBytesOf(const ModelConfig& config);
 // kAll when every block of `config` fits in the backend's memory with room to run (device memory
 // for a device backend, the host's available memory otherwise), else kStreaming.
@@ -162,8 +192,11 @@ class Model {
   absl::Status AcquireBlock(int b, int next);
   // Frees block b's weights when streaming (a no-op for kAll models and FromWeights models).
   void ReleaseBlock(int b);
-  // Bytes of one block's weights in fp32 on the backend (the linears and norms).
+  // Bytes of the largest block's weights in fp32 on the backend (BlockBytesOf(config)).
   int64_t BlockBytes() const;
+  // Called with every MoE block's routing during BlockForward (qcal eval --dump-routing); none
+  // when unset. Default: unset.
+  void set_routing_observer(RoutingObserver observer) { routing_observer_ = std::move(observer); }
   // The embedding table: on the host in the checkpoint's dtype (Load), or as given (FromWeights).
   const Tensor& embed_tokens() const { return embed_tokens_; }
   const Tensor& final_norm() const { return final_norm_; }
@@ -179,7 +212,9 @@ class Model {
   // Runs block b (which must be resident) in place on hidden [batch*seq_len, hidden_size]. With
   // `cache`, keys and values
   // are appended to it at shape.offset (batch must be 1). `tap`, when set, sees every distinct
-  // linear input; when it returns kCancelled the forward stops there and OK is returned.
+  // linear input; when it returns kCancelled the forward stops there and OK is returned. In an MoE
+  // block the tap sees kQkv, kO and kGateUp (the router's and the experts' common input), never
+  // kDown (each expert has its own).
   absl::Status BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache = nullptr,
                             const Tap& tap = nullptr);
   // Block b in stages, for drivers that take statistics between sub-layers without re-running the
@@ -192,8 +227,17 @@ class Model {
   absl::StatusOr<Tensor> NormedInput(int b, const Tensor& hidden, LinearInput input);
   // o_proj's input [rows, q_dim]: attention over RoPE'd q, k, v of the q/k/v input x (no cache).
   absl::StatusOr<Tensor> AttentionOutput(int b, const Tensor& x, const SeqShape& shape);
-  // down_proj's input [rows, intermediate] = silu(gate_proj(x)) * up_proj(x).
+  // down_proj's input [rows, intermediate] = silu(gate_proj(x)) * up_proj(x). Not for an MoE
+  // block (FailedPrecondition).
   absl::StatusOr<Tensor> MlpProduct(int b, const Tensor& x);
+  // MoE block b's routing of its MLP input x (NormedInput(b, hidden, kGateUp)): the router logits
+  // computed on the backend and routed on the host (RouteTokens). DataLoss for non-finite logits.
+  absl::StatusOr<Routing> Route(int b, const Tensor& x);
+  // hidden += MoE block b's MLP output for x under `routing`: every expert with rows runs on its
+  // rows (gathered), its output scaled by the routing weights and added into a zeroed [rows,
+  // hidden] sum in increasing expert order (rows in order), then the gated shared expert, then
+  // the sum is added to hidden. Deterministic: the same inputs give the same bits.
+  absl::Status AddMoeOutput(int b, const Tensor& x, const Routing& routing, Tensor& hidden);
   // hidden += o_proj(input) (kind kO) or down_proj(input) (kind kDown), with the bias if any.
   absl::Status AddProjection(int b, LinearKind kind, const Tensor& input, Tensor& hidden);
 
@@ -210,6 +254,8 @@ class Model {
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
   // y [rows, d_out] = linear `kind` of block b applied to x (bias included).
   absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x);
+  // y [rows, hidden] = e.down(silu(e.gate(x)) * e.up(x)).
+  absl::StatusOr<Tensor> ExpertForward(const ExpertWeights& e, const Tensor& x);
   // Attention of block b for the q/k/v input x, appending keys and values to `cache` when given.
   absl::StatusOr<Tensor> Attend(int b, const Tensor& x, const SeqShape& shape, KvCache* cache);
 
@@ -221,6 +267,7 @@ class Model {
   std::map<std::string, DType> source_dtypes_;
   std::unique_ptr<BlockSource> source_;  // streaming models only
   BlockLoadedFn on_block_loaded_;
+  RoutingObserver routing_observer_;
 };
 
 }  // namespace qcal::engine

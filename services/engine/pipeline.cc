@@ -214,6 +214,11 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
                                                    input_q.quant_method,
                                                    "); quantize a full-precision checkpoint"));
   }
+  {
+    // Before anything is read: a model the quantizer cannot handle is refused up front.
+    QCAL_ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(o.model_dir));
+    QCAL_RETURN_IF_ERROR(Annotate(CheckQuantizable(config), o.model_dir));
+  }
   ModelLoadOptions load;
   load.residency = BlockResidency::kStreaming;
   QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get(), load));

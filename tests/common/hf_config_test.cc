@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -221,6 +222,142 @@ TEST(HfConfigTest, UnsupportedArchitecture) {
   j = BaseConfig();
   j["hidden_act"] = "gelu";
   ExpectError(j, "hidden_act");
+}
+
+// Mixture-of-experts configs (docs/MOE.md): each family's keys, transformers 5's defaults, which
+// blocks are MoE blocks, and errors naming the key.
+Json MoeConfig(const std::string& model_type) {
+  Json j = BaseConfig();
+  j["model_type"] = model_type;
+  j["num_hidden_layers"] = 4;
+  return j;
+}
+
+TEST(HfConfigTest, MixtralKeysAndDefaults) {
+  Json j = MoeConfig("mixtral");
+  j["router_jitter_noise"] = 0.1;  // a training option: ignored
+  auto c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->moe());
+  EXPECT_EQ(c->num_experts, 8);  // MixtralConfig's defaults
+  EXPECT_EQ(c->num_experts_per_tok, 2);
+  EXPECT_EQ(c->moe_intermediate_size, 172);  // the experts are intermediate_size wide
+  EXPECT_EQ(c->shared_expert_intermediate_size, 0);
+  EXPECT_TRUE(c->norm_topk_prob);  // Mixtral always renormalises
+  EXPECT_FALSE(c->attention_bias);
+  for (int b = 0; b < 4; ++b) EXPECT_TRUE(c->IsMoeBlock(b)) << b;
+  j["num_local_experts"] = 4;
+  j["num_experts_per_tok"] = 3;
+  j["sliding_window"] = 32;
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_experts, 4);
+  EXPECT_EQ(c->num_experts_per_tok, 3);
+  EXPECT_EQ(c->sliding_window, 32);  // as mistral
+  EXPECT_THAT(std::string(CheckQuantizable(*c).message()),
+              HasSubstr("mixture-of-experts quantization is not supported yet: mixtral"));
+}
+
+TEST(HfConfigTest, Qwen2MoeKeysAndDefaults) {
+  Json j = MoeConfig("qwen2_moe");
+  auto c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_experts, 60);  // Qwen2MoeConfig's defaults
+  EXPECT_EQ(c->num_experts_per_tok, 4);
+  EXPECT_EQ(c->moe_intermediate_size, 1408);
+  EXPECT_EQ(c->shared_expert_intermediate_size, 5632);
+  EXPECT_FALSE(c->norm_topk_prob);
+  EXPECT_TRUE(c->attention_bias);  // qkv_bias defaults to true
+  EXPECT_FALSE(c->o_bias);
+  j["num_experts"] = 16;
+  j["num_experts_per_tok"] = 2;
+  j["moe_intermediate_size"] = 32;
+  j["shared_expert_intermediate_size"] = 64;
+  j["norm_topk_prob"] = true;
+  j["qkv_bias"] = false;
+  j["decoder_sparse_step"] = 2;
+  j["mlp_only_layers"] = {3};
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_experts, 16);
+  EXPECT_EQ(c->moe_intermediate_size, 32);
+  EXPECT_EQ(c->shared_expert_intermediate_size, 64);
+  EXPECT_TRUE(c->norm_topk_prob);
+  EXPECT_FALSE(c->attention_bias);
+  // transformers: MoE unless in mlp_only_layers, and (b + 1) % decoder_sparse_step == 0.
+  EXPECT_FALSE(c->IsMoeBlock(0));
+  EXPECT_TRUE(c->IsMoeBlock(1));
+  EXPECT_FALSE(c->IsMoeBlock(2));
+  EXPECT_FALSE(c->IsMoeBlock(3));
+  EXPECT_FALSE(CheckQuantizable(*c).ok());
+}
+
+TEST(HfConfigTest, Qwen3MoeKeysAndDefaults) {
+  Json j = MoeConfig("qwen3_moe");
+  j["head_dim"] = 16;
+  j["attention_bias"] = true;
+  j["mlp_only_layers"] = {2, 0, 2};
+  auto c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_experts, 128);  // Qwen3MoeConfig's defaults
+  EXPECT_EQ(c->num_experts_per_tok, 8);
+  EXPECT_EQ(c->moe_intermediate_size, 768);
+  EXPECT_EQ(c->shared_expert_intermediate_size, 0);
+  EXPECT_FALSE(c->norm_topk_prob);
+  EXPECT_TRUE(c->qk_norm);
+  EXPECT_TRUE(c->attention_bias);
+  EXPECT_TRUE(c->o_bias);  // as qwen3: q/k/v/o
+  EXPECT_EQ(c->mlp_only_layers, (std::vector<int>{0, 2}));
+  EXPECT_FALSE(c->IsMoeBlock(0));
+  EXPECT_TRUE(c->IsMoeBlock(1));
+  EXPECT_FALSE(c->IsMoeBlock(2));
+  EXPECT_TRUE(c->IsMoeBlock(3));
+  // A dense family is no MoE model and may be quantized.
+  c = Parse(BaseConfig());
+  ASSERT_TRUE(c.ok());
+  EXPECT_FALSE(c->moe());
+  EXPECT_FALSE(c->IsMoeBlock(0));
+  EXPECT_TRUE(CheckQuantizable(*c).ok());
+}
+
+TEST(HfConfigTest, MoeErrorsNameTheKey) {
+  for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe"}) {
+    SCOPED_TRACE(type);
+    const std::string experts =
+        std::string(type) == "mixtral" ? "num_local_experts" : "num_experts";
+    Json j = MoeConfig(type);
+    j[experts] = 4;
+    j["num_experts_per_tok"] = 5;
+    ExpectError(j, "key \"num_experts_per_tok\" is 5 (must be in [1, " + experts + " = 4])");
+    j["num_experts_per_tok"] = 0;
+    ExpectError(j, "key \"num_experts_per_tok\" is 0");
+    j["num_experts_per_tok"] = -1;
+    ExpectError(j, "key \"num_experts_per_tok\" is -1");
+    j["num_experts_per_tok"] = 2;
+    j[experts] = 0;
+    ExpectError(j, "key \"" + experts + "\" is 0 (must be >= 1)");
+    j[experts] = "8";
+    ExpectError(j, "key \"" + experts + "\" must be an integer");
+  }
+  Json j = MoeConfig("qwen2_moe");
+  j["decoder_sparse_step"] = 0;
+  ExpectError(j, "key \"decoder_sparse_step\" is 0");
+  j = MoeConfig("qwen3_moe");
+  j["mlp_only_layers"] = {1, 4};
+  ExpectError(j,
+              "key \"mlp_only_layers\" holds 4 (must be block indices in [0, "
+              "num_hidden_layers = 4))");
+  j["mlp_only_layers"] = 1;
+  ExpectError(j, "key \"mlp_only_layers\" must be a list of integers");
+  j = MoeConfig("qwen2_moe");
+  j["moe_intermediate_size"] = 0;
+  ExpectError(j, "key \"moe_intermediate_size\" is 0");
+  j = MoeConfig("qwen3_moe");
+  j["norm_topk_prob"] = "yes";
+  ExpectError(j, "key \"norm_topk_prob\" must be true or false");
+  j["norm_topk_prob"] = true;
+  j["use_sliding_window"] = true;
+  ExpectError(j, "use_sliding_window");
 }
 
 TEST(HfConfigTest, KvHeadsMustDivideHeads) {

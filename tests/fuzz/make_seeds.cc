@@ -128,6 +128,32 @@ void ModelConfigSeeds(const Corpus& c) {
   mistral["sliding_window"] = 16;
   mistral["dtype"] = "bfloat16";
   c.Add("model_config", "mistral", mistral.dump(1));
+  Json mixtral = Json::parse(tiny);
+  mixtral["model_type"] = "mixtral";
+  mixtral["num_local_experts"] = 4;
+  mixtral["num_experts_per_tok"] = 2;
+  mixtral["router_jitter_noise"] = 0.0;
+  mixtral["sliding_window"] = nullptr;
+  c.Add("model_config", "mixtral", mixtral.dump(1));
+  Json qwen2_moe = Json::parse(tiny);
+  qwen2_moe["model_type"] = "qwen2_moe";
+  qwen2_moe["num_experts"] = 8;
+  qwen2_moe["num_experts_per_tok"] = 4;
+  qwen2_moe["moe_intermediate_size"] = 32;
+  qwen2_moe["shared_expert_intermediate_size"] = 64;
+  qwen2_moe["norm_topk_prob"] = false;
+  qwen2_moe["qkv_bias"] = true;
+  qwen2_moe["decoder_sparse_step"] = 2;
+  c.Add("model_config", "qwen2_moe", qwen2_moe.dump(1));
+  Json qwen3_moe = Json::parse(tiny);
+  qwen3_moe["model_type"] = "qwen3_moe";
+  qwen3_moe["head_dim"] = 64;
+  qwen3_moe["num_experts"] = 8;
+  qwen3_moe["num_experts_per_tok"] = 2;
+  qwen3_moe["moe_intermediate_size"] = 32;
+  qwen3_moe["norm_topk_prob"] = true;
+  qwen3_moe["mlp_only_layers"] = {0};
+  c.Add("model_config", "qwen3_moe", qwen3_moe.dump(1));
   c.Add("model_config", "refused_gemma", R"({"model_type": "gemma", "hidden_size": 32})");
 }
 

@@ -35,6 +35,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     float cos = 0, sin = 0;
     qcal::kernels::ref::RopeAngle(c.max_position_embeddings, c.head_dim / 2 - 1, rope, &cos, &sin);
     (void)qcal::SequenceLengthWarning(c, int64_t{c.max_position_embeddings} + 1);
+    // Mixture of experts: a top-k the router can take, positive expert sizes, block indices.
+    if (c.moe()) {
+      QCAL_CHECK(c.num_experts_per_tok >= 1 && c.num_experts_per_tok <= c.num_experts);
+      QCAL_CHECK(c.moe_intermediate_size > 0 && c.shared_expert_intermediate_size >= 0);
+      QCAL_CHECK(c.decoder_sparse_step >= 1 && !qcal::CheckQuantizable(c).ok());
+      for (int b : c.mlp_only_layers) QCAL_CHECK(b >= 0 && b < c.num_layers);
+      for (int b = 0; b < c.num_layers && b < 4096; ++b) (void)c.IsMoeBlock(b);
+    }
   }
 
   const qcal::fuzz::ScratchDir& dir = qcal::fuzz::ScratchDir::Get();

@@ -16,6 +16,7 @@
 #include "common/files.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "services/common/fault_injection.h"
 #include "services/common/job_spec.h"
 #include "tests/service/service_test_util.h"
@@ -93,6 +94,26 @@ TEST_F(InputPathsTest, ModelFilesAreCheckedAtSubmit) {
   s = Validate(good);
   EXPECT_TRUE(absl::IsInvalidArgument(s));
   EXPECT_THAT(std::string(s.message()), HasSubstr("tiny/config.json"));
+}
+
+// A mixture-of-experts model is refused at submission (quantizing one is not supported yet,
+// docs/MOE.md), before any work is queued.
+TEST_F(InputPathsTest, MixtureOfExpertsIsRefusedAtSubmit) {
+  const v1::JobSpec good = testing::TinySpec("out");
+  ASSERT_TRUE(Validate(good).ok());
+  const std::string config = tree_.input + "/tiny/config.json";
+  auto text = ReadFileToString(config);
+  ASSERT_TRUE(text.ok());
+  nlohmann::json j = nlohmann::json::parse(*text);
+  j["model_type"] = "qwen3_moe";
+  j["num_experts"] = 4;
+  j["num_experts_per_tok"] = 2;
+  ASSERT_TRUE(WriteStringToFile(config, j.dump()).ok());
+  const absl::Status s = Validate(good);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("tiny/config.json: mixture-of-experts quantization is not supported yet: "
+                        "qwen3_moe"));
 }
 
 TEST_F(InputPathsTest, EitherTokenizerFileIsAccepted) {

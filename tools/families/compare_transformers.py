@@ -3,7 +3,8 @@
 model family (issue 20, acceptance 2). Not part of CI: it needs torch and transformers 5.x, and is
 meant for the GPU machine.
 
-For each family (llama, llama3, qwen2, qwen3, mistral) it
+For each family (llama, llama3, qwen2, qwen3, mistral, and the mixture-of-experts families mixtral,
+qwen2_moe, qwen3_moe of issue 17) it
   1. writes a synthetic tiny checkpoint with `qcal synth --arch FAMILY` (small windows and small
      original_max_position_embeddings, see services/engine/synth/synthetic_checkpoint.h);
   2. runs `qcal eval --logits-out` on the first window of the checkpoint's eval.txt, long enough to
@@ -18,7 +19,12 @@ For each family (llama, llama3, qwen2, qwen3, mistral) it
          same ids), and
      (b) the text `qcal generate` prints equals transformers' ids decoded with the checkpoint's
          tokenizer.model (needs the `sentencepiece` module, else AutoTokenizer; skipped when neither
-         loads it).
+         loads it);
+  4. for the MoE families, compares the experts chosen for every token of the window of step 2:
+     qcal's (`qcal eval --dump-routing`) against transformers' (the router module's indices when it
+     returns them, as transformers 5's TopKRouter classes do; else torch.topk of the fp32 softmax of
+     the router's logits, recomputed from its input and weight), block by block, in top-k order; every choice must be identical, and the routing
+     weights must agree within the tolerance.
 qcal runs on every device asked for (--qcal-devices, default cpu plus cuda when torch sees a GPU),
 so the CUDA attention kernels (sliding window) are compared too.
 
@@ -47,7 +53,11 @@ FAMILIES = {
     "qwen2": 200,  # YaRN, original_max_position_embeddings 64, max_position_embeddings 256
     "qwen3": 160,
     "mistral": 100,  # sliding_window 16
+    "mixtral": 128,  # 4 experts, top 2, renormalised
+    "qwen2_moe": 128,  # 8 experts, top 4, shared expert with its sigmoid gate
+    "qwen3_moe": 128,  # 8 experts, top 2, norm_topk_prob; block 0 dense (mlp_only_layers)
 }
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
 GENERATE_TOKENS = 64
 
 
@@ -101,6 +111,58 @@ def hf_logits(model, ids, device):
     with torch.no_grad():
         x = torch.tensor([list(map(int, ids))], dtype=torch.long, device=device)
         return model(input_ids=x, use_cache=False).logits[0].float().cpu().numpy()
+
+
+def hf_routing(model, config, ids, device):
+    """Transformers' expert choices for one sequence: {block: (experts [seq, k], weights [seq, k])}
+    for every MoE block, from forward hooks on the routers. The weights are the fp32 softmax of
+    the router's input times its weight at the chosen experts (renormalised as the family does)."""
+    import torch
+
+    top_k = int(config["num_experts_per_tok"])
+    num_experts = int(config.get("num_local_experts", config.get("num_experts", 0)))
+    renormalize = config.get("model_type") == "mixtral" or bool(config.get("norm_topk_prob"))
+    found = {}
+    hooks = []
+
+    def router_of(layer):
+        for mlp_name in ("mlp", "block_sparse_moe"):
+            mlp = getattr(layer, mlp_name, None)
+            for name in ("gate", "router"):
+                r = getattr(mlp, name, None) if mlp is not None else None
+                w = getattr(r, "weight", None)
+                if w is not None and w.dim() == 2 and w.shape[0] == num_experts:
+                    return r
+        return None
+
+    def hook(block):
+        def fn(module, inputs, output):
+            # The probabilities from the router's input and weight (routers differ in what they
+            # return across transformers versions: logits, scattered scores, indices).
+            x = inputs[0].reshape(-1, module.weight.shape[1]).float()
+            probs = torch.softmax(x @ module.weight.float().t(), dim=-1)
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            index = [t for t in outs if torch.is_tensor(t) and not t.is_floating_point()
+                     and t.shape[-1] == top_k]
+            top, experts = torch.topk(probs, top_k, dim=-1)
+            if index:  # the router's own choice (transformers 5)
+                experts = index[0].reshape(-1, top_k)
+                top = torch.gather(probs, 1, experts)
+            if renormalize:
+                top = top / top.sum(dim=-1, keepdim=True)
+            found[block] = (experts.cpu().numpy(), top.cpu().numpy())
+        return fn
+
+    for b, layer in enumerate(model.model.layers):
+        r = router_of(layer)
+        if r is not None:
+            hooks.append(r.register_forward_hook(hook(b)))
+    try:
+        hf_logits(model, ids, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
 
 
 def hf_greedy(model, bos, eos, n, device):
@@ -184,13 +246,16 @@ def main():
             )
         row["notes"] = ", ".join(notes)
 
-        # 1. Logits of the first evaluation window.
+        # 1. Logits of the first evaluation window (and, for MoE families, its expert choices).
+        moe = family in MOE_FAMILIES
         ref = None
+        hf_route = None
         for dev in qcal_devices:
             out = os.path.join(work, f"{family}-{dev}-logits.safetensors")
+            routing = os.path.join(work, f"{family}-{dev}-routing.safetensors")
             run([qcal, "eval", "--model", ckpt, "--text", os.path.join(ckpt, "eval.txt"),
                  "--seq-len", str(seq_len), "--max-windows", "1", "--device", dev,
-                 "--logits-out", out])
+                 "--logits-out", out] + (["--dump-routing", routing] if moe else []))
             t = read_safetensors(out)
             ids = t["input_ids"].astype(np.int64)
             if ref is None:
@@ -199,6 +264,30 @@ def main():
             row[f"err_{dev}"] = err
             if not err <= args.tolerance:
                 failures.append(f"{family}: logits on {dev}: relative error {err:.3e}")
+            if moe:
+                if hf_route is None:
+                    hf_route = hf_routing(model, config, ids, hf_device)
+                q = read_safetensors(routing)
+                blocks = sorted(int(k.split(".")[1]) for k in q if k.endswith(".experts"))
+                if blocks != sorted(hf_route):
+                    failures.append(f"{family}: MoE blocks differ on {dev}: qcal {blocks}, "
+                                    f"transformers {sorted(hf_route)}")
+                total = same = 0
+                werr = 0.0
+                for b in blocks:
+                    if b not in hf_route:
+                        continue
+                    qe, qw = q[f"layers.{b}.experts"], q[f"layers.{b}.weights"]
+                    he, hw = hf_route[b]
+                    total += qe.shape[0]
+                    same += int(np.sum(np.all(qe == he, axis=1)))
+                    werr = max(werr, float(np.max(np.abs(qw - hw))))
+                row[f"route_{dev}"] = f"{same}/{total}, weights {werr:.1e}"
+                if same != total or total == 0:
+                    failures.append(f"{family}: expert choices differ on {dev}: "
+                                    f"{total - same} of {total} tokens")
+                if not werr <= args.tolerance:
+                    failures.append(f"{family}: routing weights differ on {dev} by {werr:.3e}")
 
         # 2. Greedy generation of 64 tokens.
         gen = hf_greedy(model, bos, eos, GENERATE_TOKENS, hf_device)
@@ -245,18 +334,22 @@ def main():
         "",
         "Logits: relative Frobenius error ||qcal - hf|| / ||hf|| over the first eval window of "
         "`seq` tokens. Generation: 64 greedy tokens from BOS; ids = qcal's argmax at every step of "
-        "transformers' sequence matches, text = `qcal generate` prints transformers' decoded ids.",
+        "transformers' sequence matches, text = `qcal generate` prints transformers' decoded ids. "
+        "Experts (MoE families): tokens of the window whose top-k experts are identical in every "
+        "MoE block, out of tokens x blocks, and the largest routing-weight difference.",
         "",
     ]
     header = ["family", "seq", "notes"]
     for dev in qcal_devices:
-        header += [f"logits err ({dev})", f"gen ids ({dev})", f"gen text ({dev})"]
+        header += [f"logits err ({dev})", f"experts same ({dev})", f"gen ids ({dev})",
+                   f"gen text ({dev})"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for r in rows:
         cells = [r["family"], str(r["seq"]), r["notes"]]
         for dev in qcal_devices:
             cells += [f"{r[f'err_{dev}']:.2e}",
+                      r.get(f"route_{dev}", "-"),
                       "same" if r[f"gen_ids_{dev}"] else "DIFFERENT",
                       r[f"gen_text_{dev}"]]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,7 +1,9 @@
 // qcal eval: perplexity of a checkpoint on a text file; with --logits-out, the first window's fp32
-// logits as a safetensors file (for comparisons with other implementations, tools/families/).
+// logits as a safetensors file (for comparisons with other implementations, tools/families/), and
+// with --dump-routing the experts an MoE model routed that window's tokens to.
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -32,7 +34,64 @@ struct EvalArgs {
   bool json = false;
   std::string logits_out;
   std::string ids;
+  std::string dump_routing;
 };
+
+// Writes logits [seq, vocab] (F32) and the ids they were computed from (I32 [seq]) to `path`.
+absl::Status WriteLogits(const std::string& path, const Tensor& logits,
+                         const std::vector<int>& ids) {
+  Tensor id_tensor = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(ids.size())});
+  std::memcpy(id_tensor.raw(), ids.data(), ids.size() * sizeof(int));
+  QCAL_RETURN_IF_ERROR(WriteSafetensors(path, {{"logits", logits}, {"input_ids", id_tensor}}));
+  spdlog::info("eval: wrote logits [{}, {}] to {}", logits.dim(0), logits.dim(1), path);
+  return absl::OkStatus();
+}
+
+// Collects the routing of every MoE block during one SequenceLogits and writes it as safetensors:
+// "layers.{b}.experts" I32 [seq, top_k] (chosen experts, in top-k order) and "layers.{b}.weights"
+// F32 [seq, top_k] (their routing weights) for every MoE block b.
+class RoutingDump {
+ public:
+  engine::RoutingObserver Observer() {
+    return [this](int b, const engine::Routing& r) { routings_[b] = r; };
+  }
+  absl::Status Write(const std::string& path) const {
+    std::map<std::string, Tensor> tensors;
+    for (const auto& [b, r] : routings_) {
+      Tensor experts = Tensor::Zeros(DType::kI32, {r.rows, r.top_k});
+      Tensor weights = Tensor::Zeros(DType::kF32, {r.rows, r.top_k});
+      std::memcpy(experts.raw(), r.experts.data(), r.experts.size() * sizeof(int32_t));
+      std::memcpy(weights.raw(), r.weights.data(), r.weights.size() * sizeof(float));
+      tensors[absl::StrCat("layers.", b, ".experts")] = std::move(experts);
+      tensors[absl::StrCat("layers.", b, ".weights")] = std::move(weights);
+    }
+    QCAL_RETURN_IF_ERROR(WriteSafetensors(path, tensors));
+    spdlog::info("eval: wrote the routing of {} MoE blocks to {}", routings_.size(), path);
+    return absl::OkStatus();
+  }
+
+ private:
+  std::map<int, engine::Routing> routings_;
+};
+
+// The logits of `ids` (and, with --dump-routing, their routing) written where the flags say.
+absl::Status WriteSequenceOutputs(const EvalArgs& a, engine::Model& model,
+                                  const std::vector<int>& ids) {
+  RoutingDump dump;
+  if (!a.dump_routing.empty()) {
+    if (!model.config().moe()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--dump-routing: ", a.model, " is not a mixture-of-experts model (model_type ",
+          model.config().model_type, ")"));
+    }
+    model.set_routing_observer(dump.Observer());
+  }
+  absl::StatusOr<Tensor> logits = engine::SequenceLogits(model, ids);
+  model.set_routing_observer(nullptr);
+  QCAL_RETURN_IF_ERROR(logits.status());
+  QCAL_RETURN_IF_ERROR(WriteLogits(a.logits_out, *logits, ids));
+  return a.dump_routing.empty() ? absl::OkStatus() : dump.Write(a.dump_routing);
+}
 
 // Token ids from a JSON file holding a list of integers (--ids).
 absl::StatusOr<std::vector<int>> ReadIds(const std::string& path) {
@@ -57,16 +116,6 @@ absl::StatusOr<std::vector<int>> ReadIds(const std::string& path) {
   return ids;
 }
 
-// Writes logits [seq, vocab] (F32) and the ids they were computed from (I32 [seq]) to `path`.
-absl::Status WriteLogits(const std::string& path, const Tensor& logits,
-                         const std::vector<int>& ids) {
-  Tensor id_tensor = Tensor::Zeros(DType::kI32, {static_cast<int64_t>(ids.size())});
-  std::memcpy(id_tensor.raw(), ids.data(), ids.size() * sizeof(int));
-  QCAL_RETURN_IF_ERROR(WriteSafetensors(path, {{"logits", logits}, {"input_ids", id_tensor}}));
-  spdlog::info("eval: wrote logits [{}, {}] to {}", logits.dim(0), logits.dim(1), path);
-  return absl::OkStatus();
-}
-
 absl::Status RunEval(const EvalArgs& a) {
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
@@ -80,8 +129,7 @@ absl::Status RunEval(const EvalArgs& a) {
     QCAL_ASSIGN_OR_RETURN(std::vector<int> ids, ReadIds(a.ids));
     QCAL_RETURN_IF_ERROR(
         Annotate(CheckSequenceLength(model->config(), static_cast<int64_t>(ids.size())), a.model));
-    QCAL_ASSIGN_OR_RETURN(Tensor logits, engine::SequenceLogits(*model, ids));
-    return WriteLogits(a.logits_out, logits, ids);
+    return WriteSequenceOutputs(a, *model, ids);
   }
   if (a.seq_len < 2) return absl::InvalidArgumentError("--seq-len is required with --text");
   QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(model->config(), a.seq_len), a.model));
@@ -93,8 +141,7 @@ absl::Status RunEval(const EvalArgs& a) {
   spdlog::info("eval: {} windows of {} tokens on {} ({} threads)", windows.inputs.size(), a.seq_len,
                backend->name(), backend->threads());
   if (!a.logits_out.empty()) {
-    QCAL_ASSIGN_OR_RETURN(Tensor logits, engine::SequenceLogits(*model, windows.inputs[0]));
-    QCAL_RETURN_IF_ERROR(WriteLogits(a.logits_out, logits, windows.inputs[0]));
+    QCAL_RETURN_IF_ERROR(WriteSequenceOutputs(a, *model, windows.inputs[0]));
     // A streaming model read its blocks once already; perplexity reads them again.
   }
   QCAL_ASSIGN_OR_RETURN(
@@ -136,6 +183,11 @@ RunFn AddEval(CLI::App& app) {
       "Instead of --text: a JSON file with one list of token ids, run as one sequence (no BOS "
       "added); only its logits are written (needs --logits-out)");
   ids->needs(logits);
+  app.add_option("--dump-routing", a->dump_routing,
+                 "With --logits-out, on a mixture-of-experts model: also write the experts chosen "
+                 "for each token of that sequence to this safetensors file (\"layers.{b}.experts\" "
+                 "I32 [seq, top_k] and \"layers.{b}.weights\" F32 for every MoE block b)")
+      ->needs(logits);
   ids->excludes(text);
   text->excludes(ids);
   app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)")

@@ -79,8 +79,11 @@ RunFn AddSynth(CLI::App& app) {
          "--arch", a->arch,
          "Model family: llama (default), llama3 (llama3 rope scaling), qwen2 (q/k/v biases, "
          "tied embeddings, yarn rope), qwen3 (q/k norms, head_dim 64), mistral (sliding "
-         "window 16); all but llama need preset tiny or small")
-      ->check(CLI::IsMember({"llama", "llama3", "qwen2", "qwen3", "mistral"}));
+         "window 16), and the mixture-of-experts families mixtral (4 experts, top 2), "
+         "qwen2_moe (8 experts, top 4, a shared expert) and qwen3_moe (8 experts, top 2, block 0 "
+         "dense); all but llama need preset tiny or small")
+      ->check(CLI::IsMember(
+          {"llama", "llama3", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe"}));
   app.add_option("--tokenizer", a->tokenizer,
                  "Directory with a real tokenizer.json and tokenizer_config.json (and optionally "
                  "generation_config.json) to copy in; the vocabulary follows tokenizer.json "

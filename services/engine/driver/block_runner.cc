@@ -200,6 +200,7 @@ absl::Status BlockRunner::CheckHoldsEveryChunk() const {
 }
 
 absl::Status BlockRunner::Begin() {
+  QCAL_RETURN_IF_ERROR(CheckQuantizable(model_.config()));
   if (recipe_.NeedsGradientPass() && !oac_) {
     return absl::FailedPreconditionError(
         absl::StrCat("block ", b_, ": recipe key \"hessian\" is ", RecipeName(recipe_.hessian),

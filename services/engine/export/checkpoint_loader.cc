@@ -320,9 +320,19 @@ absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
                                                  backend->name(), " backend"));
   }
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
+  if (config.moe() && !q.quant_method.empty()) {
+    return absl::UnimplementedError(
+        absl::StrCat(dir, ": loading a quantized mixture-of-experts checkpoint (", q.quant_method,
+                     ") is not supported yet (", config.model_type, ")"));
+  }
   std::shared_ptr<LoraAdapter> adapter;
   const fs::path adapter_dir = fs::path(dir) / "adapter";
   if (fs::exists(adapter_dir / "adapter_config.json")) {
+    if (config.moe()) {
+      return absl::UnimplementedError(absl::StrCat(adapter_dir.string(),
+                                                   ": adapters on a mixture-of-experts model (",
+                                                   config.model_type, ") are not supported yet"));
+    }
     QCAL_ASSIGN_OR_RETURN(adapter, LoraAdapter::Open(adapter_dir.string(), config));
   }
   ModelLoadOptions mo;

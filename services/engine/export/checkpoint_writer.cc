@@ -520,6 +520,7 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
                                       const ExportOptions& options) {
   QCAL_RETURN_IF_ERROR(options.Validate());
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(source_dir));
+  QCAL_RETURN_IF_ERROR(Annotate(CheckQuantizable(config), source_dir));
   if (num_blocks != config.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat(source_dir, "/config.json: ", config.num_layers,
                                                    " layers, but the export has ", num_blocks,
@@ -576,6 +577,7 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
                                       const CheckpointExtras& extras,
                                       const ExportOptions& options) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(source_dir));
+  QCAL_RETURN_IF_ERROR(Annotate(CheckQuantizable(config), source_dir));
   const int num_blocks = config.num_layers;
   auto outside = [&](const std::string& name) {
     const int b = BlockOf(name);

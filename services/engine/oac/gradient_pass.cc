@@ -318,6 +318,7 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
     Model& model, const GradientChunks& chunks, const GradientPassOptions& options,
     const OacSink& sink, const std::function<void(const std::string&)>& log) {
   const auto t_start = std::chrono::steady_clock::now();
+  QCAL_RETURN_IF_ERROR(CheckQuantizable(model.config()));
   QCAL_RETURN_IF_ERROR(ValidateChunks(chunks, options));
   kernels::Backend& be = model.backend();
   if (!be.SupportsOp(kernels::Op::kBackward)) {

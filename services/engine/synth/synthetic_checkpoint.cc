@@ -234,14 +234,43 @@ bool EndsWith(const std::string& s, const std::string& tail) {
 std::string ConfigJson(const ModelConfig& c) {
   // nlohmann::json keeps keys sorted, so the bytes do not depend on insertion order.
   nlohmann::json j;
-  if (c.model_type == "mistral") {
+  const std::string& mt = c.model_type;
+  const bool qwen2 = mt == "qwen2" || mt == "qwen2_moe";
+  if (mt == "mistral") {
     j["architectures"] = {"MistralForCausalLM"};
     j["sliding_window"] = c.sliding_window;
-  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
-    j["architectures"] = {c.model_type == "qwen2" ? "Qwen2ForCausalLM" : "Qwen3ForCausalLM"};
+  } else if (mt == "mixtral") {
+    j["architectures"] = {"MixtralForCausalLM"};
+    j["sliding_window"] = nullptr;
+    j["num_local_experts"] = c.num_experts;
+    j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["router_jitter_noise"] = 0.0;  // training only
+    j["router_aux_loss_coef"] = 0.02;
+    j["output_router_logits"] = false;
+  } else if (mt == "qwen2" || mt == "qwen3" || mt == "qwen2_moe" || mt == "qwen3_moe") {
+    static const std::map<std::string, const char*> kArchitectures = {
+        {"qwen2", "Qwen2ForCausalLM"},
+        {"qwen3", "Qwen3ForCausalLM"},
+        {"qwen2_moe", "Qwen2MoeForCausalLM"},
+        {"qwen3_moe", "Qwen3MoeForCausalLM"}};
+    j["architectures"] = {kArchitectures.at(mt)};
     j["use_sliding_window"] = false;
     j["sliding_window"] = 64;  // ignored: use_sliding_window is false
     j["max_window_layers"] = c.num_layers;
+    if (c.moe()) {
+      j["num_experts"] = c.num_experts;
+      j["num_experts_per_tok"] = c.num_experts_per_tok;
+      j["moe_intermediate_size"] = c.moe_intermediate_size;
+      j["norm_topk_prob"] = c.norm_topk_prob;
+      j["decoder_sparse_step"] = c.decoder_sparse_step;
+      j["mlp_only_layers"] = c.mlp_only_layers;
+      j["router_aux_loss_coef"] = 0.001;
+      j["output_router_logits"] = false;
+      if (mt == "qwen2_moe") {
+        j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+        j["qkv_bias"] = true;
+      }
+    }
   } else {
     j["architectures"] = {"LlamaForCausalLM"};
   }
@@ -260,7 +289,7 @@ std::string ConfigJson(const ModelConfig& c) {
   } else if (r.type == RopeScaling::Type::kLinear) {
     j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", r.factor}};
   }
-  j["attention_bias"] = c.model_type != "qwen2" && c.attention_bias;
+  j["attention_bias"] = !qwen2 && c.attention_bias;
   j["attention_dropout"] = 0.0;
   j["bos_token_id"] = c.bos_token_id;
   j["eos_token_id"] = c.eos_token_id;
@@ -364,12 +393,15 @@ const char* SynthPresetName(SynthPreset preset) {
 }
 
 absl::StatusOr<SynthArch> ParseSynthArch(const std::string& name) {
-  for (SynthArch a : {SynthArch::kLlama, SynthArch::kLlama3, SynthArch::kQwen2, SynthArch::kQwen3,
-                      SynthArch::kMistral}) {
+  for (SynthArch a :
+       {SynthArch::kLlama, SynthArch::kLlama3, SynthArch::kQwen2, SynthArch::kQwen3,
+        SynthArch::kMistral, SynthArch::kMixtral, SynthArch::kQwen2Moe, SynthArch::kQwen3Moe}) {
     if (name == SynthArchName(a)) return a;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown synth arch \"", name, "\" (expected llama, llama3, qwen2, qwen3 or mistral)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown synth arch \"", name,
+                   "\" (expected llama, llama3, qwen2, qwen3, mistral, mixtral, qwen2_moe or "
+                   "qwen3_moe)"));
 }
 
 const char* SynthArchName(SynthArch arch) {
@@ -384,6 +416,12 @@ const char* SynthArchName(SynthArch arch) {
       return "qwen3";
     case SynthArch::kMistral:
       return "mistral";
+    case SynthArch::kMixtral:
+      return "mixtral";
+    case SynthArch::kQwen2Moe:
+      return "qwen2_moe";
+    case SynthArch::kQwen3Moe:
+      return "qwen3_moe";
   }
   return "?";
 }
@@ -450,6 +488,38 @@ ModelConfig SynthConfig(SynthPreset preset, int layers, SynthArch arch) {
       c.model_type = "mistral";
       c.sliding_window = 16;
       break;
+    case SynthArch::kMixtral:
+      c.model_type = "mixtral";
+      c.rope_theta = 1000000.0;
+      c.intermediate_size = 256;
+      c.num_experts = 4;
+      c.num_experts_per_tok = 2;
+      c.moe_intermediate_size = c.intermediate_size;
+      c.norm_topk_prob = true;
+      break;
+    case SynthArch::kQwen2Moe:
+      c.model_type = "qwen2_moe";
+      c.attention_bias = true;
+      c.rms_norm_eps = 1e-6;
+      c.rope_theta = 1000000.0;
+      c.num_experts = 8;
+      c.num_experts_per_tok = 4;
+      c.moe_intermediate_size = 128;
+      c.shared_expert_intermediate_size = 256;
+      c.norm_topk_prob = false;
+      break;
+    case SynthArch::kQwen3Moe:
+      c.model_type = "qwen3_moe";
+      c.head_dim = 64;
+      c.qk_norm = true;
+      c.rms_norm_eps = 1e-6;
+      c.rope_theta = 1000000.0;
+      c.num_experts = 8;
+      c.num_experts_per_tok = 2;
+      c.moe_intermediate_size = 128;
+      c.norm_topk_prob = true;
+      c.mlp_only_layers = {0};
+      break;
   }
   return c;
 }
@@ -490,7 +560,26 @@ std::vector<PlannedTensor> SynthTensorPlan(const ModelConfig& c) {
                         {c.head_dim}});
       }
     }
+    if (c.IsMoeBlock(b)) {
+      const auto expert = [&](const std::function<std::string(LinearKind)>& prefix_of,
+                              int64_t inter) {
+        plan.push_back({prefix_of(LinearKind::kGate) + ".weight", dtype, {inter, d}});
+        plan.push_back({prefix_of(LinearKind::kUp) + ".weight", dtype, {inter, d}});
+        plan.push_back({prefix_of(LinearKind::kDown) + ".weight", dtype, {d, inter}});
+      };
+      plan.push_back({RouterWeightName(c, b), dtype, {c.num_experts, d}});
+      for (int e = 0; e < c.num_experts; ++e) {
+        expert([&](LinearKind k) { return ExpertLinearPrefix(c, b, e, k); },
+               c.moe_intermediate_size);
+      }
+      if (c.shared_expert_intermediate_size > 0) {
+        expert([&](LinearKind k) { return SharedExpertPrefix(b, k); },
+               c.shared_expert_intermediate_size);
+        plan.push_back({SharedExpertGateWeightName(b), dtype, {1, d}});
+      }
+    }
     for (LinearKind k : kAllLinears) {
+      if (!HasDenseLinear(c, b, k)) continue;
       int64_t d_out = d, d_in = d;
       switch (k) {
         case LinearKind::kQ:

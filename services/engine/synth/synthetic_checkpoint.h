@@ -30,6 +30,16 @@
 //   qwen3    model_type qwen3: head_dim 64 (q_dim = 2 × hidden), per-head q_norm / k_norm weights
 //            (norm statistics, no outliers), tied embeddings, rope_theta 1e6.
 //   mistral  model_type mistral, sliding_window 16.
+// Mixture-of-experts families (docs/MOE.md), on the tiny or small attention shapes, rope_theta 1e6,
+// untied lm_head; router and expert weights drawn like any linear:
+//   mixtral    model_type mixtral, 4 experts of intermediate_size 256, top 2 (renormalised),
+//              sliding_window null.
+//   qwen2_moe  model_type qwen2_moe, q/k/v biases (qkv_bias true), 8 experts of
+//              moe_intermediate_size 128, top 4, norm_topk_prob false, a shared expert of 256 with
+//              its shared_expert_gate.
+//   qwen3_moe  model_type qwen3_moe, q/k norms and head_dim 64 as qwen3, 8 experts of 128, top 2,
+//              norm_topk_prob true, mlp_only_layers [0]: block 0 has a dense MLP of
+//              intermediate_size (the preset's), the others are MoE blocks.
 // The small original_max_position_embeddings and windows let a test run past them with short
 // sequences. With `tokenizer_dir` (`--tokenizer DIR`), tokenizer.json and tokenizer_config.json
 // (and generation_config.json and special_tokens_map.json when present) are copied from DIR instead
@@ -88,9 +98,10 @@ namespace qcal::engine {
 //   k70b:   hidden 8192, intermediate 28672, 80 layers, 64 heads, 8 KV heads, 4 outlier channels
 //           (68,976,648,192 parameters, 138 GB).
 enum class SynthPreset { kTiny, kSmall, k7b, k13b, k70b };
-enum class SynthArch { kLlama, kLlama3, kQwen2, kQwen3, kMistral };
+enum class SynthArch { kLlama, kLlama3, kQwen2, kQwen3, kMistral, kMixtral, kQwen2Moe, kQwen3Moe };
 
-// "llama", "llama3", "qwen2", "qwen3" or "mistral"; the error names the value.
+// "llama", "llama3", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe" or "qwen3_moe"; the error
+// names the value.
 absl::StatusOr<SynthArch> ParseSynthArch(const std::string& name);
 const char* SynthArchName(SynthArch arch);
 

@@ -24,6 +24,7 @@
 #include "services/engine/evaluate.h"
 #include "services/engine/model.h"
 #include "services/engine/synth/synthetic_checkpoint.h"
+#include "tests/engine/families/family_checkpoints.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/test_paths.h"
 
@@ -33,56 +34,14 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-const SynthArch kFamilies[] = {SynthArch::kLlama3, SynthArch::kQwen2, SynthArch::kQwen3,
-                               SynthArch::kMistral};
+const std::vector<SynthArch> kFamilies = {SynthArch::kLlama3, SynthArch::kQwen2, SynthArch::kQwen3,
+                                          SynthArch::kMistral};
 
 // Synthetic tiny checkpoints of every family, written once for the suite.
-class FamiliesTest : public ::testing::Test {
+class FamiliesTest : public FamilyCheckpointTest {
  protected:
-  static void SetUpTestSuite() {
-    root_ = new std::string(testing::MakeTempDir("families"));
-    for (SynthArch a : kFamilies) {
-      SynthOptions o;
-      o.out_dir = Dir(a);
-      o.arch = a;
-      o.sha256 = false;
-      o.threads = 2;
-      auto r = WriteSyntheticCheckpoint(o);
-      ASSERT_TRUE(r.ok()) << r.status();
-    }
-  }
-  static void TearDownTestSuite() {
-    if (root_ != nullptr && !root_->empty()) fs::remove_all(*root_);
-    delete root_;
-    root_ = nullptr;
-  }
-  void SetUp() override {
-    kernels::BackendOptions bo;
-    bo.threads = 2;
-    auto be = kernels::CreateBackend(bo);
-    ASSERT_TRUE(be.ok()) << be.status();
-    backend_ = std::move(be).value();
-  }
-
-  static std::string Dir(SynthArch a) { return *root_ + "/" + SynthArchName(a); }
-
-  std::unique_ptr<Model> Load(SynthArch a) {
-    auto m = Model::Load(Dir(a), backend_.get());
-    EXPECT_TRUE(m.ok()) << m.status();
-    return m.ok() ? std::move(m).value() : nullptr;
-  }
-
-  // Deterministic ids in [3, vocab).
-  static std::vector<int> Ids(int n, int vocab, int salt = 0) {
-    std::vector<int> ids(n);
-    for (int i = 0; i < n; ++i) ids[i] = 3 + (i * 37 + salt * 11 + 5) % (vocab - 3);
-    return ids;
-  }
-
-  static std::string* root_;
-  std::unique_ptr<kernels::Backend> backend_;
+  static void SetUpTestSuite() { WriteCheckpoints("families", kFamilies); }
 };
-std::string* FamiliesTest::root_ = nullptr;
 
 double RelDiff(const float* a, const float* b, int64_t n) {
   double num = 0, den = 0;

@@ -140,12 +140,17 @@ TEST_F(CudaModelTest, SotuPerplexityMatchesReferenceAndIsDeterministic) {
 // The model families of issue 20 (synthetic tiny checkpoints: llama3 and YaRN rope past
 // original_max_position_embeddings, Qwen2 biases, Qwen3 q/k norms, Mistral's sliding window over
 // several key tiles): logits on the GPU agree with the CPU backend in fp32, and within bf16
-// rounding with bf16 compute; cached decoding on the GPU agrees with its full forward.
+// rounding with bf16 compute; cached decoding on the GPU agrees with its full forward. The
+// mixture-of-experts families (issue 17: routing, expert gather/scatter, Qwen2-MoE's shared expert)
+// are compared in fp32 only: bf16 operands may route a token to other experts than fp32 does,
+// which no fixed logits bound covers.
 TEST(CudaFamiliesTest, LogitsMatchTheCpuBackend) {
   if (kernels::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   const std::string root = testing::MakeTempDir("cuda-families");
-  for (engine::SynthArch arch : {engine::SynthArch::kLlama3, engine::SynthArch::kQwen2,
-                                 engine::SynthArch::kQwen3, engine::SynthArch::kMistral}) {
+  for (engine::SynthArch arch :
+       {engine::SynthArch::kLlama3, engine::SynthArch::kQwen2, engine::SynthArch::kQwen3,
+        engine::SynthArch::kMistral, engine::SynthArch::kMixtral, engine::SynthArch::kQwen2Moe,
+        engine::SynthArch::kQwen3Moe}) {
     SCOPED_TRACE(engine::SynthArchName(arch));
     engine::SynthOptions o;
     o.out_dir = root + "/" + engine::SynthArchName(arch);
@@ -159,9 +164,12 @@ TEST(CudaFamiliesTest, LogitsMatchTheCpuBackend) {
     ASSERT_TRUE(cpu_model.ok()) << cpu_model.status();
     auto want = engine::SequenceLogits(**cpu_model, ids);
     ASSERT_TRUE(want.ok());
+    const bool moe = arch == engine::SynthArch::kMixtral || arch == engine::SynthArch::kQwen2Moe ||
+                     arch == engine::SynthArch::kQwen3Moe;
     for (kernels::ComputeDType dtype :
          {kernels::ComputeDType::kF32, kernels::ComputeDType::kBF16}) {
       const bool bf16 = dtype == kernels::ComputeDType::kBF16;
+      if (bf16 && moe) continue;
       auto gpu = MakeBackend("cuda", dtype);
       auto model = engine::Model::Load(o.out_dir, gpu.get());
       ASSERT_TRUE(model.ok()) << model.status();
