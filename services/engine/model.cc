@@ -58,6 +58,25 @@ std::vector<LinearKind> ConsumersOf(LinearInput input) {
   return out;
 }
 
+std::pair<int64_t, int64_t> LinearShape(const ModelConfig& c, LinearKind k) {
+  const int64_t hidden = c.hidden_size;
+  switch (k) {
+    case LinearKind::kQ:
+      return {c.q_dim(), hidden};
+    case LinearKind::kK:
+    case LinearKind::kV:
+      return {c.kv_dim(), hidden};
+    case LinearKind::kO:
+      return {hidden, c.q_dim()};
+    case LinearKind::kGate:
+    case LinearKind::kUp:
+      return {c.intermediate_size, hidden};
+    case LinearKind::kDown:
+      return {hidden, c.intermediate_size};
+  }
+  return {0, 0};
+}
+
 namespace {
 
 // Shape and bias of linear `kind` in a model of `c`.
@@ -66,19 +85,18 @@ struct LinearGeometry {
   bool bias = false;
 };
 LinearGeometry GeometryOf(const ModelConfig& c, LinearKind kind) {
+  const auto [d_out, d_in] = LinearShape(c, kind);
   switch (kind) {
     case LinearKind::kQ:
-      return {c.q_dim(), c.hidden_size, c.attention_bias};
     case LinearKind::kK:
     case LinearKind::kV:
-      return {c.kv_dim(), c.hidden_size, c.attention_bias};
+      return {d_out, d_in, c.attention_bias};
     case LinearKind::kO:
-      return {c.hidden_size, c.q_dim(), c.o_bias};
+      return {d_out, d_in, c.o_bias};
     case LinearKind::kGate:
     case LinearKind::kUp:
-      return {c.intermediate_size, c.hidden_size, c.mlp_bias};
     case LinearKind::kDown:
-      return {c.hidden_size, c.intermediate_size, c.mlp_bias};
+      return {d_out, d_in, c.mlp_bias};
   }
   return {};
 }
@@ -132,6 +150,8 @@ struct HostBlock {
   int b = -1;
   BlockWeights weights;                 // host fp32 tensors
   std::map<std::string, DType> dtypes;  // stored dtype of every tensor read
+  // The linears read packed (LinearPackFn) instead of into weights.at(k).weight.
+  std::array<std::optional<kernels::AbqWeights>, kNumLinears> packed;
 };
 
 }  // namespace
@@ -142,11 +162,12 @@ struct HostBlock {
 class Model::BlockSource {
  public:
   BlockSource(std::unique_ptr<CheckpointReader> reader, const ModelConfig& config,
-              kernels::Backend* backend, LinearWeightFn linear_weight)
+              kernels::Backend* backend, LinearWeightFn linear_weight, LinearPackFn linear_pack)
       : reader_(std::move(reader)),
         config_(config),
         backend_(backend),
-        linear_weight_(std::move(linear_weight)) {}
+        linear_weight_(std::move(linear_weight)),
+        linear_pack_(std::move(linear_pack)) {}
   ~BlockSource() {
     if (pending_.valid()) pending_.wait();
   }
@@ -206,7 +227,8 @@ class Model::BlockSource {
     std::vector<std::future<absl::Status>> reads;
     for (LinearKind k : kAllLinears) {
       reads.push_back(std::async(std::launch::async, [this, b, k, &hb, &dtypes] {
-        return ReadLinear(b, k, hb.weights.at(k), &dtypes[static_cast<int>(k)]);
+        const int i = static_cast<int>(k);
+        return ReadLinear(b, k, hb.weights.at(k), &hb.packed[i], &dtypes[i]);
       }));
     }
     absl::Status status;
@@ -217,10 +239,21 @@ class Model::BlockSource {
   }
 
   absl::Status ReadLinear(int b, LinearKind k, Linear& l,
+                          std::optional<kernels::AbqWeights>* packed,
                           std::map<std::string, DType>* dtypes) const {
     const LinearGeometry g = GeometryOf(config_, k);
     const std::string prefix = LinearPrefix(b, k);
-    if (linear_weight_) {
+    if (linear_pack_) {
+      QCAL_ASSIGN_OR_RETURN(*packed, linear_pack_(*reader_, prefix, g.d_out, g.d_in));
+      if (packed->has_value() && ((*packed)->n != g.d_out || (*packed)->k != g.d_in)) {
+        return absl::InternalError(absl::StrCat(prefix, ": packed weights are [", (*packed)->n,
+                                                ", ", (*packed)->k, "], expected [", g.d_out, ", ",
+                                                g.d_in, "]"));
+      }
+    }
+    if (packed->has_value()) {
+      // No dense weight: the backend gets the packed one (AcquireBlock).
+    } else if (linear_weight_) {
       QCAL_ASSIGN_OR_RETURN(l.weight, linear_weight_(*reader_, prefix, g.d_out, g.d_in));
       if (l.weight.shape() != Shape{g.d_out, g.d_in} || l.weight.dtype() != DType::kF32) {
         return absl::InternalError(
@@ -239,6 +272,7 @@ class Model::BlockSource {
   const ModelConfig config_;
   kernels::Backend* backend_;
   const LinearWeightFn linear_weight_;
+  const LinearPackFn linear_pack_;
   std::future<absl::StatusOr<HostBlock>> pending_;
   int pending_block_ = -1;
 };
@@ -265,6 +299,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   model->config_ = config;
   model->backend_ = backend;
   model->on_block_loaded_ = options.on_block_loaded;
+  model->abq_kernel_ = options.abq_kernel;
+  if (options.linear_pack && !backend->SupportsOp(kernels::Op::kAbqLinear)) {
+    return absl::UnimplementedError(
+        absl::StrCat("the ABQ kernels are not supported by the ", backend->name(), " backend"));
+  }
   auto place_f32 = [&](const std::string& name, const Shape& shape) -> absl::StatusOr<Tensor> {
     QCAL_ASSIGN_OR_RETURN(Tensor stored, ReadFloat(*reader, name, shape));
     model->source_dtypes_[name] = stored.dtype();
@@ -284,8 +323,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   }
   model->blocks_.resize(config.num_layers);
   model->resident_.assign(config.num_layers, false);
-  model->source_ =
-      std::make_unique<BlockSource>(std::move(reader), config, backend, options.linear_weight);
+  model->source_ = std::make_unique<BlockSource>(std::move(reader), config, backend,
+                                                 options.linear_weight, options.linear_pack);
   if (options.residency == BlockResidency::kStreaming) {
     model->source_->Prefetch(0);
     return model;
@@ -321,7 +360,14 @@ absl::Status Model::AcquireBlock(int b, int next) {
   }
   for (LinearKind k : kAllLinears) {
     const Linear& h = hb.weights.at(k);
-    QCAL_ASSIGN_OR_RETURN(w.at(k).weight, Place(*backend_, h.weight));
+    std::optional<kernels::AbqWeights>& packed = hb.packed[static_cast<int>(k)];
+    if (packed.has_value()) {
+      QCAL_ASSIGN_OR_RETURN(w.at(k).abq, backend_->PrepareAbqLinear(*packed));
+      w.at(k).abq_kernel = abq_kernel_;
+      packed.reset();
+    } else {
+      QCAL_ASSIGN_OR_RETURN(w.at(k).weight, Place(*backend_, h.weight));
+    }
     if (h.bias.defined()) {
       QCAL_ASSIGN_OR_RETURN(w.at(k).bias, Place(*backend_, h.bias));
     }
@@ -427,7 +473,9 @@ absl::StatusOr<KvCache> Model::NewCache(int capacity) {
 absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate) {
   kernels::Backend& be = *backend_;
   const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
-  if (l.act_bits < 16) {
+  if (l.abq) {
+    QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
+  } else if (l.act_bits < 16) {
     QCAL_ASSIGN_OR_RETURN(Tensor xq, be.Alloc(DType::kF32, x.shape()));
     QCAL_RETURN_IF_ERROR(be.ActQuant(x, l.act_bits, xq));
     QCAL_RETURN_IF_ERROR(be.Linear(xq, l.weight, bias, y, accumulate));
@@ -444,7 +492,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, boo
 
 absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x) {
   const Linear& l = blocks_[b].at(kind);
-  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.weight.dim(0)}));
+  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.d_out()}));
   QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, y, false));
   return y;
 }
