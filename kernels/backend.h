@@ -16,7 +16,7 @@
 #include "absl/status/statusor.h"
 #include "common/rope_scaling.h"
 #include "common/tensor.h"
-#include "kernels/cpu/abq_ref.h"
+#include "kernels/abq_ops.h"
 #include "kernels/quant_ops.h"
 #include "kernels/train_ops.h"
 

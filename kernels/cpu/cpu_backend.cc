@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "kernels/cpu/abq_ref.h"
 #include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_grad.h"
 #include "kernels/cpu/ref_ops.h"

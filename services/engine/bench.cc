@@ -12,8 +12,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/dtype.h"
+#include "common/memory_usage.h"
 #include "common/parallel.h"
 #include "common/status.h"
+#include "kernels/cpu/abq_ref.h"
 #include "kernels/hash_random.h"
 #include "services/engine/evaluate.h"
 #include "services/engine/model.h"
@@ -593,6 +595,20 @@ absl::StatusOr<DecodeBenchResult> RunDecodeBench(kernels::Backend& be,
           ? DType::kBF16
           : DType::kF32;
   r.dense_dtype = dense == DType::kBF16 ? "bf16" : "f32";
+  // The dense configuration is the largest: refuse a model that cannot fit before drawing it.
+  int64_t params = static_cast<int64_t>(c.vocab_size) * c.hidden_size;
+  for (LinearKind k : kAllLinears) {
+    const auto [d_out, d_in] = LinearShape(c, k);
+    params += c.num_layers * d_out * d_in;
+  }
+  const int64_t needed = params * static_cast<int64_t>(DTypeSize(dense));
+  const int64_t available =
+      be.device() == Device::kHost ? AvailableHostMemoryBytes() : be.AvailableMemory();
+  if (available >= 0 && needed > available) {
+    return absl::ResourceExhaustedError(absl::StrCat("decode bench: the dense model needs ", needed,
+                                                     " bytes of ", be.name(), " memory, ",
+                                                     available, " are available"));
+  }
   QCAL_ASSIGN_OR_RETURN(Tensor embed, Uniform(be, {c.vocab_size, c.hidden_size},
                                               StreamSeed(options.seed, -1, 0), -1.0f, 1.0f));
   QCAL_ASSIGN_OR_RETURN(Tensor final_norm,

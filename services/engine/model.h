@@ -1,8 +1,9 @@
 // The model as a sequence of transformer blocks, run one block at a time.
 //
-// Block weights live on the backend's device in fp32. Later stages feed calibration activations
-// through one block at a time (BlockForward with a Tap to see every linear's input) and replace a
-// block's linear weights in place.
+// Block weights live on the backend's device in fp32 (or, for ABQ inference, a quantized linear's
+// packed bit planes: Linear::abq, ModelLoadOptions::linear_pack). Later stages feed calibration
+// activations through one block at a time (BlockForward with a Tap to see every linear's input) and
+// replace a block's linear weights in place.
 //
 // Residency (DESIGN section 2, "Memory"). A model loaded with BlockResidency::kAll holds every
 // block; one loaded with kStreaming holds the embeddings, the final norm and lm_head, plus only the
