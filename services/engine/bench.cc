@@ -557,9 +557,10 @@ absl::StatusOr<std::shared_ptr<const kernels::PreparedAbqLinear>> PackedLinear(
   return be.PrepareAbqLinear(packed);
 }
 
-// One configuration's weights: dense in `dense_dtype`, or packed from RTN codes of `weights`.
+// One configuration's weights: dense in `dense_dtype`, or packed from RTN codes of `weights`
+// (activation bits 8 for the integer kernels).
 struct DecodeWeights {
-  std::string config;
+  std::string config;  // "bf16", or the weights' name ("W4"), completed by the kernel's A16/A8
   std::optional<QuantSpec> weights;  // unset: dense
   std::vector<kernels::AbqKernel> run;
 };
@@ -601,7 +602,9 @@ absl::StatusOr<DecodeBenchResult> RunDecodeBench(kernels::Backend& be,
     const auto [d_out, d_in] = LinearShape(c, k);
     params += c.num_layers * d_out * d_in;
   }
-  const int64_t needed = params * static_cast<int64_t>(DTypeSize(dense));
+  // The linears and lm_head in the dense dtype, and the fp32 embedding table.
+  const int64_t needed = params * static_cast<int64_t>(DTypeSize(dense)) +
+                         static_cast<int64_t>(c.vocab_size) * c.hidden_size * 4;
   const int64_t available =
       be.device() == Device::kHost ? AvailableHostMemoryBytes() : be.AvailableMemory();
   if (available >= 0 && needed > available) {
@@ -627,11 +630,11 @@ absl::StatusOr<DecodeBenchResult> RunDecodeBench(kernels::Backend& be,
   const QuantSpec w4{4, options.group_size, false, GridKind::kUniform};
   const QuantSpec w2_star{2, options.group_size, false, GridKind::kBalanced};
   using kernels::AbqKernel;
+  // W4's planes serve the a16 kernel (W4A16) and the integer ones (W4A8) alike.
   const std::vector<DecodeWeights> configs = {
       {"bf16", std::nullopt, {}},
-      {"W4A16", w4, {AbqKernel::kWeightOnly}},
-      {"W4A8", w4, {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma}},
-      {"W2*A8", w2_star, {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma}}};
+      {"W4", w4, {AbqKernel::kWeightOnly, AbqKernel::kBinaryMma, AbqKernel::kInt8Mma}},
+      {"W2*", w2_star, {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma}}};
   for (const DecodeWeights& cw : configs) {
     const auto t0 = Clock::now();
     std::vector<BlockWeights> blocks(c.num_layers);
@@ -678,7 +681,8 @@ absl::StatusOr<DecodeBenchResult> RunDecodeBench(kernels::Backend& be,
       QCAL_ASSIGN_OR_RETURN(auto first, run(1));
       QCAL_ASSIGN_OR_RETURN(auto all, run(options.tokens + 1));
       DecodeBenchRow row;
-      row.config = cw.config;
+      row.config =
+          !spec ? cw.config : cw.config + (kernel == AbqKernel::kWeightOnly ? "A16" : "A8");
       row.kernel = spec ? kernels::AbqKernelName(kernel) : "dense";
       row.seconds = std::max(all.first - first.first, 1e-9);
       row.tokens_per_second = options.tokens / row.seconds;

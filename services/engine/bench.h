@@ -203,7 +203,7 @@ absl::StatusOr<ErBenchResult> RunErBench(kernels::Backend& backend, const ErBenc
 //          are stored in bf16 (cuBLAS reads 2 bytes a weight: the engine's bf16 baseline);
 //          otherwise in fp32.
 //   W4A16  every block linear RTN W4 (group `group_size`) and run by the a16 kernel;
-//   W4A8   the same codes through the b1 kernel, then the int8 kernel;
+//   W4A8   the same planes (not placed again) through the b1 kernel, then the int8 kernel;
 //   W2*A8  RTN on the balanced grid (three planes) through b1, then int8.
 // The quantized configurations hold only their packed planes, scales and zeros on the device
 // (each linear is drawn, quantized on the backend and packed, then its dense copy is freed).
