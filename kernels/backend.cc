@@ -36,6 +36,28 @@ absl::Status Backend::FillUniform(Tensor& t, uint64_t seed, float lo, float hi) 
   return absl::OkStatus();
 }
 
+absl::Status Backend::CheckAbqLinearOperands(const PreparedAbqLinear& w, const Tensor& x,
+                                             const Tensor* bias, const Tensor& y) {
+  auto f32 = [](const Tensor& t) { return t.defined() && t.dtype() == DType::kF32; };
+  if (!f32(x) || !f32(y) || x.rank() != 2 || x.dim(1) != w.k() ||
+      y.shape() != Shape{x.dim(0), w.n()}) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AbqLinear: x ", x.defined() ? x.DebugString() : "undefined", " and y ",
+                     y.defined() ? y.DebugString() : "undefined", " do not fit a [", w.n(), ", ",
+                     w.k(), "] linear (F32 [m, ", w.k(), "] in, [m, ", w.n(), "] out)"));
+  }
+  if (bias != nullptr && (!f32(*bias) || bias->shape() != Shape{w.n()})) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AbqLinear: bias ", bias->defined() ? bias->DebugString() : "undefined",
+                     " is not F32 [", w.n(), "]"));
+  }
+  if (x.dim(0) > kAbqMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AbqLinear: ", x.dim(0), " tokens in one call, at most ", kAbqMaxTokens));
+  }
+  return absl::OkStatus();
+}
+
 bool CudaAvailable() {
 #if QCAL_HAVE_CUDA
   return CudaDeviceCount() > 0;

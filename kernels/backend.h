@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "common/rope_scaling.h"
 #include "common/tensor.h"
+#include "kernels/abq_ops.h"
 #include "kernels/quant_ops.h"
 #include "kernels/train_ops.h"
 
@@ -40,6 +41,9 @@ enum class Op {
   // ClippedFakeQuantBackward, AdamWStep, SquaredError, WeightedSquaredError. A backend supports all
   // of them or none.
   kTrain,
+  // ABQ quantized inference (DESIGN section 3, "Arbitrary-bit inference kernels (ABQ)"):
+  // PrepareAbqLinear and AbqLinear.
+  kAbqLinear,
 };
 
 // Weight-quantization ops (kernels/quant_ops.h) that a backend may run on its own device. The CPU
@@ -111,6 +115,27 @@ struct RopeShape {
   double theta = 10000.0;
   // Scaled inverse frequencies and YaRN's cos/sin factor (ref::RopeInvFreq, ref::RopeAngle).
   RopeScaling scaling;
+};
+
+// One linear's ABQ-packed weights placed on a backend (Backend::PrepareAbqLinear), ready for any
+// of the ABQ kernels. Immutable; valid only with the backend that prepared it, which must outlive
+// it (the CUDA form runs on the backend's stream).
+class PreparedAbqLinear {
+ public:
+  virtual ~PreparedAbqLinear() = default;
+  PreparedAbqLinear(const PreparedAbqLinear&) = delete;
+  PreparedAbqLinear& operator=(const PreparedAbqLinear&) = delete;
+
+  const AbqSpec& spec() const { return spec_; }
+  int64_t n() const { return n_; }  // outputs (d_out)
+  int64_t k() const { return k_; }  // inputs (d_in)
+
+ protected:
+  PreparedAbqLinear(const AbqSpec& spec, int64_t n, int64_t k) : spec_(spec), n_(n), k_(k) {}
+
+ private:
+  const AbqSpec spec_;
+  const int64_t n_, k_;
 };
 
 class Backend {
@@ -303,6 +328,32 @@ class Backend {
     return absl::UnimplementedError("ActQuant is not implemented by the " + name() + " backend");
   }
 
+  // ---- ABQ quantized inference (DESIGN section 3, "Arbitrary-bit inference kernels (ABQ)"): a
+  // linear's packed weights placed once (PrepareAbqLinear), then whole layers run through a kernel
+  // the caller names (AbqLinear; never swapped for another). CUDA: the kernels of
+  // kernels/cuda/cuda_abq.h on the backend's own stream and memory, with no host round trip. CPU:
+  // their specification, kernels/cpu/abq_ref.h (b1 and int8 both compute AbqGemm of
+  // AbqQuantizeActivations, which the CUDA integer kernels equal bit for bit; a16 is
+  // AbqWeightOnlyReference rounded to fp32), for tests: scalar code, slow. Not pure: a backend
+  // without them answers SupportsOp(kAbqLinear) false and returns Unimplemented.
+  //
+  // Places `w` on this backend. InvalidArgument for weights AbqWeights' invariants reject (spec,
+  // shape, sizes) or more than kAbqMaxGroups k-groups; kResourceExhausted when memory runs out.
+  virtual absl::StatusOr<std::shared_ptr<const PreparedAbqLinear>> PrepareAbqLinear(
+      const AbqWeights& w) {
+    return Unsupported("PrepareAbqLinear");
+  }
+  // y[m,n] = the layer of w through `kernel` applied to x[m,k] (+ bias[n] when given); with
+  // `accumulate`, y += instead. The layer's fp32 output plus the bias is formed first, then stored
+  // or added, on every backend alike. The integer kernels quantize x per token to
+  // w.spec().act_bits themselves (DESIGN section 3, "Activation quantization"); the weight-only
+  // kernel rounds x to bf16. x, y, bias F32 on this device; w prepared by this backend;
+  // 1 <= m <= kAbqMaxTokens (m = 0 does nothing). InvalidArgument naming the operand otherwise.
+  virtual absl::Status AbqLinear(const PreparedAbqLinear& w, AbqKernel kernel, const Tensor& x,
+                                 const Tensor* bias, Tensor& y, bool accumulate) {
+    return Unsupported("AbqLinear");
+  }
+
   // Weight quantization on this backend's device (kernels/quant_ops.h). Not pure: a backend
   // without them answers SupportsSolverOp false and returns Unimplemented. Each follows the CPU
   // reference kernels/cpu/quant_ref.h in fp32, so results agree with it within the fp32 tolerances
@@ -379,6 +430,10 @@ class Backend {
 
  protected:
   absl::Status UnsupportedOp(const char* op) const { return Unsupported(op); }
+  // The operand checks of AbqLinear that do not depend on the device: x [m, w.k()] and y
+  // [m, w.n()] of rank 2 and F32, bias [w.n()] F32 when given, m <= kAbqMaxTokens.
+  static absl::Status CheckAbqLinearOperands(const PreparedAbqLinear& w, const Tensor& x,
+                                             const Tensor* bias, const Tensor& y);
 
  private:
   absl::Status Unsupported(const char* op) const {

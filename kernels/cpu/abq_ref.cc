@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
@@ -51,6 +52,26 @@ absl::Status CheckOperands(const AbqActivations& a, const AbqWeights& w) {
 }
 
 }  // namespace
+
+const char* AbqKernelName(AbqKernel kernel) {
+  switch (kernel) {
+    case AbqKernel::kBinaryMma:
+      return "b1";
+    case AbqKernel::kInt8Mma:
+      return "int8";
+    case AbqKernel::kWeightOnly:
+      return "a16";
+  }
+  return "?";
+}
+
+absl::StatusOr<AbqKernel> ParseAbqKernel(std::string_view name) {
+  for (AbqKernel k : {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma, AbqKernel::kWeightOnly}) {
+    if (name == AbqKernelName(k)) return k;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("ABQ: unknown kernel \"", std::string(name), "\" (b1, int8 or a16)"));
+}
 
 absl::Status ValidateAbqSpec(const AbqSpec& spec) {
   const int wb = spec.weight_bits, ab = spec.act_bits;
@@ -166,6 +187,50 @@ absl::StatusOr<AbqWeights> PackAbqWeights(std::span<const int32_t> codes,
     }
   }
   return w;
+}
+
+absl::Status ValidateAbqWeights(const AbqWeights& w) {
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(w.spec, 1, w.n, w.k));
+  const int64_t words = AbqWords(w.k), n_groups = AbqNumGroups(w.spec, w.k);
+  if (w.words != words || w.n_groups != n_groups) {
+    return absl::InvalidArgumentError(absl::StrCat("ABQ: weights have words ", w.words,
+                                                   " and n_groups ", w.n_groups, ", expected ",
+                                                   words, " and ", n_groups, " for k ", w.k));
+  }
+  if (n_groups > kAbqMaxGroups) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ABQ: ", n_groups, " k-groups, at most ", kAbqMaxGroups,
+                     " are supported (the CUDA prologue keeps Σa per group in shared memory)"));
+  }
+  const int wb = w.spec.weight_bits;
+  if (static_cast<int64_t>(w.planes.size()) != w.n * wb * words) {
+    return SizeError("planes", w.planes.size(), w.n * wb * words);
+  }
+  if (static_cast<int64_t>(w.scales.size()) != n_groups * w.n) {
+    return SizeError("scales", w.scales.size(), n_groups * w.n);
+  }
+  if (static_cast<int64_t>(w.zeros.size()) != n_groups * w.n) {
+    return SizeError("zeros", w.zeros.size(), n_groups * w.n);
+  }
+  for (int64_t i = 0; i < n_groups * w.n; ++i) {
+    if (w.zeros[i] < 0 || w.zeros[i] > (1 << wb)) {
+      return absl::InvalidArgumentError(absl::StrCat("ABQ: zero point ", w.zeros[i], " at ", i,
+                                                     " is outside [0, ", 1 << wb, "]"));
+    }
+    if (!std::isfinite(w.scales[i])) {
+      return absl::InvalidArgumentError(absl::StrCat("ABQ: scale at ", i, " is not finite"));
+    }
+  }
+  if (w.k % kAbqWordBits != 0) {
+    const uint32_t padding = ~((1u << (w.k % kAbqWordBits)) - 1);
+    for (int64_t row = 0; row < w.n * wb; ++row) {
+      if ((w.planes[(row + 1) * words - 1] & padding) != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "ABQ: plane row ", row, " has bits set past column k = ", w.k, " (padding must be 0)"));
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 std::vector<int32_t> UnpackAbqWeightCodes(const AbqWeights& w) {

@@ -51,23 +51,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/abq_ops.h"
 #include "kernels/quant_grid.h"
 
 namespace qcal::kernels {
-
-// Bits per packed word along K.
-inline constexpr int kAbqWordBits = 32;
-static_assert(sizeof(uint32_t) * 8 == kAbqWordBits, "a plane word is 32 bits");
-
-// What one ABQ GEMM computes: operand widths and the k-grouping of the weights.
-struct AbqSpec {
-  // Weight planes: 2, 3, 4 or 8 (3 for the balanced grid). Default: 4.
-  int weight_bits = 4;
-  // Activation planes: 4 or 8. Default: 8.
-  int act_bits = 8;
-  // -1 (per output channel) or a multiple of 32. Default: 128.
-  int group_size = 128;
-};
 
 // OK for weight bits {2, 3, 4, 8}, activation bits {4, 8} and group size -1 or a positive
 // multiple of 32; otherwise InvalidArgument naming the value and the reason (e.g. activation bits
@@ -90,16 +77,11 @@ int64_t AbqNumGroups(const AbqSpec& spec, int64_t k);
 // K = 28,672). InvalidArgument naming the shape otherwise.
 absl::Status ValidateAbqShape(const AbqSpec& spec, int64_t m, int64_t n, int64_t k);
 
-// Packed weights of one linear [n outputs][k inputs].
-struct AbqWeights {
-  AbqSpec spec;
-  int64_t n = 0, k = 0;
-  int64_t words = 0;             // AbqWords(k)
-  int64_t n_groups = 0;          // AbqNumGroups(spec, k)
-  std::vector<uint32_t> planes;  // [n][weight_bits][words]
-  std::vector<float> scales;     // s_w [n_groups][n]
-  std::vector<int32_t> zeros;    // z [n_groups][n], each in [0, 2^weight_bits]
-};
+// OK when `w` keeps the invariants above: a valid spec and shape (ValidateAbqShape), words and
+// n_groups matching k, tensors of their sizes, zero points in [0, 2^wb], finite scales, zero
+// padding bits, and at most kAbqMaxGroups k-groups (the CUDA kernels' limit, checked on every
+// backend so that all refuse the same linears). InvalidArgument naming the violation otherwise.
+absl::Status ValidateAbqWeights(const AbqWeights& w);
 
 // Packed activations of m tokens [m][k], as the prologue produces them.
 struct AbqActivations {

@@ -7,13 +7,16 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <span>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "kernels/cpu/abq_ref.h"
 #include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_grad.h"
 #include "kernels/cpu/ref_ops.h"
@@ -146,6 +149,27 @@ class CountedStorage final : public Storage {
   std::shared_ptr<MemoryCounter> counter_;
 };
 
+// ABQ weights on the CPU backend: the packed host copy that the reference reads.
+class CpuAbqLinear final : public PreparedAbqLinear {
+ public:
+  explicit CpuAbqLinear(const AbqWeights& w) : PreparedAbqLinear(w.spec, w.n, w.k), w_(w) {}
+  const AbqWeights& weights() const { return w_; }
+
+ private:
+  const AbqWeights w_;
+};
+
+// The layer's fp32 output for m tokens x [m][k] through `kernel`'s specification.
+absl::StatusOr<std::vector<float>> AbqReferenceForward(const AbqWeights& w, AbqKernel kernel,
+                                                       std::span<const float> x, int64_t m) {
+  if (kernel == AbqKernel::kWeightOnly) {
+    QCAL_ASSIGN_OR_RETURN(std::vector<double> y, AbqWeightOnlyReference(x, m, w));
+    return std::vector<float>(y.begin(), y.end());
+  }
+  QCAL_ASSIGN_OR_RETURN(AbqActivations a, AbqQuantizeActivations(x, m, w.k, w.spec));
+  return AbqGemm(a, w);
+}
+
 class CpuBackend final : public Backend {
  public:
   CpuBackend(int threads, ComputeDType dtype)
@@ -170,6 +194,8 @@ class CpuBackend final : public Backend {
       case Op::kBackward:
         return true;
       case Op::kTrain:
+        return true;
+      case Op::kAbqLinear:
         return true;
     }
     return false;
@@ -822,6 +848,46 @@ class CpuBackend final : public Backend {
                     out.data<float>() + r0 * width);
     });
     return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::shared_ptr<const PreparedAbqLinear>> PrepareAbqLinear(
+      const AbqWeights& w) override {
+    QCAL_RETURN_IF_ERROR(ValidateAbqWeights(w));
+    return std::make_shared<const CpuAbqLinear>(w);
+  }
+
+  absl::Status AbqLinear(const PreparedAbqLinear& w, AbqKernel kernel, const Tensor& x,
+                         const Tensor* bias, Tensor& y, bool accumulate) override {
+    const auto* cw = dynamic_cast<const CpuAbqLinear*>(&w);
+    if (cw == nullptr) {
+      return absl::InvalidArgumentError("AbqLinear: the weights were prepared by another backend");
+    }
+    QCAL_RETURN_IF_ERROR(CheckAbqLinearOperands(w, x, bias, y));
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "AbqLinear", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(y, "AbqLinear", "y"));
+    if (bias) QCAL_RETURN_IF_ERROR(ExpectF32(*bias, "AbqLinear", "bias"));
+    const int64_t m = x.dim(0), n = w.n(), k = w.k();
+    if (m == 0) return absl::OkStatus();
+    const AbqWeights& aw = cw->weights();
+    // Tokens are independent: each range of rows runs the reference on its own.
+    absl::Mutex mu;
+    absl::Status status;
+    ParallelFor(m, n * k, [&](int64_t t0, int64_t t1) {
+      const std::span<const float> xs(x.data<float>() + t0 * k, (t1 - t0) * k);
+      absl::StatusOr<std::vector<float>> out = AbqReferenceForward(aw, kernel, xs, t1 - t0);
+      if (!out.ok()) {
+        absl::MutexLock lock(&mu);
+        status.Update(out.status());
+        return;
+      }
+      float* yp = y.data<float>() + t0 * n;
+      for (int64_t i = 0; i < (t1 - t0) * n; ++i) {
+        float v = (*out)[i];
+        if (bias) v += bias->data<float>()[i % n];
+        yp[i] = accumulate ? yp[i] + v : v;
+      }
+    });
+    return status;
   }
 
   absl::StatusOr<GptqFactor> GptqFactorize(const Tensor& h,

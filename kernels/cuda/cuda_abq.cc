@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -18,9 +19,6 @@ namespace {
 using cuda::CachingAllocator;
 using cuda::CudaStatus;
 
-// The launchers' limits: the token grid (65,535 tiles of 16) and Σa per group in shared memory.
-constexpr int64_t kMaxTokens = int64_t{65535} * 16;
-constexpr int64_t kMaxGroups = 48 * 1024 / 4;
 constexpr int kWarmup = 3;
 
 absl::Status SizeError(const char* what, size_t got, int64_t want) {
@@ -79,34 +77,22 @@ absl::StatusOr<double> TimeOnStream(cudaStream_t stream, int iters, Run run) {
 }
 
 absl::Status CheckTokens(int64_t m) {
-  if (m < 1 || m > kMaxTokens) {
+  if (m < 1 || m > kAbqMaxTokens) {
     return absl::InvalidArgumentError(
-        absl::StrCat("ABQ (CUDA): m must be in [1, ", kMaxTokens, "], got ", m));
+        absl::StrCat("ABQ (CUDA): m must be in [1, ", kAbqMaxTokens, "], got ", m));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-const char* AbqKernelName(AbqKernel kernel) {
-  switch (kernel) {
-    case AbqKernel::kBinaryMma:
-      return "b1";
-    case AbqKernel::kInt8Mma:
-      return "int8";
-    case AbqKernel::kWeightOnly:
-      return "a16";
-  }
-  return "?";
-}
-
 struct CudaAbqLinear::State {
-  explicit State(cuda::CudaStream s) : stream(std::move(s)) {}
-
   int device = 0;
   AbqSpec spec;
   int64_t n = 0, k = 0, words = 0, n_groups = 0, group_words = 0;
-  cuda::CudaStream stream;
+  // The instance's own stream (Create without one), else empty and `stream` is the caller's.
+  std::optional<cuda::CudaStream> own_stream;
+  cudaStream_t stream = nullptr;
   std::shared_ptr<CachingAllocator> alloc;
   DeviceArray<uint32_t> planes;
   DeviceArray<float> scales;
@@ -148,16 +134,16 @@ struct CudaAbqLinear::State {
                       int32_t* dot) {
     cudaError_t err;
     if (kernel == AbqKernel::kWeightOnly) {
-      err = cuda::LaunchAbqWeightOnly(x, m, Weights(), y, stream.get());
+      err = cuda::LaunchAbqWeightOnly(x, m, Weights(), y, stream);
     } else {
       const cuda::AbqMma mma =
           kernel == AbqKernel::kBinaryMma ? cuda::AbqMma::kBinary : cuda::AbqMma::kInt8;
-      err = cuda::LaunchAbqGemm(mma, Weights(), a->View(m, spec.act_bits), y, dot, stream.get());
+      err = cuda::LaunchAbqGemm(mma, Weights(), a->View(m, spec.act_bits), y, dot, stream);
     }
     return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
   }
   absl::Status Prologue(const float* x, const Activations& a, int64_t m) {
-    return CudaStatus(cuda::LaunchAbqPrologue(x, Weights(), a.View(m, spec.act_bits), stream.get()),
+    return CudaStatus(cuda::LaunchAbqPrologue(x, Weights(), a.View(m, spec.act_bits), stream),
                       "ABQ prologue");
   }
 };
@@ -165,8 +151,10 @@ struct CudaAbqLinear::State {
 CudaAbqLinear::CudaAbqLinear(std::unique_ptr<State> state) : state_(std::move(state)) {}
 
 CudaAbqLinear::~CudaAbqLinear() {
-  if (state_ != nullptr && cuda::UseDevice(state_->device).ok()) {
-    cudaStreamSynchronize(state_->stream.get());
+  // A caller's stream and pool need nothing: the memory goes back to the pool in that stream's
+  // order. The own pool is freed with the instance: its stream's work must be done first.
+  if (state_ != nullptr && state_->own_stream && cuda::UseDevice(state_->device).ok()) {
+    cudaStreamSynchronize(state_->stream);
   }
 }
 
@@ -176,31 +164,24 @@ int64_t CudaAbqLinear::k() const { return state_->k; }
 
 absl::StatusOr<std::unique_ptr<CudaAbqLinear>> CudaAbqLinear::Create(const AbqWeights& w,
                                                                      int device) {
-  QCAL_RETURN_IF_ERROR(ValidateAbqShape(w.spec, 1, w.n, w.k));
-  const int64_t words = AbqWords(w.k), n_groups = AbqNumGroups(w.spec, w.k);
-  if (w.words != words || w.n_groups != n_groups) {
-    return absl::InvalidArgumentError(absl::StrCat("ABQ (CUDA): weights have words ", w.words,
-                                                   " and n_groups ", w.n_groups, ", expected ",
-                                                   words, " and ", n_groups));
-  }
-  if (n_groups > kMaxGroups) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ABQ (CUDA): ", n_groups, " k-groups, at most ", kMaxGroups,
-                     " are supported (the prologue keeps Σa per group in shared memory)"));
-  }
-  const int64_t n_planes = w.n * w.spec.weight_bits * words;
-  if (static_cast<int64_t>(w.planes.size()) != n_planes) {
-    return SizeError("planes", w.planes.size(), n_planes);
-  }
-  if (static_cast<int64_t>(w.scales.size()) != n_groups * w.n) {
-    return SizeError("scales", w.scales.size(), n_groups * w.n);
-  }
-  if (static_cast<int64_t>(w.zeros.size()) != n_groups * w.n) {
-    return SizeError("zeros", w.zeros.size(), n_groups * w.n);
-  }
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
   QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
-  auto state = std::make_unique<State>(std::move(stream));
+  const cudaStream_t s = stream.get();
+  auto pool = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
+  QCAL_ASSIGN_OR_RETURN(std::unique_ptr<CudaAbqLinear> linear,
+                        Create(w, device, s, std::move(pool)));
+  linear->state_->own_stream = std::move(stream);
+  return linear;
+}
+
+absl::StatusOr<std::unique_ptr<CudaAbqLinear>> CudaAbqLinear::Create(
+    const AbqWeights& w, int device, CUstream_st* stream,
+    std::shared_ptr<cuda::CachingAllocator> pool) {
+  QCAL_RETURN_IF_ERROR(ValidateAbqWeights(w));
+  const int64_t words = w.words, n_groups = w.n_groups;
+  const int64_t n_planes = w.n * w.spec.weight_bits * words;
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
+  auto state = std::make_unique<State>();
   state->device = device;
   state->spec = w.spec;
   state->n = w.n;
@@ -208,16 +189,32 @@ absl::StatusOr<std::unique_ptr<CudaAbqLinear>> CudaAbqLinear::Create(const AbqWe
   state->words = words;
   state->n_groups = n_groups;
   state->group_words = n_groups == 1 ? words : AbqGroupSize(w.spec, w.k) / kAbqWordBits;
-  state->alloc = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
+  state->stream = stream;
+  state->alloc = std::move(pool);
   QCAL_ASSIGN_OR_RETURN(state->planes, Allocate<uint32_t>(*state->alloc, n_planes));
   QCAL_ASSIGN_OR_RETURN(state->scales, Allocate<float>(*state->alloc, n_groups * w.n));
   QCAL_ASSIGN_OR_RETURN(state->zeros, Allocate<int32_t>(*state->alloc, n_groups * w.n));
-  const cudaStream_t s = state->stream.get();
-  QCAL_RETURN_IF_ERROR(Upload(state->planes, std::span<const uint32_t>(w.planes), s));
-  QCAL_RETURN_IF_ERROR(Upload(state->scales, std::span<const float>(w.scales), s));
-  QCAL_RETURN_IF_ERROR(Upload(state->zeros, std::span<const int32_t>(w.zeros), s));
-  QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(s), "ABQ weight upload"));
+  QCAL_RETURN_IF_ERROR(Upload(state->planes, std::span<const uint32_t>(w.planes), stream));
+  QCAL_RETURN_IF_ERROR(Upload(state->scales, std::span<const float>(w.scales), stream));
+  QCAL_RETURN_IF_ERROR(Upload(state->zeros, std::span<const int32_t>(w.zeros), stream));
+  // The host vectors may be released as soon as we return.
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ weight upload"));
   return std::unique_ptr<CudaAbqLinear>(new CudaAbqLinear(std::move(state)));
+}
+
+absl::Status CudaAbqLinear::ForwardDevice(const float* x, int64_t m, AbqKernel kernel, float* y) {
+  State& st = *state_;
+  QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
+  QCAL_RETURN_IF_ERROR(CheckTokens(m));
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
+  // The activations go back to the pool when this returns, before the kernels ran: the pool
+  // hands them out again only to work queued behind them on the same stream.
+  State::Activations da;
+  if (kernel != AbqKernel::kWeightOnly) {
+    QCAL_ASSIGN_OR_RETURN(da, st.AllocateActivations(m));
+    QCAL_RETURN_IF_ERROR(st.Prologue(x, da, m));
+  }
+  return st.Launch(kernel, x, &da, m, y, nullptr);
 }
 
 absl::StatusOr<AbqActivations> CudaAbqLinear::QuantizeActivations(std::span<const float> x,
@@ -227,7 +224,7 @@ absl::StatusOr<AbqActivations> CudaAbqLinear::QuantizeActivations(std::span<cons
   QCAL_RETURN_IF_ERROR(CheckTokens(m));
   if (static_cast<int64_t>(x.size()) != m * st.k) return SizeError("x", x.size(), m * st.k);
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
-  const cudaStream_t s = st.stream.get();
+  const cudaStream_t s = st.stream;
   QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dx, Allocate<float>(*st.alloc, m * st.k));
   QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
   QCAL_RETURN_IF_ERROR(Upload(dx, x, s));
@@ -255,7 +252,7 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Forward(std::span<const float>
     return absl::InvalidArgumentError("ABQ (CUDA): the weight-only kernel has no integer sums");
   }
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
-  const cudaStream_t s = st.stream.get();
+  const cudaStream_t s = st.stream;
   QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dx, Allocate<float>(*st.alloc, m * st.k));
   QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
   DeviceArray<int32_t> ddot;
@@ -302,7 +299,7 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Gemm(const AbqActivations& a, 
     return SizeError("activation sums", a.sums.size(), m * st.n_groups);
   }
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
-  const cudaStream_t s = st.stream.get();
+  const cudaStream_t s = st.stream;
   QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
   QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
   DeviceArray<int32_t> ddot;
@@ -324,7 +321,7 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
   QCAL_RETURN_IF_ERROR(CheckTokens(m));
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
-  const cudaStream_t s = st.stream.get();
+  const cudaStream_t s = st.stream;
   std::vector<float> x(static_cast<size_t>(m * st.k));
   std::mt19937 gen(static_cast<uint32_t>(m * 7919 + st.k));
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);

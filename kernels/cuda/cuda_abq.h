@@ -12,9 +12,12 @@
 // kernel is within AbqWeightOnlyErrorBound of AbqWeightOnlyReference. No kernel is ever swapped
 // for another: the caller names it.
 //
-// Only kernels/cuda includes CUDA headers; this header does not. The class owns its stream and
-// device memory; it is not thread-safe (one thread drives an instance). Also the timing of the
-// layer and of cuBLAS's GEMMs, for qcal bench --abq (kernels/abq_bench.h).
+// Only kernels/cuda includes CUDA headers; this header does not (a cudaStream_t is a CUstream_st*,
+// declared below). An instance runs on its own stream with its own memory pool, or on a stream and
+// pool its creator lends it (the CUDA backend's, so that a model's forward runs the layer on the
+// backend's tensors in the backend's stream order: ForwardDevice). It is not thread-safe (one
+// thread drives an instance). Also the timing of the layer and of cuBLAS's GEMMs, for qcal bench
+// --abq (kernels/abq_bench.h).
 #pragma once
 
 #include <cstdint>
@@ -25,19 +28,26 @@
 #include "absl/status/statusor.h"
 #include "kernels/cpu/abq_ref.h"
 
+struct CUstream_st;
+
 namespace qcal::kernels {
-
-enum class AbqKernel { kBinaryMma, kInt8Mma, kWeightOnly };
-
-// "b1", "int8" or "a16".
-const char* AbqKernelName(AbqKernel kernel);
+namespace cuda {
+class CachingAllocator;  // kernels/cuda/cuda_resources.h
+}  // namespace cuda
 
 class CudaAbqLinear {
  public:
-  // Uploads `w` (validated: its spec, shape and tensor sizes) to CUDA device `device`. Errors:
-  // no such device, out of device memory (kResourceExhausted), invalid weights, or more than
-  // 12,288 k-groups (the prologue keeps Σa per group in shared memory).
+  // Uploads `w` (ValidateAbqWeights: its spec, shape, tensor sizes, at most kAbqMaxGroups k-groups)
+  // to CUDA device `device`. Errors: no such device, out of device memory (kResourceExhausted),
+  // invalid weights.
   static absl::StatusOr<std::unique_ptr<CudaAbqLinear>> Create(const AbqWeights& w, int device);
+  // The same on a stream and pool of device `device` that the caller owns (the CUDA backend's):
+  // the weights come from `pool` (uploaded on `stream`, complete on return) and every later call
+  // runs on `stream`, after the work already queued there. The stream must outlive the instance;
+  // the instance keeps the pool alive, and its memory goes back to the pool in the stream's order.
+  static absl::StatusOr<std::unique_ptr<CudaAbqLinear>> Create(
+      const AbqWeights& w, int device, CUstream_st* stream,
+      std::shared_ptr<cuda::CachingAllocator> pool);
   ~CudaAbqLinear();
   CudaAbqLinear(const CudaAbqLinear&) = delete;
   CudaAbqLinear& operator=(const CudaAbqLinear&) = delete;
@@ -45,6 +55,13 @@ class CudaAbqLinear {
   const AbqSpec& spec() const;
   int64_t n() const;
   int64_t k() const;
+
+  // The device entry point: y [m][n] = the layer through `kernel` for x [m][k] (1 <= m <=
+  // kAbqMaxTokens), both fp32 device pointers on this linear's device, queued on the instance's
+  // stream with no host round trip and no synchronization (the same launches as Forward, whose
+  // results it equals bit for bit). Scratch (activation planes, s_a, Σa) comes from the pool.
+  // Errors: invalid m, out of device memory, a failed launch.
+  absl::Status ForwardDevice(const float* x, int64_t m, AbqKernel kernel, float* y);
 
   // The prologue alone: x [m][k] quantized and packed on the device, downloaded. Equals
   // AbqQuantizeActivations(x, m, k, spec()) bit for bit.

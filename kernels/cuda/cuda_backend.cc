@@ -23,6 +23,7 @@
 #include "kernels/cuda/channel_stats.cuh"
 #include "kernels/cuda/clipped_quant.cuh"
 #include "kernels/cuda/clipped_quant_backward.cuh"
+#include "kernels/cuda/cuda_abq.h"
 #include "kernels/cuda/cuda_low_rank.h"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/cuda/cuda_resources.h"
@@ -89,6 +90,17 @@ absl::Status CheckIds(const Tensor& ids, int64_t limit, const char* op, const ch
   }
   return absl::OkStatus();
 }
+
+// ABQ weights on the CUDA backend: a CudaAbqLinear on the backend's stream and memory pool.
+class CudaPreparedAbqLinear final : public PreparedAbqLinear {
+ public:
+  explicit CudaPreparedAbqLinear(std::unique_ptr<CudaAbqLinear> linear)
+      : PreparedAbqLinear(linear->spec(), linear->n(), linear->k()), linear_(std::move(linear)) {}
+  CudaAbqLinear& linear() const { return *linear_; }
+
+ private:
+  const std::unique_ptr<CudaAbqLinear> linear_;
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -228,6 +240,45 @@ class CudaBackend final : public Backend {
     return CudaStatus(cuda::LaunchActQuant(x.data<float>(), x.numel() / width, width, bits,
                                            out.data<float>(), stream()),
                       "ActQuant kernel");
+  }
+
+  absl::StatusOr<std::shared_ptr<const PreparedAbqLinear>> PrepareAbqLinear(
+      const AbqWeights& w) override {
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    QCAL_ASSIGN_OR_RETURN(std::unique_ptr<CudaAbqLinear> linear,
+                          CudaAbqLinear::Create(w, device_, stream(), allocator_));
+    return std::make_shared<const CudaPreparedAbqLinear>(std::move(linear));
+  }
+
+  absl::Status AbqLinear(const PreparedAbqLinear& w, AbqKernel kernel, const Tensor& x,
+                         const Tensor* bias, Tensor& y, bool accumulate) override {
+    const auto* cw = dynamic_cast<const CudaPreparedAbqLinear*>(&w);
+    if (cw == nullptr) {
+      return absl::InvalidArgumentError("AbqLinear: the weights were prepared by another backend");
+    }
+    QCAL_RETURN_IF_ERROR(CheckAbqLinearOperands(w, x, bias, y));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "AbqLinear", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "AbqLinear", "y"));
+    if (bias) QCAL_RETURN_IF_ERROR(ExpectDevice(*bias, DType::kF32, "AbqLinear", "bias"));
+    const int64_t m = x.dim(0), n = w.n();
+    if (m == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    // The layer's output goes straight into y unless it is added to y.
+    Tensor out = y;
+    if (accumulate) {
+      QCAL_ASSIGN_OR_RETURN(out, Uninitialized(DType::kF32, {m, n}));
+    }
+    QCAL_RETURN_IF_ERROR(cw->linear().ForwardDevice(x.data<float>(), m, kernel, out.data<float>()));
+    if (bias) {
+      QCAL_RETURN_IF_ERROR(CudaStatus(
+          cuda::LaunchAddRowVector(bias->data<float>(), out.data<float>(), m, n, stream()),
+          "AbqLinear: bias"));
+    }
+    if (accumulate) {
+      QCAL_RETURN_IF_ERROR(CudaStatus(
+          cuda::LaunchAdd(out.data<float>(), y.data<float>(), m * n, stream()), "AbqLinear: add"));
+    }
+    return absl::OkStatus();
   }
 
   absl::StatusOr<GptqFactor> GptqFactorize(const Tensor& h,

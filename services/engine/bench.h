@@ -19,7 +19,8 @@
 // (GPTQ alone) then runs on the same weights and tokens for comparison.
 //
 // RunErBench (`qcal bench --er`) times the device error-reconstruction ops on the 7B shape's
-// linears instead, and projects their whole-model cost.
+// linears instead, and projects their whole-model cost. RunDecodeBench (`qcal bench --decode`)
+// times greedy decoding with a KV cache through the dense path and the ABQ kernels.
 #pragma once
 
 #include <cstdint>
@@ -192,5 +193,63 @@ struct ErBenchResult {
 // Runs the error-reconstruction benchmark on `backend`.
 absl::StatusOr<ErBenchResult> RunErBench(kernels::Backend& backend, const ErBenchOptions& options,
                                          const BenchLogFn& log = nullptr);
+
+// The decode benchmark behind `qcal bench --decode` (DESIGN section 3, "Arbitrary-bit inference
+// kernels (ABQ)"): tokens per second of greedy decoding with a KV cache (GenerateGreedy, batch 1)
+// on a synthetic model of `config` whose weights are drawn as RunBench draws them, in these
+// configurations, one model resident at a time:
+//   bf16   every linear dense (Backend::Linear). On a CUDA backend with bf16 compute the weights
+//          are stored in bf16 (cuBLAS reads 2 bytes a weight: the engine's bf16 baseline);
+//          otherwise in fp32.
+//   W4A16  every block linear RTN W4 (group `group_size`) and run by the a16 kernel;
+//   W4A8   the same planes (not placed again) through the b1 kernel, then the int8 kernel;
+//   W2*A8  RTN on the balanced grid (three planes) through b1, then int8.
+// The quantized configurations hold only their packed planes, scales and zeros on the device
+// (each linear is drawn, quantized on the backend and packed, then its dense copy is freed).
+// Embeddings, lm_head, norms and attention are the same dense ops in every configuration (lm_head
+// in the dense linears' dtype). The prompt is `prompt` random tokens; a run of 1 generated token
+// (the prompt's prefill and the first step) is timed and subtracted from a run of tokens + 1, so
+// the rate is that of the steps alone; both follow a warm-up run. Each configuration's generated
+// ids are kept: b1 and int8 compute the same integers, so their tokens must agree. Needs
+// SupportsOp(kAbqLinear) and SupportsSolverOp(kQuantizeRtn).
+struct DecodeBenchOptions {
+  // The model. Required.
+  ModelConfig config;
+  // Prompt tokens (prefilled, not counted). Default: 16.
+  int prompt = 16;
+  // Decode steps timed. Default: 64.
+  int tokens = 64;
+  // Weight group size of the quantized configurations (-1 or a multiple of 32). Default: 128.
+  int group_size = 128;
+  // Seed of the weights and the prompt. Default: 0.
+  uint64_t seed = 0;
+
+  // InvalidArgument naming the field: a config without layers or heads, prompt or tokens < 1, a
+  // group size the ABQ kernels do not take.
+  absl::Status Validate() const;
+};
+
+struct DecodeBenchRow {
+  std::string config;  // "bf16", "W4A16", "W4A8" or "W2*A8"
+  std::string kernel;  // "dense" (Backend::Linear), "a16", "b1" or "int8"
+  double seconds = 0;  // the `tokens` decode steps
+  double tokens_per_second = 0;
+  // Bytes of the block linears' weights on the device (dense tensors, or planes + s_w + z), and
+  // all device memory in use when the model was built (Backend::MemoryInUse; -1 when the backend
+  // does not account it).
+  int64_t weight_bytes = 0;
+  int64_t device_bytes = -1;
+  std::vector<int> generated;  // the ids of the timed run
+};
+
+struct DecodeBenchResult {
+  std::string device_kind;  // Backend::DeviceKind()
+  std::string dense_dtype;  // "bf16" or "f32": how the dense configuration stores its weights
+  std::vector<DecodeBenchRow> rows;
+};
+
+absl::StatusOr<DecodeBenchResult> RunDecodeBench(kernels::Backend& backend,
+                                                 const DecodeBenchOptions& options,
+                                                 const BenchLogFn& log = nullptr);
 
 }  // namespace qcal::engine

@@ -59,6 +59,25 @@ std::vector<LinearKind> ConsumersOf(LinearInput input) {
   return out;
 }
 
+std::pair<int64_t, int64_t> LinearShape(const ModelConfig& c, LinearKind k) {
+  const int64_t hidden = c.hidden_size;
+  switch (k) {
+    case LinearKind::kQ:
+      return {c.q_dim(), hidden};
+    case LinearKind::kK:
+    case LinearKind::kV:
+      return {c.kv_dim(), hidden};
+    case LinearKind::kO:
+      return {hidden, c.q_dim()};
+    case LinearKind::kGate:
+    case LinearKind::kUp:
+      return {c.intermediate_size, hidden};
+    case LinearKind::kDown:
+      return {hidden, c.intermediate_size};
+  }
+  return {0, 0};
+}
+
 namespace {
 
 // Shape and bias of linear `kind` in a model of `c`.
@@ -67,19 +86,18 @@ struct LinearGeometry {
   bool bias = false;
 };
 LinearGeometry GeometryOf(const ModelConfig& c, LinearKind kind) {
+  const auto [d_out, d_in] = LinearShape(c, kind);
   switch (kind) {
     case LinearKind::kQ:
-      return {c.q_dim(), c.hidden_size, c.attention_bias};
     case LinearKind::kK:
     case LinearKind::kV:
-      return {c.kv_dim(), c.hidden_size, c.attention_bias};
+      return {d_out, d_in, c.attention_bias};
     case LinearKind::kO:
-      return {c.hidden_size, c.q_dim(), c.o_bias};
+      return {d_out, d_in, c.o_bias};
     case LinearKind::kGate:
     case LinearKind::kUp:
-      return {c.intermediate_size, c.hidden_size, c.mlp_bias};
     case LinearKind::kDown:
-      return {c.hidden_size, c.intermediate_size, c.mlp_bias};
+      return {d_out, d_in, c.mlp_bias};
   }
   return {};
 }
@@ -133,6 +151,8 @@ struct HostBlock {
   int b = -1;
   BlockWeights weights;                 // host fp32 tensors
   std::map<std::string, DType> dtypes;  // stored dtype of every tensor read
+  // The linears read packed (LinearPackFn) instead of into weights.at(k).weight.
+  std::array<std::optional<kernels::AbqWeights>, kNumLinears> packed;
 };
 
 }  // namespace
@@ -143,11 +163,12 @@ struct HostBlock {
 class Model::BlockSource {
  public:
   BlockSource(std::unique_ptr<CheckpointReader> reader, const ModelConfig& config,
-              kernels::Backend* backend, LinearWeightFn linear_weight)
+              kernels::Backend* backend, LinearWeightFn linear_weight, LinearPackFn linear_pack)
       : reader_(std::move(reader)),
         config_(config),
         backend_(backend),
-        linear_weight_(std::move(linear_weight)) {}
+        linear_weight_(std::move(linear_weight)),
+        linear_pack_(std::move(linear_pack)) {}
   ~BlockSource() {
     if (pending_.valid()) pending_.wait();
   }
@@ -216,7 +237,8 @@ class Model::BlockSource {
     for (size_t i = 0; i < dense.size(); ++i) {
       reads.push_back(std::async(std::launch::async, [this, b, k = dense[i], &hb, &dtypes, i] {
         const LinearGeometry g = GeometryOf(config_, k);
-        return ReadLinear(LinearPrefix(b, k), g, hb.weights.at(k), &dtypes[i]);
+        return ReadLinear(LinearPrefix(b, k), g, hb.weights.at(k), &hb.packed[static_cast<int>(k)],
+                          &dtypes[i]);
       }));
     }
     MoeWeights& m = hb.weights.moe;
@@ -256,14 +278,28 @@ class Model::BlockSource {
                           ExpertWeights& e, std::map<std::string, DType>* dtypes) const {
     const int64_t d = config_.hidden_size;
     QCAL_RETURN_IF_ERROR(
-        ReadLinear(prefix_of(LinearKind::kGate), {inter, d, false}, e.gate, dtypes));
-    QCAL_RETURN_IF_ERROR(ReadLinear(prefix_of(LinearKind::kUp), {inter, d, false}, e.up, dtypes));
-    return ReadLinear(prefix_of(LinearKind::kDown), {d, inter, false}, e.down, dtypes);
+        ReadLinear(prefix_of(LinearKind::kGate), {inter, d, false}, e.gate, nullptr, dtypes));
+    QCAL_RETURN_IF_ERROR(
+        ReadLinear(prefix_of(LinearKind::kUp), {inter, d, false}, e.up, nullptr, dtypes));
+    return ReadLinear(prefix_of(LinearKind::kDown), {d, inter, false}, e.down, nullptr, dtypes);
   }
 
+  // Linear `prefix` into l, or, when `packed` is given and the checkpoint packs it
+  // (LinearPackFn), into *packed with no dense weight (AcquireBlock places the packed one).
   absl::Status ReadLinear(const std::string& prefix, const LinearGeometry& g, Linear& l,
+                          std::optional<kernels::AbqWeights>* packed,
                           std::map<std::string, DType>* dtypes) const {
-    if (linear_weight_) {
+    if (packed != nullptr && linear_pack_) {
+      QCAL_ASSIGN_OR_RETURN(*packed, linear_pack_(*reader_, prefix, g.d_out, g.d_in));
+      if (packed->has_value() && ((*packed)->n != g.d_out || (*packed)->k != g.d_in)) {
+        return absl::InternalError(absl::StrCat(prefix, ": packed weights are [", (*packed)->n,
+                                                ", ", (*packed)->k, "], expected [", g.d_out, ", ",
+                                                g.d_in, "]"));
+      }
+    }
+    if (packed != nullptr && packed->has_value()) {
+      // No dense weight: the backend gets the packed one (AcquireBlock).
+    } else if (linear_weight_) {
       QCAL_ASSIGN_OR_RETURN(l.weight, linear_weight_(*reader_, prefix, g.d_out, g.d_in));
       if (l.weight.shape() != Shape{g.d_out, g.d_in} || l.weight.dtype() != DType::kF32) {
         return absl::InternalError(
@@ -282,6 +318,7 @@ class Model::BlockSource {
   const ModelConfig config_;
   kernels::Backend* backend_;
   const LinearWeightFn linear_weight_;
+  const LinearPackFn linear_pack_;
   std::future<absl::StatusOr<HostBlock>> pending_;
   int pending_block_ = -1;
 };
@@ -308,6 +345,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   model->config_ = config;
   model->backend_ = backend;
   model->on_block_loaded_ = options.on_block_loaded;
+  model->abq_kernel_ = options.abq_kernel;
+  if (options.linear_pack && !backend->SupportsOp(kernels::Op::kAbqLinear)) {
+    return absl::UnimplementedError(
+        absl::StrCat("the ABQ kernels are not supported by the ", backend->name(), " backend"));
+  }
   auto place_f32 = [&](const std::string& name, const Shape& shape) -> absl::StatusOr<Tensor> {
     QCAL_ASSIGN_OR_RETURN(Tensor stored, ReadFloat(*reader, name, shape));
     model->source_dtypes_[name] = stored.dtype();
@@ -327,8 +369,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   }
   model->blocks_.resize(config.num_layers);
   model->resident_.assign(config.num_layers, false);
-  model->source_ =
-      std::make_unique<BlockSource>(std::move(reader), config, backend, options.linear_weight);
+  model->source_ = std::make_unique<BlockSource>(std::move(reader), config, backend,
+                                                 options.linear_weight, options.linear_pack);
   if (options.residency == BlockResidency::kStreaming) {
     model->source_->Prefetch(0);
     return model;
@@ -362,24 +404,35 @@ absl::Status Model::AcquireBlock(int b, int next) {
     QCAL_ASSIGN_OR_RETURN(w.q_norm, Place(*backend_, hb.weights.q_norm));
     QCAL_ASSIGN_OR_RETURN(w.k_norm, Place(*backend_, hb.weights.k_norm));
   }
-  auto place_linear = [&](const Linear& h, Linear& out) -> absl::Status {
-    if (!h.weight.defined()) return absl::OkStatus();
-    QCAL_ASSIGN_OR_RETURN(out.weight, Place(*backend_, h.weight));
+  // A linear's weight: its packed ABQ weights (`packed`, given for the seven block linears read
+  // through LinearPackFn) prepared on the backend, else its dense weight.
+  auto place_linear = [&](const Linear& h, Linear& out,
+                          std::optional<kernels::AbqWeights>* packed) -> absl::Status {
+    if (packed != nullptr && packed->has_value()) {
+      QCAL_ASSIGN_OR_RETURN(out.abq, backend_->PrepareAbqLinear(**packed));
+      out.abq_kernel = abq_kernel_;
+      packed->reset();
+    } else {
+      if (!h.weight.defined()) return absl::OkStatus();
+      QCAL_ASSIGN_OR_RETURN(out.weight, Place(*backend_, h.weight));
+    }
     if (h.bias.defined()) {
       QCAL_ASSIGN_OR_RETURN(out.bias, Place(*backend_, h.bias));
     }
     return absl::OkStatus();
   };
-  for (LinearKind k : kAllLinears) QCAL_RETURN_IF_ERROR(place_linear(hb.weights.at(k), w.at(k)));
+  for (LinearKind k : kAllLinears) {
+    QCAL_RETURN_IF_ERROR(place_linear(hb.weights.at(k), w.at(k), &hb.packed[static_cast<int>(k)]));
+  }
   if (hb.weights.moe.defined()) {
     const MoeWeights& hm = hb.weights.moe;
     MoeWeights& m = w.moe;
     QCAL_ASSIGN_OR_RETURN(m.router, Place(*backend_, hm.router));
     m.experts.resize(hm.experts.size());
     auto place_expert = [&](const ExpertWeights& h, ExpertWeights& out) -> absl::Status {
-      QCAL_RETURN_IF_ERROR(place_linear(h.gate, out.gate));
-      QCAL_RETURN_IF_ERROR(place_linear(h.up, out.up));
-      return place_linear(h.down, out.down);
+      QCAL_RETURN_IF_ERROR(place_linear(h.gate, out.gate, nullptr));
+      QCAL_RETURN_IF_ERROR(place_linear(h.up, out.up, nullptr));
+      return place_linear(h.down, out.down, nullptr);
     };
     for (size_t j = 0; j < hm.experts.size(); ++j) {
       QCAL_RETURN_IF_ERROR(place_expert(hm.experts[j], m.experts[j]));
@@ -509,7 +562,9 @@ absl::StatusOr<KvCache> Model::NewCache(int capacity) {
 absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate) {
   kernels::Backend& be = *backend_;
   const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
-  if (l.act_bits < 16) {
+  if (l.abq) {
+    QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
+  } else if (l.act_bits < 16) {
     QCAL_ASSIGN_OR_RETURN(Tensor xq, be.Alloc(DType::kF32, x.shape()));
     QCAL_RETURN_IF_ERROR(be.ActQuant(x, l.act_bits, xq));
     QCAL_RETURN_IF_ERROR(be.Linear(xq, l.weight, bias, y, accumulate));
@@ -526,7 +581,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, boo
 
 absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x) {
   const Linear& l = blocks_[b].at(kind);
-  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.weight.dim(0)}));
+  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.d_out()}));
   QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, y, false));
   return y;
 }

@@ -1,8 +1,9 @@
 // The model as a sequence of transformer blocks, run one block at a time.
 //
-// Block weights live on the backend's device in fp32. Later stages feed calibration activations
-// through one block at a time (BlockForward with a Tap to see every linear's input) and replace a
-// block's linear weights in place.
+// Block weights live on the backend's device in fp32 (or, for ABQ inference, a quantized linear's
+// packed bit planes: Linear::abq, ModelLoadOptions::linear_pack). Later stages feed calibration
+// activations through one block at a time (BlockForward with a Tap to see every linear's input) and
+// replace a block's linear weights in place.
 //
 // Residency (DESIGN section 2, "Memory"). A model loaded with BlockResidency::kAll holds every
 // block; one loaded with kStreaming holds the embeddings, the final norm and lm_head, plus only the
@@ -21,7 +22,9 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -57,16 +60,28 @@ std::string LinearPrefix(int block, LinearKind kind);
 LinearInput InputOf(LinearKind kind);
 // The linears reading `input`, in forward order.
 std::vector<LinearKind> ConsumersOf(LinearInput input);
+// d_out and d_in of linear k of a block of `config`.
+std::pair<int64_t, int64_t> LinearShape(const ModelConfig& config, LinearKind k);
 
 // y = weight · ActQuant(x) + bias + lora_a · (lora_b · x): the (fake-)quantized weight branch sees
 // the input quantized per token to `act_bits` (DESIGN section 3; 16 = off), the low-rank error
 // reconstruction branch sees the unquantized input.
+//
+// ABQ inference (DESIGN section 3, "Arbitrary-bit inference kernels (ABQ)"): with `abq` set, the
+// weight branch is Backend::AbqLinear of the packed quantized weights through `abq_kernel`, and
+// there is no dense `weight`. The kernel quantizes its input itself (abq->spec().act_bits for b1
+// and int8; a16 keeps it 16-bit): `act_bits` is not read. Bias and low-rank branch as above.
 struct Linear {
-  Tensor weight;  // [d_out, d_in]
+  Tensor weight;  // [d_out, d_in]; undefined when `abq` is set
   Tensor bias;    // [d_out] or undefined
   Tensor lora_a;  // L_A [d_out, r], or undefined (no low-rank branch)
   Tensor lora_b;  // L_B [r, d_in], defined exactly when lora_a is
   int act_bits = 16;
+  std::shared_ptr<const kernels::PreparedAbqLinear> abq;  // null: the dense path
+  kernels::AbqKernel abq_kernel = kernels::AbqKernel::kBinaryMma;
+
+  int64_t d_out() const { return abq ? abq->n() : weight.dim(0); }
+  int64_t d_in() const { return abq ? abq->k() : weight.dim(1); }
 };
 
 // One expert's SwiGLU MLP, down(silu(gate(x)) * up(x)) (a routed expert or Qwen2-MoE's shared
@@ -130,6 +145,11 @@ using LinearWeightFn = std::function<absl::StatusOr<Tensor>(
 // Sees MoE block `b`'s routing of the rows of one BlockForward call.
 using RoutingObserver = std::function<void(int b, const Routing& routing)>;
 
+// Supplies a linear's packed ABQ weights from a checkpoint (e.g. by repacking its GPTQ tensors), or
+// nullopt for a linear that the checkpoint keeps unquantized (read by LinearWeightFn instead).
+using LinearPackFn = std::function<absl::StatusOr<std::optional<kernels::AbqWeights>>(
+    const CheckpointReader& reader, const std::string& prefix, int64_t d_out, int64_t d_in)>;
+
 // Where Load keeps the blocks.
 enum class BlockResidency {
   kAll,        // every block on the backend from Load on
@@ -155,6 +175,11 @@ BlockResidency ResidencyToFit(const ModelConfig& config, kernels::Backend& backe
 struct ModelLoadOptions {
   // How the seven linears' weights are read (quantized checkpoints). Default: "<prefix>.weight".
   LinearWeightFn linear_weight;
+  // ABQ inference: the linears this packs are placed with Backend::PrepareAbqLinear as they load
+  // and run through abq_kernel (Linear::abq), holding no dense weight; the others are read by
+  // linear_weight. Default: none (every linear dense).
+  LinearPackFn linear_pack;
+  kernels::AbqKernel abq_kernel = kernels::AbqKernel::kBinaryMma;
   // Runs after each block is loaded. Default: none.
   BlockLoadedFn on_block_loaded;
   // Default: kAll.
@@ -268,6 +293,8 @@ class Model {
   std::unique_ptr<BlockSource> source_;  // streaming models only
   BlockLoadedFn on_block_loaded_;
   RoutingObserver routing_observer_;
+
+  kernels::AbqKernel abq_kernel_ = kernels::AbqKernel::kBinaryMma;  // for packed linears
 };
 
 }  // namespace qcal::engine

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -15,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_ops.h"
 #include "services/engine/export/gptq_pack.h"
@@ -356,6 +359,105 @@ TEST(AbqRef, RefusesUnsupportedCombinations) {
       PackAbqActivationCodes(std::vector<int32_t>{1}, kOneScale, 1, 1, spec);
   ASSERT_TRUE(w.ok() && a.ok());
   EXPECT_FALSE(AbqIntegerGemm(*a, *w).ok());
+}
+
+// ValidateAbqWeights accepts what PackAbqWeights builds and names what breaks its invariants;
+// ParseAbqKernel and AbqKernelName are inverses.
+TEST(AbqRef, WeightInvariantsAndKernelNames) {
+  Random rng(19);
+  const AbqWeights good = abq_tests::RandomWeights({4, false, 8, 32}, 3, 70, rng);
+  EXPECT_TRUE(ValidateAbqWeights(good).ok());
+  AbqWeights w = good;
+  w.zeros[1] = 17;
+  EXPECT_THAT(std::string(ValidateAbqWeights(w).message()), HasSubstr("zero point 17"));
+  w = good;
+  w.scales[2] = std::numeric_limits<float>::infinity();
+  EXPECT_THAT(std::string(ValidateAbqWeights(w).message()), HasSubstr("not finite"));
+  w = good;
+  w.planes.back() |= 1u << 31;  // column 95 of a 70-column row
+  EXPECT_THAT(std::string(ValidateAbqWeights(w).message()), HasSubstr("padding must be 0"));
+  w = good;
+  w.planes.pop_back();
+  EXPECT_THAT(std::string(ValidateAbqWeights(w).message()), HasSubstr("planes has"));
+  w = good;
+  w.n_groups = 2;
+  EXPECT_THAT(std::string(ValidateAbqWeights(w).message()), HasSubstr("n_groups 2"));
+  for (AbqKernel k : {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma, AbqKernel::kWeightOnly}) {
+    absl::StatusOr<AbqKernel> parsed = ParseAbqKernel(AbqKernelName(k));
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    EXPECT_EQ(*parsed, k);
+  }
+  EXPECT_THAT(std::string(ParseAbqKernel("xor").status().message()), HasSubstr("\"xor\""));
+}
+
+// The CPU backend's AbqLinear is the reference: b1 and int8 give AbqGemm of
+// AbqQuantizeActivations bit for bit, a16 gives AbqWeightOnlyReference rounded to fp32, the bias
+// is added to the layer's output and that sum stored or (accumulate) added, in fp32.
+TEST(AbqRef, CpuBackendRunsTheReference) {
+  BackendOptions options;
+  options.threads = 2;
+  auto backend = CreateBackend(options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  Backend& be = **backend;
+  ASSERT_TRUE(be.SupportsOp(Op::kAbqLinear));
+  Random rng(20);
+  const Shape3 shapes[] = {{1, 1, 1}, {3, 5, 31}, {7, 33, 257}, {40, 9, 300}};
+  for (const Combo& c : AllCombos()) {
+    for (const Shape3& s : shapes) {
+      const std::string name = Name(c, s);
+      const AbqWeights w = abq_tests::RandomWeights(c, s.n, s.k, rng);
+      absl::StatusOr<std::shared_ptr<const PreparedAbqLinear>> prepared = be.PrepareAbqLinear(w);
+      ASSERT_TRUE(prepared.ok()) << name << ": " << prepared.status();
+      EXPECT_EQ((*prepared)->n(), s.n);
+      EXPECT_EQ((*prepared)->k(), s.k);
+      const std::vector<float> xv = abq_tests::RandomX(s.m, s.k, rng);
+      Tensor x = Tensor::Zeros(DType::kF32, {s.m, s.k});
+      std::copy(xv.begin(), xv.end(), x.data<float>());
+      const Tensor bias = rng.Floats({s.n});
+      const Tensor y0 = rng.Floats({s.m, s.n});
+      auto a = AbqQuantizeActivations(xv, s.m, s.k, w.spec);
+      ASSERT_TRUE(a.ok()) << a.status();
+      auto integer = AbqGemm(*a, w);
+      auto a16 = AbqWeightOnlyReference(xv, s.m, w);
+      ASSERT_TRUE(integer.ok() && a16.ok());
+      for (AbqKernel kernel :
+           {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma, AbqKernel::kWeightOnly}) {
+        SCOPED_TRACE(absl::StrCat(name, " ", AbqKernelName(kernel)));
+        std::vector<float> want(static_cast<size_t>(s.m * s.n));
+        for (size_t i = 0; i < want.size(); ++i) {
+          want[i] =
+              kernel == AbqKernel::kWeightOnly ? static_cast<float>((*a16)[i]) : (*integer)[i];
+        }
+        Tensor y = Tensor::Zeros(DType::kF32, {s.m, s.n});
+        ASSERT_TRUE(be.AbqLinear(**prepared, kernel, x, nullptr, y, false).ok());
+        Tensor acc = y0.Clone();
+        ASSERT_TRUE(be.AbqLinear(**prepared, kernel, x, &bias, acc, true).ok());
+        for (int64_t i = 0; i < s.m * s.n; ++i) {
+          ASSERT_EQ(y.data<float>()[i], want[i]) << "at " << i;
+          const float sum = want[i] + bias.data<float>()[i % s.n];
+          ASSERT_EQ(acc.data<float>()[i], y0.data<float>()[i] + sum) << "at " << i;
+        }
+      }
+    }
+  }
+  // Operands that do not fit, and weights the invariants reject.
+  const AbqWeights w = abq_tests::RandomWeights({2, false, 4, -1}, 4, 40, rng);
+  auto prepared = be.PrepareAbqLinear(w);
+  ASSERT_TRUE(prepared.ok()) << prepared.status();
+  Tensor x = rng.Floats({2, 40}), y = Tensor::Zeros(DType::kF32, {2, 4});
+  Tensor wide = rng.Floats({2, 41}), bias = rng.Floats({5});
+  EXPECT_THAT(
+      std::string(
+          be.AbqLinear(**prepared, AbqKernel::kBinaryMma, wide, nullptr, y, false).message()),
+      HasSubstr("do not fit a [4, 40] linear"));
+  EXPECT_THAT(
+      std::string(be.AbqLinear(**prepared, AbqKernel::kBinaryMma, x, &bias, y, false).message()),
+      HasSubstr("bias"));
+  Tensor none = Tensor::Zeros(DType::kF32, {0, 40}), out = Tensor::Zeros(DType::kF32, {0, 4});
+  EXPECT_TRUE(be.AbqLinear(**prepared, AbqKernel::kBinaryMma, none, nullptr, out, false).ok());
+  AbqWeights bad = w;
+  bad.zeros[0] = 9;
+  EXPECT_THAT(std::string(be.PrepareAbqLinear(bad).status().message()), HasSubstr("zero point"));
 }
 
 }  // namespace

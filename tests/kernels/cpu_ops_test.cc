@@ -20,6 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/abq_ref.h"
 #include "kernels/cpu/quant_ref.h"
 #include "kernels/cpu/ref_ops.h"
 #include "tests/kernels/kernel_test_random.h"
@@ -101,7 +102,8 @@ TEST_P(CpuOpsTest, BackendDescribesItself) {
   EXPECT_EQ(backend_->threads(), 2);
   EXPECT_THAT(backend_->DeviceKind(), HasSubstr("openblas"));
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward, Op::kTrain}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward, Op::kTrain,
+                Op::kAbqLinear}) {
     EXPECT_TRUE(backend_->SupportsOp(op));
   }
 }
@@ -154,11 +156,20 @@ TEST_P(CpuOpsTest, SupportsOpIsTruthful) {
         Tensor v = Tensor::Zeros(DType::kF32, {2, 4});
         return be.AdamWStep(p, x, m, v, 1, AdamWOptions{});
       }
+      case Op::kAbqLinear: {
+        auto packed = PackAbqWeights(std::vector<int32_t>(12, 1), std::vector<int32_t>(3, 1),
+                                     std::vector<float>(3, 1.0f), 3, 4, AbqSpec{2, 8, -1});
+        if (!packed.ok()) return packed.status();
+        auto prepared = be.PrepareAbqLinear(*packed);
+        if (!prepared.ok()) return prepared.status();
+        return be.AbqLinear(**prepared, AbqKernel::kBinaryMma, x, nullptr, y2x3, false);
+      }
     }
     return absl::InternalError("unknown op");
   };
   for (Op op : {Op::kLinear, Op::kRmsNorm, Op::kRope, Op::kAttention, Op::kSiluMul, Op::kAdd,
-                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward, Op::kTrain}) {
+                Op::kEmbedding, Op::kNll, Op::kGram, Op::kActQuant, Op::kBackward, Op::kTrain,
+                Op::kAbqLinear}) {
     SCOPED_TRACE(static_cast<int>(op));
     EXPECT_EQ(be.SupportsOp(op), runs(op).ok());
   }

@@ -1,6 +1,8 @@
 #include <cstdio>
 
+#include "common/logging.h"
 #include "common/status.h"
+#include "services/engine/export/abq_checkpoint.h"
 #include "tools/qcal/commands.h"
 
 namespace qcal::cli {
@@ -24,6 +26,39 @@ absl::StatusOr<kernels::BackendOptions> DeviceFlags::ToOptions() const {
       compute_dtype == "bf16" ? kernels::ComputeDType::kBF16 : kernels::ComputeDType::kF32;
   QCAL_RETURN_IF_ERROR(o.Validate());
   return o;
+}
+
+void KernelFlags::Add(CLI::App& app) {
+  app.add_option("--kernels", mode,
+                 "How quantized linears run: dequant (dequantized at load, dense GEMMs: the "
+                 "reference) or abq (GPTQ v1 checkpoints repacked into bit planes at load and run "
+                 "by the ABQ kernels; refusals in docs/OPERATIONS.md)")
+      ->check(CLI::IsMember({"dequant", "abq"}));
+  abq_kernel_option =
+      app.add_option("--abq-kernel", abq_kernel,
+                     "With --kernels abq: b1 (AND + popcount tensor cores, the default), int8 "
+                     "(the same planes on int8 tensor cores) or a16 (weight-only, 16-bit "
+                     "activations)")
+          ->check(CLI::IsMember({"b1", "int8", "a16"}));
+}
+
+absl::StatusOr<std::optional<kernels::AbqKernel>> KernelFlags::Check(const std::string& model_dir,
+                                                                     int act_bits) const {
+  if (mode != "abq") {
+    if (abq_kernel_option != nullptr && abq_kernel_option->count() > 0) {
+      return absl::InvalidArgumentError("--abq-kernel needs --kernels abq");
+    }
+    return std::nullopt;
+  }
+  engine::AbqInferenceOptions options;
+  QCAL_ASSIGN_OR_RETURN(options.kernel, kernels::ParseAbqKernel(abq_kernel));
+  options.act_bits = act_bits;
+  QCAL_ASSIGN_OR_RETURN(engine::AbqInferencePlan plan,
+                        engine::PlanAbqInference(model_dir, options));
+  spdlog::info("ABQ kernel {}: W{}A{} group {} ({} linears kept unquantized by the checkpoint)",
+               kernels::AbqKernelName(plan.kernel), plan.spec.weight_bits, plan.act_bits,
+               plan.spec.group_size, plan.dense_linears.size());
+  return plan.kernel;
 }
 
 int ReportError(const absl::Status& status) {

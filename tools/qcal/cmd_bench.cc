@@ -4,6 +4,8 @@
 // 7B shape's linears, with their projected share of the 7B GPTQ job.
 // qcal bench --abq: the ABQ arbitrary-bit GEMMs per shape and token count against cuBLAS
 // (kernels/abq_bench.h), with bytes moved as a share of the H100/H200 HBM bandwidth.
+// qcal bench --decode: greedy decoding tokens/s of a synthetic model of --shape, dense bf16
+// against W4A16, W4A8 and W2*A8 through the ABQ kernels (services/engine/bench.h).
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -43,6 +45,8 @@ struct BenchArgs {
   bool er = false;   // the error-reconstruction bench instead
   bool abq = false;  // the ABQ GEMM bench instead
   kernels::AbqBenchOptions abq_options;
+  bool decode = false;  // the decode bench instead
+  engine::DecodeBenchOptions decode_options;
   std::string recipe_path;  // empty: GPTQ W4 g128
   engine::ErBenchOptions er_options;
   DeviceFlags dev;
@@ -176,9 +180,87 @@ absl::Status RunAbqBench(BenchArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status RunDecodeBench(BenchArgs& a) {
+  QCAL_ASSIGN_OR_RETURN(engine::BenchShape shape, engine::BenchShapeNamed(a.shape));
+  QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
+  QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
+  engine::DecodeBenchOptions& o = a.decode_options;
+  o.config = shape.config;
+  o.group_size = a.abq_options.group_size;
+  o.seed = a.seed;
+  QCAL_ASSIGN_OR_RETURN(engine::DecodeBenchResult r,
+                        engine::RunDecodeBench(*backend, o, [](const std::string& line) {
+                          spdlog::info("bench --decode: {}", line);
+                        }));
+  double dense_rate = 0;
+  std::map<std::string, std::vector<int>> b1_ids;  // config -> the b1 kernel's tokens
+  for (const engine::DecodeBenchRow& row : r.rows) {
+    if (row.kernel == "dense") dense_rate = row.tokens_per_second;
+    if (row.kernel == "b1") b1_ids[row.config] = row.generated;
+  }
+  // int8 computes b1's integers: its greedy tokens must be b1's ("-" where there is no b1 row).
+  auto same_as_b1 = [&](const engine::DecodeBenchRow& row) -> std::string {
+    const auto it = b1_ids.find(row.config);
+    if (row.kernel != "int8" || it == b1_ids.end()) return "-";
+    return it->second == row.generated ? "yes" : "NO";
+  };
+  if (a.json) {
+    nlohmann::ordered_json j;
+    j["bench"] = "decode";
+    j["shape"] = shape.name;
+    j["device"] = r.device_kind;
+    j["compute_dtype"] = a.dev.compute_dtype;
+    j["dense_dtype"] = r.dense_dtype;
+    j["group_size"] = o.group_size;
+    j["prompt"] = o.prompt;
+    j["tokens"] = o.tokens;
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const engine::DecodeBenchRow& row : r.rows) {
+      list.push_back(
+          {{"config", row.config},
+           {"kernel", row.kernel},
+           {"seconds", row.seconds},
+           {"tokens_per_second", row.tokens_per_second},
+           {"speedup_vs_dense", dense_rate > 0 ? row.tokens_per_second / dense_rate : 0.0},
+           {"weight_bytes", row.weight_bytes},
+           {"device_bytes", row.device_bytes},
+           {"same_tokens_as_b1", same_as_b1(row)}});
+    }
+    j["rows"] = list;
+    std::printf("%s\n", j.dump().c_str());
+    return absl::OkStatus();
+  }
+  const ModelConfig& c = shape.config;
+  std::printf(
+      "qcal bench --decode: %s shape (hidden %d, intermediate %d, %d layers), greedy decoding "
+      "with a KV cache, batch 1: %d prompt tokens, then %d timed steps; compute %s, dense "
+      "weights %s, quantized weights RTN g%d\n",
+      shape.name.c_str(), c.hidden_size, c.intermediate_size, c.num_layers, o.prompt, o.tokens,
+      a.dev.compute_dtype.c_str(), r.dense_dtype.c_str(), o.group_size);
+  std::printf("device: %s\n", r.device_kind.c_str());
+  std::printf("%-7s %-6s %10s %9s %8s %10s %10s %8s\n", "config", "kernel", "tokens/s", "ms/token",
+              "x dense", "weights GB", "device GB", "= b1");
+  for (const engine::DecodeBenchRow& row : r.rows) {
+    std::printf("%-7s %-6s %10.1f %9.3f %8.2f %10.2f %10.2f %8s\n", row.config.c_str(),
+                row.kernel.c_str(), row.tokens_per_second, 1e3 / row.tokens_per_second,
+                dense_rate > 0 ? row.tokens_per_second / dense_rate : 0.0, row.weight_bytes * 1e-9,
+                row.device_bytes * 1e-9, same_as_b1(row).c_str());
+  }
+  for (const engine::DecodeBenchRow& row : r.rows) {
+    if (same_as_b1(row) == "NO") {
+      return absl::InternalError(
+          absl::StrCat("bench --decode: the int8 kernel's tokens differ "
+                       "from b1's for ",
+                       row.config));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunBench(BenchArgs& a) {
   if (a.er) return RunErBench(a);
   if (a.abq) return RunAbqBench(a);
+  if (a.decode) return RunDecodeBench(a);
   QCAL_ASSIGN_OR_RETURN(engine::BenchShape shape, engine::BenchShapeNamed(a.shape));
   const double reference_seconds = a.reference_seconds_per_layer * shape.config.num_layers;
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
@@ -397,7 +479,18 @@ RunFn AddBench(CLI::App& app) {
                  "With --abq: timed runs per measurement after 3 warm-ups (default: 20)")
       ->check(CLI::PositiveNumber);
   app.add_option("--abq-group", a->abq_options.group_size,
-                 "With --abq: weight group size, -1 or a multiple of 32 (default: 128)");
+                 "With --abq or --decode: weight group size, -1 or a multiple of 32 (default: "
+                 "128)");
+  app.add_flag("--decode", a->decode,
+               "Time greedy decoding (batch 1, KV cache) of a synthetic --shape model: dense bf16 "
+               "against W4A16 (a16 kernel), W4A8 and W2*A8 (b1 and int8 kernels); --samples, "
+               "--seq-len, --blocks and --recipe are ignored");
+  app.add_option("--decode-tokens", a->decode_options.tokens,
+                 "With --decode: timed decode steps (default: 64)")
+      ->check(CLI::Range(1, 1 << 16));
+  app.add_option("--decode-prompt", a->decode_options.prompt,
+                 "With --decode: prompt tokens, prefilled before the timed steps (default: 16)")
+      ->check(CLI::Range(1, 1 << 16));
   a->dev.Add(app);
   app.add_option("--reference-seconds-per-layer", a->reference_seconds_per_layer,
                  "The reference GPTQ's measured seconds per layer on this GPU and shape, for the "

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
@@ -30,6 +31,7 @@ struct EvalArgs {
   int seq_len = 0;
   int max_windows = -1;
   DeviceFlags dev;
+  KernelFlags kernel_flags;
   int act_bits = 0;
   bool json = false;
   std::string logits_out;
@@ -117,10 +119,17 @@ absl::StatusOr<std::vector<int>> ReadIds(const std::string& path) {
 }
 
 absl::Status RunEval(const EvalArgs& a) {
+  // The ABQ checks run on the host, before any device is touched.
+  QCAL_ASSIGN_OR_RETURN(std::optional<kernels::AbqKernel> abq_kernel,
+                        a.kernel_flags.Check(a.model, a.act_bits));
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
+  if (abq_kernel && backend->device() == Device::kHost) {
+    spdlog::warn("--kernels abq on the CPU backend runs the kernels' scalar reference (slow)");
+  }
   engine::LoadOptions load;
   load.act_bits = a.act_bits;
+  load.abq_kernel = abq_kernel;
   // Evaluation runs layer-major, one block resident at a time (DESIGN section 2, "Memory").
   load.residency = engine::BlockResidency::kStreaming;
   QCAL_ASSIGN_OR_RETURN(auto model, engine::LoadCheckpoint(a.model, backend.get(), load));
@@ -193,6 +202,7 @@ RunFn AddEval(CLI::App& app) {
   app.add_option("--max-windows", a->max_windows, "Keep only the first K windows (default: all)")
       ->check(CLI::PositiveNumber);
   a->dev.Add(app);
+  a->kernel_flags.Add(app);
   app.add_option("--act-bits", a->act_bits,
                  "Activation bits of every block linear (4..8, or 16 for off); default: what the "
                  "checkpoint records")

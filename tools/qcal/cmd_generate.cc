@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/hf_config.h"
@@ -23,12 +24,19 @@ struct GenerateArgs {
   std::string prompt;
   int max_new_tokens = 64;
   DeviceFlags dev;
+  KernelFlags kernel_flags;
   int act_bits = 0;
 };
 
 absl::Status RunGenerate(const GenerateArgs& a) {
+  // The ABQ checks run on the host, before any device is touched.
+  QCAL_ASSIGN_OR_RETURN(std::optional<kernels::AbqKernel> abq_kernel,
+                        a.kernel_flags.Check(a.model, a.act_bits));
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   QCAL_ASSIGN_OR_RETURN(auto backend, kernels::CreateBackend(bo));
+  if (abq_kernel && backend->device() == Device::kHost) {
+    spdlog::warn("--kernels abq on the CPU backend runs the kernels' scalar reference (slow)");
+  }
   QCAL_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(a.model));
   if (tokenizer->bos_id() < 0 && a.prompt.empty()) {
     return absl::InvalidArgumentError(
@@ -39,6 +47,7 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(a.model));
   engine::LoadOptions load;
   load.act_bits = a.act_bits;
+  load.abq_kernel = abq_kernel;
   // The whole model on the device when it fits; otherwise every token streams every block.
   load.residency = engine::ResidencyToFit(config, *backend);
   if (load.residency == engine::BlockResidency::kStreaming) {
@@ -75,6 +84,7 @@ RunFn AddGenerate(CLI::App& app) {
       ->required()
       ->check(CLI::Range(0, 1 << 20));
   a->dev.Add(app);
+  a->kernel_flags.Add(app);
   app.add_option("--act-bits", a->act_bits,
                  "Activation bits of every block linear (4..8, or 16 for off); default: what the "
                  "checkpoint records")

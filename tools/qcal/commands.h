@@ -5,6 +5,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "CLI/CLI.hpp"
@@ -77,6 +78,19 @@ struct DeviceFlags {
   int threads = 0;                    // 0: number of cores
   void Add(CLI::App& app);
   absl::StatusOr<kernels::BackendOptions> ToOptions() const;
+};
+
+// --kernels and --abq-kernel of eval and generate: how a quantized checkpoint's linears run.
+struct KernelFlags {
+  std::string mode = "dequant";   // --kernels: dequant | abq
+  std::string abq_kernel = "b1";  // b1 | int8 | a16, with --kernels abq
+  CLI::Option* abq_kernel_option = nullptr;
+  void Add(CLI::App& app);
+  // nullopt for --kernels dequant; for abq the kernel, once PlanAbqInference has accepted the
+  // checkpoint in `model_dir` with `act_bits` (0: the checkpoint's). Runs on the host only, before
+  // any device is touched. Errors: --abq-kernel without --kernels abq, and the plan's refusals.
+  absl::StatusOr<std::optional<kernels::AbqKernel>> Check(const std::string& model_dir,
+                                                          int act_bits) const;
 };
 
 // Prints a one-line error to stderr and returns the process exit code for it.

@@ -9,6 +9,7 @@
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
+#include "services/engine/export/abq_checkpoint.h"
 #include "services/engine/export/gptq_pack.h"
 
 namespace qcal::engine {
@@ -252,7 +253,7 @@ class LoraAdapter {
       QCAL_ASSIGN_OR_RETURN(Tensor la, la_raw.ToF32());  // L_B [r, d_in]
       QCAL_ASSIGN_OR_RETURN(Tensor lb, lb_raw.ToF32());  // L_A [d_out, r]
       Linear& lin = w.at(k);
-      const int64_t d_out = lin.weight.dim(0), d_in = lin.weight.dim(1);
+      const int64_t d_out = lin.d_out(), d_in = lin.d_in();
       if (la.rank() != 2 || lb.rank() != 2 || la.dim(1) != d_in || lb.dim(0) != d_out ||
           la.dim(0) != lb.dim(1) || la.dim(0) < 1) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -337,6 +338,18 @@ absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
   }
   ModelLoadOptions mo;
   mo.residency = options.residency;
+  if (options.abq_kernel.has_value()) {
+    AbqInferenceOptions ao;
+    ao.kernel = *options.abq_kernel;
+    ao.act_bits = options.act_bits;
+    QCAL_ASSIGN_OR_RETURN(AbqInferencePlan plan, PlanAbqInference(dir, ao));
+    const kernels::AbqSpec spec = plan.spec;
+    mo.linear_pack = [spec](const CheckpointReader& reader, const std::string& prefix,
+                            int64_t d_out, int64_t d_in) {
+      return ReadAbqLinear(reader, prefix, d_out, d_in, spec);
+    };
+    mo.abq_kernel = plan.kernel;
+  }
   if (q.quant_method == "gptq") {
     const int bits = q.bits;
     mo.linear_weight = [bits](const CheckpointReader& reader, const std::string& prefix,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -36,6 +37,12 @@ struct LoadOptions {
   // kStreaming loads blocks on demand (Model::AcquireBlock), dequantizing each as it is read, and
   // adds the adapter's branches to each block as it loads. Default: kAll.
   BlockResidency residency = BlockResidency::kAll;
+  // How quantized linears run. Unset: dequantized at load into dense fp32 weights (the reference,
+  // `--kernels dequant`). Set: ABQ inference with this kernel (`--kernels abq`; GPTQ v1
+  // checkpoints, export/abq_checkpoint.h): the checkpoint is checked by PlanAbqInference first,
+  // then every quantized linear is repacked into bit planes as its block loads and placed with
+  // Backend::PrepareAbqLinear, with no dense copy. Default: unset.
+  std::optional<kernels::AbqKernel> abq_kernel;
 };
 
 // Loads the checkpoint in `dir` (one model.safetensors or shards with an index, ours or another

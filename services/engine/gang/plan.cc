@@ -64,25 +64,6 @@ std::vector<ChunkRange> SplitChunks(int total_chunks, int world) {
   return out;
 }
 
-std::pair<int64_t, int64_t> LinearShape(const ModelConfig& c, LinearKind k) {
-  const int64_t hidden = c.hidden_size;
-  switch (k) {
-    case LinearKind::kQ:
-      return {c.q_dim(), hidden};
-    case LinearKind::kK:
-    case LinearKind::kV:
-      return {c.kv_dim(), hidden};
-    case LinearKind::kO:
-      return {hidden, c.q_dim()};
-    case LinearKind::kGate:
-    case LinearKind::kUp:
-      return {c.intermediate_size, hidden};
-    case LinearKind::kDown:
-      return {hidden, c.intermediate_size};
-  }
-  return {0, 0};
-}
-
 std::array<int, kNumLinears> AssignOwners(const ModelConfig& config, int world) {
   std::array<double, kNumLinears> cost{};
   for (int i = 0; i < kNumLinears; ++i) {

@@ -69,7 +69,4 @@ std::array<int, kNumLinears> AssignOwners(const ModelConfig& config, int world);
 // The whole plan for `rank`. world >= 1, 0 <= rank < world, samples >= 1.
 GangPlan MakeGangPlan(const ModelConfig& config, int samples, int world, int rank, uint64_t epoch);
 
-// d_out and d_in of linear k of a block of `config`.
-std::pair<int64_t, int64_t> LinearShape(const ModelConfig& config, LinearKind k);
-
 }  // namespace qcal::engine

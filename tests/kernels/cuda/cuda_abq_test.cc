@@ -6,7 +6,8 @@
 // from the reference's packed activations; the weight-only A16 kernel is within
 // AbqWeightOnlyErrorBound of its float64 reference. Shapes cover size 1, odd m (1, 3, 7, 16 and
 // the prefill sizes 37 and 256), k off every word and tile width, and odd n across several warps
-// and blocks. Skips without a GPU.
+// and blocks. The CUDA backend's AbqLinear (the device entry point on the backend's stream, bias
+// and accumulation) equals the CPU backend's. Skips without a GPU.
 #include "kernels/cuda/cuda_abq.h"
 
 #include <cmath>
@@ -19,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/abq_ref.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "tests/kernels/abq_test_cases.h"
@@ -30,6 +32,8 @@ namespace {
 using abq_tests::AllCombos;
 using abq_tests::Combo;
 using abq_tests::Name;
+using abq_tests::RandomWeights;
+using abq_tests::RandomX;
 using abq_tests::Shape3;
 using kernel_tests::Random;
 using ::testing::HasSubstr;
@@ -43,33 +47,6 @@ constexpr AbqKernel kIntegerKernels[] = {AbqKernel::kBinaryMma, AbqKernel::kInt8
 // groups or several (k 6000 at g32 with m = 1: 188 groups; k 1000 at g32 with m = 16).
 constexpr Shape3 kShapes[] = {{1, 1, 1},    {1, 37, 300},   {3, 5, 31},    {7, 133, 257},
                               {1, 9, 6000}, {16, 19, 1000}, {37, 21, 520}, {256, 33, 384}};
-
-// Random packed weights: codes over the whole range (0..4 for the balanced grid), GPTQ v1 zero
-// points in [1, 2^wb], positive scales over a few binades.
-AbqWeights RandomWeights(const Combo& c, int64_t n, int64_t k, Random& rng) {
-  const AbqSpec spec{c.wb, c.ab, c.group};
-  const int64_t n_groups = AbqNumGroups(spec, k);
-  const int max_code = c.balanced ? 4 : (1 << c.wb) - 1;
-  std::vector<int32_t> codes, zeros;
-  std::vector<float> scales;
-  for (int64_t i = 0; i < n * k; ++i) codes.push_back(rng.Below(max_code + 1));
-  for (int64_t i = 0; i < n_groups * n; ++i) {
-    zeros.push_back(1 + rng.Below(1 << c.wb));
-    scales.push_back(std::ldexp(1.0f + rng.Uniform(0.5f), -3 - rng.Below(6)));
-  }
-  auto w = PackAbqWeights(codes, zeros, scales, n, k, spec);
-  EXPECT_TRUE(w.ok()) << w.status();
-  return w.ok() ? *std::move(w) : AbqWeights{};
-}
-
-// x [m][k] uniform, with an outlier column per token and (m >= 3) token 1 all zero (s_a = 0).
-std::vector<float> RandomX(int64_t m, int64_t k, Random& rng) {
-  std::vector<float> x(static_cast<size_t>(m * k));
-  for (float& v : x) v = rng.Uniform(1.0f);
-  for (int64_t t = 0; t < m; ++t) x[t * k + rng.Below(static_cast<int>(k))] = 8.0f;
-  if (m >= 3) std::fill(x.begin() + k, x.begin() + 2 * k, 0.0f);
-  return x;
-}
 
 // Number of positions where a and b differ (bit patterns for floats), with the first few
 // reported under `what`.
@@ -239,6 +216,74 @@ TEST_F(CudaAbqTest, RefusesBadInput) {
   bad = w;
   bad.planes.pop_back();
   EXPECT_THAT(CudaAbqLinear::Create(bad, 0).status().message(), HasSubstr("planes has"));
+}
+
+// The CUDA backend's AbqLinear (ForwardDevice on the backend's stream and pool, then the bias and
+// the accumulation in fp32) gives the CPU backend's results bit for bit through the integer
+// kernels, whatever the operands' offsets in the pool; a16 stays within its bound.
+TEST_F(CudaAbqTest, BackendAbqLinearEqualsCpuBackend) {
+  BackendOptions cuda_options, cpu_options;
+  cuda_options.device = "cuda";
+  cpu_options.threads = 2;
+  auto gpu = CreateBackend(cuda_options);
+  auto cpu = CreateBackend(cpu_options);
+  ASSERT_TRUE(gpu.ok() && cpu.ok());
+  Random rng(15);
+  // The kernels themselves are covered above; a few combinations exercise the wiring.
+  for (const Combo& c : {Combo{4, false, 8, 128}, Combo{3, true, 8, 32}, Combo{8, false, 4, -1},
+                         Combo{2, false, 8, -1}, Combo{3, false, 4, 128}}) {
+    for (const Shape3& s : {Shape3{1, 37, 300}, Shape3{7, 133, 257}, Shape3{37, 21, 520}}) {
+      const std::string name = Name(c, s);
+      const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+      auto on_gpu = (*gpu)->PrepareAbqLinear(w);
+      auto on_cpu = (*cpu)->PrepareAbqLinear(w);
+      ASSERT_TRUE(on_gpu.ok() && on_cpu.ok()) << name;
+      const std::vector<float> xv = RandomX(s.m, s.k, rng);
+      Tensor x = Tensor::Zeros(DType::kF32, {s.m, s.k});
+      std::copy(xv.begin(), xv.end(), x.data<float>());
+      const Tensor bias = rng.Floats({s.n}), y0 = rng.Floats({s.m, s.n});
+      auto dx = (*gpu)->ToDevice(x);
+      auto dbias = (*gpu)->ToDevice(bias);
+      ASSERT_TRUE(dx.ok() && dbias.ok());
+      for (AbqKernel kernel : kIntegerKernels) {
+        const std::string what = absl::StrCat(name, " ", AbqKernelName(kernel));
+        for (bool accumulate : {false, true}) {
+          Tensor want = y0.Clone();
+          ASSERT_TRUE((*cpu)->AbqLinear(**on_cpu, kernel, x, &bias, want, accumulate).ok());
+          auto dy = (*gpu)->ToDevice(y0);
+          ASSERT_TRUE(dy.ok());
+          const absl::Status st =
+              (*gpu)->AbqLinear(**on_gpu, kernel, *dx, &*dbias, *dy, accumulate);
+          ASSERT_TRUE(st.ok()) << what << ": " << st;
+          auto got = (*gpu)->ToHost(*dy);
+          ASSERT_TRUE(got.ok());
+          const std::vector<float> g(got->data<float>(), got->data<float>() + got->numel());
+          const std::vector<float> e(want.data<float>(), want.data<float>() + want.numel());
+          EXPECT_EQ(CountMismatches(g, e, what + (accumulate ? " accumulate" : "")), 0);
+        }
+      }
+      auto dy = (*gpu)->Alloc(DType::kF32, {s.m, s.n});
+      ASSERT_TRUE(dy.ok());
+      ASSERT_TRUE(
+          (*gpu)->AbqLinear(**on_gpu, AbqKernel::kWeightOnly, *dx, nullptr, *dy, false).ok());
+      auto got = (*gpu)->ToHost(*dy);
+      auto ref = AbqWeightOnlyReference(xv, s.m, w);
+      ASSERT_TRUE(got.ok() && ref.ok());
+      for (int64_t t = 0; t < s.m; ++t) {
+        for (int64_t o = 0; o < s.n; ++o) {
+          ASSERT_LE(std::fabs(got->data<float>()[t * s.n + o] - (*ref)[t * s.n + o]),
+                    AbqWeightOnlyErrorBound(xv, w, t, o))
+              << name << " a16 [" << t << "][" << o << "]";
+        }
+      }
+      // Weights prepared by one backend are refused by the other.
+      EXPECT_THAT(
+          std::string((*gpu)
+                          ->AbqLinear(**on_cpu, AbqKernel::kBinaryMma, *dx, nullptr, *dy, false)
+                          .message()),
+          HasSubstr("another backend"));
+    }
+  }
 }
 
 }  // namespace
