@@ -5,6 +5,8 @@
 #      quantization driver) and the gang pipeline test (W = 1..4 ranks on CUDA, same bytes);
 #   2. qcal eval --device cuda on both shared models (reference perplexities 6.8908 and 28.728,
 #      within 0.1%) and greedy generation against stories260k's greedy_256.txt;
+#   2b. (step families) tools/families/compare_transformers.py: synthetic checkpoints of every
+#      family (dense and MoE) against transformers in fp32: logits, expert choices, greedy tokens;
 #   3. qcal quantize --device cuda on sotu-llama-16m, GPTQ W4 g128 and ASER W4A8 per-channel
 #      (rank 64), each twice (output files byte-identical, qcal_run.json aside) and once on the CPU
 #      with the same seed (perplexities within 0.5%);
@@ -37,8 +39,8 @@
 #
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
-#   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval quantize oac retrain bench er
-#                              abq sanitizer stream13 stream70"
+#   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval families quantize oac retrain
+#                              bench er abq sanitizer stream13 stream70"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -46,7 +48,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.gz}
 dest=${OUT:-$root/out}
-steps=" ${QCAL_SESSION_STEPS:-tests eval quantize oac retrain bench er abq sanitizer} "
+steps=" ${QCAL_SESSION_STEPS:-tests eval families quantize oac retrain bench er abq sanitizer} "
 budget=${QCAL_SESSION_BUDGET:-500}
 mkdir -p "$dest"
 out=$(mktemp -d /tmp/qcal-logs.XXXXXX)
@@ -135,6 +137,25 @@ if wants eval; then
   else
     printf '%-34s %4d DIFFERS from greedy_256.txt\n' "generate stories260k greedy" "$rc" >>"$summary"
     fail "greedy generation on the GPU"
+  fi
+fi
+
+if wants families; then
+  # Every model family against transformers (torch and transformers are on the GPU machine):
+  # synthetic checkpoints, logits within 1e-4 on the CPU and the GPU, expert choices (MoE), greedy
+  # generation (tools/families/compare_transformers.py).
+  if time_for 120; then
+    start=$SECONDS
+    timeout 300 python3 "$root/tools/families/compare_transformers.py" "$qcal" \
+      /tmp/qcal-families --families "${QCAL_FAMILIES:-llama,llama3,qwen2,qwen3,mistral,mixtral,qwen2_moe,qwen3_moe}" \
+      >"$out/families.log" 2>&1
+    rc=$?
+    printf '%-34s %4d %d s\n' "families vs transformers" "$rc" $((SECONDS - start)) >>"$summary"
+    ((rc == 0)) || { fail "families vs transformers"; tail -5 "$out/families.log" | sed 's/^/    /' >>"$summary"; }
+    [[ -f /tmp/qcal-families/summary.md ]] && sed 's/^/    /' /tmp/qcal-families/summary.md >>"$summary"
+    rm -rf /tmp/qcal-families
+  else
+    note "families: skipped (session budget)"
   fi
 fi
 
