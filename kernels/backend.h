@@ -219,6 +219,17 @@ class Backend {
                             float alpha, float beta, Tensor& c) {
     return UnsupportedOp("Gemm");
   }
+  // The lower triangle (diagonal included) of c = alpha·op(a)·op(b) + beta·c, for a product the
+  // caller knows to be symmetric (square, and equal to its transpose: XᵀX, ΓΓᵀ, Xᵀ(PX) for a
+  // symmetric P). Entries above the diagonal are unspecified afterwards; MirrorLower completes c.
+  // The CUDA backend computes row panels of the lower triangle, about half of Gemm's work; the
+  // default (the CPU's) is Gemm.
+  virtual absl::Status GemmLower(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                                 float alpha, float beta, Tensor& c) {
+    return Gemm(a, trans_a, b, trans_b, alpha, beta, c);
+  }
+  // c[i, j] = c[j, i] for j > i: a square F32 c made symmetric from its lower triangle.
+  virtual absl::Status MirrorLower(Tensor& c) { return UnsupportedOp("MirrorLower"); }
   // dx = ∂<dy, RmsNorm(x, weight, eps)>/∂x for x, dy [rows, width] (weight [width]; the weight's
   // own gradient is not formed). dx may alias dy.
   virtual absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps,

@@ -510,6 +510,17 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status MirrorLower(Tensor& c) override {
+    QCAL_RETURN_IF_ERROR(ExpectMatrix(c, "MirrorLower", "c"));
+    const int64_t n = c.dim(0);
+    QCAL_RETURN_IF_ERROR(ExpectShape(c, {n, n}, "MirrorLower", "c"));
+    float* cp = c.data<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = i + 1; j < n; ++j) cp[i * n + j] = cp[j * n + i];
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy,
                                Tensor& dx) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "RmsNormBackward", "x"));

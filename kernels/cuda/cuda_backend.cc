@@ -603,36 +603,21 @@ class CudaBackend final : public Backend {
 
   absl::Status Gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
                     float beta, Tensor& c) override {
-    QCAL_RETURN_IF_ERROR(ExpectDevice(a, DType::kF32, "Gemm", "a"));
-    QCAL_RETURN_IF_ERROR(ExpectDevice(b, DType::kF32, "Gemm", "b"));
-    QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "Gemm", "c"));
-    if (a.rank() != 2 || b.rank() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat("Gemm: a ", a.DebugString(), " and b ",
-                                                     b.DebugString(), " must be matrices"));
-    }
-    const int64_t m = trans_a ? a.dim(1) : a.dim(0), k = trans_a ? a.dim(0) : a.dim(1);
-    const int64_t kb = trans_b ? b.dim(1) : b.dim(0), n = trans_b ? b.dim(0) : b.dim(1);
-    if (k != kb) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Gemm: op(a) of ", a.DebugString(), (trans_a ? " transposed" : ""), " has ",
-                       k, " columns but op(b) of ", b.DebugString(), (trans_b ? " transposed" : ""),
-                       " has ", kb, " rows"));
-    }
-    QCAL_RETURN_IF_ERROR(ExpectShape(c, {m, n}, "Gemm", "c"));
-    if (m == 0 || n == 0) return absl::OkStatus();
+    return GemmPanels(a, trans_a, b, trans_b, alpha, beta, c, /*lower=*/false);
+  }
+
+  absl::Status GemmLower(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+                         float beta, Tensor& c) override {
+    return GemmPanels(a, trans_a, b, trans_b, alpha, beta, c, /*lower=*/true);
+  }
+
+  absl::Status MirrorLower(Tensor& c) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "MirrorLower", "c"));
+    const int64_t n = c.rank() == 2 ? c.dim(0) : -1;
+    QCAL_RETURN_IF_ERROR(ExpectShape(c, {n, n}, "MirrorLower", "c"));
+    if (n <= 1) return absl::OkStatus();
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
-    float* cp = c.data<float>();
-    if (k == 0) {  // cuBLAS leaves c unscaled for an empty inner dimension
-      if (beta == 0.0f) {
-        return CudaStatus(cudaMemsetAsync(cp, 0, c.nbytes(), stream()), "Gemm: zeroing c");
-      }
-      return CudaStatus(cuda::LaunchScale(cp, c.numel(), beta, stream()), "Gemm: scaling c");
-    }
-    const DType operands = dtype_ == ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
-    QCAL_ASSIGN_OR_RETURN(Tensor ao, AsOperand(a, operands));
-    QCAL_ASSIGN_OR_RETURN(Tensor bo, AsOperand(b, operands));
-    return cuda::Gemm(blas_.get(), trans_a, trans_b, m, n, k, alpha, ao.raw(), a.dim(1), bo.raw(),
-                      b.dim(1), operands, beta, cp, n);
+    return CudaStatus(cuda::LaunchMirrorLowerToUpper(c.data<float>(), n, stream()), "MirrorLower");
   }
 
   absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy,
@@ -970,6 +955,57 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Gemm, or with `lower` GemmLower: row panels [r0, r1) of the lower triangle, each one product
+  // of op(a)'s rows r0..r1 with op(b)'s first r1 columns ((P + 1) / 2P of the full product for P
+  // panels; panel starts are multiples of 64 rows, so that bf16 operands stay aligned).
+  absl::Status GemmPanels(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+                          float beta, Tensor& c, bool lower) {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(a, DType::kF32, "Gemm", "a"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(b, DType::kF32, "Gemm", "b"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "Gemm", "c"));
+    if (a.rank() != 2 || b.rank() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat("Gemm: a ", a.DebugString(), " and b ",
+                                                     b.DebugString(), " must be matrices"));
+    }
+    const int64_t m = trans_a ? a.dim(1) : a.dim(0), k = trans_a ? a.dim(0) : a.dim(1);
+    const int64_t kb = trans_b ? b.dim(1) : b.dim(0), n = trans_b ? b.dim(0) : b.dim(1);
+    if (k != kb) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gemm: op(a) of ", a.DebugString(), (trans_a ? " transposed" : ""), " has ",
+                       k, " columns but op(b) of ", b.DebugString(), (trans_b ? " transposed" : ""),
+                       " has ", kb, " rows"));
+    }
+    QCAL_RETURN_IF_ERROR(ExpectShape(c, {m, n}, "Gemm", "c"));
+    if (m == 0 || n == 0) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    float* cp = c.data<float>();
+    if (k == 0) {  // cuBLAS leaves c unscaled for an empty inner dimension
+      if (beta == 0.0f) {
+        return CudaStatus(cudaMemsetAsync(cp, 0, c.nbytes(), stream()), "Gemm: zeroing c");
+      }
+      return CudaStatus(cuda::LaunchScale(cp, c.numel(), beta, stream()), "Gemm: scaling c");
+    }
+    const DType operands = dtype_ == ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
+    QCAL_ASSIGN_OR_RETURN(Tensor ao, AsOperand(a, operands));
+    QCAL_ASSIGN_OR_RETURN(Tensor bo, AsOperand(b, operands));
+    if (!lower || m != n || m < kGramPanels * kGramMinPanelWidth) {
+      return cuda::Gemm(blas_.get(), trans_a, trans_b, m, n, k, alpha, ao.raw(), a.dim(1), bo.raw(),
+                        b.dim(1), operands, beta, cp, n);
+    }
+    const int64_t width = ((m + kGramPanels - 1) / kGramPanels + 63) / 64 * 64;
+    const int64_t elem = operands == DType::kBF16 ? 2 : 4;
+    const char* ap = static_cast<const char*>(ao.raw());
+    for (int64_t r0 = 0; r0 < m; r0 += width) {
+      const int64_t r1 = std::min(m, r0 + width);
+      // op(a)'s rows r0..r1: a's rows (a [m, k]) or a's columns (a [k, m] transposed).
+      const void* a_rows = ap + (trans_a ? r0 : r0 * a.dim(1)) * elem;
+      QCAL_RETURN_IF_ERROR(cuda::Gemm(blas_.get(), trans_a, trans_b, r1 - r0, r1, k, alpha, a_rows,
+                                      a.dim(1), bo.raw(), b.dim(1), operands, beta, cp + r0 * n,
+                                      n));
+    }
+    return absl::OkStatus();
+  }
+
   cudaStream_t stream() const { return stream_.get(); }
 
   // The tensor-core path: q, k and v rounded to bf16 into padded scratch copies, then the kernel.

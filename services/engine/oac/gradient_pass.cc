@@ -409,23 +409,12 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
     QCAL_RETURN_IF_ERROR(be.Synchronize());
     const auto t_tap = std::chrono::steady_clock::now();
     LinearOac& p = partial[static_cast<int>(kind)];
-    const int64_t d_in = x.dim(1), d_out = dy.dim(1), samples = x.dim(0) / seq_len;
+    const int64_t d_in = x.dim(1), d_out = dy.dim(1);
     QCAL_ASSIGN_OR_RETURN(p.hessian, be.Alloc(DType::kF32, {d_in, d_in}));
-    if (options.kind == HessianKind::kOutputAdaptiveToken) {
-      QCAL_RETURN_IF_ERROR(AccumulateOacHessian(be, options.kind, x, dy, p.hessian));
-    } else {
-      for (int64_t s = 0; s < samples; ++s) {
-        QCAL_RETURN_IF_ERROR(
-            AccumulateOacHessian(be, options.kind, x.Rows(s * seq_len, (s + 1) * seq_len),
-                                 dy.Rows(s * seq_len, (s + 1) * seq_len), p.hessian));
-      }
-    }
+    QCAL_RETURN_IF_ERROR(AccumulateOacHessian(be, options.kind, x, dy, seq_len, p.hessian));
     if (options.fisher) {
       QCAL_ASSIGN_OR_RETURN(p.fisher, be.Alloc(DType::kF32, {d_out, d_in}));
-      for (int64_t s = 0; s < samples; ++s) {
-        QCAL_RETURN_IF_ERROR(AccumulateFisher(be, x.Rows(s * seq_len, (s + 1) * seq_len),
-                                              dy.Rows(s * seq_len, (s + 1) * seq_len), p.fisher));
-      }
+      QCAL_RETURN_IF_ERROR(AccumulateFisher(be, x, dy, seq_len, p.fisher));
     }
     QCAL_RETURN_IF_ERROR(be.Synchronize());
     tap_seconds += SecondsSince(t_tap);

@@ -5,8 +5,9 @@
 // the full-precision model. Sums are kept unnormalised: GPTQ's damping is relative to the mean
 // diagonal, so the ×2/n of DESIGN section 3 changes no code (the report records the kind).
 //
-// The per-sample accumulations are backend ops composed here (Gemm, AccumulateGram,
-// ScaleRowsByNorm, AccumulateSquares), so they run on the device that holds X and Γ.
+// The per-sample accumulations are backend ops composed here (Gemm, GemmLower, MirrorLower,
+// AccumulateGram, ScaleRowsByNorm, AccumulateSquares), so they run on the device that holds X
+// and Γ.
 //
 // Files. One linear's statistics are persisted as a safetensors file (common/safetensors_writer):
 // "hessian_upper" F32 [n(n+1)/2], the upper triangle row by row (row i holds H[i, i..n-1]), and,
@@ -36,13 +37,17 @@ struct LinearOac {
 };
 using BlockOac = std::array<LinearOac, kNumLinears>;  // LinearKind order
 
-// One sample's contribution, on the backend holding x [L, d_in] and dy [L, d_out] (the rows of one
-// sample): h += Xᵀ(ΓΓᵀ)X (kOutputAdaptive) or h += Xᵀdiag(‖g_t‖²)X (kOutputAdaptiveToken); h is
-// F32 [d_in, d_in] and both triangles are written. InvalidArgument for kLayer or bad shapes.
+// The contribution of the samples in x [rows, d_in] and dy [rows, d_out] (rows = samples ·
+// seq_len, sample-major: one chunk's rows), on the backend holding them: h += Σ_n X_nᵀ(Γ_nΓ_nᵀ)X_n
+// over the samples (kOutputAdaptive) or h += Xᵀdiag(‖g_t‖²)X over all rows (kOutputAdaptiveToken).
+// h is F32 [d_in, d_in], symmetric on entry and on return (the sample-wise products accumulate
+// the lower triangle, Backend::GemmLower, and one MirrorLower completes it). InvalidArgument for
+// kLayer, bad shapes, or rows not a multiple of seq_len.
 absl::Status AccumulateOacHessian(kernels::Backend& be, HessianKind kind, const Tensor& x,
-                                  const Tensor& dy, Tensor& h);
-// f += (ΓᵀX) ⊙ (ΓᵀX) for one sample; f is F32 [d_out, d_in].
-absl::Status AccumulateFisher(kernels::Backend& be, const Tensor& x, const Tensor& dy, Tensor& f);
+                                  const Tensor& dy, int64_t seq_len, Tensor& h);
+// f += Σ_n (Γ_nᵀX_n) ⊙ (Γ_nᵀX_n) over the samples of x and dy (as above); f is F32 [d_out, d_in].
+absl::Status AccumulateFisher(kernels::Backend& be, const Tensor& x, const Tensor& dy,
+                              int64_t seq_len, Tensor& f);
 
 // The canonical reduction's combine: left.hessian += right.hessian (and the Fisher), on `be`.
 Combine<LinearOac> LinearOacCombine(kernels::Backend& be);

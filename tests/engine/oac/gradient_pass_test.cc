@@ -175,6 +175,11 @@ class BudgetBackend final : public kernels::Backend {
   absl::Status ScaleRowsByNorm(const Tensor& g, Tensor& x) override {
     return inner_->ScaleRowsByNorm(g, x);
   }
+  absl::Status GemmLower(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+                         float beta, Tensor& c) override {
+    return inner_->GemmLower(a, trans_a, b, trans_b, alpha, beta, c);
+  }
+  absl::Status MirrorLower(Tensor& c) override { return inner_->MirrorLower(c); }
   absl::Status AccumulateSquares(const Tensor& g, Tensor& f) override {
     return inner_->AccumulateSquares(g, f);
   }

@@ -76,7 +76,7 @@ TEST(OacStatisticsTest, TokenHessianWithGradientNormsOfFourIsFourGramsAndKeepsGp
     }
   }
   Tensor h_tok = Tensor::Zeros(DType::kF32, {d_in, d_in});
-  ASSERT_TRUE(AccumulateOacHessian(*be, HessianKind::kOutputAdaptiveToken, x, dy, h_tok).ok());
+  ASSERT_TRUE(AccumulateOacHessian(*be, HessianKind::kOutputAdaptiveToken, x, dy, 1, h_tok).ok());
   Tensor gram = Tensor::Zeros(DType::kF32, {d_in, d_in});
   ASSERT_TRUE(be->AccumulateGram(x, gram).ok());
   std::vector<float> four_gram = Values(gram);
@@ -128,10 +128,13 @@ TEST(OacStatisticsTest, SampleHessianAndFisherMatchWeightGradientsInDouble) {
     }
     const std::vector<float> h0 = Values(h);
     Tensor f = Tensor::Zeros(DType::kF32, {c.d_out, c.d_in});
-    for (int s = 0; s < samples; ++s) {
-      const Tensor xs = x.Rows(s * c.l, (s + 1) * c.l), dys = dy.Rows(s * c.l, (s + 1) * c.l);
-      ASSERT_TRUE(AccumulateOacHessian(*be, HessianKind::kOutputAdaptive, xs, dys, h).ok());
-      ASSERT_TRUE(AccumulateFisher(*be, xs, dys, f).ok());
+    ASSERT_TRUE(AccumulateOacHessian(*be, HessianKind::kOutputAdaptive, x, dy, c.l, h).ok());
+    ASSERT_TRUE(AccumulateFisher(*be, x, dy, c.l, f).ok());
+    // Symmetric bit for bit: the lower triangle mirrored.
+    for (int64_t i = 0; i < c.d_in; ++i) {
+      for (int64_t j = 0; j < i; ++j) {
+        ASSERT_EQ(h.data<float>()[i * c.d_in + j], h.data<float>()[j * c.d_in + i]);
+      }
     }
     std::vector<double> want = SampleHessianInDouble(x, dy, c.l);
     for (size_t i = 0; i < want.size(); ++i) want[i] += h0[i];
@@ -157,15 +160,18 @@ TEST(OacStatisticsTest, RefusesLayerKindAndBadShapes) {
   auto be = testing::OacCpuBackend();
   Tensor x = Tensor::Zeros(DType::kF32, {4, 3}), dy = Tensor::Zeros(DType::kF32, {4, 2});
   Tensor h = Tensor::Zeros(DType::kF32, {3, 3}), bad_h = Tensor::Zeros(DType::kF32, {2, 2});
-  EXPECT_EQ(AccumulateOacHessian(*be, HessianKind::kLayer, x, dy, h).code(),
+  EXPECT_EQ(AccumulateOacHessian(*be, HessianKind::kLayer, x, dy, 4, h).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(AccumulateOacHessian(*be, HessianKind::kOutputAdaptive, x, dy, bad_h).code(),
+  EXPECT_EQ(AccumulateOacHessian(*be, HessianKind::kOutputAdaptive, x, dy, 4, bad_h).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(AccumulateOacHessian(*be, HessianKind::kOutputAdaptive, x,
-                                 Tensor::Zeros(DType::kF32, {3, 2}), h)
+                                 Tensor::Zeros(DType::kF32, {3, 2}), 4, h)
                 .code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(AccumulateFisher(*be, x, dy, h).code(), absl::StatusCode::kInvalidArgument);
+  // Rows that are not whole samples.
+  EXPECT_EQ(AccumulateOacHessian(*be, HessianKind::kOutputAdaptive, x, dy, 3, h).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(AccumulateFisher(*be, x, dy, 4, h).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(OacStatisticsTest, CombineAddsTheRightPartialIntoTheLeft) {

@@ -123,6 +123,53 @@ TEST_F(CudaBackwardTest, GemmMatchesReference) {
   }
 }
 
+// GemmLower (row panels of the lower triangle from 2048 rows up, a single product below) and
+// MirrorLower: the lower triangle of xᵀx and of yyᵀ against the reference, then the whole matrix
+// after the mirror, exactly symmetric.
+TEST_F(CudaBackwardTest, GemmLowerAndMirrorLowerMatchReference) {
+  struct Case {
+    int64_t m, k;
+  };
+  const Case cases[] = {{1, 1}, {5, 3}, {2048, 7}, {2100, 19}};
+  uint64_t seed = 500;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    const bool bf16 = dtype == ComputeDType::kBF16;
+    for (const Case& c : cases) {
+      for (const bool gram_of_columns : {true, false}) {
+        SCOPED_TRACE(testing::Message() << Name(dtype) << " m=" << c.m << " k=" << c.k
+                                        << (gram_of_columns ? " xᵀx" : " yyᵀ"));
+        const auto x = Random(c.m * c.k, seed++);
+        // A symmetric c0 (beta 0.5).
+        std::vector<float> c0 = Random(c.m * c.m, seed++);
+        for (int64_t i = 0; i < c.m; ++i) {
+          for (int64_t j = 0; j < i; ++j) c0[j * c.m + i] = c0[i * c.m + j];
+        }
+        std::vector<float> ref = c0;
+        ref::Gemm(x.data(), gram_of_columns, x.data(), !gram_of_columns, c.m, c.m, c.k, 1.0f, 0.5f,
+                  ref.data(), bf16);
+        Tensor xd = Upload(be, x, gram_of_columns ? Shape{c.k, c.m} : Shape{c.m, c.k});
+        Tensor cd = Upload(be, c0, {c.m, c.m});
+        ASSERT_TRUE(be.GemmLower(xd, gram_of_columns, xd, !gram_of_columns, 1.0f, 0.5f, cd).ok());
+        std::vector<float> got = Download(be, cd), got_lower, ref_lower;
+        for (int64_t i = 0; i < c.m; ++i) {
+          for (int64_t j = 0; j <= i; ++j) {
+            got_lower.push_back(got[i * c.m + j]);
+            ref_lower.push_back(ref[i * c.m + j]);
+          }
+        }
+        EXPECT_LE(RelError(got_lower, ref_lower), bf16 ? kGemmBf16Bound : kGemmF32Bound);
+        ASSERT_TRUE(be.MirrorLower(cd).ok());
+        got = Download(be, cd);
+        EXPECT_LE(RelError(got, ref), bf16 ? kGemmBf16Bound : kGemmF32Bound);
+        for (int64_t i = 0; i < c.m; ++i) {
+          for (int64_t j = 0; j < i; ++j) ASSERT_EQ(got[i * c.m + j], got[j * c.m + i]);
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaBackwardTest, RmsNormBackwardMatchesReference) {
   struct Case {
     int64_t rows, width;
