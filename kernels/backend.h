@@ -160,6 +160,9 @@ class Backend {
   // dst = src for two tensors with the same dtype and element count, each on this backend's
   // device or, on a device backend, one of them in host memory (a transfer, complete on return).
   virtual absl::Status Copy(const Tensor& src, Tensor& dst) = 0;
+  // dst = src converted between F32 and BF16 (round to nearest even; BF16 to F32 is exact), for
+  // two tensors on this backend's device with the same element count.
+  virtual absl::Status Convert(const Tensor& src, Tensor& dst) = 0;
   // Bytes of device memory still available for new tensors (free memory plus this backend's cached
   // blocks, within BackendOptions::memory_limit_bytes), or -1 for a backend that computes in host
   // memory and plans none. Default: -1.

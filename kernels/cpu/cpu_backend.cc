@@ -510,6 +510,28 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status Convert(const Tensor& src, Tensor& dst) override {
+    const bool down = src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16;
+    const bool up = src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32;
+    if (!src.defined() || !dst.defined() || !(down || up) || src.numel() != dst.numel()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Convert: ", src.defined() ? src.DebugString() : "undefined", " into ",
+                       dst.defined() ? dst.DebugString() : "undefined",
+                       " (F32 to BF16 or BF16 to F32, the same element count)"));
+    }
+    const int64_t n = src.numel();
+    if (down) {
+      const float* s = src.data<float>();
+      uint16_t* d = dst.data<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) d[i] = FloatToBf16(s[i]);
+    } else {
+      const uint16_t* s = src.data<uint16_t>();
+      float* d = dst.data<float>();
+      for (int64_t i = 0; i < n; ++i) d[i] = Bf16ToFloat(s[i]);
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status MirrorLower(Tensor& c) override {
     QCAL_RETURN_IF_ERROR(ExpectMatrix(c, "MirrorLower", "c"));
     const int64_t n = c.dim(0);

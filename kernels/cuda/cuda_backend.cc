@@ -611,6 +611,28 @@ class CudaBackend final : public Backend {
     return GemmPanels(a, trans_a, b, trans_b, alpha, beta, c, /*lower=*/true);
   }
 
+  absl::Status Convert(const Tensor& src, Tensor& dst) override {
+    const bool down = src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16;
+    const bool up = src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32;
+    if (!src.defined() || !dst.defined() || !(down || up) || src.numel() != dst.numel() ||
+        src.device() != Device::kCuda || dst.device() != Device::kCuda) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Convert: ", src.defined() ? src.DebugString() : "undefined", " into ",
+                       dst.defined() ? dst.DebugString() : "undefined",
+                       " (F32 to BF16 or BF16 to F32, the same element count, CUDA tensors)"));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    const int64_t n = src.numel();
+    if (down) {
+      return CudaStatus(cuda::LaunchF32ToBf16(src.data<float>(),
+                                              static_cast<__nv_bfloat16*>(dst.raw()), n, stream()),
+                        "Convert");
+    }
+    return CudaStatus(cuda::LaunchBf16ToF32(static_cast<const __nv_bfloat16*>(src.raw()),
+                                            dst.data<float>(), n, stream()),
+                      "Convert");
+  }
+
   absl::Status MirrorLower(Tensor& c) override {
     QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "MirrorLower", "c"));
     const int64_t n = c.rank() == 2 ? c.dim(0) : -1;

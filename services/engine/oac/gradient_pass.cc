@@ -86,11 +86,13 @@ int64_t WorkingBytes(const ModelConfig& c, const GradientChunks& chunks,
   return (elements + stats * live) * int64_t{sizeof(float)} + (int64_t{256} << 20);
 }
 
-// The kept block inputs outside the segment in hand, per (block, chunk), in their tier. Device
-// tensors go in and come out; Take frees what it returns.
+// The kept block inputs outside the segment in hand, per (block, chunk), in their tier and in
+// `stored` (BoundaryDType: BF16 with bf16 compute). Device tensors (F32) go in and come out;
+// Take frees what it returns.
 class BoundaryStore {
  public:
-  BoundaryStore(kernels::Backend& be, BoundaryTier tier) : be_(be), tier_(tier) {}
+  BoundaryStore(kernels::Backend& be, BoundaryTier tier, DType stored)
+      : be_(be), tier_(tier), stored_(stored) {}
   ~BoundaryStore() {
     if (!dir_.empty()) {
       std::error_code ec;
@@ -112,20 +114,21 @@ class BoundaryStore {
   }
 
   absl::Status Put(int block, int chunk, const Tensor& t) {
+    // A copy in the stored dtype on the device.
+    QCAL_ASSIGN_OR_RETURN(Tensor stored, be_.Alloc(stored_, t.shape()));
+    QCAL_RETURN_IF_ERROR(stored_ == DType::kF32 ? be_.Copy(t, stored) : be_.Convert(t, stored));
     Tensor kept;
     switch (tier_) {
-      case BoundaryTier::kDevice: {
-        QCAL_ASSIGN_OR_RETURN(kept, be_.Alloc(DType::kF32, t.shape()));
-        QCAL_RETURN_IF_ERROR(be_.Copy(t, kept));
+      case BoundaryTier::kDevice:
+        kept = std::move(stored);
         break;
-      }
       case BoundaryTier::kHost: {
-        QCAL_ASSIGN_OR_RETURN(kept, be_.AllocHost(DType::kF32, t.shape()));
-        QCAL_RETURN_IF_ERROR(be_.Copy(t, kept));
+        QCAL_ASSIGN_OR_RETURN(kept, be_.AllocHost(stored_, t.shape()));
+        QCAL_RETURN_IF_ERROR(be_.Copy(stored, kept));
         break;
       }
       case BoundaryTier::kScratch: {
-        QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(t));
+        QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(stored));
         const std::string path = PathOf(block, chunk);
         std::FILE* f = std::fopen(path.c_str(), "wb");
         const bool ok =
@@ -149,9 +152,10 @@ class BoundaryStore {
 
   absl::StatusOr<Tensor> Take(int block, int chunk) {
     const std::pair<int, int> key{block, chunk};
+    Tensor stored;  // on the device, in stored_
     if (tier_ == BoundaryTier::kScratch) {
       const std::string path = PathOf(block, chunk);
-      QCAL_ASSIGN_OR_RETURN(Tensor host, be_.AllocHost(DType::kF32, shapes_.at(key)));
+      QCAL_ASSIGN_OR_RETURN(Tensor host, be_.AllocHost(stored_, shapes_.at(key)));
       std::FILE* f = std::fopen(path.c_str(), "rb");
       const bool ok = f != nullptr && std::fread(host.raw(), 1, host.nbytes(), f) == host.nbytes();
       const int err = errno;
@@ -161,26 +165,37 @@ class BoundaryStore {
         return absl::DataLossError(absl::StrCat(
             path, ": reading a gradient-pass boundary back failed: ", std::strerror(err)));
       }
-      if (be_.device() == Device::kHost) return host;
-      QCAL_ASSIGN_OR_RETURN(Tensor t, be_.Alloc(DType::kF32, host.shape()));
-      QCAL_RETURN_IF_ERROR(be_.Copy(host, t));
-      return t;
+      if (be_.device() == Device::kHost) {
+        stored = std::move(host);
+      } else {
+        QCAL_ASSIGN_OR_RETURN(stored, be_.Alloc(stored_, host.shape()));
+        QCAL_RETURN_IF_ERROR(be_.Copy(host, stored));
+      }
+    } else {
+      Tensor kept = std::move(kept_.at(key));
+      kept_.erase(key);
+      if (tier_ == BoundaryTier::kDevice) {
+        stored = std::move(kept);
+      } else {
+        QCAL_ASSIGN_OR_RETURN(stored, be_.Alloc(stored_, kept.shape()));
+        QCAL_RETURN_IF_ERROR(be_.Copy(kept, stored));
+      }
     }
-    Tensor kept = std::move(kept_.at(key));
-    kept_.erase(key);
-    if (tier_ == BoundaryTier::kDevice) return kept;
-    QCAL_ASSIGN_OR_RETURN(Tensor t, be_.Alloc(DType::kF32, kept.shape()));
-    QCAL_RETURN_IF_ERROR(be_.Copy(kept, t));
+    if (stored_ == DType::kF32) return stored;
+    QCAL_ASSIGN_OR_RETURN(Tensor t, be_.Alloc(DType::kF32, stored.shape()));
+    QCAL_RETURN_IF_ERROR(be_.Convert(stored, t));
     return t;
   }
 
  private:
   std::string PathOf(int block, int chunk) const {
-    return absl::StrCat(dir_, "/block", block, "-chunk", chunk, ".f32");
+    return absl::StrCat(dir_, "/block", block, "-chunk", chunk,
+                        stored_ == DType::kF32 ? ".f32" : ".bf16");
   }
 
   kernels::Backend& be_;
   BoundaryTier tier_;
+  DType stored_;
   std::string dir_;  // scratch tier: the pass's own directory, removed at the end
   std::map<std::pair<int, int>, Tensor> kept_;
   std::map<std::pair<int, int>, Shape> shapes_;
@@ -230,6 +245,10 @@ std::vector<int> AcquisitionOrder(int blocks, int k) {
 
 }  // namespace
 
+DType BoundaryDType(const kernels::Backend& be) {
+  return be.compute_dtype() == kernels::ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
+}
+
 const char* BoundaryTierName(BoundaryTier tier) {
   switch (tier) {
     case BoundaryTier::kDevice:
@@ -250,6 +269,7 @@ absl::StatusOr<GradientPassPlan> PlanGradientPass(Model& model, const GradientCh
   int64_t rows = 0;
   for (int b : chunks.chunk_batch) rows += int64_t{b} * chunks.seq_len;
   const int64_t act = rows * model.config().hidden_size * int64_t{sizeof(float)};
+  const int64_t kept_act = rows * model.config().hidden_size * DTypeSize(BoundaryDType(be));
   const int64_t working = WorkingBytes(model.config(), chunks, options);
   const bool host_backend = be.device() == Device::kHost;
   const int64_t host_avail = AvailableHostMemoryBytes();
@@ -268,13 +288,14 @@ absl::StatusOr<GradientPassPlan> PlanGradientPass(Model& model, const GradientCh
     p.boundary_every = k;
     p.tier = tier;
     p.activation_bytes = act;
-    p.kept_bytes = int64_t{(blocks + k - 1) / k - 1} * act;
+    p.boundary_dtype = BoundaryDType(be);
+    p.kept_bytes = int64_t{(blocks + k - 1) / k - 1} * kept_act;
     // The most that kept boundaries (on the device) and the sink's statistics hold together: while
     // block b runs backward, the boundaries of the segments below b's and the statistics of
     // blocks b..B−1.
     int64_t kept_peak = 0;
     for (int b = 0; b < blocks; ++b) {
-      const int64_t below = tier == BoundaryTier::kDevice ? int64_t{b / k} * act : 0;
+      const int64_t below = tier == BoundaryTier::kDevice ? int64_t{b / k} * kept_act : 0;
       kept_peak =
           std::max(kept_peak, below + int64_t{blocks - b} * options.sink_device_bytes_per_block);
     }
@@ -344,16 +365,26 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
   if (log) {
     log(absl::StrFormat(
         "gradient pass: %d chunks (%d..%d of %d), %d blocks, boundaries every %d block(s) in %s "
-        "memory (%.2f GB of activations a block, %.2f GB planned on the device)",
+        "memory as %s (%.2f GB of activations a block, %.2f GB planned on the device)",
         n, chunks.first_chunk, chunks.first_chunk + n - 1, chunks.total_chunks, blocks, k,
-        BoundaryTierName(plan.tier), plan.activation_bytes / 1e9, plan.device_bytes / 1e9));
+        BoundaryTierName(plan.tier), DTypeName(plan.boundary_dtype), plan.activation_bytes / 1e9,
+        plan.device_bytes / 1e9));
   }
-  BoundaryStore store(be, plan.tier);
+  BoundaryStore store(be, plan.tier, plan.boundary_dtype);
   QCAL_RETURN_IF_ERROR(store.Open(options.scratch_dir));
   BlockWalk walk(model, AcquisitionOrder(blocks, k));
   const int last_begin = (blocks - 1) / k * k;
   // The inputs of the segment in hand, [block − begin][chunk], on the device.
   std::vector<std::vector<Tensor>> segment(k, std::vector<Tensor>(n));
+  // With BF16 boundaries, every block input is rounded to bf16 before the block runs, in the sweep
+  // and in every recomputation alike, so a block recomputed from a kept boundary sees exactly the
+  // input that the sweep gave it: the statistics do not depend on k, the tier or the ranks.
+  auto round_input = [&](Tensor& t) -> absl::Status {
+    if (plan.boundary_dtype == DType::kF32) return absl::OkStatus();
+    QCAL_ASSIGN_OR_RETURN(Tensor rounded, be.Alloc(plan.boundary_dtype, t.shape()));
+    QCAL_RETURN_IF_ERROR(be.Convert(t, rounded));
+    return be.Convert(rounded, t);
+  };
   auto copy_on_device = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
     QCAL_ASSIGN_OR_RETURN(Tensor out, be.Alloc(DType::kF32, t.shape()));
     QCAL_RETURN_IF_ERROR(be.Copy(t, out));
@@ -369,6 +400,7 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
   for (int b = 0; b < blocks; ++b) {
     QCAL_RETURN_IF_ERROR(walk.Acquire(b));
     for (int c = 0; c < n; ++c) {
+      QCAL_RETURN_IF_ERROR(round_input(carried[c]));
       if (b >= last_begin) {
         QCAL_ASSIGN_OR_RETURN(segment[b - last_begin][c], copy_on_device(carried[c]));
       } else if (b % k == 0) {
@@ -434,6 +466,7 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
         for (int c = 0; c < n; ++c) {
           QCAL_ASSIGN_OR_RETURN(segment[b + 1 - begin][c], copy_on_device(segment[b - begin][c]));
           QCAL_RETURN_IF_ERROR(model.BlockForward(b, segment[b + 1 - begin][c], shapes[c]));
+          QCAL_RETURN_IF_ERROR(round_input(segment[b + 1 - begin][c]));
         }
         walk.Done(b);
       }

@@ -74,6 +74,11 @@ struct GradientPassStats {
 
 // Where the pass keeps the block inputs it needs again (DESIGN section 2, "Memory").
 enum class BoundaryTier { kDevice, kHost, kScratch };
+// The dtype of the kept boundaries: BF16 when the backend computes with bf16 operands (the GEMMs
+// round every block's inputs to bf16 anyway; the recomputed block starts from the rounded
+// residual, a difference of the order of that rounding, and half the bytes let the 7B shape keep
+// every block's input on one H200: k = 1, no recomputation), else F32 (exact recomputation).
+DType BoundaryDType(const kernels::Backend& be);
 const char* BoundaryTierName(BoundaryTier tier);  // "device", "host", "scratch"
 
 // How RunGradientPass holds the activations of this rank's chunks: the segment in hand (k block
@@ -85,8 +90,9 @@ const char* BoundaryTierName(BoundaryTier tier);  // "device", "host", "scratch"
 struct GradientPassPlan {
   int boundary_every = 1;
   BoundaryTier tier = BoundaryTier::kDevice;
-  int64_t activation_bytes = 0;  // one block input of every chunk of the rank (fp32)
-  int64_t kept_bytes = 0;        // the kept boundaries outside the segment in hand, in `tier`
+  int64_t activation_bytes = 0;        // one block input of every chunk of the rank (fp32)
+  DType boundary_dtype = DType::kF32;  // BoundaryDType
+  int64_t kept_bytes = 0;              // the kept boundaries outside the segment in hand, in `tier`
   // The planned peak on the device: k + 1 activations, the working set (one chunk's block
   // internals, the loss head's logits, the statistics being summed) and the most that the kept
   // boundaries (device tier) and the sink's device statistics

@@ -121,6 +121,9 @@ class BudgetBackend final : public kernels::Backend {
   absl::StatusOr<Tensor> ToHost(const Tensor& t) override { return inner_->ToHost(t); }
   absl::Status Synchronize() override { return inner_->Synchronize(); }
   absl::Status Copy(const Tensor& src, Tensor& dst) override { return inner_->Copy(src, dst); }
+  absl::Status Convert(const Tensor& src, Tensor& dst) override {
+    return inner_->Convert(src, dst);
+  }
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                       bool accumulate) override {
     return inner_->Linear(x, w, bias, y, accumulate);
@@ -365,6 +368,48 @@ TEST(GradientPassTiersTest, BoundariesOnTheHostOrScratchDiskGiveTheSameBits) {
                 .code(),
             absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(calls, 0);
+}
+
+// With bf16 compute the kept boundaries are BF16 (half the bytes) and every block input is rounded
+// to bf16 in the sweep and in recomputation alike: the boundary spacing, the scratch tier and the
+// ranks leave the statistics' bits unchanged.
+TEST(GradientPassTiersTest, Bf16BoundariesGiveTheSameBitsForAnySpacingTierOrRanks) {
+  const ModelConfig config = OacConfig(OacVariant::kLlama, 4);
+  const GradientChunks chunks = MakeChunks(config.vocab_size, 5, {2, 1, 2}, 14);
+  kernels::BackendOptions bo;
+  bo.threads = 2;
+  bo.compute_dtype = kernels::ComputeDType::kBF16;
+  auto make_backend = [&] {
+    auto be = kernels::CreateBackend(bo);
+    QCAL_CHECK(be.ok());
+    return std::move(be).value();
+  };
+  GradientPassOptions options;
+  options.kind = HessianKind::kOutputAdaptive;
+  options.fisher = true;
+  auto be = make_backend();
+  EXPECT_EQ(BoundaryDType(*be), DType::kBF16);
+  auto model = OacRandomModel(config, be.get(), 43);
+  auto plan = PlanGradientPass(*model, chunks, options);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->boundary_dtype, DType::kBF16);
+  EXPECT_EQ(plan->boundary_every, 1);
+  EXPECT_EQ(plan->kept_bytes, 3 * plan->activation_bytes / 2);  // 3 boundaries at half the bytes
+  const Statistics want = RunRanks(*model, chunks, {0, 3}, options);
+  GradientPassOptions spaced = options;
+  spaced.boundary_every = 3;
+  ExpectSameBits(want, RunRanks(*model, chunks, {0, 2, 3}, spaced), "k 3, two ranks");
+  const std::string scratch = testing::MakeTempDir("oac_bf16_scratch");
+  BudgetBackend tight(make_backend(), plan->device_bytes - plan->kept_bytes, Device::kHost);
+  auto on_disk = OacRandomModel(config, &tight, 43);
+  GradientPassOptions o = options;
+  o.scratch_dir = scratch;
+  auto disk_plan = PlanGradientPass(*on_disk, chunks, o);
+  ASSERT_TRUE(disk_plan.ok()) << disk_plan.status();
+  EXPECT_EQ(disk_plan->tier, BoundaryTier::kScratch);
+  ExpectSameBits(want, RunRanks(*on_disk, chunks, {0, 1, 3}, o), "scratch");
+  EXPECT_TRUE(fs::is_empty(scratch));
+  fs::remove_all(scratch);
 }
 
 TEST(GradientPassErrorsTest, BadInputAndSinkErrors) {
