@@ -606,6 +606,19 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   }
   rep["layers"] = layer_json;
   if (o.recipe.retrain.enabled) rep["retrain"] = retrain_json;
+  if (o.recipe.moe) {
+    // Every expert was calibrated; these on all of their block's tokens (docs/MOE.md).
+    nlohmann::ordered_json fallback = nlohmann::ordered_json::array();
+    for (const LayerReport& l : layers) {
+      if (l.expert >= 0 && l.kind == LinearKind::kGate && l.fallback) {
+        fallback.push_back(
+            {{"block", l.block}, {"expert", l.expert}, {"routed_tokens", l.routed_tokens}});
+      }
+    }
+    rep["moe"] = {{"min_tokens", o.recipe.moe->min_tokens},
+                  {"routing", std::string(RecipeName(o.recipe.moe->routing))},
+                  {"fallback_experts", fallback}};
+  }
   const double n_layers = static_cast<double>(std::max<size_t>(1, layers.size()));
   nlohmann::ordered_json summary;
   summary["layers"] = layers.size();
