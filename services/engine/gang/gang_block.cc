@@ -199,6 +199,22 @@ class GangBlock {
     return std::optional<InputStatistics>(std::move(stats));
   }
 
+  // Sends this rank's solved linears of `step` to every other rank (their host conversions waited
+  // for first).
+  absl::Status ShareSolved(int step, std::vector<SolvedLinear>& solved) {
+    if (plan_.world == 1) return absl::OkStatus();
+    for (SolvedLinear& s : solved) {
+      if (s.conversion.valid()) s.result.quantized = s.conversion.get();
+      const std::string bytes = SerializeSolvedLayer(s.result);
+      for (int q = 0; q < plan_.world; ++q) {
+        if (q == rank()) continue;
+        QCAL_RETURN_IF_ERROR(
+            Send(q, Key(step, MessageKind::kLayer, static_cast<int>(s.result.report.kind)), bytes));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   // Solves the linears of g this rank owns, sends them to every other rank, and installs all of
   // g's linears in forward order.
   absl::Status SolveAndInstall(LinearInput g, std::optional<InputPartials> kept) {
@@ -213,17 +229,7 @@ class GangBlock {
       QCAL_ASSIGN_OR_RETURN(solved, runner_.Solve(*stats, owned));
     }
     stats.reset();
-    if (plan_.world > 1) {
-      for (SolvedLinear& s : solved) {
-        if (s.conversion.valid()) s.result.quantized = s.conversion.get();
-        const std::string bytes = SerializeSolvedLayer(s.result);
-        for (int q = 0; q < plan_.world; ++q) {
-          if (q == rank()) continue;
-          QCAL_RETURN_IF_ERROR(Send(
-              q, Key(step, MessageKind::kLayer, static_cast<int>(s.result.report.kind)), bytes));
-        }
-      }
-    }
+    QCAL_RETURN_IF_ERROR(ShareSolved(step, solved));
     std::vector<SolvedLinear> install;
     size_t next_own = 0;
     for (LinearKind k : ConsumersOf(g)) {
@@ -315,17 +321,7 @@ class GangBlock {
       QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, runner_.Complete(g, std::move(all)));
       QCAL_ASSIGN_OR_RETURN(solved, runner_.Solve(stats, ConsumersOf(g), expert));
     }
-    if (plan_.world > 1) {
-      for (SolvedLinear& s : solved) {
-        if (s.conversion.valid()) s.result.quantized = s.conversion.get();
-        const std::string bytes = SerializeSolvedLayer(s.result);
-        for (int q = 0; q < plan_.world; ++q) {
-          if (q == rank()) continue;
-          QCAL_RETURN_IF_ERROR(Send(
-              q, Key(step, MessageKind::kLayer, static_cast<int>(s.result.report.kind)), bytes));
-        }
-      }
-    }
+    QCAL_RETURN_IF_ERROR(ShareSolved(step, solved));
     return runner_.Install(std::move(solved));
   }
 
