@@ -375,10 +375,12 @@ bool ModelConfig::IsMoeBlock(int b) const {
   return (b + 1) % decoder_sparse_step == 0;
 }
 
-absl::Status CheckQuantizable(const ModelConfig& config) {
+absl::Status CheckServiceQuantizable(const ModelConfig& config) {
   if (!config.moe()) return absl::OkStatus();
   return absl::InvalidArgumentError(
-      absl::StrCat("mixture-of-experts quantization is not supported yet: ", config.model_type));
+      absl::StrCat("the quantization service does not run mixture-of-experts jobs yet (qcal "
+                   "quantize runs them in one process): ",
+                   config.model_type));
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {

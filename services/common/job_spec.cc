@@ -108,6 +108,14 @@ absl::StatusOr<engine::Recipe> RecipeFromProto(const v1::Recipe& p) {
     if (t.has_lr_clip()) rt.lr_clip = t.lr_clip();
     if (t.has_weight_decay()) rt.weight_decay = t.weight_decay();
   }
+  if (p.has_moe()) {
+    const v1::MoeRecipe& m = p.moe();
+    engine::MoeRecipe& moe = r.moe.emplace();
+    if (m.has_routing()) {
+      QCAL_RETURN_IF_ERROR(ParseEnum(&engine::ParseMoeRouting, m.routing(), &moe.routing));
+    }
+    if (m.has_min_tokens()) moe.min_tokens = m.min_tokens();
+  }
   QCAL_RETURN_IF_ERROR(r.Validate());
   return r;
 }
@@ -155,6 +163,11 @@ v1::Recipe RecipeToProto(const engine::Recipe& r) {
     t->set_lr_lora(rt.lr_lora);
     t->set_lr_clip(rt.lr_clip);
     t->set_weight_decay(rt.weight_decay);
+  }
+  if (r.moe) {
+    v1::MoeRecipe* m = p.mutable_moe();
+    m->set_routing(std::string(engine::RecipeName(r.moe->routing)));
+    m->set_min_tokens(r.moe->min_tokens);
   }
   return p;
 }

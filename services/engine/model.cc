@@ -29,6 +29,61 @@ std::string LinearPrefix(int block, LinearKind kind) {
   return absl::StrCat("model.layers.", block, ".", LinearModule(kind), ".", LinearName(kind));
 }
 
+std::string LinearPrefix(const ModelConfig& config, int block, LinearId id) {
+  if (id.expert == kNoExpert) return LinearPrefix(block, id.kind);
+  if (id.expert == kSharedExpert) return SharedExpertPrefix(block, id.kind);
+  return ExpertLinearPrefix(config, block, id.expert, id.kind);
+}
+
+std::pair<int64_t, int64_t> LinearShape(const ModelConfig& config, int block, LinearId id) {
+  if (id.expert == kNoExpert || !config.IsMoeBlock(block)) return LinearShape(config, id.kind);
+  const int64_t inter = id.expert == kSharedExpert ? config.shared_expert_intermediate_size
+                                                   : config.moe_intermediate_size;
+  if (id.kind == LinearKind::kDown) return {config.hidden_size, inter};
+  return {inter, config.hidden_size};
+}
+
+int NumExpertUnits(const ModelConfig& config) {
+  if (!config.moe()) return 0;
+  return config.num_experts + (config.shared_expert_intermediate_size > 0 ? 1 : 0);
+}
+
+int ExpertOfUnit(const ModelConfig& config, int unit) {
+  return unit < config.num_experts ? unit : kSharedExpert;
+}
+
+std::vector<LinearId> BlockLinears(const ModelConfig& config, int b) {
+  std::vector<LinearId> out;
+  for (LinearKind k : kAllLinears) {
+    if (HasDenseLinear(config, b, k)) out.emplace_back(k);
+  }
+  if (!config.IsMoeBlock(b)) return out;
+  for (int u = 0; u < NumExpertUnits(config); ++u) {
+    for (LinearKind k : {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown}) {
+      out.emplace_back(k, ExpertOfUnit(config, u));
+    }
+  }
+  return out;
+}
+
+Linear& ExpertWeights::of(LinearKind kind) {
+  QCAL_CHECK(kind == LinearKind::kGate || kind == LinearKind::kUp || kind == LinearKind::kDown);
+  return kind == LinearKind::kGate ? gate : kind == LinearKind::kUp ? up : down;
+}
+const Linear& ExpertWeights::of(LinearKind kind) const {
+  return const_cast<ExpertWeights*>(this)->of(kind);
+}
+
+Linear& BlockWeights::at(LinearId id) {
+  if (id.expert == kNoExpert) return at(id.kind);
+  if (id.expert == kSharedExpert) return moe.shared.of(id.kind);
+  QCAL_CHECK(id.expert >= 0 && id.expert < static_cast<int>(moe.experts.size()));
+  return moe.experts[static_cast<size_t>(id.expert)].of(id.kind);
+}
+const Linear& BlockWeights::at(LinearId id) const {
+  return const_cast<BlockWeights*>(this)->at(id);
+}
+
 LinearInput InputOf(LinearKind kind) {
   switch (kind) {
     case LinearKind::kQ:
@@ -659,7 +714,7 @@ absl::StatusOr<Tensor> Model::MlpProduct(int b, const Tensor& x) {
   return gate;
 }
 
-absl::StatusOr<Tensor> Model::ExpertForward(const ExpertWeights& e, const Tensor& x) {
+absl::StatusOr<Tensor> Model::ExpertMlpProduct(const ExpertWeights& e, const Tensor& x) {
   kernels::Backend& be = *backend_;
   const int64_t rows = x.dim(0);
   QCAL_ASSIGN_OR_RETURN(Tensor gate, be.Alloc(DType::kF32, {rows, e.gate.weight.dim(0)}));
@@ -667,9 +722,33 @@ absl::StatusOr<Tensor> Model::ExpertForward(const ExpertWeights& e, const Tensor
   QCAL_RETURN_IF_ERROR(ApplyLinear(e.gate, x, gate, false));
   QCAL_RETURN_IF_ERROR(ApplyLinear(e.up, x, up, false));
   QCAL_RETURN_IF_ERROR(be.SiluMul(gate, up, gate));
-  QCAL_ASSIGN_OR_RETURN(Tensor y, be.Alloc(DType::kF32, {rows, e.down.weight.dim(0)}));
-  QCAL_RETURN_IF_ERROR(ApplyLinear(e.down, gate, y, false));
+  return gate;
+}
+
+absl::StatusOr<Tensor> Model::ExpertForward(const ExpertWeights& e, const Tensor& x) {
+  QCAL_ASSIGN_OR_RETURN(Tensor product, ExpertMlpProduct(e, x));
+  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), e.down.weight.dim(0)}));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(e.down, product, y, false));
   return y;
+}
+
+absl::StatusOr<Tensor> Model::ExpertProduct(int b, int expert, const Tensor& x) {
+  const MoeWeights& m = blocks_[b].moe;
+  if (!m.defined() || expert < kSharedExpert || expert >= config_.num_experts ||
+      (expert == kSharedExpert && !m.shared_expert_gate.defined()) || expert == kNoExpert) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("ExpertProduct: block ", b, " has no expert ", expert));
+  }
+  return ExpertMlpProduct(expert == kSharedExpert ? m.shared : m.experts[expert], x);
+}
+
+absl::StatusOr<Tensor> Model::GatherRows(const Tensor& x, const std::vector<int32_t>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  Tensor ids = Tensor::Zeros(DType::kI32, {n});
+  std::memcpy(ids.raw(), rows.data(), n * sizeof(int32_t));
+  QCAL_ASSIGN_OR_RETURN(Tensor out, backend_->Alloc(DType::kF32, {n, x.dim(1)}));
+  QCAL_RETURN_IF_ERROR(backend_->Embedding(x, ids, out));
+  return out;
 }
 
 absl::StatusOr<Routing> Model::Route(int b, const Tensor& x) {
@@ -724,8 +803,7 @@ absl::Status Model::AddMoeOutput(int b, const Tensor& x, const Routing& routing,
     const int64_t n = static_cast<int64_t>(expert_rows.size());
     Tensor ids = Tensor::Zeros(DType::kI32, {n});
     std::memcpy(ids.raw(), expert_rows.data(), n * sizeof(int32_t));
-    QCAL_ASSIGN_OR_RETURN(Tensor xe, be.Alloc(DType::kF32, {n, d}));
-    QCAL_RETURN_IF_ERROR(be.Embedding(x, ids, xe));
+    QCAL_ASSIGN_OR_RETURN(Tensor xe, GatherRows(x, expert_rows));
     QCAL_ASSIGN_OR_RETURN(Tensor ye, ExpertForward(m.experts[e], xe));
     Tensor w = Tensor::Zeros(DType::kF32, {n, 1});
     std::memcpy(w.raw(), weights.data(), n * sizeof(float));

@@ -63,6 +63,35 @@ std::vector<LinearKind> ConsumersOf(LinearInput input);
 // d_out and d_in of linear k of a block of `config`.
 std::pair<int64_t, int64_t> LinearShape(const ModelConfig& config, LinearKind k);
 
+// Which expert of an MoE block a linear belongs to (LinearId::expert): none (the attention linears
+// and a dense block's MLP), Qwen2-MoE's shared expert, or a routed expert j >= 0.
+inline constexpr int kNoExpert = -1;
+inline constexpr int kSharedExpert = -2;
+
+// One quantized linear of a block: its kind and, in an MoE block's MLP, its expert. A LinearKind
+// converts to the dense linear of that kind.
+struct LinearId {
+  LinearKind kind = LinearKind::kQ;
+  int expert = kNoExpert;
+  LinearId() = default;
+  LinearId(LinearKind k, int e = kNoExpert) : kind(k), expert(e) {}  // NOLINT(runtime/explicit)
+  bool operator==(const LinearId&) const = default;
+};
+// The checkpoint prefix of linear `id` of block b: LinearPrefix(b, kind) for a dense linear,
+// ExpertLinearPrefix or SharedExpertPrefix (moe.h) for an expert's.
+std::string LinearPrefix(const ModelConfig& config, int block, LinearId id);
+// d_out and d_in of linear `id` of block b.
+std::pair<int64_t, int64_t> LinearShape(const ModelConfig& config, int block, LinearId id);
+// The expert units of an MoE block, in the order the driver calibrates them: routed experts
+// 0..E-1, then the shared expert when the model has one. 0 for a dense model.
+int NumExpertUnits(const ModelConfig& config);
+// The expert (j, or kSharedExpert) of unit u.
+int ExpertOfUnit(const ModelConfig& config, int unit);
+// Every quantized linear of block b, in the driver's order: q, k, v, o, then gate, up, down of a
+// dense block, or of each expert unit in turn (NumExpertUnits) in an MoE block. The router and the
+// shared expert gate are not quantized and not listed.
+std::vector<LinearId> BlockLinears(const ModelConfig& config, int b);
+
 // y = weight · ActQuant(x) + bias + lora_a · (lora_b · x): the (fake-)quantized weight branch sees
 // the input quantized per token to `act_bits` (DESIGN section 3; 16 = off), the low-rank error
 // reconstruction branch sees the unquantized input.
@@ -88,6 +117,9 @@ struct Linear {
 // expert).
 struct ExpertWeights {
   Linear gate, up, down;
+  // gate, up or down for kind kGate, kUp or kDown.
+  Linear& of(LinearKind kind);
+  const Linear& of(LinearKind kind) const;
 };
 
 // The MLP of a mixture-of-experts block (ModelConfig::IsMoeBlock; moe.h): a router, the routed
@@ -116,6 +148,9 @@ struct BlockWeights {
   MoeWeights moe;
   Linear& at(LinearKind k) { return linears[static_cast<int>(k)]; }
   const Linear& at(LinearKind k) const { return linears[static_cast<int>(k)]; }
+  // A dense linear, or an expert's (moe.experts[j] or moe.shared).
+  Linear& at(LinearId id);
+  const Linear& at(LinearId id) const;
 };
 
 // Where a batch of sequences sits: `batch` sequences of `seq_len` new tokens each, starting at
@@ -255,6 +290,12 @@ class Model {
   // down_proj's input [rows, intermediate] = silu(gate_proj(x)) * up_proj(x). Not for an MoE
   // block (FailedPrecondition).
   absl::StatusOr<Tensor> MlpProduct(int b, const Tensor& x);
+  // MoE block b, expert `expert` (j or kSharedExpert): its down_proj input silu(gate(x)) * up(x)
+  // for rows x [n, hidden] (n >= 1), as AddMoeOutput computes it.
+  absl::StatusOr<Tensor> ExpertProduct(int b, int expert, const Tensor& x);
+  // Rows `rows` of x [n, d] gathered into a new [rows.size(), d] tensor (rows.size() >= 1), as
+  // AddMoeOutput gathers an expert's tokens (Backend::Embedding with x as the table).
+  absl::StatusOr<Tensor> GatherRows(const Tensor& x, const std::vector<int32_t>& rows);
   // MoE block b's routing of its MLP input x (NormedInput(b, hidden, kGateUp)): the router logits
   // computed on the backend and routed on the host (RouteTokens). DataLoss for non-finite logits.
   absl::StatusOr<Routing> Route(int b, const Tensor& x);
@@ -279,7 +320,8 @@ class Model {
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
   // y [rows, d_out] = linear `kind` of block b applied to x (bias included).
   absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x);
-  // y [rows, hidden] = e.down(silu(e.gate(x)) * e.up(x)).
+  // silu(e.gate(x)) * e.up(x), and y [rows, hidden] = e.down of it.
+  absl::StatusOr<Tensor> ExpertMlpProduct(const ExpertWeights& e, const Tensor& x);
   absl::StatusOr<Tensor> ExpertForward(const ExpertWeights& e, const Tensor& x);
   // Attention of block b for the q/k/v input x, appending keys and values to `cache` when given.
   absl::StatusOr<Tensor> Attend(int b, const Tensor& x, const SeqShape& shape, KvCache* cache);

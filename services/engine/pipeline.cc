@@ -77,6 +77,14 @@ nlohmann::ordered_json LayerReportJson(const LayerReport& r) {
   nlohmann::ordered_json j;
   j["name"] = r.name;
   j["block"] = r.block;
+  if (r.expert != kNoExpert) {
+    j["expert"] = r.expert == kSharedExpert ? nlohmann::ordered_json("shared")
+                                            : nlohmann::ordered_json(r.expert);
+    if (r.expert >= 0) {
+      j["routed_tokens"] = r.routed_tokens;
+      j["fallback"] = r.fallback;
+    }
+  }
   j["d_out"] = r.d_out;
   j["d_in"] = r.d_in;
   j["rel_error"] = r.rel_error;
@@ -148,8 +156,30 @@ absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j) {
   } catch (const nlohmann::json::exception& e) {
     return absl::DataLossError(absl::StrCat("malformed layer report: ", e.what()));
   }
+  try {
+    if (j.contains("expert")) {
+      const nlohmann::json& e = j.at("expert");
+      r.expert = e.is_string() && e.get<std::string>() == "shared" ? kSharedExpert : e.get<int>();
+      r.routed_tokens = j.value("routed_tokens", int64_t{0});
+      r.fallback = j.value("fallback", false);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return absl::DataLossError(absl::StrCat("malformed layer report: ", e.what()));
+  }
   for (LinearKind k : kAllLinears) {
     if (LinearPrefix(r.block, k) == r.name) r.kind = k;
+  }
+  if (r.expert != kNoExpert) {
+    // An expert's name ends in its kind: Mixtral's w1 (gate), w3 (up), w2 (down), else the dense
+    // projection names.
+    const std::string tail = r.name.substr(r.name.rfind('.') + 1);
+    const std::pair<const char*, LinearKind> tails[] = {
+        {"w1", LinearKind::kGate},    {"w3", LinearKind::kUp},
+        {"w2", LinearKind::kDown},    {"gate_proj", LinearKind::kGate},
+        {"up_proj", LinearKind::kUp}, {"down_proj", LinearKind::kDown}};
+    for (const auto& [name, k] : tails) {
+      if (tail == name) r.kind = k;
+    }
   }
   return r;
 }
@@ -215,9 +245,10 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
                                                    "); quantize a full-precision checkpoint"));
   }
   {
-    // Before anything is read: a model the quantizer cannot handle is refused up front.
+    // Before anything is read: a recipe the model cannot take is refused up front, and an MoE
+    // model's recipe gets its moe defaults (they are in its report and recipe_sha256).
     QCAL_ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(o.model_dir));
-    QCAL_RETURN_IF_ERROR(Annotate(CheckQuantizable(config), o.model_dir));
+    QCAL_RETURN_IF_ERROR(Annotate(s->options_.recipe.ResolveForModel(config), o.model_dir));
   }
   ModelLoadOptions load;
   load.residency = BlockResidency::kStreaming;
@@ -338,8 +369,12 @@ absl::Status JobSession::Restore(const std::vector<BlockArtifacts>& committed,
         acts.total_chunks, ") does not match this rank's calibration data (chunks [",
         gang_.local().begin, ", ", gang_.local().end, ") of ", gang_.total_chunks, ")"));
   }
-  // A recipe that retrains continues the full-precision path too (both start at the embeddings).
-  const bool fp_path = options_.recipe.retrain.enabled && acts.next_block > 0;
+  // A recipe that retrains, or routes an MoE model's statistics by the full-precision path,
+  // continues the full-precision path too (both start at the embeddings).
+  const bool fp_path =
+      (options_.recipe.retrain.enabled ||
+       (options_.recipe.moe && options_.recipe.moe->routing == MoeRouting::kFullPrecision)) &&
+      acts.next_block > 0;
   if (fp_path ? acts.fp_chunks.size() != acts.chunks.size() : !acts.fp_chunks.empty()) {
     return absl::DataLossError(absl::StrCat(
         "restore: the activation checkpoint at block ", acts.next_block, " holds ",
@@ -571,6 +606,19 @@ absl::StatusOr<JobResult> JobSession::Finish(const std::string& dir_str) {
   }
   rep["layers"] = layer_json;
   if (o.recipe.retrain.enabled) rep["retrain"] = retrain_json;
+  if (o.recipe.moe) {
+    // Every expert was calibrated; these on all of their block's tokens (docs/MOE.md).
+    nlohmann::ordered_json fallback = nlohmann::ordered_json::array();
+    for (const LayerReport& l : layers) {
+      if (l.expert >= 0 && l.kind == LinearKind::kGate && l.fallback) {
+        fallback.push_back(
+            {{"block", l.block}, {"expert", l.expert}, {"routed_tokens", l.routed_tokens}});
+      }
+    }
+    rep["moe"] = {{"min_tokens", o.recipe.moe->min_tokens},
+                  {"routing", std::string(RecipeName(o.recipe.moe->routing))},
+                  {"fallback_experts", fallback}};
+  }
   const double n_layers = static_cast<double>(std::max<size_t>(1, layers.size()));
   nlohmann::ordered_json summary;
   summary["layers"] = layers.size();

@@ -53,7 +53,7 @@ absl::StatusOr<std::vector<LayerResult>> QuantizeBlock(
     Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes* times,
     const OacSource& oac, uint64_t seed, const std::function<absl::Status(int)>& before_training) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
-  QCAL_RETURN_IF_ERROR(CheckQuantizable(model.config()));
+  QCAL_RETURN_IF_ERROR(recipe.CheckForModel(model.config()));
   const int b = acts.next_block;
   if (b < 0 || b >= model.num_blocks()) {
     return absl::OutOfRangeError(absl::StrCat("block ", b, " is outside the model"));
@@ -69,7 +69,7 @@ absl::StatusOr<QuantizeOutcome> QuantizeModel(Model& model,
                                               const Recipe& recipe, const BlockProgressFn& progress,
                                               uint64_t seed) {
   QCAL_RETURN_IF_ERROR(recipe.Validate());
-  QCAL_RETURN_IF_ERROR(CheckQuantizable(model.config()));
+  QCAL_RETURN_IF_ERROR(recipe.CheckForModel(model.config()));
   QuantizeOutcome out;
   OacMemoryStore oac;
   const bool pass = recipe.NeedsGradientPass() || recipe.NeedsFisher();

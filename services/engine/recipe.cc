@@ -73,6 +73,8 @@ constexpr Names<HessianKind, 3> kHessianNames = {
      {HessianKind::kOutputAdaptiveToken, "output_adaptive_token"}}};
 constexpr Names<RetrainMethod, 2> kRetrainMethodNames = {
     {{RetrainMethod::kApiq, "apiq"}, {RetrainMethod::kSaliency, "saliency"}}};
+constexpr Names<MoeRouting, 2> kMoeRoutingNames = {
+    {{MoeRouting::kQuantized, "quantized"}, {MoeRouting::kFullPrecision, "full_precision"}}};
 
 template <typename E, size_t N>
 const char* NameOf(const Names<E, N>& names, E v) {
@@ -116,6 +118,7 @@ const char* RecipeName(SmoothingMethod v) { return NameOf(kSmoothingNames, v); }
 const char* RecipeName(Whitening v) { return NameOf(kWhiteningNames, v); }
 const char* RecipeName(HessianKind v) { return NameOf(kHessianNames, v); }
 const char* RecipeName(RetrainMethod v) { return NameOf(kRetrainMethodNames, v); }
+const char* RecipeName(MoeRouting v) { return NameOf(kMoeRoutingNames, v); }
 
 absl::StatusOr<QuantMethod> ParseQuantMethod(std::string_view name) {
   return ValueOf(kMethodNames, "method", name);
@@ -134,6 +137,9 @@ absl::StatusOr<HessianKind> ParseHessianKind(std::string_view name) {
 }
 absl::StatusOr<RetrainMethod> ParseRetrainMethod(std::string_view name) {
   return ValueOf(kRetrainMethodNames, "retrain.method", name);
+}
+absl::StatusOr<MoeRouting> ParseMoeRouting(std::string_view name) {
+  return ValueOf(kMoeRoutingNames, "moe.routing", name);
 }
 
 namespace {
@@ -258,6 +264,50 @@ absl::Status Recipe::Validate() const {
     }
   }
   if (retrain.enabled) QCAL_RETURN_IF_ERROR(ValidateRetrain(*this, src));
+  if (moe && moe->min_tokens < 1) {
+    return KeyError(src, "moe.min_tokens",
+                    absl::StrCat("must be an integer >= 1, got ", moe->min_tokens));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Recipe::CheckForModel(const ModelConfig& config) const {
+  if (!config.moe()) {
+    if (!moe) return absl::OkStatus();
+    return KeyError("recipe", "moe",
+                    absl::StrCat("is for mixture-of-experts models; this model (",
+                                 config.model_type, ") is dense"));
+  }
+  const std::string why = absl::StrCat(" on a mixture-of-experts model (", config.model_type,
+                                       "): phase 2 calibrates experts with GPTQ or RTN only");
+  if (smoothing.enabled()) {
+    return KeyError(
+        "recipe", "smoothing.method",
+        absl::StrCat("must be none", why, ", got \"", RecipeName(smoothing.method), "\""));
+  }
+  if (error_reconstruction.enabled) {
+    return KeyError("recipe", "error_reconstruction",
+                    absl::StrCat("must be absent", why,
+                                 " (PEFT cannot address one expert's linear of a transformers 5 "
+                                 "model: docs/MOE.md)"));
+  }
+  if (hessian != HessianKind::kLayer) {
+    return KeyError("recipe", "hessian",
+                    absl::StrCat("must be layer", why, ", got \"", RecipeName(hessian), "\""));
+  }
+  if (retrain.enabled) return KeyError("recipe", "retrain", absl::StrCat("must be absent", why));
+  if (!gptq.true_sequential) {
+    return KeyError("recipe", "gptq.true_sequential",
+                    absl::StrCat("must be true", why,
+                                 " (each expert's down_proj statistics follow its quantized "
+                                 "gate/up_proj)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Recipe::ResolveForModel(const ModelConfig& config) {
+  QCAL_RETURN_IF_ERROR(CheckForModel(config));
+  if (config.moe() && !moe) moe = MoeRecipe{};
   return absl::OkStatus();
 }
 
@@ -301,6 +351,10 @@ nlohmann::json Recipe::ToCanonicalJson() const {
         {"lr_clip", t.lr_clip},
         {"weight_decay", t.weight_decay}};
   }
+  if (moe) {
+    j["moe"] = {{"routing", std::string(RecipeName(moe->routing))},
+                {"min_tokens", moe->min_tokens}};
+  }
   return j;
 }
 
@@ -326,7 +380,7 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     return absl::InvalidArgumentError(absl::StrCat(source, ": recipe is empty"));
   QCAL_RETURN_IF_ERROR(CheckKeys(root, source, "",
                                  {"method", "weights", "gptq", "activations", "smoothing",
-                                  "error_reconstruction", "hessian", "retrain"}));
+                                  "error_reconstruction", "hessian", "retrain", "moe"}));
   Recipe r;
   // An empty method reads as a missing one (Validate: "is required").
   if (root["method"] && !(root["method"].IsScalar() && root["method"].Scalar().empty())) {
@@ -418,6 +472,13 @@ absl::StatusOr<Recipe> ParseRecipeYaml(const std::string& text, const std::strin
     QCAL_RETURN_IF_ERROR(Read(t, "lr_lora", source, "retrain", &rt.lr_lora));
     QCAL_RETURN_IF_ERROR(Read(t, "lr_clip", source, "retrain", &rt.lr_clip));
     QCAL_RETURN_IF_ERROR(Read(t, "weight_decay", source, "retrain", &rt.weight_decay));
+  }
+  if (root["moe"]) {
+    const YAML::Node m = root["moe"];
+    QCAL_RETURN_IF_ERROR(CheckKeys(m, source, "moe", {"routing", "min_tokens"}));
+    MoeRecipe& moe = r.moe.emplace();
+    QCAL_RETURN_IF_ERROR(ReadEnum(m, "routing", source, "moe", &ParseMoeRouting, &moe.routing));
+    QCAL_RETURN_IF_ERROR(Read(m, "min_tokens", source, "moe", &moe.min_tokens));
   }
   absl::Status st = r.Validate();
   if (!st.ok()) {

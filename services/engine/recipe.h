@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "common/hf_config.h"
 #include "kernels/quant_grid.h"
 #include "nlohmann/json.hpp"
 
@@ -32,6 +33,8 @@ enum class Whitening { kCholesky, kDiagonal, kNone };
 enum class HessianKind { kLayer, kOutputAdaptive, kOutputAdaptiveToken };
 // retrain.method: apiq | saliency (DESIGN section 3, "Retraining").
 enum class RetrainMethod { kApiq, kSaliency };
+// moe.routing: quantized | full_precision (docs/MOE.md).
+enum class MoeRouting { kQuantized, kFullPrecision };
 
 const char* RecipeName(QuantMethod v);
 const char* RecipeName(kernels::GridKind v);
@@ -39,6 +42,7 @@ const char* RecipeName(SmoothingMethod v);
 const char* RecipeName(Whitening v);
 const char* RecipeName(HessianKind v);
 const char* RecipeName(RetrainMethod v);
+const char* RecipeName(MoeRouting v);
 
 // The value a name stands for; InvalidArgument `recipe key "<key>" must be ..., got "<name>"`
 // otherwise (callers prefix the source).
@@ -48,6 +52,7 @@ absl::StatusOr<SmoothingMethod> ParseSmoothingMethod(std::string_view name);
 absl::StatusOr<Whitening> ParseWhitening(std::string_view name);
 absl::StatusOr<HessianKind> ParseHessianKind(std::string_view name);
 absl::StatusOr<RetrainMethod> ParseRetrainMethod(std::string_view name);
+absl::StatusOr<MoeRouting> ParseMoeRouting(std::string_view name);
 
 struct WeightsRecipe {
   int bits = 0;            // required: 2..8
@@ -121,6 +126,16 @@ struct RetrainRecipe {
   static constexpr int kDefaultRank = 64;
 };
 
+// Mixture-of-experts models (DESIGN section 6, docs/MOE.md): which path's router picks the tokens
+// an expert's statistics are taken on (the statistics themselves are always the quantized path's
+// inputs), and the fewest routed tokens an expert may have before it is calibrated on all of the
+// block's tokens instead (for all three of its linears).
+struct MoeRecipe {
+  MoeRouting routing = MoeRouting::kQuantized;  // Default: quantized.
+  int min_tokens = 128;                         // >= 1. Default: 128.
+  bool operator==(const MoeRecipe&) const = default;
+};
+
 struct Recipe {
   std::optional<QuantMethod> method;  // required
   WeightsRecipe weights;
@@ -133,6 +148,9 @@ struct Recipe {
   // Default: layer.
   HessianKind hessian = HessianKind::kLayer;
   RetrainRecipe retrain;
+  // Absent unless the recipe has a `moe` section or the job fills in its defaults for an MoE model
+  // (ResolveForModel): a dense job's canonical recipe, and its recipe_sha256, never carry it.
+  std::optional<MoeRecipe> moe;
 
   // Whether the job runs the gradient pass (DESIGN section 2, step 4) for OAC's Hessians. The
   // driver reads it as "GPTQ uses output-adaptive Hessians", so it stays about `hessian` alone.
@@ -151,8 +169,17 @@ struct Recipe {
   }
 
   absl::Status Validate() const;
-  // Sorted-key JSON with every default filled in. `retrain` appears only when the section is
-  // present, so recipes without it keep the hashes they had before the section existed.
+  // Fits the recipe to the model it will quantize (before the job starts): for a mixture-of-experts
+  // model, fills in the `moe` defaults when the section is absent and refuses what phase 2 does not
+  // do on experts (smoothing.method other than none, error_reconstruction, hessian other than
+  // layer, retrain, gptq.true_sequential false: InvalidArgument naming the key and the model
+  // type); for a dense model, refuses a `moe` section (InvalidArgument naming the key).
+  absl::Status ResolveForModel(const ModelConfig& config);
+  // The refusals of ResolveForModel alone, for a recipe already resolved (entry points that take a
+  // recipe and a model: the block driver, QuantizeModel, the export).
+  absl::Status CheckForModel(const ModelConfig& config) const;
+  // Sorted-key JSON with every default filled in. `retrain` and `moe` appear only when the section
+  // is present, so recipes without them keep the hashes they had before the sections existed.
   nlohmann::json ToCanonicalJson() const;
   // sha256 of ToCanonicalJson().dump().
   std::string Sha256() const;

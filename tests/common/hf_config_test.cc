@@ -254,8 +254,9 @@ TEST(HfConfigTest, MixtralKeysAndDefaults) {
   EXPECT_EQ(c->num_experts, 4);
   EXPECT_EQ(c->num_experts_per_tok, 3);
   EXPECT_EQ(c->sliding_window, 32);  // as mistral
-  EXPECT_THAT(std::string(CheckQuantizable(*c).message()),
-              HasSubstr("mixture-of-experts quantization is not supported yet: mixtral"));
+  EXPECT_THAT(std::string(CheckServiceQuantizable(*c).message()),
+              HasSubstr("does not run mixture-of-experts jobs yet (qcal quantize runs them in one "
+                        "process): mixtral"));
 }
 
 TEST(HfConfigTest, Qwen2MoeKeysAndDefaults) {
@@ -289,7 +290,7 @@ TEST(HfConfigTest, Qwen2MoeKeysAndDefaults) {
   EXPECT_TRUE(c->IsMoeBlock(1));
   EXPECT_FALSE(c->IsMoeBlock(2));
   EXPECT_FALSE(c->IsMoeBlock(3));
-  EXPECT_FALSE(CheckQuantizable(*c).ok());
+  EXPECT_FALSE(CheckServiceQuantizable(*c).ok());
 }
 
 TEST(HfConfigTest, Qwen3MoeKeysAndDefaults) {
@@ -317,7 +318,7 @@ TEST(HfConfigTest, Qwen3MoeKeysAndDefaults) {
   ASSERT_TRUE(c.ok());
   EXPECT_FALSE(c->moe());
   EXPECT_FALSE(c->IsMoeBlock(0));
-  EXPECT_TRUE(CheckQuantizable(*c).ok());
+  EXPECT_TRUE(CheckServiceQuantizable(*c).ok());
 }
 
 TEST(HfConfigTest, MoeErrorsNameTheKey) {

@@ -96,8 +96,8 @@ TEST_F(InputPathsTest, ModelFilesAreCheckedAtSubmit) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("tiny/config.json"));
 }
 
-// A mixture-of-experts model is refused at submission (quantizing one is not supported yet,
-// docs/MOE.md), before any work is queued.
+// A mixture-of-experts model is refused at submission (the service does not run MoE jobs yet;
+// `qcal quantize` runs them in one process: docs/MOE.md), before any work is queued.
 TEST_F(InputPathsTest, MixtureOfExpertsIsRefusedAtSubmit) {
   const v1::JobSpec good = testing::TinySpec("out");
   ASSERT_TRUE(Validate(good).ok());
@@ -112,7 +112,8 @@ TEST_F(InputPathsTest, MixtureOfExpertsIsRefusedAtSubmit) {
   const absl::Status s = Validate(good);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
   EXPECT_THAT(std::string(s.message()),
-              HasSubstr("tiny/config.json: mixture-of-experts quantization is not supported yet: "
+              HasSubstr("tiny/config.json: the quantization service does not run "
+                        "mixture-of-experts jobs yet (qcal quantize runs them in one process): "
                         "qwen3_moe"));
 }
 

@@ -29,19 +29,7 @@ void BlockRunner::SetRetrainBase(LinearKind k, Tensor base, Tensor fisher) {
 // weights (Begin runs before smoothing folds anything); a device copy of each chunk's
 // quantized-path input is kept, parked like the chunks when the device is short.
 absl::Status BlockRunner::BeginRetrain() {
-  if (b_ == 0 && acts_.fp_chunks.empty()) {
-    // Both paths enter block 0 with the embeddings.
-    for (size_t c = 0; c < acts_.chunks.size(); ++c) {
-      QCAL_ASSIGN_OR_RETURN(Tensor fp, FetchCopy(c));
-      QCAL_RETURN_IF_ERROR(ParkIfShort(be_, fp, reserve_));
-      acts_.fp_chunks.push_back(std::move(fp));
-    }
-  }
-  if (acts_.fp_chunks.size() != acts_.chunks.size()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "block ", b_, ": the recipe retrains but the activations hold ", acts_.fp_chunks.size(),
-        " full-precision chunks for ", acts_.chunks.size(), " quantized-path chunks"));
-  }
+  QCAL_RETURN_IF_ERROR(StartFullPrecisionPath());
   x_in_.clear();
   base_ = {};
   fisher_ = {};
@@ -50,19 +38,7 @@ absl::Status BlockRunner::BeginRetrain() {
     QCAL_ASSIGN_OR_RETURN(Tensor x, FetchCopy(c));
     QCAL_RETURN_IF_ERROR(ParkIfShort(be_, x, reserve_));
     x_in_.push_back(std::move(x));
-    Tensor& fp = acts_.fp_chunks[c];
-    if (fp.shape() != acts_.chunks[c].shape()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("block ", b_, ": full-precision chunk ", c, " is ", ShapeString(fp.shape()),
-                       ", its quantized-path chunk ", ShapeString(acts_.chunks[c].shape())));
-    }
-    Tensor h = fp;
-    if (fp.device() != be_.device()) {
-      QCAL_ASSIGN_OR_RETURN(h, be_.Alloc(DType::kF32, fp.shape()));
-      QCAL_RETURN_IF_ERROR(be_.Copy(fp, h));
-    }
-    QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, h, ShapeOf(c)));
-    if (fp.device() != be_.device()) QCAL_RETURN_IF_ERROR(be_.Copy(h, fp));
+    QCAL_RETURN_IF_ERROR(AdvanceFullPrecision(c, nullptr));
   }
   return Charge(t_.retrain);
 }

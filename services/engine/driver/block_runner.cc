@@ -93,7 +93,8 @@ BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& rec
       oac_(std::move(oac)),
       b_(acts.next_block),
       spec_(SpecOf(recipe)),
-      seed_(seed) {
+      seed_(seed),
+      moe_(recipe.moe.value_or(MoeRecipe{})) {
   gopt_.damp = recipe.gptq.damp;
   gopt_.block_size = recipe.gptq.block_size;
   gopt_.act_order = recipe.gptq.act_order;
@@ -159,6 +160,30 @@ Combine<ActivationStats> ActivationStatsCombine() {
 absl::StatusOr<std::vector<LayerResult>> BlockRunner::Run() {
   QCAL_RETURN_IF_ERROR(CheckHoldsEveryChunk());
   QCAL_RETURN_IF_ERROR(Begin());
+  const ModelConfig& config = model_.config();
+  if (config.IsMoeBlock(b_)) {
+    // Begin refused the recipes that do not run true-sequential on experts.
+    for (LinearInput group : {LinearInput::kQkv, LinearInput::kO}) {
+      QCAL_ASSIGN_OR_RETURN(InputPartials partials, CollectPartials(group));
+      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, Complete(group, std::move(partials)));
+      QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, Solve(stats, ConsumersOf(group)));
+      QCAL_RETURN_IF_ERROR(Install(std::move(solved)));
+      QCAL_RETURN_IF_ERROR(Push(group));
+    }
+    QCAL_ASSIGN_OR_RETURN(std::vector<int64_t> counts, RouteChunks());
+    QCAL_RETURN_IF_ERROR(SetExpertCounts(std::move(counts)));
+    for (int u = 0; u < NumExpertUnits(config); ++u) {
+      for (LinearInput group : {LinearInput::kGateUp, LinearInput::kDown}) {
+        QCAL_ASSIGN_OR_RETURN(InputPartials partials, CollectExpertPartials(u, group));
+        QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, Complete(group, std::move(partials)));
+        QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved,
+                              Solve(stats, ConsumersOf(group), ExpertOfUnit(config, u)));
+        QCAL_RETURN_IF_ERROR(Install(std::move(solved)));
+      }
+    }
+    QCAL_RETURN_IF_ERROR(PushMoe());
+    return Finish();
+  }
   if (recipe_.smoothing.enabled()) {
     QCAL_ASSIGN_OR_RETURN(SmoothingPartials partials, CollectSmoothingPartials());
     QCAL_ASSIGN_OR_RETURN(const SmoothingStatistics stats, CompleteSmoothing(std::move(partials)));
@@ -200,7 +225,7 @@ absl::Status BlockRunner::CheckHoldsEveryChunk() const {
 }
 
 absl::Status BlockRunner::Begin() {
-  QCAL_RETURN_IF_ERROR(CheckQuantizable(model_.config()));
+  QCAL_RETURN_IF_ERROR(recipe_.CheckForModel(model_.config()));
   if (recipe_.NeedsGradientPass() && !oac_) {
     return absl::FailedPreconditionError(
         absl::StrCat("block ", b_, ": recipe key \"hessian\" is ", RecipeName(recipe_.hessian),
@@ -227,6 +252,60 @@ absl::Status BlockRunner::Begin() {
   kept_.assign(acts_.chunks.size(), Tensor());
   clock_ = Clock::now();
   if (Retrains()) QCAL_RETURN_IF_ERROR(BeginRetrain());
+  if (model_.config().moe() && moe_.routing == MoeRouting::kFullPrecision) {
+    // The full-precision path through the original block, its MoE blocks' routing recorded.
+    QCAL_RETURN_IF_ERROR(StartFullPrecisionPath());
+    fp_routing_.assign(acts_.chunks.size(), Routing());
+    for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+      QCAL_RETURN_IF_ERROR(AdvanceFullPrecision(c, &fp_routing_[c]));
+    }
+    QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+  }
+  return absl::OkStatus();
+}
+
+// Both paths enter block 0 with the embeddings; later blocks find the full-precision path in acts.
+absl::Status BlockRunner::StartFullPrecisionPath() {
+  if (b_ == 0 && acts_.fp_chunks.empty()) {
+    for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+      QCAL_ASSIGN_OR_RETURN(Tensor fp, FetchCopy(c));
+      QCAL_RETURN_IF_ERROR(ParkIfShort(be_, fp, reserve_));
+      acts_.fp_chunks.push_back(std::move(fp));
+    }
+  }
+  if (acts_.fp_chunks.size() != acts_.chunks.size()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "block ", b_, ": the recipe keeps the full-precision path but the activations hold ",
+        acts_.fp_chunks.size(), " full-precision chunks for ", acts_.chunks.size(),
+        " quantized-path chunks"));
+  }
+  return absl::OkStatus();
+}
+
+// Pushes full-precision chunk c through the block's original weights (before any install); with
+// `routing`, an MoE block's routing of it is recorded there.
+absl::Status BlockRunner::AdvanceFullPrecision(size_t c, Routing* routing) {
+  Tensor& fp = acts_.fp_chunks[c];
+  if (fp.shape() != acts_.chunks[c].shape()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block ", b_, ": full-precision chunk ", c, " is ", ShapeString(fp.shape()),
+                     ", its quantized-path chunk ", ShapeString(acts_.chunks[c].shape())));
+  }
+  Tensor h = fp;
+  if (fp.device() != be_.device()) {
+    QCAL_ASSIGN_OR_RETURN(h, be_.Alloc(DType::kF32, fp.shape()));
+    QCAL_RETURN_IF_ERROR(be_.Copy(fp, h));
+  }
+  Tap tap;
+  if (routing != nullptr && model_.config().IsMoeBlock(b_)) {
+    tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
+      if (in != LinearInput::kGateUp) return absl::OkStatus();
+      QCAL_ASSIGN_OR_RETURN(*routing, model_.Route(b_, x));
+      return absl::OkStatus();
+    };
+  }
+  QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, h, ShapeOf(c), nullptr, tap));
+  if (fp.device() != be_.device()) QCAL_RETURN_IF_ERROR(be_.Copy(h, fp));
   return absl::OkStatus();
 }
 
@@ -394,10 +473,11 @@ absl::StatusOr<InputStatistics> BlockRunner::Complete(LinearInput group, InputPa
 }
 
 absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::Solve(const InputStatistics& stats,
-                                                             const std::vector<LinearKind>& kinds) {
+                                                             const std::vector<LinearKind>& kinds,
+                                                             int expert) {
   QCAL_RETURN_IF_ERROR(Charge(t_.forward));
   const double before = t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct;
-  QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, SolveInput(stats, kinds));
+  QCAL_ASSIGN_OR_RETURN(std::vector<SolvedLinear> solved, SolveInput(stats, kinds, expert));
   QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
   t_.solve += t_.factor + t_.quantize + t_.error + t_.transfer + t_.reconstruct - before;
   return solved;
@@ -406,6 +486,7 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::Solve(const InputStatisti
 absl::Status BlockRunner::Install(std::vector<SolvedLinear> solved) {
   for (SolvedLinear& s : solved) {
     const LinearKind k = s.result.report.kind;
+    const LinearId id = s.result.id();
     if (Retrains()) {
       // The weight about to be replaced: full precision, smoothing folded.
       QCAL_ASSIGN_OR_RETURN(reference_[static_cast<int>(k)],
@@ -415,11 +496,11 @@ absl::Status BlockRunner::Install(std::vector<SolvedLinear> solved) {
       }
     }
     if (s.weight.defined()) {
-      model_.block(b_).at(k).weight = s.weight;
+      model_.block(b_).at(id).weight = s.weight;
     } else {
-      QCAL_RETURN_IF_ERROR(InstallWeight(model_, b_, k, s.result.quantized));
+      QCAL_RETURN_IF_ERROR(InstallWeight(model_, b_, id, s.result.quantized));
     }
-    QCAL_RETURN_IF_ERROR(InstallExtras(model_, b_, k, s.result));
+    QCAL_RETURN_IF_ERROR(InstallExtras(model_, b_, id, s.result));
     results_.push_back(std::move(s.result));
     pending_.push_back(std::move(s.conversion));
   }
@@ -447,6 +528,109 @@ absl::Status BlockRunner::Push(LinearInput group) {
     x = Tensor();
     QCAL_RETURN_IF_ERROR(Store(c, h));
   }
+  return Charge(t_.forward);
+}
+
+absl::StatusOr<std::vector<int64_t>> BlockRunner::RouteChunks() {
+  const ModelConfig& config = model_.config();
+  if (!config.IsMoeBlock(b_)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("block ", b_, " is not a mixture-of-experts block"));
+  }
+  routing_.clear();
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+    QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+    QCAL_ASSIGN_OR_RETURN(Routing r, model_.Route(b_, x));
+    routing_.push_back(std::move(r));
+  }
+  const bool fp = moe_.routing == MoeRouting::kFullPrecision;
+  if (fp && fp_routing_.size() != routing_.size()) {
+    return absl::FailedPreconditionError(absl::StrCat("block ", b_, ": full-precision routing of ",
+                                                      fp_routing_.size(), " chunks for ",
+                                                      routing_.size(), " (Begin first)"));
+  }
+  std::vector<int64_t> counts(static_cast<size_t>(config.num_experts), 0);
+  for (const Routing& r : fp ? fp_routing_ : routing_) {
+    for (int32_t e : r.experts) ++counts[static_cast<size_t>(e)];
+  }
+  QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+  return counts;
+}
+
+absl::Status BlockRunner::SetExpertCounts(std::vector<int64_t> counts) {
+  if (static_cast<int>(counts.size()) != model_.config().num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("block ", b_, ": token counts of ",
+                                                   counts.size(), " experts for ",
+                                                   model_.config().num_experts));
+  }
+  expert_tokens_ = std::move(counts);
+  fallback_.clear();
+  for (int64_t n : expert_tokens_) fallback_.push_back(n < moe_.min_tokens);
+  return absl::OkStatus();
+}
+
+std::vector<int32_t> BlockRunner::ExpertRows(int unit, size_t c, bool* all) const {
+  const int expert = ExpertOfUnit(model_.config(), unit);
+  *all = expert == kSharedExpert || fallback_[static_cast<size_t>(expert)];
+  if (*all) return {};
+  const Routing& r = moe_.routing == MoeRouting::kFullPrecision ? fp_routing_[c] : routing_[c];
+  std::vector<int32_t> rows;
+  std::vector<float> weights;
+  r.RowsOf(expert, &rows, &weights);
+  return rows;
+}
+
+absl::StatusOr<InputPartials> BlockRunner::CollectExpertPartials(int unit, LinearInput group) {
+  const ModelConfig& config = model_.config();
+  if (!config.IsMoeBlock(b_) || unit < 0 || unit >= NumExpertUnits(config) ||
+      (group != LinearInput::kGateUp && group != LinearInput::kDown)) {
+    return absl::InvalidArgumentError(absl::StrCat("block ", b_, ": no statistics of expert unit ",
+                                                   unit, " input ", LinearInputName(group)));
+  }
+  if (routing_.size() != acts_.chunks.size() ||
+      static_cast<int>(expert_tokens_.size()) != config.num_experts) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("block ", b_, ": expert statistics before RouteChunks and SetExpertCounts"));
+  }
+  const int expert = ExpertOfUnit(config, unit);
+  const int64_t width = LinearShape(config, b_, LinearId(ConsumersOf(group)[0], expert)).second;
+  TreeAccumulator<InputStatistics> acc = NewInputAccumulator();
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+    QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+    bool all = false;
+    const std::vector<int32_t> rows = ExpertRows(unit, c, &all);
+    Tensor xe;
+    if (all) {
+      xe = x;
+    } else if (!rows.empty()) {
+      QCAL_ASSIGN_OR_RETURN(xe, model_.GatherRows(x, rows));
+    }
+    if (group == LinearInput::kDown && xe.defined()) {
+      QCAL_ASSIGN_OR_RETURN(xe, model_.ExpertProduct(b_, expert, xe));
+    }
+    QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+    QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(group, xe, width));
+    QCAL_RETURN_IF_ERROR(acc.Add(std::move(partial)));
+    QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+  }
+  return acc.Finish();
+}
+
+absl::Status BlockRunner::PushMoe() {
+  if (routing_.size() != acts_.chunks.size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("block ", b_, ": PushMoe before RouteChunks"));
+  }
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+    QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+    QCAL_RETURN_IF_ERROR(model_.AddMoeOutput(b_, x, routing_[c], h));
+    QCAL_RETURN_IF_ERROR(Store(c, h));
+  }
+  routing_.clear();
+  fp_routing_.clear();
   return Charge(t_.forward);
 }
 
@@ -484,11 +668,13 @@ TreeAccumulator<InputStatistics> BlockRunner::NewInputAccumulator() {
 
 // One chunk's statistics of input `in`: xᵀx in a zeroed tensor and, with LQER's diagonal
 // whitening, the chunk's |x| statistics.
-absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, const Tensor& x) {
+absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, const Tensor& x,
+                                                             int64_t width) {
   InputStatistics stats;
   stats.input = in;
-  const int64_t width = widths_[static_cast<int>(in)];
+  if (width == 0) width = widths_[static_cast<int>(in)];
   QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
+  if (!x.defined()) return stats;
   QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, stats.gram));
   if (recipe_.error_reconstruction.enabled &&
       recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
@@ -584,11 +770,16 @@ absl::StatusOr<Tensor> BlockRunner::Download(const Tensor& t) {
   return host;
 }
 
-LayerResult BlockRunner::NewResult(LinearKind k, int64_t d_out, int64_t d_in) const {
+LayerResult BlockRunner::NewResult(LinearId id, int64_t d_out, int64_t d_in) const {
   LayerResult r;
   r.report.block = b_;
-  r.report.kind = k;
-  r.report.name = LinearPrefix(b_, k);
+  r.report.kind = id.kind;
+  r.report.expert = id.expert;
+  r.report.name = LinearPrefix(model_.config(), b_, id);
+  if (id.expert >= 0) {
+    r.report.routed_tokens = expert_tokens_[static_cast<size_t>(id.expert)];
+    r.report.fallback = fallback_[static_cast<size_t>(id.expert)];
+  }
   r.report.d_out = d_out;
   r.report.d_in = d_in;
   return r;
@@ -767,7 +958,7 @@ absl::StatusOr<Tensor> BlockRunner::DeviceWhiteningOf(const InputStatistics& sta
 // reference: the CPU backend's case) with the weight, its quantized form and the statistics copied
 // there; that host whitening comes before the factorization, as it always has on the host.
 absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
-    const InputStatistics& stats, const std::vector<LinearKind>& kinds) {
+    const InputStatistics& stats, const std::vector<LinearKind>& kinds, int expert) {
   const LinearInput in = stats.input;
   const Tensor& gram = stats.gram;
   BlockWeights& bw = model_.block(b_);
@@ -794,7 +985,10 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
   const bool output_adaptive = recipe_.NeedsGradientPass();
   if (gptq && !output_adaptive) {
     auto f = be_.GptqFactorize(gram, gopt);
-    if (!f.ok()) return Annotate(f.status(), LinearPrefix(b_, consumers[0]));
+    if (!f.ok()) {
+      return Annotate(f.status(),
+                      LinearPrefix(model_.config(), b_, LinearId(consumers[0], expert)));
+    }
     factor = std::move(f).value();
     QCAL_RETURN_IF_ERROR(Charge(t_.factor));
   }
@@ -808,11 +1002,12 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
       return absl::InvalidArgumentError(
           absl::StrCat(LinearPrefix(b_, k), " does not read input ", LinearInputName(in)));
     }
-    const std::string name = LinearPrefix(b_, k);
-    Linear& lin = bw.at(k);
+    const LinearId id(k, expert);
+    const std::string name = LinearPrefix(model_.config(), b_, id);
+    Linear& lin = bw.at(id);
     const Tensor w = lin.weight;
     QCAL_RETURN_IF_ERROR(CheckFiniteOnHost(w, absl::StrCat("weight ", name)));
-    LayerResult r = NewResult(k, w.dim(0), w.dim(1));
+    LayerResult r = NewResult(id, w.dim(0), w.dim(1));
     if (gptq && output_adaptive) {
       QCAL_ASSIGN_OR_RETURN(factor, OutputAdaptiveFactor(in, k, gopt));
       QCAL_RETURN_IF_ERROR(Charge(t_.factor));
@@ -885,7 +1080,7 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     QCAL_ASSIGN_OR_RETURN(Tensor scales, Download(q.scales));
     QCAL_ASSIGN_OR_RETURN(Tensor zeros, Download(q.zeros));
     r.act_bits = recipe_.activations.bits;
-    r.folded = folded_[static_cast<int>(k)];
+    if (expert == kNoExpert) r.folded = folded_[static_cast<int>(k)];
     const Tensor w_hat = q.dequantized;
     q.codes = q.scales = q.zeros = q.dequantized = Tensor();
     const QuantSpec spec = spec_;

@@ -182,9 +182,11 @@ class BlockRunner {
 
   // Solves `kinds` (consumers of stats.input, in forward order; all of them: ConsumersOf) through
   // smoothing → quantization → error reconstruction. Reads the block's weights; changes nothing in
-  // the model. A gang member solves only the linears it owns, with the same bits.
+  // the model. A gang member solves only the linears it owns, with the same bits. `expert`: the
+  // dense linears (kNoExpert), or the linears of that expert of an MoE block.
   absl::StatusOr<std::vector<SolvedLinear>> Solve(const InputStatistics& stats,
-                                                  const std::vector<LinearKind>& kinds);
+                                                  const std::vector<LinearKind>& kinds,
+                                                  int expert = kNoExpert);
   // Puts solved linears into the model and records them for Finish.
   absl::Status Install(std::vector<SolvedLinear> solved);
 
@@ -194,6 +196,29 @@ class BlockRunner {
   absl::Status Push(LinearInput group);
   // Without true-sequential: the hidden states through the whole quantized block.
   absl::Status PushBlock();
+
+  // ---- Mixture-of-experts blocks (ModelConfig::IsMoeBlock; docs/MOE.md). After the attention
+  // groups (kQkv, kO) are installed and pushed, instead of the kGateUp and kDown groups:
+  //   RouteChunks → SetExpertCounts (the sum over every rank) → per expert unit u
+  //   (NumExpertUnits: routed experts, then the shared expert), for group kGateUp then kDown:
+  //   CollectExpertPartials(u, group) → Complete(group) → Solve(..., ExpertOfUnit(u)) → Install;
+  //   then PushMoe.
+  // Routes this rank's chunks: the quantized path's MLP inputs (kept for PushMoe) and, with
+  // moe.routing full_precision, the full-precision path's (from Begin), which then pick the
+  // statistics' tokens. Returns the tokens routed to each routed expert over this rank's chunks by
+  // the routing that picks them.
+  absl::StatusOr<std::vector<int64_t>> RouteChunks();
+  // The per-expert counts over every chunk of the job: an expert with fewer than moe.min_tokens
+  // is calibrated on all of the block's tokens (all three linears).
+  absl::Status SetExpertCounts(std::vector<int64_t> counts);
+  // This rank's partial statistics of expert unit u's input `group`, each chunk's Gram matrix taken
+  // on the unit's rows only: kGateUp, the quantized path's MLP input x on the rows routed to the
+  // expert (every row for the shared expert and a fallback expert); kDown, the expert's
+  // down_proj input silu(gate(x_e))·up(x_e) on those rows through its installed gate/up.
+  absl::StatusOr<InputPartials> CollectExpertPartials(int unit, LinearInput group);
+  // hidden += the MoE MLP output (AddMoeOutput with the quantized experts) for every chunk: the
+  // block output.
+  absl::Status PushMoe();
 
   // ---- Retraining (see above). After the last Install and Push (or PushBlock) of the block.
   // This rank's chunks' quantized-path block inputs and full-precision targets (from Begin).
@@ -239,13 +264,21 @@ class BlockRunner {
   bool KeepOnDevice();
   absl::Status CheckHoldsEveryChunk() const;
   TreeAccumulator<InputStatistics> NewInputAccumulator();
-  absl::StatusOr<InputStatistics> ChunkStatistics(LinearInput in, const Tensor& x);
+  // One chunk's statistics of input `in` of `width` channels (0: widths_[in]); an undefined x (a
+  // chunk with no row for an expert) gives a zero Gram matrix.
+  absl::StatusOr<InputStatistics> ChunkStatistics(LinearInput in, const Tensor& x,
+                                                  int64_t width = 0);
+  // The rows of chunk c that expert unit u's statistics are taken on; `all` set instead when they
+  // are every row (the shared expert, a fallback expert).
+  std::vector<int32_t> ExpertRows(int unit, size_t c, bool* all) const;
+  absl::Status StartFullPrecisionPath();
+  absl::Status AdvanceFullPrecision(size_t c, Routing* routing);
   absl::StatusOr<ActivationStats> ChunkAbsStats(LinearInput in, const Tensor& x);
   absl::Status RoundFolded(LinearKind kind, const std::string& name, Tensor& t);
   absl::StatusOr<Tensor> AttentionOf(const Tensor& h, size_t c);
   absl::StatusOr<Tensor> MlpOf(const Tensor& h);
   absl::StatusOr<Tensor> Download(const Tensor& t);
-  LayerResult NewResult(LinearKind k, int64_t d_out, int64_t d_in) const;
+  LayerResult NewResult(LinearId id, int64_t d_out, int64_t d_in) const;
   const std::vector<int32_t>& OutliersOf(LinearInput in) const;
   absl::StatusOr<WhiteningFactor> WhiteningOf(const InputStatistics& stats,
                                               const Tensor& gram_host);
@@ -260,7 +293,8 @@ class BlockRunner {
                            const Tensor& gram_host, const WhiteningFactor& whitening, double denom,
                            LayerResult& r);
   absl::StatusOr<std::vector<SolvedLinear>> SolveInput(const InputStatistics& stats,
-                                                       const std::vector<LinearKind>& kinds);
+                                                       const std::vector<LinearKind>& kinds,
+                                                       int expert);
   absl::StatusOr<kernels::GptqFactor> OutputAdaptiveFactor(LinearInput in, LinearKind k,
                                                            const kernels::GptqSolveOptions& gopt);
   bool Retrains() const { return recipe_.retrain.enabled; }
@@ -298,6 +332,14 @@ class BlockRunner {
   std::function<absl::Status(int block)> before_training_;
   std::vector<Tensor> x_in_;
   std::array<Tensor, kNumLinears> base_, fisher_, reference_;
+  // Mixture-of-experts blocks: the recipe's moe section (its defaults when absent), per chunk the
+  // quantized path's routing (RouteChunks, for PushMoe) and with full_precision routing the
+  // full-precision path's (Begin), and per routed expert its tokens over the job and whether it
+  // falls back to every token.
+  const MoeRecipe moe_;
+  std::vector<Routing> routing_, fp_routing_;
+  std::vector<int64_t> expert_tokens_;
+  std::vector<bool> fallback_;
 };
 
 // The seed of block b's retraining for the job's calibration seed: HashBits(seed, b), so that the

@@ -24,11 +24,11 @@ absl::StatusOr<Tensor*> FoldedTarget(Model& model, int b, const std::string& nam
 
 }  // namespace
 
-absl::Status InstallWeight(Model& model, int b, LinearKind k, const QuantizedLinear& q) {
-  Linear& lin = model.block(b).at(k);
+absl::Status InstallWeight(Model& model, int b, LinearId id, const QuantizedLinear& q) {
+  Linear& lin = model.block(b).at(id);
   if (lin.weight.dim(0) != q.d_out || lin.weight.dim(1) != q.d_in) {
-    return absl::InvalidArgumentError(absl::StrCat(LinearPrefix(b, k), ": quantized shape [",
-                                                   q.d_out, ", ", q.d_in,
+    return absl::InvalidArgumentError(absl::StrCat(LinearPrefix(model.config(), b, id),
+                                                   ": quantized shape [", q.d_out, ", ", q.d_in,
                                                    "] does not match the model"));
   }
   Tensor host = Tensor::FromVector(q.Dequantized(), {q.d_out, q.d_in});
@@ -36,16 +36,16 @@ absl::Status InstallWeight(Model& model, int b, LinearKind k, const QuantizedLin
   return absl::OkStatus();
 }
 
-absl::Status InstallExtras(Model& model, int b, LinearKind k, const LayerResult& r) {
-  Linear& lin = model.block(b).at(k);
+absl::Status InstallExtras(Model& model, int b, LinearId id, const LayerResult& r) {
+  Linear& lin = model.block(b).at(id);
   kernels::Backend& be = model.backend();
   const int64_t rank = r.report.rank;
   if (rank > 0) {
     const int64_t d_out = lin.weight.dim(0), d_in = lin.weight.dim(1);
     if (static_cast<int64_t>(r.lora_a.size()) != d_out * rank ||
         static_cast<int64_t>(r.lora_b.size()) != rank * d_in) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(LinearPrefix(b, k), ": low-rank factors do not match rank ", rank));
+      return absl::InvalidArgumentError(absl::StrCat(
+          LinearPrefix(model.config(), b, id), ": low-rank factors do not match rank ", rank));
     }
     QCAL_ASSIGN_OR_RETURN(lin.lora_a, be.ToDevice(Tensor::FromVector(r.lora_a, {d_out, rank})));
     QCAL_ASSIGN_OR_RETURN(lin.lora_b, be.ToDevice(Tensor::FromVector(r.lora_b, {rank, d_in})));
@@ -65,13 +65,15 @@ absl::Status InstallExtras(Model& model, int b, LinearKind k, const LayerResult&
 }
 
 absl::Status InstallBlock(Model& model, int b, const std::vector<LayerResult>& linears) {
-  if (b < 0 || b >= model.num_blocks() || linears.size() != kAllLinears.size()) {
+  const std::vector<LinearId> ids =
+      b >= 0 && b < model.num_blocks() ? BlockLinears(model.config(), b) : std::vector<LinearId>();
+  if (ids.empty() || linears.size() != ids.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("InstallBlock: block ", b, " with ", linears.size(), " linears"));
   }
   for (size_t i = 0; i < linears.size(); ++i) {
-    QCAL_RETURN_IF_ERROR(InstallWeight(model, b, kAllLinears[i], linears[i].quantized));
-    QCAL_RETURN_IF_ERROR(InstallExtras(model, b, kAllLinears[i], linears[i]));
+    QCAL_RETURN_IF_ERROR(InstallWeight(model, b, ids[i], linears[i].quantized));
+    QCAL_RETURN_IF_ERROR(InstallExtras(model, b, ids[i], linears[i]));
   }
   return absl::OkStatus();
 }

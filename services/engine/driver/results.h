@@ -36,7 +36,14 @@ struct BlockRetrainReport {
 struct LayerReport {
   int block = 0;
   LinearKind kind = LinearKind::kQ;
-  std::string name;  // "model.layers.{i}.{module}.{proj}"
+  // The linear's expert in an MoE block (kNoExpert, kSharedExpert or j >= 0; model.h).
+  int expert = kNoExpert;
+  std::string name;  // its checkpoint prefix: "model.layers.{i}.{module}.{proj}", or an expert's
+  // A routed expert's linears (docs/MOE.md, "min_tokens"): the calibration tokens routed to the
+  // expert over all chunks, and whether that was fewer than moe.min_tokens, so that its
+  // statistics were taken on all of the block's tokens instead.
+  int64_t routed_tokens = 0;
+  bool fallback = false;
   int64_t d_out = 0, d_in = 0;
   // Relative output error ‖(W−Ŵ)Xᵀ‖/‖WXᵀ‖ on the quantized-path calibration inputs.
   double rel_error = 0;
@@ -68,6 +75,7 @@ struct LayerReport {
 
 struct LayerResult {
   LayerReport report;
+  LinearId id() const { return LinearId(report.kind, report.expert); }
   QuantizedLinear quantized;
   // Error reconstruction, host fp32 (empty when off): L_A [d_out][rank] and L_B [rank][d_in],
   // row-major (rank = report.rank).

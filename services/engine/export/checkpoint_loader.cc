@@ -321,11 +321,6 @@ absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
                                                  backend->name(), " backend"));
   }
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
-  if (config.moe() && !q.quant_method.empty()) {
-    return absl::UnimplementedError(
-        absl::StrCat(dir, ": loading a quantized mixture-of-experts checkpoint (", q.quant_method,
-                     ") is not supported yet (", config.model_type, ")"));
-  }
   std::shared_ptr<LoraAdapter> adapter;
   const fs::path adapter_dir = fs::path(dir) / "adapter";
   if (fs::exists(adapter_dir / "adapter_config.json")) {
@@ -357,9 +352,10 @@ absl::StatusOr<std::unique_ptr<Model>> LoadCheckpoint(const std::string& dir,
       return DequantizeGptq(reader, prefix, d_out, d_in, bits);
     };
   }
-  mo.on_block_loaded = [adapter, act_bits, backend](int b, BlockWeights& w) -> absl::Status {
+  mo.on_block_loaded = [adapter, act_bits, backend, config](int b,
+                                                            BlockWeights& w) -> absl::Status {
     if (adapter) QCAL_RETURN_IF_ERROR(adapter->Install(b, w, *backend));
-    for (LinearKind k : kAllLinears) w.at(k).act_bits = act_bits;
+    for (const LinearId& id : BlockLinears(config, b)) w.at(id).act_bits = act_bits;
     return absl::OkStatus();
   };
   return Model::Load(dir, backend, mo);

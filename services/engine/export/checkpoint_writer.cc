@@ -184,7 +184,7 @@ void SortByName(std::vector<PlanItem>& items) {
 }
 
 absl::StatusOr<ExportPlan> MakePlan(const CheckpointReader& reader, const std::string& source_dir,
-                                    const Recipe& recipe, int num_blocks,
+                                    const ModelConfig& config, const Recipe& recipe, int num_blocks,
                                     const std::map<std::string, int64_t>& adapter_ranks) {
   const bool gptq = IsGptqExportable(recipe);
   const QuantSpec spec = SpecOf(recipe);
@@ -194,8 +194,10 @@ absl::StatusOr<ExportPlan> MakePlan(const CheckpointReader& reader, const std::s
   std::set<std::string> quantized_weights;
   for (int b = 0; b < num_blocks; ++b) {
     BlockPlan& bp = plan.blocks[b];
-    for (LinearKind k : kAllLinears) {
-      const std::string prefix = LinearPrefix(b, k);
+    // Every quantized linear: a dense block's seven, or an MoE block's attention linears and every
+    // expert's gate/up/down (the router and shared_expert_gate are copied as they are).
+    for (const LinearId& id : BlockLinears(config, b)) {
+      const std::string prefix = LinearPrefix(config, b, id);
       const std::string weight = prefix + ".weight";
       if (!reader.Has(weight)) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -520,7 +522,7 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
                                       const ExportOptions& options) {
   QCAL_RETURN_IF_ERROR(options.Validate());
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(source_dir));
-  QCAL_RETURN_IF_ERROR(Annotate(CheckQuantizable(config), source_dir));
+  QCAL_RETURN_IF_ERROR(Annotate(recipe.CheckForModel(config), source_dir));
   if (num_blocks != config.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat(source_dir, "/config.json: ", config.num_layers,
                                                    " layers, but the export has ", num_blocks,
@@ -528,7 +530,7 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
   }
   QCAL_ASSIGN_OR_RETURN(auto reader, CheckpointReader::Open(source_dir));
   QCAL_ASSIGN_OR_RETURN(ExportPlan plan,
-                        MakePlan(*reader, source_dir, recipe, num_blocks, adapter_ranks));
+                        MakePlan(*reader, source_dir, config, recipe, num_blocks, adapter_ranks));
   std::vector<PlannedTensor> model_tensors = Tensors(plan.head);
   std::vector<PlannedTensor> adapter_tensors;
   for (const BlockPlan& bp : plan.blocks) {
@@ -577,7 +579,6 @@ absl::Status WriteQuantizedCheckpoint(const std::string& source_dir, const std::
                                       const CheckpointExtras& extras,
                                       const ExportOptions& options) {
   QCAL_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(source_dir));
-  QCAL_RETURN_IF_ERROR(Annotate(CheckQuantizable(config), source_dir));
   const int num_blocks = config.num_layers;
   auto outside = [&](const std::string& name) {
     const int b = BlockOf(name);

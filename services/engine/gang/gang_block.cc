@@ -1,6 +1,7 @@
 #include "services/engine/gang/gang_block.h"
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -34,6 +35,23 @@ class GangBlock {
 
   absl::StatusOr<std::vector<LayerResult>> Run() {
     QCAL_RETURN_IF_ERROR(runner_.Begin());
+    if (config_.IsMoeBlock(b_)) {
+      // Begin refused the recipes that smooth, retrain or skip true_sequential on MoE models.
+      for (LinearInput g : {LinearInput::kQkv, LinearInput::kO}) {
+        QCAL_ASSIGN_OR_RETURN(InputPartials mine, runner_.CollectPartials(g));
+        QCAL_ASSIGN_OR_RETURN(std::optional<InputPartials> kept, Contribute(g, std::move(mine)));
+        QCAL_RETURN_IF_ERROR(SolveAndInstall(g, std::move(kept)));
+        QCAL_RETURN_IF_ERROR(runner_.Push(g));
+      }
+      QCAL_RETURN_IF_ERROR(ShareTokenCounts());
+      for (int u = 0; u < NumExpertUnits(config_); ++u) {
+        for (LinearInput g : {LinearInput::kGateUp, LinearInput::kDown}) {
+          QCAL_RETURN_IF_ERROR(SolveExpert(u, g));
+        }
+      }
+      QCAL_RETURN_IF_ERROR(runner_.PushMoe());
+      return runner_.Finish();
+    }
     if (recipe_.smoothing.enabled()) QCAL_RETURN_IF_ERROR(Smooth());
     if (recipe_.gptq.true_sequential) {
       for (LinearInput g : kAllLinearInputs) {
@@ -181,6 +199,22 @@ class GangBlock {
     return std::optional<InputStatistics>(std::move(stats));
   }
 
+  // Sends this rank's solved linears of `step` to every other rank (their host conversions waited
+  // for first).
+  absl::Status ShareSolved(int step, std::vector<SolvedLinear>& solved) {
+    if (plan_.world == 1) return absl::OkStatus();
+    for (SolvedLinear& s : solved) {
+      if (s.conversion.valid()) s.result.quantized = s.conversion.get();
+      const std::string bytes = SerializeSolvedLayer(s.result);
+      for (int q = 0; q < plan_.world; ++q) {
+        if (q == rank()) continue;
+        QCAL_RETURN_IF_ERROR(
+            Send(q, Key(step, MessageKind::kLayer, static_cast<int>(s.result.report.kind)), bytes));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   // Solves the linears of g this rank owns, sends them to every other rank, and installs all of
   // g's linears in forward order.
   absl::Status SolveAndInstall(LinearInput g, std::optional<InputPartials> kept) {
@@ -195,17 +229,7 @@ class GangBlock {
       QCAL_ASSIGN_OR_RETURN(solved, runner_.Solve(*stats, owned));
     }
     stats.reset();
-    if (plan_.world > 1) {
-      for (SolvedLinear& s : solved) {
-        if (s.conversion.valid()) s.result.quantized = s.conversion.get();
-        const std::string bytes = SerializeSolvedLayer(s.result);
-        for (int q = 0; q < plan_.world; ++q) {
-          if (q == rank()) continue;
-          QCAL_RETURN_IF_ERROR(Send(
-              q, Key(step, MessageKind::kLayer, static_cast<int>(s.result.report.kind)), bytes));
-        }
-      }
-    }
+    QCAL_RETURN_IF_ERROR(ShareSolved(step, solved));
     std::vector<SolvedLinear> install;
     size_t next_own = 0;
     for (LinearKind k : ConsumersOf(g)) {
@@ -225,6 +249,80 @@ class GangBlock {
       install.push_back(std::move(s));
     }
     return runner_.Install(std::move(install));
+  }
+
+  // MoE blocks: every rank sends its per-expert token counts to every other rank and sums all of
+  // them in rank order (integers: exact).
+  absl::Status ShareTokenCounts() {
+    QCAL_ASSIGN_OR_RETURN(const std::vector<int64_t> mine, runner_.RouteChunks());
+    std::string bytes(mine.size() * sizeof(int64_t), '\0');
+    std::memcpy(bytes.data(), mine.data(), bytes.size());
+    for (int q = 0; q < plan_.world; ++q) {
+      if (q != rank()) {
+        QCAL_RETURN_IF_ERROR(Send(q, Key(kStepRouting, MessageKind::kTokenCounts, 0), bytes));
+      }
+    }
+    std::vector<int64_t> total(mine.size(), 0);
+    for (int q = 0; q < plan_.world; ++q) {
+      std::vector<int64_t> theirs = mine;
+      if (q != rank()) {
+        QCAL_ASSIGN_OR_RETURN(std::string got,
+                              Receive(kStepRouting, MessageKind::kTokenCounts, 0, q));
+        if (got.size() != bytes.size()) {
+          return absl::DataLossError(absl::StrCat("rank ", rank(), ": token counts of ", got.size(),
+                                                  " bytes from rank ", q, ", expected ",
+                                                  bytes.size()));
+        }
+        std::memcpy(theirs.data(), got.data(), got.size());
+      }
+      for (size_t e = 0; e < total.size(); ++e) total[e] += theirs[e];
+    }
+    return runner_.SetExpertCounts(std::move(total));
+  }
+
+  // Expert unit u's input g: partials to the unit's owner, which completes and solves them and
+  // sends the solved linears to every other rank; every rank installs them in forward order.
+  absl::Status SolveExpert(int u, LinearInput g) {
+    const int step = ExpertStep(u);
+    const int owner = plan_.ExpertOwner(u);
+    const int expert = ExpertOfUnit(config_, u);
+    const int64_t width = LinearShape(config_, b_, LinearId(ConsumersOf(g)[0], expert)).second;
+    QCAL_ASSIGN_OR_RETURN(InputPartials mine, runner_.CollectExpertPartials(u, g));
+    if (owner != rank()) {
+      QCAL_ASSIGN_OR_RETURN(std::string bytes, SerializeInputPartials(be_, g, width, mine));
+      QCAL_RETURN_IF_ERROR(
+          Send(owner, Key(step, MessageKind::kPartials, static_cast<int>(g)), std::move(bytes)));
+      std::vector<SolvedLinear> install;
+      for (LinearKind k : ConsumersOf(g)) {
+        QCAL_ASSIGN_OR_RETURN(std::string got,
+                              Receive(step, MessageKind::kLayer, static_cast<int>(k), owner));
+        QCAL_ASSIGN_OR_RETURN(LayerResult r, ParseSolvedLayer(got));
+        if (r.report.kind != k || r.report.expert != expert || r.report.block != b_) {
+          return absl::DataLossError(absl::StrCat("rank ", rank(), ": received ", r.report.name,
+                                                  " as ",
+                                                  LinearPrefix(config_, b_, LinearId(k, expert))));
+        }
+        SolvedLinear s;
+        s.result = std::move(r);
+        install.push_back(std::move(s));
+      }
+      return runner_.Install(std::move(install));
+    }
+    InputPartials all = std::move(mine);
+    for (int q = 0; q < plan_.world; ++q) {
+      if (q == rank()) continue;
+      QCAL_ASSIGN_OR_RETURN(std::string bytes,
+                            Receive(step, MessageKind::kPartials, static_cast<int>(g), q));
+      QCAL_ASSIGN_OR_RETURN(InputPartials theirs, ParseInputPartials(be_, g, width, bytes));
+      for (auto& p : theirs) all.push_back(std::move(p));
+    }
+    std::vector<SolvedLinear> solved;
+    {
+      QCAL_ASSIGN_OR_RETURN(const InputStatistics stats, runner_.Complete(g, std::move(all)));
+      QCAL_ASSIGN_OR_RETURN(solved, runner_.Solve(stats, ConsumersOf(g), expert));
+    }
+    QCAL_RETURN_IF_ERROR(ShareSolved(step, solved));
+    return runner_.Install(std::move(solved));
   }
 
   // Retraining (DESIGN section 2, step 3.4): the trainer (kRetrainRank) gathers every linear's base

@@ -56,7 +56,21 @@ absl::Status LocalTransport::Send(int to, const MessageKey& key, std::string pay
   if (epoch_ != plan.epoch) {
     return refuse(absl::StrCat("sent under gang epoch ", epoch_, ", not ", plan.epoch));
   }
-  if (per_input) {
+  const bool expert_step = key.step >= kStepFirstExpert;
+  if (expert_step) {
+    const int unit = key.step - kStepFirstExpert;
+    if (unit >= static_cast<int>(plan.expert_owners.size()) ||
+        (key.kind != MessageKind::kPartials && key.kind != MessageKind::kLayer)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": no such expert message"));
+    }
+    const int owner = plan.ExpertOwner(unit);
+    if (key.kind == MessageKind::kPartials && to != owner) {
+      return refuse(absl::StrCat("it does not own that expert (rank ", owner, " does)"));
+    }
+    if (key.kind == MessageKind::kLayer && key.from != owner) {
+      return refuse(absl::StrCat("the sender does not own that expert (rank ", owner, " does)"));
+    }
+  } else if (per_input) {
     const int owner = plan.StatOwner(static_cast<LinearInput>(key.item));
     if (key.kind == MessageKind::kPartials && to != owner) {
       return refuse(absl::StrCat("it does not complete that statistic (rank ", owner, " does)"));
@@ -66,7 +80,7 @@ absl::Status LocalTransport::Send(int to, const MessageKey& key, std::string pay
           absl::StrCat("the sender does not complete that statistic (rank ", owner, " does)"));
     }
   }
-  if (key.kind == MessageKind::kLayer) {
+  if (key.kind == MessageKind::kLayer && !expert_step) {
     const int owner = plan.OwnerOf(static_cast<LinearKind>(key.item));
     if (key.from != owner) {
       return refuse(absl::StrCat("the sender does not own that linear (rank ", owner, " does)"));

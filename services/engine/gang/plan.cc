@@ -49,6 +49,12 @@ absl::Status GangPlan::Validate() const {
       return absl::InvalidArgumentError(absl::StrCat("owner of linear ", i, " outside the gang"));
     }
   }
+  for (size_t u = 0; u < expert_owners.size(); ++u) {
+    if (expert_owners[u] < 0 || expert_owners[u] >= world) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("owner of expert unit ", u, " outside the gang"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -64,26 +70,63 @@ std::vector<ChunkRange> SplitChunks(int total_chunks, int world) {
   return out;
 }
 
-std::array<int, kNumLinears> AssignOwners(const ModelConfig& config, int world) {
-  std::array<double, kNumLinears> cost{};
-  for (int i = 0; i < kNumLinears; ++i) {
-    const auto [d_out, d_in] = LinearShape(config, static_cast<LinearKind>(i));
-    cost[static_cast<size_t>(i)] =
-        static_cast<double>(d_out) * static_cast<double>(d_in) * static_cast<double>(d_in);
-  }
-  std::array<int, kNumLinears> order;
+namespace {
+
+double SolveCost(const std::pair<int64_t, int64_t>& shape) {
+  const auto [d_out, d_in] = shape;
+  return static_cast<double>(d_out) * static_cast<double>(d_in) * static_cast<double>(d_in);
+}
+
+// The bin-packing rule: items in order of decreasing cost (ties to the lower index), each to the
+// rank with the least load so far (ties to the lower rank); `load` holds the ranks' starting loads.
+std::vector<int> BinPack(const std::vector<double>& cost, std::vector<double> load) {
+  std::vector<int> order(cost.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
     return cost[static_cast<size_t>(a)] > cost[static_cast<size_t>(b)];
   });
-  std::vector<double> load(static_cast<size_t>(std::max(world, 1)), 0.0);
-  std::array<int, kNumLinears> owners{};
+  std::vector<int> owners(cost.size(), 0);
   for (int i : order) {
     const size_t r = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
     owners[static_cast<size_t>(i)] = static_cast<int>(r);
     load[r] += cost[static_cast<size_t>(i)];
   }
   return owners;
+}
+
+}  // namespace
+
+std::array<int, kNumLinears> AssignOwners(const ModelConfig& config, int world) {
+  std::vector<double> cost;
+  for (int i = 0; i < kNumLinears; ++i) {
+    cost.push_back(SolveCost(LinearShape(config, static_cast<LinearKind>(i))));
+  }
+  const std::vector<int> packed =
+      BinPack(cost, std::vector<double>(static_cast<size_t>(std::max(world, 1)), 0.0));
+  std::array<int, kNumLinears> owners{};
+  std::copy(packed.begin(), packed.end(), owners.begin());
+  return owners;
+}
+
+std::vector<int> AssignExpertOwners(const ModelConfig& config, int world,
+                                    const std::array<int, kNumLinears>& owners) {
+  if (!config.moe()) return {};
+  std::vector<double> load(static_cast<size_t>(std::max(world, 1)), 0.0);
+  for (LinearKind k : {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO}) {
+    load[static_cast<size_t>(owners[static_cast<size_t>(k)])] += SolveCost(LinearShape(config, k));
+  }
+  // Any MoE block gives the units' shapes (every MoE block has the same).
+  int moe_block = 0;
+  while (moe_block + 1 < config.num_layers && !config.IsMoeBlock(moe_block)) ++moe_block;
+  std::vector<double> cost;
+  for (int u = 0; u < NumExpertUnits(config); ++u) {
+    double c = 0;
+    for (LinearKind k : {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown}) {
+      c += SolveCost(LinearShape(config, moe_block, LinearId(k, ExpertOfUnit(config, u))));
+    }
+    cost.push_back(c);
+  }
+  return BinPack(cost, std::move(load));
 }
 
 GangPlan MakeGangPlan(const ModelConfig& config, int samples, int world, int rank, uint64_t epoch) {
@@ -94,6 +137,7 @@ GangPlan MakeGangPlan(const ModelConfig& config, int samples, int world, int ran
   plan.total_chunks = NumChunks(samples);
   plan.chunks = SplitChunks(plan.total_chunks, world);
   plan.owners = AssignOwners(config, world);
+  plan.expert_owners = AssignExpertOwners(config, world, plan.owners);
   return plan;
 }
 

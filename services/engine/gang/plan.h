@@ -13,6 +13,12 @@
 //
 // A statistic shared by several linears (the q/k/v input, the gate/up input) is completed at the
 // lowest rank among its consumers' owners (StatOwner) and sent from there to the other owners.
+//
+// Mixture-of-experts models (docs/MOE.md): an MoE block's attention linears have the owners above;
+// its expert units (NumExpertUnits: routed experts, then the shared expert) are owned whole, each
+// unit's three linears by one rank, which completes both of its statistics. Units are bin-packed
+// by the same rule with cost Σ d_out · d_in² over their three linears, each rank starting from the
+// cost of the attention linears it owns (ties to the lower unit index, then the lower rank).
 #pragma once
 
 #include <array>
@@ -46,10 +52,14 @@ struct GangPlan {
   std::vector<ChunkRange> chunks;
   // Per linear, in forward order (LinearKind): the owning rank.
   std::array<int, kNumLinears> owners{};
+  // MoE models: per expert unit, the rank owning its three linears; empty for a dense model.
+  std::vector<int> expert_owners;
 
   const ChunkRange& local() const { return chunks[static_cast<size_t>(rank)]; }
   int OwnerOf(LinearKind k) const { return owners[static_cast<int>(k)]; }
   bool Owns(LinearKind k) const { return OwnerOf(k) == rank; }
+  // The owner of expert unit u (0 <= u < expert_owners.size()).
+  int ExpertOwner(int unit) const { return expert_owners[static_cast<size_t>(unit)]; }
   // The rank completing `input`'s statistics: the lowest owner among its consumers.
   int StatOwner(LinearInput input) const;
   // The ranks that own a consumer of `input`, ascending, without repeats.
@@ -66,6 +76,10 @@ int NumChunks(int samples);
 std::vector<ChunkRange> SplitChunks(int total_chunks, int world);
 // The owners of the seven linears among `world` ranks (see above).
 std::array<int, kNumLinears> AssignOwners(const ModelConfig& config, int world);
+// The owners of an MoE model's expert units given the linears' owners (see above); empty for a
+// dense model.
+std::vector<int> AssignExpertOwners(const ModelConfig& config, int world,
+                                    const std::array<int, kNumLinears>& owners);
 // The whole plan for `rank`. world >= 1, 0 <= rank < world, samples >= 1.
 GangPlan MakeGangPlan(const ModelConfig& config, int samples, int world, int rank, uint64_t epoch);
 

@@ -23,9 +23,17 @@
 //                   rank holding it to the trainer (item the global chunk index);
 //   kRetrained      a retrained linear (artifact and report, as kLayer), from the trainer to every
 //                   other rank (item the LinearKind).
+// Mixture-of-experts blocks (docs/MOE.md), after the attention groups:
+//   kTokenCounts    a rank's tokens routed to each expert over its chunks (step kStepRouting, item
+//                   0; num_experts little-endian int64), to every other rank;
+//   kPartials / kLayer at step ExpertStep(u): expert unit u's partial statistics (item the
+//                   LinearInput, kGateUp or kDown) to the unit's owner (GangPlan::ExpertOwner),
+//                   and its solved linears (item the LinearKind) from the owner to every other
+//                   rank.
 // A receiver refuses (FAILED_PRECONDITION) a message under another gang epoch or for another job,
 // kPartials it does not own the statistic of, kStatistic from a rank that does not own it,
-// kLayer from a rank that does not own that linear, kOacPartials of a linear it does not own,
+// kLayer from a rank that does not own that linear (an expert step: that unit), kOacPartials of a
+// linear it does not own,
 // kRetrainBase and kRetrainSamples when it is not the trainer (and kRetrainBase from a rank that
 // does not own the linear), and kRetrained from a rank that is not the trainer.
 #pragma once
@@ -47,7 +55,8 @@ enum class MessageKind {
   kOacPartials = 4,
   kRetrainBase = 5,
   kRetrainSamples = 6,
-  kRetrained = 7
+  kRetrained = 7,
+  kTokenCounts = 8
 };
 
 // The steps of a block that exchange messages.
@@ -63,6 +72,10 @@ inline constexpr int kStepGradientPass = 6;
 inline constexpr int kStepRetrain = 7;
 // The rank that trains every block (the lowest-index gang member).
 inline constexpr int kRetrainRank = 0;
+// Mixture-of-experts blocks: the token counts, then one step per expert unit u.
+inline constexpr int kStepRouting = 8;
+inline constexpr int kStepFirstExpert = 9;
+inline constexpr int ExpertStep(int unit) { return kStepFirstExpert + unit; }
 
 struct MessageKey {
   int block = 0;

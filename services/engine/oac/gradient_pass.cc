@@ -339,7 +339,12 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
     Model& model, const GradientChunks& chunks, const GradientPassOptions& options,
     const OacSink& sink, const std::function<void(const std::string&)>& log) {
   const auto t_start = std::chrono::steady_clock::now();
-  QCAL_RETURN_IF_ERROR(CheckQuantizable(model.config()));
+  if (model.config().moe()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gradient pass: mixture-of-experts models (", model.config().model_type,
+                     ") have no output-adaptive statistics (recipe keys \"hessian\" and "
+                     "\"retrain\"; docs/MOE.md)"));
+  }
   QCAL_RETURN_IF_ERROR(ValidateChunks(chunks, options));
   kernels::Backend& be = model.backend();
   if (!be.SupportsOp(kernels::Op::kBackward)) {
