@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -93,38 +94,45 @@ TEST_F(CudaAbqTest, PrologueEqualsReferenceBitForBit) {
   }
 }
 
+// `kernels` on random operands of combination c and shape s against the CPU reference: the
+// integer sums exactly and y bit for bit, from x (the whole layer, with and without the sums
+// output: the timed path) and from the reference's packed activations.
+void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
+                                 std::initializer_list<AbqKernel> kernels, Random& rng) {
+  const std::string name = Name(c, s);
+  const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+  const std::vector<float> x = RandomX(s.m, s.k, rng);
+  auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
+  ASSERT_TRUE(a.ok()) << name << ": " << a.status();
+  auto dot_ref = AbqIntegerGemm(*a, w);
+  ASSERT_TRUE(dot_ref.ok()) << name << ": " << dot_ref.status();
+  auto y_ref = AbqEpilogue(*dot_ref, *a, w);
+  ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
+  auto lin = CudaAbqLinear::Create(w, 0);
+  ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
+  for (AbqKernel kernel : kernels) {
+    const std::string kname = absl::StrCat(name, " ", AbqKernelName(kernel));
+    std::vector<int32_t> dot;
+    auto y = (*lin)->Forward(x, s.m, kernel, &dot);
+    ASSERT_TRUE(y.ok()) << kname << ": " << y.status();
+    EXPECT_EQ(CountMismatches(dot, *dot_ref, kname + " forward sums"), 0);
+    EXPECT_EQ(CountMismatches(*y, *y_ref, kname + " forward y"), 0);
+    auto y_plain = (*lin)->Forward(x, s.m, kernel);
+    ASSERT_TRUE(y_plain.ok()) << kname << ": " << y_plain.status();
+    EXPECT_EQ(CountMismatches(*y_plain, *y_ref, kname + " forward y (no sums)"), 0);
+    std::vector<int32_t> dot_gemm;
+    auto y_gemm = (*lin)->Gemm(*a, kernel, &dot_gemm);
+    ASSERT_TRUE(y_gemm.ok()) << kname << ": " << y_gemm.status();
+    EXPECT_EQ(CountMismatches(dot_gemm, *dot_ref, kname + " gemm sums"), 0);
+    EXPECT_EQ(CountMismatches(*y_gemm, *y_ref, kname + " gemm y"), 0);
+  }
+}
+
 TEST_F(CudaAbqTest, IntegerKernelsEqualReferenceBitForBit) {
   Random rng(12);
   for (const Combo& c : AllCombos()) {
     for (const Shape3& s : kShapes) {
-      const std::string name = Name(c, s);
-      const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
-      const std::vector<float> x = RandomX(s.m, s.k, rng);
-      auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
-      ASSERT_TRUE(a.ok()) << name << ": " << a.status();
-      auto dot_ref = AbqIntegerGemm(*a, w);
-      ASSERT_TRUE(dot_ref.ok()) << name << ": " << dot_ref.status();
-      auto y_ref = AbqEpilogue(*dot_ref, *a, w);
-      ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
-      auto lin = CudaAbqLinear::Create(w, 0);
-      ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
-      for (AbqKernel kernel : kIntegerKernels) {
-        const std::string kname = absl::StrCat(name, " ", AbqKernelName(kernel));
-        std::vector<int32_t> dot;
-        auto y = (*lin)->Forward(x, s.m, kernel, &dot);
-        ASSERT_TRUE(y.ok()) << kname << ": " << y.status();
-        EXPECT_EQ(CountMismatches(dot, *dot_ref, kname + " forward sums"), 0);
-        EXPECT_EQ(CountMismatches(*y, *y_ref, kname + " forward y"), 0);
-        // Without the sums output (the timed path) and from the reference's activations.
-        auto y_plain = (*lin)->Forward(x, s.m, kernel);
-        ASSERT_TRUE(y_plain.ok()) << kname << ": " << y_plain.status();
-        EXPECT_EQ(CountMismatches(*y_plain, *y_ref, kname + " forward y (no sums)"), 0);
-        std::vector<int32_t> dot_gemm;
-        auto y_gemm = (*lin)->Gemm(*a, kernel, &dot_gemm);
-        ASSERT_TRUE(y_gemm.ok()) << kname << ": " << y_gemm.status();
-        EXPECT_EQ(CountMismatches(dot_gemm, *dot_ref, kname + " gemm sums"), 0);
-        EXPECT_EQ(CountMismatches(*y_gemm, *y_ref, kname + " gemm y"), 0);
-      }
+      ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma}, rng);
     }
   }
 }
@@ -147,27 +155,8 @@ TEST_F(CudaAbqTest, DecodeKernelEqualsReferenceAtEveryM) {
     std::vector<Shape3> shapes = {{m, 1, 1}, {m, 37, 300}, {m, 37, 7040}};
     if (m == 1 || m == 5 || m == 16) shapes.push_back({m, 37, 7000});
     for (const Combo& c : combos) {
-      for (const Shape3& s : shapes) {
-        const std::string name = Name(c, s);
-        const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
-        const std::vector<float> x = RandomX(s.m, s.k, rng);
-        auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
-        ASSERT_TRUE(a.ok()) << name << ": " << a.status();
-        auto dot_ref = AbqIntegerGemm(*a, w);
-        ASSERT_TRUE(dot_ref.ok()) << name << ": " << dot_ref.status();
-        auto y_ref = AbqEpilogue(*dot_ref, *a, w);
-        ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
-        auto lin = CudaAbqLinear::Create(w, 0);
-        ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
-        std::vector<int32_t> dot;
-        auto y = (*lin)->Forward(x, s.m, AbqKernel::kBinaryMma, &dot);
-        ASSERT_TRUE(y.ok()) << name << ": " << y.status();
-        EXPECT_EQ(CountMismatches(dot, *dot_ref, name + " sums"), 0);
-        EXPECT_EQ(CountMismatches(*y, *y_ref, name + " y"), 0);
-        auto y_plain = (*lin)->Forward(x, s.m, AbqKernel::kBinaryMma);
-        ASSERT_TRUE(y_plain.ok()) << name << ": " << y_plain.status();
-        EXPECT_EQ(CountMismatches(*y_plain, *y_ref, name + " y (no sums)"), 0);
-      }
+      for (const Shape3& s : shapes)
+        ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma}, rng);
     }
   }
 }
