@@ -110,6 +110,12 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
           rows.push_back({n, k, m, c.name, AbqKernelName(kernel), s,
                           weight_bytes + io + (a16 ? 0.0 : planes)});
         }
+        // At decode sizes b1 runs the decode kernel where it applies; the tiled kernel beside it.
+        if (!a16 && m <= kAbqDecodeTokens) {
+          QCAL_ASSIGN_OR_RETURN(double s, linear->TimeForward(m, AbqKernel::kBinaryMma,
+                                                              options.iters, /*tiled_b1=*/true));
+          rows.push_back({n, k, m, c.name, "b1-tiled", s, weight_bytes + io + planes});
+        }
       }
     }
   }

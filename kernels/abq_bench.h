@@ -39,7 +39,9 @@ struct AbqBenchOptions {
 struct AbqBenchRow {
   int64_t d_out = 0, d_in = 0, m = 0;
   std::string config;  // "bf16", "W8A8" (cuBLAS int8), "W4A16", "W2*A16", "W2A8", "W2*A8", ...
-  std::string kernel;  // "cublas", "cublas-int8", "a16", "b1" or "int8"
+  // "cublas", "cublas-int8", "a16", "b1", "int8", or "b1-tiled" (m <= kAbqDecodeTokens: the
+  // tiled b1 kernel where "b1" runs the decode kernel).
+  std::string kernel;
   double seconds = 0;  // mean per whole-layer call
   double bytes = 0;    // the least the call must move through device memory (see abq_bench.cc)
 };

@@ -35,6 +35,9 @@ absl::StatusOr<AbqKernel> ParseAbqKernel(std::string_view name);
 // The most k-groups one linear may have on the CUDA kernels (their prologue keeps Σa per group in
 // 48 KiB of shared memory): 12,288, e.g. K = 393,216 at group size 32.
 inline constexpr int64_t kAbqMaxGroups = 48 * 1024 / 4;
+// The most tokens m for which the CUDA b1 kernel (kBinaryMma) runs its decode kernel, where the
+// weights' grouping allows it (kernels/cuda/abq_gemm.cuh); larger m run the tiled kernel.
+inline constexpr int64_t kAbqDecodeTokens = 16;
 // The most tokens m of one call of a CUDA kernel (the token grid: 65,535 tiles of 16).
 inline constexpr int64_t kAbqMaxTokens = int64_t{65535} * 16;
 

@@ -6,22 +6,29 @@
 //                         Σa per k-group (AbqQuantizeActivations bit for bit);
 //   LaunchAbqGemm         the integer GEMM and the fp32 epilogue (AbqIntegerGemm + AbqEpilogue bit
 //                         for bit), by one of two kernels over the same planes:
-//                           kBinary  b1 AND + popcount mma.sync (m16n8k256, m16n8k128 tails);
+//                           kBinary  b1 AND + popcount mma.sync (m16n8k256, m16n8k128): the
+//                                    decode kernel for m <= 16, the tiled kernel otherwise;
 //                           kInt8    planes unpacked in registers to u8 weight codes and s8
 //                                    activation codes, mma.sync m16n8k32 (IMMA);
 //   LaunchAbqWeightOnly   the A16 baseline: weight codes dequantized in registers to bf16 (q − z),
 //                         x rounded to bf16, bf16 mma.sync with fp32 accumulation per k-group and
 //                         s_w applied per group in fp32 (spec: AbqWeightOnlyReference).
-// Tiles: a block of 16 warps owns 16 weight rows (b1: 16/wb outputs × wb planes; int8 and A16:
-// 16 outputs) and up to 16 tokens over all of K; grid.x walks the outputs, grid.y the tokens in
-// tiles of 16 (decode m <= 16 is one tile, prefill loops over tiles). The warps split K into
+// The b1 decode kernel (m <= 16, k-groups of whole k128 steps: group size a multiple of 128 or
+// per channel): a block of 4 warps streams 4 tiles of 16 weight rows over all of K through a
+// multi-stage cp.async ring in shared memory (the weights' copies start before the prologue is
+// done); each warp reduces its k-steps' counts in registers and runs the fp32 epilogue per k-group
+// in order as the groups end (abq_gemm.cu, "b1 decode"). Where it does not apply (other groups,
+// shared memory beyond its bound) kBinary runs the tiled kernel below.
+// Tiled kernels: a block of 16 warps owns 16 weight rows (b1: 16/wb outputs × wb planes; int8 and
+// A16: 16 outputs) and up to 16 tokens over all of K; grid.x walks the outputs, grid.y the tokens
+// in tiles of 16 (decode m <= 16 is one tile, prefill loops over tiles). The warps split K into
 // (k-group, part) units whose sums meet in shared memory; one thread per (output, token) then
 // runs the fp32 epilogue over the groups in order. Every output is written by exactly one thread,
-// with no atomics: results are bit-identical run to run. The same kernels serve every m; the b1
-// kernel is compiled for 1, 4 and all n8 tiles of activation planes and launched with the fewest
-// that hold the tokens (m = 1: one tile, two units in flight per warp). The integer GEMMs are
+// with no atomics: results are bit-identical run to run. The tiled kernels serve every m; both b1
+// kernels are compiled for 1, 4 and all n8 tiles of activation planes and launched with the fewest
+// that hold the tokens (m = 1: one tile). The integer GEMMs are
 // launched with programmatic stream serialization (PDL), so that a GEMM after LaunchAbqPrologue on
-// the same stream starts (and prefetches its weights into L2) while the prologue runs.
+// the same stream starts (and fetches its first weights) while the prologue runs.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -52,7 +59,9 @@ struct AbqDeviceActivations {
   int act_bits = 0;  // 4 or 8
 };
 
-enum class AbqMma { kBinary, kInt8 };
+// kBinaryTiled is kBinary's tiled kernel at every m (what kBinary runs for m > 16): the decode
+// kernel's comparison in qcal bench --abq.
+enum class AbqMma { kBinary, kInt8, kBinaryTiled };
 
 // Quantizes x [a.m][w.k] per token into `a` (planes, scales, sums for w's k-grouping). Needs
 // w.n_groups * 4 bytes of shared memory (at most 48 KiB); cudaErrorInvalidValue otherwise or for

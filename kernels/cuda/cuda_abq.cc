@@ -129,15 +129,18 @@ struct CudaAbqLinear::State {
     return a;
   }
 
-  // The GEMM (integer kernels) or the weight-only GEMM into y, on the stream.
+  // The GEMM (integer kernels) or the weight-only GEMM into y, on the stream; tiled_b1 picks
+  // kBinaryTiled for kBinaryMma.
   absl::Status Launch(AbqKernel kernel, const float* x, const Activations* a, int64_t m, float* y,
-                      int32_t* dot) {
+                      int32_t* dot, bool tiled_b1 = false) {
     cudaError_t err;
     if (kernel == AbqKernel::kWeightOnly) {
       err = cuda::LaunchAbqWeightOnly(x, m, Weights(), y, stream);
     } else {
       const cuda::AbqMma mma =
-          kernel == AbqKernel::kBinaryMma ? cuda::AbqMma::kBinary : cuda::AbqMma::kInt8;
+          kernel == AbqKernel::kInt8Mma
+              ? cuda::AbqMma::kInt8
+              : (tiled_b1 ? cuda::AbqMma::kBinaryTiled : cuda::AbqMma::kBinary);
       err = cuda::LaunchAbqGemm(mma, Weights(), a->View(m, spec.act_bits), y, dot, stream);
     }
     return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
@@ -316,8 +319,13 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Gemm(const AbqActivations& a, 
   return y;
 }
 
-absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters) {
+absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters,
+                                                  bool tiled_b1) {
   State& st = *state_;
+  if (tiled_b1 && kernel != AbqKernel::kBinaryMma) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ABQ (CUDA): tiled_b1 needs the b1 kernel, not ", AbqKernelName(kernel)));
+  }
   QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
   QCAL_RETURN_IF_ERROR(CheckTokens(m));
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
@@ -332,7 +340,7 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   QCAL_RETURN_IF_ERROR(Upload(dx, std::span<const float>(x), s));
   return TimeOnStream(s, iters, [&]() -> absl::Status {
     if (kernel != AbqKernel::kWeightOnly) QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
-    return st.Launch(kernel, dx.get(), &da, m, dy.get(), nullptr);
+    return st.Launch(kernel, dx.get(), &da, m, dy.get(), nullptr, tiled_b1);
   });
 }
 

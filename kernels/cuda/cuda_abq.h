@@ -80,8 +80,10 @@ class CudaAbqLinear {
 
   // Mean seconds of one whole-layer forward of m tokens on device-resident inputs (uniform in
   // [-1, 1]), launches included (the prologue's too), over `iters` runs timed with CUDA events
-  // after 3 warm-up runs.
-  absl::StatusOr<double> TimeForward(int64_t m, AbqKernel kernel, int iters);
+  // after 3 warm-up runs. With tiled_b1, kBinaryMma runs its tiled kernel even where the decode
+  // kernel would (m <= 16): the comparison qcal bench --abq reports as "b1-tiled"
+  // (InvalidArgument with another kernel).
+  absl::StatusOr<double> TimeForward(int64_t m, AbqKernel kernel, int iters, bool tiled_b1 = false);
 
  private:
   struct State;

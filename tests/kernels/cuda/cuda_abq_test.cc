@@ -3,16 +3,18 @@
 // balanced grid on 3 planes) × (activation bits 4, 8) × (group -1, 32, 128): the prologue's planes,
 // scales and Σa are identical; both integer kernels (b1 AND + popcount and unpack-to-int8) give
 // the reference's integer sums exactly and its outputs bit for bit, from x (the whole layer) and
-// from the reference's packed activations; the weight-only A16 kernel is within
-// AbqWeightOnlyErrorBound of its float64 reference. Shapes cover size 1, odd m (1, 3, 7, 16 and
-// the prefill sizes 37 and 256), k off every word and tile width, and odd n across several warps
-// and blocks. The CUDA backend's AbqLinear (the device entry point on the backend's stream, bias
-// and accumulation) equals the CPU backend's. Skips without a GPU.
+// from the reference's packed activations (the b1 decode kernel at every m from 1 to 16 besides);
+// the weight-only A16 kernel is within AbqWeightOnlyErrorBound of its float64 reference. Shapes
+// cover size 1, odd m (1, 3, 7, 16 and the prefill sizes 37 and 256), k off every word and tile
+// width, and odd n across several warps and blocks. The CUDA backend's AbqLinear (the device entry
+// point on the backend's stream, bias and accumulation) equals the CPU backend's. Skips without a
+// GPU.
 #include "kernels/cuda/cuda_abq.h"
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,10 +43,11 @@ using ::testing::HasSubstr;
 constexpr AbqKernel kIntegerKernels[] = {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma};
 
 // Size 1; k below one word, off a word, off the k128 and k256 tiles, several k-groups; n across
-// blocks (b1: 16/wb outputs a block; int8 and A16: 16); m one decode tile, a full one, and
-// prefill over 3 and 16 token tiles. The GEMM kernels' variants: b1 with 1, 4 and all n8 tiles
-// (m = 1; 3; 7 and up), k-groups cut into parts (fewer than 16 groups) or whole, one round of
-// groups or several (k 6000 at g32 with m = 1: 188 groups; k 1000 at g32 with m = 16).
+// blocks (b1 tiled: 16/wb outputs a block; int8 and A16: 16); m one decode tile, a full one, and
+// prefill over 3 and 16 token tiles. The GEMM kernels' variants: b1 decode (m <= 16 at groups -1
+// and 128) and tiled (m 37 and 256, and g32 at every m) with 1, 4 and all n8 tiles, k-groups cut
+// into parts (fewer than 16 groups) or whole, one round of groups or several (k 6000 at g32 with
+// m = 1: 188 groups; k 1000 at g32 with m = 16).
 constexpr Shape3 kShapes[] = {{1, 1, 1},    {1, 37, 300},   {3, 5, 31},    {7, 133, 257},
                               {1, 9, 6000}, {16, 19, 1000}, {37, 21, 520}, {256, 33, 384}};
 
@@ -91,38 +94,69 @@ TEST_F(CudaAbqTest, PrologueEqualsReferenceBitForBit) {
   }
 }
 
+// `kernels` on random operands of combination c and shape s against the CPU reference: the
+// integer sums exactly and y bit for bit, from x (the whole layer, with and without the sums
+// output: the timed path) and from the reference's packed activations.
+void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
+                                 std::initializer_list<AbqKernel> kernels, Random& rng) {
+  const std::string name = Name(c, s);
+  const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+  const std::vector<float> x = RandomX(s.m, s.k, rng);
+  auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
+  ASSERT_TRUE(a.ok()) << name << ": " << a.status();
+  auto dot_ref = AbqIntegerGemm(*a, w);
+  ASSERT_TRUE(dot_ref.ok()) << name << ": " << dot_ref.status();
+  auto y_ref = AbqEpilogue(*dot_ref, *a, w);
+  ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
+  auto lin = CudaAbqLinear::Create(w, 0);
+  ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
+  for (AbqKernel kernel : kernels) {
+    const std::string kname = absl::StrCat(name, " ", AbqKernelName(kernel));
+    std::vector<int32_t> dot;
+    auto y = (*lin)->Forward(x, s.m, kernel, &dot);
+    ASSERT_TRUE(y.ok()) << kname << ": " << y.status();
+    EXPECT_EQ(CountMismatches(dot, *dot_ref, kname + " forward sums"), 0);
+    EXPECT_EQ(CountMismatches(*y, *y_ref, kname + " forward y"), 0);
+    auto y_plain = (*lin)->Forward(x, s.m, kernel);
+    ASSERT_TRUE(y_plain.ok()) << kname << ": " << y_plain.status();
+    EXPECT_EQ(CountMismatches(*y_plain, *y_ref, kname + " forward y (no sums)"), 0);
+    std::vector<int32_t> dot_gemm;
+    auto y_gemm = (*lin)->Gemm(*a, kernel, &dot_gemm);
+    ASSERT_TRUE(y_gemm.ok()) << kname << ": " << y_gemm.status();
+    EXPECT_EQ(CountMismatches(dot_gemm, *dot_ref, kname + " gemm sums"), 0);
+    EXPECT_EQ(CountMismatches(*y_gemm, *y_ref, kname + " gemm y"), 0);
+  }
+}
+
 TEST_F(CudaAbqTest, IntegerKernelsEqualReferenceBitForBit) {
   Random rng(12);
   for (const Combo& c : AllCombos()) {
     for (const Shape3& s : kShapes) {
-      const std::string name = Name(c, s);
-      const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
-      const std::vector<float> x = RandomX(s.m, s.k, rng);
-      auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
-      ASSERT_TRUE(a.ok()) << name << ": " << a.status();
-      auto dot_ref = AbqIntegerGemm(*a, w);
-      ASSERT_TRUE(dot_ref.ok()) << name << ": " << dot_ref.status();
-      auto y_ref = AbqEpilogue(*dot_ref, *a, w);
-      ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
-      auto lin = CudaAbqLinear::Create(w, 0);
-      ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
-      for (AbqKernel kernel : kIntegerKernels) {
-        const std::string kname = absl::StrCat(name, " ", AbqKernelName(kernel));
-        std::vector<int32_t> dot;
-        auto y = (*lin)->Forward(x, s.m, kernel, &dot);
-        ASSERT_TRUE(y.ok()) << kname << ": " << y.status();
-        EXPECT_EQ(CountMismatches(dot, *dot_ref, kname + " forward sums"), 0);
-        EXPECT_EQ(CountMismatches(*y, *y_ref, kname + " forward y"), 0);
-        // Without the sums output (the timed path) and from the reference's activations.
-        auto y_plain = (*lin)->Forward(x, s.m, kernel);
-        ASSERT_TRUE(y_plain.ok()) << kname << ": " << y_plain.status();
-        EXPECT_EQ(CountMismatches(*y_plain, *y_ref, kname + " forward y (no sums)"), 0);
-        std::vector<int32_t> dot_gemm;
-        auto y_gemm = (*lin)->Gemm(*a, kernel, &dot_gemm);
-        ASSERT_TRUE(y_gemm.ok()) << kname << ": " << y_gemm.status();
-        EXPECT_EQ(CountMismatches(dot_gemm, *dot_ref, kname + " gemm sums"), 0);
-        EXPECT_EQ(CountMismatches(*y_gemm, *y_ref, kname + " gemm y"), 0);
-      }
+      ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma, AbqKernel::kInt8Mma}, rng);
+    }
+  }
+}
+
+// The b1 decode kernel (kBinaryMma for m <= kAbqDecodeTokens) at every m it distinguishes: 1..16
+// tokens are 1..16 n8 tiles of activation columns at A8 and 1..8 at A4, run by its 1-, 4- and
+// 16-tile (A4: 8-tile) variants. Every bit/group combination plus group 256, so that its k-steps
+// are k128 (g128), k256 (per channel, g256) and whole groups of either; 16-byte copies (k 7040:
+// 220 words) and 4-byte ones (k 7000 and 300: rows not 16-byte aligned), a ring of stages that
+// wraps (7 chunks of 32 words), the last chunk and step partial, size 1, and n across the
+// blocks' 8, 16 and 32 outputs. g32 runs the tiled kernel at these m, and is checked the same.
+TEST_F(CudaAbqTest, DecodeKernelEqualsReferenceAtEveryM) {
+  Random rng(16);
+  std::vector<Combo> combos = AllCombos();
+  for (int ab : {4, 8}) {
+    for (int wb : {2, 3, 4, 8}) combos.push_back({wb, false, ab, 256});
+    combos.push_back({3, true, ab, 256});
+  }
+  for (int64_t m = 1; m <= kAbqDecodeTokens; ++m) {
+    std::vector<Shape3> shapes = {{m, 1, 1}, {m, 37, 300}, {m, 37, 7040}};
+    if (m == 1 || m == 5 || m == 16) shapes.push_back({m, 37, 7000});
+    for (const Combo& c : combos) {
+      for (const Shape3& s : shapes)
+        ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma}, rng);
     }
   }
 }
