@@ -67,7 +67,8 @@ int64_t WorkingBytes(const ModelConfig& c, const GradientChunks& chunks,
   const int64_t d = c.hidden_size, q = c.q_dim(), kv = c.kv_dim(), inter = c.intermediate_size;
   const int64_t l = chunks.seq_len, wide = std::max(d, inter);
   int64_t elements = max_rows * (6 * d + 4 * q + 4 * kv + 7 * inter);
-  elements += l * l + l * wide + wide * d;  // P, Z or G of one sample
+  // One sample's P, and the chunk's stacked Z or G (AccumulateOacHessian).
+  elements += l * l + max_rows * wide + (max_rows / l) * wide * std::max(d, q);
   int64_t stats = 0;
   for (LinearKind k : kAllLinears) {
     const int64_t d_in = k == LinearKind::kO ? q : k == LinearKind::kDown ? inter : d;

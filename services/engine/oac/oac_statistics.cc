@@ -82,27 +82,30 @@ absl::Status AccumulateOacHessian(kernels::Backend& be, HessianKind kind, const 
       break;
   }
   const int64_t l = seq_len;
-  const bool through_p = ThroughTokenProduct(l, d_in, d_out);
-  Tensor p, z, g;
-  if (through_p) {
-    QCAL_ASSIGN_OR_RETURN(p, be.Alloc(DType::kF32, {l, l}));
-    QCAL_ASSIGN_OR_RETURN(z, be.Alloc(DType::kF32, {l, d_in}));
-  } else {
-    QCAL_ASSIGN_OR_RETURN(g, be.Alloc(DType::kF32, {d_out, d_in}));
-  }
-  for (int64_t r = 0; r < rows; r += l) {
-    const Tensor xs = x.Rows(r, r + l), dys = dy.Rows(r, r + l);
-    if (through_p) {
+  if (ThroughTokenProduct(l, d_in, d_out)) {
+    // Z_n = P_n·X_n per sample, stacked like X, so that Σ_n X_nᵀZ_n is one product over the
+    // chunk's rows (XᵀZ with the samples' rows as its inner dimension).
+    QCAL_ASSIGN_OR_RETURN(Tensor p, be.Alloc(DType::kF32, {l, l}));
+    QCAL_ASSIGN_OR_RETURN(Tensor z, be.Alloc(DType::kF32, {rows, d_in}));
+    for (int64_t r = 0; r < rows; r += l) {
+      const Tensor dys = dy.Rows(r, r + l);
+      Tensor zs = z.Rows(r, r + l);
       QCAL_RETURN_IF_ERROR(be.GemmLower(dys, false, dys, true, 1.0f, 0.0f, p));
       QCAL_RETURN_IF_ERROR(be.MirrorLower(p));
-      QCAL_RETURN_IF_ERROR(be.Gemm(p, false, xs, false, 1.0f, 0.0f, z));
-      QCAL_RETURN_IF_ERROR(be.GemmLower(xs, true, z, false, 1.0f, 1.0f, h));
-    } else {
-      QCAL_RETURN_IF_ERROR(be.Gemm(dys, true, xs, false, 1.0f, 0.0f, g));
-      QCAL_RETURN_IF_ERROR(be.GemmLower(g, true, g, false, 1.0f, 1.0f, h));
+      QCAL_RETURN_IF_ERROR(be.Gemm(p, false, x.Rows(r, r + l), false, 1.0f, 0.0f, zs));
     }
+    QCAL_RETURN_IF_ERROR(be.GemmLower(x, true, z, false, 1.0f, 1.0f, h));
+  } else {
+    // G_n = Γ_nᵀX_n per sample, stacked [samples · d_out, d_in]: Σ_n G_nᵀG_n is one Gram.
+    QCAL_ASSIGN_OR_RETURN(Tensor g, be.Alloc(DType::kF32, {rows / l * d_out, d_in}));
+    for (int64_t r = 0; r < rows; r += l) {
+      Tensor gs = g.Rows(r / l * d_out, (r / l + 1) * d_out);
+      QCAL_RETURN_IF_ERROR(
+          be.Gemm(dy.Rows(r, r + l), true, x.Rows(r, r + l), false, 1.0f, 0.0f, gs));
+    }
+    QCAL_RETURN_IF_ERROR(be.GemmLower(g, true, g, false, 1.0f, 1.0f, h));
   }
-  // h was symmetric on entry, and every product added to its lower triangle is symmetric.
+  // h was symmetric on entry, and the products added to its lower triangle are symmetric.
   return be.MirrorLower(h);
 }
 

@@ -250,10 +250,10 @@ struct BlockTrainer::State {
     return acts;
   }
 
-  // For y = linear(x) with output gradient dy: adds dyᵀ·x_q to g_q and dyᵀ·x to g_lora (the
-  // GEMM accumulating into g_lora; without activation quantization x_q = x and g_q gets g_lora's
-  // product added), and, when dx is given, sets dx = dy·Q + (dy·L_A)·L_B (ActQuant passes
-  // gradients through). Each linear's backward runs once a step, into zeroed gradients.
+  // For y = linear(x) with output gradient dy: adds dyᵀ·x_q to g_q and dyᵀ·x to g_lora (without
+  // activation quantization x_q = x, and g_q is g_lora: one product), and, when dx is given, sets
+  // dx = dy·Q + (dy·L_A)·L_B (ActQuant passes gradients through). Each linear's backward runs once
+  // a step, into zeroed gradients.
   absl::Status LinearBackward(LinearKind kind, const ForwardActs& acts, const Tensor& dy,
                               Tensor* dx) {
     TrainLinear& l = L(kind);
@@ -261,8 +261,6 @@ struct BlockTrainer::State {
     QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x[i], false, 1.0f, 1.0f, l.g_lora));
     if (l.act_bits < 16) {
       QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 1.0f, l.g_q));
-    } else {
-      QCAL_RETURN_IF_ERROR(be->Add(l.g_lora, l.g_q));
     }
     if (dx) {
       const Tensor& a = l.params.lora_a;
@@ -337,8 +335,10 @@ struct BlockTrainer::State {
       QCAL_RETURN_IF_ERROR(be->Copy(l.q, eff));
       QCAL_RETURN_IF_ERROR(
           be->Gemm(l.params.lora_a, false, l.params.lora_b, false, 1.0f, 1.0f, eff));
-      QCAL_ASSIGN_OR_RETURN(total, be->WeightedSquaredError(eff, l.reference, l.fisher, scale,
-                                                            &l.g_q, &l.g_lora, total));
+      const bool shared = l.g_q.raw() == l.g_lora.raw();
+      QCAL_ASSIGN_OR_RETURN(total,
+                            be->WeightedSquaredError(eff, l.reference, l.fisher, scale, &l.g_q,
+                                                     shared ? nullptr : &l.g_lora, total));
     }
     return total;
   }
@@ -487,8 +487,13 @@ absl::StatusOr<StepLoss> BlockTrainer::ComputeGradients(int sample, LossCoeffici
   QCAL_RETURN_IF_ERROR(s.Lap(nullptr));
   QCAL_RETURN_IF_ERROR(s.PrepareWeights());
   for (TrainLinear& l : s.linears) {
-    QCAL_ASSIGN_OR_RETURN(l.g_q, s.be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
     QCAL_ASSIGN_OR_RETURN(l.g_lora, s.be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
+    // Without activation quantization both branches see the same input, so the two gradients are
+    // one tensor (LinearBackward and Regularizer then add into it once).
+    l.g_q = l.g_lora;
+    if (l.act_bits < 16) {
+      QCAL_ASSIGN_OR_RETURN(l.g_q, s.be->Alloc(DType::kF32, {l.d_out(), l.d_in()}));
+    }
   }
   QCAL_RETURN_IF_ERROR(s.Lap(&s.seconds.weights));
   StepLoss loss;
