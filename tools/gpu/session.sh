@@ -15,6 +15,8 @@
 #      --recipe: the gradient pass inside the job, then GPTQ alone on the same weights);
 #   3c. (step retrain) retraining: the trainer's CUDA ops and the trainer against the CPU; ApiQ on
 #      sotu-llama-16m as in 3 (bound 1%); the 7B shape with ApiQ W2 g64 on a few blocks, projected;
+#   3d. (step moe) MoE quantization: each MoE family's synthetic checkpoint quantized twice on the
+#      GPU (byte-identical) and once on the CPU (perplexity within 0.5%);
 #   4. qcal bench: the 7B shape whole-model (three runs), the 70B shape per block (extrapolated);
 #   5. qcal bench --er: error reconstruction on the 7B shape's linears (whitening, full and
 #      randomized SVD at rank 64), with the randomized path's projected share of the 7B job; then
@@ -40,7 +42,7 @@
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
 #   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval families quantize oac retrain
-#                              bench er abq sanitizer stream13 stream70"
+#                              moe bench er abq sanitizer stream13 stream70"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -48,7 +50,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.gz}
 dest=${OUT:-$root/out}
-steps=" ${QCAL_SESSION_STEPS:-tests eval families quantize oac retrain bench er abq sanitizer} "
+steps=" ${QCAL_SESSION_STEPS:-tests eval families quantize oac retrain moe bench er abq sanitizer} "
 budget=${QCAL_SESSION_BUDGET:-500}
 mkdir -p "$dest"
 out=$(mktemp -d /tmp/qcal-logs.XXXXXX)
@@ -277,6 +279,45 @@ if wants retrain; then
   else
     note "bench 7b apiq: skipped (session budget)"
   fi
+fi
+
+if wants moe; then
+  # Mixture-of-experts quantization (issue 17) on the GPU: each family's synthetic checkpoint
+  # quantized with GPTQ W4 g32 (16 x 128 calibration) twice on the GPU and once on the CPU: the
+  # two GPU outputs byte-identical (qcal_run.json aside), the perplexities within 0.5%.
+  log=$out/moe.log
+  for arch in mixtral qwen2_moe qwen3_moe; do
+    time_for 60 || { note "moe $arch: skipped (session budget)"; continue; }
+    m=$(mktemp -d /tmp/qcal-moe.XXXXXX)
+    start=$SECONDS
+    "$qcal" synth --arch "$arch" --out "$m/model" --no-sha256 >>"$log" 2>&1
+    printf 'method: gptq\nweights: {bits: 4, group_size: 32}\n' >"$m/recipe.yaml"
+    moe_quantize() {  # DEVICE OUT_DIR
+      timeout 120 "$qcal" quantize --device "$1" --json --model "$m/model" --recipe "$m/recipe.yaml" \
+        --calib "$m/model/calib.txt" --samples 16 --seq-len 128 --eval-text "$m/model/eval.txt" \
+        --out "$2" 2>>"$log"
+    }
+    gpu1=$(moe_quantize cuda "$m/gpu1") && gpu2=$(moe_quantize cuda "$m/gpu2") &&
+      cpu=$(moe_quantize cpu "$m/cpu")
+    rc=$?
+    echo "$arch gpu1 ${gpu1:-} cpu ${cpu:-}" >>"$log"
+    if ((rc == 0)); then
+      identical=yes
+      for f in $(cd "$m/gpu1" && find . -type f ! -name qcal_run.json | sort); do
+        cmp -s "$m/gpu1/$f" "$m/gpu2/$f" || { identical="no ($f)"; break; }
+      done
+      ppl_gpu=$(json_get "$gpu1" perplexity)
+      ppl_cpu=$(json_get "$cpu" perplexity)
+      printf '%-34s %4d ppl gpu %s cpu %s; two GPU runs identical: %s; %d s\n' "moe quantize $arch" \
+        "$rc" "$ppl_gpu" "$ppl_cpu" "$identical" $((SECONDS - start)) >>"$summary"
+      [[ $identical == yes ]] || fail "moe $arch: two GPU runs differ: $identical"
+      within "$ppl_gpu" "$ppl_cpu" 0.005 || fail "moe $arch: GPU perplexity not within 0.5% of the CPU's"
+    else
+      printf '%-34s %4d\n' "moe quantize $arch" "$rc" >>"$summary"
+      fail "moe $arch: qcal quantize"
+    fi
+    rm -rf "$m"
+  done
 fi
 
 if wants bench; then
