@@ -31,11 +31,14 @@
 #include "services/engine/pipeline.h"
 #include "services/engine/quantize.h"
 #include "tests/engine/families/family_checkpoints.h"
+#include "tests/support/numeric.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/test_paths.h"
 
 namespace qcal::engine {
 namespace {
+
+using testing::RelativeError;
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
@@ -58,15 +61,6 @@ std::vector<float> HostValues(kernels::Backend& be, const Tensor& t) {
   auto h = be.ToHost(t);
   EXPECT_TRUE(h.ok()) << h.status();
   return std::vector<float>(h->data<float>(), h->data<float>() + h->numel());
-}
-
-double RelativeError(const std::vector<float>& got, const std::vector<double>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    num += (got[i] - want[i]) * (got[i] - want[i]);
-    den += want[i] * want[i];
-  }
-  return std::sqrt(num / den);
 }
 
 class MoeQuantizeTest : public FamilyCheckpointTest {

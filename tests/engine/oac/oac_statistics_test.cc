@@ -16,10 +16,13 @@
 #include "gtest/gtest.h"
 #include "kernels/quant_grid.h"
 #include "tests/engine/oac/oac_test_util.h"
+#include "tests/support/numeric.h"
 #include "tests/support/test_paths.h"
 
 namespace qcal::engine {
 namespace {
+
+using testing::RelativeError;
 
 namespace fs = std::filesystem;
 using ::qcal::testing::RandomTensor;
@@ -48,15 +51,6 @@ std::vector<double> SampleHessianInDouble(const Tensor& x, const Tensor& dy, int
     }
   }
   return h;
-}
-
-double RelativeError(const std::vector<float>& got, const std::vector<double>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    num += (got[i] - want[i]) * (got[i] - want[i]);
-    den += want[i] * want[i];
-  }
-  return std::sqrt(num / den);
 }
 
 TEST(OacStatisticsTest, TokenHessianWithGradientNormsOfFourIsFourGramsAndKeepsGptqCodes) {
