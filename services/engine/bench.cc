@@ -47,6 +47,65 @@ ModelConfig LlamaConfig(int hidden, int intermediate, int layers, int heads, int
   return c;
 }
 
+// The published config.json values (huggingface.co; the search tool's copies, 2026-12-04):
+// mistralai/Mixtral-8x7B-Instruct-v0.1 at commit eba92302 (the architecture of
+// Mixtral-8x7B-v0.1, whose own file was not among the copies; copies naming it as _name_or_path,
+// e.g. YeungNLP/firefly-mixtral-8x7b, carry the same values): hidden_size 4096,
+// intermediate_size 14336, num_hidden_layers 32, num_attention_heads 32, num_key_value_heads 8,
+// num_local_experts 8, num_experts_per_tok 2, vocab_size 32000, max_position_embeddings 32768,
+// rms_norm_eps 1e-5, rope_theta 1e6, sliding_window null, tie_word_embeddings false, bos 1.
+ModelConfig MixtralConfig() {
+  ModelConfig c;
+  c.model_type = "mixtral";
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_layers = 32;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 32000;
+  c.max_position_embeddings = 32768;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 1e6;
+  c.num_experts = 8;
+  c.num_experts_per_tok = 2;
+  c.moe_intermediate_size = c.intermediate_size;
+  c.norm_topk_prob = true;  // Mixtral always renormalises
+  return c;
+}
+
+// Qwen/Qwen3-30B-A3B's own config.json was not among the search tool's copies; its values as the
+// copies agree on (Qwen3MoeForCausalLM configs derived from it, e.g. AweAI-Team/Scale-SWE-Agent,
+// and Ascend/MindSpeed-RL configs/model/qwen3_30b_a3b.yaml): hidden_size 2048, intermediate_size
+// 6144 (dense MLP, unused: mlp_only_layers []), num_hidden_layers 48, num_attention_heads 32,
+// num_key_value_heads 4, head_dim 128, num_experts 128, num_experts_per_tok 8,
+// moe_intermediate_size 768, norm_topk_prob true, decoder_sparse_step 1, vocab_size 151936,
+// max_position_embeddings 40960, rms_norm_eps 1e-6, rope_theta 1e6, tie_word_embeddings false,
+// bos 151643; no shared expert (Qwen3-MoE has none).
+ModelConfig Qwen3MoeConfig() {
+  ModelConfig c;
+  c.model_type = "qwen3_moe";
+  c.hidden_size = 2048;
+  c.intermediate_size = 6144;
+  c.num_layers = 48;
+  c.num_heads = 32;
+  c.num_kv_heads = 4;
+  c.head_dim = 128;
+  c.qk_norm = true;
+  c.vocab_size = 151936;
+  c.max_position_embeddings = 40960;
+  c.rms_norm_eps = 1e-6;
+  c.rope_theta = 1e6;
+  c.bos_token_id = 151643;
+  c.eos_token_id = 151645;
+  c.num_experts = 128;
+  c.num_experts_per_tok = 8;
+  c.moe_intermediate_size = 768;
+  c.norm_topk_prob = true;
+  c.decoder_sparse_step = 1;
+  return c;
+}
+
 // Independent streams for every tensor: seed, block and tensor index hashed together.
 uint64_t StreamSeed(uint64_t seed, int block, int tensor) {
   return kernels::HashBits(seed, (static_cast<uint64_t>(block) + 1) * 64 + tensor);
@@ -66,6 +125,10 @@ absl::Status DrawNorms(kernels::Backend& be, const ModelConfig& c, uint64_t seed
                         Uniform(be, {c.hidden_size}, StreamSeed(seed, b, 0), 0.8f, 1.2f));
   QCAL_ASSIGN_OR_RETURN(w.post_attention_norm,
                         Uniform(be, {c.hidden_size}, StreamSeed(seed, b, 1), 0.8f, 1.2f));
+  if (c.qk_norm) {
+    QCAL_ASSIGN_OR_RETURN(w.q_norm, Uniform(be, {c.head_dim}, StreamSeed(seed, b, 9), 0.8f, 1.2f));
+    QCAL_ASSIGN_OR_RETURN(w.k_norm, Uniform(be, {c.head_dim}, StreamSeed(seed, b, 10), 0.8f, 1.2f));
+  }
   return absl::OkStatus();
 }
 
@@ -82,14 +145,46 @@ LinearDraw LinearDrawOf(const ModelConfig& c, uint64_t seed, int b, LinearKind k
           std::sqrt(3.0f / static_cast<float>(d_in))};
 }
 
-// Block b's weights: norms (DrawNorms) and linears (LinearDrawOf) drawn on the device.
+// A [d_out, d_in] linear uniform in [-a, a) with a = sqrt(3 / d_in), from stream `seed`.
+absl::StatusOr<Tensor> DrawLinear(kernels::Backend& be, int64_t d_out, int64_t d_in,
+                                  uint64_t seed) {
+  const float a = std::sqrt(3.0f / static_cast<float>(d_in));
+  return Uniform(be, {d_out, d_in}, seed, -a, a);
+}
+
+// Block b's weights: norms (DrawNorms) and linears (LinearDrawOf) drawn on the device. An MoE
+// block's router is drawn as a linear too (so its logits have about unit variance and, with i.i.d.
+// rows, no expert is favoured), and expert unit u's (NumExpertUnits) linear k from stream u * 3 + k
+// of the block's expert seed (a block may have more experts than StreamSeed has tensor slots); a
+// shared expert's gate like a linear.
 absl::StatusOr<BlockWeights> DrawBlock(kernels::Backend& be, const ModelConfig& c, uint64_t seed,
                                        int b) {
   BlockWeights w;
   QCAL_RETURN_IF_ERROR(DrawNorms(be, c, seed, b, w));
   for (LinearKind k : kAllLinears) {
+    if (!HasDenseLinear(c, b, k)) continue;  // an MoE block's MLP is its experts'
     const LinearDraw d = LinearDrawOf(c, seed, b, k);
     QCAL_ASSIGN_OR_RETURN(w.at(k).weight, Uniform(be, {d.d_out, d.d_in}, d.seed, -d.a, d.a));
+  }
+  if (!c.IsMoeBlock(b)) return w;
+  QCAL_ASSIGN_OR_RETURN(w.moe.router,
+                        DrawLinear(be, c.num_experts, c.hidden_size, StreamSeed(seed, b, 11)));
+  const uint64_t expert_seed = StreamSeed(seed, b, 12);
+  w.moe.experts.resize(c.num_experts);
+  constexpr LinearKind kExpertLinears[] = {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown};
+  for (int u = 0; u < NumExpertUnits(c); ++u) {
+    const int expert = ExpertOfUnit(c, u);
+    for (int i = 0; i < 3; ++i) {
+      const LinearId id(kExpertLinears[i], expert);
+      const auto [d_out, d_in] = LinearShape(c, b, id);
+      QCAL_ASSIGN_OR_RETURN(
+          w.at(id).weight,
+          DrawLinear(be, d_out, d_in, kernels::HashBits(expert_seed, uint64_t(u) * 3 + i)));
+    }
+  }
+  if (c.shared_expert_intermediate_size > 0) {
+    QCAL_ASSIGN_OR_RETURN(w.moe.shared_expert_gate,
+                          DrawLinear(be, 1, c.hidden_size, StreamSeed(seed, b, 13)));
   }
   return w;
 }
@@ -117,9 +212,14 @@ absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name) {
     s.config = LlamaConfig(8192, 28672, 80, 64, 8);
     s.ideal_floor_seconds = 150;    // about 2.5 min
     s.library_floor_seconds = 270;  // 4-5 min
+  } else if (name == "mixtral-8x7b") {
+    s.config = MixtralConfig();
+  } else if (name == "qwen3-30b-a3b") {
+    s.config = Qwen3MoeConfig();
   } else {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown bench shape \"", name, "\" (expected 7b, 13b or 70b)"));
+        absl::StrCat("unknown bench shape \"", name,
+                     "\" (expected 7b, 13b, 70b, mixtral-8x7b or qwen3-30b-a3b)"));
   }
   return s;
 }
@@ -149,18 +249,43 @@ absl::Status BenchOptions::Validate() const {
 
 BenchFlops CountFlops(const ModelConfig& c, int samples, int seq_len) {
   const double tokens = double(samples) * seq_len;
-  const double d = c.hidden_size, f = c.intermediate_size, qd = c.q_dim(), kvd = c.kv_dim();
-  const double layers = c.num_layers;
-  BenchFlops out;
-  const double params = d * qd + 2 * d * kvd + qd * d + 3 * d * f;
+  const double d = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
   const double attention = 4.0 * qd * (double(seq_len) * (seq_len + 1) / 2) * samples;
-  out.forward = layers * (2 * tokens * params + attention);
-  // Inputs of q/k/v and gate/up (width d), o (q_dim) and down (f).
-  out.hessian = layers * tokens * (2 * d * d + qd * qd + f * f);
-  // (d_out, d_in) of the seven linears; factorizations of the four inputs.
-  const double updates = qd * d * d + 2 * kvd * d * d + d * qd * qd + 2 * f * d * d + d * f * f;
-  const double factor = 2.0 / 3.0 * (2 * d * d * d + qd * qd * qd + f * f * f);
-  out.solve = layers * (updates + factor);
+  // q, k, v and o: their weights, the Hessians of their inputs (q/k/v: d wide, o: q_dim), the lazy
+  // updates d_out d_in^2 and the two factorizations.
+  const double attn_params = d * qd + 2 * d * kvd + qd * d;
+  const double attn_hessian = tokens * (d * d + qd * qd);
+  const double attn_updates = qd * d * d + 2 * kvd * d * d + d * qd * qd;
+  const double attn_factor = 2.0 / 3.0 * (d * d * d + qd * qd * qd);
+  // One gate/up/down MLP of intermediate f over `rows` tokens: Hessians of its inputs (d and f
+  // wide), updates, factorizations.
+  auto mlp_hessian = [&](double f, double rows) { return rows * (d * d + f * f); };
+  auto mlp_solve = [&](double f) {
+    return 2 * f * d * d + d * f * f + 2.0 / 3.0 * (d * d * d + f * f * f);
+  };
+  BenchFlops out;
+  for (int b = 0; b < c.num_layers; ++b) {
+    out.forward += 2 * tokens * attn_params + attention;
+    out.hessian += attn_hessian;
+    out.solve += attn_updates + attn_factor;
+    if (!c.IsMoeBlock(b)) {
+      const double f = c.intermediate_size;
+      out.forward += 2 * tokens * 3 * d * f;
+      out.hessian += mlp_hessian(f, tokens);
+      out.solve += mlp_solve(f);
+      continue;
+    }
+    const double fe = c.moe_intermediate_size, fs = c.shared_expert_intermediate_size;
+    const double routed = tokens * c.num_experts_per_tok;  // summed over the experts
+    out.forward += 2 * tokens * c.num_experts * d + 2 * routed * 3 * d * fe;
+    out.hessian += mlp_hessian(fe, routed);
+    out.solve += c.num_experts * mlp_solve(fe);
+    if (fs > 0) {
+      out.forward += 2 * tokens * (3 * d * fs + d);
+      out.hessian += mlp_hessian(fs, tokens);
+      out.solve += mlp_solve(fs);
+    }
+  }
   return out;
 }
 
@@ -168,6 +293,9 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
                                      const BenchLogFn& log) {
   QCAL_RETURN_IF_ERROR(options.Validate());
   const ModelConfig& c = options.config;
+  // As a job does (JobSession::Open): an MoE model gets the moe defaults.
+  Recipe recipe = options.recipe;
+  QCAL_RETURN_IF_ERROR(recipe.ResolveForModel(c));
   const int total = c.num_layers;
   const int run = options.blocks == 0 ? total : std::min(options.blocks, total);
   auto say = [&](const std::string& line) {
@@ -179,6 +307,7 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
   r.blocks_run = run;
   r.extrapolated = run < total;
   r.flops = CountFlops(c, options.samples, options.seq_len);
+  if (recipe.moe) r.moe_min_tokens = recipe.moe->min_tokens;
 
   // Setup (not timed in the totals): the embedding table and the calibration tokens.
   auto t0 = Clock::now();
@@ -203,7 +332,7 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
 
   // Output-adaptive recipes (and saliency, for the Fisher): the gradient pass over the whole
   // full-precision model first.
-  const bool output_adaptive = options.recipe.RunsGradientPass();
+  const bool output_adaptive = recipe.RunsGradientPass();
   OacMemoryStore oac;
   if (output_adaptive) {
     t0 = Clock::now();
@@ -217,7 +346,7 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
     // The statistics stay on the device when the pass can plan room for them beside its kept
     // boundaries (no host copies: a 7B model's are 28 GB, which page-locked host buffers take
     // 16 s to allocate and fill); else they go to page-locked host memory.
-    GradientPassOptions pass = GradientPassOptionsOf(options.recipe, "");
+    GradientPassOptions pass = GradientPassOptionsOf(recipe, "");
     bool on_device = false;
     if (be.device() != Device::kHost) {
       GradientPassOptions keep = pass;
@@ -260,10 +389,18 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
 
     t0 = Clock::now();
     QCAL_ASSIGN_OR_RETURN(std::vector<LayerResult> block,
-                          QuantizeBlock(*model, acts, options.recipe, &r.times, source));
+                          QuantizeBlock(*model, acts, recipe, &r.times, source));
     QCAL_RETURN_IF_ERROR(be.Synchronize());
     r.block_seconds.push_back(Since(t0));
     for (const LayerResult& l : block) {
+      // A routed expert's count and fallback, once (its gate_proj's report).
+      if (l.report.expert >= 0 && l.report.kind == LinearKind::kGate) {
+        const int64_t n = l.report.routed_tokens;
+        r.fallback_experts += l.report.fallback ? 1 : 0;
+        r.routed_tokens += n;
+        r.min_routed_tokens = r.min_routed_tokens < 0 ? n : std::min(r.min_routed_tokens, n);
+        r.max_routed_tokens = std::max(r.max_routed_tokens, n);
+      }
       r.mean_rel_error += l.report.rel_error;
       r.mean_rel_error_rtn += l.report.rel_error_rtn;
       r.mean_rel_error_er += l.report.rank > 0 ? l.report.rel_error_er : l.report.rel_error;
@@ -570,6 +707,11 @@ absl::Status DecodeBenchOptions::Validate() const {
       config.hidden_size < 1 || config.vocab_size < 2) {
     return absl::InvalidArgumentError(
         "decode bench: the model needs layers, heads, a hidden size and a vocabulary");
+  }
+  if (config.moe()) {
+    return absl::InvalidArgumentError(absl::StrCat("decode bench: ", config.model_type,
+                                                   " is a mixture-of-experts model, which it does "
+                                                   "not draw (dense shapes only)"));
   }
   if (prompt < 1) return absl::InvalidArgumentError("decode bench: prompt must be >= 1");
   if (tokens < 1) return absl::InvalidArgumentError("decode bench: tokens must be >= 1");

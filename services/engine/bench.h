@@ -10,6 +10,11 @@
 // model has, the whole-model time is extrapolated from the blocks run (leaving out the first,
 // which pays library and memory-pool warm-up, when more than one ran), and the result says so.
 //
+// Mixture-of-experts shapes (`--shape mixtral-8x7b|qwen3-30b-a3b`, issue 17): the same driver runs
+// an MoE block as a job does (docs/MOE.md: routing per chunk, per-expert Hessians over the routed
+// rows, the moe.min_tokens fallback); the router is drawn like every other linear, and the result
+// counts the experts that fell back and the routed tokens per expert.
+//
 // Output-adaptive recipes (hessian != layer; `qcal bench --recipe docs/recipes/oac.yaml`): every
 // block is drawn first, the gradient pass runs over the whole full-precision model (all blocks,
 // whatever `blocks` says: the pass cannot be cut short) with its statistics in device memory when
@@ -38,7 +43,8 @@
 
 namespace qcal::engine {
 
-// A model shape with its floors from DESIGN section 9 (one H100, 128 x 2048). The reference GPTQ's
+// A model shape with its floors from DESIGN section 9 (one H100, 128 x 2048); the MoE shapes have
+// none (floors 0). The reference GPTQ's
 // time is not built in: it depends on the GPU, so `qcal bench --reference-seconds-per-layer` takes
 // it as measured (docs/BENCHMARKS.md records the H200's).
 struct BenchShape {
@@ -56,8 +62,12 @@ struct BenchShape {
 // intermediate 28672, 64 heads, 8 KV heads, 80 layers); vocab 32000, head_dim 128, RMSNorm eps
 // 1e-5, rope theta 10000, 4096 positions, tied embeddings (the bench draws one table for both).
 // The 13b floors are the 7b ones scaled by the useful-FLOP ratio (DESIGN section 9 has no 13B
-// figures). `qcal synth --preset` takes its Llama-2 shapes from here. Errors: InvalidArgument
-// naming the shape.
+// figures). `qcal synth --preset` takes its Llama-2 shapes from here.
+// "mixtral-8x7b" (Mixtral-8x7B-v0.1: hidden 4096, 32 layers, 32 heads / 8 KV heads, head_dim 128,
+// 8 experts of intermediate 14336, top 2, vocab 32000, no sliding window, rope theta 1e6) and
+// "qwen3-30b-a3b" (Qwen3-30B-A3B: hidden 2048, 48 layers, 32 heads / 4 KV heads, head_dim 128,
+// q/k norms, 128 experts of moe_intermediate 768, top 8 renormalised, vocab 151936, no shared
+// expert, every block MoE); no floors. Errors: InvalidArgument naming the shape.
 absl::StatusOr<BenchShape> BenchShapeNamed(const std::string& name);
 
 struct BenchOptions {
@@ -84,7 +94,9 @@ struct BenchOptions {
 // forward pass of the linears (2 flops per weight and token) and of causal attention
 // (4 L(L+1)/2 per head and sample), the Hessians as symmetric products (n k^2 per input of width
 // k), the GPTQ solves (d_out d_in^2 for the lazy updates per linear, 2/3 k^3 per factorization of a
-// width-k Hessian).
+// width-k Hessian). In an MoE block the router is a forward linear, each token runs top_k experts,
+// each expert's Hessians are over its routed tokens (which sum to top_k per token, fallbacks
+// aside) and each expert has its own solves and factorizations.
 struct BenchFlops {
   double forward = 0;
   double hessian = 0;
@@ -122,6 +134,14 @@ struct BenchResult {
   GradientPassStats gradient_pass;
   bool oac_on_device = false;  // the statistics were kept in device memory (else host)
   double layer_model_seconds = 0;
+  // MoE models, over the routed experts of the blocks run: the recipe's moe.min_tokens, the experts
+  // calibrated on every token because fewer than min_tokens were routed to them (docs/MOE.md), and
+  // the routed calibration tokens per expert (-1 without experts) and in all.
+  int moe_min_tokens = 0;
+  int fallback_experts = 0;
+  int64_t min_routed_tokens = -1;
+  int64_t max_routed_tokens = -1;
+  int64_t routed_tokens = 0;
 };
 
 // Progress lines for humans.

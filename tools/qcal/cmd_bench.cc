@@ -1,11 +1,12 @@
 // qcal bench: GPTQ of a synthetic 7B-, 13B- or 70B-shaped model, timed per stage against the floors
-// of DESIGN section 9 (services/engine/bench.h). Default compute dtype bf16, the GPU fast path.
-// qcal bench --er: the device error-reconstruction ops (whitening, full and randomized SVD) on the
-// 7B shape's linears, with their projected share of the 7B GPTQ job.
-// qcal bench --abq: the ABQ arbitrary-bit GEMMs per shape and token count against cuBLAS
-// (kernels/abq_bench.h), with bytes moved as a share of the H100/H200 HBM bandwidth.
-// qcal bench --decode: greedy decoding tokens/s of a synthetic model of --shape, dense bf16
-// against W4A16, W4A8 and W2*A8 through the ABQ kernels (services/engine/bench.h).
+// of DESIGN section 9 (services/engine/bench.h); or of a Mixtral-8x7B- or Qwen3-30B-A3B-shaped
+// mixture-of-experts model through the MoE driver, with its fallback experts counted. Default
+// compute dtype bf16, the GPU fast path. qcal bench --er: the device error-reconstruction ops
+// (whitening, full and randomized SVD) on the 7B shape's linears, with their projected share of the
+// 7B GPTQ job. qcal bench --abq: the ABQ arbitrary-bit GEMMs per shape and token count against
+// cuBLAS (kernels/abq_bench.h), with bytes moved as a share of the H100/H200 HBM bandwidth. qcal
+// bench --decode: greedy decoding tokens/s of a synthetic model of --shape, dense bf16 against
+// W4A16, W4A8 and W2*A8 through the ABQ kernels (services/engine/bench.h).
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "kernels/abq_bench.h"
@@ -37,7 +39,7 @@ struct BenchArgs {
   std::string shape = "7b";
   int samples = 128;
   int seq_len = 2048;
-  int blocks = -1;  // -1: all for 7b and 13b, 3 for 70b
+  int blocks = -1;  // -1: all for 7b and 13b, 3 for 70b and the MoE shapes
   uint64_t seed = 0;
   // The reference GPTQ's measured seconds per block on the same GPU and shape; 0: no ratio.
   double reference_seconds_per_layer = 0;
@@ -269,7 +271,8 @@ absl::Status RunBench(BenchArgs& a) {
   options.config = shape.config;
   options.samples = a.samples;
   options.seq_len = a.seq_len;
-  options.blocks = a.blocks >= 0 ? a.blocks : (a.shape == "70b" ? 3 : 0);
+  const bool moe = shape.config.moe();
+  options.blocks = a.blocks >= 0 ? a.blocks : (a.shape == "70b" || moe ? 3 : 0);
   options.seed = a.seed;
   std::string recipe_name = "GPTQ W4 g128";
   if (!a.recipe_path.empty()) {
@@ -283,6 +286,11 @@ absl::Status RunBench(BenchArgs& a) {
   const double per_block =
       r.block_seconds.empty() ? 0 : (r.model_seconds - r.embed_seconds) / r.blocks_total;
   const double ceiling_share = r.tflops / kCeilingTflops;
+  const bool floors = shape.ideal_floor_seconds > 0;
+  const ModelConfig& c = shape.config;
+  // Tokens each routed expert gets in a block if the router spreads them evenly.
+  const double even_share =
+      moe ? double(a.samples) * a.seq_len * c.num_experts_per_tok / c.num_experts : 0.0;
   if (a.json) {
     nlohmann::ordered_json j;
     j["shape"] = shape.name;
@@ -324,14 +332,20 @@ absl::Status RunBench(BenchArgs& a) {
     j["tflops"] = r.tflops;
     j["ceiling_tflops"] = kCeilingTflops;
     j["ceiling_share"] = ceiling_share;
-    j["floors"] = {{"ideal_seconds", shape.ideal_floor_seconds},
-                   {"library_seconds", shape.library_floor_seconds},
+    j["floors"] = {{"ideal_seconds", nullptr},
+                   {"library_seconds", nullptr},
                    {"floors_scaled_from_7b", shape.floors_scaled},
                    {"reference_seconds_per_layer", nullptr},
                    {"reference_seconds", nullptr},
-                   {"x_ideal", r.model_seconds / shape.ideal_floor_seconds},
-                   {"x_library", r.model_seconds / shape.library_floor_seconds},
+                   {"x_ideal", nullptr},
+                   {"x_library", nullptr},
                    {"speedup_vs_reference", nullptr}};
+    if (floors) {  // null for the MoE shapes, which have none
+      j["floors"]["ideal_seconds"] = shape.ideal_floor_seconds;
+      j["floors"]["library_seconds"] = shape.library_floor_seconds;
+      j["floors"]["x_ideal"] = r.model_seconds / shape.ideal_floor_seconds;
+      j["floors"]["x_library"] = r.model_seconds / shape.library_floor_seconds;
+    }
     if (reference_seconds > 0) {  // null without --reference-seconds-per-layer
       j["floors"]["reference_seconds_per_layer"] = a.reference_seconds_per_layer;
       j["floors"]["reference_seconds"] = reference_seconds;
@@ -343,6 +357,16 @@ absl::Status RunBench(BenchArgs& a) {
     j["mean_rank"] = r.mean_rank;
     j["extra_params_pct"] = r.base_params > 0 ? 100 * r.extra_params / r.base_params : 0.0;
     j["min_available_bytes"] = r.min_available_bytes;
+    if (moe) {
+      j["moe"] = {{"experts", c.num_experts},
+                  {"top_k", c.num_experts_per_tok},
+                  {"min_tokens", r.moe_min_tokens},
+                  {"fallback_experts", r.fallback_experts},
+                  {"experts_run", c.num_experts * r.blocks_run},
+                  {"routed_tokens_min", r.min_routed_tokens},
+                  {"routed_tokens_max", r.max_routed_tokens},
+                  {"routed_tokens_even_share", even_share}};
+    }
     if (r.has_gradient_pass) {
       j["gradient_pass"] = engine::GradientPassJson(r.gradient_pass);
       j["gradient_pass"]["statistics_on_device"] = r.oac_on_device;
@@ -352,12 +376,15 @@ absl::Status RunBench(BenchArgs& a) {
     std::printf("%s\n", j.dump().c_str());
     return absl::OkStatus();
   }
-  const ModelConfig& c = shape.config;
+  const std::string mlp =
+      moe ? absl::StrCat(c.num_experts, " experts of intermediate ", c.moe_intermediate_size,
+                         ", top ", c.num_experts_per_tok)
+          : absl::StrCat("intermediate ", c.intermediate_size);
   std::printf(
-      "qcal bench: %s shape (hidden %d, intermediate %d, %d heads / %d KV, %d layers), "
-      "%s, %d x %d calibration tokens, compute %s\n",
-      shape.name.c_str(), c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
-      c.num_layers, recipe_name.c_str(), a.samples, a.seq_len, a.dev.compute_dtype.c_str());
+      "qcal bench: %s shape (hidden %d, %s, %d heads / %d KV, %d layers), %s, %d x %d "
+      "calibration tokens, compute %s\n",
+      shape.name.c_str(), c.hidden_size, mlp.c_str(), c.num_heads, c.num_kv_heads, c.num_layers,
+      recipe_name.c_str(), a.samples, a.seq_len, a.dev.compute_dtype.c_str());
   std::printf("device: %s\n", r.device_kind.c_str());
   if (r.extrapolated) {
     std::printf("ran %d of %d blocks: the whole-model time is EXTRAPOLATED from them%s\n",
@@ -400,6 +427,9 @@ absl::Status RunBench(BenchArgs& a) {
         g.peak_device_bytes / double(1 << 30),
         g.tokens > 0 ? g.loss / static_cast<double>(g.tokens) : 0.0);
   }
+  std::printf("per block:");
+  for (double s : r.block_seconds) std::printf(" %.3f", s);
+  std::printf(" s\n");
   std::printf("whole model: %.2f s (%.3f s per block), excluding disk I/O; untimed setup %.2f s\n",
               r.model_seconds, per_block, r.setup_seconds);
   if (r.has_gradient_pass) {
@@ -412,11 +442,15 @@ absl::Status RunBench(BenchArgs& a) {
       "(counted: forward %.3f, Hessians %.3f, solves %.3f PFLOP)\n",
       r.tflops, 100 * ceiling_share, kCeilingTflops, r.flops.forward * 1e-15,
       r.flops.hessian * 1e-15, r.flops.solve * 1e-15);
-  std::printf(
-      "floors (DESIGN section 9%s): %.2fx the ideal %.0f s, %.2fx the library-kernel %.0f s",
-      shape.floors_scaled ? ", 7B's scaled by FLOPs" : "",
-      r.model_seconds / shape.ideal_floor_seconds, shape.ideal_floor_seconds,
-      r.model_seconds / shape.library_floor_seconds, shape.library_floor_seconds);
+  if (floors) {
+    std::printf(
+        "floors (DESIGN section 9%s): %.2fx the ideal %.0f s, %.2fx the library-kernel %.0f s",
+        shape.floors_scaled ? ", 7B's scaled by FLOPs" : "",
+        r.model_seconds / shape.ideal_floor_seconds, shape.ideal_floor_seconds,
+        r.model_seconds / shape.library_floor_seconds, shape.library_floor_seconds);
+  } else {
+    std::printf("floors: none for this shape (DESIGN section 9 has no MoE figures)");
+  }
   if (reference_seconds > 0) {
     std::printf("; %.1fx faster than the reference GPTQ at the given %.3g s a layer (%.0f s)",
                 reference_seconds / r.model_seconds, a.reference_seconds_per_layer,
@@ -425,6 +459,17 @@ absl::Status RunBench(BenchArgs& a) {
   std::printf("\n");
   std::printf("mean relative output error %.5f (RTN %.5f)\n", r.mean_rel_error,
               r.mean_rel_error_rtn);
+  if (moe) {
+    std::printf(
+        "fallback experts (fewer than moe.min_tokens = %d routed tokens): %d of %d in the %d "
+        "blocks run; routed tokens per expert %lld to %lld (an even share is %.0f). Zero is "
+        "expected here: the tokens are random and the router's rows are drawn i.i.d. like every "
+        "other weight, so routing is near-uniform and every expert gets far more than min_tokens; "
+        "real text is skewed and can leave experts below it\n",
+        r.moe_min_tokens, r.fallback_experts, c.num_experts * r.blocks_run, r.blocks_run,
+        static_cast<long long>(r.min_routed_tokens), static_cast<long long>(r.max_routed_tokens),
+        even_share);
+  }
   if (r.mean_rank > 0) {
     std::printf(
         "mean relative output error after reconstruction %.5f; mean rank %.1f, extra parameters "
@@ -440,15 +485,16 @@ absl::Status RunBench(BenchArgs& a) {
 RunFn AddBench(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();
   a->dev.compute_dtype = "bf16";
-  app.add_option("--shape", a->shape, "Model shape: 7b, 13b or 70b (default: 7b)")
-      ->check(CLI::IsMember({"7b", "13b", "70b"}));
+  app.add_option("--shape", a->shape,
+                 "Model shape: 7b, 13b, 70b, mixtral-8x7b or qwen3-30b-a3b (default: 7b)")
+      ->check(CLI::IsMember({"7b", "13b", "70b", "mixtral-8x7b", "qwen3-30b-a3b"}));
   app.add_option("--samples", a->samples, "Calibration samples (default: 128)")
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--seq-len", a->seq_len, "Calibration sample length in tokens (default: 2048)")
       ->check(CLI::Range(2, 1 << 20));
   app.add_option("--blocks", a->blocks,
                  "Blocks to quantize; fewer than the model has extrapolates the total "
-                 "(default: all for 7b and 13b, 3 for 70b)")
+                 "(default: all for 7b and 13b, 3 for 70b, mixtral-8x7b and qwen3-30b-a3b)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)");
   app.add_option("--recipe", a->recipe_path,
