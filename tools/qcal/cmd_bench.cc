@@ -463,9 +463,10 @@ absl::Status RunBench(BenchArgs& a) {
     std::printf(
         "fallback experts (fewer than moe.min_tokens = %d routed tokens): %d of %d in the %d "
         "blocks run; routed tokens per expert %lld to %lld (an even share is %.0f). Zero is "
-        "expected here: the tokens are random and the router's rows are drawn i.i.d. like every "
-        "other weight, so routing is near-uniform and every expert gets far more than min_tokens; "
-        "real text is skewed and can leave experts below it\n",
+        "expected with random tokens: the router's rows are drawn i.i.d. like every other "
+        "weight, so no expert is favoured and each gets a share of the even one's order, far "
+        "above min_tokens at 128 x 2048 tokens; real text routes unevenly and can leave experts "
+        "below it\n",
         r.moe_min_tokens, r.fallback_experts, c.num_experts * r.blocks_run, r.blocks_run,
         static_cast<long long>(r.min_routed_tokens), static_cast<long long>(r.max_routed_tokens),
         even_share);
