@@ -55,18 +55,11 @@ ModelConfig LlamaConfig(int hidden, int intermediate, int layers, int heads, int
 // num_local_experts 8, num_experts_per_tok 2, vocab_size 32000, max_position_embeddings 32768,
 // rms_norm_eps 1e-5, rope_theta 1e6, sliding_window null, tie_word_embeddings false, bos 1.
 ModelConfig MixtralConfig() {
-  ModelConfig c;
+  ModelConfig c = LlamaConfig(4096, 14336, 32, 32, 8);
   c.model_type = "mixtral";
-  c.hidden_size = 4096;
-  c.intermediate_size = 14336;
-  c.num_layers = 32;
-  c.num_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.vocab_size = 32000;
   c.max_position_embeddings = 32768;
-  c.rms_norm_eps = 1e-5;
   c.rope_theta = 1e6;
+  c.tie_word_embeddings = false;
   c.num_experts = 8;
   c.num_experts_per_tok = 2;
   c.moe_intermediate_size = c.intermediate_size;
@@ -83,26 +76,21 @@ ModelConfig MixtralConfig() {
 // max_position_embeddings 40960, rms_norm_eps 1e-6, rope_theta 1e6, tie_word_embeddings false,
 // bos 151643; no shared expert (Qwen3-MoE has none).
 ModelConfig Qwen3MoeConfig() {
-  ModelConfig c;
+  ModelConfig c = LlamaConfig(2048, 6144, 48, 32, 4);
   c.model_type = "qwen3_moe";
-  c.hidden_size = 2048;
-  c.intermediate_size = 6144;
-  c.num_layers = 48;
-  c.num_heads = 32;
-  c.num_kv_heads = 4;
-  c.head_dim = 128;
+  c.head_dim = 128;  // not hidden / heads
   c.qk_norm = true;
   c.vocab_size = 151936;
   c.max_position_embeddings = 40960;
   c.rms_norm_eps = 1e-6;
   c.rope_theta = 1e6;
+  c.tie_word_embeddings = false;
   c.bos_token_id = 151643;
   c.eos_token_id = 151645;
   c.num_experts = 128;
   c.num_experts_per_tok = 8;
   c.moe_intermediate_size = 768;
   c.norm_topk_prob = true;
-  c.decoder_sparse_step = 1;
   return c;
 }
 
