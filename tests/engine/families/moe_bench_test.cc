@@ -150,6 +150,27 @@ TEST_P(MoeBenchRunTest, OneBlockThroughTheMoeDriverCountsFallbacks) {
   EXPECT_EQ(all->fallback_experts, 8);
 }
 
+// A Qwen2-MoE-style shared expert (no bench shape has one, but DrawBlock draws it): it takes every
+// token, adds its linears to the block, and leaves the routed experts' counts as they were.
+TEST(MoeBenchSharedExpertTest, SharedExpertIsDrawnAndCalibratedOnEveryToken) {
+  kernels::BackendOptions bo;
+  bo.threads = 2;
+  auto be = kernels::CreateBackend(bo);
+  ASSERT_TRUE(be.ok()) << be.status();
+  BenchOptions o = Shrunken("qwen3-30b-a3b");
+  auto routed_only = RunBench(**be, o);
+  ASSERT_TRUE(routed_only.ok()) << routed_only.status();
+  o.config.shared_expert_intermediate_size = 48;
+  auto shared = RunBench(**be, o);
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_EQ(shared->routed_tokens, routed_only->routed_tokens);
+  EXPECT_EQ(shared->fallback_experts, routed_only->fallback_experts);
+  // 3 more linears of 48 x 64 or 64 x 48 in the block's parameter count.
+  EXPECT_EQ(shared->base_params - routed_only->base_params, 3.0 * 48 * 64);
+  EXPECT_GT(CountFlops(o.config, 16, 32).total(),
+            CountFlops(Shrunken("qwen3-30b-a3b").config, 16, 32).total());
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, MoeBenchRunTest,
                          ::testing::Values("mixtral-8x7b", "qwen3-30b-a3b"), [](const auto& info) {
                            return info.param == "mixtral-8x7b" ? std::string("Mixtral")
