@@ -36,13 +36,15 @@
 #      windows of 512 tokens (the synthetic eval.txt holds about 20), and `qcal bench --shape 13b` with the same recipe (the ratio of the job's
 #      quantize stages to the bench); the files are deleted after. stream70: the same with
 #      `--preset 70b --layers 12` against `qcal bench --shape 70b`'s time per block;
+#   8. (step moebench; not in the default set) `qcal bench --shape mixtral-8x7b` and
+#      `--shape qwen3-30b-a3b` (3 blocks each, extrapolated; fallback experts counted);
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
 # files) and prints the summary table last.
 #
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
 #   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval families quantize oac retrain
-#                              moe bench er abq sanitizer stream13 stream70"
+#                              moe bench er abq sanitizer stream13 stream70 moebench"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -500,6 +502,23 @@ PY
 
 wants stream13 && stream_job 13b "--preset 13b --threads 16" 13b
 wants stream70 && stream_job 70b12 "--preset 70b --layers 12 --threads 16" 70b
+
+if wants moebench; then
+  # The MoE shapes (issue 17): 3 blocks each through the MoE driver, extrapolated; the output ends
+  # with the fallback experts and the routed tokens per expert.
+  for shape in mixtral-8x7b qwen3-30b-a3b; do
+    time_for 120 || { note "bench $shape: skipped (session budget)"; continue; }
+    start=$SECONDS
+    limit=$((budget - SECONDS))
+    ((limit > 540)) && limit=540
+    timeout "$limit" "$qcal" bench --shape "$shape" --compute-dtype bf16 \
+      >"$out/bench_$shape.txt" 2>"$out/bench_$shape.log"
+    rc=$?
+    printf '%-34s %4d %d s\n' "bench $shape bf16" "$rc" $((SECONDS - start)) >>"$summary"
+    sed 's/^/    /' "$out/bench_$shape.txt" >>"$summary"
+    ((rc == 0)) || fail "bench $shape"
+  done
+fi
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if wants sanitizer && [[ -n $sanitizer ]]; then
