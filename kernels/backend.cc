@@ -36,6 +36,79 @@ absl::Status Backend::FillUniform(Tensor& t, uint64_t seed, float lo, float hi) 
   return absl::OkStatus();
 }
 
+absl::Status Backend::GemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                                  float alpha, float beta, Tensor& c, bool lower) {
+  QCAL_RETURN_IF_ERROR(CheckGemmBatched(a, trans_a, b, trans_b, beta, c));
+  const int64_t batch = c.dim(0);
+  // An F32 view of a BF16 operand (exact), on this backend.
+  auto widened = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
+    if (t.dtype() == DType::kF32) return t;
+    QCAL_ASSIGN_OR_RETURN(Tensor out, Alloc(DType::kF32, t.shape()));
+    QCAL_RETURN_IF_ERROR(Convert(t, out));
+    return out;
+  };
+  QCAL_ASSIGN_OR_RETURN(Tensor af, widened(a));
+  QCAL_ASSIGN_OR_RETURN(Tensor bf, widened(b));
+  Tensor cf = c;
+  if (c.dtype() == DType::kBF16) {
+    QCAL_ASSIGN_OR_RETURN(cf, Alloc(DType::kF32, c.shape()));
+  }
+  auto item = [](const Tensor& t, int64_t i) {
+    return t.Reshape({t.dim(0) * t.dim(1), t.dim(2)}).Rows(i * t.dim(1), (i + 1) * t.dim(1));
+  };
+  for (int64_t i = 0; i < batch; ++i) {
+    Tensor ci = item(cf, i);
+    QCAL_RETURN_IF_ERROR(
+        lower ? GemmLower(item(af, i), trans_a, item(bf, i), trans_b, alpha, beta, ci)
+              : Gemm(item(af, i), trans_a, item(bf, i), trans_b, alpha, beta, ci));
+  }
+  if (c.dtype() == DType::kBF16) return Convert(cf, c);
+  return absl::OkStatus();
+}
+
+absl::Status Backend::ScaleRowsByNormInto(const Tensor& g, const Tensor& x, Tensor& out) {
+  if (!out.defined() || out.shape() != x.shape() ||
+      (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ScaleRowsByNormInto: out ", out.defined() ? out.DebugString() : "undefined",
+                     " must be F32 or BF16 of x's shape ", x.DebugString()));
+  }
+  if (out.dtype() == DType::kF32) {
+    QCAL_RETURN_IF_ERROR(Copy(x, out));
+    return ScaleRowsByNorm(g, out);
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor scaled, Alloc(DType::kF32, x.shape()));
+  QCAL_RETURN_IF_ERROR(Copy(x, scaled));
+  QCAL_RETURN_IF_ERROR(ScaleRowsByNorm(g, scaled));
+  return Convert(scaled, out);
+}
+
+absl::Status Backend::CheckGemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                                       float beta, const Tensor& c) {
+  auto operand = [](const Tensor& t) {
+    return t.defined() && t.rank() == 3 && (t.dtype() == DType::kF32 || t.dtype() == DType::kBF16);
+  };
+  if (!operand(a) || !operand(b) || !operand(c) || a.dim(0) != c.dim(0) || b.dim(0) != c.dim(0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GemmBatched: a ", a.defined() ? a.DebugString() : "undefined", ", b ",
+                     b.defined() ? b.DebugString() : "undefined", " and c ",
+                     c.defined() ? c.DebugString() : "undefined",
+                     " must be F32 or BF16 [batch, rows, cols] with the same batch"));
+  }
+  const int64_t m = a.dim(trans_a ? 2 : 1), k = a.dim(trans_a ? 1 : 2);
+  const int64_t kb = b.dim(trans_b ? 2 : 1), n = b.dim(trans_b ? 1 : 2);
+  if (k != kb || c.dim(1) != m || c.dim(2) != n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GemmBatched: op(a) of ", a.DebugString(), (trans_a ? " transposed" : ""),
+                     " times op(b) of ", b.DebugString(), (trans_b ? " transposed" : ""),
+                     " does not fit c ", c.DebugString()));
+  }
+  if (c.dtype() == DType::kBF16 && beta != 0.0f) {
+    return absl::InvalidArgumentError("GemmBatched: a BF16 c takes beta == 0 only");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Backend::CheckAbqLinearOperands(const PreparedAbqLinear& w, const Tensor& x,
                                              const Tensor* bias, const Tensor& y) {
   auto f32 = [](const Tensor& t) { return t.defined() && t.dtype() == DType::kF32; };

@@ -103,6 +103,14 @@ struct AttentionShape {
   int sliding_window = 0;  // 0 = none
 };
 
+// What an attention forward keeps for its backward (Backend::AttentionForBackward), backend
+// specific: the CUDA backend's bf16 path keeps its packed bf16 q, k and v and each query's
+// log2-sum-exp; empty (the default) when the backward recomputes everything itself.
+struct AttentionSaved {
+  Tensor q, k, v;  // packed operands
+  Tensor lse;      // F32 [batch, num_heads, q_len]
+};
+
 // RoPE placement: row r of a [batch*seq_len, ...] tensor is at position offset + r % seq_len.
 struct RopeShape {
   // Positional construction as with an aggregate (the scaling last, defaulted).
@@ -152,6 +160,11 @@ class Backend {
 
   // A zero-filled tensor on this backend's device.
   virtual absl::StatusOr<Tensor> Alloc(DType dtype, const Shape& shape) = 0;
+  // A tensor whose contents are unspecified, for an output the caller's next op writes whole (a
+  // device backend skips Alloc's fill: memory traffic in hot loops). Default: Alloc.
+  virtual absl::StatusOr<Tensor> AllocUninitialized(DType dtype, const Shape& shape) {
+    return Alloc(dtype, shape);
+  }
   // Copies a host tensor to this device (the CPU backend returns a deep copy).
   virtual absl::StatusOr<Tensor> ToDevice(const Tensor& host) = 0;
   // Copies a device tensor to the host.
@@ -206,7 +219,8 @@ class Backend {
   // nll[r] = logsumexp(logits[r]) - logits[r, targets[r]] (log-softmax in double on CPU, fp32 out).
   // targets is a host I32 tensor.
   virtual absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) = 0;
-  // h[k,k] += xᵀ x for x [n,k], fp32 accumulation (operands rounded per compute_dtype).
+  // h[k,k] += xᵀ x for x [n,k], fp32 accumulation (F32 operands rounded per compute_dtype; a BF16
+  // x is taken as already rounded).
   virtual absl::Status AccumulateGram(const Tensor& x, Tensor& h) = 0;
 
   // ---- Backward ops: the gradient pass (DESIGN section 2, step 4; section 3, "Output-adaptive
@@ -231,8 +245,19 @@ class Backend {
                                  float alpha, float beta, Tensor& c) {
     return Gemm(a, trans_a, b, trans_b, alpha, beta, c);
   }
-  // c[i, j] = c[j, i] for j > i: a square F32 c made symmetric from its lower triangle.
+  // c[i, j] = c[j, i] for j > i: a square F32 c [n, n] made symmetric from its lower triangle, or
+  // each of the `batch` squares of c [batch, n, n].
   virtual absl::Status MirrorLower(Tensor& c) { return UnsupportedOp("MirrorLower"); }
+  // Gemm (or with `lower` GemmLower) on each of `batch` independent products: a, b and c are
+  // rank 3, [batch, rows, cols], and c[i] = alpha·op(a[i])·op(b[i]) + beta·c[i]. Operands may be
+  // F32 (rounded per compute_dtype, as Gemm rounds them) or BF16 (taken as already rounded, so a
+  // caller converts a shared operand once). c is F32, or BF16 with beta == 0: the fp32 result
+  // rounded to nearest even. The default runs the products one by one through Gemm/GemmLower,
+  // widening BF16 operands (exact) and converting a BF16 c; the CUDA backend issues batched
+  // products (a lower triangle in two batched panels), so that a chunk's per-sample 2048-wide
+  // products fill the device.
+  virtual absl::Status GemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                                   float alpha, float beta, Tensor& c, bool lower);
   // dx = ∂<dy, RmsNorm(x, weight, eps)>/∂x for x, dy [rows, width] (weight [width]; the weight's
   // own gradient is not formed). dx may alias dy.
   virtual absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps,
@@ -252,6 +277,25 @@ class Backend {
                                          const Tensor& dout, const AttentionShape& shape,
                                          Tensor& dq, Tensor& dk, Tensor& dv) {
     return UnsupportedOp("AttentionBackward");
+  }
+  // Attention (the same out, bit for bit) that also fills `saved` for AttentionBackwardSaved.
+  // Default: Attention, nothing saved.
+  virtual absl::Status AttentionForBackward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const AttentionShape& shape, Tensor& out,
+                                            AttentionSaved& saved) {
+    saved = AttentionSaved();
+    return Attention(q, k, v, shape, out);
+  }
+  // AttentionBackward given the forward's output `out` and what AttentionForBackward saved for the
+  // same q, k, v and shape: the CUDA bf16 path reuses the packed operands and the statistics (one
+  // sweep over the keys for dq instead of two; D = dout·out), within the bf16 path's bound of
+  // AttentionBackward. With nothing saved (and by default): AttentionBackward.
+  virtual absl::Status AttentionBackwardSaved(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const Tensor& out, const Tensor& dout,
+                                              const AttentionSaved& saved,
+                                              const AttentionShape& shape, Tensor& dq, Tensor& dk,
+                                              Tensor& dv) {
+    return AttentionBackward(q, k, v, dout, shape, dq, dk, dv);
   }
   // For out = silu(gate)·up: dgate = dout·up·silu'(gate), dup = dout·silu(gate).
   virtual absl::Status SiluMulBackward(const Tensor& gate, const Tensor& up, const Tensor& dout,
@@ -278,6 +322,11 @@ class Backend {
   virtual absl::Status ScaleRowsByNorm(const Tensor& g, Tensor& x) {
     return UnsupportedOp("ScaleRowsByNorm");
   }
+  // out = x with each row scaled by ‖g[r, :]‖₂ as ScaleRowsByNorm scales it (x not modified), out
+  // F32 of x's shape, or BF16: the scaled fp32 value rounded to nearest even, what a bf16 GEMM
+  // operand of ScaleRowsByNorm's result would be. The CUDA backend does it in one pass; the
+  // default copies, scales and converts.
+  virtual absl::Status ScaleRowsByNormInto(const Tensor& g, const Tensor& x, Tensor& out);
   // f += g ⊙ g, elementwise (the diagonal Fisher), for F32 tensors of the same element count.
   virtual absl::Status AccumulateSquares(const Tensor& g, Tensor& f) {
     return UnsupportedOp("AccumulateSquares");
@@ -448,6 +497,10 @@ class Backend {
   // [m, w.n()] of rank 2 and F32, bias [w.n()] F32 when given, m <= kAbqMaxTokens.
   static absl::Status CheckAbqLinearOperands(const PreparedAbqLinear& w, const Tensor& x,
                                              const Tensor* bias, const Tensor& y);
+  // GemmBatched's operand checks: rank-3 F32 or BF16 a, b and c of one batch whose shapes fit,
+  // and beta == 0 for a BF16 c.
+  static absl::Status CheckGemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                                       float beta, const Tensor& c);
 
  private:
   absl::Status Unsupported(const char* op) const {

@@ -452,15 +452,20 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status AccumulateGram(const Tensor& x, Tensor& h) override {
-    QCAL_RETURN_IF_ERROR(ExpectF32(x, "AccumulateGram", "x"));
+    const bool bf16_x = x.defined() && x.dtype() == DType::kBF16;
+    if (!bf16_x) QCAL_RETURN_IF_ERROR(ExpectF32(x, "AccumulateGram", "x"));
     QCAL_RETURN_IF_ERROR(ExpectF32(h, "AccumulateGram", "h"));
     QCAL_RETURN_IF_ERROR(ExpectRank(x, 2, "AccumulateGram", "x"));
     const int64_t n = x.dim(0), k = x.dim(1);
     QCAL_RETURN_IF_ERROR(ExpectShape(h, {k, k}, "AccumulateGram", "h"));
     if (n == 0) return absl::OkStatus();
-    const float* xp = x.data<float>();
     std::vector<float> xr;
-    if (dtype_ == ComputeDType::kBF16) {
+    if (bf16_x) {  // already rounded: widened exactly
+      xr.resize(n * k);
+      for (int64_t i = 0; i < n * k; ++i) xr[i] = Bf16ToFloat(x.data<uint16_t>()[i]);
+    }
+    const float* xp = bf16_x ? xr.data() : x.data<float>();
+    if (!bf16_x && dtype_ == ComputeDType::kBF16) {
       xr = RoundedCopy(xp, n * k);
       xp = xr.data();
     }
@@ -533,12 +538,18 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status MirrorLower(Tensor& c) override {
-    QCAL_RETURN_IF_ERROR(ExpectMatrix(c, "MirrorLower", "c"));
-    const int64_t n = c.dim(0);
-    QCAL_RETURN_IF_ERROR(ExpectShape(c, {n, n}, "MirrorLower", "c"));
-    float* cp = c.data<float>();
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = i + 1; j < n; ++j) cp[i * n + j] = cp[j * n + i];
+    QCAL_RETURN_IF_ERROR(ExpectF32(c, "MirrorLower", "c"));
+    const int64_t n = c.rank() >= 2 ? c.dim(-1) : -1;
+    const int64_t batch = c.rank() == 3 ? c.dim(0) : 1;
+    if ((c.rank() != 2 && c.rank() != 3) || c.dim(-2) != n) {
+      return absl::InvalidArgumentError(absl::StrCat("MirrorLower: c is ", c.DebugString(),
+                                                     ", expected [n, n] or [batch, n, n]"));
+    }
+    for (int64_t s = 0; s < batch; ++s) {
+      float* cp = c.data<float>() + s * n * n;
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = i + 1; j < n; ++j) cp[i * n + j] = cp[j * n + i];
+      }
     }
     return absl::OkStatus();
   }

@@ -270,6 +270,12 @@ __global__ void __launch_bounds__(kTcThreads)
     if (output_pass) {
       inv_l[0] = 1.0f / l[0];
       inv_l[1] = 1.0f / l[1];
+      if (a.lse != nullptr && t4 == 0) {
+        float* lse = a.lse + (int64_t(b) * a.num_heads + h) * a.q_len;
+        constexpr float kLog2e = 1.4426950408889634f;
+        if (row_lo < a.q_len) lse[row_lo] = l[0] > 0.0f ? (m[0] + logf(l[0])) * kLog2e : 0.0f;
+        if (row_hi < a.q_len) lse[row_hi] = l[1] > 0.0f ? (m[1] + logf(l[1])) * kLog2e : 0.0f;
+      }
     }
     if (tiles > 0) {
       load_tile(k_s, k, kv_begin);
@@ -316,16 +322,30 @@ __global__ void __launch_bounds__(kTcThreads)
           }
         }
         // Scale and mask: element e of tile n is row (e < 2 ? row_lo : row_hi), key
-        // k0 + 8n + 2 t4 + (e & 1).
+        // k0 + 8n + 2 t4 + (e & 1). Tiles wholly inside every mask of the warp's 16 rows (all
+        // rows in the sequence, every key before kv_end and seen by the warp's first row, none
+        // out of the window of its last) skip the per-element test: the same values.
+        const int w0 = q0 + warp * 16;
+        const bool full = w0 + 15 < a.q_len && k0 + kTcBk <= kv_end &&
+                          k0 + kTcBk - 1 <= a.q_offset + w0 &&
+                          (a.sliding_window <= 0 || k0 > a.q_offset + w0 + 15 - a.sliding_window);
+        if (full) {
 #pragma unroll
-        for (int n = 0; n < kTcBk / 8; ++n) {
+          for (int n = 0; n < kTcBk / 8; ++n) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = e < 2 ? row_lo : row_hi, key = k0 + 8 * n + 2 * t4 + (e & 1);
-            const bool visible =
-                row < a.q_len && key < kv_end && key <= a.q_offset + row &&
-                (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
-            s[n][e] = visible ? s[n][e] * scale : -INFINITY;
+            for (int e = 0; e < 4; ++e) s[n][e] *= scale;
+          }
+        } else {
+#pragma unroll
+          for (int n = 0; n < kTcBk / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = e < 2 ? row_lo : row_hi, key = k0 + 8 * n + 2 * t4 + (e & 1);
+              const bool visible =
+                  row < a.q_len && key < kv_end && key <= a.q_offset + row &&
+                  (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
+              s[n][e] = visible ? s[n][e] * scale : -INFINITY;
+            }
           }
         }
         if (!output_pass) {

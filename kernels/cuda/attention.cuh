@@ -67,6 +67,10 @@ struct AttentionBf16Args {
   int padded_dim = 0;
   int q_offset = 0;
   int sliding_window = 0;  // 0 = none
+  // Optional: each query's log2-sum-exp of its scaled scores, log2(e)·(m + ln Σ_j e^(s_j − m)),
+  // written [batch, num_heads, q_len] for the backward (AttentionBackwardBf16Args::stats_given);
+  // 0 for a query that sees no key. The output does not change.
+  float* lse = nullptr;
 };
 
 // Errors as LaunchAttention's, and for a padded_dim that does not match head_dim.

@@ -555,9 +555,17 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   for (int t = 0; t < kD / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
 
   // Pass 0: statistics (online softmax, D accumulated with the same rescaling as the row sum);
-  // pass 1: dq. Both recompute S and dP from the same operands in the same order.
-  for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 1) {
+  // pass 1: dq. Both recompute S and dP from the same operands in the same order. With the
+  // statistics given, pass 1 alone reads them.
+  for (int pass = a.stats_given ? 1 : 0; pass < 2; ++pass) {
+    if (pass == 1 && a.stats_given) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row_lo + 8 * half;
+        lse[half] = row < a.q_len ? lse_out[row] : 0.0f;
+        delta[half] = row < a.q_len ? delta_out[row] : 0.0f;
+      }
+    } else if (pass == 1) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = row_lo + 8 * half;
@@ -840,6 +848,43 @@ cudaError_t LaunchAttentionBackwardBf16(const AttentionBackwardBf16Args& args,
   if (args.batch == 0 || args.kv_len == 0) return cudaSuccess;
   if (args.padded_dim <= 64) return LaunchBf16<64>(args, stream);
   return LaunchBf16<128>(args, stream);
+}
+
+namespace {
+
+// One warp per (query, head): lanes stride over the head's features, then a fixed butterfly.
+__global__ void AttentionDeltaKernel(const float* dout, const float* out, int q_len, int num_heads,
+                                     int head_dim, int64_t pairs, float* delta) {
+  const int64_t pair = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (pair >= pairs) return;
+  const int64_t row = pair / num_heads;  // b·q_len + i
+  const int h = static_cast<int>(pair % num_heads);
+  const int64_t at = row * num_heads * head_dim + int64_t(h) * head_dim;
+  float sum = 0.0f;
+  for (int c = lane; c < head_dim; c += 32) {
+    sum += __bfloat162float(__float2bfloat16_rn(dout[at + c])) * out[at + c];
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) {
+    const int64_t b = row / q_len, i = row % q_len;
+    delta[(b * num_heads + h) * q_len + i] = sum;
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchAttentionDelta(const float* dout, const float* out, int batch, int q_len,
+                                 int num_heads, int head_dim, float* delta, cudaStream_t stream) {
+  const int64_t pairs = int64_t(batch) * q_len * num_heads;
+  if (pairs == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const int64_t blocks = (pairs * 32 + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  AttentionDeltaKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      dout, out, q_len, num_heads, head_dim, pairs, delta);
+  return cudaGetLastError();
 }
 
 }  // namespace qcal::kernels::cuda

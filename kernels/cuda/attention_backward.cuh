@@ -91,10 +91,21 @@ struct AttentionBackwardBf16Args {
   int padded_dim = 0;
   int q_offset = 0;
   int sliding_window = 0;  // 0 = none
+  // scratch already holds each query's log2-sum-exp (the forward's, AttentionBf16Args::lse) and
+  // D_i = dout_i·out_i (LaunchAttentionDelta): step 1 is skipped, the dq kernel sweeps the keys
+  // once. P·(dP − D) then uses the forward's statistics, D from the forward's output (whose P was
+  // rounded to bf16 before P·V): a difference of the order of that rounding.
+  bool stats_given = false;
 };
 
 // Errors as LaunchAttentionBackward's, and for a padded_dim that does not match head_dim or more
 // than 65535 tiles of 64 queries or keys (over 4 million tokens).
 cudaError_t LaunchAttentionBackwardBf16(const AttentionBackwardBf16Args& args, cudaStream_t stream);
+
+// delta[(b·num_heads + h)·q_len + i] = Σ_c bf16(dout[b·q_len + i, h·head_dim + c])·out[...], the
+// D of the backward from the forward's output (fp32 sums over one warp per query and head, in a
+// fixed order), for row-major dout and out [batch·q_len, num_heads·head_dim].
+cudaError_t LaunchAttentionDelta(const float* dout, const float* out, int batch, int q_len,
+                                 int num_heads, int head_dim, float* delta, cudaStream_t stream);
 
 }  // namespace qcal::kernels::cuda

@@ -40,6 +40,31 @@ absl::Status Gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, 
       absl::StrCat("cublasGemmEx ", m, "x", n, "x", k, " ", DTypeName(operands)));
 }
 
+absl::Status GemmStridedBatched(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m,
+                                int64_t n, int64_t k, float alpha, const void* a, int64_t lda,
+                                int64_t stride_a, const void* b, int64_t ldb, int64_t stride_b,
+                                DType operands, float beta, void* c, int64_t ldc, int64_t stride_c,
+                                DType c_type, int64_t batch) {
+  QCAL_RETURN_IF_ERROR(CheckDims("batched GEMM", {m, n, k, lda, ldb, ldc, batch}));
+  if ((operands != DType::kF32 && operands != DType::kBF16) ||
+      (c_type != DType::kF32 && !(c_type == DType::kBF16 && operands == DType::kBF16))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batched GEMM: unsupported types ", DTypeName(operands), " into ", DTypeName(c_type)));
+  }
+  const cudaDataType_t type = operands == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t ctype = c_type == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  // Row-major as column-major transposes, as in Gemm: B first.
+  return CublasStatus(
+      cublasGemmStridedBatchedEx(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                 trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
+                                 static_cast<int>(m), static_cast<int>(k), &alpha, b, type,
+                                 static_cast<int>(ldb), stride_b, a, type, static_cast<int>(lda),
+                                 stride_a, &beta, c, ctype, static_cast<int>(ldc), stride_c,
+                                 static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      absl::StrCat("cublasGemmStridedBatchedEx ", batch, " x ", m, "x", n, "x", k, " ",
+                   DTypeName(operands)));
+}
+
 absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
                       int64_t k, float alpha, const float* a, int64_t lda, const float* b,
                       int64_t ldb, float beta, float* c, int64_t ldc) {

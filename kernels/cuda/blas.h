@@ -23,6 +23,15 @@ absl::Status Gemm(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, 
                   int64_t k, float alpha, const void* a, int64_t lda, const void* b, int64_t ldb,
                   DType operands, float beta, float* c, int64_t ldc);
 
+// `batch` independent products of Gemm's shape: item i reads a + i·stride_a and b + i·stride_b
+// and writes c + i·stride_c (strides in elements). c is `c_type` (kF32, or kBF16 with the fp32
+// result rounded to nearest even; bf16 c needs bf16 operands).
+absl::Status GemmStridedBatched(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m,
+                                int64_t n, int64_t k, float alpha, const void* a, int64_t lda,
+                                int64_t stride_a, const void* b, int64_t ldb, int64_t stride_b,
+                                DType operands, float beta, void* c, int64_t ldc, int64_t stride_c,
+                                DType c_type, int64_t batch);
+
 // The same for fp32 operands on the TF32 tensor cores (operands rounded to TF32 by the hardware,
 // fp32 accumulation): for callers that split fp32 values into exact TF32 parts (3xTF32).
 absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,

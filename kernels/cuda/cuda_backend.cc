@@ -137,6 +137,10 @@ class CudaBackend final : public Backend {
     return t;
   }
 
+  absl::StatusOr<Tensor> AllocUninitialized(DType dtype, const Shape& shape) override {
+    return Uninitialized(dtype, shape);
+  }
+
   absl::StatusOr<Tensor> ToDevice(const Tensor& t) override {
     if (!t.defined()) return absl::InvalidArgumentError("ToDevice: tensor is undefined");
     QCAL_ASSIGN_OR_RETURN(Tensor out, Uninitialized(t.dtype(), t.shape()));
@@ -463,6 +467,36 @@ class CudaBackend final : public Backend {
 
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& s,
                          Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(CheckAttention(q, k, v, s, out));
+    if (dtype_ == ComputeDType::kBF16) return AttentionBf16(q, k, v, s, out, nullptr);
+    cuda::AttentionArgs args;
+    args.q = q.data<float>();
+    args.k = k.data<float>();
+    args.v = v.data<float>();
+    args.out = out.data<float>();
+    args.batch = s.batch;
+    args.q_len = s.q_len;
+    args.kv_len = s.kv_len;
+    args.num_heads = s.num_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.q_offset = s.q_offset;
+    args.sliding_window = s.sliding_window;
+    return CudaStatus(cuda::LaunchAttention(args, stream()), "Attention kernel");
+  }
+
+  absl::Status AttentionForBackward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const AttentionShape& s, Tensor& out,
+                                    AttentionSaved& saved) override {
+    saved = AttentionSaved();
+    if (dtype_ != ComputeDType::kBF16) return Attention(q, k, v, s, out);
+    QCAL_RETURN_IF_ERROR(CheckAttention(q, k, v, s, out));
+    return AttentionBf16(q, k, v, s, out, &saved);
+  }
+
+  // Attention's checks (then the device is current).
+  absl::Status CheckAttention(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const AttentionShape& s, const Tensor& out) {
     QCAL_RETURN_IF_ERROR(ExpectDevice(q, DType::kF32, "Attention", "q"));
     QCAL_RETURN_IF_ERROR(ExpectDevice(k, DType::kF32, "Attention", "k"));
     QCAL_RETURN_IF_ERROR(ExpectDevice(v, DType::kF32, "Attention", "v"));
@@ -487,22 +521,7 @@ class CudaBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectShape(k, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "k"));
     QCAL_RETURN_IF_ERROR(ExpectShape(v, {int64_t(s.batch) * s.kv_len, kvw}, "Attention", "v"));
     QCAL_RETURN_IF_ERROR(ExpectShape(out, q.shape(), "Attention", "out"));
-    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
-    if (dtype_ == ComputeDType::kBF16) return AttentionBf16(q, k, v, s, out);
-    cuda::AttentionArgs args;
-    args.q = q.data<float>();
-    args.k = k.data<float>();
-    args.v = v.data<float>();
-    args.out = out.data<float>();
-    args.batch = s.batch;
-    args.q_len = s.q_len;
-    args.kv_len = s.kv_len;
-    args.num_heads = s.num_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
-    args.q_offset = s.q_offset;
-    args.sliding_window = s.sliding_window;
-    return CudaStatus(cuda::LaunchAttention(args, stream()), "Attention kernel");
+    return cuda::UseDevice(device_);
   }
 
   absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -569,7 +588,8 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status AccumulateGram(const Tensor& x, Tensor& h) override {
-    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "AccumulateGram", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, x.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32,
+                                      "AccumulateGram", "x"));
     QCAL_RETURN_IF_ERROR(ExpectDevice(h, DType::kF32, "AccumulateGram", "h"));
     if (x.rank() != 2) {
       return absl::InvalidArgumentError(
@@ -594,7 +614,8 @@ class CudaBackend final : public Backend {
                                         xp, k, DType::kBF16, 1.0f, hp + r0 * k, k));
       }
     } else {
-      QCAL_RETURN_IF_ERROR(cuda::SyrkLowerF32(blas_.get(), x.data<float>(), n, k, hp));
+      QCAL_ASSIGN_OR_RETURN(Tensor xf, AsOperand(x, DType::kF32));
+      QCAL_RETURN_IF_ERROR(cuda::SyrkLowerF32(blas_.get(), xf.data<float>(), n, k, hp));
     }
     return CudaStatus(cuda::LaunchMirrorLowerToUpper(hp, k, stream()), "AccumulateGram: mirror");
   }
@@ -635,11 +656,65 @@ class CudaBackend final : public Backend {
 
   absl::Status MirrorLower(Tensor& c) override {
     QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "MirrorLower", "c"));
-    const int64_t n = c.rank() == 2 ? c.dim(0) : -1;
-    QCAL_RETURN_IF_ERROR(ExpectShape(c, {n, n}, "MirrorLower", "c"));
+    const int64_t n = c.rank() >= 2 ? c.dim(-1) : -1;
+    const int64_t batch = c.rank() == 3 ? c.dim(0) : 1;
+    if ((c.rank() != 2 && c.rank() != 3) || c.dim(-2) != n) {
+      return absl::InvalidArgumentError(absl::StrCat("MirrorLower: c is ", c.DebugString(),
+                                                     ", expected [n, n] or [batch, n, n]"));
+    }
     if (n <= 1) return absl::OkStatus();
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
-    return CudaStatus(cuda::LaunchMirrorLowerToUpper(c.data<float>(), n, stream()), "MirrorLower");
+    for (int64_t s = 0; s < batch; ++s) {
+      QCAL_RETURN_IF_ERROR(CudaStatus(
+          cuda::LaunchMirrorLowerToUpper(c.data<float>() + s * n * n, n, stream()), "MirrorLower"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status GemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                           float alpha, float beta, Tensor& c, bool lower) override {
+    QCAL_RETURN_IF_ERROR(CheckGemmBatched(a, trans_a, b, trans_b, beta, c));
+    for (const Tensor* t : {&a, &b, static_cast<const Tensor*>(&c)}) {
+      if (t->device() != Device::kCuda) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("GemmBatched: ", t->DebugString(), " is not on the CUDA device"));
+      }
+    }
+    const int64_t batch = c.dim(0), m = c.dim(1), n = c.dim(2), k = a.dim(trans_a ? 1 : 2);
+    if (batch == 0 || m == 0 || n == 0) return absl::OkStatus();
+    // An empty inner dimension scales c (Gemm's rule): the default's item-by-item path.
+    if (k == 0) return Backend::GemmBatched(a, trans_a, b, trans_b, alpha, beta, c, lower);
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    const DType operands = dtype_ == ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
+    QCAL_ASSIGN_OR_RETURN(Tensor ao, AsOperand(a, operands));
+    QCAL_ASSIGN_OR_RETURN(Tensor bo, AsOperand(b, operands));
+    // cuBLAS writes bf16 only from bf16 operands: fp32 operands go through an fp32 c.
+    Tensor out = c;
+    if (c.dtype() == DType::kBF16 && operands == DType::kF32) {
+      QCAL_ASSIGN_OR_RETURN(out, Uninitialized(DType::kF32, c.shape()));
+    }
+    const int64_t elem = operands == DType::kBF16 ? 2 : 4;
+    const int64_t c_elem = out.dtype() == DType::kBF16 ? 2 : 4;
+    const int64_t lda = a.dim(2), ldb = b.dim(2);
+    const int64_t stride_a = a.dim(1) * lda, stride_b = b.dim(1) * ldb, stride_c = m * n;
+    // One batched product, or for a lower triangle row panels [r0, r1) against the first r1
+    // columns: two panels (3/4 of the work) when the batch fills the device, else kGramPanels as
+    // GemmLower (a lone product's small panels run split over its long inner dimension).
+    int64_t panels = 1;
+    if (lower && m == n && m >= 256) panels = batch >= 4 ? 2 : kGramPanels;
+    if (panels > 1 && batch < 4 && m < kGramPanels * kGramMinPanelWidth) panels = 1;
+    const int64_t width = ((m + panels - 1) / panels + 63) / 64 * 64;
+    const char* ap = static_cast<const char*>(ao.raw());
+    char* cp = static_cast<char*>(out.raw());
+    for (int64_t r0 = 0; r0 < m; r0 += width) {
+      const int64_t r1 = std::min(m, r0 + width), cols = panels == 1 ? n : r1;
+      const void* a_rows = ap + (trans_a ? r0 : r0 * lda) * elem;
+      QCAL_RETURN_IF_ERROR(cuda::GemmStridedBatched(
+          blas_.get(), trans_a, trans_b, r1 - r0, cols, k, alpha, a_rows, lda, stride_a, bo.raw(),
+          ldb, stride_b, operands, beta, cp + r0 * n * c_elem, n, stride_c, out.dtype(), batch));
+    }
+    if (out.raw() != c.raw()) return Convert(out, c);
+    return absl::OkStatus();
   }
 
   absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy,
@@ -681,6 +756,84 @@ class CudaBackend final : public Backend {
   absl::Status AttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& dout, const AttentionShape& s, Tensor& dq,
                                  Tensor& dk, Tensor& dv) override {
+    QCAL_RETURN_IF_ERROR(CheckAttentionBackward(q, k, v, dout, s, dq, dk, dv));
+    if (int64_t(s.batch) * s.kv_len == 0) return absl::OkStatus();
+    QCAL_ASSIGN_OR_RETURN(Tensor scratch, AttentionBackwardScratch(s));
+    if (dtype_ == ComputeDType::kBF16) {
+      return AttentionBackwardBf16(q, k, v, dout, s, scratch, nullptr, dq, dk, dv);
+    }
+    cuda::AttentionBackwardArgs args;
+    args.q = q.data<float>();
+    args.k = k.data<float>();
+    args.v = v.data<float>();
+    args.dout = dout.data<float>();
+    args.dq = dq.data<float>();
+    args.dk = dk.data<float>();
+    args.dv = dv.data<float>();
+    args.scratch = scratch.data<float>();
+    args.batch = s.batch;
+    args.q_len = s.q_len;
+    args.kv_len = s.kv_len;
+    args.num_heads = s.num_heads;
+    args.num_kv_heads = s.num_kv_heads;
+    args.head_dim = s.head_dim;
+    args.q_offset = s.q_offset;
+    args.sliding_window = s.sliding_window;
+    return CudaStatus(cuda::LaunchAttentionBackward(args, stream()), "AttentionBackward kernels");
+  }
+
+  absl::Status AttentionBackwardSaved(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const Tensor& out, const Tensor& dout,
+                                      const AttentionSaved& saved, const AttentionShape& s,
+                                      Tensor& dq, Tensor& dk, Tensor& dv) override {
+    if (dtype_ != ComputeDType::kBF16 || !saved.lse.defined()) {
+      return AttentionBackward(q, k, v, dout, s, dq, dk, dv);
+    }
+    const char* op = "AttentionBackwardSaved";
+    QCAL_RETURN_IF_ERROR(CheckAttentionBackward(q, k, v, dout, s, dq, dk, dv));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kF32, op, "out"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(out, q.shape(), op, "out"));
+    const int dp = cuda::AttentionPaddedDim(s.head_dim);
+    const int64_t q_rows = int64_t(s.batch) * s.q_len, kv_rows = int64_t(s.batch) * s.kv_len;
+    QCAL_RETURN_IF_ERROR(ExpectDevice(saved.lse, DType::kF32, op, "saved lse"));
+    QCAL_RETURN_IF_ERROR(ExpectShape(
+        saved.lse, {int64_t(s.batch), int64_t(s.num_heads), int64_t(s.q_len)}, op, "saved lse"));
+    auto expect_packed = [&](const Tensor& t, Shape shape, const char* what) -> absl::Status {
+      QCAL_RETURN_IF_ERROR(ExpectDevice(t, DType::kBF16, op, what));
+      return ExpectShape(t, shape, op, what);
+    };
+    QCAL_RETURN_IF_ERROR(expect_packed(saved.q, {q_rows, int64_t(s.num_heads) * dp}, "saved q"));
+    QCAL_RETURN_IF_ERROR(
+        expect_packed(saved.k, {kv_rows, int64_t(s.num_kv_heads) * dp}, "saved k"));
+    QCAL_RETURN_IF_ERROR(
+        expect_packed(saved.v, {kv_rows, int64_t(s.num_kv_heads) * dp}, "saved v"));
+    if (kv_rows == 0) return absl::OkStatus();
+    QCAL_ASSIGN_OR_RETURN(Tensor scratch, AttentionBackwardScratch(s));
+    // The scratch's first half: the forward's statistics; its second: D = dout·out.
+    const int64_t stats = int64_t(s.batch) * s.num_heads * s.q_len;
+    if (stats > 0) {
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(scratch.data<float>(), saved.lse.data<float>(),
+                                     stats * sizeof(float), cudaMemcpyDeviceToDevice, stream()),
+                     "AttentionBackwardSaved: statistics"));
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cuda::LaunchAttentionDelta(dout.data<float>(), out.data<float>(), s.batch,
+                                                s.q_len, s.num_heads, s.head_dim,
+                                                scratch.data<float>() + stats, stream()),
+                     "AttentionBackwardSaved: D"));
+    }
+    return AttentionBackwardBf16(q, k, v, dout, s, scratch, &saved, dq, dk, dv);
+  }
+
+  absl::StatusOr<Tensor> AttentionBackwardScratch(const AttentionShape& s) {
+    return Uninitialized(DType::kF32, {std::max<int64_t>(1, cuda::AttentionBackwardScratchFloats(
+                                                                s.batch, s.num_heads, s.q_len))});
+  }
+
+  // AttentionBackward's checks (then the device is current).
+  absl::Status CheckAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const Tensor& dout, const AttentionShape& s, const Tensor& dq,
+                                      const Tensor& dk, const Tensor& dv) {
     const char* op = "AttentionBackward";
     QCAL_RETURN_IF_ERROR(ExpectDevice(q, DType::kF32, op, "q"));
     QCAL_RETURN_IF_ERROR(ExpectDevice(k, DType::kF32, op, "k"));
@@ -713,33 +866,7 @@ class CudaBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectShape(dq, q.shape(), op, "dq"));
     QCAL_RETURN_IF_ERROR(ExpectShape(dk, k.shape(), op, "dk"));
     QCAL_RETURN_IF_ERROR(ExpectShape(dv, v.shape(), op, "dv"));
-    if (kv_rows == 0) return absl::OkStatus();
-    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
-    QCAL_ASSIGN_OR_RETURN(
-        Tensor scratch,
-        Uninitialized(DType::kF32, {std::max<int64_t>(1, cuda::AttentionBackwardScratchFloats(
-                                                             s.batch, s.num_heads, s.q_len))}));
-    if (dtype_ == ComputeDType::kBF16) {
-      return AttentionBackwardBf16(q, k, v, dout, s, scratch, dq, dk, dv);
-    }
-    cuda::AttentionBackwardArgs args;
-    args.q = q.data<float>();
-    args.k = k.data<float>();
-    args.v = v.data<float>();
-    args.dout = dout.data<float>();
-    args.dq = dq.data<float>();
-    args.dk = dk.data<float>();
-    args.dv = dv.data<float>();
-    args.scratch = scratch.data<float>();
-    args.batch = s.batch;
-    args.q_len = s.q_len;
-    args.kv_len = s.kv_len;
-    args.num_heads = s.num_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
-    args.q_offset = s.q_offset;
-    args.sliding_window = s.sliding_window;
-    return CudaStatus(cuda::LaunchAttentionBackward(args, stream()), "AttentionBackward kernels");
+    return cuda::UseDevice(device_);
   }
 
   absl::Status SiluMulBackward(const Tensor& gate, const Tensor& up, const Tensor& dout,
@@ -853,6 +980,24 @@ class CudaBackend final : public Backend {
     return CudaStatus(cuda::LaunchScaleRowsByNorm(g.data<float>(), g.dim(0), g.dim(1),
                                                   x.data<float>(), x.dim(1), stream()),
                       "ScaleRowsByNorm kernel");
+  }
+
+  absl::Status ScaleRowsByNormInto(const Tensor& g, const Tensor& x, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(ExpectDevice(g, DType::kF32, "ScaleRowsByNormInto", "g"));
+    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ScaleRowsByNormInto", "x"));
+    if (g.rank() != 2 || x.rank() != 2 || g.dim(0) != x.dim(0) || !out.defined() ||
+        out.shape() != x.shape() || out.device() != Device::kCuda ||
+        (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ScaleRowsByNormInto: g ", g.DebugString(), ", x ", x.DebugString(),
+                       " and out ", out.defined() ? out.DebugString() : "undefined",
+                       ": matrices with the same rows, out F32 or BF16 of x's shape"));
+    }
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+    return CudaStatus(
+        cuda::LaunchScaleRowsByNormInto(g.data<float>(), g.dim(0), g.dim(1), x.data<float>(),
+                                        x.dim(1), out.raw(), out.dtype() == DType::kBF16, stream()),
+        "ScaleRowsByNormInto kernel");
   }
 
   absl::Status AccumulateSquares(const Tensor& g, Tensor& f) override {
@@ -1031,8 +1176,9 @@ class CudaBackend final : public Backend {
   cudaStream_t stream() const { return stream_.get(); }
 
   // The tensor-core path: q, k and v rounded to bf16 into padded scratch copies, then the kernel.
+  // With `saved`, the packed operands are kept there and each query's log2-sum-exp written.
   absl::Status AttentionBf16(const Tensor& q, const Tensor& k, const Tensor& v,
-                             const AttentionShape& s, Tensor& out) {
+                             const AttentionShape& s, Tensor& out, AttentionSaved* saved) {
     const int dp = cuda::AttentionPaddedDim(s.head_dim);
     const int64_t q_rows = int64_t(s.batch) * s.q_len, kv_rows = int64_t(s.batch) * s.kv_len;
     QCAL_ASSIGN_OR_RETURN(Tensor qb,
@@ -1069,33 +1215,53 @@ class CudaBackend final : public Backend {
     args.padded_dim = dp;
     args.q_offset = s.q_offset;
     args.sliding_window = s.sliding_window;
+    if (saved != nullptr) {
+      QCAL_ASSIGN_OR_RETURN(
+          saved->lse,
+          Uninitialized(DType::kF32, {int64_t(s.batch), int64_t(s.num_heads), int64_t(s.q_len)}));
+      args.lse = saved->lse.data<float>();
+      saved->q = qb;
+      saved->k = kb;
+      saved->v = vb;
+    }
     return CudaStatus(cuda::LaunchAttentionBf16(args, stream()), "Attention kernel (bf16)");
   }
 
   // AttentionBackward with bf16 compute: q, k, v and dout packed to bf16 as AttentionBf16 packs
   // them, then the tensor-core kernels (P and dS rounded to bf16 where they enter a product).
+  // With `saved` (AttentionBackwardSaved): its packed q, k and v, and the statistics already in
+  // `scratch`.
   absl::Status AttentionBackwardBf16(const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& dout, const AttentionShape& s, Tensor& scratch,
-                                     Tensor& dq, Tensor& dk, Tensor& dv) {
+                                     const AttentionSaved* saved, Tensor& dq, Tensor& dk,
+                                     Tensor& dv) {
     const int dp = cuda::AttentionPaddedDim(s.head_dim);
     const int64_t q_rows = int64_t(s.batch) * s.q_len, kv_rows = int64_t(s.batch) * s.kv_len;
     const Shape q_shape{q_rows, int64_t(s.num_heads) * dp};
     const Shape kv_shape{kv_rows, int64_t(s.num_kv_heads) * dp};
-    QCAL_ASSIGN_OR_RETURN(Tensor qb, Uninitialized(DType::kBF16, q_shape));
     QCAL_ASSIGN_OR_RETURN(Tensor dob, Uninitialized(DType::kBF16, q_shape));
-    QCAL_ASSIGN_OR_RETURN(Tensor kb, Uninitialized(DType::kBF16, kv_shape));
-    QCAL_ASSIGN_OR_RETURN(Tensor vb, Uninitialized(DType::kBF16, kv_shape));
+    Tensor qb, kb, vb;
+    if (saved != nullptr) {
+      qb = saved->q;
+      kb = saved->k;
+      vb = saved->v;
+    } else {
+      QCAL_ASSIGN_OR_RETURN(qb, Uninitialized(DType::kBF16, q_shape));
+      QCAL_ASSIGN_OR_RETURN(kb, Uninitialized(DType::kBF16, kv_shape));
+      QCAL_ASSIGN_OR_RETURN(vb, Uninitialized(DType::kBF16, kv_shape));
+    }
     const struct {
       const Tensor& from;
       Tensor& to;
       int64_t rows;
       int heads;
       const char* what;
-    } packs[] = {{q, qb, q_rows, s.num_heads, "AttentionBackward: packing q"},
-                 {dout, dob, q_rows, s.num_heads, "AttentionBackward: packing dout"},
+    } packs[] = {{dout, dob, q_rows, s.num_heads, "AttentionBackward: packing dout"},
+                 {q, qb, q_rows, s.num_heads, "AttentionBackward: packing q"},
                  {k, kb, kv_rows, s.num_kv_heads, "AttentionBackward: packing k"},
                  {v, vb, kv_rows, s.num_kv_heads, "AttentionBackward: packing v"}};
     for (const auto& p : packs) {
+      if (saved != nullptr && &p.from != &dout) continue;  // packed by the forward
       QCAL_RETURN_IF_ERROR(
           CudaStatus(cuda::LaunchPackBf16Heads(p.from.data<float>(), p.rows, p.heads, s.head_dim,
                                                static_cast<__nv_bfloat16*>(p.to.raw()), stream()),
@@ -1119,6 +1285,7 @@ class CudaBackend final : public Backend {
     args.padded_dim = dp;
     args.q_offset = s.q_offset;
     args.sliding_window = s.sliding_window;
+    args.stats_given = saved != nullptr;
     return CudaStatus(cuda::LaunchAttentionBackwardBf16(args, stream()),
                       "AttentionBackward kernels (bf16)");
   }

@@ -19,6 +19,11 @@ cudaError_t LaunchSiluMulBackward(const float* gate, const float* up, const floa
 // the squares are summed in fp32 (per thread, then a fixed butterfly), the root taken in fp32.
 cudaError_t LaunchScaleRowsByNorm(const float* g, int64_t rows, int64_t width_g, float* x,
                                   int64_t width_x, cudaStream_t stream);
+// out[r, :] = x[r, :]·‖g[r, :]‖₂ (the same norm and product), out fp32 or, with `bf16_out`, the
+// product rounded to bf16 (nearest even). x is not modified.
+cudaError_t LaunchScaleRowsByNormInto(const float* g, int64_t rows, int64_t width_g, const float* x,
+                                      int64_t width_x, void* out, bool bf16_out,
+                                      cudaStream_t stream);
 // f[i] += g[i]·g[i], the product rounded before the sum (no fused multiply-add, as on the host).
 cudaError_t LaunchAccumulateSquares(const float* g, float* f, int64_t n, cudaStream_t stream);
 // x[i] *= alpha.

@@ -135,6 +135,96 @@ TEST_P(CpuBackwardTest, GemmMatchesReference) {
   }
 }
 
+// GemmBatched: each item against the reference, with F32 or BF16 operands (BF16: the operands
+// already rounded, so the same reference under either compute dtype once rounded) and an F32 or
+// BF16 c (the F32 result rounded to nearest even: exactly the rounded reference item when the
+// items are computed as Gemm computes them). Lower: the lower triangles only.
+TEST_P(CpuBackwardTest, GemmBatchedMatchesReferencePerItem) {
+  struct Size {
+    int64_t batch, m, n, k;
+  };
+  for (const Size sz : {Size{3, 5, 7, 13}, Size{1, 1, 1, 1}, Size{4, 9, 9, 33}}) {
+    for (const bool trans_b : {false, true}) {
+      for (const DType operands : {DType::kF32, DType::kBF16}) {
+        for (const DType out : {DType::kF32, DType::kBF16}) {
+          const bool lower = sz.m == sz.n && trans_b;
+          SCOPED_TRACE(testing::Message() << sz.batch << "x" << sz.m << "x" << sz.n << "x" << sz.k
+                                          << (trans_b ? " bT" : "") << " " << DTypeName(operands)
+                                          << " into " << DTypeName(out) << (lower ? " lower" : ""));
+          Tensor a = rng_.Floats({sz.batch, sz.m, sz.k});
+          Tensor b =
+              rng_.Floats(trans_b ? Shape{sz.batch, sz.n, sz.k} : Shape{sz.batch, sz.k, sz.n});
+          // The rounded values both sides use when the operands are BF16.
+          const bool rounded = bf16() || operands == DType::kBF16;
+          auto as_operand = [&](const Tensor& t) {
+            if (operands == DType::kF32) return t;
+            Tensor o = Tensor::Zeros(DType::kBF16, t.shape());
+            EXPECT_TRUE(backend_->Convert(t, o).ok());
+            return o;
+          };
+          const float beta = out == DType::kF32 ? 0.5f : 0.0f;
+          Tensor c0 = rng_.Floats({sz.batch, sz.m, sz.n});
+          Tensor c = out == DType::kF32 ? c0.Clone() : Tensor::Zeros(DType::kBF16, c0.shape());
+          ASSERT_TRUE(backend_
+                          ->GemmBatched(as_operand(a), false, as_operand(b), trans_b, -0.75f, beta,
+                                        c, lower)
+                          .ok());
+          for (int64_t i = 0; i < sz.batch; ++i) {
+            std::vector<float> want(c0.data<float>() + i * sz.m * sz.n,
+                                    c0.data<float>() + (i + 1) * sz.m * sz.n);
+            ref::Gemm(a.data<float>() + i * sz.m * sz.k, false, b.data<float>() + i * sz.n * sz.k,
+                      trans_b, sz.m, sz.n, sz.k, -0.75f, beta, want.data(), rounded);
+            Tensor got = Tensor::Zeros(DType::kF32, {sz.m, sz.n});
+            const Tensor item = c.Reshape({sz.batch * sz.m, sz.n}).Rows(i * sz.m, (i + 1) * sz.m);
+            ASSERT_TRUE(
+                (out == DType::kF32 ? backend_->Copy(item, got) : backend_->Convert(item, got))
+                    .ok());
+            std::vector<float> got_v = Values(got);
+            if (out == DType::kBF16) {
+              for (float& v : want) v = RoundToBf16(v);
+            }
+            if (lower) {
+              for (int64_t r = 0; r < sz.m; ++r) {
+                for (int64_t col = r + 1; col < sz.n; ++col)
+                  got_v[r * sz.n + col] = want[r * sz.n + col];
+              }
+            }
+            Tensor g = Tensor::Zeros(DType::kF32, {sz.m, sz.n});
+            std::copy(got_v.begin(), got_v.end(), g.data<float>());
+            // A BF16 c may land one bf16 ulp away where the fp32 sum sits next to a rounding tie.
+            EXPECT_LE(RelError(g, want), out == DType::kBF16 ? 4e-3 : kGemmBound);
+          }
+        }
+      }
+    }
+  }
+  // Mismatched batches and a BF16 c with beta are refused, naming the op.
+  Tensor a = rng_.Floats({2, 3, 4}), b = rng_.Floats({3, 4, 5}), c = rng_.Floats({2, 3, 5});
+  EXPECT_THAT(backend_->GemmBatched(a, false, b, false, 1.0f, 0.0f, c, false).message(),
+              HasSubstr("GemmBatched"));
+  Tensor cb = Tensor::Zeros(DType::kBF16, {2, 3, 5});
+  b = rng_.Floats({2, 4, 5});
+  EXPECT_EQ(backend_->GemmBatched(a, false, b, false, 1.0f, 1.0f, cb, false).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// MirrorLower on a batch of squares mirrors each one.
+TEST_P(CpuBackwardTest, MirrorLowerMirrorsEverySquareOfABatch) {
+  Tensor c = rng_.Floats({3, 4, 4});
+  const std::vector<float> before = Values(c);
+  ASSERT_TRUE(backend_->MirrorLower(c).ok());
+  for (int s = 0; s < 3; ++s) {
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) {
+        const int lo = s * 16 + std::max(i, j) * 4 + std::min(i, j);
+        EXPECT_EQ(c.data<float>()[s * 16 + i * 4 + j], before[lo]);
+      }
+    }
+  }
+  Tensor bad = rng_.Floats({3, 4, 5});
+  EXPECT_EQ(backend_->MirrorLower(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_P(CpuBackwardTest, GemmEmptyInnerDimensionScalesC) {
   const Tensor a = Tensor::Zeros(DType::kF32, {3, 0}), b = Tensor::Zeros(DType::kF32, {0, 2});
   Tensor c = Filled({3, 2}, 4.0f);

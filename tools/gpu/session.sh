@@ -44,7 +44,7 @@
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
 #   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval families quantize oac retrain
-#                              moe bench er abq sanitizer stream13 stream70 moebench"
+#                              moe bench er abq sanitizer stream13 stream70 moebench ncu"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -552,10 +552,31 @@ if wants sanitizer && [[ -n $sanitizer ]]; then
     --gtest_color=no --gtest_filter='*AttentionBackwardIsBitIdentical*'
 fi
 
+if wants ncu; then
+  # Hardware counters of the bf16 attention kernels at the 7B chunk (cuda_backward_test's timing
+  # test runs one forward and one backward of 8 x 2048 tokens, 32 heads of 128): one launch of
+  # each, with ncu's speed-of-light, occupancy, launch, warp-state and scheduler sections
+  # (--clock-control none: the card's clocks as found). Reports go to ncu_<kernel>.txt.
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for kernel in ${QCAL_NCU_KERNELS:-AttentionBf16Kernel DqBf16Kernel DkDvBf16Kernel}; do
+    time_for 90 || { note "ncu $kernel: skipped (session budget)"; continue; }
+    [[ -n $ncu_bin ]] || { note "ncu: not found"; break; }
+    start=$SECONDS
+    timeout 240 "$ncu_bin" --clock-control none -k "regex:^${kernel}" -c 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      "$p/bin/cuda_backward_test" --gtest_color=no --gtest_filter='*SevenBAttentionBackwardTiming*' \
+      >"$out/ncu_$kernel.txt" 2>&1
+    rc=$?
+    printf '%-34s %4d %d s\n' "ncu $kernel" "$rc" $((SECONDS - start)) >>"$summary"
+    cp "$out/ncu_$kernel.txt" "$dest/" 2>/dev/null
+  done
+fi
+
 {
   echo "--- numbers"
   grep -hE '^(device kind|f32 |bf16 )' "$out/cuda_ops_test.log" 2>/dev/null
-  grep -hE 'attention backward 7B' "$out/cuda_backward_test.log" 2>/dev/null
+  grep -hE 'attention backward 7B|with saved statistics' "$out/cuda_backward_test.log" 2>/dev/null
   grep -hE 'perplexity [0-9.]+, [0-9]+ tokens' "$out/cuda_model_test.log" 2>/dev/null
   grep -hE '^\[  FAILED  \] .* \([0-9]+ ms\)$' "$out"/*.log 2>/dev/null
   grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$out"/memcheck_*.log "$out/racecheck.log" 2>/dev/null

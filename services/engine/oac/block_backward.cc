@@ -27,19 +27,32 @@ absl::Status CheckFullPrecision(const BlockWeights& w, int b) {
 // y [rows, d_out] = x · Wᵀ + bias: Model::Project for a full-precision linear, the same op on the
 // same operands, so the same bits.
 absl::StatusOr<Tensor> Project(kernels::Backend& be, const Linear& l, const Tensor& x) {
-  QCAL_ASSIGN_OR_RETURN(Tensor y, be.Alloc(DType::kF32, {x.dim(0), l.weight.dim(0)}));
+  QCAL_ASSIGN_OR_RETURN(Tensor y, be.AllocUninitialized(DType::kF32, {x.dim(0), l.weight.dim(0)}));
   QCAL_RETURN_IF_ERROR(be.Linear(x, l.weight, l.bias.defined() ? &l.bias : nullptr, y, false));
   return y;
 }
 
-// dx (+)= dy · W for y = x·Wᵀ + bias (dx [rows, d_in], dy [rows, d_out], W [d_out, d_in]).
+// dx (+)= dy · W for y = x·Wᵀ + bias (dx [rows, d_in], dy [rows, d_out] as an F32 tensor or its
+// BF16 operand copy, W [d_out, d_in]).
 absl::Status LinearInputGradient(kernels::Backend& be, const Linear& l, const Tensor& dy,
                                  bool accumulate, Tensor& dx) {
-  return be.Gemm(dy, false, l.weight, false, 1.0f, accumulate ? 1.0f : 0.0f, dx);
+  Tensor dx3 = dx.Reshape({1, dx.dim(0), dx.dim(1)});
+  return be.GemmBatched(dy.Reshape({1, dy.dim(0), dy.dim(1)}), false,
+                        l.weight.Reshape({1, l.weight.dim(0), l.weight.dim(1)}), false, 1.0f,
+                        accumulate ? 1.0f : 0.0f, dx3, /*lower=*/false);
 }
 
-absl::Status CallTap(const GradTap& tap, LinearKind kind, const Tensor& x, const Tensor& dy) {
-  return tap ? tap(kind, x, dy) : absl::OkStatus();
+// The GEMM operand copy of t (GradTap): BF16 under bf16 compute when a tap will read it, else t.
+absl::StatusOr<Tensor> OperandOf(kernels::Backend& be, const GradTap& tap, const Tensor& t) {
+  if (!tap || be.compute_dtype() != kernels::ComputeDType::kBF16) return t;
+  QCAL_ASSIGN_OR_RETURN(Tensor out, be.AllocUninitialized(DType::kBF16, t.shape()));
+  QCAL_RETURN_IF_ERROR(be.Convert(t, out));
+  return out;
+}
+
+absl::Status CallTap(const GradTap& tap, LinearKind kind, const Tensor& x, const Tensor& dy,
+                     const Tensor& x_op, const Tensor& dy_op) {
+  return tap ? tap(kind, x, dy, x_op, dy_op) : absl::OkStatus();
 }
 
 }  // namespace
@@ -76,7 +89,7 @@ absl::StatusOr<Tensor> BlockBackward(Model& model, int b, const Tensor& input,
 
   // ---- Recompute: Model::BlockForward's ops in its order (NormedInput, Attend, AddProjection,
   // NormedInput, MlpProduct, AddProjection), keeping what the backward needs.
-  QCAL_ASSIGN_OR_RETURN(Tensor x_qkv, be.Alloc(DType::kF32, input.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor x_qkv, be.AllocUninitialized(DType::kF32, input.shape()));
   QCAL_RETURN_IF_ERROR(be.RmsNorm(input, w.input_norm, eps, x_qkv));
   QCAL_ASSIGN_OR_RETURN(Tensor q, Project(be, w.at(LinearKind::kQ), x_qkv));
   QCAL_ASSIGN_OR_RETURN(Tensor k, Project(be, w.at(LinearKind::kK), x_qkv));
@@ -86,8 +99,8 @@ absl::StatusOr<Tensor> BlockBackward(Model& model, int b, const Tensor& input,
   if (w.q_norm.defined()) {
     q_raw = q;
     k_raw = k;
-    QCAL_ASSIGN_OR_RETURN(q, be.Alloc(DType::kF32, q_raw.shape()));
-    QCAL_ASSIGN_OR_RETURN(k, be.Alloc(DType::kF32, k_raw.shape()));
+    QCAL_ASSIGN_OR_RETURN(q, be.AllocUninitialized(DType::kF32, q_raw.shape()));
+    QCAL_ASSIGN_OR_RETURN(k, be.AllocUninitialized(DType::kF32, k_raw.shape()));
     Tensor qh = q.Reshape({q.numel() / hd, hd}), kh = k.Reshape({k.numel() / hd, hd});
     QCAL_RETURN_IF_ERROR(be.RmsNorm(q_raw.Reshape(qh.shape()), w.q_norm, eps, qh));
     QCAL_RETURN_IF_ERROR(be.RmsNorm(k_raw.Reshape(kh.shape()), w.k_norm, eps, kh));
@@ -98,52 +111,71 @@ absl::StatusOr<Tensor> BlockBackward(Model& model, int b, const Tensor& input,
   const kernels::AttentionShape as(shape.batch, shape.seq_len, shape.seq_len, c.num_heads,
                                    c.num_kv_heads, c.head_dim, 0,
                                    static_cast<int>(c.sliding_window));
-  QCAL_ASSIGN_OR_RETURN(Tensor attn, be.Alloc(DType::kF32, {rows, c.q_dim()}));
-  QCAL_RETURN_IF_ERROR(be.Attention(q, k, v, as, attn));
+  QCAL_ASSIGN_OR_RETURN(Tensor attn, be.AllocUninitialized(DType::kF32, {rows, c.q_dim()}));
+  // What the attention backward can reuse (the CUDA bf16 path: packed operands, statistics).
+  kernels::AttentionSaved saved;
+  QCAL_RETURN_IF_ERROR(be.AttentionForBackward(q, k, v, as, attn, saved));
   // mid = input + o_proj(attn): the residual after attention, as AddProjection accumulates it.
-  QCAL_ASSIGN_OR_RETURN(Tensor mid, be.Alloc(DType::kF32, input.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor mid, be.AllocUninitialized(DType::kF32, input.shape()));
   QCAL_RETURN_IF_ERROR(be.Copy(input, mid));
   {
     const Linear& o = w.at(LinearKind::kO);
     QCAL_RETURN_IF_ERROR(be.Linear(attn, o.weight, o.bias.defined() ? &o.bias : nullptr, mid,
                                    /*accumulate=*/true));
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor x_mlp, be.Alloc(DType::kF32, input.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor x_mlp, be.AllocUninitialized(DType::kF32, input.shape()));
   QCAL_RETURN_IF_ERROR(be.RmsNorm(mid, w.post_attention_norm, eps, x_mlp));
   QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(be, w.at(LinearKind::kGate), x_mlp));
   QCAL_ASSIGN_OR_RETURN(Tensor up, Project(be, w.at(LinearKind::kUp), x_mlp));
-  QCAL_ASSIGN_OR_RETURN(Tensor x_down, be.Alloc(DType::kF32, gate.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor x_down, be.AllocUninitialized(DType::kF32, gate.shape()));
   QCAL_RETURN_IF_ERROR(be.SiluMul(gate, up, x_down));
 
   // ---- Backward. The MLP residual: d_mid = d_output + ∂(down(silu·mul(gate, up)))/∂mid.
-  QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kDown, x_down, d_output));
-  QCAL_ASSIGN_OR_RETURN(Tensor d_x_down, be.Alloc(DType::kF32, x_down.shape()));
-  QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kDown), d_output, false, d_x_down));
-  x_down = Tensor();
-  QCAL_ASSIGN_OR_RETURN(Tensor d_gate, be.Alloc(DType::kF32, gate.shape()));
-  QCAL_ASSIGN_OR_RETURN(Tensor d_up, be.Alloc(DType::kF32, up.shape()));
-  QCAL_RETURN_IF_ERROR(be.SiluMulBackward(gate, up, d_x_down, d_gate, d_up));
-  gate = up = d_x_down = Tensor();
-  QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kUp, x_mlp, d_up));
-  QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kGate, x_mlp, d_gate));
-  QCAL_ASSIGN_OR_RETURN(Tensor d_mid, be.Alloc(DType::kF32, input.shape()));
-  QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kGate), d_gate, false, d_mid));
-  QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kUp), d_up, true, d_mid));
-  d_gate = d_up = x_mlp = Tensor();
+  Tensor d_gate, d_up;
+  {
+    QCAL_ASSIGN_OR_RETURN(Tensor x_op, OperandOf(be, tap, x_down));
+    QCAL_ASSIGN_OR_RETURN(Tensor dy_op, OperandOf(be, tap, d_output));
+    QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kDown, x_down, d_output, x_op, dy_op));
+    x_op = x_down = Tensor();
+    QCAL_ASSIGN_OR_RETURN(Tensor d_x_down, be.AllocUninitialized(DType::kF32, gate.shape()));
+    QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kDown), dy_op, false, d_x_down));
+    dy_op = Tensor();
+    QCAL_ASSIGN_OR_RETURN(d_gate, be.AllocUninitialized(DType::kF32, gate.shape()));
+    QCAL_ASSIGN_OR_RETURN(d_up, be.AllocUninitialized(DType::kF32, up.shape()));
+    QCAL_RETURN_IF_ERROR(be.SiluMulBackward(gate, up, d_x_down, d_gate, d_up));
+    gate = up = d_x_down = Tensor();
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor d_mid, be.AllocUninitialized(DType::kF32, input.shape()));
+  {
+    QCAL_ASSIGN_OR_RETURN(Tensor x_op, OperandOf(be, tap, x_mlp));
+    QCAL_ASSIGN_OR_RETURN(Tensor d_up_op, OperandOf(be, tap, d_up));
+    QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kUp, x_mlp, d_up, x_op, d_up_op));
+    d_up = Tensor();
+    QCAL_ASSIGN_OR_RETURN(Tensor d_gate_op, OperandOf(be, tap, d_gate));
+    QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kGate, x_mlp, d_gate, x_op, d_gate_op));
+    d_gate = x_op = x_mlp = Tensor();
+    QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kGate), d_gate_op, false, d_mid));
+    QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kUp), d_up_op, true, d_mid));
+  }
   QCAL_RETURN_IF_ERROR(be.RmsNormBackward(mid, w.post_attention_norm, eps, d_mid, d_mid));
   QCAL_RETURN_IF_ERROR(be.Add(d_output, d_mid));
   mid = Tensor();
 
   // The attention residual: d_input = d_mid + ∂(o(attention(q, k, v)))/∂input.
-  QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kO, attn, d_mid));
-  QCAL_ASSIGN_OR_RETURN(Tensor d_attn, be.Alloc(DType::kF32, attn.shape()));
-  QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kO), d_mid, false, d_attn));
-  attn = Tensor();
-  QCAL_ASSIGN_OR_RETURN(Tensor dq, be.Alloc(DType::kF32, q.shape()));
-  QCAL_ASSIGN_OR_RETURN(Tensor dk, be.Alloc(DType::kF32, k.shape()));
-  QCAL_ASSIGN_OR_RETURN(Tensor dv, be.Alloc(DType::kF32, v.shape()));
-  QCAL_RETURN_IF_ERROR(be.AttentionBackward(q, k, v, d_attn, as, dq, dk, dv));
-  q = k = v = d_attn = Tensor();
+  QCAL_ASSIGN_OR_RETURN(Tensor d_attn, be.AllocUninitialized(DType::kF32, attn.shape()));
+  {
+    QCAL_ASSIGN_OR_RETURN(Tensor x_op, OperandOf(be, tap, attn));
+    QCAL_ASSIGN_OR_RETURN(Tensor dy_op, OperandOf(be, tap, d_mid));
+    QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kO, attn, d_mid, x_op, dy_op));
+    x_op = Tensor();
+    QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kO), dy_op, false, d_attn));
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor dq, be.AllocUninitialized(DType::kF32, q.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor dk, be.AllocUninitialized(DType::kF32, k.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor dv, be.AllocUninitialized(DType::kF32, v.shape()));
+  QCAL_RETURN_IF_ERROR(be.AttentionBackwardSaved(q, k, v, attn, d_attn, saved, as, dq, dk, dv));
+  q = k = v = d_attn = attn = Tensor();
+  saved = kernels::AttentionSaved();
   QCAL_RETURN_IF_ERROR(be.RopeBackward(dq, rope));
   QCAL_RETURN_IF_ERROR(be.RopeBackward(dk, rope));
   if (w.q_norm.defined()) {
@@ -152,15 +184,22 @@ absl::StatusOr<Tensor> BlockBackward(Model& model, int b, const Tensor& input,
     QCAL_RETURN_IF_ERROR(be.RmsNormBackward(k_raw.Reshape(dkh.shape()), w.k_norm, eps, dkh, dkh));
     q_raw = k_raw = Tensor();
   }
-  QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kV, x_qkv, dv));
-  QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kK, x_qkv, dk));
-  QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kQ, x_qkv, dq));
-  x_qkv = Tensor();
-  QCAL_ASSIGN_OR_RETURN(Tensor d_input, be.Alloc(DType::kF32, input.shape()));
-  QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kQ), dq, false, d_input));
-  QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kK), dk, true, d_input));
-  QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kV), dv, true, d_input));
-  dq = dk = dv = Tensor();
+  QCAL_ASSIGN_OR_RETURN(Tensor d_input, be.AllocUninitialized(DType::kF32, input.shape()));
+  {
+    QCAL_ASSIGN_OR_RETURN(Tensor x_op, OperandOf(be, tap, x_qkv));
+    QCAL_ASSIGN_OR_RETURN(Tensor dv_op, OperandOf(be, tap, dv));
+    QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kV, x_qkv, dv, x_op, dv_op));
+    dv = Tensor();
+    QCAL_ASSIGN_OR_RETURN(Tensor dk_op, OperandOf(be, tap, dk));
+    QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kK, x_qkv, dk, x_op, dk_op));
+    dk = Tensor();
+    QCAL_ASSIGN_OR_RETURN(Tensor dq_op, OperandOf(be, tap, dq));
+    QCAL_RETURN_IF_ERROR(CallTap(tap, LinearKind::kQ, x_qkv, dq, x_op, dq_op));
+    dq = x_op = x_qkv = Tensor();
+    QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kQ), dq_op, false, d_input));
+    QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kK), dk_op, true, d_input));
+    QCAL_RETURN_IF_ERROR(LinearInputGradient(be, w.at(LinearKind::kV), dv_op, true, d_input));
+  }
   QCAL_RETURN_IF_ERROR(be.RmsNormBackward(input, w.input_norm, eps, d_input, d_input));
   QCAL_RETURN_IF_ERROR(be.Add(d_mid, d_input));
   return d_input;

@@ -23,8 +23,11 @@ namespace qcal::engine {
 
 // Sees each linear's input x [rows, d_in] and output gradient dy = ∂ℓ/∂y [rows, d_out] while both
 // are live, in backward order (down, up, gate, o, v, k, q). q, k and v (and gate, up) see the same
-// x but their own dy.
-using GradTap = std::function<absl::Status(LinearKind kind, const Tensor& x, const Tensor& dy)>;
+// x but their own dy. x_op and dy_op are the same values as GEMM operands: BF16 copies when the
+// backend computes in bf16 (each converted once: q, k and v share one x_op, and the block's own
+// input-gradient product reads dy_op), else x and dy themselves.
+using GradTap = std::function<absl::Status(LinearKind kind, const Tensor& x, const Tensor& dy,
+                                           const Tensor& x_op, const Tensor& dy_op)>;
 
 // ∂ℓ/∂input for block b (resident) given input [batch·seq_len, hidden] (the block's input, not
 // modified) and d_output = ∂ℓ/∂(block output) of the same shape. No KV cache (shape.offset 0).

@@ -67,8 +67,14 @@ int64_t WorkingBytes(const ModelConfig& c, const GradientChunks& chunks,
   const int64_t d = c.hidden_size, q = c.q_dim(), kv = c.kv_dim(), inter = c.intermediate_size;
   const int64_t l = chunks.seq_len, wide = std::max(d, inter);
   int64_t elements = max_rows * (6 * d + 4 * q + 4 * kv + 7 * inter);
-  // One sample's P, and the chunk's stacked Z or G (AccumulateOacHessian).
-  elements += l * l + max_rows * wide + (max_rows / l) * wide * std::max(d, q);
+  // The BF16 operand copies of the tapped x and dy live at once (BlockBackward: at most the q/k/v
+  // input and the three gradients), in floats.
+  elements += max_rows * (d + q + 2 * kv) / 2;
+  // The attention forward's packed q, k and v kept for its backward (Backend::AttentionSaved).
+  elements += max_rows * (q + 2 * kv) / 2;
+  // The chunk's P (every sample's, F32 and its operand copy), and the chunk's stacked Z or G
+  // (AccumulateOacHessian).
+  elements += 2 * (max_rows / l) * l * l + max_rows * wide + (max_rows / l) * wide * std::max(d, q);
   int64_t stats = 0;
   for (LinearKind k : kAllLinears) {
     const int64_t d_in = k == LinearKind::kO ? q : k == LinearKind::kDown ? inter : d;
@@ -442,14 +448,16 @@ absl::StatusOr<GradientPassStats> RunGradientPass(
   // chunk at once for H_tok (a sum over tokens, like the layer Gram).
   std::array<LinearOac, kNumLinears> partial;
   double tap_seconds = 0;
-  const GradTap tap = [&](LinearKind kind, const Tensor& x, const Tensor& dy) -> absl::Status {
+  const GradTap tap = [&](LinearKind kind, const Tensor& x, const Tensor& dy, const Tensor& x_op,
+                          const Tensor& dy_op) -> absl::Status {
     // Timed between synchronizations: the block's own queued work is not the statistics'.
     QCAL_RETURN_IF_ERROR(be.Synchronize());
     const auto t_tap = std::chrono::steady_clock::now();
     LinearOac& p = partial[static_cast<int>(kind)];
     const int64_t d_in = x.dim(1), d_out = dy.dim(1);
     QCAL_ASSIGN_OR_RETURN(p.hessian, be.Alloc(DType::kF32, {d_in, d_in}));
-    QCAL_RETURN_IF_ERROR(AccumulateOacHessian(be, options.kind, x, dy, seq_len, p.hessian));
+    QCAL_RETURN_IF_ERROR(
+        AccumulateOacHessian(be, options.kind, x, dy, seq_len, p.hessian, &x_op, &dy_op));
     if (options.fisher) {
       QCAL_ASSIGN_OR_RETURN(p.fisher, be.Alloc(DType::kF32, {d_out, d_in}));
       QCAL_RETURN_IF_ERROR(AccumulateFisher(be, x, dy, seq_len, p.fisher));

@@ -61,8 +61,14 @@ absl::Status DataLoss(const std::string& path, const std::string& what) {
 }  // namespace
 
 absl::Status AccumulateOacHessian(kernels::Backend& be, HessianKind kind, const Tensor& x,
-                                  const Tensor& dy, int64_t seq_len, Tensor& h) {
+                                  const Tensor& dy, int64_t seq_len, Tensor& h, const Tensor* x_op,
+                                  const Tensor* dy_op) {
   QCAL_RETURN_IF_ERROR(CheckSample("AccumulateOacHessian", x, dy, seq_len));
+  if ((x_op != nullptr && x_op->shape() != x.shape()) ||
+      (dy_op != nullptr && dy_op->shape() != dy.shape())) {
+    return absl::InvalidArgumentError(
+        "AccumulateOacHessian: the operand copies of x and dy must have their shapes");
+  }
   const int64_t rows = x.dim(0), d_in = x.dim(1), d_out = dy.dim(1);
   QCAL_RETURN_IF_ERROR(CheckSquare("AccumulateOacHessian", h, d_in));
   if (rows == 0) return absl::OkStatus();
@@ -71,33 +77,48 @@ absl::Status AccumulateOacHessian(kernels::Backend& be, HessianKind kind, const 
       return absl::InvalidArgumentError(
           "AccumulateOacHessian: hessian kind layer has no output-adaptive statistics");
     case HessianKind::kOutputAdaptiveToken: {
-      // Xᵀdiag(‖g_t‖²)X = X̃ᵀX̃ with x̃_t = ‖g_t‖·x_t; AccumulateGram writes both triangles
+      // Xᵀdiag(‖g_t‖²)X = X̃ᵀX̃ with x̃_t = ‖g_t‖·x_t, formed once in the GEMM operand dtype (the
+      // values AccumulateGram would round it to); AccumulateGram writes both triangles
       // (symmetric by construction), like the layer Hessian.
-      QCAL_ASSIGN_OR_RETURN(Tensor scaled, be.Alloc(DType::kF32, x.shape()));
-      QCAL_RETURN_IF_ERROR(be.Copy(x, scaled));
-      QCAL_RETURN_IF_ERROR(be.ScaleRowsByNorm(dy, scaled));
+      const DType operand =
+          be.compute_dtype() == kernels::ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
+      QCAL_ASSIGN_OR_RETURN(Tensor scaled, be.AllocUninitialized(operand, x.shape()));
+      QCAL_RETURN_IF_ERROR(be.ScaleRowsByNormInto(dy, x, scaled));
       return be.AccumulateGram(scaled, h);
     }
     case HessianKind::kOutputAdaptive:
       break;
   }
-  const int64_t l = seq_len;
+  const int64_t l = seq_len, samples = rows / l;
   if (ThroughTokenProduct(l, d_in, d_out)) {
-    // Z_n = P_n·X_n per sample, stacked like X, so that Σ_n X_nᵀZ_n is one product over the
-    // chunk's rows (XᵀZ with the samples' rows as its inner dimension).
-    QCAL_ASSIGN_OR_RETURN(Tensor p, be.Alloc(DType::kF32, {l, l}));
-    QCAL_ASSIGN_OR_RETURN(Tensor z, be.Alloc(DType::kF32, {rows, d_in}));
-    for (int64_t r = 0; r < rows; r += l) {
-      const Tensor dys = dy.Rows(r, r + l);
-      Tensor zs = z.Rows(r, r + l);
-      QCAL_RETURN_IF_ERROR(be.GemmLower(dys, false, dys, true, 1.0f, 0.0f, p));
-      QCAL_RETURN_IF_ERROR(be.MirrorLower(p));
-      QCAL_RETURN_IF_ERROR(be.Gemm(p, false, x.Rows(r, r + l), false, 1.0f, 0.0f, zs));
+    // P_n = Γ_nΓ_nᵀ for every sample (lower triangles, then mirrored), rounded once to the operand
+    // dtype; Z_n = P_n·X_n stacked like X, in the operand dtype (the next product rounds it there
+    // anyway); then Σ_n X_nᵀZ_n as one product over the chunk's rows.
+    const DType operand =
+        be.compute_dtype() == kernels::ComputeDType::kBF16 ? DType::kBF16 : DType::kF32;
+    const Tensor& xo = x_op != nullptr ? *x_op : x;
+    const Tensor& go = dy_op != nullptr ? *dy_op : dy;
+    const Tensor g3 = go.Reshape({samples, l, d_out});
+    QCAL_ASSIGN_OR_RETURN(Tensor p, be.AllocUninitialized(DType::kF32, {samples, l, l}));
+    QCAL_RETURN_IF_ERROR(be.GemmBatched(g3, false, g3, true, 1.0f, 0.0f, p, /*lower=*/true));
+    QCAL_RETURN_IF_ERROR(be.MirrorLower(p));
+    Tensor p_op = p;
+    if (operand != DType::kF32) {
+      QCAL_ASSIGN_OR_RETURN(p_op, be.AllocUninitialized(operand, p.shape()));
+      QCAL_RETURN_IF_ERROR(be.Convert(p, p_op));
     }
-    QCAL_RETURN_IF_ERROR(be.GemmLower(x, true, z, false, 1.0f, 1.0f, h));
+    p = Tensor();
+    QCAL_ASSIGN_OR_RETURN(Tensor z, be.AllocUninitialized(operand, {samples, l, d_in}));
+    QCAL_RETURN_IF_ERROR(be.GemmBatched(p_op, false, xo.Reshape({samples, l, d_in}), false, 1.0f,
+                                        0.0f, z, /*lower=*/false));
+    p_op = Tensor();
+    Tensor h3 = h.Reshape({1, d_in, d_in});
+    QCAL_RETURN_IF_ERROR(be.GemmBatched(xo.Reshape({1, rows, d_in}), true,
+                                        z.Reshape({1, rows, d_in}), false, 1.0f, 1.0f, h3,
+                                        /*lower=*/true));
   } else {
     // G_n = Γ_nᵀX_n per sample, stacked [samples · d_out, d_in]: Σ_n G_nᵀG_n is one Gram.
-    QCAL_ASSIGN_OR_RETURN(Tensor g, be.Alloc(DType::kF32, {rows / l * d_out, d_in}));
+    QCAL_ASSIGN_OR_RETURN(Tensor g, be.AllocUninitialized(DType::kF32, {rows / l * d_out, d_in}));
     for (int64_t r = 0; r < rows; r += l) {
       Tensor gs = g.Rows(r / l * d_out, (r / l + 1) * d_out);
       QCAL_RETURN_IF_ERROR(

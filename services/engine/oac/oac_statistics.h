@@ -41,10 +41,15 @@ using BlockOac = std::array<LinearOac, kNumLinears>;  // LinearKind order
 // seq_len, sample-major: one chunk's rows), on the backend holding them: h += Σ_n X_nᵀ(Γ_nΓ_nᵀ)X_n
 // over the samples (kOutputAdaptive) or h += Xᵀdiag(‖g_t‖²)X over all rows (kOutputAdaptiveToken).
 // h is F32 [d_in, d_in], symmetric on entry and on return (the sample-wise products accumulate
-// the lower triangle, Backend::GemmLower, and one MirrorLower completes it). InvalidArgument for
-// kLayer, bad shapes, or rows not a multiple of seq_len.
+// the lower triangle, Backend::GemmLower, and one MirrorLower completes it). x_op and dy_op, when
+// given, are x and dy already in the GEMM operand dtype (BF16 copies under bf16 compute, made once
+// by the caller and shared: q, k and v read one x); the sample-wise products read them instead of
+// rounding x and dy again. The chunk's samples go through batched products (Backend::GemmBatched):
+// P_n = Γ_nΓ_nᵀ for every sample at once, then Z_n = P_nX_n, then one XᵀZ over the chunk's rows.
+// InvalidArgument for kLayer, bad shapes, or rows not a multiple of seq_len.
 absl::Status AccumulateOacHessian(kernels::Backend& be, HessianKind kind, const Tensor& x,
-                                  const Tensor& dy, int64_t seq_len, Tensor& h);
+                                  const Tensor& dy, int64_t seq_len, Tensor& h,
+                                  const Tensor* x_op = nullptr, const Tensor* dy_op = nullptr);
 // f += Σ_n (Γ_nᵀX_n) ⊙ (Γ_nᵀX_n) over the samples of x and dy (as above); f is F32 [d_out, d_in].
 absl::Status AccumulateFisher(kernels::Backend& be, const Tensor& x, const Tensor& dy,
                               int64_t seq_len, Tensor& f);

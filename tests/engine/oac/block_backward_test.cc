@@ -69,13 +69,14 @@ TEST_P(BlockBackwardTest, RecomputedInputsAreTheForwardsBitForBit) {
                   .ok());
   const Tensor before = x_.Clone();
   std::vector<LinearKind> order;
-  auto d = BlockBackward(*model_, 1, x_, kShape, r_,
-                         [&](LinearKind kind, const Tensor& x, const Tensor& dy) {
-                           order.push_back(kind);
-                           EXPECT_EQ(Values(x), forward[InputOf(kind)]) << LinearName(kind);
-                           EXPECT_EQ(dy.dim(0), x.dim(0));
-                           return absl::OkStatus();
-                         });
+  auto d = BlockBackward(
+      *model_, 1, x_, kShape, r_,
+      [&](LinearKind kind, const Tensor& x, const Tensor& dy, const Tensor&, const Tensor&) {
+        order.push_back(kind);
+        EXPECT_EQ(Values(x), forward[InputOf(kind)]) << LinearName(kind);
+        EXPECT_EQ(dy.dim(0), x.dim(0));
+        return absl::OkStatus();
+      });
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_EQ(order, (std::vector<LinearKind>{LinearKind::kDown, LinearKind::kUp, LinearKind::kGate,
                                             LinearKind::kO, LinearKind::kV, LinearKind::kK,
@@ -111,7 +112,8 @@ TEST_P(BlockBackwardTest, TapGivesEachWeightGradient) {
   // direction of W.
   std::map<LinearKind, Tensor> grad;
   auto d = BlockBackward(
-      *model_, 0, x_, kShape, r_, [&](LinearKind kind, const Tensor& x, const Tensor& dy) {
+      *model_, 0, x_, kShape, r_,
+      [&](LinearKind kind, const Tensor& x, const Tensor& dy, const Tensor&, const Tensor&) {
         Tensor g = Tensor::Zeros(DType::kF32, {dy.dim(1), x.dim(1)});
         for (int64_t o = 0; o < dy.dim(1); ++o) {
           for (int64_t i = 0; i < x.dim(1); ++i) {

@@ -234,7 +234,8 @@ TEST_P(OacOracleTest, EngineBlockBackwardMatchesReference) {
       ref.BlockBackward(0, ToDouble(x), ToDouble(dout), batch, seq, &want);
   std::array<RefLinearGrad, engine::kNumLinears> got;
   std::vector<LinearKind> order;
-  auto tap = [&](LinearKind k, const Tensor& xin, const Tensor& dy) -> absl::Status {
+  auto tap = [&](LinearKind k, const Tensor& xin, const Tensor& dy, const Tensor&,
+                 const Tensor&) -> absl::Status {
     order.push_back(k);
     got[static_cast<int>(k)] = {ToDouble(xin), ToDouble(dy)};
     return absl::OkStatus();

@@ -16,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/ref_grad.h"
@@ -68,16 +69,29 @@ class CudaBackwardTest : public kernel_tests::CudaKernelTest {
   struct AttentionGrads {
     std::vector<float> dq, dk, dv;
   };
+  // With `saved`: AttentionForBackward (its output checked bit for bit against Attention's), then
+  // AttentionBackwardSaved.
   AttentionGrads RunAttentionBackward(Backend& be, const std::vector<float>& q,
                                       const std::vector<float>& k, const std::vector<float>& v,
-                                      const std::vector<float>& dout, const AttentionShape& s) {
+                                      const std::vector<float>& dout, const AttentionShape& s,
+                                      bool saved = false) {
     const int64_t qw = int64_t(s.num_heads) * s.head_dim,
                   kvw = int64_t(s.num_kv_heads) * s.head_dim;
     const Shape q_shape{int64_t(s.batch) * s.q_len, qw}, kv_shape{int64_t(s.batch) * s.kv_len, kvw};
     Tensor qd = Upload(be, q, q_shape), kd = Upload(be, k, kv_shape), vd = Upload(be, v, kv_shape);
     Tensor dod = Upload(be, dout, q_shape);
     Tensor dq = Poisoned(be, q_shape), dk = Poisoned(be, kv_shape), dv = Poisoned(be, kv_shape);
-    const absl::Status st = be.AttentionBackward(qd, kd, vd, dod, s, dq, dk, dv);
+    absl::Status st;
+    if (saved) {
+      AttentionSaved keep;
+      Tensor out = Poisoned(be, q_shape), plain = Poisoned(be, q_shape);
+      EXPECT_TRUE(be.AttentionForBackward(qd, kd, vd, s, out, keep).ok());
+      EXPECT_TRUE(be.Attention(qd, kd, vd, s, plain).ok());
+      EXPECT_TRUE(SameBytes(Download(be, out), Download(be, plain)));
+      st = be.AttentionBackwardSaved(qd, kd, vd, out, dod, keep, s, dq, dk, dv);
+    } else {
+      st = be.AttentionBackward(qd, kd, vd, dod, s, dq, dk, dv);
+    }
     EXPECT_TRUE(st.ok()) << st;
     if (!st.ok()) return {};
     return {Download(be, dq), Download(be, dk), Download(be, dv)};
@@ -164,6 +178,85 @@ TEST_F(CudaBackwardTest, GemmLowerAndMirrorLowerMatchReference) {
         EXPECT_LE(RelError(got, ref), bf16 ? kGemmBf16Bound : kGemmF32Bound);
         for (int64_t i = 0; i < c.m; ++i) {
           for (int64_t j = 0; j < i; ++j) ASSERT_EQ(got[i * c.m + j], got[j * c.m + i]);
+        }
+      }
+    }
+  }
+}
+
+// GemmBatched (cuBLAS strided batched products; a lower triangle as two batched panels when the
+// batch has 4 items or more, else GemmLower's panels): every item against the reference, with F32
+// or BF16 operands and an F32 or BF16 c (cuBLAS rounds the fp32 result: within one bf16 rounding
+// of the reference), including the gradient pass's shapes (samples of 2048: P = ΓΓᵀ and
+// Z = P·X) and a lone 2100-wide lower product. Poisoned outputs; two runs give the same bytes.
+TEST_F(CudaBackwardTest, GemmBatchedMatchesReference) {
+  struct Case {
+    int64_t batch, m, n, k;
+    bool trans_a, trans_b, lower;
+  };
+  const Case cases[] = {
+      {3, 5, 7, 13, false, false, false},     {1, 1, 1, 1, false, true, true},
+      {4, 2048, 2048, 9, false, true, true},  {2, 2048, 33, 2048, false, false, false},
+      {1, 2100, 2100, 19, true, false, true}, {5, 300, 300, 40, false, true, true}};
+  uint64_t seed = 900;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    for (const Case& c : cases) {
+      for (const DType operands : {DType::kF32, DType::kBF16}) {
+        for (const DType out : {DType::kF32, DType::kBF16}) {
+          SCOPED_TRACE(testing::Message()
+                       << Name(dtype) << " " << c.batch << "x" << c.m << "x" << c.n << "x" << c.k
+                       << " " << DTypeName(operands) << " into " << DTypeName(out)
+                       << (c.lower ? " lower" : ""));
+          const bool rounded = dtype == ComputeDType::kBF16 || operands == DType::kBF16;
+          const Shape a_shape = c.trans_a ? Shape{c.batch, c.k, c.m} : Shape{c.batch, c.m, c.k};
+          const Shape b_shape = c.trans_b ? Shape{c.batch, c.n, c.k} : Shape{c.batch, c.k, c.n};
+          const auto a = Random(NumElements(a_shape), seed++);
+          const auto b = Random(NumElements(b_shape), seed++);
+          const auto c0 = Random(c.batch * c.m * c.n, seed++);
+          auto operand = [&](const std::vector<float>& v, const Shape& shape) {
+            Tensor t = Upload(be, v, shape);
+            if (operands == DType::kF32) return t;
+            auto o = be.Alloc(DType::kBF16, shape);
+            EXPECT_TRUE(o.ok() && be.Convert(t, *o).ok());
+            return *o;
+          };
+          const float beta = out == DType::kF32 ? 0.5f : 0.0f;
+          Tensor ad = operand(a, a_shape), bd = operand(b, b_shape);
+          auto run = [&]() -> std::vector<float> {
+            Tensor cd = Upload(be, c0, {c.batch, c.m, c.n});
+            Tensor target = cd;
+            if (out == DType::kBF16) {
+              // Poison: NaN rounds to a bf16 NaN, so an unwritten element fails.
+              Tensor poison = Poisoned(be, {c.batch, c.m, c.n});
+              target = *be.Alloc(DType::kBF16, poison.shape());
+              EXPECT_TRUE(be.Convert(poison, target).ok());
+            }
+            const absl::Status st =
+                be.GemmBatched(ad, c.trans_a, bd, c.trans_b, 0.75f, beta, target, c.lower);
+            EXPECT_TRUE(st.ok()) << st;
+            if (out == DType::kBF16) {
+              EXPECT_TRUE(be.Convert(target, cd).ok());
+            }
+            return Download(be, cd);
+          };
+          const std::vector<float> got = run();
+          std::vector<float> got_part, ref_part;
+          for (int64_t i = 0; i < c.batch; ++i) {
+            std::vector<float> ref(c0.begin() + i * c.m * c.n, c0.begin() + (i + 1) * c.m * c.n);
+            ref::Gemm(a.data() + i * c.m * c.k, c.trans_a, b.data() + i * c.k * c.n, c.trans_b, c.m,
+                      c.n, c.k, 0.75f, beta, ref.data(), rounded);
+            for (int64_t r = 0; r < c.m; ++r) {
+              for (int64_t col = 0; col < (c.lower ? r + 1 : c.n); ++col) {
+                got_part.push_back(got[(i * c.m + r) * c.n + col]);
+                ref_part.push_back(ref[r * c.n + col]);
+              }
+            }
+          }
+          EXPECT_LE(RelError(got_part, ref_part), out == DType::kBF16 ? 4e-3
+                                                  : rounded           ? kGemmBf16Bound
+                                                                      : kGemmF32Bound);
+          EXPECT_TRUE(SameBytes(got, run()));
         }
       }
     }
@@ -286,6 +379,15 @@ TEST_F(CudaBackwardTest, AttentionBackwardMatchesReference) {
       EXPECT_LE(eq, bound);
       EXPECT_LE(ek, bound);
       EXPECT_LE(ev, bound);
+      // From the forward's saved operands and statistics (D from its output): the same bound.
+      const AttentionGrads saved = RunAttentionBackward(be, q, k, v, dout, s, /*saved=*/true);
+      const double sq = RelError(saved.dq, dq), sk = RelError(saved.dk, dk),
+                   sv = RelError(saved.dv, dv);
+      std::printf("%-4s   from the saved forward: dq %.2e dk %.2e dv %.2e\n", Name(dtype), sq, sk,
+                  sv);
+      EXPECT_LE(sq, bound);
+      EXPECT_LE(sk, bound);
+      EXPECT_LE(sv, bound);
     }
   }
 }
@@ -432,6 +534,34 @@ TEST_F(CudaBackwardTest, ScaleRowsByNormMatchesReference) {
   for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(got[i], 2.0f * x[i]) << i;
 }
 
+// ScaleRowsByNormInto: the same bits as ScaleRowsByNorm in place (F32 out), and those bits rounded
+// to bf16 (BF16 out: what a bf16 GEMM operand of them is); x is left as it was.
+TEST_F(CudaBackwardTest, ScaleRowsByNormIntoEqualsInPlaceScaling) {
+  Backend& be = *f32_;
+  uint64_t seed = 820;
+  for (const int64_t width_x : {int64_t{1}, int64_t{300}, int64_t{4096}}) {
+    SCOPED_TRACE(testing::Message() << "width_x=" << width_x);
+    const int64_t rows = 33, width_g = 11008;
+    const auto g = Random(rows * width_g, seed++), x = Random(rows * width_x, seed++);
+    Tensor gd = Upload(be, g, {rows, width_g}), xd = Upload(be, x, {rows, width_x});
+    Tensor in_place = Upload(be, x, {rows, width_x});
+    ASSERT_TRUE(be.ScaleRowsByNorm(gd, in_place).ok());
+    const std::vector<float> want = Download(be, in_place);
+    Tensor out = Poisoned(be, {rows, width_x});
+    ASSERT_TRUE(be.ScaleRowsByNormInto(gd, xd, out).ok());
+    EXPECT_TRUE(SameBytes(Download(be, out), want));
+    EXPECT_TRUE(SameBytes(Download(be, xd), x));
+    auto bf = be.Alloc(DType::kBF16, {rows, width_x});
+    ASSERT_TRUE(bf.ok());
+    ASSERT_TRUE(be.ScaleRowsByNormInto(gd, xd, *bf).ok());
+    Tensor widened = Poisoned(be, {rows, width_x});
+    ASSERT_TRUE(be.Convert(*bf, widened).ok());
+    std::vector<float> rounded = want;
+    for (float& v : rounded) v = RoundToBf16(v);
+    EXPECT_TRUE(SameBytes(Download(be, widened), rounded));
+  }
+}
+
 TEST_F(CudaBackwardTest, AccumulateSquaresMatchesReferenceExactly) {
   Backend& be = *f32_;
   uint64_t seed = 900;
@@ -505,6 +635,17 @@ TEST_F(CudaBackwardTest, SevenBAttentionBackwardTiming) {
         MedianSeconds(be, 3, [&] { ASSERT_TRUE(be.Attention(q, k, v, s, out).ok()); });
     const double t_backward = MedianSeconds(
         be, 3, [&] { ASSERT_TRUE(be.AttentionBackward(q, k, v, dout, s, dq, dk, dv).ok()); });
+    // The gradient pass's pair: the forward keeping its operands and statistics, the backward
+    // reusing them.
+    AttentionSaved saved;
+    const double t_forward_saved = MedianSeconds(
+        be, 3, [&] { ASSERT_TRUE(be.AttentionForBackward(q, k, v, s, out, saved).ok()); });
+    const double t_backward_saved = MedianSeconds(be, 3, [&] {
+      ASSERT_TRUE(be.AttentionBackwardSaved(q, k, v, out, dout, saved, s, dq, dk, dv).ok());
+    });
+    std::printf(
+        "%-4s attention 7B chunk with saved statistics: forward %.1f ms, backward %.1f ms\n",
+        Name(dtype), t_forward_saved * 1e3, t_backward_saved * 1e3);
     std::printf(
         "%-4s attention backward 7B chunk (8x2048, 32x128): %.1f ms (forward %.1f ms, %.2fx; "
         "%.1f forward-TFLOP/s)\n",
