@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -1195,20 +1196,23 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
                                  header.stats().reduction_wait_seconds());
   Live& live = live_[id];
   if (!complete || done_mark.has_value()) {
-    // The dense linears by name, an expert's counted.
+    // The dense linears by name, then the experts whose linears these are ("q_proj,o_proj,
+    // experts 0,3,shared").
     std::string names;
-    int expert_linears = 0;
+    std::vector<std::string> experts;
     for (int i = 0; i < n; ++i) {
       if (!fresh[static_cast<size_t>(i)]) continue;
       const engine::LinearId& lid = ids[static_cast<size_t>(i)];
-      if (lid.expert != engine::kNoExpert) {
-        ++expert_linears;
+      if (lid.expert == engine::kNoExpert) {
+        absl::StrAppend(&names, names.empty() ? "" : ",", engine::LinearName(lid.kind));
         continue;
       }
-      absl::StrAppend(&names, names.empty() ? "" : ",", engine::LinearName(lid.kind));
+      const std::string e =
+          lid.expert == engine::kSharedExpert ? "shared" : absl::StrCat(lid.expert);
+      if (std::find(experts.begin(), experts.end(), e) == experts.end()) experts.push_back(e);
     }
-    if (expert_linears > 0) {
-      absl::StrAppend(&names, names.empty() ? "" : ",", expert_linears, " expert linears");
+    if (!experts.empty()) {
+      absl::StrAppend(&names, names.empty() ? "" : ",", "experts ", absl::StrJoin(experts, ","));
     }
     Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(), ": ", names,
                             " committed by rank ", rank));

@@ -1,7 +1,7 @@
 // Mixture-of-experts jobs through the service (issue 17; docs/MOE.md, "The service"), with real
-// processes on loopback and the synthetic tiny checkpoints of `qcal synth --arch qwen2_moe` (eight
-// routed experts and a shared expert in both blocks) and `--arch qwen3_moe` (block 0 dense, block 1
-// an MoE block):
+// processes on loopback and the synthetic tiny checkpoints of `qcal synth --arch mixtral` (four
+// experts named w1/w3/w2 in both blocks), `--arch qwen2_moe` (eight routed experts and a shared
+// expert in both blocks) and `--arch qwen3_moe` (block 0 dense, block 1 an MoE block):
 //   - `qcal quantize --workers 1` and `--workers 2` give byte-identical outputs (qcal_run.json
 //     aside), equal to the engine run in this process (engine::RunQuantizeJob, the engine-only
 //     build's `qcal quantize`), and `qcal eval` of the export gives the job's perplexity;
@@ -79,8 +79,11 @@ TEST_P(MoeQuantizeCliTest, OneAndTwoWorkersMatchTheEngineAndTheExportReloads) {
   int expert_linears = 0;
   for (const nlohmann::json& l : report["layers"]) expert_linears += l.contains("expert") ? 1 : 0;
   const std::string arch = GetParam();
-  // qwen2_moe: two MoE blocks of 8 routed experts and a shared one; qwen3_moe: one of 8.
-  EXPECT_EQ(expert_linears, arch == "qwen2_moe" ? 2 * 9 * 3 : 8 * 3);
+  // mixtral: two MoE blocks of 4 experts; qwen2_moe: two of 8 routed experts and a shared one;
+  // qwen3_moe: one of 8.
+  EXPECT_EQ(expert_linears, arch == "mixtral"     ? 2 * 4 * 3
+                            : arch == "qwen2_moe" ? 2 * 9 * 3
+                                                  : 8 * 3);
   EXPECT_TRUE(report["moe"].contains("fallback_experts"));
 
   // The export reloads: `qcal eval` of it gives the perplexity the job measured.
@@ -96,7 +99,8 @@ TEST_P(MoeQuantizeCliTest, OneAndTwoWorkersMatchTheEngineAndTheExportReloads) {
   EXPECT_EQ(engine->perplexity, measured);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, MoeQuantizeCliTest, ::testing::Values("qwen2_moe", "qwen3_moe"));
+INSTANTIATE_TEST_SUITE_P(Families, MoeQuantizeCliTest,
+                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe"));
 
 TEST(ServiceMoeTest, WorkerKilledSendingExpertPartialsLeavesTheOutputUnchanged) {
   Cluster c("moe-kill", "qwen2_moe");
