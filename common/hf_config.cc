@@ -375,14 +375,6 @@ bool ModelConfig::IsMoeBlock(int b) const {
   return (b + 1) % decoder_sparse_step == 0;
 }
 
-absl::Status CheckServiceQuantizable(const ModelConfig& config) {
-  if (!config.moe()) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("the quantization service does not run mixture-of-experts jobs yet (qcal "
-                   "quantize runs them in one process): ",
-                   config.model_type));
-}
-
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
   QCAL_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));

@@ -97,13 +97,6 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const
 // Reads `<dir>/config.json`.
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
-// Whether the service (coordinator and workers) can run a quantization job of this model: OK for a
-// dense model; InvalidArgument "the quantization service does not run mixture-of-experts jobs yet
-// ...: <model_type>" for an MoE one, whose expert linears the service's per-layer artifacts do not
-// index (docs/MOE.md). Job submission calls it; `qcal quantize` runs MoE jobs in one process
-// through the engine's job session instead.
-absl::Status CheckServiceQuantizable(const ModelConfig& config);
-
 // Checks a sequence length that a command is about to run: seq_len must be >= 1 (InvalidArgument
 // otherwise). A sequence longer than max_position_embeddings is run (RoPE extrapolates) with a
 // warning logged that names both numbers. Sliding windows shorter than the sequence are computed

@@ -8,7 +8,9 @@
 //   stage=S  the point's name (required; * matches every point of the process). Worker: open
 //            (session opened), solve (block computed,
 //            not uploaded; in a gang of more than one: an owner about to send a layer it solved),
-//            exchange (a gang member about to send partial or completed statistics), gradient
+//            exchange (a gang member about to send partial or completed statistics), expert
+//            (a gang member about to send an MoE block's expert-unit partials to the unit's
+//            owner; the point after that message's exchange point), gradient
 //            (mid gradient pass, as it reaches block N's statistics: in a gang, the partials about
 //            to go to a linear's owner; alone, before the block's files are written; the pass
 //            runs from the last block down), gradient_upload

@@ -150,7 +150,6 @@ absl::StatusOr<ModelFacts> ValidateJobInputs(const InputRoot& root, const v1::Jo
     QCAL_ASSIGN_OR_RETURN(std::string text, ReadFd(fd.get(), rel));
     absl::StatusOr<ModelConfig> config = ParseModelConfig(text, rel);
     if (!config.ok()) return absl::InvalidArgumentError(config.status().message());
-    QCAL_RETURN_IF_ERROR(Annotate(CheckServiceQuantizable(*config), rel));
     facts.config = *config;
     facts.num_blocks = config->num_layers;
   }

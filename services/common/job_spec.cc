@@ -2,15 +2,18 @@
 
 #include <cctype>
 #include <filesystem>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "common/files.h"
 #include "common/status.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "services/engine/model.h"
 
 namespace qcal::service {
 namespace fs = std::filesystem;
@@ -336,6 +339,20 @@ bool IsFinal(v1::JobState state) {
          state == v1::JOB_STATE_CANCELLED;
 }
 
+std::string OwnedLinearsText(const v1::GangMember& member) {
+  std::vector<std::string> names;
+  for (int l : member.owned_linears()) {
+    if (l >= 0 && l < engine::kNumLinears) {
+      names.push_back(engine::LinearName(engine::kAllLinears[static_cast<size_t>(l)]));
+    }
+  }
+  std::string out = names.empty() ? std::string("-") : absl::StrJoin(names, ",");
+  if (member.owned_expert_units_size() > 0) {
+    absl::StrAppend(&out, " expert units ", absl::StrJoin(member.owned_expert_units(), ","));
+  }
+  return out;
+}
+
 nlohmann::ordered_json JobToJson(const v1::Job& job) {
   nlohmann::ordered_json j;
   j["job_id"] = job.job_id();
@@ -361,6 +378,10 @@ nlohmann::ordered_json JobToJson(const v1::Job& job) {
       g["chunks"] = {m.chunk_begin(), m.chunk_end()};
       g["owned_linears"] = nlohmann::ordered_json::array();
       for (int l : m.owned_linears()) g["owned_linears"].push_back(l);
+      if (m.owned_expert_units_size() > 0) {
+        g["owned_expert_units"] = nlohmann::ordered_json::array();
+        for (int u : m.owned_expert_units()) g["owned_expert_units"].push_back(u);
+      }
       gang.push_back(std::move(g));
     }
     j["gang"] = std::move(gang);

@@ -72,7 +72,11 @@ bool IsFinal(v1::JobState state);
 // The job as one JSON object (`qcal status --json`, `qcal list --json`): job_id, state, stage,
 // client, blocks_done, num_blocks, checkpoint_block, attempts, device_kind, threads, worker_id,
 // error, output, recipe_sha256, perplexity/perplexity_fp when present, gang_epoch and gang (rank,
-// worker_id, peer_address, chunks [begin, end), owned_linears) while it has one, and the spec.
+// worker_id, peer_address, chunks [begin, end), owned_linears, and owned_expert_units for an MoE
+// model) while it has one, and the spec.
 nlohmann::ordered_json JobToJson(const v1::Job& job);
+// A gang member's linears for people: "q_proj,o_proj" (its owned linears, "-" for none), then
+// " expert units 0,3" when it owns expert units of an MoE model.
+std::string OwnedLinearsText(const v1::GangMember& member);
 
 }  // namespace qcal::service

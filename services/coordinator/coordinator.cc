@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -121,22 +122,13 @@ GangSize GangSizeOf(const v1::JobSpec& spec) {
   return {min, std::max(min, spec.workers().max())};
 }
 
-// "q,k,v" for a member's owned linears.
-std::string LinearList(const v1::GangMember& m) {
-  std::string out;
-  for (int l : m.owned_linears()) {
-    if (!out.empty()) out += ",";
-    out += engine::LinearName(engine::kAllLinears[static_cast<size_t>(l)]);
-  }
-  return out.empty() ? "-" : out;
-}
-
 // One line describing a plan, for events and logs.
 std::string GangSummary(const v1::Job& job) {
   std::string out = absl::StrCat("gang epoch ", job.gang_epoch(), ":");
   for (const v1::GangMember& m : job.gang()) {
     absl::StrAppend(&out, m.rank() == 0 ? " " : "; ", "rank ", m.rank(), " ", m.worker_id(),
-                    " chunks [", m.chunk_begin(), ",", m.chunk_end(), ") linears ", LinearList(m));
+                    " chunks [", m.chunk_begin(), ",", m.chunk_end(), ") linears ",
+                    service::OwnedLinearsText(m));
   }
   return out;
 }
@@ -534,6 +526,10 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const std::string& 
   }
   QCAL_ASSIGN_OR_RETURN(service::ModelFacts facts, service::ValidateJobInputs(input_root_, spec));
   QCAL_ASSIGN_OR_RETURN(engine::Recipe recipe, service::RecipeFromProto(spec.recipe()));
+  // A recipe the model cannot take is refused here, naming the key (the worker resolves it again
+  // when it opens the job); an MoE model's recipe gets its moe defaults, so that the job's
+  // recipe_sha256 is its report's.
+  QCAL_RETURN_IF_ERROR(Annotate(recipe.ResolveForModel(facts.config), "spec.recipe"));
   if (RunsGradientPass(recipe)) {
     // The pass's files of every linear end up in the data directory: refuse at the start, with
     // the numbers, a job they could not fit (DESIGN section 2, "Memory").
@@ -886,6 +882,9 @@ absl::Status Coordinator::Apply(const Action& a) {
     for (int l = 0; l < engine::kNumLinears; ++l) {
       if (plan.owners[static_cast<size_t>(l)] == r) m.add_owned_linears(l);
     }
+    for (size_t u = 0; u < plan.expert_owners.size(); ++u) {
+      if (plan.expert_owners[u] == r) m.add_owned_expert_units(static_cast<int>(u));
+    }
   }
   store::v1::Counters counters = counters_;
   counters.set_next_gang_epoch(scheduler_.next_gang_epoch());
@@ -977,28 +976,27 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   const int b = header.block();
   const int n = header.layers_size();
   // The content checks need no lock.
-  if (n < 1 || n > engine::kNumLinears || static_cast<int>(artifacts.size()) != n ||
-      header.layer_index_size() != n) {
+  if (n < 1 || static_cast<int>(artifacts.size()) != n || header.layer_index_size() != n ||
+      (header.layer_expert_size() != 0 && header.layer_expert_size() != n)) {
     return absl::InvalidArgumentError(
         absl::StrCat("block ", b, ": ", n, " layers with ", header.layer_index_size(),
-                     " layer indices (1..", engine::kNumLinears, " layers, one index each)"));
+                     " layer indices and ", header.layer_expert_size(),
+                     " experts (at least one layer, one index each, and one "
+                     "expert each or none)"));
   }
+  // Each layer as the engine names it: its kind and, in an MoE block, its expert.
+  std::vector<engine::LinearId> ids;
   std::vector<LayerDigest> digests;
   std::vector<engine::LayerReport> reports;
-  std::set<int> seen;
   for (int i = 0; i < n; ++i) {
     const v1::LayerManifest& m = header.layers(i);
     const int l = header.layer_index(i);
-    if (l < 0 || l >= engine::kNumLinears || !seen.insert(l).second) {
+    const int expert = header.layer_expert_size() == n ? header.layer_expert(i) : engine::kNoExpert;
+    if (l < 0 || l >= engine::kNumLinears || expert < engine::kSharedExpert) {
       return absl::InvalidArgumentError(
-          absl::StrCat("block ", b, ": layer index ", l, " is out of range or repeated"));
+          absl::StrCat("block ", b, ": layer index ", l, " (expert ", expert, ") is out of range"));
     }
-    const std::string expected_name =
-        engine::LinearPrefix(b, engine::kAllLinears[static_cast<size_t>(l)]);
-    if (m.name() != expected_name) {
-      return absl::InvalidArgumentError(absl::StrCat("block ", b, " layer ", l, " is \"", m.name(),
-                                                     "\", expected \"", expected_name, "\""));
-    }
+    ids.emplace_back(engine::kAllLinears[static_cast<size_t>(l)], expert);
     const std::string sha = Sha256Hex(artifacts[i]);
     if (sha != m.sha256() || static_cast<int64_t>(artifacts[i].size()) != m.size()) {
       return absl::InvalidArgumentError(
@@ -1034,17 +1032,6 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
     response.set_cancel_job(true);
     return response;
   }
-  const v1::GangMember& me = job.gang(rank);
-  for (int i = 0; i < n; ++i) {
-    const int l = header.layer_index(i);
-    if (std::find(me.owned_linears().begin(), me.owned_linears().end(), l) ==
-        me.owned_linears().end()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("job ", id, ": rank ", rank, " (", me.worker_id(), ") does not own ",
-                       digests[static_cast<size_t>(i)].name(), " under gang epoch ",
-                       job.gang_epoch(), "; only its owner commits it"));
-    }
-  }
   // A gang's owners commit independently: one block past the committed prefix may arrive while
   // another owner's layers of the block before are still on their way.
   const int ahead = job.gang_size() > 1 ? 1 : 0;
@@ -1053,18 +1040,54 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
                                                       " is out of order (", job.blocks_done(),
                                                       " of ", job.num_blocks(), " committed)"));
   }
+  QCAL_ASSIGN_OR_RETURN(const ModelConfig* config, ConfigOf(*rec));
+  // The block's linears (engine::BlockLinears order: the store's layer indices), and each
+  // committed layer's place among them.
+  const std::vector<engine::LinearId> linears = engine::BlockLinears(*config, b);
+  std::vector<int> slots;
+  const v1::GangMember& me = job.gang(rank);
+  for (int i = 0; i < n; ++i) {
+    const engine::LinearId& lid = ids[static_cast<size_t>(i)];
+    const auto at = std::find(linears.begin(), linears.end(), lid);
+    const std::string expected = at == linears.end() ? "" : engine::LinearPrefix(*config, b, lid);
+    const int slot = static_cast<int>(at - linears.begin());
+    if (at == linears.end() || std::find(slots.begin(), slots.end(), slot) != slots.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "block ", b, ": layer ", header.layers(i).name(), " (index ", static_cast<int>(lid.kind),
+          ", expert ", lid.expert, ") is not a linear of the block or repeated"));
+    }
+    if (header.layers(i).name() != expected) {
+      return absl::InvalidArgumentError(absl::StrCat("block ", b, " layer ", slot, " is \"",
+                                                     header.layers(i).name(), "\", expected \"",
+                                                     expected, "\""));
+    }
+    slots.push_back(slot);
+    // Dense linears by their kind; an expert's by its unit, whose three linears have one owner.
+    const bool owned =
+        lid.expert == engine::kNoExpert
+            ? std::find(me.owned_linears().begin(), me.owned_linears().end(),
+                        static_cast<int>(lid.kind)) != me.owned_linears().end()
+            : std::find(me.owned_expert_units().begin(), me.owned_expert_units().end(),
+                        engine::ExpertUnitOf(*config, lid.expert)) != me.owned_expert_units().end();
+    if (!owned) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", id, ": rank ", rank, " (", me.worker_id(), ") does not own ",
+                       digests[static_cast<size_t>(i)].name(), " under gang epoch ",
+                       job.gang_epoch(), "; only its owner commits it"));
+    }
+  }
 
   // Layers committed before (an earlier attempt) must be reproduced exactly.
   std::vector<bool> fresh(static_cast<size_t>(n), false);
-  std::array<std::optional<LayerDigest>, engine::kNumLinears> in;
-  for (int l = 0; l < engine::kNumLinears; ++l) {
+  std::vector<std::optional<LayerDigest>> in(linears.size());
+  for (int l = 0; l < static_cast<int>(linears.size()); ++l) {
     QCAL_ASSIGN_OR_RETURN(auto stored, GetRecord<store::v1::LayerRecord>(*store_, Column::kTasks,
                                                                          LayerKey(id, b, l)));
     if (stored.has_value()) in[static_cast<size_t>(l)] = stored->digest();
   }
   for (int i = 0; i < n; ++i) {
     const LayerDigest& now = digests[static_cast<size_t>(i)];
-    const std::optional<LayerDigest>& then = in[static_cast<size_t>(header.layer_index(i))];
+    const std::optional<LayerDigest>& then = in[static_cast<size_t>(slots[static_cast<size_t>(i)])];
     if (!then.has_value()) {
       fresh[static_cast<size_t>(i)] = true;
       continue;
@@ -1101,7 +1124,7 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
     for (int i = 0; i < n; ++i) {
       if (!fresh[static_cast<size_t>(i)]) continue;
       const fs::path path =
-          fs::path(options_.data_dir) / ArtifactFile(id, b, header.layer_index(i));
+          fs::path(options_.data_dir) / ArtifactFile(id, b, slots[static_cast<size_t>(i)]);
       QCAL_RETURN_IF_ERROR(WriteFileSynced(path.string(), artifacts[static_cast<size_t>(i)]));
     }
     SyncDir(ArtifactDir(id));
@@ -1109,7 +1132,7 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
   WriteBatch batch;
   for (int i = 0; i < n; ++i) {
     if (!fresh[static_cast<size_t>(i)]) continue;
-    const int l = header.layer_index(i);
+    const int l = slots[static_cast<size_t>(i)];
     ArtifactRecord a;
     a.set_name(header.layers(i).name());
     a.set_file(ArtifactFile(id, b, l));
@@ -1173,13 +1196,23 @@ absl::StatusOr<v1::CommitBlockResponse> Coordinator::CommitBlock(
                                  header.stats().reduction_wait_seconds());
   Live& live = live_[id];
   if (!complete || done_mark.has_value()) {
+    // The dense linears by name, then the experts whose linears these are ("q_proj,o_proj,
+    // experts 0,3,shared").
     std::string names;
+    std::vector<std::string> experts;
     for (int i = 0; i < n; ++i) {
-      if (fresh[static_cast<size_t>(i)]) {
-        absl::StrAppend(
-            &names, names.empty() ? "" : ",",
-            engine::LinearName(engine::kAllLinears[static_cast<size_t>(header.layer_index(i))]));
+      if (!fresh[static_cast<size_t>(i)]) continue;
+      const engine::LinearId& lid = ids[static_cast<size_t>(i)];
+      if (lid.expert == engine::kNoExpert) {
+        absl::StrAppend(&names, names.empty() ? "" : ",", engine::LinearName(lid.kind));
+        continue;
       }
+      const std::string e =
+          lid.expert == engine::kSharedExpert ? "shared" : absl::StrCat(lid.expert);
+      if (std::find(experts.begin(), experts.end(), e) == experts.end()) experts.push_back(e);
+    }
+    if (!experts.empty()) {
+      absl::StrAppend(&names, names.empty() ? "" : ",", "experts ", absl::StrJoin(experts, ","));
     }
     Emit(*rec, absl::StrCat("block ", b + 1, "/", job.num_blocks(), ": ", names,
                             " committed by rank ", rank));

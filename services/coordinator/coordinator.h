@@ -10,7 +10,9 @@
 //
 // Commit points: every state change is one synced WriteBatch, written before memory is updated.
 // Each committed layer is stored with its digest as it arrives (only by its owner under the
-// current plan); the block's done mark goes in the same batch as the last of its seven layers. A
+// current plan); the block's done mark goes in the same batch as the last of its layers (a dense
+// block's seven; an MoE block's q, k, v, o and every expert unit's gate, up and down, each from
+// the unit's owner; engine::BlockLinears order gives each layer its store index). A
 // layer committed before (an earlier attempt) is compared instead: a different digest fails the
 // job as a determinism error. Boundary checkpoints are per calibration chunk, files in the data
 // directory referenced and hashed from the store; a boundary is usable once all C chunks are in,

@@ -18,7 +18,8 @@ namespace qcal::coordinator {
 
 namespace {
 
-// Largest block upload accepted (seven quantized linears), bytes.
+// Largest block upload accepted (a block's quantized linears, an MoE block's experts included),
+// bytes.
 constexpr int64_t kMaxBlockUploadBytes = int64_t{16} << 30;
 
 // Records latency and outcome of one RPC on destruction.

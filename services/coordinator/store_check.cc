@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <iterator>
 #include <map>
 #include <optional>
 #include <set>
@@ -50,8 +51,12 @@ ScopedKey SplitScoped(const std::string& key) {
   return k;
 }
 
+// An index written with "%0<digits>d": at least `digits` digits, more only without a leading zero
+// (a layer index of an MoE block can pass 99).
 bool ParseIndex(const std::string& text, size_t digits, int* out) {
-  return text.size() == digits && absl::SimpleAtoi(text, out) && *out >= 0;
+  return text.size() >= digits && (text.size() == digits || text[0] != '0') &&
+         std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+         absl::SimpleAtoi(text, out) && *out >= 0;
 }
 
 bool SameDigest(const LayerDigest& a, const LayerDigest& b) {
@@ -309,9 +314,14 @@ class Checker {
         }
         continue;
       }
-      if (mark->second.layers_size() != engine::kNumLinears) {
+      // A dense block has seven linears, an MoE block at least as many (q, k, v, o and three per
+      // expert unit); the mark lists every layer record of the block.
+      const auto next_block = layers_.lower_bound({id, b + 1, 0});
+      const auto block_layers = std::distance(layers_.lower_bound({id, b, 0}), next_block);
+      if (mark->second.layers_size() < engine::kNumLinears ||
+          mark->second.layers_size() != block_layers) {
         Problem(absl::StrCat(what, ": block ", b, "'s done mark lists ", mark->second.layers_size(),
-                             " layers"));
+                             " layers, the block has ", block_layers, " layer records"));
       }
       for (int l = 0; l < mark->second.layers_size(); ++l) {
         auto layer = layers_.find({id, b, l});

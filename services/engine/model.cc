@@ -52,6 +52,14 @@ int ExpertOfUnit(const ModelConfig& config, int unit) {
   return unit < config.num_experts ? unit : kSharedExpert;
 }
 
+int ExpertUnitOf(const ModelConfig& config, int expert) {
+  if (expert >= 0 && expert < config.num_experts) return expert;
+  if (expert == kSharedExpert && NumExpertUnits(config) > config.num_experts) {
+    return config.num_experts;
+  }
+  return -1;
+}
+
 std::vector<LinearId> BlockLinears(const ModelConfig& config, int b) {
   std::vector<LinearId> out;
   for (LinearKind k : kAllLinears) {

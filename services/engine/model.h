@@ -87,6 +87,8 @@ std::pair<int64_t, int64_t> LinearShape(const ModelConfig& config, int block, Li
 int NumExpertUnits(const ModelConfig& config);
 // The expert (j, or kSharedExpert) of unit u.
 int ExpertOfUnit(const ModelConfig& config, int unit);
+// The unit of expert j (j itself) or of kSharedExpert (num_experts); -1 for another value.
+int ExpertUnitOf(const ModelConfig& config, int expert);
 // Every quantized linear of block b, in the driver's order: q, k, v, o, then gate, up, down of a
 // dense block, or of each expert unit in turn (NumExpertUnits) in an MoE block. The router and the
 // shared expert gate are not quantized and not listed.

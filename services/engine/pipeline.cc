@@ -255,6 +255,11 @@ absl::StatusOr<std::unique_ptr<JobSession>> JobSession::Open(const JobOptions& o
   QCAL_ASSIGN_OR_RETURN(s->model_, Model::Load(o.model_dir, s->backend_.get(), load));
   const ModelConfig& cfg = s->model_->config();
   s->gang_ = gang ? *std::move(gang) : MakeGangPlan(cfg, o.samples, 1, 0, 0);
+  if (static_cast<int>(s->gang_.expert_owners.size()) != NumExpertUnits(cfg)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the gang plan owns ", s->gang_.expert_owners.size(), " expert units; ",
+                     o.model_dir, " has ", NumExpertUnits(cfg), " per mixture-of-experts block"));
+  }
   QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(cfg, o.seq_len), o.model_dir));
   if (!o.eval_text.empty() && o.eval_seq_len > 0) {
     QCAL_RETURN_IF_ERROR(Annotate(CheckSequenceLength(cfg, o.eval_seq_len), o.model_dir));

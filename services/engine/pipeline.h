@@ -19,8 +19,8 @@
 //
 // Gang mode (DESIGN section 7): a session is one rank of a GangPlan. Every rank samples the whole
 // calibration set exactly as a single worker does, then embeds only its own chunks; RunNextBlock
-// runs the block over a Transport (gang/gang_block.h) and returns, and spills, all seven linears
-// on every rank; only rank 0 calls Finish. W = 1 (the default plan) needs no transport.
+// runs the block over a Transport (gang/gang_block.h) and returns, and spills, all the block's
+// linears on every rank; only rank 0 calls Finish. W = 1 (the default plan) needs no transport.
 //
 // Output-adaptive recipes (hessian != layer): RunGradientPass (or RestoreGradientPass) comes
 // before the first block (oac/oac_job.cc); each linear's statistics are then read from its file
@@ -93,7 +93,8 @@ struct JobResult {
 // Progress lines for humans (stderr).
 using JobLogFn = std::function<void(const std::string& line)>;
 
-// A committed block: its seven linears in forward order (quantized form and report).
+// A committed block: its linears in BlockLinears order (quantized form and report): the seven in
+// forward order, or an MoE block's q, k, v, o and then each expert unit's gate, up and down.
 using BlockArtifacts = std::vector<LayerResult>;
 // Shared with the background thread that spills it to the scratch directory.
 using BlockArtifactsPtr = std::shared_ptr<const BlockArtifacts>;
@@ -121,9 +122,9 @@ class JobSession {
 
   // Quantizes the next block: with `transport` as this rank of the gang (RunGangBlock, all ranks
   // at once), without (only for a gang of one) directly on this worker (QuantizeBlock); both give
-  // the same bits. Returns all seven linears. They are also spilled for Finish(), on a background
-  // thread that overlaps the next block (one spill in flight; its error, if any, is returned by
-  // the next call or by Finish).
+  // the same bits. Returns all the block's linears. They are also spilled for Finish(), on a
+  // background thread that overlaps the next block (one spill in flight; its error, if any, is
+  // returned by the next call or by Finish).
   absl::StatusOr<BlockArtifactsPtr> RunNextBlock(Transport* transport = nullptr,
                                                  const GangBlockOptions& gang_options = {});
 

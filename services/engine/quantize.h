@@ -53,7 +53,7 @@ absl::StatusOr<CalibActivations> EmbedCalibration(Model& model,
                                                   ChunkRange chunks);
 
 // Quantizes block acts.next_block of `model` in place and advances `acts` through the quantized
-// block (all phases of a BlockRunner). Returns the block's seven linears in forward order. `oac`:
+// block (all phases of a BlockRunner). Returns the block's linears in BlockLinears order. `oac`:
 // the output-adaptive statistics, required when recipe.hessian != layer or the recipe needs the
 // Fisher (BlockRunner). `seed`: the calibration seed, which seeds retraining (BlockRunner);
 // `before_training`: BlockRunner::set_before_training.

@@ -80,9 +80,13 @@ absl::StatusOr<v1::CommitBlockResponse> CoordinatorClient::CommitBlock(
   h.set_block(block);
   h.set_gang_epoch(gang_epoch);
   *h.mutable_stats() = stats;
+  // Sent only for a block with experts, as a dense block's commit always was.
+  const bool experts = std::any_of(layers.begin(), layers.end(),
+                                   [](const OwnedLayer& owned) { return owned.expert != -1; });
   for (const OwnedLayer& owned : layers) {
     const LayerArtifact& l = owned.artifact;
     h.add_layer_index(owned.index);
+    if (experts) h.add_layer_expert(owned.expert);
     v1::LayerManifest& m = *h.add_layers();
     m.set_name(l.name);
     m.set_sha256(Sha256Hex(l.quantized));

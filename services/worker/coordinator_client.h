@@ -24,9 +24,12 @@ struct LayerArtifact {
   double solve_seconds = 0;
 };
 
-// One layer of a commit: its position in forward order (q 0 ... down 6) and its artifact.
+// One layer of a commit: its kind by position in forward order (q 0 ... down 6), its expert in an
+// MoE block (CommitBlockHeader.layer_expert: -1 none, -2 the shared expert, j routed expert j) and
+// its artifact.
 struct OwnedLayer {
   int index = 0;
+  int expert = -1;
   LayerArtifact artifact;
 };
 

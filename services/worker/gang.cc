@@ -30,6 +30,26 @@ absl::StatusOr<engine::GangPlan> PlanFromProto(const v1::GangPlan& proto, int nu
       }
       plan.owners[static_cast<size_t>(k)] = m.rank();
     }
+    for (int u : m.owned_expert_units()) {
+      // Units are numbered from 0; the members' lists together name each exactly once.
+      if (u < 0 || u >= (1 << 20)) {
+        return absl::InvalidArgumentError(absl::StrCat("gang plan: expert unit ", u));
+      }
+      if (static_cast<size_t>(u) >= plan.expert_owners.size()) {
+        plan.expert_owners.resize(static_cast<size_t>(u) + 1, -1);
+      }
+      if (plan.expert_owners[static_cast<size_t>(u)] != -1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("gang plan: expert unit ", u, " has no single owner"));
+      }
+      plan.expert_owners[static_cast<size_t>(u)] = m.rank();
+    }
+  }
+  for (size_t u = 0; u < plan.expert_owners.size(); ++u) {
+    if (plan.expert_owners[u] == -1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gang plan: expert unit ", u, " has no owner"));
+    }
   }
   QCAL_RETURN_IF_ERROR(plan.Validate());
   if (plan.total_chunks != engine::NumChunks(num_samples)) {
@@ -57,6 +77,9 @@ absl::Status FaultingTransport::Note(absl::Status s) {
 absl::Status FaultingTransport::Send(int to, const engine::MessageKey& key, std::string payload) {
   if (key.kind == engine::MessageKind::kPartials || key.kind == engine::MessageKind::kStatistic) {
     QCAL_RETURN_IF_ERROR(faults_->Hit("exchange", key.block));
+    if (key.step >= engine::kStepFirstExpert) {
+      QCAL_RETURN_IF_ERROR(faults_->Hit("expert", key.block));
+    }
   } else if (key.kind == engine::MessageKind::kLayer) {
     QCAL_RETURN_IF_ERROR(faults_->Hit("solve", key.block));
   } else if (key.kind == engine::MessageKind::kOacPartials) {

@@ -1,7 +1,8 @@
 // The worker's side of a gang (DESIGN section 7): the plan a task carries, as the engine's
 // GangPlan, and the Transport the engine exchanges over, wrapped so that fault injection can stop
 // or kill the process at exact exchange points (stages "exchange": a statistic's partials or a
-// completed statistic about to go out; "solve": an owner about to send a layer it solved;
+// completed statistic about to go out; "expert": an MoE block's expert unit's partials about to go
+// to the unit's owner (after "exchange"); "solve": an owner about to send a layer it solved;
 // "gradient": the gradient pass's partials of a block about to go to a linear's owner).
 #pragma once
 
@@ -16,8 +17,9 @@
 
 namespace qcal::worker {
 
-// The engine's plan from a task's GangPlan (validated: ranges tile the chunks, every linear has
-// exactly one owner). `num_samples` must give the plan's chunk count.
+// The engine's plan from a task's GangPlan (validated: ranges tile the chunks, every linear and
+// every expert unit 0..U-1 named by the members has exactly one owner). `num_samples` must give
+// the plan's chunk count; JobSession::Open checks U against the model.
 absl::StatusOr<engine::GangPlan> PlanFromProto(const v1::GangPlan& proto, int num_samples);
 
 // The peers' addresses, by rank.

@@ -229,11 +229,12 @@ Worker::TaskEnd Worker::RunTask(const v1::Task& task) {
       exchange_bytes_total_ += bytes;
       reduction_wait_total_ += wait;
     }
+    // This rank's linears of the block, in the block's order (an MoE block: its experts' too).
     std::vector<OwnedLayer> layers;
-    for (engine::LinearKind k : engine::kAllLinears) {
-      if (!plan->Owns(k)) continue;
-      const engine::LayerResult& r = (**block)[static_cast<size_t>(k)];
-      layers.push_back({static_cast<int>(k),
+    for (const engine::LayerResult& r : **block) {
+      if (plan->LinearOwner(session.config(), r.id()) != rank) continue;
+      layers.push_back({static_cast<int>(r.report.kind),
+                        r.report.expert,
                         {r.report.name, engine::SerializeLayerArtifact(r),
                          engine::LayerReportJson(r.report).dump(), r.report.solve_seconds}});
     }

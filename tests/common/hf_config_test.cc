@@ -254,9 +254,6 @@ TEST(HfConfigTest, MixtralKeysAndDefaults) {
   EXPECT_EQ(c->num_experts, 4);
   EXPECT_EQ(c->num_experts_per_tok, 3);
   EXPECT_EQ(c->sliding_window, 32);  // as mistral
-  EXPECT_THAT(std::string(CheckServiceQuantizable(*c).message()),
-              HasSubstr("does not run mixture-of-experts jobs yet (qcal quantize runs them in one "
-                        "process): mixtral"));
 }
 
 TEST(HfConfigTest, Qwen2MoeKeysAndDefaults) {
@@ -290,7 +287,6 @@ TEST(HfConfigTest, Qwen2MoeKeysAndDefaults) {
   EXPECT_TRUE(c->IsMoeBlock(1));
   EXPECT_FALSE(c->IsMoeBlock(2));
   EXPECT_FALSE(c->IsMoeBlock(3));
-  EXPECT_FALSE(CheckServiceQuantizable(*c).ok());
 }
 
 TEST(HfConfigTest, Qwen3MoeKeysAndDefaults) {
@@ -313,12 +309,11 @@ TEST(HfConfigTest, Qwen3MoeKeysAndDefaults) {
   EXPECT_TRUE(c->IsMoeBlock(1));
   EXPECT_FALSE(c->IsMoeBlock(2));
   EXPECT_TRUE(c->IsMoeBlock(3));
-  // A dense family is no MoE model and may be quantized.
+  // A dense family is no MoE model.
   c = Parse(BaseConfig());
   ASSERT_TRUE(c.ok());
   EXPECT_FALSE(c->moe());
   EXPECT_FALSE(c->IsMoeBlock(0));
-  EXPECT_TRUE(CheckServiceQuantizable(*c).ok());
 }
 
 TEST(HfConfigTest, MoeErrorsNameTheKey) {

@@ -4,19 +4,23 @@
 // check, resume), restarts, and store write errors (NOT_SERVING until reopened).
 #include "services/coordinator/coordinator.h"
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/files.h"
 #include "common/status.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "services/common/job_spec.h"
 #include "services/coordinator/prometheus_metrics.h"
 #include "services/coordinator/rocks_store.h"
+#include "services/engine/gang/plan.h"
 #include "services/engine/model.h"
 #include "services/engine/pipeline.h"
 #include "tests/service/service_test_util.h"
@@ -117,6 +121,19 @@ class CoordinatorTest : public ::testing::Test {
                                                  int block, const std::string& salt = "",
                                                  std::vector<int> layers = {0, 1, 2, 3, 4, 5, 6},
                                                  uint64_t gang_epoch = 0) {
+    std::vector<std::pair<engine::LinearId, std::string>> named;
+    for (int l : layers) {
+      const engine::LinearKind kind = engine::kAllLinears[static_cast<size_t>(l)];
+      named.emplace_back(kind, engine::LinearPrefix(block, kind));
+    }
+    return CommitNamed(lease, job_id, block, named, salt, gang_epoch);
+  }
+  // The same for linears given by id and name (an MoE block's experts: CommitBlockHeader's
+  // layer_expert is sent when one of them is an expert's, as the worker does).
+  absl::StatusOr<v1::CommitBlockResponse> CommitNamed(
+      const v1::Lease& lease, const std::string& job_id, int block,
+      const std::vector<std::pair<engine::LinearId, std::string>>& layers,
+      const std::string& salt = "", uint64_t gang_epoch = 0) {
     v1::CommitBlockHeader header;
     *header.mutable_lease() = lease;
     header.set_job_id(job_id);
@@ -126,16 +143,20 @@ class CoordinatorTest : public ::testing::Test {
       if (job.ok()) gang_epoch = job->gang_epoch();
     }
     header.set_gang_epoch(gang_epoch);
+    const bool experts = std::any_of(layers.begin(), layers.end(), [](const auto& l) {
+      return l.first.expert != engine::kNoExpert;
+    });
     std::vector<std::string> artifacts;
-    for (int l : layers) {
-      const engine::LinearKind kind = engine::kAllLinears[static_cast<size_t>(l)];
+    for (const auto& [lid, name] : layers) {
       engine::LayerReport r;
       r.block = block;
-      r.kind = kind;
-      r.name = engine::LinearPrefix(block, kind);
+      r.kind = lid.kind;
+      r.expert = lid.expert;
+      r.name = name;
       r.rel_error = 0.01;
       artifacts.push_back(absl::StrCat("quantized ", r.name, salt));
-      header.add_layer_index(l);
+      header.add_layer_index(static_cast<int>(lid.kind));
+      if (experts) header.add_layer_expert(lid.expert);
       v1::LayerManifest& m = *header.add_layers();
       m.set_name(r.name);
       m.set_sha256(Sha256Hex(artifacts.back()));
@@ -540,6 +561,100 @@ TEST_F(CoordinatorTest, AGangGetsOnePlanAndOwnersCommitTheirLayers) {
   ASSERT_TRUE(left.ok()) << left.status();
   EXPECT_EQ(left->state(), v1::JOB_STATE_RUNNING);
   EXPECT_TRUE(absl::IsFailedPrecondition(Commit(w2, id, 1, "", owned[1]).status()));
+}
+
+// A mixture-of-experts model (docs/MOE.md, "The service"): the plan gives each member expert units
+// as well as linears; a block commits expert linears named by kind and expert, each from its
+// unit's owner, and is done when q, k, v, o and every unit's three linears are in (a dense block of
+// the same model: its seven).
+TEST_F(CoordinatorTest, AnMoeBlockCommitsEveryExpertLinearFromItsUnitsOwner) {
+  // The tiny model's config as a Qwen3-MoE with three experts and block 0 dense: the coordinator
+  // reads only the config and the safetensors headers.
+  const std::string config_path = tree_.input + "/tiny/config.json";
+  nlohmann::json j = nlohmann::json::parse(*ReadFileToString(config_path));
+  j["model_type"] = "qwen3_moe";
+  j["num_experts"] = 3;
+  j["num_experts_per_tok"] = 2;
+  j["moe_intermediate_size"] = 64;
+  j["mlp_only_layers"] = {0};
+  ASSERT_TRUE(WriteStringToFile(config_path, j.dump()).ok());
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(j.dump(), "config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_EQ(config->num_layers, 2);
+
+  v1::JobSpec spec = testing::TinySpec("moe");
+  spec.mutable_workers()->set_min(2);
+  auto job = Submit("alice", spec);
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string id = job->job().job_id();
+  const v1::Lease w1 = Register(), w2 = Register();
+  std::optional<v1::Task> t2 = Acquire(w2);
+  std::optional<v1::Task> t1 = Acquire(w1);
+  ASSERT_TRUE(t1.has_value() && t2.has_value());
+  const v1::GangPlan& plan = t1->gang();
+  // The engine's plan, member by member.
+  const engine::GangPlan expected = engine::MakeGangPlan(*config, 16, 2, 0, plan.gang_epoch());
+  std::vector<int> units;
+  for (int r = 0; r < 2; ++r) {
+    for (int u : plan.members(r).owned_expert_units()) {
+      EXPECT_EQ(expected.ExpertOwner(u), r) << u;
+      units.push_back(u);
+    }
+  }
+  std::sort(units.begin(), units.end());
+  EXPECT_EQ(units, (std::vector<int>{0, 1, 2}));
+  const v1::Lease lease[2] = {w1, w2};
+
+  // Each rank's linears of block b, from the engine's plan.
+  auto owned = [&](int b, int rank) {
+    std::vector<engine::LinearId> ids;
+    for (const engine::LinearId& lid : engine::BlockLinears(*config, b)) {
+      if (expected.LinearOwner(*config, lid) == rank) ids.push_back(lid);
+    }
+    return ids;
+  };
+  auto commit = [&](int rank, int b, const std::vector<engine::LinearId>& ids,
+                    const std::string& name_suffix = "") {
+    std::vector<std::pair<engine::LinearId, std::string>> named;
+    for (const engine::LinearId& lid : ids) {
+      named.emplace_back(lid, engine::LinearPrefix(*config, b, lid) + name_suffix);
+    }
+    return CommitNamed(lease[rank], id, b, named);
+  };
+
+  // Block 0 is dense: its seven linears, as for a dense model.
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(commit(r, 0, owned(0, r)).ok()) << r;
+  EXPECT_EQ(coordinator_->GetJob(id)->blocks_done(), 1);
+
+  // Block 1: an expert linear of a unit the sender does not own; a dense MLP linear the MoE
+  // block does not have; an expert that does not exist; a name that is not the linear's.
+  const int stranger = expected.ExpertOwner(0) == 0 ? 1 : 0;
+  auto foreign = commit(stranger, 1, {engine::LinearId(engine::LinearKind::kDown, 0)});
+  EXPECT_TRUE(absl::IsFailedPrecondition(foreign.status())) << foreign.status();
+  EXPECT_NE(foreign.status().message().find("does not own model.layers.1.mlp.experts.0.down_proj"),
+            std::string::npos)
+      << foreign.status();
+  const int gate_owner = expected.OwnerOf(engine::LinearKind::kGate);
+  EXPECT_TRUE(absl::IsInvalidArgument(commit(gate_owner, 1, {engine::LinearKind::kGate}).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      commit(0, 1, {engine::LinearId(engine::LinearKind::kUp, 3)}).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      commit(expected.ExpertOwner(0), 1, {engine::LinearId(engine::LinearKind::kUp, 0)}, "x")
+          .status()));
+  // Rank 1's, then rank 0's: the block is done with the last of its 4 + 3·3 linears.
+  const std::vector<engine::LinearId> mine[2] = {owned(1, 0), owned(1, 1)};
+  EXPECT_EQ(mine[0].size() + mine[1].size(), 13u);
+  auto part = commit(1, 1, mine[1]);
+  ASSERT_TRUE(part.ok()) << part.status();
+  EXPECT_FALSE(part->block_complete());
+  auto rest = commit(0, 1, mine[0]);
+  ASSERT_TRUE(rest.ok()) << rest.status();
+  EXPECT_TRUE(rest->block_complete());
+  EXPECT_EQ(coordinator_->GetJob(id)->blocks_done(), 2);
+  // Resent, the expert linears are compared, not stored again.
+  auto again = commit(1, 1, mine[1]);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->already_committed());
 }
 
 TEST_F(CoordinatorTest, ALostMemberReplansTheGangAndAbandonReplansAgain) {

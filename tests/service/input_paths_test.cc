@@ -96,9 +96,9 @@ TEST_F(InputPathsTest, ModelFilesAreCheckedAtSubmit) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("tiny/config.json"));
 }
 
-// A mixture-of-experts model is refused at submission (the service does not run MoE jobs yet;
-// `qcal quantize` runs them in one process: docs/MOE.md), before any work is queued.
-TEST_F(InputPathsTest, MixtureOfExpertsIsRefusedAtSubmit) {
+// A mixture-of-experts model is a model like any other to the input checks (the service runs MoE
+// jobs: docs/MOE.md); its config's expert keys are parsed and still checked.
+TEST_F(InputPathsTest, MixtureOfExpertsConfigIsCheckedAndAccepted) {
   const v1::JobSpec good = testing::TinySpec("out");
   ASSERT_TRUE(Validate(good).ok());
   const std::string config = tree_.input + "/tiny/config.json";
@@ -109,12 +109,17 @@ TEST_F(InputPathsTest, MixtureOfExpertsIsRefusedAtSubmit) {
   j["num_experts"] = 4;
   j["num_experts_per_tok"] = 2;
   ASSERT_TRUE(WriteStringToFile(config, j.dump()).ok());
+  absl::StatusOr<v1::JobSpec> normalized = NormalizeJobSpec(good);
+  ASSERT_TRUE(normalized.ok()) << normalized.status();
+  absl::StatusOr<ModelFacts> facts = ValidateJobInputs(*root_, *normalized);
+  ASSERT_TRUE(facts.ok()) << facts.status();
+  EXPECT_TRUE(facts->config.moe());
+  EXPECT_EQ(facts->config.num_experts, 4);
+  j["num_experts_per_tok"] = 5;
+  ASSERT_TRUE(WriteStringToFile(config, j.dump()).ok());
   const absl::Status s = Validate(good);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
-  EXPECT_THAT(std::string(s.message()),
-              HasSubstr("tiny/config.json: the quantization service does not run "
-                        "mixture-of-experts jobs yet (qcal quantize runs them in one process): "
-                        "qwen3_moe"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("num_experts_per_tok"));
 }
 
 TEST_F(InputPathsTest, EitherTokenizerFileIsAccepted) {

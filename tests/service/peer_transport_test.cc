@@ -32,7 +32,8 @@ constexpr uint64_t kEpoch = 7;
 constexpr int kWorld = 3;
 
 // Owners: q 0, k 1, v 2, o 0, gate 1, up 2, down 0. So the statistic owners are qkv 0 (consumers
-// 0, 1, 2), o 0 (0), gate/up 1 (1, 2), down 0 (0).
+// 0, 1, 2), o 0 (0), gate/up 1 (1, 2), down 0 (0). Four expert units (an MoE model's) owned by
+// 0, 1, 2, 1.
 GangPlan Plan(int rank, uint64_t epoch = kEpoch) {
   GangPlan p;
   p.epoch = epoch;
@@ -41,6 +42,7 @@ GangPlan Plan(int rank, uint64_t epoch = kEpoch) {
   p.total_chunks = 3;
   p.chunks = {{0, 1}, {1, 2}, {2, 3}};
   p.owners = {0, 1, 2, 0, 1, 2, 0};
+  p.expert_owners = {0, 1, 2, 1};
   return p;
 }
 
@@ -192,6 +194,53 @@ TEST_F(PeerTransportTest, GradientPartialsGoOnlyToTheLinearsOwner) {
   EXPECT_FALSE(transports_[2]
                    ->Send(0, Key(MessageKind::kPartials, 0, 2, engine::kStepGradientPass), "p")
                    .ok());
+}
+
+// Mixture-of-experts blocks: unit u's partials go to its owner and its solved linears come from
+// it, at step ExpertStep(u); token counts go from every rank to every other at kStepRouting.
+TEST_F(PeerTransportTest, ExpertMessagesFollowTheUnitsOwner) {
+  const int gate_up = static_cast<int>(LinearInput::kGateUp);
+  const int down = static_cast<int>(LinearInput::kDown);
+  const int up = static_cast<int>(LinearKind::kUp);
+  const MessageKey partials = Key(MessageKind::kPartials, down, 0, engine::ExpertStep(3), 1);
+  ASSERT_TRUE(transports_[0]->Send(1, partials, "p").ok());
+  EXPECT_EQ(*transports_[1]->Receive(partials, absl::Seconds(1)), "p");
+  // Unit 3's partials to rank 2, which does not own it (the dense gate/up statistic's owner
+  // would be rank 1 too: the refusal names the unit).
+  absl::Status s = transports_[0]->Send(
+      2, Key(MessageKind::kPartials, gate_up, 0, engine::ExpertStep(3), 1), "p");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "rank 2 does not own that expert unit (rank 1 does)"))
+      << s;
+  // Unit 2's up_proj from its owner, and from a rank that does not own it.
+  EXPECT_TRUE(
+      transports_[2]->Send(0, Key(MessageKind::kLayer, up, 2, engine::ExpertStep(2), 1), "l").ok());
+  s = transports_[1]->Send(0, Key(MessageKind::kLayer, up, 1, engine::ExpertStep(2), 1), "l");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "the sender does not own that expert unit (rank 2 "))
+      << s;
+  // A unit the plan does not have; an expert step's item that is no expert's; a statistic at an
+  // expert step.
+  s = transports_[0]->Send(1, Key(MessageKind::kPartials, down, 0, engine::ExpertStep(4), 1), "p");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "the plan has 4 expert units")) << s;
+  EXPECT_EQ(transports_[0]
+                ->Send(1,
+                       Key(MessageKind::kLayer, static_cast<int>(LinearKind::kQ), 0,
+                           engine::ExpertStep(0), 1),
+                       "l")
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(transports_[0]
+                ->Send(1, Key(MessageKind::kStatistic, down, 0, engine::ExpertStep(0), 1), "s")
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  // Token counts: any rank to any other, at their own step only.
+  const MessageKey counts = Key(MessageKind::kTokenCounts, 0, 2, engine::kStepRouting, 1);
+  ASSERT_TRUE(transports_[2]->Send(1, counts, "c").ok());
+  EXPECT_EQ(*transports_[1]->Receive(counts, absl::Seconds(1)), "c");
+  EXPECT_EQ(transports_[2]->Send(1, Key(MessageKind::kTokenCounts, 0, 2, 1, 1), "c").code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(PeerTransportTest, ResentMessageIsAcceptedOnceAndAnotherPayloadRefused) {

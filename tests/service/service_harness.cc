@@ -134,7 +134,7 @@ std::string Process::LogTail(size_t bytes) const { return ReadTail(log_path_, by
 // ---------------------------------------------------------------------------------------------
 // Cluster
 
-Cluster::Cluster(const std::string& name) {
+Cluster::Cluster(const std::string& name, const std::string& synth_arch) {
   root_ = MakeTempDir(absl::StrCat("qcal-", name));
   input_ = root_ + "/input";
   output_ = root_ + "/output";
@@ -142,7 +142,7 @@ Cluster::Cluster(const std::string& name) {
   logs_ = root_ + "/logs";
   for (const std::string& d : {input_, output_, data_, logs_}) fs::create_directories(d);
   const std::string shared = SharedDir();
-  if (!shared.empty()) {
+  if (!shared.empty() && synth_arch.empty()) {
     fs::create_directories(input_ + "/models/stories260k");
     fs::create_directories(input_ + "/data");
     for (const char* f : {"config.json", "model.safetensors", "tokenizer.model"}) {
@@ -153,15 +153,21 @@ Cluster::Cluster(const std::string& name) {
     }
     model_ = {"models/stories260k", "data/tinystories-calib.txt", "data/tinystories-eval.txt", 5};
   } else {
-    static const std::string* synth = [] {
+    // One synthetic checkpoint per architecture and process.
+    static auto* synth = new std::map<std::string, std::string>();
+    const std::string arch = synth_arch.empty() ? "llama" : synth_arch;
+    if (synth->count(arch) == 0) {
       const std::string dir = MakeTempDir("qcal-synth-tiny") + "/tiny";
       engine::SynthOptions o;
       o.out_dir = dir;
+      absl::StatusOr<engine::SynthArch> a = engine::ParseSynthArch(arch);
+      EXPECT_TRUE(a.ok()) << a.status();
+      if (a.ok()) o.arch = *a;
       absl::StatusOr<engine::SynthResult> r = engine::WriteSyntheticCheckpoint(o);
       EXPECT_TRUE(r.ok()) << r.status();
-      return new std::string(dir);
-    }();
-    fs::copy(*synth, input_ + "/tiny", fs::copy_options::recursive);
+      (*synth)[arch] = dir;
+    }
+    fs::copy(synth->at(arch), input_ + "/tiny", fs::copy_options::recursive);
     model_ = {"tiny", "tiny/calib.txt", "tiny/eval.txt", 2};
   }
   EXPECT_TRUE(WriteStringToFile(RecipePath(), kRecipe).ok());

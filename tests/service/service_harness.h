@@ -3,7 +3,8 @@
 // and output comparison. Every wait is bounded.
 //
 // The model is stories260k from ../shared when present (5 blocks), else the synthetic tiny model
-// (2 blocks), so the tests also run on a machine without ../shared.
+// (2 blocks), so the tests also run on a machine without ../shared; a cluster may ask for the
+// synthetic tiny model of another architecture instead (a mixture-of-experts family, say).
 #pragma once
 
 #include <sys/types.h>
@@ -65,8 +66,9 @@ struct TestModel {
 class Cluster {
  public:
   // Creates <tmp>/{input,output,data,logs}; the model goes to input/ (copied, not linked: the
-  // input root confines symlinks).
-  explicit Cluster(const std::string& name);
+  // input root confines symlinks). `synth_arch` (`qcal synth --arch`, e.g. "qwen2_moe"): the
+  // synthetic tiny checkpoint of that architecture (2 blocks), written once per process.
+  explicit Cluster(const std::string& name, const std::string& synth_arch = "");
   ~Cluster();
 
   const std::string& root() const { return root_; }

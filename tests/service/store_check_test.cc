@@ -89,26 +89,7 @@ class StoreCheckTest : public ::testing::Test {
     live.mutable_job()->mutable_spec()->set_samples(8);
     live.set_seq(2);
     batch.Put(Column::kJobs, JobKey(kLive), Encode(live));
-    BlockRecord mark;
-    mark.set_block(0);
-    for (int l = 0; l < 7; ++l) {
-      const std::string bytes = absl::StrCat("quantized layer ", l);
-      const std::string file = absl::StrFormat("artifacts/%s/%06d-%02d.bin", kLive, 0, l);
-      WriteFile(file, bytes);
-      ArtifactRecord a;
-      a.set_name(absl::StrCat("layer", l));
-      a.set_file(file);
-      a.set_report_json("{}");
-      batch.Put(Column::kArtifacts, ArtifactKey(kLive, 0, l), Encode(a));
-      LayerRecord lr;
-      lr.mutable_digest()->set_name(a.name());
-      lr.mutable_digest()->set_sha256(Sha256Hex(bytes));
-      lr.mutable_digest()->set_size(static_cast<int64_t>(bytes.size()));
-      lr.mutable_digest()->set_report_sha256(Sha256Hex("{}"));
-      batch.Put(Column::kTasks, LayerKey(kLive, 0, l), Encode(lr));
-      *mark.add_layers() = lr.digest();
-    }
-    batch.Put(Column::kTasks, BlockKey(kLive, 0), Encode(mark));
+    PutCommittedBlock(batch, 0, 7);
     const std::string act =
         absl::StrFormat("activations/%s/block-%06d/chunk-%06d.safetensors", kLive, 1, 0);
     WriteFile(act, "activations");
@@ -126,6 +107,32 @@ class StoreCheckTest : public ::testing::Test {
     store_.reset();
     std::error_code ec;
     fs::remove_all(data_, ec);
+  }
+
+  // Block `block` of kLive committed with `layers` layers (files in the data directory, artifact
+  // and layer records, the done mark) into `batch`; returns the done mark.
+  BlockRecord PutCommittedBlock(WriteBatch& batch, int block, int layers) {
+    BlockRecord mark;
+    mark.set_block(block);
+    for (int l = 0; l < layers; ++l) {
+      const std::string bytes = absl::StrCat("quantized layer ", block, "/", l);
+      const std::string file = absl::StrFormat("artifacts/%s/%06d-%02d.bin", kLive, block, l);
+      WriteFile(file, bytes);
+      ArtifactRecord a;
+      a.set_name(absl::StrCat("layer", l));
+      a.set_file(file);
+      a.set_report_json("{}");
+      batch.Put(Column::kArtifacts, ArtifactKey(kLive, block, l), Encode(a));
+      LayerRecord lr;
+      lr.mutable_digest()->set_name(a.name());
+      lr.mutable_digest()->set_sha256(Sha256Hex(bytes));
+      lr.mutable_digest()->set_size(static_cast<int64_t>(bytes.size()));
+      lr.mutable_digest()->set_report_sha256(Sha256Hex("{}"));
+      batch.Put(Column::kTasks, LayerKey(kLive, block, l), Encode(lr));
+      *mark.add_layers() = lr.digest();
+    }
+    batch.Put(Column::kTasks, BlockKey(kLive, block), Encode(mark));
+    return mark;
   }
 
   void WriteFile(const std::string& rel, const std::string& bytes) {
@@ -264,6 +271,24 @@ TEST_F(StoreCheckTest, InconsistentRecordsAreReported) {
   const std::string worker = Get(Column::kWorkers, "w-4");
   ExpectDetected([&] { Put(Column::kWorkers, "w-4", "\xff\xff\xff"); },
                  "workers/w-4 does not parse", [&] { Put(Column::kWorkers, "w-4", worker); });
+}
+
+// A mixture-of-experts block commits more than seven layers, at places past 99 (a three-digit key):
+// a complete one passes, and its done mark must list every one of its layer records.
+TEST_F(StoreCheckTest, AnMoeBlocksLayersPastNinetyNinePass) {
+  constexpr int kLayers = 4 + 3 * 34;  // q, k, v, o and 34 expert units
+  WriteBatch batch;
+  const BlockRecord mark = PutCommittedBlock(batch, 1, kLayers);
+  ASSERT_TRUE(store_->Write(batch).ok());
+  EXPECT_EQ(LayerKey(kLive, 1, 105), absl::StrCat(kLive, "/layer/000001/105"));
+  const StoreCheckResult r = Check();
+  EXPECT_TRUE(r.ok()) << r.ToJson();
+  EXPECT_EQ(r.layers, 7 + kLayers);
+  BlockRecord short_mark = mark;
+  short_mark.mutable_layers()->RemoveLast();
+  ExpectDetected([&] { Put(Column::kTasks, BlockKey(kLive, 1), Encode(short_mark)); },
+                 "block 1's done mark lists 105 layers, the block has 106 layer records",
+                 [&] { Put(Column::kTasks, BlockKey(kLive, 1), Encode(mark)); });
 }
 
 TEST_F(StoreCheckTest, TheCoordinatorsCheckStoreFlagExitsByTheResult) {

@@ -5,8 +5,6 @@
 #include <cstdio>
 #include <memory>
 
-#include "absl/strings/str_cat.h"
-#include "common/hf_config.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
@@ -45,23 +43,10 @@ absl::Status RunQuantize(QuantizeArgs& a) {
   }
   const engine::JobLogFn log = [](const std::string& line) { spdlog::info("quantize: {}", line); };
 #if QCAL_WITH_SERVICE
-  // The service does not run mixture-of-experts jobs yet (CheckServiceQuantizable): they run
-  // through the engine's job session here, as in the engine-only build.
-  QCAL_ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(a.job.model_dir));
-  if (config.moe() && a.workers != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--workers ", a.workers, ": mixture-of-experts models (", config.model_type,
-                     ") are quantized by one in-process worker for now (docs/MOE.md)"));
-  }
-  engine::JobResult r;
-  if (config.moe()) {
-    QCAL_ASSIGN_OR_RETURN(r, engine::RunQuantizeJob(a.job, log));
-  } else {
-    local::LocalRunOptions lo;
-    lo.job = a.job;
-    lo.workers = a.workers;
-    QCAL_ASSIGN_OR_RETURN(r, local::RunLocalJob(lo, log));
-  }
+  local::LocalRunOptions lo;
+  lo.job = a.job;
+  lo.workers = a.workers;
+  QCAL_ASSIGN_OR_RETURN(engine::JobResult r, local::RunLocalJob(lo, log));
 #else
   QCAL_ASSIGN_OR_RETURN(engine::JobResult r, engine::RunQuantizeJob(a.job, log));
 #endif

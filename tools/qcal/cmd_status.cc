@@ -8,7 +8,6 @@
 #include "common/status.h"
 #include "services/common/job_spec.h"
 #include "services/common/quant_client.h"
-#include "services/engine/model.h"
 #include "tools/qcal/commands.h"
 
 namespace qcal::cli {
@@ -36,14 +35,9 @@ absl::Status RunStatus(const StatusArgs& a) {
                 static_cast<unsigned long long>(job.gang_epoch()), job.gang_size(),
                 job.gang_size() == 1 ? "" : "s");
     for (const v1::GangMember& m : job.gang()) {
-      std::string linears;
-      for (int l : m.owned_linears()) {
-        if (!linears.empty()) linears += ",";
-        linears += engine::LinearName(engine::kAllLinears[static_cast<size_t>(l)]);
-      }
       std::printf("  rank %-2d %-12s %-21s chunks [%d,%d)  linears %s\n", m.rank(),
                   m.worker_id().c_str(), m.peer_address().empty() ? "-" : m.peer_address().c_str(),
-                  m.chunk_begin(), m.chunk_end(), linears.empty() ? "-" : linears.c_str());
+                  m.chunk_begin(), m.chunk_end(), service::OwnedLinearsText(m).c_str());
     }
   }
   if (job.has_result()) {

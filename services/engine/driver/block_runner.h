@@ -153,8 +153,8 @@ class BlockRunner {
   BlockRunner(Model& model, CalibActivations& acts, const Recipe& recipe, StageTimes& times,
               OacSource oac = nullptr, uint64_t seed = 0);
 
-  // All phases in order; advances acts to the next block. Returns the block's seven linears in
-  // forward order.
+  // All phases in order; advances acts to the next block. Returns the block's linears in
+  // BlockLinears order (a dense block's seven in forward order).
   absl::StatusOr<std::vector<LayerResult>> Run();
 
   // Parks the chunks that do not fit on the device in pinned host memory (device backends). First.

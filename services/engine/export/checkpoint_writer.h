@@ -69,7 +69,8 @@ struct CheckpointExtras {
 
 // One block's part of the export.
 struct BlockExport {
-  // The block's seven quantized linears, by linear name ("model.layers.{b}.{module}.{proj}").
+  // The block's quantized linears (an MoE block's experts included), by checkpoint prefix
+  // ("model.layers.{b}.{module}.{proj}", LinearPrefix).
   std::map<std::string, QuantizedLinear> quantized;
   // The block's folded tensors (names "model.layers.{b}.…") and low-rank adapters (exactly the
   // block's linears listed in `adapter_ranks`, at those ranks).

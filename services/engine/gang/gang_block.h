@@ -56,7 +56,7 @@ struct GangBlockOptions {
 
 // Runs block acts.next_block of `model` as rank plan.rank: acts must hold exactly the rank's
 // chunks (plan.local() of plan.total_chunks), `transport` connects the ranks (nullptr only when
-// plan.world == 1). Returns all seven linears of the block in forward order (solved here or
+// plan.world == 1). Returns all the block's linears in BlockLinears order (solved here or
 // received), and advances acts to the next block. `times` accumulates the stage times. Errors:
 // an invalid plan or options, activations that do not match the plan (InvalidArgument), the
 // transport's (a refused message, a peer that does not answer in time), the solves'. `oac`: the

@@ -14,6 +14,12 @@ int GangPlan::StatOwner(LinearInput input) const {
   return best;
 }
 
+int GangPlan::LinearOwner(const ModelConfig& config, LinearId id) const {
+  if (id.expert == kNoExpert) return OwnerOf(id.kind);
+  const int unit = ExpertUnitOf(config, id.expert);
+  return unit >= 0 && unit < static_cast<int>(expert_owners.size()) ? ExpertOwner(unit) : -1;
+}
+
 std::vector<int> GangPlan::ConsumerOwners(LinearInput input) const {
   std::vector<int> ranks;
   for (LinearKind k : ConsumersOf(input)) ranks.push_back(OwnerOf(k));

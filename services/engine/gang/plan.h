@@ -60,6 +60,9 @@ struct GangPlan {
   bool Owns(LinearKind k) const { return OwnerOf(k) == rank; }
   // The owner of expert unit u (0 <= u < expert_owners.size()).
   int ExpertOwner(int unit) const { return expert_owners[static_cast<size_t>(unit)]; }
+  // The owner of linear `id` of a block of `config`: OwnerOf(id.kind) for a dense linear, the
+  // owner of its expert unit for an expert's (-1 when the plan has no such unit).
+  int LinearOwner(const ModelConfig& config, LinearId id) const;
   // The rank completing `input`'s statistics: the lowest owner among its consumers.
   int StatOwner(LinearInput input) const;
   // The ranks that own a consumer of `input`, ascending, without repeats.

@@ -71,15 +71,25 @@ namespace {
 
 // Range checks of a key that do not depend on the plan (INVALID_ARGUMENT).
 absl::Status CheckKeyShape(const v1::PeerMessageKey& key) {
-  if (key.kind() < 0 || key.kind() > static_cast<int>(MessageKind::kRetrained)) {
+  if (key.kind() < 0 || key.kind() > static_cast<int>(MessageKind::kTokenCounts)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown message kind ", key.kind()));
   }
-  // The gradient pass's partials and retraining's messages have steps of their own, and only they.
-  const bool gradient = key.kind() == static_cast<int>(MessageKind::kOacPartials);
-  const bool retrain = key.kind() >= static_cast<int>(MessageKind::kRetrainBase);
-  const int own_step = gradient ? engine::kStepGradientPass : retrain ? engine::kStepRetrain : -1;
+  // The gradient pass's partials, retraining's messages and an MoE block's token counts have steps
+  // of their own, and only they; an expert unit's partials and layers have one step per unit
+  // (checked against the plan on delivery).
+  const auto kind = static_cast<MessageKind>(key.kind());
+  const bool gradient = kind == MessageKind::kOacPartials;
+  const bool retrain = kind == MessageKind::kRetrainBase || kind == MessageKind::kRetrainSamples ||
+                       kind == MessageKind::kRetrained;
+  const bool routing = kind == MessageKind::kTokenCounts;
+  const bool expert = (kind == MessageKind::kPartials || kind == MessageKind::kLayer) &&
+                      key.step() >= engine::kStepFirstExpert;
+  const int own_step = gradient  ? engine::kStepGradientPass
+                       : retrain ? engine::kStepRetrain
+                       : routing ? engine::kStepRouting
+                                 : -1;
   if (key.block() < 0 || key.step() < 0 ||
-      (own_step >= 0 ? key.step() != own_step : key.step() > engine::kStepBoundary)) {
+      (own_step >= 0 ? key.step() != own_step : !expert && key.step() > engine::kStepBoundary)) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad block ", key.block(), " or step ", key.step()));
   }
@@ -99,11 +109,19 @@ absl::Status CheckKeyShape(const v1::PeerMessageKey& key) {
       items = std::numeric_limits<int>::max();
       break;
     case MessageKind::kControl:
-    case MessageKind::kTokenCounts:  // refused above: the service runs no MoE job
+    case MessageKind::kTokenCounts:
       break;
   }
   if (key.item() < 0 || key.item() >= items) {
     return absl::InvalidArgumentError(absl::StrCat("item ", key.item(), " out of range"));
+  }
+  // An expert unit's statistics are its gate/up and down inputs, its layers gate, up and down.
+  const int first_item = kind == MessageKind::kPartials
+                             ? static_cast<int>(engine::LinearInput::kGateUp)
+                             : static_cast<int>(engine::LinearKind::kGate);
+  if (expert && key.item() < first_item) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("item ", key.item(), " is no expert's (step ", key.step(), ")"));
   }
   return absl::OkStatus();
 }
@@ -256,82 +274,102 @@ absl::Status PeerServer::Check(const v1::PeerHeader& header, bool* duplicate) co
                                                       "the gang of ", plan_.world,
                                                       " or equal to the receiver"));
   }
-  switch (key.kind) {
-    case MessageKind::kPartials: {
-      const int owner = plan_.StatOwner(static_cast<engine::LinearInput>(key.item));
-      if (owner != rank) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            what, ": rank ", rank, " does not own that statistic (rank ", owner, " does)"));
-      }
-      break;
+  if (key.step >= engine::kStepFirstExpert &&
+      (key.kind == MessageKind::kPartials || key.kind == MessageKind::kLayer)) {
+    // An expert unit's: its partials go to the unit's owner, its solved linears come from it.
+    const int unit = key.step - engine::kStepFirstExpert;
+    if (unit >= static_cast<int>(plan_.expert_owners.size())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, ": the plan has ", plan_.expert_owners.size(), " expert units"));
     }
-    case MessageKind::kStatistic: {
-      const auto input = static_cast<engine::LinearInput>(key.item);
-      const int owner = plan_.StatOwner(input);
-      if (key.from != owner) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(what, ": the sender does not own that statistic (rank ", owner, " does)"));
-      }
-      if (key.step != engine::kStepSmoothing) {
-        bool consumer = false;
-        for (int r : plan_.ConsumerOwners(input)) consumer = consumer || r == rank;
-        if (!consumer) {
-          return absl::FailedPreconditionError(
-              absl::StrCat(what, ": rank ", rank, " owns no consumer of that statistic"));
+    const int owner = plan_.ExpertOwner(unit);
+    if (key.kind == MessageKind::kPartials && owner != rank) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          what, ": rank ", rank, " does not own that expert unit (rank ", owner, " does)"));
+    }
+    if (key.kind == MessageKind::kLayer && key.from != owner) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, ": the sender does not own that expert unit (rank ", owner, " does)"));
+    }
+  } else {
+    switch (key.kind) {
+      case MessageKind::kPartials: {
+        const int owner = plan_.StatOwner(static_cast<engine::LinearInput>(key.item));
+        if (owner != rank) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              what, ": rank ", rank, " does not own that statistic (rank ", owner, " does)"));
         }
+        break;
       }
-      break;
-    }
-    case MessageKind::kLayer: {
-      const int owner = plan_.OwnerOf(static_cast<engine::LinearKind>(key.item));
-      if (key.from != owner) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(what, ": the sender does not own that linear (rank ", owner, " does)"));
-      }
-      break;
-    }
-    case MessageKind::kOacPartials: {
-      const int owner = plan_.OwnerOf(static_cast<engine::LinearKind>(key.item));
-      if (owner != rank) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            what, ": rank ", rank, " does not own that linear (rank ", owner, " does)"));
-      }
-      break;
-    }
-    case MessageKind::kTokenCounts:
-    case MessageKind::kControl:
-      if (key.from != 0) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(what, ": control messages come from rank 0 only"));
-      }
-      break;
-    case MessageKind::kRetrainBase:
-    case MessageKind::kRetrainSamples: {
-      if (rank != engine::kRetrainRank) {
-        return absl::FailedPreconditionError(absl::StrCat(what, ": rank ", rank,
-                                                          " does not train the block (rank ",
-                                                          engine::kRetrainRank, " does)"));
-      }
-      if (key.kind == MessageKind::kRetrainBase &&
-          key.from != plan_.OwnerOf(static_cast<engine::LinearKind>(key.item))) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(what, ": the sender does not own that linear"));
-      }
-      if (key.kind == MessageKind::kRetrainSamples) {
-        const engine::ChunkRange& held = plan_.chunks[static_cast<size_t>(key.from)];
-        if (key.item < held.begin || key.item >= held.end) {
-          return absl::FailedPreconditionError(
-              absl::StrCat(what, ": the sender does not hold that chunk"));
+      case MessageKind::kStatistic: {
+        const auto input = static_cast<engine::LinearInput>(key.item);
+        const int owner = plan_.StatOwner(input);
+        if (key.from != owner) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              what, ": the sender does not own that statistic (rank ", owner, " does)"));
         }
+        if (key.step != engine::kStepSmoothing) {
+          bool consumer = false;
+          for (int r : plan_.ConsumerOwners(input)) consumer = consumer || r == rank;
+          if (!consumer) {
+            return absl::FailedPreconditionError(
+                absl::StrCat(what, ": rank ", rank, " owns no consumer of that statistic"));
+          }
+        }
+        break;
       }
-      break;
+      case MessageKind::kLayer: {
+        const int owner = plan_.OwnerOf(static_cast<engine::LinearKind>(key.item));
+        if (key.from != owner) {
+          return absl::FailedPreconditionError(
+              absl::StrCat(what, ": the sender does not own that linear (rank ", owner, " does)"));
+        }
+        break;
+      }
+      case MessageKind::kOacPartials: {
+        const int owner = plan_.OwnerOf(static_cast<engine::LinearKind>(key.item));
+        if (owner != rank) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              what, ": rank ", rank, " does not own that linear (rank ", owner, " does)"));
+        }
+        break;
+      }
+      case MessageKind::kTokenCounts:  // every rank sends its counts to every other
+        break;
+      case MessageKind::kControl:
+        if (key.from != 0) {
+          return absl::FailedPreconditionError(
+              absl::StrCat(what, ": control messages come from rank 0 only"));
+        }
+        break;
+      case MessageKind::kRetrainBase:
+      case MessageKind::kRetrainSamples: {
+        if (rank != engine::kRetrainRank) {
+          return absl::FailedPreconditionError(absl::StrCat(what, ": rank ", rank,
+                                                            " does not train the block (rank ",
+                                                            engine::kRetrainRank, " does)"));
+        }
+        if (key.kind == MessageKind::kRetrainBase &&
+            key.from != plan_.OwnerOf(static_cast<engine::LinearKind>(key.item))) {
+          return absl::FailedPreconditionError(
+              absl::StrCat(what, ": the sender does not own that linear"));
+        }
+        if (key.kind == MessageKind::kRetrainSamples) {
+          const engine::ChunkRange& held = plan_.chunks[static_cast<size_t>(key.from)];
+          if (key.item < held.begin || key.item >= held.end) {
+            return absl::FailedPreconditionError(
+                absl::StrCat(what, ": the sender does not hold that chunk"));
+          }
+        }
+        break;
+      }
+      case MessageKind::kRetrained:
+        if (key.from != engine::kRetrainRank) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              what, ": retrained linears come from rank ", engine::kRetrainRank, " only"));
+        }
+        break;
     }
-    case MessageKind::kRetrained:
-      if (key.from != engine::kRetrainRank) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            what, ": retrained linears come from rank ", engine::kRetrainRank, " only"));
-      }
-      break;
   }
   const auto seen = accepted_.find(key);
   if (seen != accepted_.end()) {

@@ -18,7 +18,10 @@
 //                        from a rank that is not its owner, or (except at kStepSmoothing, whose
 //                        statistics go to every rank) to a rank that owns none of its consumers;
 //                        kLayer from a rank that does not own that linear; kControl from a rank
-//                        other than 0; a key already delivered with another payload;
+//                        other than 0; at an MoE block's expert step (engine::ExpertStep),
+//                        kPartials to a rank that does not own the expert unit
+//                        (GangPlan::ExpertOwner), kLayer from one that does not, or a unit the
+//                        plan does not have; a key already delivered with another payload;
 //   INVALID_ARGUMENT     a malformed stream (no header first, a second header, a key out of range,
 //                        a piece over rpc::kChunkBytes);
 //   RESOURCE_EXHAUSTED   a payload over PeerServerOptions::max_payload_bytes;

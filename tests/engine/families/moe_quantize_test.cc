@@ -7,8 +7,9 @@
 //   - per family: quantize -> export -> reload equals the in-memory model's perplexity within 1e-4
 //     relative, every expert linear is in the export, two runs give the same bytes, and a gang of
 //     2 ranks gives the bytes of one worker; full-precision routing runs;
-//   - recipe keys the phase does not do on experts, a moe section on a dense model, and
-//     `qcal quantize --workers 2` on an MoE model are refused naming the key.
+//   - recipe keys the phase does not do on experts and a moe section on a dense model are refused
+//     naming the key.
+// The same jobs through the service (`qcal quantize --workers N`, worker kills): service_moe_test.
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -18,7 +19,6 @@
 #include <thread>
 #include <vector>
 
-#include "common/files.h"
 #include "common/safetensors.h"
 #include "common/text_data.h"
 #include "common/tokenizer.h"
@@ -32,7 +32,6 @@
 #include "services/engine/quantize.h"
 #include "tests/engine/families/family_checkpoints.h"
 #include "tests/support/numeric.h"
-#include "tests/support/subprocess.h"
 #include "tests/support/test_paths.h"
 
 namespace qcal::engine {
@@ -363,15 +362,6 @@ TEST_F(MoeQuantizeTest, RecipesThePhaseDoesNotDoAreRefusedNamingTheKey) {
   ASSERT_TRUE(plain.moe.has_value());
   EXPECT_EQ(plain.moe->min_tokens, 128);
   EXPECT_NE(plain.Sha256(), dense_sha);
-  // The CLI runs MoE jobs on one in-process worker.
-  const std::string recipe_path = *root_ + "/w4.yaml";
-  ASSERT_TRUE(WriteStringToFile(recipe_path, "method: gptq\nweights: {bits: 4}\n").ok());
-  const std::string dir = Dir(SynthArch::kQwen2Moe);
-  auto run = testing::RunQcal({"quantize", "--model", dir, "--recipe", recipe_path, "--calib",
-                               dir + "/calib.txt", "--samples", "8", "--seq-len", "32", "--out",
-                               *root_ + "/cli-out", "--threads", "2", "--workers", "2"});
-  EXPECT_NE(run.exit_code, 0);
-  EXPECT_THAT(run.err, HasSubstr("--workers 2: mixture-of-experts models (qwen2_moe)"));
 }
 
 }  // namespace
