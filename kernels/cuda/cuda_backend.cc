@@ -71,6 +71,19 @@ absl::Status ExpectHostI32(const Tensor& t, const char* op, const char* what) {
   return absl::OkStatus();
 }
 
+// The attention kernels' argument structs take an AttentionShape's fields one by one.
+template <typename Args>
+void SetShape(const AttentionShape& s, Args& args) {
+  args.batch = s.batch;
+  args.q_len = s.q_len;
+  args.kv_len = s.kv_len;
+  args.num_heads = s.num_heads;
+  args.num_kv_heads = s.num_kv_heads;
+  args.head_dim = s.head_dim;
+  args.q_offset = s.q_offset;
+  args.sliding_window = s.sliding_window;
+}
+
 absl::Status ExpectShape(const Tensor& t, const Shape& shape, const char* op, const char* what) {
   if (t.shape() != shape) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -474,14 +487,7 @@ class CudaBackend final : public Backend {
     args.k = k.data<float>();
     args.v = v.data<float>();
     args.out = out.data<float>();
-    args.batch = s.batch;
-    args.q_len = s.q_len;
-    args.kv_len = s.kv_len;
-    args.num_heads = s.num_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
-    args.q_offset = s.q_offset;
-    args.sliding_window = s.sliding_window;
+    SetShape(s, args);
     return CudaStatus(cuda::LaunchAttention(args, stream()), "Attention kernel");
   }
 
@@ -771,14 +777,7 @@ class CudaBackend final : public Backend {
     args.dk = dk.data<float>();
     args.dv = dv.data<float>();
     args.scratch = scratch.data<float>();
-    args.batch = s.batch;
-    args.q_len = s.q_len;
-    args.kv_len = s.kv_len;
-    args.num_heads = s.num_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
-    args.q_offset = s.q_offset;
-    args.sliding_window = s.sliding_window;
+    SetShape(s, args);
     return CudaStatus(cuda::LaunchAttentionBackward(args, stream()), "AttentionBackward kernels");
   }
 
@@ -1206,15 +1205,8 @@ class CudaBackend final : public Backend {
     args.k = kp;
     args.v = vp;
     args.out = out.data<float>();
-    args.batch = s.batch;
-    args.q_len = s.q_len;
-    args.kv_len = s.kv_len;
-    args.num_heads = s.num_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
+    SetShape(s, args);
     args.padded_dim = dp;
-    args.q_offset = s.q_offset;
-    args.sliding_window = s.sliding_window;
     if (saved != nullptr) {
       QCAL_ASSIGN_OR_RETURN(
           saved->lse,
@@ -1276,15 +1268,8 @@ class CudaBackend final : public Backend {
     args.dk = dk.data<float>();
     args.dv = dv.data<float>();
     args.scratch = scratch.data<float>();
-    args.batch = s.batch;
-    args.q_len = s.q_len;
-    args.kv_len = s.kv_len;
-    args.num_heads = s.num_heads;
-    args.num_kv_heads = s.num_kv_heads;
-    args.head_dim = s.head_dim;
+    SetShape(s, args);
     args.padded_dim = dp;
-    args.q_offset = s.q_offset;
-    args.sliding_window = s.sliding_window;
     args.stats_given = saved != nullptr;
     return CudaStatus(cuda::LaunchAttentionBackwardBf16(args, stream()),
                       "AttentionBackward kernels (bf16)");
