@@ -170,23 +170,51 @@ TEST(GptqBlockSize, IdenticalCodesInDouble) {
   }
 }
 
-// In fp32 rounding differs with the block size: the layer error agrees within 1e-5 relative and
-// at most 0.1% of the codes differ.
+// In fp32 rounding differs with the block size (the lazy updates sum in another order): DESIGN
+// section 3 expects at most 0.1% of the codes to differ and the layer error to agree within 1e-5
+// relative. The codes' half holds wherever it was run; the layer error's half is an expectation
+// that single-threaded OpenBLAS contradicts on some machines (docs/QUALITY.md, "GPTQ in fp32 and
+// the block size"), so it is its own test, run by `make expectations` (tests/engine/quant/
+// CMakeLists.txt).
+struct BlockSizePair {
+  QuantizedLinear a, b;  // block sizes 8 and 128
+};
+BlockSizePair QuantizeAtBothBlockSizes(const std::vector<float>& w, const std::vector<float>& h,
+                                       int64_t d_out, int64_t d_in, const QuantSpec& spec) {
+  auto a = QuantizeGptq(w.data(), h.data(), d_out, d_in, spec, Options(0.01, 8));
+  auto b = QuantizeGptq(w.data(), h.data(), d_out, d_in, spec, Options(0.01, 128));
+  EXPECT_TRUE(a.ok() && b.ok());
+  if (!a.ok() || !b.ok()) return {};
+  return {*std::move(a), *std::move(b)};
+}
+
 TEST(GptqBlockSize, CloseInFloat) {
   const Problem p = MakeProblem(128, 256, 31);
   const std::vector<float> w = Convert<float>(p.w), h = Convert<float>(p.h);
   for (int group_size : {-1, 32, 128}) {
     for (int bits : {3, 4}) {
       SCOPED_TRACE(::testing::Message() << "g " << group_size << " bits " << bits);
-      const QuantSpec spec = Spec(bits, group_size);
-      auto a = QuantizeGptq(w.data(), h.data(), p.d_out, p.d_in, spec, Options(0.01, 8));
-      auto b = QuantizeGptq(w.data(), h.data(), p.d_out, p.d_in, spec, Options(0.01, 128));
-      ASSERT_TRUE(a.ok() && b.ok());
+      const BlockSizePair q =
+          QuantizeAtBothBlockSizes(w, h, p.d_out, p.d_in, Spec(bits, group_size));
+      ASSERT_EQ(q.a.codes.size(), q.b.codes.size());
       int64_t differ = 0;
-      for (size_t i = 0; i < a->codes.size(); ++i) differ += a->codes[i] != b->codes[i];
-      EXPECT_LE(differ, static_cast<int64_t>(a->codes.size()) / 1000);
-      const double ea = OutputError(w.data(), a->Dequantized().data(), h.data(), p.d_out, p.d_in);
-      const double eb = OutputError(w.data(), b->Dequantized().data(), h.data(), p.d_out, p.d_in);
+      for (size_t i = 0; i < q.a.codes.size(); ++i) differ += q.a.codes[i] != q.b.codes[i];
+      EXPECT_LE(differ, static_cast<int64_t>(q.a.codes.size()) / 1000);
+    }
+  }
+}
+
+TEST(GptqBlockSize, CloseInFloatLayerError) {
+  const Problem p = MakeProblem(128, 256, 31);
+  const std::vector<float> w = Convert<float>(p.w), h = Convert<float>(p.h);
+  for (int group_size : {-1, 32, 128}) {
+    for (int bits : {3, 4}) {
+      SCOPED_TRACE(::testing::Message() << "g " << group_size << " bits " << bits);
+      const BlockSizePair q =
+          QuantizeAtBothBlockSizes(w, h, p.d_out, p.d_in, Spec(bits, group_size));
+      ASSERT_EQ(q.a.codes.size(), q.b.codes.size());
+      const double ea = OutputError(w.data(), q.a.Dequantized().data(), h.data(), p.d_out, p.d_in);
+      const double eb = OutputError(w.data(), q.b.Dequantized().data(), h.data(), p.d_out, p.d_in);
       EXPECT_NEAR(ea, eb, 1e-5 * eb);
     }
   }
