@@ -491,6 +491,17 @@ class Backend {
   // (IEEE division: the same bits as the host).
   virtual absl::Status DivideRows(Tensor& w, const Tensor& m) { return Unsupported("DivideRows"); }
 
+  // A second backend on this device with its own queue, for independent work that a host thread
+  // runs beside this backend's (the output-adaptive factorizations of a block's linears, which the
+  // block's statistics do not feed: oac/factor_prefetch.h). Created on first call and owned by
+  // this backend; nullptr where there is none (the default, and the CPU backend, whose ops already
+  // use every thread). CUDA: its own stream, cuBLAS and cuSOLVER handles and memory pool, so its
+  // results are bit-identical to this backend's. Its device tensors are this backend's operands
+  // once its Synchronize has returned; memory it handed out must not be written by this backend.
+  // Not thread-safe (call it from this backend's thread); the side backend is used by one other
+  // thread at a time.
+  virtual absl::StatusOr<Backend*> SideBackend() { return nullptr; }
+
  protected:
   absl::Status UnsupportedOp(const char* op) const { return Unsupported(op); }
   // The operand checks of AbqLinear that do not depend on the device: x [m, w.k()] and y

@@ -156,6 +156,7 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<Tensor> ToDevice(const Tensor& t) override {
     if (!t.defined()) return absl::InvalidArgumentError("ToDevice: tensor is undefined");
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
     QCAL_ASSIGN_OR_RETURN(Tensor out, Uninitialized(t.dtype(), t.shape()));
     const cudaMemcpyKind kind =
         t.device() == Device::kHost ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice;
@@ -215,6 +216,16 @@ class CudaBackend final : public Backend {
           std::max<int64_t>(0, memory_limit_ - static_cast<int64_t>(allocator_->bytes_in_use())));
     }
     return available;
+  }
+
+  absl::StatusOr<Backend*> SideBackend() override {
+    if (side_ == nullptr) {
+      BackendOptions options;
+      options.compute_dtype = dtype_;
+      options.memory_limit_bytes = memory_limit_;
+      QCAL_ASSIGN_OR_RETURN(side_, CreateCudaBackend(options, device_));
+    }
+    return side_.get();
   }
 
   int64_t MemoryInUse() const override { return static_cast<int64_t>(allocator_->bytes_in_use()); }
@@ -1349,6 +1360,8 @@ class CudaBackend final : public Backend {
   std::shared_ptr<cuda::CachingAllocator> pinned_;
   RopeShape rope_key_;
   Tensor rope_table_;
+  // SideBackend(): created on first use; destroyed first (it synchronizes its own stream).
+  std::unique_ptr<Backend> side_;
 };
 
 }  // namespace

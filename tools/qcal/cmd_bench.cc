@@ -415,6 +415,12 @@ absl::Status RunBench(BenchArgs& a) {
       "    factorizations %.3f s, column loops and updates %.3f s, output errors %.3f s, "
       "transfers %.3f s, error reconstruction %.3f s\n",
       r.times.factor, r.times.quantize, r.times.error, r.times.transfer, r.times.reconstruct);
+  if (r.times.prefetched_factors > 0) {
+    std::printf(
+        "    %d output-adaptive factorizations ran ahead on the side queue (the wait for them is "
+        "in factorizations)\n",
+        r.times.prefetched_factors);
+  }
   std::printf("  %-10s %9.3f s\n", "embedding", r.embed_seconds);
   if (r.has_gradient_pass) {
     const engine::GradientPassStats& g = r.gradient_pass;

@@ -15,6 +15,7 @@
 #include "common/status.h"
 #include "services/engine/driver/install.h"
 #include "services/engine/driver/memory_plan.h"
+#include "services/engine/oac/factor_prefetch.h"
 #include "services/engine/quant/quantized_linear.h"
 
 namespace qcal::engine {
@@ -246,6 +247,7 @@ absl::Status BlockRunner::Begin() {
         "block ", b_, ": the activations hold ", held, " chunks from chunk ", acts_.first_chunk,
         " of ", acts_.total_chunks, " (", acts_.chunk_batch.size(), " batch sizes)"));
   }
+  QCAL_RETURN_IF_ERROR(StartFactorPrefetch());
   for (size_t c = acts_.chunks.size(); c-- > 0;) {
     QCAL_RETURN_IF_ERROR(ParkIfShort(be_, acts_.chunks[c], reserve_));
   }
@@ -645,6 +647,11 @@ absl::Status BlockRunner::PushBlock() {
 
 absl::StatusOr<std::vector<LayerResult>> BlockRunner::Finish() {
   QCAL_RETURN_IF_ERROR(WaitForConversions());
+  if (prefetch_ != nullptr) {
+    // The taken factors' last readers are done before their memory goes back to the side queue.
+    QCAL_RETURN_IF_ERROR(be_.Synchronize());
+    prefetch_.reset();
+  }
   x_in_.clear();
   acts_.next_block = b_ + 1;
   return std::move(results_);
@@ -1097,9 +1104,87 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
   return solved;
 }
 
+namespace {
+
+// Linear `name`'s output-adaptive statistics from `source`, its Hessian checked against its
+// input's width.
+absl::StatusOr<LinearOac> FetchOac(const OacSource& source, int block, LinearKind k, int64_t d_in,
+                                   const std::string& name) {
+  auto got = source(block, k);
+  if (!got.ok()) {
+    return Annotate(got.status(), absl::StrCat("output-adaptive statistics of ", name));
+  }
+  LinearOac stats = *std::move(got);
+  if (!stats.hessian.defined() || stats.hessian.dtype() != DType::kF32 ||
+      stats.hessian.shape() != Shape{d_in, d_in}) {
+    return absl::InvalidArgumentError(absl::StrCat("output-adaptive Hessian of ", name,
+                                                   ": expected F32 [", d_in, ", ", d_in, "], got ",
+                                                   ShapeString(stats.hessian.shape())));
+  }
+  return stats;
+}
+
+// GptqFactorize of a host or device Hessian on `be` (uploaded there first when on the host).
+// No host scan for non-finite values: GptqFactorize refuses them on every backend (naming the
+// Hessian), and scanning 0.9 GB a block on the host cost a 7B job 10 s.
+absl::StatusOr<kernels::GptqFactor> FactorizeOac(kernels::Backend& be, Tensor h,
+                                                 const kernels::GptqSolveOptions& gopt,
+                                                 const std::string& name) {
+  if (h.device() != be.device()) {
+    QCAL_ASSIGN_OR_RETURN(h, be.ToDevice(h));
+  }
+  auto f = be.GptqFactorize(h, gopt);
+  if (!f.ok()) return Annotate(f.status(), name);
+  return f;
+}
+
+}  // namespace
+
+// Without smoothing, every output-adaptive factor of a dense block is known before the block
+// starts: a host thread factorizes them on the backend's side queue in solve order
+// (oac/factor_prefetch.h) while this thread runs the block. Only for a runner holding every chunk
+// (a gang member solves only the linears it owns) on a backend with a side queue.
+absl::Status BlockRunner::StartFactorPrefetch() {
+  if (!recipe_.NeedsGradientPass() || recipe_.method != QuantMethod::kGptq ||
+      recipe_.smoothing.enabled() || model_.config().IsMoeBlock(b_) || !oac_ ||
+      !CheckHoldsEveryChunk().ok()) {
+    return absl::OkStatus();
+  }
+  QCAL_ASSIGN_OR_RETURN(kernels::Backend * side, be_.SideBackend());
+  if (side == nullptr) return absl::OkStatus();
+  // Room for every factor of the block at once and one factorization's working copies, twice
+  // over, beside the block's working set; else the solves factorize as they go.
+  std::vector<LinearKind> kinds;
+  int64_t factors = 0, widest = 0;
+  for (LinearInput in : kAllLinearInputs) {
+    const int64_t n = widths_[static_cast<int>(in)];
+    for (LinearKind k : ConsumersOf(in)) {
+      kinds.push_back(k);
+      factors += n * n * int64_t{sizeof(float)};
+    }
+    widest = std::max(widest, n * n * int64_t{sizeof(float)});
+  }
+  const int64_t available = be_.AvailableMemory();
+  if (available >= 0 && available < 2 * (factors + 2 * widest) + reserve_) {
+    return absl::OkStatus();
+  }
+  auto factorize = [source = oac_, block = b_, widths = widths_, gopt = gopt_](
+                       kernels::Backend& side_be,
+                       LinearKind k) -> absl::StatusOr<kernels::GptqFactor> {
+    const std::string name = LinearPrefix(block, k);
+    QCAL_ASSIGN_OR_RETURN(LinearOac stats,
+                          FetchOac(source, block, k, widths[static_cast<int>(InputOf(k))], name));
+    QCAL_ASSIGN_OR_RETURN(kernels::GptqFactor f, FactorizeOac(side_be, stats.hessian, gopt, name));
+    QCAL_RETURN_IF_ERROR(side_be.Synchronize());
+    return f;
+  };
+  prefetch_ = std::make_unique<OacFactorPrefetch>(*side, std::move(kinds), std::move(factorize));
+  return absl::OkStatus();
+}
+
 // Linear k's own output-adaptive Hessian from the gradient pass, smoothed like its input (the
 // Fisher with it), uploaded and factorized with the options of its input (ASER's extracted columns
-// among them).
+// among them); or the factor prefetched.
 absl::StatusOr<kernels::GptqFactor> BlockRunner::OutputAdaptiveFactor(
     LinearInput in, LinearKind k, const kernels::GptqSolveOptions& gopt) {
   const std::string name = LinearPrefix(b_, k);
@@ -1108,18 +1193,12 @@ absl::StatusOr<kernels::GptqFactor> BlockRunner::OutputAdaptiveFactor(
         absl::StrCat(name, ": recipe key \"hessian\" is ", RecipeName(recipe_.hessian),
                      " but the solve was given no gradient-pass statistics"));
   }
-  auto got = oac_(b_, k);
-  if (!got.ok()) {
-    return Annotate(got.status(), absl::StrCat("output-adaptive statistics of ", name));
+  if (prefetch_ != nullptr && prefetch_->Has(k)) {
+    ++t_.prefetched_factors;
+    return prefetch_->Take(k);
   }
-  LinearOac stats = *std::move(got);
-  const int64_t d_in = widths_[static_cast<int>(in)];
-  if (!stats.hessian.defined() || stats.hessian.dtype() != DType::kF32 ||
-      stats.hessian.shape() != Shape{d_in, d_in}) {
-    return absl::InvalidArgumentError(absl::StrCat("output-adaptive Hessian of ", name,
-                                                   ": expected F32 [", d_in, ", ", d_in, "], got ",
-                                                   ShapeString(stats.hessian.shape())));
-  }
+  QCAL_ASSIGN_OR_RETURN(LinearOac stats,
+                        FetchOac(oac_, b_, k, widths_[static_cast<int>(in)], name));
   const std::vector<float>& m = smoothing_.at(in).m;
   if (!m.empty()) {
     // The transform runs on the host, in one fixed order, whatever the backend.
@@ -1130,16 +1209,12 @@ absl::StatusOr<kernels::GptqFactor> BlockRunner::OutputAdaptiveFactor(
     QCAL_RETURN_IF_ERROR(
         Annotate(SmoothLinearOac(m, stats), absl::StrCat("output-adaptive statistics of ", name)));
   }
-  // No host scan for non-finite values: GptqFactorize refuses them on every backend (naming the
-  // Hessian), and scanning 0.9 GB a block on the host cost a 7B job 10 s.
   Tensor h = stats.hessian;
   if (h.device() != be_.device()) {
     QCAL_ASSIGN_OR_RETURN(h, be_.ToDevice(h));
   }
   QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
-  auto f = be_.GptqFactorize(h, gopt);
-  if (!f.ok()) return Annotate(f.status(), name);
-  return f;
+  return FactorizeOac(be_, std::move(h), gopt, name);
 }
 
 }  // namespace qcal::engine

@@ -36,6 +36,9 @@
 // linear's input; SmoothLinearOac), and ASER's extracted columns are dead columns of it as of the
 // Gram matrix. The Gram matrix stays what the smoothing statistics, the error reconstruction's
 // whitening and the report's output errors are computed from: they are about activations.
+// Without smoothing, a runner holding every chunk on a backend with a side queue factorizes the
+// block's output-adaptive Hessians ahead, beside the block's work (oac/factor_prefetch.h; Begin
+// starts it, Finish ends it): the same factors, sooner.
 //
 // Retraining (recipe.retrain.enabled; DESIGN section 2, steps 3.4 and 3.5, and section 3,
 // "Retraining"; the phases are in driver/block_retrain.cc):
@@ -71,6 +74,7 @@
 #include <functional>
 #include <future>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -83,6 +87,7 @@
 #include "services/engine/driver/results.h"
 #include "services/engine/gang/reduction.h"
 #include "services/engine/model.h"
+#include "services/engine/oac/factor_prefetch.h"
 #include "services/engine/oac/oac_statistics.h"
 #include "services/engine/recipe.h"
 
@@ -297,6 +302,7 @@ class BlockRunner {
                                                        int expert);
   absl::StatusOr<kernels::GptqFactor> OutputAdaptiveFactor(LinearInput in, LinearKind k,
                                                            const kernels::GptqSolveOptions& gopt);
+  absl::Status StartFactorPrefetch();
   bool Retrains() const { return recipe_.retrain.enabled; }
   absl::Status BeginRetrain();
   absl::StatusOr<Tensor> FisherOf(LinearInput in, LinearKind k);
@@ -340,6 +346,9 @@ class BlockRunner {
   std::vector<Routing> routing_, fp_routing_;
   std::vector<int64_t> expert_tokens_;
   std::vector<bool> fallback_;
+  // Output-adaptive factors computed ahead on the side queue (StartFactorPrefetch); null when the
+  // solves factorize as they go. Last: destroyed (its thread joined) first.
+  std::unique_ptr<OacFactorPrefetch> prefetch_;
 };
 
 // The seed of block b's retraining for the job's calibration seed: HashBits(seed, b), so that the

@@ -101,6 +101,8 @@ struct StageTimes {
   double quantize = 0;
   double error = 0;
   double transfer = 0;
+  // Output-adaptive factors computed ahead on the side queue (their wait is in `factor`).
+  int prefetched_factors = 0;
   double smooth = 0;       // smoothing: the full-precision statistics pass, scales and folding
   double reconstruct = 0;  // error reconstruction: whitening, SVD and factors (part of `solve`)
   // Retraining: the full-precision block's outputs (the targets), gathering and training, and the

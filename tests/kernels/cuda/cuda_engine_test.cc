@@ -16,6 +16,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/hash_random.h"
 #include "services/engine/bench.h"
 #include "services/engine/model.h"
 #include "services/engine/quantize.h"
@@ -366,6 +367,67 @@ TEST_F(CudaEngineTest, BenchRunsATinyShape) {
     EXPECT_NEAR(errors[1], errors[0], kLayerErrorParity * errors[0]);
   }
   EXPECT_FALSE(engine::BenchShapeNamed("30b").ok());
+}
+
+// Output-adaptive factors computed ahead on the backend's side queue (oac/factor_prefetch.h)
+// are the factors the solve computes itself: a run with them and a run without (a 1-byte memory
+// plan, which leaves no room for them) give the same codes, bit for bit. The Hessians are fixed
+// positive definite matrices (XᵀX of uniform X with twice as many rows as columns) per linear.
+TEST_F(CudaEngineTest, PrefetchedOutputAdaptiveFactorsChangeNothing) {
+  REQUIRE_GPU_AND_SHARED();
+  const std::string shared = testing::SharedDir();
+  auto gpu = MakeBackend("cuda");
+  auto tight = MakeBackend("cuda", 1);
+  ASSERT_TRUE(gpu && tight);
+  engine::Recipe recipe = Gptq(true, true);
+  recipe.weights.bits = 2;
+  recipe.hessian = engine::HessianKind::kOutputAdaptive;
+  const engine::OacSource source = [](int block,
+                                      engine::LinearKind k) -> absl::StatusOr<engine::LinearOac> {
+    const int64_t n = k == engine::LinearKind::kDown ? 172 : 64;  // stories260k's widths
+    const int64_t rows = 2 * n;
+    std::vector<float> x(static_cast<size_t>(rows * n));
+    const uint64_t seed = uint64_t(block) * 16 + static_cast<uint64_t>(k);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = kernels::HashUniform(seed, i, -1.0f, 1.0f);
+    engine::LinearOac oac;
+    oac.hessian = Tensor::Zeros(DType::kF32, {n, n});
+    float* h = oac.hessian.data<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        double sum = 0;
+        for (int64_t r = 0; r < rows; ++r) sum += double(x[r * n + i]) * x[r * n + j];
+        h[i * n + j] = static_cast<float>(sum);
+      }
+    }
+    return oac;
+  };
+  auto run = [&](kernels::Backend& be, int* prefetched) {
+    std::vector<std::string> artifacts;
+    auto model = engine::Model::Load(shared + "/models/stories260k", &be);
+    EXPECT_TRUE(model.ok()) << model.status();
+    if (!model.ok()) return artifacts;
+    auto acts = engine::EmbedCalibration(**model, Samples(shared));
+    EXPECT_TRUE(acts.ok()) << acts.status();
+    if (!acts.ok()) return artifacts;
+    engine::StageTimes times;
+    for (int b = 0; b < (*model)->num_blocks(); ++b) {
+      auto block = engine::QuantizeBlock(**model, *acts, recipe, &times, source);
+      EXPECT_TRUE(block.ok()) << block.status();
+      if (!block.ok()) return artifacts;
+      for (const auto& r : *block) {
+        artifacts.push_back(engine::SerializeQuantizedLinear(r.quantized));
+      }
+    }
+    *prefetched = times.prefetched_factors;
+    return artifacts;
+  };
+  int ahead = 0, inline_factors = 0;
+  const std::vector<std::string> a = run(*gpu, &ahead);
+  const std::vector<std::string> b = run(*tight, &inline_factors);
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(ahead, static_cast<int>(a.size())) << "every factor of every block ran ahead";
+  EXPECT_EQ(inline_factors, 0);
+  EXPECT_EQ(a, b);
 }
 
 }  // namespace
