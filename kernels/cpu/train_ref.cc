@@ -190,7 +190,10 @@ absl::StatusOr<QuantizedLinear> QuantizeClipped(const float* w, const ClipLayout
   for (int64_t pos = 0; pos < layout.d_in; ++pos) {
     q.g_idx[view.column(pos)] = static_cast<int32_t>(pos / g);
   }
-  for (int64_t o = 0; o < layout.d_out; ++o) {
+  // Rows are independent and each writes only its own codes, scales and zeros: split over threads,
+  // the same bits. A row's error is kept and the first row's is returned.
+  std::vector<absl::Status> row_status(static_cast<size_t>(layout.d_out));
+  auto quantize_row = [&](int64_t o) -> absl::Status {
     const float* row = w + o * layout.d_in;
     for (int64_t j = 0; j < layout.d_in; ++j) {
       if (!std::isfinite(row[j])) {
@@ -212,7 +215,12 @@ absl::StatusOr<QuantizedLinear> QuantizeClipped(const float* w, const ClipLayout
         q.codes[o * layout.d_in + j] = QuantizeCode(row[j], f.p, layout.spec);
       }
     }
-  }
+    return absl::OkStatus();
+  };
+  ParallelFor(layout.d_out, 4 * layout.d_in, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) row_status[static_cast<size_t>(o)] = quantize_row(o);
+  });
+  for (const absl::Status& status : row_status) QCAL_RETURN_IF_ERROR(status);
   return q;
 }
 

@@ -322,7 +322,12 @@ absl::Status RunBench(BenchArgs& a) {
                       {"backward", r.times.retrain_parts.backward},
                       {"regularizer", r.times.retrain_parts.regularizer},
                       {"params", r.times.retrain_parts.params},
-                      {"optimizer", r.times.retrain_parts.optimizer}}},
+                      {"optimizer", r.times.retrain_parts.optimizer},
+                      {"setup", r.times.retrain_parts.setup},
+                      {"mse", r.times.retrain_parts.mse},
+                      {"finish", r.times.retrain_parts.finish},
+                      {"gather", r.times.retrain_parts.gather},
+                      {"install", r.times.retrain_parts.install}}},
                     {"setup_untimed", r.setup_seconds},
                     {"blocks", r.block_seconds}};
     j["pflop"] = {{"forward", r.flops.forward * 1e-15},
@@ -410,6 +415,11 @@ absl::Status RunBench(BenchArgs& a) {
         "    training steps: fake-quantized bases %.3f s, forward %.3f s, backward %.3f s, "
         "regularizer %.3f s, parameter gradients %.3f s, AdamW %.3f s\n",
         t.weights, t.forward, t.backward, t.regularizer, t.params, t.optimizer);
+    std::printf(
+        "    outside the steps: setup %.3f s, output MSE before and after %.3f s, parameters back "
+        "and codes re-rounded %.3f s, gathering the samples %.3f s, installing, pushing and "
+        "output errors %.3f s\n",
+        t.setup, t.mse, t.finish, t.gather, t.install);
   }
   std::printf(
       "    factorizations %.3f s, column loops and updates %.3f s, output errors %.3f s, "

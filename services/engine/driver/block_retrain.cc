@@ -2,6 +2,7 @@
 // trainer's inputs, installing the retrained linears and pushing the retrained block.
 #include <cblas.h>
 
+#include <chrono>
 #include <utility>
 #include <vector>
 
@@ -15,6 +16,8 @@
 #include "services/engine/retrain/block_trainer.h"
 
 namespace qcal::engine {
+
+using Clock = std::chrono::steady_clock;
 
 uint64_t RetrainSeed(uint64_t seed, int block) {
   return kernels::HashBits(seed, static_cast<uint64_t>(block));
@@ -176,6 +179,15 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
     l.grid_zeros = r->quantized.zeros;
   }
   const int64_t len = acts_.seq_len;
+  auto t0 = Clock::now();
+  // Adds the time since t0 to `slot` (once the device is done) and restarts t0.
+  auto lap = [&](double& slot) -> absl::Status {
+    QCAL_RETURN_IF_ERROR(be_.Synchronize());
+    const auto now = Clock::now();
+    slot += std::chrono::duration<double>(now - t0).count();
+    t0 = now;
+    return absl::OkStatus();
+  };
   for (size_t c = 0; c < inputs.size(); ++c) {
     if (inputs[c].shape() != targets[c].shape() ||
         inputs[c].shape() != Shape{chunk_batch[c] * len, model_.config().hidden_size}) {
@@ -196,6 +208,8 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
       in.targets.push_back(y.Rows(s * len, (s + 1) * len));
     }
   }
+  RetrainSeconds& parts = t_.retrain_parts;
+  QCAL_RETURN_IF_ERROR(lap(parts.gather));
   QCAL_RETURN_IF_ERROR(Charge(t_.retrain));
   if (before_training_) QCAL_RETURN_IF_ERROR(before_training_(b_));
   RetrainOptions options = RetrainOptionsOf(recipe_.retrain, RetrainSeed(seed_, b_));
@@ -204,13 +218,16 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
   if (!trained.ok()) {
     return Annotate(trained.status(), absl::StrCat("retraining block ", b_));
   }
-  RetrainSeconds& parts = t_.retrain_parts;
+  t0 = Clock::now();
   parts.weights += trained->seconds.weights;
   parts.forward += trained->seconds.forward;
   parts.backward += trained->seconds.backward;
   parts.regularizer += trained->seconds.regularizer;
   parts.params += trained->seconds.params;
   parts.optimizer += trained->seconds.optimizer;
+  parts.setup += trained->seconds.setup;
+  parts.mse += trained->seconds.mse;
+  parts.finish += trained->seconds.finish;
   std::vector<LayerResult> out;
   for (LinearKind k : kAllLinears) {
     const int i = static_cast<int>(k);
@@ -243,19 +260,30 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
     const LinearKind k = r.report.kind;
     const Tensor& gram = grams[static_cast<size_t>(InputOf(k))];
     QCAL_ASSIGN_OR_RETURN(Tensor w, be_.ToDevice(reference_[static_cast<int>(k)]));
-    // Q(W̃; γ, β) + L_A·L_B on the host (not every backend has AddLowRank).
-    const int d_out = static_cast<int>(r.report.d_out), d_in = static_cast<int>(r.report.d_in);
-    const int rank = static_cast<int>(r.report.rank);
-    std::vector<float> w_eff_host = r.quantized.Dequantized();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d_out, d_in, rank, 1.0f, r.lora_a.data(),
-                rank, r.lora_b.data(), d_in, 1.0f, w_eff_host.data(), d_in);
-    QCAL_ASSIGN_OR_RETURN(Tensor w_eff,
-                          be_.ToDevice(Tensor::FromVector(w_eff_host, {r.report.d_out, d_in})));
+    // Q(W̃; γ, β) + L_A·L_B: on the device from the installed weight and factors where the
+    // backend has AddLowRank, else on the host.
+    Tensor w_eff;
+    const Linear& installed = model_.block(b_).at(k);
+    if (be_.SupportsSolverOp(kernels::SolverOp::kErrorReconstruction) &&
+        installed.lora_a.defined()) {
+      QCAL_ASSIGN_OR_RETURN(w_eff, be_.AllocUninitialized(DType::kF32, installed.weight.shape()));
+      QCAL_RETURN_IF_ERROR(be_.Copy(installed.weight, w_eff));
+      QCAL_RETURN_IF_ERROR(be_.AddLowRank(installed.lora_a, installed.lora_b, w_eff));
+    } else {
+      const int d_out = static_cast<int>(r.report.d_out), d_in = static_cast<int>(r.report.d_in);
+      const int rank = static_cast<int>(r.report.rank);
+      std::vector<float> w_eff_host = r.quantized.Dequantized();
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d_out, d_in, rank, 1.0f,
+                  r.lora_a.data(), rank, r.lora_b.data(), d_in, 1.0f, w_eff_host.data(), d_in);
+      QCAL_ASSIGN_OR_RETURN(w_eff,
+                            be_.ToDevice(Tensor::FromVector(w_eff_host, {r.report.d_out, d_in})));
+    }
     QCAL_ASSIGN_OR_RETURN(const double norm, be_.OutputError(w, Tensor(), gram));
     QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, w_eff, gram));
     r.report.rel_error_retrained = error / (norm > 0 ? norm : 1.0);
   }
   results_ = out;
+  QCAL_RETURN_IF_ERROR(lap(parts.install));
   QCAL_RETURN_IF_ERROR(Charge(t_.retrain));
   return out;
 }

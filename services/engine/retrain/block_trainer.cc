@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/parallel.h"
@@ -22,6 +23,27 @@ absl::StatusOr<Tensor> OnDevice(Backend& be, const Tensor& host) {
 }
 
 // A host I32 tensor holding `values`.
+// The index of the first element of p[0, n) that is not finite, or -1 (split over threads).
+int64_t FirstNonFinite(const float* p, int64_t n) {
+  constexpr int64_t kPieces = 64;
+  std::vector<int64_t> first(kPieces, -1);
+  const int64_t piece = (n + kPieces - 1) / kPieces;
+  ParallelFor(kPieces, piece, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t e = i * piece; e < std::min(n, (i + 1) * piece); ++e) {
+        if (!std::isfinite(p[e])) {
+          first[static_cast<size_t>(i)] = e;
+          break;
+        }
+      }
+    }
+  });
+  for (int64_t e : first) {
+    if (e >= 0) return e;
+  }
+  return -1;
+}
+
 Tensor I32Tensor(const std::vector<int32_t>& values, const Shape& shape) {
   Tensor t = Tensor::Zeros(DType::kI32, shape);
   std::copy(values.begin(), values.end(), t.data<int32_t>());
@@ -405,12 +427,11 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
     QCAL_RETURN_IF_ERROR(CheckHostF32(in.reference, w_shape, kind, "reference"));
     if (in.fisher.defined()) QCAL_RETURN_IF_ERROR(CheckHostF32(in.fisher, w_shape, kind, "fisher"));
     // The fake quantizer assumes finite weights (QuantizeClipped checks again at the end).
-    const float* wp = in.base.data<float>();
-    for (int64_t e = 0; e < in.base.numel(); ++e) {
-      if (!std::isfinite(wp[e])) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "retrain: ", LinearName(kind), " base [", e / d_in, ", ", e % d_in, "] is not finite"));
-      }
+    const int64_t bad = FirstNonFinite(in.base.data<float>(), in.base.numel());
+    if (bad >= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("retrain: ", LinearName(kind), " base [",
+                                                     bad / d_in, ", ", bad % d_in,
+                                                     "] is not finite"));
     }
     l.layout.d_out = d_out;
     l.layout.d_in = d_in;
@@ -621,16 +642,34 @@ const RetrainSeconds& BlockTrainer::seconds() const { return s_->seconds; }
 absl::StatusOr<RetrainResult> RetrainBlock(Backend& backend, const ModelConfig& config,
                                            const kernels::QuantSpec& spec,
                                            const RetrainOptions& options, RetrainBlockInput input) {
+  using Clock = std::chrono::steady_clock;
+  auto lap = [&backend](Clock::time_point& t0, double& slot) -> absl::Status {
+    QCAL_RETURN_IF_ERROR(backend.Synchronize());
+    const auto now = Clock::now();
+    slot += std::chrono::duration<double>(now - t0).count();
+    t0 = now;
+    return absl::OkStatus();
+  };
+  auto t0 = Clock::now();
   QCAL_ASSIGN_OR_RETURN(std::unique_ptr<BlockTrainer> trainer,
                         BlockTrainer::Create(backend, config, spec, options, std::move(input)));
+  RetrainSeconds outside;
+  QCAL_RETURN_IF_ERROR(lap(t0, outside.setup));
   RetrainResult result;
   QCAL_ASSIGN_OR_RETURN(result.output_mse_before, trainer->OutputMse());
+  QCAL_RETURN_IF_ERROR(lap(t0, outside.mse));
   QCAL_ASSIGN_OR_RETURN(result.epochs, trainer->Train());
+  t0 = Clock::now();
   QCAL_ASSIGN_OR_RETURN(result.output_mse_after, trainer->OutputMse());
-  result.seconds = trainer->seconds();
+  QCAL_RETURN_IF_ERROR(lap(t0, outside.mse));
   for (LinearKind kind : kAllLinears) {
     QCAL_ASSIGN_OR_RETURN(result.linears[static_cast<int>(kind)], trainer->Finish(kind));
   }
+  QCAL_RETURN_IF_ERROR(lap(t0, outside.finish));
+  result.seconds = trainer->seconds();
+  result.seconds.setup = outside.setup;
+  result.seconds.mse = outside.mse;
+  result.seconds.finish = outside.finish;
   return result;
 }
 

@@ -150,6 +150,12 @@ struct RetrainSeconds {
   double regularizer = 0;  // the Fisher-weighted term
   double params = 0;       // the LoRA and clipping gradients from the weight gradients
   double optimizer = 0;    // AdamW
+  // Outside the steps (RetrainBlock always times these; BlockRunner::TrainBlock the last two):
+  double setup = 0;    // checking and uploading the bases, references, grids and parameters
+  double mse = 0;      // the output MSE over every sample before and after training
+  double finish = 0;   // the trained parameters back, codes re-rounded on the clipped grid
+  double gather = 0;   // the samples' inputs and targets onto the device
+  double install = 0;  // installing the retrained linears, the push and their output errors
 };
 
 // Means over one epoch's steps.
