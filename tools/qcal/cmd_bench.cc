@@ -416,6 +416,10 @@ absl::Status RunBench(BenchArgs& a) {
         "regularizer %.3f s, parameter gradients %.3f s, AdamW %.3f s\n",
         t.weights, t.forward, t.backward, t.regularizer, t.params, t.optimizer);
     std::printf(
+        "    of which: weight-gradient products dyT.x %.3f s (in backward), clipping STE sums %.3f "
+        "s (in parameter gradients)\n",
+        t.weight_grads, t.clip_grads);
+    std::printf(
         "    outside the steps: setup %.3f s, output MSE before and after %.3f s, parameters back "
         "and codes re-rounded %.3f s, gathering the samples %.3f s, installing, pushing and "
         "output errors %.3f s\n",

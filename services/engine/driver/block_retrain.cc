@@ -225,6 +225,8 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
   parts.regularizer += trained->seconds.regularizer;
   parts.params += trained->seconds.params;
   parts.optimizer += trained->seconds.optimizer;
+  parts.weight_grads += trained->seconds.weight_grads;
+  parts.clip_grads += trained->seconds.clip_grads;
   parts.setup += trained->seconds.setup;
   parts.mse += trained->seconds.mse;
   parts.finish += trained->seconds.finish;

@@ -150,6 +150,10 @@ struct RetrainSeconds {
   double regularizer = 0;  // the Fisher-weighted term
   double params = 0;       // the LoRA and clipping gradients from the weight gradients
   double optimizer = 0;    // AdamW
+  // Parts of the above (with RetrainOptions::profile): the weight-gradient products dyᵀ·x inside
+  // `backward`, and the clipping factors' STE sums inside `params`.
+  double weight_grads = 0;
+  double clip_grads = 0;
   // Outside the steps (RetrainBlock always times these; BlockRunner::TrainBlock the last two):
   double setup = 0;    // checking and uploading the bases, references, grids and parameters
   double mse = 0;      // the output MSE over every sample before and after training
