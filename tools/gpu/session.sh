@@ -44,8 +44,7 @@
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
 #   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval families quantize oac retrain
-#                              moe bench er abq sanitizer stream13 stream70 moebench ncu
-#                              retrainprof"
+#                              moe bench er abq sanitizer stream13 stream70 moebench ncu"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3)
@@ -554,34 +553,6 @@ if wants sanitizer && [[ -n $sanitizer ]]; then
   time_for 110 && gtest "racecheck attention backward" "$out/racecheck_backward.log" 100 \
     "$sanitizer" --tool racecheck --error-exitcode 1 "$p/bin/cuda_backward_test" \
     --gtest_color=no --gtest_filter='*AttentionBackwardIsBitIdentical*'
-fi
-
-if wants retrainprof; then
-  # Where a retraining step's device time goes (issue 13): Nsight Systems over one 7B-shape block
-  # of ApiQ W2 g64 with one output epoch (128 steps), its CUDA kernel and memory-operation
-  # summaries (nsys stats) into retrainprof.txt.
-  nsys_bin=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys \
-    2>/dev/null | head -1)
-  if [[ -z $nsys_bin ]]; then
-    note "retrainprof: nsys not found"
-  elif time_for 150; then
-    printf 'method: gptq\nweights: {bits: 2, group_size: 64}\nretrain: {method: apiq, epochs: {output: 1}}\n' \
-      >"$out/bench-apiq-prof.yaml"
-    start=$SECONDS
-    timeout 300 "$nsys_bin" profile -t cuda -o "$out/retrainprof" --force-overwrite true \
-      "$qcal" bench --shape 7b --compute-dtype bf16 --blocks 1 --recipe "$out/bench-apiq-prof.yaml" \
-      >"$out/retrainprof.log" 2>&1
-    rc=$?
-    "$nsys_bin" stats -r cuda_gpu_kern_sum,cuda_gpu_mem_time_sum -f csv -o "$out/retrainprof" \
-      "$out/retrainprof.nsys-rep" >>"$out/retrainprof.log" 2>&1
-    for f in "$out"/retrainprof_*.csv; do
-      [[ -f $f ]] && { echo "== $(basename "$f")"; head -40 "$f"; } >>"$out/retrainprof.txt"
-    done
-    rm -f "$out/retrainprof.nsys-rep" "$out/retrainprof.sqlite"
-    printf '%-34s %4d %d s\n' "retrainprof (nsys, 1 block, 1 ep)" "$rc" $((SECONDS - start)) \
-      >>"$summary"
-    cp "$out/retrainprof.txt" "$dest/" 2>/dev/null
-  fi
 fi
 
 if wants ncu; then
