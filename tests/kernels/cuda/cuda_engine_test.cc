@@ -69,8 +69,10 @@ struct QuantizeRun {
   std::vector<std::vector<float>> lora;         // L_A then L_B of every linear, forward order
 };
 
-QuantizeRun Quantize(kernels::Backend& be, const std::string& shared,
-                     const engine::Recipe& recipe) {
+// `oac` and `times` as QuantizeBlock's (output-adaptive recipes; the stage times summed over the
+// blocks).
+QuantizeRun Quantize(kernels::Backend& be, const std::string& shared, const engine::Recipe& recipe,
+                     const engine::OacSource& oac = nullptr, engine::StageTimes* times = nullptr) {
   QuantizeRun run;
   auto model = engine::Model::Load(shared + "/models/stories260k", &be);
   EXPECT_TRUE(model.ok()) << model.status();
@@ -79,7 +81,7 @@ QuantizeRun Quantize(kernels::Backend& be, const std::string& shared,
   EXPECT_TRUE(acts.ok()) << acts.status();
   if (!acts.ok()) return run;
   for (int b = 0; b < (*model)->num_blocks(); ++b) {
-    auto block = engine::QuantizeBlock(**model, *acts, recipe);
+    auto block = engine::QuantizeBlock(**model, *acts, recipe, times, oac);
     EXPECT_TRUE(block.ok()) << block.status();
     if (!block.ok()) return run;
     for (const auto& r : *block) {
@@ -401,33 +403,15 @@ TEST_F(CudaEngineTest, PrefetchedOutputAdaptiveFactorsChangeNothing) {
     }
     return oac;
   };
-  auto run = [&](kernels::Backend& be, int* prefetched) {
-    std::vector<std::string> artifacts;
-    auto model = engine::Model::Load(shared + "/models/stories260k", &be);
-    EXPECT_TRUE(model.ok()) << model.status();
-    if (!model.ok()) return artifacts;
-    auto acts = engine::EmbedCalibration(**model, Samples(shared));
-    EXPECT_TRUE(acts.ok()) << acts.status();
-    if (!acts.ok()) return artifacts;
-    engine::StageTimes times;
-    for (int b = 0; b < (*model)->num_blocks(); ++b) {
-      auto block = engine::QuantizeBlock(**model, *acts, recipe, &times, source);
-      EXPECT_TRUE(block.ok()) << block.status();
-      if (!block.ok()) return artifacts;
-      for (const auto& r : *block) {
-        artifacts.push_back(engine::SerializeQuantizedLinear(r.quantized));
-      }
-    }
-    *prefetched = times.prefetched_factors;
-    return artifacts;
-  };
-  int ahead = 0, inline_factors = 0;
-  const std::vector<std::string> a = run(*gpu, &ahead);
-  const std::vector<std::string> b = run(*tight, &inline_factors);
-  ASSERT_FALSE(a.empty());
-  EXPECT_EQ(ahead, static_cast<int>(a.size())) << "every factor of every block ran ahead";
-  EXPECT_EQ(inline_factors, 0);
-  EXPECT_EQ(a, b);
+  engine::StageTimes ahead, inline_factors;
+  const QuantizeRun a = Quantize(*gpu, shared, recipe, source, &ahead);
+  const QuantizeRun b = Quantize(*tight, shared, recipe, source, &inline_factors);
+  ASSERT_FALSE(a.artifacts.empty());
+  EXPECT_EQ(ahead.prefetched_factors, static_cast<int>(a.artifacts.size()))
+      << "every factor of every block ran ahead";
+  EXPECT_EQ(inline_factors.prefetched_factors, 0);
+  EXPECT_EQ(a.artifacts, b.artifacts);
+  EXPECT_EQ(a.activations, b.activations);
 }
 
 }  // namespace
