@@ -231,7 +231,8 @@ class Backend {
   //
   // c = alpha·op(a)·op(b) + beta·c, where op(a) is [m,k] (a [m,k], or a [k,m] with trans_a),
   // op(b) is [k,n] (b [k,n], or b [n,k] with trans_b) and c is [m,n]. beta == 0 ignores c's
-  // contents (NaN included). Operands rounded per compute_dtype, fp32 accumulation.
+  // contents (NaN included). Operands F32, rounded per compute_dtype (the CUDA backend also takes
+  // BF16 operands, as already rounded), fp32 accumulation.
   virtual absl::Status Gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
                             float alpha, float beta, Tensor& c) {
     return UnsupportedOp("Gemm");
@@ -341,7 +342,8 @@ class Backend {
   // w_hat [d_out, d_in] = the clipped fake-quant of w [d_out, d_in] with the clipping logits gamma
   // and beta [d_out, n_groups] on `layout`: bit-identical to ref::ClippedFakeQuant<float> on every
   // backend. w finite and the layout valid (ClipTensors); w_hat may alias w (each group reads and
-  // writes only its own columns).
+  // writes only its own columns). The CUDA backend also writes a BF16 w_hat: those values rounded
+  // to nearest even (for a caller that uses ŵ only as a bf16 GEMM operand).
   virtual absl::Status ClippedFakeQuant(const Tensor& w, const ClipTensors& layout,
                                         const Tensor& gamma, const Tensor& beta, Tensor& w_hat) {
     return UnsupportedOp("ClippedFakeQuant");

@@ -2,11 +2,12 @@
 // saliency-aware)"): one group of the clipped fake quantizer, forward and STE backward, and one
 // element of AdamW. Header-only and QCAL_HOST_DEVICE like kernels/quant_grid.h, so that the CPU
 // references (kernels/cpu/train_ref.h, which loop over rows and groups and call these functions)
-// and the CUDA kernels (kernels/cuda/clipped_quant*.cu, adamw.cu, one thread per group or element)
-// run the same code. Every operation is a separately rounded IEEE operation in T: the CUDA files
-// that include this header are compiled with -fmad=false (no fused multiply-add), divisions and
-// square roots are IEEE (no fast math), and the host build does not contract (x86-64 without FMA
-// code generation), so for T = float the two backends give the same bits.
+// and the CUDA kernels (kernels/cuda/clipped_quant*.cu: SteLanes threads per group, sharing its
+// weights; adamw.cu: a thread per element) run the same code. Every operation is a separately
+// rounded IEEE operation in T: the CUDA files that include this header are compiled with
+// -fmad=false (no fused multiply-add), divisions and square roots are IEEE (no fast math), and the
+// host build does not contract (x86-64 without FMA code generation), so for T = float the two
+// backends give the same bits.
 //
 // Clipped fake quantizer, per output row o and group k (the columns of the group: positions
 // k·g .. k·g + g − 1, mapped to columns through `perm` when there is one), with clip_max =
@@ -26,7 +27,14 @@
 // point. Inside the clamp range the surrogate is ŵ = w + s·r (r = round(w/s) − w/s), so ∂ŵ/∂s = r;
 // a clamped weight is ŵ = s·C + xmin − s·r_z (C its clamped code, r_z the zero point's offset), so
 // ∂ŵ/∂s = C − r_z and ∂ŵ/∂xmin = 1. A group whose clipped range is empty (all weights zero) has
-// constant parameters: no clipping gradient. The group's sums run over its positions in order.
+// constant parameters: no clipping gradient.
+//
+// The order of the group's STE sums (SteLanes): `lanes` partial sums, partial l over the group's
+// positions p ≡ l (mod lanes) in increasing order, then added as a pairwise tree (for h = lanes/2,
+// ..., 1: partial[l] += partial[l + h] for l < h), which is what a butterfly of `lanes` GPU lanes
+// computes (addition commutes, so every lane ends with the same bits). A group's lanes thus share
+// its serial work, and the CPU reference runs the same order. Before 2026-12-05 the sums ran over
+// the positions in order (lanes = 1, which the order still is for groups of fewer than 16).
 //
 // Only the uniform grid (the layout's Validate enforces it).
 #pragma once
@@ -133,11 +141,49 @@ struct ClipGroupFit {
   T z_offset = 0;          // kAsymmetric: round(z_raw) − z_raw (the zero point's STE offset)
 };
 
-// FitGroup (kernels/quant_grid.h) of group k of row o (`row` is that row of w, [d_in]) with the
-// clip factors σ(gamma), σ(beta) in T, recording the branch.
+// The partial sums of a group of g columns (the order above): the largest power of two not above
+// g/8, in [1, 32] (groups of 64: 8 lanes of 8 weights).
+QCAL_HOST_DEVICE constexpr int SteLanes(int64_t g) {
+  int lanes = 1;
+  while (lanes < 32 && lanes * 16 <= g) lanes *= 2;
+  return lanes;
+}
+
+// A group's unclipped range from its weights: lo = min(min w, 0), hi = max(max w, 0), and the
+// first position attaining lo < 0 (hi > 0), else −1.
 template <typename T>
-QCAL_HOST_DEVICE inline ClipGroupFit<T> FitClippedGroup(const T* row, const ClipView& layout,
-                                                        int64_t o, int64_t k, T gamma, T beta) {
+struct GroupRange {
+  T lo = 0, hi = 0;
+  int64_t lo_pos = -1, hi_pos = -1;
+};
+
+// Adds the weight at position `pos` (positions added in increasing order).
+template <typename T>
+QCAL_HOST_DEVICE inline void AddToRange(T v, int64_t pos, GroupRange<T>& r) {
+  if (v < r.lo) r.lo = v, r.lo_pos = pos;
+  if (v > r.hi) r.hi = v, r.hi_pos = pos;
+}
+
+// The range of the union of two disjoint sets of positions, each summarized by AddToRange: the
+// same as AddToRange over the union in position order (extremes are exact; ties go to the first
+// position). Symmetric in a and b, so a butterfly of lanes agrees on it.
+template <typename T>
+QCAL_HOST_DEVICE inline GroupRange<T> MergeRanges(GroupRange<T> a, const GroupRange<T>& b) {
+  if (b.lo < a.lo || (b.lo == a.lo && b.lo_pos >= 0 && b.lo_pos < a.lo_pos)) {
+    a.lo = b.lo, a.lo_pos = b.lo_pos;
+  }
+  if (b.hi > a.hi || (b.hi == a.hi && b.hi_pos >= 0 && b.hi_pos < a.hi_pos)) {
+    a.hi = b.hi, a.hi_pos = b.hi_pos;
+  }
+  return a;
+}
+
+// FitGroup (kernels/quant_grid.h) of group k of row o with the clip factors σ(gamma), σ(beta) in
+// T, recording the branch, from the group's range (ignored with the solver's grid).
+template <typename T>
+QCAL_HOST_DEVICE inline ClipGroupFit<T> FitClippedRange(const GroupRange<T>& range,
+                                                        const ClipView& layout, int64_t o,
+                                                        int64_t k, T gamma, T beta) {
   const QuantSpec& spec = layout.spec;
   ClipGroupFit<T> f;
   if (layout.has_grid()) {
@@ -152,13 +198,10 @@ QCAL_HOST_DEVICE inline ClipGroupFit<T> FitClippedGroup(const T* row, const Clip
       f.xmax0 = (maxq - z) * s;
     }
   } else {
-    const int64_t g = layout.group_size();
-    const int64_t end = (k + 1) * g < layout.d_in ? (k + 1) * g : layout.d_in;
-    for (int64_t pos = k * g; pos < end; ++pos) {
-      const int64_t j = layout.column(pos);
-      if (row[j] < f.xmin0) f.xmin0 = row[j], f.argmin = j;
-      if (row[j] > f.xmax0) f.xmax0 = row[j], f.argmax = j;
-    }
+    f.xmin0 = range.lo;
+    f.xmax0 = range.hi;
+    f.argmin = range.lo_pos >= 0 ? layout.column(range.lo_pos) : -1;
+    f.argmax = range.hi_pos >= 0 ? layout.column(range.hi_pos) : -1;
   }
   f.cmin = Sigmoid(beta);
   f.cmax = Sigmoid(gamma);
@@ -188,54 +231,92 @@ QCAL_HOST_DEVICE inline ClipGroupFit<T> FitClippedGroup(const T* row, const Clip
   return f;
 }
 
+// The positions of group k: [k·g, min((k + 1)·g, d_in)).
+QCAL_HOST_DEVICE inline int64_t GroupEnd(const ClipView& layout, int64_t k) {
+  const int64_t end = (k + 1) * layout.group_size();
+  return end < layout.d_in ? end : layout.d_in;
+}
+
+// FitClippedRange of group k of row o (`row` is that row of w, [d_in]), its range scanned here.
+template <typename T>
+QCAL_HOST_DEVICE inline ClipGroupFit<T> FitClippedGroup(const T* row, const ClipView& layout,
+                                                        int64_t o, int64_t k, T gamma, T beta) {
+  GroupRange<T> range;
+  if (!layout.has_grid()) {
+    for (int64_t pos = k * layout.group_size(); pos < GroupEnd(layout, k); ++pos) {
+      AddToRange(row[layout.column(pos)], pos, range);
+    }
+  }
+  return FitClippedRange(range, layout, o, k, gamma, beta);
+}
+
 // ŵ of group k of row o: out[j] for the group's columns j (`row` and `out` are row o of w and ŵ).
 template <typename T>
 QCAL_HOST_DEVICE inline void ClippedFakeQuantGroup(const T* row, const ClipView& layout, int64_t o,
                                                    int64_t k, T gamma, T beta, T* out) {
   const ClipGroupFit<T> f = FitClippedGroup(row, layout, o, k, gamma, beta);
-  const int64_t g = layout.group_size();
-  const int64_t end = (k + 1) * g < layout.d_in ? (k + 1) * g : layout.d_in;
-  for (int64_t pos = k * g; pos < end; ++pos) {
+  for (int64_t pos = k * layout.group_size(); pos < GroupEnd(layout, k); ++pos) {
     const int64_t j = layout.column(pos);
     out[j] = Dequantize<T>(QuantizeCode(row[j], f.p, layout.spec), f.p, layout.spec);
   }
 }
 
-// The STE gradients of group k of row o for dŵ = dy (row o of d_w_hat): *d_gamma and *d_beta
-// (the group's logits, overwritten) and, when dw (row o of d_w) is not null, dw[j] for the group's
-// columns (overwritten; through the direct path and through the group's min and max).
+// A group's STE sums: Σ ∂ŵ/∂s·dy (gs) and the clamped weights' direct ∂ŵ/∂xmin·dy (g_xmin).
 template <typename T>
-QCAL_HOST_DEVICE inline void ClippedFakeQuantBackwardGroup(const T* row, const ClipView& layout,
-                                                           int64_t o, int64_t k, T gamma, T beta,
-                                                           const T* dy, T* d_gamma, T* d_beta,
-                                                           T* dw) {
-  const ClipGroupFit<T> f = FitClippedGroup(row, layout, o, k, gamma, beta);
-  const T maxq = static_cast<T>(MaxCode(layout.spec));
+struct SteSums {
+  T gs = 0, g_xmin = 0;
+};
+
+// Adds the STE terms of one weight w with output gradient dy to `sums`, and returns its direct
+// gradient ∂ŵ/∂w·dy (dy inside the clamp range, 0 outside).
+template <typename T>
+QCAL_HOST_DEVICE inline T AddSteTerms(T w, T dy, const ClipGroupFit<T>& f, const QuantSpec& spec,
+                                      SteSums<T>& sums) {
+  const T maxq = static_cast<T>(MaxCode(spec));
   const T s = static_cast<T>(f.p.scale), z = static_cast<T>(f.p.zero);
-  const int64_t g = layout.group_size();
-  const int64_t end = (k + 1) * g < layout.d_in ? (k + 1) * g : layout.d_in;
-  // ∂ŵ/∂s summed over the group (gs), and the clamped weights' direct ∂ŵ/∂xmin (g_xmin).
-  T gs = 0, g_xmin = 0, g_xmax = 0;
-  for (int64_t pos = k * g; pos < end; ++pos) {
-    const int64_t j = layout.column(pos);
-    const T ratio = row[j] / s;
-    const T rounded = RoundHalfEven(ratio);
-    const T code = rounded + z;
-    const bool inside = code >= T(0) && code <= maxq;
-    if (inside) {
-      gs += dy[j] * (rounded - ratio);
-      if (dw) dw[j] = dy[j];
-    } else {
-      const T clamped = code < T(0) ? T(0) : maxq;
-      if (f.branch == ClipBranch::kAsymmetric) {
-        gs += dy[j] * (clamped - f.z_offset);
-        g_xmin += dy[j];
-      } else {
-        gs += dy[j] * (clamped - z);
-      }
-      if (dw) dw[j] = 0;
+  const T ratio = w / s;
+  const T rounded = RoundHalfEven(ratio);
+  const T code = rounded + z;
+  if (code >= T(0) && code <= maxq) {
+    sums.gs += dy * (rounded - ratio);
+    return dy;
+  }
+  const T clamped = code < T(0) ? T(0) : maxq;
+  if (f.branch == ClipBranch::kAsymmetric) {
+    sums.gs += dy * (clamped - f.z_offset);
+    sums.g_xmin += dy;
+  } else {
+    sums.gs += dy * (clamped - z);
+  }
+  return T(0);
+}
+
+// The pairwise tree over `lanes` partial sums (the order above), in place; returns the total.
+template <typename T>
+QCAL_HOST_DEVICE inline SteSums<T> SteTreeSum(SteSums<T>* partial, int lanes) {
+  for (int h = lanes / 2; h >= 1; h /= 2) {
+    for (int l = 0; l < h; ++l) {
+      partial[l].gs += partial[l + h].gs;
+      partial[l].g_xmin += partial[l + h].g_xmin;
     }
   }
+  return partial[0];
+}
+
+// A group's clipping gradients from its summed STE terms: d_gamma and d_beta, and what the
+// weights attaining the unclipped max and min (f.argmax, f.argmin) add to their direct gradients.
+template <typename T>
+struct SteGrads {
+  T d_gamma = 0, d_beta = 0;
+  T w_max = 0, w_min = 0;
+};
+
+template <typename T>
+QCAL_HOST_DEVICE inline SteGrads<T> FinishSte(const ClipGroupFit<T>& f, const QuantSpec& spec,
+                                              const SteSums<T>& sums) {
+  const T maxq = static_cast<T>(MaxCode(spec));
+  const T gs = sums.gs;
+  T g_xmin = sums.g_xmin, g_xmax = 0;
   // The scale's dependence on the clipped range (the fp16 rounding passes gradients as is).
   switch (f.branch) {
     case ClipBranch::kDegenerate:
@@ -255,25 +336,39 @@ QCAL_HOST_DEVICE inline void ClippedFakeQuantBackwardGroup(const T* row, const C
       g_xmax += T(2) * gs / maxq;
       break;
   }
-  *d_gamma = g_xmax * f.xmax0 * f.cmax * (T(1) - f.cmax);
-  *d_beta = g_xmin * f.xmin0 * f.cmin * (T(1) - f.cmin);
-  if (dw) {
-    if (f.argmax >= 0) dw[f.argmax] += g_xmax * f.cmax;
-    if (f.argmin >= 0) dw[f.argmin] += g_xmin * f.cmin;
-  }
+  SteGrads<T> r;
+  r.d_gamma = g_xmax * f.xmax0 * f.cmax * (T(1) - f.cmax);
+  r.d_beta = g_xmin * f.xmin0 * f.cmin * (T(1) - f.cmin);
+  r.w_max = g_xmax * f.cmax;
+  r.w_min = g_xmin * f.cmin;
+  return r;
 }
 
-// Group k of a layout whose groups are whole (d_in a multiple of g, no permutation) as a layout of
-// its own: one group of g columns at k = 0, with the grid pointers moved to group k's, so that the
-// group functions above can run on a copy of the group's g values (as the CUDA kernels' staged
-// path does) and compute exactly what they compute on the row.
-QCAL_HOST_DEVICE inline ClipView GroupView(const ClipView& layout, int64_t k) {
-  ClipView v = layout;
-  v.d_in = layout.group_size();
-  v.perm = nullptr;
-  if (layout.grid_scales) v.grid_scales = layout.grid_scales + k * layout.d_out;
-  if (layout.grid_zeros) v.grid_zeros = layout.grid_zeros + k * layout.d_out;
-  return v;
+// The STE gradients of group k of row o for dŵ = dy (row o of d_w_hat): *d_gamma and *d_beta
+// (the group's logits, overwritten) and, when dw (row o of d_w) is not null, dw[j] for the group's
+// columns (overwritten; through the direct path and through the group's min and max). The sums
+// run in the lanes' order above.
+template <typename T>
+QCAL_HOST_DEVICE inline void ClippedFakeQuantBackwardGroup(const T* row, const ClipView& layout,
+                                                           int64_t o, int64_t k, T gamma, T beta,
+                                                           const T* dy, T* d_gamma, T* d_beta,
+                                                           T* dw) {
+  const ClipGroupFit<T> f = FitClippedGroup(row, layout, o, k, gamma, beta);
+  const int64_t first = k * layout.group_size();
+  const int lanes = SteLanes(layout.group_size());
+  SteSums<T> partial[32];
+  for (int64_t pos = first; pos < GroupEnd(layout, k); ++pos) {
+    const int64_t j = layout.column(pos);
+    const T direct = AddSteTerms(row[j], dy[j], f, layout.spec, partial[(pos - first) % lanes]);
+    if (dw) dw[j] = direct;
+  }
+  const SteGrads<T> r = FinishSte(f, layout.spec, SteTreeSum(partial, lanes));
+  *d_gamma = r.d_gamma;
+  *d_beta = r.d_beta;
+  if (dw) {
+    if (f.argmax >= 0) dw[f.argmax] += r.w_max;
+    if (f.argmin >= 0) dw[f.argmin] += r.w_min;
+  }
 }
 
 // The per-step scalars of AdamW in T (kernels/train_ops.h's AdamWCoefficientsOf computes them in

@@ -1,5 +1,7 @@
 // Compiled with -fmad=false (kernels/cuda/CMakeLists.txt): the group fit and rounding are the CPU
 // reference's separately rounded operations.
+#include <cuda_bf16.h>
+
 #include <algorithm>
 
 #include "kernels/cuda/clipped_quant.cuh"
@@ -7,45 +9,99 @@
 namespace qcal::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 128;
+__device__ inline void Store(float* p, float v) { *p = v; }
+__device__ inline void Store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// kWhole: every group whole (d_in a multiple of g), no permutation, and g = kClipPerLane·kLanes
+// (SteLanes gives that for every power of two g from 8 to 256): a lane's weights are loaded into
+// registers first, so that their loads are in flight together.
+template <int kLanes, bool kWhole, typename Out>
 __global__ void ClippedFakeQuantKernel(ClipView layout, const float* w, const float* gamma,
-                                       const float* beta, float* w_hat, int64_t total) {
-  const int64_t n_groups = layout.n_groups();
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t o = i / n_groups, k = i % n_groups;
-    ClippedFakeQuantGroup<float>(w + o * layout.d_in, layout, o, k, gamma[i], beta[i],
-                                 w_hat + o * layout.d_in);
+                                       const float* beta, Out* w_hat, int64_t total) {
+  constexpr int kPerBlock = kClipThreads / kLanes;
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  const int64_t n_groups = layout.n_groups(), g = layout.group_size();
+  // The loop's bounds are the same for the whole block, so every lane reaches the shuffles.
+  for (int64_t i0 = int64_t{blockIdx.x} * kPerBlock; i0 < total;
+       i0 += int64_t{gridDim.x} * kPerBlock) {
+    const int64_t i = i0 + static_cast<int64_t>(threadIdx.x) / kLanes;
+    const bool active = i < total;
+    const int64_t o = active ? i / n_groups : 0, k = active ? i % n_groups : 0;
+    const int64_t first = k * g;
+    GroupRange<float> range;
+    if constexpr (kWhole) {
+      // Group i's weights are w[i·g, (i + 1)·g); the lane's are every kLanes-th from its own.
+      const float* src = w + i * g + lane;
+      float v[kClipPerLane];
+#pragma unroll
+      for (int e = 0; e < kClipPerLane; ++e) v[e] = active ? src[e * kLanes] : 0.0f;
+      if (!layout.has_grid()) {
+#pragma unroll
+        for (int e = 0; e < kClipPerLane; ++e) AddToRange(v[e], first + lane + e * kLanes, range);
+      }
+      range = LaneGroupRange<kLanes>(range);
+      if (!active) continue;
+      const ClipGroupFit<float> f = FitClippedRange(range, layout, o, k, gamma[i], beta[i]);
+      Out* dst = w_hat + i * g + lane;
+#pragma unroll
+      for (int e = 0; e < kClipPerLane; ++e) {
+        Store(dst + e * kLanes,
+              Dequantize<float>(QuantizeCode(v[e], f.p, layout.spec), f.p, layout.spec));
+      }
+    } else {
+      const float* row = w + o * layout.d_in;
+      const int64_t end = active ? GroupEnd(layout, k) : 0;
+      if (!layout.has_grid()) {
+        for (int64_t pos = first + lane; pos < end; pos += kLanes) {
+          AddToRange(row[layout.column(pos)], pos, range);
+        }
+      }
+      range = LaneGroupRange<kLanes>(range);
+      if (!active) continue;
+      const ClipGroupFit<float> f = FitClippedRange(range, layout, o, k, gamma[i], beta[i]);
+      Out* out = w_hat + o * layout.d_in;
+      for (int64_t pos = first + lane; pos < end; pos += kLanes) {
+        const int64_t j = layout.column(pos);
+        Store(out + j, Dequantize<float>(QuantizeCode(row[j], f.p, layout.spec), f.p, layout.spec));
+      }
+    }
   }
 }
 
-// The staged path (StagedGroups): blockDim.x consecutive groups, contiguous in memory, are read
-// with coalesced loads into shared memory (a group per row of g + 1 floats: the threads' serial
-// walks hit distinct banks), each thread quantizes its group there in place with the same
-// arithmetic, and the block writes them back with coalesced stores.
-__global__ void ClippedFakeQuantStagedKernel(ClipView layout, const float* w, const float* gamma,
-                                             const float* beta, float* w_hat, int64_t total) {
-  extern __shared__ float tile[];
-  const int g = static_cast<int>(layout.group_size());
-  const int64_t n_groups = layout.n_groups();
-  for (int64_t i0 = int64_t{blockIdx.x} * blockDim.x; i0 < total;
-       i0 += int64_t{gridDim.x} * blockDim.x) {
-    const int count = static_cast<int>(total - i0 < blockDim.x ? total - i0 : blockDim.x);
-    const int span = count * g;
-    const float* src = w + i0 * g;
-    for (int e = threadIdx.x; e < span; e += blockDim.x) tile[(e / g) * (g + 1) + e % g] = src[e];
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < count) {
-      const int64_t i = i0 + threadIdx.x;
-      float* group = tile + threadIdx.x * (g + 1);
-      ClippedFakeQuantGroup<float>(group, GroupView(layout, i % n_groups), i / n_groups, 0,
-                                   gamma[i], beta[i], group);
-    }
-    __syncthreads();
-    float* dst = w_hat + i0 * g;
-    for (int e = threadIdx.x; e < span; e += blockDim.x) dst[e] = tile[(e / g) * (g + 1) + e % g];
-    __syncthreads();
+template <int kLanes, typename Out>
+cudaError_t Launch(const ClipView& layout, const float* w, const float* gamma, const float* beta,
+                   Out* w_hat, int64_t total, cudaStream_t stream) {
+  constexpr int64_t kPerBlock = kClipThreads / kLanes;
+  const unsigned blocks =
+      static_cast<unsigned>(std::min<int64_t>((total + kPerBlock - 1) / kPerBlock, 1 << 16));
+  if (WholeLaneGroups(layout, kLanes)) {
+    ClippedFakeQuantKernel<kLanes, true, Out>
+        <<<blocks, kClipThreads, 0, stream>>>(layout, w, gamma, beta, w_hat, total);
+  } else {
+    ClippedFakeQuantKernel<kLanes, false, Out>
+        <<<blocks, kClipThreads, 0, stream>>>(layout, w, gamma, beta, w_hat, total);
+  }
+  return cudaGetLastError();
+}
+
+template <typename Out>
+cudaError_t LaunchFor(const ClipView& layout, const float* w, const float* gamma, const float* beta,
+                      Out* w_hat, cudaStream_t stream) {
+  const int64_t total = layout.num_logits();
+  if (total == 0) return cudaSuccess;
+  switch (SteLanes(layout.group_size())) {
+    case 1:
+      return Launch<1>(layout, w, gamma, beta, w_hat, total, stream);
+    case 2:
+      return Launch<2>(layout, w, gamma, beta, w_hat, total, stream);
+    case 4:
+      return Launch<4>(layout, w, gamma, beta, w_hat, total, stream);
+    case 8:
+      return Launch<8>(layout, w, gamma, beta, w_hat, total, stream);
+    case 16:
+      return Launch<16>(layout, w, gamma, beta, w_hat, total, stream);
+    default:
+      return Launch<32>(layout, w, gamma, beta, w_hat, total, stream);
   }
 }
 
@@ -53,19 +109,13 @@ __global__ void ClippedFakeQuantStagedKernel(ClipView layout, const float* w, co
 
 cudaError_t LaunchClippedFakeQuant(const ClipView& layout, const float* w, const float* gamma,
                                    const float* beta, float* w_hat, cudaStream_t stream) {
-  const int64_t total = layout.num_logits();
-  if (total == 0) return cudaSuccess;
-  if (const StagedGroups staged = StagedGroupsOf(layout, 1); staged.threads > 0) {
-    const unsigned blocks = static_cast<unsigned>(
-        std::min<int64_t>((total + staged.threads - 1) / staged.threads, 1 << 16));
-    ClippedFakeQuantStagedKernel<<<blocks, staged.threads, staged.shared_bytes, stream>>>(
-        layout, w, gamma, beta, w_hat, total);
-    return cudaGetLastError();
-  }
-  const unsigned blocks =
-      static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 16));
-  ClippedFakeQuantKernel<<<blocks, kThreads, 0, stream>>>(layout, w, gamma, beta, w_hat, total);
-  return cudaGetLastError();
+  return LaunchFor(layout, w, gamma, beta, w_hat, stream);
+}
+
+cudaError_t LaunchClippedFakeQuantBf16(const ClipView& layout, const float* w, const float* gamma,
+                                       const float* beta, __nv_bfloat16* w_hat,
+                                       cudaStream_t stream) {
+  return LaunchFor(layout, w, gamma, beta, w_hat, stream);
 }
 
 }  // namespace qcal::kernels::cuda

@@ -1,39 +1,60 @@
 // Launcher of the clipped fake quantizer's forward (spec: ref::ClippedFakeQuant in
-// kernels/cpu/train_ref.h; rules: kernels/train_math.h). Returns the launch's cudaError_t; the
-// backend validates shapes first.
+// kernels/cpu/train_ref.h; rules: kernels/train_math.h), and the lane layout it shares with the
+// STE backward (clipped_quant_backward.cu). Returns the launch's cudaError_t; the backend
+// validates shapes first.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/train_math.h"
 
 namespace qcal::kernels::cuda {
 
-// When the staged kernels apply (groups whole: d_in a multiple of g; no permutation; g <= 128):
-// groups per block (threads) 4096 / g clamped to [32, 128], and the shared memory of `tiles`
-// tiles of threads × (g + 1) floats. threads = 0: the direct kernels (a thread reads its group's
-// columns from global memory, uncoalesced: about 5x slower at the 7B shape, measured).
-struct StagedGroups {
-  int threads = 0;
-  size_t shared_bytes = 0;
-};
-inline StagedGroups StagedGroupsOf(const ClipView& layout, int tiles) {
+// The lane layout of both clipped kernels: a group (o, k) is worked on by kLanes =
+// SteLanes(g) consecutive threads of a warp (train_math.h), lane l taking the group's positions
+// p ≡ l (mod kLanes); a warp holds 32 / kLanes consecutive groups, so that for whole groups its
+// loads cover contiguous memory.
+constexpr int kClipThreads = 256;
+
+// With every group whole, no permutation and g = kClipPerLane·kLanes, each lane holds exactly
+// kClipPerLane weights of its group, loaded into registers at once (the kernels' fast path).
+constexpr int kClipPerLane = 8;
+inline bool WholeLaneGroups(const ClipView& layout, int lanes) {
   const int64_t g = layout.group_size();
-  StagedGroups s;
-  if (layout.perm != nullptr || g <= 0 || g > 128 || layout.d_in % g != 0) return s;
-  const int64_t per_block = 4096 / g;
-  s.threads = static_cast<int>(per_block < 32 ? 32 : (per_block > 128 ? 128 : per_block));
-  s.shared_bytes = static_cast<size_t>(tiles) * s.threads * (g + 1) * sizeof(float);
-  return s;
+  return layout.perm == nullptr && layout.d_in % g == 0 && g == int64_t{kClipPerLane} * lanes;
 }
 
+#ifdef __CUDACC__
+// The group range over a group's kLanes lanes: each lane's AddToRange over its positions, then
+// MergeRanges by a butterfly inside the group's lanes (symmetric, so every lane gets the range a
+// scan in position order gives). Every lane of the warp must call it.
+template <int kLanes>
+__device__ inline GroupRange<float> LaneGroupRange(GroupRange<float> r) {
+  for (int h = kLanes / 2; h >= 1; h /= 2) {
+    GroupRange<float> other;
+    other.lo = __shfl_xor_sync(0xffffffffu, r.lo, h);
+    other.hi = __shfl_xor_sync(0xffffffffu, r.hi, h);
+    other.lo_pos = __shfl_xor_sync(0xffffffffu, static_cast<long long>(r.lo_pos), h);
+    other.hi_pos = __shfl_xor_sync(0xffffffffu, static_cast<long long>(r.hi_pos), h);
+    r = MergeRanges(r, other);
+  }
+  return r;
+}
+#endif  // __CUDACC__
+
 // w_hat [d_out, d_in] = ClippedFakeQuantGroup for every row o and group k of w [d_out, d_in], with
-// gamma, beta [d_out, n_groups]; the layout's pointers are device memory. One thread per (o, k)
-// runs the reference's own code (compiled without fused multiply-add), on the group's columns
-// staged in shared memory (GroupView) where StagedGroupsOf applies, else on w itself:
-// bit-identical to ref::ClippedFakeQuant<float> either way. w_hat may alias w: a block reads and
-// writes only its own groups' columns, all reads before any write.
+// gamma, beta [d_out, n_groups]; the layout's pointers are device memory. The group's lanes scan
+// its range together (exact: min and max do not depend on the order), each then fits the group
+// with the reference's code (compiled without fused multiply-add) and quantizes its positions:
+// bit-identical to ref::ClippedFakeQuant<float>. w_hat may alias w (a group's lanes read all its
+// weights before the butterfly, and write only their own positions after it).
 cudaError_t LaunchClippedFakeQuant(const ClipView& layout, const float* w, const float* gamma,
                                    const float* beta, float* w_hat, cudaStream_t stream);
+// The same with ŵ rounded to bf16 (nearest even, as the GEMMs' operand conversion rounds): for a
+// caller whose only use of ŵ is as a bf16 GEMM operand.
+cudaError_t LaunchClippedFakeQuantBf16(const ClipView& layout, const float* w, const float* gamma,
+                                       const float* beta, __nv_bfloat16* w_hat,
+                                       cudaStream_t stream);
 
 }  // namespace qcal::kernels::cuda

@@ -11,10 +11,10 @@ namespace qcal::kernels::cuda {
 
 // d_gamma, d_beta [d_out, n_groups] and, when d_w is not null, d_w [d_out, d_in] (all
 // overwritten) = ClippedFakeQuantBackwardGroup for every row o and group k, for dŵ = d_w_hat.
-// One thread per (o, k) runs the reference's own code, its group sums in the reference's order
-// (compiled without fused multiply-add), on copies of the group's weights and gradients staged in
-// shared memory when StagedGroupsOf (clipped_quant.cuh) applies and d_w is null: bit-identical to
-// ref::ClippedFakeQuantBackward<float> either way. Outputs must not alias inputs.
+// The lane layout of clipped_quant.cuh: each of a group's SteLanes(g) lanes adds the STE terms
+// of its positions in order into its partial sums, and a butterfly over the lanes adds the
+// partials in the pairwise tree of train_math.h (compiled without fused multiply-add):
+// bit-identical to ref::ClippedFakeQuantBackward<float>. Outputs must not alias inputs.
 cudaError_t LaunchClippedFakeQuantBackward(const ClipView& layout, const float* w,
                                            const float* gamma, const float* beta,
                                            const float* d_w_hat, float* d_gamma, float* d_beta,

@@ -64,6 +64,12 @@ absl::Status ExpectDevice(const Tensor& t, DType dtype, const char* op, const ch
   return absl::OkStatus();
 }
 
+// A GEMM operand: a CUDA tensor, F32 (rounded per the compute dtype) or BF16 (already rounded).
+absl::Status ExpectOperand(const Tensor& t, const char* op, const char* what) {
+  if (t.defined() && t.dtype() == DType::kBF16) return ExpectDevice(t, DType::kBF16, op, what);
+  return ExpectDevice(t, DType::kF32, op, what);
+}
+
 absl::Status ExpectHostI32(const Tensor& t, const char* op, const char* what) {
   if (!t.defined() || t.device() != Device::kHost || t.dtype() != DType::kI32) {
     return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " must be a host I32 tensor"));
@@ -1028,13 +1034,17 @@ class CudaBackend final : public Backend {
                                 const Tensor& beta, Tensor& w_hat) override {
     const char* op = "ClippedFakeQuant";
     QCAL_RETURN_IF_ERROR(CheckClipOperands(layout, w, gamma, beta, Device::kCuda, op));
-    QCAL_RETURN_IF_ERROR(
-        CheckTrainOperand(w_hat, DType::kF32, w.shape(), Device::kCuda, op, "w_hat"));
+    const bool bf16 = w_hat.defined() && w_hat.dtype() == DType::kBF16;
+    QCAL_RETURN_IF_ERROR(CheckTrainOperand(w_hat, bf16 ? DType::kBF16 : DType::kF32, w.shape(),
+                                           Device::kCuda, op, "w_hat"));
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
-    return CudaStatus(
-        cuda::LaunchClippedFakeQuant(layout.view(), w.data<float>(), gamma.data<float>(),
-                                     beta.data<float>(), w_hat.data<float>(), stream()),
-        "ClippedFakeQuant kernel");
+    const cudaError_t error =
+        bf16 ? cuda::LaunchClippedFakeQuantBf16(layout.view(), w.data<float>(), gamma.data<float>(),
+                                                beta.data<float>(), w_hat.data<__nv_bfloat16>(),
+                                                stream())
+             : cuda::LaunchClippedFakeQuant(layout.view(), w.data<float>(), gamma.data<float>(),
+                                            beta.data<float>(), w_hat.data<float>(), stream());
+    return CudaStatus(error, "ClippedFakeQuant kernel");
   }
 
   absl::Status ClippedFakeQuantBackward(const Tensor& w, const ClipTensors& layout,
@@ -1137,8 +1147,8 @@ class CudaBackend final : public Backend {
   // panels; panel starts are multiples of 64 rows, so that bf16 operands stay aligned).
   absl::Status GemmPanels(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
                           float beta, Tensor& c, bool lower) {
-    QCAL_RETURN_IF_ERROR(ExpectDevice(a, DType::kF32, "Gemm", "a"));
-    QCAL_RETURN_IF_ERROR(ExpectDevice(b, DType::kF32, "Gemm", "b"));
+    QCAL_RETURN_IF_ERROR(ExpectOperand(a, "Gemm", "a"));
+    QCAL_RETURN_IF_ERROR(ExpectOperand(b, "Gemm", "b"));
     QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "Gemm", "c"));
     if (a.rank() != 2 || b.rank() != 2) {
       return absl::InvalidArgumentError(absl::StrCat("Gemm: a ", a.DebugString(), " and b ",

@@ -91,14 +91,18 @@ inline std::vector<TrainCase> TrainCases() {
   cases.push_back(MakeTrainCase(3, 130, 4, -1, false, false, false, seed++));  // one group a row
   cases.push_back(MakeTrainCase(64, 256, 4, 128, false, true, true, seed++));
   cases.push_back(MakeTrainCase(61, 200, 5, 64, true, false, false, seed++));
-  // Whole groups of at most 128 without act-order: the CUDA kernels' staged path (groups of 8 and
-  // 16 among them), with a last block of fewer groups than threads.
+  // Whole groups of 8 to 128 without act-order: the CUDA kernels' fast path (a lane's weights in
+  // registers), with a last block of fewer groups than threads.
   cases.push_back(MakeTrainCase(11, 48, 3, 16, true, false, true, seed++));
   cases.push_back(MakeTrainCase(13, 40, 4, 8, false, false, false, seed++));
   cases.push_back(MakeTrainCase(67, 256, 4, 64, false, false, true, seed++));
   cases.push_back(MakeTrainCase(45, 384, 2, 128, true, false, false, seed++));
   cases.push_back(MakeTrainCase(9, 96, 3, 32, false, false, false, seed++));
   cases.push_back(MakeTrainCase(300, 64, 4, -1, false, false, false, seed++));
+  // 32 lanes a group: whole groups of 256 (a lane's 8 weights in registers), and rows of 1000
+  // (31 or 32 weights a lane).
+  cases.push_back(MakeTrainCase(5, 512, 3, 256, false, false, false, seed++));
+  cases.push_back(MakeTrainCase(4, 1000, 4, -1, true, false, false, seed++));
   return cases;
 }
 

@@ -417,8 +417,8 @@ absl::Status RunBench(BenchArgs& a) {
         t.weights, t.forward, t.backward, t.regularizer, t.params, t.optimizer);
     std::printf(
         "    of which: weight-gradient products dyT.x %.3f s (in backward), clipping STE sums %.3f "
-        "s (in parameter gradients)\n",
-        t.weight_grads, t.clip_grads);
+        "s (in parameter gradients), attention %.3f s (in forward) and %.3f s (in backward)\n",
+        t.weight_grads, t.clip_grads, t.attention_forward, t.attention_backward);
     std::printf(
         "    outside the steps: setup %.3f s, output MSE before and after %.3f s, parameters back "
         "and codes re-rounded %.3f s, gathering the samples %.3f s, installing, pushing and "

@@ -227,6 +227,8 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
   parts.optimizer += trained->seconds.optimizer;
   parts.weight_grads += trained->seconds.weight_grads;
   parts.clip_grads += trained->seconds.clip_grads;
+  parts.attention_forward += trained->seconds.attention_forward;
+  parts.attention_backward += trained->seconds.attention_backward;
   parts.setup += trained->seconds.setup;
   parts.mse += trained->seconds.mse;
   parts.finish += trained->seconds.finish;

@@ -151,9 +151,12 @@ struct RetrainSeconds {
   double params = 0;       // the LoRA and clipping gradients from the weight gradients
   double optimizer = 0;    // AdamW
   // Parts of the above (with RetrainOptions::profile): the weight-gradient products dyᵀ·x inside
-  // `backward`, and the clipping factors' STE sums inside `params`.
+  // `backward`, the clipping factors' STE sums inside `params`, and the attention kernels inside
+  // `forward` and `backward`.
   double weight_grads = 0;
   double clip_grads = 0;
+  double attention_forward = 0;
+  double attention_backward = 0;
   // Outside the steps (RetrainBlock always times these; BlockRunner::TrainBlock the last two):
   double setup = 0;    // checking and uploading the bases, references, grids and parameters
   double mse = 0;      // the output MSE over every sample before and after training

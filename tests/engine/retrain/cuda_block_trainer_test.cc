@@ -10,6 +10,7 @@
 #include <cmath>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -138,11 +139,13 @@ struct BackendTrainer {
   std::unique_ptr<BlockTrainer> trainer;
 };
 
-BackendTrainer MakeTrainer(const HostBlock& h, const char* device, const RetrainOptions& options) {
+BackendTrainer MakeTrainer(const HostBlock& h, const char* device, const RetrainOptions& options,
+                           kernels::ComputeDType dtype = kernels::ComputeDType::kF32) {
   BackendTrainer s;
   kernels::BackendOptions bo;
   bo.device = device;
   bo.threads = 1;
+  bo.compute_dtype = dtype;
   auto be = kernels::CreateBackend(bo);
   EXPECT_TRUE(be.ok()) << be.status();
   if (!be.ok()) return s;
@@ -183,44 +186,54 @@ RetrainOptions Options() {
   return o;
 }
 
+// One step of the mixed stage (the LoRA gradients from the dense weight gradient) and of the
+// output stage (from the per-sample factors), in fp32 and in bf16 operands (where the device's
+// fake quantizer writes bf16 directly and the CPU's GEMMs round its fp32 output: the same
+// operands).
 TEST_F(CudaBlockTrainerTest, OneStepMatchesTheCpu) {
   const HostBlock h;
-  BackendTrainer cpu = MakeTrainer(h, "cpu", Options());
-  BackendTrainer gpu = MakeTrainer(h, "cuda", Options());
-  ASSERT_TRUE(cpu.trainer && gpu.trainer);
-  auto mse_cpu = cpu.trainer->OutputMse();
-  auto mse_gpu = gpu.trainer->OutputMse();
-  ASSERT_TRUE(mse_cpu.ok() && mse_gpu.ok());
-  EXPECT_LE(std::abs(*mse_gpu - *mse_cpu), kLossBound * *mse_cpu);
-  const LossCoefficients c = CoefficientsOf(RetrainStage::kMixed);
-  auto loss_cpu = cpu.trainer->ComputeGradients(1, c);
-  auto loss_gpu = gpu.trainer->ComputeGradients(1, c);
-  ASSERT_TRUE(loss_cpu.ok()) << loss_cpu.status();
-  ASSERT_TRUE(loss_gpu.ok()) << loss_gpu.status();
-  EXPECT_LE(std::abs(loss_gpu->output_mse - loss_cpu->output_mse),
-            kLossBound * loss_cpu->output_mse);
-  EXPECT_LE(std::abs(loss_gpu->regularizer - loss_cpu->regularizer),
-            kLossBound * loss_cpu->regularizer);
-  for (LinearKind k : kAllLinears) {
-    SCOPED_TRACE(LinearName(k));
-    const RetrainParams& gc = cpu.trainer->grads(k);
-    const RetrainParams& gg = gpu.trainer->grads(k);
-    EXPECT_EQ(gg.lora_a.device(), Device::kCuda);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_a), gc.lora_a), kGradBound);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_b), gc.lora_b), kGradBound);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.gamma), gc.gamma), kGradBound);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.beta), gc.beta), kGradBound);
-  }
-  ASSERT_TRUE(cpu.trainer->Step().ok());
-  ASSERT_TRUE(gpu.trainer->Step().ok());
-  for (LinearKind k : kAllLinears) {
-    SCOPED_TRACE(LinearName(k));
-    const RetrainParams& pc = cpu.trainer->params(k);
-    const RetrainParams& pg = gpu.trainer->params(k);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.lora_a), pc.lora_a), kParamBound);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.lora_b), pc.lora_b), kParamBound);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.gamma), pc.gamma), kParamBound);
-    EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.beta), pc.beta), kParamBound);
+  for (kernels::ComputeDType dtype : {kernels::ComputeDType::kF32, kernels::ComputeDType::kBF16}) {
+    for (RetrainStage stage : {RetrainStage::kMixed, RetrainStage::kOutput}) {
+      SCOPED_TRACE(std::string(dtype == kernels::ComputeDType::kBF16 ? "bf16 " : "f32 ") +
+                   RetrainStageName(stage));
+      BackendTrainer cpu = MakeTrainer(h, "cpu", Options(), dtype);
+      BackendTrainer gpu = MakeTrainer(h, "cuda", Options(), dtype);
+      ASSERT_TRUE(cpu.trainer && gpu.trainer);
+      auto mse_cpu = cpu.trainer->OutputMse();
+      auto mse_gpu = gpu.trainer->OutputMse();
+      ASSERT_TRUE(mse_cpu.ok() && mse_gpu.ok());
+      EXPECT_LE(std::abs(*mse_gpu - *mse_cpu), kLossBound * *mse_cpu);
+      const LossCoefficients c = CoefficientsOf(stage);
+      auto loss_cpu = cpu.trainer->ComputeGradients(1, c);
+      auto loss_gpu = gpu.trainer->ComputeGradients(1, c);
+      ASSERT_TRUE(loss_cpu.ok()) << loss_cpu.status();
+      ASSERT_TRUE(loss_gpu.ok()) << loss_gpu.status();
+      EXPECT_LE(std::abs(loss_gpu->output_mse - loss_cpu->output_mse),
+                kLossBound * loss_cpu->output_mse);
+      EXPECT_LE(std::abs(loss_gpu->regularizer - loss_cpu->regularizer),
+                kLossBound * loss_cpu->regularizer);
+      for (LinearKind k : kAllLinears) {
+        SCOPED_TRACE(LinearName(k));
+        const RetrainParams& gc = cpu.trainer->grads(k);
+        const RetrainParams& gg = gpu.trainer->grads(k);
+        EXPECT_EQ(gg.lora_a.device(), Device::kCuda);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_a), gc.lora_a), kGradBound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_b), gc.lora_b), kGradBound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.gamma), gc.gamma), kGradBound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.beta), gc.beta), kGradBound);
+      }
+      ASSERT_TRUE(cpu.trainer->Step().ok());
+      ASSERT_TRUE(gpu.trainer->Step().ok());
+      for (LinearKind k : kAllLinears) {
+        SCOPED_TRACE(LinearName(k));
+        const RetrainParams& pc = cpu.trainer->params(k);
+        const RetrainParams& pg = gpu.trainer->params(k);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.lora_a), pc.lora_a), kParamBound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.lora_b), pc.lora_b), kParamBound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.gamma), pc.gamma), kParamBound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, pg.beta), pc.beta), kParamBound);
+      }
+    }
   }
 }
 

@@ -62,6 +62,28 @@ TEST_F(CudaTrainTest, ClippedFakeQuantIsBitIdenticalToReference) {
   }
 }
 
+// A BF16 w_hat holds the F32 values rounded to nearest even (what the GEMMs' operand conversion
+// makes of them), so the trainer's forward and backward see the same operands either way.
+TEST_F(CudaTrainTest, ClippedFakeQuantToBf16RoundsTheReference) {
+  for (const TrainCase& c : TrainCases()) {
+    SCOPED_TRACE(c.name);
+    const ClipTensors layout = kernel_tests::ToClipTensors(*be_, c.layout);
+    auto w_hat = be_->Alloc(DType::kBF16, c.w.shape());
+    ASSERT_TRUE(w_hat.ok()) << w_hat.status();
+    ASSERT_TRUE(be_->ClippedFakeQuant(Up(c.w), layout, Up(c.gamma), Up(c.beta), *w_hat).ok());
+    std::vector<float> expected(c.w.numel());
+    ref::ClippedFakeQuant(c.w.data<float>(), c.layout.view(), c.gamma.data<float>(),
+                          c.beta.data<float>(), expected.data());
+    auto host = be_->ToHost(*w_hat);
+    ASSERT_TRUE(host.ok()) << host.status();
+    int64_t first_difference = -1;
+    for (int64_t e = 0; e < c.w.numel() && first_difference < 0; ++e) {
+      if (host->data<uint16_t>()[e] != FloatToBf16(expected[e])) first_difference = e;
+    }
+    EXPECT_EQ(first_difference, -1);
+  }
+}
+
 TEST_F(CudaTrainTest, ClippedFakeQuantBackwardIsBitIdenticalToReference) {
   for (const TrainCase& c : TrainCases()) {
     SCOPED_TRACE(c.name);
