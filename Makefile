@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
 
 .PHONY: all deps configure build test expectations test-cpu demo format clean fuzz-configure fuzz \
-  sanitize
+  sanitize sanitize-build
 
 all: build
 
@@ -33,10 +33,15 @@ FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_RUNS ?=
 FUZZ_SEED ?= 1
+FUZZ_CMAKE_ARGS ?=
 
 fuzz-configure: deps
 	@cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_COMPILER=clang \
-	  -DCMAKE_CXX_COMPILER=clang++ -DQCAL_FUZZ=ON -DQCAL_CUDA=OFF >/dev/null
+	  -DCMAKE_CXX_COMPILER=clang++ -DQCAL_FUZZ=ON -DQCAL_CUDA=OFF $(FUZZ_CMAKE_ARGS) >/dev/null
+
+# Builds what `make sanitize` and `make fuzz` run, without running it.
+sanitize-build: fuzz-configure
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target sanitize_targets
 
 sanitize: fuzz-configure
 	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target check_sanitize

@@ -170,6 +170,10 @@ class Backend {
   // Copies a device tensor to the host.
   virtual absl::StatusOr<Tensor> ToHost(const Tensor& t) = 0;
   virtual absl::Status Synchronize() = 0;
+  // Opens (start) or closes a range of work for a profiler that captures only marked ranges
+  // (ncu or nsys with --profile-from-start off): cudaProfilerStart/Stop on the CUDA backend.
+  // Default: nothing.
+  virtual void ProfilerRange(bool start) {}
   // dst = src for two tensors with the same dtype and element count, each on this backend's
   // device or, on a device backend, one of them in host memory (a transfer, complete on return).
   virtual absl::Status Copy(const Tensor& src, Tensor& dst) = 0;
@@ -200,7 +204,8 @@ class Backend {
   virtual absl::Status FillUniform(Tensor& t, uint64_t seed, float lo, float hi);
 
   // y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n] when given); with `accumulate`, y += instead.
-  // x, y fp32; w fp32 (the CUDA backend also takes bf16 weights; the CPU backend fp32 only).
+  // x, y fp32; w fp32 (the CUDA backend also takes bf16 x and w, as already rounded operands; the
+  // CPU backend fp32 only).
   virtual absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                               bool accumulate) = 0;
   // y[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight.  y may alias x.

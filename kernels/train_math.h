@@ -34,7 +34,7 @@
 // ..., 1: partial[l] += partial[l + h] for l < h), which is what a butterfly of `lanes` GPU lanes
 // computes (addition commutes, so every lane ends with the same bits). A group's lanes thus share
 // its serial work, and the CPU reference runs the same order. Before 2026-12-05 the sums ran over
-// the positions in order (lanes = 1, which the order still is for groups of fewer than 16).
+// the positions in order (lanes = 1, which the order still is for groups of fewer than 32).
 //
 // Only the uniform grid (the layout's Validate enforces it).
 #pragma once
@@ -142,24 +142,24 @@ struct ClipGroupFit {
 };
 
 // The partial sums of a group of g columns (the order above): the largest power of two not above
-// g/8, in [1, 32] (groups of 64: 8 lanes of 8 weights).
+// g/16, in [1, 32] (groups of 64: 4 lanes of 16 weights).
 QCAL_HOST_DEVICE constexpr int SteLanes(int64_t g) {
   int lanes = 1;
-  while (lanes < 32 && lanes * 16 <= g) lanes *= 2;
+  while (lanes < 32 && lanes * 32 <= g) lanes *= 2;
   return lanes;
 }
 
 // A group's unclipped range from its weights: lo = min(min w, 0), hi = max(max w, 0), and the
 // first position attaining lo < 0 (hi > 0), else −1.
-template <typename T>
+template <typename T, typename Pos = int64_t>
 struct GroupRange {
   T lo = 0, hi = 0;
-  int64_t lo_pos = -1, hi_pos = -1;
+  Pos lo_pos = -1, hi_pos = -1;
 };
 
 // Adds the weight at position `pos` (positions added in increasing order).
-template <typename T>
-QCAL_HOST_DEVICE inline void AddToRange(T v, int64_t pos, GroupRange<T>& r) {
+template <typename T, typename Pos>
+QCAL_HOST_DEVICE inline void AddToRange(T v, Pos pos, GroupRange<T, Pos>& r) {
   if (v < r.lo) r.lo = v, r.lo_pos = pos;
   if (v > r.hi) r.hi = v, r.hi_pos = pos;
 }
@@ -167,8 +167,9 @@ QCAL_HOST_DEVICE inline void AddToRange(T v, int64_t pos, GroupRange<T>& r) {
 // The range of the union of two disjoint sets of positions, each summarized by AddToRange: the
 // same as AddToRange over the union in position order (extremes are exact; ties go to the first
 // position). Symmetric in a and b, so a butterfly of lanes agrees on it.
-template <typename T>
-QCAL_HOST_DEVICE inline GroupRange<T> MergeRanges(GroupRange<T> a, const GroupRange<T>& b) {
+template <typename T, typename Pos>
+QCAL_HOST_DEVICE inline GroupRange<T, Pos> MergeRanges(GroupRange<T, Pos> a,
+                                                       const GroupRange<T, Pos>& b) {
   if (b.lo < a.lo || (b.lo == a.lo && b.lo_pos >= 0 && b.lo_pos < a.lo_pos)) {
     a.lo = b.lo, a.lo_pos = b.lo_pos;
   }

@@ -12,8 +12,25 @@ namespace {
 __device__ inline void Store(float* p, float v) { *p = v; }
 __device__ inline void Store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// kClipPerLane values to 16-byte-aligned p, with 16-byte stores.
+__device__ inline void StoreLane(float* p, const float* v) {
+#pragma unroll
+  for (int e = 0; e < kClipPerLane; e += 4) {
+    *reinterpret_cast<float4*>(p + e) = make_float4(v[e], v[e + 1], v[e + 2], v[e + 3]);
+  }
+}
+__device__ inline void StoreLane(__nv_bfloat16* p, const float* v) {
+#pragma unroll
+  for (int e = 0; e < kClipPerLane; e += 8) {
+    __align__(16) __nv_bfloat16 h[8];
+#pragma unroll
+    for (int x = 0; x < 8; ++x) h[x] = __float2bfloat16_rn(v[e + x]);
+    *reinterpret_cast<uint4*>(p + e) = *reinterpret_cast<const uint4*>(h);
+  }
+}
+
 // kWhole: every group whole (d_in a multiple of g), no permutation, and g = kClipPerLane·kLanes
-// (SteLanes gives that for every power of two g from 8 to 256): a lane's weights are loaded into
+// (SteLanes gives that for every power of two g from 16 to 512): a lane's weights are loaded into
 // registers first, so that their loads are in flight together.
 template <int kLanes, bool kWhole, typename Out>
 __global__ void ClippedFakeQuantKernel(ClipView layout, const float* w, const float* gamma,
@@ -30,37 +47,37 @@ __global__ void ClippedFakeQuantKernel(ClipView layout, const float* w, const fl
     const int64_t first = k * g;
     GroupRange<float> range;
     if constexpr (kWhole) {
-      // Group i's weights are w[i·g, (i + 1)·g); the lane's are every kLanes-th from its own.
-      const float* src = w + i * g + lane;
+      // Group i's weights are w[i·g, (i + 1)·g); the lane's are the kClipPerLane from
+      // lane·kClipPerLane.
+      const int64_t at = i * g + lane * kClipPerLane;
       float v[kClipPerLane];
-#pragma unroll
-      for (int e = 0; e < kClipPerLane; ++e) v[e] = active ? src[e * kLanes] : 0.0f;
+      LoadLane(w, at, active, v);
+      GroupRange<float, int> local;
       if (!layout.has_grid()) {
 #pragma unroll
-        for (int e = 0; e < kClipPerLane; ++e) AddToRange(v[e], first + lane + e * kLanes, range);
+        for (int e = 0; e < kClipPerLane; ++e) AddToRange(v[e], lane * kClipPerLane + e, local);
       }
-      range = LaneGroupRange<kLanes>(range);
+      range = AtFirst(LaneGroupRange<kLanes>(local), first);
       if (!active) continue;
       const ClipGroupFit<float> f = FitClippedRange(range, layout, o, k, gamma[i], beta[i]);
-      Out* dst = w_hat + i * g + lane;
 #pragma unroll
       for (int e = 0; e < kClipPerLane; ++e) {
-        Store(dst + e * kLanes,
-              Dequantize<float>(QuantizeCode(v[e], f.p, layout.spec), f.p, layout.spec));
+        v[e] = Dequantize<float>(QuantizeCode(v[e], f.p, layout.spec), f.p, layout.spec);
       }
+      StoreLane(w_hat + at, v);
     } else {
       const float* row = w + o * layout.d_in;
-      const int64_t end = active ? GroupEnd(layout, k) : 0;
+      const int64_t chunk = ClipChunk(g);
+      const int64_t begin = first + lane * chunk;
+      const int64_t end = active ? min(GroupEnd(layout, k), begin + chunk) : 0;
       if (!layout.has_grid()) {
-        for (int64_t pos = first + lane; pos < end; pos += kLanes) {
-          AddToRange(row[layout.column(pos)], pos, range);
-        }
+        for (int64_t pos = begin; pos < end; ++pos) AddToRange(row[layout.column(pos)], pos, range);
       }
       range = LaneGroupRange<kLanes>(range);
       if (!active) continue;
       const ClipGroupFit<float> f = FitClippedRange(range, layout, o, k, gamma[i], beta[i]);
       Out* out = w_hat + o * layout.d_in;
-      for (int64_t pos = first + lane; pos < end; pos += kLanes) {
+      for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t j = layout.column(pos);
         Store(out + j, Dequantize<float>(QuantizeCode(row[j], f.p, layout.spec), f.p, layout.spec));
       }

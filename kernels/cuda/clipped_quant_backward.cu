@@ -35,11 +35,12 @@ __global__ void ClippedFakeQuantBackwardKernel(ClipView layout, const float* w, 
         v[e] = active ? w[at + e * kLanes] : 0.0f;
         dy[e] = active ? d_w_hat[at + e * kLanes] : 0.0f;
       }
+      GroupRange<float, int> local;
       if (!layout.has_grid()) {
 #pragma unroll
-        for (int e = 0; e < kClipPerLane; ++e) AddToRange(v[e], first + lane + e * kLanes, range);
+        for (int e = 0; e < kClipPerLane; ++e) AddToRange(v[e], lane + e * kLanes, local);
       }
-      range = LaneGroupRange<kLanes>(range);
+      range = AtFirst(LaneGroupRange<kLanes>(local), first);
       f = FitClippedRange(range, layout, o, k, active ? gamma[i] : 0.0f, active ? beta[i] : 0.0f);
 #pragma unroll
       for (int e = 0; e < kClipPerLane; ++e) {

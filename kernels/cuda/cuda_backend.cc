@@ -4,6 +4,7 @@
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cuda_bf16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -416,7 +417,7 @@ class CudaBackend final : public Backend {
 
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                       bool accumulate) override {
-    QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "Linear", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectOperand(x, "Linear", "x"));
     if (!w.defined() || w.device() != Device::kCuda ||
         (w.dtype() != DType::kF32 && w.dtype() != DType::kBF16)) {
       return absl::InvalidArgumentError(absl::StrCat("Linear: w is ",
@@ -1060,6 +1061,16 @@ class CudaBackend final : public Backend {
                           d_w_hat.data<float>(), d_gamma.data<float>(), d_beta.data<float>(),
                           d_w ? d_w->data<float>() : nullptr, stream()),
                       "ClippedFakeQuantBackward kernel");
+  }
+
+  void ProfilerRange(bool start) override {
+    if (!cuda::UseDevice(device_).ok()) return;
+    if (start) {
+      (void)cudaProfilerStart();
+    } else {
+      (void)cudaDeviceSynchronize();
+      (void)cudaProfilerStop();
+    }
   }
 
   absl::Status AdamWStep(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, int64_t t,

@@ -366,7 +366,8 @@ absl::StatusOr<BenchResult> RunBench(kernels::Backend& be, const BenchOptions& o
                    r.embed_seconds, " s"));
 
   int layers = 0;
-  r.times.profile_retrain = true;
+  r.times.profile_retrain = options.retrain_profile;
+  r.times.retrain_profiler_step = options.retrain_profiler_step;
   for (int b = 0; b < run; ++b) {
     if (!output_adaptive) {
       t0 = Clock::now();

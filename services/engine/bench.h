@@ -81,6 +81,13 @@ struct BenchOptions {
   int blocks = 0;
   // Seed of the weights and tokens. Default: 0.
   uint64_t seed = 0;
+  // With a retraining recipe: time the parts of every training step (RetrainOptions::profile).
+  // The breakdown synchronizes the device several times a step, so the block times it reports
+  // include the kernel launches the synchronizations expose. Default: off.
+  bool retrain_profile = false;
+  // With a retraining recipe: the training step of every block bracketed for a profiler
+  // (RetrainOptions::profiler_step). Default: -1, none.
+  int64_t retrain_profiler_step = -1;
   // Default: GPTQ W4 g128 with the recipe defaults (damp 0.01, block 128, true-sequential).
   Recipe recipe = DefaultRecipe();
 

@@ -99,9 +99,10 @@ inline std::vector<TrainCase> TrainCases() {
   cases.push_back(MakeTrainCase(45, 384, 2, 128, true, false, false, seed++));
   cases.push_back(MakeTrainCase(9, 96, 3, 32, false, false, false, seed++));
   cases.push_back(MakeTrainCase(300, 64, 4, -1, false, false, false, seed++));
-  // 32 lanes a group: whole groups of 256 (a lane's 8 weights in registers), and rows of 1000
-  // (31 or 32 weights a lane).
+  // Many lanes a group: whole groups of 256 and 512 (16 and 32 lanes, each lane's 16 weights in
+  // registers), and rows of 1000 (32 lanes of 31 or 32 weights).
   cases.push_back(MakeTrainCase(5, 512, 3, 256, false, false, false, seed++));
+  cases.push_back(MakeTrainCase(3, 1024, 4, 512, false, false, true, seed++));
   cases.push_back(MakeTrainCase(4, 1000, 4, -1, true, false, false, seed++));
   return cases;
 }

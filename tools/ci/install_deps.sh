@@ -17,7 +17,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev
   libssl-dev
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev lld
   prometheus openssl
   python3
 )

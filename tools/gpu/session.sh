@@ -260,7 +260,8 @@ if wants retrain; then
   # steps amplify fp32 sums taken in another order; measured 1.16% on 2026-12-03); then
   # the 7B shape with ApiQ W2 g64 on QCAL_RETRAIN_BLOCKS blocks (default 2, the first left out as
   # warm-up) with QCAL_RETRAIN_EPOCHS output epochs (default 20), projected to the whole model.
-  # QCAL_RETRAIN_CHECK=0 leaves out the sotu-llama-16m runs.
+  # QCAL_RETRAIN_CHECK=0 leaves out the sotu-llama-16m runs; QCAL_RETRAIN_PROFILE=1 breaks the
+  # training steps down (bench --retrain-profile: synchronizations that add to the block times).
   log=$out/retrain.log
   for t in cuda_train_test retrain_cuda_block_trainer_test; do
     time_for 60 || { note "$t: skipped (session budget)"; continue; }
@@ -278,7 +279,9 @@ if wants retrain; then
     start=$SECONDS
     limit=$((budget - SECONDS))
     ((limit > 500)) && limit=500
-    timeout "$limit" "$qcal" bench --shape 7b --compute-dtype bf16 --blocks "$blocks" \
+    profile=()
+    [[ ${QCAL_RETRAIN_PROFILE:-0} != 0 ]] && profile=(--retrain-profile)
+    timeout "$limit" "$qcal" bench --shape 7b --compute-dtype bf16 --blocks "$blocks" "${profile[@]}" \
       --recipe "$out/bench-apiq.yaml" >"$out/bench_7b_apiq.txt" 2>"$out/bench_7b_apiq.log"
     rc=$?
     printf '%-34s %4d %d s\n' "bench 7b bf16 apiq ($blocks blocks, $epochs ep)" "$rc" \

@@ -41,6 +41,8 @@ struct BenchArgs {
   int seq_len = 2048;
   int blocks = -1;  // -1: all for 7b and 13b, 3 for 70b and the MoE shapes
   uint64_t seed = 0;
+  int64_t retrain_profiler_step = -1;
+  bool retrain_profile = false;
   // The reference GPTQ's measured seconds per block on the same GPU and shape; 0: no ratio.
   double reference_seconds_per_layer = 0;
   bool json = false;
@@ -274,6 +276,8 @@ absl::Status RunBench(BenchArgs& a) {
   const bool moe = shape.config.moe();
   options.blocks = a.blocks >= 0 ? a.blocks : (a.shape == "70b" || moe ? 3 : 0);
   options.seed = a.seed;
+  options.retrain_profiler_step = a.retrain_profiler_step;
+  options.retrain_profile = a.retrain_profile;
   std::string recipe_name = "GPTQ W4 g128";
   if (!a.recipe_path.empty()) {
     QCAL_ASSIGN_OR_RETURN(options.recipe, engine::LoadRecipeFile(a.recipe_path));
@@ -411,14 +415,19 @@ absl::Status RunBench(BenchArgs& a) {
   if (r.times.retrain > 0) {
     row("retraining", r.times.retrain);
     const engine::RetrainSeconds& t = r.times.retrain_parts;
-    std::printf(
-        "    training steps: fake-quantized bases %.3f s, forward %.3f s, backward %.3f s, "
-        "regularizer %.3f s, parameter gradients %.3f s, AdamW %.3f s\n",
-        t.weights, t.forward, t.backward, t.regularizer, t.params, t.optimizer);
-    std::printf(
-        "    of which: weight-gradient products dyT.x %.3f s (in backward), clipping STE sums %.3f "
-        "s (in parameter gradients), attention %.3f s (in forward) and %.3f s (in backward)\n",
-        t.weight_grads, t.clip_grads, t.attention_forward, t.attention_backward);
+    if (r.times.profile_retrain) {
+      std::printf(
+          "    training steps: fake-quantized bases %.3f s, forward %.3f s, backward %.3f s, "
+          "regularizer %.3f s, parameter gradients %.3f s, AdamW %.3f s\n",
+          t.weights, t.forward, t.backward, t.regularizer, t.params, t.optimizer);
+      std::printf(
+          "    of which: weight-gradient products dyT.x %.3f s (in backward), clipping STE sums "
+          "%.3f s (in parameter gradients), attention %.3f s (in forward) and %.3f s (in "
+          "backward)\n",
+          t.weight_grads, t.clip_grads, t.attention_forward, t.attention_backward);
+    } else {
+      std::printf("    training steps: not broken down (--retrain-profile does, at a cost)\n");
+    }
     std::printf(
         "    outside the steps: setup %.3f s, output MSE before and after %.3f s, parameters back "
         "and codes re-rounded %.3f s, gathering the samples %.3f s, installing, pushing and "
@@ -518,6 +527,12 @@ RunFn AddBench(CLI::App& app) {
                  "(default: all for 7b and 13b, 3 for 70b, mixtral-8x7b and qwen3-30b-a3b)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)");
+  app.add_flag("--retrain-profile", a->retrain_profile,
+               "With a retraining recipe: time the parts of every training step (synchronizes "
+               "the device several times a step, which adds to the block times)");
+  app.add_option("--retrain-profiler-step", a->retrain_profiler_step,
+                 "With a retraining recipe: bracket this training step (0-based) of every block "
+                 "with cudaProfilerStart/Stop, for ncu or nsys --profile-from-start off");
   app.add_option("--recipe", a->recipe_path,
                  "Recipe YAML to run instead of GPTQ W4 g128 (smoothing, error reconstruction "
                  "and activation bits included; hessian output_adaptive* adds the gradient pass "

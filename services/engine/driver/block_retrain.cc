@@ -214,6 +214,7 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::TrainBlock(
   if (before_training_) QCAL_RETURN_IF_ERROR(before_training_(b_));
   RetrainOptions options = RetrainOptionsOf(recipe_.retrain, RetrainSeed(seed_, b_));
   options.profile = t_.profile_retrain;
+  options.profiler_step = t_.retrain_profiler_step;
   auto trained = RetrainBlock(be_, model_.config(), spec_, options, std::move(in));
   if (!trained.ok()) {
     return Annotate(trained.status(), absl::StrCat("retraining block ", b_));

@@ -111,6 +111,8 @@ struct StageTimes {
   // Set by the caller (the bench) to have the trainer time the parts of its steps into
   // retrain_parts (a few synchronizations a step).
   bool profile_retrain = false;
+  // Passed to RetrainOptions::profiler_step (the bench's --retrain-profiler-step).
+  int64_t retrain_profiler_step = -1;
   RetrainSeconds retrain_parts;
 };
 

@@ -143,7 +143,8 @@ struct TrainLinear {
   Tensor bias;                     // or undefined
   int act_bits = 16;
   RetrainParams params, grads;
-  RetrainParams m, v;  // AdamW moments
+  RetrainParams m, v;           // AdamW moments
+  Tensor lora_a_op, lora_b_op;  // this step's L_A and L_B as GEMM operands (State::Operand)
   // This step's Q(W̃; γ, β): BF16 when the backend's GEMMs round their operands to bf16 anyway
   // and it writes BF16 fake-quant output (a device backend), else F32. The regularizer forms the
   // F32 values itself then.
@@ -157,8 +158,9 @@ struct TrainLinear {
 
 // What one sample's forward keeps for the backward.
 struct ForwardActs {
-  // Per linear: the input of the weight branch (activation-quantized when act_bits < 16) and of
-  // the low-rank branch, and the low-rank branch's x·L_Bᵀ [rows, r].
+  // Per linear, as GEMM operands (State::Operand): the input of the weight branch
+  // (activation-quantized when act_bits < 16) and of the low-rank branch, and the low-rank
+  // branch's x·L_Bᵀ [rows, r].
   std::array<Tensor, kNumLinears> x_q, x, lora_t;
   Tensor q_pre, k_pre;  // q/k projections before Qwen3's q/k norms (undefined without them)
   Tensor q, k, v;       // attention's operands (after norms and RoPE)
@@ -182,6 +184,19 @@ struct BlockTrainer::State {
   // branch's own input under activation quantization). With the regularizer G has a dense part:
   // ParamGrads.
   bool factored_lora = false;
+  // GEMM operands are converted to bf16 once by the trainer (Operand) and shared by every product
+  // that takes them, instead of once per product by the backend: a device backend computing in
+  // bf16. The same values either way (the backend's conversion is the same rounding).
+  bool bf16_operands = false;
+
+  // t as a GEMM operand: with bf16_operands a BF16 copy, else t itself (the backend rounds it per
+  // its compute dtype).
+  absl::StatusOr<Tensor> Operand(const Tensor& t) {
+    if (!bf16_operands || t.dtype() == DType::kBF16) return t;
+    QCAL_ASSIGN_OR_RETURN(Tensor out, be->AllocUninitialized(DType::kBF16, t.shape()));
+    QCAL_RETURN_IF_ERROR(be->Convert(t, out));
+    return out;
+  }
   RetrainSeconds seconds;
   std::chrono::steady_clock::time_point mark;
 
@@ -211,37 +226,43 @@ struct BlockTrainer::State {
   TrainLinear& L(LinearKind k) { return linears[static_cast<int>(k)]; }
 
   // Q(W̃; γ, β) for this step.
+  // And the LoRA factors as GEMM operands.
   absl::Status PrepareWeights() {
     for (TrainLinear& l : linears) {
       QCAL_RETURN_IF_ERROR(
           be->ClippedFakeQuant(l.base, l.clip, l.params.gamma, l.params.beta, l.q));
+      QCAL_ASSIGN_OR_RETURN(l.lora_a_op, Operand(l.params.lora_a));
+      QCAL_ASSIGN_OR_RETURN(l.lora_b_op, Operand(l.params.lora_b));
     }
     return absl::OkStatus();
   }
 
-  // y (+)= Q·ActQuant(x) + bias + L_A(L_B x), recording the branches' inputs.
-  absl::Status Apply(LinearKind kind, const Tensor& x, ForwardActs& acts, Tensor& y,
-                     bool accumulate) {
+  // y (+)= Q·ActQuant(x) + bias + L_A(L_B x), recording the branches' inputs; x_op is x as a GEMM
+  // operand (shared by the linears that read x).
+  absl::Status Apply(LinearKind kind, const Tensor& x, const Tensor& x_op, ForwardActs& acts,
+                     Tensor& y, bool accumulate) {
     TrainLinear& l = L(kind);
     const int i = static_cast<int>(kind);
-    acts.x[i] = x;
-    acts.x_q[i] = x;
+    acts.x[i] = x_op;
+    acts.x_q[i] = x_op;
     if (l.act_bits < 16) {
-      QCAL_ASSIGN_OR_RETURN(acts.x_q[i], be->Alloc(DType::kF32, x.shape()));
-      QCAL_RETURN_IF_ERROR(be->ActQuant(x, l.act_bits, acts.x_q[i]));
+      QCAL_ASSIGN_OR_RETURN(Tensor x_q, be->Alloc(DType::kF32, x.shape()));
+      QCAL_RETURN_IF_ERROR(be->ActQuant(x, l.act_bits, x_q));
+      QCAL_ASSIGN_OR_RETURN(acts.x_q[i], Operand(x_q));
     }
     QCAL_RETURN_IF_ERROR(
         be->Linear(acts.x_q[i], l.q, l.bias.defined() ? &l.bias : nullptr, y, accumulate));
-    const Tensor& a = l.params.lora_a;
-    QCAL_ASSIGN_OR_RETURN(acts.lora_t[i],
-                          be->AllocUninitialized(DType::kF32, {x.dim(0), a.dim(1)}));
-    QCAL_RETURN_IF_ERROR(be->Linear(x, l.params.lora_b, nullptr, acts.lora_t[i], false));
-    return be->Linear(acts.lora_t[i], a, nullptr, y, true);
+    QCAL_ASSIGN_OR_RETURN(Tensor t,
+                          be->AllocUninitialized(DType::kF32, {x.dim(0), l.params.lora_a.dim(1)}));
+    QCAL_RETURN_IF_ERROR(be->Linear(x_op, l.lora_b_op, nullptr, t, false));
+    QCAL_ASSIGN_OR_RETURN(acts.lora_t[i], Operand(t));
+    return be->Linear(acts.lora_t[i], l.lora_a_op, nullptr, y, true);
   }
 
-  absl::StatusOr<Tensor> Project(LinearKind kind, const Tensor& x, ForwardActs& acts) {
+  absl::StatusOr<Tensor> Project(LinearKind kind, const Tensor& x, const Tensor& x_op,
+                                 ForwardActs& acts) {
     QCAL_ASSIGN_OR_RETURN(Tensor y, be->Alloc(DType::kF32, {x.dim(0), L(kind).d_out()}));
-    QCAL_RETURN_IF_ERROR(Apply(kind, x, acts, y, false));
+    QCAL_RETURN_IF_ERROR(Apply(kind, x, x_op, acts, y, false));
     return y;
   }
 
@@ -263,9 +284,10 @@ struct BlockTrainer::State {
     ForwardActs acts;
     QCAL_ASSIGN_OR_RETURN(Tensor a, be->Alloc(DType::kF32, x.shape()));
     QCAL_RETURN_IF_ERROR(be->RmsNorm(x, w.input_norm, eps, a));
-    QCAL_ASSIGN_OR_RETURN(acts.q, Project(LinearKind::kQ, a, acts));
-    QCAL_ASSIGN_OR_RETURN(acts.k, Project(LinearKind::kK, a, acts));
-    QCAL_ASSIGN_OR_RETURN(acts.v, Project(LinearKind::kV, a, acts));
+    QCAL_ASSIGN_OR_RETURN(const Tensor a_op, Operand(a));
+    QCAL_ASSIGN_OR_RETURN(acts.q, Project(LinearKind::kQ, a, a_op, acts));
+    QCAL_ASSIGN_OR_RETURN(acts.k, Project(LinearKind::kK, a, a_op, acts));
+    QCAL_ASSIGN_OR_RETURN(acts.v, Project(LinearKind::kV, a, a_op, acts));
     if (w.q_norm.defined()) {
       const int64_t hd = config.head_dim;
       QCAL_ASSIGN_OR_RETURN(acts.q_pre, be->Alloc(DType::kF32, acts.q.shape()));
@@ -285,16 +307,19 @@ struct BlockTrainer::State {
     }));
     QCAL_ASSIGN_OR_RETURN(acts.h1, be->Alloc(DType::kF32, x.shape()));
     QCAL_RETURN_IF_ERROR(be->Copy(x, acts.h1));
-    QCAL_RETURN_IF_ERROR(Apply(LinearKind::kO, attn, acts, acts.h1, true));
+    QCAL_ASSIGN_OR_RETURN(const Tensor attn_op, Operand(attn));
+    QCAL_RETURN_IF_ERROR(Apply(LinearKind::kO, attn, attn_op, acts, acts.h1, true));
     QCAL_ASSIGN_OR_RETURN(Tensor m, be->Alloc(DType::kF32, x.shape()));
     QCAL_RETURN_IF_ERROR(be->RmsNorm(acts.h1, w.post_attention_norm, eps, m));
-    QCAL_ASSIGN_OR_RETURN(acts.gate, Project(LinearKind::kGate, m, acts));
-    QCAL_ASSIGN_OR_RETURN(acts.up, Project(LinearKind::kUp, m, acts));
+    QCAL_ASSIGN_OR_RETURN(const Tensor m_op, Operand(m));
+    QCAL_ASSIGN_OR_RETURN(acts.gate, Project(LinearKind::kGate, m, m_op, acts));
+    QCAL_ASSIGN_OR_RETURN(acts.up, Project(LinearKind::kUp, m, m_op, acts));
     QCAL_ASSIGN_OR_RETURN(Tensor p, be->Alloc(DType::kF32, acts.gate.shape()));
     QCAL_RETURN_IF_ERROR(be->SiluMul(acts.gate, acts.up, p));
     QCAL_ASSIGN_OR_RETURN(acts.out, be->Alloc(DType::kF32, x.shape()));
     QCAL_RETURN_IF_ERROR(be->Copy(acts.h1, acts.out));
-    QCAL_RETURN_IF_ERROR(Apply(LinearKind::kDown, p, acts, acts.out, true));
+    QCAL_ASSIGN_OR_RETURN(const Tensor p_op, Operand(p));
+    QCAL_RETURN_IF_ERROR(Apply(LinearKind::kDown, p, p_op, acts, acts.out, true));
     return acts;
   }
 
@@ -307,25 +332,28 @@ struct BlockTrainer::State {
                               Tensor* dx) {
     TrainLinear& l = L(kind);
     const int i = static_cast<int>(kind);
+    QCAL_ASSIGN_OR_RETURN(const Tensor dy_op, Operand(dy));
     QCAL_RETURN_IF_ERROR(TimedPart(&seconds.weight_grads, [&]() -> absl::Status {
-      if (factored_lora) return be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 0.0f, l.g_q);
-      QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x[i], false, 1.0f, 1.0f, l.g_lora));
+      if (factored_lora) return be->Gemm(dy_op, true, acts.x_q[i], false, 1.0f, 0.0f, l.g_q);
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy_op, true, acts.x[i], false, 1.0f, 1.0f, l.g_lora));
       if (l.act_bits < 16) {
-        QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.x_q[i], false, 1.0f, 1.0f, l.g_q));
+        QCAL_RETURN_IF_ERROR(be->Gemm(dy_op, true, acts.x_q[i], false, 1.0f, 1.0f, l.g_q));
       }
       return absl::OkStatus();
     }));
-    const Tensor& a = l.params.lora_a;
     if (!dx && !factored_lora) return absl::OkStatus();
-    QCAL_ASSIGN_OR_RETURN(Tensor u, be->AllocUninitialized(DType::kF32, {dy.dim(0), a.dim(1)}));
-    QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, a, false, 1.0f, 0.0f, u));
+    QCAL_ASSIGN_OR_RETURN(Tensor u,
+                          be->AllocUninitialized(DType::kF32, {dy.dim(0), l.params.lora_a.dim(1)}));
+    QCAL_RETURN_IF_ERROR(be->Gemm(dy_op, false, l.lora_a_op, false, 1.0f, 0.0f, u));
+    QCAL_ASSIGN_OR_RETURN(const Tensor u_op, Operand(u));
     if (factored_lora) {
-      QCAL_RETURN_IF_ERROR(be->Gemm(dy, true, acts.lora_t[i], false, 1.0f, 0.0f, l.grads.lora_a));
-      QCAL_RETURN_IF_ERROR(be->Gemm(u, true, acts.x[i], false, 1.0f, 0.0f, l.grads.lora_b));
+      QCAL_RETURN_IF_ERROR(
+          be->Gemm(dy_op, true, acts.lora_t[i], false, 1.0f, 0.0f, l.grads.lora_a));
+      QCAL_RETURN_IF_ERROR(be->Gemm(u_op, true, acts.x[i], false, 1.0f, 0.0f, l.grads.lora_b));
     }
     if (dx) {
-      QCAL_RETURN_IF_ERROR(be->Gemm(dy, false, l.q, false, 1.0f, 0.0f, *dx));
-      QCAL_RETURN_IF_ERROR(be->Gemm(u, false, l.params.lora_b, false, 1.0f, 1.0f, *dx));
+      QCAL_RETURN_IF_ERROR(be->Gemm(dy_op, false, l.q, false, 1.0f, 0.0f, *dx));
+      QCAL_RETURN_IF_ERROR(be->Gemm(u_op, false, l.lora_b_op, false, 1.0f, 1.0f, *dx));
     }
     return absl::OkStatus();
   }
@@ -458,6 +486,8 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
   s->be = &backend;
   s->config = config;
   s->options = options;
+  s->bf16_operands =
+      backend.device() != Device::kHost && backend.compute_dtype() == kernels::ComputeDType::kBF16;
   for (LinearKind kind : kAllLinears) {
     RetrainLinearInput& in = input.linears[static_cast<int>(kind)];
     const Linear& installed = input.block->at(kind);
@@ -540,9 +570,8 @@ absl::StatusOr<std::unique_ptr<BlockTrainer>> BlockTrainer::Create(Backend& back
       QCAL_ASSIGN_OR_RETURN(t->gamma, backend.Alloc(DType::kF32, clip_shape));
       QCAL_ASSIGN_OR_RETURN(t->beta, backend.Alloc(DType::kF32, clip_shape));
     }
-    const bool bf16_q = backend.device() != Device::kHost &&
-                        backend.compute_dtype() == kernels::ComputeDType::kBF16;
-    QCAL_ASSIGN_OR_RETURN(l.q, backend.Alloc(bf16_q ? DType::kBF16 : DType::kF32, w_shape));
+    QCAL_ASSIGN_OR_RETURN(l.q,
+                          backend.Alloc(s->bf16_operands ? DType::kBF16 : DType::kF32, w_shape));
   }
   s->input = std::move(input);
   return std::unique_ptr<BlockTrainer>(new BlockTrainer(std::move(s)));
@@ -646,8 +675,11 @@ absl::StatusOr<std::vector<EpochLoss>> BlockTrainer::Train() {
       record.stage = stage;
       record.epoch = e;
       for (int sample : RetrainSampleOrder(s.options.seed, global_epoch, n)) {
+        const bool marked = s.steps == s.options.profiler_step;
+        if (marked) s.be->ProfilerRange(true);
         QCAL_ASSIGN_OR_RETURN(StepLoss l, ComputeGradients(sample, c));
         QCAL_RETURN_IF_ERROR(Step());
+        if (marked) s.be->ProfilerRange(false);
         record.mean.output_mse += l.output_mse / n;
         record.mean.regularizer += l.regularizer / n;
         record.mean.loss += l.loss / n;

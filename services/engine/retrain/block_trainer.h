@@ -93,6 +93,10 @@ struct RetrainOptions {
   // Time the parts of every step (RetrainResult::seconds), synchronizing the backend after each
   // part: for benchmarks, which pay a few synchronizations a step for the breakdown. Default: off.
   bool profile = false;
+  // Brackets training step `profiler_step` (0-based, counted over the trainer's whole training)
+  // with Backend::ProfilerRange, for a profiler that captures only marked ranges. Default: -1,
+  // none.
+  int64_t profiler_step = -1;
   // OK when every field is in range; otherwise InvalidArgument naming the recipe key.
   absl::Status Validate() const;
 };

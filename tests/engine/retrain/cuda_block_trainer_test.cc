@@ -4,9 +4,9 @@
 // backends given equal inputs (tests/kernels/cuda/cuda_train_test); the block's GEMMs, attention
 // and norms are not (cuBLAS and the device kernels sum in other orders, fp32), so results agree
 // within bounds: the output MSE and one step's loss within kLossBound relative, each gradient
-// tensor within kGradBound (relative Frobenius norm), the parameters after one AdamW step within
-// kParamBound, and after a short training the loss decreases on both and the final output MSE
-// agrees within kTrainedMseBound.
+// tensor within kGradBound (relative Frobenius norm; kGradBoundBf16 in bf16 operands), the
+// parameters after one AdamW step within kParamBound, and after a short training the loss decreases
+// on both and the final output MSE agrees within kTrainedMseBound.
 #include <cmath>
 #include <memory>
 #include <random>
@@ -23,6 +23,11 @@ namespace {
 
 constexpr double kLossBound = 1e-4;
 constexpr double kGradBound = 1e-3;
+// In bf16 operands both backends round the same operands at the same points, but an activation
+// that differs in its last fp32 bits (another summation order) can round to the neighbouring bf16
+// value, 2^-8 away: gradients then differ by a few times bf16's unit roundoff (2^-9 ≈ 2e-3);
+// measured up to 3.7e-3 on the H200.
+constexpr double kGradBoundBf16 = 1e-2;
 constexpr double kParamBound = 1e-3;
 constexpr double kTrainedMseBound = 0.05;
 
@@ -212,15 +217,16 @@ TEST_F(CudaBlockTrainerTest, OneStepMatchesTheCpu) {
                 kLossBound * loss_cpu->output_mse);
       EXPECT_LE(std::abs(loss_gpu->regularizer - loss_cpu->regularizer),
                 kLossBound * loss_cpu->regularizer);
+      const double grad_bound = dtype == kernels::ComputeDType::kBF16 ? kGradBoundBf16 : kGradBound;
       for (LinearKind k : kAllLinears) {
         SCOPED_TRACE(LinearName(k));
         const RetrainParams& gc = cpu.trainer->grads(k);
         const RetrainParams& gg = gpu.trainer->grads(k);
         EXPECT_EQ(gg.lora_a.device(), Device::kCuda);
-        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_a), gc.lora_a), kGradBound);
-        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_b), gc.lora_b), kGradBound);
-        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.gamma), gc.gamma), kGradBound);
-        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.beta), gc.beta), kGradBound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_a), gc.lora_a), grad_bound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.lora_b), gc.lora_b), grad_bound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.gamma), gc.gamma), grad_bound);
+        EXPECT_LE(RelativeDifference(Host(*gpu.be, gg.beta), gc.beta), grad_bound);
       }
       ASSERT_TRUE(cpu.trainer->Step().ok());
       ASSERT_TRUE(gpu.trainer->Step().ok());
