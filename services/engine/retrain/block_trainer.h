@@ -31,7 +31,11 @@
 // AdamWStep, SquaredError, WeightedSquaredError): parameters, moments and gradients stay on the
 // backend's device for the whole training; per step only the loss sums (two doubles per term)
 // come back to the host. The inputs are uploaded once (Create), the results downloaded once
-// (Finish).
+// (Finish). A step with only the output term takes the LoRA gradients from the rank-r
+// intermediates, ∂L_A = dyᵀ·(x·L_Bᵀ) and ∂L_B = (dy·L_A)ᵀ·x (G·L_Bᵀ and L_Aᵀ·G otherwise). On a
+// device backend computing in bf16 the GEMM operands (Q(W̃) included, written in bf16 by the fake
+// quantizer) are converted once a step and shared by the products that take them: the values the
+// backend's own conversion would give.
 //
 // Optimizer: AdamW (adamw.h), lr_lora for the LoRA factors and lr_clip for the logits, the same
 // decoupled weight decay for both (as ApiQ's AdamW parameter groups). Each stage that trains
