@@ -33,7 +33,7 @@
 // positions p ≡ l (mod lanes) in increasing order, then added as a pairwise tree (for h = lanes/2,
 // ..., 1: partial[l] += partial[l + h] for l < h), which is what a butterfly of `lanes` GPU lanes
 // computes (addition commutes, so every lane ends with the same bits). A group's lanes thus share
-// its serial work, and the CPU reference runs the same order. Before 2026-12-05 the sums ran over
+// its serial work, and the CPU reference runs the same order. Before 2026-12-04 the sums ran over
 // the positions in order (lanes = 1, which the order still is for groups of fewer than 32).
 //
 // Only the uniform grid (the layout's Validate enforces it).
