@@ -80,6 +80,10 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
   std::vector<AbqBenchRow> rows;
   for (const auto& [n, k] : options.shapes) {
     log(absl::StrCat(n, " x ", k, ": cuBLAS"));
+    {
+      QCAL_ASSIGN_OR_RETURN(double s, TimeNullLaunch(options.device, options.iters));
+      rows.push_back({n, k, 1, "-", "null", s, 0});
+    }
     for (int64_t m : options.tokens) {
       for (bool int8 : {false, true}) {
         QCAL_ASSIGN_OR_RETURN(double s,
@@ -110,11 +114,31 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
           rows.push_back({n, k, m, c.name, AbqKernelName(kernel), s,
                           weight_bytes + io + (a16 ? 0.0 : planes)});
         }
-        // At decode sizes b1 runs the decode kernel where it applies; the tiled kernel beside it.
+        // Where b1 runs the GEMV kernel (m <= 4), its two launches apart: the prologue and the
+        // GEMM alone (their sum exceeds the whole layer by what programmatic launch overlaps).
+        if (!a16 && m <= kAbqGemvTokens) {
+          using Part = CudaAbqLinear::Part;
+          for (const auto& [part, name] :
+               {std::pair{Part::kPrologue, "prologue"}, std::pair{Part::kGemm, "b1-gemm"}}) {
+            QCAL_ASSIGN_OR_RETURN(
+                double s, linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters, part));
+            rows.push_back({n, k, m, c.name, name, s,
+                            part == Part::kPrologue ? io - 4.0 * m * n + planes / 2
+                                                    : weight_bytes + 4.0 * m * n + planes / 2});
+          }
+        }
+        // At decode sizes b1 runs the GEMV kernel (m <= 4) or the decode kernel where they
+        // apply; the decode and tiled kernels beside it.
         if (!a16 && m <= kAbqDecodeTokens) {
-          QCAL_ASSIGN_OR_RETURN(double s, linear->TimeForward(m, AbqKernel::kBinaryMma,
-                                                              options.iters, /*tiled_b1=*/true));
-          rows.push_back({n, k, m, c.name, "b1-tiled", s, weight_bytes + io + planes});
+          using B1 = CudaAbqLinear::B1Kernel;
+          for (const auto& [b1, name] :
+               {std::pair{B1::kDecode, "b1-decode"}, std::pair{B1::kTiled, "b1-tiled"}}) {
+            linear->set_b1_kernel(b1);
+            auto s = linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters);
+            linear->set_b1_kernel(B1::kDispatch);
+            if (!s.ok()) return s.status();
+            rows.push_back({n, k, m, c.name, name, *s, weight_bytes + io + planes});
+          }
         }
       }
     }

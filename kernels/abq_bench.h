@@ -1,7 +1,8 @@
 // The per-GEMM benchmark of the ABQ kernels (qcal bench --abq; DESIGN.md section 3, "Arbitrary-bit
 // inference kernels"): each shape and token count through cuBLAS bf16 and int8, the weight-only
 // A16 kernel and both ABQ integer kernels (b1 and int8 IMMA), every one timed as a whole layer
-// (the ABQ prologue's launch included) on random device-resident weights. Needs a CUDA build and
+// (the ABQ prologue's launch included) on random device-resident weights evicted from L2 before
+// each run. Needs a CUDA build and
 // a GPU; elsewhere RunAbqBench fails with FailedPrecondition.
 #pragma once
 
@@ -39,8 +40,10 @@ struct AbqBenchOptions {
 struct AbqBenchRow {
   int64_t d_out = 0, d_in = 0, m = 0;
   std::string config;  // "bf16", "W8A8" (cuBLAS int8), "W4A16", "W2*A16", "W2A8", "W2*A8", ...
-  // "cublas", "cublas-int8", "a16", "b1", "int8", or "b1-tiled" (m <= kAbqDecodeTokens: the
-  // tiled b1 kernel where "b1" runs the decode kernel).
+  // "cublas", "cublas-int8", "a16", "b1", "int8", at m <= kAbqDecodeTokens "b1-decode" and
+  // "b1-tiled" (the b1 decode and tiled kernels, where "b1" runs the GEMV kernel for m <= 4), and
+  // at m <= kAbqGemvTokens "prologue" and "b1-gemm" (the b1 layer's two launches timed apart);
+  // "null" (config "-") is a near-empty kernel timed the same way: the harness's floor.
   std::string kernel;
   double seconds = 0;  // mean per whole-layer call
   double bytes = 0;    // the least the call must move through device memory (see abq_bench.cc)

@@ -38,6 +38,9 @@ inline constexpr int64_t kAbqMaxGroups = 48 * 1024 / 4;
 // The most tokens m for which the CUDA b1 kernel (kBinaryMma) runs its decode kernel, where the
 // weights' grouping allows it (kernels/cuda/abq_gemm.cuh); larger m run the tiled kernel.
 inline constexpr int64_t kAbqDecodeTokens = 16;
+// The most tokens m for which kBinaryMma runs its GEMV kernel instead (kernels/cuda/abq_gemv.cu),
+// where the grouping and its shared memory allow it.
+inline constexpr int64_t kAbqGemvTokens = 4;
 // The most tokens m of one call of a CUDA kernel (the token grid: 65,535 tiles of 16).
 inline constexpr int64_t kAbqMaxTokens = int64_t{65535} * 16;
 

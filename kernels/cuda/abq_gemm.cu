@@ -47,6 +47,7 @@
 #include <cstring>
 
 #include "kernels/abq_ops.h"
+#include "kernels/cuda/abq_b1.cuh"
 #include "kernels/cuda/abq_gemm.cuh"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/mma_sync.cuh"
@@ -64,48 +65,57 @@ constexpr int kRoundBytes = 32 * 1024;             // shared memory of one round
 constexpr int kPrefetchBytes = 64 * 1024;          // weights a block asks L2 for at its start
 constexpr int kPrologueThreads = 1024;             //
 constexpr int kMaxPrologueGroups = 48 * 1024 / 4;  // Σa per group in shared memory
+constexpr int kProloguePartsMax = 16;              // blocks a token at most
+constexpr int kProloguePartThreads = 512;          // threads of a block when there are parts
+constexpr int kProloguePartWords = 16;             // words a part at least
 
 // ---- Prologue --------------------------------------------------------------------------------
 
-// One block per token. The maximum is exact in any order; the codes are ref AbqQuantizeActivations'
-// (IEEE division, RoundHalfEven, clamp that maps NaN to −qmax). Each warp packs whole words: lane
-// l holds column 32·word + l, and a ballot per plane gives that plane's word with column l at bit
+// Blocks (token, part): grid.x walks the tokens, grid.y the parts of a token's k-groups (one part
+// when there are many tokens; up to kProloguePartsMax at decode sizes, so that a single token is
+// not one SM's work). Every block computes its token's maximum over all of K (exact in any order;
+// each block reads the row, 44 KB at K = 11008, from L2), then quantizes and packs the words of
+// its part's whole k-groups and writes their Σa. The codes are ref AbqQuantizeActivations' (IEEE
+// division, RoundHalfEven, clamp that maps NaN to −qmax). Each warp packs whole words: lane l
+// holds column 32·word + l, and a ballot per plane gives that plane's word with column l at bit
 // l. Σa per group is an integer sum (shared-memory atomics: exact in any order). The loops are
-// unrolled so that each thread has several loads in flight (the row is read twice; the maximum
-// with float4 loads when the row is 16-byte aligned: fmaxf ignores NaN in any order).
-template <int kAb>
-__global__ void __launch_bounds__(kPrologueThreads)
+// unrolled so that each thread has several loads in flight (the maximum with float4 loads when
+// the row is 16-byte aligned: fmaxf ignores NaN in any order).
+template <int kAb, int kThreads>
+__global__ void __launch_bounds__(kThreads)
     AbqPrologueKernel(const float* x, int64_t k, int words, int group_words, int n_groups,
-                      uint32_t* planes, float* scales, int32_t* sums) {
+                      int part_groups, uint32_t* planes, float* scales, int32_t* sums) {
   extern __shared__ int32_t group_sums[];
   __shared__ float scratch[32];
   // The GEMM that follows may start now (it waits for this grid's completion before it reads the
-  // activations: griddepcontrol.wait in RunRounds).
+  // activations: griddepcontrol.wait).
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   constexpr float kQmax = static_cast<float>((1 << (kAb - 1)) - 1);
   const int64_t t = blockIdx.x;
+  const int g_begin = blockIdx.y * part_groups, g_end = min(g_begin + part_groups, n_groups);
+  const int w_begin = g_begin * group_words, w_end = min(g_end * group_words, words);
   const float* xr = x + t * k;
   float amax = 0.0f;
   if (k % 4 == 0 && reinterpret_cast<uintptr_t>(xr) % 16 == 0) {  // float4 loads
     const float4* x4 = reinterpret_cast<const float4*>(xr);
-#pragma unroll 4
-    for (int64_t c = threadIdx.x; c < k / 4; c += kPrologueThreads) {
+#pragma unroll 8
+    for (int64_t c = threadIdx.x; c < k / 4; c += kThreads) {
       const float4 v = x4[c];
       amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
     }
   } else {
 #pragma unroll 4
-    for (int64_t c = threadIdx.x; c < k; c += kPrologueThreads) amax = fmaxf(amax, fabsf(xr[c]));
+    for (int64_t c = threadIdx.x; c < k; c += kThreads) amax = fmaxf(amax, fabsf(xr[c]));
   }
   amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);
   const float s = amax / kQmax;
-  if (threadIdx.x == 0) scales[t] = s;
-  for (int gr = threadIdx.x; gr < n_groups; gr += kPrologueThreads) group_sums[gr] = 0;
+  if (threadIdx.x == 0 && blockIdx.y == 0) scales[t] = s;
+  for (int gr = threadIdx.x; gr < g_end - g_begin; gr += kThreads) group_sums[gr] = 0;
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* tp = planes + t * kAb * static_cast<int64_t>(words);
 #pragma unroll 4
-  for (int word = warp; word < words; word += kPrologueThreads / 32) {
+  for (int word = w_begin + warp; word < w_end; word += kThreads / 32) {
     const int64_t c = static_cast<int64_t>(word) * 32 + lane;
     int32_t v = 0;
     if (c < k && s != 0.0f) {
@@ -118,11 +128,11 @@ __global__ void __launch_bounds__(kPrologueThreads)
       if (lane == i) tp[static_cast<int64_t>(i) * words + word] = bits;
     }
     const int32_t word_sum = __reduce_add_sync(kFull, v);
-    if (lane == 0) atomicAdd(&group_sums[word / group_words], word_sum);
+    if (lane == 0) atomicAdd(&group_sums[word / group_words - g_begin], word_sum);
   }
   __syncthreads();
-  for (int gr = threadIdx.x; gr < n_groups; gr += kPrologueThreads) {
-    sums[t * n_groups + gr] = group_sums[gr];
+  for (int gr = threadIdx.x; gr < g_end - g_begin; gr += kThreads) {
+    sums[t * n_groups + g_begin + gr] = group_sums[gr];
   }
 }
 
@@ -340,29 +350,6 @@ __device__ __forceinline__ void RunIntegerGemm(const GemmParams& p, const BlockT
 }
 
 // ---- b1 AND + popcount -----------------------------------------------------------------------
-
-__device__ __forceinline__ void MmaB1K256(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                          uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void MmaB1K128(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc {%0, %1, %2, %3}, {%4, %5}, "
-      "{%6}, {%0, %1, %2, %3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(b0));
-}
-
-// sgn_i·2^i modulo 2^32: the top activation plane carries the two's complement sign.
-template <int kAb>
-__device__ __forceinline__ uint32_t ActPlaneWeight(int i) {
-  return i == kAb - 1 ? 0u - (1u << i) : 1u << i;
-}
 
 // kTiles n8 tiles of activation plane columns (kTiles <= 16 / (8 / kAb)); the block's 16 A rows
 // are the planes of 16 / kWb outputs (wb = 3: 5 outputs, row 15 unused).
@@ -1017,25 +1004,6 @@ size_t RoundSharedBytes(const RoundPlan& plan) {
   return static_cast<size_t>(plan.groups) * RoundBytesPerGroup(plan);
 }
 
-// A kernel launched with programmatic stream serialization: it may start while the prologue
-// before it on the stream runs (prefetching or copying its weights), which hides most of a
-// launch's latency; griddepcontrol.wait orders its reads of the activations after the prologue.
-template <typename Kernel, typename Params>
-cudaError_t LaunchPdl(Kernel kernel, const Params& p, dim3 grid, int threads, size_t shared,
-                      cudaStream_t stream) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = shared;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, p);
-}
-
 template <typename Kernel>
 cudaError_t LaunchGemmKernel(Kernel kernel, const GemmParams& p, dim3 grid, cudaStream_t stream) {
   return LaunchPdl(kernel, p, grid, kGemmThreads, RoundSharedBytes(p.plan), stream);
@@ -1072,22 +1040,14 @@ bool DecodeApplies(const AbqDeviceWeights& w, int64_t m, int ab) {
 // default: the limit is raised to kDecodeMaxShared once per device.
 template <int kWb, int kAb, int kTiles>
 cudaError_t LaunchDecodeKernel(const DecodeParams& p, cudaStream_t stream) {
-  static std::atomic<uint64_t> raised{0};  // bit d: done on device d (d < 64)
+  static std::atomic<uint64_t> raised{0};
   const auto kernel = AbqBinaryDecodeKernel<kWb, kAb, kTiles>;
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  const size_t shared = DecodeSharedBytes(kWb, p.tiles, p.w.n_groups, p.m);
+  const cudaError_t err = RaiseSharedLimit(kernel, shared, kDecodeMaxShared, raised);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if ((raised.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kDecodeMaxShared));
-    if (err != cudaSuccess) return err;
-    raised.fetch_or(bit, std::memory_order_relaxed);
-  }
   constexpr int kBlockOuts = kDecodeWarps * (16 / DecodeRowsPerOut(kWb));
   const dim3 grid(static_cast<unsigned>((p.w.n + kBlockOuts - 1) / kBlockOuts));
-  return LaunchPdl(kernel, p, grid, kDecodeThreads,
-                   DecodeSharedBytes(kWb, p.tiles, p.w.n_groups, p.m), stream);
+  return LaunchPdl(kernel, p, grid, kDecodeThreads, shared, stream);
 }
 
 template <int kWb, int kAb>
@@ -1103,7 +1063,10 @@ cudaError_t LaunchBinaryDecode(const GemmParams& p, cudaStream_t stream) {
 
 template <int kWb, int kAb>
 cudaError_t LaunchGemmFor(AbqMma mma, const GemmParams& p, cudaStream_t stream) {
-  if (mma == AbqMma::kBinary && DecodeApplies(p.w, p.m, kAb)) {
+  if (mma == AbqMma::kBinary && AbqGemvApplies(p.w, p.m, kAb)) {
+    return LaunchAbqBinaryGemv(p.w, p.a_planes, p.a_scales, p.a_sums, p.m, kAb, p.y, p.dot, stream);
+  }
+  if ((mma == AbqMma::kBinary || mma == AbqMma::kBinaryRing) && DecodeApplies(p.w, p.m, kAb)) {
     return LaunchBinaryDecode<kWb, kAb>(p, stream);
   }
   if (mma != AbqMma::kInt8) return LaunchBinary<kWb, kAb>(p, stream);
@@ -1140,14 +1103,28 @@ cudaError_t LaunchAbqPrologue(const float* x, const AbqDeviceWeights& w,
   if (!WeightsOk(w) || a.m < 1 || a.m > 0x7fffffff || w.n_groups > kMaxPrologueGroups) {
     return cudaErrorInvalidValue;
   }
-  const size_t shared = static_cast<size_t>(w.n_groups) * sizeof(int32_t);
-  const unsigned blocks = static_cast<unsigned>(a.m);
+  // Parts of a token's groups: one when the tokens fill the GPU, else up to kProloguePartsMax of
+  // at least kProloguePartWords words each.
+  int parts = 1;
+  if (a.m < kProloguePartsMax) {
+    const int by_words = std::max(1, w.words / kProloguePartWords);
+    parts = std::min({kProloguePartsMax, w.n_groups, by_words});
+  }
+  const int part_groups = (w.n_groups + parts - 1) / parts;
+  parts = (w.n_groups + part_groups - 1) / part_groups;
+  const size_t shared = static_cast<size_t>(part_groups) * sizeof(int32_t);
+  const dim3 blocks(static_cast<unsigned>(a.m), static_cast<unsigned>(parts));
+  // A token's parts are smaller blocks, so that the GEMM's blocks fit beside them (PDL).
+  const auto launch = [&](auto kernel, int threads) {
+    kernel<<<blocks, threads, shared, stream>>>(x, w.k, w.words, w.group_words, w.n_groups,
+                                                part_groups, a.planes, a.scales, a.sums);
+  };
   if (a.act_bits == 4) {
-    AbqPrologueKernel<4><<<blocks, kPrologueThreads, shared, stream>>>(
-        x, w.k, w.words, w.group_words, w.n_groups, a.planes, a.scales, a.sums);
+    parts > 1 ? launch(AbqPrologueKernel<4, kProloguePartThreads>, kProloguePartThreads)
+              : launch(AbqPrologueKernel<4, kPrologueThreads>, kPrologueThreads);
   } else if (a.act_bits == 8) {
-    AbqPrologueKernel<8><<<blocks, kPrologueThreads, shared, stream>>>(
-        x, w.k, w.words, w.group_words, w.n_groups, a.planes, a.scales, a.sums);
+    parts > 1 ? launch(AbqPrologueKernel<8, kProloguePartThreads>, kProloguePartThreads)
+              : launch(AbqPrologueKernel<8, kPrologueThreads>, kPrologueThreads);
   } else {
     return cudaErrorInvalidValue;
   }

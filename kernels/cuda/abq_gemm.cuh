@@ -7,12 +7,17 @@
 //   LaunchAbqGemm         the integer GEMM and the fp32 epilogue (AbqIntegerGemm + AbqEpilogue bit
 //                         for bit), by one of two kernels over the same planes:
 //                           kBinary  b1 AND + popcount mma.sync (m16n8k256, m16n8k128): the
-//                                    decode kernel for m <= 16, the tiled kernel otherwise;
+//                                    GEMV kernel for m <= 4 (abq_gemv.cu), the decode kernel
+//                                    for m <= 16, the tiled kernel otherwise;
 //                           kInt8    planes unpacked in registers to u8 weight codes and s8
 //                                    activation codes, mma.sync m16n8k32 (IMMA);
 //   LaunchAbqWeightOnly   the A16 baseline: weight codes dequantized in registers to bf16 (q − z),
 //                         x rounded to bf16, bf16 mma.sync with fp32 accumulation per k-group and
 //                         s_w applied per group in fp32 (spec: AbqWeightOnlyReference).
+// The b1 GEMV kernel (m <= 4, k-groups of whole k128 steps or per channel, abq_gemv.cu): a block
+// of 4 warps owns 8 outputs over all of K, the warps split K and bulk-copy their plane rows into
+// shared memory (before griddepcontrol.wait); each k-group's integer sum goes to shared memory
+// and one thread per (output, token) runs the epilogue in group order.
 // The b1 decode kernel (m <= 16, k-groups of whole k128 steps: group size a multiple of 128 or
 // per channel): a block of 4 warps streams 4 tiles of 16 weight rows over all of K through a
 // multi-stage cp.async ring in shared memory (the weights' copies start before the prologue is
@@ -59,9 +64,10 @@ struct AbqDeviceActivations {
   int act_bits = 0;  // 4 or 8
 };
 
-// kBinaryTiled is kBinary's tiled kernel at every m (what kBinary runs for m > 16): the decode
-// kernel's comparison in qcal bench --abq.
-enum class AbqMma { kBinary, kInt8, kBinaryTiled };
+// kBinaryTiled is kBinary's tiled kernel at every m (what kBinary runs for m > 16), and
+// kBinaryRing its decode kernel wherever that applies (m <= 16, the tiled kernel elsewhere): the
+// GEMV and decode kernels' comparisons in qcal bench --abq.
+enum class AbqMma { kBinary, kInt8, kBinaryTiled, kBinaryRing };
 
 // Quantizes x [a.m][w.k] per token into `a` (planes, scales, sums for w's k-grouping). Needs
 // w.n_groups * 4 bytes of shared memory (at most 48 KiB); cudaErrorInvalidValue otherwise or for

@@ -12,6 +12,7 @@
 #include "common/status.h"
 #include "kernels/cuda/abq_gemm.cuh"
 #include "kernels/cuda/cuda_resources.h"
+#include "kernels/cuda/l2_evict.cuh"
 
 namespace qcal::kernels {
 namespace {
@@ -56,24 +57,57 @@ absl::Status Download(std::vector<T>& dst, const DeviceArray<T>& src, int64_t co
   return CudaStatus(cudaStreamSynchronize(stream), "ABQ download");
 }
 
-// A pair of CUDA events timing `iters` calls of `run` on `stream` after kWarmup untimed ones.
+// Mean seconds of `run` on `stream` over `iters` runs after kWarmup untimed ones. Each run is
+// timed alone by a pair of CUDA events, after a read of twice the L2 cache's size that evicts
+// what the previous run left there (a read, so that L2 is left clean: after a memset the write-
+// back of its dirty lines competed with the timed reads) and a copy of the `hot_bytes` at `hot`
+// (the layer's input activations, which the op before a layer has just written: in L2 in a real
+// forward) that brings them back; both are outside the events. All runs are queued before the
+// host waits, so the GPU never idles between a start event and its run.
 template <typename Run>
-absl::StatusOr<double> TimeOnStream(cudaStream_t stream, int iters, Run run) {
+absl::StatusOr<double> TimeOnStream(cudaStream_t stream, int iters, const void* hot,
+                                    size_t hot_bytes, Run run) {
   if (iters < 1) return absl::InvalidArgumentError(absl::StrCat("iters must be >= 1, got ", iters));
-  for (int i = 0; i < kWarmup; ++i) QCAL_RETURN_IF_ERROR(run());
-  cudaEvent_t start = nullptr, stop = nullptr;
-  QCAL_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&start), "cudaEventCreate"));
-  absl::Status status = CudaStatus(cudaEventCreate(&stop), "cudaEventCreate");
-  float ms = 0;
-  if (status.ok()) status = CudaStatus(cudaEventRecord(start, stream), "cudaEventRecord");
-  for (int i = 0; i < iters && status.ok(); ++i) status = run();
-  if (status.ok()) status = CudaStatus(cudaEventRecord(stop, stream), "cudaEventRecord");
-  if (status.ok()) status = CudaStatus(cudaEventSynchronize(stop), "cudaEventSynchronize");
-  if (status.ok()) status = CudaStatus(cudaEventElapsedTime(&ms, start, stop), "elapsed time");
-  cudaEventDestroy(start);
-  if (stop != nullptr) cudaEventDestroy(stop);
+  int device = 0, l2 = 0;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "L2 size"));
+  const size_t evict_bytes = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
+  void* evict = nullptr;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&evict, evict_bytes + 16), "L2 eviction buffer"));
+  uint32_t* sink = reinterpret_cast<uint32_t*>(static_cast<char*>(evict) + evict_bytes);
+  std::vector<cudaEvent_t> events(2 * static_cast<size_t>(iters), nullptr);
+  absl::Status status = CudaStatus(cudaMemsetAsync(evict, 0, evict_bytes, stream), "L2 buffer");
+  for (int i = 0; i < kWarmup && status.ok(); ++i) status = run();
+  for (size_t e = 0; e < events.size() && status.ok(); ++e) {
+    status = CudaStatus(cudaEventCreate(&events[e]), "cudaEventCreate");
+  }
+  for (int i = 0; i < iters && status.ok(); ++i) {
+    status = CudaStatus(cuda::LaunchReadThrough(evict, evict_bytes, 0x9e3779b9u, sink, stream),
+                        "L2 eviction");
+    if (status.ok() && hot_bytes >= 16) {
+      status =
+          CudaStatus(cuda::LaunchReadThrough(hot, hot_bytes / 16 * 16, 0x9e3779b9u, sink, stream),
+                     "L2 warm-up");
+    }
+    if (status.ok()) status = CudaStatus(cudaEventRecord(events[2 * i], stream), "event record");
+    if (status.ok()) status = run();
+    if (status.ok())
+      status = CudaStatus(cudaEventRecord(events[2 * i + 1], stream), "event record");
+  }
+  if (status.ok()) status = CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  double total_ms = 0;
+  for (int i = 0; i < iters && status.ok(); ++i) {
+    float ms = 0;
+    status = CudaStatus(cudaEventElapsedTime(&ms, events[2 * i], events[2 * i + 1]), "elapsed");
+    total_ms += ms;
+  }
+  for (cudaEvent_t e : events) {
+    if (e != nullptr) cudaEventDestroy(e);
+  }
+  cudaFree(evict);
   QCAL_RETURN_IF_ERROR(status);
-  return static_cast<double>(ms) * 1e-3 / iters;
+  return total_ms * 1e-3 / iters;
 }
 
 absl::Status CheckTokens(int64_t m) {
@@ -94,6 +128,7 @@ struct CudaAbqLinear::State {
   std::optional<cuda::CudaStream> own_stream;
   cudaStream_t stream = nullptr;
   std::shared_ptr<CachingAllocator> alloc;
+  B1Kernel b1 = B1Kernel::kDispatch;
   DeviceArray<uint32_t> planes;
   DeviceArray<float> scales;
   DeviceArray<int32_t> zeros;
@@ -129,18 +164,20 @@ struct CudaAbqLinear::State {
     return a;
   }
 
-  // The GEMM (integer kernels) or the weight-only GEMM into y, on the stream; tiled_b1 picks
-  // kBinaryTiled for kBinaryMma.
+  // The GEMM (integer kernels) or the weight-only GEMM into y, on the stream; b1 picks the
+  // kernel of kBinaryMma.
   absl::Status Launch(AbqKernel kernel, const float* x, const Activations* a, int64_t m, float* y,
-                      int32_t* dot, bool tiled_b1 = false) {
+                      int32_t* dot) {
     cudaError_t err;
     if (kernel == AbqKernel::kWeightOnly) {
       err = cuda::LaunchAbqWeightOnly(x, m, Weights(), y, stream);
     } else {
-      const cuda::AbqMma mma =
-          kernel == AbqKernel::kInt8Mma
-              ? cuda::AbqMma::kInt8
-              : (tiled_b1 ? cuda::AbqMma::kBinaryTiled : cuda::AbqMma::kBinary);
+      cuda::AbqMma mma = cuda::AbqMma::kInt8;
+      if (kernel == AbqKernel::kBinaryMma) {
+        mma = b1 == B1Kernel::kTiled    ? cuda::AbqMma::kBinaryTiled
+              : b1 == B1Kernel::kDecode ? cuda::AbqMma::kBinaryRing
+                                        : cuda::AbqMma::kBinary;
+      }
       err = cuda::LaunchAbqGemm(mma, Weights(), a->View(m, spec.act_bits), y, dot, stream);
     }
     return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
@@ -319,12 +356,14 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Gemm(const AbqActivations& a, 
   return y;
 }
 
+void CudaAbqLinear::set_b1_kernel(B1Kernel b1) { state_->b1 = b1; }
+
 absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters,
-                                                  bool tiled_b1) {
+                                                  Part part) {
   State& st = *state_;
-  if (tiled_b1 && kernel != AbqKernel::kBinaryMma) {
+  if (part != Part::kWhole && kernel == AbqKernel::kWeightOnly) {
     return absl::InvalidArgumentError(
-        absl::StrCat("ABQ (CUDA): tiled_b1 needs the b1 kernel, not ", AbqKernelName(kernel)));
+        "ABQ (CUDA): the weight-only kernel has no prologue to time apart");
   }
   QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
   QCAL_RETURN_IF_ERROR(CheckTokens(m));
@@ -338,9 +377,26 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
   QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
   QCAL_RETURN_IF_ERROR(Upload(dx, std::span<const float>(x), s));
-  return TimeOnStream(s, iters, [&]() -> absl::Status {
-    if (kernel != AbqKernel::kWeightOnly) QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
-    return st.Launch(kernel, dx.get(), &da, m, dy.get(), nullptr, tiled_b1);
+  if (part == Part::kGemm) QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+  return TimeOnStream(s, iters, dx.get(), x.size() * sizeof(float), [&]() -> absl::Status {
+    if (kernel != AbqKernel::kWeightOnly && part != Part::kGemm) {
+      QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+    }
+    if (part == Part::kPrologue) return absl::OkStatus();
+    return st.Launch(kernel, dx.get(), &da, m, dy.get(), nullptr);
+  });
+}
+
+absl::StatusOr<double> TimeNullLaunch(int device, int iters) {
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
+  QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
+  auto alloc = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
+  QCAL_ASSIGN_OR_RETURN(auto buf, alloc->Allocate(32));
+  const cudaStream_t s = stream.get();
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(buf->data(), 0, 32, s), "memset"));
+  uint32_t* sink = reinterpret_cast<uint32_t*>(static_cast<char*>(buf->data()) + 16);
+  return TimeOnStream(s, iters, nullptr, 0, [&]() -> absl::Status {
+    return CudaStatus(cuda::LaunchReadThrough(buf->data(), 16, 1, sink, s), "null kernel");
   });
 }
 
@@ -365,7 +421,7 @@ absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k
   const int in = static_cast<int>(n), im = static_cast<int>(m), ik = static_cast<int>(k);
   const float alpha_f = 1.0f, beta_f = 0.0f;
   const int32_t alpha_i = 1, beta_i = 0;
-  return TimeOnStream(s, iters, [&]() -> absl::Status {
+  return TimeOnStream(s, iters, x->data(), x->bytes(), [&]() -> absl::Status {
     cublasStatus_t status;
     if (int8) {
       status = cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, in, im, ik, &alpha_i, w->data(),

@@ -78,12 +78,26 @@ class CudaAbqLinear {
   absl::StatusOr<std::vector<float>> Gemm(const AbqActivations& a, AbqKernel kernel,
                                           std::vector<int32_t>* dot = nullptr);
 
+  // Which kernel kBinaryMma runs from now on: kDispatch (the default) the GEMV kernel for m <= 4,
+  // the decode kernel for m <= 16 and the tiled kernel otherwise (each where its group sizes and
+  // shared memory allow, abq_gemm.cuh); kDecode the decode kernel wherever it applies, else the
+  // tiled one; kTiled the tiled kernel at every m. All are bit-identical; the choice exists for
+  // qcal bench --abq's comparisons and for the tests.
+  enum class B1Kernel { kDispatch, kDecode, kTiled };
+  void set_b1_kernel(B1Kernel b1);
+
   // Mean seconds of one whole-layer forward of m tokens on device-resident inputs (uniform in
-  // [-1, 1]), launches included (the prologue's too), over `iters` runs timed with CUDA events
-  // after 3 warm-up runs. With tiled_b1, kBinaryMma runs its tiled kernel even where the decode
-  // kernel would (m <= 16): the comparison qcal bench --abq reports as "b1-tiled"
-  // (InvalidArgument with another kernel).
-  absl::StatusOr<double> TimeForward(int64_t m, AbqKernel kernel, int iters, bool tiled_b1 = false);
+  // [-1, 1]), launches included (the prologue's too), over `iters` runs after 3 warm-up runs. Each
+  // run is timed alone with CUDA events, after a write of twice the L2 cache's size has evicted
+  // the weights (a decode step reads every layer's weights from memory; a layer's quantized
+  // weights would otherwise stay in the 50 MB L2 from run to run) and a copy has brought x back
+  // (the op before a layer has just written it).
+  // The parts of one: with `part` kPrologue the activation prologue alone, with kGemm the integer
+  // GEMM alone on activations the prologue produced once before the timing (kWeightOnly has
+  // neither: InvalidArgument).
+  enum class Part { kWhole, kPrologue, kGemm };
+  absl::StatusOr<double> TimeForward(int64_t m, AbqKernel kernel, int iters,
+                                     Part part = Part::kWhole);
 
  private:
   struct State;
@@ -91,10 +105,14 @@ class CudaAbqLinear {
   std::unique_ptr<State> state_;
 };
 
+// Mean seconds of a near-empty kernel (one pass over 16 bytes) on `device`, timed as TimeForward:
+// the floor that every timed run of this harness includes (launch and event overheads).
+absl::StatusOr<double> TimeNullLaunch(int device, int iters);
+
 // Mean seconds of cuBLAS's GEMM y = x·Wᵀ for x [m][k], W [n][k] on `device`, timed as
-// TimeForward: bf16 operands and output with fp32 accumulation (int8 false), or int8 operands with
-// int32 output (int8 true: the W8A8 integer GEMM without its scales). Operands are zero-filled
-// (timing only).
+// TimeForward (each run alone, after the L2 eviction): bf16 operands and output with fp32
+// accumulation (int8 false), or int8 operands with int32 output (int8 true: the W8A8 integer GEMM
+// without its scales). Operands are zero-filled (timing only).
 absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k, int device,
                                       int iters);
 

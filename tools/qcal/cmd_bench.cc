@@ -7,6 +7,7 @@
 // cuBLAS (kernels/abq_bench.h), with bytes moved as a share of the H100/H200 HBM bandwidth. qcal
 // bench --decode: greedy decoding tokens/s of a synthetic model of --shape, dense bf16 against
 // W4A16, W4A8 and W2*A8 through the ABQ kernels (services/engine/bench.h).
+#include <cinttypes>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -171,7 +172,8 @@ absl::Status RunAbqBench(BenchArgs& a) {
   }
   std::printf(
       "qcal bench --abq: whole-layer GEMM time (ABQ prologue included), weights g%d, mean of %d "
-      "runs after 3 warm-ups; bytes = the least each call moves, as a share of %.1f TB/s\n",
+      "runs after 3 warm-ups, each run alone after an L2 eviction; bytes = the least each call "
+      "moves, as a share of %.1f TB/s\n",
       o.group_size, o.iters, kHbmBytesPerSecond * 1e-12);
   std::printf("%-14s %4s  %-7s %-11s %10s %10s %8s %8s\n", "d_out x d_in", "m", "config", "kernel",
               "us", "MB", "HBM %", "x bf16");
@@ -557,6 +559,24 @@ RunFn AddBench(CLI::App& app) {
   app.add_option("--abq-tokens", a->abq_options.tokens,
                  "With --abq: token counts m (default: 1 4 8 16 64)")
       ->check(CLI::PositiveNumber);
+  app.add_option_function<std::vector<std::string>>(
+         "--abq-shapes",
+         [a](const std::vector<std::string>& shapes) {
+           a->abq_options.shapes.clear();
+           for (const std::string& s : shapes) {
+             int64_t n = 0, k = 0;
+             char x = 0, extra = 0;
+             if (std::sscanf(s.c_str(), "%" SCNd64 "%c%" SCNd64 "%c", &n, &x, &k, &extra) != 3 ||
+                 x != 'x' || n < 1 || k < 1) {
+               throw CLI::ValidationError(
+                   "--abq-shapes", "expected D_OUTxD_IN with positive sizes, got '" + s + "'");
+             }
+             a->abq_options.shapes.push_back({n, k});
+           }
+         },
+         "With --abq: GEMM shapes d_outxd_in (default: 4096x4096 11008x4096 4096x11008 "
+         "8192x28672)")
+      ->expected(1, 64);
   app.add_option("--abq-iters", a->abq_options.iters,
                  "With --abq: timed runs per measurement after 3 warm-ups (default: 20)")
       ->check(CLI::PositiveNumber);

@@ -98,7 +98,8 @@ TEST_F(CudaAbqTest, PrologueEqualsReferenceBitForBit) {
 // integer sums exactly and y bit for bit, from x (the whole layer, with and without the sums
 // output: the timed path) and from the reference's packed activations.
 void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
-                                 std::initializer_list<AbqKernel> kernels, Random& rng) {
+                                 std::initializer_list<AbqKernel> kernels, Random& rng,
+                                 CudaAbqLinear::B1Kernel b1 = CudaAbqLinear::B1Kernel::kDispatch) {
   const std::string name = Name(c, s);
   const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
   const std::vector<float> x = RandomX(s.m, s.k, rng);
@@ -110,6 +111,7 @@ void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
   ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
   auto lin = CudaAbqLinear::Create(w, 0);
   ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
+  (*lin)->set_b1_kernel(b1);
   for (AbqKernel kernel : kernels) {
     const std::string kname = absl::StrCat(name, " ", AbqKernelName(kernel));
     std::vector<int32_t> dot;
@@ -137,13 +139,17 @@ TEST_F(CudaAbqTest, IntegerKernelsEqualReferenceBitForBit) {
   }
 }
 
-// The b1 decode kernel (kBinaryMma for m <= kAbqDecodeTokens) at every m it distinguishes: 1..16
-// tokens are 1..16 n8 tiles of activation columns at A8 and 1..8 at A4, run by its 1-, 4- and
-// 16-tile (A4: 8-tile) variants. Every bit/group combination plus group 256, so that its k-steps
-// are k128 (g128), k256 (per channel, g256) and whole groups of either; 16-byte copies (k 7040:
-// 220 words) and 4-byte ones (k 7000 and 300: rows not 16-byte aligned), a ring of stages that
-// wraps (7 chunks of 32 words), the last chunk and step partial, size 1, and n across the
-// blocks' 8, 16 and 32 outputs. g32 runs the tiled kernel at these m, and is checked the same.
+// The b1 GEMV kernel (kBinaryMma for m <= kAbqGemvTokens) and the b1 decode kernel (kBinaryMma
+// for m <= kAbqDecodeTokens, and forced at m <= kAbqGemvTokens) at every m they distinguish: 1..16
+// tokens are 1..16 n8 tiles of activation columns at A8 and 1..8 at A4 (the GEMV kernel's 1-, 2-
+// and 4-tile variants, the decode kernel's 1-, 4- and 16-tile (A4: 8-tile) ones). Every bit/group
+// combination plus group 256, so that the k-steps are k128 (g128: the GEMV kernel's one-step
+// groups), k256 (per channel, g256) and whole groups of either. k 7040 (220 words) takes the
+// 16-byte and bulk copies, k 7000 and 300 (rows not 16-byte aligned) the 4-byte ones; the GEMV
+// kernel's 4 warps split K into ranges that cut k-groups, and at W8 a warp's range spans several
+// stages; the decode kernel's ring of stages wraps (7 chunks of 32 words); the last chunk and
+// step are partial, size 1, and n runs across the blocks' 8, 16 and 32 outputs. g32 runs the
+// tiled kernel at these m, and is checked the same.
 TEST_F(CudaAbqTest, DecodeKernelEqualsReferenceAtEveryM) {
   Random rng(16);
   std::vector<Combo> combos = AllCombos();
@@ -155,8 +161,13 @@ TEST_F(CudaAbqTest, DecodeKernelEqualsReferenceAtEveryM) {
     std::vector<Shape3> shapes = {{m, 1, 1}, {m, 37, 300}, {m, 37, 7040}};
     if (m == 1 || m == 5 || m == 16) shapes.push_back({m, 37, 7000});
     for (const Combo& c : combos) {
-      for (const Shape3& s : shapes)
+      for (const Shape3& s : shapes) {
         ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma}, rng);
+        if (m <= kAbqGemvTokens) {
+          ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma}, rng,
+                                      CudaAbqLinear::B1Kernel::kDecode);
+        }
+      }
     }
   }
 }

@@ -1,0 +1,103 @@
+// Pieces shared by the ABQ kernels' files (abq_gemm.cu, abq_gemv.cu): the b1 AND + popcount
+// mma.sync products, the plane weights of activation planes, the launch with programmatic stream
+// serialization, and the GEMV launcher that abq_gemm.cu's dispatch calls. Internal to
+// kernels/cuda: the public launchers are abq_gemm.cuh's.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "kernels/abq_ops.h"
+#include "kernels/cuda/abq_gemm.cuh"
+
+namespace qcal::kernels::cuda {
+
+// c += popc(A AND B) over k = 256 (a0..a3, b0, b1) or k = 128 (a0, a1, b0): fragment layouts in
+// abq_gemm.cu's header comment.
+__device__ __forceinline__ void MmaB1K256(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                          uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void MmaB1K128(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc {%0, %1, %2, %3}, {%4, %5}, "
+      "{%6}, {%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+}
+
+// c = popc(A AND B) over k = 128 with a zero accumulator (no register zeroing before it).
+__device__ __forceinline__ void MmaB1K128Zero(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  asm("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc {%0, %1, %2, %3}, {%4, %5}, "
+      "{%6}, {%7, %7, %7, %7};\n"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+}
+
+// sgn_i·2^i modulo 2^32: the top activation plane carries the two's complement sign.
+template <int kAb>
+__device__ __forceinline__ uint32_t ActPlaneWeight(int i) {
+  return i == kAb - 1 ? 0u - (1u << i) : 1u << i;
+}
+
+// A kernel launched with programmatic stream serialization: it may start while the prologue
+// before it on the stream runs (fetching its weights), which hides most of a launch's latency;
+// griddepcontrol.wait orders its reads of the activations after the prologue.
+template <typename Kernel, typename Params>
+cudaError_t LaunchPdl(Kernel kernel, const Params& p, dim3 grid, int threads, size_t shared,
+                      cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+// Raises `kernel`'s dynamic shared memory limit to `limit` the first time a launch on the current
+// device needs more than the default 48 KiB (bit d of `raised`: done on device d < 64; a race
+// only repeats the call).
+template <typename Kernel>
+cudaError_t RaiseSharedLimit(Kernel kernel, size_t bytes, size_t limit,
+                             std::atomic<uint64_t>& raised) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if ((raised.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(limit));
+    if (err != cudaSuccess) return err;
+    raised.fetch_or(bit, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
+// Whether the b1 GEMV kernel takes an m-token GEMM of `w` with ab-bit activations: 1 <= m <=
+// kAbqGemvTokens (abq_ops.h: m·ab activation plane columns in at most four n8 tiles), k-groups
+// of whole k128 steps (group_words % 4 == 0) or one group, and its shared memory (the warps'
+// stages, and per k-group the block's sums and float(c_G) per token and output, s_w, z, Σa)
+// within 96 KiB.
+bool AbqGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
+
+// y and dot (when not null) as LaunchAbqGemm's for m tokens of ab-bit activation planes, s_a and
+// Σa (AbqDeviceActivations' layouts), by the b1 GEMV kernel; cudaErrorInvalidValue where
+// AbqGemvApplies is false or for unsupported bit widths.
+cudaError_t LaunchAbqBinaryGemv(const AbqDeviceWeights& w, const uint32_t* a_planes,
+                                const float* a_scales, const int32_t* a_sums, int64_t m, int ab,
+                                float* y, int32_t* dot, cudaStream_t stream);
+
+}  // namespace qcal::kernels::cuda
