@@ -66,6 +66,13 @@ cudaError_t LaunchPdl(Kernel kernel, const Params& p, dim3 grid, int threads, si
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
+// Whether `w` is consistent: sizes that fit the kernels' int indices, words = ceil(k / 32), and
+// n_groups = ceil(words / group_words).
+inline bool AbqWeightsOk(const AbqDeviceWeights& w) {
+  return w.n >= 1 && w.k >= 1 && w.n <= 0x7fffffff && w.words == (w.k + 31) / 32 &&
+         w.group_words >= 1 && w.n_groups == (w.words + w.group_words - 1) / w.group_words;
+}
+
 // Raises `kernel`'s dynamic shared memory limit to `limit` the first time a launch on the current
 // device needs more than the default 48 KiB (bit d of `raised`: done on device d < 64; a race
 // only repeats the call).
