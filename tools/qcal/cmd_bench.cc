@@ -144,9 +144,10 @@ absl::Status RunAbqBench(BenchArgs& a) {
   for (const kernels::AbqBenchRow& r : rows) {
     if (r.kernel == "cublas") bf16[{r.d_out, r.d_in, r.m}] = r.seconds;
   }
+  // (0 for the empty launch, which computes nothing.)
   auto speedup = [&](const kernels::AbqBenchRow& r) {
     const auto it = bf16.find({r.d_out, r.d_in, r.m});
-    return it == bf16.end() ? 0.0 : it->second / r.seconds;
+    return it == bf16.end() || r.kernel == "null" ? 0.0 : it->second / r.seconds;
   };
   if (a.json) {
     nlohmann::ordered_json j;
