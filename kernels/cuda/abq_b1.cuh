@@ -41,6 +41,14 @@ __device__ __forceinline__ void MmaB1K128Zero(int (&c)[4], uint32_t a0, uint32_t
       : "r"(a0), "r"(a1), "r"(b0), "r"(0));
 }
 
+// 4 bytes global -> shared without a register (completed by cp.async.wait_all); src_bytes 0 fills
+// zeros.
+__device__ __forceinline__ void CopyAsync4(void* dst, const void* src, int src_bytes = 4) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
 // sgn_i·2^i modulo 2^32: the top activation plane carries the two's complement sign.
 template <int kAb>
 __device__ __forceinline__ uint32_t ActPlaneWeight(int i) {

@@ -133,14 +133,6 @@ __device__ __forceinline__ uint32_t LoadWord(const uint32_t* row, int word, int 
   return (row != nullptr && word < end) ? __ldg(row + word) : 0u;
 }
 
-// 4 bytes global -> shared without a register (completed by CopyAsyncWait); src_bytes 0 fills
-// zeros.
-__device__ __forceinline__ void CopyAsync4(void* dst, const void* src, int src_bytes = 4) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-
 __device__ __forceinline__ void CopyAsyncWait() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }

@@ -60,7 +60,7 @@ absl::Status Download(std::vector<T>& dst, const DeviceArray<T>& src, int64_t co
 // Mean seconds of `run` on `stream` over `iters` runs after kWarmup untimed ones. Each run is
 // timed alone by a pair of CUDA events, after a read of twice the L2 cache's size that evicts
 // what the previous run left there (a read, so that L2 is left clean: after a memset the write-
-// back of its dirty lines competed with the timed reads) and a copy of the `hot_bytes` at `hot`
+// back of its dirty lines competed with the timed reads) and a read of the `hot_bytes` at `hot`
 // (the layer's input activations, which the op before a layer has just written: in L2 in a real
 // forward) that brings them back; both are outside the events. All runs are queued before the
 // host waits, so the GPU never idles between a start event and its run.

@@ -88,10 +88,10 @@ class CudaAbqLinear {
 
   // Mean seconds of one whole-layer forward of m tokens on device-resident inputs (uniform in
   // [-1, 1]), launches included (the prologue's too), over `iters` runs after 3 warm-up runs. Each
-  // run is timed alone with CUDA events, after a write of twice the L2 cache's size has evicted
+  // run is timed alone with CUDA events, after a read of twice the L2 cache's size has evicted
   // the weights (a decode step reads every layer's weights from memory; a layer's quantized
-  // weights would otherwise stay in the 50 MB L2 from run to run) and a copy has brought x back
-  // (the op before a layer has just written it).
+  // weights would otherwise stay in the 50 MB L2 from run to run) and a read of x has brought it
+  // back (the op before a layer has just written it).
   // The parts of one: with `part` kPrologue the activation prologue alone, with kGemm the integer
   // GEMM alone on activations the prologue produced once before the timing (kWeightOnly has
   // neither: InvalidArgument).
@@ -105,8 +105,9 @@ class CudaAbqLinear {
   std::unique_ptr<State> state_;
 };
 
-// Mean seconds of a near-empty kernel (one pass over 16 bytes) on `device`, timed as TimeForward:
-// the floor that every timed run of this harness includes (launch and event overheads).
+// Mean seconds of a near-empty kernel on `device` (the eviction read's launch over 16 bytes: its
+// blocks start and find nothing to read), timed as TimeForward: the floor that every timed run of
+// this harness includes (launch and event overheads).
 absl::StatusOr<double> TimeNullLaunch(int device, int iters);
 
 // Mean seconds of cuBLAS's GEMM y = x·Wᵀ for x [m][k], W [n][k] on `device`, timed as
