@@ -1,7 +1,6 @@
 // The recipe's activations, smoothing, error_reconstruction and retrain sections (DESIGN section
 // 6): YAML parsing of every key, every range and cross-section rule with an error naming the key,
 // and the canonical JSON / Sha256 that identifies a recipe.
-#include "nlohmann/json.hpp"
 #include "services/engine/recipe.h"
 
 #include <cstdio>
@@ -12,6 +11,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 
 namespace qcal::engine {
 namespace {
