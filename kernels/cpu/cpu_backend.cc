@@ -928,8 +928,8 @@ class CpuBackend final : public Backend {
       const std::vector<double> a(codes.begin(), codes.end());
       const float* wp = w.data<float>();
       const std::vector<double> wd(wp, wp + n * k);
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, a.data(), k, wd.data(),
-                  k, 0.0, sums.data(), n);
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, a.data(), k, wd.data(), k,
+                  0.0, sums.data(), n);
     }
     float* yp = y.data<float>();
     const float* bp = has_bias ? bias->data<float>() : nullptr;

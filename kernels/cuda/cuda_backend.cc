@@ -316,10 +316,10 @@ class CudaBackend final : public Backend {
     QCAL_ASSIGN_OR_RETURN(Tensor codes, Uninitialized(DType::kF64, {m, k}));
     QCAL_ASSIGN_OR_RETURN(Tensor scales, Uninitialized(DType::kF32, {m}));
     QCAL_ASSIGN_OR_RETURN(Tensor sums, Uninitialized(DType::kF64, {m, n}));
-    QCAL_RETURN_IF_ERROR(CudaStatus(cuda::LaunchActQuantCodes(x.data<float>(), m, k, bits,
-                                                              codes.data<double>(),
-                                                              scales.data<float>(), stream()),
-                                    "ActQuantLinear: codes"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchActQuantCodes(x.data<float>(), m, k, bits, codes.data<double>(),
+                                             scales.data<float>(), stream()),
+                   "ActQuantLinear: codes"));
     if (k == 0) {
       QCAL_RETURN_IF_ERROR(
           CudaStatus(cudaMemsetAsync(sums.raw(), 0, sums.nbytes(), stream()), "ActQuantLinear"));
@@ -331,10 +331,9 @@ class CudaBackend final : public Backend {
       QCAL_RETURN_IF_ERROR(cuda::GemmF64NT(blas_.get(), m, n, k, codes.data<double>(),
                                            wide.data<double>(), sums.data<double>()));
     }
-    return CudaStatus(cuda::LaunchActQuantScaleRows(
-                          sums.data<double>(), scales.data<float>(),
-                          has_bias ? bias->data<float>() : nullptr, m, n, accumulate,
-                          y.data<float>(), stream()),
+    return CudaStatus(cuda::LaunchActQuantScaleRows(sums.data<double>(), scales.data<float>(),
+                                                    has_bias ? bias->data<float>() : nullptr, m, n,
+                                                    accumulate, y.data<float>(), stream()),
                       "ActQuantLinear: scaling");
   }
 

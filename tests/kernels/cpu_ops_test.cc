@@ -668,9 +668,9 @@ TEST_P(CpuOpsTest, ActQuantLinear) {
       for (bool with_bias : {false, true}) {
         for (bool accumulate : {false, true}) {
           Tensor y = start.Clone();
-          ASSERT_TRUE(backend_->ActQuantLinear(x, bits, w, with_bias ? &bias : nullptr, y,
-                                               accumulate)
-                          .ok());
+          ASSERT_TRUE(
+              backend_->ActQuantLinear(x, bits, w, with_bias ? &bias : nullptr, y, accumulate)
+                  .ok());
           Tensor want = start.Clone();
           if (bf16()) {
             Tensor xq = Tensor::Zeros(DType::kF32, {m, k});
@@ -682,7 +682,8 @@ TEST_P(CpuOpsTest, ActQuantLinear) {
                                 with_bias ? bias.data<float>() : nullptr, want.data<float>(),
                                 accumulate);
           }
-          EXPECT_EQ(Values(y), Values(want)) << "bias " << with_bias << " accumulate " << accumulate;
+          EXPECT_EQ(Values(y), Values(want))
+              << "bias " << with_bias << " accumulate " << accumulate;
         }
       }
       if (bf16()) continue;
