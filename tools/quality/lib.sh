@@ -28,6 +28,14 @@ num() {  # num KEY FILE -> the first number after "KEY": in FILE
   grep -o "\"$1\": *[0-9.eE+-]*" "$2" | head -n 1 | sed 's/.*: *//'
 }
 
+device_kind() {  # device_kind ENTRY -> the run's device kind (qcal_run.json), or "-"
+  if [[ -n $1 ]]; then
+    grep -o '"device_kind": *"[^"]*"' "$1.run.json" | head -n 1 | sed 's/.*: *"//; s/"$//'
+  else
+    echo -
+  fi
+}
+
 ppl() {  # ppl ENTRY -> perplexity with 4 decimals, or "failed"
   if [[ -n $1 ]]; then printf '%.4f' "$(num perplexity "$1.json")"; else echo failed; fi
 }
