@@ -145,16 +145,22 @@ absl::StatusOr<double> TimeGraphOnStream(cudaStream_t stream, int calls, int ite
   if (status.ok()) status = CudaStatus(end, "graph capture");
   cudaGraphExec_t exec = nullptr;
   if (status.ok()) status = CudaStatus(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate");
-  absl::StatusOr<double> seconds = status;
+  double seconds = 0;
   if (status.ok()) {
-    seconds = TimeOnStream(stream, iters, hot, hot_bytes, [&]() -> absl::Status {
-      return CudaStatus(cudaGraphLaunch(exec, stream), "graph launch");
-    });
+    absl::StatusOr<double> timed =
+        TimeOnStream(stream, iters, hot, hot_bytes, [&]() -> absl::Status {
+          return CudaStatus(cudaGraphLaunch(exec, stream), "graph launch");
+        });
+    if (timed.ok()) {
+      seconds = *timed / calls;
+    } else {
+      status = timed.status();
+    }
   }
   if (exec != nullptr) cudaGraphExecDestroy(exec);
   if (graph != nullptr) cudaGraphDestroy(graph);
-  QCAL_RETURN_IF_ERROR(seconds.status());
-  return *seconds / calls;
+  QCAL_RETURN_IF_ERROR(status);
+  return seconds;
 }
 
 absl::Status CheckTokens(int64_t m) {
