@@ -8,6 +8,7 @@
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "nlohmann/json.hpp"
 
 namespace qcal {
 namespace {

@@ -38,7 +38,6 @@
 
 #include "absl/status/statusor.h"
 #include "common/rope_scaling.h"
-#include "nlohmann/json.hpp"
 
 namespace qcal {
 

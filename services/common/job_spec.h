@@ -11,7 +11,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "nlohmann/json.hpp"
+#include "nlohmann/json_fwd.hpp"
 #include "qcal/v1/types.pb.h"
 #include "services/engine/pipeline.h"
 #include "services/engine/recipe.h"

@@ -16,7 +16,7 @@
 #include "absl/status/statusor.h"
 #include "common/hf_config.h"
 #include "kernels/quant_grid.h"
-#include "nlohmann/json.hpp"
+#include "nlohmann/json_fwd.hpp"
 
 namespace qcal::engine {
 

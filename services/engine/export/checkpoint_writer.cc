@@ -19,6 +19,7 @@
 #include "common/safetensors_writer.h"
 #include "common/status.h"
 #include "kernels/quant_grid.h"
+#include "nlohmann/json.hpp"
 #include "services/engine/export/gptq_pack.h"
 #include "services/engine/model.h"
 

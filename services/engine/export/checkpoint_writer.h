@@ -38,7 +38,7 @@
 #include "absl/status/statusor.h"
 #include "common/hf_config.h"
 #include "common/tensor.h"
-#include "nlohmann/json.hpp"
+#include "nlohmann/json_fwd.hpp"
 #include "services/engine/quant/gptq.h"
 #include "services/engine/recipe.h"
 

@@ -14,7 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
-#include "nlohmann/json.hpp"
+#include "nlohmann/json_fwd.hpp"
 #include "services/engine/gang/plan.h"
 #include "services/engine/oac/gradient_pass.h"
 #include "services/engine/oac/oac_statistics.h"
