@@ -397,6 +397,20 @@ class Backend {
   virtual absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) {
     return absl::UnimplementedError("ActQuant is not implemented by the " + name() + " backend");
   }
+  // The activation-quantized linear (DESIGN section 3, "Activation quantization"; the dequantizing
+  // path of an AxWy model): y[m,n] = w[n,k] applied to ActQuant(x[m,k], bits), + bias[n] when
+  // given; with `accumulate`, y += instead. The layer's fp32 output plus the bias is formed first,
+  // then stored or added, as AbqLinear does. In fp32 compute (every CPU run, and CUDA's f32) the
+  // product is formed as ref::ActQuantLinear specifies: the per-token scale is factored out, the
+  // codes times w are summed in fp64 and the result rounded once, fl32(fl64(s·Σ a·w)). For a GPTQ
+  // checkpoint's weights that sum is exact, so this path and the ABQ kernels give the same bits.
+  // With compute dtype bf16 (CUDA): ActQuant, then Linear on the bf16-rounded operands. x, y, bias
+  // F32; w F32 (CUDA also BF16). Not pure: like ActQuant (SupportsOp(kActQuant)).
+  virtual absl::Status ActQuantLinear(const Tensor& x, int bits, const Tensor& w,
+                                      const Tensor* bias, Tensor& y, bool accumulate) {
+    return absl::UnimplementedError("ActQuantLinear is not implemented by the " + name() +
+                                    " backend");
+  }
 
   // ---- ABQ quantized inference (DESIGN section 3, "Arbitrary-bit inference kernels (ABQ)"): a
   // linear's packed weights placed once (PrepareAbqLinear), then whole layers run through a kernel

@@ -412,14 +412,14 @@ absl::StatusOr<std::vector<float>> AbqEpilogue(std::span<const int32_t> dot,
   std::vector<float> y(static_cast<size_t>(a.m * w.n));
   for (int64_t t = 0; t < a.m; ++t) {
     for (int64_t o = 0; o < w.n; ++o) {
-      float acc = 0.0f;
+      double acc = 0.0;
       for (int64_t gr = 0; gr < n_groups; ++gr) {
-        // Exact in int32 by ValidateAbqShape's bound.
+        // Exact in int32 by ValidateAbqShape's bound; the product is exact in fp64.
         const int32_t c =
             dot[(t * w.n + o) * n_groups + gr] - w.zeros[gr * w.n + o] * a.sums[t * n_groups + gr];
-        acc = std::fma(static_cast<float>(c), w.scales[gr * w.n + o], acc);
+        acc += static_cast<double>(c) * double{w.scales[gr * w.n + o]};
       }
-      y[t * w.n + o] = acc * a.scales[t];
+      y[t * w.n + o] = static_cast<float>(double{a.scales[t]} * acc);
     }
   }
   return y;
@@ -439,8 +439,9 @@ double AbqEpilogueErrorBound(std::span<const int32_t> dot, const AbqActivations&
                       int64_t{w.zeros[gr * w.n + o]} * a.sums[t * n_groups + gr];
     total += std::fabs(static_cast<double>(w.scales[gr * w.n + o]) * static_cast<double>(c));
   }
-  return static_cast<double>(n_groups + 2) * std::ldexp(1.0, -23) *
-         std::fabs(static_cast<double>(a.scales[t])) * total;
+  // One fp32 rounding of the result (2^-24 relative), and the fp64 sum and product (n_groups + 1
+  // roundings of 2^-53) together below another 2^-24 for any n_groups < 2^28.
+  return std::ldexp(1.0, -23) * std::fabs(static_cast<double>(a.scales[t])) * total;
 }
 
 absl::StatusOr<std::vector<double>> AbqWeightOnlyReference(std::span<const float> x, int64_t m,

@@ -1,8 +1,8 @@
 // The CPU integer reference of the ABQ arbitrary-bit GEMM (DESIGN.md section 3, "Arbitrary-bit
 // inference kernels (ABQ)"): the packed bit-plane layouts of weights and activations, the fused
-// activation prologue, the binary-plane integer GEMM and its fp32 epilogue. It is the
-// specification the CUDA kernels are tested against: their integer sums must equal AbqIntegerGemm
-// exactly and their outputs must equal AbqEpilogue bit for bit (same fp32 operations, same order).
+// activation prologue, the binary-plane integer GEMM and its epilogue. It is the specification the
+// CUDA kernels are tested against: their integer sums must equal AbqIntegerGemm exactly and their
+// outputs must equal AbqEpilogue bit for bit (same operations, same order).
 //
 // Notation: y[t][o] = Σ_k x[t][k]·ŵ[o][k] for tokens t < m, outputs o < n, inputs k < K.
 //
@@ -33,12 +33,18 @@
 // The group length is bounded (ValidateAbqShape) so that |dot|, |z·Σa| and |dot − z·Σa| are below
 // 2^31: int32 accumulators are exact, and since int32 addition wraps modulo 2^32 a kernel may add
 // the products in any order and still land on the same final sum.
-// Epilogue (fp32, every operation rounded to nearest even as written; the CUDA kernel uses the
-// same fmaf and no other contraction):
+// Epilogue (fp64 sums, one fp32 rounding; the CUDA kernels perform the same operations):
 //   c_G = dot_G − z[G][o]·Σa[t][G]           (int32, exact)
-//   acc = 0; for G = 0 .. n_groups − 1: acc = fma(float(c_G), s_w[G][o], acc)
-//   y[t][o] = acc · s_a[t]
-// so y equals Σ_k x̂·ŵ up to fp32 rounding (AbqEpilogueErrorBound).
+//   S = 0; for G = 0 .. n_groups − 1: S = S + double(c_G)·double(s_w[G][o])   (fp64)
+//   y[t][o] = float(double(s_a[t])·S)
+// Each product is exact in fp64 (|c_G| < 2^31, s_w an fp32 value), so a fused multiply-add gives
+// the same S as a product and an add. S = Σ_k a·s_w·(q − z) exactly unless one row's terms span
+// more than fp64's 53 bits: with fp16 scales that needs log2(127·2^wb·K) + 11 + log2(the ratio of
+// one row's largest scale to its smallest) > 53, so scales more than 2^17 apart at 4 bits and
+// K = 2^14, 2^13 at 8 bits (a trained model's rows are nowhere near). The dequantizing path
+// (ref::ActQuantLinear, Backend::ActQuantLinear) sums the same exact terms and rounds the same
+// way, so the two paths give the same bits; y equals Σ_k x̂·ŵ up to one fp32 rounding
+// (AbqEpilogueErrorBound).
 //
 // Act-order GPTQ checkpoints (g_idx not equal to k / g) are refused by PackGptqV1ToAbq: the layout
 // has consecutive k-groups, and permuting activation columns in the prologue is not part of this
@@ -137,7 +143,7 @@ std::vector<int32_t> UnpackAbqActivationCodes(const AbqActivations& a);
 // whose spec or k differ, or a shape ValidateAbqShape refuses.
 absl::StatusOr<std::vector<int32_t>> AbqIntegerGemm(const AbqActivations& a, const AbqWeights& w);
 
-// The fp32 epilogue y [m][n] from the integer sums dot [m][n][n_groups]. Errors as AbqIntegerGemm,
+// The epilogue y [m][n] from the integer sums dot [m][n][n_groups]. Errors as AbqIntegerGemm,
 // and dot of the wrong size.
 absl::StatusOr<std::vector<float>> AbqEpilogue(std::span<const int32_t> dot,
                                                const AbqActivations& a, const AbqWeights& w);
@@ -146,9 +152,8 @@ absl::StatusOr<std::vector<float>> AbqEpilogue(std::span<const int32_t> dot,
 absl::StatusOr<std::vector<float>> AbqGemm(const AbqActivations& a, const AbqWeights& w);
 
 // A bound on |y[t][o] − y64[t][o]|, y64 = Σ_k (s_a a)(s_w (q − z)) in exact arithmetic, for the
-// epilogue's fp32 result: (n_groups + 2)·2^-23·|s_a|·Σ_G |s_w[G][o]·c_G|. Each float(c_G), each
-// fma and the final product round once, by at most 2^-24 relative of a value that Σ_G |s_w·c_G|
-// bounds; the factor 2 over that first-order count covers the higher-order terms.
+// epilogue's result: 2^-23·|s_a|·Σ_G |s_w[G][o]·c_G|: the final fp32 rounding (2^-24 relative)
+// plus the fp64 sum's and product's, far below another 2^-24.
 double AbqEpilogueErrorBound(std::span<const int32_t> dot, const AbqActivations& a,
                              const AbqWeights& w, int64_t t, int64_t o);
 

@@ -894,6 +894,55 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // ref::ActQuantLinear with the fp64 sums as one BLAS product (the same numbers whenever the
+  // sums are exact; otherwise they differ from the scalar order's by fp64 rounding only).
+  absl::Status ActQuantLinear(const Tensor& x, int bits, const Tensor& w, const Tensor* bias,
+                              Tensor& y, bool accumulate) override {
+    QCAL_RETURN_IF_ERROR(ExpectF32(x, "ActQuantLinear", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(w, "ActQuantLinear", "w"));
+    if (x.rank() != 2 || w.rank() != 2 || x.dim(1) != w.dim(1)) {
+      return absl::InvalidArgumentError(absl::StrCat("ActQuantLinear: x ", x.DebugString(),
+                                                     " and w ", w.DebugString(), " do not match"));
+    }
+    const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
+    QCAL_RETURN_IF_ERROR(ExpectShape(y, {m, n}, "ActQuantLinear", "y"));
+    const bool has_bias = bias && bias->defined();
+    if (has_bias) QCAL_RETURN_IF_ERROR(ExpectShape(*bias, {n}, "ActQuantLinear", "bias"));
+    if (bits < 2 || bits > 8) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ActQuantLinear: bits must be 2..8, got ", bits));
+    }
+    if (dtype_ == ComputeDType::kBF16) {
+      Tensor xq = NewTensor(DType::kF32, x.shape());
+      QCAL_RETURN_IF_ERROR(ActQuant(x, bits, xq));
+      return Linear(xq, w, bias, y, accumulate);
+    }
+    if (m == 0 || n == 0) return absl::OkStatus();
+    std::vector<float> codes(static_cast<size_t>(m * k)), scales(static_cast<size_t>(m));
+    ParallelFor(m, k * 4, [&](int64_t t0, int64_t t1) {
+      ref::ActQuantCodes(x.data<float>() + t0 * k, t1 - t0, k, bits, codes.data() + t0 * k,
+                         scales.data() + t0);
+    });
+    std::vector<double> sums(static_cast<size_t>(m * n), 0.0);
+    if (k > 0) {
+      const std::vector<double> a(codes.begin(), codes.end());
+      const float* wp = w.data<float>();
+      const std::vector<double> wd(wp, wp + n * k);
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, a.data(), k, wd.data(),
+                  k, 0.0, sums.data(), n);
+    }
+    float* yp = y.data<float>();
+    const float* bp = has_bias ? bias->data<float>() : nullptr;
+    for (int64_t t = 0; t < m; ++t) {
+      for (int64_t o = 0; o < n; ++o) {
+        float v = static_cast<float>(double{scales[t]} * sums[t * n + o]);
+        if (bp) v += bp[o];
+        yp[t * n + o] = accumulate ? yp[t * n + o] + v : v;
+      }
+    }
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<std::shared_ptr<const PreparedAbqLinear>> PrepareAbqLinear(
       const AbqWeights& w) override {
     QCAL_RETURN_IF_ERROR(ValidateAbqWeights(w));

@@ -194,22 +194,45 @@ void AccumulateGram(const float* x, int64_t n, int64_t k, float* h, bool bf16_op
   }
 }
 
-void ActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out) {
+void ActQuantCodes(const float* x, int64_t rows, int64_t width, int bits, float* codes,
+                   float* scales) {
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * width;
-    float* yr = out + r * width;
+    float* cr = codes + r * width;
     float amax = 0.0f;
     for (int64_t c = 0; c < width; ++c) amax = std::max(amax, std::fabs(xr[c]));
     const float s = amax / qmax;
+    scales[r] = s;
     for (int64_t c = 0; c < width; ++c) {
-      if (s == 0.0f) {
-        yr[c] = 0.0f;
-        continue;
-      }
       // Subnormal s can push |x / s| past qmax: the clamp keeps the code on the grid.
-      const float q = std::clamp(RoundHalfEven(xr[c] / s), -qmax, qmax);
-      yr[c] = s * q;
+      cr[c] = s == 0.0f ? 0.0f : std::clamp(RoundHalfEven(xr[c] / s), -qmax, qmax);
+    }
+  }
+}
+
+void ActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out) {
+  std::vector<float> codes(static_cast<size_t>(width));
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = 0.0f;
+    ActQuantCodes(x + r * width, 1, width, bits, codes.data(), &s);
+    float* yr = out + r * width;
+    for (int64_t c = 0; c < width; ++c) yr[c] = s * codes[c];
+  }
+}
+
+void ActQuantLinear(const float* x, int64_t m, int64_t k, int bits, const float* w, int64_t n,
+                    const float* bias, float* y, bool accumulate) {
+  std::vector<float> codes(static_cast<size_t>(k));
+  for (int64_t t = 0; t < m; ++t) {
+    float s = 0.0f;
+    ActQuantCodes(x + t * k, 1, k, bits, codes.data(), &s);
+    for (int64_t o = 0; o < n; ++o) {
+      double sum = 0;
+      for (int64_t c = 0; c < k; ++c) sum += double{codes[c]} * double{w[o * k + c]};
+      float v = static_cast<float>(double{s} * sum);
+      if (bias) v += bias[o];
+      y[t * n + o] = accumulate ? y[t * n + o] + v : v;
     }
   }
 }

@@ -37,6 +37,19 @@ void AccumulateGram(const float* x, int64_t n, int64_t k, float* h, bool bf16_op
 // qmax); a row with s == 0 (all zeros, or an amax so small that s underflows) gives zeros. Finite x
 // expected. out may alias x.
 void ActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out);
+// ActQuant's factors: codes[r, j] = clamp(RoundHalfEven(x / s), -qmax, qmax) (0 where s == 0) and
+// scales[r] = s, so that ActQuant's out is scales[r] * codes[r, j] rounded to fp32.
+void ActQuantCodes(const float* x, int64_t rows, int64_t width, int bits, float* codes,
+                   float* scales);
+// The A<bits> linear of DESIGN section 3 ("Activation quantization"; Backend::ActQuantLinear):
+// with s and a the factors of ActQuantCodes, S[t, o] = Σ_k a[t, k]·w[o, k] accumulated in fp64,
+// y[t, o] = fl32(fl64(s[t]·S[t, o])), then fl32(y + bias[o]) when bias is given, and stored (or,
+// with `accumulate`, added to y in fp32). Every product a·w is exact in fp64, and so is S when
+// the weights of a row are s_g·(q − z) with fp16 scales s_g (a GPTQ checkpoint's): then S is the
+// same number in any summation order, and y equals the ABQ epilogue's (kernels/cpu/abq_ref.h) bit
+// for bit. x [m, k], w [n, k], y [m, n].
+void ActQuantLinear(const float* x, int64_t m, int64_t k, int bits, const float* w, int64_t n,
+                    const float* bias, float* y, bool accumulate);
 
 // Per-channel |x| statistics of x [rows, width] (Backend::ChannelAbsStats): with seq_len > 0 the
 // rows r % seq_len == 0 (each sample's BOS) are skipped, with seq_len 0 every row counts. Maxima

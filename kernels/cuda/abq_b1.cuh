@@ -104,7 +104,7 @@ cudaError_t RaiseSharedLimit(Kernel kernel, size_t bytes, size_t limit,
 // Whether the b1 GEMV kernel takes an m-token GEMM of `w` with ab-bit activations: 1 <= m <=
 // kAbqGemvTokens (abq_ops.h: m·ab activation plane columns in at most four n8 tiles), k-groups
 // of whole k128 steps (group_words % 4 == 0) or one group, and its shared memory (the warps'
-// stages, and per k-group the block's sums and float(c_G) per token and output, s_w, z, Σa)
+// stages, and per k-group the block's sums and c_G per token and output, s_w, z, Σa)
 // within 96 KiB.
 bool AbqGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 

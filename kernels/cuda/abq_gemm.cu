@@ -1,8 +1,8 @@
 // The ABQ GEMM kernels and their dispatch (launchers and contracts in abq_gemm.cuh; spec
 // kernels/cpu/abq_ref.h): the tiled b1, decode b1, int8 IMMA and weight-only A16 kernels. The
 // activation prologue is abq_prologue.cu, the b1 GEMV kernel abq_gemv.cu. Built with
-// -fmad=false, and the epilogue spells its arithmetic with __fmaf_rn / __fmul_rn /
-// __int2float_rn, so it performs AbqEpilogue's fp32 operations and no others.
+// -fmad=false, and the epilogue spells its arithmetic with __dadd_rn / __dmul_rn /
+// __double2float_rn, so it performs AbqEpilogue's operations and no others.
 //
 // Integer arithmetic: the per-group sums are formed in uint32 (wrapping) and reinterpreted as
 // int32 at the end. ValidateAbqShape bounds the true values below 2^31, and sums modulo 2^32 do
@@ -74,7 +74,7 @@ constexpr int kPrefetchBytes = 64 * 1024;       // weights a block asks L2 for a
 // tokens and stores them in the unit's slot in shared memory ([16 rows][ts tokens]); after a
 // barrier one thread per (output, token) runs the epilogue over the round's groups in order,
 // adding a group's parts (integers: exact in any order; A16: fp32 in part order), and keeps its
-// fp32 accumulator across rounds. Each unit slot is written by one warp and each output by one
+// accumulator (integer kernels: fp64; A16: fp32) across rounds. Each unit slot is written by one warp and each output by one
 // thread, without atomics: results are bit-identical run to run. The round's s_w, z and Σa are
 // copied to shared memory asynchronously (cp.async) while the warps stream the weights.
 
@@ -231,9 +231,9 @@ __device__ __forceinline__ void RunRounds(const AbqDeviceWeights& w, const Round
 // sum of the group's parts, each Σ_j 2^j·slot[ol·kRowsPerOut + j] (b1: a row per weight plane;
 // int8: one row per output), then AbqEpilogue's steps.
 template <int kRowsPerOut>
-__device__ __forceinline__ float IntegerEpilogueRound(const GemmParams& p, const BlockTile& b,
-                                                      int ol, int tl, int g0, int rg,
-                                                      const RoundShared& sh, float acc) {
+__device__ __forceinline__ double IntegerEpilogueRound(const GemmParams& p, const BlockTile& b,
+                                                       int ol, int tl, int g0, int rg,
+                                                       const RoundShared& sh, double acc) {
   const int ts = p.plan.ts;
   const int64_t o = b.o0 + ol, t = b.t0 + tl;
 #pragma unroll 4
@@ -250,7 +250,8 @@ __device__ __forceinline__ float IntegerEpilogueRound(const GemmParams& p, const
     if (p.dot != nullptr) {
       p.dot[(t * p.w.n + o) * p.w.n_groups + g0 + gl] = static_cast<int32_t>(dot);
     }
-    acc = __fmaf_rn(__int2float_rn(c), sh.scales[gl * kTileRows + ol], acc);
+    acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(c),
+                                   static_cast<double>(sh.scales[gl * kTileRows + ol])));
   }
   return acc;
 }
@@ -261,13 +262,16 @@ __device__ __forceinline__ void RunIntegerGemm(const GemmParams& p, const BlockT
                                                Unit unit) {
   const int ol = threadIdx.x / b.mt, tl = threadIdx.x % b.mt;
   const bool mine = ol < outs && b.o0 + ol < p.w.n;  // threads past outs·mt have ol >= outs
-  float acc = 0.0f;
+  double acc = 0.0;
   RunRounds<kBatch>(p.w, p.plan, b, outs, p.a_sums, unit,
                     [&](int g0, int rg, const RoundShared& sh) {
                       if (mine)
                         acc = IntegerEpilogueRound<kRowsPerOut>(p, b, ol, tl, g0, rg, sh, acc);
                     });
-  if (mine) p.y[(b.t0 + tl) * p.w.n + b.o0 + ol] = __fmul_rn(acc, p.a_scales[b.t0 + tl]);
+  if (mine) {
+    p.y[(b.t0 + tl) * p.w.n + b.o0 + ol] =
+        __double2float_rn(__dmul_rn(static_cast<double>(p.a_scales[b.t0 + tl]), acc));
+  }
 }
 
 // ---- b1 AND + popcount -----------------------------------------------------------------------
@@ -405,9 +409,8 @@ __global__ void __launch_bounds__(kGemmThreads, kTiles <= 4 ? 2 : 1)
 // W3 has a zero fourth row per output), then a butterfly over the lanes of one output's rows and
 // one token's columns (xor 1, 2 over t4; 4, 8, 16 over g) leaves dot in every one of those lanes.
 // The slots are then added in k order into the running group sum, and when a k-group ends the
-// lanes run AbqEpilogue's step for it, c_G = dot − z·Σa, acc = fma(float(c_G), s_w, acc): the
-// groups of an output are visited in order by one lane, so the fp32 result is the reference's
-// bit for bit, with no shared-memory epilogue and no atomics. A lane holds two outputs (rows g and
+// lanes run AbqEpilogue's step for it, c_G = dot − z·Σa, S = S + c_G·s_w in fp64: the groups of
+// an output are visited in order by one lane, so the result is the reference's bit for bit, with no shared-memory epilogue and no atomics. A lane holds two outputs (rows g and
 // g + 8) per n8 tile of tokens.
 
 constexpr int kDecodeWarps = 4;
@@ -532,16 +535,16 @@ __global__ void __launch_bounds__(kDecodeThreads) AbqBinaryDecodeKernel(DecodePa
 
   // Per lane: plane weights of its two columns (ActPlaneWeight, times 2^j of its row's weight
   // plane j = g % kRpo; rows g and g + 8 have the same j), the running sums of the current
-  // k-group for rows g and g + 8's outputs, and their fp32 accumulators, per n-tile.
+  // k-group for rows g and g + 8's outputs, and their fp64 accumulators, per n-tile.
   const uint32_t wt0 = ActPlaneWeight<kAb>((2 * t4) % kAb) << (g % kRpo);
   const uint32_t wt1 = ActPlaneWeight<kAb>((2 * t4 + 1) % kAb) << (g % kRpo);
   const int ol_lo = warp * kOuts + g / kRpo, ol_hi = ol_lo + 8 / kRpo;  // block-local outputs
   uint32_t dot_lo[kTiles], dot_hi[kTiles];
-  float out_lo[kTiles], out_hi[kTiles];
+  double out_lo[kTiles], out_hi[kTiles];
 #pragma unroll
   for (int nt = 0; nt < kTiles; ++nt) {
     dot_lo[nt] = dot_hi[nt] = 0;
-    out_lo[nt] = out_hi[nt] = 0.0f;
+    out_lo[nt] = out_hi[nt] = 0.0;
   }
   // Token of the lane's columns in n-tile nt (for ab = 4, columns 4..7 are the second token).
   auto token = [&](int nt) { return kAb == 8 ? nt : 2 * nt + (t4 >> 1); };
@@ -557,8 +560,10 @@ __global__ void __launch_bounds__(kDecodeThreads) AbqBinaryDecodeKernel(DecodePa
             static_cast<int32_t>(dot_lo[nt] - static_cast<uint32_t>(s_zeros[gi + ol_lo]) * sa);
         const int32_t c_hi =
             static_cast<int32_t>(dot_hi[nt] - static_cast<uint32_t>(s_zeros[gi + ol_hi]) * sa);
-        out_lo[nt] = __fmaf_rn(__int2float_rn(c_lo), s_scales[gi + ol_lo], out_lo[nt]);
-        out_hi[nt] = __fmaf_rn(__int2float_rn(c_hi), s_scales[gi + ol_hi], out_hi[nt]);
+        out_lo[nt] = __dadd_rn(out_lo[nt], __dmul_rn(static_cast<double>(c_lo),
+                                                     static_cast<double>(s_scales[gi + ol_lo])));
+        out_hi[nt] = __dadd_rn(out_hi[nt], __dmul_rn(static_cast<double>(c_hi),
+                                                     static_cast<double>(s_scales[gi + ol_hi])));
         const bool writer = g % kRpo == 0 && (kAb == 8 ? t4 == 0 : (t4 & 1) == 0) && t < m;
         if (p.dot != nullptr && writer) {
           const int64_t o_lo = ob + ol_lo, o_hi = ob + ol_hi;
@@ -669,10 +674,10 @@ __global__ void __launch_bounds__(kDecodeThreads) AbqBinaryDecodeKernel(DecodePa
     const int t = token(nt);
     const bool writer = g % kRpo == 0 && (kAb == 8 ? t4 == 0 : (t4 & 1) == 0) && t < m;
     if (nt < tiles && writer) {
-      const float sa = p.a_scales[t];
+      const double sa = p.a_scales[t];
       const int64_t o_lo = ob + ol_lo, o_hi = ob + ol_hi;
-      if (o_lo < w.n) p.y[t * w.n + o_lo] = __fmul_rn(out_lo[nt], sa);
-      if (o_hi < w.n) p.y[t * w.n + o_hi] = __fmul_rn(out_hi[nt], sa);
+      if (o_lo < w.n) p.y[t * w.n + o_lo] = __double2float_rn(__dmul_rn(sa, out_lo[nt]));
+      if (o_hi < w.n) p.y[t * w.n + o_hi] = __double2float_rn(__dmul_rn(sa, out_hi[nt]));
     }
   }
 }

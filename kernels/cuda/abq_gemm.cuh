@@ -4,7 +4,7 @@
 //
 //   LaunchAbqPrologue     per-token quantization of x, packed into activation planes with s_a and
 //                         Σa per k-group (AbqQuantizeActivations bit for bit);
-//   LaunchAbqGemm         the integer GEMM and the fp32 epilogue (AbqIntegerGemm + AbqEpilogue bit
+//   LaunchAbqGemm         the integer GEMM and the fp64 epilogue (AbqIntegerGemm + AbqEpilogue bit
 //                         for bit), by one of two kernels over the same planes:
 //                           kBinary  b1 AND + popcount mma.sync (m16n8k256, m16n8k128): the
 //                                    GEMV kernel for m <= 4 (abq_gemv.cu), the decode kernel
@@ -21,14 +21,14 @@
 // The b1 decode kernel (m <= 16, k-groups of whole k128 steps: group size a multiple of 128 or
 // per channel): a block of 4 warps streams 4 tiles of 16 weight rows over all of K through a
 // multi-stage cp.async ring in shared memory (the weights' copies start before the prologue is
-// done); each warp reduces its k-steps' counts in registers and runs the fp32 epilogue per k-group
+// done); each warp reduces its k-steps' counts in registers and runs the fp64 epilogue per k-group
 // in order as the groups end (abq_gemm.cu, "b1 decode"). Where it does not apply (other groups,
 // shared memory beyond its bound) kBinary runs the tiled kernel below.
 // Tiled kernels: a block of 16 warps owns 16 weight rows (b1: 16/wb outputs × wb planes; int8 and
 // A16: 16 outputs) and up to 16 tokens over all of K; grid.x walks the outputs, grid.y the tokens
 // in tiles of 16 (decode m <= 16 is one tile, prefill loops over tiles). The warps split K into
 // (k-group, part) units whose sums meet in shared memory; one thread per (output, token) then
-// runs the fp32 epilogue over the groups in order. Every output is written by exactly one thread,
+// runs the epilogue over the groups in order. Every output is written by exactly one thread,
 // with no atomics: results are bit-identical run to run. The tiled kernels serve every m; both b1
 // kernels are compiled for 1, 4 and all n8 tiles of activation planes and launched with the fewest
 // that hold the tokens (m = 1: one tile). The integer GEMMs are

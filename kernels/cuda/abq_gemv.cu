@@ -1,6 +1,6 @@
 // The b1 GEMV kernel of the ABQ GEMM (m <= kAbqGemvTokens tokens; launcher and applicability in
 // abq_b1.cuh, spec kernels/cpu/abq_ref.h). Built with -fmad=false; the epilogue spells its
-// arithmetic with __fmaf_rn / __fmul_rn / __int2float_rn, so it performs AbqEpilogue's fp32
+// arithmetic with __dadd_rn / __dmul_rn / __double2float_rn, so it performs AbqEpilogue's
 // operations and no others.
 //
 // At decode sizes the GEMM is the weights' bytes (14 MB with scales and zero points for a W2
@@ -22,10 +22,10 @@
 //   - The dot goes to shared memory: stored once when every k-group is one k128 step (group size
 //     128: a warp owns whole groups), else added with a shared-memory atomic when a group ends in
 //     a warp's range (integers: the order of the warps' additions does not matter).
-//   - After a barrier, the block's threads form every float(c_G), c_G = dot − z·Σa, and one thread
-//     per (token, output) runs AbqEpilogue's chain over the groups in order: acc = fma(float(c_G),
-//     s_w, acc), y = acc·s_a. Every output is written by one thread: results are bit-identical to
-//     the reference and run to run.
+//   - After a barrier, the block's threads form every c_G = dot − z·Σa, and one thread per
+//     (token, output) runs AbqEpilogue's chain over the groups in order: S = S + c_G·s_w in fp64,
+//     y = float(s_a·S). Every output is written by one thread: results are bit-identical to the
+//     reference and run to run.
 // Integer sums wrap in uint32 (ValidateAbqShape keeps the true values below 2^31).
 // How it got here (ncu, 4096 × 11008 W2A8, m = 1; docs/BENCHMARKS.md): weights loaded straight
 // into registers (4 lanes × 4 bytes of 8 rows a load) with a shuffle reduction and integer
@@ -78,7 +78,7 @@ size_t GemvStageWords(int wb, int tiles) {
   return static_cast<size_t>(8 * wb) * GemvStride(wb, tiles);
 }
 
-// Shared bytes: the warps' stages, dot and float(c_G) [m][n_groups][8], s_w and z [n_groups][8],
+// Shared bytes: the warps' stages, dot and c_G [m][n_groups][8], s_w and z [n_groups][8],
 // Σa [m][n_groups].
 size_t GemvSharedBytes(int n_groups, int64_t m, int wb, int tiles) {
   return 4 * (kGemvWarps * GemvStageWords(wb, tiles) +
@@ -139,8 +139,8 @@ __global__ void __launch_bounds__(kGemvThreads,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
   uint32_t* stage = gemv_smem + warp * kRows * kStride;  // [plane j][output ol][kStride]
   int32_t* s_dot = reinterpret_cast<int32_t*>(gemv_smem + kGemvWarps * kRows * kStride);
-  float* s_c = reinterpret_cast<float*>(s_dot + m * n_groups * kGemvOuts);
-  float* s_scales = s_c + m * n_groups * kGemvOuts;
+  int32_t* s_c = s_dot + m * n_groups * kGemvOuts;
+  float* s_scales = reinterpret_cast<float*>(s_c + m * n_groups * kGemvOuts);
   int32_t* s_zeros = reinterpret_cast<int32_t*>(s_scales + n_groups * kGemvOuts);
   int32_t* s_sums = s_zeros + n_groups * kGemvOuts;  // [m][n_groups]
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kGemvOuts;
@@ -341,9 +341,9 @@ __global__ void __launch_bounds__(kGemvThreads,
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
 
-  // The epilogue. Every thread first forms float(c_G), c_G = dot − z·Σa, for its share of the
-  // block's (token, group, output) sums, then one thread per (token, output) runs the fma chain
-  // over the groups in order: only the chain is sequential.
+  // The epilogue. Every thread first forms c_G = dot − z·Σa for its share of the block's (token,
+  // group, output) sums, then one thread per (token, output) runs the fp64 chain over the groups
+  // in order: only the chain is sequential.
   {
     const int ol = threadIdx.x % kGemvOuts;
     const bool in = o0 + ol < w.n;
@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(kGemvThreads,
           p.dot[(static_cast<int64_t>(t) * w.n + o0 + ol) * n_groups + gr] =
               static_cast<int32_t>(d);
         }
-        s_c[i] = __int2float_rn(c);
+        s_c[i] = c;
       }
     }
   }
@@ -367,14 +367,16 @@ __global__ void __launch_bounds__(kGemvThreads,
     const int t = threadIdx.x / kGemvOuts, ol = threadIdx.x % kGemvOuts;
     const int64_t o = o0 + ol;
     if (o < w.n) {
-      const float* cs = s_c + t * n_groups * kGemvOuts + ol;
+      const int32_t* cs = s_c + t * n_groups * kGemvOuts + ol;
       const float* ss = s_scales + ol;
-      float out = 0.0f;
+      double out = 0.0;
 #pragma unroll 8
       for (int gr = 0; gr < n_groups; ++gr) {
-        out = __fmaf_rn(cs[gr * kGemvOuts], ss[gr * kGemvOuts], out);
+        out = __dadd_rn(out, __dmul_rn(static_cast<double>(cs[gr * kGemvOuts]),
+                                       static_cast<double>(ss[gr * kGemvOuts])));
       }
-      p.y[static_cast<int64_t>(t) * w.n + o] = __fmul_rn(out, p.a_scales[t]);
+      p.y[static_cast<int64_t>(t) * w.n + o] =
+          __double2float_rn(__dmul_rn(static_cast<double>(p.a_scales[t]), out));
     }
   }
 }

@@ -1,5 +1,6 @@
-// Launcher of the per-token activation fake-quantization kernel (spec: ref::ActQuant). Returns the
-// launch's cudaError_t and runs on `stream`.
+// Launchers of the per-token activation fake-quantization kernel (spec: ref::ActQuant) and of the
+// activation-quantized linear's kernels around its fp64 GEMM (spec: ref::ActQuantLinear). Each
+// returns the launch's cudaError_t and runs on `stream`.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,5 +13,19 @@ namespace qcal::kernels::cuda {
 // bit-identical to ref::ActQuant (fp32, IEEE division, no fused multiply-add). out may alias x.
 cudaError_t LaunchActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out,
                            cudaStream_t stream);
+
+// ActQuantLinear's three steps in fp32 compute (spec: ref::ActQuantLinear):
+// - codes[r, j] (exact integers as fp64) and scales[r] of ActQuant's factorization
+//   (ref::ActQuantCodes), bit-identical to it;
+// - `w` (fp32, or bf16 when `bf16`) widened to fp64, n elements;
+// - y[t, o] = fl32(fl64(scales[t]·sums[t, o])), then fl32(· + bias[o]) when bias is non-null,
+//   stored or (with `accumulate`) added to y in fp32; sums fp64 [m, n].
+cudaError_t LaunchActQuantCodes(const float* x, int64_t rows, int64_t width, int bits,
+                                double* codes, float* scales, cudaStream_t stream);
+cudaError_t LaunchWidenToF64(const void* w, bool bf16, int64_t n, double* out,
+                             cudaStream_t stream);
+cudaError_t LaunchActQuantScaleRows(const double* sums, const float* scales, const float* bias,
+                                    int64_t m, int64_t n, bool accumulate, float* y,
+                                    cudaStream_t stream);
 
 }  // namespace qcal::kernels::cuda

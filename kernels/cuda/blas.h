@@ -38,6 +38,11 @@ absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t
                       int64_t k, float alpha, const float* a, int64_t lda, const float* b,
                       int64_t ldb, float beta, float* c, int64_t ldc);
 
+// c[m,n] = a[m,k] · b[n,k]ᵀ in fp64 (row-major, packed: strides k, k and n), for the activation-
+// quantized linear's exact sums. k == 0 is not allowed, as for Gemm.
+absl::Status GemmF64NT(cublasHandle_t handle, int64_t m, int64_t n, int64_t k, const double* a,
+                       const double* b, double* c);
+
 // The lower triangle (row-major, diagonal included) of h[k,k] = xᵀx + h for a row-major fp32
 // x [n,k]; the strict upper triangle is not touched.
 absl::Status SyrkLowerF32(cublasHandle_t handle, const float* x, int64_t n, int64_t k, float* h);

@@ -2,7 +2,7 @@
 // CUDA device: a linear's packed weights (kernels/cpu/abq_ref.h, AbqWeights) uploaded once, and
 // whole-layer forwards through one of three kernels (abq_gemm.cuh):
 //   kBinaryMma  the ABQ path: the activation prologue, then b1 AND + popcount mma.sync over the
-//               bit planes and the fp32 epilogue;
+//               bit planes and the fp64 epilogue (one fp32 rounding);
 //   kInt8Mma    the comparison: the same prologue and planes, unpacked in registers to u8/s8 for
 //               the int8 mma.sync (IMMA), the same epilogue;
 //   kWeightOnly the A16 baseline (W4A16, W2*A16): weights dequantized to bf16 in registers, x

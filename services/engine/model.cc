@@ -628,9 +628,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, boo
   if (l.abq) {
     QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
   } else if (l.act_bits < 16) {
-    QCAL_ASSIGN_OR_RETURN(Tensor xq, be.Alloc(DType::kF32, x.shape()));
-    QCAL_RETURN_IF_ERROR(be.ActQuant(x, l.act_bits, xq));
-    QCAL_RETURN_IF_ERROR(be.Linear(xq, l.weight, bias, y, accumulate));
+    QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, l.weight, bias, y, accumulate));
   } else {
     QCAL_RETURN_IF_ERROR(be.Linear(x, l.weight, bias, y, accumulate));
   }

@@ -95,8 +95,9 @@ int ExpertUnitOf(const ModelConfig& config, int expert);
 std::vector<LinearId> BlockLinears(const ModelConfig& config, int b);
 
 // y = weight · ActQuant(x) + bias + lora_a · (lora_b · x): the (fake-)quantized weight branch sees
-// the input quantized per token to `act_bits` (DESIGN section 3; 16 = off), the low-rank error
-// reconstruction branch sees the unquantized input.
+// the input quantized per token to `act_bits` (DESIGN section 3; 16 = off; Backend::ActQuantLinear,
+// whose fp64 sums make it equal to the ABQ kernels bit for bit on a GPTQ checkpoint), the low-rank
+// error reconstruction branch sees the unquantized input.
 //
 // ABQ inference (DESIGN section 3, "Arbitrary-bit inference kernels (ABQ)"): with `abq` set, the
 // weight branch is Backend::AbqLinear of the packed quantized weights through `abq_kernel`, and

@@ -1,11 +1,12 @@
 // The ABQ integer reference (kernels/cpu/abq_ref.h) against plain arithmetic: the bit-plane sums
 // equal an integer triple loop over the unpacked codes exactly for every supported (weight bits,
-// activation bits, group) combination, the fp32 epilogue equals a float64 dequantized GEMM within
+// activation bits, group) combination, the epilogue equals a float64 dequantized GEMM within
 // its stated bound, the prologue reproduces ref::ActQuant bit for bit, GPTQ v1 tensors repack into
 // planes that give back their codes, and unsupported combinations are refused.
 #include "kernels/cpu/abq_ref.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
@@ -184,6 +186,48 @@ TEST(AbqRef, EpilogueMatchesDequantizedGemmWithinBound) {
     }
   }
   EXPECT_LT(worst, 1e-6);
+}
+
+// The contract that makes the ABQ path and the dequantizing path agree: for weights s_w·(q − z)
+// with fp16 scales (a GPTQ checkpoint's), AbqGemm of the quantized activations equals
+// ref::ActQuantLinear of the dequantized weights bit for bit, with scales of one row spread over
+// 2^12 (every supported combination and shape; inputs with an all-zero token).
+TEST(AbqRef, EpilogueEqualsTheDequantizingPathBitForBit) {
+  Random rng(29);
+  int64_t outputs = 0;
+  for (const Combo& c : AllCombos()) {
+    for (const Shape3& s : kShapes) {
+      Case x = MakeCase(c, s, rng, false);
+      SCOPED_TRACE(Name(c, s));
+      for (float& v : x.wscales) v = RoundToHalf(std::ldexp(v, -rng.Below(7)));
+      absl::StatusOr<AbqWeights> w = PackAbqWeights(x.wcodes, x.zeros, x.wscales, x.n, x.k, x.spec);
+      ASSERT_TRUE(w.ok()) << w.status();
+      const int64_t g = AbqGroupSize(x.spec, x.k);
+      std::vector<float> wd(static_cast<size_t>(x.n * x.k));
+      for (int64_t o = 0; o < x.n; ++o) {
+        for (int64_t col = 0; col < x.k; ++col) {
+          const int64_t gr = col / g;
+          wd[o * x.k + col] = x.wscales[gr * x.n + o] *
+                              static_cast<float>(x.wcodes[o * x.k + col] - x.zeros[gr * x.n + o]);
+        }
+      }
+      std::vector<float> in(static_cast<size_t>(x.m * x.k));
+      for (float& v : in) v = rng.Uniform(3.0f);
+      for (int64_t col = 0; col < x.k; ++col) in[col] = 0.0f;  // token 0: s_a = 0
+      absl::StatusOr<AbqActivations> a = AbqQuantizeActivations(in, x.m, x.k, x.spec);
+      ASSERT_TRUE(a.ok()) << a.status();
+      absl::StatusOr<std::vector<float>> y = AbqGemm(*a, *w);
+      ASSERT_TRUE(y.ok()) << y.status();
+      std::vector<float> want(static_cast<size_t>(x.m * x.n));
+      ref::ActQuantLinear(in.data(), x.m, x.k, c.ab, wd.data(), x.n, nullptr, want.data(), false);
+      for (size_t i = 0; i < want.size(); ++i) {
+        ASSERT_EQ(std::bit_cast<uint32_t>((*y)[i]), std::bit_cast<uint32_t>(want[i]))
+            << "output " << i << ": " << (*y)[i] << " against " << want[i];
+      }
+      outputs += static_cast<int64_t>(want.size());
+    }
+  }
+  EXPECT_GT(outputs, 500);
 }
 
 // The prologue: codes and scales as ref::ActQuant computes them (s_a·a is its output bit for bit),

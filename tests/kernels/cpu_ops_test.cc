@@ -6,6 +6,7 @@
 // reference itself could get wrong (RoPE half-split pairs, GQA head grouping), and bad shapes,
 // dtypes and token ids must come back as InvalidArgument.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
@@ -646,6 +648,67 @@ TEST_P(CpuOpsTest, ActQuant) {
   }
 }
 
+// ActQuantLinear in f32: ref::ActQuantLinear's bits when the fp64 sums are exact (weights that
+// are fp16 scales times small integers), with and without bias and accumulation; near the plain
+// product of ActQuant(x) and w otherwise (one fp32 rounding of each x̂ and of the result). In bf16:
+// ActQuant, then Linear, bit for bit.
+TEST_P(CpuOpsTest, ActQuantLinear) {
+  for (auto [m, n, k] : {std::array<int64_t, 3>{1, 1, 1}, {5, 7, 129}, {33, 64, 384}}) {
+    for (int bits : {4, 8}) {
+      SCOPED_TRACE(::testing::Message() << m << "x" << n << "x" << k << " bits " << bits);
+      Tensor x = rng_.Floats({m, k}, 4.0f);
+      if (m > 1) std::fill(x.data<float>(), x.data<float>() + k, 0.0f);  // s = 0 row
+      Tensor w = Tensor::Zeros(DType::kF32, {n, k});
+      for (int64_t i = 0; i < n * k; ++i) {
+        const float scale = RoundToHalf(std::ldexp(1.0f + rng_.Uniform(0.5f), -4 - (i / k) % 5));
+        w.data<float>()[i] = scale * static_cast<float>(static_cast<int>(i * 7 % 16) - 8);
+      }
+      const Tensor bias = rng_.Floats({n});
+      const Tensor start = rng_.Floats({m, n});
+      for (bool with_bias : {false, true}) {
+        for (bool accumulate : {false, true}) {
+          Tensor y = start.Clone();
+          ASSERT_TRUE(backend_->ActQuantLinear(x, bits, w, with_bias ? &bias : nullptr, y,
+                                               accumulate)
+                          .ok());
+          Tensor want = start.Clone();
+          if (bf16()) {
+            Tensor xq = Tensor::Zeros(DType::kF32, {m, k});
+            ASSERT_TRUE(backend_->ActQuant(x, bits, xq).ok());
+            ASSERT_TRUE(
+                backend_->Linear(xq, w, with_bias ? &bias : nullptr, want, accumulate).ok());
+          } else {
+            ref::ActQuantLinear(x.data<float>(), m, k, bits, w.data<float>(), n,
+                                with_bias ? bias.data<float>() : nullptr, want.data<float>(),
+                                accumulate);
+          }
+          EXPECT_EQ(Values(y), Values(want)) << "bias " << with_bias << " accumulate " << accumulate;
+        }
+      }
+      if (bf16()) continue;
+      // Arbitrary fp32 weights: within one fp32 rounding of x̂ and of y of the double product.
+      const Tensor wf = rng_.Floats({n, k});
+      Tensor y = Tensor::Zeros(DType::kF32, {m, n});
+      ASSERT_TRUE(backend_->ActQuantLinear(x, bits, wf, nullptr, y, false).ok());
+      Tensor xq = Tensor::Zeros(DType::kF32, {m, k});
+      ASSERT_TRUE(backend_->ActQuant(x, bits, xq).ok());
+      for (int64_t t = 0; t < m; ++t) {
+        for (int64_t o = 0; o < n; ++o) {
+          double want = 0, magnitude = 0;
+          for (int64_t c = 0; c < k; ++c) {
+            const double p = double{xq.data<float>()[t * k + c]} * wf.data<float>()[o * k + c];
+            want += p;
+            magnitude += std::fabs(p);
+          }
+          EXPECT_LE(std::fabs(y.data<float>()[t * n + o] - want),
+                    std::ldexp(1.0, -22) * magnitude + 1e-30)
+              << t << "," << o;
+        }
+      }
+    }
+  }
+}
+
 // With max|x| = qmax the scale is exactly 1, so codes are x rounded half to even.
 TEST_P(CpuOpsTest, ActQuantRoundsHalfToEven) {
   const Tensor x =
@@ -834,6 +897,17 @@ TEST_F(CpuOpsErrorTest, ActQuantBitsAndShapes) {
   ExpectInvalid(backend_->ActQuant(F32({2, 3}), 8, bad_out), "out has shape");
   Tensor half_out = Tensor::Zeros(DType::kF16, {2, 3});
   ExpectInvalid(backend_->ActQuant(F32({2, 3}), 8, half_out), "out must be a host F32 tensor");
+}
+
+TEST_F(CpuOpsErrorTest, ActQuantLinearBitsAndShapes) {
+  Tensor y = F32({2, 3});
+  const Tensor x = F32({2, 4}), w = F32({3, 4});
+  ExpectInvalid(backend_->ActQuantLinear(x, 1, w, nullptr, y, false), "bits must be 2..8, got 1");
+  ExpectInvalid(backend_->ActQuantLinear(x, 8, F32({3, 5}), nullptr, y, false), "do not match");
+  Tensor bad_y = F32({3, 2});
+  ExpectInvalid(backend_->ActQuantLinear(x, 8, w, nullptr, bad_y, false), "y has shape");
+  const Tensor bad_bias = F32({2});
+  ExpectInvalid(backend_->ActQuantLinear(x, 8, w, &bad_bias, y, false), "bias has shape");
 }
 
 TEST_F(CpuOpsErrorTest, EmbeddingRejectsOutOfRangeIds) {

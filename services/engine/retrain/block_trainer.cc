@@ -245,13 +245,16 @@ struct BlockTrainer::State {
     const int i = static_cast<int>(kind);
     acts.x[i] = x_op;
     acts.x_q[i] = x_op;
+    const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
     if (l.act_bits < 16) {
+      // x̂ for the backward pass; the product as Model::ApplyLinear forms it (fp64 sums).
       QCAL_ASSIGN_OR_RETURN(Tensor x_q, be->Alloc(DType::kF32, x.shape()));
       QCAL_RETURN_IF_ERROR(be->ActQuant(x, l.act_bits, x_q));
       QCAL_ASSIGN_OR_RETURN(acts.x_q[i], Operand(x_q));
+      QCAL_RETURN_IF_ERROR(be->ActQuantLinear(x, l.act_bits, l.q, bias, y, accumulate));
+    } else {
+      QCAL_RETURN_IF_ERROR(be->Linear(acts.x_q[i], l.q, bias, y, accumulate));
     }
-    QCAL_RETURN_IF_ERROR(
-        be->Linear(acts.x_q[i], l.q, l.bias.defined() ? &l.bias : nullptr, y, accumulate));
     QCAL_ASSIGN_OR_RETURN(Tensor t,
                           be->AllocUninitialized(DType::kF32, {x.dim(0), l.params.lora_a.dim(1)}));
     QCAL_RETURN_IF_ERROR(be->Linear(x_op, l.lora_b_op, nullptr, t, false));

@@ -1,14 +1,10 @@
 // ABQ inference on the GPU (issue 14, acceptance 3; built into cuda_model_test, suite
 // AbqInference*, which tools/gpu/session.sh runs in its abq step): sotu-llama-16m quantized by
-// GPTQ at W4A8 g128 and W2*A8 g64 (on the GPU), then evaluated through the ABQ kernels and through
-// dequantization on the CUDA backend in f32: perplexity within kAbqParity relative (the int8
-// kernel equal to b1 exactly: the same integers), and greedy decoding teacher-forced: the logits
-// along the dequantized model's greedy sequence close, and its tokens the ABQ path's argmax except
-// at near ties (a W2*A8 model decoded freely went another way at a near tie on 2026-12-04).
-// Also the decode benchmark on a small shape with bf16 dense weights. Skips without a GPU or
-// ../shared.
-#include <algorithm>
-#include <cmath>
+// GPTQ at W4A8 g128 and W2*A8 g64 (on the GPU), then evaluated through the ABQ kernels (b1 and
+// int8) and through dequantization on the CUDA backend in f32: the same perplexity and the same
+// logits along the dequantized model's greedy sequence, bit for bit (both paths sum exactly in
+// fp64 and round once: kernels/cpu/abq_ref.h). Also the decode benchmark on a small shape with
+// bf16 dense weights. Skips without a GPU or ../shared.
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -33,18 +29,6 @@ namespace qcal {
 namespace {
 
 using kernels::AbqKernel;
-
-// Relative, on perplexity. Issue 14 asks 1e-4, but every linear agrees with its fake-quant twin
-// only to fp32 rounding, and per-token activation quantization turns the odd ulp into a flipped
-// code that spreads through attention: on the CPU the same comparison measured 5.0e-4 on
-// sotu-llama-16m RTN W4A8 g128 and up to 7e-4 on stories260k (abq_checkpoint_test, kA8Parity).
-// The test prints the measured ratio; the bound is the CPU test's.
-constexpr double kAbqParity = 2e-3;
-// The greedy check: relative Frobenius difference of the logits along the dequantized model's
-// greedy sequence, and the largest margin (in logits: nats) by which the dequantized model may
-// prefer a token that the ABQ path does not pick.
-constexpr double kLogitsParity = 2e-2;
-constexpr double kTieMargin = 0.1;
 
 std::unique_ptr<kernels::Backend> CudaBackend(kernels::ComputeDType dtype) {
   kernels::BackendOptions options;
@@ -158,13 +142,10 @@ TEST_F(AbqInferenceTest, SotuMatchesDequantization) {
     std::printf("sotu-llama-16m %s: perplexity dequant %.6f, abq b1 %.6f, abq int8 %.6f\n", c.name,
                 deq->perplexity, b1->perplexity, int8->perplexity);
     EXPECT_EQ(b1->tokens, 16384);
-    EXPECT_NEAR(b1->perplexity / deq->perplexity, 1.0, kAbqParity);
+    // Every linear gives the dequantizing path's bits (fp64 sums, one rounding), so the whole
+    // forward does: the same perplexity, and the same logits along a greedy sequence.
+    EXPECT_EQ(b1->nll, deq->nll);
     EXPECT_EQ(int8->nll, b1->nll);
-    // Greedy decoding, teacher-forced: the dequantized model's greedy sequence through both
-    // paths. Where the ABQ path's argmax differs from the token the dequantized model chose, the
-    // dequantized model's own margin between the two must be below kTieMargin: a near tie that
-    // the flipped activation codes above may decide either way, not a wrong logit. b1 and int8
-    // give the same logits bit for bit.
     size_t prompt_len = 0;
     auto seq = GreedySequence(dir, &prompt_len);
     ASSERT_TRUE(seq.ok()) << seq.status();
@@ -176,35 +157,9 @@ TEST_F(AbqInferenceTest, SotuMatchesDequantization) {
     const auto values = [](const Tensor& t) {
       return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
     };
-    const std::vector<float> deq_v = values(*deq_logits);
     const std::vector<float> b1_v = values(*b1_logits);
+    EXPECT_EQ(values(*deq_logits), b1_v);
     EXPECT_EQ(values(*int8_logits), b1_v);
-    const size_t vocab = deq_v.size() / seq->size();
-    double diff2 = 0, ref2 = 0;
-    for (size_t i = 0; i < deq_v.size(); ++i) {
-      diff2 += (double{b1_v[i]} - deq_v[i]) * (double{b1_v[i]} - deq_v[i]);
-      ref2 += double{deq_v[i]} * deq_v[i];
-    }
-    int flips = 0;
-    for (size_t p = prompt_len - 1; p + 1 < seq->size(); ++p) {
-      const float* d = deq_v.data() + p * vocab;
-      const float* a = b1_v.data() + p * vocab;
-      const size_t chosen = static_cast<size_t>((*seq)[p + 1]);
-      const size_t abq_best = static_cast<size_t>(std::max_element(a, a + vocab) - a);
-      if (abq_best == chosen) continue;
-      ++flips;
-      const double margin = double{d[chosen]} - d[abq_best];
-      std::printf(
-          "sotu-llama-16m %s: position %zu, dequantized picks %zu, ABQ %zu; dequantized margin "
-          "%.3g\n",
-          c.name, p, chosen, abq_best, margin);
-      EXPECT_LT(margin, kTieMargin) << "position " << p;
-    }
-    std::printf(
-        "sotu-llama-16m %s: greedy %zu tokens teacher-forced, %d near-tie flips, logits relative "
-        "difference %.3g\n",
-        c.name, seq->size() - prompt_len, flips, std::sqrt(diff2 / ref2));
-    EXPECT_LT(std::sqrt(diff2 / ref2), kLogitsParity);
   }
 }
 

@@ -7,13 +7,16 @@
 #include <lapacke.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/quant_ref.h"
@@ -549,6 +552,90 @@ TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
     }
   }
   EXPECT_TRUE(be_->SupportsOp(Op::kActQuant));
+}
+
+// ActQuantLinear in f32: ref::ActQuantLinear's bits when the fp64 sums are exact (weights that are
+// fp16 scales times small integers, as a checkpoint's), with and without bias and accumulation,
+// bf16 weights included; within fp64 rounding of it (so at most an fp32 ulp apart, rarely) for
+// arbitrary fp32 weights. With compute dtype bf16: ActQuant, then Linear.
+TEST_F(CudaQuantTest, ActQuantLinearMatchesReference) {
+  uint64_t seed = 300;
+  for (auto [m, n, k] : {std::array<int64_t, 3>{1, 1, 1}, {5, 7, 129}, {33, 200, 1000}}) {
+    for (int bits : {4, 8}) {
+      SCOPED_TRACE(::testing::Message() << m << "x" << n << "x" << k << " bits " << bits);
+      testing::TestRng rng(seed++);
+      std::vector<float> x(m * k), w(n * k), bias(n), start(m * n);
+      for (float& v : x) v = float(rng.StudentT3());
+      if (m > 1) std::fill(x.begin(), x.begin() + k, 0.0f);  // s = 0 row
+      for (int64_t i = 0; i < n * k; ++i) {
+        const float scale = RoundToHalf(std::ldexp(1.0f, -4 - static_cast<int>((i / k) % 5)) *
+                                        (1.0f + 0.25f * float(rng.StudentT3())));
+        w[i] = scale * static_cast<float>(static_cast<int>(i * 7 % 16) - 8);
+      }
+      for (float& v : bias) v = float(rng.StudentT3());
+      for (float& v : start) v = float(rng.StudentT3());
+      const Tensor xd = Upload(x, {m, k}), wd = Upload(w, {n, k}), bd = Upload(bias, {n});
+      for (bool with_bias : {false, true}) {
+        for (bool accumulate : {false, true}) {
+          std::vector<float> want = start;
+          ref::ActQuantLinear(x.data(), m, k, bits, w.data(), n, with_bias ? bias.data() : nullptr,
+                              want.data(), accumulate);
+          Tensor y = Upload(start, {m, n});
+          ASSERT_TRUE(
+              be_->ActQuantLinear(xd, bits, wd, with_bias ? &bd : nullptr, y, accumulate).ok());
+          EXPECT_EQ(Download<float>(y), want) << "bias " << with_bias << " acc " << accumulate;
+        }
+      }
+      // The same weights as bf16 operands (exact when they are bf16 values: round them first).
+      std::vector<float> wb(w.size());
+      for (size_t i = 0; i < w.size(); ++i) wb[i] = RoundToBf16(w[i]);
+      std::vector<float> want(m * n);
+      ref::ActQuantLinear(x.data(), m, k, bits, wb.data(), n, nullptr, want.data(), false);
+      auto wb16 = be_->Alloc(DType::kBF16, {n, k});
+      ASSERT_TRUE(wb16.ok());
+      ASSERT_TRUE(be_->Convert(Upload(wb, {n, k}), *wb16).ok());
+      Tensor y = Upload(start, {m, n});
+      ASSERT_TRUE(be_->ActQuantLinear(xd, bits, *wb16, nullptr, y, false).ok());
+      EXPECT_EQ(Download<float>(y), want);
+      // Arbitrary fp32 weights: the sums are rounded in fp64 in another order.
+      std::vector<float> wf(n * k);
+      for (float& v : wf) v = float(rng.StudentT3());
+      ref::ActQuantLinear(x.data(), m, k, bits, wf.data(), n, nullptr, want.data(), false);
+      ASSERT_TRUE(be_->ActQuantLinear(xd, bits, Upload(wf, {n, k}), nullptr, y, false).ok());
+      const std::vector<float> got = Download<float>(y);
+      for (int64_t i = 0; i < m * n; ++i) {
+        EXPECT_LE(std::fabs(got[i] - want[i]), std::ldexp(std::fabs(want[i]), -23) + 1e-30) << i;
+      }
+    }
+  }
+}
+
+TEST_F(CudaQuantTest, ActQuantLinearInBf16IsActQuantThenLinear) {
+  BackendOptions options;
+  options.device = "cuda";
+  options.compute_dtype = ComputeDType::kBF16;
+  auto bf16 = CreateBackend(options);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  testing::TestRng rng(410);
+  const int64_t m = 9, n = 40, k = 300;
+  std::vector<float> x(m * k), w(n * k);
+  for (float& v : x) v = float(rng.StudentT3());
+  for (float& v : w) v = float(rng.StudentT3());
+  auto up = [&](const std::vector<float>& v, Shape shape) {
+    auto t = (*bf16)->ToDevice(Tensor::FromVector(v, std::move(shape)));
+    EXPECT_TRUE(t.ok());
+    return *t;
+  };
+  const Tensor xd = up(x, {m, k}), wd = up(w, {n, k});
+  Tensor got = up(std::vector<float>(m * n, 0.0f), {m, n});
+  Tensor want = up(std::vector<float>(m * n, 0.0f), {m, n});
+  Tensor xq = up(std::vector<float>(m * k, 0.0f), {m, k});
+  ASSERT_TRUE((*bf16)->ActQuantLinear(xd, 8, wd, nullptr, got, false).ok());
+  ASSERT_TRUE((*bf16)->ActQuant(xd, 8, xq).ok());
+  ASSERT_TRUE((*bf16)->Linear(xq, wd, nullptr, want, false).ok());
+  auto gh = (*bf16)->ToHost(got), wh = (*bf16)->ToHost(want);
+  ASSERT_TRUE(gh.ok() && wh.ok());
+  EXPECT_EQ(std::memcmp(gh->raw(), wh->raw(), gh->nbytes()), 0);
 }
 
 TEST_F(CudaQuantTest, FillUniformMatchesTheHostFill) {
