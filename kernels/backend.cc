@@ -131,6 +131,31 @@ absl::Status Backend::CheckAbqLinearOperands(const PreparedAbqLinear& w, const T
   return absl::OkStatus();
 }
 
+absl::Status Backend::CheckActQuantLinearOperands(const Tensor& x, int bits, const Tensor& w,
+                                                  const Tensor* bias, const Tensor& y) {
+  if (bits < 2 || bits > 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ActQuantLinear: bits must be 2..8, got ", bits));
+  }
+  if (!x.defined() || !w.defined() || x.rank() != 2 || w.rank() != 2 || x.dim(1) != w.dim(1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ActQuantLinear: x ", x.defined() ? x.DebugString() : "undefined", " and w ",
+                     w.defined() ? w.DebugString() : "undefined", " do not match"));
+  }
+  const Shape out{x.dim(0), w.dim(0)};
+  if (!y.defined() || y.dtype() != DType::kF32 || y.shape() != out) {
+    return absl::InvalidArgumentError(absl::StrCat("ActQuantLinear: y is ",
+                                                   y.defined() ? y.DebugString() : "undefined",
+                                                   ", expected F32 ", ShapeString(out)));
+  }
+  if (bias && bias->defined() &&
+      (bias->dtype() != DType::kF32 || bias->shape() != Shape{w.dim(0)})) {
+    return absl::InvalidArgumentError(absl::StrCat("ActQuantLinear: bias is ", bias->DebugString(),
+                                                   ", expected F32 [", w.dim(0), "]"));
+  }
+  return absl::OkStatus();
+}
+
 bool CudaAvailable() {
 #if QCAL_HAVE_CUDA
   return CudaDeviceCount() > 0;

@@ -529,6 +529,10 @@ class Backend {
   // [m, w.n()] of rank 2 and F32, bias [w.n()] F32 when given, m <= kAbqMaxTokens.
   static absl::Status CheckAbqLinearOperands(const PreparedAbqLinear& w, const Tensor& x,
                                              const Tensor* bias, const Tensor& y);
+  // The operand checks of ActQuantLinear that do not depend on the device: bits in 2..8, x
+  // [m, k] and w [n, k] of rank 2, y F32 [m, n], bias F32 [n] when given (defined).
+  static absl::Status CheckActQuantLinearOperands(const Tensor& x, int bits, const Tensor& w,
+                                                  const Tensor* bias, const Tensor& y);
   // GemmBatched's operand checks: rank-3 F32 or BF16 a, b and c of one batch whose shapes fit,
   // and beta == 0 for a BF16 c.
   static absl::Status CheckGemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,

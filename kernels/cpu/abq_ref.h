@@ -37,11 +37,15 @@
 //   c_G = dot_G − z[G][o]·Σa[t][G]           (int32, exact)
 //   S = 0; for G = 0 .. n_groups − 1: S = S + double(c_G)·double(s_w[G][o])   (fp64)
 //   y[t][o] = float(double(s_a[t])·S)
-// Each product is exact in fp64 (|c_G| < 2^31, s_w an fp32 value), so a fused multiply-add gives
-// the same S as a product and an add. S = Σ_k a·s_w·(q − z) exactly unless one row's terms span
-// more than fp64's 53 bits: with fp16 scales that needs log2(127·2^wb·K) + 11 + log2(the ratio of
-// one row's largest scale to its smallest) > 53, so scales more than 2^17 apart at 4 bits and
-// K = 2^14, 2^13 at 8 bits (a trained model's rows are nowhere near). The dequantizing path
+// With a GPTQ v1 checkpoint's fp16 scales (11 significant bits; bf16 has 8) each product is exact
+// in fp64 (|c_G| < 2^31), so a fused multiply-add would give the same S as a product and an add.
+// (A scale with more than 22 significant bits can make a product inexact: the kernels still
+// perform this product, then this add, unfused, in group order, so they still equal this
+// reference, but the dequantizing path's equality below needs exact terms.) With exact terms,
+// S = Σ_k a·s_w·(q − z) exactly unless one row's terms span more than fp64's 53 bits: with fp16
+// scales that needs log2(127·2^wb·K) + 11 + log2(the ratio of one row's largest scale to its
+// smallest) > 53, so scales more than 2^17 apart at 4 bits and K = 2^14, 2^13 at 8 bits (a
+// trained model's rows are nowhere near). The dequantizing path
 // (ref::ActQuantLinear, Backend::ActQuantLinear) sums the same exact terms and rounds the same
 // way, so the two paths give the same bits; y equals Σ_k x̂·ŵ up to one fp32 rounding
 // (AbqEpilogueErrorBound).

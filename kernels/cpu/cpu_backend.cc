@@ -898,20 +898,13 @@ class CpuBackend final : public Backend {
   // sums are exact; otherwise they differ from the scalar order's by fp64 rounding only).
   absl::Status ActQuantLinear(const Tensor& x, int bits, const Tensor& w, const Tensor* bias,
                               Tensor& y, bool accumulate) override {
+    QCAL_RETURN_IF_ERROR(CheckActQuantLinearOperands(x, bits, w, bias, y));
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "ActQuantLinear", "x"));
     QCAL_RETURN_IF_ERROR(ExpectF32(w, "ActQuantLinear", "w"));
-    if (x.rank() != 2 || w.rank() != 2 || x.dim(1) != w.dim(1)) {
-      return absl::InvalidArgumentError(absl::StrCat("ActQuantLinear: x ", x.DebugString(),
-                                                     " and w ", w.DebugString(), " do not match"));
-    }
-    const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
-    QCAL_RETURN_IF_ERROR(ExpectShape(y, {m, n}, "ActQuantLinear", "y"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(y, "ActQuantLinear", "y"));
     const bool has_bias = bias && bias->defined();
-    if (has_bias) QCAL_RETURN_IF_ERROR(ExpectShape(*bias, {n}, "ActQuantLinear", "bias"));
-    if (bits < 2 || bits > 8) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("ActQuantLinear: bits must be 2..8, got ", bits));
-    }
+    if (has_bias) QCAL_RETURN_IF_ERROR(ExpectF32(*bias, "ActQuantLinear", "bias"));
+    const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
     if (dtype_ == ComputeDType::kBF16) {
       Tensor xq = NewTensor(DType::kF32, x.shape());
       QCAL_RETURN_IF_ERROR(ActQuant(x, bits, xq));
@@ -928,8 +921,8 @@ class CpuBackend final : public Backend {
       const std::vector<double> a(codes.begin(), codes.end());
       const float* wp = w.data<float>();
       const std::vector<double> wd(wp, wp + n * k);
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, a.data(), k, wd.data(),
-                  k, 0.0, sums.data(), n);
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, a.data(), k, wd.data(), k,
+                  0.0, sums.data(), n);
     }
     float* yp = y.data<float>();
     const float* bp = has_bias ? bias->data<float>() : nullptr;

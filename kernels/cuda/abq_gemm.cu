@@ -74,9 +74,10 @@ constexpr int kPrefetchBytes = 64 * 1024;       // weights a block asks L2 for a
 // tokens and stores them in the unit's slot in shared memory ([16 rows][ts tokens]); after a
 // barrier one thread per (output, token) runs the epilogue over the round's groups in order,
 // adding a group's parts (integers: exact in any order; A16: fp32 in part order), and keeps its
-// accumulator (integer kernels: fp64; A16: fp32) across rounds. Each unit slot is written by one warp and each output by one
-// thread, without atomics: results are bit-identical run to run. The round's s_w, z and Σa are
-// copied to shared memory asynchronously (cp.async) while the warps stream the weights.
+// accumulator (integer kernels: fp64; A16: fp32) across rounds. Each unit slot is written by one
+// warp and each output by one thread, without atomics: results are bit-identical run to run. The
+// round's s_w, z and Σa are copied to shared memory asynchronously (cp.async) while the warps
+// stream the weights.
 
 struct RoundPlan {
   int groups = 1;  // k-groups per round
@@ -410,8 +411,9 @@ __global__ void __launch_bounds__(kGemmThreads, kTiles <= 4 ? 2 : 1)
 // one token's columns (xor 1, 2 over t4; 4, 8, 16 over g) leaves dot in every one of those lanes.
 // The slots are then added in k order into the running group sum, and when a k-group ends the
 // lanes run AbqEpilogue's step for it, c_G = dot − z·Σa, S = S + c_G·s_w in fp64: the groups of
-// an output are visited in order by one lane, so the result is the reference's bit for bit, with no shared-memory epilogue and no atomics. A lane holds two outputs (rows g and
-// g + 8) per n8 tile of tokens.
+// an output are visited in order by one lane, so the result is the reference's bit for bit, with no
+// shared-memory epilogue and no atomics. A lane holds two outputs (rows g and g + 8) per n8 tile of
+// tokens.
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;

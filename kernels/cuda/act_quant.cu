@@ -1,9 +1,8 @@
-#include "kernels/cuda/act_quant.cuh"
-
 #include <cuda_bf16.h>
 
 #include <algorithm>
 
+#include "kernels/cuda/act_quant.cuh"
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/quant_grid.h"
 
@@ -31,9 +30,8 @@ __device__ float ActQuantRow(const float* xr, int64_t width, float qmax, Store s
 
 __global__ void ActQuantKernel(const float* x, int64_t width, float qmax, float* out) {
   float* yr = out + blockIdx.x * width;
-  ActQuantRow(x + blockIdx.x * width, width, qmax, [&](int64_t c, float s, float q) {
-    yr[c] = s == 0.0f ? 0.0f : __fmul_rn(s, q);
-  });
+  ActQuantRow(x + blockIdx.x * width, width, qmax,
+              [&](int64_t c, float s, float q) { yr[c] = s == 0.0f ? 0.0f : __fmul_rn(s, q); });
 }
 
 __global__ void ActQuantCodesKernel(const float* x, int64_t width, float qmax, double* codes,
@@ -90,7 +88,7 @@ cudaError_t LaunchActQuantCodes(const float* x, int64_t rows, int64_t width, int
   if (rows > 0x7fffffff || bits < 2 || bits > 8) return cudaErrorInvalidValue;
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
   ActQuantCodesKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, width, qmax, codes,
-                                                                             scales);
+                                                                            scales);
   return cudaGetLastError();
 }
 

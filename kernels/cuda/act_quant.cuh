@@ -22,8 +22,7 @@ cudaError_t LaunchActQuant(const float* x, int64_t rows, int64_t width, int bits
 //   stored or (with `accumulate`) added to y in fp32; sums fp64 [m, n].
 cudaError_t LaunchActQuantCodes(const float* x, int64_t rows, int64_t width, int bits,
                                 double* codes, float* scales, cudaStream_t stream);
-cudaError_t LaunchWidenToF64(const void* w, bool bf16, int64_t n, double* out,
-                             cudaStream_t stream);
+cudaError_t LaunchWidenToF64(const void* w, bool bf16, int64_t n, double* out, cudaStream_t stream);
 cudaError_t LaunchActQuantScaleRows(const double* sums, const float* scales, const float* bias,
                                     int64_t m, int64_t n, bool accumulate, float* y,
                                     cudaStream_t stream);

@@ -70,11 +70,11 @@ absl::Status GemmF64NT(cublasHandle_t handle, int64_t m, int64_t n, int64_t k, c
   QCAL_RETURN_IF_ERROR(CheckDims("fp64 GEMM", {m, n, k}));
   const double one = 1.0, zero = 0.0;
   // Row-major C = A·Bᵀ is column-major Cᵀ = B·Aᵀ: B (column-major [k,n], transposed) first.
-  return CublasStatus(cublasDgemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
-                                  static_cast<int>(m), static_cast<int>(k), &one, b,
-                                  static_cast<int>(k), a, static_cast<int>(k), &zero, c,
-                                  static_cast<int>(n)),
-                      absl::StrCat("cublasDgemm ", m, "x", n, "x", k));
+  return CublasStatus(
+      cublasDgemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                  static_cast<int>(k), &one, b, static_cast<int>(k), a, static_cast<int>(k), &zero,
+                  c, static_cast<int>(n)),
+      absl::StrCat("cublasDgemm ", m, "x", n, "x", k));
 }
 
 absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,

@@ -282,29 +282,16 @@ class CudaBackend final : public Backend {
   // kernel that scales, rounds once, adds the bias and stores. bf16: ActQuant, then Linear.
   absl::Status ActQuantLinear(const Tensor& x, int bits, const Tensor& w, const Tensor* bias,
                               Tensor& y, bool accumulate) override {
+    QCAL_RETURN_IF_ERROR(CheckActQuantLinearOperands(x, bits, w, bias, y));
     QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ActQuantLinear", "x"));
-    if (!w.defined() || w.device() != Device::kCuda ||
-        (w.dtype() != DType::kF32 && w.dtype() != DType::kBF16)) {
-      return absl::InvalidArgumentError(absl::StrCat("ActQuantLinear: w is ",
-                                                     w.defined() ? w.DebugString() : "undefined",
+    QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "ActQuantLinear", "y"));
+    if (w.device() != Device::kCuda || (w.dtype() != DType::kF32 && w.dtype() != DType::kBF16)) {
+      return absl::InvalidArgumentError(absl::StrCat("ActQuantLinear: w is ", w.DebugString(),
                                                      ", expected a CUDA F32 or BF16 tensor"));
     }
-    QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "ActQuantLinear", "y"));
-    if (x.rank() != 2 || w.rank() != 2 || x.dim(1) != w.dim(1)) {
-      return absl::InvalidArgumentError(absl::StrCat("ActQuantLinear: x ", x.DebugString(),
-                                                     " and w ", w.DebugString(), " do not match"));
-    }
-    const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
-    QCAL_RETURN_IF_ERROR(ExpectShape(y, {m, n}, "ActQuantLinear", "y"));
     const bool has_bias = bias && bias->defined();
-    if (has_bias) {
-      QCAL_RETURN_IF_ERROR(ExpectDevice(*bias, DType::kF32, "ActQuantLinear", "bias"));
-      QCAL_RETURN_IF_ERROR(ExpectShape(*bias, {n}, "ActQuantLinear", "bias"));
-    }
-    if (bits < 2 || bits > 8) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("ActQuantLinear: bits must be 2..8, got ", bits));
-    }
+    if (has_bias) QCAL_RETURN_IF_ERROR(ExpectDevice(*bias, DType::kF32, "ActQuantLinear", "bias"));
+    const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
     if (dtype_ == ComputeDType::kBF16) {
       QCAL_ASSIGN_OR_RETURN(Tensor xq, Uninitialized(DType::kF32, x.shape()));
       QCAL_RETURN_IF_ERROR(ActQuant(x, bits, xq));
@@ -316,10 +303,10 @@ class CudaBackend final : public Backend {
     QCAL_ASSIGN_OR_RETURN(Tensor codes, Uninitialized(DType::kF64, {m, k}));
     QCAL_ASSIGN_OR_RETURN(Tensor scales, Uninitialized(DType::kF32, {m}));
     QCAL_ASSIGN_OR_RETURN(Tensor sums, Uninitialized(DType::kF64, {m, n}));
-    QCAL_RETURN_IF_ERROR(CudaStatus(cuda::LaunchActQuantCodes(x.data<float>(), m, k, bits,
-                                                              codes.data<double>(),
-                                                              scales.data<float>(), stream()),
-                                    "ActQuantLinear: codes"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchActQuantCodes(x.data<float>(), m, k, bits, codes.data<double>(),
+                                             scales.data<float>(), stream()),
+                   "ActQuantLinear: codes"));
     if (k == 0) {
       QCAL_RETURN_IF_ERROR(
           CudaStatus(cudaMemsetAsync(sums.raw(), 0, sums.nbytes(), stream()), "ActQuantLinear"));
@@ -331,10 +318,9 @@ class CudaBackend final : public Backend {
       QCAL_RETURN_IF_ERROR(cuda::GemmF64NT(blas_.get(), m, n, k, codes.data<double>(),
                                            wide.data<double>(), sums.data<double>()));
     }
-    return CudaStatus(cuda::LaunchActQuantScaleRows(
-                          sums.data<double>(), scales.data<float>(),
-                          has_bias ? bias->data<float>() : nullptr, m, n, accumulate,
-                          y.data<float>(), stream()),
+    return CudaStatus(cuda::LaunchActQuantScaleRows(sums.data<double>(), scales.data<float>(),
+                                                    has_bias ? bias->data<float>() : nullptr, m, n,
+                                                    accumulate, y.data<float>(), stream()),
                       "ActQuantLinear: scaling");
   }
 

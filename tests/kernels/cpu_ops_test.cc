@@ -668,9 +668,9 @@ TEST_P(CpuOpsTest, ActQuantLinear) {
       for (bool with_bias : {false, true}) {
         for (bool accumulate : {false, true}) {
           Tensor y = start.Clone();
-          ASSERT_TRUE(backend_->ActQuantLinear(x, bits, w, with_bias ? &bias : nullptr, y,
-                                               accumulate)
-                          .ok());
+          ASSERT_TRUE(
+              backend_->ActQuantLinear(x, bits, w, with_bias ? &bias : nullptr, y, accumulate)
+                  .ok());
           Tensor want = start.Clone();
           if (bf16()) {
             Tensor xq = Tensor::Zeros(DType::kF32, {m, k});
@@ -682,7 +682,8 @@ TEST_P(CpuOpsTest, ActQuantLinear) {
                                 with_bias ? bias.data<float>() : nullptr, want.data<float>(),
                                 accumulate);
           }
-          EXPECT_EQ(Values(y), Values(want)) << "bias " << with_bias << " accumulate " << accumulate;
+          EXPECT_EQ(Values(y), Values(want))
+              << "bias " << with_bias << " accumulate " << accumulate;
         }
       }
       if (bf16()) continue;
@@ -905,9 +906,12 @@ TEST_F(CpuOpsErrorTest, ActQuantLinearBitsAndShapes) {
   ExpectInvalid(backend_->ActQuantLinear(x, 1, w, nullptr, y, false), "bits must be 2..8, got 1");
   ExpectInvalid(backend_->ActQuantLinear(x, 8, F32({3, 5}), nullptr, y, false), "do not match");
   Tensor bad_y = F32({3, 2});
-  ExpectInvalid(backend_->ActQuantLinear(x, 8, w, nullptr, bad_y, false), "y has shape");
+  ExpectInvalid(backend_->ActQuantLinear(x, 8, w, nullptr, bad_y, false), "expected F32 [2, 3]");
   const Tensor bad_bias = F32({2});
-  ExpectInvalid(backend_->ActQuantLinear(x, 8, w, &bad_bias, y, false), "bias has shape");
+  ExpectInvalid(backend_->ActQuantLinear(x, 8, w, &bad_bias, y, false), "expected F32 [3]");
+  const Tensor half_x = Tensor::Zeros(DType::kF16, {2, 4});
+  ExpectInvalid(backend_->ActQuantLinear(half_x, 8, w, nullptr, y, false),
+                "x must be a host F32 tensor");
 }
 
 TEST_F(CpuOpsErrorTest, EmbeddingRejectsOutOfRangeIds) {

@@ -22,9 +22,9 @@
 #      randomized SVD at rank 64), with the randomized path's projected share of the 7B job; then
 #      the whole 7B shape with GPTQ alone, with rank-64 ER and with ASER W4A8 (qcal bench --recipe);
 #   5b. (step abq) ABQ inference: cuda_model_test's AbqInference* tests (sotu-llama-16m GPTQ W4A8
-#      and W2*A8 through the b1 and int8 kernels against dequantization: perplexity within 2e-3
-#      (issue 14 asks 1e-4; the ratio is printed), the same greedy tokens; the decode bench on a
-#      small shape); qcal bench --abq: the ABQ GEMMs
+#      and W2*A8 through the b1 and int8 kernels against dequantization: the same NLL and logits
+#      bit for bit; the decode bench on a small shape), and the same comparison as a table by
+#      tools/quality/abq_parity.sh (DEVICE=cuda; docs/QUALITY.md); qcal bench --abq: the ABQ GEMMs
 #      (b1, int8 IMMA, weight-only A16) against cuBLAS bf16 and int8 at 4096x4096, 11008x4096,
 #      4096x11008 and 8192x28672, m = 1, 4, 8, 16, 64; qcal bench --decode: greedy decoding of the
 #      7B shape, bf16 against W4A16, W4A8 and W2*A8;
@@ -428,6 +428,17 @@ if wants abq; then
     fi
   else
     note "abq inference: skipped (session budget)"
+  fi
+  if time_for 120; then
+    start=$SECONDS
+    DEVICE=cuda QCAL=$qcal WORK=$(mktemp -d) timeout 300 "$root/tools/quality/abq_parity.sh" "" \
+      "$QCAL_SHARED_DIR" >"$out/abq_parity.md" 2>"$out/abq_parity.log"
+    rc=$?
+    printf '%-34s %4d %d s\n' "abq parity table" "$rc" $((SECONDS - start)) >>"$summary"
+    ((rc == 0)) || fail "abq parity table"
+    sed 's/^/    /' "$out/abq_parity.md" >>"$summary"
+  else
+    note "abq parity table: skipped (session budget)"
   fi
   # One table (about 280 timings of 20 runs each); the summary gets it whole.
   if time_for 120; then
