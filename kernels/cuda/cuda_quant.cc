@@ -212,17 +212,6 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
     QCAL_ASSIGN_OR_RETURN(q.pre_round, ctx.alloc(DType::kF32, {d_out, n}));
   }
   QCAL_ASSIGN_OR_RETURN(Tensor err, ctx.alloc(DType::kF32, {d_out, bs}));
-  // The lazy updates run as 3xTF32 products (hi·hi + hi·lo + lo·hi of exact TF32 splits, about
-  // fp32's accuracy) on the tensor cores: FP32 FFMA ran them at 33 TFLOP/s, 1.1 s of the 7B job
-  // (docs/BENCHMARKS.md). U is split once, each block's errors before its update.
-  QCAL_ASSIGN_OR_RETURN(Tensor u_hi, ctx.alloc(DType::kF32, {n, n}));
-  QCAL_ASSIGN_OR_RETURN(Tensor u_lo, ctx.alloc(DType::kF32, {n, n}));
-  QCAL_ASSIGN_OR_RETURN(Tensor err_hi, ctx.alloc(DType::kF32, {d_out, bs}));
-  QCAL_ASSIGN_OR_RETURN(Tensor err_lo, ctx.alloc(DType::kF32, {d_out, bs}));
-  QCAL_RETURN_IF_ERROR(
-      CudaStatus(LaunchSplitTf32(factor.u.data<float>(), nullptr, n * n, u_hi.data<float>(),
-                                 u_lo.data<float>(), ctx.stream),
-                 "GptqSolve: splitting U"));
   QCAL_ASSIGN_OR_RETURN(Tensor failures, ctx.alloc(DType::kI32, {d_out, 2}));
   QCAL_RETURN_IF_ERROR(
       CudaStatus(cudaMemsetAsync(failures.raw(), 0, failures.nbytes(), ctx.stream), "GptqSolve"));
@@ -257,17 +246,9 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
         CudaStatus(LaunchGptqBlock(args, ctx.stream), "GptqSolve: column loop kernel"));
     if (i2 < n) {
       // Lazy update of every later column: W[:, i2:] -= E U[i1:i2, i2:].
-      QCAL_RETURN_IF_ERROR(
-          CudaStatus(LaunchSplitTf32(err.data<float>(), nullptr, d_out * bs, err_hi.data<float>(),
-                                     err_lo.data<float>(), ctx.stream),
-                     "GptqSolve: splitting the block's errors"));
-      const int64_t panel = i1 * n + i2;
-      for (const auto& [e, u] : {std::pair{err_hi.data<float>(), u_hi.data<float>()},
-                                 std::pair{err_hi.data<float>(), u_lo.data<float>()},
-                                 std::pair{err_lo.data<float>(), u_hi.data<float>()}}) {
-        QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, false, false, d_out, n - i2, i2 - i1, -1.0f, e, bs,
-                                      u + panel, n, 1.0f, wp.data<float>() + i2, n));
-      }
+      QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, n - i2, i2 - i1, -1.0f,
+                                err.data<float>(), bs, factor.u.data<float>() + i1 * n + i2, n,
+                                DType::kF32, 1.0f, wp.data<float>() + i2, n));
     }
     i1 = i2;
   }

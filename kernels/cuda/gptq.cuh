@@ -13,8 +13,7 @@
 // wide). Its arithmetic is the CPU reference's operation for operation (separately rounded
 // multiply and subtract, no fused multiply-add; kernels/quant_grid.h for the grid), so given the
 // same U and block inputs the codes are bit-identical to the CPU's; only the lazy update between
-// blocks (three TF32 cuBLAS products of exact hi/lo splits, GptqSolve) sums in a different order
-// and rounds the split's smallest term away.
+// blocks (a cuBLAS GEMM) sums in a different order.
 #pragma once
 
 #include <cuda_runtime.h>
