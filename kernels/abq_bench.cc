@@ -81,13 +81,14 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
   for (const auto& [n, k] : options.shapes) {
     log(absl::StrCat(n, " x ", k, ": cuBLAS"));
     {
-      QCAL_ASSIGN_OR_RETURN(double s, TimeNullLaunch(options.device, options.iters));
+      QCAL_ASSIGN_OR_RETURN(double s,
+                            TimeNullLaunch(options.device, options.iters, options.timing));
       rows.push_back({n, k, 1, "-", "null", s, 0});
     }
     for (int64_t m : options.tokens) {
       for (bool int8 : {false, true}) {
-        QCAL_ASSIGN_OR_RETURN(double s,
-                              TimeCublasGemm(int8, m, n, k, options.device, options.iters));
+        QCAL_ASSIGN_OR_RETURN(
+            double s, TimeCublasGemm(int8, m, n, k, options.device, options.iters, options.timing));
         const double in = int8 ? 1 : 2, out = int8 ? 4 : 2;
         rows.push_back({n, k, m, int8 ? "W8A8" : "bf16", int8 ? "cublas-int8" : "cublas", s,
                         in * (n * k + m * k) + out * m * n});
@@ -110,7 +111,9 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
             a16 ? std::vector<AbqKernel>{AbqKernel::kWeightOnly}
                 : std::vector<AbqKernel>{AbqKernel::kBinaryMma, AbqKernel::kInt8Mma};
         for (AbqKernel kernel : kernels) {
-          QCAL_ASSIGN_OR_RETURN(double s, linear->TimeForward(m, kernel, options.iters));
+          QCAL_ASSIGN_OR_RETURN(
+              double s, linear->TimeForward(m, kernel, options.iters, CudaAbqLinear::Part::kWhole,
+                                            options.timing));
           rows.push_back({n, k, m, c.name, AbqKernelName(kernel), s,
                           weight_bytes + io + (a16 ? 0.0 : planes)});
         }
@@ -121,7 +124,8 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
           for (const auto& [part, name] :
                {std::pair{Part::kPrologue, "prologue"}, std::pair{Part::kGemm, "b1-gemm"}}) {
             QCAL_ASSIGN_OR_RETURN(
-                double s, linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters, part));
+                double s,
+                linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters, part, options.timing));
             rows.push_back({n, k, m, c.name, name, s,
                             part == Part::kPrologue ? io - 4.0 * m * n + planes / 2
                                                     : weight_bytes + 4.0 * m * n + planes / 2});
@@ -134,7 +138,8 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
           for (const auto& [b1, name] :
                {std::pair{B1::kDecode, "b1-decode"}, std::pair{B1::kTiled, "b1-tiled"}}) {
             linear->set_b1_kernel(b1);
-            auto s = linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters);
+            auto s = linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters,
+                                         CudaAbqLinear::Part::kWhole, options.timing);
             linear->set_b1_kernel(B1::kDispatch);
             if (!s.ok()) return s.status();
             rows.push_back({n, k, m, c.name, name, *s, weight_bytes + io + planes});

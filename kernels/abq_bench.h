@@ -1,9 +1,9 @@
 // The per-GEMM benchmark of the ABQ kernels (qcal bench --abq; DESIGN.md section 3, "Arbitrary-bit
 // inference kernels"): each shape and token count through cuBLAS bf16 and int8, the weight-only
 // A16 kernel and both ABQ integer kernels (b1 and int8 IMMA), every one timed as a whole layer
-// (the ABQ prologue's launch included) on random device-resident weights evicted from L2 before
-// each run. Needs a CUDA build and
-// a GPU; elsewhere RunAbqBench fails with FailedPrecondition.
+// (the ABQ prologue's launch included) on random device-resident weights that come from memory,
+// not L2 (AbqTiming). Needs a CUDA build and a GPU; elsewhere RunAbqBench fails with
+// FailedPrecondition.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +17,17 @@
 
 namespace qcal::kernels {
 
+// How a GEMM is timed (qcal bench --abq-timing):
+//   kAlone     each call alone between its own CUDA events, after a read of twice the L2 size has
+//              evicted the weights: the call's whole latency, launch and event overheads included
+//              (the `null` row is that floor).
+//   kSequence  many calls back to back in one CUDA graph, cycling through copies of the weights
+//              that together pass twice the L2 size (each call finds its weights evicted), every
+//              one reading the same x: the mean time per call, what a decode step's chain of
+//              layers sees (launches queued while the previous layer runs, as in a serving
+//              engine's CUDA graph). The ABQ layer's prologue is one of its two launches.
+enum class AbqTiming { kAlone, kSequence };
+
 struct AbqBenchOptions {
   // (d_out, d_in) of each GEMM. Default: LLaMA-7B's square, up and down projections and
   // LLaMA-70B's down projection.
@@ -28,6 +39,8 @@ struct AbqBenchOptions {
   int group_size = 128;
   // Timed runs per measurement, after 3 warm-up runs. Default: 20.
   int iters = 20;
+  // How each call is timed. Default: kAlone.
+  AbqTiming timing = AbqTiming::kAlone;
   // CUDA device index. Default: 0.
   int device = 0;
   // Seed of the random weights. Default: 0.

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <random>
@@ -21,6 +22,7 @@ using cuda::CachingAllocator;
 using cuda::CudaStatus;
 
 constexpr int kWarmup = 3;
+constexpr size_t kCublasWorkspaceBytes = 32 << 20;
 
 absl::Status SizeError(const char* what, size_t got, int64_t want) {
   return absl::InvalidArgumentError(
@@ -110,6 +112,51 @@ absl::StatusOr<double> TimeOnStream(cudaStream_t stream, int iters, const void* 
   return total_ms * 1e-3 / iters;
 }
 
+// How many copies of `bytes` of weights a sequence timing cycles through: enough that together
+// they pass twice the L2 size, so that every call finds its weights evicted by the calls between
+// it and the previous use of the same copy (at least 1). And the calls of one graph: a multiple
+// of the copies, at least kSequenceCalls.
+constexpr int kSequenceCalls = 32;
+absl::StatusOr<int> SequenceCopies(double bytes) {
+  int device = 0, l2 = 0;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "L2 size"));
+  return std::max(1, static_cast<int>(std::ceil(2.0 * std::max(l2, 1 << 20) / bytes)));
+}
+int SequenceCalls(int copies) { return copies * ((kSequenceCalls + copies - 1) / copies); }
+
+// Mean seconds of one call when `calls` calls, enqueue(0) .. enqueue(calls - 1), run back to back
+// as one CUDA graph (captured from `stream`; the launches' programmatic dependencies are kept),
+// timed as TimeOnStream times a run: each graph launch alone between its events, after the L2
+// eviction and the read of `hot`. The calls are first run once outside the graph, so that pools
+// and kernel attributes are set up before the capture.
+template <typename Enqueue>
+absl::StatusOr<double> TimeGraphOnStream(cudaStream_t stream, int calls, int iters, const void* hot,
+                                         size_t hot_bytes, Enqueue enqueue) {
+  for (int c = 0; c < calls; ++c) QCAL_RETURN_IF_ERROR(enqueue(c));
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize"));
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+                                  "graph capture"));
+  absl::Status status = absl::OkStatus();
+  for (int c = 0; c < calls && status.ok(); ++c) status = enqueue(c);
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  if (status.ok()) status = CudaStatus(end, "graph capture");
+  cudaGraphExec_t exec = nullptr;
+  if (status.ok()) status = CudaStatus(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate");
+  absl::StatusOr<double> seconds = status;
+  if (status.ok()) {
+    seconds = TimeOnStream(stream, iters, hot, hot_bytes, [&]() -> absl::Status {
+      return CudaStatus(cudaGraphLaunch(exec, stream), "graph launch");
+    });
+  }
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  QCAL_RETURN_IF_ERROR(seconds.status());
+  return *seconds / calls;
+}
+
 absl::Status CheckTokens(int64_t m) {
   if (m < 1 || m > kAbqMaxTokens) {
     return absl::InvalidArgumentError(
@@ -168,9 +215,14 @@ struct CudaAbqLinear::State {
   // kernel of kBinaryMma.
   absl::Status Launch(AbqKernel kernel, const float* x, const Activations* a, int64_t m, float* y,
                       int32_t* dot) {
+    return Launch(Weights(), kernel, x, a, m, y, dot);
+  }
+  // The same on weights `w` (of this layer's shape: a copy's, for the sequence timing).
+  absl::Status Launch(const cuda::AbqDeviceWeights& w, AbqKernel kernel, const float* x,
+                      const Activations* a, int64_t m, float* y, int32_t* dot) {
     cudaError_t err;
     if (kernel == AbqKernel::kWeightOnly) {
-      err = cuda::LaunchAbqWeightOnly(x, m, Weights(), y, stream);
+      err = cuda::LaunchAbqWeightOnly(x, m, w, y, stream);
     } else {
       cuda::AbqMma mma = cuda::AbqMma::kInt8;
       if (kernel == AbqKernel::kBinaryMma) {
@@ -178,12 +230,16 @@ struct CudaAbqLinear::State {
               : b1 == B1Kernel::kDecode ? cuda::AbqMma::kBinaryRing
                                         : cuda::AbqMma::kBinary;
       }
-      err = cuda::LaunchAbqGemm(mma, Weights(), a->View(m, spec.act_bits), y, dot, stream);
+      err = cuda::LaunchAbqGemm(mma, w, a->View(m, spec.act_bits), y, dot, stream);
     }
     return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
   }
   absl::Status Prologue(const float* x, const Activations& a, int64_t m) {
-    return CudaStatus(cuda::LaunchAbqPrologue(x, Weights(), a.View(m, spec.act_bits), stream),
+    return Prologue(Weights(), x, a, m);
+  }
+  absl::Status Prologue(const cuda::AbqDeviceWeights& w, const float* x, const Activations& a,
+                        int64_t m) {
+    return CudaStatus(cuda::LaunchAbqPrologue(x, w, a.View(m, spec.act_bits), stream),
                       "ABQ prologue");
   }
 };
@@ -358,8 +414,8 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Gemm(const AbqActivations& a, 
 
 void CudaAbqLinear::set_b1_kernel(B1Kernel b1) { state_->b1 = b1; }
 
-absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters,
-                                                  Part part) {
+absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters, Part part,
+                                                  AbqTiming timing) {
   State& st = *state_;
   if (part != Part::kWhole && kernel == AbqKernel::kWeightOnly) {
     return absl::InvalidArgumentError(
@@ -378,16 +434,56 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
   QCAL_RETURN_IF_ERROR(Upload(dx, std::span<const float>(x), s));
   if (part == Part::kGemm) QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
-  return TimeOnStream(s, iters, dx.get(), x.size() * sizeof(float), [&]() -> absl::Status {
+  // One call on weights w: the layer, or the part of it being timed.
+  auto call = [&](const cuda::AbqDeviceWeights& w) -> absl::Status {
     if (kernel != AbqKernel::kWeightOnly && part != Part::kGemm) {
-      QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+      QCAL_RETURN_IF_ERROR(st.Prologue(w, dx.get(), da, m));
     }
     if (part == Part::kPrologue) return absl::OkStatus();
-    return st.Launch(kernel, dx.get(), &da, m, dy.get(), nullptr);
-  });
+    return st.Launch(w, kernel, dx.get(), &da, m, dy.get(), nullptr);
+  };
+  if (timing == AbqTiming::kAlone) {
+    return TimeOnStream(s, iters, dx.get(), x.size() * sizeof(float),
+                        [&]() { return call(st.Weights()); });
+  }
+  // The sequence: copies of the weights (planes, scales, zero points) made on the device.
+  const int64_t n_planes = st.n * st.spec.weight_bits * st.words, n_scales = st.n_groups * st.n;
+  QCAL_ASSIGN_OR_RETURN(const int copies, SequenceCopies(4.0 * static_cast<double>(n_planes) +
+                                                         8.0 * static_cast<double>(n_scales)));
+  struct Copy {
+    DeviceArray<uint32_t> planes;
+    DeviceArray<float> scales;
+    DeviceArray<int32_t> zeros;
+  };
+  std::vector<Copy> held(static_cast<size_t>(copies - 1));
+  std::vector<cuda::AbqDeviceWeights> weights(1, st.Weights());
+  for (Copy& c : held) {
+    QCAL_ASSIGN_OR_RETURN(c.planes, Allocate<uint32_t>(*st.alloc, n_planes));
+    QCAL_ASSIGN_OR_RETURN(c.scales, Allocate<float>(*st.alloc, n_scales));
+    QCAL_ASSIGN_OR_RETURN(c.zeros, Allocate<int32_t>(*st.alloc, n_scales));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(c.planes.get(), st.planes.get(), n_planes * sizeof(uint32_t),
+                                   cudaMemcpyDeviceToDevice, s),
+                   "ABQ weight copy"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(c.scales.get(), st.scales.get(), n_scales * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, s),
+                   "ABQ weight copy"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(c.zeros.get(), st.zeros.get(), n_scales * sizeof(int32_t),
+                                   cudaMemcpyDeviceToDevice, s),
+                   "ABQ weight copy"));
+    cuda::AbqDeviceWeights w = st.Weights();
+    w.planes = c.planes.get();
+    w.scales = c.scales.get();
+    w.zeros = c.zeros.get();
+    weights.push_back(w);
+  }
+  return TimeGraphOnStream(s, SequenceCalls(copies), iters, dx.get(), x.size() * sizeof(float),
+                           [&](int c) { return call(weights[c % copies]); });
 }
 
-absl::StatusOr<double> TimeNullLaunch(int device, int iters) {
+absl::StatusOr<double> TimeNullLaunch(int device, int iters, AbqTiming timing) {
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
   QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
   auto alloc = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
@@ -395,13 +491,15 @@ absl::StatusOr<double> TimeNullLaunch(int device, int iters) {
   const cudaStream_t s = stream.get();
   QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(buf->data(), 0, 32, s), "memset"));
   uint32_t* sink = reinterpret_cast<uint32_t*>(static_cast<char*>(buf->data()) + 16);
-  return TimeOnStream(s, iters, nullptr, 0, [&]() -> absl::Status {
+  auto call = [&]() -> absl::Status {
     return CudaStatus(cuda::LaunchReadThrough(buf->data(), 16, 1, sink, s), "null kernel");
-  });
+  };
+  if (timing == AbqTiming::kAlone) return TimeOnStream(s, iters, nullptr, 0, call);
+  return TimeGraphOnStream(s, kSequenceCalls, iters, nullptr, 0, [&](int) { return call(); });
 }
 
 absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k, int device,
-                                      int iters) {
+                                      int iters, AbqTiming timing) {
   if (m < 1 || n < 1 || k < 1 || m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuBLAS GEMM: bad shape m ", m, ", n ", n, ", k ", k));
@@ -411,29 +509,48 @@ absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k
   QCAL_ASSIGN_OR_RETURN(cuda::CublasHandle handle, cuda::CublasHandle::Create(stream.get()));
   auto alloc = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
   const size_t in_bytes = int8 ? 1 : 2, out_bytes = int8 ? 4 : 2;
-  QCAL_ASSIGN_OR_RETURN(auto w, alloc->Allocate(static_cast<size_t>(n * k) * in_bytes));
+  const cudaStream_t s = stream.get();
+  // One copy of the weights, or (sequence) enough copies to pass twice the L2 size.
+  const double w_bytes = static_cast<double>(n * k) * static_cast<double>(in_bytes);
+  int copies = 1;
+  if (timing == AbqTiming::kSequence) {
+    QCAL_ASSIGN_OR_RETURN(copies, SequenceCopies(w_bytes));
+  }
+  std::vector<std::shared_ptr<Storage>> w;
+  for (int c = 0; c < copies; ++c) {
+    QCAL_ASSIGN_OR_RETURN(auto wc, alloc->Allocate(static_cast<size_t>(n * k) * in_bytes));
+    QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(wc->data(), 0, wc->bytes(), s), "memset"));
+    w.push_back(std::move(wc));
+  }
   QCAL_ASSIGN_OR_RETURN(auto x, alloc->Allocate(static_cast<size_t>(m * k) * in_bytes));
   QCAL_ASSIGN_OR_RETURN(auto y, alloc->Allocate(static_cast<size_t>(m * n) * out_bytes));
-  const cudaStream_t s = stream.get();
-  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(w->data(), 0, w->bytes(), s), "memset"));
   QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(x->data(), 0, x->bytes(), s), "memset"));
+  // A workspace of its own, so that cuBLAS allocates nothing while a graph is captured.
+  QCAL_ASSIGN_OR_RETURN(auto workspace, alloc->Allocate(kCublasWorkspaceBytes));
+  QCAL_RETURN_IF_ERROR(cuda::CublasStatus(
+      cublasSetWorkspace(handle.get(), workspace->data(), workspace->bytes()), "cuBLAS workspace"));
   // Column-major: y (n × m, ld n) = W (k × n, ld k)ᵀ · x (k × m, ld k).
   const int in = static_cast<int>(n), im = static_cast<int>(m), ik = static_cast<int>(k);
   const float alpha_f = 1.0f, beta_f = 0.0f;
   const int32_t alpha_i = 1, beta_i = 0;
-  return TimeOnStream(s, iters, x->data(), x->bytes(), [&]() -> absl::Status {
+  auto call = [&](int c) -> absl::Status {
+    const void* wc = w[static_cast<size_t>(c % copies)]->data();
     cublasStatus_t status;
     if (int8) {
-      status = cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, in, im, ik, &alpha_i, w->data(),
+      status = cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, in, im, ik, &alpha_i, wc,
                             CUDA_R_8I, ik, x->data(), CUDA_R_8I, ik, &beta_i, y->data(), CUDA_R_32I,
                             in, CUBLAS_COMPUTE_32I, CUBLAS_GEMM_DEFAULT);
     } else {
-      status = cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, in, im, ik, &alpha_f, w->data(),
+      status = cublasGemmEx(handle.get(), CUBLAS_OP_T, CUBLAS_OP_N, in, im, ik, &alpha_f, wc,
                             CUDA_R_16BF, ik, x->data(), CUDA_R_16BF, ik, &beta_f, y->data(),
                             CUDA_R_16BF, in, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
     return cuda::CublasStatus(status, int8 ? "cublasGemmEx int8" : "cublasGemmEx bf16");
-  });
+  };
+  if (timing == AbqTiming::kAlone) {
+    return TimeOnStream(s, iters, x->data(), x->bytes(), [&]() { return call(0); });
+  }
+  return TimeGraphOnStream(s, SequenceCalls(copies), iters, x->data(), x->bytes(), call);
 }
 
 }  // namespace qcal::kernels

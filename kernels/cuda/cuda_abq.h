@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/abq_bench.h"
 #include "kernels/cpu/abq_ref.h"
 
 struct CUstream_st;
@@ -87,17 +88,20 @@ class CudaAbqLinear {
   void set_b1_kernel(B1Kernel b1);
 
   // Mean seconds of one whole-layer forward of m tokens on device-resident inputs (uniform in
-  // [-1, 1]), launches included (the prologue's too), over `iters` runs after 3 warm-up runs. Each
-  // run is timed alone with CUDA events, after a read of twice the L2 cache's size has evicted
-  // the weights (a decode step reads every layer's weights from memory; a layer's quantized
-  // weights would otherwise stay in the 50 MB L2 from run to run) and a read of x has brought it
-  // back (the op before a layer has just written it).
+  // [-1, 1]), launches included (the prologue's too), over `iters` runs after 3 warm-up runs.
+  // kAlone: each run is timed alone with CUDA events, after a read of twice the L2 cache's size
+  // has evicted the weights (a decode step reads every layer's weights from memory; a layer's
+  // quantized weights would otherwise stay in the 50 MB L2 from run to run) and a read of x has
+  // brought it back (the op before a layer has just written it). kSequence: a run is one CUDA
+  // graph of many calls back to back, cycling through device copies of the weights that together
+  // pass twice the L2 size, after the same eviction and read of x; the result is per call.
   // The parts of one: with `part` kPrologue the activation prologue alone, with kGemm the integer
   // GEMM alone on activations the prologue produced once before the timing (kWeightOnly has
   // neither: InvalidArgument).
   enum class Part { kWhole, kPrologue, kGemm };
   absl::StatusOr<double> TimeForward(int64_t m, AbqKernel kernel, int iters,
-                                     Part part = Part::kWhole);
+                                     Part part = Part::kWhole,
+                                     AbqTiming timing = AbqTiming::kAlone);
 
  private:
   struct State;
@@ -107,14 +111,16 @@ class CudaAbqLinear {
 
 // Mean seconds of a near-empty kernel on `device` (the eviction read's launch over 16 bytes: its
 // blocks start and find nothing to read), timed as TimeForward: the floor that every timed run of
-// this harness includes (launch and event overheads).
-absl::StatusOr<double> TimeNullLaunch(int device, int iters);
+// this harness includes (launch and event overheads); with kSequence, per call of a graph of
+// them (the gap a launch costs between back-to-back kernels).
+absl::StatusOr<double> TimeNullLaunch(int device, int iters, AbqTiming timing = AbqTiming::kAlone);
 
 // Mean seconds of cuBLAS's GEMM y = x·Wᵀ for x [m][k], W [n][k] on `device`, timed as
 // TimeForward (each run alone, after the L2 eviction): bf16 operands and output with fp32
 // accumulation (int8 false), or int8 operands with int32 output (int8 true: the W8A8 integer GEMM
-// without its scales). Operands are zero-filled (timing only).
+// without its scales). Operands are zero-filled (timing only). With kSequence the calls cycle
+// through copies of W, as TimeForward's.
 absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k, int device,
-                                      int iters);
+                                      int iters, AbqTiming timing = AbqTiming::kAlone);
 
 }  // namespace qcal::kernels

@@ -154,6 +154,7 @@ absl::Status RunAbqBench(BenchArgs& a) {
     j["bench"] = "abq";
     j["group_size"] = o.group_size;
     j["iters"] = o.iters;
+    j["timing"] = o.timing == kernels::AbqTiming::kSequence ? "sequence" : "alone";
     j["hbm_bytes_per_second"] = kHbmBytesPerSecond;
     nlohmann::ordered_json list = nlohmann::ordered_json::array();
     for (const kernels::AbqBenchRow& r : rows) {
@@ -171,11 +172,15 @@ absl::Status RunAbqBench(BenchArgs& a) {
     std::printf("%s\n", j.dump().c_str());
     return absl::OkStatus();
   }
+  const bool sequence = o.timing == kernels::AbqTiming::kSequence;
   std::printf(
       "qcal bench --abq: whole-layer GEMM time (ABQ prologue included), weights g%d, mean of %d "
-      "runs after 3 warm-ups, each run alone after an L2 eviction; bytes = the least each call "
-      "moves, as a share of %.1f TB/s\n",
-      o.group_size, o.iters, kHbmBytesPerSecond * 1e-12);
+      "runs after 3 warm-ups, %s; bytes = the least each call moves, as a share of %.1f TB/s\n",
+      o.group_size, o.iters,
+      sequence ? "per call of a CUDA graph of calls back to back on weight copies that pass twice "
+                 "L2, after an L2 eviction"
+               : "each run alone after an L2 eviction",
+      kHbmBytesPerSecond * 1e-12);
   std::printf("%-14s %4s  %-7s %-11s %10s %10s %8s %8s\n", "d_out x d_in", "m", "config", "kernel",
               "us", "MB", "HBM %", "x bf16");
   for (const kernels::AbqBenchRow& r : rows) {
@@ -581,6 +586,15 @@ RunFn AddBench(CLI::App& app) {
   app.add_option("--abq-iters", a->abq_options.iters,
                  "With --abq: timed runs per measurement after 3 warm-ups (default: 20)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--abq-timing", a->abq_options.timing,
+                 "With --abq: 'alone' (each call between its own events after an L2 eviction: "
+                 "latency, launch included) or 'sequence' (per call of a CUDA graph of calls back "
+                 "to back on copies of the weights that pass twice the L2 size: a decode step's "
+                 "chain of layers) (default: alone)")
+      ->transform(CLI::CheckedTransformer(
+          std::map<std::string, kernels::AbqTiming>{{"alone", kernels::AbqTiming::kAlone},
+                                                    {"sequence", kernels::AbqTiming::kSequence}},
+          CLI::ignore_case));
   app.add_option("--abq-group", a->abq_options.group_size,
                  "With --abq or --decode: weight group size, -1 or a multiple of 32 (default: "
                  "128)");
