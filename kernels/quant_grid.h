@@ -138,21 +138,36 @@ QCAL_HOST_DEVICE inline T GridValue(T w, GridKind grid) {
   return grid == GridKind::kCuberoot ? std::cbrt(w) : w;
 }
 
-// Fits one group: the n weights w[0], w[stride], ..., w[(n-1)*stride], computing in T. clip_min
-// and clip_max scale xmin and xmax (learned clipping; 1 = no clipping). Non-finite weights never
-// cause undefined behaviour but give meaningless parameters: callers validate their inputs.
+// The range of a group's grid values: xmin = min(min y, 0) and xmax = max(max y, 0), NaNs skipped.
+// Only strict comparisons move it away from +0, so it never holds -0 and the result does not
+// depend on the order in which the values (or partial ranges of disjoint parts) are added: a
+// warp may fit a group in parallel and get the bits of the sequential loop.
 template <typename T>
-QCAL_HOST_DEVICE inline GroupParams FitGroup(const T* w, int64_t n, int64_t stride,
-                                             const QuantSpec& spec, float clip_min = 1.0f,
-                                             float clip_max = 1.0f) {
-  T xmin = 0, xmax = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const T y = GridValue(w[i * stride], spec.grid);
-    if (y < xmin) xmin = y;
-    if (y > xmax) xmax = y;
-  }
-  xmin *= static_cast<T>(clip_min);
-  xmax *= static_cast<T>(clip_max);
+struct GridRange {
+  T xmin = 0;
+  T xmax = 0;
+};
+
+template <typename T>
+QCAL_HOST_DEVICE inline void ExtendRange(GridRange<T>* r, T y) {
+  if (y < r->xmin) r->xmin = y;
+  if (y > r->xmax) r->xmax = y;
+}
+
+// Adds the partial range b (of a disjoint part of the same group) to r.
+template <typename T>
+QCAL_HOST_DEVICE inline void JoinRange(GridRange<T>* r, const GridRange<T>& b) {
+  if (b.xmin < r->xmin) r->xmin = b.xmin;
+  if (b.xmax > r->xmax) r->xmax = b.xmax;
+}
+
+// The parameters of a group with range r. clip_min and clip_max scale xmin and xmax (learned
+// clipping; 1 = no clipping).
+template <typename T>
+QCAL_HOST_DEVICE inline GroupParams FitRange(GridRange<T> r, const QuantSpec& spec,
+                                             float clip_min = 1.0f, float clip_max = 1.0f) {
+  T xmin = r.xmin * static_cast<T>(clip_min);
+  T xmax = r.xmax * static_cast<T>(clip_max);
   if (xmin == xmax) {
     xmin = T(-1);
     xmax = T(1);
@@ -174,6 +189,18 @@ QCAL_HOST_DEVICE inline GroupParams FitGroup(const T* w, int64_t n, int64_t stri
     p.scale = RoundScaleToHalf(xmax / static_cast<T>(maxq - 1));
   }
   return p;
+}
+
+// Fits one group: the n weights w[0], w[stride], ..., w[(n-1)*stride], computing in T (FitRange
+// of their range). Non-finite weights never cause undefined behaviour but give meaningless
+// parameters: callers validate their inputs.
+template <typename T>
+QCAL_HOST_DEVICE inline GroupParams FitGroup(const T* w, int64_t n, int64_t stride,
+                                             const QuantSpec& spec, float clip_min = 1.0f,
+                                             float clip_max = 1.0f) {
+  GridRange<T> r;
+  for (int64_t i = 0; i < n; ++i) ExtendRange(&r, GridValue(w[i * stride], spec.grid));
+  return FitRange(r, spec, clip_min, clip_max);
 }
 
 // The code of weight w: clamp(round(y(w) / s) + z, 0, maxq), computed in T.

@@ -7,12 +7,13 @@ namespace qcal::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// Weight rows (threads) per block of the column loop: one warp, so that the ~130 blocks of a
-// 4096-row weight spread over every multiprocessor.
-constexpr int kBlockRows = 32;
-// Shared memory of the column loop per row and column: the weight (then its error e), the
-// dequantized value and the code.
-constexpr int kBytesPerEntry = 2 * sizeof(float) + sizeof(uint8_t);
+// Weight rows (warps) per block of the column loop, at most.
+constexpr int kLoopWarps = 16;
+// Shared memory of the column loop per row and column: the weight, its error e, the dequantized
+// value and the code.
+constexpr int kBytesPerEntry = 3 * sizeof(float) + sizeof(uint8_t);
+// The widest lazy block whose U is staged in shared memory ([width, width] fp32, 64 KiB at 128).
+constexpr int kSharedUWidth = 128;
 // Opt-in shared memory per block on sm_90 (227 KiB).
 constexpr int64_t kMaxSharedBytes = 227 * 1024;
 
@@ -67,75 +68,101 @@ __global__ void FindNonFiniteKernel(const float* x, int64_t rows, int64_t cols, 
   }
 }
 
-// One thread per weight row; the block's rows staged in shared memory with an odd row stride so
-// that the 32 threads of a warp, each at the same column of its own row, hit 32 different banks.
-__global__ void GptqBlockKernel(GptqBlockArgs a, int stride) {
+// One warp per weight row. The row's block columns live in shared memory; column c is rounded by
+// every lane at once (the same operations on the same value, so the same bits), and the update of
+// the later columns j > c is spread over the lanes, j on lane (j - c - 1) % 32. Every weight still
+// sees the CPU reference's operations in the CPU's order: only independent updates run side by
+// side. A group's range is a warp reduction (GridRange: order-independent). With kUShared the
+// block of U, [width, width], is staged in shared memory once for all the block's rows; wider
+// blocks read U through the read-only cache.
+template <bool kUShared>
+__global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad) {
   extern __shared__ float4 shared4[];
-  const int rows_per_block = blockDim.x;
-  float* w_s = reinterpret_cast<float*>(shared4);  // weights; column c becomes its error e
-  float* deq_s = w_s + rows_per_block * stride;    // dequantized values
-  uint8_t* code_s = reinterpret_cast<uint8_t*>(deq_s + rows_per_block * stride);
+  const int warps = static_cast<int>(blockDim.x / 32);
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int width = static_cast<int>(a.i2 - a.i1);
-  const int64_t o0 = int64_t(blockIdx.x) * rows_per_block;
-  const int rows = static_cast<int>(min(int64_t{rows_per_block}, a.d_out - o0));
-
-  for (int idx = threadIdx.x; idx < rows * width; idx += rows_per_block) {
-    const int r = idx / width, c = idx % width;
-    w_s[r * stride + c] = a.wp[(o0 + r) * a.n + a.i1 + c];
-  }
-  __syncthreads();
-
-  const int r = threadIdx.x;
-  if (r < rows) {
-    const int64_t o = o0 + r, g = a.group_size;
-    float* row = w_s + r * stride;
-    int2 failure = a.failures[o];
-    GroupParams p;
-    if (a.i1 % g != 0) {  // the block continues a group fitted in an earlier block
-      p.scale = a.scales[(a.i1 / g) * a.d_out + o];
-      p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
+  float* u_s = reinterpret_cast<float*>(shared4);  // [width, width_pad] when kUShared
+  float* rows_s = u_s + (kUShared ? int64_t{width} * width_pad : 0);
+  float* w_s = rows_s + int64_t{warp} * 3 * width_pad;  // the weights, then rounded and updated
+  float* e_s = w_s + width_pad;                         // e of each column
+  float* deq_s = e_s + width_pad;                       // dequantized values
+  uint8_t* code_s = reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * 3 * width_pad) +
+                    int64_t{warp} * width_pad;
+  const float* u_block = a.u + a.i1 * a.n + a.i1;  // U(i1 + c, i1 + j) = u_block[c * n + j]
+  if (kUShared) {
+    for (int idx = static_cast<int>(threadIdx.x); idx < width * width; idx += blockDim.x) {
+      const int c = idx / width, j = idx % width;
+      if (j >= c) u_s[c * width_pad + j] = __ldg(u_block + c * a.n + j);
     }
-    for (int c = 0; c < width; ++c) {
-      const int64_t i = a.i1 + c;
-      if (i % g == 0) {
-        const int64_t len = min(g, a.n - i);
+    __syncthreads();
+  }
+  const int64_t o = int64_t{blockIdx.x} * warps + warp;
+  if (o >= a.d_out) return;  // the whole warp; nothing below synchronizes the block
+  const float* wrow = a.wp + o * a.n;
+  for (int c = lane; c < width; c += 32) w_s[c] = wrow[a.i1 + c];
+  __syncwarp();
+
+  const int64_t g = a.group_size;
+  int2 failure = a.failures[o];
+  GroupParams p;
+  if (a.i1 % g != 0) {  // the block continues a group fitted in an earlier block
+    p.scale = a.scales[(a.i1 / g) * a.d_out + o];
+    p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
+  }
+  for (int c = 0; c < width; ++c) {
+    const int64_t i = a.i1 + c;
+    if (i % g == 0) {
+      const int64_t len = min(g, a.n - i);
+      GridRange<float> r;
+      if (i + len <= a.i2) {
+        for (int j = c + lane; j < c + len; j += 32) ExtendRange(&r, GridValue(w_s[j], a.spec.grid));
+      } else {
         // A group reaching past the block starts the block (the host cuts blocks so): its later
         // columns are current in wp, with every earlier block's update applied.
-        p = i + len <= a.i2 ? FitGroup(row + c, len, 1, a.spec)
-                            : FitGroup(a.wp + o * a.n + i, len, 1, a.spec);
-        a.scales[(i / g) * a.d_out + o] = p.scale;
-        a.zeros[(i / g) * a.d_out + o] = p.zero;
-        if (!isfinite(p.scale) && failure.x == 0) {
-          failure = make_int2(kGptqScaleOverflow, static_cast<int>(i));
+        for (int64_t j = i + lane; j < i + len; j += 32) {
+          ExtendRange(&r, GridValue(wrow[j], a.spec.grid));
         }
       }
-      const float wi = row[c];
-      const int32_t code = QuantizeCode(wi, p, a.spec);
-      if (a.pre_round != nullptr) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
-      const float wq = Dequantize<float>(code, p, a.spec);
-      const float e = (wi - wq) / __ldg(a.u + i * a.n + i);
-      if (!isfinite(e) && failure.x == 0) {
-        failure = make_int2(kGptqNonFiniteError, static_cast<int>(i));
+      for (int offset = 16; offset > 0; offset /= 2) {
+        GridRange<float> other;
+        other.xmin = __shfl_xor_sync(0xffffffffu, r.xmin, offset);
+        other.xmax = __shfl_xor_sync(0xffffffffu, r.xmax, offset);
+        JoinRange(&r, other);
       }
-      code_s[r * stride + c] = static_cast<uint8_t>(code);
-      deq_s[r * stride + c] = wq;
-      const float* u_row = a.u + i * a.n + a.i1;
-#pragma unroll 8
-      for (int j = c + 1; j < width; ++j) {
-        row[j] = __fsub_rn(row[j], __fmul_rn(e, __ldg(u_row + j)));
+      p = FitRange(r, a.spec);
+      if (lane == 0) {
+        a.scales[(i / g) * a.d_out + o] = p.scale;
+        a.zeros[(i / g) * a.d_out + o] = p.zero;
       }
-      row[c] = e;
+      if (!isfinite(p.scale) && failure.x == 0) {
+        failure = make_int2(kGptqScaleOverflow, static_cast<int>(i));
+      }
     }
-    a.failures[o] = failure;
+    const float wi = w_s[c];
+    const int32_t code = QuantizeCode(wi, p, a.spec);
+    const float wq = Dequantize<float>(code, p, a.spec);
+    const float* u_row = kUShared ? u_s + c * width_pad : u_block + c * a.n;
+    const float e = (wi - wq) / (kUShared ? u_row[c] : __ldg(u_row + c));
+    if (!isfinite(e) && failure.x == 0) {
+      failure = make_int2(kGptqNonFiniteError, static_cast<int>(i));
+    }
+    if (lane == c % 32) {
+      e_s[c] = e;
+      deq_s[c] = wq;
+      code_s[c] = static_cast<uint8_t>(code);
+      if (a.pre_round != nullptr) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
+    }
+    for (int j = c + 1 + lane; j < width; j += 32) {
+      w_s[j] = __fsub_rn(w_s[j], __fmul_rn(e, kUShared ? u_row[j] : __ldg(u_row + j)));
+    }
+    __syncwarp();
   }
-  __syncthreads();
-
-  for (int idx = threadIdx.x; idx < rows * width; idx += rows_per_block) {
-    const int rr = idx / width, c = idx % width;
-    const int64_t o = o0 + rr, col = a.perm[a.i1 + c];
-    a.err[o * a.err_ld + c] = w_s[rr * stride + c];
-    a.codes[o * a.n + col] = code_s[rr * stride + c];
-    a.dequantized[o * a.n + col] = deq_s[rr * stride + c];
+  if (lane == 0) a.failures[o] = failure;
+  for (int c = lane; c < width; c += 32) {
+    const int64_t col = __ldg(a.perm + a.i1 + c);
+    a.err[o * a.err_ld + c] = e_s[c];
+    a.codes[o * a.n + col] = code_s[c];
+    a.dequantized[o * a.n + col] = deq_s[c];
   }
 }
 
@@ -160,11 +187,6 @@ __global__ void QuantizeRtnKernel(const float* w, int64_t d_out, int64_t d_in, i
       dequantized[o * d_in + j] = Dequantize<float>(code, p, spec);
     }
   }
-}
-
-int RowsPerBlock(int stride) {
-  const int64_t fit = kMaxSharedBytes / (int64_t{stride} * kBytesPerEntry);
-  return static_cast<int>(std::min<int64_t>(kBlockRows, fit));
 }
 
 }  // namespace
@@ -199,7 +221,7 @@ cudaError_t LaunchFindNonFinite(const float* x, int64_t rows, int64_t cols, bool
   return cudaGetLastError();
 }
 
-int64_t GptqMaxBlockWidth() { return kMaxSharedBytes / kBytesPerEntry - 1; }
+int64_t GptqMaxBlockWidth() { return (kMaxSharedBytes - 16) / kBytesPerEntry / 4 * 4; }
 
 cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream) {
   const int64_t width = args.i2 - args.i1;
@@ -208,16 +230,21 @@ cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if (args.d_out == 0) return cudaSuccess;
-  const int stride = static_cast<int>(width | 1);
-  const int rows = RowsPerBlock(stride);
-  // Rounded up to 16 bytes per array so that each starts aligned.
-  const int64_t bytes = int64_t{rows} * stride * kBytesPerEntry + 16;
-  cudaError_t error = cudaFuncSetAttribute(
-      GptqBlockKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  // Padded to 4 columns so that every array starts 16-byte aligned.
+  const int64_t pad = (width + 3) / 4 * 4;
+  const bool u_shared = width <= kSharedUWidth;
+  const int64_t u_bytes = u_shared ? width * pad * int64_t{sizeof(float)} : 0;
+  const int64_t warps = std::min<int64_t>(
+      {kLoopWarps, (kMaxSharedBytes - u_bytes) / (pad * kBytesPerEntry), args.d_out});
+  const int64_t bytes = u_bytes + warps * pad * kBytesPerEntry;
+  const auto kernel = u_shared ? GptqBlockKernel<true> : GptqBlockKernel<false>;
+  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(bytes));
   if (error != cudaSuccess) return error;
-  const int64_t blocks = (args.d_out + rows - 1) / rows;
+  const int64_t blocks = (args.d_out + warps - 1) / warps;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
-  GptqBlockKernel<<<static_cast<unsigned>(blocks), rows, bytes, stream>>>(args, stride);
+  kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(32 * warps), bytes, stream>>>(
+      args, static_cast<int>(pad));
   return cudaGetLastError();
 }
 

@@ -7,13 +7,13 @@
 // H⁻¹ = (JL⁻¹J)ᵀ(JL⁻¹J) and U = J·L⁻¹·J is the upper Cholesky factor of H⁻¹ after one triangular
 // inverse (trtri): half the work of potrf + potri + potrf, the same U up to rounding.
 //
-// The column loop of one lazy block runs in ONE launch (LaunchGptqBlock): a thread owns a weight
-// row start to finish, its block columns held in shared memory, U's rows read through the
-// read-only cache (every thread of a warp reads the same U entry: a broadcast). Its arithmetic is
-// the CPU reference's operation for operation (separately rounded multiply and subtract, no fused
-// multiply-add; kernels/quant_grid.h for the grid), so given the same U and block inputs the codes
-// are bit-identical to the CPU's; only the lazy update between blocks (a cuBLAS GEMM) sums in a
-// different order.
+// The column loop of one lazy block runs in ONE launch (LaunchGptqBlock): a warp owns a weight
+// row start to finish, its block columns held in shared memory, and its 32 lanes share each
+// column's update of the later columns (U's block staged in shared memory for blocks up to 128
+// wide). Its arithmetic is the CPU reference's operation for operation (separately rounded
+// multiply and subtract, no fused multiply-add; kernels/quant_grid.h for the grid), so given the
+// same U and block inputs the codes are bit-identical to the CPU's; only the lazy update between
+// blocks (a cuBLAS GEMM) sums in a different order.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -71,7 +71,7 @@ struct GptqBlockArgs {
 inline constexpr int kGptqScaleOverflow = 1;
 inline constexpr int kGptqNonFiniteError = 2;
 
-// The widest lazy block LaunchGptqBlock takes (it needs 9 bytes of shared memory per row and
+// The widest lazy block LaunchGptqBlock takes (it needs 13 bytes of shared memory per row and
 // column); wider blocks get cudaErrorInvalidValue.
 int64_t GptqMaxBlockWidth();
 cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream);

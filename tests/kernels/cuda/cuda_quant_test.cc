@@ -272,6 +272,56 @@ TEST_F(CudaQuantTest, GptqSolveRecordsPreRoundValues) {
   }
 }
 
+// With one lazy block (block_size >= n) there is no cuBLAS update, so the column loop alone
+// decides: given the CPU's U, every code, scale, zero, dequantized value and W̃ is the CPU
+// reference's, bit for bit. Widths up to 128 stage U in shared memory, wider ones read it from
+// global memory; row counts leave a partial block of warps.
+TEST_F(CudaQuantTest, GptqSolveOneLazyBlockIsBitIdenticalToCpu) {
+  struct Case {
+    int64_t d_out, n;
+    int bits, group;
+    bool act_order;
+    GridKind grid;
+    std::vector<int> dead;
+  };
+  const Case cases[] = {
+      {64, 128, 4, 32, false, GridKind::kUniform, {}},    // four groups in the block
+      {40, 100, 3, -1, false, GridKind::kUniform, {7}},   // width not a multiple of 32
+      {33, 200, 2, 64, true, GridKind::kUniform, {5}},    // U from global memory, act-order
+      {17, 96, 2, 32, false, GridKind::kBalanced, {}},    // the balanced grid
+      {1, 1, 4, 128, false, GridKind::kUniform, {}},      // size 1
+      {21, 300, 4, 128, false, GridKind::kUniform, {0}},  // a last group shorter than g
+  };
+  uint64_t seed = 90;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "d_out=" << c.d_out << " n=" << c.n << " bits=" << c.bits
+                                      << " g=" << c.group);
+    QuantSpec spec;
+    spec.bits = c.bits;
+    spec.group_size = c.group;
+    spec.grid = c.grid;
+    GptqSolveOptions options;
+    options.act_order = c.act_order;
+    options.block_size = static_cast<int>(c.n);
+    const auto w = testing::HeavyTailedWeights<float>(c.d_out, c.n, seed++);
+    const auto h = TestGram(c.n, 4 * c.n + 8, c.dead, seed++);
+    CpuFactor f = FactorOnCpu(*be_, h, c.n, options);
+    std::vector<float> cpu_pre;
+    auto cpu = ref::GptqSolve<float>(w.data(), c.d_out, f.factor, f.u.data(), spec,
+                                     options.block_size, &cpu_pre);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    auto gpu = be_->GptqSolve(Upload(w, {c.d_out, c.n}), f.factor, spec, options.block_size,
+                              /*record_pre_round=*/true);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    const auto codes = Download<uint8_t>(gpu->codes);
+    EXPECT_EQ(std::vector<int32_t>(codes.begin(), codes.end()), cpu->codes);
+    EXPECT_EQ(Download<float>(gpu->scales), cpu->scales);
+    EXPECT_EQ(Download<int32_t>(gpu->zeros), cpu->zeros);
+    EXPECT_EQ(Download<float>(gpu->dequantized), cpu->Dequantized());
+    EXPECT_EQ(Download<float>(gpu->pre_round), cpu_pre);
+  }
+}
+
 TEST_F(CudaQuantTest, GptqFactorizeMatchesCpuFactorAndStats) {
   uint64_t seed = 40;
   for (const SolveCase& c : SolveCases()) {
