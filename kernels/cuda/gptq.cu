@@ -115,7 +115,8 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad) {
       const int64_t len = min(g, a.n - i);
       GridRange<float> r;
       if (i + len <= a.i2) {
-        for (int j = c + lane; j < c + len; j += 32) ExtendRange(&r, GridValue(w_s[j], a.spec.grid));
+        for (int j = c + lane; j < c + len; j += 32)
+          ExtendRange(&r, GridValue(w_s[j], a.spec.grid));
       } else {
         // A group reaching past the block starts the block (the host cuts blocks so): its later
         // columns are current in wp, with every earlier block's update applied.

@@ -294,8 +294,8 @@ TEST_F(CudaQuantTest, GptqSolveOneLazyBlockIsBitIdenticalToCpu) {
   };
   uint64_t seed = 90;
   for (const Case& c : cases) {
-    SCOPED_TRACE(::testing::Message() << "d_out=" << c.d_out << " n=" << c.n << " bits=" << c.bits
-                                      << " g=" << c.group);
+    SCOPED_TRACE(::testing::Message()
+                 << "d_out=" << c.d_out << " n=" << c.n << " bits=" << c.bits << " g=" << c.group);
     QuantSpec spec;
     spec.bits = c.bits;
     spec.group_size = c.group;
