@@ -263,6 +263,58 @@ TEST_F(CudaAbqTest, RefusesBadInput) {
   EXPECT_THAT(CudaAbqLinear::Create(bad, 0).status().message(), HasSubstr("planes has"));
 }
 
+// qcal bench --abq's timings, both harnesses: each gives a positive time for the layer, its parts,
+// cuBLAS and the empty launch, and the layer still computes the reference afterwards (the sequence
+// timing's graph capture leaves the instance's stream usable).
+TEST_F(CudaAbqTest, BenchTimingsRunInBothHarnesses) {
+  Random rng(17);
+  const Combo c{2, false, 8, 128};
+  const Shape3 s{1, 64, 1024};
+  const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+  auto lin = CudaAbqLinear::Create(w, 0);
+  ASSERT_TRUE(lin.ok()) << lin.status();
+  for (AbqTiming timing : {AbqTiming::kAlone, AbqTiming::kSequence}) {
+    const std::string name = timing == AbqTiming::kAlone ? "alone" : "sequence";
+    for (auto part : {CudaAbqLinear::Part::kWhole, CudaAbqLinear::Part::kPrologue,
+                      CudaAbqLinear::Part::kGemm}) {
+      auto t = (*lin)->TimeForward(s.m, AbqKernel::kBinaryMma, 2, part, timing);
+      ASSERT_TRUE(t.ok()) << name << ": " << t.status();
+      EXPECT_GT(*t, 0.0) << name;
+      EXPECT_LT(*t, 1.0) << name;
+    }
+    auto a16 =
+        (*lin)->TimeForward(s.m, AbqKernel::kWeightOnly, 2, CudaAbqLinear::Part::kWhole, timing);
+    ASSERT_TRUE(a16.ok()) << name << ": " << a16.status();
+    EXPECT_THAT(
+        (*lin)
+            ->TimeForward(s.m, AbqKernel::kWeightOnly, 2, CudaAbqLinear::Part::kGemm, timing)
+            .status()
+            .message(),
+        HasSubstr("no prologue"));
+    for (bool int8 : {false, true}) {
+      auto t = TimeCublasGemm(int8, s.m, s.n, s.k, 0, 2, timing);
+      ASSERT_TRUE(t.ok()) << name << ": " << t.status();
+      EXPECT_GT(*t, 0.0) << name;
+    }
+    auto null = TimeNullLaunch(0, 2, timing);
+    ASSERT_TRUE(null.ok()) << name << ": " << null.status();
+    EXPECT_GT(*null, 0.0) << name;
+  }
+  EXPECT_THAT(TimeCublasGemm(false, 0, s.n, s.k, 0, 2, AbqTiming::kSequence).status().message(),
+              HasSubstr("bad shape"));
+  ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma}, rng);
+  const std::vector<float> x = RandomX(s.m, s.k, rng);
+  auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto dot_ref = AbqIntegerGemm(*a, w);
+  ASSERT_TRUE(dot_ref.ok());
+  auto y_ref = AbqEpilogue(*dot_ref, *a, w);
+  ASSERT_TRUE(y_ref.ok());
+  auto y = (*lin)->Forward(x, s.m, AbqKernel::kBinaryMma);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_EQ(CountMismatches(*y, *y_ref, "after the timings"), 0);
+}
+
 // The CUDA backend's AbqLinear (ForwardDevice on the backend's stream and pool, then the bias and
 // the accumulation in fp32) gives the CPU backend's results bit for bit through the integer
 // kernels, whatever the operands' offsets in the pool; a16 stays within its bound.
