@@ -35,6 +35,12 @@
 // NOT_SERVING) until Tick reopens the store and reloads the state from it.
 //
 // Thread-safe: every public method may be called from any gRPC thread.
+//
+// The implementation is one file per room: coordinator.cc (construction, state loading, the store,
+// events, Tick), job_state_machine.cc (scheduler actions applied, final states), job_api.cc
+// (QuantService), worker_api.cc (registration, heartbeats, tasks, gang membership, completion),
+// block_commits.cc (layer commits, checkpoint boundaries, resume) and uploads.cc (activation and
+// gradient-pass uploads); coordinator_internal.h holds the helpers they share.
 #pragma once
 
 #include <deque>
@@ -156,7 +162,7 @@ class Coordinator {
   // Called with the new value whenever serving() changes (health checking).
   void SetServingCallback(std::function<void(bool serving)> callback);
 
-  // --- QuantService. `client` is the caller's identity.
+  // --- QuantService (job_api.cc). `client` is the caller's identity.
   absl::StatusOr<v1::SubmitJobResponse> SubmitJob(const std::string& client,
                                                   const v1::SubmitJobRequest& request);
   absl::StatusOr<v1::Job> GetJob(const std::string& job_id);
@@ -170,7 +176,8 @@ class Coordinator {
   absl::Status WaitForEvents(const std::string& job_id, int64_t* cursor, absl::Time deadline,
                              std::vector<v1::ProgressEvent>* events, bool* done);
 
-  // --- WorkerService.
+  // --- WorkerService (worker_api.cc; CommitBlock, PrepareResume and ReadArtifact in
+  // block_commits.cc; the activation and gradient-pass uploads in uploads.cc).
   absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
       const v1::RegisterWorkerRequest& request);
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
