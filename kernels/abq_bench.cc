@@ -1,6 +1,7 @@
 #include "kernels/abq_bench.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/status.h"
 #include "kernels/cpu/abq_ref.h"
 #if QCAL_HAVE_CUDA
@@ -67,7 +68,8 @@ AbqWeights RandomPackedWeights(const AbqSpec& spec, int64_t n, int64_t k, uint64
       w.planes[(row + 1) * w.words - 1] &= mask;
     }
   }
-  w.scales.assign(static_cast<size_t>(w.n_groups * n), 0.01f);
+  // An fp16 value, as a GPTQ checkpoint's scales are.
+  w.scales.assign(static_cast<size_t>(w.n_groups * n), RoundToHalf(0.01f));
   w.zeros.assign(static_cast<size_t>(w.n_groups * n), 1 << (spec.weight_bits - 1));
   return w;
 }
@@ -132,17 +134,27 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
           }
         }
         // At decode sizes b1 runs the GEMV kernel (m <= 4) or the decode kernel where they
-        // apply; the decode and tiled kernels beside it.
+        // apply; the decode and tiled kernels beside it, and the fused one-launch layer where it
+        // applies (m = 1).
         if (!a16 && m <= kAbqDecodeTokens) {
           using B1 = CudaAbqLinear::B1Kernel;
-          for (const auto& [b1, name] :
-               {std::pair{B1::kDecode, "b1-decode"}, std::pair{B1::kTiled, "b1-tiled"}}) {
+          std::vector<std::pair<B1, const char*>> variants = {{B1::kDecode, "b1-decode"},
+                                                              {B1::kTiled, "b1-tiled"}};
+          if (linear->FusedApplies(m)) variants.emplace_back(B1::kFused, "b1-fused");
+          for (const auto& [b1, name] : variants) {
             linear->set_b1_kernel(b1);
             auto s = linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters,
                                          CudaAbqLinear::Part::kWhole, options.timing);
             linear->set_b1_kernel(B1::kDispatch);
             if (!s.ok()) return s.status();
-            rows.push_back({n, k, m, c.name, name, *s, weight_bytes + io + planes});
+            // The fused layer keeps the activation planes in shared memory, and reads s_w and z
+            // as one word each where the scales are fp16 values.
+            const double bytes =
+                b1 != B1::kFused ? weight_bytes + io + planes
+                : linear->HasCompactMeta()
+                    ? 4.0 * static_cast<double>(w.planes.size() + w.scales.size()) + io
+                    : weight_bytes + io;
+            rows.push_back({n, k, m, c.name, name, *s, bytes});
           }
         }
       }

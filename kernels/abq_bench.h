@@ -54,8 +54,9 @@ struct AbqBenchRow {
   int64_t d_out = 0, d_in = 0, m = 0;
   std::string config;  // "bf16", "W8A8" (cuBLAS int8), "W4A16", "W2*A16", "W2A8", "W2*A8", ...
   // "cublas", "cublas-int8", "a16", "b1", "int8", at m <= kAbqDecodeTokens "b1-decode" and
-  // "b1-tiled" (the b1 decode and tiled kernels, where "b1" runs the GEMV kernel for m <= 4), and
-  // at m <= kAbqGemvTokens "prologue" and "b1-gemm" (the b1 layer's two launches timed apart);
+  // "b1-tiled" (the b1 decode and tiled kernels, where "b1" runs the GEMV kernel for m <= 4),
+  // "b1-fused" where the one-launch layer applies (m = 1, K a multiple of 128), and at m <=
+  // kAbqGemvTokens "prologue" and "b1-gemm" (the b1 layer's two launches timed apart);
   // "null" (config "-") is a near-empty kernel timed the same way: the harness's floor.
   std::string kernel;
   double seconds = 0;  // mean per whole-layer call

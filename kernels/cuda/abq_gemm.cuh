@@ -42,11 +42,16 @@
 
 namespace qcal::kernels::cuda {
 
-// Packed weights on the device ([n][wb][words] planes, s_w and z [n_groups][n]).
+// Packed weights on the device ([n][wb][words] planes, s_w and z [n_groups][n]). `meta`, when
+// not null, holds the same s_w and z as one word each, [n_groups][n]: z << 16 | the fp16 bits of
+// s_w, for weights whose every scale is an fp16 value (a GPTQ checkpoint's, and every scale
+// qcal's quantizer makes, are); the fused GEMV reads it instead of scales and zeros (half the
+// bytes).
 struct AbqDeviceWeights {
   const uint32_t* planes = nullptr;
   const float* scales = nullptr;
   const int32_t* zeros = nullptr;
+  const uint32_t* meta = nullptr;
   int64_t n = 0;
   int64_t k = 0;
   int words = 0;        // ceil(k / 32)
@@ -79,6 +84,19 @@ cudaError_t LaunchAbqPrologue(const float* x, const AbqDeviceWeights& w,
 // the integer sums when not null. cudaErrorInvalidValue for unsupported bit widths.
 cudaError_t LaunchAbqGemm(AbqMma mma, const AbqDeviceWeights& w, const AbqDeviceActivations& a,
                           float* y, int32_t* dot, cudaStream_t stream);
+
+// Whether LaunchAbqFusedGemv takes m tokens of `w` with ab-bit activations: m = 1, ab 4 or 8,
+// K a multiple of 128, k-groups of whole k128 steps (or one group), and a per-block shared memory
+// layout that fits on the current device.
+bool AbqFusedGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
+
+// The whole b1 layer of one token in one launch (abq_gemv_fused.cu): y [w.n] from x [w.k] (fp32,
+// 16-byte aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm(kBinary) bit for bit;
+// dot [w.n][w.n_groups] receives the integer sums when not null. A cluster launch (8 blocks) with
+// programmatic stream serialization. cudaErrorInvalidValue where AbqFusedGemvApplies is false or
+// x is not 16-byte aligned.
+cudaError_t LaunchAbqFusedGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
+                               int32_t* dot, cudaStream_t stream);
 
 // y [m][w.n] = the weight-only GEMM of x [m][w.k] (fp32, rounded to bf16 in the kernel).
 cudaError_t LaunchAbqWeightOnly(const float* x, int64_t m, const AbqDeviceWeights& w, float* y,

@@ -4,12 +4,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/status.h"
 #include "kernels/cuda/abq_gemm.cuh"
 #include "kernels/cuda/cuda_resources.h"
@@ -163,6 +166,18 @@ absl::StatusOr<double> TimeGraphOnStream(cudaStream_t stream, int calls, int ite
   return seconds;
 }
 
+// s_w and z as one word each (z << 16 | the fp16 bits of s_w; AbqDeviceWeights::meta), or
+// nothing when some scale is not an fp16 value.
+std::vector<uint32_t> CompactAbqMeta(const AbqWeights& w) {
+  std::vector<uint32_t> meta(w.scales.size());
+  for (size_t i = 0; i < w.scales.size(); ++i) {
+    const uint16_t h = FloatToHalf(w.scales[i]);
+    if (std::bit_cast<uint32_t>(HalfToFloat(h)) != std::bit_cast<uint32_t>(w.scales[i])) return {};
+    meta[i] = static_cast<uint32_t>(w.zeros[i]) << 16 | h;
+  }
+  return meta;
+}
+
 absl::Status CheckTokens(int64_t m) {
   if (m < 1 || m > kAbqMaxTokens) {
     return absl::InvalidArgumentError(
@@ -185,12 +200,14 @@ struct CudaAbqLinear::State {
   DeviceArray<uint32_t> planes;
   DeviceArray<float> scales;
   DeviceArray<int32_t> zeros;
+  DeviceArray<uint32_t> meta;  // empty unless every scale is an fp16 value
 
   cuda::AbqDeviceWeights Weights() const {
     cuda::AbqDeviceWeights w;
     w.planes = planes.get();
     w.scales = scales.get();
     w.zeros = zeros.get();
+    w.meta = meta.get();
     w.n = n;
     w.k = k;
     w.words = static_cast<int>(words);
@@ -239,6 +256,18 @@ struct CudaAbqLinear::State {
       err = cuda::LaunchAbqGemm(mma, w, a->View(m, spec.act_bits), y, dot, stream);
     }
     return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
+  }
+  // Whether a whole-layer call of m tokens through `kernel` on x runs the fused kernel.
+  bool Fused(AbqKernel kernel, int64_t m, const float* x) const {
+    return kernel == AbqKernel::kBinaryMma && b1 == B1Kernel::kFused &&
+           reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+           cuda::AbqFusedGemvApplies(Weights(), m, spec.act_bits);
+  }
+  // The fused layer on weights `w` (this layer's or a copy's) for one token.
+  absl::Status LaunchFused(const cuda::AbqDeviceWeights& w, const float* x, float* y,
+                           int32_t* dot) {
+    return CudaStatus(cuda::LaunchAbqFusedGemv(x, w, spec.act_bits, y, dot, stream),
+                      "ABQ fused GEMV (b1)");
   }
   absl::Status Prologue(const float* x, const Activations& a, int64_t m) {
     return Prologue(Weights(), x, a, m);
@@ -299,6 +328,11 @@ absl::StatusOr<std::unique_ptr<CudaAbqLinear>> CudaAbqLinear::Create(
   QCAL_RETURN_IF_ERROR(Upload(state->planes, std::span<const uint32_t>(w.planes), stream));
   QCAL_RETURN_IF_ERROR(Upload(state->scales, std::span<const float>(w.scales), stream));
   QCAL_RETURN_IF_ERROR(Upload(state->zeros, std::span<const int32_t>(w.zeros), stream));
+  const std::vector<uint32_t> meta = CompactAbqMeta(w);
+  if (!meta.empty()) {
+    QCAL_ASSIGN_OR_RETURN(state->meta, Allocate<uint32_t>(*state->alloc, n_groups * w.n));
+    QCAL_RETURN_IF_ERROR(Upload(state->meta, std::span<const uint32_t>(meta), stream));
+  }
   // The host vectors may be released as soon as we return.
   QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ weight upload"));
   return std::unique_ptr<CudaAbqLinear>(new CudaAbqLinear(std::move(state)));
@@ -309,6 +343,7 @@ absl::Status CudaAbqLinear::ForwardDevice(const float* x, int64_t m, AbqKernel k
   QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
   QCAL_RETURN_IF_ERROR(CheckTokens(m));
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
+  if (st.Fused(kernel, m, x)) return st.LaunchFused(st.Weights(), x, y, nullptr);
   // The activations go back to the pool when this returns, before the kernels ran: the pool
   // hands them out again only to work queued behind them on the same stream.
   State::Activations da;
@@ -363,11 +398,15 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Forward(std::span<const float>
   }
   QCAL_RETURN_IF_ERROR(Upload(dx, x, s));
   State::Activations da;
-  if (kernel != AbqKernel::kWeightOnly) {
-    QCAL_ASSIGN_OR_RETURN(da, st.AllocateActivations(m));
-    QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+  if (st.Fused(kernel, m, dx.get())) {
+    QCAL_RETURN_IF_ERROR(st.LaunchFused(st.Weights(), dx.get(), dy.get(), ddot.get()));
+  } else {
+    if (kernel != AbqKernel::kWeightOnly) {
+      QCAL_ASSIGN_OR_RETURN(da, st.AllocateActivations(m));
+      QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
+    }
+    QCAL_RETURN_IF_ERROR(st.Launch(kernel, dx.get(), &da, m, dy.get(), ddot.get()));
   }
-  QCAL_RETURN_IF_ERROR(st.Launch(kernel, dx.get(), &da, m, dy.get(), ddot.get()));
   std::vector<float> y;
   QCAL_RETURN_IF_ERROR(Download(y, dy, m * st.n, s));
   if (dot != nullptr) QCAL_RETURN_IF_ERROR(Download(*dot, ddot, m * st.n * st.n_groups, s));
@@ -420,6 +459,13 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Gemm(const AbqActivations& a, 
 
 void CudaAbqLinear::set_b1_kernel(B1Kernel b1) { state_->b1 = b1; }
 
+bool CudaAbqLinear::HasCompactMeta() const { return state_->meta.get() != nullptr; }
+
+bool CudaAbqLinear::FusedApplies(int64_t m) const {
+  return cuda::UseDevice(state_->device).ok() &&
+         cuda::AbqFusedGemvApplies(state_->Weights(), m, state_->spec.act_bits);
+}
+
 absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters, Part part,
                                                   AbqTiming timing) {
   State& st = *state_;
@@ -439,9 +485,15 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
   QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
   QCAL_RETURN_IF_ERROR(Upload(dx, std::span<const float>(x), s));
+  const bool fused = st.Fused(kernel, m, dx.get());
+  if (fused && part != Part::kWhole) {
+    return absl::InvalidArgumentError(
+        "ABQ (CUDA): the fused kernel is one launch; it has no prologue or GEMM to time apart");
+  }
   if (part == Part::kGemm) QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
   // One call on weights w: the layer, or the part of it being timed.
   auto call = [&](const cuda::AbqDeviceWeights& w) -> absl::Status {
+    if (fused) return st.LaunchFused(w, dx.get(), dy.get(), nullptr);
     if (kernel != AbqKernel::kWeightOnly && part != Part::kGemm) {
       QCAL_RETURN_IF_ERROR(st.Prologue(w, dx.get(), da, m));
     }
@@ -460,6 +512,7 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
     DeviceArray<uint32_t> planes;
     DeviceArray<float> scales;
     DeviceArray<int32_t> zeros;
+    DeviceArray<uint32_t> meta;
   };
   std::vector<Copy> held(static_cast<size_t>(copies - 1));
   std::vector<cuda::AbqDeviceWeights> weights(1, st.Weights());
@@ -479,10 +532,18 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
         CudaStatus(cudaMemcpyAsync(c.zeros.get(), st.zeros.get(), n_scales * sizeof(int32_t),
                                    cudaMemcpyDeviceToDevice, s),
                    "ABQ weight copy"));
+    if (st.meta.get() != nullptr) {
+      QCAL_ASSIGN_OR_RETURN(c.meta, Allocate<uint32_t>(*st.alloc, n_scales));
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(c.meta.get(), st.meta.get(), n_scales * sizeof(uint32_t),
+                                     cudaMemcpyDeviceToDevice, s),
+                     "ABQ weight copy"));
+    }
     cuda::AbqDeviceWeights w = st.Weights();
     w.planes = c.planes.get();
     w.scales = c.scales.get();
     w.zeros = c.zeros.get();
+    w.meta = c.meta.get();
     weights.push_back(w);
   }
   return TimeGraphOnStream(s, SequenceCalls(copies), iters, dx.get(), x.size() * sizeof(float),

@@ -82,10 +82,19 @@ class CudaAbqLinear {
   // Which kernel kBinaryMma runs from now on: kDispatch (the default) the GEMV kernel for m <= 4,
   // the decode kernel for m <= 16 and the tiled kernel otherwise (each where its group sizes and
   // shared memory allow, abq_gemm.cuh); kDecode the decode kernel wherever it applies, else the
-  // tiled one; kTiled the tiled kernel at every m. All are bit-identical; the choice exists for
-  // qcal bench --abq's comparisons and for the tests.
-  enum class B1Kernel { kDispatch, kDecode, kTiled };
+  // tiled one; kTiled the tiled kernel at every m; kFused the one-launch layer (prologue and GEMV
+  // fused, abq_gemv_fused.cu) for a whole-layer call from x where FusedApplies, else kDispatch's
+  // kernels. All are bit-identical; the choice exists for qcal bench --abq's comparisons and for
+  // the tests.
+  enum class B1Kernel { kDispatch, kDecode, kTiled, kFused };
   void set_b1_kernel(B1Kernel b1);
+
+  // Whether the fused one-launch kernel takes a whole-layer call of m tokens (m = 1, K a multiple
+  // of 128, k-groups of whole 128-column steps or per channel, and shared memory that fits).
+  bool FusedApplies(int64_t m) const;
+  // Whether every scale is an fp16 value, so that the fused kernel reads s_w and z as one 4-byte
+  // word a (k-group, output) instead of 8 bytes.
+  bool HasCompactMeta() const;
 
   // Mean seconds of one whole-layer forward of m tokens on device-resident inputs (uniform in
   // [-1, 1]), launches included (the prologue's too), over `iters` runs after 3 warm-up runs.
@@ -96,8 +105,8 @@ class CudaAbqLinear {
   // graph of many calls back to back, cycling through device copies of the weights that together
   // pass twice the L2 size, after the same eviction and read of x; the result is per call.
   // The parts of one: with `part` kPrologue the activation prologue alone, with kGemm the integer
-  // GEMM alone on activations the prologue produced once before the timing (kWeightOnly has
-  // neither: InvalidArgument).
+  // GEMM alone on activations the prologue produced once before the timing (kWeightOnly and the
+  // fused kernel have neither: InvalidArgument).
   enum class Part { kWhole, kPrologue, kGemm };
   absl::StatusOr<double> TimeForward(int64_t m, AbqKernel kernel, int iters,
                                      Part part = Part::kWhole,

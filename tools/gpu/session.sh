@@ -451,6 +451,19 @@ if wants abq; then
   else
     note "bench --abq: skipped (session budget)"
   fi
+  # Decode size in a chain (back-to-back calls in one CUDA graph), where the targets are read:
+  # m = 1, every shape, with the fused one-launch layer's row (b1-fused) beside b1.
+  if time_for 60; then
+    start=$SECONDS
+    timeout 200 "$qcal" bench --abq --abq-timing sequence --abq-tokens 1 \
+      >"$out/bench_abq_seq.txt" 2>"$out/bench_abq_seq.log"
+    rc=$?
+    printf '%-34s %4d %d s\n' "bench --abq sequence m=1" "$rc" $((SECONDS - start)) >>"$summary"
+    ((rc == 0)) || fail "bench --abq sequence"
+    sed 's/^/    /' "$out/bench_abq_seq.txt" >>"$summary"
+  else
+    note "bench --abq sequence: skipped (session budget)"
+  fi
   # Greedy decoding of the 7B shape (64 timed steps per configuration; the weights of each
   # configuration are drawn and quantized first). It fails when int8's tokens differ from b1's.
   if time_for 150; then

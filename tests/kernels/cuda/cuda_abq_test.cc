@@ -3,7 +3,8 @@
 // balanced grid on 3 planes) × (activation bits 4, 8) × (group -1, 32, 128): the prologue's planes,
 // scales and Σa are identical; both integer kernels (b1 AND + popcount and unpack-to-int8) give
 // the reference's integer sums exactly and its outputs bit for bit, from x (the whole layer) and
-// from the reference's packed activations (the b1 decode kernel at every m from 1 to 16 besides);
+// from the reference's packed activations (the b1 decode kernel at every m from 1 to 16, and the
+// fused one-launch layer at m = 1, besides);
 // the weight-only A16 kernel is within AbqWeightOnlyErrorBound of its float64 reference. Shapes
 // cover size 1, odd m (1, 3, 7, 16 and the prefill sizes 37 and 256), k off every word and tile
 // width, and odd n across several warps and blocks. The CUDA backend's AbqLinear (the device entry
@@ -17,9 +18,11 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
@@ -97,11 +100,10 @@ TEST_F(CudaAbqTest, PrologueEqualsReferenceBitForBit) {
 // `kernels` on random operands of combination c and shape s against the CPU reference: the
 // integer sums exactly and y bit for bit, from x (the whole layer, with and without the sums
 // output: the timed path) and from the reference's packed activations.
-void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
+// The same on given weights.
+void ExpectKernelsEqualReference(const AbqWeights& w, const std::string& name, const Shape3& s,
                                  std::initializer_list<AbqKernel> kernels, Random& rng,
-                                 CudaAbqLinear::B1Kernel b1 = CudaAbqLinear::B1Kernel::kDispatch) {
-  const std::string name = Name(c, s);
-  const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+                                 CudaAbqLinear::B1Kernel b1) {
   const std::vector<float> x = RandomX(s.m, s.k, rng);
   auto a = AbqQuantizeActivations(x, s.m, s.k, w.spec);
   ASSERT_TRUE(a.ok()) << name << ": " << a.status();
@@ -128,6 +130,13 @@ void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
     EXPECT_EQ(CountMismatches(dot_gemm, *dot_ref, kname + " gemm sums"), 0);
     EXPECT_EQ(CountMismatches(*y_gemm, *y_ref, kname + " gemm y"), 0);
   }
+}
+
+void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
+                                 std::initializer_list<AbqKernel> kernels, Random& rng,
+                                 CudaAbqLinear::B1Kernel b1 = CudaAbqLinear::B1Kernel::kDispatch) {
+  const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+  ExpectKernelsEqualReference(w, Name(c, s), s, kernels, rng, b1);
 }
 
 TEST_F(CudaAbqTest, IntegerKernelsEqualReferenceBitForBit) {
@@ -169,6 +178,81 @@ TEST_F(CudaAbqTest, DecodeKernelEqualsReferenceAtEveryM) {
         }
       }
     }
+  }
+}
+
+// The fused one-launch layer (B1Kernel::kFused: prologue and GEMV in one cluster launch) at m = 1,
+// every combination it takes (groups -1, 128 and 256: one-step groups, per channel, and two-step
+// groups whose sums a warp's range may cut), with fp32 and fp16 scales, against the reference:
+// sums exactly, y bit for bit.
+// Shapes: one k128 step and a single output (seven of the cluster's eight blocks hold no output
+// and only quantize), n off the 8-output tiles and off multiples of 4 (4-byte copies of the
+// scales), n across many blocks of several tiles, and K = 28,672 where a warp's units do not fit
+// its shared memory (W8 on one tile; W4 on three tiles, whose slots cross from tile to tile), so
+// that its two stage slots are refilled. Group 32 (k-groups shorter than a k128 step) is not
+// taken, and K off the 128-column steps neither: there the kernel must say so.
+TEST_F(CudaAbqTest, FusedKernelEqualsReference) {
+  Random rng(18);
+  std::vector<Combo> combos;
+  for (const Combo& c : AllCombos()) {
+    if (c.group != 32) combos.push_back(c);
+  }
+  for (int ab : {4, 8}) {
+    for (int wb : {2, 3, 4, 8}) combos.push_back({wb, false, ab, 256});
+  }
+  const Shape3 shapes[] = {{1, 1, 128}, {1, 37, 7040}, {1, 301, 1024}, {1, 1000, 4096}};
+  // Scales of a few binades (s_w and z read as 8 bytes), and the same rounded to fp16 (read as
+  // one word: AbqDeviceWeights::meta).
+  for (const Combo& c : combos) {
+    for (const Shape3& s : shapes) {
+      for (bool fp16 : {false, true}) {
+        AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+        if (fp16) {
+          for (float& v : w.scales) v = RoundToHalf(v);
+        }
+        const std::string name = absl::StrCat(Name(c, s), fp16 ? " fp16 scales" : "");
+        auto lin = CudaAbqLinear::Create(w, 0);
+        ASSERT_TRUE(lin.ok()) << lin.status();
+        ASSERT_TRUE((*lin)->FusedApplies(1)) << name;
+        EXPECT_FALSE((*lin)->FusedApplies(2)) << name;
+        EXPECT_EQ((*lin)->HasCompactMeta(), fp16) << name;
+        ExpectKernelsEqualReference(w, name, s, {AbqKernel::kBinaryMma}, rng,
+                                    CudaAbqLinear::B1Kernel::kFused);
+      }
+    }
+  }
+  for (const auto& [c, s] : {std::pair{Combo{8, false, 8, 128}, Shape3{1, 64, 28672}},
+                             std::pair{Combo{4, false, 8, 128}, Shape3{1, 3001, 28672}},
+                             std::pair{Combo{3, true, 4, -1}, Shape3{1, 20, 28672}}}) {
+    const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+    auto lin = CudaAbqLinear::Create(w, 0);
+    ASSERT_TRUE(lin.ok()) << lin.status();
+    ASSERT_TRUE((*lin)->FusedApplies(1)) << Name(c, s);
+    ExpectKernelsEqualReference(c, s, {AbqKernel::kBinaryMma}, rng,
+                                CudaAbqLinear::B1Kernel::kFused);
+  }
+  for (const auto& [c, s] : {std::pair{Combo{4, false, 8, 32}, Shape3{1, 37, 1024}},
+                             std::pair{Combo{4, false, 8, -1}, Shape3{1, 37, 1000}}}) {
+    const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+    auto lin = CudaAbqLinear::Create(w, 0);
+    ASSERT_TRUE(lin.ok()) << lin.status();
+    EXPECT_FALSE((*lin)->FusedApplies(1)) << Name(c, s);
+  }
+  // The timings: one launch, so the parts are refused.
+  const AbqWeights w = RandomWeights({2, false, 8, 128}, 64, 1024, rng);
+  auto lin = CudaAbqLinear::Create(w, 0);
+  ASSERT_TRUE(lin.ok()) << lin.status();
+  (*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kFused);
+  for (AbqTiming timing : {AbqTiming::kAlone, AbqTiming::kSequence}) {
+    auto t = (*lin)->TimeForward(1, AbqKernel::kBinaryMma, 2, CudaAbqLinear::Part::kWhole, timing);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_GT(*t, 0.0);
+    EXPECT_THAT(
+        (*lin)
+            ->TimeForward(1, AbqKernel::kBinaryMma, 2, CudaAbqLinear::Part::kPrologue, timing)
+            .status()
+            .message(),
+        HasSubstr("one launch"));
   }
 }
 

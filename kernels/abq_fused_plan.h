@@ -1,0 +1,193 @@
+// The work plan of the fused b1 GEMV (kernels/cuda/abq_gemv_fused.cu): how one token's ABQ layer
+// is cut into clusters, blocks, warps, stage slots and prologue shares, and the shared-memory
+// layout of a block. Plain C++ usable on both sides (QCAL_HOST_DEVICE), so that the CPU test
+// (tests/kernels/abq_fused_plan_test.cc) replays the kernel's decomposition with these very
+// functions against the integer reference (kernels/cpu/abq_ref.h) on machines without a GPU.
+//
+// Terms: a tile is 8 outputs (the b1 mma's row pairs); a step is 128 input columns (4 plane
+// words, one m16n8k128); a unit is one (tile, step) of a block. A block owns `tiles` tiles and
+// its 16 warps split the block's units into equal contiguous ranges; a warp copies its units'
+// plane rows into its shared memory in one slot (all of them) or through two slots of
+// `slot_steps` units. A cluster of 8 blocks shares the prologue: rank r takes an eighth of x's
+// float4s for the maximum and an eighth of the plane words for the codes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/quant_grid.h"  // QCAL_HOST_DEVICE
+
+namespace qcal::kernels::abq_fused {
+
+inline constexpr int kWarps = 16;
+inline constexpr int kThreads = kWarps * 32;
+inline constexpr int kCluster = 8;                // blocks a cluster (the portable maximum)
+inline constexpr int kTileOuts = 8;               // outputs a tile
+inline constexpr int kMaxTiles = 16;              // tiles a block at most
+inline constexpr int kMaxSlots = 2;               // stage slots a warp at most
+inline constexpr size_t kMaxShared = 224 * 1024;  // dynamic shared memory a block at most
+
+// What the plan needs of a layer: n outputs, words = K / 32 plane words a row (K a multiple of
+// 128), k-groups of group_words words (words when there is one group), wb weight planes, ab
+// activation planes.
+struct LayerShape {
+  int64_t n = 0;
+  int words = 0;
+  int group_words = 0;
+  int n_groups = 0;
+  int wb = 0;
+  int ab = 0;
+};
+
+// A launch's geometry and a block's shared-memory layout (byte offsets from the start of dynamic
+// shared memory, each 16-byte aligned). bytes == 0: the shape does not fit.
+struct Layout {
+  int tiles = 0;       // tiles a block
+  int slot_steps = 0;  // units a stage slot holds
+  int slots = 0;       // 1 (a warp's units all resident) or 2 (a ring)
+  int stride = 0;      // words a stage row: an odd multiple of 4, >= 4·slot_steps
+  int pstride = 0;     // words an activation plane row: an odd multiple of 4, >= words
+  int gpart = 0;       // Σa partial slots of a rank: the k-groups its words can touch
+  int grid = 0;        // blocks, a multiple of kCluster
+  size_t act_off = 0, dot_off = 0, scale_off = 0, zero_off = 0, sum_off = 0, gpart_off = 0,
+         stage_off = 0, bytes = 0;
+};
+
+QCAL_HOST_DEVICE constexpr size_t Align16(size_t b) { return (b + 15) / 16 * 16; }
+
+// The smallest odd multiple of 4 that is at least v (v a multiple of 4): a row stride whose 8
+// rows start in 8 different 4-bank groups, so that a fragment read hits 32 banks.
+QCAL_HOST_DEVICE constexpr int OddQuad(int v) { return (v / 4) % 2 == 1 ? v : v + 4; }
+
+// Whether the plan takes the shape at all (m = 1 is the caller's condition): K a multiple of 128,
+// k-groups of whole steps (or one group), supported widths.
+QCAL_HOST_DEVICE constexpr bool ShapeSupported(const LayerShape& s) {
+  return s.n >= 1 && s.words >= 4 && s.words % 4 == 0 && s.group_words >= 1 &&
+         s.n_groups == (s.words + s.group_words - 1) / s.group_words &&
+         (s.n_groups == 1 || s.group_words % 4 == 0) &&
+         (s.wb == 2 || s.wb == 3 || s.wb == 4 || s.wb == 8) && (s.ab == 4 || s.ab == 8);
+}
+
+// Plane rows of one tile in a stage slot: wb planes of 8 outputs, row j·8 + ol.
+QCAL_HOST_DEVICE constexpr int SlotRows(const LayerShape& s) { return kTileOuts * s.wb; }
+
+// Bytes of one stage slot of `units` units.
+QCAL_HOST_DEVICE constexpr size_t SlotBytes(const LayerShape& s, int units) {
+  return size_t{4} * SlotRows(s) * OddQuad(4 * units);
+}
+
+// Units of a block with `tiles` tiles, split over kWarps warps: the most a warp gets.
+QCAL_HOST_DEVICE constexpr int UnitsPerWarp(int tiles, int steps) {
+  return (tiles * steps + kWarps - 1) / kWarps;
+}
+
+// The layout for `tiles` tiles a block.
+inline Layout LayoutFor(const LayerShape& s, int tiles) {
+  Layout l;
+  if (!ShapeSupported(s) || tiles < 1) return l;
+  l.tiles = tiles;
+  const int nb = kTileOuts * tiles, steps = s.words / 4;
+  l.pstride = OddQuad(s.words);
+  // A rank's words [r·wc, (r + 1)·wc) touch at most wc / group_words + 2 k-groups.
+  const int wc = (s.words + kCluster - 1) / kCluster;
+  l.gpart = s.n_groups < wc / s.group_words + 2 ? s.n_groups : wc / s.group_words + 2;
+  const size_t per_out = size_t{4} * s.n_groups * nb;  // s_dot, s_w or z of the block
+  size_t off = 0;
+  l.act_off = off;
+  off += Align16(size_t{4} * s.ab * l.pstride);
+  l.dot_off = off;
+  off += Align16(per_out);
+  l.scale_off = off;
+  off += Align16(per_out);
+  l.zero_off = off;
+  off += Align16(per_out);
+  l.sum_off = off;
+  off += Align16(size_t{4} * s.n_groups);
+  l.gpart_off = off;
+  off += Align16(size_t{4} * l.gpart);
+  l.stage_off = off;
+  if (off >= kMaxShared) return Layout{};
+  const size_t avail = (kMaxShared - off) / kWarps;
+  const int units = UnitsPerWarp(tiles, steps);
+  if (SlotBytes(s, units) <= avail) {
+    l.slots = 1;
+    l.slot_steps = units;
+  } else {
+    int u = units / 2;
+    while (u >= 1 && 2 * SlotBytes(s, u) > avail) --u;
+    if (u < 1) return Layout{};
+    l.slots = 2;
+    l.slot_steps = u;
+  }
+  l.stride = OddQuad(4 * l.slot_steps);
+  const size_t stages = size_t{kWarps} * l.slots * SlotBytes(s, l.slot_steps);
+  const size_t products = Align16(size_t{8} * s.n_groups * nb);  // the epilogue reuses the stages
+  l.bytes = off + (stages > products ? stages : products);
+  if (l.bytes > kMaxShared) return Layout{};
+  const int64_t blocks = (s.n + nb - 1) / nb;
+  l.grid = static_cast<int>((blocks + kCluster - 1) / kCluster * kCluster);
+  return l;
+}
+
+// The launch's layout on a device of `sms` multiprocessors: the fewest tiles a block that keep
+// the grid within about one block a multiprocessor (rounded to whole clusters), lowered until the
+// layout fits. bytes == 0 when none does.
+inline Layout ChooseLayout(const LayerShape& s, int sms) {
+  if (!ShapeSupported(s)) return Layout{};
+  const int64_t target =
+      sms / kCluster * kCluster > kCluster ? sms / kCluster * kCluster : kCluster;
+  int64_t tiles = (s.n + kTileOuts * target - 1) / (kTileOuts * target);
+  if (tiles < 1) tiles = 1;
+  if (tiles > kMaxTiles) tiles = kMaxTiles;
+  for (int t = static_cast<int>(tiles); t >= 1; --t) {
+    const Layout l = LayoutFor(s, t);
+    if (l.bytes > 0) return l;
+  }
+  return Layout{};
+}
+
+// Tiles of block `block` that hold outputs (0 past the last output).
+QCAL_HOST_DEVICE constexpr int BlockTiles(const Layout& l, int64_t n, int64_t block) {
+  const int64_t o0 = block * kTileOuts * l.tiles;
+  if (o0 >= n) return 0;
+  const int64_t t = (n - o0 + kTileOuts - 1) / kTileOuts;
+  return t < l.tiles ? static_cast<int>(t) : l.tiles;
+}
+
+// A half-open range [begin, end).
+struct Range {
+  int64_t begin = 0, end = 0;
+};
+
+// The units of warp `warp` among a block's `units` units.
+QCAL_HOST_DEVICE constexpr Range WarpUnits(int units, int warp) {
+  const int per = (units + kWarps - 1) / kWarps;
+  const int b = warp * per < units ? warp * per : units;
+  return {b, b + per < units ? b + per : units};
+}
+
+// Cluster rank r's share of `count` items (x's float4s, or plane words): contiguous eighths.
+QCAL_HOST_DEVICE constexpr Range RankShare(int64_t count, int rank) {
+  const int64_t per = (count + kCluster - 1) / kCluster;
+  const int64_t b = rank * per < count ? rank * per : count;
+  return {b, b + per < count ? b + per : count};
+}
+
+// One run of a slot fill: units [u, u + len) all in tile `tile`, steps [step, step + len), stored
+// at the slot's local units [li, li + len).
+struct Segment {
+  int tile = 0, step = 0, len = 0, li = 0;
+};
+
+// The run that starts at local unit li of a fill of units [ub, ub + cnt).
+QCAL_HOST_DEVICE constexpr Segment FillSegment(int ub, int cnt, int li, int steps) {
+  const int u = ub + li;
+  Segment seg;
+  seg.tile = u / steps;
+  seg.step = u % steps;
+  seg.len = cnt - li < steps - seg.step ? cnt - li : steps - seg.step;
+  seg.li = li;
+  return seg;
+}
+
+}  // namespace qcal::kernels::abq_fused

@@ -1,0 +1,321 @@
+// The fused b1 GEMV's work plan (kernels/abq_fused_plan.h), replayed on the CPU: for every block,
+// warp, stage slot and cluster rank the plan gives, the same cuts as kernels/cuda/abq_gemv_fused.cu
+// (the prologue's eighths of x and of the plane words, each warp's units, the slot fills' runs,
+// the k-group flushes, the epilogue's chain) over the reference's packed operands, checked
+// against the integer reference (kernels/cpu/abq_ref.h): the planes, s_a and Σa bit for bit, the
+// integer sums exactly and y bit for bit, with every unit computed once and every shared-memory
+// region inside its block's bytes. This checks the decomposition without a GPU; the CUDA test
+// (cuda/cuda_abq_test, FusedKernelEqualsReference) checks the kernel itself.
+#include "kernels/abq_fused_plan.h"
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/abq_ref.h"
+#include "kernels/quant_grid.h"
+#include "tests/kernels/abq_test_cases.h"
+#include "tests/kernels/kernel_test_random.h"
+
+namespace qcal::kernels {
+namespace {
+
+using abq_fused::kCluster;
+using abq_fused::kTileOuts;
+using abq_fused::kWarps;
+using abq_fused::LayerShape;
+using abq_fused::Layout;
+using abq_tests::Combo;
+using abq_tests::Name;
+using abq_tests::RandomWeights;
+using abq_tests::RandomX;
+using abq_tests::Shape3;
+using kernel_tests::Random;
+
+LayerShape ShapeOf(const AbqWeights& w) {
+  LayerShape s;
+  s.n = w.n;
+  s.words = static_cast<int>(w.words);
+  s.n_groups = static_cast<int>(w.n_groups);
+  s.group_words = w.n_groups == 1 ? s.words : static_cast<int>(AbqGroupSize(w.spec, w.k) / 32);
+  s.wb = w.spec.weight_bits;
+  s.ab = w.spec.act_bits;
+  return s;
+}
+
+// The layout's regions are ordered, 16-byte aligned, disjoint and inside `bytes`, and the grid
+// covers the outputs with no whole cluster to spare.
+void ExpectLayoutSound(const LayerShape& s, const Layout& l, const std::string& name) {
+  const size_t nb = static_cast<size_t>(kTileOuts) * l.tiles;
+  const size_t per_out = 4 * nb * s.n_groups;
+  const size_t offs[] = {l.act_off, l.dot_off,   l.scale_off, l.zero_off,
+                         l.sum_off, l.gpart_off, l.stage_off};
+  const size_t sizes[] = {4ull * s.ab * l.pstride, per_out,       per_out, per_out,
+                          4ull * s.n_groups,       4ull * l.gpart};
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(offs[i] % 16, 0u) << name;
+    EXPECT_LE(offs[i] + sizes[i], offs[i + 1]) << name << " region " << i;
+  }
+  const int steps = s.words / 4;
+  EXPECT_EQ(l.pstride % 8, 4) << name;
+  EXPECT_GE(l.pstride, s.words) << name;
+  EXPECT_EQ(l.stride % 8, 4) << name;
+  EXPECT_GE(l.stride, 4 * l.slot_steps) << name;
+  EXPECT_TRUE(l.slots == 1 || l.slots == 2) << name;
+  if (l.slots == 1) {
+    EXPECT_GE(l.slot_steps, abq_fused::UnitsPerWarp(l.tiles, steps)) << name;
+  }
+  const size_t stages = size_t{kWarps} * l.slots * abq_fused::SlotBytes(s, l.slot_steps);
+  EXPECT_LE(l.stage_off + stages, l.bytes) << name;
+  EXPECT_LE(l.stage_off + 8 * nb * s.n_groups, l.bytes) << name << " (the epilogue's products)";
+  EXPECT_LE(l.bytes, abq_fused::kMaxShared) << name;
+  EXPECT_EQ(l.grid % kCluster, 0) << name;
+  EXPECT_GE(static_cast<int64_t>(l.grid) * static_cast<int64_t>(nb), s.n) << name;
+  EXPECT_LT(static_cast<int64_t>(l.grid - kCluster) * static_cast<int64_t>(nb), s.n) << name;
+}
+
+// One token through the plan on `sms` multiprocessors, against the reference.
+void ReplayEqualsReference(const Combo& c, int64_t n, int64_t k, int sms, Random& rng) {
+  const std::string name = absl::StrCat(Name(c, Shape3{1, n, k}), " sms ", sms);
+  const AbqWeights w = RandomWeights(c, n, k, rng);
+  const std::vector<float> x = RandomX(1, k, rng);
+  const LayerShape s = ShapeOf(w);
+  const Layout l = abq_fused::ChooseLayout(s, sms);
+  ASSERT_GT(l.bytes, 0u) << name;
+  ExpectLayoutSound(s, l, name);
+  auto a = AbqQuantizeActivations(x, 1, k, w.spec);
+  ASSERT_TRUE(a.ok()) << name << ": " << a.status();
+  auto dot_ref = AbqIntegerGemm(*a, w);
+  ASSERT_TRUE(dot_ref.ok()) << name << ": " << dot_ref.status();
+  auto y_ref = AbqEpilogue(*dot_ref, *a, w);
+  ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
+  const int words = s.words, steps = words / 4, n_groups = s.n_groups, wb = s.wb, ab = s.ab;
+  const int group_steps = n_groups == 1 ? steps : s.group_words / 4;
+  const int nb = kTileOuts * l.tiles;
+
+  // The prologue, as one cluster computes it (every cluster computes the same).
+  const float qmax = static_cast<float>((1 << (ab - 1)) - 1);
+  float part_max[kCluster];
+  for (int r = 0; r < kCluster; ++r) {
+    const abq_fused::Range cols = abq_fused::RankShare(k / 4, r);
+    float m = 0.0f;
+    for (int64_t i = 4 * cols.begin; i < 4 * cols.end; ++i) m = std::fmax(m, std::fabs(x[i]));
+    part_max[r] = m;
+  }
+  float amax = 0.0f;
+  for (float m : part_max) amax = std::fmax(amax, m);
+  const float s_a = amax / qmax;
+  ASSERT_EQ(std::bit_cast<uint32_t>(s_a), std::bit_cast<uint32_t>(a->scales[0])) << name;
+  std::vector<uint32_t> planes(static_cast<size_t>(ab) * words, 0xdeadbeefu);
+  std::vector<int32_t> sums(n_groups, 0);
+  std::vector<int> word_owner(words, -1);
+  for (int r = 0; r < kCluster; ++r) {
+    const abq_fused::Range share = abq_fused::RankShare(words, r);
+    std::vector<int32_t> gpart(l.gpart, 0);
+    const int g_first = static_cast<int>(share.begin) / s.group_words;
+    for (int64_t wd = share.begin; wd < share.end; ++wd) {
+      EXPECT_EQ(word_owner[wd], -1) << name << " word " << wd << " in two shares";
+      word_owner[wd] = r;
+      uint32_t bits[8] = {};
+      int32_t word_sum = 0;
+      for (int lane = 0; lane < 32; ++lane) {
+        const float v =
+            s_a != 0.0f ? std::fmin(std::fmax(RoundHalfEven(x[wd * 32 + lane] / s_a), -qmax), qmax)
+                        : 0.0f;
+        const int32_t code = static_cast<int32_t>(v);
+        word_sum += code;
+        for (int i = 0; i < ab; ++i) bits[i] |= ((static_cast<uint32_t>(code) >> i) & 1u) << lane;
+      }
+      for (int i = 0; i < ab; ++i) planes[static_cast<size_t>(i) * words + wd] = bits[i];
+      const int slot = static_cast<int>(wd) / s.group_words - g_first;
+      ASSERT_GE(slot, 0) << name;
+      ASSERT_LT(slot, l.gpart) << name << " rank " << r << ": more groups than Σa slots";
+      gpart[slot] += word_sum;
+    }
+    if (share.begin < share.end) {
+      const int groups = static_cast<int>(share.end - 1) / s.group_words - g_first + 1;
+      for (int gi = 0; gi < groups; ++gi) sums[g_first + gi] += gpart[gi];
+    }
+  }
+  for (int wd = 0; wd < words; ++wd) EXPECT_GE(word_owner[wd], 0) << name << " word " << wd;
+  ASSERT_EQ(planes, a->planes) << name;
+  ASSERT_EQ(sums, a->sums) << name;
+
+  // The GEMV, block by block and warp by warp, then the epilogue.
+  std::vector<int32_t> dot(static_cast<size_t>(n) * n_groups, 0);
+  std::vector<float> y(n, 0.0f);
+  std::vector<int> computed(static_cast<size_t>(n) * steps, 0);
+  auto weight_word = [&](int64_t o, int j, int wd) {
+    return w.planes[(static_cast<size_t>(o) * wb + j) * words + wd];
+  };
+  // The dot of output o over step `step` from the planes' AND + popcount, as the mma's counts
+  // times their plane weights (modulo 2^32).
+  auto step_dot = [&](int64_t o, int step) {
+    uint32_t v = 0;
+    for (int i = 0; i < ab; ++i) {
+      const uint32_t wt = i == ab - 1 ? 0u - (1u << i) : 1u << i;
+      for (int j = 0; j < wb; ++j) {
+        uint32_t cnt = 0;
+        for (int t = 0; t < 4; ++t) {
+          cnt += std::popcount(planes[static_cast<size_t>(i) * words + 4 * step + t] &
+                               weight_word(o, j, 4 * step + t));
+        }
+        v += (cnt * wt) << j;
+      }
+    }
+    return v;
+  };
+  for (int64_t block = 0; block < l.grid; ++block) {
+    const int tiles = abq_fused::BlockTiles(l, n, block);
+    const int64_t o0 = block * nb;
+    std::vector<uint32_t> s_dot(static_cast<size_t>(n_groups) * nb, 0);
+    std::vector<int> written(static_cast<size_t>(n_groups) * nb, 0);
+    int64_t units_seen = 0;
+    for (int warp = 0; warp < kWarps; ++warp) {
+      const abq_fused::Range units = abq_fused::WarpUnits(tiles * steps, warp);
+      const int u0 = static_cast<int>(units.begin), u1 = static_cast<int>(units.end);
+      units_seen += u1 - u0;
+      std::vector<uint32_t> acc(kTileOuts, 0);
+      for (int ub = u0; ub < u1; ub += l.slot_steps) {
+        const int cnt = std::min(l.slot_steps, u1 - ub);
+        // The fill's runs: consecutive local units, each within one tile and its K.
+        int covered = 0;
+        for (int li = 0; li < cnt;) {
+          const abq_fused::Segment seg = abq_fused::FillSegment(ub, cnt, li, steps);
+          EXPECT_EQ(seg.li, covered) << name;
+          EXPECT_GE(seg.len, 1) << name;
+          EXPECT_LE(seg.step + seg.len, steps) << name;
+          EXPECT_LT(seg.tile, tiles) << name;
+          EXPECT_EQ(seg.tile * steps + seg.step, ub + li) << name;
+          covered += seg.len;
+          li += seg.len;
+        }
+        EXPECT_EQ(covered, cnt) << name;
+        int tile = ub / steps, step = ub % steps;
+        int gpos = step % group_steps, grp = step / group_steps;
+        for (int li = 0; li < cnt; ++li) {
+          for (int ol = 0; ol < kTileOuts; ++ol) {
+            const int out = tile * kTileOuts + ol;
+            if (o0 + out >= n) continue;
+            ++computed[static_cast<size_t>(o0 + out) * steps + step];
+            const uint32_t v = step_dot(o0 + out, step);
+            if (group_steps == 1) {
+              ++written[static_cast<size_t>(step) * nb + out];
+              s_dot[static_cast<size_t>(step) * nb + out] = v;
+            } else {
+              acc[ol] += v;
+            }
+          }
+          if (group_steps != 1) {
+            const bool group_end = ++gpos == group_steps || step + 1 == steps;
+            if (group_end || ub + li + 1 == u1) {
+              for (int ol = 0; ol < kTileOuts; ++ol) {
+                s_dot[static_cast<size_t>(grp) * nb + tile * kTileOuts + ol] += acc[ol];
+                acc[ol] = 0;
+              }
+            }
+            if (group_end) {
+              gpos = 0;
+              ++grp;
+            }
+          }
+          if (++step == steps) {
+            step = 0;
+            ++tile;
+            grp = 0;
+          }
+        }
+      }
+    }
+    EXPECT_EQ(units_seen, static_cast<int64_t>(tiles) * steps) << name << " block " << block;
+    if (group_steps == 1) {
+      for (int gr = 0; gr < n_groups; ++gr) {
+        for (int ol = 0; ol < std::min<int64_t>(nb, n - o0); ++ol) {
+          EXPECT_EQ(written[static_cast<size_t>(gr) * nb + ol], 1) << name;
+        }
+      }
+    }
+    // The epilogue: products, then the chain in group order.
+    for (int ol = 0; ol < std::min<int64_t>(nb, n - o0); ++ol) {
+      const int64_t o = o0 + ol;
+      double out = 0.0;
+      for (int gr = 0; gr < n_groups; ++gr) {
+        const uint32_t d = s_dot[static_cast<size_t>(gr) * nb + ol];
+        dot[static_cast<size_t>(o) * n_groups + gr] = static_cast<int32_t>(d);
+        const int32_t cg = static_cast<int32_t>(
+            d - static_cast<uint32_t>(w.zeros[static_cast<size_t>(gr) * n + o]) *
+                    static_cast<uint32_t>(sums[gr]));
+        out += static_cast<double>(cg) *
+               static_cast<double>(w.scales[static_cast<size_t>(gr) * n + o]);
+      }
+      y[o] = static_cast<float>(static_cast<double>(s_a) * out);
+    }
+  }
+  for (size_t i = 0; i < computed.size(); ++i) {
+    ASSERT_EQ(computed[i], 1) << name << " output " << i / steps << " step " << i % steps;
+  }
+  EXPECT_EQ(dot, *dot_ref) << name;
+  for (int64_t o = 0; o < n; ++o) {
+    ASSERT_EQ(std::bit_cast<uint32_t>(y[o]), std::bit_cast<uint32_t>((*y_ref)[o]))
+        << name << " y[" << o << "]";
+  }
+}
+
+// Every combination the kernel takes (weight bits 2, 3, 4, 8 and balanced; activation bits 4
+// and 8; per channel, g128 and g256) on small and odd shapes, and on the H200's 132
+// multiprocessors as on smaller devices.
+TEST(AbqFusedPlanTest, ReplayEqualsReference) {
+  Random rng(31);
+  std::vector<Combo> combos;
+  for (int ab : {4, 8}) {
+    for (int group : {-1, 128, 256}) {
+      for (int wb : {2, 3, 4, 8}) combos.push_back({wb, false, ab, group});
+      combos.push_back({3, true, ab, group});
+    }
+  }
+  for (const Combo& c : combos) {
+    const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 128}, {37, 7040}, {301, 1024}};
+    for (const auto& [n, k] : shapes) {
+      for (int sms : {132, 20}) ReplayEqualsReference(c, n, k, sms, rng);
+    }
+  }
+}
+
+// Shapes whose warps' units do not fit their shared memory (two slots refilled, runs crossing
+// from one tile to the next), many blocks of several tiles, and the 7B down projection's shape.
+TEST(AbqFusedPlanTest, RingsAndLargeShapes) {
+  Random rng(32);
+  ReplayEqualsReference({8, false, 8, 128}, 64, 28672, 132, rng);
+  ReplayEqualsReference({4, false, 8, 128}, 3001, 28672, 132, rng);
+  ReplayEqualsReference({3, true, 4, -1}, 20, 28672, 132, rng);
+  ReplayEqualsReference({2, false, 8, 128}, 4096, 11008, 132, rng);
+  // The ring is what these take (so the refills above are exercised).
+  for (const auto& [c, n] : {std::pair{Combo{8, false, 8, 128}, int64_t{64}},
+                             std::pair{Combo{4, false, 8, 128}, int64_t{3001}}}) {
+    const AbqWeights w = RandomWeights(c, n, 28672, rng);
+    EXPECT_EQ(abq_fused::ChooseLayout(ShapeOf(w), 132).slots, 2) << Name(c, {1, n, 28672});
+  }
+}
+
+// What the plan refuses: K off the 128-column steps, k-groups shorter than a step.
+TEST(AbqFusedPlanTest, RefusesShapesItCannotCut) {
+  LayerShape s{37, 30, 30, 1, 4, 8};  // K = 960: not whole steps
+  EXPECT_FALSE(abq_fused::ShapeSupported(s));
+  EXPECT_EQ(abq_fused::ChooseLayout(s, 132).bytes, 0u);
+  s = {37, 32, 1, 32, 4, 8};  // group 32: a group is one word
+  EXPECT_FALSE(abq_fused::ShapeSupported(s));
+  s = {37, 32, 4, 8, 5, 8};  // 5 weight planes
+  EXPECT_FALSE(abq_fused::ShapeSupported(s));
+  s = {37, 32, 4, 8, 4, 8};
+  EXPECT_TRUE(abq_fused::ShapeSupported(s));
+  EXPECT_GT(abq_fused::ChooseLayout(s, 132).bytes, 0u);
+}
+
+}  // namespace
+}  // namespace qcal::kernels
