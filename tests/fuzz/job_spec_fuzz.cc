@@ -1,4 +1,4 @@
-// Fuzzes what SubmitJob checks before it accepts a job (services/coordinator/coordinator.cc):
+// Fuzzes what SubmitJob checks before it accepts a job (services/coordinator/job_api.cc):
 // the SubmitJobRequest as it arrives from the wire, the idempotency key's length, the JobSpec's
 // normalization and recipe validation (services/common/job_spec.h), and the input paths under a
 // fixed input root (services/common/input_paths.h: confinement, config.json, safetensors headers,
