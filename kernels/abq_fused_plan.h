@@ -12,8 +12,11 @@
 // float4s for the maximum and an eighth of the plane words for the codes.
 #pragma once
 
+#include <climits>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/quant_grid.h"  // QCAL_HOST_DEVICE
 
@@ -120,9 +123,7 @@ inline Layout LayoutFor(const LayerShape& s, int tiles) {
     l.slot_steps = u;
   }
   l.stride = OddQuad(4 * l.slot_steps);
-  const size_t stages = size_t{kWarps} * l.slots * SlotBytes(s, l.slot_steps);
-  const size_t products = Align16(size_t{8} * s.n_groups * nb);  // the epilogue reuses the stages
-  l.bytes = off + (stages > products ? stages : products);
+  l.bytes = off + size_t{kWarps} * l.slots * SlotBytes(s, l.slot_steps);
   if (l.bytes > kMaxShared) return Layout{};
   const int64_t blocks = (s.n + nb - 1) / nb;
   l.grid = static_cast<int>((blocks + kCluster - 1) / kCluster * kCluster);
@@ -188,6 +189,41 @@ QCAL_HOST_DEVICE constexpr Segment FillSegment(int ub, int cnt, int li, int step
   seg.len = cnt - li < steps - seg.step ? cnt - li : steps - seg.step;
   seg.li = li;
   return seg;
+}
+
+// The epilogue's sum without its sequential chain. AbqEpilogue adds an output's products
+// p_G = c_G·s_w[G] (fp64) in group order. When every product is exact and all are multiples of
+// u = 2^e (e the lowest set bit's exponent over the products) with Σ|p_G| <= 2^52·u, every
+// partial sum in any order is a multiple of u below 2^53·u in magnitude, so every addition is
+// exact and any order gives the chain's bits: the kernel's warp then adds its lanes' groups and
+// a butterfly adds the lanes. Otherwise one lane runs the chain. (The bound has a factor 2 of
+// margin, so that a rounded computation of Σ|p_G| cannot pass it wrongly.)
+
+// The exponent of v's lowest set bit (v = m·2^e with m odd), for a normal nonzero v; INT32_MIN
+// for zero, subnormals, infinities and NaN (which never pass OrderFree).
+QCAL_HOST_DEVICE inline int LsbExponent(double v) {
+  uint64_t bits = 0;
+  static_assert(sizeof(bits) == sizeof(v), "a double is 64 bits");
+  memcpy(&bits, &v, sizeof(bits));
+  const int biased = static_cast<int>((bits >> 52) & 0x7ff);
+  if (biased == 0 || biased == 0x7ff) return INT32_MIN;
+  const uint64_t mantissa = (bits & ((uint64_t{1} << 52) - 1)) | (uint64_t{1} << 52);
+#ifdef __CUDA_ARCH__
+  const int tz = __ffsll(static_cast<long long>(mantissa)) - 1;
+#else
+  const int tz = __builtin_ctzll(mantissa);
+#endif
+  return biased - 1075 + tz;
+}
+
+// Whether products with these facts may be added in any order: `exact` (every product exact,
+// none subnormal), `emin` the least LsbExponent over the nonzero products (INT32_MAX when all
+// are zero) and `abs_sum` their absolute values' sum.
+QCAL_HOST_DEVICE inline bool OrderFree(bool exact, int emin, double abs_sum) {
+  if (!exact) return false;
+  if (abs_sum == 0.0) return true;
+  if (emin < -1000 || emin > 900) return false;
+  return abs_sum <= ldexp(1.0, 52 + emin);
 }
 
 }  // namespace qcal::kernels::abq_fused

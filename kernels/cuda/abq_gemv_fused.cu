@@ -32,9 +32,10 @@
 //     the lane's counts times their plane weights, added over the lane quad by two shuffles; it is
 //     stored once when every k-group is one step, else accumulated over the group's steps and
 //     added with a shared-memory atomic where a group or a warp's range ends.
-//   - The epilogue: all threads form the products c_G·s_w (c_G = dot − z·Σa, int32 wrapping) in
-//     fp64, then one thread per output adds them in group order and writes y = float(s_a·S), as
-//     AbqEpilogue does. Every output is written by one thread: bit-identical run to run.
+//   - The epilogue, a warp an output: the products c_G·s_w (c_G = dot − z·Σa, int32 wrapping)
+//     in fp64 and their sum in group order as AbqEpilogue's chain; where every addition of them
+//     is exact (abq_fused::OrderFree) the lanes' sums and a butterfly give the same bits faster,
+//     else lane 0 runs the chain. y = float(s_a·S), written by one lane: bit-identical run to run.
 // The weights' scales and zero points are copied into shared memory (cp.async) at the start too,
 // as one 4-byte word each (AbqDeviceWeights::meta) where every scale is an fp16 value.
 // Applies to m = 1, activation bits 4 and 8, K a multiple of 128 (16-byte plane rows), k-groups
@@ -46,6 +47,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdint>
 
 #include "kernels/abq_fused_plan.h"
@@ -143,7 +145,6 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
   int32_t* s_sums = reinterpret_cast<int32_t*>(fused_smem + l.sum_off);    // [n_groups]
   int32_t* s_gpart = reinterpret_cast<int32_t*>(fused_smem + l.gpart_off);
   uint32_t* stages = reinterpret_cast<uint32_t*>(fused_smem + l.stage_off);
-  double* s_prod = reinterpret_cast<double*>(fused_smem + l.stage_off);  // after the GEMV
 
   // The warp's units [u0, u1): unit u is tile u / steps, step u % steps.
   const abq_fused::Range units = abq_fused::WarpUnits(tiles * steps, warp);
@@ -375,38 +376,70 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
     if (l.slots == 2) slot ^= 1;
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");
-  __syncthreads();  // every dot, scale and zero point in; the stages free for the products
+  __syncthreads();  // every dot, scale and zero point in
   if (tiles == 0) return;
 
-  // 5. The epilogue: the products in parallel, then the sum in group order per output.
+  // 5. The epilogue, a warp an output: c_G = dot − z·Σa (int32, wrapping), the products
+  // c_G·s_w in fp64, and their sum in group order, AbqEpilogue's chain. Where the products allow
+  // any order (abq_fused::OrderFree: every addition exact) the lanes add their groups and a
+  // butterfly adds the lanes, which gives the chain's bits; otherwise lane 0 runs the chain.
   const int outs = static_cast<int>(std::min<int64_t>(nb, w.n - o0));
-  for (int i = threadIdx.x; i < n_groups * nb; i += kThreads) {
-    const int gr = i / nb, ol = i % nb;
-    if (ol >= outs) continue;
-    const uint32_t d = static_cast<uint32_t>(s_dot[i]);
+  // c_G and s_w of (group gr, the block's output ol).
+  auto operands = [&](int gr, int ol, uint32_t& d, double& c, double& scale) {
+    const int i = gr * nb + ol;
+    d = static_cast<uint32_t>(s_dot[i]);
     uint32_t z;
-    float scale;
     if (meta) {
       const uint32_t word = reinterpret_cast<const uint32_t*>(s_scales)[i];
       z = word >> 16;
-      scale = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
+      scale = static_cast<double>(
+          __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))));
     } else {
       z = static_cast<uint32_t>(s_zeros[i]);
-      scale = s_scales[i];
+      scale = static_cast<double>(s_scales[i]);
     }
-    const int32_t c = static_cast<int32_t>(d - z * static_cast<uint32_t>(s_sums[gr]));
-    if (p.dot != nullptr) {
-      p.dot[(o0 + ol) * n_groups + gr] = static_cast<int32_t>(d);
+    c = static_cast<double>(static_cast<int32_t>(d - z * static_cast<uint32_t>(s_sums[gr])));
+  };
+  for (int ol = warp; ol < outs; ol += kWarps) {
+    double part = 0.0, abs_sum = 0.0;
+    int emin = INT_MAX;
+    bool exact = true;
+    for (int gr = lane; gr < n_groups; gr += 32) {
+      uint32_t d;
+      double c, scale;
+      operands(gr, ol, d, c, scale);
+      if (p.dot != nullptr) p.dot[(o0 + ol) * n_groups + gr] = static_cast<int32_t>(d);
+      const double prod = __dmul_rn(c, scale);
+      exact = exact && __fma_rn(c, scale, -prod) == 0.0;
+      if (prod != 0.0) {
+        const int e = abq_fused::LsbExponent(prod);
+        if (e == INT32_MIN) exact = false;
+        emin = std::min(emin, e);
+      }
+      part = __dadd_rn(part, prod);
+      abs_sum = __dadd_rn(abs_sum, fabs(prod));
     }
-    s_prod[i] = __dmul_rn(static_cast<double>(c), static_cast<double>(scale));
-  }
-  __syncthreads();
-  if (threadIdx.x < outs) {
-    const double* ps = s_prod + threadIdx.x;
-    double out = 0.0;
-#pragma unroll 8
-    for (int gr = 0; gr < n_groups; ++gr) out = __dadd_rn(out, ps[gr * nb]);
-    p.y[o0 + threadIdx.x] = __double2float_rn(__dmul_rn(static_cast<double>(s_a), out));
+    exact = __all_sync(kFull, exact);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
+      abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
+      emin = std::min(emin, __shfl_xor_sync(kFull, emin, off));
+    }
+    const bool order_free = __shfl_sync(kFull, abq_fused::OrderFree(exact, emin, abs_sum), 0);
+    if (lane == 0) {
+      double sum = part;
+      if (!order_free) {
+        sum = 0.0;
+        for (int gr = 0; gr < n_groups; ++gr) {
+          uint32_t d;
+          double c, scale;
+          operands(gr, ol, d, c, scale);
+          sum = __dadd_rn(sum, __dmul_rn(c, scale));
+        }
+      }
+      p.y[o0 + ol] = __double2float_rn(__dmul_rn(static_cast<double>(s_a), sum));
+    }
   }
 }
 

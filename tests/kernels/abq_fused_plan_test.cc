@@ -8,7 +8,9 @@
 // (cuda/cuda_abq_test, FusedKernelEqualsReference) checks the kernel itself.
 #include "kernels/abq_fused_plan.h"
 
+#include <algorithm>
 #include <bit>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/abq_ref.h"
 #include "kernels/quant_grid.h"
@@ -73,17 +76,70 @@ void ExpectLayoutSound(const LayerShape& s, const Layout& l, const std::string& 
   }
   const size_t stages = size_t{kWarps} * l.slots * abq_fused::SlotBytes(s, l.slot_steps);
   EXPECT_LE(l.stage_off + stages, l.bytes) << name;
-  EXPECT_LE(l.stage_off + 8 * nb * s.n_groups, l.bytes) << name << " (the epilogue's products)";
   EXPECT_LE(l.bytes, abq_fused::kMaxShared) << name;
   EXPECT_EQ(l.grid % kCluster, 0) << name;
   EXPECT_GE(static_cast<int64_t>(l.grid) * static_cast<int64_t>(nb), s.n) << name;
   EXPECT_LT(static_cast<int64_t>(l.grid - kCluster) * static_cast<int64_t>(nb), s.n) << name;
 }
 
+// The kernel's epilogue sum of one output's products, replayed: lane l adds products l, l + 32,
+// ... in order, a butterfly (xor 16, 8, 4, 2, 1) adds the lanes, and lane 0's value is used where
+// OrderFree allows; otherwise the chain. `order_free` tells which.
+double WarpSum(const std::vector<double>& prods, const std::vector<bool>& exact_products,
+               bool* order_free) {
+  double part[32] = {}, abs_sum[32] = {};
+  int emin[32];
+  bool exact = true;
+  for (int lane = 0; lane < 32; ++lane) {
+    emin[lane] = INT_MAX;
+    for (size_t g = lane; g < prods.size(); g += 32) {
+      exact = exact && exact_products[g];
+      if (prods[g] != 0.0) {
+        const int e = abq_fused::LsbExponent(prods[g]);
+        if (e == INT32_MIN) exact = false;
+        emin[lane] = std::min(emin[lane], e);
+      }
+      part[lane] += prods[g];
+      abs_sum[lane] += std::fabs(prods[g]);
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    double np[32], na[32];
+    int ne[32];
+    for (int lane = 0; lane < 32; ++lane) {
+      np[lane] = part[lane] + part[lane ^ off];
+      na[lane] = abs_sum[lane] + abs_sum[lane ^ off];
+      ne[lane] = std::min(emin[lane], emin[lane ^ off]);
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      part[lane] = np[lane];
+      abs_sum[lane] = na[lane];
+      emin[lane] = ne[lane];
+    }
+  }
+  *order_free = abq_fused::OrderFree(exact, emin[0], abs_sum[0]);
+  double chain = 0.0;
+  for (double p : prods) chain += p;
+  if (*order_free) {
+    // Every lane holds the exact sum, which is the chain's.
+    for (int lane = 0; lane < 32; ++lane) {
+      EXPECT_EQ(std::bit_cast<uint64_t>(part[lane]), std::bit_cast<uint64_t>(chain))
+          << "lane " << lane << ": " << part[lane] << " against the chain's " << chain;
+    }
+    return part[0];
+  }
+  return chain;
+}
+
 // One token through the plan on `sms` multiprocessors, against the reference.
-void ReplayEqualsReference(const Combo& c, int64_t n, int64_t k, int sms, Random& rng) {
-  const std::string name = absl::StrCat(Name(c, Shape3{1, n, k}), " sms ", sms);
-  const AbqWeights w = RandomWeights(c, n, k, rng);
+void ReplayEqualsReference(const Combo& c, int64_t n, int64_t k, int sms, Random& rng,
+                           bool fp16_scales = false) {
+  const std::string name =
+      absl::StrCat(Name(c, Shape3{1, n, k}), " sms ", sms, fp16_scales ? " fp16 scales" : "");
+  AbqWeights w = RandomWeights(c, n, k, rng);
+  if (fp16_scales) {
+    for (float& v : w.scales) v = RoundToHalf(v);
+  }
   const std::vector<float> x = RandomX(1, k, rng);
   const LayerShape s = ShapeOf(w);
   const Layout l = abq_fused::ChooseLayout(s, sms);
@@ -151,6 +207,7 @@ void ReplayEqualsReference(const Combo& c, int64_t n, int64_t k, int sms, Random
   std::vector<int32_t> dot(static_cast<size_t>(n) * n_groups, 0);
   std::vector<float> y(n, 0.0f);
   std::vector<int> computed(static_cast<size_t>(n) * steps, 0);
+  int64_t order_free_outputs = 0, chained_outputs = 0;
   auto weight_word = [&](int64_t o, int j, int wd) {
     return w.planes[(static_cast<size_t>(o) * wb + j) * words + wd];
   };
@@ -241,26 +298,35 @@ void ReplayEqualsReference(const Combo& c, int64_t n, int64_t k, int sms, Random
         }
       }
     }
-    // The epilogue: products, then the chain in group order.
+    // The epilogue: the products, and their sum as a warp forms it.
     for (int ol = 0; ol < std::min<int64_t>(nb, n - o0); ++ol) {
       const int64_t o = o0 + ol;
-      double out = 0.0;
+      std::vector<double> prods(n_groups);
+      std::vector<bool> exact(n_groups);
       for (int gr = 0; gr < n_groups; ++gr) {
         const uint32_t d = s_dot[static_cast<size_t>(gr) * nb + ol];
         dot[static_cast<size_t>(o) * n_groups + gr] = static_cast<int32_t>(d);
-        const int32_t cg = static_cast<int32_t>(
+        const double cg = static_cast<double>(static_cast<int32_t>(
             d - static_cast<uint32_t>(w.zeros[static_cast<size_t>(gr) * n + o]) *
-                    static_cast<uint32_t>(sums[gr]));
-        out += static_cast<double>(cg) *
-               static_cast<double>(w.scales[static_cast<size_t>(gr) * n + o]);
+                    static_cast<uint32_t>(sums[gr])));
+        const double scale = static_cast<double>(w.scales[static_cast<size_t>(gr) * n + o]);
+        prods[gr] = cg * scale;
+        exact[gr] = std::fma(cg, scale, -prods[gr]) == 0.0;
       }
-      y[o] = static_cast<float>(static_cast<double>(s_a) * out);
+      bool order_free = false;
+      y[o] = static_cast<float>(static_cast<double>(s_a) * WarpSum(prods, exact, &order_free));
+      ++(order_free ? order_free_outputs : chained_outputs);
     }
   }
   for (size_t i = 0; i < computed.size(); ++i) {
     ASSERT_EQ(computed[i], 1) << name << " output " << i / steps << " step " << i % steps;
   }
   EXPECT_EQ(dot, *dot_ref) << name;
+  // With fp16 scales (11 significant bits) every product is exact and the butterfly serves.
+  if (fp16_scales) {
+    EXPECT_EQ(chained_outputs, 0) << name;
+  }
+  EXPECT_EQ(order_free_outputs + chained_outputs, n) << name;
   for (int64_t o = 0; o < n; ++o) {
     ASSERT_EQ(std::bit_cast<uint32_t>(y[o]), std::bit_cast<uint32_t>((*y_ref)[o]))
         << name << " y[" << o << "]";
@@ -283,6 +349,7 @@ TEST(AbqFusedPlanTest, ReplayEqualsReference) {
     const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 128}, {37, 7040}, {301, 1024}};
     for (const auto& [n, k] : shapes) {
       for (int sms : {132, 20}) ReplayEqualsReference(c, n, k, sms, rng);
+      ReplayEqualsReference(c, n, k, 132, rng, /*fp16_scales=*/true);
     }
   }
 }
@@ -294,13 +361,66 @@ TEST(AbqFusedPlanTest, RingsAndLargeShapes) {
   ReplayEqualsReference({8, false, 8, 128}, 64, 28672, 132, rng);
   ReplayEqualsReference({4, false, 8, 128}, 3001, 28672, 132, rng);
   ReplayEqualsReference({3, true, 4, -1}, 20, 28672, 132, rng);
-  ReplayEqualsReference({2, false, 8, 128}, 4096, 11008, 132, rng);
+  ReplayEqualsReference({2, false, 8, 128}, 4096, 11008, 132, rng, /*fp16_scales=*/true);
   // The ring is what these take (so the refills above are exercised).
   for (const auto& [c, n] : {std::pair{Combo{8, false, 8, 128}, int64_t{64}},
                              std::pair{Combo{4, false, 8, 128}, int64_t{3001}}}) {
     const AbqWeights w = RandomWeights(c, n, 28672, rng);
     EXPECT_EQ(abq_fused::ChooseLayout(ShapeOf(w), 132).slots, 2) << Name(c, {1, n, 28672});
   }
+}
+
+// The epilogue's order-free sum against the chain on products built to stress it: fp16 scales of
+// spread binades with extreme c_G (the butterfly must serve and equal the chain), fp32 scales
+// (inexact products: the chain), magnitudes 2^60 apart (exact products, but the sum would round:
+// the chain), cancellation to zero, all zeros, and one group.
+TEST(AbqFusedPlanTest, OrderFreeSumEqualsTheChain) {
+  Random rng(33);
+  // want_free: 1 the butterfly must serve, 0 the chain must, -1 either.
+  auto run = [&](const std::vector<double>& c, const std::vector<double>& s, int want_free,
+                 const std::string& what) {
+    std::vector<double> prods(c.size());
+    std::vector<bool> exact(c.size());
+    for (size_t i = 0; i < c.size(); ++i) {
+      prods[i] = c[i] * s[i];
+      exact[i] = std::fma(c[i], s[i], -prods[i]) == 0.0;
+    }
+    bool order_free = false;
+    const double got = WarpSum(prods, exact, &order_free);
+    double chain = 0.0;
+    for (double p : prods) chain += p;
+    EXPECT_EQ(std::bit_cast<uint64_t>(got), std::bit_cast<uint64_t>(chain)) << what;
+    if (want_free >= 0) {
+      EXPECT_EQ(order_free, want_free == 1) << what;
+    }
+  };
+  for (int trial = 0; trial < 200; ++trial) {
+    const int groups = 1 + rng.Below(230);
+    // A layer's sums: |c_G| below 2^22 (g128 W8A8 reaches 2^22), scales over 6 binades; and the
+    // extremes: |c_G| up to 2^31, scales over 12 binades, where the chain may be needed.
+    std::vector<double> c(groups), s16(groups), s32(groups), c_wide(groups), s_wide(groups);
+    for (int g = 0; g < groups; ++g) {
+      c[g] = static_cast<double>(rng.Below(1 << 23) - (1 << 22));
+      c_wide[g] = static_cast<double>(static_cast<int32_t>(rng.Below(1 << 30)) - (1 << 29)) * 2;
+      const float v = std::ldexp(1.0f + rng.Uniform(0.5f), -3 - rng.Below(6));
+      s16[g] = RoundToHalf(v);
+      s32[g] = v;
+      s_wide[g] = RoundToHalf(std::ldexp(1.0f + rng.Uniform(0.5f), -3 - rng.Below(12)));
+    }
+    run(c, s16, 1, absl::StrCat("fp16 scales, ", groups, " groups"));
+    run(c_wide, s_wide, -1, absl::StrCat("wide fp16 scales, ", groups, " groups"));
+    // Random fp32 mantissas make most products of 31-bit integers inexact.
+    bool any_inexact = false;
+    for (int g = 0; g < groups; ++g) {
+      const double p = c[g] * s32[g];
+      any_inexact = any_inexact || std::fma(c[g], s32[g], -p) != 0.0;
+    }
+    if (any_inexact) run(c, s32, 0, absl::StrCat("fp32 scales, ", groups, " groups"));
+  }
+  run({1, 1, 3}, {1.0, std::ldexp(1.0, -60), std::ldexp(1.0, -60)}, 0, "2^60 apart");
+  run({5, -5, 7, -7}, {0.25, 0.25, 0.5, 0.5}, 1, "cancelling");
+  run({0, 0, 0}, {0.25, 0.5, 1.0}, 1, "zeros");
+  run({123456}, {0.125}, 1, "one group");
 }
 
 // What the plan refuses: K off the 128-column steps, k-groups shorter than a step.
