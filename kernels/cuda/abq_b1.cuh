@@ -1,7 +1,8 @@
-// Pieces shared by the ABQ kernels' files (abq_gemm.cu, abq_gemv.cu): the b1 AND + popcount
-// mma.sync products, the plane weights of activation planes, the launch with programmatic stream
-// serialization, and the GEMV launcher that abq_gemm.cu's dispatch calls. Internal to
-// kernels/cuda: the public launchers are abq_gemm.cuh's.
+// Pieces shared by the ABQ kernels' files (abq_gemm.cu, abq_gemv.cu, abq_gemv_fused.cu): the b1
+// AND + popcount mma.sync products, the bulk copies (TMA) completing on an mbarrier, the plane
+// weights of activation planes, the launch with programmatic stream serialization, and the GEMV
+// launcher that abq_gemm.cu's dispatch calls. Internal to kernels/cuda: the public launchers are
+// abq_gemm.cuh's.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,6 +12,7 @@
 
 #include "kernels/abq_ops.h"
 #include "kernels/cuda/abq_gemm.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 
 namespace qcal::kernels::cuda {
 
@@ -39,6 +41,37 @@ __device__ __forceinline__ void MmaB1K128Zero(int (&c)[4], uint32_t a0, uint32_t
       "{%6}, {%7, %7, %7, %7};\n"
       : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
       : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+}
+
+// The 1-D bulk copy (TMA) global -> shared, completing on an mbarrier: the copies bypass the
+// SM's load path (an ncu profile of cp.async copies of the same bytes showed the kernel at 1.3
+// TB/s with every copy in flight from the start, bound by the outstanding misses an SM tracks).
+__device__ __forceinline__ void BarInit(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(mma::SharedAddress(bar))
+               : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void BarArriveExpect(uint64_t* bar, uint32_t bytes) {
+  asm volatile(
+      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(mma::SharedAddress(bar)),
+      "r"(bytes)
+      : "memory");
+}
+__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(mma::SharedAddress(dst)),
+      "l"(src), "r"(bytes), "r"(mma::SharedAddress(bar))
+      : "memory");
+}
+__device__ __forceinline__ void BarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra WAIT_%=;\n}\n" ::"r"(mma::SharedAddress(bar)),
+      "r"(parity)
+      : "memory");
 }
 
 // 4 bytes global -> shared without a register (completed by cp.async.wait_all); src_bytes 0 fills

@@ -92,37 +92,6 @@ int GemvTiles(int64_t m, int ab) {
   return tiles <= 1 ? 1 : tiles <= 2 ? 2 : 4;
 }
 
-// The 1-D bulk copy (TMA) global -> shared, completing on an mbarrier: the copies bypass the
-// SM's load path (an ncu profile of cp.async copies of the same bytes showed the kernel at 1.3
-// TB/s with every copy in flight from the start, bound by the outstanding misses an SM tracks).
-__device__ __forceinline__ void BarInit(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(mma::SharedAddress(bar))
-               : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void BarArriveExpect(uint64_t* bar, uint32_t bytes) {
-  asm volatile(
-      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(mma::SharedAddress(bar)),
-      "r"(bytes)
-      : "memory");
-}
-__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes,
-                                         uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(mma::SharedAddress(dst)),
-      "l"(src), "r"(bytes), "r"(mma::SharedAddress(bar))
-      : "memory");
-}
-__device__ __forceinline__ void BarWait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred done;\n WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      " @!done bra WAIT_%=;\n}\n" ::"r"(mma::SharedAddress(bar)),
-      "r"(parity)
-      : "memory");
-}
-
 // kStepGroups: every k-group is one k128 step (group size 128, or K <= 128), so that a warp owns
 // whole groups and stores each group's dot once, without atomics or zeroing.
 template <int kWb, int kAb, int kTiles, bool kStepGroups>

@@ -91,33 +91,6 @@ abq_fused::LayerShape ShapeOf(const AbqDeviceWeights& w, int ab) {
   return s;
 }
 
-__device__ __forceinline__ void BarInit(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(mma::SharedAddress(bar))
-               : "memory");
-}
-__device__ __forceinline__ void BarArriveExpect(uint64_t* bar, uint32_t bytes) {
-  asm volatile(
-      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(mma::SharedAddress(bar)),
-      "r"(bytes)
-      : "memory");
-}
-__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes,
-                                         uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(mma::SharedAddress(dst)),
-      "l"(src), "r"(bytes), "r"(mma::SharedAddress(bar))
-      : "memory");
-}
-__device__ __forceinline__ void BarWait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred done;\n WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      " @!done bra WAIT_%=;\n}\n" ::"r"(mma::SharedAddress(bar)),
-      "r"(parity)
-      : "memory");
-}
-
 template <int kWb, int kAb, bool kStepGroups>
 __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p) {
   constexpr int kPairs = (kWb + 1) / 2;
@@ -153,7 +126,6 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
   uint32_t* my_stage = stages + static_cast<size_t>(warp) * l.slots * slot_words;
   if (lane == 0) {
     for (int s = 0; s < l.slots; ++s) BarInit(&bars[warp][s]);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncwarp();
 
