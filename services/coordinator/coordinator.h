@@ -44,6 +44,7 @@
 #pragma once
 
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -53,6 +54,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/hf_config.h"
@@ -110,11 +112,41 @@ struct GradientFetchPlan {
 
 class Coordinator;
 
+// An upload's staging file in the data directory, owned with its descriptor: written, synced and
+// closed, then renamed into place by Commit; destroyed before that, it is closed and removed.
+class StagingFile {
+ public:
+  StagingFile() = default;
+  StagingFile(const StagingFile&) = delete;
+  StagingFile& operator=(const StagingFile&) = delete;
+  ~StagingFile();
+
+  // Creates (or truncates) `path`; UNAVAILABLE if it cannot.
+  absl::Status Open(std::string path);
+  // Appends `data`. INVALID_ARGUMENT "<what> exceeds its declared size <declared_size>" when the
+  // file would grow past `declared_size` bytes (nothing is written); UNAVAILABLE on a write error.
+  absl::Status Append(const std::string& data, int64_t declared_size, absl::string_view what);
+  // fsyncs and closes the file; UNAVAILABLE if the fsync fails.
+  absl::Status SyncAndClose();
+  // Renames the closed file to `final_path` (whose directory must exist), then syncs that directory
+  // and its parent; UNAVAILABLE if the rename fails. Once committed, the file is not removed.
+  absl::Status Commit(const std::filesystem::path& final_path);
+
+  // The staging path; empty once committed.
+  const std::string& path() const { return path_; }
+  // Bytes appended so far.
+  int64_t written() const { return written_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  int64_t written_ = 0;
+};
+
 // One chunk's activation checkpoint being received (UploadActivations): bytes go to a staging file
 // in the data directory; Coordinator::CommitActivations checks size and hash and commits it.
 class ActivationUpload {
  public:
-  ~ActivationUpload();
   // Appends the next bytes; INVALID_ARGUMENT past the declared size.
   absl::Status Append(const std::string& data);
   const v1::ActivationsHeader& header() const { return header_; }
@@ -123,9 +155,7 @@ class ActivationUpload {
   friend class Coordinator;
   ActivationUpload() = default;
   v1::ActivationsHeader header_;
-  std::string staging_path_;
-  int fd_ = -1;
-  int64_t written_ = 0;
+  StagingFile staging_;
   absl::Time started_;
 };
 
@@ -133,7 +163,6 @@ class ActivationUpload {
 // Coordinator::CommitGradientFile checks size and hash and commits it.
 class GradientUpload {
  public:
-  ~GradientUpload();
   // Appends the next bytes; INVALID_ARGUMENT past the declared size.
   absl::Status Append(const std::string& data);
   const v1::GradientFileHeader& header() const { return header_; }
@@ -142,9 +171,7 @@ class GradientUpload {
   friend class Coordinator;
   GradientUpload() = default;
   v1::GradientFileHeader header_;
-  std::string staging_path_;
-  int fd_ = -1;
-  int64_t written_ = 0;
+  StagingFile staging_;
 };
 
 class Coordinator {

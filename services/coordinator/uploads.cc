@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <set>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -32,39 +33,69 @@ constexpr int64_t kMaxActivationBytes = int64_t{1} << 40;
 // about 2.5 GB.
 constexpr int64_t kMaxGradientFileBytes = int64_t{64} << 30;
 
-// Appends `data` to the staging file `fd` (`path` names it in errors); UNAVAILABLE on a write
-// error.
-absl::Status AppendToFd(int fd, const std::string& path, const std::string& data) {
+}  // namespace
+
+StagingFile::~StagingFile() {
+  if (fd_ >= 0) close(fd_);
+  if (!path_.empty()) {
+    std::error_code ec;
+    fs::remove(path_, ec);
+  }
+}
+
+absl::Status StagingFile::Open(std::string path) {
+  path_ = std::move(path);
+  fd_ = open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    return absl::UnavailableError(absl::StrCat(path_, ": cannot create: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StagingFile::Append(const std::string& data, int64_t declared_size,
+                                 absl::string_view what) {
+  if (written_ + static_cast<int64_t>(data.size()) > declared_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " exceeds its declared size ", declared_size));
+  }
   size_t off = 0;
   while (off < data.size()) {
-    const ssize_t n = write(fd, data.data() + off, data.size() - off);
+    const ssize_t n = write(fd_, data.data() + off, data.size() - off);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return absl::UnavailableError(absl::StrCat(path, ": write failed: ", std::strerror(errno)));
+      return absl::UnavailableError(absl::StrCat(path_, ": write failed: ", std::strerror(errno)));
     }
     off += static_cast<size_t>(n);
   }
+  written_ += static_cast<int64_t>(data.size());
   return absl::OkStatus();
 }
 
-}  // namespace
-
-ActivationUpload::~ActivationUpload() {
-  if (fd_ >= 0) close(fd_);
-  if (!staging_path_.empty()) {
-    std::error_code ec;
-    fs::remove(staging_path_, ec);
+absl::Status StagingFile::SyncAndClose() {
+  if (fsync(fd_) != 0) {
+    return absl::UnavailableError(absl::StrCat(path_, ": fsync failed: ", std::strerror(errno)));
   }
+  close(fd_);
+  fd_ = -1;
+  return absl::OkStatus();
+}
+
+absl::Status StagingFile::Commit(const fs::path& final_path) {
+  std::error_code ec;
+  fs::rename(path_, final_path, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat(final_path.string(), ": rename failed: ", ec.message()));
+  }
+  path_.clear();
+  // Makes the rename durable, and the file's directory too where it was just created.
+  internal::SyncDir(final_path.parent_path());
+  internal::SyncDir(final_path.parent_path().parent_path());
+  return absl::OkStatus();
 }
 
 absl::Status ActivationUpload::Append(const std::string& data) {
-  if (written_ + static_cast<int64_t>(data.size()) > header_.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("activation upload exceeds its declared size ", header_.size()));
-  }
-  QCAL_RETURN_IF_ERROR(AppendToFd(fd_, staging_path_, data));
-  written_ += static_cast<int64_t>(data.size());
-  return absl::OkStatus();
+  return staging_.Append(data, header_.size(), "activation upload");
 }
 
 absl::StatusOr<std::unique_ptr<ActivationUpload>> Coordinator::BeginActivations(
@@ -99,31 +130,22 @@ absl::StatusOr<std::unique_ptr<ActivationUpload>> Coordinator::BeginActivations(
   auto upload = std::unique_ptr<ActivationUpload>(new ActivationUpload());
   upload->header_ = header;
   upload->started_ = absl::Now();
-  upload->staging_path_ = (dir / absl::StrCat(".upload-", header.block(), "-", header.chunk(), "-",
-                                              header.lease().epoch()))
-                              .string();
-  upload->fd_ = open(upload->staging_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (upload->fd_ < 0) {
-    return absl::UnavailableError(
-        absl::StrCat(upload->staging_path_, ": cannot create: ", std::strerror(errno)));
-  }
+  QCAL_RETURN_IF_ERROR(
+      upload->staging_.Open((dir / absl::StrCat(".upload-", header.block(), "-", header.chunk(),
+                                                "-", header.lease().epoch()))
+                                .string()));
   return upload;
 }
 
 absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
     ActivationUpload& upload) {
   const v1::ActivationsHeader& header = upload.header();
-  if (upload.written_ != header.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("activation upload ended at ", upload.written_,
-                                                   " of ", header.size(), " bytes"));
+  if (upload.staging_.written() != header.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "activation upload ended at ", upload.staging_.written(), " of ", header.size(), " bytes"));
   }
-  if (fsync(upload.fd_) != 0) {
-    return absl::UnavailableError(
-        absl::StrCat(upload.staging_path_, ": fsync failed: ", std::strerror(errno)));
-  }
-  close(upload.fd_);
-  upload.fd_ = -1;
-  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(upload.staging_path_));
+  QCAL_RETURN_IF_ERROR(upload.staging_.SyncAndClose());
+  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(upload.staging_.path()));
   if (sha != header.sha256()) {
     return absl::InvalidArgumentError(
         absl::StrCat("activation upload does not match its sha256 (got ", sha, ")"));
@@ -162,14 +184,7 @@ absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
                               absl::StrFormat("chunk-%06d.safetensors", header.chunk());
   std::error_code ec;
   fs::create_directories(final_path.parent_path(), ec);
-  fs::rename(upload.staging_path_, final_path, ec);
-  if (ec) {
-    return absl::UnavailableError(
-        absl::StrCat(final_path.string(), ": rename failed: ", ec.message()));
-  }
-  upload.staging_path_.clear();
-  internal::SyncDir(final_path.parent_path());
-  internal::SyncDir(final_path.parent_path().parent_path());
+  QCAL_RETURN_IF_ERROR(upload.staging_.Commit(final_path));
   ActivationRecord a;
   a.set_block(header.block());
   a.set_chunk(header.chunk());
@@ -195,22 +210,8 @@ absl::StatusOr<v1::UploadActivationsResponse> Coordinator::CommitActivations(
   return response;
 }
 
-GradientUpload::~GradientUpload() {
-  if (fd_ >= 0) close(fd_);
-  if (!staging_path_.empty()) {
-    std::error_code ec;
-    fs::remove(staging_path_, ec);
-  }
-}
-
 absl::Status GradientUpload::Append(const std::string& data) {
-  if (written_ + static_cast<int64_t>(data.size()) > header_.file().size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("gradient file upload exceeds its declared size ", header_.file().size()));
-  }
-  QCAL_RETURN_IF_ERROR(AppendToFd(fd_, staging_path_, data));
-  written_ += static_cast<int64_t>(data.size());
-  return absl::OkStatus();
+  return staging_.Append(data, header_.file().size(), "gradient file upload");
 }
 
 absl::Status Coordinator::CheckGradientOwner(const JobRecord& rec, int rank, int block,
@@ -260,14 +261,9 @@ absl::StatusOr<std::unique_ptr<GradientUpload>> Coordinator::BeginGradientFile(
   if (ec) return absl::UnavailableError(absl::StrCat(dir.string(), ": ", ec.message()));
   auto upload = std::unique_ptr<GradientUpload>(new GradientUpload());
   upload->header_ = header;
-  upload->staging_path_ =
+  QCAL_RETURN_IF_ERROR(upload->staging_.Open(
       (dir / absl::StrCat(".upload-", f.block(), "-", f.linear(), "-", header.lease().epoch()))
-          .string();
-  upload->fd_ = open(upload->staging_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (upload->fd_ < 0) {
-    return absl::UnavailableError(
-        absl::StrCat(upload->staging_path_, ": cannot create: ", std::strerror(errno)));
-  }
+          .string()));
   return upload;
 }
 
@@ -277,17 +273,13 @@ absl::StatusOr<v1::UploadGradientFileResponse> Coordinator::CommitGradientFile(
   const v1::GradientFileManifest& f = header.file();
   const std::string name =
       engine::LinearPrefix(f.block(), engine::kAllLinears[static_cast<size_t>(f.linear())]);
-  if (upload.written_ != f.size()) {
+  if (upload.staging_.written() != f.size()) {
     return absl::InvalidArgumentError(absl::StrCat("gradient file of ", name, " ended at ",
-                                                   upload.written_, " of ", f.size(), " bytes"));
+                                                   upload.staging_.written(), " of ", f.size(),
+                                                   " bytes"));
   }
-  if (fsync(upload.fd_) != 0) {
-    return absl::UnavailableError(
-        absl::StrCat(upload.staging_path_, ": fsync failed: ", std::strerror(errno)));
-  }
-  close(upload.fd_);
-  upload.fd_ = -1;
-  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(upload.staging_path_));
+  QCAL_RETURN_IF_ERROR(upload.staging_.SyncAndClose());
+  QCAL_ASSIGN_OR_RETURN(std::string sha, Sha256File(upload.staging_.path()));
   if (sha != f.sha256()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "gradient file of ", name, " does not match its sha256 ", f.sha256(), " (got ", sha, ")"));
@@ -345,15 +337,7 @@ absl::StatusOr<v1::UploadGradientFileResponse> Coordinator::CommitGradientFile(
       }));
   QCAL_RETURN_IF_ERROR(decode_error);
   const fs::path final_path = fs::path(options_.data_dir) / GradientFile(id, f.block(), f.linear());
-  std::error_code ec;
-  fs::rename(upload.staging_path_, final_path, ec);
-  if (ec) {
-    return absl::UnavailableError(
-        absl::StrCat(final_path.string(), ": rename failed: ", ec.message()));
-  }
-  upload.staging_path_.clear();
-  internal::SyncDir(final_path.parent_path());
-  internal::SyncDir(final_path.parent_path().parent_path());
+  QCAL_RETURN_IF_ERROR(upload.staging_.Commit(final_path));
   store::v1::GradientFileRecord g;
   g.set_block(f.block());
   g.set_layer(f.linear());

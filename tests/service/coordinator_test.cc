@@ -24,6 +24,7 @@
 #include "services/engine/model.h"
 #include "services/engine/pipeline.h"
 #include "tests/service/service_test_util.h"
+#include "tests/support/test_paths.h"
 
 namespace qcal::coordinator {
 namespace {
@@ -970,6 +971,52 @@ TEST_F(CoordinatorTest, EachAttemptExportsIntoItsOwnDirectoryAndLeftoversAreRemo
   EXPECT_FALSE(fs::exists(root / leftover));
   EXPECT_TRUE(fs::exists(root / others));
   EXPECT_FALSE(fs::exists(fs::path(tree_.data) / "artifacts" / id));
+}
+
+// The uploads' staging file: the declared size bounds it (the caller's wording, nothing written
+// past it), a commit renames it into place and keeps it, anything else removes it.
+TEST(StagingFileTest, AppendsUpToTheDeclaredSizeCommitsByRenameAndOtherwiseRemovesTheFile) {
+  const fs::path dir = testing::MakeTempDir("qcal-staging-file");
+  const std::string staged = (dir / ".upload-1").string();
+  const fs::path final_path = dir / "file";
+  {
+    StagingFile file;
+    ASSERT_TRUE(file.Open(staged).ok());
+    ASSERT_TRUE(file.Append("abc", 5, "test upload").ok());
+    const absl::Status past = file.Append("def", 5, "test upload");
+    EXPECT_TRUE(absl::IsInvalidArgument(past));
+    EXPECT_EQ(past.message(), "test upload exceeds its declared size 5");
+    ASSERT_TRUE(file.Append("de", 5, "test upload").ok());
+    EXPECT_EQ(file.written(), 5);
+    ASSERT_TRUE(file.SyncAndClose().ok());
+    ASSERT_TRUE(file.Commit(final_path).ok());
+    EXPECT_TRUE(file.path().empty());
+  }
+  EXPECT_FALSE(fs::exists(staged));
+  EXPECT_EQ(*ReadFileToString(final_path.string()), "abcde");
+
+  {  // Abandoned while open, and after a failed commit.
+    StagingFile open_file;
+    ASSERT_TRUE(open_file.Open(staged).ok());
+    ASSERT_TRUE(open_file.Append("x", 1, "test upload").ok());
+    StagingFile closed_file;
+    const std::string other = (dir / ".upload-2").string();
+    ASSERT_TRUE(closed_file.Open(other).ok());
+    ASSERT_TRUE(closed_file.SyncAndClose().ok());
+    const absl::Status rename = closed_file.Commit(dir / "missing" / "file");
+    EXPECT_TRUE(absl::IsUnavailable(rename)) << rename;
+    EXPECT_EQ(closed_file.path(), other);
+    EXPECT_TRUE(fs::exists(staged));
+    EXPECT_TRUE(fs::exists(other));
+  }
+  EXPECT_FALSE(fs::exists(staged));
+  EXPECT_FALSE(fs::exists(dir / ".upload-2"));
+
+  StagingFile no_dir;
+  const absl::Status open = no_dir.Open((dir / "missing" / ".upload-3").string());
+  EXPECT_TRUE(absl::IsUnavailable(open)) << open;
+  EXPECT_NE(open.message().find(": cannot create: "), std::string::npos) << open;
+  fs::remove_all(dir);
 }
 
 }  // namespace
