@@ -30,30 +30,37 @@ inline constexpr int kMaxTiles = 16;              // tiles a block at most
 inline constexpr int kMaxSlots = 2;               // stage slots a warp at most
 inline constexpr size_t kMaxShared = 224 * 1024;  // dynamic shared memory a block at most
 
-// What the plan needs of a layer: n outputs, words = K / 32 plane words a row (K a multiple of
-// 128), k-groups of group_words words (words when there is one group), wb weight planes, ab
-// activation planes.
+// What the plan needs of a layer: n outputs, k inputs, words = k / 32 plane words a row (k a
+// multiple of 128), k-groups of group_words words (words when there is one group), wb weight
+// planes, ab activation planes, and whether s_w and z come as one word each (meta).
 struct LayerShape {
   int64_t n = 0;
+  int64_t k = 0;
   int words = 0;
   int group_words = 0;
   int n_groups = 0;
   int wb = 0;
   int ab = 0;
+  bool meta = false;
 };
 
 // A launch's geometry and a block's shared-memory layout (byte offsets from the start of dynamic
 // shared memory, each 16-byte aligned). bytes == 0: the shape does not fit.
 struct Layout {
-  int tiles = 0;       // tiles a block
-  int slot_steps = 0;  // units a stage slot holds
-  int slots = 0;       // 1 (a warp's units all resident) or 2 (a ring)
-  int stride = 0;      // words a stage row: an odd multiple of 4, >= 4·slot_steps
-  int pstride = 0;     // words an activation plane row: an odd multiple of 4, >= words
-  int gpart = 0;       // Σa partial slots of a rank: the k-groups its words can touch
-  int grid = 0;        // blocks, a multiple of kCluster
+  int tiles = 0;        // tiles a block
+  int slot_steps = 0;   // units a stage slot holds
+  int slots = 0;        // 1 (a warp's units all resident) or 2 (a ring)
+  int stride = 0;       // words a stage row: an odd multiple of 4, >= 4·slot_steps
+  int pstride = 0;      // words an activation plane row: an odd multiple of 4, >= words
+  int gpart = 0;        // Σa partial slots of a rank: the k-groups its words can touch
+  int grid = 0;         // blocks, a multiple of kCluster
+  int prod_stride = 0;  // doubles an output's row of epilogue products: the odd number > n_groups
+  // Regions: the activation planes [ab][pstride]; the block's sums, s_w (or meta words) and z
+  // (none with meta) [n_groups][nb]; Σa [n_groups]; a rank's partial Σa [gpart]; a flag per
+  // output (an inexact product); the warps' stages, which the epilogue's products [nb][prod_stride]
+  // reuse once the GEMV is done.
   size_t act_off = 0, dot_off = 0, scale_off = 0, zero_off = 0, sum_off = 0, gpart_off = 0,
-         stage_off = 0, bytes = 0;
+         flag_off = 0, stage_off = 0, bytes = 0;
 };
 
 QCAL_HOST_DEVICE constexpr size_t Align16(size_t b) { return (b + 15) / 16 * 16; }
@@ -62,11 +69,12 @@ QCAL_HOST_DEVICE constexpr size_t Align16(size_t b) { return (b + 15) / 16 * 16;
 // rows start in 8 different 4-bank groups, so that a fragment read hits 32 banks.
 QCAL_HOST_DEVICE constexpr int OddQuad(int v) { return (v / 4) % 2 == 1 ? v : v + 4; }
 
-// Whether the plan takes the shape at all (m = 1 is the caller's condition): K a multiple of 128,
-// k-groups of whole steps (or one group), supported widths.
+// Whether the plan takes the shape at all (m = 1 is the caller's condition): K a multiple of 128
+// (whole steps: no padding columns, which x does not have), k-groups of whole steps (or one
+// group), supported widths.
 QCAL_HOST_DEVICE constexpr bool ShapeSupported(const LayerShape& s) {
-  return s.n >= 1 && s.words >= 4 && s.words % 4 == 0 && s.group_words >= 1 &&
-         s.n_groups == (s.words + s.group_words - 1) / s.group_words &&
+  return s.n >= 1 && s.k == int64_t{32} * s.words && s.words >= 4 && s.words % 4 == 0 &&
+         s.group_words >= 1 && s.n_groups == (s.words + s.group_words - 1) / s.group_words &&
          (s.n_groups == 1 || s.group_words % 4 == 0) &&
          (s.wb == 2 || s.wb == 3 || s.wb == 4 || s.wb == 8) && (s.ab == 4 || s.ab == 8);
 }
@@ -103,11 +111,13 @@ inline Layout LayoutFor(const LayerShape& s, int tiles) {
   l.scale_off = off;
   off += Align16(per_out);
   l.zero_off = off;
-  off += Align16(per_out);
+  off += s.meta ? 0 : Align16(per_out);
   l.sum_off = off;
   off += Align16(size_t{4} * s.n_groups);
   l.gpart_off = off;
   off += Align16(size_t{4} * l.gpart);
+  l.flag_off = off;
+  off += Align16(size_t{4} * nb);
   l.stage_off = off;
   if (off >= kMaxShared) return Layout{};
   const size_t avail = (kMaxShared - off) / kWarps;
@@ -123,20 +133,24 @@ inline Layout LayoutFor(const LayerShape& s, int tiles) {
     l.slot_steps = u;
   }
   l.stride = OddQuad(4 * l.slot_steps);
-  l.bytes = off + size_t{kWarps} * l.slots * SlotBytes(s, l.slot_steps);
+  l.prod_stride = s.n_groups % 2 == 0 ? s.n_groups + 1 : s.n_groups + 2;
+  const size_t stages = size_t{kWarps} * l.slots * SlotBytes(s, l.slot_steps);
+  const size_t products = size_t{8} * nb * l.prod_stride;
+  l.bytes = off + (stages > products ? stages : products);
   if (l.bytes > kMaxShared) return Layout{};
   const int64_t blocks = (s.n + nb - 1) / nb;
   l.grid = static_cast<int>((blocks + kCluster - 1) / kCluster * kCluster);
   return l;
 }
 
-// The launch's layout on a device of `sms` multiprocessors: the fewest tiles a block that keep
-// the grid within about one block a multiprocessor (rounded to whole clusters), lowered until the
-// layout fits. bytes == 0 when none does.
-inline Layout ChooseLayout(const LayerShape& s, int sms) {
+// The launch's layout for about `blocks` blocks at once (one a multiprocessor: the device's count
+// rounded down to whole clusters, or what cudaOccupancyMaxActiveClusters allows): the fewest
+// tiles a block that keep the grid within them, lowered until the layout fits. bytes == 0 when
+// none does.
+inline Layout ChooseLayout(const LayerShape& s, int blocks) {
   if (!ShapeSupported(s)) return Layout{};
   const int64_t target =
-      sms / kCluster * kCluster > kCluster ? sms / kCluster * kCluster : kCluster;
+      blocks / kCluster * kCluster > kCluster ? blocks / kCluster * kCluster : kCluster;
   int64_t tiles = (s.n + kTileOuts * target - 1) / (kTileOuts * target);
   if (tiles < 1) tiles = 1;
   if (tiles > kMaxTiles) tiles = kMaxTiles;

@@ -86,15 +86,17 @@ cudaError_t LaunchAbqGemm(AbqMma mma, const AbqDeviceWeights& w, const AbqDevice
                           float* y, int32_t* dot, cudaStream_t stream);
 
 // Whether LaunchAbqFusedGemv takes m tokens of `w` with ab-bit activations: m = 1, ab 4 or 8,
-// K a multiple of 128, k-groups of whole k128 steps (or one group), and a per-block shared memory
-// layout that fits on the current device.
+// K a multiple of 128, k-groups of whole k128 steps (or one group), 16-byte aligned weight
+// arrays, and a per-block shared memory layout of which a cluster fits on the current device.
 bool AbqFusedGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 
 // The whole b1 layer of one token in one launch (abq_gemv_fused.cu): y [w.n] from x [w.k] (fp32,
 // 16-byte aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm(kBinary) bit for bit;
-// dot [w.n][w.n_groups] receives the integer sums when not null. A cluster launch (8 blocks) with
-// programmatic stream serialization. cudaErrorInvalidValue where AbqFusedGemvApplies is false or
-// x is not 16-byte aligned.
+// dot [w.n][w.n_groups] receives the integer sums when not null. x and y must not overlap (some
+// blocks write y while others still read x). A cluster launch (8 blocks) with programmatic stream
+// serialization: it reads the weights before griddepcontrol.wait, so the kernel before it on the
+// stream must not write them (it may write x). cudaErrorInvalidValue where AbqFusedGemvApplies is
+// false or x is not 16-byte aligned.
 cudaError_t LaunchAbqFusedGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
                                int32_t* dot, cudaStream_t stream);
 

@@ -46,9 +46,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "kernels/abq_fused_plan.h"
 #include "kernels/cuda/abq_b1.cuh"
@@ -83,11 +85,13 @@ struct FusedParams {
 abq_fused::LayerShape ShapeOf(const AbqDeviceWeights& w, int ab) {
   abq_fused::LayerShape s;
   s.n = w.n;
+  s.k = w.k;
   s.words = w.words;
   s.group_words = w.group_words;
   s.n_groups = w.n_groups;
   s.wb = w.weight_bits;
   s.ab = ab;
+  s.meta = w.meta != nullptr;
   return s;
 }
 
@@ -130,7 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
   __syncwarp();
 
   // Copies units [ub, ub + cnt) into slot `slot`: for each run of units within one tile, a bulk
-  // copy a plane row (rows of outputs past n are not copied: their sums go to slots nobody reads).
+  // copy a plane row. Rows of outputs past n are not copied: the mma reads whatever the slot
+  // held there (uninitialized the first time, which an initcheck would report), and their sums go
+  // to slots nobody reads.
   auto fill = [&](int slot, int ub, int cnt) {
     uint32_t* dst = my_stage + slot * slot_words;
     uint32_t bytes = 0;
@@ -351,16 +357,23 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
   __syncthreads();  // every dot, scale and zero point in
   if (tiles == 0) return;
 
-  // 5. The epilogue, a warp an output: c_G = dot − z·Σa (int32, wrapping), the products
-  // c_G·s_w in fp64, and their sum in group order, AbqEpilogue's chain. Where the products allow
-  // any order (abq_fused::OrderFree: every addition exact) the lanes add their groups and a
-  // butterfly adds the lanes, which gives the chain's bits; otherwise lane 0 runs the chain.
+  // 5. The epilogue. First every thread forms products for its share of the block's (group,
+  // output) pairs: c_G = dot − z·Σa (int32, wrapping) and c_G·s_w in fp64, stored output-major
+  // (the stages are free now), an inexact product flagging its output. Then a warp an output sums
+  // them in group order, AbqEpilogue's chain: where the products allow any order
+  // (abq_fused::OrderFree: every addition exact) the lanes add their groups and a butterfly adds
+  // the lanes, which gives the chain's bits; otherwise lane 0 runs the chain.
   const int outs = static_cast<int>(std::min<int64_t>(nb, w.n - o0));
-  // c_G and s_w of (group gr, the block's output ol).
-  auto operands = [&](int gr, int ol, uint32_t& d, double& c, double& scale) {
-    const int i = gr * nb + ol;
-    d = static_cast<uint32_t>(s_dot[i]);
+  double* s_prod = reinterpret_cast<double*>(fused_smem + l.stage_off);  // [nb][prod_stride]
+  int* s_inexact = reinterpret_cast<int*>(fused_smem + l.flag_off);      // [nb]
+  for (int i = threadIdx.x; i < nb; i += kThreads) s_inexact[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_groups * nb; i += kThreads) {
+    const int gr = i / nb, ol = i % nb;
+    if (ol >= outs) continue;
+    const uint32_t d = static_cast<uint32_t>(s_dot[i]);
     uint32_t z;
+    double scale;
     if (meta) {
       const uint32_t word = reinterpret_cast<const uint32_t*>(s_scales)[i];
       z = word >> 16;
@@ -370,19 +383,21 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
       z = static_cast<uint32_t>(s_zeros[i]);
       scale = static_cast<double>(s_scales[i]);
     }
-    c = static_cast<double>(static_cast<int32_t>(d - z * static_cast<uint32_t>(s_sums[gr])));
-  };
+    if (p.dot != nullptr) p.dot[(o0 + ol) * n_groups + gr] = static_cast<int32_t>(d);
+    const double c =
+        static_cast<double>(static_cast<int32_t>(d - z * static_cast<uint32_t>(s_sums[gr])));
+    const double prod = __dmul_rn(c, scale);
+    if (__fma_rn(c, scale, -prod) != 0.0) s_inexact[ol] = 1;  // any writer: the same value
+    s_prod[ol * l.prod_stride + gr] = prod;
+  }
+  __syncthreads();
   for (int ol = warp; ol < outs; ol += kWarps) {
+    const double* prods = s_prod + ol * l.prod_stride;
     double part = 0.0, abs_sum = 0.0;
     int emin = INT_MAX;
-    bool exact = true;
+    bool exact = s_inexact[ol] == 0;
     for (int gr = lane; gr < n_groups; gr += 32) {
-      uint32_t d;
-      double c, scale;
-      operands(gr, ol, d, c, scale);
-      if (p.dot != nullptr) p.dot[(o0 + ol) * n_groups + gr] = static_cast<int32_t>(d);
-      const double prod = __dmul_rn(c, scale);
-      exact = exact && __fma_rn(c, scale, -prod) == 0.0;
+      const double prod = prods[gr];
       if (prod != 0.0) {
         const int e = abq_fused::LsbExponent(prod);
         if (e == INT32_MIN) exact = false;
@@ -403,95 +418,139 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
       double sum = part;
       if (!order_free) {
         sum = 0.0;
-        for (int gr = 0; gr < n_groups; ++gr) {
-          uint32_t d;
-          double c, scale;
-          operands(gr, ol, d, c, scale);
-          sum = __dadd_rn(sum, __dmul_rn(c, scale));
-        }
+        for (int gr = 0; gr < n_groups; ++gr) sum = __dadd_rn(sum, prods[gr]);
       }
       p.y[o0 + ol] = __double2float_rn(__dmul_rn(static_cast<double>(s_a), sum));
     }
   }
 }
 
-// Multiprocessors of the current device (cached per device; 0 on error).
+// Multiprocessors of the current device (0 on error).
 int SmCount() {
-  static std::atomic<int> cached[64] = {};
-  int device = 0;
+  int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (device < 64) {
-    const int c = cached[device].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     return 0;
   }
-  if (device < 64) cached[device].store(sms, std::memory_order_relaxed);
   return sms;
 }
 
-// The plan's layout for `w` on the current device; bytes == 0 where it does not apply.
-abq_fused::Layout LayoutOn(const AbqDeviceWeights& w, int64_t m, int ab) {
-  if (m != 1 || !AbqWeightsOk(w)) return abq_fused::Layout{};
-  return abq_fused::ChooseLayout(ShapeOf(w, ab), SmCount());
-}
+using FusedKernel = void (*)(FusedParams);
 
-template <int kWb, int kAb, bool kStepGroups>
-cudaError_t LaunchFused(const FusedParams& p, cudaStream_t stream) {
-  static std::atomic<uint64_t> raised{0};
-  const auto kernel = AbqFusedGemvKernel<kWb, kAb, kStepGroups>;
-  cudaError_t err = RaiseSharedLimit(kernel, p.l.bytes, kMaxShared, raised);
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(p.l.grid));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = p.l.bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kCluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 2;
-  return cudaLaunchKernelEx(&config, kernel, p);
-}
-
+// The kernel for (weight planes, activation planes, one-step k-groups); null for other widths.
 template <int kAb>
-cudaError_t LaunchFusedAb(const FusedParams& p, cudaStream_t stream) {
-  const bool step_groups = p.group_steps == 1;
-  switch (p.w.weight_bits) {
+FusedKernel KernelForAb(int wb, bool step_groups) {
+  switch (wb) {
     case 2:
-      return step_groups ? LaunchFused<2, kAb, true>(p, stream)
-                         : LaunchFused<2, kAb, false>(p, stream);
+      return step_groups ? AbqFusedGemvKernel<2, kAb, true> : AbqFusedGemvKernel<2, kAb, false>;
     case 3:
-      return step_groups ? LaunchFused<3, kAb, true>(p, stream)
-                         : LaunchFused<3, kAb, false>(p, stream);
+      return step_groups ? AbqFusedGemvKernel<3, kAb, true> : AbqFusedGemvKernel<3, kAb, false>;
     case 4:
-      return step_groups ? LaunchFused<4, kAb, true>(p, stream)
-                         : LaunchFused<4, kAb, false>(p, stream);
+      return step_groups ? AbqFusedGemvKernel<4, kAb, true> : AbqFusedGemvKernel<4, kAb, false>;
     case 8:
-      return step_groups ? LaunchFused<8, kAb, true>(p, stream)
-                         : LaunchFused<8, kAb, false>(p, stream);
+      return step_groups ? AbqFusedGemvKernel<8, kAb, true> : AbqFusedGemvKernel<8, kAb, false>;
     default:
-      return cudaErrorInvalidValue;
+      return nullptr;
   }
+}
+FusedKernel KernelFor(int wb, int ab, bool step_groups) {
+  if (ab == 4) return KernelForAb<4>(wb, step_groups);
+  if (ab == 8) return KernelForAb<8>(wb, step_groups);
+  return nullptr;
+}
+
+// The launch configuration: grid, 512 threads, `bytes` of dynamic shared memory, clusters of 8,
+// programmatic stream serialization.
+struct LaunchConfig {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[2];
+  LaunchConfig(int grid, size_t bytes, cudaStream_t stream) {
+    config.gridDim = dim3(static_cast<unsigned>(grid));
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = bytes;
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = 2;
+  }
+};
+
+// Per (device, kernel): whether its shared memory limit was raised to kMaxShared, and how many
+// clusters of it fit on the device at once for a given dynamic shared memory size
+// (cudaOccupancyMaxActiveClusters), so that launches ask the runtime once.
+struct KernelFacts {
+  bool raised = false;
+  std::map<size_t, int> clusters;
+};
+
+// The clusters of `kernel` with `bytes` of dynamic shared memory that fit at once on the current
+// device (0 when none does, or on error).
+int MaxActiveClusters(FusedKernel kernel, size_t bytes) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  static auto* mu = new std::mutex();
+  static auto* facts = new std::map<std::pair<int, FusedKernel>, KernelFacts>();
+  std::lock_guard<std::mutex> lock(*mu);
+  KernelFacts& f = (*facts)[{device, kernel}];
+  if (!f.raised) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kMaxShared)) != cudaSuccess) {
+      return 0;
+    }
+    f.raised = true;
+  }
+  auto it = f.clusters.find(bytes);
+  if (it != f.clusters.end()) return it->second;
+  LaunchConfig lc(kCluster, bytes, nullptr);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc.config) != cudaSuccess) clusters = 0;
+  f.clusters[bytes] = clusters;
+  return clusters;
+}
+
+// The plan for one token of `w` with ab-bit activations on the current device, and its kernel;
+// bytes == 0 where the fused kernel does not apply: m != 1, a shape the plan refuses, operands
+// not 16-byte aligned, or no cluster of its blocks fits on the device. The grid targets one
+// block a multiprocessor, or as many blocks as fit at once when that is fewer (a GPC whose
+// multiprocessors do not divide into clusters of 8 leaves some idle).
+abq_fused::Layout PlanOn(const AbqDeviceWeights& w, int64_t m, int ab, FusedKernel* kernel) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (m != 1 || !AbqWeightsOk(w) || !aligned(w.planes) ||
+      (w.meta != nullptr ? !aligned(w.meta) : !aligned(w.scales) || !aligned(w.zeros))) {
+    return abq_fused::Layout{};
+  }
+  const abq_fused::LayerShape shape = ShapeOf(w, ab);
+  const int group_steps = w.n_groups == 1 ? w.words / 4 : w.group_words / 4;
+  *kernel = KernelFor(w.weight_bits, ab, group_steps == 1);
+  if (*kernel == nullptr) return abq_fused::Layout{};
+  abq_fused::Layout l = abq_fused::ChooseLayout(shape, SmCount());
+  if (l.bytes == 0) return l;
+  const int clusters = MaxActiveClusters(*kernel, l.bytes);
+  if (clusters == 0) return abq_fused::Layout{};
+  if (clusters * kCluster < l.grid) {
+    const abq_fused::Layout fewer = abq_fused::ChooseLayout(shape, clusters * kCluster);
+    if (fewer.bytes > 0 && MaxActiveClusters(*kernel, fewer.bytes) > 0) l = fewer;
+  }
+  return l;
 }
 
 }  // namespace
 
 bool AbqFusedGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab) {
-  return LayoutOn(w, m, ab).bytes > 0;
+  FusedKernel kernel = nullptr;
+  return PlanOn(w, m, ab, &kernel).bytes > 0;
 }
 
 cudaError_t LaunchAbqFusedGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
                                int32_t* dot, cudaStream_t stream) {
   FusedParams p{};
-  p.l = LayoutOn(w, 1, ab);
+  FusedKernel kernel = nullptr;
+  p.l = PlanOn(w, 1, ab, &kernel);
   if (p.l.bytes == 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
   p.w = w;
   p.x = x;
@@ -499,8 +558,8 @@ cudaError_t LaunchAbqFusedGemv(const float* x, const AbqDeviceWeights& w, int ab
   p.dot = dot;
   p.steps = w.words / 4;
   p.group_steps = w.n_groups == 1 ? p.steps : w.group_words / 4;
-  if (ab == 4) return LaunchFusedAb<4>(p, stream);
-  return LaunchFusedAb<8>(p, stream);
+  LaunchConfig lc(p.l.grid, p.l.bytes, stream);
+  return cudaLaunchKernelEx(&lc.config, kernel, p);
 }
 
 }  // namespace qcal::kernels::cuda

@@ -257,10 +257,12 @@ struct CudaAbqLinear::State {
     }
     return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
   }
-  // Whether a whole-layer call of m tokens through `kernel` on x runs the fused kernel.
-  bool Fused(AbqKernel kernel, int64_t m, const float* x) const {
-    return kernel == AbqKernel::kBinaryMma && b1 == B1Kernel::kFused &&
-           reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+  // Whether a whole-layer call of m tokens through `kernel` from x into y runs the fused kernel:
+  // x 16-byte aligned, and x and y apart (its blocks write y while others still read x).
+  bool Fused(AbqKernel kernel, int64_t m, const float* x, const float* y) const {
+    const auto at = [](const float* p) { return reinterpret_cast<uintptr_t>(p); };
+    const bool apart = at(x + m * k) <= at(y) || at(y + m * n) <= at(x);
+    return kernel == AbqKernel::kBinaryMma && b1 == B1Kernel::kFused && at(x) % 16 == 0 && apart &&
            cuda::AbqFusedGemvApplies(Weights(), m, spec.act_bits);
   }
   // The fused layer on weights `w` (this layer's or a copy's) for one token.
@@ -343,7 +345,7 @@ absl::Status CudaAbqLinear::ForwardDevice(const float* x, int64_t m, AbqKernel k
   QCAL_RETURN_IF_ERROR(ValidateAbqShape(st.spec, m, st.n, st.k));
   QCAL_RETURN_IF_ERROR(CheckTokens(m));
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(st.device));
-  if (st.Fused(kernel, m, x)) return st.LaunchFused(st.Weights(), x, y, nullptr);
+  if (st.Fused(kernel, m, x, y)) return st.LaunchFused(st.Weights(), x, y, nullptr);
   // The activations go back to the pool when this returns, before the kernels ran: the pool
   // hands them out again only to work queued behind them on the same stream.
   State::Activations da;
@@ -398,7 +400,7 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Forward(std::span<const float>
   }
   QCAL_RETURN_IF_ERROR(Upload(dx, x, s));
   State::Activations da;
-  if (st.Fused(kernel, m, dx.get())) {
+  if (st.Fused(kernel, m, dx.get(), dy.get())) {
     QCAL_RETURN_IF_ERROR(st.LaunchFused(st.Weights(), dx.get(), dy.get(), ddot.get()));
   } else {
     if (kernel != AbqKernel::kWeightOnly) {
@@ -485,7 +487,7 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   QCAL_ASSIGN_OR_RETURN(DeviceArray<float> dy, Allocate<float>(*st.alloc, m * st.n));
   QCAL_ASSIGN_OR_RETURN(State::Activations da, st.AllocateActivations(m));
   QCAL_RETURN_IF_ERROR(Upload(dx, std::span<const float>(x), s));
-  const bool fused = st.Fused(kernel, m, dx.get());
+  const bool fused = st.Fused(kernel, m, dx.get(), dy.get());
   if (fused && part != Part::kWhole) {
     return absl::InvalidArgumentError(
         "ABQ (CUDA): the fused kernel is one launch; it has no prologue or GEMM to time apart");

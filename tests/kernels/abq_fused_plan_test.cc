@@ -44,6 +44,7 @@ using kernel_tests::Random;
 LayerShape ShapeOf(const AbqWeights& w) {
   LayerShape s;
   s.n = w.n;
+  s.k = w.k;
   s.words = static_cast<int>(w.words);
   s.n_groups = static_cast<int>(w.n_groups);
   s.group_words = w.n_groups == 1 ? s.words : static_cast<int>(AbqGroupSize(w.spec, w.k) / 32);
@@ -58,10 +59,10 @@ void ExpectLayoutSound(const LayerShape& s, const Layout& l, const std::string& 
   const size_t nb = static_cast<size_t>(kTileOuts) * l.tiles;
   const size_t per_out = 4 * nb * s.n_groups;
   const size_t offs[] = {l.act_off, l.dot_off,   l.scale_off, l.zero_off,
-                         l.sum_off, l.gpart_off, l.stage_off};
-  const size_t sizes[] = {4ull * s.ab * l.pstride, per_out,       per_out, per_out,
-                          4ull * s.n_groups,       4ull * l.gpart};
-  for (int i = 0; i < 6; ++i) {
+                         l.sum_off, l.gpart_off, l.flag_off,  l.stage_off};
+  const size_t sizes[] = {4ull * s.ab * l.pstride, per_out,        per_out, s.meta ? 0 : per_out,
+                          4ull * s.n_groups,       4ull * l.gpart, 4 * nb};
+  for (int i = 0; i < 7; ++i) {
     EXPECT_EQ(offs[i] % 16, 0u) << name;
     EXPECT_LE(offs[i] + sizes[i], offs[i + 1]) << name << " region " << i;
   }
@@ -76,6 +77,9 @@ void ExpectLayoutSound(const LayerShape& s, const Layout& l, const std::string& 
   }
   const size_t stages = size_t{kWarps} * l.slots * abq_fused::SlotBytes(s, l.slot_steps);
   EXPECT_LE(l.stage_off + stages, l.bytes) << name;
+  EXPECT_EQ(l.prod_stride % 2, 1) << name;
+  EXPECT_GT(l.prod_stride, s.n_groups) << name;
+  EXPECT_LE(l.stage_off + 8 * nb * l.prod_stride, l.bytes) << name << " (the epilogue's products)";
   EXPECT_LE(l.bytes, abq_fused::kMaxShared) << name;
   EXPECT_EQ(l.grid % kCluster, 0) << name;
   EXPECT_GE(static_cast<int64_t>(l.grid) * static_cast<int64_t>(nb), s.n) << name;
@@ -141,7 +145,8 @@ void ReplayEqualsReference(const Combo& c, int64_t n, int64_t k, int sms, Random
     for (float& v : w.scales) v = RoundToHalf(v);
   }
   const std::vector<float> x = RandomX(1, k, rng);
-  const LayerShape s = ShapeOf(w);
+  LayerShape s = ShapeOf(w);
+  s.meta = fp16_scales;  // CudaAbqLinear makes the meta words exactly then
   const Layout l = abq_fused::ChooseLayout(s, sms);
   ASSERT_GT(l.bytes, 0u) << name;
   ExpectLayoutSound(s, l, name);
@@ -423,18 +428,41 @@ TEST(AbqFusedPlanTest, OrderFreeSumEqualsTheChain) {
   run({123456}, {0.125}, 1, "one group");
 }
 
-// What the plan refuses: K off the 128-column steps, k-groups shorter than a step.
+// What the plan refuses: K off the 128-column steps (x has no padding columns to read), k-groups
+// shorter than a step, unsupported widths.
 TEST(AbqFusedPlanTest, RefusesShapesItCannotCut) {
-  LayerShape s{37, 30, 30, 1, 4, 8};  // K = 960: not whole steps
+  // n, k, words, group_words, n_groups, wb, ab, meta
+  LayerShape s{37, 960, 30, 30, 1, 4, 8, false};  // K = 960: not whole steps
   EXPECT_FALSE(abq_fused::ShapeSupported(s));
   EXPECT_EQ(abq_fused::ChooseLayout(s, 132).bytes, 0u);
-  s = {37, 32, 1, 32, 4, 8};  // group 32: a group is one word
+  s = {37, 1000, 32, 32, 1, 4, 8, false};  // K = 1000: 32 words, but 24 of their columns absent
   EXPECT_FALSE(abq_fused::ShapeSupported(s));
-  s = {37, 32, 4, 8, 5, 8};  // 5 weight planes
+  EXPECT_EQ(abq_fused::ChooseLayout(s, 132).bytes, 0u);
+  s = {37, 1024, 32, 1, 32, 4, 8, false};  // group 32: a group is one word
   EXPECT_FALSE(abq_fused::ShapeSupported(s));
-  s = {37, 32, 4, 8, 4, 8};
+  s = {37, 1024, 32, 4, 8, 5, 8, false};  // 5 weight planes
+  EXPECT_FALSE(abq_fused::ShapeSupported(s));
+  s = {37, 1024, 32, 4, 8, 4, 8, false};
   EXPECT_TRUE(abq_fused::ShapeSupported(s));
   EXPECT_GT(abq_fused::ChooseLayout(s, 132).bytes, 0u);
+}
+
+// With s_w and z as one word (meta) the zero points take no shared memory, which leaves the
+// stages more room: on LLaMA-70B's down projection at W4A8 g128, at the same tiles a block, a
+// warp's slots grow, and the launch's choice can keep more tiles a block (fewer blocks).
+TEST(AbqFusedPlanTest, MetaWordsFreeSharedMemory) {
+  LayerShape s{8192, 28672, 896, 4, 224, 4, 8, false};
+  const Layout plain = abq_fused::LayoutFor(s, 4), plain_choice = abq_fused::ChooseLayout(s, 128);
+  s.meta = true;
+  const Layout meta = abq_fused::LayoutFor(s, 4), meta_choice = abq_fused::ChooseLayout(s, 128);
+  ASSERT_GT(plain.bytes, 0u);
+  ASSERT_GT(meta.bytes, 0u);
+  EXPECT_EQ(meta.stage_off + 4ull * 224 * 8 * 4, plain.stage_off);
+  EXPECT_GT(meta.slot_steps, plain.slot_steps);
+  ExpectLayoutSound(s, meta, "70B down W4A8 g128, meta");
+  ASSERT_GT(plain_choice.bytes, 0u);
+  ASSERT_GT(meta_choice.bytes, 0u);
+  EXPECT_GE(meta_choice.tiles, plain_choice.tiles);
 }
 
 }  // namespace
