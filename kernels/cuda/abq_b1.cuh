@@ -148,4 +148,15 @@ cudaError_t LaunchAbqBinaryGemv(const AbqDeviceWeights& w, const uint32_t* a_pla
                                 const float* a_scales, const int32_t* a_sums, int64_t m, int ab,
                                 float* y, int32_t* dot, cudaStream_t stream);
 
+// Whether the b1 decode kernel (abq_decode.cu) takes an m-token GEMM of `w` with ab-bit
+// activations: m <= kAbqDecodeTokens, k-groups of whole k128 steps (or one group), and its shared
+// memory (the ring of stages, and s_w, z and Σa of every k-group) within its bound.
+bool AbqDecodeApplies(const AbqDeviceWeights& w, int64_t m, int ab);
+
+// y and dot (when not null) as LaunchAbqGemm's, by the b1 decode kernel; cudaErrorInvalidValue
+// where AbqDecodeApplies is false.
+cudaError_t LaunchAbqBinaryDecode(const AbqDeviceWeights& w, const uint32_t* a_planes,
+                                  const float* a_scales, const int32_t* a_sums, int64_t m, int ab,
+                                  float* y, int32_t* dot, cudaStream_t stream);
+
 }  // namespace qcal::kernels::cuda

@@ -22,7 +22,7 @@
 // per channel): a block of 4 warps streams 4 tiles of 16 weight rows over all of K through a
 // multi-stage cp.async ring in shared memory (the weights' copies start before the prologue is
 // done); each warp reduces its k-steps' counts in registers and runs the fp64 epilogue per k-group
-// in order as the groups end (abq_gemm.cu, "b1 decode"). Where it does not apply (other groups,
+// in order as the groups end (abq_decode.cu). Where it does not apply (other groups,
 // shared memory beyond its bound) kBinary runs the tiled kernel below.
 // Tiled kernels: a block of 16 warps owns 16 weight rows (b1: 16/wb outputs × wb planes; int8 and
 // A16: 16 outputs) and up to 16 tokens over all of K; grid.x walks the outputs, grid.y the tokens
