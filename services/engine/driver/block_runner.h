@@ -11,6 +11,15 @@
 //     CollectFullPrecisionPartials → (Complete → Solve → Install) per group → PushBlock
 //   Finish: the block's results, in forward order.
 //
+// The class is implemented by room, in services/engine/driver/: block_runner.cc the frame
+// (construction, Run, Begin, Finish, Install, Push, PushBlock, moving the chunks' hidden states);
+// block_statistics.cc the calibration statistics (CollectPartials, CollectFullPrecisionPartials,
+// Complete, the combines); block_smoothing.cc the smoothing phases; block_solve.cc the solve of a
+// block's linears (GPTQ or RTN, output errors, error reconstruction); block_oac.cc where
+// output-adaptive Hessians enter (SmoothLinearOac, each linear's factor and their prefetch);
+// block_moe.cc the mixture-of-experts phases; block_retrain.cc retraining.
+// block_runner_internal.h holds the helpers they share.
+//
 // Statistics (DESIGN section 2, step 3.2). The runner holds the chunks CalibActivations names
 // (a gang member's contiguous range, or all of them). Every statistic (the Gram matrix XᵀX of each
 // linear input, the smoothing ActivationStats, the diagonal whitening's ActivationStats) is formed

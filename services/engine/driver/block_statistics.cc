@@ -1,0 +1,151 @@
+// BlockRunner's calibration statistics (block_runner.h, "Statistics"): each chunk's Gram matrix
+// and |x| statistics of a linear input, this rank's partials and their completion by the canonical
+// reduction.
+#include <array>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "services/engine/driver/block_runner.h"
+
+namespace qcal::engine {
+
+Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend) {
+  return [&backend](InputStatistics& left, const InputStatistics& right) -> absl::Status {
+    if (left.input != right.input || left.gram.shape() != right.gram.shape() ||
+        left.abs_stats.has_value() != right.abs_stats.has_value()) {
+      return absl::InvalidArgumentError(
+          "partial statistics of different inputs or shapes cannot be summed");
+    }
+    QCAL_RETURN_IF_ERROR(backend.Add(right.gram, left.gram));
+    if (left.abs_stats) QCAL_RETURN_IF_ERROR(left.abs_stats->Merge(*right.abs_stats));
+    return absl::OkStatus();
+  };
+}
+
+Combine<ActivationStats> ActivationStatsCombine() {
+  return [](ActivationStats& left, const ActivationStats& right) { return left.Merge(right); };
+}
+
+// The group's input is computed from each chunk's current hidden state: the normed block input
+// (q/k/v), the attention output through the installed q/k/v (o), the normed post-attention
+// residual (gate/up) or the MLP product through the installed gate/up (down). The last two of
+// these are what Push(kO) and Push(kDown) add projections of: kept for them while they fit.
+absl::StatusOr<InputPartials> BlockRunner::CollectPartials(LinearInput group) {
+  TreeAccumulator<InputStatistics> acc = NewInputAccumulator();
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
+    Tensor x;
+    switch (group) {
+      case LinearInput::kQkv:
+      case LinearInput::kGateUp: {
+        QCAL_ASSIGN_OR_RETURN(x, model_.NormedInput(b_, h, group));
+        break;
+      }
+      case LinearInput::kO: {
+        QCAL_ASSIGN_OR_RETURN(x, AttentionOf(h, c));
+        break;
+      }
+      case LinearInput::kDown: {
+        QCAL_ASSIGN_OR_RETURN(x, MlpOf(h));
+        break;
+      }
+    }
+    QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+    QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(group, x));
+    QCAL_RETURN_IF_ERROR(acc.Add(std::move(partial)));
+    QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+    if ((group == LinearInput::kO || group == LinearInput::kDown) && KeepOnDevice()) {
+      kept_[c] = std::move(x);
+    }
+  }
+  return acc.Finish();
+}
+
+absl::StatusOr<std::array<InputPartials, kNumLinearInputs>>
+BlockRunner::CollectFullPrecisionPartials() {
+  std::vector<TreeAccumulator<InputStatistics>> acc;
+  for (int i = 0; i < kNumLinearInputs; ++i) acc.push_back(NewInputAccumulator());
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    QCAL_ASSIGN_OR_RETURN(Tensor hidden, FetchCopy(c));
+    auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
+      QCAL_RETURN_IF_ERROR(Charge(t_.forward));
+      QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(in, x));
+      QCAL_RETURN_IF_ERROR(acc[static_cast<size_t>(in)].Add(std::move(partial)));
+      QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+      // Stop the forward once the last input has been seen.
+      if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
+      return absl::OkStatus();
+    };
+    QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
+  }
+  std::array<InputPartials, kNumLinearInputs> out;
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    QCAL_ASSIGN_OR_RETURN(out[static_cast<size_t>(i)], acc[static_cast<size_t>(i)].Finish());
+  }
+  return out;
+}
+
+absl::StatusOr<InputStatistics> BlockRunner::Complete(LinearInput group, InputPartials all) {
+  auto stats = CompleteTree(std::move(all), acts_.total_chunks, InputStatisticsCombine(be_));
+  if (!stats.ok()) {
+    return Annotate(stats.status(),
+                    absl::StrCat("block ", b_, ": statistics of input ", LinearInputName(group)));
+  }
+  if (stats->input != group) {
+    return absl::InvalidArgumentError(absl::StrCat("block ", b_, ": statistics of input ",
+                                                   LinearInputName(stats->input), " given as ",
+                                                   LinearInputName(group)));
+  }
+  QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
+  return stats;
+}
+
+// The canonical reduction over this rank's chunks.
+TreeAccumulator<InputStatistics> BlockRunner::NewInputAccumulator() {
+  const int begin = acts_.first_chunk;
+  return TreeAccumulator<InputStatistics>(begin, begin + static_cast<int>(acts_.chunks.size()),
+                                          acts_.total_chunks, InputStatisticsCombine(be_));
+}
+
+// One chunk's statistics of input `in`: xᵀx in a zeroed tensor and, with LQER's diagonal
+// whitening, the chunk's |x| statistics.
+absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, const Tensor& x,
+                                                             int64_t width) {
+  InputStatistics stats;
+  stats.input = in;
+  if (width == 0) width = widths_[static_cast<int>(in)];
+  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
+  if (!x.defined()) return stats;
+  QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, stats.gram));
+  if (recipe_.error_reconstruction.enabled &&
+      recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
+    QCAL_ASSIGN_OR_RETURN(stats.abs_stats, ChunkAbsStats(in, x));
+  }
+  return stats;
+}
+
+// The |x| statistics of x, one chunk of input `in`.
+absl::StatusOr<ActivationStats> BlockRunner::ChunkAbsStats(LinearInput in, const Tensor& x) {
+  ActivationStats s(widths_[static_cast<int>(in)]);
+  if (SmoothingOnDevice(be_)) {
+    // On the device: only the per-channel totals come back.
+    QCAL_ASSIGN_OR_RETURN(kernels::ChannelStats c, be_.ChannelAbsStats(x, acts_.seq_len));
+    if (c.first_bad_column >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", b_, ": activation statistics: channel ", c.first_bad_column,
+                       " of a linear input holds a value that is not finite"));
+    }
+    QCAL_RETURN_IF_ERROR(Annotate(s.AddTotals(c.max_abs, c.sum_abs, c.tokens, c.skipped),
+                                  absl::StrCat("block ", b_)));
+    return s;
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor host, be_.ToHost(x));
+  QCAL_RETURN_IF_ERROR(
+      Annotate(s.Accumulate(host.data<float>(), host.dim(0), host.dim(1), acts_.seq_len),
+               absl::StrCat("block ", b_)));
+  return s;
+}
+
+}  // namespace qcal::engine
