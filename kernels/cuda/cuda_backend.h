@@ -14,6 +14,10 @@
 //
 // The driver library (libcuda) is never linked: on a machine without a GPU the runtime reports an
 // error from cudaGetDeviceCount, CudaDeviceCount() returns 0 and GPU tests skip.
+//
+// The implementation: the class in cuda_backend_internal.h, its members by room in cuda_backend.cc
+// (construction, memory, transfers), cuda_backend_forward.cc, cuda_backend_attention.cc,
+// cuda_backend_train.cc and cuda_backend_quant.cc.
 #pragma once
 
 #include <memory>
