@@ -5,12 +5,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/cli_parse.h"
 #include "common/files.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -217,10 +219,9 @@ int main(int argc, char** argv) {
   app.add_option("--tls-client-ca", flags.tls.client_ca,
                  "CA for client certificates (PEM); turns mTLS on");
   app.add_flag("-v,--verbose", flags.verbose, "Verbose logging");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+  if (const std::optional<int> status =
+          qcal::ParseCommandLine(app, argc, argv, "qcal-coordinator")) {
+    return *status;
   }
   qcal::InitLogging(flags.verbose);
   if (check_store) return qcal::coordinator::CheckStoreMain(options.data_dir);

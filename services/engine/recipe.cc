@@ -272,10 +272,10 @@ absl::Status Recipe::Validate() const {
   return absl::OkStatus();
 }
 
-absl::Status Recipe::CheckForModel(const ModelConfig& config) const {
+absl::Status Recipe::CheckForModel(const ModelConfig& config, const std::string& source) const {
   if (!config.moe()) {
     if (!moe) return absl::OkStatus();
-    return KeyError("recipe", "moe",
+    return KeyError(source, "moe",
                     absl::StrCat("is for mixture-of-experts models; this model (",
                                  config.model_type, ") is dense"));
   }
@@ -283,22 +283,22 @@ absl::Status Recipe::CheckForModel(const ModelConfig& config) const {
                                        "): phase 2 calibrates experts with GPTQ or RTN only");
   if (smoothing.enabled()) {
     return KeyError(
-        "recipe", "smoothing.method",
+        source, "smoothing.method",
         absl::StrCat("must be none", why, ", got \"", RecipeName(smoothing.method), "\""));
   }
   if (error_reconstruction.enabled) {
-    return KeyError("recipe", "error_reconstruction",
+    return KeyError(source, "error_reconstruction",
                     absl::StrCat("must be absent", why,
                                  " (PEFT cannot address one expert's linear of a transformers 5 "
                                  "model: docs/MOE.md)"));
   }
   if (hessian != HessianKind::kLayer) {
-    return KeyError("recipe", "hessian",
+    return KeyError(source, "hessian",
                     absl::StrCat("must be layer", why, ", got \"", RecipeName(hessian), "\""));
   }
-  if (retrain.enabled) return KeyError("recipe", "retrain", absl::StrCat("must be absent", why));
+  if (retrain.enabled) return KeyError(source, "retrain", absl::StrCat("must be absent", why));
   if (!gptq.true_sequential) {
-    return KeyError("recipe", "gptq.true_sequential",
+    return KeyError(source, "gptq.true_sequential",
                     absl::StrCat("must be true", why,
                                  " (each expert's down_proj statistics follow its quantized "
                                  "gate/up_proj)"));
@@ -306,8 +306,8 @@ absl::Status Recipe::CheckForModel(const ModelConfig& config) const {
   return absl::OkStatus();
 }
 
-absl::Status Recipe::ResolveForModel(const ModelConfig& config) {
-  QCAL_RETURN_IF_ERROR(CheckForModel(config));
+absl::Status Recipe::ResolveForModel(const ModelConfig& config, const std::string& source) {
+  QCAL_RETURN_IF_ERROR(CheckForModel(config, source));
   if (config.moe() && !moe) moe = MoeRecipe{};
   return absl::OkStatus();
 }

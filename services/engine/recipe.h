@@ -174,10 +174,11 @@ struct Recipe {
   // do on experts (smoothing.method other than none, error_reconstruction, hessian other than
   // layer, retrain, gptq.true_sequential false: InvalidArgument naming the key and the model
   // type); for a dense model, refuses a `moe` section (InvalidArgument naming the key).
-  absl::Status ResolveForModel(const ModelConfig& config);
+  // `source` names the recipe in errors (its file, where the caller knows it).
+  absl::Status ResolveForModel(const ModelConfig& config, const std::string& source = "recipe");
   // The refusals of ResolveForModel alone, for a recipe already resolved (entry points that take a
   // recipe and a model: the block driver, QuantizeModel, the export).
-  absl::Status CheckForModel(const ModelConfig& config) const;
+  absl::Status CheckForModel(const ModelConfig& config, const std::string& source = "recipe") const;
   // Sorted-key JSON with every default filled in. `retrain` and `moe` appear only when the section
   // is present, so recipes without them keep the hashes they had before the sections existed.
   nlohmann::json ToCanonicalJson() const;

@@ -1,10 +1,12 @@
 // qcal-worker: runs quantization jobs for a qcal-coordinator (one job at a time). Flags map onto
 // WorkerOptions here and nowhere else. SIGTERM or SIGINT stop it at the next block boundary.
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/cli_parse.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "services/common/fault_injection.h"
@@ -73,10 +75,8 @@ int main(int argc, char** argv) {
   app.add_option("--tls-server-name", o.coordinator.tls_server_name,
                  "Name expected in the coordinator's certificate");
   app.add_flag("-v,--verbose", verbose, "Verbose logging");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+  if (const std::optional<int> status = qcal::ParseCommandLine(app, argc, argv, "qcal-worker")) {
+    return *status;
   }
   qcal::InitLogging(verbose);
   absl::Status s = qcal::worker::Run(o, timeout_seconds, peer_timeout_seconds);

@@ -265,22 +265,28 @@ TEST_F(CliTest, MissingTextFile) {
                      {Path("absent.txt")});
 }
 
+// Usage errors (the option parser's) follow DESIGN section 6 too: a non-zero exit, nothing on
+// stdout, one stderr line naming the option; --help is not an error.
 TEST_F(CliTest, UsageErrorsGoToStderr) {
-  const RunResult missing = RunQcal({"eval", "--model", Path("m")});
-  EXPECT_TRUE(missing.exited);
-  EXPECT_NE(missing.exit_code, 0);
-  EXPECT_EQ(missing.out, "");
-  EXPECT_THAT(missing.err, HasSubstr("--text"));
-  const RunResult unknown = RunQcal({"frobnicate"});
-  EXPECT_TRUE(unknown.exited);
-  EXPECT_NE(unknown.exit_code, 0);
-  EXPECT_EQ(unknown.out, "");
-  const RunResult range =
-      RunQcal({"eval", "--model", Path("m"), "--text", Path("t"), "--seq-len", "1"});
-  EXPECT_TRUE(range.exited);
-  EXPECT_NE(range.exit_code, 0);
-  EXPECT_EQ(range.out, "");
-  EXPECT_THAT(range.err, HasSubstr("--seq-len"));
+  auto expect_usage_error = [](const RunResult& r, const std::string& culprit) {
+    EXPECT_TRUE(r.exited);
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_EQ(r.out, "");
+    EXPECT_THAT(r.err, StartsWith("qcal: error: "));
+    EXPECT_THAT(r.err, HasSubstr(culprit));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  };
+  expect_usage_error(RunQcal({"eval", "--model", Path("m")}), "--text");
+  expect_usage_error(RunQcal({"frobnicate"}), "frobnicate");
+  expect_usage_error(RunQcal({"eval", "--model", Path("m"), "--text", Path("t"), "--seq-len", "1"}),
+                     "--seq-len");
+  // CLI11 alone would take -1 as 2^64 - 1.
+  expect_usage_error(RunQcal({"synth", "--out", Path("s"), "--seed", "-1"}),
+                     "--seed: must be a non-negative integer, got -1");
+  const RunResult help = RunQcal({"eval", "--help"});
+  EXPECT_TRUE(help.exited);
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_THAT(help.out, HasSubstr("--compute-dtype"));
 }
 
 // The subcommand names listed under "Subcommands:" in `qcal --help`.

@@ -1,5 +1,6 @@
 #include <cstdio>
 
+#include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "services/engine/export/abq_checkpoint.h"
@@ -7,12 +8,22 @@
 
 namespace qcal::cli {
 
+CLI::Validator NonNegativeInteger() {
+  return CLI::Validator(
+      [](const std::string& v) {
+        const bool digits = !v.empty() && v.find_first_not_of("0123456789") == std::string::npos;
+        return digits ? std::string() : absl::StrCat("must be a non-negative integer, got ", v);
+      },
+      "UINT");
+}
+
 void DeviceFlags::Add(CLI::App& app) {
   app.add_option("--device", device,
                  "cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)");
   app.add_option("--compute-dtype", compute_dtype,
-                 "GEMM operand precision: f32, or bf16 (bf16 operands, fp32 accumulation; the GPU "
-                 "fast path)")
+                 absl::StrCat("GEMM operand precision: f32, or bf16 (bf16 operands, fp32 "
+                              "accumulation; the GPU fast path) (default: ",
+                              compute_dtype, ")"))
       ->check(CLI::IsMember({"f32", "bf16"}));
   app.add_option("--threads", threads, "CPU threads (default: number of cores)")
       ->check(CLI::NonNegativeNumber);
@@ -32,7 +43,8 @@ void KernelFlags::Add(CLI::App& app) {
   app.add_option("--kernels", mode,
                  "How quantized linears run: dequant (dequantized at load, dense GEMMs: the "
                  "reference) or abq (GPTQ v1 checkpoints repacked into bit planes at load and run "
-                 "by the ABQ kernels; refusals in docs/OPERATIONS.md)")
+                 "by the ABQ kernels; what they refuse: README, \"Quantized inference with the ABQ "
+                 "kernels\")")
       ->check(CLI::IsMember({"dequant", "abq"}));
   abq_kernel_option =
       app.add_option("--abq-kernel", abq_kernel,

@@ -534,7 +534,8 @@ RunFn AddBench(CLI::App& app) {
                  "Blocks to quantize; fewer than the model has extrapolates the total "
                  "(default: all for 7b and 13b, 3 for 70b, mixtral-8x7b and qwen3-30b-a3b)")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)");
+  app.add_option("--seed", a->seed, "Seed of the random weights and tokens (default: 0)")
+      ->check(NonNegativeInteger());
   app.add_flag("--retrain-profile", a->retrain_profile,
                "With a retraining recipe: time the parts of every training step (synchronizes "
                "the device several times a step, which adds to the block times)");

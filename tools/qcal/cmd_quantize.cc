@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "common/hf_config.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
@@ -32,6 +33,12 @@ struct QuantizeArgs {
 
 absl::Status RunQuantize(QuantizeArgs& a) {
   QCAL_ASSIGN_OR_RETURN(a.job.recipe, engine::LoadRecipeFile(a.recipe_path));
+  // What the model refuses of the recipe, named by the recipe's file before the job starts (the
+  // job would name only its spec). A model directory that does not load is the job's to report.
+  if (absl::StatusOr<ModelConfig> config = LoadModelConfig(a.job.model_dir); config.ok()) {
+    engine::Recipe resolved = a.job.recipe;
+    QCAL_RETURN_IF_ERROR(resolved.ResolveForModel(*config, a.recipe_path));
+  }
   QCAL_ASSIGN_OR_RETURN(kernels::BackendOptions bo, a.dev.ToOptions());
   a.job.device = bo.device;
   a.job.threads = bo.threads;
@@ -123,7 +130,8 @@ RunFn AddQuantize(CLI::App& app) {
   app.add_option("--seq-len", j.seq_len, "Calibration sample length L in tokens (BOS included)")
       ->required()
       ->check(CLI::Range(2, 1 << 20));
-  app.add_option("--seed", j.seed, "Calibration sampling seed (default: 0)");
+  app.add_option("--seed", j.seed, "Calibration sampling seed (default: 0)")
+      ->check(NonNegativeInteger());
   app.add_option("--out", j.out_dir,
                  "Output directory (written to a temporary directory, then renamed)")
       ->required();

@@ -132,7 +132,8 @@ RunFn AddSubmit(CLI::App& app) {
   app.add_option("--seq-len", a->seq_len, "Calibration sample length L in tokens (BOS included)")
       ->required()
       ->check(CLI::Range(2, 1 << 20));
-  app.add_option("--seed", a->seed, "Calibration sampling seed (default 0)");
+  app.add_option("--seed", a->seed, "Calibration sampling seed (default 0)")
+      ->check(NonNegativeInteger());
   app.add_option("--threads", a->threads,
                  "Threads the job runs with (default: the first worker's --threads)")
       ->check(CLI::Range(1, 4096));

@@ -96,11 +96,7 @@ RunFn AddSynth(CLI::App& app) {
                  "presets)")
       ->check(CLI::IsMember({"f32", "bf16"}));
   app.add_option("--seed", a->seed, "Seed of the weights and the generated texts (default 0)")
-      ->check([](const std::string& v) {
-        // CLI11 would wrap "-1" to 2^64 - 1.
-        return !v.empty() && v[0] == '-' ? std::string("must be a non-negative integer")
-                                         : std::string();
-      });
+      ->check(NonNegativeInteger());
   app.add_option("--shard-size", a->shard_size,
                  "Largest safetensors shard, in bytes (default 5000000000); 0 writes one "
                  "model.safetensors")

@@ -71,6 +71,10 @@ class ProgressPrinter {
 // OK for a SUCCEEDED job; otherwise an error naming the job, its state and its error.
 absl::Status FinalJobStatus(const v1::Job& job);
 
+// A CLI11 check for seeds and counts parsed into unsigned integers, which CLI11 itself would let
+// wrap ("-1" becomes 2^64 − 1): digits only, else "must be a non-negative integer, got V".
+CLI::Validator NonNegativeInteger();
+
 // --device, --compute-dtype and --threads, shared by every command that computes.
 struct DeviceFlags {
   std::string device = "auto";        // auto: cuda when a GPU is present, else cpu

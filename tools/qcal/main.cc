@@ -1,8 +1,10 @@
 // qcal: the command-line front end.
 #include <cstdio>
 #include <map>
+#include <optional>
 #include <string>
 
+#include "common/cli_parse.h"
 #include "common/logging.h"
 #include "tools/qcal/commands.h"
 
@@ -24,7 +26,9 @@ int main(int argc, char** argv) {
       qcal::cli::AddTokenize);
   add("quantize", "Quantize a checkpoint locally (RTN or GPTQ) and export it",
       qcal::cli::AddQuantize);
-  add("synth", "Write a synthetic Llama-architecture checkpoint with a trained tokenizer",
+  add("synth",
+      "Write a synthetic checkpoint (Llama, Llama 3, Qwen2, Qwen3, Mistral or a mixture of "
+      "experts: --arch) with a trained tokenizer",
       qcal::cli::AddSynth);
 #if QCAL_WITH_SERVICE
   add("submit", "Submit a quantization job to a qcal-coordinator", qcal::cli::AddSubmit);
@@ -33,13 +37,14 @@ int main(int argc, char** argv) {
   add("cancel", "Cancel a job (at the next block boundary when running)", qcal::cli::AddCancel);
   add("watch", "Follow a job's progress until it finishes", qcal::cli::AddWatch);
 #endif
-  add("bench", "Time GPTQ W4 g128 of a synthetic 7B- or 70B-shaped model (no disk I/O)",
+  add("bench",
+      "Benchmarks on synthetic weights (no disk I/O): a whole quantization job of a 7B-, 13B- "
+      "or 70B-shaped or mixture-of-experts model (--shape, --recipe; default GPTQ W4 g128), "
+      "error reconstruction (--er), the ABQ GEMMs (--abq) or decoding (--decode)",
       qcal::cli::AddBench);
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+  if (const std::optional<int> status = qcal::ParseCommandLine(app, argc, argv, "qcal")) {
+    return *status;
   }
   qcal::InitLogging(verbose);
   for (auto& [sub, run] : commands) {
