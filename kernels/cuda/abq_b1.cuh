@@ -88,6 +88,16 @@ __device__ __forceinline__ uint32_t ActPlaneWeight(int i) {
   return i == kAb - 1 ? 0u - (1u << i) : 1u << i;
 }
 
+// A lane's part of a k-group's dot from the counts c of one b1 mma whose A rows g and g + 8 are
+// weight planes 2q and 2q + 1 of one output and whose B columns 2·t4 and 2·t4 + 1 carry activation
+// plane weights wt0 and wt1 (ActPlaneWeight): the counts times their plane weights, modulo 2^32.
+__device__ __forceinline__ uint32_t PlanePairDot(const int (&c)[4], int q, uint32_t wt0,
+                                                 uint32_t wt1) {
+  const uint32_t lo = static_cast<uint32_t>(c[0]) * wt0 + static_cast<uint32_t>(c[1]) * wt1;
+  const uint32_t hi = static_cast<uint32_t>(c[2]) * wt0 + static_cast<uint32_t>(c[3]) * wt1;
+  return (lo << (2 * q)) + (hi << (2 * q + 1));
+}
+
 // A kernel launched with programmatic stream serialization: it may start while the prologue
 // before it on the stream runs (fetching its weights), which hides most of a launch's latency;
 // griddepcontrol.wait orders its reads of the activations after the prologue.

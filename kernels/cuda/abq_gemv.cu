@@ -215,13 +215,7 @@ __global__ void __launch_bounds__(kGemvThreads,
   // reduced dot of its quad (ab = 8) or lane pair (ab = 4).
   auto c_tok = [&](int nt) { return kAb == 8 ? nt : 2 * nt + (t4 >> 1); };
   const bool writer = kAb == 8 ? t4 == 0 : (t4 & 1) == 0;
-  // A lane's part of a k-group's dot from counts c (rows g, g + 8: planes 2q, 2q + 1; columns
-  // 2·t4, 2·t4 + 1) times their plane weights, modulo 2^32.
-  auto part = [&](const int(&c)[4], int q) {
-    const uint32_t lo = static_cast<uint32_t>(c[0]) * wt0 + static_cast<uint32_t>(c[1]) * wt1;
-    const uint32_t hi = static_cast<uint32_t>(c[2]) * wt0 + static_cast<uint32_t>(c[3]) * wt1;
-    return (lo << (2 * q)) + (hi << (2 * q + 1));
-  };
+  auto part = [&](const int(&c)[4], int q) { return PlanePairDot(c, q, wt0, wt1); };
   auto reduce = [&](uint32_t v) {
     v += __shfl_xor_sync(kFull, v, 1);
     if (kAb == 8) v += __shfl_xor_sync(kFull, v, 2);

@@ -275,11 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
   // 4. The GEMV over the warp's units.
   const uint32_t wt0 = ActPlaneWeight<kAb>((2 * t4) % kAb);
   const uint32_t wt1 = ActPlaneWeight<kAb>((2 * t4 + 1) % kAb);
-  auto part = [&](const int(&c)[4], int q) {
-    const uint32_t lo = static_cast<uint32_t>(c[0]) * wt0 + static_cast<uint32_t>(c[1]) * wt1;
-    const uint32_t hi = static_cast<uint32_t>(c[2]) * wt0 + static_cast<uint32_t>(c[3]) * wt1;
-    return (lo << (2 * q)) + (hi << (2 * q + 1));
-  };
+  auto part = [&](const int(&c)[4], int q) { return PlanePairDot(c, q, wt0, wt1); };
   // Lanes t4 >= 2 at ab = 4 hold zero columns: adding them changes nothing.
   auto reduce = [&](uint32_t v) {
     v += __shfl_xor_sync(kFull, v, 1);
