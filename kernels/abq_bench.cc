@@ -142,10 +142,10 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
                                                               {B1::kTiled, "b1-tiled"}};
           if (linear->FusedApplies(m)) variants.emplace_back(B1::kFused, "b1-fused");
           for (const auto& [b1, name] : variants) {
-            linear->set_b1_kernel(b1);
+            QCAL_RETURN_IF_ERROR(linear->set_b1_kernel(b1));
             auto s = linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters,
                                          CudaAbqLinear::Part::kWhole, options.timing);
-            linear->set_b1_kernel(B1::kDispatch);
+            QCAL_RETURN_IF_ERROR(linear->set_b1_kernel(B1::kDispatch));
             if (!s.ok()) return s.status();
             // The fused layer keeps the activation planes in shared memory, and reads s_w and z
             // as one word each where the scales are fp16 values.

@@ -168,12 +168,13 @@ absl::StatusOr<double> TimeGraphOnStream(cudaStream_t stream, int calls, int ite
 
 // s_w and z as one word each (z << 16 | the fp16 bits of s_w; AbqDeviceWeights::meta), or
 // nothing when some scale is not an fp16 value.
-std::vector<uint32_t> CompactAbqMeta(const AbqWeights& w) {
-  std::vector<uint32_t> meta(w.scales.size());
-  for (size_t i = 0; i < w.scales.size(); ++i) {
-    const uint16_t h = FloatToHalf(w.scales[i]);
-    if (std::bit_cast<uint32_t>(HalfToFloat(h)) != std::bit_cast<uint32_t>(w.scales[i])) return {};
-    meta[i] = static_cast<uint32_t>(w.zeros[i]) << 16 | h;
+std::vector<uint32_t> CompactAbqMeta(const std::vector<float>& scales,
+                                     const std::vector<int32_t>& zeros) {
+  std::vector<uint32_t> meta(scales.size());
+  for (size_t i = 0; i < scales.size(); ++i) {
+    const uint16_t h = FloatToHalf(scales[i]);
+    if (std::bit_cast<uint32_t>(HalfToFloat(h)) != std::bit_cast<uint32_t>(scales[i])) return {};
+    meta[i] = static_cast<uint32_t>(zeros[i]) << 16 | h;
   }
   return meta;
 }
@@ -200,7 +201,10 @@ struct CudaAbqLinear::State {
   DeviceArray<uint32_t> planes;
   DeviceArray<float> scales;
   DeviceArray<int32_t> zeros;
-  DeviceArray<uint32_t> meta;  // empty unless every scale is an fp16 value
+  // s_w and z as one word each, for the fused kernel: made when it is first chosen (MakeMeta),
+  // and only where every scale is an fp16 value.
+  DeviceArray<uint32_t> meta;
+  bool meta_made = false;
 
   cuda::AbqDeviceWeights Weights() const {
     cuda::AbqDeviceWeights w;
@@ -256,6 +260,24 @@ struct CudaAbqLinear::State {
       err = cuda::LaunchAbqGemm(mma, w, a->View(m, spec.act_bits), y, dot, stream);
     }
     return CudaStatus(err, absl::StrCat("ABQ GEMM (", AbqKernelName(kernel), ")"));
+  }
+  // Makes `meta` from the device's scales and zero points (once; nothing where a scale is not an
+  // fp16 value).
+  absl::Status MakeMeta() {
+    if (meta_made) return absl::OkStatus();
+    std::vector<float> host_scales;
+    std::vector<int32_t> host_zeros;
+    QCAL_RETURN_IF_ERROR(Download(host_scales, scales, n_groups * n, stream));
+    QCAL_RETURN_IF_ERROR(Download(host_zeros, zeros, n_groups * n, stream));
+    const std::vector<uint32_t> words = CompactAbqMeta(host_scales, host_zeros);
+    if (!words.empty()) {
+      QCAL_ASSIGN_OR_RETURN(meta, Allocate<uint32_t>(*alloc, n_groups * n));
+      QCAL_RETURN_IF_ERROR(Upload(meta, std::span<const uint32_t>(words), stream));
+      // The host vector goes when this returns.
+      QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ meta upload"));
+    }
+    meta_made = true;
+    return absl::OkStatus();
   }
   // Whether a whole-layer call of m tokens through `kernel` from x into y runs the fused kernel:
   // x 16-byte aligned, and x and y apart (its blocks write y while others still read x).
@@ -330,11 +352,6 @@ absl::StatusOr<std::unique_ptr<CudaAbqLinear>> CudaAbqLinear::Create(
   QCAL_RETURN_IF_ERROR(Upload(state->planes, std::span<const uint32_t>(w.planes), stream));
   QCAL_RETURN_IF_ERROR(Upload(state->scales, std::span<const float>(w.scales), stream));
   QCAL_RETURN_IF_ERROR(Upload(state->zeros, std::span<const int32_t>(w.zeros), stream));
-  const std::vector<uint32_t> meta = CompactAbqMeta(w);
-  if (!meta.empty()) {
-    QCAL_ASSIGN_OR_RETURN(state->meta, Allocate<uint32_t>(*state->alloc, n_groups * w.n));
-    QCAL_RETURN_IF_ERROR(Upload(state->meta, std::span<const uint32_t>(meta), stream));
-  }
   // The host vectors may be released as soon as we return.
   QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ weight upload"));
   return std::unique_ptr<CudaAbqLinear>(new CudaAbqLinear(std::move(state)));
@@ -459,7 +476,14 @@ absl::StatusOr<std::vector<float>> CudaAbqLinear::Gemm(const AbqActivations& a, 
   return y;
 }
 
-void CudaAbqLinear::set_b1_kernel(B1Kernel b1) { state_->b1 = b1; }
+absl::Status CudaAbqLinear::set_b1_kernel(B1Kernel b1) {
+  if (b1 == B1Kernel::kFused) {
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(state_->device));
+    QCAL_RETURN_IF_ERROR(state_->MakeMeta());
+  }
+  state_->b1 = b1;
+  return absl::OkStatus();
+}
 
 bool CudaAbqLinear::HasCompactMeta() const { return state_->meta.get() != nullptr; }
 

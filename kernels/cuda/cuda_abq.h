@@ -86,14 +86,16 @@ class CudaAbqLinear {
   // fused, abq_gemv_fused.cu) for a whole-layer call from x where FusedApplies, else kDispatch's
   // kernels. All are bit-identical; the choice exists for qcal bench --abq's comparisons and for
   // the tests.
+  // Choosing kFused first makes the weights' one-word scales and zero points where it can
+  // (HasCompactMeta): errors are a failed transfer or out of device memory.
   enum class B1Kernel { kDispatch, kDecode, kTiled, kFused };
-  void set_b1_kernel(B1Kernel b1);
+  absl::Status set_b1_kernel(B1Kernel b1);
 
   // Whether the fused one-launch kernel takes a whole-layer call of m tokens (m = 1, K a multiple
   // of 128, k-groups of whole 128-column steps or per channel, and shared memory that fits).
   bool FusedApplies(int64_t m) const;
-  // Whether every scale is an fp16 value, so that the fused kernel reads s_w and z as one 4-byte
-  // word a (k-group, output) instead of 8 bytes.
+  // Whether the fused kernel reads s_w and z as one 4-byte word a (k-group, output) instead of 8
+  // bytes: after set_b1_kernel(kFused), where every scale is an fp16 value.
   bool HasCompactMeta() const;
 
   // Mean seconds of one whole-layer forward of m tokens on device-resident inputs (uniform in

@@ -113,7 +113,7 @@ void ExpectKernelsEqualReference(const AbqWeights& w, const std::string& name, c
   ASSERT_TRUE(y_ref.ok()) << name << ": " << y_ref.status();
   auto lin = CudaAbqLinear::Create(w, 0);
   ASSERT_TRUE(lin.ok()) << name << ": " << lin.status();
-  (*lin)->set_b1_kernel(b1);
+  ASSERT_TRUE((*lin)->set_b1_kernel(b1).ok());
   for (AbqKernel kernel : kernels) {
     const std::string kname = absl::StrCat(name, " ", AbqKernelName(kernel));
     std::vector<int32_t> dot;
@@ -213,6 +213,8 @@ TEST_F(CudaAbqTest, FusedKernelEqualsReference) {
         const std::string name = absl::StrCat(Name(c, s), fp16 ? " fp16 scales" : "");
         auto lin = CudaAbqLinear::Create(w, 0);
         ASSERT_TRUE(lin.ok()) << lin.status();
+        EXPECT_FALSE((*lin)->HasCompactMeta()) << name;  // made when kFused is chosen
+        ASSERT_TRUE((*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kFused).ok()) << name;
         ASSERT_TRUE((*lin)->FusedApplies(1)) << name;
         EXPECT_FALSE((*lin)->FusedApplies(2)) << name;
         EXPECT_EQ((*lin)->HasCompactMeta(), fp16) << name;
@@ -242,7 +244,7 @@ TEST_F(CudaAbqTest, FusedKernelEqualsReference) {
   const AbqWeights w = RandomWeights({2, false, 8, 128}, 64, 1024, rng);
   auto lin = CudaAbqLinear::Create(w, 0);
   ASSERT_TRUE(lin.ok()) << lin.status();
-  (*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kFused);
+  ASSERT_TRUE((*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kFused).ok());
   for (AbqTiming timing : {AbqTiming::kAlone, AbqTiming::kSequence}) {
     auto t = (*lin)->TimeForward(1, AbqKernel::kBinaryMma, 2, CudaAbqLinear::Part::kWhole, timing);
     ASSERT_TRUE(t.ok()) << t.status();
