@@ -91,7 +91,8 @@ cudaError_t LaunchAbqGemm(AbqMma mma, const AbqDeviceWeights& w, const AbqDevice
 bool AbqFusedGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 
 // The whole b1 layer of one token in one launch (abq_gemv_fused.cu): y [w.n] from x [w.k] (fp32,
-// 16-byte aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm(kBinary) bit for bit;
+// 16-byte aligned), meant to equal LaunchAbqPrologue followed by LaunchAbqGemm(kBinary) bit for
+// bit (cuda_abq_test's FusedKernelEqualsReference checks it; not yet run on a GPU at 2026-12-05);
 // dot [w.n][w.n_groups] receives the integer sums when not null. x and y must not overlap (some
 // blocks write y while others still read x). A cluster launch (8 blocks) with programmatic stream
 // serialization: it reads the weights before griddepcontrol.wait, so the kernel before it on the

@@ -1,7 +1,9 @@
-// The fused b1 GEMV of one token (launcher and applicability in abq_b1.cuh; spec
+// The fused b1 GEMV of one token (launcher and applicability in abq_gemm.cuh; spec
 // kernels/cpu/abq_ref.h): the activation prologue and the integer GEMV with its epilogue in one
-// launch, bit for bit AbqGemm(AbqQuantizeActivations(x), w). Built with -fmad=false; the epilogue
-// spells its arithmetic with __dadd_rn / __dmul_rn / __double2float_rn.
+// launch, meant to give AbqGemm(AbqQuantizeActivations(x), w) bit for bit (cuda_abq_test's
+// FusedKernelEqualsReference checks; written and compiled 2026-12-05, when no GPU was lent, so
+// that test has not run yet; abq_fused_plan_test replays its cuts on the CPU). Built with
+// -fmad=false; the epilogue spells its arithmetic with __dadd_rn / __dmul_rn / __double2float_rn.
 //
 // Why: at decode sizes the two-launch layer (prologue, then the GEMV kernel of abq_gemv.cu) is two
 // dependent kernels, and the GEMV's reads of the activations wait for the whole prologue grid

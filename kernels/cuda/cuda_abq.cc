@@ -277,15 +277,25 @@ struct CudaAbqLinear::State {
       QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ meta upload"));
     }
     meta_made = true;
+    fused_one_token.reset();  // the plan depends on the meta words
     return absl::OkStatus();
+  }
+  // Whether the fused kernel takes one token of this layer (AbqFusedGemvApplies plans the launch:
+  // asked once, not on every call; the weights, meta words and device do not change).
+  mutable std::optional<bool> fused_one_token;
+  bool FusedTakesOneToken() const {
+    if (!fused_one_token) {
+      fused_one_token = cuda::AbqFusedGemvApplies(Weights(), 1, spec.act_bits);
+    }
+    return *fused_one_token;
   }
   // Whether a whole-layer call of m tokens through `kernel` from x into y runs the fused kernel:
   // x 16-byte aligned, and x and y apart (its blocks write y while others still read x).
   bool Fused(AbqKernel kernel, int64_t m, const float* x, const float* y) const {
     const auto at = [](const float* p) { return reinterpret_cast<uintptr_t>(p); };
     const bool apart = at(x + m * k) <= at(y) || at(y + m * n) <= at(x);
-    return kernel == AbqKernel::kBinaryMma && b1 == B1Kernel::kFused && at(x) % 16 == 0 && apart &&
-           cuda::AbqFusedGemvApplies(Weights(), m, spec.act_bits);
+    return kernel == AbqKernel::kBinaryMma && b1 == B1Kernel::kFused && m == 1 && at(x) % 16 == 0 &&
+           apart && FusedTakesOneToken();
   }
   // The fused layer on weights `w` (this layer's or a copy's) for one token.
   absl::Status LaunchFused(const cuda::AbqDeviceWeights& w, const float* x, float* y,
@@ -488,8 +498,7 @@ absl::Status CudaAbqLinear::set_b1_kernel(B1Kernel b1) {
 bool CudaAbqLinear::HasCompactMeta() const { return state_->meta.get() != nullptr; }
 
 bool CudaAbqLinear::FusedApplies(int64_t m) const {
-  return cuda::UseDevice(state_->device).ok() &&
-         cuda::AbqFusedGemvApplies(state_->Weights(), m, state_->spec.act_bits);
+  return m == 1 && cuda::UseDevice(state_->device).ok() && state_->FusedTakesOneToken();
 }
 
 absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters, Part part,
