@@ -12,8 +12,11 @@ if(NOT QCAL_CUDA STREQUAL "OFF")
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
+    # sm_90 machine code only (H100, H200): with "90" CMake also embeds compute_90 PTX, which
+    # doubles every binary's fat binary and is never used on sm_90; the GPU bundle's size budget
+    # (tools/gpu/pack.sh) counts it.
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-      set(CMAKE_CUDA_ARCHITECTURES 90)
+      set(CMAKE_CUDA_ARCHITECTURES 90-real)
     endif()
     # CMake 3.25 does not know the C++20 flags for nvcc 13; device code is C++17.
     set(CMAKE_CUDA_STANDARD 17)
