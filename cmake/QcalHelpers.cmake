@@ -51,10 +51,13 @@ endfunction()
 # processes they start inherit it.
 set(QCAL_TEST_BLAS_ENV "OPENBLAS_THREAD_TIMEOUT=4")
 
-# qcal_cc_test(NAME name SRCS ... DEPS ... [LABELS ...] [TIMEOUT s])
-# Every test is a GoogleTest binary registered with ctest under its own name.
+# qcal_cc_test(NAME name SRCS ... DEPS ... [LABELS ...] [TIMEOUT s] [COST s])
+# Every test is a GoogleTest binary registered with ctest under its own name. COST: about how many
+# seconds the test takes on CI's two cores. `ctest -j` starts the costliest first when it has no
+# timings of its own (a clean clone has none), so that the minute-long tests do not start last
+# and run alone at the end (docs/OPERATIONS.md, "CI time").
 function(qcal_cc_test)
-  cmake_parse_arguments(ARG "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS" ${ARGN})
+  cmake_parse_arguments(ARG "" "NAME;TIMEOUT;COST" "SRCS;DEPS;LABELS" ${ARGN})
   add_executable(${ARG_NAME} ${ARG_SRCS})
   qcal_target_defaults(${ARG_NAME})
   target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} qcal_test_support GTest::gtest GTest::gmock GTest::gtest_main)
@@ -68,5 +71,8 @@ function(qcal_cc_test)
     SKIP_RETURN_CODE 77)
   if(ARG_LABELS)
     set_tests_properties(${ARG_NAME} PROPERTIES LABELS "${ARG_LABELS}")
+  endif()
+  if(ARG_COST)
+    set_tests_properties(${ARG_NAME} PROPERTIES COST ${ARG_COST})
   endif()
 endfunction()
