@@ -33,7 +33,7 @@ absl::Status GemmStridedBatched(cublasHandle_t handle, bool trans_a, bool trans_
                                 DType c_type, int64_t batch);
 
 // The same for fp32 operands on the TF32 tensor cores (operands rounded to TF32 by the hardware,
-// fp32 accumulation): for callers that split fp32 values into exact TF32 parts (3xTF32).
+// fp32 accumulation): for callers that pass values already rounded to TF32 (OutputError).
 absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
                       int64_t k, float alpha, const float* a, int64_t lda, const float* b,
                       int64_t ldb, float beta, float* c, int64_t ldc);

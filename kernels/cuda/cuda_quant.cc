@@ -323,31 +323,24 @@ absl::StatusOr<double> OutputError(const QuantContext& ctx, const Tensor& w, con
                                                    " does not match w ", w.DebugString()));
   }
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
-  QCAL_ASSIGN_OR_RETURN(Tensor hi, ctx.alloc(DType::kF32, {d_out, d_in}));
-  QCAL_ASSIGN_OR_RETURN(Tensor lo, ctx.alloc(DType::kF32, {d_out, d_in}));
+  QCAL_ASSIGN_OR_RETURN(Tensor e, ctx.alloc(DType::kF32, {d_out, d_in}));
   QCAL_RETURN_IF_ERROR(
-      CudaStatus(LaunchSplitTf32(w.data<float>(), w_hat.defined() ? w_hat.data<float>() : nullptr,
-                                 d_out * d_in, hi.data<float>(), lo.data<float>(), ctx.stream),
-                 "OutputError: splitting E"));
+      CudaStatus(LaunchRoundTf32(w.data<float>(), w_hat.defined() ? w_hat.data<float>() : nullptr,
+                                 d_out * d_in, e.data<float>(), ctx.stream),
+                 "OutputError: rounding E"));
   QCAL_ASSIGN_OR_RETURN(Tensor partial, ctx.alloc(DType::kF64, {d_in}));
   QCAL_RETURN_IF_ERROR(
       CudaStatus(cudaMemsetAsync(partial.raw(), 0, partial.nbytes(), ctx.stream), "OutputError"));
   const int64_t panels = d_in >= kPanels * kMinPanelWidth ? kPanels : 1;
   const int64_t width = (d_in + panels - 1) / panels;
   QCAL_ASSIGN_OR_RETURN(Tensor st, ctx.alloc(DType::kF32, {d_in, width}));
-  const float* h = hi.data<float>();
-  const float* l = lo.data<float>();
+  const float* ep = e.data<float>();
   float* stp = st.data<float>();
   for (int64_t r0 = 0; r0 < d_in; r0 += width) {
     const int64_t r1 = std::min(d_in, r0 + width), cols = r1 - r0;
-    // St [r1, r1 - r0] = E[:, :r1]ᵀ E[:, r0:r1] = hiᵀhi + hiᵀlo + loᵀhi (loᵀlo is below fp32's
-    // resolution).
-    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, h, d_in, h + r0,
+    // St [r1, r1 - r0] = Ē[:, :r1]ᵀ Ē[:, r0:r1], exact TF32 inputs, fp32 accumulation.
+    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, ep, d_in, ep + r0,
                                   d_in, 0.0f, stp, cols));
-    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, h, d_in, l + r0,
-                                  d_in, 1.0f, stp, cols));
-    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, l, d_in, h + r0,
-                                  d_in, 1.0f, stp, cols));
     QCAL_RETURN_IF_ERROR(CudaStatus(LaunchWeightedPanelTrace(stp, r0, r1, gram.data<float>(), d_in,
                                                              partial.data<double>(), ctx.stream),
                                     "OutputError: trace"));

@@ -14,14 +14,10 @@ __device__ __forceinline__ float RoundToTf32(float x) {
   return __uint_as_float(bits);
 }
 
-__global__ void SplitTf32Kernel(const float* w, const float* w_hat, int64_t count, float* hi,
-                                float* lo) {
+__global__ void RoundTf32Kernel(const float* w, const float* w_hat, int64_t count, float* e) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const float e = w_hat ? w[i] - w_hat[i] : w[i];
-    const float h = RoundToTf32(e);
-    hi[i] = h;
-    lo[i] = e - h;
+    e[i] = RoundToTf32(w_hat ? w[i] - w_hat[i] : w[i]);
   }
 }
 
@@ -43,12 +39,12 @@ __global__ void WeightedPanelTraceKernel(const float* st, int64_t r0, int64_t r1
 
 }  // namespace
 
-cudaError_t LaunchSplitTf32(const float* w, const float* w_hat, int64_t count, float* hi, float* lo,
+cudaError_t LaunchRoundTf32(const float* w, const float* w_hat, int64_t count, float* e,
                             cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   const unsigned grid =
       static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 1 << 16));
-  SplitTf32Kernel<<<grid, kThreads, 0, stream>>>(w, w_hat, count, hi, lo);
+  RoundTf32Kernel<<<grid, kThreads, 0, stream>>>(w, w_hat, count, e);
   return cudaGetLastError();
 }
 

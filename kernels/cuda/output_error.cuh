@@ -1,9 +1,10 @@
 // Launchers of the kernels of the GPU layer output error ||(W - W^) X^T||_F = sqrt(trace(E G Eᵀ))
 // (spec: engine::OutputError in services/engine/quant/quantized_linear.h). The adapter
-// (cuda_quant.cc) forms S = EᵀE on column panels (only S's lower triangle: about half the work of
-// E·G) as three TF32 tensor-core products of a two-term split E = hi + lo (hiᵀhi + hiᵀlo + loᵀhi,
-// the "3xTF32" scheme: about fp32 accuracy, several times the speed of fp64 or fp32 GEMMs), then
-// trace(E G Eᵀ) = sum over i, j of S_ij G_ij with G read from its upper triangle, summed in double.
+// (cuda_quant.cc) forms S = ĒᵀĒ on column panels (only S's lower triangle: about half the work of
+// E·G) as one TF32 tensor-core product of Ē, E rounded to TF32 (to nearest: unbiased, about 1e-5
+// relative on the trace, a report figure), then trace(Ē G Ēᵀ) = sum over i, j of S_ij G_ij with
+// G read from its upper triangle, summed in double. (Until 2026-12-05 S was three TF32 products of
+// a split E = hi + lo, about fp32 accuracy at three times the work: docs/BENCHMARKS.md.)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,9 +13,8 @@
 
 namespace qcal::kernels::cuda {
 
-// e = w - w_hat (w_hat may be null: e = w) in fp32, split as hi = e rounded to TF32 (to nearest,
-// ties away) and lo = e - hi (exact).
-cudaError_t LaunchSplitTf32(const float* w, const float* w_hat, int64_t count, float* hi, float* lo,
+// e = w - w_hat (w_hat may be null: e = w) in fp32, rounded to TF32 (to nearest, ties away).
+cudaError_t LaunchRoundTf32(const float* w, const float* w_hat, int64_t count, float* e,
                             cudaStream_t stream);
 
 // For one panel of rows [r0, r1) of S, given st = Sᵀ restricted to the panel (row-major

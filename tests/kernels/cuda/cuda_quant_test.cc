@@ -50,8 +50,10 @@ constexpr double kPreRoundBound = kSolveErrorBound;
 constexpr double kFactorBound = 1e-2;
 // End to end (U from each side's own factorization): the per-layer error of the brief.
 constexpr double kEndToEndErrorBound = 1e-3;
-// EᵀE as three TF32 products (about fp32 accuracy) against the CPU's double precision.
-constexpr double kOutputErrorBound = 1e-5;
+// EᵀE as one product of E rounded to TF32 (to nearest: 2^-11 relative a value, unbiased) against
+// the CPU's double precision. PyTorch's TF32 product on the H200 was 5e-6 to 3e-5 off on random
+// 7B-shape errors (tools/gpu/solver_probe.py); 1e-4 leaves room for structured errors.
+constexpr double kOutputErrorBound = 1e-4;
 
 using CudaQuantTest = CudaBackendTest;
 
