@@ -100,4 +100,16 @@ absl::Status SyrkLowerF32(cublasHandle_t handle, const float* x, int64_t n, int6
       absl::StrCat("cublasSsyrk n=", n, " k=", k));
 }
 
+absl::Status TrmmLowerF32(cublasHandle_t handle, bool right, int64_t m, int64_t n, float alpha,
+                          const float* l, int64_t ldl, const float* b, int64_t ldb, float* c,
+                          int64_t ldc) {
+  QCAL_RETURN_IF_ERROR(CheckDims("TRMM", {m, n, ldl, ldb, ldc}));
+  return CublasStatus(
+      cublasStrmm(handle, right ? CUBLAS_SIDE_RIGHT : CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER,
+                  CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, static_cast<int>(m), static_cast<int>(n),
+                  &alpha, l, static_cast<int>(ldl), b, static_cast<int>(ldb), c,
+                  static_cast<int>(ldc)),
+      absl::StrCat("cublasStrmm ", m, "x", n));
+}
+
 }  // namespace qcal::kernels::cuda

@@ -47,4 +47,10 @@ absl::Status GemmF64NT(cublasHandle_t handle, int64_t m, int64_t n, int64_t k, c
 // x [n,k]; the strict upper triangle is not touched.
 absl::Status SyrkLowerF32(cublasHandle_t handle, const float* x, int64_t n, int64_t k, float* h);
 
+// Column-major fp32 triangular product, out of place: c[m,n] = alpha · L · b (left) or
+// alpha · b · L (right) for the lower triangle L of the column-major l (m × m or n × n).
+absl::Status TrmmLowerF32(cublasHandle_t handle, bool right, int64_t m, int64_t n, float alpha,
+                          const float* l, int64_t ldl, const float* b, int64_t ldb, float* c,
+                          int64_t ldc);
+
 }  // namespace qcal::kernels::cuda

@@ -88,6 +88,36 @@ absl::StatusOr<SolverWork> NewSolverWork(const QuantContext& ctx, cusolverDnPara
   return work;
 }
 
+// Below this width a triangle is inverted by cusolverDnXtrtri itself.
+constexpr int64_t kTrtriBase = 512;
+
+// The lower triangle of the column-major n × n matrix at x (leading dimension ld) replaced by its
+// inverse: inv([A 0; B C]) = [A⁻¹ 0; -C⁻¹·B·A⁻¹ C⁻¹], the halves recursively, the off-diagonal
+// block by two fp32 TRMMs through `scratch` (at least (n / 2 + 1) × (n / 2) floats), down to
+// kTrtriBase, below which cusolverDnXtrtri runs. All but O(n² · kTrtriBase) of the n³/3
+// multiply-adds are TRMM products (issue 16; docs/BENCHMARKS.md, "the triangular inverse"). The
+// info word holds the last base case's; after a
+// successful potrf every diagonal entry is positive, so no base case can meet a zero pivot.
+absl::Status InvertLower(const QuantContext& ctx, SolverWork& work, float* x, int64_t n, int64_t ld,
+                         float* scratch) {
+  if (n <= kTrtriBase) {
+    return CusolverStatus(
+        cusolverDnXtrtri(ctx.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_32F, x,
+                         ld, work.device.raw(), work.device_bytes, work.host.data(),
+                         work.host.size(), work.info.data<int32_t>()),
+        absl::StrCat("cusolverDnXtrtri n=", n));
+  }
+  const int64_t n1 = n / 2, n2 = n - n1;
+  float* a = x;
+  float* b = x + n1;
+  float* c = x + n1 + n1 * ld;
+  QCAL_RETURN_IF_ERROR(InvertLower(ctx, work, a, n1, ld, scratch));
+  QCAL_RETURN_IF_ERROR(InvertLower(ctx, work, c, n2, ld, scratch));
+  QCAL_RETURN_IF_ERROR(
+      TrmmLowerF32(ctx.blas, /*right=*/true, n2, n1, 1.0f, a, ld, b, ld, scratch, n2));
+  return TrmmLowerF32(ctx.blas, /*right=*/false, n2, n1, -1.0f, c, ld, scratch, n2, b, ld);
+}
+
 // Whether the info word of the last solver call is 0 (success).
 absl::StatusOr<bool> InfoOk(const QuantContext& ctx, const SolverWork& work, const char* what) {
   QCAL_ASSIGN_OR_RETURN(auto info, Download<int32_t>(ctx, work.info.raw(), 1, what));
@@ -134,6 +164,8 @@ absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& 
   SolverParams params;
   QCAL_RETURN_IF_ERROR(params.Create());
   QCAL_ASSIGN_OR_RETURN(SolverWork work, NewSolverWork(ctx, params.get(), a.data<float>(), n));
+  QCAL_ASSIGN_OR_RETURN(Tensor scratch,
+                        ctx.alloc(DType::kF32, {n > kTrtriBase ? (n / 2 + 1) * (n / 2) : 1}));
   double lambda = options.damp;
   bool factored = false;
   for (int attempt = 0; attempt < 3 && !factored; ++attempt) {
@@ -154,11 +186,7 @@ absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& 
         absl::StrCat("cusolverDnXpotrf n=", n)));
     QCAL_ASSIGN_OR_RETURN(bool ok, InfoOk(ctx, work, "cusolverDnXpotrf"));
     if (ok) {
-      QCAL_RETURN_IF_ERROR(CusolverStatus(
-          cusolverDnXtrtri(ctx.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_32F,
-                           a.data<float>(), n, work.device.raw(), work.device_bytes,
-                           work.host.data(), work.host.size(), work.info.data<int32_t>()),
-          absl::StrCat("cusolverDnXtrtri n=", n)));
+      QCAL_RETURN_IF_ERROR(InvertLower(ctx, work, a.data<float>(), n, n, scratch.data<float>()));
       QCAL_ASSIGN_OR_RETURN(ok, InfoOk(ctx, work, "cusolverDnXtrtri"));
     }
     factored = ok;
