@@ -88,6 +88,9 @@ absl::StatusOr<SolverWork> NewSolverWork(const QuantContext& ctx, cusolverDnPara
   return work;
 }
 
+// The widest run of lazy blocks whose errors update the later columns in one product (GptqSolve).
+constexpr int64_t kSuperBlock = 1024;
+
 // Below this width a triangle is inverted by cusolverDnXtrtri itself.
 constexpr int64_t kTrtriBase = 512;
 
@@ -239,7 +242,6 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
   if (record_pre_round) {
     QCAL_ASSIGN_OR_RETURN(q.pre_round, ctx.alloc(DType::kF32, {d_out, n}));
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor err, ctx.alloc(DType::kF32, {d_out, bs}));
   QCAL_ASSIGN_OR_RETURN(Tensor failures, ctx.alloc(DType::kI32, {d_out, 2}));
   QCAL_RETURN_IF_ERROR(
       CudaStatus(cudaMemsetAsync(failures.raw(), 0, failures.nbytes(), ctx.stream), "GptqSolve"));
@@ -252,8 +254,6 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
   args.group_size = q.group_size;
   args.spec = spec;
   args.perm = perm.data<int32_t>();
-  args.err = err.data<float>();
-  args.err_ld = bs;
   args.codes = q.codes.data<uint8_t>();
   args.dequantized = q.dequantized.data<float>();
   args.scales = q.scales.data<float>();
@@ -261,24 +261,53 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
   args.pre_round = record_pre_round ? q.pre_round.data<float>() : nullptr;
   args.failures = reinterpret_cast<int2*>(failures.data<int32_t>());
   const int64_t g = q.group_size;
-  std::vector<int64_t> block_starts;
+  std::vector<int64_t> block_starts, block_ends;
   for (int64_t i1 = 0; i1 < n;) {
     int64_t i2 = std::min(i1 + bs, n);
     // Cut the block before a group that starts inside it and extends past its end (gptq.h).
     const int64_t last_group_start = (i2 - 1) / g * g;
     if (last_group_start > i1 && std::min(last_group_start + g, n) > i2) i2 = last_group_start;
     block_starts.push_back(i1);
-    args.i1 = i1;
-    args.i2 = i2;
-    QCAL_RETURN_IF_ERROR(
-        CudaStatus(LaunchGptqBlock(args, ctx.stream), "GptqSolve: column loop kernel"));
-    if (i2 < n) {
-      // Lazy update of every later column: W[:, i2:] -= E U[i1:i2, i2:].
-      QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, n - i2, i2 - i1, -1.0f,
-                                err.data<float>(), bs, factor.u.data<float>() + i1 * n + i2, n,
-                                DType::kF32, 1.0f, wp.data<float>() + i2, n));
-    }
+    block_ends.push_back(i2);
     i1 = i2;
+  }
+  // Two levels of lazy updates: the lazy blocks of a super-block (consecutive blocks spanning at
+  // most kSuperBlock columns) update only the super-block's later columns; the super-block's
+  // errors then update every column after it in one product of depth up to kSuperBlock, where a
+  // product of depth 128 per lazy block ran far below the fp32 GEMM rate (docs/BENCHMARKS.md).
+  // The same updates as one level, summed in another order: GPU-deterministic, not the CPU's
+  // bits (the parity tests' bounds decide).
+  const int64_t sb_width = std::max(kSuperBlock, bs);
+  QCAL_ASSIGN_OR_RETURN(Tensor err, ctx.alloc(DType::kF32, {d_out, sb_width}));
+  args.err_ld = sb_width;
+  const float* u = factor.u.data<float>();
+  float* e = err.data<float>();
+  float* wpp = wp.data<float>();
+  for (size_t b = 0; b < block_starts.size();) {
+    const int64_t s0 = block_starts[b];
+    size_t last = b;
+    while (last + 1 < block_starts.size() && block_ends[last + 1] - s0 <= sb_width) ++last;
+    const int64_t s1 = block_ends[last];
+    for (size_t k = b; k <= last; ++k) {
+      const int64_t i1 = block_starts[k], i2 = block_ends[k];
+      args.i1 = i1;
+      args.i2 = i2;
+      args.err = e + (i1 - s0);
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(LaunchGptqBlock(args, ctx.stream), "GptqSolve: column loop kernel"));
+      if (i2 < s1) {
+        // The super-block's later columns: W[:, i2:s1] -= E U[i1:i2, i2:s1].
+        QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, s1 - i2, i2 - i1, -1.0f,
+                                  e + (i1 - s0), sb_width, u + i1 * n + i2, n, DType::kF32, 1.0f,
+                                  wpp + i2, n));
+      }
+    }
+    if (s1 < n) {
+      // Every column after the super-block: W[:, s1:] -= E U[s0:s1, s1:].
+      QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, n - s1, s1 - s0, -1.0f, e, sb_width,
+                                u + s0 * n + s1, n, DType::kF32, 1.0f, wpp + s1, n));
+    }
+    b = last + 1;
   }
 
   // The CPU reports the first lazy block with a failure, and in it the lowest row.
