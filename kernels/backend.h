@@ -469,7 +469,7 @@ class Backend {
   }
   // ||(W - W^) X^T||_F = sqrt(trace(E G E^T)) with E = w - w_hat (E = w when w_hat is undefined)
   // for w, w_hat F32 [d_out, d_in] and the Gram matrix G = gram (F32 [d_in, d_in], upper triangle
-  // read), like ref::OutputError (CUDA: EᵀE as one TF32 product of E rounded to TF32, about 1e-5
+  // read), like ref::OutputError (CUDA: EᵀE as one TF32 product of E rounded to TF32, within 5e-4
   // relative; the trace summed in double).
   virtual absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
                                              const Tensor& gram) {

@@ -52,8 +52,9 @@ constexpr double kFactorBound = 1e-2;
 constexpr double kEndToEndErrorBound = 1e-3;
 // EᵀE as one product of E rounded to TF32 (to nearest: 2^-11 relative a value, unbiased) against
 // the CPU's double precision. PyTorch's TF32 product on the H200 was 5e-6 to 3e-5 off on random
-// 7B-shape errors (tools/gpu/solver_probe.py); 1e-4 leaves room for structured errors.
-constexpr double kOutputErrorBound = 1e-4;
+// 7B-shape errors (tools/gpu/solver_probe.py); this test's heavy-tailed weights and outlier
+// channels gave up to 1.5e-4 on an H100 (docs/BENCHMARKS.md, 2026-12-05).
+constexpr double kOutputErrorBound = 5e-4;
 
 using CudaQuantTest = CudaBackendTest;
 
