@@ -14,25 +14,11 @@ Usage: python3 probe_oac_gemms.py  (prints a table; median of repeats, CUDA even
 """
 import torch
 
+from cuda_events import median_ms as bench
+
 torch.backends.cuda.matmul.allow_tf32 = False
 dev = "cuda"
 bf = torch.bfloat16
-
-
-def bench(fn, reps=20, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def mm32(a, b, out=None):

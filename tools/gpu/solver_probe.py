@@ -11,23 +11,10 @@ relative error against fp64.
   usage: python3 tools/gpu/solver_probe.py [--widths 4096,11008] [--runs 5]
 """
 import argparse
-import statistics
 
 import torch
 
-
-def timed(fn, runs):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from cuda_events import median_ms
 
 
 def spd(n, tokens, gen):
@@ -43,12 +30,12 @@ def factorizations(n, runs, gen):
     eye = torch.eye(n, device="cuda")
     lower = torch.linalg.cholesky(h)
     rows = {
-        "potrf fp32": timed(lambda: torch.linalg.cholesky(h), runs),
-        "potrf fp64": timed(lambda: torch.linalg.cholesky(h64), runs),
-        "trsm(L, I) fp32": timed(
-            lambda: torch.linalg.solve_triangular(lower, eye, upper=False), runs),
-        "cholesky_inverse fp32": timed(lambda: torch.cholesky_inverse(lower), runs),
-        "inv fp32 (getrf)": timed(lambda: torch.linalg.inv(h), runs),
+        "potrf fp32": median_ms(lambda: torch.linalg.cholesky(h), runs, 1),
+        "potrf fp64": median_ms(lambda: torch.linalg.cholesky(h64), runs, 1),
+        "trsm(L, I) fp32": median_ms(
+            lambda: torch.linalg.solve_triangular(lower, eye, upper=False), runs, 1),
+        "cholesky_inverse fp32": median_ms(lambda: torch.cholesky_inverse(lower), runs, 1),
+        "inv fp32 (getrf)": median_ms(lambda: torch.linalg.inv(h), runs, 1),
     }
     for name, ms in rows.items():
         print(f"factor n={n:6d} {name:24s} {ms:9.3f} ms")
@@ -74,7 +61,7 @@ def output_errors(d_out, d_in, runs, gen):
 
     for name, fn in (("fp32", fp32), ("tf32", tf32), ("bf16", bf16)):
         got = fn().item()
-        ms = timed(fn, runs)
+        ms = median_ms(fn, runs, 1)
         print(f"error {d_out:6d}x{d_in:<6d} {name:5s} {ms:9.3f} ms  rel {abs(got - want) / want:.2e}")
     torch.backends.cuda.matmul.allow_tf32 = False
 
