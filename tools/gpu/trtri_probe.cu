@@ -140,36 +140,33 @@ int main(int argc, char** argv) {
           worst = std::max(worst, std::abs(double(r[size_t(j) * n + i]) - (i == j ? 1.0 : 0.0)));
       return worst;
     };
+    auto timed = [&](auto&& op) {
+      cudaEventRecord(e0);
+      op();
+      cudaEventRecord(e1);
+      cudaEventSynchronize(e1);
+      return Ms(e0, e1);
+    };
     for (int rep = 0; rep < 3; ++rep) {
       CHECK(cudaMemcpy(l, h, size_t(n) * n * 4, cudaMemcpyDeviceToDevice));
-      cudaEventRecord(e0);
-      CHECK(cusolverDnXpotrf(solver, params, CUBLAS_FILL_MODE_LOWER, n, CUDA_R_32F, l, n,
-                             CUDA_R_32F, dwork, pdev, hwork.data(), phost, info));
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      const float potrf = Ms(e0, e1);
+      const float potrf = timed([&] {
+        CHECK(cusolverDnXpotrf(solver, params, CUBLAS_FILL_MODE_LOWER, n, CUDA_R_32F, l, n,
+                               CUDA_R_32F, dwork, pdev, hwork.data(), phost, info));
+      });
       CHECK(cudaMemcpy(inv, l, size_t(n) * n * 4, cudaMemcpyDeviceToDevice));
-      cudaEventRecord(e0);
-      CHECK(cusolverDnXtrtri(solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_32F,
-                             inv, n, dwork, tdev, hwork.data(), thost, info));
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      const float trtri = Ms(e0, e1);
+      const float trtri = timed([&] {
+        CHECK(cusolverDnXtrtri(solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_32F,
+                               inv, n, dwork, tdev, hwork.data(), thost, info));
+      });
       const double r_trtri = rep == 2 ? residual(inv) : 0;
       CHECK(cudaMemcpy(inv, eye, size_t(n) * n * 4, cudaMemcpyDeviceToDevice));
-      cudaEventRecord(e0);
-      CHECK(cublasStrsm(blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
-                        CUBLAS_DIAG_NON_UNIT, n, n, &one, l, n, inv, n));
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      const float trsm = Ms(e0, e1);
+      const float trsm = timed([&] {
+        CHECK(cublasStrsm(blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
+                          CUBLAS_DIAG_NON_UNIT, n, n, &one, l, n, inv, n));
+      });
       const double r_trsm = rep == 2 ? residual(inv) : 0;
       CHECK(cudaMemcpy(inv, l, size_t(n) * n * 4, cudaMemcpyDeviceToDevice));
-      cudaEventRecord(e0);
-      InvertLower(inv, n, n, work);
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      const float rec = Ms(e0, e1);
+      const float rec = timed([&] { InvertLower(inv, n, n, work); });
       const double r_rec = rep == 2 ? residual(inv) : 0;
       std::printf(
           "n=%d rep %d: potrf %.3f ms, trtri %.3f ms, trsm(L,I) %.3f ms, recursive trmm %.3f ms", n,
