@@ -5,15 +5,18 @@
 // The factorization works on the reversed matrix: with J the exchange matrix, the lower Cholesky
 // factor L of J·H·J (potrf) gives H = (JLJ)(JLJ)ᵀ with JLJ upper triangular, so
 // H⁻¹ = (JL⁻¹J)ᵀ(JL⁻¹J) and U = J·L⁻¹·J is the upper Cholesky factor of H⁻¹ after one triangular
-// inverse (trtri): half the work of potrf + potri + potrf, the same U up to rounding.
+// inverse: half the work of potrf + potri + potrf, the same U up to rounding. The inverse is taken
+// by recursive halving with TRMM products (InvertLower in cuda_quant.cc; cusolverDnXtrtri only on
+// blocks of 512 and less), which halved the factorizations' time against trtri on the whole.
 //
 // The column loop of one lazy block runs in ONE launch (LaunchGptqBlock): a warp owns a weight
 // row start to finish, its block columns held in shared memory, and its 32 lanes share each
 // column's update of the later columns (U's block staged in shared memory for blocks up to 128
 // wide). Its arithmetic is the CPU reference's operation for operation (separately rounded
 // multiply and subtract, no fused multiply-add; kernels/quant_grid.h for the grid), so given the
-// same U and block inputs the codes are bit-identical to the CPU's; only the lazy update between
-// blocks (a cuBLAS GEMM) sums in a different order.
+// same U and block inputs the codes are bit-identical to the CPU's; only the lazy updates between
+// blocks (cuBLAS GEMMs, two levels: within super-blocks of up to 1024 columns, then from each
+// super-block to every later column) sum in a different order.
 #pragma once
 
 #include <cuda_runtime.h>
