@@ -98,9 +98,10 @@ constexpr int64_t kTrtriBase = 512;
 // inverse: inv([A 0; B C]) = [A⁻¹ 0; -C⁻¹·B·A⁻¹ C⁻¹], the halves recursively, the off-diagonal
 // block by two fp32 TRMMs through `scratch` (at least (n / 2 + 1) × (n / 2) floats), down to
 // kTrtriBase, below which cusolverDnXtrtri runs. All but O(n² · kTrtriBase) of the n³/3
-// multiply-adds are TRMM products (issue 16; docs/BENCHMARKS.md, "the triangular inverse"). The
-// info word holds the last base case's; after a
-// successful potrf every diagonal entry is positive, so no base case can meet a zero pivot.
+// multiply-adds are TRMM products: the 7B shape's factorizations took 2.1 s against 4.0 s with
+// cusolverDnXtrtri on the whole triangle (H100; docs/BENCHMARKS.md, "three solver levers"). The
+// info word holds the last base case's; after a successful potrf every diagonal entry is positive,
+// so no base case can meet a zero pivot.
 absl::Status InvertLower(const QuantContext& ctx, SolverWork& work, float* x, int64_t n, int64_t ld,
                          float* scratch) {
   if (n <= kTrtriBase) {
@@ -273,10 +274,11 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
   }
   // Two levels of lazy updates: the lazy blocks of a super-block (consecutive blocks spanning at
   // most kSuperBlock columns) update only the super-block's later columns; the super-block's
-  // errors then update every column after it in one product of depth up to kSuperBlock, where a
-  // product of depth 128 per lazy block ran far below the fp32 GEMM rate (docs/BENCHMARKS.md).
-  // The same updates as one level, summed in another order: GPU-deterministic, not the CPU's
-  // bits (the parity tests' bounds decide).
+  // errors then update every column after it in one product of depth up to kSuperBlock instead
+  // of one product of depth 128 per lazy block (33 TFLOP/s for the first, on an H200); the 7B
+  // shape's loops and updates 3.55 -> 3.35 s (docs/BENCHMARKS.md, "three solver levers"). The same
+  // updates as one level, summed in another order: GPU-deterministic, not the CPU's bits (the
+  // parity tests' bounds decide).
   const int64_t sb_width = std::max(kSuperBlock, bs);
   QCAL_ASSIGN_OR_RETURN(Tensor err, ctx.alloc(DType::kF32, {d_out, sb_width}));
   args.err_ld = sb_width;

@@ -7,7 +7,8 @@
 // H⁻¹ = (JL⁻¹J)ᵀ(JL⁻¹J) and U = J·L⁻¹·J is the upper Cholesky factor of H⁻¹ after one triangular
 // inverse: half the work of potrf + potri + potrf, the same U up to rounding. The inverse is taken
 // by recursive halving with TRMM products (InvertLower in cuda_quant.cc; cusolverDnXtrtri only on
-// blocks of 512 and less), which halved the factorizations' time against trtri on the whole.
+// blocks of 512 and less): the 7B shape's factorizations 2.1 s against 4.0 s with trtri on the
+// whole triangle (H100, docs/BENCHMARKS.md).
 //
 // The column loop of one lazy block runs in ONE launch (LaunchGptqBlock): a warp owns a weight
 // row start to finish, its block columns held in shared memory, and its 32 lanes share each
