@@ -156,6 +156,21 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
                     : weight_bytes + io;
             rows.push_back({n, k, m, c.name, name, *s, bytes});
           }
+          // The one-token layer on the CUDA cores (2-bit digits and dp4a; not b1), where it
+          // applies: its digits (2 bits a weight a digit), one word of s_w and z, x and y.
+          QCAL_RETURN_IF_ERROR(linear->set_b1_kernel(B1::kDp4a));
+          if (linear->Dp4aApplies(m)) {
+            auto s = linear->TimeForward(m, AbqKernel::kBinaryMma, options.iters,
+                                         CudaAbqLinear::Part::kWhole, options.timing);
+            QCAL_RETURN_IF_ERROR(linear->set_b1_kernel(B1::kDispatch));
+            if (!s.ok()) return s.status();
+            const double digit_bytes =
+                static_cast<double>(n) * ((spec.weight_bits + 1) / 2) * static_cast<double>(k) / 4;
+            const double meta_bytes =
+                (linear->HasCompactMeta() ? 4.0 : 8.0) * static_cast<double>(w.scales.size());
+            rows.push_back({n, k, m, c.name, "dp4a", *s, digit_bytes + meta_bytes + io});
+          }
+          QCAL_RETURN_IF_ERROR(linear->set_b1_kernel(B1::kDispatch));
         }
       }
     }

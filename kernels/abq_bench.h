@@ -55,7 +55,8 @@ struct AbqBenchRow {
   std::string config;  // "bf16", "W8A8" (cuBLAS int8), "W4A16", "W2*A16", "W2A8", "W2*A8", ...
   // "cublas", "cublas-int8", "a16", "b1", "int8", at m <= kAbqDecodeTokens "b1-decode" and
   // "b1-tiled" (the b1 decode and tiled kernels, where "b1" runs the GEMV kernel for m <= 4),
-  // "b1-fused" where the one-launch layer applies (m = 1, K a multiple of 128), and at m <=
+  // "b1-fused" where the one-launch layer applies (m = 1, K a multiple of 128), "dp4a" where the
+  // one-launch dp4a layer does (m = 1, K a multiple of 64: not b1), and at m <=
   // kAbqGemvTokens "prologue" and "b1-gemm" (the b1 layer's two launches timed apart);
   // "null" (config "-") is a near-empty kernel timed the same way: the harness's floor.
   std::string kernel;

@@ -52,6 +52,11 @@ struct AbqDeviceWeights {
   const float* scales = nullptr;
   const int32_t* zeros = nullptr;
   const uint32_t* meta = nullptr;
+  // For the dp4a kernel (abq_dp4a.cu), made when it is chosen: the codes as 2-bit digits,
+  // [n][ceil(wb / 2)][k / 64] pieces of 16 bytes (LaunchAbqRepackDigits), and `meta`'s words
+  // row-major, [n][n_groups] (null where the scales are not all fp16 values).
+  const uint32_t* digits = nullptr;
+  const uint32_t* meta_rows = nullptr;
   int64_t n = 0;
   int64_t k = 0;
   int words = 0;        // ceil(k / 32)
@@ -100,6 +105,27 @@ bool AbqFusedGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 // false or x is not 16-byte aligned.
 cudaError_t LaunchAbqFusedGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
                                int32_t* dot, cudaStream_t stream);
+
+// uint32 words of `w`'s digit layout (AbqDeviceWeights::digits): n·ceil(wb / 2)·(k / 64)·4.
+int64_t AbqDigitWords(const AbqDeviceWeights& w);
+
+// Writes `w`'s codes from its planes into `digits` (AbqDigitWords(w) words) in the dp4a
+// kernel's digit layout. cudaErrorInvalidValue for K not a multiple of 64 or unsupported widths.
+cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits, cudaStream_t stream);
+
+// Whether LaunchAbqDp4aGemv takes m tokens of `w` with ab-bit activations: m = 1, ab 4 or 8,
+// weight bits 2, 3, 4 or 8, K a multiple of 64, one k-group or groups of 64·2^i columns up to
+// 2048, and shared memory (K bytes of codes, Σa, the warps' products) within 100 KiB.
+bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
+
+// The whole layer of one token in one launch on the CUDA cores (abq_dp4a.cu): y [w.n] from x
+// [w.k] (fp32, 16-byte aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm bit for bit;
+// dot [w.n][w.n_groups] receives the integer sums when not null. Reads w.digits (and w.meta_rows
+// where not null, else w.scales and w.zeros). Programmatic stream serialization: it reads the
+// weights before griddepcontrol.wait. x and y must not overlap. cudaErrorInvalidValue where
+// AbqDp4aGemvApplies is false, w.digits is null or x is not 16-byte aligned.
+cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
+                              int32_t* dot, cudaStream_t stream);
 
 // y [m][w.n] = the weight-only GEMM of x [m][w.k] (fp32, rounded to bf16 in the kernel).
 cudaError_t LaunchAbqWeightOnly(const float* x, int64_t m, const AbqDeviceWeights& w, float* y,

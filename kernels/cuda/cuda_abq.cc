@@ -205,6 +205,10 @@ struct CudaAbqLinear::State {
   // and only where every scale is an fp16 value.
   DeviceArray<uint32_t> meta;
   bool meta_made = false;
+  // The dp4a kernel's digits and row-major meta words: made when it is first chosen (MakeDigits).
+  DeviceArray<uint32_t> digits;
+  DeviceArray<uint32_t> meta_rows;
+  bool digits_made = false;
 
   cuda::AbqDeviceWeights Weights() const {
     cuda::AbqDeviceWeights w;
@@ -212,6 +216,8 @@ struct CudaAbqLinear::State {
     w.scales = scales.get();
     w.zeros = zeros.get();
     w.meta = meta.get();
+    w.digits = digits.get();
+    w.meta_rows = meta_rows.get();
     w.n = n;
     w.k = k;
     w.words = static_cast<int>(words);
@@ -280,26 +286,65 @@ struct CudaAbqLinear::State {
     fused_one_token.reset();  // the plan depends on the meta words
     return absl::OkStatus();
   }
-  // Whether the fused kernel takes one token of this layer (AbqFusedGemvApplies plans the launch:
-  // asked once, not on every call; the weights, meta words and device do not change).
+  // Makes the dp4a kernel's digits from the planes on the device, and `meta`'s words row-major
+  // (once; no meta rows where a scale is not an fp16 value).
+  absl::Status MakeDigits() {
+    if (digits_made) return absl::OkStatus();
+    QCAL_RETURN_IF_ERROR(MakeMeta());
+    if (k % 64 == 0) {
+      QCAL_ASSIGN_OR_RETURN(digits, Allocate<uint32_t>(*alloc, cuda::AbqDigitWords(Weights())));
+      QCAL_RETURN_IF_ERROR(CudaStatus(cuda::LaunchAbqRepackDigits(Weights(), digits.get(), stream),
+                                      "ABQ digit repack"));
+    }
+    if (meta.get() != nullptr) {
+      std::vector<uint32_t> words;
+      QCAL_RETURN_IF_ERROR(Download(words, meta, n_groups * n, stream));
+      std::vector<uint32_t> rows(words.size());
+      for (int64_t g = 0; g < n_groups; ++g) {
+        for (int64_t o = 0; o < n; ++o) rows[o * n_groups + g] = words[g * n + o];
+      }
+      QCAL_ASSIGN_OR_RETURN(meta_rows, Allocate<uint32_t>(*alloc, n_groups * n));
+      QCAL_RETURN_IF_ERROR(Upload(meta_rows, std::span<const uint32_t>(rows), stream));
+      QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ meta rows upload"));
+    }
+    digits_made = true;
+    dp4a_one_token.reset();  // asked again with the digits
+    return absl::OkStatus();
+  }
+  // Whether the fused (or dp4a) kernel takes one token of this layer (AbqFusedGemvApplies plans
+  // the launch: asked once, not on every call; the weights, meta words and device do not change).
   mutable std::optional<bool> fused_one_token;
+  mutable std::optional<bool> dp4a_one_token;
   bool FusedTakesOneToken() const {
     if (!fused_one_token) {
       fused_one_token = cuda::AbqFusedGemvApplies(Weights(), 1, spec.act_bits);
     }
     return *fused_one_token;
   }
-  // Whether a whole-layer call of m tokens through `kernel` from x into y runs the fused kernel:
-  // x 16-byte aligned, and x and y apart (its blocks write y while others still read x).
+  bool Dp4aTakesOneToken() const {
+    if (!dp4a_one_token) {
+      dp4a_one_token =
+          digits.get() != nullptr && cuda::AbqDp4aGemvApplies(Weights(), 1, spec.act_bits);
+    }
+    return *dp4a_one_token;
+  }
+  // Whether a whole-layer call of m tokens through `kernel` from x into y runs a one-launch
+  // kernel (the fused b1 layer, or the dp4a one): x 16-byte aligned, and x and y apart (their
+  // blocks write y while others still read x).
   bool Fused(AbqKernel kernel, int64_t m, const float* x, const float* y) const {
     const auto at = [](const float* p) { return reinterpret_cast<uintptr_t>(p); };
     const bool apart = at(x + m * k) <= at(y) || at(y + m * n) <= at(x);
-    return kernel == AbqKernel::kBinaryMma && b1 == B1Kernel::kFused && m == 1 && at(x) % 16 == 0 &&
-           apart && FusedTakesOneToken();
+    if (kernel != AbqKernel::kBinaryMma || m != 1 || at(x) % 16 != 0 || !apart) return false;
+    if (b1 == B1Kernel::kFused) return FusedTakesOneToken();
+    return b1 == B1Kernel::kDp4a && Dp4aTakesOneToken();
   }
-  // The fused layer on weights `w` (this layer's or a copy's) for one token.
+  // The one-launch layer on weights `w` (this layer's or a copy's) for one token.
   absl::Status LaunchFused(const cuda::AbqDeviceWeights& w, const float* x, float* y,
                            int32_t* dot) {
+    if (b1 == B1Kernel::kDp4a) {
+      return CudaStatus(cuda::LaunchAbqDp4aGemv(x, w, spec.act_bits, y, dot, stream),
+                        "ABQ one-token layer (dp4a)");
+    }
     return CudaStatus(cuda::LaunchAbqFusedGemv(x, w, spec.act_bits, y, dot, stream),
                       "ABQ fused GEMV (b1)");
   }
@@ -491,6 +536,10 @@ absl::Status CudaAbqLinear::set_b1_kernel(B1Kernel b1) {
     QCAL_RETURN_IF_ERROR(cuda::UseDevice(state_->device));
     QCAL_RETURN_IF_ERROR(state_->MakeMeta());
   }
+  if (b1 == B1Kernel::kDp4a) {
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(state_->device));
+    QCAL_RETURN_IF_ERROR(state_->MakeDigits());
+  }
   state_->b1 = b1;
   return absl::OkStatus();
 }
@@ -499,6 +548,10 @@ bool CudaAbqLinear::HasCompactMeta() const { return state_->meta.get() != nullpt
 
 bool CudaAbqLinear::FusedApplies(int64_t m) const {
   return m == 1 && cuda::UseDevice(state_->device).ok() && state_->FusedTakesOneToken();
+}
+
+bool CudaAbqLinear::Dp4aApplies(int64_t m) const {
+  return m == 1 && cuda::UseDevice(state_->device).ok() && state_->Dp4aTakesOneToken();
 }
 
 absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, int iters, Part part,
@@ -548,6 +601,8 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
     DeviceArray<float> scales;
     DeviceArray<int32_t> zeros;
     DeviceArray<uint32_t> meta;
+    DeviceArray<uint32_t> digits;
+    DeviceArray<uint32_t> meta_rows;
   };
   std::vector<Copy> held(static_cast<size_t>(copies - 1));
   std::vector<cuda::AbqDeviceWeights> weights(1, st.Weights());
@@ -574,7 +629,22 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
                                      cudaMemcpyDeviceToDevice, s),
                      "ABQ weight copy"));
     }
+    // The dp4a kernel's digits and meta rows (where it runs: copies of them instead).
+    auto copy_words = [&](DeviceArray<uint32_t>& dst, const DeviceArray<uint32_t>& src,
+                          int64_t count) -> absl::Status {
+      if (src.get() == nullptr) return absl::OkStatus();
+      QCAL_ASSIGN_OR_RETURN(dst, Allocate<uint32_t>(*st.alloc, count));
+      return CudaStatus(cudaMemcpyAsync(dst.get(), src.get(), count * sizeof(uint32_t),
+                                        cudaMemcpyDeviceToDevice, s),
+                        "ABQ weight copy");
+    };
+    if (fused && st.b1 == B1Kernel::kDp4a) {
+      QCAL_RETURN_IF_ERROR(copy_words(c.digits, st.digits, cuda::AbqDigitWords(st.Weights())));
+      QCAL_RETURN_IF_ERROR(copy_words(c.meta_rows, st.meta_rows, n_scales));
+    }
     cuda::AbqDeviceWeights w = st.Weights();
+    w.digits = c.digits.get() != nullptr ? c.digits.get() : w.digits;
+    w.meta_rows = c.meta_rows.get() != nullptr ? c.meta_rows.get() : w.meta_rows;
     w.planes = c.planes.get();
     w.scales = c.scales.get();
     w.zeros = c.zeros.get();

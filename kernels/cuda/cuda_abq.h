@@ -88,12 +88,20 @@ class CudaAbqLinear {
   // the tests.
   // Choosing kFused first makes the weights' one-word scales and zero points where it can
   // (HasCompactMeta): errors are a failed transfer or out of device memory.
-  enum class B1Kernel { kDispatch, kDecode, kTiled, kFused };
+  // kDp4a is not b1: the one-token layer on the CUDA cores (abq_dp4a.cu: the codes as 2-bit
+  // digits, dp4a against the int8 activation codes, the prologue in the same launch) where
+  // Dp4aApplies, else kDispatch's kernels; the same bits. Choosing it makes its digit layout
+  // (and the one-word scales where it can).
+  enum class B1Kernel { kDispatch, kDecode, kTiled, kFused, kDp4a };
   absl::Status set_b1_kernel(B1Kernel b1);
 
   // Whether the fused one-launch kernel takes a whole-layer call of m tokens (m = 1, K a multiple
   // of 128, k-groups of whole 128-column steps or per channel, and shared memory that fits).
   bool FusedApplies(int64_t m) const;
+  // Whether the dp4a kernel takes a whole-layer call of m tokens (after set_b1_kernel(kDp4a):
+  // m = 1, K a multiple of 64, per channel or k-groups of 64·2^i columns up to 2048, shared
+  // memory that fits).
+  bool Dp4aApplies(int64_t m) const;
   // Whether the fused kernel reads s_w and z as one 4-byte word a (k-group, output) instead of 8
   // bytes: after set_b1_kernel(kFused), where every scale is an fp16 value.
   bool HasCompactMeta() const;

@@ -258,6 +258,71 @@ TEST_F(CudaAbqTest, FusedKernelEqualsReference) {
   }
 }
 
+// The one-token dp4a layer (abq_dp4a.cu; CudaAbqLinear::B1Kernel::kDp4a) against the reference,
+// sums exact and y bit for bit, with the scales read as 8 bytes (a few binades: some products
+// inexact, so lane 0 runs the chain) and as one fp16 word (meta rows). Every bit width and the
+// balanced grid, per channel, g64, g128 and g256 (k-groups of 1, 2 and 4 chunks); K of one chunk,
+// 110 chunks (odd group ends at g256), 1024 and 4096; n of 1, off the 16-warp blocks, and
+// 1000 rows. Then rows in several rounds (W4 at K = 11,008: 172 chunks, 96 a round; W8 at 28,672:
+// 448 chunks, 32 a round), a wide per-channel row (W3 A4), and warps that load several rows at
+// once (11,008 × 4096 W2 g128 and 9000 × 1024 W4 per channel: three rows a warp). K off 64 and g32
+// are refused (Dp4aApplies false), and the dispatch's kernels run them, with the same bits.
+TEST_F(CudaAbqTest, Dp4aKernelEqualsReference) {
+  Random rng(19);
+  std::vector<Combo> combos;
+  for (int ab : {4, 8}) {
+    for (int group : {-1, 64, 128, 256}) {
+      for (int wb : {2, 3, 4, 8}) combos.push_back({wb, false, ab, group});
+      combos.push_back({3, true, ab, group});
+    }
+  }
+  const Shape3 shapes[] = {{1, 1, 64}, {1, 37, 7040}, {1, 301, 1024}, {1, 1000, 4096}};
+  for (const Combo& c : combos) {
+    for (const Shape3& s : shapes) {
+      for (bool fp16 : {false, true}) {
+        AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+        if (fp16) {
+          for (float& v : w.scales) v = RoundToHalf(v);
+        }
+        const std::string name = absl::StrCat(Name(c, s), fp16 ? " fp16 scales" : "", " dp4a");
+        auto lin = CudaAbqLinear::Create(w, 0);
+        ASSERT_TRUE(lin.ok()) << lin.status();
+        ASSERT_TRUE((*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kDp4a).ok()) << name;
+        ASSERT_TRUE((*lin)->Dp4aApplies(1)) << name;
+        EXPECT_FALSE((*lin)->Dp4aApplies(2)) << name;
+        EXPECT_EQ((*lin)->HasCompactMeta(), fp16) << name;
+        ExpectKernelsEqualReference(w, name, s, {AbqKernel::kBinaryMma}, rng,
+                                    CudaAbqLinear::B1Kernel::kDp4a);
+      }
+    }
+  }
+  for (const auto& [c, s] : {std::pair{Combo{4, false, 8, 128}, Shape3{1, 3001, 11008}},
+                             std::pair{Combo{2, false, 8, 128}, Shape3{1, 4096, 11008}},
+                             std::pair{Combo{8, false, 8, 128}, Shape3{1, 64, 28672}},
+                             std::pair{Combo{3, true, 4, -1}, Shape3{1, 20, 28672}},
+                             std::pair{Combo{2, false, 8, 128}, Shape3{1, 11008, 4096}},
+                             std::pair{Combo{4, false, 4, -1}, Shape3{1, 9000, 1024}}}) {
+    AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+    for (float& v : w.scales) v = RoundToHalf(v);
+    auto lin = CudaAbqLinear::Create(w, 0);
+    ASSERT_TRUE(lin.ok()) << lin.status();
+    ASSERT_TRUE((*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kDp4a).ok());
+    ASSERT_TRUE((*lin)->Dp4aApplies(1)) << Name(c, s);
+    ExpectKernelsEqualReference(w, Name(c, s) + " dp4a", s, {AbqKernel::kBinaryMma}, rng,
+                                CudaAbqLinear::B1Kernel::kDp4a);
+  }
+  for (const auto& [c, s] : {std::pair{Combo{4, false, 8, 32}, Shape3{1, 37, 1024}},
+                             std::pair{Combo{4, false, 8, -1}, Shape3{1, 37, 1000}}}) {
+    const AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+    auto lin = CudaAbqLinear::Create(w, 0);
+    ASSERT_TRUE(lin.ok()) << lin.status();
+    ASSERT_TRUE((*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kDp4a).ok());
+    EXPECT_FALSE((*lin)->Dp4aApplies(1)) << Name(c, s);
+    ExpectKernelsEqualReference(w, Name(c, s) + " dp4a refused", s, {AbqKernel::kBinaryMma}, rng,
+                                CudaAbqLinear::B1Kernel::kDp4a);
+  }
+}
+
 // The largest sums: W8A8 per channel over 16,384 columns with every code at the end of its range
 // (|dot| = 16384·127·255 = 530,595,840 and z·Σa beyond it), against the plain int64 product.
 TEST_F(CudaAbqTest, ExtremeCodesAreExact) {

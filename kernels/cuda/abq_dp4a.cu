@@ -1,0 +1,496 @@
+// The one-token ABQ layer on the CUDA cores: weight codes as 2-bit digits, dp4a against the int8
+// activation codes, the activation prologue inside the same launch (launchers in abq_gemm.cuh;
+// spec kernels/cpu/abq_ref.h). Its integer sums are AbqIntegerGemm's and its outputs
+// AbqGemm(AbqQuantizeActivations(x), w)'s bit for bit (cuda_abq_test's Dp4aKernelEqualsReference).
+// Built with -fmad=false; the epilogue spells its arithmetic with __dadd_rn / __dmul_rn /
+// __double2float_rn, so it performs AbqEpilogue's operations and no others.
+//
+// Why a third kernel: at m = 1 the layer is its weights' bytes (W2 4096 × 11008: 11.3 MB, 2.4 µs
+// at 4.8 TB/s), and the b1 kernels reach 22–45% of that bandwidth (docs/BENCHMARKS.md,
+// 2026-12-05): their weights go through shared memory in mma fragment order and the GEMV's path a
+// warp is long. Here every lane loads its weights straight into registers in 16-byte coalesced
+// pieces, before anything else, so that the memory system holds as many bytes in flight as it
+// can; the arithmetic (a shift, a byte mask and a dp4a per four weights) is far below the memory
+// time. This is not the b1 path of the paper: it is the comparison the issue
+// asks for beside it ("unpack to int8"), on dp4a rather than the IMMA, and it is reported as its
+// own row ("dp4a") and chosen only by name (CudaAbqLinear::B1Kernel::kDp4a).
+//
+// Layouts:
+//   - Digits (made once from the planes by LaunchAbqRepackDigits): a code q of wb bits is
+//     Σ_d 4^d·q_d with D = ceil(wb / 2) digits q_d = (q >> 2d) & 3. Row o's digit d is K / 64
+//     chunks of 16 bytes, [n][D][K / 64]; chunk c covers columns [64c, 64c + 64) as four 32-bit
+//     words q = 0..3, and word q holds column 64c + 16q + 4j + b at bits [8b + 2j, 8b + 2j + 2):
+//     (word >> 2j) & 0x03030303 are the digits of columns 64c + 16q + 4j + (0..3), one a byte,
+//     which dp4a multiplies by the four activation bytes of those columns.
+//   - Activation codes in shared memory, one byte each, [K] in 16-byte pieces: piece (c, q) holds
+//     columns 64c + 16q + (0..15) and is stored at piece 4c + (q ^ ((c >> 1) & 3)), so that the 8
+//     lanes of a quarter warp, reading pieces q of 8 consecutive chunks, hit 32 distinct banks.
+//
+// Shape of the kernel:
+//   - One block an SM, 32 warps (64 registers a thread). Work goes by row sets: R consecutive rows
+//     that a warp loads at once, R as large as the grid's warps need and 6 pieces of 16 bytes a
+//     lane allow (11,008 rows of K = 4096 at W2: 3), or one row in rounds of slots where a row
+//     needs more pieces than that (a slot: 32 chunks, one a lane). Warp v of the grid takes sets
+//     v, v + warps, ...
+//   - A set's first round is loaded before griddepcontrol.wait (programmatic launch: the kernel
+//     before it on the stream may still be running and writing x; it does not write the weights),
+//     with the set's s_w and z words copied into the warp's shared memory (cp.async); the next
+//     set's before this set's epilogue.
+//   - Then every block quantizes the whole token itself (the maximum over x by a block reduction,
+//     s_a = max / qmax, the codes as AbqQuantizeActivations: IEEE division, RoundHalfEven, the
+//     clamp that maps NaN to −qmax) into shared memory, with Σa per k-group (integer atomics:
+//     exact in any order). x is read twice a block (L2).
+//   - A chunk's dot is Σ_d 4^d·Σ dp4a (int32, wrapping: AbqIntegerGemm's sums modulo 2^32, exact
+//     within ValidateAbqShape's bounds). k-groups of L = g / 64 chunks (g a multiple of 64 up to
+//     2048) are L consecutive lanes of one slot: L − 1 shuffles give the group's dot; its first
+//     lane forms c_G = dot − z·Σa and c_G·s_w in fp64 into the warp's shared products. One group
+//     (per channel): a warp reduction a slot, added into the row's dot by lane 0.
+//   - The epilogue, a warp a row, as abq_gemv_fused.cu's: where every addition of the products is
+//     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
+//     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
+// Measured (H100, docs/BENCHMARKS.md 2026-12-05): as fast as the b1 GEMV at W2A8 and faster at W4
+// and W8 (W8A8 8192 × 28672: 90 µs against 159), but far from the bandwidth: a block's prologue
+// (two reads of x, a block reduction, the codes) sits between the weights' arrival and the
+// arithmetic.
+// s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
+// s_w) where every scale is an fp16 value, else from `scales` and `zeros` ([n_groups][n]).
+// Applies to m = 1, activation bits 4 and 8, weight bits 2, 3, 4 and 8, K a multiple of 64, one
+// k-group or groups of 64·2^i columns up to 2048, and shared memory within kMaxShared
+// (AbqDp4aGemvApplies).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "kernels/abq_fused_plan.h"
+#include "kernels/cuda/abq_b1.cuh"
+#include "kernels/cuda/abq_gemm.cuh"
+#include "kernels/cuda/block_reduce.cuh"
+#include "kernels/cuda/mma_sync.cuh"
+#include "kernels/quant_grid.h"
+
+namespace qcal::kernels::cuda {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kWarps = 32;
+constexpr int kThreads = kWarps * 32;
+// 16-byte weight pieces a lane holds at once (rows × slots × digits): 6, or 4 at four digits (64
+// registers a thread, a few of them spilled).
+constexpr int kPieces = 6;
+__host__ __device__ constexpr int PiecesFor(int digits) { return kPieces / digits * digits; }
+constexpr size_t kMaxShared = 200 * 1024;
+
+struct Dp4aParams {
+  AbqDeviceWeights w;
+  const float* x;
+  float* y;
+  int32_t* dot;
+  int chunks;        // K / 64
+  int group_chunks;  // chunks a k-group (L), 0 for one group
+  int rows;          // R: rows a warp loads at once (a row set)
+  int slots;         // 32-chunk slots a round: all of a row's when R > 1
+};
+
+// The shared-memory offsets: activation codes [K] bytes, Σa [n_groups], then per warp its row
+// set's dots (one group) or meta words and products (grouped).
+struct SharedLayout {
+  size_t sums_off = 0, chan_off = 0, meta_off = 0, prod_off = 0, bytes = 0;
+};
+__host__ __device__ inline SharedLayout LayoutOf(int chunks, int n_groups, bool grouped, int rows) {
+  SharedLayout l;
+  const size_t per_set = static_cast<size_t>(rows) * n_groups;
+  l.sums_off = static_cast<size_t>(chunks) * 64;
+  l.chan_off = (l.sums_off + 4 * static_cast<size_t>(n_groups) + 15) / 16 * 16;
+  l.meta_off = l.chan_off + 4 * static_cast<size_t>(kWarps) * rows;
+  l.prod_off = (l.meta_off + (grouped ? 4 * kWarps * per_set : 0) + 15) / 16 * 16;
+  l.bytes = l.prod_off + (grouped ? 8 * kWarps * per_set : 0);
+  return l;
+}
+
+// Digits a code of wb bits: 1, 2 (W3, W4) or 4.
+__host__ __device__ inline int DigitsOf(int wb) { return (wb + 1) / 2; }
+
+__device__ __forceinline__ int32_t Quantize(float x, float s_a, float qmax) {
+  if (s_a == 0.0f) return 0;
+  return static_cast<int32_t>(fminf(fmaxf(RoundHalfEven(x / s_a), -qmax), qmax));
+}
+
+template <int kD, int kAb>
+__global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
+  constexpr float kQmax = static_cast<float>((1 << (kAb - 1)) - 1);
+  extern __shared__ __align__(16) unsigned char dp4a_smem[];
+  __shared__ float scratch[32];
+  const AbqDeviceWeights& w = p.w;
+  const int chunks = p.chunks, n_groups = w.n_groups, L = p.group_chunks, R = p.rows;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool grouped = L > 0, meta = w.meta_rows != nullptr;
+  const SharedLayout sl = LayoutOf(chunks, n_groups, grouped, R);
+  const uint4* s_act = reinterpret_cast<const uint4*>(dp4a_smem);
+  int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem + sl.sums_off);
+  uint32_t* s_chan = reinterpret_cast<uint32_t*>(dp4a_smem + sl.chan_off) + warp * R;
+  uint32_t* s_meta = reinterpret_cast<uint32_t*>(dp4a_smem + sl.meta_off) + warp * R * n_groups;
+  double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * R * n_groups;
+  const uint4* digits = reinterpret_cast<const uint4*>(w.digits);
+  const int64_t sets = (w.n + R - 1) / R;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int total_slots = (chunks + 31) / 32;
+
+  // Piece i of a round (rows r, slots s, digits d; i = (r·ns + s)·kD + d) of row set t: chunk
+  // 32·(s0 + s) + lane of digit d of row t·R + r.
+  constexpr int kP = PiecesFor(kD);
+  uint4 piece[kP];
+  auto load = [&](int64_t t, int s0, int ns) {
+    const int64_t o0 = t * R;
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      const int rs = i / kD, d = i % kD, r = rs / ns, sl_ = rs % ns;
+      const int ci = 32 * (s0 + sl_) + lane;
+      const int64_t o = o0 + r;
+      piece[i] = r < R && o < w.n && ci < chunks ? __ldcs(digits + (o * kD + d) * chunks + ci)
+                                                 : uint4{0, 0, 0, 0};
+    }
+  };
+  // The set's s_w and z words into shared memory (cp.async, completed before the arithmetic).
+  auto load_meta = [&](int64_t t) {
+    if (!grouped || !meta) return;
+    const int64_t o0 = t * R;
+    const int count = static_cast<int>(w.n - o0 < R ? w.n - o0 : R) * n_groups;
+    for (int i = lane; i < count; i += 32) CopyAsync4(s_meta + i, w.meta_rows + o0 * n_groups + i);
+    mma::CopyAsyncCommit();
+  };
+  const int round_slots = R > 1 ? total_slots : min(p.slots, total_slots);
+
+  // 1. Before anything that depends on the kernel before this one: the first set's first round.
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (first < sets) {
+    load(first, 0, round_slots);
+    load_meta(first);
+  }
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+
+  // 2. The token's codes and Σa, in every block.
+  for (int i = threadIdx.x; i < n_groups; i += kThreads) s_sums[i] = 0;
+  const float4* x4 = reinterpret_cast<const float4*>(p.x);
+  const int quads = chunks * 16;  // float4s of x, one code word each
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < quads; i += kThreads) {
+    const float4 v = x4[i];
+    amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+  }
+  amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);  // ends with a barrier: s_sums zeroed
+  const float s_a = amax / kQmax;
+  uint32_t* act_words = reinterpret_cast<uint32_t*>(dp4a_smem);
+  for (int base = warp * 32; base < quads; base += kThreads) {
+    const int u = base + lane;  // code word u: columns 4u .. 4u + 3
+    int32_t sum = 0;
+    if (u < quads) {
+      const float4 v = x4[u];
+      const int32_t c0 = Quantize(v.x, s_a, kQmax), c1 = Quantize(v.y, s_a, kQmax);
+      const int32_t c2 = Quantize(v.z, s_a, kQmax), c3 = Quantize(v.w, s_a, kQmax);
+      const uint32_t word =
+          (static_cast<uint32_t>(c0) & 0xffu) | ((static_cast<uint32_t>(c1) & 0xffu) << 8) |
+          ((static_cast<uint32_t>(c2) & 0xffu) << 16) | (static_cast<uint32_t>(c3) << 24);
+      const int c = u >> 4, q = (u >> 2) & 3;
+      act_words[16 * c + 4 * (q ^ ((c >> 1) & 3)) + (u & 3)] = word;
+      sum = c0 + c1 + c2 + c3;
+    }
+    // 32 code words are 128 columns (two chunks): one k-group unless L = 1 (halves).
+    const int top = L == 1 ? 8 : 16;
+    for (int off = top; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
+    if (u < quads && (lane == 0 || (L == 1 && lane == 16))) {
+      atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) / L], sum);
+    }
+  }
+  __syncthreads();
+
+  // 3. The row sets.
+  const double s_a64 = static_cast<double>(s_a);
+  for (int64_t t = first; t < sets; t += warps) {
+    const int64_t o0 = t * R;
+    const int rows = static_cast<int>(w.n - o0 < R ? w.n - o0 : R);
+    if (lane < R) s_chan[lane] = 0;
+    bool inexact = false;
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    __syncwarp();  // the set's meta words and zeroed dots
+    for (int s0 = 0; s0 < total_slots; s0 += round_slots) {
+      const int ns = min(round_slots, total_slots - s0);
+      if (s0 > 0) load(t, s0, ns);
+#pragma unroll
+      for (int i0 = 0; i0 < kP; i0 += kD) {
+        const int rs = i0 / kD, r = rs / ns, si = rs % ns;
+        if (r >= rows) break;  // warp-uniform
+        const int ci = 32 * (s0 + si) + lane;
+        const int64_t o = o0 + r;
+        uint32_t v = 0;
+        if (ci < chunks) {
+          const int swz = (ci >> 1) & 3;
+          uint4 a[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) a[q] = s_act[4 * ci + (q ^ swz)];
+#pragma unroll
+          for (int d = 0; d < kD; ++d) {
+            const uint4 pc = piece[i0 + d];
+            const uint32_t words[4] = {pc.x, pc.y, pc.z, pc.w};
+            int acc = 0;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const uint32_t act[4] = {a[q].x, a[q].y, a[q].z, a[q].w};
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                acc = __dp4a(static_cast<int>((words[q] >> (2 * j)) & 0x03030303u),
+                             static_cast<int>(act[j]), acc);
+              }
+            }
+            v += static_cast<uint32_t>(acc) << (2 * d);
+          }
+        }
+        if (!grouped) {
+          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+          if (lane == 0) s_chan[r] += v;
+          continue;
+        }
+        for (int off = 1; off < L; off <<= 1) v += __shfl_xor_sync(kFull, v, off);
+        if (ci < chunks && lane % L == 0) {
+          const int g = ci / L;
+          double scale;
+          uint32_t z;
+          if (meta) {
+            const uint32_t word = s_meta[r * n_groups + g];
+            z = word >> 16;
+            scale = static_cast<double>(
+                __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))));
+          } else {
+            z = static_cast<uint32_t>(w.zeros[g * w.n + o]);
+            scale = static_cast<double>(w.scales[g * w.n + o]);
+          }
+          if (p.dot != nullptr) p.dot[o * n_groups + g] = static_cast<int32_t>(v);
+          const double c =
+              static_cast<double>(static_cast<int32_t>(v - z * static_cast<uint32_t>(s_sums[g])));
+          const double prod = __dmul_rn(c, scale);
+          if (__fma_rn(c, scale, -prod) != 0.0) inexact = true;
+          s_prod[r * n_groups + g] = prod;
+        }
+      }
+    }
+    // The next set's first round now, so that it streams during this set's epilogue.
+    __syncwarp();  // every lane is done with this set's meta words
+    if (t + warps < sets) {
+      load(t + warps, 0, round_slots);
+      load_meta(t + warps);
+    }
+    if (!grouped) {
+      if (lane < rows) {
+        const int64_t o = o0 + lane;
+        const uint32_t dot = s_chan[lane];
+        double scale;
+        uint32_t z;
+        if (meta) {
+          const uint32_t word = w.meta_rows[o];
+          z = word >> 16;
+          scale = static_cast<double>(
+              __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))));
+        } else {
+          z = static_cast<uint32_t>(w.zeros[o]);
+          scale = static_cast<double>(w.scales[o]);
+        }
+        if (p.dot != nullptr) p.dot[o] = static_cast<int32_t>(dot);
+        const double c =
+            static_cast<double>(static_cast<int32_t>(dot - z * static_cast<uint32_t>(s_sums[0])));
+        const double sum = __dadd_rn(0.0, __dmul_rn(c, scale));
+        p.y[o] = __double2float_rn(__dmul_rn(s_a64, sum));
+      }
+      __syncwarp();
+      continue;
+    }
+    const bool all_exact = __all_sync(kFull, !inexact);
+    for (int r = 0; r < rows; ++r) {
+      const double* prods = s_prod + r * n_groups;
+      double part = 0.0, abs_sum = 0.0;
+      int emin = INT_MAX;
+      bool exact = all_exact;
+      for (int g = lane; g < n_groups; g += 32) {
+        const double prod = prods[g];
+        if (prod != 0.0) {
+          const int e = abq_fused::LsbExponent(prod);
+          if (e == INT32_MIN) exact = false;
+          emin = min(emin, e);
+        }
+        part = __dadd_rn(part, prod);
+        abs_sum = __dadd_rn(abs_sum, fabs(prod));
+      }
+      exact = __all_sync(kFull, exact);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
+        abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
+        emin = min(emin, __shfl_xor_sync(kFull, emin, off));
+      }
+      const bool order_free = __shfl_sync(kFull, abq_fused::OrderFree(exact, emin, abs_sum), 0);
+      if (lane == 0) {
+        double sum = part;
+        if (!order_free) {
+          sum = 0.0;
+          for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, prods[g]);
+        }
+        p.y[o0 + r] = __double2float_rn(__dmul_rn(s_a64, sum));
+      }
+    }
+    __syncwarp();  // lane 0 is done with the products before the next set writes them
+  }
+}
+
+// One thread a digit word: word q of chunk ci of digit d of row o, from planes 2d and 2d + 1.
+__global__ void RepackDigitsKernel(const uint32_t* planes, int64_t n, int wb, int words, int chunks,
+                                   uint32_t* digits) {
+  const int nd = DigitsOf(wb);
+  const int64_t total = n * nd * chunks * 4;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int q = static_cast<int>(t % 4);
+    const int ci = static_cast<int>((t / 4) % chunks);
+    const int d = static_cast<int>((t / (4 * chunks)) % nd);
+    const int64_t o = t / (4 * static_cast<int64_t>(chunks) * nd);
+    const int k0 = 64 * ci + 16 * q;  // 16 columns within one plane word
+    const uint32_t* row = planes + o * wb * static_cast<int64_t>(words) + k0 / 32;
+    const int shift = k0 % 32;
+    const uint32_t lo = 2 * d < wb ? row[(2 * d) * static_cast<int64_t>(words)] >> shift : 0u;
+    const uint32_t hi =
+        2 * d + 1 < wb ? row[(2 * d + 1) * static_cast<int64_t>(words)] >> shift : 0u;
+    uint32_t out = 0;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t digit = ((lo >> i) & 1u) | (((hi >> i) & 1u) << 1);
+      out |= digit << (8 * (i & 3) + 2 * (i >> 2));
+    }
+    digits[t] = out;
+  }
+}
+
+using Dp4aKernel = void (*)(Dp4aParams);
+
+template <int kAb>
+Dp4aKernel KernelForAb(int wb) {
+  switch (DigitsOf(wb)) {
+    case 1:
+      return AbqDp4aGemvKernel<1, kAb>;
+    case 2:
+      return AbqDp4aGemvKernel<2, kAb>;
+    case 4:
+      return AbqDp4aGemvKernel<4, kAb>;
+    default:
+      return nullptr;
+  }
+}
+Dp4aKernel KernelFor(int wb, int ab) {
+  if (wb != 2 && wb != 3 && wb != 4 && wb != 8) return nullptr;
+  if (ab == 4) return KernelForAb<4>(wb);
+  if (ab == 8) return KernelForAb<8>(wb);
+  return nullptr;
+}
+
+// Chunks a k-group (L), 0 for one group; -1 where the grouping does not fit the kernel.
+int GroupChunks(const AbqDeviceWeights& w) {
+  if (w.n_groups == 1) return 0;
+  if (w.group_words % 2 != 0) return -1;
+  const int l = w.group_words / 2;
+  return l <= 32 && (l & (l - 1)) == 0 ? l : -1;
+}
+
+// Multiprocessors of the current device (0 on error).
+int SmCount() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 0;
+  }
+  return sms;
+}
+
+// The launch: rows a warp loads at once (as many as the grid's warps need, within kPieces
+// pieces a lane) or, for rows longer than kPieces pieces a lane, one row in rounds of slots.
+struct Plan {
+  Dp4aParams p;
+  size_t bytes = 0;
+  int blocks = 0;
+};
+bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, ab) == nullptr) return false;
+  const int l = GroupChunks(w);
+  const int sms = SmCount();
+  if (l < 0 || sms <= 0) return false;
+  const int chunks = static_cast<int>(w.k / 64), nd = DigitsOf(w.weight_bits);
+  const int total_slots = (chunks + 31) / 32;
+  const int pieces = PiecesFor(nd);
+  int rows = 1, slots = pieces / nd;
+  if (total_slots * nd <= pieces) {
+    const int64_t needed = (w.n + static_cast<int64_t>(sms) * kWarps - 1) / (sms * kWarps);
+    rows = static_cast<int>(std::clamp<int64_t>(needed, 1, pieces / (total_slots * nd)));
+    slots = total_slots;
+  }
+  size_t bytes = LayoutOf(chunks, w.n_groups, l > 0, rows).bytes;
+  if (bytes > kMaxShared && rows > 1) {
+    rows = 1;
+    bytes = LayoutOf(chunks, w.n_groups, l > 0, rows).bytes;
+  }
+  if (bytes > kMaxShared) return false;
+  plan.p.w = w;
+  plan.p.chunks = chunks;
+  plan.p.group_chunks = l;
+  plan.p.rows = rows;
+  plan.p.slots = slots;
+  plan.bytes = bytes;
+  const int64_t sets = (w.n + rows - 1) / rows;
+  plan.blocks = static_cast<int>(std::min<int64_t>((sets + kWarps - 1) / kWarps, sms));
+  return true;
+}
+
+}  // namespace
+
+int64_t AbqDigitWords(const AbqDeviceWeights& w) {
+  return w.n * DigitsOf(w.weight_bits) * (w.k / 64) * 4;
+}
+
+cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits,
+                                  cudaStream_t stream) {
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, 8) == nullptr ||
+      digits == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t total = AbqDigitWords(w);
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
+  RepackDigitsKernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      w.planes, w.n, w.weight_bits, w.words, static_cast<int>(w.k / 64), digits);
+  return cudaGetLastError();
+}
+
+bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab) {
+  Plan plan;
+  return m == 1 && PlanOf(w, ab, plan);
+}
+
+cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
+                              int32_t* dot, cudaStream_t stream) {
+  Plan plan;
+  if (!PlanOf(w, ab, plan) || w.digits == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  static std::atomic<uint64_t> raised[3][2];  // [digits 1, 2, 4][ab 4, 8]
+  const Dp4aKernel kernel = KernelFor(w.weight_bits, ab);
+  plan.p.x = x;
+  plan.p.y = y;
+  plan.p.dot = dot;
+  const int nd = DigitsOf(w.weight_bits);
+  const int di = nd == 1 ? 0 : nd == 2 ? 1 : 2;
+  cudaError_t err = RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[di][ab == 8 ? 1 : 0]);
+  if (err != cudaSuccess) return err;
+  return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)), kThreads, plan.bytes,
+                   stream);
+}
+
+}  // namespace qcal::kernels::cuda
