@@ -176,7 +176,37 @@ absl::StatusOr<KvCache> Model::NewCache(int capacity) {
   return cache;
 }
 
+bool Model::ReadsOperand(const Linear& l) const {
+  return !l.abq && (l.act_bits >= 16 || l.lora_a.defined());
+}
+
+absl::StatusOr<Tensor> Model::Operand(const Tensor& t) {
+  kernels::Backend& be = *backend_;
+  if (be.device() == Device::kHost || be.compute_dtype() != kernels::ComputeDType::kBF16 ||
+      t.dtype() == DType::kBF16) {
+    return t;
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor out, be.AllocUninitialized(DType::kBF16, t.shape()));
+  QCAL_RETURN_IF_ERROR(be.Convert(t, out));
+  return out;
+}
+
+absl::StatusOr<Tensor> Model::SharedOperand(int b, std::initializer_list<LinearKind> kinds,
+                                            const Tensor& x) {
+  for (LinearKind k : kinds) {
+    if (ReadsOperand(blocks_[b].at(k))) return Operand(x);
+  }
+  return x;
+}
+
 absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate) {
+  if (!l.lora_a.defined()) return ApplyLinear(l, x, x, y, accumulate);
+  QCAL_ASSIGN_OR_RETURN(const Tensor x_op, Operand(x));
+  return ApplyLinear(l, x, x_op, y, accumulate);
+}
+
+absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& x_op, Tensor& y,
+                                bool accumulate) {
   kernels::Backend& be = *backend_;
   const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
   if (l.abq) {
@@ -184,20 +214,20 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, boo
   } else if (l.act_bits < 16) {
     QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, l.weight, bias, y, accumulate));
   } else {
-    QCAL_RETURN_IF_ERROR(be.Linear(x, l.weight, bias, y, accumulate));
+    QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.weight, bias, y, accumulate));
   }
   if (l.lora_a.defined()) {
     QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {x.dim(0), l.lora_b.dim(0)}));
-    QCAL_RETURN_IF_ERROR(be.Linear(x, l.lora_b, nullptr, t, false));
+    QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
     QCAL_RETURN_IF_ERROR(be.Linear(t, l.lora_a, nullptr, y, true));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x) {
+absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op) {
   const Linear& l = blocks_[b].at(kind);
   QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.d_out()}));
-  QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, y, false));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, x_op, y, false));
   return y;
 }
 
@@ -217,9 +247,11 @@ absl::StatusOr<Tensor> Model::Attend(int b, const Tensor& x, const SeqShape& sha
                                      KvCache* cache) {
   kernels::Backend& be = *backend_;
   const int64_t rows = int64_t(shape.batch) * shape.seq_len;
-  QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x));
-  QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x));
-  QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x));
+  QCAL_ASSIGN_OR_RETURN(const Tensor x_op,
+                        SharedOperand(b, {LinearKind::kQ, LinearKind::kK, LinearKind::kV}, x));
+  QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x, x_op));
+  QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x, x_op));
+  QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x, x_op));
   const BlockWeights& w = blocks_[b];
   if (w.q_norm.defined()) {
     // Qwen3: RMSNorm over each head's features, before RoPE.
@@ -268,8 +300,10 @@ absl::StatusOr<Tensor> Model::MlpProduct(int b, const Tensor& x) {
     return absl::FailedPreconditionError(
         absl::StrCat("MlpProduct: block ", b, " is a mixture-of-experts block"));
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x));
-  QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x));
+  QCAL_ASSIGN_OR_RETURN(const Tensor x_op,
+                        SharedOperand(b, {LinearKind::kGate, LinearKind::kUp}, x));
+  QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x, x_op));
+  QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x, x_op));
   QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate, up, gate));
   return gate;
 }
@@ -279,8 +313,12 @@ absl::StatusOr<Tensor> Model::ExpertMlpProduct(const ExpertWeights& e, const Ten
   const int64_t rows = x.dim(0);
   QCAL_ASSIGN_OR_RETURN(Tensor gate, be.Alloc(DType::kF32, {rows, e.gate.weight.dim(0)}));
   QCAL_ASSIGN_OR_RETURN(Tensor up, be.Alloc(DType::kF32, {rows, e.up.weight.dim(0)}));
-  QCAL_RETURN_IF_ERROR(ApplyLinear(e.gate, x, gate, false));
-  QCAL_RETURN_IF_ERROR(ApplyLinear(e.up, x, up, false));
+  Tensor x_op = x;
+  if (ReadsOperand(e.gate) || ReadsOperand(e.up)) {
+    QCAL_ASSIGN_OR_RETURN(x_op, Operand(x));
+  }
+  QCAL_RETURN_IF_ERROR(ApplyLinear(e.gate, x, x_op, gate, false));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(e.up, x, x_op, up, false));
   QCAL_RETURN_IF_ERROR(be.SiluMul(gate, up, gate));
   return gate;
 }

@@ -319,10 +319,23 @@ class Model {
   class BlockSource;
   Model();
   // y (+)= l applied to x: the weight branch (with its activation quantization and bias), then
-  // the low-rank branch added.
+  // the low-rank branch added. x_op is x as a GEMM operand (Operand), shared by the products that
+  // read x; the overload without it makes one where two products of l share x (a low-rank branch).
+  absl::Status ApplyLinear(const Linear& l, const Tensor& x, const Tensor& x_op, Tensor& y,
+                           bool accumulate);
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
-  // y [rows, d_out] = linear `kind` of block b applied to x (bias included).
-  absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x);
+  // y [rows, d_out] = linear `kind` of block b applied to x (bias included); x_op as ApplyLinear's.
+  absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op);
+  // Whether a plain GEMM of l reads x as an operand (no ABQ kernel; full-precision activations,
+  // or a low-rank branch): then an Operand of x shared by several products saves conversions.
+  bool ReadsOperand(const Linear& l) const;
+  // t as a GEMM operand: on a device backend computing in bf16, a BF16 copy (the rounding the
+  // backend's GEMMs would make, once instead of once a product: the same values); else t itself.
+  absl::StatusOr<Tensor> Operand(const Tensor& t);
+  // x as the operand of the group of linears `kinds` of block b: Operand(x) where one of them
+  // reads it (ReadsOperand), else x.
+  absl::StatusOr<Tensor> SharedOperand(int b, std::initializer_list<LinearKind> kinds,
+                                       const Tensor& x);
   // silu(e.gate(x)) * e.up(x), and y [rows, hidden] = e.down of it.
   absl::StatusOr<Tensor> ExpertMlpProduct(const ExpertWeights& e, const Tensor& x);
   absl::StatusOr<Tensor> ExpertForward(const ExpertWeights& e, const Tensor& x);
