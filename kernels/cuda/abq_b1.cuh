@@ -1,15 +1,18 @@
-// Pieces shared by the ABQ kernels' files (abq_gemm.cu, abq_gemv.cu, abq_gemv_fused.cu): the b1
-// AND + popcount mma.sync products, the bulk copies (TMA) completing on an mbarrier, the plane
-// weights of activation planes, the launch with programmatic stream serialization, and the GEMV
-// launcher that abq_gemm.cu's dispatch calls. Internal to kernels/cuda: the public launchers are
+// Pieces shared by the ABQ kernels' files (abq_gemm.cu, abq_gemv.cu, abq_gemv_fused.cu,
+// abq_dp4a.cu): the b1 AND + popcount mma.sync products, the bulk copies (TMA) completing on an
+// mbarrier, the plane weights of activation planes, the launch with programmatic stream
+// serialization, a warp's sum of an output's epilogue products, and the GEMV launcher that
+// abq_gemm.cu's dispatch calls. Internal to kernels/cuda: the public launchers are
 // abq_gemm.cuh's.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <climits>
 #include <cstdint>
 
+#include "kernels/abq_fused_plan.h"
 #include "kernels/abq_ops.h"
 #include "kernels/cuda/abq_gemm.cuh"
 #include "kernels/cuda/mma_sync.cuh"
@@ -168,5 +171,48 @@ bool AbqDecodeApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 cudaError_t LaunchAbqBinaryDecode(const AbqDeviceWeights& w, const uint32_t* a_planes,
                                   const float* a_scales, const int32_t* a_sums, int64_t m, int ab,
                                   float* y, int32_t* dot, cudaStream_t stream);
+
+// Multiprocessors of the current device (0 on error).
+inline int SmCount() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 0;
+  }
+  return sms;
+}
+
+// AbqEpilogue's S = Σ_G p_G for one output, from its products p_G = c_G·s_w (fp64, `prods`, in
+// group order), by a whole warp: where every addition is exact (abq_fused::OrderFree; `exact` is
+// false in a lane that saw an inexact product) the lanes' sums and a butterfly, which give the
+// chain's bits; otherwise lane 0 runs the chain in group order. The sum is lane 0's.
+__device__ inline double WarpProductSum(const double* prods, int n_groups, bool exact) {
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  double part = 0.0, abs_sum = 0.0;
+  int emin = INT_MAX;
+  for (int g = lane; g < n_groups; g += 32) {
+    const double prod = prods[g];
+    if (prod != 0.0) {
+      const int e = abq_fused::LsbExponent(prod);
+      if (e == INT32_MIN) exact = false;
+      emin = min(emin, e);
+    }
+    part = __dadd_rn(part, prod);
+    abs_sum = __dadd_rn(abs_sum, fabs(prod));
+  }
+  exact = __all_sync(kAll, exact);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    part = __dadd_rn(part, __shfl_xor_sync(kAll, part, off));
+    abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kAll, abs_sum, off));
+    emin = min(emin, __shfl_xor_sync(kAll, emin, off));
+  }
+  const bool order_free = __shfl_sync(kAll, abq_fused::OrderFree(exact, emin, abs_sum), 0);
+  if (lane != 0 || order_free) return part;
+  double sum = 0.0;
+  for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, prods[g]);
+  return sum;
+}
 
 }  // namespace qcal::kernels::cuda

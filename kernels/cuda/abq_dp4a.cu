@@ -310,35 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
     const bool all_exact = __all_sync(kFull, !inexact);
     for (int r = 0; r < rows; ++r) {
       const double* prods = s_prod + r * n_groups;
-      double part = 0.0, abs_sum = 0.0;
-      int emin = INT_MAX;
-      bool exact = all_exact;
-      for (int g = lane; g < n_groups; g += 32) {
-        const double prod = prods[g];
-        if (prod != 0.0) {
-          const int e = abq_fused::LsbExponent(prod);
-          if (e == INT32_MIN) exact = false;
-          emin = min(emin, e);
-        }
-        part = __dadd_rn(part, prod);
-        abs_sum = __dadd_rn(abs_sum, fabs(prod));
-      }
-      exact = __all_sync(kFull, exact);
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
-        abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
-        emin = min(emin, __shfl_xor_sync(kFull, emin, off));
-      }
-      const bool order_free = __shfl_sync(kFull, abq_fused::OrderFree(exact, emin, abs_sum), 0);
-      if (lane == 0) {
-        double sum = part;
-        if (!order_free) {
-          sum = 0.0;
-          for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, prods[g]);
-        }
-        p.y[o0 + r] = __double2float_rn(__dmul_rn(s_a64, sum));
-      }
+      const double sum = WarpProductSum(prods, n_groups, all_exact);
+      if (lane == 0) p.y[o0 + r] = __double2float_rn(__dmul_rn(s_a64, sum));
     }
     __syncwarp();  // lane 0 is done with the products before the next set writes them
   }
@@ -399,16 +372,6 @@ int GroupChunks(const AbqDeviceWeights& w) {
   if (w.group_words % 2 != 0) return -1;
   const int l = w.group_words / 2;
   return l <= 32 && (l & (l - 1)) == 0 ? l : -1;
-}
-
-// Multiprocessors of the current device (0 on error).
-int SmCount() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 0;
-  }
-  return sms;
 }
 
 // The launch: rows a warp loads at once (as many as the grid's warps need, within kPieces

@@ -391,46 +391,9 @@ __global__ void __launch_bounds__(kThreads, 1) AbqFusedGemvKernel(FusedParams p)
   __syncthreads();
   for (int ol = warp; ol < outs; ol += kWarps) {
     const double* prods = s_prod + ol * l.prod_stride;
-    double part = 0.0, abs_sum = 0.0;
-    int emin = INT_MAX;
-    bool exact = s_inexact[ol] == 0;
-    for (int gr = lane; gr < n_groups; gr += 32) {
-      const double prod = prods[gr];
-      if (prod != 0.0) {
-        const int e = abq_fused::LsbExponent(prod);
-        if (e == INT32_MIN) exact = false;
-        emin = std::min(emin, e);
-      }
-      part = __dadd_rn(part, prod);
-      abs_sum = __dadd_rn(abs_sum, fabs(prod));
-    }
-    exact = __all_sync(kFull, exact);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
-      abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
-      emin = std::min(emin, __shfl_xor_sync(kFull, emin, off));
-    }
-    const bool order_free = __shfl_sync(kFull, abq_fused::OrderFree(exact, emin, abs_sum), 0);
-    if (lane == 0) {
-      double sum = part;
-      if (!order_free) {
-        sum = 0.0;
-        for (int gr = 0; gr < n_groups; ++gr) sum = __dadd_rn(sum, prods[gr]);
-      }
-      p.y[o0 + ol] = __double2float_rn(__dmul_rn(static_cast<double>(s_a), sum));
-    }
+    const double sum = WarpProductSum(prods, n_groups, s_inexact[ol] == 0);
+    if (lane == 0) p.y[o0 + ol] = __double2float_rn(__dmul_rn(static_cast<double>(s_a), sum));
   }
-}
-
-// Multiprocessors of the current device (0 on error).
-int SmCount() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 0;
-  }
-  return sms;
 }
 
 using FusedKernel = void (*)(FusedParams);

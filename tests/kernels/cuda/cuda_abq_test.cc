@@ -17,6 +17,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -139,6 +140,39 @@ void ExpectKernelsEqualReference(const Combo& c, const Shape3& s,
   ExpectKernelsEqualReference(w, Name(c, s), s, kernels, rng, b1);
 }
 
+// A one-token kernel (`b1`: kFused or kDp4a) for every combo and shape, with scales of a few
+// binades (s_w and z read as 8 bytes) and the same rounded to fp16 (read as one word:
+// AbqDeviceWeights::meta): it takes m = 1 and not 2, makes the one-word form exactly where the
+// scales are fp16 values, and equals the reference.
+void ExpectOneTokenKernelEqualsReference(const std::vector<Combo>& combos,
+                                         std::span<const Shape3> shapes, CudaAbqLinear::B1Kernel b1,
+                                         Random& rng) {
+  const bool dp4a = b1 == CudaAbqLinear::B1Kernel::kDp4a;
+  for (const Combo& c : combos) {
+    for (const Shape3& s : shapes) {
+      for (bool fp16 : {false, true}) {
+        AbqWeights w = RandomWeights(c, s.n, s.k, rng);
+        if (fp16) {
+          for (float& v : w.scales) v = RoundToHalf(v);
+        }
+        const std::string name =
+            absl::StrCat(Name(c, s), fp16 ? " fp16 scales" : "", dp4a ? " dp4a" : " fused");
+        auto lin = CudaAbqLinear::Create(w, 0);
+        ASSERT_TRUE(lin.ok()) << lin.status();
+        EXPECT_FALSE((*lin)->HasCompactMeta()) << name;  // made when the kernel is chosen
+        ASSERT_TRUE((*lin)->set_b1_kernel(b1).ok()) << name;
+        auto applies = [&](int64_t m) {
+          return dp4a ? (*lin)->Dp4aApplies(m) : (*lin)->FusedApplies(m);
+        };
+        ASSERT_TRUE(applies(1)) << name;
+        EXPECT_FALSE(applies(2)) << name;
+        EXPECT_EQ((*lin)->HasCompactMeta(), fp16) << name;
+        ExpectKernelsEqualReference(w, name, s, {AbqKernel::kBinaryMma}, rng, b1);
+      }
+    }
+  }
+}
+
 TEST_F(CudaAbqTest, IntegerKernelsEqualReferenceBitForBit) {
   Random rng(12);
   for (const Combo& c : AllCombos()) {
@@ -201,28 +235,7 @@ TEST_F(CudaAbqTest, FusedKernelEqualsReference) {
     for (int wb : {2, 3, 4, 8}) combos.push_back({wb, false, ab, 256});
   }
   const Shape3 shapes[] = {{1, 1, 128}, {1, 37, 7040}, {1, 301, 1024}, {1, 1000, 4096}};
-  // Scales of a few binades (s_w and z read as 8 bytes), and the same rounded to fp16 (read as
-  // one word: AbqDeviceWeights::meta).
-  for (const Combo& c : combos) {
-    for (const Shape3& s : shapes) {
-      for (bool fp16 : {false, true}) {
-        AbqWeights w = RandomWeights(c, s.n, s.k, rng);
-        if (fp16) {
-          for (float& v : w.scales) v = RoundToHalf(v);
-        }
-        const std::string name = absl::StrCat(Name(c, s), fp16 ? " fp16 scales" : "");
-        auto lin = CudaAbqLinear::Create(w, 0);
-        ASSERT_TRUE(lin.ok()) << lin.status();
-        EXPECT_FALSE((*lin)->HasCompactMeta()) << name;  // made when kFused is chosen
-        ASSERT_TRUE((*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kFused).ok()) << name;
-        ASSERT_TRUE((*lin)->FusedApplies(1)) << name;
-        EXPECT_FALSE((*lin)->FusedApplies(2)) << name;
-        EXPECT_EQ((*lin)->HasCompactMeta(), fp16) << name;
-        ExpectKernelsEqualReference(w, name, s, {AbqKernel::kBinaryMma}, rng,
-                                    CudaAbqLinear::B1Kernel::kFused);
-      }
-    }
-  }
+  ExpectOneTokenKernelEqualsReference(combos, shapes, CudaAbqLinear::B1Kernel::kFused, rng);
   for (const auto& [c, s] : {std::pair{Combo{8, false, 8, 128}, Shape3{1, 64, 28672}},
                              std::pair{Combo{4, false, 8, 128}, Shape3{1, 3001, 28672}},
                              std::pair{Combo{3, true, 4, -1}, Shape3{1, 20, 28672}}}) {
@@ -277,25 +290,7 @@ TEST_F(CudaAbqTest, Dp4aKernelEqualsReference) {
     }
   }
   const Shape3 shapes[] = {{1, 1, 64}, {1, 37, 7040}, {1, 301, 1024}, {1, 1000, 4096}};
-  for (const Combo& c : combos) {
-    for (const Shape3& s : shapes) {
-      for (bool fp16 : {false, true}) {
-        AbqWeights w = RandomWeights(c, s.n, s.k, rng);
-        if (fp16) {
-          for (float& v : w.scales) v = RoundToHalf(v);
-        }
-        const std::string name = absl::StrCat(Name(c, s), fp16 ? " fp16 scales" : "", " dp4a");
-        auto lin = CudaAbqLinear::Create(w, 0);
-        ASSERT_TRUE(lin.ok()) << lin.status();
-        ASSERT_TRUE((*lin)->set_b1_kernel(CudaAbqLinear::B1Kernel::kDp4a).ok()) << name;
-        ASSERT_TRUE((*lin)->Dp4aApplies(1)) << name;
-        EXPECT_FALSE((*lin)->Dp4aApplies(2)) << name;
-        EXPECT_EQ((*lin)->HasCompactMeta(), fp16) << name;
-        ExpectKernelsEqualReference(w, name, s, {AbqKernel::kBinaryMma}, rng,
-                                    CudaAbqLinear::B1Kernel::kDp4a);
-      }
-    }
-  }
+  ExpectOneTokenKernelEqualsReference(combos, shapes, CudaAbqLinear::B1Kernel::kDp4a, rng);
   for (const auto& [c, s] : {std::pair{Combo{4, false, 8, 128}, Shape3{1, 3001, 11008}},
                              std::pair{Combo{2, false, 8, 128}, Shape3{1, 4096, 11008}},
                              std::pair{Combo{8, false, 8, 128}, Shape3{1, 64, 28672}},
