@@ -48,8 +48,9 @@
 //   - The epilogue, a warp a row, as abq_gemv_fused.cu's: where every addition of the products is
 //     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
 //     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
-// Measured (H100, docs/BENCHMARKS.md 2026-12-05): as fast as the b1 GEMV at W2A8 and faster at W4
-// and W8 (W8A8 8192 × 28672: 90 µs against 159), but far from the bandwidth: a block's prologue
+// Measured (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1 layer at 4096 × 4096 and
+// 8192 × 28672 (W4A8 58 µs against 75, W8A8 90 against 159), slower at 4096 × 11008 (W2A8 15.5
+// against 13.9), and far from the bandwidth everywhere; inferred, not profiled: a block's prologue
 // (two reads of x, a block reduction, the codes) sits between the weights' arrival and the
 // arithmetic.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
