@@ -41,16 +41,16 @@
 //     clamp that maps NaN to −qmax) into shared memory, with Σa per k-group (integer atomics:
 //     exact in any order). x is read twice a block (L2).
 //   - A chunk's dot is Σ_d 4^d·Σ dp4a (int32, wrapping: AbqIntegerGemm's sums modulo 2^32, exact
-//     within ValidateAbqShape's bounds). k-groups of L = g / 64 chunks (g a multiple of 64 up to
+//     within ValidateAbqShape's bounds). k-groups of L = g / 64 chunks (g = 64·2^i up to
 //     2048) are L consecutive lanes of one slot: L − 1 shuffles give the group's dot; its first
 //     lane forms c_G = dot − z·Σa and c_G·s_w in fp64 into the warp's shared products. One group
 //     (per channel): a warp reduction a slot, added into the row's dot by lane 0.
 //   - The epilogue, a warp a row, as abq_gemv_fused.cu's: where every addition of the products is
 //     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
 //     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
-// Measured (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1 layer at 4096 × 4096 and
-// 8192 × 28672 (W4A8 58 µs against 75, W8A8 90 against 159), slower at 4096 × 11008 (W2A8 15.5
-// against 13.9), and far from the bandwidth everywhere; inferred, not profiled: a block's prologue
+// Measured (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1 layer but at W2A8 and W4A8
+// on 4096 × 11008 (W2A8 15.5 µs against 13.9; W4A8 8192 × 28672 58 against 75, W8A8 90 against
+// 159), and far from the bandwidth everywhere; inferred, not profiled: a block's prologue
 // (two reads of x, a block reduction, the codes) sits between the weights' arrival and the
 // arithmetic.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of

@@ -115,7 +115,8 @@ cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits, c
 
 // Whether LaunchAbqDp4aGemv takes m tokens of `w` with ab-bit activations: m = 1, ab 4 or 8,
 // weight bits 2, 3, 4 or 8, K a multiple of 64, one k-group or groups of 64·2^i columns up to
-// 2048, and shared memory (K bytes of codes, Σa, the warps' products) within 100 KiB.
+// 2048, and shared memory (K bytes of codes, Σa, the warps' meta words and products) within
+// 200 KiB.
 bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 
 // The whole layer of one token in one launch on the CUDA cores (abq_dp4a.cu): y [w.n] from x

@@ -295,6 +295,9 @@ struct CudaAbqLinear::State {
       QCAL_ASSIGN_OR_RETURN(digits, Allocate<uint32_t>(*alloc, cuda::AbqDigitWords(Weights())));
       QCAL_RETURN_IF_ERROR(CudaStatus(cuda::LaunchAbqRepackDigits(Weights(), digits.get(), stream),
                                       "ABQ digit repack"));
+      // The dp4a kernel reads its digits before griddepcontrol.wait (programmatic launch): the
+      // repack must be complete before any launch of it.
+      QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ digit repack"));
     }
     if (meta.get() != nullptr) {
       std::vector<uint32_t> words;
@@ -594,8 +597,14 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   }
   // The sequence: copies of the weights (planes, scales, zero points) made on the device.
   const int64_t n_planes = st.n * st.spec.weight_bits * st.words, n_scales = st.n_groups * st.n;
-  QCAL_ASSIGN_OR_RETURN(const int copies, SequenceCopies(4.0 * static_cast<double>(n_planes) +
-                                                         8.0 * static_cast<double>(n_scales)));
+  // Enough copies of what the timed kernel reads: the dp4a kernel's digits and one-word meta
+  // where it runs, else the planes, scales and zero points.
+  const bool dp4a = fused && st.b1 == B1Kernel::kDp4a;
+  const double read_bytes =
+      dp4a ? 4.0 * static_cast<double>(cuda::AbqDigitWords(st.Weights())) +
+                 (st.meta_rows.get() != nullptr ? 4.0 : 8.0) * static_cast<double>(n_scales)
+           : 4.0 * static_cast<double>(n_planes) + 8.0 * static_cast<double>(n_scales);
+  QCAL_ASSIGN_OR_RETURN(const int copies, SequenceCopies(read_bytes));
   struct Copy {
     DeviceArray<uint32_t> planes;
     DeviceArray<float> scales;
@@ -638,7 +647,7 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
                                         cudaMemcpyDeviceToDevice, s),
                         "ABQ weight copy");
     };
-    if (fused && st.b1 == B1Kernel::kDp4a) {
+    if (dp4a) {
       QCAL_RETURN_IF_ERROR(copy_words(c.digits, st.digits, cuda::AbqDigitWords(st.Weights())));
       QCAL_RETURN_IF_ERROR(copy_words(c.meta_rows, st.meta_rows, n_scales));
     }

@@ -177,7 +177,7 @@ absl::StatusOr<KvCache> Model::NewCache(int capacity) {
 }
 
 bool Model::ReadsOperand(const Linear& l) const {
-  return !l.abq && (l.act_bits >= 16 || l.lora_a.defined());
+  return l.lora_a.defined() || (!l.abq && l.act_bits >= 16);
 }
 
 absl::StatusOr<Tensor> Model::Operand(const Tensor& t) {

@@ -326,8 +326,9 @@ class Model {
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
   // y [rows, d_out] = linear `kind` of block b applied to x (bias included); x_op as ApplyLinear's.
   absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op);
-  // Whether a plain GEMM of l reads x as an operand (no ABQ kernel; full-precision activations,
-  // or a low-rank branch): then an Operand of x shared by several products saves conversions.
+  // Whether a GEMM of l reads x as an operand (its low-rank branch, or its weight branch without
+  // an ABQ kernel or activation quantization): then an Operand of x shared by several products
+  // saves conversions.
   bool ReadsOperand(const Linear& l) const;
   // t as a GEMM operand: on a device backend computing in bf16, a BF16 copy (the rounding the
   // backend's GEMMs would make, once instead of once a product: the same values); else t itself.

@@ -275,7 +275,7 @@ TEST_F(CudaAbqTest, FusedKernelEqualsReference) {
 // sums exact and y bit for bit, with the scales read as 8 bytes (a few binades: some products
 // inexact, so lane 0 runs the chain) and as one fp16 word (meta rows). Every bit width and the
 // balanced grid, per channel, g64, g128 and g256 (k-groups of 1, 2 and 4 chunks); K of one chunk,
-// 110 chunks (odd group ends at g256), 1024 and 4096; n of 1, off the 16-warp blocks, and
+// 110 chunks (odd group ends at g256), 1024 and 4096; n of 1, off the 32-warp blocks, and
 // 1000 rows. Then rows in several rounds (W4 at K = 11,008: 172 chunks, 96 a round; W8 at 28,672:
 // 448 chunks, 32 a round), a wide per-channel row (W3 A4), and warps that load several rows at
 // once (11,008 × 4096 W2 g128 and 9000 × 1024 W4 per channel: three rows a warp). K off 64 and g32
