@@ -191,10 +191,10 @@ absl::StatusOr<Tensor> Model::Operand(const Tensor& t) {
   return out;
 }
 
-absl::StatusOr<Tensor> Model::SharedOperand(int b, std::initializer_list<LinearKind> kinds,
+absl::StatusOr<Tensor> Model::SharedOperand(std::initializer_list<const Linear*> linears,
                                             const Tensor& x) {
-  for (LinearKind k : kinds) {
-    if (ReadsOperand(blocks_[b].at(k))) return Operand(x);
+  for (const Linear* l : linears) {
+    if (ReadsOperand(*l)) return Operand(x);
   }
   return x;
 }
@@ -247,12 +247,13 @@ absl::StatusOr<Tensor> Model::Attend(int b, const Tensor& x, const SeqShape& sha
                                      KvCache* cache) {
   kernels::Backend& be = *backend_;
   const int64_t rows = int64_t(shape.batch) * shape.seq_len;
-  QCAL_ASSIGN_OR_RETURN(const Tensor x_op,
-                        SharedOperand(b, {LinearKind::kQ, LinearKind::kK, LinearKind::kV}, x));
+  const BlockWeights& w = blocks_[b];
+  QCAL_ASSIGN_OR_RETURN(
+      const Tensor x_op,
+      SharedOperand({&w.at(LinearKind::kQ), &w.at(LinearKind::kK), &w.at(LinearKind::kV)}, x));
   QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x, x_op));
   QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x, x_op));
   QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x, x_op));
-  const BlockWeights& w = blocks_[b];
   if (w.q_norm.defined()) {
     // Qwen3: RMSNorm over each head's features, before RoPE.
     const float eps = static_cast<float>(config_.rms_norm_eps);
@@ -300,8 +301,9 @@ absl::StatusOr<Tensor> Model::MlpProduct(int b, const Tensor& x) {
     return absl::FailedPreconditionError(
         absl::StrCat("MlpProduct: block ", b, " is a mixture-of-experts block"));
   }
+  const BlockWeights& bw = blocks_[b];
   QCAL_ASSIGN_OR_RETURN(const Tensor x_op,
-                        SharedOperand(b, {LinearKind::kGate, LinearKind::kUp}, x));
+                        SharedOperand({&bw.at(LinearKind::kGate), &bw.at(LinearKind::kUp)}, x));
   QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x, x_op));
   QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x, x_op));
   QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate, up, gate));
@@ -313,10 +315,7 @@ absl::StatusOr<Tensor> Model::ExpertMlpProduct(const ExpertWeights& e, const Ten
   const int64_t rows = x.dim(0);
   QCAL_ASSIGN_OR_RETURN(Tensor gate, be.Alloc(DType::kF32, {rows, e.gate.weight.dim(0)}));
   QCAL_ASSIGN_OR_RETURN(Tensor up, be.Alloc(DType::kF32, {rows, e.up.weight.dim(0)}));
-  Tensor x_op = x;
-  if (ReadsOperand(e.gate) || ReadsOperand(e.up)) {
-    QCAL_ASSIGN_OR_RETURN(x_op, Operand(x));
-  }
+  QCAL_ASSIGN_OR_RETURN(const Tensor x_op, SharedOperand({&e.gate, &e.up}, x));
   QCAL_RETURN_IF_ERROR(ApplyLinear(e.gate, x, x_op, gate, false));
   QCAL_RETURN_IF_ERROR(ApplyLinear(e.up, x, x_op, up, false));
   QCAL_RETURN_IF_ERROR(be.SiluMul(gate, up, gate));

@@ -333,9 +333,9 @@ class Model {
   // t as a GEMM operand: on a device backend computing in bf16, a BF16 copy (the rounding the
   // backend's GEMMs would make, once instead of once a product: the same values); else t itself.
   absl::StatusOr<Tensor> Operand(const Tensor& t);
-  // x as the operand of the group of linears `kinds` of block b: Operand(x) where one of them
-  // reads it (ReadsOperand), else x.
-  absl::StatusOr<Tensor> SharedOperand(int b, std::initializer_list<LinearKind> kinds,
+  // x as the operand of `linears`, which all read x: Operand(x) where one of them reads it as a
+  // GEMM operand (ReadsOperand), else x.
+  absl::StatusOr<Tensor> SharedOperand(std::initializer_list<const Linear*> linears,
                                        const Tensor& x);
   // silu(e.gate(x)) * e.up(x), and y [rows, hidden] = e.down of it.
   absl::StatusOr<Tensor> ExpertMlpProduct(const ExpertWeights& e, const Tensor& x);
