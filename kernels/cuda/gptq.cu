@@ -167,22 +167,35 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad) {
   }
 }
 
-// One thread per (row, group), groups of a row on consecutive threads.
+// One warp per (row, group): the lanes read the group coalesced and join their partial ranges.
+// A range is a minimum and a maximum, exact in any order, so the parameters are FitGroup's.
 __global__ void QuantizeRtnKernel(const float* w, int64_t d_out, int64_t d_in, int64_t g,
                                   int64_t n_groups, QuantSpec spec, uint8_t* codes,
                                   float* dequantized, float* scales, int32_t* zeros,
                                   int32_t* overflow) {
+  const int lane = threadIdx.x % 32;
   const int64_t total = d_out * n_groups;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t idx = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; idx < total;
+       idx += warps) {
     const int64_t o = idx / n_groups, k = idx % n_groups;
     const int64_t j0 = k * g, j1 = min(j0 + g, d_in);
     const float* row = w + o * d_in;
-    const GroupParams p = FitGroup(row + j0, j1 - j0, 1, spec);
-    if (!isfinite(p.scale)) atomicMin(overflow + o, static_cast<int32_t>(k));
-    scales[k * d_out + o] = p.scale;
-    zeros[k * d_out + o] = p.zero;
-    for (int64_t j = j0; j < j1; ++j) {
+    GridRange<float> r;
+    for (int64_t j = j0 + lane; j < j1; j += 32) ExtendRange(&r, GridValue(row[j], spec.grid));
+    for (int offset = 16; offset > 0; offset /= 2) {
+      GridRange<float> other;
+      other.xmin = __shfl_xor_sync(0xffffffffu, r.xmin, offset);
+      other.xmax = __shfl_xor_sync(0xffffffffu, r.xmax, offset);
+      JoinRange(&r, other);
+    }
+    const GroupParams p = FitRange(r, spec);
+    if (lane == 0) {
+      if (!isfinite(p.scale)) atomicMin(overflow + o, static_cast<int32_t>(k));
+      scales[k * d_out + o] = p.scale;
+      zeros[k * d_out + o] = p.zero;
+    }
+    for (int64_t j = j0 + lane; j < j1; j += 32) {
       const int32_t code = QuantizeCode(row[j], p, spec);
       codes[o * d_in + j] = static_cast<uint8_t>(code);
       dequantized[o * d_in + j] = Dequantize<float>(code, p, spec);
@@ -256,7 +269,7 @@ cudaError_t LaunchQuantizeRtn(const float* w, int64_t d_out, int64_t d_in, int64
   if (group_size <= 0) return cudaErrorInvalidValue;
   const int64_t n_groups = (d_in + group_size - 1) / group_size;
   if (d_out * n_groups == 0) return cudaSuccess;
-  QuantizeRtnKernel<<<GridFor(d_out * n_groups), kThreads, 0, stream>>>(
+  QuantizeRtnKernel<<<GridFor(d_out * n_groups * 32), kThreads, 0, stream>>>(
       w, d_out, d_in, group_size, n_groups, spec, codes, dequantized, scales, zeros, overflow);
   return cudaGetLastError();
 }

@@ -180,6 +180,13 @@ bool Model::ReadsOperand(const Linear& l) const {
   return l.lora_a.defined() || (!l.abq && l.act_bits >= 16);
 }
 
+bool Model::ReadsInput(const Linear& l) const { return l.abq || l.act_bits < 16; }
+
+absl::StatusOr<LinearOperand> Model::MakeOperand(const Tensor& x) {
+  QCAL_ASSIGN_OR_RETURN(Tensor op, Operand(x));
+  return LinearOperand{x, std::move(op)};
+}
+
 absl::StatusOr<Tensor> Model::Operand(const Tensor& t) {
   kernels::Backend& be = *backend_;
   if (be.device() == Device::kHost || be.compute_dtype() != kernels::ComputeDType::kBF16 ||
@@ -209,6 +216,10 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
                                 bool accumulate) {
   kernels::Backend& be = *backend_;
   const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
+  if (ReadsInput(l) && !x.defined()) {
+    return absl::FailedPreconditionError(
+        "a linear that quantizes its activations was given only the bf16 operand of its input");
+  }
   if (l.abq) {
     QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
   } else if (l.act_bits < 16) {
@@ -217,7 +228,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.weight, bias, y, accumulate));
   }
   if (l.lora_a.defined()) {
-    QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {x.dim(0), l.lora_b.dim(0)}));
+    QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {x_op.dim(0), l.lora_b.dim(0)}));
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
     QCAL_RETURN_IF_ERROR(be.Linear(t, l.lora_a, nullptr, y, true));
   }
@@ -226,7 +237,8 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
 
 absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op) {
   const Linear& l = blocks_[b].at(kind);
-  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {x.dim(0), l.d_out()}));
+  const int64_t rows = x_op.defined() ? x_op.dim(0) : x.dim(0);
+  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {rows, l.d_out()}));
   QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, x_op, y, false));
   return y;
 }
@@ -243,14 +255,18 @@ absl::StatusOr<Tensor> Model::NormedInput(int b, const Tensor& hidden, LinearInp
   return h;
 }
 
-absl::StatusOr<Tensor> Model::Attend(int b, const Tensor& x, const SeqShape& shape,
+absl::StatusOr<Tensor> Model::Attend(int b, const LinearOperand& in, const SeqShape& shape,
                                      KvCache* cache) {
   kernels::Backend& be = *backend_;
   const int64_t rows = int64_t(shape.batch) * shape.seq_len;
   const BlockWeights& w = blocks_[b];
-  QCAL_ASSIGN_OR_RETURN(
-      const Tensor x_op,
-      SharedOperand({&w.at(LinearKind::kQ), &w.at(LinearKind::kK), &w.at(LinearKind::kV)}, x));
+  const Tensor& x = in.x;
+  Tensor x_op = in.op;
+  if (!x_op.defined()) {
+    QCAL_ASSIGN_OR_RETURN(
+        x_op,
+        SharedOperand({&w.at(LinearKind::kQ), &w.at(LinearKind::kK), &w.at(LinearKind::kV)}, x));
+  }
   QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x, x_op));
   QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x, x_op));
   QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x, x_op));
@@ -293,17 +309,30 @@ absl::StatusOr<Tensor> Model::Attend(int b, const Tensor& x, const SeqShape& sha
 }
 
 absl::StatusOr<Tensor> Model::AttentionOutput(int b, const Tensor& x, const SeqShape& shape) {
+  return Attend(b, LinearOperand{x, Tensor()}, shape, nullptr);
+}
+
+absl::StatusOr<Tensor> Model::AttentionOutput(int b, const LinearOperand& x,
+                                              const SeqShape& shape) {
   return Attend(b, x, shape, nullptr);
 }
 
 absl::StatusOr<Tensor> Model::MlpProduct(int b, const Tensor& x) {
+  return MlpProduct(b, LinearOperand{x, Tensor()});
+}
+
+absl::StatusOr<Tensor> Model::MlpProduct(int b, const LinearOperand& in) {
   if (blocks_[b].moe.defined()) {
     return absl::FailedPreconditionError(
         absl::StrCat("MlpProduct: block ", b, " is a mixture-of-experts block"));
   }
   const BlockWeights& bw = blocks_[b];
-  QCAL_ASSIGN_OR_RETURN(const Tensor x_op,
-                        SharedOperand({&bw.at(LinearKind::kGate), &bw.at(LinearKind::kUp)}, x));
+  const Tensor& x = in.x;
+  Tensor x_op = in.op;
+  if (!x_op.defined()) {
+    QCAL_ASSIGN_OR_RETURN(x_op,
+                          SharedOperand({&bw.at(LinearKind::kGate), &bw.at(LinearKind::kUp)}, x));
+  }
   QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x, x_op));
   QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x, x_op));
   QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate, up, gate));
@@ -433,6 +462,16 @@ absl::Status Model::AddProjection(int b, LinearKind kind, const Tensor& input, T
   return ApplyLinear(blocks_[b].at(kind), input, hidden, true);
 }
 
+absl::Status Model::AddProjection(int b, LinearKind kind, const LinearOperand& input,
+                                  Tensor& hidden) {
+  if (kind != LinearKind::kO && kind != LinearKind::kDown) {
+    return absl::InvalidArgumentError(
+        "AddProjection: only o_proj and down_proj add to the residual");
+  }
+  if (!input.op.defined()) return AddProjection(b, kind, input.x, hidden);
+  return ApplyLinear(blocks_[b].at(kind), input.x, input.op, hidden, true);
+}
+
 absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, KvCache* cache,
                                  const Tap& tap) {
   if (!resident(b)) {
@@ -464,7 +503,7 @@ absl::Status Model::BlockForward(int b, Tensor& hidden, const SeqShape& shape, K
   QCAL_ASSIGN_OR_RETURN(Tensor h, NormedInput(b, hidden, LinearInput::kQkv));
   QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kQkv, h, &stop));
   if (stop) return absl::OkStatus();
-  QCAL_ASSIGN_OR_RETURN(Tensor attn, Attend(b, h, shape, cache));
+  QCAL_ASSIGN_OR_RETURN(Tensor attn, Attend(b, LinearOperand{h, Tensor()}, shape, cache));
   QCAL_RETURN_IF_ERROR(call_tap(LinearInput::kO, attn, &stop));
   if (stop) return absl::OkStatus();
   QCAL_RETURN_IF_ERROR(AddProjection(b, LinearKind::kO, attn, hidden));

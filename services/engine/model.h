@@ -171,6 +171,14 @@ struct KvCache {
   std::vector<Tensor> k, v;  // per block: [capacity, kv_dim]
 };
 
+// A linear input in the two forms its linears read: x itself (fp32: activation quantization and
+// the |x| statistics read it) and op, x as a GEMM operand (Model::MakeOperand: bf16 on a device
+// backend computing in bf16, else x itself). x may be left undefined where no linear reads it.
+struct LinearOperand {
+  Tensor x;
+  Tensor op;
+};
+
 // Called with each distinct linear input during BlockForward; may stop the forward early by
 // returning a non-OK status of code kCancelled (see BlockForward).
 using Tap = std::function<absl::Status(LinearInput input, const Tensor& x)>;
@@ -290,9 +298,13 @@ class Model {
   absl::StatusOr<Tensor> NormedInput(int b, const Tensor& hidden, LinearInput input);
   // o_proj's input [rows, q_dim]: attention over RoPE'd q, k, v of the q/k/v input x (no cache).
   absl::StatusOr<Tensor> AttentionOutput(int b, const Tensor& x, const SeqShape& shape);
+  // The same for an input held as a LinearOperand (the staged driver keeps its statistics' input
+  // this way; x may be missing where no q/k/v linear reads it, see ReadsInput).
+  absl::StatusOr<Tensor> AttentionOutput(int b, const LinearOperand& x, const SeqShape& shape);
   // down_proj's input [rows, intermediate] = silu(gate_proj(x)) * up_proj(x). Not for an MoE
   // block (FailedPrecondition).
   absl::StatusOr<Tensor> MlpProduct(int b, const Tensor& x);
+  absl::StatusOr<Tensor> MlpProduct(int b, const LinearOperand& x);
   // MoE block b, expert `expert` (j or kSharedExpert): its down_proj input silu(gate(x)) * up(x)
   // for rows x [n, hidden] (n >= 1), as AddMoeOutput computes it.
   absl::StatusOr<Tensor> ExpertProduct(int b, int expert, const Tensor& x);
@@ -309,6 +321,10 @@ class Model {
   absl::Status AddMoeOutput(int b, const Tensor& x, const Routing& routing, Tensor& hidden);
   // hidden += o_proj(input) (kind kO) or down_proj(input) (kind kDown), with the bias if any.
   absl::Status AddProjection(int b, LinearKind kind, const Tensor& input, Tensor& hidden);
+  absl::Status AddProjection(int b, LinearKind kind, const LinearOperand& input, Tensor& hidden);
+  // x with its GEMM operand (Operand(x)): what a driver keeps to feed a linear input to the
+  // linears later without converting it again.
+  absl::StatusOr<LinearOperand> MakeOperand(const Tensor& x);
 
   // logits [rows, vocab] = lm_head(norm(hidden)).
   absl::StatusOr<Tensor> Logits(const Tensor& hidden);
@@ -330,6 +346,9 @@ class Model {
   // an ABQ kernel or activation quantization): then an Operand of x shared by several products
   // saves conversions.
   bool ReadsOperand(const Linear& l) const;
+  // Whether l reads x itself rather than its operand: its weight branch quantizes activations (an
+  // ABQ kernel or activation quantization).
+  bool ReadsInput(const Linear& l) const;
   // t as a GEMM operand: on a device backend computing in bf16, a BF16 copy (the rounding the
   // backend's GEMMs would make, once instead of once a product: the same values); else t itself.
   absl::StatusOr<Tensor> Operand(const Tensor& t);
@@ -341,7 +360,9 @@ class Model {
   absl::StatusOr<Tensor> ExpertMlpProduct(const ExpertWeights& e, const Tensor& x);
   absl::StatusOr<Tensor> ExpertForward(const ExpertWeights& e, const Tensor& x);
   // Attention of block b for the q/k/v input x, appending keys and values to `cache` when given.
-  absl::StatusOr<Tensor> Attend(int b, const Tensor& x, const SeqShape& shape, KvCache* cache);
+  // x.op, when defined, is the q/k/v products' operand (else made from x.x).
+  absl::StatusOr<Tensor> Attend(int b, const LinearOperand& x, const SeqShape& shape,
+                                KvCache* cache);
 
   ModelConfig config_;
   kernels::Backend* backend_ = nullptr;

@@ -150,7 +150,8 @@ absl::Status BlockRunner::Begin() {
   for (size_t c = acts_.chunks.size(); c-- > 0;) {
     QCAL_RETURN_IF_ERROR(ParkIfShort(be_, acts_.chunks[c], reserve_));
   }
-  kept_.assign(acts_.chunks.size(), Tensor());
+  kept_.assign(acts_.chunks.size(), LinearOperand());
+  normed_.assign(acts_.chunks.size(), LinearOperand());
   clock_ = Clock::now();
   if (Retrains()) QCAL_RETURN_IF_ERROR(BeginRetrain());
   if (model_.config().moe() && moe_.routing == MoeRouting::kFullPrecision) {
@@ -242,17 +243,17 @@ absl::Status BlockRunner::Push(LinearInput group) {
   const LinearKind proj = group == LinearInput::kO ? LinearKind::kO : LinearKind::kDown;
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
-    Tensor x = std::move(kept_[c]);
-    kept_[c] = Tensor();
-    if (!x.defined()) {
+    LinearOperand x = std::move(kept_[c]);
+    kept_[c] = LinearOperand();
+    if (!x.op.defined()) {
       if (group == LinearInput::kO) {
-        QCAL_ASSIGN_OR_RETURN(x, AttentionOf(h, c));
+        QCAL_ASSIGN_OR_RETURN(x.x, AttentionOf(h, c));
       } else {
-        QCAL_ASSIGN_OR_RETURN(x, MlpOf(h));
+        QCAL_ASSIGN_OR_RETURN(x.x, MlpOf(h, c));
       }
     }
     QCAL_RETURN_IF_ERROR(model_.AddProjection(b_, proj, x, h));
-    x = Tensor();
+    x = LinearOperand();
     QCAL_RETURN_IF_ERROR(Store(c, h));
   }
   return Charge(t_.forward);
@@ -321,15 +322,26 @@ bool BlockRunner::KeepOnDevice() {
   return available < 0 || available >= reserve_;
 }
 
-// The attention output of chunk c's current hidden state h.
 absl::StatusOr<Tensor> BlockRunner::AttentionOf(const Tensor& h, size_t c) {
-  QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kQkv));
+  LinearOperand x = std::move(normed_[c]);
+  normed_[c] = LinearOperand();
+  if (!x.op.defined()) {
+    QCAL_ASSIGN_OR_RETURN(x.x, model_.NormedInput(b_, h, LinearInput::kQkv));
+  }
   return model_.AttentionOutput(b_, x, ShapeOf(c));
 }
-// The MLP product of the post-attention hidden state h.
-absl::StatusOr<Tensor> BlockRunner::MlpOf(const Tensor& h) {
-  QCAL_ASSIGN_OR_RETURN(Tensor x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+absl::StatusOr<Tensor> BlockRunner::MlpOf(const Tensor& h, size_t c) {
+  LinearOperand x = std::move(normed_[c]);
+  normed_[c] = LinearOperand();
+  if (!x.op.defined()) {
+    QCAL_ASSIGN_OR_RETURN(x.x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+  }
   return model_.MlpProduct(b_, x);
+}
+
+LinearOperand BlockRunner::KeptForm(LinearOperand x) const {
+  if (recipe_.activations.bits >= 16) x.x = Tensor();
+  return x;
 }
 
 }  // namespace qcal::engine

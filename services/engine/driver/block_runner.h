@@ -282,6 +282,12 @@ class BlockRunner {
   // chunk with no row for an expert) gives a zero Gram matrix.
   absl::StatusOr<InputStatistics> ChunkStatistics(LinearInput in, const Tensor& x,
                                                   int64_t width = 0);
+  // The same for x with its GEMM operand: the Gram matrix from x.op (the rounding the products
+  // make), the |x| statistics from x.x.
+  absl::StatusOr<InputStatistics> ChunkStatistics(LinearInput in, const LinearOperand& x);
+  // What of a linear input computed for the statistics stays for the forward that follows: its
+  // operand, and x itself where the recipe quantizes activations (they are computed from x).
+  LinearOperand KeptForm(LinearOperand x) const;
   // The rows of chunk c that expert unit u's statistics are taken on; `all` set instead when they
   // are every row (the shared expert, a fallback expert).
   std::vector<int32_t> ExpertRows(int unit, size_t c, bool* all) const;
@@ -289,8 +295,10 @@ class BlockRunner {
   absl::Status AdvanceFullPrecision(size_t c, Routing* routing);
   absl::StatusOr<ActivationStats> ChunkAbsStats(LinearInput in, const Tensor& x);
   absl::Status RoundFolded(LinearKind kind, const std::string& name, Tensor& t);
+  // o_proj's (down_proj's) input of chunk c from its hidden state h, from the chunk's kept
+  // q/k/v (gate/up) input where CollectPartials left one.
   absl::StatusOr<Tensor> AttentionOf(const Tensor& h, size_t c);
-  absl::StatusOr<Tensor> MlpOf(const Tensor& h);
+  absl::StatusOr<Tensor> MlpOf(const Tensor& h, size_t c);
   absl::StatusOr<Tensor> Download(const Tensor& t);
   LayerResult NewResult(LinearId id, int64_t d_out, int64_t d_in) const;
   const std::vector<int32_t>& OutliersOf(LinearInput in) const;
@@ -335,7 +343,10 @@ class BlockRunner {
   std::array<std::map<std::string, Tensor>, kNumLinears> folded_;
   // Attention outputs (after CollectPartials(kO)) or MLP products (after
   // CollectPartials(kDown)) per chunk, kept on the device for Push; undefined: recompute.
-  std::vector<Tensor> kept_;
+  std::vector<LinearOperand> kept_;
+  // The normed q/k/v input (after CollectPartials(kQkv)) or gate/up input (after
+  // CollectPartials(kGateUp)) per chunk, kept for the next group's forward; undefined: recompute.
+  std::vector<LinearOperand> normed_;
   int64_t reserve_ = 0;
   std::chrono::steady_clock::time_point clock_;
   // Installed results and, aligned with them, their pending host conversions.

@@ -30,8 +30,9 @@ Combine<ActivationStats> ActivationStatsCombine() {
 
 // The group's input is computed from each chunk's current hidden state: the normed block input
 // (q/k/v), the attention output through the installed q/k/v (o), the normed post-attention
-// residual (gate/up) or the MLP product through the installed gate/up (down). The last two of
-// these are what Push(kO) and Push(kDown) add projections of: kept for them while they fit.
+// residual (gate/up) or the MLP product through the installed gate/up (down). Each is rounded to
+// its GEMM operand once, for the Gram matrix and for the forward that reads it next (the next
+// group's statistics, or Push(kO) and Push(kDown)): kept for them while they fit.
 absl::StatusOr<InputPartials> BlockRunner::CollectPartials(LinearInput group) {
   TreeAccumulator<InputStatistics> acc = NewInputAccumulator();
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
@@ -48,16 +49,19 @@ absl::StatusOr<InputPartials> BlockRunner::CollectPartials(LinearInput group) {
         break;
       }
       case LinearInput::kDown: {
-        QCAL_ASSIGN_OR_RETURN(x, MlpOf(h));
+        QCAL_ASSIGN_OR_RETURN(x, MlpOf(h, c));
         break;
       }
     }
     QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-    QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(group, x));
+    QCAL_ASSIGN_OR_RETURN(LinearOperand in, model_.MakeOperand(x));
+    x = Tensor();
+    QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(group, in));
     QCAL_RETURN_IF_ERROR(acc.Add(std::move(partial)));
     QCAL_RETURN_IF_ERROR(Charge(t_.hessian));
-    if ((group == LinearInput::kO || group == LinearInput::kDown) && KeepOnDevice()) {
-      kept_[c] = std::move(x);
+    if (KeepOnDevice()) {
+      const bool normed = group == LinearInput::kQkv || group == LinearInput::kGateUp;
+      (normed ? normed_ : kept_)[c] = KeptForm(std::move(in));
     }
   }
   return acc.Finish();
@@ -122,6 +126,20 @@ absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, con
   if (recipe_.error_reconstruction.enabled &&
       recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
     QCAL_ASSIGN_OR_RETURN(stats.abs_stats, ChunkAbsStats(in, x));
+  }
+  return stats;
+}
+
+absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in,
+                                                             const LinearOperand& x) {
+  InputStatistics stats;
+  stats.input = in;
+  const int64_t width = widths_[static_cast<int>(in)];
+  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
+  QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x.op, stats.gram));
+  if (recipe_.error_reconstruction.enabled &&
+      recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
+    QCAL_ASSIGN_OR_RETURN(stats.abs_stats, ChunkAbsStats(in, x.x));
   }
   return stats;
 }
