@@ -208,14 +208,15 @@ class Backend {
   // CPU backend fp32 only).
   virtual absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                               bool accumulate) = 0;
-  // y[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight.  y may alias x.
+  // y[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight.  y may alias x. The CUDA backend also writes
+  // a BF16 y (each fp32 result rounded to nearest, ties to even: the GEMM operand of the fp32 y).
   virtual absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y) = 0;
   // In-place rotary embedding, Hugging Face half-split convention, on every head of x.
   virtual absl::Status Rope(Tensor& x, const RopeShape& shape) = 0;
   // Causal grouped-query attention with softmax scale 1/sqrt(head_dim).
   virtual absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const AttentionShape& shape, Tensor& out) = 0;
-  // out = silu(gate) * up, elementwise.
+  // out = silu(gate) * up, elementwise. The CUDA backend also writes a BF16 out, as RmsNorm.
   virtual absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // y += x, elementwise.
   virtual absl::Status Add(const Tensor& x, Tensor& y) = 0;

@@ -86,15 +86,21 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& w, const Tensor*
 absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "RmsNorm", "x"));
   QCAL_RETURN_IF_ERROR(ExpectDevice(weight, DType::kF32, "RmsNorm", "weight"));
-  QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "RmsNorm", "y"));
+  QCAL_RETURN_IF_ERROR(ExpectOperand(y, "RmsNorm", "y"));
   QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "RmsNorm", "y"));
   if (x.rank() == 0) return absl::InvalidArgumentError("RmsNorm: x must have rank >= 1");
   const int64_t width = x.dim(-1);
   QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNorm", "weight"));
   if (width == 0) return absl::OkStatus();
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  const int64_t rows = x.numel() / width;
+  if (y.dtype() == DType::kBF16) {
+    return CudaStatus(cuda::LaunchRmsNorm(x.data<float>(), weight.data<float>(), eps,
+                                          y.data<__nv_bfloat16>(), rows, width, stream()),
+                      "RmsNorm kernel");
+  }
   return CudaStatus(cuda::LaunchRmsNorm(x.data<float>(), weight.data<float>(), eps, y.data<float>(),
-                                        x.numel() / width, width, stream()),
+                                        rows, width, stream()),
                     "RmsNorm kernel");
 }
 
@@ -118,10 +124,15 @@ absl::Status CudaBackend::Rope(Tensor& x, const RopeShape& shape) {
 absl::Status CudaBackend::SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(gate, DType::kF32, "SiluMul", "gate"));
   QCAL_RETURN_IF_ERROR(ExpectDevice(up, DType::kF32, "SiluMul", "up"));
-  QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kF32, "SiluMul", "out"));
+  QCAL_RETURN_IF_ERROR(ExpectOperand(out, "SiluMul", "out"));
   QCAL_RETURN_IF_ERROR(ExpectShape(up, gate.shape(), "SiluMul", "up"));
   QCAL_RETURN_IF_ERROR(ExpectShape(out, gate.shape(), "SiluMul", "out"));
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  if (out.dtype() == DType::kBF16) {
+    return CudaStatus(cuda::LaunchSiluMul(gate.data<float>(), up.data<float>(),
+                                          out.data<__nv_bfloat16>(), gate.numel(), stream()),
+                      "SiluMul kernel");
+  }
   return CudaStatus(cuda::LaunchSiluMul(gate.data<float>(), up.data<float>(), out.data<float>(),
                                         gate.numel(), stream()),
                     "SiluMul kernel");

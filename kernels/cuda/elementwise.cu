@@ -12,11 +12,15 @@ unsigned GridFor(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 16));
 }
 
-__global__ void SiluMulKernel(const float* gate, const float* up, float* out, int64_t n) {
+__device__ inline void StoreAs(float* p, float v) { *p = v; }
+__device__ inline void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <typename T>
+__global__ void SiluMulKernel(const float* gate, const float* up, T* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
     const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
+    StoreAs(out + i, g / (1.0f + expf(-g)) * up[i]);
   }
 }
 
@@ -80,6 +84,13 @@ __global__ void MirrorLowerToUpperKernel(float* h, int64_t k) {
 }  // namespace
 
 cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n,
+                          cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  SiluMulKernel<<<GridFor(n), kThreads, 0, stream>>>(gate, up, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSiluMul(const float* gate, const float* up, __nv_bfloat16* out, int64_t n,
                           cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   SiluMulKernel<<<GridFor(n), kThreads, 0, stream>>>(gate, up, out, n);

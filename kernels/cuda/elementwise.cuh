@@ -14,6 +14,9 @@ namespace qcal::kernels::cuda {
 // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
 cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n,
                           cudaStream_t stream);
+// The same, each fp32 result rounded to bf16 as LaunchF32ToBf16 rounds it.
+cudaError_t LaunchSiluMul(const float* gate, const float* up, __nv_bfloat16* out, int64_t n,
+                          cudaStream_t stream);
 // y[i] += x[i].
 cudaError_t LaunchAdd(const float* x, float* y, int64_t n, cudaStream_t stream);
 // y[r, c] = row[c] for a row-major y [rows, cols].

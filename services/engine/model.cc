@@ -187,12 +187,67 @@ absl::StatusOr<LinearOperand> Model::MakeOperand(const Tensor& x) {
   return LinearOperand{x, std::move(op)};
 }
 
-absl::StatusOr<Tensor> Model::Operand(const Tensor& t) {
-  kernels::Backend& be = *backend_;
-  if (be.device() == Device::kHost || be.compute_dtype() != kernels::ComputeDType::kBF16 ||
-      t.dtype() == DType::kBF16) {
-    return t;
+absl::Status Model::HoldWeightOperands(int b, std::initializer_list<LinearKind> kinds) {
+  ReleaseWeightOperands();
+  for (LinearKind kind : kinds) {
+    const Linear& l = blocks_[b].at(kind);
+    if (l.abq || l.act_bits < 16 || !l.weight.defined()) continue;
+    QCAL_ASSIGN_OR_RETURN(Tensor op, Operand(l.weight));
+    held_weights_.push_back(HeldWeight{&l, l.weight, std::move(op)});
   }
+  return absl::OkStatus();
+}
+
+void Model::ReleaseWeightOperands() { held_weights_.clear(); }
+
+const Tensor& Model::WeightOperand(const Linear& l) const {
+  for (const HeldWeight& h : held_weights_) {
+    if (h.linear == &l && h.weight.raw() == l.weight.raw() &&
+        h.weight.shape() == l.weight.shape()) {
+      return h.op;
+    }
+  }
+  return l.weight;
+}
+
+bool Model::OperandsAreBf16() const {
+  return backend_->device() != Device::kHost &&
+         backend_->compute_dtype() == kernels::ComputeDType::kBF16;
+}
+
+absl::StatusOr<LinearOperand> Model::NormedOperand(int b, const Tensor& hidden, LinearInput input,
+                                                   bool need_x) {
+  if (need_x || !OperandsAreBf16()) {
+    QCAL_ASSIGN_OR_RETURN(Tensor x, NormedInput(b, hidden, input));
+    return MakeOperand(x);
+  }
+  if (input != LinearInput::kQkv && input != LinearInput::kGateUp) {
+    return absl::InvalidArgumentError(
+        "NormedOperand: only the q/k/v and gate/up inputs are normed");
+  }
+  const BlockWeights& w = blocks_[b];
+  QCAL_ASSIGN_OR_RETURN(Tensor op, backend_->AllocUninitialized(DType::kBF16, hidden.shape()));
+  QCAL_RETURN_IF_ERROR(
+      backend_->RmsNorm(hidden, input == LinearInput::kQkv ? w.input_norm : w.post_attention_norm,
+                        static_cast<float>(config_.rms_norm_eps), op));
+  return LinearOperand{Tensor(), std::move(op)};
+}
+
+absl::StatusOr<LinearOperand> Model::MlpOperand(int b, const LinearOperand& x, bool need_x) {
+  if (need_x || !OperandsAreBf16() || blocks_[b].moe.defined()) {
+    QCAL_ASSIGN_OR_RETURN(Tensor product, MlpProduct(b, x));
+    return MakeOperand(product);
+  }
+  QCAL_ASSIGN_OR_RETURN(auto gate_up, GateUp(b, x));
+  QCAL_ASSIGN_OR_RETURN(Tensor op,
+                        backend_->AllocUninitialized(DType::kBF16, gate_up.first.shape()));
+  QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate_up.first, gate_up.second, op));
+  return LinearOperand{Tensor(), std::move(op)};
+}
+
+absl::StatusOr<Tensor> Model::Operand(const Tensor& t) {
+  if (!OperandsAreBf16() || t.dtype() == DType::kBF16) return t;
+  kernels::Backend& be = *backend_;
   QCAL_ASSIGN_OR_RETURN(Tensor out, be.AllocUninitialized(DType::kBF16, t.shape()));
   QCAL_RETURN_IF_ERROR(be.Convert(t, out));
   return out;
@@ -225,7 +280,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
   } else if (l.act_bits < 16) {
     QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, l.weight, bias, y, accumulate));
   } else {
-    QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.weight, bias, y, accumulate));
+    QCAL_RETURN_IF_ERROR(be.Linear(x_op, WeightOperand(l), bias, y, accumulate));
   }
   if (l.lora_a.defined()) {
     QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {x_op.dim(0), l.lora_b.dim(0)}));
@@ -326,6 +381,12 @@ absl::StatusOr<Tensor> Model::MlpProduct(int b, const LinearOperand& in) {
     return absl::FailedPreconditionError(
         absl::StrCat("MlpProduct: block ", b, " is a mixture-of-experts block"));
   }
+  QCAL_ASSIGN_OR_RETURN(auto gate_up, GateUp(b, in));
+  QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate_up.first, gate_up.second, gate_up.first));
+  return gate_up.first;
+}
+
+absl::StatusOr<std::pair<Tensor, Tensor>> Model::GateUp(int b, const LinearOperand& in) {
   const BlockWeights& bw = blocks_[b];
   const Tensor& x = in.x;
   Tensor x_op = in.op;
@@ -335,8 +396,7 @@ absl::StatusOr<Tensor> Model::MlpProduct(int b, const LinearOperand& in) {
   }
   QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x, x_op));
   QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x, x_op));
-  QCAL_RETURN_IF_ERROR(backend_->SiluMul(gate, up, gate));
-  return gate;
+  return std::make_pair(std::move(gate), std::move(up));
 }
 
 absl::StatusOr<Tensor> Model::ExpertMlpProduct(const ExpertWeights& e, const Tensor& x) {

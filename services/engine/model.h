@@ -325,6 +325,19 @@ class Model {
   // x with its GEMM operand (Operand(x)): what a driver keeps to feed a linear input to the
   // linears later without converting it again.
   absl::StatusOr<LinearOperand> MakeOperand(const Tensor& x);
+  // NormedInput and MlpProduct as LinearOperands. Without `need_x`, where the operand is a bf16
+  // copy, the norm (the SiLU product) writes the operand directly and x is left undefined: the
+  // same values as MakeOperand of the fp32 result, without the fp32 tensor.
+  absl::StatusOr<LinearOperand> NormedOperand(int b, const Tensor& hidden, LinearInput input,
+                                              bool need_x);
+  absl::StatusOr<LinearOperand> MlpOperand(int b, const LinearOperand& x, bool need_x);
+  // Rounds the weights of block b's dense `kinds` linears to their GEMM operands once (Operand)
+  // and has the products read those until ReleaseWeightOperands: for a driver's loop over chunks
+  // that applies the same weights to each (the same values as rounding at every product). A held
+  // operand is used only while its linear's weight is the tensor it was made from; the driver
+  // must not change a held weight in place.
+  absl::Status HoldWeightOperands(int b, std::initializer_list<LinearKind> kinds);
+  void ReleaseWeightOperands();
 
   // logits [rows, vocab] = lm_head(norm(hidden)).
   absl::StatusOr<Tensor> Logits(const Tensor& hidden);
@@ -349,6 +362,8 @@ class Model {
   // Whether l reads x itself rather than its operand: its weight branch quantizes activations (an
   // ABQ kernel or activation quantization).
   bool ReadsInput(const Linear& l) const;
+  // Whether Operand makes a bf16 copy (a device backend computing in bf16).
+  bool OperandsAreBf16() const;
   // t as a GEMM operand: on a device backend computing in bf16, a BF16 copy (the rounding the
   // backend's GEMMs would make, once instead of once a product: the same values); else t itself.
   absl::StatusOr<Tensor> Operand(const Tensor& t);
@@ -356,6 +371,8 @@ class Model {
   // GEMM operand (ReadsOperand), else x.
   absl::StatusOr<Tensor> SharedOperand(std::initializer_list<const Linear*> linears,
                                        const Tensor& x);
+  // gate_proj(x) and up_proj(x) of dense block b (fp32).
+  absl::StatusOr<std::pair<Tensor, Tensor>> GateUp(int b, const LinearOperand& x);
   // silu(e.gate(x)) * e.up(x), and y [rows, hidden] = e.down of it.
   absl::StatusOr<Tensor> ExpertMlpProduct(const ExpertWeights& e, const Tensor& x);
   absl::StatusOr<Tensor> ExpertForward(const ExpertWeights& e, const Tensor& x);
@@ -375,6 +392,17 @@ class Model {
   RoutingObserver routing_observer_;
 
   kernels::AbqKernel abq_kernel_ = kernels::AbqKernel::kBinaryMma;  // for packed linears
+
+  // Weight operands held by HoldWeightOperands: the linear, the weight they were made from, the
+  // operand.
+  struct HeldWeight {
+    const Linear* linear;
+    Tensor weight;
+    Tensor op;
+  };
+  std::vector<HeldWeight> held_weights_;
+  // l's weight as its products read it: a held operand of it, else the weight.
+  const Tensor& WeightOperand(const Linear& l) const;
 };
 
 }  // namespace qcal::engine

@@ -3,12 +3,14 @@
 // files share (block_runner_internal.h). block_runner.h names the files of the other phases.
 #include "services/engine/driver/block_runner.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "services/engine/driver/block_runner_internal.h"
@@ -241,6 +243,17 @@ absl::Status BlockRunner::Install(std::vector<SolvedLinear> solved) {
 absl::Status BlockRunner::Push(LinearInput group) {
   if (group != LinearInput::kO && group != LinearInput::kDown) return absl::OkStatus();
   const LinearKind proj = group == LinearInput::kO ? LinearKind::kO : LinearKind::kDown;
+  const bool recompute = std::any_of(kept_.begin(), kept_.end(),
+                                     [](const LinearOperand& k) { return !k.op.defined(); });
+  if (!recompute) {
+    QCAL_RETURN_IF_ERROR(model_.HoldWeightOperands(b_, {proj}));
+  } else if (group == LinearInput::kO) {
+    QCAL_RETURN_IF_ERROR(
+        model_.HoldWeightOperands(b_, {LinearKind::kQ, LinearKind::kK, LinearKind::kV, proj}));
+  } else {
+    QCAL_RETURN_IF_ERROR(model_.HoldWeightOperands(b_, {LinearKind::kGate, LinearKind::kUp, proj}));
+  }
+  absl::Cleanup release = [this] { model_.ReleaseWeightOperands(); };
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
     LinearOperand x = std::move(kept_[c]);
@@ -260,6 +273,10 @@ absl::Status BlockRunner::Push(LinearInput group) {
 }
 
 absl::Status BlockRunner::PushBlock() {
+  QCAL_RETURN_IF_ERROR(
+      model_.HoldWeightOperands(b_, {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO,
+                                     LinearKind::kGate, LinearKind::kUp, LinearKind::kDown}));
+  absl::Cleanup release = [this] { model_.ReleaseWeightOperands(); };
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
     QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, h, ShapeOf(c)));
@@ -323,20 +340,27 @@ bool BlockRunner::KeepOnDevice() {
 }
 
 absl::StatusOr<Tensor> BlockRunner::AttentionOf(const Tensor& h, size_t c) {
-  LinearOperand x = std::move(normed_[c]);
-  normed_[c] = LinearOperand();
-  if (!x.op.defined()) {
-    QCAL_ASSIGN_OR_RETURN(x.x, model_.NormedInput(b_, h, LinearInput::kQkv));
-  }
+  QCAL_ASSIGN_OR_RETURN(const LinearOperand x, TakeNormed(h, c, LinearInput::kQkv));
   return model_.AttentionOutput(b_, x, ShapeOf(c));
 }
 absl::StatusOr<Tensor> BlockRunner::MlpOf(const Tensor& h, size_t c) {
+  QCAL_ASSIGN_OR_RETURN(const LinearOperand x, TakeNormed(h, c, LinearInput::kGateUp));
+  return model_.MlpProduct(b_, x);
+}
+absl::StatusOr<LinearOperand> BlockRunner::TakeNormed(const Tensor& h, size_t c,
+                                                      LinearInput input) {
   LinearOperand x = std::move(normed_[c]);
   normed_[c] = LinearOperand();
   if (!x.op.defined()) {
-    QCAL_ASSIGN_OR_RETURN(x.x, model_.NormedInput(b_, h, LinearInput::kGateUp));
+    QCAL_ASSIGN_OR_RETURN(x.x, model_.NormedInput(b_, h, input));
   }
-  return model_.MlpProduct(b_, x);
+  return x;
+}
+
+bool BlockRunner::NeedsInput() const {
+  return recipe_.activations.bits < 16 ||
+         (recipe_.error_reconstruction.enabled &&
+          recipe_.error_reconstruction.whitening == Whitening::kDiagonal);
 }
 
 LinearOperand BlockRunner::KeptForm(LinearOperand x) const {

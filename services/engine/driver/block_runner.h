@@ -299,6 +299,11 @@ class BlockRunner {
   // q/k/v (gate/up) input where CollectPartials left one.
   absl::StatusOr<Tensor> AttentionOf(const Tensor& h, size_t c);
   absl::StatusOr<Tensor> MlpOf(const Tensor& h, size_t c);
+  // Chunk c's kept normed input `input` (taken: the slot is emptied), else computed from h.
+  absl::StatusOr<LinearOperand> TakeNormed(const Tensor& h, size_t c, LinearInput input);
+  // Whether a linear input's statistics or the linears reading it need x itself, not only its
+  // GEMM operand: activation quantization, or the |x| statistics of diagonal whitening.
+  bool NeedsInput() const;
   absl::StatusOr<Tensor> Download(const Tensor& t);
   LayerResult NewResult(LinearId id, int64_t d_out, int64_t d_in) const;
   const std::vector<int32_t>& OutliersOf(LinearInput in) const;

@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "services/engine/driver/block_runner.h"
@@ -31,31 +32,39 @@ Combine<ActivationStats> ActivationStatsCombine() {
 // The group's input is computed from each chunk's current hidden state: the normed block input
 // (q/k/v), the attention output through the installed q/k/v (o), the normed post-attention
 // residual (gate/up) or the MLP product through the installed gate/up (down). Each is rounded to
-// its GEMM operand once, for the Gram matrix and for the forward that reads it next (the next
+// its GEMM operand once (by the norm or the SiLU product itself where nothing reads the fp32
+// values: NeedsInput), for the Gram matrix and for the forward that reads it next (the next
 // group's statistics, or Push(kO) and Push(kDown)): kept for them while they fit.
 absl::StatusOr<InputPartials> BlockRunner::CollectPartials(LinearInput group) {
   TreeAccumulator<InputStatistics> acc = NewInputAccumulator();
+  if (group == LinearInput::kO) {
+    QCAL_RETURN_IF_ERROR(
+        model_.HoldWeightOperands(b_, {LinearKind::kQ, LinearKind::kK, LinearKind::kV}));
+  } else if (group == LinearInput::kDown) {
+    QCAL_RETURN_IF_ERROR(model_.HoldWeightOperands(b_, {LinearKind::kGate, LinearKind::kUp}));
+  }
+  absl::Cleanup release = [this] { model_.ReleaseWeightOperands(); };
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
-    Tensor x;
+    LinearOperand in;
     switch (group) {
       case LinearInput::kQkv:
       case LinearInput::kGateUp: {
-        QCAL_ASSIGN_OR_RETURN(x, model_.NormedInput(b_, h, group));
+        QCAL_ASSIGN_OR_RETURN(in, model_.NormedOperand(b_, h, group, NeedsInput()));
         break;
       }
       case LinearInput::kO: {
-        QCAL_ASSIGN_OR_RETURN(x, AttentionOf(h, c));
+        QCAL_ASSIGN_OR_RETURN(const Tensor x, AttentionOf(h, c));
+        QCAL_ASSIGN_OR_RETURN(in, model_.MakeOperand(x));
         break;
       }
       case LinearInput::kDown: {
-        QCAL_ASSIGN_OR_RETURN(x, MlpOf(h, c));
+        QCAL_ASSIGN_OR_RETURN(const LinearOperand normed, TakeNormed(h, c, LinearInput::kGateUp));
+        QCAL_ASSIGN_OR_RETURN(in, model_.MlpOperand(b_, normed, NeedsInput()));
         break;
       }
     }
     QCAL_RETURN_IF_ERROR(Charge(t_.forward));
-    QCAL_ASSIGN_OR_RETURN(LinearOperand in, model_.MakeOperand(x));
-    x = Tensor();
     QCAL_ASSIGN_OR_RETURN(InputStatistics partial, ChunkStatistics(group, in));
     QCAL_RETURN_IF_ERROR(acc.Add(std::move(partial)));
     QCAL_RETURN_IF_ERROR(Charge(t_.hessian));

@@ -286,6 +286,42 @@ TEST_F(CudaOpsTest, ElementwiseOpsMatchReference) {
   }
 }
 
+// RmsNorm and SiluMul into a BF16 output (the engine's operands written directly): bit for bit the
+// backend's conversion of their fp32 outputs.
+TEST_F(CudaOpsTest, Bf16OutputsEqualConvertedF32Outputs) {
+  Backend& be = Get(ComputeDType::kBF16);
+  uint64_t seed = 450;
+  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {33, 4097}};
+  auto as_bf16 = [&](const Tensor& f32) {
+    auto b = be.Alloc(DType::kBF16, f32.shape());
+    EXPECT_TRUE(b.ok() && be.Convert(f32, *b).ok());
+    return *b;
+  };
+  auto bits = [&](const Tensor& t) {
+    auto host = be.ToHost(t);
+    EXPECT_TRUE(host.ok());
+    const auto* p = static_cast<const uint16_t*>(host->raw());
+    return std::vector<uint16_t>(p, p + host->numel());
+  };
+  for (const auto& s : shapes) {
+    SCOPED_TRACE(testing::Message() << s[0] << "x" << s[1]);
+    const auto x = Random(s[0] * s[1], seed++, 3.0f), w = Random(s[1], seed++);
+    Tensor xd = Upload(be, x, {s[0], s[1]}), wd = Upload(be, w, {s[1]});
+    Tensor y = Poisoned(be, {s[0], s[1]});
+    auto yb_or = be.Alloc(DType::kBF16, {s[0], s[1]});
+    ASSERT_TRUE(yb_or.ok());
+    Tensor yb = *yb_or;
+    ASSERT_TRUE(be.RmsNorm(xd, wd, 1e-5f, y).ok());
+    ASSERT_TRUE(be.RmsNorm(xd, wd, 1e-5f, yb).ok());
+    EXPECT_EQ(bits(yb), bits(as_bf16(y)));
+    const auto u = Random(s[0] * s[1], seed++);
+    Tensor ud = Upload(be, u, {s[0], s[1]});
+    ASSERT_TRUE(be.SiluMul(xd, ud, y).ok());
+    ASSERT_TRUE(be.SiluMul(xd, ud, yb).ok());
+    EXPECT_EQ(bits(yb), bits(as_bf16(y)));
+  }
+}
+
 TEST_F(CudaOpsTest, EmbeddingGathersRows) {
   Backend& be = *f32_;
   const int64_t vocab = 11, width = 5;
