@@ -10,6 +10,7 @@
 // sequence-major. Multi-head tensors put head h's features at columns [h*head_dim, (h+1)*head_dim).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -177,6 +178,14 @@ class Backend {
   // dst = src for two tensors with the same dtype and element count, each on this backend's
   // device or, on a device backend, one of them in host memory (a transfer, complete on return).
   virtual absl::Status Copy(const Tensor& src, Tensor& dst) = 0;
+  // Starts dst = src for a tensor src on this backend's device and dst from AllocHost, in the
+  // order of the work queued before, and returns a function that waits until dst holds it (dst
+  // must not be read, nor src changed, before it returns OK). The default copies at once (Copy).
+  virtual absl::StatusOr<std::function<absl::Status()>> CopyToHostAsync(const Tensor& src,
+                                                                        Tensor& dst) {
+    if (absl::Status s = Copy(src, dst); !s.ok()) return s;
+    return std::function<absl::Status()>([] { return absl::OkStatus(); });
+  }
   // dst = src converted between F32 and BF16 (round to nearest even; BF16 to F32 is exact), for
   // two tensors on this backend's device with the same element count.
   virtual absl::Status Convert(const Tensor& src, Tensor& dst) = 0;

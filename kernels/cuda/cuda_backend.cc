@@ -77,7 +77,10 @@ CudaBackend::CudaBackend(int device, ComputeDType dtype, int64_t memory_limit, s
 
 CudaBackend::~CudaBackend() {
   // Let queued work finish before the handle and stream go; errors have nowhere to go here.
-  if (cuda::UseDevice(device_).ok()) cudaStreamSynchronize(stream_.get());
+  if (cuda::UseDevice(device_).ok()) {
+    cudaStreamSynchronize(stream_.get());
+    if (copy_stream_ != nullptr) cudaStreamSynchronize(copy_stream_->get());
+  }
 }
 
 absl::StatusOr<Tensor> CudaBackend::Alloc(DType dtype, const Shape& shape) {
@@ -137,6 +140,64 @@ absl::Status CudaBackend::Copy(const Tensor& src, Tensor& dst) {
   // A host buffer may be read or released as soon as we return.
   if (src.device() == Device::kHost || dst.device() == Device::kHost) return Synchronize();
   return absl::OkStatus();
+}
+
+namespace {
+
+// A copy on the backend's copy stream: the event that marks it done, and the device source, held
+// until the copy is done (the allocator hands memory out in the compute stream's order, which the
+// copy stream does not follow). Destroying it waits for the copy.
+struct CopyInFlight {
+  int device = 0;
+  cudaEvent_t done = nullptr;
+  Tensor src;
+  absl::Status Wait() {
+    QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
+    return CudaStatus(cudaEventSynchronize(done), "CopyToHostAsync: waiting for the copy");
+  }
+  ~CopyInFlight() {
+    if (done == nullptr) return;
+    (void)cuda::UseDevice(device);
+    (void)cudaEventSynchronize(done);
+    (void)cudaEventDestroy(done);
+  }
+};
+
+}  // namespace
+
+absl::StatusOr<std::function<absl::Status()>> CudaBackend::CopyToHostAsync(const Tensor& src,
+                                                                           Tensor& dst) {
+  if (!src.defined() || !dst.defined() || src.dtype() != dst.dtype() ||
+      src.numel() != dst.numel() || src.device() != Device::kCuda ||
+      dst.device() != Device::kHost) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CopyToHostAsync: ", src.defined() ? src.DebugString() : "undefined", " into ",
+                     dst.defined() ? dst.DebugString() : "undefined",
+                     " (a CUDA tensor into a host tensor of the same dtype and element count)"));
+  }
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  if (copy_stream_ == nullptr) {
+    QCAL_ASSIGN_OR_RETURN(cuda::CudaStream created, cuda::CudaStream::Create());
+    copy_stream_ = std::make_unique<cuda::CudaStream>(std::move(created));
+  }
+  auto copy = std::make_shared<CopyInFlight>();
+  copy->device = device_;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&copy->done, cudaEventDisableTiming),
+                                  "CopyToHostAsync: event"));
+  copy->src = src;
+  cudaEvent_t ready = nullptr;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming),
+                                  "CopyToHostAsync: event"));
+  cudaError_t error = cudaEventRecord(ready, stream());
+  if (error == cudaSuccess) error = cudaStreamWaitEvent(copy_stream_->get(), ready, 0);
+  (void)cudaEventDestroy(ready);  // released once the wait above is satisfied
+  QCAL_RETURN_IF_ERROR(CudaStatus(error, "CopyToHostAsync: ordering after the compute stream"));
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(),
+                                                  cudaMemcpyDeviceToHost, copy_stream_->get()),
+                                  absl::StrCat("CopyToHostAsync ", src.DebugString())));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaEventRecord(copy->done, copy_stream_->get()), "CopyToHostAsync: event"));
+  return std::function<absl::Status()>([copy]() { return copy->Wait(); });
 }
 
 int64_t CudaBackend::AvailableMemory() {

@@ -56,6 +56,8 @@ class CudaBackend final : public Backend {
   absl::StatusOr<Tensor> ToHost(const Tensor& t) override;
   absl::Status Synchronize() override;
   absl::Status Copy(const Tensor& src, Tensor& dst) override;
+  absl::StatusOr<std::function<absl::Status()>> CopyToHostAsync(const Tensor& src,
+                                                                Tensor& dst) override;
   int64_t AvailableMemory() override;
   absl::StatusOr<Backend*> SideBackend() override;
   int64_t MemoryInUse() const override { return static_cast<int64_t>(allocator_->bytes_in_use()); }
@@ -212,6 +214,8 @@ class CudaBackend final : public Backend {
   const std::string kind_;
   // Declared before the handles: they are destroyed first.
   cuda::CudaStream stream_;
+  // Device-to-host copies that overlap the compute stream (CopyToHostAsync); made at first use.
+  std::unique_ptr<cuda::CudaStream> copy_stream_;
   cuda::CublasHandle blas_;
   cuda::CusolverHandle solver_;
   std::shared_ptr<cuda::CachingAllocator> allocator_;

@@ -107,7 +107,8 @@ enum class MemoryKind {
 // a pinned block while the backend's thread allocates. Create it with std::make_shared: storages
 // hold a reference, so the pool outlives every block it handed out. Device blocks freed by one op
 // and handed to the next are used in stream order (one stream per backend) and need no event;
-// pinned blocks are only handed out after the synchronous copies that used them.
+// pinned blocks are only handed out after the copies that used them (synchronous, or waited for:
+// Backend::CopyToHostAsync's destination lives until its wait returns).
 class CachingAllocator : public std::enable_shared_from_this<CachingAllocator> {
  public:
   CachingAllocator(int device, MemoryKind kind) : device_(device), kind_(kind) {}

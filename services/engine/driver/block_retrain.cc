@@ -75,7 +75,7 @@ absl::Status BlockRunner::WaitForConversions() {
   bool converted = false;
   for (size_t i = 0; i < pending_.size(); ++i) {
     if (!pending_[i].valid()) continue;
-    results_[i].quantized = pending_[i].get();
+    QCAL_ASSIGN_OR_RETURN(results_[i].quantized, pending_[i].get());
     converted = true;
   }
   pending_.clear();

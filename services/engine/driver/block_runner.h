@@ -134,7 +134,7 @@ struct SolvedLinear {
   Tensor weight;
   // From Solve: the host conversion of codes, scales and zeros into result.quantized, still
   // running. A caller that sends the result elsewhere waits for it first.
-  std::future<QuantizedLinear> conversion;
+  std::future<absl::StatusOr<QuantizedLinear>> conversion;
 };
 
 // Partial statistics of one rank: per linear input, its cover of the canonical reduction.
@@ -305,6 +305,12 @@ class BlockRunner {
   // GEMM operand: activation quantization, or the |x| statistics of diagonal whitening.
   bool NeedsInput() const;
   absl::StatusOr<Tensor> Download(const Tensor& t);
+  // A device-to-host copy under way (Backend::CopyToHostAsync): host holds t once wait() is OK.
+  struct PendingDownload {
+    Tensor host;
+    std::function<absl::Status()> wait;
+  };
+  absl::StatusOr<PendingDownload> StartDownload(const Tensor& t);
   LayerResult NewResult(LinearId id, int64_t d_out, int64_t d_in) const;
   const std::vector<int32_t>& OutliersOf(LinearInput in) const;
   absl::StatusOr<WhiteningFactor> WhiteningOf(const InputStatistics& stats,
@@ -356,7 +362,7 @@ class BlockRunner {
   std::chrono::steady_clock::time_point clock_;
   // Installed results and, aligned with them, their pending host conversions.
   std::vector<LayerResult> results_;
-  std::vector<std::future<QuantizedLinear>> pending_;
+  std::vector<std::future<absl::StatusOr<QuantizedLinear>>> pending_;
   // Retraining: the job's seed, this rank's chunks' quantized-path block inputs, and per linear
   // the frozen base, the Fisher (saliency) and the full-precision reference (host F32).
   const uint64_t seed_ = 0;

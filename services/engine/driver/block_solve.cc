@@ -53,11 +53,12 @@ QuantizedLinear ToQuantizedLinear(const kernels::QuantizedTensors& q, const Quan
 }
 
 // Runs fn on a thread of its own when one can be started, else right here.
-std::future<QuantizedLinear> RunAsync(const std::function<QuantizedLinear()>& fn) {
+std::future<absl::StatusOr<QuantizedLinear>> RunAsync(
+    const std::function<absl::StatusOr<QuantizedLinear>()>& fn) {
   try {
     return std::async(std::launch::async, fn);
   } catch (const std::system_error&) {
-    std::promise<QuantizedLinear> done;
+    std::promise<absl::StatusOr<QuantizedLinear>> done;
     done.set_value(fn());
     return done.get_future();
   }
@@ -91,6 +92,13 @@ absl::StatusOr<Tensor> BlockRunner::Download(const Tensor& t) {
   QCAL_ASSIGN_OR_RETURN(Tensor host, be_.AllocHost(t.dtype(), t.shape()));
   QCAL_RETURN_IF_ERROR(be_.Copy(t, host));
   return host;
+}
+
+absl::StatusOr<BlockRunner::PendingDownload> BlockRunner::StartDownload(const Tensor& t) {
+  PendingDownload d;
+  QCAL_ASSIGN_OR_RETURN(d.host, be_.AllocHost(t.dtype(), t.shape()));
+  QCAL_ASSIGN_OR_RETURN(d.wait, be_.CopyToHostAsync(t, d.host));
+  return d;
 }
 
 LayerResult BlockRunner::NewResult(LinearId id, int64_t d_out, int64_t d_in) const {
@@ -399,17 +407,22 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
           Reconstruct(in, w_host.data<float>(), w_hat, gram_host, *whitening, denom, r));
       QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
     }
-    QCAL_ASSIGN_OR_RETURN(Tensor codes, Download(q.codes));
-    QCAL_ASSIGN_OR_RETURN(Tensor scales, Download(q.scales));
-    QCAL_ASSIGN_OR_RETURN(Tensor zeros, Download(q.zeros));
+    // The codes and parameters come back while the device goes on; the host conversion waits.
+    QCAL_ASSIGN_OR_RETURN(PendingDownload codes, StartDownload(q.codes));
+    QCAL_ASSIGN_OR_RETURN(PendingDownload scales, StartDownload(q.scales));
+    QCAL_ASSIGN_OR_RETURN(PendingDownload zeros, StartDownload(q.zeros));
     r.act_bits = recipe_.activations.bits;
     if (expert == kNoExpert) r.folded = folded_[static_cast<int>(k)];
     const Tensor w_hat = q.dequantized;
     q.codes = q.scales = q.zeros = q.dequantized = Tensor();
     const QuantSpec spec = spec_;
-    std::future<QuantizedLinear> conversion = RunAsync([q, spec, codes, scales, zeros] {
-      return ToQuantizedLinear(q, spec, codes, scales, zeros);
-    });
+    std::future<absl::StatusOr<QuantizedLinear>> conversion =
+        RunAsync([q, spec, codes, scales, zeros]() -> absl::StatusOr<QuantizedLinear> {
+          for (const PendingDownload* d : {&codes, &scales, &zeros}) {
+            QCAL_RETURN_IF_ERROR(d->wait());
+          }
+          return ToQuantizedLinear(q, spec, codes.host, scales.host, zeros.host);
+        });
     QCAL_RETURN_IF_ERROR(Charge(t_.transfer));
     const auto now = Clock::now();
     r.report.solve_seconds = std::chrono::duration<double>(now - t0).count();

@@ -204,7 +204,9 @@ class GangBlock {
   absl::Status ShareSolved(int step, std::vector<SolvedLinear>& solved) {
     if (plan_.world == 1) return absl::OkStatus();
     for (SolvedLinear& s : solved) {
-      if (s.conversion.valid()) s.result.quantized = s.conversion.get();
+      if (s.conversion.valid()) {
+        QCAL_ASSIGN_OR_RETURN(s.result.quantized, s.conversion.get());
+      }
       const std::string bytes = SerializeSolvedLayer(s.result);
       for (int q = 0; q < plan_.world; ++q) {
         if (q == rank()) continue;

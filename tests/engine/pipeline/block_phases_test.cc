@@ -30,7 +30,11 @@ bool SameBytes(const Tensor& a, const Tensor& b) {
 
 // A solved linear as another process receives it: its artifact (once converted) and its report.
 SolvedLinear Transported(SolvedLinear& s) {
-  if (s.conversion.valid()) s.result.quantized = s.conversion.get();
+  if (s.conversion.valid()) {
+    auto converted = s.conversion.get();
+    EXPECT_TRUE(converted.ok()) << converted.status();
+    if (converted.ok()) s.result.quantized = *std::move(converted);
+  }
   auto parsed = ParseLayerArtifact(SerializeLayerArtifact(s.result));
   EXPECT_TRUE(parsed.ok()) << parsed.status();
   SolvedLinear out;

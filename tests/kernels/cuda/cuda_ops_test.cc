@@ -444,6 +444,34 @@ TEST_F(CudaOpsTest, MemoryOpsRoundTrip) {
   ASSERT_TRUE(host.ok());
   EXPECT_EQ(host->device(), Device::kHost);
   EXPECT_EQ(host->shape(), (Shape{2, 4}));
+
+  // Asynchronous downloads on the copy stream, ordered after the work queued before them: the
+  // result of a kernel launched just before (an Add into a fresh tensor), several in flight.
+  const int64_t n = 1 << 22;
+  const auto a = Random(n, 901), b = Random(n, 902);
+  std::vector<float> sum = b;
+  ref::Add(a.data(), sum.data(), n);
+  Tensor ad = Upload(be, a, {n});
+  std::vector<Tensor> hosts;
+  std::vector<std::function<absl::Status()>> waits;
+  for (int i = 0; i < 3; ++i) {
+    Tensor bd = Upload(be, b, {n});
+    ASSERT_TRUE(be.Add(ad, bd).ok());
+    auto dst = be.AllocHost(DType::kF32, {n});
+    ASSERT_TRUE(dst.ok());
+    auto wait = be.CopyToHostAsync(bd, *dst);  // bd's last reference goes with the loop
+    ASSERT_TRUE(wait.ok()) << wait.status();
+    hosts.push_back(*dst);
+    waits.push_back(*wait);
+  }
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(waits[i]().ok());
+    const float* h = hosts[i].data<float>();
+    EXPECT_EQ(std::vector<float>(h, h + n), sum) << "download " << i;
+  }
+  Tensor host_src = Tensor::FromVector(a, {n});
+  EXPECT_EQ(be.CopyToHostAsync(host_src, hosts[0]).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CudaOpsTest, ErrorsAreStatusesNotCrashes) {
