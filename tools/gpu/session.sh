@@ -47,7 +47,8 @@
 #                              moe bench er abq sanitizer stream13 stream70 moebench ncu"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
-#                              runs of the 7B bench (default: 3)
+#                              runs of the 7B bench (default: 3); QCAL_QUANTIZE_CHECKS the
+#                              step quantize's checks, any of "w4 aser" (default: both)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.gz}
@@ -216,10 +217,13 @@ check() {
 }
 if wants quantize; then
   log=$out/quantize.log
-  check "quantize sotu-llama-16m W4 g128" $'method: gptq\nweights: {bits: 4, group_size: 128}\n'
+  quantize_checks=" ${QCAL_QUANTIZE_CHECKS:-w4 aser} "
+  [[ $quantize_checks == *" w4 "* ]] &&
+    check "quantize sotu-llama-16m W4 g128" $'method: gptq\nweights: {bits: 4, group_size: 128}\n'
   # ASER over GPTQ at W4A8 per-channel (rank 64, 32 outlier channels): error reconstruction on
   # the device (randomized SVD) against the CPU's (full SVD).
-  check "quantize sotu-llama-16m ASER W4A8" $'method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\nsmoothing: {method: aser, outlier_channels: 32}\nerror_reconstruction: {rank: 64}\n'
+  [[ $quantize_checks == *" aser "* ]] &&
+    check "quantize sotu-llama-16m ASER W4A8" $'method: gptq\nweights: {bits: 4, group_size: -1}\nactivations: {bits: 8}\nsmoothing: {method: aser, outlier_channels: 32}\nerror_reconstruction: {rank: 64}\n'
 fi
 
 if wants oac; then
