@@ -302,6 +302,7 @@ class CpuBackend final : public Backend {
     QCAL_RETURN_IF_ERROR(ExpectF32(x, "RmsNorm", "x"));
     QCAL_RETURN_IF_ERROR(ExpectF32(weight, "RmsNorm", "weight"));
     QCAL_RETURN_IF_ERROR(ExpectRows(x, "RmsNorm", "x"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(y, "RmsNorm", "y"));
     QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "RmsNorm", "y"));
     const int64_t width = x.dim(-1), rows = x.numel() / std::max<int64_t>(width, 1);
     QCAL_RETURN_IF_ERROR(ExpectShape(weight, {width}, "RmsNorm", "weight"));
@@ -399,6 +400,8 @@ class CpuBackend final : public Backend {
   absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(gate, "SiluMul", "gate"));
     QCAL_RETURN_IF_ERROR(ExpectShape(up, gate.shape(), "SiluMul", "up"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(out, "SiluMul", "out"));
+    QCAL_RETURN_IF_ERROR(ExpectF32(up, "SiluMul", "up"));
     QCAL_RETURN_IF_ERROR(ExpectShape(out, gate.shape(), "SiluMul", "out"));
     const int64_t n = gate.numel();
     ParallelFor(n, 8, [&](int64_t i0, int64_t i1) {

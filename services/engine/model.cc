@@ -221,15 +221,7 @@ absl::StatusOr<LinearOperand> Model::NormedOperand(int b, const Tensor& hidden, 
     QCAL_ASSIGN_OR_RETURN(Tensor x, NormedInput(b, hidden, input));
     return MakeOperand(x);
   }
-  if (input != LinearInput::kQkv && input != LinearInput::kGateUp) {
-    return absl::InvalidArgumentError(
-        "NormedOperand: only the q/k/v and gate/up inputs are normed");
-  }
-  const BlockWeights& w = blocks_[b];
-  QCAL_ASSIGN_OR_RETURN(Tensor op, backend_->AllocUninitialized(DType::kBF16, hidden.shape()));
-  QCAL_RETURN_IF_ERROR(
-      backend_->RmsNorm(hidden, input == LinearInput::kQkv ? w.input_norm : w.post_attention_norm,
-                        static_cast<float>(config_.rms_norm_eps), op));
+  QCAL_ASSIGN_OR_RETURN(Tensor op, Normed(b, hidden, input, DType::kBF16));
   return LinearOperand{Tensor(), std::move(op)};
 }
 
@@ -299,11 +291,15 @@ absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, c
 }
 
 absl::StatusOr<Tensor> Model::NormedInput(int b, const Tensor& hidden, LinearInput input) {
+  return Normed(b, hidden, input, DType::kF32);
+}
+
+absl::StatusOr<Tensor> Model::Normed(int b, const Tensor& hidden, LinearInput input, DType dtype) {
   if (input != LinearInput::kQkv && input != LinearInput::kGateUp) {
     return absl::InvalidArgumentError("NormedInput: only the q/k/v and gate/up inputs are normed");
   }
   const BlockWeights& w = blocks_[b];
-  QCAL_ASSIGN_OR_RETURN(Tensor h, backend_->Alloc(DType::kF32, hidden.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor h, backend_->AllocUninitialized(dtype, hidden.shape()));
   QCAL_RETURN_IF_ERROR(
       backend_->RmsNorm(hidden, input == LinearInput::kQkv ? w.input_norm : w.post_attention_norm,
                         static_cast<float>(config_.rms_norm_eps), h));

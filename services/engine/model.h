@@ -362,6 +362,8 @@ class Model {
   // Whether l reads x itself rather than its operand: its weight branch quantizes activations (an
   // ABQ kernel or activation quantization).
   bool ReadsInput(const Linear& l) const;
+  // NormedInput written as `dtype` (F32, or BF16 on the CUDA backend).
+  absl::StatusOr<Tensor> Normed(int b, const Tensor& hidden, LinearInput input, DType dtype);
   // Whether Operand makes a bf16 copy (a device backend computing in bf16).
   bool OperandsAreBf16() const;
   // t as a GEMM operand: on a device backend computing in bf16, a BF16 copy (the rounding the

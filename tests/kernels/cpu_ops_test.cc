@@ -251,6 +251,11 @@ TEST_P(CpuOpsTest, RmsNorm) {
     Tensor inplace = x.Clone();
     ASSERT_TRUE(backend_->RmsNorm(inplace, weight, 1e-5f, inplace).ok());
     EXPECT_LE(RelError(inplace, ref), kElementwiseBound) << c.rows << "x" << c.width;
+    // BF16 outputs are the CUDA backend's; here a clear error, nothing written.
+    Tensor bf16_out = Tensor::Zeros(DType::kBF16, x.shape());
+    EXPECT_EQ(backend_->RmsNorm(x, weight, 1e-5f, bf16_out).code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(backend_->SiluMul(x, x, bf16_out).code(), absl::StatusCode::kInvalidArgument);
   }
 }
 

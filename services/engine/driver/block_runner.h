@@ -284,7 +284,8 @@ class BlockRunner {
                                                   int64_t width = 0);
   // The same for x with its GEMM operand: the Gram matrix from x.op (the rounding the products
   // make), the |x| statistics from x.x.
-  absl::StatusOr<InputStatistics> ChunkStatistics(LinearInput in, const LinearOperand& x);
+  absl::StatusOr<InputStatistics> ChunkStatistics(LinearInput in, const LinearOperand& x,
+                                                  int64_t width = 0);
   // What of a linear input computed for the statistics stays for the forward that follows: its
   // operand, and x itself where the recipe quantizes activations (they are computed from x).
   LinearOperand KeptForm(LinearOperand x) const;

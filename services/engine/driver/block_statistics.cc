@@ -126,25 +126,17 @@ TreeAccumulator<InputStatistics> BlockRunner::NewInputAccumulator() {
 // whitening, the chunk's |x| statistics.
 absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, const Tensor& x,
                                                              int64_t width) {
+  // x is its own operand: the backend's Gram rounds it as the products would.
+  return ChunkStatistics(in, LinearOperand{x, x}, width);
+}
+
+absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, const LinearOperand& x,
+                                                             int64_t width) {
   InputStatistics stats;
   stats.input = in;
   if (width == 0) width = widths_[static_cast<int>(in)];
   QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
-  if (!x.defined()) return stats;
-  QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x, stats.gram));
-  if (recipe_.error_reconstruction.enabled &&
-      recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
-    QCAL_ASSIGN_OR_RETURN(stats.abs_stats, ChunkAbsStats(in, x));
-  }
-  return stats;
-}
-
-absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in,
-                                                             const LinearOperand& x) {
-  InputStatistics stats;
-  stats.input = in;
-  const int64_t width = widths_[static_cast<int>(in)];
-  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
+  if (!x.op.defined()) return stats;
   QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x.op, stats.gram));
   if (recipe_.error_reconstruction.enabled &&
       recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
