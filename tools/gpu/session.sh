@@ -38,13 +38,16 @@
 #      `--preset 70b --layers 12` against `qcal bench --shape 70b`'s time per block;
 #   8. (step moebench; not in the default set) `qcal bench --shape mixtral-8x7b` and
 #      `--shape qwen3-30b-a3b` (3 blocks each, extrapolated; fallback experts counted);
+#   9. (steps ncu, gaps; not in the default set) ncu counters of the attention kernels; an nsys
+#      trace of three 7B blocks and where the device idles in it (tools/gpu/nsys_gaps.py);
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
 # files) and prints the summary table last.
 #
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
 #   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
 #   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval families quantize oac retrain
-#                              moe bench er abq sanitizer stream13 stream70 moebench ncu"
+#                              moe bench er abq sanitizer stream13 stream70 moebench ncu
+#                              gaps"
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3); QCAL_QUANTIZE_CHECKS the
@@ -605,6 +608,33 @@ if wants ncu; then
     printf '%-34s %4d %d s\n' "ncu $kernel" "$rc" $((SECONDS - start)) >>"$summary"
     cp "$out/ncu_$kernel.txt" "$dest/" 2>/dev/null
   done
+fi
+
+if wants gaps; then
+  # Where the device idles in the 7B bench (issue 16): an nsys trace of three blocks (kernels and
+  # copies of every stream), its idle gaps summed by the operations around them
+  # (tools/gpu/nsys_gaps.py), and the CUDA API calls' times (synchronizations, allocations).
+  nsys_bin=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
+    2>/dev/null | head -1)
+  if [[ -z $nsys_bin ]]; then
+    note "gaps: nsys not found"
+  elif time_for 150; then
+    start=$SECONDS
+    timeout 200 "$nsys_bin" profile -o "$out/gaps" --force-overwrite true --trace cuda \
+      --sample none --cpuctxsw none "$qcal" bench --shape 7b --blocks 3 --compute-dtype bf16 \
+      >"$out/gaps_bench.txt" 2>&1
+    rc=$?
+    timeout 120 "$nsys_bin" stats --report cuda_gpu_trace --format csv --output "$out/gaps" \
+      "$out/gaps.nsys-rep" >/dev/null 2>&1
+    timeout 60 "$nsys_bin" stats --report cuda_api_sum "$out/gaps.nsys-rep" >"$out/gaps_api.txt" 2>&1
+    printf '%-34s %4d %d s\n' "gaps (nsys, 7b, 3 blocks)" "$rc" $((SECONDS - start)) >>"$summary"
+    grep -hE '^(per block|whole model)' "$out/gaps_bench.txt" | sed 's/^/    /' >>"$summary"
+    python3 "$root/tools/gpu/nsys_gaps.py" "$out/gaps_cuda_gpu_trace.csv" 20 2>&1 | head -16 |
+      sed 's/^/    /' >>"$summary"
+    rm -f "$out/gaps.nsys-rep" "$out/gaps.sqlite"
+  else
+    note "gaps: skipped (session budget)"
+  fi
 fi
 
 {
