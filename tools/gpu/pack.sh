@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Builds what a GPU session needs (the qcal CLI and the GPU test binaries, CUDA on, no service:
 # only engine, kernels and common) and bundles stripped copies with the shared models and texts
-# into .devpack/pack.tar.gz through ../shared/tools/device-pack. A device call then carries
-# [".devpack"] and runs tools/gpu/session.sh.
+# through ../shared/tools/device-pack, recompressed with xz into .devpack/pack.tar.xz (the gzip
+# bundle of every binary, about 90 MB, does not fit a device call's 64 MiB; xz -6 makes binaries
+# about 30% smaller than gzip: 4 binaries and the data, 63 → 45 MB). A device call then carries
+# [".devpack"] and runs tools/gpu/session.sh, which unpacks either form.
 #
 #   usage: tools/gpu/pack.sh [BUILD_DIR]     (default: build-cuda; JOBS=2 parallel compiles)
-#   env:   QCAL_SHARED_DIR (default: ../shared beside the checkout); QCAL_PACK_BINARIES (a subset)
+#   env:   QCAL_SHARED_DIR (default: ../shared beside the checkout); QCAL_PACK_BINARIES (a subset);
+#          QCAL_PACK_XZ=0 keeps device-pack's gzip bundle (.devpack/pack.tar.gz)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${1:-build-cuda}
@@ -45,10 +48,18 @@ for b in "${binaries[@]}"; do
   paths+=("$stage/bin/$b")
 done
 
+rm -f "$root/.devpack/pack.tar.gz" "$root/.devpack/pack.tar.xz"
 "$shared/tools/device-pack" "$root/.devpack" "${paths[@]}" --data "$stage/shared"
-size=$(stat -c %s "$root/.devpack/pack.tar.gz")
+bundle=$root/.devpack/pack.tar.gz
+if [[ ${QCAL_PACK_XZ:-1} != 0 ]]; then
+  command -v xz >/dev/null || { echo "pack.sh: xz not found (apt-get install xz-utils)" >&2; exit 1; }
+  gzip -dc "$bundle" | xz -6 -T0 >"$root/.devpack/pack.tar.xz"
+  rm "$bundle"
+  bundle=$root/.devpack/pack.tar.xz
+fi
+size=$(stat -c %s "$bundle")
 if ((size > max_bytes)); then
   echo "pack.sh: bundle is $size bytes, over the $max_bytes-byte budget" >&2
   exit 1
 fi
-echo "pack.sh: $root/.devpack/pack.tar.gz, $((size >> 20)) MiB"
+echo "pack.sh: $bundle, $((size >> 20)) MiB"

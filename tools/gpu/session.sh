@@ -44,7 +44,8 @@
 # files) and prints the summary table last.
 #
 #   device call: carry [".devpack"], command "bash tools/gpu/session.sh"
-#   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.gz; logs to $OUT or ./out)
+#   usage: tools/gpu/session.sh [PACK]   (default: .devpack/pack.tar.xz, else .tar.gz; logs to $OUT
+#                                         or ./out)
 #   env:   QCAL_SESSION_STEPS  steps to run, any of "tests eval families quantize oac retrain
 #                              moe bench er abq sanitizer stream13 stream70 moebench ncu
 #                              gaps"
@@ -54,14 +55,29 @@
 #                              step quantize's checks, any of "w4 aser" (default: both)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-pack=${1:-$root/.devpack/pack.tar.gz}
+pack=${1:-$root/.devpack/pack.tar.xz}
+[[ -n ${1:-} || -f $pack ]] || pack=$root/.devpack/pack.tar.gz
 dest=${OUT:-$root/out}
 steps=" ${QCAL_SESSION_STEPS:-tests eval families quantize oac retrain moe bench er abq sanitizer} "
 budget=${QCAL_SESSION_BUDGET:-500}
 mkdir -p "$dest"
 out=$(mktemp -d /tmp/qcal-logs.XXXXXX)
 p=$(mktemp -d /tmp/qcal-pack.XXXXXX)
-tar xzf "$pack" -C "$p" || { echo "session.sh: cannot unpack $pack" >&2; exit 1; }
+# pack.sh's bundle is xz (python3's lzma where the machine has no xz), device-pack's gzip.
+unpack() {
+  case $1 in
+    *.xz)
+      if command -v xz >/dev/null; then
+        xz -dc "$1" | tar xf - -C "$2"
+      else
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' \
+          "$1" | tar xf - -C "$2"
+      fi
+      ;;
+    *) tar xzf "$1" -C "$2" ;;
+  esac
+}
+unpack "$pack" "$p" || { echo "session.sh: cannot unpack $pack" >&2; exit 1; }
 export QCAL_SHARED_DIR=$p/data/shared QCAL_SOURCE_DIR=$root
 export LD_LIBRARY_PATH="$p/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 qcal=$p/bin/qcal
