@@ -296,7 +296,8 @@ absl::StatusOr<Tensor> Model::NormedInput(int b, const Tensor& hidden, LinearInp
 
 absl::StatusOr<Tensor> Model::Normed(int b, const Tensor& hidden, LinearInput input, DType dtype) {
   if (input != LinearInput::kQkv && input != LinearInput::kGateUp) {
-    return absl::InvalidArgumentError("NormedInput: only the q/k/v and gate/up inputs are normed");
+    return absl::InvalidArgumentError(
+        "Model::Normed: only the q/k/v and gate/up inputs are normed");
   }
   const BlockWeights& w = blocks_[b];
   QCAL_ASSIGN_OR_RETURN(Tensor h, backend_->AllocUninitialized(dtype, hidden.shape()));

@@ -8,7 +8,10 @@ min_gap = float(sys.argv[2]) * 1000 if len(sys.argv) > 2 else 2000.0
 rows = []
 with open(sys.argv[1]) as f:
     lines = [l for l in f if l.strip()]
-start = next(i for i, l in enumerate(lines) if l.startswith('"Start') or l.startswith('Start'))
+start = next((i for i, l in enumerate(lines) if l.startswith('"Start') or l.startswith('Start')),
+             None)
+if start is None:
+    sys.exit(sys.argv[1] + ': no "Start (ns)" header: not an nsys cuda_gpu_trace CSV')
 for d in csv.DictReader(lines[start:]):
     try:
         s = float(d['Start (ns)']); n = float(d['Duration (ns)'])
