@@ -48,6 +48,15 @@ for b in "${binaries[@]}"; do
   paths+=("$stage/bin/$b")
 done
 
+# The CUPTI timeline (session.sh step gaps) and the libcupti it was linked with, where built.
+if cmake --build "$build" --target qcal_cupti_trace -j "$jobs" >/dev/null 2>&1 &&
+  [[ -f $build/bin/libqcal_cupti_trace.so ]]; then
+  strip -o "$stage/bin/libqcal_cupti_trace.so" "$build/bin/libqcal_cupti_trace.so"
+  cupti=$(ldd "$build/bin/libqcal_cupti_trace.so" | awk '/libcupti/ {print $3}')
+  paths+=("$stage/bin/libqcal_cupti_trace.so")
+  [[ -n $cupti ]] && paths+=("$cupti")
+fi
+
 rm -f "$root/.devpack/pack.tar.gz" "$root/.devpack/pack.tar.xz"
 "$shared/tools/device-pack" "$root/.devpack" "${paths[@]}" --data "$stage/shared"
 bundle=$root/.devpack/pack.tar.gz

@@ -38,8 +38,9 @@
 #      `--preset 70b --layers 12` against `qcal bench --shape 70b`'s time per block;
 #   8. (step moebench; not in the default set) `qcal bench --shape mixtral-8x7b` and
 #      `--shape qwen3-30b-a3b` (3 blocks each, extrapolated; fallback experts counted);
-#   9. (steps ncu, gaps; not in the default set) ncu counters of the attention kernels; an nsys
-#      trace of three 7B blocks and where the device idles in it (tools/gpu/nsys_gaps.py);
+#   9. (steps ncu, gaps; not in the default set) ncu counters of the attention kernels; a CUPTI
+#      timeline of three 7B blocks and where the device idles in it (tools/gpu/cupti_trace,
+#      tools/gpu/device_gaps.py);
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
 # files) and prints the summary table last.
 #
@@ -627,27 +628,24 @@ if wants ncu; then
 fi
 
 if wants gaps; then
-  # Where the device idles in the 7B bench (issue 16): an nsys trace of three blocks (kernels and
-  # copies of every stream), its idle gaps summed by the operations around them
-  # (tools/gpu/nsys_gaps.py), and the CUDA API calls' times (synchronizations, allocations).
-  nsys_bin=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
-    2>/dev/null | head -1)
-  if [[ -z $nsys_bin ]]; then
-    note "gaps: nsys not found"
-  elif time_for 150; then
+  # Where the device idles in the 7B bench (issue 16): a CUPTI timeline of three blocks
+  # (tools/gpu/cupti_trace: the device's kernels and copies, the host's CUDA calls; nsys cannot make
+  # a report on the GPU machine), its idle gaps summed by the operations around them and by what
+  # the host was doing meanwhile (tools/gpu/device_gaps.py).
+  tracer="$p/bin/libqcal_cupti_trace.so"
+  if [[ ! -f $tracer ]]; then
+    note "gaps: $tracer is not in the bundle (built with the CUDA backend where CUPTI is found)"
+  elif time_for 120; then
     start=$SECONDS
-    timeout 200 "$nsys_bin" profile -o "$out/gaps" --force-overwrite true --trace cuda \
-      --sample none --cpuctxsw none "$qcal" bench --shape 7b --blocks 3 --compute-dtype bf16 \
-      >"$out/gaps_bench.txt" 2>&1
+    CUDA_INJECTION64_PATH="$tracer" QCAL_CUPTI_TRACE="$out/gaps_trace.csv" timeout 200 \
+      "$qcal" bench --shape 7b --blocks 3 --compute-dtype bf16 >"$out/gaps_bench.txt" 2>&1
     rc=$?
-    timeout 120 "$nsys_bin" stats --report cuda_gpu_trace --format csv --output "$out/gaps" \
-      "$out/gaps.nsys-rep" >/dev/null 2>&1
-    timeout 60 "$nsys_bin" stats --report cuda_api_sum "$out/gaps.nsys-rep" >"$out/gaps_api.txt" 2>&1
-    printf '%-34s %4d %d s\n' "gaps (nsys, 7b, 3 blocks)" "$rc" $((SECONDS - start)) >>"$summary"
-    grep -hE '^(per block|whole model)' "$out/gaps_bench.txt" | sed 's/^/    /' >>"$summary"
-    python3 "$root/tools/gpu/nsys_gaps.py" "$out/gaps_cuda_gpu_trace.csv" 20 2>&1 | head -16 |
+    printf '%-34s %4d %d s\n' "gaps (CUPTI, 7b, 3 blocks)" "$rc" $((SECONDS - start)) >>"$summary"
+    grep -hE '^(per block|whole model)|qcal_cupti_trace' "$out/gaps_bench.txt" | sed 's/^/    /' \
+      >>"$summary"
+    python3 "$root/tools/gpu/device_gaps.py" "$out/gaps_trace.csv" 20 2>&1 | head -40 |
       sed 's/^/    /' >>"$summary"
-    rm -f "$out/gaps.nsys-rep" "$out/gaps.sqlite"
+    gzip -f "$out/gaps_trace.csv"
   else
     note "gaps: skipped (session budget)"
   fi
