@@ -165,7 +165,11 @@ void WriteTrace() {
 
 // Called by the CUDA driver when it loads this library (CUDA_INJECTION64_PATH).
 extern "C" __attribute__((visibility("default"))) int InitializeInjection() {
-  CUptiResult r = cuptiActivityRegisterCallbacks(BufferRequested, BufferCompleted);
+  // The host rows' thread as the system's thread id (the default gave 0 for every row in the
+  // first trace, 2026-12-06).
+  CUptiResult r = cuptiSetThreadIdType(CUPTI_ACTIVITY_THREAD_ID_TYPE_SYSTEM);
+  if (r != CUPTI_SUCCESS) Warn("cuptiSetThreadIdType", r);
+  r = cuptiActivityRegisterCallbacks(BufferRequested, BufferCompleted);
   if (r != CUPTI_SUCCESS) {
     Warn("cuptiActivityRegisterCallbacks", r);
     return 0;
