@@ -8,13 +8,15 @@
 // calls and synchronizations, and at exit writes one CSV row each:
 //   Kind,Start (ns),Duration (ns),Name,Stream
 // with Kind one of kernel, memcpy, memset (on the device) and runtime, driver, sync (on the host),
-// all on CUPTI's one clock; Stream is the host thread for runtime and driver rows.
+// all on CUPTI's one clock; Stream is the host's system thread id for runtime and driver rows.
+// Without QCAL_CUPTI_TRACE the file is qcal_cupti_trace.csv in the working directory.
 // tools/gpu/device_gaps.py reads it: where the device idles, and what the host was doing meanwhile.
 // Records lost because a buffer was full are counted on stderr.
 #include <cupti.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
