@@ -169,6 +169,11 @@ absl::StatusOr<std::vector<AbqBenchRow>> RunAbqBench(
             const double meta_bytes =
                 (linear->HasCompactMeta() ? 4.0 : 8.0) * static_cast<double>(w.scales.size());
             rows.push_back({n, k, m, c.name, "dp4a", *s, digit_bytes + meta_bytes + io});
+            // The floor under it: one launch that only streams the same bytes.
+            QCAL_ASSIGN_OR_RETURN(const double floor,
+                                  TimeReadFloor(digit_bytes + meta_bytes + io, options.device,
+                                                options.iters, options.timing));
+            rows.push_back({n, k, m, c.name, "read", floor, digit_bytes + meta_bytes + io});
           }
           QCAL_RETURN_IF_ERROR(linear->set_b1_kernel(B1::kDispatch));
         }

@@ -58,7 +58,9 @@ struct AbqBenchRow {
   // "b1-fused" where the one-launch layer applies (m = 1, K a multiple of 128), "dp4a" where the
   // one-launch dp4a layer does (m = 1, K a multiple of 64: not b1), and at m <=
   // kAbqGemvTokens "prologue" and "b1-gemm" (the b1 layer's two launches timed apart);
-  // "null" (config "-") is a near-empty kernel timed the same way: the harness's floor.
+  // "null" (config "-") is a near-empty kernel timed the same way: the harness's floor; "read"
+  // (beside each "dp4a" row) one launch that only streams that row's bytes (LaunchReadFloor):
+  // the floor of a one-launch layer.
   std::string kernel;
   double seconds = 0;  // mean per whole-layer call
   double bytes = 0;    // the least the call must move through device memory (see abq_bench.cc)

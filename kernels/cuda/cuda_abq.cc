@@ -679,6 +679,38 @@ absl::StatusOr<double> TimeNullLaunch(int device, int iters, AbqTiming timing) {
   return TimeGraphOnStream(s, kSequenceCalls, iters, nullptr, 0, [&](int) { return call(); });
 }
 
+absl::StatusOr<double> TimeReadFloor(double bytes, int device, int iters, AbqTiming timing) {
+  if (!(bytes >= 16) || bytes > 1e12) {
+    return absl::InvalidArgumentError(absl::StrCat("read floor: bad byte count ", bytes));
+  }
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device));
+  QCAL_ASSIGN_OR_RETURN(cuda::CudaStream stream, cuda::CudaStream::Create());
+  auto alloc = std::make_shared<CachingAllocator>(device, cuda::MemoryKind::kDevice);
+  const size_t size = (static_cast<size_t>(std::ceil(bytes)) + 15) / 16 * 16;
+  const cudaStream_t s = stream.get();
+  int copies = 1;
+  if (timing == AbqTiming::kSequence) {
+    QCAL_ASSIGN_OR_RETURN(copies, SequenceCopies(static_cast<double>(size)));
+  }
+  QCAL_ASSIGN_OR_RETURN(auto sink_buf, alloc->Allocate(16));
+  uint32_t* sink = static_cast<uint32_t*>(sink_buf->data());
+  std::vector<std::shared_ptr<Storage>> bufs;
+  for (int c = 0; c < copies; ++c) {
+    QCAL_ASSIGN_OR_RETURN(auto b, alloc->Allocate(size));
+    QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(b->data(), 0, size, s), "memset"));
+    bufs.push_back(std::move(b));
+  }
+  // Key 1: the XOR of zeros never matches, so nothing is written.
+  auto call = [&](int c) -> absl::Status {
+    return CudaStatus(
+        cuda::LaunchReadFloor(bufs[static_cast<size_t>(c % copies)]->data(), size, 1, sink, s),
+        "read floor");
+  };
+  if (timing == AbqTiming::kAlone)
+    return TimeOnStream(s, iters, nullptr, 0, [&]() { return call(0); });
+  return TimeGraphOnStream(s, SequenceCalls(copies), iters, nullptr, 0, call);
+}
+
 absl::StatusOr<double> TimeCublasGemm(bool int8, int64_t m, int64_t n, int64_t k, int device,
                                       int iters, AbqTiming timing) {
   if (m < 1 || n < 1 || k < 1 || m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) {

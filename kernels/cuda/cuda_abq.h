@@ -134,6 +134,12 @@ class CudaAbqLinear {
 // them (the gap a launch costs between back-to-back kernels).
 absl::StatusOr<double> TimeNullLaunch(int device, int iters, AbqTiming timing = AbqTiming::kAlone);
 
+// Mean seconds of one launch that only streams `bytes` (rounded up to 16) from device memory
+// (LaunchReadFloor), timed as TimeForward; with kSequence the calls cycle through copies, as the
+// layers' weights do. The floor of any one-launch kernel that reads that many bytes.
+absl::StatusOr<double> TimeReadFloor(double bytes, int device, int iters,
+                                     AbqTiming timing = AbqTiming::kAlone);
+
 // Mean seconds of cuBLAS's GEMM y = x·Wᵀ for x [m][k], W [n][k] on `device`, timed as
 // TimeForward (each run alone, after the L2 eviction): bf16 operands and output with fp32
 // accumulation (int8 false), or int8 operands with int32 output (int8 true: the W8A8 integer GEMM

@@ -1,4 +1,6 @@
 // The L2 eviction read (launcher and contract in l2_evict.cuh).
+#include <algorithm>
+
 #include "kernels/cuda/l2_evict.cuh"
 
 namespace qcal::kernels::cuda {
@@ -17,7 +19,47 @@ __global__ void __launch_bounds__(kThreads)
   if (acc == key) *sink = acc;
 }
 
+// Each thread's loads i, i + stride, ..., kLoads of them at most, all issued before the first use.
+constexpr int kFloorThreads = 1024;
+constexpr int kLoads = 8;
+
+__global__ void __launch_bounds__(kFloorThreads)
+    ReadFloorKernel(const uint4* buf, size_t n, uint32_t key, uint32_t* sink) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * kFloorThreads;
+  uint32_t acc = 0;
+  for (size_t base = blockIdx.x * static_cast<size_t>(kFloorThreads) + threadIdx.x; base < n;
+       base += stride * kLoads) {
+    uint4 v[kLoads];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const size_t i = base + j * stride;
+      v[j] = i < n ? __ldcs(buf + i) : uint4{0, 0, 0, 0};
+    }
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+  }
+  if (acc == key) *sink = acc;
+}
+
 }  // namespace
+
+cudaError_t LaunchReadFloor(const void* buf, size_t bytes, uint32_t key, uint32_t* sink,
+                            cudaStream_t stream) {
+  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(buf) % 16 != 0) return cudaErrorInvalidValue;
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  // Two blocks an SM (2048 threads, the most one SM holds), fewer only where the read has fewer
+  // 16-byte pieces than threads: every SM issues its share of the loads at once.
+  const size_t pieces = bytes / 16;
+  const size_t wanted = (pieces + kFloorThreads - 1) / kFloorThreads;
+  const int blocks = static_cast<int>(std::max<size_t>(1, std::min<size_t>(2 * sms, wanted)));
+  ReadFloorKernel<<<blocks, kFloorThreads, 0, stream>>>(static_cast<const uint4*>(buf), pieces, key,
+                                                        sink);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchReadThrough(const void* buf, size_t bytes, uint32_t key, uint32_t* sink,
                               cudaStream_t stream) {

@@ -16,4 +16,12 @@ namespace qcal::kernels::cuda {
 cudaError_t LaunchReadThrough(const void* buf, size_t bytes, uint32_t key, uint32_t* sink,
                               cudaStream_t stream);
 
+// The same contract, shaped as the fastest way this code knows to stream `bytes` once from device
+// memory: one launch, every SM full of threads that each issue all their 16-byte loads
+// (evict-first) before using any, so that the memory system holds the whole read in flight at
+// once. The ABQ benchmark's "read" rows time it over a layer's weight bytes: the floor of any
+// one-launch kernel that reads them (kernels/abq_bench.h).
+cudaError_t LaunchReadFloor(const void* buf, size_t bytes, uint32_t key, uint32_t* sink,
+                            cudaStream_t stream);
+
 }  // namespace qcal::kernels::cuda
