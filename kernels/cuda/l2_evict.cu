@@ -41,16 +41,21 @@ __global__ void __launch_bounds__(kFloorThreads)
   if (acc == key) *sink = acc;
 }
 
+// The launchers' contract on buf and bytes, and the current device's multiprocessor count.
+cudaError_t CheckRead(const void* buf, size_t bytes, int& sms) {
+  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(buf) % 16 != 0) return cudaErrorInvalidValue;
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+}
+
 }  // namespace
 
 cudaError_t LaunchReadFloor(const void* buf, size_t bytes, uint32_t key, uint32_t* sink,
                             cudaStream_t stream) {
-  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(buf) % 16 != 0) return cudaErrorInvalidValue;
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
+  int sms = 0;
+  if (const cudaError_t err = CheckRead(buf, bytes, sms); err != cudaSuccess) return err;
   // Two blocks an SM (2048 threads, the most one SM holds), fewer only where the read has fewer
   // 16-byte pieces than threads: every SM issues its share of the loads at once.
   const size_t pieces = bytes / 16;
@@ -63,12 +68,8 @@ cudaError_t LaunchReadFloor(const void* buf, size_t bytes, uint32_t key, uint32_
 
 cudaError_t LaunchReadThrough(const void* buf, size_t bytes, uint32_t key, uint32_t* sink,
                               cudaStream_t stream) {
-  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(buf) % 16 != 0) return cudaErrorInvalidValue;
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
+  int sms = 0;
+  if (const cudaError_t err = CheckRead(buf, bytes, sms); err != cudaSuccess) return err;
   ReadThroughKernel<<<4 * sms, kThreads, 0, stream>>>(static_cast<const uint4*>(buf), bytes / 16,
                                                       key, sink);
   return cudaGetLastError();
