@@ -64,7 +64,7 @@ struct QuantizedLinear {
   int64_t n_groups = 0;
   // [d_out][d_in] codes in 0..MaxCode(spec) (2^bits - 1; 4 for the balanced grid), original column
   // order.
-  std::vector<int32_t> codes;
+  std::vector<uint8_t> codes;
   // [n_groups][d_out] scales, each an fp16 value >= 2^-14 (exported as fp16 without rounding).
   std::vector<float> scales;
   // [n_groups][d_out] zero points.

@@ -994,8 +994,7 @@ void ExpectSameQuantized(const QuantizedTensors& got, const QuantizedLinear& wan
   EXPECT_EQ(got.group_size, want.group_size);
   EXPECT_EQ(got.n_groups, want.n_groups);
   EXPECT_EQ(got.codes.dtype(), DType::kU8);
-  const std::vector<uint8_t> codes = Elements<uint8_t>(got.codes);
-  EXPECT_EQ(std::vector<int32_t>(codes.begin(), codes.end()), want.codes);
+  EXPECT_EQ(Elements<uint8_t>(got.codes), want.codes);
   EXPECT_EQ(got.scales.shape(), (Shape{want.n_groups, want.d_out}));
   EXPECT_EQ(Elements<float>(got.scales), want.scales);
   EXPECT_EQ(Elements<int32_t>(got.zeros), want.zeros);

@@ -21,11 +21,10 @@ Tensor I32Tensor(const std::vector<int32_t>& v) {
   return t;
 }
 
-// Codes are at most 8 bits: one byte each in artifacts (a 70B model's codes are 70 GB as int32).
-Tensor U8Tensor(const std::vector<int32_t>& v) {
+// Codes are at most 8 bits: one byte each, in memory and in artifacts.
+Tensor U8Tensor(const std::vector<uint8_t>& v) {
   Tensor t = Tensor::Zeros(DType::kU8, {static_cast<int64_t>(v.size())});
-  uint8_t* p = t.data<uint8_t>();
-  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<uint8_t>(v[i]);
+  if (!v.empty()) std::memcpy(t.raw(), v.data(), v.size());
   return t;
 }
 

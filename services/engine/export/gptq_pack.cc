@@ -15,7 +15,8 @@ uint32_t Mask(int bits) { return (uint32_t{1} << bits) - 1; }
 
 // Value i of a stream starts at bit i·bits; for b = 3 it may continue into the next word, which
 // exists because a stream is padded to whole groups of 32 values (= `bits` words).
-void PackStream(const int32_t* src, int64_t n, int bits, int32_t* dst, int64_t dst_stride) {
+template <typename Code>
+void PackStream(const Code* src, int64_t n, int bits, int32_t* dst, int64_t dst_stride) {
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t v = static_cast<uint32_t>(src[i]);
     const int64_t bit = i * bits;
@@ -61,24 +62,15 @@ absl::Status CheckSize(const char* fn, const char* what, size_t got, int64_t row
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::Status ValidateGptqBits(int bits) {
-  if (bits == 2 || bits == 3 || bits == 4 || bits == 8) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("bits = ", bits, " cannot be stored in a GPTQ v1 checkpoint (2, 3, 4 or 8)"));
-}
-
-int64_t PackedLength(int64_t n, int bits) { return (n + 31) / 32 * bits; }
-
-absl::StatusOr<std::vector<int32_t>> PackQweight(std::span<const int32_t> codes, int64_t d_out,
-                                                 int64_t d_in, int bits) {
+template <typename Code>
+absl::StatusOr<std::vector<int32_t>> PackCodes(std::span<const Code> codes, int64_t d_out,
+                                               int64_t d_in, int bits) {
   QCAL_RETURN_IF_ERROR(CheckDims("PackQweight", "d_out", d_out, "d_in", d_in, bits));
   QCAL_RETURN_IF_ERROR(CheckSize("PackQweight", "codes", codes.size(), d_out, d_in));
   const int64_t max_code = Mask(bits);
   for (int64_t o = 0; o < d_out; ++o) {
     for (int64_t j = 0; j < d_in; ++j) {
-      const int32_t c = codes[o * d_in + j];
+      const int64_t c = codes[o * d_in + j];
       if (c < 0 || c > max_code) {
         return absl::InvalidArgumentError(absl::StrCat("PackQweight: code ", c, " at row ", o,
                                                        ", column ", j, " is outside [0, ", max_code,
@@ -91,6 +83,26 @@ absl::StatusOr<std::vector<int32_t>> PackQweight(std::span<const int32_t> codes,
     PackStream(codes.data() + o * d_in, d_in, bits, packed.data() + o, d_out);
   }
   return packed;
+}
+
+}  // namespace
+
+absl::Status ValidateGptqBits(int bits) {
+  if (bits == 2 || bits == 3 || bits == 4 || bits == 8) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("bits = ", bits, " cannot be stored in a GPTQ v1 checkpoint (2, 3, 4 or 8)"));
+}
+
+int64_t PackedLength(int64_t n, int bits) { return (n + 31) / 32 * bits; }
+
+absl::StatusOr<std::vector<int32_t>> PackQweight(std::span<const int32_t> codes, int64_t d_out,
+                                                 int64_t d_in, int bits) {
+  return PackCodes(codes, d_out, d_in, bits);
+}
+
+absl::StatusOr<std::vector<int32_t>> PackQweight(std::span<const uint8_t> codes, int64_t d_out,
+                                                 int64_t d_in, int bits) {
+  return PackCodes(codes, d_out, d_in, bits);
 }
 
 absl::StatusOr<std::vector<int32_t>> UnpackQweight(std::span<const int32_t> qweight, int64_t d_out,

@@ -38,8 +38,11 @@ int64_t PackedLength(int64_t n, int bits);
 
 // Packs codes [d_out, d_in] (each in [0, 2^b − 1]) into qweight [PackedLength(d_in, b), d_out].
 // Errors: bits not in {2, 3, 4, 8}; d_out or d_in outside [1, 2^31); codes.size() != d_out·d_in;
-// a code out of range (the error names its row, column and value).
+// a code out of range (the error names its row, column and value). Codes as int32 (a loader's
+// unpacked codes) or as bytes (QuantizedLinear::codes).
 absl::StatusOr<std::vector<int32_t>> PackQweight(std::span<const int32_t> codes, int64_t d_out,
+                                                 int64_t d_in, int bits);
+absl::StatusOr<std::vector<int32_t>> PackQweight(std::span<const uint8_t> codes, int64_t d_out,
                                                  int64_t d_in, int bits);
 
 // The inverse of PackQweight: codes [d_out, d_in] from qweight [PackedLength(d_in, b), d_out].

@@ -479,7 +479,7 @@ TEST(GptqSharedFactor, CpuBackendSolvesMatchQuantizeGptq) {
                                   options.block_size, false);
       ASSERT_TRUE(got.ok()) << got.status();
       const uint8_t* codes = got->codes.data<uint8_t>();
-      EXPECT_EQ(std::vector<int32_t>(codes, codes + got->codes.numel()), want->codes);
+      EXPECT_EQ(std::vector<uint8_t>(codes, codes + got->codes.numel()), want->codes);
       const float* scales = got->scales.data<float>();
       EXPECT_EQ(std::vector<float>(scales, scales + got->scales.numel()), want->scales);
       const int32_t* zeros = got->zeros.data<int32_t>();
