@@ -34,6 +34,13 @@ __global__ void ActQuantKernel(const float* x, int64_t width, float qmax, float*
               [&](int64_t c, float s, float q) { yr[c] = s == 0.0f ? 0.0f : __fmul_rn(s, q); });
 }
 
+__global__ void ActQuantBf16Kernel(const float* x, int64_t width, float qmax, __nv_bfloat16* out) {
+  __nv_bfloat16* yr = out + blockIdx.x * width;
+  ActQuantRow(x + blockIdx.x * width, width, qmax, [&](int64_t c, float s, float q) {
+    yr[c] = __float2bfloat16_rn(s == 0.0f ? 0.0f : __fmul_rn(s, q));
+  });
+}
+
 __global__ void ActQuantCodesKernel(const float* x, int64_t width, float qmax, double* codes,
                                     float* scales) {
   double* cr = codes + blockIdx.x * width;
@@ -79,6 +86,15 @@ cudaError_t LaunchActQuant(const float* x, int64_t rows, int64_t width, int bits
   if (rows > 0x7fffffff || bits < 2 || bits > 8) return cudaErrorInvalidValue;
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
   ActQuantKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, width, qmax, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchActQuantBf16(const float* x, int64_t rows, int64_t width, int bits,
+                               __nv_bfloat16* out, cudaStream_t stream) {
+  if (rows == 0 || width == 0) return cudaSuccess;
+  if (rows > 0x7fffffff || bits < 2 || bits > 8) return cudaErrorInvalidValue;
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  ActQuantBf16Kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, width, qmax, out);
   return cudaGetLastError();
 }
 

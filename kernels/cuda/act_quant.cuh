@@ -3,6 +3,7 @@
 // returns the launch's cudaError_t and runs on `stream`.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -13,6 +14,10 @@ namespace qcal::kernels::cuda {
 // bit-identical to ref::ActQuant (fp32, IEEE division, no fused multiply-add). out may alias x.
 cudaError_t LaunchActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out,
                            cudaStream_t stream);
+// The same values rounded to bf16 (to nearest even, as LaunchF32ToBf16) in the same pass: the GEMM
+// operand of a bf16 ActQuantLinear.
+cudaError_t LaunchActQuantBf16(const float* x, int64_t rows, int64_t width, int bits,
+                               __nv_bfloat16* out, cudaStream_t stream);
 
 // ActQuantLinear's three steps in fp32 compute (spec: ref::ActQuantLinear):
 // - codes[r, j] (exact integers as fp64) and scales[r] of ActQuant's factorization

@@ -54,7 +54,8 @@ absl::Status CudaBackend::ActQuant(const Tensor& x, int bits, Tensor& out) {
 
 // f32: ref::ActQuantLinear as codes (fp64) and scales, w widened to fp64, one cuBLAS DGEMM
 // (fp64 tensor cores: each product exact, and the sum exact for a checkpoint's weights), and a
-// kernel that scales, rounds once, adds the bias and stores. bf16: ActQuant, then Linear.
+// kernel that scales, rounds once, adds the bias and stores. bf16: ActQuant's values as the bf16
+// operand (one pass), then Linear.
 absl::Status CudaBackend::ActQuantLinear(const Tensor& x, int bits, const Tensor& w,
                                          const Tensor* bias, Tensor& y, bool accumulate) {
   QCAL_RETURN_IF_ERROR(CheckActQuantLinearOperands(x, bits, w, bias, y));
@@ -68,8 +69,15 @@ absl::Status CudaBackend::ActQuantLinear(const Tensor& x, int bits, const Tensor
   if (has_bias) QCAL_RETURN_IF_ERROR(ExpectDevice(*bias, DType::kF32, "ActQuantLinear", "bias"));
   const int64_t m = x.dim(0), n = w.dim(0), k = x.dim(1);
   if (dtype_ == ComputeDType::kBF16) {
-    QCAL_ASSIGN_OR_RETURN(Tensor xq, Uninitialized(DType::kF32, x.shape()));
-    QCAL_RETURN_IF_ERROR(ActQuant(x, bits, xq));
+    // ActQuant's values rounded to the bf16 operand in the same pass (what Linear would round).
+    QCAL_ASSIGN_OR_RETURN(Tensor xq, Uninitialized(DType::kBF16, x.shape()));
+    if (m > 0 && k > 0) {
+      QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cuda::LaunchActQuantBf16(x.data<float>(), m, k, bits,
+                                              static_cast<__nv_bfloat16*>(xq.raw()), stream()),
+                     "ActQuantLinear: bf16 operand"));
+    }
     return Linear(xq, w, bias, y, accumulate);
   }
   if (m == 0 || n == 0) return absl::OkStatus();

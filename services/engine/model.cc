@@ -191,7 +191,7 @@ absl::Status Model::HoldWeightOperands(int b, std::initializer_list<LinearKind> 
   ReleaseWeightOperands();
   for (LinearKind kind : kinds) {
     const Linear& l = blocks_[b].at(kind);
-    if (l.abq || l.act_bits < 16 || !l.weight.defined()) continue;
+    if (l.abq || !l.weight.defined()) continue;
     QCAL_ASSIGN_OR_RETURN(Tensor op, Operand(l.weight));
     held_weights_.push_back(HeldWeight{&l, l.weight, std::move(op)});
   }
@@ -270,7 +270,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
   if (l.abq) {
     QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
   } else if (l.act_bits < 16) {
-    QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, l.weight, bias, y, accumulate));
+    QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, WeightOperand(l), bias, y, accumulate));
   } else {
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, WeightOperand(l), bias, y, accumulate));
   }

@@ -331,8 +331,9 @@ class Model {
   absl::StatusOr<LinearOperand> NormedOperand(int b, const Tensor& hidden, LinearInput input,
                                               bool need_x);
   absl::StatusOr<LinearOperand> MlpOperand(int b, const LinearOperand& x, bool need_x);
-  // Rounds the weights of block b's dense `kinds` linears to their GEMM operands once (Operand)
-  // and has the products read those until ReleaseWeightOperands: for a driver's loop over chunks
+  // Rounds the weights of block b's `kinds` linears (dense or activation-quantized; ABQ-packed ones
+  // are left alone) to their GEMM operands once (Operand) and has the products read those until
+  // ReleaseWeightOperands: for a driver's loop over chunks
   // that applies the same weights to each (the same values as rounding at every product). A held
   // operand is used only while its linear's weight is the tensor it was made from; the driver
   // must not change a held weight in place.

@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "services/engine/driver/block_runner.h"
@@ -35,6 +36,11 @@ absl::StatusOr<SmoothingPartials> BlockRunner::CollectSmoothingPartials() {
   for (int i = 0; i < kNumLinearInputs; ++i) {
     acc.emplace_back(begin, end, acts_.total_chunks, ActivationStatsCombine());
   }
+  // The pass stops at the down projection's input: the other six weights are read by every chunk.
+  QCAL_RETURN_IF_ERROR(
+      model_.HoldWeightOperands(b_, {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO,
+                                     LinearKind::kGate, LinearKind::kUp}));
+  absl::Cleanup release = [this] { model_.ReleaseWeightOperands(); };
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor hidden, FetchCopy(c));
     auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {

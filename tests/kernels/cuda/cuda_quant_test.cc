@@ -635,9 +635,16 @@ TEST_F(CudaQuantTest, ActQuantLinearInBf16IsActQuantThenLinear) {
   ASSERT_TRUE((*bf16)->ActQuantLinear(xd, 8, wd, nullptr, got, false).ok());
   ASSERT_TRUE((*bf16)->ActQuant(xd, 8, xq).ok());
   ASSERT_TRUE((*bf16)->Linear(xq, wd, nullptr, want, false).ok());
-  auto gh = (*bf16)->ToHost(got), wh = (*bf16)->ToHost(want);
-  ASSERT_TRUE(gh.ok() && wh.ok());
+  // The weight as a held bf16 operand (Model::HoldWeightOperands) gives the same bits.
+  auto wb = (*bf16)->AllocUninitialized(DType::kBF16, {n, k});
+  ASSERT_TRUE(wb.ok());
+  ASSERT_TRUE((*bf16)->Convert(wd, *wb).ok());
+  Tensor got_held = up(std::vector<float>(m * n, 0.0f), {m, n});
+  ASSERT_TRUE((*bf16)->ActQuantLinear(xd, 8, *wb, nullptr, got_held, false).ok());
+  auto gh = (*bf16)->ToHost(got), wh = (*bf16)->ToHost(want), hh = (*bf16)->ToHost(got_held);
+  ASSERT_TRUE(gh.ok() && wh.ok() && hh.ok());
   EXPECT_EQ(std::memcmp(gh->raw(), wh->raw(), gh->nbytes()), 0);
+  EXPECT_EQ(std::memcmp(hh->raw(), wh->raw(), hh->nbytes()), 0);
 }
 
 TEST_F(CudaQuantTest, FillUniformMatchesTheHostFill) {
