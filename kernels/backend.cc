@@ -66,6 +66,18 @@ absl::Status Backend::GemmBatched(const Tensor& a, bool trans_a, const Tensor& b
   return absl::OkStatus();
 }
 
+absl::Status Backend::RopeAttention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const RopeShape& rope, const AttentionShape& shape,
+                                    Tensor& out) {
+  QCAL_ASSIGN_OR_RETURN(Tensor qr, AllocUninitialized(q.dtype(), q.shape()));
+  QCAL_RETURN_IF_ERROR(Copy(q, qr));
+  QCAL_ASSIGN_OR_RETURN(Tensor kr, AllocUninitialized(k.dtype(), k.shape()));
+  QCAL_RETURN_IF_ERROR(Copy(k, kr));
+  QCAL_RETURN_IF_ERROR(Rope(qr, rope));
+  QCAL_RETURN_IF_ERROR(Rope(kr, rope));
+  return Attention(qr, kr, v, shape, out);
+}
+
 absl::Status Backend::ScaleRowsByNormInto(const Tensor& g, const Tensor& x, Tensor& out) {
   if (!out.defined() || out.shape() != x.shape() ||
       (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {

@@ -225,6 +225,13 @@ class Backend {
   // Causal grouped-query attention with softmax scale 1/sqrt(head_dim).
   virtual absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const AttentionShape& shape, Tensor& out) = 0;
+  // Attention(Rope(q), Rope(k), v) without changing q and k: each rotated as Rope rotates it (the
+  // same shape for both: no cache offset between them), then attended. The default rotates
+  // copies; the CUDA backend computing in bf16 rotates them while rounding them to its operands
+  // (the same values).
+  virtual absl::Status RopeAttention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const RopeShape& rope, const AttentionShape& shape,
+                                     Tensor& out);
   // out = silu(gate) * up, elementwise. The CUDA backend also writes a BF16 out, as RmsNorm.
   virtual absl::Status SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // y += x, elementwise.

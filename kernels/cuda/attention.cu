@@ -437,6 +437,31 @@ __global__ void PackBf16HeadsKernel(const float* x, int64_t rows, int heads, int
   }
 }
 
+// PackBf16HeadsKernel of x rotated as RopeKernel rotates it (the same _rn products), element by
+// element: the packed values equal those of Rope followed by the packing.
+__global__ void PackBf16HeadsRopeKernel(const float* x, int64_t rows, int heads, int head_dim,
+                                        int padded_dim, int seq_len, const float* cos_sin,
+                                        __nv_bfloat16* out) {
+  const int half = head_dim / 2;
+  const int64_t total = rows * heads * padded_dim;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(i % padded_dim);
+    const int64_t rh = i / padded_dim;  // row * heads + head
+    if (c >= head_dim) {
+      out[i] = __float2bfloat16_rn(0.0f);
+      continue;
+    }
+    const int j = c < half ? c : c - half;
+    const float* cs = cos_sin + (int64_t((rh / heads) % seq_len) * half + j) * 2;
+    const float co = cs[0], si = cs[1];
+    const float a = x[rh * head_dim + j], b = x[rh * head_dim + j + half];
+    const float r = c < half ? __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si))
+                             : __fadd_rn(__fmul_rn(b, co), __fmul_rn(a, si));
+    out[i] = __float2bfloat16_rn(r);
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchAttention(const AttentionArgs& args, cudaStream_t stream) {
@@ -459,6 +484,18 @@ cudaError_t LaunchPackBf16Heads(const float* x, int64_t rows, int heads, int hea
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 1 << 16));
   PackBf16HeadsKernel<<<grid, 256, 0, stream>>>(x, rows, heads, head_dim,
                                                 AttentionPaddedDim(head_dim), out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchPackBf16HeadsRope(const float* x, int64_t rows, int heads, int head_dim,
+                                    int seq_len, const float* cos_sin, __nv_bfloat16* out,
+                                    cudaStream_t stream) {
+  if (head_dim % 2 != 0 || seq_len <= 0) return cudaErrorInvalidValue;
+  const int64_t total = rows * heads * AttentionPaddedDim(head_dim);
+  if (total == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 1 << 16));
+  PackBf16HeadsRopeKernel<<<grid, 256, 0, stream>>>(
+      x, rows, heads, head_dim, AttentionPaddedDim(head_dim), seq_len, cos_sin, out);
   return cudaGetLastError();
 }
 

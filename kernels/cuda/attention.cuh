@@ -50,6 +50,11 @@ int AttentionPaddedDim(int head_dim);
 // (to nearest, ties to even), each head's row zero-padded.
 cudaError_t LaunchPackBf16Heads(const float* x, int64_t rows, int heads, int head_dim,
                                 __nv_bfloat16* out, cudaStream_t stream);
+// The same for x rotated first as LaunchRope rotates it (rows of seq_len positions, cos_sin the
+// backend's RoPE table): equal to LaunchRope followed by LaunchPackBf16Heads, x unchanged.
+cudaError_t LaunchPackBf16HeadsRope(const float* x, int64_t rows, int heads, int head_dim,
+                                    int seq_len, const float* cos_sin, __nv_bfloat16* out,
+                                    cudaStream_t stream);
 
 // As AttentionArgs, with q, k and v packed by LaunchPackBf16Heads (padded_dim =
 // AttentionPaddedDim(head_dim)); out stays fp32 [batch*q_len, num_heads*head_dim].

@@ -44,6 +44,21 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   return CudaStatus(cuda::LaunchAttention(args, stream()), "Attention kernel");
 }
 
+absl::Status CudaBackend::RopeAttention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const RopeShape& rope, const AttentionShape& s,
+                                        Tensor& out) {
+  if (dtype_ != ComputeDType::kBF16) return Backend::RopeAttention(q, k, v, rope, s, out);
+  QCAL_RETURN_IF_ERROR(CheckAttention(q, k, v, s, out));
+  if (rope.head_dim != s.head_dim || rope.head_dim % 2 != 0 || rope.seq_len <= 0 ||
+      rope.offset < 0 || s.kv_len != s.q_len) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("RopeAttention: bad RoPE shape (head_dim ", rope.head_dim, " for ", s.head_dim,
+                     ", seq_len ", rope.seq_len, ", offset ", rope.offset, "; q_len ", s.q_len,
+                     ", kv_len ", s.kv_len, ": q and k must have the same rows)"));
+  }
+  return AttentionBf16(q, k, v, s, out, nullptr, &rope);
+}
+
 absl::Status CudaBackend::AttentionForBackward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                const AttentionShape& s, Tensor& out,
                                                AttentionSaved& saved) {
@@ -190,8 +205,8 @@ absl::Status CudaBackend::CheckAttentionBackward(const Tensor& q, const Tensor& 
 }
 
 absl::Status CudaBackend::AttentionBf16(const Tensor& q, const Tensor& k, const Tensor& v,
-                                        const AttentionShape& s, Tensor& out,
-                                        AttentionSaved* saved) {
+                                        const AttentionShape& s, Tensor& out, AttentionSaved* saved,
+                                        const RopeShape* rope) {
   const int dp = cuda::AttentionPaddedDim(s.head_dim);
   const int64_t q_rows = int64_t(s.batch) * s.q_len, kv_rows = int64_t(s.batch) * s.kv_len;
   QCAL_ASSIGN_OR_RETURN(Tensor qb,
@@ -203,12 +218,25 @@ absl::Status CudaBackend::AttentionBf16(const Tensor& q, const Tensor& k, const 
   auto* qp = static_cast<__nv_bfloat16*>(qb.raw());
   auto* kp = static_cast<__nv_bfloat16*>(kb.raw());
   auto* vp = static_cast<__nv_bfloat16*>(vb.raw());
-  QCAL_RETURN_IF_ERROR(CudaStatus(
-      cuda::LaunchPackBf16Heads(q.data<float>(), q_rows, s.num_heads, s.head_dim, qp, stream()),
-      "Attention: packing q"));
-  QCAL_RETURN_IF_ERROR(CudaStatus(
-      cuda::LaunchPackBf16Heads(k.data<float>(), kv_rows, s.num_kv_heads, s.head_dim, kp, stream()),
-      "Attention: packing k"));
+  if (rope != nullptr) {
+    QCAL_ASSIGN_OR_RETURN(const float* table, RopeTable(*rope));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchPackBf16HeadsRope(q.data<float>(), q_rows, s.num_heads, s.head_dim,
+                                                 rope->seq_len, table, qp, stream()),
+                   "Attention: rotating and packing q"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchPackBf16HeadsRope(k.data<float>(), kv_rows, s.num_kv_heads,
+                                                 s.head_dim, rope->seq_len, table, kp, stream()),
+                   "Attention: rotating and packing k"));
+  } else {
+    QCAL_RETURN_IF_ERROR(CudaStatus(
+        cuda::LaunchPackBf16Heads(q.data<float>(), q_rows, s.num_heads, s.head_dim, qp, stream()),
+        "Attention: packing q"));
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cuda::LaunchPackBf16Heads(k.data<float>(), kv_rows, s.num_kv_heads, s.head_dim,
+                                             kp, stream()),
+                   "Attention: packing k"));
+  }
   QCAL_RETURN_IF_ERROR(CudaStatus(
       cuda::LaunchPackBf16Heads(v.data<float>(), kv_rows, s.num_kv_heads, s.head_dim, vp, stream()),
       "Attention: packing v"));

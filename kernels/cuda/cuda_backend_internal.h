@@ -91,6 +91,8 @@ class CudaBackend final : public Backend {
   // Attention (cuda_backend_attention.cc).
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& s,
                          Tensor& out) override;
+  absl::Status RopeAttention(const Tensor& q, const Tensor& k, const Tensor& v,
+                             const RopeShape& rope, const AttentionShape& s, Tensor& out) override;
   absl::Status AttentionForBackward(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const AttentionShape& s, Tensor& out,
                                     AttentionSaved& saved) override;
@@ -193,7 +195,8 @@ class CudaBackend final : public Backend {
   // The tensor-core path: q, k and v rounded to bf16 into padded scratch copies, then the kernel.
   // With `saved`, the packed operands are kept there and each query's log2-sum-exp written.
   absl::Status AttentionBf16(const Tensor& q, const Tensor& k, const Tensor& v,
-                             const AttentionShape& s, Tensor& out, AttentionSaved* saved);
+                             const AttentionShape& s, Tensor& out, AttentionSaved* saved,
+                             const RopeShape* rope = nullptr);
 
   // AttentionBackward with bf16 compute: q, k, v and dout packed to bf16 as AttentionBf16 packs
   // them, then the tensor-core kernels (P and dS rounded to bf16 where they enter a product).

@@ -332,8 +332,12 @@ absl::StatusOr<Tensor> Model::Attend(int b, const LinearOperand& in, const SeqSh
   }
   kernels::RopeShape rope{shape.seq_len, shape.offset, config_.head_dim, config_.rope_theta,
                           config_.rope_scaling};
-  QCAL_RETURN_IF_ERROR(be.Rope(q, rope));
-  QCAL_RETURN_IF_ERROR(be.Rope(k, rope));
+  // Without a cache, a device computing in bf16 rotates q and k as it rounds them (RopeAttention).
+  const bool fused_rope = cache == nullptr && OperandsAreBf16();
+  if (!fused_rope) {
+    QCAL_RETURN_IF_ERROR(be.Rope(q, rope));
+    QCAL_RETURN_IF_ERROR(be.Rope(k, rope));
+  }
   kernels::AttentionShape as;
   as.batch = shape.batch;
   as.q_len = shape.seq_len;
@@ -356,7 +360,11 @@ absl::StatusOr<Tensor> Model::Attend(int b, const LinearOperand& in, const SeqSh
     as.q_offset = 0;
   }
   QCAL_ASSIGN_OR_RETURN(Tensor attn, be.Alloc(DType::kF32, {rows, config_.q_dim()}));
-  QCAL_RETURN_IF_ERROR(be.Attention(q, keys, values, as, attn));
+  if (fused_rope) {
+    QCAL_RETURN_IF_ERROR(be.RopeAttention(q, keys, values, rope, as, attn));
+  } else {
+    QCAL_RETURN_IF_ERROR(be.Attention(q, keys, values, as, attn));
+  }
   return attn;
 }
 

@@ -322,6 +322,24 @@ TEST_P(CpuOpsTest, Attention) {
   }
 }
 
+// RopeAttention's default: Rope of copies of q and k, then Attention; q and k unchanged.
+TEST_P(CpuOpsTest, RopeAttentionIsRopeThenAttention) {
+  const AttentionShape s{2, 9, 9, 4, 2, 8, 0};
+  const RopeShape rope{9, 0, 8, 10000.0};
+  const Tensor q = rng_.Floats({18, 32}, 2.0f), k = rng_.Floats({18, 16}, 2.0f);
+  const Tensor v = rng_.Floats({18, 16});
+  const Tensor q0 = q.Clone(), k0 = k.Clone();
+  Tensor fused = rng_.Floats(q.shape()), plain = rng_.Floats(q.shape());
+  ASSERT_TRUE(backend_->RopeAttention(q, k, v, rope, s, fused).ok());
+  EXPECT_EQ(std::memcmp(q.raw(), q0.raw(), q.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(k.raw(), k0.raw(), k.nbytes()), 0);
+  Tensor qr = q.Clone(), kr = k.Clone();
+  ASSERT_TRUE(backend_->Rope(qr, rope).ok());
+  ASSERT_TRUE(backend_->Rope(kr, rope).ok());
+  ASSERT_TRUE(backend_->Attention(qr, kr, v, s, plain).ok());
+  EXPECT_EQ(std::memcmp(fused.raw(), plain.raw(), fused.nbytes()), 0);
+}
+
 // Sliding windows (Mistral): the optimized op against the reference, and the reference against a
 // direct definition: a query at position p sees keys p - W + 1 .. p only.
 TEST_P(CpuOpsTest, SlidingWindowAttention) {

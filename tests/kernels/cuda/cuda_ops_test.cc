@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <random>
@@ -182,6 +183,42 @@ TEST_F(CudaOpsTest, AttentionMatchesReference) {
 
 // Sliding-window attention (Mistral) against the reference, for windows shorter than the
 // sequence: prefill over several key tiles, cached decode, and a chunk after a cached prefix.
+// RopeAttention (the engine's calibration forward) against Rope on copies then Attention: bit
+// for bit on both compute dtypes (in bf16 the rotation happens while q and k are packed), and q
+// and k left as they were.
+TEST_F(CudaOpsTest, RopeAttentionEqualsRopeThenAttention) {
+  const AttentionShape cases[] = {// batch, q_len, kv_len, heads, kv_heads, head_dim, q_offset
+                                  {1, 1, 1, 1, 1, 2, 0},
+                                  {2, 17, 17, 4, 2, 8, 0},
+                                  {2, 130, 130, 2, 1, 128, 0},
+                                  {1, 70, 70, 6, 3, 66, 0}};
+  uint64_t seed = 320;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    for (const AttentionShape& s : cases) {
+      SCOPED_TRACE(testing::Message() << Name(dtype) << " batch=" << s.batch << " q_len=" << s.q_len
+                                      << " head_dim=" << s.head_dim);
+      const RopeShape rope{s.q_len, 0, s.head_dim, 10000.0f};
+      const int64_t qw = int64_t(s.num_heads) * s.head_dim,
+                    kvw = int64_t(s.num_kv_heads) * s.head_dim, rows = int64_t(s.batch) * s.q_len;
+      const auto q = Random(rows * qw, seed++), k = Random(rows * kvw, seed++),
+                 v = Random(rows * kvw, seed++);
+      Tensor qd = Upload(be, q, {rows, qw}), kd = Upload(be, k, {rows, kvw});
+      Tensor vd = Upload(be, v, {rows, kvw});
+      Tensor fused = Poisoned(be, {rows, qw}), plain = Poisoned(be, {rows, qw});
+      ASSERT_TRUE(be.RopeAttention(qd, kd, vd, rope, s, fused).ok());
+      EXPECT_EQ(Download(be, qd), q);
+      EXPECT_EQ(Download(be, kd), k);
+      ASSERT_TRUE(be.Rope(qd, rope).ok());
+      ASSERT_TRUE(be.Rope(kd, rope).ok());
+      ASSERT_TRUE(be.Attention(qd, kd, vd, s, plain).ok());
+      const auto a = Download(be, fused), b = Download(be, plain);
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, SlidingWindowAttentionMatchesReference) {
   struct Case {
     AttentionShape s;
