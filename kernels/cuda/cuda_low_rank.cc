@@ -36,6 +36,25 @@ absl::StatusOr<std::vector<float>> DownloadDiagonal(const QuantContext& ctx, con
   return diag;
 }
 
+// CholeskyQR2's acceptance test on the diagonals of its two factors, diag = [R₁'s | R₂'s], each
+// of length n: R₁'s pivots within a ratio of kMaxPivotRatio of each other (κ(x) is at least
+// their spread), and R₂ within kMaxSecondPassDrift of the identity on its diagonal (the first pass
+// left x nearly orthonormal, the regime where the second pass is exact to rounding).
+constexpr double kMaxPivotRatio = 1e6;
+constexpr double kMaxSecondPassDrift = 0.1;
+
+bool WellConditioned(const std::vector<double>& diag, int64_t n) {
+  double lo = INFINITY, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = diag[i], d2 = diag[n + i];
+    if (!std::isfinite(d) || !std::isfinite(d2) || !(d > 0)) return false;
+    if (std::abs(d2 - 1.0) > kMaxSecondPassDrift) return false;
+    lo = std::min(lo, d);
+    hi = std::max(hi, d);
+  }
+  return lo * kMaxPivotRatio >= hi;
+}
+
 // The cuSOLVER state of one ReconstructError: the 64-bit API's parameters, a device workspace that
 // grows to the largest call (blocks go back to the pool in stream order, so a replaced one is safe
 // to release while queued work still reads it) and the info words.
@@ -79,6 +98,83 @@ class Solver {
     return CusolverStatus(
         cusolverDnDorgqr(ctx_.solver, m, n, n, x, m, tau.data<double>(), w, orgqr_work, info),
         absl::StrCat("cusolverDnDorgqr ", rows, "x", cols));
+  }
+
+  // x [rows, cols] (column-major, rows >= cols) := the Q of its QR by CholeskyQR2 (Yamamoto et al.
+  // 2015): G = xᵀx (syrk), G = R₁ᵀR₁ (potrf), x := x R₁⁻¹ (trsm), then the same again, which
+  // restores the orthogonality the first pass loses to κ(x)² (both passes are GEMM-shaped work on
+  // the FP64 tensor cores, where geqrf's panels are latency-bound: 24.5 ms of Householder QRs in a
+  // steady 7B block). When r is given, also R = R₂R₁ into r [cols, cols] (column-major, strict
+  // lower triangle 0). CholeskyQR2 is stable for κ(x) up to about u^(-1/2) ≈ 1e8; a sketch of a
+  // rank-deficient M (fewer independent directions than columns) is beyond that, and its Gram may
+  // still pass potrf with round-off pivots. So one read-back of the info words and both diagonals
+  // decides: a failed potrf, or a first factor whose diagonal spans more than kMaxPivotRatio
+  // (κ(x) >= that), or a second factor that is not near I, restores x and factors it by Householder
+  // (Qr). Q's columns then match Qr's up to sign; the randomized SVD is sign-agnostic.
+  absl::Status CholeskyQr(double* x, int64_t rows, int64_t cols, double* r = nullptr) {
+    const int m = static_cast<int>(rows), n = static_cast<int>(cols);
+    const double one = 1.0, zero = 0.0;
+    QCAL_ASSIGN_OR_RETURN(Tensor saved, ctx_.alloc(DType::kF64, {cols, rows}));
+    QCAL_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(saved.raw(), x, saved.nbytes(), cudaMemcpyDeviceToDevice, ctx_.stream),
+        "CholeskyQR: saving x"));
+    // r1 and r2 start at 0 so that their strict lower triangles (which neither syrk nor potrf
+    // writes) are 0 in R = R₂R₁.
+    QCAL_ASSIGN_OR_RETURN(Tensor factors, ctx_.alloc(DType::kF64, {2, cols, cols}));
+    QCAL_RETURN_IF_ERROR(CudaStatus(
+        cudaMemsetAsync(factors.raw(), 0, factors.nbytes(), ctx_.stream), "CholeskyQR: clearing"));
+    QCAL_ASSIGN_OR_RETURN(Tensor info, ctx_.alloc(DType::kI32, {2}));
+    double* r1 = factors.data<double>();
+    double* r2 = r1 + cols * cols;
+    int lwork = 0;
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnDpotrf_bufferSize(ctx_.solver, CUBLAS_FILL_MODE_UPPER, n, r1, n, &lwork),
+        "cusolverDnDpotrf_bufferSize"));
+    QCAL_ASSIGN_OR_RETURN(void* work, Work(sizeof(double) * static_cast<size_t>(lwork)));
+    for (int pass = 0; pass < 2; ++pass) {
+      double* g = pass == 0 ? r1 : r2;
+      QCAL_RETURN_IF_ERROR(CublasStatus(cublasDsyrk(ctx_.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T,
+                                                    n, m, &one, x, m, &zero, g, n),
+                                        "CholeskyQR: xᵀx"));
+      QCAL_RETURN_IF_ERROR(CusolverStatus(
+          cusolverDnDpotrf(ctx_.solver, CUBLAS_FILL_MODE_UPPER, n, g, n, static_cast<double*>(work),
+                           lwork, info.data<int32_t>() + pass),
+          absl::StrCat("cusolverDnDpotrf ", cols, "x", cols)));
+      QCAL_RETURN_IF_ERROR(
+          CublasStatus(cublasDtrsm(ctx_.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER,
+                                   CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, m, n, &one, g, n, x, m),
+                       "CholeskyQR: x R⁻¹"));
+    }
+    // One read-back: the two info words and the diagonals of R₁ and R₂.
+    int32_t codes[2] = {0, 0};
+    std::vector<double> diag(2 * static_cast<size_t>(cols));
+    QCAL_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(codes, info.raw(), sizeof(codes), cudaMemcpyDeviceToHost, ctx_.stream),
+        "reading CholeskyQR info"));
+    for (int pass = 0; pass < 2; ++pass) {
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpy2DAsync(diag.data() + pass * cols, sizeof(double),
+                                       pass == 0 ? r1 : r2, (cols + 1) * sizeof(double),
+                                       sizeof(double), cols, cudaMemcpyDeviceToHost, ctx_.stream),
+                     "reading CholeskyQR diagonals"));
+    }
+    QCAL_RETURN_IF_ERROR(Sync(ctx_, "CholeskyQR"));
+    if (codes[0] < 0 || codes[1] < 0) {
+      return absl::InternalError(
+          absl::StrCat("error reconstruction: cusolverDnDpotrf rejected argument ",
+                       -std::min(codes[0], codes[1])));
+    }
+    if (codes[0] > 0 || codes[1] > 0 || !WellConditioned(diag, cols)) {
+      QCAL_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpyAsync(x, saved.raw(), saved.nbytes(), cudaMemcpyDeviceToDevice, ctx_.stream),
+          "CholeskyQR: restoring x"));
+      return Qr(x, rows, cols, r);
+    }
+    if (r == nullptr) return absl::OkStatus();
+    return CublasStatus(
+        cublasDtrmm(ctx_.blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N,
+                    CUBLAS_DIAG_NON_UNIT, n, n, &one, r2, n, r1, n, r, n),
+        "CholeskyQR: R₂R₁");
   }
 
   // Thin SVD of a [rows, cols] (column-major, rows >= cols, destroyed): a = u diag(sigma) vt with
@@ -366,17 +462,17 @@ absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, c
                         "randomized SVD: Aᵀ Y");
   };
   QCAL_RETURN_IF_ERROR(sketch());
-  QCAL_RETURN_IF_ERROR(solver.Qr(yp, d_in, k));
+  QCAL_RETURN_IF_ERROR(solver.CholeskyQr(yp, d_in, k));
   for (int it = 0; it < options.power_iterations; ++it) {
     QCAL_RETURN_IF_ERROR(project());
-    QCAL_RETURN_IF_ERROR(solver.Qr(zp, d_out, k));
+    QCAL_RETURN_IF_ERROR(solver.CholeskyQr(zp, d_out, k));
     QCAL_RETURN_IF_ERROR(sketch());
-    QCAL_RETURN_IF_ERROR(solver.Qr(yp, d_in, k));
+    QCAL_RETURN_IF_ERROR(solver.CholeskyQr(yp, d_in, k));
   }
   // Bᵀ = Aᵀ Q = Q₂ R (z becomes Q₂), then R = U_R Σ V_Rᵀ.
   QCAL_RETURN_IF_ERROR(project());
   QCAL_ASSIGN_OR_RETURN(Tensor rm, ctx.alloc(DType::kF64, {k, k}));
-  QCAL_RETURN_IF_ERROR(solver.Qr(zp, d_out, k, rm.data<double>()));
+  QCAL_RETURN_IF_ERROR(solver.CholeskyQr(zp, d_out, k, rm.data<double>()));
   QCAL_ASSIGN_OR_RETURN(Tensor ur, ctx.alloc(DType::kF64, {k, k}));
   QCAL_ASSIGN_OR_RETURN(Tensor vr, ctx.alloc(DType::kF64, {k, k}));
   QCAL_ASSIGN_OR_RETURN(Tensor sigma, ctx.alloc(DType::kF64, {k}));

@@ -18,7 +18,8 @@
 //   kRandomized  a randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1) with
 //                k = min(r + oversample, min(d_out, d_in)) sketch columns: Y = M-side sketch of a
 //                Gaussian Ω (hash_random.h, seeded), `power_iterations` subspace iterations with
-//                a Householder QR (geqrf + orgqr) after every product, then B = QᵀM factored as
+//                a QR after every product (CholeskyQR2: syrk, potrf, trsm, twice; Householder
+//                geqrf + orgqr where a Gram is not positive definite), then B = QᵀM factored as
 //                a QR of Bᵀ and the SVD of its k x k triangle (gesvdj). σ are the r leading
 //                singular values of B (never above M's); error_before = ‖M‖_F (nrm2) and
 //                error_after = sqrt(max(0, ‖M‖_F² − Σ_{i<=r} σ_i²)), which is exactly the
@@ -26,8 +27,8 @@
 //                an r-dimensional subspace).
 // Both then form L_A = U_r Σ_r with one GEMM (or transpose and scaling) and L_B = V_rᵀ S⁻¹ with a
 // triangular solve (trsm; no inverse), and round them to fp32. Measured on one H100 at rank 64
-// (qcal bench --er): kRandomized 9 / 15 / 22 ms for 4096 x 4096 / 11008 x 4096 / 4096 x 11008,
-// kFull about 1.6-1.7 s each.
+// (qcal bench --er, CholeskyQR2, 2026-12-06): kRandomized 7.9 / 12.5 / 20.5 ms for 4096 x 4096 /
+// 11008 x 4096 / 4096 x 11008, kFull about 1.6-1.8 s each.
 //
 // Determinism: the cuSOLVER handle is in deterministic mode, cuBLAS runs without atomics and the
 // test matrix is a hash of (seed, index), so equal inputs give bit-identical outputs on the same

@@ -314,6 +314,52 @@ TEST_F(CudaLowRankTest, RandomizedFindsTheLeadingSingularValuesOfADecayingSpectr
   }
 }
 
+TEST_F(CudaLowRankTest, RandomizedHandlesAnErrorOfLowerRankThanTheSketch) {
+  // E of exact rank 3, sketched with k = 8 + 16 columns: every sketch Y = A Ω has rank 3, its Gram
+  // is singular, and CholeskyQR2 must hand the QR to Householder (a CholeskyQR on it would divide
+  // by round-off pivots). The result must still be E's exact factorization.
+  const int64_t d_out = 120, d_in = 96, true_rank = 3, rank = 8;
+  Layer l = MakeLayer(d_out, d_in, 2 * d_in, 70);
+  testing::TestRng rng(71);
+  std::vector<double> e(d_out * d_in, 0.0);
+  for (int64_t t = 0; t < true_rank; ++t) {
+    std::vector<double> g(d_out), h(d_in);
+    for (double& v : g) v = rng.Normal();
+    for (double& v : h) v = rng.Normal();
+    for (int64_t o = 0; o < d_out; ++o) {
+      for (int64_t j = 0; j < d_in; ++j) e[o * d_in + j] += 0.01 * g[o] * h[j];
+    }
+  }
+  for (size_t i = 0; i < e.size(); ++i) l.w[i] = l.w_hat[i] + static_cast<float>(e[i]);
+  const Tensor w = Upload(l.w, {d_out, d_in}), w_hat = Upload(l.w_hat, {d_out, d_in});
+  for (Kind kind : {Kind::kNone, Kind::kCholesky}) {
+    SCOPED_TRACE(KindName(kind));
+    Tensor s;
+    WhiteningFactor cpu_s;
+    Whitening(l, kind, &s, &cpu_s);
+    LowRankOptions options;
+    options.rank = rank;
+    options.svd = SvdMethod::kFull;
+    auto full = be_->ReconstructError(w, w_hat, s, options);
+    ASSERT_TRUE(full.ok()) << full.status();
+    options.svd = SvdMethod::kRandomized;
+    auto rnd = be_->ReconstructError(w, w_hat, s, options);
+    ASSERT_TRUE(rnd.ok()) << rnd.status();
+    ASSERT_EQ(rnd->singular_values.size(), static_cast<size_t>(rank));
+    for (int64_t i = 0; i < true_rank; ++i) {
+      EXPECT_NEAR(rnd->singular_values[i], full->singular_values[i],
+                  kSigmaRelBound * full->singular_values[i])
+          << "sigma " << i;
+    }
+    for (double sigma : rnd->singular_values) EXPECT_TRUE(std::isfinite(sigma));
+    // E − Ŵ's own rounding: what is left is the fp32 rounding of W = Ŵ + E, far below E.
+    EXPECT_LE(rnd->error_after, 1e-3 * rnd->error_before);
+    const std::vector<double> p = Product(Download(rnd->a), Download(rnd->b), d_out, d_in, rank);
+    EXPECT_NEAR(WhitenedResidual(l, p, cpu_s), rnd->error_after,
+                kResidualBound * rnd->error_before);
+  }
+}
+
 TEST_F(CudaLowRankTest, RankIsClampedAndFullRankIsExact) {
   const Layer l = MakeLayer(172, 64, 200, 60);
   Tensor s;
