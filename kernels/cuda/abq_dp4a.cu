@@ -1,5 +1,5 @@
 // The one-token ABQ layer on the CUDA cores: weight codes as 2-bit digits, dp4a against the int8
-// activation codes, the activation prologue inside the same launch (launchers in abq_gemm.cuh;
+// activation codes, made by a one-block kernel launched just before (launchers in abq_gemm.cuh;
 // spec kernels/cpu/abq_ref.h). Its integer sums are AbqIntegerGemm's and its outputs
 // AbqGemm(AbqQuantizeActivations(x), w)'s bit for bit (cuda_abq_test's Dp4aKernelEqualsReference).
 // Built with -fmad=false; the epilogue spells its arithmetic with __dadd_rn / __dmul_rn /
@@ -10,7 +10,7 @@
 // 2026-12-05): their weights go through shared memory in mma fragment order and the GEMV's path a
 // warp is long. Here every lane loads its weights straight into registers in 16-byte coalesced
 // pieces, before anything else, so that the memory system holds as many bytes in flight as it
-// can; the arithmetic (a shift, a byte mask and a dp4a per four weights) is far below the memory
+// can; the arithmetic (a byte mask and a dp4a per four weights) is meant to stay below the memory
 // time. This is not the b1 path of the paper: it is the comparison the issue
 // asks for beside it ("unpack to int8"), on dp4a rather than the IMMA, and it is reported as its
 // own row ("dp4a") and chosen only by name (CudaAbqLinear::B1Kernel::kDp4a).
@@ -36,10 +36,12 @@
 //     before it on the stream may still be running and writing x; it does not write the weights),
 //     with the set's s_w and z words copied into the warp's shared memory (cp.async); the next
 //     set's before this set's epilogue.
-//   - Then every block quantizes the whole token itself (the maximum over x by a block reduction,
-//     s_a = max / qmax, the codes as AbqQuantizeActivations: IEEE division, RoundHalfEven, the
-//     clamp that maps NaN to −qmax) into shared memory, with Σa per k-group (integer atomics:
-//     exact in any order). x is read twice a block (L2).
+//   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, one block, the
+//     stream's previous launch): the maximum over x by a block reduction, s_a = max / qmax, the
+//     codes as AbqQuantizeActivations (IEEE division, RoundHalfEven, the clamp that maps NaN to
+//     −qmax), Σa per k-group (integer atomics: exact in any order), into a scratch buffer. It
+//     triggers this kernel's launch first thing, so the weights stream while it runs; after
+//     griddepcontrol.wait every block copies the codes (K bytes) and Σa into shared memory.
 //   - A chunk's dot is Σ_d 4^d·Σ dp4a (int32, wrapping: AbqIntegerGemm's sums modulo 2^32, exact
 //     within ValidateAbqShape's bounds). k-groups of L = g / 64 chunks (g = 64·2^i up to
 //     2048) are L consecutive lanes of one slot: L − 1 shuffles give the group's dot; its first
@@ -49,10 +51,11 @@
 //     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
 //     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
 // Measured (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1 layer but at W2A8 and W4A8
-// on 4096 × 11008 (W2A8 15.5 µs against 13.9; W4A8 8192 × 28672 58 against 75, W8A8 90 against
-// 159), and far from the bandwidth everywhere; inferred, not profiled: a block's prologue
-// (two reads of x, a block reduction, the codes) sits between the weights' arrival and the
-// arithmetic.
+// on 4096 × 11008, and far from the bandwidth everywhere. Profiled (ncu, H100, 2026-12-06) when
+// every block quantized the token itself: 10.3 M warp instructions for W2A8 4096 × 11008, the SMs'
+// issue slots 51% busy: the per-block quantization 26% of them, index arithmetic with runtime
+// divisions in the loads and the chunk loop another large share, the dp4a arithmetic itself
+// about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns) and the masked digits.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
 // s_w) where every scale is an fp16 value, else from `scales` and `zeros` ([n_groups][n]).
 // Applies to m = 1, activation bits 4 and 8, weight bits 2, 3, 4 and 8, K a multiple of 64, one
@@ -90,6 +93,11 @@ struct Dp4aParams {
   const float* x;
   float* y;
   int32_t* dot;
+  // The token's codes (K bytes, column order), Σa per k-group and s_a, written by the activation
+  // kernel (AbqDp4aActivationsKernel) and read by the GEMV after griddepcontrol.wait.
+  uint32_t* act_codes;
+  int32_t* act_sums;
+  float* act_scale;
   int chunks;        // K / 64
   int group_chunks;  // chunks a k-group (L), 0 for one group
   int rows;          // R: rows a warp loads at once (a row set)
@@ -120,11 +128,66 @@ __device__ __forceinline__ int32_t Quantize(float x, float s_a, float qmax) {
   return static_cast<int32_t>(fminf(fmaxf(RoundHalfEven(x / s_a), -qmax), qmax));
 }
 
-template <int kD, int kAb>
-__global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
+// The token's activation codes, once for the layer (one block): the maximum over x by a block
+// reduction, s_a = max / qmax, the codes as AbqQuantizeActivations (IEEE division,
+// RoundHalfEven, the clamp that maps NaN to −qmax) into act_codes in column order, four a word,
+// and Σa per k-group (integer atomics: exact in any order). It lets the GEMV launch at once
+// (griddepcontrol.launch_dependents), so that the GEMV's weights stream while it runs, and waits
+// for the kernel before it (which may write x) before reading x.
+template <int kAb>
+__global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams p) {
   constexpr float kQmax = static_cast<float>((1 << (kAb - 1)) - 1);
   extern __shared__ __align__(16) unsigned char dp4a_smem[];
   __shared__ float scratch[32];
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  const int n_groups = p.w.n_groups, L = p.group_chunks;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem);
+  for (int i = threadIdx.x; i < n_groups; i += kThreads) s_sums[i] = 0;
+  const float4* x4 = reinterpret_cast<const float4*>(p.x);
+  const int quads = p.chunks * 16;  // float4s of x, one code word each
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < quads; i += kThreads) {
+    const float4 v = x4[i];
+    amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+  }
+  amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);  // ends with a barrier: s_sums zeroed
+  const float s_a = amax / kQmax;
+  for (int base = warp * 32; base < quads; base += kThreads) {
+    const int u = base + lane;  // code word u: columns 4u .. 4u + 3
+    int32_t sum = 0;
+    if (u < quads) {
+      const float4 v = x4[u];
+      const int32_t c0 = Quantize(v.x, s_a, kQmax), c1 = Quantize(v.y, s_a, kQmax);
+      const int32_t c2 = Quantize(v.z, s_a, kQmax), c3 = Quantize(v.w, s_a, kQmax);
+      p.act_codes[u] =
+          (static_cast<uint32_t>(c0) & 0xffu) | ((static_cast<uint32_t>(c1) & 0xffu) << 8) |
+          ((static_cast<uint32_t>(c2) & 0xffu) << 16) | (static_cast<uint32_t>(c3) << 24);
+      sum = c0 + c1 + c2 + c3;
+    }
+    // 32 code words are 128 columns (two chunks): one k-group unless L = 1 (halves).
+    const int top = L == 1 ? 8 : 16;
+    for (int off = top; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
+    if (u < quads && (lane == 0 || (L == 1 && lane == 16))) {
+      atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) / L], sum);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_groups; i += kThreads) p.act_sums[i] = s_sums[i];
+  if (threadIdx.x == 0) *p.act_scale = s_a;
+}
+
+// acc + Σ_b a_b·b_b over the four bytes, a's unsigned and b's signed (dp4a.u32.s32).
+__device__ __forceinline__ int Dp4aUs(uint32_t a, uint32_t b, int acc) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(acc));
+  return d;
+}
+
+template <int kD>
+__global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
+  extern __shared__ __align__(16) unsigned char dp4a_smem[];
   const AbqDeviceWeights& w = p.w;
   const int chunks = p.chunks, n_groups = w.n_groups, L = p.group_chunks, R = p.rows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -146,9 +209,14 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
   uint4 piece[kP];
   auto load = [&](int64_t t, int s0, int ns) {
     const int64_t o0 = t * R;
+    int r = 0, sl_ = 0;  // (rs / ns, rs % ns), stepped rather than divided
 #pragma unroll
     for (int i = 0; i < kP; ++i) {
-      const int rs = i / kD, d = i % kD, r = rs / ns, sl_ = rs % ns;
+      const int d = i % kD;
+      if (i > 0 && d == 0 && ++sl_ == ns) {
+        sl_ = 0;
+        ++r;
+      }
       const int ci = 32 * (s0 + sl_) + lane;
       const int64_t o = o0 + r;
       piece[i] = r < R && o < w.n && ci < chunks ? __ldcs(digits + (o * kD + d) * chunks + ci)
@@ -174,39 +242,16 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-  // 2. The token's codes and Σa, in every block.
-  for (int i = threadIdx.x; i < n_groups; i += kThreads) s_sums[i] = 0;
-  const float4* x4 = reinterpret_cast<const float4*>(p.x);
-  const int quads = chunks * 16;  // float4s of x, one code word each
-  float amax = 0.0f;
-  for (int i = threadIdx.x; i < quads; i += kThreads) {
-    const float4 v = x4[i];
-    amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+  // 2. The token's codes and Σa from the activation kernel, into shared memory (code piece (c, q)
+  // at 4c + (q ^ ((c >> 1) & 3))).
+  uint4* act_pieces = reinterpret_cast<uint4*>(dp4a_smem);
+  const uint4* codes = reinterpret_cast<const uint4*>(p.act_codes);
+  for (int j = threadIdx.x; j < chunks * 4; j += kThreads) {
+    const int c = j >> 2, q = j & 3;
+    act_pieces[4 * c + (q ^ ((c >> 1) & 3))] = codes[j];
   }
-  amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);  // ends with a barrier: s_sums zeroed
-  const float s_a = amax / kQmax;
-  uint32_t* act_words = reinterpret_cast<uint32_t*>(dp4a_smem);
-  for (int base = warp * 32; base < quads; base += kThreads) {
-    const int u = base + lane;  // code word u: columns 4u .. 4u + 3
-    int32_t sum = 0;
-    if (u < quads) {
-      const float4 v = x4[u];
-      const int32_t c0 = Quantize(v.x, s_a, kQmax), c1 = Quantize(v.y, s_a, kQmax);
-      const int32_t c2 = Quantize(v.z, s_a, kQmax), c3 = Quantize(v.w, s_a, kQmax);
-      const uint32_t word =
-          (static_cast<uint32_t>(c0) & 0xffu) | ((static_cast<uint32_t>(c1) & 0xffu) << 8) |
-          ((static_cast<uint32_t>(c2) & 0xffu) << 16) | (static_cast<uint32_t>(c3) << 24);
-      const int c = u >> 4, q = (u >> 2) & 3;
-      act_words[16 * c + 4 * (q ^ ((c >> 1) & 3)) + (u & 3)] = word;
-      sum = c0 + c1 + c2 + c3;
-    }
-    // 32 code words are 128 columns (two chunks): one k-group unless L = 1 (halves).
-    const int top = L == 1 ? 8 : 16;
-    for (int off = top; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
-    if (u < quads && (lane == 0 || (L == 1 && lane == 16))) {
-      atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) / L], sum);
-    }
-  }
+  for (int i = threadIdx.x; i < n_groups; i += kThreads) s_sums[i] = p.act_sums[i];
+  const float s_a = *p.act_scale;
   __syncthreads();
 
   // 3. The row sets.
@@ -221,9 +266,13 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
     for (int s0 = 0; s0 < total_slots; s0 += round_slots) {
       const int ns = min(round_slots, total_slots - s0);
       if (s0 > 0) load(t, s0, ns);
+      int r = 0, si = -1;  // (rs / ns, rs % ns) of piece i0 = rs·kD, stepped
 #pragma unroll
       for (int i0 = 0; i0 < kP; i0 += kD) {
-        const int rs = i0 / kD, r = rs / ns, si = rs % ns;
+        if (++si == ns) {
+          si = 0;
+          ++r;
+        }
         if (r >= rows) break;  // warp-uniform
         const int ci = 32 * (s0 + si) + lane;
         const int64_t o = o0 + r;
@@ -237,17 +286,21 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
           for (int d = 0; d < kD; ++d) {
             const uint4 pc = piece[i0 + d];
             const uint32_t words[4] = {pc.x, pc.y, pc.z, pc.w};
-            int acc = 0;
+            // Digit j of every byte masked in place (its value times 4^j, up to 192: an unsigned
+            // byte), one accumulator a j: acc_j = 4^j·Σ digit·a exactly (|Σ| <= 16·3·128, far
+            // from overflow), so acc_j >> 2j is the sum that a shift of every word would give,
+            // with one instruction fewer a dp4a.
+            int acc[4] = {0, 0, 0, 0};
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
               const uint32_t act[4] = {a[q].x, a[q].y, a[q].z, a[q].w};
 #pragma unroll
               for (int j = 0; j < 4; ++j) {
-                acc = __dp4a(static_cast<int>((words[q] >> (2 * j)) & 0x03030303u),
-                             static_cast<int>(act[j]), acc);
+                acc[j] = Dp4aUs(words[q] & (0x03030303u << (2 * j)), act[j], acc[j]);
               }
             }
-            v += static_cast<uint32_t>(acc) << (2 * d);
+            const int sum = acc[0] + (acc[1] >> 2) + (acc[2] >> 4) + (acc[3] >> 6);
+            v += static_cast<uint32_t>(sum) << (2 * d);
           }
         }
         if (!grouped) {
@@ -347,24 +400,21 @@ __global__ void RepackDigitsKernel(const uint32_t* planes, int64_t n, int wb, in
 
 using Dp4aKernel = void (*)(Dp4aParams);
 
-template <int kAb>
-Dp4aKernel KernelForAb(int wb) {
+Dp4aKernel KernelFor(int wb, int ab) {
+  if ((wb != 2 && wb != 3 && wb != 4 && wb != 8) || (ab != 4 && ab != 8)) return nullptr;
   switch (DigitsOf(wb)) {
     case 1:
-      return AbqDp4aGemvKernel<1, kAb>;
+      return AbqDp4aGemvKernel<1>;
     case 2:
-      return AbqDp4aGemvKernel<2, kAb>;
+      return AbqDp4aGemvKernel<2>;
     case 4:
-      return AbqDp4aGemvKernel<4, kAb>;
+      return AbqDp4aGemvKernel<4>;
     default:
       return nullptr;
   }
 }
-Dp4aKernel KernelFor(int wb, int ab) {
-  if (wb != 2 && wb != 3 && wb != 4 && wb != 8) return nullptr;
-  if (ab == 4) return KernelForAb<4>(wb);
-  if (ab == 8) return KernelForAb<8>(wb);
-  return nullptr;
+Dp4aKernel ActivationsKernelFor(int ab) {
+  return ab == 4 ? AbqDp4aActivationsKernel<4> : AbqDp4aActivationsKernel<8>;
 }
 
 // Chunks a k-group (L), 0 for one group; -1 where the grouping does not fit the kernel.
@@ -438,20 +488,34 @@ bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab) {
   return m == 1 && PlanOf(w, ab, plan);
 }
 
+int64_t AbqDp4aScratchBytes(const AbqDeviceWeights& w) {
+  return (w.k + 4 * w.n_groups + 4 + 15) / 16 * 16;
+}
+
 cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
-                              int32_t* dot, cudaStream_t stream) {
+                              int32_t* dot, void* scratch, cudaStream_t stream) {
   Plan plan;
-  if (!PlanOf(w, ab, plan) || w.digits == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+  if (!PlanOf(w, ab, plan) || w.digits == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      scratch == nullptr || reinterpret_cast<uintptr_t>(scratch) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  static std::atomic<uint64_t> raised[3][2];  // [digits 1, 2, 4][ab 4, 8]
+  static std::atomic<uint64_t> raised[3];  // [digits 1, 2, 4]
   const Dp4aKernel kernel = KernelFor(w.weight_bits, ab);
   plan.p.x = x;
   plan.p.y = y;
   plan.p.dot = dot;
+  auto* bytes = static_cast<unsigned char*>(scratch);
+  plan.p.act_codes = reinterpret_cast<uint32_t*>(bytes);
+  plan.p.act_sums = reinterpret_cast<int32_t*>(bytes + w.k);
+  plan.p.act_scale = reinterpret_cast<float*>(bytes + w.k + 4 * w.n_groups);
   const int nd = DigitsOf(w.weight_bits);
   const int di = nd == 1 ? 0 : nd == 2 ? 1 : 2;
-  cudaError_t err = RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[di][ab == 8 ? 1 : 0]);
+  cudaError_t err = RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[di]);
+  if (err != cudaSuccess) return err;
+  // The activations first (one block; Σa in its shared memory), then the GEMV, which starts as
+  // soon as the activation kernel does and streams its weights meanwhile.
+  err = LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(1), kThreads,
+                  sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
   if (err != cudaSuccess) return err;
   return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)), kThreads, plan.bytes,
                    stream);

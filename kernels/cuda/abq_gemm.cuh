@@ -119,14 +119,20 @@ cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits, c
 // 200 KiB.
 bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 
-// The whole layer of one token in one launch on the CUDA cores (abq_dp4a.cu): y [w.n] from x
-// [w.k] (fp32, 16-byte aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm bit for bit;
-// dot [w.n][w.n_groups] receives the integer sums when not null. Reads w.digits (and w.meta_rows
-// where not null, else w.scales and w.zeros). Programmatic stream serialization: it reads the
-// weights before griddepcontrol.wait. x and y must not overlap. cudaErrorInvalidValue where
-// AbqDp4aGemvApplies is false, w.digits is null or x is not 16-byte aligned.
+// Bytes of the scratch LaunchAbqDp4aGemv needs for `w` (the token's codes, Σa per k-group, s_a).
+int64_t AbqDp4aScratchBytes(const AbqDeviceWeights& w);
+
+// The whole layer of one token on the CUDA cores (abq_dp4a.cu), in two launches: the activation
+// codes into `scratch` (AbqDp4aScratchBytes(w) bytes, 16-byte aligned, on this stream's device;
+// reused by every call on the stream), then the GEMV; y [w.n] from x [w.k] (fp32, 16-byte
+// aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm bit for bit; dot [w.n][w.n_groups]
+// receives the integer sums when not null. Reads w.digits (and w.meta_rows where not null, else
+// w.scales and w.zeros). Programmatic stream serialization for both: the GEMV reads the weights
+// before griddepcontrol.wait, so the kernel before it on the stream must not write them (it may
+// write x). x and y must not overlap. cudaErrorInvalidValue where AbqDp4aGemvApplies is false,
+// w.digits or scratch is null, or x or scratch is not 16-byte aligned.
 cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
-                              int32_t* dot, cudaStream_t stream);
+                              int32_t* dot, void* scratch, cudaStream_t stream);
 
 // y [m][w.n] = the weight-only GEMM of x [m][w.k] (fp32, rounded to bf16 in the kernel).
 cudaError_t LaunchAbqWeightOnly(const float* x, int64_t m, const AbqDeviceWeights& w, float* y,

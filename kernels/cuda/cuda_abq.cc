@@ -205,9 +205,12 @@ struct CudaAbqLinear::State {
   // and only where every scale is an fp16 value.
   DeviceArray<uint32_t> meta;
   bool meta_made = false;
-  // The dp4a kernel's digits and row-major meta words: made when it is first chosen (MakeDigits).
+  // The dp4a kernel's digits and row-major meta words: made when it is first chosen (MakeDigits),
+  // with the scratch its activation kernel writes the token's codes into (one call at a time: the
+  // calls on `stream` are ordered).
   DeviceArray<uint32_t> digits;
   DeviceArray<uint32_t> meta_rows;
+  DeviceArray<uint32_t> dp4a_scratch;
   bool digits_made = false;
 
   cuda::AbqDeviceWeights Weights() const {
@@ -298,6 +301,8 @@ struct CudaAbqLinear::State {
       // The dp4a kernel reads its digits before griddepcontrol.wait (programmatic launch): the
       // repack must be complete before any launch of it.
       QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "ABQ digit repack"));
+      QCAL_ASSIGN_OR_RETURN(dp4a_scratch,
+                            Allocate<uint32_t>(*alloc, cuda::AbqDp4aScratchBytes(Weights()) / 4));
     }
     if (meta.get() != nullptr) {
       std::vector<uint32_t> words;
@@ -345,8 +350,9 @@ struct CudaAbqLinear::State {
   absl::Status LaunchFused(const cuda::AbqDeviceWeights& w, const float* x, float* y,
                            int32_t* dot) {
     if (b1 == B1Kernel::kDp4a) {
-      return CudaStatus(cuda::LaunchAbqDp4aGemv(x, w, spec.act_bits, y, dot, stream),
-                        "ABQ one-token layer (dp4a)");
+      return CudaStatus(
+          cuda::LaunchAbqDp4aGemv(x, w, spec.act_bits, y, dot, dp4a_scratch.get(), stream),
+          "ABQ one-token layer (dp4a)");
     }
     return CudaStatus(cuda::LaunchAbqFusedGemv(x, w, spec.act_bits, y, dot, stream),
                       "ABQ fused GEMV (b1)");
