@@ -99,7 +99,8 @@ struct Dp4aParams {
   int32_t* act_sums;
   float* act_scale;
   int chunks;        // K / 64
-  int group_chunks;  // chunks a k-group (L), 0 for one group
+  int group_chunks;  // chunks a k-group (L, a power of two), 0 for one group
+  int group_shift;   // log2(L)
   int rows;          // R: rows a warp loads at once (a row set)
   int slots;         // 32-chunk slots a round: all of a row's when R > 1
 };
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
     const int top = L == 1 ? 8 : 16;
     for (int off = top; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
     if (u < quads && (lane == 0 || (L == 1 && lane == 16))) {
-      atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) / L], sum);
+      atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) >> p.group_shift], sum);
     }
   }
   __syncthreads();
@@ -309,8 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
           continue;
         }
         for (int off = 1; off < L; off <<= 1) v += __shfl_xor_sync(kFull, v, off);
-        if (ci < chunks && lane % L == 0) {
-          const int g = ci / L;
+        if (ci < chunks && (lane & (L - 1)) == 0) {
+          const int g = ci >> p.group_shift;
           double scale;
           uint32_t z;
           if (meta) {
@@ -455,6 +456,8 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   plan.p.w = w;
   plan.p.chunks = chunks;
   plan.p.group_chunks = l;
+  plan.p.group_shift = 0;
+  while (l > 0 && (1 << plan.p.group_shift) < l) ++plan.p.group_shift;
   plan.p.rows = rows;
   plan.p.slots = slots;
   plan.bytes = bytes;
