@@ -44,9 +44,10 @@
 //     griddepcontrol.wait every block copies the codes (K bytes) and Σa into shared memory.
 //   - A chunk's dot is Σ_d 4^d·Σ dp4a (int32, wrapping: AbqIntegerGemm's sums modulo 2^32, exact
 //     within ValidateAbqShape's bounds). k-groups of L = g / 64 chunks (g = 64·2^i up to
-//     2048) are L consecutive lanes of one slot: L − 1 shuffles give the group's dot; its first
-//     lane forms c_G = dot − z·Σa and c_G·s_w in fp64 into the warp's shared products. One group
-//     (per channel): a warp reduction a slot, added into the row's dot by lane 0.
+//     2048) are L consecutive lanes of one slot: L − 1 shuffles give the group's dot, which its
+//     first lane stores; after the set's pieces every lane forms c_G = dot − z·Σa and c_G·s_w in
+//     fp64 for groups lane, lane + 32, ... into the warp's shared products. One group (per
+//     channel): a warp reduction a slot, added into the row's dot by lane 0.
 //   - The epilogue, a warp a row, as abq_gemv_fused.cu's: where every addition of the products is
 //     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
 //     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
@@ -55,7 +56,8 @@
 // every block quantized the token itself: 10.3 M warp instructions for W2A8 4096 × 11008, the SMs'
 // issue slots 51% busy: the per-block quantization 26% of them, index arithmetic with runtime
 // divisions in the loads and the chunk loop another large share, the dp4a arithmetic itself
-// about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns) and the masked digits.
+// about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns), the masked digits and
+// the groups' fp64 products formed once a set by every lane rather than a piece by a few.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
 // s_w) where every scale is an fp16 value, else from `scales` and `zeros` ([n_groups][n]).
 // Applies to m = 1, activation bits 4 and 8, weight bits 2, 3, 4 and 8, K a multiple of 64, one
@@ -108,7 +110,7 @@ struct Dp4aParams {
 // The shared-memory offsets: activation codes [K] bytes, Σa [n_groups], then per warp its row
 // set's dots (one group) or meta words and products (grouped).
 struct SharedLayout {
-  size_t sums_off = 0, chan_off = 0, meta_off = 0, prod_off = 0, bytes = 0;
+  size_t sums_off = 0, chan_off = 0, meta_off = 0, gdot_off = 0, prod_off = 0, bytes = 0;
 };
 __host__ __device__ inline SharedLayout LayoutOf(int chunks, int n_groups, bool grouped, int rows) {
   SharedLayout l;
@@ -116,7 +118,8 @@ __host__ __device__ inline SharedLayout LayoutOf(int chunks, int n_groups, bool 
   l.sums_off = static_cast<size_t>(chunks) * 64;
   l.chan_off = (l.sums_off + 4 * static_cast<size_t>(n_groups) + 15) / 16 * 16;
   l.meta_off = l.chan_off + 4 * static_cast<size_t>(kWarps) * rows;
-  l.prod_off = (l.meta_off + (grouped ? 4 * kWarps * per_set : 0) + 15) / 16 * 16;
+  l.gdot_off = l.meta_off + (grouped ? 4 * kWarps * per_set : 0);
+  l.prod_off = (l.gdot_off + (grouped ? 4 * kWarps * per_set : 0) + 15) / 16 * 16;
   l.bytes = l.prod_off + (grouped ? 8 * kWarps * per_set : 0);
   return l;
 }
@@ -198,6 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
   int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem + sl.sums_off);
   uint32_t* s_chan = reinterpret_cast<uint32_t*>(dp4a_smem + sl.chan_off) + warp * R;
   uint32_t* s_meta = reinterpret_cast<uint32_t*>(dp4a_smem + sl.meta_off) + warp * R * n_groups;
+  uint32_t* s_gdot = reinterpret_cast<uint32_t*>(dp4a_smem + sl.gdot_off) + warp * R * n_groups;
   double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * R * n_groups;
   const uint4* digits = reinterpret_cast<const uint4*>(w.digits);
   const int64_t sets = (w.n + R - 1) / R;
@@ -276,7 +280,6 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
         }
         if (r >= rows) break;  // warp-uniform
         const int ci = 32 * (s0 + si) + lane;
-        const int64_t o = o0 + r;
         uint32_t v = 0;
         if (ci < chunks) {
           const int swz = (ci >> 1) & 3;
@@ -310,8 +313,17 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
           continue;
         }
         for (int off = 1; off < L; off <<= 1) v += __shfl_xor_sync(kFull, v, off);
-        if (ci < chunks && (lane & (L - 1)) == 0) {
-          const int g = ci >> p.group_shift;
+        if (ci < chunks && (lane & (L - 1)) == 0) s_gdot[r * n_groups + (ci >> p.group_shift)] = v;
+      }
+    }
+    // The groups' products, every lane a group (a group lies within one piece, so its dot is
+    // complete): c_G = dot − z·Σa and c_G·s_w in fp64, before the next set's meta words arrive.
+    if (grouped) {
+      __syncwarp();  // the set's group dots
+      for (int r = 0; r < rows; ++r) {
+        const int64_t o = o0 + r;
+        for (int g = lane; g < n_groups; g += 32) {
+          const uint32_t v = s_gdot[r * n_groups + g];
           double scale;
           uint32_t z;
           if (meta) {
