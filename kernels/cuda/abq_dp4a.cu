@@ -35,7 +35,10 @@
 //   - A set's first round is loaded before griddepcontrol.wait (programmatic launch: the kernel
 //     before it on the stream may still be running and writing x; it does not write the weights),
 //     with the set's s_w and z words copied into the warp's shared memory (cp.async); the next
-//     set's before this set's epilogue.
+//     set's before this set's epilogue. Where a row takes several rounds, the rounds after the
+//     first go to shared memory by cp.async at the same time, as many whole rounds as fit
+//     (kMaxShared), so that they do not wait for the first round's arithmetic (W4 at K = 11008:
+//     3 slots in registers, 3 staged).
 //   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, one block, the
 //     stream's previous launch): the maximum over x by a block reduction, s_a = max / qmax, the
 //     codes as AbqQuantizeActivations (IEEE division, RoundHalfEven, the clamp that maps NaN to
@@ -105,14 +108,20 @@ struct Dp4aParams {
   int group_shift;   // log2(L)
   int rows;          // R: rows a warp loads at once (a row set)
   int slots;         // 32-chunk slots a round: all of a row's when R > 1
+  // Slots after a row's first round that come through shared memory (cp.async, issued with the
+  // first round; R = 1 only, a multiple of a round or all the rest), so that they are in flight
+  // together with the first round instead of being loaded after its arithmetic.
+  int stage_slots;
 };
 
 // The shared-memory offsets: activation codes [K] bytes, Σa [n_groups], then per warp its row
 // set's dots (one group) or meta words and products (grouped).
 struct SharedLayout {
-  size_t sums_off = 0, chan_off = 0, meta_off = 0, gdot_off = 0, prod_off = 0, bytes = 0;
+  size_t sums_off = 0, chan_off = 0, meta_off = 0, gdot_off = 0, prod_off = 0, stage_off = 0;
+  size_t bytes = 0;
 };
-__host__ __device__ inline SharedLayout LayoutOf(int chunks, int n_groups, bool grouped, int rows) {
+__host__ __device__ inline SharedLayout LayoutOf(int chunks, int n_groups, bool grouped, int rows,
+                                                 int digits, int stage_slots) {
   SharedLayout l;
   const size_t per_set = static_cast<size_t>(rows) * n_groups;
   l.sums_off = static_cast<size_t>(chunks) * 64;
@@ -120,12 +129,15 @@ __host__ __device__ inline SharedLayout LayoutOf(int chunks, int n_groups, bool 
   l.meta_off = l.chan_off + 4 * static_cast<size_t>(kWarps) * rows;
   l.gdot_off = l.meta_off + (grouped ? 4 * kWarps * per_set : 0);
   l.prod_off = (l.gdot_off + (grouped ? 4 * kWarps * per_set : 0) + 15) / 16 * 16;
-  l.bytes = l.prod_off + (grouped ? 8 * kWarps * per_set : 0);
+  l.stage_off = l.prod_off + (grouped ? 8 * kWarps * per_set : 0);
+  l.bytes = l.stage_off + static_cast<size_t>(kWarps) * stage_slots * digits * 32 * 16;
   return l;
 }
 
 // Digits a code of wb bits: 1, 2 (W3, W4) or 4.
 __host__ __device__ inline int DigitsOf(int wb) { return (wb + 1) / 2; }
+// Whether the kernel of kD digits stages the rounds after a row's first in shared memory.
+__host__ __device__ constexpr bool StagesRounds(int digits) { return digits == 2; }
 
 __device__ __forceinline__ int32_t Quantize(float x, float s_a, float qmax) {
   if (s_a == 0.0f) return 0;
@@ -196,13 +208,18 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
   const int chunks = p.chunks, n_groups = w.n_groups, L = p.group_chunks, R = p.rows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool grouped = L > 0, meta = w.meta_rows != nullptr;
-  const SharedLayout sl = LayoutOf(chunks, n_groups, grouped, R);
+  // Staged rounds only in the two-digit kernel (W3, W4): measured, they cost the one- and
+  // four-digit kernels more (registers, spills) than they saved (docs/BENCHMARKS.md, 2026-12-06).
+  const int stage_slots = StagesRounds(kD) ? p.stage_slots : 0;
+  const SharedLayout sl = LayoutOf(chunks, n_groups, grouped, R, kD, stage_slots);
   const uint4* s_act = reinterpret_cast<const uint4*>(dp4a_smem);
   int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem + sl.sums_off);
   uint32_t* s_chan = reinterpret_cast<uint32_t*>(dp4a_smem + sl.chan_off) + warp * R;
   uint32_t* s_meta = reinterpret_cast<uint32_t*>(dp4a_smem + sl.meta_off) + warp * R * n_groups;
   uint32_t* s_gdot = reinterpret_cast<uint32_t*>(dp4a_smem + sl.gdot_off) + warp * R * n_groups;
   double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * R * n_groups;
+  uint4* s_stage =
+      reinterpret_cast<uint4*>(dp4a_smem + sl.stage_off) + warp * stage_slots * kD * 32;
   const uint4* digits = reinterpret_cast<const uint4*>(w.digits);
   const int64_t sets = (w.n + R - 1) / R;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -237,12 +254,39 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
     mma::CopyAsyncCommit();
   };
   const int round_slots = R > 1 ? total_slots : min(p.slots, total_slots);
+  // Row t's staged slots (R = 1): slot round_slots + sr, digit d at s_stage[(sr·kD + d)·32 + lane].
+  auto stage = [&](int64_t t) {
+    if constexpr (StagesRounds(kD)) {
+      if (stage_slots == 0) return;
+      for (int sr = 0; sr < stage_slots; ++sr) {
+        const int ci = 32 * (round_slots + sr) + lane;
+#pragma unroll
+        for (int d = 0; d < kD; ++d) {
+          const uint4* src = digits + (t * kD + d) * chunks + min(ci, chunks - 1);
+          mma::CopyAsync16(s_stage + (sr * kD + d) * 32 + lane, src, ci < chunks ? 16 : 0);
+        }
+      }
+      mma::CopyAsyncCommit();
+    }
+  };
+  // A staged round into the registers (R = 1: pieces past the round's ns slots are unused).
+  auto load_staged = [&](int s0, int ns) {
+    int sl_ = 0;
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      const int d = i % kD;
+      if (i > 0 && d == 0) ++sl_;
+      const int sr = s0 + sl_ - round_slots;
+      piece[i] = sl_ < ns ? s_stage[(sr * kD + d) * 32 + lane] : uint4{0, 0, 0, 0};
+    }
+  };
 
   // 1. Before anything that depends on the kernel before this one: the first set's first round.
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (first < sets) {
     load(first, 0, round_slots);
     load_meta(first);
+    stage(first);
   }
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -270,7 +314,11 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
     __syncwarp();  // the set's meta words and zeroed dots
     for (int s0 = 0; s0 < total_slots; s0 += round_slots) {
       const int ns = min(round_slots, total_slots - s0);
-      if (s0 > 0) load(t, s0, ns);
+      if (StagesRounds(kD) && s0 > 0 && s0 < round_slots + stage_slots) {
+        load_staged(s0, ns);
+      } else if (s0 > 0) {
+        load(t, s0, ns);
+      }
       int r = 0, si = -1;  // (rs / ns, rs % ns) of piece i0 = rs·kD, stepped
 #pragma unroll
       for (int i0 = 0; i0 < kP; i0 += kD) {
@@ -349,6 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
     if (t + warps < sets) {
       load(t + warps, 0, round_slots);
       load_meta(t + warps);
+      stage(t + warps);
     }
     if (!grouped) {
       if (lane < rows) {
@@ -459,12 +508,22 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
     rows = static_cast<int>(std::clamp<int64_t>(needed, 1, pieces / (total_slots * nd)));
     slots = total_slots;
   }
-  size_t bytes = LayoutOf(chunks, w.n_groups, l > 0, rows).bytes;
+  size_t bytes = LayoutOf(chunks, w.n_groups, l > 0, rows, nd, 0).bytes;
   if (bytes > kMaxShared && rows > 1) {
     rows = 1;
-    bytes = LayoutOf(chunks, w.n_groups, l > 0, rows).bytes;
+    bytes = LayoutOf(chunks, w.n_groups, l > 0, rows, nd, 0).bytes;
   }
   if (bytes > kMaxShared) return false;
+  // The rounds after the first through shared memory, as many as fit: whole rounds, or all the
+  // rest.
+  int stage = 0;
+  if (StagesRounds(nd) && rows == 1 && total_slots > slots) {
+    const size_t per_slot = static_cast<size_t>(kWarps) * nd * 32 * 16;
+    const int rest = total_slots - slots;
+    stage = std::min<int>(rest, static_cast<int>((kMaxShared - bytes) / per_slot));
+    if (stage < rest) stage = stage / slots * slots;
+    bytes = LayoutOf(chunks, w.n_groups, l > 0, rows, nd, stage).bytes;
+  }
   plan.p.w = w;
   plan.p.chunks = chunks;
   plan.p.group_chunks = l;
@@ -472,6 +531,7 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   while (l > 0 && (1 << plan.p.group_shift) < l) ++plan.p.group_shift;
   plan.p.rows = rows;
   plan.p.slots = slots;
+  plan.p.stage_slots = stage;
   plan.bytes = bytes;
   const int64_t sets = (w.n + rows - 1) / rows;
   plan.blocks = static_cast<int>(std::min<int64_t>((sets + kWarps - 1) / kWarps, sms));
