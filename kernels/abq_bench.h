@@ -56,11 +56,11 @@ struct AbqBenchRow {
   // "cublas", "cublas-int8", "a16", "b1", "int8", at m <= kAbqDecodeTokens "b1-decode" and
   // "b1-tiled" (the b1 decode and tiled kernels, where "b1" runs the GEMV kernel for m <= 4),
   // "b1-fused" where the one-launch layer applies (m = 1, K a multiple of 128), "dp4a" where the
-  // one-launch dp4a layer does (m = 1, K a multiple of 64: not b1), and at m <=
-  // kAbqGemvTokens "prologue" and "b1-gemm" (the b1 layer's two launches timed apart);
-  // "null" (config "-") is a near-empty kernel timed the same way: the harness's floor; "read"
-  // (beside each "dp4a" row) one launch that only streams that row's bytes (LaunchReadFloor):
-  // the floor of a one-launch layer.
+  // dp4a layer does (m = 1, K a multiple of 64: not b1; its activation kernel and GEMV), and at m
+  // <= kAbqGemvTokens "prologue" and "b1-gemm" (the b1 layer's two launches timed apart); "null"
+  // (config "-") is a near-empty kernel timed the same way: the harness's floor; "read" (beside
+  // each "dp4a" row) one launch that only streams that row's bytes (LaunchReadFloor): the floor of
+  // a one-launch layer.
   std::string kernel;
   double seconds = 0;  // mean per whole-layer call
   double bytes = 0;    // the least the call must move through device memory (see abq_bench.cc)
