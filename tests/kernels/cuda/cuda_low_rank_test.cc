@@ -121,6 +121,42 @@ class CudaLowRankTest : public CudaBackendTest {
     cpu->d_in = n;
     cpu->factor.assign(host.begin(), host.end());
   }
+
+  // l.w := ŵ + Σ_t c(t)·g_t h_tᵀ, g_t and h_t Gaussian over sqrt(d_out) and sqrt(d_in) (TestRng
+  // `seed`: g before h, term by term).
+  template <typename Coefficient>
+  void AddLowRankError(Layer& l, int64_t terms, uint64_t seed, Coefficient c) {
+    testing::TestRng rng(seed);
+    std::vector<double> e(l.d_out * l.d_in, 0.0);
+    for (int64_t t = 0; t < terms; ++t) {
+      std::vector<double> g(l.d_out), h(l.d_in);
+      for (double& v : g) v = rng.Normal() / std::sqrt(double(l.d_out));
+      for (double& v : h) v = rng.Normal() / std::sqrt(double(l.d_in));
+      const double ct = c(t);
+      for (int64_t o = 0; o < l.d_out; ++o) {
+        for (int64_t j = 0; j < l.d_in; ++j) e[o * l.d_in + j] += ct * g[o] * h[j];
+      }
+    }
+    for (size_t i = 0; i < e.size(); ++i) l.w[i] = l.w_hat[i] + static_cast<float>(e[i]);
+  }
+
+  // kFull and kRandomized of l at `rank` with `kind`'s whitening (its CPU copy into cpu_s).
+  void FullAndRandomized(const Layer& l, Kind kind, int64_t rank, LowRankTensors* full,
+                         LowRankTensors* rnd, WhiteningFactor* cpu_s) {
+    Tensor s;
+    Whitening(l, kind, &s, cpu_s);
+    const Tensor w = Upload(l.w, {l.d_out, l.d_in}), w_hat = Upload(l.w_hat, {l.d_out, l.d_in});
+    LowRankOptions options;
+    options.rank = static_cast<int>(rank);
+    options.svd = SvdMethod::kFull;
+    auto f = be_->ReconstructError(w, w_hat, s, options);
+    ASSERT_TRUE(f.ok()) << f.status();
+    options.svd = SvdMethod::kRandomized;
+    auto r = be_->ReconstructError(w, w_hat, s, options);
+    ASSERT_TRUE(r.ok()) << r.status();
+    *full = std::move(*f);
+    *rnd = std::move(*r);
+  }
 };
 
 std::vector<double> ToDouble(const std::vector<float>& v) {
@@ -273,43 +309,23 @@ TEST_F(CudaLowRankTest, RandomizedFindsTheLeadingSingularValuesOfADecayingSpectr
   // E = Σ_i exp(-i/10) g_i h_iᵀ (Gaussian g, h), added to an RTN-quantized W.
   const int64_t d_out = 300, d_in = 200, terms = 120, rank = 16;
   Layer l = MakeLayer(d_out, d_in, 2 * d_in, 50);
-  testing::TestRng rng(51);
-  std::vector<double> e(d_out * d_in, 0.0);
-  for (int64_t t = 0; t < terms; ++t) {
-    std::vector<double> g(d_out), h(d_in);
-    for (double& v : g) v = rng.Normal() / std::sqrt(double(d_out));
-    for (double& v : h) v = rng.Normal() / std::sqrt(double(d_in));
-    const double c = 0.05 * std::exp(-double(t) / 10);
-    for (int64_t o = 0; o < d_out; ++o) {
-      for (int64_t j = 0; j < d_in; ++j) e[o * d_in + j] += c * g[o] * h[j];
-    }
-  }
-  for (size_t i = 0; i < e.size(); ++i) l.w[i] = l.w_hat[i] + static_cast<float>(e[i]);
-  const Tensor w = Upload(l.w, {d_out, d_in}), w_hat = Upload(l.w_hat, {d_out, d_in});
+  AddLowRankError(l, terms, 51, [](int64_t t) { return 0.05 * std::exp(-double(t) / 10); });
   for (Kind kind : {Kind::kNone, Kind::kCholesky}) {
     SCOPED_TRACE(KindName(kind));
-    Tensor s;
+    LowRankTensors full, rnd;
     WhiteningFactor cpu_s;
-    Whitening(l, kind, &s, &cpu_s);
-    LowRankOptions options;
-    options.rank = rank;
-    options.svd = SvdMethod::kFull;
-    auto full = be_->ReconstructError(w, w_hat, s, options);
-    ASSERT_TRUE(full.ok()) << full.status();
-    options.svd = SvdMethod::kRandomized;
-    auto rnd = be_->ReconstructError(w, w_hat, s, options);
-    ASSERT_TRUE(rnd.ok()) << rnd.status();
-    ASSERT_EQ(rnd->singular_values.size(), static_cast<size_t>(rank));
+    FullAndRandomized(l, kind, rank, &full, &rnd, &cpu_s);
+    if (HasFatalFailure()) return;
+    ASSERT_EQ(rnd.singular_values.size(), static_cast<size_t>(rank));
     for (int64_t i = 0; i < rank; ++i) {
-      EXPECT_NEAR(rnd->singular_values[i], full->singular_values[i],
-                  kRandomizedSigmaBound * full->singular_values[i])
+      EXPECT_NEAR(rnd.singular_values[i], full.singular_values[i],
+                  kRandomizedSigmaBound * full.singular_values[i])
           << "sigma " << i;
     }
-    EXPECT_LE(rnd->error_after, kRandomizedErrorRatio * full->error_after);
+    EXPECT_LE(rnd.error_after, kRandomizedErrorRatio * full.error_after);
     const std::vector<double> p_full =
-        Product(Download(full->a), Download(full->b), d_out, d_in, rank);
-    const std::vector<double> p_rnd =
-        Product(Download(rnd->a), Download(rnd->b), d_out, d_in, rank);
+        Product(Download(full.a), Download(full.b), d_out, d_in, rank);
+    const std::vector<double> p_rnd = Product(Download(rnd.a), Download(rnd.b), d_out, d_in, rank);
     EXPECT_LE(RelativeDifference(p_rnd, p_full), 1e-2);
   }
 }
@@ -320,43 +336,25 @@ TEST_F(CudaLowRankTest, RandomizedHandlesAnErrorOfLowerRankThanTheSketch) {
   // by round-off pivots). The result must still be E's exact factorization.
   const int64_t d_out = 120, d_in = 96, true_rank = 3, rank = 8;
   Layer l = MakeLayer(d_out, d_in, 2 * d_in, 70);
-  testing::TestRng rng(71);
-  std::vector<double> e(d_out * d_in, 0.0);
-  for (int64_t t = 0; t < true_rank; ++t) {
-    std::vector<double> g(d_out), h(d_in);
-    for (double& v : g) v = rng.Normal();
-    for (double& v : h) v = rng.Normal();
-    for (int64_t o = 0; o < d_out; ++o) {
-      for (int64_t j = 0; j < d_in; ++j) e[o * d_in + j] += 0.01 * g[o] * h[j];
-    }
-  }
-  for (size_t i = 0; i < e.size(); ++i) l.w[i] = l.w_hat[i] + static_cast<float>(e[i]);
-  const Tensor w = Upload(l.w, {d_out, d_in}), w_hat = Upload(l.w_hat, {d_out, d_in});
+  const double c = 0.01 * std::sqrt(double(d_out * d_in));  // entries of E about 0.01
+  AddLowRankError(l, true_rank, 71, [c](int64_t) { return c; });
   for (Kind kind : {Kind::kNone, Kind::kCholesky}) {
     SCOPED_TRACE(KindName(kind));
-    Tensor s;
+    LowRankTensors full, rnd;
     WhiteningFactor cpu_s;
-    Whitening(l, kind, &s, &cpu_s);
-    LowRankOptions options;
-    options.rank = rank;
-    options.svd = SvdMethod::kFull;
-    auto full = be_->ReconstructError(w, w_hat, s, options);
-    ASSERT_TRUE(full.ok()) << full.status();
-    options.svd = SvdMethod::kRandomized;
-    auto rnd = be_->ReconstructError(w, w_hat, s, options);
-    ASSERT_TRUE(rnd.ok()) << rnd.status();
-    ASSERT_EQ(rnd->singular_values.size(), static_cast<size_t>(rank));
+    FullAndRandomized(l, kind, rank, &full, &rnd, &cpu_s);
+    if (HasFatalFailure()) return;
+    ASSERT_EQ(rnd.singular_values.size(), static_cast<size_t>(rank));
     for (int64_t i = 0; i < true_rank; ++i) {
-      EXPECT_NEAR(rnd->singular_values[i], full->singular_values[i],
-                  kSigmaRelBound * full->singular_values[i])
+      EXPECT_NEAR(rnd.singular_values[i], full.singular_values[i],
+                  kSigmaRelBound * full.singular_values[i])
           << "sigma " << i;
     }
-    for (double sigma : rnd->singular_values) EXPECT_TRUE(std::isfinite(sigma));
-    // E − Ŵ's own rounding: what is left is the fp32 rounding of W = Ŵ + E, far below E.
-    EXPECT_LE(rnd->error_after, 1e-3 * rnd->error_before);
-    const std::vector<double> p = Product(Download(rnd->a), Download(rnd->b), d_out, d_in, rank);
-    EXPECT_NEAR(WhitenedResidual(l, p, cpu_s), rnd->error_after,
-                kResidualBound * rnd->error_before);
+    for (double sigma : rnd.singular_values) EXPECT_TRUE(std::isfinite(sigma));
+    // What is left is the fp32 rounding of W = Ŵ + E, far below E.
+    EXPECT_LE(rnd.error_after, 1e-3 * rnd.error_before);
+    const std::vector<double> p = Product(Download(rnd.a), Download(rnd.b), d_out, d_in, rank);
+    EXPECT_NEAR(WhitenedResidual(l, p, cpu_s), rnd.error_after, kResidualBound * rnd.error_before);
   }
 }
 
