@@ -336,9 +336,9 @@ struct CudaAbqLinear::State {
     }
     return *dp4a_one_token;
   }
-  // Whether a whole-layer call of m tokens through `kernel` from x into y runs a one-launch
-  // kernel (the fused b1 layer, or the dp4a one): x 16-byte aligned, and x and y apart (their
-  // blocks write y while others still read x).
+  // Whether a whole-layer call of m tokens through `kernel` from x into y runs a one-token layer
+  // kernel from x (the fused b1 layer in one launch, or the dp4a one in two): x 16-byte aligned,
+  // and x and y apart (the fused layer's blocks write y while others still read x).
   bool Fused(AbqKernel kernel, int64_t m, const float* x, const float* y) const {
     const auto at = [](const float* p) { return reinterpret_cast<uintptr_t>(p); };
     const bool apart = at(x + m * k) <= at(y) || at(y + m * n) <= at(x);
@@ -346,7 +346,7 @@ struct CudaAbqLinear::State {
     if (b1 == B1Kernel::kFused) return FusedTakesOneToken();
     return b1 == B1Kernel::kDp4a && Dp4aTakesOneToken();
   }
-  // The one-launch layer on weights `w` (this layer's or a copy's) for one token.
+  // The one-token layer (fused b1 or dp4a) on weights `w` (this layer's or a copy's).
   absl::Status LaunchFused(const cuda::AbqDeviceWeights& w, const float* x, float* y,
                            int32_t* dot) {
     if (b1 == B1Kernel::kDp4a) {

@@ -89,9 +89,9 @@ class CudaAbqLinear {
   // Choosing kFused first makes the weights' one-word scales and zero points where it can
   // (HasCompactMeta): errors are a failed transfer or out of device memory.
   // kDp4a is not b1: the one-token layer on the CUDA cores (abq_dp4a.cu: the codes as 2-bit
-  // digits, dp4a against the int8 activation codes, the prologue in the same launch) where
-  // Dp4aApplies, else kDispatch's kernels; the same bits. Choosing it makes its digit layout
-  // (and the one-word scales where it can).
+  // digits, dp4a against the int8 activation codes, which a small kernel launched just before
+  // makes) where Dp4aApplies, else kDispatch's kernels; the same bits. Choosing it makes its digit
+  // layout, its activation scratch (and the one-word scales where it can).
   enum class B1Kernel { kDispatch, kDecode, kTiled, kFused, kDp4a };
   absl::Status set_b1_kernel(B1Kernel b1);
 
