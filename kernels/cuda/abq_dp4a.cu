@@ -32,8 +32,10 @@
 //     lane allow (11,008 rows of K = 4096 at W2: 3), or one row in rounds of slots where a row
 //     needs more pieces than that (a slot: 32 chunks, one a lane). Warp v of the grid takes sets
 //     v, v + warps, ...
-//   - A set's first round is loaded before griddepcontrol.wait (programmatic launch: the kernel
-//     before it on the stream may still be running and writing x; it does not write the weights),
+//   - A set's first round is loaded before griddepcontrol.wait (programmatic launch: the
+//     activation kernel before it may still be running, and it lets this kernel start before it
+//     has itself waited for the kernels before it, which may still be writing x but must not write
+//     the weights),
 //     with the set's s_w and z words copied into the warp's shared memory (cp.async); the next
 //     set's before this set's epilogue. Where a row takes several rounds, the rounds after the
 //     first go to shared memory by cp.async at the same time, as many whole rounds as fit
@@ -54,13 +56,17 @@
 //   - The epilogue, a warp a row, as abq_gemv_fused.cu's: where every addition of the products is
 //     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
 //     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
-// Measured (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1 layer but at W2A8 and W4A8
-// on 4096 × 11008, and far from the bandwidth everywhere. Profiled (ncu, H100, 2026-12-06) when
-// every block quantized the token itself: 10.3 M warp instructions for W2A8 4096 × 11008, the SMs'
-// issue slots 51% busy: the per-block quantization 26% of them, index arithmetic with runtime
-// divisions in the loads and the chunk loop another large share, the dp4a arithmetic itself
-// about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns), the masked digits and
-// the groups' fp64 products formed once a set by every lane rather than a piece by a few.
+// Measured before this layer's rework (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1
+// layer but at W2A8 and W4A8 on 4096 × 11008, and far from the bandwidth everywhere. Profiled (ncu,
+// H100, 2026-12-06) when every block quantized the token itself: 10.3 M warp instructions for W2A8
+// 4096 × 11008, the SMs' issue slots 51% busy: the per-block quantization 26% of them, index
+// arithmetic with runtime divisions in the loads and the chunk loop another large share, the dp4a
+// arithmetic itself about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns), the
+// masked digits and the groups' fp64 products formed once a set by every lane rather than a piece
+// by a few (docs/BENCHMARKS.md 2026-12-06: W2A8 15.5 → 12.1 µs, W4A8 18.5 → 16.7). Where the GEMV
+// takes every SM (plan.blocks == SM count, e.g. 8192 × 28672), one of its blocks cannot start until
+// the one-block activation kernel has left its SM (a GEMV block needs a whole register file); not
+// measured apart.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
 // s_w) where every scale is an fp16 value, else from `scales` and `zeros` ([n_groups][n]).
 // Applies to m = 1, activation bits 4 and 8, weight bits 2, 3, 4 and 8, K a multiple of 64, one
@@ -115,7 +121,8 @@ struct Dp4aParams {
 };
 
 // The shared-memory offsets: activation codes [K] bytes, Σa [n_groups], then per warp its row
-// set's dots (one group) or meta words and products (grouped).
+// set's dots (one group) or meta words, group dots and products (grouped), and its staged
+// rounds (stage_slots · digits · 32 pieces of 16 bytes).
 struct SharedLayout {
   size_t sums_off = 0, chan_off = 0, meta_off = 0, gdot_off = 0, prod_off = 0, stage_off = 0;
   size_t bytes = 0;
@@ -364,8 +371,9 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
         if (ci < chunks && (lane & (L - 1)) == 0) s_gdot[r * n_groups + (ci >> p.group_shift)] = v;
       }
     }
-    // The groups' products, every lane a group (a group lies within one piece, so its dot is
-    // complete): c_G = dot − z·Σa and c_G·s_w in fp64, before the next set's meta words arrive.
+    // The groups' products, every lane a group (a group's L <= 32 chunks lie within one slot of a
+    // piece, so its dot is complete): c_G = dot − z·Σa and c_G·s_w in fp64, before the next set's
+    // meta words arrive.
     if (grouped) {
       __syncwarp();  // the set's group dots
       for (int r = 0; r < rows; ++r) {

@@ -115,8 +115,8 @@ cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits, c
 
 // Whether LaunchAbqDp4aGemv takes m tokens of `w` with ab-bit activations: m = 1, ab 4 or 8,
 // weight bits 2, 3, 4 or 8, K a multiple of 64, one k-group or groups of 64·2^i columns up to
-// 2048, and shared memory (K bytes of codes, Σa, the warps' meta words and products) within
-// 200 KiB.
+// 2048, and shared memory (K bytes of codes, Σa, the warps' meta words, group dots, products and
+// staged rounds) within 200 KiB.
 bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 
 // Bytes of the scratch LaunchAbqDp4aGemv needs for `w` (the token's codes, Σa per k-group, s_a).
@@ -128,9 +128,10 @@ int64_t AbqDp4aScratchBytes(const AbqDeviceWeights& w);
 // aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm bit for bit; dot [w.n][w.n_groups]
 // receives the integer sums when not null. Reads w.digits (and w.meta_rows where not null, else
 // w.scales and w.zeros). Programmatic stream serialization for both: the GEMV reads the weights
-// before griddepcontrol.wait, so the kernel before it on the stream must not write them (it may
-// write x). x and y must not overlap. cudaErrorInvalidValue where AbqDp4aGemvApplies is false,
-// w.digits or scratch is null, or x or scratch is not 16-byte aligned.
+// before griddepcontrol.wait and may start while the kernels before the activation kernel still
+// run, so those must not write the weights (they may write x). x and y must not overlap.
+// cudaErrorInvalidValue where AbqDp4aGemvApplies is false, w.digits or scratch is null, or x or
+// scratch is not 16-byte aligned.
 cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
                               int32_t* dot, void* scratch, cudaStream_t stream);
 

@@ -585,7 +585,8 @@ absl::StatusOr<double> CudaAbqLinear::TimeForward(int64_t m, AbqKernel kernel, i
   const bool fused = st.Fused(kernel, m, dx.get(), dy.get());
   if (fused && part != Part::kWhole) {
     return absl::InvalidArgumentError(
-        "ABQ (CUDA): the fused kernel is one launch; it has no prologue or GEMM to time apart");
+        "ABQ (CUDA): the one-token layer (fused b1: one launch; dp4a: its own two) has no b1 "
+        "prologue or GEMM to time apart");
   }
   if (part == Part::kGemm) QCAL_RETURN_IF_ERROR(st.Prologue(dx.get(), da, m));
   // One call on weights w: the layer, or the part of it being timed.

@@ -62,7 +62,9 @@ class Solver {
  public:
   explicit Solver(const QuantContext& ctx) : ctx_(ctx) {}
 
-  // `calls`: how many cuSOLVER calls with an info word the op makes.
+  // `calls`: how many cuSOLVER calls with an info word the op may make (at most: CholeskyQr's
+  // factorizations have their own words, read by CholeskyQr; only a Householder fallback and the
+  // SVDs take these).
   absl::Status Init(int calls) {
     slots_ = calls;
     QCAL_RETURN_IF_ERROR(params_.Create());
@@ -118,8 +120,10 @@ class Solver {
     QCAL_RETURN_IF_ERROR(CudaStatus(
         cudaMemcpyAsync(saved.raw(), x, saved.nbytes(), cudaMemcpyDeviceToDevice, ctx_.stream),
         "CholeskyQR: saving x"));
-    // r1 and r2 start at 0 so that their strict lower triangles (which neither syrk nor potrf
-    // writes) are 0 in R = R₂R₁.
+    // r1 and r2 start at 0 so that their strict lower triangles are 0 in R = R₂R₁: syrk with
+    // CUBLAS_FILL_MODE_UPPER writes only the upper triangle, and potrf with it processes only the
+    // upper triangle (cuSOLVER's documentation; LAPACK's dpotrf leaves the other untouched). The
+    // randomized tests' final QR, whose R goes through the k x k SVD, would see a nonzero one.
     QCAL_ASSIGN_OR_RETURN(Tensor factors, ctx_.alloc(DType::kF64, {2, cols, cols}));
     QCAL_RETURN_IF_ERROR(CudaStatus(
         cudaMemsetAsync(factors.raw(), 0, factors.nbytes(), ctx_.stream), "CholeskyQR: clearing"));
@@ -611,7 +615,8 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
     }
   }
 
-  // Info words: one SVD (kFull); two per QR, 2 + 4q + 2 of them, and one SVD (kRandomized).
+  // Info words: one SVD (kFull); two per QR that falls back to Householder, 2 + 4q + 2 of them at
+  // most, and one SVD (kRandomized).
   Solver solver(ctx);
   QCAL_RETURN_IF_ERROR(
       solver.Init(options.svd == SvdMethod::kFull ? 1 : 4 * options.power_iterations + 5));

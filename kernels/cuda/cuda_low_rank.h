@@ -19,7 +19,8 @@
 //                k = min(r + oversample, min(d_out, d_in)) sketch columns: Y = M-side sketch of a
 //                Gaussian Ω (hash_random.h, seeded), `power_iterations` subspace iterations with
 //                a QR after every product (CholeskyQR2: syrk, potrf, trsm, twice; Householder
-//                geqrf + orgqr where a Gram is not positive definite), then B = QᵀM factored as
+//                geqrf + orgqr where a Gram is not positive definite, R₁'s pivots spread over
+//                1e6 or R₂'s diagonal is off 1 by more than 0.1), then B = QᵀM factored as
 //                a QR of Bᵀ and the SVD of its k x k triangle (gesvdj). σ are the r leading
 //                singular values of B (never above M's); error_before = ‖M‖_F (nrm2) and
 //                error_after = sqrt(max(0, ‖M‖_F² − Σ_{i<=r} σ_i²)), which is exactly the
