@@ -123,13 +123,22 @@ QCAL_HOST_DEVICE inline float RoundScaleToHalf(double x) {
 }
 
 // round(x) with ties to even, independent of the floating-point environment's rounding mode.
+// On the device, rint (one cvt.rni: ties to even, no rounding-mode state there) with the sign of
+// a zero result fixed to the floor form's, which gives −0 only for x = −0 (x in [−0.5, 0) gives
+// f + 1 = +0): the same value and bits for every input, NaN and infinities included, in 3
+// instructions instead of a branchy sequence whose tie case calls fmod.
 template <typename T>
 QCAL_HOST_DEVICE inline T RoundHalfEven(T x) {
+#ifdef __CUDA_ARCH__
+  const T r = rint(x);
+  return r == T(0) && x != T(0) ? T(0) : r;
+#else
   const T f = std::floor(x);
   const T frac = x - f;  // exact for every finite x
   if (frac > T(0.5)) return f + T(1);
   if (frac < T(0.5)) return f;
   return std::fmod(f, T(2)) == T(0) ? f : f + T(1);
+#endif
 }
 
 // y(w): the value the uniform grid is laid over (w itself, or its signed cube root).

@@ -556,6 +556,33 @@ TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
   EXPECT_TRUE(be_->SupportsOp(Op::kActQuant));
 }
 
+// The rounding itself, bit for bit (memcmp, so that −0 and +0 differ): s = 127 / 127 = 1 makes
+// x / s = x, and x holds exact ties of both parities and signs, quotients in [−0.5, 0) (whose
+// code is +0 in the reference's floor form, −0 under a plain rint), ±0 and values an ulp from a
+// tie.
+TEST_F(CudaQuantTest, ActQuantRoundsTiesAndZerosLikeTheReference) {
+  std::vector<float> x = {127.0f, 0.5f,   1.5f,  2.5f,  -0.5f,  -1.5f, -2.5f, 126.5f, -125.5f,
+                          -0.3f,  -0.0f,  0.0f,  0.3f,  -1e-30f, 1e-30f, -0.49999997f};
+  for (float t : {0.5f, 3.5f, -4.5f}) {
+    x.push_back(std::nextafter(t, 0.0f));
+    x.push_back(std::nextafter(t, 2 * t));
+  }
+  const auto width = static_cast<int64_t>(x.size());
+  std::vector<float> ref(x.size());
+  ref::ActQuant(x.data(), 1, width, 8, ref.data());
+  Tensor xd = Upload(x, {1, width});
+  auto out = be_->Alloc(DType::kF32, {1, width});
+  ASSERT_TRUE(out.ok());
+  ASSERT_TRUE(be_->ActQuant(xd, 8, *out).ok());
+  const std::vector<float> got = Download<float>(*out);
+  ASSERT_EQ(got.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_EQ(std::memcmp(&got[i], &ref[i], sizeof(float)), 0)
+        << "x = " << x[i] << ": " << got[i] << " vs " << ref[i];
+  }
+  EXPECT_TRUE(std::signbit(ref[9]) == false && std::signbit(ref[10]));  // −0.3 → +0, −0 → −0
+}
+
 // ActQuantLinear in f32: ref::ActQuantLinear's bits when the fp64 sums are exact (weights that are
 // fp16 scales times small integers, as a checkpoint's), with and without bias and accumulation,
 // bf16 weights included; within fp64 rounding of it (so at most an fp32 ulp apart, rarely) for
