@@ -41,8 +41,9 @@
 //     first go to shared memory by cp.async at the same time, as many whole rounds as fit
 //     (kMaxShared), so that they do not wait for the first round's arithmetic (W4 at K = 11008:
 //     3 slots in registers, 3 staged).
-//   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, one block, the
-//     stream's previous launch): the maximum over x by a block reduction, s_a = max / qmax, the
+//   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, up to
+//     kActBlocks blocks, each coding a slice of whole k-groups after the maximum over all of x;
+//     the stream's previous launch): the maximum over x by a block reduction, s_a = max / qmax, the
 //     codes as AbqQuantizeActivations (IEEE division, RoundHalfEven, the clamp that maps NaN to
 //     −qmax), Σa per k-group (integer atomics: exact in any order), into a scratch buffer. It
 //     triggers this kernel's launch first thing, so the weights stream while it runs; after
@@ -91,6 +92,9 @@ namespace qcal::kernels::cuda {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
+// The activation kernel's blocks at most: few, as the GEMV takes one block an SM (128 SMs of a
+// 4096-row layer, leaving 4 of an H100's 132 beside it).
+constexpr int kActBlocks = 4;
 constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
 // 16-byte weight pieces a lane holds at once (rows × slots × digits): 6, or 4 at four digits (64
@@ -112,6 +116,8 @@ struct Dp4aParams {
   int chunks;        // K / 64
   int group_chunks;  // chunks a k-group (L, a power of two), 0 for one group
   int group_shift;   // log2(L)
+  int act_blocks;    // blocks of the activation kernel
+  int act_slice;     // code words (float4s of x) a block of it codes: whole k-groups
   int rows;          // R: rows a warp loads at once (a row set)
   int slots;         // 32-chunk slots a round: all of a row's when R > 1
   // Slots after a row's first round that come through shared memory (cp.async, issued with the
@@ -151,10 +157,13 @@ __device__ __forceinline__ int32_t Quantize(float x, float s_a, float qmax) {
   return static_cast<int32_t>(fminf(fmaxf(RoundHalfEven(x / s_a), -qmax), qmax));
 }
 
-// The token's activation codes, once for the layer (one block): the maximum over x by a block
-// reduction, s_a = max / qmax, the codes as AbqQuantizeActivations (IEEE division,
-// RoundHalfEven, the clamp that maps NaN to −qmax) into act_codes in column order, four a word,
-// and Σa per k-group (integer atomics: exact in any order). It lets the GEMV launch at once
+// The token's activation codes, once for the layer, by p.act_blocks blocks (kActBlocks at most,
+// few enough to stay resident beside the GEMV's one block an SM): every block takes the maximum
+// over all of x by a block reduction (the same value in every block, no exchange), s_a = max /
+// qmax, and codes its slice of p.act_slice code words (whole k-groups) as AbqQuantizeActivations
+// (IEEE division, RoundHalfEven, the clamp that maps NaN to −qmax) into act_codes in column order,
+// four a word, with Σa of its k-groups (integer atomics: exact in any order). Per channel (one
+// k-group) one block codes everything. It lets the GEMV launch at once
 // (griddepcontrol.launch_dependents), so that the GEMV's weights stream while it runs, and waits
 // for the kernel before it (which may write x) before reading x.
 template <int kAb>
@@ -177,10 +186,11 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   }
   amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);  // ends with a barrier: s_sums zeroed
   const float s_a = amax / kQmax;
-  for (int base = warp * 32; base < quads; base += kThreads) {
+  const int u0 = blockIdx.x * p.act_slice, u1 = min(quads, u0 + p.act_slice);
+  for (int base = u0 + warp * 32; base < u1; base += kThreads) {
     const int u = base + lane;  // code word u: columns 4u .. 4u + 3
     int32_t sum = 0;
-    if (u < quads) {
+    if (u < u1) {
       const float4 v = x4[u];
       const int32_t c0 = Quantize(v.x, s_a, kQmax), c1 = Quantize(v.y, s_a, kQmax);
       const int32_t c2 = Quantize(v.z, s_a, kQmax), c3 = Quantize(v.w, s_a, kQmax);
@@ -192,13 +202,16 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
     // 32 code words are 128 columns (two chunks): one k-group unless L = 1 (halves).
     const int top = L == 1 ? 8 : 16;
     for (int off = top; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
-    if (u < quads && (lane == 0 || (L == 1 && lane == 16))) {
+    if (u < u1 && (lane == 0 || (L == 1 && lane == 16))) {
       atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) >> p.group_shift], sum);
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < n_groups; i += kThreads) p.act_sums[i] = s_sums[i];
-  if (threadIdx.x == 0) *p.act_scale = s_a;
+  // This block's k-groups (its slice holds whole ones; all of them with one group).
+  const int g0 = L == 0 ? 0 : (u0 >> 4) >> p.group_shift;
+  const int g1 = L == 0 ? n_groups : (((u1 - 1) >> 4) >> p.group_shift) + 1;
+  for (int i = g0 + threadIdx.x; i < g1; i += kThreads) p.act_sums[i] = s_sums[i];
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.act_scale = s_a;
 }
 
 // acc + Σ_b a_b·b_b over the four bytes, a's unsigned and b's signed (dp4a.u32.s32).
@@ -535,6 +548,16 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   plan.p.w = w;
   plan.p.chunks = chunks;
   plan.p.group_chunks = l;
+  // The activation kernel's slices: whole k-groups, whole warps' 32 code words.
+  const int quads = chunks * 16;
+  plan.p.act_blocks = 1;
+  plan.p.act_slice = quads;
+  if (l > 0) {
+    const int grain = std::max(32, 16 * l);
+    const int blocks = std::min(kActBlocks, (quads + grain - 1) / grain);
+    plan.p.act_slice = ((quads + blocks - 1) / blocks + grain - 1) / grain * grain;
+    plan.p.act_blocks = (quads + plan.p.act_slice - 1) / plan.p.act_slice;
+  }
   plan.p.group_shift = 0;
   while (l > 0 && (1 << plan.p.group_shift) < l) ++plan.p.group_shift;
   plan.p.rows = rows;
@@ -595,10 +618,10 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   const int di = nd == 1 ? 0 : nd == 2 ? 1 : 2;
   cudaError_t err = RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[di]);
   if (err != cudaSuccess) return err;
-  // The activations first (one block; Σa in its shared memory), then the GEMV, which starts as
+  // The activations first (a few blocks; Σa in their shared memory), then the GEMV, which starts as
   // soon as the activation kernel does and streams its weights meanwhile.
-  err = LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(1), kThreads,
-                  sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
+  err = LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(static_cast<unsigned>(plan.p.act_blocks)),
+                  kThreads, sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
   if (err != cudaSuccess) return err;
   return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)), kThreads, plan.bytes,
                    stream);
