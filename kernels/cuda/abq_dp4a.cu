@@ -95,6 +95,9 @@ constexpr unsigned kFull = 0xffffffffu;
 // The activation kernel's blocks at most: few, as the GEMV takes one block an SM (128 SMs of a
 // 4096-row layer, leaving 4 of an H100's 132 beside it).
 constexpr int kActBlocks = 4;
+// float4s of x a thread of the activation kernel holds from its one pass over x: K up to 32,768
+// in registers, the rest loaded again for the coding.
+constexpr int kXLoads = 8;
 constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
 // 16-byte weight pieces a lane holds at once (rows × slots × digits): 6, or 4 at four digits (64
@@ -179,19 +182,35 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   for (int i = threadIdx.x; i < n_groups; i += kThreads) s_sums[i] = 0;
   const float4* x4 = reinterpret_cast<const float4*>(p.x);
   const int quads = p.chunks * 16;  // float4s of x, one code word each
+  const int u0 = blockIdx.x * p.act_slice, u1 = min(quads, u0 + p.act_slice);
+  // All of x in one pass, every load issued before any use (one memory latency), starting at this
+  // block's slice: thread t's load h is code word u0 + t + h·kThreads (wrapping past the end), so
+  // that its words of the slice stay in registers for the coding.
+  float4 held[kXLoads];
+#pragma unroll
+  for (int h = 0; h < kXLoads; ++h) {
+    const int i = static_cast<int>(threadIdx.x) + h * kThreads;
+    const int u = u0 + i < quads ? u0 + i : u0 + i - quads;
+    held[h] = i < quads ? x4[u] : float4{0.0f, 0.0f, 0.0f, 0.0f};
+  }
   float amax = 0.0f;
-  for (int i = threadIdx.x; i < quads; i += kThreads) {
-    const float4 v = x4[i];
+#pragma unroll
+  for (int h = 0; h < kXLoads; ++h) {
+    const float4 v = held[h];
+    amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+  }
+  for (int i = threadIdx.x + kXLoads * kThreads; i < quads; i += kThreads) {
+    const float4 v = x4[u0 + i < quads ? u0 + i : u0 + i - quads];
     amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
   }
   amax = BlockReduce(amax, MaxOp(), 0.0f, scratch);  // ends with a barrier: s_sums zeroed
   const float s_a = amax / kQmax;
-  const int u0 = blockIdx.x * p.act_slice, u1 = min(quads, u0 + p.act_slice);
-  for (int base = u0 + warp * 32; base < u1; base += kThreads) {
+  // Code word base + lane (base warp-uniform: the shuffles take the whole warp) from v, and add
+  // its k-group's Σa.
+  auto code = [&](int base, float4 v) {
     const int u = base + lane;  // code word u: columns 4u .. 4u + 3
     int32_t sum = 0;
     if (u < u1) {
-      const float4 v = x4[u];
       const int32_t c0 = Quantize(v.x, s_a, kQmax), c1 = Quantize(v.y, s_a, kQmax);
       const int32_t c2 = Quantize(v.z, s_a, kQmax), c3 = Quantize(v.w, s_a, kQmax);
       p.act_codes[u] =
@@ -205,6 +224,14 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
     if (u < u1 && (lane == 0 || (L == 1 && lane == 16))) {
       atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) >> p.group_shift], sum);
     }
+  };
+#pragma unroll
+  for (int h = 0; h < kXLoads; ++h) {
+    const int base = u0 + warp * 32 + h * kThreads;
+    if (base < u1) code(base, held[h]);
+  }
+  for (int base = u0 + warp * 32 + kXLoads * kThreads; base < u1; base += kThreads) {
+    code(base, base + lane < u1 ? x4[base + lane] : float4{0.0f, 0.0f, 0.0f, 0.0f});
   }
   __syncthreads();
   // This block's k-groups (its slice holds whole ones; all of them with one group).
