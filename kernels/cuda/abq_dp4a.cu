@@ -581,7 +581,9 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   plan.p.act_slice = quads;
   if (l > 0) {
     const int grain = std::max(32, 16 * l);
-    const int blocks = std::min(kActBlocks, (quads + grain - 1) / grain);
+    // At most a code word a thread: a block codes at least as much as one load pass of it can.
+    const int blocks =
+        std::min({kActBlocks, (quads + grain - 1) / grain, (quads + kThreads - 1) / kThreads});
     plan.p.act_slice = ((quads + blocks - 1) / blocks + grain - 1) / grain * grain;
     plan.p.act_blocks = (quads + plan.p.act_slice - 1) / plan.p.act_slice;
   }
