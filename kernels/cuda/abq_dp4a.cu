@@ -41,9 +41,10 @@
 //     first go to shared memory by cp.async at the same time, as many whole rounds as fit
 //     (kMaxShared), so that they do not wait for the first round's arithmetic (W4 at K = 11008:
 //     3 slots in registers, 3 staged).
-//   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, up to
-//     kActBlocks blocks, each coding a slice of whole k-groups after the maximum over all of x;
-//     the stream's previous launch): the maximum over x by a block reduction, s_a = max / qmax, the
+//   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, the stream's
+//     previous launch; one block at K <= 4096 or per channel, else up to kActBlocks, each coding a
+//     slice of whole k-groups after the maximum over all of x): the maximum over x by a block
+//     reduction, s_a = max / qmax, the
 //     codes as AbqQuantizeActivations (IEEE division, RoundHalfEven, the clamp that maps NaN to
 //     −qmax), Σa per k-group (integer atomics: exact in any order), into a scratch buffer. It
 //     triggers this kernel's launch first thing, so the weights stream while it runs; after
@@ -166,7 +167,8 @@ __device__ __forceinline__ int32_t Quantize(float x, float s_a, float qmax) {
 // qmax, and codes its slice of p.act_slice code words (whole k-groups) as AbqQuantizeActivations
 // (IEEE division, RoundHalfEven, the clamp that maps NaN to −qmax) into act_codes in column order,
 // four a word, with Σa of its k-groups (integer atomics: exact in any order). Per channel (one
-// k-group) one block codes everything. It lets the GEMV launch at once
+// k-group), or where x is at most a code word a thread (K <= 4096), one block codes everything.
+// Several blocks hold x in registers from their one pass over it. It lets the GEMV launch at once
 // (griddepcontrol.launch_dependents), so that the GEMV's weights stream while it runs, and waits
 // for the kernel before it (which may write x) before reading x.
 template <int kAb>
@@ -183,23 +185,28 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   const float4* x4 = reinterpret_cast<const float4*>(p.x);
   const int quads = p.chunks * 16;  // float4s of x, one code word each
   const int u0 = blockIdx.x * p.act_slice, u1 = min(quads, u0 + p.act_slice);
-  // All of x in one pass, every load issued before any use (one memory latency), starting at this
-  // block's slice: thread t's load h is code word u0 + t + h·kThreads (wrapping past the end), so
-  // that its words of the slice stay in registers for the coding.
+  // With several blocks, all of x in one pass, every load issued before any use (one memory
+  // latency), starting at this block's slice: thread t's load h is code word u0 + t + h·kThreads
+  // (wrapping past the end), so that its words of the slice stay in registers for the coding.
+  // One block loads x again for the coding instead (measured faster at K = 4096 than holding it,
+  // docs/BENCHMARKS.md 2026-12-06, not understood).
+  const bool hold = p.act_blocks > 1;
   float4 held[kXLoads];
-#pragma unroll
-  for (int h = 0; h < kXLoads; ++h) {
-    const int i = static_cast<int>(threadIdx.x) + h * kThreads;
-    const int u = u0 + i < quads ? u0 + i : u0 + i - quads;
-    held[h] = i < quads ? x4[u] : float4{0.0f, 0.0f, 0.0f, 0.0f};
-  }
   float amax = 0.0f;
+  if (hold) {
 #pragma unroll
-  for (int h = 0; h < kXLoads; ++h) {
-    const float4 v = held[h];
-    amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+    for (int h = 0; h < kXLoads; ++h) {
+      const int i = static_cast<int>(threadIdx.x) + h * kThreads;
+      const int u = u0 + i < quads ? u0 + i : u0 + i - quads;
+      held[h] = i < quads ? x4[u] : float4{0.0f, 0.0f, 0.0f, 0.0f};
+    }
+#pragma unroll
+    for (int h = 0; h < kXLoads; ++h) {
+      const float4 v = held[h];
+      amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+    }
   }
-  for (int i = threadIdx.x + kXLoads * kThreads; i < quads; i += kThreads) {
+  for (int i = threadIdx.x + (hold ? kXLoads * kThreads : 0); i < quads; i += kThreads) {
     const float4 v = x4[u0 + i < quads ? u0 + i : u0 + i - quads];
     amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
   }
@@ -225,12 +232,14 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
       atomicAdd(&s_sums[L == 0 ? 0 : (u >> 4) >> p.group_shift], sum);
     }
   };
+  if (hold) {
 #pragma unroll
-  for (int h = 0; h < kXLoads; ++h) {
-    const int base = u0 + warp * 32 + h * kThreads;
-    if (base < u1) code(base, held[h]);
+    for (int h = 0; h < kXLoads; ++h) {
+      const int base = u0 + warp * 32 + h * kThreads;
+      if (base < u1) code(base, held[h]);
+    }
   }
-  for (int base = u0 + warp * 32 + kXLoads * kThreads; base < u1; base += kThreads) {
+  for (int base = u0 + warp * 32 + (hold ? kXLoads * kThreads : 0); base < u1; base += kThreads) {
     code(base, base + lane < u1 ? x4[base + lane] : float4{0.0f, 0.0f, 0.0f, 0.0f});
   }
   __syncthreads();
@@ -581,9 +590,9 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   plan.p.act_slice = quads;
   if (l > 0) {
     const int grain = std::max(32, 16 * l);
-    // At most a code word a thread: a block codes at least as much as one load pass of it can.
-    const int blocks =
-        std::min({kActBlocks, (quads + grain - 1) / grain, (quads + kThreads - 1) / kThreads});
+    // One block where x is at most a code word a thread (K <= 4096), else up to kActBlocks:
+    // measured, docs/BENCHMARKS.md 2026-12-06.
+    const int blocks = quads <= kThreads ? 1 : std::min(kActBlocks, (quads + grain - 1) / grain);
     plan.p.act_slice = ((quads + blocks - 1) / blocks + grain - 1) / grain * grain;
     plan.p.act_blocks = (quads + plan.p.act_slice - 1) / plan.p.act_slice;
   }

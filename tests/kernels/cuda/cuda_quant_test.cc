@@ -561,8 +561,8 @@ TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
 // code is +0 in the reference's floor form, −0 under a plain rint), ±0 and values an ulp from a
 // tie.
 TEST_F(CudaQuantTest, ActQuantRoundsTiesAndZerosLikeTheReference) {
-  std::vector<float> x = {127.0f, 0.5f,   1.5f,  2.5f,  -0.5f,  -1.5f, -2.5f, 126.5f, -125.5f,
-                          -0.3f,  -0.0f,  0.0f,  0.3f,  -1e-30f, 1e-30f, -0.49999997f};
+  std::vector<float> x = {127.0f,  0.5f,  1.5f,  2.5f, -0.5f, -1.5f,   -2.5f,  126.5f,
+                          -125.5f, -0.3f, -0.0f, 0.0f, 0.3f,  -1e-30f, 1e-30f, -0.49999997f};
   for (float t : {0.5f, 3.5f, -4.5f}) {
     x.push_back(std::nextafter(t, 0.0f));
     x.push_back(std::nextafter(t, 2 * t));
