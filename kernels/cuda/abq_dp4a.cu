@@ -1,6 +1,6 @@
 // The one-token ABQ layer on the CUDA cores: weight codes as 2-bit digits, dp4a against the int8
-// activation codes, made by a one-block kernel launched just before (launchers in abq_gemm.cuh;
-// spec kernels/cpu/abq_ref.h). Its integer sums are AbqIntegerGemm's and its outputs
+// activation codes, made by a kernel of a few blocks launched just before (launchers in
+// abq_gemm.cuh; spec kernels/cpu/abq_ref.h). Its integer sums are AbqIntegerGemm's and its outputs
 // AbqGemm(AbqQuantizeActivations(x), w)'s bit for bit (cuda_abq_test's Dp4aKernelEqualsReference).
 // Built with -fmad=false; the epilogue spells its arithmetic with __dadd_rn / __dmul_rn /
 // __double2float_rn, so it performs AbqEpilogue's operations and no others.
@@ -65,10 +65,11 @@
 // arithmetic with runtime divisions in the loads and the chunk loop another large share, the dp4a
 // arithmetic itself about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns), the
 // masked digits and the groups' fp64 products formed once a set by every lane rather than a piece
-// by a few (docs/BENCHMARKS.md 2026-12-06: W2A8 15.5 → 12.1 µs, W4A8 18.5 → 16.7). Where the GEMV
-// takes every SM (plan.blocks == SM count, e.g. 8192 × 28672), one of its blocks cannot start until
-// the one-block activation kernel has left its SM (a GEMV block needs a whole register file); not
-// measured apart.
+// by a few (docs/BENCHMARKS.md 2026-12-06: W2A8 15.5 → 12.1 µs, W4A8 18.5 → 16.7); then the
+// activation kernel over up to 4 blocks holding x where K > 4096 (W2A8 12.0 → 11.0, W4A8 16.3 →
+// 14.9; 8192 × 28672 W2A8 41.8 → 36.2). Where the GEMV takes every SM (plan.blocks == SM count,
+// e.g. 8192 × 28672), some of its blocks cannot start until the activation kernel's blocks have
+// left their SMs (a GEMV block needs a whole register file); not measured apart.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
 // s_w) where every scale is an fp16 value, else from `scales` and `zeros` ([n_groups][n]).
 // Applies to m = 1, activation bits 4 and 8, weight bits 2, 3, 4 and 8, K a multiple of 64, one
