@@ -125,8 +125,9 @@ QCAL_HOST_DEVICE inline float RoundScaleToHalf(double x) {
 // round(x) with ties to even, independent of the floating-point environment's rounding mode.
 // On the device, rint (one cvt.rni: ties to even, no rounding-mode state there) with the sign of
 // a zero result fixed to the floor form's, which gives −0 only for x = −0 (x in [−0.5, 0) gives
-// f + 1 = +0): the same value and bits for every input, NaN and infinities included, in 3
-// instructions instead of a branchy sequence whose tie case calls fmod.
+// f + 1 = +0): the same value for every input and the same bits for every input but NaN (a NaN
+// either way, whose sign and payload may differ), in 3 instructions instead of a branchy sequence
+// whose tie case calls fmod.
 template <typename T>
 QCAL_HOST_DEVICE inline T RoundHalfEven(T x) {
 #ifdef __CUDA_ARCH__
