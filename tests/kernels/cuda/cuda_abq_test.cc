@@ -296,7 +296,13 @@ TEST_F(CudaAbqTest, Dp4aKernelEqualsReference) {
                              std::pair{Combo{8, false, 8, 128}, Shape3{1, 64, 28672}},
                              std::pair{Combo{3, true, 4, -1}, Shape3{1, 20, 28672}},
                              std::pair{Combo{2, false, 8, 128}, Shape3{1, 11008, 4096}},
-                             std::pair{Combo{4, false, 4, -1}, Shape3{1, 9000, 1024}}}) {
+                             std::pair{Combo{4, false, 4, -1}, Shape3{1, 9000, 1024}},
+                             // The activation kernel's paths past its held registers: x of more
+                             // than 8 float4s a thread (K > 32768: the maximum's second loop),
+                             // and a block's slice of more than 8192 code words (its coding
+                             // loads again).
+                             std::pair{Combo{4, false, 8, 256}, Shape3{1, 5, 40960}},
+                             std::pair{Combo{2, false, 8, 2048}, Shape3{1, 8, 135168}}}) {
     AbqWeights w = RandomWeights(c, s.n, s.k, rng);
     for (float& v : w.scales) v = RoundToHalf(v);
     auto lin = CudaAbqLinear::Create(w, 0);
