@@ -279,28 +279,20 @@ TEST_F(CudaLowRankTest, RandomizedIsCloseToFullOnRealErrors) {
     const Layer l = MakeLayer(c.d_out, c.d_in, 2 * c.d_in, seed++);
     for (Kind kind : {Kind::kCholesky, Kind::kDiagonal}) {
       SCOPED_TRACE(::testing::Message() << c.d_out << "x" << c.d_in << " " << KindName(kind));
-      Tensor s;
+      LowRankTensors full, rnd;
       WhiteningFactor cpu_s;
-      Whitening(l, kind, &s, &cpu_s);
-      const Tensor w = Upload(l.w, {c.d_out, c.d_in}), w_hat = Upload(l.w_hat, {c.d_out, c.d_in});
-      LowRankOptions options;
-      options.rank = static_cast<int>(c.rank);
-      options.svd = SvdMethod::kFull;
-      auto full = be_->ReconstructError(w, w_hat, s, options);
-      ASSERT_TRUE(full.ok()) << full.status();
-      options.svd = SvdMethod::kRandomized;
-      auto rnd = be_->ReconstructError(w, w_hat, s, options);
-      ASSERT_TRUE(rnd.ok()) << rnd.status();
-      EXPECT_EQ(rnd->singular_values.size(), static_cast<size_t>(c.rank));
-      EXPECT_NEAR(rnd->error_before, full->error_before, kErrorRelBound * full->error_before);
-      EXPECT_GE(rnd->error_after, full->error_after * (1 - kErrorRelBound));
-      EXPECT_LE(rnd->error_after, kRandomizedErrorRatio * full->error_after)
-          << "randomized " << rnd->error_after << " full " << full->error_after;
+      FullAndRandomized(l, kind, c.rank, &full, &rnd, &cpu_s);
+      if (HasFatalFailure()) return;
+      EXPECT_EQ(rnd.singular_values.size(), static_cast<size_t>(c.rank));
+      EXPECT_NEAR(rnd.error_before, full.error_before, kErrorRelBound * full.error_before);
+      EXPECT_GE(rnd.error_after, full.error_after * (1 - kErrorRelBound));
+      EXPECT_LE(rnd.error_after, kRandomizedErrorRatio * full.error_after)
+          << "randomized " << rnd.error_after << " full " << full.error_after;
       // The reported error is what the fp32 factors achieve.
       const std::vector<double> p =
-          Product(Download(rnd->a), Download(rnd->b), c.d_out, c.d_in, c.rank);
-      EXPECT_NEAR(WhitenedResidual(l, p, cpu_s), rnd->error_after,
-                  kResidualBound * rnd->error_before);
+          Product(Download(rnd.a), Download(rnd.b), c.d_out, c.d_in, c.rank);
+      EXPECT_NEAR(WhitenedResidual(l, p, cpu_s), rnd.error_after,
+                  kResidualBound * rnd.error_before);
     }
   }
 }
