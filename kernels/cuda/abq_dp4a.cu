@@ -1,5 +1,5 @@
-// The one-token ABQ layer on the CUDA cores: weight codes as 2-bit digits, dp4a against the int8
-// activation codes, made by a kernel of a few blocks launched just before (launchers in
+// The one-token ABQ layer on the CUDA cores: weight codes unpacked by masks in place, dp4a against
+// the int8 activation codes, made by a kernel of a few blocks launched just before (launchers in
 // abq_gemm.cuh; spec kernels/cpu/abq_ref.h). Its integer sums are AbqIntegerGemm's and its outputs
 // AbqGemm(AbqQuantizeActivations(x), w)'s bit for bit (cuda_abq_test's Dp4aKernelEqualsReference).
 // Built with -fmad=false; the epilogue spells its arithmetic with __dadd_rn / __dmul_rn /
@@ -16,60 +16,53 @@
 // own row ("dp4a") and chosen only by name (CudaAbqLinear::B1Kernel::kDp4a).
 //
 // Layouts:
-//   - Digits (made once from the planes by LaunchAbqRepackDigits): a code q of wb bits is
-//     Σ_d 4^d·q_d with D = ceil(wb / 2) digits q_d = (q >> 2d) & 3. Row o's digit d is K / 64
-//     chunks of 16 bytes, [n][D][K / 64]; chunk c covers columns [64c, 64c + 64) as four 32-bit
-//     words q = 0..3, and word q holds column 64c + 16q + 4j + b at bits [8b + 2j, 8b + 2j + 2):
-//     (word >> 2j) & 0x03030303 are the digits of columns 64c + 16q + 4j + (0..3), one a byte,
-//     which dp4a multiplies by the four activation bytes of those columns.
-//   - Activation codes in shared memory, one byte each, [K] in 16-byte pieces: piece (c, q) holds
-//     columns 64c + 16q + (0..15) and is stored at piece 4c + (q ^ ((c >> 1) & 3)), so that the 8
-//     lanes of a quarter warp, reading pieces q of 8 consecutive chunks, hit 32 distinct banks.
+//   - Units (made once from the planes by LaunchAbqRepackDigits): a row's K columns are units of
+//     128, U = ceil(K / 128), in unit blocks of 32 (a step: one unit a lane). A code takes sb bits:
+//     2 (W2), 4 (W3, the balanced grid, W4) or 8 (W8), so a unit is sb pieces of 16 bytes, and row
+//     o is [ceil(U / 32)][sb][32 lanes] pieces: one 512-byte coalesced load a piece of a step.
+//     Word q of a unit holds, at sb = 2, column 16q + 4j + b at bits [8b + 2j, 8b + 2j + 2); at
+//     sb = 4, column 8q + b in byte b's low nibble and 8q + 4 + b in its high one; at sb = 8,
+//     column 4q + b in byte b. So `word & mask` (0x03030303 << 2j; 0x0f0f0f0f, 0xf0f0f0f0; none)
+//     leaves four codes in place, one a byte, times 4^j or 16, against four consecutive
+//     activation bytes: one mask and one dp4a per four weights at every width, and the sum of
+//     one mask's dp4a shifted right by 2j or 4 at the end (exact: a multiple of it).
+//   - Activation codes in shared memory, one byte each in column order, zero past K: piece q of
+//     unit u (columns 128u + 16q .. + 15) at piece 8u + (q ^ (u & 7)), so that the 8 lanes of a
+//     quarter warp, reading piece q of 8 consecutive units, hit 32 distinct banks.
 //
 // Shape of the kernel:
-//   - One block an SM, 32 warps (64 registers a thread). Work goes by row sets: R consecutive rows
-//     that a warp loads at once, R as large as the grid's warps need and 6 pieces of 16 bytes a
-//     lane allow (11,008 rows of K = 4096 at W2: 3), or one row in rounds of slots where a row
-//     needs more pieces than that (a slot: 32 chunks, one a lane). Warp v of the grid takes sets
-//     v, v + warps, ...
-//   - A set's first round is loaded before griddepcontrol.wait (programmatic launch: the
-//     activation kernel before it may still be running, and it lets this kernel start before it
-//     has itself waited for the kernels before it, which may still be writing x but must not write
-//     the weights),
-//     with the set's s_w and z words copied into the warp's shared memory (cp.async); the next
-//     set's before this set's epilogue. Where a row takes several rounds, the rounds after the
-//     first go to shared memory by cp.async at the same time, as many whole rounds as fit
-//     (kMaxShared), so that they do not wait for the first round's arithmetic (W4 at K = 11008:
-//     3 slots in registers, 3 staged).
+//   - One block an SM (on the SMs the activation kernel's blocks leave free), 16 warps of up to
+//     128 registers. A warp a row at a time: warp v of the grid takes rows v, v + warps, ...; its
+//     steps are its rows' unit blocks in order. Each lane keeps a ring of the next few steps'
+//     pieces in registers (6 steps at W2, 4 at sb = 4, 2 at W8: 12–16 pieces, 8 KB a warp in
+//     flight) with their meta words, fills the whole ring before griddepcontrol.wait (programmatic
+//     launch: the activation kernel before it may still run, and it lets this kernel start
+//     before it has itself waited for the kernels before it, which may still be writing x but
+//     must not write the weights), and refills a slot with the step a ring ahead as soon as the
+//     slot's arithmetic has read it.
 //   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, the stream's
 //     previous launch; one block at K <= 4096 or per channel, else up to kActBlocks, each coding a
 //     slice of whole k-groups after the maximum over all of x): the maximum over x by a block
-//     reduction, s_a = max / qmax, the
-//     codes as AbqQuantizeActivations (IEEE division, RoundHalfEven, the clamp that maps NaN to
-//     −qmax), Σa per k-group (integer atomics: exact in any order), into a scratch buffer. It
-//     triggers this kernel's launch first thing, so the weights stream while it runs; after
-//     griddepcontrol.wait every block copies the codes (K bytes) and Σa into shared memory.
-//   - A chunk's dot is Σ_d 4^d·Σ dp4a (int32, wrapping: AbqIntegerGemm's sums modulo 2^32, exact
-//     within ValidateAbqShape's bounds). k-groups of L = g / 64 chunks (g = 64·2^i up to
-//     2048) are L consecutive lanes of one slot: L − 1 shuffles give the group's dot, which its
-//     first lane stores; after the set's pieces every lane forms c_G = dot − z·Σa and c_G·s_w in
-//     fp64 for groups lane, lane + 32, ... into the warp's shared products. One group (per
-//     channel): a warp reduction a slot, added into the row's dot by lane 0.
-//   - The epilogue, a warp a row, as abq_gemv_fused.cu's: where every addition of the products is
-//     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
-//     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
-// Measured before this layer's rework (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1
-// layer but at W2A8 and W4A8 on 4096 × 11008, and far from the bandwidth everywhere. Profiled (ncu,
-// H100, 2026-12-06) when every block quantized the token itself: 10.3 M warp instructions for W2A8
-// 4096 × 11008, the SMs' issue slots 51% busy: the per-block quantization 26% of them, index
-// arithmetic with runtime divisions in the loads and the chunk loop another large share, the dp4a
-// arithmetic itself about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns), the
-// masked digits and the groups' fp64 products formed once a set by every lane rather than a piece
-// by a few (docs/BENCHMARKS.md 2026-12-06: W2A8 15.5 → 12.1 µs, W4A8 18.5 → 16.7); then the
-// activation kernel over up to 4 blocks holding x where K > 4096 (W2A8 12.0 → 11.0, W4A8 16.3 →
-// 14.9; 8192 × 28672 W2A8 41.8 → 36.2). Where the GEMV takes every SM (plan.blocks == SM count,
-// e.g. 8192 × 28672), some of its blocks cannot start until the activation kernel's blocks have
-// left their SMs (a GEMV block needs a whole register file); not measured apart.
+//     reduction, s_a = max / qmax, the codes as AbqQuantizeActivations (IEEE division,
+//     RoundHalfEven, the clamp that maps NaN to −qmax), Σa per k-group (integer atomics: exact in
+//     any order), into a scratch buffer. It triggers this kernel's launch first thing, so the
+//     weights stream while it runs; after griddepcontrol.wait every block copies the codes and Σa
+//     into shared memory.
+//   - A lane's unit gives the integer dots of its two 64-column halves (int32, wrapping:
+//     AbqIntegerGemm's sums modulo 2^32, exact within ValidateAbqShape's bounds). A k-group is
+//     half a unit (g64), one unit, or 2^s units of consecutive lanes of one step (g = 128·2^s up to
+//     2048: s shuffles); the lane that holds a group's dot forms c_G = dot − z·Σa and c_G·s_w in
+//     fp64 (exact with fp16 scales), adds it into its partial sum and keeps it in the warp's
+//     shared products. At the row's end, where every addition of the products is exact
+//     (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's bits;
+//     otherwise lane 0 runs the chain in group order. One group (per channel): the lanes' dots,
+//     a warp reduction, lane 0's epilogue. y = float(s_a·S), one lane.
+// History (docs/BENCHMARKS.md): the first form of this kernel (2026-12-05/06) held 2-bit digits
+// of every code (two dp4a a weight at W4, four at W8) in chunks of 64 columns spread over a
+// warp's lanes, so every k-group's dot took shuffles and a trip through shared memory, and the
+// products were formed after the row's chunks: profiled at 1,542 warp instructions a warp-row for
+// W2A8 at K = 11,008 (216 of them the dp4a arithmetic), an issue-bound kernel after the weights'
+// stream. Here a lane owns whole units, so its groups' dots and products stay in its registers.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
 // s_w) where every scale is an fp16 value, else from `scales` and `zeros` ([n_groups][n]).
 // Applies to m = 1, activation bits 4 and 8, weight bits 2, 3, 4 and 8, K a multiple of 64, one
@@ -94,8 +87,7 @@ namespace qcal::kernels::cuda {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-// The activation kernel's blocks at most: few, as the GEMV takes one block an SM (128 SMs of a
-// 4096-row layer, leaving 4 of an H100's 132 beside it).
+// The activation kernel's blocks at most: few, as the GEMV runs on the SMs they leave free.
 constexpr int kActBlocks = 4;
 // float4s of x a thread of the activation kernel holds from its one pass over x: K up to 32,768
 // in registers, the rest loaded again for the coding.
@@ -475,7 +467,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
       if (u < units) {
         const uint4* au = s_act + 8 * u;
         const int swz = u & 7;
-        UnitDots<kSB>(ring[s], [&](int q) { return au[q ^ swz]; }, dlo, dhi);
+        UnitDots<kSB>(
+            ring[s], [&](int q) { return au[q ^ swz]; }, dlo, dhi);
       }
       const uint2 m = ring_meta[s];
       load(ring[s], ring_meta[s]);  // the step kRing ahead
