@@ -16,17 +16,21 @@
 #      (default 2), so that drift on the card shows in both;
 #   3. a table of the rows whose kernel matches QCAL_AB_KERNEL (default dp4a): µs of every run, base
 #      then new, and new's mean over base's.
-# Each run's output is kept (ab_base_N.txt, ab_new_N.txt). Exit status: 1 when a test or memcheck
-# failed, else 0.
+# QCAL_AB_EXTRA names more builds staged beside the base (`--stage BIN NAME` keeps BIN as
+# .devpack/base/qcal_NAME.xz), run in the same interleaving and tabled after new.
+# Each run's output is kept (ab_base_N.txt, ab_new_N.txt, ab_NAME_N.txt). Exit status: 1 when a
+# test or memcheck failed, else 0.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 
 if [[ ${1:-} == --stage ]]; then
   [[ -x ${2:-} ]] || { echo "ab.sh --stage: no executable '${2:-}'" >&2; exit 2; }
+  name=${3:-base}
+  [[ $name =~ ^[A-Za-z0-9_]+$ ]] || { echo "ab.sh --stage: bad name '$name'" >&2; exit 2; }
   mkdir -p "$root/.devpack/base"
-  strip -o "$root/.devpack/base/qcal_base" "$2"
-  xz -T2 -6 -f "$root/.devpack/base/qcal_base"
-  ls -l "$root/.devpack/base/qcal_base.xz"
+  strip -o "$root/.devpack/base/qcal_$name" "$2"
+  xz -T2 -6 -f "$root/.devpack/base/qcal_$name"
+  ls -l "$root/.devpack/base/qcal_$name.xz"
   exit 0
 fi
 
@@ -42,6 +46,13 @@ trap 'rm -rf "$p"' EXIT
 xz -dc "$pack" | tar xf - -C "$p"
 xz -dc "$base" >"$p/bin/qcal_base"
 chmod +x "$p/bin/qcal_base"
+read -r -a extra <<<"${QCAL_AB_EXTRA:-}"
+for name in "${extra[@]}"; do
+  f=$root/.devpack/base/qcal_$name.xz
+  [[ -f $f ]] || { echo "ab.sh: no $f (tools/gpu/ab.sh --stage BIN $name makes it)" >&2; exit 2; }
+  xz -dc "$f" >"$p/bin/qcal_$name"
+  chmod +x "$p/bin/qcal_$name"
+done
 export QCAL_SHARED_DIR=$p/data/shared LD_LIBRARY_PATH=$p/lib:/usr/local/cuda/lib64
 nvidia-smi --query-gpu=name --format=csv,noheader
 status=0
@@ -65,9 +76,9 @@ shapes=()
 [[ -n ${QCAL_AB_SHAPES:-} ]] && shapes=(--abq-shapes "$QCAL_AB_SHAPES")
 runs=${QCAL_AB_RUNS:-2}
 for ((r = 1; r <= runs; ++r)); do
-  for side in base new; do
+  for side in base new "${extra[@]}"; do
     bin=$p/bin/qcal
-    [[ $side == base ]] && bin=$p/bin/qcal_base
+    [[ $side != new ]] && bin=$p/bin/qcal_$side
     echo "== $side run $r (elapsed $((SECONDS - t0)) s)"
     timeout 200 "$bin" bench --abq --abq-timing sequence --abq-tokens "${QCAL_AB_TOKENS:-1}" \
       "${shapes[@]}" >"$out/ab_${side}_$r.txt" 2>&1 || echo "   (rc $?)"
@@ -75,12 +86,13 @@ for ((r = 1; r <= runs; ++r)); do
 done
 
 # Rows: "d_out x d_in  m  config  kernel  us ...": the table keyed by shape and config.
-python3 - "$out" "$runs" "${QCAL_AB_KERNEL:-dp4a}" <<'PY'
+python3 - "$out" "$runs" "${QCAL_AB_KERNEL:-dp4a}" "${extra[@]}" <<'PY'
 import re, sys
 out, runs, kernel = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sides = ["base", "new"] + sys.argv[4:]
 row = re.compile(r"^(\d+ x \d+)\s+(\d+)\s+(\S+)\s+(\S+)\s+([0-9.]+)")
 table = {}
-for side in ("base", "new"):
+for side in sides:
     for r in range(1, runs + 1):
         try:
             lines = open(f"{out}/ab_{side}_{r}.txt").read().splitlines()
@@ -90,13 +102,14 @@ for side in ("base", "new"):
             m = row.match(line.strip())
             if m and m.group(4) == kernel:
                 key = (m.group(1), m.group(2), m.group(3))
-                table.setdefault(key, {"base": [], "new": []})[side].append(float(m.group(5)))
-print(f"{'shape':>14} {'m':>3} {'config':>7}  base µs / new µs  new/base")
+                table.setdefault(key, {s: [] for s in sides})[side].append(float(m.group(5)))
+mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+print(f"{'shape':>14} {'m':>3} {'config':>7}  " + " / ".join(f"{s} µs" for s in sides) + "  " +
+      " ".join(f"{s}/base" for s in sides[1:]))
 for key, v in table.items():
-    b, n = v["base"], v["new"]
-    ratio = (sum(n) / len(n)) / (sum(b) / len(b)) if b and n else float("nan")
-    cells = " ".join(f"{x:.2f}" for x in b) + " / " + " ".join(f"{x:.2f}" for x in n)
-    print(f"{key[0]:>14} {key[1]:>3} {key[2]:>7}  {cells}  {ratio:.3f}")
+    cells = " / ".join(" ".join(f"{x:.2f}" for x in v[s]) for s in sides)
+    ratios = " ".join(f"{mean(v[s]) / mean(v['base']):.3f}" for s in sides[1:])
+    print(f"{key[0]:>14} {key[1]:>3} {key[2]:>7}  {cells}  {ratios}")
 PY
 echo "== done (elapsed $((SECONDS - t0)) s), status $status"
 exit $status
