@@ -303,56 +303,61 @@ __device__ __forceinline__ void UnitDots(const uint4 (&wp)[kSB], Act act, int32_
   }
 }
 
-template <int kSB>
+// kMode: 0 one k-group (per channel), 1 two groups a unit (g64), 2 a group of 2^unit_shift units.
+template <int kSB, int kMode>
 __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
   constexpr int kRing = RingOf(kSB);
+  constexpr int kStep = kSB * 32;  // pieces of a step
   extern __shared__ __align__(16) unsigned char dp4a_smem[];
   const AbqDeviceWeights& w = p.w;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int units = p.units, unit_blocks = p.unit_blocks, n_groups = w.n_groups;
-  const int mode = p.group_mode, lshift = p.unit_shift;
+  const int lshift = p.unit_shift;
   const int64_t n = w.n;
   const bool meta = w.meta_rows != nullptr;
   const UnitLayout sl = UnitLayoutOf(units, n_groups);
   uint4* s_act = reinterpret_cast<uint4*>(dp4a_smem);
   int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem + sl.sums_off);
   double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * n_groups;
-  const uint4* digits = reinterpret_cast<const uint4*>(w.digits);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kGemvWarps;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
 
   // A step is one unit block (32 units, one a lane) of one row; the warp's steps are its rows
   // first, first + stride, ..., each unit_blocks steps. The ring holds the next kRing steps'
   // weights (and meta words): a slot is refilled with the step kRing ahead as soon as its
-  // arithmetic has read it.
+  // arithmetic has read it. The load cursor: row lo, unit block lub, its pieces at src and the
+  // row's meta words at msrc.
   uint4 ring[kRing][kSB];
   uint2 ring_meta[kRing];
-  int64_t lo = first;  // the next step to load: row lo, unit block lub
+  int64_t lo = first;
   int lub = 0;
+  const uint4* src = reinterpret_cast<const uint4*>(w.digits) + first * unit_blocks * kStep + lane;
+  const int64_t row_skip = (stride - 1) * unit_blocks * kStep;  // past the other warps' rows
+  const unsigned int* msrc = meta ? w.meta_rows + first * n_groups : nullptr;
   auto load = [&](uint4(&dst)[kSB], uint2& m) {
     const int u = lub * 32 + lane;
+    m = uint2{0, 0};
     if (lo < n && u < units) {
-      const uint4* src = digits + (lo * unit_blocks + lub) * (kSB * 32) + lane;
 #pragma unroll
       for (int i = 0; i < kSB; ++i) dst[i] = __ldcs(src + i * 32);
-      m = uint2{0, 0};
-      if (meta && mode != 0) {
-        const unsigned int* row = w.meta_rows + lo * n_groups;
-        if (mode == 1) {
-          m.x = __ldcs(row + 2 * u);
-          if (2 * u + 1 < n_groups) m.y = __ldcs(row + 2 * u + 1);
+      if (kMode != 0 && meta) {
+        if (kMode == 1) {
+          m.x = __ldcs(msrc + 2 * u);
+          if (2 * u + 1 < n_groups) m.y = __ldcs(msrc + 2 * u + 1);
         } else {
-          m.x = __ldcs(row + (u >> lshift));
+          m.x = __ldcs(msrc + (u >> lshift));
         }
       }
     } else {
 #pragma unroll
       for (int i = 0; i < kSB; ++i) dst[i] = uint4{0, 0, 0, 0};
-      m = uint2{0, 0};
     }
+    src += kStep;
     if (++lub == unit_blocks) {
       lub = 0;
       lo += stride;
+      src += row_skip;
+      if (meta) msrc += stride * n_groups;
     }
   };
 
@@ -375,10 +380,13 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
   const double s_a64 = static_cast<double>(*p.act_scale);
   __syncthreads();
 
-  // 3. The steps. Per row: the k-groups' products c_G·s_w (c_G = dot − z·Σa, fp64, exact with
-  // fp16 scales), each formed by the lane that holds its dot, added into the lane's partial sum
-  // and kept in s_prod for the chain; at the row's end a butterfly where every addition is exact
-  // (abq_fused::OrderFree), else lane 0 runs AbqEpilogue's chain in group order.
+  // 3. The steps. Per row: the k-groups' products c_G·s_w (c_G = dot − z·Σa, fp64), each formed
+  // by the lane that holds its dot, added into the lane's partial sum and kept in s_prod for the
+  // chain; at the row's end a butterfly where every addition is exact (abq_fused::OrderFree),
+  // else lane 0 runs AbqEpilogue's chain in group order. With fp16 scales (meta words) a product
+  // is exact (|c_G| < 2^31 times 11 significant bits) and a multiple of 2^(E − 25) for the
+  // scale's exponent field E (at least 1): that bound stands in for its lowest set bit (a lower
+  // emin only makes OrderFree stricter).
   uint32_t row_dot = 0;  // one group: the lane's part of the row's dot
   double part = 0.0, abs_sum = 0.0;
   int emin = INT_MAX;
@@ -398,18 +406,22 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
     const double c =
         static_cast<double>(static_cast<int32_t>(dot - z * static_cast<uint32_t>(s_sums[g])));
     const double prod = __dmul_rn(c, scale);
-    if (__fma_rn(c, scale, -prod) != 0.0) exact = false;
-    if (prod != 0.0) {
-      const int e = abq_fused::LsbExponent(prod);
-      if (e == INT32_MIN) exact = false;
-      emin = min(emin, e);
+    if (meta) {
+      emin = min(emin, max(static_cast<int>((word >> 10) & 31u), 1) - 25);
+    } else {
+      if (__fma_rn(c, scale, -prod) != 0.0) exact = false;
+      if (prod != 0.0) {
+        const int e = abq_fused::LsbExponent(prod);
+        if (e == INT32_MIN) exact = false;
+        emin = min(emin, e);
+      }
     }
     part = __dadd_rn(part, prod);
     abs_sum = __dadd_rn(abs_sum, fabs(prod));
     s_prod[g] = prod;
   };
   auto finish_row = [&](int64_t o) {
-    if (mode == 0) {
+    if constexpr (kMode == 0) {
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) row_dot += __shfl_xor_sync(kFull, row_dot, off);
       if (lane == 0) {
@@ -431,29 +443,29 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
         p.y[o] = __double2float_rn(__dmul_rn(s_a64, sum));
       }
       row_dot = 0;
-      return;
-    }
-    exact = __all_sync(kFull, exact);
+    } else {
+      exact = __all_sync(kFull, exact);
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
-      abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
-      emin = min(emin, __shfl_xor_sync(kFull, emin, off));
-    }
-    __syncwarp();  // the row's products in s_prod
-    if (lane == 0) {
-      double sum = part;
-      if (!abq_fused::OrderFree(exact, emin, abs_sum)) {
-        sum = 0.0;
-        for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, s_prod[g]);
+      for (int off = 16; off > 0; off >>= 1) {
+        part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
+        abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
+        emin = min(emin, __shfl_xor_sync(kFull, emin, off));
       }
-      p.y[o] = __double2float_rn(__dmul_rn(s_a64, sum));
+      __syncwarp();  // the row's products in s_prod
+      if (lane == 0) {
+        double sum = part;
+        if (!abq_fused::OrderFree(exact, emin, abs_sum)) {
+          sum = 0.0;
+          for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, s_prod[g]);
+        }
+        p.y[o] = __double2float_rn(__dmul_rn(s_a64, sum));
+      }
+      __syncwarp();  // lane 0 is done with s_prod before the next row's products
+      part = 0.0;
+      abs_sum = 0.0;
+      emin = INT_MAX;
+      exact = true;
     }
-    __syncwarp();  // lane 0 is done with s_prod before the next row's products
-    part = 0.0;
-    abs_sum = 0.0;
-    emin = INT_MAX;
-    exact = true;
   };
 
   int64_t co = first;  // the step computed next: row co, unit block cub
@@ -472,9 +484,9 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
       }
       const uint2 m = ring_meta[s];
       load(ring[s], ring_meta[s]);  // the step kRing ahead
-      if (mode == 0) {
+      if constexpr (kMode == 0) {
         row_dot += static_cast<uint32_t>(dlo) + static_cast<uint32_t>(dhi);
-      } else if (mode == 1) {  // g64: two groups a unit
+      } else if constexpr (kMode == 1) {  // g64: two groups a unit
         if (u < units) {
           product(co, 2 * u, static_cast<uint32_t>(dlo), m.x);
           if (2 * u + 1 < n_groups) product(co, 2 * u + 1, static_cast<uint32_t>(dhi), m.y);
@@ -536,15 +548,22 @@ __global__ void RepackUnitsKernel(const uint32_t* planes, int64_t n, int wb, int
 
 using Dp4aKernel = void (*)(Dp4aParams);
 
-Dp4aKernel KernelFor(int wb, int ab) {
+template <int kSB>
+Dp4aKernel KernelForMode(int mode) {
+  return mode == 0   ? AbqDp4aGemvKernel<kSB, 0>
+         : mode == 1 ? AbqDp4aGemvKernel<kSB, 1>
+                     : AbqDp4aGemvKernel<kSB, 2>;
+}
+// The GEMV for weight bits wb, activation bits ab and k-group mode (Dp4aParams::group_mode).
+Dp4aKernel KernelFor(int wb, int ab, int mode) {
   if ((wb != 2 && wb != 3 && wb != 4 && wb != 8) || (ab != 4 && ab != 8)) return nullptr;
   switch (StoreBitsOf(wb)) {
     case 2:
-      return AbqDp4aGemvKernel<2>;
+      return KernelForMode<2>(mode);
     case 4:
-      return AbqDp4aGemvKernel<4>;
+      return KernelForMode<4>(mode);
     default:
-      return AbqDp4aGemvKernel<8>;
+      return KernelForMode<8>(mode);
   }
 }
 Dp4aKernel ActivationsKernelFor(int ab) {
@@ -569,7 +588,7 @@ struct Plan {
   int blocks = 0;
 };
 bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
-  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, ab) == nullptr) return false;
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, ab, 0) == nullptr) return false;
   const int l = GroupChunks(w);
   const int sms = SmCount();
   if (l < 0 || sms <= 0) return false;
@@ -614,7 +633,7 @@ int64_t AbqDigitWords(const AbqDeviceWeights& w) {
 
 cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits,
                                   cudaStream_t stream) {
-  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, 8) == nullptr ||
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, 8, 0) == nullptr ||
       digits == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -644,8 +663,8 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
       scratch == nullptr || reinterpret_cast<uintptr_t>(scratch) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  static std::atomic<uint64_t> raised[3];  // [store bits 2, 4, 8]
-  const Dp4aKernel kernel = KernelFor(w.weight_bits, ab);
+  static std::atomic<uint64_t> raised[9];  // [store bits 2, 4, 8][group mode]
+  const Dp4aKernel kernel = KernelFor(w.weight_bits, ab, plan.p.group_mode);
   plan.p.x = x;
   plan.p.y = y;
   plan.p.dot = dot;
@@ -655,7 +674,8 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   plan.p.act_scale = reinterpret_cast<float*>(bytes + w.k + 4 * w.n_groups);
   const int sb = StoreBitsOf(w.weight_bits);
   const int si = sb == 2 ? 0 : sb == 4 ? 1 : 2;
-  cudaError_t err = RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[si]);
+  cudaError_t err =
+      RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[3 * si + plan.p.group_mode]);
   if (err != cudaSuccess) return err;
   // The activations first (a few blocks; Σa in their shared memory), then the GEMV, which starts as
   // soon as the activation kernel does and streams its weights meanwhile.
