@@ -1,5 +1,5 @@
-// The one-token ABQ layer on the CUDA cores: weight codes as 2-bit digits, dp4a against the int8
-// activation codes, made by a kernel of a few blocks launched just before (launchers in
+// The one-token ABQ layer on the CUDA cores: weight codes unpacked by masks in place, dp4a against
+// the int8 activation codes, made by a kernel of a few blocks launched just before (launchers in
 // abq_gemm.cuh; spec kernels/cpu/abq_ref.h). Its integer sums are AbqIntegerGemm's and its outputs
 // AbqGemm(AbqQuantizeActivations(x), w)'s bit for bit (cuda_abq_test's Dp4aKernelEqualsReference).
 // Built with -fmad=false; the epilogue spells its arithmetic with __dadd_rn / __dmul_rn /
@@ -16,60 +16,53 @@
 // own row ("dp4a") and chosen only by name (CudaAbqLinear::B1Kernel::kDp4a).
 //
 // Layouts:
-//   - Digits (made once from the planes by LaunchAbqRepackDigits): a code q of wb bits is
-//     Σ_d 4^d·q_d with D = ceil(wb / 2) digits q_d = (q >> 2d) & 3. Row o's digit d is K / 64
-//     chunks of 16 bytes, [n][D][K / 64]; chunk c covers columns [64c, 64c + 64) as four 32-bit
-//     words q = 0..3, and word q holds column 64c + 16q + 4j + b at bits [8b + 2j, 8b + 2j + 2):
-//     (word >> 2j) & 0x03030303 are the digits of columns 64c + 16q + 4j + (0..3), one a byte,
-//     which dp4a multiplies by the four activation bytes of those columns.
-//   - Activation codes in shared memory, one byte each, [K] in 16-byte pieces: piece (c, q) holds
-//     columns 64c + 16q + (0..15) and is stored at piece 4c + (q ^ ((c >> 1) & 3)), so that the 8
-//     lanes of a quarter warp, reading pieces q of 8 consecutive chunks, hit 32 distinct banks.
+//   - Units (made once from the planes by LaunchAbqRepackDigits): a row's K columns are units of
+//     128, U = ceil(K / 128), in unit blocks of 32 (a step: one unit a lane). A code takes sb bits:
+//     2 (W2), 4 (W3, the balanced grid, W4) or 8 (W8), so a unit is sb pieces of 16 bytes, and row
+//     o is [ceil(U / 32)][sb][32 lanes] pieces: one 512-byte coalesced load a piece of a step.
+//     Word q of a unit holds, at sb = 2, column 16q + 4j + b at bits [8b + 2j, 8b + 2j + 2); at
+//     sb = 4, column 8q + b in byte b's low nibble and 8q + 4 + b in its high one; at sb = 8,
+//     column 4q + b in byte b. So `word & mask` (0x03030303 << 2j; 0x0f0f0f0f, 0xf0f0f0f0; none)
+//     leaves four codes in place, one a byte, times 4^j or 16, against four consecutive
+//     activation bytes: one mask and one dp4a per four weights at every width, and the sum of
+//     one mask's dp4a shifted right by 2j or 4 at the end (exact: a multiple of it).
+//   - Activation codes in shared memory, one byte each in column order, zero past K: piece q of
+//     unit u (columns 128u + 16q .. + 15) at piece 8u + (q ^ (u & 7)), so that the 8 lanes of a
+//     quarter warp, reading piece q of 8 consecutive units, hit 32 distinct banks.
 //
 // Shape of the kernel:
-//   - One block an SM, 32 warps (64 registers a thread). Work goes by row sets: R consecutive rows
-//     that a warp loads at once, R as large as the grid's warps need and 6 pieces of 16 bytes a
-//     lane allow (11,008 rows of K = 4096 at W2: 3), or one row in rounds of slots where a row
-//     needs more pieces than that (a slot: 32 chunks, one a lane). Warp v of the grid takes sets
-//     v, v + warps, ...
-//   - A set's first round is loaded before griddepcontrol.wait (programmatic launch: the
-//     activation kernel before it may still be running, and it lets this kernel start before it
-//     has itself waited for the kernels before it, which may still be writing x but must not write
-//     the weights),
-//     with the set's s_w and z words copied into the warp's shared memory (cp.async); the next
-//     set's before this set's epilogue. Where a row takes several rounds, the rounds after the
-//     first go to shared memory by cp.async at the same time, as many whole rounds as fit
-//     (kMaxShared), so that they do not wait for the first round's arithmetic (W4 at K = 11008:
-//     3 slots in registers, 3 staged).
+//   - One block an SM (on the SMs the activation kernel's blocks leave free), 16 warps of up to
+//     128 registers. A warp a row at a time: warp v of the grid takes rows v, v + warps, ...; its
+//     steps are its rows' unit blocks in order. Each lane keeps a ring of the next few steps'
+//     pieces in registers (6 steps at W2, 4 at sb = 4, 2 at W8: 12–16 pieces, 8 KB a warp in
+//     flight) with their meta words, fills the whole ring before griddepcontrol.wait (programmatic
+//     launch: the activation kernel before it may still run, and it lets this kernel start
+//     before it has itself waited for the kernels before it, which may still be writing x but
+//     must not write the weights), and refills a slot with the step a ring ahead as soon as the
+//     slot's arithmetic has read it.
 //   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, the stream's
 //     previous launch; one block at K <= 4096 or per channel, else up to kActBlocks, each coding a
 //     slice of whole k-groups after the maximum over all of x): the maximum over x by a block
-//     reduction, s_a = max / qmax, the
-//     codes as AbqQuantizeActivations (IEEE division, RoundHalfEven, the clamp that maps NaN to
-//     −qmax), Σa per k-group (integer atomics: exact in any order), into a scratch buffer. It
-//     triggers this kernel's launch first thing, so the weights stream while it runs; after
-//     griddepcontrol.wait every block copies the codes (K bytes) and Σa into shared memory.
-//   - A chunk's dot is Σ_d 4^d·Σ dp4a (int32, wrapping: AbqIntegerGemm's sums modulo 2^32, exact
-//     within ValidateAbqShape's bounds). k-groups of L = g / 64 chunks (g = 64·2^i up to
-//     2048) are L consecutive lanes of one slot: L − 1 shuffles give the group's dot, which its
-//     first lane stores; after the set's pieces every lane forms c_G = dot − z·Σa and c_G·s_w in
-//     fp64 for groups lane, lane + 32, ... into the warp's shared products. One group (per
-//     channel): a warp reduction a slot, added into the row's dot by lane 0.
-//   - The epilogue, a warp a row, as abq_gemv_fused.cu's: where every addition of the products is
-//     exact (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's
-//     bits; otherwise lane 0 runs the chain in group order. y = float(s_a·S), one lane.
-// Measured before this layer's rework (H100, docs/BENCHMARKS.md 2026-12-05): faster than the b1
-// layer but at W2A8 and W4A8 on 4096 × 11008, and far from the bandwidth everywhere. Profiled (ncu,
-// H100, 2026-12-06) when every block quantized the token itself: 10.3 M warp instructions for W2A8
-// 4096 × 11008, the SMs' issue slots 51% busy: the per-block quantization 26% of them, index
-// arithmetic with runtime divisions in the loads and the chunk loop another large share, the dp4a
-// arithmetic itself about 11%. Hence the activation kernel, the stepped (rs / ns, rs % ns), the
-// masked digits and the groups' fp64 products formed once a set by every lane rather than a piece
-// by a few (docs/BENCHMARKS.md 2026-12-06: W2A8 15.5 → 12.1 µs, W4A8 18.5 → 16.7); then the
-// activation kernel over up to 4 blocks holding x where K > 4096 (W2A8 12.0 → 11.0, W4A8 16.3 →
-// 14.9; 8192 × 28672 W2A8 41.8 → 36.2). Where the GEMV takes every SM (plan.blocks == SM count,
-// e.g. 8192 × 28672), some of its blocks cannot start until the activation kernel's blocks have
-// left their SMs (a GEMV block needs a whole register file); not measured apart.
+//     reduction, s_a = max / qmax, the codes as AbqQuantizeActivations (IEEE division,
+//     RoundHalfEven, the clamp that maps NaN to −qmax), Σa per k-group (integer atomics: exact in
+//     any order), into a scratch buffer. It triggers this kernel's launch first thing, so the
+//     weights stream while it runs; after griddepcontrol.wait every block copies the codes and Σa
+//     into shared memory.
+//   - A lane's unit gives the integer dots of its two 64-column halves (int32, wrapping:
+//     AbqIntegerGemm's sums modulo 2^32, exact within ValidateAbqShape's bounds). A k-group is
+//     half a unit (g64), one unit, or 2^s units of consecutive lanes of one step (g = 128·2^s up to
+//     2048: s shuffles); the lane that holds a group's dot forms c_G = dot − z·Σa and c_G·s_w in
+//     fp64 (exact with fp16 scales), adds it into its partial sum and keeps it in the warp's
+//     shared products. At the row's end, where every addition of the products is exact
+//     (abq_fused::OrderFree) the lanes' sums and a butterfly give AbqEpilogue's chain's bits;
+//     otherwise lane 0 runs the chain in group order. One group (per channel): the lanes' dots,
+//     a warp reduction, lane 0's epilogue. y = float(s_a·S), one lane.
+// History (docs/BENCHMARKS.md): the first form of this kernel (2026-12-05/06) held 2-bit digits
+// of every code (two dp4a a weight at W4, four at W8) in chunks of 64 columns spread over a
+// warp's lanes, so every k-group's dot took shuffles and a trip through shared memory, and the
+// products were formed after the row's chunks: profiled at 1,542 warp instructions a warp-row for
+// W2A8 at K = 11,008 (216 of them the dp4a arithmetic), an issue-bound kernel after the weights'
+// stream. Here a lane owns whole units, so its groups' dots and products stay in its registers.
 // s_w and z come as one word each from `meta_rows` ([n][n_groups], z << 16 | the fp16 bits of
 // s_w) where every scale is an fp16 value, else from `scales` and `zeros` ([n_groups][n]).
 // Applies to m = 1, activation bits 4 and 8, weight bits 2, 3, 4 and 8, K a multiple of 64, one
@@ -94,19 +87,26 @@ namespace qcal::kernels::cuda {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-// The activation kernel's blocks at most: few, as the GEMV takes one block an SM (128 SMs of a
-// 4096-row layer, leaving 4 of an H100's 132 beside it).
+// The activation kernel's blocks at most: few, as the GEMV runs on the SMs they leave free.
 constexpr int kActBlocks = 4;
 // float4s of x a thread of the activation kernel holds from its one pass over x: K up to 32,768
 // in registers, the rest loaded again for the coding.
 constexpr int kXLoads = 8;
+// The activation kernel's block.
 constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
-// 16-byte weight pieces a lane holds at once (rows × slots × digits): 6, or 4 at four digits (64
-// registers a thread, a few of them spilled).
-constexpr int kPieces = 6;
-__host__ __device__ constexpr int PiecesFor(int digits) { return kPieces / digits * digits; }
+// The GEMV's block: one an SM, 16 warps of up to 128 registers a thread, so that each lane can
+// hold a ring of several steps' weights.
+constexpr int kGemvWarps = 16;
+constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr size_t kMaxShared = 200 * 1024;
+
+// Bits a code takes in the unit layout: 2 (W2), 4 (W3, the balanced grid and W4) or 8; a unit of
+// 128 columns is then that many 16-byte pieces.
+__host__ __device__ constexpr int StoreBitsOf(int wb) { return wb <= 2 ? 2 : wb <= 4 ? 4 : 8; }
+// Steps in a lane's ring (registers: ring · pieces · 4 words): 12 to 16 pieces a lane in flight
+// (W2 at 16 spilled).
+__host__ __device__ constexpr int RingOf(int sb) { return sb == 2 ? 6 : sb == 4 ? 4 : 2; }
 
 struct Dp4aParams {
   AbqDeviceWeights w;
@@ -123,39 +123,24 @@ struct Dp4aParams {
   int group_shift;   // log2(L)
   int act_blocks;    // blocks of the activation kernel
   int act_slice;     // code words (float4s of x) a block of it codes: whole k-groups
-  int rows;          // R: rows a warp loads at once (a row set)
-  int slots;         // 32-chunk slots a round: all of a row's when R > 1
-  // Slots after a row's first round that come through shared memory (cp.async, issued with the
-  // first round; R = 1 only, a multiple of a round or all the rest), so that they are in flight
-  // together with the first round instead of being loaded after its arithmetic.
-  int stage_slots;
+  int units;         // ceil(K / 128)
+  int unit_blocks;   // ceil(units / 32): a row's steps
+  int group_mode;    // 0: one group; 1: two groups a unit (g64); 2: a group of 2^unit_shift units
+  int unit_shift;
 };
 
-// The shared-memory offsets: activation codes [K] bytes, Σa [n_groups], then per warp its row
-// set's dots (one group) or meta words, group dots and products (grouped), and its staged
-// rounds (stage_slots · digits · 32 pieces of 16 bytes).
-struct SharedLayout {
-  size_t sums_off = 0, chan_off = 0, meta_off = 0, gdot_off = 0, prod_off = 0, stage_off = 0;
-  size_t bytes = 0;
+// The GEMV's shared memory: the token's codes [units·128] bytes (swizzled pieces, zero past K),
+// Σa [n_groups], then per warp its row's k-group products [n_groups] (fp64).
+struct UnitLayout {
+  size_t sums_off = 0, prod_off = 0, bytes = 0;
 };
-__host__ __device__ inline SharedLayout LayoutOf(int chunks, int n_groups, bool grouped, int rows,
-                                                 int digits, int stage_slots) {
-  SharedLayout l;
-  const size_t per_set = static_cast<size_t>(rows) * n_groups;
-  l.sums_off = static_cast<size_t>(chunks) * 64;
-  l.chan_off = (l.sums_off + 4 * static_cast<size_t>(n_groups) + 15) / 16 * 16;
-  l.meta_off = l.chan_off + 4 * static_cast<size_t>(kWarps) * rows;
-  l.gdot_off = l.meta_off + (grouped ? 4 * kWarps * per_set : 0);
-  l.prod_off = (l.gdot_off + (grouped ? 4 * kWarps * per_set : 0) + 15) / 16 * 16;
-  l.stage_off = l.prod_off + (grouped ? 8 * kWarps * per_set : 0);
-  l.bytes = l.stage_off + static_cast<size_t>(kWarps) * stage_slots * digits * 32 * 16;
+__host__ __device__ inline UnitLayout UnitLayoutOf(int units, int n_groups) {
+  UnitLayout l;
+  l.sums_off = static_cast<size_t>(units) * 128;
+  l.prod_off = (l.sums_off + 4 * static_cast<size_t>(n_groups) + 15) / 16 * 16;
+  l.bytes = l.prod_off + 8 * static_cast<size_t>(n_groups) * kGemvWarps;
   return l;
 }
-
-// Digits a code of wb bits: 1, 2 (W3, W4) or 4.
-__host__ __device__ inline int DigitsOf(int wb) { return (wb + 1) / 2; }
-// Whether the kernel of kD digits stages the rounds after a row's first in shared memory.
-__host__ __device__ constexpr bool StagesRounds(int digits) { return digits == 2; }
 
 __device__ __forceinline__ int32_t Quantize(float x, float s_a, float qmax) {
   if (s_a == 0.0f) return 0;
@@ -258,211 +243,190 @@ __device__ __forceinline__ int Dp4aUs(uint32_t a, uint32_t b, int acc) {
   return d;
 }
 
-template <int kD>
-__global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
+__device__ __forceinline__ uint32_t WordOf(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// A unit's integer dots over its two halves (columns [0, 64) and [64, 128) of the unit): its
+// weight codes `wp` (kSB pieces of 16 bytes, the unit layout) against the activation codes
+// act(q), q = 0..7 (16 bytes each: columns 16q .. 16q + 15 of the unit). Every sum is exact
+// (|half| <= 64·255·127).
+template <int kSB, typename Act>
+__device__ __forceinline__ void UnitDots(const uint4 (&wp)[kSB], Act act, int32_t& lo,
+                                         int32_t& hi) {
+  if constexpr (kSB == 2) {
+    // Word q (0..7) holds columns 16q + 4j + b at bits [8b + 2j, 8b + 2j + 2): masked in place
+    // (digit j of every byte times 4^j, an unsigned byte), against activation word j of piece q;
+    // one accumulator a j, so acc_j >> 2j is the sum a shift of every word would give.
+    int acc[2][4] = {};
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const uint4 a = act(q);
+      const uint32_t word = WordOf(wp[q / 4], q % 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[q / 4][j] = Dp4aUs(word & (0x03030303u << (2 * j)), WordOf(a, j), acc[q / 4][j]);
+      }
+    }
+    lo = acc[0][0] + (acc[0][1] >> 2) + (acc[0][2] >> 4) + (acc[0][3] >> 6);
+    hi = acc[1][0] + (acc[1][1] >> 2) + (acc[1][2] >> 4) + (acc[1][3] >> 6);
+  } else if constexpr (kSB == 4) {
+    // Word q (0..15): byte b's low nibble is column 8q + b, its high nibble column 8q + 4 + b
+    // (masked in place: times 16).
+    int acc[2][2] = {};
+#pragma unroll
+    for (int q2 = 0; q2 < 8; ++q2) {
+      const uint4 a = act(q2);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int q = 2 * q2 + h;
+        const uint32_t word = WordOf(wp[q / 4], q % 4);
+        acc[q2 / 4][0] = Dp4aUs(word & 0x0f0f0f0fu, WordOf(a, 2 * h), acc[q2 / 4][0]);
+        acc[q2 / 4][1] = Dp4aUs(word & 0xf0f0f0f0u, WordOf(a, 2 * h + 1), acc[q2 / 4][1]);
+      }
+    }
+    lo = acc[0][0] + (acc[0][1] >> 4);
+    hi = acc[1][0] + (acc[1][1] >> 4);
+  } else {
+    // Word q (0..31): byte b is column 4q + b.
+    int acc[2][2] = {};
+#pragma unroll
+    for (int q4 = 0; q4 < 8; ++q4) {
+      const uint4 a = act(q4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[q4 / 4][j & 1] = Dp4aUs(WordOf(wp[q4], j), WordOf(a, j), acc[q4 / 4][j & 1]);
+      }
+    }
+    lo = acc[0][0] + acc[0][1];
+    hi = acc[1][0] + acc[1][1];
+  }
+}
+
+// kMode: 0 one k-group (per channel), 1 two groups a unit (g64), 2 a group of 2^unit_shift units.
+template <int kSB, int kMode>
+__global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
+  constexpr int kRing = RingOf(kSB);
+  constexpr int kStep = kSB * 32;  // pieces of a step
   extern __shared__ __align__(16) unsigned char dp4a_smem[];
   const AbqDeviceWeights& w = p.w;
-  const int chunks = p.chunks, n_groups = w.n_groups, L = p.group_chunks, R = p.rows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const bool grouped = L > 0, meta = w.meta_rows != nullptr;
-  // Staged rounds only in the two-digit kernel (W3, W4): measured, they cost the one- and
-  // four-digit kernels more (registers, spills) than they saved (docs/BENCHMARKS.md, 2026-12-06).
-  const int stage_slots = StagesRounds(kD) ? p.stage_slots : 0;
-  const SharedLayout sl = LayoutOf(chunks, n_groups, grouped, R, kD, stage_slots);
-  const uint4* s_act = reinterpret_cast<const uint4*>(dp4a_smem);
+  const int units = p.units, unit_blocks = p.unit_blocks, n_groups = w.n_groups;
+  const int lshift = p.unit_shift;
+  const int64_t n = w.n;
+  const bool meta = w.meta_rows != nullptr;
+  const UnitLayout sl = UnitLayoutOf(units, n_groups);
+  uint4* s_act = reinterpret_cast<uint4*>(dp4a_smem);
   int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem + sl.sums_off);
-  uint32_t* s_chan = reinterpret_cast<uint32_t*>(dp4a_smem + sl.chan_off) + warp * R;
-  uint32_t* s_meta = reinterpret_cast<uint32_t*>(dp4a_smem + sl.meta_off) + warp * R * n_groups;
-  uint32_t* s_gdot = reinterpret_cast<uint32_t*>(dp4a_smem + sl.gdot_off) + warp * R * n_groups;
-  double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * R * n_groups;
-  uint4* s_stage =
-      reinterpret_cast<uint4*>(dp4a_smem + sl.stage_off) + warp * stage_slots * kD * 32;
-  const uint4* digits = reinterpret_cast<const uint4*>(w.digits);
-  const int64_t sets = (w.n + R - 1) / R;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int total_slots = (chunks + 31) / 32;
+  double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * n_groups;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGemvWarps;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
 
-  // Piece i of a round (rows r, slots s, digits d; i = (r·ns + s)·kD + d) of row set t: chunk
-  // 32·(s0 + s) + lane of digit d of row t·R + r.
-  constexpr int kP = PiecesFor(kD);
-  uint4 piece[kP];
-  auto load = [&](int64_t t, int s0, int ns) {
-    const int64_t o0 = t * R;
-    int r = 0, sl_ = 0;  // (rs / ns, rs % ns), stepped rather than divided
+  // A step is one unit block (32 units, one a lane) of one row; the warp's steps are its rows
+  // first, first + stride, ..., each unit_blocks steps. The ring holds the next kRing steps'
+  // weights (and meta words): a slot is refilled with the step kRing ahead as soon as its
+  // arithmetic has read it. The load cursor: row lo, unit block lub, its pieces at src and the
+  // row's meta words at msrc.
+  uint4 ring[kRing][kSB];
+  uint2 ring_meta[kRing];
+  int64_t lo = first;
+  int lub = 0;
+  const uint4* src = reinterpret_cast<const uint4*>(w.digits) + first * unit_blocks * kStep + lane;
+  const int64_t row_skip = (stride - 1) * unit_blocks * kStep;  // past the other warps' rows
+  const unsigned int* msrc = meta ? w.meta_rows + first * n_groups : nullptr;
+  auto load = [&](uint4(&dst)[kSB], uint2& m) {
+    const int u = lub * 32 + lane;
+    m = uint2{0, 0};
+    if (lo < n && u < units) {
 #pragma unroll
-    for (int i = 0; i < kP; ++i) {
-      const int d = i % kD;
-      if (i > 0 && d == 0 && ++sl_ == ns) {
-        sl_ = 0;
-        ++r;
-      }
-      const int ci = 32 * (s0 + sl_) + lane;
-      const int64_t o = o0 + r;
-      piece[i] = r < R && o < w.n && ci < chunks ? __ldcs(digits + (o * kD + d) * chunks + ci)
-                                                 : uint4{0, 0, 0, 0};
-    }
-  };
-  // The set's s_w and z words into shared memory (cp.async, completed before the arithmetic).
-  auto load_meta = [&](int64_t t) {
-    if (!grouped || !meta) return;
-    const int64_t o0 = t * R;
-    const int count = static_cast<int>(w.n - o0 < R ? w.n - o0 : R) * n_groups;
-    for (int i = lane; i < count; i += 32) CopyAsync4(s_meta + i, w.meta_rows + o0 * n_groups + i);
-    mma::CopyAsyncCommit();
-  };
-  const int round_slots = R > 1 ? total_slots : min(p.slots, total_slots);
-  // Row t's staged slots (R = 1): slot round_slots + sr, digit d at s_stage[(sr·kD + d)·32 + lane].
-  auto stage = [&](int64_t t) {
-    if constexpr (StagesRounds(kD)) {
-      if (stage_slots == 0) return;
-      for (int sr = 0; sr < stage_slots; ++sr) {
-        const int ci = 32 * (round_slots + sr) + lane;
-#pragma unroll
-        for (int d = 0; d < kD; ++d) {
-          const uint4* src = digits + (t * kD + d) * chunks + min(ci, chunks - 1);
-          mma::CopyAsync16(s_stage + (sr * kD + d) * 32 + lane, src, ci < chunks ? 16 : 0);
+      for (int i = 0; i < kSB; ++i) dst[i] = __ldcs(src + i * 32);
+      if (kMode != 0 && meta) {
+        if (kMode == 1) {
+          m.x = __ldcs(msrc + 2 * u);
+          if (2 * u + 1 < n_groups) m.y = __ldcs(msrc + 2 * u + 1);
+        } else {
+          m.x = __ldcs(msrc + (u >> lshift));
         }
       }
-      mma::CopyAsyncCommit();
-    }
-  };
-  // A staged round into the registers (R = 1: pieces past the round's ns slots are unused).
-  auto load_staged = [&](int s0, int ns) {
-    int sl_ = 0;
+    } else {
 #pragma unroll
-    for (int i = 0; i < kP; ++i) {
-      const int d = i % kD;
-      if (i > 0 && d == 0) ++sl_;
-      const int sr = s0 + sl_ - round_slots;
-      piece[i] = sl_ < ns ? s_stage[(sr * kD + d) * 32 + lane] : uint4{0, 0, 0, 0};
+      for (int i = 0; i < kSB; ++i) dst[i] = uint4{0, 0, 0, 0};
+    }
+    src += kStep;
+    if (++lub == unit_blocks) {
+      lub = 0;
+      lo += stride;
+      src += row_skip;
+      if (meta) msrc += stride * n_groups;
     }
   };
 
-  // 1. Before anything that depends on the kernel before this one: the first set's first round.
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (first < sets) {
-    load(first, 0, round_slots);
-    load_meta(first);
-    stage(first);
-  }
+  // 1. Before anything that depends on the kernels before this one: the first kRing steps.
+#pragma unroll
+  for (int s = 0; s < kRing; ++s) load(ring[s], ring_meta[s]);
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-  // 2. The token's codes and Σa from the activation kernel, into shared memory (code piece (c, q)
-  // at 4c + (q ^ ((c >> 1) & 3))).
-  uint4* act_pieces = reinterpret_cast<uint4*>(dp4a_smem);
+  // 2. The token's codes and Σa from the activation kernel, into shared memory: piece q of unit u
+  // (columns 128u + 16q ..) at 8u + (q ^ (u & 7)), so that the 8 lanes of a quarter warp, reading
+  // piece q of 8 consecutive units, hit 32 distinct banks; zero past K.
   const uint4* codes = reinterpret_cast<const uint4*>(p.act_codes);
-  for (int j = threadIdx.x; j < chunks * 4; j += kThreads) {
-    const int c = j >> 2, q = j & 3;
-    act_pieces[4 * c + (q ^ ((c >> 1) & 3))] = codes[j];
+  const int code_pieces = static_cast<int>(w.k / 16);
+  for (int j = threadIdx.x; j < units * 8; j += kGemvThreads) {
+    const int u = j >> 3, q = j & 7;
+    s_act[8 * u + (q ^ (u & 7))] = j < code_pieces ? codes[j] : uint4{0, 0, 0, 0};
   }
-  for (int i = threadIdx.x; i < n_groups; i += kThreads) s_sums[i] = p.act_sums[i];
-  const float s_a = *p.act_scale;
+  for (int i = threadIdx.x; i < n_groups; i += kGemvThreads) s_sums[i] = p.act_sums[i];
+  const double s_a64 = static_cast<double>(*p.act_scale);
   __syncthreads();
 
-  // 3. The row sets.
-  const double s_a64 = static_cast<double>(s_a);
-  for (int64_t t = first; t < sets; t += warps) {
-    const int64_t o0 = t * R;
-    const int rows = static_cast<int>(w.n - o0 < R ? w.n - o0 : R);
-    if (lane < R) s_chan[lane] = 0;
-    bool inexact = false;
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-    __syncwarp();  // the set's meta words and zeroed dots
-    for (int s0 = 0; s0 < total_slots; s0 += round_slots) {
-      const int ns = min(round_slots, total_slots - s0);
-      if (StagesRounds(kD) && s0 > 0 && s0 < round_slots + stage_slots) {
-        load_staged(s0, ns);
-      } else if (s0 > 0) {
-        load(t, s0, ns);
-      }
-      int r = 0, si = -1;  // (rs / ns, rs % ns) of piece i0 = rs·kD, stepped
-#pragma unroll
-      for (int i0 = 0; i0 < kP; i0 += kD) {
-        if (++si == ns) {
-          si = 0;
-          ++r;
-        }
-        if (r >= rows) break;  // warp-uniform
-        const int ci = 32 * (s0 + si) + lane;
-        uint32_t v = 0;
-        if (ci < chunks) {
-          const int swz = (ci >> 1) & 3;
-          uint4 a[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) a[q] = s_act[4 * ci + (q ^ swz)];
-#pragma unroll
-          for (int d = 0; d < kD; ++d) {
-            const uint4 pc = piece[i0 + d];
-            const uint32_t words[4] = {pc.x, pc.y, pc.z, pc.w};
-            // Digit j of every byte masked in place (its value times 4^j, up to 192: an unsigned
-            // byte), one accumulator a j: acc_j = 4^j·Σ digit·a exactly (|Σ| <= 16·3·128, far
-            // from overflow), so acc_j >> 2j is the sum that a shift of every word would give,
-            // with one instruction fewer a dp4a.
-            int acc[4] = {0, 0, 0, 0};
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const uint32_t act[4] = {a[q].x, a[q].y, a[q].z, a[q].w};
-#pragma unroll
-              for (int j = 0; j < 4; ++j) {
-                acc[j] = Dp4aUs(words[q] & (0x03030303u << (2 * j)), act[j], acc[j]);
-              }
-            }
-            const int sum = acc[0] + (acc[1] >> 2) + (acc[2] >> 4) + (acc[3] >> 6);
-            v += static_cast<uint32_t>(sum) << (2 * d);
-          }
-        }
-        if (!grouped) {
-          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-          if (lane == 0) s_chan[r] += v;
-          continue;
-        }
-        for (int off = 1; off < L; off <<= 1) v += __shfl_xor_sync(kFull, v, off);
-        if (ci < chunks && (lane & (L - 1)) == 0) s_gdot[r * n_groups + (ci >> p.group_shift)] = v;
+  // 3. The steps. Per row: the k-groups' products c_G·s_w (c_G = dot − z·Σa, fp64), each formed
+  // by the lane that holds its dot, added into the lane's partial sum and kept in s_prod for the
+  // chain; at the row's end a butterfly where every addition is exact (abq_fused::OrderFree),
+  // else lane 0 runs AbqEpilogue's chain in group order. With fp16 scales (meta words) a product
+  // is exact (|c_G| < 2^31 times 11 significant bits) and a multiple of 2^(E − 25) for the
+  // scale's exponent field E (at least 1): that bound stands in for its lowest set bit (a lower
+  // emin only makes OrderFree stricter).
+  uint32_t row_dot = 0;  // one group: the lane's part of the row's dot
+  double part = 0.0, abs_sum = 0.0;
+  int emin = INT_MAX;
+  bool exact = true;
+  auto product = [&](int64_t o, int g, uint32_t dot, uint32_t word) {
+    uint32_t z;
+    double scale;
+    if (meta) {
+      z = word >> 16;
+      scale = static_cast<double>(
+          __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))));
+    } else {
+      z = static_cast<uint32_t>(w.zeros[g * n + o]);
+      scale = static_cast<double>(w.scales[g * n + o]);
+    }
+    if (p.dot != nullptr) p.dot[o * n_groups + g] = static_cast<int32_t>(dot);
+    const double c =
+        static_cast<double>(static_cast<int32_t>(dot - z * static_cast<uint32_t>(s_sums[g])));
+    const double prod = __dmul_rn(c, scale);
+    if (meta) {
+      emin = min(emin, max(static_cast<int>((word >> 10) & 31u), 1) - 25);
+    } else {
+      if (__fma_rn(c, scale, -prod) != 0.0) exact = false;
+      if (prod != 0.0) {
+        const int e = abq_fused::LsbExponent(prod);
+        if (e == INT32_MIN) exact = false;
+        emin = min(emin, e);
       }
     }
-    // The groups' products, every lane a group (a group's L <= 32 chunks lie within one slot of a
-    // piece, so its dot is complete): c_G = dot − z·Σa and c_G·s_w in fp64, before the next set's
-    // meta words arrive.
-    if (grouped) {
-      __syncwarp();  // the set's group dots
-      for (int r = 0; r < rows; ++r) {
-        const int64_t o = o0 + r;
-        for (int g = lane; g < n_groups; g += 32) {
-          const uint32_t v = s_gdot[r * n_groups + g];
-          double scale;
-          uint32_t z;
-          if (meta) {
-            const uint32_t word = s_meta[r * n_groups + g];
-            z = word >> 16;
-            scale = static_cast<double>(
-                __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))));
-          } else {
-            z = static_cast<uint32_t>(w.zeros[g * w.n + o]);
-            scale = static_cast<double>(w.scales[g * w.n + o]);
-          }
-          if (p.dot != nullptr) p.dot[o * n_groups + g] = static_cast<int32_t>(v);
-          const double c =
-              static_cast<double>(static_cast<int32_t>(v - z * static_cast<uint32_t>(s_sums[g])));
-          const double prod = __dmul_rn(c, scale);
-          if (__fma_rn(c, scale, -prod) != 0.0) inexact = true;
-          s_prod[r * n_groups + g] = prod;
-        }
-      }
-    }
-    // The next set's first round now, so that it streams during this set's epilogue.
-    __syncwarp();  // every lane is done with this set's meta words
-    if (t + warps < sets) {
-      load(t + warps, 0, round_slots);
-      load_meta(t + warps);
-      stage(t + warps);
-    }
-    if (!grouped) {
-      if (lane < rows) {
-        const int64_t o = o0 + lane;
-        const uint32_t dot = s_chan[lane];
-        double scale;
+    part = __dadd_rn(part, prod);
+    abs_sum = __dadd_rn(abs_sum, fabs(prod));
+    s_prod[g] = prod;
+  };
+  auto finish_row = [&](int64_t o) {
+    if constexpr (kMode == 0) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) row_dot += __shfl_xor_sync(kFull, row_dot, off);
+      if (lane == 0) {
         uint32_t z;
+        double scale;
         if (meta) {
           const uint32_t word = w.meta_rows[o];
           z = word >> 16;
@@ -472,65 +436,134 @@ __global__ void __launch_bounds__(kThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
           z = static_cast<uint32_t>(w.zeros[o]);
           scale = static_cast<double>(w.scales[o]);
         }
-        if (p.dot != nullptr) p.dot[o] = static_cast<int32_t>(dot);
-        const double c =
-            static_cast<double>(static_cast<int32_t>(dot - z * static_cast<uint32_t>(s_sums[0])));
+        if (p.dot != nullptr) p.dot[o] = static_cast<int32_t>(row_dot);
+        const double c = static_cast<double>(
+            static_cast<int32_t>(row_dot - z * static_cast<uint32_t>(s_sums[0])));
         const double sum = __dadd_rn(0.0, __dmul_rn(c, scale));
         p.y[o] = __double2float_rn(__dmul_rn(s_a64, sum));
       }
-      __syncwarp();
-      continue;
+      row_dot = 0;
+    } else {
+      exact = __all_sync(kFull, exact);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
+        abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
+        emin = min(emin, __shfl_xor_sync(kFull, emin, off));
+      }
+      __syncwarp();  // the row's products in s_prod
+      if (lane == 0) {
+        double sum = part;
+        if (!abq_fused::OrderFree(exact, emin, abs_sum)) {
+          sum = 0.0;
+          for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, s_prod[g]);
+        }
+        p.y[o] = __double2float_rn(__dmul_rn(s_a64, sum));
+      }
+      __syncwarp();  // lane 0 is done with s_prod before the next row's products
+      part = 0.0;
+      abs_sum = 0.0;
+      emin = INT_MAX;
+      exact = true;
     }
-    const bool all_exact = __all_sync(kFull, !inexact);
-    for (int r = 0; r < rows; ++r) {
-      const double* prods = s_prod + r * n_groups;
-      const double sum = WarpProductSum(prods, n_groups, all_exact);
-      if (lane == 0) p.y[o0 + r] = __double2float_rn(__dmul_rn(s_a64, sum));
+  };
+
+  int64_t co = first;  // the step computed next: row co, unit block cub
+  int cub = 0;
+  while (co < n) {
+#pragma unroll
+    for (int s = 0; s < kRing; ++s) {
+      if (co >= n) break;  // warp-uniform
+      const int u = cub * 32 + lane;
+      int32_t dlo = 0, dhi = 0;
+      if (u < units) {
+        const uint4* au = s_act + 8 * u;
+        const int swz = u & 7;
+        UnitDots<kSB>(
+            ring[s], [&](int q) { return au[q ^ swz]; }, dlo, dhi);
+      }
+      const uint2 m = ring_meta[s];
+      load(ring[s], ring_meta[s]);  // the step kRing ahead
+      if constexpr (kMode == 0) {
+        row_dot += static_cast<uint32_t>(dlo) + static_cast<uint32_t>(dhi);
+      } else if constexpr (kMode == 1) {  // g64: two groups a unit
+        if (u < units) {
+          product(co, 2 * u, static_cast<uint32_t>(dlo), m.x);
+          if (2 * u + 1 < n_groups) product(co, 2 * u + 1, static_cast<uint32_t>(dhi), m.y);
+        }
+      } else {  // a group of 2^lshift units: consecutive lanes of one step
+        uint32_t v = static_cast<uint32_t>(dlo) + static_cast<uint32_t>(dhi);
+        for (int off = 1; off < (1 << lshift); off <<= 1) v += __shfl_xor_sync(kFull, v, off);
+        if (u < units && (lane & ((1 << lshift) - 1)) == 0) product(co, u >> lshift, v, m.x);
+      }
+      if (++cub == unit_blocks) {
+        finish_row(co);
+        cub = 0;
+        co += stride;
+      }
     }
-    __syncwarp();  // lane 0 is done with the products before the next set writes them
   }
 }
 
-// One thread a digit word: word q of chunk ci of digit d of row o, from planes 2d and 2d + 1.
-__global__ void RepackDigitsKernel(const uint32_t* planes, int64_t n, int wb, int words, int chunks,
-                                   uint32_t* digits) {
-  const int nd = DigitsOf(wb);
-  const int64_t total = n * nd * chunks * 4;
+// One thread a word of the unit layout: word e of piece pc of unit 32·ub + l of row o (index
+// ((o·unit_blocks + ub)·sb + pc)·128 + 4l + e), from the wb planes; 0 past K and past the units.
+__global__ void RepackUnitsKernel(const uint32_t* planes, int64_t n, int wb, int words, int64_t k,
+                                  int units, int unit_blocks, int sb, uint32_t* out) {
+  const int64_t per_row = static_cast<int64_t>(unit_blocks) * sb * 128;
+  const int64_t total = n * per_row;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int q = static_cast<int>(t % 4);
-    const int ci = static_cast<int>((t / 4) % chunks);
-    const int d = static_cast<int>((t / (4 * chunks)) % nd);
-    const int64_t o = t / (4 * static_cast<int64_t>(chunks) * nd);
-    const int k0 = 64 * ci + 16 * q;  // 16 columns within one plane word
-    const uint32_t* row = planes + o * wb * static_cast<int64_t>(words) + k0 / 32;
-    const int shift = k0 % 32;
-    const uint32_t lo = 2 * d < wb ? row[(2 * d) * static_cast<int64_t>(words)] >> shift : 0u;
-    const uint32_t hi =
-        2 * d + 1 < wb ? row[(2 * d + 1) * static_cast<int64_t>(words)] >> shift : 0u;
-    uint32_t out = 0;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const uint32_t digit = ((lo >> i) & 1u) | (((hi >> i) & 1u) << 1);
-      out |= digit << (8 * (i & 3) + 2 * (i >> 2));
+    const int64_t o = t / per_row;
+    const int r = static_cast<int>(t % per_row);
+    const int e = r % 4, l = (r / 4) % 32, pc = (r / 128) % sb, ub = r / (128 * sb);
+    const int u = 32 * ub + l, wi = 4 * pc + e;  // word wi of unit u
+    uint32_t word = 0;
+    if (u < units) {
+      const int per_word = 32 / sb;
+      for (int i = 0; i < per_word; ++i) {
+        int c = 0, shift = 0;  // column within the unit, bit offset within the word
+        if (sb == 2) {         // i = 4j + b: column 16wi + 4j + b at bits 8b + 2j
+          c = 16 * wi + i;
+          shift = 8 * (i & 3) + 2 * (i >> 2);
+        } else if (sb == 4) {  // i = 4h + b: column 8wi + 4h + b at bits 8b + 4h
+          c = 8 * wi + i;
+          shift = 8 * (i & 3) + 4 * (i >> 2);
+        } else {  // column 4wi + b at bits 8b
+          c = 4 * wi + i;
+          shift = 8 * i;
+        }
+        const int64_t col = 128 * static_cast<int64_t>(u) + c;
+        if (col >= k) continue;
+        uint32_t code = 0;
+        for (int j = 0; j < wb; ++j) {
+          const uint32_t plane_word = planes[(o * wb + j) * words + col / 32];
+          code |= ((plane_word >> (col % 32)) & 1u) << j;
+        }
+        word |= code << shift;
+      }
     }
-    digits[t] = out;
+    out[t] = word;
   }
 }
 
 using Dp4aKernel = void (*)(Dp4aParams);
 
-Dp4aKernel KernelFor(int wb, int ab) {
+template <int kSB>
+Dp4aKernel KernelForMode(int mode) {
+  return mode == 0   ? AbqDp4aGemvKernel<kSB, 0>
+         : mode == 1 ? AbqDp4aGemvKernel<kSB, 1>
+                     : AbqDp4aGemvKernel<kSB, 2>;
+}
+// The GEMV for weight bits wb, activation bits ab and k-group mode (Dp4aParams::group_mode).
+Dp4aKernel KernelFor(int wb, int ab, int mode) {
   if ((wb != 2 && wb != 3 && wb != 4 && wb != 8) || (ab != 4 && ab != 8)) return nullptr;
-  switch (DigitsOf(wb)) {
-    case 1:
-      return AbqDp4aGemvKernel<1>;
+  switch (StoreBitsOf(wb)) {
     case 2:
-      return AbqDp4aGemvKernel<2>;
+      return KernelForMode<2>(mode);
     case 4:
-      return AbqDp4aGemvKernel<4>;
+      return KernelForMode<4>(mode);
     default:
-      return nullptr;
+      return KernelForMode<8>(mode);
   }
 }
 Dp4aKernel ActivationsKernelFor(int ab) {
@@ -545,43 +578,23 @@ int GroupChunks(const AbqDeviceWeights& w) {
   return l <= 32 && (l & (l - 1)) == 0 ? l : -1;
 }
 
-// The launch: rows a warp loads at once (as many as the grid's warps need, within kPieces
-// pieces a lane) or, for rows longer than kPieces pieces a lane, one row in rounds of slots.
+int UnitsOf(int64_t k) { return static_cast<int>((k + 127) / 128); }
+
+// The launch: the activation kernel's slices and the GEMV's grid (a warp a row, one block of
+// kGemvWarps an SM, on the SMs the activation kernel's blocks leave free where the rows fill them).
 struct Plan {
   Dp4aParams p;
   size_t bytes = 0;
   int blocks = 0;
 };
 bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
-  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, ab) == nullptr) return false;
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, ab, 0) == nullptr) return false;
   const int l = GroupChunks(w);
   const int sms = SmCount();
   if (l < 0 || sms <= 0) return false;
-  const int chunks = static_cast<int>(w.k / 64), nd = DigitsOf(w.weight_bits);
-  const int total_slots = (chunks + 31) / 32;
-  const int pieces = PiecesFor(nd);
-  int rows = 1, slots = pieces / nd;
-  if (total_slots * nd <= pieces) {
-    const int64_t needed = (w.n + static_cast<int64_t>(sms) * kWarps - 1) / (sms * kWarps);
-    rows = static_cast<int>(std::clamp<int64_t>(needed, 1, pieces / (total_slots * nd)));
-    slots = total_slots;
-  }
-  size_t bytes = LayoutOf(chunks, w.n_groups, l > 0, rows, nd, 0).bytes;
-  if (bytes > kMaxShared && rows > 1) {
-    rows = 1;
-    bytes = LayoutOf(chunks, w.n_groups, l > 0, rows, nd, 0).bytes;
-  }
+  const int chunks = static_cast<int>(w.k / 64), units = UnitsOf(w.k);
+  const size_t bytes = UnitLayoutOf(units, w.n_groups).bytes;
   if (bytes > kMaxShared) return false;
-  // The rounds after the first through shared memory, as many as fit: whole rounds, or all the
-  // rest.
-  int stage = 0;
-  if (StagesRounds(nd) && rows == 1 && total_slots > slots) {
-    const size_t per_slot = static_cast<size_t>(kWarps) * nd * 32 * 16;
-    const int rest = total_slots - slots;
-    stage = std::min<int>(rest, static_cast<int>((kMaxShared - bytes) / per_slot));
-    if (stage < rest) stage = stage / slots * slots;
-    bytes = LayoutOf(chunks, w.n_groups, l > 0, rows, nd, stage).bytes;
-  }
   plan.p.w = w;
   plan.p.chunks = chunks;
   plan.p.group_chunks = l;
@@ -599,32 +612,38 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   }
   plan.p.group_shift = 0;
   while (l > 0 && (1 << plan.p.group_shift) < l) ++plan.p.group_shift;
-  plan.p.rows = rows;
-  plan.p.slots = slots;
-  plan.p.stage_slots = stage;
+  plan.p.units = units;
+  plan.p.unit_blocks = (units + 31) / 32;
+  // Units a k-group: g64 is two groups a unit, g = 128·2^s a group of 2^s units.
+  plan.p.group_mode = l == 0 ? 0 : l == 1 ? 1 : 2;
+  plan.p.unit_shift = l > 1 ? plan.p.group_shift - 1 : 0;
   plan.bytes = bytes;
-  const int64_t sets = (w.n + rows - 1) / rows;
-  plan.blocks = static_cast<int>(std::min<int64_t>((sets + kWarps - 1) / kWarps, sms));
+  const int64_t wanted = (w.n + kGemvWarps - 1) / kGemvWarps;
+  const int free_sms = sms > plan.p.act_blocks ? sms - plan.p.act_blocks : sms;
+  plan.blocks = static_cast<int>(std::min<int64_t>(wanted, free_sms));
   return true;
 }
 
 }  // namespace
 
 int64_t AbqDigitWords(const AbqDeviceWeights& w) {
-  return w.n * DigitsOf(w.weight_bits) * (w.k / 64) * 4;
+  const int64_t unit_blocks = (UnitsOf(w.k) + 31) / 32;
+  return w.n * unit_blocks * StoreBitsOf(w.weight_bits) * 128;
 }
 
 cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits,
                                   cudaStream_t stream) {
-  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, 8) == nullptr ||
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, 8, 0) == nullptr ||
       digits == nullptr) {
     return cudaErrorInvalidValue;
   }
   const int64_t total = AbqDigitWords(w);
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
-  RepackDigitsKernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      w.planes, w.n, w.weight_bits, w.words, static_cast<int>(w.k / 64), digits);
+  const int units = UnitsOf(w.k);
+  RepackUnitsKernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      w.planes, w.n, w.weight_bits, w.words, w.k, units, (units + 31) / 32,
+      StoreBitsOf(w.weight_bits), digits);
   return cudaGetLastError();
 }
 
@@ -644,8 +663,8 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
       scratch == nullptr || reinterpret_cast<uintptr_t>(scratch) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  static std::atomic<uint64_t> raised[3];  // [digits 1, 2, 4]
-  const Dp4aKernel kernel = KernelFor(w.weight_bits, ab);
+  static std::atomic<uint64_t> raised[9];  // [store bits 2, 4, 8][group mode]
+  const Dp4aKernel kernel = KernelFor(w.weight_bits, ab, plan.p.group_mode);
   plan.p.x = x;
   plan.p.y = y;
   plan.p.dot = dot;
@@ -653,17 +672,18 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   plan.p.act_codes = reinterpret_cast<uint32_t*>(bytes);
   plan.p.act_sums = reinterpret_cast<int32_t*>(bytes + w.k);
   plan.p.act_scale = reinterpret_cast<float*>(bytes + w.k + 4 * w.n_groups);
-  const int nd = DigitsOf(w.weight_bits);
-  const int di = nd == 1 ? 0 : nd == 2 ? 1 : 2;
-  cudaError_t err = RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[di]);
+  const int sb = StoreBitsOf(w.weight_bits);
+  const int si = sb == 2 ? 0 : sb == 4 ? 1 : 2;
+  cudaError_t err =
+      RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[3 * si + plan.p.group_mode]);
   if (err != cudaSuccess) return err;
   // The activations first (a few blocks; Σa in their shared memory), then the GEMV, which starts as
   // soon as the activation kernel does and streams its weights meanwhile.
   err = LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(static_cast<unsigned>(plan.p.act_blocks)),
                   kThreads, sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
   if (err != cudaSuccess) return err;
-  return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)), kThreads, plan.bytes,
-                   stream);
+  return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)), kGemvThreads,
+                   plan.bytes, stream);
 }
 
 }  // namespace qcal::kernels::cuda

@@ -52,9 +52,10 @@ struct AbqDeviceWeights {
   const float* scales = nullptr;
   const int32_t* zeros = nullptr;
   const uint32_t* meta = nullptr;
-  // For the dp4a kernel (abq_dp4a.cu), made when it is chosen: the codes as 2-bit digits,
-  // [n][ceil(wb / 2)][k / 64] pieces of 16 bytes (LaunchAbqRepackDigits), and `meta`'s words
-  // row-major, [n][n_groups] (null where the scales are not all fp16 values).
+  // For the dp4a kernel (abq_dp4a.cu), made when it is chosen: the codes in its unit layout
+  // (2, 4 or 8 bits a code; units of 128 columns, a lane's in 16-byte pieces;
+  // LaunchAbqRepackDigits), and `meta`'s words row-major, [n][n_groups] (null where the scales are
+  // not all fp16 values).
   const uint32_t* digits = nullptr;
   const uint32_t* meta_rows = nullptr;
   int64_t n = 0;
@@ -106,17 +107,18 @@ bool AbqFusedGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 cudaError_t LaunchAbqFusedGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
                                int32_t* dot, cudaStream_t stream);
 
-// uint32 words of `w`'s digit layout (AbqDeviceWeights::digits): n·ceil(wb / 2)·(k / 64)·4.
+// uint32 words of `w`'s unit layout (AbqDeviceWeights::digits): n·ceil(ceil(k / 128) / 32)·sb·128,
+// sb = 2, 4 or 8 bits a code (W2; W3, the balanced grid and W4; W8).
 int64_t AbqDigitWords(const AbqDeviceWeights& w);
 
 // Writes `w`'s codes from its planes into `digits` (AbqDigitWords(w) words) in the dp4a
-// kernel's digit layout. cudaErrorInvalidValue for K not a multiple of 64 or unsupported widths.
+// kernel's unit layout. cudaErrorInvalidValue for K not a multiple of 64 or unsupported widths.
 cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits, cudaStream_t stream);
 
 // Whether LaunchAbqDp4aGemv takes m tokens of `w` with ab-bit activations: m = 1, ab 4 or 8,
 // weight bits 2, 3, 4 or 8, K a multiple of 64, one k-group or groups of 64·2^i columns up to
-// 2048, and shared memory (K bytes of codes, Σa, the warps' meta words, group dots, products and
-// staged rounds) within 200 KiB.
+// 2048, and shared memory (the codes of K rounded up to 128 columns, Σa, the warps' k-group
+// products) within 200 KiB.
 bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 
 // Bytes of the scratch LaunchAbqDp4aGemv needs for `w` (the token's codes, Σa per k-group, s_a).
