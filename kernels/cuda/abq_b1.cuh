@@ -182,44 +182,6 @@ inline int SmCount() {
   return sms;
 }
 
-// A lane's share of one output's products p_G = c_G·s_w and the facts that decide whether they
-// may be added in any order (abq_fused::OrderFree): the lane's sum `part`, Σ|p_G| and the least
-// exponent of their lowest set bits.
-struct ProductFacts {
-  double part = 0.0, abs_sum = 0.0;
-  int emin = INT_MAX;
-
-  // Adds p, whose lowest set bit is at least 2^e (e <= LsbExponent(p); INT32_MIN where p cannot
-  // be added in any order: then `exact` becomes false).
-  __device__ void Add(double p, int e, bool& exact) {
-    if (e == INT32_MIN) exact = false;
-    emin = min(emin, e);
-    part = __dadd_rn(part, p);
-    abs_sum = __dadd_rn(abs_sum, fabs(p));
-  }
-  // Adds p, its lowest set bit read from its bits.
-  __device__ void Add(double p, bool& exact) {
-    if (p != 0.0) {
-      Add(p, abq_fused::LsbExponent(p), exact);
-    } else {
-      part = __dadd_rn(part, p);
-    }
-  }
-  // The whole warp's facts in every lane (a butterfly: the same bits in every lane); whether
-  // every lane's products were exact (`exact`) and their sum is order-free.
-  __device__ bool Reduce(bool exact) {
-    constexpr unsigned kAll = 0xffffffffu;
-    exact = __all_sync(kAll, exact);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      part = __dadd_rn(part, __shfl_xor_sync(kAll, part, off));
-      abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kAll, abs_sum, off));
-      emin = min(emin, __shfl_xor_sync(kAll, emin, off));
-    }
-    return abq_fused::OrderFree(exact, emin, abs_sum);
-  }
-};
-
 // AbqEpilogue's S = Σ_G p_G for one output, from its products p_G = c_G·s_w (fp64, `prods`, in
 // group order), by a whole warp: where every addition is exact (abq_fused::OrderFree; `exact` is
 // false in a lane that saw an inexact product) the lanes' sums and a butterfly, which give the
@@ -227,10 +189,27 @@ struct ProductFacts {
 __device__ inline double WarpProductSum(const double* prods, int n_groups, bool exact) {
   constexpr unsigned kAll = 0xffffffffu;
   const int lane = threadIdx.x & 31;
-  ProductFacts facts;
-  for (int g = lane; g < n_groups; g += 32) facts.Add(prods[g], exact);
-  const bool order_free = __shfl_sync(kAll, facts.Reduce(exact), 0);
-  if (lane != 0 || order_free) return facts.part;
+  double part = 0.0, abs_sum = 0.0;
+  int emin = INT_MAX;
+  for (int g = lane; g < n_groups; g += 32) {
+    const double prod = prods[g];
+    if (prod != 0.0) {
+      const int e = abq_fused::LsbExponent(prod);
+      if (e == INT32_MIN) exact = false;
+      emin = min(emin, e);
+    }
+    part = __dadd_rn(part, prod);
+    abs_sum = __dadd_rn(abs_sum, fabs(prod));
+  }
+  exact = __all_sync(kAll, exact);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    part = __dadd_rn(part, __shfl_xor_sync(kAll, part, off));
+    abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kAll, abs_sum, off));
+    emin = min(emin, __shfl_xor_sync(kAll, emin, off));
+  }
+  const bool order_free = __shfl_sync(kAll, abq_fused::OrderFree(exact, emin, abs_sum), 0);
+  if (lane != 0 || order_free) return part;
   double sum = 0.0;
   for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, prods[g]);
   return sum;

@@ -388,7 +388,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
   // scale's exponent field E (at least 1): that bound stands in for its lowest set bit (a lower
   // emin only makes OrderFree stricter).
   uint32_t row_dot = 0;  // one group: the lane's part of the row's dot
-  ProductFacts facts;
+  double part = 0.0, abs_sum = 0.0;
+  int emin = INT_MAX;
   bool exact = true;
   auto product = [&](int64_t o, int g, uint32_t dot, uint32_t word) {
     uint32_t z;
@@ -406,11 +407,17 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
         static_cast<double>(static_cast<int32_t>(dot - z * static_cast<uint32_t>(s_sums[g])));
     const double prod = __dmul_rn(c, scale);
     if (meta) {
-      facts.Add(prod, max(static_cast<int>((word >> 10) & 31u), 1) - 25, exact);
+      emin = min(emin, max(static_cast<int>((word >> 10) & 31u), 1) - 25);
     } else {
       if (__fma_rn(c, scale, -prod) != 0.0) exact = false;
-      facts.Add(prod, exact);
+      if (prod != 0.0) {
+        const int e = abq_fused::LsbExponent(prod);
+        if (e == INT32_MIN) exact = false;
+        emin = min(emin, e);
+      }
     }
+    part = __dadd_rn(part, prod);
+    abs_sum = __dadd_rn(abs_sum, fabs(prod));
     s_prod[g] = prod;
   };
   auto finish_row = [&](int64_t o) {
@@ -437,18 +444,26 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
       }
       row_dot = 0;
     } else {
-      const bool order_free = facts.Reduce(exact);
+      exact = __all_sync(kFull, exact);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        part = __dadd_rn(part, __shfl_xor_sync(kFull, part, off));
+        abs_sum = __dadd_rn(abs_sum, __shfl_xor_sync(kFull, abs_sum, off));
+        emin = min(emin, __shfl_xor_sync(kFull, emin, off));
+      }
       __syncwarp();  // the row's products in s_prod
       if (lane == 0) {
-        double sum = facts.part;
-        if (!order_free) {
+        double sum = part;
+        if (!abq_fused::OrderFree(exact, emin, abs_sum)) {
           sum = 0.0;
           for (int g = 0; g < n_groups; ++g) sum = __dadd_rn(sum, s_prod[g]);
         }
         p.y[o] = __double2float_rn(__dmul_rn(s_a64, sum));
       }
       __syncwarp();  // lane 0 is done with s_prod before the next row's products
-      facts = ProductFacts();
+      part = 0.0;
+      abs_sum = 0.0;
+      emin = INT_MAX;
       exact = true;
     }
   };
