@@ -274,12 +274,14 @@ TEST_F(CudaAbqTest, FusedKernelEqualsReference) {
 // The one-token dp4a layer (abq_dp4a.cu; CudaAbqLinear::B1Kernel::kDp4a) against the reference,
 // sums exact and y bit for bit, with the scales read as 8 bytes (a few binades: some products
 // inexact, so lane 0 runs the chain) and as one fp16 word (meta rows). Every bit width and the
-// balanced grid, per channel, g64, g128 and g256 (k-groups of 1, 2 and 4 chunks); K of one chunk,
-// 110 chunks (odd group ends at g256), 1024 and 4096; n of 1, off the 32-warp blocks, and
-// 1000 rows. Then rows in several rounds (W4 at K = 11,008: 172 chunks, 96 a round; W8 at 28,672:
-// 448 chunks, 32 a round), a wide per-channel row (W3 A4), and warps that load several rows at
-// once (11,008 × 4096 W2 g128 and 9000 × 1024 W4 per channel: three rows a warp). K off 64 and g32
-// are refused (Dp4aApplies false), and the dispatch's kernels run them, with the same bits.
+// balanced grid, per channel, g64 (two groups a 128-column unit), g128 (one) and g256 (two lanes
+// a group); K of half a unit (64), 55 units (7040: a second unit block of 23 lanes, an odd group
+// end at g256), 1024 and 4096; n of 1, off the 16-warp blocks, and 1000 rows. Then rows of
+// several unit blocks (K = 11,008: 86 units, the last block 22 lanes; W8 at 28,672: 7 blocks,
+// more steps than a warp's ring holds), a wide per-channel row (W3 A4), warps that take several
+// rows (11,008 × 4096 W2 g128 and 9000 × 1024 W4 per channel), and the activation kernel's paths
+// past its held registers. K off 64 and g32 are refused (Dp4aApplies false), and the dispatch's
+// kernels run them, with the same bits.
 TEST_F(CudaAbqTest, Dp4aKernelEqualsReference) {
   Random rng(19);
   std::vector<Combo> combos;
