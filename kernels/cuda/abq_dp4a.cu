@@ -97,16 +97,29 @@ constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
 // The GEMV's block: one an SM, 16 warps of up to 128 registers a thread, so that each lane can
 // hold a ring of several steps' weights.
-constexpr int kGemvWarps = 16;
-constexpr int kGemvThreads = kGemvWarps * 32;
+// The GEMV's shape for a store width (below): warps a block, blocks an SM it is built for
+// (launch bounds: 2 leaves room for the next layer's GEMV beside it), and steps in a lane's ring.
+struct GemvShape {
+  int warps, min_blocks, ring;
+};
+#ifndef QCAL_DP4A_FLAG
+#define QCAL_DP4A_FLAG 0
+#define QCAL_DP4A_PF 0
+#define QCAL_DP4A_PF_MB 24
+#endif
+#ifndef QCAL_DP4A_W2
+#define QCAL_DP4A_W2 16, 1, 6
+#define QCAL_DP4A_W4 16, 1, 4
+#define QCAL_DP4A_W8 16, 1, 2
+#endif
+__host__ __device__ constexpr GemvShape GemvShapeOf(int sb) {
+  return sb == 2 ? GemvShape{QCAL_DP4A_W2} : sb == 4 ? GemvShape{QCAL_DP4A_W4} : GemvShape{QCAL_DP4A_W8};
+}
 constexpr size_t kMaxShared = 200 * 1024;
 
 // Bits a code takes in the unit layout: 2 (W2), 4 (W3, the balanced grid and W4) or 8; a unit of
 // 128 columns is then that many 16-byte pieces.
 __host__ __device__ constexpr int StoreBitsOf(int wb) { return wb <= 2 ? 2 : wb <= 4 ? 4 : 8; }
-// Steps in a lane's ring (registers: ring · pieces · 4 words): 12 to 16 pieces a lane in flight
-// (W2 at 16 spilled).
-__host__ __device__ constexpr int RingOf(int sb) { return sb == 2 ? 6 : sb == 4 ? 4 : 2; }
 
 struct Dp4aParams {
   AbqDeviceWeights w;
@@ -118,6 +131,8 @@ struct Dp4aParams {
   uint32_t* act_codes;
   int32_t* act_sums;
   float* act_scale;
+  unsigned int* act_ready;  // blocks of the activation kernel done (QCAL_DP4A_FLAG)
+  int64_t pf_rows;          // rows [0, pf_rows) prefetched into L2 at the start
   int chunks;        // K / 64
   int group_chunks;  // chunks a k-group (L, a power of two), 0 for one group
   int group_shift;   // log2(L)
@@ -134,11 +149,11 @@ struct Dp4aParams {
 struct UnitLayout {
   size_t sums_off = 0, prod_off = 0, bytes = 0;
 };
-__host__ __device__ inline UnitLayout UnitLayoutOf(int units, int n_groups) {
+__host__ __device__ inline UnitLayout UnitLayoutOf(int units, int n_groups, int warps) {
   UnitLayout l;
   l.sums_off = static_cast<size_t>(units) * 128;
   l.prod_off = (l.sums_off + 4 * static_cast<size_t>(n_groups) + 15) / 16 * 16;
-  l.bytes = l.prod_off + 8 * static_cast<size_t>(n_groups) * kGemvWarps;
+  l.bytes = l.prod_off + 8 * static_cast<size_t>(n_groups) * warps;
   return l;
 }
 
@@ -162,6 +177,13 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   constexpr float kQmax = static_cast<float>((1 << (kAb - 1)) - 1);
   extern __shared__ __align__(16) unsigned char dp4a_smem[];
   __shared__ float scratch[32];
+#if QCAL_DP4A_FLAG
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    *p.act_ready = 0;
+    __threadfence();
+  }
+  __syncthreads();
+#endif
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int n_groups = p.w.n_groups, L = p.group_chunks;
@@ -234,6 +256,11 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   const int g1 = L == 0 ? n_groups : (((u1 - 1) >> 4) >> p.group_shift) + 1;
   for (int i = g0 + threadIdx.x; i < g1; i += kThreads) p.act_sums[i] = s_sums[i];
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.act_scale = s_a;
+#if QCAL_DP4A_FLAG
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(p.act_ready, 1u);
+#endif
 }
 
 // acc + Σ_b a_b·b_b over the four bytes, a's unsigned and b's signed (dp4a.u32.s32).
@@ -305,8 +332,10 @@ __device__ __forceinline__ void UnitDots(const uint4 (&wp)[kSB], Act act, int32_
 
 // kMode: 0 one k-group (per channel), 1 two groups a unit (g64), 2 a group of 2^unit_shift units.
 template <int kSB, int kMode>
-__global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
-  constexpr int kRing = RingOf(kSB);
+__global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, GemvShapeOf(kSB).min_blocks)
+    AbqDp4aGemvKernel(Dp4aParams p) {
+  constexpr int kGemvWarps = GemvShapeOf(kSB).warps, kGemvThreads = kGemvWarps * 32;
+  constexpr int kRing = GemvShapeOf(kSB).ring;
   constexpr int kStep = kSB * 32;  // pieces of a step
   extern __shared__ __align__(16) unsigned char dp4a_smem[];
   const AbqDeviceWeights& w = p.w;
@@ -315,7 +344,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
   const int lshift = p.unit_shift;
   const int64_t n = w.n;
   const bool meta = w.meta_rows != nullptr;
-  const UnitLayout sl = UnitLayoutOf(units, n_groups);
+  const UnitLayout sl = UnitLayoutOf(units, n_groups, kGemvWarps);
   uint4* s_act = reinterpret_cast<uint4*>(dp4a_smem);
   int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem + sl.sums_off);
   double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * n_groups;
@@ -362,10 +391,37 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
   };
 
   // 1. Before anything that depends on the kernels before this one: the first kRing steps.
+#if QCAL_DP4A_PF
+  // The warp's rows into L2 (the bulk copy engine's prefetch), past the padding units.
+  if (lane < kSB + 1) {
+    const uint4* base = reinterpret_cast<const uint4*>(w.digits);
+    const int last = units - 32 * (unit_blocks - 1);  // units of the last step
+    for (int64_t o = first; o < p.pf_rows; o += stride) {
+      const uint4* row = base + o * unit_blocks * kStep;
+      const uint4* at = lane == 0 ? row : row + (unit_blocks - 1) * kStep + (lane - 1) * 32;
+      const uint32_t bytes = lane == 0 ? static_cast<uint32_t>(unit_blocks - 1) * kStep * 16
+                                       : static_cast<uint32_t>(last) * 16;
+      if (bytes > 0) {
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(bytes) : "memory");
+      }
+    }
+  }
+#endif
 #pragma unroll
   for (int s = 0; s < kRing; ++s) load(ring[s], ring_meta[s]);
+#if QCAL_DP4A_FLAG
+  if (threadIdx.x == 0) {
+    unsigned int ready = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(ready) : "l"(p.act_ready) : "memory");
+    } while (ready < static_cast<unsigned int>(p.act_blocks));
+  }
+  __syncthreads();
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#else
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   // 2. The token's codes and Σa from the activation kernel, into shared memory: piece q of unit u
   // (columns 128u + 16q ..) at 8u + (q ^ (u & 7)), so that the 8 lanes of a quarter warp, reading
@@ -374,10 +430,10 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
   const int code_pieces = static_cast<int>(w.k / 16);
   for (int j = threadIdx.x; j < units * 8; j += kGemvThreads) {
     const int u = j >> 3, q = j & 7;
-    s_act[8 * u + (q ^ (u & 7))] = j < code_pieces ? codes[j] : uint4{0, 0, 0, 0};
+    s_act[8 * u + (q ^ (u & 7))] = j < code_pieces ? __ldcg(codes + j) : uint4{0, 0, 0, 0};
   }
-  for (int i = threadIdx.x; i < n_groups; i += kGemvThreads) s_sums[i] = p.act_sums[i];
-  const double s_a64 = static_cast<double>(*p.act_scale);
+  for (int i = threadIdx.x; i < n_groups; i += kGemvThreads) s_sums[i] = __ldcg(p.act_sums + i);
+  const double s_a64 = static_cast<double>(__ldcg(p.act_scale));
   __syncthreads();
 
   // 3. The steps. Per row: the k-groups' products c_G·s_w (c_G = dot − z·Σa, fp64), each formed
@@ -593,7 +649,8 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   const int sms = SmCount();
   if (l < 0 || sms <= 0) return false;
   const int chunks = static_cast<int>(w.k / 64), units = UnitsOf(w.k);
-  const size_t bytes = UnitLayoutOf(units, w.n_groups).bytes;
+  const int warps = GemvShapeOf(StoreBitsOf(w.weight_bits)).warps;
+  const size_t bytes = UnitLayoutOf(units, w.n_groups, warps).bytes;
   if (bytes > kMaxShared) return false;
   plan.p.w = w;
   plan.p.chunks = chunks;
@@ -618,9 +675,11 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   plan.p.group_mode = l == 0 ? 0 : l == 1 ? 1 : 2;
   plan.p.unit_shift = l > 1 ? plan.p.group_shift - 1 : 0;
   plan.bytes = bytes;
-  const int64_t wanted = (w.n + kGemvWarps - 1) / kGemvWarps;
+  const int64_t wanted = (w.n + warps - 1) / warps;
   const int free_sms = sms > plan.p.act_blocks ? sms - plan.p.act_blocks : sms;
   plan.blocks = static_cast<int>(std::min<int64_t>(wanted, free_sms));
+  const int64_t row_bytes = static_cast<int64_t>(plan.p.unit_blocks) * StoreBitsOf(w.weight_bits) * 512;
+  plan.p.pf_rows = std::min<int64_t>(w.n, (int64_t{QCAL_DP4A_PF_MB} << 20) / row_bytes);
   return true;
 }
 
@@ -653,7 +712,7 @@ bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab) {
 }
 
 int64_t AbqDp4aScratchBytes(const AbqDeviceWeights& w) {
-  return (w.k + 4 * w.n_groups + 4 + 15) / 16 * 16;
+  return (w.k + 4 * w.n_groups + 8 + 15) / 16 * 16;
 }
 
 cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
@@ -672,6 +731,7 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   plan.p.act_codes = reinterpret_cast<uint32_t*>(bytes);
   plan.p.act_sums = reinterpret_cast<int32_t*>(bytes + w.k);
   plan.p.act_scale = reinterpret_cast<float*>(bytes + w.k + 4 * w.n_groups);
+  plan.p.act_ready = reinterpret_cast<unsigned int*>(bytes + w.k + 4 * w.n_groups + 4);
   const int sb = StoreBitsOf(w.weight_bits);
   const int si = sb == 2 ? 0 : sb == 4 ? 1 : 2;
   cudaError_t err =
@@ -682,7 +742,8 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   err = LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(static_cast<unsigned>(plan.p.act_blocks)),
                   kThreads, sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
   if (err != cudaSuccess) return err;
-  return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)), kGemvThreads,
+  return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)),
+                   32 * GemvShapeOf(sb).warps,
                    plan.bytes, stream);
 }
 
