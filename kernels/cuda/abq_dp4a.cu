@@ -39,7 +39,9 @@
 //     launch: the activation kernel before it may still run, and it lets this kernel start
 //     before it has itself waited for the kernels before it, which may still be writing x but
 //     must not write the weights), and refills a slot with the step a ring ahead as soon as the
-//     slot's arithmetic has read it.
+//     slot's arithmetic has read it. Before its ring, each warp asks the bulk copy engine to
+//     prefetch its first rows into L2 (cp.async.bulk.prefetch, up to kPrefetchBytes of the layer
+//     in all), so that the layer's first bytes stream at once.
 //   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, the stream's
 //     previous launch; one block at K <= 4096 or per channel, else up to kActBlocks, each coding a
 //     slice of whole k-groups after the maximum over all of x): the maximum over x by a block
@@ -95,26 +97,21 @@ constexpr int kXLoads = 8;
 // The activation kernel's block.
 constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
-// The GEMV's block: one an SM, 16 warps of up to 128 registers a thread, so that each lane can
-// hold a ring of several steps' weights.
-// The GEMV's shape for a store width (below): warps a block, blocks an SM it is built for
-// (launch bounds: 2 leaves room for the next layer's GEMV beside it), and steps in a lane's ring.
+// The GEMV's shape for a store width (below): warps a block (one block an SM) and steps in a
+// lane's ring (registers: ring · pieces · 4 words; 12 to 16 pieces a lane in flight at 16 warps of
+// up to 128 registers; W2 at 16 spilled). Measured against 32 warps of 64 registers, and against 8
+// or 16 warps at two blocks an SM so that the next layer's GEMV starts beside this one
+// (docs/BENCHMARKS.md, 2026-12-06).
 struct GemvShape {
-  int warps, min_blocks, ring;
+  int warps, ring;
 };
-#ifndef QCAL_DP4A_FLAG
-#define QCAL_DP4A_FLAG 0
-#define QCAL_DP4A_PF 0
-#define QCAL_DP4A_PF_MB 24
-#endif
-#ifndef QCAL_DP4A_W2
-#define QCAL_DP4A_W2 16, 1, 6
-#define QCAL_DP4A_W4 16, 1, 4
-#define QCAL_DP4A_W8 16, 1, 2
-#endif
 __host__ __device__ constexpr GemvShape GemvShapeOf(int sb) {
-  return sb == 2 ? GemvShape{QCAL_DP4A_W2} : sb == 4 ? GemvShape{QCAL_DP4A_W4} : GemvShape{QCAL_DP4A_W8};
+  return sb == 2 ? GemvShape{16, 6} : sb == 4 ? GemvShape{16, 4} : GemvShape{16, 2};
 }
+// Bytes of a layer's weights the GEMV prefetches into L2 at its start (its warps' first rows); the
+// rest streams through the rings. The whole layer where it passes about half the L2 (50 MB)
+// evicts what it brought in before its use (W8A8 8192 × 28672: +26%, docs/BENCHMARKS.md).
+constexpr int64_t kPrefetchBytes = int64_t{24} << 20;
 constexpr size_t kMaxShared = 200 * 1024;
 
 // Bits a code takes in the unit layout: 2 (W2), 4 (W3, the balanced grid and W4) or 8; a unit of
@@ -131,16 +128,15 @@ struct Dp4aParams {
   uint32_t* act_codes;
   int32_t* act_sums;
   float* act_scale;
-  unsigned int* act_ready;  // blocks of the activation kernel done (QCAL_DP4A_FLAG)
-  int64_t pf_rows;          // rows [0, pf_rows) prefetched into L2 at the start
-  int chunks;        // K / 64
-  int group_chunks;  // chunks a k-group (L, a power of two), 0 for one group
-  int group_shift;   // log2(L)
-  int act_blocks;    // blocks of the activation kernel
-  int act_slice;     // code words (float4s of x) a block of it codes: whole k-groups
-  int units;         // ceil(K / 128)
-  int unit_blocks;   // ceil(units / 32): a row's steps
-  int group_mode;    // 0: one group; 1: two groups a unit (g64); 2: a group of 2^unit_shift units
+  int64_t prefetch_rows;  // rows [0, prefetch_rows) go into L2 at the GEMV's start
+  int chunks;             // K / 64
+  int group_chunks;       // chunks a k-group (L, a power of two), 0 for one group
+  int group_shift;        // log2(L)
+  int act_blocks;         // blocks of the activation kernel
+  int act_slice;          // code words (float4s of x) a block of it codes: whole k-groups
+  int units;              // ceil(K / 128)
+  int unit_blocks;        // ceil(units / 32): a row's steps
+  int group_mode;  // 0: one group; 1: two groups a unit (g64); 2: a group of 2^unit_shift units
   int unit_shift;
 };
 
@@ -177,13 +173,6 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   constexpr float kQmax = static_cast<float>((1 << (kAb - 1)) - 1);
   extern __shared__ __align__(16) unsigned char dp4a_smem[];
   __shared__ float scratch[32];
-#if QCAL_DP4A_FLAG
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    *p.act_ready = 0;
-    __threadfence();
-  }
-  __syncthreads();
-#endif
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int n_groups = p.w.n_groups, L = p.group_chunks;
@@ -256,11 +245,6 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   const int g1 = L == 0 ? n_groups : (((u1 - 1) >> 4) >> p.group_shift) + 1;
   for (int i = g0 + threadIdx.x; i < g1; i += kThreads) p.act_sums[i] = s_sums[i];
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.act_scale = s_a;
-#if QCAL_DP4A_FLAG
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) atomicAdd(p.act_ready, 1u);
-#endif
 }
 
 // acc + Σ_b a_b·b_b over the four bytes, a's unsigned and b's signed (dp4a.u32.s32).
@@ -332,8 +316,7 @@ __device__ __forceinline__ void UnitDots(const uint4 (&wp)[kSB], Act act, int32_
 
 // kMode: 0 one k-group (per channel), 1 two groups a unit (g64), 2 a group of 2^unit_shift units.
 template <int kSB, int kMode>
-__global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, GemvShapeOf(kSB).min_blocks)
-    AbqDp4aGemvKernel(Dp4aParams p) {
+__global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, 1) AbqDp4aGemvKernel(Dp4aParams p) {
   constexpr int kGemvWarps = GemvShapeOf(kSB).warps, kGemvThreads = kGemvWarps * 32;
   constexpr int kRing = GemvShapeOf(kSB).ring;
   constexpr int kStep = kSB * 32;  // pieces of a step
@@ -390,13 +373,14 @@ __global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, GemvShapeOf(kSB).
     }
   };
 
-  // 1. Before anything that depends on the kernels before this one: the first kRing steps.
-#if QCAL_DP4A_PF
-  // The warp's rows into L2 (the bulk copy engine's prefetch), past the padding units.
+  // 1. Before anything that depends on the kernels before this one: the warp's first rows into L2
+  // by the bulk copy engine (lane 0: a row's steps but the last; lane 1 + i: piece i of the last
+  // step's units, none of its padding), so that those bytes are all requested at once, where the
+  // rings alone keep 12 to 16 pieces a lane in flight; then the first kRing steps.
   if (lane < kSB + 1) {
     const uint4* base = reinterpret_cast<const uint4*>(w.digits);
     const int last = units - 32 * (unit_blocks - 1);  // units of the last step
-    for (int64_t o = first; o < p.pf_rows; o += stride) {
+    for (int64_t o = first; o < p.prefetch_rows; o += stride) {
       const uint4* row = base + o * unit_blocks * kStep;
       const uint4* at = lane == 0 ? row : row + (unit_blocks - 1) * kStep + (lane - 1) * 32;
       const uint32_t bytes = lane == 0 ? static_cast<uint32_t>(unit_blocks - 1) * kStep * 16
@@ -406,22 +390,10 @@ __global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, GemvShapeOf(kSB).
       }
     }
   }
-#endif
 #pragma unroll
   for (int s = 0; s < kRing; ++s) load(ring[s], ring_meta[s]);
-#if QCAL_DP4A_FLAG
-  if (threadIdx.x == 0) {
-    unsigned int ready = 0;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(ready) : "l"(p.act_ready) : "memory");
-    } while (ready < static_cast<unsigned int>(p.act_blocks));
-  }
-  __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#else
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
 
   // 2. The token's codes and Σa from the activation kernel, into shared memory: piece q of unit u
   // (columns 128u + 16q ..) at 8u + (q ^ (u & 7)), so that the 8 lanes of a quarter warp, reading
@@ -678,8 +650,8 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   const int64_t wanted = (w.n + warps - 1) / warps;
   const int free_sms = sms > plan.p.act_blocks ? sms - plan.p.act_blocks : sms;
   plan.blocks = static_cast<int>(std::min<int64_t>(wanted, free_sms));
-  const int64_t row_bytes = static_cast<int64_t>(plan.p.unit_blocks) * StoreBitsOf(w.weight_bits) * 512;
-  plan.p.pf_rows = std::min<int64_t>(w.n, (int64_t{QCAL_DP4A_PF_MB} << 20) / row_bytes);
+  const int64_t row_bytes = int64_t{plan.p.unit_blocks} * StoreBitsOf(w.weight_bits) * 512;
+  plan.p.prefetch_rows = std::min<int64_t>(w.n, kPrefetchBytes / row_bytes);
   return true;
 }
 
@@ -712,7 +684,7 @@ bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab) {
 }
 
 int64_t AbqDp4aScratchBytes(const AbqDeviceWeights& w) {
-  return (w.k + 4 * w.n_groups + 8 + 15) / 16 * 16;
+  return (w.k + 4 * w.n_groups + 4 + 15) / 16 * 16;
 }
 
 cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
@@ -731,7 +703,6 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   plan.p.act_codes = reinterpret_cast<uint32_t*>(bytes);
   plan.p.act_sums = reinterpret_cast<int32_t*>(bytes + w.k);
   plan.p.act_scale = reinterpret_cast<float*>(bytes + w.k + 4 * w.n_groups);
-  plan.p.act_ready = reinterpret_cast<unsigned int*>(bytes + w.k + 4 * w.n_groups + 4);
   const int sb = StoreBitsOf(w.weight_bits);
   const int si = sb == 2 ? 0 : sb == 4 ? 1 : 2;
   cudaError_t err =
@@ -743,8 +714,7 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
                   kThreads, sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
   if (err != cudaSuccess) return err;
   return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)),
-                   32 * GemvShapeOf(sb).warps,
-                   plan.bytes, stream);
+                   32 * GemvShapeOf(sb).warps, plan.bytes, stream);
 }
 
 }  // namespace qcal::kernels::cuda
