@@ -39,7 +39,9 @@
 //     launch: the activation kernel before it may still run, and it lets this kernel start
 //     before it has itself waited for the kernels before it, which may still be writing x but
 //     must not write the weights), and refills a slot with the step a ring ahead as soon as the
-//     slot's arithmetic has read it.
+//     slot's arithmetic has read it. Before its ring, each warp asks the bulk copy engine to
+//     prefetch its first rows into L2 (cp.async.bulk.prefetch, up to kPrefetchBytes of the layer
+//     in all), so that the layer's first bytes stream at once.
 //   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, the stream's
 //     previous launch; one block at K <= 4096 or per channel, else up to kActBlocks, each coding a
 //     slice of whole k-groups after the maximum over all of x): the maximum over x by a block
@@ -95,18 +97,26 @@ constexpr int kXLoads = 8;
 // The activation kernel's block.
 constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
-// The GEMV's block: one an SM, 16 warps of up to 128 registers a thread, so that each lane can
-// hold a ring of several steps' weights.
-constexpr int kGemvWarps = 16;
-constexpr int kGemvThreads = kGemvWarps * 32;
+// The GEMV's shape for a store width (below): warps a block (one block an SM) and steps in a
+// lane's ring (registers: ring · pieces · 4 words; 12 to 16 pieces a lane in flight at 16 warps of
+// up to 128 registers; W2 at 16 spilled). Measured against 32 warps of 64 registers, and against 8
+// or 16 warps at two blocks an SM so that the next layer's GEMV starts beside this one
+// (docs/BENCHMARKS.md, 2026-12-06).
+struct GemvShape {
+  int warps, ring;
+};
+__host__ __device__ constexpr GemvShape GemvShapeOf(int sb) {
+  return sb == 2 ? GemvShape{16, 6} : sb == 4 ? GemvShape{16, 4} : GemvShape{16, 2};
+}
+// Bytes of a layer's weights the GEMV prefetches into L2 at its start (its warps' first rows); the
+// rest streams through the rings. The whole layer where it passes about half the L2 (50 MB)
+// evicts what it brought in before its use (W8A8 8192 × 28672: +26%, docs/BENCHMARKS.md).
+constexpr int64_t kPrefetchBytes = int64_t{24} << 20;
 constexpr size_t kMaxShared = 200 * 1024;
 
 // Bits a code takes in the unit layout: 2 (W2), 4 (W3, the balanced grid and W4) or 8; a unit of
 // 128 columns is then that many 16-byte pieces.
 __host__ __device__ constexpr int StoreBitsOf(int wb) { return wb <= 2 ? 2 : wb <= 4 ? 4 : 8; }
-// Steps in a lane's ring (registers: ring · pieces · 4 words): 12 to 16 pieces a lane in flight
-// (W2 at 16 spilled).
-__host__ __device__ constexpr int RingOf(int sb) { return sb == 2 ? 6 : sb == 4 ? 4 : 2; }
 
 struct Dp4aParams {
   AbqDeviceWeights w;
@@ -118,14 +128,15 @@ struct Dp4aParams {
   uint32_t* act_codes;
   int32_t* act_sums;
   float* act_scale;
-  int chunks;        // K / 64
-  int group_chunks;  // chunks a k-group (L, a power of two), 0 for one group
-  int group_shift;   // log2(L)
-  int act_blocks;    // blocks of the activation kernel
-  int act_slice;     // code words (float4s of x) a block of it codes: whole k-groups
-  int units;         // ceil(K / 128)
-  int unit_blocks;   // ceil(units / 32): a row's steps
-  int group_mode;    // 0: one group; 1: two groups a unit (g64); 2: a group of 2^unit_shift units
+  int64_t prefetch_rows;  // rows [0, prefetch_rows) go into L2 at the GEMV's start
+  int chunks;             // K / 64
+  int group_chunks;       // chunks a k-group (L, a power of two), 0 for one group
+  int group_shift;        // log2(L)
+  int act_blocks;         // blocks of the activation kernel
+  int act_slice;          // code words (float4s of x) a block of it codes: whole k-groups
+  int units;              // ceil(K / 128)
+  int unit_blocks;        // ceil(units / 32): a row's steps
+  int group_mode;  // 0: one group; 1: two groups a unit (g64); 2: a group of 2^unit_shift units
   int unit_shift;
 };
 
@@ -134,11 +145,11 @@ struct Dp4aParams {
 struct UnitLayout {
   size_t sums_off = 0, prod_off = 0, bytes = 0;
 };
-__host__ __device__ inline UnitLayout UnitLayoutOf(int units, int n_groups) {
+__host__ __device__ inline UnitLayout UnitLayoutOf(int units, int n_groups, int warps) {
   UnitLayout l;
   l.sums_off = static_cast<size_t>(units) * 128;
   l.prod_off = (l.sums_off + 4 * static_cast<size_t>(n_groups) + 15) / 16 * 16;
-  l.bytes = l.prod_off + 8 * static_cast<size_t>(n_groups) * kGemvWarps;
+  l.bytes = l.prod_off + 8 * static_cast<size_t>(n_groups) * warps;
   return l;
 }
 
@@ -305,8 +316,9 @@ __device__ __forceinline__ void UnitDots(const uint4 (&wp)[kSB], Act act, int32_
 
 // kMode: 0 one k-group (per channel), 1 two groups a unit (g64), 2 a group of 2^unit_shift units.
 template <int kSB, int kMode>
-__global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams p) {
-  constexpr int kRing = RingOf(kSB);
+__global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, 1) AbqDp4aGemvKernel(Dp4aParams p) {
+  constexpr int kGemvWarps = GemvShapeOf(kSB).warps, kGemvThreads = kGemvWarps * 32;
+  constexpr int kRing = GemvShapeOf(kSB).ring;
   constexpr int kStep = kSB * 32;  // pieces of a step
   extern __shared__ __align__(16) unsigned char dp4a_smem[];
   const AbqDeviceWeights& w = p.w;
@@ -315,7 +327,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
   const int lshift = p.unit_shift;
   const int64_t n = w.n;
   const bool meta = w.meta_rows != nullptr;
-  const UnitLayout sl = UnitLayoutOf(units, n_groups);
+  const UnitLayout sl = UnitLayoutOf(units, n_groups, kGemvWarps);
   uint4* s_act = reinterpret_cast<uint4*>(dp4a_smem);
   int32_t* s_sums = reinterpret_cast<int32_t*>(dp4a_smem + sl.sums_off);
   double* s_prod = reinterpret_cast<double*>(dp4a_smem + sl.prod_off) + warp * n_groups;
@@ -361,7 +373,23 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
     }
   };
 
-  // 1. Before anything that depends on the kernels before this one: the first kRing steps.
+  // 1. Before anything that depends on the kernels before this one: the warp's first rows into L2
+  // by the bulk copy engine (lane 0: a row's steps but the last; lane 1 + i: piece i of the last
+  // step's units, none of its padding), so that those bytes are all requested at once, where the
+  // rings alone keep 12 to 16 pieces a lane in flight; then the first kRing steps.
+  if (lane < kSB + 1) {
+    const uint4* base = reinterpret_cast<const uint4*>(w.digits);
+    const int last = units - 32 * (unit_blocks - 1);  // units of the last step
+    for (int64_t o = first; o < p.prefetch_rows; o += stride) {
+      const uint4* row = base + o * unit_blocks * kStep;
+      const uint4* at = lane == 0 ? row : row + (unit_blocks - 1) * kStep + (lane - 1) * 32;
+      const uint32_t bytes = lane == 0 ? static_cast<uint32_t>(unit_blocks - 1) * kStep * 16
+                                       : static_cast<uint32_t>(last) * 16;
+      if (bytes > 0) {
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(bytes) : "memory");
+      }
+    }
+  }
 #pragma unroll
   for (int s = 0; s < kRing; ++s) load(ring[s], ring_meta[s]);
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -374,10 +402,10 @@ __global__ void __launch_bounds__(kGemvThreads, 1) AbqDp4aGemvKernel(Dp4aParams 
   const int code_pieces = static_cast<int>(w.k / 16);
   for (int j = threadIdx.x; j < units * 8; j += kGemvThreads) {
     const int u = j >> 3, q = j & 7;
-    s_act[8 * u + (q ^ (u & 7))] = j < code_pieces ? codes[j] : uint4{0, 0, 0, 0};
+    s_act[8 * u + (q ^ (u & 7))] = j < code_pieces ? __ldcg(codes + j) : uint4{0, 0, 0, 0};
   }
-  for (int i = threadIdx.x; i < n_groups; i += kGemvThreads) s_sums[i] = p.act_sums[i];
-  const double s_a64 = static_cast<double>(*p.act_scale);
+  for (int i = threadIdx.x; i < n_groups; i += kGemvThreads) s_sums[i] = __ldcg(p.act_sums + i);
+  const double s_a64 = static_cast<double>(__ldcg(p.act_scale));
   __syncthreads();
 
   // 3. The steps. Per row: the k-groups' products c_G·s_w (c_G = dot − z·Σa, fp64), each formed
@@ -593,7 +621,8 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   const int sms = SmCount();
   if (l < 0 || sms <= 0) return false;
   const int chunks = static_cast<int>(w.k / 64), units = UnitsOf(w.k);
-  const size_t bytes = UnitLayoutOf(units, w.n_groups).bytes;
+  const int warps = GemvShapeOf(StoreBitsOf(w.weight_bits)).warps;
+  const size_t bytes = UnitLayoutOf(units, w.n_groups, warps).bytes;
   if (bytes > kMaxShared) return false;
   plan.p.w = w;
   plan.p.chunks = chunks;
@@ -618,9 +647,11 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   plan.p.group_mode = l == 0 ? 0 : l == 1 ? 1 : 2;
   plan.p.unit_shift = l > 1 ? plan.p.group_shift - 1 : 0;
   plan.bytes = bytes;
-  const int64_t wanted = (w.n + kGemvWarps - 1) / kGemvWarps;
+  const int64_t wanted = (w.n + warps - 1) / warps;
   const int free_sms = sms > plan.p.act_blocks ? sms - plan.p.act_blocks : sms;
   plan.blocks = static_cast<int>(std::min<int64_t>(wanted, free_sms));
+  const int64_t row_bytes = int64_t{plan.p.unit_blocks} * StoreBitsOf(w.weight_bits) * 512;
+  plan.p.prefetch_rows = std::min<int64_t>(w.n, kPrefetchBytes / row_bytes);
   return true;
 }
 
@@ -682,8 +713,8 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   err = LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(static_cast<unsigned>(plan.p.act_blocks)),
                   kThreads, sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
   if (err != cudaSuccess) return err;
-  return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)), kGemvThreads,
-                   plan.bytes, stream);
+  return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)),
+                   32 * GemvShapeOf(sb).warps, plan.bytes, stream);
 }
 
 }  // namespace qcal::kernels::cuda
