@@ -99,9 +99,9 @@ constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
 // The GEMV's shape for a store width (below): warps a block (one block an SM) and steps in a
 // lane's ring (registers: ring · pieces · 4 words; 12 to 16 pieces a lane in flight at 16 warps of
-// up to 128 registers; W2 at 16 spilled). Measured against 32 warps of 64 registers, and against 8
-// or 16 warps at two blocks an SM so that the next layer's GEMV starts beside this one
-// (docs/BENCHMARKS.md, 2026-12-06).
+// up to 128 registers; W2 at 16 spilled). Two blocks an SM (the next layer's GEMV starting beside
+// this one) measured slower; 32 warps of 64 registers at W2 and sb = 4 measured faster with the
+// L2 prefetch below but has not been tested yet (branch s25-w32; docs/BENCHMARKS.md, 2026-12-06).
 struct GemvShape {
   int warps, ring;
 };
@@ -109,8 +109,9 @@ __host__ __device__ constexpr GemvShape GemvShapeOf(int sb) {
   return sb == 2 ? GemvShape{16, 6} : sb == 4 ? GemvShape{16, 4} : GemvShape{16, 2};
 }
 // Bytes of a layer's weights the GEMV prefetches into L2 at its start (its warps' first rows); the
-// rest streams through the rings. The whole layer where it passes about half the L2 (50 MB)
-// evicts what it brought in before its use (W8A8 8192 × 28672: +26%, docs/BENCHMARKS.md).
+// rest streams through the rings. Prefetching the whole layer measured slower where it passes
+// about half the L2 (50 MB; W8A8 8192 × 28672: +26%, docs/BENCHMARKS.md), presumably as the first
+// lines are evicted before use.
 constexpr int64_t kPrefetchBytes = int64_t{24} << 20;
 constexpr size_t kMaxShared = 200 * 1024;
 
