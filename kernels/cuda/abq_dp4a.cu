@@ -31,13 +31,13 @@
 //     quarter warp, reading piece q of 8 consecutive units, hit 32 distinct banks.
 //
 // Shape of the kernel:
-//   - One block an SM (on the SMs the activation kernel's blocks leave free), 16 warps of up to
-//     128 registers. A warp a row at a time: warp v of the grid takes rows v, v + warps, ...; its
-//     steps are its rows' unit blocks in order. Each lane keeps a ring of the next few steps'
-//     pieces in registers (6 steps at W2, 4 at sb = 4, 2 at W8: 12–16 pieces, 8 KB a warp in
-//     flight) with their meta words, fills the whole ring before griddepcontrol.wait (programmatic
-//     launch: the activation kernel before it may still run, and it lets this kernel start
-//     before it has itself waited for the kernels before it, which may still be writing x but
+//   - One block an SM (on the SMs the activation kernel's blocks leave free): 32 warps of up to
+//     64 registers at W2 and sb = 4, 16 of up to 128 at W8 (GemvShapeOf). A warp a row at a time:
+//     warp v of the grid takes rows v, v + warps, ...; its steps are its rows' unit blocks in
+//     order. Each lane keeps a ring of the next few steps' pieces in registers (2 steps at W2, 1
+//     at sb = 4, 2 at W8) with their meta words, fills the whole ring before griddepcontrol.wait
+//     (programmatic launch: the activation kernel before it may still run, and it lets this kernel
+//     start before it has itself waited for the kernels before it, which may still be writing x but
 //     must not write the weights), and refills a slot with the step a ring ahead as soon as the
 //     slot's arithmetic has read it. Before its ring, each warp asks the bulk copy engine to
 //     prefetch its first rows into L2 (cp.async.bulk.prefetch, up to kPrefetchBytes of the layer
@@ -98,20 +98,20 @@ constexpr int kXLoads = 8;
 constexpr int kWarps = 32;
 constexpr int kThreads = kWarps * 32;
 // The GEMV's shape for a store width (below): warps a block (one block an SM) and steps in a
-// lane's ring (registers: ring · pieces · 4 words; 12 to 16 pieces a lane in flight at 16 warps of
-// up to 128 registers; W2 at 16 spilled). Two blocks an SM (the next layer's GEMV starting beside
-// this one) measured slower; 32 warps of 64 registers at W2 and sb = 4 measured faster with the
-// L2 prefetch below but has not been tested yet (branch s25-w32; docs/BENCHMARKS.md, 2026-12-06).
+// lane's ring (registers: ring · pieces · 4 words). W2 and sb = 4 at 32 warps of up to 64
+// registers (rings of 2 and 1 steps: 4 pieces a lane in flight), W8 at 16 warps of up to 128
+// (2 steps, 16 pieces; at 32 warps one step spilled). With the L2 prefetch below, 32 warps beat
+// 16 (rings of 6 and 4) at W2 everywhere and at sb = 4 but for 8192 × 28672 (+5%); two blocks an
+// SM (the next layer's GEMV starting beside this one) lost (docs/BENCHMARKS.md, 2026-12-06).
 struct GemvShape {
   int warps, ring;
 };
 __host__ __device__ constexpr GemvShape GemvShapeOf(int sb) {
-  return sb == 2 ? GemvShape{16, 6} : sb == 4 ? GemvShape{16, 4} : GemvShape{16, 2};
+  return sb == 2 ? GemvShape{32, 2} : sb == 4 ? GemvShape{32, 1} : GemvShape{16, 2};
 }
 // Bytes of a layer's weights the GEMV prefetches into L2 at its start (its warps' first rows); the
-// rest streams through the rings. Prefetching the whole layer measured slower where it passes
-// about half the L2 (50 MB; W8A8 8192 × 28672: +26%, docs/BENCHMARKS.md), presumably as the first
-// lines are evicted before use.
+// rest streams through the rings. The whole layer where it passes about half the L2 (50 MB)
+// evicts what it brought in before its use (W8A8 8192 × 28672: +26%, docs/BENCHMARKS.md).
 constexpr int64_t kPrefetchBytes = int64_t{24} << 20;
 constexpr size_t kMaxShared = 200 * 1024;
 
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, 1) AbqDp4aGemvKer
   // 1. Before anything that depends on the kernels before this one: the warp's first rows into L2
   // by the bulk copy engine (lane 0: a row's steps but the last; lane 1 + i: piece i of the last
   // step's units, none of its padding), so that those bytes are all requested at once, where the
-  // rings alone keep 12 to 16 pieces a lane in flight; then the first kRing steps.
+  // rings alone keep 4 to 16 pieces a lane in flight; then the first kRing steps.
   if (lane < kSB + 1) {
     const uint4* base = reinterpret_cast<const uint4*>(w.digits);
     const int last = units - 32 * (unit_blocks - 1);  // units of the last step
