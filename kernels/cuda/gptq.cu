@@ -289,7 +289,7 @@ cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream) {
   const int64_t warps = std::min<int64_t>(
       {kLoopWarps, (kMaxSharedBytes - u_bytes) / warp_bytes, (row_warps + sms - 1) / sms});
   const int64_t bytes = u_bytes + warps * warp_bytes;
-  const auto kernel = !u_shared             ? GptqBlockKernel<false, 32>
+  const auto kernel = !u_shared         ? GptqBlockKernel<false, 32>
                       : kRowLanes == 32 ? GptqBlockKernel<true, 32>
                                         : GptqBlockKernel<true, kRowLanes>;
   cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
