@@ -7,8 +7,11 @@ namespace qcal::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// Weight rows (warps) per block of the column loop, at most.
+// Warps per block of the column loop, at most.
 constexpr int kLoopWarps = 16;
+// Lanes a weight row in the column loop over a lazy block whose U is staged in shared memory (a
+// power of two, at most 32): 32 / kRowLanes rows a warp.
+constexpr int kRowLanes = 8;
 // Shared memory of the column loop per row and column: the weight, its error e, the dequantized
 // value and the code.
 constexpr int kBytesPerEntry = 3 * sizeof(float) + sizeof(uint8_t);
@@ -16,6 +19,19 @@ constexpr int kBytesPerEntry = 3 * sizeof(float) + sizeof(uint8_t);
 constexpr int kSharedUWidth = 128;
 // Opt-in shared memory per block on sm_90 (227 KiB).
 constexpr int64_t kMaxSharedBytes = 227 * 1024;
+
+// Multiprocessors of the current device, read once (1 on error).
+int MultiprocessorCount() {
+  static const int count = [] {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 1;
+    }
+    return sms;
+  }();
+  return count;
+}
 
 unsigned GridFor(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 16));
@@ -68,26 +84,33 @@ __global__ void FindNonFiniteKernel(const float* x, int64_t rows, int64_t cols, 
   }
 }
 
-// One warp per weight row. The row's block columns live in shared memory; column c is rounded by
-// every lane at once (the same operations on the same value, so the same bits), and the update of
-// the later columns j > c is spread over the lanes, j on lane (j - c - 1) % 32. Every weight still
-// sees the CPU reference's operations in the CPU's order: only independent updates run side by
-// side. A group's range is a warp reduction (GridRange: order-independent). With kUShared the
-// block of U, [width, width], is staged in shared memory once for all the block's rows; wider
-// blocks read U through the read-only cache.
-template <bool kUShared>
-__global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad) {
+// kLanes lanes per weight row, 32 / kLanes rows a warp. A row's block columns live in shared
+// memory; column c is rounded by every lane of the row at once (the same operations on the same
+// value, so the same bits), and the update of the later columns j > c is spread over the row's
+// lanes, j on lane (j - c - 1) % kLanes. Every weight still sees the CPU reference's operations in
+// the CPU's order: only independent updates run side by side. A group's range is a reduction over
+// the row's lanes (GridRange: order-independent). With kUShared the block of U, [width, width],
+// is staged in shared memory once for all the block's rows; wider blocks read U through the
+// read-only cache. Rows are `row_stride` floats apart (w, e and the dequantized values at 0, pad
+// and 2·pad), congruent to kLanes modulo 32 banks, so that the rows of a warp, whose lanes touch
+// the same columns, hit distinct banks. Fewer lanes a row, fewer instructions a weight: the
+// rounding of a column, done by each of the row's lanes, is shared by fewer of them.
+template <bool kUShared, int kLanes>
+__global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) {
+  constexpr int kRows = 32 / kLanes;
+  constexpr unsigned kFull = 0xffffffffu;
   extern __shared__ float4 shared4[];
   const int warps = static_cast<int>(blockDim.x / 32);
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int sub = lane % kLanes, row = warp * kRows + lane / kLanes;  // the row within the block
   const int width = static_cast<int>(a.i2 - a.i1);
   float* u_s = reinterpret_cast<float*>(shared4);  // [width, width_pad] when kUShared
   float* rows_s = u_s + (kUShared ? int64_t{width} * width_pad : 0);
-  float* w_s = rows_s + int64_t{warp} * 3 * width_pad;  // the weights, then rounded and updated
-  float* e_s = w_s + width_pad;                         // e of each column
-  float* deq_s = e_s + width_pad;                       // dequantized values
-  uint8_t* code_s = reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * 3 * width_pad) +
-                    int64_t{warp} * width_pad;
+  float* w_s = rows_s + int64_t{row} * row_stride;  // the weights, then rounded and updated
+  float* e_s = w_s + width_pad;                     // e of each column
+  float* deq_s = e_s + width_pad;                   // dequantized values
+  uint8_t* code_s = reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * kRows * row_stride) +
+                    int64_t{row} * width_pad;
   const float* u_block = a.u + a.i1 * a.n + a.i1;  // U(i1 + c, i1 + j) = u_block[c * n + j]
   if (kUShared) {
     for (int idx = static_cast<int>(threadIdx.x); idx < width * width; idx += blockDim.x) {
@@ -96,16 +119,20 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad) {
     }
     __syncthreads();
   }
-  const int64_t o = int64_t{blockIdx.x} * warps + warp;
-  if (o >= a.d_out) return;  // the whole warp; nothing below synchronizes the block
-  const float* wrow = a.wp + o * a.n;
-  for (int c = lane; c < width; c += 32) w_s[c] = wrow[a.i1 + c];
+  const int64_t first = (int64_t{blockIdx.x} * warps + warp) * kRows;
+  if (first >= a.d_out) return;  // the whole warp; nothing below synchronizes the block
+  // A row past d_out (in the warp's last rows) runs on zeros and writes nothing: the warp's
+  // shuffles and __syncwarp need every lane.
+  const int64_t o = int64_t{blockIdx.x} * warps * kRows + row;
+  const bool live = o < a.d_out;
+  const float* wrow = a.wp + (live ? o : 0) * a.n;
+  for (int c = sub; c < width; c += kLanes) w_s[c] = live ? wrow[a.i1 + c] : 0.0f;
   __syncwarp();
 
   const int64_t g = a.group_size;
-  int2 failure = a.failures[o];
+  int2 failure = live ? a.failures[o] : make_int2(0, 0);
   GroupParams p;
-  if (a.i1 % g != 0) {  // the block continues a group fitted in an earlier block
+  if (a.i1 % g != 0 && live) {  // the block continues a group fitted in an earlier block
     p.scale = a.scales[(a.i1 / g) * a.d_out + o];
     p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
   }
@@ -115,23 +142,23 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad) {
       const int64_t len = min(g, a.n - i);
       GridRange<float> r;
       if (i + len <= a.i2) {
-        for (int j = c + lane; j < c + len; j += 32)
+        for (int j = c + sub; j < c + len; j += kLanes)
           ExtendRange(&r, GridValue(w_s[j], a.spec.grid));
       } else {
         // A group reaching past the block starts the block (the host cuts blocks so): its later
         // columns are current in wp, with every earlier block's update applied.
-        for (int64_t j = i + lane; j < i + len; j += 32) {
-          ExtendRange(&r, GridValue(wrow[j], a.spec.grid));
+        for (int64_t j = i + sub; j < i + len; j += kLanes) {
+          ExtendRange(&r, GridValue(live ? wrow[j] : 0.0f, a.spec.grid));
         }
       }
-      for (int offset = 16; offset > 0; offset /= 2) {
+      for (int offset = kLanes / 2; offset > 0; offset /= 2) {
         GridRange<float> other;
-        other.xmin = __shfl_xor_sync(0xffffffffu, r.xmin, offset);
-        other.xmax = __shfl_xor_sync(0xffffffffu, r.xmax, offset);
+        other.xmin = __shfl_xor_sync(kFull, r.xmin, offset);
+        other.xmax = __shfl_xor_sync(kFull, r.xmax, offset);
         JoinRange(&r, other);
       }
       p = FitRange(r, a.spec);
-      if (lane == 0) {
+      if (sub == 0 && live) {
         a.scales[(i / g) * a.d_out + o] = p.scale;
         a.zeros[(i / g) * a.d_out + o] = p.zero;
       }
@@ -147,19 +174,20 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad) {
     if (!isfinite(e) && failure.x == 0) {
       failure = make_int2(kGptqNonFiniteError, static_cast<int>(i));
     }
-    if (lane == c % 32) {
+    if (sub == c % kLanes) {
       e_s[c] = e;
       deq_s[c] = wq;
       code_s[c] = static_cast<uint8_t>(code);
-      if (a.pre_round != nullptr) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
+      if (a.pre_round != nullptr && live) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
     }
-    for (int j = c + 1 + lane; j < width; j += 32) {
+    for (int j = c + 1 + sub; j < width; j += kLanes) {
       w_s[j] = __fsub_rn(w_s[j], __fmul_rn(e, kUShared ? u_row[j] : __ldg(u_row + j)));
     }
     __syncwarp();
   }
-  if (lane == 0) a.failures[o] = failure;
-  for (int c = lane; c < width; c += 32) {
+  if (!live) return;
+  if (sub == 0) a.failures[o] = failure;
+  for (int c = sub; c < width; c += kLanes) {
     const int64_t col = __ldg(a.perm + a.i1 + c);
     a.err[o * a.err_ld + c] = e_s[c];
     a.codes[o * a.n + col] = code_s[c];
@@ -247,18 +275,31 @@ cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream) {
   // Padded to 4 columns so that every array starts 16-byte aligned.
   const int64_t pad = (width + 3) / 4 * 4;
   const bool u_shared = width <= kSharedUWidth;
+  // kRowLanes lanes a row where U is staged (the lazy blocks of the default block size), else a
+  // warp a row: the widest blocks need all the shared memory for one row.
+  const int lanes = u_shared ? kRowLanes : 32;
+  const int64_t rows_per_warp = 32 / lanes;
+  const int64_t stride = lanes == 32 ? 3 * pad : 3 * pad + ((lanes - 3 * pad) % 32 + 32) % 32;
   const int64_t u_bytes = u_shared ? width * pad * int64_t{sizeof(float)} : 0;
+  const int64_t warp_bytes = rows_per_warp * (stride * int64_t{sizeof(float)} + pad);
+  // The row-warps spread over the multiprocessors: fewer warps a block where they are few (the
+  // block count reaching the SM count), kLoopWarps at most, within the shared memory.
+  const int64_t row_warps = (args.d_out + rows_per_warp - 1) / rows_per_warp;
+  const int64_t sms = std::max(1, MultiprocessorCount());
   const int64_t warps = std::min<int64_t>(
-      {kLoopWarps, (kMaxSharedBytes - u_bytes) / (pad * kBytesPerEntry), args.d_out});
-  const int64_t bytes = u_bytes + warps * pad * kBytesPerEntry;
-  const auto kernel = u_shared ? GptqBlockKernel<true> : GptqBlockKernel<false>;
+      {kLoopWarps, (kMaxSharedBytes - u_bytes) / warp_bytes, (row_warps + sms - 1) / sms});
+  const int64_t bytes = u_bytes + warps * warp_bytes;
+  const auto kernel = !u_shared         ? GptqBlockKernel<false, 32>
+                      : kRowLanes == 32 ? GptqBlockKernel<true, 32>
+                                        : GptqBlockKernel<true, kRowLanes>;
   cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(bytes));
   if (error != cudaSuccess) return error;
-  const int64_t blocks = (args.d_out + warps - 1) / warps;
+  const int64_t rows_per_block = warps * rows_per_warp;
+  const int64_t blocks = (args.d_out + rows_per_block - 1) / rows_per_block;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
   kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(32 * warps), bytes, stream>>>(
-      args, static_cast<int>(pad));
+      args, static_cast<int>(pad), static_cast<int>(stride));
   return cudaGetLastError();
 }
 

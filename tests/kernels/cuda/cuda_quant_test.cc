@@ -277,8 +277,9 @@ TEST_F(CudaQuantTest, GptqSolveRecordsPreRoundValues) {
 
 // With one lazy block (block_size >= n) there is no cuBLAS update, so the column loop alone
 // decides: given the CPU's U, every code, scale, zero, dequantized value and W̃ is the CPU
-// reference's, bit for bit. Widths up to 128 stage U in shared memory, wider ones read it from
-// global memory; row counts leave a partial block of warps.
+// reference's, bit for bit. Widths up to 128 stage U in shared memory (several rows a warp), wider
+// ones read it from global memory (a warp a row); row counts leave a partial block of warps and a
+// partial warp of rows.
 TEST_F(CudaQuantTest, GptqSolveOneLazyBlockIsBitIdenticalToCpu) {
   struct Case {
     int64_t d_out, n;
@@ -294,6 +295,8 @@ TEST_F(CudaQuantTest, GptqSolveOneLazyBlockIsBitIdenticalToCpu) {
       {17, 96, 2, 32, false, GridKind::kBalanced, {}},    // the balanced grid
       {1, 1, 4, 128, false, GridKind::kUniform, {}},      // size 1
       {21, 300, 4, 128, false, GridKind::kUniform, {0}},  // a last group shorter than g
+      // Several rows a warp in blocks of several warps, the last warp part live.
+      {4099, 128, 3, 64, false, GridKind::kUniform, {}},
   };
   uint64_t seed = 90;
   for (const Case& c : cases) {
