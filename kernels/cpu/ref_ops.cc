@@ -109,6 +109,51 @@ void Rope(float* x, int64_t rows, int64_t width, const RopeShape& shape) {
   }
 }
 
+namespace {
+
+// Keys a tile of the bf16 path's online softmax (the CUDA kernel's kTcBk).
+constexpr int kAttentionTile = 64;
+
+// The bf16 path of Attention for one query row: one pass over tiles of kAttentionTile keys at
+// absolute multiples of it, against the running maximum. Per tile: scores s = float(q·k)·scale
+// (operands rounded to bf16), m' = max(m, the tile's scores), l and o scaled by α = e^(m − m')
+// (fp32), p = e^(s − m') (fp32) added to l unrounded and rounded to bf16 for P·V; out = o / l.
+void AttentionRowBf16(const float* qi, const float* k, const float* v, int64_t kv_width, int kvh,
+                      int head_dim, int first, int last, float* oi) {
+  const float scale = 1.0f / std::sqrt(float(head_dim));
+  float m = -INFINITY;
+  double l = 0;
+  std::vector<double> o(head_dim, 0.0);
+  float sc[kAttentionTile];
+  for (int t0 = first / kAttentionTile * kAttentionTile; t0 <= last; t0 += kAttentionTile) {
+    const int j0 = std::max(first, t0), j1 = std::min(last, t0 + kAttentionTile - 1);
+    float mx = -INFINITY;
+    for (int j = j0; j <= j1; ++j) {
+      const float* kj = k + int64_t(j) * kv_width + kvh * head_dim;
+      double dot = 0;
+      for (int d = 0; d < head_dim; ++d) dot += double(Op(qi[d], true)) * double(Op(kj[d], true));
+      sc[j - j0] = float(dot) * scale;
+      mx = std::max(mx, sc[j - j0]);
+    }
+    const float m_new = std::max(m, mx);
+    const float base = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = std::exp(m - base);
+    l *= alpha;
+    for (double& x : o) x *= alpha;
+    m = m_new;
+    for (int j = j0; j <= j1; ++j) {
+      const float p = std::exp(sc[j - j0] - base);
+      l += p;
+      const double pb = Op(p, true);
+      const float* vj = v + int64_t(j) * kv_width + kvh * head_dim;
+      for (int d = 0; d < head_dim; ++d) o[d] += pb * double(Op(vj[d], true));
+    }
+  }
+  for (int d = 0; d < head_dim; ++d) oi[d] = l > 0 ? float(o[d] / l) : 0.0f;
+}
+
+}  // namespace
+
 void Attention(const float* q, const float* k, const float* v, const AttentionShape& s, float* out,
                bool bf16_operands) {
   const int n_rep = s.num_heads / s.num_kv_heads;
@@ -123,6 +168,12 @@ void Attention(const float* q, const float* k, const float* v, const AttentionSh
         const float* qi = q + (int64_t(b) * s.q_len + i) * q_width + h * s.head_dim;
         const int last = s.q_offset + i;
         const int first = s.sliding_window > 0 ? std::max(0, last - s.sliding_window + 1) : 0;
+        if (bf16_operands) {
+          AttentionRowBf16(qi, k + int64_t(b) * s.kv_len * kv_width,
+                           v + int64_t(b) * s.kv_len * kv_width, kv_width, kvh, s.head_dim, first,
+                           last, out + (int64_t(b) * s.q_len + i) * q_width + h * s.head_dim);
+          continue;
+        }
         double mx = -INFINITY;
         for (int j = first; j <= last; ++j) {
           const float* kj = k + (int64_t(b) * s.kv_len + j) * kv_width + kvh * s.head_dim;

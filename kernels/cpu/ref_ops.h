@@ -23,6 +23,10 @@ double RopeInvFreq(int i, const RopeShape& shape);
 // The cos/sin pair used for position `pos` and frequency index i (0 <= i < head_dim/2): the cos
 // and sin of pos · RopeInvFreq(i), times YaRN's attention factor (1 for other types).
 void RopeAngle(int64_t pos, int i, const RopeShape& shape, float* cos_out, float* sin_out);
+// Causal (optionally sliding-window) attention, grouped-query. fp32 operands: softmax in double,
+// then P·V. bf16_operands: the rounding points of the CUDA bf16 kernel, an online softmax over
+// tiles of 64 keys at multiples of 64 (scores float(q·k)·scale, the running maximum m, l and o
+// rescaled by e^(m − m'), the unnormalised e^(s − m') rounded to bf16 for P·V, out = o / l).
 void Attention(const float* q, const float* k, const float* v, const AttentionShape& shape,
                float* out, bool bf16_operands);
 void SiluMul(const float* gate, const float* up, float* out, int64_t n);

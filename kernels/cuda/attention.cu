@@ -196,10 +196,11 @@ cudaError_t Launch(const AttentionArgs& a, cudaStream_t stream) {
 // A block owns 128 queries of one head (8 warps x 16 rows) and streams keys and values in tiles of
 // 64 through shared memory, double-buffered with cp.async. q, k and v arrive pre-rounded to bf16
 // in a padded layout (LaunchPackBf16Heads), so tiles are whole 16-byte rows. Scores S = Q·Kᵀ
-// accumulate in fp32 on the tensor cores; pass 0 keeps each row's running maximum and sum, pass 1
-// recomputes S (bit-identical), rounds the normalised probabilities to bf16 exactly where the
-// reference does and accumulates P·V. The score fragments of a warp become the A operand of P·V
-// in registers (the C layout of two m16n8 tiles is the A layout of one m16k16 step).
+// accumulate in fp32 on the tensor cores; one pass keeps each row's running maximum and sum, rounds
+// the unnormalised probabilities e^(s − m) to bf16 exactly where the reference does (per 64-key
+// tile, against the running maximum) and accumulates P·V, rescaled when the maximum moves; out = o
+// / l. The score fragments of a warp become the A operand of P·V in registers (the C layout of two
+// m16n8 tiles is the A layout of one m16k16 step).
 constexpr int kTcBq = 128;
 constexpr int kTcBk = 64;
 constexpr int kTcWarps = kTcBq / 16;
@@ -263,143 +264,144 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
   for (int t = 0; t < kD / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
 
-  // 1 / the row sums, once pass 0 has them: pass 1 multiplies (a rounding apart from dividing).
-  float inv_l[2] = {0.0f, 0.0f};
-  for (int pass = 0; pass < 2; ++pass) {
-    const bool output_pass = pass == 1;
-    if (output_pass) {
-      inv_l[0] = 1.0f / l[0];
-      inv_l[1] = 1.0f / l[1];
-      if (a.lse != nullptr && t4 == 0) {
-        float* lse = a.lse + (int64_t(b) * a.num_heads + h) * a.q_len;
-        constexpr float kLog2e = 1.4426950408889634f;
-        if (row_lo < a.q_len) lse[row_lo] = l[0] > 0.0f ? (m[0] + logf(l[0])) * kLog2e : 0.0f;
-        if (row_hi < a.q_len) lse[row_hi] = l[1] > 0.0f ? (m[1] + logf(l[1])) * kLog2e : 0.0f;
+  // One pass over the key tiles (online softmax). Per row and tile: m' = max(m, the tile's
+  // scores), the running sum and output scaled by α = e^(m − m'), p = e^(s − m') added to l in
+  // fp32 and rounded to bf16 as the A operand of P·V; at the end out = o / l. These are the
+  // rounding points of ref::Attention's bf16 path (kernels/cpu/ref_ops.h), tile for tile.
+  if (tiles > 0) {
+    load_tile(k_s, k, kv_begin);
+    load_tile(v_s, v, kv_begin);
+  }
+  CopyAsyncCommit();
+  for (int t = 0; t < tiles; ++t) {
+    const int k0 = kv_begin + t * kTcBk, buf = t & 1;
+    if (t + 1 < tiles) {
+      load_tile(k_s + (buf ^ 1) * L::kTileElems, k, k0 + kTcBk);
+      load_tile(v_s + (buf ^ 1) * L::kTileElems, v, k0 + kTcBk);
+      CopyAsyncCommit();
+      CopyAsyncWait<1>();
+    } else {
+      CopyAsyncWait<0>();
+    }
+    __syncthreads();
+    if (t == 0 && warp_active) {
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        if (ks * 16 < dp) {
+          const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int c = ks * 16 + (lane >> 4) * 8;
+          LdMatrixX4(qa[ks], q_s + r * L::kLd + c);
+        }
       }
     }
-    if (tiles > 0) {
-      load_tile(k_s, k, kv_begin);
-      if (output_pass) load_tile(v_s, v, kv_begin);
-    }
-    CopyAsyncCommit();
-    for (int t = 0; t < tiles; ++t) {
-      const int k0 = kv_begin + t * kTcBk, buf = t & 1;
-      if (t + 1 < tiles) {
-        load_tile(k_s + (buf ^ 1) * L::kTileElems, k, k0 + kTcBk);
-        if (output_pass) load_tile(v_s + (buf ^ 1) * L::kTileElems, v, k0 + kTcBk);
-        CopyAsyncCommit();
-        CopyAsyncWait<1>();
+    if (warp_active && k0 <= warp_last_key) {
+      const __nv_bfloat16* kt = k_s + buf * L::kTileElems;
+      float s[kTcBk / 8][4];
+#pragma unroll
+      for (int n = 0; n < kTcBk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        if (ks * 16 >= dp) continue;
+#pragma unroll
+        for (int p = 0; p < kTcBk / 16; ++p) {
+          uint32_t kb[4];
+          const int key = p * 16 + (lane & 7) + (lane >> 4) * 8;
+          const int c = ks * 16 + ((lane >> 3) & 1) * 8;
+          LdMatrixX4(kb, kt + key * L::kLd + c);
+          Mma(s[2 * p], qa[ks], kb[0], kb[1]);
+          Mma(s[2 * p + 1], qa[ks], kb[2], kb[3]);
+        }
+      }
+      // Scale and mask: element e of tile n is row (e < 2 ? row_lo : row_hi), key
+      // k0 + 8n + 2 t4 + (e & 1). Tiles wholly inside every mask of the warp's 16 rows (all
+      // rows in the sequence, every key before kv_end and seen by the warp's first row, none
+      // out of the window of its last) skip the per-element test: the same values.
+      const int w0 = q0 + warp * 16;
+      const bool full = w0 + 15 < a.q_len && k0 + kTcBk <= kv_end &&
+                        k0 + kTcBk - 1 <= a.q_offset + w0 &&
+                        (a.sliding_window <= 0 || k0 > a.q_offset + w0 + 15 - a.sliding_window);
+      if (full) {
+#pragma unroll
+        for (int n = 0; n < kTcBk / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] *= scale;
+        }
       } else {
-        CopyAsyncWait<0>();
-      }
-      __syncthreads();
-      if (pass == 0 && t == 0 && warp_active) {
 #pragma unroll
-        for (int ks = 0; ks < kD / 16; ++ks) {
-          if (ks * 16 < dp) {
-            const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-            const int c = ks * 16 + (lane >> 4) * 8;
-            LdMatrixX4(qa[ks], q_s + r * L::kLd + c);
+        for (int n = 0; n < kTcBk / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = e < 2 ? row_lo : row_hi, key = k0 + 8 * n + 2 * t4 + (e & 1);
+            const bool visible =
+                row < a.q_len && key < kv_end && key <= a.q_offset + row &&
+                (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
+            s[n][e] = visible ? s[n][e] * scale : -INFINITY;
           }
         }
       }
-      if (warp_active && k0 <= warp_last_key) {
-        const __nv_bfloat16* kt = k_s + buf * L::kTileElems;
-        float s[kTcBk / 8][4];
+      // The running maximum and the rescaling of l and o. While a row has seen only masked
+      // keys, it exponentiates against 0: every p is 0 and α = e^(−∞) = 0 leaves l = o = 0.
+      float base[2];
 #pragma unroll
-        for (int n = 0; n < kTcBk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      for (int half = 0; half < 2; ++half) {
+        float mx = -INFINITY;
 #pragma unroll
-        for (int ks = 0; ks < kD / 16; ++ks) {
-          if (ks * 16 >= dp) continue;
-#pragma unroll
-          for (int p = 0; p < kTcBk / 16; ++p) {
-            uint32_t kb[4];
-            const int key = p * 16 + (lane & 7) + (lane >> 4) * 8;
-            const int c = ks * 16 + ((lane >> 3) & 1) * 8;
-            LdMatrixX4(kb, kt + key * L::kLd + c);
-            Mma(s[2 * p], qa[ks], kb[0], kb[1]);
-            Mma(s[2 * p + 1], qa[ks], kb[2], kb[3]);
-          }
+        for (int n = 0; n < kTcBk / 8; ++n) {
+          mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
         }
-        // Scale and mask: element e of tile n is row (e < 2 ? row_lo : row_hi), key
-        // k0 + 8n + 2 t4 + (e & 1). Tiles wholly inside every mask of the warp's 16 rows (all
-        // rows in the sequence, every key before kv_end and seen by the warp's first row, none
-        // out of the window of its last) skip the per-element test: the same values.
-        const int w0 = q0 + warp * 16;
-        const bool full = w0 + 15 < a.q_len && k0 + kTcBk <= kv_end &&
-                          k0 + kTcBk - 1 <= a.q_offset + w0 &&
-                          (a.sliding_window <= 0 || k0 > a.q_offset + w0 + 15 - a.sliding_window);
-        if (full) {
+        const float m_new = fmaxf(m[half], QuadMax(mx));
+        base[half] = m_new == -INFINITY ? 0.0f : m_new;
+        if (m_new != m[half]) {
+          const float alpha = expf(m[half] - base[half]);
+          l[half] *= alpha;
 #pragma unroll
-          for (int n = 0; n < kTcBk / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] *= scale;
+          for (int t8 = 0; t8 < kD / 8; ++t8) {
+            o[t8][2 * half] *= alpha;
+            o[t8][2 * half + 1] *= alpha;
           }
-        } else {
-#pragma unroll
-          for (int n = 0; n < kTcBk / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = e < 2 ? row_lo : row_hi, key = k0 + 8 * n + 2 * t4 + (e & 1);
-              const bool visible =
-                  row < a.q_len && key < kv_end && key <= a.q_offset + row &&
-                  (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
-              s[n][e] = visible ? s[n][e] * scale : -INFINITY;
-            }
-          }
-        }
-        if (!output_pass) {
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int n = 0; n < kTcBk / 8; ++n) {
-              mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
-            }
-            const float m_new = fmaxf(m[half], QuadMax(mx));
-            // While a row has seen only masked keys, exponentiate against 0: every p is 0.
-            const float base = m_new == -INFINITY ? 0.0f : m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < kTcBk / 8; ++n) {
-              sum += expf(s[n][2 * half] - base) + expf(s[n][2 * half + 1] - base);
-            }
-            l[half] = l[half] * expf(m[half] - base) + QuadSum(sum);
-            m[half] = m_new;
-          }
-        } else {
-          const __nv_bfloat16* vt = v_s + buf * L::kTileElems;
-#pragma unroll
-          for (int kk = 0; kk < kTcBk / 16; ++kk) {
-            uint32_t pa[4];
-#pragma unroll
-            for (int x = 0; x < 4; ++x) {
-              const int n = 2 * kk + (x >> 1), half = x & 1;
-              float p2[2];
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float sv = s[n][2 * half + e];
-                p2[e] = sv == -INFINITY ? 0.0f : expf(sv - m[half]) * inv_l[half];
-              }
-              pa[x] = PackBf16(p2[0], p2[1]);
-            }
-#pragma unroll
-            for (int dq = 0; dq < kD / 16; ++dq) {
-              if (dq * 16 >= dp) continue;
-              uint32_t vb[4];
-              const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-              const int c = dq * 16 + (lane >> 4) * 8;
-              LdMatrixX4Trans(vb, vt + key * L::kLd + c);
-              Mma(o[2 * dq], pa, vb[0], vb[1]);
-              Mma(o[2 * dq + 1], pa, vb[2], vb[3]);
-            }
-          }
+          m[half] = m_new;
         }
       }
-      __syncthreads();  // the buffer is rewritten by the next iteration's prefetch
+      const __nv_bfloat16* vt = v_s + buf * L::kTileElems;
+      float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int kk = 0; kk < kTcBk / 16; ++kk) {
+        uint32_t pa[4];
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int n = 2 * kk + (x >> 1), half = x & 1;
+          float p2[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float sv = s[n][2 * half + e];
+            p2[e] = sv == -INFINITY ? 0.0f : expf(sv - base[half]);
+            sum[half] += p2[e];
+          }
+          pa[x] = PackBf16(p2[0], p2[1]);
+        }
+#pragma unroll
+        for (int dq = 0; dq < kD / 16; ++dq) {
+          if (dq * 16 >= dp) continue;
+          uint32_t vb[4];
+          const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int c = dq * 16 + (lane >> 4) * 8;
+          LdMatrixX4Trans(vb, vt + key * L::kLd + c);
+          Mma(o[2 * dq], pa, vb[0], vb[1]);
+          Mma(o[2 * dq + 1], pa, vb[2], vb[3]);
+        }
+      }
+      l[0] += QuadSum(sum[0]);
+      l[1] += QuadSum(sum[1]);
     }
+    __syncthreads();  // the buffer is rewritten by the next iteration's prefetch
   }
 
+  if (a.lse != nullptr && t4 == 0) {
+    float* lse = a.lse + (int64_t(b) * a.num_heads + h) * a.q_len;
+    constexpr float kLog2e = 1.4426950408889634f;
+    if (row_lo < a.q_len) lse[row_lo] = l[0] > 0.0f ? (m[0] + logf(l[0])) * kLog2e : 0.0f;
+    if (row_hi < a.q_len) lse[row_hi] = l[1] > 0.0f ? (m[1] + logf(l[1])) * kLog2e : 0.0f;
+  }
 #pragma unroll
   for (int t = 0; t < kD / 8; ++t) {
     const int c = 8 * t + 2 * t4;
@@ -408,8 +410,9 @@ __global__ void __launch_bounds__(kTcThreads)
       const int row = half == 0 ? row_lo : row_hi;
       if (row >= a.q_len) continue;
       float* dst = out + int64_t(row) * a.num_heads * a.head_dim;
-      if (c < a.head_dim) dst[c] = o[t][2 * half];
-      if (c + 1 < a.head_dim) dst[c + 1] = o[t][2 * half + 1];
+      const float lh = l[half] > 0.0f ? l[half] : 1.0f;  // a row with no visible key: o = 0
+      if (c < a.head_dim) dst[c] = o[t][2 * half] / lh;
+      if (c + 1 < a.head_dim) dst[c + 1] = o[t][2 * half + 1] / lh;
     }
   }
 }

@@ -322,6 +322,35 @@ TEST_P(CpuOpsTest, Attention) {
   }
 }
 
+// ref::Attention's bf16 path (an online softmax over 64-key tiles, the unnormalised
+// probabilities rounded to bf16) against its fp32 path (the exact softmax in double) on operands
+// that are bf16 values already, so that only the probabilities' rounding differs: within the
+// bf16 rounding of P (2^-9 a value; 1e-3 measured, bound 4e-3), and not equal to it (the rounding happens).
+// Keys grow along the sequence, so the running maximum moves in most of the 5 tiles of 300 keys
+// and l and o are rescaled; a sliding window starts rows inside a tile.
+TEST(CpuAttentionRefTest, Bf16PathIsTheSoftmaxUpToRoundingP) {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal;
+  for (const AttentionShape& s : {AttentionShape{1, 300, 300, 2, 1, 16, 0},
+                                  AttentionShape{2, 130, 130, 4, 2, 8, 0, 70}}) {
+    const int64_t qn = int64_t(s.batch) * s.q_len * s.num_heads * s.head_dim;
+    const int64_t kw = int64_t(s.num_kv_heads) * s.head_dim;
+    std::vector<float> q(qn), k(int64_t(s.batch) * s.kv_len * kw), v(k.size());
+    for (float& x : q) x = RoundToBf16(normal(gen));
+    for (size_t i = 0; i < k.size(); ++i) {
+      const double pos = double(i / kw % s.kv_len) / s.kv_len;  // the key's position, 0 to 1
+      k[i] = RoundToBf16(float((0.5 + 2 * pos) * normal(gen)));
+      v[i] = RoundToBf16(normal(gen));
+    }
+    std::vector<float> exact(qn), bf16(qn);
+    ref::Attention(q.data(), k.data(), v.data(), s, exact.data(), false);
+    ref::Attention(q.data(), k.data(), v.data(), s, bf16.data(), true);
+    const double err = RelError(bf16.data(), exact.data(), qn);
+    EXPECT_LE(err, 4e-3) << "kv_len " << s.kv_len;
+    EXPECT_GT(err, 0.0) << "kv_len " << s.kv_len;
+  }
+}
+
 // RopeAttention's default: Rope of copies of q and k, then Attention; q and k unchanged.
 TEST_P(CpuOpsTest, RopeAttentionIsRopeThenAttention) {
   const AttentionShape s{2, 9, 9, 4, 2, 8, 0};
