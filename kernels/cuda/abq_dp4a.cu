@@ -42,14 +42,17 @@
 //     slot's arithmetic has read it. Before its ring, each warp asks the bulk copy engine to
 //     prefetch its first rows into L2 (cp.async.bulk.prefetch, up to kPrefetchBytes of the layer
 //     in all), so that the layer's first bytes stream at once.
-//   - The token's codes come from the activation kernel (AbqDp4aActivationsKernel, the stream's
-//     previous launch; one block at K <= 4096 or per channel, else up to kActBlocks, each coding a
-//     slice of whole k-groups after the maximum over all of x): the maximum over x by a block
-//     reduction, s_a = max / qmax, the codes as AbqQuantizeActivations (IEEE division,
-//     RoundHalfEven, the clamp that maps NaN to −qmax), Σa per k-group (integer atomics: exact in
-//     any order), into a scratch buffer. It triggers this kernel's launch first thing, so the
-//     weights stream while it runs; after griddepcontrol.wait every block copies the codes and Σa
-//     into shared memory.
+//   - Where x is at most a code word a GEMV thread (K <= 4096 at W2, W3 and W4), every GEMV block
+//     codes the token itself after griddepcontrol.wait (one word a thread, the maximum by a block
+//     reduction, the same codes, Σa and s_a as below), then fills its ring: no activation kernel,
+//     and the GEMV on every SM. Otherwise the token's codes come from the activation kernel
+//     (AbqDp4aActivationsKernel, the stream's previous launch; one block at K <= 4096 or per
+//     channel, else up to kActBlocks, each coding a slice of whole k-groups after the maximum over
+//     all of x): the maximum over x by a block reduction, s_a = max / qmax, the codes as
+//     AbqQuantizeActivations (IEEE division, RoundHalfEven, the clamp that maps NaN to −qmax), Σa
+//     per k-group (integer atomics: exact in any order), into a scratch buffer. It triggers this
+//     kernel's launch first thing, so the weights stream while it runs; after griddepcontrol.wait
+//     every block copies the codes and Σa into shared memory.
 //   - A lane's unit gives the integer dots of its two 64-column halves (int32, wrapping:
 //     AbqIntegerGemm's sums modulo 2^32, exact within ValidateAbqShape's bounds). A k-group is
 //     half a unit (g64), one unit, or 2^s units of consecutive lanes of one step (g = 128·2^s up to
@@ -135,6 +138,8 @@ struct Dp4aParams {
   int group_shift;        // log2(L)
   int act_blocks;         // blocks of the activation kernel
   int act_slice;          // code words (float4s of x) a block of it codes: whole k-groups
+  float act_qmax;         // 2^(activation bits − 1) − 1
+  bool self_code;         // the GEMV codes the token itself (AbqDp4aGemvKernel's kSelf)
   int units;              // ceil(K / 128)
   int unit_blocks;        // ceil(units / 32): a row's steps
   int group_mode;  // 0: one group; 1: two groups a unit (g64); 2: a group of 2^unit_shift units
@@ -316,7 +321,8 @@ __device__ __forceinline__ void UnitDots(const uint4 (&wp)[kSB], Act act, int32_
 }
 
 // kMode: 0 one k-group (per channel), 1 two groups a unit (g64), 2 a group of 2^unit_shift units.
-template <int kSB, int kMode>
+// kSelf: the block codes the token itself (at most a code word a thread; no activation kernel).
+template <int kSB, int kMode, bool kSelf>
 __global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, 1) AbqDp4aGemvKernel(Dp4aParams p) {
   constexpr int kGemvWarps = GemvShapeOf(kSB).warps, kGemvThreads = kGemvWarps * 32;
   constexpr int kRing = GemvShapeOf(kSB).ring;
@@ -391,23 +397,66 @@ __global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, 1) AbqDp4aGemvKer
       }
     }
   }
+  if constexpr (!kSelf) {
 #pragma unroll
-  for (int s = 0; s < kRing; ++s) load(ring[s], ring_meta[s]);
+    for (int s = 0; s < kRing; ++s) load(ring[s], ring_meta[s]);
+  }
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-  // 2. The token's codes and Σa from the activation kernel, into shared memory: piece q of unit u
-  // (columns 128u + 16q ..) at 8u + (q ^ (u & 7)), so that the 8 lanes of a quarter warp, reading
-  // piece q of 8 consecutive units, hit 32 distinct banks; zero past K.
-  const uint4* codes = reinterpret_cast<const uint4*>(p.act_codes);
-  const int code_pieces = static_cast<int>(w.k / 16);
-  for (int j = threadIdx.x; j < units * 8; j += kGemvThreads) {
-    const int u = j >> 3, q = j & 7;
-    s_act[8 * u + (q ^ (u & 7))] = j < code_pieces ? __ldcg(codes + j) : uint4{0, 0, 0, 0};
+  double s_a64;
+  if constexpr (kSelf) {
+    // 2. The token's codes, made by this block from x as AbqDp4aActivationsKernel makes them (the
+    // same maximum, s_a, codes and Σa, bit for bit), one code word a thread: the maximum over x
+    // by a block reduction, then code word t (columns 4t .. 4t + 3) into word t & 3 of piece
+    // 8·u + (q ^ (u & 7)) of unit u = t / 32 (q = (t / 4) % 8), zero past K, and Σa per k-group
+    // by shared atomics; then the ring, so that x's loads are not queued behind the weights'.
+    __shared__ float red[32];
+    const int quads = p.chunks * 16;
+    const int tid = static_cast<int>(threadIdx.x);
+    for (int i = tid; i < n_groups; i += kGemvThreads) s_sums[i] = 0;
+    const float4 v =
+        tid < quads ? reinterpret_cast<const float4*>(p.x)[tid] : float4{0.0f, 0.0f, 0.0f, 0.0f};
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    amax = BlockReduce(amax, MaxOp(), 0.0f, red);  // ends with a barrier: s_sums zeroed
+    const float s_a = amax / p.act_qmax;
+    s_a64 = static_cast<double>(s_a);
+    int32_t sum = 0;
+    uint32_t word = 0;
+    if (tid < quads) {
+      const int32_t c0 = Quantize(v.x, s_a, p.act_qmax), c1 = Quantize(v.y, s_a, p.act_qmax);
+      const int32_t c2 = Quantize(v.z, s_a, p.act_qmax), c3 = Quantize(v.w, s_a, p.act_qmax);
+      word = (static_cast<uint32_t>(c0) & 0xffu) | ((static_cast<uint32_t>(c1) & 0xffu) << 8) |
+             ((static_cast<uint32_t>(c2) & 0xffu) << 16) | (static_cast<uint32_t>(c3) << 24);
+      sum = c0 + c1 + c2 + c3;
+    }
+    if (tid < units * 32) {
+      const int u = tid >> 5, q = lane >> 2;
+      reinterpret_cast<uint32_t*>(s_act)[4 * (8 * u + (q ^ (u & 7))) + (lane & 3)] = word;
+    }
+    // 32 code words are 128 columns (two chunks): one k-group unless L = 1 (halves).
+    const int L = p.group_chunks;
+    for (int off = L == 1 ? 8 : 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
+    if (tid < quads && (lane == 0 || (L == 1 && lane == 16))) {
+      atomicAdd(&s_sums[L == 0 ? 0 : (tid >> 4) >> p.group_shift], sum);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < kRing; ++s) load(ring[s], ring_meta[s]);
+  } else {
+    // 2. The token's codes and Σa from the activation kernel, into shared memory: piece q of unit u
+    // (columns 128u + 16q ..) at 8u + (q ^ (u & 7)), so that the 8 lanes of a quarter warp, reading
+    // piece q of 8 consecutive units, hit 32 distinct banks; zero past K.
+    const uint4* codes = reinterpret_cast<const uint4*>(p.act_codes);
+    const int code_pieces = static_cast<int>(w.k / 16);
+    for (int j = threadIdx.x; j < units * 8; j += kGemvThreads) {
+      const int u = j >> 3, q = j & 7;
+      s_act[8 * u + (q ^ (u & 7))] = j < code_pieces ? __ldcg(codes + j) : uint4{0, 0, 0, 0};
+    }
+    for (int i = threadIdx.x; i < n_groups; i += kGemvThreads) s_sums[i] = __ldcg(p.act_sums + i);
+    s_a64 = static_cast<double>(__ldcg(p.act_scale));
+    __syncthreads();
   }
-  for (int i = threadIdx.x; i < n_groups; i += kGemvThreads) s_sums[i] = __ldcg(p.act_sums + i);
-  const double s_a64 = static_cast<double>(__ldcg(p.act_scale));
-  __syncthreads();
 
   // 3. The steps. Per row: the k-groups' products c_G·s_w (c_G = dot − z·Σa, fp64), each formed
   // by the lane that holds its dot, added into the lane's partial sum and kept in s_prod for the
@@ -577,22 +626,23 @@ __global__ void RepackUnitsKernel(const uint32_t* planes, int64_t n, int wb, int
 
 using Dp4aKernel = void (*)(Dp4aParams);
 
-template <int kSB>
+template <int kSB, bool kSelf>
 Dp4aKernel KernelForMode(int mode) {
-  return mode == 0   ? AbqDp4aGemvKernel<kSB, 0>
-         : mode == 1 ? AbqDp4aGemvKernel<kSB, 1>
-                     : AbqDp4aGemvKernel<kSB, 2>;
+  return mode == 0   ? AbqDp4aGemvKernel<kSB, 0, kSelf>
+         : mode == 1 ? AbqDp4aGemvKernel<kSB, 1, kSelf>
+                     : AbqDp4aGemvKernel<kSB, 2, kSelf>;
 }
-// The GEMV for weight bits wb, activation bits ab and k-group mode (Dp4aParams::group_mode).
-Dp4aKernel KernelFor(int wb, int ab, int mode) {
+// The GEMV for weight bits wb, activation bits ab, k-group mode (Dp4aParams::group_mode) and
+// whether it codes the token itself (Dp4aParams::self_code; never at W8, which has 16 warps).
+Dp4aKernel KernelFor(int wb, int ab, int mode, bool self) {
   if ((wb != 2 && wb != 3 && wb != 4 && wb != 8) || (ab != 4 && ab != 8)) return nullptr;
   switch (StoreBitsOf(wb)) {
     case 2:
-      return KernelForMode<2>(mode);
+      return self ? KernelForMode<2, true>(mode) : KernelForMode<2, false>(mode);
     case 4:
-      return KernelForMode<4>(mode);
+      return self ? KernelForMode<4, true>(mode) : KernelForMode<4, false>(mode);
     default:
-      return KernelForMode<8>(mode);
+      return self ? nullptr : KernelForMode<8, false>(mode);
   }
 }
 Dp4aKernel ActivationsKernelFor(int ab) {
@@ -617,7 +667,8 @@ struct Plan {
   int blocks = 0;
 };
 bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
-  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, ab, 0) == nullptr) return false;
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, ab, 0, false) == nullptr)
+    return false;
   const int l = GroupChunks(w);
   const int sms = SmCount();
   if (l < 0 || sms <= 0) return false;
@@ -640,6 +691,11 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
     plan.p.act_slice = ((quads + blocks - 1) / blocks + grain - 1) / grain * grain;
     plan.p.act_blocks = (quads + plan.p.act_slice - 1) / plan.p.act_slice;
   }
+  plan.p.act_qmax = static_cast<float>((1 << (ab - 1)) - 1);
+  // Where x is at most a code word a GEMV thread (K <= 4096 at W2, W3 and W4), every GEMV block
+  // codes it: measured faster than the activation kernel there, slower at K = 11,008 and at W8
+  // (16 warps: two words a thread), docs/BENCHMARKS.md 2026-12-06.
+  plan.p.self_code = StoreBitsOf(w.weight_bits) < 8 && quads <= 32 * warps;
   plan.p.group_shift = 0;
   while (l > 0 && (1 << plan.p.group_shift) < l) ++plan.p.group_shift;
   plan.p.units = units;
@@ -649,7 +705,7 @@ bool PlanOf(const AbqDeviceWeights& w, int ab, Plan& plan) {
   plan.p.unit_shift = l > 1 ? plan.p.group_shift - 1 : 0;
   plan.bytes = bytes;
   const int64_t wanted = (w.n + warps - 1) / warps;
-  const int free_sms = sms > plan.p.act_blocks ? sms - plan.p.act_blocks : sms;
+  const int free_sms = plan.p.self_code || sms <= plan.p.act_blocks ? sms : sms - plan.p.act_blocks;
   plan.blocks = static_cast<int>(std::min<int64_t>(wanted, free_sms));
   const int64_t row_bytes = int64_t{plan.p.unit_blocks} * StoreBitsOf(w.weight_bits) * 512;
   plan.p.prefetch_rows = std::min<int64_t>(w.n, kPrefetchBytes / row_bytes);
@@ -665,7 +721,7 @@ int64_t AbqDigitWords(const AbqDeviceWeights& w) {
 
 cudaError_t LaunchAbqRepackDigits(const AbqDeviceWeights& w, uint32_t* digits,
                                   cudaStream_t stream) {
-  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, 8, 0) == nullptr ||
+  if (!AbqWeightsOk(w) || w.k % 64 != 0 || KernelFor(w.weight_bits, 8, 0, false) == nullptr ||
       digits == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -695,8 +751,8 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
       scratch == nullptr || reinterpret_cast<uintptr_t>(scratch) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  static std::atomic<uint64_t> raised[9];  // [store bits 2, 4, 8][group mode]
-  const Dp4aKernel kernel = KernelFor(w.weight_bits, ab, plan.p.group_mode);
+  static std::atomic<uint64_t> raised[18];  // [self][store bits 2, 4, 8][group mode]
+  const Dp4aKernel kernel = KernelFor(w.weight_bits, ab, plan.p.group_mode, plan.p.self_code);
   plan.p.x = x;
   plan.p.y = y;
   plan.p.dot = dot;
@@ -706,14 +762,17 @@ cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab,
   plan.p.act_scale = reinterpret_cast<float*>(bytes + w.k + 4 * w.n_groups);
   const int sb = StoreBitsOf(w.weight_bits);
   const int si = sb == 2 ? 0 : sb == 4 ? 1 : 2;
-  cudaError_t err =
-      RaiseSharedLimit(kernel, plan.bytes, kMaxShared, raised[3 * si + plan.p.group_mode]);
+  cudaError_t err = RaiseSharedLimit(kernel, plan.bytes, kMaxShared,
+                                     raised[9 * plan.p.self_code + 3 * si + plan.p.group_mode]);
   if (err != cudaSuccess) return err;
   // The activations first (a few blocks; Σa in their shared memory), then the GEMV, which starts as
   // soon as the activation kernel does and streams its weights meanwhile.
-  err = LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(static_cast<unsigned>(plan.p.act_blocks)),
+  if (!plan.p.self_code) {
+    err =
+        LaunchPdl(ActivationsKernelFor(ab), plan.p, dim3(static_cast<unsigned>(plan.p.act_blocks)),
                   kThreads, sizeof(int32_t) * static_cast<size_t>(w.n_groups), stream);
-  if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) return err;
+  }
   return LaunchPdl(kernel, plan.p, dim3(static_cast<unsigned>(plan.blocks)),
                    32 * GemvShapeOf(sb).warps, plan.bytes, stream);
 }
