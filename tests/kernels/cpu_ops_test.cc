@@ -325,14 +325,14 @@ TEST_P(CpuOpsTest, Attention) {
 // ref::Attention's bf16 path (an online softmax over 64-key tiles, the unnormalised
 // probabilities rounded to bf16) against its fp32 path (the exact softmax in double) on operands
 // that are bf16 values already, so that only the probabilities' rounding differs: within the
-// bf16 rounding of P (2^-9 a value; 1e-3 measured, bound 4e-3), and not equal to it (the rounding happens).
-// Keys grow along the sequence, so the running maximum moves in most of the 5 tiles of 300 keys
-// and l and o are rescaled; a sliding window starts rows inside a tile.
+// bf16 rounding of P (2^-9 a value; 1e-3 measured, bound 4e-3), and not equal to it (the rounding
+// happens). Keys grow along the sequence, so the running maximum moves in most of the 5 tiles of
+// 300 keys and l and o are rescaled; a sliding window starts rows inside a tile.
 TEST(CpuAttentionRefTest, Bf16PathIsTheSoftmaxUpToRoundingP) {
   std::mt19937 gen(7);
   std::normal_distribution<float> normal;
-  for (const AttentionShape& s : {AttentionShape{1, 300, 300, 2, 1, 16, 0},
-                                  AttentionShape{2, 130, 130, 4, 2, 8, 0, 70}}) {
+  for (const AttentionShape& s :
+       {AttentionShape{1, 300, 300, 2, 1, 16, 0}, AttentionShape{2, 130, 130, 4, 2, 8, 0, 70}}) {
     const int64_t qn = int64_t(s.batch) * s.q_len * s.num_heads * s.head_dim;
     const int64_t kw = int64_t(s.num_kv_heads) * s.head_dim;
     std::vector<float> q(qn), k(int64_t(s.batch) * s.kv_len * kw), v(k.size());
