@@ -794,13 +794,20 @@ std::vector<std::string> ByteLevelBpeTokenizer::SpecialTokensIn(const std::strin
   return out;
 }
 
-// Whether the pre-tokenizer (or a Sequence inside it) has a ByteLevel step.
-bool HasByteLevel(const Json& p) {
+// Whether the pre-tokenizer at `key` (or a Sequence inside it) has a ByteLevel step; an error
+// naming the key where a step's "type" is not a string.
+absl::StatusOr<bool> HasByteLevel(const Json& p, const std::string& key, const JsonReader& r) {
   if (!p.is_object()) return false;
-  if (p.value("type", "") == "ByteLevel") return true;
+  if (const auto type = p.find("type"); type != p.end()) {
+    if (!type->is_string()) return r.Error(key + ".type", "must be a string");
+    if (type->get<std::string>() == "ByteLevel") return true;
+  }
   if (p.contains("pretokenizers") && p["pretokenizers"].is_array()) {
-    for (const Json& q : p["pretokenizers"]) {
-      if (HasByteLevel(q)) return true;
+    for (size_t i = 0; i < p["pretokenizers"].size(); ++i) {
+      QCAL_ASSIGN_OR_RETURN(
+          const bool found,
+          HasByteLevel(p["pretokenizers"][i], absl::StrCat(key, ".pretokenizers[", i, "]"), r));
+      if (found) return true;
     }
   }
   return false;
@@ -818,7 +825,11 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseByteLevelBpe(const std::string& 
   }
   JsonReader r(path);
   if (!j.is_object()) return r.Error("", "the file must hold a JSON object");
-  if (!j.contains("pre_tokenizer") || !HasByteLevel(j["pre_tokenizer"])) {
+  bool byte_level = false;
+  if (j.contains("pre_tokenizer")) {
+    QCAL_ASSIGN_OR_RETURN(byte_level, HasByteLevel(j["pre_tokenizer"], "pre_tokenizer", r));
+  }
+  if (!byte_level) {
     return absl::UnimplementedError(
         absl::StrCat(path,
                      ": key \"pre_tokenizer\": not a byte-level BPE tokenizer (no ByteLevel "

@@ -88,6 +88,17 @@ TEST(FuzzRegressionTest, TokenizerHugeTokenId) {
                         "[0, 16777216)"));
 }
 
+// An uncaught nlohmann::json type_error (abort): a pre-tokenizer whose "type" is a number, read
+// as a string before the parser's own checks (found by 60 s of fuzzing, 2026-12-06).
+TEST(FuzzRegressionTest, TokenizerPreTokenizerTypeNotAString) {
+  const std::vector<std::string> files = Input("tokenizer", "pre_tokenizer_type_number", 2);
+  auto tok = ParseByteLevelBpe(files[0], "tokenizer.json");
+  ASSERT_FALSE(tok.ok());
+  EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(tok.status().message()),
+              HasSubstr("tokenizer.json: key \"pre_tokenizer.type\": must be a string"));
+}
+
 // ASan allocation-size-too-big (std::bad_alloc in a plain build): config.json's
 // num_hidden_layers 2^30 sized Model's per-block state (1.9 TB) before any block was read.
 TEST(FuzzRegressionTest, CheckpointNumLayersBeyondItsTensors) {
