@@ -5,9 +5,10 @@
 // sum), so memory does not grow with the sequence length.
 // - fp32 operands (LaunchAttention): fp32 arithmetic on CUDA cores, one pass with rescaling.
 // - bf16 operands (LaunchAttentionBf16): tensor cores. q, k and v are rounded to bf16 first
-//   (LaunchPackBf16Heads), and the normalised probabilities are rounded to bf16 before they
-//   multiply v, exactly where the reference rounds; normalised probabilities need the final
-//   softmax sum, so the kernel makes two passes over the keys (statistics, then output).
+//   (LaunchPackBf16Heads); one pass over the keys in tiles of 64, the unnormalised
+//   probabilities e^(s − m) rounded to bf16 against the running maximum m before they multiply
+//   v, l and o rescaled when m moves, out = o / l: exactly where the reference's bf16 path rounds
+//   (docs/OPERATIONS.md, "Where bf16 attention rounds").
 #pragma once
 
 #include <cuda_bf16.h>
