@@ -124,14 +124,15 @@ bool AbqDp4aGemvApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 // Bytes of the scratch LaunchAbqDp4aGemv needs for `w` (the token's codes, Σa per k-group, s_a).
 int64_t AbqDp4aScratchBytes(const AbqDeviceWeights& w);
 
-// The whole layer of one token on the CUDA cores (abq_dp4a.cu), in two launches: the activation
-// codes into `scratch` (AbqDp4aScratchBytes(w) bytes, 16-byte aligned, on this stream's device;
-// reused by every call on the stream), then the GEMV; y [w.n] from x [w.k] (fp32, 16-byte
-// aligned), equal to LaunchAbqPrologue followed by LaunchAbqGemm bit for bit; dot [w.n][w.n_groups]
-// receives the integer sums when not null. Reads w.digits (and w.meta_rows where not null, else
-// w.scales and w.zeros). Programmatic stream serialization for both: the GEMV reads the weights
-// before griddepcontrol.wait and may start while the kernels before the activation kernel still
-// run, so those must not write the weights (they may write x). x and y must not overlap.
+// The whole layer of one token on the CUDA cores (abq_dp4a.cu): where K <= 4096 at weight bits
+// 2 to 4 one launch, the GEMV coding the token itself; otherwise two, the activation codes into
+// `scratch` (AbqDp4aScratchBytes(w) bytes, 16-byte aligned, on this stream's device; reused by
+// every call on the stream), then the GEMV. y [w.n] from x [w.k] (fp32, 16-byte aligned), equal
+// to LaunchAbqPrologue followed by LaunchAbqGemm bit for bit; dot [w.n][w.n_groups] receives the
+// integer sums when not null. Reads w.digits (and w.meta_rows where not null, else w.scales and
+// w.zeros). Programmatic stream serialization for every launch: the GEMV reads the weights before
+// griddepcontrol.wait and may start while the kernels before it (or before the activation kernel)
+// still run, so those must not write the weights (they may write x). x and y must not overlap.
 // cudaErrorInvalidValue where AbqDp4aGemvApplies is false, w.digits or scratch is null, or x or
 // scratch is not 16-byte aligned.
 cudaError_t LaunchAbqDp4aGemv(const float* x, const AbqDeviceWeights& w, int ab, float* y,
