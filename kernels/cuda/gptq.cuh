@@ -13,11 +13,12 @@
 // The column loop of one lazy block runs in ONE launch (LaunchGptqBlock): a group of lanes owns
 // a weight row start to finish, its block columns held in shared memory, and the lanes share each
 // column's update of the later columns (8 lanes a row, 4 rows a warp, with U's block staged in
-// shared memory for blocks up to 128 wide; a warp a row for wider blocks). Its arithmetic is the CPU reference's operation for operation (separately rounded
-// multiply and subtract, no fused multiply-add; kernels/quant_grid.h for the grid), so given the
-// same U and block inputs the codes are bit-identical to the CPU's; only the lazy updates between
-// blocks (cuBLAS GEMMs, two levels: within super-blocks of up to 1024 columns, then from each
-// super-block to every later column) sum in a different order.
+// shared memory for blocks up to 128 wide; a warp a row for wider blocks). Its arithmetic is the
+// CPU reference's operation for operation (separately rounded multiply and subtract, no fused
+// multiply-add; kernels/quant_grid.h for the grid), so given the same U and block inputs the codes
+// are bit-identical to the CPU's; only the lazy updates between blocks (cuBLAS GEMMs, two levels:
+// within super-blocks of up to 1024 columns, then from each super-block to every later column) sum
+// in a different order.
 #pragma once
 
 #include <cuda_runtime.h>
