@@ -15,6 +15,7 @@
 #include "kernels/abq_fused_plan.h"
 #include "kernels/abq_ops.h"
 #include "kernels/cuda/abq_gemm.cuh"
+#include "kernels/cuda/device_info.cuh"
 #include "kernels/cuda/mma_sync.cuh"
 
 namespace qcal::kernels::cuda {
@@ -171,16 +172,6 @@ bool AbqDecodeApplies(const AbqDeviceWeights& w, int64_t m, int ab);
 cudaError_t LaunchAbqBinaryDecode(const AbqDeviceWeights& w, const uint32_t* a_planes,
                                   const float* a_scales, const int32_t* a_sums, int64_t m, int ab,
                                   float* y, int32_t* dot, cudaStream_t stream);
-
-// Multiprocessors of the current device (0 on error).
-inline int SmCount() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 0;
-  }
-  return sms;
-}
 
 // AbqEpilogue's S = Σ_G p_G for one output, from its products p_G = c_G·s_w (fp64, `prods`, in
 // group order), by a whole warp: where every addition is exact (abq_fused::OrderFree; `exact` is

@@ -9,11 +9,12 @@
 // at 4.8 TB/s), and the b1 kernels reach 22–45% of that bandwidth (docs/BENCHMARKS.md,
 // 2026-12-05): their weights go through shared memory in mma fragment order and the GEMV's path a
 // warp is long. Here every lane loads its weights straight into registers in 16-byte coalesced
-// pieces, before anything else, so that the memory system holds as many bytes in flight as it
-// can; the arithmetic (a byte mask and a dp4a per four weights) is meant to stay below the memory
-// time. This is not the b1 path of the paper: it is the comparison the issue
-// asks for beside it ("unpack to int8"), on dp4a rather than the IMMA, and it is reported as its
-// own row ("dp4a") and chosen only by name (CudaAbqLinear::B1Kernel::kDp4a).
+// pieces, and the layer's first bytes are requested before anything else (an L2 prefetch), so
+// that the memory system holds as many bytes in flight as it can; the arithmetic (a byte mask and a
+// dp4a per four weights) is meant to stay below the memory time. This is not the b1 path of the
+// paper: it is the comparison the issue asks for beside it ("unpack to int8"), on dp4a rather than
+// the IMMA, and it is reported as its own row ("dp4a") and chosen only by name
+// (CudaAbqLinear::B1Kernel::kDp4a).
 //
 // Layouts:
 //   - Units (made once from the planes by LaunchAbqRepackDigits): a row's K columns are units of
@@ -31,17 +32,18 @@
 //     quarter warp, reading piece q of 8 consecutive units, hit 32 distinct banks.
 //
 // Shape of the kernel:
-//   - One block an SM (on the SMs the activation kernel's blocks leave free): 32 warps of up to
-//     64 registers at W2 and sb = 4, 16 of up to 128 at W8 (GemvShapeOf). A warp a row at a time:
-//     warp v of the grid takes rows v, v + warps, ...; its steps are its rows' unit blocks in
-//     order. Each lane keeps a ring of the next few steps' pieces in registers (2 steps at W2, 1
-//     at sb = 4, 2 at W8) with their meta words, fills the whole ring before griddepcontrol.wait
-//     (programmatic launch: the activation kernel before it may still run, and it lets this kernel
-//     start before it has itself waited for the kernels before it, which may still be writing x but
-//     must not write the weights), and refills a slot with the step a ring ahead as soon as the
-//     slot's arithmetic has read it. Before its ring, each warp asks the bulk copy engine to
-//     prefetch its first rows into L2 (cp.async.bulk.prefetch, up to kPrefetchBytes of the layer
-//     in all), so that the layer's first bytes stream at once.
+//   - One block an SM (beside an activation kernel, on the SMs its blocks leave free): 32 warps
+//     of up to 64 registers at W2 and sb = 4, 16 of up to 128 at W8 (GemvShapeOf). A warp a row
+//     at a time: warp v of the grid takes rows v, v + warps, ...; its steps are its rows' unit
+//     blocks in order. Each lane keeps a ring of the next few steps' pieces in registers (2 steps
+//     at W2, 1 at sb = 4, 2 at W8) with their meta words, fills the whole ring before
+//     griddepcontrol.wait (after the codes where it codes the token itself, below; programmatic
+//     launch: the activation kernel before it may still run, and it lets this kernel start before
+//     it has itself waited for the kernels before it, which may still be writing x but must not
+//     write the weights), and refills a slot with the step a ring ahead as soon as the slot's
+//     arithmetic has read it. Before its ring, each warp asks the bulk copy engine to prefetch its
+//     first rows into L2 (cp.async.bulk.prefetch, up to kPrefetchBytes of the layer in all), so
+//     that the layer's first bytes stream at once.
 //   - Where x is at most a code word a GEMV thread (K <= 4096 at W2, W3 and W4), every GEMV block
 //     codes the token itself after griddepcontrol.wait (one word a thread, the maximum by a block
 //     reduction, the same codes, Σa and s_a as below), then fills its ring: no activation kernel,
@@ -104,8 +106,9 @@ constexpr int kThreads = kWarps * 32;
 // lane's ring (registers: ring · pieces · 4 words). W2 and sb = 4 at 32 warps of up to 64
 // registers (rings of 2 and 1 steps: 4 pieces a lane in flight), W8 at 16 warps of up to 128
 // (2 steps, 16 pieces; at 32 warps one step spilled). With the L2 prefetch below, 32 warps beat
-// 16 (rings of 6 and 4) at W2 everywhere and at sb = 4 but for 8192 × 28672 (+5%); two blocks an
-// SM (the next layer's GEMV starting beside this one) lost (docs/BENCHMARKS.md, 2026-12-06).
+// 16 (rings of 6 and 4) at W2 everywhere and at sb = 4 but for 8192 × 28672 (+5% and, in a second
+// call, +5 to +11%); two blocks an SM (the next layer's GEMV starting beside this one) lost
+// (docs/BENCHMARKS.md, 2026-12-06).
 struct GemvShape {
   int warps, ring;
 };
@@ -164,6 +167,18 @@ __device__ __forceinline__ int32_t Quantize(float x, float s_a, float qmax) {
   return static_cast<int32_t>(fminf(fmaxf(RoundHalfEven(x / s_a), -qmax), qmax));
 }
 
+// The code word of four consecutive activations v (columns 4u .. 4u + 3: one code a byte, in
+// column order) as AbqQuantizeActivations codes them, and their sum in `sum`.
+__device__ __forceinline__ uint32_t CodeWord(float4 v, float s_a, float qmax, int32_t& sum) {
+  const int32_t c0 = Quantize(v.x, s_a, qmax), c1 = Quantize(v.y, s_a, qmax);
+  const int32_t c2 = Quantize(v.z, s_a, qmax), c3 = Quantize(v.w, s_a, qmax);
+  const uint32_t word =
+      (static_cast<uint32_t>(c0) & 0xffu) | ((static_cast<uint32_t>(c1) & 0xffu) << 8) |
+      ((static_cast<uint32_t>(c2) & 0xffu) << 16) | (static_cast<uint32_t>(c3) << 24);
+  sum = c0 + c1 + c2 + c3;
+  return word;
+}
+
 // The token's activation codes, once for the layer, by p.act_blocks blocks (kActBlocks at most,
 // few enough to stay resident beside the GEMV's one block an SM): every block takes the maximum
 // over all of x by a block reduction (the same value in every block, no exchange), s_a = max /
@@ -220,14 +235,7 @@ __global__ void __launch_bounds__(kThreads) AbqDp4aActivationsKernel(Dp4aParams 
   auto code = [&](int base, float4 v) {
     const int u = base + lane;  // code word u: columns 4u .. 4u + 3
     int32_t sum = 0;
-    if (u < u1) {
-      const int32_t c0 = Quantize(v.x, s_a, kQmax), c1 = Quantize(v.y, s_a, kQmax);
-      const int32_t c2 = Quantize(v.z, s_a, kQmax), c3 = Quantize(v.w, s_a, kQmax);
-      p.act_codes[u] =
-          (static_cast<uint32_t>(c0) & 0xffu) | ((static_cast<uint32_t>(c1) & 0xffu) << 8) |
-          ((static_cast<uint32_t>(c2) & 0xffu) << 16) | (static_cast<uint32_t>(c3) << 24);
-      sum = c0 + c1 + c2 + c3;
-    }
+    if (u < u1) p.act_codes[u] = CodeWord(v, s_a, kQmax, sum);
     // 32 code words are 128 columns (two chunks): one k-group unless L = 1 (halves).
     const int top = L == 1 ? 8 : 16;
     for (int off = top; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
@@ -423,13 +431,7 @@ __global__ void __launch_bounds__(GemvShapeOf(kSB).warps * 32, 1) AbqDp4aGemvKer
     s_a64 = static_cast<double>(s_a);
     int32_t sum = 0;
     uint32_t word = 0;
-    if (tid < quads) {
-      const int32_t c0 = Quantize(v.x, s_a, p.act_qmax), c1 = Quantize(v.y, s_a, p.act_qmax);
-      const int32_t c2 = Quantize(v.z, s_a, p.act_qmax), c3 = Quantize(v.w, s_a, p.act_qmax);
-      word = (static_cast<uint32_t>(c0) & 0xffu) | ((static_cast<uint32_t>(c1) & 0xffu) << 8) |
-             ((static_cast<uint32_t>(c2) & 0xffu) << 16) | (static_cast<uint32_t>(c3) << 24);
-      sum = c0 + c1 + c2 + c3;
-    }
+    if (tid < quads) word = CodeWord(v, s_a, p.act_qmax, sum);
     if (tid < units * 32) {
       const int u = tid >> 5, q = lane >> 2;
       reinterpret_cast<uint32_t*>(s_act)[4 * (8 * u + (q ^ (u & 7))) + (lane & 3)] = word;

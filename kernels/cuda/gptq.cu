@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "kernels/cuda/device_info.cuh"
 #include "kernels/cuda/gptq.cuh"
 
 namespace qcal::kernels::cuda {
@@ -19,19 +20,6 @@ constexpr int kBytesPerEntry = 3 * sizeof(float) + sizeof(uint8_t);
 constexpr int kSharedUWidth = 128;
 // Opt-in shared memory per block on sm_90 (227 KiB).
 constexpr int64_t kMaxSharedBytes = 227 * 1024;
-
-// Multiprocessors of the current device, read once (1 on error).
-int MultiprocessorCount() {
-  static const int count = [] {
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      return 1;
-    }
-    return sms;
-  }();
-  return count;
-}
 
 unsigned GridFor(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 16));
@@ -285,7 +273,7 @@ cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream) {
   // The row-warps spread over the multiprocessors: fewer warps a block where they are few (the
   // block count reaching the SM count), kLoopWarps at most, within the shared memory.
   const int64_t row_warps = (args.d_out + rows_per_warp - 1) / rows_per_warp;
-  const int64_t sms = std::max(1, MultiprocessorCount());
+  const int64_t sms = std::max(1, SmCount());
   const int64_t warps = std::min<int64_t>(
       {kLoopWarps, (kMaxSharedBytes - u_bytes) / warp_bytes, (row_warps + sms - 1) / sms});
   const int64_t bytes = u_bytes + warps * warp_bytes;
