@@ -95,6 +95,23 @@ absl::Status Backend::ScaleRowsByNormInto(const Tensor& g, const Tensor& x, Tens
   return Convert(scaled, out);
 }
 
+absl::Status Backend::CheckConcatColumns(const Tensor& a, const Tensor& b, const Tensor& out,
+                                         Device device) {
+  auto matrix = [device](const Tensor& t) {
+    return t.defined() && t.rank() == 2 && t.device() == device &&
+           (t.dtype() == DType::kF32 || t.dtype() == DType::kBF16);
+  };
+  if (!matrix(a) || !matrix(b) || !matrix(out) || a.dim(0) != out.dim(0) ||
+      b.dim(0) != out.dim(0) || out.dim(1) != a.dim(1) + b.dim(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ConcatColumns: a ", a.defined() ? a.DebugString() : "undefined", ", b ",
+        b.defined() ? b.DebugString() : "undefined", " into out ",
+        out.defined() ? out.DebugString() : "undefined",
+        " (F32 or BF16 matrices on this backend's device, out [m, a columns + b columns])"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Backend::CheckGemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
                                        float beta, const Tensor& c) {
   auto operand = [](const Tensor& t) {

@@ -56,7 +56,7 @@ enum class SolverOp {
   kGptq,
   kQuantizeRtn,
   kOutputError,
-  kErrorReconstruction,  // CholeskyWhitening, ReconstructError, AddLowRank
+  kErrorReconstruction,  // CholeskyWhitening, ReconstructError, AddLowRank, LowRankOutputError
   kSmoothing,            // ChannelAbsStats, ScaleColumns, DivideRows
 };
 
@@ -189,6 +189,11 @@ class Backend {
   // dst = src converted between F32 and BF16 (round to nearest even; BF16 to F32 is exact), for
   // two tensors on this backend's device with the same element count.
   virtual absl::Status Convert(const Tensor& src, Tensor& dst) = 0;
+  // out = [a | b] for a [m, ca] and b [m, cb] (F32 or BF16 each) and out [m, ca + cb] (F32 or
+  // BF16), all on this backend's device, every element converted to out's dtype as Convert does:
+  // the operand of a product whose K joins two inputs (Model's joined low-rank branch).
+  // InvalidArgument for other dtypes or shapes.
+  virtual absl::Status ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // Bytes of device memory still available for new tensors (free memory plus this backend's cached
   // blocks, within BackendOptions::memory_limit_bytes), or -1 for a backend that computes in host
   // memory and plans none. Default: -1.
@@ -513,6 +518,17 @@ class Backend {
   virtual absl::Status AddLowRank(const Tensor& a, const Tensor& b, Tensor& w) {
     return Unsupported("AddLowRank");
   }
+  // The corrected layer's output error ‖(E − a·b)·Xᵀ‖_F (E = w − w_hat), what OutputError(w,
+  // w_hat + a·b, gram) measures, from error_sq = ‖E·Xᵀ‖_F² (OutputError(w, w_hat, gram) squared)
+  // by products of r columns: error_sq − ⟨a, 2·E·G·bᵀ − a·b·G·bᵀ⟩ (CUDA: fp32 products, the inner
+  // product in double; error_sq's accuracy carries over, scaled by error_sq / result²). Shapes as
+  // AddLowRank's and OutputError's; InvalidArgument for a mismatch or an error_sq that is not
+  // finite and >= 0.
+  virtual absl::StatusOr<double> LowRankOutputError(const Tensor& w, const Tensor& w_hat,
+                                                    const Tensor& a, const Tensor& b,
+                                                    const Tensor& gram, double error_sq) {
+    return Unsupported("LowRankOutputError");
+  }
   // Per-channel statistics of one chunk of a linear's input x (F32 [rows, width] on this device,
   // rows whole samples of seq_len tokens), like engine::ActivationStats::Accumulate (bit-identical
   // max; sums in double in another order). seq_len 0 counts every row (a weight's column maxima).
@@ -550,6 +566,10 @@ class Backend {
   // [m, k] and w [n, k] of rank 2, y F32 [m, n], bias F32 [n] when given (defined).
   static absl::Status CheckActQuantLinearOperands(const Tensor& x, int bits, const Tensor& w,
                                                   const Tensor* bias, const Tensor& y);
+  // ConcatColumns' checks: a, b and out F32 or BF16 matrices on `device` with a.dim(0) ==
+  // b.dim(0) == out.dim(0) and out.dim(1) == a.dim(1) + b.dim(1).
+  static absl::Status CheckConcatColumns(const Tensor& a, const Tensor& b, const Tensor& out,
+                                         Device device);
   // GemmBatched's operand checks: rank-3 F32 or BF16 a, b and c of one batch whose shapes fit,
   // and beta == 0 for a BF16 c.
   static absl::Status CheckGemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,

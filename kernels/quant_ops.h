@@ -56,6 +56,12 @@ struct GptqSolveOptions {
   // Input columns taken out like dead columns (H row/column -> identity's, W column -> 0). Each
   // in [0, n); duplicates allowed. Default: none.
   std::vector<int32_t> outlier_columns;
+  // Also return the Cholesky factor of the damped Hessian as a whitening factor for error
+  // reconstruction (GptqFactor::whitening), where it is one: no dead or outlier columns and the
+  // first damping succeeded, so that the factored matrix is exactly P(H + δI)Pᵀ with
+  // CholeskyWhitening's δ = damp · mean(diag H). Backends that do not reconstruct on the device
+  // leave it undefined. Default: false.
+  bool keep_whitening = false;
 };
 
 // The factored Hessian of one linear input: everything of the solve that does not depend on W.
@@ -74,6 +80,16 @@ struct GptqFactor {
   int outlier_columns = 0;    // distinct outlier columns that were not also dead
   double damp_used = 0;       // lambda of the successful factorization
   int cholesky_failures = 0;  // failed factorizations before the success (0..2)
+  // Only when asked (GptqSolveOptions::keep_whitening) and where it applies, else undefined and
+  // empty: F32 [n, n] on the device, row-major lower triangular (strict upper triangle 0), the
+  // Cholesky factor S of the damped Hessian with its rows and columns in `whitening_order`:
+  // S·Sᵀ = (H + δI)[order, order], δ = whitening_delta. Error reconstruction takes it with that
+  // order (LowRankOptions::whitening_order) in place of CholeskyWhitening's factor: every square
+  // root of H + δI gives the same whitened errors and factors (OPERATIONS.md, "Which whitening
+  // factor the GPU uses").
+  Tensor whitening;
+  std::vector<int32_t> whitening_order;
+  double whitening_delta = 0;
 };
 
 // Steps 1-2 of every backend's GptqFactorize, on the host: marks dead columns (H_jj == 0) and the
@@ -154,6 +170,18 @@ struct LowRankOptions {
   // Randomized only: seed of the Gaussian test matrix (results are deterministic for a given
   // seed, device kind and library). Default: 0.
   uint64_t seed = 0;
+  // A Cholesky whitening factor only: when not empty, S factors the Gram matrix with its columns
+  // in this order (S·Sᵀ = (G + δI)[order, order], as GptqFactor::whitening), a permutation of
+  // [0, d_in). E's columns are taken in that order and L_B's put back, so the result is that of
+  // the factor in natural order. Default: empty (S·Sᵀ = G + δI).
+  std::vector<int32_t> whitening_order;
+  // Randomized with a Cholesky factor only: when >= 0, ‖E·Xᵀ‖_F² = tr(E·G·Eᵀ) as the caller
+  // measured it (Backend::OutputError squared) and whitening_delta = the δ of S·Sᵀ = G + δI. Then
+  // ‖E·S‖_F² = gram_error_sq + δ‖E‖_F², and the range finder applies S by thin products
+  // (Sᵀ·(Eᵀ·Z), E·(S·Y)) instead of forming E·S: error_before then has OutputError's accuracy.
+  // Default: -1 (E·S is formed).
+  double gram_error_sq = -1;
+  double whitening_delta = 0;
 };
 
 // A fitted correction whose factors live on the backend's device.

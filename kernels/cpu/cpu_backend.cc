@@ -540,6 +540,26 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(CheckConcatColumns(a, b, out, Device::kHost));
+    const int64_t m = out.dim(0), ca = a.dim(1), cb = b.dim(1);
+    auto load = [](const Tensor& t, int64_t i) {
+      return t.dtype() == DType::kF32 ? t.data<float>()[i] : Bf16ToFloat(t.data<uint16_t>()[i]);
+    };
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t c = 0; c < ca + cb; ++c) {
+        const float v = c < ca ? load(a, r * ca + c) : load(b, r * cb + c - ca);
+        const int64_t i = r * (ca + cb) + c;
+        if (out.dtype() == DType::kF32) {
+          out.data<float>()[i] = v;
+        } else {
+          out.data<uint16_t>()[i] = FloatToBf16(v);
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status MirrorLower(Tensor& c) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(c, "MirrorLower", "c"));
     const int64_t n = c.rank() >= 2 ? c.dim(-1) : -1;

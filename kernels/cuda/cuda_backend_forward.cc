@@ -254,6 +254,27 @@ absl::Status CudaBackend::Convert(const Tensor& src, Tensor& dst) {
                     "Convert");
 }
 
+absl::Status CudaBackend::ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) {
+  QCAL_RETURN_IF_ERROR(CheckConcatColumns(a, b, out, Device::kCuda));
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  const int64_t m = out.dim(0), ca = a.dim(1), cb = b.dim(1);
+  // The eight type combinations, dispatched one operand at a time.
+  auto with_out = [&](const auto* ap, const auto* bp) -> cudaError_t {
+    if (out.dtype() == DType::kF32) {
+      return cuda::LaunchConcatColumns(ap, ca, bp, cb, out.data<float>(), m, stream());
+    }
+    return cuda::LaunchConcatColumns(ap, ca, bp, cb, static_cast<__nv_bfloat16*>(out.raw()), m,
+                                     stream());
+  };
+  auto with_b = [&](const auto* ap) -> cudaError_t {
+    if (b.dtype() == DType::kF32) return with_out(ap, b.data<float>());
+    return with_out(ap, static_cast<const __nv_bfloat16*>(b.raw()));
+  };
+  return CudaStatus(a.dtype() == DType::kF32 ? with_b(a.data<float>())
+                                             : with_b(static_cast<const __nv_bfloat16*>(a.raw())),
+                    "ConcatColumns");
+}
+
 absl::Status CudaBackend::MirrorLower(Tensor& c) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "MirrorLower", "c"));
   const int64_t n = c.rank() >= 2 ? c.dim(-1) : -1;

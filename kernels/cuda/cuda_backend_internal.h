@@ -84,6 +84,7 @@ class CudaBackend final : public Backend {
   absl::Status GemmLower(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
                          float beta, Tensor& c) override;
   absl::Status Convert(const Tensor& src, Tensor& dst) override;
+  absl::Status ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) override;
   absl::Status MirrorLower(Tensor& c) override;
   absl::Status GemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
                            float alpha, float beta, Tensor& c, bool lower) override;
@@ -152,6 +153,9 @@ class CudaBackend final : public Backend {
                                                   const Tensor& whitening,
                                                   const LowRankOptions& options) override;
   absl::Status AddLowRank(const Tensor& a, const Tensor& b, Tensor& w) override;
+  absl::StatusOr<double> LowRankOutputError(const Tensor& w, const Tensor& w_hat, const Tensor& a,
+                                            const Tensor& b, const Tensor& gram,
+                                            double error_sq) override;
   absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) override;
   absl::Status ScaleColumns(Tensor& w, const Tensor& m) override;
   absl::Status DivideRows(Tensor& w, const Tensor& m) override;

@@ -180,6 +180,12 @@ absl::Status CudaBackend::AddLowRank(const Tensor& a, const Tensor& b, Tensor& w
   return cuda::AddLowRank(SolverContext(), a, b, w);
 }
 
+absl::StatusOr<double> CudaBackend::LowRankOutputError(const Tensor& w, const Tensor& w_hat,
+                                                       const Tensor& a, const Tensor& b,
+                                                       const Tensor& gram, double error_sq) {
+  return cuda::LowRankOutputError(SolverContext(), w, w_hat, a, b, gram, error_sq);
+}
+
 absl::StatusOr<ChannelStats> CudaBackend::ChannelAbsStats(const Tensor& x, int64_t seq_len) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ChannelAbsStats", "x"));
   if (x.rank() != 2 || seq_len < 0 || (seq_len > 0 && x.dim(0) % seq_len != 0)) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -320,6 +321,46 @@ absl::Status ValidateOptions(const LowRankOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "error reconstruction: power_iterations must be >= 0, got ", o.power_iterations));
   }
+  if (std::isnan(o.gram_error_sq) || std::isinf(o.gram_error_sq)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "error reconstruction: the output error ‖E·Xᵀ‖² must be finite, got ", o.gram_error_sq));
+  }
+  if (!std::isfinite(o.whitening_delta) || o.whitening_delta < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "error reconstruction: whitening_delta must be finite and >= 0, got ", o.whitening_delta));
+  }
+  return absl::OkStatus();
+}
+
+// The options that need a Cholesky factor: an order that is a permutation of [0, d_in), and a
+// known output error only with the randomized SVD.
+absl::Status ValidateCholeskyOptions(const LowRankOptions& o, WhiteningKind kind, int64_t d_in) {
+  if (!o.whitening_order.empty()) {
+    if (kind != WhiteningKind::kCholesky) {
+      return absl::InvalidArgumentError(
+          "error reconstruction: a whitening order needs a Cholesky whitening factor");
+    }
+    if (static_cast<int64_t>(o.whitening_order.size()) != d_in) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("error reconstruction: the whitening order has ", o.whitening_order.size(),
+                       " entries, expected d_in = ", d_in));
+    }
+    std::vector<uint8_t> seen(static_cast<size_t>(d_in), 0);
+    for (int32_t j : o.whitening_order) {
+      if (j < 0 || j >= d_in || seen[j]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "error reconstruction: the whitening order is not a permutation of [0, ", d_in,
+            "): column ", j, j < 0 || j >= d_in ? " is out of range" : " repeats"));
+      }
+      seen[j] = 1;
+    }
+  }
+  if (o.gram_error_sq >= 0 &&
+      (kind != WhiteningKind::kCholesky || o.svd != SvdMethod::kRandomized)) {
+    return absl::InvalidArgumentError(
+        "error reconstruction: a known output error (gram_error_sq) applies to the randomized SVD "
+        "with a Cholesky whitening factor");
+  }
   return absl::OkStatus();
 }
 
@@ -433,20 +474,96 @@ absl::StatusOr<Factors> FullSvd(const QuantContext& ctx, Solver& solver, Tensor&
   return f;
 }
 
-// The randomized SVD of m (row-major [d_out, d_in], kept). Column-major, m is A = Mᵀ [d_in, d_out]
-// = V Σ Uᵀ; the range finder works on A's column space (V's side): Y = A Ω, Z = Aᵀ Y, ...,
-// Bᵀ = Aᵀ Q = Q₂ R, R = U_R Σ V_Rᵀ, so that V ≈ Q V_R and U ≈ Q₂ U_R.
-absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, const Tensor& m,
-                                      int64_t d_out, int64_t d_in, int64_t r,
+// A = Mᵀ [d_in, d_out] (column-major) for the randomized SVD, by its two products with a thin
+// column-major block of k columns: y [d_in, k] = A·z and z [d_out, k] = Aᵀ·y.
+struct Operator {
+  std::function<absl::Status(const double* z, double* y, int64_t k)> times;
+  std::function<absl::Status(const double* y, double* z, int64_t k)> transposed_times;
+};
+
+// A over a formed M (row-major [d_out, d_in], which is A column-major).
+Operator FormedOperator(const QuantContext& ctx, const double* m, int64_t d_out, int64_t d_in) {
+  const int n_in = static_cast<int>(d_in), n_out = static_cast<int>(d_out);
+  Operator op;
+  op.times = [&ctx, m, n_in, n_out](const double* z, double* y, int64_t k) {
+    const double one = 1.0, zero = 0.0;
+    return CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, static_cast<int>(k),
+                                    n_out, &one, m, n_in, z, n_out, &zero, y, n_in),
+                        "randomized SVD: A Z");
+  };
+  op.transposed_times = [&ctx, m, n_in, n_out](const double* y, double* z, int64_t k) {
+    const double one = 1.0, zero = 0.0;
+    return CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, static_cast<int>(k),
+                                    n_in, &one, m, n_in, y, n_in, &zero, z, n_out),
+                        "randomized SVD: Aᵀ Y");
+  };
+  return op;
+}
+
+// out [n, k] = T·in [n, k] (column-major, leading dimension n) for the column-major upper
+// triangular T = the buffer of the row-major lower s [n, n] (strict upper triangle 0), or
+// out = Tᵀ·in when `transpose`. In row panels J of kPanels, skipping the zero triangle: T[J, J0:]
+// or (Tᵀ)[J, :J1] times the matching rows of in, (P + 1) / 2P of a full product, as plain GEMMs
+// (MultiplyLower's reason).
+absl::Status TriangularTimesThin(const QuantContext& ctx, const double* s, int64_t n,
+                                 bool transpose, const double* in, int64_t k, double* out) {
+  const int64_t panels = n >= kPanels * kMinPanelWidth ? kPanels : 1;
+  const int64_t height = (n + panels - 1) / panels;
+  const double one = 1.0, zero = 0.0;
+  const int ni = static_cast<int>(n), ki = static_cast<int>(k);
+  for (int64_t j0 = 0; j0 < n; j0 += height) {
+    const int64_t j1 = std::min(n, j0 + height);
+    const int rows = static_cast<int>(j1 - j0);
+    cublasStatus_t status;
+    if (!transpose) {
+      status = cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, rows, ki, static_cast<int>(n - j0),
+                           &one, s + j0 * n + j0, ni, in + j0, ni, &zero, out + j0, ni);
+    } else {
+      status = cublasDgemm(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, ki, static_cast<int>(j1), &one,
+                           s + j0 * n, ni, in, ni, &zero, out + j0, ni);
+    }
+    QCAL_RETURN_IF_ERROR(CublasStatus(status, "randomized SVD: triangular times thin"));
+  }
+  return absl::OkStatus();
+}
+
+// A = Mᵀ = Sᵀ·Eᵀ without forming M = E·S: e row-major [d_out, d_in] (Eᵀ column-major), s the
+// row-major lower S (Sᵀ column-major). A·z = Sᵀ·(Eᵀ·z) and Aᵀ·y = E·(S·y), through `work`
+// [d_in, k_max].
+Operator ImplicitOperator(const QuantContext& ctx, const double* e, const double* s, int64_t d_out,
+                          int64_t d_in, double* work) {
+  const int n_in = static_cast<int>(d_in), n_out = static_cast<int>(d_out);
+  Operator op;
+  op.times = [&ctx, e, s, n_in, n_out, work](const double* z, double* y, int64_t k) {
+    const double one = 1.0, zero = 0.0;
+    QCAL_RETURN_IF_ERROR(
+        CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, static_cast<int>(k),
+                                 n_out, &one, e, n_in, z, n_out, &zero, work, n_in),
+                     "randomized SVD: Eᵀ Z"));
+    return TriangularTimesThin(ctx, s, n_in, /*transpose=*/false, work, k, y);
+  };
+  op.transposed_times = [&ctx, e, s, n_in, n_out, work](const double* y, double* z, int64_t k) {
+    const double one = 1.0, zero = 0.0;
+    QCAL_RETURN_IF_ERROR(TriangularTimesThin(ctx, s, n_in, /*transpose=*/true, y, k, work));
+    return CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, static_cast<int>(k),
+                                    n_in, &one, e, n_in, work, n_in, &zero, z, n_out),
+                        "randomized SVD: E (S Y)");
+  };
+  return op;
+}
+
+// The randomized SVD of M [d_out, d_in] given as the operator of A = Mᵀ, with ‖M‖_F known
+// (error_before). A = V Σ Uᵀ; the range finder works on A's column space (V's side): Y = A Ω,
+// Z = Aᵀ Y, ..., Bᵀ = Aᵀ Q = Q₂ R, R = U_R Σ V_Rᵀ, so that V ≈ Q V_R and U ≈ Q₂ U_R.
+absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, const Operator& op,
+                                      double error_before, int64_t d_out, int64_t d_in, int64_t r,
                                       const LowRankOptions& options) {
   const int64_t k = std::min<int64_t>(r + options.oversample, std::min(d_out, d_in));
   const int n_in = static_cast<int>(d_in), n_out = static_cast<int>(d_out);
   const int ki = static_cast<int>(k), ri = static_cast<int>(r);
   const double one = 1.0, zero = 0.0;
-  const double* a = m.data<double>();
   Factors f;
-  QCAL_RETURN_IF_ERROR(CublasStatus(cublasDnrm2_64(ctx.blas, d_out * d_in, a, 1, &f.error_before),
-                                    "cublasDnrm2 of E·S"));
+  f.error_before = error_before;
 
   QCAL_ASSIGN_OR_RETURN(Tensor y, ctx.alloc(DType::kF64, {k, d_in}));   // [d_in, k] col-major
   QCAL_ASSIGN_OR_RETURN(Tensor z, ctx.alloc(DType::kF64, {k, d_out}));  // [d_out, k] col-major
@@ -455,16 +572,8 @@ absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, c
                  "drawing the test matrix"));
   double* yp = y.data<double>();
   double* zp = z.data<double>();
-  auto sketch = [&]() {  // Y = A Z
-    return CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, ki, n_out, &one, a,
-                                    n_in, zp, n_out, &zero, yp, n_in),
-                        "randomized SVD: A Z");
-  };
-  auto project = [&]() {  // Z = Aᵀ Y
-    return CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, ki, n_in, &one, a,
-                                    n_in, yp, n_in, &zero, zp, n_out),
-                        "randomized SVD: Aᵀ Y");
-  };
+  auto sketch = [&]() { return op.times(zp, yp, k); };              // Y = A Z
+  auto project = [&]() { return op.transposed_times(yp, zp, k); };  // Z = Aᵀ Y
   QCAL_RETURN_IF_ERROR(sketch());
   QCAL_RETURN_IF_ERROR(solver.CholeskyQr(yp, d_in, k));
   for (int it = 0; it < options.power_iterations; ++it) {
@@ -583,9 +692,17 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
   QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, w, /*upper_only=*/false, "weight"));
   QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, w_hat, /*upper_only=*/false, "quantized weight"));
+  QCAL_RETURN_IF_ERROR(ValidateCholeskyOptions(options, kind, d_in));
   QCAL_RETURN_IF_ERROR(CheckWhitening(ctx, whitening, kind));
   const int64_t r = std::min<int64_t>(options.rank, std::min(d_out, d_in));
   const int n_in = static_cast<int>(d_in), ri = static_cast<int>(r);
+  Tensor order;
+  if (!options.whitening_order.empty()) {
+    QCAL_ASSIGN_OR_RETURN(order, Upload(ctx, options.whitening_order, DType::kI32));
+  }
+  const int32_t* order_p = order.defined() ? order.data<int32_t>() : nullptr;
+  // The range finder applies S by thin products where ‖E·S‖ is known without M.
+  const bool implicit = options.gram_error_sq >= 0;
 
   // The products and the solve take both operands in one precision: S in double, with its strict
   // upper triangle (never read from the caller's tensor) set to 0.
@@ -596,23 +713,22 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
         CudaStatus(LaunchLowerToF64(whitening.data<float>(), d_in, s64.data<double>(), ctx.stream),
                    "ReconstructError: widening S"));
   }
-  // M = E·S, row-major [d_out, d_in].
+  // E (its columns in the whitening order, if any), then M = E·S, row-major [d_out, d_in], unless
+  // the range finder applies S itself.
+  QCAL_ASSIGN_OR_RETURN(Tensor e, ctx.alloc(DType::kF64, {d_out, d_in}));
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      LaunchWhitenedDifference(w.data<float>(), w_hat.data<float>(), d_out, d_in,
+                               kind == WhiteningKind::kDiagonal ? whitening.data<float>() : nullptr,
+                               order_p, e.data<double>(), ctx.stream),
+      "ReconstructError: E"));
   Tensor m;
-  {
-    QCAL_ASSIGN_OR_RETURN(Tensor e, ctx.alloc(DType::kF64, {d_out, d_in}));
+  if (kind == WhiteningKind::kCholesky && !implicit) {
+    QCAL_ASSIGN_OR_RETURN(m, ctx.alloc(DType::kF64, {d_out, d_in}));
     QCAL_RETURN_IF_ERROR(
-        CudaStatus(LaunchWhitenedDifference(
-                       w.data<float>(), w_hat.data<float>(), d_out, d_in,
-                       kind == WhiteningKind::kDiagonal ? whitening.data<float>() : nullptr,
-                       e.data<double>(), ctx.stream),
-                   "ReconstructError: E"));
-    if (kind == WhiteningKind::kCholesky) {
-      QCAL_ASSIGN_OR_RETURN(m, ctx.alloc(DType::kF64, {d_out, d_in}));
-      QCAL_RETURN_IF_ERROR(
-          MultiplyLower(ctx, e.data<double>(), s64.data<double>(), d_out, d_in, m.data<double>()));
-    } else {
-      m = e;
-    }
+        MultiplyLower(ctx, e.data<double>(), s64.data<double>(), d_out, d_in, m.data<double>()));
+    e = Tensor();
+  } else if (!implicit) {
+    m = std::move(e);
   }
 
   // Info words: one SVD (kFull); two per QR that falls back to Householder, 2 + 4q + 2 of them at
@@ -623,10 +739,28 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   Factors f;
   if (options.svd == SvdMethod::kFull) {
     QCAL_ASSIGN_OR_RETURN(f, FullSvd(ctx, solver, m, d_out, d_in, r));
+  } else if (implicit) {
+    // ‖E·S‖² = tr(E·S·Sᵀ·Eᵀ) = tr(E·G·Eᵀ) + δ‖E‖².
+    double e_norm = 0;
+    QCAL_RETURN_IF_ERROR(CublasStatus(
+        cublasDnrm2_64(ctx.blas, d_out * d_in, e.data<double>(), 1, &e_norm), "cublasDnrm2 of E"));
+    const double before =
+        std::sqrt(std::max(0.0, options.gram_error_sq + options.whitening_delta * e_norm * e_norm));
+    const int64_t k = std::min<int64_t>(r + options.oversample, std::min(d_out, d_in));
+    QCAL_ASSIGN_OR_RETURN(Tensor work, ctx.alloc(DType::kF64, {k, d_in}));
+    const Operator op = ImplicitOperator(ctx, e.data<double>(), s64.data<double>(), d_out, d_in,
+                                         work.data<double>());
+    QCAL_ASSIGN_OR_RETURN(f, RandomizedSvd(ctx, solver, op, before, d_out, d_in, r, options));
   } else {
-    QCAL_ASSIGN_OR_RETURN(f, RandomizedSvd(ctx, solver, m, d_out, d_in, r, options));
+    double before = 0;
+    QCAL_RETURN_IF_ERROR(
+        CublasStatus(cublasDnrm2_64(ctx.blas, d_out * d_in, m.data<double>(), 1, &before),
+                     "cublasDnrm2 of E·S"));
+    const Operator op = FormedOperator(ctx, m.data<double>(), d_out, d_in);
+    QCAL_ASSIGN_OR_RETURN(f, RandomizedSvd(ctx, solver, op, before, d_out, d_in, r, options));
   }
   m = Tensor();
+  e = Tensor();
 
   // L_B = V_rᵀ S⁻¹: column-major L_Bᵀ = S⁻ᵀ V_r, a solve with the column-major upper Sᵀ.
   double* b = f.b.data<double>();
@@ -651,12 +785,66 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   QCAL_RETURN_IF_ERROR(
       CudaStatus(LaunchF64ToF32(f.a.data<double>(), d_out * r, out.a.data<float>(), ctx.stream),
                  "ReconstructError: rounding L_A"));
-  QCAL_RETURN_IF_ERROR(CudaStatus(LaunchF64ToF32(b, r * d_in, out.b.data<float>(), ctx.stream),
-                                  "ReconstructError: rounding L_B"));
+  // L_B's columns back in natural order.
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      order_p ? LaunchScatterColumnsToF32(b, r, d_in, order_p, out.b.data<float>(), ctx.stream)
+              : LaunchF64ToF32(b, r * d_in, out.b.data<float>(), ctx.stream),
+      "ReconstructError: rounding L_B"));
   out.singular_values = std::move(f.sigma);
   out.error_before = f.error_before;
   out.error_after = f.error_after;
   return out;
+}
+
+absl::StatusOr<double> LowRankOutputError(const QuantContext& ctx, const Tensor& w,
+                                          const Tensor& w_hat, const Tensor& a, const Tensor& b,
+                                          const Tensor& gram, double error_sq) {
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "LowRankOutputError", "w"));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(w_hat, "LowRankOutputError", "w_hat"));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(a, "LowRankOutputError", "a"));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(b, "LowRankOutputError", "b"));
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(gram, "LowRankOutputError", "gram"));
+  const int64_t d_out = w.dim(0), d_in = w.dim(1), r = a.dim(1);
+  if (w_hat.shape() != w.shape() || a.dim(0) != d_out || b.dim(0) != r || b.dim(1) != d_in ||
+      gram.shape() != Shape{d_in, d_in}) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LowRankOutputError: w ", w.DebugString(), ", w_hat ", w_hat.DebugString(),
+                     ", a ", a.DebugString(), ", b ", b.DebugString(), " and gram ",
+                     gram.DebugString(), " do not match"));
+  }
+  if (!std::isfinite(error_sq) || error_sq < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LowRankOutputError: the output error ‖E·Xᵀ‖² must be finite and >= 0, got ", error_sq));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  // T = G·L_Bᵀ: column-major [d_in, r], which is row-major tt [r, d_in]. G's row-major upper
+  // triangle is its column-major lower one.
+  QCAL_ASSIGN_OR_RETURN(Tensor tt, ctx.alloc(DType::kF32, {r, d_in}));
+  const float one = 1.0f, zero = 0.0f;
+  QCAL_RETURN_IF_ERROR(CublasStatus(
+      cublasSsymm(ctx.blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, static_cast<int>(d_in),
+                  static_cast<int>(r), &one, gram.data<float>(), static_cast<int>(d_in),
+                  b.data<float>(), static_cast<int>(d_in), &zero, tt.data<float>(),
+                  static_cast<int>(d_in)),
+      "LowRankOutputError: G·L_Bᵀ"));
+  // P = E·T = W·T − Ŵ·T [d_out, r]; Q = L_B·G·L_Bᵀ = L_B·T [r, r]; then P := 2P − L_A·Q.
+  QCAL_ASSIGN_OR_RETURN(Tensor p, ctx.alloc(DType::kF32, {d_out, r}));
+  QCAL_ASSIGN_OR_RETURN(Tensor q, ctx.alloc(DType::kF32, {r, r}));
+  QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, true, d_out, r, d_in, 1.0f, w.data<float>(), d_in,
+                            tt.data<float>(), d_in, DType::kF32, 0.0f, p.data<float>(), r));
+  QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, true, d_out, r, d_in, -1.0f, w_hat.data<float>(), d_in,
+                            tt.data<float>(), d_in, DType::kF32, 1.0f, p.data<float>(), r));
+  QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, true, r, r, d_in, 1.0f, b.data<float>(), d_in,
+                            tt.data<float>(), d_in, DType::kF32, 0.0f, q.data<float>(), r));
+  QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, r, r, -1.0f, a.data<float>(), r,
+                            q.data<float>(), r, DType::kF32, 2.0f, p.data<float>(), r));
+  // ‖(E − L_A·L_B)·Xᵀ‖² = ‖E·Xᵀ‖² − 2⟨L_A, E·G·L_Bᵀ⟩ + ⟨L_A, L_A·L_B·G·L_Bᵀ⟩ = error_sq − ⟨L_A, P⟩,
+  // the inner product summed in double on the host.
+  QCAL_ASSIGN_OR_RETURN(auto ph, Download<float>(ctx, p.raw(), d_out * r, "LowRankOutputError"));
+  QCAL_ASSIGN_OR_RETURN(auto ah, Download<float>(ctx, a.raw(), d_out * r, "LowRankOutputError"));
+  double dot = 0;
+  for (size_t i = 0; i < ph.size(); ++i) dot += static_cast<double>(ah[i]) * ph[i];
+  return std::sqrt(std::max(0.0, error_sq - dot));
 }
 
 absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& b, Tensor& w) {

@@ -11,7 +11,9 @@
 // CholeskyWhitening: G + δI assembled in double (its upper triangle read), potrf, rounded to fp32.
 //
 // ReconstructError forms M = E·S in double (panel GEMMs over S's lower triangle for a Cholesky
-// factor, fused into the difference for a diagonal one), then:
+// factor, fused into the difference for a diagonal one; E's columns first gathered into
+// LowRankOptions::whitening_order where S factors the Gram matrix in that order, as GPTQ's factor
+// does, and L_B's columns scattered back at the end), then:
 //   kFull        the full SVD of M (cusolverDnXgesvd, QR iteration, like LAPACK's dgesvd) on
 //                whichever of M and Mᵀ is tall; error_before = sqrt(Σ σ_i²) and error_after =
 //                sqrt(Σ_{i>r} σ_i²) (tail summed smallest first), as the CPU computes them.
@@ -25,7 +27,11 @@
 //                singular values of B (never above M's); error_before = ‖M‖_F (nrm2) and
 //                error_after = sqrt(max(0, ‖M‖_F² − Σ_{i<=r} σ_i²)), which is exactly the
 //                whitened error of the returned factors in exact arithmetic (they project M onto
-//                an r-dimensional subspace).
+//                an r-dimensional subspace). Where the caller gives ‖E·Xᵀ‖² and δ
+//                (LowRankOptions::gram_error_sq), M is not formed: the products with M and Mᵀ
+//                are E·(S·Y) and Sᵀ·(Eᵀ·Z), thin GEMMs in row panels of S's triangle, and
+//                ‖M‖_F² = ‖E·Xᵀ‖² + δ‖E‖_F² (the d_out · d_in² product of M was about 20 ms of a
+//                7B block in double).
 // Both then form L_A = U_r Σ_r with one GEMM (or transpose and scaling) and L_B = V_rᵀ S⁻¹ with a
 // triangular solve (trsm; no inverse), and round them to fp32. Measured on one H100 at rank 64
 // (qcal bench --er, CholeskyQR2, 2026-12-06): kRandomized 7.9 / 12.5 / 20.5 ms for 4096 x 4096 /
@@ -51,5 +57,13 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
 
 // w += a·b (one fp32 GEMM, true fp32).
 absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& b, Tensor& w);
+
+// ‖(E − a·b)·Xᵀ‖_F from error_sq = ‖E·Xᵀ‖_F² (E = w − w_hat, G = gram = XᵀX, upper triangle
+// read) by thin products only: error_sq − ⟨a, 2·E·G·bᵀ − a·(b·G·bᵀ)⟩, with G·bᵀ one symm, the rest
+// fp32 GEMMs of r columns (true fp32) and the inner product in double. No d_in² · d_out product:
+// in place of OutputError(w, w_hat + a·b, gram) where error_sq is known.
+absl::StatusOr<double> LowRankOutputError(const QuantContext& ctx, const Tensor& w,
+                                          const Tensor& w_hat, const Tensor& a, const Tensor& b,
+                                          const Tensor& gram, double error_sq);
 
 }  // namespace qcal::kernels::cuda

@@ -14,6 +14,7 @@
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/gptq.cuh"
+#include "kernels/cuda/low_rank.cuh"
 #include "kernels/cuda/output_error.cuh"
 #include "kernels/cuda/solver_util.h"
 
@@ -24,18 +25,6 @@ namespace {
 // S against every earlier column, (P + 1) / 2P of the full product.
 constexpr int64_t kPanels = 8;
 constexpr int64_t kMinPanelWidth = 128;
-
-// Copies `count` elements of `src` (host) into a new device tensor; returns once it is there.
-template <typename T>
-absl::StatusOr<Tensor> Upload(const QuantContext& ctx, const std::vector<T>& src, DType dtype) {
-  QCAL_ASSIGN_OR_RETURN(Tensor t, ctx.alloc(dtype, {static_cast<int64_t>(src.size())}));
-  if (src.empty()) return t;
-  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(t.raw(), src.data(), src.size() * sizeof(T),
-                                                  cudaMemcpyHostToDevice, ctx.stream),
-                                  "uploading solver indices"));
-  QCAL_RETURN_IF_ERROR(Sync(ctx, "uploading solver indices"));
-  return t;
-}
 
 // The output tensors of a quantized weight, allocated on the device.
 absl::StatusOr<QuantizedTensors> NewQuantized(const QuantContext& ctx, int64_t d_out, int64_t d_in,
@@ -189,6 +178,18 @@ absl::StatusOr<GptqFactor> GptqFactorize(const QuantContext& ctx, const Tensor& 
                          work.host.data(), work.host.size(), work.info.data<int32_t>()),
         absl::StrCat("cusolverDnXpotrf n=", n)));
     QCAL_ASSIGN_OR_RETURN(bool ok, InfoOk(ctx, work, "cusolverDnXpotrf"));
+    if (ok && attempt == 0 && options.keep_whitening && f.dead_columns == 0 &&
+        f.outlier_columns == 0) {
+      // a holds J·Hd·J = L·Lᵀ with column-major lower L: the whitening factor before it is
+      // inverted in place, in the order a's rows have (position p is column perm[n-1-p]).
+      QCAL_ASSIGN_OR_RETURN(f.whitening, ctx.alloc(DType::kF32, {n, n}));
+      QCAL_RETURN_IF_ERROR(CudaStatus(
+          LaunchLowerFromUpperF32(a.data<float>(), n, f.whitening.data<float>(), ctx.stream),
+          "GptqFactorize: keeping the whitening factor"));
+      f.whitening_order.resize(static_cast<size_t>(n));
+      for (int64_t p = 0; p < n; ++p) f.whitening_order[p] = f.perm[n - 1 - p];
+      f.whitening_delta = static_cast<double>(static_cast<float>(lambda * diag_mean));
+    }
     if (ok) {
       QCAL_RETURN_IF_ERROR(InvertLower(ctx, work, a.data<float>(), n, n, scratch.data<float>()));
       QCAL_ASSIGN_OR_RETURN(ok, InfoOk(ctx, work, "cusolverDnXtrtri"));

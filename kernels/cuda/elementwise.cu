@@ -58,6 +58,20 @@ __global__ void Bf16ToF32Kernel(const __nv_bfloat16* x, float* y, int64_t n) {
   }
 }
 
+__device__ inline float LoadAsFloat(const float* p) { return *p; }
+__device__ inline float LoadAsFloat(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+template <typename A, typename B, typename T>
+__global__ void ConcatColumnsKernel(const A* a, int64_t ca, const B* b, int64_t cb, T* out,
+                                    int64_t rows) {
+  const int64_t width = ca + cb, n = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / width, c = i % width;
+    StoreAs(out + i, c < ca ? LoadAsFloat(a + r * ca + c) : LoadAsFloat(b + r * cb + (c - ca)));
+  }
+}
+
 // One 32x32 tile of the upper triangle per block, read as the transposed lower tile through
 // shared memory so that both the reads and the writes are coalesced. The +1 column avoids bank
 // conflicts on the transposed read.
@@ -137,5 +151,26 @@ cudaError_t LaunchMirrorLowerToUpper(float* h, int64_t k, cudaStream_t stream) {
   MirrorLowerToUpperKernel<<<grid, dim3(kTile, kTileRows), 0, stream>>>(h, k);
   return cudaGetLastError();
 }
+
+template <typename A, typename B, typename T>
+cudaError_t LaunchConcatColumns(const A* a, int64_t ca, const B* b, int64_t cb, T* out,
+                                int64_t rows, cudaStream_t stream) {
+  if (rows * (ca + cb) == 0) return cudaSuccess;
+  ConcatColumnsKernel<<<GridFor(rows * (ca + cb)), kThreads, 0, stream>>>(a, ca, b, cb, out, rows);
+  return cudaGetLastError();
+}
+
+#define QCAL_CONCAT_COLUMNS(A, B, T)                                                          \
+  template cudaError_t LaunchConcatColumns<A, B, T>(const A*, int64_t, const B*, int64_t, T*, \
+                                                    int64_t, cudaStream_t);
+QCAL_CONCAT_COLUMNS(float, float, float)
+QCAL_CONCAT_COLUMNS(float, __nv_bfloat16, float)
+QCAL_CONCAT_COLUMNS(__nv_bfloat16, float, float)
+QCAL_CONCAT_COLUMNS(__nv_bfloat16, __nv_bfloat16, float)
+QCAL_CONCAT_COLUMNS(float, float, __nv_bfloat16)
+QCAL_CONCAT_COLUMNS(float, __nv_bfloat16, __nv_bfloat16)
+QCAL_CONCAT_COLUMNS(__nv_bfloat16, float, __nv_bfloat16)
+QCAL_CONCAT_COLUMNS(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
+#undef QCAL_CONCAT_COLUMNS
 
 }  // namespace qcal::kernels::cuda

@@ -1,7 +1,7 @@
 // Launchers of the CUDA backend's elementwise and layout kernels: SiluMul, Add, bias broadcasts,
-// fp32 <-> bf16 conversion and the mirroring that keeps a Gram matrix symmetric. Each returns the
-// launch's cudaError_t and knows nothing of tensors or absl; the backend validates shapes first.
-// All run on `stream`, asynchronously; n == 0 launches nothing.
+// fp32 <-> bf16 conversion, column concatenation and the mirroring that keeps a Gram matrix
+// symmetric. Each returns the launch's cudaError_t and knows nothing of tensors or absl; the
+// backend validates shapes first. All run on `stream`, asynchronously; n == 0 launches nothing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -29,6 +29,12 @@ cudaError_t LaunchAddRowVector(const float* row, float* y, int64_t rows, int64_t
 cudaError_t LaunchF32ToBf16(const float* x, __nv_bfloat16* y, int64_t n, cudaStream_t stream);
 // y[i] = x[i] (exact).
 cudaError_t LaunchBf16ToF32(const __nv_bfloat16* x, float* y, int64_t n, cudaStream_t stream);
+// out [rows, ca + cb] = [a | b] for the row-major a [rows, ca] and b [rows, cb]; each element
+// converted to out's type (fp32 to bf16 as LaunchF32ToBf16 rounds, bf16 to fp32 exactly).
+// Instantiated for every combination of float and __nv_bfloat16.
+template <typename A, typename B, typename T>
+cudaError_t LaunchConcatColumns(const A* a, int64_t ca, const B* b, int64_t cb, T* out,
+                                int64_t rows, cudaStream_t stream);
 // h[r, c] = h[c, r] for every c > r of a row-major h [k, k]: the lower triangle is copied onto
 // the upper one, so h becomes exactly symmetric.
 cudaError_t LaunchMirrorLowerToUpper(float* h, int64_t k, cudaStream_t stream);

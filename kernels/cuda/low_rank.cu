@@ -18,7 +18,8 @@ unsigned GridFor(int64_t n) {
 
 // Block (bx, by) writes the output tile of rows [by·32, by·32 + 32) and columns [bx·32, ...):
 // a[i][j] = g[j][i] for j <= i. The tile of g it needs (rows j, columns i) is read row by row.
-__global__ void LowerFromUpperKernel(const float* g, int64_t n, double delta, double* a) {
+template <typename T>
+__global__ void LowerFromUpperKernel(const float* g, int64_t n, double delta, T* a) {
   __shared__ float tile[kTile][kTile + 1];  // +1: no bank conflicts on the transposed read
   const int64_t i0 = int64_t{blockIdx.y} * kTile, j0 = int64_t{blockIdx.x} * kTile;
   const bool above = j0 > i0 + kTile - 1;  // the whole tile is in the strict upper triangle
@@ -32,10 +33,10 @@ __global__ void LowerFromUpperKernel(const float* g, int64_t n, double delta, do
   for (int r = threadIdx.y; r < kTile; r += kTileRows) {
     const int64_t i = i0 + r, j = j0 + threadIdx.x;
     if (i >= n || j >= n) continue;
-    double v = 0;
+    T v = 0;
     if (j <= i) {
-      v = static_cast<double>(tile[threadIdx.x][r]);
-      if (i == j) v += delta;
+      v = static_cast<T>(tile[threadIdx.x][r]);
+      if (i == j) v = static_cast<T>(static_cast<double>(v) + delta);
     }
     a[i * n + j] = v;
   }
@@ -50,12 +51,26 @@ __global__ void LowerToF32Kernel(const double* a, int64_t n, float* s) {
 }
 
 __global__ void WhitenedDifferenceKernel(const float* w, const float* w_hat, int64_t d_out,
-                                         int64_t d_in, const float* scale, double* m) {
+                                         int64_t d_in, const float* scale, const int32_t* order,
+                                         double* m) {
   const int64_t total = d_out * d_in;
   for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
        idx += int64_t{gridDim.x} * blockDim.x) {
-    const double e = static_cast<double>(w[idx]) - static_cast<double>(w_hat[idx]);
-    m[idx] = scale ? e * static_cast<double>(scale[idx % d_in]) : e;
+    const int64_t p = idx % d_in;
+    const int64_t j = order ? order[p] : p;
+    const int64_t src = idx - p + j;
+    const double e = static_cast<double>(w[src]) - static_cast<double>(w_hat[src]);
+    m[idx] = scale ? e * static_cast<double>(scale[j]) : e;
+  }
+}
+
+__global__ void ScatterColumnsToF32Kernel(const double* src, int64_t rows, int64_t cols,
+                                          const int32_t* order, float* dst) {
+  const int64_t total = rows * cols;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t p = idx % cols;
+    dst[idx - p + order[p]] = static_cast<float>(src[idx]);
   }
 }
 
@@ -124,6 +139,15 @@ cudaError_t LaunchLowerFromUpper(const float* g, int64_t n, double delta, double
   return cudaGetLastError();
 }
 
+cudaError_t LaunchLowerFromUpperF32(const float* g, int64_t n, float* s, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  if (tiles > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles));
+  LowerFromUpperKernel<<<grid, dim3(kTile, kTileRows), 0, stream>>>(g, n, 0.0, s);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchLowerToF32(const double* a, int64_t n, float* s, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   LowerToF32Kernel<<<GridFor(n * n), kThreads, 0, stream>>>(a, n, s);
@@ -131,11 +155,19 @@ cudaError_t LaunchLowerToF32(const double* a, int64_t n, float* s, cudaStream_t 
 }
 
 cudaError_t LaunchWhitenedDifference(const float* w, const float* w_hat, int64_t d_out,
-                                     int64_t d_in, const float* scale, double* m,
-                                     cudaStream_t stream) {
+                                     int64_t d_in, const float* scale, const int32_t* order,
+                                     double* m, cudaStream_t stream) {
   if (d_out * d_in == 0) return cudaSuccess;
   WhitenedDifferenceKernel<<<GridFor(d_out * d_in), kThreads, 0, stream>>>(w, w_hat, d_out, d_in,
-                                                                           scale, m);
+                                                                           scale, order, m);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchScatterColumnsToF32(const double* src, int64_t rows, int64_t cols,
+                                      const int32_t* order, float* dst, cudaStream_t stream) {
+  if (rows * cols == 0) return cudaSuccess;
+  ScatterColumnsToF32Kernel<<<GridFor(rows * cols), kThreads, 0, stream>>>(src, rows, cols, order,
+                                                                           dst);
   return cudaGetLastError();
 }
 

@@ -17,15 +17,26 @@ namespace qcal::kernels::cuda {
 cudaError_t LaunchLowerFromUpper(const float* g, int64_t n, double delta, double* a,
                                  cudaStream_t stream);
 
+// s [n, n] (fp32) = the row-major lower triangle read from the upper triangle of g [n, n] (fp32):
+// s[i*n + j] = g[j*n + i] for j <= i, 0 for j > i. A column-major lower Cholesky factor (potrf's
+// output, whose other triangle holds the input) becomes the row-major lower factor.
+cudaError_t LaunchLowerFromUpperF32(const float* g, int64_t n, float* s, cudaStream_t stream);
+
 // s [n, n] (fp32) = the lower triangle of a [n, n] (double) rounded to fp32; the strict upper
 // triangle of s is 0.
 cudaError_t LaunchLowerToF32(const double* a, int64_t n, float* s, cudaStream_t stream);
 
-// m[o*d_in + j] = (double(w) - double(w_hat)) · (scale ? scale[j] : 1) in double, for the
-// [d_out, d_in] matrices w and w_hat (fp32) and the optional per-column scale [d_in] (fp32).
+// m[o*d_in + p] = (double(w) - double(w_hat)) · (scale ? scale[j] : 1) at column j = order[p]
+// (j = p without an order) in double, for the [d_out, d_in] matrices w and w_hat (fp32), the
+// optional per-column scale [d_in] (fp32) and the optional column order [d_in] (a permutation).
 cudaError_t LaunchWhitenedDifference(const float* w, const float* w_hat, int64_t d_out,
-                                     int64_t d_in, const float* scale, double* m,
-                                     cudaStream_t stream);
+                                     int64_t d_in, const float* scale, const int32_t* order,
+                                     double* m, cudaStream_t stream);
+
+// dst[i*cols + order[p]] = float(src[i*cols + p]) for the row-major [rows, cols] src (double) and
+// dst (fp32), order a permutation of [0, cols): the inverse of LaunchWhitenedDifference's gather.
+cudaError_t LaunchScatterColumnsToF32(const double* src, int64_t rows, int64_t cols,
+                                      const int32_t* order, float* dst, cudaStream_t stream);
 
 // x [rank, d_in] (double) /= scale[j] per column j, and 0 where scale[j] == 0 (a channel without
 // signal gets a zero column).

@@ -49,6 +49,19 @@ absl::StatusOr<std::vector<T>> Download(const QuantContext& ctx, const void* src
   return out;
 }
 
+// A new device tensor of `dtype` [src.size()] holding the host vector `src` (elements of T);
+// returns once it is there.
+template <typename T>
+absl::StatusOr<Tensor> Upload(const QuantContext& ctx, const std::vector<T>& src, DType dtype) {
+  QCAL_ASSIGN_OR_RETURN(Tensor t, ctx.alloc(dtype, {static_cast<int64_t>(src.size())}));
+  if (src.empty()) return t;
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(t.raw(), src.data(), src.size() * sizeof(T),
+                                                  cudaMemcpyHostToDevice, ctx.stream),
+                                  "uploading solver indices"));
+  QCAL_RETURN_IF_ERROR(Sync(ctx, "uploading solver indices"));
+  return t;
+}
+
 // InvalidArgument naming `what`[r, c] and its value for the first non-finite element of the
 // row-major x (`cols` columns) that `launch(first)` reports (a kernel writing the smallest flat
 // index into *first, left at ~0 when there is none), as the CPU reference words it.

@@ -271,6 +271,8 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
     QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
   } else if (l.act_bits < 16) {
     QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, WeightOperand(l), bias, y, accumulate));
+  } else if (JoinsLowRank(l, x_op)) {
+    return ApplyJoined(l, x_op, bias, y, accumulate);
   } else {
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, WeightOperand(l), bias, y, accumulate));
   }
@@ -280,6 +282,24 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
     QCAL_RETURN_IF_ERROR(be.Linear(t, l.lora_a, nullptr, y, true));
   }
   return absl::OkStatus();
+}
+
+bool Model::JoinsLowRank(const Linear& l, const Tensor& x_op) const {
+  return OperandsAreBf16() && l.lora_a.defined() && !ReadsInput(l) && x_op.defined() &&
+         x_op.dtype() == DType::kBF16 && l.d_in() < 2 * l.d_out() && x_op.dim(0) >= l.d_in();
+}
+
+absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tensor* bias, Tensor& y,
+                                bool accumulate) {
+  kernels::Backend& be = *backend_;
+  const int64_t rows = x_op.dim(0), r = l.lora_b.dim(0), k = l.d_in();
+  QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {rows, r}));
+  QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
+  QCAL_ASSIGN_OR_RETURN(Tensor xt, be.AllocUninitialized(DType::kBF16, {rows, k + r}));
+  QCAL_RETURN_IF_ERROR(be.ConcatColumns(x_op, t, xt));
+  QCAL_ASSIGN_OR_RETURN(Tensor wt, be.AllocUninitialized(DType::kBF16, {l.d_out(), k + r}));
+  QCAL_RETURN_IF_ERROR(be.ConcatColumns(WeightOperand(l), l.lora_a, wt));
+  return be.Linear(xt, wt, bias, y, accumulate);
 }
 
 absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op) {

@@ -318,11 +318,21 @@ class BlockRunner {
                                               const Tensor& gram_host);
   absl::Status CheckOutliersFitRank(LinearInput in, const LayerResult& r) const;
   bool DeviceReconstruction() const;
-  absl::StatusOr<Tensor> DeviceWhiteningOf(const InputStatistics& stats);
+  // A device whitening factor for ReconstructOnDevice: CholeskyWhitening's (order empty), LQER's
+  // diagonal, none (undefined), or GPTQ's factor of the same damped Gram matrix in its visiting
+  // order (from_gptq; its δ then lets the randomized SVD skip forming E·S).
+  struct DeviceWhitening {
+    Tensor factor;
+    std::vector<int32_t> order;
+    double delta = 0;
+    bool from_gptq = false;
+  };
+  absl::StatusOr<DeviceWhitening> DeviceWhiteningOf(const InputStatistics& stats,
+                                                    kernels::GptqFactor& factor);
   ErrorReconstructionOptions ErOptions(LinearInput in) const;
   absl::Status ReconstructOnDevice(LinearInput in, const Tensor& w, const Tensor& w_hat,
-                                   const Tensor& gram, const Tensor& whitening, double denom,
-                                   LayerResult& r);
+                                   const Tensor& gram, const DeviceWhitening& whitening,
+                                   double quantized_error, double denom, LayerResult& r);
   absl::Status Reconstruct(LinearInput in, const float* w, const std::vector<float>& w_hat,
                            const Tensor& gram_host, const WhiteningFactor& whitening, double denom,
                            LayerResult& r);

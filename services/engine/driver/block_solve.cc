@@ -159,15 +159,22 @@ ErrorReconstructionOptions BlockRunner::ErOptions(LinearInput in) const {
 // those leading singular values plus one value carrying the rest of ‖E·S‖_F², and keeps the
 // leading columns of L_A and rows of L_B (the best rank-r factors within the sketch).
 absl::Status BlockRunner::ReconstructOnDevice(LinearInput in, const Tensor& w, const Tensor& w_hat,
-                                              const Tensor& gram, const Tensor& whitening,
-                                              double denom, LayerResult& r) {
+                                              const Tensor& gram, const DeviceWhitening& whitening,
+                                              double quantized_error, double denom,
+                                              LayerResult& r) {
   QCAL_RETURN_IF_ERROR(CheckOutliersFitRank(in, r));
   const int64_t d_out = r.report.d_out, d_in = r.report.d_in;
   const ErrorReconstructionOptions eopt = ErOptions(in);
   kernels::LowRankOptions opt;
   opt.rank = static_cast<int>(MaxRank(d_out, d_in, eopt));
   opt.svd = kernels::SvdMethod::kRandomized;
-  auto lr = be_.ReconstructError(w, w_hat, whitening, opt);
+  opt.whitening_order = whitening.order;
+  if (whitening.from_gptq) {
+    // quantized_error is ‖E·Xᵀ‖ of this E and Gram matrix (OutputError), and S·Sᵀ = G + δI.
+    opt.gram_error_sq = quantized_error * quantized_error;
+    opt.whitening_delta = whitening.delta;
+  }
+  auto lr = be_.ReconstructError(w, w_hat, whitening.factor, opt);
   if (!lr.ok()) return Annotate(lr.status(), r.report.name);
   QCAL_ASSIGN_OR_RETURN(Tensor a_all, be_.ToHost(lr->a));
   QCAL_ASSIGN_OR_RETURN(Tensor b_all, be_.ToHost(lr->b));
@@ -202,10 +209,9 @@ absl::Status BlockRunner::ReconstructOnDevice(LinearInput in, const Tensor& w, c
     QCAL_ASSIGN_OR_RETURN(a, be_.ToDevice(Tensor::FromVector(r.lora_a, {d_out, rank})));
     QCAL_ASSIGN_OR_RETURN(b, be_.ToDevice(Tensor::FromVector(r.lora_b, {rank, d_in})));
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor w_eff, be_.Alloc(DType::kF32, w_hat.shape()));
-  QCAL_RETURN_IF_ERROR(be_.Copy(w_hat, w_eff));
-  QCAL_RETURN_IF_ERROR(be_.AddLowRank(a, b, w_eff));
-  QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, w_eff, gram));
+  QCAL_ASSIGN_OR_RETURN(
+      const double error,
+      be_.LowRankOutputError(w, w_hat, a, b, gram, quantized_error * quantized_error));
   r.report.rel_error_er = error / denom;
   return absl::OkStatus();
 }
@@ -258,17 +264,30 @@ absl::StatusOr<WhiteningFactor> BlockRunner::WhiteningOf(const InputStatistics& 
   return IdentityWhitening(n);
 }
 
-// The device whitening factor of input `in` (Backend::ReconstructError's `whitening`):
-// Cholesky of the device Gram matrix, LQER's mean |x| uploaded, or undefined for plain SVD.
-absl::StatusOr<Tensor> BlockRunner::DeviceWhiteningOf(const InputStatistics& stats) {
+// The device whitening factor of input `in` (Backend::ReconstructError's `whitening`): the
+// factor GPTQ kept of the same damped Gram matrix (taken out of `factor`) where it did, else the
+// Cholesky of the device Gram matrix; LQER's mean |x| uploaded; or undefined for plain SVD.
+absl::StatusOr<BlockRunner::DeviceWhitening> BlockRunner::DeviceWhiteningOf(
+    const InputStatistics& stats, kernels::GptqFactor& factor) {
   const Whitening kind = recipe_.error_reconstruction.whitening;
+  DeviceWhitening out;
+  if (kind == Whitening::kCholesky && factor.whitening.defined()) {
+    out.factor = std::move(factor.whitening);
+    out.order = std::move(factor.whitening_order);
+    out.delta = factor.whitening_delta;
+    out.from_gptq = true;
+    factor.whitening = Tensor();
+    factor.whitening_order.clear();
+    return out;
+  }
   if (kind == Whitening::kCholesky) {
     auto s = be_.CholeskyWhitening(stats.gram, recipe_.gptq.damp);
     if (!s.ok()) {
       return Annotate(s.status(),
                       absl::StrCat("whitening of block ", b_, " (", RecipeName(kind), ")"));
     }
-    return s;
+    out.factor = *std::move(s);
+    return out;
   }
   if (kind == Whitening::kDiagonal) {
     if (!stats.abs_stats) {
@@ -276,9 +295,9 @@ absl::StatusOr<Tensor> BlockRunner::DeviceWhiteningOf(const InputStatistics& sta
     }
     QCAL_ASSIGN_OR_RETURN(const WhiteningFactor f, DiagonalWhitening(stats.abs_stats->MeanAbs()));
     const std::vector<float> s(f.factor.begin(), f.factor.end());
-    return be_.ToDevice(Tensor::FromVector(s, {f.d_in}));
+    QCAL_ASSIGN_OR_RETURN(out.factor, be_.ToDevice(Tensor::FromVector(s, {f.d_in})));
   }
-  return Tensor();
+  return out;
 }
 
 // With the backend's solver ops: one factorization per input shared by its consumers; the weights
@@ -315,7 +334,12 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
   // Output-adaptive Hessians are per linear: each consumer is factorized in the loop below.
   const bool output_adaptive = recipe_.NeedsGradientPass();
   if (gptq && !output_adaptive) {
-    auto f = be_.GptqFactorize(gram, gopt);
+    // GPTQ factors G + δI of this input with the recipe's damping: where it can, that factor is
+    // also error reconstruction's whitening (DeviceWhiteningOf).
+    kernels::GptqSolveOptions shared = gopt;
+    shared.keep_whitening =
+        device_er && recipe_.error_reconstruction.whitening == Whitening::kCholesky;
+    auto f = be_.GptqFactorize(gram, shared);
     if (!f.ok()) {
       return Annotate(f.status(),
                       LinearPrefix(model_.config(), b_, LinearId(consumers[0], expert)));
@@ -323,9 +347,9 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     factor = std::move(f).value();
     QCAL_RETURN_IF_ERROR(Charge(t_.factor));
   }
-  Tensor device_whitening;
+  DeviceWhitening device_whitening;
   if (device_er) {
-    QCAL_ASSIGN_OR_RETURN(device_whitening, DeviceWhiteningOf(stats));
+    QCAL_ASSIGN_OR_RETURN(device_whitening, DeviceWhiteningOf(stats, factor));
     QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
   }
   for (LinearKind k : kinds) {
@@ -395,7 +419,7 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     QCAL_RETURN_IF_ERROR(Charge(t_.error));
     if (device_er) {
       QCAL_RETURN_IF_ERROR(
-          ReconstructOnDevice(in, w, q.dequantized, gram, device_whitening, denom, r));
+          ReconstructOnDevice(in, w, q.dequantized, gram, device_whitening, error, denom, r));
       QCAL_RETURN_IF_ERROR(Charge(t_.reconstruct));
     } else if (whitening) {
       QCAL_ASSIGN_OR_RETURN(Tensor w_host, be_.ToHost(w));

@@ -124,6 +124,9 @@ class BudgetBackend final : public kernels::Backend {
   absl::Status Convert(const Tensor& src, Tensor& dst) override {
     return inner_->Convert(src, dst);
   }
+  absl::Status ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) override {
+    return inner_->ConcatColumns(a, b, out);
+  }
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                       bool accumulate) override {
     return inner_->Linear(x, w, bias, y, accumulate);

@@ -512,6 +512,257 @@ TEST_F(CudaLowRankTest, BadInputIsInvalidArgument) {
                  "not square");
 }
 
+// GPTQ's factor of the damped Gram matrix as the whitening factor (GptqSolveOptions::
+// keep_whitening): S·Sᵀ equals (G + δI)[order, order] to fp32 Cholesky's backward error, with
+// δ = float(damp · mean diag G) and order = the reversed visiting order; reconstruction with it
+// (E's columns gathered, L_B's scattered back) reaches CholeskyWhitening's errors; the randomized
+// SVD's thin products (gram_error_sq) give the formed path's factors. d_in = 1100 takes the panel
+// products. Where GPTQ does not factor exactly G + δI (dead or outlier columns), or when not
+// asked, no factor is kept; bad orders and options are refused.
+TEST_F(CudaLowRankTest, GptqFactorServesAsTheWhiteningFactor) {
+  // fp32 Cholesky: ‖S·Sᵀ − A‖_F <= this · ‖A‖_F (backward error about √n·u at these sizes).
+  constexpr double kFactorBound = 2e-5;
+  // Against CholeskyWhitening's factor (double, rounded): every σ_i within this · σ_1, and the
+  // errors within this · error_before (both factors square to G + δI within fp32 rounding).
+  constexpr double kAgainstCholeskyBound = 1e-3;
+  // Thin against formed products (double, other association): σ within this · σ_1, L_A·L_B within
+  // kThinProductBound relative; error_before within OutputError's TF32 bound.
+  constexpr double kThinSigmaBound = 1e-9;
+  constexpr double kThinProductBound = 1e-6;
+  constexpr double kOutputErrorBound = 5e-4;
+  struct Case {
+    int64_t d_out, d_in;
+    bool act_order;
+  };
+  uint64_t seed = 120;
+  for (const Case& c : {Case{96, 200, false}, Case{96, 200, true}, Case{150, 1100, true}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << c.d_out << "x" << c.d_in << (c.act_order ? " act-order" : ""));
+    const int64_t n = c.d_in, rank = 16;
+    const Layer l = MakeLayer(c.d_out, n, n + 100, seed++);
+    const Tensor gram = Upload(l.gram, {n, n});
+    GptqSolveOptions gopt;
+    gopt.act_order = c.act_order;
+    gopt.keep_whitening = true;
+    auto f = be_->GptqFactorize(gram, gopt);
+    ASSERT_TRUE(f.ok()) << f.status();
+    ASSERT_TRUE(f->whitening.defined());
+    ASSERT_EQ(f->whitening.shape(), (Shape{n, n}));
+    ASSERT_EQ(f->whitening_order.size(), static_cast<size_t>(n));
+    for (int64_t p = 0; p < n; ++p) ASSERT_EQ(f->whitening_order[p], f->perm[n - 1 - p]) << p;
+    double diag_sum = 0;
+    for (int64_t j = 0; j < n; ++j) diag_sum += l.gram[j * n + j];
+    EXPECT_EQ(f->whitening_delta, double(float(0.01 * diag_sum / double(n))));
+
+    // S·Sᵀ against (G + δI)[order, order] (G's upper triangle), strict upper triangle 0.
+    const std::vector<float> s = Download(f->whitening);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (j > i) {
+          ASSERT_EQ(s[i * n + j], 0.0f) << i << ", " << j;
+          continue;
+        }
+        double v = 0;
+        for (int64_t t = 0; t <= j; ++t) v += double(s[i * n + t]) * double(s[j * n + t]);
+        const int64_t a = std::min(f->whitening_order[i], f->whitening_order[j]);
+        const int64_t b = std::max(f->whitening_order[i], f->whitening_order[j]);
+        const double want = double(l.gram[a * n + b]) + (i == j ? f->whitening_delta : 0.0);
+        num += (v - want) * (v - want) * (i == j ? 1 : 2);
+        den += want * want * (i == j ? 1 : 2);
+      }
+    }
+    EXPECT_LE(std::sqrt(num / den), kFactorBound);
+
+    const Tensor w = Upload(l.w, {c.d_out, n}), w_hat = Upload(l.w_hat, {c.d_out, n});
+    auto chol = be_->CholeskyWhitening(gram, 0.01);
+    ASSERT_TRUE(chol.ok()) << chol.status();
+    WhiteningFactor cpu_s;
+    cpu_s.kind = engine::Whitening::kCholesky;
+    cpu_s.d_in = n;
+    const std::vector<float> chol_host = Download(*chol);
+    cpu_s.factor.assign(chol_host.begin(), chol_host.end());
+    for (SvdMethod method : {SvdMethod::kFull, SvdMethod::kRandomized}) {
+      SCOPED_TRACE(method == SvdMethod::kFull ? "full" : "randomized");
+      LowRankOptions options;
+      options.rank = static_cast<int>(rank);
+      options.svd = method;
+      auto ref = be_->ReconstructError(w, w_hat, *chol, options);
+      ASSERT_TRUE(ref.ok()) << ref.status();
+      options.whitening_order = f->whitening_order;
+      auto got = be_->ReconstructError(w, w_hat, f->whitening, options);
+      ASSERT_TRUE(got.ok()) << got.status();
+      ASSERT_EQ(got->singular_values.size(), ref->singular_values.size());
+      const double sigma1 = ref->singular_values[0];
+      for (size_t i = 0; i < ref->singular_values.size(); ++i) {
+        EXPECT_NEAR(got->singular_values[i], ref->singular_values[i],
+                    kAgainstCholeskyBound * sigma1)
+            << "sigma " << i;
+      }
+      EXPECT_NEAR(got->error_before, ref->error_before, kAgainstCholeskyBound * ref->error_before);
+      EXPECT_NEAR(got->error_after, ref->error_after, kAgainstCholeskyBound * ref->error_before);
+      // L_B's columns are back in natural order: the residual, whitened by the natural-order
+      // factor, is the reported error.
+      const std::vector<double> p = Product(Download(got->a), Download(got->b), c.d_out, n, rank);
+      EXPECT_NEAR(WhitenedResidual(l, p, cpu_s), got->error_after,
+                  kAgainstCholeskyBound * got->error_before);
+      if (method != SvdMethod::kRandomized) continue;
+
+      // The same, forming no E·S: ‖E·Xᵀ‖² from OutputError.
+      auto output_error = be_->OutputError(w, w_hat, gram);
+      ASSERT_TRUE(output_error.ok()) << output_error.status();
+      LowRankOptions thin = options;
+      thin.gram_error_sq = *output_error * *output_error;
+      thin.whitening_delta = f->whitening_delta;
+      auto implicit = be_->ReconstructError(w, w_hat, f->whitening, thin);
+      ASSERT_TRUE(implicit.ok()) << implicit.status();
+      ASSERT_EQ(implicit->singular_values.size(), got->singular_values.size());
+      for (size_t i = 0; i < got->singular_values.size(); ++i) {
+        EXPECT_NEAR(implicit->singular_values[i], got->singular_values[i],
+                    kThinSigmaBound * got->singular_values[0])
+            << "sigma " << i;
+      }
+      EXPECT_LE(RelativeDifference(
+                    Product(Download(implicit->a), Download(implicit->b), c.d_out, n, rank), p),
+                kThinProductBound);
+      EXPECT_NEAR(implicit->error_before, got->error_before, kOutputErrorBound * got->error_before);
+      const double before_sq = got->error_before * got->error_before;
+      EXPECT_NEAR(implicit->error_after * implicit->error_after,
+                  got->error_after * got->error_after, 2.5 * kOutputErrorBound * before_sq);
+    }
+  }
+
+  // None kept: not asked, an outlier column, a dead column.
+  const int64_t n = 64;
+  Layer l = MakeLayer(32, n, 200, 140);
+  GptqSolveOptions gopt;
+  auto plain = be_->GptqFactorize(Upload(l.gram, {n, n}), gopt);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(plain->whitening.defined());
+  EXPECT_TRUE(plain->whitening_order.empty());
+  gopt.keep_whitening = true;
+  gopt.outlier_columns = {5};
+  auto outlier = be_->GptqFactorize(Upload(l.gram, {n, n}), gopt);
+  ASSERT_TRUE(outlier.ok()) << outlier.status();
+  EXPECT_FALSE(outlier->whitening.defined());
+  gopt.outlier_columns.clear();
+  const Layer dead = MakeLayer(32, n, 200, 141, /*dead=*/7);
+  auto with_dead = be_->GptqFactorize(Upload(dead.gram, {n, n}), gopt);
+  ASSERT_TRUE(with_dead.ok()) << with_dead.status();
+  EXPECT_EQ(with_dead->dead_columns, 1);
+  EXPECT_FALSE(with_dead->whitening.defined());
+
+  // Bad orders and options.
+  auto kept = be_->GptqFactorize(Upload(l.gram, {n, n}), gopt);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  ASSERT_TRUE(kept->whitening.defined());
+  const Tensor w = Upload(l.w, {32, n}), w_hat = Upload(l.w_hat, {32, n});
+  auto expect_invalid = [](const absl::StatusOr<LowRankTensors>& r, const std::string& names) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find(names), std::string::npos) << r.status();
+  };
+  LowRankOptions options;
+  options.rank = 4;
+  options.whitening_order = kept->whitening_order;
+  options.whitening_order[3] = options.whitening_order[4];
+  expect_invalid(be_->ReconstructError(w, w_hat, kept->whitening, options), "repeats");
+  options.whitening_order[3] = static_cast<int32_t>(n);
+  expect_invalid(be_->ReconstructError(w, w_hat, kept->whitening, options), "out of range");
+  options.whitening_order.assign(kept->whitening_order.begin(), kept->whitening_order.end() - 1);
+  expect_invalid(be_->ReconstructError(w, w_hat, kept->whitening, options), "entries");
+  options.whitening_order = kept->whitening_order;
+  expect_invalid(be_->ReconstructError(w, w_hat, Upload(l.mean_abs, {n}), options),
+                 "needs a Cholesky whitening factor");
+  options.whitening_order.clear();
+  options.gram_error_sq = 1.0;
+  options.svd = SvdMethod::kFull;
+  expect_invalid(be_->ReconstructError(w, w_hat, kept->whitening, options), "gram_error_sq");
+  options.svd = SvdMethod::kRandomized;
+  expect_invalid(be_->ReconstructError(w, w_hat, Tensor(), options), "gram_error_sq");
+  options.gram_error_sq = std::nan("");
+  expect_invalid(be_->ReconstructError(w, w_hat, kept->whitening, options), "must be finite");
+  options.gram_error_sq = 1.0;
+  options.whitening_delta = -1e-3;
+  expect_invalid(be_->ReconstructError(w, w_hat, kept->whitening, options), "whitening_delta");
+}
+
+// tr(R·G·Rᵀ) in double for R = w − w_hat − p (p [d_out, d_in] or empty), G's upper triangle.
+double GramErrorSq(const Layer& l, const std::vector<double>& p) {
+  const int64_t n = l.d_in;
+  double sum = 0;
+  std::vector<double> row(n);
+  for (int64_t o = 0; o < l.d_out; ++o) {
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = double(l.w[o * n + j]) - double(l.w_hat[o * n + j]) - (p.empty() ? 0 : p[o * n + j]);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      double v = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        v += double(l.gram[std::min(i, j) * n + std::max(i, j)]) * row[j];
+      }
+      sum += row[i] * v;
+    }
+  }
+  return sum;
+}
+
+// LowRankOutputError (thin products from ‖E·Xᵀ‖²) against the corrected weight's error: given the
+// exact ‖E·Xᵀ‖², within 1e-5 of the double reference; given OutputError's (TF32), within 1e-3 of
+// OutputError of w_hat + a·b. Bad shapes and error_sq are refused.
+TEST_F(CudaLowRankTest, LowRankOutputErrorMatchesTheCorrectedWeight) {
+  constexpr double kExactBound = 1e-5;
+  constexpr double kTf32Bound = 1e-3;
+  struct Case {
+    int64_t d_out, d_in, rank;
+  };
+  uint64_t seed = 160;
+  for (const Case& c : {Case{96, 200, 8}, Case{150, 1100, 16}, Case{1, 1, 1}}) {
+    SCOPED_TRACE(::testing::Message() << c.d_out << "x" << c.d_in << " rank " << c.rank);
+    const Layer l = MakeLayer(c.d_out, c.d_in, c.d_in + 50, seed++);
+    const Tensor w = Upload(l.w, {c.d_out, c.d_in}), w_hat = Upload(l.w_hat, {c.d_out, c.d_in});
+    const Tensor gram = Upload(l.gram, {c.d_in, c.d_in});
+    auto s = be_->CholeskyWhitening(gram, 0.01);
+    ASSERT_TRUE(s.ok()) << s.status();
+    LowRankOptions options;
+    options.rank = static_cast<int>(c.rank);
+    auto lr = be_->ReconstructError(w, w_hat, *s, options);
+    ASSERT_TRUE(lr.ok()) << lr.status();
+    const std::vector<double> p =
+        Product(Download(lr->a), Download(lr->b), c.d_out, c.d_in, lr->rank);
+    const double want = std::sqrt(std::max(0.0, GramErrorSq(l, p)));
+    auto exact = be_->LowRankOutputError(w, w_hat, lr->a, lr->b, gram, GramErrorSq(l, {}));
+    ASSERT_TRUE(exact.ok()) << exact.status();
+    EXPECT_NEAR(*exact, want, kExactBound * want + 1e-12);
+
+    auto before = be_->OutputError(w, w_hat, gram);
+    ASSERT_TRUE(before.ok()) << before.status();
+    auto thin = be_->LowRankOutputError(w, w_hat, lr->a, lr->b, gram, *before * *before);
+    ASSERT_TRUE(thin.ok()) << thin.status();
+    Tensor w_eff = Upload(l.w_hat, {c.d_out, c.d_in});
+    ASSERT_TRUE(be_->AddLowRank(lr->a, lr->b, w_eff).ok());
+    auto formed = be_->OutputError(w, w_eff, gram);
+    ASSERT_TRUE(formed.ok()) << formed.status();
+    EXPECT_NEAR(*thin, *formed, kTf32Bound * *formed + 1e-12);
+    EXPECT_LT(*thin, *before);
+  }
+
+  const Layer l = MakeLayer(8, 16, 40, 170);
+  const Tensor w = Upload(l.w, {8, 16}), w_hat = Upload(l.w_hat, {8, 16});
+  const Tensor gram = Upload(l.gram, {16, 16});
+  const Tensor a = Upload(std::vector<float>(8 * 2, 0.5f), {8, 2});
+  const Tensor b = Upload(std::vector<float>(2 * 16, 0.25f), {2, 16});
+  auto expect_invalid = [](const absl::StatusOr<double>& r, const std::string& names) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find(names), std::string::npos) << r.status();
+  };
+  expect_invalid(
+      be_->LowRankOutputError(w, w_hat, a, Upload(std::vector<float>(2 * 15), {2, 15}), gram, 1.0),
+      "do not match");
+  expect_invalid(be_->LowRankOutputError(w, w_hat, b, a, gram, 1.0), "do not match");
+  expect_invalid(be_->LowRankOutputError(w, w_hat, a, b, gram, -1.0), "finite and >= 0");
+  expect_invalid(be_->LowRankOutputError(w, w_hat, a, b, gram, std::nan("")), "finite and >= 0");
+}
+
 // AddLowRank against the double product on the host, at odd sizes and rank 1; bad shapes are
 // refused.
 TEST_F(CudaLowRankTest, AddLowRankMatchesHostProduct) {

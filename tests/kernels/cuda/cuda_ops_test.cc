@@ -11,6 +11,8 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/dtype.h"
@@ -357,6 +359,82 @@ TEST_F(CudaOpsTest, Bf16OutputsEqualConvertedF32Outputs) {
     ASSERT_TRUE(be.SiluMul(xd, ud, yb).ok());
     EXPECT_EQ(bits(yb), bits(as_bf16(y)));
   }
+}
+
+// ConcatColumns on the GPU equals the CPU backend's bit for bit in every dtype combination (the
+// same conversions), at odd widths and one row; mismatched shapes are refused.
+TEST_F(CudaOpsTest, ConcatColumnsEqualsCpu) {
+  Backend& be = Get(ComputeDType::kBF16);
+  auto cpu = CreateBackend(BackendOptions{});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  uint64_t seed = 470;
+  auto bytes = [](const Tensor& host) {
+    const auto* p = static_cast<const uint8_t*>(host.raw());
+    return std::vector<uint8_t>(p, p + host.nbytes());
+  };
+  for (const auto& [m, ca, cb] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 33, 5}, {300, 257, 64}}) {
+    for (DType da : {DType::kF32, DType::kBF16}) {
+      for (DType db : {DType::kF32, DType::kBF16}) {
+        for (DType dout : {DType::kF32, DType::kBF16}) {
+          SCOPED_TRACE(testing::Message() << m << "x" << ca << "+" << cb << " " << DTypeName(da)
+                                          << " " << DTypeName(db) << " -> " << DTypeName(dout));
+          // Host tensors of each dtype (BF16 from the CPU backend's conversion).
+          auto host_of = [&](DType d, int64_t cols) {
+            Tensor f = Tensor::FromVector(Random(m * cols, seed++, 4.0f), {m, cols});
+            if (d == DType::kF32) return f;
+            Tensor b = Tensor::Zeros(DType::kBF16, {m, cols});
+            EXPECT_TRUE((*cpu)->Convert(f, b).ok());
+            return b;
+          };
+          const Tensor a = host_of(da, ca), b = host_of(db, cb);
+          Tensor want = Tensor::Zeros(dout, {m, ca + cb});
+          ASSERT_TRUE((*cpu)->ConcatColumns(a, b, want).ok());
+          auto ad = be.ToDevice(a), bd = be.ToDevice(b);
+          ASSERT_TRUE(ad.ok() && bd.ok());
+          auto out = be.Alloc(dout, {m, ca + cb});
+          ASSERT_TRUE(out.ok());
+          ASSERT_TRUE(be.ConcatColumns(*ad, *bd, *out).ok());
+          auto got = be.ToHost(*out);
+          ASSERT_TRUE(got.ok());
+          EXPECT_EQ(bytes(*got), bytes(want));
+        }
+      }
+    }
+  }
+  auto a = be.Alloc(DType::kF32, {4, 3}), b = be.Alloc(DType::kF32, {5, 2}),
+       out = be.Alloc(DType::kF32, {4, 5});
+  ASSERT_TRUE(a.ok() && b.ok() && out.ok());
+  const absl::Status bad = be.ConcatColumns(*a, *b, *out);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+  EXPECT_NE(bad.message().find("ConcatColumns"), std::string::npos) << bad;
+}
+
+// The joined low-rank product of the model (Model::ApplyJoined): [x | t]·[W | L_A]ᵀ in one bf16
+// GEMM equals x·Wᵀ plus t·L_Aᵀ added by a second one, within fp32 summation order.
+TEST_F(CudaOpsTest, JoinedLowRankProductMatchesTwoProducts) {
+  Backend& be = Get(ComputeDType::kBF16);
+  const int64_t m = 300, k = 257, n = 190, r = 16;
+  uint64_t seed = 480;
+  Tensor x = Upload(be, Random(m * k, seed++), {m, k});
+  Tensor w = Upload(be, Random(n * k, seed++), {n, k});
+  Tensor la = Upload(be, Random(n * r, seed++, 0.1f), {n, r});
+  Tensor lb = Upload(be, Random(r * k, seed++, 0.1f), {r, k});
+  auto xb = be.Alloc(DType::kBF16, {m, k});
+  ASSERT_TRUE(xb.ok() && be.Convert(x, *xb).ok());
+  auto t = be.Alloc(DType::kF32, {m, r});
+  ASSERT_TRUE(t.ok() && be.Linear(*xb, lb, nullptr, *t, false).ok());
+  Tensor two = Poisoned(be, {m, n});
+  ASSERT_TRUE(be.Linear(*xb, w, nullptr, two, false).ok());
+  ASSERT_TRUE(be.Linear(*t, la, nullptr, two, true).ok());
+  auto xt = be.Alloc(DType::kBF16, {m, k + r});
+  auto wt = be.Alloc(DType::kBF16, {n, k + r});
+  ASSERT_TRUE(xt.ok() && wt.ok());
+  ASSERT_TRUE(be.ConcatColumns(*xb, *t, *xt).ok());
+  ASSERT_TRUE(be.ConcatColumns(w, la, *wt).ok());
+  Tensor joined = Poisoned(be, {m, n});
+  ASSERT_TRUE(be.Linear(*xt, *wt, nullptr, joined, false).ok());
+  EXPECT_LE(RelError(Download(be, joined), Download(be, two)), kLinearF32Bound);
 }
 
 TEST_F(CudaOpsTest, EmbeddingGathersRows) {
