@@ -607,6 +607,36 @@ TEST_P(CpuOpsTest, Add) {
   }
 }
 
+// ConcatColumns: row r of out is row r of a then row r of b, each value as Convert makes it
+// (bf16 round to nearest even, exact widening); mismatched shapes are refused.
+TEST_P(CpuOpsTest, ConcatColumns) {
+  const int64_t m = 5, ca = 7, cb = 3;
+  const Tensor a = rng_.Floats({m, ca}, 3.0f), bf = rng_.Floats({m, cb}, 3.0f);
+  Tensor b = Tensor::Zeros(DType::kBF16, {m, cb});
+  ASSERT_TRUE(backend_->Convert(bf, b).ok());
+  for (DType dout : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(dout));
+    Tensor out = Tensor::Zeros(dout, {m, ca + cb});
+    ASSERT_TRUE(backend_->ConcatColumns(a, b, out).ok());
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t c = 0; c < ca + cb; ++c) {
+        const float v =
+            c < ca ? a.data<float>()[r * ca + c] : Bf16ToFloat(b.data<uint16_t>()[r * cb + c - ca]);
+        const int64_t i = r * (ca + cb) + c;
+        if (dout == DType::kF32) {
+          ASSERT_EQ(out.data<float>()[i], v) << r << ", " << c;
+        } else {
+          ASSERT_EQ(out.data<uint16_t>()[i], FloatToBf16(v)) << r << ", " << c;
+        }
+      }
+    }
+  }
+  Tensor wrong = Tensor::Zeros(DType::kF32, {m, ca + cb + 1});
+  const absl::Status bad = backend_->ConcatColumns(a, b, wrong);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+  EXPECT_NE(bad.message().find("ConcatColumns"), std::string::npos) << bad;
+}
+
 TEST_P(CpuOpsTest, Embedding) {
   struct Case {
     int vocab;
