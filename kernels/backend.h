@@ -56,7 +56,8 @@ enum class SolverOp {
   kGptq,
   kQuantizeRtn,
   kOutputError,
-  kErrorReconstruction,  // CholeskyWhitening, ReconstructError, AddLowRank, LowRankOutputError
+  kErrorReconstruction,  // CholeskyWhitening, WhiteningDelta, ReconstructError, AddLowRank,
+                         // LowRankOutputError
   kSmoothing,            // ChannelAbsStats, ScaleColumns, DivideRows
 };
 
@@ -503,6 +504,11 @@ class Backend {
   // positive definite (like engine::CholeskyWhitening).
   virtual absl::StatusOr<Tensor> CholeskyWhitening(const Tensor& gram, double damp) {
     return Unsupported("CholeskyWhitening");
+  }
+  // The δ that CholeskyWhitening(gram, damp) adds, damp · mean(diag G) (for
+  // LowRankOptions::whitening_delta). InvalidArgument for a bad damp or a non-square gram.
+  virtual absl::StatusOr<double> WhiteningDelta(const Tensor& gram, double damp) {
+    return Unsupported("WhiteningDelta");
   }
   // Error reconstruction of E = w − w_hat (F32 [d_out, d_in] each) with the whitening factor
   // `whitening`: F32 [d_in, d_in] lower triangular S (Cholesky), F32 [d_in] diagonal s (LQER; a

@@ -149,6 +149,7 @@ class CudaBackend final : public Backend {
   absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
                                      const Tensor& gram) override;
   absl::StatusOr<Tensor> CholeskyWhitening(const Tensor& gram, double damp) override;
+  absl::StatusOr<double> WhiteningDelta(const Tensor& gram, double damp) override;
   absl::StatusOr<LowRankTensors> ReconstructError(const Tensor& w, const Tensor& w_hat,
                                                   const Tensor& whitening,
                                                   const LowRankOptions& options) override;

@@ -170,6 +170,10 @@ absl::StatusOr<Tensor> CudaBackend::CholeskyWhitening(const Tensor& gram, double
   return cuda::CholeskyWhitening(SolverContext(), gram, damp);
 }
 
+absl::StatusOr<double> CudaBackend::WhiteningDelta(const Tensor& gram, double damp) {
+  return cuda::WhiteningDelta(SolverContext(), gram, damp);
+}
+
 absl::StatusOr<LowRankTensors> CudaBackend::ReconstructError(const Tensor& w, const Tensor& w_hat,
                                                              const Tensor& whitening,
                                                              const LowRankOptions& options) {

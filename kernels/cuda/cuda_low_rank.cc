@@ -618,7 +618,28 @@ absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, c
   return f;
 }
 
+// δ = damp · mean(diag G) of the square gram, its diagonal summed in double in column order.
+absl::StatusOr<double> DeltaOf(const QuantContext& ctx, const Tensor& gram, double damp) {
+  QCAL_ASSIGN_OR_RETURN(auto diag, DownloadDiagonal(ctx, gram, "reading the Gram diagonal"));
+  double diag_sum = 0;
+  for (float d : diag) diag_sum += static_cast<double>(d);
+  return damp * (diag_sum / static_cast<double>(gram.dim(0)));
+}
+
 }  // namespace
+
+absl::StatusOr<double> WhiteningDelta(const QuantContext& ctx, const Tensor& gram, double damp) {
+  if (!std::isfinite(damp) || damp < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("whitening: damp must be >= 0, got ", damp));
+  }
+  QCAL_RETURN_IF_ERROR(ExpectMatrix(gram, "WhiteningDelta", "gram"));
+  if (gram.dim(1) != gram.dim(0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("WhiteningDelta: gram ", gram.DebugString(), " is not square"));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
+  return DeltaOf(ctx, gram, damp);
+}
 
 absl::StatusOr<Tensor> CholeskyWhitening(const QuantContext& ctx, const Tensor& gram, double damp) {
   if (!std::isfinite(damp) || damp < 0) {
@@ -632,10 +653,7 @@ absl::StatusOr<Tensor> CholeskyWhitening(const QuantContext& ctx, const Tensor& 
   }
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
   QCAL_RETURN_IF_ERROR(CheckFiniteMatrix(ctx, gram, /*upper_only=*/true, "whitening: gram"));
-  QCAL_ASSIGN_OR_RETURN(auto diag, DownloadDiagonal(ctx, gram, "reading the Gram diagonal"));
-  double diag_sum = 0;
-  for (float d : diag) diag_sum += static_cast<double>(d);
-  const double delta = damp * (diag_sum / static_cast<double>(n));
+  QCAL_ASSIGN_OR_RETURN(const double delta, DeltaOf(ctx, gram, damp));
 
   // G + δI in the row-major lower triangle, which is the column-major upper triangle: potrf(upper)
   // there computes Uᵀ U = A, and the column-major U read row-major is the lower L with L Lᵀ = A.

@@ -51,6 +51,10 @@ namespace qcal::kernels::cuda {
 
 absl::StatusOr<Tensor> CholeskyWhitening(const QuantContext& ctx, const Tensor& gram, double damp);
 
+// The δ that CholeskyWhitening(gram, damp) adds: damp · mean(diag G), the diagonal summed in
+// double.
+absl::StatusOr<double> WhiteningDelta(const QuantContext& ctx, const Tensor& gram, double damp);
+
 absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const Tensor& w,
                                                 const Tensor& w_hat, const Tensor& whitening,
                                                 const LowRankOptions& options);

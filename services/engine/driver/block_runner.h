@@ -320,12 +320,13 @@ class BlockRunner {
   bool DeviceReconstruction() const;
   // A device whitening factor for ReconstructOnDevice: CholeskyWhitening's (order empty), LQER's
   // diagonal, none (undefined), or GPTQ's factor of the same damped Gram matrix in its visiting
-  // order (from_gptq; its δ then lets the randomized SVD skip forming E·S).
+  // order. A Cholesky factor of either kind has its δ (cholesky), which lets the randomized SVD
+  // skip forming E·S.
   struct DeviceWhitening {
     Tensor factor;
     std::vector<int32_t> order;
     double delta = 0;
-    bool from_gptq = false;
+    bool cholesky = false;
   };
   absl::StatusOr<DeviceWhitening> DeviceWhiteningOf(const InputStatistics& stats,
                                                     kernels::GptqFactor& factor);

@@ -169,7 +169,7 @@ absl::Status BlockRunner::ReconstructOnDevice(LinearInput in, const Tensor& w, c
   opt.rank = static_cast<int>(MaxRank(d_out, d_in, eopt));
   opt.svd = kernels::SvdMethod::kRandomized;
   opt.whitening_order = whitening.order;
-  if (whitening.from_gptq) {
+  if (whitening.cholesky) {
     // quantized_error is ‖E·Xᵀ‖ of this E and Gram matrix (OutputError), and S·Sᵀ = G + δI.
     opt.gram_error_sq = quantized_error * quantized_error;
     opt.whitening_delta = whitening.delta;
@@ -275,7 +275,7 @@ absl::StatusOr<BlockRunner::DeviceWhitening> BlockRunner::DeviceWhiteningOf(
     out.factor = std::move(factor.whitening);
     out.order = std::move(factor.whitening_order);
     out.delta = factor.whitening_delta;
-    out.from_gptq = true;
+    out.cholesky = true;
     factor.whitening = Tensor();
     factor.whitening_order.clear();
     return out;
@@ -287,6 +287,8 @@ absl::StatusOr<BlockRunner::DeviceWhitening> BlockRunner::DeviceWhiteningOf(
                       absl::StrCat("whitening of block ", b_, " (", RecipeName(kind), ")"));
     }
     out.factor = *std::move(s);
+    QCAL_ASSIGN_OR_RETURN(out.delta, be_.WhiteningDelta(stats.gram, recipe_.gptq.damp));
+    out.cholesky = true;
     return out;
   }
   if (kind == Whitening::kDiagonal) {

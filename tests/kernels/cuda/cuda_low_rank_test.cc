@@ -516,9 +516,10 @@ TEST_F(CudaLowRankTest, BadInputIsInvalidArgument) {
 // keep_whitening): S·Sᵀ equals (G + δI)[order, order] to fp32 Cholesky's backward error, with
 // δ = float(damp · mean diag G) and order = the reversed visiting order; reconstruction with it
 // (E's columns gathered, L_B's scattered back) reaches CholeskyWhitening's errors; the randomized
-// SVD's thin products (gram_error_sq) give the formed path's factors. d_in = 1100 takes the panel
-// products. Where GPTQ does not factor exactly G + δI (dead or outlier columns), or when not
-// asked, no factor is kept; bad orders and options are refused.
+// SVD's thin products (gram_error_sq) give the formed path's factors, with GPTQ's factor and with
+// CholeskyWhitening's and its δ (WhiteningDelta). d_in = 1100 takes the panel products. Where GPTQ
+// does not factor exactly G + δI (dead or outlier columns), or when not asked, no factor is kept;
+// bad orders and options are refused.
 TEST_F(CudaLowRankTest, GptqFactorServesAsTheWhiteningFactor) {
   // fp32 Cholesky: ‖S·Sᵀ − A‖_F <= this · ‖A‖_F (backward error about √n·u at these sizes).
   constexpr double kFactorBound = 2e-5;
@@ -629,8 +630,35 @@ TEST_F(CudaLowRankTest, GptqFactorServesAsTheWhiteningFactor) {
       const double before_sq = got->error_before * got->error_before;
       EXPECT_NEAR(implicit->error_after * implicit->error_after,
                   got->error_after * got->error_after, 2.5 * kOutputErrorBound * before_sq);
+
+      // CholeskyWhitening's factor in natural order with its δ (WhiteningDelta): the same against
+      // its formed path.
+      auto delta = be_->WhiteningDelta(gram, 0.01);
+      ASSERT_TRUE(delta.ok()) << delta.status();
+      EXPECT_EQ(*delta, 0.01 * (diag_sum / double(n)));
+      LowRankOptions natural;
+      natural.rank = static_cast<int>(rank);
+      natural.gram_error_sq = thin.gram_error_sq;
+      natural.whitening_delta = *delta;
+      auto chol_thin = be_->ReconstructError(w, w_hat, *chol, natural);
+      ASSERT_TRUE(chol_thin.ok()) << chol_thin.status();
+      for (size_t i = 0; i < ref->singular_values.size(); ++i) {
+        EXPECT_NEAR(chol_thin->singular_values[i], ref->singular_values[i],
+                    kThinSigmaBound * ref->singular_values[0])
+            << "sigma " << i;
+      }
+      EXPECT_LE(RelativeDifference(
+                    Product(Download(chol_thin->a), Download(chol_thin->b), c.d_out, n, rank),
+                    Product(Download(ref->a), Download(ref->b), c.d_out, n, rank)),
+                kThinProductBound);
+      EXPECT_NEAR(chol_thin->error_before, ref->error_before,
+                  kOutputErrorBound * ref->error_before);
     }
   }
+  EXPECT_EQ(be_->WhiteningDelta(Upload(std::vector<float>(6, 1.0f), {2, 3}), 0.01).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(be_->WhiteningDelta(Upload(std::vector<float>(4, 1.0f), {2, 2}), -1).status().code(),
+            absl::StatusCode::kInvalidArgument);
 
   // None kept: not asked, an outlier column, a dead column.
   const int64_t n = 64;
