@@ -734,12 +734,15 @@ double GramErrorSq(const Layer& l, const std::vector<double>& p) {
   return sum;
 }
 
-// LowRankOutputError (thin products from ‖E·Xᵀ‖²) against the corrected weight's error: given the
-// exact ‖E·Xᵀ‖², within 1e-5 of the double reference; given OutputError's (TF32), within 1e-3 of
-// OutputError of w_hat + a·b. Bad shapes and error_sq are refused.
+// LowRankOutputError (thin products from ‖E·Xᵀ‖²) against the corrected weight's error. Its
+// rounding is relative to ‖E·Xᵀ‖² (the result is a difference from it): given the exact ‖E·Xᵀ‖²,
+// the squared result is within 1e-5 · ‖E·Xᵀ‖² of the double reference's (at full rank, 1 x 1,
+// the true residual is ~1e-9 and the result is fp32 noise of that size); given OutputError's
+// (TF32, within 5e-4), the result is within 2e-3 · ‖E·Xᵀ‖ of OutputError of w_hat + a·b (two TF32
+// measurements; 1.1e-3 measured at 150 x 1100 on an H100). Bad shapes and error_sq are refused.
 TEST_F(CudaLowRankTest, LowRankOutputErrorMatchesTheCorrectedWeight) {
   constexpr double kExactBound = 1e-5;
-  constexpr double kTf32Bound = 1e-3;
+  constexpr double kTf32Bound = 2e-3;
   struct Case {
     int64_t d_out, d_in, rank;
   };
@@ -757,10 +760,10 @@ TEST_F(CudaLowRankTest, LowRankOutputErrorMatchesTheCorrectedWeight) {
     ASSERT_TRUE(lr.ok()) << lr.status();
     const std::vector<double> p =
         Product(Download(lr->a), Download(lr->b), c.d_out, c.d_in, lr->rank);
-    const double want = std::sqrt(std::max(0.0, GramErrorSq(l, p)));
-    auto exact = be_->LowRankOutputError(w, w_hat, lr->a, lr->b, gram, GramErrorSq(l, {}));
+    const double want_sq = std::max(0.0, GramErrorSq(l, p)), before_sq = GramErrorSq(l, {});
+    auto exact = be_->LowRankOutputError(w, w_hat, lr->a, lr->b, gram, before_sq);
     ASSERT_TRUE(exact.ok()) << exact.status();
-    EXPECT_NEAR(*exact, want, kExactBound * want + 1e-12);
+    EXPECT_NEAR(*exact * *exact, want_sq, kExactBound * before_sq);
 
     auto before = be_->OutputError(w, w_hat, gram);
     ASSERT_TRUE(before.ok()) << before.status();
@@ -770,7 +773,7 @@ TEST_F(CudaLowRankTest, LowRankOutputErrorMatchesTheCorrectedWeight) {
     ASSERT_TRUE(be_->AddLowRank(lr->a, lr->b, w_eff).ok());
     auto formed = be_->OutputError(w, w_eff, gram);
     ASSERT_TRUE(formed.ok()) << formed.status();
-    EXPECT_NEAR(*thin, *formed, kTf32Bound * *formed + 1e-12);
+    EXPECT_NEAR(*thin, *formed, kTf32Bound * *before);
     EXPECT_LT(*thin, *before);
   }
 
