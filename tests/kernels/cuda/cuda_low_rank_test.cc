@@ -734,15 +734,16 @@ double GramErrorSq(const Layer& l, const std::vector<double>& p) {
   return sum;
 }
 
-// LowRankOutputError (thin products from ‖E·Xᵀ‖²) against the corrected weight's error. Its
-// rounding is relative to ‖E·Xᵀ‖² (the result is a difference from it): given the exact ‖E·Xᵀ‖²,
-// the squared result is within 1e-5 · ‖E·Xᵀ‖² of the double reference's (at full rank, 1 x 1,
-// the true residual is ~1e-9 and the result is fp32 noise of that size); given OutputError's
-// (TF32, within 5e-4), the result is within 2e-3 · ‖E·Xᵀ‖ of OutputError of w_hat + a·b (two TF32
-// measurements; 1.1e-3 measured at 150 x 1100 on an H100). Bad shapes and error_sq are refused.
+// LowRankOutputError (thin products from ‖E·Xᵀ‖²) against the corrected weight's error. The
+// result is a difference from ‖E·Xᵀ‖², so its rounding is relative to that, and both bounds are on
+// squares: given the exact ‖E·Xᵀ‖², the squared result is within 1e-5 · ‖E·Xᵀ‖² of the double
+// reference's (1 x 1 at full rank leaves a true residual of ~1e-16 and fp32 rounding); given
+// OutputError's (TF32: within 5e-4 in value, so about 1e-3 in square), within 5e-3 · ‖E·Xᵀ‖² of
+// OutputError of w_hat + a·b squared (two TF32 measurements; measured on an H100 before E was
+// formed first: 2.2e-3 at 150 x 1100). Bad shapes and error_sq are refused.
 TEST_F(CudaLowRankTest, LowRankOutputErrorMatchesTheCorrectedWeight) {
   constexpr double kExactBound = 1e-5;
-  constexpr double kTf32Bound = 2e-3;
+  constexpr double kTf32Bound = 5e-3;
   struct Case {
     int64_t d_out, d_in, rank;
   };
@@ -773,7 +774,7 @@ TEST_F(CudaLowRankTest, LowRankOutputErrorMatchesTheCorrectedWeight) {
     ASSERT_TRUE(be_->AddLowRank(lr->a, lr->b, w_eff).ok());
     auto formed = be_->OutputError(w, w_eff, gram);
     ASSERT_TRUE(formed.ok()) << formed.status();
-    EXPECT_NEAR(*thin, *formed, kTf32Bound * *before);
+    EXPECT_NEAR(*thin * *thin, *formed * *formed, kTf32Bound * *before * *before);
     EXPECT_LT(*thin, *before);
   }
 
