@@ -193,21 +193,33 @@ absl::Status Model::HoldWeightOperands(int b, std::initializer_list<LinearKind> 
     const Linear& l = blocks_[b].at(kind);
     if (l.abq || !l.weight.defined()) continue;
     QCAL_ASSIGN_OR_RETURN(Tensor op, Operand(l.weight));
-    held_weights_.push_back(HeldWeight{&l, l.weight, std::move(op)});
+    HeldWeight h{&l, l.weight, std::move(op), Tensor(), Tensor()};
+    if (OperandsAreBf16() && l.lora_a.defined() && !ReadsInput(l) && l.d_in() < 2 * l.d_out()) {
+      QCAL_ASSIGN_OR_RETURN(h.joined, backend_->AllocUninitialized(
+                                          DType::kBF16, {l.d_out(), l.d_in() + l.lora_a.dim(1)}));
+      QCAL_RETURN_IF_ERROR(backend_->ConcatColumns(h.op, l.lora_a, h.joined));
+      h.lora_a = l.lora_a;
+    }
+    held_weights_.push_back(std::move(h));
   }
   return absl::OkStatus();
 }
 
 void Model::ReleaseWeightOperands() { held_weights_.clear(); }
 
-const Tensor& Model::WeightOperand(const Linear& l) const {
+const Model::HeldWeight* Model::HeldOf(const Linear& l) const {
   for (const HeldWeight& h : held_weights_) {
     if (h.linear == &l && h.weight.raw() == l.weight.raw() &&
         h.weight.shape() == l.weight.shape()) {
-      return h.op;
+      return &h;
     }
   }
-  return l.weight;
+  return nullptr;
+}
+
+const Tensor& Model::WeightOperand(const Linear& l) const {
+  const HeldWeight* h = HeldOf(l);
+  return h ? h->op : l.weight;
 }
 
 bool Model::OperandsAreBf16() const {
@@ -297,6 +309,11 @@ absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tenso
   QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
   QCAL_ASSIGN_OR_RETURN(Tensor xt, be.AllocUninitialized(DType::kBF16, {rows, k + r}));
   QCAL_RETURN_IF_ERROR(be.ConcatColumns(x_op, t, xt));
+  const HeldWeight* held = HeldOf(l);
+  if (held && held->joined.defined() && held->lora_a.raw() == l.lora_a.raw() &&
+      held->lora_a.shape() == l.lora_a.shape()) {
+    return be.Linear(xt, held->joined, bias, y, accumulate);
+  }
   QCAL_ASSIGN_OR_RETURN(Tensor wt, be.AllocUninitialized(DType::kBF16, {l.d_out(), k + r}));
   QCAL_RETURN_IF_ERROR(be.ConcatColumns(WeightOperand(l), l.lora_a, wt));
   return be.Linear(xt, wt, bias, y, accumulate);

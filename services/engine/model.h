@@ -408,12 +408,19 @@ class Model {
 
   // Weight operands held by HoldWeightOperands: the linear, the weight they were made from, the
   // operand.
+  // A held weight operand; for a linear whose low-rank branch joins the weight's product
+  // (JoinsLowRank), also [op | L_A] in bf16 (joined, made for lora_a), so that the chunks of a
+  // pass do not each join it again.
   struct HeldWeight {
     const Linear* linear;
     Tensor weight;
     Tensor op;
+    Tensor lora_a;
+    Tensor joined;
   };
   std::vector<HeldWeight> held_weights_;
+  // The held entry of l's current weight, or null.
+  const HeldWeight* HeldOf(const Linear& l) const;
   // l's weight as its products read it: a held operand of it, else the weight.
   const Tensor& WeightOperand(const Linear& l) const;
 };
