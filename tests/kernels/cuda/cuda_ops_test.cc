@@ -374,9 +374,12 @@ TEST_F(CudaOpsTest, ConcatColumnsEqualsCpu) {
     const auto* p = static_cast<const uint8_t*>(host.raw());
     return std::vector<uint8_t>(p, p + host.nbytes());
   };
-  for (const auto& [m, ca, cb] :
-       {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 33, 5}, {300, 257, 64}, {5, 8, 8},
-        {300, 256, 64}, {3, 16, 24}}) {
+  for (const auto& [m, ca, cb] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1},
+                                  {7, 33, 5},
+                                  {300, 257, 64},
+                                  {5, 8, 8},
+                                  {300, 256, 64},
+                                  {3, 16, 24}}) {
     for (DType da : {DType::kF32, DType::kBF16}) {
       for (DType db : {DType::kF32, DType::kBF16}) {
         for (DType dout : {DType::kF32, DType::kBF16}) {
