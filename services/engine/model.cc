@@ -194,7 +194,7 @@ absl::Status Model::HoldWeightOperands(int b, std::initializer_list<LinearKind> 
     if (l.abq || !l.weight.defined()) continue;
     QCAL_ASSIGN_OR_RETURN(Tensor op, Operand(l.weight));
     HeldWeight h{&l, l.weight, std::move(op), Tensor(), Tensor()};
-    if (OperandsAreBf16() && l.lora_a.defined() && !ReadsInput(l) && l.d_in() < 2 * l.d_out()) {
+    if (JoinsLowRank(l)) {
       QCAL_ASSIGN_OR_RETURN(h.joined, backend_->AllocUninitialized(
                                           DType::kBF16, {l.d_out(), l.d_in() + l.lora_a.dim(1)}));
       QCAL_RETURN_IF_ERROR(backend_->ConcatColumns(h.op, l.lora_a, h.joined));
@@ -283,7 +283,8 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
     QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
   } else if (l.act_bits < 16) {
     QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, WeightOperand(l), bias, y, accumulate));
-  } else if (JoinsLowRank(l, x_op)) {
+  } else if (JoinsLowRank(l) && x_op.defined() && x_op.dtype() == DType::kBF16 &&
+             x_op.dim(0) >= l.d_in()) {
     return ApplyJoined(l, x_op, bias, y, accumulate);
   } else {
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, WeightOperand(l), bias, y, accumulate));
@@ -296,9 +297,8 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
   return absl::OkStatus();
 }
 
-bool Model::JoinsLowRank(const Linear& l, const Tensor& x_op) const {
-  return OperandsAreBf16() && l.lora_a.defined() && !ReadsInput(l) && x_op.defined() &&
-         x_op.dtype() == DType::kBF16 && l.d_in() < 2 * l.d_out() && x_op.dim(0) >= l.d_in();
+bool Model::JoinsLowRank(const Linear& l) const {
+  return OperandsAreBf16() && l.lora_a.defined() && !ReadsInput(l) && l.d_in() < 2 * l.d_out();
 }
 
 absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tensor* bias, Tensor& y,

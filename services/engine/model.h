@@ -354,14 +354,15 @@ class Model {
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, const Tensor& x_op, Tensor& y,
                            bool accumulate);
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
-  // Whether ApplyLinear computes l's weight and low-rank branches as one product,
-  // y = [x | t]·[W | L_A]ᵀ with t = x·L_Bᵀ (ApplyJoined): on a device computing in bf16, for a
-  // low-rank branch beside a plain weight branch, where writing y once instead of adding the
-  // branch into it saves more than copying x costs (d_in < 2·d_out: fp32 y read and written
-  // against bf16 x copied) and the rows outnumber the weight's columns (so that joining the
-  // weight, made each call, stays small beside them). The operands are rounded as the two
-  // products round them (x, t, W and L_A to bf16); only the fp32 summation order differs.
-  bool JoinsLowRank(const Linear& l, const Tensor& x_op) const;
+  // Whether l's weight and low-rank branches may run as one product, y = [x | t]·[W | L_A]ᵀ with
+  // t = x·L_Bᵀ (ApplyJoined): on a device computing in bf16, for a low-rank branch beside a plain
+  // weight branch, where writing y once instead of adding the branch into it saves more than
+  // copying x costs (d_in < 2·d_out: fp32 y read and written against bf16 x copied). ApplyLinear
+  // joins them when also its bf16 operand's rows outnumber the weight's columns (so that joining
+  // the weight, when no held one is joined already, stays small beside them). The operands are
+  // rounded as the two products round them (x, t, W and L_A to bf16); only the fp32 summation
+  // order differs.
+  bool JoinsLowRank(const Linear& l) const;
   absl::Status ApplyJoined(const Linear& l, const Tensor& x_op, const Tensor* bias, Tensor& y,
                            bool accumulate);
   // y [rows, d_out] = linear `kind` of block b applied to x (bias included); x_op as ApplyLinear's.
@@ -408,7 +409,7 @@ class Model {
 
   // Weight operands held by HoldWeightOperands: the linear, the weight they were made from, the
   // operand.
-  // A held weight operand; for a linear whose low-rank branch joins the weight's product
+  // A held weight operand; for a linear whose low-rank branch may join the weight's product
   // (JoinsLowRank), also [op | L_A] in bf16 (joined, made for lora_a), so that the chunks of a
   // pass do not each join it again.
   struct HeldWeight {
