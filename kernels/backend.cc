@@ -112,6 +112,23 @@ absl::Status Backend::CheckConcatColumns(const Tensor& a, const Tensor& b, const
   return absl::OkStatus();
 }
 
+absl::Status Backend::CheckWriteColumns(const Tensor& src, int64_t first, const Tensor& out,
+                                        Device device) {
+  auto matrix = [device](const Tensor& t) {
+    return t.defined() && t.rank() == 2 && t.device() == device &&
+           (t.dtype() == DType::kF32 || t.dtype() == DType::kBF16);
+  };
+  if (!matrix(src) || !matrix(out) || src.dim(0) != out.dim(0) || first < 0 ||
+      first > out.dim(1) - src.dim(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "WriteColumns: src ", src.defined() ? src.DebugString() : "undefined", " at column ", first,
+        " of out ", out.defined() ? out.DebugString() : "undefined",
+        " (F32 or BF16 matrices on this backend's device with the same rows, the columns inside "
+        "out)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Backend::CheckGemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
                                        float beta, const Tensor& c) {
   auto operand = [](const Tensor& t) {

@@ -195,6 +195,11 @@ class Backend {
   // the operand of a product whose K joins two inputs (Model's joined low-rank branch).
   // InvalidArgument for other dtypes or shapes.
   virtual absl::Status ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) = 0;
+  // out[:, first : first + c] = src for src [m, c] and out [m, n] (F32 or BF16 each) on this
+  // backend's device, converted as Convert does; out's other columns are left as they are: the
+  // t columns of a joined operand [x | t] whose x columns several products share (Model).
+  // InvalidArgument for other dtypes or shapes, or columns outside out.
+  virtual absl::Status WriteColumns(const Tensor& src, int64_t first, Tensor& out) = 0;
   // Bytes of device memory still available for new tensors (free memory plus this backend's cached
   // blocks, within BackendOptions::memory_limit_bytes), or -1 for a backend that computes in host
   // memory and plans none. Default: -1.
@@ -576,6 +581,10 @@ class Backend {
   // b.dim(0) == out.dim(0) and out.dim(1) == a.dim(1) + b.dim(1).
   static absl::Status CheckConcatColumns(const Tensor& a, const Tensor& b, const Tensor& out,
                                          Device device);
+  // WriteColumns' checks: src and out F32 or BF16 matrices on `device` with the same rows, and
+  // 0 <= first <= out.dim(1) - src.dim(1).
+  static absl::Status CheckWriteColumns(const Tensor& src, int64_t first, const Tensor& out,
+                                        Device device);
   // GemmBatched's operand checks: rank-3 F32 or BF16 a, b and c of one batch whose shapes fit,
   // and beta == 0 for a BF16 c.
   static absl::Status CheckGemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,

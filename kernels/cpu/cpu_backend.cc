@@ -560,6 +560,24 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status WriteColumns(const Tensor& src, int64_t first, Tensor& out) override {
+    QCAL_RETURN_IF_ERROR(CheckWriteColumns(src, first, out, Device::kHost));
+    const int64_t m = src.dim(0), c = src.dim(1), n = out.dim(1);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t j = 0; j < c; ++j) {
+        const float v = src.dtype() == DType::kF32 ? src.data<float>()[r * c + j]
+                                                   : Bf16ToFloat(src.data<uint16_t>()[r * c + j]);
+        const int64_t i = r * n + first + j;
+        if (out.dtype() == DType::kF32) {
+          out.data<float>()[i] = v;
+        } else {
+          out.data<uint16_t>()[i] = FloatToBf16(v);
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status MirrorLower(Tensor& c) override {
     QCAL_RETURN_IF_ERROR(ExpectF32(c, "MirrorLower", "c"));
     const int64_t n = c.rank() >= 2 ? c.dim(-1) : -1;

@@ -275,6 +275,23 @@ absl::Status CudaBackend::ConcatColumns(const Tensor& a, const Tensor& b, Tensor
                     "ConcatColumns");
 }
 
+absl::Status CudaBackend::WriteColumns(const Tensor& src, int64_t first, Tensor& out) {
+  QCAL_RETURN_IF_ERROR(CheckWriteColumns(src, first, out, Device::kCuda));
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  const int64_t m = src.dim(0), c = src.dim(1), n = out.dim(1);
+  auto with_out = [&](const auto* sp) -> cudaError_t {
+    if (out.dtype() == DType::kF32) {
+      return cuda::LaunchWriteColumns(sp, c, out.data<float>() + first, n, m, stream());
+    }
+    return cuda::LaunchWriteColumns(sp, c, static_cast<__nv_bfloat16*>(out.raw()) + first, n, m,
+                                    stream());
+  };
+  return CudaStatus(src.dtype() == DType::kF32
+                        ? with_out(src.data<float>())
+                        : with_out(static_cast<const __nv_bfloat16*>(src.raw())),
+                    "WriteColumns");
+}
+
 absl::Status CudaBackend::MirrorLower(Tensor& c) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(c, DType::kF32, "MirrorLower", "c"));
   const int64_t n = c.rank() >= 2 ? c.dim(-1) : -1;

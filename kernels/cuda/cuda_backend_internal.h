@@ -85,6 +85,7 @@ class CudaBackend final : public Backend {
                          float beta, Tensor& c) override;
   absl::Status Convert(const Tensor& src, Tensor& dst) override;
   absl::Status ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) override;
+  absl::Status WriteColumns(const Tensor& src, int64_t first, Tensor& out) override;
   absl::Status MirrorLower(Tensor& c) override;
   absl::Status GemmBatched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
                            float alpha, float beta, Tensor& c, bool lower) override;

@@ -99,6 +99,17 @@ __global__ void ConcatBf16PiecesKernel(const uint4* a, int64_t a_pieces, const B
   }
 }
 
+// A row a grid row (a grid-stride loop over rows past 65535), the row's columns over the threads.
+template <typename S, typename T>
+__global__ void WriteColumnsKernel(const S* src, int64_t cols, T* out, int64_t ld, int64_t rows) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    for (int64_t j = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; j < cols;
+         j += int64_t{gridDim.x} * blockDim.x) {
+      StoreAs(out + r * ld + j, LoadAsFloat(src + r * cols + j));
+    }
+  }
+}
+
 // One 32x32 tile of the upper triangle per block, read as the transposed lower tile through
 // shared memory so that both the reads and the writes are coalesced. The +1 column avoids bank
 // conflicts on the transposed read.
@@ -213,5 +224,26 @@ QCAL_CONCAT_COLUMNS(float, __nv_bfloat16, __nv_bfloat16)
 QCAL_CONCAT_COLUMNS(__nv_bfloat16, float, __nv_bfloat16)
 QCAL_CONCAT_COLUMNS(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
 #undef QCAL_CONCAT_COLUMNS
+
+template <typename S, typename T>
+cudaError_t LaunchWriteColumns(const S* src, int64_t cols, T* out, int64_t ld, int64_t rows,
+                               cudaStream_t stream) {
+  if (rows * cols == 0) return cudaSuccess;
+  constexpr int kColumnThreads = 64;
+  const dim3 grid(static_cast<unsigned>(
+                      std::min<int64_t>((cols + kColumnThreads - 1) / kColumnThreads, 1 << 16)),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  WriteColumnsKernel<<<grid, kColumnThreads, 0, stream>>>(src, cols, out, ld, rows);
+  return cudaGetLastError();
+}
+
+#define QCAL_WRITE_COLUMNS(S, T)                                                         \
+  template cudaError_t LaunchWriteColumns<S, T>(const S*, int64_t, T*, int64_t, int64_t, \
+                                                cudaStream_t);
+QCAL_WRITE_COLUMNS(float, float)
+QCAL_WRITE_COLUMNS(float, __nv_bfloat16)
+QCAL_WRITE_COLUMNS(__nv_bfloat16, float)
+QCAL_WRITE_COLUMNS(__nv_bfloat16, __nv_bfloat16)
+#undef QCAL_WRITE_COLUMNS
 
 }  // namespace qcal::kernels::cuda

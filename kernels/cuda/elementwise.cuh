@@ -35,6 +35,11 @@ cudaError_t LaunchBf16ToF32(const __nv_bfloat16* x, float* y, int64_t n, cudaStr
 template <typename A, typename B, typename T>
 cudaError_t LaunchConcatColumns(const A* a, int64_t ca, const B* b, int64_t cb, T* out,
                                 int64_t rows, cudaStream_t stream);
+// out[r * ld + j] = src[r * cols + j] for r < rows and j < cols, converted to out's type as
+// LaunchConcatColumns converts. Instantiated for every combination of float and __nv_bfloat16.
+template <typename S, typename T>
+cudaError_t LaunchWriteColumns(const S* src, int64_t cols, T* out, int64_t ld, int64_t rows,
+                               cudaStream_t stream);
 // h[r, c] = h[c, r] for every c > r of a row-major h [k, k]: the lower triangle is copied onto
 // the upper one, so h becomes exactly symmetric.
 cudaError_t LaunchMirrorLowerToUpper(float* h, int64_t k, cudaStream_t stream);

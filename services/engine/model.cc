@@ -272,7 +272,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, boo
 }
 
 absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& x_op, Tensor& y,
-                                bool accumulate) {
+                                bool accumulate, Tensor* joined) {
   kernels::Backend& be = *backend_;
   const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
   if (ReadsInput(l) && !x.defined()) {
@@ -285,7 +285,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
     QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, WeightOperand(l), bias, y, accumulate));
   } else if (JoinsLowRank(l) && x_op.defined() && x_op.dtype() == DType::kBF16 &&
              x_op.dim(0) >= l.d_in()) {
-    return ApplyJoined(l, x_op, bias, y, accumulate);
+    return ApplyJoined(l, x_op, bias, y, accumulate, joined);
   } else {
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, WeightOperand(l), bias, y, accumulate));
   }
@@ -302,13 +302,22 @@ bool Model::JoinsLowRank(const Linear& l) const {
 }
 
 absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tensor* bias, Tensor& y,
-                                bool accumulate) {
+                                bool accumulate, Tensor* joined) {
   kernels::Backend& be = *backend_;
   const int64_t rows = x_op.dim(0), r = l.lora_b.dim(0), k = l.d_in();
   QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {rows, r}));
   QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
-  QCAL_ASSIGN_OR_RETURN(Tensor xt, be.AllocUninitialized(DType::kBF16, {rows, k + r}));
-  QCAL_RETURN_IF_ERROR(be.ConcatColumns(x_op, t, xt));
+  Tensor xt;
+  if (joined != nullptr && joined->defined() && joined->shape() == Shape{rows, k + r}) {
+    // The x columns are x_op's already (an earlier linear of the same input joined them): the
+    // copy of x, the larger part of the join, is made once for the input.
+    xt = *joined;
+    QCAL_RETURN_IF_ERROR(be.WriteColumns(t, k, xt));
+  } else {
+    QCAL_ASSIGN_OR_RETURN(xt, be.AllocUninitialized(DType::kBF16, {rows, k + r}));
+    QCAL_RETURN_IF_ERROR(be.ConcatColumns(x_op, t, xt));
+    if (joined != nullptr) *joined = xt;
+  }
   const HeldWeight* held = HeldOf(l);
   if (held && held->joined.defined() && held->lora_a.raw() == l.lora_a.raw() &&
       held->lora_a.shape() == l.lora_a.shape()) {
@@ -319,11 +328,12 @@ absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tenso
   return be.Linear(xt, wt, bias, y, accumulate);
 }
 
-absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op) {
+absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op,
+                                      Tensor* joined) {
   const Linear& l = blocks_[b].at(kind);
   const int64_t rows = x_op.defined() ? x_op.dim(0) : x.dim(0);
   QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {rows, l.d_out()}));
-  QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, x_op, y, false));
+  QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, x_op, y, false, joined));
   return y;
 }
 
@@ -356,9 +366,11 @@ absl::StatusOr<Tensor> Model::Attend(int b, const LinearOperand& in, const SeqSh
         x_op,
         SharedOperand({&w.at(LinearKind::kQ), &w.at(LinearKind::kK), &w.at(LinearKind::kV)}, x));
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x, x_op));
-  QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x, x_op));
-  QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x, x_op));
+  Tensor joined;  // [x_op | t] of q, k and v in turn (ApplyJoined)
+  QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x, x_op, &joined));
+  QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x, x_op, &joined));
+  QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x, x_op, &joined));
+  joined = Tensor();
   if (w.q_norm.defined()) {
     // Qwen3: RMSNorm over each head's features, before RoPE.
     const float eps = static_cast<float>(config_.rms_norm_eps);
@@ -436,8 +448,9 @@ absl::StatusOr<std::pair<Tensor, Tensor>> Model::GateUp(int b, const LinearOpera
     QCAL_ASSIGN_OR_RETURN(x_op,
                           SharedOperand({&bw.at(LinearKind::kGate), &bw.at(LinearKind::kUp)}, x));
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x, x_op));
-  QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x, x_op));
+  Tensor joined;  // [x_op | t] of gate and up in turn (ApplyJoined)
+  QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x, x_op, &joined));
+  QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x, x_op, &joined));
   return std::make_pair(std::move(gate), std::move(up));
 }
 

@@ -351,8 +351,11 @@ class Model {
   // y (+)= l applied to x: the weight branch (with its activation quantization and bias), then
   // the low-rank branch added. x_op is x as a GEMM operand (Operand), shared by the products that
   // read x; the overload without it makes one where two products of l share x (a low-rank branch).
+  // `joined`, when given, is the joined operand [x_op | t] that ApplyJoined made for an earlier
+  // linear reading the same x_op (undefined before the first): its x columns are reused, and only
+  // l's t is written into it.
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, const Tensor& x_op, Tensor& y,
-                           bool accumulate);
+                           bool accumulate, Tensor* joined = nullptr);
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
   // Whether l's weight and low-rank branches may run as one product, y = [x | t]·[W | L_A]ᵀ with
   // t = x·L_Bᵀ (ApplyJoined): on a device computing in bf16, for a low-rank branch beside a plain
@@ -364,9 +367,11 @@ class Model {
   // order differs.
   bool JoinsLowRank(const Linear& l) const;
   absl::Status ApplyJoined(const Linear& l, const Tensor& x_op, const Tensor* bias, Tensor& y,
-                           bool accumulate);
-  // y [rows, d_out] = linear `kind` of block b applied to x (bias included); x_op as ApplyLinear's.
-  absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op);
+                           bool accumulate, Tensor* joined);
+  // y [rows, d_out] = linear `kind` of block b applied to x (bias included); x_op and joined as
+  // ApplyLinear's (the linears of one input share a joined operand: q/k/v, gate/up).
+  absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op,
+                                 Tensor* joined = nullptr);
   // Whether a GEMM of l reads x as an operand (its low-rank branch, or its weight branch without
   // an ABQ kernel or activation quantization): then an Operand of x shared by several products
   // saves conversions.

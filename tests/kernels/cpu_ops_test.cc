@@ -637,6 +637,41 @@ TEST_P(CpuOpsTest, ConcatColumns) {
   EXPECT_NE(bad.message().find("ConcatColumns"), std::string::npos) << bad;
 }
 
+// WriteColumns: columns first .. first + c of out are src's, converted as Convert does; the others
+// keep their values; columns reaching past out are refused.
+TEST_P(CpuOpsTest, WriteColumns) {
+  const int64_t m = 4, c = 3, n = 9, first = 5;
+  const Tensor src = rng_.Floats({m, c}, 3.0f);
+  for (DType dout : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(dout));
+    const Tensor before = rng_.Floats({m, n}, 3.0f);
+    Tensor out = Tensor::Zeros(dout, {m, n}), kept = Tensor::Zeros(dout, {m, n});
+    for (Tensor* t : {&out, &kept}) {
+      ASSERT_TRUE(
+          (dout == DType::kF32 ? backend_->Copy(before, *t) : backend_->Convert(before, *t)).ok());
+    }
+    ASSERT_TRUE(backend_->WriteColumns(src, first, out).ok());
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = r * n + j;
+        const bool written = j >= first && j < first + c;
+        const float v = src.data<float>()[r * c + (written ? j - first : 0)];
+        if (dout == DType::kF32) {
+          ASSERT_EQ(out.data<float>()[i], written ? v : kept.data<float>()[i]) << r << ", " << j;
+        } else {
+          ASSERT_EQ(out.data<uint16_t>()[i], written ? FloatToBf16(v) : kept.data<uint16_t>()[i])
+              << r << ", " << j;
+        }
+      }
+    }
+  }
+  Tensor narrow = Tensor::Zeros(DType::kF32, {m, first + c - 1});
+  const absl::Status bad = backend_->WriteColumns(src, first, narrow);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+  EXPECT_NE(bad.message().find("WriteColumns"), std::string::npos) << bad;
+  EXPECT_EQ(backend_->WriteColumns(src, -1, narrow).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_P(CpuOpsTest, Embedding) {
   struct Case {
     int vocab;

@@ -127,6 +127,9 @@ class BudgetBackend final : public kernels::Backend {
   absl::Status ConcatColumns(const Tensor& a, const Tensor& b, Tensor& out) override {
     return inner_->ConcatColumns(a, b, out);
   }
+  absl::Status WriteColumns(const Tensor& src, int64_t first, Tensor& out) override {
+    return inner_->WriteColumns(src, first, out);
+  }
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                       bool accumulate) override {
     return inner_->Linear(x, w, bias, y, accumulate);

@@ -416,6 +416,52 @@ TEST_F(CudaOpsTest, ConcatColumnsEqualsCpu) {
   EXPECT_NE(bad.message().find("ConcatColumns"), std::string::npos) << bad;
 }
 
+// WriteColumns on the GPU equals the CPU backend's bit for bit in every dtype combination, the
+// other columns untouched, at one row, odd widths and more rows than a grid's y dimension.
+TEST_F(CudaOpsTest, WriteColumnsEqualsCpu) {
+  Backend& be = Get(ComputeDType::kBF16);
+  auto cpu = CreateBackend(BackendOptions{});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  uint64_t seed = 475;
+  auto bytes = [](const Tensor& host) {
+    const auto* p = static_cast<const uint8_t*>(host.raw());
+    return std::vector<uint8_t>(p, p + host.nbytes());
+  };
+  for (const auto& [m, c, n, first] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 0},
+                                       {7, 5, 38, 33},
+                                       {70000, 3, 20, 9},
+                                       {300, 64, 320, 256}}) {
+    for (DType ds : {DType::kF32, DType::kBF16}) {
+      for (DType dout : {DType::kF32, DType::kBF16}) {
+        SCOPED_TRACE(testing::Message() << m << "x" << c << " at " << first << " of " << n << " "
+                                        << DTypeName(ds) << " -> " << DTypeName(dout));
+        auto host_of = [&](DType d, int64_t cols) {
+          Tensor f = Tensor::FromVector(Random(m * cols, seed++, 4.0f), {m, cols});
+          if (d == DType::kF32) return f;
+          Tensor b = Tensor::Zeros(DType::kBF16, {m, cols});
+          EXPECT_TRUE((*cpu)->Convert(f, b).ok());
+          return b;
+        };
+        const Tensor src = host_of(ds, c), want_before = host_of(dout, n);
+        Tensor want = host_of(dout, n);
+        ASSERT_TRUE((*cpu)->Copy(want_before, want).ok());
+        ASSERT_TRUE((*cpu)->WriteColumns(src, first, want).ok());
+        auto sd = be.ToDevice(src), out = be.ToDevice(want_before);
+        ASSERT_TRUE(sd.ok() && out.ok());
+        ASSERT_TRUE(be.WriteColumns(*sd, first, *out).ok());
+        auto got = be.ToHost(*out);
+        ASSERT_TRUE(got.ok());
+        EXPECT_EQ(bytes(*got), bytes(want));
+      }
+    }
+  }
+  auto src = be.Alloc(DType::kF32, {4, 3}), out = be.Alloc(DType::kF32, {4, 5});
+  ASSERT_TRUE(src.ok() && out.ok());
+  const absl::Status bad = be.WriteColumns(*src, 3, *out);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+  EXPECT_NE(bad.message().find("WriteColumns"), std::string::npos) << bad;
+}
+
 // The joined low-rank product of the model (Model::ApplyJoined): [x | t]·[W | L_A]ᵀ in one bf16
 // GEMM equals x·Wᵀ plus t·L_Aᵀ added by a second one, within fp32 summation order.
 TEST_F(CudaOpsTest, JoinedLowRankProductMatchesTwoProducts) {
