@@ -73,6 +73,85 @@ __global__ void FindNonFiniteKernel(const float* x, int64_t rows, int64_t cols, 
   }
 }
 
+// The parameters of the group a block continues (fitted in an earlier block), or defaults where
+// the block starts a group (or the row is past d_out).
+__device__ GroupParams ContinuedGroup(const GptqBlockArgs& a, int64_t o, bool live) {
+  GroupParams p;
+  const int64_t g = a.group_size;
+  if (a.i1 % g != 0 && live) {
+    p.scale = a.scales[(a.i1 / g) * a.d_out + o];
+    p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
+  }
+  return p;
+}
+
+// Adds the lane's columns of a group that reaches past the block to r. Such a group starts the
+// block (the host cuts blocks so): its later columns are current in wp, with every earlier block's
+// update applied.
+template <int kLanes>
+__device__ void ExtendFromWp(GridRange<float>* r, const GptqBlockArgs& a, const float* wrow,
+                             bool live, int64_t i, int64_t len, int sub) {
+  for (int64_t j = i + sub; j < i + len; j += kLanes) {
+    ExtendRange(r, GridValue(live ? wrow[j] : 0.0f, a.spec.grid));
+  }
+}
+
+// The parameters of the group starting at visiting position i of row o, from each of the row's
+// kLanes lanes' partial range r (joined over the lanes: order-independent), stored by the row's
+// first lane; a scale that overflows becomes the row's first failure.
+template <int kLanes>
+__device__ GroupParams FitRowGroup(GridRange<float> r, const GptqBlockArgs& a, int64_t i, int64_t o,
+                                   bool live, int sub, int2* failure) {
+  constexpr unsigned kFull = 0xffffffffu;
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    GridRange<float> other;
+    other.xmin = __shfl_xor_sync(kFull, r.xmin, offset);
+    other.xmax = __shfl_xor_sync(kFull, r.xmax, offset);
+    JoinRange(&r, other);
+  }
+  const GroupParams p = FitRange(r, a.spec);
+  const int64_t g = a.group_size;
+  if (sub == 0 && live) {
+    a.scales[(i / g) * a.d_out + o] = p.scale;
+    a.zeros[(i / g) * a.d_out + o] = p.zero;
+  }
+  if (!isfinite(p.scale) && failure->x == 0) {
+    *failure = make_int2(kGptqScaleOverflow, static_cast<int>(i));
+  }
+  return p;
+}
+
+// Column c's results of row o once rounded, kept by the lane that stores them: e, the dequantized
+// value and the code in shared memory, W̃ (when recorded) in global memory; a non-finite e becomes
+// the row's first failure (on every lane).
+__device__ void KeepColumn(const GptqBlockArgs& a, int64_t o, bool live, int c, float wi, float wq,
+                           int32_t code, float e, bool keeper, float* e_s, float* deq_s,
+                           uint8_t* code_s, int2* failure) {
+  if (!isfinite(e) && failure->x == 0) {
+    *failure = make_int2(kGptqNonFiniteError, static_cast<int>(a.i1 + c));
+  }
+  if (keeper) {
+    e_s[c] = e;
+    deq_s[c] = wq;
+    code_s[c] = static_cast<uint8_t>(code);
+    if (a.pre_round != nullptr && live) a.pre_round[o * a.n + __ldg(a.perm + a.i1 + c)] = wi;
+  }
+}
+
+// Row o's results of the block, coalesced over its kLanes lanes: its first failure, and e, the
+// codes and the dequantized values of its columns from shared memory.
+template <int kLanes>
+__device__ void StoreRow(const GptqBlockArgs& a, int64_t o, int sub, int width, const float* e_s,
+                         const float* deq_s, const uint8_t* code_s, int2 failure) {
+  if (sub == 0) a.failures[o] = failure;
+  for (int c = sub; c < width; c += kLanes) {
+    const int64_t col = __ldg(a.perm + a.i1 + c);
+    a.err[o * a.err_ld + c] = e_s[c];
+    a.codes[o * a.n + col] = code_s[c];
+    a.dequantized[o * a.n + col] = deq_s[c];
+  }
+}
+
 // The column loop over a lazy block wider than kSharedUWidth (GptqBlockRegistersKernel takes the
 // others): a warp a weight row, whose block columns live in shared memory. Column c is rounded by
 // every lane at once (the same operations on the same value, so the same bits), and the update of
@@ -84,7 +163,6 @@ __global__ void FindNonFiniteKernel(const float* x, int64_t rows, int64_t cols, 
 __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) {
   constexpr int kLanes = 32;
   constexpr int kRows = 1;
-  constexpr unsigned kFull = 0xffffffffu;
   extern __shared__ float4 shared4[];
   const int warps = static_cast<int>(blockDim.x / 32);
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
@@ -107,11 +185,7 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) 
 
   const int64_t g = a.group_size;
   int2 failure = live ? a.failures[o] : make_int2(0, 0);
-  GroupParams p;
-  if (a.i1 % g != 0 && live) {  // the block continues a group fitted in an earlier block
-    p.scale = a.scales[(a.i1 / g) * a.d_out + o];
-    p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
-  }
+  GroupParams p = ContinuedGroup(a, o, live);
   for (int c = 0; c < width; ++c) {
     const int64_t i = a.i1 + c;
     if (i % g == 0) {
@@ -121,54 +195,22 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) 
         for (int j = c + sub; j < c + len; j += kLanes)
           ExtendRange(&r, GridValue(w_s[j], a.spec.grid));
       } else {
-        // A group reaching past the block starts the block (the host cuts blocks so): its later
-        // columns are current in wp, with every earlier block's update applied.
-        for (int64_t j = i + sub; j < i + len; j += kLanes) {
-          ExtendRange(&r, GridValue(live ? wrow[j] : 0.0f, a.spec.grid));
-        }
+        ExtendFromWp<kLanes>(&r, a, wrow, live, i, len, sub);
       }
-      for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-        GridRange<float> other;
-        other.xmin = __shfl_xor_sync(kFull, r.xmin, offset);
-        other.xmax = __shfl_xor_sync(kFull, r.xmax, offset);
-        JoinRange(&r, other);
-      }
-      p = FitRange(r, a.spec);
-      if (sub == 0 && live) {
-        a.scales[(i / g) * a.d_out + o] = p.scale;
-        a.zeros[(i / g) * a.d_out + o] = p.zero;
-      }
-      if (!isfinite(p.scale) && failure.x == 0) {
-        failure = make_int2(kGptqScaleOverflow, static_cast<int>(i));
-      }
+      p = FitRowGroup<kLanes>(r, a, i, o, live, sub, &failure);
     }
     const float wi = w_s[c];
     const int32_t code = QuantizeCode(wi, p, a.spec);
     const float wq = Dequantize<float>(code, p, a.spec);
     const float* u_row = u_block + c * a.n;
     const float e = (wi - wq) / __ldg(u_row + c);
-    if (!isfinite(e) && failure.x == 0) {
-      failure = make_int2(kGptqNonFiniteError, static_cast<int>(i));
-    }
-    if (sub == c % kLanes) {
-      e_s[c] = e;
-      deq_s[c] = wq;
-      code_s[c] = static_cast<uint8_t>(code);
-      if (a.pre_round != nullptr && live) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
-    }
+    KeepColumn(a, o, live, c, wi, wq, code, e, sub == c % kLanes, e_s, deq_s, code_s, &failure);
     for (int j = c + 1 + sub; j < width; j += kLanes) {
       w_s[j] = __fsub_rn(w_s[j], __fmul_rn(e, __ldg(u_row + j)));
     }
     __syncwarp();
   }
-  if (!live) return;
-  if (sub == 0) a.failures[o] = failure;
-  for (int c = sub; c < width; c += kLanes) {
-    const int64_t col = __ldg(a.perm + a.i1 + c);
-    a.err[o * a.err_ld + c] = e_s[c];
-    a.codes[o * a.n + col] = code_s[c];
-    a.dequantized[o * a.n + col] = deq_s[c];
-  }
+  if (live) StoreRow<kLanes>(a, o, sub, width, e_s, deq_s, code_s, failure);
 }
 
 // The column loop with each row's weights in registers: kLanes lanes a row, column j of the block
@@ -218,11 +260,7 @@ __global__ void GptqBlockRegistersKernel(GptqBlockArgs a, int width_pad, int row
 
   const int64_t g = a.group_size;
   int2 failure = live ? a.failures[o] : make_int2(0, 0);
-  GroupParams p;
-  if (a.i1 % g != 0 && live) {  // the block continues a group fitted in an earlier block
-    p.scale = a.scales[(a.i1 / g) * a.d_out + o];
-    p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
-  }
+  GroupParams p = ContinuedGroup(a, o, live);
   int64_t next_group = (a.i1 + g - 1) / g * g;  // the next visiting position that starts a group
   const int windows = (width + kLanes - 1) / kLanes;
   for (int kk = 0; kk < windows; ++kk) {
@@ -242,41 +280,16 @@ __global__ void GptqBlockRegistersKernel(GptqBlockArgs a, int width_pad, int row
             if (j >= c && j < c + len) ExtendRange(&r, GridValue(w[k], a.spec.grid));
           }
         } else {
-          // A group reaching past the block starts the block (the host cuts blocks so): its
-          // later columns are current in wp, with every earlier block's update applied.
-          for (int64_t j = i + sub; j < i + len; j += kLanes) {
-            ExtendRange(&r, GridValue(live ? wrow[j] : 0.0f, a.spec.grid));
-          }
+          ExtendFromWp<kLanes>(&r, a, wrow, live, i, len, sub);
         }
-        for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-          GridRange<float> other;
-          other.xmin = __shfl_xor_sync(kFull, r.xmin, offset);
-          other.xmax = __shfl_xor_sync(kFull, r.xmax, offset);
-          JoinRange(&r, other);
-        }
-        p = FitRange(r, a.spec);
-        if (sub == 0 && live) {
-          a.scales[(i / g) * a.d_out + o] = p.scale;
-          a.zeros[(i / g) * a.d_out + o] = p.zero;
-        }
-        if (!isfinite(p.scale) && failure.x == 0) {
-          failure = make_int2(kGptqScaleOverflow, static_cast<int>(i));
-        }
+        p = FitRowGroup<kLanes>(r, a, i, o, live, sub, &failure);
       }
       const float wi = __shfl_sync(kFull, w[0], s, kLanes);
       const int32_t code = QuantizeCode(wi, p, a.spec);
       const float wq = Dequantize<float>(code, p, a.spec);
       const float* u_row = u_s + c * width_pad;
       const float e = (wi - wq) / u_row[c];
-      if (!isfinite(e) && failure.x == 0) {
-        failure = make_int2(kGptqNonFiniteError, static_cast<int>(i));
-      }
-      if (sub == s) {
-        e_s[c] = e;
-        deq_s[c] = wq;
-        code_s[c] = static_cast<uint8_t>(code);
-        if (a.pre_round != nullptr && live) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
-      }
+      KeepColumn(a, o, live, c, wi, wq, code, e, sub == s, e_s, deq_s, code_s, &failure);
 #pragma unroll
       for (int k = 0; k < kRegs; ++k) {
         const int j = (kk + k) * kLanes + sub;
@@ -288,14 +301,7 @@ __global__ void GptqBlockRegistersKernel(GptqBlockArgs a, int width_pad, int row
     w[kRegs - 1] = 0.0f;
   }
   __syncwarp();
-  if (!live) return;
-  if (sub == 0) a.failures[o] = failure;
-  for (int c = sub; c < width; c += kLanes) {
-    const int64_t col = __ldg(a.perm + a.i1 + c);
-    a.err[o * a.err_ld + c] = e_s[c];
-    a.codes[o * a.n + col] = code_s[c];
-    a.dequantized[o * a.n + col] = deq_s[c];
-  }
+  if (live) StoreRow<kLanes>(a, o, sub, width, e_s, deq_s, code_s, failure);
 }
 
 // One warp per (row, group): the lanes read the group coalesced and join their partial ranges.

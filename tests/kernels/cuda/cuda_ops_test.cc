@@ -361,6 +361,21 @@ TEST_F(CudaOpsTest, Bf16OutputsEqualConvertedF32Outputs) {
   }
 }
 
+// The bytes of a host tensor.
+std::vector<uint8_t> HostBytes(const Tensor& host) {
+  const auto* p = static_cast<const uint8_t*>(host.raw());
+  return std::vector<uint8_t>(p, p + host.nbytes());
+}
+
+// A random host matrix [rows, cols] of dtype d (F32, or BF16 by the CPU backend's conversion).
+Tensor HostMatrix(Backend& cpu, DType d, int64_t rows, int64_t cols, uint64_t seed) {
+  Tensor f = Tensor::FromVector(Random(rows * cols, seed, 4.0f), {rows, cols});
+  if (d == DType::kF32) return f;
+  Tensor b = Tensor::Zeros(DType::kBF16, {rows, cols});
+  EXPECT_TRUE(cpu.Convert(f, b).ok());
+  return b;
+}
+
 // ConcatColumns on the GPU equals the CPU backend's bit for bit in every dtype combination (the
 // same conversions), at odd widths and one row; mismatched shapes are refused.
 TEST_F(CudaOpsTest, ConcatColumnsEqualsCpu) {
@@ -370,10 +385,6 @@ TEST_F(CudaOpsTest, ConcatColumnsEqualsCpu) {
   uint64_t seed = 470;
   // The last three have whole 16-byte pieces a row (ConcatBf16PiecesKernel where a and out are
   // bf16).
-  auto bytes = [](const Tensor& host) {
-    const auto* p = static_cast<const uint8_t*>(host.raw());
-    return std::vector<uint8_t>(p, p + host.nbytes());
-  };
   for (const auto& [m, ca, cb] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1},
                                   {7, 33, 5},
                                   {300, 257, 64},
@@ -385,15 +396,8 @@ TEST_F(CudaOpsTest, ConcatColumnsEqualsCpu) {
         for (DType dout : {DType::kF32, DType::kBF16}) {
           SCOPED_TRACE(testing::Message() << m << "x" << ca << "+" << cb << " " << DTypeName(da)
                                           << " " << DTypeName(db) << " -> " << DTypeName(dout));
-          // Host tensors of each dtype (BF16 from the CPU backend's conversion).
-          auto host_of = [&](DType d, int64_t cols) {
-            Tensor f = Tensor::FromVector(Random(m * cols, seed++, 4.0f), {m, cols});
-            if (d == DType::kF32) return f;
-            Tensor b = Tensor::Zeros(DType::kBF16, {m, cols});
-            EXPECT_TRUE((*cpu)->Convert(f, b).ok());
-            return b;
-          };
-          const Tensor a = host_of(da, ca), b = host_of(db, cb);
+          const Tensor a = HostMatrix(**cpu, da, m, ca, seed++);
+          const Tensor b = HostMatrix(**cpu, db, m, cb, seed++);
           Tensor want = Tensor::Zeros(dout, {m, ca + cb});
           ASSERT_TRUE((*cpu)->ConcatColumns(a, b, want).ok());
           auto ad = be.ToDevice(a), bd = be.ToDevice(b);
@@ -403,7 +407,7 @@ TEST_F(CudaOpsTest, ConcatColumnsEqualsCpu) {
           ASSERT_TRUE(be.ConcatColumns(*ad, *bd, *out).ok());
           auto got = be.ToHost(*out);
           ASSERT_TRUE(got.ok());
-          EXPECT_EQ(bytes(*got), bytes(want));
+          EXPECT_EQ(HostBytes(*got), HostBytes(want));
         }
       }
     }
@@ -423,10 +427,6 @@ TEST_F(CudaOpsTest, WriteColumnsEqualsCpu) {
   auto cpu = CreateBackend(BackendOptions{});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   uint64_t seed = 475;
-  auto bytes = [](const Tensor& host) {
-    const auto* p = static_cast<const uint8_t*>(host.raw());
-    return std::vector<uint8_t>(p, p + host.nbytes());
-  };
   for (const auto& [m, c, n, first] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 1, 1, 0},
                                        {7, 5, 38, 33},
                                        {70000, 3, 20, 9},
@@ -435,15 +435,9 @@ TEST_F(CudaOpsTest, WriteColumnsEqualsCpu) {
       for (DType dout : {DType::kF32, DType::kBF16}) {
         SCOPED_TRACE(testing::Message() << m << "x" << c << " at " << first << " of " << n << " "
                                         << DTypeName(ds) << " -> " << DTypeName(dout));
-        auto host_of = [&](DType d, int64_t cols) {
-          Tensor f = Tensor::FromVector(Random(m * cols, seed++, 4.0f), {m, cols});
-          if (d == DType::kF32) return f;
-          Tensor b = Tensor::Zeros(DType::kBF16, {m, cols});
-          EXPECT_TRUE((*cpu)->Convert(f, b).ok());
-          return b;
-        };
-        const Tensor src = host_of(ds, c), want_before = host_of(dout, n);
-        Tensor want = host_of(dout, n);
+        const Tensor src = HostMatrix(**cpu, ds, m, c, seed++);
+        const Tensor want_before = HostMatrix(**cpu, dout, m, n, seed++);
+        Tensor want = Tensor::Zeros(dout, {m, n});
         ASSERT_TRUE((*cpu)->Copy(want_before, want).ok());
         ASSERT_TRUE((*cpu)->WriteColumns(src, first, want).ok());
         auto sd = be.ToDevice(src), out = be.ToDevice(want_before);
@@ -451,7 +445,7 @@ TEST_F(CudaOpsTest, WriteColumnsEqualsCpu) {
         ASSERT_TRUE(be.WriteColumns(*sd, first, *out).ok());
         auto got = be.ToHost(*out);
         ASSERT_TRUE(got.ok());
-        EXPECT_EQ(bytes(*got), bytes(want));
+        EXPECT_EQ(HostBytes(*got), HostBytes(want));
       }
     }
   }
