@@ -223,6 +223,7 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) 
 // staged in shared memory as there (kLanes · kRegs columns at most); e, the dequantized values and
 // the codes pass through shared memory to coalesced stores. GptqBlockKernel keeps the weights in
 // shared memory, where each update is a load and a store on the loop's critical path.
+// tools/gpu/gptq_schedule_model.py replays this schedule for one row against the sequential loop.
 template <int kLanes>
 __global__ void GptqBlockRegistersKernel(GptqBlockArgs a, int width_pad, int row_stride) {
   constexpr int kRows = 32 / kLanes;
