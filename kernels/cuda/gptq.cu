@@ -162,29 +162,26 @@ __device__ void StoreRow(const GptqBlockArgs& a, int64_t o, int sub, int width, 
 // at 0, pad and 2·pad).
 __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) {
   constexpr int kLanes = 32;
-  constexpr int kRows = 1;
   extern __shared__ float4 shared4[];
   const int warps = static_cast<int>(blockDim.x / 32);
-  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
-  const int sub = lane % kLanes, row = warp * kRows + lane / kLanes;  // the row within the block
+  const int warp = static_cast<int>(threadIdx.x / 32), sub = static_cast<int>(threadIdx.x % 32);
   const int width = static_cast<int>(a.i2 - a.i1);
   float* rows_s = reinterpret_cast<float*>(shared4);
-  float* w_s = rows_s + int64_t{row} * row_stride;  // the weights, then rounded and updated
-  float* e_s = w_s + width_pad;                     // e of each column
-  float* deq_s = e_s + width_pad;                   // dequantized values
-  uint8_t* code_s = reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * kRows * row_stride) +
-                    int64_t{row} * width_pad;
-  const float* u_block = a.u + a.i1 * a.n + a.i1;  // U(i1 + c, i1 + j) = u_block[c * n + j]
-  const int64_t first = (int64_t{blockIdx.x} * warps + warp) * kRows;
-  if (first >= a.d_out) return;  // the whole warp; nothing below synchronizes the block
-  const int64_t o = int64_t{blockIdx.x} * warps * kRows + row;
-  const bool live = o < a.d_out;
-  const float* wrow = a.wp + (live ? o : 0) * a.n;
-  for (int c = sub; c < width; c += kLanes) w_s[c] = live ? wrow[a.i1 + c] : 0.0f;
+  float* w_s = rows_s + int64_t{warp} * row_stride;  // the weights, then rounded and updated
+  float* e_s = w_s + width_pad;                      // e of each column
+  float* deq_s = e_s + width_pad;                    // dequantized values
+  uint8_t* code_s =
+      reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * row_stride) + int64_t{warp} * width_pad;
+  const float* u_block = a.u + a.i1 * a.n + a.i1;        // U(i1 + c, i1 + j) = u_block[c * n + j]
+  const int64_t o = int64_t{blockIdx.x} * warps + warp;  // the warp's row
+  if (o >= a.d_out) return;    // the whole warp; nothing below synchronizes the block
+  constexpr bool live = true;  // a warp a row: every lane's row is inside d_out
+  const float* wrow = a.wp + o * a.n;
+  for (int c = sub; c < width; c += kLanes) w_s[c] = wrow[a.i1 + c];
   __syncwarp();
 
   const int64_t g = a.group_size;
-  int2 failure = live ? a.failures[o] : make_int2(0, 0);
+  int2 failure = a.failures[o];
   GroupParams p = ContinuedGroup(a, o, live);
   for (int c = 0; c < width; ++c) {
     const int64_t i = a.i1 + c;
@@ -210,7 +207,7 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) 
     }
     __syncwarp();
   }
-  if (live) StoreRow<kLanes>(a, o, sub, width, e_s, deq_s, code_s, failure);
+  StoreRow<kLanes>(a, o, sub, width, e_s, deq_s, code_s, failure);
 }
 
 // The column loop with each row's weights in registers: kLanes lanes a row, column j of the block
