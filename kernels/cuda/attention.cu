@@ -203,6 +203,14 @@ cudaError_t Launch(const AttentionArgs& a, cudaStream_t stream) {
 // m16n8 tiles is the A layout of one m16k16 step).
 constexpr int kTcBq = 128;
 constexpr int kTcBk = 64;
+
+// 2^x by the special-function unit (ex2.approx: 2 ulp; 2^(-inf) = 0, results below 2^-126 flushed
+// to 0, where p rounds to nothing a bf16 sum of 64 keys keeps).
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 constexpr int kTcWarps = kTcBq / 16;
 constexpr int kTcThreads = kTcWarps * 32;
 
@@ -216,7 +224,7 @@ struct TcLayout {
 
 template <int kD>
 __global__ void __launch_bounds__(kTcThreads)
-    AttentionBf16Kernel(AttentionBf16Args a, float scale) {
+    AttentionBf16Kernel(AttentionBf16Args a, float scale_log2e) {
   using L = TcLayout<kD>;
   extern __shared__ float4 shared4[];
   __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(shared4);  // [kTcBq][kLd]
@@ -267,7 +275,11 @@ __global__ void __launch_bounds__(kTcThreads)
   // One pass over the key tiles (online softmax). Per row and tile: m' = max(m, the tile's
   // scores), the running sum and output scaled by α = e^(m − m'), p = e^(s − m') added to l in
   // fp32 and rounded to bf16 as the A operand of P·V; at the end out = o / l. These are the
-  // rounding points of ref::Attention's bf16 path (kernels/cpu/ref_ops.h), tile for tile.
+  // rounding points of ref::Attention's bf16 path (kernels/cpu/ref_ops.h), tile for tile. The
+  // scores stay unscaled q·k here (the scale is positive: the maxima are the same keys'), and
+  // the scale enters the exponent: e^(scale·(s − m)) = 2^(s·c − m·c) with c = scale·log2(e), one
+  // FFMA and one ex2. Against the reference's e^(fl(s·scale) − fl(m·scale)) that moves p by a few
+  // fp32 ulps of the exponent's argument, far below p's bf16 rounding.
   if (tiles > 0) {
     load_tile(k_s, k, kv_begin);
     load_tile(v_s, v, kv_begin);
@@ -312,21 +324,15 @@ __global__ void __launch_bounds__(kTcThreads)
           Mma(s[2 * p + 1], qa[ks], kb[2], kb[3]);
         }
       }
-      // Scale and mask: element e of tile n is row (e < 2 ? row_lo : row_hi), key
-      // k0 + 8n + 2 t4 + (e & 1). Tiles wholly inside every mask of the warp's 16 rows (all
-      // rows in the sequence, every key before kv_end and seen by the warp's first row, none
-      // out of the window of its last) skip the per-element test: the same values.
+      // Mask: element e of tile n is row (e < 2 ? row_lo : row_hi), key k0 + 8n + 2 t4 + (e & 1).
+      // Tiles wholly inside every mask of the warp's 16 rows (all rows in the sequence, every key
+      // before kv_end and seen by the warp's first row, none out of the window of its last) skip
+      // the per-element test: the same values.
       const int w0 = q0 + warp * 16;
       const bool full = w0 + 15 < a.q_len && k0 + kTcBk <= kv_end &&
                         k0 + kTcBk - 1 <= a.q_offset + w0 &&
                         (a.sliding_window <= 0 || k0 > a.q_offset + w0 + 15 - a.sliding_window);
-      if (full) {
-#pragma unroll
-        for (int n = 0; n < kTcBk / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[n][e] *= scale;
-        }
-      } else {
+      if (!full) {
 #pragma unroll
         for (int n = 0; n < kTcBk / 8; ++n) {
 #pragma unroll
@@ -335,12 +341,13 @@ __global__ void __launch_bounds__(kTcThreads)
             const bool visible =
                 row < a.q_len && key < kv_end && key <= a.q_offset + row &&
                 (a.sliding_window <= 0 || key > a.q_offset + row - a.sliding_window);
-            s[n][e] = visible ? s[n][e] * scale : -INFINITY;
+            if (!visible) s[n][e] = -INFINITY;
           }
         }
       }
-      // The running maximum and the rescaling of l and o. While a row has seen only masked
-      // keys, it exponentiates against 0: every p is 0 and α = e^(−∞) = 0 leaves l = o = 0.
+      // The running maximum and the rescaling of l and o (base = m'·c). While a row has seen only
+      // masked keys, it exponentiates against 0: every p is 2^(−∞) = 0 and so is α, which leaves
+      // l = o = 0.
       float base[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -350,9 +357,9 @@ __global__ void __launch_bounds__(kTcThreads)
           mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
         }
         const float m_new = fmaxf(m[half], QuadMax(mx));
-        base[half] = m_new == -INFINITY ? 0.0f : m_new;
+        base[half] = m_new == -INFINITY ? 0.0f : m_new * scale_log2e;
         if (m_new != m[half]) {
-          const float alpha = expf(m[half] - base[half]);
+          const float alpha = FastExp2(fmaf(m[half], scale_log2e, -base[half]));
           l[half] *= alpha;
 #pragma unroll
           for (int t8 = 0; t8 < kD / 8; ++t8) {
@@ -373,8 +380,7 @@ __global__ void __launch_bounds__(kTcThreads)
           float p2[2];
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float sv = s[n][2 * half + e];
-            p2[e] = sv == -INFINITY ? 0.0f : expf(sv - base[half]);
+            p2[e] = FastExp2(fmaf(s[n][2 * half + e], scale_log2e, -base[half]));
             sum[half] += p2[e];
           }
           pa[x] = PackBf16(p2[0], p2[1]);
@@ -398,9 +404,8 @@ __global__ void __launch_bounds__(kTcThreads)
 
   if (a.lse != nullptr && t4 == 0) {
     float* lse = a.lse + (int64_t(b) * a.num_heads + h) * a.q_len;
-    constexpr float kLog2e = 1.4426950408889634f;
-    if (row_lo < a.q_len) lse[row_lo] = l[0] > 0.0f ? (m[0] + logf(l[0])) * kLog2e : 0.0f;
-    if (row_hi < a.q_len) lse[row_hi] = l[1] > 0.0f ? (m[1] + logf(l[1])) * kLog2e : 0.0f;
+    if (row_lo < a.q_len) lse[row_lo] = l[0] > 0.0f ? m[0] * scale_log2e + log2f(l[0]) : 0.0f;
+    if (row_hi < a.q_len) lse[row_hi] = l[1] > 0.0f ? m[1] * scale_log2e + log2f(l[1]) : 0.0f;
   }
 #pragma unroll
   for (int t = 0; t < kD / 8; ++t) {
@@ -424,8 +429,8 @@ cudaError_t LaunchBf16(const AttentionBf16Args& a, cudaStream_t stream) {
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid((a.q_len + kTcBq - 1) / kTcBq, a.num_heads, a.batch);
-  const float scale = 1.0f / sqrtf(float(a.head_dim));
-  AttentionBf16Kernel<kD><<<grid, kTcThreads, kBytes, stream>>>(a, scale);
+  const float scale_log2e = 1.4426950408889634f / sqrtf(float(a.head_dim));
+  AttentionBf16Kernel<kD><<<grid, kTcThreads, kBytes, stream>>>(a, scale_log2e);
   return cudaGetLastError();
 }
 

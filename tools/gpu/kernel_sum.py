@@ -3,7 +3,26 @@
 # and memset): the total, the count and the share of the device's busy time of each name, largest
 # first. Where the time of a stage (`qcal bench`'s split) goes, kernel by kernel.
 # Usage: kernel_sum.py TRACE_CSV [TOP]
-import collections, csv, sys
+import collections, csv, re, sys
+
+
+def short_name(raw):
+    # A mangled qcal name (_ZN4qcal...) keeps its last component, the kernel's own name:
+    # qcal's kernels share a long namespace prefix, which a fixed cut would merge into one row.
+    name = raw.split('(')[0]
+    if name.startswith('_ZN4qcal'):
+        i, parts = 3, []
+        while i < len(name):
+            m = re.match(r'\d+', name[i:])
+            if not m:
+                break
+            n = int(m.group())
+            i += len(m.group())
+            parts.append(name[i:i + n])
+            i += n
+        if parts:
+            return parts[-1] + (' <' + name[i:i + 24] + '>' if i < len(name) else '')
+    return name[:70]
 
 top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
 with open(sys.argv[1]) as f:
@@ -20,7 +39,7 @@ for d in csv.DictReader(lines[start:]):
         n = float(d['Duration (ns)'])
     except (KeyError, ValueError, TypeError):
         continue
-    name = d['Kind'] + ' ' + (d.get('Name') or '?').split('(')[0][:70]
+    name = d['Kind'] + ' ' + short_name(d.get('Name') or '?')
     total[name] += n
     count[name] += 1
 busy = sum(total.values())
