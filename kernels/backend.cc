@@ -3,6 +3,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/hash_random.h"
 #if QCAL_HAVE_CUDA
@@ -22,6 +23,16 @@ absl::Status BackendOptions::Validate() const {
         absl::StrCat("unknown device \"", device, "\" (expected cpu, cuda or cuda:N)"));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> Backend::Gram(const Tensor& x) {
+  if (x.rank() != 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Gram: x is ", x.DebugString(), ", expected rank 2"));
+  }
+  QCAL_ASSIGN_OR_RETURN(Tensor h, Alloc(DType::kF32, {x.dim(1), x.dim(1)}));
+  QCAL_RETURN_IF_ERROR(AccumulateGram(x, h));
+  return h;
 }
 
 absl::Status Backend::FillUniform(Tensor& t, uint64_t seed, float lo, float hi) {

@@ -223,7 +223,7 @@ struct TcLayout {
 };
 
 template <int kD>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, 2)
     AttentionBf16Kernel(AttentionBf16Args a, float scale_log2e) {
   using L = TcLayout<kD>;
   extern __shared__ float4 shared4[];
@@ -266,7 +266,6 @@ __global__ void __launch_bounds__(kTcThreads)
   const int row_lo = q0 + warp * 16 + g, row_hi = row_lo + 8;
   const int warp_last_key = a.q_offset + min(q0 + warp * 16 + 15, a.q_len - 1);
   const bool warp_active = q0 + warp * 16 < a.q_len;
-  uint32_t qa[kD / 16][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[kD / 8][4];
 #pragma unroll
@@ -296,16 +295,6 @@ __global__ void __launch_bounds__(kTcThreads)
       CopyAsyncWait<0>();
     }
     __syncthreads();
-    if (t == 0 && warp_active) {
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        if (ks * 16 < dp) {
-          const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-          const int c = ks * 16 + (lane >> 4) * 8;
-          LdMatrixX4(qa[ks], q_s + r * L::kLd + c);
-        }
-      }
-    }
     if (warp_active && k0 <= warp_last_key) {
       const __nv_bfloat16* kt = k_s + buf * L::kTileElems;
       float s[kTcBk / 8][4];
@@ -314,14 +303,17 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         if (ks * 16 >= dp) continue;
+        uint32_t qa[4];
+        LdMatrixX4(qa, q_s + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::kLd + ks * 16 +
+                           (lane >> 4) * 8);
 #pragma unroll
         for (int p = 0; p < kTcBk / 16; ++p) {
           uint32_t kb[4];
           const int key = p * 16 + (lane & 7) + (lane >> 4) * 8;
           const int c = ks * 16 + ((lane >> 3) & 1) * 8;
           LdMatrixX4(kb, kt + key * L::kLd + c);
-          Mma(s[2 * p], qa[ks], kb[0], kb[1]);
-          Mma(s[2 * p + 1], qa[ks], kb[2], kb[3]);
+          Mma(s[2 * p], qa, kb[0], kb[1]);
+          Mma(s[2 * p + 1], qa, kb[2], kb[3]);
         }
       }
       // Mask: element e of tile n is row (e < 2 ? row_lo : row_hi), key k0 + 8n + 2 t4 + (e & 1).
@@ -427,6 +419,11 @@ cudaError_t LaunchBf16(const AttentionBf16Args& a, cudaStream_t stream) {
   constexpr int kBytes = TcLayout<kD>::kBytes;
   cudaError_t error = cudaFuncSetAttribute(AttentionBf16Kernel<kD>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (error != cudaSuccess) return error;
+  // Two blocks an SM (their shared memory and, by the launch bounds, their registers).
+  error =
+      cudaFuncSetAttribute(AttentionBf16Kernel<kD>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared);
   if (error != cudaSuccess) return error;
   const dim3 grid((a.q_len + kTcBq - 1) / kTcBq, a.num_heads, a.batch);
   const float scale_log2e = 1.4426950408889634f / sqrtf(float(a.head_dim));

@@ -190,6 +190,25 @@ absl::Status CudaBackend::Nll(const Tensor& logits, const Tensor& targets, Tenso
 }
 
 absl::Status CudaBackend::AccumulateGram(const Tensor& x, Tensor& h) {
+  return GramInto(x, h, /*accumulate=*/true);
+}
+
+absl::StatusOr<Tensor> CudaBackend::Gram(const Tensor& x) {
+  if (x.rank() != 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Gram: x is ", x.DebugString(), ", expected rank 2"));
+  }
+  // The bf16 panels and the mirror write every element: no zero fill (the fp32 SYRK adds).
+  const int64_t k = x.dim(1);
+  QCAL_ASSIGN_OR_RETURN(Tensor h, dtype_ == ComputeDType::kBF16 ? Uninitialized(DType::kF32, {k, k})
+                                                                : Alloc(DType::kF32, {k, k}));
+  QCAL_RETURN_IF_ERROR(GramInto(x, h, /*accumulate=*/dtype_ != ComputeDType::kBF16));
+  return h;
+}
+
+// h += xᵀx (accumulate) or h = xᵀx (bf16 compute only: the panels overwrite the lower triangle
+// and the diagonal blocks, the mirror the rest).
+absl::Status CudaBackend::GramInto(const Tensor& x, Tensor& h, bool accumulate) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(x, x.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32,
                                     "AccumulateGram", "x"));
   QCAL_RETURN_IF_ERROR(ExpectDevice(h, DType::kF32, "AccumulateGram", "h"));
@@ -199,9 +218,13 @@ absl::Status CudaBackend::AccumulateGram(const Tensor& x, Tensor& h) {
   }
   const int64_t n = x.dim(0), k = x.dim(1);
   QCAL_RETURN_IF_ERROR(ExpectShape(h, {k, k}, "AccumulateGram", "h"));
-  if (n == 0 || k == 0) return absl::OkStatus();
+  if (k == 0) return absl::OkStatus();
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
   float* hp = h.data<float>();
+  if (n == 0) {
+    if (accumulate) return absl::OkStatus();
+    return CudaStatus(cudaMemsetAsync(hp, 0, h.nbytes(), stream()), "Gram: no rows");
+  }
   if (dtype_ == ComputeDType::kBF16) {
     // No bf16 SYRK in cuBLAS: row panels of the lower triangle, each one GEMM against every
     // earlier column, (P + 1) / 2P of a full product for P panels; the mirror below then makes h
@@ -213,9 +236,11 @@ absl::Status CudaBackend::AccumulateGram(const Tensor& x, Tensor& h) {
     for (int64_t r0 = 0; r0 < k; r0 += width) {
       const int64_t r1 = std::min(k, r0 + width);
       QCAL_RETURN_IF_ERROR(cuda::Gemm(blas_.get(), true, false, r1 - r0, r1, n, 1.0f, xp + r0, k,
-                                      xp, k, DType::kBF16, 1.0f, hp + r0 * k, k));
+                                      xp, k, DType::kBF16, accumulate ? 1.0f : 0.0f, hp + r0 * k,
+                                      k));
     }
   } else {
+    if (!accumulate) return absl::InternalError("GramInto: fp32 compute only accumulates");
     QCAL_ASSIGN_OR_RETURN(Tensor xf, AsOperand(x, DType::kF32));
     QCAL_RETURN_IF_ERROR(cuda::SyrkLowerF32(blas_.get(), xf.data<float>(), n, k, hp));
   }

@@ -11,8 +11,7 @@ constexpr int kThreads = 256;
 // Warps per block of the column loop, at most.
 constexpr int kLoopWarps = 16;
 // Lanes a weight row in the column loop over a lazy block whose U is staged in shared memory (a
-// power of two, at most 32): 32 / kRowLanes rows a warp, kSharedUWidth / kRowLanes weights of the
-// row in each lane's registers.
+// power of two, at most 32): 32 / kRowLanes rows a warp.
 constexpr int kRowLanes = 8;
 // Shared memory of the column loop per row and column: the weight, its error e, the dequantized
 // value and the code.
@@ -73,116 +72,58 @@ __global__ void FindNonFiniteKernel(const float* x, int64_t rows, int64_t cols, 
   }
 }
 
-// The parameters of the group a block continues (fitted in an earlier block), or defaults where
-// the block starts a group (or the row is past d_out).
-__device__ GroupParams ContinuedGroup(const GptqBlockArgs& a, int64_t o, bool live) {
-  GroupParams p;
-  const int64_t g = a.group_size;
-  if (a.i1 % g != 0 && live) {
-    p.scale = a.scales[(a.i1 / g) * a.d_out + o];
-    p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
-  }
-  return p;
-}
-
-// Adds the lane's columns of a group that reaches past the block to r. Such a group starts the
-// block (the host cuts blocks so): its later columns are current in wp, with every earlier block's
-// update applied.
-template <int kLanes>
-__device__ void ExtendFromWp(GridRange<float>* r, const GptqBlockArgs& a, const float* wrow,
-                             bool live, int64_t i, int64_t len, int sub) {
-  for (int64_t j = i + sub; j < i + len; j += kLanes) {
-    ExtendRange(r, GridValue(live ? wrow[j] : 0.0f, a.spec.grid));
-  }
-}
-
-// The parameters of the group starting at visiting position i of row o, from each of the row's
-// kLanes lanes' partial range r (joined over the lanes: order-independent), stored by the row's
-// first lane; a scale that overflows becomes the row's first failure.
-template <int kLanes>
-__device__ GroupParams FitRowGroup(GridRange<float> r, const GptqBlockArgs& a, int64_t i, int64_t o,
-                                   bool live, int sub, int2* failure) {
-  constexpr unsigned kFull = 0xffffffffu;
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    GridRange<float> other;
-    other.xmin = __shfl_xor_sync(kFull, r.xmin, offset);
-    other.xmax = __shfl_xor_sync(kFull, r.xmax, offset);
-    JoinRange(&r, other);
-  }
-  const GroupParams p = FitRange(r, a.spec);
-  const int64_t g = a.group_size;
-  if (sub == 0 && live) {
-    a.scales[(i / g) * a.d_out + o] = p.scale;
-    a.zeros[(i / g) * a.d_out + o] = p.zero;
-  }
-  if (!isfinite(p.scale) && failure->x == 0) {
-    *failure = make_int2(kGptqScaleOverflow, static_cast<int>(i));
-  }
-  return p;
-}
-
-// Column c's results of row o once rounded, kept by the lane that stores them: e, the dequantized
-// value and the code in shared memory, W̃ (when recorded) in global memory; a non-finite e becomes
-// the row's first failure (on every lane).
-__device__ void KeepColumn(const GptqBlockArgs& a, int64_t o, bool live, int c, float wi, float wq,
-                           int32_t code, float e, bool keeper, float* e_s, float* deq_s,
-                           uint8_t* code_s, int2* failure) {
-  if (!isfinite(e) && failure->x == 0) {
-    *failure = make_int2(kGptqNonFiniteError, static_cast<int>(a.i1 + c));
-  }
-  if (keeper) {
-    e_s[c] = e;
-    deq_s[c] = wq;
-    code_s[c] = static_cast<uint8_t>(code);
-    if (a.pre_round != nullptr && live) a.pre_round[o * a.n + __ldg(a.perm + a.i1 + c)] = wi;
-  }
-}
-
-// Row o's results of the block, coalesced over its kLanes lanes: its first failure, and e, the
-// codes and the dequantized values of its columns from shared memory.
-template <int kLanes>
-__device__ void StoreRow(const GptqBlockArgs& a, int64_t o, int sub, int width, const float* e_s,
-                         const float* deq_s, const uint8_t* code_s, int2 failure) {
-  if (sub == 0) a.failures[o] = failure;
-  for (int c = sub; c < width; c += kLanes) {
-    const int64_t col = __ldg(a.perm + a.i1 + c);
-    a.err[o * a.err_ld + c] = e_s[c];
-    a.codes[o * a.n + col] = code_s[c];
-    a.dequantized[o * a.n + col] = deq_s[c];
-  }
-}
-
-// The column loop over a lazy block wider than kSharedUWidth (GptqBlockRegistersKernel takes the
-// others): a warp a weight row, whose block columns live in shared memory. Column c is rounded by
-// every lane at once (the same operations on the same value, so the same bits), and the update of
-// the later columns j > c is spread over the lanes, j on lane (j - c - 1) % 32. Every weight still
-// sees the CPU reference's operations in the CPU's order: only independent updates run side by
-// side. A group's range is a reduction over the lanes (GridRange: order-independent). U is read
-// through the read-only cache. Rows are `row_stride` floats apart (w, e and the dequantized values
-// at 0, pad and 2·pad).
+// kLanes lanes per weight row, 32 / kLanes rows a warp. A row's block columns live in shared
+// memory; column c is rounded by every lane of the row at once (the same operations on the same
+// value, so the same bits), and the update of the later columns j > c is spread over the row's
+// lanes, j on lane (j - c - 1) % kLanes. Every weight still sees the CPU reference's operations in
+// the CPU's order: only independent updates run side by side. A group's range is a reduction over
+// the row's lanes (GridRange: order-independent). With kUShared the block of U, [width, width],
+// is staged in shared memory once for all the block's rows; wider blocks read U through the
+// read-only cache. Rows are `row_stride` floats apart (w, e and the dequantized values at 0, pad
+// and 2·pad), congruent to kLanes modulo 32 banks, so that the rows of a warp, whose lanes touch
+// the same columns, hit distinct banks. Fewer lanes a row, fewer instructions a weight: the
+// rounding of a column, done by each of the row's lanes, is shared by fewer of them.
+template <bool kUShared, int kLanes>
 __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) {
-  constexpr int kLanes = 32;
+  constexpr int kRows = 32 / kLanes;
+  constexpr unsigned kFull = 0xffffffffu;
   extern __shared__ float4 shared4[];
   const int warps = static_cast<int>(blockDim.x / 32);
-  const int warp = static_cast<int>(threadIdx.x / 32), sub = static_cast<int>(threadIdx.x % 32);
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int sub = lane % kLanes, row = warp * kRows + lane / kLanes;  // the row within the block
   const int width = static_cast<int>(a.i2 - a.i1);
-  float* rows_s = reinterpret_cast<float*>(shared4);
-  float* w_s = rows_s + int64_t{warp} * row_stride;  // the weights, then rounded and updated
-  float* e_s = w_s + width_pad;                      // e of each column
-  float* deq_s = e_s + width_pad;                    // dequantized values
-  uint8_t* code_s =
-      reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * row_stride) + int64_t{warp} * width_pad;
-  const float* u_block = a.u + a.i1 * a.n + a.i1;        // U(i1 + c, i1 + j) = u_block[c * n + j]
-  const int64_t o = int64_t{blockIdx.x} * warps + warp;  // the warp's row
-  if (o >= a.d_out) return;    // the whole warp; nothing below synchronizes the block
-  constexpr bool live = true;  // a warp a row: every lane's row is inside d_out
-  const float* wrow = a.wp + o * a.n;
-  for (int c = sub; c < width; c += kLanes) w_s[c] = wrow[a.i1 + c];
+  float* u_s = reinterpret_cast<float*>(shared4);  // [width, width_pad] when kUShared
+  float* rows_s = u_s + (kUShared ? int64_t{width} * width_pad : 0);
+  float* w_s = rows_s + int64_t{row} * row_stride;  // the weights, then rounded and updated
+  float* e_s = w_s + width_pad;                     // e of each column
+  float* deq_s = e_s + width_pad;                   // dequantized values
+  uint8_t* code_s = reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * kRows * row_stride) +
+                    int64_t{row} * width_pad;
+  const float* u_block = a.u + a.i1 * a.n + a.i1;  // U(i1 + c, i1 + j) = u_block[c * n + j]
+  if (kUShared) {
+    for (int idx = static_cast<int>(threadIdx.x); idx < width * width; idx += blockDim.x) {
+      const int c = idx / width, j = idx % width;
+      if (j >= c) u_s[c * width_pad + j] = __ldg(u_block + c * a.n + j);
+    }
+    __syncthreads();
+  }
+  const int64_t first = (int64_t{blockIdx.x} * warps + warp) * kRows;
+  if (first >= a.d_out) return;  // the whole warp; nothing below synchronizes the block
+  // A row past d_out (in the warp's last rows) runs on zeros and writes nothing: the warp's
+  // shuffles and __syncwarp need every lane.
+  const int64_t o = int64_t{blockIdx.x} * warps * kRows + row;
+  const bool live = o < a.d_out;
+  const float* wrow = a.wp + (live ? o : 0) * a.n;
+  for (int c = sub; c < width; c += kLanes) w_s[c] = live ? wrow[a.i1 + c] : 0.0f;
   __syncwarp();
 
   const int64_t g = a.group_size;
-  int2 failure = a.failures[o];
-  GroupParams p = ContinuedGroup(a, o, live);
+  int2 failure = live ? a.failures[o] : make_int2(0, 0);
+  GroupParams p;
+  if (a.i1 % g != 0 && live) {  // the block continues a group fitted in an earlier block
+    p.scale = a.scales[(a.i1 / g) * a.d_out + o];
+    p.zero = a.zeros[(a.i1 / g) * a.d_out + o];
+  }
   for (int c = 0; c < width; ++c) {
     const int64_t i = a.i1 + c;
     if (i % g == 0) {
@@ -192,114 +133,54 @@ __global__ void GptqBlockKernel(GptqBlockArgs a, int width_pad, int row_stride) 
         for (int j = c + sub; j < c + len; j += kLanes)
           ExtendRange(&r, GridValue(w_s[j], a.spec.grid));
       } else {
-        ExtendFromWp<kLanes>(&r, a, wrow, live, i, len, sub);
+        // A group reaching past the block starts the block (the host cuts blocks so): its later
+        // columns are current in wp, with every earlier block's update applied.
+        for (int64_t j = i + sub; j < i + len; j += kLanes) {
+          ExtendRange(&r, GridValue(live ? wrow[j] : 0.0f, a.spec.grid));
+        }
       }
-      p = FitRowGroup<kLanes>(r, a, i, o, live, sub, &failure);
+      for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+        GridRange<float> other;
+        other.xmin = __shfl_xor_sync(kFull, r.xmin, offset);
+        other.xmax = __shfl_xor_sync(kFull, r.xmax, offset);
+        JoinRange(&r, other);
+      }
+      p = FitRange(r, a.spec);
+      if (sub == 0 && live) {
+        a.scales[(i / g) * a.d_out + o] = p.scale;
+        a.zeros[(i / g) * a.d_out + o] = p.zero;
+      }
+      if (!isfinite(p.scale) && failure.x == 0) {
+        failure = make_int2(kGptqScaleOverflow, static_cast<int>(i));
+      }
     }
     const float wi = w_s[c];
     const int32_t code = QuantizeCode(wi, p, a.spec);
     const float wq = Dequantize<float>(code, p, a.spec);
-    const float* u_row = u_block + c * a.n;
-    const float e = (wi - wq) / __ldg(u_row + c);
-    KeepColumn(a, o, live, c, wi, wq, code, e, sub == c % kLanes, e_s, deq_s, code_s, &failure);
+    const float* u_row = kUShared ? u_s + c * width_pad : u_block + c * a.n;
+    const float e = (wi - wq) / (kUShared ? u_row[c] : __ldg(u_row + c));
+    if (!isfinite(e) && failure.x == 0) {
+      failure = make_int2(kGptqNonFiniteError, static_cast<int>(i));
+    }
+    if (sub == c % kLanes) {
+      e_s[c] = e;
+      deq_s[c] = wq;
+      code_s[c] = static_cast<uint8_t>(code);
+      if (a.pre_round != nullptr && live) a.pre_round[o * a.n + __ldg(a.perm + i)] = wi;
+    }
     for (int j = c + 1 + sub; j < width; j += kLanes) {
-      w_s[j] = __fsub_rn(w_s[j], __fmul_rn(e, __ldg(u_row + j)));
+      w_s[j] = __fsub_rn(w_s[j], __fmul_rn(e, kUShared ? u_row[j] : __ldg(u_row + j)));
     }
     __syncwarp();
   }
-  StoreRow<kLanes>(a, o, sub, width, e_s, deq_s, code_s, failure);
-}
-
-// The column loop with each row's weights in registers: kLanes lanes a row, column j of the block
-// on lane j % kLanes. In window kk (columns kk·kLanes to kk·kLanes + kLanes − 1) a lane's register
-// k holds its column (kk + k)·kLanes + sub; the registers shift down by one after every window, so
-// the column being rounded is register 0 of its lane and every register index is a constant. The
-// column's value reaches the row's lanes by a shuffle; each lane rounds it (the same operations on
-// the same value, so the same bits) and updates its own later columns. Every weight sees
-// GptqBlockKernel's operations in the same order, so the codes, e and W̃ are its bits. U's block is
-// staged in shared memory as there (kLanes · kRegs columns at most); e, the dequantized values and
-// the codes pass through shared memory to coalesced stores. GptqBlockKernel keeps the weights in
-// shared memory, where each update is a load and a store on the loop's critical path.
-// tools/gpu/gptq_schedule_model.py replays this schedule for one row against the sequential loop.
-template <int kLanes>
-__global__ void GptqBlockRegistersKernel(GptqBlockArgs a, int width_pad, int row_stride) {
-  constexpr int kRows = 32 / kLanes;
-  constexpr int kRegs = kSharedUWidth / kLanes;
-  constexpr unsigned kFull = 0xffffffffu;
-  extern __shared__ float4 shared4[];
-  const int warps = static_cast<int>(blockDim.x / 32);
-  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
-  const int sub = lane % kLanes, row = warp * kRows + lane / kLanes;
-  const int width = static_cast<int>(a.i2 - a.i1);
-  float* u_s = reinterpret_cast<float*>(shared4);  // [width, width_pad]
-  // The row layout of GptqBlockKernel (its weight slot unused here).
-  float* rows_s = u_s + int64_t{width} * width_pad;
-  float* e_s = rows_s + int64_t{row} * row_stride + width_pad;
-  float* deq_s = e_s + width_pad;
-  uint8_t* code_s = reinterpret_cast<uint8_t*>(rows_s + int64_t{warps} * kRows * row_stride) +
-                    int64_t{row} * width_pad;
-  const float* u_block = a.u + a.i1 * a.n + a.i1;
-  for (int idx = static_cast<int>(threadIdx.x); idx < width * width; idx += blockDim.x) {
-    const int c = idx / width, j = idx % width;
-    if (j >= c) u_s[c * width_pad + j] = __ldg(u_block + c * a.n + j);
+  if (!live) return;
+  if (sub == 0) a.failures[o] = failure;
+  for (int c = sub; c < width; c += kLanes) {
+    const int64_t col = __ldg(a.perm + a.i1 + c);
+    a.err[o * a.err_ld + c] = e_s[c];
+    a.codes[o * a.n + col] = code_s[c];
+    a.dequantized[o * a.n + col] = deq_s[c];
   }
-  __syncthreads();
-  const int64_t first = (int64_t{blockIdx.x} * warps + warp) * kRows;
-  if (first >= a.d_out) return;  // the whole warp; nothing below synchronizes the block
-  const int64_t o = int64_t{blockIdx.x} * warps * kRows + row;
-  const bool live = o < a.d_out;
-  const float* wrow = a.wp + (live ? o : 0) * a.n;
-  float w[kRegs];
-#pragma unroll
-  for (int k = 0; k < kRegs; ++k) {
-    const int j = k * kLanes + sub;
-    w[k] = live && j < width ? wrow[a.i1 + j] : 0.0f;
-  }
-
-  const int64_t g = a.group_size;
-  int2 failure = live ? a.failures[o] : make_int2(0, 0);
-  GroupParams p = ContinuedGroup(a, o, live);
-  int64_t next_group = (a.i1 + g - 1) / g * g;  // the next visiting position that starts a group
-  const int windows = (width + kLanes - 1) / kLanes;
-  for (int kk = 0; kk < windows; ++kk) {
-#pragma unroll
-    for (int s = 0; s < kLanes; ++s) {
-      const int c = kk * kLanes + s;
-      if (c >= width) break;
-      const int64_t i = a.i1 + c;
-      if (i == next_group) {
-        next_group += g;
-        const int64_t len = min(g, a.n - i);
-        GridRange<float> r;
-        if (i + len <= a.i2) {
-#pragma unroll
-          for (int k = 0; k < kRegs; ++k) {
-            const int j = (kk + k) * kLanes + sub;
-            if (j >= c && j < c + len) ExtendRange(&r, GridValue(w[k], a.spec.grid));
-          }
-        } else {
-          ExtendFromWp<kLanes>(&r, a, wrow, live, i, len, sub);
-        }
-        p = FitRowGroup<kLanes>(r, a, i, o, live, sub, &failure);
-      }
-      const float wi = __shfl_sync(kFull, w[0], s, kLanes);
-      const int32_t code = QuantizeCode(wi, p, a.spec);
-      const float wq = Dequantize<float>(code, p, a.spec);
-      const float* u_row = u_s + c * width_pad;
-      const float e = (wi - wq) / u_row[c];
-      KeepColumn(a, o, live, c, wi, wq, code, e, sub == s, e_s, deq_s, code_s, &failure);
-#pragma unroll
-      for (int k = 0; k < kRegs; ++k) {
-        const int j = (kk + k) * kLanes + sub;
-        if (j > c && j < width) w[k] = __fsub_rn(w[k], __fmul_rn(e, u_row[j]));
-      }
-    }
-#pragma unroll
-    for (int k = 0; k + 1 < kRegs; ++k) w[k] = w[k + 1];
-    w[kRegs - 1] = 0.0f;
-  }
-  __syncwarp();
-  if (live) StoreRow<kLanes>(a, o, sub, width, e_s, deq_s, code_s, failure);
 }
 
 // One warp per (row, group): the lanes read the group coalesced and join their partial ranges.
@@ -382,10 +263,8 @@ cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream) {
   // Padded to 4 columns so that every array starts 16-byte aligned.
   const int64_t pad = (width + 3) / 4 * 4;
   const bool u_shared = width <= kSharedUWidth;
-  // kRowLanes lanes a row, the weights in registers, where U is staged (the lazy blocks of the
-  // default block size); else a warp a row, the weights in shared memory: the widest blocks need
-  // all the shared memory for one row. Both kernels lay a row's arrays out alike (the register
-  // kernel leaves the weights' slot unused).
+  // kRowLanes lanes a row where U is staged (the lazy blocks of the default block size), else a
+  // warp a row: the widest blocks need all the shared memory for one row.
   const int lanes = u_shared ? kRowLanes : 32;
   const int64_t rows_per_warp = 32 / lanes;
   const int64_t stride = lanes == 32 ? 3 * pad : 3 * pad + ((lanes - 3 * pad) % 32 + 32) % 32;
@@ -398,7 +277,9 @@ cudaError_t LaunchGptqBlock(const GptqBlockArgs& args, cudaStream_t stream) {
   const int64_t warps = std::min<int64_t>(
       {kLoopWarps, (kMaxSharedBytes - u_bytes) / warp_bytes, (row_warps + sms - 1) / sms});
   const int64_t bytes = u_bytes + warps * warp_bytes;
-  const auto kernel = u_shared ? GptqBlockRegistersKernel<kRowLanes> : GptqBlockKernel;
+  const auto kernel = !u_shared         ? GptqBlockKernel<false, 32>
+                      : kRowLanes == 32 ? GptqBlockKernel<true, 32>
+                                        : GptqBlockKernel<true, kRowLanes>;
   cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(bytes));
   if (error != cudaSuccess) return error;

@@ -290,7 +290,8 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, WeightOperand(l), bias, y, accumulate));
   }
   if (l.lora_a.defined()) {
-    QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {x_op.dim(0), l.lora_b.dim(0)}));
+    QCAL_ASSIGN_OR_RETURN(Tensor t,
+                          be.AllocUninitialized(DType::kF32, {x_op.dim(0), l.lora_b.dim(0)}));
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
     QCAL_RETURN_IF_ERROR(be.Linear(t, l.lora_a, nullptr, y, true));
   }
@@ -305,7 +306,7 @@ absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tenso
                                 bool accumulate, Tensor* joined) {
   kernels::Backend& be = *backend_;
   const int64_t rows = x_op.dim(0), r = l.lora_b.dim(0), k = l.d_in();
-  QCAL_ASSIGN_OR_RETURN(Tensor t, be.Alloc(DType::kF32, {rows, r}));
+  QCAL_ASSIGN_OR_RETURN(Tensor t, be.AllocUninitialized(DType::kF32, {rows, r}));
   QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
   Tensor xt;
   if (joined != nullptr && joined->defined() && joined->shape() == Shape{rows, k + r}) {
@@ -332,7 +333,8 @@ absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, c
                                       Tensor* joined) {
   const Linear& l = blocks_[b].at(kind);
   const int64_t rows = x_op.defined() ? x_op.dim(0) : x.dim(0);
-  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->Alloc(DType::kF32, {rows, l.d_out()}));
+  // ApplyLinear without `accumulate` writes every element of y.
+  QCAL_ASSIGN_OR_RETURN(Tensor y, backend_->AllocUninitialized(DType::kF32, {rows, l.d_out()}));
   QCAL_RETURN_IF_ERROR(ApplyLinear(l, x, x_op, y, false, joined));
   return y;
 }
@@ -408,7 +410,8 @@ absl::StatusOr<Tensor> Model::Attend(int b, const LinearOperand& in, const SeqSh
     as.kv_len = shape.seq_len;
     as.q_offset = 0;
   }
-  QCAL_ASSIGN_OR_RETURN(Tensor attn, be.Alloc(DType::kF32, {rows, config_.q_dim()}));
+  // Attention writes every row (zeros for a query that sees no key).
+  QCAL_ASSIGN_OR_RETURN(Tensor attn, be.AllocUninitialized(DType::kF32, {rows, config_.q_dim()}));
   if (fused_rope) {
     QCAL_RETURN_IF_ERROR(be.RopeAttention(q, keys, values, rope, as, attn));
   } else {

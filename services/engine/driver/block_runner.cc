@@ -197,7 +197,7 @@ absl::Status BlockRunner::AdvanceFullPrecision(size_t c, Routing* routing) {
   }
   Tensor h = fp;
   if (fp.device() != be_.device()) {
-    QCAL_ASSIGN_OR_RETURN(h, be_.Alloc(DType::kF32, fp.shape()));
+    QCAL_ASSIGN_OR_RETURN(h, be_.AllocUninitialized(DType::kF32, fp.shape()));
     QCAL_RETURN_IF_ERROR(be_.Copy(fp, h));
   }
   Tap tap;
@@ -301,7 +301,7 @@ absl::StatusOr<std::vector<LayerResult>> BlockRunner::Finish() {
 absl::StatusOr<Tensor> BlockRunner::FetchCopy(size_t c) {
   QCAL_ASSIGN_OR_RETURN(Tensor h, Fetch(c));
   if (be_.device() == Device::kHost) return h.Clone();
-  QCAL_ASSIGN_OR_RETURN(Tensor hidden, be_.Alloc(DType::kF32, h.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor hidden, be_.AllocUninitialized(DType::kF32, h.shape()));
   QCAL_RETURN_IF_ERROR(be_.Copy(h, hidden));
   return hidden;
 }
@@ -324,7 +324,7 @@ SeqShape BlockRunner::ShapeOf(size_t c) const {
 absl::StatusOr<Tensor> BlockRunner::Fetch(size_t c) {
   const Tensor& chunk = acts_.chunks[c];
   if (chunk.device() == be_.device()) return chunk;
-  QCAL_ASSIGN_OR_RETURN(Tensor d, be_.Alloc(chunk.dtype(), chunk.shape()));
+  QCAL_ASSIGN_OR_RETURN(Tensor d, be_.AllocUninitialized(chunk.dtype(), chunk.shape()));
   QCAL_RETURN_IF_ERROR(be_.Copy(chunk, d));
   return d;
 }

@@ -135,9 +135,16 @@ absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, con
   InputStatistics stats;
   stats.input = in;
   if (width == 0) width = widths_[static_cast<int>(in)];
-  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
-  if (!x.op.defined()) return stats;
-  QCAL_RETURN_IF_ERROR(be_.AccumulateGram(x.op, stats.gram));
+  if (!x.op.defined()) {
+    QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Alloc(DType::kF32, {width, width}));
+    return stats;
+  }
+  if (x.op.rank() != 2 || x.op.dim(1) != width) {
+    return absl::InvalidArgumentError(absl::StrCat("block ", b_, ": input ", LinearInputName(in),
+                                                   " is ", x.op.DebugString(), ", expected ", width,
+                                                   " columns"));
+  }
+  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Gram(x.op));
   if (recipe_.error_reconstruction.enabled &&
       recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
     QCAL_ASSIGN_OR_RETURN(stats.abs_stats, ChunkAbsStats(in, x.x));

@@ -29,6 +29,11 @@ constexpr double kSotuReference = 28.728;     // sotu-llama-16m, L = 512, first 
 constexpr double kReferenceTolerance = 1e-3;  // relative
 // CUDA against the CPU backend in the same compute dtype: different summation orders only.
 constexpr double kBackendParity = 1e-4;  // relative, on perplexity
+// The same for bf16 compute, where those orders and the softmax's exponentials (the GPU's
+// 2^(s·c − m·c) by the special-function unit, the CPU's libm e^(s·scale − m·scale)) also move
+// which probabilities round up to the next bf16 value. stories260k, H100: 5.3e-5 with libm-grade
+// expf on the GPU, 1.22e-4 with ex2 (2026-12-07); f32 compute stays at 1e-7.
+constexpr double kBackendParityBf16 = 2.5e-4;
 // bf16 compute against the fp32 reference: rounding of every GEMM operand.
 constexpr double kBf16Tolerance = 2e-2;  // relative
 // bf16 compute against fp32, on raw logits (relative Frobenius error over a window): each GEMM
@@ -111,7 +116,8 @@ TEST_F(CudaModelTest, StoriesPerplexityMatchesReferenceAndCpu) {
     Report(bf16 ? "stories260k cuda bf16" : "stories260k cuda f32", *r_gpu);
     Report(bf16 ? "stories260k cpu bf16" : "stories260k cpu f32", *r_cpu);
     EXPECT_EQ(r_gpu->tokens, 24064);
-    EXPECT_NEAR(r_gpu->perplexity / r_cpu->perplexity, 1.0, kBackendParity);
+    EXPECT_NEAR(r_gpu->perplexity / r_cpu->perplexity, 1.0,
+                bf16 ? kBackendParityBf16 : kBackendParity);
     EXPECT_NEAR(r_gpu->perplexity / kStoriesReference, 1.0,
                 bf16 ? kBf16Tolerance : kReferenceTolerance);
   }

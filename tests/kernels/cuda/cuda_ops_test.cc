@@ -551,6 +551,46 @@ TEST_F(CudaOpsTest, GramMatchesReferenceAndIsSymmetric) {
   }
 }
 
+// Backend::Gram skips the zero fill of its fresh tensor: every element must be written. Each case
+// first frees a tensor of the same size full of NaN, which the caching allocator hands back to
+// Gram; k = 2048 takes the bf16 row panels (and the mirror of the upper triangle they leave).
+TEST_F(CudaOpsTest, GramOfAFreshTensorMatchesReferenceAndIsSymmetric) {
+  const int64_t shapes[][2] = {{1, 1}, {0, 3}, {33, 17}, {100, 130}, {300, 2048}};
+  uint64_t seed = 760;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    const bool bf16 = dtype == ComputeDType::kBF16;
+    for (const auto& s : shapes) {
+      const int64_t n = s[0], k = s[1];
+      SCOPED_TRACE(testing::Message() << Name(dtype) << " n=" << n << " k=" << k);
+      const auto x = Random(n * k, seed++);
+      std::vector<float> ref(static_cast<size_t>(k * k), 0.0f);
+      ref::AccumulateGram(x.data(), n, k, ref.data(), bf16);
+      Tensor xd = n > 0 ? Upload(be, x, {n, k}) : be.Alloc(DType::kF32, {0, k}).value();
+      {
+        Tensor poison = Upload(be, std::vector<float>(ref.size(), std::nanf("")), {k, k});
+        ASSERT_TRUE(be.Synchronize().ok());
+      }
+      absl::StatusOr<Tensor> hd = be.Gram(xd);
+      ASSERT_TRUE(hd.ok()) << hd.status();
+      ASSERT_EQ(hd->shape(), (Shape{k, k}));
+      const auto h = Download(be, *hd);
+      int not_finite = 0, asymmetric = 0;
+      for (float v : h) not_finite += !std::isfinite(v);
+      EXPECT_EQ(not_finite, 0);
+      if (n > 0) {
+        EXPECT_LE(RelError(h, ref), bf16 ? kGramBf16Bound : kGramF32Bound);
+      } else {
+        EXPECT_EQ(h, ref);
+      }
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t b = 0; b < a; ++b) asymmetric += h[a * k + b] != h[b * k + a];
+      }
+      EXPECT_EQ(asymmetric, 0);
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, ResultsAreBitIdenticalRunToRun) {
   for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
     SCOPED_TRACE(Name(dtype));
