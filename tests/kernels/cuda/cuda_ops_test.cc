@@ -521,72 +521,61 @@ TEST_F(CudaOpsTest, NllMatchesReference) {
   }
 }
 
+// The pairs (a, b), a > b, of a row-major k × k matrix where h[a][b] != h[b][a].
+int Asymmetric(const std::vector<float>& h, int64_t k) {
+  int count = 0;
+  for (int64_t a = 0; a < k; ++a) {
+    for (int64_t b = 0; b < a; ++b) count += h[a * k + b] != h[b * k + a];
+  }
+  return count;
+}
+
+// AccumulateGram onto a symmetric h, as accumulation over chunks does, and Backend::Gram, which
+// skips the zero fill of its fresh tensor: every element must be written, so each case first
+// frees a tensor of Gram's size full of NaN, which the caching allocator hands back to Gram.
+// k = 2048 takes the bf16 row panels (and the mirror of the upper triangle they leave).
 TEST_F(CudaOpsTest, GramMatchesReferenceAndIsSymmetric) {
-  const int64_t shapes[][2] = {{1, 1}, {7, 1}, {1, 5}, {33, 17}, {100, 130}, {513, 64}};
+  const int64_t shapes[][2] = {{1, 1},   {0, 3},     {7, 1},    {1, 5},
+                               {33, 17}, {100, 130}, {513, 64}, {300, 2048}};
   uint64_t seed = 700;
   for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
     Backend& be = Get(dtype);
     const bool bf16 = dtype == ComputeDType::kBF16;
+    const double bound = bf16 ? kGramBf16Bound : kGramF32Bound;
     for (const auto& s : shapes) {
       const int64_t n = s[0], k = s[1];
       SCOPED_TRACE(testing::Message() << Name(dtype) << " n=" << n << " k=" << k);
       const auto x = Random(n * k, seed++);
-      // Start from a symmetric h, as accumulation over chunks does.
+      Tensor xd = n > 0 ? Upload(be, x, {n, k}) : be.Alloc(DType::kF32, {0, k}).value();
       std::vector<float> h0 = Random(k * k, seed++);
       for (int64_t a = 0; a < k; ++a) {
         for (int64_t b = 0; b < a; ++b) h0[a * k + b] = h0[b * k + a];
       }
-      std::vector<float> ref = h0;
+      std::vector<float> ref = h0, fresh_ref(h0.size(), 0.0f);
       ref::AccumulateGram(x.data(), n, k, ref.data(), bf16);
-      Tensor xd = Upload(be, x, {n, k}), hd = Upload(be, h0, {k, k});
+      ref::AccumulateGram(x.data(), n, k, fresh_ref.data(), bf16);
+
+      Tensor hd = Upload(be, h0, {k, k});
       ASSERT_TRUE(be.AccumulateGram(xd, hd).ok());
       const auto h = Download(be, hd);
-      EXPECT_LE(RelError(h, ref), bf16 ? kGramBf16Bound : kGramF32Bound);
-      int asymmetric = 0;
-      for (int64_t a = 0; a < k; ++a) {
-        for (int64_t b = 0; b < a; ++b) asymmetric += h[a * k + b] != h[b * k + a];
-      }
-      EXPECT_EQ(asymmetric, 0);
-    }
-  }
-}
+      EXPECT_LE(RelError(h, ref), bound);
+      EXPECT_EQ(Asymmetric(h, k), 0);
 
-// Backend::Gram skips the zero fill of its fresh tensor: every element must be written. Each case
-// first frees a tensor of the same size full of NaN, which the caching allocator hands back to
-// Gram; k = 2048 takes the bf16 row panels (and the mirror of the upper triangle they leave).
-TEST_F(CudaOpsTest, GramOfAFreshTensorMatchesReferenceAndIsSymmetric) {
-  const int64_t shapes[][2] = {{1, 1}, {0, 3}, {33, 17}, {100, 130}, {300, 2048}};
-  uint64_t seed = 760;
-  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
-    Backend& be = Get(dtype);
-    const bool bf16 = dtype == ComputeDType::kBF16;
-    for (const auto& s : shapes) {
-      const int64_t n = s[0], k = s[1];
-      SCOPED_TRACE(testing::Message() << Name(dtype) << " n=" << n << " k=" << k);
-      const auto x = Random(n * k, seed++);
-      std::vector<float> ref(static_cast<size_t>(k * k), 0.0f);
-      ref::AccumulateGram(x.data(), n, k, ref.data(), bf16);
-      Tensor xd = n > 0 ? Upload(be, x, {n, k}) : be.Alloc(DType::kF32, {0, k}).value();
       {
-        Tensor poison = Upload(be, std::vector<float>(ref.size(), std::nanf("")), {k, k});
+        Tensor poison = Upload(be, std::vector<float>(h0.size(), std::nanf("")), {k, k});
         ASSERT_TRUE(be.Synchronize().ok());
       }
-      absl::StatusOr<Tensor> hd = be.Gram(xd);
-      ASSERT_TRUE(hd.ok()) << hd.status();
-      ASSERT_EQ(hd->shape(), (Shape{k, k}));
-      const auto h = Download(be, *hd);
-      int not_finite = 0, asymmetric = 0;
-      for (float v : h) not_finite += !std::isfinite(v);
-      EXPECT_EQ(not_finite, 0);
+      absl::StatusOr<Tensor> fresh = be.Gram(xd);
+      ASSERT_TRUE(fresh.ok()) << fresh.status();
+      ASSERT_EQ(fresh->shape(), (Shape{k, k}));
+      const auto g = Download(be, *fresh);
+      EXPECT_EQ(std::count_if(g.begin(), g.end(), [](float v) { return !std::isfinite(v); }), 0);
       if (n > 0) {
-        EXPECT_LE(RelError(h, ref), bf16 ? kGramBf16Bound : kGramF32Bound);
+        EXPECT_LE(RelError(g, fresh_ref), bound);
       } else {
-        EXPECT_EQ(h, ref);
+        EXPECT_EQ(g, fresh_ref);
       }
-      for (int64_t a = 0; a < k; ++a) {
-        for (int64_t b = 0; b < a; ++b) asymmetric += h[a * k + b] != h[b * k + a];
-      }
-      EXPECT_EQ(asymmetric, 0);
+      EXPECT_EQ(Asymmetric(g, k), 0);
     }
   }
 }
