@@ -56,7 +56,24 @@ BlockRunner::BlockRunner(Model& model, CalibActivations& acts, const Recipe& rec
   widths_ = {c.hidden_size, c.q_dim(), c.hidden_size, c.intermediate_size};
   const int64_t chunk_rows =
       acts.chunk_batch.empty() ? 0 : int64_t(acts.chunk_batch[0]) * acts.seq_len;
-  reserve_ = WorkingSetBytes(model.config(), chunk_rows);
+  reserve_ = WorkingSetBytes(c, chunk_rows) + JoinedOperandBytes(c, chunk_rows, PlannedRank());
+}
+
+// The largest low-rank branch a linear of this job gets (the memory plan's rank): error
+// reconstruction's fixed rank, or for `rank: auto` the rank at which the widest linear reaches
+// max_extra_params; retraining's LoRA rank (64 when it starts from nothing).
+int64_t BlockRunner::PlannedRank() const {
+  const ModelConfig& c = model_.config();
+  int64_t rank = 0;
+  const ErrorReconstructionRecipe& er = recipe_.error_reconstruction;
+  if (er.enabled) {
+    const double d = double(c.hidden_size), f = double(c.intermediate_size);
+    rank = er.rank == kRecipeAutoRank
+               ? static_cast<int64_t>(std::ceil(er.max_extra_params * d * f / (d + f)))
+               : er.rank;
+  }
+  if (recipe_.retrain.enabled) rank = std::max<int64_t>(rank, recipe_.retrain.rank.value_or(64));
+  return rank;
 }
 
 absl::StatusOr<std::vector<LayerResult>> BlockRunner::Run() {

@@ -344,6 +344,7 @@ class BlockRunner {
                                                            const kernels::GptqSolveOptions& gopt);
   absl::Status StartFactorPrefetch();
   bool Retrains() const { return recipe_.retrain.enabled; }
+  int64_t PlannedRank() const;
   absl::Status BeginRetrain();
   absl::StatusOr<Tensor> FisherOf(LinearInput in, LinearKind k);
   absl::Status WaitForConversions();

@@ -3,14 +3,18 @@
 // peaks at the same host RSS within four blocks' fp32 size, and so does `qcal eval` of the two
 // exports. RSS is measured from outside, by the kernel's accounting of the child process
 // (wait4's ru_maxrss), and compared with what the job reports in qcal_run.json.
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "common/files.h"
+#include "common/hf_config.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "services/engine/driver/memory_plan.h"
 #include "tests/support/subprocess.h"
 #include "tests/support/test_paths.h"
 
@@ -103,6 +107,29 @@ TEST_F(StreamingMemoryTest, PeakRssDoesNotGrowWithTheNumberOfBlocks) {
                static_cast<long long>(q8.max_rss_bytes), static_cast<long long>(q32.max_rss_bytes),
                static_cast<long long>(e8.max_rss_bytes), static_cast<long long>(e32.max_rss_bytes),
                static_cast<long long>(bound));
+}
+
+// The device memory plan (services/engine/driver/memory_plan.h) counts the bf16 operands of a
+// block's weights held for a pass, and error reconstruction's joined products, on the 70B shape.
+TEST(MemoryPlanTest, CountsHeldOperandsAndJoinedProducts) {
+  ModelConfig c;  // Llama-2-70B's widths
+  c.hidden_size = 8192, c.intermediate_size = 28672;
+  c.num_heads = 64, c.num_kv_heads = 8, c.head_dim = 128;
+  const int64_t rows = 8 * 2048;  // one chunk
+  const int64_t block =
+      2 * int64_t{8192} * 8192 + 2 * int64_t{8192} * 1024 + 3 * int64_t{8192} * 28672;
+  const int64_t n = 28672;
+  // Two n × n fp32 statistics, the larger of the solver's scratch (here) and the chunk's forward,
+  // the held bf16 weights and 1 GiB.
+  const int64_t forward = rows * (3 * 8192 + 2 * 8192 + 2 * 1024 + 3 * 28672) * 6;
+  EXPECT_EQ(engine::WorkingSetBytes(c, rows),
+            2 * n * n * 4 + std::max<int64_t>(3 * n * n * 4 + int64_t{28672} * 8192 * 30, forward) +
+                2 * block + (int64_t{1} << 30));
+  EXPECT_EQ(engine::JoinedOperandBytes(c, rows, 0), 0);
+  const int64_t r = 64;
+  const int64_t d_out_sum = 8192 + 2 * 1024 + 2 * 8192 + 2 * 28672;
+  EXPECT_EQ(engine::JoinedOperandBytes(c, rows, r),
+            (block + d_out_sum * r) * 2 + rows * ((28672 + r) * 2 + r * 4));
 }
 
 }  // namespace
