@@ -255,8 +255,9 @@ class Backend {
   // h[k,k] += xᵀ x for x [n,k], fp32 accumulation (F32 operands rounded per compute_dtype; a BF16
   // x is taken as already rounded).
   virtual absl::Status AccumulateGram(const Tensor& x, Tensor& h) = 0;
-  // A new k×k F32 tensor holding xᵀx, exactly as AccumulateGram sums it into zeros (a device
-  // backend skips the zero fill of a fresh tensor). Default: Alloc, then AccumulateGram.
+  // A new k×k F32 tensor holding xᵀx, with AccumulateGram's operand rounding and accuracy (a
+  // device backend skips the zero fill of a fresh tensor, and its library may then sum in another
+  // order than into zeros). Default: Alloc, then AccumulateGram.
   virtual absl::StatusOr<Tensor> Gram(const Tensor& x);
 
   // ---- Backward ops: the gradient pass (DESIGN section 2, step 4; section 3, "Output-adaptive
