@@ -200,9 +200,13 @@ cudaError_t Launch(const AttentionArgs& a, cudaStream_t stream) {
 // the unnormalised probabilities e^(s − m) to bf16 exactly where the reference does (per 64-key
 // tile, against the running maximum) and accumulates P·V, rescaled when the maximum moves; out = o
 // / l. The score fragments of a warp become the A operand of P·V in registers (the C layout of two
-// m16n8 tiles is the A layout of one m16k16 step).
+// m16n8 tiles is the A layout of one m16k16 step). Q's fragments are read from shared memory at
+// each key tile rather than held, so that a thread fits 128 registers and two blocks share an SM
+// (16 warps an SM instead of 8: 88 → 77 ms over 3 7B blocks on an H100, docs/BENCHMARKS.md).
 constexpr int kTcBq = 128;
 constexpr int kTcBk = 64;
+constexpr int kTcWarps = kTcBq / 16;
+constexpr int kTcThreads = kTcWarps * 32;
 
 // 2^x by the special-function unit (ex2.approx: 2 ulp; 2^(-inf) = 0, results below 2^-126 flushed
 // to 0, where p rounds to nothing a bf16 sum of 64 keys keeps).
@@ -211,8 +215,6 @@ __device__ __forceinline__ float FastExp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-constexpr int kTcWarps = kTcBq / 16;
-constexpr int kTcThreads = kTcWarps * 32;
 
 template <int kD>
 struct TcLayout {
@@ -278,7 +280,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   // scores stay unscaled q·k here (the scale is positive: the maxima are the same keys'), and
   // the scale enters the exponent: e^(scale·(s − m)) = 2^(s·c − m·c) with c = scale·log2(e), one
   // FFMA and one ex2. Against the reference's e^(fl(s·scale) − fl(m·scale)) that moves p by a few
-  // fp32 ulps of the exponent's argument, far below p's bf16 rounding.
+  // fp32 ulps of the exponent's argument, far below p's bf16 rounding, but it changes which p
+  // round up (docs/OPERATIONS.md, "Where bf16 attention rounds").
   if (tiles > 0) {
     load_tile(k_s, k, kv_begin);
     load_tile(v_s, v, kv_begin);
