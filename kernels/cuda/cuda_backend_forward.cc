@@ -194,15 +194,11 @@ absl::Status CudaBackend::AccumulateGram(const Tensor& x, Tensor& h) {
 }
 
 absl::StatusOr<Tensor> CudaBackend::Gram(const Tensor& x) {
-  if (x.rank() != 2) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Gram: x is ", x.DebugString(), ", expected rank 2"));
-  }
-  // The bf16 panels and the mirror write every element: no zero fill (the fp32 SYRK adds).
-  const int64_t k = x.dim(1);
-  QCAL_ASSIGN_OR_RETURN(Tensor h, dtype_ == ComputeDType::kBF16 ? Uninitialized(DType::kF32, {k, k})
-                                                                : Alloc(DType::kF32, {k, k}));
-  QCAL_RETURN_IF_ERROR(GramInto(x, h, /*accumulate=*/dtype_ != ComputeDType::kBF16));
+  // The fp32 SYRK only adds: a zero-filled h (Backend's default).
+  if (dtype_ != ComputeDType::kBF16 || x.rank() != 2) return Backend::Gram(x);
+  // The bf16 panels and the mirror write every element: no zero fill.
+  QCAL_ASSIGN_OR_RETURN(Tensor h, Uninitialized(DType::kF32, {x.dim(1), x.dim(1)}));
+  QCAL_RETURN_IF_ERROR(GramInto(x, h, /*accumulate=*/false));
   return h;
 }
 

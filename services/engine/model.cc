@@ -410,7 +410,7 @@ absl::StatusOr<Tensor> Model::Attend(int b, const LinearOperand& in, const SeqSh
     as.kv_len = shape.seq_len;
     as.q_offset = 0;
   }
-  // Attention writes every row (zeros for a query that sees no key).
+  // Attention writes every element of its output.
   QCAL_ASSIGN_OR_RETURN(Tensor attn, be.AllocUninitialized(DType::kF32, {rows, config_.q_dim()}));
   if (fused_rope) {
     QCAL_RETURN_IF_ERROR(be.RopeAttention(q, keys, values, rope, as, attn));
