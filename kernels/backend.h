@@ -507,6 +507,13 @@ class Backend {
                                              const Tensor& gram) {
     return Unsupported("OutputError");
   }
+  // The same figure where it is only reported, never computed with (the relative error's
+  // denominator ‖W·Xᵀ‖ and the RTN baseline): a backend may take cheaper products. Default:
+  // OutputError. CUDA: EᵀE as one bf16 product of E rounded to bf16 (within 1e-3 relative).
+  virtual absl::StatusOr<double> ReportOutputError(const Tensor& w, const Tensor& w_hat,
+                                                   const Tensor& gram) {
+    return OutputError(w, w_hat, gram);
+  }
   // The whitening factor S = lower Cholesky factor of G + δI, δ = damp · mean(diag G), for the
   // Gram matrix G = gram (F32 [n, n] on this device, upper triangle read), computed in double and
   // returned as F32 [n, n] (strict upper triangle 0). FailedPrecondition when G + δI is not

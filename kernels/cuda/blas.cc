@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_resources.h"
+#include "kernels/cuda/split_tf32.cuh"
 
 namespace qcal::kernels::cuda {
 namespace {
@@ -88,6 +89,20 @@ absl::Status GemmTf32(cublasHandle_t handle, bool trans_a, bool trans_b, int64_t
                    c, CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F_FAST_TF32,
                    CUBLAS_GEMM_DEFAULT),
       absl::StrCat("cublasGemmEx ", m, "x", n, "x", k, " TF32"));
+}
+
+absl::Status GemmSplitTf32(cublasHandle_t handle, int64_t m, int64_t n, int64_t k, float alpha,
+                           const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                           float* c, int64_t ldc, float* a3, float* b3) {
+  QCAL_RETURN_IF_ERROR(CheckDims("split TF32 GEMM", {m, n, 3 * k, lda, ldb, ldc}));
+  cudaStream_t stream = nullptr;
+  QCAL_RETURN_IF_ERROR(CublasStatus(cublasGetStream(handle, &stream), "cublasGetStream"));
+  // a3 = [lo | hi | hi] side by side, b3 = [hi; lo; hi] stacked.
+  QCAL_RETURN_IF_ERROR(CudaStatus(LaunchSplitTf32(a, m, k, lda, a3, 3 * k, k, 0, stream),
+                                  "split TF32 GEMM: splitting a"));
+  QCAL_RETURN_IF_ERROR(CudaStatus(LaunchSplitTf32(b, k, n, ldb, b3, n, k * n, 1, stream),
+                                  "split TF32 GEMM: splitting b"));
+  return GemmTf32(handle, false, false, m, n, 3 * k, alpha, a3, 3 * k, b3, n, beta, c, ldc);
 }
 
 absl::Status SyrkLowerF32(cublasHandle_t handle, const float* x, int64_t n, int64_t k, float* h) {

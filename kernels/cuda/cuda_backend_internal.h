@@ -148,6 +148,8 @@ class CudaBackend final : public Backend {
                                              const QuantSpec& spec, int block_size,
                                              bool record_pre_round) override;
   absl::StatusOr<QuantizedTensors> QuantizeRtn(const Tensor& w, const QuantSpec& spec) override;
+  absl::StatusOr<double> ReportOutputError(const Tensor& w, const Tensor& w_hat,
+                                           const Tensor& gram) override;
   absl::StatusOr<double> OutputError(const Tensor& w, const Tensor& w_hat,
                                      const Tensor& gram) override;
   absl::StatusOr<Tensor> CholeskyWhitening(const Tensor& gram, double damp) override;

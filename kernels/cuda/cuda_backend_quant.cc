@@ -163,7 +163,12 @@ absl::StatusOr<QuantizedTensors> CudaBackend::QuantizeRtn(const Tensor& w, const
 
 absl::StatusOr<double> CudaBackend::OutputError(const Tensor& w, const Tensor& w_hat,
                                                 const Tensor& gram) {
-  return cuda::OutputError(SolverContext(), w, w_hat, gram);
+  return cuda::OutputError(SolverContext(), w, w_hat, gram, DType::kF32);
+}
+
+absl::StatusOr<double> CudaBackend::ReportOutputError(const Tensor& w, const Tensor& w_hat,
+                                                      const Tensor& gram) {
+  return cuda::OutputError(SolverContext(), w, w_hat, gram, DType::kBF16);
 }
 
 absl::StatusOr<Tensor> CudaBackend::CholeskyWhitening(const Tensor& gram, double damp) {

@@ -279,13 +279,21 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
   // of one product of depth 128 per lazy block (33 TFLOP/s for the first, on an H200); the 7B
   // shape's loops and updates 3.55 -> 3.35 s (docs/BENCHMARKS.md, "three solver levers"). The same
   // updates as one level, summed in another order: GPU-deterministic, not the CPU's bits (the
-  // parity tests' bounds decide).
+  // parity tests' bounds decide). Both levels are three-TF32 products (GemmSplitTf32): about
+  // fp32's accuracy on the tensor cores, where the SIMT fp32 GEMMs were the largest part of a
+  // 70B block's loops (docs/BENCHMARKS.md, thirty-second session).
   const int64_t sb_width = std::max(kSuperBlock, bs);
   QCAL_ASSIGN_OR_RETURN(Tensor err, ctx.alloc(DType::kF32, {d_out, sb_width}));
+  QCAL_ASSIGN_OR_RETURN(Tensor err3, ctx.alloc(DType::kF32, {d_out, 3 * sb_width}));
+  QCAL_ASSIGN_OR_RETURN(Tensor u3, ctx.alloc(DType::kF32, {3 * sb_width, n}));
+  // W[:, c0:c1] -= E[:, k0:k1] U[k0:k1, c0:c1], E's columns counted from the super-block's s0.
+  auto update = [&](int64_t s0, int64_t k0, int64_t k1, int64_t c0, int64_t c1) {
+    return GemmSplitTf32(ctx.blas, d_out, c1 - c0, k1 - k0, -1.0f, err.data<float>() + (k0 - s0),
+                         sb_width, factor.u.data<float>() + k0 * n + c0, n, 1.0f,
+                         wp.data<float>() + c0, n, err3.data<float>(), u3.data<float>());
+  };
   args.err_ld = sb_width;
-  const float* u = factor.u.data<float>();
   float* e = err.data<float>();
-  float* wpp = wp.data<float>();
   for (size_t b = 0; b < block_starts.size();) {
     const int64_t s0 = block_starts[b];
     size_t last = b;
@@ -298,18 +306,11 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
       args.err = e + (i1 - s0);
       QCAL_RETURN_IF_ERROR(
           CudaStatus(LaunchGptqBlock(args, ctx.stream), "GptqSolve: column loop kernel"));
-      if (i2 < s1) {
-        // The super-block's later columns: W[:, i2:s1] -= E U[i1:i2, i2:s1].
-        QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, s1 - i2, i2 - i1, -1.0f,
-                                  e + (i1 - s0), sb_width, u + i1 * n + i2, n, DType::kF32, 1.0f,
-                                  wpp + i2, n));
-      }
+      // The super-block's later columns: W[:, i2:s1] -= E U[i1:i2, i2:s1].
+      if (i2 < s1) QCAL_RETURN_IF_ERROR(update(s0, i1, i2, i2, s1));
     }
-    if (s1 < n) {
-      // Every column after the super-block: W[:, s1:] -= E U[s0:s1, s1:].
-      QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, n - s1, s1 - s0, -1.0f, e, sb_width,
-                                u + s0 * n + s1, n, DType::kF32, 1.0f, wpp + s1, n));
-    }
+    // Every column after the super-block: W[:, s1:] -= E U[s0:s1, s1:].
+    if (s1 < n) QCAL_RETURN_IF_ERROR(update(s0, s0, s1, s1, n));
     b = last + 1;
   }
 
@@ -367,7 +368,11 @@ absl::StatusOr<QuantizedTensors> QuantizeRtn(const QuantContext& ctx, const Tens
 }
 
 absl::StatusOr<double> OutputError(const QuantContext& ctx, const Tensor& w, const Tensor& w_hat,
-                                   const Tensor& gram) {
+                                   const Tensor& gram, DType products) {
+  if (products != DType::kF32 && products != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("OutputError: unsupported products ", DTypeName(products)));
+  }
   QCAL_RETURN_IF_ERROR(ExpectMatrix(w, "OutputError", "w"));
   const int64_t d_out = w.dim(0), d_in = w.dim(1);
   if (w_hat.defined()) {
@@ -383,24 +388,32 @@ absl::StatusOr<double> OutputError(const QuantContext& ctx, const Tensor& w, con
                                                    " does not match w ", w.DebugString()));
   }
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
-  QCAL_ASSIGN_OR_RETURN(Tensor e, ctx.alloc(DType::kF32, {d_out, d_in}));
-  QCAL_RETURN_IF_ERROR(
-      CudaStatus(LaunchRoundTf32(w.data<float>(), w_hat.defined() ? w_hat.data<float>() : nullptr,
-                                 d_out * d_in, e.data<float>(), ctx.stream),
-                 "OutputError: rounding E"));
+  const bool bf16 = products == DType::kBF16;
+  QCAL_ASSIGN_OR_RETURN(Tensor e, ctx.alloc(products, {d_out, d_in}));
+  const float* w_hat_data = w_hat.defined() ? w_hat.data<float>() : nullptr;
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      bf16
+          ? LaunchRoundBf16(w.data<float>(), w_hat_data, d_out * d_in, e.raw(), ctx.stream)
+          : LaunchRoundTf32(w.data<float>(), w_hat_data, d_out * d_in, e.data<float>(), ctx.stream),
+      "OutputError: rounding E"));
   QCAL_ASSIGN_OR_RETURN(Tensor partial, ctx.alloc(DType::kF64, {d_in}));
   QCAL_RETURN_IF_ERROR(
       CudaStatus(cudaMemsetAsync(partial.raw(), 0, partial.nbytes(), ctx.stream), "OutputError"));
   const int64_t panels = d_in >= kPanels * kMinPanelWidth ? kPanels : 1;
   const int64_t width = (d_in + panels - 1) / panels;
   QCAL_ASSIGN_OR_RETURN(Tensor st, ctx.alloc(DType::kF32, {d_in, width}));
-  const float* ep = e.data<float>();
+  const size_t element = bf16 ? 2 : 4;
+  const auto* ep = static_cast<const char*>(e.raw());
   float* stp = st.data<float>();
   for (int64_t r0 = 0; r0 < d_in; r0 += width) {
     const int64_t r1 = std::min(d_in, r0 + width), cols = r1 - r0;
-    // St [r1, r1 - r0] = Ē[:, :r1]ᵀ Ē[:, r0:r1], exact TF32 inputs, fp32 accumulation.
-    QCAL_RETURN_IF_ERROR(GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f, ep, d_in, ep + r0,
-                                  d_in, 0.0f, stp, cols));
+    // St [r1, r1 - r0] = Ē[:, :r1]ᵀ Ē[:, r0:r1]: exact products, fp32 accumulation.
+    const void* panel = ep + r0 * element;
+    QCAL_RETURN_IF_ERROR(bf16 ? Gemm(ctx.blas, true, false, r1, cols, d_out, 1.0f, ep, d_in, panel,
+                                     d_in, DType::kBF16, 0.0f, stp, cols)
+                              : GemmTf32(ctx.blas, true, false, r1, cols, d_out, 1.0f,
+                                         reinterpret_cast<const float*>(ep), d_in,
+                                         static_cast<const float*>(panel), d_in, 0.0f, stp, cols));
     QCAL_RETURN_IF_ERROR(CudaStatus(LaunchWeightedPanelTrace(stp, r0, r1, gram.data<float>(), d_in,
                                                              partial.data<double>(), ctx.stream),
                                     "OutputError: trace"));

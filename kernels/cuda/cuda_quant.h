@@ -37,7 +37,9 @@ absl::StatusOr<QuantizedTensors> GptqSolve(const QuantContext& ctx, const Tensor
                                            int block_size, bool record_pre_round);
 absl::StatusOr<QuantizedTensors> QuantizeRtn(const QuantContext& ctx, const Tensor& w,
                                              const QuantSpec& spec);
+// products: kF32 (E rounded to TF32, TF32 tensor cores: OutputError) or kBF16 (E rounded to bf16,
+// bf16 tensor cores, about half the time: ReportOutputError).
 absl::StatusOr<double> OutputError(const QuantContext& ctx, const Tensor& w, const Tensor& w_hat,
-                                   const Tensor& gram);
+                                   const Tensor& gram, DType products);
 
 }  // namespace qcal::kernels::cuda

@@ -1,3 +1,5 @@
+#include <cuda_bf16.h>
+
 #include <algorithm>
 
 #include "kernels/cuda/block_reduce.cuh"
@@ -18,6 +20,14 @@ __global__ void RoundTf32Kernel(const float* w, const float* w_hat, int64_t coun
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
        i += int64_t{gridDim.x} * blockDim.x) {
     e[i] = RoundToTf32(w_hat ? w[i] - w_hat[i] : w[i]);
+  }
+}
+
+__global__ void RoundBf16Kernel(const float* w, const float* w_hat, int64_t count,
+                                __nv_bfloat16* e) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    e[i] = __float2bfloat16_rn(w_hat ? w[i] - w_hat[i] : w[i]);
   }
 }
 
@@ -45,6 +55,15 @@ cudaError_t LaunchRoundTf32(const float* w, const float* w_hat, int64_t count, f
   const unsigned grid =
       static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 1 << 16));
   RoundTf32Kernel<<<grid, kThreads, 0, stream>>>(w, w_hat, count, e);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRoundBf16(const float* w, const float* w_hat, int64_t count, void* e,
+                            cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const unsigned grid =
+      static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 1 << 16));
+  RoundBf16Kernel<<<grid, kThreads, 0, stream>>>(w, w_hat, count, static_cast<__nv_bfloat16*>(e));
   return cudaGetLastError();
 }
 

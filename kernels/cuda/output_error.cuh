@@ -18,6 +18,11 @@ namespace qcal::kernels::cuda {
 cudaError_t LaunchRoundTf32(const float* w, const float* w_hat, int64_t count, float* e,
                             cudaStream_t stream);
 
+// e = w - w_hat (w_hat may be null: e = w) in fp32, rounded to bf16 (to nearest even), e a
+// __nv_bfloat16 array: the report-only figure's operand (ReportOutputError).
+cudaError_t LaunchRoundBf16(const float* w, const float* w_hat, int64_t count, void* e,
+                            cudaStream_t stream);
+
 // For one panel of rows [r0, r1) of S, given st = Sᵀ restricted to the panel (row-major
 // [r1, r1 - r0]: st[j*(r1-r0) + (i-r0)] = S[i][j] for j < r1): partial[j] += sum over
 // i in [max(j, r0), r1) of (i == j ? 1 : 2) * st[j][i-r0] * g[j*n + i] in double for every j < r1,

@@ -405,7 +405,8 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     }
     r.report.outlier_columns = static_cast<int>(outliers.size());
     QCAL_RETURN_IF_ERROR(Charge(t_.quantize));
-    QCAL_ASSIGN_OR_RETURN(const double norm, be_.OutputError(w, Tensor(), gram));
+    // The norm and the RTN baseline are only reported; the recipe's error feeds reconstruction.
+    QCAL_ASSIGN_OR_RETURN(const double norm, be_.ReportOutputError(w, Tensor(), gram));
     if (!std::isfinite(norm)) {
       return absl::InvalidArgumentError(
           absl::StrCat("calibration statistics of block ", b_, " contain NaN or Inf"));
@@ -414,7 +415,7 @@ absl::StatusOr<std::vector<SolvedLinear>> BlockRunner::SolveInput(
     QCAL_ASSIGN_OR_RETURN(const double error, be_.OutputError(w, q.dequantized, gram));
     double error_rtn = error;
     if (gptq) {
-      QCAL_ASSIGN_OR_RETURN(error_rtn, be_.OutputError(w, rtn->dequantized, gram));
+      QCAL_ASSIGN_OR_RETURN(error_rtn, be_.ReportOutputError(w, rtn->dequantized, gram));
     }
     r.report.rel_error = error / denom;
     r.report.rel_error_rtn = error_rtn / denom;

@@ -22,7 +22,10 @@ int64_t WorkingSetBytes(const ModelConfig& c, int64_t chunk_rows) {
   const int64_t n = std::max({d, f, qd});
   const int64_t w = std::max({f * d, qd * d});
   const int64_t stats = 2 * n * n * 4;
-  const int64_t solve = 3 * n * n * 4 + w * 30;
+  // The GPU solve's lazy updates split both operands of a super-block's product (1024 columns)
+  // into three TF32 copies: at most d_out·3072 and 3072·d_in floats, both d_out and d_in <= n.
+  const int64_t lazy_split = 2 * 3 * 1024 * n * 4;
+  const int64_t solve = 3 * n * n * 4 + w * 30 + lazy_split;
   const int64_t forward = chunk_rows * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 6;
   const int64_t held = BlockLinearElements(c) * 2;
   return stats + std::max(solve, forward) + held + (int64_t{1} << 30);

@@ -14,7 +14,8 @@ namespace qcal::engine {
 
 // Device bytes one block needs besides its weights and the calibration activations: the largest
 // statistics (a Gram sum and a per-chunk partial) plus the larger of the solver's scratch (the
-// factorization, U, working copies of the weight, codes, the split errors) and the per-chunk
+// factorization, U, working copies of the weight, codes, the split errors, the lazy updates' split TF32
+// operands) and the per-chunk
 // forward temporaries (with their bf16 operand copies), the bf16 operands of the block's weights
 // held for a pass over the chunks (Model::HoldWeightOperands: all seven linears at most), and
 // 1 GiB for library workspaces. A planning estimate for what to keep on the device, not a bound.

@@ -123,7 +123,9 @@ TEST(MemoryPlanTest, CountsHeldOperandsAndJoinedProducts) {
   // the held bf16 weights and 1 GiB.
   const int64_t forward = rows * (3 * 8192 + 2 * 8192 + 2 * 1024 + 3 * 28672) * 6;
   EXPECT_EQ(engine::WorkingSetBytes(c, rows),
-            2 * n * n * 4 + std::max<int64_t>(3 * n * n * 4 + int64_t{28672} * 8192 * 30, forward) +
+            2 * n * n * 4 +
+                std::max<int64_t>(3 * n * n * 4 + int64_t{28672} * 8192 * 30 + 2 * 3 * 1024 * n * 4,
+                                  forward) +
                 2 * block + (int64_t{1} << 30));
   EXPECT_EQ(engine::JoinedOperandBytes(c, rows, 0), 0);
   const int64_t r = 64;
