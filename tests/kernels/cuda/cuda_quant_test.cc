@@ -56,8 +56,10 @@ constexpr double kEndToEndErrorBound = 1e-3;
 // 7B-shape errors (tools/gpu/solver_probe.py); this test's heavy-tailed weights and outlier
 // channels gave up to 1.5e-4 on an H100 (docs/BENCHMARKS.md, 2026-12-05).
 constexpr double kOutputErrorBound = 5e-4;
-// ReportOutputError: E rounded to bf16 (2^-9 relative a value, unbiased), bf16 products.
-constexpr double kReportErrorBound = 1e-3;
+// ReportOutputError: E rounded to bf16, bf16 products. Each value moves by at most 2^-9 (2e-3)
+// of itself; where a few heavy-tailed values carry the norm the figure moves by nearly that (H100:
+// up to 9.1e-4 at 1 x 1 and 40 x 1500, 2026-12-07).
+constexpr double kReportErrorBound = 2.5e-3;
 
 using CudaQuantTest = CudaBackendTest;
 
