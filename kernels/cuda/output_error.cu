@@ -4,17 +4,12 @@
 
 #include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/output_error.cuh"
+#include "kernels/cuda/tf32_round.cuh"
 
 namespace qcal::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float RoundToTf32(float x) {
-  uint32_t bits;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(x));
-  return __uint_as_float(bits);
-}
 
 __global__ void RoundTf32Kernel(const float* w, const float* w_hat, int64_t count, float* e) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;

@@ -1,17 +1,12 @@
 #include <algorithm>
 
 #include "kernels/cuda/split_tf32.cuh"
+#include "kernels/cuda/tf32_round.cuh"
 
 namespace qcal::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float Tf32(float x) {
-  uint32_t bits;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(x));
-  return __uint_as_float(bits);
-}
 
 // Columns across x (consecutive threads, consecutive elements), rows across y; both grid-stride.
 __global__ void SplitTf32Kernel(const float* src, int64_t rows, int64_t cols, int64_t ld_src,
@@ -20,9 +15,9 @@ __global__ void SplitTf32Kernel(const float* src, int64_t rows, int64_t cols, in
     for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < cols;
          c += int64_t{gridDim.x} * blockDim.x) {
       const float x = src[r * ld_src + c];
-      const float hi = Tf32(x);
+      const float hi = RoundToTf32(x);
       // x - hi is exact (hi is x rounded at bit 13), so lo is the remainder rounded once.
-      const float lo = Tf32(x - hi);
+      const float lo = RoundToTf32(x - hi);
       float* out = dst + r * ld_dst + c;
       out[0] = lo_copy == 0 ? lo : hi;
       out[part_stride] = lo_copy == 1 ? lo : hi;
