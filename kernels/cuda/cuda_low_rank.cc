@@ -1,10 +1,13 @@
 #include "kernels/cuda/cuda_low_rank.h"
 
+#include <lapacke.h>
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -204,30 +207,42 @@ class Solver {
     return Sync(ctx_, "cusolverDnXgesvd");
   }
 
-  // SVD of the small square a [k, k] (column-major, destroyed) by one-sided Jacobi (gesvdj, for
-  // the k x k triangle of the randomized path, where QR iteration's many small steps cost more
-  // than the sweeps): a = u diag(sigma) vᵀ, sigma descending, u and v [k, k].
+  // SVD of the small square a [k, k] (column-major, destroyed): a = u diag(sigma) vᵀ, sigma
+  // descending, u and v [k, k], all on the device. k is r + oversample (80 at rank 64), so the
+  // factorization runs on the host (LAPACK's divide and conquer, dgesdd) between one read-back and
+  // one upload. On an H100 cuSOLVER's Jacobi (gesvdj) took about 1.6 ms a linear in some 25
+  // sweeps of four kernels with a read-back every few, and QR iteration (gesvd) more
+  // (docs/BENCHMARKS.md, thirty-second session); the host form was written after that session's
+  // last device call and has not been timed yet.
   absl::Status SmallSvd(double* a, int64_t k, double* u, double* sigma, double* v) {
-    const int n = static_cast<int>(k);
-    gesvdjInfo_t jacobi = nullptr;
-    QCAL_RETURN_IF_ERROR(
-        CusolverStatus(cusolverDnCreateGesvdjInfo(&jacobi), "cusolverDnCreateGesvdjInfo"));
-    struct Destroy {
-      gesvdjInfo_t p;
-      ~Destroy() { cusolverDnDestroyGesvdjInfo(p); }
-    } destroy{jacobi};
-    int lwork = 0;
-    QCAL_RETURN_IF_ERROR(CusolverStatus(
-        cusolverDnDgesvdj_bufferSize(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n,
-                                     sigma, u, n, v, n, &lwork, jacobi),
-        "cusolverDnDgesvdj_bufferSize"));
-    QCAL_ASSIGN_OR_RETURN(void* work, Work(sizeof(double) * static_cast<size_t>(lwork)));
-    svd_slots_.push_back(next_slot_);
-    QCAL_ASSIGN_OR_RETURN(int* info, Info());
-    return CusolverStatus(
-        cusolverDnDgesvdj(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n, sigma, u,
-                          n, v, n, static_cast<double*>(work), lwork, info, jacobi),
-        absl::StrCat("cusolverDnDgesvdj ", k, "x", k));
+    QCAL_ASSIGN_OR_RETURN(std::vector<double> m,
+                          Download<double>(ctx_, a, k * k, "reading the k x k factor"));
+    std::vector<double> s(static_cast<size_t>(k)), uh(static_cast<size_t>(k * k)),
+        vt(static_cast<size_t>(k * k));
+    const lapack_int n = static_cast<lapack_int>(k);
+    const lapack_int info = LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'A', n, n, m.data(), n, s.data(),
+                                           uh.data(), n, vt.data(), n);
+    if (info < 0) {
+      return absl::InternalError(
+          absl::StrCat("error reconstruction: LAPACKE_dgesdd rejected argument ", -info));
+    }
+    if (info > 0) {
+      return absl::InternalError(
+          absl::StrCat("error reconstruction: the SVD did not converge (dgesdd info ", info, ")"));
+    }
+    // v = vtᵀ, column-major.
+    std::vector<double> vh(static_cast<size_t>(k * k));
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j < k; ++j) vh[j * k + i] = vt[i * k + j];
+    }
+    for (auto [dst, src] : {std::pair{u, &uh}, std::pair{sigma, &s}, std::pair{v, &vh}}) {
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(dst, src->data(), src->size() * sizeof(double),
+                                     cudaMemcpyHostToDevice, ctx_.stream),
+                     "uploading the k x k SVD"));
+    }
+    // The host vectors must outlive the queued copies.
+    return Sync(ctx_, "uploading the k x k SVD");
   }
 
   // Reads the info words: a negative one is an invalid argument, a positive one of an SVD means
@@ -618,6 +633,42 @@ absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, c
   return f;
 }
 
+// b [n, k] (column-major, leading dimension n) := T⁻¹·b for the column-major upper triangle t
+// [n, n]: back substitution by blocks of kTriBlock rows, each block's triangle inverted once
+// (LaunchInvertUpperDiagonalBlocks) so that every step is two DGEMMs: X_B = T_BB⁻¹·b_B, then
+// b[:B] −= T[:B, B]·X_B. cublasDtrsm with 64 right-hand sides ran its diagonal blocks through a
+// single-block kernel, 90 µs each (1.6 ms at n = 4096 on an H100; docs/BENCHMARKS.md,
+// thirty-second session); this form was written after that session's last device call and has
+// not been timed yet.
+absl::Status SolveUpper(const QuantContext& ctx, const double* t, int64_t n, double* b, int64_t k) {
+  const int64_t blocks = (n + kTriBlock - 1) / kTriBlock;
+  QCAL_ASSIGN_OR_RETURN(Tensor inv, ctx.alloc(DType::kF64, {blocks, kTriBlock, kTriBlock}));
+  QCAL_ASSIGN_OR_RETURN(Tensor x, ctx.alloc(DType::kF64, {k, n}));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchInvertUpperDiagonalBlocks(t, n, inv.data<double>(), ctx.stream),
+                 "ReconstructError: the diagonal blocks' inverses"));
+  const double one = 1.0, zero = 0.0, minus_one = -1.0;
+  const int ni = static_cast<int>(n), ki = static_cast<int>(k), tb = static_cast<int>(kTriBlock);
+  double* xp = x.data<double>();
+  for (int64_t blk = blocks - 1; blk >= 0; --blk) {
+    const int64_t r0 = blk * kTriBlock;
+    const int m = static_cast<int>(std::min(kTriBlock, n - r0));
+    QCAL_RETURN_IF_ERROR(
+        CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, m, ki, m, &one,
+                                 inv.data<double>() + blk * kTriBlock * kTriBlock, tb, b + r0, ni,
+                                 &zero, xp + r0, ni),
+                     "ReconstructError: a diagonal block's solve"));
+    if (r0 == 0) break;
+    QCAL_RETURN_IF_ERROR(
+        CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(r0), ki, m,
+                                 &minus_one, t + r0 * n, ni, xp + r0, ni, &one, b, ni),
+                     "ReconstructError: the rows above a block"));
+  }
+  return CudaStatus(cudaMemcpyAsync(b, xp, static_cast<size_t>(n * k) * sizeof(double),
+                                    cudaMemcpyDeviceToDevice, ctx.stream),
+                    "ReconstructError: the solve's result");
+}
+
 // δ = damp · mean(diag G) of the square gram, its diagonal summed in double in column order.
 absl::StatusOr<double> DeltaOf(const QuantContext& ctx, const Tensor& gram, double damp) {
   QCAL_ASSIGN_OR_RETURN(auto diag, DownloadDiagonal(ctx, gram, "reading the Gram diagonal"));
@@ -713,7 +764,6 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   QCAL_RETURN_IF_ERROR(ValidateCholeskyOptions(options, kind, d_in));
   QCAL_RETURN_IF_ERROR(CheckWhitening(ctx, whitening, kind));
   const int64_t r = std::min<int64_t>(options.rank, std::min(d_out, d_in));
-  const int n_in = static_cast<int>(d_in), ri = static_cast<int>(r);
   Tensor order;
   if (!options.whitening_order.empty()) {
     QCAL_ASSIGN_OR_RETURN(order, Upload(ctx, options.whitening_order, DType::kI32));
@@ -750,7 +800,7 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   }
 
   // Info words: one SVD (kFull); two per QR that falls back to Householder, 2 + 4q + 2 of them at
-  // most, and one SVD (kRandomized).
+  // most (kRandomized, whose k x k SVD runs on the host and reports its own failure), and a spare.
   Solver solver(ctx);
   QCAL_RETURN_IF_ERROR(
       solver.Init(options.svd == SvdMethod::kFull ? 1 : 4 * options.power_iterations + 5));
@@ -783,11 +833,7 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   // L_B = V_rᵀ S⁻¹: column-major L_Bᵀ = S⁻ᵀ V_r, a solve with the column-major upper Sᵀ.
   double* b = f.b.data<double>();
   if (kind == WhiteningKind::kCholesky) {
-    const double one = 1.0;
-    QCAL_RETURN_IF_ERROR(CublasStatus(
-        cublasDtrsm(ctx.blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N,
-                    CUBLAS_DIAG_NON_UNIT, n_in, ri, &one, s64.data<double>(), n_in, b, n_in),
-        "ReconstructError: V_rᵀ S⁻¹"));
+    QCAL_RETURN_IF_ERROR(SolveUpper(ctx, s64.data<double>(), d_in, b, r));
   } else if (kind == WhiteningKind::kDiagonal) {
     QCAL_RETURN_IF_ERROR(
         CudaStatus(LaunchDivideColumns(b, r, d_in, whitening.data<float>(), ctx.stream),
@@ -866,12 +912,13 @@ absl::StatusOr<double> LowRankOutputError(const QuantContext& ctx, const Tensor&
   QCAL_RETURN_IF_ERROR(Gemm(ctx.blas, false, false, d_out, r, r, -1.0f, a.data<float>(), r,
                             q.data<float>(), r, DType::kF32, 2.0f, p.data<float>(), r));
   // ‖(E − L_A·L_B)·Xᵀ‖² = ‖E·Xᵀ‖² − 2⟨L_A, E·G·L_Bᵀ⟩ + ⟨L_A, L_A·L_B·G·L_Bᵀ⟩ = error_sq − ⟨L_A, P⟩,
-  // the inner product summed in double on the host.
-  QCAL_ASSIGN_OR_RETURN(auto ph, Download<float>(ctx, p.raw(), d_out * r, "LowRankOutputError"));
-  QCAL_ASSIGN_OR_RETURN(auto ah, Download<float>(ctx, a.raw(), d_out * r, "LowRankOutputError"));
-  double dot = 0;
-  for (size_t i = 0; i < ph.size(); ++i) dot += static_cast<double>(ah[i]) * ph[i];
-  return std::sqrt(std::max(0.0, error_sq - dot));
+  // the inner product summed in double on the device (one block, a fixed order).
+  QCAL_ASSIGN_OR_RETURN(Tensor dot, ctx.alloc(DType::kF64, {1}));
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      LaunchDotF64(a.data<float>(), p.data<float>(), d_out * r, dot.data<double>(), ctx.stream),
+      "LowRankOutputError: ⟨L_A, P⟩"));
+  QCAL_ASSIGN_OR_RETURN(auto dh, Download<double>(ctx, dot.raw(), 1, "LowRankOutputError"));
+  return std::sqrt(std::max(0.0, error_sq - dh[0]));
 }
 
 absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& b, Tensor& w) {

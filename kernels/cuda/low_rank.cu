@@ -1,5 +1,6 @@
 #include <algorithm>
 
+#include "kernels/cuda/block_reduce.cuh"
 #include "kernels/cuda/low_rank.cuh"
 #include "kernels/hash_random.h"
 
@@ -127,6 +128,44 @@ __global__ void FindNonFiniteLowerKernel(const float* x, int64_t n, unsigned lon
   }
 }
 
+// One block a diagonal block, one thread a column j of its inverse: x_i = (δ_ij − Σ_{k=i+1..j}
+// t_ik x_k) / t_ii for i = j down to 0, the triangle staged in shared memory.
+__global__ void InvertUpperDiagonalBlocksKernel(const double* t, int64_t n, double* inv) {
+  __shared__ double tri[kTriBlock * kTriBlock];
+  const int64_t r0 = blockIdx.x * kTriBlock;
+  const int m = static_cast<int>(n - r0 < kTriBlock ? n - r0 : kTriBlock);
+  for (int e = threadIdx.x; e < kTriBlock * kTriBlock; e += blockDim.x) {
+    const int row = e % kTriBlock, col = e / kTriBlock;
+    tri[e] = row < m && col < m && row <= col ? t[(r0 + col) * n + r0 + row] : 0.0;
+  }
+  __syncthreads();
+  const int j = threadIdx.x;
+  double* out = inv + blockIdx.x * kTriBlock * kTriBlock + j * kTriBlock;
+  double x[kTriBlock];
+  for (int i = kTriBlock - 1; i >= 0; --i) {
+    double sum = 0;
+    if (j < m && i <= j) {
+      sum = i == j ? 1.0 : 0.0;
+      for (int k = i + 1; k <= j; ++k) sum -= tri[k * kTriBlock + i] * x[k];
+      sum /= tri[i * kTriBlock + i];
+    }
+    x[i] = sum;
+    out[i] = sum;
+  }
+}
+
+constexpr int kDotThreads = 1024;
+
+__global__ void DotF64Kernel(const float* x, const float* y, int64_t count, double* out) {
+  __shared__ double scratch[32];
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < count; i += kDotThreads) {
+    sum += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+  }
+  sum = BlockReduce(sum, SumOp(), 0.0, scratch);
+  if (threadIdx.x == 0) *out = sum;
+}
+
 }  // namespace
 
 cudaError_t LaunchLowerFromUpper(const float* g, int64_t n, double delta, double* a,
@@ -208,6 +247,22 @@ cudaError_t LaunchFindNonFiniteLower(const float* x, int64_t n, unsigned long lo
                                      cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   FindNonFiniteLowerKernel<<<GridFor(n * n), kThreads, 0, stream>>>(x, n, first);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchInvertUpperDiagonalBlocks(const double* t, int64_t n, double* inv,
+                                            cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const int64_t blocks = (n + kTriBlock - 1) / kTriBlock;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  InvertUpperDiagonalBlocksKernel<<<static_cast<unsigned>(blocks), kTriBlock, 0, stream>>>(t, n,
+                                                                                           inv);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchDotF64(const float* x, const float* y, int64_t count, double* out,
+                         cudaStream_t stream) {
+  DotF64Kernel<<<1, kDotThreads, 0, stream>>>(x, y, count, out);
   return cudaGetLastError();
 }
 

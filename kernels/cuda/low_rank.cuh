@@ -62,4 +62,19 @@ cudaError_t LaunchLowerToF64(const float* s, int64_t n, double* a, cudaStream_t 
 cudaError_t LaunchFindNonFiniteLower(const float* x, int64_t n, unsigned long long* first,
                                      cudaStream_t stream);
 
+// The inverses of the diagonal blocks of the column-major upper triangle t [n, n] (leading
+// dimension n): block b covers rows and columns [b·kTriBlock, min(n, (b+1)·kTriBlock)), and
+// inv [ceil(n / kTriBlock), kTriBlock, kTriBlock] receives each inverse column-major (leading
+// dimension kTriBlock; entries outside the block's size and below its diagonal 0). One thread a
+// column, back substitution in a fixed order (run to run identical). For the blocked solve of
+// ReconstructError's L_B.
+constexpr int64_t kTriBlock = 64;
+cudaError_t LaunchInvertUpperDiagonalBlocks(const double* t, int64_t n, double* inv,
+                                            cudaStream_t stream);
+
+// *out = Σ_i double(x_i)·double(y_i) over count fp32 pairs, summed in double by one block in a
+// fixed order (run to run identical): LowRankOutputError's ⟨L_A, P⟩ without reading both back.
+cudaError_t LaunchDotF64(const float* x, const float* y, int64_t count, double* out,
+                         cudaStream_t stream);
+
 }  // namespace qcal::kernels::cuda
