@@ -14,12 +14,11 @@ namespace qcal::engine {
 
 // Device bytes one block needs besides its weights and the calibration activations: the largest
 // statistics (a Gram sum and a per-chunk partial) plus the larger of the solver's scratch (the
-// factorization, U, working copies of the weight, codes, the split errors, the lazy updates' split TF32
-// operands) and the per-chunk
-// forward temporaries (with their bf16 operand copies), the bf16 operands of the block's weights
-// held for a pass over the chunks (Model::HoldWeightOperands: all seven linears at most), and
-// 1 GiB for library workspaces. A planning estimate for what to keep on the device, not a bound.
-// chunk_rows: batch·seq_len of one calibration chunk.
+// factorization, U, working copies of the weight, codes, the split errors, the lazy updates' split
+// TF32 operands) and the per-chunk forward temporaries (with their bf16 operand copies), the bf16
+// operands of the block's weights held for a pass over the chunks (Model::HoldWeightOperands: all
+// seven linears at most), and 1 GiB for library workspaces. A planning estimate for what to keep on
+// the device, not a bound. chunk_rows: batch·seq_len of one calibration chunk.
 int64_t WorkingSetBytes(const ModelConfig& c, int64_t chunk_rows);
 
 // What error reconstruction's joined products add to WorkingSetBytes at rank r (0: none): the
