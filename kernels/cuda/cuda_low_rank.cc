@@ -1,13 +1,10 @@
 #include "kernels/cuda/cuda_low_rank.h"
 
-#include <lapacke.h>
-
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <functional>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -207,42 +204,33 @@ class Solver {
     return Sync(ctx_, "cusolverDnXgesvd");
   }
 
-  // SVD of the small square a [k, k] (column-major, destroyed): a = u diag(sigma) vᵀ, sigma
-  // descending, u and v [k, k], all on the device. k is r + oversample (80 at rank 64), so the
-  // factorization runs on the host (LAPACK's divide and conquer, dgesdd) between one read-back and
-  // one upload. On an H100 cuSOLVER's Jacobi (gesvdj) took about 1.6 ms a linear in some 25
-  // sweeps of four kernels with a read-back every few, and QR iteration (gesvd) more
-  // (docs/BENCHMARKS.md, thirty-second session); the host form was written after that session's
-  // last device call and has not been timed yet.
+  // SVD of the small square a [k, k] (column-major, destroyed) by one-sided Jacobi (gesvdj, for
+  // the k x k triangle of the randomized path, where QR iteration's many small steps cost more
+  // than the sweeps): a = u diag(sigma) vᵀ, sigma descending, u and v [k, k]. It takes about
+  // 1.6 ms a linear on an H100. LAPACK on the host (dgesdd) would be faster, but OpenBLAS picks
+  // its kernels by the host's CPU, so a GPU job's factors would depend on which host ran the
+  // layer; everything a GPU job computes stays on the device or in this binary's own loops.
   absl::Status SmallSvd(double* a, int64_t k, double* u, double* sigma, double* v) {
-    QCAL_ASSIGN_OR_RETURN(std::vector<double> m,
-                          Download<double>(ctx_, a, k * k, "reading the k x k factor"));
-    std::vector<double> s(static_cast<size_t>(k)), uh(static_cast<size_t>(k * k)),
-        vt(static_cast<size_t>(k * k));
-    const lapack_int n = static_cast<lapack_int>(k);
-    const lapack_int info = LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'A', n, n, m.data(), n, s.data(),
-                                           uh.data(), n, vt.data(), n);
-    if (info < 0) {
-      return absl::InternalError(
-          absl::StrCat("error reconstruction: LAPACKE_dgesdd rejected argument ", -info));
-    }
-    if (info > 0) {
-      return absl::InternalError(
-          absl::StrCat("error reconstruction: the SVD did not converge (dgesdd info ", info, ")"));
-    }
-    // v = vtᵀ, column-major.
-    std::vector<double> vh(static_cast<size_t>(k * k));
-    for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = 0; j < k; ++j) vh[j * k + i] = vt[i * k + j];
-    }
-    for (auto [dst, src] : {std::pair{u, &uh}, std::pair{sigma, &s}, std::pair{v, &vh}}) {
-      QCAL_RETURN_IF_ERROR(
-          CudaStatus(cudaMemcpyAsync(dst, src->data(), src->size() * sizeof(double),
-                                     cudaMemcpyHostToDevice, ctx_.stream),
-                     "uploading the k x k SVD"));
-    }
-    // The host vectors must outlive the queued copies.
-    return Sync(ctx_, "uploading the k x k SVD");
+    const int n = static_cast<int>(k);
+    gesvdjInfo_t jacobi = nullptr;
+    QCAL_RETURN_IF_ERROR(
+        CusolverStatus(cusolverDnCreateGesvdjInfo(&jacobi), "cusolverDnCreateGesvdjInfo"));
+    struct Destroy {
+      gesvdjInfo_t p;
+      ~Destroy() { cusolverDnDestroyGesvdjInfo(p); }
+    } destroy{jacobi};
+    int lwork = 0;
+    QCAL_RETURN_IF_ERROR(CusolverStatus(
+        cusolverDnDgesvdj_bufferSize(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n,
+                                     sigma, u, n, v, n, &lwork, jacobi),
+        "cusolverDnDgesvdj_bufferSize"));
+    QCAL_ASSIGN_OR_RETURN(void* work, Work(sizeof(double) * static_cast<size_t>(lwork)));
+    svd_slots_.push_back(next_slot_);
+    QCAL_ASSIGN_OR_RETURN(int* info, Info());
+    return CusolverStatus(
+        cusolverDnDgesvdj(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n, sigma, u,
+                          n, v, n, static_cast<double*>(work), lwork, info, jacobi),
+        absl::StrCat("cusolverDnDgesvdj ", k, "x", k));
   }
 
   // Reads the info words: a negative one is an invalid argument, a positive one of an SVD means
@@ -800,7 +788,7 @@ absl::StatusOr<LowRankTensors> ReconstructError(const QuantContext& ctx, const T
   }
 
   // Info words: one SVD (kFull); two per QR that falls back to Householder, 2 + 4q + 2 of them at
-  // most (kRandomized, whose k x k SVD runs on the host and reports its own failure), and a spare.
+  // most, and one SVD (kRandomized).
   Solver solver(ctx);
   QCAL_RETURN_IF_ERROR(
       solver.Init(options.svd == SvdMethod::kFull ? 1 : 4 * options.power_iterations + 5));

@@ -156,7 +156,8 @@ __global__ void InvertUpperDiagonalBlocksKernel(const double* t, int64_t n, doub
 
 constexpr int kDotThreads = 1024;
 
-__global__ void DotF64Kernel(const float* x, const float* y, int64_t count, double* out) {
+__global__ void __launch_bounds__(kDotThreads)
+    DotF64Kernel(const float* x, const float* y, int64_t count, double* out) {
   __shared__ double scratch[32];
   double sum = 0;
   for (int64_t i = threadIdx.x; i < count; i += kDotThreads) {
