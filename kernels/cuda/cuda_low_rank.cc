@@ -13,6 +13,7 @@
 #include "kernels/cuda/cuda_resources.h"
 #include "kernels/cuda/gptq.cuh"
 #include "kernels/cuda/low_rank.cuh"
+#include "kernels/cuda/small_svd.cuh"
 #include "kernels/cuda/solver_util.h"
 
 namespace qcal::kernels::cuda {
@@ -204,37 +205,34 @@ class Solver {
     return Sync(ctx_, "cusolverDnXgesvd");
   }
 
-  // SVD of the small square a [k, k] (column-major, destroyed) by one-sided Jacobi (gesvdj, for
-  // the k x k triangle of the randomized path, where QR iteration's many small steps cost more
-  // than the sweeps): a = u diag(sigma) vᵀ, sigma descending, u and v [k, k]. It takes about
-  // 1.6 ms a linear on an H100. LAPACK on the host (dgesdd) would be faster, but OpenBLAS picks
-  // its kernels by the host's CPU, so a GPU job's factors would depend on which host ran the
-  // layer; everything a GPU job computes stays on the device or in this binary's own loops.
-  absl::Status SmallSvd(double* a, int64_t k, double* u, double* sigma, double* v) {
-    const int n = static_cast<int>(k);
-    gesvdjInfo_t jacobi = nullptr;
-    QCAL_RETURN_IF_ERROR(
-        CusolverStatus(cusolverDnCreateGesvdjInfo(&jacobi), "cusolverDnCreateGesvdjInfo"));
-    struct Destroy {
-      gesvdjInfo_t p;
-      ~Destroy() { cusolverDnDestroyGesvdjInfo(p); }
-    } destroy{jacobi};
-    int lwork = 0;
-    QCAL_RETURN_IF_ERROR(CusolverStatus(
-        cusolverDnDgesvdj_bufferSize(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n,
-                                     sigma, u, n, v, n, &lwork, jacobi),
-        "cusolverDnDgesvdj_bufferSize"));
-    QCAL_ASSIGN_OR_RETURN(void* work, Work(sizeof(double) * static_cast<size_t>(lwork)));
+  // SVD of the small square a [k, k] (column-major) by one-sided Jacobi in one launch
+  // (kernels/small_svd.h; LaunchSmallSvd equals ref::SmallSvd bit for bit): a = u diag(sigma) vᵀ,
+  // sigma descending, u and v [k, k]. For the k x k triangle of the randomized path. cuSOLVER's
+  // gesvdj took about 1.6 ms a linear for k = 80 on an H100, dozens of small launches a sweep
+  // (docs/BENCHMARKS.md, thirty-second session). LAPACK on the host would tie a GPU job's factors
+  // to the host CPU's OpenBLAS kernels; everything a GPU job computes stays on the device or in
+  // this binary's own loops. Its info word (no convergence, or a non-finite singular value) is read
+  // by Check with the others.
+  absl::Status SmallSvd(const double* a, int64_t k, double* u, double* sigma, double* v) {
+    if (k > kSmallSvdMaxK) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("error reconstruction: rank + oversample = ", k, " exceeds the ",
+                       kSmallSvdMaxK, " of the randomized SVD's k x k step"));
+    }
+    Tensor scratch;
+    if (k > kSmallSvdSharedMaxK) {
+      QCAL_ASSIGN_OR_RETURN(scratch, ctx_.alloc(DType::kF64, {SmallSvdScratchDoubles(k)}));
+    }
     svd_slots_.push_back(next_slot_);
     QCAL_ASSIGN_OR_RETURN(int* info, Info());
-    return CusolverStatus(
-        cusolverDnDgesvdj(ctx_.solver, CUSOLVER_EIG_MODE_VECTOR, /*econ=*/0, n, n, a, n, sigma, u,
-                          n, v, n, static_cast<double*>(work), lwork, info, jacobi),
-        absl::StrCat("cusolverDnDgesvdj ", k, "x", k));
+    return CudaStatus(LaunchSmallSvd(a, k, scratch.defined() ? scratch.data<double>() : nullptr, u,
+                                     sigma, v, info, /*sweeps=*/nullptr, ctx_.stream),
+                      absl::StrCat("the ", k, "x", k, " Jacobi SVD"));
   }
 
   // Reads the info words: a negative one is an invalid argument, a positive one of an SVD means
-  // that it did not converge (QR iteration, or Jacobi sweeps).
+  // that it did not converge (QR iteration, or Jacobi sweeps) or, for the Jacobi SVD's 2, that a
+  // singular value is not finite.
   absl::Status Check() {
     QCAL_ASSIGN_OR_RETURN(auto info,
                           Download<int32_t>(ctx_, info_.raw(), next_slot_, "reading solver info"));
@@ -244,8 +242,9 @@ class Solver {
                                                 " rejected argument ", -info[i]));
       }
       if (info[i] > 0 && std::count(svd_slots_.begin(), svd_slots_.end(), i) > 0) {
-        return absl::InternalError(absl::StrCat("error reconstruction: the SVD did not converge (",
-                                                "cuSOLVER info ", info[i], ")"));
+        return absl::InternalError(absl::StrCat(
+            "error reconstruction: the SVD did not converge or met a non-finite value (info ",
+            info[i], ")"));
       }
     }
     return absl::OkStatus();
@@ -622,39 +621,22 @@ absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, c
 }
 
 // b [n, k] (column-major, leading dimension n) := T⁻¹·b for the column-major upper triangle t
-// [n, n]: back substitution by blocks of kTriBlock rows, each block's triangle inverted once
-// (LaunchInvertUpperDiagonalBlocks) so that every step is two DGEMMs: X_B = T_BB⁻¹·b_B, then
-// b[:B] −= T[:B, B]·X_B. cublasDtrsm with 64 right-hand sides ran its diagonal blocks through a
-// single-block kernel, 90 µs each (1.6 ms at n = 4096 on an H100; docs/BENCHMARKS.md,
-// thirty-second session); this form was written after that session's last device call and has
-// not been timed yet.
+// [n, n]: the diagonal blocks' inverses (LaunchInvertUpperDiagonalBlocks), then block back
+// substitution in one launch (LaunchSolveUpperByBlocks). cublasDtrsm with 64 right-hand sides ran
+// its diagonal blocks through a single-block kernel, 90 µs each (1.6 ms at n = 4096 on an H100);
+// the same blocks as two DGEMMs a step were bound by the 128 launches (about 12 µs apart, 1.5 ms;
+// docs/BENCHMARKS.md, thirty-third session).
 absl::Status SolveUpper(const QuantContext& ctx, const double* t, int64_t n, double* b, int64_t k) {
   const int64_t blocks = (n + kTriBlock - 1) / kTriBlock;
+  const int64_t chunks = (k + kTriBlock - 1) / kTriBlock;
   QCAL_ASSIGN_OR_RETURN(Tensor inv, ctx.alloc(DType::kF64, {blocks, kTriBlock, kTriBlock}));
-  QCAL_ASSIGN_OR_RETURN(Tensor x, ctx.alloc(DType::kF64, {k, n}));
+  QCAL_ASSIGN_OR_RETURN(Tensor ready, ctx.alloc(DType::kI32, {chunks, blocks}));
   QCAL_RETURN_IF_ERROR(
       CudaStatus(LaunchInvertUpperDiagonalBlocks(t, n, inv.data<double>(), ctx.stream),
                  "ReconstructError: the diagonal blocks' inverses"));
-  const double one = 1.0, zero = 0.0, minus_one = -1.0;
-  const int ni = static_cast<int>(n), ki = static_cast<int>(k), tb = static_cast<int>(kTriBlock);
-  double* xp = x.data<double>();
-  for (int64_t blk = blocks - 1; blk >= 0; --blk) {
-    const int64_t r0 = blk * kTriBlock;
-    const int m = static_cast<int>(std::min(kTriBlock, n - r0));
-    QCAL_RETURN_IF_ERROR(
-        CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, m, ki, m, &one,
-                                 inv.data<double>() + blk * kTriBlock * kTriBlock, tb, b + r0, ni,
-                                 &zero, xp + r0, ni),
-                     "ReconstructError: a diagonal block's solve"));
-    if (r0 == 0) break;
-    QCAL_RETURN_IF_ERROR(
-        CublasStatus(cublasDgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(r0), ki, m,
-                                 &minus_one, t + r0 * n, ni, xp + r0, ni, &one, b, ni),
-                     "ReconstructError: the rows above a block"));
-  }
-  return CudaStatus(cudaMemcpyAsync(b, xp, static_cast<size_t>(n * k) * sizeof(double),
-                                    cudaMemcpyDeviceToDevice, ctx.stream),
-                    "ReconstructError: the solve's result");
+  return CudaStatus(
+      LaunchSolveUpperByBlocks(t, n, inv.data<double>(), b, k, ready.data<int32_t>(), ctx.stream),
+      "ReconstructError: the blocked back substitution");
 }
 
 // δ = damp · mean(diag G) of the square gram, its diagonal summed in double in column order.
@@ -922,6 +904,59 @@ absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& 
   QCAL_RETURN_IF_ERROR(UseDevice(ctx.device));
   return Gemm(ctx.blas, /*trans_a=*/false, /*trans_b=*/false, d_out, d_in, r, 1.0f, a.data<float>(),
               r, b.data<float>(), d_in, DType::kF32, 1.0f, w.data<float>(), d_in);
+}
+
+absl::StatusOr<ref::SmallSvdResult> SmallSvdOnDevice(const std::vector<double>& a, int64_t k,
+                                                     int device) {
+  if (k < 1 || static_cast<int64_t>(a.size()) != k * k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SmallSvdOnDevice: ", a.size(), " values for k = ", k, ", expected k² >= 1"));
+  }
+  QCAL_RETURN_IF_ERROR(UseDevice(device));
+  QCAL_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create());
+  // a, u, v [k²], sigma [k], the scratch, and the info and sweep words in the last double.
+  const size_t square = static_cast<size_t>(k * k);
+  const size_t doubles = 3 * square + k + SmallSvdScratchDoubles(k) + 1;
+  double* buffer = nullptr;
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(cudaMalloc(&buffer, doubles * sizeof(double)), "SmallSvdOnDevice: allocating"));
+  struct Free {
+    double* p;
+    ~Free() { cudaFree(p); }
+  } free_buffer{buffer};
+  double* u = buffer + square;
+  double* v = u + square;
+  double* sigma = v + square;
+  double* scratch = sigma + k;
+  auto* words = reinterpret_cast<int32_t*>(scratch + SmallSvdScratchDoubles(k));
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(buffer, a.data(), square * sizeof(double),
+                                                  cudaMemcpyHostToDevice, stream.get()),
+                                  "SmallSvdOnDevice: uploading"));
+  QCAL_RETURN_IF_ERROR(
+      CudaStatus(LaunchSmallSvd(buffer, k, scratch, u, sigma, v, words, words + 1, stream.get()),
+                 "SmallSvdOnDevice: the Jacobi SVD"));
+  ref::SmallSvdResult result;
+  result.u.resize(square);
+  result.v.resize(square);
+  result.sigma.resize(static_cast<size_t>(k));
+  int32_t host_words[2] = {0, 0};
+  const std::pair<void*, const void*> copies[] = {
+      {result.u.data(), u}, {result.v.data(), v}, {result.sigma.data(), sigma}};
+  const size_t sizes[] = {square, square, static_cast<size_t>(k)};
+  for (int i = 0; i < 3; ++i) {
+    QCAL_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(copies[i].first, copies[i].second, sizes[i] * sizeof(double),
+                                   cudaMemcpyDeviceToHost, stream.get()),
+                   "SmallSvdOnDevice: downloading"));
+  }
+  QCAL_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(host_words, words, sizeof(host_words), cudaMemcpyDeviceToHost, stream.get()),
+      "SmallSvdOnDevice: downloading"));
+  QCAL_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream.get()), "SmallSvdOnDevice"));
+  result.converged = (host_words[0] & 1) == 0;
+  result.finite = (host_words[0] & 2) == 0;
+  result.sweeps = host_words[1];
+  return result;
 }
 
 }  // namespace qcal::kernels::cuda

@@ -23,7 +23,8 @@
 //                a QR after every product (CholeskyQR2: syrk, potrf, trsm, twice; Householder
 //                geqrf + orgqr where a Gram is not positive definite, R₁'s pivots spread over
 //                1e6 or R₂'s diagonal is off 1 by more than 0.1), then B = QᵀM factored as
-//                a QR of Bᵀ and the SVD of its k x k triangle (gesvdj). σ are the r leading
+//                a QR of Bᵀ and the SVD of its k x k triangle (one-sided Jacobi in one launch,
+//                kernels/small_svd.h, bit for bit ref::SmallSvd). σ are the r leading
 //                singular values of B (never above M's); error_before = ‖M‖_F (nrm2) and
 //                error_after = sqrt(max(0, ‖M‖_F² − Σ_{i<=r} σ_i²)), which is exactly the
 //                whitened error of the returned factors in exact arithmetic (they project M onto
@@ -42,8 +43,12 @@
 // GPU model and library versions.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "absl/status/statusor.h"
 #include "common/tensor.h"
+#include "kernels/cpu/small_svd_ref.h"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/quant_ops.h"
 
@@ -69,5 +74,13 @@ absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& 
 absl::StatusOr<double> LowRankOutputError(const QuantContext& ctx, const Tensor& w,
                                           const Tensor& w_hat, const Tensor& a, const Tensor& b,
                                           const Tensor& gram, double error_sq);
+
+// The k x k one-sided Jacobi SVD that kRandomized runs on its triangle
+// (kernels/cuda/small_svd.cuh), on CUDA device `device` with its own stream and buffers, of a
+// (column-major [k, k], host): the entry point of the parity test against ref::SmallSvd, whose
+// result type it returns (u, sigma, v, sweeps, converged, finite). kInvalidArgument unless a holds
+// k² >= 1 values.
+absl::StatusOr<ref::SmallSvdResult> SmallSvdOnDevice(const std::vector<double>& a, int64_t k,
+                                                     int device);
 
 }  // namespace qcal::kernels::cuda

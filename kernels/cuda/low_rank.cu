@@ -154,6 +154,87 @@ __global__ void InvertUpperDiagonalBlocksKernel(const double* t, int64_t n, doub
   }
 }
 
+// The back substitution of LaunchSolveUpperByBlocks. CTA (x, y) owns row block j = nb − 1 − x of
+// column chunk y (kTriBlock columns of b): b_j −= T[j, l]·X_l for l = nb − 1 down to j + 1, each
+// X_l taken once its CTA has published it (ready[y·nb + l]), then X_j = T_jj⁻¹·b_j written over
+// b_j and published. Only lower x waits on higher x never, and CTAs are dispatched in index order,
+// so every CTA a CTA waits for is already resident or done. Each thread owns a 4 x 4 piece of the
+// 64 x 64 tile (rows tr + 16a, columns tc + 16c); the sums run over l descending, then the tile's
+// 64 products in order: a fixed order, so run-to-run identical.
+constexpr int kSolveThreads = 256;
+constexpr int kSolveLd = kTriBlock + 1;  // shared-memory tiles padded against bank conflicts
+static_assert(kTriBlock == 64 && kSolveThreads == 256, "the 4 x 4 pieces assume these sizes");
+
+__global__ void __launch_bounds__(kSolveThreads)
+    SolveUpperByBlocksKernel(const double* t, int64_t n, const double* inv, double* b, int64_t k,
+                             int32_t* ready) {
+  extern __shared__ double tiles[];
+  double* tt = tiles;                         // T block or T_jj⁻¹, [col * kSolveLd + row]
+  double* tx = tiles + kTriBlock * kSolveLd;  // X_l or b_j, [col * kSolveLd + row]
+  const int64_t nb = (n + kTriBlock - 1) / kTriBlock;
+  const int64_t j = nb - 1 - blockIdx.x;
+  const int64_t r0 = j * kTriBlock, c0 = int64_t{blockIdx.y} * kTriBlock;
+  const int m = static_cast<int>(n - r0 < kTriBlock ? n - r0 : kTriBlock);
+  const int cols = static_cast<int>(k - c0 < kTriBlock ? k - c0 : kTriBlock);
+  const int tid = static_cast<int>(threadIdx.x), tr = tid % 16, tc = tid / 16;
+  int32_t* flags = ready + int64_t{blockIdx.y} * nb;
+  double acc[4][4];
+  for (int a = 0; a < 4; ++a) {
+    for (int c = 0; c < 4; ++c) {
+      const int row = tr + 16 * a, col = tc + 16 * c;
+      acc[a][c] = row < m && col < cols ? b[(c0 + col) * n + r0 + row] : 0.0;
+    }
+  }
+  for (int64_t l = nb - 1; l > j; --l) {
+    if (tid == 0) {
+      while (atomicAdd(flags + l, 0) == 0) {
+      }
+      __threadfence();
+    }
+    __syncthreads();
+    const int64_t q0 = l * kTriBlock;
+    const int ml = static_cast<int>(n - q0 < kTriBlock ? n - q0 : kTriBlock);
+    for (int e = tid; e < kTriBlock * kTriBlock; e += kSolveThreads) {
+      const int row = e % kTriBlock, col = e / kTriBlock;
+      tt[col * kSolveLd + row] = row < m && col < ml ? t[(q0 + col) * n + r0 + row] : 0.0;
+      tx[col * kSolveLd + row] =
+          row < ml && col < cols ? __ldcg(b + (c0 + col) * n + q0 + row) : 0.0;
+    }
+    __syncthreads();
+    for (int p = 0; p < kTriBlock; ++p) {
+      double tv[4], xv[4];
+      for (int a = 0; a < 4; ++a) tv[a] = tt[p * kSolveLd + tr + 16 * a];
+      for (int c = 0; c < 4; ++c) xv[c] = tx[(tc + 16 * c) * kSolveLd + p];
+      for (int a = 0; a < 4; ++a) {
+        for (int c = 0; c < 4; ++c) acc[a][c] -= tv[a] * xv[c];
+      }
+    }
+    __syncthreads();
+  }
+  // X_j = T_jj⁻¹·b_j.
+  const double* inv_j = inv + j * kTriBlock * kTriBlock;
+  for (int e = tid; e < kTriBlock * kTriBlock; e += kSolveThreads) {
+    tt[e / kTriBlock * kSolveLd + e % kTriBlock] = inv_j[e];
+  }
+  for (int a = 0; a < 4; ++a) {
+    for (int c = 0; c < 4; ++c) tx[(tc + 16 * c) * kSolveLd + tr + 16 * a] = acc[a][c];
+  }
+  __syncthreads();
+  for (int a = 0; a < 4; ++a) {
+    for (int c = 0; c < 4; ++c) {
+      double sum = 0;
+      for (int p = 0; p < kTriBlock; ++p) {
+        sum += tt[p * kSolveLd + tr + 16 * a] * tx[(tc + 16 * c) * kSolveLd + p];
+      }
+      const int row = tr + 16 * a, col = tc + 16 * c;
+      if (row < m && col < cols) b[(c0 + col) * n + r0 + row] = sum;
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) atomicExch(flags + j, 1);
+}
+
 constexpr int kDotThreads = 1024;
 
 __global__ void __launch_bounds__(kDotThreads)
@@ -258,6 +339,23 @@ cudaError_t LaunchInvertUpperDiagonalBlocks(const double* t, int64_t n, double* 
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   InvertUpperDiagonalBlocksKernel<<<static_cast<unsigned>(blocks), kTriBlock, 0, stream>>>(t, n,
                                                                                            inv);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSolveUpperByBlocks(const double* t, int64_t n, const double* inv, double* b,
+                                     int64_t k, int32_t* ready, cudaStream_t stream) {
+  if (n <= 0 || k <= 0) return cudaSuccess;
+  const int64_t blocks = (n + kTriBlock - 1) / kTriBlock;
+  const int64_t chunks = (k + kTriBlock - 1) / kTriBlock;
+  if (blocks > 0x7fffffff || chunks > 65535) return cudaErrorInvalidValue;
+  cudaError_t error = cudaMemsetAsync(ready, 0, sizeof(int32_t) * blocks * chunks, stream);
+  if (error != cudaSuccess) return error;
+  const int bytes = static_cast<int>(2 * kTriBlock * kSolveLd * sizeof(double));
+  error = cudaFuncSetAttribute(SolveUpperByBlocksKernel,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (error != cudaSuccess) return error;
+  SolveUpperByBlocksKernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks)),
+                             kSolveThreads, bytes, stream>>>(t, n, inv, b, k, ready);
   return cudaGetLastError();
 }
 

@@ -72,6 +72,15 @@ constexpr int64_t kTriBlock = 64;
 cudaError_t LaunchInvertUpperDiagonalBlocks(const double* t, int64_t n, double* inv,
                                             cudaStream_t stream);
 
+// b [n, k] (column-major, leading dimension n) := T⁻¹·b for the column-major upper triangle t
+// [n, n], given inv = LaunchInvertUpperDiagonalBlocks(t): block back substitution in one launch,
+// a thread block per kTriBlock rows and kTriBlock columns of b, each waiting for the row blocks
+// below it through `ready` (ceil(n / kTriBlock) · ceil(k / kTriBlock) words, cleared here) instead
+// of a launch per step. The sums over the blocks below run in descending block order: run-to-run
+// identical.
+cudaError_t LaunchSolveUpperByBlocks(const double* t, int64_t n, const double* inv, double* b,
+                                     int64_t k, int32_t* ready, cudaStream_t stream);
+
 // *out = Σ_i double(x_i)·double(y_i) over count fp32 pairs, summed in double by one block in a
 // fixed order (run to run identical): LowRankOutputError's ⟨L_A, P⟩ without reading both back.
 cudaError_t LaunchDotF64(const float* x, const float* y, int64_t count, double* out,

@@ -3,17 +3,22 @@
 // whose error is real: W heavy-tailed, Ŵ = the device's RTN of W, G = XᵀX of correlated
 // activations with outlier channels. Both sides get the same fp32 whitening factor, so what is
 // compared is the SVD path: kFull against the CPU; kRandomized against kFull. Skips without a GPU.
+#include "kernels/cuda/cuda_low_rank.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/small_svd_ref.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "services/engine/aser/activation_stats.h"
 #include "services/engine/aser/error_reconstruction.h"
@@ -889,6 +894,64 @@ TEST_F(CudaLowRankTest, ScaleColumnsAndDivideRowsMatchTheHostBitForBit) {
   EXPECT_EQ(be_->ScaleColumns(a, Upload(m_rows, {rows})).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(be_->DivideRows(a, Upload(m_cols, {cols})).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Positions where the doubles' bit patterns differ.
+int64_t BitMismatches(const std::vector<double>& got, const std::vector<double>& want) {
+  if (got.size() != want.size()) return -1;
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    bad += std::memcmp(&got[i], &want[i], sizeof(double)) != 0;
+  return bad;
+}
+
+// The device's k x k Jacobi SVD (kernels/cuda/small_svd.cu, what kRandomized runs on its triangle)
+// equals ref::SmallSvd bit for bit: u, sigma, v and the sweeps, at size 1, odd and even k, the
+// shared-memory limit (kSmallSvdSharedMaxK = 112) and above it (global memory), graded triangles
+// like the sketch's R, and a rank-deficient input; a non-finite input is reported.
+TEST_F(CudaLowRankTest, SmallSvdEqualsTheCpuReferenceBitForBit) {
+  // bits: whether u, sigma and v must match (not with a NaN, whose σ ranks collide).
+  auto check = [](const std::vector<double>& a, int64_t k, const std::string& what,
+                  bool bits = true) {
+    SCOPED_TRACE(what);
+    const ref::SmallSvdResult want = ref::SmallSvd(a, k);
+    auto got = cuda::SmallSvdOnDevice(a, k, /*device=*/0);
+    if (!got.ok()) {
+      ADD_FAILURE() << got.status();
+      return want;
+    }
+    EXPECT_EQ(got->sweeps, want.sweeps);
+    EXPECT_EQ(got->converged, want.converged);
+    EXPECT_EQ(got->finite, want.finite);
+    if (!bits) return want;
+    EXPECT_EQ(BitMismatches(got->sigma, want.sigma), 0);
+    EXPECT_EQ(BitMismatches(got->u, want.u), 0);
+    EXPECT_EQ(BitMismatches(got->v, want.v), 0);
+    return want;
+  };
+  for (int64_t k : {1, 2, 7, 17, 80, 112, 113, 130}) {
+    std::mt19937_64 gen(static_cast<uint64_t>(k));
+    std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+    std::vector<double> a(static_cast<size_t>(k * k), 0.0);
+    for (int64_t j = 0; j < k; ++j) {
+      const double scale = std::pow(10.0, -3.0 * static_cast<double>(j) / static_cast<double>(k));
+      for (int64_t i = 0; i <= j; ++i) a[j * k + i] = uniform(gen) * scale;
+    }
+    const ref::SmallSvdResult want = check(a, k, "graded triangle, k = " + std::to_string(k));
+    EXPECT_TRUE(want.converged && want.finite);
+  }
+  // Rank-deficient: a zero row and a dependent column.
+  const int64_t k = 24;
+  std::mt19937_64 gen(3);
+  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+  std::vector<double> a(static_cast<size_t>(k * k));
+  for (double& value : a) value = uniform(gen);
+  for (int64_t i = 0; i < k; ++i) a[9 * k + i] = 0.5 * a[2 * k + i];
+  for (int64_t j = 0; j < k; ++j) a[j * k + 4] = 0.0;
+  check(a, k, "rank-deficient");
+  a[5 * k + 7] = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_FALSE(check(a, k, "NaN", /*bits=*/false).finite);
+  EXPECT_EQ(cuda::SmallSvdOnDevice({}, 0, 0).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
