@@ -3,10 +3,10 @@
 //
 // These are the rules every quantizer in qcal applies (RTN, GPTQ on the CPU and on the GPU, the
 // fake-quant forward, export), so they live in one header-only file that host and CUDA code both
-// compile: every function is QCAL_HOST_DEVICE and the file depends on nothing beyond <cmath>,
-// <cstdint> and <cstring> (no Abseil, no containers, no common/dtype.h). The fp32 -> fp16 rounding
-// of a scale is therefore done here with integer bit arithmetic; tests check it against
-// common/dtype.h's RoundToHalf.
+// compile: every function is QCAL_HOST_DEVICE (kernels/host_device.h) and the file depends on
+// nothing else beyond <cmath>, <cstdint> and <cstring> (no Abseil, no containers, no
+// common/dtype.h). The fp32 -> fp16 rounding of a scale is therefore done here with integer bit
+// arithmetic; tests check it against common/dtype.h's RoundToHalf.
 //
 // Summary of the rules (b bits, maxq = 2^b - 1 (4 for the balanced grid), round() = round half to
 // even):
@@ -29,11 +29,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define QCAL_HOST_DEVICE __host__ __device__
-#else
-#define QCAL_HOST_DEVICE
-#endif
+#include "kernels/host_device.h"
 
 namespace qcal::kernels {
 

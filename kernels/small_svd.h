@@ -44,11 +44,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define QCAL_HOST_DEVICE __host__ __device__
-#else
-#define QCAL_HOST_DEVICE
-#endif
+#include "kernels/host_device.h"
 
 namespace qcal::kernels {
 
