@@ -6,7 +6,7 @@
 // kernel (kernels/cuda/small_svd.cu, a group of kSmallSvdLanes threads a pair, the pairs of a round
 // at once) run the same operations in the same order: every operation is a separately rounded IEEE
 // operation in double (the CUDA file is compiled with -fmad=false; divisions and square roots are
-// IEEE; the host build does not contract), so the two give the same bits.
+// IEEE; the CPU references are built with -ffp-contract=off), so the two give the same bits.
 //
 // The algorithm runs on X = aᵀ (the rows of a as columns): X is rotated from the right, X := X·J,
 // J := J·G (J starts as I), one pair of columns (p, q) at a time, until X's columns are mutually

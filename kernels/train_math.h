@@ -6,8 +6,8 @@
 // weights; adamw.cu: a thread per element) run the same code. Every operation is a separately
 // rounded IEEE operation in T: the CUDA files that include this header are compiled with
 // -fmad=false (no fused multiply-add), divisions and square roots are IEEE (no fast math), and the
-// host build does not contract (x86-64 without FMA code generation), so for T = float the two
-// backends give the same bits.
+// CPU references are built with -ffp-contract=off (kernels/cpu/CMakeLists.txt), so for T = float
+// the two backends give the same bits.
 //
 // Clipped fake quantizer, per output row o and group k (the columns of the group: positions
 // k·g .. k·g + g − 1, mapped to columns through `perm` when there is one), with clip_max =

@@ -232,7 +232,10 @@ __global__ void __launch_bounds__(kSolveThreads)
   }
   __threadfence();
   __syncthreads();
-  if (tid == 0) atomicExch(flags + j, 1);
+  if (tid == 0) {
+    __threadfence();  // the block's writes, seen at the barrier, ordered before the flag
+    atomicExch(flags + j, 1);
+  }
 }
 
 constexpr int kDotThreads = 1024;

@@ -143,8 +143,11 @@ cudaError_t LaunchSmallSvd(const double* a, int64_t k, double* scratch, double* 
   const size_t bytes =
       in_shared ? static_cast<size_t>(SmallSvdScratchDoubles(k)) * sizeof(double) : 0;
   if (in_shared) {
+    // Always the largest size: a per-k value could be lowered by another host thread between
+    // this call and the launch.
     const cudaError_t error = cudaFuncSetAttribute(
-        SmallSvdKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+        SmallSvdKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(SmallSvdScratchDoubles(kSmallSvdSharedMaxK) * sizeof(double)));
     if (error != cudaSuccess) return error;
   }
   SmallSvdKernel<<<1, threads, bytes, stream>>>(a, static_cast<int>(k), scratch, in_shared, u,
