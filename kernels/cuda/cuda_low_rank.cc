@@ -231,8 +231,8 @@ class Solver {
   }
 
   // Reads the info words: a negative one is an invalid argument, a positive one of an SVD means
-  // that it did not converge (QR iteration, or Jacobi sweeps) or, for the Jacobi SVD's 2, that a
-  // singular value is not finite.
+  // that it did not converge (QR iteration, or the Jacobi sweeps: bit 1) or, for the Jacobi SVD,
+  // that a singular value is not finite (bit 2).
   absl::Status Check() {
     QCAL_ASSIGN_OR_RETURN(auto info,
                           Download<int32_t>(ctx_, info_.raw(), next_slot_, "reading solver info"));
@@ -908,9 +908,10 @@ absl::Status AddLowRank(const QuantContext& ctx, const Tensor& a, const Tensor& 
 
 absl::StatusOr<ref::SmallSvdResult> SmallSvdOnDevice(const std::vector<double>& a, int64_t k,
                                                      int device) {
-  if (k < 1 || static_cast<int64_t>(a.size()) != k * k) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("SmallSvdOnDevice: ", a.size(), " values for k = ", k, ", expected k² >= 1"));
+  if (k < 1 || k > kSmallSvdMaxK || static_cast<int64_t>(a.size()) != k * k) {
+    return absl::InvalidArgumentError(absl::StrCat("SmallSvdOnDevice: ", a.size(),
+                                                   " values for k = ", k,
+                                                   ", expected k² with 1 <= k <= ", kSmallSvdMaxK));
   }
   QCAL_RETURN_IF_ERROR(UseDevice(device));
   QCAL_ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create());

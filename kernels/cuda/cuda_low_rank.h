@@ -80,7 +80,7 @@ absl::StatusOr<double> LowRankOutputError(const QuantContext& ctx, const Tensor&
 // (kernels/cuda/small_svd.cuh), on CUDA device `device` with its own stream and buffers, of a
 // (column-major [k, k], host): the entry point of the parity test against ref::SmallSvd, whose
 // result type it returns (u, sigma, v, sweeps, converged, finite). kInvalidArgument unless a holds
-// k² >= 1 values.
+// k² values with 1 <= k <= kSmallSvdMaxK (4096).
 absl::StatusOr<ref::SmallSvdResult> SmallSvdOnDevice(const std::vector<double>& a, int64_t k,
                                                      int device);
 
