@@ -628,9 +628,8 @@ absl::StatusOr<Factors> RandomizedSvd(const QuantContext& ctx, Solver& solver, c
 // docs/BENCHMARKS.md, thirty-third session).
 absl::Status SolveUpper(const QuantContext& ctx, const double* t, int64_t n, double* b, int64_t k) {
   const int64_t blocks = (n + kTriBlock - 1) / kTriBlock;
-  const int64_t chunks = (k + kTriBlock - 1) / kTriBlock;
   QCAL_ASSIGN_OR_RETURN(Tensor inv, ctx.alloc(DType::kF64, {blocks, kTriBlock, kTriBlock}));
-  QCAL_ASSIGN_OR_RETURN(Tensor ready, ctx.alloc(DType::kI32, {chunks, blocks}));
+  QCAL_ASSIGN_OR_RETURN(Tensor ready, ctx.alloc(DType::kI32, {SolveUpperByBlocksWords(n, k)}));
   QCAL_RETURN_IF_ERROR(
       CudaStatus(LaunchInvertUpperDiagonalBlocks(t, n, inv.data<double>(), ctx.stream),
                  "ReconstructError: the diagonal blocks' inverses"));

@@ -157,10 +157,11 @@ __global__ void InvertUpperDiagonalBlocksKernel(const double* t, int64_t n, doub
 // The back substitution of LaunchSolveUpperByBlocks. CTA (x, y) owns row block j = nb − 1 − x of
 // column chunk y (kTriBlock columns of b): b_j −= T[j, l]·X_l for l = nb − 1 down to j + 1, each
 // X_l taken once its CTA has published it (ready[y·nb + l]), then X_j = T_jj⁻¹·b_j written over
-// b_j and published. Only lower x waits on higher x never, and CTAs are dispatched in index order,
-// so every CTA a CTA waits for is already resident or done. Each thread owns a 4 x 4 piece of the
-// 64 x 64 tile (rows tr + 16a, columns tc + 16c); the sums run over l descending, then the tile's
-// 64 products in order: a fixed order, so run-to-run identical.
+// b_j and published. A CTA's (x, y) is its ticket, taken from a counter as it starts (x the ticket
+// modulo the row blocks), not its launch index: a CTA waits only for CTAs of lower ticket, which
+// started before it and so are resident or done, whatever order the hardware dispatches in. Each
+// thread owns a 4 x 4 piece of the 64 x 64 tile (rows tr + 16a, columns tc + 16c); the sums run
+// over l descending, then the tile's 64 products in order: a fixed order, so run-to-run identical.
 constexpr int kSolveThreads = 256;
 constexpr int kSolveLd = kTriBlock + 1;  // shared-memory tiles padded against bank conflicts
 static_assert(kTriBlock == 64 && kSolveThreads == 256, "the 4 x 4 pieces assume these sizes");
@@ -172,12 +173,19 @@ __global__ void __launch_bounds__(kSolveThreads)
   double* tt = tiles;                         // T block or T_jj⁻¹, [col * kSolveLd + row]
   double* tx = tiles + kTriBlock * kSolveLd;  // X_l or b_j, [col * kSolveLd + row]
   const int64_t nb = (n + kTriBlock - 1) / kTriBlock;
-  const int64_t j = nb - 1 - blockIdx.x;
-  const int64_t r0 = j * kTriBlock, c0 = int64_t{blockIdx.y} * kTriBlock;
+  __shared__ int64_t ticket;
+  if (threadIdx.x == 0) {
+    ticket = atomicAdd(
+        reinterpret_cast<unsigned long long*>(ready + 2 * ((nb * gridDim.y + 1) / 2)), 1ull);
+  }
+  __syncthreads();
+  const int64_t cx = ticket % nb, cy = ticket / nb;
+  const int64_t j = nb - 1 - cx;
+  const int64_t r0 = j * kTriBlock, c0 = cy * kTriBlock;
   const int m = static_cast<int>(n - r0 < kTriBlock ? n - r0 : kTriBlock);
   const int cols = static_cast<int>(k - c0 < kTriBlock ? k - c0 : kTriBlock);
   const int tid = static_cast<int>(threadIdx.x), tr = tid % 16, tc = tid / 16;
-  int32_t* flags = ready + int64_t{blockIdx.y} * nb;
+  int32_t* flags = ready + cy * nb;
   double acc[4][4];
   for (int a = 0; a < 4; ++a) {
     for (int c = 0; c < 4; ++c) {
@@ -185,6 +193,20 @@ __global__ void __launch_bounds__(kSolveThreads)
       acc[a][c] = row < m && col < cols ? b[(c0 + col) * n + r0 + row] : 0.0;
     }
   }
+  // T[j, l] waits for no CTA: the next tile's elements are loaded into registers while this one
+  // is multiplied. X_l's are loaded together once published, then stored (one round trip).
+  constexpr int kPerThread = kTriBlock * kTriBlock / kSolveThreads;
+  double t_next[kPerThread];
+  auto load_t = [&](int64_t l) {
+    const int64_t q0 = l * kTriBlock;
+    const int ml = static_cast<int>(n - q0 < kTriBlock ? n - q0 : kTriBlock);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = tid + i * kSolveThreads, row = e % kTriBlock, col = e / kTriBlock;
+      t_next[i] = row < m && col < ml ? t[(q0 + col) * n + r0 + row] : 0.0;
+    }
+  };
+  if (nb - 1 > j) load_t(nb - 1);
   for (int64_t l = nb - 1; l > j; --l) {
     if (tid == 0) {
       while (atomicAdd(flags + l, 0) == 0) {
@@ -194,12 +216,19 @@ __global__ void __launch_bounds__(kSolveThreads)
     __syncthreads();
     const int64_t q0 = l * kTriBlock;
     const int ml = static_cast<int>(n - q0 < kTriBlock ? n - q0 : kTriBlock);
-    for (int e = tid; e < kTriBlock * kTriBlock; e += kSolveThreads) {
-      const int row = e % kTriBlock, col = e / kTriBlock;
-      tt[col * kSolveLd + row] = row < m && col < ml ? t[(q0 + col) * n + r0 + row] : 0.0;
-      tx[col * kSolveLd + row] =
-          row < ml && col < cols ? __ldcg(b + (c0 + col) * n + q0 + row) : 0.0;
+    double x_now[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = tid + i * kSolveThreads, row = e % kTriBlock, col = e / kTriBlock;
+      x_now[i] = row < ml && col < cols ? __ldcg(b + (c0 + col) * n + q0 + row) : 0.0;
     }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = tid + i * kSolveThreads, row = e % kTriBlock, col = e / kTriBlock;
+      tt[col * kSolveLd + row] = t_next[i];
+      tx[col * kSolveLd + row] = x_now[i];
+    }
+    if (l - 1 > j) load_t(l - 1);
     __syncthreads();
     for (int p = 0; p < kTriBlock; ++p) {
       double tv[4], xv[4];
@@ -345,13 +374,20 @@ cudaError_t LaunchInvertUpperDiagonalBlocks(const double* t, int64_t n, double* 
   return cudaGetLastError();
 }
 
+int64_t SolveUpperByBlocksWords(int64_t n, int64_t k) {
+  const int64_t flags = ((n + kTriBlock - 1) / kTriBlock) * ((k + kTriBlock - 1) / kTriBlock);
+  return 2 * ((flags + 1) / 2) + 2;
+}
+
 cudaError_t LaunchSolveUpperByBlocks(const double* t, int64_t n, const double* inv, double* b,
                                      int64_t k, int32_t* ready, cudaStream_t stream) {
   if (n <= 0 || k <= 0) return cudaSuccess;
   const int64_t blocks = (n + kTriBlock - 1) / kTriBlock;
   const int64_t chunks = (k + kTriBlock - 1) / kTriBlock;
   if (blocks > 0x7fffffff || chunks > 65535) return cudaErrorInvalidValue;
-  cudaError_t error = cudaMemsetAsync(ready, 0, sizeof(int32_t) * blocks * chunks, stream);
+  // The flags, then the ticket counter (8 bytes, 8-aligned).
+  cudaError_t error =
+      cudaMemsetAsync(ready, 0, sizeof(int32_t) * SolveUpperByBlocksWords(n, k), stream);
   if (error != cudaSuccess) return error;
   const int bytes = static_cast<int>(2 * kTriBlock * kSolveLd * sizeof(double));
   error = cudaFuncSetAttribute(SolveUpperByBlocksKernel,

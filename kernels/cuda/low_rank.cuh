@@ -75,9 +75,10 @@ cudaError_t LaunchInvertUpperDiagonalBlocks(const double* t, int64_t n, double* 
 // b [n, k] (column-major, leading dimension n) := T⁻¹·b for the column-major upper triangle t
 // [n, n], given inv = LaunchInvertUpperDiagonalBlocks(t): block back substitution in one launch,
 // a thread block per kTriBlock rows and kTriBlock columns of b, each waiting for the row blocks
-// below it through `ready` (ceil(n / kTriBlock) · ceil(k / kTriBlock) words, cleared here) instead
-// of a launch per step. The sums over the blocks below run in descending block order: run-to-run
-// identical.
+// below it through `ready` (SolveUpperByBlocksWords(n, k) words, 8-byte aligned, cleared here:
+// a flag per block and a ticket counter) instead of a launch per step. The sums over the blocks
+// below run in descending block order: run-to-run identical.
+int64_t SolveUpperByBlocksWords(int64_t n, int64_t k);
 cudaError_t LaunchSolveUpperByBlocks(const double* t, int64_t n, const double* inv, double* b,
                                      int64_t k, int32_t* ready, cudaStream_t stream);
 
