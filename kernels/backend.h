@@ -443,6 +443,16 @@ class Backend {
     return absl::UnimplementedError("ActQuantLinear is not implemented by the " + name() +
                                     " backend");
   }
+  // The weight operand of a bf16 ActQuantLinear written into the left part of a wider one:
+  // out[:, 0:width] = bf16(ActQuant(x, bits)) for x F32 [rows, width] and out BF16 [rows,
+  // >= width]; the other columns of out are left as they are. The same bits as ActQuant then
+  // Convert. Model joins an activation-quantized weight branch with its low-rank branch through it
+  // (the x columns of [Q(x) | t]). CUDA only (the CPU does not join products): others return
+  // Unimplemented.
+  virtual absl::Status ActQuantOperand(const Tensor& x, int bits, Tensor& out) {
+    return absl::UnimplementedError("ActQuantOperand is not implemented by the " + name() +
+                                    " backend");
+  }
 
   // ---- ABQ quantized inference (DESIGN section 3, "Arbitrary-bit inference kernels (ABQ)"): a
   // linear's packed weights placed once (PrepareAbqLinear), then whole layers run through a kernel
@@ -557,6 +567,15 @@ class Backend {
   // InvalidArgument for a bad shape or seq_len.
   virtual absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) {
     return Unsupported("ChannelAbsStats");
+  }
+  // ChannelAbsStats without the read-back: x's totals written in stream order into this device's
+  // max_abs (F32, width elements), sum_abs (F64, width) and bad (I32, width: 1 where the column
+  // holds a NaN or an infinity in any row, else 0), the same values ChannelAbsStats returns, so
+  // that a pass over many chunks reads its totals back once instead of once a chunk.
+  // InvalidArgument as ChannelAbsStats, or for outputs of another size or dtype.
+  virtual absl::Status ChannelAbsStatsInto(const Tensor& x, int64_t seq_len, Tensor& max_abs,
+                                           Tensor& sum_abs, Tensor& bad) {
+    return Unsupported("ChannelAbsStatsInto");
   }
   // w[r, j] *= m[j] for F32 w [rows, width] and m [width] on this device (IEEE products: the same
   // bits as the host).

@@ -34,8 +34,9 @@ __global__ void ActQuantKernel(const float* x, int64_t width, float qmax, float*
               [&](int64_t c, float s, float q) { yr[c] = s == 0.0f ? 0.0f : __fmul_rn(s, q); });
 }
 
-__global__ void ActQuantBf16Kernel(const float* x, int64_t width, float qmax, __nv_bfloat16* out) {
-  __nv_bfloat16* yr = out + blockIdx.x * width;
+__global__ void ActQuantBf16Kernel(const float* x, int64_t width, float qmax, __nv_bfloat16* out,
+                                   int64_t ld) {
+  __nv_bfloat16* yr = out + blockIdx.x * ld;
   ActQuantRow(x + blockIdx.x * width, width, qmax, [&](int64_t c, float s, float q) {
     yr[c] = __float2bfloat16_rn(s == 0.0f ? 0.0f : __fmul_rn(s, q));
   });
@@ -90,11 +91,11 @@ cudaError_t LaunchActQuant(const float* x, int64_t rows, int64_t width, int bits
 }
 
 cudaError_t LaunchActQuantBf16(const float* x, int64_t rows, int64_t width, int bits,
-                               __nv_bfloat16* out, cudaStream_t stream) {
+                               __nv_bfloat16* out, int64_t ld, cudaStream_t stream) {
   if (rows == 0 || width == 0) return cudaSuccess;
-  if (rows > 0x7fffffff || bits < 2 || bits > 8) return cudaErrorInvalidValue;
+  if (rows > 0x7fffffff || bits < 2 || bits > 8 || ld < width) return cudaErrorInvalidValue;
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  ActQuantBf16Kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, width, qmax, out);
+  ActQuantBf16Kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, width, qmax, out, ld);
   return cudaGetLastError();
 }
 

@@ -15,9 +15,10 @@ namespace qcal::kernels::cuda {
 cudaError_t LaunchActQuant(const float* x, int64_t rows, int64_t width, int bits, float* out,
                            cudaStream_t stream);
 // The same values rounded to bf16 (to nearest even, as LaunchF32ToBf16) in the same pass: the GEMM
-// operand of a bf16 ActQuantLinear.
+// operand of a bf16 ActQuantLinear. Row r goes to out + r·ld (ld >= width; columns past width are
+// left as they are), so the operand may be the left part of a wider one.
 cudaError_t LaunchActQuantBf16(const float* x, int64_t rows, int64_t width, int bits,
-                               __nv_bfloat16* out, cudaStream_t stream);
+                               __nv_bfloat16* out, int64_t ld, cudaStream_t stream);
 
 // ActQuantLinear's three steps in fp32 compute (spec: ref::ActQuantLinear):
 // - codes[r, j] (exact integers as fp64) and scales[r] of ActQuant's factorization

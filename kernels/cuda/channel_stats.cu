@@ -36,10 +36,17 @@ __global__ void SegmentKernel(const float* x, int64_t rows, int64_t width, int64
   float m = 0.0f;
   double s = 0.0;
   int bad = 0;
-  for (int64_t r = begin; r < end; ++r) {
-    const float v = x[r * width + j];
+  // The position of row r in its sample, stepped instead of r % seq_len (a 64-bit remainder a
+  // row, which made the kernel instruction-bound).
+  int64_t pos = seq_len > 0 ? begin % seq_len : 1;
+  const float* p = x + begin * width + j;
+#pragma unroll 4
+  for (int64_t r = begin; r < end; ++r, p += width) {
+    const float v = __ldcs(p);  // read once: streamed past the cache
     if (!isfinite(v)) bad = 1;
-    if (seq_len > 0 && r % seq_len == 0) continue;
+    const bool bos = seq_len > 0 && pos == 0;
+    if (seq_len > 0 && ++pos == seq_len) pos = 0;
+    if (bos) continue;
     const float a = fabsf(v);
     m = fmaxf(m, a);
     s += static_cast<double>(a);

@@ -138,6 +138,7 @@ class CudaBackend final : public Backend {
   absl::Status ActQuant(const Tensor& x, int bits, Tensor& out) override;
   absl::Status ActQuantLinear(const Tensor& x, int bits, const Tensor& w, const Tensor* bias,
                               Tensor& y, bool accumulate) override;
+  absl::Status ActQuantOperand(const Tensor& x, int bits, Tensor& out) override;
   absl::StatusOr<std::shared_ptr<const PreparedAbqLinear>> PrepareAbqLinear(
       const AbqWeights& w) override;
   absl::Status AbqLinear(const PreparedAbqLinear& w, AbqKernel kernel, const Tensor& x,
@@ -162,6 +163,8 @@ class CudaBackend final : public Backend {
                                             const Tensor& b, const Tensor& gram,
                                             double error_sq) override;
   absl::StatusOr<ChannelStats> ChannelAbsStats(const Tensor& x, int64_t seq_len) override;
+  absl::Status ChannelAbsStatsInto(const Tensor& x, int64_t seq_len, Tensor& max_abs,
+                                   Tensor& sum_abs, Tensor& bad) override;
   absl::Status ScaleColumns(Tensor& w, const Tensor& m) override;
   absl::Status DivideRows(Tensor& w, const Tensor& m) override;
 

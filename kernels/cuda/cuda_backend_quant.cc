@@ -75,7 +75,7 @@ absl::Status CudaBackend::ActQuantLinear(const Tensor& x, int bits, const Tensor
       QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
       QCAL_RETURN_IF_ERROR(
           CudaStatus(cuda::LaunchActQuantBf16(x.data<float>(), m, k, bits,
-                                              static_cast<__nv_bfloat16*>(xq.raw()), stream()),
+                                              static_cast<__nv_bfloat16*>(xq.raw()), k, stream()),
                      "ActQuantLinear: bf16 operand"));
     }
     return Linear(xq, w, bias, y, accumulate);
@@ -105,6 +105,26 @@ absl::Status CudaBackend::ActQuantLinear(const Tensor& x, int bits, const Tensor
                                                   has_bias ? bias->data<float>() : nullptr, m, n,
                                                   accumulate, y.data<float>(), stream()),
                     "ActQuantLinear: scaling");
+}
+
+absl::Status CudaBackend::ActQuantOperand(const Tensor& x, int bits, Tensor& out) {
+  QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ActQuantOperand", "x"));
+  QCAL_RETURN_IF_ERROR(ExpectDevice(out, DType::kBF16, "ActQuantOperand", "out"));
+  if (x.rank() != 2 || out.rank() != 2 || out.dim(0) != x.dim(0) || out.dim(1) < x.dim(1)) {
+    return absl::InvalidArgumentError(absl::StrCat("ActQuantOperand: out ", out.DebugString(),
+                                                   " cannot hold x ", x.DebugString(),
+                                                   " in its left columns"));
+  }
+  if (bits < 2 || bits > 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ActQuantOperand: bits must be 2..8, got ", bits));
+  }
+  if (x.numel() == 0) return absl::OkStatus();
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  return CudaStatus(
+      cuda::LaunchActQuantBf16(x.data<float>(), x.dim(0), x.dim(1), bits,
+                               static_cast<__nv_bfloat16*>(out.raw()), out.dim(1), stream()),
+      "ActQuantOperand kernel");
 }
 
 absl::StatusOr<std::shared_ptr<const PreparedAbqLinear>> CudaBackend::PrepareAbqLinear(
@@ -197,29 +217,18 @@ absl::StatusOr<double> CudaBackend::LowRankOutputError(const Tensor& w, const Te
 
 absl::StatusOr<ChannelStats> CudaBackend::ChannelAbsStats(const Tensor& x, int64_t seq_len) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ChannelAbsStats", "x"));
-  if (x.rank() != 2 || seq_len < 0 || (seq_len > 0 && x.dim(0) % seq_len != 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ChannelAbsStats: x ", x.DebugString(), " is not whole samples of ", seq_len, " tokens"));
-  }
-  const int64_t rows = x.dim(0), width = x.dim(1);
+  const int64_t width = x.rank() == 2 ? x.dim(1) : 0;
+  QCAL_ASSIGN_OR_RETURN(Tensor max_abs, Alloc(DType::kF32, {width}));
+  QCAL_ASSIGN_OR_RETURN(Tensor sum_abs, Alloc(DType::kF64, {width}));
+  QCAL_ASSIGN_OR_RETURN(Tensor bad, Alloc(DType::kI32, {width}));
+  QCAL_RETURN_IF_ERROR(ChannelAbsStatsInto(x, seq_len, max_abs, sum_abs, bad));
+  const int64_t rows = x.dim(0);
   ChannelStats out;
   out.skipped = seq_len > 0 ? rows / seq_len : 0;
   out.tokens = rows - out.skipped;
   out.max_abs.assign(width, 0.0f);
   out.sum_abs.assign(width, 0.0);
   if (width == 0 || rows == 0) return out;
-  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
-  // Scratch in doubles: a double, a float and an int per (segment, column).
-  const int64_t segments = cuda::ChannelStatsSegments(rows);
-  QCAL_ASSIGN_OR_RETURN(Tensor scratch, Alloc(DType::kF64, {2 * segments * width}));
-  QCAL_ASSIGN_OR_RETURN(Tensor max_abs, Alloc(DType::kF32, {width}));
-  QCAL_ASSIGN_OR_RETURN(Tensor sum_abs, Alloc(DType::kF64, {width}));
-  QCAL_ASSIGN_OR_RETURN(Tensor bad, Alloc(DType::kI32, {width}));
-  QCAL_RETURN_IF_ERROR(
-      CudaStatus(cuda::LaunchChannelStats(x.data<float>(), rows, width, seq_len,
-                                          scratch.data<double>(), max_abs.data<float>(),
-                                          sum_abs.data<double>(), bad.data<int32_t>(), stream()),
-                 "ChannelAbsStats kernel"));
   QCAL_ASSIGN_OR_RETURN(Tensor max_host, ToHost(max_abs));
   QCAL_ASSIGN_OR_RETURN(Tensor sum_host, ToHost(sum_abs));
   QCAL_ASSIGN_OR_RETURN(Tensor bad_host, ToHost(bad));
@@ -230,6 +239,40 @@ absl::StatusOr<ChannelStats> CudaBackend::ChannelAbsStats(const Tensor& x, int64
     if (b[j] != 0) out.first_bad_column = j;
   }
   return out;
+}
+
+absl::Status CudaBackend::ChannelAbsStatsInto(const Tensor& x, int64_t seq_len, Tensor& max_abs,
+                                              Tensor& sum_abs, Tensor& bad) {
+  QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "ChannelAbsStats", "x"));
+  if (x.rank() != 2 || seq_len < 0 || (seq_len > 0 && x.dim(0) % seq_len != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ChannelAbsStats: x ", x.DebugString(), " is not whole samples of ", seq_len, " tokens"));
+  }
+  const int64_t rows = x.dim(0), width = x.dim(1);
+  QCAL_RETURN_IF_ERROR(ExpectDevice(max_abs, DType::kF32, "ChannelAbsStats", "max_abs"));
+  QCAL_RETURN_IF_ERROR(ExpectDevice(sum_abs, DType::kF64, "ChannelAbsStats", "sum_abs"));
+  QCAL_RETURN_IF_ERROR(ExpectDevice(bad, DType::kI32, "ChannelAbsStats", "bad"));
+  if (max_abs.numel() != width || sum_abs.numel() != width || bad.numel() != width) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ChannelAbsStats: outputs ", max_abs.DebugString(), ", ", sum_abs.DebugString(), " and ",
+        bad.DebugString(), " do not hold the ", width, " channels of x"));
+  }
+  if (width == 0) return absl::OkStatus();
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  if (rows == 0) {
+    for (Tensor* t : {&max_abs, &sum_abs, &bad}) {
+      QCAL_RETURN_IF_ERROR(
+          CudaStatus(cudaMemsetAsync(t->raw(), 0, t->nbytes(), stream()), "ChannelAbsStats"));
+    }
+    return absl::OkStatus();
+  }
+  // Scratch in doubles: a double, a float and an int per (segment, column).
+  const int64_t segments = cuda::ChannelStatsSegments(rows);
+  QCAL_ASSIGN_OR_RETURN(Tensor scratch, Uninitialized(DType::kF64, {2 * segments * width}));
+  return CudaStatus(cuda::LaunchChannelStats(x.data<float>(), rows, width, seq_len,
+                                             scratch.data<double>(), max_abs.data<float>(),
+                                             sum_abs.data<double>(), bad.data<int32_t>(), stream()),
+                    "ChannelAbsStats kernel");
 }
 
 absl::Status CudaBackend::ScaleColumns(Tensor& w, const Tensor& m) {

@@ -41,21 +41,84 @@ absl::StatusOr<SmoothingPartials> BlockRunner::CollectSmoothingPartials() {
       model_.HoldWeightOperands(b_, {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO,
                                      LinearKind::kGate, LinearKind::kUp}));
   absl::Cleanup release = [this] { model_.ReleaseWeightOperands(); };
+  // On the device each chunk's totals stay there (a row a chunk of each input's tensors) and are
+  // read back once after the pass; the host takes them in chunk order, as ChunkAbsStats would.
+  const bool on_device = SmoothingOnDevice(be_);
+  const auto chunks = static_cast<int64_t>(acts_.chunks.size());
+  std::array<Tensor, kNumLinearInputs> max_abs, sum_abs, bad;
+  std::vector<int64_t> rows(acts_.chunks.size(), 0);
+  if (on_device) {
+    for (int i = 0; i < kNumLinearInputs; ++i) {
+      const int64_t width = widths_[i];
+      QCAL_ASSIGN_OR_RETURN(max_abs[i], be_.Alloc(DType::kF32, {chunks, width}));
+      QCAL_ASSIGN_OR_RETURN(sum_abs[i], be_.Alloc(DType::kF64, {chunks, width}));
+      QCAL_ASSIGN_OR_RETURN(bad[i], be_.Alloc(DType::kI32, {chunks, width}));
+    }
+  }
   for (size_t c = 0; c < acts_.chunks.size(); ++c) {
     QCAL_ASSIGN_OR_RETURN(Tensor hidden, FetchCopy(c));
     auto tap = [&](LinearInput in, const Tensor& x) -> absl::Status {
-      QCAL_ASSIGN_OR_RETURN(ActivationStats s, ChunkAbsStats(in, x));
-      QCAL_RETURN_IF_ERROR(acc[static_cast<size_t>(in)].Add(std::move(s)));
+      const auto i = static_cast<size_t>(in);
+      if (on_device) {
+        const auto r = static_cast<int64_t>(c);
+        Tensor m = max_abs[i].Rows(r, r + 1), s = sum_abs[i].Rows(r, r + 1),
+               f = bad[i].Rows(r, r + 1);
+        QCAL_RETURN_IF_ERROR(be_.ChannelAbsStatsInto(x, acts_.seq_len, m, s, f));
+        rows[c] = x.dim(0);
+      } else {
+        QCAL_ASSIGN_OR_RETURN(ActivationStats s, ChunkAbsStats(in, x));
+        QCAL_RETURN_IF_ERROR(acc[i].Add(std::move(s)));
+      }
       if (in == LinearInput::kDown) return absl::CancelledError("statistics taken");
       return absl::OkStatus();
     };
     QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
   }
+  if (on_device) QCAL_RETURN_IF_ERROR(AddDeviceTotals(max_abs, sum_abs, bad, rows, acc));
   SmoothingPartials out;
   for (int i = 0; i < kNumLinearInputs; ++i) {
     QCAL_ASSIGN_OR_RETURN(out.inputs[static_cast<size_t>(i)], acc[static_cast<size_t>(i)].Finish());
   }
   return out;
+}
+
+// The smoothing pass's device totals (a row a chunk of each input; `rows` each chunk's) read back
+// and added to `acc` chunk by chunk, with ChunkAbsStats' checks and error.
+absl::Status BlockRunner::AddDeviceTotals(const std::array<Tensor, kNumLinearInputs>& max_abs,
+                                          const std::array<Tensor, kNumLinearInputs>& sum_abs,
+                                          const std::array<Tensor, kNumLinearInputs>& bad,
+                                          const std::vector<int64_t>& rows,
+                                          std::vector<TreeAccumulator<ActivationStats>>& acc) {
+  std::array<Tensor, kNumLinearInputs> max_host, sum_host, bad_host;
+  for (int i = 0; i < kNumLinearInputs; ++i) {
+    QCAL_ASSIGN_OR_RETURN(max_host[i], be_.ToHost(max_abs[i]));
+    QCAL_ASSIGN_OR_RETURN(sum_host[i], be_.ToHost(sum_abs[i]));
+    QCAL_ASSIGN_OR_RETURN(bad_host[i], be_.ToHost(bad[i]));
+  }
+  for (size_t c = 0; c < rows.size(); ++c) {
+    const int64_t skipped = acts_.seq_len > 0 ? rows[c] / acts_.seq_len : 0;
+    for (int i = 0; i < kNumLinearInputs; ++i) {
+      const int64_t width = widths_[i];
+      const int64_t at = static_cast<int64_t>(c) * width;
+      const int32_t* f = bad_host[i].data<int32_t>() + at;
+      for (int64_t j = 0; j < width; ++j) {
+        if (f[j] != 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("block ", b_, ": activation statistics: channel ", j,
+                           " of a linear input holds a value that is not finite"));
+        }
+      }
+      const float* m = max_host[i].data<float>() + at;
+      const double* s = sum_host[i].data<double>() + at;
+      ActivationStats stats(width);
+      QCAL_RETURN_IF_ERROR(
+          Annotate(stats.AddTotals(std::vector<float>(m, m + width),
+                                   std::vector<double>(s, s + width), rows[c] - skipped, skipped),
+                   absl::StrCat("block ", b_)));
+      QCAL_RETURN_IF_ERROR(acc[static_cast<size_t>(i)].Add(std::move(stats)));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<SmoothingStatistics> BlockRunner::CompleteSmoothing(SmoothingPartials all) const {

@@ -866,6 +866,38 @@ TEST_F(CudaLowRankTest, ChannelAbsStatsMatchesActivationStats) {
   }
 }
 
+// ChannelAbsStatsInto leaves ChannelAbsStats' totals on the device, bit for bit, in the row of a
+// wider tensor it is given (the smoothing pass keeps a row a chunk); outputs of the wrong size are
+// refused.
+TEST_F(CudaLowRankTest, ChannelAbsStatsIntoLeavesTheSameTotalsOnTheDevice) {
+  const int64_t samples = 4, seq_len = 37, width = 301, rows = samples * seq_len;
+  std::vector<float> x = testing::HeavyTailedWeights<float>(rows, width, 23);
+  x[5 * width + 7] = std::nanf("");
+  const Tensor xd = Upload(x, {rows, width});
+  auto want = be_->ChannelAbsStats(xd, seq_len);
+  ASSERT_TRUE(want.ok()) << want.status();
+  auto m = be_->Alloc(DType::kF32, {3, width});
+  auto s = be_->Alloc(DType::kF64, {3, width});
+  auto f = be_->Alloc(DType::kI32, {3, width});
+  ASSERT_TRUE(m.ok() && s.ok() && f.ok());
+  Tensor mr = m->Rows(1, 2), sr = s->Rows(1, 2), fr = f->Rows(1, 2);
+  ASSERT_TRUE(be_->ChannelAbsStatsInto(xd, seq_len, mr, sr, fr).ok());
+  const std::vector<float> got_m = Download<float>(*m);
+  const std::vector<double> got_s = Download<double>(*s);
+  const std::vector<int32_t> got_f = Download<int32_t>(*f);
+  for (int64_t j = 0; j < width; ++j) {  // bits compared: column 7's sum is a NaN
+    EXPECT_EQ(std::memcmp(&got_m[width + j], &want->max_abs[j], sizeof(float)), 0)
+        << "column " << j;
+    EXPECT_EQ(std::memcmp(&got_s[width + j], &want->sum_abs[j], sizeof(double)), 0)
+        << "column " << j;
+    EXPECT_EQ(got_f[width + j], j == 7 ? 1 : 0) << "column " << j;
+    EXPECT_EQ(got_m[j], 0.0f);  // the other rows untouched (Alloc zeroes)
+  }
+  EXPECT_EQ(want->first_bad_column, 7);
+  const absl::Status wrong = be_->ChannelAbsStatsInto(xd, seq_len, *m, sr, fr);
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument) << wrong;
+}
+
 // The smoothing fold's scalings on the device give the host loops' bits (one IEEE product or
 // quotient per element); mismatched scales are refused.
 TEST_F(CudaLowRankTest, ScaleColumnsAndDivideRowsMatchTheHostBitForBit) {

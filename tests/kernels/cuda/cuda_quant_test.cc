@@ -602,6 +602,44 @@ TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
   EXPECT_TRUE(be_->SupportsOp(Op::kActQuant));
 }
 
+// ActQuantOperand: ref::ActQuant's values rounded to bf16 (as Convert rounds them) in the left
+// columns of a wider bf16 operand, the other columns untouched (the joined [x̂ | t] of Model).
+TEST_F(CudaQuantTest, ActQuantOperandIsActQuantRoundedIntoTheLeftColumns) {
+  uint64_t seed = 140;
+  for (auto [rows, width] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {17, 300}, {5, 4096}}) {
+    for (int bits : {2, 4, 8}) {
+      SCOPED_TRACE(::testing::Message() << rows << "x" << width << " bits " << bits);
+      testing::TestRng rng(seed++);
+      std::vector<float> x(rows * width);
+      for (float& v : x) v = float(rng.StudentT3());
+      for (int64_t c = 0; c < width; ++c) x[c] = 0;  // an all-zero row
+      std::vector<float> ref(x.size());
+      ref::ActQuant(x.data(), rows, width, bits, ref.data());
+      const int64_t ld = width + 5;
+      std::vector<float> want(rows * ld, 7.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy_n(ref.begin() + r * width, width, want.begin() + r * ld);
+      }
+      auto want_bf16 = be_->Alloc(DType::kBF16, {rows, ld});
+      auto out = be_->Alloc(DType::kBF16, {rows, ld});
+      ASSERT_TRUE(want_bf16.ok() && out.ok());
+      ASSERT_TRUE(be_->Convert(Upload(want, {rows, ld}), *want_bf16).ok());
+      ASSERT_TRUE(be_->Convert(Upload(std::vector<float>(rows * ld, 7.0f), {rows, ld}), *out).ok());
+      ASSERT_TRUE(be_->ActQuantOperand(Upload(x, {rows, width}), bits, *out).ok());
+      auto got = be_->Alloc(DType::kF32, {rows, ld}), expect = be_->Alloc(DType::kF32, {rows, ld});
+      ASSERT_TRUE(got.ok() && expect.ok());
+      ASSERT_TRUE(be_->Convert(*out, *got).ok() && be_->Convert(*want_bf16, *expect).ok());
+      EXPECT_EQ(Download<float>(*got), Download<float>(*expect));
+    }
+  }
+  auto narrow = be_->Alloc(DType::kBF16, {2, 3});
+  ASSERT_TRUE(narrow.ok());
+  const absl::Status bad =
+      be_->ActQuantOperand(Upload(std::vector<float>(8, 1.0f), {2, 4}), 8, *narrow);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+  EXPECT_NE(bad.message().find("ActQuantOperand"), std::string::npos) << bad;
+}
+
 // The rounding itself, bit for bit (memcmp, so that −0 and +0 differ): s = 127 / 127 = 1 makes
 // x / s = x, and x holds exact ties of both parities and signs, quotients in [−0.5, 0) (whose
 // code is +0 in the reference's floor form, −0 under a plain rint), ±0 and values an ulp from a
