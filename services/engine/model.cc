@@ -272,7 +272,7 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, boo
 }
 
 absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& x_op, Tensor& y,
-                                bool accumulate, Tensor* joined) {
+                                bool accumulate, JoinedOperand* joined) {
   kernels::Backend& be = *backend_;
   const Tensor* bias = l.bias.defined() ? &l.bias : nullptr;
   if (ReadsInput(l) && !x.defined()) {
@@ -281,11 +281,11 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
   }
   if (l.abq) {
     QCAL_RETURN_IF_ERROR(be.AbqLinear(*l.abq, l.abq_kernel, x, bias, y, accumulate));
-  } else if (l.act_bits < 16) {
-    QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, WeightOperand(l), bias, y, accumulate));
   } else if (JoinsLowRank(l) && x_op.defined() && x_op.dtype() == DType::kBF16 &&
              x_op.dim(0) >= l.d_in()) {
-    return ApplyJoined(l, x_op, bias, y, accumulate, joined);
+    return ApplyJoined(l, x, x_op, bias, y, accumulate, joined);
+  } else if (l.act_bits < 16) {
+    QCAL_RETURN_IF_ERROR(be.ActQuantLinear(x, l.act_bits, WeightOperand(l), bias, y, accumulate));
   } else {
     QCAL_RETURN_IF_ERROR(be.Linear(x_op, WeightOperand(l), bias, y, accumulate));
   }
@@ -299,25 +299,34 @@ absl::Status Model::ApplyLinear(const Linear& l, const Tensor& x, const Tensor& 
 }
 
 bool Model::JoinsLowRank(const Linear& l) const {
-  return OperandsAreBf16() && l.lora_a.defined() && !ReadsInput(l) && l.d_in() < 2 * l.d_out();
+  return OperandsAreBf16() && l.lora_a.defined() && !l.abq &&
+         (l.act_bits < 16 || l.d_in() < 2 * l.d_out());
 }
 
-absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tensor* bias, Tensor& y,
-                                bool accumulate, Tensor* joined) {
+absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x, const Tensor& x_op,
+                                const Tensor* bias, Tensor& y, bool accumulate,
+                                JoinedOperand* joined) {
   kernels::Backend& be = *backend_;
   const int64_t rows = x_op.dim(0), r = l.lora_b.dim(0), k = l.d_in();
+  const int act_bits = l.act_bits < 16 ? l.act_bits : 16;
   QCAL_ASSIGN_OR_RETURN(Tensor t, be.AllocUninitialized(DType::kF32, {rows, r}));
   QCAL_RETURN_IF_ERROR(be.Linear(x_op, l.lora_b, nullptr, t, false));
   Tensor xt;
-  if (joined != nullptr && joined->defined() && joined->shape() == Shape{rows, k + r}) {
-    // The x columns are x_op's already (an earlier linear of the same input joined them): the
-    // copy of x, the larger part of the join, is made once for the input.
-    xt = *joined;
+  if (joined != nullptr && joined->xt.defined() && joined->xt.shape() == Shape{rows, k + r} &&
+      joined->act_bits == act_bits) {
+    // The x columns are already written (an earlier linear of the same input joined them): that
+    // copy, or quantization, of x, the larger part of the join, is made once for the input.
+    xt = joined->xt;
     QCAL_RETURN_IF_ERROR(be.WriteColumns(t, k, xt));
   } else {
     QCAL_ASSIGN_OR_RETURN(xt, be.AllocUninitialized(DType::kBF16, {rows, k + r}));
-    QCAL_RETURN_IF_ERROR(be.ConcatColumns(x_op, t, xt));
-    if (joined != nullptr) *joined = xt;
+    if (act_bits < 16) {
+      QCAL_RETURN_IF_ERROR(be.ActQuantOperand(x, act_bits, xt));
+      QCAL_RETURN_IF_ERROR(be.WriteColumns(t, k, xt));
+    } else {
+      QCAL_RETURN_IF_ERROR(be.ConcatColumns(x_op, t, xt));
+    }
+    if (joined != nullptr) *joined = JoinedOperand{xt, act_bits};
   }
   const HeldWeight* held = HeldOf(l);
   if (held && held->joined.defined() && held->lora_a.raw() == l.lora_a.raw() &&
@@ -330,7 +339,7 @@ absl::Status Model::ApplyJoined(const Linear& l, const Tensor& x_op, const Tenso
 }
 
 absl::StatusOr<Tensor> Model::Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op,
-                                      Tensor* joined) {
+                                      JoinedOperand* joined) {
   const Linear& l = blocks_[b].at(kind);
   const int64_t rows = x_op.defined() ? x_op.dim(0) : x.dim(0);
   // ApplyLinear without `accumulate` writes every element of y.
@@ -368,11 +377,11 @@ absl::StatusOr<Tensor> Model::Attend(int b, const LinearOperand& in, const SeqSh
         x_op,
         SharedOperand({&w.at(LinearKind::kQ), &w.at(LinearKind::kK), &w.at(LinearKind::kV)}, x));
   }
-  Tensor joined;  // [x_op | t] of q, k and v in turn (ApplyJoined)
+  JoinedOperand joined;  // [x̂ | t] of q, k and v in turn (ApplyJoined)
   QCAL_ASSIGN_OR_RETURN(Tensor q, Project(b, LinearKind::kQ, x, x_op, &joined));
   QCAL_ASSIGN_OR_RETURN(Tensor k, Project(b, LinearKind::kK, x, x_op, &joined));
   QCAL_ASSIGN_OR_RETURN(Tensor v, Project(b, LinearKind::kV, x, x_op, &joined));
-  joined = Tensor();
+  joined = JoinedOperand();
   if (w.q_norm.defined()) {
     // Qwen3: RMSNorm over each head's features, before RoPE.
     const float eps = static_cast<float>(config_.rms_norm_eps);
@@ -451,7 +460,7 @@ absl::StatusOr<std::pair<Tensor, Tensor>> Model::GateUp(int b, const LinearOpera
     QCAL_ASSIGN_OR_RETURN(x_op,
                           SharedOperand({&bw.at(LinearKind::kGate), &bw.at(LinearKind::kUp)}, x));
   }
-  Tensor joined;  // [x_op | t] of gate and up in turn (ApplyJoined)
+  JoinedOperand joined;  // [x̂ | t] of gate and up in turn (ApplyJoined)
   QCAL_ASSIGN_OR_RETURN(Tensor gate, Project(b, LinearKind::kGate, x, x_op, &joined));
   QCAL_ASSIGN_OR_RETURN(Tensor up, Project(b, LinearKind::kUp, x, x_op, &joined));
   return std::make_pair(std::move(gate), std::move(up));

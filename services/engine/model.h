@@ -348,30 +348,40 @@ class Model {
  private:
   class BlockSource;
   Model();
+  // The joined operand [x | t] that the linears of one input share (q/k/v, gate/up; ApplyJoined):
+  // its x columns are x_op's (act_bits 16) or, for activation-quantized linears, the bf16
+  // ActQuant(x, act_bits); the first linear that joins writes them, the others with the same
+  // act_bits reuse them and write only their own t.
+  struct JoinedOperand {
+    Tensor xt;
+    int act_bits = 16;
+  };
   // y (+)= l applied to x: the weight branch (with its activation quantization and bias), then
   // the low-rank branch added. x_op is x as a GEMM operand (Operand), shared by the products that
   // read x; the overload without it makes one where two products of l share x (a low-rank branch).
-  // `joined`, when given, is the joined operand [x_op | t] that ApplyJoined made for an earlier
-  // linear reading the same x_op (undefined before the first): its x columns are reused, and only
-  // l's t is written into it.
+  // `joined`, when given, is the joined operand of an earlier linear of the same input (empty
+  // before the first).
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, const Tensor& x_op, Tensor& y,
-                           bool accumulate, Tensor* joined = nullptr);
+                           bool accumulate, JoinedOperand* joined = nullptr);
   absl::Status ApplyLinear(const Linear& l, const Tensor& x, Tensor& y, bool accumulate);
-  // Whether l's weight and low-rank branches may run as one product, y = [x | t]·[W | L_A]ᵀ with
-  // t = x·L_Bᵀ (ApplyJoined): on a device computing in bf16, for a low-rank branch beside a plain
-  // weight branch, where writing y once instead of adding the branch into it saves more than
-  // copying x costs (d_in < 2·d_out: fp32 y read and written against bf16 x copied). ApplyLinear
-  // joins them when also its bf16 operand's rows outnumber the weight's columns (so that joining
-  // the weight, when no held one is joined already, stays small beside them). The operands are
-  // rounded as the two products round them (x, t, W and L_A to bf16); only the fp32 summation
-  // order differs.
+  // Whether l's weight and low-rank branches may run as one product, y = [x̂ | t]·[W | L_A]ᵀ with
+  // t = x·L_Bᵀ (ApplyJoined), on a device computing in bf16, for a low-rank branch beside a weight
+  // branch without an ABQ kernel. x̂ is x's bf16 operand, or with activation quantization the bf16
+  // ActQuant(x) that the weight branch reads (the low-rank branch still reads the unquantized x:
+  // DESIGN section 3). Without activation quantization only where writing y once instead of adding
+  // the branch into it saves more than copying x costs (d_in < 2·d_out: fp32 y read and written
+  // against bf16 x copied); with it always, since the quantization pass writes x̂ anyway.
+  // ApplyLinear joins them when also its bf16 operand's rows outnumber the weight's columns (so
+  // that joining the weight, when no held one is joined already, stays small beside them). The
+  // operands are rounded as the two products round them (x̂, t, W and L_A to bf16); only the fp32
+  // summation order differs.
   bool JoinsLowRank(const Linear& l) const;
-  absl::Status ApplyJoined(const Linear& l, const Tensor& x_op, const Tensor* bias, Tensor& y,
-                           bool accumulate, Tensor* joined);
+  absl::Status ApplyJoined(const Linear& l, const Tensor& x, const Tensor& x_op, const Tensor* bias,
+                           Tensor& y, bool accumulate, JoinedOperand* joined);
   // y [rows, d_out] = linear `kind` of block b applied to x (bias included); x_op and joined as
   // ApplyLinear's (the linears of one input share a joined operand: q/k/v, gate/up).
   absl::StatusOr<Tensor> Project(int b, LinearKind kind, const Tensor& x, const Tensor& x_op,
-                                 Tensor* joined = nullptr);
+                                 JoinedOperand* joined = nullptr);
   // Whether a GEMM of l reads x as an operand (its low-rank branch, or its weight branch without
   // an ABQ kernel or activation quantization): then an Operand of x shared by several products
   // saves conversions.
