@@ -25,23 +25,30 @@ def short_name(raw):
     return name[:70]
 
 
-def main():
-    top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
-    with open(sys.argv[1]) as f:
+def device_ops(path):
+    """The device operations of a cupti_trace CSV: (start ns, duration ns, 'kind short name')."""
+    with open(path) as f:
         lines = [l for l in f if l.strip()]
     start = next((i for i, l in enumerate(lines) if l.lstrip('"').startswith('Kind')), None)
     if start is None:
-        sys.exit(sys.argv[1] + ': no "Kind" header: not a cupti_trace CSV')
-    total = collections.Counter()
-    count = collections.Counter()
+        sys.exit(path + ': no "Kind" header: not a cupti_trace CSV')
+    ops = []
     for d in csv.DictReader(lines[start:]):
         if d.get('Kind') not in ('kernel', 'memcpy', 'memset'):
             continue
         try:
-            n = float(d['Duration (ns)'])
+            s, n = float(d['Start (ns)']), float(d['Duration (ns)'])
         except (KeyError, ValueError, TypeError):
             continue
-        name = d['Kind'] + ' ' + short_name(d.get('Name') or '?')
+        ops.append((s, n, d['Kind'] + ' ' + short_name(d.get('Name') or '?')))
+    return ops
+
+
+def main():
+    top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
+    total = collections.Counter()
+    count = collections.Counter()
+    for _, n, name in device_ops(sys.argv[1]):
         total[name] += n
         count[name] += 1
     busy = sum(total.values())

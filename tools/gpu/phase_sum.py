@@ -9,30 +9,17 @@
 #   phase_sum.py trace.csv 'SegmentKernel|CombineKernel' 50
 # splits the trace into the smoothing passes and everything else.
 # Usage: phase_sum.py TRACE_CSV MARKER_RE [GAP_MS] [TOP]
-import collections, csv, os, re, sys
+import collections, os, re, sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_sum import short_name  # noqa: E402
+from kernel_sum import device_ops  # noqa: E402
 
 if len(sys.argv) < 3:
     sys.exit('usage: phase_sum.py TRACE_CSV MARKER_RE [GAP_MS] [TOP]')
 marker = re.compile(sys.argv[2])
 gap = float(sys.argv[3]) * 1e6 if len(sys.argv) > 3 else 50e6
 top = int(sys.argv[4]) if len(sys.argv) > 4 else 20
-with open(sys.argv[1]) as f:
-    lines = [l for l in f if l.strip()]
-start = next((i for i, l in enumerate(lines) if l.lstrip('"').startswith('Kind')), None)
-if start is None:
-    sys.exit(sys.argv[1] + ': no "Kind" header: not a cupti_trace CSV')
-ops = []
-for d in csv.DictReader(lines[start:]):
-    if d.get('Kind') not in ('kernel', 'memcpy', 'memset'):
-        continue
-    try:
-        s, n = float(d['Start (ns)']), float(d['Duration (ns)'])
-    except (KeyError, ValueError, TypeError):
-        continue
-    ops.append((s, n, d['Kind'] + ' ' + short_name(d.get('Name') or '?')))
+ops = device_ops(sys.argv[1])
 ops.sort()
 windows = []
 for s, n, name in ops:

@@ -579,15 +579,22 @@ TEST_F(CudaQuantTest, SolverOpsRejectBadInputWithStatuses) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// Heavy-tailed activations [rows, width] (Student t with 3 degrees of freedom) drawn from `seed`,
+// the first row all zero.
+std::vector<float> ActivationRows(int64_t rows, int64_t width, uint64_t seed) {
+  testing::TestRng rng(seed);
+  std::vector<float> x(rows * width);
+  for (float& v : x) v = float(rng.StudentT3());
+  for (int64_t c = 0; c < width; ++c) x[c] = 0;
+  return x;
+}
+
 TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
   uint64_t seed = 120;
   for (auto [rows, width] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {17, 300}, {5, 4096}}) {
     for (int bits : {2, 4, 8}) {
       SCOPED_TRACE(::testing::Message() << rows << "x" << width << " bits " << bits);
-      testing::TestRng rng(seed++);
-      std::vector<float> x(rows * width);
-      for (float& v : x) v = float(rng.StudentT3());
-      for (int64_t c = 0; c < width; ++c) x[c] = 0;  // an all-zero row
+      const std::vector<float> x = ActivationRows(rows, width, seed++);
       std::vector<float> ref(x.size());
       ref::ActQuant(x.data(), rows, width, bits, ref.data());
       Tensor xd = Upload(x, {rows, width});
@@ -609,10 +616,7 @@ TEST_F(CudaQuantTest, ActQuantOperandIsActQuantRoundedIntoTheLeftColumns) {
   for (auto [rows, width] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {17, 300}, {5, 4096}}) {
     for (int bits : {2, 4, 8}) {
       SCOPED_TRACE(::testing::Message() << rows << "x" << width << " bits " << bits);
-      testing::TestRng rng(seed++);
-      std::vector<float> x(rows * width);
-      for (float& v : x) v = float(rng.StudentT3());
-      for (int64_t c = 0; c < width; ++c) x[c] = 0;  // an all-zero row
+      const std::vector<float> x = ActivationRows(rows, width, seed++);
       std::vector<float> ref(x.size());
       ref::ActQuant(x.data(), rows, width, bits, ref.data());
       const int64_t ld = width + 5;
