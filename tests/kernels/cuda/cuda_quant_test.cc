@@ -589,53 +589,56 @@ std::vector<float> ActivationRows(int64_t rows, int64_t width, uint64_t seed) {
   return x;
 }
 
-TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
-  uint64_t seed = 120;
+// Calls check(rows, width, bits, x, ref) for each shape and bit width of the ActQuant tests: x from
+// ActivationRows (seeds from `seed` on), ref = ref::ActQuant(x, bits).
+template <typename Check>
+void ForEachActQuantCase(uint64_t seed, Check check) {
   for (auto [rows, width] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {17, 300}, {5, 4096}}) {
     for (int bits : {2, 4, 8}) {
       SCOPED_TRACE(::testing::Message() << rows << "x" << width << " bits " << bits);
       const std::vector<float> x = ActivationRows(rows, width, seed++);
       std::vector<float> ref(x.size());
       ref::ActQuant(x.data(), rows, width, bits, ref.data());
-      Tensor xd = Upload(x, {rows, width});
-      auto out = be_->Alloc(DType::kF32, {rows, width});
-      ASSERT_TRUE(out.ok());
-      ASSERT_TRUE(be_->ActQuant(xd, bits, *out).ok());
-      EXPECT_EQ(Download<float>(*out), ref);
-      ASSERT_TRUE(be_->ActQuant(xd, bits, xd).ok());  // in place
-      EXPECT_EQ(Download<float>(xd), ref);
+      check(rows, width, bits, x, ref);
     }
   }
+}
+
+TEST_F(CudaQuantTest, ActQuantIsBitIdenticalToReference) {
+  ForEachActQuantCase(120, [&](int64_t rows, int64_t width, int bits, const std::vector<float>& x,
+                               const std::vector<float>& ref) {
+    Tensor xd = Upload(x, {rows, width});
+    auto out = be_->Alloc(DType::kF32, {rows, width});
+    ASSERT_TRUE(out.ok());
+    ASSERT_TRUE(be_->ActQuant(xd, bits, *out).ok());
+    EXPECT_EQ(Download<float>(*out), ref);
+    ASSERT_TRUE(be_->ActQuant(xd, bits, xd).ok());  // in place
+    EXPECT_EQ(Download<float>(xd), ref);
+  });
   EXPECT_TRUE(be_->SupportsOp(Op::kActQuant));
 }
 
 // ActQuantOperand: ref::ActQuant's values rounded to bf16 (as Convert rounds them) in the left
 // columns of a wider bf16 operand, the other columns untouched (the joined [x̂ | t] of Model).
 TEST_F(CudaQuantTest, ActQuantOperandIsActQuantRoundedIntoTheLeftColumns) {
-  uint64_t seed = 140;
-  for (auto [rows, width] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {17, 300}, {5, 4096}}) {
-    for (int bits : {2, 4, 8}) {
-      SCOPED_TRACE(::testing::Message() << rows << "x" << width << " bits " << bits);
-      const std::vector<float> x = ActivationRows(rows, width, seed++);
-      std::vector<float> ref(x.size());
-      ref::ActQuant(x.data(), rows, width, bits, ref.data());
-      const int64_t ld = width + 5;
-      std::vector<float> want(rows * ld, 7.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        std::copy_n(ref.begin() + r * width, width, want.begin() + r * ld);
-      }
-      auto want_bf16 = be_->Alloc(DType::kBF16, {rows, ld});
-      auto out = be_->Alloc(DType::kBF16, {rows, ld});
-      ASSERT_TRUE(want_bf16.ok() && out.ok());
-      ASSERT_TRUE(be_->Convert(Upload(want, {rows, ld}), *want_bf16).ok());
-      ASSERT_TRUE(be_->Convert(Upload(std::vector<float>(rows * ld, 7.0f), {rows, ld}), *out).ok());
-      ASSERT_TRUE(be_->ActQuantOperand(Upload(x, {rows, width}), bits, *out).ok());
-      auto got = be_->Alloc(DType::kF32, {rows, ld}), expect = be_->Alloc(DType::kF32, {rows, ld});
-      ASSERT_TRUE(got.ok() && expect.ok());
-      ASSERT_TRUE(be_->Convert(*out, *got).ok() && be_->Convert(*want_bf16, *expect).ok());
-      EXPECT_EQ(Download<float>(*got), Download<float>(*expect));
+  ForEachActQuantCase(140, [&](int64_t rows, int64_t width, int bits, const std::vector<float>& x,
+                               const std::vector<float>& ref) {
+    const int64_t ld = width + 5;
+    std::vector<float> want(rows * ld, 7.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(ref.begin() + r * width, width, want.begin() + r * ld);
     }
-  }
+    auto want_bf16 = be_->Alloc(DType::kBF16, {rows, ld});
+    auto out = be_->Alloc(DType::kBF16, {rows, ld});
+    ASSERT_TRUE(want_bf16.ok() && out.ok());
+    ASSERT_TRUE(be_->Convert(Upload(want, {rows, ld}), *want_bf16).ok());
+    ASSERT_TRUE(be_->Convert(Upload(std::vector<float>(rows * ld, 7.0f), {rows, ld}), *out).ok());
+    ASSERT_TRUE(be_->ActQuantOperand(Upload(x, {rows, width}), bits, *out).ok());
+    auto got = be_->Alloc(DType::kF32, {rows, ld}), expect = be_->Alloc(DType::kF32, {rows, ld});
+    ASSERT_TRUE(got.ok() && expect.ok());
+    ASSERT_TRUE(be_->Convert(*out, *got).ok() && be_->Convert(*want_bf16, *expect).ok());
+    EXPECT_EQ(Download<float>(*got), Download<float>(*expect));
+  });
   auto narrow = be_->Alloc(DType::kBF16, {2, 3});
   ASSERT_TRUE(narrow.ok());
   const absl::Status bad =
