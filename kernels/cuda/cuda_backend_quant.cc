@@ -249,13 +249,13 @@ absl::Status CudaBackend::ChannelAbsStatsInto(const Tensor& x, int64_t seq_len, 
         "ChannelAbsStats: x ", x.DebugString(), " is not whole samples of ", seq_len, " tokens"));
   }
   const int64_t rows = x.dim(0), width = x.dim(1);
-  QCAL_RETURN_IF_ERROR(ExpectDevice(max_abs, DType::kF32, "ChannelAbsStats", "max_abs"));
-  QCAL_RETURN_IF_ERROR(ExpectDevice(sum_abs, DType::kF64, "ChannelAbsStats", "sum_abs"));
-  QCAL_RETURN_IF_ERROR(ExpectDevice(bad, DType::kI32, "ChannelAbsStats", "bad"));
+  QCAL_RETURN_IF_ERROR(ExpectDevice(max_abs, DType::kF32, "ChannelAbsStatsInto", "max_abs"));
+  QCAL_RETURN_IF_ERROR(ExpectDevice(sum_abs, DType::kF64, "ChannelAbsStatsInto", "sum_abs"));
+  QCAL_RETURN_IF_ERROR(ExpectDevice(bad, DType::kI32, "ChannelAbsStatsInto", "bad"));
   if (max_abs.numel() != width || sum_abs.numel() != width || bad.numel() != width) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "ChannelAbsStats: outputs ", max_abs.DebugString(), ", ", sum_abs.DebugString(), " and ",
-        bad.DebugString(), " do not hold the ", width, " channels of x"));
+        "ChannelAbsStatsInto: outputs ", max_abs.DebugString(), ", ", sum_abs.DebugString(),
+        " and ", bad.DebugString(), " do not hold the ", width, " channels of x"));
   }
   if (width == 0) return absl::OkStatus();
   QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));

@@ -296,12 +296,11 @@ class BlockRunner {
   absl::Status AdvanceFullPrecision(size_t c, Routing* routing);
   absl::StatusOr<ActivationStats> ChunkAbsStats(LinearInput in, const Tensor& x);
   // The smoothing pass's per-chunk totals kept on the device (a row a chunk of each input's
-  // max_abs, sum_abs and bad; `rows` each chunk's rows), read back once and added to `acc` in
-  // chunk order with ChunkAbsStats' checks: the statistics ChunkAbsStats would have given.
+  // max_abs, sum_abs and bad), read back once and added to `acc` in chunk order with
+  // ChunkAbsStats' checks: the statistics ChunkAbsStats would have given.
   absl::Status AddDeviceTotals(const std::array<Tensor, kNumLinearInputs>& max_abs,
                                const std::array<Tensor, kNumLinearInputs>& sum_abs,
                                const std::array<Tensor, kNumLinearInputs>& bad,
-                               const std::vector<int64_t>& rows,
                                std::vector<TreeAccumulator<ActivationStats>>& acc);
   absl::Status RoundFolded(LinearKind kind, const std::string& name, Tensor& t);
   // o_proj's (down_proj's) input of chunk c from its hidden state h, from the chunk's kept

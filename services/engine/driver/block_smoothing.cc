@@ -46,7 +46,6 @@ absl::StatusOr<SmoothingPartials> BlockRunner::CollectSmoothingPartials() {
   const bool on_device = SmoothingOnDevice(be_);
   const auto chunks = static_cast<int64_t>(acts_.chunks.size());
   std::array<Tensor, kNumLinearInputs> max_abs, sum_abs, bad;
-  std::vector<int64_t> rows(acts_.chunks.size(), 0);
   if (on_device) {
     for (int i = 0; i < kNumLinearInputs; ++i) {
       const int64_t width = widths_[i];
@@ -64,7 +63,6 @@ absl::StatusOr<SmoothingPartials> BlockRunner::CollectSmoothingPartials() {
         Tensor m = max_abs[i].Rows(r, r + 1), s = sum_abs[i].Rows(r, r + 1),
                f = bad[i].Rows(r, r + 1);
         QCAL_RETURN_IF_ERROR(be_.ChannelAbsStatsInto(x, acts_.seq_len, m, s, f));
-        rows[c] = x.dim(0);
       } else {
         QCAL_ASSIGN_OR_RETURN(ActivationStats s, ChunkAbsStats(in, x));
         QCAL_RETURN_IF_ERROR(acc[i].Add(std::move(s)));
@@ -74,7 +72,7 @@ absl::StatusOr<SmoothingPartials> BlockRunner::CollectSmoothingPartials() {
     };
     QCAL_RETURN_IF_ERROR(model_.BlockForward(b_, hidden, ShapeOf(c), nullptr, tap));
   }
-  if (on_device) QCAL_RETURN_IF_ERROR(AddDeviceTotals(max_abs, sum_abs, bad, rows, acc));
+  if (on_device) QCAL_RETURN_IF_ERROR(AddDeviceTotals(max_abs, sum_abs, bad, acc));
   SmoothingPartials out;
   for (int i = 0; i < kNumLinearInputs; ++i) {
     QCAL_ASSIGN_OR_RETURN(out.inputs[static_cast<size_t>(i)], acc[static_cast<size_t>(i)].Finish());
@@ -82,12 +80,11 @@ absl::StatusOr<SmoothingPartials> BlockRunner::CollectSmoothingPartials() {
   return out;
 }
 
-// The smoothing pass's device totals (a row a chunk of each input; `rows` each chunk's) read back
-// and added to `acc` chunk by chunk, with ChunkAbsStats' checks and error.
+// The smoothing pass's device totals (a row a chunk of each input) read back and added to `acc`
+// chunk by chunk, with ChunkAbsStats' checks and error.
 absl::Status BlockRunner::AddDeviceTotals(const std::array<Tensor, kNumLinearInputs>& max_abs,
                                           const std::array<Tensor, kNumLinearInputs>& sum_abs,
                                           const std::array<Tensor, kNumLinearInputs>& bad,
-                                          const std::vector<int64_t>& rows,
                                           std::vector<TreeAccumulator<ActivationStats>>& acc) {
   std::array<Tensor, kNumLinearInputs> max_host, sum_host, bad_host;
   for (int i = 0; i < kNumLinearInputs; ++i) {
@@ -95,8 +92,10 @@ absl::Status BlockRunner::AddDeviceTotals(const std::array<Tensor, kNumLinearInp
     QCAL_ASSIGN_OR_RETURN(sum_host[i], be_.ToHost(sum_abs[i]));
     QCAL_ASSIGN_OR_RETURN(bad_host[i], be_.ToHost(bad[i]));
   }
-  for (size_t c = 0; c < rows.size(); ++c) {
-    const int64_t skipped = acts_.seq_len > 0 ? rows[c] / acts_.seq_len : 0;
+  for (size_t c = 0; c < acts_.chunks.size(); ++c) {
+    // Each sample's first position (BOS) is skipped, as ChunkAbsStats skips it.
+    const int64_t skipped = acts_.chunk_batch[c];
+    const int64_t rows = skipped * acts_.seq_len;
     for (int i = 0; i < kNumLinearInputs; ++i) {
       const int64_t width = widths_[i];
       const int64_t at = static_cast<int64_t>(c) * width;
@@ -113,7 +112,7 @@ absl::Status BlockRunner::AddDeviceTotals(const std::array<Tensor, kNumLinearInp
       ActivationStats stats(width);
       QCAL_RETURN_IF_ERROR(
           Annotate(stats.AddTotals(std::vector<float>(m, m + width),
-                                   std::vector<double>(s, s + width), rows[c] - skipped, skipped),
+                                   std::vector<double>(s, s + width), rows - skipped, skipped),
                    absl::StrCat("block ", b_)));
       QCAL_RETURN_IF_ERROR(acc[static_cast<size_t>(i)].Add(std::move(stats)));
     }
