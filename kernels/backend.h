@@ -259,6 +259,15 @@ class Backend {
   // device backend skips the zero fill of a fresh tensor, and its library may then sum in another
   // order than into zeros). Default: Alloc, then AccumulateGram.
   virtual absl::StatusOr<Tensor> Gram(const Tensor& x);
+  // Partial Gram matrices of the canonical reduction, completed once (DESIGN section 2): GramLower
+  // is Gram's lower triangle (row-major entries i >= j, the same values), its strict upper
+  // triangle unspecified; AddLower adds x's lower triangle into y's (y's strict upper triangle is
+  // unspecified after). MirrorLower (below) completes the sum: summing lower triangles and
+  // mirroring the sum gives the bits of summing the full symmetric matrices. Defaults: Gram, Add.
+  // The engine completes every input statistic with MirrorLower, so a backend that computes
+  // them must implement it (its default is UnsupportedOp).
+  virtual absl::StatusOr<Tensor> GramLower(const Tensor& x) { return Gram(x); }
+  virtual absl::Status AddLower(const Tensor& x, Tensor& y) { return Add(x, y); }
 
   // ---- Backward ops: the gradient pass (DESIGN section 2, step 4; section 3, "Output-adaptive
   // calibration"). Each is the exact gradient of its forward op above for the same inputs,

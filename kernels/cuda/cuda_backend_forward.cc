@@ -202,9 +202,31 @@ absl::StatusOr<Tensor> CudaBackend::Gram(const Tensor& x) {
   return h;
 }
 
+absl::StatusOr<Tensor> CudaBackend::GramLower(const Tensor& x) {
+  // The bf16 panels write the lower triangle: Gram without its mirror.
+  if (dtype_ != ComputeDType::kBF16 || x.rank() != 2) return Gram(x);
+  QCAL_ASSIGN_OR_RETURN(Tensor h, Uninitialized(DType::kF32, {x.dim(1), x.dim(1)}));
+  QCAL_RETURN_IF_ERROR(GramInto(x, h, /*accumulate=*/false, /*mirror=*/false));
+  return h;
+}
+
+absl::Status CudaBackend::AddLower(const Tensor& x, Tensor& y) {
+  QCAL_RETURN_IF_ERROR(ExpectDevice(x, DType::kF32, "AddLower", "x"));
+  QCAL_RETURN_IF_ERROR(ExpectDevice(y, DType::kF32, "AddLower", "y"));
+  if (x.rank() != 2 || x.dim(0) != x.dim(1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AddLower: x is ", x.DebugString(), ", expected a square matrix"));
+  }
+  QCAL_RETURN_IF_ERROR(ExpectShape(y, x.shape(), "AddLower", "y"));
+  QCAL_RETURN_IF_ERROR(cuda::UseDevice(device_));
+  return CudaStatus(cuda::LaunchAddLower(x.data<float>(), y.data<float>(), x.dim(0), stream()),
+                    "AddLower kernel");
+}
+
 // h += xᵀx (accumulate) or h = xᵀx (bf16 compute only: the panels overwrite the lower triangle
-// and the diagonal blocks, the mirror the rest).
-absl::Status CudaBackend::GramInto(const Tensor& x, Tensor& h, bool accumulate) {
+// and the diagonal blocks, the mirror the rest; without `mirror`, h's strict upper triangle is
+// left as the panels leave it: GramLower).
+absl::Status CudaBackend::GramInto(const Tensor& x, Tensor& h, bool accumulate, bool mirror) {
   QCAL_RETURN_IF_ERROR(ExpectDevice(x, x.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32,
                                     "AccumulateGram", "x"));
   QCAL_RETURN_IF_ERROR(ExpectDevice(h, DType::kF32, "AccumulateGram", "h"));
@@ -240,6 +262,7 @@ absl::Status CudaBackend::GramInto(const Tensor& x, Tensor& h, bool accumulate) 
     QCAL_ASSIGN_OR_RETURN(Tensor xf, AsOperand(x, DType::kF32));
     QCAL_RETURN_IF_ERROR(cuda::SyrkLowerF32(blas_.get(), xf.data<float>(), n, k, hp));
   }
+  if (!mirror) return absl::OkStatus();
   return CudaStatus(cuda::LaunchMirrorLowerToUpper(hp, k, stream()), "AccumulateGram: mirror");
 }
 

@@ -80,6 +80,8 @@ class CudaBackend final : public Backend {
   absl::Status Nll(const Tensor& logits, const Tensor& targets, Tensor& nll) override;
   absl::Status AccumulateGram(const Tensor& x, Tensor& h) override;
   absl::StatusOr<Tensor> Gram(const Tensor& x) override;
+  absl::StatusOr<Tensor> GramLower(const Tensor& x) override;
+  absl::Status AddLower(const Tensor& x, Tensor& y) override;
   absl::Status Gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
                     float beta, Tensor& c) override;
   absl::Status GemmLower(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
@@ -181,7 +183,7 @@ class CudaBackend final : public Backend {
   absl::Status GemmPanels(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
                           float beta, Tensor& c, bool lower);
   // AccumulateGram (accumulate) or Gram's product into an unfilled h (bf16 compute only).
-  absl::Status GramInto(const Tensor& x, Tensor& h, bool accumulate);
+  absl::Status GramInto(const Tensor& x, Tensor& h, bool accumulate, bool mirror = true);
 
   // `t` (a CUDA F32 or BF16 tensor) in the dtype `operands`: t itself when it already is, else a
   // converted scratch copy (fp32 -> bf16 rounds to nearest even; bf16 -> fp32 is exact).

@@ -133,6 +133,14 @@ __global__ void MirrorLowerToUpperKernel(float* h, int64_t k) {
   }
 }
 
+// y[i, j] += x[i, j] for j <= i (row-major k x k): one row a block, the row's j <= i in strides.
+__global__ void AddLowerKernel(const float* x, float* y, int64_t k) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * k;
+  float* yr = y + row * k;
+  for (int64_t j = threadIdx.x; j <= row; j += blockDim.x) yr[j] += xr[j];
+}
+
 }  // namespace
 
 cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n,
@@ -187,6 +195,13 @@ cudaError_t LaunchMirrorLowerToUpper(float* h, int64_t k, cudaStream_t stream) {
   if (tiles > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles));
   MirrorLowerToUpperKernel<<<grid, dim3(kTile, kTileRows), 0, stream>>>(h, k);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAddLower(const float* x, float* y, int64_t k, cudaStream_t stream) {
+  if (k == 0) return cudaSuccess;
+  if (k > 0x7fffffff) return cudaErrorInvalidValue;
+  AddLowerKernel<<<static_cast<unsigned>(k), kThreads, 0, stream>>>(x, y, k);
   return cudaGetLastError();
 }
 

@@ -43,5 +43,7 @@ cudaError_t LaunchWriteColumns(const S* src, int64_t cols, T* out, int64_t ld, i
 // h[r, c] = h[c, r] for every c > r of a row-major h [k, k]: the lower triangle is copied onto
 // the upper one, so h becomes exactly symmetric.
 cudaError_t LaunchMirrorLowerToUpper(float* h, int64_t k, cudaStream_t stream);
+// y[i, j] += x[i, j] for j <= i, both row-major k x k; y's strict upper triangle is not touched.
+cudaError_t LaunchAddLower(const float* x, float* y, int64_t k, cudaStream_t stream);
 
 }  // namespace qcal::kernels::cuda

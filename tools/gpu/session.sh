@@ -40,7 +40,8 @@
 #      `--shape qwen3-30b-a3b` (3 blocks each, extrapolated; fallback experts counted);
 #   9. (steps ncu, gaps; not in the default set) ncu counters of the attention kernels; a CUPTI
 #      timeline of three 7B blocks and where the device idles in it (tools/gpu/cupti_trace,
-#      tools/gpu/device_gaps.py);
+#      tools/gpu/device_gaps.py), block by block (tools/gpu/block_split.py: the first block's
+#      warm-up), and the same bench with CUDA_MODULE_LOADING=EAGER;
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
 # files) and prints the summary table last.
 #
@@ -645,6 +646,14 @@ if wants gaps; then
       >>"$summary"
     python3 "$root/tools/gpu/device_gaps.py" "$out/gaps_trace.csv" 20 2>&1 | head -40 |
       sed 's/^/    /' >>"$summary"
+    # The first block's warm-up against the next two (tools/gpu/block_split.py), then the same
+    # bench with every module loaded at start-up instead of at a kernel's first launch.
+    python3 "$root/tools/gpu/block_split.py" "$out/gaps_trace.csv" FillUniformKernel 12 2>&1 |
+      head -45 | sed 's/^/    /' >>"$summary"
+    CUDA_MODULE_LOADING=EAGER timeout 120 "$qcal" bench --shape 7b --blocks 3 --compute-dtype bf16 \
+      >"$out/gaps_eager.txt" 2>&1
+    echo "    CUDA_MODULE_LOADING=EAGER (rc $?): $(grep -h '^per block' "$out/gaps_eager.txt")" \
+      >>"$summary"
     gzip -f "$out/gaps_trace.csv"
   else
     note "gaps: skipped (session budget)"

@@ -134,9 +134,8 @@ absl::Status BlockRunner::PushRetrained(const std::vector<Tensor>& inputs,
   grams->assign(kNumLinearInputs, Tensor());
   for (int in = 0; in < kNumLinearInputs; ++in) {
     QCAL_ASSIGN_OR_RETURN(InputPartials partials, acc[static_cast<size_t>(in)].Finish());
-    QCAL_ASSIGN_OR_RETURN(
-        InputStatistics stats,
-        CompleteTree(std::move(partials), acts_.total_chunks, InputStatisticsCombine(be_)));
+    QCAL_ASSIGN_OR_RETURN(InputStatistics stats,
+                          CompleteInputStatistics(be_, std::move(partials), acts_.total_chunks));
     (*grams)[static_cast<size_t>(in)] = std::move(stats.gram);
   }
   return absl::OkStatus();

@@ -112,8 +112,9 @@ struct SmoothingStatistics {
 struct InputStatistics {
   LinearInput input = LinearInput::kQkv;
   // F32 [width, width] on the backend's device: Σ XᵀX over the chunks (a partial: over the chunks
-  // of its tree node), each chunk's Gram formed in a zeroed tensor and summed by the canonical
-  // reduction.
+  // of its tree node), summed by the canonical reduction. A partial holds its lower triangle
+  // (Backend::GramLower, AddLower; the strict upper triangle unspecified); a completed statistic
+  // (CompleteInputStatistics) is the full symmetric matrix.
   Tensor gram;
   // Per-channel |x| statistics of the same inputs: only for LQER's diagonal whitening (the mean
   // |x| is its factor); empty otherwise.
@@ -146,6 +147,10 @@ struct SmoothingPartials {
 // The canonical reduction's combines: Gram matrices added on `backend` (and abs statistics
 // merged), ActivationStats merged. Errors: mismatched shapes or presence of abs statistics.
 Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend);
+// The canonical reduction's completion of partial statistics (CompleteTree with
+// InputStatisticsCombine), the summed Gram matrix mirrored from its lower triangle.
+absl::StatusOr<InputStatistics> CompleteInputStatistics(kernels::Backend& backend,
+                                                        InputPartials all, int total_chunks);
 Combine<ActivationStats> ActivationStatsCombine();
 
 // The statistics of a linear whose input was smoothed by `m` (one scale per input column, d_in):

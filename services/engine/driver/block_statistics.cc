@@ -19,7 +19,8 @@ Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend) {
       return absl::InvalidArgumentError(
           "partial statistics of different inputs or shapes cannot be summed");
     }
-    QCAL_RETURN_IF_ERROR(backend.Add(right.gram, left.gram));
+    // Partial Gram matrices hold their lower triangles (GramLower); completion mirrors the sum.
+    QCAL_RETURN_IF_ERROR(backend.AddLower(right.gram, left.gram));
     if (left.abs_stats) QCAL_RETURN_IF_ERROR(left.abs_stats->Merge(*right.abs_stats));
     return absl::OkStatus();
   };
@@ -100,8 +101,16 @@ BlockRunner::CollectFullPrecisionPartials() {
   return out;
 }
 
+absl::StatusOr<InputStatistics> CompleteInputStatistics(kernels::Backend& backend,
+                                                        InputPartials all, int total_chunks) {
+  QCAL_ASSIGN_OR_RETURN(InputStatistics stats, CompleteTree(std::move(all), total_chunks,
+                                                            InputStatisticsCombine(backend)));
+  QCAL_RETURN_IF_ERROR(backend.MirrorLower(stats.gram));
+  return stats;
+}
+
 absl::StatusOr<InputStatistics> BlockRunner::Complete(LinearInput group, InputPartials all) {
-  auto stats = CompleteTree(std::move(all), acts_.total_chunks, InputStatisticsCombine(be_));
+  auto stats = CompleteInputStatistics(be_, std::move(all), acts_.total_chunks);
   if (!stats.ok()) {
     return Annotate(stats.status(),
                     absl::StrCat("block ", b_, ": statistics of input ", LinearInputName(group)));
@@ -122,8 +131,8 @@ TreeAccumulator<InputStatistics> BlockRunner::NewInputAccumulator() {
                                           acts_.total_chunks, InputStatisticsCombine(be_));
 }
 
-// One chunk's statistics of input `in`: xᵀx in a zeroed tensor and, with LQER's diagonal
-// whitening, the chunk's |x| statistics.
+// One chunk's statistics of input `in`: xᵀx's lower triangle (GramLower) and, with LQER's
+// diagonal whitening, the chunk's |x| statistics.
 absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, const Tensor& x,
                                                              int64_t width) {
   // x is its own operand: the backend's Gram rounds it as the products would.
@@ -144,7 +153,7 @@ absl::StatusOr<InputStatistics> BlockRunner::ChunkStatistics(LinearInput in, con
                                                    " is ", x.op.DebugString(), ", expected ", width,
                                                    " columns"));
   }
-  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.Gram(x.op));
+  QCAL_ASSIGN_OR_RETURN(stats.gram, be_.GramLower(x.op));
   if (recipe_.error_reconstruction.enabled &&
       recipe_.error_reconstruction.whitening == Whitening::kDiagonal) {
     QCAL_ASSIGN_OR_RETURN(stats.abs_stats, ChunkAbsStats(in, x.x));

@@ -149,7 +149,10 @@ absl::StatusOr<std::string> SerializeInputPartials(kernels::Backend& backend, Li
   for (const auto& p : partials) {
     w.Put<int32_t>(p.node.level);
     w.Put<int32_t>(p.node.index);
-    QCAL_ASSIGN_OR_RETURN(Tensor host, backend.ToHost(p.value.gram));
+    // A partial holds its lower triangle (Backend::GramLower): send it mirrored, every byte set.
+    Tensor gram = p.value.gram;
+    QCAL_RETURN_IF_ERROR(backend.MirrorLower(gram));
+    QCAL_ASSIGN_OR_RETURN(Tensor host, backend.ToHost(gram));
     w.PutBytes(host.raw(), host.nbytes());
     if (abs) PutAbsStats(w, *p.value.abs_stats);
   }

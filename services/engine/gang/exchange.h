@@ -30,8 +30,10 @@
 namespace qcal::engine {
 
 // Partial (or completed) statistics of `input`, whose channels number `width`: the Gram matrices
-// are copied from the backend's device. Errors: a partial of another input or width
-// (InvalidArgument), the device copy's.
+// are copied from the backend's device, each first mirrored from its lower triangle in place (a
+// partial holds only that triangle, Backend::GramLower; a completed one is already symmetric), so
+// every byte sent is set. Errors: a partial of another input or width (InvalidArgument), the
+// mirror's and the device copy's.
 absl::StatusOr<std::string> SerializeInputPartials(kernels::Backend& backend, LinearInput input,
                                                    int64_t width, const InputPartials& partials);
 // The partials back, Gram matrices on the backend's device. DataLoss for malformed bytes or

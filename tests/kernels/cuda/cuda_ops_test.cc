@@ -580,6 +580,48 @@ TEST_F(CudaOpsTest, GramMatchesReferenceAndIsSymmetric) {
   }
 }
 
+// The canonical reduction's partials (DESIGN section 2): chunks' GramLower summed by AddLower and
+// mirrored once equal, bit for bit, their full Grams summed by Add, the same tree of sums. The
+// strict upper triangles of the partials are never read: each case first frees a NaN tensor of
+// their size, which GramLower's fresh tensor may reuse. k = 2048 takes the bf16 row panels.
+TEST_F(CudaOpsTest, LowerTrianglePartialsSumToTheFullGramsSum) {
+  const int64_t shapes[][2] = {{1, 1}, {40, 17}, {300, 130}, {257, 2048}};
+  uint64_t seed = 750;
+  for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    Backend& be = Get(dtype);
+    for (const auto& s : shapes) {
+      const int64_t n = s[0], k = s[1];
+      SCOPED_TRACE(testing::Message() << Name(dtype) << " n=" << n << " k=" << k);
+      std::vector<Tensor> chunks;
+      for (int c = 0; c < 3; ++c) chunks.push_back(Upload(be, Random(n * k, seed++), {n, k}));
+      // ((g0 + g1) + g2), as the tree sums three chunks.
+      std::vector<Tensor> full, lower;
+      for (const Tensor& x : chunks) {
+        {
+          Tensor poison = Upload(be, std::vector<float>(k * k, std::nanf("")), {k, k});
+          ASSERT_TRUE(be.Synchronize().ok());
+        }
+        absl::StatusOr<Tensor> l = be.GramLower(x);
+        ASSERT_TRUE(l.ok()) << l.status();
+        lower.push_back(*l);
+        absl::StatusOr<Tensor> f = be.Gram(x);
+        ASSERT_TRUE(f.ok()) << f.status();
+        full.push_back(*f);
+      }
+      for (int c : {1, 2}) {
+        ASSERT_TRUE(be.Add(full[c], full[0]).ok());
+        ASSERT_TRUE(be.AddLower(lower[c], lower[0]).ok());
+      }
+      ASSERT_TRUE(be.MirrorLower(lower[0]).ok());
+      const std::vector<float> want = Download(be, full[0]), got = Download(be, lower[0]);
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0);
+      EXPECT_EQ(std::count_if(got.begin(), got.end(), [](float v) { return !std::isfinite(v); }),
+                0);
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, ResultsAreBitIdenticalRunToRun) {
   for (ComputeDType dtype : {ComputeDType::kF32, ComputeDType::kBF16}) {
     SCOPED_TRACE(Name(dtype));
