@@ -2,7 +2,8 @@
 // 1..33 and every contiguous split of the chunks into W = 1..5 ranges (empty ranges included),
 // the root completed from the ranks' covers is bit-identical to the fixed tree's value, each rank
 // forms exactly AlignedCover with at most ⌈log2 C⌉ + 1 live partials and sends at most
-// 2⌈log2 C⌉ + 1 of them. Then the same with fp32 tensors added on a backend, and the refusals of
+// 2⌈log2 C⌉ + 1 of them. Then the same with fp32 tensors added on a backend, with input
+// statistics whose partial Gram matrices hold only their lower triangles, and the refusals of
 // CompleteTree.
 #include "services/engine/gang/reduction.h"
 
@@ -17,6 +18,8 @@
 
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "services/engine/driver/block_runner.h"
+#include "services/engine/gang/exchange.h"
 
 namespace qcal::engine {
 namespace {
@@ -174,6 +177,78 @@ TEST(ReductionTest, BackendTensorsAddToTheSameBitsForEverySplit) {
         auto host = backend.ToHost(*root);
         ASSERT_TRUE(host.ok());
         const Values got(host->data<float>(), host->data<float>() + 3);
+        if (!SameBits(got, expected)) ADD_FAILURE() << "C " << c << " W " << w;
+      });
+    }
+  }
+}
+
+// Input statistics as the engine forms them on the GPU: each chunk's Gram matrix holds only its
+// lower triangle (Backend::GramLower; here the strict upper triangle is NaN), the ranks sum
+// lower triangles (InputStatisticsCombine), every rank but the owner sends its cover through the
+// exchange's bytes, and CompleteInputStatistics mirrors the root. For every split, the result is
+// the tree of full symmetric Gram matrices summed by Add, bit for bit, with no NaN left.
+TEST(ReductionTest, LowerTriangleStatisticsCompleteToTheFullSumForEverySplit) {
+  kernels::BackendOptions bo;
+  bo.threads = 1;
+  auto be = kernels::CreateBackend(bo);
+  ASSERT_TRUE(be.ok()) << be.status();
+  kernels::Backend& backend = **be;
+  const int64_t k = 6;
+  for (int c : {1, 5, 7}) {
+    SCOPED_TRACE(c);
+    std::vector<Values> full, lower;
+    for (int i = 0; i < c; ++i) {
+      const std::vector<Values> x = RandomChunks(4 * static_cast<int>(k), 300u + i);
+      std::vector<float> flat;
+      for (const Values& row : x) flat.insert(flat.end(), row.begin(), row.begin() + 3);
+      auto g = backend.Gram(Tensor::FromVector(flat, {2 * k, k}));
+      ASSERT_TRUE(g.ok()) << g.status();
+      full.emplace_back(g->data<float>(), g->data<float>() + k * k);
+      Values l = full.back();
+      for (int64_t r = 0; r < k; ++r) {
+        for (int64_t col = r + 1; col < k; ++col) l[r * k + col] = std::nanf("");
+      }
+      lower.push_back(std::move(l));
+    }
+    Values expected;
+    {
+      std::vector<Values> sums = full;
+      std::function<Values(int, int)> node = [&](int level, int index) -> Values {
+        if (level == 0) return sums[static_cast<size_t>(index)];
+        Values left = node(level - 1, 2 * index);
+        if (TreeNode{level - 1, 2 * index + 1}.begin() >= c) return left;
+        EXPECT_TRUE(AddValues(left, node(level - 1, 2 * index + 1)).ok());
+        return left;
+      };
+      expected = node(TreeDepth(c), 0);
+    }
+    for (int w = 1; w <= 3; ++w) {
+      ForEachSplit(c, w, [&](const std::vector<int>& bounds) {
+        InputPartials all;
+        for (int r = 0; r < w; ++r) {
+          const int begin = bounds[static_cast<size_t>(r)];
+          const int end = bounds[static_cast<size_t>(r + 1)];
+          TreeAccumulator<InputStatistics> acc(begin, end, c, InputStatisticsCombine(backend));
+          for (int i = begin; i < end; ++i) {
+            InputStatistics s;
+            s.input = LinearInput::kO;
+            s.gram = Tensor::FromVector(lower[static_cast<size_t>(i)], {k, k});
+            ASSERT_TRUE(acc.Add(std::move(s)).ok());
+          }
+          auto mine = acc.Finish();
+          ASSERT_TRUE(mine.ok()) << mine.status();
+          if (r > 0) {
+            auto bytes = SerializeInputPartials(backend, LinearInput::kO, k, *mine);
+            ASSERT_TRUE(bytes.ok()) << bytes.status();
+            mine = ParseInputPartials(backend, LinearInput::kO, k, *bytes);
+            ASSERT_TRUE(mine.ok()) << mine.status();
+          }
+          all.insert(all.end(), mine->begin(), mine->end());
+        }
+        auto root = CompleteInputStatistics(backend, std::move(all), c);
+        ASSERT_TRUE(root.ok()) << root.status();
+        const Values got(root->gram.data<float>(), root->gram.data<float>() + k * k);
         if (!SameBits(got, expected)) ADD_FAILURE() << "C " << c << " W " << w;
       });
     }
