@@ -33,9 +33,11 @@
 //                are E·(S·Y) and Sᵀ·(Eᵀ·Z), thin GEMMs in row panels of S's triangle, and
 //                ‖M‖_F² = ‖E·Xᵀ‖² + δ‖E‖_F² (the d_out · d_in² product of M was about 20 ms of a
 //                7B block in double).
-// Both then form L_A = U_r Σ_r with one GEMM (or transpose and scaling) and L_B = V_rᵀ S⁻¹ with a
-// triangular solve (the diagonal 64-blocks inverted, then block back substitution in one launch:
-// SolveUpper), and round them to fp32. Measured on one H100 at rank 64
+// Both then form L_A = U_r Σ_r with one GEMM (or transpose and scaling) and L_B = V_rᵀ S⁻¹, and
+// round them to fp32. kRandomized with a Cholesky factor takes L_B from its last sketch
+// Y = Sᵀ·Eᵀ·Z: S⁻ᵀ·V_r = Eᵀ·(Z·R_Y⁻¹·V_R), a k x r solve with CholeskyQR2's R_Y and two GEMMs,
+// where CholeskyQR2 accepted that sketch; otherwise (and for kFull) a triangular solve with S
+// (the diagonal 64-blocks inverted, then block back substitution in one launch: SolveUpper). Measured on one H100 at rank 64
 // (qcal bench --er, CholeskyQR2, 2026-12-06): kRandomized 7.9 / 12.5 / 20.5 ms for 4096 x 4096 /
 // 11008 x 4096 / 4096 x 11008, kFull about 1.6-1.8 s each.
 //
