@@ -13,8 +13,8 @@
 #      QCAL_AB_RUNS     rounds (default 2): every build runs every job once a round, interleaved,
 #                       so that drift on the card shows in all of them
 #      QCAL_AB_LIMIT    seconds for the whole script (default 560): no run starts after it
-# Output: one short line a run (whole model, stages, the solver's split, the mean relative output
-# error), then the median a build and job. The device tool returns only the last 12,000
+# Output: one short line a run (whole model, stages, the solver's split, the first block's and
+# the last two blocks' seconds, the mean relative output error), then the median a build and job. The device tool returns only the last 12,000
 # characters and 8 files, so the lines are short and the full outputs stay under $OUT.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -53,7 +53,7 @@ summarize() {
       gsub(/output errors/, "oe"); gsub(/transfers/, "tr"); gsub(/error reconstruction/, "er")
       sub(/^ +/, ""); split_ = $0
     }
-    /^per block:/ && NF > 4 { per = "| blocks " $(NF - 2) " " $(NF - 1) " s" }
+    /^per block:/ && NF > 4 { per = "| first " $3 ", blocks " $(NF - 2) " " $(NF - 1) " s" }
     /^mean relative output error [0-9]/ { err = "| err " $5 }
     END { printf "%s s | %s| %s %s %s\n", whole, stages, split_, per, err }
   ' "$1"
