@@ -37,9 +37,9 @@
 // round them to fp32. kRandomized with a Cholesky factor takes L_B from its last sketch
 // Y = Sᵀ·Eᵀ·Z: S⁻ᵀ·V_r = Eᵀ·(Z·R_Y⁻¹·V_R), a k x r solve with CholeskyQR2's R_Y and two GEMMs,
 // where CholeskyQR2 accepted that sketch; otherwise (and for kFull) a triangular solve with S
-// (the diagonal 64-blocks inverted, then block back substitution in one launch: SolveUpper). Measured on one H100 at rank 64
-// (qcal bench --er, CholeskyQR2, 2026-12-06): kRandomized 7.9 / 12.5 / 20.5 ms for 4096 x 4096 /
-// 11008 x 4096 / 4096 x 11008, kFull about 1.6-1.8 s each.
+// (the diagonal 64-blocks inverted, then block back substitution in one launch: SolveUpper).
+// Measured on one H100 at rank 64 (qcal bench --er, CholeskyQR2, 2026-12-06): kRandomized 7.9
+// / 12.5 / 20.5 ms for 4096 x 4096 / 11008 x 4096 / 4096 x 11008, kFull about 1.6-1.8 s each.
 //
 // Determinism: the cuSOLVER handle is in deterministic mode, cuBLAS runs without atomics and the
 // test matrix is a hash of (seed, index), so equal inputs give bit-identical outputs on the same
