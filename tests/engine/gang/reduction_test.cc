@@ -12,6 +12,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <utility>
 #include <vector>
@@ -144,10 +145,14 @@ TEST(ReductionTest, EverySplitGivesTheTreeBits) {
   }
 }
 
-TEST(ReductionTest, BackendTensorsAddToTheSameBitsForEverySplit) {
+absl::StatusOr<std::unique_ptr<kernels::Backend>> OneThreadCpuBackend() {
   kernels::BackendOptions bo;
   bo.threads = 1;
-  auto be = kernels::CreateBackend(bo);
+  return kernels::CreateBackend(bo);
+}
+
+TEST(ReductionTest, BackendTensorsAddToTheSameBitsForEverySplit) {
+  auto be = OneThreadCpuBackend();
   ASSERT_TRUE(be.ok()) << be.status();
   kernels::Backend& backend = **be;
   Combine<Tensor> add = [&](Tensor& left, const Tensor& right) { return backend.Add(right, left); };
@@ -189,9 +194,7 @@ TEST(ReductionTest, BackendTensorsAddToTheSameBitsForEverySplit) {
 // exchange's bytes, and CompleteInputStatistics mirrors the root. For every split, the result is
 // the tree of full symmetric Gram matrices summed by Add, bit for bit, with no NaN left.
 TEST(ReductionTest, LowerTriangleStatisticsCompleteToTheFullSumForEverySplit) {
-  kernels::BackendOptions bo;
-  bo.threads = 1;
-  auto be = kernels::CreateBackend(bo);
+  auto be = OneThreadCpuBackend();
   ASSERT_TRUE(be.ok()) << be.status();
   kernels::Backend& backend = **be;
   const int64_t k = 6;
@@ -211,18 +214,7 @@ TEST(ReductionTest, LowerTriangleStatisticsCompleteToTheFullSumForEverySplit) {
       }
       lower.push_back(std::move(l));
     }
-    Values expected;
-    {
-      std::vector<Values> sums = full;
-      std::function<Values(int, int)> node = [&](int level, int index) -> Values {
-        if (level == 0) return sums[static_cast<size_t>(index)];
-        Values left = node(level - 1, 2 * index);
-        if (TreeNode{level - 1, 2 * index + 1}.begin() >= c) return left;
-        EXPECT_TRUE(AddValues(left, node(level - 1, 2 * index + 1)).ok());
-        return left;
-      };
-      expected = node(TreeDepth(c), 0);
-    }
+    const Values expected = Reference(full, TreeDepth(c), 0);
     for (int w = 1; w <= 3; ++w) {
       ForEachSplit(c, w, [&](const std::vector<int>& bounds) {
         InputPartials all;
