@@ -21,28 +21,33 @@ with open(sys.argv[1]) as f:
             s, n = float(d['Start (ns)']), float(d['Duration (ns)'])
         except (KeyError, ValueError, TypeError):
             continue
-        name = (d.get('Name') or '?').split('(')[0][:60]
+        full = (d.get('Name') or '?').split('(')[0]
+        name = full[:60]
         if d.get('Kind') in DEVICE:
-            device.append((s, n, name))
+            # Mangled names put the kernel's own name after its namespaces, so the marker is
+            # matched on the whole name, not the shortened one shown.
+            device.append((s, n, name, bool(marker.search(full))))
         elif d.get('Kind') in ('runtime', 'driver'):
-            host.append((s, n, d['Kind'] + ' ' + name))
+            host.append((s, n, d['Kind'] + ' ' + name, False))
 device.sort()
 host.sort()
 if not device:
     sys.exit('no device operations in ' + sys.argv[1])
 
-# Clusters of draws: consecutive marker kernels with no other kernel between them.
-draws, last_was_marker = [], False
-for s, n, name in device:
-    hit = bool(marker.search(name))
-    if hit and last_was_marker:
+# Clusters of draws: marker kernels with at most GAP other operations between one and the next (a
+# block's draw interleaves its weights' fills with a few memsets and copies; its solve runs
+# thousands of operations).
+GAP = 64
+draws, since = [], GAP + 1
+for s, n, name, hit in device:
+    if hit and since <= GAP:
         draws[-1][1] = s + n
     elif hit:
         draws.append([s, s + n])
-    last_was_marker = hit
+    since = 0 if hit else since + 1
 if not draws:
     sys.exit('no operation matches ' + marker.pattern)
-end = max(s + n for s, n, _ in device)
+end = max(s + n for s, n, _, _ in device)
 windows = [(draws[i][1], draws[i + 1][0] if i + 1 < len(draws) else end)
            for i in range(len(draws))]
 
@@ -50,7 +55,7 @@ seen = set()
 for i, (a, b) in enumerate(windows):
     busy, first, kernels = 0.0, 0, 0
     cur_s = cur_e = None
-    for s, n, name in device:
+    for s, n, name, _ in device:
         if s < a or s >= b:
             if s < a and name not in seen:
                 seen.add(name)
@@ -68,7 +73,7 @@ for i, (a, b) in enumerate(windows):
     if cur_e is not None:
         busy += cur_e - cur_s
     calls, counts = collections.Counter(), collections.Counter()
-    for s, n, name in host:
+    for s, n, name, _ in host:
         if a <= s < b:
             calls[name] += n
             counts[name] += 1
