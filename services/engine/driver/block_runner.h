@@ -317,13 +317,14 @@ class BlockRunner {
   // Whether a linear input's statistics or the linears reading it need x itself, not only its
   // GEMM operand: activation quantization, or the |x| statistics of diagonal whitening.
   bool NeedsInput() const;
-  absl::StatusOr<Tensor> Download(const Tensor& t);
-  // A device-to-host copy under way (Backend::CopyToHostAsync): host holds t once wait() is OK.
+  // A device-to-host copy (Backend::CopyToHostAsync): host holds t once wait() is OK.
   struct PendingDownload {
     Tensor host;
     std::function<absl::Status()> wait;
   };
-  absl::StatusOr<PendingDownload> StartDownload(const Tensor& t);
+  // The host buffer (AllocHost) a download of t will land in; StartDownload starts the copy.
+  absl::StatusOr<PendingDownload> LandingFor(const Tensor& t);
+  absl::Status StartDownload(const Tensor& t, PendingDownload& d);
   LayerResult NewResult(LinearId id, int64_t d_out, int64_t d_in) const;
   const std::vector<int32_t>& OutliersOf(LinearInput in) const;
   absl::StatusOr<WhiteningFactor> WhiteningOf(const InputStatistics& stats,
