@@ -41,7 +41,8 @@
 #   9. (steps ncu, gaps; not in the default set) ncu counters of the attention kernels; a CUPTI
 #      timeline of three 7B blocks and where the device idles in it (tools/gpu/cupti_trace,
 #      tools/gpu/device_gaps.py), block by block (tools/gpu/block_split.py: the first block's
-#      warm-up), and the same bench with CUDA_MODULE_LOADING=EAGER;
+#      warm-up), and the same bench with CUDA_MODULE_LOADING=EAGER; with QCAL_GAPS_JOBS, the
+#      same trace and split for the ER and ASER jobs;
 # writes the summary and a tarball of every log under $OUT (a device call brings back at most 8
 # files) and prints the summary table last.
 #
@@ -54,7 +55,9 @@
 #                              (default: all); QCAL_SESSION_BUDGET seconds for the whole session
 #                              before later steps are skipped (default: 500); QCAL_BENCH_RUNS
 #                              runs of the 7B bench (default: 3); QCAL_QUANTIZE_CHECKS the
-#                              step quantize's checks, any of "w4 aser" (default: both)
+#                              step quantize's checks, any of "w4 aser" (default: both);
+#                              QCAL_GAPS_JOBS the step gaps's traced jobs, any of "er aser"
+#                              besides GPTQ, each 3 blocks split by block (default: none)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 pack=${1:-$root/.devpack/pack.tar.xz}
@@ -655,6 +658,24 @@ if wants gaps; then
     echo "    CUDA_MODULE_LOADING=EAGER (rc $?): $(grep -h '^per block' "$out/gaps_eager.txt")" \
       >>"$summary"
     gzip -f "$out/gaps_trace.csv"
+    # The same split for error reconstruction (rank 64) and ASER W4A8, whose first blocks add
+    # their own first uses (the randomized SVD's FP64 products, the smoothing pass).
+    printf '%s\n' 'method: gptq' 'weights: {bits: 4, group_size: 128}' \
+      'error_reconstruction: {rank: 64}' >"$out/gaps_er.yaml"
+    printf '%s\n' 'method: gptq' 'weights: {bits: 4, group_size: -1}' 'activations: {bits: 8}' \
+      'smoothing: {method: aser, outlier_channels: 32}' 'error_reconstruction: {rank: 64}' \
+      >"$out/gaps_aser.yaml"
+    for job in ${QCAL_GAPS_JOBS:-}; do
+      [[ $job == er || $job == aser ]] || { note "gaps: unknown job '$job' (er or aser)"; continue; }
+      time_for 60 || { note "gaps $job: skipped (session budget)"; continue; }
+      CUDA_INJECTION64_PATH="$tracer" QCAL_CUPTI_TRACE="$out/gaps_trace_$job.csv" timeout 200 \
+        "$qcal" bench --shape 7b --blocks 3 --compute-dtype bf16 --recipe "$out/gaps_$job.yaml" \
+        >"$out/gaps_bench_$job.txt" 2>&1
+      echo "    gaps $job (rc $?): $(grep -h '^per block' "$out/gaps_bench_$job.txt")" >>"$summary"
+      python3 "$root/tools/gpu/block_split.py" "$out/gaps_trace_$job.csv" FillUniformKernel 12 \
+        2>&1 | head -45 | sed 's/^/    /' >>"$summary"
+      gzip -f "$out/gaps_trace_$job.csv"
+    done
   else
     note "gaps: skipped (session budget)"
   fi
