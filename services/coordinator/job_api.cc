@@ -14,7 +14,6 @@
 #include "services/coordinator/coordinator.h"
 #include "services/coordinator/coordinator_internal.h"
 #include "services/coordinator/store_schema.h"
-#include "services/engine/oac/oac_job.h"
 #include "services/engine/oac/oac_statistics.h"
 
 namespace qcal::coordinator {
@@ -82,8 +81,9 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const std::string& 
   if (internal::RunsGradientPass(recipe)) {
     // The pass's files of every linear end up in the data directory: refuse at the start, with
     // the numbers, a job they could not fit (DESIGN section 2, "Memory").
-    const int64_t bytes = engine::ModelOacBytes(
-        facts.config, engine::GradientPassOptionsOf(recipe, options_.data_dir).fisher);
+    // (The pass stores a Fisher beside each Hessian where the recipe needs it, as
+    // GradientPassOptionsOf says.)
+    const int64_t bytes = engine::ModelOacBytes(facts.config, recipe.NeedsFisher());
     struct statvfs st;
     if (statvfs(options_.data_dir.c_str(), &st) == 0) {
       const int64_t free_bytes =

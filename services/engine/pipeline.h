@@ -201,8 +201,4 @@ class JobSession {
 // overwrite; writes "<parent>/.<name>.qcal-tmp" and renames it to out_dir at the end.
 absl::StatusOr<JobResult> RunQuantizeJob(const JobOptions& options, const JobLogFn& log = nullptr);
 
-// The report's JSON for one layer, and back (artifacts carry it).
-nlohmann::ordered_json LayerReportJson(const LayerReport& r);
-absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j);
-
 }  // namespace qcal::engine

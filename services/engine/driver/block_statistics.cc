@@ -12,24 +12,6 @@
 
 namespace qcal::engine {
 
-Combine<InputStatistics> InputStatisticsCombine(kernels::Backend& backend) {
-  return [&backend](InputStatistics& left, const InputStatistics& right) -> absl::Status {
-    if (left.input != right.input || left.gram.shape() != right.gram.shape() ||
-        left.abs_stats.has_value() != right.abs_stats.has_value()) {
-      return absl::InvalidArgumentError(
-          "partial statistics of different inputs or shapes cannot be summed");
-    }
-    // Partial Gram matrices hold their lower triangles (GramLower); completion mirrors the sum.
-    QCAL_RETURN_IF_ERROR(backend.AddLower(right.gram, left.gram));
-    if (left.abs_stats) QCAL_RETURN_IF_ERROR(left.abs_stats->Merge(*right.abs_stats));
-    return absl::OkStatus();
-  };
-}
-
-Combine<ActivationStats> ActivationStatsCombine() {
-  return [](ActivationStats& left, const ActivationStats& right) { return left.Merge(right); };
-}
-
 // The group's input is computed from each chunk's current hidden state: the normed block input
 // (q/k/v), the attention output through the installed q/k/v (o), the normed post-attention
 // residual (gate/up) or the MLP product through the installed gate/up (down). Each is rounded to
@@ -99,14 +81,6 @@ BlockRunner::CollectFullPrecisionPartials() {
     QCAL_ASSIGN_OR_RETURN(out[static_cast<size_t>(i)], acc[static_cast<size_t>(i)].Finish());
   }
   return out;
-}
-
-absl::StatusOr<InputStatistics> CompleteInputStatistics(kernels::Backend& backend,
-                                                        InputPartials all, int total_chunks) {
-  QCAL_ASSIGN_OR_RETURN(InputStatistics stats, CompleteTree(std::move(all), total_chunks,
-                                                            InputStatisticsCombine(backend)));
-  QCAL_RETURN_IF_ERROR(backend.MirrorLower(stats.gram));
-  return stats;
 }
 
 absl::StatusOr<InputStatistics> BlockRunner::Complete(LinearInput group, InputPartials all) {

@@ -9,7 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "common/tensor.h"
+#include "nlohmann/json_fwd.hpp"
 #include "services/engine/model.h"
 #include "services/engine/quant/quantized_linear.h"
 #include "services/engine/retrain/block_trainer.h"
@@ -72,6 +74,12 @@ struct LayerReport {
   std::optional<BlockRetrainReport> block_retrain;
   double solve_seconds = 0;  // timing: never in the deterministic report
 };
+
+// The report's JSON for one layer (qcal_report.json's "layers"; artifacts and the gang's kLayer
+// payloads carry it), and back: DataLoss for a malformed report. The timing solve_seconds is
+// not in it. (driver/layer_report.cc)
+nlohmann::ordered_json LayerReportJson(const LayerReport& r);
+absl::StatusOr<LayerReport> LayerReportFromJson(const nlohmann::json& j);
 
 struct LayerResult {
   LayerReport report;

@@ -23,7 +23,7 @@
 #include "common/status.h"
 #include "common/text_data.h"
 #include "nlohmann/json.hpp"
-#include "services/engine/bench.h"
+#include "services/engine/bench_shapes.h"
 #include "services/engine/model.h"
 #include "services/engine/synth/synthetic_text.h"
 
