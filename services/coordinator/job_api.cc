@@ -80,9 +80,8 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const std::string& 
   QCAL_RETURN_IF_ERROR(Annotate(recipe.ResolveForModel(facts.config), "spec.recipe"));
   if (internal::RunsGradientPass(recipe)) {
     // The pass's files of every linear end up in the data directory: refuse at the start, with
-    // the numbers, a job they could not fit (DESIGN section 2, "Memory").
-    // (The pass stores a Fisher beside each Hessian where the recipe needs it, as
-    // GradientPassOptionsOf says.)
+    // the numbers, a job they could not fit (DESIGN section 2, "Memory"). A Fisher is stored
+    // beside each Hessian where the recipe needs one.
     const int64_t bytes = engine::ModelOacBytes(facts.config, recipe.NeedsFisher());
     struct statvfs st;
     if (statvfs(options_.data_dir.c_str(), &st) == 0) {
